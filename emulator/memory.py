@@ -1,0 +1,125 @@
+"""Registered memory: the window a memory node exposes, and the checks a NIC makes.
+
+A ``MemoryRegion`` executes one-sided verbs on a writable buffer exactly as an RDMA NIC would:
+every request is checked against the region's bounds and access key, atomics must be 8-byte
+aligned, and CAS/FAA are real hardware atomics (``emulator._atomic``), so several processes
+mapping the same shared-memory segment race correctly. Failures raise RemoteAccessError and
+leave the region untouched.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+
+import _posixshmem
+
+from emulator import _atomic
+from fusee.verbs import Cas, Faa, Read, RemoteAccessError, Write
+
+_atomic_cas, _atomic_faa = _atomic.cas, _atomic.faa
+
+
+def new_rkey() -> int:
+    """A random 32-bit access key, as a NIC hands out when memory is registered."""
+    return secrets.randbits(32) or 1
+
+
+class MemoryRegion:
+    """A bounds-, key- and alignment-checked window onto a writable buffer."""
+
+    def __init__(self, buf, rkey: int, node: int = 0):
+        self.mem = memoryview(buf).cast("B")
+        if self.mem.readonly:
+            raise ValueError("a memory region needs a writable buffer")
+        self.length = len(self.mem)
+        self.rkey = rkey
+        self.node = node
+        self._base = _atomic.address(self.mem)
+
+    def _check(self, addr: int, length: int, rkey: int) -> None:
+        if rkey != self.rkey:
+            raise RemoteAccessError(f"MN {self.node}: wrong access key", self.node)
+        if addr < 0 or length < 0 or addr + length > self.length:
+            raise RemoteAccessError(
+                f"MN {self.node}: [{addr:#x}, {addr + length:#x}) is outside the region "
+                f"[0, {self.length:#x})", self.node)
+
+    def _check_atomic(self, addr: int, rkey: int) -> None:
+        self._check(addr, 8, rkey)
+        if addr & 7:
+            raise RemoteAccessError(f"MN {self.node}: unaligned atomic at {addr:#x}", self.node)
+
+    def read(self, addr: int, length: int, rkey: int) -> bytes:
+        self._check(addr, length, rkey)
+        return self.mem[addr:addr + length].tobytes()
+
+    def write(self, addr: int, data, rkey: int) -> None:
+        n = len(data)
+        self._check(addr, n, rkey)
+        self.mem[addr:addr + n] = data
+
+    def cas(self, addr: int, expected: int, desired: int, rkey: int) -> int:
+        self._check_atomic(addr, rkey)
+        return _atomic_cas(self._base + addr, expected, desired)
+
+    def faa(self, addr: int, delta: int, rkey: int) -> int:
+        self._check_atomic(addr, rkey)
+        return _atomic_faa(self._base + addr, delta)
+
+    def execute(self, verb, rkey: int):
+        """Execute one verb; returns its completion or raises RemoteAccessError."""
+        t = type(verb)
+        if t is Read:
+            return self.read(verb.addr, verb.length, rkey)
+        if t is Write:
+            return self.write(verb.addr, verb.data, rkey)
+        if t is Cas:
+            return self.cas(verb.addr, verb.expected, verb.desired, rkey)
+        if t is Faa:
+            return self.faa(verb.addr, verb.delta, rkey)
+        raise RemoteAccessError(f"MN {self.node}: not a verb: {verb!r}", self.node)
+
+    def release(self) -> None:
+        self.mem.release()
+
+
+class SharedSegment:
+    """A named POSIX shared-memory segment, owner-only by default (mode 0o600).
+
+    The creator (the memory node) unlinks it on close; others only map it. Unlike
+    multiprocessing.shared_memory on Python < 3.13, attaching registers nothing with a
+    resource tracker, so a client exiting never destroys a memory node's memory.
+    """
+
+    def __init__(self, name: str, size: int = 0, create: bool = False, mode: int = 0o600):
+        self.name = name if name.startswith("/") else "/" + name
+        self.owner = create
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = _posixshmem.shm_open(self.name, flags, mode)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            else:
+                size = os.fstat(fd).st_size
+            self.size = size
+            self.mmap = mmap.mmap(fd, size)
+        except BaseException:
+            if create:
+                _posixshmem.shm_unlink(self.name)
+            raise
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        try:
+            self.mmap.close()
+        except BufferError:
+            pass    # a view is still alive; the mapping goes with the process
+        if self.owner:
+            self.owner = False
+            try:
+                _posixshmem.shm_unlink(self.name)
+            except FileNotFoundError:
+                pass

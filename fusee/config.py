@@ -1,0 +1,114 @@
+"""Cluster configuration: which memory nodes exist, where they listen, and how their memory is
+laid out. One TOML file describes a cluster; every process (memory node, client, master) reads
+the same file, so no size is a constant in code."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import tomli_w
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+class ConfigError(ValueError):
+    """The cluster configuration is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    """Sizes of the areas of every memory node's region (SPEC §3)."""
+    region_size: int = 256 * MiB
+    block_size: int = 4 * MiB           # coarse unit the MN hands to clients (paper: 16 MiB)
+    max_clients: int = 1024
+    client_meta_size: int = 4 * KiB     # per-client metadata slot: log heads, owned blocks
+    index_size: int = 64 * MiB          # RACE directory + subtables
+    initial_subtables: int = 8          # subtables present at start; the index grows by splits
+    buckets_per_subtable: int = 3 * 512  # a multiple of 3 (bucket groups)
+
+    def check(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if type(v) is not int or v <= 0:
+                raise ConfigError(f"layout.{f.name} must be a positive integer, got {v!r}")
+        for name in ("region_size", "block_size", "client_meta_size", "index_size"):
+            if getattr(self, name) % 4096:
+                raise ConfigError(f"layout.{name} must be a multiple of 4096")
+        if self.buckets_per_subtable % 3:
+            raise ConfigError("layout.buckets_per_subtable must be a multiple of 3")
+
+
+@dataclass(frozen=True)
+class MemNodeConfig:
+    id: int
+    endpoint: str                # ZeroMQ endpoint of the MN (control channel and emulated NIC)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    memnodes: tuple[MemNodeConfig, ...]
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    name: str = "fusee"
+    replication: int = 0                 # 0 = min(3, number of memory nodes)
+    transport: str = "zmq"               # default client backend: local | shm | zmq | verbs
+    timeout: float = 5.0                 # seconds; every network wait is bounded by it
+    master: str | None = None            # endpoint of the master, if one runs
+
+    def __post_init__(self) -> None:
+        if not self.memnodes:
+            raise ConfigError("a cluster needs at least one memory node")
+        ids = [m.id for m in self.memnodes]
+        if sorted(ids) != list(range(len(ids))):
+            raise ConfigError(f"memory node ids must be 0..{len(ids) - 1}, got {ids}")
+        if not 0 <= self.replication <= len(self.memnodes):
+            raise ConfigError(f"replication must be 0..{len(self.memnodes)}")
+        if not self.timeout > 0:
+            raise ConfigError("timeout must be positive")
+        self.layout.check()
+
+    @property
+    def replicas(self) -> int:
+        """Replication factor r in force."""
+        return self.replication or min(3, len(self.memnodes))
+
+    def node(self, node_id: int) -> MemNodeConfig:
+        return self.memnodes[node_id]
+
+    def with_(self, **changes) -> "ClusterConfig":
+        return replace(self, **changes)
+
+    # -- TOML ------------------------------------------------------------------------------
+    def dumps(self) -> str:
+        doc = {"cluster": {k: v for k, v in (("name", self.name), ("replication", self.replication),
+                                             ("transport", self.transport),
+                                             ("timeout", self.timeout),
+                                             ("master", self.master)) if v is not None},
+               "layout": asdict(self.layout),
+               "memnodes": [asdict(m) for m in self.memnodes]}
+        return tomli_w.dumps(doc)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.dumps())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def loads(cls, text: str) -> "ClusterConfig":
+        try:
+            doc = tomllib.loads(text)
+            layout = LayoutConfig(**doc.get("layout", {}))
+            nodes = tuple(MemNodeConfig(**m) for m in doc.get("memnodes", []))
+            return cls(memnodes=nodes, layout=layout, **doc.get("cluster", {}))
+        except (tomllib.TOMLDecodeError, TypeError) as e:
+            raise ConfigError(f"bad cluster config: {e}") from e
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClusterConfig":
+        try:
+            return cls.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read cluster config {path}: {e}") from e

@@ -1,0 +1,124 @@
+"""The vocabulary between the sans-IO core and any transport.
+
+Operations in the core are generators that yield *batches* (lists) of the verbs below and
+receive, for each batch, a list of completions in the same order. One batch is one network
+round trip, however many memory nodes it touches. This module imports nothing of I/O, so the
+core, the transports and the simulator can all share it.
+
+Addresses are byte offsets inside the registered region of memory node ``node``; a transport
+adds whatever base address its hardware needs. Atomic operands are unsigned 64-bit
+little-endian words at 8-byte aligned addresses.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence, Union
+
+WORD = 8
+MASK64 = (1 << 64) - 1
+
+
+class Read(NamedTuple):
+    """READ ``length`` bytes at ``addr``; completes with ``bytes``."""
+    node: int
+    addr: int
+    length: int
+
+
+class Write(NamedTuple):
+    """WRITE ``data`` at ``addr``; completes with ``None``."""
+    node: int
+    addr: int
+    data: bytes
+
+
+class Cas(NamedTuple):
+    """8-byte compare-and-swap; completes with the word's old value (swapped iff old == expected)."""
+    node: int
+    addr: int
+    expected: int
+    desired: int
+
+
+class Faa(NamedTuple):
+    """8-byte fetch-and-add modulo 2**64; completes with the word's old value."""
+    node: int
+    addr: int
+    delta: int
+
+
+class AllocBlock(NamedTuple):
+    """Control request served by the MN's CPU: hand a free data block to ``owner``.
+
+    Completes with the block's address. This is the only work a memory node's CPU does for
+    clients (SPEC §7), and it is off the fast path.
+    """
+    node: int
+    owner: int
+
+
+class FreeBlock(NamedTuple):
+    """Control request: return block ``addr`` owned by ``owner`` to the MN; completes with None."""
+    node: int
+    owner: int
+    addr: int
+
+
+Verb = Union[Read, Write, Cas, Faa]
+Control = Union[AllocBlock, FreeBlock]
+Request = Union[Read, Write, Cas, Faa, AllocBlock, FreeBlock]
+Batch = Sequence[Request]
+
+
+class TransportError(Exception):
+    """A batch did not complete. ``node`` names the memory node at fault; ``results`` holds
+    the completions in batch order, with the exception itself in place of every request that
+    did not complete (so an operation can go on with what the live nodes returned)."""
+
+    def __init__(self, message: str, node: int | None = None, results: list | None = None):
+        super().__init__(message)
+        self.node = node
+        self.results = results
+
+
+class RemoteAccessError(TransportError):
+    """The memory node refused a request: out-of-range address, wrong key, unaligned atomic,
+    or a malformed request. The node keeps serving everyone else."""
+
+
+class NodeTimeout(TransportError):
+    """No completion from a memory node within the deadline: it is unreachable or dead."""
+
+
+class ControlError(TransportError):
+    """A control request was refused (no free block, wrong owner, unknown request)."""
+
+
+def validate(req: Request) -> None:
+    """Reject a malformed request before anything is sent (TypeError / ValueError)."""
+    t = type(req)
+    if t not in _FIELDS:
+        raise TypeError(f"not a verb: {req!r}")
+    for name, kind in _FIELDS[t]:
+        value = getattr(req, name)
+        if kind is int:
+            if type(value) is not int:
+                raise TypeError(f"{t.__name__}.{name} must be int, got {type(value).__name__}")
+            if value < 0 and not (t is Faa and name == "delta"):
+                raise ValueError(f"{t.__name__}.{name} must be >= 0, got {value}")
+        elif not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError(f"{t.__name__}.{name} must be bytes, got {type(value).__name__}")
+    if t is Cas and (req.expected > MASK64 or req.desired > MASK64):
+        raise ValueError("CAS operands must fit in 64 bits")
+    if t is Faa and not -(1 << 63) <= req.delta <= MASK64:
+        raise ValueError("FAA delta must fit in 64 bits")
+
+
+_FIELDS = {
+    Read: (("node", int), ("addr", int), ("length", int)),
+    Write: (("node", int), ("addr", int), ("data", bytes)),
+    Cas: (("node", int), ("addr", int), ("expected", int), ("desired", int)),
+    Faa: (("node", int), ("addr", int), ("delta", int)),
+    AllocBlock: (("node", int), ("owner", int)),
+    FreeBlock: (("node", int), ("owner", int), ("addr", int)),
+}

@@ -1,0 +1,133 @@
+"""The one small interface every verb backend offers (SPEC §2).
+
+A transport connects to the memory nodes of a cluster, learns each registered region (length,
+access key, and whatever the backend needs to reach it), and executes *batches*: all requests
+for one MN are posted together (one message / one doorbell, like a chain of work requests on an
+RC queue pair), the sub-batches for different MNs go out in parallel, and ``execute`` returns
+when every completion is in. One batch = one round trip, and every transport counts them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+from fusee.config import ClusterConfig
+from fusee.verbs import (AllocBlock, Cas, Faa, FreeBlock, NodeTimeout, Read, RemoteAccessError,
+                         Request, TransportError, Write)
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    """What a client learns about one MN's registered region when it connects."""
+    node: int
+    length: int
+    rkey: int
+    shm_name: str | None = None      # same-host shared-memory segment (shm backend)
+    addr: int = 0                    # remote virtual address of offset 0 (verbs backend)
+
+
+@dataclass
+class TransportStats:
+    """Counters a test or a benchmark reads: round trips, requests, payload bytes."""
+    round_trips: int = 0
+    verbs: int = 0
+    reads: int = 0
+    writes: int = 0
+    atomics: int = 0
+    controls: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+    def copy(self) -> "TransportStats":
+        return TransportStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    def __sub__(self, other: "TransportStats") -> "TransportStats":
+        return TransportStats(**{f.name: getattr(self, f.name) - getattr(other, f.name)
+                                 for f in fields(self)})
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def group_by_node(batch: Sequence[Request]) -> dict[int, list[int]]:
+    """Positions of the batch's requests, per memory node, in posting order."""
+    groups: dict[int, list[int]] = {}
+    for i, req in enumerate(batch):
+        groups.setdefault(req.node, []).append(i)
+    return groups
+
+
+def raise_for_failures(results: list) -> list:
+    """Raise the first failure of a completed batch (with all results attached), or return."""
+    failure = None
+    for r in results:
+        if isinstance(r, TransportError):
+            # A dead node outranks a refused request: it tells the caller more.
+            if failure is None or (isinstance(r, NodeTimeout) and
+                                   not isinstance(failure, NodeTimeout)):
+                failure = r
+    if failure is not None:
+        raise type(failure)(str(failure), failure.node, results)
+    return results
+
+
+class Transport(ABC):
+    """Client side of the verbs: connect once, then ``execute`` batches."""
+
+    name = "abstract"
+
+    def __init__(self, config: ClusterConfig, timeout: float | None = None):
+        self.config = config
+        self.timeout = config.timeout if timeout is None else timeout
+        self.stats = TransportStats()
+        self.regions: dict[int, RegionInfo] = {}
+
+    def execute(self, batch: Sequence[Request]) -> list:
+        """Post a batch and wait for every completion: one round trip.
+
+        Returns the completions in batch order (bytes for READ, None for WRITE, the old word
+        for CAS/FAA, an address for AllocBlock). Raises TypeError/ValueError for a malformed
+        request before anything is sent, RemoteAccessError when an MN refuses a request,
+        NodeTimeout when an MN does not answer within ``timeout``; both carry ``results``.
+        """
+        if not batch:
+            return []
+        s = self.stats
+        s.round_trips += 1
+        s.verbs += len(batch)
+        for req in batch:
+            t = type(req)
+            if t is Read:
+                s.reads += 1
+                s.bytes_in += req.length
+            elif t is Write:
+                s.writes += 1
+                s.bytes_out += len(req.data)
+            elif t is Cas or t is Faa:
+                s.atomics += 1
+            elif t is AllocBlock or t is FreeBlock:
+                s.controls += 1
+            else:
+                raise TypeError(f"not a verb: {req!r}")
+            if req.node not in self.regions:
+                raise ValueError(f"no memory node {req.node!r} in this cluster")
+        return self._execute(batch)
+
+    @abstractmethod
+    def _execute(self, batch: Sequence[Request]) -> list:
+        """Backend part of ``execute``: the batch is non-empty and names known nodes."""
+
+    def close(self) -> None:
+        """Release connections and mappings; the transport is unusable afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+__all__ = ["RegionInfo", "Transport", "TransportStats", "group_by_node", "raise_for_failures",
+           "RemoteAccessError", "NodeTimeout", "TransportError"]
