@@ -10,6 +10,7 @@ from fusee.config import ClusterConfig
 #: so a laptop without pyverbs never touches it.
 BACKENDS = {
     "local": "transports.local:LocalTransport",
+    "zmq": "transports.zeromq:ZmqTransport",
 }
 
 

@@ -1,0 +1,192 @@
+"""A memory node: registers a region of shared memory and serves it like an RDMA NIC.
+
+The process owns one POSIX shared-memory segment (the registered region) and answers, on one
+ZeroMQ ROUTER endpoint, two kinds of message (emulator.wire): batches of one-sided verbs, which
+it executes in order against the region exactly as a NIC would (bounds, key and alignment
+checked; hardware atomics), and control requests (region info, block allocation, ping, and
+whatever a backend registers, such as RDMA queue-pair setup). It never interprets a key or a
+value. Malformed input gets an error reply; nothing a client sends can stop it. SIGTERM or
+SIGINT stops it cleanly and removes its segment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from emulator import wire
+from emulator.blocks import BlockTable, format_region
+from emulator.memory import MemoryRegion, SharedSegment, new_rkey
+from fusee.config import ClusterConfig
+from fusee.memory_map import MemoryMap
+from fusee.verbs import AllocBlock, ControlError, FreeBlock, RemoteAccessError
+
+#: messages larger than the region plus this much framing are refused by ZeroMQ itself
+MESSAGE_SLACK = 1 << 20
+
+
+class MemoryNode:
+    """The state of one MN: its region, its block table, and its control handlers."""
+
+    def __init__(self, config: ClusterConfig, node_id: int, segment_name: str | None = None):
+        self.config, self.id = config, node_id
+        self.map = MemoryMap.of(config.layout)
+        name = segment_name or f"fusee-{config.name}-mn{node_id}-{os.getpid()}"
+        self.segment = SharedSegment(name, config.layout.region_size, create=True)
+        self.region = MemoryRegion(self.segment.mmap, new_rkey(), node_id)
+        format_region(self.region, self.map, node_id)
+        self.blocks = BlockTable(self.region, self.map)
+        self.controls: dict[str, Callable[[dict], object]] = {
+            "info": self._info,
+            "ping": lambda args: "pong",
+        }
+
+    def register_control(self, name: str, handler: Callable[[dict], object]) -> None:
+        """Add a control request (e.g. RDMA queue-pair setup); handler(args) -> reply value."""
+        self.controls[name] = handler
+
+    def _info(self, args: dict) -> dict:
+        return {"node": self.id, "length": self.region.length, "rkey": self.region.rkey,
+                "shm_name": self.segment.name, "fingerprint": self.map.fingerprint,
+                "pid": os.getpid()}
+
+    # -- request handling: bytes in, bytes out (no I/O here, so it can be fuzzed directly) ----
+    def handle(self, data: bytes) -> bytes:
+        try:
+            kind, seq, key, body = wire.decode_request(data)
+        except wire.MalformedMessage as e:
+            return wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, str(e)])
+        if kind == wire.VERBS:
+            return self._verbs(seq, key, body)
+        return self._control(seq, key, body)
+
+    def _verbs(self, seq: int, rkey: int, ops: list) -> bytes:
+        region, blocks = self.region, self.blocks
+        results = []
+        for i, op in enumerate(ops):
+            try:
+                req = wire.parse_op(op)
+                if type(req) is AllocBlock or type(req) is FreeBlock:
+                    results.append(blocks.serve(req))
+                else:
+                    results.append(region.execute(req, rkey))
+            except wire.MalformedMessage as e:
+                return wire.encode_reply(seq, results, [i, wire.ERR_MALFORMED, str(e)])
+            except RemoteAccessError as e:
+                return wire.encode_reply(seq, results, [i, wire.ERR_ACCESS, str(e)])
+            except ControlError as e:
+                return wire.encode_reply(seq, results, [i, wire.ERR_CONTROL, str(e)])
+        return wire.encode_reply(seq, results)
+
+    def _control(self, seq: int, name: str, args: dict) -> bytes:
+        handler = self.controls.get(name)
+        if handler is None:
+            return wire.encode_reply(seq, [], [0, wire.ERR_CONTROL, f"unknown control {name!r}"])
+        try:
+            return wire.encode_reply(seq, [handler(args)])
+        except (ControlError, ValueError, TypeError, KeyError) as e:
+            return wire.encode_reply(seq, [], [0, wire.ERR_CONTROL, f"{name}: {e}"])
+
+    def close(self) -> None:
+        self.region.release()
+        self.segment.close()
+
+
+def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
+          on_bound: Callable[[str], None] = lambda ep: None) -> None:
+    """Serve ``endpoint`` until ``stop()`` is true (checked at least every 200 ms)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, node.config.layout.region_size + MESSAGE_SLACK)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    if endpoint.startswith("ipc://"):
+        Path(endpoint[6:]).parent.mkdir(parents=True, exist_ok=True)
+        old = os.umask(0o077)       # the socket file: owner only
+        try:
+            sock.bind(endpoint)
+        finally:
+            os.umask(old)
+    else:
+        sock.bind(endpoint)
+    on_bound(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    try:
+        while not stop():
+            if not sock.poll(200):
+                continue
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                if len(frames) != 2:
+                    continue                  # not from a DEALER speaking our protocol
+                ident, data = frames
+                try:
+                    reply = node.handle(data)
+                except Exception as e:        # a bug must not take the node down for everyone
+                    print(f"memnode {node.id}: internal error: {e!r}", file=sys.stderr)
+                    reply = wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, "internal error"])
+                sock.send_multipart((ident, reply), zmq.NOBLOCK)
+    finally:
+        sock.close(0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fusee memnode", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="cluster config (TOML)")
+    p.add_argument("--id", type=int, required=True, help="this memory node's id")
+    p.add_argument("--endpoint", help="bind here instead of the config's endpoint")
+    p.add_argument("--ready-file", help="write {endpoint, shm_name, pid} here once serving")
+    p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    p.add_argument("--rdma", action="store_true", help="also serve the region over RDMA (pyverbs)")
+    args = p.parse_args(argv)
+
+    config = ClusterConfig.load(args.config)
+    if not 0 <= args.id < len(config.memnodes):
+        p.error(f"no memory node {args.id} in {args.config}")
+    stopping = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    node = MemoryNode(config, args.id)
+    try:
+        if args.rdma:
+            from emulator import rdma_nic
+            rdma_nic.install(node)
+
+        def bound(endpoint: str) -> None:
+            print(f"memnode {node.id} serving {endpoint} region {node.segment.name} "
+                  f"({node.region.length} bytes)", flush=True)
+            if args.ready_file:
+                tmp = args.ready_file + ".tmp"
+                Path(tmp).write_text(json.dumps({"endpoint": endpoint, "pid": os.getpid(),
+                                                 "shm_name": node.segment.name}))
+                os.replace(tmp, args.ready_file)
+
+        parent = args.parent_pid
+        last = [0.0]
+
+        def stop() -> bool:
+            now = time.monotonic()
+            if parent and now - last[0] > 0.5:
+                last[0] = now
+                if os.getppid() != parent:
+                    return True
+            return bool(stopping)
+
+        serve(node, args.endpoint or config.node(args.id).endpoint, stop, bound)
+    finally:
+        node.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
