@@ -1,0 +1,114 @@
+"""The memory-node process: it serves, survives garbage, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from emulator import wire
+from emulator.cluster import ClusterStartError, LocalCluster
+from fusee.config import ClusterConfig, MemNodeConfig
+from fusee.verbs import Read
+
+
+def _raw(endpoint: str):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def _ask(sock, payload: bytes, timeout_ms: int = 5000):
+    sock.send(payload)
+    assert sock.poll(timeout_ms), "memory node did not answer"
+    return wire.decode_reply(sock.recv())
+
+
+@pytest.mark.parametrize("garbage", [
+    b"", b"\x00", b"\xff" * 100, msgpack.packb([0, 1]), msgpack.packb([0, "x", 1, []]),
+    msgpack.packb([0, 1, 1, [[9, 0]]]), msgpack.packb([0, 1, 1, [[0, -5, 8]]]),
+    msgpack.packb([0, 1, 1, [[0, "a", "b"]]]), msgpack.packb([0, 1, 1, [[1, 0, 7]]]),
+    msgpack.packb([0, 1, 1, [[2, 0, 1.5, 0]]]), msgpack.packb([1, 1, "nope", {}]),
+    msgpack.packb([1, 1, "info", []]), msgpack.packb({"a": 1}),
+])
+def test_garbage_gets_an_error_reply_and_node_serves_on(garbage):
+    with LocalCluster(memnodes=1, transport="zmq") as c:
+        s = _raw(c.config.node(0).endpoint)
+        seq, results, error = _ask(s, garbage)
+        assert error and error[1] in (wire.ERR_MALFORMED, wire.ERR_CONTROL, wire.ERR_ACCESS)
+        s.send_multipart([b"a", b"b", b"c"])           # wrong frame count: dropped
+        t = c.transport()
+        assert t.execute([Read(0, 0, 8)])[0][:5] == b"FUSEE"
+        t.close()
+        s.close(0)
+
+
+def test_sigterm_stops_cleanly_and_removes_segment():
+    with LocalCluster(memnodes=2, transport="zmq") as c:
+        names = dict(c.shm_names)
+        for n in names.values():
+            assert os.path.exists(f"/dev/shm/{n.lstrip('/')}")
+            assert os.stat(f"/dev/shm/{n.lstrip('/')}").st_mode & 0o777 == 0o600
+        p = c.procs[0]
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0
+        assert not os.path.exists(f"/dev/shm/{names[0].lstrip('/')}")
+    assert not any(os.path.exists(f"/dev/shm/{n.lstrip('/')}") for n in names.values())
+
+
+def test_cluster_cleans_up_after_failure_inside_with():
+    with pytest.raises(RuntimeError, match="boom"):
+        with LocalCluster(memnodes=2, transport="zmq") as c:
+            procs, workdir, names = list(c.procs.values()), c.workdir, dict(c.shm_names)
+            raise RuntimeError("boom")
+    assert all(p.poll() is not None for p in procs)
+    assert not workdir.exists()
+    assert not any(os.path.exists(f"/dev/shm/{n.lstrip('/')}") for n in names.values())
+
+
+def test_killed_node_leaves_no_segment():
+    with LocalCluster(memnodes=1, transport="zmq") as c:
+        name = c.shm_names[0]
+        c.kill(0)
+        assert os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+    assert not os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+
+
+def test_memnode_exits_when_its_parent_dies(tmp_path):
+    cfg = ClusterConfig(memnodes=(MemNodeConfig(0, f"ipc://{tmp_path}/mn0.sock"),),
+                        name=f"orphan{os.getpid()}")
+    path = cfg.save(tmp_path / "c.toml")
+    ready = tmp_path / "ready"
+    # A parent that starts the memory node in the background and dies at once.
+    code = (f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', "
+            f"'emulator.memnode', '--config', {str(path)!r}, '--id', '0', '--ready-file', "
+            f"{str(ready)!r}, '--parent-pid', str(__import__('os').getpid())], "
+            f"stdout=subprocess.DEVNULL); print(p.pid)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    pid = int(out.stdout)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break                           # exited; nobody has reaped it yet
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("orphaned memory node kept running")
+
+
+def test_start_failure_reports_the_nodes_error(tmp_path):
+    c = LocalCluster(memnodes=1, transport="zmq", workdir=str(tmp_path))
+    c.config = c.config.with_(memnodes=(MemNodeConfig(0, "bogus://nowhere"),))
+    with pytest.raises(ClusterStartError, match="exited"):
+        c.start()
