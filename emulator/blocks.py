@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 
 from emulator.memory import MemoryRegion
+from fusee.index import initial_image
 from fusee.memory_map import (HEADER_LAYOUT, HEADER_MAGIC, HEADER_NODE, MAGIC, MemoryMap)
 from fusee.verbs import AllocBlock, ControlError, FreeBlock
 
@@ -16,11 +17,13 @@ _U64 = struct.Struct("<Q")
 
 
 def format_region(region: MemoryRegion, mmap_: MemoryMap, node: int) -> None:
-    """Write the header of a fresh region (the rest of a new segment is already zero)."""
+    """Write the header and the empty index of a fresh region (the rest is already zero)."""
     rkey = region.rkey
     region.write(HEADER_MAGIC, _U64.pack(MAGIC), rkey)
     region.write(HEADER_LAYOUT, _U64.pack(mmap_.fingerprint), rkey)
     region.write(HEADER_NODE, _U64.pack(node), rkey)
+    for addr, data in initial_image(mmap_.layout):      # the RACE index's empty image
+        region.write(addr, data, rkey)
 
 
 class BlockTable:

@@ -5,7 +5,10 @@ starts ``python -m emulator.memnode`` once per MN, waits until each one reports 
 endpoint (or fails with that node's own error output), rewrites the config with the real
 endpoints, and on exit stops every process and removes every segment, socket and temporary
 file, even when the code inside the ``with`` block failed. MN processes also exit by
-themselves if the process that started them dies.
+themselves if the process that started them dies. Over tcp:// it makes CURVE keys of its own
+(``secure=False`` opts into plaintext, with a warning). With ``master=True`` it also runs the
+master (``python -m emulator.master_server``) and names it in the config, so clients register
+with it; ``stop_master`` / ``start_master`` restart it on the same endpoint and state file.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import time
 import weakref
 from pathlib import Path
 
-from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig
+from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig, SecurityConfig
+from transports.security import init_keys, init_server_key
 
 MiB = 1 << 20
 
@@ -38,9 +42,13 @@ class ClusterStartError(RuntimeError):
 class LocalCluster:
     def __init__(self, memnodes: int = 3, transport: str = "shm", endpoint: str = "ipc",
                  layout: LayoutConfig | None = None, replication: int = 0,
-                 timeout: float = 5.0, start_timeout: float = 30.0, workdir: str | None = None):
+                 timeout: float = 5.0, start_timeout: float = 30.0, workdir: str | None = None,
+                 secure: bool = True, master: bool = False, client_lease: float | None = None,
+                 mn_lease: float | None = None):
         if transport not in ("local", "shm", "zmq", "verbs"):
             raise ValueError(f"unknown transport {transport!r}")
+        if master and transport == "local":
+            raise ValueError("a master process cannot reach in-process (local) memory nodes")
         if endpoint not in ("ipc", "tcp"):
             raise ValueError("endpoint must be 'ipc' or 'tcp'")
         self.backend, self.endpoint_kind = transport, endpoint
@@ -51,14 +59,33 @@ class LocalCluster:
         self.procs: dict[int, subprocess.Popen] = {}
         self.shm_names: dict[int, str] = {}
         self.memory = None                      # LocalMemory for transport="local"
+        self.with_master = master
+        self.master_procs: dict[str, subprocess.Popen] = {}
         eps = [self._endpoint(i) for i in range(memnodes)]
+        publics: dict[int, str] = {}
+        master_public = None
+        security = SecurityConfig()
+        if endpoint == "tcp" and secure:            # CURVE keys of this cluster's own
+            keys = self.workdir / "keys"
+            publics = init_keys(keys, memnodes, ["client"])
+            if master:
+                master_public = init_server_key(keys, "master")
+            security = SecurityConfig(curve=True, keys_dir=str(keys),
+                                      client_key=str(keys / "client.key_secret"))
+        elif endpoint == "tcp":
+            security = SecurityConfig(allow_insecure_tcp=True)
         self.config = ClusterConfig(
-            memnodes=tuple(MemNodeConfig(i, ep) for i, ep in enumerate(eps)),
+            memnodes=tuple(MemNodeConfig(i, ep, publics.get(i)) for i, ep in enumerate(eps)),
             layout=layout or DEFAULT_LAYOUT, name=self.name, replication=replication,
-            transport=transport, timeout=timeout)
+            transport=transport, timeout=timeout, security=security,
+            master_curve_public=master_public,
+            **{k: v for k, v in (("client_lease", client_lease), ("mn_lease", mn_lease))
+               if v is not None})
         self.config_path = self.workdir / "cluster.toml"
         self._finalizer = weakref.finalize(self, _cleanup, self.procs, self.shm_names,
                                            self.workdir if self._own_workdir else None)
+        # created later, so at interpreter exit it runs first: the master stops before the MNs
+        self._master_finalizer = weakref.finalize(self, _cleanup, self.master_procs, {}, None)
 
     def _endpoint(self, i: int) -> str:
         if self.endpoint_kind == "tcp":
@@ -105,9 +132,63 @@ class LocalCluster:
             self.stop()
             raise
         self.config = self.config.with_(memnodes=tuple(
-            MemNodeConfig(i, endpoints[i]) for i in sorted(endpoints)))
+            MemNodeConfig(i, endpoints[i], self.config.node(i).curve_public)
+            for i in sorted(endpoints)))
         self.config.save(self.config_path)
+        if self.with_master:
+            try:
+                self.start_master()
+            except BaseException:
+                self.stop()
+                raise
         return self
+
+    def start_master(self) -> None:
+        """Start the master process (again, after ``stop_master``: same endpoint and state)."""
+        if self.master_procs.get("master") and self.master_procs["master"].poll() is None:
+            raise RuntimeError("the master is already running")
+        endpoint = self.config.master or ("tcp://127.0.0.1:*" if self.endpoint_kind == "tcp"
+                                          else f"ipc://{self.workdir}/master.sock")
+        ready = self.workdir / "master.ready"
+        ready.unlink(missing_ok=True)
+        with open(self.workdir / "master.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "emulator.master_server", "--config",
+                 str(self.config_path), "--state", str(self.workdir / "master.json"),
+                 "--endpoint", endpoint, "--ready-file", str(ready),
+                 "--parent-pid", str(os.getpid())],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.master_procs["master"] = proc
+        deadline = time.monotonic() + self.start_timeout
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise ClusterStartError(f"the master exited with {proc.returncode}:\n"
+                                        f"{self.master_log()}")
+            if time.monotonic() > deadline:
+                raise ClusterStartError(f"the master is not ready after {self.start_timeout:g} s")
+            time.sleep(0.01)
+        endpoint = json.loads(ready.read_text())["endpoint"]
+        if endpoint != self.config.master:
+            self.config = self.config.with_(master=endpoint)
+            self.config.save(self.config_path)
+
+    def stop_master(self, kill: bool = False) -> None:
+        """Stop the master: SIGTERM (a clean exit), or SIGKILL with ``kill=True`` (a crash)."""
+        proc = self.master_procs.get("master")
+        if proc is None or proc.poll() is not None:
+            return
+        if kill:
+            proc.kill()
+            proc.wait(10)
+        else:
+            _cleanup(self.master_procs, {}, None)
+
+    def master_log(self) -> str:
+        """What the master printed (its last 4 KiB)."""
+        try:
+            return (self.workdir / "master.log").read_bytes()[-4096:].decode(errors="replace")
+        except OSError:
+            return ""
 
     def log(self, node: int) -> str:
         """What memory node ``node`` printed (its last 4 KiB)."""
@@ -123,6 +204,7 @@ class LocalCluster:
         p.wait(10)
 
     def stop(self) -> None:
+        self._master_finalizer()
         self._finalizer()
 
     def __enter__(self) -> "LocalCluster":

@@ -26,6 +26,11 @@ _ERRORS = {ERR_ACCESS: RemoteAccessError, ERR_CONTROL: ControlError,
            ERR_MALFORMED: RemoteAccessError}
 
 
+#: one Packer for the process: cheaper than msgpack.packb's fresh one per call, and safe to
+#: share between threads (packing holds the GIL throughout)
+_pack = msgpack.Packer().pack
+
+
 class MalformedMessage(ValueError):
     """Bytes that are not a request this protocol knows."""
 
@@ -46,11 +51,11 @@ def encode_verbs(seq: int, rkey: int, batch) -> bytes:
             ops.append((OP_ALLOC, r.owner))
         else:
             ops.append((OP_FREE, r.owner, r.addr))
-    return msgpack.packb((VERBS, seq, rkey, ops))
+    return _pack((VERBS, seq, rkey, ops))
 
 
 def encode_control(seq: int, name: str, args: dict) -> bytes:
-    return msgpack.packb((CONTROL, seq, name, args))
+    return _pack((CONTROL, seq, name, args))
 
 
 def decode_request(data: bytes):
@@ -93,7 +98,7 @@ def parse_op(op):
             req = FreeBlock(0, *args)
         else:
             raise MalformedMessage(f"unknown opcode {code!r}")
-    except TypeError:
+    except (TypeError, ValueError):          # too few / too many operands
         raise MalformedMessage(f"wrong operands for opcode {code!r}") from None
     for v in req[1:]:
         if type(v) is int and not 0 <= v <= MASK64:
@@ -104,7 +109,7 @@ def parse_op(op):
 
 
 def encode_reply(seq: int, results: list, error=None) -> bytes:
-    return msgpack.packb((seq, results, error))
+    return _pack((seq, results, error))
 
 
 def decode_reply(data: bytes):

@@ -27,6 +27,8 @@ class LayoutConfig:
     index_size: int = 64 * MiB          # RACE directory + subtables
     initial_subtables: int = 8          # subtables present at start; the index grows by splits
     buckets_per_subtable: int = 3 * 512  # a multiple of 3 (bucket groups)
+    object_unit: int = 64               # KV objects are allocated and aligned in these units
+    max_key_size: int = 1024            # longest key accepted (bytes)
 
     def check(self) -> None:
         for f in fields(self):
@@ -36,14 +38,29 @@ class LayoutConfig:
         for name in ("region_size", "block_size", "client_meta_size", "index_size"):
             if getattr(self, name) % 4096:
                 raise ConfigError(f"layout.{name} must be a multiple of 4096")
-        if self.buckets_per_subtable % 3:
-            raise ConfigError("layout.buckets_per_subtable must be a multiple of 3")
+        if self.buckets_per_subtable % 3 or self.buckets_per_subtable < 6:
+            raise ConfigError("layout.buckets_per_subtable must be a multiple of 3, >= 6")
+        for name in ("initial_subtables", "object_unit"):
+            if getattr(self, name) & (getattr(self, name) - 1):
+                raise ConfigError(f"layout.{name} must be a power of two")
+        if self.object_unit < 64:
+            raise ConfigError("layout.object_unit must be at least 64")
 
 
 @dataclass(frozen=True)
 class MemNodeConfig:
     id: int
     endpoint: str                # ZeroMQ endpoint of the MN (control channel and emulated NIC)
+    curve_public: str | None = None   # the MN's CURVE public key (Z85), when security.curve
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Who may talk to a memory node over ZeroMQ (see transports/security.py)."""
+    curve: bool = False               # CURVE authentication + encryption on every channel
+    keys_dir: str | None = None       # mn<ID>.key_secret for MNs; clients/*.key = authorized clients
+    client_key: str | None = None     # this client's certificate (a .key_secret file)
+    allow_insecure_tcp: bool = False  # explicit opt-in to plaintext, unauthenticated tcp://
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,10 @@ class ClusterConfig:
     transport: str = "zmq"               # default client backend: local | shm | zmq | verbs
     timeout: float = 5.0                 # seconds; every network wait is bounded by it
     master: str | None = None            # endpoint of the master, if one runs
+    master_curve_public: str | None = None  # the master's CURVE public key, when security.curve
+    client_lease: float = 5.0            # seconds a client may write without renewing its lease
+    mn_lease: float = 2.0                # seconds without a heartbeat before an MN is dead
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if not self.memnodes:
@@ -64,8 +85,9 @@ class ClusterConfig:
             raise ConfigError(f"memory node ids must be 0..{len(ids) - 1}, got {ids}")
         if not 0 <= self.replication <= len(self.memnodes):
             raise ConfigError(f"replication must be 0..{len(self.memnodes)}")
-        if not self.timeout > 0:
-            raise ConfigError("timeout must be positive")
+        for name in ("timeout", "client_lease", "mn_lease"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
         self.layout.check()
 
     @property
@@ -84,9 +106,14 @@ class ClusterConfig:
         doc = {"cluster": {k: v for k, v in (("name", self.name), ("replication", self.replication),
                                              ("transport", self.transport),
                                              ("timeout", self.timeout),
-                                             ("master", self.master)) if v is not None},
+                                             ("master", self.master),
+                                             ("master_curve_public", self.master_curve_public),
+                                             ("client_lease", self.client_lease),
+                                             ("mn_lease", self.mn_lease)) if v is not None},
                "layout": asdict(self.layout),
-               "memnodes": [asdict(m) for m in self.memnodes]}
+               "security": {k: v for k, v in asdict(self.security).items() if v is not None},
+               "memnodes": [{k: v for k, v in asdict(m).items() if v is not None}
+                            for m in self.memnodes]}
         return tomli_w.dumps(doc)
 
     def save(self, path: str | Path) -> Path:
@@ -101,8 +128,9 @@ class ClusterConfig:
         try:
             doc = tomllib.loads(text)
             layout = LayoutConfig(**doc.get("layout", {}))
+            security = SecurityConfig(**doc.get("security", {}))
             nodes = tuple(MemNodeConfig(**m) for m in doc.get("memnodes", []))
-            return cls(memnodes=nodes, layout=layout, **doc.get("cluster", {}))
+            return cls(memnodes=nodes, layout=layout, security=security, **doc.get("cluster", {}))
         except (tomllib.TOMLDecodeError, TypeError) as e:
             raise ConfigError(f"bad cluster config: {e}") from e
 

@@ -1,15 +1,19 @@
-"""Run a sans-IO operation on anything with an ``execute(batch) -> completions`` method.
+"""Run sans-IO operations on anything with an ``execute(batch) -> completions`` method.
 
 An operation is a generator: it yields a batch of requests (fusee.verbs), receives the list of
 completions, and finally returns its result. A failed batch is thrown into the generator as the
 transport's exception, so the operation decides what a dead node or a refused verb means.
+
+``run`` drives one operation. ``run_concurrently`` keeps several in flight, like the paper's
+coroutines sharing a doorbell: each step posts ONE batch made of every in-flight operation's
+next batch, and hands each operation its own slice of the completions.
 """
 
 from __future__ import annotations
 
-from typing import Any, Generator
+from typing import Any, Callable, Generator, Iterable
 
-from fusee.verbs import Batch, TransportError
+from fusee.verbs import Batch, NodeTimeout, TransportError
 
 Operation = Generator[Batch, list, Any]
 
@@ -27,3 +31,104 @@ def run(op: Operation, transport) -> Any:
                 batch = op.send(results)
     except StopIteration as stop:
         return stop.value
+
+
+def run_concurrently(ops: Iterable[Operation], transport, depth: int = 0,
+                     on_done: Callable[[int, Any], None] | None = None) -> list | None:
+    """Drive ``ops`` with up to ``depth`` of them in flight (0: all at once).
+
+    ``ops`` is consumed lazily, one operation whenever a place is free, so it may be an endless
+    generator that stops by itself (at a deadline, say). Every step merges the pending batches
+    of the operations in flight into one ``execute`` call: one round trip for all of them. When
+    that batch fails, an operation gets the error thrown in only if a request of its own slice
+    failed (the error then carries just its slice as ``results``); the others go on with their
+    completions.
+
+    Without ``on_done``, returns the results in the order of ``ops``. With it, calls
+    ``on_done(index, result)`` as each operation finishes and returns None. An exception raised
+    by an operation closes the others still in flight and propagates, as in ``run``.
+    """
+    results: dict[int, Any] = {}
+    finish = on_done or results.__setitem__
+    source = enumerate(ops)
+    active: list[tuple[int, Operation, Batch]] = []
+
+    def admit() -> None:
+        while not depth or len(active) < depth:
+            try:
+                index, op = next(source)
+            except StopIteration:
+                return
+            try:
+                batch = op.send(None)
+            except StopIteration as stop:
+                finish(index, stop.value)
+            else:
+                active.append((index, op, batch))
+
+    execute = transport.execute
+    try:
+        admit()
+        while active:
+            if len(active) == 1:                # alone in flight: exactly what run() does
+                index, op, batch = active[0]
+                try:
+                    try:
+                        completions = execute(batch)
+                    except TransportError as e:
+                        batch = op.throw(e)
+                    else:
+                        batch = op.send(completions)
+                except StopIteration as stop:
+                    active.clear()
+                    finish(index, stop.value)
+                    admit()
+                else:
+                    active[0] = (index, op, batch)
+                continue
+            merged: list = []
+            bounds = []
+            for _, _, batch in active:
+                start = len(merged)
+                merged += batch
+                bounds.append((start, len(merged)))
+            try:
+                completions, error = execute(merged), None
+            except TransportError as e:
+                completions, error = e.results, e
+            still = []
+            for (index, op, _), (start, end) in zip(active, bounds):
+                try:
+                    if error is None:
+                        batch = op.send(completions[start:end])
+                    else:
+                        own = _own_failure(error, completions, start, end)
+                        batch = (op.throw(own) if own is not None
+                                 else op.send(completions[start:end]))
+                except StopIteration as stop:
+                    finish(index, stop.value)
+                else:
+                    still.append((index, op, batch))
+            active[:] = still
+            admit()
+    except BaseException:
+        for _, op, _ in active:
+            op.close()
+        raise
+    return None if on_done else [results[i] for i in range(len(results))]
+
+
+def _own_failure(error: TransportError, completions: list | None, start: int,
+                 end: int) -> TransportError | None:
+    """The error one operation would have seen had its slice been a batch of its own."""
+    if completions is None:             # no per-request detail: everyone in the batch failed
+        return error
+    own = completions[start:end]
+    failure = None
+    for r in own:
+        if isinstance(r, TransportError):
+            # as transports.base.raise_for_failures: a dead node outranks a refused request
+            if failure is None or (isinstance(r, NodeTimeout) and
+                                   not isinstance(failure, NodeTimeout)):
+                failure = r
+    return None if failure is None else type(failure)(str(failure), failure.node, own)

@@ -72,5 +72,6 @@ class MemoryMap:
         """A 64-bit digest of the layout, stored in the header so a mismatched client is refused."""
         l = self.layout
         raw = repr((l.region_size, l.block_size, l.max_clients, l.client_meta_size, l.index_size,
-                    l.initial_subtables, l.buckets_per_subtable)).encode()
+                    l.initial_subtables, l.buckets_per_subtable, l.object_unit,
+                    l.max_key_size)).encode()
         return zlib.crc32(raw) | (zlib.adler32(raw) << 32)

@@ -16,6 +16,8 @@ from typing import NamedTuple, Sequence, Union
 
 WORD = 8
 MASK64 = (1 << 64) - 1
+#: most requests in one batch: a send queue's depth on a NIC; a memory node refuses longer ones
+MAX_BATCH = 4096
 
 
 class Read(NamedTuple):
@@ -92,6 +94,12 @@ class NodeTimeout(TransportError):
 
 class ControlError(TransportError):
     """A control request was refused (no free block, wrong owner, unknown request)."""
+
+
+def chunks(reqs: Sequence[Request], size: int = MAX_BATCH // 2) -> list[list[Request]]:
+    """``reqs`` in order, cut into batches that may be posted (half of MAX_BATCH by default,
+    leaving room for requests that ride along, like deferred frees)."""
+    return [list(reqs[i:i + size]) for i in range(0, len(reqs), size)]
 
 
 def validate(req: Request) -> None:

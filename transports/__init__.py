@@ -10,7 +10,9 @@ from fusee.config import ClusterConfig
 #: so a laptop without pyverbs never touches it.
 BACKENDS = {
     "local": "transports.local:LocalTransport",
+    "shm": "transports.shm:ShmTransport",
     "zmq": "transports.zeromq:ZmqTransport",
+    "verbs": "transports.rdma:VerbsTransport",
 }
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, fields
 from typing import Sequence
 
 from fusee.config import ClusterConfig
-from fusee.verbs import (AllocBlock, Cas, Faa, FreeBlock, NodeTimeout, Read, RemoteAccessError,
-                         Request, TransportError, Write)
+from fusee.verbs import (MAX_BATCH, AllocBlock, Cas, Faa, FreeBlock, NodeTimeout, Read,
+                         RemoteAccessError, Request, TransportError, Write)
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,22 @@ class TransportStats:
     controls: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+
+    def count(self, req) -> None:
+        """Count one request by kind and payload bytes (the round trip is counted apart)."""
+        t = type(req)
+        if t is Read:
+            self.reads += 1
+            self.bytes_in += req.length
+        elif t is Write:
+            self.writes += 1
+            self.bytes_out += len(req.data)
+        elif t is Cas or t is Faa:
+            self.atomics += 1
+        elif t is AllocBlock or t is FreeBlock:
+            self.controls += 1
+        else:
+            raise TypeError(f"not a verb: {req!r}")
 
     def copy(self) -> "TransportStats":
         return TransportStats(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -94,24 +110,15 @@ class Transport(ABC):
         """
         if not batch:
             return []
+        if len(batch) > MAX_BATCH:
+            raise ValueError(f"a batch of {len(batch)} requests exceeds MAX_BATCH={MAX_BATCH}")
         s = self.stats
         s.round_trips += 1
         s.verbs += len(batch)
+        regions = self.regions
         for req in batch:
-            t = type(req)
-            if t is Read:
-                s.reads += 1
-                s.bytes_in += req.length
-            elif t is Write:
-                s.writes += 1
-                s.bytes_out += len(req.data)
-            elif t is Cas or t is Faa:
-                s.atomics += 1
-            elif t is AllocBlock or t is FreeBlock:
-                s.controls += 1
-            else:
-                raise TypeError(f"not a verb: {req!r}")
-            if req.node not in self.regions:
+            s.count(req)
+            if req.node not in regions:
                 raise ValueError(f"no memory node {req.node!r} in this cluster")
         return self._execute(batch)
 

@@ -11,24 +11,34 @@ from __future__ import annotations
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from emulator import wire
 from fusee.config import ClusterConfig
-from fusee.verbs import NodeTimeout, TransportError
+from fusee.verbs import NodeTimeout, RemoteAccessError, TransportError
+from transports.security import secure_client
+
+_monotonic = time.monotonic
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class Channels:
     def __init__(self, config: ClusterConfig):
         self.ctx = zmq.Context.instance()
         self.socks: dict[int, zmq.Socket] = {}
-        self.poller = zmq.Poller()
+        self.rcvtimeo: dict[int, int] = {}             # the RCVTIMEO each socket has now
+        self.monitors: dict[int, zmq.Socket] = {}      # CURVE handshake failures, per node
         self.seq = 0
         for m in config.memnodes:
             s = self.ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            secure_client(s, config, m)
+            if config.security.curve:
+                self.monitors[m.id] = s.get_monitor_socket(_HANDSHAKE_FAILED)
             s.connect(m.endpoint)
             self.socks[m.id] = s
-            self.poller.register(s, zmq.POLLIN)
+            self.rcvtimeo[m.id] = -1
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -37,64 +47,79 @@ class Channels:
     def exchange(self, payloads: dict[int, bytes], seq: int, timeout: float) -> dict:
         """Send ``payloads[node]`` to each node; return node -> (results, error) or NodeTimeout
         for each node that did not answer within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        replies: dict = {}
+        return self.collect(self.post(payloads), seq, timeout)
+
+    def roundtrip(self, node: int, payload: bytes, seq: int, timeout: float):
+        """``exchange`` with one node: -> (results, error) or NodeTimeout."""
+        deadline = _monotonic() + timeout
+        try:
+            self.socks[node].send(payload, zmq.NOBLOCK, copy=len(payload) < 65536)
+        except zmq.Again:
+            return NodeTimeout(f"MN {node}: cannot send (not connected)", node)
+        return self._await(node, seq, deadline, timeout)
+
+    def post(self, payloads: dict[int, bytes]) -> dict:
+        """Send without waiting; returns what ``collect`` needs (a node that cannot be sent
+        to already maps to its NodeTimeout)."""
+        sent: dict = {}
         for node, payload in payloads.items():
             try:
                 self.socks[node].send(payload, zmq.NOBLOCK, copy=len(payload) < 65536)
+                sent[node] = None
             except zmq.Again:
-                replies[node] = NodeTimeout(f"MN {node}: cannot send (not connected)", node)
-        pending = {n for n in payloads if n not in replies}
-        if len(pending) == 1:                           # the common case, without a Poller
-            (node,) = pending
-            sock = self.socks[node]
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sock.poll(left * 1000):
-                    replies[node] = NodeTimeout(
-                        f"MN {node}: no reply within {timeout:g} s", node)
-                    return replies
-                got = self._recv(sock, node, seq)
-                if got is not None:
-                    replies[node] = got
-                    return replies
-        while pending:
-            left = deadline - time.monotonic()
-            events = dict(self.poller.poll(max(left, 0) * 1000)) if left > 0 else {}
-            if not events:
-                for node in pending:
-                    replies[node] = NodeTimeout(
-                        f"MN {node}: no reply within {timeout:g} s", node)
-                break
-            for node, sock in self.socks.items():
-                if sock in events:
-                    got = self._recv(sock, node, seq)
-                    if got is not None and node in pending:
-                        replies[node] = got
-                        pending.discard(node)
-        return replies
+                sent[node] = NodeTimeout(f"MN {node}: cannot send (not connected)", node)
+        return sent
 
-    @staticmethod
-    def _recv(sock, node: int, seq: int):
-        """One reply for ``seq``, or None for a stale or foreign one (dropped)."""
-        try:
-            data = sock.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            return None
-        try:
-            rseq, results, error = wire.decode_reply(data)
-        except wire.MalformedMessage:
-            return None
-        if rseq != seq:
-            if rseq == -1 and error:             # the MN could not even read our request
+    def collect(self, sent: dict, seq: int, timeout: float) -> dict:
+        """Wait, within ``timeout`` seconds, for the replies to what ``post`` sent.
+
+        The replies are awaited one node after the other, which takes as long as the slowest
+        node, with a blocking receive bounded by the deadline (pyzmq calls cost microseconds
+        each, so no poll before a receive)."""
+        deadline = _monotonic() + timeout
+        return {node: failure or self._await(node, seq, deadline, timeout)
+                for node, failure in sent.items()}
+
+    def _await(self, node: int, seq: int, deadline: float, timeout: float):
+        sock = self.socks[node]
+        while True:
+            left = deadline - _monotonic()
+            ms = int(left * 1000) + 1 if left > 0 else 0     # at most 1 ms past the deadline
+            if ms != self.rcvtimeo[node]:
+                sock.setsockopt(zmq.RCVTIMEO, ms)
+                self.rcvtimeo[node] = ms
+            try:
+                data = sock.recv()
+            except zmq.Again:
+                return self._refused(node) or NodeTimeout(
+                    f"MN {node}: no reply within {timeout:g} s", node)
+            try:
+                rseq, results, error = wire.decode_reply(data)
+            except wire.MalformedMessage:
+                continue
+            if rseq == seq or (rseq == -1 and error):     # -1: the MN could not read ours
                 return results, error
-            return None
-        return results, error
+            # else a late reply to a request that timed out before: dropped
+
+    def _refused(self, node: int) -> RemoteAccessError | None:
+        """Why a CURVE node stayed silent, if it was because it refused our key."""
+        monitor = self.monitors.get(node)
+        while monitor is not None:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            if event["event"] & _HANDSHAKE_FAILED:
+                return RemoteAccessError(
+                    f"MN {node} refused this client: CURVE handshake failed (is this client's "
+                    "public key among the authorized ones, and the MN's key the configured one?)",
+                    node)
+        return None
 
     def call(self, node: int, name: str, timeout: float, **args):
         """A control request to one MN; returns its reply value or raises."""
         seq = self.next_seq()
-        reply = self.exchange({node: wire.encode_control(seq, name, args)}, seq, timeout)[node]
+        reply = self.roundtrip(node, wire.encode_control(seq, name, args), seq, timeout)
         if isinstance(reply, TransportError):
             raise reply
         results, error = reply
@@ -103,6 +128,33 @@ class Channels:
         return results[0]
 
     def close(self) -> None:
-        for s in self.socks.values():
+        for node, s in self.socks.items():
+            if node in self.monitors:
+                s.disable_monitor()
+                self.monitors[node].close(0)
             s.close(0)
         self.socks.clear()
+        self.monitors.clear()
+
+
+def place_replies(results: list, groups: dict[int, list[int]], replies: dict) -> bool:
+    """Put each node's completions at its requests' positions in ``results`` (``groups``: node
+    -> positions in posting order). The failed request and those flushed after it get the
+    node's error; a node whose reply is a TransportError gets it everywhere. True if any failed."""
+    failed = False
+    for node, idx in groups.items():
+        reply = replies[node]
+        if isinstance(reply, TransportError):
+            failed = True
+            for i in idx:
+                results[i] = reply
+            continue
+        done, error = reply
+        for k, i in enumerate(idx):
+            if k < len(done):
+                results[i] = done[k]
+            else:
+                failed = True
+                results[i] = wire.error_of(error, node) if error else NodeTimeout(
+                    f"MN {node}: reply lacks completion {k}", node)
+    return failed

@@ -11,9 +11,9 @@ from typing import Sequence
 
 from emulator import wire
 from fusee.config import ClusterConfig
-from fusee.verbs import NodeTimeout, Request
+from fusee.verbs import Request
 from transports.base import RegionInfo, Transport, group_by_node, raise_for_failures
-from transports.channel import Channels
+from transports.channel import Channels, place_replies
 
 
 class ZmqTransport(Transport):
@@ -34,29 +34,27 @@ class ZmqTransport(Transport):
     def _execute(self, batch: Sequence[Request]) -> list:
         channels = self.channels
         seq = channels.next_seq()
-        groups = group_by_node(batch)
         regions = self.regions
-        payloads = {node: wire.encode_verbs(seq, regions[node].rkey, [batch[i] for i in idx])
-                    for node, idx in groups.items()}
-        replies = channels.exchange(payloads, seq, self.timeout)
+        if len(batch) == 1:                   # the common case, without the grouping
+            node = batch[0].node
+            reply = channels.roundtrip(node, wire.encode_verbs(seq, regions[node].rkey, batch),
+                                       seq, self.timeout)
+            if type(reply) is tuple and reply[1] is None and len(reply[0]) == 1:
+                return reply[0]
+            groups = {node: [0]}
+            replies = {node: reply}
+        else:
+            groups = group_by_node(batch)
+            payloads = {node: wire.encode_verbs(seq, regions[node].rkey, [batch[i] for i in idx])
+                        for node, idx in groups.items()}
+            replies = channels.exchange(payloads, seq, self.timeout)
+        return self._complete(batch, groups, replies)
+
+    @staticmethod
+    def _complete(batch, groups: dict, replies: dict) -> list:
+        """The batch's completions in order from each node's reply; raises on any failure."""
         results: list = [None] * len(batch)
-        failed = False
-        for node, idx in groups.items():
-            reply = replies[node]
-            if isinstance(reply, NodeTimeout):
-                failed = True
-                for i in idx:
-                    results[i] = reply
-                continue
-            done, error = reply
-            for k, i in enumerate(idx):
-                if k < len(done):
-                    results[i] = done[k]
-                else:              # the failed request and those flushed after it
-                    failed = True
-                    results[i] = wire.error_of(error, node) if error else NodeTimeout(
-                        f"MN {node}: reply lacks completion {k}", node)
-        if failed:
+        if place_replies(results, groups, replies):
             raise_for_failures(results)
         return results
 

@@ -1,0 +1,111 @@
+"""The memory node's real NIC: its region registered for one-sided RDMA, one RC QP per client.
+
+``install(node)`` registers the very shared-memory segment the emulated NIC serves as a memory
+region with remote read, write and atomic access, and adds two control requests to the node's
+control channel: ``rdma_connect`` (a client sends its queue-pair info, the node creates a
+queue pair for it, brings it to RTS and answers with its own info plus the region's key, address
+and length) and ``rdma_disconnect``. After that the node's CPU does nothing for the client's
+verbs: the NIC executes them. A client that vanishes leaves its queue pair behind; past
+``max_qps`` the oldest is destroyed, which can only cut off a client that long went away.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from emulator import _atomic
+from emulator.rdma_device import (Device, RdmaUnavailable, access_flags, check_peer, connect_qp,
+                                  create_qp, new_psn)
+from fusee.verbs import ControlError
+
+#: work requests a responder-only queue pair may need posted: none, but a QP needs a send queue
+_RESPONDER_DEPTH = 1
+
+
+class RdmaNic:
+    """Registered region + queue pairs of one memory node."""
+
+    def __init__(self, buf, node_id: int, device: Device | None = None, max_qps: int = 1024):
+        self.node = node_id
+        self.dev = device or Device.open()           # also makes pyverbs importable
+        from pyverbs.cq import CQ
+        from pyverbs.mr import MR
+        from pyverbs.pd import PD
+        try:
+            self.pd = PD(self.dev.ctx)
+            self.cq = CQ(self.dev.ctx, 16, None, None, 0)
+            mem = memoryview(buf).cast("B")
+            self.length = len(mem)
+            self.mr = MR(self.pd, self.length, access_flags(), address=_atomic.address(mem))
+            mem.release()
+        except Exception as e:
+            self.dev.close()
+            raise RdmaUnavailable(f"cannot register the region ({e}): check the locked-memory "
+                                  f"limit (ulimit -l) against the region size") from None
+        self.max_qps = min(max_qps, self.dev.attr.max_qp)
+        self.qps: OrderedDict[int, object] = OrderedDict()
+
+    def connect(self, args: dict) -> dict:
+        """Control request ``rdma_connect``: args = the client's queue-pair info, optionally
+        ``replaces`` = a queue pair number of ours it used before (destroyed first)."""
+        peer = check_peer(args)
+        old = args.get("replaces")
+        if old is not None:
+            self._destroy(old)
+        while len(self.qps) >= self.max_qps:
+            self._destroy(next(iter(self.qps)))
+        from pyverbs.pyverbs_error import PyverbsError
+        psn = new_psn()
+        try:
+            qp = create_qp(self.dev, self.pd, self.cq, _RESPONDER_DEPTH)
+        except PyverbsError as e:
+            raise ControlError(f"MN {self.node}: cannot create a queue pair: {e}", self.node)
+        try:
+            connect_qp(self.dev, qp, psn, peer)
+        except PyverbsError as e:
+            qp.close()
+            raise ControlError(f"MN {self.node}: cannot connect to {peer['gid']}: {e}",
+                               self.node)
+        self.qps[qp.qp_num] = qp
+        return {**self.dev.info(), "qpn": qp.qp_num, "psn": psn, "rkey": self.mr.rkey,
+                "addr": self.mr.buf, "length": self.length, "node": self.node}
+
+    def disconnect(self, args: dict) -> bool:
+        """Control request ``rdma_disconnect``: args = {"qpn": our queue pair number}."""
+        qpn = args.get("qpn")
+        if type(qpn) is not int:
+            raise ValueError("rdma_disconnect needs an integer qpn")
+        return self._destroy(qpn)
+
+    def _destroy(self, qpn) -> bool:
+        qp = self.qps.pop(qpn, None)
+        if qp is None:
+            return False
+        qp.close()
+        return True
+
+    def close(self) -> None:
+        """Tear down in dependency order: queue pairs, region, CQ, PD, device."""
+        for qpn in list(self.qps):
+            self._destroy(qpn)
+        self.mr.close()
+        self.cq.close()
+        self.pd.close()
+        self.dev.close()
+
+
+def install(node) -> RdmaNic:
+    """Serve ``node``'s region (an emulator.memnode.MemoryNode) over RDMA as well."""
+    nic = RdmaNic(node.segment.mmap, node.id)
+    node.register_control("rdma_connect", nic.connect)
+    node.register_control("rdma_disconnect", nic.disconnect)
+    close = node.close
+
+    def close_both() -> None:        # deregister before the segment is unmapped
+        nic.close()
+        close()
+
+    node.close = close_both
+    print(f"memnode {node.id}: RDMA on {nic.dev.name} port {nic.dev.port} gid[{nic.dev.gid_index}]"
+          f" {nic.dev.gid} ({nic.dev.link_layer}), rkey {nic.mr.rkey:#x}", flush=True)
+    return nic

@@ -1,0 +1,315 @@
+"""Deterministic simulation: many clients' sans-IO operations interleaved verb by verb.
+
+The FoundationDB / TigerBeetle way of testing a concurrent system: every client is a sequence of
+operation generators (fusee.driver's protocol: yield a batch of requests, receive the list of
+completions, return a result), all clients share one in-process ``LocalMemory``, and a scheduler
+seeded with ``random.Random(seed)`` decides everything: which client moves next, and which of the
+verbs of its current batch executes next. A batch's verbs execute one at a time, interleaved
+with other clients' verbs; verbs for different memory nodes in any order, verbs for one node in
+posting order, as on an RC queue pair (and every transport here): that is the worst a network
+may do to a batch. A verb that fails flushes the later verbs for its node in that batch. When
+the last verb of a batch is done, the completions go back into the generator: one round trip
+for that client. Nothing here depends on wall-clock time or on hash randomization, so a seed
+that fails replays exactly.
+
+Every operation is recorded in a ``History`` (emulator.history) for the linearizability checker.
+
+Faults, all placed deterministically:
+- ``crash_client_at(name, op, verb)``: the client dies after executing ``verb`` verbs of its
+  ``op``-th operation (0 = just invoked, nothing sent; the op's total = all sent, the result
+  not yet seen). It is never driven again; its in-flight operation is recorded as crashed
+  (unknown outcome); ``then(sim)`` may start a recovery actor. A run with the same seed is
+  identical up to the crash, so a sweep runs the seed once clean, reads ``ops[i].verbs`` of
+  each client, and reruns it once per (op, verb) boundary.
+- ``crash_client(name)`` / ``crash_node(node)`` now, or ``at_step(step, fn)`` for anything at a
+  given step; draw random fault points from ``fault_rng`` (seeded from the seed, but separate,
+  so placing faults does not change the schedule). A crashed memory node fails every verb
+  still to come AND every verb of a batch in flight that it had already executed (the client
+  never saw those completions).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+from emulator.history import History, Op
+from fusee.driver import Operation
+from fusee.verbs import AllocBlock, FreeBlock, NodeTimeout, TransportError, validate
+from transports.base import TransportStats, raise_for_failures
+from transports.local import LocalMemory
+
+
+class SimulationError(Exception):
+    """The run went wrong in a way that is a bug (an unexpected exception, a malformed request,
+    no progress). The message names the seed and step, so the run can be replayed."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One operation a client will invoke: recorded as ``kind(key, value)``; ``start`` builds
+    the generator at invocation time (so it sees the client's state at that moment)."""
+    kind: str
+    key: bytes | None
+    value: bytes | None
+    start: Callable[[], Operation]
+
+
+@dataclass
+class SimClient:
+    """A simulated client: its remaining calls and where it is in the current one."""
+    name: str
+    calls: Iterator[Call]
+    stats: TransportStats = field(default_factory=TransportStats)
+    ops: list[Op] = field(default_factory=list)     # every op it invoked, in order
+    op: Op | None = None                            # the op in flight
+    gen: Operation | None = None
+    batch: list = field(default_factory=list)
+    results: list = field(default_factory=list)
+    pending: dict[int, list[int]] = field(default_factory=dict)  # node -> positions to run
+    failed: dict[int, Exception] = field(default_factory=dict)   # node -> its verb's failure
+    crashed: bool = False
+    done: bool = False
+
+    @property
+    def runnable(self) -> bool:
+        return not (self.crashed or self.done)
+
+
+class Simulator:
+    """Runs clients over ``memory`` under the scheduler seeded with ``seed``.
+
+    ``expected_errors`` are the exceptions that are an operation's outcome (KeyExists...): they
+    are recorded in the history. Any other exception escaping an operation is a bug and stops
+    the run with a SimulationError. ``stickiness`` is the probability that the scheduler keeps
+    running the client it ran last (drawn from the seed when None): low values interleave
+    finely, high values let operations run mostly alone, and both find different bugs.
+    """
+
+    def __init__(self, memory: LocalMemory, seed: int, *,
+                 expected_errors: tuple[type[BaseException], ...] = (),
+                 max_steps: int = 1_000_000, stickiness: float | None = None):
+        self.memory = memory
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.fault_rng = random.Random(f"faults {seed}")
+        self.expected_errors = expected_errors
+        self.max_steps = max_steps
+        self.stickiness = self.rng.random() * 0.9 if stickiness is None else stickiness
+        self.history = History()
+        self.clients: dict[str, SimClient] = {}
+        self.step = 0
+        self.faults: list[tuple[int, str]] = []       # (step, what) for every fault that fired
+        self._timers: dict[int, list[Callable[[Simulator], None]]] = {}
+        self._crash_points: dict[tuple[str, int, int], Callable | None] = {}
+        self._last: SimClient | None = None
+
+    # -- setup -----------------------------------------------------------------------------
+    def add_client(self, name: str, calls: Iterable[Call]) -> SimClient:
+        """Add a client (also allowed while running, e.g. a recovery actor after a crash)."""
+        if name in self.clients:
+            raise ValueError(f"client {name!r} already exists")
+        c = self.clients[name] = SimClient(name, iter(calls))
+        return c
+
+    def at_step(self, step: int, fn: Callable[["Simulator"], None]) -> None:
+        """Call ``fn(sim)`` just before step ``step`` (if the run gets that far)."""
+        self._timers.setdefault(step, []).append(fn)
+
+    def crash_client_at(self, name: str, op: int, verb: int,
+                        then: Callable[["Simulator"], None] | None = None) -> None:
+        """Crash ``name`` once it has executed ``verb`` verbs of its ``op``-th operation."""
+        self._crash_points[(name, op, verb)] = then
+
+    def crash_client(self, name: str) -> None:
+        c = self.clients[name]
+        if not c.runnable:
+            return
+        c.crashed = True
+        if c.op is not None:
+            self.history.crash(c.op)
+            if c.gen is not None:
+                c.gen.close()
+        self.faults.append((self.step, f"client {name} crashed during {c.op}"))
+
+    def crash_node(self, node: int) -> None:
+        self.memory.crash(node)
+        self.faults.append((self.step, f"MN {node} crashed"))
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self) -> History:
+        """Drive every client until all are done or crashed; returns the history."""
+        rng = self.rng
+        while True:
+            for fn in self._timers.pop(self.step, ()):
+                fn(self)
+            live = [c for c in self.clients.values() if c.runnable]
+            if not live:
+                return self.history
+            if self.step >= self.max_steps:
+                raise SimulationError(f"seed {self.seed}: no end after {self.step} steps "
+                                      f"(livelock?); still running: {[c.name for c in live]}")
+            last = self._last
+            if last is not None and last.runnable and rng.random() < self.stickiness:
+                c = last
+            else:
+                c = live[rng.randrange(len(live))]
+            self._last = c
+            self._move(c)
+            self.step += 1
+
+    def _move(self, c: SimClient) -> None:
+        """One scheduling step of client ``c``: invoke its next op, or execute one verb."""
+        if c.gen is None:
+            call = next(c.calls, None)
+            if call is None:
+                c.done = True
+                return
+            c.op = self.history.invoke(c.name, call.kind, call.key, call.value)
+            c.ops.append(c.op)
+            if self._maybe_crash(c):
+                return
+            try:
+                c.gen = call.start()
+            except self.expected_errors as e:      # argument checks before any verb
+                self.history.fail(c.op, e)
+                c.op = None
+                return
+            self._resume(c, c.gen.send, None)
+            return
+        if c.pending:
+            nodes = list(c.pending)
+            node = nodes[self.rng.randrange(len(nodes))] if len(nodes) > 1 else nodes[0]
+            queue = c.pending[node]
+            i = queue.pop(0)
+            if not queue:
+                del c.pending[node]
+            if node in c.failed:                   # flushed behind an earlier failure
+                c.results[i] = c.failed[node]
+            else:
+                c.results[i] = result = self._execute(c.batch[i])
+                if isinstance(result, TransportError):
+                    c.failed[node] = result
+            c.op.verbs += 1
+            if self._maybe_crash(c) or c.pending:
+                return
+            results = c.results
+            for i, req in enumerate(c.batch):      # completions a dead node never delivered
+                if req.node in self.memory.crashed:
+                    results[i] = NodeTimeout(f"MN {req.node} did not answer", req.node)
+            try:
+                raise_for_failures(results)
+            except TransportError as e:
+                self._resume(c, c.gen.throw, e)
+                return
+        else:
+            results = []                           # the op yielded an empty batch: a pause
+        self._resume(c, c.gen.send, results)
+
+    def _resume(self, c: SimClient, how, arg) -> None:
+        """Feed the generator; take its next batch, or record its result."""
+        op = c.op
+        try:
+            batch = how(arg)
+        except StopIteration as stop:
+            self.history.ok(op, stop.value)
+        except self.expected_errors as e:
+            self.history.fail(op, e)
+        except Exception as e:
+            raise SimulationError(f"seed {self.seed}, step {self.step}: {op} raised "
+                                  f"{type(e).__name__}: {e}") from e
+        else:
+            self._post(c, batch)
+            return
+        c.gen = c.op = None
+
+    def _post(self, c: SimClient, batch) -> None:
+        batch = list(batch)
+        try:
+            for req in batch:
+                validate(req)
+                if req.node not in self.memory.regions:
+                    raise ValueError(f"no memory node {req.node!r} in this cluster")
+        except (TypeError, ValueError) as e:
+            raise SimulationError(f"seed {self.seed}, step {self.step}: {c.op} posted a bad "
+                                  f"request: {e}") from e
+        c.batch, c.results, c.failed = batch, [None] * len(batch), {}
+        c.pending = {}
+        for i, req in enumerate(batch):
+            c.pending.setdefault(req.node, []).append(i)
+        if batch:
+            c.op.round_trips += 1
+            _count(c.stats, batch)
+
+    def _execute(self, req):
+        """Execute one request on the shared memory; a failure becomes its completion."""
+        mem = self.memory
+        node = req.node
+        if node in mem.crashed:
+            return NodeTimeout(f"MN {node} did not answer", node)
+        try:
+            t = type(req)
+            if t is AllocBlock or t is FreeBlock:
+                return mem.tables[node].serve(req)
+            region = mem.regions[node]
+            return region.execute(req, region.rkey)
+        except TransportError as e:
+            return e
+
+    def _maybe_crash(self, c: SimClient) -> bool:
+        if not self._crash_points:
+            return False
+        key = (c.name, len(c.ops) - 1, c.op.verbs)
+        if key not in self._crash_points:
+            return False
+        then = self._crash_points.pop(key)
+        self.crash_client(c.name)
+        if then is not None:
+            then(self)
+        return True
+
+    @property
+    def stats(self) -> TransportStats:
+        """Counters summed over every client."""
+        total = TransportStats()
+        for c in self.clients.values():
+            for k, v in c.stats.as_dict().items():
+                setattr(total, k, getattr(total, k) + v)
+        return total
+
+
+def _count(s: TransportStats, batch: list) -> None:
+    """The counters a real transport keeps for one round trip (transports.base)."""
+    s.round_trips += 1
+    s.verbs += len(batch)
+    for req in batch:
+        s.count(req)
+
+
+# -- workloads -----------------------------------------------------------------------------
+
+def kv_workload(rng: random.Random, client: str, keys: list[bytes], n: int,
+                mix: dict[str, float]) -> list[tuple[str, bytes, bytes | None]]:
+    """``n`` random (kind, key, value) operations over ``keys`` with the given kind weights.
+    Every written value is unique (client name + sequence number), which makes the checker's
+    job sharper: a read names exactly which write it saw."""
+    kinds, weights = zip(*mix.items())
+    ops = []
+    for i in range(n):
+        kind = rng.choices(kinds, weights)[0]
+        value = None if kind in ("get", "delete") else f"{client}.{i}".encode()
+        ops.append((kind, rng.choice(keys), value))
+    return ops
+
+
+def store_calls(store, ops: Iterable[tuple[str, bytes, bytes | None]]) -> Iterator[Call]:
+    """Calls on anything with the sans-IO store methods search/insert/update/delete/put,
+    each returning an operation generator (fusee.operations.ClientCore)."""
+    for kind, key, value in ops:
+        if kind == "get":
+            yield Call(kind, key, None, lambda k=key: store.search(k))
+        elif kind == "delete":
+            yield Call(kind, key, None, lambda k=key: store.delete(k))
+        else:
+            yield Call(kind, key, value, lambda m=getattr(store, kind), k=key, v=value: m(k, v))

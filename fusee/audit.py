@@ -1,0 +1,140 @@
+"""Leak accounting over a quiescent store (no operation, recovery or split in flight), with
+READs alone: every object any client ever carved must be reachable from the index or free.
+
+``audit(config, cores)`` reads the directory and every live subtable on all its replicas, and
+the holdings of every client id that owns blocks (``fusee.holdings.scan``), then checks:
+
+- every object the index names (primary slots of live subtables) is an intact object that
+  its owner counts as HELD (else it is *dangling*: memory the index still uses was freed);
+- every HELD object is named by the index (else it is *leaked*: nobody will ever free it);
+- every round is settled (backups equal the primary, no TENTATIVE claim, no FROZEN slot in
+  a live subtable) and no block is owned outside a complete group;
+- for the clients whose ``ClientCore`` is given (open, or closed but not crashed): no HELD
+  object sits in their free lists, and every free object with a clear free bit is in them
+  (freed objects are in the bitmap, for ``reclaim``). Objects of a client without a core
+  are free for its next holder (``fusee.holdings.adopt``).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from fusee.allocation import Allocator
+from fusee.config import ClusterConfig
+from fusee.hashing import key_hash
+from fusee.holdings import Holdings, scan
+from fusee.index import Directory, IndexGeometry
+from fusee.layout import FROZEN, SLOTS_PER_BUCKET, TENTATIVE, committed_object, slot_units
+from fusee.memory_map import MemoryMap
+from fusee.verbs import Read, chunks
+
+_PTR = (1 << 46) - 1        # node and address bits of a slot value
+
+
+@dataclass
+class AuditReport:
+    objects: int = 0                # objects carved, all clients
+    referenced: int = 0             # slots naming an object
+    held: int = 0
+    free: int = 0
+    leaked: list[str] = field(default_factory=list)
+    dangling: list[str] = field(default_factory=list)
+    unsettled: list[str] = field(default_factory=list)
+    misplaced: list[str] = field(default_factory=list)  # a client's free lists disagree
+
+    @property
+    def ok(self) -> bool:
+        return not (self.leaked or self.dangling or self.unsettled or self.misplaced)
+
+    def explain(self) -> str:
+        lines = [f"{self.objects} objects: {self.held} held, {self.free} free; "
+                 f"{self.referenced} referenced by the index"]
+        for name in ("leaked", "dangling", "unsettled", "misplaced"):
+            items = getattr(self, name)
+            if items:
+                lines.append(f"{name} ({len(items)}):")
+                lines += [f"  {x}" for x in items[:20]]
+        return "\n".join(lines)
+
+
+def audit(config: ClusterConfig, cores=()):
+    """Generator: the AuditReport of the store (see the module docstring); ``cores`` are the
+    ClientCores of the clients that did not crash."""
+    layout = config.layout
+    mmap_, geo = MemoryMap.of(layout), IndexGeometry.of(layout)
+    n, r = len(config.memnodes), config.replicas
+    rep = AuditReport()
+    directory = Directory(geo, n, r)
+    (buf,) = yield [directory.read()]
+    directory.load(buf)
+    sids = sorted({e & 0xFFFFFFFF for e in directory.entries})
+    bufs = []
+    for batch in chunks([Read(m, geo.subtable(sid), geo.subtable_bytes) for sid in sids
+                         for m in directory.nodes(sid)]):
+        bufs += yield batch
+    bufs = iter(bufs)
+    named: dict[int, int] = {}                  # object pointer -> slot value
+    for sid in sids:
+        copies = [struct.unpack(f"<{geo.subtable_bytes // 8}Q", next(bufs))
+                  for _ in directory.nodes(sid)]
+        for b in range(geo.buckets):
+            for s in range(SLOTS_PER_BUCKET):
+                w = b * 8 + 1 + s
+                v = copies[0][w]
+                where = f"slot {sid}:{b * SLOTS_PER_BUCKET + s}"
+                if v & (FROZEN | TENTATIVE) or any(c[w] != v for c in copies[1:]):
+                    rep.unsettled.append(f"{where}: {[hex(c[w]) for c in copies]}")
+                if committed_object(v):
+                    if v & _PTR in named:
+                        rep.dangling.append(f"{where}: {v:#x} is named twice")
+                    named[v & _PTR] = v
+    rep.referenced = len(named)
+    tables = yield [Read(m, mmap_.table, 8 * mmap_.num_blocks) for m in range(n)]
+    owners = sorted({w - 1 for buf in tables
+                     for w in struct.unpack(f"<{mmap_.num_blocks}Q", buf) if w})
+    by_id = {core.client_id: core for core in cores}
+    seen: set[int] = set()
+    for cid in owners:
+        alloc = Allocator(mmap_, layout.object_unit, n, r, cid, directory.replicas)
+        found = yield from scan(alloc)
+        _client(rep, found, named, by_id.get(cid), seen)
+    for p, v in named.items():
+        if p not in seen:
+            rep.dangling.append(f"{v:#x}: names no object")
+    return rep
+
+
+def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core,
+            seen: set[int]) -> None:
+    cid = found.client_id
+    for node, addr in found.orphans:
+        rep.unsettled.append(f"client {cid}: block {node}:{addr:#x} outside any group")
+    free_lists = set()
+    if core is not None:
+        alloc = core.alloc
+        free_lists = {p for q in alloc.free.values() for p in q} | set(alloc.pending.values())
+    for c in found.objects:
+        rep.objects += 1
+        v = named.get(c.ptr)
+        what = f"client {cid} object {c.ptr:#x} ({c.units} units)"
+        if v is not None:
+            seen.add(c.ptr)
+            if not c.held:
+                rep.dangling.append(f"{what}: named by the index but free "
+                                    f"(state {None if c.view is None else c.view.state}, "
+                                    f"freed {c.freed})")
+            elif slot_units(v) != c.units or key_hash(c.view.key).fp != v >> 56:
+                rep.dangling.append(f"{what}: the slot {v:#x} does not describe it")
+        if c.held:
+            rep.held += 1
+            if v is None:
+                rep.leaked.append(f"{what}: held (committed {c.view.key!r}) but named by no "
+                                  f"slot")
+            if c.ptr in free_lists:
+                rep.misplaced.append(f"{what}: held, yet in its owner's free lists")
+        else:
+            rep.free += 1
+            if core is not None and not c.freed and c.ptr not in free_lists:
+                rep.misplaced.append(f"{what}: free, yet neither in its owner's free lists "
+                                     f"nor in its bitmap")

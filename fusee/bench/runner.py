@@ -1,0 +1,332 @@
+"""Benchmark clients as processes, each keeping K operations in flight.
+
+A ``WorkerPool`` starts the client processes once per benchmark (spawned, so no ZeroMQ state
+is inherited). For every phase the parent sends each client its part; the client prepares
+(connects, pre-computes its operation stream and key names) and says it is ready; the parent
+then gives one start time on the system-wide monotonic clock, so every client measures the
+same window. Inside a client, ``fusee.driver.run_concurrently`` keeps ``depth`` operations in
+flight and merges their batches into one round trip per step.
+
+A YCSB phase runs for a fixed time (warm-up, then the measured window); a micro phase and the
+load run a fixed list of keys per client. Each client records every latency of its window and
+returns one HdrHistogram per operation (encoded), which the parent merges losslessly.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import time
+import traceback
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from hdrh.histogram import HdrHistogram
+
+from fusee.bench.systems import SystemSpec, connect
+from fusee.bench.ycsb import OP_NAMES, OpStream, Workload, key_names, stream_rng
+from fusee.driver import run_concurrently
+
+#: latencies are recorded in nanoseconds, 3 significant digits, up to a minute
+HDR_LOWEST, HDR_HIGHEST, HDR_DIGITS = 1, 60 * 10 ** 9, 3
+#: operations pre-computed at a time by a YCSB client (about 1 ms of work)
+CHUNK = 4096
+MAX_CLIENTS = 255
+MAX_KEYS_PER_CLIENT = 1 << 20
+
+
+class BenchError(RuntimeError):
+    """A benchmark client failed, died or stopped answering."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One step of a benchmark, identical for every system so all see the same keys."""
+    suite: str                      # "load" | "ycsb" | "micro"
+    name: str                       # workload name, or the operation of a micro phase
+    clients: int
+    depth: int
+    keyspace: int                   # seeds the op stream; names the keys a phase inserts
+    value_size: int
+    keys: int = 0                   # loaded keys (numbers 0..keys-1)
+    workload: Workload | None = None
+    theta: float = 0.99
+    seed: int = 1
+    warmup: float = 0.0
+    duration: float = 0.0
+    count: int = 0                  # micro: keys per client
+    record: bool = True             # False: a micro setup / clean-up step, not reported
+
+    def label(self) -> str:
+        return f"{self.suite} {self.name} x{self.clients}"
+
+
+def key_base(keyspace: int, client: int) -> int:
+    """First number of the keys that ``client`` inserts in a phase: disjoint from the loaded
+    keys and from every other (phase, client); up to 2**20 keys each."""
+    return (1 << 56) | (keyspace << 28) | (client << 20)
+
+
+def hdr_encode(latencies_ns) -> str:
+    h = HdrHistogram(HDR_LOWEST, HDR_HIGHEST, HDR_DIGITS)
+    values, counts = np.unique(np.frombuffer(latencies_ns, dtype=np.int64), return_counts=True)
+    for v, c in zip(np.clip(values, HDR_LOWEST, HDR_HIGHEST).tolist(), counts.tolist()):
+        h.record_value(v, c)
+    return h.encode().decode()
+
+
+# -- the client process ------------------------------------------------------------------------
+class _Recorder:
+    """What one client saw: latencies of completed ops in the window, refusals, misses."""
+
+    def __init__(self, lo: int, hi: int):
+        self.lo, self.hi = lo, hi
+        self.lat: dict[str, array] = {}
+        self.errors: Counter = Counter()
+        self.misses = 0
+
+    def timed(self, op, kind: str):
+        t0 = time.monotonic_ns()
+        try:
+            result = yield from op
+        except KeyError:                # KeyExists / KeyNotFound: done, but refused
+            t1 = time.monotonic_ns()
+            if self.lo <= t1 < self.hi:
+                self.errors[kind] += 1
+            return
+        t1 = time.monotonic_ns()
+        if self.lo <= t1 < self.hi:
+            lat = self.lat.get(kind)
+            if lat is None:
+                lat = self.lat[kind] = array("q")
+            lat.append(t1 - t0)
+            if result is None and kind == "search":
+                self.misses += 1
+
+    def result(self, counters: dict, t0: int, t1: int) -> dict:
+        return {"ops": {k: len(v) for k, v in self.lat.items()}, "errors": dict(self.errors),
+                "misses": self.misses, "hdr": {k: hdr_encode(v) for k, v in self.lat.items()},
+                "counters": counters, "t0": t0, "t1": t1}
+
+
+def _delta(a: dict, b: dict) -> dict:
+    return {k: b[k] - a.get(k, 0) for k in b}
+
+
+def _wait_until(t_ns: int) -> None:
+    while (left := t_ns - time.monotonic_ns()) > 0:
+        time.sleep(min(left / 1e9, 0.05))
+
+
+def _ignore(index, result) -> None:
+    pass
+
+
+class _Client:
+    """State of one benchmark client process between commands."""
+
+    def __init__(self):
+        self.driver = None
+        self.names: tuple[int, list[bytes]] = (0, [])
+
+    def loaded_names(self, keys: int) -> list[bytes]:
+        if self.names[0] != keys:
+            self.names = (keys, key_names(np.arange(keys)))
+        return self.names[1]
+
+    def prepare(self, phase: Phase, client: int):
+        """Everything before the clock starts; returns the function that runs the phase."""
+        d = self.driver
+        value = stream_rng(phase.seed, 1 << 30, client).bytes(phase.value_size)
+        if phase.suite == "ycsb":
+            return self._ycsb(phase, client, value)
+        if phase.suite == "load":
+            names = self.loaded_names(phase.keys)[client::phase.clients]
+            kind = "insert"
+        else:
+            base = key_base(phase.keyspace, client)
+            names = key_names(np.arange(base, base + phase.count))
+            kind = phase.name
+
+        def run(t_start: int) -> dict:
+            rec = _Recorder(0, 1 << 63)
+            op = d.ops[kind]
+            _wait_until(t_start)
+            c0, t0 = d.counters(), time.monotonic_ns()
+            run_concurrently((rec.timed(op(k, value), kind) for k in names), d.executor,
+                             phase.depth, _ignore)
+            t1 = time.monotonic_ns()
+            return rec.result(_delta(c0, d.counters()), t0, t1)
+        return run
+
+    def _ycsb(self, phase: Phase, client: int, value: bytes):
+        d = self.driver
+        stream = OpStream(phase.workload, phase.keys,
+                          stream_rng(phase.seed, phase.keyspace, client),
+                          insert_base=key_base(phase.keyspace, client), theta=phase.theta)
+        names = self.loaded_names(phase.keys)
+        n_loaded = phase.keys
+        first = stream.chunk(CHUNK)
+
+        def run(t_start: int) -> dict:
+            lo = t_start + int(phase.warmup * 1e9)
+            hi = lo + int(phase.duration * 1e9)
+            rec = _Recorder(lo, hi)
+            ops = d.ops
+            marks: dict = {}
+
+            def source():
+                codes, nums = (a.tolist() for a in first)
+                i = 0
+                while True:
+                    now = time.monotonic_ns()
+                    if now >= hi:
+                        marks["end"] = (d.counters(), now)
+                        return
+                    if "start" not in marks and now >= lo:
+                        marks["start"] = (d.counters(), now)
+                    if i == len(codes):
+                        codes, nums = (a.tolist() for a in stream.chunk(CHUNK))
+                        i = 0
+                    kind, num = OP_NAMES[codes[i]], nums[i]
+                    i += 1
+                    key = names[num] if num < n_loaded else key_names([num])[0]
+                    yield rec.timed(ops[kind](key, value), kind)
+
+            _wait_until(t_start)
+            run_concurrently(source(), d.executor, phase.depth, _ignore)
+            (c0, t0), (c1, t1) = marks.get("start", marks["end"]), marks["end"]
+            return rec.result(_delta(c0, c1), t0, t1)
+        return run
+
+
+def _client_main(conn) -> None:
+    state = _Client()
+    try:
+        while True:
+            try:
+                cmd, arg = conn.recv()
+            except EOFError:
+                return                          # the parent is gone
+            try:
+                reply = None
+                if cmd == "exit":
+                    return
+                if cmd == "connect":
+                    state.driver = connect(arg)
+                elif cmd == "disconnect":
+                    if state.driver is not None:
+                        state.driver.close()
+                    state.driver = None
+                elif cmd == "phase":
+                    run = state.prepare(*arg)
+                    gc.collect()                # no collection of setup garbage mid-window,
+                    gc.freeze()                 # and no rescans of long-lived setup objects
+                    conn.send(("ready", None))
+                    go, t_start = conn.recv()
+                    if go != "go":
+                        return                  # the parent gave up on this phase
+                    reply = run(t_start)
+                else:
+                    raise ValueError(f"unknown command {cmd!r}")
+                conn.send(("ok", reply))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+    finally:
+        if state.driver is not None:
+            state.driver.close()
+
+
+# -- the parent side ------------------------------------------------------------------------
+class WorkerPool:
+    """N client processes, started once, always stopped (context manager)."""
+
+    def __init__(self, n: int):
+        if not 1 <= n <= MAX_CLIENTS:
+            raise ValueError(f"between 1 and {MAX_CLIENTS} clients")
+        ctx = mp.get_context("spawn")
+        self.procs, self.conns = [], []
+        try:
+            for i in range(n):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_client_main, args=(child,), daemon=True,
+                                name=f"fusee-bench-client-{i}")
+                p.start()
+                child.close()
+                self.procs.append(p)
+                self.conns.append(parent)
+        except BaseException:
+            self.close()
+            raise
+
+    def __len__(self) -> int:
+        return len(self.procs)
+
+    def send(self, i: int, msg) -> None:
+        self.conns[i].send(msg)
+
+    def recv(self, clients, timeout: float) -> list:
+        """One reply from each of ``clients``; raises BenchError on an error, a dead client or
+        no answer within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        replies = {}
+        for i in clients:
+            conn, proc = self.conns[i], self.procs[i]
+            while not conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
+                if not proc.is_alive():
+                    raise BenchError(f"benchmark client {i} died (exit code {proc.exitcode})")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"benchmark client {i}: no answer within {timeout:g} s")
+            try:
+                status, value = conn.recv()
+            except EOFError:
+                raise BenchError(f"benchmark client {i} died") from None
+            if status == "error":
+                raise BenchError(f"benchmark client {i} failed:\n{value}")
+            replies[i] = value
+        return [replies[i] for i in clients]
+
+    def call(self, clients, msg, timeout: float) -> list:
+        for i in clients:
+            self.send(i, msg)
+        return self.recv(clients, timeout)
+
+    def connect(self, spec: SystemSpec, timeout: float = 60.0) -> None:
+        self.call(range(len(self)), ("connect", spec), timeout)
+
+    def disconnect(self, timeout: float = 60.0) -> None:
+        self.call(range(len(self)), ("disconnect", None), timeout)
+
+    def run_phase(self, phase: Phase, timeout: float) -> list[dict]:
+        """Run ``phase`` on its first ``phase.clients`` clients; their raw results."""
+        clients = range(phase.clients)
+        for i in clients:
+            self.send(i, ("phase", (phase, i)))
+        self.recv(clients, 120.0)                       # ready: streams and keys prepared
+        t_start = time.monotonic_ns() + 20_000_000      # 20 ms: every client is waiting
+        for i in clients:
+            self.send(i, ("go", t_start))
+        return self.recv(clients, timeout)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(("exit", None))
+            except (OSError, ValueError):
+                pass
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns = [], []
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,69 @@
+"""The client's index cache (SPEC §5): key -> where its slot is and the slot value last seen.
+
+With an entry, SEARCH reads the cached object in the same batch as the buckets and answers in
+one round trip when the slot still holds the cached value; UPDATE and DELETE skip reading the
+candidate objects. A key whose slot keeps changing under us (other writers) makes the
+speculative object read wasted bandwidth, so a key whose miss ratio exceeds ``threshold``
+(0.1, as in the paper) is *bypassed*: no speculative read. Its counters are still updated from
+the bucket read, and they decay, so a key that calms down is cached again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass
+class CacheEntry:
+    sid: int            # subtable: with ``pos`` gives the slot on every replica
+    pos: int
+    value: int          # slot value last seen (the key's object)
+    accesses: int = 0
+    misses: int = 0
+
+
+class IndexCache:
+    def __init__(self, capacity: int = 65536, threshold: float = 0.1, warmup: int = 8,
+                 window: int = 64):
+        self.capacity, self.threshold = capacity, threshold
+        self.warmup, self.window = warmup, window
+        self.entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
+        self.hits = self.misses = self.bypassed = 0
+
+    def get(self, key: bytes) -> CacheEntry | None:
+        e = self.entries.get(key)
+        if e is not None:
+            self.entries.move_to_end(key)
+        return e
+
+    def use(self, e: CacheEntry) -> bool:
+        """Worth a speculative object read? False once the key misses too often."""
+        ok = e.accesses < self.warmup or e.misses <= self.threshold * e.accesses
+        if not ok:
+            self.bypassed += 1
+        return ok
+
+    def outcome(self, e: CacheEntry, hit: bool) -> None:
+        e.accesses += 1
+        e.misses += not hit
+        if hit:
+            self.hits += 1
+        else:
+            self.misses += 1
+        if e.accesses >= self.window:       # decay: recent behaviour counts most
+            e.accesses //= 2
+            e.misses //= 2
+
+    def store(self, key: bytes, sid: int, pos: int, value: int) -> None:
+        e = self.entries.get(key)
+        if e is None:
+            self.entries[key] = CacheEntry(sid, pos, value)
+            if len(self.entries) > self.capacity:
+                self.entries.popitem(last=False)
+        else:
+            e.sid, e.pos, e.value = sid, pos, value
+            self.entries.move_to_end(key)
+
+    def drop(self, key: bytes) -> None:
+        self.entries.pop(key, None)

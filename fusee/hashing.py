@@ -1,0 +1,45 @@
+"""The key hash, split into the parts RACE hashing needs (SPEC §4).
+
+One 128-bit xxHash (XXH3) of the key gives independent bit fields: the low word picks the
+subtable through the directory (its low ``dir_bits`` bits) and the 8-bit fingerprint (its top
+byte); the high word gives the two candidate main buckets. xxHash is stable across processes
+and machines, unlike Python's salted ``hash()``, so every client computes the same positions.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+import xxhash
+
+_M32 = 0xFFFFFFFF
+
+
+class KeyHash(NamedTuple):
+    low: int            # directory suffix in the low bits; fingerprint in the top byte
+    high: int           # two 32-bit bucket hashes
+
+    @property
+    def fp(self) -> int:
+        return self.low >> 56
+
+    def suffix(self, bits: int) -> int:
+        """The directory index: the hash's low ``bits`` bits."""
+        return self.low & ((1 << bits) - 1)
+
+    def mains(self, n_mains: int) -> tuple[int, int]:
+        """Two distinct candidate main buckets in different bucket groups (0 <= m < n_mains,
+        where main ``m`` belongs to group ``m // 2``)."""
+        m1 = (self.high & _M32) % n_mains
+        m2 = ((self.high >> 32) & _M32) % n_mains
+        if n_mains > 2 and m2 // 2 == m1 // 2:
+            m2 = (m2 + 2) % n_mains
+        return m1, m2
+
+
+@lru_cache(maxsize=1 << 14)
+def key_hash(key: bytes) -> KeyHash:
+    """The key's hash; recently used keys (every operation on a key hashes it) are memoized."""
+    h = xxhash.xxh3_128_intdigest(key)
+    return KeyHash(h & ((1 << 64) - 1), h >> 64)

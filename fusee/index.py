@@ -1,0 +1,269 @@
+"""RACE hashing on the memory nodes: where the directory, the subtables and their buckets are,
+the index's initial image, and the client's cached copy of the directory (SPEC §4).
+
+Index area (offsets from ``MemoryMap.index``; every MN has the same layout)::
+
+    +0   u64 magic          +8  u64 next subtable id (FAA)     +16 u64 dir_bits
+    +64  u64 split lock per subtable: 0 free, client id + 1 while splitting, RETIRED_LOCK after
+    dir  u64 per directory entry (2**dir_bits of them): VALID | depth << 32 | subtable id
+    subtables (page aligned): subtable s at ``subtables + s * subtable_bytes``
+
+The directory has a fixed number of entries (``2**dir_bits``, enough for every subtable the
+area can hold), so it never doubles: a subtable of local depth d is named by all the entries
+whose low d bits are its suffix. Subtable s lives on r MNs, primary ``s % n`` then the next
+ones; the directory on MNs ``0..r-1``, read from MN 0. Subtables are never moved or reused: a
+split freezes every slot of the old subtable and copies it into two new ones, so a client
+whose cached directory is stale notices the FROZEN bit (and the RETIRED bucket headers).
+"""
+
+from __future__ import annotations
+
+import operator
+import struct
+from dataclasses import dataclass
+
+from fusee.config import LayoutConfig
+from fusee.errors import StoreFormatError
+from fusee.hashing import KeyHash
+from fusee.layout import (BUCKET_BYTES, FROZEN, LEN_SHIFT, RETIRED, SLOTS_PER_BUCKET,
+                          TENTATIVE, bucket_header, pack_u64)
+from fusee.memory_map import PAGE, MemoryMap
+from fusee.verbs import Read
+
+INDEX_MAGIC = 0x3158494545535546    # b"FUSEEIX1"
+HDR_MAGIC, HDR_NEXT_SUBTABLE, HDR_DIR_BITS, LOCKS = 0, 8, 16, 64
+ENTRY_VALID = 1 << 63
+RETIRED_LOCK = (1 << 64) - 1
+COMBINED = 2 * BUCKET_BYTES
+
+
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+@dataclass(frozen=True)
+class IndexGeometry:
+    base: int
+    buckets: int                # per subtable
+    subtable_bytes: int
+    max_subtables: int
+    dir_bits: int
+    initial_depth: int
+    directory: int              # absolute address of entry 0
+    subtables: int              # absolute address of subtable 0
+
+    @classmethod
+    def of(cls, layout: LayoutConfig) -> "IndexGeometry":
+        mmap_ = MemoryMap.of(layout)
+        n0 = layout.initial_subtables
+        if n0 & (n0 - 1):
+            raise StoreFormatError("layout.initial_subtables must be a power of two")
+        if layout.buckets_per_subtable < 6:
+            raise StoreFormatError("layout.buckets_per_subtable must be at least 6")
+        d0 = n0.bit_length() - 1
+        sub = layout.buckets_per_subtable * BUCKET_BYTES
+        m = min(layout.index_size // sub, 0xFFFF)
+        while m >= n0:
+            bits = max(d0, (m - 1).bit_length())
+            directory = _align(LOCKS + 8 * m, 64)
+            start = _align(directory + 8 * (1 << bits), PAGE)
+            if start + m * sub <= layout.index_size and bits <= 32:
+                return cls(mmap_.index, layout.buckets_per_subtable, sub, m, bits, d0,
+                           mmap_.index + directory, mmap_.index + start)
+            m -= 1
+        raise StoreFormatError("layout.index_size cannot hold the initial subtables")
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return self.buckets * SLOTS_PER_BUCKET
+
+    @property
+    def mains(self) -> int:
+        return 2 * (self.buckets // 3)
+
+    def header_word(self, offset: int) -> int:
+        return self.base + offset
+
+    def lock(self, sid: int) -> int:
+        return self.base + LOCKS + 8 * sid
+
+    def entry(self, i: int) -> int:
+        return self.directory + 8 * i
+
+    def subtable(self, sid: int) -> int:
+        return self.subtables + sid * self.subtable_bytes
+
+    def slot_addr(self, sid: int, pos: int) -> int:
+        b, s = divmod(pos, SLOTS_PER_BUCKET)
+        return self.subtables + sid * self.subtable_bytes + b * BUCKET_BYTES + 8 + 8 * s
+
+    def combined(self, sid: int, main: int) -> tuple[int, int]:
+        """(address, first bucket) of the 128-byte combined bucket of main bucket ``main``:
+        main then the group's overflow (left main) or overflow then main (right main)."""
+        first = 3 * (main // 2) + (main % 2)
+        return self.subtable(sid) + first * BUCKET_BYTES, first
+
+    # -- images ----------------------------------------------------------------------------
+    def subtable_image(self, sid: int, depth: int, suffix: int, slots: dict[int, int],
+                       flags: int = 0) -> bytes:
+        img = bytearray(self.subtable_bytes)
+        hdr = pack_u64(bucket_header(sid, depth, suffix, flags))
+        for b in range(self.buckets):
+            img[b * BUCKET_BYTES:b * BUCKET_BYTES + 8] = hdr
+        for pos, v in slots.items():
+            b, s = divmod(pos, SLOTS_PER_BUCKET)
+            struct.pack_into("<Q", img, b * BUCKET_BYTES + 8 + 8 * s, v)
+        return bytes(img)
+
+
+def entry_word(sid: int, depth: int) -> int:
+    return ENTRY_VALID | (depth << 32) | sid
+
+
+def initial_image(layout: LayoutConfig) -> list[tuple[int, bytes]]:
+    """(address, bytes) pieces that format a fresh region's index area (the same on every
+    MN): header, the directory naming the initial subtables, their bucket headers."""
+    g = IndexGeometry.of(layout)
+    n0 = layout.initial_subtables
+    pieces = [(g.header_word(HDR_MAGIC), pack_u64(INDEX_MAGIC)),
+              (g.header_word(HDR_NEXT_SUBTABLE), pack_u64(n0)),
+              (g.header_word(HDR_DIR_BITS), pack_u64(g.dir_bits)),
+              (g.directory, b"".join(pack_u64(entry_word(i % n0, g.initial_depth))
+                                     for i in range(1 << g.dir_bits)))]
+    for sid in range(n0):
+        pieces.append((g.subtable(sid), g.subtable_image(sid, g.initial_depth, sid, {})))
+    return pieces
+
+
+#: bucket reads a Directory keeps (per key, subtable and MN): the keys in recent use
+_KEPT_READS = 1 << 14
+
+
+def replica_nodes(first: int, n_nodes: int, r: int) -> list[int]:
+    """The r MNs holding a replicated thing whose primary is ``first % n``."""
+    return [(first + j) % n_nodes for j in range(r)]
+
+
+class Directory:
+    """A client's cached copy of the directory."""
+
+    def __init__(self, geo: IndexGeometry, n_nodes: int, r: int):
+        self.geo, self.n, self.r = geo, n_nodes, r
+        self.entries: list[int] = []
+        # per-operation lookups, computed once
+        self._suffix_mask = (1 << geo.dir_bits) - 1
+        self._mains = geo.mains
+        self._nodes = [tuple(replica_nodes(p, n_nodes, r)) for p in range(n_nodes)]
+        self._reads: dict[tuple[int, int, int], tuple] = {}     # see bucket_reads
+
+    def read(self):
+        """Request that fetches the whole directory from its primary (MN 0)."""
+        return Read(0, self.geo.directory, 8 << self.geo.dir_bits)
+
+    def load(self, buf: bytes) -> None:
+        entries = list(struct.unpack(f"<{1 << self.geo.dir_bits}Q", buf))
+        if not all(e & ENTRY_VALID for e in entries):
+            raise StoreFormatError("the index directory is not formatted (wrong layout?)")
+        self.entries = entries
+
+    def lookup(self, h: KeyHash) -> tuple[int, int]:
+        """(subtable id, local depth) for a key."""
+        e = self.entries[h.low & self._suffix_mask]
+        return e & 0xFFFFFFFF, (e >> 32) & 0xFF
+
+    def nodes(self, sid: int) -> tuple[int, ...]:
+        """The MNs holding subtable ``sid``, primary first."""
+        return self._nodes[sid % self.n]
+
+    def bucket_reads(self, sid: int, h: KeyHash, node: int) -> tuple[list[Read], tuple[int, int]]:
+        """The reads of a key's two combined buckets in subtable ``sid`` on ``node``, and the
+        first bucket of each (``IndexGeometry.combined``). They depend on the key's hash only
+        through ``h.high``, and every operation on a key makes them: recent ones are kept."""
+        got = self._reads.get((h.high, sid, node))
+        if got is None:
+            (a1, f1), (a2, f2) = (self.geo.combined(sid, m) for m in h.mains(self._mains))
+            got = (Read(node, a1, COMBINED), Read(node, a2, COMBINED)), (f1, f2)
+            if len(self._reads) >= _KEPT_READS:
+                self._reads.clear()
+            self._reads[(h.high, sid, node)] = got
+        return list(got[0]), got[1]
+
+    @property
+    def replicas(self) -> list[int]:
+        """MNs holding the directory, split locks and subtable counter."""
+        return replica_nodes(0, self.n, self.r)
+
+
+_HEADERS = struct.Struct("<Q56xQ56xQ56xQ")     # the 4 bucket headers of two combined buckets
+_WORDS = struct.Struct("<32Q")
+_SLOT_WORDS = operator.itemgetter(*(w for w in range(32) if w % 8))     # all but the headers
+_WORD = struct.Struct("<Q")
+_RETIRED_BIT = RETIRED << 40
+
+
+class View:
+    """A key's two combined buckets in one subtable, as read from one MN (two 128-byte reads).
+
+    Python pays per slot decoded, and a SEARCH needs only the slots whose fingerprint matches
+    its key's, so nothing is decoded up front: ``stale`` comes from the 4 headers and one look
+    at the FROZEN byte of every word, ``candidates`` finds the fingerprint byte with
+    ``bytes.find``, ``get`` decodes one slot; ``slots`` (every position, for inserts) is
+    decoded on first use. The two combined buckets are disjoint (``KeyHash.mains``).
+    """
+
+    __slots__ = ("raw", "firsts", "stale", "_slots")
+
+    def __init__(self, bufs, firsts, sid: int):
+        raw = self.raw = b"".join(bufs)
+        if len(raw) != 2 * COMBINED or len(firsts) != 2:
+            raise ValueError("a View needs the two combined buckets of a key")
+        self.firsts = firsts
+        self._slots: dict[int, int] | None = None
+        h0, h1, h2, h3 = _HEADERS.unpack_from(raw)
+        # bit 47 (FROZEN) is the top bit of byte 5 of each word: all of them ASCII, none frozen
+        self.stale = (h0 >> 48 != sid or h1 >> 48 != sid or h2 >> 48 != sid or h3 >> 48 != sid
+                      or bool((h0 | h1 | h2 | h3) & _RETIRED_BIT)
+                      or not raw[5::8].isascii()
+                      and any(v & FROZEN for v in self.slots.values()))
+
+    def _pos(self, word: int) -> int:
+        """Slot position of the ``word``-th 8-byte word of ``raw`` (not a header)."""
+        return ((self.firsts[word >> 4] + (word >> 3 & 1)) * SLOTS_PER_BUCKET
+                + (word & 7) - 1)
+
+    def candidates(self, fp: int) -> list[tuple[int, int]]:
+        """(position, value) of the committed objects whose fingerprint is ``fp``."""
+        raw, found = self.raw, []
+        tops = raw[7::8]                    # the fingerprint byte of every word
+        i = tops.find(fp, 1)
+        while i >= 0:
+            if i & 7:                       # not a bucket header
+                (v,) = _WORD.unpack_from(raw, 8 * i)
+                if v >> LEN_SHIFT & 0xFF and not v & (TENTATIVE | FROZEN):
+                    found.append((self._pos(i), v))
+            i = tops.find(fp, i + 1)
+        return found
+
+    def get(self, pos: int) -> int | None:
+        """The value of slot ``pos``, or None when the view does not hold it."""
+        if self._slots is not None:
+            return self._slots.get(pos)
+        f0, f1 = self.firsts
+        b, s = divmod(pos, SLOTS_PER_BUCKET)
+        b -= f0                             # the bucket's index in ``raw``: 0..3
+        if not 0 <= b < 2:
+            b += f0 - f1 + 2
+            if not 2 <= b < 4:
+                return None
+        return _WORD.unpack_from(self.raw, 64 * b + 8 + 8 * s)[0]
+
+    @property
+    def slots(self) -> dict[int, int]:
+        """{position: value} of all 28 slots."""
+        if self._slots is None:
+            p0, p1 = (f * SLOTS_PER_BUCKET for f in self.firsts)
+            n = 2 * SLOTS_PER_BUCKET
+            self._slots = dict(zip((*range(p0, p0 + n), *range(p1, p1 + n)),
+                                   _SLOT_WORDS(_WORDS.unpack_from(self.raw))))
+        return self._slots

@@ -1,0 +1,220 @@
+"""INSERT: SNAPSHOT on a free slot, plus the check that keeps a key in at most one slot.
+
+Two clients inserting the same new key into two different free slots would both win their
+slot's SNAPSHOT round. So an insert first *claims* its slot where other inserters look: on the
+first backup for r >= 2 (the SNAPSHOT proposals themselves), or on the primary with the
+TENTATIVE bit for r = 1 (readers ignore tentative slots). In the same batch, right after the
+claim on that MN, it reads the key's buckets there. Like Dekker's flags, of two claims for the
+same key at least one claimant sees the other. Then, before committing:
+
+- the key is committed in another slot (primary): withdraw, KeyExists;
+- another claim for the key sits at a LOWER position: withdraw, wait until that claim is
+  resolved (committed or withdrawn), start over;
+- claims only at HIGHER positions: wait until each is resolved, look again;
+- otherwise commit the log entry and CAS the primary (the linearization point).
+
+The lowest claim never waits for a lower one, so somebody always progresses. A withdrawn claim
+ends its SNAPSHOT round by writing a fresh *void* (a free slot value unique to this client,
+``layout.free_value``), so the slot never returns to an old value. An insert that loses the
+round for its slot simply retries on another free slot.
+"""
+
+from __future__ import annotations
+
+from fusee.errors import KeyExists, Stalled
+from fusee.hashing import key_hash
+from fusee.layout import (ABORTED, COMMITTED, FROZEN, INSERT, SLOTS_PER_BUCKET, TENTATIVE,
+                          committed_object, decode_object, is_free, is_object, slot_fp,
+                          slot_ref, strip, unpack_u64)
+from fusee.replication import (LOSE, RESTART, WIN, cas_primary, fix_requests, propose,
+                               resolve)
+from fusee.resize import split
+from fusee.verbs import Cas, Read
+
+CLEAR, EXISTS, YIELD = "clear", "exists", "yield"
+
+
+def insert(core, key: bytes, value: bytes):
+    """Generator: the INSERT operation of ``core`` (a ClientCore). An insert that runs out of
+    patience (Stalled) withdraws any claim it holds and gives its object back."""
+    obj = yield from core.new_object(INSERT, key, value)
+    try:
+        return (yield from _insert(core, obj, key))
+    except Stalled:
+        yield from core.abandon(obj)
+        raise
+
+
+def _insert(core, obj, key: bytes):
+    h = key_hash(key)
+    s = core.slot_value(h, obj)
+    writes = obj.writes
+    lost: dict[tuple[int, int], int] = {}       # (sid, pos) -> value when we lost it
+    known: dict[int, bool] = {}                 # object slot value -> "is our key"
+    waits = 0                                   # re-reads spent waiting on other clients
+    while True:
+        sid, depth = core.dir.lookup(h)
+        t_nodes = core.dir.nodes(sid)
+        reads, firsts = core.bucket_reads(sid, h, t_nodes[0])
+        res = yield from core.rt(reads + writes)
+        writes = []
+        view = core.view(res, firsts, sid)
+        if view.stale:
+            waits = core.waited(waits, f"subtable {sid} is being split")
+            core.retry()
+            yield from core.refresh()
+            continue
+        cands = [v for _, v in core.candidates(view, h)]
+        if any(known.get(v) for v in cands):
+            yield from core.abandon(obj)
+            raise KeyExists(key)
+        free = _free_slots(view.slots, sid, lost)
+        if not free:
+            unknown = [v for v in cands if v not in known]
+            if unknown:
+                bufs = yield from core.rt([core.object_read(v) for v in unknown])
+                _learn(known, key, unknown, bufs)
+                continue
+            if any(lost.get((sid, p)) == v for p, v in view.slots.items()):
+                # a slot we lost is still being settled: look again
+                waits = core.waited(waits, f"subtable {sid}: a lost round is not settled")
+                continue
+            if not (yield from split(core, sid, depth, h.suffix(depth))):
+                waits = core.waited(waits, f"subtable {sid} is full and being split")
+            continue
+        pos = free[0]
+        v_old = view.slots[pos]
+        t = core.target(sid, pos)
+        claim_node = t.backups[0] if t.backups else t.primary
+        claim_reads, _ = core.bucket_reads(sid, h, claim_node)
+        unknown = [v for v in cands if v not in known]
+        extra = claim_reads + [core.object_read(v) for v in unknown]
+        if t.backups:
+            current, got = yield from propose(t, v_old, s, extra)
+            verdict = yield from resolve(t, v_old, s, current)
+            if verdict == WIN and (fix := fix_requests(t, current, s)):
+                got = (yield from core.rt(fix + claim_reads))[len(fix):] + got[2:]
+            expected = v_old
+        else:
+            got = yield from core.rt([Cas(t.primary, t.addr, v_old, s | TENTATIVE)] + extra)
+            old, got = got[0], got[1:]
+            verdict = WIN if old == v_old else (RESTART if old & FROZEN else LOSE)
+            expected = s | TENTATIVE
+        if verdict != WIN:
+            core.retry()
+            if verdict == RESTART:
+                yield from core.refresh()
+            else:
+                core.counters["lost"] += 1
+                lost[(sid, pos)] = v_old
+            continue
+        _learn(known, key, unknown, got[2:])
+        claims = core.view(got[:2], firsts, sid).slots
+        prims = claims if not t.backups else view.slots
+        try:
+            outcome, other = yield from _check(core, t, s, h, known, key, firsts, prims,
+                                               claims)
+        except Stalled:
+            yield from _withdraw(core, t, obj, s, v_old, expected)
+            raise
+        if outcome == CLEAR:
+            yield from core.rt(core.log.record(obj, COMMITTED, slot_ref(sid, pos), v_old))
+            verdict, _ = yield from cas_primary(t, expected, s)
+            if verdict == WIN:
+                core.cache.store(key, sid, pos, s)
+                return None
+            core.retry()
+            yield from core.refresh()
+            continue
+        if outcome == RESTART:
+            core.retry()
+            yield from core.refresh()
+            continue
+        yield from _withdraw(core, t, obj, s, v_old, expected)
+        if outcome == EXISTS:
+            core.alloc.release(obj.ptr)
+            raise KeyExists(key)
+        core.retry()
+        yield from _await_claim(core, t.sid, other, claim_node, t.primary)
+
+
+def _free_slots(slots: dict[int, int], sid: int, lost: dict) -> list[int]:
+    """Free positions, emptiest bucket first, skipping slots whose round we lost."""
+    free = [p for p, v in slots.items() if is_free(v) and lost.get((sid, p)) != v]
+    load: dict[int, int] = {}
+    for p in free:
+        load[p // SLOTS_PER_BUCKET] = load.get(p // SLOTS_PER_BUCKET, 0) + 1
+    return sorted(free, key=lambda p: (-load[p // SLOTS_PER_BUCKET], p))
+
+
+def _learn(known: dict, key: bytes, values: list[int], bufs) -> None:
+    for v, buf in zip(values, bufs):
+        obj = decode_object(buf)
+        known[v] = obj is not None and obj.key == key
+
+
+def _check(core, t, s, h, known, key, firsts, prims, claims):
+    """Generator: the duplicate check once our claim is visible on the claim MN. ``claims``
+    were read there after our claim, ``prims`` from the primary BEFORE that. Returns
+    (CLEAR | EXISTS | YIELD | RESTART, the (pos, claim value, primary value) to wait for).
+
+    A slot whose claim-MN value equals its primary value is *settled*: backups take a new
+    value before the primary and never return to an old one, so the primary held that value
+    all along. Any other slot is judged from a primary read made AFTER the claim read (a
+    claim seen there may have been committed since, or committed and then updated or deleted
+    by a round whose proposal is all the claim MN still shows).
+    """
+    r1 = not t.backups
+    claim_node = t.primary if r1 else t.backups[0]
+    after = r1              # are ``prims`` at least as recent as ``claims``?
+    while True:
+        if any(v & FROZEN for v in prims.values()):
+            return RESTART, None
+        others = [(p, claims[p], prims[p]) for p in claims if p != t.pos]
+        unknown = list({v for _, cv, pv in others for v in (strip(cv), strip(pv))
+                        if is_object(v) and slot_fp(v) == h.fp and v != s and v not in known})
+        if unknown:
+            bufs = yield from core.rt([core.object_read(v) for v in unknown])
+            _learn(known, key, unknown, bufs)
+            continue
+        if not after and any(cv != pv for _, cv, pv in others):
+            prims = core.view((yield from core.rt(core.bucket_reads(t.sid, h, t.primary)[0])),
+                              firsts, t.sid).slots
+            after = True
+            continue
+        if any(committed_object(pv) and known.get(pv) for _, _, pv in others):
+            return EXISTS, None
+        rivals = [(p, cv, pv) for p, cv, pv in others if is_object(strip(cv))
+                  and strip(cv) != s and known.get(strip(cv)) and strip(cv) != pv]
+        lower = [c for c in rivals if c[0] < t.pos]
+        if lower:
+            return YIELD, lower[0]
+        if not rivals:
+            return CLEAR, None
+        yield from _await_claim(core, t.sid, rivals[0], claim_node, t.primary)
+        bufs = yield from core.rt(core.bucket_reads(t.sid, h, claim_node)[0])
+        claims = core.view(bufs, firsts, t.sid).slots
+        if r1:
+            prims = claims
+        after = r1
+
+
+def _await_claim(core, sid, claim, claim_node, primary):
+    """Generator: poll until another inserter's claim is resolved (its claim value or the
+    slot's primary value changes); Stalled after ``core.patience`` polls."""
+    pos, cv, pv = claim
+    addr = core.geo.slot_addr(sid, pos)
+    polls = 0
+    while True:
+        a, b = yield from core.rt([Read(claim_node, addr, 8), Read(primary, addr, 8)])
+        if unpack_u64(a) != cv or unpack_u64(b) != pv:
+            return
+        polls = core.waited(polls, f"slot {sid}:{pos}: another insert's claim is not resolved")
+
+
+def _withdraw(core, t, obj, s, v_old, expected):
+    """Generator: end our claimed round with a fresh void value (log entry marked first)."""
+    void = core.free_value()
+    mark = core.log.record(obj, ABORTED, slot_ref(t.sid, t.pos), v_old)
+    yield from core.rt([Cas(n, t.addr, s, void) for n in t.backups] + mark)
+    yield from cas_primary(t, expected, void)

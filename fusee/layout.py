@@ -1,0 +1,269 @@
+"""Byte formats on the memory nodes: index slots, bucket headers, KV objects and their embedded
+log entries (SPEC §4, §6). All integers are little-endian.
+
+Slot (one 8-byte atomic word)::
+
+    bits 56-63  fingerprint              bits 48-55  length in allocation units (0: no object)
+    bit  47     FROZEN (subtable split)  bit  46     TENTATIVE (an r=1 insert's claim)
+    bits 40-45  memory node id           bits  0-39  address / allocation unit
+
+0 is an empty slot. Any other value with length 0 is a *tombstone* (a DELETE's proposal) or a
+*void* (ends the round of a withdrawn insert claim): free slots, made of the writer's client id
+and a per-client sequence number (``free_value``), so SNAPSHOT proposals stay distinct and a
+slot never goes back to an old value.
+The same pointer format (with fingerprint 0) links log entries.
+
+Bucket (64 bytes) = header + 7 slots. Header: bits 0-31 suffix, 32-39 local depth,
+40-47 flags (RETIRED), 48-63 subtable id.
+
+KV object (``units * unit`` bytes, written in ONE write per replica)::
+
+    +0  u8 valid (0xFE)  u8 0  u16 key_len  u32 value_len
+    +8  key, value, zero padding
+    end-48: log entry (48 bytes), last byte = used
+       +0  u64 next       the client's next object of this size class (known in advance)
+       +8  u64 prev       the previous one (0 at the list head)
+       +16 u64 record     \\  commit record, written by the writer once it knows its outcome:
+                           |  bits 0-47 slot_ref, 48-55 record number (the newest of a torn
+                           |  set of replicas wins), 56-63 state: 0 pending, 1 committed,
+                           |  2 lost, 3 aborted (explicit, so visible when old_value is 0)
+       +24 u64 old_value   |  the slot value replaced
+       +32 u32 old_crc     |  the crc of the object old_value named (tells that instance from a
+                           |  later object in reused memory), 0 when it named none
+       +36 u32 commit_crc /   crc32(+16..+36), so a torn record reads as pending
+       +40 u8  opcode     1 insert, 2 update, 3 delete
+       +41 u16 seq        allocation sequence of the client in this class (mod 2**16)
+       +43 u32 crc        crc32 of header, key, value, padding, next, prev, opcode, seq
+       +47 u8  used       1 once written; the owner writes 0 when it takes a freed object back
+
+Client metadata slot: magic, group count, log list heads, incarnation counter, the STATE word
+(CLEAN when nothing of the id is in flight, IN_USE while a client holds it), the RECOVERY lock
+(recoverer + 1 while a recovery runs), then the block group records.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+# ISA-L's crc32: zlib's polynomial and results, several times faster on a 1 KB object
+from isal.isal_zlib import crc32
+
+FP_SHIFT, LEN_SHIFT, NODE_SHIFT = 56, 48, 40
+FROZEN, TENTATIVE = 1 << 47, 1 << 46
+ADDR_MASK = (1 << 40) - 1
+NODE_MASK = 0x3F
+MAX_NODES = NODE_MASK + 1
+MAX_CLIENT_IDS = (1 << 14) - 1     # what a free value can name
+MAX_UNITS = 255
+SLOTS_PER_BUCKET, BUCKET_BYTES = 7, 64
+
+#: object size classes, in allocation units
+CLASSES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 255)
+
+OBJ_HEADER, LOG_BYTES = 8, 48
+VALID = 0xFE
+INSERT, UPDATE, DELETE = 1, 2, 3
+PENDING, COMMITTED, LOST, ABORTED = 0, 1, 2, 3
+RETIRED = 1
+
+_HDR = struct.Struct("<BBHI")
+_LOG_LINKS = struct.Struct("<QQ")
+_COMMIT = struct.Struct("<QQII")       # record word, old_value, old_crc, commit_crc (+16..+40)
+_TAIL = struct.Struct("<BHIB")          # opcode, seq, crc, used (+40..+48)
+_U64 = struct.Struct("<Q")
+_OPSEQ = struct.Struct("<BH")           # opcode, seq: the last bytes the object crc covers
+_ENTRY = struct.Struct("<QQQQIIBHIB")   # the whole log entry: links, commit record, tail
+_RECORD = struct.Struct("<QQI")         # the commit record minus its crc: what the crc covers
+_U32 = struct.Struct("<I")
+_NO_COMMIT = bytes(_COMMIT.size)         # a fresh object's commit record: pending
+
+
+# -- slots -----------------------------------------------------------------------------------
+def make_slot(fp: int, units: int, node: int, addr: int, unit: int) -> int:
+    return (fp << FP_SHIFT) | (units << LEN_SHIFT) | ptr_bits(node, addr, unit)
+
+
+def ptr_bits(node: int, addr: int, unit: int) -> int:
+    if addr % unit or not 0 <= node < MAX_NODES:
+        raise ValueError(f"bad object address {node}:{addr:#x}")
+    return (node << NODE_SHIFT) | (addr // unit)
+
+
+def slot_fp(v: int) -> int:
+    return v >> FP_SHIFT
+
+
+def slot_units(v: int) -> int:
+    return (v >> LEN_SHIFT) & 0xFF
+
+
+def slot_node(v: int) -> int:
+    return (v >> NODE_SHIFT) & NODE_MASK
+
+
+def slot_addr(v: int, unit: int) -> int:
+    return (v & ADDR_MASK) * unit
+
+
+def is_object(v: int) -> bool:
+    """The slot names a KV object (committed unless TENTATIVE)."""
+    return slot_units(v) != 0
+
+
+def is_free(v: int) -> bool:
+    """Empty, tombstone or void, not frozen, not claimed: an insert may take it."""
+    return not v & (FROZEN | TENTATIVE) and slot_units(v) == 0
+
+
+def committed_object(v: int) -> bool:
+    return slot_units(v) != 0 and not v & (TENTATIVE | FROZEN)
+
+
+def strip(v: int) -> int:
+    return v & ~(FROZEN | TENTATIVE)
+
+
+def free_value(client_id: int, seq: int) -> int:
+    """A tombstone / void (length 0): unique per writer and sequence number, so a slot never
+    returns to an old value. Client id + 1 in the node bits and the fingerprint byte, the
+    sequence number in the 40 address bits."""
+    c = client_id + 1
+    return ((c >> 6) << FP_SHIFT) | ((c & NODE_MASK) << NODE_SHIFT) | (seq & ADDR_MASK)
+
+
+def free_value_of(v: int, client_id: int) -> bool:
+    """``v`` is a tombstone / void that ``client_id`` proposed (``free_value``)."""
+    c = client_id + 1
+    return (v != 0 and not v & (0xFF << LEN_SHIFT | FROZEN | TENTATIVE) and v >> FP_SHIFT == c >> 6
+            and (v >> NODE_SHIFT) & NODE_MASK == c & NODE_MASK)
+
+
+def slot_ref(subtable: int, pos: int) -> int:
+    return (subtable << 32) | pos
+
+
+# -- bucket headers --------------------------------------------------------------------------
+def bucket_header(subtable: int, depth: int, suffix: int, flags: int = 0) -> int:
+    return suffix | (depth << 32) | (flags << 40) | (subtable << 48)
+
+
+def parse_header(h: int) -> tuple[int, int, int, int]:
+    """(subtable, depth, suffix, flags)"""
+    return h >> 48, (h >> 32) & 0xFF, h & 0xFFFFFFFF, (h >> 40) & 0xFF
+
+
+# -- objects ---------------------------------------------------------------------------------
+def size_class(nbytes: int, unit: int) -> int | None:
+    """Smallest class (in units) holding ``nbytes``, or None if too large."""
+    need = -(-nbytes // unit)
+    return _CLASS_OF[need] if need <= MAX_UNITS else None
+
+
+_CLASS_OF = [next(c for c in CLASSES if c >= need) for need in range(MAX_UNITS + 1)]
+
+
+def object_bytes(key_len: int, value_len: int) -> int:
+    return OBJ_HEADER + key_len + value_len + LOG_BYTES
+
+
+def encode_object(key: bytes, value: bytes, size: int, opcode: int, next_ptr: int,
+                  prev_ptr: int, seq: int) -> bytes:
+    klen, vlen = len(key), len(value)
+    seq &= 0xFFFF
+    # built as one join with the crc accumulated piecewise: no scratch buffer, one copy
+    head = _HDR.pack(VALID, 0, klen, vlen)
+    pad = bytes(size - LOG_BYTES - OBJ_HEADER - klen - vlen)
+    links = _LOG_LINKS.pack(next_ptr, prev_ptr)
+    crc = crc32(links, crc32(pad, crc32(value, crc32(key, crc32(head)))))
+    crc = crc32(_OPSEQ.pack(opcode, seq), crc)
+    return b"".join((head, key, value, pad, links, _NO_COMMIT,
+                     _TAIL.pack(opcode, seq, crc, 1)))
+
+
+class ObjectView(NamedTuple):
+    key: bytes
+    value: bytes
+    opcode: int
+    next: int
+    prev: int
+    seq: int
+    state: int          # commit state (PENDING if the commit record does not verify)
+    slot_ref: int
+    old_value: int
+    old_crc: int = 0    # crc of the object old_value named
+    number: int = 0     # record number: which of two torn records is newer
+    crc: int = 0        # this object's own crc (its identity against reused memory)
+
+
+def decode_object(buf: bytes) -> ObjectView | None:
+    """Parse and verify an object read whole; None when it is not a valid, complete object."""
+    if type(buf) is not bytes:
+        buf = bytes(buf)
+    log = len(buf) - LOG_BYTES
+    if log < OBJ_HEADER:
+        return None
+    valid, _, klen, vlen = _HDR.unpack_from(buf, 0)
+    end = OBJ_HEADER + klen + vlen
+    if valid != VALID or end > log:
+        return None
+    nxt, prev, rec, old, old_crc, ccrc, opcode, seq, crc, used = _ENTRY.unpack_from(buf, log)
+    # crc of everything up to the commit record, then of opcode and seq (their raw bytes)
+    if used != 1 or crc != crc32(buf[log + 40:log + 43], crc32(buf[:log + 16])):
+        return None
+    state = rec >> 56
+    if state != PENDING and ccrc != crc32(buf[log + 16:log + 36]):
+        state, rec, old, old_crc = PENDING, 0, 0, 0
+    return _new_view(ObjectView, (buf[OBJ_HEADER:OBJ_HEADER + klen], buf[OBJ_HEADER + klen:end],
+                                  opcode, nxt, prev, seq, state, rec & REF_MASK, old, old_crc,
+                                  (rec >> 48) & 0xFF, crc))
+
+
+_new_view = tuple.__new__       # ObjectView(...) minus its Python-level __new__: a hot path
+
+
+def commit_record(ref: int, old: int, state: int, old_crc: int = 0, number: int = 0) -> bytes:
+    """Bytes to WRITE at ``object + size - 48 + 16``: the writer's outcome (SPEC §6)."""
+    head = _RECORD.pack(ref | (number & 0xFF) << 48 | state << 56, old, old_crc)
+    return head + _U32.pack(crc32(head))
+
+
+def object_tail(word: bytes) -> tuple[int, int]:
+    """(crc, used) from an object's last 8 bytes: who it is, and whether its owner took it
+    back (used 0) since it was freed."""
+    _, _, crc, used = _TAIL.unpack(word)
+    return crc, used
+
+
+COMMIT_OFFSET = 16          # of the commit record inside the log entry
+TAIL_BYTES = _TAIL.size     # the object's last bytes: opcode, seq, crc, used
+REF_MASK = (1 << 48) - 1    # the slot_ref bits of the record word
+NO_SLOT = REF_MASK          # slot_ref of an operation that never proposed
+
+
+def pack_u64(v: int) -> bytes:
+    return _U64.pack(v)
+
+
+def unpack_u64(b, offset: int = 0) -> int:
+    return _U64.unpack_from(b, offset)[0]
+
+
+# -- client metadata slot (MemoryMap.client_meta) and data block headers ---------------------
+META_MAGIC = 0x314154454D454546     # b"FEEMETA1"
+META_MAGIC_OFF, META_GROUPS, META_HEADS, META_INCARNATION, META_RECORDS = 0, 8, 16, 144, 256
+META_STATE, META_RECOVERY = 152, 160
+CLEAN, IN_USE = 0, 1                # META_STATE values
+BLOCK_MAGIC = 0x314B4C4245455546    # b"FUEEBLK1"
+BLOCK_HEADER = 256                  # magic, owner, r, replica list; then the free bitmap
+MAX_REPLICAS = (BLOCK_HEADER - 16) // 8
+
+
+def encode_block_header(owner: int, index: int, replicas: list[tuple[int, int]]) -> bytes:
+    """+0 magic, +8 u32 owner, u16 r, u16 index in group, +16 u64 node << 48 | addr each."""
+    out = struct.pack("<QIHH", BLOCK_MAGIC, owner, len(replicas), index)
+    return out + b"".join(pack_u64((n << 48) | a) for n, a in replicas)
+
+
+def group_record(node: int, addr: int) -> int:
+    return (node << 48) | addr

@@ -1,0 +1,91 @@
+"""The embedded operation log (SPEC §6).
+
+Every object a client writes carries a log entry at its end (format in ``fusee.layout``). The
+entries of one client and one size class form a list in allocation order: each names the next
+object the client will allocate in that class (reserved in advance by the allocator) and the
+previous one, and the first object of each class is recorded as the list head in the client's
+metadata slot (``META_HEADS + 8 * class index``) on MNs ``0..r-1``. After a crash, the whole
+history of in-flight operations is reachable from the heads with READs alone; ``seq`` tells a
+live successor from a stale object left in reused memory.
+
+The writer records its outcome in the entry's commit record: COMMITTED (with the slot, the
+old value and the crc of the object it named) before the primary CAS, LOST when it lost the
+SNAPSHOT round, ABORTED when the operation ended with an error or withdrew its claim. Records
+are numbered per object, so recovery tells the newest when a crash left replicas differing.
+Recovery (``fusee.recovery``) reads the entries back by reading the client's blocks whole
+(``fusee.holdings``): a few round trips instead of one per entry, and no entry is missed
+when reused memory has unlinked it from its list.
+"""
+
+from __future__ import annotations
+
+from fusee.allocation import Allocator
+from fusee.errors import ValueTooLarge
+from fusee.layout import (CLASSES, COMMIT_OFFSET, LEN_SHIFT, LOG_BYTES, META_HEADS,
+                          commit_record, encode_object, object_bytes, pack_u64, size_class)
+from fusee.memory_map import MemoryMap
+from fusee.verbs import Write
+
+
+class NewObject:
+    """An object being written by one operation: where it is, its first writes, and how many
+    commit records it has had (records are numbered so that recovery can tell the newest when
+    a crash left different ones on different replicas)."""
+    __slots__ = ("ptr", "units", "replicas", "writes", "records")
+
+    def __init__(self, ptr: int, units: int, replicas: list[tuple[int, int]],
+                 writes: list[Write]):
+        self.ptr = ptr                  # node/address bits (no length)
+        self.units = units
+        self.replicas = replicas
+        self.writes = writes            # the object on every replica (+ a list head, the first time)
+        self.records = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.writes[0].data)
+
+
+class ObjectLog:
+    def __init__(self, alloc: Allocator, mmap_: MemoryMap, client_id: int,
+                 meta_nodes: list[int], unit: int):
+        self.alloc, self.unit = alloc, unit
+        self.meta = mmap_.client_meta(client_id)
+        self.meta_nodes = meta_nodes
+        self.prev: dict[int, int] = {}
+        self.seq: dict[int, int] = {}
+
+    def units_for(self, key: bytes, value: bytes) -> int:
+        """Size class of an object, or ValueTooLarge (checked before any verb)."""
+        n = object_bytes(len(key), len(value))
+        units = size_class(n, self.unit)
+        if units is None:
+            raise ValueTooLarge(f"object of {n} bytes exceeds the largest size class "
+                                f"({CLASSES[-1] * self.unit} bytes)")
+        return units
+
+    def new_object(self, opcode: int, key: bytes, value: bytes, units: int) -> NewObject:
+        """Allocate (after ``alloc.ensure(units)``) and encode an object with its log entry."""
+        p, nxt = self.alloc.alloc(units)
+        prev = self.prev.get(units, 0)
+        seq = self.seq.get(units, 0)
+        data = encode_object(key, value, units * self.unit, opcode,
+                             (units << LEN_SHIFT) | nxt, prev, seq)
+        reps = self.alloc.replicas(p)
+        writes = [Write(n, a, data) for n, a in reps]
+        if units not in self.prev:      # first object of this class: it heads the list
+            head = self.meta + META_HEADS + 8 * CLASSES.index(units)
+            writes += [Write(m, head, pack_u64((units << LEN_SHIFT) | p))
+                       for m in self.meta_nodes]
+        self.prev[units] = (units << LEN_SHIFT) | p
+        self.seq[units] = seq + 1
+        return NewObject(p, units, reps, writes)
+
+    def record(self, obj: NewObject, state: int, ref: int, old: int,
+               old_crc: int = 0) -> list[Write]:
+        """Writes of the commit record (COMMITTED / LOST / ABORTED) on every replica;
+        ``old_crc`` names the instance of the object ``old`` points to."""
+        obj.records += 1
+        rec = commit_record(ref, old, state, old_crc, obj.records)
+        off = obj.size - LOG_BYTES + COMMIT_OFFSET
+        return [Write(n, a + off, rec) for n, a in obj.replicas]

@@ -1,0 +1,464 @@
+"""Client-crash recovery (SPEC §8), sans-IO: ``recover_client(config, client_id)`` is an
+operation like any other (run it with ``fusee.driver.run``), for the master or for a client
+restarting with the id (``Client(..., client_id=N, recover=True)``), which then adopts what
+the id holds (``fusee.holdings.adopt``).
+
+1. Start: the id's recovery lock (CAS; a second recoverer gets RecoveryInProgress), a fresh
+   incarnation (so the tombstones recovery proposes are its own), the directory and every
+   subtable's split lock. An id left CLEAN has nothing in flight: done.
+2. Read the log: every object the id carved, from every replica of its blocks (each entry's
+   newest commit record wins: records are numbered). Reading the blocks whole is a few round
+   trips, not one per entry, and finds entries that memory reuse unlinked from the lists.
+3. Finish the operations:
+   - a split the client had locked is finished (``fusee.resize.finish``);
+   - a COMMITTED entry: the object it replaced (its crc is in the record) tells whether the
+     free it owed was delivered (bit set, used 0, or another object there since), which also
+     proves the primary CAS, since the free follows it. Not delivered and the primary still
+     holds the old value: the backups are fixed, the primary CASed, the old object freed.
+     Not delivered and the primary moved on: the free is delivered now;
+   - every other entry (pending, lost, aborted, or committed in a subtable that froze) is
+     looked up by key on every replica of its current subtable: a SNAPSHOT round the client
+     joined and nobody finished is redone with its proposal (the rules decide the same winner
+     for everyone): an UPDATE or DELETE that wins is completed, an INSERT that wins is
+     withdrawn (its outcome is unknown, and nothing observed it), a withdrawal half done is
+     completed. What took effect is marked COMMITTED, the rest LOST or ABORTED, so that the
+     entries tell the next holder of the id which objects are free.
+4. Release: blocks owned outside a complete group go back to their MNs, the id is marked
+   CLEAN, the lock is released.
+
+Waits on other clients (a split in progress, a round whose winner is another crashed client)
+are bounded (``Stalled``: the master retries later). Every step is idempotent, so a recovery
+that died half way is simply run again (by the same ``owner``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from fusee.config import ClusterConfig
+from fusee.errors import RecoveryInProgress, StoreFormatError
+from fusee.hashing import key_hash
+from fusee.holdings import Carved, scan
+from fusee.index import HDR_MAGIC, INDEX_MAGIC, LOCKS, View
+from fusee.layout import (ABORTED, CLEAN, COMMITTED, COMMIT_OFFSET, DELETE, FROZEN, INSERT,
+                          LOG_BYTES, LOST, META_INCARNATION, META_RECOVERY, META_STATE, NO_SLOT,
+                          PENDING, TAIL_BYTES, TENTATIVE, UPDATE, ObjectView, commit_record,
+                          committed_object, decode_object, free_value_of, is_free, is_object,
+                          make_slot, object_tail, pack_u64, slot_addr, slot_node, slot_ref,
+                          slot_units, unpack_u64)
+from fusee.memory_map import HEADER_LAYOUT
+from fusee.operations import ClientCore
+from fusee.replication import LOSE, RESTART, WIN, SlotTarget, fix_requests, propose, resolve
+from fusee.resize import finish, holder
+from fusee.verbs import Cas, Faa, FreeBlock, Read, Write, chunks
+
+#: the recovery-lock owner of the master; a client recovering its own id uses the id
+MASTER = (1 << 32) - 1
+
+
+@dataclass
+class RecoveryReport:
+    client_id: int
+    clean: bool = False             # the id was CLEAN: nothing was in flight
+    objects: int = 0                # objects found in the id's blocks
+    entries: int = 0                # ... of them with a readable log entry
+    examined: int = 0               # entries that needed a look at the index
+    outcomes: dict[str, int] = field(default_factory=dict)  # what recovery did, by kind
+    frees_delivered: int = 0        # frees a crash had kept from delivery, sent now
+    splits_finished: int = 0
+    orphan_blocks: int = 0
+    held: int = 0                   # objects still handed out afterwards (in the index, or
+                                    # about to be freed by whoever replaced them)
+    round_trips: int = 0
+    verbs: int = 0
+    phases: dict[str, float] = field(default_factory=dict)   # seconds per phase
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__, outcomes=dict(self.outcomes), phases=dict(self.phases))
+
+
+def recover_client(config: ClusterConfig, client_id: int, owner: int = MASTER,
+                   clock=time.perf_counter):
+    """Generator: recover ``client_id`` (crashed, or its lease ran out); returns a
+    RecoveryReport. ``owner`` tags the recovery lock (a recovery that died is re-run by the
+    same owner); ``clock`` times the phases for the report."""
+    return Recovery(config, client_id, owner, clock).run()
+
+
+@dataclass
+class _Entry:
+    """One object of the crashed client with its newest log entry."""
+    c: Carved
+    v: ObjectView
+    s: int | None                   # its slot value (INSERT / UPDATE proposals)
+    linearized: bool = False        # the operation took effect
+    lost: bool = False              # a round it joined was won by another writer
+    synced: bool = True             # every replica holds the newest commit record
+
+    @property
+    def ref(self) -> tuple[int, int]:
+        return self.v.slot_ref >> 32, self.v.slot_ref & 0xFFFFFFFF
+
+
+class Recovery:
+    def __init__(self, config: ClusterConfig, client_id: int, owner: int = MASTER,
+                 clock=time.perf_counter):
+        self.core = ClientCore(config, client_id)
+        self.cid, self.owner, self.clock = client_id, owner, clock
+        self.meta = self.core.map.client_meta(client_id)
+        self.report = RecoveryReport(client_id)
+        self.locks: list[int] = []
+
+    def run(self):
+        """Generator: the whole recovery; returns the report."""
+        return (yield from self._count(self._run()))
+
+    def _run(self):
+        rep = self.report
+        t0 = self.clock()
+        yield from self._start()
+        if rep.clean:
+            yield from self._release()
+            rep.phases["total"] = self.clock() - t0
+            return rep
+        found = yield from scan(self.core.alloc, copies=True)
+        entries = self._entries(found)
+        t1 = self.clock()
+        rep.phases["read_logs"] = t1 - t0
+        yield from self._splits()
+        yield from self._finish(entries)
+        t2 = self.clock()
+        rep.phases["finish_ops"] = t2 - t1
+        for batch in chunks([FreeBlock(n, self.cid, a) for n, a in found.orphans]):
+            yield batch
+        rep.orphan_blocks = len(found.orphans)
+        yield from self._release()
+        rep.phases["release"] = self.clock() - t2
+        rep.phases["total"] = self.clock() - t0
+        return rep
+
+    def _count(self, gen):
+        """Drive ``gen``, counting its round trips and verbs for the report."""
+        try:
+            batch = gen.send(None)
+            while True:
+                self.report.round_trips += 1
+                self.report.verbs += len(batch)
+                try:
+                    res = yield batch
+                except Exception as e:
+                    batch = gen.throw(e)
+                else:
+                    batch = gen.send(res)
+        except StopIteration as stop:
+            return stop.value
+
+    def _outcome(self, kind: str) -> None:
+        self.report.outcomes[kind] = self.report.outcomes.get(kind, 0) + 1
+
+    # -- 1. start / 4. release ---------------------------------------------------------------
+    def _start(self):
+        core, geo, meta = self.core, self.core.geo, self.meta
+        res = yield [core.dir.read(), Read(0, geo.header_word(HDR_MAGIC), 8),
+                     Read(0, HEADER_LAYOUT, 8), Cas(0, meta + META_RECOVERY, 0, self.owner + 1),
+                     Faa(0, meta + META_INCARNATION, 1), Read(0, meta + META_STATE, 8),
+                     Read(0, geo.header_word(LOCKS), 8 * geo.max_subtables)]
+        if unpack_u64(res[2]) != core.map.fingerprint or unpack_u64(res[1]) != INDEX_MAGIC:
+            raise StoreFormatError("the memory nodes were formatted for another layout")
+        if res[3] not in (0, self.owner + 1):
+            raise RecoveryInProgress(f"client {self.cid} is being recovered by "
+                                     f"{res[3] - 1:#x}")
+        core.dir.load(res[0])
+        core.free_seq = res[4] << 28
+        self.report.clean = unpack_u64(res[5]) == CLEAN
+        self.locks = [unpack_u64(res[6], 8 * i) for i in range(geo.max_subtables)]
+
+    def _release(self):
+        meta = self.meta
+        yield [Write(m, meta + META_STATE, pack_u64(CLEAN)) for m in self.core.meta_nodes] + [
+            Cas(0, meta + META_RECOVERY, self.owner + 1, 0)]
+
+    # -- 2. the log ----------------------------------------------------------------------
+    def _entries(self, found) -> list[_Entry]:
+        rep, unit = self.report, self.core.unit
+        rep.objects = len(found.objects)
+        entries = []
+        for c in found.objects:
+            # the copies of the instance the primary holds (a crash may leave a replica with
+            # an older object at the same place, or a newer one not yet everywhere)
+            views = [v for v in c.copies if v is not None and v.crc == c.crc]
+            if not views:
+                continue
+            v = _newest(views)
+            s = None
+            if v.opcode in (INSERT, UPDATE):
+                s = make_slot(key_hash(v.key).fp, c.units, c.group.nodes[0],
+                              c.group.addrs[0] + c.offset, unit)
+            e = _Entry(c, v, s)
+            e.synced = len(views) == len(c.copies) and all(_record(x) == _record(v)
+                                                           for x in views)
+            entries.append(e)
+        rep.entries = len(entries)
+        return entries
+
+    # -- 3. finishing ----------------------------------------------------------------------
+    def _splits(self):
+        for sid, lock in enumerate(self.locks):
+            if holder(lock) == self.cid:
+                yield from finish(self.core, sid, lock)
+                self.report.splits_finished += 1
+
+    def _finish(self, entries: list[_Entry]):
+        core = self.core
+        committed = [e for e in entries if e.v.state == COMMITTED]
+        looks = [e for e in entries if e.v.state == PENDING or e.v.state == LOST or
+                 (e.v.state == ABORTED and e.v.slot_ref != NO_SLOT)]
+        if committed:
+            looks += (yield from self._committed(committed))
+        keys: dict[bytes, list[_Entry]] = {}
+        for e in looks:
+            keys.setdefault(e.v.key, []).append(e)
+        self.report.examined = len(looks)
+        for key, group in keys.items():
+            yield from self._by_key(key, group, entries)
+        marks = []
+        for e in looks:
+            if e.linearized:
+                continue
+            state = LOST if e.lost else ABORTED
+            if e.v.state != state or e.v.slot_ref != NO_SLOT:
+                marks += self._mark(e, state, NO_SLOT, 0, 0)
+            self._outcome("lost" if e.lost else "aborted")
+        for e in entries:
+            if not e.synced:            # the next holder reads the primary copy: make every
+                v = e.v                 # replica tell the same story
+                marks += self._write(e, commit_record(v.slot_ref, v.old_value, v.state,
+                                                      v.old_crc, v.number))
+        for batch in chunks(marks):
+            yield from core.rt(batch)
+        self.report.held = sum(1 for e in entries if e.v.state == COMMITTED and
+                               e.v.opcode != DELETE and not e.c.freed)
+
+    def _committed(self, entries: list[_Entry]):
+        """Generator: step A for COMMITTED entries; returns those whose round died in a
+        split (to look up by key).
+
+        For an UPDATE or DELETE the replaced object tells whether the free the operation
+        owed was delivered (its bit set, used 0, or another object there since); that can
+        only change by the crashed client's hand, and the free follows the primary CAS, so a
+        delivered free also says that the CAS happened, whatever value the slot holds now
+        (a value can come back when memory is reused)."""
+        core, unit = self.core, self.core.unit
+        reqs, where = [], []
+        for e in entries:
+            sid, pos = e.ref
+            t = core.target(sid, pos)
+            old = e.v.old_value
+            reqs.append(Read(t.primary, t.addr, 8))
+            if is_object(old) and e.v.opcode != INSERT:
+                free = core.alloc.free_request(old)
+                reqs += [Read(slot_node(old), slot_addr(old, unit) + slot_units(old) * unit -
+                              TAIL_BYTES, TAIL_BYTES), Read(free.node, free.addr, 8)]
+            where.append((e, t, len(reqs)))
+        res = []
+        for batch in chunks(reqs):
+            res += yield from core.rt(batch)
+        dead, start = [], 0
+        for e, t, end in where:
+            got, start = res[start:end], end
+            p, old = unpack_u64(got[0]), e.v.old_value
+            owed = False                        # a free not delivered
+            if len(got) == 3:
+                crc, used = object_tail(got[1])
+                bit = core.alloc.free_request(old).delta
+                owed = crc == e.v.old_crc and used == 1 and not unpack_u64(got[2]) & bit
+            expect = {old} | ({e.s | TENTATIVE} if e.v.opcode == INSERT else set())
+            if (owed or len(got) == 1) and p & ~FROZEN in expect:
+                if p & FROZEN:
+                    dead.append(e)                      # never took effect; retried?
+                    continue
+                v_new = e.s if e.v.opcode != DELETE else None
+                ok = yield from self._complete(e, t, p, v_new, None, e.v.old_crc)
+                if not ok:
+                    dead.append(e)
+                continue
+            e.linearized = True
+            self._outcome("had taken effect")
+            if owed:
+                yield from core.rt([core.alloc.free_request(old)])
+                self.report.frees_delivered += 1
+        return dead
+
+    def _complete(self, e: _Entry, t: SlotTarget, p: int, v_new: int | None,
+                  current: list[int] | None, old_crc: int):
+        """Generator: finish the round at ``t`` that ``e`` won (primary holds ``p``): fix the
+        backups, record COMMITTED, CAS the primary, free the old object. ``v_new`` None: a
+        DELETE, whose tombstone is read off the backups (or made afresh). Returns whether
+        the primary CAS took (False: the slot froze)."""
+        core = self.core
+        if current is None:
+            current = [unpack_u64(b) for b in
+                       (yield from core.rt([Read(n, t.addr, 8) for n in t.backups]))]
+        if v_new is None:
+            mine = [v for v in current if free_value_of(v, self.cid)]
+            v_new = mine[0] if mine else core.free_value()
+        old = p & ~TENTATIVE if e.v.opcode != INSERT else e.v.old_value
+        marks = []
+        if not (e.v.state == COMMITTED and e.v.slot_ref == slot_ref(t.sid, t.pos)):
+            marks = self._mark(e, COMMITTED, slot_ref(t.sid, t.pos), old, old_crc)
+        first = fix_requests(t, current, v_new) + marks
+        if first:                   # as the writer would: fix and commit, then the primary
+            yield from core.rt(first)
+        (old_p,) = yield from core.rt([Cas(t.primary, t.addr, p, v_new)])
+        if old_p != p:
+            return False
+        e.linearized = True
+        self._outcome("completed")
+        if committed_object(old) and e.v.opcode != INSERT:
+            yield from core.rt([core.alloc.free_request(old)])
+        return True
+
+    def _by_key(self, key: bytes, group: list[_Entry], entries: list[_Entry]):
+        """Generator: step B: settle every round on ``key``'s slots that carries a trace of
+        the crashed client."""
+        core, h = self.core, key_hash(key)
+        mine = {e.s: e for e in entries if e.s is not None and e.v.key == key}
+        deletes = [e for e in group if e.v.opcode == DELETE]
+        waits = 0
+        while True:
+            sid, _ = core.dir.lookup(h)
+            nodes = core.dir.nodes(sid)
+            # the primary first, the backups after: a proposal of ours still on a backup then
+            # means its round was open all along, so the primary read is that round's v_old
+            reads, firsts = core.bucket_reads(sid, h, nodes[0])
+            res = yield from core.rt(reads)
+            if len(nodes) > 1:
+                more = []
+                for n in nodes[1:]:
+                    more += core.bucket_reads(sid, h, n)[0]
+                res += yield from core.rt(more)
+            views = [View(res[2 * i:2 * i + 2], firsts, sid) for i in range(len(nodes))]
+            if views[0].stale:
+                waits = core.waited(waits, f"recovery of client {self.cid}: subtable {sid} "
+                                           f"is being split")
+                yield from core.refresh()
+                continue
+            acted = False
+            prim = views[0].slots
+            for pos, p in prim.items():
+                backups = [v.slots[pos] for v in views[1:]]
+                t = core.target(sid, pos)
+                if committed_object(p) and p in mine:
+                    mine[p].linearized = True           # took effect here
+                if not backups:
+                    if p & TENTATIVE and p & ~TENTATIVE in mine:
+                        yield from self._claim_r1(mine[p & ~TENTATIVE], t, p)
+                        acted = True
+                    continue
+                if all(b == p for b in backups):
+                    continue
+                voids = [b for b in backups if b != p and free_value_of(b, self.cid)]
+                ours = [b for b in backups if b != p and b in mine]
+                if voids and is_free(p):
+                    yield from self._withdrawn(t, p, voids[0])
+                    acted = True
+                elif ours:
+                    acted |= yield from self._redo(mine[ours[0]], t, p, ours[0])
+                elif voids and committed_object(p) and deletes:
+                    e = yield from self._delete_of(deletes, key, p)
+                    if e is not None:
+                        acted |= yield from self._redo(e, t, p, voids[0])
+            if not acted:
+                return
+            waits = core.waited(waits, f"recovery of client {self.cid}: key {key!r}")
+
+    def _claim_r1(self, e: _Entry, t: SlotTarget, p: int):
+        """Generator: an r = 1 insert's TENTATIVE claim: committed -> publish it; else
+        withdraw it with a fresh void."""
+        if e.v.state == COMMITTED and e.v.slot_ref == slot_ref(t.sid, t.pos):
+            (old,) = yield from self.core.rt([Cas(t.primary, t.addr, p, e.s)])
+            if old == p:
+                e.linearized = True
+                self._outcome("completed")
+            return
+        (old,) = yield from self.core.rt([Cas(t.primary, t.addr, p, self.core.free_value())])
+        if old == p:
+            self._outcome("withdrawn")
+
+    def _withdrawn(self, t: SlotTarget, p: int, void: int):
+        """Generator: finish an insert's withdrawal: its claim -> the void on every backup,
+        then on the primary."""
+        core = self.core
+        cur = [unpack_u64(b) for b in
+               (yield from core.rt([Read(n, t.addr, 8) for n in t.backups]))]
+        rest = [Cas(n, t.addr, v, void) for n, v in zip(t.backups, cur)
+                if v != void and not free_value_of(v, self.cid)]
+        if rest:
+            yield from core.rt(rest)
+        yield from core.rt([Cas(t.primary, t.addr, p, void)])     # the backups first
+        self._outcome("withdrawn")
+
+    def _redo(self, e: _Entry, t: SlotTarget, p: int, v_new: int):
+        """Generator: SNAPSHOT again with the crashed client's proposal ``v_new`` in the open
+        round on ``t`` (primary ``p``). Returns whether it changed anything."""
+        core = self.core
+        extra = []
+        if committed_object(p):
+            u = slot_units(p) * core.unit
+            extra = [Read(slot_node(p), slot_addr(p, core.unit) + u - TAIL_BYTES, TAIL_BYTES)]
+        current, got = yield from propose(t, p, v_new, extra)
+        verdict = yield from resolve(t, p, v_new, current)
+        if verdict == LOSE:
+            e.lost = True
+            return False
+        if verdict == RESTART:
+            return True
+        assert verdict == WIN
+        if e.v.opcode == INSERT:
+            void = core.free_value()
+            fix = fix_requests(t, current, v_new)
+            if fix:
+                yield from core.rt(fix)
+            yield from core.rt([Cas(n, t.addr, v_new, void) for n in t.backups])
+            yield from core.rt([Cas(t.primary, t.addr, p, void)])
+            self._outcome("withdrawn")
+            return True
+        yield from self._complete(e, t, p, v_new, current, object_tail(got[0])[0])
+        return True
+
+    def _delete_of(self, deletes: list[_Entry], key: bytes, p: int):
+        """Generator: the DELETE entry whose tombstone is proposed against ``p`` (``p``'s
+        object must hold ``key``), or None."""
+        (buf,) = yield from self.core.rt([self.core.object_read(p)])
+        obj = decode_object(buf)
+        return deletes[0] if obj is not None and obj.key == key else None
+
+    def _mark(self, e: _Entry, state: int, ref: int, old: int, old_crc: int) -> list[Write]:
+        """Writes of a new commit record for ``e`` on every replica (numbered after its
+        newest)."""
+        number = (e.v.number + 1) & 0xFF
+        e.v = e.v._replace(state=state, slot_ref=ref, old_value=old, old_crc=old_crc,
+                           number=number)
+        e.synced = True
+        return self._write(e, commit_record(ref, old, state, old_crc, number))
+
+    def _write(self, e: _Entry, rec: bytes) -> list[Write]:
+        c = e.c
+        off = c.offset + c.units * self.core.unit - LOG_BYTES + COMMIT_OFFSET
+        e.synced = True
+        return [Write(n, a + off, rec) for n, a in zip(c.group.nodes, c.group.addrs)]
+
+
+def _record(v: ObjectView) -> tuple:
+    return v.state, v.number, v.slot_ref, v.old_value, v.old_crc
+
+
+def _newest(views: list[ObjectView]) -> ObjectView:
+    """The copy with the newest commit record (numbers differ by one after a torn write)."""
+    best = views[0]
+    for v in views[1:]:
+        if (v.number - best.number) % 256 == 1 or (best.number == 0 and v.number):
+            best = v
+    return best
+

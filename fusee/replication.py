@@ -1,0 +1,113 @@
+"""SNAPSHOT: client-centric replication of one index slot over r MNs (SPEC §5).
+
+A writer READs the primary (``v_old``; the operations get it from their bucket read), CASes
+every backup ``v_old -> v_new`` in one batch, and decides from the backups' values alone:
+
+- Rule 1: every backup holds ``v_new``: I win.
+- Rule 2: more than half of the backups hold ``v_new``: I win.
+- Rule 3: nobody has a majority: re-READ the primary; if it changed, the round is over and I
+  lost; otherwise the smallest proposal on the backups wins.
+
+Each backup word leaves ``v_old`` exactly once per round (to its first proposer's value) and
+only the winner touches it again, so every writer of a round sees the same values and reaches
+the same decision. The winner fixes the backups holding other proposals, commits its log
+entry, then CASes the primary ``v_old -> v_new``: the linearization point. Losers wait until
+the primary changes. Proposals must be distinct: object pointers are; DELETE proposes a
+fresh tombstone of its own (``layout.free_value``).
+
+If the primary turns out FROZEN (its subtable is being split), nobody's write happened: every
+writer of the round starts over on the new subtable.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import NamedTuple
+
+from fusee.errors import Stalled
+from fusee.layout import FROZEN, unpack_u64
+from fusee.verbs import Cas, Read
+
+WIN, LOSE, RULE3, RESTART = "win", "lose", "rule3", "restart"
+
+
+class SlotTarget(NamedTuple):
+    """One index slot: its subtable, position, replica nodes (primary first) and address."""
+    sid: int
+    pos: int
+    nodes: tuple[int, ...]
+    addr: int
+
+    @property
+    def primary(self) -> int:
+        return self.nodes[0]
+
+    @property
+    def backups(self) -> tuple[int, ...]:
+        return self.nodes[1:]
+
+
+def decide(current: list[int], mine: int) -> str:
+    """Rules 1 and 2 from the backups' current values: WIN, LOSE (someone else has a
+    majority), or RULE3 (no majority: the primary must be re-read)."""
+    n, votes = len(current), current.count(mine)
+    if votes == n or 2 * votes > n:     # (before building a Counter: the common case)
+        return WIN
+    counts = Counter(current)
+    if any(2 * c > n for v, c in counts.items() if v != mine):
+        return LOSE
+    return RULE3
+
+
+def propose(t: SlotTarget, v_old: int, v_new: int, extra=()):
+    """Generator, step 2: CAS every backup (plus ``extra`` requests in the same batch, after
+    the CASes). Returns (the backups' current values, the completions of ``extra``)."""
+    k = len(t.backups)
+    res = yield [Cas(n, t.addr, v_old, v_new) for n in t.backups] + list(extra)
+    current = [v_new if old == v_old else old for old in res[:k]]
+    return current, res[k:]
+
+
+def resolve(t: SlotTarget, v_old: int, v_new: int, current: list[int]):
+    """Generator, step 3: WIN, LOSE or RESTART (the slot froze) for this round."""
+    verdict = decide(current, v_new)
+    if verdict != RULE3:
+        return verdict
+    (raw,) = yield [Read(t.primary, t.addr, 8)]
+    now = unpack_u64(raw)
+    if now != v_old:
+        return RESTART if now == v_old | FROZEN else LOSE
+    return WIN if min(current) == v_new else LOSE
+
+
+def fix_requests(t: SlotTarget, current: list[int], v_new: int) -> list[Cas]:
+    """The winner's CASes turning other proposals on the backups into its own."""
+    return [Cas(n, t.addr, v, v_new) for n, v in zip(t.backups, current) if v != v_new]
+
+
+def cas_primary(t: SlotTarget, expected: int, v_new: int, extra=()):
+    """Generator, step 4: the linearization point. Returns (outcome, value seen) where the
+    outcome is WIN, RESTART (frozen) or LOSE (the primary held something else)."""
+    res = yield [Cas(t.primary, t.addr, expected, v_new)] + list(extra)
+    old = res[0]
+    if old == expected:
+        return WIN, old
+    return (RESTART if old & FROZEN else LOSE), old
+
+
+def await_change(t: SlotTarget, v_old: int, extra=(), patience: int = 0):
+    """Generator for losers: poll the primary until it leaves ``v_old``; ``extra`` requests
+    ride on the first poll. Returns LOSE (someone finished the round) or RESTART (it froze).
+    After ``patience`` polls (0: no limit) the winner is presumed crashed: Stalled."""
+    first = list(extra)
+    polls = 0
+    while True:
+        res = yield [Read(t.primary, t.addr, 8)] + first
+        first = []
+        now = unpack_u64(res[0])
+        if now != v_old:
+            return RESTART if now == v_old | FROZEN else LOSE
+        polls += 1
+        if polls == patience:
+            raise Stalled(f"slot {t.sid}:{t.pos}: the winner of its SNAPSHOT round did not "
+                          f"finish in {polls} polls (crashed? it waits for recovery)")

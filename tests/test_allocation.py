@@ -1,0 +1,148 @@
+"""Two-level allocation: blocks from the MNs, the client slab, FAA frees and reuse."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from fusee.driver import run, run_concurrently
+from fusee.errors import OutOfMemory
+from fusee.layout import (BLOCK_HEADER, BLOCK_MAGIC, CLASSES, LEN_SHIFT, META_GROUPS,
+                          META_HEADS, META_RECORDS, UPDATE, decode_object, object_bytes,
+                          size_class)
+from storekit import TINY, clients, config
+
+#: 64 KiB blocks and an index roomy enough for a few thousand keys without splits
+ROOMY = dict(region_size=32 * 1024 * 1024, block_size=64 * 1024, max_clients=16,
+             index_size=4 * 1024 * 1024, initial_subtables=16, buckets_per_subtable=3 * 64)
+
+
+def _u64(mem, node, addr):
+    return struct.unpack_from("<Q", mem.regions[node].mem, addr)[0]
+
+
+def test_block_group_is_recorded_on_the_mns():
+    mem, (kv,) = clients(config(r=3))
+    alloc, m = kv.core.alloc, kv.core.map
+    (g,) = alloc.groups
+    assert len(set(g.nodes)) == 3
+    for i, (n, a) in enumerate(zip(g.nodes, g.addrs)):
+        assert _u64(mem, n, a) == BLOCK_MAGIC
+        assert mem.tables[n]._owner(m.block_index(a)) == kv.client_id + 1
+    meta = m.client_meta(kv.client_id)
+    for n in kv.core.meta_nodes:
+        assert _u64(mem, n, meta + META_GROUPS) == 1
+        assert _u64(mem, n, meta + META_RECORDS) == (g.nodes[0] << 48) | g.addrs[0]
+
+
+def test_log_entries_name_the_next_object_in_advance():
+    mem, (kv,) = clients(config(r=2, nodes=2))
+    core = kv.core
+    run(core.alloc.ensure(2), kv.transport)
+    objs = [core.log.new_object(UPDATE, b"k%d" % i, b"v" * 70, 2) for i in range(4)]
+    kv.transport.execute([w for o in objs for w in o.writes])
+    views = [decode_object(o.writes[0].data) for o in objs]
+    for i in range(3):
+        assert views[i].next == (2 << LEN_SHIFT) | objs[i + 1].ptr
+        assert views[i + 1].prev == (2 << LEN_SHIFT) | objs[i].ptr
+        assert views[i + 1].seq == views[i].seq + 1
+    head = core.map.client_meta(kv.client_id) + META_HEADS + 8 * CLASSES.index(2)
+    assert all(_u64(mem, n, head) == (2 << LEN_SHIFT) | objs[0].ptr for n in core.meta_nodes)
+    # every replica holds the same bytes
+    for o in objs:
+        assert len({bytes(mem.regions[n].mem[a:a + o.size]) for n, a in o.replicas}) == 1
+
+
+def test_any_client_frees_with_faa_and_the_owner_reclaims():
+    mem, (a, b) = clients(config(r=3), 2)
+    a.insert(b"k", b"first")
+    v = a.core.cache.get(b"k").value
+    node, addr = a.core.alloc.where(v)
+    block = a.core.alloc.block_of(addr)
+    bit = (addr - block) // a.core.unit
+    word = block + BLOCK_HEADER + bit // 64 * 8
+    b.update(b"k", b"second")                       # b frees a's object (deferred FAA)
+    b.get(b"k")                                     # ... which rides on b's next batch
+    assert _u64(mem, node, word) >> (bit % 64) & 1
+    run(a.core.alloc.reclaim(), a.transport)
+    assert not _u64(mem, node, word) >> (bit % 64) & 1
+    assert a.core.alloc.stats["reclaimed"] == 1
+    assert a.core.alloc.free[1][-1] == v & ((1 << 46) - 1)
+
+
+@pytest.mark.parametrize("r", [1, 3])
+def test_deleted_memory_is_reused(r):
+    cfg = config(r=r, **TINY)
+    _, (a, b) = clients(cfg, 2)
+    n = 600
+    for i in range(n):
+        a.insert(b"key%d" % i, b"x" * 100)
+    blocks = a.stats["blocks"]
+    assert blocks > 2                               # several 16 KiB blocks were needed
+    for i in range(n):
+        b.delete(b"key%d" % i)                      # b frees a's objects
+    b.close()
+    for i in range(n):
+        a.insert(b"key%d" % i, b"y" * 100)
+    assert a.stats["blocks"] == blocks              # no new block: freed memory came back
+    assert a.stats["reclaimed"] >= n
+    assert all(a.get(b"key%d" % i) == b"y" * 100 for i in range(n))
+
+
+def test_out_of_memory_is_a_clear_error():
+    cfg = config(r=3, **{**TINY, "region_size": 1024 * 1024})
+    _, (kv,) = clients(cfg)
+    with pytest.raises(OutOfMemory):
+        for i in range(100_000):
+            kv.insert(b"k%d" % i, b"v" * 1000)
+    assert kv.get(b"k0") == b"v" * 1000
+    kv.delete(b"k0")                                # the store still works
+
+
+def _groups_needed(alloc, objects: int, units: int) -> int:
+    """Block groups a client needs for ``objects`` of one class, plus the reserved next one,
+    when every group is filled before the next is taken."""
+    per_group = (alloc.block_size - alloc.first_object) // (units * alloc.unit)
+    return -(-(objects + 1) // per_group)
+
+
+@pytest.mark.parametrize("depth", [1, 8])
+def test_operations_in_flight_share_one_growth(depth):
+    _, (kv,) = clients(config(r=3, **ROOMY))
+    core, n, value = kv.core, 3000, b"v" * 100
+    keys = [b"key%05d" % i for i in range(n)]
+    run_concurrently((core.insert(k, value) for k in keys), kv.transport, depth)
+    units = size_class(object_bytes(len(keys[0]), len(value)), core.unit)
+    assert core.alloc.stats["blocks"] <= _groups_needed(core.alloc, n, units)
+    assert all(kv.get(k) == value for k in keys)
+
+
+def test_concurrent_reclaims_never_hand_out_an_object_twice():
+    _, (a, b) = clients(config(r=3, **ROOMY), 2)
+    n, depth = 1000, 8
+    for i in range(n):
+        a.insert(b"old%05d" % i, b"x" * 100)
+    for i in range(n):
+        b.delete(b"old%05d" % i)                    # b frees a's objects
+    b.close()                                       # ... its last deferred frees too
+    # more new keys than freed objects: a freed object handed out twice would be overwritten
+    new = {b"new%05d" % i: b"%05d" % i * 20 for i in range(2 * n)}
+    run_concurrently((a.core.insert(k, v) for k, v in new.items()), a.transport, depth)
+    assert a.stats["reclaimed"] == n                # each freed object came back once
+    assert all(a.get(k) == v for k, v in new.items())
+
+
+def test_a_group_too_full_for_an_object_keeps_its_tail_for_smaller_ones():
+    _, (kv,) = clients(config(r=3, **TINY))           # 16 KiB blocks: room for 251 units
+    alloc, t = kv.core.alloc, kv.transport
+    big, small = 96, 48
+    old = alloc.current
+    run(alloc.ensure(big), t)
+    _, nxt = alloc.alloc(big)                           # the second big one is reserved
+    run(alloc.ensure(big), t)                           # a third does not fit: a new group
+    assert alloc.current != old and alloc.stats["blocks"] == 2
+    run(alloc.ensure(small), t)
+    p, _ = alloc.alloc(small)                           # ... but a small one fits the old one
+    assert alloc.where(p) == (old.nodes[0], alloc.where(nxt)[1] + big * alloc.unit)
+    assert alloc.stats["blocks"] == 2

@@ -1,0 +1,232 @@
+"""`fusee bench`: histograms, the two baselines, and a tiny end-to-end run (never timed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from array import array
+
+import numpy as np
+import pytest
+
+from emulator.cluster import LocalCluster
+from fusee.bench import report
+from fusee.bench.clover import CloverClient, CloverExecutor
+from fusee.bench.clover_server import GRACE, Arena, MetadataServer, MetadataServerProcess
+from fusee.bench.main import BenchOptions, build_plan, equivalent_command, main
+from fusee.bench.runner import hdr_encode
+from fusee.driver import run, run_concurrently
+from fusee.errors import KeyExists, KeyNotFound
+
+HAVE_REDIS = shutil.which("redis-server") is not None
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_histograms_merge_losslessly():
+    rng = np.random.default_rng(3)
+    parts = [rng.integers(1_000, 5_000_000, n).astype(np.int64) for n in (5000, 1, 20000)]
+    merged = report.merge_hdr(hdr_encode(array("q", p.tolist())) for p in parts)
+    whole = report.merge_hdr([hdr_encode(array("q", np.concatenate(parts).tolist()))])
+    assert merged.get_total_count() == 25001
+    for q in (0, 50, 90, 99, 99.9, 100):
+        assert merged.get_value_at_percentile(q) == whole.get_value_at_percentile(q)
+    stats = report.latency_stats(merged)
+    assert stats["count"] == 25001
+    assert stats["p50_us"] <= stats["p99_us"] <= stats["p999_us"] <= stats["max_us"]
+    x, y = report.cdf_points(merged.encode().decode())
+    assert (np.diff(x) >= 0).all() and y[0] == 0 and y[-1] == pytest.approx(1, abs=1e-4)
+
+
+# -- Clover-style baseline ---------------------------------------------------------------------
+@pytest.fixture
+def clover():
+    with LocalCluster(memnodes=3, transport="shm") as c, \
+            MetadataServerProcess(c.config_path, c.workdir) as ms:
+        transports = [c.transport(), c.transport()]
+        execs = [CloverExecutor(t, ms.endpoint, 5.0) for t in transports]
+        yield [(CloverClient(3, c.config.replicas), e) for e in execs]
+        for e, t in zip(execs, transports):
+            e.close()
+            t.close()
+
+
+def test_clover_store_semantics_across_clients(clover):
+    (a, ea), (b, eb) = clover
+    run(a.insert(b"k", b"v1"), ea)
+    with pytest.raises(KeyExists):
+        run(b.insert(b"k", b"x"), eb)
+    assert run(b.search(b"k"), eb) == b"v1"            # b caches the address now
+    run(a.update(b"k", b"v2" * 300), ea)
+    assert run(b.search(b"k"), eb) == b"v2" * 300      # stale cache: follows the version link
+    run(a.delete(b"k"), ea)
+    assert run(b.search(b"k"), eb) is None             # the old version says "deleted"
+    with pytest.raises(KeyNotFound):
+        run(b.update(b"k", b"x"), eb)
+    with pytest.raises(KeyNotFound):
+        run(b.delete(b"k"), eb)
+    run(b.insert(b"k", b"again"), eb)
+    assert run(a.search(b"k"), ea) == b"again"
+    assert run(b.search(b"nothing"), eb) is None
+
+
+def test_clover_reader_never_sees_a_version_still_being_written(clover):
+    """The MS publishes a version when it allocates it, before its writer wrote it (that
+    writer may be descheduled for long on a busy machine): readers must not fail or wait."""
+    (a, ea), (b, eb) = clover
+    run(a.insert(b"k", b"old"), ea)
+    writer = a.update(b"k", b"new")
+    rpc = writer.send(None)
+    writes = writer.send(ea.execute(rpc))               # published, nothing written yet
+    assert run(b.search(b"k"), eb) == b"old"            # the replaced version still counts
+    inserter = a.insert(b"fresh", b"value")
+    pending = inserter.send(ea.execute(inserter.send(None)))
+    assert run(b.search(b"fresh"), eb) is None          # the insert has not happened yet
+    for gen, batch in ((writer, writes), (inserter, pending)):
+        with pytest.raises(StopIteration):
+            gen.send(ea.execute(batch))
+    assert run(b.search(b"k"), eb) == b"new"
+    assert run(b.search(b"fresh"), eb) == b"value"
+
+
+def test_clover_concurrent_ops_share_round_trips(clover):
+    (a, ea), (b, eb) = clover
+    keys = [b"key%d" % i for i in range(200)]
+    run_concurrently((a.insert(k, k * 3) for k in keys), ea, depth=8)
+    assert ea.rpcs == 200 and ea.round_trips == 2 * 200 // 8     # RPC step + write step
+    for round_ in range(3):                             # both clients keep updating
+        run_concurrently([a.update(k, b"%d" % round_ + k) for k in keys[:50]], ea, depth=4)
+        run_concurrently([b.update(k, b"%d" % round_ + k) for k in keys[50:100]], eb, depth=4)
+    got = run_concurrently([b.search(k) for k in keys], eb, depth=16)
+    assert got[:100] == [b"2" + k for k in keys[:100]]
+    assert got[100:] == [k * 3 for k in keys[100:]]
+
+
+def test_metadata_server_refuses_garbage_and_recycles_after_grace():
+    with LocalCluster(memnodes=3, transport="local") as c:
+        ms = MetadataServer(c.config, c.transport())
+        assert ms.handle(b"\xc1 not msgpack") is None
+        import msgpack
+        seq, replies = msgpack.unpackb(ms.handle(msgpack.packb(
+            [7, [["insert", b"k", 100], ["nope", b"k", 64], ["lookup"], ["insert", b"k", 64]]])))
+        assert seq == 7 and [r[0] for r in replies] == [3, 3, 3, 0]
+        arena = Arena(0, c.config.layout.block_size, c.transport())
+        a1, fresh = arena.alloc(128, now=0.0)
+        arena.release(128, a1, 77, now=0.0)
+        a2, _ = arena.alloc(128, now=GRACE / 2)         # still in its grace period
+        a3, previous = arena.alloc(128, now=GRACE + 1)  # reused now
+        assert a2 != a1 and (a3, fresh, previous) == (a1, 0, 77)
+
+
+def test_reused_slot_never_gets_its_previous_tag():
+    """Regression: with tags drawn from a 16-bit counter alone, a slot reused exactly 65535
+    allocations later got its previous life's tag, so that life's stale link looked valid and
+    a reader chased it forever."""
+    with LocalCluster(memnodes=1, transport="local") as c:
+        ms = MetadataServer(c.config, c.transport())
+        ms._one("insert", b"a", 64, now=0.0)
+        tag_a, _, (slot,), _ = ms.index[b"a"]
+        ms._one("delete", b"a", 0, now=0.0)              # freed; still holds a tag_a link
+        for i in range(0xFFFF - 1):                      # the counter comes round again
+            ms._one("insert", b"%d" % i, 64, now=0.0)
+        status, (tag, addrs, _) = ms._one("insert", b"b", 64, now=GRACE + 1)
+        assert status == 0 and addrs == [slot] and tag != tag_a
+
+
+# -- Redis baseline --------------------------------------------------------------------------
+def test_redis_missing_binary_says_how_to_install(monkeypatch, tmp_path):
+    from fusee.bench.redis_baseline import RedisServer, RedisUnavailable
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RedisUnavailable, match="apt-get install redis-server"):
+        RedisServer()
+
+
+@pytest.mark.skipif(not HAVE_REDIS, reason="redis-server not installed")
+def test_redis_baseline_semantics_and_cleanup():
+    from fusee.bench import redis_baseline as rb
+    with rb.RedisServer() as server:
+        ex = rb.RedisExecutor(server.port, 5.0)
+        run(rb.insert(b"k", b"v"), ex)
+        with pytest.raises(KeyExists):
+            run(rb.insert(b"k", b"v"), ex)
+        run(rb.update(b"k", b"w"), ex)
+        assert run_concurrently([rb.search(b"k"), rb.search(b"zz")], ex) == [b"w", None]
+        assert ex.round_trips == 4                      # the two searches: one pipeline
+        run(rb.delete(b"k"), ex)
+        with pytest.raises(KeyNotFound):
+            run(rb.update(b"k", b"w"), ex)
+        ex.close()
+        proc, workdir = server.proc, server.workdir
+    assert proc.poll() is not None and not workdir.exists()
+
+
+# -- the whole command -------------------------------------------------------------------------
+def test_plan_gives_every_system_the_same_keys():
+    o = BenchOptions(keys=100, clients=[1, 2], micro_ops=["search"], micro_keys=10)
+    plan = build_plan(o)
+    assert plan == build_plan(o)
+    ycsb = [p for p in plan if p.suite == "ycsb"]
+    assert len(ycsb) == 8 and len({p.keyspace for p in ycsb}) == 8
+    micro = [p for p in plan if p.suite == "micro"]
+    assert [p.name for p in micro[:4]] == ["insert", "update", "search", "delete"]
+    assert [p.record for p in micro[:4]] == [False, False, True, False]
+    assert len({p.keyspace for p in micro}) == 2
+    assert equivalent_command(BenchOptions()) == "fusee bench"
+    assert equivalent_command(o) == ("fusee bench --keys 100 --micro-ops search "
+                                     "--micro-keys 10 --clients 1,2")
+
+
+def test_bad_options_are_refused(capsys):
+    assert main(["--clients", "0", "--no-progress"]) == 2
+    assert main(["--workloads", "Z", "--no-progress"]) == 2
+    assert "unknown workload" in capsys.readouterr().err
+
+
+def test_tiny_end_to_end_run(tmp_path, capsys):
+    systems = "fusee,clover" + (",redis" if HAVE_REDIS else "")
+    out = tmp_path / "out"
+    code = main(["all", "--keys", "400", "--micro-keys", "40", "--clients", "1,2",
+                 "--depth", "2", "--duration", "0.2", "--warmup", "0.05", "--systems", systems,
+                 "--no-progress", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["systems"] == systems.split(",") and not doc["failed"]
+    assert {l["system"] for l in doc["load"]} == set(doc["systems"])
+    expected = {(s, suite, name, n) for s in doc["systems"] for n in (1, 2)
+                for suite, names in (("ycsb", "ABCD"), ("micro", ["insert", "update", "search",
+                                                                  "delete"]))
+                for name in names}
+    got = {(r["system"], r["suite"], r["name"], r["clients"]) for r in doc["results"]}
+    assert got == expected
+    for r in doc["results"]:
+        assert r["ops"] > 0 and r["throughput"] > 0 and r["depth"] == 2
+        lat = r["latency_us"]
+        assert lat["all"]["count"] == sum(v["count"] for k, v in lat.items() if k != "all")
+        assert lat["all"]["count"] + sum(r["errors"].values()) == r["ops"]
+        assert report.merge_hdr(r["hdr"].values()).get_total_count() == lat["all"]["count"]
+        assert r["per_op"]["round_trips"] > 0
+        if r["suite"] == "micro":                 # each client does exactly its keys
+            assert r["ops"] == 40 * r["clients"] and not r["errors"]
+    micro_search = [r for r in doc["results"] if r["suite"] == "micro" and
+                    r["name"] == "search"]
+    assert all(r["misses"] == 0 for r in micro_search)
+    for name in ("throughput_vs_clients.png", "latency_cdf.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    table = (out / "table.txt").read_text()
+    assert table.startswith("$ fusee bench all") and "clover" in table and "x |" in table
+    assert "YCSB" in printed and "micro-benchmarks" in printed
+
+
+def test_suite_file_runs_each_run_into_its_folder(tmp_path):
+    suite = tmp_path / "suite.toml"
+    suite.write_text('out = "res"\n[defaults]\nsystems = ["fusee"]\nkeys = 200\n'
+                     'micro_keys = 20\nclients = [1]\nduration = 0.1\nwarmup = 0.0\n'
+                     '[workload.E]\nread = 0.5\ninsert = 0.5\ndistribution = "uniform"\n'
+                     '[[run]]\nname = "tiny"\nsuite = "ycsb"\nworkloads = ["C", "E"]\n')
+    assert main(["--suite", str(suite), "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "res" / "tiny" / "results.json").read_text())
+    assert doc["run"] == "tiny" and [r["name"] for r in doc["results"]] == ["C", "E"]
+    e = doc["results"][1]
+    assert set(e["latency_us"]) == {"all", "search", "insert"}
+    assert os.path.exists(tmp_path / "res" / "tiny" / "latency_cdf.png")

@@ -1,0 +1,135 @@
+"""RACE index: geometry, the formatted image, combined buckets, resizing by splits."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+
+from fusee.config import LayoutConfig
+from fusee.errors import IndexFull
+from fusee.hashing import key_hash
+from fusee.index import IndexGeometry, View, initial_image
+from fusee.layout import (FROZEN, RETIRED, SLOTS_PER_BUCKET, TENTATIVE, bucket_header,
+                          committed_object, make_slot, slot_fp)
+from fusee.memory_map import MemoryMap
+from storekit import TINY, clients, config, simulate
+
+
+def test_geometry_fits_the_index_area():
+    lay = LayoutConfig()
+    g = IndexGeometry.of(lay)
+    m = MemoryMap.of(lay)
+    assert g.directory > g.lock(g.max_subtables - 1)
+    assert g.subtables >= g.entry((1 << g.dir_bits) - 1) + 8
+    assert g.subtable(g.max_subtables) <= m.index + lay.index_size
+    assert (1 << g.dir_bits) >= g.max_subtables and g.initial_depth == 3
+
+
+def test_two_candidate_buckets_are_in_different_groups():
+    g = IndexGeometry.of(LayoutConfig(buckets_per_subtable=6, initial_subtables=1))
+    for i in range(500):
+        m1, m2 = key_hash(b"%d" % i).mains(g.mains)
+        assert m1 // 2 != m2 // 2 and 0 <= m1 < g.mains and 0 <= m2 < g.mains
+        for m in (m1, m2):      # a combined bucket is a main and its group's overflow
+            _, first = g.combined(0, m)
+            assert {first, first + 1} == {3 * (m // 2) + 1, 3 * (m // 2) + 2 * (m % 2)}
+
+
+def test_initial_image_names_the_initial_subtables():
+    cfg = config()
+    mem, (kv,) = clients(cfg)
+    d = kv.core.dir
+    assert sorted(set(d.entries)) == sorted({d.entries[i] for i in range(2)})
+    assert {d.lookup(key_hash(b"%d" % i))[0] for i in range(100)} == {0, 1}
+    pieces = initial_image(cfg.layout)
+    assert all(bytes(mem.regions[1].mem[a:a + len(b)]) == b for a, b in pieces)
+
+
+def test_insert_ten_times_the_initial_capacity_then_delete_it_all():
+    cfg = config()
+    mem, (a, b) = clients(cfg, 2)
+    g = a.core.geo
+    n = 10 * cfg.layout.initial_subtables * g.buckets * SLOTS_PER_BUCKET
+    for i in range(n):
+        a.insert(b"key-%d" % i, b"v%d" % i)
+    assert a.stats["splits"] > 0
+    # b's directory is stale: it notices from the frozen slots of retired subtables
+    assert all(b.get(b"key-%d" % i) == b"v%d" % i for i in range(n))
+    for i in range(0, n, 2):
+        b.delete(b"key-%d" % i)
+    assert all(a.get(b"key-%d" % i) == (None if i % 2 == 0 else b"v%d" % i) for i in range(n))
+
+
+def test_full_directory_depth_is_a_clear_error():
+    cfg = config(**{**TINY, "index_size": 16 * 1024})
+    _, (kv,) = clients(cfg)
+    with pytest.raises(IndexFull):
+        for i in range(10_000):
+            kv.insert(b"k%d" % i, b"v")
+
+
+def test_directory_survives_a_stale_reader_and_writer():
+    cfg = config(**TINY)
+    _, (a, b) = clients(cfg, 2)
+    b.insert(b"old", b"1")
+    assert b.get(b"old") == b"1"                   # cached: subtable 0
+    for i in range(200):                           # a splits the index many times
+        a.insert(b"x%d" % i, b"v")
+    b.update(b"old", b"2")                         # b finds out on its own
+    b.insert(b"new", b"3")
+    assert a.get(b"old") == b"2" and a.get(b"new") == b"3"
+    assert len(set(b.core.dir.entries)) > 1       # the directory b re-read
+
+
+@pytest.mark.parametrize("r", [1, 3])
+def test_concurrent_inserts_while_subtables_split(r):
+    cfg = config(r=r, **TINY)
+    keys = [b"k%d" % i for i in range(60)]
+    splits = 0
+    for seed in range(6):
+        sim, cores, report = simulate(cfg, seed, 4, keys, 50,
+                                      {"insert": 5, "get": 2, "delete": 2})
+        assert report.ok, report.explain()
+        splits += sum(c.counters["splits"] for c in cores)
+    assert splits > 0
+
+
+def _combined(rng, sid, fp):
+    """A 128-byte combined bucket: two headers (sometimes another subtable's, sometimes
+    retired) and 14 random slots, many with fingerprint ``fp``, some flagged."""
+    words = []
+    for _ in range(2):
+        words.append(bucket_header(rng.choice([sid] * 9 + [sid + 1]), 3, 5,
+                                   rng.choice([0] * 9 + [RETIRED])))
+        for _ in range(SLOTS_PER_BUCKET):
+            v = rng.choice([0, rng.getrandbits(64),
+                            make_slot(rng.choice([fp, rng.randrange(256)]), rng.randrange(256),
+                                      rng.randrange(64), 64 * rng.randrange(1 << 30), 64)])
+            words.append(v | rng.choice([0] * 30 + [FROZEN, TENTATIVE]))
+    return struct.pack("<16Q", *words)
+
+
+def test_view_decodes_lazily_what_unpacking_every_word_gives():
+    rng = random.Random(7)
+    for _ in range(2000):
+        sid, fp = rng.randrange(4), rng.randrange(256)
+        firsts = tuple(rng.sample([3 * g + rng.randrange(2) for g in range(40)], 2))
+        bufs = [_combined(rng, sid, fp) for _ in range(2)]
+        slots, stale = {}, False            # the reference: every word unpacked
+        for buf, first in zip(bufs, firsts):
+            words = struct.unpack("<16Q", buf)
+            for b in range(2):
+                h = words[8 * b]
+                stale |= h >> 48 != sid or bool(h >> 40 & RETIRED)
+                for s in range(SLOTS_PER_BUCKET):
+                    slots[(first + b) * SLOTS_PER_BUCKET + s] = words[8 * b + 1 + s]
+        stale |= any(v & FROZEN for v in slots.values())
+        view = View(bufs, firsts, sid)
+        assert view.stale == stale
+        assert view.candidates(fp) == [(p, v) for p, v in slots.items()
+                                       if committed_object(v) and slot_fp(v) == fp]
+        for p in [*slots, *rng.sample(range(300), 5)]:
+            assert view.get(p) == slots.get(p)
+        assert view.slots == slots and list(view.slots) == list(slots)

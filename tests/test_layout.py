@@ -1,0 +1,80 @@
+"""Byte formats: slots, bucket headers, objects with their embedded log entry."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusee import layout as L
+
+
+def test_slot_fields_round_trip():
+    v = L.make_slot(0xAB, 12, 5, 64 * 12345, 64)
+    assert (L.slot_fp(v), L.slot_units(v), L.slot_node(v), L.slot_addr(v, 64)) == \
+        (0xAB, 12, 5, 64 * 12345)
+    assert L.is_object(v) and L.committed_object(v) and not L.is_free(v)
+    assert not L.committed_object(v | L.TENTATIVE) and not L.committed_object(v | L.FROZEN)
+    assert L.strip(v | L.FROZEN | L.TENTATIVE) == v
+
+
+def test_slot_rejects_unaligned_or_bad_node():
+    with pytest.raises(ValueError):
+        L.make_slot(1, 1, 0, 100, 64)
+    with pytest.raises(ValueError):
+        L.make_slot(1, 1, L.MAX_NODES, 128, 64)
+
+
+def test_free_values_are_free_distinct_and_never_empty():
+    values = {L.free_value(c, s) for c in (0, 1, 63, 64, L.MAX_CLIENT_IDS - 1)
+              for s in (0, 1, 2, (1 << 40) - 1)}
+    assert len(values) == 20 and 0 not in values
+    assert all(L.is_free(v) and not L.is_object(v) for v in values)
+    assert L.is_free(0) and not L.is_free(L.FROZEN) and not L.is_free(L.TENTATIVE)
+
+
+def test_bucket_header_round_trip():
+    h = L.bucket_header(700, 9, 0x1F3, L.RETIRED)
+    assert L.parse_header(h) == (700, 9, 0x1F3, L.RETIRED)
+
+
+def _obj(key=b"key", value=b"value", opcode=L.UPDATE, size=128):
+    return L.encode_object(key, value, size, opcode, next_ptr=0x42 << 48 | 7, prev_ptr=9,
+                           seq=70000)
+
+
+def test_object_round_trip_and_log_entry():
+    buf = _obj()
+    assert len(buf) == 128 and buf[-1] == 1                  # the last byte is the used bit
+    o = L.decode_object(buf)
+    assert (o.key, o.value, o.opcode, o.next, o.prev, o.seq) == \
+        (b"key", b"value", L.UPDATE, 0x42 << 48 | 7, 9, 70000 & 0xFFFF)
+    assert o.state == L.PENDING
+
+
+@pytest.mark.parametrize("offset", [0, 3, 8, 12, 60, 128 - 48, 128 - 40, 128 - 8, 128 - 3, 127])
+def test_any_flipped_byte_is_detected(offset):
+    buf = bytearray(_obj())
+    buf[offset] ^= 0x5A
+    assert L.decode_object(bytes(buf)) is None
+
+
+def test_commit_record_is_recognisable_with_old_value_zero():
+    buf = bytearray(_obj(opcode=L.INSERT))
+    off = len(buf) - L.LOG_BYTES + L.COMMIT_OFFSET
+    rec = L.commit_record(L.slot_ref(3, 17), 0, L.COMMITTED)
+    buf[off:off + len(rec)] = rec
+    o = L.decode_object(bytes(buf))
+    assert (o.state, o.slot_ref, o.old_value) == (L.COMMITTED, (3 << 32) | 17, 0)
+    buf[off] ^= 1                                            # a torn record reads as pending
+    assert L.decode_object(bytes(buf)).state == L.PENDING
+
+
+def test_size_classes():
+    assert L.size_class(1, 64) == 1 and L.size_class(64, 64) == 1 and L.size_class(65, 64) == 2
+    assert L.size_class(255 * 64, 64) == 255 and L.size_class(255 * 64 + 1, 64) is None
+    assert list(L.CLASSES) == sorted(L.CLASSES)
+
+
+def test_truncated_or_garbage_objects_are_rejected():
+    assert L.decode_object(b"") is None
+    assert L.decode_object(bytes(128)) is None
+    assert L.decode_object(_obj()[:64]) is None

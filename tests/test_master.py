@@ -1,0 +1,479 @@
+"""The master: its pure logic (leases, id recycling, epoch, restart from state), and the real
+process (restart, a client killed with kill -9, an MN killed, RPC errors, CURVE, the CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from emulator import wire
+from emulator.cluster import LocalCluster
+from fusee.config import ClusterConfig, ConfigError
+from fusee.layout import META_RECOVERY
+from fusee.master import LeaseError, LeaseExpired, Master, StateError
+from fusee.memory_map import MemoryMap
+from fusee.verbs import Cas
+from transports.master_link import LeaseKeeper, MasterError, MasterLink
+
+L, MN_L, GRACE = 1.0, 0.5, 0.25         # leases of the unit tests
+
+
+def master(nodes=3, now=0.0, pinged_until=None) -> Master:
+    """A master; with ``pinged_until``, its MNs answered pings until then."""
+    m = Master(range(nodes), L, MN_L, GRACE, now)
+    for mn in range(nodes if pinged_until is not None else 0):
+        m.mn_seen(mn, pinged_until)
+    return m
+
+
+# -- the pure logic ----------------------------------------------------------------------------
+def test_client_lease_lasts_lease_plus_grace_and_renewals_extend_it():
+    m = master(pinged_until=100.0)
+    g = m.grant(5, 77, now=0.0)
+    assert (g.id, g.token, g.lease, g.epoch) == (5, 77, L, 0)
+    assert m.tick(L + GRACE) == []                  # not past the master's deadline yet
+    m.renew(5, 77, now=L + GRACE)
+    assert m.tick(2 * (L + GRACE)) == []
+    events = m.tick(2 * (L + GRACE) + 0.001)
+    assert [(e.kind, e.subject) for e in events] == [("client-expired", 5)]
+    with pytest.raises(LeaseError):
+        m.renew(5, 77, now=2 * (L + GRACE))
+    assert "5" in m.status(0.0)["repairs"] and m.reusable_id() is None
+
+
+def test_a_renewal_after_the_deadline_expires_the_lease_itself():
+    m = master()
+    m.grant(1, 9, now=0.0)
+    with pytest.raises(LeaseError):
+        m.renew(1, 9, now=L + GRACE + 0.01)     # no tick ran in between
+    assert 1 in m.repairs and 1 not in m.clients
+
+
+def test_wrong_tokens_and_unknown_ids_are_refused():
+    m = master()
+    m.grant(1, 9, now=0.0)
+    for call in (lambda: m.renew(1, 8, 0.1), lambda: m.release(1, 8), lambda: m.renew(2, 9, 0.1),
+                 lambda: m.release(2, 9)):
+        with pytest.raises(LeaseError):
+            call()
+    with pytest.raises(LeaseError):
+        m.grant(1, 10, now=0.2)                # in use
+    assert m.clients[1].token == 9
+
+
+def test_ids_come_back_only_after_their_recovery():
+    m = master(pinged_until=100.0)
+    m.grant(3, 1, now=0.0)
+    m.grant(4, 2, now=0.0)
+    m.release(4, 2)                             # a clean close takes the same road
+    m.tick(L + GRACE + 1)                       # 3 expires
+    assert set(m.repairs) == {3, 4} and m.reusable_id() is None
+    first = m.next_repair(now=2.0)
+    second = m.next_repair(now=2.0)
+    assert {first, second} == {3, 4} and m.next_repair(now=2.0) is None     # both running
+    with pytest.raises(LeaseError):
+        m.grant(3, 5, now=2.0)                  # not while its repair runs
+    m.repair_failed(3, now=2.0, error="MN 0 timed out")
+    assert m.next_repair(now=2.0) is None       # backing off
+    assert m.reusable_id() is None
+    assert m.next_repair(now=2.0 + 10) == 3
+    assert m.repairs[3].attempts == 1 and m.repairs[3].error == "MN 0 timed out"
+    m.repair_done(4)
+    assert m.reusable_id() == 4
+    m.repair_done(3)
+    assert m.free_ids == [3, 4] and m.reusable_id() == 3
+    m.grant(3, 6, now=3.0)
+    assert m.free_ids == [4]
+    with pytest.raises(ValueError):
+        m.repair_done(4)                        # not running: a bug in the caller
+
+
+def test_repair_backoff_grows_and_is_capped():
+    m = master()
+    m.grant(0, 1, now=0.0)
+    m.release(0, 1)
+    delays = []
+    for k in range(9):
+        assert m.next_repair(100.0 * k) == 0
+        m.repair_failed(0, 100.0 * k, "no recovery")
+        delays.append(m.repairs[0].retry_at - 100.0 * k)
+    assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0])
+    assert m.repairs[0].attempts == 9
+
+
+def test_a_silent_mn_is_dead_for_good_and_each_death_bumps_the_epoch():
+    m = master(nodes=3, now=0.0)
+    m.mn_seen(0, 0.4)
+    m.mn_seen(1, 0.4)
+    assert m.tick(MN_L) == []                   # all within their lease
+    events = m.tick(MN_L + 0.01)                # MN 2 never answered
+    assert [(e.kind, e.subject, e.epoch) for e in events] == [("mn-dead", 2, 1)]
+    m.mn_seen(2, 1.0)                           # a late pong does not resurrect it
+    events = m.tick(0.4 + MN_L + 0.01)
+    assert [(e.kind, e.subject, e.epoch) for e in events] == [("mn-dead", 0, 2), ("mn-dead", 1, 3)]
+    assert m.dead == {0, 1, 2} and m.alive() == [] and m.epoch == 3
+    assert m.grant(0, 1, now=2.0).epoch == 3    # clients learn the epoch
+
+
+def test_restart_from_state_carries_on():
+    m = master(nodes=3)
+    for cid in range(5):
+        m.grant(cid, 100 + cid, now=0.0)
+    m.release(1, 101)
+    m.release(2, 102)
+    assert m.next_repair(0.0) == 1
+    m.repair_done(1)
+    assert m.next_repair(0.0) == 2             # running when the master "crashes"
+    m.mn_seen(0, 5.0)
+    m.mn_seen(1, 5.0)
+    m.tick(1.0)                                 # MN 2 dead, epoch 1
+    state = json.loads(json.dumps(m.state()))   # what the state file holds
+    r = Master.restore(state, range(3), L, MN_L, GRACE, now=50.0)
+    assert r.state() == m.state()
+    assert (r.epoch, r.dead, r.free_ids) == (1, {2}, [1])
+    assert set(r.clients) == {0, 3, 4} and r.clients[3].token == 103
+    # leases restart in full at the restart, so a live client is never cut short
+    assert all(lease.deadline == 50.0 + L + GRACE for lease in r.clients.values())
+    r.renew(3, 103, now=50.5)
+    assert r.next_repair(50.0) == 2             # the interrupted repair runs again
+    assert r.reusable_id() == 1
+    assert r.tick(50.0 + MN_L + 0.01)[0].kind == "mn-dead"      # MNs need pings again
+
+
+@pytest.mark.parametrize("bad", [
+    {"version": 99},
+    {"memnodes": [0, 1]},
+    {"clients": {"1": 5}, "free_ids": [1]},
+    {"free_ids": [2, 2]},
+    {"dead": [7]},
+    {"clients": {"x": 1}},
+    {"epoch": None},
+])
+def test_restore_refuses_a_state_that_does_not_fit(bad):
+    state = {**master().state(), **bad}
+    with pytest.raises(StateError):
+        Master.restore(state, range(3), L, MN_L, GRACE, now=0.0)
+    with pytest.raises(StateError):
+        Master.restore({"epoch": 0}, range(3), L, MN_L, GRACE, now=0.0)
+
+
+def test_lease_durations_are_validated():
+    with pytest.raises(ValueError):
+        Master(range(1), 0.0, 1.0, 0.0, 0.0)
+    with pytest.raises(ConfigError):
+        ClusterConfig.loads('[cluster]\nclient_lease = -1\n[[memnodes]]\nid = 0\n'
+                            'endpoint = "ipc:///x"\n')
+
+
+# -- the real processes ------------------------------------------------------------------------
+def wait_for(predicate, what, timeout: float = 60.0, interval: float = 0.05):
+    """Poll until ``predicate()`` is truthy (a generous bound, never a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what() if callable(what) else what}")
+        time.sleep(interval)
+
+
+def status(c: LocalCluster) -> dict:
+    with MasterLink(c.config) as link:
+        return link.status()
+
+
+def small_cluster(**kw) -> LocalCluster:
+    return LocalCluster(memnodes=3, master=True, **{"client_lease": 2.0, "mn_lease": 2.0,
+                                                    "timeout": 1.0, **kw})
+
+
+#: a client process that writes fresh keys and prints each acknowledged one
+CHILD = r"""
+import os, sys
+from fusee.client import Client
+kv = Client.connect(sys.argv[1])
+print("id", kv.client_id, flush=True)
+i = 0
+while True:
+    kv.insert(b"%d-key-%d" % (os.getpid(), i), b"value-%d" % i)
+    print("ack", i, flush=True)
+    i += 1
+"""
+
+
+def key(pid: int, i: int) -> bytes:
+    return b"%d-key-%d" % (pid, i)
+
+
+def run_child(c: LocalCluster, acks: int) -> tuple[int, int, int, float]:
+    """Start a writing client process, kill -9 it after ``acks`` acknowledged inserts (so
+    with one insert in flight); returns its pid, id, last acknowledged insert, kill time."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(c.config_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = child.stdout.readline().split()
+        acked = -1
+        while first and acked < acks:
+            line = child.stdout.readline().split()
+            if not line:
+                break
+            acked = int(line[1])
+        if acked < acks:
+            child.kill()
+            raise AssertionError(f"the client process failed:\n{child.stderr.read()}")
+        os.kill(child.pid, signal.SIGKILL)
+        killed = time.time()
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    return child.pid, int(first[1]), acked, killed
+
+
+def hold_recovery_lock(t, c: LocalCluster, cid: int, hold: bool) -> None:
+    """Take (or give back) ``cid``'s recovery lock as another recoverer would: the master's
+    recovery of ``cid`` then fails with RecoveryInProgress until it is given back."""
+    lock = MemoryMap.of(c.config.layout).client_meta(cid) + META_RECOVERY
+    old, new = (0, 1000) if hold else (1000, 0)
+    assert t.execute([Cas(0, lock, old, new)]) == [old]
+
+
+def test_a_killed_client_loses_its_lease_and_the_master_recovers_it():
+    with small_cluster() as c:
+        pid, cid, acked, _ = run_child(c, 30)
+        seen = wait_for(lambda: (s := status(c)) and str(cid) not in s["clients"] and s,
+                        "the killed client's lease to expire")
+        assert str(cid) in seen["repairs"] or cid in seen["free_ids"]
+        wait_for(lambda: cid in status(c)["free_ids"], "the recovery of the killed client")
+        (record,) = [r for r in status(c)["repaired"] if r["id"] == cid]
+        assert record["reason"] == "expired" and not record["report"]["clean"]
+        assert record["report"]["entries"] >= acked + 1
+        with c.client() as kv:
+            assert kv.client_id == cid              # recycled after its recovery
+            for i in range(acked + 1):              # nothing acknowledged is lost
+                assert kv.get(key(pid, i)) == b"value-%d" % i
+            kv.put(b"after", b"recovery")
+            assert kv.get(b"after") == b"recovery"
+
+
+def test_an_id_is_not_handed_out_before_its_recovery_completes():
+    with small_cluster() as c:
+        kv = c.client()
+        cid = kv.client_id
+        kv.put(b"k", b"v")
+        # someone else holds the id's recovery lock: the master's recovery cannot finish
+        with c.transport() as t:
+            hold_recovery_lock(t, c, cid, True)
+            kv.lease.close(release=False)           # stop renewing: as if it had crashed
+            kv.transport.close()
+            s = wait_for(lambda: (s := status(c))["repairs"].get(str(cid), {}).get("attempts")
+                         and s, "a failed recovery attempt")
+            assert "RecoveryInProgress" in s["repairs"][str(cid)]["error"]
+            others = [c.client() for _ in range(3)]
+            assert cid not in [o.client_id for o in others]
+            assert str(cid) in status(c)["repairs"]
+            hold_recovery_lock(t, c, cid, False)    # let go: the retry succeeds
+        wait_for(lambda: cid in status(c)["free_ids"], "the retried recovery")
+        with c.client() as again:
+            assert again.client_id == cid and again.get(b"k") == b"v"
+        for o in others:
+            o.close()
+
+
+def test_master_restart_carries_on():
+    # the master must be back before the clients' leases run out: long enough for a restart
+    with small_cluster(client_lease=5.0) as c, c.transport() as t:
+        kv = c.client()
+        kv.put(b"k", b"v")
+        other = c.client()
+        hold_recovery_lock(t, c, other.client_id, True)
+        other.close()                           # its repair waits for the lock
+        wait_for(lambda: status(c)["repairs"][str(other.client_id)]["attempts"],
+                 "a first recovery attempt")
+        before = status(c)
+        c.stop_master(kill=True)                # a crash: no chance to write anything more
+        c.start_master()
+        restarted = time.monotonic()
+        after = status(c)
+        assert after["pid"] != before["pid"]
+        assert set(after["clients"]) == set(before["clients"]) == {str(kv.client_id)}
+        assert list(after["repairs"]) == list(before["repairs"]) == [str(other.client_id)]
+        hold_recovery_lock(t, c, other.client_id, False)
+        wait_for(lambda: other.client_id in status(c)["free_ids"],
+                 "the new master to finish the repair")
+        # a renewal sent after the restart reached the new master
+        wait_for(lambda: kv.lease.expires > restarted + c.config.client_lease,
+                 "a renewal through the restarted master")
+        kv.put(b"k", b"w")
+        assert kv.get(b"k") == b"w" and kv.lease.valid()
+        with c.client() as newcomer:
+            assert newcomer.client_id == other.client_id      # recycled, now recovered
+        # the membership survives a restart too: a dead MN stays dead, the epoch stays
+        c.kill(2)
+        wait_for(lambda: status(c)["dead"] == [2], "MN 2 to be declared dead")
+        c.stop_master(kill=True)
+        c.start_master()
+        s = status(c)
+        assert (s["dead"], s["epoch"], sorted(s["alive"])) == ([2], 1, ["0", "1"])
+        kv.lease.close()
+        kv.transport.close()
+
+
+def test_a_client_whose_lease_ran_out_posts_no_more_verbs():
+    with small_cluster() as c:
+        kv = c.client()
+        kv.put(b"k", b"v")
+        c.stop_master(kill=True)
+        wait_for(lambda: not kv.lease.valid(), "the lease to run out without a master")
+        verbs = kv.transport.stats.verbs
+        for call in (lambda: kv.get(b"k"), lambda: kv.put(b"k", b"w")):
+            with pytest.raises(LeaseExpired):
+                call()
+        assert kv.transport.stats.verbs == verbs
+        c.start_master()
+        with pytest.raises(LeaseExpired):
+            kv.put(b"k", b"x")                  # an expired lease stays expired
+        kv.close()                              # no error: the master recovers the rest
+        assert kv.transport.stats.verbs == verbs
+        with c.client() as fresh:
+            assert fresh.get(b"k") == b"v"
+
+
+def test_a_killed_memory_node_is_declared_dead():
+    with small_cluster() as c:
+        kv = c.client()
+        assert status(c)["dead"] == [] and kv.lease.epoch == 0
+        c.kill(1)
+        s = wait_for(lambda: (s := status(c))["dead"] and s, "MN 1 to be declared dead")
+        assert s["dead"] == [1] and s["epoch"] == 1 and sorted(s["alive"]) == ["0", "2"]
+        wait_for(lambda: kv.lease.epoch == status(c)["epoch"],
+                 lambda: f"the client to learn the new epoch: {status(c)}, lease {kv.lease.lost}")
+        kv.lease.close()        # its MN is gone: not a clean close, just stop renewing
+        kv.transport.close()
+
+
+def test_bad_requests_get_errors_and_the_master_keeps_serving():
+    with small_cluster() as c:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        sock.connect(c.config.master)
+        try:
+            for raw in (b"\xc1garbage", msgpack.packb([1, 2]), msgpack.packb([1, 5, 7, {}])):
+                sock.send(raw)
+                _, _, error = wire.decode_reply(sock.recv())
+                assert error and error[1] == wire.ERR_MALFORMED
+            sock.send_multipart([b"two", b"frames"])      # dropped, not fatal
+        finally:
+            sock.close(0)
+        with MasterLink(c.config) as link:
+            with pytest.raises(MasterError, match="unknown request"):
+                link.call("no-such-method")
+            with pytest.raises(MasterError, match="integers"):
+                link.call("renew", id="1", token=2)
+            with pytest.raises(MasterError):
+                link.call("release", token=2)
+            with pytest.raises(LeaseError):
+                link.call("renew", id=12345, token=1)
+            assert link.call("ping") == "pong"
+
+
+def test_master_over_tcp_with_curve():
+    with small_cluster(transport="zmq", endpoint="tcp") as c:
+        assert c.config.master.startswith("tcp://") and c.config.master_curve_public
+        with c.client() as kv:
+            kv.put(b"k", b"v")
+            assert kv.get(b"k") == b"v"
+            assert str(kv.client_id) in status(c)["clients"]
+        # a client with a key the master has not authorized gets no answer, and no lease
+        from transports.security import init_keys
+        stranger = c.workdir / "stranger"
+        init_keys(stranger, 0, ["nobody"])
+        os.environ["FUSEE_CLIENT_KEY"] = str(stranger / "nobody.key_secret")
+        try:
+            with MasterLink(c.config, timeout=0.5) as link, pytest.raises(MasterError):
+                link.register()
+        finally:
+            del os.environ["FUSEE_CLIENT_KEY"]
+
+
+def test_fusee_master_cli_exits_cleanly_on_sigterm(tmp_path):
+    with LocalCluster(memnodes=1) as c:
+        config = c.config.with_(master=f"ipc://{tmp_path}/m.sock")
+        path = config.save(tmp_path / "cluster.toml")
+        ready = tmp_path / "ready"
+        proc = subprocess.Popen([sys.executable, "-m", "fusee.cli", "master", "--config",
+                                 str(path), "--ready-file", str(ready)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: ready.exists() or proc.poll() is not None, "the master to start")
+            keeper = LeaseKeeper(config)
+            assert keeper.valid()
+            keeper.close()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+            proc.wait()
+        state = json.loads((tmp_path / f"{config.name}.master.json").read_text())
+        assert state["cluster"] == config.name
+        assert str(keeper.client_id) in state["repairs"] or keeper.client_id in state["free_ids"]
+        # a config without a master endpoint is a clear error, not a hang
+        out = subprocess.run([sys.executable, "-m", "fusee.cli", "master", "--config",
+                              str(c.config_path), "--state", str(tmp_path / "s.json")],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "names no master endpoint" in out.stderr
+        # a state file of another cluster is refused
+        (tmp_path / "other.json").write_text(json.dumps({**state, "cluster": "elsewhere"}))
+        out = subprocess.run([sys.executable, "-m", "fusee.cli", "master", "--config",
+                              str(path), "--state", str(tmp_path / "other.json")],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "elsewhere" in out.stderr
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("transport", ["shm", "zmq"])
+def test_recovery_time_by_phase(transport):
+    """Client-crash recovery time, by phase (cf. FUSEE Table 1: 177 ms, mostly reconnecting).
+    Run: pytest -m soak -s tests/test_master.py -k recovery_time"""
+    rows = []
+    with small_cluster(transport=transport, client_lease=1.0, timeout=0.5) as c:
+        for trial in range(6):
+            pid, cid, acked, killed = run_child(c, 20 + 7 * trial)
+            (r,) = wait_for(lambda: [r for r in status(c)["repaired"]
+                                     if r["id"] == cid and r["finished_at"] > killed],
+                            "the recovery of the killed client")
+            rows.append((killed, r))
+            with c.client() as kv:                  # the id is back, and nothing is lost
+                assert kv.client_id == cid
+                assert all(kv.get(key(pid, i)) == b"value-%d" % i for i in range(acked + 1))
+        t0 = time.perf_counter()
+        fresh = c.transport()                       # what a restarted client pays first
+        connect = time.perf_counter() - t0
+        fresh.close()
+        t0 = time.perf_counter()
+        keeper = LeaseKeeper(c.config)
+        register = time.perf_counter() - t0
+        keeper.close()
+    ms = lambda x: f"{x * 1000:8.1f}"               # noqa: E731
+    print(f"\n[{transport}] client lease {c.config.client_lease:g} s + grace "
+          f"{c.config.timeout:g} s; cold transport connect {connect * 1e3:.1f} ms, "
+          f"register {register * 1e3:.1f} ms")
+    print("   detect    queue  connect  readlog   finish  release  recover  RTs verbs entries")
+    for killed, r in rows:
+        p, rep = r["report"]["phases"], r["report"]
+        print(ms(r["detected_at"] - killed), ms(r["started_at"] - r["detected_at"]),
+              ms(r["connect_s"]), ms(p.get("read_logs", 0)), ms(p.get("finish_ops", 0)),
+              ms(p.get("release", 0)), ms(r["recover_s"]), f"{rep['round_trips']:4d}",
+              f"{rep['verbs']:5d}", f"{rep['entries']:7d}")
+        assert r["recover_s"] > 0 and rep["round_trips"] > 0

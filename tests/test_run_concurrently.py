@@ -1,0 +1,135 @@
+"""fusee.driver.run_concurrently: K operations in flight, one merged batch per step."""
+
+from __future__ import annotations
+
+import pytest
+
+from emulator.cluster import LocalCluster
+from fusee.driver import run, run_concurrently
+from fusee.memory_map import MemoryMap
+from fusee.verbs import Faa, NodeTimeout, Read, RemoteAccessError, TransportError, Write
+
+
+@pytest.fixture
+def cluster():
+    with LocalCluster(memnodes=3, transport="local") as c:
+        yield c
+
+
+def _base(cluster) -> int:
+    return MemoryMap.of(cluster.config.layout).data
+
+
+def counter_op(node, addr, rounds):
+    """FAA a word ``rounds`` times, one batch each; returns the old values seen."""
+    seen = []
+    for _ in range(rounds):
+        (old,) = yield [Faa(node, addr, 1)]
+        seen.append(old)
+    return seen
+
+
+def write_then_read(node, addr, data):
+    yield [Write(node, addr, data)]
+    (got,) = yield [Read(node, addr, len(data))]
+    return got
+
+
+def test_results_match_sequential_and_batches_merge(cluster):
+    t = cluster.transport()
+    base = _base(cluster)
+    ops = [write_then_read(i % 3, base + 64 * i, bytes([i]) * 16) for i in range(6)]
+    assert run_concurrently(ops, t) == [bytes([i]) * 16 for i in range(6)]
+    assert t.stats.round_trips == 2             # 6 ops x 2 batches, merged into 2 steps
+    assert t.stats.verbs == 12
+
+
+def test_depth_bounds_ops_in_flight_and_source_is_lazy(cluster):
+    t = cluster.transport()
+    base = _base(cluster)
+    pulled, finished, sizes = [], [], []
+
+    def source():
+        for i in range(7):
+            pulled.append(i)
+            yield counter_op(0, base + 8 * i, 3)
+
+    execute = t.execute
+
+    def spy(batch):                              # the real transport, batch sizes recorded
+        sizes.append(len(batch))
+        assert len(pulled) - len(finished) <= 2  # never pulled ahead of a free place
+        return execute(batch)
+
+    t.execute = spy
+    results = {}
+    run_concurrently(source(), t, depth=2,
+                     on_done=lambda i, r: (finished.append(i), results.__setitem__(i, r)))
+    assert results == {i: [0, 1, 2] for i in range(7)}
+    assert max(sizes) == 2 and sum(sizes) == 21
+    assert t.stats.round_trips == len(sizes) == 12      # 3 pairs x 3 steps + the 7th alone
+
+
+def test_same_word_from_many_ops_counts_every_increment(cluster):
+    t = cluster.transport()
+    addr = _base(cluster)
+    done = []
+    run_concurrently((counter_op(1, addr, 5) for _ in range(4)), t, depth=3,
+                     on_done=lambda i, r: done.append(i))
+    assert sorted(done) == [0, 1, 2, 3]
+    (final,) = t.execute([Read(1, addr, 8)])
+    assert int.from_bytes(final, "little") == 20
+
+
+def test_failure_is_thrown_only_into_the_op_whose_slice_failed(cluster):
+    t = cluster.transport()
+    base = _base(cluster)
+    cluster.memory.crash(2)
+
+    def guarded(node, addr):
+        try:
+            (got,) = yield [Read(node, addr, 8)]
+        except TransportError as e:
+            return type(e), e.node, len(e.results)
+        (again,) = yield [Read(node, addr, 8)]     # survivors keep going afterwards
+        return got == again
+
+    region = cluster.config.layout.region_size
+    # node 1: a good read, then one out of range (a NIC flushes what follows a failure on the
+    # same queue pair, so a request of node 1 posted after it would fail too)
+    ops = [guarded(0, base), guarded(2, base), guarded(1, base), guarded(1, region)]
+    out = run_concurrently(ops, t)
+    assert out == [True, (NodeTimeout, 2, 1), True, (RemoteAccessError, 1, 1)]
+
+
+def test_op_exception_closes_the_others(cluster):
+    t = cluster.transport()
+    base = _base(cluster)
+    closed = []
+
+    def long_op():
+        try:
+            for _ in range(10):
+                yield [Read(0, base, 8)]
+        finally:
+            closed.append(1)
+
+    def bad_op():
+        yield [Read(0, base, 8)]
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        run_concurrently([long_op(), bad_op(), long_op()], t)
+    assert closed == [1, 1]
+
+
+def test_op_finishing_without_a_batch_and_run_still_works(cluster):
+    t = cluster.transport()
+
+    def instant():
+        return "now"
+        yield  # pragma: no cover  (makes this a generator)
+
+    assert run_concurrently([instant(), instant()], t) == ["now", "now"]
+    assert t.stats.round_trips == 0
+    assert run(write_then_read(0, _base(cluster), b"x" * 8), t) == b"x" * 8

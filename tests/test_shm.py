@@ -1,0 +1,230 @@
+"""What is particular to the shm backend: the client executes the verbs itself on the MN's
+mapped segment, so it must agree with the MN's own atomics, keep working while the MN's CPU is
+stopped, notice a dead MN although its memory stays mapped, and send only block allocation to
+the MN's CPU."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import stat
+import struct
+
+import pytest
+
+from emulator.cluster import LocalCluster
+from fusee.config import ClusterConfig
+from fusee.memory_map import MAGIC, MemoryMap
+from fusee.verbs import (AllocBlock, Cas, ControlError, Faa, FreeBlock, NodeTimeout, Read,
+                         RemoteAccessError, Write)
+from transports import connect
+from transports.shm import ShmTransport
+
+MAGIC_WORD = struct.pack("<Q", MAGIC)
+
+
+@pytest.fixture
+def cluster():
+    with LocalCluster(memnodes=3, transport="shm") as c:
+        yield c
+
+
+def scratch(cluster, i=0) -> int:
+    return MemoryMap.of(cluster.config.layout).data + i * 4096
+
+
+def u64(b: bytes) -> int:
+    return struct.unpack("<Q", b)[0]
+
+
+def test_cluster_gives_an_shm_transport_that_maps_each_segment(cluster):
+    t = cluster.transport()
+    assert isinstance(t, ShmTransport)
+    for n, r in t.regions.items():
+        assert r.shm_name == cluster.shm_names[n]
+    assert t.execute([Read(n, 0, 8) for n in range(3)]) == [MAGIC_WORD] * 3
+    t.close()
+
+
+def test_segments_are_owner_only(cluster):
+    for name in cluster.shm_names.values():
+        mode = os.stat(f"/dev/shm/{name.lstrip('/')}").st_mode
+        assert stat.S_IMODE(mode) == 0o600
+
+
+def test_verbs_need_no_mn_cpu(cluster):
+    """One-sided: with the MN process stopped, verbs still complete; a stopped MN is alive."""
+    t = cluster.transport(timeout=0.5)
+    a = scratch(cluster)
+    pid = cluster.procs[0].pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(2000):          # spans several liveness polls
+            t.execute([Faa(0, a, 1)])
+        assert t.execute([Cas(0, a + 8, 0, 7), Write(0, a + 16, b"x" * 8), Read(0, a, 24)]) == \
+            [0, None, struct.pack("<QQ", 2000, 7) + b"x" * 8]
+        with pytest.raises(NodeTimeout):           # but its CPU's work times out
+            t.execute([AllocBlock(0, 1)])
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    t.close()
+
+
+def test_client_and_mn_atomics_agree(cluster):
+    """The same word, FAA'd by the client (shm) and by the MN's emulated NIC (zmq)."""
+    shm, zmq_ = cluster.transport("shm"), cluster.transport("zmq")
+    a = scratch(cluster, 1)
+    for _ in range(50):
+        shm.execute([Faa(1, a, 1)])
+        zmq_.execute([Faa(1, a, 2)])
+    assert u64(shm.execute([Read(1, a, 8)])[0]) == 150
+    assert zmq_.execute([Cas(1, a, 150, 9)]) == [150] and shm.execute([Faa(1, a, 0)]) == [9]
+    shm.close()
+    zmq_.close()
+
+
+def _faa_worker(config_path, backend, addr, rounds, out):
+    t = connect(ClusterConfig.load(config_path), backend)
+    for _ in range(rounds):
+        t.execute([Faa(0, addr, 1), Faa(2, addr, 1)])
+    out.put(backend)
+    t.close()
+
+
+def _cas_worker(config_path, backend, me, addr, rounds, out):
+    t = connect(ClusterConfig.load(config_path), backend)
+    wins = [r for r in range(rounds) if t.execute([Cas(2, addr + 8 * r, 0, me)])[0] == 0]
+    out.put((me, wins))
+    t.close()
+
+
+def _run(target, argss):
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, out)) for a in argss]
+    for p in procs:
+        p.start()
+    try:
+        results = [out.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    return results
+
+
+def test_processes_mixing_shm_and_mn_atomics_count_exactly(cluster):
+    n, m = 4, 500
+    a = scratch(cluster, 2)
+    backends = ["shm", "zmq", "shm", "shm"]
+    _run(_faa_worker, [(str(cluster.config_path), b, a, m) for b in backends[:n]])
+    t = cluster.transport()
+    assert [u64(w) for w in t.execute([Read(0, a, 8), Read(2, a, 8)])] == [n * m, n * m]
+    t.close()
+
+
+def test_processes_race_cas_one_winner_per_round(cluster):
+    rounds = 300
+    a = scratch(cluster, 3)
+    args = [(str(cluster.config_path), b, me, a, rounds)
+            for me, b in enumerate(["shm", "shm", "zmq"], start=1)]
+    winners: dict[int, int] = {}
+    for me, wins in _run(_cas_worker, args):
+        for r in wins:
+            assert r not in winners
+            winners[r] = me
+    assert sorted(winners) == list(range(rounds))
+    t = cluster.transport()
+    assert [u64(w) for w in t.execute([Read(2, a + 8 * r, 8) for r in range(rounds)])] == \
+        [winners[r] for r in range(rounds)]
+    t.close()
+
+
+@pytest.mark.parametrize("how", ["reaped", "zombie", "terminated"])
+def test_dead_mn_is_a_timeout_although_its_memory_stays_mapped(cluster, how):
+    t = cluster.transport(timeout=1.0)
+    a = scratch(cluster, 4)
+    t.execute([Write(1, a, b"before!!")])
+    proc = cluster.procs[1]
+    if how == "reaped":
+        cluster.kill(1)
+    elif how == "zombie":
+        os.kill(proc.pid, signal.SIGKILL)      # not waited for: a zombie until cleanup
+    else:
+        proc.terminate()                        # clean exit: the segment is unlinked
+        proc.wait(10)
+    with pytest.raises(NodeTimeout) as err:    # noticed within the timeout, whatever the timing
+        for _ in range(10 ** 6):
+            t.execute([Read(1, a, 8)])
+    assert err.value.node == 1 and isinstance(err.value.results[0], NodeTimeout)
+    with pytest.raises(NodeTimeout) as err:
+        t.execute([Read(0, 0, 8), Write(1, a, b"after!!!"), Read(2, 0, 8), Read(1, a, 8)])
+    assert err.value.results[0] == err.value.results[2] == MAGIC_WORD
+    assert all(isinstance(r, NodeTimeout) for r in (err.value.results[1], err.value.results[3]))
+    with pytest.raises(NodeTimeout):
+        t.execute([AllocBlock(1, 3)])
+    assert t.execute([Faa(2, a, 1), Read(0, 0, 8)]) == [0, MAGIC_WORD]
+    t.close()
+
+
+def test_block_allocation_keeps_order_within_a_node_and_runs_beside_verbs(cluster):
+    t = cluster.transport()
+    m = MemoryMap.of(cluster.config.layout)
+    a = scratch(cluster, 5)
+    before = t.stats.copy()
+    res = t.execute([Write(0, a, b"first..."), AllocBlock(0, 4), Faa(1, a, 5), Read(0, a, 8)])
+    block = res[1]
+    assert res[0] is None and res[2] == 0 and res[3] == b"first..."
+    entry = m.table_entry(m.block_index(block))
+    # The owner record written by the MN is visible to the next verb of the same node's batch.
+    assert t.execute([FreeBlock(0, 4, block), Read(0, entry, 8), Read(1, a, 8)]) == \
+        [None, bytes(8), struct.pack("<Q", 5)]
+    d = t.stats - before
+    assert (d.round_trips, d.verbs, d.controls, d.reads, d.writes, d.atomics) == (2, 7, 2, 3, 1, 1)
+
+
+def test_failed_control_request_flushes_the_rest_of_its_node_only(cluster):
+    t = cluster.transport()
+    a = scratch(cluster, 6)
+    with pytest.raises(ControlError) as err:
+        t.execute([FreeBlock(2, 1, 12345), Write(2, a, b"never..."), Write(0, a, b"done....")])
+    res = err.value.results
+    assert isinstance(res[0], ControlError) and isinstance(res[1], ControlError)
+    assert res[2] is None
+    assert t.execute([Read(2, a, 8), Read(0, a, 8)]) == [bytes(8), b"done...."]
+    t.close()
+
+
+@pytest.mark.parametrize("bad", [
+    Cas(0, 0, -1, 0),                  # operands must be unsigned 64-bit, as on the wire
+    Cas(0, 0, 0, 1 << 64),
+    Read(0, 0, -1),
+    Write(0, 0, 12),                   # not bytes
+    Read(0, 0.5, 8),                   # not an int
+])
+def test_malformed_operands_are_refused_like_the_emulated_nic_does(cluster, bad):
+    t = cluster.transport()
+    with pytest.raises(RemoteAccessError) as err:
+        t.execute([bad, Read(0, 0, 8)])
+    assert isinstance(err.value.results[1], RemoteAccessError)        # flushed
+    with pytest.raises(RemoteAccessError):
+        t.execute([bad])
+    assert t.execute([Read(0, 0, 8)]) == [MAGIC_WORD]
+    t.close()
+
+
+def test_closed_transport_refuses_instead_of_touching_unmapped_memory(cluster):
+    t = cluster.transport()
+    t.close()
+    for batch in ([Faa(0, 4096, 1)], [Read(0, 0, 8), Read(1, 0, 8)]):
+        with pytest.raises(ValueError, match="no memory node"):
+            t.execute(batch)
+    t.close()                                   # twice is harmless
+
+
+def test_bad_liveness_interval_is_refused(cluster):
+    with pytest.raises(ValueError, match="liveness_interval"):
+        cluster.transport(liveness_interval=0)

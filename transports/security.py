@@ -1,0 +1,150 @@
+"""Who may touch a memory node over ZeroMQ: CURVE keys, and the rules for plaintext.
+
+A memory node exposes raw memory, so over ``tcp://`` it speaks only CURVE (authenticated,
+encrypted): each MN has a keypair whose public half is in the cluster config, and it accepts a
+client only if that client's public key is among the authorized ones in
+``<keys_dir>/clients/``; the list is re-read whenever that directory changes, so authorizing a
+client needs no restart. ``ipc://`` is protected by the file system instead (owner-only socket
+and segment). Plaintext TCP is refused unless the config opts in, and then it warns.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
+
+
+class InsecureEndpointError(ConfigError):
+    """A tcp:// endpoint without CURVE and without the explicit opt-in."""
+
+
+def check_endpoint(config: ClusterConfig, endpoint: str, who: str) -> None:
+    """Refuse plaintext TCP unless opted in; warn when it is."""
+    if not endpoint.startswith("tcp://") or config.security.curve:
+        return
+    if not config.security.allow_insecure_tcp:
+        raise InsecureEndpointError(
+            f"{who}: {endpoint} is tcp:// without CURVE: anyone who reaches the port could read "
+            "or overwrite every key. Enable [security] curve = true (see `fusee keys init`), or "
+            "set [security] allow_insecure_tcp = true to accept the risk.")
+    print(f"WARNING: {who}: {endpoint} is plaintext and unauthenticated "
+          "(security.allow_insecure_tcp = true)", file=sys.stderr)
+
+
+# -- keys -----------------------------------------------------------------------------------
+def _secret_file(keys_dir: str | Path, name: str) -> Path:
+    return Path(keys_dir) / f"{name}.key_secret"
+
+
+def init_keys(keys_dir: str | Path, memnodes: int, clients: list[str]) -> dict[int, str]:
+    """Create a keypair per MN and per named client; authorize the clients.
+
+    Returns each MN's public key (Z85) for the cluster config. Secret files are owner-only.
+    """
+    keys = Path(keys_dir)
+    (keys / "clients").mkdir(parents=True, exist_ok=True)
+    os.chmod(keys, 0o700)
+    publics = {}
+    for i in range(memnodes):
+        pub, _ = zmq.auth.load_certificate(_create(keys, f"mn{i}"))
+        publics[i] = pub.decode()
+    for name in clients:
+        add_client(keys, name)
+    return publics
+
+
+def add_client(keys_dir: str | Path, name: str) -> Path:
+    """Create a client keypair and authorize it; returns its secret certificate's path."""
+    keys = Path(keys_dir)
+    secret = _create(keys, name)
+    public = keys / f"{name}.key"
+    (keys / "clients" / public.name).write_bytes(public.read_bytes())
+    return secret
+
+
+def init_server_key(keys_dir: str | Path, name: str) -> str:
+    """Create the keypair of another server (the master); returns its public key (Z85)."""
+    pub, _ = zmq.auth.load_certificate(_create(Path(keys_dir), name))
+    return pub.decode()
+
+
+def _create(keys: Path, name: str) -> Path:
+    if _secret_file(keys, name).exists():
+        raise FileExistsError(f"{_secret_file(keys, name)} exists; refusing to overwrite a key")
+    old = os.umask(0o077)
+    try:
+        _, secret = zmq.auth.create_certificates(str(keys), name)
+    finally:
+        os.umask(old)
+    return Path(secret)
+
+
+# -- sockets --------------------------------------------------------------------------------
+class _AuthorizedKeys:
+    """ZAP credentials provider: the public keys in a directory, re-read when it changes."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.lock = threading.Lock()
+        self.stamp = None
+        self.keys: set[bytes] = set()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        with self.lock:
+            try:
+                stamp = self.dir.stat().st_mtime_ns
+            except OSError:
+                return False
+            if stamp != self.stamp:
+                self.keys = set(zmq.auth.load_certificates(str(self.dir)))
+                self.stamp = stamp
+            return key in self.keys
+
+
+def secure_server(ctx: zmq.Context, sock: zmq.Socket, config: ClusterConfig,
+                  node_id: int, key_name: str | None = None):
+    """Make ``sock`` (before bind) a CURVE server that admits only authorized clients.
+    Its keypair is ``mn<node_id>``, or ``key_name`` for another server (the master). Returns
+    the authenticator thread to stop at exit, or None without CURVE."""
+    if not config.security.curve:
+        return None
+    # imported here: it pulls in asyncio, seconds of start-up on a slow (emulated) machine
+    from zmq.auth.thread import ThreadAuthenticator
+    keys = config.security.keys_dir
+    if not keys:
+        raise ConfigError("security.curve needs security.keys_dir")
+    public, secret = zmq.auth.load_certificate(
+        str(_secret_file(keys, key_name or f"mn{node_id}")))
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback("*", credentials_provider=_AuthorizedKeys(Path(keys) / "clients"))
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+    return auth
+
+
+def secure_client(sock: zmq.Socket, config: ClusterConfig, node: MemNodeConfig) -> None:
+    """Make ``sock`` (before connect) a CURVE client of ``node`` with this client's key."""
+    if not config.security.curve:
+        check_endpoint(config, node.endpoint, "client")
+        return
+    path = os.environ.get("FUSEE_CLIENT_KEY") or config.security.client_key
+    if not path:
+        raise ConfigError("security.curve needs a client key: security.client_key in the config "
+                          "or FUSEE_CLIENT_KEY in the environment (see `fusee keys add-client`)")
+    if not node.curve_public:
+        raise ConfigError(f"memory node {node.id} has no curve_public key in the config")
+    public, secret = zmq.auth.load_certificate(path)
+    if secret is None:
+        raise ConfigError(f"{path} holds no secret key (pass the .key_secret file)")
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_serverkey = node.curve_public.encode()

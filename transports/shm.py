@@ -1,0 +1,275 @@
+"""The shared-memory backend: one-sided verbs that the client executes itself.
+
+On one host a memory node's registered region is a POSIX shared-memory segment. This backend
+learns each region over the MN's control channel ("info"), maps the segment, and executes
+READ/WRITE/CAS/FAA in the client's own process (memory copies and lock-prefixed hardware
+atomics, ``emulator._atomic``), so the MN's CPU does nothing: that is what one-sided RDMA
+means. Like a NIC, the client checks bounds, access key and alignment on every verb, executes
+each node's requests in posting order, and on a node's first failure flushes the rest of that
+node's requests.
+
+Block allocation is the MN CPU's only work: a node's part of a batch that holds AllocBlock or
+FreeBlock goes to that MN as one verbs message (so its order is kept), and the other nodes'
+parts execute locally while that message is in flight.
+
+A segment stays mapped after its MN dies, so death is watched separately: the transport holds
+a pidfd per MN (a zombie counts as dead) and polls them all with one non-blocking poll(2) at
+most every ``liveness_interval`` seconds, which keeps the per-batch cost to one clock read.
+From the poll that sees a death on, every request to that MN fails with NodeTimeout.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from typing import Sequence
+
+from emulator import _atomic, wire
+from emulator.memory import SharedSegment
+from fusee.config import ClusterConfig
+from fusee.verbs import (MAX_BATCH, AllocBlock, Cas, Faa, FreeBlock, NodeTimeout, Read,
+                         RemoteAccessError, Request, TransportError, Write)
+from transports.base import RegionInfo, Transport, raise_for_failures
+from transports.channel import Channels, place_replies
+
+_monotonic = time.monotonic
+_cas, _faa = _atomic.cas, _atomic.faa
+
+#: default seconds between two liveness polls: a dead MN is noticed this fast, and the poll
+#: (about 0.5 us) is paid at most this often
+LIVENESS_INTERVAL = 0.001
+
+
+class ShmTransport(Transport):
+    name = "shm"
+
+    def __init__(self, config: ClusterConfig, timeout: float | None = None,
+                 liveness_interval: float = LIVENESS_INTERVAL):
+        super().__init__(config, timeout)
+        if not hasattr(os, "pidfd_open"):
+            raise RuntimeError("the shm transport needs Linux >= 5.3 (os.pidfd_open)")
+        if not 0 < liveness_interval <= self.timeout:
+            raise ValueError("liveness_interval must be in (0, timeout]")
+        self.liveness_interval = liveness_interval
+        self.channels = Channels(config)
+        self._segments: dict[int, SharedSegment] = {}
+        self._pidfds: dict[int, int] = {}          # fd -> node
+        self._poller = select.poll()
+        #: node -> (mmap, address of offset 0, length, rkey of the registered region)
+        self._nodes: dict[int, tuple] = {}
+        self._dead: set[int] = set()
+        self._next_check = 0.0
+        try:
+            for m in config.memnodes:
+                self._attach(m.id)
+        except BaseException:
+            self.close()
+            raise
+
+    def _attach(self, node: int) -> None:
+        info = self.channels.call(node, "info", self.timeout)
+        fd = os.pidfd_open(info["pid"])
+        self._pidfds[fd] = node
+        self._poller.register(fd, select.POLLIN)
+        # The pid might have been reused between "info" and pidfd_open; a second answer from
+        # the same live MN proves the pidfd is that MN's (its pid cannot be reused while alive).
+        again = self.channels.call(node, "info", self.timeout)
+        if (again["pid"], again["shm_name"]) != (info["pid"], info["shm_name"]):
+            raise TransportError(f"MN {node} changed while connecting", node)
+        seg = SharedSegment(info["shm_name"])
+        self._segments[node] = seg
+        if seg.size < info["length"]:
+            raise TransportError(f"MN {node}: segment {seg.name} is smaller than its region", node)
+        self._nodes[node] = (seg.mmap, _atomic.address(seg.mmap), info["length"], info["rkey"])
+        self.regions[node] = RegionInfo(node=node, length=info["length"], rkey=info["rkey"],
+                                        shm_name=info["shm_name"])
+
+    def _check_liveness(self, now: float) -> None:
+        self._next_check = now + self.liveness_interval
+        for fd, _ in self._poller.poll(0):
+            node = self._pidfds.pop(fd)
+            self._poller.unregister(fd)
+            os.close(fd)
+            self._dead.add(node)
+
+    def execute(self, batch: Sequence[Request]) -> list:
+        """See Transport.execute: verbs run here, control requests on their MN."""
+        if len(batch) == 1:                 # the fast path: one verb
+            req = batch[0]
+            op = _OPS.get(type(req))
+            if op is not None:
+                node = req.node
+                st = self._nodes.get(node)
+                if st is not None:
+                    now = _monotonic()
+                    if now >= self._next_check:
+                        self._check_liveness(now)
+                    s = self.stats
+                    s.round_trips += 1
+                    s.verbs += 1
+                    try:
+                        if node in self._dead or self.regions[node].rkey != st[3]:
+                            raise self._refusal(node, req)
+                        return [op(st, req, s)]
+                    except TransportError as e:
+                        raise_for_failures([e])
+                    except (TypeError, ValueError, OverflowError) as e:
+                        raise_for_failures([_malformed(node, e)])
+        elif not batch:
+            return []
+        elif len(batch) > MAX_BATCH:
+            raise ValueError(f"a batch of {len(batch)} requests exceeds MAX_BATCH={MAX_BATCH}")
+        # The general path. Check every request before any runs; find the control requests.
+        nodes = self._nodes
+        remote = None
+        for req in batch:
+            if type(req) not in _OPS:
+                if type(req) is not AllocBlock and type(req) is not FreeBlock:
+                    raise TypeError(f"not a verb: {req!r}")
+                if remote is None:
+                    remote = set()
+                remote.add(req.node)
+            if req.node not in nodes:
+                raise ValueError(f"no memory node {req.node!r} in this cluster")
+        now = _monotonic()
+        if now >= self._next_check:
+            self._check_liveness(now)
+        skip = sent = None          # node -> its requests' completion, without running them
+        if remote:
+            skip, sent = self._post(batch, remote)
+        regions, dead = self.regions, self._dead
+        s = self.stats
+        s.round_trips += 1
+        s.verbs += len(batch)
+        results = []
+        for req in batch:
+            node = req.node
+            if skip and node in skip:
+                results.append(skip[node])
+                s.count(req)
+                continue
+            st = nodes[node]
+            try:
+                if dead and node in dead or regions[node].rkey != st[3]:
+                    raise self._refusal(node, req)
+                results.append(_OPS[type(req)](st, req, s))
+                continue
+            except TransportError as e:
+                results.append(e)
+            except (TypeError, ValueError, OverflowError) as e:
+                results.append(_malformed(node, e))
+            if skip is None:
+                skip = {}
+            skip[node] = results[-1]           # flush this node's later requests
+        if sent is not None:
+            self._collect(batch, sent, results)
+        if skip:
+            raise_for_failures(results)
+        return results
+
+    # Transport's hook; this backend overrides execute itself, to count and run in one pass.
+    _execute = execute
+
+    def _refusal(self, node: int, req) -> TransportError:
+        """Why a request to ``node`` cannot run at all (it is counted, as if it ran)."""
+        self.stats.count(req)
+        if node in self._dead:
+            return NodeTimeout(f"MN {node} is dead (its process exited)", node)
+        return RemoteAccessError(f"MN {node}: wrong access key", node)
+
+    def _post(self, batch, remote: set) -> tuple[dict, tuple]:
+        """Send each ``remote`` node its whole part of the batch as one verbs message (so the
+        MN keeps its order); -> (node -> placeholder, what Channels.collect needs)."""
+        seq = self.channels.next_seq()
+        payloads = {}
+        for node in remote:
+            if node not in self._dead:
+                part = [req for req in batch if req.node == node]
+                payloads[node] = wire.encode_verbs(seq, self.regions[node].rkey, part)
+        return dict.fromkeys(remote), (seq, self.channels.post(payloads), remote)
+
+    def _collect(self, batch, sent: tuple, results: list) -> None:
+        """Wait for the MNs' replies to ``_post`` and fill their slots of ``results``."""
+        seq, posted, remote = sent
+        replies = self.channels.collect(posted, seq, self.timeout)
+        groups: dict[int, list[int]] = {}
+        for i, req in enumerate(batch):
+            if req.node in remote:
+                groups.setdefault(req.node, []).append(i)
+        for node in groups:
+            if replies.get(node) is None:           # known dead: nothing was sent
+                replies[node] = NodeTimeout(f"MN {node} is dead (its process exited)", node)
+        place_replies(results, groups, replies)
+
+    def close(self) -> None:
+        self.regions = {}
+        self._nodes = {}              # nothing can reach the mappings any more
+        for seg in self._segments.values():
+            seg.close()
+        self._segments.clear()
+        for fd in self._pidfds:
+            os.close(fd)
+        self._pidfds.clear()
+        self.channels.close()
+
+
+# One function per verb: check the request as a NIC would, count it, run it, return its
+# completion. ``st`` is the node's (mmap, address of offset 0, length, rkey).
+
+def _read(st, req, s):
+    node, addr, length = req
+    s.reads += 1
+    s.bytes_in += length
+    if addr < 0 or length < 0 or addr + length > st[2]:
+        raise _out_of_range(node, addr, length, st[2])
+    return st[0][addr:addr + length]
+
+
+def _write(st, req, s):
+    node, addr, data = req
+    s.writes += 1
+    length = len(data)
+    s.bytes_out += length
+    if addr < 0 or addr + length > st[2]:
+        raise _out_of_range(node, addr, length, st[2])
+    st[0][addr:addr + length] = data
+
+
+def _cas_op(st, req, s):
+    node, addr, expected, desired = req
+    s.atomics += 1
+    if addr & 7 or not 0 <= addr <= st[2] - 8 or (expected | desired) >> 64:
+        raise _bad_atomic(node, addr, st[2])
+    return _cas(st[1] + addr, expected, desired)
+
+
+def _faa_op(st, req, s):
+    node, addr, delta = req
+    s.atomics += 1
+    if addr & 7 or not 0 <= addr <= st[2] - 8:
+        raise _bad_atomic(node, addr, st[2])
+    return _faa(st[1] + addr, delta)
+
+
+_OPS = {Read: _read, Write: _write, Cas: _cas_op, Faa: _faa_op}
+
+
+def _malformed(node: int, e: Exception) -> RemoteAccessError:
+    return RemoteAccessError(f"MN {node}: malformed request: {e}", node)
+
+
+def _bad_atomic(node: int, addr: int, size: int) -> RemoteAccessError:
+    if type(addr) is int and 0 <= addr <= size - 8:
+        if addr & 7:
+            return RemoteAccessError(f"MN {node}: unaligned atomic at {addr:#x}", node)
+        return RemoteAccessError(f"MN {node}: CAS operands must be unsigned 64-bit", node)
+    return _out_of_range(node, addr, 8, size)
+
+
+def _out_of_range(node: int, addr, n, size: int) -> RemoteAccessError:
+    return RemoteAccessError(f"MN {node}: [{addr!r}, +{n!r}) is outside the region "
+                             f"[0, {size:#x})", node)
+
+
+__all__ = ["ShmTransport", "LIVENESS_INTERVAL"]
