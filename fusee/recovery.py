@@ -29,6 +29,11 @@ the id holds (``fusee.holdings.adopt``).
 Waits on other clients (a split in progress, a round whose winner is another crashed client)
 are bounded (``Stalled``: the master retries later). Every step is idempotent, so a recovery
 that died half way is simply run again (by the same ``owner``).
+
+Not handled here: memory-node crashes. Recovery reads every replica of the client's blocks
+and the primary blocks' free bitmaps, so while an MN is down it fails with NodeTimeout (the
+master retries); the MN repair (SPEC §8) must run first, and since a free bitmap lives on the
+primary block only, that repair also has to rebuild the bits of the blocks whose primary died.
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ def _cluster(kind: str) -> ClusterConfig:
 
 class Scenario:
     """One seeded run of a scenario, optionally crashing c0 after verb ``k`` of its
-    operation ``op`` (the loader's operations come first in c0's numbering: see ``run``)."""
+    operation ``op`` (c0's operations: open, the wait for the preload (not in an insert
+    scenario), its three store operations, close)."""
 
     def __init__(self, kind: str, seed: int, crash: tuple[int, int] | None = None):
         self.kind, self.seed = kind, seed
@@ -97,11 +98,12 @@ class Scenario:
             self.sim.crash_client_at("c0", *crash, then=self._recover)
 
     def _wait_preload(self, n: int):
-        """A pause operation that ends once c2 finished its first ``n`` operations."""
+        """A pause operation that ends once c2 finished its first ``n`` operations (an
+        insert of a hot key may find that c1 inserted it first: it exists all the same)."""
         sim = self.sim
 
         def wait():
-            while sum(o.status == "ok" for o in sim.clients["c2"].ops[1:]) < n:
+            while sum(o.status in ("ok", "error") for o in sim.clients["c2"].ops[1:]) < n:
                 yield []
         return wait
 
@@ -136,13 +138,10 @@ class Scenario:
                                        *store_calls(reader, [("get", k, None) for k in keys]),
                                        Call("close", None, None, reader.close)])
         self.sim.run()
-        live = [c for c in self.cores[1:]] + [reader]
+        live = [*self.cores[1:], reader]
         live.append(self.restarted if self.restarted is not None else self.cores[0])
         report = run(audit(self.config, live), LocalTransport(self.config, memory=self.memory))
         return check(self.sim.history), report
-
-    def victim_verbs(self) -> list[int]:
-        return [o.verbs for o in self.sim.clients["c0"].ops]
 
 
 def crash_points(kind: str, seed: int) -> list[tuple[int, int]]:
@@ -189,4 +188,5 @@ def test_crash_at_every_verb_boundary(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_crash_sweep_soak(kind):
     """More schedules: 100 seeds per kind beyond the normal suite's."""
-    sweep(kind, range(3, 103))
+    start = KINDS[kind].stop
+    sweep(kind, range(start, start + 100))
