@@ -25,7 +25,6 @@ import collections
 import json
 import os
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -44,6 +43,7 @@ from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 from transports.channel import Channels
 from transports.master_link import ERR_LEASE
+from emulator.serving import bind, stop_condition, write_ready
 from transports.security import check_endpoint, secure_server
 
 #: the repair records kept for ``status`` (the newest)
@@ -311,18 +311,10 @@ class MasterServer:
         threads = [threading.Thread(target=self._guarded, args=(f,), daemon=True, name=n)
                    for f, n in ((self.heartbeat_loop, "heartbeat"), (self.repair_loop, "repair"))]
         try:
-            if endpoint.startswith("ipc://"):
-                Path(endpoint[6:]).parent.mkdir(parents=True, exist_ok=True)
-                old = os.umask(0o077)
-                try:
-                    sock.bind(endpoint)
-                finally:
-                    os.umask(old)
-            else:
-                sock.bind(endpoint)
+            bound = bind(sock, endpoint)
             for t in threads:
                 t.start()
-            on_bound(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            on_bound(bound)
             sock.setsockopt(zmq.RCVTIMEO, int(TICK * 1000))
             while not stop() and not self.stopping.is_set():
                 self.tick()
@@ -398,28 +390,13 @@ def main(argv=None) -> int:
     except (ConfigError, StateError) as e:
         print(f"fusee master: error: {e}", file=sys.stderr)
         return 2
-    stopping = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.append(True))
+    stop = stop_condition(args.parent_pid)
 
     def bound(ep: str) -> None:
         print(f"master serving {ep} for {len(config.memnodes)} memory nodes "
               f"(client lease {config.client_lease:g} s, MN lease {config.mn_lease:g} s)",
               flush=True)
-        if args.ready_file:
-            tmp = args.ready_file + ".tmp"
-            Path(tmp).write_text(json.dumps({"endpoint": ep, "pid": os.getpid()}))
-            os.replace(tmp, args.ready_file)
-
-    parent, last = args.parent_pid, [0.0]
-
-    def stop() -> bool:
-        now = time.monotonic()
-        if parent and now - last[0] > 0.5:
-            last[0] = now
-            if os.getppid() != parent:
-                return True
-        return bool(stopping)
+        write_ready(args.ready_file, endpoint=ep)
 
     try:
         server.serve(endpoint, stop, bound)

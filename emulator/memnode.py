@@ -12,12 +12,8 @@ SIGINT stops it cleanly and removes its segment.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
-import time
-from pathlib import Path
 from typing import Callable
 
 import zmq
@@ -29,6 +25,7 @@ from emulator.memory import MemoryRegion, SharedSegment, new_rkey
 from fusee.config import ClusterConfig
 from fusee.memory_map import MemoryMap
 from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAccessError
+from emulator.serving import bind, stop_condition, write_ready
 from transports.security import check_endpoint, secure_server
 
 _cas, _faa = _atomic.cas, _atomic.faa
@@ -154,16 +151,7 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, node.config.layout.region_size + MESSAGE_SLACK)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-    if endpoint.startswith("ipc://"):
-        Path(endpoint[6:]).parent.mkdir(parents=True, exist_ok=True)
-        old = os.umask(0o077)       # the socket file: owner only
-        try:
-            sock.bind(endpoint)
-        finally:
-            os.umask(old)
-    else:
-        sock.bind(endpoint)
-    on_bound(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    on_bound(bind(sock, endpoint))
     # A blocking receive with a timeout, rather than poll + non-blocking receive: each pyzmq
     # call costs microseconds, and an empty non-blocking receive raises an exception.
     # (recv_multipart/send_multipart cost microseconds more than two plain calls.)
@@ -207,9 +195,7 @@ def main(argv=None) -> int:
     config = ClusterConfig.load(args.config)
     if not 0 <= args.id < len(config.memnodes):
         p.error(f"no memory node {args.id} in {args.config}")
-    stopping = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.append(True))
+    stop = stop_condition(args.parent_pid)
     node = MemoryNode(config, args.id)
     try:
         if args.rdma:
@@ -219,22 +205,7 @@ def main(argv=None) -> int:
         def bound(endpoint: str) -> None:
             print(f"memnode {node.id} serving {endpoint} region {node.segment.name} "
                   f"({node.region.length} bytes)", flush=True)
-            if args.ready_file:
-                tmp = args.ready_file + ".tmp"
-                Path(tmp).write_text(json.dumps({"endpoint": endpoint, "pid": os.getpid(),
-                                                 "shm_name": node.segment.name}))
-                os.replace(tmp, args.ready_file)
-
-        parent = args.parent_pid
-        last = [0.0]
-
-        def stop() -> bool:
-            now = time.monotonic()
-            if parent and now - last[0] > 0.5:
-                last[0] = now
-                if os.getppid() != parent:
-                    return True
-            return bool(stopping)
+            write_ready(args.ready_file, endpoint=endpoint, shm_name=node.segment.name)
 
         serve(node, args.endpoint or config.node(args.id).endpoint, stop, bound)
     finally:

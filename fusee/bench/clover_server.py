@@ -29,6 +29,7 @@ import zmq
 
 from fusee.bench.clover import (DELETE, EXISTS, FAILED, INSERT, LOOKUP, MAX_UNITS, MISSING, OK,
                                 UNIT, UPDATE, replica_nodes)
+from emulator.serving import bind, stop_condition, write_ready
 from fusee.config import ClusterConfig
 from fusee.verbs import AllocBlock, TransportError
 
@@ -136,15 +137,7 @@ def serve(server: MetadataServer, endpoint: str, stop, on_bound=lambda ep: None)
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
-    if endpoint.startswith("ipc://"):
-        old = os.umask(0o077)
-        try:
-            sock.bind(endpoint)
-        finally:
-            os.umask(old)
-    else:
-        sock.bind(endpoint)
-    on_bound(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    on_bound(bind(sock, endpoint))
     try:
         while not stop():
             if not sock.poll(200):
@@ -224,21 +217,12 @@ def main(argv=None) -> int:
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     args = p.parse_args(argv)
     config = ClusterConfig.load(args.config)
-    stopping: list = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.append(True))
+    stop = stop_condition(args.parent_pid)
     from transports import connect
     transport = connect(config)
     try:
         def bound(endpoint: str) -> None:
-            if args.ready_file:
-                tmp = args.ready_file + ".tmp"
-                Path(tmp).write_text(json.dumps({"endpoint": endpoint, "pid": os.getpid()}))
-                os.replace(tmp, args.ready_file)
-
-        def stop() -> bool:
-            return bool(stopping) or (args.parent_pid is not None
-                                      and os.getppid() != args.parent_pid)
+            write_ready(args.ready_file, endpoint=endpoint)
 
         serve(MetadataServer(config, transport), args.endpoint, stop, bound)
     finally:

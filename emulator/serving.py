@@ -1,0 +1,59 @@
+"""What every server process of ours does the same way: bind, report ready, know when to stop.
+
+Memory nodes, the master and the benchmark's metadata server are started by a launcher that
+waits for a ready file and expects them to exit on SIGTERM/SIGINT, or by themselves when the
+launcher is gone (so a crashed test run leaves no server behind).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> str:
+    """Bind ``sock``; an ``ipc://`` socket file is created owner-only. Returns the bound
+    endpoint (with the port a ``tcp://host:*`` endpoint got)."""
+    if endpoint.startswith("ipc://"):
+        Path(endpoint[6:]).parent.mkdir(parents=True, exist_ok=True)
+        old = os.umask(0o077)
+        try:
+            sock.bind(endpoint)
+        finally:
+            os.umask(old)
+    else:
+        sock.bind(endpoint)
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def write_ready(path: str | None, **info) -> None:
+    """Tell the launcher we serve: ``info`` as JSON, renamed into place atomically."""
+    if path:
+        tmp = path + ".tmp"
+        Path(tmp).write_text(json.dumps({**info, "pid": os.getpid()}))
+        os.replace(tmp, path)
+
+
+def stop_condition(parent_pid: int | None) -> Callable[[], bool]:
+    """A ``stop()`` that turns true after SIGTERM/SIGINT, or once ``parent_pid`` is gone
+    (checked at most every 0.5 s: it costs a system call)."""
+    stopping: list = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    last = [0.0]
+
+    def stop() -> bool:
+        now = time.monotonic()
+        if parent_pid and now - last[0] > 0.5:
+            last[0] = now
+            if os.getppid() != parent_pid:
+                return True
+        return bool(stopping)
+
+    return stop
