@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 import weakref
 from pathlib import Path
 
+from emulator.serving import stop_processes
 from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig, SecurityConfig
 from transports.security import init_keys, init_server_key
 
@@ -230,16 +230,7 @@ class LocalCluster:
 
 def _cleanup(procs: dict, shm_names: dict, workdir: Path | None) -> None:
     """Stop every MN (SIGTERM, then SIGKILL) and remove what they leave behind."""
-    for p in procs.values():
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    for p in procs.values():
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+    stop_processes(procs.values())
     for name in shm_names.values():              # left behind only by a killed node
         try:
             os.unlink(f"/dev/shm/{name.lstrip('/')}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -57,3 +58,17 @@ def stop_condition(parent_pid: int | None) -> Callable[[], bool]:
         return bool(stopping)
 
     return stop
+
+
+def stop_processes(procs) -> None:
+    """SIGTERM every process still running, give them 5 s together, then SIGKILL the rest."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)

@@ -6,10 +6,10 @@ shared memory executed by the client, and the ZeroMQ emulated NIC over ipc:// an
 
 from __future__ import annotations
 
-import multiprocessing
 import struct
 
 import pytest
+from processes import run_processes
 
 from fusee.config import ClusterConfig
 from fusee.memory_map import MAGIC, MemoryMap
@@ -189,29 +189,12 @@ def _cas_worker(config_path, backend, me, addr, rounds, out):
     t.close()
 
 
-def _processes(cluster, target, argss):
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*a, out)) for a in argss]
-    for p in procs:
-        p.start()
-    try:
-        results = [out.get(timeout=120) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
-    return results
-
-
 def test_concurrent_faa_counts_exactly(cluster, backend):
     if backend == "local":
         pytest.skip("in-process memory is not shared with other processes")
     n, m = 4, 300
     a = data_addr(cluster, 5)
-    _processes(cluster, _faa_worker,
+    run_processes(_faa_worker,
                [(str(cluster.config_path), cluster.backend, a, m)] * n)
     t = cluster.transport()
     assert [u64(x) for x in t.execute([Read(0, a, 8), Read(1, a, 8)])] == [n * m, 2 * n * m]
@@ -223,7 +206,7 @@ def test_cas_race_has_exactly_one_winner_per_round(cluster, backend):
         pytest.skip("in-process memory is not shared with other processes")
     n, rounds = 4, 200
     a = data_addr(cluster, 6)
-    res = _processes(cluster, _cas_worker,
+    res = run_processes(_cas_worker,
                      [(str(cluster.config_path), cluster.backend, me, a, rounds)
                       for me in range(1, n + 1)])
     winners: dict[int, int] = {}

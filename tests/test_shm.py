@@ -5,13 +5,13 @@ the MN's CPU."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import stat
 import struct
 
 import pytest
+from processes import run_processes
 
 from emulator.cluster import LocalCluster
 from fusee.config import ClusterConfig
@@ -99,28 +99,11 @@ def _cas_worker(config_path, backend, me, addr, rounds, out):
     t.close()
 
 
-def _run(target, argss):
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*a, out)) for a in argss]
-    for p in procs:
-        p.start()
-    try:
-        results = [out.get(timeout=120) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
-    return results
-
-
 def test_processes_mixing_shm_and_mn_atomics_count_exactly(cluster):
     n, m = 4, 500
     a = scratch(cluster, 2)
     backends = ["shm", "zmq", "shm", "shm"]
-    _run(_faa_worker, [(str(cluster.config_path), b, a, m) for b in backends[:n]])
+    run_processes(_faa_worker, [(str(cluster.config_path), b, a, m) for b in backends[:n]])
     t = cluster.transport()
     assert [u64(w) for w in t.execute([Read(0, a, 8), Read(2, a, 8)])] == [n * m, n * m]
     t.close()
@@ -132,7 +115,7 @@ def test_processes_race_cas_one_winner_per_round(cluster):
     args = [(str(cluster.config_path), b, me, a, rounds)
             for me, b in enumerate(["shm", "shm", "zmq"], start=1)]
     winners: dict[int, int] = {}
-    for me, wins in _run(_cas_worker, args):
+    for me, wins in run_processes(_cas_worker, args):
         for r in wins:
             assert r not in winners
             winners[r] = me

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import zmq
 
 from fusee.bench.clover import (DELETE, EXISTS, FAILED, INSERT, LOOKUP, MAX_UNITS, MISSING, OK,
                                 UNIT, UPDATE, replica_nodes)
-from emulator.serving import bind, stop_condition, write_ready
+from emulator.serving import bind, stop_condition, stop_processes, write_ready
 from fusee.config import ClusterConfig
 from fusee.verbs import AllocBlock, TransportError
 
@@ -191,13 +190,8 @@ class MetadataServerProcess:
 
     def stop(self) -> None:
         p, self.proc = self.proc, None
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        if p is not None:
+            stop_processes([p])
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -13,13 +13,13 @@ errors for an existing / missing key.
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from emulator.serving import stop_processes
 from fusee.errors import KeyExists, KeyNotFound
 
 INSTALL_HINT = ("redis-server is not installed; the Redis baseline is skipped. "
@@ -75,13 +75,8 @@ class RedisServer:
 
     def _kill(self) -> None:
         p, self.proc = self.proc, None
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        if p is not None:
+            stop_processes([p])
 
     def stop(self) -> None:
         self._kill()

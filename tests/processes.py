@@ -1,0 +1,24 @@
+"""Client processes for the multi-process tests: spawn them, collect what each reports."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+
+def run_processes(target, argss):
+    """Run ``target(*args, out)`` in one spawned process per ``args``; return what each put on
+    ``out``, and fail if any of them did not exit cleanly. Stragglers are killed."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, out)) for a in argss]
+    for p in procs:
+        p.start()
+    try:
+        results = [out.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    return results
