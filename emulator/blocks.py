@@ -39,9 +39,19 @@ class BlockTable:
     def _set(self, i: int, value: int) -> None:
         self.region.mem[self.map.table_entry(i):self.map.table_entry(i) + 8] = _U64.pack(value)
 
-    def alloc(self, owner: int) -> int:
+    def alloc(self, owner: int, at: int = 0) -> int:
         if not 0 <= owner < self.map.layout.max_clients:
             raise ControlError(f"owner {owner} out of range", self.region.node)
+        if at:
+            try:
+                i = self.map.block_index(at)
+            except ValueError as e:
+                raise ControlError(str(e), self.region.node) from None
+            if self._owner(i) != 0:
+                raise ControlError(f"MN {self.region.node}: block {at:#x} is taken",
+                                   self.region.node)
+            self._set(i, owner + 1)
+            return at
         n = self.map.num_blocks
         for k in range(n):
             i = (self._next + k) % n
@@ -64,7 +74,7 @@ class BlockTable:
     def serve(self, req):
         """Answer one control request."""
         if type(req) is AllocBlock:
-            return self.alloc(req.owner)
+            return self.alloc(req.owner, req.at)
         if type(req) is FreeBlock:
             return self.free(req.owner, req.addr)
         raise ControlError(f"unknown control request {req!r}", self.region.node)

@@ -8,7 +8,8 @@ file, even when the code inside the ``with`` block failed. MN processes also exi
 themselves if the process that started them dies. Over tcp:// it makes CURVE keys of its own
 (``secure=False`` opts into plaintext, with a warning). With ``master=True`` it also runs the
 master (``python -m emulator.master_server``) and names it in the config, so clients register
-with it; ``stop_master`` / ``start_master`` restart it on the same endpoint and state file.
+with it; ``stop_master`` / ``start_master`` restart it on the same endpoint and state file,
+``master_status`` asks it how things stand, and ``kill`` crashes a memory node.
 """
 
 from __future__ import annotations
@@ -223,9 +224,19 @@ class LocalCluster:
         return connect(self.config, backend, **kwargs)
 
     def client(self, backend: str | None = None, **kwargs):
-        """A store client on a fresh transport (fusee.Client)."""
+        """A store client on a fresh transport (fusee.Client); with a master it registers
+        first, so the transport skips the MNs known dead."""
         from fusee.client import Client
-        return Client(self.transport(backend), self.config, **kwargs)
+        backend = backend or self.backend
+        if backend == "local":
+            return Client(self.transport(backend), self.config, **kwargs)
+        return Client.connect(self.config_path, backend, **kwargs)
+
+    def master_status(self) -> dict:
+        """The master's ``status`` (membership, leases, failovers, repairs)."""
+        from transports.master_link import MasterLink
+        with MasterLink(self.config) as link:
+            return link.status()
 
 
 def _cleanup(procs: dict, shm_names: dict, workdir: Path | None) -> None:

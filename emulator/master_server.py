@@ -1,4 +1,5 @@
-"""The master process (`fusee master`): membership, client leases and repairs (SPEC §1, §8).
+"""The master process (`fusee master`): membership, client leases, failovers and repairs
+(SPEC §1, §8).
 
 It wraps the sans-IO ``fusee.master.Master`` with I/O, on three threads that share it under a
 lock:
@@ -8,14 +9,16 @@ lock:
   ``ping``; and it ticks the leases;
 - a heartbeat thread pings every live MN with the MNs' own ``ping`` control request through
   ``transports.channel.Channels``, all at once, every quarter of the MN lease;
-- a repair thread runs client-crash recovery (``fusee.recovery``) for each id in the repair
-  queue, on a transport of its own, and hands the id back to the pool when it is done.
+- a worker thread, on a transport of its own to the live MNs, runs the failover of each dead
+  MN (``fusee.failover``) once every client has paused for it, and client-crash recovery
+  (``fusee.recovery``) for each id in the repair queue, handing the id back to the pool when
+  it is done. One thread for both: a recovery never runs during a failover.
 
-A fresh client id is drawn from the MNs' shared counter (FAA on MN 0, like a client without a
-master), so clients with and without a master never collide; recovered ids are handed out
-first. The state is written atomically (temporary file, fsync, rename) whenever it changes,
-before a reply depends on it, so a restarted master carries on. Every network wait has a
-timeout. SIGTERM / SIGINT stop it cleanly.
+While an MN awaits its failover, renewal replies tell clients to pause (``fusee.master``);
+once it is done the new membership is saved, then handed out with the renewals. Registrations
+are refused meanwhile (the client retries). The state is written atomically (temporary file,
+fsync, rename) whenever it changes, before a reply depends on it, so a restarted master
+carries on. Every network wait has a timeout. SIGTERM / SIGINT stop it cleanly.
 """
 
 from __future__ import annotations
@@ -36,17 +39,19 @@ import zmq
 from emulator import wire
 from fusee.config import ClusterConfig, ConfigError
 from fusee.driver import run
-from fusee.errors import FuseeError
-from fusee.master import LeaseError, Master, StateError
+from fusee.errors import ClientLimit, FuseeError
+from fusee.failover import failover
+from fusee.master import LeaseError, Master, StateError, TransitionInProgress
+from fusee.membership import Membership
 from fusee.operations import draw_client_id
 from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 from transports.channel import Channels
-from transports.master_link import ERR_LEASE
+from transports.master_link import ERR_BUSY, ERR_LEASE
 from emulator.serving import bind, stop_condition, write_ready
 from transports.security import check_endpoint, secure_server
 
-#: the repair records kept for ``status`` (the newest)
+#: the repair and failover records kept for ``status`` (the newest)
 REPORTS_KEPT = 64
 #: how often the main loop ticks the leases at least (seconds)
 TICK = 0.02
@@ -97,7 +102,7 @@ class MasterServer:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.failed = False                         # a background thread died
-        self.repair_due = threading.Event()         # wakes the repair thread
+        self.work_due = threading.Event()           # wakes the worker thread
         self.file = StateFile(state_path)
         now = time.monotonic()
         ids = [m.id for m in config.memnodes]
@@ -106,17 +111,20 @@ class MasterServer:
             raise StateError(f"{self.file.path} is the state of cluster "
                              f"{state.get('cluster')!r}, not {config.name!r}")
         if state is None:
-            self.master = Master(ids, config.client_lease, config.mn_lease, self.grace, now)
+            self.master = Master(ids, config.client_lease, config.mn_lease, self.grace, now,
+                                 replicas=config.replicas)
         else:
             self.master = Master.restore(state, ids, config.client_lease, config.mn_lease,
-                                         self.grace, now)
+                                         self.grace, now, replicas=config.replicas)
             log(f"master: carried on from {self.file.path}: epoch {self.master.epoch}, "
-                f"{len(self.master.clients)} clients, {len(self.master.repairs)} repairs "
-                "pending", flush=True)
+                f"{len(self.master.clients)} clients, {len(self.master.repairs)} repairs, "
+                f"{len(self.master.failing)} failovers pending", flush=True)
         self._save()
         self.detected: dict[int, float] = {}            # client id -> when (wall clock)
         self.reports: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
-        self.id_transport = None                        # the main thread's, to draw ids
+        self.failovers: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
+        self.timeline: dict[int, dict] = {}             # MN -> its failover's milestones
+        self.transport = None                           # the worker's, to the live MNs
         self.last_tick = 0.0
         self.methods = {"register": self._register, "renew": self._renew,
                         "release": self._release, "status": self._status,
@@ -140,71 +148,101 @@ class MasterServer:
             return wire.encode_reply(seq, [method(args)])
         except LeaseError as e:
             return wire.encode_reply(seq, [], [0, ERR_LEASE, str(e)])
+        except TransitionInProgress as e:
+            return wire.encode_reply(seq, [], [0, ERR_BUSY, str(e)])
         except (FuseeError, TransportError, OSError, ValueError, TypeError, KeyError) as e:
             return wire.encode_reply(seq, [], [0, wire.ERR_CONTROL, f"{name}: {e}"])
 
     @staticmethod
-    def _client(args: dict) -> tuple[int, int]:
-        cid, token = args["id"], args["token"]
-        if type(cid) is not int or type(token) is not int:
-            raise TypeError("id and token must be integers")
-        return cid, token
+    def _ints(args: dict, *names: str, optional: tuple[str, ...] = ()) -> list:
+        values = [args[n] for n in names] + [args.get(n, 0) for n in optional]
+        if any(type(v) is not int for v in values):
+            raise TypeError(f"{', '.join(names + optional)} must be integers")
+        return values
 
     def _register(self, args: dict) -> dict:
-        with self.lock:
-            cid = self.master.reusable_id()
-        if cid is None:
-            cid = self._draw_id()
-        with self.lock:
-            g = self.master.grant(cid, secrets.randbits(62), time.monotonic())
-            self._save()                    # before the client can act on it
+        """Lease a recovered id, a fresh one, or the one asked for (``id``) to a new client."""
+        want = args.get("id")
+        limit = self.config.layout.max_clients
+        if want is not None and not (type(want) is int and 0 <= want < limit):
+            raise ValueError(f"client id must be an integer in [0, {limit})")
+        for _ in range(2):
+            with self.lock:
+                reusable = self.master.admit()
+                cid = want if want is not None else \
+                    reusable if reusable is not None else self.master.draw_id()
+                if cid is not None:
+                    if cid >= limit:
+                        raise ClientLimit(f"all {limit} client ids are taken")
+                    g = self.master.grant(cid, secrets.randbits(62), time.monotonic())
+                    self._save()                    # before the client can act on it
+                    membership = self.master.membership
+                    break
+            first = self._first_id()                # outside the lock: it talks to the MNs
+            with self.lock:
+                self.master.seed_ids(first)
         self.log(f"master: client {cid} registered", flush=True)
-        return {"id": g.id, "token": g.token, "lease": g.lease, "epoch": g.epoch}
+        return self._grant(g, membership, 0)
 
-    def _draw_id(self) -> int:
-        """A never-used id from MN 0's counter (the same one clients without a master use)."""
+    def _first_id(self) -> int:
+        """The MNs' client-id counter word (FAA), where the master's own counter starts: ids
+        drawn before there was a master are never handed out again."""
+        with self.lock:
+            membership, down = self.master.membership, self._down()
+        transport = self._connect(down)
         try:
-            if self.id_transport is None:
-                from transports import connect
-                self.id_transport = connect(self.config, self.backend)
-            return run(draw_client_id(self.config), self.id_transport)
-        except (TransportError, OSError):
-            if self.id_transport is not None:
-                self.id_transport.close()
-                self.id_transport = None
-            raise
+            return run(draw_client_id(self.config, membership), transport)
+        finally:
+            transport.close()
+
+    @staticmethod
+    def _grant(g, membership: Membership, known: int) -> dict:
+        """A grant as a reply; the membership travels only to a client that lags behind it."""
+        reply = {"id": g.id, "token": g.token, "lease": g.lease, "epoch": g.epoch,
+                 "pause": g.pause, "lost": g.lost}
+        if membership.epoch > known:
+            reply["membership"] = membership.to_wire()
+        return reply
 
     def _renew(self, args: dict) -> dict:
-        cid, token = self._client(args)
+        """``paused``: the pause epoch the client acked; ``epoch``: the membership it has."""
+        cid, token, paused, known = self._ints(args, "id", "token",
+                                               optional=("paused", "epoch"))
         with self.lock:
             try:
-                g = self.master.renew(cid, token, time.monotonic())
+                acked = self.master.acks.get(cid)
+                g = self.master.renew(cid, token, time.monotonic(), paused)
             except LeaseError:
                 self._note_expired(cid)
                 self._save()
                 raise
-        return {"id": g.id, "token": g.token, "lease": g.lease, "epoch": g.epoch}
+            membership = self.master.membership
+            if g.pause and acked != paused and not self.master.waiting_for():
+                self.work_due.set()                 # the last ack: the failover may start
+        return self._grant(g, membership, known)
 
     def _release(self, args: dict) -> None:
-        cid, token = self._client(args)
+        cid, token = self._ints(args, "id", "token")
         with self.lock:
             self.master.release(cid, token)
             self.detected[cid] = time.time()
             self._save()
-        self.repair_due.set()
+            if not self.master.waiting_for():
+                self.work_due.set()
         self.log(f"master: client {cid} released its id", flush=True)
 
     def _status(self, args: dict) -> dict:
         with self.lock:
             status = self.master.status(time.monotonic())
             status["repaired"] = list(self.reports)
+            status["failovers"] = list(self.failovers)
         status["pid"] = os.getpid()
         return status
 
     def _note_expired(self, cid: int) -> None:
         if cid in self.master.repairs and cid not in self.detected:
             self.detected[cid] = time.time()
-            self.repair_due.set()
+            self.work_due.set()
             self.log(f"master: client {cid} lease expired: recovery scheduled", flush=True)
 
     def tick(self) -> None:
@@ -216,15 +254,22 @@ class MasterServer:
             events = self.master.tick(now)
             for e in events:
                 if e.kind == "mn-dead":
-                    self.log(f"master: memory node {e.subject} missed its lease: dead "
-                             f"(epoch {e.epoch})", flush=True)
+                    self.timeline[e.subject] = {"detected_at": time.time()}
+                    self.log(f"master: memory node {e.subject} missed its lease: dead; clients "
+                             f"pause until its failover publishes epoch {e.epoch}", flush=True)
+                elif e.kind == "data-lost":
+                    self.log(f"master: DATA LOST: {self.master.lost}", file=sys.stderr,
+                             flush=True)
                 else:
                     self._note_expired(e.subject)
             if events:
                 self._save()
+                self.work_due.set()
 
     # -- heartbeats ----------------------------------------------------------------------------
     def heartbeat_loop(self) -> None:
+        """Ping every live MN at once each quarter of the MN lease; each pong renews its
+        node's lease as it arrives, so a dead MN's silence never delays the others'."""
         interval = self.config.mn_lease / 4
         timeout = min(self.config.timeout, self.config.mn_lease / 2)
         channels = Channels(self.config)
@@ -232,59 +277,112 @@ class MasterServer:
             while not self.stopping.is_set():
                 with self.lock:
                     alive = self.master.alive()
-                seq = channels.next_seq()
                 sent = time.monotonic()
-                replies = channels.exchange(
-                    {m: wire.encode_control(seq, "ping", {}) for m in alive}, seq, timeout)
-                with self.lock:
-                    for node, reply in replies.items():
-                        if type(reply) is tuple and not reply[1] and reply[0] == ["pong"]:
-                            self.master.mn_seen(node, sent)
+                for node in _pongs(channels, alive, timeout):
+                    with self.lock:
+                        self.master.mn_seen(node, sent)
                 self.stopping.wait(max(0.0, sent + interval - time.monotonic()))
         finally:
             channels.close()
 
-    # -- repairs -------------------------------------------------------------------------------
-    def repair_loop(self) -> None:
-        transport = None
+    # -- failovers and repairs (the worker thread) ---------------------------------------------
+    def _down(self) -> set[int]:
+        """The MNs not to connect to (under ``self.lock``)."""
+        return set(self.master.dead) | set(self.master.failing)
+
+    def _connect(self, down: set[int]):
+        from transports import connect
+        return connect(self.config, self.backend, dead=down)
+
+    def work_loop(self) -> None:
         try:
             while not self.stopping.is_set():
-                self.repair_due.clear()
+                self.work_due.clear()
+                now = time.monotonic()
                 with self.lock:
-                    cid = self.master.next_repair(time.monotonic())
-                if cid is None:
-                    self.repair_due.wait(0.05)          # or a retry comes due
-                    continue
-                transport = self._repair(cid, transport)
+                    nodes = self.master.next_failover(now)
+                    cid = self.master.next_repair(now) if nodes is None else None
+                if nodes is not None:
+                    self._failover(nodes)
+                elif cid is not None:
+                    self._repair(cid)
+                else:
+                    self.work_due.wait(0.05)            # or a retry comes due
         finally:
-            if transport is not None:
-                transport.close()
+            if self.transport is not None:
+                self.transport.close()
 
-    def _repair(self, cid: int, transport):
-        """Recover ``cid`` (a failure is retried later, by the same lock owner); returns the
-        transport to use next time (None after a transport failure: reconnect)."""
-        started = time.time()
+    def _run(self, op, down: set[int]) -> tuple:
+        """Run ``op`` on the worker's transport (connected first if need be); -> (result,
+        seconds spent connecting). After a transport failure the next run reconnects."""
         connect_s = 0.0
-        try:
-            if transport is None:
-                from transports import connect
-                t0 = time.perf_counter()
-                transport = connect(self.config, self.backend)
-                connect_s = time.perf_counter() - t0
+        if self.transport is None:
             t0 = time.perf_counter()
-            report = run(recover_client(self.config, cid), transport)
-            recover_s = time.perf_counter() - t0
+            self.transport = self._connect(down)
+            connect_s = time.perf_counter() - t0
+        try:
+            # a bare transport fails an AwaitMembership (a repair that met a dead MN): the
+            # repair is retried after the failover
+            return run(op, self.transport), connect_s
+        except TransportError:
+            self.transport.close()
+            self.transport = None
+            raise
+
+    def _failover(self, nodes: tuple[int, ...]) -> None:
+        """Fail over ``nodes`` (a failure is retried later: a failover is idempotent)."""
+        with self.lock:
+            membership, down = self.master.membership, self._down()
+            milestones = [self.timeline.setdefault(n, {}) for n in nodes]
+        for m in milestones:
+            m.setdefault("started_at", time.time())
+        names = ", ".join(map(str, nodes))
+        self.log(f"master: failing over memory node {names} (epoch {membership.epoch} -> "
+                 f"{membership.epoch + 1})", flush=True)
+        t0 = time.perf_counter()
+        try:
+            new, connect_s = self._run(failover(self.config, membership, nodes), down)
+        except Exception as e:          # noqa: BLE001 - a failed failover is retried, not fatal
+            with self.lock:
+                self.master.failover_failed(nodes, time.monotonic(), f"{type(e).__name__}: {e}")
+                attempts = self.master.failover.attempts
+            self.log(f"master: failover of memory node {names} failed (attempt {attempts}, "
+                     f"will retry): {type(e).__name__}: {e}", flush=True)
+            return
+        seconds = time.perf_counter() - t0
+        settled = len(new.settled.get(new.epoch, ()))
+        with self.lock:
+            attempts = self.master.failover.attempts + 1
+            self.master.failover_done(nodes, new)
+            self._save()                        # before any renewal hands it out
+            for node, m in zip(nodes, milestones):
+                self.failovers.append({"node": node, "epoch": new.epoch, **m,
+                                       "finished_at": time.time(), "attempts": attempts,
+                                       "connect_s": connect_s, "failover_s": seconds,
+                                       "settled": settled})
+                self.timeline.pop(node, None)
+            self.work_due.set()
+        self.log(f"master: memory node {names} failed over in {seconds * 1000:.1f} ms: epoch "
+                 f"{new.epoch} published ({settled} slots settled)", flush=True)
+
+    def _repair(self, cid: int) -> None:
+        """Recover ``cid`` (a failure is retried later, by the same lock owner)."""
+        started = time.time()
+        with self.lock:
+            membership, down = self.master.membership, self._down()
+        try:
+            t0 = time.perf_counter()
+            report, connect_s = self._run(recover_client(self.config, cid,
+                                                         membership=membership), down)
+            recover_s = time.perf_counter() - t0 - connect_s
         except Exception as e:          # noqa: BLE001 - a failed repair is retried, not fatal
-            if isinstance(e, TransportError) and transport is not None:
-                transport.close()
-                transport = None
             with self.lock:
                 self.master.repair_failed(cid, time.monotonic(), f"{type(e).__name__}: {e}")
                 first = self.master.repairs[cid].attempts == 1
             if first:
                 self.log(f"master: recovery of client {cid} failed (will retry): {e}",
                          flush=True)
-            return transport
+            return
         with self.lock:
             reason = self.master.repairs[cid].reason
             self.master.repair_done(cid)
@@ -296,7 +394,6 @@ class MasterServer:
                                  "report": _plain(report.as_dict())})
         self.log(f"master: client {cid} recovered in {recover_s * 1000:.1f} ms; id free",
                  flush=True)
-        return transport
 
     # -- the process ---------------------------------------------------------------------------
     def serve(self, endpoint: str, stop: Callable[[], bool],
@@ -309,7 +406,7 @@ class MasterServer:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
         threads = [threading.Thread(target=self._guarded, args=(f,), daemon=True, name=n)
-                   for f, n in ((self.heartbeat_loop, "heartbeat"), (self.repair_loop, "repair"))]
+                   for f, n in ((self.heartbeat_loop, "heartbeat"), (self.work_loop, "worker"))]
         try:
             bound = bind(sock, endpoint)
             for t in threads:
@@ -336,13 +433,11 @@ class MasterServer:
                 sock.send(reply, zmq.NOBLOCK)
         finally:
             self.stopping.set()
-            self.repair_due.set()
+            self.work_due.set()
             for t in threads:
                 if t.is_alive():
                     t.join(self.config.timeout + 1)
             sock.close(0)
-            if self.id_transport is not None:
-                self.id_transport.close()
             if auth is not None:
                 auth.stop()
             with self.lock:
@@ -357,6 +452,29 @@ class MasterServer:
                      file=sys.stderr, flush=True)
             self.failed = True
             self.stopping.set()
+
+
+def _pongs(channels: Channels, nodes: list[int], timeout: float):
+    """Ping ``nodes`` at once; yield each that answers within ``timeout``, as it answers."""
+    seq = channels.next_seq()
+    posted = channels.post({m: wire.encode_control(seq, "ping", {}) for m in nodes})
+    waiting = {channels.socks[m]: m for m, failure in posted.items() if failure is None}
+    poller = zmq.Poller()
+    for sock in waiting:
+        poller.register(sock, zmq.POLLIN)
+    deadline = time.monotonic() + timeout
+    while waiting and (left := deadline - time.monotonic()) > 0:
+        for sock, _ in poller.poll(int(left * 1000) + 1):
+            try:
+                rseq, results, error = wire.decode_reply(sock.recv(zmq.NOBLOCK))
+            except (zmq.Again, wire.MalformedMessage):
+                continue
+            if rseq != seq:
+                continue                        # a late pong of an earlier round
+            poller.unregister(sock)
+            node = waiting.pop(sock)
+            if not error and results == ["pong"]:
+                yield node
 
 
 def _plain(value):
@@ -376,7 +494,8 @@ def main(argv=None) -> int:
     p.add_argument("--state", help="state file (default: <config dir>/<cluster name>"
                    ".master.json); a restarted master carries on from it")
     p.add_argument("--endpoint", help="bind here instead of the config's master endpoint")
-    p.add_argument("--transport", help="backend for repairs and id draws (default: config's)")
+    p.add_argument("--transport", help="backend for failovers, repairs and id draws "
+                   "(default: config's)")
     p.add_argument("--ready-file", help="write {endpoint, pid} here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     args = p.parse_args(argv)

@@ -26,6 +26,12 @@ Faults, all placed deterministically:
   so placing faults does not change the schedule). A crashed memory node fails every verb
   still to come AND every verb of a batch in flight that it had already executed (the client
   never saw those completions).
+- ``fail_over(node)``: the master's failover after MN ``node`` crashed (``fusee.failover``),
+  stop-the-world as the master's pause makes it: every batch in flight completes first, the
+  failover runs, and each client's next batch gets the new membership thrown in
+  (EpochChanged). A client whose operation asks for the next epoch (``AwaitMembership``) waits
+  until then; if every client waits and no fault is scheduled, the run fast-forwards to the
+  next timer (the master's detection delay), and fails if there is none.
 """
 
 from __future__ import annotations
@@ -35,10 +41,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from emulator.history import History, Op
-from fusee.driver import Operation
-from fusee.verbs import AllocBlock, FreeBlock, NodeTimeout, TransportError, validate
+from fusee.driver import Operation, run
+from fusee.failover import failover
+from fusee.membership import Membership
+from fusee.verbs import (AllocBlock, AwaitMembership, EpochChanged, FreeBlock, NodeTimeout,
+                         TransportError, validate)
 from transports.base import TransportStats, raise_for_failures
-from transports.local import LocalMemory
+from transports.local import LocalMemory, LocalTransport
 
 
 class SimulationError(Exception):
@@ -71,6 +80,8 @@ class SimClient:
     failed: dict[int, Exception] = field(default_factory=dict)   # node -> its verb's failure
     crashed: bool = False
     done: bool = False
+    epoch: int = 0                                  # the last membership it was given
+    waiting: bool = False                           # for the next epoch (AwaitMembership)
 
     @property
     def runnable(self) -> bool:
@@ -104,6 +115,8 @@ class Simulator:
         self._timers: dict[int, list[Callable[[Simulator], None]]] = {}
         self._crash_points: dict[tuple[str, int, int], Callable | None] = {}
         self._last: SimClient | None = None
+        self.membership = Membership()
+        self.failovers: list = []                       # what each failover returned
 
     # -- setup -----------------------------------------------------------------------------
     def add_client(self, name: str, calls: Iterable[Call]) -> SimClient:
@@ -111,6 +124,7 @@ class Simulator:
         if name in self.clients:
             raise ValueError(f"client {name!r} already exists")
         c = self.clients[name] = SimClient(name, iter(calls))
+        c.epoch = self.membership.epoch     # its operations start in the current epoch
         return c
 
     def at_step(self, step: int, fn: Callable[["Simulator"], None]) -> None:
@@ -137,6 +151,24 @@ class Simulator:
         self.memory.crash(node)
         self.faults.append((self.step, f"MN {node} crashed"))
 
+    def fail_over(self, nodes) -> None:
+        """The master's failover for crashed MNs ``nodes`` (an id or a collection), with
+        every client paused."""
+        for c in self.clients.values():         # the pause: batches in flight complete
+            while c.runnable and c.pending:
+                self._verb(c, next(iter(c.pending)))
+        before = self.membership
+        self.membership = run(failover(self.memory.config, before, nodes),
+                              LocalTransport(self.memory.config, memory=self.memory))
+        self.failovers.append(self.membership)
+        self.faults.append((self.step, f"failover of MN {nodes}: epoch {self.membership.epoch}, "
+                                       f"{len(self.membership.settled[self.membership.epoch])} slots settled"))
+        for c in self.clients.values():
+            if c.waiting and c.runnable:
+                c.waiting = False
+                c.epoch = self.membership.epoch
+                self._resume(c, c.gen.throw, EpochChanged(self.membership))
+
     # -- running ---------------------------------------------------------------------------
     def run(self) -> History:
         """Drive every client until all are done or crashed; returns the history."""
@@ -144,14 +176,20 @@ class Simulator:
         while True:
             for fn in self._timers.pop(self.step, ()):
                 fn(self)
-            live = [c for c in self.clients.values() if c.runnable]
+            live = [c for c in self.clients.values() if c.runnable and not c.waiting]
             if not live:
-                return self.history
+                if not any(c.runnable for c in self.clients.values()):
+                    return self.history
+                if not self._timers:
+                    raise SimulationError(f"seed {self.seed}: every client waits for a "
+                                          f"membership epoch that no failover brings")
+                self.step = min(self._timers)       # the time the master takes to notice
+                continue
             if self.step >= self.max_steps:
                 raise SimulationError(f"seed {self.seed}: no end after {self.step} steps "
                                       f"(livelock?); still running: {[c.name for c in live]}")
             last = self._last
-            if last is not None and last.runnable and rng.random() < self.stickiness:
+            if last is not None and last in live and rng.random() < self.stickiness:
                 c = last
             else:
                 c = live[rng.randrange(len(live))]
@@ -181,19 +219,10 @@ class Simulator:
         if c.pending:
             nodes = list(c.pending)
             node = nodes[self.rng.randrange(len(nodes))] if len(nodes) > 1 else nodes[0]
-            queue = c.pending[node]
-            i = queue.pop(0)
-            if not queue:
-                del c.pending[node]
-            if node in c.failed:                   # flushed behind an earlier failure
-                c.results[i] = c.failed[node]
-            else:
-                c.results[i] = result = self._execute(c.batch[i])
-                if isinstance(result, TransportError):
-                    c.failed[node] = result
-            c.op.verbs += 1
+            self._verb(c, node)
             if self._maybe_crash(c) or c.pending:
                 return
+        if c.batch:                                # done (here, or by fail_over's pause)
             results = c.results
             for i, req in enumerate(c.batch):      # completions a dead node never delivered
                 if req.node in self.memory.crashed:
@@ -206,6 +235,20 @@ class Simulator:
         else:
             results = []                           # the op yielded an empty batch: a pause
         self._resume(c, c.gen.send, results)
+
+    def _verb(self, c: SimClient, node: int) -> None:
+        """Execute the next verb of ``c``'s batch for ``node``."""
+        queue = c.pending[node]
+        i = queue.pop(0)
+        if not queue:
+            del c.pending[node]
+        if node in c.failed:                   # flushed behind an earlier failure
+            c.results[i] = c.failed[node]
+        else:
+            c.results[i] = result = self._execute(c.batch[i])
+            if isinstance(result, TransportError):
+                c.failed[node] = result
+        c.op.verbs += 1
 
     def _resume(self, c: SimClient, how, arg) -> None:
         """Feed the generator; take its next batch, or record its result."""
@@ -226,6 +269,17 @@ class Simulator:
 
     def _post(self, c: SimClient, batch) -> None:
         batch = list(batch)
+        if c.epoch < self.membership.epoch and batch:
+            c.epoch = self.membership.epoch     # not posted: the epoch changed under it
+            self._resume(c, c.gen.throw, EpochChanged(self.membership))
+            return
+        if batch and type(batch[0]) is AwaitMembership:
+            if len(batch) != 1:
+                raise SimulationError(f"seed {self.seed}, step {self.step}: {c.op} posted "
+                                      f"AwaitMembership with other requests")
+            c.batch, c.results, c.failed, c.pending = [], [], {}, {}
+            c.waiting = True                    # until fail_over (checked above otherwise)
+            return
         try:
             for req in batch:
                 validate(req)

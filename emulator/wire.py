@@ -48,7 +48,7 @@ def encode_verbs(seq: int, rkey: int, batch) -> bytes:
         elif t is Faa:
             ops.append((OP_FAA, r.addr, r.delta & MASK64))
         elif t is AllocBlock:
-            ops.append((OP_ALLOC, r.owner))
+            ops.append((OP_ALLOC, r.owner, r.at) if r.at else (OP_ALLOC, r.owner))
         else:
             ops.append((OP_FREE, r.owner, r.addr))
     return _pack((VERBS, seq, rkey, ops))

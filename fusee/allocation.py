@@ -1,9 +1,13 @@
 """Two-level memory management (SPEC §7).
 
 MN level: a *block group* is one data block on each of the r MNs that replicate the objects
-carved from it, obtained with AllocBlock control requests (the only work of an MN's CPU, off
-the fast path). Every block starts with a header (owner, the group's replica list) and a free
-bitmap with one bit per allocation unit; objects follow.
+carved from it (``replica_nodes`` of its first MN, every copy at the same address), obtained
+with AllocBlock control requests (the only work of an MN's CPU, off the fast path). Every block
+starts with a header (owner, the group's replica list) and a free bitmap with one bit per
+allocation unit; objects follow. An object's pointer names the group's first MN; under a
+membership with dead MNs its copies are on the live members of the list and its *home* (the
+copy readers read, the bitmap frees go to) is the first of them. A free that went to a home
+that died is lost with it: that object is never reclaimed (the audit counts such objects).
 
 Client level: a slab over the client's groups with size classes (``layout.CLASSES``). Each
 class keeps a FIFO of free objects and one *reserved* object, the class's next allocation, so
@@ -25,17 +29,21 @@ from collections import deque
 from typing import NamedTuple
 
 from fusee.errors import OutOfMemory
-from fusee.index import replica_nodes
+from fusee.index import LostData, replica_nodes
+from fusee.membership import Membership
 from fusee.layout import (BLOCK_HEADER, MAX_REPLICAS, META_GROUPS, META_RECORDS,
                           NODE_MASK, NODE_SHIFT, ADDR_MASK, encode_block_header, group_record,
                           pack_u64)
 from fusee.memory_map import MemoryMap
-from fusee.verbs import MASK64, AllocBlock, ControlError, Faa, FreeBlock, Read, Write, chunks
+from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeBlock, Read,
+                         TransportError, Write)
 
 #: empty batches an operation waits for another's reclaim or growth before calling it stuck
 #: (when driven together it takes a few round trips; only a driver that stopped driving one
 #: operation of a client while running another can get here)
 MAX_PAUSES = 100_000
+#: block groups tried before giving up when the same address is taken on another replica
+GROW_ATTEMPTS = 32
 
 
 class BlockGroup(NamedTuple):
@@ -45,7 +53,7 @@ class BlockGroup(NamedTuple):
 
 class Allocator:
     def __init__(self, mmap_: MemoryMap, unit: int, n_nodes: int, r: int, client_id: int,
-                 meta_nodes: list[int]):
+                 meta_nodes: list[int], membership: Membership = Membership()):
         if r > MAX_REPLICAS:
             raise ValueError(f"at most {MAX_REPLICAS} data replicas")
         self.map, self.unit, self.n, self.r = mmap_, unit, n_nodes, r
@@ -55,7 +63,6 @@ class Allocator:
         self.bitmap_bytes = -(-units // 64) * 8
         self.first_object = -(-(BLOCK_HEADER + self.bitmap_bytes) // unit) * unit
         self.groups: list[BlockGroup] = []
-        self.by_block: dict[tuple[int, int], BlockGroup] = {}
         self.free: dict[int, deque[int]] = {}
         self.sizes: dict[int, int] = {}         # ptr -> units, for objects handed out
         self.pending: dict[int, int] = {}       # class -> reserved next object
@@ -66,6 +73,15 @@ class Allocator:
         self.data = mmap_.data
         self.next_primary = client_id % n_nodes
         self.stats = {"blocks": 0, "reclaimed": 0}
+        self.orphans: list[tuple[int, int]] = []    # blocks of a growth that failed half way
+        self.place(membership)
+
+    def place(self, membership: Membership) -> None:
+        """Adopt a membership: where each group's live copies and home are."""
+        self.membership = membership
+        self.copies_of = [membership.live(replica_nodes(p, self.n, self.r))
+                          for p in range(self.n)]
+        self.home = [c[0] if c else None for c in self.copies_of]
 
     # -- pointers --------------------------------------------------------------------------
     def ptr(self, node: int, addr: int) -> int:
@@ -78,11 +94,19 @@ class Allocator:
         return addr - (addr - self.data) % self.block_size
 
     def replicas(self, ptr: int) -> list[tuple[int, int]]:
-        """(node, addr) of every copy of an object of this client, primary first."""
+        """(node, addr) of every live copy of an object, its home first."""
         node, addr = (ptr >> NODE_SHIFT) & NODE_MASK, (ptr & ADDR_MASK) * self.unit
-        off = (addr - self.data) % self.block_size
-        g = self.by_block[(node, addr - off)]
-        return [(n, a + off) for n, a in zip(g.nodes, g.addrs)]
+        copies = self.copies_of[node]
+        if not copies:
+            raise LostData(f"every copy of the object at MN {node} {addr:#x} is on a dead MN")
+        return [(n, addr) for n in copies]
+
+    def home_of(self, node: int) -> int:
+        """The MN readers use for an object whose pointer names ``node``."""
+        home = self.home[node]
+        if home is None:
+            raise LostData(f"every replica of the data of MN {node} is on a dead MN")
+        return home
 
     # -- allocation ------------------------------------------------------------------------
     def _take(self, units: int) -> int | None:
@@ -162,11 +186,13 @@ class Allocator:
         self.free.setdefault(self.sizes[ptr], deque()).append(ptr)
 
     def free_request(self, ptr: int) -> Faa:
-        """The FAA that frees any client's object: sets the bit of its first unit."""
+        """The FAA that frees any client's object: sets the bit of its first unit in the
+        bitmap of its home copy."""
         node, addr = (ptr >> NODE_SHIFT) & NODE_MASK, (ptr & ADDR_MASK) * self.unit
         off = (addr - self.data) % self.block_size
         bit = off // self.unit
-        return Faa(node, addr - off + BLOCK_HEADER + (bit >> 6) * 8, 1 << (bit & 63))
+        return Faa(self.home_of(node), addr - off + BLOCK_HEADER + (bit >> 6) * 8,
+                   1 << (bit & 63))
 
     # -- MN level --------------------------------------------------------------------------
     def grow(self):
@@ -174,33 +200,76 @@ class Allocator:
         return self._alone(self._grow())
 
     def _grow(self):
-        nodes = replica_nodes(self.next_primary, self.n, self.r)
-        self.next_primary = (self.next_primary + 1) % self.n
-        try:
-            addrs = yield [AllocBlock(n, self.client_id) for n in nodes]
-        except ControlError as e:
-            got = [(n, a) for n, a in zip(nodes, e.results or []) if isinstance(a, int)]
-            if got:
-                yield [FreeBlock(n, self.client_id, a) for n, a in got]
-            raise OutOfMemory(f"no data block left: {e}") from None
-        g = BlockGroup(tuple(nodes), tuple(addrs))
-        reps = list(zip(nodes, addrs))
-        writes = [Write(n, a, encode_block_header(self.client_id, i, reps) +
-                        bytes(self.bitmap_bytes)) for i, (n, a) in enumerate(reps)]
+        yield from self.give_back()
+        for _ in range(GROW_ATTEMPTS):
+            g = yield from self._claim_group()
+            if g is not None:
+                break
+        else:
+            raise OutOfMemory(f"no block address free on all the replicas of a group after "
+                              f"{GROW_ATTEMPTS} tries")
+        copies = self.membership.live(g.nodes)
+        reps = list(zip(g.nodes, g.addrs))
+        writes = [Write(n, g.addrs[0], encode_block_header(self.client_id, g.nodes.index(n),
+                                                           reps) + bytes(self.bitmap_bytes))
+                  for n in copies]
         i = len(self.groups)
         for m in self.meta_nodes:
             meta = self.map.client_meta(self.client_id)
             if META_RECORDS + 8 * (i + 1) <= self.map.layout.client_meta_size:
                 writes.append(Write(m, meta + META_RECORDS + 8 * i,
-                                    pack_u64(group_record(nodes[0], addrs[0]))))
+                                    pack_u64(group_record(g.nodes[0], g.addrs[0]))))
             writes.append(Write(m, meta + META_GROUPS, pack_u64(i + 1)))
-        yield writes
+        try:
+            yield writes
+        except TransportError:
+            self.orphans += [(n, g.addrs[0]) for n in copies]
+            raise
         self.groups.append(g)
-        self.by_block[(nodes[0], addrs[0])] = g
         if self.current is not None and self.bump + self.unit <= self.block_size:
             self.tails.append([self.current, self.bump])
         self.current, self.bump = g, self.first_object
         self.stats["blocks"] += 1
+
+    def _claim_group(self):
+        """Generator: one block on the group's first (live) MN, then the same address on the
+        other live replicas. Returns the BlockGroup, or None when that address was taken on
+        another replica (the blocks got are given back: try again). Blocks got by a batch
+        that failed otherwise are kept in ``orphans``, for the next growth to give back."""
+        live = [p for p in range(self.n) if p not in self.membership.dead]
+        if not live:
+            raise LostData("every memory node is dead")
+        first = min(live, key=lambda p: (p - self.next_primary) % self.n)
+        self.next_primary = (first + 1) % self.n
+        nodes = tuple(replica_nodes(first, self.n, self.r))
+        copies = self.membership.live(nodes)
+        try:
+            (addr,) = yield [AllocBlock(first, self.client_id)]
+        except ControlError as e:
+            raise OutOfMemory(f"no data block left: {e}") from None
+        try:
+            yield [AllocBlock(n, self.client_id, addr) for n in copies[1:]]
+        except TransportError as e:
+            self.orphans += [(first, addr)] + [(n, addr) for n, a in
+                                               zip(copies[1:], e.results or [])
+                                               if isinstance(a, int)]
+            if type(e) is not ControlError:
+                raise
+            yield from self.give_back()
+            return None
+        return BlockGroup(nodes, (addr,) * len(nodes))
+
+    def give_back(self):
+        """Generator: return the blocks of growths that failed half way (on live MNs)."""
+        back = [(n, a) for n, a in self.orphans if n not in self.membership.dead]
+        if back:
+            try:
+                yield [FreeBlock(n, self.client_id, a) for n, a in back]
+            except TransportError as e:       # keep those not known to be back
+                if e.results is not None:
+                    self.orphans = [b for b, r in zip(back, e.results) if r is not None]
+                raise
+        self.orphans = []
 
     def reclaim(self):
         """Generator: take back the objects other clients (or we) freed in our blocks."""
@@ -208,14 +277,14 @@ class Allocator:
 
     def _reclaim(self):
         groups = list(self.groups)
-        bufs = yield [Read(g.nodes[0], g.addrs[0] + BLOCK_HEADER, self.bitmap_bytes)
-                      for g in groups]
-        clears, found = [], []
+        bufs = yield [Read(self.home_of(g.nodes[0]), g.addrs[0] + BLOCK_HEADER,
+                           self.bitmap_bytes) for g in groups]
+        words_found = []                # (FAA clearing a bitmap word, the objects it frees)
         for g, buf in zip(groups, bufs):
             words = struct.unpack(f"<{self.bitmap_bytes // 8}Q", buf)
             first = self.ptr(g.nodes[0], g.addrs[0])        # + bit: the object at that unit
             for w, word in enumerate(words):
-                mask = 0
+                mask, found = 0, []
                 while word:
                     low = word & -word
                     word ^= low
@@ -224,22 +293,39 @@ class Allocator:
                         mask |= low
                         found.append(p)
                 if mask:
-                    clears.append(Faa(g.nodes[0], g.addrs[0] + BLOCK_HEADER + 8 * w,
-                                      -mask & MASK64))
-        if clears:
-            # used = 0 on each object first (same MN, posting order): whoever wonders later
-            # whether a free was delivered (recovery) sees that it was, even after the bit
-            # is cleared (fusee.recovery)
-            for batch in chunks([Write(*self.last_byte(p), b"\0") for p in found] + clears):
-                yield batch
+                    words_found.append((Faa(self.home_of(g.nodes[0]),
+                                            g.addrs[0] + BLOCK_HEADER + 8 * w,
+                                            -mask & MASK64), found))
+        # used = 0 on each object before its bit is cleared (same MN, posting order): whoever
+        # wonders later whether a free was delivered (recovery) sees that it was, even after
+        # the bit is cleared (fusee.recovery). An object is reused once its clear is through,
+        # also when the batch failed for another node.
+        batch, freeing = [], []
+        for i, (clear, found) in enumerate(words_found):
+            batch += [Write(*self.last_byte(p), b"\0") for p in found] + [clear]
+            freeing.append((len(batch) - 1, found))
+            if len(batch) >= MAX_BATCH // 2 or i == len(words_found) - 1:
+                try:
+                    yield batch
+                except TransportError as e:
+                    done = e.results or []
+                    for at, found in freeing:
+                        if at < len(done) and isinstance(done[at], int):
+                            self._reuse(found)
+                    raise
+                for _, found in freeing:
+                    self._reuse(found)
+                batch, freeing = [], []
+
+    def _reuse(self, found: list[int]) -> None:
         for p in found:
             self.release(p)
         self.stats["reclaimed"] += len(found)
 
     def last_byte(self, ptr: int) -> tuple[int, int]:
-        """(node, address) of the used byte of one of our objects' primary copy."""
+        """(node, address) of the used byte of one of our objects' home copy."""
         node, addr = self.where(ptr)
-        return node, addr + self.sizes[ptr] * self.unit - 1
+        return self.home_of(node), addr + self.sizes[ptr] * self.unit - 1
 
     def install(self, groups: list[BlockGroup], sizes: dict[int, int],
                 free: dict[int, list[int]], current: BlockGroup | None, bump: int,
@@ -248,7 +334,6 @@ class Allocator:
         every object ever carved from ``groups`` (``sizes``), those free, and where carving
         goes on (``current`` at ``bump``, and the (group, bump) ``tails`` of the others)."""
         self.groups = list(groups)
-        self.by_block = {(g.nodes[0], g.addrs[0]): g for g in self.groups}
         self.sizes = dict(sizes)
         self.free = {u: deque(ps) for u, ps in free.items() if ps}
         self.pending = {}

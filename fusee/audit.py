@@ -13,6 +13,11 @@ the holdings of every client id that owns blocks (``fusee.holdings.scan``), then
   object sits in their free lists, and every free object with a clear free bit is in them
   (freed objects are in the bitmap, for ``reclaim``). Objects of a client without a core
   are free for its next holder (``fusee.holdings.adopt``).
+
+Under a membership with dead MNs it reads the live replicas. A free delivered to the bitmap
+of a dead MN is lost with it, so a HELD object named by no slot in a group whose first MN is
+dead is *stranded*, not leaked: counted, listed, and no failure (nothing can reclaim it
+without knowing that nobody still owes its free).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from fusee.config import ClusterConfig
 from fusee.hashing import key_hash
 from fusee.holdings import Holdings, scan
 from fusee.index import Directory, IndexGeometry
+from fusee.membership import Membership
 from fusee.layout import FROZEN, SLOTS_PER_BUCKET, TENTATIVE, committed_object, slot_units
 from fusee.memory_map import MemoryMap
 from fusee.verbs import Read, chunks
@@ -42,6 +48,7 @@ class AuditReport:
     dangling: list[str] = field(default_factory=list)
     unsettled: list[str] = field(default_factory=list)
     misplaced: list[str] = field(default_factory=list)  # a client's free lists disagree
+    stranded: list[str] = field(default_factory=list)   # its free went to a dead MN
 
     @property
     def ok(self) -> bool:
@@ -50,7 +57,7 @@ class AuditReport:
     def explain(self) -> str:
         lines = [f"{self.objects} objects: {self.held} held, {self.free} free; "
                  f"{self.referenced} referenced by the index"]
-        for name in ("leaked", "dangling", "unsettled", "misplaced"):
+        for name in ("leaked", "dangling", "unsettled", "misplaced", "stranded"):
             items = getattr(self, name)
             if items:
                 lines.append(f"{name} ({len(items)}):")
@@ -58,14 +65,14 @@ class AuditReport:
         return "\n".join(lines)
 
 
-def audit(config: ClusterConfig, cores=()):
+def audit(config: ClusterConfig, cores=(), membership: Membership = Membership()):
     """Generator: the AuditReport of the store (see the module docstring); ``cores`` are the
     ClientCores of the clients that did not crash."""
     layout = config.layout
     mmap_, geo = MemoryMap.of(layout), IndexGeometry.of(layout)
     n, r = len(config.memnodes), config.replicas
     rep = AuditReport()
-    directory = Directory(geo, n, r)
+    directory = Directory(geo, n, r, membership)
     (buf,) = yield [directory.read()]
     directory.load(buf)
     sids = sorted({e & 0xFFFFFFFF for e in directory.entries})
@@ -90,15 +97,16 @@ def audit(config: ClusterConfig, cores=()):
                         rep.dangling.append(f"{where}: {v:#x} is named twice")
                     named[v & _PTR] = v
     rep.referenced = len(named)
-    tables = yield [Read(m, mmap_.table, 8 * mmap_.num_blocks) for m in range(n)]
+    tables = yield [Read(m, mmap_.table, 8 * mmap_.num_blocks) for m in range(n)
+                    if m not in membership.dead]
     owners = sorted({w - 1 for buf in tables
                      for w in struct.unpack(f"<{mmap_.num_blocks}Q", buf) if w})
     by_id = {core.client_id: core for core in cores}
     seen: set[int] = set()
     for cid in owners:
-        alloc = Allocator(mmap_, layout.object_unit, n, r, cid, directory.replicas)
+        alloc = Allocator(mmap_, layout.object_unit, n, r, cid, directory.replicas, membership)
         found = yield from scan(alloc)
-        _client(rep, found, named, by_id.get(cid), seen)
+        _client(rep, found, named, by_id.get(cid), seen, membership.dead)
     for p, v in named.items():
         if p not in seen:
             rep.dangling.append(f"{v:#x}: names no object")
@@ -106,7 +114,7 @@ def audit(config: ClusterConfig, cores=()):
 
 
 def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core,
-            seen: set[int]) -> None:
+            seen: set[int], dead) -> None:
     cid = found.client_id
     for node, addr in found.orphans:
         rep.unsettled.append(f"client {cid}: block {node}:{addr:#x} outside any group")
@@ -129,8 +137,8 @@ def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core,
         if c.held:
             rep.held += 1
             if v is None:
-                rep.leaked.append(f"{what}: held (committed {c.view.key!r}) but named by no "
-                                  f"slot")
+                (rep.stranded if c.group.nodes[0] in dead else rep.leaked).append(
+                    f"{what}: held (committed {c.view.key!r}) but named by no slot")
             if c.ptr in free_lists:
                 rep.misplaced.append(f"{what}: held, yet in its owner's free lists")
         else:

@@ -46,6 +46,9 @@ def _bench(argv) -> int:
     if argv and argv[0] == "verbs":
         from fusee.bench.verbs import main
         return main(argv[1:])
+    if argv and argv[0] == "failover":
+        from fusee.bench.failover import main
+        return main(argv[1:])
     from fusee.bench.main import main
     return main(argv)
 
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
                    "(see fusee master --help)")
     sub.add_parser("rdma", help="RDMA host checks: fusee rdma preflight [--config C]")
     sub.add_parser("bench", help="YCSB and micro-benchmarks against Clover-style and Redis "
-                   "baselines (fusee bench --help); raw verbs: fusee bench verbs --help")
+                   "baselines (fusee bench --help); raw verbs: fusee bench verbs --help; "
+                   "throughput across an MN crash: fusee bench failover --help")
     c = sub.add_parser("cluster", help="start a local cluster and keep it up until Ctrl-C")
     c.add_argument("--memnodes", type=int, default=3)
     c.add_argument("--transport", default="zmq", choices=["shm", "zmq"])

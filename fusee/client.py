@@ -9,11 +9,14 @@ Errors: ``fusee.errors`` (KeyExists, KeyNotFound, KeyTooLarge, ValueTooLarge, ..
 for keys or values that are not bytes, ``fusee.verbs.TransportError`` when the network or a
 memory node fails.
 
-When the cluster config names a master, a client without an explicit id registers with it: the
-master leases it an id, a background thread renews the lease (``transports.master_link``), and
-once the lease has run out every operation raises ``fusee.master.LeaseExpired`` before posting
-a verb (the master then recovers the client's unfinished operations). ``close()`` gives the id
-back. Without a master, the id comes from the MNs' counter and there is no lease.
+When the cluster config names a master, the client registers with it: the master leases it an
+id (a fresh or recovered one, or the one asked for) and the current membership; a background
+thread renews the lease (``transports.master_link``), and once the lease has run out every
+operation raises ``fusee.master.LeaseExpired`` before posting a verb (the master then recovers
+the client's unfinished operations). When a memory node dies, operations pause while the
+master fails it over, then carry on in the new membership epoch (``_LeaseGuard``). ``close()``
+gives the id back. Without a master, the id comes from the MNs' counter, there is no lease, and
+a dead memory node fails the operations that need it (nobody fails it over).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from pathlib import Path
 from fusee.config import ClusterConfig
 from fusee.driver import run
 from fusee.master import LeaseExpired
+from fusee.membership import Membership
 from fusee.operations import ClientCore, draw_client_id
 from fusee.recovery import recover_client
+from fusee.verbs import AwaitMembership, EpochChanged, NodeTimeout
 
 
 class Client:
@@ -33,26 +38,37 @@ class Client:
 
     def __init__(self, transport, config: ClusterConfig | None = None,
                  client_id: int | None = None, cache_capacity: int = 65536,
-                 recover: bool = False):
+                 recover: bool = False, lease=None):
         """``recover``: ``client_id`` was left in use by a client that crashed: finish its
-        operations first (``fusee.recovery``), then carry on with everything it held."""
+        operations first (``fusee.recovery``), then carry on with everything it held.
+        ``lease``: a ``LeaseKeeper`` registered already (else, with a master, one is made
+        here); the client owns it from now on."""
         if recover and client_id is None:
             raise ValueError("recover=True needs the client_id to recover")
         self.transport = transport
         self.config = config or transport.config
-        self.lease = None                   # transports.master_link.LeaseKeeper, with a master
-        self.executor = transport           # post batches here, not to .transport: the lease
-        if client_id is None and self.config.master:
-            from transports.master_link import LeaseKeeper
-            self.lease = LeaseKeeper(self.config)
-            client_id = self.lease.client_id
-            self.executor = _LeaseGuard(transport, self.lease)
+        self.lease = lease                  # transports.master_link.LeaseKeeper, with a master
+        membership = Membership()
         try:
+            if self.config.master:
+                from transports.master_link import LeaseKeeper, membership_wait
+                if self.lease is None:
+                    self.lease = LeaseKeeper(self.config, client_id)
+                client_id = self.lease.client_id
+                membership = self.lease.membership
+                # post batches here, not to .transport: the lease and the failovers need it
+                self.executor = _LeaseGuard(transport, self.lease, membership_wait(self.config))
+            else:
+                self.executor = transport       # it fails an AwaitMembership at once
             if client_id is None:
-                client_id = run(draw_client_id(self.config), transport)
+                client_id = run(draw_client_id(self.config, membership), transport)
             if recover:
-                run(recover_client(self.config, client_id, owner=client_id), self.executor)
-            self.core = ClientCore(self.config, client_id, cache_capacity)
+                run(recover_client(self.config, client_id, owner=client_id,
+                                   membership=membership), self.executor)
+            if self.lease is not None:              # the newest, and the guard knows it
+                membership = self.executor.adopt(self.lease.membership)
+            self.core = ClientCore(self.config, client_id, cache_capacity,
+                                   membership=membership)
             run(self.core.open(), self.executor)
         except BaseException:
             if self.lease is not None:
@@ -61,18 +77,29 @@ class Client:
         self.closed = False
 
     @classmethod
-    def connect(cls, config_path: str | Path, transport=None,
-                client_id: int | None = None) -> "Client":
+    def connect(cls, config_path: str | Path, transport=None, client_id: int | None = None,
+                **kwargs) -> "Client":
         """Open a client on the cluster described by ``config_path``; ``transport`` is a
-        backend name (default: the config's) or an already connected Transport."""
+        backend name (default: the config's) or an already connected Transport. With a
+        master, the client registers first, so a new transport skips the MNs known dead."""
         config = ClusterConfig.load(config_path)
-        if transport is None or isinstance(transport, str):
-            from transports import connect
-            transport = connect(config, transport)
+        lease = None
+        if config.master:
+            from transports.master_link import LeaseKeeper
+            lease = LeaseKeeper(config, client_id)
         try:
-            return cls(transport, config, client_id)
+            if transport is None or isinstance(transport, str):
+                from transports import connect
+                dead = lease.membership.dead if lease is not None else ()
+                transport = connect(config, transport, dead=dead)
+            try:
+                return cls(transport, config, client_id, lease=lease, **kwargs)
+            except BaseException:
+                transport.close()
+                raise
         except BaseException:
-            transport.close()
+            if lease is not None:
+                lease.close()
             raise
 
     @property
@@ -133,14 +160,58 @@ class Client:
 
 
 class _LeaseGuard:
-    """The transport as operations see it under a master's lease: no batch is posted once the
-    lease has run out (one clock read per batch)."""
+    """The transport as operations see it under a master's lease.
 
-    def __init__(self, transport, lease):
-        self.transport, self.lease = transport, lease
+    No batch is posted once the lease has run out (one clock read per batch), nor while the
+    master has the client paused for a failover; each batch is posted holding the keeper's
+    ``gate``, so a pause waits for the batch in flight. A membership newer than the one the
+    operations have is handed to them as ``EpochChanged`` instead of posting the batch; so is
+    the answer to ``AwaitMembership``, once the master has published the next epoch (waited
+    for up to ``wait`` seconds, else NodeTimeout)."""
+
+    def __init__(self, transport, lease, wait: float):
+        self.transport, self.lease, self.wait = transport, lease, wait
+        self.handed = lease.membership.epoch        # the epoch the operations have
+
+    def adopt(self, membership: Membership) -> Membership:
+        """The operations have ``membership`` from elsewhere (a new ClientCore)."""
+        self.handed = membership.epoch
+        return membership
 
     def execute(self, batch):
-        if time.monotonic() >= self.lease.expires:
-            raise LeaseExpired(f"the lease of client {self.lease.client_id} ran out "
-                               f"({self.lease.lost or 'not renewed in time'}); open a new client")
-        return self.transport.execute(batch)
+        k = self.lease
+        if batch and type(batch[0]) is AwaitMembership:     # always alone in its batch
+            self._await(batch[0].epoch)
+        if time.monotonic() >= k.expires:
+            raise LeaseExpired(f"the lease of client {k.client_id} ran out "
+                               f"({k.lost or 'not renewed in time'}); open a new client")
+        with k.gate:
+            if not k.pause and k.membership.epoch == self.handed:
+                return self.transport.execute(batch)
+        self._await(self.handed)
+
+    def _await(self, epoch: int):
+        """Raise EpochChanged with the first membership newer than ``epoch`` (waiting for the
+        master to publish it), LeaseExpired, or NodeTimeout."""
+        k = self.lease
+        if k.membership.epoch <= epoch:
+            deadline = time.monotonic() + self.wait
+            k.expect_news(True)
+            try:
+                with k.news:
+                    while (k.membership.epoch <= epoch and not k.data_lost and
+                           (left := min(deadline, k.expires) - time.monotonic()) > 0):
+                        k.news.wait(left)
+            finally:
+                k.expect_news(False)
+        m = k.membership
+        if m.epoch > epoch:
+            self.handed = m.epoch
+            raise EpochChanged(m)
+        if k.data_lost:
+            raise NodeTimeout(f"no failover will come: {k.data_lost}")
+        if time.monotonic() >= k.expires:
+            raise LeaseExpired(f"the lease of client {k.client_id} ran out while waiting for a "
+                               f"failover ({k.lost or 'not renewed in time'}); open a new client")
+        raise NodeTimeout(f"a memory node stopped answering and the master published no new "
+                          f"membership after epoch {epoch} within {self.wait:g} s")

@@ -1,9 +1,9 @@
 """What one client id holds on the memory nodes, read back with one-sided READs alone.
 
 The MNs' block-allocation tables name the blocks the id owns; each block's header names its
-group (the r replicas, primary first); the primary copy of a group's block holds the objects
-carved from it in carving order, each starting with a header whose key and value lengths give
-its size class, and the block's free bitmap. So reading the blocks whole (one READ each) finds
+group (the r replicas, first MN first); the home copy of a group's block (its first live one)
+holds the objects carved from it in carving order, each starting with a header whose key and
+value lengths give its size class, and the block's free bitmap. So reading the blocks whole (one READ each) finds
 every object the id ever allocated, whatever reuse did to its log lists, in a few round trips.
 
 Recovery (``fusee.recovery``), a client taking over an id (``adopt``) and the leak audit
@@ -98,8 +98,10 @@ def scan(alloc: Allocator, copies: bool = False):
     entries: a crash can leave their commit records different)."""
     mmap_, cid = alloc.map, alloc.client_id
     found = Holdings(cid)
-    tables = yield [Read(m, mmap_.table, 8 * mmap_.num_blocks) for m in range(alloc.n)]
-    owned = [(m, mmap_.block_addr(i)) for m, buf in enumerate(tables)
+    dead = alloc.membership.dead
+    live = [m for m in range(alloc.n) if m not in dead]
+    tables = yield [Read(m, mmap_.table, 8 * mmap_.num_blocks) for m in live]
+    owned = [(m, mmap_.block_addr(i)) for m, buf in zip(live, tables)
              for i, w in enumerate(struct.unpack(f"<{mmap_.num_blocks}Q", buf)) if w == cid + 1]
     if not owned:
         return found
@@ -115,22 +117,26 @@ def scan(alloc: Allocator, copies: bool = False):
             header[(n, a)] = (index, reps)
     in_group = set()
     for (n, a), (index, reps) in header.items():
-        if index == 0 and reps[0] == (n, a) and all(
-                header.get(rep) == (i, reps) for i, rep in enumerate(reps)):
+        # a group is complete when every replica on a live MN says so; it is found once,
+        # from its first live replica
+        mine = [rep for rep in reps if rep[0] not in dead]
+        if mine and mine[0] == (n, a) and reps[index] == (n, a) and all(
+                header.get(rep) == (i, reps) for i, rep in enumerate(reps) if rep[0] not in dead):
             found.groups.append(BlockGroup(tuple(x for x, _ in reps),
                                            tuple(y for _, y in reps)))
-            in_group.update(reps)
+            in_group.update(mine)
     found.orphans = [b for b in owned if b not in in_group]
     groups = found.groups
+    where = [[(x, y) for x, y in zip(g.nodes, g.addrs) if x not in dead] for g in groups]
+    if not copies:
+        where = [w[:1] for w in where]
     bufs = []
-    for batch in chunks([Read(g.nodes[k], g.addrs[k], alloc.block_size) for g in groups
-                         for k in range(len(g.nodes) if copies else 1)]):
+    for batch in chunks([Read(x, y, alloc.block_size) for w in where for x, y in w]):
         bufs += yield batch
     i = 0
-    for g in groups:
-        block = bufs[i]
-        others = bufs[i + 1:i + len(g.nodes)] if copies else []
-        i += len(g.nodes) if copies else 1
+    for g, w in zip(groups, where):
+        block, others = bufs[i], bufs[i + 1:i + len(w)]
+        i += len(w)
         _parse(found, alloc, g, block, others)
     return found
 

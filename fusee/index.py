@@ -3,7 +3,7 @@ the index's initial image, and the client's cached copy of the directory (SPEC Â
 
 Index area (offsets from ``MemoryMap.index``; every MN has the same layout)::
 
-    +0   u64 magic          +8  u64 next subtable id (FAA)     +16 u64 dir_bits
+    +0   u64 magic          +16 u64 dir_bits
     +64  u64 split lock per subtable: 0 free, client id + 1 while splitting, RETIRED_LOCK after
     dir  u64 per directory entry (2**dir_bits of them): VALID | depth << 32 | subtable id
     subtables (page aligned): subtable s at ``subtables + s * subtable_bytes``
@@ -11,9 +11,12 @@ Index area (offsets from ``MemoryMap.index``; every MN has the same layout)::
 The directory has a fixed number of entries (``2**dir_bits``, enough for every subtable the
 area can hold), so it never doubles: a subtable of local depth d is named by all the entries
 whose low d bits are its suffix. Subtable s lives on r MNs, primary ``s % n`` then the next
-ones; the directory on MNs ``0..r-1``, read from MN 0. Subtables are never moved or reused: a
-split freezes every slot of the old subtable and copies it into two new ones, so a client
-whose cached directory is stale notices the FROZEN bit (and the RETIRED bucket headers).
+ones; the directory, split locks and header words on MNs ``0..r-1``, read from the first. Under
+a membership with dead MNs (``fusee.membership``) each list keeps its live members, in order.
+Subtables are never moved or reused: a split freezes every slot of the old subtable and copies
+it into two new ones, so a client whose cached directory is stale notices the FROZEN bit (and
+the RETIRED bucket headers). A subtable's id follows from its place in the split tree
+(``child_ids``), so a split needs no shared counter that a dead MN could take with it.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from dataclasses import dataclass
 from fusee.config import LayoutConfig
 from fusee.errors import StoreFormatError
 from fusee.hashing import KeyHash
+from fusee.membership import Membership
 from fusee.layout import (BUCKET_BYTES, FROZEN, LEN_SHIFT, RETIRED, SLOTS_PER_BUCKET,
                           TENTATIVE, bucket_header, pack_u64)
 from fusee.memory_map import PAGE, MemoryMap
 from fusee.verbs import Read
 
 INDEX_MAGIC = 0x3158494545535546    # b"FUSEEIX1"
-HDR_MAGIC, HDR_NEXT_SUBTABLE, HDR_DIR_BITS, LOCKS = 0, 8, 16, 64
+HDR_MAGIC, HDR_DIR_BITS, LOCKS = 0, 16, 64
 ENTRY_VALID = 1 << 63
 RETIRED_LOCK = (1 << 64) - 1
 COMBINED = 2 * BUCKET_BYTES
@@ -127,7 +131,6 @@ def initial_image(layout: LayoutConfig) -> list[tuple[int, bytes]]:
     g = IndexGeometry.of(layout)
     n0 = layout.initial_subtables
     pieces = [(g.header_word(HDR_MAGIC), pack_u64(INDEX_MAGIC)),
-              (g.header_word(HDR_NEXT_SUBTABLE), pack_u64(n0)),
               (g.header_word(HDR_DIR_BITS), pack_u64(g.dir_bits)),
               (g.directory, b"".join(pack_u64(entry_word(i % n0, g.initial_depth))
                                      for i in range(1 << g.dir_bits)))]
@@ -145,21 +148,44 @@ def replica_nodes(first: int, n_nodes: int, r: int) -> list[int]:
     return [(first + j) % n_nodes for j in range(r)]
 
 
-class Directory:
-    """A client's cached copy of the directory."""
+def child_ids(sid: int, depth: int, suffix: int, initial_depth: int) -> tuple[int, int]:
+    """The ids of the two subtables that split subtable ``sid`` (local depth ``depth``,
+    directory suffix ``suffix``): subtables are numbered level by level of the split tree
+    (the initial ones 0..n0-1, then the 2*n0 of the next depth...), so every splitter and
+    recoverer of the same subtable names the same two, without a counter."""
+    base = (1 << (depth + 1)) - (1 << initial_depth)
+    return base + suffix, base + suffix + (1 << depth)
 
-    def __init__(self, geo: IndexGeometry, n_nodes: int, r: int):
+
+class LostData(StoreFormatError):
+    """Every replica of something is on a dead memory node: more than r-1 MNs failed."""
+
+
+class Directory:
+    """A client's cached copy of the directory, and where things live under a membership."""
+
+    def __init__(self, geo: IndexGeometry, n_nodes: int, r: int,
+                 membership: Membership = Membership()):
         self.geo, self.n, self.r = geo, n_nodes, r
         self.entries: list[int] = []
         # per-operation lookups, computed once
         self._suffix_mask = (1 << geo.dir_bits) - 1
         self._mains = geo.mains
-        self._nodes = [tuple(replica_nodes(p, n_nodes, r)) for p in range(n_nodes)]
         self._reads: dict[tuple[int, int, int], tuple] = {}     # see bucket_reads
+        self.place(membership)
+
+    def place(self, membership: Membership) -> None:
+        """Adopt a membership: every replica list keeps its live members."""
+        self.membership = membership
+        self._nodes = [membership.live(replica_nodes(p, self.n, self.r))
+                       for p in range(self.n)]
+        if not all(self._nodes):
+            raise LostData(f"memory nodes {sorted(membership.dead)} are dead: some index "
+                           f"subtables have no replica left")
 
     def read(self):
-        """Request that fetches the whole directory from its primary (MN 0)."""
-        return Read(0, self.geo.directory, 8 << self.geo.dir_bits)
+        """Request that fetches the whole directory from its first live replica."""
+        return Read(self.replicas[0], self.geo.directory, 8 << self.geo.dir_bits)
 
     def load(self, buf: bytes) -> None:
         entries = list(struct.unpack(f"<{1 << self.geo.dir_bits}Q", buf))
@@ -191,8 +217,9 @@ class Directory:
 
     @property
     def replicas(self) -> list[int]:
-        """MNs holding the directory, split locks and subtable counter."""
-        return replica_nodes(0, self.n, self.r)
+        """The live MNs holding the directory, split locks and header words (first: where
+        they are read and locked)."""
+        return list(self._nodes[0])
 
 
 _HEADERS = struct.Struct("<Q56xQ56xQ56xQ")     # the 4 bucket headers of two combined buckets

@@ -29,7 +29,7 @@ from fusee.layout import (ABORTED, COMMITTED, FROZEN, INSERT, SLOTS_PER_BUCKET, 
 from fusee.replication import (LOSE, RESTART, WIN, cas_primary, fix_requests, propose,
                                resolve)
 from fusee.resize import split
-from fusee.verbs import Cas, Read
+from fusee.verbs import EPOCH_ENDS, Cas, Read
 
 CLEAR, EXISTS, YIELD = "clear", "exists", "yield"
 
@@ -52,90 +52,118 @@ def _insert(core, obj, key: bytes):
     lost: dict[tuple[int, int], int] = {}       # (sid, pos) -> value when we lost it
     known: dict[int, bool] = {}                 # object slot value -> "is our key"
     waits = 0                                   # re-reads spent waiting on other clients
+    open_round = None                           # (epoch, target, v_old, committed)
     while True:
-        sid, depth = core.dir.lookup(h)
-        t_nodes = core.dir.nodes(sid)
-        reads, firsts = core.bucket_reads(sid, h, t_nodes[0])
-        res = yield from core.rt(reads + writes)
-        writes = []
-        view = core.view(res, firsts, sid)
-        if view.stale:
-            waits = core.waited(waits, f"subtable {sid} is being split")
-            core.retry()
-            yield from core.refresh()
-            continue
-        cands = [v for _, v in core.candidates(view, h)]
-        if any(known.get(v) for v in cands):
-            yield from core.abandon(obj)
-            raise KeyExists(key)
-        free = _free_slots(view.slots, sid, lost)
-        if not free:
-            unknown = [v for v in cands if v not in known]
-            if unknown:
-                bufs = yield from core.rt([core.object_read(v) for v in unknown])
-                _learn(known, key, unknown, bufs)
-                continue
-            if any(lost.get((sid, p)) == v for p, v in view.slots.items()):
-                # a slot we lost is still being settled: look again
-                waits = core.waited(waits, f"subtable {sid}: a lost round is not settled")
-                continue
-            if not (yield from split(core, sid, depth, h.suffix(depth))):
-                waits = core.waited(waits, f"subtable {sid} is full and being split")
-            continue
-        pos = free[0]
-        v_old = view.slots[pos]
-        t = core.target(sid, pos)
-        claim_node = t.backups[0] if t.backups else t.primary
-        claim_reads, _ = core.bucket_reads(sid, h, claim_node)
-        unknown = [v for v in cands if v not in known]
-        extra = claim_reads + [core.object_read(v) for v in unknown]
-        if t.backups:
-            current, got = yield from propose(t, v_old, s, extra)
-            verdict = yield from resolve(t, v_old, s, current)
-            if verdict == WIN and (fix := fix_requests(t, current, s)):
-                got = (yield from core.rt(fix + claim_reads))[len(fix):] + got[2:]
-            expected = v_old
-        else:
-            got = yield from core.rt([Cas(t.primary, t.addr, v_old, s | TENTATIVE)] + extra)
-            old, got = got[0], got[1:]
-            verdict = WIN if old == v_old else (RESTART if old & FROZEN else LOSE)
-            expected = s | TENTATIVE
-        if verdict != WIN:
-            core.retry()
-            if verdict == RESTART:
-                yield from core.refresh()
-            else:
-                core.counters["lost"] += 1
-                lost[(sid, pos)] = v_old
-            continue
-        _learn(known, key, unknown, got[2:])
-        claims = core.view(got[:2], firsts, sid).slots
-        prims = claims if not t.backups else view.slots
         try:
-            outcome, other = yield from _check(core, t, s, h, known, key, firsts, prims,
-                                               claims)
-        except Stalled:
+            sid, depth = core.dir.lookup(h)
+            t_nodes = core.dir.nodes(sid)
+            reads, firsts = core.bucket_reads(sid, h, t_nodes[0])
+            res = yield from core.rt(reads + writes)
+            writes = []
+            view = core.view(res, firsts, sid)
+            if view.stale:
+                waits = yield from core.split_seen(sid, waits)
+                continue
+            cands = [v for _, v in core.candidates(view, h)]
+            if any(known.get(v) for v in cands):
+                yield from core.abandon(obj)
+                raise KeyExists(key)
+            free = _free_slots(view.slots, sid, lost)
+            if not free:
+                unknown = [v for v in cands if v not in known]
+                if unknown:
+                    bufs = yield from core.rt([core.object_read(v) for v in unknown])
+                    _learn(known, key, unknown, bufs)
+                    continue
+                if any(lost.get((sid, p)) == v for p, v in view.slots.items()):
+                    # a slot we lost is still being settled: look again
+                    waits = core.waited(waits, f"subtable {sid}: a lost round is not settled")
+                    continue
+                if not (yield from split(core, sid, depth, h.suffix(depth))):
+                    waits = core.waited(waits, f"subtable {sid} is full and being split")
+                continue
+            pos = free[0]
+            v_old = view.slots[pos]
+            t = core.target(sid, pos)
+            claim_node = t.backups[0] if t.backups else t.primary
+            claim_reads, _ = core.bucket_reads(sid, h, claim_node)
+            unknown = [v for v in cands if v not in known]
+            extra = claim_reads + [core.object_read(v) for v in unknown]
+            open_round = (core.membership.epoch, t, v_old, False)
+            if t.backups:
+                current, got = yield from propose(t, v_old, s, extra)
+                verdict = yield from resolve(t, v_old, s, current)
+                if verdict == WIN and (fix := fix_requests(t, current, s)):
+                    got = (yield from core.rt(fix + claim_reads))[len(fix):] + got[2:]
+                expected = v_old
+            else:
+                got = yield from core.rt([Cas(t.primary, t.addr, v_old, s | TENTATIVE)] + extra)
+                old, got = got[0], got[1:]
+                verdict = WIN if old == v_old else (RESTART if old & FROZEN else LOSE)
+                expected = s | TENTATIVE
+            if verdict != WIN:
+                open_round = None
+                core.retry()
+                if verdict == RESTART:
+                    yield from core.refresh()
+                else:
+                    core.counters["lost"] += 1
+                    lost[(sid, pos)] = v_old
+                continue
+            _learn(known, key, unknown, got[2:])
+            claims = core.view(got[:2], firsts, sid).slots
+            prims = claims if not t.backups else view.slots
+            try:
+                outcome, other = yield from _check(core, t, s, h, known, key, firsts, prims,
+                                                   claims)
+            except Stalled:
+                yield from _withdraw(core, t, obj, s, v_old, expected)
+                raise
+            if outcome == CLEAR:
+                # the record may land on some replicas only: None until it is through
+                open_round = (open_round[0], t, v_old, None)
+                yield from core.rt(core.log.record(obj, COMMITTED, slot_ref(sid, pos), v_old))
+                open_round = (open_round[0], t, v_old, True)
+                verdict, _ = yield from cas_primary(t, expected, s)
+                if verdict == WIN:
+                    core.cache.store(key, sid, pos, s)
+                    return None
+                open_round = None
+                core.retry()
+                yield from core.refresh()
+                continue
+            if outcome == RESTART:
+                open_round = None
+                core.retry()
+                yield from core.refresh()
+                continue
             yield from _withdraw(core, t, obj, s, v_old, expected)
-            raise
-        if outcome == CLEAR:
-            yield from core.rt(core.log.record(obj, COMMITTED, slot_ref(sid, pos), v_old))
-            verdict, _ = yield from cas_primary(t, expected, s)
-            if verdict == WIN:
-                core.cache.store(key, sid, pos, s)
+            open_round = None
+            if outcome == EXISTS:
+                core.alloc.release(obj.ptr)
+                raise KeyExists(key)
+            core.retry()
+            yield from _await_claim(core, t.sid, other, claim_node, t.primary)
+        except EPOCH_ENDS as err:
+            writes = yield from core.epoch_ended(err, obj)
+            if open_round is None:
+                continue
+            epoch, t, v_old, committed = open_round
+            open_round = None
+            if not t.backups:           # an r = 1 claim sits on the primary: take it back
+                if t.primary not in core.membership.dead:
+                    yield from _withdraw(core, t, obj, s, v_old, s | TENTATIVE)
+                continue
+            if committed is None:       # did the commit record reach a live replica?
+                (buf,) = yield from core.rt([core.object_read(s)])
+                v = decode_object(buf)
+                committed = (v is not None and v.state == COMMITTED
+                             and v.slot_ref == slot_ref(t.sid, t.pos))
+            # the failover keeps an insert's claim only once committed (checked for
+            # duplicates); any other claim it withdrew
+            if (yield from core.fate(epoch, t, v_old, s, WIN if committed else None)) == WIN:
+                core.cache.store(key, t.sid, t.pos, s)
                 return None
-            core.retry()
-            yield from core.refresh()
-            continue
-        if outcome == RESTART:
-            core.retry()
-            yield from core.refresh()
-            continue
-        yield from _withdraw(core, t, obj, s, v_old, expected)
-        if outcome == EXISTS:
-            core.alloc.release(obj.ptr)
-            raise KeyExists(key)
-        core.retry()
-        yield from _await_claim(core, t.sid, other, claim_node, t.primary)
 
 
 def _free_slots(slots: dict[int, int], sid: int, lost: dict) -> list[int]:

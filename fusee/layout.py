@@ -54,7 +54,8 @@ FROZEN, TENTATIVE = 1 << 47, 1 << 46
 ADDR_MASK = (1 << 40) - 1
 NODE_MASK = 0x3F
 MAX_NODES = NODE_MASK + 1
-MAX_CLIENT_IDS = (1 << 14) - 1     # what a free value can name
+MAX_CLIENT_IDS = (1 << 14) - 2     # what a free value can name, less the failover's own
+FAILOVER_ID = MAX_CLIENT_IDS        # the free values a failover writes name this id
 MAX_UNITS = 255
 SLOTS_PER_BUCKET, BUCKET_BYTES = 7, 64
 

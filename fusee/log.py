@@ -4,9 +4,9 @@ Every object a client writes carries a log entry at its end (format in ``fusee.l
 entries of one client and one size class form a list in allocation order: each names the next
 object the client will allocate in that class (reserved in advance by the allocator) and the
 previous one, and the first object of each class is recorded as the list head in the client's
-metadata slot (``META_HEADS + 8 * class index``) on MNs ``0..r-1``. After a crash, the whole
-history of in-flight operations is reachable from the heads with READs alone; ``seq`` tells a
-live successor from a stale object left in reused memory.
+metadata slot (``META_HEADS + 8 * class index``) on the live MNs of ``0..r-1``. After a
+crash, the whole history of in-flight operations is reachable from the heads with READs
+alone; ``seq`` tells a live successor from a stale object left in reused memory.
 
 The writer records its outcome in the entry's commit record: COMMITTED (with the slot, the
 old value and the crc of the object it named) before the primary CAS, LOST when it lost the
@@ -81,6 +81,12 @@ class ObjectLog:
         self.seq[units] = seq + 1
         return NewObject(p, units, reps, writes)
 
+    def rewrite(self, obj: NewObject) -> list[Write]:
+        """The object's first writes again, to the replicas still alive (after a batch that
+        carried them failed: they may have reached none)."""
+        dead = self.alloc.membership.dead
+        return [w for w in obj.writes if w.node not in dead]
+
     def record(self, obj: NewObject, state: int, ref: int, old: int,
                old_crc: int = 0) -> list[Write]:
         """Writes of the commit record (COMMITTED / LOST / ABORTED) on every replica;
@@ -88,4 +94,5 @@ class ObjectLog:
         obj.records += 1
         rec = commit_record(ref, old, state, old_crc, obj.records)
         off = obj.size - LOG_BYTES + COMMIT_OFFSET
-        return [Write(n, a + off, rec) for n, a in obj.replicas]
+        dead = self.alloc.membership.dead
+        return [Write(n, a + off, rec) for n, a in obj.replicas if n not in dead]

@@ -1,11 +1,25 @@
-"""The master's logic, sans-IO (SPEC §1, §8): who is alive, who holds which client id, and
-which crashed clients still need recovery. The master is not on the data path; this module
-only decides, from the calls it gets and the time it is given. ``emulator.master_server``
-feeds it heartbeats and RPCs and carries out the repairs it asks for.
+"""The master's logic, sans-IO (SPEC §1, §8): who is alive, who holds which client id, which
+crashed clients still need recovery, and when a dead memory node's failover may run. The
+master is not on the data path; this module only decides, from the calls it gets and the time
+it is given. ``emulator.master_server`` feeds it heartbeats and RPCs and carries out the
+repairs and failovers it asks for.
 
 Memory nodes hold leases renewed by the master's pings: an MN whose lease runs out is declared
-dead for good (crash-stop: a restarted MN has lost its memory), and the membership ``epoch``
-goes up.
+dead for good (crash-stop: a restarted MN has lost its memory) and queued for failover
+(``fusee.failover``). A failover takes every MN queued when it starts (one that dies while it
+runs makes it fail and start again with that one too) and publishes the next ``Membership``
+(``fusee.membership``): the epoch goes up by one per failover.
+
+A failover must not race with any client's verbs of the old epoch (stop the world). So from
+the moment an MN is declared dead until its failover is done, renewals tell each client to
+*pause* for the next epoch; a client acks (renews with ``paused`` = that epoch) once no batch
+of it is in flight and it posts none any more. The failover runs when every leased client has
+acked, or has lost its lease (+ grace: it then counts as crashed and is recovered after the
+failover, like any expired client). Pausing is not expiring: a live client keeps its id, its
+log and its allocations, and carries on in the new epoch. Client repairs never run during a
+transition (they need the new membership); a new client registers only once the new epoch is
+published. Up to r-1 MN deaths are survivable; from the r-th on the master stops failing over
+and says that data is lost.
 
 Clients hold leases renewed by themselves. A client stops posting verbs when its own lease runs
 out (measured from when it *sent* the renewal, so its view ends first); the master waits
@@ -15,10 +29,15 @@ operations, and only then goes back to the pool: an id is never handed out while
 its previous holder may still be in flight. A clean ``release`` takes the same path (recovery
 of a client that closed cleanly finds nothing to finish, and it keeps one rule for every id).
 
-The persistent state (``state()``) is small: epoch, dead MNs, ids in use with their tokens,
-pending repairs and recycled ids. Lease deadlines are not persisted (they are monotonic time):
-a restarted master gives every known client a full lease again, which is never shorter than
-what the client itself believes it has.
+Fresh ids come from the master's own counter (``next_id``), persisted with the rest: the MNs'
+counter word (``fusee.operations.draw_client_id``) seeds it once, and after that no MN is
+needed to register, whichever of them is dead; a counter copy on another MN could be stale.
+
+The persistent state (``state()``) is small: the membership, the MNs awaiting failover, ids in
+use with their tokens, pending repairs, recycled ids and the id counter. Lease deadlines and
+pause acks are not persisted (monotonic time, and clients re-ack with every renewal): a
+restarted master gives every known client a full lease again, which is never shorter than what
+the client itself believes it has.
 """
 
 from __future__ import annotations
@@ -28,9 +47,10 @@ from dataclasses import InitVar, dataclass, field
 from typing import Iterable
 
 from fusee.errors import FuseeError
+from fusee.membership import Membership
 
-STATE_VERSION = 1
-#: retry delays of a failed repair: base * 2**attempts, capped
+STATE_VERSION = 2
+#: retry delays of a failed repair or failover: base * 2**attempts, capped
 REPAIR_BACKOFF, REPAIR_BACKOFF_MAX = 0.1, 5.0
 
 
@@ -47,18 +67,31 @@ class StateError(FuseeError):
     """A master state file that is malformed or belongs to another cluster shape."""
 
 
+class TransitionInProgress(FuseeError):
+    """A memory node died and its failover has not published the next epoch yet: register
+    again shortly."""
+
+
+class DataLost(FuseeError):
+    """More memory nodes died than the replication tolerates: the master fails over no more."""
+
+
 @dataclass(frozen=True)
 class Grant:
     """What a client learns when it registers or renews."""
     id: int
     token: int
     lease: float            # seconds, from the moment the client sent its request
-    epoch: int
+    epoch: int              # the published membership epoch
+    pause: int = 0          # nonzero: stop posting verbs and ack; the failover to this epoch waits
+    lost: str | None = None     # why no failover will come any more
+    membership: Membership | None = None    # the published membership, when the client lags
 
 
 @dataclass(frozen=True)
 class Event:
-    """Something the master decided on its own: ``kind`` is "mn-dead" (subject = MN id) or
+    """Something the master decided on its own: ``kind`` is "mn-dead" (subject = MN id, epoch =
+    the one its failover will publish), "data-lost" (subject = the MN one too many) or
     "client-expired" (subject = client id)."""
     kind: str
     subject: int
@@ -72,12 +105,24 @@ class _Lease:
 
 
 @dataclass
-class _Repair:
-    reason: str             # "expired" or "released"
+class _Job:
+    """A repair (of a client id) or a failover (of the MNs queued) and its retries."""
+    reason: str = "failover"    # repairs: "expired" or "released"
     attempts: int = 0
     retry_at: float = 0.0
     error: str | None = None
     running: bool = False
+    nodes: tuple[int, ...] = ()     # a failover's MNs, while it runs
+
+    def failed(self, now: float, error: str) -> None:
+        self.running = False
+        self.attempts += 1
+        self.error = error
+        self.retry_at = now + min(REPAIR_BACKOFF * 2 ** (self.attempts - 1), REPAIR_BACKOFF_MAX)
+
+    def status(self) -> dict:
+        return {"reason": self.reason, "attempts": self.attempts, "error": self.error,
+                "running": self.running}
 
 
 @dataclass
@@ -87,12 +132,16 @@ class Master:
     mn_lease: float
     grace: float
     now: InitVar[float]
-    epoch: int = 0
-    dead: set[int] = field(default_factory=set)
+    replicas: int = 0                   # r; 0: every MN holds a replica of everything
+    membership: Membership = field(default_factory=Membership)
+    failing: list[int] = field(default_factory=list)        # dead, failover pending, in order
     clients: dict[int, _Lease] = field(default_factory=dict)
-    repairs: dict[int, _Repair] = field(default_factory=dict)
+    repairs: dict[int, _Job] = field(default_factory=dict)
     free_ids: list[int] = field(default_factory=list)        # sorted
+    next_id: int | None = None          # None: not seeded from the MNs' counter yet
     mn_deadline: dict[int, float] = field(default_factory=dict)
+    acks: dict[int, int] = field(default_factory=dict)       # client id -> pause it acked
+    failover: _Job = field(default_factory=_Job)
 
     def __post_init__(self, now: float) -> None:
         for name in ("client_lease", "mn_lease"):
@@ -101,17 +150,69 @@ class Master:
         if self.grace < 0:
             raise ValueError("grace must be >= 0")
         self.memnodes = tuple(self.memnodes)
+        if not 0 <= self.replicas <= len(self.memnodes):
+            raise ValueError(f"replicas must be 1..{len(self.memnodes)} (or 0: all of them)")
+        self.replicas = self.replicas or len(self.memnodes)
         for m in self.memnodes:
-            if m not in self.dead:
+            if m not in self.membership.dead and m not in self.failing:
                 self.mn_deadline.setdefault(m, now + self.mn_lease)
+
+    @property
+    def epoch(self) -> int:
+        return self.membership.epoch
+
+    @property
+    def dead(self) -> frozenset[int]:
+        """The MNs failed over (not those still in the queue)."""
+        return self.membership.dead
+
+    @property
+    def pause(self) -> int:
+        """The epoch clients must pause for (0: none): the next one, while an MN awaits its
+        failover."""
+        return self.membership.epoch + 1 if self.failing else 0
+
+    @property
+    def lost(self) -> str | None:
+        down = len(self.membership.dead) + len(self.failing)
+        if down < self.replicas:
+            return None
+        return (f"memory nodes {sorted(self.membership.dead | set(self.failing))} are dead and "
+                f"the replication factor is {self.replicas}: what only they held is lost, so "
+                "the master fails over no more")
 
     # -- client ids and leases --------------------------------------------------------------
     def reusable_id(self) -> int | None:
         """The smallest recovered id, to hand out before drawing a fresh one."""
         return self.free_ids[0] if self.free_ids else None
 
+    def admit(self) -> int | None:
+        """Before a registration: refuses while a failover is pending; -> ``reusable_id``."""
+        if self.lost:
+            raise DataLost(self.lost)
+        if self.failing:
+            raise TransitionInProgress(f"memory node {self.failing[0]} died; epoch "
+                                       f"{self.pause} is not published yet")
+        return self.reusable_id()
+
+    def draw_id(self) -> int | None:
+        """A never-used id from the master's counter (None until ``seed_ids``)."""
+        if self.next_id is None:
+            return None
+        while (self.next_id in self.clients or self.next_id in self.repairs
+               or self.next_id in self.free_ids):
+            self.next_id += 1           # taken by a client that asked for it by number
+        cid, self.next_id = self.next_id, self.next_id + 1
+        return cid
+
+    def seed_ids(self, first: int) -> None:
+        """Start the counter at ``first``, the MNs' counter word (once)."""
+        if self.next_id is None:
+            self.next_id = first
+
     def grant(self, cid: int, token: int, now: float) -> Grant:
-        """Lease ``cid`` (a recycled id or a fresh one the caller drew) to a new client."""
+        """Lease ``cid`` (a recycled id, a fresh one, or one a client asked for) to a client."""
+        self.admit()
         if cid in self.clients or cid in self.repairs:
             raise LeaseError(f"client id {cid} is in use or awaiting recovery")
         i = bisect.bisect_left(self.free_ids, cid)
@@ -120,19 +221,23 @@ class Master:
         self.clients[cid] = _Lease(token, now + self.client_lease + self.grace)
         return Grant(cid, token, self.client_lease, self.epoch)
 
-    def renew(self, cid: int, token: int, now: float) -> Grant:
+    def renew(self, cid: int, token: int, now: float, paused: int = 0) -> Grant:
+        """Extend the lease; ``paused``: the pause epoch the client has acked (0: none)."""
         lease = self._holder(cid, token)
         if now > lease.deadline:            # ran out before a tick noticed: same outcome
             self._expire(cid)
             raise LeaseError(f"the lease of client {cid} expired")
         lease.deadline = now + self.client_lease + self.grace
-        return Grant(cid, token, self.client_lease, self.epoch)
+        if paused and paused == self.pause:
+            self.acks[cid] = paused
+        return Grant(cid, token, self.client_lease, self.epoch, self.pause, self.lost)
 
     def release(self, cid: int, token: int) -> None:
         """A clean close: the id goes to recovery (which finds nothing in flight) and back."""
         self._holder(cid, token)
         del self.clients[cid]
-        self.repairs[cid] = _Repair("released")
+        self.acks.pop(cid, None)
+        self.repairs[cid] = _Job("released")
 
     def _holder(self, cid: int, token: int) -> _Lease:
         lease = self.clients.get(cid)
@@ -142,7 +247,8 @@ class Master:
 
     def _expire(self, cid: int) -> None:
         del self.clients[cid]
-        self.repairs[cid] = _Repair("expired")
+        self.acks.pop(cid, None)
+        self.repairs[cid] = _Job("expired")
 
     # -- memory nodes -----------------------------------------------------------------------
     def mn_seen(self, node: int, sent_at: float) -> None:
@@ -153,6 +259,11 @@ class Master:
     def alive(self) -> list[int]:
         return sorted(self.mn_deadline)
 
+    def waiting_for(self) -> list[int]:
+        """The leased clients that have not acked the pending pause yet."""
+        pause = self.pause
+        return sorted(c for c in self.clients if pause and self.acks.get(c) != pause)
+
     # -- time -------------------------------------------------------------------------------
     def tick(self, now: float) -> list[Event]:
         """Expire what ran out by ``now``; the events say what changed."""
@@ -160,9 +271,11 @@ class Master:
         for node, deadline in sorted(self.mn_deadline.items()):
             if now > deadline:
                 del self.mn_deadline[node]
-                self.dead.add(node)
-                self.epoch += 1
-                events.append(Event("mn-dead", node, self.epoch))
+                was_lost = self.lost
+                self.failing.append(node)
+                events.append(Event("mn-dead", node, self.epoch + 1))
+                if self.lost and not was_lost:
+                    events.append(Event("data-lost", node, self.epoch))
         for cid, lease in sorted(self.clients.items()):
             if now > lease.deadline:
                 self._expire(cid)
@@ -175,9 +288,46 @@ class Master:
         times += [lease.deadline for lease in self.clients.values()]
         return min(times) if times else None
 
+    # -- failovers --------------------------------------------------------------------------
+    def next_failover(self, now: float) -> tuple[int, ...] | None:
+        """The MNs whose failover may run now, all those queued (marked running until
+        ``failover_done`` / ``failover_failed``): every leased client paused, no repair
+        running, data not lost."""
+        f = self.failover
+        if (not self.failing or self.lost or f.running or f.retry_at > now
+                or any(r.running for r in self.repairs.values()) or self.waiting_for()):
+            return None
+        f.running = True
+        f.nodes = tuple(self.failing)
+        return f.nodes
+
+    def failover_done(self, nodes: tuple[int, ...], membership: Membership) -> None:
+        """The failover of ``nodes`` published ``membership``: renewals now hand it out."""
+        self._failing(nodes)
+        expected = self.membership.dead | set(nodes)
+        if membership.epoch != self.epoch + 1 or membership.dead != expected:
+            raise ValueError(f"the failover of MNs {list(nodes)} returned epoch "
+                             f"{membership.epoch} with dead {sorted(membership.dead)}; expected "
+                             f"epoch {self.epoch + 1} with dead {sorted(expected)}")
+        self.membership = membership
+        self.failing = [m for m in self.failing if m not in nodes]
+        self.failover = _Job()
+        self.acks = {c: e for c, e in self.acks.items() if e > membership.epoch}
+
+    def failover_failed(self, nodes: tuple[int, ...], now: float, error: str) -> None:
+        self._failing(nodes)
+        self.failover.failed(now, error)
+
+    def _failing(self, nodes: tuple[int, ...]) -> None:
+        if not (self.failover.running and self.failover.nodes == tuple(nodes)):
+            raise ValueError(f"no failover of MNs {list(nodes)} is running")
+
     # -- the repair queue -------------------------------------------------------------------
     def next_repair(self, now: float) -> int | None:
-        """A repair due now (marked running until ``repair_done`` / ``repair_failed``)."""
+        """A repair due now (marked running until ``repair_done`` / ``repair_failed``); none
+        while a failover is pending or running: recovery needs the new membership."""
+        if self.failing or self.failover.running:
+            return None
         due = [(r.retry_at, cid) for cid, r in self.repairs.items()
                if not r.running and r.retry_at <= now]
         if not due:
@@ -193,13 +343,9 @@ class Master:
         bisect.insort(self.free_ids, cid)
 
     def repair_failed(self, cid: int, now: float, error: str) -> None:
-        r = self._running(cid)
-        r.running = False
-        r.attempts += 1
-        r.error = error
-        r.retry_at = now + min(REPAIR_BACKOFF * 2 ** (r.attempts - 1), REPAIR_BACKOFF_MAX)
+        self._running(cid).failed(now, error)
 
-    def _running(self, cid: int) -> _Repair:
+    def _running(self, cid: int) -> _Job:
         r = self.repairs.get(cid)
         if r is None or not r.running:
             raise ValueError(f"no repair of client {cid} is running")
@@ -208,28 +354,33 @@ class Master:
     # -- views and persistence --------------------------------------------------------------
     def status(self, now: float) -> dict:
         """A snapshot for operators and tests (string keys, so it travels as msgpack or JSON):
-        seconds left on each lease, the repair queue, the recycled ids."""
+        seconds left on each lease, the failover and repair queues, the recycled ids."""
         return {"epoch": self.epoch,
                 "alive": {str(m): round(d - now, 3) for m, d in sorted(self.mn_deadline.items())},
                 "dead": sorted(self.dead),
+                "membership": self.membership.to_wire(),
+                "failing": list(self.failing),
+                "pause": self.pause,
+                "waiting_for": self.waiting_for(),
+                "failover": self.failover.status() if self.failing else None,
+                "lost": self.lost,
                 "clients": {str(c): round(lease.deadline - now, 3)
                             for c, lease in sorted(self.clients.items())},
-                "repairs": {str(c): {"reason": r.reason, "attempts": r.attempts,
-                                     "error": r.error, "running": r.running}
-                            for c, r in sorted(self.repairs.items())},
+                "repairs": {str(c): r.status() for c, r in sorted(self.repairs.items())},
                 "free_ids": list(self.free_ids)}
 
     def state(self) -> dict:
         """What must survive a restart (JSON-able)."""
-        return {"version": STATE_VERSION, "memnodes": list(self.memnodes), "epoch": self.epoch,
-                "dead": sorted(self.dead),
+        return {"version": STATE_VERSION, "memnodes": list(self.memnodes),
+                "replicas": self.replicas, "membership": self.membership.to_wire(),
+                "failing": list(self.failing),
                 "clients": {str(c): l.token for c, l in sorted(self.clients.items())},
                 "repairs": {str(c): r.reason for c, r in sorted(self.repairs.items())},
-                "free_ids": list(self.free_ids)}
+                "free_ids": list(self.free_ids), "next_id": self.next_id}
 
     @classmethod
     def restore(cls, state: dict, memnodes: Iterable[int], client_lease: float,
-                mn_lease: float, grace: float, now: float) -> "Master":
+                mn_lease: float, grace: float, now: float, replicas: int = 0) -> "Master":
         """Carry on from ``state()``: every known client gets a full lease from ``now``."""
         memnodes = tuple(memnodes)
         try:
@@ -239,21 +390,28 @@ class Master:
             if tuple(state["memnodes"]) != memnodes:
                 raise StateError(f"master state is for memory nodes {state['memnodes']}, "
                                  f"the config has {list(memnodes)}")
-            dead = {int(m) for m in state["dead"]}
+            if replicas and state["replicas"] != replicas:
+                raise StateError(f"master state is for r = {state['replicas']}, the config "
+                                 f"has r = {replicas}")
+            membership = Membership.from_wire(state["membership"])
+            failing = [int(m) for m in state["failing"]]
             clients = {int(c): int(t) for c, t in state["clients"].items()}
             repairs = {int(c): str(reason) for c, reason in state["repairs"].items()}
             free = sorted(int(c) for c in state["free_ids"])
-            epoch = int(state["epoch"])
+            next_id = None if state["next_id"] is None else int(state["next_id"])
+            replicas = int(state["replicas"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StateError(f"malformed master state: {e!r}") from None
-        if not dead <= set(memnodes):
-            raise StateError(f"dead memory nodes {sorted(dead)} not in the config")
+        down = membership.dead | set(failing)
+        if not down <= set(memnodes) or len(down) != len(membership.dead) + len(failing):
+            raise StateError(f"dead memory nodes {sorted(membership.dead)} and failing "
+                             f"{failing} must be distinct nodes of the config")
         if (clients.keys() & repairs.keys() or clients.keys() & set(free)
                 or repairs.keys() & set(free) or len(set(free)) != len(free)):
             raise StateError("master state names an id twice")
-        m = cls(memnodes, client_lease, mn_lease, grace, now, epoch=epoch, dead=dead,
-                free_ids=free)
+        m = cls(memnodes, client_lease, mn_lease, grace, now, replicas=replicas,
+                membership=membership, failing=failing, free_ids=free, next_id=next_id)
         deadline = now + client_lease + grace
         m.clients = {c: _Lease(t, deadline) for c, t in clients.items()}
-        m.repairs = {c: _Repair(reason) for c, reason in repairs.items()}
+        m.repairs = {c: _Job(reason) for c, reason in repairs.items()}
         return m

@@ -20,6 +20,12 @@ replaced from a later one in reused memory. A client id is IN_USE from ``open`` 
 (which delivers the deferred frees, then marks it CLEAN); ``open`` adopts what an id left
 CLEAN holds (``fusee.holdings``) and refuses one left IN_USE (NeedsRecovery: see
 ``fusee.recovery``). Waits on other clients are bounded by ``patience`` re-reads (Stalled).
+
+A memory node that stops answering (NodeTimeout) makes an operation ask its driver for the next
+membership epoch (``AwaitMembership``); the master's failover (``fusee.failover``) starts it
+once every client has paused, and the driver throws it in as EpochChanged (also when another
+operation met the dead node first). The operation then settles the SNAPSHOT round it had open
+from the epoch's decisions (``Membership.fate``) and goes on with the live replicas.
 """
 
 from __future__ import annotations
@@ -33,16 +39,18 @@ from fusee.errors import (ClientLimit, CorruptObject, KeyExists, KeyNotFound, Ne
 from fusee.hashing import KeyHash, key_hash
 from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry, View
 from fusee.holdings import adopt
-from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, IN_USE, LOST, MAX_CLIENT_IDS,
-                          META_GROUPS, META_INCARNATION, META_MAGIC, META_MAGIC_OFF, META_STATE,
+from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, IN_USE, LOST,
+                          MAX_CLIENT_IDS, META_GROUPS, META_INCARNATION, META_MAGIC, META_MAGIC_OFF, META_STATE,
                           NO_SLOT, TAIL_BYTES, UPDATE, decode_object, free_value, make_slot,
                           object_tail, pack_u64, slot_addr, slot_node, slot_ref, slot_units,
                           unpack_u64)
 from fusee.log import NewObject, ObjectLog
+from fusee.membership import Membership
 from fusee.memory_map import HEADER_CLIENT_IDS, HEADER_LAYOUT, MemoryMap
 from fusee.replication import (LOSE, RESTART, WIN, SlotTarget, await_change, cas_primary,
                                fix_requests, propose, resolve)
-from fusee.verbs import Faa, Read, Write
+from fusee.verbs import (EPOCH_ENDS, AwaitMembership, EpochChanged, Faa, Read, TransportError,
+                         Write)
 
 
 #: re-reads an operation spends waiting on another client before it raises Stalled: seconds
@@ -50,9 +58,12 @@ from fusee.verbs import Faa, Read, Write
 PATIENCE = 200_000
 
 
-def draw_client_id(config: ClusterConfig):
-    """Generator: a cluster-unique client id, by FAA on MN 0's client-id counter."""
-    (cid,) = yield [Faa(0, HEADER_CLIENT_IDS, 1)]
+def draw_client_id(config: ClusterConfig, membership: Membership = Membership()):
+    """Generator: a cluster-unique client id, by FAA on the client-id counter of every live
+    directory replica (the largest old value: a replica that missed a draw lags behind)."""
+    nodes = Directory(IndexGeometry.of(config.layout), len(config.memnodes), config.replicas,
+                      membership).replicas
+    cid = max((yield [Faa(n, HEADER_CLIENT_IDS, 1) for n in nodes]))
     if cid >= config.layout.max_clients:
         raise ClientLimit(f"all {config.layout.max_clients} client ids are taken")
     return cid
@@ -60,7 +71,7 @@ def draw_client_id(config: ClusterConfig):
 
 class ClientCore:
     def __init__(self, config: ClusterConfig, client_id: int, cache_capacity: int = 65536,
-                 patience: int = PATIENCE):
+                 patience: int = PATIENCE, membership: Membership = Membership()):
         if type(client_id) is not int:
             raise TypeError("client_id must be an int")
         self.config, self.layout = config, config.layout
@@ -72,27 +83,30 @@ class ClientCore:
         self.client_id = client_id
         self.n, self.r = len(config.memnodes), config.replicas
         self.unit = self.layout.object_unit
-        self.dir = Directory(self.geo, self.n, self.r)
+        self.membership = membership
+        self.dir = Directory(self.geo, self.n, self.r, membership)
         self.meta_nodes = self.dir.replicas
-        self.alloc = Allocator(self.map, self.unit, self.n, self.r, client_id, self.meta_nodes)
+        self.alloc = Allocator(self.map, self.unit, self.n, self.r, client_id, self.meta_nodes,
+                               membership)
         self.log = ObjectLog(self.alloc, self.map, client_id, self.meta_nodes, self.unit)
         self.cache = IndexCache(cache_capacity)
-        self.counters = {"retries": 0, "lost": 0, "splits": 0}
-        self.deferred: list = []        # frees riding on the next batch
+        self.counters = {"retries": 0, "lost": 0, "splits": 0, "epochs": 0}
+        self.deferred: list[int] = []   # objects to free with the next batch
         self.releases: list[int] = []   # objects of ours to reuse once ``deferred`` is sent
         self.free_seq = 0               # set by open() from the client's incarnation
+        self.adopting = False           # open() found blocks of a previous holder
         if type(patience) is not int or patience < 1:
             raise ValueError("patience must be a positive int")
         self.patience = patience
 
     # -- public operations (each returns a generator) --------------------------------------
     def open(self):
-        return self._open()
+        return self.retrying(self._open)
 
     def close(self):
         """Generator: send what is deferred, then mark the id CLEAN: nothing of it is in
         flight, so a later client may take it over (``fusee.holdings.adopt``)."""
-        return self._close()
+        return self.retrying(self._close)
 
     def search(self, key):
         key = check_key(key, self.layout.max_key_size)
@@ -125,37 +139,111 @@ class ClientCore:
 
     # -- plumbing --------------------------------------------------------------------------
     def rt(self, reqs: list):
-        """Generator: one round trip for ``reqs`` plus whatever was deferred."""
-        extra, self.deferred = self.deferred, []
-        if not extra:
+        """Generator: one round trip for ``reqs`` plus the deferred frees."""
+        if not self.deferred:
             return (yield reqs)
+        ptrs, self.deferred = self.deferred, []
         released, self.releases = self.releases, []
-        res = yield list(reqs) + extra
+        try:
+            res = yield list(reqs) + [self.alloc.free_request(p) for p in ptrs]
+        except TransportError as e:
+            # frees that surely did not happen go out again (to the home of the next epoch);
+            # with no per-request detail, one might have: it is not repeated (a free bit
+            # set twice would carry into the next object's bit)
+            done = e.results
+            if isinstance(e, EpochChanged):
+                done = [None] * (len(reqs) + len(ptrs))
+            if done is not None:
+                again = [p for p, r in zip(ptrs, done[len(reqs):])
+                         if isinstance(r, TransportError) or type(e) is EpochChanged]
+                self.deferred += again
+                if again:
+                    self.releases += released
+                else:
+                    for p in released:
+                        self.alloc.release(p)
+            raise
         for p in released:      # the frees their log entries owe are delivered: reuse them
             self.alloc.release(p)
         return res[:len(reqs)]
 
+    # -- memory-node failures ----------------------------------------------------------------
+    def place(self, membership: Membership) -> None:
+        """Adopt a membership: every replica list keeps its live members."""
+        self.membership = membership
+        self.dir.place(membership)
+        self.alloc.place(membership)
+        self.meta_nodes = self.alloc.meta_nodes = self.log.meta_nodes = self.dir.replicas
+        self.counters["epochs"] += 1
+
+    def new_epoch(self, error: TransportError):
+        """Generator: the epoch this operation ran in is over (``error``: a dead node's
+        NodeTimeout, or EpochChanged): get the next one from the driver and adopt it. The
+        driver raises NodeTimeout when no failover comes."""
+        if not isinstance(error, EpochChanged):
+            try:
+                yield [AwaitMembership(self.membership.epoch)]
+            except EpochChanged as e:
+                error = e
+            else:
+                raise error
+        if error.membership.epoch > self.membership.epoch:
+            self.place(error.membership)
+
+    def epoch_ended(self, error: TransportError, obj: NewObject):
+        """Generator: an operation writing ``obj`` met the end of its epoch: adopt the next
+        one; returns ``obj``'s first writes again, for the replicas still alive (the batch
+        that carried them may have reached none)."""
+        yield from self.new_epoch(error)
+        self.retry()
+        return self.log.rewrite(obj)
+
+    def fate(self, epoch: int, t: SlotTarget, v_old: int, v_new: int, decided: str | None):
+        """Generator: WIN, LOSE or RESTART for the round this client had open at ``t`` when
+        ``epoch`` ended (``Membership.fate``; reads the round's primary if it is alive)."""
+        now = None
+        m = self.membership
+        if m.decided_at(epoch, t.sid, t.pos) is None and t.primary not in m.dead:
+            (raw,) = yield from self.rt([Read(t.primary, t.addr, 8)])
+            now = unpack_u64(raw) & ~FROZEN
+        return m.fate(epoch, t.sid, t.pos, v_old, v_new, decided, now)
+
+    def retrying(self, step, ends=EPOCH_ENDS):
+        """Generator: run ``step()`` (a generator function) until it completes in one epoch."""
+        while True:
+            try:
+                return (yield from step())
+            except ends as e:
+                yield from self.new_epoch(e)
+
     def _open(self):
         """Take the id: a fresh one gets its first block group; one a client left CLEAN
         (closed, or recovered) is adopted with everything its blocks hold; one left IN_USE
-        needs recovery first (NeedsRecovery)."""
+        needs recovery first (NeedsRecovery). The id is checked CLEAN before it is marked
+        IN_USE, so an open that a failover interrupted can simply start over."""
         g = self.geo
         meta = self.map.client_meta(self.client_id)
-        res = yield [self.dir.read(), Read(0, g.header_word(HDR_MAGIC), 8),
-                     Read(0, HEADER_LAYOUT, 8), Faa(0, meta + META_INCARNATION, 1),
-                     Read(0, meta + META_STATE, 8), Read(0, meta + META_GROUPS, 8)] + [
-                     Write(m, meta + off, pack_u64(v)) for m in self.meta_nodes
-                     for off, v in ((META_MAGIC_OFF, META_MAGIC), (META_STATE, IN_USE))]
-        if unpack_u64(res[2]) != self.map.fingerprint or unpack_u64(res[1]) != INDEX_MAGIC:
-            raise StoreFormatError("the memory nodes were formatted for another layout")
-        if unpack_u64(res[4]) != CLEAN:
-            raise NeedsRecovery(f"client id {self.client_id} was not closed cleanly: recover "
-                                f"it first (Client(..., recover=True) or the master)")
-        self.dir.load(res[0])
-        # each incarnation of this client id draws free values from its own range
-        self.free_seq = res[3] << 28
-        if unpack_u64(res[5]):
+        if self.free_seq == 0:
+            m0 = self.meta_nodes[0]
+            res = yield [self.dir.read(), Read(m0, g.header_word(HDR_MAGIC), 8),
+                         Read(m0, HEADER_LAYOUT, 8), Read(m0, meta + META_STATE, 8),
+                         Read(m0, meta + META_GROUPS, 8)] + [
+                         Faa(m, meta + META_INCARNATION, 1) for m in self.meta_nodes]
+            if unpack_u64(res[2]) != self.map.fingerprint or unpack_u64(res[1]) != INDEX_MAGIC:
+                raise StoreFormatError("the memory nodes were formatted for another layout")
+            if unpack_u64(res[3]) != CLEAN:
+                raise NeedsRecovery(f"client id {self.client_id} was not closed cleanly: "
+                                    f"recover it first (Client(..., recover=True) or the "
+                                    f"master)")
+            self.dir.load(res[0])
+            self.adopting = unpack_u64(res[4]) != 0
+            # each incarnation of this client id draws free values from its own range
+            self.free_seq = (max(res[5:]) + 1) << 28
+        yield [Write(m, meta + off, pack_u64(v)) for m in self.meta_nodes
+               for off, v in ((META_MAGIC_OFF, META_MAGIC), (META_STATE, IN_USE))]
+        if self.adopting:
             yield from adopt(self.alloc, self.log)
+            self.adopting = False
         if self.alloc.current is None:
             yield from self.alloc.grow()
 
@@ -165,6 +253,7 @@ class ClientCore:
 
     def _close(self):
         yield from self._flush()            # frees first: CLEAN says nothing is owed
+        yield from self.alloc.give_back()
         meta = self.map.client_meta(self.client_id)
         yield from self.rt([Write(m, meta + META_STATE, pack_u64(CLEAN))
                             for m in self.meta_nodes])
@@ -177,6 +266,14 @@ class ClientCore:
             raise Stalled(f"{what}: nothing changed in {n} re-reads (a crashed client? it "
                           f"waits for recovery)")
         return n
+
+    def split_seen(self, sid: int, waits: int):
+        """Generator: the key's buckets said subtable ``sid`` is split or being split: count
+        the wait (``waited``) and re-read the directory. Returns the waits so far."""
+        waits = self.waited(waits, f"subtable {sid} is being split")
+        self.retry()
+        yield from self.refresh()
+        return waits
 
     def refresh(self):
         """Generator: re-read the directory (a FROZEN slot said ours is stale)."""
@@ -196,7 +293,8 @@ class ClientCore:
         return SlotTarget(sid, pos, tuple(self.dir.nodes(sid)), self.geo.slot_addr(sid, pos))
 
     def object_read(self, v: int) -> Read:
-        return Read(slot_node(v), slot_addr(v, self.unit), slot_units(v) * self.unit)
+        return Read(self.alloc.home_of(slot_node(v)), slot_addr(v, self.unit),
+                    slot_units(v) * self.unit)
 
     def candidates(self, view: View, h: KeyHash) -> list[tuple[int, int]]:
         return view.candidates(h.fp)
@@ -218,20 +316,37 @@ class ClientCore:
                 return (pos, v, obj), False
         return None, bad
 
+    def find(self, key: bytes, view: View, h: KeyHash, suspects: dict):
+        """Generator: read the key's candidate objects in ``view``: (pos, value, object),
+        None when the key is absent, or False when a candidate failed to verify (a concurrent
+        replacement, most likely: look again)."""
+        cands = self.candidates(view, h)
+        if not cands:
+            return None
+        bufs = yield from self.rt([self.object_read(v) for _, v in cands])
+        found, bad = self.match(key, cands, bufs, suspects)
+        if found is None and bad:
+            self.retry()
+            return False
+        return found
+
     def defer_free(self, v: int, then_release: int | None = None) -> None:
         """Free ``v``'s object with the next batch; ``then_release`` (an object of ours whose
         log entry records that free) is reused only once that batch is through."""
-        self.deferred.append(self.alloc.free_request(v))
+        self.deferred.append(v)
         if then_release is not None:
             self.releases.append(then_release)
 
     def new_object(self, opcode: int, key: bytes, value: bytes):
         """Generator: allocate and encode an object (getting memory first if needed)."""
         units = self.log.units_for(key, value)
-        if self.deferred and not self.alloc.ready(units):
-            # deliver the frees our log entries owe before reclaim may reuse those entries
-            yield from self._flush()
-        yield from self.alloc.ensure(units)
+
+        def ready():
+            if self.deferred and not self.alloc.ready(units):
+                # deliver the frees our log entries owe before reclaim may reuse those entries
+                yield from self._flush()
+            yield from self.alloc.ensure(units)
+        yield from self.retrying(ready)
         return self.log.new_object(opcode, key, value, units)
 
     def abandon(self, obj: NewObject):
@@ -241,7 +356,7 @@ class ClientCore:
         self.alloc.release(obj.ptr)
 
     def slot_value(self, h: KeyHash, obj: NewObject) -> int:
-        node, addr = obj.replicas[0]
+        node, addr = self.alloc.where(obj.ptr)     # the group's first MN, dead or alive
         return make_slot(h.fp, obj.units, node, addr, self.unit)
 
     def free_value(self) -> int:
@@ -254,41 +369,38 @@ class ClientCore:
         suspects: dict[int, int] = {}
         waits = 0
         while True:
-            sid, _ = self.dir.lookup(h)
-            reads, firsts = self.bucket_reads(sid, h, self.dir.nodes(sid)[0])
-            e = self.cache.get(key)
-            if e is not None and e.sid != sid:
-                self.cache.drop(key)
-                e = None
-            spec = e is not None and self.cache.use(e)
-            res = yield from self.rt(reads + ([self.object_read(e.value)] if spec else []))
-            view = View(res[:2], firsts, sid)
-            if view.stale:
-                waits = self.waited(waits, f"subtable {sid} is being split")
-                self.retry()
-                yield from self.refresh()
-                continue
-            if e is not None:
-                hit = view.get(e.pos) == e.value
-                if spec and hit:
-                    obj = decode_object(res[2])
-                    if obj is not None and obj.key == key:
-                        self.cache.outcome(e, True)
-                        return obj.value
-                    hit = False
-                self.cache.outcome(e, hit)
-            cands = self.candidates(view, h)
-            if not cands:
-                return None
-            bufs = yield from self.rt([self.object_read(v) for _, v in cands])
-            found, bad = self.match(key, cands, bufs, suspects)
-            if found is not None:
+            try:
+                sid, _ = self.dir.lookup(h)
+                reads, firsts = self.bucket_reads(sid, h, self.dir.nodes(sid)[0])
+                e = self.cache.get(key)
+                if e is not None and e.sid != sid:
+                    self.cache.drop(key)
+                    e = None
+                spec = e is not None and self.cache.use(e)
+                res = yield from self.rt(reads + ([self.object_read(e.value)] if spec else []))
+                view = View(res[:2], firsts, sid)
+                if view.stale:
+                    waits = yield from self.split_seen(sid, waits)
+                    continue
+                if e is not None:
+                    hit = view.get(e.pos) == e.value
+                    if spec and hit:
+                        obj = decode_object(res[2])
+                        if obj is not None and obj.key == key:
+                            self.cache.outcome(e, True)
+                            return obj.value
+                        hit = False
+                    self.cache.outcome(e, hit)
+                found = yield from self.find(key, view, h, suspects)
+                if found is False:
+                    continue
+                if found is None:
+                    return None
                 pos, v, obj = found
                 self.cache.store(key, sid, pos, v)
                 return obj.value
-            if not bad:
-                return None
-            self.retry()
+            except EPOCH_ENDS as err:
+                yield from self.new_epoch(err)
 
     # -- UPDATE / DELETE -------------------------------------------------------------------
     def _locate(self, key: bytes, h: KeyHash, writes: list):
@@ -303,31 +415,22 @@ class ClientCore:
             e = self.cache.get(key)
             if e is not None and e.sid == sid:
                 v = e.value
-                reads.append(Read(slot_node(v), slot_addr(v, self.unit) + slot_units(v) *
-                                  self.unit - TAIL_BYTES, TAIL_BYTES))
+                reads.append(Read(self.alloc.home_of(slot_node(v)), slot_addr(v, self.unit) +
+                                  slot_units(v) * self.unit - TAIL_BYTES, TAIL_BYTES))
             res = yield from self.rt(reads + writes)
             writes = []
             view = View(res[:2], firsts, sid)
             if view.stale:
-                waits = self.waited(waits, f"subtable {sid} is being split")
-                self.retry()
-                yield from self.refresh()
+                waits = yield from self.split_seen(sid, waits)
                 continue
             if e is not None and e.sid == sid:
                 hit = view.get(e.pos) == e.value
                 self.cache.outcome(e, hit)
                 if hit:
                     return sid, e.pos, e.value, object_tail(res[2])[0]
-            cands = self.candidates(view, h)
-            if not cands:
-                return None
-            bufs = yield from self.rt([self.object_read(v) for _, v in cands])
-            found, bad = self.match(key, cands, bufs, suspects)
-            if found is not None:
-                return sid, found[0], found[1], found[2].crc
-            if not bad:
-                return None
-            self.retry()
+            found = yield from self.find(key, view, h, suspects)
+            if found is not False:
+                return found and (sid, found[0], found[1], found[2].crc)
 
     def _replace(self, key: bytes, value: bytes, opcode: int):
         """UPDATE (new object) or DELETE (tombstone naming a record object) of a present key."""
@@ -341,50 +444,80 @@ class ClientCore:
     def _replace_with(self, obj: NewObject, key: bytes, opcode: int):
         h = key_hash(key)
         writes = obj.writes
+        open_round = None           # (epoch, target, v_old, v_new, old crc, verdict reached)
         while True:
             try:
-                found = yield from self._locate(key, h, writes)
-            except CorruptObject:
-                yield from self.abandon(obj)
-                raise
-            writes = []
-            if found is None:
-                yield from self.abandon(obj)
-                raise KeyNotFound(key)
-            sid, pos, v_old, old_crc = found
-            v_new = self.slot_value(h, obj) if opcode == UPDATE else self.free_value()
-            t = self.target(sid, pos)
-            ref = slot_ref(sid, pos)
-            current = []
-            if t.backups:
-                current, _ = yield from propose(t, v_old, v_new)
-            verdict = yield from resolve(t, v_old, v_new, current)
-            if verdict == WIN:
-                yield from self.rt(fix_requests(t, current, v_new) +
-                                   self.log.record(obj, COMMITTED, ref, v_old, old_crc))
-                verdict, _ = yield from cas_primary(t, v_old, v_new)
+                try:
+                    found = yield from self._locate(key, h, writes)
+                except CorruptObject:
+                    yield from self.abandon(obj)
+                    raise
+                writes = []
+                if found is None:
+                    yield from self.abandon(obj)
+                    raise KeyNotFound(key)
+                sid, pos, v_old, old_crc = found
+                v_new = self.slot_value(h, obj) if opcode == UPDATE else self.free_value()
+                t = self.target(sid, pos)
+                ref = slot_ref(sid, pos)
+                current = []
+                epoch = self.membership.epoch
+                open_round = (epoch, t, v_old, v_new, old_crc, None)
+                if t.backups:
+                    current, _ = yield from propose(t, v_old, v_new)
+                verdict = yield from resolve(t, v_old, v_new, current)
                 if verdict == WIN:
+                    open_round = (epoch, t, v_old, v_new, old_crc, WIN)
+                    yield from self.rt(fix_requests(t, current, v_new) +
+                                       self.log.record(obj, COMMITTED, ref, v_old, old_crc))
+                    verdict, _ = yield from cas_primary(t, v_old, v_new)
+                    if verdict == WIN:
+                        return self._replaced(key, obj, opcode, t, v_old, v_new)
+                elif verdict == LOSE:
+                    open_round = (epoch, t, v_old, v_new, old_crc, LOSE)
+                    self.counters["lost"] += 1
+                    verdict = yield from await_change(t, v_old,
+                                                      self.log.record(obj, LOST, ref, v_old),
+                                                      self.patience)
+                    if verdict == LOSE and opcode == UPDATE:
+                        return self._overwritten(key, obj)
+                    # a DELETE that lost must look again: the winner may have been an UPDATE
+                open_round = None
+                self.retry()
+                if verdict == RESTART:
+                    yield from self.refresh()
+            except EPOCH_ENDS as err:
+                writes = yield from self.epoch_ended(err, obj)
+                if open_round is None:
+                    continue
+                epoch, t, v_old, v_new, old_crc, verdict = open_round
+                open_round = None
+                fate = yield from self.fate(epoch, t, v_old, v_new, verdict)
+                if fate == WIN:         # the failover kept our proposal: finish as a winner
+                    yield from self.rt(self.log.record(obj, COMMITTED, slot_ref(t.sid, t.pos),
+                                                       v_old, old_crc))
+                    return self._replaced(key, obj, opcode, t, v_old, v_new)
+                if fate == LOSE:
+                    yield from self.rt(self.log.record(obj, LOST, slot_ref(t.sid, t.pos),
+                                                       v_old))
                     if opcode == UPDATE:
-                        self.defer_free(v_old)
-                        self.cache.store(key, sid, pos, v_new)
-                    else:
-                        self.defer_free(v_old, then_release=obj.ptr)
-                        self.cache.drop(key)
-                    return None
-            elif verdict == LOSE:
-                self.counters["lost"] += 1
-                verdict = yield from await_change(t, v_old,
-                                                  self.log.record(obj, LOST, ref, v_old),
-                                                  self.patience)
-                if verdict == LOSE and opcode == UPDATE:
-                    # overwritten by the round's winner: linearized just before it
-                    self.cache.drop(key)
-                    self.alloc.release(obj.ptr)
-                    return None
-                # a DELETE that lost must look again: the winner may have been an UPDATE
-            self.retry()
-            if verdict == RESTART:
-                yield from self.refresh()
+                        return self._overwritten(key, obj)
+
+    def _replaced(self, key: bytes, obj: NewObject, opcode: int, t: SlotTarget, v_old: int,
+                  v_new: int) -> None:
+        """The primary holds ``v_new``: the old object is freed with the next batch."""
+        if opcode == UPDATE:
+            self.defer_free(v_old)
+            self.cache.store(key, t.sid, t.pos, v_new)
+        else:
+            self.defer_free(v_old, then_release=obj.ptr)
+            self.cache.drop(key)
+
+    def _overwritten(self, key: bytes, obj: NewObject) -> None:
+        """An UPDATE that lost its round: overwritten by the winner, linearized just before
+        it; its object was never published."""
+        self.cache.drop(key)
+        self.alloc.release(obj.ptr)
 
     def _put(self, key: bytes, value: bytes):
         while True:

@@ -30,10 +30,10 @@ Waits on other clients (a split in progress, a round whose winner is another cra
 are bounded (``Stalled``: the master retries later). Every step is idempotent, so a recovery
 that died half way is simply run again (by the same ``owner``).
 
-Not handled here: memory-node crashes. Recovery reads every replica of the client's blocks
-and the primary blocks' free bitmaps, so while an MN is down it fails with NodeTimeout (the
-master retries); the MN repair (SPEC §8) must run first, and since a free bitmap lives on the
-primary block only, that repair also has to rebuild the bits of the blocks whose primary died.
+Memory-node crashes: recovery runs under a membership (``fusee.membership``) and reads the
+live replicas only. While an MN is dead but not yet failed over it meets NodeTimeout and
+fails; the master runs it again after the failover (``fusee.failover``), which has closed
+every round the dead MN left open.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from fusee.layout import (ABORTED, CLEAN, COMMITTED, COMMIT_OFFSET, DELETE, FROZ
                           committed_object, decode_object, free_value_of, is_free, is_object,
                           make_slot, object_tail, pack_u64, slot_addr, slot_node, slot_ref,
                           slot_units, unpack_u64)
+from fusee.membership import Membership
 from fusee.memory_map import HEADER_LAYOUT
 from fusee.operations import ClientCore
 from fusee.replication import LOSE, RESTART, WIN, SlotTarget, fix_requests, propose, resolve
@@ -60,6 +61,13 @@ from fusee.verbs import Cas, Faa, FreeBlock, Read, Write, chunks
 
 #: the recovery-lock owner of the master; a client recovering its own id uses the id
 MASTER = (1 << 32) - 1
+#: the outcome of an entry a failover completed after the primary holding the value it
+#: replaced had died: nothing tells which object that was, and it is never freed
+OLD_LOST = "kept by a failover; the value it replaced is lost"
+#: the outcome of a committed entry that may or may not have taken effect, so that its
+#: object (or the one it replaced) may stay held for good: an UPDATE in a subtable left with
+#: one replica, or a round a failover rolled back, whose slot moved on since
+UNPROVEN = "committed; whether it took effect is unknown"
 
 
 @dataclass
@@ -84,11 +92,11 @@ class RecoveryReport:
 
 
 def recover_client(config: ClusterConfig, client_id: int, owner: int = MASTER,
-                   clock=time.perf_counter):
-    """Generator: recover ``client_id`` (crashed, or its lease ran out); returns a
-    RecoveryReport. ``owner`` tags the recovery lock (a recovery that died is re-run by the
-    same owner); ``clock`` times the phases for the report."""
-    return Recovery(config, client_id, owner, clock).run()
+                   clock=time.perf_counter, membership: Membership = Membership()):
+    """Generator: recover ``client_id`` (crashed, or its lease ran out) under ``membership``;
+    returns a RecoveryReport. ``owner`` tags the recovery lock (a recovery that died is re-run
+    by the same owner); ``clock`` times the phases for the report."""
+    return Recovery(config, client_id, owner, clock, membership).run()
 
 
 @dataclass
@@ -98,6 +106,7 @@ class _Entry:
     v: ObjectView
     s: int | None                   # its slot value (INSERT / UPDATE proposals)
     linearized: bool = False        # the operation took effect
+    found_at: tuple[int, int] | None = None     # the slot holding its value, when found
     lost: bool = False              # a round it joined was won by another writer
     synced: bool = True             # every replica holds the newest commit record
 
@@ -108,8 +117,8 @@ class _Entry:
 
 class Recovery:
     def __init__(self, config: ClusterConfig, client_id: int, owner: int = MASTER,
-                 clock=time.perf_counter):
-        self.core = ClientCore(config, client_id)
+                 clock=time.perf_counter, membership: Membership = Membership()):
+        self.core = ClientCore(config, client_id, membership=membership)
         self.cid, self.owner, self.clock = client_id, owner, clock
         self.meta = self.core.map.client_meta(client_id)
         self.report = RecoveryReport(client_id)
@@ -165,24 +174,27 @@ class Recovery:
     # -- 1. start / 4. release ---------------------------------------------------------------
     def _start(self):
         core, geo, meta = self.core, self.core.geo, self.meta
-        res = yield [core.dir.read(), Read(0, geo.header_word(HDR_MAGIC), 8),
-                     Read(0, HEADER_LAYOUT, 8), Cas(0, meta + META_RECOVERY, 0, self.owner + 1),
-                     Faa(0, meta + META_INCARNATION, 1), Read(0, meta + META_STATE, 8),
-                     Read(0, geo.header_word(LOCKS), 8 * geo.max_subtables)]
+        m0 = core.meta_nodes[0]         # the directory's first live replica, too
+        res = yield [core.dir.read(), Read(m0, geo.header_word(HDR_MAGIC), 8),
+                     Read(m0, HEADER_LAYOUT, 8), Cas(m0, meta + META_RECOVERY, 0, self.owner + 1),
+                     Read(m0, meta + META_STATE, 8),
+                     Read(m0, geo.header_word(LOCKS), 8 * geo.max_subtables)] + [
+                     Faa(m, meta + META_INCARNATION, 1) for m in core.meta_nodes]
         if unpack_u64(res[2]) != core.map.fingerprint or unpack_u64(res[1]) != INDEX_MAGIC:
             raise StoreFormatError("the memory nodes were formatted for another layout")
         if res[3] not in (0, self.owner + 1):
             raise RecoveryInProgress(f"client {self.cid} is being recovered by "
                                      f"{res[3] - 1:#x}")
         core.dir.load(res[0])
-        core.free_seq = res[4] << 28
-        self.report.clean = unpack_u64(res[5]) == CLEAN
-        self.locks = [unpack_u64(res[6], 8 * i) for i in range(geo.max_subtables)]
+        core.free_seq = (max(res[6:]) + 1) << 28     # as ClientCore.open: its own range
+        self.report.clean = unpack_u64(res[4]) == CLEAN
+        self.locks = [unpack_u64(res[5], 8 * i) for i in range(geo.max_subtables)]
 
     def _release(self):
         meta = self.meta
-        yield [Write(m, meta + META_STATE, pack_u64(CLEAN)) for m in self.core.meta_nodes] + [
-            Cas(0, meta + META_RECOVERY, self.owner + 1, 0)]
+        nodes = self.core.meta_nodes
+        yield [Write(m, meta + META_STATE, pack_u64(CLEAN)) for m in nodes] + [
+            Cas(nodes[0], meta + META_RECOVERY, self.owner + 1, 0)]
 
     # -- 2. the log ----------------------------------------------------------------------
     def _entries(self, found) -> list[_Entry]:
@@ -230,6 +242,11 @@ class Recovery:
         marks = []
         for e in looks:
             if e.linearized:
+                if e.v.state != COMMITTED and e.found_at is not None:
+                    # a failover kept its proposal (the old primary died with the old value,
+                    # so no free is owed: that object stays behind, counted here)
+                    marks += self._mark(e, COMMITTED, slot_ref(*e.found_at), 0, 0)
+                    self._outcome(OLD_LOST)
                 continue
             state = LOST if e.lost else ABORTED
             if e.v.state != state or e.v.slot_ref != NO_SLOT:
@@ -245,9 +262,23 @@ class Recovery:
         self.report.held = sum(1 for e in entries if e.v.state == COMMITTED and
                                e.v.opcode != DELETE and not e.c.freed)
 
+    def _rolled_back(self, e: _Entry, p: int) -> bool | None:
+        """Did a failover roll back the round ``e`` committed in? True: it settled the slot
+        to the round's old value and the slot (now ``p``) still holds it (values never come
+        back otherwise). None: it settled it so, but the slot moved on, and no record tells
+        whether ``e``'s client redid that round before it crashed. False: no rollback."""
+        ref = (e.v.slot_ref >> 32, e.v.slot_ref & 0xFFFFFFFF)
+        old = e.v.old_value
+        if not any(slots.get(ref) == old for slots in self.core.membership.settled.values()):
+            return False
+        if p == old:
+            return True
+        mine = p == e.s if e.s is not None else free_value_of(p, self.cid)
+        return False if mine else None
+
     def _committed(self, entries: list[_Entry]):
         """Generator: step A for COMMITTED entries; returns those whose round died in a
-        split (to look up by key).
+        split or was rolled back by a failover (to look up by key).
 
         For an UPDATE or DELETE the replaced object tells whether the free the operation
         owed was delivered (its bit set, used 0, or another object there since); that can
@@ -263,8 +294,9 @@ class Recovery:
             reqs.append(Read(t.primary, t.addr, 8))
             if is_object(old) and e.v.opcode != INSERT:
                 free = core.alloc.free_request(old)
-                reqs += [Read(slot_node(old), slot_addr(old, unit) + slot_units(old) * unit -
-                              TAIL_BYTES, TAIL_BYTES), Read(free.node, free.addr, 8)]
+                reqs += [Read(core.alloc.home_of(slot_node(old)), slot_addr(old, unit) +
+                              slot_units(old) * unit - TAIL_BYTES, TAIL_BYTES),
+                         Read(free.node, free.addr, 8)]
             where.append((e, t, len(reqs)))
         res = []
         for batch in chunks(reqs):
@@ -273,6 +305,16 @@ class Recovery:
         for e, t, end in where:
             got, start = res[start:end], end
             p, old = unpack_u64(got[0]), e.v.old_value
+            rolled_back = self._rolled_back(e, p & ~FROZEN)
+            if rolled_back:
+                dead.append(e)                  # looked up by key: redone, or marked
+                continue
+            if rolled_back is None:
+                # neither freeing the old value (its replacer may) nor taking the object back
+                # (it may be in the index, or freed by its replacer) is safe: it stays held
+                e.linearized = True
+                self._outcome(UNPROVEN)
+                continue
             owed = False                        # a free not delivered
             if len(got) == 3:
                 crc, used = object_tail(got[1])
@@ -289,7 +331,12 @@ class Recovery:
                     dead.append(e)
                 continue
             e.linearized = True
-            self._outcome("had taken effect")
+            if not t.backups and e.v.opcode == UPDATE and p != e.s:
+                # no SNAPSHOT round without backups: committed is not "won", and another
+                # writer's primary CAS may have beaten this one; if so its object stays held
+                self._outcome(UNPROVEN)
+            else:
+                self._outcome("had taken effect")
             if owed:
                 yield from core.rt([core.alloc.free_request(old)])
                 self.report.frees_delivered += 1
@@ -356,6 +403,7 @@ class Recovery:
                 t = core.target(sid, pos)
                 if committed_object(p) and p in mine:
                     mine[p].linearized = True           # took effect here
+                    mine[p].found_at = (sid, pos)
                 if not backups:
                     if p & TENTATIVE and p & ~TENTATIVE in mine:
                         yield from self._claim_r1(mine[p & ~TENTATIVE], t, p)
@@ -411,7 +459,8 @@ class Recovery:
         extra = []
         if committed_object(p):
             u = slot_units(p) * core.unit
-            extra = [Read(slot_node(p), slot_addr(p, core.unit) + u - TAIL_BYTES, TAIL_BYTES)]
+            extra = [Read(core.alloc.home_of(slot_node(p)), slot_addr(p, core.unit) + u -
+                          TAIL_BYTES, TAIL_BYTES)]
         current, got = yield from propose(t, p, v_new, extra)
         verdict = yield from resolve(t, p, v_new, current)
         if verdict == LOSE:
@@ -452,7 +501,9 @@ class Recovery:
         c = e.c
         off = c.offset + c.units * self.core.unit - LOG_BYTES + COMMIT_OFFSET
         e.synced = True
-        return [Write(n, a + off, rec) for n, a in zip(c.group.nodes, c.group.addrs)]
+        dead = self.core.membership.dead
+        return [Write(n, a + off, rec) for n, a in zip(c.group.nodes, c.group.addrs)
+                if n not in dead]
 
 
 def _record(v: ObjectView) -> tuple:

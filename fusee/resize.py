@@ -1,22 +1,20 @@
 """Extendible split of a full subtable (RACE resizing, SPEC §4), done by the client whose
 insert found both of its key's combined buckets full.
 
-1. Lock the subtable: CAS its split lock on MN 0 (``0 -> client id + 1``). A lock already
-   at RETIRED_LOCK means the subtable was split: refresh the directory.
-2. Take two fresh subtable ids (FAA on the counter) — subtables are never reused, so no slot
-   word ever returns to an old value — and record them in the lock word (``first << 32 |
-   client id + 1``, with the first freezing CASes) so that recovery can finish the split.
-3. Freeze every slot on the primary: CAS ``v -> v | FROZEN`` until each one holds. From then
+1. Lock the subtable: CAS its split lock on the first directory replica (``0 -> client id +
+   1``). A lock already at RETIRED_LOCK means the subtable was split: refresh the directory.
+2. Freeze every slot on the primary: CAS ``v -> v | FROZEN`` until each one holds. From then
    on every writer's primary CAS on this subtable fails, and every reader and writer that sees
    FROZEN re-reads the directory; writes completed before a slot froze are in the value
    frozen. Bucket headers are marked RETIRED.
-4. Read the key of every object slot and copy the slot to the same position of the new
+3. Read the key of every object slot and copy the slot to the same position of the new
    subtable that the key's next suffix bit selects (tentative claims, tombstones and voids are
-   dropped), writing both new subtables whole on all of their replicas.
-5. CAS the directory entries that named the old subtable (on every directory replica), and
+   dropped), writing both new subtables whole on all of their replicas. Their ids follow from
+   the old one's place in the split tree (``fusee.index.child_ids``).
+4. CAS the directory entries that named the old subtable (on every directory replica), and
    set the old subtable's lock to RETIRED_LOCK for good.
 
-Every step is idempotent, so a recoverer (``finish``) can run steps 3-5 again for a splitter
+Every step is idempotent, so a recoverer (``finish``) can run steps 2-4 again for a splitter
 that crashed: the frozen values are final, so the new images come out the same, and they are
 only written while no directory entry names them yet (once one does, clients may be using
 them).
@@ -28,10 +26,10 @@ import struct
 
 from fusee.errors import CorruptObject, IndexFull
 from fusee.hashing import key_hash
-from fusee.index import HDR_NEXT_SUBTABLE, RETIRED_LOCK, entry_word
+from fusee.index import RETIRED_LOCK, child_ids, entry_word
 from fusee.layout import (BUCKET_BYTES, FROZEN, RETIRED, SLOTS_PER_BUCKET, bucket_header,
                           committed_object, decode_object, pack_u64, parse_header)
-from fusee.verbs import Cas, Faa, Read, Write, chunks
+from fusee.verbs import Cas, Read, Write, chunks
 
 _HOLDER = 0xFFFFFFFF        # the lock word's low half: client id + 1 of the splitter
 
@@ -43,15 +41,14 @@ def split(core, sid: int, depth: int, suffix: int):
     geo, me = core.geo, core.client_id + 1
     if depth >= geo.dir_bits:
         raise IndexFull(f"subtable {sid} is at the directory's full depth {geo.dir_bits}")
-    (held,) = yield from core.rt([Cas(0, geo.lock(sid), 0, me)])
+    if max(child_ids(sid, depth, suffix, geo.initial_depth)) >= geo.max_subtables:
+        raise IndexFull(f"the index area holds at most {geo.max_subtables} subtables")
+    head = core.dir.replicas[0]
+    (held,) = yield from core.rt([Cas(head, geo.lock(sid), 0, me)])
     if held != 0:
         yield from core.refresh()           # split done, or in progress: look again
         return False
-    (first,) = yield from core.rt([Faa(0, geo.header_word(HDR_NEXT_SUBTABLE), 2)])
-    if first + 2 > geo.max_subtables:
-        yield from core.rt([Cas(0, geo.lock(sid), me, 0)])
-        raise IndexFull(f"the index area holds at most {geo.max_subtables} subtables")
-    yield from finish(core, sid, me, first, fresh=True)
+    yield from finish(core, sid, me, fresh=True)
     return True
 
 
@@ -62,24 +59,16 @@ def holder(lock: int) -> int | None:
     return (lock & _HOLDER) - 1
 
 
-def finish(core, sid: int, lock: int, first: int | None = None, fresh: bool = False):
-    """Generator: steps 3-5 of the split of ``sid`` whose lock word is ``lock`` (for a
-    recoverer: the crashed splitter's). ``first`` is the first new subtable id (None: take
-    it from the lock word, or draw two now when the splitter crashed before recording
-    them); ``fresh`` says the caller just drew it, so no directory entry can name it yet."""
+def finish(core, sid: int, lock: int, fresh: bool = False):
+    """Generator: steps 2-4 of the split of ``sid`` whose lock word is ``lock`` (for a
+    recoverer: the crashed splitter's; for a failover: whatever the lock holds). ``fresh``
+    says the caller just took the lock, so no directory entry can name the new subtables."""
     geo = core.geo
-    if first is None:
-        first = lock >> 32
-    if not first:
-        (first,) = yield from core.rt([Faa(0, geo.header_word(HDR_NEXT_SUBTABLE), 2)])
-        if first + 2 > geo.max_subtables:
-            raise IndexFull(f"cannot finish the split of subtable {sid}: the index area "
-                            f"holds at most {geo.max_subtables} subtables")
-    recorded = (lock & _HOLDER) | first << 32
-    extra = [] if lock == recorded else [Cas(0, geo.lock(sid), lock, recorded)]
-    lock = recorded
-    slots, depth, suffix = yield from _freeze(core, sid, extra)
-    news = (first, first + 1)
+    slots, depth, suffix = yield from _freeze(core, sid, [])
+    news = child_ids(sid, depth, suffix, geo.initial_depth)
+    if max(news) >= geo.max_subtables:
+        raise IndexFull(f"cannot finish the split of subtable {sid}: the index area holds "
+                        f"at most {geo.max_subtables} subtables")
     if not fresh:
         yield from core.refresh()
     named = {entry_word(s, depth + 1) for s in news}
@@ -95,7 +84,8 @@ def finish(core, sid: int, lock: int, first: int | None = None, fresh: bool = Fa
     for e in range(suffix, 1 << geo.dir_bits, 1 << depth):
         new = entry_word(news[(e >> depth) & 1], depth + 1)
         cas += [Cas(n, geo.entry(e), old, new) for n in core.dir.replicas]
-    for batch in chunks(cas + [Cas(0, geo.lock(sid), lock, RETIRED_LOCK)]):
+    head = core.dir.replicas[0]
+    for batch in chunks(cas + [Cas(head, geo.lock(sid), lock, RETIRED_LOCK)]):
         yield from core.rt(batch)          # the lock is retired last
     core.counters["splits"] += 1
     yield from core.refresh()
@@ -114,8 +104,10 @@ def _freeze(core, sid: int, extra: list):
               for b in range(geo.buckets) for s in range(SLOTS_PER_BUCKET)}
     todo = {p: v for p, v in values.items() if not v & FROZEN}
     retire = pack_u64(bucket_header(sid, depth, suffix, RETIRED))
-    extra = list(extra) + [Write(primary, base + b * BUCKET_BYTES, retire)
-                           for b in range(geo.buckets)]
+    # retired on every replica: a backup that becomes primary when this one dies must not
+    # pass for a subtable in use with a client whose directory is stale
+    extra = list(extra) + [Write(n, base + b * BUCKET_BYTES, retire)
+                           for n in core.dir.nodes(sid) for b in range(geo.buckets)]
     while todo or extra:
         order = list(todo)
         res = []

@@ -53,10 +53,13 @@ class AllocBlock(NamedTuple):
     """Control request served by the MN's CPU: hand a free data block to ``owner``.
 
     Completes with the block's address. This is the only work a memory node's CPU does for
-    clients (SPEC §7), and it is off the fast path.
+    clients (SPEC §7), and it is off the fast path. ``at`` (a block address) asks for that
+    very block, refused if it is taken: the copies of a block group sit at the same address on
+    every replica, so an object's pointer finds any of them (``fusee.membership``).
     """
     node: int
     owner: int
+    at: int = 0
 
 
 class FreeBlock(NamedTuple):
@@ -64,6 +67,15 @@ class FreeBlock(NamedTuple):
     node: int
     owner: int
     addr: int
+
+
+class AwaitMembership(NamedTuple):
+    """Not a verb: an operation that cannot go on under membership epoch ``epoch`` (a memory
+    node stopped answering) asks whoever drives it for the next epoch. The driver answers by
+    throwing EpochChanged into it once the master's failover has published one, or the
+    original NodeTimeout when no failover will come (no master, or none in time). It is
+    always alone in its batch."""
+    epoch: int
 
 
 Verb = Union[Read, Write, Cas, Faa]
@@ -90,6 +102,20 @@ class RemoteAccessError(TransportError):
 
 class NodeTimeout(TransportError):
     """No completion from a memory node within the deadline: it is unreachable or dead."""
+
+
+class EpochChanged(TransportError):
+    """The batch was not posted: the cluster moved to ``membership`` (a
+    ``fusee.membership.Membership``) since the operation began. The operation adopts it and
+    settles whatever round the old epoch left open before it goes on."""
+
+    def __init__(self, membership, message: str | None = None):
+        super().__init__(message or f"membership epoch {membership.epoch} began")
+        self.membership = membership
+
+
+#: what ends the membership epoch an operation runs in, as far as it can tell
+EPOCH_ENDS = (NodeTimeout, EpochChanged)
 
 
 class ControlError(TransportError):
@@ -127,6 +153,6 @@ _FIELDS = {
     Write: (("node", int), ("addr", int), ("data", bytes)),
     Cas: (("node", int), ("addr", int), ("expected", int), ("desired", int)),
     Faa: (("node", int), ("addr", int), ("delta", int)),
-    AllocBlock: (("node", int), ("owner", int)),
+    AllocBlock: (("node", int), ("owner", int), ("at", int)),
     FreeBlock: (("node", int), ("owner", int), ("addr", int)),
 }

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import msgpack
@@ -18,10 +19,14 @@ from emulator import wire
 from emulator.cluster import LocalCluster
 from fusee.config import ClusterConfig, ConfigError
 from fusee.layout import META_RECOVERY
-from fusee.master import LeaseError, LeaseExpired, Master, StateError
+from fusee.master import (DataLost, LeaseError, LeaseExpired, Master, StateError,
+                          TransitionInProgress)
+from fusee.membership import Membership
 from fusee.memory_map import MemoryMap
-from fusee.verbs import Cas
-from transports.master_link import LeaseKeeper, MasterError, MasterLink
+from fusee.client import _LeaseGuard
+from fusee.verbs import AwaitMembership, Cas, EpochChanged, NodeTimeout, Read
+from transports.master_link import (LeaseKeeper, MasterBusy, MasterError, MasterLink,
+                                    membership_wait)
 
 L, MN_L, GRACE = 1.0, 0.5, 0.25         # leases of the unit tests
 
@@ -109,58 +114,161 @@ def test_repair_backoff_grows_and_is_capped():
     assert m.repairs[0].attempts == 9
 
 
-def test_a_silent_mn_is_dead_for_good_and_each_death_bumps_the_epoch():
+def test_a_silent_mn_is_dead_for_good_and_queued_for_failover():
     m = master(nodes=3, now=0.0)
     m.mn_seen(0, 0.4)
     m.mn_seen(1, 0.4)
     assert m.tick(MN_L) == []                   # all within their lease
     events = m.tick(MN_L + 0.01)                # MN 2 never answered
     assert [(e.kind, e.subject, e.epoch) for e in events] == [("mn-dead", 2, 1)]
+    assert (m.failing, m.pause, m.epoch, m.dead) == ([2], 1, 0, set())
     m.mn_seen(2, 1.0)                           # a late pong does not resurrect it
-    events = m.tick(0.4 + MN_L + 0.01)
-    assert [(e.kind, e.subject, e.epoch) for e in events] == [("mn-dead", 0, 2), ("mn-dead", 1, 3)]
-    assert m.dead == {0, 1, 2} and m.alive() == [] and m.epoch == 3
-    assert m.grant(0, 1, now=2.0).epoch == 3    # clients learn the epoch
+    assert m.alive() == [0, 1] and m.next_failover(1.0) == (2,)   # no client to wait for
+    m.failover_done((2,), Membership(1, frozenset({2})))
+    assert (m.failing, m.pause, m.epoch, m.dead) == ([], 0, 1, {2})
+    assert m.grant(0, 1, now=1.0).epoch == 1    # clients learn the epoch
+
+
+def test_pausing_clients_fence_the_failover_without_expiring_them():
+    m = master(pinged_until=0.4)
+    for cid in (1, 2, 3):
+        m.grant(cid, 10 + cid, now=0.0)
+    m.mn_seen(0, 100.0)
+    m.mn_seen(1, 100.0)
+    m.tick(MN_L + 0.5)                          # MN 2 is dead: epoch 1 awaits its failover
+    g = m.renew(1, 11, now=1.0)
+    assert (g.pause, g.epoch, g.lost) == (1, 0, None)
+    with pytest.raises(TransitionInProgress):
+        m.grant(4, 14, now=1.0)                 # no newcomer until epoch 1 is out
+    m.renew(1, 11, now=1.0, paused=1)           # acked: no batch in flight, none will go
+    m.renew(2, 12, now=1.0, paused=7)           # not the pending pause: no ack
+    assert m.waiting_for() == [2, 3] and m.next_failover(1.0) is None
+    m.renew(2, 12, now=1.1, paused=1)
+    m.renew(1, 11, now=1.1, paused=1)           # paused clients keep their leases
+    assert m.next_failover(1.1 + L) is None     # 3 neither acked nor expired yet
+    events = m.tick(L + GRACE + 0.01)           # 3 went silent: it counts as crashed
+    assert [(e.kind, e.subject) for e in events] == [("client-expired", 3)]
+    assert m.next_repair(2.0) is None           # no recovery before the new membership
+    assert m.next_failover(2.0) == (2,) and m.next_failover(2.0) is None   # running
+    assert m.next_repair(2.0) is None           # nor during the failover
+    m.failover_failed((2,), now=2.0, error="NodeTimeout: MN 1")
+    assert m.next_failover(2.05) is None and m.next_failover(2.15) == (2,)     # backoff
+    assert m.failover.attempts == 1 and "MN 1" in m.status(2.0)["failover"]["error"]
+    with pytest.raises(ValueError):
+        m.failover_done((2,), Membership(2, frozenset({2})))   # not the next epoch
+    with pytest.raises(ValueError):
+        m.failover_done((1,), Membership(1, frozenset({1})))   # not the MN failing over
+    m.failover_done((2,), Membership(1, frozenset({2}), {1: {(0, 5): 77}}))
+    assert set(m.clients) == {1, 2}             # both live clients kept their ids
+    g = m.renew(1, 11, now=2.2, paused=1)
+    assert (g.pause, g.epoch) == (0, 1) and m.membership.settled == {1: {(0, 5): 77}}
+    assert m.next_repair(2.2) == 3              # the crashed one is recovered now
+    m.repair_done(3)
+    assert m.grant(3, 13, now=2.3).epoch == 1
+
+
+def test_a_failover_waits_for_a_running_repair():
+    m = master(pinged_until=0.4)
+    m.mn_seen(0, 100.0)
+    m.mn_seen(1, 100.0)
+    m.grant(1, 11, now=0.0)
+    m.release(1, 11)
+    assert m.next_repair(0.0) == 1              # running when MN 2 dies
+    m.tick(MN_L + 0.5)
+    assert m.next_failover(1.0) is None
+    m.repair_failed(1, now=1.0, error="NodeTimeout: MN 2")
+    assert m.next_failover(1.0) == (2,)
+
+
+def test_deaths_during_a_transition_queue_and_the_rth_loses_data():
+    m = master(nodes=4, pinged_until=0.4)
+    m.replicas = 3
+    m.mn_seen(0, 100.0)
+    m.mn_seen(1, 100.0)
+    m.mn_seen(3, 1.0)
+    m.tick(MN_L + 0.5)                          # MN 2 dies; its failover starts
+    assert (m.failing, m.pause, m.lost) == ([2], 1, None)
+    assert m.next_failover(1.0) == (2,)
+    m.tick(1.0 + MN_L + 0.01)                   # MN 3 dies while it runs, and fails it
+    m.failover_failed((2,), now=2.0, error="NodeTimeout: MN 3")
+    assert (m.failing, m.pause) == ([2, 3], 1)  # one failover takes both
+    assert m.next_failover(2.5) == (2, 3)
+    with pytest.raises(ValueError):
+        m.failover_done((2, 3), Membership(1, frozenset({2})))
+    m.failover_done((2, 3), Membership(1, frozenset({2, 3})))
+    assert (m.epoch, m.dead, m.pause, m.failing) == (1, {2, 3}, 0, [])
+    m.mn_seen(1, 200.0)
+    events = m.tick(100.0 + MN_L + 0.01)        # MN 0 as well: r = 3 deaths
+    assert [e.kind for e in events] == ["mn-dead", "data-lost"]
+    assert "replication factor is 3" in m.lost and m.next_failover(200.0) is None
+    with pytest.raises(DataLost):
+        m.grant(6, 66, now=101.0)
+
+
+def test_fresh_ids_come_from_the_masters_own_counter():
+    m = master()
+    assert m.draw_id() is None                  # seeded from the MNs' counter first
+    m.seed_ids(4)
+    m.seed_ids(9)                               # once
+    m.grant(5, 1, now=0.0)                      # asked for by number
+    assert [m.draw_id(), m.draw_id()] == [4, 6]
+    r = Master.restore(json.loads(json.dumps(m.state())), range(3), L, MN_L, GRACE, now=1.0)
+    assert r.draw_id() == 7
 
 
 def test_restart_from_state_carries_on():
     m = master(nodes=3)
     for cid in range(5):
         m.grant(cid, 100 + cid, now=0.0)
+    m.mn_seen(0, 5.0)
+    m.mn_seen(1, 1.5)
+    m.tick(0.6)                                 # MN 2 dead: failed over to epoch 1
+    for cid in range(5):
+        m.renew(cid, 100 + cid, now=1.0, paused=1)
+    assert m.next_failover(1.0) == (2,)
+    m.failover_done((2,), Membership(1, frozenset({2}), {1: {(3, 4): 5}}))
     m.release(1, 101)
     m.release(2, 102)
-    assert m.next_repair(0.0) == 1
+    assert m.next_repair(1.0) == 1
     m.repair_done(1)
-    assert m.next_repair(0.0) == 2             # running when the master "crashes"
-    m.mn_seen(0, 5.0)
-    m.mn_seen(1, 5.0)
-    m.tick(1.0)                                 # MN 2 dead, epoch 1
+    assert m.next_repair(1.0) == 2             # running when the master "crashes"
+    m.seed_ids(5)
+    m.tick(2.1)                                 # MN 1 dead too: its failover is pending
     state = json.loads(json.dumps(m.state()))   # what the state file holds
-    r = Master.restore(state, range(3), L, MN_L, GRACE, now=50.0)
+    r = Master.restore(state, range(3), L, MN_L, GRACE, now=50.0, replicas=3)
     assert r.state() == m.state()
-    assert (r.epoch, r.dead, r.free_ids) == (1, {2}, [1])
+    assert (r.epoch, r.dead, r.failing, r.pause, r.free_ids) == (1, {2}, [1], 2, [1])
+    assert r.membership.settled == {1: {(3, 4): 5}} and r.draw_id() == 5
     assert set(r.clients) == {0, 3, 4} and r.clients[3].token == 103
     # leases restart in full at the restart, so a live client is never cut short
     assert all(lease.deadline == 50.0 + L + GRACE for lease in r.clients.values())
-    r.renew(3, 103, now=50.5)
-    assert r.next_repair(50.0) == 2             # the interrupted repair runs again
+    assert r.waiting_for() == [0, 3, 4]         # acks are not persisted: clients ack again
+    for cid in (0, 3, 4):
+        r.renew(cid, 100 + cid, now=50.5, paused=2)
+    assert r.next_repair(50.5) is None and r.next_failover(50.5) == (1,)
+    r.failover_done((1,), Membership(2, frozenset({1, 2})))
+    assert r.next_repair(50.5) == 2             # the interrupted repair runs again
     assert r.reusable_id() == 1
     assert r.tick(50.0 + MN_L + 0.01)[0].kind == "mn-dead"      # MNs need pings again
 
 
 @pytest.mark.parametrize("bad", [
-    {"version": 99},
+    {"version": 1},
     {"memnodes": [0, 1]},
+    {"replicas": 2},
     {"clients": {"1": 5}, "free_ids": [1]},
     {"free_ids": [2, 2]},
-    {"dead": [7]},
+    {"membership": {"epoch": 1, "dead": [7], "settled": []}},
+    {"membership": {"epoch": None, "dead": [], "settled": []}},
+    {"failing": [0], "membership": {"epoch": 1, "dead": [0], "settled": []}},
+    {"failing": [1, 1]},
+    {"next_id": "x"},
     {"clients": {"x": 1}},
-    {"epoch": None},
 ])
 def test_restore_refuses_a_state_that_does_not_fit(bad):
     state = {**master().state(), **bad}
     with pytest.raises(StateError):
-        Master.restore(state, range(3), L, MN_L, GRACE, now=0.0)
+        Master.restore(state, range(3), L, MN_L, GRACE, now=0.0, replicas=3)
     with pytest.raises(StateError):
         Master.restore({"epoch": 0}, range(3), L, MN_L, GRACE, now=0.0)
 
@@ -349,17 +457,150 @@ def test_a_client_whose_lease_ran_out_posts_no_more_verbs():
             assert fresh.get(b"k") == b"v"
 
 
-def test_a_killed_memory_node_is_declared_dead():
+def test_a_killed_memory_node_is_failed_over_and_its_clients_carry_on():
     with small_cluster() as c:
         kv = c.client()
+        kv.put(b"k", b"v")
         assert status(c)["dead"] == [] and kv.lease.epoch == 0
         c.kill(1)
-        s = wait_for(lambda: (s := status(c))["dead"] and s, "MN 1 to be declared dead")
+        s = wait_for(lambda: (s := status(c))["dead"] and s, "MN 1 to be failed over")
         assert s["dead"] == [1] and s["epoch"] == 1 and sorted(s["alive"]) == ["0", "2"]
-        wait_for(lambda: kv.lease.epoch == status(c)["epoch"],
+        assert s["membership"]["dead"] == [1] and s["failing"] == [] and s["pause"] == 0
+        (record,) = s["failovers"]
+        assert (record["node"], record["epoch"]) == (1, 1) and record["failover_s"] > 0
+        assert str(kv.client_id) in s["clients"]        # paused, not expired
+        wait_for(lambda: kv.lease.epoch == 1,
                  lambda: f"the client to learn the new epoch: {status(c)}, lease {kv.lease.lost}")
-        kv.lease.close()        # its MN is gone: not a clean close, just stop renewing
+        assert kv.get(b"k") == b"v"
+        kv.put(b"k", b"w")
+        with c.client() as newcomer:                    # registers in the new epoch
+            assert newcomer.lease.membership.dead == {1} and newcomer.get(b"k") == b"w"
+        kv.close()
+
+
+def test_a_failover_waits_until_every_client_has_paused():
+    """A client that neither acks the pause nor loses its lease holds the failover back;
+    meanwhile a paused client posts nothing and newcomers are told to retry. Once its lease
+    runs out it counts as crashed: the failover runs, then its recovery."""
+    with small_cluster() as c:
+        kv = c.client()
+        kv.put(b"k", b"v")
+        stubborn = MasterLink(c.config)                 # renews by hand, never acks
+        g = stubborn.register()
+        c.kill(2)
+        s = wait_for(lambda: (s := status(c))["waiting_for"] == [g.id] and s,
+                     "the other client to ack the pause for MN 2's failover")
+        assert s["failing"] == [2] and s["epoch"] == 0 and s["pause"] == 1
+        assert kv.lease.pause == kv.lease.acked == 1
+        with MasterLink(c.config) as other, pytest.raises(MasterBusy):
+            other.register()
+        verbs = kv.transport.stats.verbs
+        got = {}
+        reader = threading.Thread(target=lambda: got.setdefault("k", kv.get(b"k")))
+        reader.start()
+        for _ in range(4):                              # it keeps its lease: no failover
+            g = stubborn.renew(g)
+            assert g.pause == 1 and status(c)["failing"] == [2]
+            assert kv.transport.stats.verbs == verbs and reader.is_alive()
+            time.sleep(c.config.client_lease / 4)
+        stubborn.close()                                # silent now: its lease runs out
+        reader.join(60)
+        assert got == {"k": b"v"} and kv.lease.epoch == 1
+        wait_for(lambda: g.id in status(c)["free_ids"], "the stubborn client's recovery")
+        (record,) = [r for r in status(c)["repaired"] if r["id"] == g.id]
+        assert record["reason"] == "expired"
+        kv.close()
+
+
+class _Held:
+    """A real transport whose next batch stays in flight until ``go`` is set."""
+
+    def __init__(self, transport):
+        self.transport, self.go, self.inside = transport, threading.Event(), threading.Event()
+
+    def execute(self, batch):
+        self.inside.set()
+        assert self.go.wait(60)
+        return self.transport.execute(batch)
+
+
+def test_a_pause_waits_for_the_batch_in_flight_and_the_next_batch_gets_the_epoch():
+    with small_cluster() as c, c.transport() as t:
+        keeper = LeaseKeeper(c.config)
+        with pytest.raises(NodeTimeout, match="no new membership"):    # no failover comes
+            _LeaseGuard(t, keeper, 0.1).execute([AwaitMembership(0)])
+        held = _Held(t)
+        guard = _LeaseGuard(held, keeper, membership_wait(c.config))
+        done = []
+        flight = threading.Thread(target=lambda: done.append(guard.execute([Read(0, 0, 8)])))
+        flight.start()
+        assert held.inside.wait(60)
+        c.kill(2)
+        s = wait_for(lambda: (s := status(c))["failing"] == [2] and keeper.pause and s,
+                     "the pause for MN 2's failover")
+        # the keeper cannot ack while the batch is in flight: the failover waits for it
+        assert s["waiting_for"] == [keeper.client_id] and keeper.acked == 0 and not done
+        held.go.set()
+        flight.join(60)
+        assert len(done[0][0]) == 8
+        wait_for(lambda: keeper.membership.epoch == 1, "the new epoch")
+        with pytest.raises(EpochChanged) as e:
+            guard.execute([Read(0, 0, 8)])      # not posted: the operation adopts it first
+        assert e.value.membership.dead == {2} and guard.handed == 1
+        assert guard.execute([Read(0, 0, 8)]) == done[0]
+        with pytest.raises(EpochChanged):
+            guard.execute([AwaitMembership(0)])  # epoch 1 is out already: at once
+        keeper.close()
+
+
+def test_more_dead_memory_nodes_than_replicas_can_bear_is_reported():
+    with small_cluster(replication=2) as c:
+        kv = c.client()
+        kv.put(b"k", b"v")
+        c.kill(1)
+        wait_for(lambda: status(c)["dead"] == [1], "MN 1 to be failed over")
+        c.kill(2)
+        s = wait_for(lambda: (s := status(c))["lost"] and s, "the data loss to be noticed")
+        assert s["failing"] == [2] and "replication factor is 2" in s["lost"]
+        assert "DATA LOST" in c.master_log()
+        with pytest.raises(NodeTimeout, match="no failover will come"):
+            kv.put(b"k", b"w")
+        with MasterLink(c.config) as link, pytest.raises(MasterError, match="lost"):
+            link.register()
+        kv.lease.close()
         kv.transport.close()
+
+
+def test_without_a_master_nobody_fails_a_dead_node_over():
+    with LocalCluster(memnodes=3) as c:
+        kv = c.client()
+        kv.put(b"k", b"v")
+        with pytest.raises(NodeTimeout, match="no master"):
+            kv.executor.execute([AwaitMembership(0)])
+        c.kill(2)
+        with pytest.raises(NodeTimeout, match="no master"):
+            kv.put(b"k", b"w")
+        kv.transport.close()
+
+
+@pytest.mark.parametrize("backend", ["shm", "zmq"])
+def test_a_transport_connects_while_a_memory_node_is_dead(backend):
+    with LocalCluster(memnodes=3, transport=backend, timeout=1.0) as c:
+        c.kill(1)
+        for known in ((), [1]):                 # found silent, or told by the membership
+            with c.transport(dead=known) as t:
+                assert t.regions[1].length == 0 and t.regions[0].length > 0
+                with pytest.raises(NodeTimeout, match="dead") as e:
+                    t.execute([Read(1, 0, 8)])
+                with pytest.raises(NodeTimeout) as e:
+                    t.execute([Read(0, 0, 8), Read(1, 0, 8), Read(2, 0, 8)])
+                head = t.execute([Read(0, 0, 8)])[0]
+                assert e.value.results[0] == head and e.value.results[2] == head
+                assert isinstance(e.value.results[1], NodeTimeout)
+        with pytest.raises(NodeTimeout, match="cannot survive"):
+            c.transport(dead=[0, 2])            # with 1 silent: 3 replicas all gone
+        with pytest.raises(ValueError):
+            c.transport(dead=[7])
 
 
 def test_bad_requests_get_errors_and_the_master_keeps_serving():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from fusee.config import ClusterConfig
 
@@ -16,11 +17,19 @@ BACKENDS = {
 }
 
 
-def connect(config: ClusterConfig, backend: str | None = None, **kwargs):
-    """Open a transport of the named backend (default: the cluster config's) to every MN."""
+def connect(config: ClusterConfig, backend: str | None = None, dead=(), **kwargs):
+    """Open a transport of the named backend (default: the cluster config's) to every MN.
+
+    ``dead``: MNs known to be dead (the master's membership); they are not contacted, and
+    requests to them fail at once with NodeTimeout. The shm and zmq backends also connect when
+    some other MN does not answer (it is then treated the same way); the others take no
+    ``dead`` and need every MN."""
     name = backend or config.transport
     try:
         module, cls = BACKENDS[name].split(":")
     except KeyError:
         raise ValueError(f"unknown transport {name!r}; choose one of {sorted(BACKENDS)}") from None
-    return getattr(importlib.import_module(module), cls)(config, **kwargs)
+    factory = getattr(importlib.import_module(module), cls)
+    if dead and "dead" in inspect.signature(factory).parameters:
+        kwargs["dead"] = dead
+    return factory(config, **kwargs)

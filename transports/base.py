@@ -14,8 +14,8 @@ from dataclasses import dataclass, fields
 from typing import Sequence
 
 from fusee.config import ClusterConfig
-from fusee.verbs import (MAX_BATCH, AllocBlock, Cas, Faa, FreeBlock, NodeTimeout, Read,
-                         RemoteAccessError, Request, TransportError, Write)
+from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Cas, Faa, FreeBlock,
+                         NodeTimeout, Read, RemoteAccessError, Request, TransportError, Write)
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,10 @@ class Transport(ABC):
         """
         if not batch:
             return []
+        if type(batch[0]) is AwaitMembership:
+            raise NodeTimeout("a memory node stopped answering, and a bare transport has no "
+                              "master to fail it over (a Client on a cluster with a master "
+                              "waits for the failover)", None, [None])
         if len(batch) > MAX_BATCH:
             raise ValueError(f"a batch of {len(batch)} requests exceeds MAX_BATCH={MAX_BATCH}")
         s = self.stats

@@ -127,6 +127,20 @@ class Channels:
             raise wire.error_of(error, node)
         return results[0]
 
+    def call_all(self, nodes, name: str, timeout: float, **args) -> dict:
+        """The same control request to several MNs at once, within one deadline; returns
+        node -> its reply value, or the TransportError it failed with."""
+        seq = self.next_seq()
+        payload = wire.encode_control(seq, name, args)
+        out = {}
+        for node, reply in self.exchange(dict.fromkeys(nodes, payload), seq, timeout).items():
+            if isinstance(reply, TransportError):
+                out[node] = reply
+            else:
+                results, error = reply
+                out[node] = wire.error_of(error, node) if error else results[0]
+        return out
+
     def close(self) -> None:
         for node, s in self.socks.items():
             if node in self.monitors:
@@ -135,6 +149,25 @@ class Channels:
             s.close(0)
         self.socks.clear()
         self.monitors.clear()
+
+
+def dead_on_connect(config: ClusterConfig, dead, replies: dict) -> set[int]:
+    """The MNs to treat as dead on connecting: ``dead`` (known to be) and those whose reply
+    (``Channels.call_all``) is a NodeTimeout. Any other failure is raised, and so is a
+    NodeTimeout when as many MNs are down as there are replicas: nothing could be served."""
+    dead = set(dead)
+    unknown = dead - {m.id for m in config.memnodes}
+    if unknown:
+        raise ValueError(f"no memory node {sorted(unknown)} in this cluster")
+    for node, reply in sorted(replies.items()):
+        if isinstance(reply, NodeTimeout):
+            dead.add(node)
+        elif isinstance(reply, Exception):
+            raise reply
+    if len(dead) >= config.replicas:
+        raise NodeTimeout(f"memory nodes {sorted(dead)} are down: {config.replicas} replicas "
+                          "cannot survive that", min(dead))
+    return dead
 
 
 def place_replies(results: list, groups: dict[int, list[int]], replies: dict) -> bool:

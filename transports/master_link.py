@@ -5,13 +5,21 @@ The master speaks the memory nodes' control protocol (``emulator.wire``: a msgpa
 socket; ``MasterLink`` is one DEALER socket to it, with the same sequence numbers so a late
 reply is never mistaken for the next one.
 
-``LeaseKeeper`` registers (gets a client id and a lease) and then renews the lease from a
-daemon thread with a socket of its own, every third of the lease. A thread rather than renewals
-piggybacked on operations: an idle client must keep its id too, and the renewal stays off the
-data path (one small RPC per lease/3; the data path pays one clock read per batch to check
-the lease). The lease counts from when a renewal was *sent*, so the client's view of it always
-ends before the master's; once it has ended, ``valid()`` is false for good and the client must
-post no more verbs (the master will recover its operations and reuse its id).
+``LeaseKeeper`` registers (gets a client id, a lease and the current membership) and then
+renews the lease from a daemon thread with a socket of its own, every third of the lease. A
+thread rather than renewals piggybacked on operations: an idle client must keep its id too,
+and the renewal stays off the data path (one small RPC per lease/3; the data path pays one
+clock read and one uncontended lock per batch). The lease counts from when a renewal was
+*sent*, so the client's view of it always ends before the master's; once it has ended,
+``valid()`` is false for good and the client must post no more verbs (the master will recover
+its operations and reuse its id).
+
+The keeper also carries the master's failover protocol (``fusee.master``): when a renewal
+says *pause* for the next epoch, it takes ``gate`` (which the executor holds around every
+batch it posts, so this waits for the batch in flight), sets ``pause`` so that no new batch
+goes out, and acks at once with another renewal; while paused, or while an operation waits
+for a new epoch (``expect_news``), it renews every ``POLL`` seconds, so the published
+membership arrives promptly. ``news`` (a Condition) is notified on every change.
 """
 
 from __future__ import annotations
@@ -26,10 +34,14 @@ from emulator import wire
 from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
 from fusee.errors import FuseeError
 from fusee.master import Grant, LeaseError
+from fusee.membership import Membership
 from transports.security import secure_client
 
-#: error code of a lease refusal in a reply's error triple (next to wire.ERR_*)
-ERR_LEASE = 16
+#: error codes of a lease refusal and of "retry once the failover is done", in a reply's error
+#: triple (next to wire.ERR_*)
+ERR_LEASE, ERR_BUSY = 16, 17
+#: seconds between renewals while paused or while an operation awaits a new epoch
+POLL = 0.02
 
 
 class MasterError(FuseeError):
@@ -38,6 +50,18 @@ class MasterError(FuseeError):
 
 class MasterTimeout(MasterError):
     """No reply from the master within the deadline."""
+
+
+class MasterBusy(MasterError):
+    """A failover is in progress: the master registers no client until it is done."""
+
+
+def membership_wait(config: ClusterConfig) -> float:
+    """How long a client may wait for the next membership epoch once an MN stopped answering:
+    the master's detection (MN lease), every other client's pause ack or lease expiry (a
+    client lease to renew, one more to run out, plus the grace), and the failover itself (a
+    few round trips, each bounded by the timeout), with a margin."""
+    return config.mn_lease + 2 * config.client_lease + 4 * config.timeout + 1.0
 
 
 class MasterLink:
@@ -63,7 +87,8 @@ class MasterLink:
         self.rcvtimeo = -1
 
     def call(self, method: str, timeout: float | None = None, **args):
-        """Send one request; its reply value, or LeaseError / MasterError / MasterTimeout."""
+        """Send one request; its reply value, or LeaseError / MasterBusy / MasterError /
+        MasterTimeout."""
         timeout = self.timeout if timeout is None else timeout
         self.seq += 1
         try:
@@ -90,14 +115,21 @@ class MasterLink:
                 continue                        # a late reply to a request that timed out
             if error:
                 _, code, text = error
-                raise (LeaseError if code == ERR_LEASE else MasterError)(f"master: {text}")
+                raise {ERR_LEASE: LeaseError, ERR_BUSY: MasterBusy}.get(code, MasterError)(
+                    f"master: {text}")
             return results[0]
 
-    def register(self) -> Grant:
-        return Grant(**self.call("register"))
+    def register(self, client_id: int | None = None) -> Grant:
+        """A lease on a fresh or recovered id, or on ``client_id`` if it is free."""
+        args = {} if client_id is None else {"id": client_id}
+        return _grant(self.call("register", **args))
 
-    def renew(self, grant: Grant, timeout: float | None = None) -> Grant:
-        return Grant(**self.call("renew", timeout, id=grant.id, token=grant.token))
+    def renew(self, grant: Grant, timeout: float | None = None, paused: int = 0,
+              epoch: int = 0) -> Grant:
+        """``paused``: the pause epoch acked; ``epoch``: the membership epoch this client has
+        (the reply carries the membership when the master's is newer)."""
+        return _grant(self.call("renew", timeout, id=grant.id, token=grant.token, paused=paused,
+                                epoch=epoch))
 
     def release(self, grant: Grant) -> None:
         self.call("release", id=grant.id, token=grant.token)
@@ -115,20 +147,48 @@ class MasterLink:
         self.close()
 
 
-class LeaseKeeper:
-    """A registered client id and its lease, renewed in the background until ``close``."""
+def _grant(reply) -> Grant:
+    try:
+        wire_membership = reply.pop("membership", None)
+        membership = None if wire_membership is None else Membership.from_wire(wire_membership)
+        return Grant(**reply, membership=membership)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise MasterError(f"master: malformed grant: {e}") from None
 
-    def __init__(self, config: ClusterConfig):
+
+class LeaseKeeper:
+    """A registered client id, its lease renewed in the background until ``close``, and the
+    membership the master published last."""
+
+    def __init__(self, config: ClusterConfig, client_id: int | None = None):
+        """Registers (``client_id``: that very id, if it is free); while a failover is in
+        progress the registration is retried, up to ``membership_wait``."""
         self.link = MasterLink(config)
         try:
-            sent = time.monotonic()
-            self.grant = self.link.register()
+            deadline = time.monotonic() + membership_wait(config)
+            while True:
+                sent = time.monotonic()
+                try:
+                    self.grant = self.link.register(client_id)
+                    break
+                except MasterBusy:
+                    if sent > deadline:
+                        raise
+                    time.sleep(POLL)
         except BaseException:
             self.link.close()
             raise
         self.expires = sent + self.grant.lease
-        self.epoch = self.grant.epoch           # the master's membership epoch, last seen
+        self.membership = self.grant.membership or Membership()
+        self.epoch = self.membership.epoch
+        self.pause = 0                          # nonzero: post nothing until that epoch
+        self.acked = 0                          # the pause acked to the master
         self.lost: str | None = None            # why the lease ended early, once it has
+        self.data_lost: str | None = self.grant.lost    # no failover will come any more
+        self.gate = threading.Lock()            # held around every batch posted
+        self.news = threading.Condition()
+        self.waiters = 0                        # operations waiting for a new epoch
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, daemon=True,
                                         name=f"fusee-lease-{self.grant.id}")
@@ -141,33 +201,70 @@ class LeaseKeeper:
     def valid(self) -> bool:
         return time.monotonic() < self.expires
 
+    def expect_news(self, on: bool) -> None:
+        """An operation starts (or stops) waiting for a new epoch: renew now, then often."""
+        with self.news:
+            self.waiters += 1 if on else -1
+        if on:
+            self._wake.set()
+
     def _renew_loop(self) -> None:
         lease = self.grant.lease
         wait = lease / 3
-        while not self._stop.wait(wait):
+        while True:
+            self._wake.wait(wait)
+            if self._stop.is_set():
+                return
+            self._wake.clear()
             sent = time.monotonic()
             if sent >= self.expires:
-                self.lost = self.lost or "no renewal reached the master in time"
+                with self.news:
+                    self.lost = self.lost or "no renewal reached the master in time"
+                    self.news.notify_all()
                 return
             try:
                 # a renewal that cannot come back before the lease ends is of no use
                 g = self.link.renew(self.grant, timeout=max(0.001, min(lease / 3,
-                                                                       self.expires - sent)))
+                                                                       self.expires - sent)),
+                                    paused=self.acked, epoch=self.membership.epoch)
             except LeaseError as e:
-                self.lost, self.expires = str(e), 0.0
+                with self.news:
+                    self.lost, self.expires = str(e), 0.0
+                    self.news.notify_all()
                 return
             except MasterError as e:
                 self.lost = str(e)              # kept only if the lease runs out
                 wait = lease / 10               # try again soon
                 continue
-            self.expires, self.epoch, self.lost = sent + g.lease, g.epoch, None
-            wait = lease / 3
+            ack = self._apply(g, sent)
+            wait = 0 if ack else POLL if self.pause or self.waiters else lease / 3
+
+    def _apply(self, g: Grant, sent: float) -> bool:
+        """Take in a renewal; True if a pause was just acked (tell the master at once)."""
+        with self.news:
+            self.expires, self.lost, self.data_lost = sent + g.lease, None, g.lost
+            if g.membership is not None and g.membership.epoch > self.membership.epoch:
+                self.membership = g.membership
+                self.epoch = g.membership.epoch
+            # the pause goes up before the gate is taken: a batch that gets the gate after us
+            # sees it and stays home
+            self.pause = g.pause if g.pause > self.membership.epoch else 0
+            self.news.notify_all()
+        if not self.pause or self.acked == self.pause:
+            return False
+        # wait for the batch in flight (it is bounded by the transport's timeout)
+        if not self.gate.acquire(timeout=self.link.timeout + 1.0):
+            return False                        # try again with the next renewal
+        self.gate.release()
+        self.acked = self.pause
+        return True
 
     def close(self, release: bool = True) -> None:
         """Stop renewing; give the id back to the master if the lease still holds. Idempotent."""
         if self._stop.is_set():
             return
         self._stop.set()
+        self._wake.set()
         self._thread.join()
         try:
             if release and self.valid():

@@ -15,7 +15,9 @@ parts execute locally while that message is in flight.
 A segment stays mapped after its MN dies, so death is watched separately: the transport holds
 a pidfd per MN (a zombie counts as dead) and polls them all with one non-blocking poll(2) at
 most every ``liveness_interval`` seconds, which keeps the per-batch cost to one clock read.
-From the poll that sees a death on, every request to that MN fails with NodeTimeout.
+From the poll that sees a death on, every request to that MN fails with NodeTimeout. An MN
+known dead when connecting (``dead``, from the master's membership) or silent then is dead
+from the start: it is never mapped and keeps a placeholder region (length 0).
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from typing import Sequence
 from emulator import _atomic, wire
 from emulator.memory import SharedSegment
 from fusee.config import ClusterConfig
-from fusee.verbs import (MAX_BATCH, AllocBlock, Cas, Faa, FreeBlock, NodeTimeout, Read,
-                         RemoteAccessError, Request, TransportError, Write)
+from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Cas, Faa, FreeBlock,
+                         NodeTimeout, Read, RemoteAccessError, Request, TransportError, Write)
 from transports.base import RegionInfo, Transport, raise_for_failures
-from transports.channel import Channels, place_replies
+from transports.channel import Channels, dead_on_connect, place_replies
 
 _monotonic = time.monotonic
 _cas, _faa = _atomic.cas, _atomic.faa
@@ -45,7 +47,7 @@ class ShmTransport(Transport):
     name = "shm"
 
     def __init__(self, config: ClusterConfig, timeout: float | None = None,
-                 liveness_interval: float = LIVENESS_INTERVAL):
+                 liveness_interval: float = LIVENESS_INTERVAL, dead=()):
         super().__init__(config, timeout)
         if not hasattr(os, "pidfd_open"):
             raise RuntimeError("the shm transport needs Linux >= 5.3 (os.pidfd_open)")
@@ -61,29 +63,43 @@ class ShmTransport(Transport):
         self._dead: set[int] = set()
         self._next_check = 0.0
         try:
-            for m in config.memnodes:
-                self._attach(m.id)
+            self._attach(set(dead))
         except BaseException:
             self.close()
             raise
 
-    def _attach(self, node: int) -> None:
-        info = self.channels.call(node, "info", self.timeout)
-        fd = os.pidfd_open(info["pid"])
-        self._pidfds[fd] = node
-        self._poller.register(fd, select.POLLIN)
+    def _attach(self, dead: set[int]) -> None:
+        """Learn and map every MN's region, all MNs at once; ``dead`` ones are not asked."""
+        live = [m.id for m in self.config.memnodes if m.id not in dead]
+        infos = self.channels.call_all(live, "info", self.timeout)
+        for node, info in infos.items():
+            if isinstance(info, dict):
+                fd = os.pidfd_open(info["pid"])
+                self._pidfds[fd] = node
+                self._poller.register(fd, select.POLLIN)
         # The pid might have been reused between "info" and pidfd_open; a second answer from
         # the same live MN proves the pidfd is that MN's (its pid cannot be reused while alive).
-        again = self.channels.call(node, "info", self.timeout)
-        if (again["pid"], again["shm_name"]) != (info["pid"], info["shm_name"]):
-            raise TransportError(f"MN {node} changed while connecting", node)
-        seg = SharedSegment(info["shm_name"])
-        self._segments[node] = seg
-        if seg.size < info["length"]:
-            raise TransportError(f"MN {node}: segment {seg.name} is smaller than its region", node)
-        self._nodes[node] = (seg.mmap, _atomic.address(seg.mmap), info["length"], info["rkey"])
-        self.regions[node] = RegionInfo(node=node, length=info["length"], rkey=info["rkey"],
-                                        shm_name=info["shm_name"])
+        agains = self.channels.call_all([n for n, i in infos.items() if isinstance(i, dict)],
+                                        "info", self.timeout)
+        infos.update({n: a for n, a in agains.items() if not isinstance(a, dict)})
+        self._dead = dead_on_connect(self.config, dead, infos)
+        for node, again in agains.items():
+            info = infos[node]
+            if node in self._dead:
+                continue
+            if (again["pid"], again["shm_name"]) != (info["pid"], info["shm_name"]):
+                raise TransportError(f"MN {node} changed while connecting", node)
+            seg = SharedSegment(info["shm_name"])
+            self._segments[node] = seg
+            if seg.size < info["length"]:
+                raise TransportError(f"MN {node}: segment {seg.name} is smaller than its region",
+                                     node)
+            self._nodes[node] = (seg.mmap, _atomic.address(seg.mmap), info["length"],
+                                 info["rkey"])
+            self.regions[node] = RegionInfo(node=node, length=info["length"], rkey=info["rkey"],
+                                            shm_name=info["shm_name"])
+        for node in self._dead:
+            self.regions[node] = RegionInfo(node=node, length=0, rkey=0)
 
     def _check_liveness(self, now: float) -> None:
         self._next_check = now + self.liveness_interval
@@ -121,6 +137,8 @@ class ShmTransport(Transport):
         elif len(batch) > MAX_BATCH:
             raise ValueError(f"a batch of {len(batch)} requests exceeds MAX_BATCH={MAX_BATCH}")
         # The general path. Check every request before any runs; find the control requests.
+        if type(batch[0]) is AwaitMembership:
+            return Transport.execute(self, batch)       # which fails it: nobody fails over
         nodes = self._nodes
         remote = None
         for req in batch:
@@ -130,7 +148,7 @@ class ShmTransport(Transport):
                 if remote is None:
                     remote = set()
                 remote.add(req.node)
-            if req.node not in nodes:
+            if req.node not in nodes and req.node not in self._dead:
                 raise ValueError(f"no memory node {req.node!r} in this cluster")
         now = _monotonic()
         if now >= self._next_check:
@@ -149,7 +167,7 @@ class ShmTransport(Transport):
                 results.append(skip[node])
                 s.count(req)
                 continue
-            st = nodes[node]
+            st = nodes.get(node)
             try:
                 if dead and node in dead or regions[node].rkey != st[3]:
                     raise self._refusal(node, req)

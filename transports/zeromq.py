@@ -3,6 +3,10 @@
 Works between any hosts (``tcp://``) or on one host (``ipc://``). All requests of a batch for
 one MN go in one message; the messages for several MNs go out together and the batch completes
 when every reply is in, so a batch is one round trip however many MNs it touches.
+
+Connecting asks every MN for its region at once. An MN known dead (``dead``, from the
+master's membership) or silent within the timeout is marked dead: it keeps a placeholder
+region (length 0) so that requests to it are known, and each fails at once with NodeTimeout.
 """
 
 from __future__ import annotations
@@ -11,22 +15,30 @@ from typing import Sequence
 
 from emulator import wire
 from fusee.config import ClusterConfig
-from fusee.verbs import Request
+from fusee.verbs import NodeTimeout, Request
 from transports.base import RegionInfo, Transport, group_by_node, raise_for_failures
-from transports.channel import Channels, place_replies
+from transports.channel import Channels, dead_on_connect, place_replies
 
 
 class ZmqTransport(Transport):
     name = "zmq"
 
-    def __init__(self, config: ClusterConfig, timeout: float | None = None):
+    def __init__(self, config: ClusterConfig, timeout: float | None = None, dead=()):
         super().__init__(config, timeout)
         self.channels = Channels(config)
         try:
+            known = set(dead)
+            live = [m.id for m in config.memnodes if m.id not in known]
+            infos = self.channels.call_all(live, "info", self.timeout)
+            self.dead = dead_on_connect(config, dead, infos)
             for m in config.memnodes:
-                info = self.channels.call(m.id, "info", self.timeout)
-                self.regions[m.id] = RegionInfo(node=m.id, length=info["length"],
-                                                rkey=info["rkey"], shm_name=info["shm_name"])
+                if m.id in self.dead:
+                    self.regions[m.id] = RegionInfo(node=m.id, length=0, rkey=0)
+                else:
+                    info = infos[m.id]
+                    self.regions[m.id] = RegionInfo(node=m.id, length=info["length"],
+                                                    rkey=info["rkey"],
+                                                    shm_name=info["shm_name"])
         except BaseException:
             self.channels.close()
             raise
@@ -34,8 +46,8 @@ class ZmqTransport(Transport):
     def _execute(self, batch: Sequence[Request]) -> list:
         channels = self.channels
         seq = channels.next_seq()
-        regions = self.regions
-        if len(batch) == 1:                   # the common case, without the grouping
+        regions, dead = self.regions, self.dead
+        if len(batch) == 1 and not (dead and batch[0].node in dead):     # the common case
             node = batch[0].node
             reply = channels.roundtrip(node, wire.encode_verbs(seq, regions[node].rkey, batch),
                                        seq, self.timeout)
@@ -46,8 +58,11 @@ class ZmqTransport(Transport):
         else:
             groups = group_by_node(batch)
             payloads = {node: wire.encode_verbs(seq, regions[node].rkey, [batch[i] for i in idx])
-                        for node, idx in groups.items()}
+                        for node, idx in groups.items() if node not in dead}
             replies = channels.exchange(payloads, seq, self.timeout)
+            for node in groups.keys() & dead:
+                replies[node] = NodeTimeout(f"MN {node} is dead (it did not answer when this "
+                                            "transport connected)", node)
         return self._complete(batch, groups, replies)
 
     @staticmethod

@@ -28,13 +28,13 @@ from fusee.bench import report
 from fusee.bench.runner import (MAX_CLIENTS, MAX_KEYS_PER_CLIENT, BenchError, Phase,
                                 WorkerPool)
 from fusee.bench.systems import SYSTEMS, cluster_layout, serve
-from fusee.bench.ycsb import KEY_LENGTH, WORKLOADS, Workload
+from fusee.bench.ycsb import KEY_LENGTH, WORKLOADS, StoreShape, Workload
 
 MICRO_OPS = ("insert", "update", "search", "delete")
 
 
 @dataclass
-class BenchOptions:
+class BenchOptions(StoreShape):
     suite: str = "all"                      # ycsb | micro | all
     systems: list = field(default_factory=lambda: list(SYSTEMS))
     transport: str = "shm"
@@ -56,14 +56,6 @@ class BenchOptions:
     load_clients: int = 2
     seed: int = 1
     timeout: float = 5.0
-
-    @property
-    def replicas(self) -> int:
-        return self.replication or min(3, self.memnodes)
-
-    @property
-    def value_size(self) -> int:
-        return self.object_size - KEY_LENGTH
 
     def workload(self, name: str) -> Workload:
         if name in self.custom_workloads:
@@ -225,7 +217,9 @@ QUICK = dict(keys=10_000, micro_keys=1_000, duration=0.5, warmup=0.2, clients=[1
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fusee bench", description=__doc__.split("\n\n")[0],
                                 epilog="fusee bench verbs: the raw verbs benchmark "
-                                       "(see fusee bench verbs --help)")
+                                       "(see fusee bench verbs --help); fusee bench failover: "
+                                       "throughput over time across a memory-node crash "
+                                       "(see fusee bench failover --help)")
     p.add_argument("suite", nargs="?", default=None, choices=["ycsb", "micro", "all"],
                    help="what to run (default: all)")
     p.add_argument("--suite", dest="suite_file", metavar="TOML",

@@ -141,18 +141,32 @@ def write_json(doc: dict, path: Path) -> Path:
     return path
 
 
-def plot_throughput(doc: dict, path: Path) -> Path:
-    """Throughput against the number of clients, one panel per workload / operation."""
+def subplots(*args, **kwargs):
+    """matplotlib's ``subplots``, drawn off-screen (Agg)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt.subplots(*args, **kwargs)
+
+
+def save(fig, path: Path) -> Path:
+    """Write a figure made by ``subplots`` as a PNG and free it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(doc: dict, path: Path) -> Path:
+    """Throughput against the number of clients, one panel per workload / operation."""
     panels = []
     for suite in ("ycsb", "micro"):
         for name in dict.fromkeys(r["name"] for r in doc["results"] if r["suite"] == suite):
             panels.append((suite, name))
     cols = min(4, max(1, len(panels)))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, (suite, name) in zip(axes.flat, panels):
         for system in doc["systems"]:
             pts = sorted((r["clients"], r["throughput"] / 1e3) for r in doc["results"]
@@ -168,10 +182,7 @@ def plot_throughput(doc: dict, path: Path) -> Path:
         ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def cdf_points(encoded: str) -> tuple[np.ndarray, np.ndarray]:
@@ -184,10 +195,7 @@ def cdf_points(encoded: str) -> tuple[np.ndarray, np.ndarray]:
 def plot_latency_cdf(doc: dict, path: Path) -> Path:
     """Latency CDF per operation at the smallest client count, one line per system (micro
     phases when they ran; else the YCSB phases that issue that operation)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(OPS), figsize=(4 * len(OPS), 3.2), squeeze=False)
+    fig, axes = subplots(1, len(OPS), figsize=(4 * len(OPS), 3.2), squeeze=False)
     for ax, op in zip(axes.flat, OPS):
         ax.set_title(op.upper())
         for system in doc["systems"]:
@@ -207,10 +215,7 @@ def plot_latency_cdf(doc: dict, path: Path) -> Path:
         ax.set_ylabel("fraction of operations")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def write_all(doc: dict, out: Path) -> list[Path]:

@@ -52,6 +52,19 @@ def key_names(keynums) -> list[bytes]:
 KEY_LENGTH = len(key_names([0])[0])
 
 
+class StoreShape:
+    """What a benchmark's options with ``memnodes``, ``replication`` (0: up to 3) and
+    ``object_size`` (key + value bytes) imply."""
+
+    @property
+    def replicas(self) -> int:
+        return self.replication or min(3, self.memnodes)
+
+    @property
+    def value_size(self) -> int:
+        return self.object_size - KEY_LENGTH
+
+
 def zeta(n: int, theta: float) -> float:
     """sum_{i=1..n} i^-theta. Exact summation up to 10^6 terms; beyond, the Euler-Maclaurin
     tail (error far below a double's precision), so YCSB's 10^10-item constant is cheap."""

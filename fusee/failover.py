@@ -1,0 +1,212 @@
+"""Failover after a memory-node crash (SPEC §8), sans-IO: the master runs
+``failover(config, membership, dead)`` (the MNs that died since the last epoch) once no client
+posts verbs of the old epoch (they have paused, or their leases ran out), and publishes the
+Membership it returns.
+
+Nothing moves: every replicated thing keeps its live replicas and the next one in its list
+becomes its primary (``fusee.membership``). What the failover closes is every SNAPSHOT round
+open when the clients paused (each of them leaves its round to the failover's decision), and
+any split the dead MN interrupted. For every subtable:
+
+- its primary is alive: the primary holds the truth (its CAS is every write's linearization
+  point). Every backup that differs, an open round's proposals, goes back to the primary's
+  value: nobody's write in that round happened (a winner that had committed its log entry
+  learns so from the epoch's ``settled`` slots and writes again; a crashed one is completed by
+  its recovery, from the COMMITTED entry).
+- its primary died: its value is gone, and the backups are never older than it. Where the
+  live backups agree they stand (every writer of that round saw its proposal on every backup
+  and decided; when a backup died too, that is not so, and the value kept is recorded like a
+  decision), except an insert's claim that was not yet committed, which is
+  withdrawn with a fresh void: a claim committed for this slot has passed the duplicate-key
+  check, any other could install a key twice. Where they differ the round was undecided for
+  everyone (rule 3 needs the primary): the failover picks, preferring an object committed
+  for this slot (the round's old value, or a winner that committed), then withdrawing insert
+  claims, then the smallest proposal, as rule 3 would.
+
+Every slot changed is recorded in ``settled`` with its new value: a writer the failover
+interrupted learns from it whether its proposal was kept (``Membership.fate``), even if the
+slot has moved on by the time it looks. The directory replicas are merged (an entry a split
+had CASed on some replicas only takes its deeper value everywhere), and any split the dead MN
+interrupted (its lock held, or its subtable partly frozen or retired) is finished, with the
+same code a recovering client uses (``fusee.resize.finish``).
+
+A change of a slot uses CAS from the value read, so a client that did not pause shows up as a
+FailoverError rather than as a silently lost write.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from fusee.config import ClusterConfig
+from fusee.errors import FuseeError
+from fusee.index import ENTRY_VALID, RETIRED_LOCK, replica_nodes
+from fusee.layout import (COMMITTED, FAILOVER_ID, FROZEN, INSERT, RETIRED, SLOTS_PER_BUCKET,
+                          committed_object, decode_object, free_value, pack_u64, parse_header,
+                          slot_ref)
+from fusee.membership import Membership
+from fusee.operations import ClientCore
+from fusee.resize import finish
+from fusee.verbs import Cas, Read, Write, chunks
+
+
+class FailoverError(FuseeError):
+    """The failover cannot go on: a client wrote during it, or too many MNs are dead."""
+
+
+def failover(config: ClusterConfig, membership: Membership, dead):
+    """Generator: close what the MNs ``dead`` (an id or a collection of ids) left open;
+    returns the next Membership."""
+    dead = frozenset([dead] if isinstance(dead, int) else dead) - membership.dead
+    if not dead:
+        return membership
+    new = membership.successor(dead, {})
+    work = _Failover(config, membership, new, dead)
+    settled = yield from work.run()
+    return membership.successor(dead, settled, work.kept)
+
+
+class _Failover:
+    def __init__(self, config: ClusterConfig, old: Membership, new: Membership,
+                 dead: frozenset[int]):
+        self.old, self.new, self.dead = old, new, dead
+        # a core for the geometry, placement under the new membership, object reads and
+        # finishing splits; the id is never used to allocate or to write a free value
+        self.core = ClientCore(config, 0, membership=new)
+        self.geo = self.core.geo
+        self.n, self.r = self.core.n, self.core.r
+        self.settled: dict[tuple[int, int], int] = {}
+        self.kept: dict[tuple[int, int], int] = {}
+        self.in_use: set[int] = set()       # subtables the directory names
+        self.voids = 0
+
+    def run(self):
+        core, geo = self.core, self.geo
+        yield from self._merge_directories()
+        head = core.dir.replicas[0]
+        (raw,) = yield from core.rt([Read(head, geo.lock(0), 8 * geo.max_subtables)])
+        locks = struct.unpack(f"<{geo.max_subtables}Q", raw)
+        in_use = sorted({e & 0xFFFFFFFF for e in core.dir.entries})
+        self.in_use = set(in_use)
+        splitting = []
+        for sid in in_use:
+            # every subtable, not only the dead MN's: each client drops the round it had
+            # open when the epoch ends, so every open round is closed here
+            frozen = yield from self._settle(sid, self.old.live(
+                replica_nodes(sid, self.n, self.r)))
+            # a splitter that held a lock has paused for good: its split is finished here
+            if frozen or locks[sid] not in (0, RETIRED_LOCK):
+                splitting.append(sid)
+        for sid in splitting:
+            yield from finish(core, sid, locks[sid])
+        return self.settled
+
+    # -- the directory -----------------------------------------------------------------------
+    def _merge_directories(self):
+        """Every live directory replica gets, entry by entry, the deepest value any holds."""
+        core, geo = self.core, self.geo
+        nodes = core.dir.replicas
+        bufs = yield from core.rt([core.dir.read()._replace(node=n) for n in nodes])
+        count = 1 << geo.dir_bits
+        tables = [struct.unpack(f"<{count}Q", b) for b in bufs]
+        merged = [max(col, key=lambda e: ((e >> 32) & 0xFF, e)) for col in zip(*tables)]
+        if not all(e & ENTRY_VALID for e in merged):
+            raise FailoverError("the index directory is not formatted")
+        fixes = [Cas(n, geo.entry(i), t[i], merged[i]) for n, t in zip(nodes, tables)
+                 for i in range(count) if t[i] != merged[i]]
+        yield from self._apply(fixes)
+        core.dir.load(b"".join(pack_u64(e) for e in merged))
+
+    # -- one subtable ------------------------------------------------------------------------
+    def _settle(self, sid: int, old_nodes: tuple[int, ...]):
+        """Generator: settle every slot of ``sid``; returns whether a split was under way
+        there (frozen slots or retired headers on its primary)."""
+        core, geo = self.core, self.geo
+        live = [n for n in old_nodes if n not in self.dead]
+        if not live:
+            raise FailoverError(f"subtable {sid} has no replica left: more than r-1 memory "
+                                f"nodes failed")
+        base = geo.subtable(sid)
+        bufs = yield from core.rt([Read(n, base, geo.subtable_bytes) for n in live])
+        images = [struct.unpack(f"<{geo.subtable_bytes // 8}Q", b) for b in bufs]
+        slots = [(b * SLOTS_PER_BUCKET + s, b * 8 + 1 + s)
+                 for b in range(geo.buckets) for s in range(SLOTS_PER_BUCKET)]
+        primary_alive = old_nodes[0] not in self.dead
+        # with a backup dead too, a writer may not know that its proposal won: a value left
+        # in place that may be a proposal (not a committed object) is recorded as ``kept``
+        record_all = len(live) < len(old_nodes) - 1
+        fixes = []
+        if primary_alive:
+            prim, backups = images[0], list(zip(live[1:], images[1:]))
+            for pos, w in slots:
+                p = prim[w] & ~FROZEN
+                stale = [(n, img[w]) for n, img in backups if img[w] != p]
+                if stale:
+                    self.settled[(sid, pos)] = p
+                    fixes += [Cas(n, geo.slot_addr(sid, pos), v, p) for n, v in stale]
+        else:
+            views = yield from self._objects({img[w] for img in images for _, w in slots
+                                              if committed_object(img[w])})
+            for pos, w in slots:
+                values = [img[w] for img in images]
+                chosen = self._choose(sid, pos, values, views)
+                if chosen is None and record_all and values[0] and not (
+                        values[0] in views and views[values[0]].state == COMMITTED):
+                    self.kept[(sid, pos)] = values[0]   # perhaps a proposal, perhaps not
+                if chosen is not None:
+                    self.settled[(sid, pos)] = chosen
+                    fixes += [Cas(n, geo.slot_addr(sid, pos), v, chosen)
+                              for n, v in zip(live, values) if v != chosen]
+        yield from self._apply(fixes)
+        first = images[0]
+        return (any(first[w] & FROZEN for _, w in slots) or
+                any(parse_header(first[b * 8])[3] & RETIRED for b in range(geo.buckets)))
+
+    def _choose(self, sid: int, pos: int, values: list[int], views: dict) -> int | None:
+        """The value a slot whose primary died takes, or None to leave it as it is.
+
+        An object *belongs* here when its log entry is committed for this slot, or for a
+        slot of a retired subtable (a split copied it here): it is the slot's value or a
+        winner that committed. An insert's object that does not belong is a claim."""
+        ref = slot_ref(sid, pos)
+
+        def belongs(v):
+            o = views.get(v)
+            return o is not None and o.state == COMMITTED and (
+                o.slot_ref == ref or o.slot_ref >> 32 not in self.in_use)
+
+        def claim(v):
+            o = views.get(v)
+            return o is not None and o.opcode == INSERT and not belongs(v)
+
+        distinct = set(values)
+        if len(distinct) == 1:
+            return self._void() if claim(values[0]) else None
+        mine = [v for v in distinct if belongs(v)]
+        if mine:
+            return min(mine)
+        if any(claim(v) for v in distinct):
+            return self._void()
+        return min(distinct)
+
+    def _objects(self, values: set[int]):
+        """Generator: the decoded object (or None) each slot value names."""
+        values = sorted(values)
+        bufs = []
+        for batch in chunks([self.core.object_read(v) for v in values]):
+            bufs += yield from self.core.rt(batch)
+        return {v: decode_object(b) for v, b in zip(values, bufs)}
+
+    def _void(self) -> int:
+        """A free value no client proposes: withdraws the claims of a slot."""
+        self.voids += 1
+        return free_value(FAILOVER_ID, (self.new.epoch << 24) | self.voids)
+
+    def _apply(self, cases: list[Cas]):
+        """Generator: the CASes, each of which must find the value it expects."""
+        for batch in chunks(cases):
+            res = yield from self.core.rt(batch)
+            for c, old in zip(batch, res):
+                if old != c.expected:
+                    raise FailoverError(f"MN {c.node} {c.addr:#x} changed during the failover "
+                                        f"({c.expected:#x} -> {old:#x}): a client did not pause")

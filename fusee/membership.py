@@ -1,0 +1,104 @@
+"""Which memory nodes are alive, per epoch, and what the last failover decided (SPEC §8).
+
+Every replicated thing has a fixed list of r MNs (``fusee.index.replica_nodes``): a subtable,
+the directory and client metadata (MNs 0..r-1), a block group of data (the group's first MN
+then the next ones, every copy at the same address). Under a membership the thing lives on the
+*live* members of its list, in list order: the first live one is its primary. So a dead MN
+needs no data moved: its duties pass to the next replica in every list, and an object's
+pointer (which names the first MN of its group) stays valid.
+
+A new epoch starts once the master's failover (``fusee.failover``) has closed every SNAPSHOT
+round open when the clients paused. ``settled`` records how, per failover: ``epoch -> {(subtable,
+slot) -> value}`` for each slot the failover that began ``epoch`` decided, fetched with the
+membership, so a writer whose round it interrupted learns its fate even when the slot has moved
+on since (``fate``), and so does the recovery of a client that crashed meanwhile. ``kept``
+records, the same way, the values a failover left in place where it cannot tell a proposal
+from the slot's old value and a writer may not know it won (a backup died with the primary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+WIN, LOSE, RESTART = "win", "lose", "restart"
+
+
+@dataclass(frozen=True)
+class Membership:
+    epoch: int = 0
+    dead: frozenset[int] = frozenset()
+    settled: Mapping[int, Mapping[tuple[int, int], int]] = field(default_factory=dict)
+    kept: Mapping[int, Mapping[tuple[int, int], int]] = field(default_factory=dict)
+
+    def live(self, nodes: Iterable[int]) -> tuple[int, ...]:
+        """``nodes`` without the dead ones, in order."""
+        dead = self.dead
+        return tuple(n for n in nodes if n not in dead)
+
+    def decided_at(self, epoch: int, sid: int, pos: int) -> int | None:
+        """The value the failover that ended ``epoch`` gave (or left) slot ``sid:pos``, if it
+        recorded one."""
+        v = self.settled.get(epoch + 1, {}).get((sid, pos))
+        return self.kept.get(epoch + 1, {}).get((sid, pos)) if v is None else v
+
+    def fate(self, epoch: int, sid: int, pos: int, v_old: int, v_new: int,
+             decided: str | None, primary_now: int | None) -> str:
+        """WIN, LOSE or RESTART for a writer that proposed ``v_new`` over ``v_old`` in slot
+        ``sid:pos`` in ``epoch``, which a failover ended. ``decided``: the verdict it had reached from a
+        complete set of backup values (WIN, LOSE), or None. ``primary_now``: the slot's value
+        on the round's primary read since, None when that MN is dead.
+
+        A slot the failover settled goes by its decision (``v_old`` back: nobody's write
+        happened). Otherwise, with the primary alive, the primary tells (the failover never
+        installs a value there, so ``v_old`` still there means nobody's write happened, and
+        another value that the round is over); with it dead, the live backups agreed and the
+        failover kept their value, which every writer of the round had seen: its own verdict
+        stands (an undecided writer's proposal reached no live backup)."""
+        v = self.decided_at(epoch, sid, pos)
+        if v is None:
+            if primary_now is None:
+                return decided or RESTART
+            v = primary_now
+        return WIN if v == v_new else RESTART if v == v_old else LOSE
+
+    def successor(self, dead: Iterable[int], settled: Mapping[tuple[int, int], int],
+                  kept: Mapping[tuple[int, int], int] | None = None) -> "Membership":
+        """The membership a failover of the MNs ``dead`` starts, with its decisions."""
+        e = self.epoch + 1
+        return Membership(e, self.dead | frozenset(dead), {**self.settled, e: dict(settled)},
+                          {**self.kept, e: dict(kept)} if kept else dict(self.kept))
+
+    # -- wire (msgpack-friendly) -------------------------------------------------------------
+    def to_wire(self) -> dict:
+        return {"epoch": self.epoch, "dead": sorted(self.dead),
+                "settled": _flat(self.settled), "kept": _flat(self.kept)}
+
+    @classmethod
+    def from_wire(cls, d) -> "Membership":
+        if not isinstance(d, dict):
+            raise ValueError("a membership must be a map")
+        epoch, dead = d.get("epoch"), d.get("dead")
+        if type(epoch) is not int or epoch < 0 or not isinstance(dead, list):
+            raise ValueError("malformed membership")
+        if not all(type(n) is int and n >= 0 for n in dead):
+            raise ValueError("malformed membership: dead nodes")
+        return cls(epoch, frozenset(dead), _nested(d.get("settled"), epoch),
+                   _nested(d.get("kept", []), epoch))
+
+
+def _flat(by_epoch) -> list:
+    return [[e, s, p, v] for e, slots in sorted(by_epoch.items())
+            for (s, p), v in sorted(slots.items())]
+
+
+def _nested(items, epoch: int) -> dict:
+    if not isinstance(items, list):
+        raise ValueError("malformed membership: slots")
+    out: dict[int, dict] = {}
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 4 and
+                all(type(x) is int and x >= 0 for x in item) and 0 < item[0] <= epoch):
+            raise ValueError("malformed membership: slots")
+        out.setdefault(item[0], {})[(item[1], item[2])] = item[3]
+    return out

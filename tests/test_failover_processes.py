@@ -1,0 +1,192 @@
+"""A memory node killed with SIGKILL under a multi-process workload (SPEC §8), over shm and
+zmq, with the master failing it over: the surviving client processes pause, carry on in the
+new epoch and finish; one run kills a client process too (the master recovers it after the
+failover). Then a reader gets every key, and
+
+- the history of all the processes (real time: CLOCK_MONOTONIC is system-wide) is
+  linearizable, the final gets included, so no acknowledged write was lost;
+- no operation failed other than with KeyExists / KeyNotFound;
+- the leak audit under the new membership accounts for every object.
+
+The deterministic sweep of MN crash points is tests/test_failover.py; this is the real thing.
+Also: `fusee bench failover` (the throughput timeline across an MN kill) end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from emulator.cluster import LocalCluster
+from emulator.history import CRASHED, ERROR, OK, Op
+from emulator.linearizability import check
+from fusee.audit import audit
+from fusee.bench.failover import FailoverOptions, summarize
+from fusee.bench.failover import main as bench_main
+from fusee.config import LayoutConfig
+from fusee.driver import run
+from fusee.membership import Membership
+from storekit import SMALL
+
+KEYS = [b"hot%d" % i for i in range(6)]
+MIX = (["get"] * 3 + ["put"] * 3 + ["update"] * 2 + ["insert"] * 2 + ["delete"] * 2)
+CLIENTS = 3
+#: operations every client does before the kill, and again after the failover
+BEFORE, AFTER = 150, 150
+LEASES = dict(client_lease=2.0, mn_lease=2.0, timeout=1.0)
+
+
+def _worker(config_path: str, me: int, out: str, progress, stop) -> None:
+    """One client process: a random mix on the hot keys until ``stop``; every invocation and
+    return goes to ``out`` (a JSON line each, written before / after the call)."""
+    from fusee.client import Client
+    from fusee.errors import KeyExists, KeyNotFound
+    rng = random.Random(me)
+    with open(out, "w", buffering=1) as f, Client.connect(config_path) as kv:
+        calls = {"get": lambda k, v: kv.get(k), "put": kv.put, "update": kv.update,
+                 "insert": kv.insert, "delete": lambda k, v: kv.delete(k)}
+        i = 0
+        while not stop.is_set():
+            kind, key = rng.choice(MIX), rng.choice(KEYS)
+            value = None if kind in ("get", "delete") else b"c%d-%d" % (me, i)
+            f.write(json.dumps({"i": i, "kind": kind, "key": key.hex(),
+                                "value": value and value.hex(), "t": time.monotonic_ns()}) + "\n")
+            done = {"i": i}
+            try:
+                result = calls[kind](key, value)
+                done.update(status=OK, result=result and result.hex())
+            except (KeyExists, KeyNotFound) as e:
+                done.update(status=ERROR, error=type(e).__name__)
+            except Exception as e:          # noqa: BLE001 - recorded; the test fails on it
+                done.update(status=ERROR, error=type(e).__name__, unexpected=repr(e))
+            done["t"] = time.monotonic_ns()
+            f.write(json.dumps(done) + "\n")
+            progress[me] += 1
+            i += 1
+
+
+def _history(name: str, path: Path) -> list[Op]:
+    """The ops of one process; one that never returned (the process was killed) is CRASHED.
+    Times: an invocation at 2t, a return at 2t+1, so equal clock readings count as
+    concurrent."""
+    ops: dict[int, Op] = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue                        # the half-written last line of a killed process
+        if "kind" in rec:
+            ops[rec["i"]] = Op(0, name, rec["kind"], bytes.fromhex(rec["key"]),
+                               rec["value"] and bytes.fromhex(rec["value"]), 2 * rec["t"],
+                               status=CRASHED)
+        else:
+            op = ops[rec["i"]]
+            op.ret, op.status, op.error = 2 * rec["t"] + 1, rec["status"], rec.get("error")
+            op.result = rec.get("result") and bytes.fromhex(rec["result"])
+            if "unexpected" in rec:
+                op.error += f" ({rec['unexpected']})"
+    return list(ops.values())
+
+
+def _wait(predicate, what, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+    return value
+
+
+@pytest.mark.parametrize("backend", ["shm", "zmq"])
+@pytest.mark.parametrize("victim,kill_client", [(0, False), (2, True)])
+def test_a_killed_memory_node_loses_nothing(backend, victim, kill_client, tmp_path):
+    layout = LayoutConfig(**SMALL)
+    with LocalCluster(memnodes=3, transport=backend, replication=3, master=True,
+                      layout=layout, **LEASES) as c:
+        ctx = mp.get_context("spawn")
+        progress, stop = ctx.Array("q", CLIENTS, lock=False), ctx.Event()
+        outs = [tmp_path / f"c{i}.jsonl" for i in range(CLIENTS)]
+        procs = [ctx.Process(target=_worker, args=(str(c.config_path), i, str(outs[i]),
+                                                    progress, stop)) for i in range(CLIENTS)]
+        for p in procs:
+            p.start()
+        try:
+            _wait(lambda: min(progress) >= BEFORE, "the clients to get going")
+            c.kill(victim)
+            if kill_client:
+                procs[0].kill()
+            _wait(lambda: c.master_status()["dead"] == [victim], "the failover")
+            marks = list(progress)
+            survivors = procs[1:] if kill_client else procs
+            _wait(lambda: all(progress[i] >= marks[i] + AFTER
+                              for i in range(CLIENTS) if procs[i] in survivors),
+                  "the surviving clients to carry on after the failover")
+            stop.set()
+            for p in survivors:
+                p.join(60)
+            assert [p.exitcode for p in survivors] == [0] * len(survivors)
+        finally:
+            stop.set()
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        # every id is recovered (the killed client's after its lease ran out), none pending
+        status = _wait(lambda: (s := c.master_status())["repairs"] == {} and
+                       len(s["free_ids"]) == CLIENTS and s, "the master's repairs")
+        membership = Membership.from_wire(status["membership"])
+        assert membership.epoch == 1 and membership.dead == {victim}
+        ops = [op for i, out in enumerate(outs) for op in _history(f"c{i}", out)]
+        unexpected = [op for op in ops if op.status == ERROR and
+                      op.error not in ("KeyExists", "KeyNotFound")]
+        assert not unexpected, "\n".join(map(str, unexpected[:10]))
+        assert sum(op.status == CRASHED for op in ops) <= (1 if kill_client else 0)
+        with c.client() as reader:
+            assert reader.lease.membership == membership
+            for key in KEYS:
+                t = 2 * time.monotonic_ns()
+                ops.append(Op(0, "reader", "get", key, None, t, t + 1, OK, reader.get(key)))
+        _wait(lambda: c.master_status()["repairs"] == {}, "the reader's id to be back")
+        for n, op in enumerate(ops):
+            op.id = n
+        verdict = check(ops)
+        assert verdict.ok, verdict.explain()
+        with c.transport(dead=membership.dead) as t:
+            report = run(audit(c.config, (), membership), t)
+        assert report.ok, report.explain()
+        assert report.objects > 0
+
+
+# -- the throughput timeline across an MN kill (fusee bench failover) ----------------------------
+def test_the_timeline_summary():
+    o = FailoverOptions(bucket=0.1, warmup=0.2, kill_at=1.0, duration=2.5)
+    rates = [100.0] * 10 + [0.0] * 5 + [50.0] + [120.0] * 9
+    points = [{"t": i / 10, "throughput": r} for i, r in enumerate(rates)]
+    s = summarize(points, o, killed=1.0)
+    assert (s["before_ops_s"], s["after_ops_s"], s["lowest_ops_s"]) == (100.0, 120.0, 0.0)
+    assert (s["drop"], s["lowest_at_s"], s["stalled_s"]) == (1.0, 1.0, 0.5)
+    assert s["recovered_after_s"] == pytest.approx(0.6)
+    for bad in (dict(kill_at=9.0), dict(kill_node=3), dict(replication=1), dict(bucket=0.0),
+                dict(transport="local")):
+        with pytest.raises(ValueError):
+            FailoverOptions(**bad).check()
+
+
+def test_the_failover_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    assert bench_main(["--keys", "300", "--clients", "1", "--duration", "2.5", "--kill-at", "1",
+                       "--kill-node", "1", "--out", str(out)]) == 0
+    doc = json.loads((out / "failover.json").read_text())
+    f = doc["failover"]
+    assert (f["node"], f["epoch"], f["dead"]) == (1, 1, [1]) and not doc["errors"]
+    assert set(f["milestones_s"]) == {"killed", "declared_dead", "paused", "published"}
+    assert len(doc["timeline"]) == 25 and sum(p["ops"] for p in doc["timeline"]) > 0
+    assert (out / "failover.png").read_bytes().startswith(b"\x89PNG")
+    assert "steady before" in (out / "failover.txt").read_text()
+    assert bench_main(["--kill-at", "20"]) == 2
