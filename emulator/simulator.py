@@ -44,8 +44,8 @@ from emulator.history import History, Op
 from fusee.driver import Operation, run
 from fusee.failover import failover
 from fusee.membership import Membership
-from fusee.verbs import (AllocBlock, AwaitMembership, EpochChanged, FreeBlock, NodeTimeout,
-                         TransportError, validate)
+from fusee.verbs import (AllocBlock, AwaitMembership, Backoff, EpochChanged, FreeBlock,
+                         NodeTimeout, TransportError, validate)
 from transports.base import TransportStats, raise_for_failures
 from transports.local import LocalMemory, LocalTransport
 
@@ -161,8 +161,9 @@ class Simulator:
         self.membership = run(failover(self.memory.config, before, nodes),
                               LocalTransport(self.memory.config, memory=self.memory))
         self.failovers.append(self.membership)
-        self.faults.append((self.step, f"failover of MN {nodes}: epoch {self.membership.epoch}, "
-                                       f"{len(self.membership.settled[self.membership.epoch])} slots settled"))
+        m = self.membership
+        self.faults.append((self.step, f"failover of MN {nodes}: epoch {m.epoch}, "
+                                       f"{len(m.settled[m.epoch])} slots settled"))
         for c in self.clients.values():
             if c.waiting and c.runnable:
                 c.waiting = False
@@ -225,7 +226,7 @@ class Simulator:
         if c.batch:                                # done (here, or by fail_over's pause)
             results = c.results
             for i, req in enumerate(c.batch):      # completions a dead node never delivered
-                if req.node in self.memory.crashed:
+                if getattr(req, "node", None) in self.memory.crashed:
                     results[i] = NodeTimeout(f"MN {req.node} did not answer", req.node)
             try:
                 raise_for_failures(results)
@@ -272,6 +273,9 @@ class Simulator:
         if c.epoch < self.membership.epoch and batch:
             c.epoch = self.membership.epoch     # not posted: the epoch changed under it
             self._resume(c, c.gen.throw, EpochChanged(self.membership))
+            return
+        if batch and type(batch[0]) is Backoff:     # a step of time passes: no verb
+            c.batch, c.results, c.failed, c.pending = batch, [None], {}, {}
             return
         if batch and type(batch[0]) is AwaitMembership:
             if len(batch) != 1:

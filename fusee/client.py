@@ -29,8 +29,10 @@ from fusee.driver import run
 from fusee.master import LeaseExpired
 from fusee.membership import Membership
 from fusee.operations import ClientCore, draw_client_id
+from fusee.replication import BACKOFF, FAST_POLLS
 from fusee.recovery import recover_client
-from fusee.verbs import AwaitMembership, EpochChanged, NodeTimeout
+from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Read,
+                         TransportError)
 
 
 class Client:
@@ -70,11 +72,26 @@ class Client:
             self.core = ClientCore(self.config, client_id, cache_capacity,
                                    membership=membership)
             run(self.core.open(), self.executor)
+            self.core.patience = _patience(self.config, self._round_trip())
         except BaseException:
             if self.lease is not None:
                 self.lease.close()
             raise
         self.closed = False
+
+    def _round_trip(self, samples: int = 5) -> float:
+        """Seconds one small READ takes on this transport (the best of a few; infinity when
+        the batch does not go through, e.g. a failover is under way)."""
+        read = [Read(self.core.meta_nodes[0], 0, 8)]
+        best = float("inf")
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            try:
+                self.executor.execute(read)
+            except TransportError:
+                break
+            best = min(best, time.perf_counter() - t0)
+        return best
 
     @classmethod
     def connect(cls, config_path: str | Path, transport=None, client_id: int | None = None,
@@ -159,6 +176,15 @@ class Client:
         self.close()
 
 
+def _patience(config: ClusterConfig, rtt: float) -> int:
+    """How many re-reads an operation may spend waiting on another client before it calls
+    that client crashed (Stalled): as many as fit, at round-trip time ``rtt`` plus the
+    back-off between re-reads, in twice the time a master needs to notice a crash, pause
+    everyone and fail over or recover."""
+    from transports.master_link import membership_wait
+    return FAST_POLLS + int(2 * membership_wait(config) / (min(rtt, 1.0) + BACKOFF))
+
+
 class _LeaseGuard:
     """The transport as operations see it under a master's lease.
 
@@ -179,6 +205,9 @@ class _LeaseGuard:
         return membership
 
     def execute(self, batch):
+        if batch and type(batch[0]) is Backoff:        # no need of the gate to wait
+            time.sleep(batch[0].seconds)
+            return [None]
         k = self.lease
         if batch and type(batch[0]) is AwaitMembership:     # always alone in its batch
             self._await(batch[0].epoch)

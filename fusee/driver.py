@@ -6,14 +6,18 @@ transport's exception, so the operation decides what a dead node or a refused ve
 
 ``run`` drives one operation. ``run_concurrently`` keeps several in flight, like the paper's
 coroutines sharing a doorbell: each step posts ONE batch made of every in-flight operation's
-next batch, and hands each operation its own slice of the completions.
+next batch, and hands each operation its own slice of the completions. The two requests that
+are not verbs stay out of that batch: an operation backing off (``Backoff``) just gets its
+turn again, and one awaiting the next membership epoch (``AwaitMembership``) has it asked for
+alone; a new epoch reaches every operation in flight.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Generator, Iterable
 
-from fusee.verbs import Batch, NodeTimeout, TransportError
+from fusee.verbs import (AwaitMembership, Backoff, Batch, EpochChanged, NodeTimeout,
+                         TransportError)
 
 Operation = Generator[Batch, list, Any]
 
@@ -86,19 +90,37 @@ def run_concurrently(ops: Iterable[Operation], transport, depth: int = 0,
                 else:
                     active[0] = (index, op, batch)
                 continue
+            if any(b and type(b[0]) is AwaitMembership for _, _, b in active):
+                _await_together(active, execute, finish)
+                admit()
+                continue
             merged: list = []
             bounds = []
+            pause = 0.0
             for _, _, batch in active:
                 start = len(merged)
+                if batch and type(batch[0]) is Backoff:    # no verb: it waits, for the others
+                    pause = max(pause, batch[0].seconds)
+                    bounds.append(None)
+                    continue
                 merged += batch
                 bounds.append((start, len(merged)))
             try:
-                completions, error = execute(merged), None
+                if merged:
+                    completions, error = execute(merged), None
+                else:
+                    completions, error = execute([Backoff(pause)]), None
             except TransportError as e:
                 completions, error = e.results, e
             still = []
-            for (index, op, _), (start, end) in zip(active, bounds):
+            for (index, op, _), span in zip(active, bounds):
                 try:
+                    if span is None:            # a new epoch reaches it too
+                        batch = (op.throw(error) if isinstance(error, EpochChanged)
+                                 else op.send([None]))
+                        still.append((index, op, batch))
+                        continue
+                    start, end = span
                     if error is None:
                         batch = op.send(completions[start:end])
                     else:
@@ -116,6 +138,28 @@ def run_concurrently(ops: Iterable[Operation], transport, depth: int = 0,
             op.close()
         raise
     return None if on_done else [results[i] for i in range(len(results))]
+
+
+def _await_together(active: list, execute, finish) -> None:
+    """Some operations in flight wait for the next membership epoch (AwaitMembership): ask
+    the executor for it once. A new epoch (EpochChanged) is thrown into every operation in
+    flight, none of whose batches went out; any other answer into those that asked."""
+    ask = next(b for _, _, b in active if b and type(b[0]) is AwaitMembership)
+    try:
+        execute(ask)
+        raise TypeError("the executor answered an AwaitMembership with completions")
+    except TransportError as e:
+        error = e
+    everyone = isinstance(error, EpochChanged)
+    still = []
+    for index, op, batch in active:
+        try:
+            if everyone or (batch and type(batch[0]) is AwaitMembership):
+                batch = op.throw(error)
+            still.append((index, op, batch))
+        except StopIteration as stop:
+            finish(index, stop.value)
+    active[:] = still
 
 
 def _own_failure(error: TransportError, completions: list | None, start: int,

@@ -23,9 +23,10 @@ any split the dead MN interrupted. For every subtable:
   for this slot (the round's old value, or a winner that committed), then withdrawing insert
   claims, then the smallest proposal, as rule 3 would.
 
-Every slot changed is recorded in ``settled`` with its new value: a writer the failover
-interrupted learns from it whether its proposal was kept (``Membership.fate``), even if the
-slot has moved on by the time it looks. The directory replicas are merged (an entry a split
+Every slot changed is recorded in ``settled`` with its new value, and the proposals taken off
+it in ``dropped``: a writer the failover interrupted learns from them whether its proposal was
+kept (``Membership.fate``), even if the slot has moved on by the time it looks, and so does
+the recovery of a writer that crashed. The directory replicas are merged (an entry a split
 had CASed on some replicas only takes its deeper value everywhere), and any split the dead MN
 interrupted (its lock held, or its subtable partly frozen or retired) is finished, with the
 same code a recovering client uses (``fusee.resize.finish``).
@@ -63,7 +64,7 @@ def failover(config: ClusterConfig, membership: Membership, dead):
     new = membership.successor(dead, {})
     work = _Failover(config, membership, new, dead)
     settled = yield from work.run()
-    return membership.successor(dead, settled, work.kept)
+    return membership.successor(dead, settled, work.kept, work.dropped)
 
 
 class _Failover:
@@ -77,6 +78,7 @@ class _Failover:
         self.n, self.r = self.core.n, self.core.r
         self.settled: dict[tuple[int, int], int] = {}
         self.kept: dict[tuple[int, int], int] = {}
+        self.dropped: dict[tuple[int, int], tuple[int, ...]] = {}
         self.in_use: set[int] = set()       # subtables the directory names
         self.voids = 0
 
@@ -143,6 +145,7 @@ class _Failover:
                 stale = [(n, img[w]) for n, img in backups if img[w] != p]
                 if stale:
                     self.settled[(sid, pos)] = p
+                    self.dropped[(sid, pos)] = tuple(sorted({v for _, v in stale}))
                     fixes += [Cas(n, geo.slot_addr(sid, pos), v, p) for n, v in stale]
         else:
             views = yield from self._objects({img[w] for img in images for _, w in slots
@@ -155,6 +158,10 @@ class _Failover:
                     self.kept[(sid, pos)] = values[0]   # perhaps a proposal, perhaps not
                 if chosen is not None:
                     self.settled[(sid, pos)] = chosen
+                    # the old value, or a winner, is not a proposal to drop
+                    self.dropped[(sid, pos)] = tuple(sorted(
+                        v for v in set(values) - {chosen}
+                        if not self._belongs(sid, pos, v, views)))
                     fixes += [Cas(n, geo.slot_addr(sid, pos), v, chosen)
                               for n, v in zip(live, values) if v != chosen]
         yield from self._apply(fixes)
@@ -162,18 +169,19 @@ class _Failover:
         return (any(first[w] & FROZEN for _, w in slots) or
                 any(parse_header(first[b * 8])[3] & RETIRED for b in range(geo.buckets)))
 
+    def _belongs(self, sid: int, pos: int, v: int, views: dict) -> bool:
+        """Slot value ``v`` names an object whose log entry is committed for this slot, or
+        for a slot of a retired subtable (a split copied it here): it is the slot's value or
+        a winner that committed."""
+        o = views.get(v)
+        return o is not None and o.state == COMMITTED and (
+            o.slot_ref == slot_ref(sid, pos) or o.slot_ref >> 32 not in self.in_use)
+
     def _choose(self, sid: int, pos: int, values: list[int], views: dict) -> int | None:
-        """The value a slot whose primary died takes, or None to leave it as it is.
-
-        An object *belongs* here when its log entry is committed for this slot, or for a
-        slot of a retired subtable (a split copied it here): it is the slot's value or a
-        winner that committed. An insert's object that does not belong is a claim."""
-        ref = slot_ref(sid, pos)
-
+        """The value a slot whose primary died takes, or None to leave it as it is. An
+        insert's object that does not belong here (``_belongs``) is a claim."""
         def belongs(v):
-            o = views.get(v)
-            return o is not None and o.state == COMMITTED and (
-                o.slot_ref == ref or o.slot_ref >> 32 not in self.in_use)
+            return self._belongs(sid, pos, v, views)
 
         def claim(v):
             o = views.get(v)

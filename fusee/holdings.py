@@ -3,11 +3,12 @@
 The MNs' block-allocation tables name the blocks the id owns; each block's header names its
 group (the r replicas, first MN first); the home copy of a group's block (its first live one)
 holds the objects carved from it in carving order, each starting with a header whose key and
-value lengths give its size class, and the block's free bitmap. So reading the blocks whole (one READ each) finds
-every object the id ever allocated, whatever reuse did to its log lists, in a few round trips.
+value lengths give its size class, and the block's free bitmap. So reading the blocks whole
+(one READ each) finds every object the id ever allocated, whatever reuse did to its log
+lists, in a few round trips.
 
 Recovery (``fusee.recovery``), a client taking over an id (``adopt``) and the leak audit
-(``fusee.audit``) sort the objects by their log entries (primary copy):
+(``fusee.audit``) sort the objects by their log entries (home copy):
 
 - HELD: a committed INSERT or UPDATE, intact, free bit clear: it is in the index, or whoever
   replaced it is about to set its free bit;

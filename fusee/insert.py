@@ -26,6 +26,7 @@ from fusee.hashing import key_hash
 from fusee.layout import (ABORTED, COMMITTED, FROZEN, INSERT, SLOTS_PER_BUCKET, TENTATIVE,
                           committed_object, decode_object, is_free, is_object, slot_fp,
                           slot_ref, strip, unpack_u64)
+from fusee.membership import FRESH
 from fusee.replication import (LOSE, RESTART, WIN, cas_primary, fix_requests, propose,
                                resolve)
 from fusee.resize import split
@@ -37,12 +38,16 @@ CLEAR, EXISTS, YIELD = "clear", "exists", "yield"
 def insert(core, key: bytes, value: bytes):
     """Generator: the INSERT operation of ``core`` (a ClientCore). An insert that runs out of
     patience (Stalled) withdraws any claim it holds and gives its object back."""
-    obj = yield from core.new_object(INSERT, key, value)
-    try:
-        return (yield from _insert(core, obj, key))
-    except Stalled:
-        yield from core.abandon(obj)
-        raise
+    while True:
+        obj = yield from core.new_object(INSERT, key, value)
+        try:
+            result = yield from _insert(core, obj, key)
+        except Stalled:
+            yield from core.abandon(obj)
+            raise
+        if result != FRESH:
+            return result
+        yield from core.abandon(obj)            # a failover dropped its claim
 
 
 def _insert(core, obj, key: bytes):
@@ -77,10 +82,12 @@ def _insert(core, obj, key: bytes):
                     continue
                 if any(lost.get((sid, p)) == v for p, v in view.slots.items()):
                     # a slot we lost is still being settled: look again
-                    waits = core.waited(waits, f"subtable {sid}: a lost round is not settled")
+                    waits = yield from core.waited(
+                        waits, f"subtable {sid}: a lost round is not settled")
                     continue
                 if not (yield from split(core, sid, depth, h.suffix(depth))):
-                    waits = core.waited(waits, f"subtable {sid} is full and being split")
+                    waits = yield from core.waited(
+                        waits, f"subtable {sid} is full and being split")
                 continue
             pos = free[0]
             v_old = view.slots[pos]
@@ -153,7 +160,7 @@ def _insert(core, obj, key: bytes):
             if not t.backups:           # an r = 1 claim sits on the primary: take it back
                 if t.primary not in core.membership.dead:
                     yield from _withdraw(core, t, obj, s, v_old, s | TENTATIVE)
-                continue
+                return FRESH
             if committed is None:       # did the commit record reach a live replica?
                 (buf,) = yield from core.rt([core.object_read(s)])
                 v = decode_object(buf)
@@ -164,6 +171,7 @@ def _insert(core, obj, key: bytes):
             if (yield from core.fate(epoch, t, v_old, s, WIN if committed else None)) == WIN:
                 core.cache.store(key, t.sid, t.pos, s)
                 return None
+            return FRESH
 
 
 def _free_slots(slots: dict[int, int], sid: int, lost: dict) -> list[int]:
@@ -237,7 +245,8 @@ def _await_claim(core, sid, claim, claim_node, primary):
         a, b = yield from core.rt([Read(claim_node, addr, 8), Read(primary, addr, 8)])
         if unpack_u64(a) != cv or unpack_u64(b) != pv:
             return
-        polls = core.waited(polls, f"slot {sid}:{pos}: another insert's claim is not resolved")
+        polls = yield from core.waited(
+            polls, f"slot {sid}:{pos}: another insert's claim is not resolved")
 
 
 def _withdraw(core, t, obj, s, v_old, expected):

@@ -11,9 +11,12 @@ A new epoch starts once the master's failover (``fusee.failover``) has closed ev
 round open when the clients paused. ``settled`` records how, per failover: ``epoch -> {(subtable,
 slot) -> value}`` for each slot the failover that began ``epoch`` decided, fetched with the
 membership, so a writer whose round it interrupted learns its fate even when the slot has moved
-on since (``fate``), and so does the recovery of a client that crashed meanwhile. ``kept``
-records, the same way, the values a failover left in place where it cannot tell a proposal
-from the slot's old value and a writer may not know it won (a backup died with the primary).
+on since (``fate``). ``kept`` records, the same way, the values a failover left in place
+where it cannot tell a proposal from the slot's old value and a writer may not know it won (a
+backup died with the primary). ``dropped`` records the proposals each failover took off the
+backups: the recovery of a client that crashed meanwhile tells from it that a round its log
+entry committed in never took effect (a writer that goes on after such a round does so with a
+new object, so a later entry never shows a dropped proposal).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 WIN, LOSE, RESTART = "win", "lose", "restart"
+#: what an operation returns to start over with a new object after a failover dropped its
+#: proposal (the old object's log entry must never commit again: see ``dropped``)
+FRESH = "fresh"
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,8 @@ class Membership:
     dead: frozenset[int] = frozenset()
     settled: Mapping[int, Mapping[tuple[int, int], int]] = field(default_factory=dict)
     kept: Mapping[int, Mapping[tuple[int, int], int]] = field(default_factory=dict)
+    dropped: Mapping[int, Mapping[tuple[int, int], tuple[int, ...]]] = field(
+        default_factory=dict)
 
     def live(self, nodes: Iterable[int]) -> tuple[int, ...]:
         """``nodes`` without the dead ones, in order."""
@@ -45,9 +53,9 @@ class Membership:
     def fate(self, epoch: int, sid: int, pos: int, v_old: int, v_new: int,
              decided: str | None, primary_now: int | None) -> str:
         """WIN, LOSE or RESTART for a writer that proposed ``v_new`` over ``v_old`` in slot
-        ``sid:pos`` in ``epoch``, which a failover ended. ``decided``: the verdict it had reached from a
-        complete set of backup values (WIN, LOSE), or None. ``primary_now``: the slot's value
-        on the round's primary read since, None when that MN is dead.
+        ``sid:pos`` in ``epoch``, which a failover ended. ``decided``: the verdict it had
+        reached from a complete set of backup values (WIN, LOSE), or None. ``primary_now``:
+        the slot's value on the round's primary read since, None when that MN is dead.
 
         A slot the failover settled goes by its decision (``v_old`` back: nobody's write
         happened). Otherwise, with the primary alive, the primary tells (the failover never
@@ -62,17 +70,26 @@ class Membership:
             v = primary_now
         return WIN if v == v_new else RESTART if v == v_old else LOSE
 
+    def was_dropped(self, sid: int, pos: int, proposal: int) -> bool:
+        """Did some failover take ``proposal`` off slot ``sid:pos``?"""
+        return any(proposal in slots.get((sid, pos), ()) for slots in self.dropped.values())
+
     def successor(self, dead: Iterable[int], settled: Mapping[tuple[int, int], int],
-                  kept: Mapping[tuple[int, int], int] | None = None) -> "Membership":
+                  kept: Mapping[tuple[int, int], int] | None = None,
+                  dropped: Mapping[tuple[int, int], tuple[int, ...]] | None = None
+                  ) -> "Membership":
         """The membership a failover of the MNs ``dead`` starts, with its decisions."""
         e = self.epoch + 1
         return Membership(e, self.dead | frozenset(dead), {**self.settled, e: dict(settled)},
-                          {**self.kept, e: dict(kept)} if kept else dict(self.kept))
+                          {**self.kept, e: dict(kept)} if kept else dict(self.kept),
+                          {**self.dropped, e: dict(dropped)} if dropped else dict(self.dropped))
 
     # -- wire (msgpack-friendly) -------------------------------------------------------------
     def to_wire(self) -> dict:
-        return {"epoch": self.epoch, "dead": sorted(self.dead),
-                "settled": _flat(self.settled), "kept": _flat(self.kept)}
+        return {"epoch": self.epoch, "dead": sorted(self.dead), "settled": _flat(self.settled),
+                "kept": _flat(self.kept),
+                "dropped": [[e, s, p, v] for e, slots in sorted(self.dropped.items())
+                            for (s, p), vs in sorted(slots.items()) for v in vs]}
 
     @classmethod
     def from_wire(cls, d) -> "Membership":
@@ -83,8 +100,12 @@ class Membership:
             raise ValueError("malformed membership")
         if not all(type(n) is int and n >= 0 for n in dead):
             raise ValueError("malformed membership: dead nodes")
+        dropped: dict[int, dict] = {}
+        for item in _items(d.get("dropped", []), epoch):
+            slots = dropped.setdefault(item[0], {})
+            slots[(item[1], item[2])] = slots.get((item[1], item[2]), ()) + (item[3],)
         return cls(epoch, frozenset(dead), _nested(d.get("settled"), epoch),
-                   _nested(d.get("kept", []), epoch))
+                   _nested(d.get("kept", []), epoch), dropped)
 
 
 def _flat(by_epoch) -> list:
@@ -92,13 +113,19 @@ def _flat(by_epoch) -> list:
             for (s, p), v in sorted(slots.items())]
 
 
-def _nested(items, epoch: int) -> dict:
+def _items(items, epoch: int) -> list:
+    """[epoch, subtable, slot, value] rows, checked."""
     if not isinstance(items, list):
         raise ValueError("malformed membership: slots")
-    out: dict[int, dict] = {}
     for item in items:
         if not (isinstance(item, list) and len(item) == 4 and
                 all(type(x) is int and x >= 0 for x in item) and 0 < item[0] <= epoch):
             raise ValueError("malformed membership: slots")
+    return items
+
+
+def _nested(items, epoch: int) -> dict:
+    out: dict[int, dict] = {}
+    for item in _items(items, epoch):
         out.setdefault(item[0], {})[(item[1], item[2])] = item[3]
     return out

@@ -39,22 +39,27 @@ from fusee.errors import (ClientLimit, CorruptObject, KeyExists, KeyNotFound, Ne
 from fusee.hashing import KeyHash, key_hash
 from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry, View
 from fusee.holdings import adopt
-from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, IN_USE, LOST,
-                          MAX_CLIENT_IDS, META_GROUPS, META_INCARNATION, META_MAGIC, META_MAGIC_OFF, META_STATE,
-                          NO_SLOT, TAIL_BYTES, UPDATE, decode_object, free_value, make_slot,
-                          object_tail, pack_u64, slot_addr, slot_node, slot_ref, slot_units,
-                          unpack_u64)
+from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, IN_USE, INSERT, LOST,
+                          MAX_CLIENT_IDS, META_GROUPS, META_INCARNATION, META_MAGIC,
+                          META_MAGIC_OFF, META_STATE, NO_SLOT, TAIL_BYTES, UPDATE,
+                          decode_object, free_value, make_slot, object_tail, pack_u64,
+                          slot_addr, slot_node, slot_ref, slot_units, unpack_u64)
 from fusee.log import NewObject, ObjectLog
-from fusee.membership import Membership
+from fusee.membership import FRESH, Membership
 from fusee.memory_map import HEADER_CLIENT_IDS, HEADER_LAYOUT, MemoryMap
-from fusee.replication import (LOSE, RESTART, WIN, SlotTarget, await_change, cas_primary,
-                               fix_requests, propose, resolve)
-from fusee.verbs import (EPOCH_ENDS, AwaitMembership, EpochChanged, Faa, Read, TransportError,
-                         Write)
+from fusee.replication import (LOSE, RESTART, WIN, SlotTarget, await_change, backoff,
+                               cas_primary, fix_requests, propose, resolve)
+from fusee.verbs import (EPOCH_ENDS, AwaitMembership, EpochChanged, Faa, NodeTimeout, Read,
+                         TransportError, Write)
 
 
-#: re-reads an operation spends waiting on another client before it raises Stalled: seconds
-#: on the fast backends, far longer than a live client takes to finish a round or a split
+#: a SEARCH on the backups of a dead primary cannot tell before the failover
+UNSURE = object()
+
+#: re-reads an operation spends waiting on another client before it raises Stalled (about a
+#: minute with the back-off between them; ``fusee.client.Client`` sets it from the time a
+#: master takes to fail over an MN or recover a client): far longer than a live client takes
+#: to finish a round or a split
 PATIENCE = 200_000
 
 
@@ -90,7 +95,7 @@ class ClientCore:
                                membership)
         self.log = ObjectLog(self.alloc, self.map, client_id, self.meta_nodes, self.unit)
         self.cache = IndexCache(cache_capacity)
-        self.counters = {"retries": 0, "lost": 0, "splits": 0, "epochs": 0}
+        self.counters = {"retries": 0, "lost": 0, "splits": 0, "epochs": 0, "backup_reads": 0}
         self.deferred: list[int] = []   # objects to free with the next batch
         self.releases: list[int] = []   # objects of ours to reuse once ``deferred`` is sent
         self.free_seq = 0               # set by open() from the client's incarnation
@@ -258,19 +263,21 @@ class ClientCore:
         yield from self.rt([Write(m, meta + META_STATE, pack_u64(CLEAN))
                             for m in self.meta_nodes])
 
-    def waited(self, n: int, what: str) -> int:
-        """Count one more re-read spent waiting on another client's write, claim or split:
-        Stalled once ``patience`` of them went by (that client probably crashed)."""
+    def waited(self, n: int, what: str):
+        """Generator: count one more re-read spent waiting on another client's write, claim
+        or split (backing off once the wait is long): Stalled once ``patience`` of them went
+        by (that client probably crashed). Returns the count."""
         n += 1
         if n >= self.patience:
             raise Stalled(f"{what}: nothing changed in {n} re-reads (a crashed client? it "
                           f"waits for recovery)")
+        yield from backoff(n)
         return n
 
     def split_seen(self, sid: int, waits: int):
         """Generator: the key's buckets said subtable ``sid`` is split or being split: count
         the wait (``waited``) and re-read the directory. Returns the waits so far."""
-        waits = self.waited(waits, f"subtable {sid} is being split")
+        waits = yield from self.waited(waits, f"subtable {sid} is being split")
         self.retry()
         yield from self.refresh()
         return waits
@@ -400,7 +407,43 @@ class ClientCore:
                 self.cache.store(key, sid, pos, v)
                 return obj.value
             except EPOCH_ENDS as err:
+                nodes = self.dir.nodes(sid)
+                if type(err) is NodeTimeout and err.node == nodes[0] and len(nodes) > 1:
+                    try:
+                        got = yield from self._search_backups(key, h, sid, nodes[1:])
+                    except EPOCH_ENDS as again:
+                        got, err = UNSURE, again
+                    if got is not UNSURE:
+                        self.counters["backup_reads"] += 1
+                        return got
                 yield from self.new_epoch(err)
+
+    def _search_backups(self, key: bytes, h: KeyHash, sid: int, backups):
+        """Generator: SEARCH on the live backups of a subtable whose primary stopped
+        answering (SPEC §8). The backups are never older than the primary, and where they
+        agree on the key's slots the failover keeps their values (every writer of such a
+        round saw its proposal on all of them), except an insert's claim not yet committed:
+        then, or where they disagree, UNSURE (the failover must decide first)."""
+        reads, firsts = [], None
+        for n in backups:
+            more, firsts = self.bucket_reads(sid, h, n)
+            reads += more
+        res = yield from self.rt(reads)
+        views = [View(res[i:i + 2], firsts, sid) for i in range(0, len(res), 2)]
+        cands = views[0].candidates(h.fp)
+        if any(v.stale or v.candidates(h.fp) != cands for v in views):
+            return UNSURE
+        if not cands:
+            return None
+        bufs = yield from self.rt([self.object_read(v) for _, v in cands])
+        for buf in bufs:
+            obj = decode_object(buf)
+            if obj is None or obj.key == key and obj.opcode == INSERT and \
+                    obj.state != COMMITTED:
+                return UNSURE
+            if obj.key == key:
+                return obj.value
+        return None
 
     # -- UPDATE / DELETE -------------------------------------------------------------------
     def _locate(self, key: bytes, h: KeyHash, writes: list):
@@ -433,15 +476,24 @@ class ClientCore:
                 return found and (sid, found[0], found[1], found[2].crc)
 
     def _replace(self, key: bytes, value: bytes, opcode: int):
-        """UPDATE (new object) or DELETE (tombstone naming a record object) of a present key."""
-        obj = yield from self.new_object(opcode, key, value)
-        try:
-            return (yield from self._replace_with(obj, key, opcode))
-        except Stalled:
-            yield from self.abandon(obj)        # no round of ours is left open: give it back
-            raise
+        """UPDATE (new object) or DELETE of a present key. A DELETE proposes a tombstone of
+        its own, which its record object holds (so that recovery knows it)."""
+        while True:
+            tomb = None
+            if opcode == DELETE:
+                tomb = self.free_value()
+                value = pack_u64(tomb)
+            obj = yield from self.new_object(opcode, key, value)
+            try:
+                result = yield from self._replace_with(obj, key, opcode, tomb)
+            except Stalled:
+                yield from self.abandon(obj)    # no round of ours is left open: give it back
+                raise
+            if result != FRESH:
+                return result
+            yield from self.abandon(obj)        # a failover dropped its proposal
 
-    def _replace_with(self, obj: NewObject, key: bytes, opcode: int):
+    def _replace_with(self, obj: NewObject, key: bytes, opcode: int, tomb: int | None):
         h = key_hash(key)
         writes = obj.writes
         open_round = None           # (epoch, target, v_old, v_new, old crc, verdict reached)
@@ -457,7 +509,7 @@ class ClientCore:
                     yield from self.abandon(obj)
                     raise KeyNotFound(key)
                 sid, pos, v_old, old_crc = found
-                v_new = self.slot_value(h, obj) if opcode == UPDATE else self.free_value()
+                v_new = self.slot_value(h, obj) if opcode == UPDATE else tomb
                 t = self.target(sid, pos)
                 ref = slot_ref(sid, pos)
                 current = []
@@ -497,11 +549,11 @@ class ClientCore:
                     yield from self.rt(self.log.record(obj, COMMITTED, slot_ref(t.sid, t.pos),
                                                        v_old, old_crc))
                     return self._replaced(key, obj, opcode, t, v_old, v_new)
-                if fate == LOSE:
+                if fate == LOSE and opcode == UPDATE:
                     yield from self.rt(self.log.record(obj, LOST, slot_ref(t.sid, t.pos),
                                                        v_old))
-                    if opcode == UPDATE:
-                        return self._overwritten(key, obj)
+                    return self._overwritten(key, obj)
+                return FRESH
 
     def _replaced(self, key: bytes, obj: NewObject, opcode: int, t: SlotTarget, v_old: int,
                   v_new: int) -> None:

@@ -64,10 +64,9 @@ MASTER = (1 << 32) - 1
 #: the outcome of an entry a failover completed after the primary holding the value it
 #: replaced had died: nothing tells which object that was, and it is never freed
 OLD_LOST = "kept by a failover; the value it replaced is lost"
-#: the outcome of a committed entry that may or may not have taken effect, so that its
-#: object (or the one it replaced) may stay held for good: an UPDATE in a subtable left with
-#: one replica, or a round a failover rolled back, whose slot moved on since
-UNPROVEN = "committed; whether it took effect is unknown"
+#: the outcome of a committed UPDATE in a subtable left with one replica (its backups died)
+#: whose slot moved on: it may never have taken effect, and then its object is never freed
+UNPROVEN = "committed with no backup; whether it took effect is unknown"
 
 
 @dataclass
@@ -105,6 +104,7 @@ class _Entry:
     c: Carved
     v: ObjectView
     s: int | None                   # its slot value (INSERT / UPDATE proposals)
+    tomb: int | None = None         # the tombstone a DELETE proposes (its record holds it)
     linearized: bool = False        # the operation took effect
     found_at: tuple[int, int] | None = None     # the slot holding its value, when found
     lost: bool = False              # a round it joined was won by another writer
@@ -213,6 +213,8 @@ class Recovery:
                 s = make_slot(key_hash(v.key).fp, c.units, c.group.nodes[0],
                               c.group.addrs[0] + c.offset, unit)
             e = _Entry(c, v, s)
+            if v.opcode == DELETE and len(v.value) == 8:
+                e.tomb = unpack_u64(v.value)
             e.synced = len(views) == len(c.copies) and all(_record(x) == _record(v)
                                                            for x in views)
             entries.append(e)
@@ -262,19 +264,12 @@ class Recovery:
         self.report.held = sum(1 for e in entries if e.v.state == COMMITTED and
                                e.v.opcode != DELETE and not e.c.freed)
 
-    def _rolled_back(self, e: _Entry, p: int) -> bool | None:
-        """Did a failover roll back the round ``e`` committed in? True: it settled the slot
-        to the round's old value and the slot (now ``p``) still holds it (values never come
-        back otherwise). None: it settled it so, but the slot moved on, and no record tells
-        whether ``e``'s client redid that round before it crashed. False: no rollback."""
-        ref = (e.v.slot_ref >> 32, e.v.slot_ref & 0xFFFFFFFF)
-        old = e.v.old_value
-        if not any(slots.get(ref) == old for slots in self.core.membership.settled.values()):
-            return False
-        if p == old:
-            return True
-        mine = p == e.s if e.s is not None else free_value_of(p, self.cid)
-        return False if mine else None
+    def _dropped(self, e: _Entry) -> bool:
+        """A failover took ``e``'s proposal off its slot: the round ``e`` committed in never
+        took effect (its client went on with another object, if it did)."""
+        proposal = e.s if e.s is not None else e.tomb
+        return proposal is not None and self.core.membership.was_dropped(
+            e.v.slot_ref >> 32, e.v.slot_ref & 0xFFFFFFFF, proposal)
 
     def _committed(self, entries: list[_Entry]):
         """Generator: step A for COMMITTED entries; returns those whose round died in a
@@ -305,15 +300,8 @@ class Recovery:
         for e, t, end in where:
             got, start = res[start:end], end
             p, old = unpack_u64(got[0]), e.v.old_value
-            rolled_back = self._rolled_back(e, p & ~FROZEN)
-            if rolled_back:
-                dead.append(e)                  # looked up by key: redone, or marked
-                continue
-            if rolled_back is None:
-                # neither freeing the old value (its replacer may) nor taking the object back
-                # (it may be in the index, or freed by its replacer) is safe: it stays held
-                e.linearized = True
-                self._outcome(UNPROVEN)
+            if self._dropped(e):
+                dead.append(e)                  # looked up by key, and marked
                 continue
             owed = False                        # a free not delivered
             if len(got) == 3:
@@ -392,8 +380,8 @@ class Recovery:
                 res += yield from core.rt(more)
             views = [View(res[2 * i:2 * i + 2], firsts, sid) for i in range(len(nodes))]
             if views[0].stale:
-                waits = core.waited(waits, f"recovery of client {self.cid}: subtable {sid} "
-                                           f"is being split")
+                waits = yield from core.waited(
+                    waits, f"recovery of client {self.cid}: subtable {sid} is being split")
                 yield from core.refresh()
                 continue
             acted = False
@@ -424,7 +412,7 @@ class Recovery:
                         acted |= yield from self._redo(e, t, p, voids[0])
             if not acted:
                 return
-            waits = core.waited(waits, f"recovery of client {self.cid}: key {key!r}")
+            waits = yield from core.waited(waits, f"recovery of client {self.cid}: key {key!r}")
 
     def _claim_r1(self, e: _Entry, t: SlotTarget, p: int):
         """Generator: an r = 1 insert's TENTATIVE claim: committed -> publish it; else

@@ -26,7 +26,17 @@ from typing import NamedTuple
 
 from fusee.errors import Stalled
 from fusee.layout import FROZEN, unpack_u64
-from fusee.verbs import Cas, Read
+from fusee.verbs import Backoff, Cas, Read
+
+#: polls of a wait made back to back; after them each poll first lets BACKOFF seconds pass
+FAST_POLLS, BACKOFF = 100, 0.0002
+
+
+def backoff(polls: int):
+    """Generator: the pause owed before poll number ``polls`` of a wait (none for the first
+    FAST_POLLS: a live client usually finishes its round in a few round trips)."""
+    if polls >= FAST_POLLS:
+        yield [Backoff(BACKOFF)]
 
 WIN, LOSE, RULE3, RESTART = "win", "lose", "rule3", "restart"
 
@@ -111,3 +121,4 @@ def await_change(t: SlotTarget, v_old: int, extra=(), patience: int = 0):
         if polls == patience:
             raise Stalled(f"slot {t.sid}:{t.pos}: the winner of its SNAPSHOT round did not "
                           f"finish in {polls} polls (crashed? it waits for recovery)")
+        yield from backoff(polls)

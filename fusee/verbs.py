@@ -78,6 +78,14 @@ class AwaitMembership(NamedTuple):
     epoch: int
 
 
+class Backoff(NamedTuple):
+    """Not a verb: an operation that has been waiting on another client for a while lets
+    ``seconds`` pass before it looks again, so that its polling leaves the CPU to the others
+    (the master among them, on a small machine). Always alone in its batch; completes with
+    None. A driver that has other operations to run may run them instead."""
+    seconds: float
+
+
 Verb = Union[Read, Write, Cas, Faa]
 Control = Union[AllocBlock, FreeBlock]
 Request = Union[Read, Write, Cas, Faa, AllocBlock, FreeBlock]

@@ -57,7 +57,7 @@ class Run:
 
     def __init__(self, seed: int, nodes: int = 3, r: int = 3, clients: int = 3, ops: int = 12,
                  crash_client: bool = False, steps: int | None = None, splits: bool = False,
-                 victims: int = 1):
+                 victims: int = 1, delay: int = 200):
         self.config = cfg = _config(nodes, r, SPLITTING if splits else LAYOUT)
         self.keys = [b"s%02d" % i for i in range(60)] if splits else KEYS
         self.memory = mem = LocalMemory(cfg)
@@ -80,7 +80,7 @@ class Run:
         crash_at = faults.randrange(steps)
         for i, v in enumerate(self.victims):    # a few steps apart: one failover for all
             sim.at_step(crash_at + 5 * i, lambda s, v=v: s.crash_node(v))
-        sim.at_step(crash_at + 5 * victims + faults.randrange(1, 200),
+        sim.at_step(crash_at + 5 * victims + faults.randrange(1, delay),
                     lambda s: s.fail_over(self.victims))
         if crash_client:
             sim.at_step(faults.randrange(steps), lambda s: self._crash(s, "c0"))
@@ -165,6 +165,13 @@ def test_an_mn_and_a_client_crash_together(seed):
 @pytest.mark.parametrize("seed", range(10))
 def test_four_mns_r2(seed):
     _check(seed, nodes=4, r=2)
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_reads_go_to_the_backups_while_the_master_is_slow(seed):
+    r = _check(seed, delay=2000, crash_client=seed % 3 == 2)
+    if seed in (3, 7):      # these do read the backups of a dead primary
+        assert sum(c.counters["backup_reads"] for c in r.cores) > 0
 
 
 @pytest.mark.parametrize("seed", range(15))

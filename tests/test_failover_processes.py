@@ -18,6 +18,7 @@ import json
 import multiprocessing as mp
 import random
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,8 @@ def _worker(config_path: str, me: int, out: str, progress, stop) -> None:
             except (KeyExists, KeyNotFound) as e:
                 done.update(status=ERROR, error=type(e).__name__)
             except Exception as e:          # noqa: BLE001 - recorded; the test fails on it
-                done.update(status=ERROR, error=type(e).__name__, unexpected=repr(e))
+                done.update(status=ERROR, error=type(e).__name__,
+                            unexpected=repr(e) + "\n" + traceback.format_exc(limit=-8))
             done["t"] = time.monotonic_ns()
             f.write(json.dumps(done) + "\n")
             progress[me] += 1

@@ -9,12 +9,13 @@ when every completion is in. One batch = one round trip, and every transport cou
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Sequence
 
 from fusee.config import ClusterConfig
-from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Cas, Faa, FreeBlock,
+from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Backoff, Cas, Faa, FreeBlock,
                          NodeTimeout, Read, RemoteAccessError, Request, TransportError, Write)
 
 
@@ -110,6 +111,9 @@ class Transport(ABC):
         """
         if not batch:
             return []
+        if type(batch[0]) is Backoff:
+            time.sleep(batch[0].seconds)
+            return [None]
         if type(batch[0]) is AwaitMembership:
             raise NodeTimeout("a memory node stopped answering, and a bare transport has no "
                               "master to fail it over (a Client on a cluster with a master "

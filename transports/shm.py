@@ -30,7 +30,7 @@ from typing import Sequence
 from emulator import _atomic, wire
 from emulator.memory import SharedSegment
 from fusee.config import ClusterConfig
-from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Cas, Faa, FreeBlock,
+from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Backoff, Cas, Faa, FreeBlock,
                          NodeTimeout, Read, RemoteAccessError, Request, TransportError, Write)
 from transports.base import RegionInfo, Transport, raise_for_failures
 from transports.channel import Channels, dead_on_connect, place_replies
@@ -137,8 +137,8 @@ class ShmTransport(Transport):
         elif len(batch) > MAX_BATCH:
             raise ValueError(f"a batch of {len(batch)} requests exceeds MAX_BATCH={MAX_BATCH}")
         # The general path. Check every request before any runs; find the control requests.
-        if type(batch[0]) is AwaitMembership:
-            return Transport.execute(self, batch)       # which fails it: nobody fails over
+        if type(batch[0]) is AwaitMembership or type(batch[0]) is Backoff:
+            return Transport.execute(self, batch)       # (nobody fails over: it fails)
         nodes = self._nodes
         remote = None
         for req in batch:
