@@ -2,7 +2,9 @@
 # Rerun every reference result under benchmarks/results/ on this machine (see reference.toml).
 # Needs the bench extra: pip install -e '.[bench]'. The Redis baseline also needs redis-server
 # (Debian/Ubuntu: apt-get install redis-server); without it that baseline is skipped.
-# Extra arguments go to `fusee bench`, e.g. --no-progress.
+# Extra arguments go to `fusee bench`, e.g. --no-progress. Then the MN-kill timelines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec fusee bench --suite benchmarks/reference.toml "$@"
+fusee bench --suite benchmarks/reference.toml "$@"
+fusee bench failover --transport shm --out benchmarks/results/failover-shm
+fusee bench failover --transport zmq --out benchmarks/results/failover-zmq
