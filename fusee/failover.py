@@ -137,15 +137,15 @@ class _Failover:
         # with a backup dead too, a writer may not know that its proposal won: a value left
         # in place that may be a proposal (not a committed object) is recorded as ``kept``
         record_all = len(live) < len(old_nodes) - 1
-        fixes = []
+        fixes, drops, views = [], {}, {}
         if primary_alive:
             prim, backups = images[0], list(zip(live[1:], images[1:]))
             for pos, w in slots:
-                p = prim[w] & ~FROZEN
+                p = prim[w]                     # frozen too if a split froze it: so be it
                 stale = [(n, img[w]) for n, img in backups if img[w] != p]
                 if stale:
-                    self.settled[(sid, pos)] = p
-                    self.dropped[(sid, pos)] = tuple(sorted({v for _, v in stale}))
+                    self.settled[(sid, pos)] = p & ~FROZEN
+                    drops[(sid, pos)] = {v for _, v in stale if v != p & ~FROZEN}
                     fixes += [Cas(n, geo.slot_addr(sid, pos), v, p) for n, v in stale]
         else:
             views = yield from self._objects({img[w] for img in images for _, w in slots
@@ -157,13 +157,19 @@ class _Failover:
                         values[0] in views and views[values[0]].state == COMMITTED):
                     self.kept[(sid, pos)] = values[0]   # perhaps a proposal, perhaps not
                 if chosen is not None:
-                    self.settled[(sid, pos)] = chosen
+                    self.settled[(sid, pos)] = chosen & ~FROZEN
                     # the old value, or a winner, is not a proposal to drop
-                    self.dropped[(sid, pos)] = tuple(sorted(
-                        v for v in set(values) - {chosen}
-                        if not self._belongs(sid, pos, v, views)))
+                    drops[(sid, pos)] = {v for v in set(values) - {chosen}
+                                         if not self._belongs(sid, pos, v, views)}
                     fixes += [Cas(n, geo.slot_addr(sid, pos), v, chosen)
                               for n, v in zip(live, values) if v != chosen]
+        # a dropped object is told by its crc too: its memory may be reused for another
+        # object that gets the same slot value later (no crc: a free value, never reused)
+        views.update((yield from self._objects({v for vs in drops.values() for v in vs
+                                                if committed_object(v) and v not in views})))
+        for where, vs in drops.items():
+            self.dropped[where] = tuple(sorted((v, views[v].crc if views.get(v) else 0)
+                                               for v in vs))
         yield from self._apply(fixes)
         first = images[0]
         return (any(first[w] & FROZEN for _, w in slots) or
@@ -190,6 +196,9 @@ class _Failover:
         distinct = set(values)
         if len(distinct) == 1:
             return self._void() if claim(values[0]) else None
+        frozen = [v for v in distinct if v & FROZEN]
+        if frozen:              # a split froze the slot (and took its proposals back): final
+            return min(frozen)
         mine = [v for v in distinct if belongs(v)]
         if mine:
             return min(mine)

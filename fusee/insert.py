@@ -28,7 +28,7 @@ from fusee.layout import (ABORTED, COMMITTED, FROZEN, INSERT, SLOTS_PER_BUCKET, 
                           slot_ref, strip, unpack_u64)
 from fusee.membership import FRESH
 from fusee.replication import (LOSE, RESTART, WIN, cas_primary, fix_requests, propose,
-                               resolve)
+                               resolve, unfreeze_requests)
 from fusee.resize import split
 from fusee.verbs import EPOCH_ENDS, Cas, Read
 
@@ -43,11 +43,11 @@ def insert(core, key: bytes, value: bytes):
         try:
             result = yield from _insert(core, obj, key)
         except Stalled:
-            yield from core.abandon(obj)
+            yield from core.retrying(lambda: core.abandon(obj))
             raise
         if result != FRESH:
             return result
-        yield from core.abandon(obj)            # a failover dropped its claim
+        yield from core.retrying(lambda: core.abandon(obj))  # a failover dropped it
 
 
 def _insert(core, obj, key: bytes):
@@ -135,6 +135,8 @@ def _insert(core, obj, key: bytes):
                 if verdict == WIN:
                     core.cache.store(key, sid, pos, s)
                     return None
+                if verdict == RESTART and t.backups:
+                    yield from core.rt(unfreeze_requests(t, v_old, s))
                 open_round = None
                 core.retry()
                 yield from core.refresh()

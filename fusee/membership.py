@@ -36,8 +36,8 @@ class Membership:
     dead: frozenset[int] = frozenset()
     settled: Mapping[int, Mapping[tuple[int, int], int]] = field(default_factory=dict)
     kept: Mapping[int, Mapping[tuple[int, int], int]] = field(default_factory=dict)
-    dropped: Mapping[int, Mapping[tuple[int, int], tuple[int, ...]]] = field(
-        default_factory=dict)
+    dropped: Mapping[int, Mapping[tuple[int, int], tuple[tuple[int, int], ...]]] = field(
+        default_factory=dict)           # (value, crc of the object it names, 0: none)
 
     def live(self, nodes: Iterable[int]) -> tuple[int, ...]:
         """``nodes`` without the dead ones, in order."""
@@ -70,13 +70,15 @@ class Membership:
             v = primary_now
         return WIN if v == v_new else RESTART if v == v_old else LOSE
 
-    def was_dropped(self, sid: int, pos: int, proposal: int) -> bool:
-        """Did some failover take ``proposal`` off slot ``sid:pos``?"""
-        return any(proposal in slots.get((sid, pos), ()) for slots in self.dropped.values())
+    def was_dropped(self, sid: int, pos: int, proposal: int, crc: int) -> bool:
+        """Did some failover take ``proposal`` (naming the object whose crc is ``crc``) off
+        slot ``sid:pos``?"""
+        return any(v == proposal and c in (0, crc)
+                   for slots in self.dropped.values() for v, c in slots.get((sid, pos), ()))
 
     def successor(self, dead: Iterable[int], settled: Mapping[tuple[int, int], int],
                   kept: Mapping[tuple[int, int], int] | None = None,
-                  dropped: Mapping[tuple[int, int], tuple[int, ...]] | None = None
+                  dropped: Mapping[tuple[int, int], tuple[tuple[int, int], ...]] | None = None
                   ) -> "Membership":
         """The membership a failover of the MNs ``dead`` starts, with its decisions."""
         e = self.epoch + 1
@@ -88,8 +90,8 @@ class Membership:
     def to_wire(self) -> dict:
         return {"epoch": self.epoch, "dead": sorted(self.dead), "settled": _flat(self.settled),
                 "kept": _flat(self.kept),
-                "dropped": [[e, s, p, v] for e, slots in sorted(self.dropped.items())
-                            for (s, p), vs in sorted(slots.items()) for v in vs]}
+                "dropped": [[e, s, p, v, c] for e, slots in sorted(self.dropped.items())
+                            for (s, p), vs in sorted(slots.items()) for v, c in vs]}
 
     @classmethod
     def from_wire(cls, d) -> "Membership":
@@ -101,9 +103,9 @@ class Membership:
         if not all(type(n) is int and n >= 0 for n in dead):
             raise ValueError("malformed membership: dead nodes")
         dropped: dict[int, dict] = {}
-        for item in _items(d.get("dropped", []), epoch):
+        for item in _items(d.get("dropped", []), epoch, 5):
             slots = dropped.setdefault(item[0], {})
-            slots[(item[1], item[2])] = slots.get((item[1], item[2]), ()) + (item[3],)
+            slots[(item[1], item[2])] = slots.get((item[1], item[2]), ()) + ((item[3], item[4]),)
         return cls(epoch, frozenset(dead), _nested(d.get("settled"), epoch),
                    _nested(d.get("kept", []), epoch), dropped)
 
@@ -113,12 +115,12 @@ def _flat(by_epoch) -> list:
             for (s, p), v in sorted(slots.items())]
 
 
-def _items(items, epoch: int) -> list:
-    """[epoch, subtable, slot, value] rows, checked."""
+def _items(items, epoch: int, width: int = 4) -> list:
+    """[epoch, subtable, slot, value (, crc)] rows, checked."""
     if not isinstance(items, list):
         raise ValueError("malformed membership: slots")
     for item in items:
-        if not (isinstance(item, list) and len(item) == 4 and
+        if not (isinstance(item, list) and len(item) == width and
                 all(type(x) is int and x >= 0 for x in item) and 0 < item[0] <= epoch):
             raise ValueError("malformed membership: slots")
     return items

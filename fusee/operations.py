@@ -48,7 +48,7 @@ from fusee.log import NewObject, ObjectLog
 from fusee.membership import FRESH, Membership
 from fusee.memory_map import HEADER_CLIENT_IDS, HEADER_LAYOUT, MemoryMap
 from fusee.replication import (LOSE, RESTART, WIN, SlotTarget, await_change, backoff,
-                               cas_primary, fix_requests, propose, resolve)
+                               cas_primary, fix_requests, propose, resolve, unfreeze_requests)
 from fusee.verbs import (EPOCH_ENDS, AwaitMembership, EpochChanged, Faa, NodeTimeout, Read,
                          TransportError, Write)
 
@@ -487,11 +487,12 @@ class ClientCore:
             try:
                 result = yield from self._replace_with(obj, key, opcode, tomb)
             except Stalled:
-                yield from self.abandon(obj)    # no round of ours is left open: give it back
+                # no round of ours is left open: give it back
+                yield from self.retrying(lambda: self.abandon(obj))
                 raise
             if result != FRESH:
                 return result
-            yield from self.abandon(obj)        # a failover dropped its proposal
+            yield from self.retrying(lambda: self.abandon(obj))  # a failover dropped it
 
     def _replace_with(self, obj: NewObject, key: bytes, opcode: int, tomb: int | None):
         h = key_hash(key)
@@ -525,6 +526,8 @@ class ClientCore:
                     verdict, _ = yield from cas_primary(t, v_old, v_new)
                     if verdict == WIN:
                         return self._replaced(key, obj, opcode, t, v_old, v_new)
+                    if verdict == RESTART and t.backups:
+                        yield from self.rt(unfreeze_requests(t, v_old, v_new))
                 elif verdict == LOSE:
                     open_round = (epoch, t, v_old, v_new, old_crc, LOSE)
                     self.counters["lost"] += 1

@@ -269,7 +269,7 @@ class Recovery:
         took effect (its client went on with another object, if it did)."""
         proposal = e.s if e.s is not None else e.tomb
         return proposal is not None and self.core.membership.was_dropped(
-            e.v.slot_ref >> 32, e.v.slot_ref & 0xFFFFFFFF, proposal)
+            e.v.slot_ref >> 32, e.v.slot_ref & 0xFFFFFFFF, proposal, e.c.crc)
 
     def _committed(self, entries: list[_Entry]):
         """Generator: step A for COMMITTED entries; returns those whose round died in a

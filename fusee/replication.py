@@ -105,6 +105,14 @@ def cas_primary(t: SlotTarget, expected: int, v_new: int, extra=()):
     return (RESTART if old & FROZEN else LOSE), old
 
 
+def unfreeze_requests(t: SlotTarget, v_old: int, v_new: int) -> list[Cas]:
+    """A round that the primary's FROZEN bit ended (a split) after ``v_new`` went onto the
+    backups: the CASes that replace it there by the frozen old value. Nothing copies a backup
+    (the split copies the primary), but a failover would, should the primary die before the
+    split is done: it takes agreeing backups for a decided round."""
+    return [Cas(n, t.addr, v_new, v_old | FROZEN) for n in t.backups]
+
+
 def await_change(t: SlotTarget, v_old: int, extra=(), patience: int = 0):
     """Generator for losers: poll the primary until it leaves ``v_old``; ``extra`` requests
     ride on the first poll. Returns LOSE (someone finished the round) or RESTART (it froze).

@@ -32,7 +32,8 @@ from fusee.failover import failover
 from fusee.membership import LOSE, RESTART, WIN, Membership
 from fusee.operations import ClientCore
 from fusee.recovery import OLD_LOST, UNPROVEN, recover_client
-from fusee.verbs import AwaitMembership, EpochChanged, NodeTimeout
+from fusee.resize import _freeze
+from fusee.verbs import AwaitMembership, Cas, EpochChanged, NodeTimeout, TransportError
 from transports.local import LocalMemory, LocalTransport
 
 LAYOUT = LayoutConfig(region_size=2048 * KiB, block_size=64 * KiB, max_clients=16,
@@ -265,3 +266,114 @@ def test_a_client_waiting_for_a_failover_that_never_comes_stops_the_run():
     sim.crash_node(1)
     with pytest.raises(SimulationError, match="no failover brings"):
         sim.run()
+
+
+# -- two double faults a review found (before the fixes, each broke an invariant) ------------
+
+def _drive(op, t, before, on_await):
+    """Run ``op`` on transport ``t``: ``before(batch)`` sees each batch first; an
+    AwaitMembership gets ``on_await()`` (the next membership) thrown in as EpochChanged."""
+    batch = op.send(None)
+    while True:
+        try:
+            try:
+                before(batch)
+                if batch and type(batch[0]) is AwaitMembership:
+                    raise EpochChanged(on_await())
+                res = t.execute(batch)
+            except TransportError as err:
+                batch = op.throw(err)
+                continue
+            batch = op.send(res)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _two_clients(**layout):
+    """4 MNs, r = 3, clients 0 and 1 open, client 0 inserted b"key" = b"v1": (config,
+    memory, transport, the two cores, the key's cache entry, its slot target)."""
+    cfg = ClusterConfig(memnodes=tuple(MemNodeConfig(i, f"inproc://{i}") for i in range(4)),
+                        replication=3, layout=LayoutConfig(**{**LAYOUT.__dict__, **layout}),
+                        transport="local")
+    mem = LocalMemory(cfg)
+    t = LocalTransport(cfg, memory=mem)
+    a, b = ClientCore(cfg, 0), ClientCore(cfg, 1)
+    run(a.open(), t)
+    run(b.open(), t)
+    run(a.insert(b"key", b"v1"), t)
+    e = a.cache.get(b"key")
+    return cfg, mem, t, a, b, e, a.target(e.sid, e.pos)
+
+
+def test_a_round_a_split_froze_is_not_revived_by_the_failover_of_its_primary():
+    """W wins a round, a split freezes the primary before W's CAS (W restarts), and the
+    primary dies before the split is done: W's proposal, left on the backups, must not come
+    back as a value W then replaces and frees."""
+    cfg, mem, t, w, s, e, tgt = _two_clients(initial_subtables=1)
+    m = [Membership()]
+    state = {"frozen": False, "after": 0}
+
+    def before(batch):
+        if (not state["frozen"] and len(batch) == 1 and type(batch[0]) is Cas and
+                (batch[0].node, batch[0].addr) == (tgt.primary, tgt.addr)):
+            t.execute([Cas(s.dir.replicas[0], s.geo.lock(e.sid), 0, s.client_id + 1)])
+            run(_freeze(s, e.sid, []), t)           # the split's step 2, then it stalls
+            state["frozen"] = True
+        elif state["frozen"]:
+            state["after"] += 1
+            if state["after"] == 3:
+                mem.crash(tgt.primary)
+
+    def on_await():
+        m[0] = run(failover(cfg, m[0], tgt.primary), t)
+        return m[0]
+
+    _drive(w.update(b"key", b"v2"), t, before, on_await)
+    run(w.close(), t)
+    reader = ClientCore(cfg, 5, membership=m[0])
+    run(reader.open(), t)
+    assert run(reader.search(b"key"), t) == b"v2"        # W's update returned: it took effect
+    report = run(audit(cfg, [w, reader], m[0]), t)
+    assert report.ok, report.explain()
+
+
+def test_recovery_tells_a_dropped_proposal_from_its_object_reused_in_the_same_slot():
+    """A's proposal is dropped by a failover; A's next update of the key gets the same
+    memory, so the same slot value, and takes effect; A crashes while B's free of it is
+    pending. Recovery must see that entry as committed (not as the dropped one)."""
+    cfg, mem, t, a, b, e, tgt = _two_clients()
+    m, seen = [Membership()], {}
+
+    def before(batch):
+        if "victim" in seen and "crashed" not in seen:     # the batch after the propose
+            mem.crash(seen["victim"])
+            seen["crashed"] = True
+        elif ("victim" not in seen and batch and all(type(r) is Cas for r in batch) and
+                {r.node for r in batch} == set(tgt.backups)):
+            seen["proposal"] = batch[0].desired
+            seen["victim"] = next(n for n in tgt.backups if n in a.alloc.current.nodes)
+
+    def on_await():
+        m[0] = run(failover(cfg, m[0], seen["victim"]), t)
+        return m[0]
+
+    _drive(a.update(b"key", b"v2"), t, before, on_await)
+    assert seen["proposal"] in [v for v, _ in m[0].dropped[1][(e.sid, e.pos)]]
+    b.place(m[0])
+    run(a.update(b"key", b"v3"), t)
+    assert a.cache.get(b"key").value == seen["proposal"]     # the same slot value again
+    run(b.update(b"key", b"v4"), t)                  # its free of A's object stays deferred
+    report = run(recover_client(cfg, 0, membership=m[0]), t)    # A crashes here
+    assert report.outcomes.get("aborted", 0) == 0, report.outcomes
+    heir = ClientCore(cfg, 0, membership=m[0])
+    run(heir.open(), t)
+    run(b.close(), t)                                 # B's free goes out now
+    run(heir.alloc.reclaim(), t)
+    free = [p for q in heir.alloc.free.values() for p in q]
+    assert len(free) == len(set(free)), "an object is twice in the free lists"
+    run(heir.close(), t)
+    reader = ClientCore(cfg, 5, membership=m[0])
+    run(reader.open(), t)
+    assert run(reader.search(b"key"), t) == b"v4"
+    report = run(audit(cfg, [heir, reader], m[0]), t)
+    assert report.ok, report.explain()
