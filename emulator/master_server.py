@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
+import fcntl
 import json
 import os
 import secrets
@@ -58,11 +60,22 @@ TICK = 0.02
 
 
 class StateFile:
-    """The master's state on disk: JSON, replaced atomically."""
+    """The master's state on disk: JSON, replaced atomically. A lock file next to it, held
+    for the life of the process, keeps a second master off the same state."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.written: dict | None = None
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            self.lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StateError(f"cannot open {lock}: {e}") from None
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.lock_fd)
+            raise StateError(f"another master is running on {self.path} (it holds {lock})")
 
     def load(self) -> dict | None:
         try:
@@ -353,8 +366,17 @@ class MasterServer:
         settled = len(new.settled.get(new.epoch, ()))
         with self.lock:
             attempts = self.master.failover.attempts + 1
+            # persisted before anything hands it out: a restart must not go back a membership
+            published = copy.deepcopy(self.master)
+            published.failover_done(nodes, new)
+            try:
+                self.file.save({"cluster": self.config.name, **published.state()})
+            except OSError as e:
+                self.master.failover_failed(nodes, time.monotonic(), f"saving the state: {e}")
+                self.log(f"master: cannot save the state of epoch {new.epoch} (will retry the "
+                         f"failover): {e}", flush=True)
+                return
             self.master.failover_done(nodes, new)
-            self._save()                        # before any renewal hands it out
             for node, m in zip(nodes, milestones):
                 self.failovers.append({"node": node, "epoch": new.epoch, **m,
                                        "finished_at": time.time(), "attempts": attempts,

@@ -59,7 +59,8 @@ class Client:
                 client_id = self.lease.client_id
                 membership = self.lease.membership
                 # post batches here, not to .transport: the lease and the failovers need it
-                self.executor = _LeaseGuard(transport, self.lease, membership_wait(self.config))
+                self.executor = _LeaseGuard(transport, self.lease, membership_wait(self.config),
+                                            membership)
             else:
                 self.executor = transport       # it fails an AwaitMembership at once
             if client_id is None:
@@ -88,6 +89,9 @@ class Client:
             t0 = time.perf_counter()
             try:
                 self.executor.execute(read)
+            except EpochChanged as e:           # the operations to come need it
+                self.core.place(e.membership)
+                break
             except TransportError:
                 break
             best = min(best, time.perf_counter() - t0)
@@ -195,9 +199,9 @@ class _LeaseGuard:
     the answer to ``AwaitMembership``, once the master has published the next epoch (waited
     for up to ``wait`` seconds, else NodeTimeout)."""
 
-    def __init__(self, transport, lease, wait: float):
+    def __init__(self, transport, lease, wait: float, membership: Membership):
         self.transport, self.lease, self.wait = transport, lease, wait
-        self.handed = lease.membership.epoch        # the epoch the operations have
+        self.handed = membership.epoch              # the epoch the operations have
 
     def adopt(self, membership: Membership) -> Membership:
         """The operations have ``membership`` from elsewhere (a new ClientCore)."""

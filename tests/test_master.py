@@ -17,6 +17,7 @@ import zmq
 
 from emulator import wire
 from emulator.cluster import LocalCluster
+from emulator.master_server import StateFile
 from fusee.config import ClusterConfig, ConfigError
 from fusee.layout import META_RECOVERY
 from fusee.master import (DataLost, LeaseError, LeaseExpired, Master, StateError,
@@ -528,9 +529,9 @@ def test_a_pause_waits_for_the_batch_in_flight_and_the_next_batch_gets_the_epoch
     with small_cluster() as c, c.transport() as t:
         keeper = LeaseKeeper(c.config)
         with pytest.raises(NodeTimeout, match="no new membership"):    # no failover comes
-            _LeaseGuard(t, keeper, 0.1).execute([AwaitMembership(0)])
+            _LeaseGuard(t, keeper, 0.1, keeper.membership).execute([AwaitMembership(0)])
         held = _Held(t)
-        guard = _LeaseGuard(held, keeper, membership_wait(c.config))
+        guard = _LeaseGuard(held, keeper, membership_wait(c.config), keeper.membership)
         done = []
         flight = threading.Thread(target=lambda: done.append(guard.execute([Read(0, 0, 8)])))
         flight.start()
@@ -718,3 +719,11 @@ def test_recovery_time_by_phase(transport):
               ms(p.get("release", 0)), ms(r["recover_s"]), f"{rep['round_trips']:4d}",
               f"{rep['verbs']:5d}", f"{rep['entries']:7d}")
         assert r["recover_s"] > 0 and rep["round_trips"] > 0
+
+
+def test_a_second_master_on_the_same_state_is_refused(tmp_path):
+    first = StateFile(tmp_path / "master.json")
+    with pytest.raises(StateError, match="another master"):
+        StateFile(tmp_path / "master.json")
+    os.close(first.lock_fd)                     # the first one exits: the lock goes with it
+    StateFile(tmp_path / "master.json")

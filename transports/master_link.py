@@ -209,6 +209,16 @@ class LeaseKeeper:
             self._wake.set()
 
     def _renew_loop(self) -> None:
+        """The keeper thread: renewals until ``close``. Should anything unexpected end it,
+        the lease is given up at once (and waiters told), not left to run out silently."""
+        try:
+            self._renewals()
+        except BaseException as e:      # noqa: BLE001 - reported through ``lost``
+            with self.news:
+                self.lost, self.expires = f"the lease keeper failed: {e!r}", 0.0
+                self.news.notify_all()
+
+    def _renewals(self) -> None:
         lease = self.grant.lease
         wait = lease / 3
         while True:
@@ -252,9 +262,11 @@ class LeaseKeeper:
             self.news.notify_all()
         if not self.pause or self.acked == self.pause:
             return False
-        # wait for the batch in flight (it is bounded by the transport's timeout)
-        if not self.gate.acquire(timeout=self.link.timeout + 1.0):
-            return False                        # try again with the next renewal
+        # wait for the batch in flight (it is bounded by the transport's timeout), but not
+        # past half the lease left: a plain renewal goes out meanwhile, then this again
+        left = (self.expires - time.monotonic()) / 2
+        if not self.gate.acquire(timeout=max(0.0, min(self.link.timeout + 1.0, left))):
+            return False
         self.gate.release()
         self.acked = self.pause
         return True
