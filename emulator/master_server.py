@@ -114,7 +114,7 @@ class MasterServer:
         self.grace = config.timeout        # the longest a client's last batch can be in flight
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.failed = False                         # a background thread died
+        self.failed = False                         # a thread died, or the state cannot be saved
         self.work_due = threading.Event()           # wakes the worker thread
         self.file = StateFile(state_path)
         now = time.monotonic()
@@ -436,7 +436,13 @@ class MasterServer:
             on_bound(bound)
             sock.setsockopt(zmq.RCVTIMEO, int(TICK * 1000))
             while not stop() and not self.stopping.is_set():
-                self.tick()
+                try:
+                    self.tick()
+                except OSError as e:        # the state cannot be saved: stop, do not guess
+                    self.log(f"master: cannot save the state: {e}", file=sys.stderr,
+                             flush=True)
+                    self.failed = True
+                    break
                 try:
                     ident = sock.recv()
                 except zmq.Again:
@@ -463,7 +469,12 @@ class MasterServer:
             if auth is not None:
                 auth.stop()
             with self.lock:
-                self._save()
+                try:
+                    self._save()
+                except OSError as e:
+                    self.log(f"master: cannot save the state on the way out: {e}",
+                             file=sys.stderr, flush=True)
+                    self.failed = True
 
     def _guarded(self, loop: Callable[[], None]) -> None:
         """A background loop that fails stops the master rather than leaving it half alive."""
