@@ -38,16 +38,8 @@ CLEAR, EXISTS, YIELD = "clear", "exists", "yield"
 def insert(core, key: bytes, value: bytes):
     """Generator: the INSERT operation of ``core`` (a ClientCore). An insert that runs out of
     patience (Stalled) withdraws any claim it holds and gives its object back."""
-    while True:
-        obj = yield from core.new_object(INSERT, key, value)
-        try:
-            result = yield from _insert(core, obj, key)
-        except Stalled:
-            yield from core.retrying(lambda: core.abandon(obj))
-            raise
-        if result != FRESH:
-            return result
-        yield from core.retrying(lambda: core.abandon(obj))  # a failover dropped it
+    return (yield from core.with_objects(INSERT, key, value,
+                                         lambda obj, _: _insert(core, obj, key)))
 
 
 def _insert(core, obj, key: bytes):

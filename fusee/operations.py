@@ -475,26 +475,31 @@ class ClientCore:
             if found is not False:
                 return found and (sid, found[0], found[1], found[2].crc)
 
-    def _replace(self, key: bytes, value: bytes, opcode: int):
-        """UPDATE (new object) or DELETE of a present key. A DELETE proposes a tombstone of
-        its own, which its record object holds (so that recovery knows it)."""
+    def with_objects(self, opcode: int, key: bytes, value: bytes, body):
+        """Generator: run ``body(obj, value)`` with a new object until it returns anything but
+        FRESH (a failover dropped its proposal: that object's log entry must never commit
+        again). An object that ends in Stalled or FRESH goes back (no round of ours is left
+        open on it). A DELETE's object holds the tombstone it proposes, drawn anew each time
+        (so that recovery knows it)."""
         while True:
-            tomb = None
             if opcode == DELETE:
-                tomb = self.free_value()
-                value = pack_u64(tomb)
+                value = pack_u64(self.free_value())
             obj = yield from self.new_object(opcode, key, value)
             try:
-                result = yield from self._replace_with(obj, key, opcode, tomb)
+                result = yield from body(obj, value)
             except Stalled:
-                # no round of ours is left open: give it back
                 yield from self.retrying(lambda: self.abandon(obj))
                 raise
             if result != FRESH:
                 return result
-            yield from self.retrying(lambda: self.abandon(obj))  # a failover dropped it
+            yield from self.retrying(lambda: self.abandon(obj))
 
-    def _replace_with(self, obj: NewObject, key: bytes, opcode: int, tomb: int | None):
+    def _replace(self, key: bytes, value: bytes, opcode: int):
+        """UPDATE (new object) or DELETE of a present key."""
+        return (yield from self.with_objects(
+            opcode, key, value, lambda obj, v: self._replace_with(obj, key, opcode, v)))
+
+    def _replace_with(self, obj: NewObject, key: bytes, opcode: int, value: bytes):
         h = key_hash(key)
         writes = obj.writes
         open_round = None           # (epoch, target, v_old, v_new, old crc, verdict reached)
@@ -510,7 +515,7 @@ class ClientCore:
                     yield from self.abandon(obj)
                     raise KeyNotFound(key)
                 sid, pos, v_old, old_crc = found
-                v_new = self.slot_value(h, obj) if opcode == UPDATE else tomb
+                v_new = self.slot_value(h, obj) if opcode == UPDATE else unpack_u64(value)
                 t = self.target(sid, pos)
                 ref = slot_ref(sid, pos)
                 current = []
