@@ -45,7 +45,7 @@ from fusee.errors import ClientLimit, FuseeError
 from fusee.failover import failover
 from fusee.master import LeaseError, Master, StateError, TransitionInProgress
 from fusee.membership import Membership
-from fusee.operations import draw_client_id
+from fusee.operations import fresh_client_id
 from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 from transports.channel import Channels
@@ -204,7 +204,7 @@ class MasterServer:
             membership, down = self.master.membership, self._down()
         transport = self._connect(down)
         try:
-            return run(draw_client_id(self.config, membership), transport)
+            return run(fresh_client_id(self.config, membership), transport)
         finally:
             transport.close()
 

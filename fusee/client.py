@@ -15,8 +15,9 @@ thread renews the lease (``transports.master_link``), and once the lease has run
 operation raises ``fusee.master.LeaseExpired`` before posting a verb (the master then recovers
 the client's unfinished operations). When a memory node dies, operations pause while the
 master fails it over, then carry on in the new membership epoch (``_LeaseGuard``). ``close()``
-gives the id back. Without a master, the id comes from the MNs' counter, there is no lease, and
-a dead memory node fails the operations that need it (nobody fails it over).
+gives the id back. Without a master, the id is drawn from the MNs (``draw_client_id``: one
+closed cleanly, else a fresh one) and claimed there (``ClientCore.open``), there is no lease,
+and a dead memory node fails the operations that need it (nobody fails it over).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from fusee.config import ClusterConfig
 from fusee.driver import run
+from fusee.errors import NeedsRecovery
 from fusee.master import LeaseExpired
 from fusee.membership import Membership
 from fusee.operations import ClientCore, draw_client_id
@@ -63,22 +65,38 @@ class Client:
                                             membership)
             else:
                 self.executor = transport       # it fails an AwaitMembership at once
-            if client_id is None:
-                client_id = run(draw_client_id(self.config, membership), transport)
             if recover:
                 run(recover_client(self.config, client_id, owner=client_id,
                                    membership=membership), self.executor)
             if self.lease is not None:              # the newest, and the guard knows it
                 membership = self.executor.adopt(self.lease.membership)
-            self.core = ClientCore(self.config, client_id, cache_capacity,
-                                   membership=membership)
-            run(self.core.open(), self.executor)
+            self.core = self._claim(client_id, cache_capacity, membership)
             self.core.patience = _patience(self.config, self._round_trip())
         except BaseException:
             if self.lease is not None:
                 self.lease.close()
             raise
         self.closed = False
+
+    def _claim(self, client_id: int | None, cache_capacity: int,
+               membership: Membership) -> ClientCore:
+        """Open a core on ``client_id``, or without one on an id drawn from the MNs (that
+        another client may claim first: then draw again, without it)."""
+        taken: set[int] = set()
+        while True:
+            cid = client_id
+            if cid is None:
+                cid = run(draw_client_id(self.config, membership, frozenset(taken)),
+                          self.transport)
+            core = ClientCore(self.config, cid, cache_capacity, membership=membership)
+            try:
+                run(core.open(), self.executor)
+                return core
+            except NeedsRecovery:
+                if client_id is not None:
+                    raise
+                assert cid not in taken, "an id drawn twice in one claim"
+                taken.add(cid)
 
     def _round_trip(self, samples: int = 5) -> float:
         """Seconds one small READ takes on this transport (the best of a few; infinity when

@@ -30,7 +30,7 @@ its previous holder may still be in flight. A clean ``release`` takes the same p
 of a client that closed cleanly finds nothing to finish, and it keeps one rule for every id).
 
 Fresh ids come from the master's own counter (``next_id``), persisted with the rest: the MNs'
-counter word (``fusee.operations.draw_client_id``) seeds it once, and after that no MN is
+counter word (``fusee.operations.fresh_client_id``) seeds it once, and after that no MN is
 needed to register, whichever of them is dead; a counter copy on another MN could be stale.
 
 The persistent state (``state()``) is small: the membership, the MNs awaiting failover, ids in

@@ -16,10 +16,10 @@ the insert's claim check reads a backup right after CASing it.
 
 An UPDATE or DELETE with a cached slot also reads the cached object's last 8 bytes with the
 buckets: its commit record names that object's crc, which is how recovery tells the object it
-replaced from a later one in reused memory. A client id is IN_USE from ``open`` to ``close``
-(which delivers the deferred frees, then marks it CLEAN); ``open`` adopts what an id left
-CLEAN holds (``fusee.holdings``) and refuses one left IN_USE (NeedsRecovery: see
-``fusee.recovery``). Waits on other clients are bounded by ``patience`` re-reads (Stalled).
+replaced from a later one in reused memory. A client id is IN_USE from ``open`` (which claims it
+with a CAS: one of two clients opening it wins) to ``close`` (which delivers the deferred
+frees, then marks it CLEAN); ``open`` adopts what an id left CLEAN holds
+(``fusee.holdings``) and refuses one left IN_USE (NeedsRecovery: see ``fusee.recovery``). Waits on other clients are bounded by ``patience`` re-reads (Stalled).
 
 A memory node that stops answering (NodeTimeout) makes an operation ask its driver for the next
 membership epoch (``AwaitMembership``); the master's failover (``fusee.failover``) starts it
@@ -29,6 +29,8 @@ from the epoch's decisions (``Membership.fate``) and goes on with the live repli
 """
 
 from __future__ import annotations
+
+import secrets
 
 from fusee import insert as insert_mod
 from fusee.allocation import Allocator
@@ -49,8 +51,8 @@ from fusee.membership import FRESH, Membership
 from fusee.memory_map import HEADER_CLIENT_IDS, HEADER_LAYOUT, MemoryMap
 from fusee.replication import (LOSE, RESTART, WIN, SlotTarget, await_change, backoff,
                                cas_primary, fix_requests, propose, resolve, unfreeze_requests)
-from fusee.verbs import (EPOCH_ENDS, AwaitMembership, EpochChanged, Faa, NodeTimeout, Read,
-                         TransportError, Write)
+from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, NodeTimeout,
+                         Read, TransportError, Write, chunks)
 
 
 #: a SEARCH on the backups of a dead primary cannot tell before the failover
@@ -63,15 +65,40 @@ UNSURE = object()
 PATIENCE = 200_000
 
 
-def draw_client_id(config: ClusterConfig, membership: Membership = Membership()):
-    """Generator: a cluster-unique client id, by FAA on the client-id counter of every live
+def fresh_client_id(config: ClusterConfig, membership: Membership = Membership()):
+    """Generator: an id never drawn before, by FAA on the client-id counter of every live
     directory replica (the largest old value: a replica that missed a draw lags behind)."""
     nodes = Directory(IndexGeometry.of(config.layout), len(config.memnodes), config.replicas,
                       membership).replicas
     cid = max((yield [Faa(n, HEADER_CLIENT_IDS, 1) for n in nodes]))
     if cid >= config.layout.max_clients:
-        raise ClientLimit(f"all {config.layout.max_clients} client ids are taken")
+        raise ClientLimit(f"all {config.layout.max_clients} client ids are in use")
     return cid
+
+
+def draw_client_id(config: ClusterConfig, membership: Membership = Membership(),
+                   taken: frozenset[int] = frozenset()):
+    """Generator: an id for a client without a master to claim. Ids closed CLEAN are reused
+    before a fresh one is drawn (``fresh_client_id``), those holding blocks first: their next
+    holder adopts the blocks (``fusee.holdings``), so closed clients leave neither ids nor
+    memory behind. The draw takes no lock: ``ClientCore.open`` claims the id with a CAS on
+    its state word, and a claimant that loses (to another drawer, or to a client that asked
+    for the id by number) draws again with the id in ``taken``."""
+    mmap_ = MemoryMap.of(config.layout)
+    m0 = Directory(IndexGeometry.of(config.layout), len(config.memnodes), config.replicas,
+                   membership).replicas[0]
+    (counter,) = yield [Read(m0, HEADER_CLIENT_IDS, 8)]
+    ids = [i for i in range(min(unpack_u64(counter), config.layout.max_clients))
+           if i not in taken]
+    words = []
+    for batch in chunks([Read(m0, mmap_.client_meta(i) + off, 8)
+                         for i in ids for off in (META_STATE, META_GROUPS)]):
+        words += yield batch
+    clean = [(unpack_u64(words[2 * k + 1]) == 0, i) for k, i in enumerate(ids)
+             if unpack_u64(words[2 * k]) == CLEAN]
+    if clean:
+        return min(clean)[1]
+    return (yield from fresh_client_id(config, membership))
 
 
 class ClientCore:
@@ -100,6 +127,8 @@ class ClientCore:
         self.releases: list[int] = []   # objects of ours to reuse once ``deferred`` is sent
         self.free_seq = 0               # set by open() from the client's incarnation
         self.adopting = False           # open() found blocks of a previous holder
+        # the STATE word while this client holds the id: IN_USE and a nonce of its own
+        self.claim = secrets.randbits(62) << 1 | IN_USE
         if type(patience) is not int or patience < 1:
             raise ValueError("patience must be a positive int")
         self.patience = patience
@@ -222,30 +251,33 @@ class ClientCore:
                 yield from self.new_epoch(e)
 
     def _open(self):
-        """Take the id: a fresh one gets its first block group; one a client left CLEAN
-        (closed, or recovered) is adopted with everything its blocks hold; one left IN_USE
-        needs recovery first (NeedsRecovery). The id is checked CLEAN before it is marked
-        IN_USE, so an open that a failover interrupted can simply start over."""
+        """Claim the id: one CAS of its STATE word on the first metadata replica, from CLEAN
+        to this client's ``claim`` (so of two clients opening the same id, one wins; the
+        other gets NeedsRecovery). A fresh id gets its first block group; one a client left
+        CLEAN (closed, or recovered) is adopted with everything its blocks hold; one left
+        IN_USE needs recovery first (NeedsRecovery). An open that a failover interrupted
+        starts over: it knows its own claim."""
         g = self.geo
         meta = self.map.client_meta(self.client_id)
         if self.free_seq == 0:
             m0 = self.meta_nodes[0]
             res = yield [self.dir.read(), Read(m0, g.header_word(HDR_MAGIC), 8),
-                         Read(m0, HEADER_LAYOUT, 8), Read(m0, meta + META_STATE, 8),
+                         Read(m0, HEADER_LAYOUT, 8),
+                         Cas(m0, meta + META_STATE, CLEAN, self.claim),
                          Read(m0, meta + META_GROUPS, 8)] + [
                          Faa(m, meta + META_INCARNATION, 1) for m in self.meta_nodes]
             if unpack_u64(res[2]) != self.map.fingerprint or unpack_u64(res[1]) != INDEX_MAGIC:
                 raise StoreFormatError("the memory nodes were formatted for another layout")
-            if unpack_u64(res[3]) != CLEAN:
-                raise NeedsRecovery(f"client id {self.client_id} was not closed cleanly: "
-                                    f"recover it first (Client(..., recover=True) or the "
-                                    f"master)")
+            if res[3] not in (CLEAN, self.claim):
+                raise NeedsRecovery(f"client id {self.client_id} is in use: another client "
+                                    f"holds it, or one did not close it cleanly (then recover "
+                                    f"it first: Client(..., recover=True) or the master)")
             self.dir.load(res[0])
             self.adopting = unpack_u64(res[4]) != 0
             # each incarnation of this client id draws free values from its own range
             self.free_seq = (max(res[5:]) + 1) << 28
         yield [Write(m, meta + off, pack_u64(v)) for m in self.meta_nodes
-               for off, v in ((META_MAGIC_OFF, META_MAGIC), (META_STATE, IN_USE))]
+               for off, v in ((META_MAGIC_OFF, META_MAGIC), (META_STATE, self.claim))]
         if self.adopting:
             yield from adopt(self.alloc, self.log)
             self.adopting = False

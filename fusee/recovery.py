@@ -191,10 +191,14 @@ class Recovery:
         self.locks = [unpack_u64(res[5], 8 * i) for i in range(geo.max_subtables)]
 
     def _release(self):
+        """Mark the id CLEAN and release the lock. An id found CLEAN is not written: a client
+        may have claimed it meanwhile (``ClientCore.open``), and CLEAN would hand it out
+        twice."""
         meta = self.meta
         nodes = self.core.meta_nodes
-        yield [Write(m, meta + META_STATE, pack_u64(CLEAN)) for m in nodes] + [
-            Cas(nodes[0], meta + META_RECOVERY, self.owner + 1, 0)]
+        clean = [] if self.report.clean else [Write(m, meta + META_STATE, pack_u64(CLEAN))
+                                              for m in nodes]
+        yield clean + [Cas(nodes[0], meta + META_RECOVERY, self.owner + 1, 0)]
 
     # -- 2. the log ----------------------------------------------------------------------
     def _entries(self, found) -> list[_Entry]:
