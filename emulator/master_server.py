@@ -50,7 +50,7 @@ from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 from transports.channel import Channels
 from transports.master_link import ERR_BUSY, ERR_LEASE
-from emulator.serving import bind, stop_condition, write_ready
+from emulator.serving import EndpointInUse, bind, stop_condition, write_ready
 from transports.security import check_endpoint, secure_server
 
 #: the repair and failover records kept for ``status`` (the newest)
@@ -552,7 +552,7 @@ def main(argv=None) -> int:
 
     try:
         server.serve(endpoint, stop, bound)
-    except (ConfigError, zmq.ZMQError) as e:
+    except (ConfigError, EndpointInUse, zmq.ZMQError) as e:
         print(f"fusee master: error: {e}", file=sys.stderr)
         return 2
     return 1 if server.failed else 0

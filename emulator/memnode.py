@@ -22,10 +22,11 @@ from emulator import _atomic, wire
 from emulator.wire import OP_CAS, OP_FAA, OP_READ, OP_WRITE
 from emulator.blocks import BlockTable, format_region
 from emulator.memory import MemoryRegion, SharedSegment, new_rkey
-from fusee.config import ClusterConfig
+from fusee.config import ClusterConfig, ConfigError
 from fusee.memory_map import MemoryMap
 from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAccessError
-from emulator.serving import bind, stop_condition, write_ready
+from emulator.serving import (EndpointInUse, bind, claim_endpoint, stop_condition,
+                              write_ready)
 from transports.security import check_endpoint, secure_server
 
 _cas, _faa = _atomic.cas, _atomic.faa
@@ -151,7 +152,6 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, node.config.layout.region_size + MESSAGE_SLACK)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-    on_bound(bind(sock, endpoint))
     # A blocking receive with a timeout, rather than poll + non-blocking receive: each pyzmq
     # call costs microseconds, and an empty non-blocking receive raises an exception.
     # (recv_multipart/send_multipart cost microseconds more than two plain calls.)
@@ -159,6 +159,7 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
     recv, send, handle = sock.recv, sock.send, node.handle
     more = zmq.SNDMORE | zmq.NOBLOCK
     try:
+        on_bound(bind(sock, endpoint))
         while not stop():
             try:
                 ident = recv()                # a ROUTER delivers [identity, message...]
@@ -192,9 +193,15 @@ def main(argv=None) -> int:
     p.add_argument("--rdma", action="store_true", help="also serve the region over RDMA (pyverbs)")
     args = p.parse_args(argv)
 
-    config = ClusterConfig.load(args.config)
-    if not 0 <= args.id < len(config.memnodes):
-        p.error(f"no memory node {args.id} in {args.config}")
+    try:
+        config = ClusterConfig.load(args.config)
+        if not 0 <= args.id < len(config.memnodes):
+            p.error(f"no memory node {args.id} in {args.config}")
+        endpoint = args.endpoint or config.node(args.id).endpoint
+        claim_endpoint(endpoint)            # before the region: a duplicate takes nothing
+    except (ConfigError, EndpointInUse) as e:
+        print(f"fusee memnode: error: {e}", file=sys.stderr)
+        return 2
     stop = stop_condition(args.parent_pid)
     node = MemoryNode(config, args.id)
     try:
@@ -207,7 +214,10 @@ def main(argv=None) -> int:
                   f"({node.region.length} bytes)", flush=True)
             write_ready(args.ready_file, endpoint=endpoint, shm_name=node.segment.name)
 
-        serve(node, args.endpoint or config.node(args.id).endpoint, stop, bound)
+        serve(node, endpoint, stop, bound)
+    except EndpointInUse as e:
+        print(f"fusee memnode: error: {e}", file=sys.stderr)
+        return 2
     finally:
         node.close()
     return 0

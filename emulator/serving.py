@@ -7,6 +7,7 @@ launcher is gone (so a crashed test run leaves no server behind).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -18,18 +19,54 @@ from typing import Callable
 import zmq
 
 
+class EndpointInUse(RuntimeError):
+    """Another live process serves this endpoint."""
+
+
+#: the ipc:// lock files this process holds (path -> fd), for its whole life
+_held: dict[str, int] = {}
+
+
+def claim_endpoint(endpoint: str) -> None:
+    """Make sure no other live process serves ``endpoint``, or raise EndpointInUse.
+
+    ZeroMQ's ipc:// bind unlinks the socket file it finds and binds a new one, so a second
+    server would silently take the endpoint over from a live one. An flock on ``<path>.lock``,
+    held until this process exits, tells a live owner from a file a crashed one left behind
+    (the kernel drops a dead process's locks): the leftover is reclaimed. A tcp:// port in use
+    fails the bind itself (no SO_REUSEPORT)."""
+    if not endpoint.startswith("ipc://") or endpoint == "ipc://*":
+        return
+    path = os.path.abspath(endpoint[6:]) + ".lock"
+    if path in _held:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise EndpointInUse(f"{endpoint} is served by another live process "
+                            f"(it holds {path})") from None
+    _held[path] = fd
+
+
 def bind(sock: zmq.Socket, endpoint: str) -> str:
-    """Bind ``sock``; an ``ipc://`` socket file is created owner-only. Returns the bound
+    """Bind ``sock`` where no other live process serves (``claim_endpoint``; else
+    EndpointInUse); an ``ipc://`` socket file is created owner-only. Returns the bound
     endpoint (with the port a ``tcp://host:*`` endpoint got)."""
+    claim_endpoint(endpoint)
     if endpoint.startswith("ipc://"):
         Path(endpoint[6:]).parent.mkdir(parents=True, exist_ok=True)
-        old = os.umask(0o077)
-        try:
-            sock.bind(endpoint)
-        finally:
-            os.umask(old)
-    else:
+    old = os.umask(0o077)
+    try:
         sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        if e.errno != zmq.EADDRINUSE:
+            raise
+        raise EndpointInUse(f"{endpoint} is served by another process ({e})") from None
+    finally:
+        os.umask(old)
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
