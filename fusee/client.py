@@ -22,12 +22,13 @@ and a dead memory node fails the operations that need it (nobody fails it over).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from fusee.config import ClusterConfig
 from fusee.driver import run
-from fusee.errors import NeedsRecovery
+from fusee.errors import ForkedClient, NeedsRecovery
 from fusee.master import LeaseExpired
 from fusee.membership import Membership
 from fusee.operations import ClientCore, draw_client_id
@@ -37,8 +38,23 @@ from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Re
                          TransportError)
 
 
+#: forks this process is the child of (``os.register_at_fork``): a client opened before a fork
+#: is refused in the child, at no per-operation cost but an int comparison
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class Client:
-    """A store client. It owns the transport it is given and closes it on ``close()``."""
+    """A store client. It owns the transport it is given and closes it on ``close()``. It
+    belongs to the process that opened it: after a fork, the child must open its own
+    (operations raise ForkedClient there, and ``close()`` leaves the parent's client be)."""
 
     def __init__(self, transport, config: ClusterConfig | None = None,
                  client_id: int | None = None, cache_capacity: int = 65536,
@@ -77,6 +93,8 @@ class Client:
                 self.lease.close()
             raise
         self.closed = False
+        self._forks = _forks
+        self._pid = os.getpid()
 
     def _claim(self, client_id: int | None, cache_capacity: int,
                membership: Membership) -> ClientCore:
@@ -148,6 +166,9 @@ class Client:
     def _run(self, op):
         if self.closed:
             raise RuntimeError("this client is closed")
+        if self._forks != _forks:
+            raise ForkedClient(f"this client was opened in process {self._pid}, which forked "
+                               f"since: open a new client in process {os.getpid()}")
         return run(op, self.executor)
 
     def get(self, key: bytes) -> bytes | None:
@@ -178,8 +199,12 @@ class Client:
 
     def close(self) -> None:
         """Send deferred frees and log marks, give the id back to the master (if any), then
-        close the transport. Idempotent."""
+        close the transport. Idempotent. In a child forked after the client opened, only
+        this object is closed: the parent's client carries on."""
         if self.closed:
+            return
+        if self._forks != _forks:      # the id, lease and sockets are the parent's
+            self.closed = True
             return
         try:
             run(self.core.close(), self.executor)

@@ -88,3 +88,9 @@ class NeedsRecovery(FuseeError):
 
 class RecoveryInProgress(FuseeError):
     """Another recoverer holds this client id's recovery lock."""
+
+
+class ForkedClient(FuseeError):
+    """The client was opened in another process, which then forked: a child shares its id,
+    its memory and its sockets with the parent, and using them from both corrupts the store
+    (or hangs on the sockets). Open a new client in the child."""
