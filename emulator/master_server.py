@@ -45,7 +45,8 @@ from fusee.errors import ClientLimit, FuseeError
 from fusee.failover import failover
 from fusee.master import LeaseError, Master, StateError, TransitionInProgress
 from fusee.membership import Membership
-from fusee.operations import fresh_client_id
+from fusee.layout import CLEAN
+from fusee.operations import client_states, fresh_client_id
 from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 from transports.channel import Channels
@@ -191,22 +192,30 @@ class MasterServer:
                     self._save()                    # before the client can act on it
                     membership = self.master.membership
                     break
-            first = self._first_id()                # outside the lock: it talks to the MNs
+            seed = self._survey()                   # outside the lock: it talks to the MNs
             with self.lock:
-                self.master.seed_ids(first)
+                self.master.seed_ids(*seed)
+                self._save()
+                self.work_due.set()                 # ids found in use await recovery
         self.log(f"master: client {cid} registered", flush=True)
         return self._grant(g, membership, 0)
 
-    def _first_id(self) -> int:
-        """The MNs' client-id counter word (FAA), where the master's own counter starts: ids
-        drawn before there was a master are never handed out again."""
+    def _survey(self) -> tuple[int, list[int], list[int]]:
+        """The arguments of ``Master.seed_ids``: the MNs' client-id counter word (FAA), where
+        the master's own counter starts, so that ids drawn before there was a master are
+        never handed out as fresh; the ids below it marked CLEAN, and every id marked in
+        use."""
         with self.lock:
             membership, down = self.master.membership, self._down()
         transport = self._connect(down)
         try:
-            return run(fresh_client_id(self.config, membership), transport)
+            first = run(fresh_client_id(self.config, membership), transport)
+            states = run(client_states(self.config, membership,
+                                       list(range(self.config.layout.max_clients))), transport)
         finally:
             transport.close()
+        return (first, [i for i, (state, _) in enumerate(states[:first]) if state == CLEAN],
+                [i for i, (state, _) in enumerate(states) if state != CLEAN])
 
     @staticmethod
     def _grant(g, membership: Membership, known: int) -> dict:

@@ -32,6 +32,8 @@ of a client that closed cleanly finds nothing to finish, and it keeps one rule f
 Fresh ids come from the master's own counter (``next_id``), persisted with the rest: the MNs'
 counter word (``fusee.operations.fresh_client_id``) seeds it once, and after that no MN is
 needed to register, whichever of them is dead; a counter copy on another MN could be stale.
+The same seeding takes in what the MNs say of the ids (``seed_ids``), so that the leases and
+the ids' STATE words agree even on a cluster used before the master (or its state) existed.
 
 The persistent state (``state()``) is small: the membership, the MNs awaiting failover, ids in
 use with their tokens, pending repairs, recycled ids and the id counter. Lease deadlines and
@@ -205,10 +207,21 @@ class Master:
         cid, self.next_id = self.next_id, self.next_id + 1
         return cid
 
-    def seed_ids(self, first: int) -> None:
-        """Start the counter at ``first``, the MNs' counter word (once)."""
-        if self.next_id is None:
-            self.next_id = first
+    def seed_ids(self, first: int, clean: Iterable[int] = (), in_use: Iterable[int] = ()) -> None:
+        """Start the counter at ``first``, the MNs' counter word, and take in the ids the MNs
+        mark CLEAN below it (``clean``: recycled, so their blocks are adopted) or in use
+        (``in_use``: left by clients that did not close, before this master knew of them;
+        recovered before anyone gets them). Once; ids this master already tracks are
+        skipped: its own view of them is newer."""
+        if self.next_id is not None:
+            return
+        self.next_id = first
+        known = self.clients.keys() | self.repairs.keys() | set(self.free_ids)
+        for cid in set(in_use) - known:
+            self.repairs[cid] = _Job("found in use")
+        for cid in set(clean) - known - set(in_use):
+            assert cid < first, "a clean id to recycle that the counter never handed out"
+            bisect.insort(self.free_ids, cid)
 
     def grant(self, cid: int, token: int, now: float) -> Grant:
         """Lease ``cid`` (a recycled id, a fresh one, or one a client asked for) to a client."""

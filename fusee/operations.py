@@ -84,21 +84,29 @@ def draw_client_id(config: ClusterConfig, membership: Membership = Membership(),
     memory behind. The draw takes no lock: ``ClientCore.open`` claims the id with a CAS on
     its state word, and a claimant that loses (to another drawer, or to a client that asked
     for the id by number) draws again with the id in ``taken``."""
-    mmap_ = MemoryMap.of(config.layout)
     m0 = Directory(IndexGeometry.of(config.layout), len(config.memnodes), config.replicas,
                    membership).replicas[0]
     (counter,) = yield [Read(m0, HEADER_CLIENT_IDS, 8)]
     ids = [i for i in range(min(unpack_u64(counter), config.layout.max_clients))
            if i not in taken]
+    states = yield from client_states(config, membership, ids)
+    clean = [(groups == 0, i) for i, (state, groups) in zip(ids, states) if state == CLEAN]
+    if clean:
+        return min(clean)[1]
+    return (yield from fresh_client_id(config, membership))
+
+
+def client_states(config: ClusterConfig, membership: Membership, ids: list[int]):
+    """Generator: the (STATE word, block group count) of each of ``ids``, as the first live
+    metadata replica has them (the one ``ClientCore.open`` claims ids on)."""
+    mmap_ = MemoryMap.of(config.layout)
+    m0 = Directory(IndexGeometry.of(config.layout), len(config.memnodes), config.replicas,
+                   membership).replicas[0]
     words = []
     for batch in chunks([Read(m0, mmap_.client_meta(i) + off, 8)
                          for i in ids for off in (META_STATE, META_GROUPS)]):
         words += yield batch
-    clean = [(unpack_u64(words[2 * k + 1]) == 0, i) for k, i in enumerate(ids)
-             if unpack_u64(words[2 * k]) == CLEAN]
-    if clean:
-        return min(clean)[1]
-    return (yield from fresh_client_id(config, membership))
+    return [(unpack_u64(words[k]), unpack_u64(words[k + 1])) for k in range(0, len(words), 2)]
 
 
 class ClientCore:

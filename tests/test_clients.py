@@ -13,6 +13,7 @@ from fusee.client import Client
 from fusee.driver import run
 from fusee.errors import NeedsRecovery
 from fusee.layout import CLEAN, META_STATE, unpack_u64
+from fusee.master import Master
 from fusee.memory_map import MemoryMap
 from fusee.membership import Membership
 from fusee.operations import ClientCore
@@ -129,3 +130,15 @@ def test_recovering_a_clean_id_leaves_a_new_claim_alone():
     with pytest.raises(NeedsRecovery):
         Client(tr(), client_id=4)
     holder.close()
+
+
+def test_the_master_takes_in_the_ids_the_memory_nodes_know():
+    """Seeding the master's counter also takes in the ids' STATE words: CLEAN ones below the
+    counter are recycled, those in use recovered first; ids the master tracks keep its own
+    (newer) view."""
+    m = Master((0, 1, 2), 1.0, 1.0, 0.5, now=0.0)
+    m.grant(2, 7, now=0.0)                       # asked for by number, before any draw
+    m.seed_ids(6, clean=[0, 3], in_use=[1, 2, 40])
+    assert m.free_ids == [0, 3] and set(m.repairs) == {1, 40} and 2 in m.clients
+    m.seed_ids(9, clean=[4])                     # once
+    assert m.free_ids == [0, 3] and m.draw_id() == 6

@@ -139,6 +139,31 @@ def test_of_processes_opening_one_id_at_once_one_wins():
         assert wins.count(True) == 1, wins
 
 
+def test_a_master_started_on_a_used_cluster_takes_in_its_ids():
+    """Ids used before there was a master: one closed (its blocks hold a key), one left in
+    use by a client that never closed. Before: the master's counter started above both, so
+    the closed id and its blocks were never used again and the other never recovered (its
+    key stuck, and NeedsRecovery for whoever asked for it). Now the closed one is recycled,
+    blocks and all, and the other is recovered first."""
+    with LocalCluster(memnodes=3, transport="shm", replication=2, client_lease=1.0) as c:
+        with c.client() as kv:
+            kv.put(b"a", b"closed")
+            closed = kv.client_id
+        crashed = c.client(client_id=5)
+        crashed.put(b"b", b"crashed")
+        crashed.transport.close()           # never closed: id 5 stays in use
+        c.start_master()
+        with c.client() as kv:
+            assert kv.client_id == closed and kv.core.alloc.stats["blocks"] == 1
+            assert kv.get(b"a") == b"closed"
+        wait_for(lambda: 5 in status(c)["free_ids"], "the recovery of id 5")
+        with c.client(client_id=5) as kv:
+            assert kv.get(b"b") == b"crashed"
+            kv.put(b"b", b"recovered")
+        with c.client() as kv:
+            assert run(audit(c.config, [kv.core]), c.transport()).ok
+
+
 # -- many short-lived clients -----------------------------------------------------------------
 def _cycles(config_path, seed: int, cycles: int, out) -> None:
     """Open and close ``cycles`` clients, each doing 0 to 3 puts of its own keys (small and
