@@ -21,7 +21,7 @@ from fusee.recovery import recover_client
 from fusee.verbs import EpochChanged, Read
 from storekit import config
 from transports.local import LocalMemory, LocalTransport
-from test_recovery import _audit
+from test_recovery import _audit, crash_after
 
 
 def _cluster(r: int = 3):
@@ -142,3 +142,40 @@ def test_the_master_takes_in_the_ids_the_memory_nodes_know():
     assert m.free_ids == [0, 3] and set(m.repairs) == {1, 40} and 2 in m.clients
     m.seed_ids(9, clean=[4])                     # once
     assert m.free_ids == [0, 3] and m.draw_id() == 6
+
+
+@pytest.mark.parametrize("phase", ["open", "close"])
+def test_a_client_crashed_at_any_batch_of_open_or_close_leaves_its_id_reusable(phase):
+    """Every round trip of ``open`` (of an id whose blocks it adopts) and of ``close`` (with
+    frees still deferred): the id is left CLEAN (the crash came before the claim, or after
+    the close) and the next draw takes it, or in use, and then the draw steps around it
+    until a recovery makes it CLEAN. Either way the id is drawn again in the end, adopting
+    its blocks (no new ones), and the audit is clean."""
+    boundary = 0
+    while True:
+        cfg, tr = _cluster()
+        with Client(tr()) as kv:
+            for i in range(6):
+                kv.put(b"k%d" % (i % 3), b"v%d" % i)
+        blocks = owned_blocks(cfg, tr())
+        victim = ClientCore(cfg, 0)
+        if phase == "open":
+            op = victim.open()
+        else:
+            run(victim.open(), tr())
+            run(victim.update(b"k0", b"last"), tr())        # owes the free of the old object
+            op = victim.close()
+        if crash_after(op, tr(), boundary) < boundary:
+            break
+        boundary += 1
+        if state(cfg, tr(), 0) != CLEAN:
+            with Client(tr()) as other:
+                assert other.client_id == 1
+            Client(tr(), client_id=0, recover=True).close()
+        with Client(tr()) as kv:
+            assert kv.client_id == 0
+            assert kv.get(b"k0") in (b"v3", b"last") and kv.get(b"k2") == b"v5"
+            _audit(cfg, tr(), [kv.core])
+        # at most one group more: the client that stepped around the id in use
+        assert all(now <= before + 1 for now, before in zip(owned_blocks(cfg, tr()), blocks))
+    assert boundary >= 2
