@@ -28,10 +28,10 @@ from pathlib import Path
 
 from fusee.config import ClusterConfig
 from fusee.driver import run
-from fusee.errors import ForkedClient, NeedsRecovery
+from fusee.errors import ForkedClient
 from fusee.master import LeaseExpired
 from fusee.membership import Membership
-from fusee.operations import ClientCore, draw_client_id
+from fusee.operations import open_client
 from fusee.replication import BACKOFF, FAST_POLLS
 from fusee.recovery import recover_client
 from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Read,
@@ -86,7 +86,8 @@ class Client:
                                    membership=membership), self.executor)
             if self.lease is not None:              # the newest, and the guard knows it
                 membership = self.executor.adopt(self.lease.membership)
-            self.core = self._claim(client_id, cache_capacity, membership)
+            self.core = run(open_client(self.config, client_id, membership,
+                                        cache_capacity=cache_capacity), self.executor)
             self.core.patience = _patience(self.config, self._round_trip())
         except BaseException:
             if self.lease is not None:
@@ -95,26 +96,6 @@ class Client:
         self.closed = False
         self._forks = _forks
         self._pid = os.getpid()
-
-    def _claim(self, client_id: int | None, cache_capacity: int,
-               membership: Membership) -> ClientCore:
-        """Open a core on ``client_id``, or without one on an id drawn from the MNs (that
-        another client may claim first: then draw again, without it)."""
-        taken: set[int] = set()
-        while True:
-            cid = client_id
-            if cid is None:
-                cid = run(draw_client_id(self.config, membership, frozenset(taken)),
-                          self.transport)
-            core = ClientCore(self.config, cid, cache_capacity, membership=membership)
-            try:
-                run(core.open(), self.executor)
-                return core
-            except NeedsRecovery:
-                if client_id is not None:
-                    raise
-                assert cid not in taken, "an id drawn twice in one claim"
-                taken.add(cid)
 
     def _round_trip(self, samples: int = 5) -> float:
         """Seconds one small READ takes on this transport (the best of a few; infinity when

@@ -96,6 +96,27 @@ def draw_client_id(config: ClusterConfig, membership: Membership = Membership(),
     return (yield from fresh_client_id(config, membership))
 
 
+def open_client(config: ClusterConfig, client_id: int | None = None,
+                membership: Membership = Membership(), **core_args):
+    """Generator: a ClientCore opened on ``client_id``, or on an id drawn from the MNs
+    (``draw_client_id``; another is drawn when a concurrent client claims that one first).
+    ``core_args`` go to ClientCore."""
+    taken: set[int] = set()
+    while True:
+        cid = client_id
+        if cid is None:
+            cid = yield from draw_client_id(config, membership, frozenset(taken))
+        core = ClientCore(config, cid, membership=membership, **core_args)
+        try:
+            yield from core.open()
+            return core
+        except NeedsRecovery:
+            if client_id is not None:
+                raise
+            assert cid not in taken, "an id drawn twice in one claim"
+            taken.add(cid)
+
+
 def client_states(config: ClusterConfig, membership: Membership, ids: list[int]):
     """Generator: the (STATE word, block group count) of each of ``ids``, as the first live
     metadata replica has them (the one ``ClientCore.open`` claims ids on)."""

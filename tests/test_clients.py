@@ -5,18 +5,23 @@ versions are in ``test_clients_processes``."""
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
 
+from emulator.linearizability import check
+from emulator.simulator import Call, Simulator, kv_workload, store_calls
+
 from fusee.client import Client
 from fusee.driver import run
-from fusee.errors import NeedsRecovery
+from fusee.errors import KeyExists, KeyNotFound, NeedsRecovery
 from fusee.layout import CLEAN, META_STATE, unpack_u64
 from fusee.master import Master
 from fusee.memory_map import MemoryMap
 from fusee.membership import Membership
-from fusee.operations import ClientCore
+from fusee.operations import ClientCore, client_states, open_client
+from fusee.audit import audit
 from fusee.recovery import recover_client
 from fusee.verbs import EpochChanged, Read
 from storekit import config
@@ -179,3 +184,90 @@ def test_a_client_crashed_at_any_batch_of_open_or_close_leaves_its_id_reusable(p
         # at most one group more: the client that stepped around the id in use
         assert all(now <= before + 1 for now, before in zip(owned_blocks(cfg, tr()), blocks))
     assert boundary >= 2
+
+
+# -- short-lived clients in the simulator ----------------------------------------------------
+MIX = {"get": 2, "put": 3, "insert": 1, "update": 1, "delete": 1}
+
+
+def sessions(cfg, name: str, rng: random.Random, keys: list[bytes], n: int, opened: list,
+             closed: set):
+    """The calls of a simulated process that opens ``n`` short-lived clients in turn, each on
+    a drawn id (``open_client``: draws of others race with it verb by verb) doing 0 to 3
+    operations before it closes; each core goes to ``opened``, and to ``closed`` once it
+    closed."""
+    for i in range(n):
+        box: list = []
+
+        def opening(box=box):
+            core = yield from open_client(cfg)
+            box.append(core)
+            opened.append((name, core))
+            return core.client_id
+        yield Call("open", None, None, opening)
+        core = box[0]
+        yield from store_calls(core, kv_workload(rng, f"{name}.{i}", keys, rng.randrange(4), MIX))
+
+        def closing(core=core):
+            yield from core.close()
+            closed.add(core)
+        yield Call("close", None, None, closing)
+
+
+def short_lived_simulation(seed: int, processes: int = 4, n: int = 6, crashes: int = 0):
+    """``processes`` simulated processes of ``n`` short-lived clients each, interleaved verb by
+    verb, ``crashes`` of them crashed at a random verb (in open, an operation or close); then
+    every id left in use is recovered. Returns (linearizability report, audit report, ids
+    drawn, ids held at once at most)."""
+    cfg = config(r=2)
+    mem = LocalMemory(cfg)
+    sim = Simulator(mem, seed, expected_errors=(KeyExists, KeyNotFound))
+    rng = random.Random(seed)
+    keys = [b"key%d" % k for k in range(4)]
+    opened: list = []
+    closed: set = set()
+    for p in range(processes):
+        sim.add_client(f"p{p}", sessions(cfg, f"p{p}", rng, keys, n, opened, closed))
+
+    def recover(sim: Simulator, name: str) -> None:
+        """Recover the id of the client ``name`` had open (others may wait on its round); a
+        crash inside ``open`` left nothing to wait on, and its id for the scan below."""
+        if sim.clients[name].op.kind != "open":
+            cid = [core for who, core in opened if who == name][-1].client_id
+            sim.add_client(f"recover-{name}", [Call("recover", None, None,
+                                                    lambda: recover_client(cfg, cid))])
+
+    for p in sim.fault_rng.sample(range(processes), crashes):
+        sim.crash_client_at(f"p{p}", sim.fault_rng.randrange(n * 3),
+                            sim.fault_rng.randrange(1, 40),
+                            then=lambda sim, name=f"p{p}": recover(sim, name))
+    history = sim.run()
+    t = LocalTransport(cfg, memory=mem)
+    ids = list(range(cfg.layout.max_clients))
+    for cid, (word, _) in zip(ids, run(client_states(cfg, Membership(), ids), t)):
+        if word != CLEAN:                       # every client is done or crashed
+            run(recover_client(cfg, cid), t)
+    last = {core.client_id: core for _, core in opened}      # each id's last holder
+    report = run(audit(cfg, [core for core in last.values() if core in closed]), t)
+    return check(history), report, {core.client_id for _, core in opened}
+
+
+def check_short_lived(seed: int, processes: int, n: int, crashes: int) -> None:
+    lin, report, ids = short_lived_simulation(seed, processes, n, crashes)
+    assert lin.ok, lin.explain()
+    assert report.ok, report.explain()
+    # processes * n clients on about as many ids as there are processes
+    assert len(ids) <= 2 * processes, sorted(ids)
+
+
+@pytest.mark.parametrize("crashes", [0, 2])
+@pytest.mark.parametrize("seed", range(8))
+def test_short_lived_clients_in_the_simulator(seed, crashes):
+    check_short_lived(seed, 4, 6, crashes)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("crashes", [0, 1, 3])
+@pytest.mark.parametrize("seed", range(8, 208))
+def test_short_lived_clients_in_the_simulator_soak(seed, crashes):
+    check_short_lived(seed, 6, 12, crashes)
