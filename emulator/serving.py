@@ -20,7 +20,7 @@ import zmq
 
 
 class EndpointInUse(RuntimeError):
-    """Another live process serves this endpoint."""
+    """Another live process serves this endpoint (or its lock file cannot be taken)."""
 
 
 #: the ipc:// lock files this process holds (path -> fd), for its whole life
@@ -40,8 +40,11 @@ def claim_endpoint(endpoint: str) -> None:
     path = os.path.abspath(endpoint[6:]) + ".lock"
     if path in _held:
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise EndpointInUse(f"{endpoint}: cannot take its lock file: {e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
