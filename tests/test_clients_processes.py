@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import random
 import signal
 import subprocess
@@ -132,11 +133,23 @@ def _open_id(config_path, cid: int, go, out) -> None:
         kv.close()
 
 
+def processes_opening_one_id(backend: str, rounds: int) -> None:
+    """Three processes open one explicit id at once, ``rounds`` times: one wins each time."""
+    with LocalCluster(memnodes=3, transport=backend) as c:
+        for cid in range(rounds):
+            wins = run_processes(_open_id, [(c.config_path, cid, SPAWN.Barrier(3))] * 3)
+            assert wins.count(True) == 1, (cid, wins)
+
+
 def test_of_processes_opening_one_id_at_once_one_wins():
     """Before: two processes opening the same explicit id at once could both succeed."""
-    with LocalCluster(memnodes=3, transport="shm") as c:
-        wins = run_processes(_open_id, [(c.config_path, 7, SPAWN.Barrier(3))] * 3)
-        assert wins.count(True) == 1, wins
+    processes_opening_one_id("shm", 1)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("backend", ["shm", "zmq"])
+def test_of_processes_opening_one_id_at_once_one_wins_every_time(backend):
+    processes_opening_one_id(backend, 25)
 
 
 def test_a_master_started_on_a_used_cluster_takes_in_its_ids():
@@ -145,7 +158,7 @@ def test_a_master_started_on_a_used_cluster_takes_in_its_ids():
     the closed id and its blocks were never used again and the other never recovered (its
     key stuck, and NeedsRecovery for whoever asked for it). Now the closed one is recycled,
     blocks and all, and the other is recovered first."""
-    with LocalCluster(memnodes=3, transport="shm", replication=2, client_lease=1.0) as c:
+    with LocalCluster(memnodes=3, transport="shm", replication=2, client_lease=3.0) as c:
         with c.client() as kv:
             kv.put(b"a", b"closed")
             closed = kv.client_id
@@ -191,14 +204,30 @@ def _victim(config_path, ready) -> None:
         i += 1
 
 
+def collect(out, procs, timeout: float = 900.0) -> list:
+    """One result from each of ``procs`` (failing at once when one of them died first)."""
+    results: list = []
+    deadline = time.monotonic() + timeout
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=0.5))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not dead, f"a process exited with {dead[0]} before it reported"
+            assert time.monotonic() < deadline, "the processes did not report in time"
+    return results
+
+
 def short_lived_clients(backend: str, master: bool, workers: int, cycles: int,
                         victims: int) -> None:
     """``workers`` processes open and close ``cycles`` clients each while ``victims`` are
     killed mid-write; their ids are recovered (by the master, or by a client with
     ``recover=True``). Then: every acknowledged put is there, the audit is clean, closed ids
     were reused (so few ids for all those clients) and so were their blocks."""
+    # a lease of a few seconds: the victims are recovered soon, and the other clients
+    # renew theirs in time even on a loaded machine
     with LocalCluster(memnodes=3, transport=backend, replication=2, master=master,
-                      client_lease=1.0 if master else None, timeout=2.0) as c:
+                      client_lease=3.0 if master else None, timeout=2.0) as c:
         out, ready = SPAWN.Queue(), SPAWN.Queue()
         procs = [SPAWN.Process(target=_cycles, args=(c.config_path, s, cycles, out))
                  for s in range(workers)]
@@ -207,11 +236,11 @@ def short_lived_clients(backend: str, master: bool, workers: int, cycles: int,
         try:
             for p in procs + killed:
                 p.start()
-            victim_ids = [ready.get(timeout=120) for _ in killed]
+            victim_ids = collect(ready, killed)
             for p in killed:
                 p.kill()
                 p.join(30)
-            results = [out.get(timeout=600) for _ in procs]
+            results = collect(out, procs)
             for p in procs:
                 p.join(30)
                 assert p.exitcode == 0
@@ -226,8 +255,10 @@ def short_lived_clients(backend: str, master: bool, workers: int, cycles: int,
             for cid in victim_ids:
                 Client.connect(c.config_path, client_id=cid, recover=True).close()
         used = {cid for ids, _ in results for cid in ids} | set(victim_ids)
+        # without a master a closed id is drawn again at once; a master recycles it once its
+        # repair queue has gone through it, so a client reconnecting at once may get another
         concurrent = workers + victims
-        assert len(used) <= (2 * concurrent if master else concurrent), sorted(used)
+        assert len(used) <= (4 * concurrent if master else concurrent), sorted(used)
         with c.client() as kv:
             for _, acked in results:
                 assert {k: kv.get(k) for k in acked} == acked
@@ -235,7 +266,10 @@ def short_lived_clients(backend: str, master: bool, workers: int, cycles: int,
             report = run(audit(c.config, [kv.core]), c.transport())
         assert report.ok, report.explain()
         # every id holds one block group (on r = 2 of the 3 MNs): nothing else is owned
-        assert sum(owned_blocks(c.config, c.transport())) <= 2 * len(used)
+        blocks = sum(owned_blocks(c.config, c.transport()))
+        assert blocks <= 2 * len(used)
+        print(f"{workers} x {cycles} short-lived clients and {victims} killed ({backend}, "
+              f"{'a' if master else 'no'} master): {len(used)} ids, {blocks} blocks owned")
 
 
 @pytest.mark.parametrize("backend,master", [("shm", False), ("zmq", True)])
@@ -244,6 +278,7 @@ def test_many_short_lived_clients(backend, master):
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("master", [False, True])
 @pytest.mark.parametrize("backend", ["shm", "zmq"])
 def test_hundreds_of_short_lived_clients(backend, master):
