@@ -16,10 +16,11 @@ the insert's claim check reads a backup right after CASing it.
 
 An UPDATE or DELETE with a cached slot also reads the cached object's last 8 bytes with the
 buckets: its commit record names that object's crc, which is how recovery tells the object it
-replaced from a later one in reused memory. A client id is IN_USE from ``open`` (which claims it
-with a CAS: one of two clients opening it wins) to ``close`` (which delivers the deferred
-frees, then marks it CLEAN); ``open`` adopts what an id left CLEAN holds
-(``fusee.holdings``) and refuses one left IN_USE (NeedsRecovery: see ``fusee.recovery``). Waits on other clients are bounded by ``patience`` re-reads (Stalled).
+replaced from a later one in reused memory. A client id is IN_USE from ``open`` (which claims
+it with a CAS: one of two clients opening it wins) to ``close`` (which delivers the deferred
+frees, then marks it CLEAN); ``open`` adopts what an id left CLEAN holds (``fusee.holdings``)
+and refuses one left IN_USE (NeedsRecovery: see ``fusee.recovery``). Waits on other clients
+are bounded by ``patience`` re-reads (Stalled).
 
 A memory node that stops answering (NodeTimeout) makes an operation ask its driver for the next
 membership epoch (``AwaitMembership``); the master's failover (``fusee.failover``) starts it
@@ -84,9 +85,7 @@ def draw_client_id(config: ClusterConfig, membership: Membership = Membership(),
     memory behind. The draw takes no lock: ``ClientCore.open`` claims the id with a CAS on
     its state word, and a claimant that loses (to another drawer, or to a client that asked
     for the id by number) draws again with the id in ``taken``."""
-    m0 = Directory(IndexGeometry.of(config.layout), len(config.memnodes), config.replicas,
-                   membership).replicas[0]
-    (counter,) = yield [Read(m0, HEADER_CLIENT_IDS, 8)]
+    (counter,) = yield [Read(_first_meta_node(config, membership), HEADER_CLIENT_IDS, 8)]
     ids = [i for i in range(min(unpack_u64(counter), config.layout.max_clients))
            if i not in taken]
     states = yield from client_states(config, membership, ids)
@@ -121,13 +120,17 @@ def client_states(config: ClusterConfig, membership: Membership, ids: list[int])
     """Generator: the (STATE word, block group count) of each of ``ids``, as the first live
     metadata replica has them (the one ``ClientCore.open`` claims ids on)."""
     mmap_ = MemoryMap.of(config.layout)
-    m0 = Directory(IndexGeometry.of(config.layout), len(config.memnodes), config.replicas,
-                   membership).replicas[0]
+    m0 = _first_meta_node(config, membership)
     words = []
     for batch in chunks([Read(m0, mmap_.client_meta(i) + off, 8)
                          for i in ids for off in (META_STATE, META_GROUPS)]):
         words += yield batch
     return [(unpack_u64(words[k]), unpack_u64(words[k + 1])) for k in range(0, len(words), 2)]
+
+
+def _first_meta_node(config: ClusterConfig, membership: Membership) -> int:
+    return Directory(IndexGeometry.of(config.layout), len(config.memnodes), config.replicas,
+                     membership).replicas[0]
 
 
 class ClientCore:
