@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from emulator.cluster import LocalCluster
-from fusee.driver import run
+from fusee.driver import run, run_concurrently
 
 OPS = 100
 VALUE = os.urandom(1000)            # 1 KB objects with the key, as the benchmarks use
@@ -67,3 +67,31 @@ def test_an_operation_stays_within_its_call_budget(kv, name, make, budget):
     # verb: execute, and at most one liveness poll (timed: some batches make it)
     round_trips = kv.stats["round_trips"] - rt0
     assert files["shm.py"] <= 2 * round_trips, (files["shm.py"], round_trips)
+
+
+def test_operations_in_flight_together_cost_no_more_calls_than_alone(kv):
+    """Depth must pay: merging the batches of 8 operations in flight (run_concurrently) costs
+    no more Python calls per operation than running each alone (fusee.driver.run), and the
+    driver itself makes none per operation and step (it made one, a generator expression
+    looking for an operation awaiting a membership)."""
+    keys = [b"depth-%d" % i for i in range(OPS)]
+    for k in keys:
+        kv.put(k, VALUE)
+    alone, _ = calls_per_op(kv, lambda core, k: core.search(k), keys)
+    core, executor = kv.core, kv.executor
+    files: Counter = Counter()
+
+    def count(frame, event, arg):
+        if event == "call":
+            files[os.path.basename(frame.f_code.co_filename)] += 1
+
+    ops = [core.search(k) for k in keys]
+    rt0 = kv.stats["round_trips"]
+    sys.setprofile(count)
+    try:
+        assert run_concurrently(iter(ops), executor, 8) == [VALUE] * OPS
+    finally:
+        sys.setprofile(None)
+    steps = kv.stats["round_trips"] - rt0
+    assert sum(files.values()) / OPS <= alone, (files.most_common(8), alone)
+    assert files["driver.py"] <= 2 * steps, (files["driver.py"], steps)
