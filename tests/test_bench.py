@@ -200,7 +200,7 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     got = {(r["system"], r["suite"], r["name"], r["clients"]) for r in doc["results"]}
     assert got == expected
     for r in doc["results"]:
-        assert r["ops"] > 0 and r["throughput"] > 0 and r["depth"] == 2
+        assert r["ops"] > 0 and r["throughput"] > 0 and r["depth"] == 2, {k: r[k] for k in ("system", "suite", "name", "clients", "ops", "errors", "seconds")}
         lat = r["latency_us"]
         assert lat["all"]["count"] == sum(v["count"] for k, v in lat.items() if k != "all")
         assert lat["all"]["count"] + sum(r["errors"].values()) == r["ops"]
