@@ -30,7 +30,7 @@ from fusee.errors import StoreFormatError
 from fusee.hashing import KeyHash
 from fusee.membership import Membership
 from fusee.layout import (BUCKET_BYTES, FROZEN, LEN_SHIFT, RETIRED, SLOTS_PER_BUCKET,
-                          TENTATIVE, bucket_header, pack_u64)
+                          TENTATIVE, any_frozen, bucket_header, pack_u64)
 from fusee.memory_map import PAGE, MemoryMap
 from fusee.verbs import Read
 
@@ -262,7 +262,7 @@ class View:
         self.stale = (h0 >> 48 != sid or h1 >> 48 != sid or h2 >> 48 != sid or h3 >> 48 != sid
                       or bool((h0 | h1 | h2 | h3) & _RETIRED_BIT)
                       or not raw[5::8].isascii()
-                      and any(v & FROZEN for v in self.slots.values()))
+                      and any_frozen(self.slots.values()))
 
     def _pos(self, word: int) -> int:
         """Slot position of the ``word``-th 8-byte word of ``raw`` (not a header)."""

@@ -24,8 +24,8 @@ from __future__ import annotations
 from fusee.errors import KeyExists, Stalled
 from fusee.hashing import key_hash
 from fusee.layout import (ABORTED, COMMITTED, FP_SHIFT, FROZEN, INSERT, SLOTS_PER_BUCKET,
-                          TAKEN, TENTATIVE, committed_object, decode_object, is_object,
-                          slot_fp, slot_ref, strip, unpack_u64)
+                          TAKEN, TENTATIVE, any_frozen, committed_object, decode_object,
+                          is_object, slot_fp, slot_ref, strip, unpack_u64)
 from fusee.membership import FRESH
 from fusee.replication import (LOSE, RESTART, WIN, cas_primary, fix_requests, propose,
                                resolve, unfreeze_requests)
@@ -204,7 +204,7 @@ def _check(core, t, s, h, known, key, firsts, prims, claims):
     claim_node = t.primary if r1 else t.backups[0]
     after = r1              # are ``prims`` at least as recent as ``claims``?
     while True:
-        if any(v & FROZEN for v in prims.values()):
+        if any_frozen(prims.values()):
             return RESTART, None
         # only slots naming our fingerprint can hold our key or a rival claim for it
         fp = h.fp

@@ -127,6 +127,12 @@ def committed_object(v: int) -> bool:
     return v & LEN_BITS != 0 and not v & (TENTATIVE | FROZEN)
 
 
+def any_frozen(values) -> bool:
+    """Some slot value of ``values`` has the FROZEN bit: one pass in C, no Python-level call
+    per slot (a duplicate check tests every slot of two combined buckets)."""
+    return any(map(FROZEN.__and__, values))
+
+
 def strip(v: int) -> int:
     return v & ~(FROZEN | TENTATIVE)
 

@@ -48,7 +48,7 @@ def calls_per_op(kv, make, keys) -> tuple[float, Counter]:
 
 
 @pytest.mark.parametrize("name, make, budget", [
-    ("insert", lambda core, k: core.insert(k, VALUE), 250),
+    ("insert", lambda core, k: core.insert(k, VALUE), 200),
     ("update", lambda core, k: core.update(k, VALUE), 140),
     ("search", lambda core, k: core.search(k), 35),
     ("delete", lambda core, k: core.delete(k), 130),
