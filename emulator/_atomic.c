@@ -125,14 +125,18 @@ static PyObject *run_batch(PyObject *self, PyObject *const *args, Py_ssize_t n) 
             u64_of(PyTuple_GET_ITEM(r, 1), &addr)) goto general;
         PyObject *st = PyTuple_GET_ITEM(table, node);
         if (st == Py_None) goto general;
+        if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 3) {
+            PyErr_SetString(PyExc_TypeError, "a table entry is None or (address, length, rkey)");
+            goto done;
+        }
         uint64_t base, size, rkey;
         if (u64_of(PyTuple_GET_ITEM(st, 0), &base) || u64_of(PyTuple_GET_ITEM(st, 1), &size) ||
             u64_of(PyTuple_GET_ITEM(st, 2), &rkey)) goto general;
         if (node >= 64 || !(keyed >> node & 1)) {       /* regions[node].rkey == rkey? */
             PyObject *region = PyDict_GetItemWithError(regions, PyTuple_GET_ITEM(r, 0));
-            if (!region) { if (PyErr_Occurred()) goto fail; goto general; }
+            if (!region) { if (PyErr_Occurred()) goto done; goto general; }
             PyObject *key = PyObject_GetAttr(region, str_rkey);
-            if (!key) goto fail;
+            if (!key) goto done;
             uint64_t now;
             int bad = u64_of(key, &now) || now != rkey;
             Py_DECREF(key);
@@ -166,13 +170,13 @@ static PyObject *run_batch(PyObject *self, PyObject *const *args, Py_ssize_t n) 
                 PyObject *d = PyTuple_GET_ITEM(r, 2);
                 if (!PyLong_CheckExact(d)) goto general;
                 c->a = (uint64_t)PyLong_AsUnsignedLongLongMask(d);     /* wraps, as FAA does */
-                if (c->a == (uint64_t)-1 && PyErr_Occurred()) goto fail;
+                if (c->a == (uint64_t)-1 && PyErr_Occurred()) goto done;
             }
             delta[4]++;
         }
     }
     out = PyList_New(count);
-    if (!out) goto fail;
+    if (!out) goto done;
     for (Py_ssize_t i = 0; i < count; i++) {       /* checked: nothing below can fail but memory */
         checked_t *c = &req[i];
         PyObject *done;
@@ -190,14 +194,14 @@ static PyObject *run_batch(PyObject *self, PyObject *const *args, Py_ssize_t n) 
             done = PyLong_FromUnsignedLongLong(__atomic_fetch_add((uint64_t *)c->at, c->a,
                                                                   __ATOMIC_SEQ_CST));
         }
-        if (!done) { Py_CLEAR(out); goto fail; }
+        if (!done) { Py_CLEAR(out); goto done; }
         PyList_SET_ITEM(out, i, done);
     }
     if (add_counts(args[4], delta) < 0) Py_CLEAR(out);
-    goto fail;
+    goto done;
 general:
     out = Py_NewRef(Py_None);
-fail:
+done:
     if (req != small) PyMem_Free(req);
     return out;
 }
