@@ -56,13 +56,18 @@ class IndexCache:
             e.misses //= 2
 
     def store(self, key: bytes, sid: int, pos: int, value: int) -> None:
+        """Remember where the key's slot is. A new entry replaces the old one, which is never
+        changed: an operation in flight holds the entry it read with its speculative object
+        read, and must judge that read against the slot value it was made for, not one that
+        another operation of this client stored since (it would take the old object for
+        the new one)."""
         e = self.entries.get(key)
         if e is None:
             self.entries[key] = CacheEntry(sid, pos, value)
             if len(self.entries) > self.capacity:
                 self.entries.popitem(last=False)
         else:
-            e.sid, e.pos, e.value = sid, pos, value
+            self.entries[key] = CacheEntry(sid, pos, value, e.accesses, e.misses)
             self.entries.move_to_end(key)
 
     def drop(self, key: bytes) -> None:

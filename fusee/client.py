@@ -3,6 +3,8 @@
     kv = Client.connect("cluster.toml")        # or LocalCluster(...).client()
     kv.insert(b"k", b"v"); kv.update(b"k", b"w"); kv.get(b"k"); kv.delete(b"k")
     kv.put(b"k", b"v")                         # insert or update
+    kv.get_many(keys); kv.put_many(items)      # many in flight at once (fusee.batch)
+    with kv.pipeline() as p: p.get(b"k"); ...
     kv.stats                                   # round trips, verbs, bytes, cache hits, retries
 
 Errors: ``fusee.errors`` (KeyExists, KeyNotFound, KeyTooLarge, ValueTooLarge, ...), TypeError
@@ -26,6 +28,7 @@ import os
 import time
 from pathlib import Path
 
+from fusee import batch
 from fusee.config import ClusterConfig
 from fusee.driver import run
 from fusee.errors import ForkedClient
@@ -171,6 +174,20 @@ class Client:
     def put(self, key: bytes, value: bytes) -> None:
         """Insert or update."""
         self._run(self.core.put(key, value))
+
+    def get_many(self, keys, depth: int = batch.DEPTH) -> list:
+        """The keys' values (None: absent), in key order, with ``depth`` lookups in flight
+        (``fusee.batch``); BatchError if any failed."""
+        return batch.get_many(self, keys, depth)
+
+    def put_many(self, items, depth: int = batch.DEPTH) -> None:
+        """Insert or update every (key, value) of a mapping or iterable, ``depth`` at a time
+        (``fusee.batch``); BatchError if any failed."""
+        batch.put_many(self, items, depth)
+
+    def pipeline(self, depth: int = batch.DEPTH) -> batch.Pipeline:
+        """Queue operations, then run them with ``depth`` in flight (``fusee.batch``)."""
+        return batch.Pipeline(self, depth)
 
     @property
     def stats(self) -> dict:

@@ -90,21 +90,25 @@ def run_concurrently(ops: Iterable[Operation], transport, depth: int = 0,
                 else:
                     active[0] = (index, op, batch)
                 continue
-            if any(b and type(b[0]) is AwaitMembership for _, _, b in active):
+            merged: list = []
+            ends = []                   # where each operation's slice ends; -1: no verbs
+            pause = 0.0
+            awaiting = False
+            for _, _, batch in active:
+                kind = type(batch[0]) if batch else None
+                if kind is Backoff:     # no verb: it waits, for the others
+                    pause = max(pause, batch[0].seconds)
+                    ends.append(-1)
+                elif kind is AwaitMembership:
+                    awaiting = True
+                    break
+                else:
+                    merged += batch
+                    ends.append(len(merged))
+            if awaiting:
                 _await_together(active, execute, finish)
                 admit()
                 continue
-            merged: list = []
-            bounds = []
-            pause = 0.0
-            for _, _, batch in active:
-                start = len(merged)
-                if batch and type(batch[0]) is Backoff:    # no verb: it waits, for the others
-                    pause = max(pause, batch[0].seconds)
-                    bounds.append(None)
-                    continue
-                merged += batch
-                bounds.append((start, len(merged)))
             try:
                 if merged:
                     completions, error = execute(merged), None
@@ -113,15 +117,16 @@ def run_concurrently(ops: Iterable[Operation], transport, depth: int = 0,
             except TransportError as e:
                 completions, error = e.results, e
             still = []
-            for (index, op, _), span in zip(active, bounds):
+            end = 0
+            for (index, op, _), slice_end in zip(active, ends):
+                start = end
+                if slice_end >= 0:
+                    end = slice_end
                 try:
-                    if span is None:            # a new epoch reaches it too
+                    if slice_end < 0:           # a new epoch reaches it too
                         batch = (op.throw(error) if isinstance(error, EpochChanged)
                                  else op.send([None]))
-                        still.append((index, op, batch))
-                        continue
-                    start, end = span
-                    if error is None:
+                    elif error is None:
                         batch = op.send(completions[start:end])
                     else:
                         own = _own_failure(error, completions, start, end)

@@ -21,16 +21,16 @@ the RETIRED bucket headers). A subtable's id follows from its place in the split
 
 from __future__ import annotations
 
-import operator
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 from fusee.config import LayoutConfig
 from fusee.errors import StoreFormatError
 from fusee.hashing import KeyHash
 from fusee.membership import Membership
 from fusee.layout import (BUCKET_BYTES, FROZEN, LEN_SHIFT, RETIRED, SLOTS_PER_BUCKET,
-                          TENTATIVE, bucket_header, pack_u64)
+                          TENTATIVE, any_frozen, bucket_header, pack_u64)
 from fusee.memory_map import PAGE, MemoryMap
 from fusee.verbs import Read
 
@@ -208,7 +208,9 @@ class Directory:
         through ``h.high``, and every operation on a key makes them: recent ones are kept."""
         got = self._reads.get((h.high, sid, node))
         if got is None:
-            (a1, f1), (a2, f2) = (self.geo.combined(sid, m) for m in h.mains(self._mains))
+            m1, m2 = h.mains(self._mains)
+            a1, f1 = self.geo.combined(sid, m1)
+            a2, f2 = self.geo.combined(sid, m2)
             got = (Read(node, a1, COMBINED), Read(node, a2, COMBINED)), (f1, f2)
             if len(self._reads) >= _KEPT_READS:
                 self._reads.clear()
@@ -223,8 +225,16 @@ class Directory:
 
 
 _HEADERS = struct.Struct("<Q56xQ56xQ56xQ")     # the 4 bucket headers of two combined buckets
-_WORDS = struct.Struct("<32Q")
-_SLOT_WORDS = operator.itemgetter(*(w for w in range(32) if w % 8))     # all but the headers
+_SLOT_WORDS = struct.Struct("<" + "8x7Q" * 4)    # the 28 slots of two combined buckets
+
+
+@lru_cache(maxsize=1 << 12)
+def _positions(f0: int, f1: int) -> tuple[int, ...]:
+    """The slot positions of the two combined buckets whose first buckets are f0 and f1, in
+    the order of their words."""
+    n = 2 * SLOTS_PER_BUCKET
+    return (*range(f0 * SLOTS_PER_BUCKET, f0 * SLOTS_PER_BUCKET + n),
+            *range(f1 * SLOTS_PER_BUCKET, f1 * SLOTS_PER_BUCKET + n))
 _WORD = struct.Struct("<Q")
 _RETIRED_BIT = RETIRED << 40
 
@@ -252,7 +262,7 @@ class View:
         self.stale = (h0 >> 48 != sid or h1 >> 48 != sid or h2 >> 48 != sid or h3 >> 48 != sid
                       or bool((h0 | h1 | h2 | h3) & _RETIRED_BIT)
                       or not raw[5::8].isascii()
-                      and any(v & FROZEN for v in self.slots.values()))
+                      and any_frozen(self.slots.values()))
 
     def _pos(self, word: int) -> int:
         """Slot position of the ``word``-th 8-byte word of ``raw`` (not a header)."""
@@ -289,8 +299,5 @@ class View:
     def slots(self) -> dict[int, int]:
         """{position: value} of all 28 slots."""
         if self._slots is None:
-            p0, p1 = (f * SLOTS_PER_BUCKET for f in self.firsts)
-            n = 2 * SLOTS_PER_BUCKET
-            self._slots = dict(zip((*range(p0, p0 + n), *range(p1, p1 + n)),
-                                   _SLOT_WORDS(_WORDS.unpack_from(self.raw))))
+            self._slots = dict(zip(_positions(*self.firsts), _SLOT_WORDS.unpack_from(self.raw)))
         return self._slots

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from fusee.errors import KeyExists, Stalled
 from fusee.hashing import key_hash
-from fusee.layout import (ABORTED, COMMITTED, FROZEN, INSERT, SLOTS_PER_BUCKET, TENTATIVE,
-                          committed_object, decode_object, is_free, is_object, slot_fp,
-                          slot_ref, strip, unpack_u64)
+from fusee.layout import (ABORTED, COMMITTED, FP_SHIFT, FROZEN, INSERT, SLOTS_PER_BUCKET,
+                          TAKEN, TENTATIVE, any_frozen, committed_object, decode_object,
+                          is_object, slot_fp, slot_ref, strip, unpack_u64)
 from fusee.membership import FRESH
 from fusee.replication import (LOSE, RESTART, WIN, cas_primary, fix_requests, propose,
                                resolve, unfreeze_requests)
@@ -170,11 +170,17 @@ def _insert(core, obj, key: bytes):
 
 def _free_slots(slots: dict[int, int], sid: int, lost: dict) -> list[int]:
     """Free positions, emptiest bucket first, skipping slots whose round we lost."""
-    free = [p for p, v in slots.items() if is_free(v) and lost.get((sid, p)) != v]
-    load: dict[int, int] = {}
-    for p in free:
-        load[p // SLOTS_PER_BUCKET] = load.get(p // SLOTS_PER_BUCKET, 0) + 1
-    return sorted(free, key=lambda p: (-load[p // SLOTS_PER_BUCKET], p))
+    free = [p for p, v in slots.items() if not v & TAKEN]      # layout.is_free, inline
+    if lost:
+        free = [p for p in free if lost.get((sid, p)) != slots[p]]
+    buckets: dict[int, list[int]] = {}
+    for p in sorted(free):
+        buckets.setdefault(p // SLOTS_PER_BUCKET, []).append(p)
+    return [p for b in sorted(buckets.values(), key=_emptiest_first) for p in b]
+
+
+def _emptiest_first(bucket: list[int]) -> tuple[int, int]:
+    return -len(bucket), bucket[0]
 
 
 def _learn(known: dict, key: bytes, values: list[int], bufs) -> None:
@@ -198,16 +204,19 @@ def _check(core, t, s, h, known, key, firsts, prims, claims):
     claim_node = t.primary if r1 else t.backups[0]
     after = r1              # are ``prims`` at least as recent as ``claims``?
     while True:
-        if any(v & FROZEN for v in prims.values()):
+        if any_frozen(prims.values()):
             return RESTART, None
-        others = [(p, claims[p], prims[p]) for p in claims if p != t.pos]
+        # only slots naming our fingerprint can hold our key or a rival claim for it
+        fp = h.fp
+        others = [(p, cv, prims[p]) for p, cv in claims.items() if p != t.pos
+                  and (cv >> FP_SHIFT == fp or prims[p] >> FP_SHIFT == fp)]
         unknown = list({v for _, cv, pv in others for v in (strip(cv), strip(pv))
                         if is_object(v) and slot_fp(v) == h.fp and v != s and v not in known})
         if unknown:
             bufs = yield from core.rt([core.object_read(v) for v in unknown])
             _learn(known, key, unknown, bufs)
             continue
-        if not after and any(cv != pv for _, cv, pv in others):
+        if not after and _differ(claims, prims, t.pos):
             prims = core.view((yield from core.rt(core.bucket_reads(t.sid, h, t.primary)[0])),
                               firsts, t.sid).slots
             after = True
@@ -227,6 +236,14 @@ def _check(core, t, s, h, known, key, firsts, prims, claims):
         if r1:
             prims = claims
         after = r1
+
+
+def _differ(claims: dict[int, int], prims: dict[int, int], pos: int) -> bool:
+    """Some slot other than ``pos`` holds different values in the two reads (one dict
+    comparison, not a loop over the slots)."""
+    mine = claims.copy()
+    mine[pos] = prims[pos]
+    return mine != prims
 
 
 def _await_claim(core, sid, claim, claim_node, primary):

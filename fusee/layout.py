@@ -107,18 +107,30 @@ def slot_addr(v: int, unit: int) -> int:
     return (v & ADDR_MASK) * unit
 
 
+LEN_BITS = 0xFF << LEN_SHIFT
+#: a slot value ``v`` is free (``is_free``) iff ``not v & TAKEN``: one test inline, for the
+#: loops over every slot of a bucket that the fast path makes
+TAKEN = FROZEN | TENTATIVE | LEN_BITS
+
+
 def is_object(v: int) -> bool:
     """The slot names a KV object (committed unless TENTATIVE)."""
-    return slot_units(v) != 0
+    return v & LEN_BITS != 0
 
 
 def is_free(v: int) -> bool:
     """Empty, tombstone or void, not frozen, not claimed: an insert may take it."""
-    return not v & (FROZEN | TENTATIVE) and slot_units(v) == 0
+    return not v & TAKEN
 
 
 def committed_object(v: int) -> bool:
-    return slot_units(v) != 0 and not v & (TENTATIVE | FROZEN)
+    return v & LEN_BITS != 0 and not v & (TENTATIVE | FROZEN)
+
+
+def any_frozen(values) -> bool:
+    """Some slot value of ``values`` has the FROZEN bit: one pass in C, no Python-level call
+    per slot (a duplicate check tests every slot of two combined buckets)."""
+    return any(map(FROZEN.__and__, values))
 
 
 def strip(v: int) -> int:

@@ -200,12 +200,13 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     got = {(r["system"], r["suite"], r["name"], r["clients"]) for r in doc["results"]}
     assert got == expected
     for r in doc["results"]:
-        assert r["ops"] > 0 and r["throughput"] > 0 and r["depth"] == 2
+        assert r["ops"] > 0 and r["throughput"] > 0 and r["depth"] == 2, {k: r[k] for k in ("system", "suite", "name", "clients", "ops", "errors", "seconds")}
         lat = r["latency_us"]
         assert lat["all"]["count"] == sum(v["count"] for k, v in lat.items() if k != "all")
         assert lat["all"]["count"] + sum(r["errors"].values()) == r["ops"]
         assert report.merge_hdr(r["hdr"].values()).get_total_count() == lat["all"]["count"]
         assert r["per_op"]["round_trips"] > 0
+        assert r["per_op"]["cpu_us"] > 0           # client CPU per operation, next to latency
         if r["suite"] == "micro":                 # each client does exactly its keys
             assert r["ops"] == 40 * r["clients"] and not r["errors"]
     micro_search = [r for r in doc["results"] if r["suite"] == "micro" and
@@ -215,6 +216,8 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
         assert (out / name).read_bytes()[:8] == PNG
     table = (out / "table.txt").read_text()
     assert table.startswith("$ fusee bench all") and "clover" in table and "x |" in table
+    assert "cpu us/op" in table and all(l["cpu_us_per_op"] > 0 for l in doc["load"])
+    assert "client CPU per insert" in table
     assert "YCSB" in printed and "micro-benchmarks" in printed
 
 

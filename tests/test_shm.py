@@ -5,6 +5,7 @@ the MN's CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import stat
@@ -211,3 +212,35 @@ def test_closed_transport_refuses_instead_of_touching_unmapped_memory(cluster):
 def test_bad_liveness_interval_is_refused(cluster):
     with pytest.raises(ValueError, match="liveness_interval"):
         cluster.transport(liveness_interval=0)
+
+
+def test_a_batch_runs_whole_in_c_or_not_at_all(cluster):
+    """emulator._atomic.run, the fast path: a batch whose requests all pass the checks runs
+    in one call, in order, counted as the verb-by-verb path counts; one that would fail
+    anywhere (here its last request) runs none of its requests there, and the transport's
+    verb-by-verb path then runs it with its per-request errors."""
+    from emulator import _atomic
+    from transports.shm import _KINDS
+    t = cluster.transport()
+    a = scratch(cluster)
+    ok = [Write(0, a, b"x" * 16), Faa(0, a + 16, -1), Cas(1, a, 0, 7), Read(0, a, 24),
+          Cas(1, a, 0, 9), Faa(2, a, 2**64 - 1)]
+    before = t.stats.copy()
+    done = _atomic.run(ok, t._table, t.regions, _KINDS, t.stats)
+    assert done == [None, 0, 0, b"x" * 16 + (2**64 - 1).to_bytes(8, "little"), 7, 0]
+    delta = t.stats - before
+    assert (delta.round_trips, delta.verbs, delta.reads, delta.writes, delta.atomics,
+            delta.bytes_in, delta.bytes_out) == (1, 6, 1, 1, 4, 24, 16)
+    size = t.regions[2].length
+    for bad in (Read(2, size - 4, 8), Cas(2, a + 4, 0, 1), Faa(2, a + 4, 1),
+                Cas(2, a, 0, -1), Write(2, a, bytearray(8)), Read(7, a, 8)):
+        before = t.stats.copy()
+        batch = [Write(0, a + 64, b"never"), bad]
+        assert _atomic.run(batch, t._table, t.regions, _KINDS, t.stats) is None
+        assert t.execute([Read(0, a + 64, 5)])[0] == bytes(5) and t.stats - before == \
+            type(t.stats)(round_trips=1, verbs=1, reads=1, bytes_in=5)
+    t.regions[1] = dataclasses.replace(t.regions[1], rkey=t.regions[1].rkey ^ 1)
+    assert _atomic.run([Read(1, a, 8)], t._table, t.regions, _KINDS, t.stats) is None
+    with pytest.raises(RemoteAccessError, match="wrong access key"):
+        t.execute([Read(0, a, 8), Read(1, a, 8)])
+    t.close()

@@ -153,7 +153,8 @@ def _run_system(pool: WorkerPool, spec, system: str, plan: list[Phase], o: Bench
         row = report.aggregate(system, p, pool.run_phase(p, _phase_timeout(p, o)))
         if p.suite == "load":
             doc["load"].append({"system": system, "keys": p.keys, "seconds": row["seconds"],
-                                "throughput": row["throughput"]})
+                                "throughput": row["throughput"],
+                                "cpu_us_per_op": row["per_op"].get("cpu_us")})
         elif p.record:
             doc["results"].append(row)
             bar.update(1)

@@ -100,7 +100,8 @@ def table(doc: dict) -> str:
         head = (f"{'':<9}{'':>3} | {'fusee':^46} |"
                 + "".join(f" {b:^24} |" for b in baselines))
         sub = (f"{'workload' if suite == 'ycsb' else 'op':<9}{'cl':>3} | {'Kops/s':>8} "
-               f"{'p50 us':>7} {'p99 us':>8} {'p999 us':>8} {'rt/op':>5} {'verbs/op':>6} |"
+               f"{'p50 us':>7} {'p99 us':>8} {'p999 us':>8} {'rt/op':>5} {'verbs/op':>6} "
+               f"{'cpu us/op':>9} |"
                + "".join(f" {'Kops/s':>8} {'p50 us':>7} {'fusee':>6} |" for _ in baselines))
         out += [head, sub, "-" * len(sub)]
         for (name, clients), by in rows.items():
@@ -110,9 +111,10 @@ def table(doc: dict) -> str:
                 lat, per = f["latency_us"]["all"], f["per_op"]
                 line += (f"{f['throughput'] / 1e3:>8.2f} {_fmt(lat.get('p50_us'), 7)} "
                          f"{_fmt(lat.get('p99_us'), 8)} {_fmt(lat.get('p999_us'), 8)} "
-                         f"{_fmt(per.get('round_trips'), 5, 2)} {_fmt(per.get('verbs'), 8, 1)} |")
+                         f"{_fmt(per.get('round_trips'), 5, 2)} {_fmt(per.get('verbs'), 8, 1)} "
+                         f"{_fmt(per.get('cpu_us'), 9, 1)} |")
             else:
-                line += f"{'-':>46} |"
+                line += f"{'-':>56} |"
             for b in baselines:
                 r = by.get(b)
                 if r is None:
@@ -131,7 +133,9 @@ def table(doc: dict) -> str:
         out.append(f"\n{name}: FAILED (its rows stop there): {why.strip().splitlines()[-1]}")
     for load in doc["load"]:
         out.append(f"load {load['system']}: {load['keys']:,} keys in {load['seconds']:.1f} s "
-                   f"({load['throughput'] / 1e3:.1f} Kops/s)")
+                   f"({load['throughput'] / 1e3:.1f} Kops/s"
+                   + (f", {cpu:.1f} us client CPU per insert)"
+                      if (cpu := load.get("cpu_us_per_op")) is not None else ")"))
     return "\n".join(out).lstrip("\n") + "\n"
 
 

@@ -111,6 +111,13 @@ class _Recorder:
                 "counters": counters, "t0": t0, "t1": t1}
 
 
+def _counters(d) -> dict:
+    """The driver's cumulative counters, plus this process's CPU time (user + system, in us):
+    summed over a phase's clients and divided by its operations, the client CPU per
+    operation, which tells the cost of the client's code apart from waiting on the verbs."""
+    return {**d.counters(), "cpu_us": time.process_time_ns() / 1000}
+
+
 def _delta(a: dict, b: dict) -> dict:
     return {k: b[k] - a.get(k, 0) for k in b}
 
@@ -154,11 +161,11 @@ class _Client:
             rec = _Recorder(0, 1 << 63)
             op = d.ops[kind]
             _wait_until(t_start)
-            c0, t0 = d.counters(), time.monotonic_ns()
+            c0, t0 = _counters(d), time.monotonic_ns()
             run_concurrently((rec.timed(op(k, value), kind) for k in names), d.executor,
                              phase.depth, _ignore)
             t1 = time.monotonic_ns()
-            return rec.result(_delta(c0, d.counters()), t0, t1)
+            return rec.result(_delta(c0, _counters(d)), t0, t1)
         return run
 
     def _ycsb(self, phase: Phase, client: int, value: bytes):
@@ -183,10 +190,10 @@ class _Client:
                 while True:
                     now = time.monotonic_ns()
                     if now >= hi:
-                        marks["end"] = (d.counters(), now)
+                        marks["end"] = (_counters(d), now)
                         return
                     if "start" not in marks and now >= lo:
-                        marks["start"] = (d.counters(), now)
+                        marks["start"] = (_counters(d), now)
                     if i == len(codes):
                         codes, nums = (a.tolist() for a in stream.chunk(CHUNK))
                         i = 0

@@ -1,0 +1,142 @@
+"""Many operations of one client in flight at once: ``get_many``, ``put_many``, ``pipeline``.
+
+    values = kv.get_many([b"a", b"b"])              # [value or None, ...] in key order
+    kv.put_many({b"a": b"1", b"b": b"2"})
+    with kv.pipeline() as p:                         # runs the queue when the block ends
+        p.insert(b"c", b"3"); p.get(b"a"); p.delete(b"b")
+    p.results                                        # [None, b"1", None]
+
+A queue of operations runs through ``fusee.driver.run_concurrently``: up to ``depth`` of them
+in flight, the verbs of all their next steps merged into one batch per round trip, as the
+paper's coroutines share a doorbell. Only round trips are shared, never an operation's
+logic: each one is exactly the operation ``Client.get`` / ``put`` / ... runs alone.
+
+Operations on the same key run one after the other in the order they were queued (a
+``put`` then a ``get`` of that key sees the put); operations on different keys run
+concurrently, in no particular order, like separate clients' operations.
+
+Each operation has its own outcome: its result, or the exception it ended with (KeyExists,
+KeyNotFound, a TransportError...), which does not stop the others. ``execute`` returns the
+outcomes in queue order, raising BatchError (carrying them all) if any failed, unless asked
+to return the exceptions in place. Bad arguments (a key that is not bytes, a value too large)
+raise at once, when the operation is queued.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from fusee.driver import run_concurrently
+from fusee.errors import FuseeError
+
+#: operations in flight by default: enough to hide a network round trip behind the client's
+#: work on the others, few enough that one batch stays small
+DEPTH = 8
+
+
+class BatchError(FuseeError):
+    """Some operations of a batch failed. ``results`` holds every operation's outcome in
+    queue order, with the exception in place of each failed one; ``errors`` the (position,
+    exception) of the failed ones."""
+
+    def __init__(self, results: list):
+        self.results = results
+        self.errors = [(i, r) for i, r in enumerate(results) if isinstance(r, Exception)]
+        i, first = self.errors[0]
+        super().__init__(f"{len(self.errors)} of {len(results)} operations failed; the first "
+                         f"(#{i}): {type(first).__name__}: {first}")
+
+
+class Pipeline:
+    """Operations queued on a client (``Client.pipeline``), run together by ``execute``."""
+
+    def __init__(self, client, depth: int = DEPTH):
+        if type(depth) is not int or depth < 1:
+            raise ValueError("depth must be a positive int")
+        self.client, self.depth = client, depth
+        self._queue: list[tuple[bytes, object]] = []       # (key, unstarted operation)
+        self.results: list | None = None
+
+    def get(self, key) -> "Pipeline":
+        return self._add(key, self.client.core.search, key)
+
+    def insert(self, key, value) -> "Pipeline":
+        return self._add(key, self.client.core.insert, key, value)
+
+    def update(self, key, value) -> "Pipeline":
+        return self._add(key, self.client.core.update, key, value)
+
+    def put(self, key, value) -> "Pipeline":
+        return self._add(key, self.client.core.put, key, value)
+
+    def delete(self, key) -> "Pipeline":
+        return self._add(key, self.client.core.delete, key)
+
+    def _add(self, key, operation, *args) -> "Pipeline":
+        op = operation(*args)           # checks the arguments: bad ones raise here
+        self._queue.append((bytes(key), op))
+        return self
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def execute(self, raise_on_error: bool = True) -> list:
+        """Run every queued operation; their outcomes in queue order (see the module doc)."""
+        if self.client.closed:
+            raise RuntimeError("this client is closed")
+        queue, self._queue = self._queue, []
+        results: list = [None] * len(queue)
+        chains: dict[bytes, list[tuple[int, object]]] = {}
+        for i, (key, op) in enumerate(queue):
+            chains.setdefault(key, []).append((i, op))
+        try:
+            run_concurrently((_in_order(chain, results) for chain in chains.values()),
+                             self.client.executor, self.depth, _ignore)
+        except BaseException:
+            for _, op in queue:         # those never started (the others are closed already)
+                op.close()
+            raise
+        self.results = results
+        if raise_on_error and any(isinstance(r, Exception) for r in results):
+            raise BatchError(results)
+        return results
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None and self._queue:
+            self.execute()
+        else:
+            for _, op in self._queue:
+                op.close()
+            self._queue = []
+
+
+def _in_order(chain: list[tuple[int, object]], results: list):
+    """Generator: one key's operations, one after the other; each outcome into ``results``.
+    An operation's exception is its outcome (the others go on); a BaseException that is not
+    an Exception (KeyboardInterrupt) stops them all."""
+    for i, op in chain:
+        try:
+            results[i] = yield from op
+        except Exception as e:
+            results[i] = e
+
+
+def _ignore(index, result) -> None:
+    pass
+
+
+def get_many(client, keys: Iterable, depth: int = DEPTH) -> list:
+    p = Pipeline(client, depth)
+    for key in keys:
+        p.get(key)
+    return p.execute()
+
+
+def put_many(client, items: Mapping | Iterable, depth: int = DEPTH) -> None:
+    p = Pipeline(client, depth)
+    for key, value in (items.items() if isinstance(items, Mapping) else items):
+        p.put(key, value)
+    p.execute()
