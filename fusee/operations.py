@@ -49,6 +49,7 @@ from fusee.membership import FRESH, Membership
 from fusee.memory_map import HEADER_CLIENT_IDS, HEADER_LAYOUT, MemoryMap
 from fusee.replication import (LOSE, RESTART, WIN, SlotTarget, await_change, backoff,
                                cas_primary, fix_requests, propose, resolve, unfreeze_requests)
+from fusee.reuse import ObjectReads
 from fusee.verbs import (EPOCH_ENDS, AwaitMembership, EpochChanged, Faa, NodeTimeout, Read,
                          TransportError, Write)
 
@@ -306,27 +307,24 @@ class ClientCore:
     def candidates(self, view: View, h: KeyHash) -> list[tuple[int, int]]:
         return view.candidates(h.fp)
 
-    def match(self, key: bytes, cands, bufs, suspects: dict):
-        """Find the key among candidate objects: (pos, value, object) or None. A candidate
-        that fails to verify is counted in ``suspects``; seen twice with the same slot value
-        (so not a concurrent replacement) it is reported as CorruptObject."""
+    def match(self, key: bytes, cands, bufs, suspects: ObjectReads):
+        """Find the key among candidate objects: (pos, value, object) or None, and whether a
+        candidate's memory was being reused (``fusee.reuse``: look again; CorruptObject once
+        its corruption is proven)."""
+        suspects.next_pass()
         bad = False
         for (pos, v), buf in zip(cands, bufs):
-            obj = decode_object(buf)
+            obj = suspects.judge(v, buf, key)
             if obj is None:
-                suspects[v] = suspects.get(v, 0) + 1
-                if suspects[v] >= 2:
-                    raise CorruptObject(f"object at MN {slot_node(v)} "
-                                        f"{slot_addr(v, self.unit):#x} fails its checksum")
                 bad = True
             elif obj.key == key:
                 return (pos, v, obj), False
         return None, bad
 
-    def find(self, key: bytes, view: View, h: KeyHash, suspects: dict):
+    def find(self, key: bytes, view: View, h: KeyHash, suspects: ObjectReads):
         """Generator: read the key's candidate objects in ``view``: (pos, value, object),
-        None when the key is absent, or False when a candidate failed to verify (a concurrent
-        replacement, most likely: look again)."""
+        None when the key is absent, or False when a candidate's memory was being reused (look
+        again)."""
         cands = self.candidates(view, h)
         if not cands:
             return None
@@ -373,7 +371,7 @@ class ClientCore:
 
     # -- SEARCH ----------------------------------------------------------------------------
     def _search(self, key: bytes, h: KeyHash):
-        suspects: dict[int, int] = {}
+        suspects = ObjectReads(self.unit)
         waits = 0
         while True:
             try:
@@ -450,7 +448,7 @@ class ClientCore:
         """Generator: find the key's slot. Returns (sid, pos, value, crc of the object the
         value names) or None (absent), after one bucket read that also carries ``writes``
         (and, with a cached slot, the cached object's last bytes); follows splits."""
-        suspects: dict[int, int] = {}
+        suspects = ObjectReads(self.unit)
         waits = 0
         while True:
             sid, _ = self.dir.lookup(h)
