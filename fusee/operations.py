@@ -534,7 +534,7 @@ class ClientCore:
                 elif verdict == LOSE:
                     open_round = (epoch, t, v_old, v_new, old_crc, LOSE)
                     self.counters["lost"] += 1
-                    verdict = yield from await_change(t, v_old,
+                    verdict = yield from await_change(t, v_old, current,
                                                       self.log.record(obj, LOST, ref, v_old),
                                                       self.patience)
                     if verdict == LOSE and opcode == UPDATE:

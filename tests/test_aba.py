@@ -10,6 +10,7 @@ from fusee.driver import run
 from fusee.hashing import key_hash
 from fusee.layout import CLASSES, LOG_BYTES, OBJ_HEADER, decode_object
 from fusee.operations import ClientCore
+from fusee.verbs import Cas
 from storekit import config
 from transports.local import LocalMemory, LocalTransport
 
@@ -98,6 +99,31 @@ class Putter:
             else:
                 self.op.step()
         raise AssertionError("the putter never got there")
+
+
+def test_a_loser_sees_its_round_end_when_the_old_value_comes_back():
+    """A loser waits for the primary to leave the round's old value v0. The winner replaces
+    it and frees v0's object; its owner writes KEY into that memory again, so the primary
+    holds v0 again, and keeps it once every writer is done. Polling the primary alone, the
+    loser waited for a change that had already come and gone, until Stalled."""
+    _, tr, (owner, winner, loser) = cluster(r=3)
+    run(owner.insert(KEY, big("owner.0")), tr)
+    v0 = primary_value(owner, tr)
+    w = Stepper(winner.update(KEY, big("winner")), tr)
+    w.until(lambda: any(type(q) is Cas for q in w.batch))
+    w.step()                                        # the winner's proposals are on the backups
+    lose = Stepper(loser.update(KEY, big("loser")), tr)
+    lose.until(lambda: loser.counters["lost"] == 1)  # lost; its first poll is yet to go out
+    assert w.finish() is None
+    run(winner.search(KEY), tr)                     # delivers the free of v0's object
+    for i in range(1, 4):                           # the owner reuses that memory for KEY
+        run(owner.put(KEY, big(f"owner.{i}")), tr)
+        if primary_value(owner, tr) == v0:
+            break
+    else:
+        raise AssertionError("the owner never reused v0's memory: the premise is gone")
+    assert lose.finish() is None                    # overwritten by the winner
+    assert run(owner.search(KEY), tr) == big(f"owner.{i}")
 
 
 def test_a_reader_meeting_reused_memory_twice_looks_again():

@@ -500,7 +500,7 @@ def _patch_everywhere(monkeypatch, name, new):
             monkeypatch.setattr(mod, name, new)
 
 
-def _loser_does_not_wait(t, v_old, extra=(), patience=0):
+def _loser_does_not_wait(t, v_old, current, extra=(), patience=0):
     """BROKEN step 5: a loser returns at once instead of waiting for the primary to change, so
     its UPDATE is acknowledged before the winner's linearization point."""
     if extra:
