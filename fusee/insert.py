@@ -30,6 +30,7 @@ from fusee.membership import FRESH
 from fusee.replication import (LOSE, RESTART, WIN, cas_primary, fix_requests, propose,
                                resolve, unfreeze_requests)
 from fusee.resize import split
+from fusee.reuse import is_named
 from fusee.verbs import EPOCH_ENDS, Cas, Read
 
 CLEAR, EXISTS, YIELD = "clear", "exists", "yield"
@@ -182,12 +183,13 @@ def _learn(known: dict, key: bytes, values: list[int], bufs) -> bool:
     ``v`` names our key. A verdict is about the object read, not about the value: once the
     slot moves on, its object is freed and the memory reused, and the same value may name
     an object of our key again (``fusee.reuse``). So verdicts only judge the slot values read
-    before them, and an object that does not decode or holds a key of another fingerprint is
-    memory being reused: no verdict at all (returns False; the slots must be read again)."""
+    before them, and an object that does not decode or that ``v`` cannot name (``is_named``)
+    is memory being reused: no verdict at all (returns False; the slots must be read
+    again)."""
     settled = True
     for v, buf in zip(values, bufs):
         obj = decode_object(buf)
-        if obj is None or obj.key != key and key_hash(obj.key).fp != slot_fp(v):
+        if obj is None or not is_named(v, obj, key):
             settled = False
         else:
             known[v] = obj.key == key

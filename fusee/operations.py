@@ -49,7 +49,7 @@ from fusee.membership import FRESH, Membership
 from fusee.memory_map import HEADER_CLIENT_IDS, HEADER_LAYOUT, MemoryMap
 from fusee.replication import (LOSE, RESTART, WIN, SlotTarget, await_change, backoff,
                                cas_primary, fix_requests, propose, resolve, unfreeze_requests)
-from fusee.reuse import ObjectReads
+from fusee.reuse import ObjectReads, is_named
 from fusee.verbs import (EPOCH_ENDS, AwaitMembership, EpochChanged, Faa, NodeTimeout, Read,
                          TransportError, Write)
 
@@ -362,7 +362,7 @@ class ClientCore:
 
     def slot_value(self, h: KeyHash, obj: NewObject) -> int:
         node, addr = self.alloc.where(obj.ptr)     # the group's first MN, dead or alive
-        return make_slot(h.fp, obj.units, node, addr, self.unit)
+        return make_slot(h.fp, obj.units, node, addr, self.unit, obj.seq)
 
     def free_value(self) -> int:
         """A fresh tombstone / void value of this client (SNAPSHOT proposals are distinct)."""
@@ -391,7 +391,7 @@ class ClientCore:
                     hit = view.get(e.pos) == e.value
                     if spec and hit:
                         obj = decode_object(res[2])
-                        if obj is not None and obj.key == key:
+                        if obj is not None and obj.key == key and is_named(e.value, obj, key):
                             self.cache.outcome(e, True)
                             return obj.value
                         hit = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 from fusee.config import KiB
 from fusee.driver import run
 from fusee.hashing import key_hash
-from fusee.layout import CLASSES, LOG_BYTES, OBJ_HEADER, decode_object
+from fusee.layout import CLASSES, LOG_BYTES, OBJ_HEADER, decode_object, slot_addr, slot_node
 from fusee.operations import ClientCore
 from fusee.verbs import Cas
 from storekit import config
@@ -104,8 +104,9 @@ class Putter:
 def test_a_loser_sees_its_round_end_when_the_old_value_comes_back():
     """A loser waits for the primary to leave the round's old value v0. The winner replaces
     it and frees v0's object; its owner writes KEY into that memory again, so the primary
-    holds v0 again, and keeps it once every writer is done. Polling the primary alone, the
-    loser waited for a change that had already come and gone, until Stalled."""
+    holds v0 again (at once on 950c900, 256 allocations later with the generation), and
+    keeps it once every writer is done. Polling the primary alone, the loser waited for a
+    change that had already come and gone, until Stalled."""
     _, tr, (owner, winner, loser) = cluster(r=3)
     run(owner.insert(KEY, big("owner.0")), tr)
     v0 = primary_value(owner, tr)
@@ -116,8 +117,8 @@ def test_a_loser_sees_its_round_end_when_the_old_value_comes_back():
     lose.until(lambda: loser.counters["lost"] == 1)  # lost; its first poll is yet to go out
     assert w.finish() is None
     run(winner.search(KEY), tr)                     # delivers the free of v0's object
-    for i in range(1, 4):                           # the owner reuses that memory for KEY
-        run(owner.put(KEY, big(f"owner.{i}")), tr)
+    for i in range(1, 2000):    # the owner reuses that memory for KEY, 256 allocations on
+        run(owner.put(KEY, big(f"owner.{i}")), tr)      # (the slot value's generation)
         if primary_value(owner, tr) == v0:
             break
     else:
@@ -144,3 +145,21 @@ def test_a_reader_meeting_reused_memory_twice_looks_again():
         search.step()                               # meets v0's memory being reused
     value = search.finish()
     assert value in {big(f"put.{i}") for i in range(putter.puts + 1)}
+
+
+def test_an_object_in_reused_memory_gets_a_new_slot_value():
+    """The owner's puts of KEY come back to the same memory every few allocations; each
+    object there gets another slot value (its generation), so no slot returns to an old value
+    that a SNAPSHOT round, a reader or a duplicate check may still hold. On 950c900 the same
+    value came back: a writer whose backup CASes straddled the reuse had them land in two
+    rounds with the same old value, saw each round in part, and the round wedged."""
+    _, tr, (owner,) = cluster(r=3, n=1)
+    run(owner.insert(KEY, big("put.0")), tr)
+    seen: dict[tuple[int, int], int] = {}       # address -> the last slot value naming it
+    for i in range(1, 20):
+        run(owner.put(KEY, big(f"put.{i}")), tr)
+        v = primary_value(owner, tr)
+        addr = (slot_node(v), slot_addr(v, 64))
+        assert seen.get(addr) != v, f"put {i} reused {addr} under the same slot value"
+        seen[addr] = v
+    assert len(seen) < 19, "the memory was never reused: the premise is gone"
