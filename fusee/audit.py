@@ -31,11 +31,12 @@ from fusee.hashing import key_hash
 from fusee.holdings import Holdings, scan
 from fusee.index import Directory, IndexGeometry
 from fusee.membership import Membership
-from fusee.layout import FROZEN, SLOTS_PER_BUCKET, TENTATIVE, committed_object, slot_units
+from fusee.layout import (ADDR_MASK, FROZEN, GEN_MASK, NODE_MASK, NODE_SHIFT, SLOTS_PER_BUCKET,
+                          TENTATIVE, committed_object, slot_gen, slot_units)
 from fusee.memory_map import MemoryMap
 from fusee.verbs import Read, chunks
 
-_PTR = (1 << 46) - 1        # node and address bits of a slot value
+_PTR = NODE_MASK << NODE_SHIFT | ADDR_MASK     # node and address bits of a slot value
 
 
 @dataclass
@@ -132,7 +133,8 @@ def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core,
                 rep.dangling.append(f"{what}: named by the index but free "
                                     f"(state {None if c.view is None else c.view.state}, "
                                     f"freed {c.freed})")
-            elif slot_units(v) != c.units or key_hash(c.view.key).fp != v >> 56:
+            elif (slot_units(v) != c.units or key_hash(c.view.key).fp != v >> 56
+                  or slot_gen(v) != c.view.seq & GEN_MASK):
                 rep.dangling.append(f"{what}: the slot {v:#x} does not describe it")
         if c.held:
             rep.held += 1

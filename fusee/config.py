@@ -45,6 +45,9 @@ class LayoutConfig:
                 raise ConfigError(f"layout.{name} must be a power of two")
         if self.object_unit < 64:
             raise ConfigError("layout.object_unit must be at least 64")
+        if self.region_size > self.object_unit << 32:
+            raise ConfigError("layout.region_size must be at most 2**32 object units (a slot "
+                              "names an object by a 32-bit unit number)")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from fusee.membership import FRESH
 from fusee.replication import (LOSE, RESTART, WIN, cas_primary, fix_requests, propose,
                                resolve, unfreeze_requests)
 from fusee.resize import split
+from fusee.reuse import is_named
 from fusee.verbs import EPOCH_ENDS, Cas, Read
 
 CLEAR, EXISTS, YIELD = "clear", "exists", "yield"
@@ -47,7 +48,6 @@ def _insert(core, obj, key: bytes):
     s = core.slot_value(h, obj)
     writes = obj.writes
     lost: dict[tuple[int, int], int] = {}       # (sid, pos) -> value when we lost it
-    known: dict[int, bool] = {}                 # object slot value -> "is our key"
     waits = 0                                   # re-reads spent waiting on other clients
     open_round = None                           # (epoch, target, v_old, committed)
     while True:
@@ -62,16 +62,17 @@ def _insert(core, obj, key: bytes):
                 waits = yield from core.split_seen(sid, waits)
                 continue
             cands = [v for _, v in core.candidates(view, h)]
-            if any(known.get(v) for v in cands):
-                yield from core.abandon(obj)
-                raise KeyExists(key)
             free = _free_slots(view.slots, sid, lost)
             if not free:
-                unknown = [v for v in cands if v not in known]
-                if unknown:
-                    bufs = yield from core.rt([core.object_read(v) for v in unknown])
-                    _learn(known, key, unknown, bufs)
+                known: dict[int, bool] = {}
+                bufs = (yield from core.rt([core.object_read(v) for v in cands])) if cands else []
+                if not _learn(known, key, cands, bufs):
+                    waits = yield from core.waited(
+                        waits, f"subtable {sid}: a candidate object is being replaced")
                     continue
+                if any(known.values()):
+                    yield from core.abandon(obj)
+                    raise KeyExists(key)
                 if any(lost.get((sid, p)) == v for p, v in view.slots.items()):
                     # a slot we lost is still being settled: look again
                     waits = yield from core.waited(
@@ -86,8 +87,7 @@ def _insert(core, obj, key: bytes):
             t = core.target(sid, pos)
             claim_node = t.backups[0] if t.backups else t.primary
             claim_reads, _ = core.bucket_reads(sid, h, claim_node)
-            unknown = [v for v in cands if v not in known]
-            extra = claim_reads + [core.object_read(v) for v in unknown]
+            extra = claim_reads + [core.object_read(v) for v in cands]
             open_round = (core.membership.epoch, t, v_old, False)
             if t.backups:
                 current, got = yield from propose(t, v_old, s, extra)
@@ -109,12 +109,13 @@ def _insert(core, obj, key: bytes):
                     core.counters["lost"] += 1
                     lost[(sid, pos)] = v_old
                 continue
-            _learn(known, key, unknown, got[2:])
+            known = {}
+            settled = _learn(known, key, cands, got[2:])
             claims = core.view(got[:2], firsts, sid).slots
             prims = claims if not t.backups else view.slots
             try:
-                outcome, other = yield from _check(core, t, s, h, known, key, firsts, prims,
-                                                   claims)
+                outcome, other = yield from _check(core, t, s, h, key, firsts, prims, claims,
+                                                   known, settled)
             except Stalled:
                 yield from _withdraw(core, t, obj, s, v_old, expected)
                 raise
@@ -183,27 +184,56 @@ def _emptiest_first(bucket: list[int]) -> tuple[int, int]:
     return -len(bucket), bucket[0]
 
 
-def _learn(known: dict, key: bytes, values: list[int], bufs) -> None:
+def _learn(known: dict, key: bytes, values: list[int], bufs) -> bool:
+    """Judge slot values by the objects read after the slots: ``known[v]`` says whether
+    ``v`` names our key. A verdict is about the object read, not about the value: once the
+    slot moves on, its object is freed and the memory reused, and the same value may name
+    an object of our key again (``fusee.reuse``). So verdicts only judge the slot values read
+    before them, and an object that does not decode or that ``v`` cannot name (``is_named``)
+    is memory being reused: no verdict at all (returns False; the slots must be read
+    again)."""
+    settled = True
     for v, buf in zip(values, bufs):
         obj = decode_object(buf)
-        known[v] = obj is not None and obj.key == key
+        if obj is None or not is_named(v, obj, key):
+            settled = False
+        else:
+            known[v] = obj.key == key
+    return settled
 
 
-def _check(core, t, s, h, known, key, firsts, prims, claims):
+def _check(core, t, s, h, key, firsts, prims, claims, known, settled):
     """Generator: the duplicate check once our claim is visible on the claim MN. ``claims``
-    were read there after our claim, ``prims`` from the primary BEFORE that. Returns
-    (CLEAR | EXISTS | YIELD | RESTART, the (pos, claim value, primary value) to wait for).
+    were read there after our claim, ``prims`` from the primary BEFORE that, ``known`` the
+    verdicts (``_learn``) on objects read after both (``settled``: every one had a verdict).
+    Returns (CLEAR | EXISTS | YIELD | RESTART, the (pos, claim value, primary value) to wait
+    for).
 
     A slot whose claim-MN value equals its primary value is *settled*: backups take a new
     value before the primary and never return to an old one, so the primary held that value
     all along. Any other slot is judged from a primary read made AFTER the claim read (a
     claim seen there may have been committed since, or committed and then updated or deleted
     by a round whose proposal is all the claim MN still shows).
+
+    Every read of the slots drops the verdicts: the objects are read again after it.
     """
     r1 = not t.backups
     claim_node = t.primary if r1 else t.backups[0]
     after = r1              # are ``prims`` at least as recent as ``claims``?
+    waits = 0
     while True:
+        if not settled:     # an object was being replaced: the slots moved, read them again
+            waits = yield from core.waited(
+                waits, f"slot {t.sid}:{t.pos}: a rival's object is being replaced")
+            reads = core.bucket_reads(t.sid, h, claim_node)[0]
+            bufs = yield from core.rt(reads + ([] if r1 else
+                                               core.bucket_reads(t.sid, h, t.primary)[0]))
+            claims = core.view(bufs[:2], firsts, t.sid).slots
+            prims = claims if r1 else core.view(bufs[2:], firsts, t.sid).slots
+            after = r1      # (the same batch: no order between the two reads)
+            known.clear()
+            settled = True
+            continue
         if any_frozen(prims.values()):
             return RESTART, None
         # only slots naming our fingerprint can hold our key or a rival claim for it
@@ -214,12 +244,13 @@ def _check(core, t, s, h, known, key, firsts, prims, claims):
                         if is_object(v) and slot_fp(v) == h.fp and v != s and v not in known})
         if unknown:
             bufs = yield from core.rt([core.object_read(v) for v in unknown])
-            _learn(known, key, unknown, bufs)
+            settled = _learn(known, key, unknown, bufs)
             continue
         if not after and _differ(claims, prims, t.pos):
             prims = core.view((yield from core.rt(core.bucket_reads(t.sid, h, t.primary)[0])),
                               firsts, t.sid).slots
             after = True
+            known.clear()
             continue
         if any(committed_object(pv) and known.get(pv) for _, _, pv in others):
             return EXISTS, None
@@ -236,6 +267,7 @@ def _check(core, t, s, h, known, key, firsts, prims, claims):
         if r1:
             prims = claims
         after = r1
+        known.clear()
 
 
 def _differ(claims: dict[int, int], prims: dict[int, int], pos: int) -> bool:

@@ -5,13 +5,18 @@ Slot (one 8-byte atomic word)::
 
     bits 56-63  fingerprint              bits 48-55  length in allocation units (0: no object)
     bit  47     FROZEN (subtable split)  bit  46     TENTATIVE (an r=1 insert's claim)
-    bits 40-45  memory node id           bits  0-39  address / allocation unit
+    bits 40-45  memory node id           bits 32-39  generation: the object's seq mod 256
+    bits  0-31  address / allocation unit
 
+The generation tells apart the objects that one address holds in turn: freed memory comes
+back for the same key and size (at once, in the largest class), and without it a slot would
+go back to an old value, under SNAPSHOT rounds (a writer's CASes landing in two rounds with
+the same old value) and under readers and duplicate checks holding that value (ABA).
 0 is an empty slot. Any other value with length 0 is a *tombstone* (a DELETE's proposal) or a
 *void* (ends the round of a withdrawn insert claim): free slots, made of the writer's client id
 and a per-client sequence number (``free_value``), so SNAPSHOT proposals stay distinct and a
 slot never goes back to an old value.
-The same pointer format (with fingerprint 0) links log entries.
+The same pointer format (with fingerprint and generation 0) links log entries.
 
 Bucket (64 bytes) = header + 7 slots. Header: bits 0-31 suffix, 32-39 local depth,
 40-47 flags (RETIRED), 48-63 subtable id.
@@ -51,7 +56,9 @@ from isal.isal_zlib import crc32
 
 FP_SHIFT, LEN_SHIFT, NODE_SHIFT = 56, 48, 40
 FROZEN, TENTATIVE = 1 << 47, 1 << 46
-ADDR_MASK = (1 << 40) - 1
+ADDR_MASK = (1 << 32) - 1
+GEN_SHIFT, GEN_MASK = 32, 0xFF
+FREE_SEQ_MASK = (1 << 40) - 1       # the sequence number bits of a tombstone / void
 NODE_MASK = 0x3F
 MAX_NODES = NODE_MASK + 1
 MAX_CLIENT_IDS = (1 << 14) - 2     # what a free value can name, less the failover's own
@@ -81,12 +88,14 @@ _NO_COMMIT = bytes(_COMMIT.size)         # a fresh object's commit record: pendi
 
 
 # -- slots -----------------------------------------------------------------------------------
-def make_slot(fp: int, units: int, node: int, addr: int, unit: int) -> int:
-    return (fp << FP_SHIFT) | (units << LEN_SHIFT) | ptr_bits(node, addr, unit)
+def make_slot(fp: int, units: int, node: int, addr: int, unit: int, seq: int = 0) -> int:
+    """The slot value naming the object of allocation sequence ``seq`` at ``node:addr``."""
+    return ((fp << FP_SHIFT) | (units << LEN_SHIFT) | ((seq & GEN_MASK) << GEN_SHIFT)
+            | ptr_bits(node, addr, unit))
 
 
 def ptr_bits(node: int, addr: int, unit: int) -> int:
-    if addr % unit or not 0 <= node < MAX_NODES:
+    if addr % unit or not 0 <= node < MAX_NODES or addr // unit > ADDR_MASK:
         raise ValueError(f"bad object address {node}:{addr:#x}")
     return (node << NODE_SHIFT) | (addr // unit)
 
@@ -111,6 +120,10 @@ LEN_BITS = 0xFF << LEN_SHIFT
 #: a slot value ``v`` is free (``is_free``) iff ``not v & TAKEN``: one test inline, for the
 #: loops over every slot of a bucket that the fast path makes
 TAKEN = FROZEN | TENTATIVE | LEN_BITS
+
+
+def slot_gen(v: int) -> int:
+    return (v >> GEN_SHIFT) & GEN_MASK
 
 
 def is_object(v: int) -> bool:
@@ -140,9 +153,9 @@ def strip(v: int) -> int:
 def free_value(client_id: int, seq: int) -> int:
     """A tombstone / void (length 0): unique per writer and sequence number, so a slot never
     returns to an old value. Client id + 1 in the node bits and the fingerprint byte, the
-    sequence number in the 40 address bits."""
+    sequence number in the 40 generation and address bits."""
     c = client_id + 1
-    return ((c >> 6) << FP_SHIFT) | ((c & NODE_MASK) << NODE_SHIFT) | (seq & ADDR_MASK)
+    return ((c >> 6) << FP_SHIFT) | ((c & NODE_MASK) << NODE_SHIFT) | (seq & FREE_SEQ_MASK)
 
 
 def free_value_of(v: int, client_id: int) -> bool:

@@ -31,12 +31,13 @@ class NewObject:
     """An object being written by one operation: where it is, its first writes, and how many
     commit records it has had (records are numbered so that recovery can tell the newest when
     a crash left different ones on different replicas)."""
-    __slots__ = ("ptr", "units", "replicas", "writes", "records")
+    __slots__ = ("ptr", "units", "seq", "replicas", "writes", "records")
 
-    def __init__(self, ptr: int, units: int, replicas: list[tuple[int, int]],
+    def __init__(self, ptr: int, units: int, seq: int, replicas: list[tuple[int, int]],
                  writes: list[Write]):
         self.ptr = ptr                  # node/address bits (no length)
         self.units = units
+        self.seq = seq                  # allocation sequence: its slot value's generation
         self.replicas = replicas
         self.writes = writes            # the object on every replica (+ a list head, the first time)
         self.records = 0
@@ -79,7 +80,7 @@ class ObjectLog:
                        for m in self.meta_nodes]
         self.prev[units] = (units << LEN_SHIFT) | p
         self.seq[units] = seq + 1
-        return NewObject(p, units, reps, writes)
+        return NewObject(p, units, seq, reps, writes)
 
     def rewrite(self, obj: NewObject) -> list[Write]:
         """The object's first writes again, to the replicas still alive (after a batch that

@@ -52,6 +52,7 @@ from fusee.membership import FRESH, Membership
 from fusee.memory_map import HEADER_CLIENT_IDS, HEADER_LAYOUT, MemoryMap
 from fusee.replication import (LOSE, RESTART, WIN, SlotTarget, await_change, backoff,
                                cas_primary, fix_requests, propose, resolve, unfreeze_requests)
+from fusee.reuse import ObjectReads, is_named
 from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, NodeTimeout,
                          Read, TransportError, Write, chunks)
 
@@ -370,27 +371,24 @@ class ClientCore:
     def candidates(self, view: View, h: KeyHash) -> list[tuple[int, int]]:
         return view.candidates(h.fp)
 
-    def match(self, key: bytes, cands, bufs, suspects: dict):
-        """Find the key among candidate objects: (pos, value, object) or None. A candidate
-        that fails to verify is counted in ``suspects``; seen twice with the same slot value
-        (so not a concurrent replacement) it is reported as CorruptObject."""
+    def match(self, key: bytes, cands, bufs, suspects: ObjectReads):
+        """Find the key among candidate objects: (pos, value, object) or None, and whether a
+        candidate's memory was being reused (``fusee.reuse``: look again; CorruptObject once
+        its corruption is proven)."""
+        suspects.next_pass()
         bad = False
         for (pos, v), buf in zip(cands, bufs):
-            obj = decode_object(buf)
+            obj = suspects.judge(v, buf, key)
             if obj is None:
-                suspects[v] = suspects.get(v, 0) + 1
-                if suspects[v] >= 2:
-                    raise CorruptObject(f"object at MN {slot_node(v)} "
-                                        f"{slot_addr(v, self.unit):#x} fails its checksum")
                 bad = True
             elif obj.key == key:
                 return (pos, v, obj), False
         return None, bad
 
-    def find(self, key: bytes, view: View, h: KeyHash, suspects: dict):
+    def find(self, key: bytes, view: View, h: KeyHash, suspects: ObjectReads):
         """Generator: read the key's candidate objects in ``view``: (pos, value, object),
-        None when the key is absent, or False when a candidate failed to verify (a concurrent
-        replacement, most likely: look again)."""
+        None when the key is absent, or False when a candidate's memory was being reused (look
+        again)."""
         cands = self.candidates(view, h)
         if not cands:
             return None
@@ -428,7 +426,7 @@ class ClientCore:
 
     def slot_value(self, h: KeyHash, obj: NewObject) -> int:
         node, addr = self.alloc.where(obj.ptr)     # the group's first MN, dead or alive
-        return make_slot(h.fp, obj.units, node, addr, self.unit)
+        return make_slot(h.fp, obj.units, node, addr, self.unit, obj.seq)
 
     def free_value(self) -> int:
         """A fresh tombstone / void value of this client (SNAPSHOT proposals are distinct)."""
@@ -437,7 +435,7 @@ class ClientCore:
 
     # -- SEARCH ----------------------------------------------------------------------------
     def _search(self, key: bytes, h: KeyHash):
-        suspects: dict[int, int] = {}
+        suspects = ObjectReads(self.unit)
         waits = 0
         while True:
             try:
@@ -457,7 +455,7 @@ class ClientCore:
                     hit = view.get(e.pos) == e.value
                     if spec and hit:
                         obj = decode_object(res[2])
-                        if obj is not None and obj.key == key:
+                        if obj is not None and obj.key == key and is_named(e.value, obj, key):
                             self.cache.outcome(e, True)
                             return obj.value
                         hit = False
@@ -514,7 +512,7 @@ class ClientCore:
         """Generator: find the key's slot. Returns (sid, pos, value, crc of the object the
         value names) or None (absent), after one bucket read that also carries ``writes``
         (and, with a cached slot, the cached object's last bytes); follows splits."""
-        suspects: dict[int, int] = {}
+        suspects = ObjectReads(self.unit)
         waits = 0
         while True:
             sid, _ = self.dir.lookup(h)
@@ -600,7 +598,7 @@ class ClientCore:
                 elif verdict == LOSE:
                     open_round = (epoch, t, v_old, v_new, old_crc, LOSE)
                     self.counters["lost"] += 1
-                    verdict = yield from await_change(t, v_old,
+                    verdict = yield from await_change(t, v_old, current,
                                                       self.log.record(obj, LOST, ref, v_old),
                                                       self.patience)
                     if verdict == LOSE and opcode == UPDATE:

@@ -215,7 +215,7 @@ class Recovery:
             s = None
             if v.opcode in (INSERT, UPDATE):
                 s = make_slot(key_hash(v.key).fp, c.units, c.group.nodes[0],
-                              c.group.addrs[0] + c.offset, unit)
+                              c.group.addrs[0] + c.offset, unit, v.seq)
             e = _Entry(c, v, s)
             if v.opcode == DELETE and len(v.value) == 8:
                 e.tomb = unpack_u64(v.value)

@@ -113,18 +113,29 @@ def unfreeze_requests(t: SlotTarget, v_old: int, v_new: int) -> list[Cas]:
     return [Cas(n, t.addr, v_new, v_old | FROZEN) for n in t.backups]
 
 
-def await_change(t: SlotTarget, v_old: int, extra=(), patience: int = 0):
-    """Generator for losers: poll the primary until it leaves ``v_old``; ``extra`` requests
-    ride on the first poll. Returns LOSE (someone finished the round) or RESTART (it froze).
-    After ``patience`` polls (0: no limit) the winner is presumed crashed: Stalled."""
+def await_change(t: SlotTarget, v_old: int, current: list[int], extra=(), patience: int = 0):
+    """Generator for losers: poll until the round is over; ``current`` are the backups'
+    values after our proposal, ``extra`` requests ride on the first poll. Returns LOSE
+    (someone finished the round) or RESTART (it froze). After ``patience`` polls (0: no
+    limit) the winner is presumed crashed: Stalled.
+
+    The primary alone cannot tell: once the winner has CASed it, the old object is freed and
+    its memory reused, maybe for the same key, so the primary may hold ``v_old`` again (ABA)
+    in a later round, and keep it once the writers stop. The first backup tells: during the
+    round it only leaves ``current[0]`` for the winner's value (one of ``current``), or for the
+    old value FROZEN when the round ends in a split (the primary says that); any other value
+    belongs to a later round, which began after the primary had left ``v_old``."""
+    assert t.backups, "a round without backups has no losers"
     first = list(extra)
     polls = 0
     while True:
-        res = yield [Read(t.primary, t.addr, 8)] + first
+        res = yield [Read(t.primary, t.addr, 8), Read(t.backups[0], t.addr, 8)] + first
         first = []
-        now = unpack_u64(res[0])
+        now, backup = unpack_u64(res[0]), unpack_u64(res[1])
         if now != v_old:
             return RESTART if now == v_old | FROZEN else LOSE
+        if backup not in current and not backup & FROZEN:
+            return LOSE
         polls += 1
         if polls == patience:
             raise Stalled(f"slot {t.sid}:{t.pos}: the winner of its SNAPSHOT round did not "

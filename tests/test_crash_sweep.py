@@ -2,7 +2,8 @@
 deterministic simulator; after each: recovery, then the checks.
 
 A scenario is three clients on the same hot keys, r = 3 over 3 MNs: the victim c0 runs
-operations of one type (INSERT, UPDATE, DELETE, PUT, or inserts that split the index), c1 and
+operations of one type (INSERT, UPDATE, DELETE, PUT, inserts that split the index, or PUTs of
+the largest objects among objects of every size class: "reuse", ``SIZES``), c1 and
 c2 a mixed workload. The scenario runs once clean; then once per boundary k = 0..verbs of
 each of c0's operations, crashing c0 after its k-th verb. At the crash a recoverer starts
 (``fusee.recovery.recover_client``) while c1 and c2 go on, and once it is done c0 restarts
@@ -25,7 +26,7 @@ import random
 import pytest
 
 from emulator.linearizability import check
-from emulator.simulator import Call, Simulator, kv_workload, store_calls
+from emulator.simulator import Call, Simulator, class_filling_sizes, kv_workload, store_calls
 from fusee.audit import audit
 from fusee.config import ClusterConfig, KiB, LayoutConfig, MemNodeConfig
 from fusee.driver import run
@@ -46,14 +47,21 @@ OTHERS = {"get": 3, "insert": 2, "update": 2, "delete": 1, "put": 2}
 ERRORS = (KeyExists, KeyNotFound)
 PATIENCE = 5_000
 FILL = 34               # keys that leave the SPLITTING subtable a few inserts short of full
+#: in a "reuse" scenario c0 puts values of the largest size class (one byte short, so that
+#: the restarted c0's values, one byte longer, still fit), c1 too, and c2 values of every
+#: class: freed objects come back at the same address, named by the same slot values (ABA)
+EVERY_CLASS = class_filling_sizes(LAYOUT, len(HOT[0]))
+SIZES = {"reuse": {"c0": [EVERY_CLASS[-1] - 1], "c1": EVERY_CLASS[-1:], "c2": EVERY_CLASS}}
 
 
 def _victim(kind: str, rng: random.Random) -> list[tuple[str, bytes, bytes | None]]:
     """c0's operations in a scenario of ``kind``."""
     if kind == "split":
         return [("insert", b"s%03d" % i, b"c0.%d" % i) for i in range(3)]
-    op = "delete" if kind == "delete" else kind
-    return [(op, rng.choice(HOT), None if op == "delete" else b"c0.%d" % i) for i in range(3)]
+    op = {"reuse": "put"}.get(kind, kind)
+    size = SIZES.get(kind, {}).get("c0", [0])[0]
+    return [(op, rng.choice(HOT), None if op == "delete" else (b"c0.%d" % i).ljust(size, b"."))
+            for i in range(3)]
 
 
 def _cluster(kind: str) -> ClusterConfig:
@@ -83,9 +91,10 @@ class Scenario:
         if kind == "split":
             preload += [("insert", b"f%03d" % i, b"pre") for i in range(FILL)]
             more = [("insert", b"g%03d" % i, b"c1") for i in range(4)]
+        sizes = SIZES.get(kind, {})
         self.ops = {"c0": _victim(kind, wrng),
-                    "c1": more + kv_workload(wrng, "c1", HOT, 6, OTHERS),
-                    "c2": preload + kv_workload(wrng, "c2", HOT, 6, OTHERS)}
+                    "c1": more + kv_workload(wrng, "c1", HOT, 6, OTHERS, sizes.get("c1", ())),
+                    "c2": preload + kv_workload(wrng, "c2", HOT, 6, OTHERS, sizes.get("c2", ()))}
         for c, core in enumerate(self.cores):
             name = f"c{c}"
             calls = [Call("open", None, None, core.open)]
@@ -175,7 +184,7 @@ def sweep(kind: str, seeds) -> int:
 #: kind -> the seeds (contention schedules) whose every boundary the normal suite crashes at
 #: (a split scenario has ~230 boundaries, most of them in the directory update)
 KINDS = {"insert": range(3), "update": range(3), "delete": range(3), "put": range(3),
-         "split": range(2)}
+         "split": range(2), "reuse": range(18, 21)}   # reuse seed 20: a duplicate on 950c900
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -29,6 +29,7 @@ from fusee.config import ClusterConfig, KiB, LayoutConfig, MemNodeConfig
 from fusee.driver import run
 from fusee.errors import KeyExists, KeyNotFound
 from fusee.failover import failover
+from fusee.layout import slot_addr
 from fusee.membership import LOSE, RESTART, WIN, Membership
 from fusee.operations import ClientCore
 from fusee.recovery import OLD_LOST, UNPROVEN, recover_client
@@ -171,7 +172,7 @@ def test_four_mns_r2(seed):
 @pytest.mark.parametrize("seed", range(15))
 def test_reads_go_to_the_backups_while_the_master_is_slow(seed):
     r = _check(seed, delay=2000, crash_client=seed % 3 == 2)
-    if seed in (3, 7):      # these do read the backups of a dead primary
+    if seed == 7:           # this one does read the backups of a dead primary
         assert sum(c.counters["backup_reads"] for c in r.cores) > 0
 
 
@@ -361,7 +362,9 @@ def test_recovery_tells_a_dropped_proposal_from_its_object_reused_in_the_same_sl
     assert seen["proposal"] in [v for v, _ in m[0].dropped[1][(e.sid, e.pos)]]
     b.place(m[0])
     run(a.update(b"key", b"v3"), t)
-    assert a.cache.get(b"key").value == seen["proposal"]     # the same slot value again
+    again = a.cache.get(b"key").value                 # the same memory (another generation)
+    assert slot_addr(again, cfg.layout.object_unit) == slot_addr(seen["proposal"],
+                                                                  cfg.layout.object_unit)
     run(b.update(b"key", b"v4"), t)                  # its free of A's object stays deferred
     report = run(recover_client(cfg, 0, membership=m[0]), t)    # A crashes here
     assert report.outcomes.get("aborted", 0) == 0, report.outcomes

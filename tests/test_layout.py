@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fusee import layout as L
+from fusee.config import ConfigError, LayoutConfig
 
 
 def test_slot_fields_round_trip():
@@ -16,11 +17,19 @@ def test_slot_fields_round_trip():
     assert L.strip(v | L.FROZEN | L.TENTATIVE) == v
 
 
+def test_slot_generation_is_the_allocation_sequence_and_leaves_the_address_alone():
+    v = L.make_slot(0xAB, 12, 5, 64 * L.ADDR_MASK, 64, seq=0x1234)
+    assert (L.slot_gen(v), L.slot_addr(v, 64), L.slot_node(v)) == (0x34, 64 * L.ADDR_MASK, 5)
+    assert L.make_slot(0xAB, 12, 5, 64, 64, seq=1) != L.make_slot(0xAB, 12, 5, 64, 64, seq=2)
+
+
 def test_slot_rejects_unaligned_or_bad_node():
     with pytest.raises(ValueError):
         L.make_slot(1, 1, 0, 100, 64)
     with pytest.raises(ValueError):
         L.make_slot(1, 1, L.MAX_NODES, 128, 64)
+    with pytest.raises(ValueError):
+        L.make_slot(1, 1, 0, 64 * (L.ADDR_MASK + 1), 64)
 
 
 def test_free_values_are_free_distinct_and_never_empty():
@@ -78,3 +87,9 @@ def test_truncated_or_garbage_objects_are_rejected():
     assert L.decode_object(b"") is None
     assert L.decode_object(bytes(128)) is None
     assert L.decode_object(_obj()[:64]) is None
+
+
+def test_a_region_too_large_for_the_slot_address_is_refused():
+    LayoutConfig(region_size=64 << 32, object_unit=64).check()
+    with pytest.raises(ConfigError, match="2\\*\\*32 object units"):
+        LayoutConfig(region_size=128 << 32, object_unit=64).check()
