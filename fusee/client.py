@@ -30,7 +30,8 @@ from fusee.master import LeaseExpired
 from fusee.membership import Membership
 from fusee.operations import ClientCore, draw_client_id
 from fusee.replication import BACKOFF, FAST_POLLS
-from fusee.recovery import recover_client
+from fusee.recovery import MASTER, recover_client
+from fusee.settle import closing, settled
 from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Read,
                          TransportError)
 
@@ -65,8 +66,11 @@ class Client:
                 self.executor = transport       # it fails an AwaitMembership at once
             if client_id is None:
                 client_id = run(draw_client_id(self.config, membership), transport)
+            # under a master, a recovery this client leaves half done is the master's to
+            # finish (it recovers the id once the lease ends): the same lock owner
+            self.recovery_owner = MASTER if self.config.master else client_id
             if recover:
-                run(recover_client(self.config, client_id, owner=client_id,
+                run(recover_client(self.config, client_id, owner=self.recovery_owner,
                                    membership=membership), self.executor)
             if self.lease is not None:              # the newest, and the guard knows it
                 membership = self.executor.adopt(self.lease.membership)
@@ -127,30 +131,34 @@ class Client:
     def client_id(self) -> int:
         return self.core.client_id
 
-    def _run(self, op):
+    def _run(self, operation, *args):
+        """Run ``operation(core, *args)`` on a settled core: an operation cut short before
+        (a KeyboardInterrupt caught by the caller, say) is settled first (``fusee.settle``)."""
         if self.closed:
             raise RuntimeError("this client is closed")
-        return run(op, self.executor)
+        if not self.core.settled:
+            self.core = run(settled(self.core, self.recovery_owner), self.executor)
+        return run(operation(self.core, *args), self.executor)
 
     def get(self, key: bytes) -> bytes | None:
         """The key's value, or None when the key is absent."""
-        return self._run(self.core.search(key))
+        return self._run(ClientCore.search, key)
 
     def insert(self, key: bytes, value: bytes) -> None:
         """Add a new key; KeyExists if it is present."""
-        self._run(self.core.insert(key, value))
+        self._run(ClientCore.insert, key, value)
 
     def update(self, key: bytes, value: bytes) -> None:
         """Replace the value of a present key; KeyNotFound if it is absent."""
-        self._run(self.core.update(key, value))
+        self._run(ClientCore.update, key, value)
 
     def delete(self, key: bytes) -> None:
         """Remove a present key; KeyNotFound if it is absent."""
-        self._run(self.core.delete(key))
+        self._run(ClientCore.delete, key)
 
     def put(self, key: bytes, value: bytes) -> None:
         """Insert or update."""
-        self._run(self.core.put(key, value))
+        self._run(ClientCore.put, key, value)
 
     @property
     def stats(self) -> dict:
@@ -159,12 +167,14 @@ class Client:
         return {**self.transport.stats.as_dict(), **self.core.stats}
 
     def close(self) -> None:
-        """Send deferred frees and log marks, give the id back to the master (if any), then
-        close the transport. Idempotent."""
+        """Settle an operation cut short (``fusee.settle``), send deferred frees and log
+        marks, mark the id CLEAN, give it back to the master (if any), then close the
+        transport. Idempotent. Cut short itself (a second Ctrl-C), it leaves the id IN_USE:
+        the master recovers it, or ``Client(..., client_id=N, recover=True)``."""
         if self.closed:
             return
         try:
-            run(self.core.close(), self.executor)
+            self.core = run(closing(self.core, self.recovery_owner), self.executor)
         except LeaseExpired:
             pass            # too late to write: the master recovers what is left
         finally:

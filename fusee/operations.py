@@ -100,6 +100,8 @@ class ClientCore:
         self.releases: list[int] = []   # objects of ours to reuse once ``deferred`` is sent
         self.free_seq = 0               # set by open() from the client's incarnation
         self.adopting = False           # open() found blocks of a previous holder
+        self.in_flight = 0              # operations started and not ended (``tracked``)
+        self.cut_short = False          # one of them ended half way (``settled``)
         if type(patience) is not int or patience < 1:
             raise ValueError("patience must be a positive int")
         self.patience = patience
@@ -115,26 +117,54 @@ class ClientCore:
 
     def search(self, key):
         key = check_key(key, self.layout.max_key_size)
-        return self._search(key, key_hash(key))
+        return self.tracked(self._search(key, key_hash(key)))
 
     def insert(self, key, value):
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
-        return insert_mod.insert(self, key, value)
+        return self.tracked(insert_mod.insert(self, key, value))
 
     def update(self, key, value):
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
-        return self._replace(key, value, UPDATE)
+        return self.tracked(self._replace(key, value, UPDATE))
 
     def delete(self, key):
         key = check_key(key, self.layout.max_key_size)
-        return self._replace(key, b"", DELETE)
+        return self.tracked(self._replace(key, b"", DELETE))
 
     def put(self, key, value):
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
-        return self._put(key, value)
+        return self.tracked(self._put(key, value))
+
+    @property
+    def settled(self) -> bool:
+        """Nothing of this client is half done: no operation is in flight and none ended
+        half way. Otherwise a SNAPSHOT round, an insert's claim, a split or a free may be
+        left open (blocking every writer of that key) and only recovery of the id can tell
+        (``fusee.settle``): ``close`` must not call the id CLEAN before that."""
+        return not self.in_flight and not self.cut_short
+
+    def tracked(self, op):
+        """Generator: ``op`` counted in ``in_flight`` while it runs. It ends half way when
+        anything but its result or one of its own outcomes ends it: an exception thrown in
+        between two round trips (KeyboardInterrupt, GeneratorExit when its driver drops it),
+        a transport's error it gave up on, a bug. KeyExists, KeyNotFound and Stalled are
+        raised only once the operation withdrew what it had started."""
+        self.in_flight += 1
+        ended = False
+        try:
+            result = yield from op
+            ended = True
+            return result
+        except (KeyExists, KeyNotFound, Stalled):
+            ended = True
+            raise
+        finally:
+            self.in_flight -= 1
+            if not ended:
+                self.cut_short = True
 
     @property
     def stats(self) -> dict:

@@ -1,0 +1,175 @@
+"""A KeyboardInterrupt between two round trips of an operation, then the ordinary ``with``
+exit: the client must settle what the operation left open (``fusee.settle``) before its
+close calls the id CLEAN, so that every other client can still write the key and the audit
+finds nothing open or leaked.
+
+The interrupt is raised where a Ctrl-C lands in a real client: in the transport, before a
+batch is posted or after it executed with its completions unseen. The verb-by-verb sweep of
+every boundary is tests/test_interrupt_sweep.py; real SIGINTs to client processes are in
+``test_sigint_to_client_processes`` below.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from emulator.linearizability import check
+from fusee.audit import audit
+from fusee.client import Client
+from fusee.driver import run, run_concurrently
+from fusee.errors import KeyNotFound
+from storekit import config
+from transports.local import LocalMemory, LocalTransport
+
+#: a wait on another client's round that long means the round is never settled
+PATIENCE = 2_000
+
+
+class CtrlC:
+    """A transport that raises KeyboardInterrupt at its batch number ``at`` (counted from
+    ``arm``): before posting it, or once it executed (``executed``: the completions lost)."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.config, self.stats = transport.config, transport.stats
+        self.batches, self.at, self.executed = 0, None, False
+
+    def arm(self, after: int, executed: bool = False) -> None:
+        """Interrupt the batch ``after`` + 1 from now."""
+        self.at, self.executed = self.batches + after + 1, executed
+
+    def execute(self, batch):
+        self.batches += 1
+        if self.batches == self.at and not self.executed:
+            raise KeyboardInterrupt
+        results = self.transport.execute(batch)
+        if self.batches == self.at:
+            raise KeyboardInterrupt
+        return results
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def _store(cfg, kind: str) -> LocalMemory:
+    mem = LocalMemory(cfg)
+    if kind != "insert":
+        with Client(LocalTransport(cfg, memory=mem)) as setup:
+            setup.insert(b"k", b"old")
+    return mem
+
+
+def _call(kv: Client, kind: str) -> None:
+    getattr(kv, kind)(b"k", *([] if kind == "delete" else [b"new"]))
+
+
+def _round_trips(cfg, kind: str) -> int:
+    """The round trips the operation takes, uninterrupted."""
+    t = CtrlC(LocalTransport(cfg, memory=_store(cfg, kind)))
+    with Client(t) as kv:
+        before = t.batches
+        _call(kv, kind)
+        return t.batches - before
+
+
+def _writable_and_clean(cfg, mem, where: str) -> None:
+    """Another client can update and delete the key, and the audit finds nothing open."""
+    other = Client(LocalTransport(cfg, memory=mem))
+    other.core.patience = PATIENCE
+    with other:
+        other.put(b"k", b"later")
+        assert other.get(b"k") == b"later"
+        other.delete(b"k")
+        with pytest.raises(KeyNotFound):
+            other.delete(b"k")
+    report = run(audit(cfg, [other.core]), LocalTransport(cfg, memory=mem))
+    assert report.ok, f"{where}:\n{report.explain()}"
+
+
+@pytest.mark.parametrize("executed", [False, True], ids=["before", "after"])
+@pytest.mark.parametrize("kind", ["insert", "update", "delete", "put"])
+def test_ctrl_c_between_round_trips_then_with_exit(kind, executed):
+    """Ctrl-C before (or after) each round trip of one operation, then the ``with`` exit
+    closes the client; another client then writes the key, and the store is audited."""
+    cfg = config(nodes=3, r=3)
+    for after in range(_round_trips(cfg, kind)):
+        mem = _store(cfg, kind)
+        t = CtrlC(LocalTransport(cfg, memory=mem))
+        with pytest.raises(KeyboardInterrupt):
+            with Client(t) as kv:
+                t.arm(after, executed)
+                _call(kv, kind)
+        _writable_and_clean(cfg, mem, f"{kind}: Ctrl-C at round trip {after}")
+
+
+def test_ctrl_c_caught_then_the_client_goes_on():
+    """A caller that catches the KeyboardInterrupt and carries on: the next operation
+    settles the cut one first (its own write of the key would otherwise wait on itself)."""
+    cfg = config(nodes=3, r=3)
+    mem = _store(cfg, "update")
+    t = CtrlC(LocalTransport(cfg, memory=mem))
+    with Client(t) as kv:
+        kv.core.patience = PATIENCE
+        t.arm(2)                        # the backup CASes went out, nothing after them
+        with pytest.raises(KeyboardInterrupt):
+            kv.update(b"k", b"cut")
+        kv.update(b"k", b"next")
+        assert kv.get(b"k") == b"next"
+        assert kv.core.settled
+    _writable_and_clean(cfg, mem, "after the client went on")
+
+
+def test_second_ctrl_c_during_close_leaves_the_id_for_recovery():
+    """Ctrl-C during an insert, then again at each batch of the close that settles it: the
+    id is never CLEAN with the claim open (recovering it, as its next holder must, leaves
+    the store writable and clean)."""
+    cfg = config(nodes=3, r=3)
+    probe = CtrlC(LocalTransport(cfg, memory=_store(cfg, "insert")))
+    kv = Client(probe)
+    probe.arm(2)
+    with pytest.raises(KeyboardInterrupt):
+        _call(kv, "insert")
+    before = probe.batches
+    kv.close()
+    closing = probe.batches - before
+    assert closing > 3                  # recovery, adoption, then the close itself
+    for second in range(closing):
+        mem = _store(cfg, "insert")
+        t = CtrlC(LocalTransport(cfg, memory=mem))
+        kv = Client(t)
+        t.arm(2)
+        with pytest.raises(KeyboardInterrupt):
+            _call(kv, "insert")
+        t.arm(second)
+        with pytest.raises(KeyboardInterrupt):
+            kv.close()
+        assert kv.closed
+        # CLEAN (after the recovery, or at the very end) or left IN_USE: recovering it is
+        # what a later holder does in either case (and nothing, if it is CLEAN)
+        Client(LocalTransport(cfg, memory=mem), client_id=kv.client_id, recover=True).close()
+        _writable_and_clean(cfg, mem, f"second Ctrl-C at batch {second} of the close")
+
+
+@pytest.mark.parametrize("after", range(1, 6))
+def test_ctrl_c_with_operations_in_flight_together(after):
+    """``run_concurrently`` with four writes of one client in flight: the interrupt closes
+    every one of them, and the close settles them all."""
+    cfg = config(nodes=3, r=3)
+    mem = LocalMemory(cfg)
+    with Client(LocalTransport(cfg, memory=mem)) as setup:
+        for k in (b"a", b"b"):
+            setup.insert(k, b"old")
+    t = CtrlC(LocalTransport(cfg, memory=mem))
+    with pytest.raises(KeyboardInterrupt):
+        with Client(t) as kv:
+            t.arm(after)
+            ops = [kv.core.update(b"a", b"new"), kv.core.insert(b"c", b"new"),
+                   kv.core.delete(b"b"), kv.core.put(b"d", b"new")]
+            run_concurrently(ops, kv.executor)
+    other = Client(LocalTransport(cfg, memory=mem))
+    other.core.patience = PATIENCE
+    with other:
+        for k in (b"a", b"b", b"c", b"d"):
+            other.put(k, b"later")
+    report = run(audit(cfg, [other.core]), LocalTransport(cfg, memory=mem))
+    assert report.ok, report.explain()
