@@ -6,19 +6,31 @@ finds nothing open or leaked.
 The interrupt is raised where a Ctrl-C lands in a real client: in the transport, before a
 batch is posted or after it executed with its completions unseen. The verb-by-verb sweep of
 every boundary is tests/test_interrupt_sweep.py; real SIGINTs to client processes are in
-``test_sigint_to_client_processes`` below.
+``test_sigint_to_client_processes_under_load`` below.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+
 import pytest
 
+from emulator.cluster import LocalCluster
+from emulator.history import CRASHED, ERROR, OK, Op
 from emulator.linearizability import check
 from fusee.audit import audit
 from fusee.client import Client
 from fusee.driver import run, run_concurrently
 from fusee.errors import KeyNotFound
-from storekit import config
+from fusee.config import LayoutConfig
+from storekit import SMALL, config
+from test_failover_processes import KEYS, _history, _wait, _worker
 from transports.local import LocalMemory, LocalTransport
 
 #: a wait on another client's round that long means the round is never settled
@@ -173,3 +185,90 @@ def test_ctrl_c_with_operations_in_flight_together(after):
             other.put(k, b"later")
     report = run(audit(cfg, [other.core]), LocalTransport(cfg, memory=mem))
     assert report.ok, report.explain()
+
+
+#: client processes that keep writing; processes interrupted again and again, and how many
+#: SIGINTs each of those gets
+LOAD, VICTIMS, SIGINTS = 1, 2, 5
+
+
+def _interrupted_worker(config_path: str, first: int, out: str, progress, stop) -> None:
+    """``_worker`` (tests/test_failover_processes.py) again and again, as clients number
+    ``first``, ``first`` + 1, ...: each SIGINT ends one (its KeyboardInterrupt leaves the
+    ``with Client.connect(...)`` block, whose close settles the operation it cut short) and
+    the next one starts, with a history file of its own."""
+    for me in itertools.count(first):
+        try:
+            return _worker(config_path, me, f"{out}.{me}", progress, stop)
+        except KeyboardInterrupt:
+            pass
+
+
+@contextlib.contextmanager
+def _running(procs, stop):
+    """Start ``procs``; on the way out, set ``stop`` and leave none of them running."""
+    for p in procs:
+        p.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(60)
+        for straggler in [p for p in procs if p.is_alive()]:
+            straggler.kill()
+            straggler.join()
+
+
+@pytest.mark.parametrize("backend,master", [("shm", False), ("zmq", True)])
+def test_sigint_to_client_processes_under_load(backend, master, tmp_path):
+    """Real SIGINTs: ``LOAD + VICTIMS`` client processes write the hot keys; ``VICTIMS`` of
+    them are sent ``SIGINTS`` SIGINTs each, mid-workload, and start a new client after each.
+    Then another client writes every key (a round left open would stall it), and the history
+    of everyone is linearizable, no operation failed unexpectedly, and the audit finds
+    nothing open or leaked."""
+    rng = random.Random(f"{backend} {master}")
+    with LocalCluster(memnodes=3, transport=backend, replication=3, master=master,
+                      layout=LayoutConfig(**SMALL), timeout=2.0) as c:
+        ctx = mp.get_context("spawn")
+        firsts = [LOAD + v * (SIGINTS + 1) for v in range(VICTIMS)]
+        progress, stop = ctx.Array("q", LOAD + VICTIMS * (SIGINTS + 1), lock=False), ctx.Event()
+        procs = [ctx.Process(target=_worker, args=(str(c.config_path), i,
+                                                   str(tmp_path / f"c{i}"), progress, stop))
+                 for i in range(LOAD)]
+        procs += [ctx.Process(target=_interrupted_worker,
+                              args=(str(c.config_path), first, str(tmp_path / "c"), progress,
+                                    stop)) for first in firsts]
+        with _running(procs, stop):
+            for k in range(SIGINTS):
+                for p, first in zip(procs[LOAD:], firsts):
+                    _wait(lambda: progress[first + k] >= rng.randrange(10, 100),
+                          f"client {first + k} to get going")
+                    os.kill(p.pid, signal.SIGINT)
+            _wait(lambda: all(progress[first + SIGINTS] for first in firsts),
+                  "the clients after the last SIGINTs to get going")
+        assert [p.exitcode for p in procs] == [0] * len(procs)
+        ops = [op for out in sorted(tmp_path.glob("c*"))
+               for op in _history(out.name, out)]
+        unexpected = [op for op in ops if op.status == ERROR and
+                      op.error not in ("KeyExists", "KeyNotFound")]
+        assert not unexpected, "\n".join(map(str, unexpected[:10]))
+        with c.client() as kv:
+            kv.core.patience = PATIENCE
+            for key in KEYS:
+                t = 2 * time.monotonic_ns()
+                kv.put(key, b"after")
+                ops.append(Op(0, "after", "put", key, b"after", t, 2 * time.monotonic_ns() + 1,
+                              OK))
+        for i, op in enumerate(ops):
+            op.id = i
+        verdict = check(ops)
+        assert verdict.ok, verdict.explain()
+        if master:
+            _wait(lambda: c.master_status()["repairs"] == {}, "the master's repairs")
+        with c.transport() as t:
+            report = run(audit(c.config), t)
+        assert report.ok, report.explain()
+        cut = sum(op.status == CRASHED for op in ops)
+        print(f"{backend}, master {master}: {VICTIMS * SIGINTS} SIGINTs, {cut} of them cut "
+              f"an operation; {len(ops)} operations")
