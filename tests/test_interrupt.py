@@ -28,6 +28,8 @@ from fusee.audit import audit
 from fusee.client import Client
 from fusee.driver import run, run_concurrently
 from fusee.errors import KeyNotFound
+from fusee.memory_map import MemoryMap
+from fusee.verbs import NodeTimeout, Read
 from fusee.config import LayoutConfig
 from storekit import SMALL, config
 from test_failover_processes import KEYS, _history, _wait, _worker
@@ -185,6 +187,32 @@ def test_ctrl_c_with_operations_in_flight_together(after):
             other.put(k, b"later")
     report = run(audit(cfg, [other.core]), LocalTransport(cfg, memory=mem))
     assert report.ok, report.explain()
+
+
+def test_ctrl_c_while_the_shm_transport_takes_in_a_dead_mn():
+    """A KeyboardInterrupt that lands while the shm transport takes in an MN's death (here:
+    as it closes the MN's pidfd) must not make it forget the death: the segment stays
+    mapped, and verbs to it would go on succeeding into memory nobody serves."""
+    with LocalCluster(memnodes=3, transport="shm") as c:
+        t = c.transport(timeout=1.0)
+        addr = MemoryMap.of(c.config.layout).data
+        c.kill(1)
+        close = os.close
+
+        def close_then_ctrl_c(fd):
+            os.close = close
+            close(fd)
+            raise KeyboardInterrupt
+        os.close = close_then_ctrl_c
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                for _ in range(10 ** 6):            # until the transport sees the death
+                    t.execute([Read(1, addr, 8)])
+        finally:
+            os.close = close
+        with pytest.raises(NodeTimeout):
+            t.execute([Read(1, addr, 8)])
+        t.close()
 
 
 #: client processes that keep writing; processes interrupted again and again, and how many

@@ -104,10 +104,12 @@ class ShmTransport(Transport):
     def _check_liveness(self, now: float) -> None:
         self._next_check = now + self.liveness_interval
         for fd, _ in self._poller.poll(0):
-            node = self._pidfds.pop(fd)
+            # the death first: an exception (Ctrl-C) in what follows must not make it
+            # forgotten (the segment stays mapped: verbs to it would succeed into the void)
+            self._dead.add(self._pidfds[fd])
             self._poller.unregister(fd)
+            del self._pidfds[fd]
             os.close(fd)
-            self._dead.add(node)
 
     def execute(self, batch: Sequence[Request]) -> list:
         """See Transport.execute: verbs run here, control requests on their MN."""
