@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
@@ -213,6 +214,35 @@ def test_ctrl_c_while_the_shm_transport_takes_in_a_dead_mn():
         with pytest.raises(NodeTimeout):
             t.execute([Read(1, addr, 8)])
         t.close()
+
+
+def test_ctrl_c_while_waiting_for_a_failover():
+    """With a master: a write meets a memory node killed a moment before and waits for the
+    failover; Ctrl-C then. The close settles the write in the new epoch (its recovery meets
+    the epoch change and runs again in it), and the key stays writable."""
+    with LocalCluster(memnodes=3, transport="shm", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), client_lease=2.0, mn_lease=2.0,
+                      timeout=1.0) as c:
+        with c.client() as setup:
+            setup.put(b"k", b"old")
+        kv = c.client()
+        c.kill(0)
+        ctrl_c = threading.Timer(0.5, signal.pthread_kill,
+                                 (threading.main_thread().ident, signal.SIGINT))
+        ctrl_c.start()
+        with pytest.raises(KeyboardInterrupt):
+            with kv:
+                kv.put(b"k", b"new")            # meets MN 0 dead, waits for the failover
+        ctrl_c.join()
+        assert kv.core.membership.dead == {0}   # settled and closed in the new epoch
+        with c.client() as other:
+            other.core.patience = PATIENCE
+            other.put(b"k", b"later")
+            assert other.get(b"k") == b"later"
+        _wait(lambda: c.master_status()["repairs"] == {}, "the master's repairs")
+        with c.transport(dead={0}) as t:
+            report = run(audit(c.config, (), kv.core.membership), t)
+        assert report.ok, report.explain()
 
 
 #: client processes that keep writing; processes interrupted again and again, and how many
