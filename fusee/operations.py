@@ -19,7 +19,8 @@ buckets: its commit record names that object's crc, which is how recovery tells 
 replaced from a later one in reused memory. A client id is IN_USE from ``open`` to ``close``
 (which delivers the deferred frees, then marks it CLEAN); ``open`` adopts what an id left
 CLEAN holds (``fusee.holdings``) and refuses one left IN_USE (NeedsRecovery: see
-``fusee.recovery``). Waits on other clients are bounded by ``patience`` re-reads (Stalled).
+``fusee.recovery``); an operation cut short makes the client unsettled (``settled``: see
+``fusee.settle``). Waits on other clients are bounded by ``patience`` re-reads (Stalled).
 
 A memory node that stops answering (NodeTimeout) makes an operation ask its driver for the next
 membership epoch (``AwaitMembership``); the master's failover (``fusee.failover``) starts it
