@@ -15,12 +15,12 @@ thread renews the lease (``transports.master_link``), and once the lease has run
 operation raises ``fusee.master.LeaseExpired`` before posting a verb (the master then recovers
 the client's unfinished operations). When a memory node dies, operations pause while the
 master fails it over, then carry on in the new membership epoch (``_LeaseGuard``). ``close()``
-gives the id back.
+gives the id back. Without a master, the id comes from the MNs' counter, there is no lease, and
+a dead memory node fails the operations that need it (nobody fails it over).
 
 An operation cut short between two round trips (Ctrl-C, any exception the caller catches)
 is settled before the next operation and before ``close()`` marks the id CLEAN: the client
-recovers its own id and goes on with a fresh core (``fusee.settle``). Without a master, the id comes from the MNs' counter, there is no lease, and
-a dead memory node fails the operations that need it (nobody fails it over).
+recovers its own id and goes on with a fresh core (``fusee.settle``).
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ nodes are the truth. Its batches to a memory node go on the same connection as t
 operation's, after them, so a part of the cut batch still on its way is executed before
 recovery reads that node.
 
-If settling itself is cut short (a second Ctrl-C) or fails, the id stays IN_USE with its
-recovery lock held by ``owner``: a later recovery by the same owner finishes it.
+If settling itself is cut short (a second Ctrl-C) or fails, the id stays IN_USE (CLEAN once
+the recovery is through), and the recovery lock may be held by ``owner``: a later recovery
+by the same owner finishes it (the master's, under a master: ``Client.recovery_owner``).
 """
 
 from __future__ import annotations
