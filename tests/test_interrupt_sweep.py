@@ -7,16 +7,17 @@ the operation) is thrown into one of its operations, either after any one of its
 rest of that batch never runs, the completions of what ran are never seen) or as it posts any
 one of its batches. The client then runs its next operation as ``fusee.client.Client`` does
 (settled first: ``fusee.settle.settled``), and closes. Three clients on hot keys, r = 3 over
-3 MNs, a tiny index and blocks (``LAYOUT``); the victim c0 runs three
-operations of one kind. When everyone is done, another client writes every key (a round left
-open would stall it) and reads it back. Then:
+3 MNs, a tiny index and blocks (``LAYOUT``); the victim c0 runs three operations of one kind.
+When everyone is done, another client writes every key (a round left open would stall it)
+and reads it back. Then:
 
 - the history is linearizable (the interrupted operation's outcome is unknown);
 - the leak audit finds every round and split settled, every object named or free;
 - the writes after it all succeeded.
 
 ``sweep(kind, seeds)`` returns how many interrupts it threw; the normal suite sweeps one
-schedule per kind, the soak test 30 more (``SOAK_SEEDS``).
+schedule per kind, the soak test 30 more (``SOAK_SEEDS``). ``sweep_settles`` interrupts the
+settle itself (a second Ctrl-C) at each of its verbs.
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ class Settling:
 
 
 class Scenario:
-    """One seeded run; ``interrupt``: (c0's operation, "verb" or "post", n, the error)."""
+    """One seeded run; ``interrupts``: (c0's operation, "verb" or "posting", n, the error)
+    each."""
 
-    def __init__(self, kind: str, seed: int, interrupt=None):
+    def __init__(self, kind: str, seed: int, interrupts=()):
         self.config = cfg = config(nodes=3, r=3, **LAYOUT)
         self.memory = mem = LocalMemory(cfg)
         preload = [] if kind == "insert" else [("insert", k, b"pre") for k in HOT]
@@ -113,8 +115,8 @@ class Scenario:
             self.sim.add_client(f"c{c}", [Call("open", None, None, core.open),
                                           *store_calls(store, self.ops[f"c{c}"]),
                                           Call("close", None, None, store.close)])
-        if interrupt is not None:
-            op, where, n, error = interrupt
+        self.interrupts = len(interrupts)
+        for op, where, n, error in interrupts:
             self.sim.interrupt_client_at("c0", op, error, **{where: n})
 
     def run(self):
@@ -149,6 +151,18 @@ def interrupt_points(kind: str, seed: int) -> list[tuple[int, str, int]]:
             for n in range(where == "verb", count + 1)]
 
 
+def checked(s: Scenario, at: str) -> bool:
+    """Run ``s`` and check it; returns False if the schedule never reached an interrupt."""
+    history, report = s.run()
+    if sum("thrown into" in what for _, what in s.sim.faults) < s.interrupts:
+        return False
+    assert history.ok, f"{at}:\n{history.explain()}"
+    assert report.ok, f"{at}:\n{report.explain()}"
+    after = [o for o in s.sim.clients["after"].ops if o.kind == "put"]
+    assert all(o.status == "ok" for o in after), at
+    return True
+
+
 def sweep(kind: str, seeds) -> int:
     """Interrupt at every point of every seed (KeyboardInterrupt on even seeds,
     GeneratorExit on odd ones); returns how many interrupts were thrown."""
@@ -156,16 +170,26 @@ def sweep(kind: str, seeds) -> int:
     for seed in seeds:
         error = KeyboardInterrupt if seed % 2 == 0 else GeneratorExit
         for op, where, n in interrupt_points(kind, seed):
-            s = Scenario(kind, seed, (op, where, n, error()))
-            history, report = s.run()
-            at = f"{kind} seed {seed}: {error.__name__} at {where} {n} of c0's op {op}"
-            if not any("thrown into" in what for _, what in s.sim.faults):
-                continue            # a schedule that never reached that point
-            thrown += 1
-            assert history.ok, f"{at}:\n{history.explain()}"
-            assert report.ok, f"{at}:\n{report.explain()}"
-            after = [o for o in s.sim.clients["after"].ops if o.kind == "put"]
-            assert all(o.status == "ok" for o in after), at
+            thrown += checked(Scenario(kind, seed, [(op, where, n, error())]),
+                              f"{kind} seed {seed}: {error.__name__} at {where} {n} of "
+                              f"c0's op {op}")
+    return thrown
+
+
+def sweep_settles(kind: str, seed: int) -> int:
+    """Interrupt c0's first operation half way through its verbs, then its second (which
+    settles the first before it starts) after each of its verbs: the settle cut short is
+    run again by the next call, as the same recovery owner. Returns the interrupts thrown."""
+    clean = Scenario(kind, seed)
+    clean.run()
+    first = (1, "verb", clean.sim.clients["c0"].ops[1].verbs // 2, KeyboardInterrupt())
+    once = Scenario(kind, seed, [first])
+    once.run()
+    thrown = 0
+    for k in range(1, once.sim.clients["c0"].ops[2].verbs + 1):
+        first = (*first[:3], KeyboardInterrupt())
+        thrown += checked(Scenario(kind, seed, [first, (2, "verb", k, KeyboardInterrupt())]),
+                          f"{kind} seed {seed}: the settle cut short after verb {k}")
     return thrown
 
 
@@ -179,3 +203,9 @@ SOAK_SEEDS = range(1, 31)
                    marks=(pytest.mark.soak, pytest.mark.timeout(4 * 3600))) for kind in VICTIM)])
 def test_interrupt_at_every_verb_boundary(kind, seeds):
     assert sweep(kind, seeds) >= 20 * len(seeds)
+
+
+@pytest.mark.parametrize("kind", [
+    "insert", *(pytest.param(kind, marks=pytest.mark.soak) for kind in VICTIM if kind != "insert")])
+def test_an_interrupted_settle_is_run_again(kind):
+    assert sweep_settles(kind, 0) >= 20
