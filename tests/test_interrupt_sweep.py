@@ -136,21 +136,6 @@ class Scenario:
         return check(self.sim.history), report
 
 
-def interrupt_points(kind: str, seed: int) -> list[tuple[int, str, int]]:
-    """Every boundary of c0's three store operations in the clean run: after each of its
-    verbs, and as it posts each of its batches."""
-    clean = Scenario(kind, seed)
-    history, report = clean.run()
-    assert history.ok, f"clean {kind} seed {seed}:\n{history.explain()}"
-    assert report.ok, f"clean {kind} seed {seed}:\n{report.explain()}"
-    if kind == "split" and not clean.cores[0].counters["splits"]:
-        return []                       # another client split first: not this scenario
-    ops = clean.sim.clients["c0"].ops
-    return [(i, where, n) for i in (1, 2, 3)
-            for where, count in (("verb", ops[i].verbs), ("posting", ops[i].round_trips - 1))
-            for n in range(where == "verb", count + 1)]
-
-
 def checked(s: Scenario, at: str) -> bool:
     """Run ``s`` and check it; returns False if the schedule never reached an interrupt."""
     history, report = s.run()
@@ -161,6 +146,19 @@ def checked(s: Scenario, at: str) -> bool:
     after = [o for o in s.sim.clients["after"].ops if o.kind == "put"]
     assert all(o.status == "ok" for o in after), at
     return True
+
+
+def interrupt_points(kind: str, seed: int) -> list[tuple[int, str, int]]:
+    """Every boundary of c0's three store operations in the clean run: after each of its
+    verbs, and as it posts each of its batches."""
+    clean = Scenario(kind, seed)
+    assert checked(clean, f"clean {kind} seed {seed}")
+    if kind == "split" and not clean.cores[0].counters["splits"]:
+        return []                       # another client split first: not this scenario
+    ops = clean.sim.clients["c0"].ops
+    return [(i, where, n) for i in (1, 2, 3)
+            for where, count in (("verb", ops[i].verbs), ("posting", ops[i].round_trips - 1))
+            for n in range(where == "verb", count + 1)]
 
 
 def sweep(kind: str, seeds) -> int:
@@ -181,10 +179,10 @@ def sweep_settles(kind: str, seed: int) -> int:
     settles the first before it starts) after each of its verbs: the settle cut short is
     run again by the next call, as the same recovery owner. Returns the interrupts thrown."""
     clean = Scenario(kind, seed)
-    clean.run()
+    assert checked(clean, f"clean {kind} seed {seed}")
     first = (1, "verb", clean.sim.clients["c0"].ops[1].verbs // 2, KeyboardInterrupt())
     once = Scenario(kind, seed, [first])
-    once.run()
+    assert checked(once, f"{kind} seed {seed}: the first interrupt")
     thrown = 0
     for k in range(1, once.sim.clients["c0"].ops[2].verbs + 1):
         first = (*first[:3], KeyboardInterrupt())
