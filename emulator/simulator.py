@@ -21,6 +21,13 @@ Faults, all placed deterministically:
   (unknown outcome); ``then(sim)`` may start a recovery actor. A run with the same seed is
   identical up to the crash, so a sweep runs the seed once clean, reads ``ops[i].verbs`` of
   each client, and reruns it once per (op, verb) boundary.
+- ``interrupt_client_at(name, op, error, verb=k)``: ``error`` (KeyboardInterrupt, say, or
+  GeneratorExit: its driver drops it) is thrown into the client's ``op``-th operation as a
+  Ctrl-C between two round trips would: once it has executed ``k`` verbs of it (the rest of
+  the batch never runs, the completions of what ran are never seen), or, with
+  ``posting=n`` instead, as it posts its batch number ``n`` (0: its first; nothing of it
+  runs). The operation must end by that very exception (its outcome is unknown); the client
+  lives on and goes on with its next call (its close, say).
 - ``crash_client(name)`` / ``crash_node(node)`` now, or ``at_step(step, fn)`` for anything at a
   given step; draw random fault points from ``fault_rng`` (seeded from the seed, but separate,
   so placing faults does not change the schedule). A crashed memory node fails every verb
@@ -116,6 +123,7 @@ class Simulator:
         self.faults: list[tuple[int, str]] = []       # (step, what) for every fault that fired
         self._timers: dict[int, list[Callable[[Simulator], None]]] = {}
         self._crash_points: dict[tuple[str, int, int], Callable | None] = {}
+        self._interrupts: dict[tuple[str, int, str, int], BaseException] = {}
         self._last: SimClient | None = None
         self.membership = Membership()
         self.failovers: list = []                       # what each failover returned
@@ -137,6 +145,14 @@ class Simulator:
                         then: Callable[["Simulator"], None] | None = None) -> None:
         """Crash ``name`` once it has executed ``verb`` verbs of its ``op``-th operation."""
         self._crash_points[(name, op, verb)] = then
+
+    def interrupt_client_at(self, name: str, op: int, error: BaseException, *,
+                            verb: int | None = None, posting: int | None = None) -> None:
+        """Throw ``error`` into ``name``'s ``op``-th operation after its ``verb``-th verb, or
+        as it posts its round trip number ``posting``: see the module docstring."""
+        assert (verb is None) != (posting is None), "either verb or posting"
+        where = ("verb", verb) if posting is None else ("post", posting)
+        self._interrupts[(name, op, *where)] = error
 
     def crash_client(self, name: str) -> None:
         c = self.clients[name]
@@ -294,6 +310,8 @@ class Simulator:
         except (TypeError, ValueError) as e:
             raise SimulationError(f"seed {self.seed}, step {self.step}: {c.op} posted a bad "
                                   f"request: {e}") from e
+        if batch and self._maybe_interrupt(c, "post", c.op.round_trips):
+            return
         c.batch, c.results, c.failed = batch, [None] * len(batch), {}
         c.pending = {}
         for i, req in enumerate(batch):
@@ -317,7 +335,35 @@ class Simulator:
         except TransportError as e:
             return e
 
+    def _maybe_interrupt(self, c: SimClient, where: str, n: int) -> bool:
+        if not self._interrupts or c.gen is None:
+            return False
+        error = self._interrupts.pop((c.name, len(c.ops) - 1, where, n), None)
+        if error is None:
+            return False
+        op, gen = c.op, c.gen
+        c.gen = c.op = None
+        c.batch, c.results, c.failed, c.pending = [], [], {}, {}
+        self.history.crash(op)
+        self.faults.append((self.step, f"{error!r} thrown into {op} of client {c.name}"))
+        try:
+            if isinstance(error, GeneratorExit):
+                gen.close()
+            else:
+                gen.throw(error)
+        except type(error):
+            return True
+        except BaseException as e:
+            raise SimulationError(f"seed {self.seed}, step {self.step}: {op} ended with "
+                                  f"{e!r} when {error!r} was thrown in") from e
+        if not isinstance(error, GeneratorExit):
+            raise SimulationError(f"seed {self.seed}, step {self.step}: {op} went on "
+                                  f"after {error!r}")
+        return True
+
     def _maybe_crash(self, c: SimClient) -> bool:
+        if self._maybe_interrupt(c, "verb", c.op.verbs):
+            return True
         if not self._crash_points:
             return False
         key = (c.name, len(c.ops) - 1, c.op.verbs)

@@ -20,6 +20,10 @@ master fails it over, then carry on in the new membership epoch (``_LeaseGuard``
 gives the id back. Without a master, the id is drawn from the MNs (``draw_client_id``: one
 closed cleanly, else a fresh one) and claimed there (``ClientCore.open``), there is no lease,
 and a dead memory node fails the operations that need it (nobody fails it over).
+
+An operation cut short between two round trips (Ctrl-C, any exception the caller catches)
+is settled before the next operation and before ``close()`` marks the id CLEAN: the client
+recovers its own id and goes on with a fresh core (``fusee.settle``).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from fusee.master import LeaseExpired
 from fusee.membership import Membership
 from fusee.operations import open_client
 from fusee.replication import BACKOFF, FAST_POLLS
-from fusee.recovery import recover_client
+from fusee.recovery import MASTER, recover_client
+from fusee.settle import closing, settled
 from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Read,
                          TransportError)
 
@@ -84,13 +89,17 @@ class Client:
                                             membership)
             else:
                 self.executor = transport       # it fails an AwaitMembership at once
+            # under a master, a recovery this client leaves half done is the master's to
+            # finish (it recovers the id once the lease ends): the same lock owner
+            owner = MASTER if self.config.master else client_id
             if recover:
-                run(recover_client(self.config, client_id, owner=client_id,
+                run(recover_client(self.config, client_id, owner=owner,
                                    membership=membership), self.executor)
             if self.lease is not None:              # the newest, and the guard knows it
                 membership = self.executor.adopt(self.lease.membership)
             self.core = run(open_client(self.config, client_id, membership,
                                         cache_capacity=cache_capacity), self.executor)
+            self.recovery_owner = MASTER if self.config.master else self.core.client_id
             self.core.patience = _patience(self.config, self._round_trip())
         except BaseException:
             if self.lease is not None:
@@ -147,33 +156,37 @@ class Client:
     def client_id(self) -> int:
         return self.core.client_id
 
-    def _run(self, op):
+    def _run(self, operation, *args):
+        """Run ``operation(core, *args)`` on a settled core: an operation cut short before
+        (a KeyboardInterrupt caught by the caller, say) is settled first (``fusee.settle``)."""
         if self.closed:
             raise RuntimeError("this client is closed")
         if self._forks != _forks:
             raise ForkedClient(f"this client was opened in process {self._pid}, which forked "
                                f"since: open a new client in process {os.getpid()}")
-        return run(op, self.executor)
+        if not self.core.settled:
+            self.core = run(settled(self.core, self.recovery_owner), self.executor)
+        return run(operation(self.core, *args), self.executor)
 
     def get(self, key: bytes) -> bytes | None:
         """The key's value, or None when the key is absent."""
-        return self._run(self.core.search(key))
+        return self._run(ClientCore.search, key)
 
     def insert(self, key: bytes, value: bytes) -> None:
         """Add a new key; KeyExists if it is present."""
-        self._run(self.core.insert(key, value))
+        self._run(ClientCore.insert, key, value)
 
     def update(self, key: bytes, value: bytes) -> None:
         """Replace the value of a present key; KeyNotFound if it is absent."""
-        self._run(self.core.update(key, value))
+        self._run(ClientCore.update, key, value)
 
     def delete(self, key: bytes) -> None:
         """Remove a present key; KeyNotFound if it is absent."""
-        self._run(self.core.delete(key))
+        self._run(ClientCore.delete, key)
 
     def put(self, key: bytes, value: bytes) -> None:
         """Insert or update."""
-        self._run(self.core.put(key, value))
+        self._run(ClientCore.put, key, value)
 
     def get_many(self, keys, depth: int = batch.DEPTH) -> list:
         """The keys' values (None: absent), in key order, with ``depth`` lookups in flight
@@ -196,16 +209,18 @@ class Client:
         return {**self.transport.stats.as_dict(), **self.core.stats}
 
     def close(self) -> None:
-        """Send deferred frees and log marks, give the id back to the master (if any), then
-        close the transport. Idempotent. In a child forked after the client opened, only
-        this object is closed: the parent's client carries on."""
+        """Settle an operation cut short (``fusee.settle``), send deferred frees and log
+        marks, mark the id CLEAN, give it back to the master (if any), then close the
+        transport. Idempotent. Cut short itself (a second Ctrl-C), it leaves the id IN_USE:
+        the master recovers it, or ``Client(..., client_id=N, recover=True)``. In a child forked after the
+        client opened, only this object is closed: the parent's client carries on."""
         if self.closed:
             return
         if self._forks != _forks:      # the id, lease and sockets are the parent's
             self.closed = True
             return
         try:
-            run(self.core.close(), self.executor)
+            self.core = run(closing(self.core, self.recovery_owner), self.executor)
         except LeaseExpired:
             pass            # too late to write: the master recovers what is left
         finally:

@@ -23,7 +23,11 @@ Operation = Generator[Batch, list, Any]
 
 
 def run(op: Operation, transport) -> Any:
-    """Drive ``op`` to completion, one round trip per yielded batch; return its result."""
+    """Drive ``op`` to completion, one round trip per yielded batch; return its result.
+
+    Anything else the transport raises (KeyboardInterrupt, the lease running out) ends the
+    operation where it stands: it is closed at once, so that it knows (``ClientCore.tracked``)
+    rather than whenever the garbage collector gets to it."""
     try:
         batch = op.send(None)
         while True:
@@ -35,6 +39,9 @@ def run(op: Operation, transport) -> Any:
                 batch = op.send(results)
     except StopIteration as stop:
         return stop.value
+    except BaseException:
+        op.close()
+        raise
 
 
 def run_concurrently(ops: Iterable[Operation], transport, depth: int = 0,

@@ -19,8 +19,9 @@ buckets: its commit record names that object's crc, which is how recovery tells 
 replaced from a later one in reused memory. A client id is IN_USE from ``open`` (which claims
 it with a CAS: one of two clients opening it wins) to ``close`` (which delivers the deferred
 frees, then marks it CLEAN); ``open`` adopts what an id left CLEAN holds (``fusee.holdings``)
-and refuses one left IN_USE (NeedsRecovery: see ``fusee.recovery``). Waits on other clients
-are bounded by ``patience`` re-reads (Stalled).
+and refuses one left IN_USE (NeedsRecovery: see ``fusee.recovery``); an operation cut short
+makes the client unsettled (``settled``: see ``fusee.settle``). Waits on other clients are
+bounded by ``patience`` re-reads (Stalled).
 
 A memory node that stops answering (NodeTimeout) makes an operation ask its driver for the next
 membership epoch (``AwaitMembership``); the master's failover (``fusee.failover``) starts it
@@ -162,6 +163,8 @@ class ClientCore:
         self.adopting = False           # open() found blocks of a previous holder
         # the STATE word while this client holds the id: IN_USE and a nonce of its own
         self.claim = secrets.randbits(62) << 1 | IN_USE
+        self.in_flight = 0              # operations started and not ended (``tracked``)
+        self.cut_short = False          # one of them ended half way (``settled``)
         if type(patience) is not int or patience < 1:
             raise ValueError("patience must be a positive int")
         self.patience = patience
@@ -177,26 +180,54 @@ class ClientCore:
 
     def search(self, key):
         key = check_key(key, self.layout.max_key_size)
-        return self._search(key, key_hash(key))
+        return self.tracked(self._search(key, key_hash(key)))
 
     def insert(self, key, value):
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
-        return insert_mod.insert(self, key, value)
+        return self.tracked(insert_mod.insert(self, key, value))
 
     def update(self, key, value):
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
-        return self._replace(key, value, UPDATE)
+        return self.tracked(self._replace(key, value, UPDATE))
 
     def delete(self, key):
         key = check_key(key, self.layout.max_key_size)
-        return self._replace(key, b"", DELETE)
+        return self.tracked(self._replace(key, b"", DELETE))
 
     def put(self, key, value):
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
-        return self._put(key, value)
+        return self.tracked(self._put(key, value))
+
+    @property
+    def settled(self) -> bool:
+        """Nothing of this client is half done: no operation is in flight and none ended
+        half way. Otherwise a SNAPSHOT round, an insert's claim, a split or a free may be
+        left open (blocking every writer of that key) and only recovery of the id can tell
+        (``fusee.settle``): ``close`` must not call the id CLEAN before that."""
+        return not self.in_flight and not self.cut_short
+
+    def tracked(self, op):
+        """Generator: ``op`` counted in ``in_flight`` while it runs. It ends half way when
+        anything but its result or one of its own outcomes ends it: an exception thrown in
+        between two round trips (KeyboardInterrupt, GeneratorExit when its driver drops it),
+        a transport's error it gave up on, a bug. KeyExists, KeyNotFound and Stalled are
+        raised only once the operation withdrew what it had started."""
+        self.in_flight += 1
+        ended = False
+        try:
+            result = yield from op
+            ended = True
+            return result
+        except (KeyExists, KeyNotFound, Stalled):
+            ended = True
+            raise
+        finally:
+            self.in_flight -= 1
+            if not ended:
+                self.cut_short = True
 
     @property
     def stats(self) -> dict:

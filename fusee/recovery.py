@@ -91,11 +91,13 @@ class RecoveryReport:
 
 
 def recover_client(config: ClusterConfig, client_id: int, owner: int = MASTER,
-                   clock=time.perf_counter, membership: Membership = Membership()):
+                   clock=time.perf_counter, membership: Membership = Membership(),
+                   leave: int = CLEAN):
     """Generator: recover ``client_id`` (crashed, or its lease ran out) under ``membership``;
     returns a RecoveryReport. ``owner`` tags the recovery lock (a recovery that died is re-run
-    by the same owner); ``clock`` times the phases for the report."""
-    return Recovery(config, client_id, owner, clock, membership).run()
+    by the same owner); ``clock`` times the phases for the report; ``leave`` is the STATE word
+    the id is left with (a live client settling its own id keeps its claim: ``fusee.settle``)."""
+    return Recovery(config, client_id, owner, clock, membership, leave).run()
 
 
 @dataclass
@@ -117,9 +119,10 @@ class _Entry:
 
 class Recovery:
     def __init__(self, config: ClusterConfig, client_id: int, owner: int = MASTER,
-                 clock=time.perf_counter, membership: Membership = Membership()):
+                 clock=time.perf_counter, membership: Membership = Membership(),
+                 leave: int = CLEAN):
         self.core = ClientCore(config, client_id, membership=membership)
-        self.cid, self.owner, self.clock = client_id, owner, clock
+        self.cid, self.owner, self.clock, self.leave = client_id, owner, clock, leave
         self.meta = self.core.map.client_meta(client_id)
         self.report = RecoveryReport(client_id)
         self.locks: list[int] = []
@@ -191,12 +194,12 @@ class Recovery:
         self.locks = [unpack_u64(res[5], 8 * i) for i in range(geo.max_subtables)]
 
     def _release(self):
-        """Mark the id CLEAN and release the lock. An id found CLEAN is not written: a client
-        may have claimed it meanwhile (``ClientCore.open``), and CLEAN would hand it out
-        twice."""
+        """Mark the id CLEAN (or ``leave``) and release the lock. An id found CLEAN is not
+        written: a client may have claimed it meanwhile (``ClientCore.open``), and CLEAN would
+        hand it out twice."""
         meta = self.meta
         nodes = self.core.meta_nodes
-        clean = [] if self.report.clean else [Write(m, meta + META_STATE, pack_u64(CLEAN))
+        clean = [] if self.report.clean else [Write(m, meta + META_STATE, pack_u64(self.leave))
                                               for m in nodes]
         yield clean + [Cas(nodes[0], meta + META_RECOVERY, self.owner + 1, 0)]
 

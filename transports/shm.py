@@ -107,11 +107,13 @@ class ShmTransport(Transport):
     def _check_liveness(self, now: float) -> None:
         self._next_check = now + self.liveness_interval
         for fd, _ in self._poller.poll(0):
-            node = self._pidfds.pop(fd)
-            self._poller.unregister(fd)
-            os.close(fd)
-            self._dead.add(node)
+            # the death first: an exception (Ctrl-C) in what follows must not make it
+            # forgotten (the segment stays mapped: verbs to it would succeed into the void)
+            self._dead.add(self._pidfds[fd])
             self._table = self._fast_table()
+            self._poller.unregister(fd)
+            del self._pidfds[fd]
+            os.close(fd)
 
     def _fast_table(self) -> tuple:
         """What ``_atomic.run`` needs of the nodes: per node id, None (dead or not mapped)

@@ -1,0 +1,332 @@
+"""A KeyboardInterrupt between two round trips of an operation, then the ordinary ``with``
+exit: the client must settle what the operation left open (``fusee.settle``) before its
+close calls the id CLEAN, so that every other client can still write the key and the audit
+finds nothing open or leaked.
+
+The interrupt is raised where a Ctrl-C lands in a real client: in the transport, before a
+batch is posted or after it executed with its completions unseen. The verb-by-verb sweep of
+every boundary is tests/test_interrupt_sweep.py; real SIGINTs to client processes are in
+``test_sigint_to_client_processes_under_load`` below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import multiprocessing as mp
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from emulator.cluster import LocalCluster
+from emulator.history import CRASHED, ERROR, OK, Op
+from emulator.linearizability import check
+from fusee.audit import audit
+from fusee.client import Client
+from fusee.driver import run, run_concurrently
+from fusee.errors import KeyNotFound
+from fusee.memory_map import MemoryMap
+from fusee.verbs import NodeTimeout, Read
+from fusee.config import LayoutConfig
+from storekit import SMALL, config
+from test_failover_processes import KEYS, _history, _wait, _worker
+from transports.local import LocalMemory, LocalTransport
+
+#: a wait on another client's round that long means the round is never settled
+PATIENCE = 2_000
+
+
+class CtrlC:
+    """A transport that raises KeyboardInterrupt at its batch number ``at`` (counted from
+    ``arm``): before posting it, or once it executed (``executed``: the completions lost)."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.config, self.stats = transport.config, transport.stats
+        self.batches, self.at, self.executed = 0, None, False
+
+    def arm(self, after: int, executed: bool = False) -> None:
+        """Interrupt the batch ``after`` + 1 from now."""
+        self.at, self.executed = self.batches + after + 1, executed
+
+    def execute(self, batch):
+        self.batches += 1
+        if self.batches == self.at and not self.executed:
+            raise KeyboardInterrupt
+        results = self.transport.execute(batch)
+        if self.batches == self.at:
+            raise KeyboardInterrupt
+        return results
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def _store(cfg, kind: str) -> LocalMemory:
+    mem = LocalMemory(cfg)
+    if kind != "insert":
+        with Client(LocalTransport(cfg, memory=mem)) as setup:
+            setup.insert(b"k", b"old")
+    return mem
+
+
+def _call(kv: Client, kind: str) -> None:
+    getattr(kv, kind)(b"k", *([] if kind == "delete" else [b"new"]))
+
+
+def _round_trips(cfg, kind: str) -> int:
+    """The round trips the operation takes, uninterrupted."""
+    t = CtrlC(LocalTransport(cfg, memory=_store(cfg, kind)))
+    with Client(t) as kv:
+        before = t.batches
+        _call(kv, kind)
+        return t.batches - before
+
+
+def _writable_and_clean(cfg, mem, where: str) -> None:
+    """Another client can update and delete the key, and the audit finds nothing open."""
+    other = Client(LocalTransport(cfg, memory=mem))
+    other.core.patience = PATIENCE
+    with other:
+        other.put(b"k", b"later")
+        assert other.get(b"k") == b"later"
+        other.delete(b"k")
+        with pytest.raises(KeyNotFound):
+            other.delete(b"k")
+    report = run(audit(cfg, [other.core]), LocalTransport(cfg, memory=mem))
+    assert report.ok, f"{where}:\n{report.explain()}"
+
+
+@pytest.mark.parametrize("executed", [False, True], ids=["before", "after"])
+@pytest.mark.parametrize("kind", ["insert", "update", "delete", "put"])
+def test_ctrl_c_between_round_trips_then_with_exit(kind, executed):
+    """Ctrl-C before (or after) each round trip of one operation, then the ``with`` exit
+    closes the client; another client then writes the key, and the store is audited."""
+    cfg = config(nodes=3, r=3)
+    for after in range(_round_trips(cfg, kind)):
+        mem = _store(cfg, kind)
+        t = CtrlC(LocalTransport(cfg, memory=mem))
+        with pytest.raises(KeyboardInterrupt):
+            with Client(t) as kv:
+                t.arm(after, executed)
+                _call(kv, kind)
+        _writable_and_clean(cfg, mem, f"{kind}: Ctrl-C at round trip {after}")
+
+
+def test_ctrl_c_caught_then_the_client_goes_on():
+    """A caller that catches the KeyboardInterrupt and carries on: the next operation
+    settles the cut one first (its own write of the key would otherwise wait on itself)."""
+    cfg = config(nodes=3, r=3)
+    mem = _store(cfg, "update")
+    t = CtrlC(LocalTransport(cfg, memory=mem))
+    with Client(t) as kv:
+        kv.core.patience = PATIENCE
+        t.arm(2)                        # the backup CASes went out, nothing after them
+        with pytest.raises(KeyboardInterrupt):
+            kv.update(b"k", b"cut")
+        kv.update(b"k", b"next")
+        assert kv.get(b"k") == b"next"
+        assert kv.core.settled
+    _writable_and_clean(cfg, mem, "after the client went on")
+
+
+def test_second_ctrl_c_during_close_leaves_the_id_for_recovery():
+    """Ctrl-C during an insert, then again at each batch of the close that settles it: the
+    id is never CLEAN with the claim open (recovering it, as its next holder must, leaves
+    the store writable and clean)."""
+    cfg = config(nodes=3, r=3)
+    probe = CtrlC(LocalTransport(cfg, memory=_store(cfg, "insert")))
+    kv = Client(probe)
+    probe.arm(2)
+    with pytest.raises(KeyboardInterrupt):
+        _call(kv, "insert")
+    before = probe.batches
+    kv.close()
+    closing = probe.batches - before
+    assert closing > 3                  # recovery, adoption, then the close itself
+    for second in range(closing):
+        mem = _store(cfg, "insert")
+        t = CtrlC(LocalTransport(cfg, memory=mem))
+        kv = Client(t)
+        t.arm(2)
+        with pytest.raises(KeyboardInterrupt):
+            _call(kv, "insert")
+        t.arm(second)
+        with pytest.raises(KeyboardInterrupt):
+            kv.close()
+        assert kv.closed
+        # CLEAN (after the recovery, or at the very end) or left IN_USE: recovering it is
+        # what a later holder does in either case (and nothing, if it is CLEAN)
+        Client(LocalTransport(cfg, memory=mem), client_id=kv.client_id, recover=True).close()
+        _writable_and_clean(cfg, mem, f"second Ctrl-C at batch {second} of the close")
+
+
+@pytest.mark.parametrize("after", range(1, 6))
+def test_ctrl_c_with_operations_in_flight_together(after):
+    """``run_concurrently`` with four writes of one client in flight: the interrupt closes
+    every one of them, and the close settles them all."""
+    cfg = config(nodes=3, r=3)
+    mem = LocalMemory(cfg)
+    with Client(LocalTransport(cfg, memory=mem)) as setup:
+        for k in (b"a", b"b"):
+            setup.insert(k, b"old")
+    t = CtrlC(LocalTransport(cfg, memory=mem))
+    with pytest.raises(KeyboardInterrupt):
+        with Client(t) as kv:
+            t.arm(after)
+            ops = [kv.core.update(b"a", b"new"), kv.core.insert(b"c", b"new"),
+                   kv.core.delete(b"b"), kv.core.put(b"d", b"new")]
+            run_concurrently(ops, kv.executor)
+    other = Client(LocalTransport(cfg, memory=mem))
+    other.core.patience = PATIENCE
+    with other:
+        for k in (b"a", b"b", b"c", b"d"):
+            other.put(k, b"later")
+    report = run(audit(cfg, [other.core]), LocalTransport(cfg, memory=mem))
+    assert report.ok, report.explain()
+
+
+def test_ctrl_c_while_the_shm_transport_takes_in_a_dead_mn():
+    """A KeyboardInterrupt that lands while the shm transport takes in an MN's death (here:
+    as it closes the MN's pidfd) must not make it forget the death: the segment stays
+    mapped, and verbs to it would go on succeeding into memory nobody serves."""
+    with LocalCluster(memnodes=3, transport="shm") as c:
+        t = c.transport(timeout=1.0)
+        addr = MemoryMap.of(c.config.layout).data
+        c.kill(1)
+        close = os.close
+
+        def close_then_ctrl_c(fd):
+            os.close = close
+            close(fd)
+            raise KeyboardInterrupt
+        os.close = close_then_ctrl_c
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                for _ in range(10 ** 6):            # until the transport sees the death
+                    t.execute([Read(1, addr, 8)])
+        finally:
+            os.close = close
+        with pytest.raises(NodeTimeout):
+            t.execute([Read(1, addr, 8)])
+        t.close()
+
+
+def test_ctrl_c_while_waiting_for_a_failover():
+    """With a master: a write meets a memory node killed a moment before and waits for the
+    failover; Ctrl-C then. The close settles the write in the new epoch (its recovery meets
+    the epoch change and runs again in it), and the key stays writable."""
+    with LocalCluster(memnodes=3, transport="shm", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), client_lease=2.0, mn_lease=2.0,
+                      timeout=1.0) as c:
+        with c.client() as setup:
+            setup.put(b"k", b"old")
+        kv = c.client()
+        c.kill(0)
+        ctrl_c = threading.Timer(0.5, signal.pthread_kill,
+                                 (threading.main_thread().ident, signal.SIGINT))
+        ctrl_c.start()
+        with pytest.raises(KeyboardInterrupt):
+            with kv:
+                kv.put(b"k", b"new")            # meets MN 0 dead, waits for the failover
+        ctrl_c.join()
+        assert kv.core.membership.dead == {0}   # settled and closed in the new epoch
+        with c.client() as other:
+            other.core.patience = PATIENCE
+            other.put(b"k", b"later")
+            assert other.get(b"k") == b"later"
+        _wait(lambda: c.master_status()["repairs"] == {}, "the master's repairs")
+        with c.transport(dead={0}) as t:
+            report = run(audit(c.config, (), kv.core.membership), t)
+        assert report.ok, report.explain()
+
+
+#: client processes that keep writing; processes interrupted again and again, and how many
+#: SIGINTs each of those gets
+LOAD, VICTIMS, SIGINTS = 1, 2, 5
+
+
+def _interrupted_worker(config_path: str, first: int, out: str, progress, stop) -> None:
+    """``_worker`` (tests/test_failover_processes.py) again and again, as clients number
+    ``first``, ``first`` + 1, ...: each SIGINT ends one (its KeyboardInterrupt leaves the
+    ``with Client.connect(...)`` block, whose close settles the operation it cut short) and
+    the next one starts, with a history file of its own."""
+    for me in itertools.count(first):
+        try:
+            return _worker(config_path, me, f"{out}.{me}", progress, stop)
+        except KeyboardInterrupt:
+            pass
+
+
+@contextlib.contextmanager
+def _running(procs, stop):
+    """Start ``procs``; on the way out, set ``stop`` and leave none of them running."""
+    for p in procs:
+        p.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(60)
+        for straggler in [p for p in procs if p.is_alive()]:
+            straggler.kill()
+            straggler.join()
+
+
+@pytest.mark.parametrize("backend,master", [("shm", False), ("zmq", True)])
+def test_sigint_to_client_processes_under_load(backend, master, tmp_path):
+    """Real SIGINTs: ``LOAD + VICTIMS`` client processes write the hot keys; ``VICTIMS`` of
+    them are sent ``SIGINTS`` SIGINTs each, mid-workload, and start a new client after each.
+    Then another client writes every key (a round left open would stall it), and the history
+    of everyone is linearizable, no operation failed unexpectedly, and the audit finds
+    nothing open or leaked."""
+    rng = random.Random(f"{backend} {master}")
+    with LocalCluster(memnodes=3, transport=backend, replication=3, master=master,
+                      layout=LayoutConfig(**SMALL), timeout=2.0) as c:
+        ctx = mp.get_context("spawn")
+        firsts = [LOAD + v * (SIGINTS + 1) for v in range(VICTIMS)]
+        progress, stop = ctx.Array("q", LOAD + VICTIMS * (SIGINTS + 1), lock=False), ctx.Event()
+        procs = [ctx.Process(target=_worker, args=(str(c.config_path), i,
+                                                   str(tmp_path / f"c{i}"), progress, stop))
+                 for i in range(LOAD)]
+        procs += [ctx.Process(target=_interrupted_worker,
+                              args=(str(c.config_path), first, str(tmp_path / "c"), progress,
+                                    stop)) for first in firsts]
+        with _running(procs, stop):
+            for k in range(SIGINTS):
+                for p, first in zip(procs[LOAD:], firsts):
+                    _wait(lambda: progress[first + k] >= rng.randrange(10, 100),
+                          f"client {first + k} to get going")
+                    os.kill(p.pid, signal.SIGINT)
+            _wait(lambda: all(progress[first + SIGINTS] for first in firsts),
+                  "the clients after the last SIGINTs to get going")
+        assert [p.exitcode for p in procs] == [0] * len(procs)
+        ops = [op for out in sorted(tmp_path.glob("c*"))
+               for op in _history(out.name, out)]
+        unexpected = [op for op in ops if op.status == ERROR and
+                      op.error not in ("KeyExists", "KeyNotFound")]
+        assert not unexpected, "\n".join(map(str, unexpected[:10]))
+        with c.client() as kv:
+            kv.core.patience = PATIENCE
+            for key in KEYS:
+                t = 2 * time.monotonic_ns()
+                kv.put(key, b"after")
+                ops.append(Op(0, "after", "put", key, b"after", t, 2 * time.monotonic_ns() + 1,
+                              OK))
+        for i, op in enumerate(ops):
+            op.id = i
+        verdict = check(ops)
+        assert verdict.ok, verdict.explain()
+        if master:
+            _wait(lambda: c.master_status()["repairs"] == {}, "the master's repairs")
+        with c.transport() as t:
+            report = run(audit(c.config), t)
+        assert report.ok, report.explain()
+        cut = sum(op.status == CRASHED for op in ops)
+        print(f"{backend}, master {master}: {VICTIMS * SIGINTS} SIGINTs, {cut} of them cut "
+              f"an operation; {len(ops)} operations")
