@@ -38,7 +38,7 @@ from fusee.driver import run
 from fusee.errors import ForkedClient
 from fusee.master import LeaseExpired
 from fusee.membership import Membership
-from fusee.operations import open_client
+from fusee.operations import ClientCore, open_client
 from fusee.replication import BACKOFF, FAST_POLLS
 from fusee.recovery import MASTER, recover_client
 from fusee.settle import closing, settled
