@@ -18,18 +18,22 @@ any split the dead MN interrupted. For every subtable:
   and decided; when a backup died too, that is not so, and the value kept is recorded like a
   decision), except an insert's claim that was not yet committed, which is
   withdrawn with a fresh void: a claim committed for this slot has passed the duplicate-key
-  check, any other could install a key twice. Where they differ the round was undecided for
-  everyone (rule 3 needs the primary): the failover picks, preferring an object committed
-  for this slot (the round's old value, or a winner that committed), then withdrawing insert
-  claims, then the smallest proposal, as rule 3 would.
+  check, any other could install a key twice. An object committed for the same position of
+  another subtable that holds it FROZEN there is no claim: a split copied it here. A slot
+  FROZEN on any live replica takes its frozen value, recorded even where all agree: a split
+  took the round back on the backups and may have copied that value (``fusee.resize``).
+  Where they differ the round was undecided for everyone (rule 3 needs the primary): the
+  failover picks, preferring an object committed for this slot (the round's old value, or a
+  winner that committed), then withdrawing insert claims, then the smallest proposal, as
+  rule 3 would.
 
 Every slot changed is recorded in ``settled`` with its new value, and the proposals taken off
 it in ``dropped``: a writer the failover interrupted learns from them whether its proposal was
 kept (``Membership.fate``), even if the slot has moved on by the time it looks, and so does
 the recovery of a writer that crashed. The directory replicas are merged (an entry a split
 had CASed on some replicas only takes its deeper value everywhere), and any split the dead MN
-interrupted (its lock held, or its subtable partly frozen or retired) is finished, with the
-same code a recovering client uses (``fusee.resize.finish``).
+interrupted (its lock held, or its subtable partly frozen or retired on any live replica) is
+finished, with the same code a recovering client uses (``fusee.resize.finish``).
 
 A change of a slot uses CAS from the value read, so a client that did not pause shows up as a
 FailoverError rather than as a silently lost write.
@@ -185,7 +189,8 @@ class _Failover:
         committed."""
         o = views.get(v)
         return o is not None and o.state == COMMITTED and (
-            o.slot_ref == slot_ref(sid, pos) or v in self.copied)
+            o.slot_ref == slot_ref(sid, pos) or
+            o.slot_ref & 0xFFFFFFFF == pos and v in self.copied)
 
     def _copied(self, sid: int, views: dict):
         """Generator: add to ``copied`` the values of ``views`` (objects in subtable ``sid``)
@@ -196,9 +201,10 @@ class _Failover:
         core = self.core
         reads, values = [], []
         for v, o in views.items():
-            if (o is not None and o.state == COMMITTED and o.slot_ref >> 32 != sid and
-                    o.slot_ref & 0xFFFFFFFF < self.geo.slots):
-                there, pos = o.slot_ref >> 32, o.slot_ref & 0xFFFFFFFF
+            if o is None or o.state != COMMITTED:
+                continue
+            there, pos = o.slot_ref >> 32, o.slot_ref & 0xFFFFFFFF
+            if there != sid and there < self.geo.max_subtables and pos < self.geo.slots:
                 reads.append(Read(core.dir.nodes(there)[0], self.geo.slot_addr(there, pos), 8))
                 values.append(v)
         got = []
