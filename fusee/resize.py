@@ -79,16 +79,20 @@ def finish(core, sid: int, lock: int):
     if max(news) >= geo.max_subtables:
         raise IndexFull(f"cannot finish the split of subtable {sid}: the index area holds "
                         f"at most {geo.max_subtables} subtables")
-    yield from core.refresh()
+    # every directory replica: a crashed finisher may have published on some of them only
+    nodes = core.dir.replicas
+    bufs = yield from core.rt([core.dir.read()._replace(node=n) for n in nodes])
+    core.dir.load(bufs[0])
+    tables = [struct.unpack(f"<{1 << geo.dir_bits}Q", b) for b in bufs]
     span = range(suffix, 1 << geo.dir_bits, 1 << depth)
-    if not any(_depth(core.dir.entries[e]) > depth for e in span):
+    if not any(_depth(table[e]) > depth for table in tables for e in span):
         halves = yield from _sort(core, slots, depth)
         writes = []
         for bit, new in enumerate(news):
             img = geo.subtable_image(new, depth + 1, suffix | (bit << depth), halves[bit])
             writes += [Write(n, geo.subtable(new), img) for n in core.dir.nodes(new)]
         yield from core.rt(writes)
-    yield from _publish(core, span, depth, news)
+    yield from _publish(core, dict(zip(nodes, tables)), span, depth, news)
     head = core.dir.replicas[0]
     yield from core.rt([Cas(head, geo.lock(sid), lock, RETIRED_LOCK)])     # retired last
     core.counters["splits"] += 1
@@ -99,15 +103,16 @@ def _depth(entry: int) -> int:
     return (entry >> 32) & 0xFF
 
 
-def _publish(core, span: range, depth: int, news: tuple[int, int]):
+def _publish(core, tables: dict[int, tuple], span: range, depth: int, news: tuple[int, int]):
     """Generator: step 4's directory CASes: every entry of ``span`` (the old subtable's range)
-    on every directory replica that is not deeper than ``depth`` (it names the old subtable,
-    or an ancestor whose split has not published it yet) takes the word of the new subtable
-    it selects. A CAS that finds another shallow value is made again from that value."""
+    on every directory replica (``tables``: its entries, by MN) that is not deeper than
+    ``depth`` (it names the old subtable, or an ancestor whose split has not published it
+    yet) takes the word of the new subtable it selects. A CAS that finds another shallow
+    value is made again from that value."""
     geo = core.geo
     words = [entry_word(new, depth + 1) for new in news]
-    todo = [Cas(n, geo.entry(e), core.dir.entries[e], words[(e >> depth) & 1])
-            for e in span if _depth(core.dir.entries[e]) <= depth for n in core.dir.replicas]
+    todo = [Cas(n, geo.entry(e), table[e], words[(e >> depth) & 1])
+            for n, table in tables.items() for e in span if _depth(table[e]) <= depth]
 
     def again(c: Cas, old: int) -> bool:
         # entries only get deeper: one at depth + 1 names the subtable we made
