@@ -20,10 +20,10 @@ found both of its key's combined buckets full.
 
 Every step is idempotent, so a recoverer or a failover (``finish``) can run steps 2-4 again
 for a splitter that crashed or paused for good: the frozen values are final, so the new
-images come out the same, and they are only written while no directory entry names them or a
-subtable split from them (once one does, clients may be using them). A lock can be lost with
-the MN that held it; a client that then locks a subtable split long ago finds it published
-and changes nothing.
+images come out the same, and each is written only on the replicas that do not hold it yet
+(one that does may be in use: the directory replicas that published it may have died with an
+MN). A lock can be lost with the MN that held it; a client that then locks a subtable split
+long ago finds everything done and changes nothing.
 
 Directory entries only ever get deeper. A new subtable can be split before the split that
 made it has published every entry of its range (clients reach it through the entries already
@@ -39,7 +39,7 @@ from fusee.errors import CorruptObject, IndexFull
 from fusee.hashing import key_hash
 from fusee.index import RETIRED_LOCK, child_ids, entry_word
 from fusee.layout import (BUCKET_BYTES, FROZEN, RETIRED, SLOTS_PER_BUCKET, bucket_header,
-                          committed_object, decode_object, pack_u64, parse_header)
+                          committed_object, decode_object, pack_u64, parse_header, unpack_u64)
 from fusee.verbs import Cas, Read, Write, chunks
 
 _HOLDER = 0xFFFFFFFF        # the lock word's low half: client id + 1 of the splitter
@@ -79,19 +79,24 @@ def finish(core, sid: int, lock: int):
     if max(news) >= geo.max_subtables:
         raise IndexFull(f"cannot finish the split of subtable {sid}: the index area holds "
                         f"at most {geo.max_subtables} subtables")
-    # every directory replica: a crashed finisher may have published on some of them only
+    # every directory replica (a crashed finisher may have published on some of them only),
+    # and the last bucket header of each new subtable on each of its replicas: a replica
+    # that holds the image may be in use (even if no live directory replica says so: the
+    # ones that did may have died), so it is never written again
     nodes = core.dir.replicas
-    bufs = yield from core.rt([core.dir.read()._replace(node=n) for n in nodes])
+    places = [(bit, new, n) for bit, new in enumerate(news) for n in core.dir.nodes(new)]
+    last = (geo.buckets - 1) * BUCKET_BYTES
+    bufs = yield from core.rt([core.dir.read()._replace(node=n) for n in nodes] +
+                              [Read(n, geo.subtable(new) + last, 8) for _, new, n in places])
     core.dir.load(bufs[0])
-    tables = [struct.unpack(f"<{1 << geo.dir_bits}Q", b) for b in bufs]
-    span = range(suffix, 1 << geo.dir_bits, 1 << depth)
-    if not any(_depth(table[e]) > depth for table in tables for e in span):
+    tables = [struct.unpack(f"<{1 << geo.dir_bits}Q", b) for b in bufs[:len(nodes)]]
+    missing = [(bit, new, n) for (bit, new, n), raw in zip(places, bufs[len(nodes):])
+               if parse_header(unpack_u64(raw))[:3] != (new, depth + 1, suffix | bit << depth)]
+    if missing:
         halves = yield from _sort(core, slots, depth)
-        writes = []
-        for bit, new in enumerate(news):
-            img = geo.subtable_image(new, depth + 1, suffix | (bit << depth), halves[bit])
-            writes += [Write(n, geo.subtable(new), img) for n in core.dir.nodes(new)]
-        yield from core.rt(writes)
+        yield from core.rt([Write(n, geo.subtable(new), geo.subtable_image(
+            new, depth + 1, suffix | bit << depth, halves[bit])) for bit, new, n in missing])
+    span = range(suffix, 1 << geo.dir_bits, 1 << depth)
     yield from _publish(core, dict(zip(nodes, tables)), span, depth, news)
     head = core.dir.replicas[0]
     yield from core.rt([Cas(head, geo.lock(sid), lock, RETIRED_LOCK)])     # retired last
