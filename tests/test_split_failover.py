@@ -121,8 +121,8 @@ def _lock(t, core, sid: int) -> int:
 
 
 def _publishing(t, core, sid: int, keep) -> None:
-    """``core`` splits ``sid`` up to its directory CASes, of which only those ``keep(entry)``
-    accepts are made; then it stops (crashed, or paused for good)."""
+    """``core`` splits ``sid`` up to its directory CASes, of which only those ``keep(node,
+    entry)`` accepts are made; then it stops (crashed, or paused for good)."""
     geo = core.geo
     op = finish(core, sid, _lock(t, core, sid))
     batch = op.send(None)
@@ -130,7 +130,7 @@ def _publishing(t, core, sid: int, keep) -> None:
     while not any(type(q) is Cas and q.addr in entries for q in batch):
         batch = op.send(t.execute(batch))
     t.execute([q for q in batch if type(q) is Cas and q.addr in entries
-               and keep((q.addr - geo.entry(0)) // 8)])
+               and keep(q.node, (q.addr - geo.entry(0)) // 8)])
     op.close()
 
 
@@ -165,7 +165,7 @@ def test_the_failover_keeps_what_a_split_copied_while_it_was_publishing():
     object, committed for the old subtable's slot, is a copy, not an insert's claim."""
     cfg, mem, t, a, s, e, tgt = _two_clients(initial_subtables=1)
     mine = key_hash(b"key").suffix(s.geo.dir_bits)
-    _publishing(t, s, e.sid, lambda entry: entry == mine)
+    _publishing(t, s, e.sid, lambda node, entry: entry == mine)
     a.dir.load(t.execute([a.dir.read()])[0])
     new = a.dir.lookup(key_hash(b"key"))[0]
     assert new != e.sid
@@ -191,7 +191,7 @@ def test_a_split_finished_late_leaves_alone_what_was_split_from_it():
     for k in keys[:8]:                  # in the old subtable: the split copies them
         run(a.insert(k, k), t)
     assert len(set(a.dir.entries)) == 1
-    _publishing(t, s, e.sid, lambda entry: entry != left)
+    _publishing(t, s, e.sid, lambda node, entry: entry != left)
     for k in keys[8:]:
         run(a.insert(k, k), t)
     assert len({x & 0xFFFFFFFF for x in a.dir.entries}) >= 5       # both split again
@@ -219,5 +219,24 @@ def test_a_slot_frozen_on_one_backup_only_gets_its_split_finished():
     a.patience = 50
     assert run(a.search(b"key"), t) == b"v1"
     run(a.update(b"key", b"v2"), t)
+    run(a.close(), t)
+    _consistent(cfg, t, m, [a])
+
+
+def test_a_split_whose_publishing_directory_replicas_died_is_not_copied_again():
+    """A split publishes its entries on MNs 0 and 1 (the head: clients use the new
+    subtables) but not yet on MN 2, and stops; then MNs 0 and 1 die. The failover sees only
+    MN 2's directory, which still names the old subtable: it must finish the split without
+    writing the new subtables again from the old one (that would take back the update)."""
+    cfg, mem, t, a, s, e, tgt = _two_clients(initial_subtables=1)
+    old = e.sid
+    _publishing(t, s, old, lambda node, entry: node != 2)
+    run(a.update(b"key", b"v2"), t)
+    assert a.cache.get(b"key").sid != old          # updated in a new subtable
+    mem.crash(0)
+    mem.crash(1)
+    m = run(failover(cfg, Membership(), [0, 1]), t)
+    a.place(m)
+    assert run(a.search(b"key"), t) == b"v2"
     run(a.close(), t)
     _consistent(cfg, t, m, [a])
