@@ -18,18 +18,22 @@ any split the dead MN interrupted. For every subtable:
   and decided; when a backup died too, that is not so, and the value kept is recorded like a
   decision), except an insert's claim that was not yet committed, which is
   withdrawn with a fresh void: a claim committed for this slot has passed the duplicate-key
-  check, any other could install a key twice. Where they differ the round was undecided for
-  everyone (rule 3 needs the primary): the failover picks, preferring an object committed
-  for this slot (the round's old value, or a winner that committed), then withdrawing insert
-  claims, then the smallest proposal, as rule 3 would.
+  check, any other could install a key twice. An object committed for the same position of
+  another subtable that holds it FROZEN there is no claim: a split copied it here. A slot
+  FROZEN on any live replica takes its frozen value, recorded even where all agree: a split
+  took the round back on the backups and may have copied that value (``fusee.resize``).
+  Where they differ the round was undecided for everyone (rule 3 needs the primary): the
+  failover picks, preferring an object committed for this slot (the round's old value, or a
+  winner that committed), then withdrawing insert claims, then the smallest proposal, as
+  rule 3 would.
 
 Every slot changed is recorded in ``settled`` with its new value, and the proposals taken off
 it in ``dropped``: a writer the failover interrupted learns from them whether its proposal was
 kept (``Membership.fate``), even if the slot has moved on by the time it looks, and so does
 the recovery of a writer that crashed. The directory replicas are merged (an entry a split
 had CASed on some replicas only takes its deeper value everywhere), and any split the dead MN
-interrupted (its lock held, or its subtable partly frozen or retired) is finished, with the
-same code a recovering client uses (``fusee.resize.finish``).
+interrupted (its lock held, or its subtable partly frozen or retired on any live replica) is
+finished, with the same code a recovering client uses (``fusee.resize.finish``).
 
 A change of a slot uses CAS from the value read, so a client that did not pause shows up as a
 FailoverError rather than as a silently lost write.
@@ -44,7 +48,7 @@ from fusee.errors import FuseeError
 from fusee.index import ENTRY_VALID, RETIRED_LOCK, replica_nodes
 from fusee.layout import (COMMITTED, FAILOVER_ID, FROZEN, INSERT, RETIRED, SLOTS_PER_BUCKET,
                           committed_object, decode_object, free_value, pack_u64, parse_header,
-                          slot_ref)
+                          slot_ref, unpack_u64)
 from fusee.membership import Membership
 from fusee.operations import ClientCore
 from fusee.resize import finish
@@ -79,7 +83,7 @@ class _Failover:
         self.settled: dict[tuple[int, int], int] = {}
         self.kept: dict[tuple[int, int], int] = {}
         self.dropped: dict[tuple[int, int], tuple[int, ...]] = {}
-        self.in_use: set[int] = set()       # subtables the directory names
+        self.copied: set[int] = set()       # slot values a split copied (``_copied``)
         self.voids = 0
 
     def run(self):
@@ -89,7 +93,6 @@ class _Failover:
         (raw,) = yield from core.rt([Read(head, geo.lock(0), 8 * geo.max_subtables)])
         locks = struct.unpack(f"<{geo.max_subtables}Q", raw)
         in_use = sorted({e & 0xFFFFFFFF for e in core.dir.entries})
-        self.in_use = set(in_use)
         splitting = []
         for sid in in_use:
             # every subtable, not only the dead MN's: each client drops the round it had
@@ -143,6 +146,8 @@ class _Failover:
             for pos, w in slots:
                 p = prim[w]                     # frozen too if a split froze it: so be it
                 stale = [(n, img[w]) for n, img in backups if img[w] != p]
+                # a split freezes the primary before any backup
+                assert p & FROZEN or not any(v & FROZEN for _, v in stale), (sid, pos)
                 if stale:
                     self.settled[(sid, pos)] = p & ~FROZEN
                     drops[(sid, pos)] = {v for _, v in stale if v != p & ~FROZEN}
@@ -150,6 +155,7 @@ class _Failover:
         else:
             views = yield from self._objects({img[w] for img in images for _, w in slots
                                               if committed_object(img[w])})
+            yield from self._copied(sid, views)
             for pos, w in slots:
                 values = [img[w] for img in images]
                 chosen = self._choose(sid, pos, values, views)
@@ -171,17 +177,40 @@ class _Failover:
             self.dropped[where] = tuple(sorted((v, views[v].crc if views.get(v) else 0)
                                                for v in vs))
         yield from self._apply(fixes)
-        first = images[0]
-        return (any(first[w] & FROZEN for _, w in slots) or
-                any(parse_header(first[b * 8])[3] & RETIRED for b in range(geo.buckets)))
+        # a split froze the primary (a backup is frozen only after it), or retired a header
+        # on some replica: it must be finished, or the frozen slots (now on every replica)
+        # would stall every writer of the subtable
+        return any(img[w] & FROZEN for img in images for _, w in slots) or any(
+            parse_header(img[b * 8])[3] & RETIRED for img in images for b in range(geo.buckets))
 
     def _belongs(self, sid: int, pos: int, v: int, views: dict) -> bool:
         """Slot value ``v`` names an object whose log entry is committed for this slot, or
-        for a slot of a retired subtable (a split copied it here): it is the slot's value or
-        a winner that committed."""
+        one a split copied here (``_copied``): it is the slot's value or a winner that
+        committed."""
         o = views.get(v)
         return o is not None and o.state == COMMITTED and (
-            o.slot_ref == slot_ref(sid, pos) or o.slot_ref >> 32 not in self.in_use)
+            o.slot_ref == slot_ref(sid, pos) or
+            o.slot_ref & 0xFFFFFFFF == pos and v in self.copied)
+
+    def _copied(self, sid: int, views: dict):
+        """Generator: add to ``copied`` the values of ``views`` (objects in subtable ``sid``)
+        whose log entry is committed for the same position of another subtable that holds
+        them FROZEN there: a split copied them from it (splits keep positions, and freeze
+        every replica before they copy). Another object committed elsewhere is an insert's
+        claim made again after a split ended its round: it passed no duplicate check here."""
+        core = self.core
+        reads, values = [], []
+        for v, o in views.items():
+            if o is None or o.state != COMMITTED:
+                continue
+            there, pos = o.slot_ref >> 32, o.slot_ref & 0xFFFFFFFF
+            if there != sid and there < self.geo.max_subtables and pos < self.geo.slots:
+                reads.append(Read(core.dir.nodes(there)[0], self.geo.slot_addr(there, pos), 8))
+                values.append(v)
+        got = []
+        for batch in chunks(reads):
+            got += yield from core.rt(batch)
+        self.copied.update(v for v, raw in zip(values, got) if unpack_u64(raw) == v | FROZEN)
 
     def _choose(self, sid: int, pos: int, values: list[int], views: dict) -> int | None:
         """The value a slot whose primary died takes, or None to leave it as it is. An
@@ -194,11 +223,15 @@ class _Failover:
             return o is not None and o.opcode == INSERT and not belongs(v)
 
         distinct = set(values)
+        frozen = [v for v in distinct if v & FROZEN]
+        if frozen:
+            # a split froze the slot, and took the round's proposals back: its value is final
+            # (the split may have copied it), settled even where every backup holds it, so
+            # that a writer that had won the round learns that it must start over
+            assert len(frozen) == 1, (sid, pos, [hex(v) for v in frozen])
+            return frozen[0]
         if len(distinct) == 1:
             return self._void() if claim(values[0]) else None
-        frozen = [v for v in distinct if v & FROZEN]
-        if frozen:              # a split froze the slot (and took its proposals back): final
-            return min(frozen)
         mine = [v for v in distinct if belongs(v)]
         if mine:
             return min(mine)

@@ -298,12 +298,20 @@ class ClientCore:
 
     def fate(self, epoch: int, t: SlotTarget, v_old: int, v_new: int, decided: str | None):
         """Generator: WIN, LOSE or RESTART for the round this client had open at ``t`` when
-        ``epoch`` ended (``Membership.fate``; reads the round's primary if it is alive)."""
+        ``epoch`` ended (``Membership.fate``). Reads the round's primary if it is alive, else
+        its first live replica: a FROZEN value there is final, and tells the round's fate
+        even if this client had decided it (a split took the round back on the backups and
+        copied the frozen value, in a subtable the failover no longer settles)."""
         now = None
         m = self.membership
-        if m.decided_at(epoch, t.sid, t.pos) is None and t.primary not in m.dead:
-            (raw,) = yield from self.rt([Read(t.primary, t.addr, 8)])
-            now = unpack_u64(raw) & ~FROZEN
+        live = m.live(t.nodes)
+        if m.decided_at(epoch, t.sid, t.pos) is None and live:
+            (raw,) = yield from self.rt([Read(live[0], t.addr, 8)])
+            now = unpack_u64(raw)
+            if live[0] == t.primary or now & FROZEN:
+                now &= ~FROZEN
+            else:
+                now = None
         return m.fate(epoch, t.sid, t.pos, v_old, v_new, decided, now)
 
     def retrying(self, step, ends=EPOCH_ENDS):

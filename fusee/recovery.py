@@ -441,7 +441,7 @@ class Recovery:
         cur = [unpack_u64(b) for b in
                (yield from core.rt([Read(n, t.addr, 8) for n in t.backups]))]
         rest = [Cas(n, t.addr, v, void) for n, v in zip(t.backups, cur)
-                if v != void and not free_value_of(v, self.cid)]
+                if v != void and not free_value_of(v, self.cid) and not v & FROZEN]
         if rest:
             yield from core.rt(rest)
         yield from core.rt([Cas(t.primary, t.addr, p, void)])     # the backups first

@@ -91,8 +91,11 @@ def resolve(t: SlotTarget, v_old: int, v_new: int, current: list[int]):
 
 
 def fix_requests(t: SlotTarget, current: list[int], v_new: int) -> list[Cas]:
-    """The winner's CASes turning other proposals on the backups into its own."""
-    return [Cas(n, t.addr, v, v_new) for n, v in zip(t.backups, current) if v != v_new]
+    """The winner's CASes turning other proposals on the backups into its own. A FROZEN
+    backup is left alone: a split froze the primary first, so the round is over, and the
+    split needs the frozen value on every replica (``fusee.resize``)."""
+    return [Cas(n, t.addr, v, v_new) for n, v in zip(t.backups, current)
+            if v != v_new and not v & FROZEN]
 
 
 def cas_primary(t: SlotTarget, expected: int, v_new: int, extra=()):

@@ -1,23 +1,34 @@
-"""Extendible split of a full subtable (RACE resizing, SPEC §4), done by the client whose
-insert found both of its key's combined buckets full.
+"""Extendible split of a full subtable (RACE resizing), done by the client whose insert
+found both of its key's combined buckets full.
 
 1. Lock the subtable: CAS its split lock on the first directory replica (``0 -> client id +
    1``). A lock already at RETIRED_LOCK means the subtable was split: refresh the directory.
 2. Freeze every slot on the primary: CAS ``v -> v | FROZEN`` until each one holds. From then
    on every writer's primary CAS on this subtable fails, and every reader and writer that sees
    FROZEN re-reads the directory; writes completed before a slot froze are in the value
-   frozen. Bucket headers are marked RETIRED.
+   frozen. Bucket headers are marked RETIRED on every replica. Then every backup slot takes
+   the primary's frozen value: a SNAPSHOT round open on the slot ends there (its writer sees
+   FROZEN and starts over), and the values the split copies are on every replica, so a
+   failover that loses the primary keeps exactly them (``fusee.failover``).
 3. Read the key of every object slot and copy the slot to the same position of the new
    subtable that the key's next suffix bit selects (tentative claims, tombstones and voids are
    dropped), writing both new subtables whole on all of their replicas. Their ids follow from
    the old one's place in the split tree (``fusee.index.child_ids``).
-4. CAS the directory entries that named the old subtable (on every directory replica), and
-   set the old subtable's lock to RETIRED_LOCK for good.
+4. Publish: CAS every directory entry of the old subtable's range (on every directory
+   replica) that is not yet deeper than it to the new subtable it selects, and set the old
+   subtable's lock to RETIRED_LOCK for good.
 
-Every step is idempotent, so a recoverer (``finish``) can run steps 2-4 again for a splitter
-that crashed: the frozen values are final, so the new images come out the same, and they are
-only written while no directory entry names them yet (once one does, clients may be using
-them).
+Every step is idempotent, so a recoverer or a failover (``finish``) can run steps 2-4 again
+for a splitter that crashed or paused for good: the frozen values are final, so the new
+images come out the same, and each is written only on the replicas that do not hold it yet
+(one that does may be in use: the directory replicas that published it may have died with an
+MN). A lock can be lost with the MN that held it; a client that then locks a subtable split
+long ago finds everything done and changes nothing.
+
+Directory entries only ever get deeper. A new subtable can be split before the split that
+made it has published every entry of its range (clients reach it through the entries already
+published): its step 4 then takes the entries still naming an ancestor too, so no entry is
+left naming a retired subtable whatever order the two splits finish in.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from fusee.errors import CorruptObject, IndexFull
 from fusee.hashing import key_hash
 from fusee.index import RETIRED_LOCK, child_ids, entry_word
 from fusee.layout import (BUCKET_BYTES, FROZEN, RETIRED, SLOTS_PER_BUCKET, bucket_header,
-                          committed_object, decode_object, pack_u64, parse_header)
+                          committed_object, decode_object, pack_u64, parse_header, unpack_u64)
 from fusee.verbs import Cas, Read, Write, chunks
 
 _HOLDER = 0xFFFFFFFF        # the lock word's low half: client id + 1 of the splitter
@@ -48,7 +59,7 @@ def split(core, sid: int, depth: int, suffix: int):
     if held != 0:
         yield from core.refresh()           # split done, or in progress: look again
         return False
-    yield from finish(core, sid, me, fresh=True)
+    yield from finish(core, sid, me)
     return True
 
 
@@ -59,36 +70,71 @@ def holder(lock: int) -> int | None:
     return (lock & _HOLDER) - 1
 
 
-def finish(core, sid: int, lock: int, fresh: bool = False):
-    """Generator: steps 2-4 of the split of ``sid`` whose lock word is ``lock`` (for a
-    recoverer: the crashed splitter's; for a failover: whatever the lock holds). ``fresh``
-    says the caller just took the lock, so no directory entry can name the new subtables."""
+def finish(core, sid: int, lock: int):
+    """Generator: steps 2-4 of the split of ``sid`` whose lock word is ``lock`` (the caller's
+    own; for a recoverer: the crashed splitter's; for a failover: whatever the lock holds)."""
     geo = core.geo
     slots, depth, suffix = yield from _freeze(core, sid, [])
     news = child_ids(sid, depth, suffix, geo.initial_depth)
     if max(news) >= geo.max_subtables:
         raise IndexFull(f"cannot finish the split of subtable {sid}: the index area holds "
                         f"at most {geo.max_subtables} subtables")
-    if not fresh:
-        yield from core.refresh()
-    named = {entry_word(s, depth + 1) for s in news}
-    if fresh or not named & set(core.dir.entries):
+    # every directory replica (a crashed finisher may have published on some of them only),
+    # and the last bucket header of each new subtable on each of its replicas: a replica
+    # that holds the image may be in use (even if no live directory replica says so: the
+    # ones that did may have died), so it is never written again
+    nodes = core.dir.replicas
+    places = [(bit, new, n) for bit, new in enumerate(news) for n in core.dir.nodes(new)]
+    last = (geo.buckets - 1) * BUCKET_BYTES
+    bufs = yield from core.rt([core.dir.read()._replace(node=n) for n in nodes] +
+                              [Read(n, geo.subtable(new) + last, 8) for _, new, n in places])
+    core.dir.load(bufs[0])
+    tables = [struct.unpack(f"<{1 << geo.dir_bits}Q", b) for b in bufs[:len(nodes)]]
+    missing = [(bit, new, n) for (bit, new, n), raw in zip(places, bufs[len(nodes):])
+               if parse_header(unpack_u64(raw))[:3] != (new, depth + 1, suffix | bit << depth)]
+    if missing:
         halves = yield from _sort(core, slots, depth)
-        writes = []
-        for bit, new in enumerate(news):
-            img = geo.subtable_image(new, depth + 1, suffix | (bit << depth), halves[bit])
-            writes += [Write(n, geo.subtable(new), img) for n in core.dir.nodes(new)]
-        yield from core.rt(writes)
-    old = entry_word(sid, depth)
-    cas = []
-    for e in range(suffix, 1 << geo.dir_bits, 1 << depth):
-        new = entry_word(news[(e >> depth) & 1], depth + 1)
-        cas += [Cas(n, geo.entry(e), old, new) for n in core.dir.replicas]
+        yield from core.rt([Write(n, geo.subtable(new), geo.subtable_image(
+            new, depth + 1, suffix | bit << depth, halves[bit])) for bit, new, n in missing])
+    span = range(suffix, 1 << geo.dir_bits, 1 << depth)
+    yield from _publish(core, dict(zip(nodes, tables)), span, depth, news)
     head = core.dir.replicas[0]
-    for batch in chunks(cas + [Cas(head, geo.lock(sid), lock, RETIRED_LOCK)]):
-        yield from core.rt(batch)          # the lock is retired last
+    yield from core.rt([Cas(head, geo.lock(sid), lock, RETIRED_LOCK)])     # retired last
     core.counters["splits"] += 1
     yield from core.refresh()
+
+
+def _depth(entry: int) -> int:
+    return (entry >> 32) & 0xFF
+
+
+def _publish(core, tables: dict[int, tuple], span: range, depth: int, news: tuple[int, int]):
+    """Generator: step 4's directory CASes: every entry of ``span`` (the old subtable's range)
+    on every directory replica (``tables``: its entries, by MN) that is not deeper than
+    ``depth`` (it names the old subtable, or an ancestor whose split has not published it
+    yet) takes the word of the new subtable it selects. A CAS that finds another shallow
+    value is made again from that value."""
+    geo = core.geo
+    words = [entry_word(new, depth + 1) for new in news]
+    todo = [Cas(n, geo.entry(e), table[e], words[(e >> depth) & 1])
+            for n, table in tables.items() for e in span if _depth(table[e]) <= depth]
+
+    def again(c: Cas, old: int) -> bool:
+        # entries only get deeper: one at depth + 1 names the subtable we made
+        assert _depth(old) != depth + 1 or old == c.desired, (hex(old), c)
+        return _depth(old) <= depth
+    yield from _cas_until(core, todo, again)
+
+
+def _cas_until(core, cases: list[Cas], again):
+    """Generator: post the CASes; each that fails is made again from the value it found, as
+    long as ``again(cas, found)`` says so."""
+    while cases:
+        res = []
+        for batch in chunks(cases):
+            res += yield from core.rt(batch)
+        cases = [c._replace(expected=old) for c, old in zip(cases, res)
+                 if old != c.expected and again(c, old)]
 
 
 def _freeze(core, sid: int, extra: list):
@@ -124,7 +170,25 @@ def _freeze(core, sid: int, extra: list):
             else:
                 nxt[p] = old            # a writer got there first: freeze what it wrote
         todo = nxt
-    return {p: v & ~FROZEN for p, v in values.items()}, depth, suffix
+    slots = {p: v & ~FROZEN for p, v in values.items()}
+    yield from _freeze_backups(core, sid, slots)
+    return slots, depth, suffix
+
+
+def _freeze_backups(core, sid: int, slots: dict[int, int]):
+    """Generator: every backup slot of ``sid`` takes the value the primary froze (``slots``,
+    without the FROZEN bit). Nobody changes a frozen backup (a proposal CAS expects an
+    unfrozen old value, a winner's fix-up skips frozen values), so each CAS that fails is
+    made again from the value it found until it holds."""
+    geo = core.geo
+    todo = [Cas(n, geo.slot_addr(sid, p), v, v | FROZEN)
+            for n in core.dir.nodes(sid)[1:] for p, v in slots.items()]
+
+    def again(c: Cas, old: int) -> bool:
+        # a slot has one frozen value: the one its primary froze
+        assert not old & FROZEN or old == c.desired, (hex(old), c)
+        return not old & FROZEN
+    yield from _cas_until(core, todo, again)
 
 
 def _sort(core, slots: dict[int, int], depth: int):

@@ -75,8 +75,14 @@ class Run:
             sim.add_client(f"c{c}", calls)
         self.crashed = None
         self.recovery = None
-        if steps is None:               # the clean run, to learn how long the run is
-            return
+        if steps is not None:           # (None: the clean run, to learn how long the run is)
+            self.schedule_faults(nodes, steps, victims, delay, crash_client)
+
+    def schedule_faults(self, nodes: int, steps: int, victims: int, delay: int,
+                        crash_client: bool) -> None:
+        """MNs ``victims`` crash at a random step of ``steps`` and are failed over within
+        ``delay`` steps; with ``crash_client``, c0 crashes at a random step too."""
+        sim = self.sim
         faults = sim.fault_rng
         self.victims = faults.sample(range(nodes), victims)
         crash_at = faults.randrange(steps)
@@ -134,10 +140,10 @@ class Run:
         return report, check(history)
 
 
-def _check(seed: int, **kw) -> Run:
-    clean = Run(seed, **kw)
+def _check(seed: int, cls=Run, **kw) -> Run:
+    clean = cls(seed, **kw)
     clean.sim.run()
-    r = Run(seed, steps=clean.sim.step, **kw)
+    r = cls(seed, steps=clean.sim.step, **kw)
     report, lin = r.go()
     where = f"seed {seed} {kw}: faults {r.sim.faults}"
     assert lin.ok, f"{where}\n{lin.explain()}"

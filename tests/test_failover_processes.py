@@ -25,15 +25,19 @@ import pytest
 
 from emulator.cluster import LocalCluster
 from emulator.history import CRASHED, ERROR, OK, Op
+from emulator.index_check import check_index
 from emulator.linearizability import check
 from fusee.audit import audit
 from fusee.bench.failover import FailoverOptions, summarize
 from fusee.bench.failover import main as bench_main
-from fusee.config import LayoutConfig
+from fusee.config import KiB, LayoutConfig
 from fusee.driver import run
 from fusee.membership import Membership
 from storekit import SMALL
 
+#: one subtable of 6 buckets: inserts split the index all along
+ENDLESS = LayoutConfig(**{**SMALL, "index_size": 4096 * KiB, "initial_subtables": 1,
+                          "buckets_per_subtable": 6})
 KEYS = [b"hot%d" % i for i in range(6)]
 MIX = (["get"] * 3 + ["put"] * 3 + ["update"] * 2 + ["insert"] * 2 + ["delete"] * 2)
 CLIENTS = 3
@@ -42,9 +46,10 @@ BEFORE, AFTER = 150, 150
 LEASES = dict(client_lease=2.0, mn_lease=2.0, timeout=1.0)
 
 
-def _worker(config_path: str, me: int, out: str, progress, stop) -> None:
-    """One client process: a random mix on the hot keys until ``stop``; every invocation and
-    return goes to ``out`` (a JSON line each, written before / after the call)."""
+def _worker(config_path: str, me: int, out: str, progress, stop, fresh: float = 0.0) -> None:
+    """One client process: a random mix on the hot keys until ``stop``, with a share ``fresh``
+    of inserts of new keys instead; every invocation and return goes to ``out`` (a JSON line
+    each, written before / after the call)."""
     from fusee.client import Client
     from fusee.errors import KeyExists, KeyNotFound
     rng = random.Random(me)
@@ -54,6 +59,8 @@ def _worker(config_path: str, me: int, out: str, progress, stop) -> None:
         i = 0
         while not stop.is_set():
             kind, key = rng.choice(MIX), rng.choice(KEYS)
+            if rng.random() < fresh:
+                kind, key = "insert", b"c%d-%d" % (me, i)
             value = None if kind in ("get", "delete") else b"c%d-%d" % (me, i)
             f.write(json.dumps({"i": i, "kind": kind, "key": key.hex(),
                                 "value": value and value.hex(), "t": time.monotonic_ns()}) + "\n")
@@ -107,14 +114,31 @@ def _wait(predicate, what, timeout: float = 60.0):
 @pytest.mark.parametrize("backend", ["shm", "zmq"])
 @pytest.mark.parametrize("victim,kill_client", [(0, False), (2, True)])
 def test_a_killed_memory_node_loses_nothing(backend, victim, kill_client, tmp_path):
-    layout = LayoutConfig(**SMALL)
+    _kill_a_memory_node(backend, victim, kill_client, tmp_path, LayoutConfig(**SMALL))
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("backend,kill_client", [("zmq", True), ("shm", False)])
+def test_a_memory_node_killed_while_the_index_splits_all_along(backend, kill_client,
+                                                               tmp_path):
+    """Issue 11's recipe: one subtable of 6 buckets, so that the 5 clients' fresh inserts
+    (40% of their operations) split the index all along, and MN 0 (the directory's head,
+    holding the split locks) is killed. A 4 MiB index as in the issue: its 16384-entry
+    directory makes a split long, so the kill often lands in one. (About 25 s a run: the
+    deterministic sweep of this is tests/test_split_failover.py.)"""
+    _kill_a_memory_node(backend, 0, kill_client, tmp_path, ENDLESS, clients=5, fresh=0.4)
+
+
+def _kill_a_memory_node(backend: str, victim: int, kill_client: bool, tmp_path: Path,
+                        layout: LayoutConfig, clients: int = CLIENTS, fresh: float = 0.0):
     with LocalCluster(memnodes=3, transport=backend, replication=3, master=True,
                       layout=layout, **LEASES) as c:
         ctx = mp.get_context("spawn")
-        progress, stop = ctx.Array("q", CLIENTS, lock=False), ctx.Event()
-        outs = [tmp_path / f"c{i}.jsonl" for i in range(CLIENTS)]
+        progress, stop = ctx.Array("q", clients, lock=False), ctx.Event()
+        outs = [tmp_path / f"c{i}.jsonl" for i in range(clients)]
         procs = [ctx.Process(target=_worker, args=(str(c.config_path), i, str(outs[i]),
-                                                    progress, stop)) for i in range(CLIENTS)]
+                                                    progress, stop, fresh))
+                 for i in range(clients)]
         for p in procs:
             p.start()
         try:
@@ -126,7 +150,7 @@ def test_a_killed_memory_node_loses_nothing(backend, victim, kill_client, tmp_pa
             marks = list(progress)
             survivors = procs[1:] if kill_client else procs
             _wait(lambda: all(progress[i] >= marks[i] + AFTER
-                              for i in range(CLIENTS) if procs[i] in survivors),
+                              for i in range(clients) if procs[i] in survivors),
                   "the surviving clients to carry on after the failover")
             stop.set()
             for p in survivors:
@@ -141,7 +165,7 @@ def test_a_killed_memory_node_loses_nothing(backend, victim, kill_client, tmp_pa
                     p.join()
         # every id is recovered (the killed client's after its lease ran out), none pending
         status = _wait(lambda: (s := c.master_status())["repairs"] == {} and
-                       len(s["free_ids"]) == CLIENTS and s, "the master's repairs")
+                       len(s["free_ids"]) == clients and s, "the master's repairs")
         membership = Membership.from_wire(status["membership"])
         assert membership.epoch == 1 and membership.dead == {victim}
         ops = [op for i, out in enumerate(outs) for op in _history(f"c{i}", out)]
@@ -151,7 +175,7 @@ def test_a_killed_memory_node_loses_nothing(backend, victim, kill_client, tmp_pa
         assert sum(op.status == CRASHED for op in ops) <= (1 if kill_client else 0)
         with c.client() as reader:
             assert reader.lease.membership == membership
-            for key in KEYS:
+            for key in KEYS + sorted({op.key for op in ops} - set(KEYS)):
                 t = 2 * time.monotonic_ns()
                 ops.append(Op(0, "reader", "get", key, None, t, t + 1, OK, reader.get(key)))
         _wait(lambda: c.master_status()["repairs"] == {}, "the reader's id to be back")
@@ -161,7 +185,9 @@ def test_a_killed_memory_node_loses_nothing(backend, victim, kill_client, tmp_pa
         assert verdict.ok, verdict.explain()
         with c.transport(dead=membership.dead) as t:
             report = run(audit(c.config, (), membership), t)
+            problems = run(check_index(c.config, membership), t)
         assert report.ok, report.explain()
+        assert not problems, "\n".join(problems)
         assert report.objects > 0
 
 
