@@ -28,6 +28,7 @@ from typing import Iterable, Mapping
 
 from fusee.driver import run_concurrently
 from fusee.errors import FuseeError
+from fusee.operations import ClientCore
 
 #: operations in flight by default: enough to hide a network round trip behind the client's
 #: work on the others, few enough that one batch stays small
@@ -54,27 +55,29 @@ class Pipeline:
         if type(depth) is not int or depth < 1:
             raise ValueError("depth must be a positive int")
         self.client, self.depth = client, depth
-        self._queue: list[tuple[bytes, object]] = []       # (key, unstarted operation)
+        self._queue: list[tuple] = []      # (key, ClientCore operation, its arguments)
         self.results: list | None = None
 
     def get(self, key) -> "Pipeline":
-        return self._add(key, self.client.core.search, key)
+        return self._add(key, ClientCore.search, key)
 
     def insert(self, key, value) -> "Pipeline":
-        return self._add(key, self.client.core.insert, key, value)
+        return self._add(key, ClientCore.insert, key, value)
 
     def update(self, key, value) -> "Pipeline":
-        return self._add(key, self.client.core.update, key, value)
+        return self._add(key, ClientCore.update, key, value)
 
     def put(self, key, value) -> "Pipeline":
-        return self._add(key, self.client.core.put, key, value)
+        return self._add(key, ClientCore.put, key, value)
 
     def delete(self, key) -> "Pipeline":
-        return self._add(key, self.client.core.delete, key)
+        return self._add(key, ClientCore.delete, key)
 
     def _add(self, key, operation, *args) -> "Pipeline":
-        op = operation(*args)           # checks the arguments: bad ones raise here
-        self._queue.append((bytes(key), op))
+        # checks the arguments (bad ones raise here); the operation itself is made when the
+        # queue runs, on the core ``Client.ready`` hands out then (a settle may replace it)
+        operation(self.client.core, *args).close()
+        self._queue.append((bytes(key), operation, args))
         return self
 
     def __len__(self) -> int:
@@ -82,18 +85,18 @@ class Pipeline:
 
     def execute(self, raise_on_error: bool = True) -> list:
         """Run every queued operation; their outcomes in queue order (see the module doc)."""
-        if self.client.closed:
-            raise RuntimeError("this client is closed")
+        core = self.client.ready()      # open, not a fork's child, nothing left cut short
         queue, self._queue = self._queue, []
-        results: list = [None] * len(queue)
+        ops = [(key, operation(core, *args)) for key, operation, args in queue]
+        results: list = [None] * len(ops)
         chains: dict[bytes, list[tuple[int, object]]] = {}
-        for i, (key, op) in enumerate(queue):
+        for i, (key, op) in enumerate(ops):
             chains.setdefault(key, []).append((i, op))
         try:
             run_concurrently((_in_order(chain, results) for chain in chains.values()),
                              self.client.executor, self.depth, _ignore)
         except BaseException:
-            for _, op in queue:         # those never started (the others are closed already)
+            for _, op in ops:           # those never started (the others are closed already)
                 op.close()
             raise
         self.results = results
@@ -108,8 +111,6 @@ class Pipeline:
         if exc_type is None and self._queue:
             self.execute()
         else:
-            for _, op in self._queue:
-                op.close()
             self._queue = []
 
 

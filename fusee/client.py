@@ -157,8 +157,14 @@ class Client:
         return self.core.client_id
 
     def _run(self, operation, *args):
-        """Run ``operation(core, *args)`` on a settled core: an operation cut short before
-        (a KeyboardInterrupt caught by the caller, say) is settled first (``fusee.settle``)."""
+        """Run ``operation(core, *args)`` on a settled core (``ready``)."""
+        return run(operation(self.ready(), *args), self.executor)
+
+    def ready(self) -> ClientCore:
+        """The core every operation of this client must run on, checked first: the client
+        is open and belongs to this process (not a fork's child), and an operation cut short
+        before (a KeyboardInterrupt caught by the caller, say) is settled (``fusee.settle``).
+        Single operations and batches (``fusee.batch``) alike go through here."""
         if self.closed:
             raise RuntimeError("this client is closed")
         if self._forks != _forks:
@@ -166,7 +172,7 @@ class Client:
                                f"since: open a new client in process {os.getpid()}")
         if not self.core.settled:
             self.core = run(settled(self.core, self.recovery_owner), self.executor)
-        return run(operation(self.core, *args), self.executor)
+        return self.core
 
     def get(self, key: bytes) -> bytes | None:
         """The key's value, or None when the key is absent."""

@@ -45,7 +45,8 @@ def _wait_child(pid: int, timeout: float = 60.0) -> int:
 def test_a_client_used_after_fork_is_refused_in_the_child(backend):
     """Before: on shm the child wrote through the parent's client (its id, log and blocks:
     lost acknowledged puts, CorruptObject); on zmq it hung in ``put`` on the parent's
-    sockets. Now the child gets ForkedClient, its ``close()`` leaves the parent's client be,
+    sockets; the batch API (put_many, get_many, pipeline) too. Now the child gets ForkedClient
+    from each, its ``close()`` leaves the parent's client be,
     and a client it opens itself works; the parent's carries on throughout."""
     with LocalCluster(memnodes=3, transport=backend, replication=2) as c:
         with c.client() as kv:
@@ -54,10 +55,18 @@ def test_a_client_used_after_fork_is_refused_in_the_child(backend):
             if pid == 0:                                    # the child
                 code = 1
                 try:
-                    try:
-                        kv.put(b"child", b"through the parent's client")
-                        code = 3
-                    except ForkedClient:
+                    attempts = [lambda: kv.put(b"child", b"through the parent's client"),
+                                lambda: kv.put_many({b"child": b"through a batch"}),
+                                lambda: kv.get_many([b"before"]),
+                                lambda: kv.pipeline().put(b"child", b"piped").execute()]
+                    refused = 0
+                    for attempt in attempts:
+                        try:
+                            attempt()
+                        except ForkedClient:
+                            refused += 1
+                    code = 3
+                    if refused == len(attempts):
                         kv.close()
                         with Client.connect(c.config_path) as own:
                             own.put(b"child", b"own client")

@@ -134,6 +134,29 @@ def test_ctrl_c_caught_then_the_client_goes_on():
     _writable_and_clean(cfg, mem, "after the client went on")
 
 
+@pytest.mark.parametrize("batch", ["put_many", "pipeline"])
+@pytest.mark.parametrize("after", [2, 3])
+def test_ctrl_c_caught_then_a_batch_goes_on(batch, after):
+    """As above, but the next write of the key is a batch (``fusee.batch``): it must settle
+    the cut operation first too, not wait on the client's own open round (Stalled)."""
+    cfg = config(nodes=3, r=3)
+    mem = _store(cfg, "update")
+    t = CtrlC(LocalTransport(cfg, memory=mem))
+    with Client(t) as kv:
+        kv.core.patience = PATIENCE
+        t.arm(after)
+        with pytest.raises(KeyboardInterrupt):
+            kv.update(b"k", b"cut")
+        if batch == "put_many":
+            kv.put_many({b"k": b"next", b"other": b"o"})
+        else:
+            with kv.pipeline() as p:
+                p.put(b"k", b"next").put(b"other", b"o")
+        assert kv.get_many([b"k", b"other"]) == [b"next", b"o"]
+        assert kv.core.settled
+    _writable_and_clean(cfg, mem, f"after a {batch} went on")
+
+
 def test_second_ctrl_c_during_close_leaves_the_id_for_recovery():
     """Ctrl-C during an insert, then again at each batch of the close that settles it: the
     id is never CLEAN with the claim open (recovering it, as its next holder must, leaves
