@@ -46,7 +46,7 @@ from fusee.failover import failover
 from fusee.master import LeaseError, Master, StateError, TransitionInProgress
 from fusee.membership import Membership
 from fusee.layout import CLEAN
-from fusee.operations import client_states, fresh_client_id
+from fusee.client_ids import client_states, fresh_client_id
 from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 from transports.channel import Channels

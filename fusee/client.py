@@ -17,7 +17,7 @@ thread renews the lease (``transports.master_link``), and once the lease has run
 operation raises ``fusee.master.LeaseExpired`` before posting a verb (the master then recovers
 the client's unfinished operations). When a memory node dies, operations pause while the
 master fails it over, then carry on in the new membership epoch (``_LeaseGuard``). ``close()``
-gives the id back. Without a master, the id is drawn from the MNs (``draw_client_id``: one
+gives the id back. Without a master, the id is drawn from the MNs (``fusee.client_ids``: one
 closed cleanly, else a fresh one) and claimed there (``ClientCore.open``), there is no lease,
 and a dead memory node fails the operations that need it (nobody fails it over).
 
@@ -38,7 +38,8 @@ from fusee.driver import run
 from fusee.errors import ForkedClient
 from fusee.master import LeaseExpired
 from fusee.membership import Membership
-from fusee.operations import ClientCore, open_client
+from fusee.client_ids import open_client
+from fusee.operations import ClientCore
 from fusee.replication import BACKOFF, FAST_POLLS
 from fusee.recovery import MASTER, recover_client
 from fusee.settle import closing, settled

@@ -52,7 +52,7 @@ from fusee.layout import (COMMITTED, FAILOVER_ID, FROZEN, INSERT, RETIRED, SLOTS
 from fusee.membership import Membership
 from fusee.operations import ClientCore
 from fusee.resize import finish
-from fusee.verbs import Cas, Read, Write, chunks
+from fusee.verbs import Cas, Read, chunks
 
 
 class FailoverError(FuseeError):

@@ -30,7 +30,7 @@ its previous holder may still be in flight. A clean ``release`` takes the same p
 of a client that closed cleanly finds nothing to finish, and it keeps one rule for every id).
 
 Fresh ids come from the master's own counter (``next_id``), persisted with the rest: the MNs'
-counter word (``fusee.operations.fresh_client_id``) seeds it once, and after that no MN is
+counter word (``fusee.client_ids.fresh_client_id``) seeds it once, and after that no MN is
 needed to register, whichever of them is dead; a counter copy on another MN could be stale.
 The same seeding takes in what the MNs say of the ids (``seed_ids``), so that the leases and
 the ids' STATE words agree even on a cluster used before the master (or its state) existed.

@@ -38,7 +38,7 @@ from fusee import insert as insert_mod
 from fusee.allocation import Allocator
 from fusee.cache import IndexCache
 from fusee.config import ClusterConfig
-from fusee.errors import (ClientLimit, CorruptObject, KeyExists, KeyNotFound, NeedsRecovery,
+from fusee.errors import (CorruptObject, KeyExists, KeyNotFound, NeedsRecovery,
                           Stalled, StoreFormatError, check_key, check_value)
 from fusee.hashing import KeyHash, key_hash
 from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry, View
@@ -50,12 +50,12 @@ from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, IN_USE, INS
                           slot_addr, slot_node, slot_ref, slot_units, unpack_u64)
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import FRESH, Membership
-from fusee.memory_map import HEADER_CLIENT_IDS, HEADER_LAYOUT, MemoryMap
+from fusee.memory_map import HEADER_LAYOUT, MemoryMap
 from fusee.replication import (LOSE, RESTART, WIN, SlotTarget, await_change, backoff,
                                cas_primary, fix_requests, propose, resolve, unfreeze_requests)
 from fusee.reuse import ObjectReads, is_named
 from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, NodeTimeout,
-                         Read, TransportError, Write, chunks)
+                         Read, TransportError, Write)
 
 
 #: a SEARCH on the backups of a dead primary cannot tell before the failover
@@ -66,73 +66,6 @@ UNSURE = object()
 #: master takes to fail over an MN or recover a client): far longer than a live client takes
 #: to finish a round or a split
 PATIENCE = 200_000
-
-
-def fresh_client_id(config: ClusterConfig, membership: Membership = Membership()):
-    """Generator: an id never drawn before, by FAA on the client-id counter of every live
-    directory replica (the largest old value: a replica that missed a draw lags behind)."""
-    nodes = Directory(IndexGeometry.of(config.layout), len(config.memnodes), config.replicas,
-                      membership).replicas
-    cid = max((yield [Faa(n, HEADER_CLIENT_IDS, 1) for n in nodes]))
-    if cid >= config.layout.max_clients:
-        raise ClientLimit(f"all {config.layout.max_clients} client ids are in use")
-    return cid
-
-
-def draw_client_id(config: ClusterConfig, membership: Membership = Membership(),
-                   taken: frozenset[int] = frozenset()):
-    """Generator: an id for a client without a master to claim. Ids closed CLEAN are reused
-    before a fresh one is drawn (``fresh_client_id``), those holding blocks first: their next
-    holder adopts the blocks (``fusee.holdings``), so closed clients leave neither ids nor
-    memory behind. The draw takes no lock: ``ClientCore.open`` claims the id with a CAS on
-    its state word, and a claimant that loses (to another drawer, or to a client that asked
-    for the id by number) draws again with the id in ``taken``."""
-    (counter,) = yield [Read(_first_meta_node(config, membership), HEADER_CLIENT_IDS, 8)]
-    ids = [i for i in range(min(unpack_u64(counter), config.layout.max_clients))
-           if i not in taken]
-    states = yield from client_states(config, membership, ids)
-    clean = [(groups == 0, i) for i, (state, groups) in zip(ids, states) if state == CLEAN]
-    if clean:
-        return min(clean)[1]
-    return (yield from fresh_client_id(config, membership))
-
-
-def open_client(config: ClusterConfig, client_id: int | None = None,
-                membership: Membership = Membership(), **core_args):
-    """Generator: a ClientCore opened on ``client_id``, or on an id drawn from the MNs
-    (``draw_client_id``; another is drawn when a concurrent client claims that one first).
-    ``core_args`` go to ClientCore."""
-    taken: set[int] = set()
-    while True:
-        cid = client_id
-        if cid is None:
-            cid = yield from draw_client_id(config, membership, frozenset(taken))
-        core = ClientCore(config, cid, membership=membership, **core_args)
-        try:
-            yield from core.open()
-            return core
-        except NeedsRecovery:
-            if client_id is not None:
-                raise
-            assert cid not in taken, "an id drawn twice in one claim"
-            taken.add(cid)
-
-
-def client_states(config: ClusterConfig, membership: Membership, ids: list[int]):
-    """Generator: the (STATE word, block group count) of each of ``ids``, as the first live
-    metadata replica has them (the one ``ClientCore.open`` claims ids on)."""
-    mmap_ = MemoryMap.of(config.layout)
-    m0 = _first_meta_node(config, membership)
-    words = []
-    for batch in chunks([Read(m0, mmap_.client_meta(i) + off, 8)
-                         for i in ids for off in (META_STATE, META_GROUPS)]):
-        words += yield batch
-    return [(unpack_u64(words[k]), unpack_u64(words[k + 1])) for k in range(0, len(words), 2)]
-
-
-def _first_meta_node(config: ClusterConfig, membership: Membership) -> int:
-    return Directory(IndexGeometry.of(config.layout), len(config.memnodes), config.replicas,
-                     membership).replicas[0]
 
 
 class ClientCore:

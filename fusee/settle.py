@@ -40,7 +40,7 @@ def settled(core: ClientCore, owner: int):
     while True:
         try:
             # the id keeps this client's claim throughout: CLEAN, even for a moment, would
-            # let another client draw and claim it (``fusee.operations.draw_client_id``)
+            # let another client draw and claim it (``fusee.client_ids.draw_client_id``)
             yield from recover_client(core.config, core.client_id, owner=owner,
                                       membership=core.membership, leave=core.claim)
             break

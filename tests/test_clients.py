@@ -20,7 +20,8 @@ from fusee.layout import CLEAN, META_STATE, unpack_u64
 from fusee.master import Master
 from fusee.memory_map import MemoryMap
 from fusee.membership import Membership
-from fusee.operations import ClientCore, client_states, open_client
+from fusee.client_ids import client_states, open_client
+from fusee.operations import ClientCore
 from fusee.audit import audit
 from fusee.recovery import recover_client
 from fusee.verbs import EpochChanged, Read
