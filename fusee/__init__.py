@@ -3,7 +3,7 @@
 ``from fusee import Client, LocalCluster`` works, but importing ``fusee`` (or ``fusee.verbs``)
 loads neither of them: transports import ``fusee.verbs``, so an eager import here would be a
 cycle and would pull ZeroMQ into every memory node and simulator. They load on first access
-(PEP 562).
+(PEP 562), as does ``__version__`` (the installed distribution's version).
 """
 
 from __future__ import annotations
@@ -11,10 +11,14 @@ from __future__ import annotations
 _LAZY = {"Client": ("fusee.client", "Client"),
          "LocalCluster": ("emulator.cluster", "LocalCluster")}
 
-__all__ = list(_LAZY)
+__all__ = [*_LAZY, "__version__"]
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        from importlib.metadata import version
+        globals()[name] = value = version("fusee")
+        return value
     try:
         module, attr = _LAZY[name]
     except KeyError:

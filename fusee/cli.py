@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 
+import fusee
 from fusee.config import ConfigError
 
 
@@ -112,6 +113,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="fusee", description="A fully memory-disaggregated "
                                 "key-value store (after FUSEE, FAST '23).")
+    p.add_argument("--version", action="version", version=f"fusee {fusee.__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("memnode", help="run one memory node (see fusee memnode --help)")
     sub.add_parser("master", help="run the master: MN membership, client leases, recovery "

@@ -41,3 +41,18 @@ def test_errors_are_plain_messages(cluster):
     assert gone.returncode == 1 and "not found" in gone.stderr
     bad = fusee("get", "--config", "/nonexistent.toml", "k", check=False)
     assert bad.returncode == 2 and "cannot read cluster config" in bad.stderr
+
+
+def test_version_is_the_installed_distributions():
+    """``fusee --version`` and ``fusee.__version__`` name the installed distribution, and the
+    package says it is typed (PEP 561)."""
+    import importlib.metadata
+    from pathlib import Path
+
+    import fusee as package
+
+    expected = importlib.metadata.version("fusee")
+    assert package.__version__ == expected
+    out = fusee("--version")
+    assert out.stdout.strip() == f"fusee {expected}"
+    assert (Path(package.__file__).parent / "py.typed").is_file()
