@@ -35,6 +35,7 @@ from __future__ import annotations
 import secrets
 
 from fusee import insert as insert_mod
+from fusee import search as search_mod
 from fusee.allocation import Allocator
 from fusee.cache import IndexCache
 from fusee.config import ClusterConfig
@@ -43,23 +44,20 @@ from fusee.errors import (CorruptObject, KeyExists, KeyNotFound, NeedsRecovery,
 from fusee.hashing import KeyHash, key_hash
 from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry, View
 from fusee.holdings import adopt
-from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, IN_USE, INSERT, LOST,
+from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, IN_USE, LOST,
                           MAX_CLIENT_IDS, META_GROUPS, META_INCARNATION, META_MAGIC,
                           META_MAGIC_OFF, META_STATE, NO_SLOT, TAIL_BYTES, UPDATE,
-                          decode_object, free_value, make_slot, object_tail, pack_u64,
+                          free_value, make_slot, object_tail, pack_u64,
                           slot_addr, slot_node, slot_ref, slot_units, unpack_u64)
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import FRESH, Membership
 from fusee.memory_map import HEADER_LAYOUT, MemoryMap
 from fusee.replication import (LOSE, RESTART, WIN, SlotTarget, await_change, backoff,
                                cas_primary, fix_requests, propose, resolve, unfreeze_requests)
-from fusee.reuse import ObjectReads, is_named
-from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, NodeTimeout,
-                         Read, TransportError, Write)
+from fusee.reuse import ObjectReads
+from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, Read,
+                         TransportError, Write)
 
-
-#: a SEARCH on the backups of a dead primary cannot tell before the failover
-UNSURE = object()
 
 #: re-reads an operation spends waiting on another client before it raises Stalled (about a
 #: minute with the back-off between them; ``fusee.client.Client`` sets it from the time a
@@ -113,7 +111,7 @@ class ClientCore:
 
     def search(self, key):
         key = check_key(key, self.layout.max_key_size)
-        return self.tracked(self._search(key, key_hash(key)))
+        return self.tracked(search_mod.search(self, key, key_hash(key)))
 
     def insert(self, key, value):
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
@@ -404,80 +402,6 @@ class ClientCore:
         """A fresh tombstone / void value of this client (SNAPSHOT proposals are distinct)."""
         self.free_seq += 1
         return free_value(self.client_id, self.free_seq)
-
-    # -- SEARCH ----------------------------------------------------------------------------
-    def _search(self, key: bytes, h: KeyHash):
-        suspects = ObjectReads(self.unit)
-        waits = 0
-        while True:
-            try:
-                sid, _ = self.dir.lookup(h)
-                reads, firsts = self.bucket_reads(sid, h, self.dir.nodes(sid)[0])
-                e = self.cache.get(key)
-                if e is not None and e.sid != sid:
-                    self.cache.drop(key)
-                    e = None
-                spec = e is not None and self.cache.use(e)
-                res = yield from self.rt(reads + ([self.object_read(e.value)] if spec else []))
-                view = View(res[:2], firsts, sid)
-                if view.stale:
-                    waits = yield from self.split_seen(sid, waits)
-                    continue
-                if e is not None:
-                    hit = view.get(e.pos) == e.value
-                    if spec and hit:
-                        obj = decode_object(res[2])
-                        if obj is not None and obj.key == key and is_named(e.value, obj, key):
-                            self.cache.outcome(e, True)
-                            return obj.value
-                        hit = False
-                    self.cache.outcome(e, hit)
-                found = yield from self.find(key, view, h, suspects)
-                if found is False:
-                    continue
-                if found is None:
-                    return None
-                pos, v, obj = found
-                self.cache.store(key, sid, pos, v)
-                return obj.value
-            except EPOCH_ENDS as err:
-                nodes = self.dir.nodes(sid)
-                if type(err) is NodeTimeout and err.node == nodes[0] and len(nodes) > 1:
-                    try:
-                        got = yield from self._search_backups(key, h, sid, nodes[1:])
-                    except EPOCH_ENDS as again:
-                        got, err = UNSURE, again
-                    if got is not UNSURE:
-                        self.counters["backup_reads"] += 1
-                        return got
-                yield from self.new_epoch(err)
-
-    def _search_backups(self, key: bytes, h: KeyHash, sid: int, backups):
-        """Generator: SEARCH on the live backups of a subtable whose primary stopped
-        answering (SPEC §8). The backups are never older than the primary, and where they
-        agree on the key's slots the failover keeps their values (every writer of such a
-        round saw its proposal on all of them), except an insert's claim not yet committed:
-        then, or where they disagree, UNSURE (the failover must decide first)."""
-        reads, firsts = [], None
-        for n in backups:
-            more, firsts = self.bucket_reads(sid, h, n)
-            reads += more
-        res = yield from self.rt(reads)
-        views = [View(res[i:i + 2], firsts, sid) for i in range(0, len(res), 2)]
-        cands = views[0].candidates(h.fp)
-        if any(v.stale or v.candidates(h.fp) != cands for v in views):
-            return UNSURE
-        if not cands:
-            return None
-        bufs = yield from self.rt([self.object_read(v) for _, v in cands])
-        for buf in bufs:
-            obj = decode_object(buf)
-            if obj is None or obj.key == key and obj.opcode == INSERT and \
-                    obj.state != COMMITTED:
-                return UNSURE
-            if obj.key == key:
-                return obj.value
-        return None
 
     # -- UPDATE / DELETE -------------------------------------------------------------------
     def _locate(self, key: bytes, h: KeyHash, writes: list):

@@ -3,7 +3,8 @@
 A toy store (a map of registers, one CAS word per key) tests the simulator itself and shows the
 checker has teeth with deliberately broken variants. Then the real store (fusee.operations):
 thousands of seeded schedules of several clients on a few hot keys, r = 3 over 3 MNs (and r = 1,
-2), every history checked; and mutation tests: SNAPSHOT with a rule broken must be caught.
+2), every history checked. The mutation tests (SNAPSHOT with a rule broken must be caught)
+run these schedules from tests/test_mutants.py.
 
 Replay a failing seed: ``store_schedule(seed)`` (or ``toy_schedule``) with the arguments the
 test names, then ``check(sim.history).explain()``.
@@ -20,20 +21,16 @@ from pathlib import Path
 
 import pytest
 
-import fusee.layout
-import fusee.replication
 from emulator.history import CRASHED, OK
 from emulator.linearizability import check
 from emulator.simulator import (Call, SimulationError, Simulator, class_filling_sizes,
                                 kv_workload, store_calls)
-from fusee.audit import audit
 from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig
-from fusee.driver import run
 from fusee.errors import KeyExists as StoreKeyExists, KeyNotFound as StoreKeyNotFound
 from fusee.memory_map import MemoryMap
 from fusee.operations import ClientCore
 from fusee.verbs import (AllocBlock, Cas, NodeTimeout, Read, TransportError, Write)
-from transports.local import LocalMemory, LocalTransport
+from transports.local import LocalMemory
 
 KiB = 1024
 SMALL = LayoutConfig(region_size=1024 * KiB, block_size=64 * KiB, max_clients=16,
@@ -513,99 +510,6 @@ def test_a_seed_replays_exactly_in_another_process():
     sim = store_schedule(7)[0]
     here = hashlib.sha256((sim.history.format() + str(sim.stats)).encode()).hexdigest()
     assert digests == {here + "\n"}
-
-
-# -- mutation tests: SNAPSHOT with a rule broken must be caught -------------------------------
-
-def _patch_everywhere(monkeypatch, name, new):
-    """Replace ``fusee.replication.<name>`` in every fusee module that imported it."""
-    orig = getattr(fusee.replication, name)
-    for mod in list(sys.modules.values()):
-        if getattr(mod, "__name__", "").startswith("fusee") and getattr(mod, name, None) is orig:
-            monkeypatch.setattr(mod, name, new)
-
-
-def _loser_does_not_wait(t, v_old, current, extra=(), patience=0):
-    """BROKEN step 5: a loser returns at once instead of waiting for the primary to change, so
-    its UPDATE is acknowledged before the winner's linearization point."""
-    if extra:
-        yield list(extra)
-    return fusee.replication.LOSE
-
-
-def _winner_skips_fix_up(t, current, v_new):
-    """BROKEN step 4: the winner leaves other proposals on the backups."""
-    return []
-
-
-def _rule3_largest(t, v_old, v_new, current):
-    """Rule 3 electing the LARGEST proposal instead of the smallest."""
-    verdict = fusee.replication.decide(current, v_new)
-    if verdict != fusee.replication.RULE3:
-        return verdict
-    now = word((yield [Read(t.primary, t.addr, 8)])[0])
-    if now != v_old:
-        return (fusee.replication.RESTART if now == v_old | fusee.layout.FROZEN
-                else fusee.replication.LOSE)
-    return fusee.replication.WIN if max(current) == v_new else fusee.replication.LOSE
-
-
-#: mutant -> (name in fusee.replication, broken version, workload that exposes it)
-MUTANTS = {"loser-does-not-wait": ("await_change", _loser_does_not_wait, {}),
-           "winner-skips-fix-up": ("fix_requests", _winner_skips_fix_up,
-                                   dict(clients=6, keys=KEYS[:2]))}
-
-
-def _what_is_wrong(sim, cores) -> str | None:
-    """The checker's explanation of a schedule's history, else the audit's of the store it
-    left (unsettled rounds...), or None: nothing."""
-    report = check(sim.history)
-    if not report.ok:
-        return report.explain()
-    mem = sim.memory
-    found = run(audit(mem.config, cores), LocalTransport(mem.config, memory=mem))
-    return None if found.ok else found.explain()
-
-
-@pytest.mark.parametrize("mutant", MUTANTS)
-def test_checker_catches_a_broken_snapshot_rule(monkeypatch, mutant):
-    """Some seed's history must be NOT linearizable, or the store it leaves fail the audit (a
-    winner that skips its fix-ups leaves rounds unsettled; with slot values that never come
-    back, its next rounds mostly wedge rather than show in the history). (A broken rule may
-    also leave a writer waiting forever: such runs are cut short and skipped.)"""
-    name, broken, workload = MUTANTS[mutant]
-    _patch_everywhere(monkeypatch, name, broken)
-    stuck = 0
-    for seed in range(600):
-        try:
-            wrong = _what_is_wrong(*store_schedule(seed, max_steps=4_000, **workload))
-        except SimulationError:
-            stuck += 1
-            continue
-        if wrong:
-            break
-    else:
-        pytest.fail(f"{mutant} was never caught by the checks ({stuck} schedules stuck)")
-    assert _what_is_wrong(*store_schedule(seed, max_steps=4_000, **workload)) == wrong
-
-
-@pytest.mark.soak
-@pytest.mark.timeout(3600)
-def test_rule3_electing_the_largest_proposal_is_caught(monkeypatch):
-    """Not a safety bug in a plain round (every writer sees the same backup values, and the
-    largest is as good a tie-break as the smallest), but INSERT's withdrawal writes a void into
-    a round that is still open, and only the smallest-wins rule makes a late proposer seeing
-    [its own claim, a void] lose. With the largest it elects itself and waits forever (about
-    one schedule in 1500 with this workload): caught as a stuck run, or by the checker."""
-    _patch_everywhere(monkeypatch, "resolve", _rule3_largest)
-    for seed in range(20_000):
-        try:
-            sim, _ = store_schedule(seed, max_steps=4_000)
-        except SimulationError:
-            return
-        if not check(sim.history).ok:
-            return
-    pytest.fail("Rule 3 electing the largest proposal was never caught")
 
 
 #: shape -> (workload, schedules); seeds are disjoint from the normal suite's

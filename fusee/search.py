@@ -1,0 +1,95 @@
+"""SEARCH: one round trip to the key's buckets (with the cached object read alongside, when
+the index cache knows the key's slot), a second to its candidate objects when the cache
+missed. Objects met while their memory is reused are read again (``fusee.reuse``).
+
+When the primary of the key's subtable stops answering, the search reads the live backups
+instead of waiting for the failover, where that is safe (``_on_backups``).
+"""
+
+from __future__ import annotations
+
+from fusee.hashing import KeyHash
+from fusee.index import View
+from fusee.layout import COMMITTED, DELETE, INSERT, decode_object
+from fusee.reuse import ObjectReads, is_named
+from fusee.verbs import EPOCH_ENDS, NodeTimeout
+
+#: a SEARCH on the backups of a dead primary cannot tell before the failover
+UNSURE = object()
+
+
+def search(core, key: bytes, h: KeyHash):
+    """Generator: the SEARCH operation of ``core`` (a ClientCore): the key's value or None."""
+    suspects = ObjectReads(core.unit)
+    waits = 0
+    while True:
+        try:
+            sid, _ = core.dir.lookup(h)
+            reads, firsts = core.bucket_reads(sid, h, core.dir.nodes(sid)[0])
+            e = core.cache.get(key)
+            if e is not None and e.sid != sid:
+                core.cache.drop(key)
+                e = None
+            spec = e is not None and core.cache.use(e)
+            res = yield from core.rt(reads + ([core.object_read(e.value)] if spec else []))
+            view = View(res[:2], firsts, sid)
+            if view.stale:
+                waits = yield from core.split_seen(sid, waits)
+                continue
+            if e is not None:
+                hit = view.get(e.pos) == e.value
+                if spec and hit:
+                    obj = decode_object(res[2])
+                    if obj is not None and obj.key == key and is_named(e.value, obj, key):
+                        core.cache.outcome(e, True)
+                        return obj.value
+                    hit = False
+                core.cache.outcome(e, hit)
+            found = yield from core.find(key, view, h, suspects)
+            if found is False:
+                continue
+            if found is None:
+                return None
+            pos, v, obj = found
+            core.cache.store(key, sid, pos, v)
+            return obj.value
+        except EPOCH_ENDS as err:
+            nodes = core.dir.nodes(sid)
+            if type(err) is NodeTimeout and err.node == nodes[0] and len(nodes) > 1:
+                try:
+                    got = yield from _on_backups(core, key, h, sid, nodes[1:])
+                except EPOCH_ENDS as again:
+                    got, err = UNSURE, again
+                if got is not UNSURE:
+                    core.counters["backup_reads"] += 1
+                    return got
+            yield from core.new_epoch(err)
+
+
+def _on_backups(core, key: bytes, h: KeyHash, sid: int, backups):
+    """Generator: SEARCH on the live backups of a subtable whose primary stopped
+    answering. The backups are never older than the primary, and where they
+    agree on the key's slots the failover keeps their values (every writer of such a
+    round saw its proposal on all of them), except an insert's claim not yet committed:
+    then, or where they disagree, UNSURE (the failover must decide first)."""
+    reads, firsts = [], None
+    for n in backups:
+        more, firsts = core.bucket_reads(sid, h, n)
+        reads += more
+    res = yield from core.rt(reads)
+    views = [View(res[i:i + 2], firsts, sid) for i in range(0, len(res), 2)]
+    cands = views[0].candidates(h.fp)
+    if any(v.stale or v.candidates(h.fp) != cands for v in views):
+        return UNSURE
+    if not cands:
+        return None
+    bufs = yield from core.rt([core.object_read(v) for _, v in cands])
+    for (_, v), buf in zip(cands, bufs):
+        obj = decode_object(buf)
+        if obj is None or not is_named(v, obj, key):
+            return UNSURE           # memory being reused (``fusee.reuse``): no verdict here
+        if obj.key == key:
+            if obj.opcode == INSERT and obj.state != COMMITTED or obj.opcode == DELETE:
+                return UNSURE
+            return obj.value
+    return None
