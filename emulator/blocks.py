@@ -1,7 +1,9 @@
-"""The memory node's one piece of CPU work: handing out data blocks (SPEC §7, MN level).
+"""The memory node's one piece of CPU work: handing out data blocks.
 
 The block-allocation table lives in the region itself (one word per block: owner id + 1, or
 0 when free), so that recovery can read who owns what with one-sided READs alone.
+
+Design: docs/design.md#two-level-allocation (the MN level).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The master process (`fusee master`): membership, client leases, failovers and repairs
-(SPEC §1, §8).
+(docs/design.md#the-master).
 
 It wraps the sans-IO ``fusee.master.Master`` with I/O, on three threads that share it under a
 lock:

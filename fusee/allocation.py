@@ -1,4 +1,4 @@
-"""Two-level memory management (SPEC §7).
+"""Two-level memory management (docs/design.md#two-level-allocation).
 
 MN level: a *block group* is one data block on each of the r MNs that replicate the objects
 carved from it (``replica_nodes`` of its first MN, every copy at the same address), obtained

@@ -1,4 +1,4 @@
-"""The client's index cache (SPEC §5): key -> where its slot is and the slot value last seen.
+"""The client's index cache: key -> where its slot is and the slot value last seen.
 
 With an entry, SEARCH reads the cached object in the same batch as the buckets and answers in
 one round trip when the slot still holds the cached value; UPDATE and DELETE skip reading the
@@ -6,6 +6,8 @@ candidate objects. A key whose slot keeps changing under us (other writers) make
 speculative object read wasted bandwidth, so a key whose miss ratio exceeds ``threshold``
 (0.1, as in the paper) is *bypassed*: no speculative read. Its counters are still updated from
 the bucket read, and they decay, so a key that calms down is cached again.
+
+Design: docs/design.md#index-cache.
 """
 
 from __future__ import annotations

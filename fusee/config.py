@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class LayoutConfig:
-    """Sizes of the areas of every memory node's region (SPEC §3)."""
+    """Sizes of the areas of every memory node's region (docs/design.md#memory-map)."""
     region_size: int = 256 * MiB
     block_size: int = 4 * MiB           # coarse unit the MN hands to clients (paper: 16 MiB)
     max_clients: int = 1024

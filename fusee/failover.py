@@ -1,4 +1,4 @@
-"""Failover after a memory-node crash (SPEC §8), sans-IO: the master runs
+"""Failover after a memory-node crash (docs/design.md#mn-failover), sans-IO: the master runs
 ``failover(config, membership, dead)`` (the MNs that died since the last epoch) once no client
 posts verbs of the old epoch (they have paused, or their leases ran out), and publishes the
 Membership it returns.

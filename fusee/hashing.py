@@ -1,4 +1,4 @@
-"""The key hash, split into the parts RACE hashing needs (SPEC §4).
+"""The key hash, split into the parts RACE hashing needs (docs/design.md#race-hashing).
 
 One 128-bit xxHash (XXH3) of the key gives independent bit fields: the low word picks the
 subtable through the directory (its low ``dir_bits`` bits) and the 8-bit fingerprint (its top

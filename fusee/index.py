@@ -1,5 +1,5 @@
 """RACE hashing on the memory nodes: where the directory, the subtables and their buckets are,
-the index's initial image, and the client's cached copy of the directory (SPEC §4).
+the index's initial image, and the client's cached copy of the directory.
 
 Index area (offsets from ``MemoryMap.index``; every MN has the same layout)::
 
@@ -17,6 +17,8 @@ Subtables are never moved or reused: a split freezes every slot of the old subta
 it into two new ones, so a client whose cached directory is stale notices the FROZEN bit (and
 the RETIRED bucket headers). A subtable's id follows from its place in the split tree
 (``child_ids``), so a split needs no shared counter that a dead MN could take with it.
+
+Design: docs/design.md#race-hashing.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Byte formats on the memory nodes: index slots, bucket headers, KV objects and their embedded
-log entries (SPEC §4, §6). All integers are little-endian.
+log entries (docs/design.md#slots and #kv-objects). All integers are little-endian.
 
 Slot (one 8-byte atomic word)::
 
@@ -249,7 +249,8 @@ _new_view = tuple.__new__       # ObjectView(...) minus its Python-level __new__
 
 
 def commit_record(ref: int, old: int, state: int, old_crc: int = 0, number: int = 0) -> bytes:
-    """Bytes to WRITE at ``object + size - 48 + 16``: the writer's outcome (SPEC §6)."""
+    """Bytes to WRITE at ``object + size - 48 + 16``: the writer's outcome
+    (docs/design.md#commit-records)."""
     head = _RECORD.pack(ref | (number & 0xFF) << 48 | state << 56, old, old_crc)
     return head + _U32.pack(crc32(head))
 

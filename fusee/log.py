@@ -1,4 +1,4 @@
-"""The embedded operation log (SPEC §6).
+"""The embedded operation log (docs/design.md#the-embedded-log).
 
 Every object a client writes carries a log entry at its end (format in ``fusee.layout``). The
 entries of one client and one size class form a list in allocation order: each names the next

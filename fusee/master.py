@@ -1,4 +1,4 @@
-"""The master's logic, sans-IO (SPEC §1, §8): who is alive, who holds which client id, which
+"""The master's logic, sans-IO: who is alive, who holds which client id, which
 crashed clients still need recovery, and when a dead memory node's failover may run. The
 master is not on the data path; this module only decides, from the calls it gets and the time
 it is given. ``emulator.master_server`` feeds it heartbeats and RPCs and carries out the
@@ -40,6 +40,8 @@ use with their tokens, pending repairs, recycled ids and the id counter. Lease d
 pause acks are not persisted (monotonic time, and clients re-ack with every renewal): a
 restarted master gives every known client a full lease again, which is never shorter than what
 the client itself believes it has.
+
+Design: docs/design.md#the-master.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Which memory nodes are alive, per epoch, and what the last failover decided (SPEC §8).
+"""Which memory nodes are alive, per epoch, and what the last failover decided.
 
 Every replicated thing has a fixed list of r MNs (``fusee.index.replica_nodes``): a subtable,
 the directory and client metadata (MNs 0..r-1), a block group of data (the group's first MN
@@ -17,6 +17,8 @@ backup died with the primary). ``dropped`` records the proposals each failover t
 backups: the recovery of a client that crashed meanwhile tells from it that a round its log
 entry committed in never took effect (a writer that goes on after such a round does so with a
 new object, so a later entry never shows a dropped proposal).
+
+Design: docs/design.md#membership-epochs.
 """
 
 from __future__ import annotations

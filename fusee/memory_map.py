@@ -1,4 +1,4 @@
-"""Where things live inside one memory node's region (SPEC §3).
+"""Where things live inside one memory node's region (docs/design.md#memory-map).
 
     0 ............ header page: magic, layout fingerprint, client-id counter
     table ........ block-allocation table: one 8-byte word per data block (owner id + 1, 0 = free)

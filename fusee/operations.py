@@ -1,4 +1,4 @@
-"""The four operations, sans-IO (SPEC §5): ``ClientCore`` holds one client's state and hands
+"""The four operations, sans-IO: ``ClientCore`` holds one client's state and hands
 out operation generators that yield batches of ``fusee.verbs`` requests, receive their
 completions and return the result. Anything with ``execute(batch)`` can drive them
 (``fusee.driver.run``), and a simulator can interleave the verbs of many clients.
@@ -28,6 +28,8 @@ membership epoch (``AwaitMembership``); the master's failover (``fusee.failover`
 once every client has paused, and the driver throws it in as EpochChanged (also when another
 operation met the dead node first). The operation then settles the SNAPSHOT round it had open
 from the epoch's decisions (``Membership.fate``) and goes on with the live replicas.
+
+Design: docs/design.md#the-four-operations.
 """
 
 from __future__ import annotations

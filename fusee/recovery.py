@@ -1,4 +1,4 @@
-"""Client-crash recovery (SPEC §8), sans-IO: ``recover_client(config, client_id)`` is an
+"""Client-crash recovery, sans-IO: ``recover_client(config, client_id)`` is an
 operation like any other (run it with ``fusee.driver.run``), for the master or for a client
 restarting with the id (``Client(..., client_id=N, recover=True)``), which then adopts what
 the id holds (``fusee.holdings.adopt``).
@@ -34,6 +34,8 @@ Memory-node crashes: recovery runs under a membership (``fusee.membership``) and
 live replicas only. While an MN is dead but not yet failed over it meets NodeTimeout and
 fails; the master runs it again after the failover (``fusee.failover``), which has closed
 every round the dead MN left open.
+
+Design: docs/design.md#client-crash-recovery.
 """
 
 from __future__ import annotations

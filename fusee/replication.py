@@ -1,4 +1,4 @@
-"""SNAPSHOT: client-centric replication of one index slot over r MNs (SPEC §5).
+"""SNAPSHOT: client-centric replication of one index slot over r MNs.
 
 A writer READs the primary (``v_old``; the operations get it from their bucket read), CASes
 every backup ``v_old -> v_new`` in one batch, and decides from the backups' values alone:
@@ -17,6 +17,8 @@ fresh tombstone of its own (``layout.free_value``).
 
 If the primary turns out FROZEN (its subtable is being split), nobody's write happened: every
 writer of the round starts over on the new subtable.
+
+Design: docs/design.md#snapshot-replication.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class AllocBlock(NamedTuple):
     """Control request served by the MN's CPU: hand a free data block to ``owner``.
 
     Completes with the block's address. This is the only work a memory node's CPU does for
-    clients (SPEC §7), and it is off the fast path. ``at`` (a block address) asks for that
+    clients (docs/design.md#two-level-allocation), off the fast path. ``at=addr`` asks for that
     very block, refused if it is taken: the copies of a block group sit at the same address on
     every replica, so an object's pointer finds any of them (``fusee.membership``).
     """

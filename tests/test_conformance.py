@@ -1,4 +1,4 @@
-"""The verbs contract (SPEC §2), the same for every backend.
+"""The verbs contract (docs/design.md#verbs-and-batches), the same for every backend.
 
 Each test runs against a real cluster of 3 memory nodes per backend: in-process memory,
 shared memory executed by the client, and the ZeroMQ emulated NIC over ipc:// and tcp://.

@@ -1,4 +1,4 @@
-"""Memory-node crashes in the deterministic simulator (SPEC §8): an MN dies at a random verb,
+"""Memory-node crashes in the deterministic simulator: an MN dies at a random verb,
 the master's failover (``fusee.failover``) runs at a random later point with every client
 paused, and the clients carry on under the new membership; some runs crash a client too.
 A crashed client is recovered while the others go on (and again after a failover that
@@ -14,6 +14,8 @@ interrupts its recovery). After each run a reader gets every key, and then
 
 Plus the pieces: placement under a membership, aligned block groups, the failover's rules on
 hand-made slot states, the simulator's pause.
+
+Design: docs/design.md#mn-failover.
 """
 
 from __future__ import annotations

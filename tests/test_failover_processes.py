@@ -1,4 +1,4 @@
-"""A memory node killed with SIGKILL under a multi-process workload (SPEC §8), over shm and
+"""A memory node killed with SIGKILL under a multi-process workload, over shm and
 zmq, with the master failing it over: the surviving client processes pause, carry on in the
 new epoch and finish; one run kills a client process too (the master recovers it after the
 failover). Then a reader gets every key, and
@@ -10,6 +10,8 @@ failover). Then a reader gets every key, and
 
 The deterministic sweep of MN crash points is tests/test_failover.py; this is the real thing.
 Also: `fusee bench failover` (the throughput timeline across an MN kill) end to end.
+
+Design: docs/design.md#mn-failover.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def test_bad_arguments_are_rejected_before_any_verb():
 
 
 def test_round_trip_budget_with_three_replicas():
-    """SPEC §5 / issue 3: SEARCH <= 2 (1 on a cache hit), INSERT <= 4, UPDATE <= 4 (5 on a
+    """docs/design.md#round-trips: SEARCH <= 2 (1 on a cache hit), INSERT <= 4, UPDATE <= 4 (5 on a
     cache miss), DELETE <= 5, from the transport's counters, no contention."""
     _, (a, b, c) = clients(config(r=3), 3)
     seen: dict[str, list[int]] = {}

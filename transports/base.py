@@ -1,4 +1,4 @@
-"""The one small interface every verb backend offers (SPEC §2).
+"""The one small interface every verb backend offers (docs/design.md#verbs-and-batches).
 
 A transport connects to the memory nodes of a cluster, learns each registered region (length,
 access key, and whatever the backend needs to reach it), and executes *batches*: all requests

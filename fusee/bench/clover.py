@@ -1,6 +1,6 @@
 """The Clover-style baseline: a *semi*-disaggregated key-value store (Tsai et al., ATC '20).
 
-What FUSEE is measured against (SPEC §9): values live on the same memory nodes and are read
+What FUSEE is measured against: values live on the same memory nodes and are read
 and written with one-sided verbs through our transports, but the index and the allocator live
 on one metadata server (MS) process, reached by RPC over ZeroMQ (``clover_server``). Every
 INSERT, UPDATE and DELETE costs one RPC: the MS allocates the new version, switches the index
@@ -20,6 +20,8 @@ Object, ``size`` bytes (a multiple of 64) at the same key's replica nodes::
 
     +0 u64 link (tag 16 | units 8 | addr 40; units = 0: deleted)  +8 u32 crc32 of +12..end
     +12 u16 tag  +14 u16 key length  +16 u32 value length  +20 u32 0  +24 key, value
+
+Design: docs/design.md#baselines.
 """
 
 from __future__ import annotations

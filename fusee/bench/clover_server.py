@@ -1,6 +1,6 @@
 """The Clover-style baseline's metadata server: index and allocator in one process.
 
-This is the monolithic server that FUSEE removes (SPEC §9): every write of every client
+This is the monolithic server that FUSEE removes: every write of every client
 passes through its single CPU. It owns the key -> newest version map and allocates object
 memory from data blocks that it obtains from the memory nodes (their AllocBlock control
 request); it never touches a value. Freed versions are reused only after a grace period, so a
@@ -8,6 +8,8 @@ client still linking or reading an old version never sees it recycled under its 
 
 Run by ``MetadataServerProcess`` (a context manager, like ``LocalCluster``), or by hand:
 ``python -m fusee.bench.clover_server --config cluster.toml --endpoint ipc:///tmp/ms.sock``.
+
+Design: docs/design.md#baselines.
 """
 
 from __future__ import annotations
