@@ -43,7 +43,8 @@ from fusee.config import ClusterConfig, ConfigError
 from fusee.driver import run
 from fusee.errors import ClientLimit, FuseeError
 from fusee.failover import failover
-from fusee.master import LeaseError, Master, StateError, TransitionInProgress
+from fusee.master import (LeaseError, Master, StateError, StateMismatch,
+                          TransitionInProgress)
 from fusee.membership import Membership
 from fusee.layout import CLEAN
 from fusee.client_ids import client_states, fresh_client_id
@@ -51,7 +52,7 @@ from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 from transports.channel import Channels
 from transports.master_link import ERR_BUSY, ERR_LEASE
-from emulator.serving import EndpointInUse, bind, stop_condition, write_ready
+from emulator.serving import BindError, bind, stop_condition, write_ready
 from transports.security import check_endpoint, secure_server
 
 #: the repair and failover records kept for ``status`` (the newest)
@@ -122,7 +123,7 @@ class MasterServer:
         ids = [m.id for m in config.memnodes]
         state = self.file.load()
         if state is not None and state.get("cluster") != config.name:
-            raise StateError(f"{self.file.path} is the state of cluster "
+            raise StateMismatch(f"{self.file.path} is the state of cluster "
                              f"{state.get('cluster')!r}, not {config.name!r}")
         if state is None:
             self.master = Master(ids, config.client_lease, config.mn_lease, self.grace, now,
@@ -548,6 +549,10 @@ def main(argv=None) -> int:
             raise ConfigError(f"{args.config} names no master endpoint (and no --endpoint)")
         state = args.state or Path(args.config).with_name(f"{config.name}.master.json")
         server = MasterServer(config, state, args.transport)
+    except StateMismatch as e:
+        print(f"fusee master: error: {e}: if this is a new cluster, move {state} aside (or "
+              "pass another --state); if not, fix the config", file=sys.stderr)
+        return 2
     except (ConfigError, StateError) as e:
         print(f"fusee master: error: {e}", file=sys.stderr)
         return 2
@@ -561,7 +566,7 @@ def main(argv=None) -> int:
 
     try:
         server.serve(endpoint, stop, bound)
-    except (ConfigError, EndpointInUse, zmq.ZMQError) as e:
+    except (ConfigError, BindError, zmq.ZMQError) as e:
         print(f"fusee master: error: {e}", file=sys.stderr)
         return 2
     return 1 if server.failed else 0

@@ -25,8 +25,8 @@ from emulator.memory import MemoryRegion, SharedSegment, new_rkey
 from fusee.config import ClusterConfig, ConfigError
 from fusee.memory_map import MemoryMap
 from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAccessError
-from emulator.serving import (EndpointInUse, bind, claim_endpoint, stop_condition,
-                              write_ready)
+from emulator.serving import (BindError, EndpointInUse, bind, claim_endpoint,
+                              stop_condition, write_ready)
 from transports.security import check_endpoint, secure_server
 
 _cas, _faa = _atomic.cas, _atomic.faa
@@ -59,7 +59,8 @@ class MemoryNode:
     def _info(self, args: dict) -> dict:
         return {"node": self.id, "length": self.region.length, "rkey": self.region.rkey,
                 "shm_name": self.segment.name, "fingerprint": self.map.fingerprint,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "blocks": self.map.num_blocks,
+                "blocks_used": self.blocks.used(), "block_size": self.config.layout.block_size}
 
     # -- request handling: bytes in, bytes out (no I/O here, so it can be fuzzed directly) ----
     def handle(self, data: bytes) -> bytes:
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
             write_ready(args.ready_file, endpoint=endpoint, shm_name=node.segment.name)
 
         serve(node, endpoint, stop, bound)
-    except EndpointInUse as e:
+    except (BindError, ConfigError) as e:
         print(f"fusee memnode: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import subprocess
 import sys
 
@@ -56,3 +59,150 @@ def test_version_is_the_installed_distributions():
     out = fusee("--version")
     assert out.stdout.strip() == f"fusee {expected}"
     assert (Path(package.__file__).parent / "py.typed").is_file()
+
+
+def one_line_error(result, code: int, *phrases: str) -> str:
+    """``result`` failed with ``code`` and one plain line (no traceback) holding ``phrases``."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if "error" in ln or "not found" in ln
+             or "already exists" in ln]
+    assert len(lines) == 1, result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+def test_user_mistakes_get_one_line_and_a_usage_code(cluster):
+    cfg = cluster.config_path
+    one_line_error(fusee("get", "--config", cfg, "", check=False), 2, "empty key")
+    big = subprocess.run([sys.executable, "-m", "fusee.cli", "put", "--config", cfg, "big", "-"],
+                         input=b"x" * (1 << 20), capture_output=True, timeout=120, check=False)
+    one_line_error(subprocess.CompletedProcess(big.args, big.returncode, big.stdout.decode(),
+                                               big.stderr.decode()), 2, "exceeds")
+    fusee("insert", "--config", cfg, "twice", "v")
+    one_line_error(fusee("insert", "--config", cfg, "twice", "v", check=False), 1,
+                   "already exists", "fusee put")
+    traced = fusee("get", "--config", cfg, "", "--debug", check=False)
+    assert traced.returncode == 2 and "Traceback" in traced.stderr and "KeyTooLarge" in traced.stderr
+    one_line_error(fusee("frobnicate", check=False), 2)
+
+
+def test_values_from_stdin_and_json_output(cluster):
+    cfg = cluster.config_path
+    blob = bytes(range(256)) + b"\n"
+    put = subprocess.run([sys.executable, "-m", "fusee.cli", "put", "--config", cfg, "bin", "-"],
+                         input=blob, capture_output=True, timeout=120, check=False)
+    assert put.returncode == 0, put.stderr
+    raw = subprocess.run([sys.executable, "-m", "fusee.cli", "get", "--config", cfg, "bin"],
+                         capture_output=True, timeout=120, check=True)
+    assert raw.stdout == blob + b"\n"
+    as_json = json.loads(fusee("get", "--config", cfg, "bin", "--json").stdout)
+    assert as_json == {"key": "bin", "value_base64": base64.b64encode(blob).decode()}
+    fusee("put", "--config", cfg, "text", "hé")
+    assert json.loads(fusee("get", "--config", cfg, "text", "--json").stdout) == \
+        {"key": "text", "value": "hé"}
+    missing = fusee("get", "--config", cfg, "absent", "--json", check=False)
+    assert missing.returncode == 1 and json.loads(missing.stdout) == {"key": "absent",
+                                                                      "value": None}
+
+
+def test_fusee_config_is_the_default_config(cluster):
+    env = {**os.environ, "FUSEE_CONFIG": str(cluster.config_path)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "fusee.cli", *a], env=env,
+                                    capture_output=True, text=True, timeout=120, check=False)
+    assert run("put", "envkey", "envvalue").returncode == 0
+    assert run("get", "envkey").stdout == "envvalue\n"
+    one_line_error(fusee("get", "envkey", check=False), 2, "--config")
+
+
+def test_status_from_the_master_and_from_the_memory_nodes_alone():
+    with LocalCluster(memnodes=2, transport="zmq", master=True, timeout=2.0) as c:
+        cfg = c.config_path
+        view = json.loads(fusee("status", "--config", cfg, "--json").stdout)
+        assert view["master"]["pid"] == c.master_procs["master"].pid
+        assert view["epoch"] == 0 and view["clients"] == {}
+        assert [n["state"] for n in view["memnodes"]] == ["alive", "alive"]
+        assert all(n["blocks"] > 0 and n["lease_left"] > 0 for n in view["memnodes"])
+        with c.client() as kv:
+            kv.put(b"k", b"v")
+            view = json.loads(fusee("status", "--config", cfg, "--json").stdout)
+            assert len(view["clients"]) == 1
+            assert all(n["blocks_used"] >= 1 and n["used_bytes"] == n["blocks_used"] *
+                       n["block_size"] for n in view["memnodes"])
+            table = fusee("status", "--config", cfg).stdout
+            assert "epoch 0" in table and "clients: 1" in table and "MEMORY USED" in table
+        c.stop_master()
+        alone = fusee("status", "--config", cfg, "--json")
+        view = json.loads(alone.stdout)
+        assert "error" in view["master"] and "no reply" in view["master"]["error"]
+        assert [n["state"] for n in view["memnodes"]] == ["up", "up"]
+        one_line_error(fusee("get", "--config", cfg, "k", check=False), 3, "master")
+        c.kill(0)
+        table = fusee("status", "--config", cfg).stdout
+        row = next(ln for ln in table.splitlines() if ln.startswith("0 "))
+        assert "unreachable" in row and "MN 0" in row
+        c.kill(1)
+        assert fusee("status", "--config", cfg, check=False).returncode == 3
+
+
+def test_bench_without_its_extra_names_the_pip_command():
+    run = subprocess.run(
+        [sys.executable, "-c", ("import sys; sys.modules['hdrh'] = None; "
+                                "from fusee.cli import main; sys.exit(main(['bench', '--quick']))")],
+        capture_output=True, text=True, timeout=120, check=False)
+    one_line_error(run, 2, "hdrh", "pip install 'fusee[bench]'")
+
+
+PLAIN_CONFIG = """
+[cluster]
+name = "cli-test"
+master = "ipc://{dir}/master.sock"
+[security]
+allow_insecure_tcp = true
+[layout]
+region_size = 16777216
+block_size = 1048576
+index_size = 4194304
+max_clients = 16
+[[memnodes]]
+id = 0
+endpoint = "{endpoint}"
+"""
+
+
+def test_memnode_that_cannot_listen_says_why(tmp_path):
+    import socket
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(PLAIN_CONFIG.format(dir=tmp_path, endpoint="tcp://192.0.2.1:7000"))
+    one_line_error(fusee("memnode", "--config", cfg, "--id", "0", check=False), 2,
+                   "192.0.2.1", "this host's own address")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        one_line_error(fusee("memnode", "--config", cfg, "--id", "0", "--endpoint",
+                             f"tcp://127.0.0.1:{port}", check=False), 2,
+                       "served by another process", "another port")
+
+
+def test_master_with_an_old_state_file_says_what_to_do(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(PLAIN_CONFIG.format(dir=tmp_path, endpoint=f"ipc://{tmp_path}/mn0.sock"))
+    state = tmp_path / "master.json"
+    state.write_text(json.dumps({"cluster": "another"}))
+    one_line_error(fusee("master", "--config", cfg, "--state", state, check=False), 2,
+                   "another", f"move {state} aside")
+    state.write_text(json.dumps({"cluster": "cli-test", "version": 2, "memnodes": [0, 1, 2]}))
+    one_line_error(fusee("master", "--config", cfg, "--state", state, check=False), 2,
+                   "memory nodes [0, 1, 2]", f"move {state} aside")
+
+
+def test_exit_codes_tell_not_found_from_a_crash():
+    from fusee import exit_codes
+    from fusee.errors import KeyNotFound
+    from fusee.verbs import NodeTimeout
+    assert exit_codes.classify(KeyNotFound(b"k"))[0] == 1
+    assert exit_codes.classify(NodeTimeout("MN 2: no reply", 2))[0] == 3
+    assert exit_codes.classify(RuntimeError("a bug"))[0] == 5
+    assert exit_codes.classify(type("Custom", (Exception,), {"exit_code": 4})())[0] == 4

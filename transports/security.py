@@ -120,8 +120,13 @@ def secure_server(ctx: zmq.Context, sock: zmq.Socket, config: ClusterConfig,
     keys = config.security.keys_dir
     if not keys:
         raise ConfigError("security.curve needs security.keys_dir")
-    public, secret = zmq.auth.load_certificate(
-        str(_secret_file(keys, key_name or f"mn{node_id}")))
+    secret_file = _secret_file(keys, key_name or f"mn{node_id}")
+    if not secret_file.is_file():
+        make = ("`fusee keys init-master --dir KEYS_DIR` makes it" if key_name == "master" else
+                "`fusee keys init` made it; copy it from there to this host")
+        raise ConfigError(f"{secret_file} is missing: this server's secret key must be there "
+                          f"({make}; see docs/deploy.md)")
+    public, secret = zmq.auth.load_certificate(str(secret_file))
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve_callback("*", credentials_provider=_AuthorizedKeys(Path(keys) / "clients"))
