@@ -53,7 +53,7 @@ from fusee.verbs import TransportError
 from transports.channel import Channels
 from transports.master_link import ERR_BUSY, ERR_LEASE
 from emulator.serving import BindError, bind, stop_condition, write_ready
-from transports.security import check_endpoint, secure_server
+from transports.security import check_endpoint, master_config, secure_server
 
 #: the repair and failover records kept for ``status`` (the newest)
 REPORTS_KEPT = 64
@@ -543,7 +543,8 @@ def main(argv=None) -> int:
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     args = p.parse_args(argv)
     try:
-        config = ClusterConfig.load(args.config)
+        config = master_config(ClusterConfig.load(args.config))
+        os.environ.pop("FUSEE_CLIENT_KEY", None)    # a client's key; the master uses its own
         endpoint = args.endpoint or config.master
         if not endpoint:
             raise ConfigError(f"{args.config} names no master endpoint (and no --endpoint)")

@@ -20,6 +20,7 @@ import traceback
 
 import fusee
 from fusee import exit_codes
+from fusee.config import ConfigError
 
 #: the modules of the [bench] extra, which `fusee bench` needs and a plain install lacks
 BENCH_EXTRA = {"numpy", "hdrh", "matplotlib", "redis", "tqdm"}
@@ -125,25 +126,52 @@ def _status(args) -> int:
 
 
 def _keys(args) -> int:
-    from transports.security import add_client, init_keys, init_server_key
+    from fusee.config import ClusterConfig
+    from transports.security import add_client, init_keys, init_master_key
     if args.action == "init-master":
-        public = init_server_key(args.dir, "master")
-        print(f'# the master\'s keypair is in {args.dir}. In the cluster config, [cluster]:')
-        print(f'master_curve_public = "{public}"')
-        return 0
-    if args.action == "init":
-        publics = init_keys(args.dir, args.memnodes, args.client)
-        print(f"# keys written to {args.dir} (secrets are owner-only). In the cluster config:")
-        print(f'[security]\ncurve = true\nkeys_dir = "{args.dir}"')
-        for i, pub in publics.items():
-            print(f'# memnode {i}: curve_public = "{pub}"')
+        public = init_master_key(args.dir)
+        print(f"# the master's keypair is in {args.dir} (authorized with the memory nodes): "
+              f"{args.dir}/master.key_secret goes on the master's host")
+        if args.config:
+            ClusterConfig.edit(args.config, lambda doc: doc.setdefault("cluster", {}).update(
+                master_curve_public=public))
+            print(f"# {args.config}: master_curve_public set")
+        else:
+            print(f'# in the cluster config, [cluster]:\nmaster_curve_public = "{public}"')
+    elif args.action == "init":
+        memnodes = args.memnodes
+        if memnodes is None:
+            memnodes = len(ClusterConfig.load(args.config).memnodes) if args.config else 3
+        publics = init_keys(args.dir, memnodes, args.client)
+        print(f"# keys written to {args.dir} (secrets are owner-only)")
+        if args.config:
+            ClusterConfig.edit(args.config, lambda doc: _record_keys(doc, args, publics))
+            print(f"# {args.config}: [security] and each memory node's curve_public set")
+        else:
+            print(f'[security]\ncurve = true\nkeys_dir = "{args.dir}"')
+            for i, pub in publics.items():
+                print(f'# memnode {i}: curve_public = "{pub}"')
         for name in args.client:
             print(f"# client {name}: FUSEE_CLIENT_KEY={args.dir}/{name}.key_secret")
     else:
         for name in args.client:
             path = add_client(args.dir, name)
             print(f"client {name} authorized; give it FUSEE_CLIENT_KEY={path}")
-    return 0
+    return exit_codes.OK
+
+
+def _record_keys(doc: dict, args, publics: dict[int, str]) -> None:
+    """Put what ``fusee keys init`` made into a config document: CURVE on, the keys folder
+    (relative to the config's own folder, as it resolves), each MN's public key."""
+    folder = os.path.dirname(os.path.abspath(args.config))
+    doc.setdefault("security", {}).update(
+        curve=True, keys_dir=os.path.relpath(os.path.abspath(args.dir), folder))
+    nodes = {m.get("id"): m for m in doc.get("memnodes", [])}
+    for i, public in publics.items():
+        if i not in nodes:
+            raise ConfigError(f"{args.config} has no memory node {i} (--memnodes {len(publics)}"
+                              f" but the config has {len(nodes)})")
+        nodes[i]["curve_public"] = public
 
 
 def main(argv=None) -> int:
@@ -199,9 +227,12 @@ def main(argv=None) -> int:
                        parents=[common])
     k.add_argument("action", choices=["init", "add-client", "init-master"],
                    help="init: a keypair per MN and per client; add-client: authorize more; "
-                   "init-master: the master's keypair")
+                   "init-master: the master's keypair, authorized with the MNs")
     k.add_argument("--dir", required=True, help="keys directory (created owner-only)")
-    k.add_argument("--memnodes", type=int, default=3, help="with init: how many MNs")
+    k.add_argument("--memnodes", type=int, help="with init: how many MNs (default: the "
+                   "config's, else 3)")
+    k.add_argument("--config", help="with init / init-master: write the public keys into this "
+                   "cluster config (its comments are not kept)")
     k.add_argument("--client", action="append", default=[], metavar="NAME",
                    help="a client to create and authorize (repeatable)")
     k.set_defaults(func=_keys)

@@ -120,11 +120,7 @@ class ClusterConfig:
         return tomli_w.dumps(doc)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.dumps())
-        tmp.replace(path)
-        return path
+        return _write_atomically(Path(path), self.dumps())
 
     @classmethod
     def loads(cls, text: str) -> "ClusterConfig":
@@ -139,7 +135,40 @@ class ClusterConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ClusterConfig":
+        """Read ``path``; relative key paths in it name files next to it, wherever the
+        process reading it runs (a service's working directory is rarely the config's)."""
         try:
-            return cls.loads(Path(path).read_text())
+            config = cls.loads(Path(path).read_text())
         except OSError as e:
             raise ConfigError(f"cannot read cluster config {path}: {e}") from e
+        return config.relative_to(Path(path).absolute().parent)
+
+    def relative_to(self, folder: Path) -> "ClusterConfig":
+        """This config with its relative ``keys_dir`` and ``client_key`` under ``folder``."""
+        paths = {name: str(folder / value) for name in ("keys_dir", "client_key")
+                 if (value := getattr(self.security, name)) and not Path(value).is_absolute()}
+        return self.with_(security=replace(self.security, **paths)) if paths else self
+
+    @staticmethod
+    def edit(path: str | Path, change) -> "ClusterConfig":
+        """Apply ``change(doc)`` to the TOML document at ``path`` (a dict of its tables),
+        check the result and write it back atomically. Paths stay as written; the file's
+        comments do not survive (TOML writers drop them)."""
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read cluster config {path}: {e}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"bad cluster config {path}: {e}") from e
+        change(doc)
+        text = tomli_w.dumps(doc)
+        config = ClusterConfig.loads(text)
+        _write_atomically(Path(path), text)
+        return config
+
+
+def _write_atomically(path: Path, text: str) -> Path:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path

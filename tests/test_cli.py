@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -206,3 +207,41 @@ def test_exit_codes_tell_not_found_from_a_crash():
     assert exit_codes.classify(NodeTimeout("MN 2: no reply", 2))[0] == 3
     assert exit_codes.classify(RuntimeError("a bug"))[0] == 5
     assert exit_codes.classify(type("Custom", (Exception,), {"exit_code": 4})())[0] == 4
+
+
+def test_keys_dir_and_client_key_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    from fusee.config import ClusterConfig
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "c.toml").write_text(
+        '[security]\ncurve = true\nkeys_dir = "keys"\nclient_key = "keys/app.key_secret"\n'
+        '[[memnodes]]\nid = 0\nendpoint = "tcp://127.0.0.1:7000"\n')
+    monkeypatch.chdir(tmp_path)
+    security = ClusterConfig.load("etc/c.toml").security
+    assert security.keys_dir == str(folder / "keys")
+    assert security.client_key == str(folder / "keys" / "app.key_secret")
+
+
+def test_a_master_without_its_secret_key_says_how_to_make_it(tmp_path):
+    cfg = tmp_path / "c.toml"
+    (tmp_path / "keys").mkdir()
+    cfg.write_text(PLAIN_CONFIG.format(dir=tmp_path, endpoint="ipc://x")
+                   .replace('master = "ipc://', 'master = "tcp://127.0.0.1:0" # ipc://')
+                   .replace("allow_insecure_tcp = true", 'curve = true\nkeys_dir = "keys"'))
+    one_line_error(fusee("master", "--config", cfg, check=False), 2,
+                   "master.key_secret is missing", "fusee keys init-master")
+
+
+def test_the_example_config_loads_and_explains_every_setting():
+    import dataclasses
+    from pathlib import Path
+
+    from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig, SecurityConfig
+    path = Path(__file__).resolve().parent.parent / "examples" / "cluster.toml"
+    config = ClusterConfig.load(path)
+    assert config.security.curve and len(config.memnodes) == 3
+    text = path.read_text()
+    for cls in (ClusterConfig, LayoutConfig, MemNodeConfig, SecurityConfig):
+        for f in dataclasses.fields(cls):
+            if f.name not in ("memnodes", "layout", "security"):
+                assert re.search(rf"^#? ?{f.name} = .*# ", text, re.MULTILINE), f.name
