@@ -28,6 +28,7 @@ import collections
 import copy
 import fcntl
 import json
+import logging
 import os
 import secrets
 import sys
@@ -54,6 +55,14 @@ from transports.channel import Channels
 from transports.master_link import ERR_BUSY, ERR_LEASE
 from emulator.serving import BindError, bind, stop_condition, write_ready
 from transports.security import check_endpoint, master_config, secure_server
+from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
+
+_logger = logging.getLogger(__name__)
+
+
+def _log(message: str, file=None, flush: bool = False) -> None:
+    """The master's event log: what went to stderr is a warning, the rest information."""
+    _logger.log(logging.WARNING if file is sys.stderr else logging.INFO, message)
 
 #: the repair and failover records kept for ``status`` (the newest)
 REPORTS_KEPT = 64
@@ -111,7 +120,7 @@ class StateFile:
 
 class MasterServer:
     def __init__(self, config: ClusterConfig, state_path: str | Path,
-                 transport: str | None = None, log=print):
+                 transport: str | None = None, log=_log):
         self.config, self.backend, self.log = config, transport, log
         self.grace = config.timeout        # the longest a client's last batch can be in flight
         self.lock = threading.Lock()
@@ -464,8 +473,8 @@ class MasterServer:
                     continue
                 try:
                     reply = self.handle(data.bytes)
-                except Exception as e:        # noqa: BLE001 - a bug must not stop the master
-                    print(f"master: internal error: {e!r}", file=sys.stderr, flush=True)
+                except Exception:             # noqa: BLE001 - a bug must not stop the master
+                    _logger.exception("master: internal error")
                     reply = wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, "internal error"])
                 sock.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
                 sock.send(reply, zmq.NOBLOCK)
@@ -541,8 +550,10 @@ def main(argv=None) -> int:
                    "(default: config's)")
     p.add_argument("--ready-file", help="write {endpoint, pid} here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    add_log_level_option(p)
     args = p.parse_args(argv)
     try:
+        setup_logging(args.log_level)
         config = master_config(ClusterConfig.load(args.config))
         os.environ.pop("FUSEE_CLIENT_KEY", None)    # a client's key; the master uses its own
         endpoint = args.endpoint or config.master
@@ -554,15 +565,14 @@ def main(argv=None) -> int:
         print(f"fusee master: error: {e}: if this is a new cluster, move {state} aside (or "
               "pass another --state); if not, fix the config", file=sys.stderr)
         return 2
-    except (ConfigError, StateError) as e:
+    except (ConfigError, StateError, LogLevelError) as e:
         print(f"fusee master: error: {e}", file=sys.stderr)
         return 2
     stop = stop_condition(args.parent_pid)
 
     def bound(ep: str) -> None:
-        print(f"master serving {ep} for {len(config.memnodes)} memory nodes "
-              f"(client lease {config.client_lease:g} s, MN lease {config.mn_lease:g} s)",
-              flush=True)
+        _log(f"master serving {ep} for {len(config.memnodes)} memory nodes "
+             f"(client lease {config.client_lease:g} s, MN lease {config.mn_lease:g} s)")
         write_ready(args.ready_file, endpoint=ep)
 
     try:

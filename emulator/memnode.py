@@ -12,6 +12,7 @@ SIGINT stops it cleanly and removes its segment.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Callable
@@ -27,7 +28,10 @@ from fusee.memory_map import MemoryMap
 from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAccessError
 from emulator.serving import (BindError, EndpointInUse, bind, claim_endpoint,
                               stop_condition, write_ready)
+from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
 from transports.security import check_endpoint, secure_server
+
+log = logging.getLogger(__name__)
 
 _cas, _faa = _atomic.cas, _atomic.faa
 
@@ -173,8 +177,8 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
                 continue
             try:
                 reply = handle(data)
-            except Exception as e:            # a bug must not take the node down for everyone
-                print(f"memnode {node.id}: internal error: {e!r}", file=sys.stderr)
+            except Exception:                 # a bug must not take the node down for everyone
+                log.exception("memnode %d: internal error", node.id)
                 reply = wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, "internal error"])
             send(ident, more)
             send(reply, zmq.NOBLOCK, copy=len(reply) < 65536)
@@ -192,15 +196,17 @@ def main(argv=None) -> int:
     p.add_argument("--ready-file", help="write {endpoint, shm_name, pid} here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     p.add_argument("--rdma", action="store_true", help="also serve the region over RDMA (pyverbs)")
+    add_log_level_option(p)
     args = p.parse_args(argv)
 
     try:
+        setup_logging(args.log_level)
         config = ClusterConfig.load(args.config)
         if not 0 <= args.id < len(config.memnodes):
             p.error(f"no memory node {args.id} in {args.config}")
         endpoint = args.endpoint or config.node(args.id).endpoint
         claim_endpoint(endpoint)            # before the region: a duplicate takes nothing
-    except (ConfigError, EndpointInUse) as e:
+    except (ConfigError, EndpointInUse, LogLevelError) as e:
         print(f"fusee memnode: error: {e}", file=sys.stderr)
         return 2
     stop = stop_condition(args.parent_pid)
@@ -211,8 +217,8 @@ def main(argv=None) -> int:
             rdma_nic.install(node)
 
         def bound(endpoint: str) -> None:
-            print(f"memnode {node.id} serving {endpoint} region {node.segment.name} "
-                  f"({node.region.length} bytes)", flush=True)
+            log.info("memnode %d serving %s region %s (%d bytes)", node.id, endpoint,
+                     node.segment.name, node.region.length)
             write_ready(args.ready_file, endpoint=endpoint, shm_name=node.segment.name)
 
         serve(node, endpoint, stop, bound)

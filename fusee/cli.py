@@ -21,12 +21,14 @@ import traceback
 import fusee
 from fusee import exit_codes
 from fusee.config import ConfigError
+from fusee.logsetup import add_log_level_option, setup_logging
 
 #: the modules of the [bench] extra, which `fusee bench` needs and a plain install lacks
 BENCH_EXTRA = {"numpy", "hdrh", "matplotlib", "redis", "tqdm"}
 
 def _cluster(args) -> int:
     from emulator.cluster import LocalCluster
+    setup_logging(args.log_level)
     with LocalCluster(memnodes=args.memnodes, transport=args.transport,
                       endpoint=args.endpoint) as c:
         print(f"local cluster of {args.memnodes} memory nodes ({args.transport}, "
@@ -204,6 +206,7 @@ def main(argv=None) -> int:
     c.add_argument("--memnodes", type=int, default=3)
     c.add_argument("--transport", default="zmq", choices=["shm", "zmq"])
     c.add_argument("--endpoint", default="ipc", choices=["ipc", "tcp"])
+    add_log_level_option(c)
     c.set_defaults(func=_cluster)
     for name, text in (("get", "print a key's value (exit code 1 when absent)"),
                        ("put", "insert or update a key"),

@@ -147,6 +147,18 @@ def test_status_from_the_master_and_from_the_memory_nodes_alone():
         assert fusee("status", "--config", cfg, check=False).returncode == 3
 
 
+def test_servers_log_with_timestamps():
+    """Memory nodes and the master log through ``logging``: UTC time, level, logger, pid."""
+    stamped = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO [\w.]+\[\d+\]: "
+    with LocalCluster(memnodes=1, transport="zmq", master=True) as c:
+        with c.client() as kv:
+            kv.put(b"k", b"v")
+        assert re.search(stamped + r"memnode 0 serving ", c.log(0), re.MULTILINE), c.log(0)
+        log = c.master_log()
+        assert re.search(stamped + r"master serving ", log, re.MULTILINE), log
+        assert re.search(stamped + r"master: client \d+ registered", log, re.MULTILINE), log
+
+
 def test_bench_without_its_extra_names_the_pip_command():
     run = subprocess.run(
         [sys.executable, "-c", ("import sys; sys.modules['hdrh'] = None; "
@@ -176,6 +188,10 @@ def test_memnode_that_cannot_listen_says_why(tmp_path):
     import socket
     cfg = tmp_path / "c.toml"
     cfg.write_text(PLAIN_CONFIG.format(dir=tmp_path, endpoint="tcp://192.0.2.1:7000"))
+    quiet = subprocess.run([sys.executable, "-m", "fusee.cli", "memnode", "--config", cfg, "--id",
+                            "0"], env={**os.environ, "FUSEE_LOG_LEVEL": "loud"},
+                           capture_output=True, text=True, timeout=120, check=False)
+    one_line_error(quiet, 2, "unknown log level 'LOUD'", "FUSEE_LOG_LEVEL")
     one_line_error(fusee("memnode", "--config", cfg, "--id", "0", check=False), 2,
                    "192.0.2.1", "this host's own address")
     with socket.socket() as taken:

@@ -10,8 +10,8 @@ and segment). Plaintext TCP is refused unless the config opts in, and then it wa
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +21,8 @@ import zmq.auth
 
 from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
 
+
+log = logging.getLogger(__name__)
 
 #: the master's key name in keys_dir: master.key_secret / master.key
 MASTER_KEY = "master"
@@ -39,8 +41,8 @@ def check_endpoint(config: ClusterConfig, endpoint: str, who: str) -> None:
             f"{who}: {endpoint} is tcp:// without CURVE: anyone who reaches the port could read "
             "or overwrite every key. Enable [security] curve = true (see `fusee keys init`), or "
             "set [security] allow_insecure_tcp = true to accept the risk.")
-    print(f"WARNING: {who}: {endpoint} is plaintext and unauthenticated "
-          "(security.allow_insecure_tcp = true)", file=sys.stderr)
+    log.warning("%s: %s is plaintext and unauthenticated (security.allow_insecure_tcp = true)",
+                who, endpoint)
 
 
 # -- keys -----------------------------------------------------------------------------------
