@@ -56,6 +56,7 @@ from transports.master_link import ERR_BUSY, ERR_LEASE
 from emulator.serving import BindError, bind, stop_condition, write_ready
 from transports.security import check_endpoint, master_config, secure_server
 from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
+from fusee.metrics import MasterCollector, MetricsUnavailable, metrics_address, serve_metrics
 
 _logger = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class MasterServer:
         self.reports: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
         self.failovers: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
         self.timeline: dict[int, dict] = {}             # MN -> its failover's milestones
+        self.tally: collections.Counter = collections.Counter()     # for fusee.metrics
         self.transport = None                           # the worker's, to the live MNs
         self.last_tick = 0.0
         self.methods = {"register": self._register, "renew": self._renew,
@@ -166,6 +168,7 @@ class MasterServer:
         except wire.MalformedMessage as e:
             return wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, str(e)])
         method = self.methods.get(name) if kind == wire.CONTROL else None
+        self.tally["requests"] += 1
         if method is None:
             return wire.encode_reply(seq, [], [0, wire.ERR_MALFORMED, f"unknown request {name!r}"])
         try:
@@ -207,6 +210,7 @@ class MasterServer:
                 self.master.seed_ids(*seed)
                 self._save()
                 self.work_due.set()                 # ids found in use await recovery
+        self.tally["registrations"] += 1
         self.log(f"master: client {cid} registered", flush=True)
         return self._grant(g, membership, 0)
 
@@ -249,6 +253,7 @@ class MasterServer:
                 self._save()
                 raise
             membership = self.master.membership
+            self.tally["renewals"] += 1
             if g.pause and acked != paused and not self.master.waiting_for():
                 self.work_due.set()                 # the last ack: the failover may start
         return self._grant(g, membership, known)
@@ -402,6 +407,7 @@ class MasterServer:
                                        "connect_s": connect_s, "failover_s": seconds,
                                        "settled": settled})
                 self.timeline.pop(node, None)
+                self.tally["failovers"] += 1
             self.work_due.set()
         self.log(f"master: memory node {names} failed over in {seconds * 1000:.1f} ms: epoch "
                  f"{new.epoch} published ({settled} slots settled)", flush=True)
@@ -433,6 +439,7 @@ class MasterServer:
                                  "started_at": started, "connect_s": connect_s,
                                  "recover_s": recover_s, "finished_at": time.time(),
                                  "report": _plain(report.as_dict())})
+            self.tally["client_recoveries"] += 1
         self.log(f"master: client {cid} recovered in {recover_s * 1000:.1f} ms; id free",
                  flush=True)
 
@@ -550,6 +557,8 @@ def main(argv=None) -> int:
                    "(default: config's)")
     p.add_argument("--ready-file", help="write {endpoint, pid} here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port "
+                   "(0: any free one; default: the config's master_metrics_port, else none)")
     add_log_level_option(p)
     args = p.parse_args(argv)
     try:
@@ -569,11 +578,20 @@ def main(argv=None) -> int:
         print(f"fusee master: error: {e}", file=sys.stderr)
         return 2
     stop = stop_condition(args.parent_pid)
+    metrics_port = config.master_metrics_port if args.metrics_port is None \
+        else args.metrics_port
+    if metrics_port is not None:
+        try:
+            metrics_port = serve_metrics(metrics_port, metrics_address(endpoint),
+                                         MasterCollector(server))
+        except MetricsUnavailable as e:
+            print(f"fusee master: error: {e}", file=sys.stderr)
+            return 2
 
     def bound(ep: str) -> None:
         _log(f"master serving {ep} for {len(config.memnodes)} memory nodes "
              f"(client lease {config.client_lease:g} s, MN lease {config.mn_lease:g} s)")
-        write_ready(args.ready_file, endpoint=ep)
+        write_ready(args.ready_file, endpoint=ep, metrics_port=metrics_port)
 
     try:
         server.serve(endpoint, stop, bound)

@@ -29,6 +29,8 @@ from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAc
 from emulator.serving import (BindError, EndpointInUse, bind, claim_endpoint,
                               stop_condition, write_ready)
 from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
+from fusee.metrics import (MEMNODE_TALLY, MemnodeCollector, MetricsUnavailable,
+                           metrics_address, serve_metrics)
 from transports.security import check_endpoint, secure_server
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,9 @@ class MemoryNode:
         self._base = _atomic.address(self.segment.mmap)      # for the verbs' fast path
         format_region(self.region, self.map, node_id)
         self.blocks = BlockTable(self.region, self.map)
+        # what fusee.metrics reports, in MEMNODE_TALLY's order: a list, the cheapest counter
+        # to bump on the request loop
+        self.tally = [0] * len(MEMNODE_TALLY)
         self.controls: dict[str, Callable[[dict], object]] = {
             "info": self._info,
             "ping": lambda args: "pong",
@@ -73,6 +78,7 @@ class MemoryNode:
         except wire.MalformedMessage as e:
             return wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, str(e)])
         if kind == wire.VERBS:
+            self.tally[1] += len(body)                   # verbs
             return self._verbs(seq, key, body)
         return self._control(seq, key, body)
 
@@ -161,7 +167,7 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
     # call costs microseconds, and an empty non-blocking receive raises an exception.
     # (recv_multipart/send_multipart cost microseconds more than two plain calls.)
     sock.setsockopt(zmq.RCVTIMEO, 200)
-    recv, send, handle = sock.recv, sock.send, node.handle
+    recv, send, handle, tally = sock.recv, sock.send, node.handle, node.tally
     more = zmq.SNDMORE | zmq.NOBLOCK
     try:
         on_bound(bind(sock, endpoint))
@@ -182,6 +188,9 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
                 reply = wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, "internal error"])
             send(ident, more)
             send(reply, zmq.NOBLOCK, copy=len(reply) < 65536)
+            tally[0] += 1                     # MEMNODE_TALLY: requests, verbs, bytes in, out
+            tally[2] += len(data)
+            tally[3] += len(reply)
     finally:
         sock.close(0)
         if auth is not None:
@@ -196,6 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--ready-file", help="write {endpoint, shm_name, pid} here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     p.add_argument("--rdma", action="store_true", help="also serve the region over RDMA (pyverbs)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port "
+                   "(0: any free one; default: the config's metrics_port, else none)")
     add_log_level_option(p)
     args = p.parse_args(argv)
 
@@ -211,7 +222,12 @@ def main(argv=None) -> int:
         return 2
     stop = stop_condition(args.parent_pid)
     node = MemoryNode(config, args.id)
+    metrics_port = config.node(args.id).metrics_port if args.metrics_port is None \
+        else args.metrics_port
     try:
+        if metrics_port is not None:
+            metrics_port = serve_metrics(metrics_port, metrics_address(endpoint),
+                                         MemnodeCollector(node))
         if args.rdma:
             from emulator import rdma_nic
             rdma_nic.install(node)
@@ -219,10 +235,11 @@ def main(argv=None) -> int:
         def bound(endpoint: str) -> None:
             log.info("memnode %d serving %s region %s (%d bytes)", node.id, endpoint,
                      node.segment.name, node.region.length)
-            write_ready(args.ready_file, endpoint=endpoint, shm_name=node.segment.name)
+            write_ready(args.ready_file, endpoint=endpoint, shm_name=node.segment.name,
+                        metrics_port=metrics_port)
 
         serve(node, endpoint, stop, bound)
-    except (BindError, ConfigError) as e:
+    except (BindError, ConfigError, MetricsUnavailable) as e:
         print(f"fusee memnode: error: {e}", file=sys.stderr)
         return 2
     finally:

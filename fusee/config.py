@@ -55,6 +55,7 @@ class MemNodeConfig:
     id: int
     endpoint: str                # ZeroMQ endpoint of the MN (control channel and emulated NIC)
     curve_public: str | None = None   # the MN's CURVE public key (Z85), when security.curve
+    metrics_port: int | None = None   # serve Prometheus metrics on this port (fusee.metrics)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class ClusterConfig:
     timeout: float = 5.0                 # seconds; every network wait is bounded by it
     master: str | None = None            # endpoint of the master, if one runs
     master_curve_public: str | None = None  # the master's CURVE public key, when security.curve
+    master_metrics_port: int | None = None  # the master's Prometheus metrics port
     client_lease: float = 5.0            # seconds a client may write without renewing its lease
     mn_lease: float = 2.0                # seconds without a heartbeat before an MN is dead
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -111,6 +113,7 @@ class ClusterConfig:
                                              ("timeout", self.timeout),
                                              ("master", self.master),
                                              ("master_curve_public", self.master_curve_public),
+                                             ("master_metrics_port", self.master_metrics_port),
                                              ("client_lease", self.client_lease),
                                              ("mn_lease", self.mn_lease)) if v is not None},
                "layout": asdict(self.layout),
