@@ -124,7 +124,11 @@ def _status(args) -> int:
     from fusee.config import ClusterConfig
     view = cli_status.gather(ClusterConfig.load(args.config))
     print(json.dumps(view, indent=2) if args.json else cli_status.render(view))
-    return exit_codes.OK if cli_status.reachable(view) else exit_codes.UNAVAILABLE
+    if cli_status.reachable(view):
+        return exit_codes.OK
+    print("fusee status: error: neither the master nor any memory node answered",
+          file=sys.stderr)
+    return exit_codes.UNAVAILABLE
 
 
 def _keys(args) -> int:

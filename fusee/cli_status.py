@@ -50,7 +50,7 @@ def _master_view(config: ClusterConfig) -> dict:
         with MasterLink(config) as link:
             status = link.status()
     except MasterError as e:
-        return {"endpoint": config.master, "error": str(e)}
+        return {"endpoint": config.master, "error": str(e).removeprefix("master: ")}
     return {"endpoint": config.master, "pid": status.get("pid"), "status": status}
 
 
