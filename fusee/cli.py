@@ -26,6 +26,7 @@ from fusee.logsetup import add_log_level_option, setup_logging
 #: the modules of the [bench] extra, which `fusee bench` needs and a plain install lacks
 BENCH_EXTRA = {"numpy", "hdrh", "matplotlib", "redis", "tqdm"}
 
+
 def _cluster(args) -> int:
     from emulator.cluster import LocalCluster
     setup_logging(args.log_level)
@@ -146,9 +147,13 @@ def _keys(args) -> int:
             print(f'# in the cluster config, [cluster]:\nmaster_curve_public = "{public}"')
     elif args.action == "init":
         memnodes = args.memnodes
-        if memnodes is None:
-            memnodes = len(ClusterConfig.load(args.config).memnodes) if args.config else 3
-        publics = init_keys(args.dir, memnodes, args.client)
+        if args.config:             # checked before any key is made
+            configured = len(ClusterConfig.load(args.config).memnodes)
+            if memnodes not in (None, configured):
+                raise ConfigError(f"--memnodes {memnodes}, but {args.config} has {configured} "
+                                  "memory nodes: leave --memnodes out")
+            memnodes = configured
+        publics = init_keys(args.dir, 3 if memnodes is None else memnodes, args.client)
         print(f"# keys written to {args.dir} (secrets are owner-only)")
         if args.config:
             ClusterConfig.edit(args.config, lambda doc: _record_keys(doc, args, publics))
@@ -173,10 +178,8 @@ def _record_keys(doc: dict, args, publics: dict[int, str]) -> None:
     doc.setdefault("security", {}).update(
         curve=True, keys_dir=os.path.relpath(os.path.abspath(args.dir), folder))
     nodes = {m.get("id"): m for m in doc.get("memnodes", [])}
+    assert nodes.keys() == publics.keys(), (nodes.keys(), publics.keys())
     for i, public in publics.items():
-        if i not in nodes:
-            raise ConfigError(f"{args.config} has no memory node {i} (--memnodes {len(publics)}"
-                              f" but the config has {len(nodes)})")
         nodes[i]["curve_public"] = public
 
 

@@ -262,3 +262,25 @@ def test_the_example_config_loads_and_explains_every_setting():
         for f in dataclasses.fields(cls):
             if f.name not in ("memnodes", "layout", "security"):
                 assert re.search(rf"^#? ?{f.name} = .*# ", text, re.MULTILINE), f.name
+
+
+def test_keys_init_and_init_master_fill_in_the_config(tmp_path):
+    from fusee.config import ClusterConfig
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    cfg = etc / "c.toml"
+    cfg.write_text(PLAIN_CONFIG.format(dir=tmp_path, endpoint="tcp://127.0.0.1:7000")
+                   .replace("allow_insecure_tcp = true\n", ""))
+    one_line_error(fusee("keys", "init", "--dir", etc / "keys", "--config", cfg,
+                         "--memnodes", "2", check=False), 2, "leave --memnodes out")
+    assert not (etc / "keys").exists()
+    fusee("keys", "init", "--dir", etc / "keys", "--config", cfg, "--client", "app")
+    fusee("keys", "init-master", "--dir", etc / "keys", "--config", cfg)
+    config = ClusterConfig.load(cfg)
+    assert config.security.curve and config.security.keys_dir == str(etc / "keys")
+    assert 'keys_dir = "keys"' in cfg.read_text()          # as it resolves: next to the config
+    assert config.memnodes[0].curve_public and config.master_curve_public
+    authorized = sorted(p.name for p in (etc / "keys" / "clients").iterdir())
+    assert authorized == ["app.key", "master.key"]           # the master is the MNs' client
+    one_line_error(fusee("keys", "add-client", "--dir", etc / "keys", "--client", "master",
+                         check=False), 2, "refusing to overwrite")
