@@ -284,3 +284,24 @@ def test_keys_init_and_init_master_fill_in_the_config(tmp_path):
     assert authorized == ["app.key", "master.key"]           # the master is the MNs' client
     one_line_error(fusee("keys", "add-client", "--dir", etc / "keys", "--client", "master",
                          check=False), 2, "refusing to overwrite")
+
+
+def test_status_shows_whatever_state_and_progress_the_master_reports_per_node():
+    """A per-node entry in the master's reply (a state such as rebuilding, with its
+    progress) overrides the state derived from the leases and is shown as it comes."""
+    from fusee import cli_status
+    from fusee.config import ClusterConfig, MemNodeConfig
+    config = ClusterConfig(memnodes=tuple(MemNodeConfig(i, f"ipc:///x/mn{i}") for i in range(2)))
+    status = {"epoch": 3, "alive": {"0": 1.5}, "dead": [1], "failing": [], "clients": {"7": 4.0},
+              "repairs": {}, "lost": None,
+              "memnodes": {"1": {"state": "rebuilding", "progress": 0.4, "from": 0}}}
+    info = {"pid": 1, "blocks": 10, "blocks_used": 2, "block_size": 1 << 20}
+    nodes = [cli_status._node_view(config, i, status, info) for i in range(2)]
+    assert nodes[0]["state"] == "alive" and nodes[0]["lease_left"] == 1.5
+    assert nodes[1]["state"] == "rebuilding" and nodes[1]["progress"] == 0.4
+    view = {"cluster": "c", "master": {"endpoint": "ipc:///x/m", "pid": 2}, "memnodes": nodes,
+            "epoch": 3, "clients": status["clients"], "repairs": {}, "failing": [], "lost": None}
+    table = cli_status.render(view)
+    row = next(ln for ln in table.splitlines() if ln.startswith("1 "))
+    assert "rebuilding" in row and "progress=0.4" in row and "from=0" in row
+    assert "2 MiB (2/10 blocks)" in row and "clients: 1: 7 (4.0s left)" in table
