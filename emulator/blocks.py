@@ -73,6 +73,10 @@ class BlockTable:
             raise ControlError(f"block {addr:#x} is not owned by client {owner}", self.region.node)
         self._set(i, 0)
 
+    def used(self) -> int:
+        """How many blocks are handed out (for operators: the MN's memory in use)."""
+        return sum(self._owner(i) != 0 for i in range(self.map.num_blocks))
+
     def serve(self, req):
         """Answer one control request."""
         if type(req) is AllocBlock:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from emulator.serving import stop_processes
 from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig, SecurityConfig
-from transports.security import init_keys, init_server_key
+from transports.security import init_keys, init_master_key
 
 MiB = 1 << 20
 
@@ -70,7 +70,7 @@ class LocalCluster:
             keys = self.workdir / "keys"
             publics = init_keys(keys, memnodes, ["client"])
             if master:
-                master_public = init_server_key(keys, "master")
+                master_public = init_master_key(keys)
             security = SecurityConfig(curve=True, keys_dir=str(keys),
                                       client_key=str(keys / "client.key_secret"))
         elif endpoint == "tcp":

@@ -28,6 +28,7 @@ import collections
 import copy
 import fcntl
 import json
+import logging
 import os
 import secrets
 import sys
@@ -43,7 +44,8 @@ from fusee.config import ClusterConfig, ConfigError
 from fusee.driver import run
 from fusee.errors import ClientLimit, FuseeError
 from fusee.failover import failover
-from fusee.master import LeaseError, Master, StateError, TransitionInProgress
+from fusee.master import (LeaseError, Master, StateError, StateMismatch,
+                          TransitionInProgress)
 from fusee.membership import Membership
 from fusee.layout import CLEAN
 from fusee.client_ids import client_states, fresh_client_id
@@ -51,8 +53,17 @@ from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 from transports.channel import Channels
 from transports.master_link import ERR_BUSY, ERR_LEASE
-from emulator.serving import EndpointInUse, bind, stop_condition, write_ready
-from transports.security import check_endpoint, secure_server
+from emulator.serving import BindError, bind, stop_condition, write_ready
+from transports.security import check_endpoint, master_config, secure_server
+from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
+from fusee.metrics import MasterCollector, MetricsUnavailable, metrics_address, serve_metrics
+
+_logger = logging.getLogger(__name__)
+
+
+def _log(message: str, file=None, flush: bool = False) -> None:
+    """The master's event log: what went to stderr is a warning, the rest information."""
+    _logger.log(logging.WARNING if file is sys.stderr else logging.INFO, message)
 
 #: the repair and failover records kept for ``status`` (the newest)
 REPORTS_KEPT = 64
@@ -110,7 +121,7 @@ class StateFile:
 
 class MasterServer:
     def __init__(self, config: ClusterConfig, state_path: str | Path,
-                 transport: str | None = None, log=print):
+                 transport: str | None = None, log=_log):
         self.config, self.backend, self.log = config, transport, log
         self.grace = config.timeout        # the longest a client's last batch can be in flight
         self.lock = threading.Lock()
@@ -122,7 +133,7 @@ class MasterServer:
         ids = [m.id for m in config.memnodes]
         state = self.file.load()
         if state is not None and state.get("cluster") != config.name:
-            raise StateError(f"{self.file.path} is the state of cluster "
+            raise StateMismatch(f"{self.file.path} is the state of cluster "
                              f"{state.get('cluster')!r}, not {config.name!r}")
         if state is None:
             self.master = Master(ids, config.client_lease, config.mn_lease, self.grace, now,
@@ -138,6 +149,7 @@ class MasterServer:
         self.reports: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
         self.failovers: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
         self.timeline: dict[int, dict] = {}             # MN -> its failover's milestones
+        self.tally: collections.Counter = collections.Counter()     # for fusee.metrics
         self.transport = None                           # the worker's, to the live MNs
         self.last_tick = 0.0
         self.methods = {"register": self._register, "renew": self._renew,
@@ -156,6 +168,7 @@ class MasterServer:
         except wire.MalformedMessage as e:
             return wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, str(e)])
         method = self.methods.get(name) if kind == wire.CONTROL else None
+        self.tally["requests"] += 1
         if method is None:
             return wire.encode_reply(seq, [], [0, wire.ERR_MALFORMED, f"unknown request {name!r}"])
         try:
@@ -197,6 +210,7 @@ class MasterServer:
                 self.master.seed_ids(*seed)
                 self._save()
                 self.work_due.set()                 # ids found in use await recovery
+        self.tally["registrations"] += 1
         self.log(f"master: client {cid} registered", flush=True)
         return self._grant(g, membership, 0)
 
@@ -239,6 +253,7 @@ class MasterServer:
                 self._save()
                 raise
             membership = self.master.membership
+            self.tally["renewals"] += 1
             if g.pause and acked != paused and not self.master.waiting_for():
                 self.work_due.set()                 # the last ack: the failover may start
         return self._grant(g, membership, known)
@@ -392,6 +407,7 @@ class MasterServer:
                                        "connect_s": connect_s, "failover_s": seconds,
                                        "settled": settled})
                 self.timeline.pop(node, None)
+                self.tally["failovers"] += 1
             self.work_due.set()
         self.log(f"master: memory node {names} failed over in {seconds * 1000:.1f} ms: epoch "
                  f"{new.epoch} published ({settled} slots settled)", flush=True)
@@ -423,6 +439,7 @@ class MasterServer:
                                  "started_at": started, "connect_s": connect_s,
                                  "recover_s": recover_s, "finished_at": time.time(),
                                  "report": _plain(report.as_dict())})
+            self.tally["client_recoveries"] += 1
         self.log(f"master: client {cid} recovered in {recover_s * 1000:.1f} ms; id free",
                  flush=True)
 
@@ -463,8 +480,8 @@ class MasterServer:
                     continue
                 try:
                     reply = self.handle(data.bytes)
-                except Exception as e:        # noqa: BLE001 - a bug must not stop the master
-                    print(f"master: internal error: {e!r}", file=sys.stderr, flush=True)
+                except Exception:             # noqa: BLE001 - a bug must not stop the master
+                    _logger.exception("master: internal error")
                     reply = wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, "internal error"])
                 sock.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
                 sock.send(reply, zmq.NOBLOCK)
@@ -540,28 +557,45 @@ def main(argv=None) -> int:
                    "(default: config's)")
     p.add_argument("--ready-file", help="write {endpoint, pid} here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port "
+                   "(0: any free one; default: the config's master_metrics_port, else none)")
+    add_log_level_option(p)
     args = p.parse_args(argv)
     try:
-        config = ClusterConfig.load(args.config)
+        setup_logging(args.log_level)
+        config = master_config(ClusterConfig.load(args.config))
+        os.environ.pop("FUSEE_CLIENT_KEY", None)    # a client's key; the master uses its own
         endpoint = args.endpoint or config.master
         if not endpoint:
             raise ConfigError(f"{args.config} names no master endpoint (and no --endpoint)")
         state = args.state or Path(args.config).with_name(f"{config.name}.master.json")
         server = MasterServer(config, state, args.transport)
-    except (ConfigError, StateError) as e:
+    except StateMismatch as e:
+        print(f"fusee master: error: {e}: if this is a new cluster, move {state} aside (or "
+              "pass another --state); if not, fix the config", file=sys.stderr)
+        return 2
+    except (ConfigError, StateError, LogLevelError) as e:
         print(f"fusee master: error: {e}", file=sys.stderr)
         return 2
     stop = stop_condition(args.parent_pid)
+    metrics_port = config.master_metrics_port if args.metrics_port is None \
+        else args.metrics_port
+    if metrics_port is not None:
+        try:
+            metrics_port = serve_metrics(metrics_port, metrics_address(endpoint),
+                                         MasterCollector(server))
+        except MetricsUnavailable as e:
+            print(f"fusee master: error: {e}", file=sys.stderr)
+            return 2
 
     def bound(ep: str) -> None:
-        print(f"master serving {ep} for {len(config.memnodes)} memory nodes "
-              f"(client lease {config.client_lease:g} s, MN lease {config.mn_lease:g} s)",
-              flush=True)
-        write_ready(args.ready_file, endpoint=ep)
+        _log(f"master serving {ep} for {len(config.memnodes)} memory nodes "
+             f"(client lease {config.client_lease:g} s, MN lease {config.mn_lease:g} s)")
+        write_ready(args.ready_file, endpoint=ep, metrics_port=metrics_port)
 
     try:
         server.serve(endpoint, stop, bound)
-    except (ConfigError, EndpointInUse, zmq.ZMQError) as e:
+    except (ConfigError, BindError, zmq.ZMQError) as e:
         print(f"fusee master: error: {e}", file=sys.stderr)
         return 2
     return 1 if server.failed else 0

@@ -12,6 +12,7 @@ SIGINT stops it cleanly and removes its segment.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Callable
@@ -25,9 +26,14 @@ from emulator.memory import MemoryRegion, SharedSegment, new_rkey
 from fusee.config import ClusterConfig, ConfigError
 from fusee.memory_map import MemoryMap
 from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAccessError
-from emulator.serving import (EndpointInUse, bind, claim_endpoint, stop_condition,
-                              write_ready)
+from emulator.serving import (BindError, EndpointInUse, bind, claim_endpoint,
+                              stop_condition, write_ready)
+from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
+from fusee.metrics import (MEMNODE_TALLY, MemnodeCollector, MetricsUnavailable,
+                           metrics_address, serve_metrics)
 from transports.security import check_endpoint, secure_server
+
+log = logging.getLogger(__name__)
 
 _cas, _faa = _atomic.cas, _atomic.faa
 
@@ -47,6 +53,9 @@ class MemoryNode:
         self._base = _atomic.address(self.segment.mmap)      # for the verbs' fast path
         format_region(self.region, self.map, node_id)
         self.blocks = BlockTable(self.region, self.map)
+        # what fusee.metrics reports, in MEMNODE_TALLY's order: a list, the cheapest counter
+        # to bump on the request loop
+        self.tally = [0] * len(MEMNODE_TALLY)
         self.controls: dict[str, Callable[[dict], object]] = {
             "info": self._info,
             "ping": lambda args: "pong",
@@ -59,7 +68,8 @@ class MemoryNode:
     def _info(self, args: dict) -> dict:
         return {"node": self.id, "length": self.region.length, "rkey": self.region.rkey,
                 "shm_name": self.segment.name, "fingerprint": self.map.fingerprint,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "blocks": self.map.num_blocks,
+                "blocks_used": self.blocks.used(), "block_size": self.config.layout.block_size}
 
     # -- request handling: bytes in, bytes out (no I/O here, so it can be fuzzed directly) ----
     def handle(self, data: bytes) -> bytes:
@@ -68,6 +78,7 @@ class MemoryNode:
         except wire.MalformedMessage as e:
             return wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, str(e)])
         if kind == wire.VERBS:
+            self.tally[1] += len(body)                   # verbs
             return self._verbs(seq, key, body)
         return self._control(seq, key, body)
 
@@ -156,7 +167,7 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
     # call costs microseconds, and an empty non-blocking receive raises an exception.
     # (recv_multipart/send_multipart cost microseconds more than two plain calls.)
     sock.setsockopt(zmq.RCVTIMEO, 200)
-    recv, send, handle = sock.recv, sock.send, node.handle
+    recv, send, handle, tally = sock.recv, sock.send, node.handle, node.tally
     more = zmq.SNDMORE | zmq.NOBLOCK
     try:
         on_bound(bind(sock, endpoint))
@@ -172,11 +183,14 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
                 continue
             try:
                 reply = handle(data)
-            except Exception as e:            # a bug must not take the node down for everyone
-                print(f"memnode {node.id}: internal error: {e!r}", file=sys.stderr)
+            except Exception:                 # a bug must not take the node down for everyone
+                log.exception("memnode %d: internal error", node.id)
                 reply = wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, "internal error"])
             send(ident, more)
             send(reply, zmq.NOBLOCK, copy=len(reply) < 65536)
+            tally[0] += 1                     # MEMNODE_TALLY: requests, verbs, bytes in, out
+            tally[2] += len(data)
+            tally[3] += len(reply)
     finally:
         sock.close(0)
         if auth is not None:
@@ -191,31 +205,41 @@ def main(argv=None) -> int:
     p.add_argument("--ready-file", help="write {endpoint, shm_name, pid} here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     p.add_argument("--rdma", action="store_true", help="also serve the region over RDMA (pyverbs)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port "
+                   "(0: any free one; default: the config's metrics_port, else none)")
+    add_log_level_option(p)
     args = p.parse_args(argv)
 
     try:
+        setup_logging(args.log_level)
         config = ClusterConfig.load(args.config)
         if not 0 <= args.id < len(config.memnodes):
             p.error(f"no memory node {args.id} in {args.config}")
         endpoint = args.endpoint or config.node(args.id).endpoint
         claim_endpoint(endpoint)            # before the region: a duplicate takes nothing
-    except (ConfigError, EndpointInUse) as e:
+    except (ConfigError, EndpointInUse, LogLevelError) as e:
         print(f"fusee memnode: error: {e}", file=sys.stderr)
         return 2
     stop = stop_condition(args.parent_pid)
     node = MemoryNode(config, args.id)
+    metrics_port = config.node(args.id).metrics_port if args.metrics_port is None \
+        else args.metrics_port
     try:
+        if metrics_port is not None:
+            metrics_port = serve_metrics(metrics_port, metrics_address(endpoint),
+                                         MemnodeCollector(node))
         if args.rdma:
             from emulator import rdma_nic
             rdma_nic.install(node)
 
         def bound(endpoint: str) -> None:
-            print(f"memnode {node.id} serving {endpoint} region {node.segment.name} "
-                  f"({node.region.length} bytes)", flush=True)
-            write_ready(args.ready_file, endpoint=endpoint, shm_name=node.segment.name)
+            log.info("memnode %d serving %s region %s (%d bytes)", node.id, endpoint,
+                     node.segment.name, node.region.length)
+            write_ready(args.ready_file, endpoint=endpoint, shm_name=node.segment.name,
+                        metrics_port=metrics_port)
 
         serve(node, endpoint, stop, bound)
-    except EndpointInUse as e:
+    except (BindError, ConfigError, MetricsUnavailable) as e:
         print(f"fusee memnode: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -11,12 +11,15 @@ verbs: the NIC executes them. A client that vanishes leaves its queue pair behin
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 from emulator import _atomic
 from emulator.rdma_device import (Device, RdmaUnavailable, access_flags, check_peer, connect_qp,
                                   create_qp, new_psn)
 from fusee.verbs import ControlError
+
+log = logging.getLogger(__name__)
 
 #: work requests a responder-only queue pair may need posted: none, but a QP needs a send queue
 _RESPONDER_DEPTH = 1
@@ -106,6 +109,6 @@ def install(node) -> RdmaNic:
         close()
 
     node.close = close_both
-    print(f"memnode {node.id}: RDMA on {nic.dev.name} port {nic.dev.port} gid[{nic.dev.gid_index}]"
-          f" {nic.dev.gid} ({nic.dev.link_layer}), rkey {nic.mr.rkey:#x}", flush=True)
+    log.info("memnode %d: RDMA on %s port %s gid[%s] %s (%s), rkey %#x", node.id, nic.dev.name,
+             nic.dev.port, nic.dev.gid_index, nic.dev.gid, nic.dev.link_layer, nic.mr.rkey)
     return nic

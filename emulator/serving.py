@@ -19,7 +19,11 @@ from typing import Callable
 import zmq
 
 
-class EndpointInUse(RuntimeError):
+class BindError(RuntimeError):
+    """A server cannot listen on its endpoint; the message says why and what to change."""
+
+
+class EndpointInUse(BindError):
     """Another live process serves this endpoint (or its lock file cannot be taken)."""
 
 
@@ -65,9 +69,12 @@ def bind(sock: zmq.Socket, endpoint: str) -> str:
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as e:
-        if e.errno != zmq.EADDRINUSE:
-            raise
-        raise EndpointInUse(f"{endpoint} is served by another process ({e})") from None
+        if e.errno == zmq.EADDRINUSE:
+            raise EndpointInUse(f"{endpoint} is served by another process ({e.strerror}): "
+                                "stop it, or choose another port") from None
+        raise BindError(f"cannot listen on {endpoint} ({e.strerror}): is that address one of "
+                        "this host's? Name this host's own address (or tcp://0.0.0.0:PORT) "
+                        "in the config, or pass --endpoint") from None
     finally:
         os.umask(old)
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -55,6 +55,7 @@ class MemNodeConfig:
     id: int
     endpoint: str                # ZeroMQ endpoint of the MN (control channel and emulated NIC)
     curve_public: str | None = None   # the MN's CURVE public key (Z85), when security.curve
+    metrics_port: int | None = None   # serve Prometheus metrics on this port (fusee.metrics)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class ClusterConfig:
     timeout: float = 5.0                 # seconds; every network wait is bounded by it
     master: str | None = None            # endpoint of the master, if one runs
     master_curve_public: str | None = None  # the master's CURVE public key, when security.curve
+    master_metrics_port: int | None = None  # the master's Prometheus metrics port
     client_lease: float = 5.0            # seconds a client may write without renewing its lease
     mn_lease: float = 2.0                # seconds without a heartbeat before an MN is dead
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -111,6 +113,7 @@ class ClusterConfig:
                                              ("timeout", self.timeout),
                                              ("master", self.master),
                                              ("master_curve_public", self.master_curve_public),
+                                             ("master_metrics_port", self.master_metrics_port),
                                              ("client_lease", self.client_lease),
                                              ("mn_lease", self.mn_lease)) if v is not None},
                "layout": asdict(self.layout),
@@ -120,11 +123,7 @@ class ClusterConfig:
         return tomli_w.dumps(doc)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.dumps())
-        tmp.replace(path)
-        return path
+        return _write_atomically(Path(path), self.dumps())
 
     @classmethod
     def loads(cls, text: str) -> "ClusterConfig":
@@ -139,7 +138,40 @@ class ClusterConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ClusterConfig":
+        """Read ``path``; relative key paths in it name files next to it, wherever the
+        process reading it runs (a service's working directory is rarely the config's)."""
         try:
-            return cls.loads(Path(path).read_text())
+            config = cls.loads(Path(path).read_text())
         except OSError as e:
             raise ConfigError(f"cannot read cluster config {path}: {e}") from e
+        return config.relative_to(Path(path).absolute().parent)
+
+    def relative_to(self, folder: Path) -> "ClusterConfig":
+        """This config with its relative ``keys_dir`` and ``client_key`` under ``folder``."""
+        paths = {name: str(folder / value) for name in ("keys_dir", "client_key")
+                 if (value := getattr(self.security, name)) and not Path(value).is_absolute()}
+        return self.with_(security=replace(self.security, **paths)) if paths else self
+
+    @staticmethod
+    def edit(path: str | Path, change) -> "ClusterConfig":
+        """Apply ``change(doc)`` to the TOML document at ``path`` (a dict of its tables),
+        check the result and write it back atomically. Paths stay as written; the file's
+        comments do not survive (TOML writers drop them)."""
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read cluster config {path}: {e}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"bad cluster config {path}: {e}") from e
+        change(doc)
+        text = tomli_w.dumps(doc)
+        config = ClusterConfig.loads(text)
+        _write_atomically(Path(path), text)
+        return config
+
+
+def _write_atomically(path: Path, text: str) -> Path:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path

@@ -71,6 +71,11 @@ class StateError(FuseeError):
     """A master state file that is malformed or belongs to another cluster shape."""
 
 
+class StateMismatch(StateError):
+    """A master state file written for another cluster: other memory nodes, another r, another
+    cluster name or format version (an old deployment's file, most likely)."""
+
+
 class TransitionInProgress(FuseeError):
     """A memory node died and its failover has not published the next epoch yet: register
     again shortly."""
@@ -400,13 +405,13 @@ class Master:
         memnodes = tuple(memnodes)
         try:
             if state["version"] != STATE_VERSION:
-                raise StateError(f"master state version {state['version']!r}, "
+                raise StateMismatch(f"master state version {state['version']!r}, "
                                  f"expected {STATE_VERSION}")
             if tuple(state["memnodes"]) != memnodes:
-                raise StateError(f"master state is for memory nodes {state['memnodes']}, "
+                raise StateMismatch(f"master state is for memory nodes {state['memnodes']}, "
                                  f"the config has {list(memnodes)}")
             if replicas and state["replicas"] != replicas:
-                raise StateError(f"master state is for r = {state['replicas']}, the config "
+                raise StateMismatch(f"master state is for r = {state['replicas']}, the config "
                                  f"has r = {replicas}")
             membership = Membership.from_wire(state["membership"])
             failing = [int(m) for m in state["failing"]]

@@ -10,15 +10,22 @@ and segment). Plaintext TCP is refused unless the config opts in, and then it wa
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import zmq
 import zmq.auth
 
 from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
+
+
+log = logging.getLogger(__name__)
+
+#: the master's key name in keys_dir: master.key_secret / master.key
+MASTER_KEY = "master"
 
 
 class InsecureEndpointError(ConfigError):
@@ -34,8 +41,8 @@ def check_endpoint(config: ClusterConfig, endpoint: str, who: str) -> None:
             f"{who}: {endpoint} is tcp:// without CURVE: anyone who reaches the port could read "
             "or overwrite every key. Enable [security] curve = true (see `fusee keys init`), or "
             "set [security] allow_insecure_tcp = true to accept the risk.")
-    print(f"WARNING: {who}: {endpoint} is plaintext and unauthenticated "
-          "(security.allow_insecure_tcp = true)", file=sys.stderr)
+    log.warning("%s: %s is plaintext and unauthenticated (security.allow_insecure_tcp = true)",
+                who, endpoint)
 
 
 # -- keys -----------------------------------------------------------------------------------
@@ -53,8 +60,7 @@ def init_keys(keys_dir: str | Path, memnodes: int, clients: list[str]) -> dict[i
     os.chmod(keys, 0o700)
     publics = {}
     for i in range(memnodes):
-        pub, _ = zmq.auth.load_certificate(_create(keys, f"mn{i}"))
-        publics[i] = pub.decode()
+        publics[i] = _public(_create(keys, f"mn{i}"))
     for name in clients:
         add_client(keys, name)
     return publics
@@ -69,10 +75,24 @@ def add_client(keys_dir: str | Path, name: str) -> Path:
     return secret
 
 
-def init_server_key(keys_dir: str | Path, name: str) -> str:
-    """Create the keypair of another server (the master); returns its public key (Z85)."""
-    pub, _ = zmq.auth.load_certificate(_create(Path(keys_dir), name))
-    return pub.decode()
+def init_master_key(keys_dir: str | Path) -> str:
+    """Create the master's keypair and authorize it with the MNs (the master is their client
+    too: heartbeats, failovers, recoveries); returns its public key (Z85)."""
+    return _public(add_client(keys_dir, MASTER_KEY))
+
+
+def master_config(config: ClusterConfig) -> ClusterConfig:
+    """``config`` as the master uses it: towards the MNs it authenticates with its own
+    keypair (``init_master_key``), so its host needs no client's secret."""
+    if not config.security.curve or not config.security.keys_dir:
+        return config
+    own = str(_secret_file(config.security.keys_dir, MASTER_KEY))
+    return config.with_(security=replace(config.security, client_key=own))
+
+
+def _public(secret_file: Path) -> str:
+    public, _ = zmq.auth.load_certificate(str(secret_file))
+    return public.decode()
 
 
 def _create(keys: Path, name: str) -> Path:
@@ -120,8 +140,13 @@ def secure_server(ctx: zmq.Context, sock: zmq.Socket, config: ClusterConfig,
     keys = config.security.keys_dir
     if not keys:
         raise ConfigError("security.curve needs security.keys_dir")
-    public, secret = zmq.auth.load_certificate(
-        str(_secret_file(keys, key_name or f"mn{node_id}")))
+    secret_file = _secret_file(keys, key_name or f"mn{node_id}")
+    if not secret_file.is_file():
+        make = ("`fusee keys init-master --dir KEYS_DIR` makes it" if key_name == MASTER_KEY else
+                "`fusee keys init` made it; copy it from there to this host")
+        raise ConfigError(f"{secret_file} is missing: this server's secret key must be there "
+                          f"({make}; see docs/deploy.md)")
+    public, secret = zmq.auth.load_certificate(str(secret_file))
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve_callback("*", credentials_provider=_AuthorizedKeys(Path(keys) / "clients"))

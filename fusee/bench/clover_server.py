@@ -28,6 +28,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
+from fusee.logsetup import add_log_level_option, setup_logging
 from fusee.bench.clover import (DELETE, EXISTS, FAILED, INSERT, LOOKUP, MAX_UNITS, MISSING, OK,
                                 UNIT, UPDATE, replica_nodes)
 from emulator.serving import bind, stop_condition, stop_processes, write_ready
@@ -211,7 +212,9 @@ def main(argv=None) -> int:
     p.add_argument("--endpoint", required=True, help="ZeroMQ endpoint to bind")
     p.add_argument("--ready-file", help="write {endpoint, pid} here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    add_log_level_option(p)
     args = p.parse_args(argv)
+    setup_logging(args.log_level)
     config = ClusterConfig.load(args.config)
     stop = stop_condition(args.parent_pid)
     from transports import connect

@@ -1,0 +1,58 @@
+"""What `pip install fusee` and its sdist carry: numpy only with the benchmarks, the documents
+the README links to, and the stated requirements."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.partition(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def test_numpy_is_a_dependency_of_the_benchmarks_only():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("numpy") for d in project["dependencies"])
+    assert any(d.startswith("numpy") for d in project["optional-dependencies"]["bench"])
+    bench = ROOT / "fusee" / "bench"
+    users = [p for package in ("fusee", "emulator", "transports")
+             for p in (ROOT / package).rglob("*.py")
+             if bench not in p.parents and "numpy" in _imports(p)]
+    assert users == []
+
+
+def test_the_readme_states_what_an_install_needs():
+    readme = (ROOT / "README.md").read_text()
+    assert "Python >= 3.11" in readme and "C compiler" in readme
+
+
+def test_the_sdist_carries_docs_examples_and_benchmarks(tmp_path):
+    tree = tmp_path / "src"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
+        ".git", "*.so", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache"))
+    subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+                    "build_meta.build_sdist(sys.argv[1])", str(tmp_path / "dist")],
+                   cwd=tree, check=True, capture_output=True, timeout=300)
+    (sdist,) = (tmp_path / "dist").glob("fusee-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.partition("/")[2] for n in tar.getnames()}
+    for needed in ("docs/deploy.md", "docs/security.md", "docs/rdma.md",
+                   "examples/cluster.toml", "examples/quickstart.py",
+                   "benchmarks/reference.toml", "benchmarks/README.md", "LICENSE",
+                   "emulator/_atomic.c", "fusee/py.typed"):
+        assert needed in names, needed
+    assert not any(n.endswith(".so") for n in names)
