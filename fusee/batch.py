@@ -85,7 +85,11 @@ class Pipeline:
 
     def execute(self, raise_on_error: bool = True) -> list:
         """Run every queued operation; their outcomes in queue order (see the module doc)."""
-        core = self.client.ready()      # open, not a fork's child, nothing left cut short
+        # open, not a fork's child, nothing left cut short; other threads wait till it ends
+        with self.client.exclusive() as core:
+            return self._execute(core, raise_on_error)
+
+    def _execute(self, core: ClientCore, raise_on_error: bool) -> list:
         queue, self._queue = self._queue, []
         ops = [(key, operation(core, *args)) for key, operation, args in queue]
         results: list = [None] * len(ops)
