@@ -7,9 +7,9 @@
     with kv.pipeline() as p: p.get(b"k"); ...
     kv.stats                                   # round trips, verbs, bytes, cache hits, retries
 
-Errors: ``fusee.errors`` (KeyExists, KeyNotFound, KeyTooLarge, ValueTooLarge, ...), TypeError
-for keys or values that are not bytes, ``fusee.verbs.TransportError`` when the network or a
-memory node fails.
+Errors: one tree rooted at ``fusee.errors.FuseeError`` (KeyExists, KeyNotFound, WrongType
+for keys or values that are not bytes, KeyTooLarge, ValueTooLarge, TransportError when the
+network or a memory node fails, LeaseExpired, ...), each with the exit code a CLI uses.
 
 When the cluster config names a master, the client registers with it: the master leases it an
 id (a fresh or recovered one, or the one asked for) and the current membership; a background
@@ -50,7 +50,7 @@ from pathlib import Path
 from fusee import batch
 from fusee.config import ClusterConfig
 from fusee.driver import run
-from fusee.errors import ForkedClient
+from fusee.errors import ClientClosed, ForkedClient
 from fusee.master import LeaseExpired
 from fusee.membership import Membership
 from fusee.client_ids import open_client
@@ -205,7 +205,7 @@ class Client:
         Single operations and batches (``fusee.batch``) alike go through here, holding the
         client's lock."""
         if self.closed:
-            raise RuntimeError("this client is closed")
+            raise ClientClosed("this client is closed: open a new one")
         if self._forks != _forks:
             raise self._forked()
         if not self.core.settled:

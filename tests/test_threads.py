@@ -16,7 +16,7 @@ import pytest
 from emulator.cluster import LocalCluster
 from emulator.history import History
 from emulator.linearizability import check
-from fusee.errors import KeyExists, KeyNotFound
+from fusee.errors import ClientClosed, KeyExists, KeyNotFound
 
 THREADS = 6
 OPS = 120
@@ -109,7 +109,7 @@ def test_close_waits_for_the_operation_in_flight_and_later_ones_are_refused():
                     kv.put(b"loop", b"%d" % n)
                     n += 1
                     started.set()
-            except RuntimeError as e:
+            except ClientClosed as e:
                 outcomes.append(str(e))
 
         t = threading.Thread(target=loop)
@@ -118,6 +118,6 @@ def test_close_waits_for_the_operation_in_flight_and_later_ones_are_refused():
         kv.close()
         t.join(30)
         assert not t.is_alive()
-        assert outcomes == ["this client is closed"]
+        assert outcomes == ["this client is closed: open a new one"]
         with cluster.client() as again:              # the id was closed cleanly, the put kept
             assert again.get(b"loop") is not None

@@ -32,7 +32,7 @@ import zmq
 
 from emulator import wire
 from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
-from fusee.errors import FuseeError
+from fusee.errors import MasterBusy, MasterError, MasterTimeout
 from fusee.master import Grant, LeaseError
 from fusee.membership import Membership
 from transports.security import secure_client
@@ -42,18 +42,6 @@ from transports.security import secure_client
 ERR_LEASE, ERR_BUSY = 16, 17
 #: seconds between renewals while paused or while an operation awaits a new epoch
 POLL = 0.02
-
-
-class MasterError(FuseeError):
-    """The master refused a request, or did not answer within the deadline."""
-
-
-class MasterTimeout(MasterError):
-    """No reply from the master within the deadline."""
-
-
-class MasterBusy(MasterError):
-    """A failover is in progress: the master registers no client until it is done."""
 
 
 def membership_wait(config: ClusterConfig) -> float:
