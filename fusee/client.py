@@ -326,6 +326,20 @@ class _LeaseGuard:
                 return self.transport.execute(batch)
         self._await(self.handed)
 
+    def execute_now(self, batch):
+        """``execute`` when that needs no wait (an event loop's inline path, ``fusee.asyncio``);
+        None when it would wait or raise: the lease ran out, the client is paused, a newer
+        epoch is out, or the keeper holds the gate (``execute`` then says which)."""
+        k = self.lease
+        if time.monotonic() >= k.expires or not k.gate.acquire(blocking=False):
+            return None
+        try:
+            if not k.pause and k.membership.epoch == self.handed:
+                return self.transport.execute(batch)
+        finally:
+            k.gate.release()
+        return None
+
     def _await(self, epoch: int):
         """Raise EpochChanged with the first membership newer than ``epoch`` (waiting for the
         master to publish it), LeaseExpired, or NodeTimeout."""
