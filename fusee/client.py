@@ -163,6 +163,8 @@ class Client:
                 dead = lease.membership.dead if lease is not None else ()
                 transport = connect(config, transport, dead=dead)
             try:
+                if lease is not None:
+                    _check_reachable(transport, lease, config)
                 return cls(transport, config, client_id, lease=lease, **kwargs)
             except BaseException:
                 transport.close()
@@ -281,6 +283,34 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_reachable(transport, lease, config: ClusterConfig) -> None:
+    """Raise NodeTimeout for an MN that did not answer this client's transport (it keeps a
+    placeholder region of length 0) while the master counts it alive: a wrong endpoint in
+    the config, or no route from this host. Otherwise operations would wait for a failover
+    that never comes (``membership_wait``, half a minute) and then fail naming no node. An
+    MN that just died is told apart by giving the master ``mn_lease`` seconds to notice: it
+    then pauses the clients or publishes a new epoch, and the failover takes its course."""
+    silent = sorted(n for n, r in transport.regions.items()
+                    if r.length == 0 and n not in lease.membership.dead)
+    if not silent:
+        return
+    epoch, deadline = lease.membership.epoch, time.monotonic() + config.mn_lease
+    lease.expect_news(True)
+    try:
+        with lease.news:
+            while (not lease.pause and lease.membership.epoch == epoch and
+                   (left := deadline - time.monotonic()) > 0):
+                lease.news.wait(left)
+    finally:
+        lease.expect_news(False)
+    if lease.pause or lease.membership.epoch != epoch:
+        return
+    node = config.node(silent[0])
+    raise NodeTimeout(f"MN {node.id} at {node.endpoint} did not answer within "
+                      f"{transport.timeout:g} s, yet the master hears from it: check its "
+                      "endpoint in the cluster config, and that this host can reach it", node.id)
 
 
 def _patience(config: ClusterConfig, rtt: float) -> int:
