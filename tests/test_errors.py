@@ -103,3 +103,13 @@ def test_an_oversized_value_says_how_large_a_value_may_be_with_that_key(kv):
                             f"a value has at most {limit} bytes (objects are at most {largest} "
                             "bytes, header and log entry included)")
     assert "\n" not in str(e.value)
+
+
+def test_a_batch_error_exits_with_the_highest_code_of_its_failures(kv):
+    from fusee.batch import BatchError
+    kv.put(b"present", b"v")
+    with pytest.raises(BatchError) as e:
+        kv.pipeline().delete(b"absent").get(b"present").execute()
+    assert e.value.exit_code == 1
+    assert BatchError([None, errors.KeyNotFound(b"k"), errors.NodeTimeout("x", 0)]).exit_code == 3
+    assert BatchError([RuntimeError("a bug")]).exit_code == 5
