@@ -170,9 +170,11 @@ class Client:
             self.sync._lock.release()
 
     async def _handoff(self, function, *args):
-        self._pending = asyncio.get_running_loop().run_in_executor(self._worker, function,
-                                                                   *args)
-        result = await self._pending
+        """``function(*args)`` on the worker thread, awaited. ``_pending`` is the worker's own
+        future, not the awaitable wrapping it: a cancelled await leaves that one done while
+        the worker still runs the round trip."""
+        self._pending = self._worker.submit(function, *args)
+        result = await asyncio.wrap_future(self._pending)
         self._pending = None
         return result
 
