@@ -29,14 +29,14 @@ Threads: a Client may be shared by any number of threads. Its operations (single
 each batch as a whole) take turns under one lock per Client, as a redis-py ``Connection``
 shared through a lock would: one client id, one transport and one core (cache, slabs, log)
 serve them all, and each operation still sees the store exactly as it would alone, so the
-history stays linearizable. The lock costs one uncontended acquire per operation: 0.23 us
-measured, within the noise of a 12-20 us ``get`` on shm (more on zmq). We weighed a pool of
-per-thread clients (redis-py's ``ConnectionPool``): it would overlap the network waits of
-several threads, but each thread would hold a client id of the layout's ``max_clients``, its
-own lease and sockets, and would leave them behind when the thread ends without closing; the
-store's own answer to "many operations in flight" is ``get_many`` / ``put_many`` /
-``pipeline`` (one round trip for many operations), and a thread that wants its own round
-trips in flight opens its own Client.
+history stays linearizable. The lock costs one uncontended acquire per operation: 0.2-0.4 us
+measured, about 2% of a ``get`` on shm (20 us on a loaded 2-core host), less on zmq. We
+weighed a pool of per-thread clients (redis-py's ``ConnectionPool``): it would overlap the
+network waits of several threads, but each thread would hold a client id of the layout's
+``max_clients``, its own lease and sockets, and would leave them behind when the thread ends
+without closing; the store's own answer to "many operations in flight" is ``get_many`` /
+``put_many`` / ``pipeline`` (one round trip for many operations), and a thread that wants
+its own round trips in flight opens its own Client.
 """
 
 from __future__ import annotations
