@@ -24,6 +24,12 @@ they wait:
   (``get_many``, ``put_many``, ``pipeline``: ``fusee.batch`` on the synchronous client);
 - an operation backing off (``Backoff``) awaits ``asyncio.sleep``.
 
+The hand-off to the worker costs a thread switch per round trip: measured on a loaded
+2-core host, a zmq ``get`` took 540-740 us against 480-510 us synchronously, while a shm
+``get`` (inline) costs what the synchronous one does. Awaiting the replies on
+``zmq.asyncio`` sockets would save that switch, at the price of a second receive path next
+to ``transports.channel``'s.
+
 Coroutines sharing a client take turns, one operation (or batch) at a time, as threads
 sharing a synchronous Client do. Cancelling one (a timeout around it, say) cuts its operation
 short like Ctrl-C: the next operation settles it first (``fusee.settle``); a round trip that
