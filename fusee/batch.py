@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from fusee.driver import run_concurrently
-from fusee.errors import FuseeError
+from fusee.errors import INTERNAL, FuseeError
 from fusee.operations import ClientCore
 
 #: operations in flight by default: enough to hide a network round trip behind the client's
@@ -36,13 +36,14 @@ DEPTH = 8
 
 
 class BatchError(FuseeError):
-    """Some operations of a batch failed. ``results`` holds every operation's outcome in
-    queue order, with the exception in place of each failed one; ``errors`` the (position,
-    exception) of the failed ones."""
+    """Raised when some operations of a batch failed. ``results`` holds every operation's
+    outcome in queue order, with the exception in place of each failed one; ``errors`` the
+    (position, exception) of the failed ones; ``exit_code`` the highest of theirs."""
 
     def __init__(self, results: list):
         self.results = results
         self.errors = [(i, r) for i, r in enumerate(results) if isinstance(r, Exception)]
+        self.exit_code = max(getattr(e, "exit_code", INTERNAL) for _, e in self.errors)
         i, first = self.errors[0]
         super().__init__(f"{len(self.errors)} of {len(results)} operations failed; the first "
                          f"(#{i}): {type(first).__name__}: {first}")
@@ -85,7 +86,11 @@ class Pipeline:
 
     def execute(self, raise_on_error: bool = True) -> list:
         """Run every queued operation; their outcomes in queue order (see the module doc)."""
-        core = self.client.ready()      # open, not a fork's child, nothing left cut short
+        # open, not a fork's child, nothing left cut short; other threads wait till it ends
+        with self.client.exclusive() as core:
+            return self._execute(core, raise_on_error)
+
+    def _execute(self, core: ClientCore, raise_on_error: bool) -> list:
         queue, self._queue = self._queue, []
         ops = [(key, operation(core, *args)) for key, operation, args in queue]
         results: list = [None] * len(ops)

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import tomli_w
 
+from fusee.errors import ConfigError
+
 KiB, MiB = 1 << 10, 1 << 20
-
-
-class ConfigError(ValueError):
-    """The cluster configuration is missing, malformed or inconsistent."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from fusee.config import LayoutConfig
-from fusee.errors import StoreFormatError
+from fusee.errors import DataLost, StoreFormatError
 from fusee.hashing import KeyHash
 from fusee.membership import Membership
 from fusee.layout import (BUCKET_BYTES, FROZEN, LEN_SHIFT, RETIRED, SLOTS_PER_BUCKET,
@@ -159,8 +159,8 @@ def child_ids(sid: int, depth: int, suffix: int, initial_depth: int) -> tuple[in
     return base + suffix, base + suffix + (1 << depth)
 
 
-class LostData(StoreFormatError):
-    """Every replica of something is on a dead memory node: more than r-1 MNs failed."""
+#: the name this module gave ``fusee.errors.DataLost``
+LostData = DataLost
 
 
 class Directory:

@@ -61,8 +61,11 @@ class ObjectLog:
         n = object_bytes(len(key), len(value))
         units = size_class(n, self.unit)
         if units is None:
-            raise ValueTooLarge(f"object of {n} bytes exceeds the largest size class "
-                                f"({CLASSES[-1] * self.unit} bytes)")
+            largest = CLASSES[-1] * self.unit
+            raise ValueTooLarge(
+                f"a value of {len(value)} bytes is too large: with this {len(key)}-byte key a "
+                f"value has at most {largest - object_bytes(len(key), 0)} bytes (objects are "
+                f"at most {largest} bytes, header and log entry included)")
         return units
 
     def new_object(self, opcode: int, key: bytes, value: bytes, units: int) -> NewObject:

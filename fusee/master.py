@@ -50,21 +50,14 @@ import bisect
 from dataclasses import InitVar, dataclass, field
 from typing import Iterable
 
-from fusee.errors import FuseeError
+# the master's errors belong to the store's one tree; imported from here too
+from fusee.errors import (DataLost, FuseeError, LeaseError, LeaseExpired,  # noqa: F401
+                          TransitionInProgress)
 from fusee.membership import Membership
 
 STATE_VERSION = 2
 #: retry delays of a failed repair or failover: base * 2**attempts, capped
 REPAIR_BACKOFF, REPAIR_BACKOFF_MAX = 0.1, 5.0
-
-
-class LeaseError(FuseeError):
-    """A renewal or release for an id the master does not (or no longer) lease to the caller."""
-
-
-class LeaseExpired(FuseeError):
-    """This client's lease ran out: it may no longer write, and the master will recover its
-    operations. Open a new client."""
 
 
 class StateError(FuseeError):
@@ -74,15 +67,6 @@ class StateError(FuseeError):
 class StateMismatch(StateError):
     """A master state file written for another cluster: other memory nodes, another r, another
     cluster name or format version (an old deployment's file, most likely)."""
-
-
-class TransitionInProgress(FuseeError):
-    """A memory node died and its failover has not published the next epoch yet: register
-    again shortly."""
-
-
-class DataLost(FuseeError):
-    """More memory nodes died than the replication tolerates: the master fails over no more."""
 
 
 @dataclass(frozen=True)

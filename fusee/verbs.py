@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence, Union
 
+# the transport errors belong to the store's one tree (fusee.errors); imported from here too
+from fusee.errors import (ControlError, EpochChanged, NodeTimeout, NotAuthorized,  # noqa: F401
+                          RemoteAccessError, TransportError)
+
 WORD = 8
 MASK64 = (1 << 64) - 1
 #: most requests in one batch: a send queue's depth on a NIC; a memory node refuses longer ones
@@ -92,42 +96,8 @@ Request = Union[Read, Write, Cas, Faa, AllocBlock, FreeBlock]
 Batch = Sequence[Request]
 
 
-class TransportError(Exception):
-    """A batch did not complete. ``node`` names the memory node at fault; ``results`` holds
-    the completions in batch order, with the exception itself in place of every request that
-    did not complete (so an operation can go on with what the live nodes returned)."""
-
-    def __init__(self, message: str, node: int | None = None, results: list | None = None):
-        super().__init__(message)
-        self.node = node
-        self.results = results
-
-
-class RemoteAccessError(TransportError):
-    """The memory node refused a request: out-of-range address, wrong key, unaligned atomic,
-    or a malformed request. The node keeps serving everyone else."""
-
-
-class NodeTimeout(TransportError):
-    """No completion from a memory node within the deadline: it is unreachable or dead."""
-
-
-class EpochChanged(TransportError):
-    """The batch was not posted: the cluster moved to ``membership`` (a
-    ``fusee.membership.Membership``) since the operation began. The operation adopts it and
-    settles whatever round the old epoch left open before it goes on."""
-
-    def __init__(self, membership, message: str | None = None):
-        super().__init__(message or f"membership epoch {membership.epoch} began")
-        self.membership = membership
-
-
 #: what ends the membership epoch an operation runs in, as far as it can tell
 EPOCH_ENDS = (NodeTimeout, EpochChanged)
-
-
-class ControlError(TransportError):
-    """A control request was refused (no free block, wrong owner, unknown request)."""
 
 
 def chunks(reqs: Sequence[Request], size: int = MAX_BATCH // 2) -> list[list[Request]]:

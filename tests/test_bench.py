@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from array import array
 
@@ -14,7 +15,8 @@ from emulator.cluster import LocalCluster
 from fusee.bench import report
 from fusee.bench.clover import CloverClient, CloverExecutor
 from fusee.bench.clover_server import GRACE, Arena, MetadataServer, MetadataServerProcess
-from fusee.bench.main import BenchOptions, build_plan, equivalent_command, main
+from fusee.bench.main import (BenchOptions, build_plan, equivalent_command, main, options,
+                              parser, run_bench)
 from fusee.bench.runner import hdr_encode
 from fusee.driver import run, run_concurrently
 from fusee.errors import KeyExists, KeyNotFound
@@ -162,7 +164,7 @@ def test_redis_baseline_semantics_and_cleanup():
 
 # -- the whole command -------------------------------------------------------------------------
 def test_plan_gives_every_system_the_same_keys():
-    o = BenchOptions(keys=100, clients=[1, 2], micro_ops=["search"], micro_keys=10)
+    o = BenchOptions(keys=100, clients=[1, 2], micro_ops=["search"], micro_keys=10, repeat=1)
     plan = build_plan(o)
     assert plan == build_plan(o)
     ycsb = [p for p in plan if p.suite == "ycsb"]
@@ -173,7 +175,40 @@ def test_plan_gives_every_system_the_same_keys():
     assert len({p.keyspace for p in micro}) == 2
     assert equivalent_command(BenchOptions()) == "fusee bench"
     assert equivalent_command(o) == ("fusee bench --keys 100 --micro-ops search "
-                                     "--micro-keys 10 --clients 1,2")
+                                     "--micro-keys 10 --clients 1,2 --repeat 1")
+
+
+def test_each_point_is_repeated_on_keys_of_its_own():
+    o = BenchOptions(keys=100, clients=[1, 2], workloads=["A"], micro_keys=10, repeat=3)
+    plan = build_plan(o)
+    ycsb = [p for p in plan if p.suite == "ycsb"]
+    assert [(p.clients, p.repeat) for p in ycsb] == [(n, r) for n in (1, 2) for r in range(3)]
+    micro = [p for p in plan if p.suite == "micro"]
+    assert [(p.clients, p.repeat, p.name) for p in micro] == [
+        (n, r, op) for n in (1, 2) for r in range(3)
+        for op in ("insert", "update", "search", "delete")]
+    keyspaces = [p.keyspace for p in ycsb] + [p.keyspace for p in micro if p.name == "insert"]
+    assert len(set(keyspaces)) == len(keyspaces)
+    assert [p.label() for p in plan[:3]] == ["load x2", "ycsb A x1", "ycsb A x1, run 2"]
+    assert options(parser().parse_args(["--quick"])).repeat == 1
+    assert BenchOptions().repeat == 3
+
+
+def test_progress_reaches_its_total_and_a_skipped_baseline_is_reported_once(
+        tmp_path, monkeypatch, capsys):
+    """The bar counts the load and every run of every point, of every system (a skipped one
+    at once); "redis: skipped" is said once, in the table."""
+    monkeypatch.setenv("PATH", str(tmp_path))              # no redis-server to be found
+    o = BenchOptions(suite="ycsb", systems=["fusee", "redis"], workloads=["C"], clients=[1],
+                     keys=200, duration=0.1, warmup=0.0, load_clients=1, repeat=2)
+    doc = run_bench(o, progress=True)
+    printed = capsys.readouterr().err + report.table(doc)
+    assert re.findall(r"\b(\d+)/6\b", printed)[-1] == "6"
+    assert printed.count("redis: skipped") == 1
+    (row,) = doc["results"]
+    spread = row["spread"]
+    assert spread["runs"] == 2 and len(spread["throughput"]) == 2
+    assert spread["min"] <= spread["median"] == row["throughput"] <= spread["max"]
 
 
 def test_bad_options_are_refused(capsys):
@@ -185,7 +220,7 @@ def test_bad_options_are_refused(capsys):
 def test_tiny_end_to_end_run(tmp_path, capsys):
     systems = "fusee,clover" + (",redis" if HAVE_REDIS else "")
     out = tmp_path / "out"
-    code = main(["all", "--keys", "400", "--micro-keys", "40", "--clients", "1,2",
+    code = main(["all", "--keys", "400", "--micro-keys", "40", "--clients", "1,2", "--repeat", "1",
                  "--depth", "2", "--duration", "0.2", "--warmup", "0.05", "--systems", systems,
                  "--no-progress", "--out", str(out)])
     printed = capsys.readouterr().out
@@ -225,6 +260,7 @@ def test_suite_file_runs_each_run_into_its_folder(tmp_path):
     suite = tmp_path / "suite.toml"
     suite.write_text('out = "res"\n[defaults]\nsystems = ["fusee"]\nkeys = 200\n'
                      'micro_keys = 20\nclients = [1]\nduration = 0.1\nwarmup = 0.0\n'
+                     'repeat = 3\n'
                      '[workload.E]\nread = 0.5\ninsert = 0.5\ndistribution = "uniform"\n'
                      '[[run]]\nname = "tiny"\nsuite = "ycsb"\nworkloads = ["C", "E"]\n')
     assert main(["--suite", str(suite), "--no-progress"]) == 0
@@ -232,4 +268,7 @@ def test_suite_file_runs_each_run_into_its_folder(tmp_path):
     assert doc["run"] == "tiny" and [r["name"] for r in doc["results"]] == ["C", "E"]
     e = doc["results"][1]
     assert set(e["latency_us"]) == {"all", "search", "insert"}
+    assert e["spread"]["runs"] == 3 and e["spread"]["min"] <= e["spread"]["max"]
+    table = (tmp_path / "res" / "tiny" / "table.txt").read_text()
+    assert "the median of 3 runs" in table and "%" in table.split("the median of 3 runs")[1]
     assert os.path.exists(tmp_path / "res" / "tiny" / "latency_cdf.png")

@@ -382,13 +382,14 @@ def test_master_over_tcp_with_curve():
             kv.put(b"k", b"v")
             assert kv.get(b"k") == b"v"
             assert str(kv.client_id) in status(c)["clients"]
-        # a client with a key the master has not authorized gets no answer, and no lease
+        # a client with a key the master has not authorized is refused at once, and no lease
+        from fusee.errors import NotAuthorized
         from transports.security import init_keys
         stranger = c.workdir / "stranger"
         init_keys(stranger, 0, ["nobody"])
         os.environ["FUSEE_CLIENT_KEY"] = str(stranger / "nobody.key_secret")
         try:
-            with MasterLink(c.config, timeout=0.5) as link, pytest.raises(MasterError):
+            with MasterLink(c.config, timeout=0.5) as link, pytest.raises(NotAuthorized):
                 link.register()
         finally:
             del os.environ["FUSEE_CLIENT_KEY"]

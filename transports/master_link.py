@@ -32,28 +32,16 @@ import zmq
 
 from emulator import wire
 from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
-from fusee.errors import FuseeError
+from fusee.errors import MasterBusy, MasterError, MasterTimeout
 from fusee.master import Grant, LeaseError
 from fusee.membership import Membership
-from transports.security import secure_client
+from transports.security import HANDSHAKE_FAILED, refusal, secure_client
 
 #: error codes of a lease refusal and of "retry once the failover is done", in a reply's error
 #: triple (next to wire.ERR_*)
 ERR_LEASE, ERR_BUSY = 16, 17
 #: seconds between renewals while paused or while an operation awaits a new epoch
 POLL = 0.02
-
-
-class MasterError(FuseeError):
-    """The master refused a request, or did not answer within the deadline."""
-
-
-class MasterTimeout(MasterError):
-    """No reply from the master within the deadline."""
-
-
-class MasterBusy(MasterError):
-    """A failover is in progress: the master registers no client until it is done."""
 
 
 def membership_wait(config: ClusterConfig) -> float:
@@ -73,15 +61,20 @@ class MasterLink:
         if config.security.curve and not config.master_curve_public:
             raise ConfigError("security.curve needs master_curve_public in the cluster config")
         self.timeout = config.timeout if timeout is None else timeout
+        self.endpoint = config.master
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        #: CURVE handshake failures, watched until the master first answers (``_greeting``)
+        self.monitor = None
         try:
             # the master is a server like an MN: same CURVE rules, its own public key
-            secure_client(self.sock, config,
-                          MemNodeConfig(-1, config.master, config.master_curve_public))
+            self.public = secure_client(
+                self.sock, config, MemNodeConfig(-1, config.master, config.master_curve_public))
+            if config.security.curve:
+                self.monitor = self.sock.get_monitor_socket(HANDSHAKE_FAILED)
             self.sock.connect(config.master)
         except BaseException:
-            self.sock.close(0)
+            self._close_sockets()
             raise
         self.seq = secrets.randbits(31)         # distinct from an earlier link's replies
         self.rcvtimeo = -1
@@ -94,8 +87,11 @@ class MasterLink:
         try:
             self.sock.send(wire.encode_control(self.seq, method, args), zmq.NOBLOCK)
         except zmq.Again:
-            raise MasterTimeout(f"master: cannot send {method!r} (not connected)") from None
+            raise MasterTimeout(f"master at {self.endpoint}: cannot send {method!r} (not "
+                                "connected)") from None
         deadline = time.monotonic() + timeout
+        if self.monitor is not None:
+            self._greeting(deadline)
         while True:
             left = deadline - time.monotonic()
             ms = int(left * 1000) + 1 if left > 0 else 0
@@ -105,7 +101,8 @@ class MasterLink:
             try:
                 data = self.sock.recv()
             except zmq.Again:
-                raise MasterTimeout(f"master: no reply to {method!r} within {timeout:g} s") \
+                raise MasterTimeout(f"master at {self.endpoint}: no reply to {method!r} within "
+                                    f"{timeout:g} s (is it running, and is that its endpoint?)") \
                     from None
             try:
                 seq, results, error = wire.decode_reply(data)
@@ -137,8 +134,32 @@ class MasterLink:
     def status(self) -> dict:
         return self.call("status")
 
-    def close(self) -> None:
+    def _greeting(self, deadline: float) -> None:
+        """Wait (until ``deadline``) for the master's first reply or a refusal of our CURVE
+        key, which raises NotAuthorized at once; once it has answered, stop watching."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        while (left := deadline - time.monotonic()) > 0:
+            ready = dict(poller.poll(int(left * 1000) + 1))
+            refused = refusal(self.monitor, self.public, "the master", self.endpoint)
+            if refused is not None:
+                raise refused
+            if self.sock in ready:
+                self.sock.disable_monitor()
+                self.monitor.close(0)
+                self.monitor = None
+                return
+
+    def _close_sockets(self) -> None:
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(0)
+            self.monitor = None
         self.sock.close(0)
+
+    def close(self) -> None:
+        self._close_sockets()
 
     def __enter__(self) -> "MasterLink":
         return self

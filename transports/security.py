@@ -4,7 +4,9 @@ A memory node exposes raw memory, so over ``tcp://`` it speaks only CURVE (authe
 encrypted): each MN has a keypair whose public half is in the cluster config, and it accepts a
 client only if that client's public key is among the authorized ones in
 ``<keys_dir>/clients/``; the list is re-read whenever that directory changes, so authorizing a
-client needs no restart. ``ipc://`` is protected by the file system instead (owner-only socket
+client needs no restart. A refused key is logged (a warning naming it) by the server, and the
+client learns of the refusal from its socket's monitor (``refusal``), at once rather than
+after its timeout. ``ipc://`` is protected by the file system instead (owner-only socket
 and segment). Plaintext TCP is refused unless the config opts in, and then it warns.
 """
 
@@ -20,6 +22,12 @@ import zmq
 import zmq.auth
 
 from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
+from fusee.errors import NotAuthorized
+
+logger = logging.getLogger(__name__)
+#: the socket-monitor events of a failed CURVE handshake
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 log = logging.getLogger(__name__)
@@ -110,22 +118,31 @@ def _create(keys: Path, name: str) -> Path:
 class _AuthorizedKeys:
     """ZAP credentials provider: the public keys in a directory, re-read when it changes."""
 
-    def __init__(self, directory: Path):
-        self.dir = directory
+    def __init__(self, directory: Path, server: str):
+        self.dir, self.server = directory, server
         self.lock = threading.Lock()
         self.stamp = None
         self.keys: set[bytes] = set()
+        self.refused: set[bytes] = set()       # logged once each (a client retries often)
 
     def callback(self, domain: str, key: bytes) -> bool:
         with self.lock:
             try:
                 stamp = self.dir.stat().st_mtime_ns
             except OSError:
-                return False
+                stamp = None
             if stamp != self.stamp:
-                self.keys = set(zmq.auth.load_certificates(str(self.dir)))
+                self.keys = set(zmq.auth.load_certificates(str(self.dir))) if stamp else set()
                 self.stamp = stamp
-            return key in self.keys
+                self.refused.clear()
+            if key in self.keys:
+                return True
+            if key not in self.refused:
+                self.refused.add(key)
+                logger.warning("%s refused a client whose CURVE public key %s is not authorized: "
+                               "to admit it, put its public .key file into %s", self.server,
+                               key.decode(errors="replace"), self.dir)
+            return False
 
 
 def secure_server(ctx: zmq.Context, sock: zmq.Socket, config: ClusterConfig,
@@ -149,18 +166,21 @@ def secure_server(ctx: zmq.Context, sock: zmq.Socket, config: ClusterConfig,
     public, secret = zmq.auth.load_certificate(str(secret_file))
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve_callback("*", credentials_provider=_AuthorizedKeys(Path(keys) / "clients"))
+    server = key_name or f"MN {node_id}"
+    auth.configure_curve_callback(
+        "*", credentials_provider=_AuthorizedKeys(Path(keys) / "clients", server))
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True
     return auth
 
 
-def secure_client(sock: zmq.Socket, config: ClusterConfig, node: MemNodeConfig) -> None:
-    """Make ``sock`` (before connect) a CURVE client of ``node`` with this client's key."""
+def secure_client(sock: zmq.Socket, config: ClusterConfig, node: MemNodeConfig) -> str | None:
+    """Make ``sock`` (before connect) a CURVE client of ``node`` with this client's key;
+    returns its public key (Z85), which a refusal names."""
     if not config.security.curve:
         check_endpoint(config, node.endpoint, "client")
-        return
+        return None
     path = os.environ.get("FUSEE_CLIENT_KEY") or config.security.client_key
     if not path:
         raise ConfigError("security.curve needs a client key: security.client_key in the config "
@@ -173,3 +193,23 @@ def secure_client(sock: zmq.Socket, config: ClusterConfig, node: MemNodeConfig) 
     sock.curve_publickey = public
     sock.curve_secretkey = secret
     sock.curve_serverkey = node.curve_public.encode()
+    return public.decode()
+
+
+def refusal(monitor: zmq.Socket, public: str, server: str, endpoint: str,
+            node: int | None = None) -> NotAuthorized | None:
+    """The NotAuthorized to raise if a socket's ``monitor`` (``HANDSHAKE_FAILED`` events)
+    reports that the server refused our CURVE handshake (our key: ``public``); None if it
+    reported nothing."""
+    from zmq.utils.monitor import recv_monitor_message
+    while True:
+        try:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        if event["event"] & HANDSHAKE_FAILED:
+            return NotAuthorized(
+                f"{server} at {endpoint} refused this client's CURVE key {public}: authorize "
+                "it on the servers (its public .key file in their keys_dir/clients/, e.g. "
+                "from `fusee keys add-client`), and check that the config has the server's "
+                "public key", node)

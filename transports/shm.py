@@ -62,6 +62,7 @@ class ShmTransport(Transport):
         #: node -> (mmap, address of offset 0, length, rkey of the registered region)
         self._nodes: dict[int, tuple] = {}
         self._dead: set[int] = set()
+        self._silent: set[int] = set()
         self._next_check = 0.0
         self._table: tuple = ()
         try:
@@ -85,6 +86,7 @@ class ShmTransport(Transport):
                                         "info", self.timeout)
         infos.update({n: a for n, a in agains.items() if not isinstance(a, dict)})
         self._dead = dead_on_connect(self.config, dead, infos)
+        self._silent = self._dead - dead            # on connecting: named apart in errors
         for node, again in agains.items():
             info = infos[node]
             if node in self._dead:
@@ -187,6 +189,8 @@ class ShmTransport(Transport):
     def _refusal(self, node: int, req) -> TransportError:
         """Why a request to ``node`` cannot run at all (it is counted, as if it ran)."""
         self.stats.count(req)
+        if node in self._silent:
+            return self.channels.taken_for_dead(node)
         if node in self._dead:
             return NodeTimeout(f"MN {node} is dead (its process exited)", node)
         return RemoteAccessError(f"MN {node}: wrong access key", node)

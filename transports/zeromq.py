@@ -15,7 +15,7 @@ from typing import Sequence
 
 from emulator import wire
 from fusee.config import ClusterConfig
-from fusee.verbs import NodeTimeout, Request
+from fusee.verbs import Request
 from transports.base import RegionInfo, Transport, group_by_node, raise_for_failures
 from transports.channel import Channels, dead_on_connect, place_replies
 
@@ -61,8 +61,7 @@ class ZmqTransport(Transport):
                         for node, idx in groups.items() if node not in dead}
             replies = channels.exchange(payloads, seq, self.timeout)
             for node in groups.keys() & dead:
-                replies[node] = NodeTimeout(f"MN {node} is dead (it did not answer when this "
-                                            "transport connected)", node)
+                replies[node] = channels.taken_for_dead(node)
         return self._complete(batch, groups, replies)
 
     @staticmethod

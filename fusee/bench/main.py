@@ -51,6 +51,7 @@ class BenchOptions(StoreShape):
     micro_keys: int = 10_000                # per client, as in the paper
     clients: list = field(default_factory=lambda: [1, 2, 4])
     depth: int = 1
+    repeat: int = 3                         # runs per point: the table gives their median
     duration: float = 2.0                   # measured seconds per YCSB point
     warmup: float = 0.5
     load_clients: int = 2
@@ -84,6 +85,8 @@ class BenchOptions(StoreShape):
             raise ValueError(f"load clients must be 1..{MAX_CLIENTS}")
         if self.keys < 2 or self.depth < 1 or self.duration <= 0 or self.warmup < 0:
             raise ValueError("need keys >= 2, depth >= 1, duration > 0, warmup >= 0")
+        if self.repeat < 1:
+            raise ValueError("repeat must be at least 1 (runs per point)")
         if not 1 <= self.micro_keys <= MAX_KEYS_PER_CLIENT:
             raise ValueError(f"micro keys per client must be 1..{MAX_KEYS_PER_CLIENT}")
         if not 0 < self.theta < 1:
@@ -97,25 +100,30 @@ class BenchOptions(StoreShape):
 
 def build_plan(o: BenchOptions) -> list[Phase]:
     """The phases every system runs, in order; keyspaces are shared across systems so each
-    system sees exactly the same keys."""
+    system sees exactly the same keys. Each point runs ``o.repeat`` times in a row, each run
+    on keys of its own (a micro point: its four steps again)."""
     common = dict(depth=o.depth, value_size=o.value_size, seed=o.seed)
     plan = [Phase("load", "load", clients=o.load_clients, keyspace=0, keys=o.keys, **common)]
     keyspace = 1
     if o.suite in ("ycsb", "all"):
         for name in o.workloads:
             for n in o.clients:
-                plan.append(Phase("ycsb", name, clients=n, keyspace=keyspace, keys=o.keys,
-                                  workload=o.workload(name), theta=o.theta, warmup=o.warmup,
-                                  duration=o.duration, **common))
-                keyspace += 1
+                for run in range(o.repeat):
+                    plan.append(Phase("ycsb", name, clients=n, keyspace=keyspace, keys=o.keys,
+                                      workload=o.workload(name), theta=o.theta,
+                                      warmup=o.warmup, duration=o.duration, repeat=run,
+                                      **common))
+                    keyspace += 1
     if o.suite in ("micro", "all") and o.micro_ops:
         for n in o.clients:
             # every client count inserts fresh keys, then updates, searches and deletes them;
             # steps not asked for still run (unrecorded) so the others find their keys
-            for op in MICRO_OPS:
-                plan.append(Phase("micro", op, clients=n, keyspace=keyspace, count=o.micro_keys,
-                                  record=op in o.micro_ops, **common))
-            keyspace += 1
+            for run in range(o.repeat):
+                for op in MICRO_OPS:
+                    plan.append(Phase("micro", op, clients=n, keyspace=keyspace,
+                                      count=o.micro_keys, record=op in o.micro_ops,
+                                      repeat=run, **common))
+                keyspace += 1
     return plan
 
 
@@ -148,16 +156,24 @@ def _machine() -> dict:
 def _run_system(pool: WorkerPool, spec, system: str, plan: list[Phase], o: BenchOptions,
                 doc: dict, bar) -> None:
     pool.connect(spec)
+    runs: dict[tuple, list] = {}            # a point -> the raw results of each of its runs
     for p in plan:
         bar.set_description(f"{system}: {p.label()}")
-        row = report.aggregate(system, p, pool.run_phase(p, _phase_timeout(p, o)))
+        raws = pool.run_phase(p, _phase_timeout(p, o))
         if p.suite == "load":
+            row = report.aggregate(system, p, raws)
             doc["load"].append({"system": system, "keys": p.keys, "seconds": row["seconds"],
                                 "throughput": row["throughput"],
                                 "cpu_us_per_op": row["per_op"].get("cpu_us")})
         elif p.record:
-            doc["results"].append(row)
-            bar.update(1)
+            point = runs.setdefault((p.suite, p.name, p.clients), [])
+            point.append(raws)
+            if len(point) == o.repeat:
+                doc["results"].append(report.combine(system, p, point))
+                del runs[(p.suite, p.name, p.clients)]
+        else:
+            continue
+        bar.update(1)
     pool.disconnect()
 
 
@@ -188,8 +204,7 @@ def run_bench(o: BenchOptions, command: str = "", progress: bool | None = None) 
                         timeout=o.timeout))
                 except Exception as e:              # e.g. no redis-server on this machine
                     verdict = "failed" if system == "fusee" else "skipped"
-                    doc[verdict][system] = str(e)
-                    print(f"\n{system}: {verdict}: {e}", file=sys.stderr)
+                    doc[verdict][system] = str(e)   # the table says so, once
                     bar.update(len(reported))
                     continue
                 doc["systems"].append(system)
@@ -212,7 +227,8 @@ def _csv(kind=str):
     return lambda s: [kind(x) for x in s.split(",") if x]
 
 
-QUICK = dict(keys=10_000, micro_keys=1_000, duration=0.5, warmup=0.2, clients=[1, 2])
+QUICK = dict(keys=10_000, micro_keys=1_000, duration=0.5, warmup=0.2, clients=[1, 2],
+             repeat=1)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -228,7 +244,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: ./fusee-bench-results; with --suite:"
                                  " the file's out, one subfolder per run)")
     p.add_argument("--quick", action="store_true",
-                   help="a short run: 10,000 keys, 1,000 micro keys, 0.5 s points, 1-2 clients")
+                   help="a short run: 10,000 keys, 1,000 micro keys, 0.5 s points, 1-2 "
+                        "clients, each point run once")
     d = BenchOptions()
     p.add_argument("--systems", type=_csv(), help=f"default: {','.join(d.systems)}")
     p.add_argument("--no-baselines", action="store_true", help="fusee only")
@@ -246,6 +263,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-keys", type=int, help="keys per client (default: 10000)")
     p.add_argument("--clients", type=_csv(int), help="client processes per point (default: 1,2,4)")
     p.add_argument("--depth", type=int, help="operations in flight per client (default: 1)")
+    p.add_argument("--repeat", type=int, metavar="N",
+                   help="runs per point; the table and plots give their median and spread "
+                        "(default: 3; 1 with --quick)")
     p.add_argument("--duration", type=float, help="measured seconds per YCSB point (default: 2)")
     p.add_argument("--warmup", type=float, help="seconds before measuring (default: 0.5)")
     p.add_argument("--load-clients", type=int, help="processes loading keys (default: 2)")

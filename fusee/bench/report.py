@@ -4,11 +4,18 @@ Every client returns one encoded HdrHistogram per operation; ``merge_hdr`` adds 
 losing anything (the same buckets, the counts summed), so the percentiles of a phase are those
 of all its operations, not an average of per-client percentiles. The JSON keeps the merged
 histograms encoded, so a later tool can merge or re-plot them exactly.
+
+A point run several times (``--repeat``) reports the median of its runs' throughputs, with
+their spread (min, median, max: in the JSON, as a +-% in the table and as error bars in the
+plot): one run can reverse a comparison that the spread shows to be noise. Its latencies are
+those of all its runs' operations together.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +76,37 @@ def aggregate(system: str, phase: Phase, raws: list[dict]) -> dict:
     }
 
 
+def combine(system: str, phase: Phase, runs: list[list[dict]]) -> dict:
+    """One result row from the raw results of every run of a point (``aggregate`` of each):
+    the median throughput and seconds, the spread of the throughputs, and the histograms,
+    errors and counters of all runs together."""
+    rows = [aggregate(system, phase, raws) for raws in runs]
+    row = aggregate(system, phase, [r for raws in runs for r in raws])
+    tps = [r["throughput"] for r in rows]
+    row["throughput"] = round(statistics.median(tps), 1)
+    row["seconds"] = round(statistics.median(r["seconds"] for r in rows), 4)
+    row["spread"] = {"runs": len(rows), "throughput": tps, "min": min(tps),
+                     "median": row["throughput"], "max": max(tps)}
+    return row
+
+
+def spread_pct(row: dict) -> float | None:
+    """Half the range of a point's throughputs, in % of their median (None: one run)."""
+    s = row.get("spread")
+    if not s or s["runs"] < 2 or not s["median"]:
+        return None
+    return 50 * (s["max"] - s["min"]) / s["median"]
+
+
+def conditions(doc: dict) -> str:
+    """The run's conditions in one line: what a plot or a table must carry to be compared."""
+    o, cpus = doc["options"], doc.get("machine", {}).get("cpus")
+    return (f"{o['transport']}, {o['memnodes']} MNs, r={o['replicas']}, {o['keys']:,} keys, "
+            f"{o['object_size']}-byte objects, {','.join(map(str, o['clients']))} clients, "
+            f"depth {o['depth']}, {o.get('repeat', 1)} run(s) per point"
+            + (f", {cpus} host cores" if cpus else ""))
+
+
 # -- table ---------------------------------------------------------------------------------------
 def _rows(doc: dict, suite: str) -> dict:
     rows: dict = {}
@@ -80,6 +118,12 @@ def _rows(doc: dict, suite: str) -> dict:
 
 def _fmt(x, width: int, digits: int = 1) -> str:
     return f"{x:>{width}.{digits}f}" if x is not None else " " * (width - 1) + "-"
+
+
+def _pct(row: dict) -> str:
+    """A row's spread as a 4-wide '+-' cell: '3%', or '-' after a single run."""
+    pct = spread_pct(row)
+    return f"{pct:>3.0f}%" if pct is not None else f"{'-':>4}"
 
 
 def table(doc: dict) -> str:
@@ -94,37 +138,41 @@ def table(doc: dict) -> str:
             continue
         detail = (f"{o['keys']:,} keys, {o['distribution']} {o['theta']}"
                   if suite == "ycsb" else f"{o['micro_keys']:,} keys per client")
+        runs = o.get("repeat", 1)
         out.append(f"\n{title}: {detail}, {o['object_size']}-byte objects, {o['transport']}, "
                    f"{o['memnodes']} MNs, r={o['replicas']}, depth {o['depth']}"
-                   + (f", {o['duration']:g} s per point" if suite == "ycsb" else ""))
-        head = (f"{'':<9}{'':>3} | {'fusee':^46} |"
-                + "".join(f" {b:^24} |" for b in baselines))
+                   + (f", {o['duration']:g} s per point" if suite == "ycsb" else "")
+                   + (f"; Kops/s: the median of {runs} runs, +-: half their range" if runs > 1
+                      else ""))
+        head = (f"{'':<9}{'':>3} | {'fusee':^64} |"
+                + "".join(f" {b:^28} |" for b in baselines))
         sub = (f"{'workload' if suite == 'ycsb' else 'op':<9}{'cl':>3} | {'Kops/s':>8} "
-               f"{'p50 us':>7} {'p99 us':>8} {'p999 us':>8} {'rt/op':>5} {'verbs/op':>6} "
-               f"{'cpu us/op':>9} |"
-               + "".join(f" {'Kops/s':>8} {'p50 us':>7} {'fusee':>6} |" for _ in baselines))
+               f"{'+-':>4} {'p50 us':>7} {'p99 us':>8} {'p999 us':>8} {'rt/op':>5} "
+               f"{'verbs/op':>6} {'cpu us/op':>9} |"
+               + "".join(f" {'Kops/s':>8} {'+-':>4} {'p50 us':>7} {'fusee':>6} |"
+                         for _ in baselines))
         out += [head, sub, "-" * len(sub)]
         for (name, clients), by in rows.items():
             f = by.get("fusee")
             line = f"{name:<9}{clients:>3} | "
             if f:
                 lat, per = f["latency_us"]["all"], f["per_op"]
-                line += (f"{f['throughput'] / 1e3:>8.2f} {_fmt(lat.get('p50_us'), 7)} "
+                line += (f"{f['throughput'] / 1e3:>8.2f} {_pct(f)} {_fmt(lat.get('p50_us'), 7)} "
                          f"{_fmt(lat.get('p99_us'), 8)} {_fmt(lat.get('p999_us'), 8)} "
                          f"{_fmt(per.get('round_trips'), 5, 2)} {_fmt(per.get('verbs'), 8, 1)} "
                          f"{_fmt(per.get('cpu_us'), 9, 1)} |")
             else:
-                line += f"{'-':>56} |"
+                line += f"{'-':>64} |"
             for b in baselines:
                 r = by.get(b)
                 if r is None:
                     why = ("skipped" if b in doc["skipped"] else
                            "failed" if b in doc.get("failed", {}) else "-")
-                    line += f" {why:>24} |"
+                    line += f" {why:>28} |"
                     continue
                 ratio = f"{f['throughput'] / r['throughput']:.2f}x" if f and r["throughput"] \
                     else "-"
-                line += (f" {r['throughput'] / 1e3:>8.2f} "
+                line += (f" {r['throughput'] / 1e3:>8.2f} {_pct(r)} "
                          f"{_fmt(r['latency_us']['all'].get('p50_us'), 7)} {ratio:>6} |")
             out.append(line)
     for name, why in doc["skipped"].items():
@@ -153,6 +201,11 @@ def subplots(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 
+def title(fig, text: str) -> None:
+    """A figure's title, wrapped to its width (a clipped condition is a lost one)."""
+    fig.suptitle(textwrap.fill(text, int(fig.get_figwidth() * 13)), fontsize="small")
+
+
 def save(fig, path: Path) -> Path:
     """Write a figure made by ``subplots`` as a PNG and free it."""
     import matplotlib.pyplot as plt
@@ -173,10 +226,17 @@ def plot_throughput(doc: dict, path: Path) -> Path:
     fig, axes = subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, (suite, name) in zip(axes.flat, panels):
         for system in doc["systems"]:
-            pts = sorted((r["clients"], r["throughput"] / 1e3) for r in doc["results"]
-                         if r["suite"] == suite and r["name"] == name and r["system"] == system)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=system)
+            rows = sorted((r for r in doc["results"] if r["suite"] == suite and
+                           r["name"] == name and r["system"] == system),
+                          key=lambda r: r["clients"])
+            if rows:            # the median, and the spread of the runs as an error bar
+                y = [r["throughput"] / 1e3 for r in rows]
+                spread = [r.get("spread") or {"min": r["throughput"], "max": r["throughput"]}
+                          for r in rows]
+                yerr = [[v - s["min"] / 1e3 for v, s in zip(y, spread)],
+                        [s["max"] / 1e3 - v for v, s in zip(y, spread)]]
+                ax.errorbar([r["clients"] for r in rows], y, yerr=yerr, marker="o",
+                            capsize=3, label=system)
         ax.set_title(f"YCSB-{name}" if suite == "ycsb" else name.upper())
         ax.set_xlabel("clients")
         ax.set_xticks(sorted({r["clients"] for r in doc["results"]}))
@@ -186,6 +246,7 @@ def plot_throughput(doc: dict, path: Path) -> Path:
         ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
+    title(fig, f"throughput (median; bars: min-max of the runs): {conditions(doc)}")
     return save(fig, path)
 
 
@@ -219,6 +280,7 @@ def plot_latency_cdf(doc: dict, path: Path) -> Path:
         ax.set_ylabel("fraction of operations")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="x-small")
+    title(fig, f"latency: {conditions(doc)}")
     return save(fig, path)
 
 

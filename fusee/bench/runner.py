@@ -58,9 +58,11 @@ class Phase:
     duration: float = 0.0
     count: int = 0                  # micro: keys per client
     record: bool = True             # False: a micro setup / clean-up step, not reported
+    repeat: int = 0                 # which run of its point this is (``--repeat``), from 0
 
     def label(self) -> str:
-        return f"{self.suite} {self.name} x{self.clients}"
+        what = self.name if self.suite == self.name else f"{self.suite} {self.name}"
+        return f"{what} x{self.clients}" + (f", run {self.repeat + 1}" if self.repeat else "")
 
 
 def key_base(keyspace: int, client: int) -> int:

@@ -1,0 +1,115 @@
+"""The one exception tree (fusee.errors): every error a user can meet is a FuseeError with a
+documented exit code, the old import locations still work, and the input errors say the
+limit in one line."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import fusee.config
+import fusee.errors as errors
+import fusee.index
+import fusee.master
+import fusee.verbs
+import transports.master_link
+from emulator.cluster import LocalCluster
+from fusee.layout import CLASSES, object_bytes
+
+
+def _classes():
+    return [c for _, c in inspect.getmembers(errors, inspect.isclass)
+            if c.__module__ == errors.__name__]
+
+
+def test_every_error_is_a_documented_fusee_error_with_an_exit_code():
+    tree = errors.__doc__.split("Each class")[0]
+    for cls in _classes():
+        assert issubclass(cls, errors.FuseeError), cls
+        assert cls.exit_code in range(6), cls
+        assert cls.__name__ in tree, f"{cls.__name__} is missing from the module doc's tree"
+        if cls is not errors.FuseeError:
+            assert cls.__doc__.startswith("Raised "), cls
+
+
+def test_exit_codes_tell_the_cases_apart():
+    assert errors.KeyNotFound.exit_code == errors.KeyExists.exit_code == 1
+    for cls in (errors.WrongType, errors.KeyTooLarge, errors.ValueTooLarge, errors.ConfigError,
+                errors.NotAuthorized, errors.ClientClosed, errors.ForkedClient):
+        assert cls.exit_code == 2, cls
+    for cls in (errors.NodeTimeout, errors.TransportError, errors.LeaseExpired,
+                errors.MasterTimeout, errors.MasterBusy, errors.Stalled, errors.ClientLimit):
+        assert cls.exit_code == 3, cls
+    assert errors.CorruptObject.exit_code == errors.DataLost.exit_code == 4
+    assert errors.FuseeError.exit_code == errors.RemoteAccessError.exit_code == 5
+
+
+def test_the_old_import_locations_name_the_same_classes():
+    assert fusee.verbs.TransportError is errors.TransportError
+    assert fusee.verbs.NodeTimeout is errors.NodeTimeout
+    assert fusee.verbs.RemoteAccessError is errors.RemoteAccessError
+    assert fusee.verbs.EpochChanged is errors.EpochChanged
+    assert fusee.verbs.ControlError is errors.ControlError
+    assert fusee.master.LeaseExpired is errors.LeaseExpired
+    assert fusee.master.LeaseError is errors.LeaseError
+    assert fusee.master.TransitionInProgress is errors.TransitionInProgress
+    assert fusee.master.DataLost is fusee.index.LostData is errors.DataLost
+    assert transports.master_link.MasterError is errors.MasterError
+    assert transports.master_link.MasterTimeout is errors.MasterTimeout
+    assert fusee.config.ConfigError is errors.ConfigError
+    # and the built-in bases that old handlers catch
+    assert issubclass(errors.WrongType, TypeError)
+    assert issubclass(errors.ConfigError, ValueError)
+    assert issubclass(errors.ClientClosed, RuntimeError)
+    assert issubclass(errors.KeyNotFound, KeyError)
+
+
+@pytest.fixture(scope="module")
+def kv():
+    with LocalCluster(memnodes=3, transport="local", replication=2) as cluster:
+        with cluster.client() as client:
+            yield client
+
+
+def test_wrong_types_are_fusee_errors_and_type_errors(kv):
+    for call in (lambda: kv.put("text", b"v"), lambda: kv.put(b"k", "text"),
+                 lambda: kv.get(3), lambda: kv.get_many([b"a", None])):
+        with pytest.raises(errors.WrongType, match="bytes, got") as e:
+            call()
+        assert isinstance(e.value, TypeError) and e.value.exit_code == 2
+
+
+def test_the_empty_and_the_long_key_say_the_limit(kv):
+    limit = kv.config.layout.max_key_size
+    with pytest.raises(errors.KeyTooLarge) as e:
+        kv.put(b"", b"v")
+    assert str(e.value) == f"the empty key is not allowed: a key has 1 to {limit} bytes"
+    with pytest.raises(errors.KeyTooLarge, match=f"a key has 1 to {limit} bytes"):
+        kv.get(b"k" * (limit + 1))
+    kv.put(b"k" * limit, b"longest key")
+    assert kv.get(b"k" * limit) == b"longest key"
+
+
+def test_an_oversized_value_says_how_large_a_value_may_be_with_that_key(kv):
+    key = b"some key"
+    largest = CLASSES[-1] * kv.config.layout.object_unit
+    limit = largest - object_bytes(len(key), 0)
+    kv.put(key, b"v" * limit)                            # the limit itself fits
+    assert kv.get(key) == b"v" * limit
+    with pytest.raises(errors.ValueTooLarge) as e:
+        kv.put(key, b"v" * (limit + 1))
+    assert str(e.value) == (f"a value of {limit + 1} bytes is too large: with this 8-byte key "
+                            f"a value has at most {limit} bytes (objects are at most {largest} "
+                            "bytes, header and log entry included)")
+    assert "\n" not in str(e.value)
+
+
+def test_a_batch_error_exits_with_the_highest_code_of_its_failures(kv):
+    from fusee.batch import BatchError
+    kv.put(b"present", b"v")
+    with pytest.raises(BatchError) as e:
+        kv.pipeline().delete(b"absent").get(b"present").execute()
+    assert e.value.exit_code == 1
+    assert BatchError([None, errors.KeyNotFound(b"k"), errors.NodeTimeout("x", 0)]).exit_code == 3
+    assert BatchError([RuntimeError("a bug")]).exit_code == 5
