@@ -24,6 +24,7 @@ from emulator.blocks import BlockTable, format_region
 from emulator.memory import MemoryRegion, SharedSegment, new_rkey
 from fusee.config import ClusterConfig, ConfigError
 from fusee.memory_map import MemoryMap
+from fusee.rejoin import REJOIN
 from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAccessError
 from emulator.serving import (EndpointInUse, bind, claim_endpoint, stop_condition,
                               write_ready)
@@ -38,7 +39,10 @@ MESSAGE_SLACK = 1 << 20
 class MemoryNode:
     """The state of one MN: its region, its block table, and its control handlers."""
 
-    def __init__(self, config: ClusterConfig, node_id: int, segment_name: str | None = None):
+    def __init__(self, config: ClusterConfig, node_id: int, segment_name: str | None = None,
+                 rejoin: bool = False):
+        """``rejoin``: this MN takes a dead one's place; it answers the master's ping with
+        REJOIN until the end, and the master rebuilds it (``fusee.rebuild``)."""
         self.config, self.id = config, node_id
         self.map = MemoryMap.of(config.layout)
         name = segment_name or f"fusee-{config.name}-mn{node_id}-{os.getpid()}"
@@ -49,7 +53,7 @@ class MemoryNode:
         self.blocks = BlockTable(self.region, self.map)
         self.controls: dict[str, Callable[[dict], object]] = {
             "info": self._info,
-            "ping": lambda args: "pong",
+            "ping": lambda args: REJOIN if rejoin else "pong",
         }
 
     def register_control(self, name: str, handler: Callable[[dict], object]) -> None:
@@ -191,6 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--ready-file", help="write {endpoint, shm_name, pid} here once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     p.add_argument("--rdma", action="store_true", help="also serve the region over RDMA (pyverbs)")
+    p.add_argument("--rejoin", action="store_true",
+                   help="take the place of this id's dead MN (a restart, or a replacement "
+                        "host): the master rebuilds its data from the live replicas")
     args = p.parse_args(argv)
 
     try:
@@ -203,7 +210,7 @@ def main(argv=None) -> int:
         print(f"fusee memnode: error: {e}", file=sys.stderr)
         return 2
     stop = stop_condition(args.parent_pid)
-    node = MemoryNode(config, args.id)
+    node = MemoryNode(config, args.id, rejoin=args.rejoin)
     try:
         if args.rdma:
             from emulator import rdma_nic
@@ -211,7 +218,8 @@ def main(argv=None) -> int:
 
         def bound(endpoint: str) -> None:
             print(f"memnode {node.id} serving {endpoint} region {node.segment.name} "
-                  f"({node.region.length} bytes)", flush=True)
+                  f"({node.region.length} bytes)"
+                  f"{'; rejoining: the master rebuilds it' if args.rejoin else ''}", flush=True)
             write_ready(args.ready_file, endpoint=endpoint, shm_name=node.segment.name)
 
         serve(node, endpoint, stop, bound)

@@ -93,7 +93,7 @@ class Membership:
 
     def rejoined(self, nodes: Iterable[int], settled: Mapping[tuple[int, int], int],
                  dropped: Mapping[tuple[int, int], tuple[tuple[int, int], ...]] | None = None
-                 ) -> "Membership":
+                 ) -> Membership:
         """The membership a rebuild of the dead MNs ``nodes`` starts (``fusee.rebuild``): they
         are replicas again, and the rounds the rebuild closed are recorded like a failover's."""
         nodes = frozenset(nodes)

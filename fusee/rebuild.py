@@ -47,7 +47,7 @@ is dead) is refused with RebuildError rather than guessed: that N cannot rejoin.
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 from fusee.config import ClusterConfig
 from fusee.errors import FuseeError
@@ -165,8 +165,9 @@ def _copy(node: int, pieces, words, progress):
             done += sum(b[2] for b in batch)
             progress(done, total)
         batch = [piece] if piece is not None else []
-    for batch_words in chunks([Write(node, addr, pack_u64(v)) for addr, v in words]):
-        yield batch_words
+    # (not ``yield from`` a list: the driver sends each batch's completions back)
+    for writes in chunks([Write(node, addr, pack_u64(v)) for addr, v in words]):  # noqa: UP028
+        yield writes
 
 
 def _patched(buf, patch) -> bytes:

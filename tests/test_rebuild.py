@@ -14,6 +14,8 @@ after that MN's failover; a rebuild of a live MN is refused.
 from __future__ import annotations
 
 import pytest
+from test_failover import Run, _config
+from test_failover import _check as check_run
 
 from emulator.index_check import check_index
 from fusee.driver import run
@@ -23,8 +25,6 @@ from fusee.operations import ClientCore
 from fusee.rebuild import RebuildError, rebuild
 from fusee.verbs import NodeTimeout
 from transports.local import LocalMemory, LocalTransport
-from test_failover import Run, _config
-from test_failover import _check as check_run
 
 
 class RebuildRun(Run):
@@ -112,7 +112,7 @@ def _loaded(keys: int = 40):
 
 
 def test_an_mn_dying_mid_rebuild_fails_it_and_it_succeeds_after_that_failover():
-    cfg, mem, m, a = _loaded()
+    cfg, mem, m, _ = _loaded()
     t = LocalTransport(cfg, memory=mem)
     gen = rebuild(cfg, m, 0)
     batch = next(gen)
