@@ -47,7 +47,7 @@ from fusee.config import ClusterConfig, ConfigError
 from fusee.driver import run
 from fusee.errors import ClientLimit, FuseeError
 from fusee.failover import failover
-from fusee.rebuild import rebuild
+from fusee.rebuild import RebuildError, rebuild
 from fusee.rejoin import REJOIN
 from fusee.master import LeaseError, Master, StateError, TransitionInProgress
 from fusee.membership import Membership
@@ -447,10 +447,13 @@ class MasterServer:
             finally:
                 transport.close()
         except Exception as e:          # noqa: BLE001 - a failed rebuild is retried, not fatal
+            final = isinstance(e, RebuildError)
             with self.lock:
-                self.master.rebuild_failed(node, time.monotonic(), f"{type(e).__name__}: {e}")
-            self.log(f"master: rebuild of memory node {node} failed (will retry while it "
-                     f"asks): {type(e).__name__}: {e}", flush=True)
+                self.master.rebuild_failed(node, time.monotonic(), f"{type(e).__name__}: {e}",
+                                           final)
+            self.log(f"master: rebuild of memory node {node} failed "
+                     f"({'it stays dead' if final else 'will retry while it asks'}): "
+                     f"{type(e).__name__}: {e}", flush=True)
             return
         seconds = time.perf_counter() - t0
         with self.lock:

@@ -45,6 +45,7 @@ the client itself believes it has.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import InitVar, dataclass, field
 from typing import Iterable
 
@@ -370,9 +371,11 @@ class Master:
         self.mn_deadline[node] = now + self.mn_lease
         self.acks = {c: e for c, e in self.acks.items() if e > membership.epoch}
 
-    def rebuild_failed(self, node: int, now: float, error: str) -> None:
-        attempts = self.rejoins.attempts
-        self.rejoins.failed(node, now, error,
+    def rebuild_failed(self, node: int, now: float, error: str, final: bool = False) -> None:
+        """The rebuild of ``node`` failed: the clients resume; its next ask is heard after a
+        backoff, or never (``final``: the rebuild cannot succeed)."""
+        attempts = self.rejoins.attempts.get(node, 0)
+        self.rejoins.failed(node, now, error, math.inf if final else
                             min(REPAIR_BACKOFF * 2 ** attempts, REPAIR_BACKOFF_MAX))
 
     # -- the repair queue -------------------------------------------------------------------

@@ -10,7 +10,8 @@ The queue is not persisted: a master restarted meanwhile hears the MN ask again,
 rebuild publishes, the MN is dead in the membership and nobody reads it.
 
 An MN that stops answering while it waits is dropped from the queue (it is still dead, and
-the clients stop pausing for it).
+the clients stop pausing for it). So is one whose rebuild failed: the clients resume at once,
+and its next ask is heard after a backoff (never, after a RebuildError: it cannot succeed).
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ class Rejoins:
     joining: dict[int, float] = field(default_factory=dict)    # MN -> deadline of its asking
     running: int | None = None
     progress: tuple[int, int] = (0, 0)                         # bytes copied, to copy
-    attempts: int = 0
-    retry_at: float = 0.0
-    error: str | None = None
+    attempts: dict[int, int] = field(default_factory=dict)     # failed rebuilds, per MN
+    retry_at: dict[int, float] = field(default_factory=dict)   # no ask heard before then
+    errors: dict[int, str] = field(default_factory=dict)       # the last failure, per MN
 
     def ask(self, node: int, sent_at: float, lease: float) -> bool:
         """Dead MN ``node`` asked to rejoin in answer to a ping sent at ``sent_at``; True
         when that queues it."""
+        if sent_at < self.retry_at.get(node, 0.0):
+            return False
         new = node not in self.joining
         self.joining[node] = max(self.joining.get(node, 0.0), sent_at + lease)
         return new
@@ -47,7 +50,7 @@ class Rejoins:
         for node, deadline in list(self.joining.items()):
             if now > deadline and node != self.running:
                 del self.joining[node]
-        if not ready or self.running is not None or not self.joining or self.retry_at > now:
+        if not ready or self.running is not None or not self.joining:
             return None
         self.running = min(self.joining)
         self.progress = (0, 0)
@@ -56,14 +59,19 @@ class Rejoins:
     def done(self, node: int) -> None:
         assert self.running == node, (node, self.running)
         del self.joining[node]
-        self.running, self.attempts, self.error, self.retry_at = None, 0, None, 0.0
+        self.running = None
+        for record in (self.attempts, self.retry_at, self.errors):
+            record.pop(node, None)
 
     def failed(self, node: int, now: float, error: str, backoff: float) -> None:
+        """The rebuild of ``node`` failed: it leaves the queue (the clients resume) until
+        ``backoff`` seconds from ``now`` have passed (``math.inf``: for good)."""
         assert self.running == node, (node, self.running)
         self.running = None
-        self.attempts += 1
-        self.error = error
-        self.retry_at = now + backoff
+        del self.joining[node]
+        self.attempts[node] = self.attempts.get(node, 0) + 1
+        self.errors[node] = error
+        self.retry_at[node] = now + backoff
 
 
 def node_states(n: int, r: int, dead, failing, rejoins: Rejoins) -> dict:
@@ -72,7 +80,8 @@ def node_states(n: int, r: int, dead, failing, rejoins: Rejoins) -> dict:
     pausing) or rebuilding (``progress``: [bytes copied, bytes to copy]); ``replica_of``:
     the placement groups it holds a copy of (group p: the subtables whose id is p mod n and
     the block groups whose first MN is p; group 0 also has the directory and the client
-    metadata); ``primary_of``: those it is the first live replica of."""
+    metadata); ``primary_of``: those it is the first live replica of; ``rebuild_error``: why
+    its last rebuild failed, while it is not alive."""
     out = {}
     down = set(dead) | set(failing)
     for m in range(n):
@@ -84,7 +93,7 @@ def node_states(n: int, r: int, dead, failing, rejoins: Rejoins) -> dict:
                                 next(x for x in replica_nodes(p, n, r) if x not in down) == m]}
         if state == REBUILDING:
             entry["progress"] = list(rejoins.progress)
-        if state in (JOINING, REBUILDING) and rejoins.error:
-            entry["error"] = rejoins.error
+        if state != ALIVE and m in rejoins.errors:
+            entry["rebuild_error"] = rejoins.errors[m]
         out[str(m)] = entry
     return out

@@ -311,7 +311,7 @@ def test_a_dead_mn_that_asks_to_rejoin_pauses_the_clients_until_its_rebuild_publ
     assert m.tick(0.9 + MN_L) == []                         # it has a lease of its own now
 
 
-def test_a_failed_rebuild_is_retried_and_an_mn_that_stops_asking_is_dropped():
+def test_a_failed_rebuild_lets_the_clients_go_and_an_mn_that_stops_asking_is_dropped():
     m = master(pinged_until=0.0)
     for mn in (0, 1):
         m.mn_seen(mn, 10.0)
@@ -319,8 +319,15 @@ def test_a_failed_rebuild_is_retried_and_an_mn_that_stops_asking_is_dropped():
     m.rejoin(2, 1.0)
     assert m.next_rebuild(1.0) == 2 and m.next_rebuild(1.0) is None    # running
     m.rebuild_failed(2, 1.1, "NodeTimeout: MN 1")
-    assert m.status(0.0)["memnodes"]["2"]["error"] == "NodeTimeout: MN 1"
-    assert m.next_rebuild(1.1) is None and m.next_rebuild(1.3) == 2      # after a backoff
-    m.rebuild_failed(2, 1.3, "again")
-    assert m.next_rebuild(1.0 + MN_L + 0.5) is None                      # it stopped asking
+    assert m.pause == 0                                     # the clients resume at once
+    assert m.status(0.0)["memnodes"]["2"] == {"state": "dead", "replica_of": [0, 1, 2],
+                                               "primary_of": [],
+                                               "rebuild_error": "NodeTimeout: MN 1"}
+    assert not m.rejoin(2, 1.15) and m.rejoin(2, 1.3)        # heard again after a backoff
+    assert m.next_rebuild(1.3) == 2
+    m.rebuild_failed(2, 1.3, "RebuildError: two groups", final=True)
+    assert not m.rejoin(2, 1e9) and m.pause == 0             # for good
+    m.rejoins.retry_at.clear()
+    m.rejoin(2, 2.0)
+    assert m.next_rebuild(2.0 + MN_L + 0.5) is None          # it stopped asking: dropped
     assert m.pause == 0 and m.status(0.0)["memnodes"]["2"]["state"] == "dead"
