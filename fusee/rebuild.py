@@ -19,11 +19,13 @@ What the rebuild does, in order, with one-sided verbs only (N's CPU does nothing
    readers read): the client-id counter (the largest of the live ones), the client metadata
    area and the index header, split locks and directory (if N is one of their r MNs),
    every subtable N replicates that exists (an initial one, or one with a nonzero first
-   bucket header: live and retired ones, which stale clients still read), and every data block of a group N belongs
-   to, whole (header, free bitmap, objects, embedded log entries), with N's block-table word
-   for it. A group is known from its block header, which names every MN of the group,
-   including those dead when it was made; it is copied from its home (first live
-   replica): frees went only there, so only its bitmap is current.
+   bucket header: live and retired ones, which stale clients still read), and every data
+   block of a group N belongs to, whole (header, free bitmap, objects, embedded log
+   entries; the header's index in the group made N's), with N's block-table word for it.
+   A group is known from its block header, which names every MN of the group, including
+   those dead when it was made; it is copied from its home (first live replica): frees went
+   only there, so only its bitmap is current. The frees that went to N's bitmap before it
+   died are lost with it, as after any MN death (``Membership.rebuilt``, ``fusee.audit``).
 
 Why nothing written is lost or half copied: while the rebuild runs, no client posts a verb
 (the pause), and none of the old epoch ever will (each client's next batch is refused with
@@ -38,8 +40,13 @@ with it and the master retries it after that MN's failover (N keeps being dead u
 rebuild publishes: nobody reads a half-written N). If N dies meanwhile, the same.
 
 The price is the pause: every client waits for the whole copy, which moves what N holds
-(for r = n: the whole used part of a region). ``progress`` reports bytes copied so that the
-master can show it. A rebuild of an MN group address that two groups both claim (possible
+(for r = n: the whole used part of a region; 166 MiB in 0.74 s over shm for 100,000 keys of
+1 KB). ``progress`` reports bytes copied so that the master can show it. Copying the block
+groups while clients write (N a write-only replica of the objects first) would shorten it,
+but is not done: a copy of a range read from the home before a client's write lands there
+and written to N after the same write landed on N undoes that write on N, so every block
+copied under way would have to be verified again (read twice) in a final pause.
+A replacement host takes N's place by serving N's endpoint of the cluster config. A rebuild of an MN group address that two groups both claim (possible
 only with r < n: two groups that share N but no live MN can take the same address while N
 is dead) is refused with RebuildError rather than guessed: that N cannot rejoin.
 """
