@@ -148,7 +148,6 @@ def _insert(core, obj, key: bytes):
             yield from _await_claim(core, t.sid, other, claim_node, t.primary)
         except EPOCH_ENDS as err:
             writes = yield from core.epoch_ended(err, obj)
-            lost.clear()        # the epoch's end closed every round: none is still settling
             if open_round is None:
                 continue
             epoch, t, v_old, committed = open_round

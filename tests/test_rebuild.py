@@ -87,7 +87,9 @@ def test_a_rebuild_with_a_client_crash(seed):
     _check(seed, crash_client=seed % 2 == 0)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", [0, 1, 2, 3,
+                                  18,       # the first subtable's header is zero: copied too
+                                  23])      # frees lost with the old bitmap: stranded
 def test_a_rebuild_while_the_index_splits(seed):
     r = _check(seed, splits=True, crash_client=seed % 2 == 1)
     assert len({e & 0xFFFFFFFF for e in r.reader.dir.entries}) > 1     # it did split
