@@ -204,6 +204,29 @@ class LocalCluster:
         p.kill()
         p.wait(10)
 
+    def rejoin(self, node: int) -> None:
+        """Start memory node ``node`` again after ``kill``, with ``--rejoin`` on its endpoint:
+        the master rebuilds it (``fusee.rebuild``). Returns once it serves."""
+        assert self.procs[node].poll() is not None, f"memory node {node} is running"
+        old = self.shm_names.pop(node, None)
+        if old is not None:                     # the killed process's segment
+            _cleanup({}, {node: old}, None)
+        ready = self.workdir / f"mn{node}.ready"
+        ready.unlink(missing_ok=True)
+        with open(self.workdir / f"mn{node}.log", "ab") as log:
+            self.procs[node] = subprocess.Popen(
+                [sys.executable, "-m", "emulator.memnode", "--config", str(self.config_path),
+                 "--id", str(node), "--ready-file", str(ready), "--rejoin",
+                 "--parent-pid", str(os.getpid())],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.start_timeout
+        while not ready.exists():
+            if self.procs[node].poll() is not None or time.monotonic() > deadline:
+                raise ClusterStartError(f"memory node {node} did not start again:\n"
+                                        f"{self.log(node)}")
+            time.sleep(0.01)
+        self.shm_names[node] = json.loads(ready.read_text())["shm_name"]
+
     def stop(self) -> None:
         self._master_finalizer()
         self._finalizer()

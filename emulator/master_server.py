@@ -8,11 +8,15 @@ lock:
   ``emulator.wire``; CURVE as for the MNs): ``register``, ``renew``, ``release``, ``status``,
   ``ping``; and it ticks the leases;
 - a heartbeat thread pings every live MN with the MNs' own ``ping`` control request through
-  ``transports.channel.Channels``, all at once, every quarter of the MN lease;
+  ``transports.channel.Channels``, all at once, every quarter of the MN lease; the dead ones
+  too, and one that answers "rejoin" (``fusee memnode --rejoin``) is queued for a rebuild
+  (``fusee.rejoin``);
 - a worker thread, on a transport of its own to the live MNs, runs the failover of each dead
   MN (``fusee.failover``) once every client has paused for it, and client-crash recovery
   (``fusee.recovery``) for each id in the repair queue, handing the id back to the pool when
-  it is done. One thread for both: a recovery never runs during a failover.
+  it is done, and the rebuild of each MN that asked to rejoin (``fusee.rebuild``), with the
+  clients paused as for a failover. One thread for all: a recovery never runs during a
+  failover or a rebuild.
 
 While an MN awaits its failover, renewal replies tell clients to pause (``fusee.master``);
 once it is done the new membership is saved, then handed out with the renewals. Registrations
@@ -44,6 +48,8 @@ from fusee.config import ClusterConfig, ConfigError
 from fusee.driver import run
 from fusee.errors import ClientLimit, FuseeError
 from fusee.failover import failover
+from fusee.rebuild import RebuildError, rebuild
+from fusee.rejoin import REJOIN
 from fusee.master import (LeaseError, Master, StateError, StateMismatch,
                           TransitionInProgress)
 from fusee.membership import Membership
@@ -148,6 +154,7 @@ class MasterServer:
         self.detected: dict[int, float] = {}            # client id -> when (wall clock)
         self.reports: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
         self.failovers: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
+        self.rebuilds: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
         self.timeline: dict[int, dict] = {}             # MN -> its failover's milestones
         self.tally: collections.Counter = collections.Counter()     # for fusee.metrics
         self.transport = None                           # the worker's, to the live MNs
@@ -273,6 +280,7 @@ class MasterServer:
             status = self.master.status(time.monotonic())
             status["repaired"] = list(self.reports)
             status["failovers"] = list(self.failovers)
+            status["rebuilds"] = list(self.rebuilds)
         status["pid"] = os.getpid()
         return status
 
@@ -310,17 +318,36 @@ class MasterServer:
         interval = self.config.mn_lease / 4
         timeout = min(self.config.timeout, self.config.mn_lease / 2)
         channels = Channels(self.config)
+        plain: set[int] = set()     # dead MNs told that a plain restart is not used
         try:
             while not self.stopping.is_set():
                 with self.lock:
-                    alive = self.master.alive()
+                    alive, dead = self.master.alive(), self.master.rejoin_candidates()
                 sent = time.monotonic()
-                for node in _pongs(channels, alive, timeout):
-                    with self.lock:
-                        self.master.mn_seen(node, sent)
+                for node, answer in _pongs(channels, alive + dead, timeout):
+                    if node in alive:
+                        with self.lock:
+                            self.master.mn_seen(node, sent)
+                    elif answer == REJOIN:
+                        self._rejoin(node, sent)
+                        plain.discard(node)
+                    elif node not in plain:
+                        plain.add(node)
+                        self.log(f"master: memory node {node} answers but is dead and was "
+                                 f"not started with --rejoin: it is not used (restart it "
+                                 f"with --rejoin to rebuild it)", flush=True)
                 self.stopping.wait(max(0.0, sent + interval - time.monotonic()))
         finally:
             channels.close()
+
+    def _rejoin(self, node: int, sent: float) -> None:
+        with self.lock:
+            queued = self.master.rejoin(node, sent)
+            pause = self.master.pause
+        if queued:
+            self.work_due.set()
+            self.log(f"master: memory node {node} asks to rejoin: clients pause until its "
+                     f"rebuild publishes epoch {pause}", flush=True)
 
     # -- failovers and repairs (the worker thread) ---------------------------------------------
     def _down(self) -> set[int]:
@@ -338,9 +365,13 @@ class MasterServer:
                 now = time.monotonic()
                 with self.lock:
                     nodes = self.master.next_failover(now)
-                    cid = self.master.next_repair(now) if nodes is None else None
+                    joining = self.master.next_rebuild(now) if nodes is None else None
+                    cid = (self.master.next_repair(now)
+                           if nodes is None and joining is None else None)
                 if nodes is not None:
                     self._failover(nodes)
+                elif joining is not None:
+                    self._rebuild(joining)
                 elif cid is not None:
                     self._repair(cid)
                 else:
@@ -411,6 +442,57 @@ class MasterServer:
             self.work_due.set()
         self.log(f"master: memory node {names} failed over in {seconds * 1000:.1f} ms: epoch "
                  f"{new.epoch} published ({settled} slots settled)", flush=True)
+
+    def _rebuild(self, node: int) -> None:
+        """Rebuild dead MN ``node`` (``fusee.rebuild``) on a transport of its own that reaches
+        it; a failure is retried later."""
+        with self.lock:
+            membership, down = self.master.membership, self._down() - {node}
+        self.log(f"master: rebuilding memory node {node} (epoch {membership.epoch} -> "
+                 f"{membership.epoch + 1})", flush=True)
+
+        def progress(done: int, total: int) -> None:
+            with self.lock:
+                self.master.rejoins.progress = (done, total)
+
+        t0 = time.perf_counter()
+        try:
+            transport = self._connect(down)
+            try:
+                new = run(rebuild(self.config, membership, node, progress), transport)
+            finally:
+                transport.close()
+        except Exception as e:          # noqa: BLE001 - a failed rebuild is retried, not fatal
+            final = isinstance(e, RebuildError)
+            with self.lock:
+                self.master.rebuild_failed(node, time.monotonic(), f"{type(e).__name__}: {e}",
+                                           final)
+            self.log(f"master: rebuild of memory node {node} failed "
+                     f"({'it stays dead' if final else 'will retry while it asks'}): "
+                     f"{type(e).__name__}: {e}", flush=True)
+            return
+        seconds = time.perf_counter() - t0
+        with self.lock:
+            copied = self.master.rejoins.progress[0]
+            # persisted before anything hands it out, as a failover's
+            published = copy.deepcopy(self.master)
+            published.rebuild_done(node, new, time.monotonic())
+            try:
+                self.file.save({"cluster": self.config.name, **published.state()})
+            except OSError as e:
+                self.master.rebuild_failed(node, time.monotonic(), f"saving the state: {e}")
+                self.log(f"master: cannot save the state of epoch {new.epoch}: {e}",
+                         flush=True)
+                return
+            self.master.rebuild_done(node, new, time.monotonic())
+            self.rebuilds.append({"node": node, "epoch": new.epoch, "finished_at": time.time(),
+                                  "rebuild_s": seconds, "copied_bytes": copied})
+            self.work_due.set()
+        if self.transport is not None:      # it has the MN as dead: reconnect when needed
+            self.transport.close()
+            self.transport = None
+        self.log(f"master: memory node {node} rebuilt in {seconds * 1000:.1f} ms "
+                 f"({copied / 2**20:.1f} MiB copied): epoch {new.epoch} published", flush=True)
 
     def _repair(self, cid: int) -> None:
         """Recover ``cid`` (a failure is retried later, by the same lock owner)."""
@@ -514,7 +596,8 @@ class MasterServer:
 
 
 def _pongs(channels: Channels, nodes: list[int], timeout: float):
-    """Ping ``nodes`` at once; yield each that answers within ``timeout``, as it answers."""
+    """Ping ``nodes`` at once; yield (node, its answer: "pong", or REJOIN from an MN started
+    with --rejoin) for each that answers within ``timeout``, as it answers."""
     seq = channels.next_seq()
     posted = channels.post({m: wire.encode_control(seq, "ping", {}) for m in nodes})
     waiting = {channels.socks[m]: m for m, failure in posted.items() if failure is None}
@@ -532,8 +615,8 @@ def _pongs(channels: Channels, nodes: list[int], timeout: float):
                 continue                        # a late pong of an earlier round
             poller.unregister(sock)
             node = waiting.pop(sock)
-            if not error and results == ["pong"]:
-                yield node
+            if not error and results in (["pong"], [REJOIN]):
+                yield node, results[0]
 
 
 def _plain(value):

@@ -25,6 +25,7 @@ from emulator.blocks import BlockTable, format_region
 from emulator.memory import MemoryRegion, SharedSegment, new_rkey
 from fusee.config import ClusterConfig, ConfigError
 from fusee.memory_map import MemoryMap
+from fusee.rejoin import REJOIN
 from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAccessError
 from emulator.serving import (BindError, EndpointInUse, bind, claim_endpoint,
                               stop_condition, write_ready)
@@ -44,7 +45,10 @@ MESSAGE_SLACK = 1 << 20
 class MemoryNode:
     """The state of one MN: its region, its block table, and its control handlers."""
 
-    def __init__(self, config: ClusterConfig, node_id: int, segment_name: str | None = None):
+    def __init__(self, config: ClusterConfig, node_id: int, segment_name: str | None = None,
+                 rejoin: bool = False):
+        """``rejoin``: this MN takes a dead one's place; it answers the master's ping with
+        REJOIN until the end, and the master rebuilds it (``fusee.rebuild``)."""
         self.config, self.id = config, node_id
         self.map = MemoryMap.of(config.layout)
         name = segment_name or f"fusee-{config.name}-mn{node_id}-{os.getpid()}"
@@ -58,7 +62,7 @@ class MemoryNode:
         self.tally = [0] * len(MEMNODE_TALLY)
         self.controls: dict[str, Callable[[dict], object]] = {
             "info": self._info,
-            "ping": lambda args: "pong",
+            "ping": lambda args: REJOIN if rejoin else "pong",
         }
 
     def register_control(self, name: str, handler: Callable[[dict], object]) -> None:
@@ -208,6 +212,9 @@ def main(argv=None) -> int:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port "
                    "(0: any free one; default: the config's metrics_port, else none)")
     add_log_level_option(p)
+    p.add_argument("--rejoin", action="store_true",
+                   help="take the place of this id's dead MN (a restart, or a replacement "
+                        "host): the master rebuilds its data from the live replicas")
     args = p.parse_args(argv)
 
     try:
@@ -221,7 +228,7 @@ def main(argv=None) -> int:
         print(f"fusee memnode: error: {e}", file=sys.stderr)
         return 2
     stop = stop_condition(args.parent_pid)
-    node = MemoryNode(config, args.id)
+    node = MemoryNode(config, args.id, rejoin=args.rejoin)
     metrics_port = config.node(args.id).metrics_port if args.metrics_port is None \
         else args.metrics_port
     try:
@@ -233,10 +240,9 @@ def main(argv=None) -> int:
             rdma_nic.install(node)
 
         def bound(endpoint: str) -> None:
-            log.info("memnode %d serving %s region %s (%d bytes)", node.id, endpoint,
-                     node.segment.name, node.region.length)
-            write_ready(args.ready_file, endpoint=endpoint, shm_name=node.segment.name,
-                        metrics_port=metrics_port)
+    node = MemoryNode(config, args.id, rejoin=args.rejoin)
+    metrics_port = config.node(args.id).metrics_port if args.metrics_port is None \
+        else args.metrics_port
 
         serve(node, endpoint, stop, bound)
     except (BindError, ConfigError, MetricsUnavailable) as e:

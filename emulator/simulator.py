@@ -33,6 +33,8 @@ Faults, all placed deterministically:
   so placing faults does not change the schedule). A crashed memory node fails every verb
   still to come AND every verb of a batch in flight that it had already executed (the client
   never saw those completions).
+- ``rebuild(node)``: MN ``node`` (crashed, failed over) restarts empty and the master's
+  rebuild (``fusee.rebuild``) makes it a replica again, stop-the-world like a failover.
 - ``fail_over(node)``: the master's failover after MN ``node`` crashed (``fusee.failover``),
   stop-the-world as the master's pause makes it: every batch in flight completes first, the
   failover runs, and each client's next batch gets the new membership thrown in
@@ -53,6 +55,7 @@ from fusee.driver import Operation, run
 from fusee.failover import failover
 from fusee.layout import CLASSES, object_bytes
 from fusee.membership import Membership
+from fusee.rebuild import rebuild
 from fusee.verbs import (AllocBlock, AwaitMembership, Backoff, EpochChanged, FreeBlock,
                          NodeTimeout, TransportError, validate)
 from transports.base import TransportStats, raise_for_failures
@@ -182,11 +185,28 @@ class Simulator:
         m = self.membership
         self.faults.append((self.step, f"failover of MN {nodes}: epoch {m.epoch}, "
                                        f"{len(m.settled[m.epoch])} slots settled"))
+        self._wake_waiting()
+
+    def _wake_waiting(self) -> None:
+        """The clients waiting for the next membership get it."""
         for c in self.clients.values():
             if c.waiting and c.runnable:
                 c.waiting = False
                 c.epoch = self.membership.epoch
                 self._resume(c, c.gen.throw, EpochChanged(self.membership))
+
+    def rebuild(self, node: int) -> None:
+        """MN ``node``, crashed and failed over, comes back empty and the master rebuilds it
+        (``fusee.rebuild``), stop-the-world like a failover: every client paused, its next
+        batch gets the new membership thrown in."""
+        for c in self.clients.values():         # the pause: batches in flight complete
+            while c.runnable and c.pending:
+                self._verb(c, next(iter(c.pending)))
+        self.memory.restart(node)
+        self.membership = run(rebuild(self.memory.config, self.membership, node),
+                              LocalTransport(self.memory.config, memory=self.memory))
+        self.faults.append((self.step, f"rebuild of MN {node}: epoch {self.membership.epoch}"))
+        self._wake_waiting()
 
     # -- running ---------------------------------------------------------------------------
     def run(self) -> History:

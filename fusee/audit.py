@@ -16,8 +16,9 @@ the holdings of every client id that owns blocks (``fusee.holdings.scan``), then
 
 Under a membership with dead MNs it reads the live replicas. A free delivered to the bitmap
 of a dead MN is lost with it, so a HELD object named by no slot in a group whose first MN is
-dead is *stranded*, not leaked: counted, listed, and no failure (nothing can reclaim it
-without knowing that nobody still owes its free).
+dead, or died and was rebuilt since (``Membership.rebuilt``), is *stranded*, not leaked:
+counted, listed, and no failure (nothing can reclaim it without knowing that nobody still
+owes its free).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def audit(config: ClusterConfig, cores=(), membership: Membership = Membership()
     for cid in owners:
         alloc = Allocator(mmap_, layout.object_unit, n, r, cid, directory.replicas, membership)
         found = yield from scan(alloc)
-        _client(rep, found, named, by_id.get(cid), seen, membership.dead)
+        _client(rep, found, named, by_id.get(cid), seen, membership.dead | membership.rebuilt)
     for p, v in named.items():
         if p not in seen:
             rep.dangling.append(f"{v:#x}: names no object")

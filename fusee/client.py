@@ -387,6 +387,8 @@ class _LeaseGuard:
         m = k.membership
         if m.epoch > epoch:
             self.handed = m.epoch
+            if back := m.rebuilt - m.dead:      # MNs rebuilt: the transport reaches them
+                self.transport.revive(back)
             raise EpochChanged(m)
         if k.data_lost:
             raise NodeTimeout(f"no failover will come: {k.data_lost}")

@@ -86,10 +86,13 @@ class ObjectLog:
         return NewObject(p, units, seq, reps, writes)
 
     def rewrite(self, obj: NewObject) -> list[Write]:
-        """The object's first writes again, to the replicas still alive (after a batch that
-        carried them failed: they may have reached none)."""
-        dead = self.alloc.membership.dead
-        return [w for w in obj.writes if w.node not in dead]
+        """The object's first writes again, to its replicas under the membership now (after
+        a batch that carried them failed: they may have reached none). Those are the live
+        ones of the time it was written, and an MN rebuilt since (``fusee.rebuild``)."""
+        data = obj.writes[0].data
+        heads = {(w.addr, w.data) for w in obj.writes[len(obj.replicas):]}
+        return ([Write(n, a, data) for n, a in self.alloc.replicas(obj.ptr)] +
+                [Write(m, addr, head) for addr, head in sorted(heads) for m in self.meta_nodes])
 
     def record(self, obj: NewObject, state: int, ref: int, old: int,
                old_crc: int = 0) -> list[Write]:
@@ -98,5 +101,4 @@ class ObjectLog:
         obj.records += 1
         rec = commit_record(ref, old, state, old_crc, obj.records)
         off = obj.size - LOG_BYTES + COMMIT_OFFSET
-        dead = self.alloc.membership.dead
-        return [Write(n, a + off, rec) for n, a in obj.replicas if n not in dead]
+        return [Write(n, a + off, rec) for n, a in self.alloc.replicas(obj.ptr)]

@@ -47,6 +47,7 @@ Design: docs/design.md#the-master.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import InitVar, dataclass, field
 from typing import Iterable
 
@@ -54,6 +55,7 @@ from typing import Iterable
 from fusee.errors import (DataLost, FuseeError, LeaseError, LeaseExpired,  # noqa: F401
                           TransitionInProgress)
 from fusee.membership import Membership
+from fusee.rejoin import Rejoins, node_states
 
 STATE_VERSION = 2
 #: retry delays of a failed repair or failover: base * 2**attempts, capped
@@ -135,6 +137,7 @@ class Master:
     mn_deadline: dict[int, float] = field(default_factory=dict)
     acks: dict[int, int] = field(default_factory=dict)       # client id -> pause it acked
     failover: _Job = field(default_factory=_Job)
+    rejoins: Rejoins = field(default_factory=Rejoins)   # dead MNs to rebuild (fusee.rejoin)
 
     def __post_init__(self, now: float) -> None:
         for name in ("client_lease", "mn_lease"):
@@ -162,8 +165,8 @@ class Master:
     @property
     def pause(self) -> int:
         """The epoch clients must pause for (0: none): the next one, while an MN awaits its
-        failover."""
-        return self.membership.epoch + 1 if self.failing else 0
+        failover or its rebuild."""
+        return self.membership.epoch + 1 if self.failing or self.rejoins.joining else 0
 
     @property
     def lost(self) -> str | None:
@@ -186,6 +189,9 @@ class Master:
         if self.failing:
             raise TransitionInProgress(f"memory node {self.failing[0]} died; epoch "
                                        f"{self.pause} is not published yet")
+        if self.rejoins.joining:
+            raise TransitionInProgress(f"memory node {min(self.rejoins.joining)} is being "
+                                       f"rebuilt; epoch {self.pause} is not published yet")
         return self.reusable_id()
 
     def draw_id(self) -> int | None:
@@ -326,11 +332,49 @@ class Master:
         if not (self.failover.running and self.failover.nodes == tuple(nodes)):
             raise ValueError(f"no failover of MNs {list(nodes)} is running")
 
+    # -- rebuilds of dead MNs (fusee.rejoin, fusee.rebuild) ---------------------------------
+    def rejoin(self, node: int, sent_at: float) -> bool:
+        """Dead MN ``node`` asked to rejoin (answering a ping sent at ``sent_at``); True when
+        that queues its rebuild. Ignored unless it was failed over and data is not lost."""
+        if node not in self.membership.dead or self.lost:
+            return False
+        return self.rejoins.ask(node, sent_at, self.mn_lease)
+
+    def rejoin_candidates(self) -> list[int]:
+        """The dead MNs to ask (with a ping) whether they rejoin."""
+        return sorted(self.membership.dead)
+
+    def next_rebuild(self, now: float) -> int | None:
+        """The MN whose rebuild may run now: every leased client paused, no failover
+        pending or running, no repair running."""
+        ready = not (self.failing or self.failover.running or self.waiting_for()
+                     or any(r.running for r in self.repairs.values()))
+        return self.rejoins.next(now, ready)
+
+    def rebuild_done(self, node: int, membership: Membership, now: float) -> None:
+        """The rebuild of ``node`` published ``membership``: it is alive (leased) again."""
+        if membership.epoch != self.epoch + 1 or membership.dead != self.dead - {node}:
+            raise ValueError(f"the rebuild of MN {node} returned epoch {membership.epoch} with "
+                             f"dead {sorted(membership.dead)}; expected epoch "
+                             f"{self.epoch + 1} with dead {sorted(self.dead - {node})}")
+        self.rejoins.done(node)
+        self.membership = membership
+        self.mn_deadline[node] = now + self.mn_lease
+        self.acks = {c: e for c, e in self.acks.items() if e > membership.epoch}
+
+    def rebuild_failed(self, node: int, now: float, error: str, final: bool = False) -> None:
+        """The rebuild of ``node`` failed: the clients resume; its next ask is heard after a
+        backoff, or never (``final``: the rebuild cannot succeed)."""
+        attempts = self.rejoins.attempts.get(node, 0)
+        self.rejoins.failed(node, now, error, math.inf if final else
+                            min(REPAIR_BACKOFF * 2 ** attempts, REPAIR_BACKOFF_MAX))
+
     # -- the repair queue -------------------------------------------------------------------
     def next_repair(self, now: float) -> int | None:
         """A repair due now (marked running until ``repair_done`` / ``repair_failed``); none
-        while a failover is pending or running: recovery needs the new membership."""
-        if self.failing or self.failover.running:
+        while a failover or a rebuild is pending or running: recovery needs the new
+        membership."""
+        if self.failing or self.failover.running or self.rejoins.joining:
             return None
         due = [(r.retry_at, cid) for cid, r in self.repairs.items()
                if not r.running and r.retry_at <= now]
@@ -358,7 +402,8 @@ class Master:
     # -- views and persistence --------------------------------------------------------------
     def status(self, now: float) -> dict:
         """A snapshot for operators and tests (string keys, so it travels as msgpack or JSON):
-        seconds left on each lease, the failover and repair queues, the recycled ids."""
+        seconds left on each lease, the failover and repair queues, the recycled ids, and
+        ``memnodes``: each MN's state, progress and placement (``fusee.rejoin.node_states``)."""
         return {"epoch": self.epoch,
                 "alive": {str(m): round(d - now, 3) for m, d in sorted(self.mn_deadline.items())},
                 "dead": sorted(self.dead),
@@ -371,7 +416,9 @@ class Master:
                 "clients": {str(c): round(lease.deadline - now, 3)
                             for c, lease in sorted(self.clients.items())},
                 "repairs": {str(c): r.status() for c, r in sorted(self.repairs.items())},
-                "free_ids": list(self.free_ids)}
+                "free_ids": list(self.free_ids),
+                "memnodes": node_states(len(self.memnodes), self.replicas, self.dead,
+                                        self.failing, self.rejoins)}
 
     def state(self) -> dict:
         """What must survive a restart (JSON-able)."""

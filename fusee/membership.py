@@ -40,6 +40,9 @@ class Membership:
     kept: Mapping[int, Mapping[tuple[int, int], int]] = field(default_factory=dict)
     dropped: Mapping[int, Mapping[tuple[int, int], tuple[tuple[int, int], ...]]] = field(
         default_factory=dict)           # (value, crc of the object it names, 0: none)
+    #: MNs that died and were rebuilt (``fusee.rebuild``): the frees delivered to their
+    #: bitmaps before they died are lost, as with a dead MN (``fusee.audit``: stranded)
+    rebuilt: frozenset[int] = frozenset()
 
     def live(self, nodes: Iterable[int]) -> tuple[int, ...]:
         """``nodes`` without the dead ones, in order."""
@@ -87,14 +90,29 @@ class Membership:
         e = self.epoch + 1
         return Membership(e, self.dead | frozenset(dead), {**self.settled, e: dict(settled)},
                           {**self.kept, e: dict(kept)} if kept else dict(self.kept),
-                          {**self.dropped, e: dict(dropped)} if dropped else dict(self.dropped))
+                          {**self.dropped, e: dict(dropped)} if dropped else dict(self.dropped),
+                          self.rebuilt)
+
+    def rejoined(self, nodes: Iterable[int], settled: Mapping[tuple[int, int], int],
+                 dropped: Mapping[tuple[int, int], tuple[tuple[int, int], ...]] | None = None
+                 ) -> Membership:
+        """The membership a rebuild of the dead MNs ``nodes`` starts (``fusee.rebuild``): they
+        are replicas again, and the rounds the rebuild closed are recorded like a failover's."""
+        nodes = frozenset(nodes)
+        assert nodes <= self.dead, (sorted(nodes), sorted(self.dead))
+        e = self.epoch + 1
+        return Membership(e, self.dead - nodes, {**self.settled, e: dict(settled)},
+                          dict(self.kept),
+                          {**self.dropped, e: dict(dropped)} if dropped else dict(self.dropped),
+                          self.rebuilt | nodes)
 
     # -- wire (msgpack-friendly) -------------------------------------------------------------
     def to_wire(self) -> dict:
         return {"epoch": self.epoch, "dead": sorted(self.dead), "settled": _flat(self.settled),
                 "kept": _flat(self.kept),
                 "dropped": [[e, s, p, v, c] for e, slots in sorted(self.dropped.items())
-                            for (s, p), vs in sorted(slots.items()) for v, c in vs]}
+                            for (s, p), vs in sorted(slots.items()) for v, c in vs],
+                "rebuilt": sorted(self.rebuilt)}
 
     @classmethod
     def from_wire(cls, d) -> "Membership":
@@ -103,14 +121,16 @@ class Membership:
         epoch, dead = d.get("epoch"), d.get("dead")
         if type(epoch) is not int or epoch < 0 or not isinstance(dead, list):
             raise ValueError("malformed membership")
-        if not all(type(n) is int and n >= 0 for n in dead):
-            raise ValueError("malformed membership: dead nodes")
+        rebuilt = d.get("rebuilt", [])
+        if not (isinstance(rebuilt, list) and all(type(n) is int and n >= 0
+                                                  for n in dead + rebuilt)):
+            raise ValueError("malformed membership: dead or rebuilt nodes")
         dropped: dict[int, dict] = {}
         for item in _items(d.get("dropped", []), epoch, 5):
             slots = dropped.setdefault(item[0], {})
             slots[(item[1], item[2])] = slots.get((item[1], item[2]), ()) + ((item[3], item[4]),)
         return cls(epoch, frozenset(dead), _nested(d.get("settled"), epoch),
-                   _nested(d.get("kept", []), epoch), dropped)
+                   _nested(d.get("kept", []), epoch), dropped, frozenset(rebuilt))
 
 
 def _flat(by_epoch) -> list:

@@ -16,6 +16,7 @@ Design: docs/design.md#mn-failover.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import random
@@ -104,6 +105,23 @@ def _history(name: str, path: Path) -> list[Op]:
     return list(ops.values())
 
 
+@contextlib.contextmanager
+def running(procs: list, stop):
+    """Start the client processes ``procs``; on the way out, ``stop`` them and kill any that
+    does not end."""
+    for p in procs:
+        p.start()
+    try:
+        yield procs
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
 def _wait(predicate, what, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while not (value := predicate()):
@@ -141,9 +159,7 @@ def _kill_a_memory_node(backend: str, victim: int, kill_client: bool, tmp_path: 
         procs = [ctx.Process(target=_worker, args=(str(c.config_path), i, str(outs[i]),
                                                     progress, stop, fresh))
                  for i in range(clients)]
-        for p in procs:
-            p.start()
-        try:
+        with running(procs, stop):
             _wait(lambda: min(progress) >= BEFORE, "the clients to get going")
             c.kill(victim)
             if kill_client:
@@ -158,13 +174,6 @@ def _kill_a_memory_node(backend: str, victim: int, kill_client: bool, tmp_path: 
             for p in survivors:
                 p.join(60)
             assert [p.exitcode for p in survivors] == [0] * len(survivors)
-        finally:
-            stop.set()
-            for p in procs:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
         # every id is recovered (the killed client's after its lease ran out), none pending
         status = _wait(lambda: (s := c.master_status())["repairs"] == {} and
                        len(s["free_ids"]) == clients and s, "the master's repairs")
@@ -175,22 +184,28 @@ def _kill_a_memory_node(backend: str, victim: int, kill_client: bool, tmp_path: 
                       op.error not in ("KeyExists", "KeyNotFound")]
         assert not unexpected, "\n".join(map(str, unexpected[:10]))
         assert sum(op.status == CRASHED for op in ops) <= (1 if kill_client else 0)
-        with c.client() as reader:
-            assert reader.lease.membership == membership
-            for key in KEYS + sorted({op.key for op in ops} - set(KEYS)):
-                t = 2 * time.monotonic_ns()
-                ops.append(Op(0, "reader", "get", key, None, t, t + 1, OK, reader.get(key)))
-        _wait(lambda: c.master_status()["repairs"] == {}, "the reader's id to be back")
-        for n, op in enumerate(ops):
-            op.id = n
-        verdict = check(ops)
-        assert verdict.ok, verdict.explain()
-        with c.transport(dead=membership.dead) as t:
-            report = run(audit(c.config, (), membership), t)
-            problems = run(check_index(c.config, membership), t)
-        assert report.ok, report.explain()
-        assert not problems, "\n".join(problems)
-        assert report.objects > 0
+        read_back_and_check(c, ops, membership)
+
+
+def read_back_and_check(c: LocalCluster, ops: list[Op], membership: Membership) -> None:
+    """A reader gets every key (its gets join ``ops``); then the history is linearizable and
+    the audit and the index check pass under ``membership``."""
+    with c.client() as reader:
+        assert reader.lease.membership == membership
+        for key in KEYS + sorted({op.key for op in ops} - set(KEYS)):
+            t = 2 * time.monotonic_ns()
+            ops.append(Op(0, "reader", "get", key, None, t, t + 1, OK, reader.get(key)))
+    _wait(lambda: c.master_status()["repairs"] == {}, "the reader's id to be back")
+    for n, op in enumerate(ops):
+        op.id = n
+    verdict = check(ops)
+    assert verdict.ok, verdict.explain()
+    with c.transport(dead=membership.dead) as t:
+        report = run(audit(c.config, (), membership), t)
+        problems = run(check_index(c.config, membership), t)
+    assert report.ok, report.explain()
+    assert not problems, "\n".join(problems)
+    assert report.objects > 0
 
 
 # -- the throughput timeline across an MN kill (fusee bench failover) ----------------------------

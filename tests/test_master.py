@@ -275,3 +275,59 @@ def test_a_second_master_on_the_same_state_is_refused(tmp_path):
         StateFile(tmp_path / "master.json")
     os.close(first.lock_fd)                     # the first one exits: the lock goes with it
     StateFile(tmp_path / "master.json")
+
+
+# -- rebuilds of dead MNs (fusee.rejoin) --------------------------------------------------------
+def _failed_over(m: Master, node: int, now: float) -> None:
+    m.tick(now)
+    assert m.next_failover(now) == (node,)
+    m.failover_done((node,), m.membership.successor([node], {}))
+
+
+def test_a_dead_mn_that_asks_to_rejoin_pauses_the_clients_until_its_rebuild_publishes():
+    m = master(pinged_until=0.0)
+    for mn in (1, 2):
+        m.mn_seen(mn, 10.0)
+    _failed_over(m, 0, now=MN_L + 0.1)
+    m.grant(7, 1, now=0.6)
+    assert m.status(0.0)["memnodes"]["0"] == {"state": "dead", "replica_of": [0, 1, 2],
+                                               "primary_of": []}
+    assert m.status(0.0)["memnodes"]["1"]["primary_of"] == [0, 1]
+    assert not m.rejoin(1, 0.7) and m.pause == 0           # alive: nothing to rebuild
+    assert m.rejoin(0, 0.7) and not m.rejoin(0, 0.8)       # queued once
+    assert m.pause == 2 and m.status(0.0)["memnodes"]["0"]["state"] == "joining"
+    with pytest.raises(TransitionInProgress, match="rebuilt"):
+        m.admit()
+    assert m.next_rebuild(0.8) is None                      # client 7 has not paused
+    m.renew(7, 1, now=0.8, paused=2)
+    assert m.next_repair(0.8) is None and m.next_rebuild(0.8) == 0
+    m.rejoins.progress = (5, 10)
+    assert m.status(0.0)["memnodes"]["0"]["progress"] == [5, 10]
+    with pytest.raises(ValueError, match="expected epoch 2 with dead"):
+        m.rebuild_done(0, m.membership.successor([1], {}), 0.9)
+    m.rebuild_done(0, m.membership.rejoined([0], {}), now=0.9)
+    assert (m.epoch, m.dead, m.pause, m.alive()) == (2, frozenset(), 0, [0, 1, 2])
+    assert m.status(0.0)["memnodes"]["0"]["primary_of"] == [0]
+    assert m.tick(0.9 + MN_L) == []                         # it has a lease of its own now
+
+
+def test_a_failed_rebuild_lets_the_clients_go_and_an_mn_that_stops_asking_is_dropped():
+    m = master(pinged_until=0.0)
+    for mn in (0, 1):
+        m.mn_seen(mn, 10.0)
+    _failed_over(m, 2, now=MN_L + 0.1)
+    m.rejoin(2, 1.0)
+    assert m.next_rebuild(1.0) == 2 and m.next_rebuild(1.0) is None    # running
+    m.rebuild_failed(2, 1.1, "NodeTimeout: MN 1")
+    assert m.pause == 0                                     # the clients resume at once
+    assert m.status(0.0)["memnodes"]["2"] == {"state": "dead", "replica_of": [0, 1, 2],
+                                               "primary_of": [],
+                                               "rebuild_error": "NodeTimeout: MN 1"}
+    assert not m.rejoin(2, 1.15) and m.rejoin(2, 1.3)        # heard again after a backoff
+    assert m.next_rebuild(1.3) == 2
+    m.rebuild_failed(2, 1.3, "RebuildError: two groups", final=True)
+    assert not m.rejoin(2, 1e9) and m.pause == 0             # for good
+    m.rejoins.retry_at.clear()
+    m.rejoin(2, 2.0)
+    assert m.next_rebuild(2.0 + MN_L + 0.5) is None          # it stopped asking: dropped
+    assert m.pause == 0 and m.status(0.0)["memnodes"]["2"]["state"] == "dead"

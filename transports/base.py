@@ -134,6 +134,10 @@ class Transport(ABC):
     def _execute(self, batch: Sequence[Request]) -> list:
         """Backend part of ``execute``: the batch is non-empty and names known nodes."""
 
+    def revive(self, nodes) -> None:
+        """MNs ``nodes`` are alive again (rebuilt: ``fusee.rebuild``); a backend that took
+        some of them for dead reconnects to them. (Those that need every MN: nothing to do.)"""
+
     def close(self) -> None:
         """Release connections and mappings; the transport is unusable afterwards."""
 

@@ -37,6 +37,16 @@ class LocalMemory:
         """The node stops answering, for good (crash-stop)."""
         self.crashed.add(node)
 
+    def restart(self, node: int) -> None:
+        """A crashed node comes back with an empty region (a new key, as a restarted MN has),
+        to be rebuilt (``fusee.rebuild``)."""
+        assert node in self.crashed, f"MN {node} did not crash"
+        region = MemoryRegion(bytearray(self.config.layout.region_size), new_rkey(), node)
+        format_region(region, self.map, node)
+        self.regions[node] = region
+        self.tables[node] = BlockTable(region, self.map)
+        self.crashed.discard(node)
+
     def info(self, node: int) -> RegionInfo:
         r = self.regions[node]
         return RegionInfo(node=node, length=r.length, rkey=r.rkey)
@@ -50,6 +60,10 @@ class LocalTransport(Transport):
         super().__init__(config, timeout)
         self.memory = memory or LocalMemory(config)
         self.regions = {n: self.memory.info(n) for n in self.memory.regions}
+
+    def revive(self, nodes) -> None:
+        """MNs ``nodes`` were rebuilt: learn their regions again."""
+        self.regions.update((n, self.memory.info(n)) for n in nodes)
 
     def _execute(self, batch: Sequence[Request]) -> list:
         mem = self.memory

@@ -74,7 +74,37 @@ class ShmTransport(Transport):
     def _attach(self, dead: set[int]) -> None:
         """Learn and map every MN's region, all MNs at once; ``dead`` ones are not asked."""
         live = [m.id for m in self.config.memnodes if m.id not in dead]
-        infos = self.channels.call_all(live, "info", self.timeout)
+        infos = self._learn(live)
+        self._dead = dead_on_connect(self.config, dead, infos)
+        self._silent = self._dead - dead            # on connecting: named apart in errors
+        self._map({n: i for n, i in infos.items() if n not in self._dead})
+        for node in self._dead:
+            self.regions[node] = RegionInfo(node=node, length=0, rkey=0)
+        self._table = self._fast_table()
+
+    def revive(self, nodes) -> None:
+        """MNs ``nodes`` are alive again (rebuilt: ``fusee.rebuild``): map the new regions
+        of those this transport had for dead, or mapped from an earlier process (its death
+        not polled yet). One that does not answer stays as it was."""
+        now = self.channels.call_all(sorted(nodes), "info", self.timeout)
+        back = [n for n, i in now.items() if isinstance(i, dict) and (
+            n in self._dead or self.regions[n].shm_name != i["shm_name"])]
+        if not back:
+            return
+        for fd, node in list(self._pidfds.items()):     # the earlier processes' pidfds
+            if node in back:
+                self._poller.unregister(fd)
+                del self._pidfds[fd]
+                os.close(fd)
+        infos = {n: i for n, i in self._learn(back).items() if isinstance(i, dict)}
+        self._map(infos)
+        self._dead -= infos.keys()
+        self._table = self._fast_table()
+
+    def _learn(self, nodes: list[int]) -> dict:
+        """node -> its region's info, or the TransportError it failed with; a pidfd is
+        watched for each that answered."""
+        infos = self.channels.call_all(nodes, "info", self.timeout)
         for node, info in infos.items():
             if isinstance(info, dict):
                 fd = os.pidfd_open(info["pid"])
@@ -84,16 +114,21 @@ class ShmTransport(Transport):
         # the same live MN proves the pidfd is that MN's (its pid cannot be reused while alive).
         agains = self.channels.call_all([n for n, i in infos.items() if isinstance(i, dict)],
                                         "info", self.timeout)
-        infos.update({n: a for n, a in agains.items() if not isinstance(a, dict)})
-        self._dead = dead_on_connect(self.config, dead, infos)
-        self._silent = self._dead - dead            # on connecting: named apart in errors
         for node, again in agains.items():
             info = infos[node]
-            if node in self._dead:
-                continue
-            if (again["pid"], again["shm_name"]) != (info["pid"], info["shm_name"]):
+            if isinstance(again, dict) and (again["pid"], again["shm_name"]) != (
+                    info["pid"], info["shm_name"]):
                 raise TransportError(f"MN {node} changed while connecting", node)
+        infos.update({n: a for n, a in agains.items() if not isinstance(a, dict)})
+        return infos
+
+    def _map(self, infos: dict) -> None:
+        """Map the region of each node of ``infos`` (node -> info)."""
+        for node, info in infos.items():
             seg = SharedSegment(info["shm_name"])
+            old = self._segments.pop(node, None)
+            if old is not None:             # an earlier process's, dead
+                old.close()
             self._segments[node] = seg
             if seg.size < info["length"]:
                 raise TransportError(f"MN {node}: segment {seg.name} is smaller than its region",
@@ -102,9 +137,6 @@ class ShmTransport(Transport):
                                  info["rkey"])
             self.regions[node] = RegionInfo(node=node, length=info["length"], rkey=info["rkey"],
                                             shm_name=info["shm_name"])
-        for node in self._dead:
-            self.regions[node] = RegionInfo(node=node, length=0, rkey=0)
-        self._table = self._fast_table()
 
     def _check_liveness(self, now: float) -> None:
         self._next_check = now + self.liveness_interval

@@ -43,6 +43,15 @@ class ZmqTransport(Transport):
             self.channels.close()
             raise
 
+    def revive(self, nodes) -> None:
+        """MNs ``nodes`` are alive again (rebuilt: ``fusee.rebuild``): learn their new
+        regions (a new process has a new key). One that does not answer stays as it was."""
+        for node, info in self.channels.call_all(sorted(nodes), "info", self.timeout).items():
+            if isinstance(info, dict):
+                self.regions[node] = RegionInfo(node=node, length=info["length"],
+                                                rkey=info["rkey"], shm_name=info["shm_name"])
+                self.dead.discard(node)
+
     def _execute(self, batch: Sequence[Request]) -> list:
         channels = self.channels
         seq = channels.next_seq()
