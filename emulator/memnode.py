@@ -240,9 +240,11 @@ def main(argv=None) -> int:
             rdma_nic.install(node)
 
         def bound(endpoint: str) -> None:
-    node = MemoryNode(config, args.id, rejoin=args.rejoin)
-    metrics_port = config.node(args.id).metrics_port if args.metrics_port is None \
-        else args.metrics_port
+            log.info("memnode %d serving %s region %s (%d bytes)%s", node.id, endpoint,
+                     node.segment.name, node.region.length,
+                     "; rejoining: the master rebuilds it" if args.rejoin else "")
+            write_ready(args.ready_file, endpoint=endpoint, shm_name=node.segment.name,
+                        metrics_port=metrics_port)
 
         serve(node, endpoint, stop, bound)
     except (BindError, ConfigError, MetricsUnavailable) as e:
