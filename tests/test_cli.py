@@ -80,7 +80,7 @@ def test_user_mistakes_get_one_line_and_a_usage_code(cluster):
     big = subprocess.run([sys.executable, "-m", "fusee.cli", "put", "--config", cfg, "big", "-"],
                          input=b"x" * (1 << 20), capture_output=True, timeout=120, check=False)
     one_line_error(subprocess.CompletedProcess(big.args, big.returncode, big.stdout.decode(),
-                                               big.stderr.decode()), 2, "exceeds")
+                                               big.stderr.decode()), 2, "too large")
     fusee("insert", "--config", cfg, "twice", "v")
     one_line_error(fusee("insert", "--config", cfg, "twice", "v", check=False), 1,
                    "already exists", "fusee put")
