@@ -74,7 +74,8 @@ def layout_for(keys: int, clients: int, object_size: int, memnodes: int,
         subtables *= 2
     index = max(4 * MiB, -(-4 * subtables * base.buckets_per_subtable * 64 // MiB) * MiB)
     per_node = -(-keys * replicas // memnodes)
-    data = 6 * per_node * -(-(object_size + 128) // 64) * 64 + 4 * (clients + 2) * block
+    slot = 1 << (object_size + 128 - 1).bit_length()     # size classes round up: room for it
+    data = 6 * per_node * slot + 4 * (clients + 2) * block
     region = -(-(index + data + 16 * MiB) // block) * block
     return dataclasses.replace(base, region_size=region, block_size=block,
                                max_clients=max(64, clients + 2), index_size=index,
