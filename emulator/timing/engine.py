@@ -209,7 +209,7 @@ class TimingModel:
             return
         batch = list(batch)
         verbs = len(batch)
-        cost = self.p.client_cpu_per_step_us + self.p.client_cpu_per_verb_us * verbs
+        cost = self.p.step_us(c.kind) + self.p.client_cpu_per_verb_us * verbs
         self.client_busy += cost
         if self.cores is not None:
             _, post = self.cores.serve(self.now, cost)
@@ -219,7 +219,7 @@ class TimingModel:
         self._post(c, batch, post)
 
     def _finish(self, c: ModelClient, refused: bool, missed: bool) -> None:
-        cost = self.p.client_cpu_per_step_us
+        cost = self.p.step_us(c.kind)
         self.client_busy += cost
         if self.cores is not None:
             _, end = self.cores.serve(self.now, cost)
@@ -242,6 +242,10 @@ class TimingModel:
             return
         if first is AwaitMembership:
             c.batch, c.results = [], []
+            if batch[0].epoch < self.membership.epoch:      # already published
+                c.epoch = self.membership.epoch
+                self._step(c, c.gen.throw, EpochChanged(self.membership))
+                return
             c.waiting = True
             self._waiting.append(c)
             return

@@ -15,7 +15,9 @@ The resources it describes, and how the model uses them (``emulator.timing.engin
 - ``[client]``: the CPU of a client for one step of an operation (receive the completions,
   run the operation's logic, post the next batch): ``cpu_per_step_us`` plus
   ``cpu_per_verb_us`` per verb posted. ``cores`` = 0 gives every client a core of its own;
-  N > 0 makes all clients share N cores (clients packed on one small host).
+  N > 0 makes all clients share N cores (clients packed on one small host). A table
+  ``[client.cpu_per_step_us_by_op]`` (search = 12.0, ...) sets the step cost per operation
+  kind where one number does not fit (a measured profile, ``emulator.timing.calibrate``).
 - ``[metadata_server]``: the Clover-style baseline's metadata server, ``cores`` cores each
   spending ``rpc_us`` per request.
 - ``[failure]``: how long a verb to a dead node waits before it gives up, how long the master
@@ -25,7 +27,7 @@ The resources it describes, and how the model uses them (``emulator.timing.engin
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 #: where the shipped profiles live (``--profile NAME`` looks here)
@@ -52,6 +54,11 @@ class Profile:
     detect_us: float
     failover_round_trip_us: float
     description: str = ""
+    #: operation kind -> CPU per step (us), where it differs from ``client_cpu_per_step_us``
+    client_cpu_per_step_by_op: dict = field(default_factory=dict)
+
+    def step_us(self, kind: str) -> float:
+        return self.client_cpu_per_step_by_op.get(kind, self.client_cpu_per_step_us)
 
     @property
     def message_us(self) -> float:
@@ -102,7 +109,13 @@ def from_dict(doc: dict, name: str) -> Profile:
         if v < 0 or (v == 0 and not zero_ok):
             raise ProfileError(f"{where} must be {'>= 0' if zero_ok else '> 0'}, got {v!r}")
         values[field] = v
-    return Profile(**values)
+    by_op = doc.get("client", {}).get("cpu_per_step_us_by_op", {})
+    if not isinstance(by_op, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for v in by_op.values()):
+        raise ProfileError(f"profile {name}: [client.cpu_per_step_us_by_op] must map "
+                           f"operation kinds to numbers >= 0")
+    return Profile(**values, client_cpu_per_step_by_op=dict(by_op))
 
 
 def load(spec: str | Path) -> Profile:

@@ -55,7 +55,7 @@ class ModelOptions:
     replication: int = 3
     clients: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
     micro_ops: list = field(default_factory=lambda: list(MICRO_OPS))
-    micro_ops_total: int = 8192         # micro keys per point, shared by its clients
+    micro_keys: int = 0                 # per client; 0: 8192 per point, shared by its clients
     workloads: list = field(default_factory=lambda: list(WORKLOADS))
     keys: int = 10_000
     object_size: int = 1024
@@ -85,8 +85,8 @@ class ModelOptions:
             raise ValueError("Fig. 20 (a memory node crash) needs r >= 2")
         if self.object_size <= KEY_LENGTH + 8:
             raise ValueError(f"object size must exceed {KEY_LENGTH + 8} bytes")
-        if self.keys < 2 or self.duration_us <= 0 or self.warmup_us < 0:
-            raise ValueError("need keys >= 2, duration > 0, warmup >= 0")
+        if self.keys < 2 or self.duration_us <= 0 or self.warmup_us < 0 or self.micro_keys < 0:
+            raise ValueError("need keys >= 2, micro keys >= 0, duration > 0, warmup >= 0")
         for op in self.micro_ops:
             if op not in MICRO_OPS:
                 raise ValueError(f"unknown micro-benchmark {op!r}")
@@ -94,8 +94,8 @@ class ModelOptions:
             if w not in WORKLOADS:
                 raise ValueError(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
 
-    def micro_keys(self, clients: int) -> int:
-        return max(8, self.micro_ops_total // clients)
+    def keys_per_client(self, clients: int) -> int:
+        return self.micro_keys or max(8, 8192 // clients)
 
 
 # -- rows in `fusee bench`'s shape, so its table and plots serve ----------------------------
@@ -132,8 +132,8 @@ def run_throughput(o: ModelOptions, profile, doc: dict, say) -> None:
     ycsb = 13 in o.figures and o.workloads
     for system in o.systems:
         for n in o.clients:
-            t0 = time.monotonic()
-            count = o.micro_keys(n)
+            t0, cpu0 = time.monotonic(), time.process_time()
+            count = o.keys_per_client(n)
             run = ModelRun(system, profile, memnodes=o.memnodes, replicas=o.replication,
                            clients=n, keys=o.keys, object_size=o.object_size, seed=o.seed,
                            extra_keys=n * count if micro else 0)
@@ -147,10 +147,10 @@ def run_throughput(o: ModelOptions, profile, doc: dict, say) -> None:
                     r = run.micro(op, count)
                     if op in o.micro_ops:
                         doc["results"].append(_row(r))
-            took = time.monotonic() - t0
+            took, cpu = time.monotonic() - t0, time.process_time() - cpu0
             doc["point_seconds"].append({"system": system, "clients": n,
-                                         "seconds": round(took, 1)})
-            say(f"{system} x{n}: {took:.1f} s")
+                                         "seconds": round(took, 1), "cpu_seconds": round(cpu, 1)})
+            say(f"{system} x{n}: {took:.1f} s ({cpu:.1f} s of CPU)")
 
 
 def run_latency(o: ModelOptions, profile, doc: dict, say) -> None:
@@ -352,7 +352,7 @@ def run_model(o: ModelOptions, command: str = "", say=lambda s: None) -> dict:
            "profile": profile.as_dict(),
            "options": {**dataclasses.asdict(o), "replicas": o.replication,
                        "transport": f"model:{profile.name}", "depth": 1,
-                       "distribution": "zipfian", "micro_keys": o.micro_keys(max(o.clients)),
+                       "distribution": "zipfian", "micro_keys": o.keys_per_client(max(o.clients)),
                        "duration": o.duration_us / 1e6},
            "systems": list(o.systems), "skipped": {}, "failed": {}, "paper": PAPER,
            "load": [], "results": [], "latency": [],
@@ -387,6 +387,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", type=_csv(), help="YCSB workloads (default: A,B,C,D)")
     p.add_argument("--micro-ops", type=_csv(), help="default: insert,update,search,delete")
     p.add_argument("--keys", type=int, help=f"YCSB keys loaded (default: {d.keys})")
+    p.add_argument("--micro-keys", type=int,
+                   help="micro-benchmark keys per client (default: 8192 / clients, >= 8)")
     p.add_argument("--object-size", type=int, help="key + value bytes (default: 1024)")
     p.add_argument("--theta", type=float, help="Zipfian constant (default: 0.99)")
     p.add_argument("--duration-us", type=float, help="simulated YCSB window (default: 1000)")
