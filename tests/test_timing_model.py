@@ -199,3 +199,17 @@ def test_model_agrees_with_a_real_bench_run_on_this_host():
         ratio = (_ops_per_second(predicted[n], n, count)
                  / _ops_per_second(real[n], n, count))
         assert 1 / 1.6 <= ratio <= 1.6, (n, ratio, predicted[n], real[n])
+
+
+@pytest.mark.parametrize("system", ["fusee", "clover"])
+def test_warm_caches_give_the_steady_state(system):
+    """After warm_caches a client's SEARCH is one round trip (its cache knows every key);
+    without, the first search of each key costs a second one."""
+    def search_round_trips(warm: bool) -> float:
+        run = ModelRun(system, profile(), memnodes=3, replicas=3, clients=2, keys=300)
+        if warm:
+            run.warm_caches()
+        r = run.ycsb(WORKLOADS["C"], 0.0, 300.0)
+        return r.round_trips / r.ops
+    assert search_round_trips(True) == pytest.approx(1.0, abs=0.05)
+    assert search_round_trips(False) > 1.5

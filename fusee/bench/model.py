@@ -55,13 +55,14 @@ class ModelOptions:
     replication: int = 3
     clients: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
     micro_ops: list = field(default_factory=lambda: list(MICRO_OPS))
-    micro_keys: int = 0                 # per client; 0: 8192 per point, shared by its clients
+    micro_keys: int = 0                 # per client; 0: 4096 per point, shared by its clients
     workloads: list = field(default_factory=lambda: list(WORKLOADS))
     keys: int = 10_000
     object_size: int = 1024
     theta: float = 0.99
     warmup_us: float = 200.0
     duration_us: float = 1000.0
+    warm: bool = True                   # YCSB clients start with warm caches
     latency_ops: int = 200
     crash_clients: int = 16
     crash_at_us: float = 2000.0
@@ -85,7 +86,8 @@ class ModelOptions:
             raise ValueError("Fig. 20 (a memory node crash) needs r >= 2")
         if self.object_size <= KEY_LENGTH + 8:
             raise ValueError(f"object size must exceed {KEY_LENGTH + 8} bytes")
-        if self.keys < 2 or self.duration_us <= 0 or self.warmup_us < 0 or self.micro_keys < 0:
+        if (self.keys < 2 or self.duration_us <= 0 or self.warmup_us < 0
+                or self.micro_keys < 0):
             raise ValueError("need keys >= 2, micro keys >= 0, duration > 0, warmup >= 0")
         for op in self.micro_ops:
             if op not in MICRO_OPS:
@@ -95,7 +97,7 @@ class ModelOptions:
                 raise ValueError(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
 
     def keys_per_client(self, clients: int) -> int:
-        return self.micro_keys or max(8, 8192 // clients)
+        return self.micro_keys or max(8, 4096 // clients)
 
 
 # -- rows in `fusee bench`'s shape, so its table and plots serve ----------------------------
@@ -138,6 +140,8 @@ def run_throughput(o: ModelOptions, profile, doc: dict, say) -> None:
                            clients=n, keys=o.keys, object_size=o.object_size, seed=o.seed,
                            extra_keys=n * count if micro else 0)
             if ycsb:
+                if o.warm:
+                    run.warm_caches()
                 for i, w in enumerate(o.workloads):
                     r = run.ycsb(WORKLOADS[w], o.warmup_us, o.duration_us, keyspace=2 + i,
                                  theta=o.theta)
@@ -388,11 +392,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-ops", type=_csv(), help="default: insert,update,search,delete")
     p.add_argument("--keys", type=int, help=f"YCSB keys loaded (default: {d.keys})")
     p.add_argument("--micro-keys", type=int,
-                   help="micro-benchmark keys per client (default: 8192 / clients, >= 8)")
+                   help="micro-benchmark keys per client (default: 4096 / clients, >= 8)")
     p.add_argument("--object-size", type=int, help="key + value bytes (default: 1024)")
     p.add_argument("--theta", type=float, help="Zipfian constant (default: 0.99)")
     p.add_argument("--duration-us", type=float, help="simulated YCSB window (default: 1000)")
     p.add_argument("--warmup-us", type=float, help="simulated warm-up (default: 200)")
+    p.add_argument("--cold", dest="warm", action="store_const", const=False,
+                   help="YCSB clients start with empty caches (default: every loaded key "
+                        "cached, as after the paper's seconds of load)")
     p.add_argument("--seed", type=int, help="default: 1")
     p.add_argument("--out", help="output folder (default: ./fusee-model-results)")
     return p
