@@ -213,3 +213,11 @@ def test_warm_caches_give_the_steady_state(system):
         return r.round_trips / r.ops
     assert search_round_trips(True) == pytest.approx(1.0, abs=0.05)
     assert search_round_trips(False) > 1.5
+
+
+def test_where_fusee_overtakes_clover():
+    from fusee.bench.model import _overtake
+    assert _overtake({1: 1, 2: 3, 4: 9}, {1: 2, 2: 2, 4: 2}) == "2 clients"
+    assert _overtake({1: 3, 2: 3}, {1: 2, 2: 2}) == "always"
+    assert _overtake({1: 1, 2: 3, 4: 1}, {1: 2, 2: 2, 4: 2}) == "never"
+    assert _overtake({256: 9}, {256: 2}) == "-"

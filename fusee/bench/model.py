@@ -221,17 +221,16 @@ def comparison(doc: dict) -> list[dict]:
     return out
 
 
-def _overtake(f: dict, c: dict):
-    """The smallest client count from which fusee stays ahead of clover (None: never;
-    1: always ahead)."""
+def _overtake(f: dict, c: dict) -> str:
+    """From which client count on fusee stays ahead of clover: "always", "never",
+    "N clients", or "-" (fewer than two client counts to tell)."""
     common = sorted(set(f) & set(c))
-    if not common:
-        return None
-    ahead = [n for n in common if f[n] > c[n]]
+    if len(common) < 2:
+        return "-"
     for n in common:
-        if all(m in ahead for m in common if m >= n):
-            return n
-    return None
+        if all(f[m] > c[m] for m in common if m >= n):
+            return "always" if n == common[0] else f"{n} clients"
+    return "never"
 
 
 def model_table(doc: dict) -> str:
@@ -250,7 +249,7 @@ def model_table(doc: dict) -> str:
                 f"{r['figure']:>3} {r['panel']:<7}{r['clients']:>5} | {r['fusee_mops']:>10.2f} "
                 f"{_num(r.get('clover_mops'), 11)} {_num(r.get('speedup'), 7)} "
                 f"{r.get('paper_speedup', '-'):>7} {_num(r.get('model_over_paper'), 6)} | "
-                f"{_overtake_text(r['overtakes_at']):>12} | {r['fusee_saturates']}"
+                f"{r['overtakes_at']:>12} | {r['fusee_saturates']}"
                 + (f"; {r['clover_saturates']}" if r.get("clover_saturates") else ""))
     if doc["latency"]:
         lines += ["", "Fig. 19: 1-client latency on 5 MNs, mean us (paper's values: not "
@@ -276,10 +275,6 @@ def model_table(doc: dict) -> str:
 
 def _num(x, width: int) -> str:
     return f"{x:>{width}.2f}" if x is not None else f"{'-':>{width}}"
-
-
-def _overtake_text(n) -> str:
-    return "never" if n is None else ("always" if n == 1 else f"{n} clients")
 
 
 def answers(doc: dict) -> str:
