@@ -221,3 +221,14 @@ def test_where_fusee_overtakes_clover():
     assert _overtake({1: 3, 2: 3}, {1: 2, 2: 2}) == "always"
     assert _overtake({1: 1, 2: 3, 4: 1}, {1: 2, 2: 2, 4: 2}) == "never"
     assert _overtake({256: 9}, {256: 2}) == "-"
+
+
+def test_a_store_failure_in_the_model_is_one_line(monkeypatch, capsys, tmp_path):
+    from fusee.errors import OutOfMemory
+
+    def full(*args, **kwargs):
+        raise OutOfMemory("no data block left")
+    monkeypatch.setattr("fusee.bench.model.run_throughput", full)
+    assert bench_main(["model", "--clients", "1", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == "fusee bench model: the store failed: OutOfMemory: no data block left\n"

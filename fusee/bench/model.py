@@ -31,6 +31,7 @@ from emulator.timing.runs import ModelRun, PhaseResult
 from fusee.bench import report
 from fusee.bench.runner import hdr_encode
 from fusee.bench.ycsb import KEY_LENGTH, WORKLOADS
+from fusee.errors import FuseeError
 
 MICRO_OPS = ("insert", "update", "search", "delete")
 FIGURES = (11, 13, 19, 20)
@@ -418,8 +419,13 @@ def main(argv=None) -> int:
     except (ValueError, ProfileError) as e:
         print(f"fusee bench model: error: {e}", file=sys.stderr)
         return 2
-    doc = run_model(o, "fusee bench model " + shlex.join(argv),
-                    say=lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        doc = run_model(o, "fusee bench model " + shlex.join(argv),
+                        say=lambda s: print(s, file=sys.stderr, flush=True))
+    except FuseeError as e:                     # the store itself failed in the model
+        print(f"fusee bench model: the store failed: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return 1
     files = write_all(doc, Path(args.out or "fusee-model-results"))
     print(model_table(doc))
     if doc["results"]:
