@@ -18,7 +18,8 @@ from emulator.cluster import LocalCluster
 from emulator.timing.calibrate import local_profile, measure
 from emulator.timing.profile import PROFILES, ProfileError, from_dict, load
 from emulator.timing.runs import ModelRun
-from fusee.bench.main import BenchOptions, main as bench_main, run_bench
+from fusee.bench.main import BenchOptions, run_bench
+from fusee.bench.main import main as bench_main
 from fusee.bench.model import ModelOptions, run_model, write_all
 from fusee.bench.systems import cluster_layout
 from fusee.bench.ycsb import KEY_LENGTH, WORKLOADS, Workload, key_names

@@ -20,7 +20,6 @@ import numpy as np
 from emulator.timing.profile import Profile
 from fusee.verbs import TransportError
 
-
 #: NIC rates (Mops) so high that nothing queues: the local backend has no NIC
 _UNBOUNDED = 1e6
 

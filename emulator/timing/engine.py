@@ -26,15 +26,26 @@ trip per round trip it takes; the next epoch then reaches every client.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from emulator.timing.profile import Profile
 from fusee.driver import Operation, run
 from fusee.failover import failover
 from fusee.membership import Membership
-from fusee.verbs import (AllocBlock, AwaitMembership, Backoff, Cas, EpochChanged, Faa,
-                         FreeBlock, NodeTimeout, Read, TransportError, Write)
+from fusee.verbs import (
+    AllocBlock,
+    AwaitMembership,
+    Backoff,
+    Cas,
+    EpochChanged,
+    Faa,
+    FreeBlock,
+    NodeTimeout,
+    Read,
+    TransportError,
+    Write,
+)
 from transports.base import TransportStats, raise_for_failures
 from transports.local import LocalMemory, LocalTransport
 
@@ -47,7 +58,7 @@ class Station:
     the metadata server's cores, shared client cores). Requests are offered in the order of
     their arrival times, which the event loop guarantees."""
 
-    __slots__ = ("name", "free", "busy")
+    __slots__ = ("busy", "free", "name")
 
     def __init__(self, name: str, servers: int):
         assert servers >= 1
@@ -58,7 +69,7 @@ class Station:
     def serve(self, arrive: float, cost: float) -> tuple[float, float]:
         """Reserve a server for ``cost`` from ``arrive`` on: (start, end)."""
         t = self.free[0]
-        start = arrive if arrive > t else t
+        start = max(t, arrive)
         end = start + cost
         heapq.heapreplace(self.free, end)
         self.busy += cost
@@ -102,7 +113,7 @@ class _Part:
     """The requests of one batch for one destination (a memory node, or the metadata
     server): they travel, queue and execute together, in posting order."""
 
-    __slots__ = ("client", "node", "positions", "back", "executed")
+    __slots__ = ("back", "client", "executed", "node", "positions")
 
     def __init__(self, client: ModelClient, node, positions: list[int]):
         self.client, self.node, self.positions = client, node, positions
@@ -144,7 +155,7 @@ class TimingModel:
         self._at(self.now, _RESUME, c)
         return c
 
-    def call_at(self, t: float, fn: Callable[["TimingModel"], None]) -> None:
+    def call_at(self, t: float, fn: Callable[[TimingModel], None]) -> None:
         """Call ``fn(model)`` at simulated time ``t`` (us)."""
         self._at(t, _CALL, fn)
 
@@ -340,8 +351,7 @@ class TimingModel:
     def _part_done(self, part: _Part, back: float) -> None:
         c = part.client
         part.executed = True
-        if back > c.back:
-            c.back = back
+        c.back = max(c.back, back)
         c.parts -= 1
         if c.parts == 0:
             self._at(max(c.back, self.now), _RESUME, c)

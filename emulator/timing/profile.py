@@ -97,18 +97,18 @@ _INTEGERS = {"client_cores", "ms_cores"}
 def from_dict(doc: dict, name: str) -> Profile:
     """A Profile from a parsed TOML document; ProfileError names the bad key."""
     values: dict = {"name": doc.get("name", name), "description": doc.get("description", "")}
-    for (table, key), (field, zero_ok) in _LAYOUT.items():
+    for (table, key), (name_of, zero_ok) in _LAYOUT.items():
         v = doc.get(table, {}).get(key) if isinstance(doc.get(table), dict) else None
         where = f"profile {name}: [{table}] {key}"
         if v is None:
             raise ProfileError(f"{where} is missing")
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ProfileError(f"{where} must be a number, got {v!r}")
-        if field in _INTEGERS and not isinstance(v, int):
+        if name_of in _INTEGERS and not isinstance(v, int):
             raise ProfileError(f"{where} must be a whole number, got {v!r}")
         if v < 0 or (v == 0 and not zero_ok):
             raise ProfileError(f"{where} must be {'>= 0' if zero_ok else '> 0'}, got {v!r}")
-        values[field] = v
+        values[name_of] = v
     by_op = doc.get("client", {}).get("cpu_per_step_us_by_op", {})
     if not isinstance(by_op, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0

@@ -26,8 +26,15 @@ import numpy as np
 from emulator.timing.engine import Completed, TimingModel
 from emulator.timing.profile import Profile
 from fusee.bench.runner import key_base
+from fusee.bench.ycsb import (
+    KEY_LENGTH,
+    OP_NAMES,
+    OpStream,
+    Workload,
+    key_names,
+    stream_rng,
+)
 from fusee.cache import CacheEntry
-from fusee.bench.ycsb import KEY_LENGTH, OP_NAMES, OpStream, Workload, key_names, stream_rng
 from fusee.config import ClusterConfig, KiB, LayoutConfig, MemNodeConfig, MiB
 from fusee.driver import run
 from fusee.operations import ClientCore

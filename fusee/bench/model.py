@@ -239,12 +239,12 @@ def model_table(doc: dict) -> str:
     rows = doc["comparison"]
     if rows:
         lo, hi = PAPER["crossover_clients"]
-        lines += ["", "Fig. 11 / 13 at the largest client count (paper: FUSEE "
-                  f"{PAPER['speedup_at_128'][0]}-{PAPER['speedup_at_128'][1]}x Clover at 128 "
-                  f"clients, Clover ahead below ~{lo}-{hi})",
-                  f"{'fig':>3} {'panel':<7}{'cl':>5} | {'fusee Mops':>10} {'clover Mops':>11} "
-                  f"{'speedup':>7} {'paper':>7} {'ratio':>6} | {'overtakes at':>12} | "
-                  f"saturates first (fusee; clover)"]
+        lines += ["", ("Fig. 11 / 13 at the largest client count (paper: FUSEE "
+                       f"{PAPER['speedup_at_128'][0]}-{PAPER['speedup_at_128'][1]}x Clover at "
+                       f"128 clients, Clover ahead below ~{lo}-{hi})"),
+                  (f"{'fig':>3} {'panel':<7}{'cl':>5} | {'fusee Mops':>10} {'clover Mops':>11} "
+                   f"{'speedup':>7} {'paper':>7} {'ratio':>6} | {'overtakes at':>12} | "
+                   f"saturates first (fusee; clover)")]
         for r in rows:
             lines.append(
                 f"{r['figure']:>3} {r['panel']:<7}{r['clients']:>5} | {r['fusee_mops']:>10.2f} "
@@ -253,8 +253,8 @@ def model_table(doc: dict) -> str:
                 f"{r['overtakes_at']:>12} | {r['fusee_saturates']}"
                 + (f"; {r['clover_saturates']}" if r.get("clover_saturates") else ""))
     if doc["latency"]:
-        lines += ["", "Fig. 19: 1-client latency on 5 MNs, mean us (paper's values: not "
-                  "available here)", f"{'system':<8}{'r':>3} | {'UPDATE':>8} {'SEARCH':>8}"]
+        lines += ["", ("Fig. 19: 1-client latency on 5 MNs, mean us (paper's values: not "
+                       "available here)"), f"{'system':<8}{'r':>3} | {'UPDATE':>8} {'SEARCH':>8}"]
         for p in doc["latency"]:
             lines.append(f"{p['system']:<8}{p['replicas']:>3} | "
                          f"{p['update'].get('mean_us', 0):>8.2f} "
@@ -266,11 +266,11 @@ def model_table(doc: dict) -> str:
         before = sum(mops[:at]) / max(1, at)
         low = min(mops[at:]) if mops[at:] else 0.0
         after = mops[-max(1, len(mops) // 4):]
-        lines += ["", f"Fig. 20: fusee YCSB-A, {t['clients']} clients, MN 0 crashes at "
-                  f"{t['crash_at_us'] / 1000:g} ms, failover at "
-                  f"{', '.join(f'{x / 1000:.2f}' for x in t['failover_at_us']) or '-'} ms: "
-                  f"{before:.2f} Mops before, {low:.2f} at the lowest, "
-                  f"{sum(after) / len(after):.2f} at the end"]
+        lines += ["", (f"Fig. 20: fusee YCSB-A, {t['clients']} clients, MN 0 crashes at "
+                       f"{t['crash_at_us'] / 1000:g} ms, failover at "
+                       f"{', '.join(f'{x / 1000:.2f}' for x in t['failover_at_us']) or '-'} ms: "
+                       f"{before:.2f} Mops before, {low:.2f} at the lowest, "
+                       f"{sum(after) / len(after):.2f} at the end")]
     return "\n".join(lines) + "\n"
 
 
