@@ -162,8 +162,9 @@ def run_latency(o: ModelOptions, profile, doc: dict, say) -> None:
     """Fig. 19: one client's UPDATE and SEARCH latency for r = 1..5 on 5 memory nodes."""
     for system in o.systems:
         for r in range(1, 6):
-            run = ModelRun(system, profile, memnodes=5, replicas=r, clients=1, keys=1000,
-                           object_size=o.object_size, seed=o.seed, extra_keys=o.latency_ops)
+            run = ModelRun(system, profile, memnodes=5, replicas=r, clients=1,
+                           keys=min(o.keys, 1000), object_size=o.object_size, seed=o.seed,
+                           extra_keys=o.latency_ops)
             point = {"system": system, "replicas": r}
             for op in ("insert", "update", "search"):
                 res = run.micro(op, o.latency_ops)
