@@ -83,7 +83,11 @@ class MetadataServer:
             calls = list(calls)
         except (ValueError, TypeError, msgpack.UnpackException):
             return None                             # not our protocol: nothing to answer
-        now = time.monotonic()
+        return msgpack.packb([seq, self.answer(calls, time.monotonic())])
+
+    def answer(self, calls: list, now: float) -> list:
+        """The replies to ``calls`` ([op, key, size] each) at time ``now`` (seconds, any
+        monotonic clock: the timing model gives its simulated one)."""
         replies = []
         for call in calls:
             try:
@@ -94,7 +98,7 @@ class MetadataServer:
             except TransportError as e:
                 replies.append([FAILED, f"allocation failed: {e}"])
         self.served += len(replies)
-        return msgpack.packb([seq, replies])
+        return replies
 
     def _one(self, op: str, key: bytes, size: int, now: float) -> list:
         entry = self.index.get(key)

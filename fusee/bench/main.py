@@ -236,7 +236,9 @@ def parser() -> argparse.ArgumentParser:
                                 epilog="fusee bench verbs: the raw verbs benchmark "
                                        "(see fusee bench verbs --help); fusee bench failover: "
                                        "throughput over time across a memory-node crash "
-                                       "(see fusee bench failover --help)")
+                                       "(see fusee bench failover --help); fusee bench "
+                                       "model: the paper's testbed or your cluster in "
+                                       "simulated time (see fusee bench model --help)")
     p.add_argument("suite", nargs="?", default=None, choices=["ycsb", "micro", "all"],
                    help="what to run (default: all)")
     p.add_argument("--suite", dest="suite_file", metavar="TOML",
@@ -321,6 +323,9 @@ def _finish(doc: dict, out: Path) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "model":             # the timing model: fusee bench model --help
+        from fusee.bench.model import main as model_main
+        return model_main(argv[1:])
     args = parser().parse_args(argv)
     progress = False if args.no_progress else None
     command = "fusee bench " + shlex.join(argv)
