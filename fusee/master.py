@@ -65,6 +65,11 @@ class LeaseExpired(FuseeError):
     operations. Open a new client."""
 
 
+class LeaseLapsed(FuseeError):
+    """This client's lease is not valid now and no renewal came in time (the master is
+    unreachable): it posts no verb until one does. It is not dead: retry later."""
+
+
 class StateError(FuseeError):
     """A master state file that is malformed or belongs to another cluster shape."""
 
