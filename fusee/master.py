@@ -429,7 +429,15 @@ class Master:
             raise StateError("master state names an id twice")
         m = cls(memnodes, client_lease, mn_lease, grace, now, replicas=replicas,
                 membership=membership, failing=failing, free_ids=free, next_id=next_id)
-        deadline = now + client_lease + grace
-        m.clients = {c: _Lease(t, deadline) for c, t in clients.items()}
+        m.clients = {c: _Lease(t, 0.0) for c, t in clients.items()}
+        m.lease_afresh(now)
         m.repairs = {c: _Job(reason) for c, reason in repairs.items()}
         return m
+
+    def lease_afresh(self, now: float) -> None:
+        """Give every leased client a full lease from ``now``: after a restart, a takeover or
+        a break in which this master could not be reached, when a client's missed renewals
+        say nothing of its health. Never shorter than what the client itself believes it has
+        (its lease counts from a renewal it sent before ``now``); only slower to expire."""
+        for lease in self.clients.values():
+            lease.deadline = max(lease.deadline, now + self.client_lease + self.grace)

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from emulator.master_server import StateFile
+from emulator.master_state import FileStore
 from fusee.config import ClusterConfig, ConfigError
 from fusee.master import DataLost, LeaseError, Master, StateError, TransitionInProgress
 from fusee.membership import Membership
@@ -270,8 +270,8 @@ def test_lease_durations_are_validated():
 
 
 def test_a_second_master_on_the_same_state_is_refused(tmp_path):
-    first = StateFile(tmp_path / "master.json")
+    first = FileStore(tmp_path / "master.json")
     with pytest.raises(StateError, match="another master"):
-        StateFile(tmp_path / "master.json")
-    os.close(first.lock_fd)                     # the first one exits: the lock goes with it
-    StateFile(tmp_path / "master.json")
+        FileStore(tmp_path / "master.json")
+    first.close()                               # the first one exits: the lock goes with it
+    FileStore(tmp_path / "master.json")

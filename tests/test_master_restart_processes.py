@@ -14,13 +14,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 
+from histories import check_with_final_reads, unexpected_errors
 from processes import stop_processes
 from storekit import SMALL
 from test_failover_processes import KEYS, LEASES, _history, _wait, _worker
 
 from emulator.cluster import LocalCluster
-from emulator.history import ERROR, OK, Op
-from emulator.linearizability import check
 from fusee.audit import audit
 from fusee.config import LayoutConfig
 from fusee.driver import run
@@ -60,8 +59,7 @@ def test_clients_ride_out_a_master_killed_and_restarted(tmp_path):
         after = c.master_status()
         assert after["pid"] != before["pid"] and after["epoch"] == before["epoch"] == 0
         ops = [op for i, out in enumerate(outs) for op in _history(f"c{i}", out)]
-        unexpected = [op for op in ops if op.status == ERROR and
-                      op.error not in ("KeyExists", "KeyNotFound")]
+        unexpected = unexpected_errors(ops)
         assert not unexpected, "\n".join(map(str, unexpected[:10]))
         # the pause: the longest operation in flight across the outage
         across = [op for op in ops if op.ret > 2 * killed]
@@ -72,13 +70,7 @@ def test_clients_ride_out_a_master_killed_and_restarted(tmp_path):
               f"{c.config.timeout:g} s)")
         assert pause < membership_wait(c.config)
         with c.client() as reader:
-            for key in KEYS:
-                t = 2 * time.monotonic_ns()
-                ops.append(Op(0, "reader", "get", key, None, t, t + 1, OK, reader.get(key)))
-        for n, op in enumerate(ops):
-            op.id = n
-        verdict = check(ops)
-        assert verdict.ok, verdict.explain()
+            check_with_final_reads(ops, reader, KEYS)
         _wait(lambda: (s := c.master_status())["repairs"] == {} and
               len(s["free_ids"]) == CLIENTS, "every id to be recovered and free")
         membership = Membership()

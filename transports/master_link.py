@@ -14,8 +14,8 @@ clock read and one uncontended lock per batch). The lease counts from when a ren
 so the client's view of it always ends before the master's.
 
 A master that goes away does not end the lease. While it is unreachable the client goes on
-posting verbs as long as its lease is valid, and the keeper keeps trying, with back-off and a
-fresh socket each time, until a renewal comes back. Once ``valid()`` is false the client posts
+posting verbs as long as its lease is valid, and the keeper keeps trying, with back-off, the
+next master of the list each time (``MasterLink``), until a renewal comes back. Once ``valid()`` is false the client posts
 nothing (``lapsed``), but it is not dead: the master declares a client crashed only after its
 own deadline (the client's lease plus the grace, counted from when it received the renewal),
 records that before acting on it, and refuses every later renewal of that id and token. So a
@@ -49,9 +49,9 @@ from fusee.master import Grant, LeaseError, LeaseExpired, LeaseLapsed
 from fusee.membership import Membership
 from transports.security import secure_client
 
-#: error codes of a lease refusal and of "retry once the failover is done", in a reply's error
-#: triple (next to wire.ERR_*)
-ERR_LEASE, ERR_BUSY = 16, 17
+#: error codes of a lease refusal, of "retry once the failover is done" and of "I stand by, ask
+#: the leader", in a reply's error triple (next to wire.ERR_*)
+ERR_LEASE, ERR_BUSY, ERR_STANDBY = 16, 17, 18
 #: seconds between renewals while paused or while an operation awaits a new epoch
 POLL = 0.02
 #: the share of each lease the client gives up for the rate difference of its clock and the
@@ -73,6 +73,10 @@ class MasterBusy(MasterError):
     """A failover is in progress: the master registers no client until it is done."""
 
 
+class MasterStandby(MasterError):
+    """This master stands by (another one leads, or none yet): ask the next one."""
+
+
 def membership_wait(config: ClusterConfig) -> float:
     """How long a client may wait for the next membership epoch once an MN stopped answering:
     the master's detection (MN lease), every other client's pause ack or lease expiry (a
@@ -84,36 +88,71 @@ def membership_wait(config: ClusterConfig) -> float:
 
 
 class MasterLink:
-    """Synchronous RPCs to the master (one thread at a time uses one link)."""
+    """Synchronous RPCs to the master (one thread at a time uses one link). With several
+    masters (``config.masters``: one leads, on ZooKeeper, the others stand by) it talks to one
+    at a time: a master standing by sends it on to the next at once; one that does not answer
+    in time is left for the next on the following call. Each move opens a fresh socket, so no
+    request queued for a master that went away reaches its successor late."""
 
     def __init__(self, config: ClusterConfig, timeout: float | None = None):
         if not config.master:
             raise ConfigError("the cluster config names no master")
         if config.security.curve and not config.master_curve_public:
             raise ConfigError("security.curve needs master_curve_public in the cluster config")
+        self.config = config
         self.timeout = config.timeout if timeout is None else timeout
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        self.endpoints = config.masters
+        self.at = 0                             # the index of the master talked to
+        self.sock = None
+        self._open()
+        self.seq = secrets.randbits(31)         # distinct from an earlier link's replies
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[self.at]
+
+    def _open(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
         try:
             # the master is a server like an MN: same CURVE rules, its own public key
-            secure_client(self.sock, config,
-                          MemNodeConfig(-1, config.master, config.master_curve_public))
-            self.sock.connect(config.master)
+            secure_client(sock, self.config,
+                          MemNodeConfig(-1, self.endpoint, self.config.master_curve_public))
+            sock.connect(self.endpoint)
         except BaseException:
-            self.sock.close(0)
+            sock.close(0)
             raise
-        self.seq = secrets.randbits(31)         # distinct from an earlier link's replies
-        self.rcvtimeo = -1
+        self.sock, self.rcvtimeo = sock, -1
+
+    def _move_on(self) -> None:
+        """Talk to the next master (the same one again, with a fresh socket, if it is the
+        only one)."""
+        self.sock.close(0)
+        self.at = (self.at + 1) % len(self.endpoints)
+        self._open()
 
     def call(self, method: str, timeout: float | None = None, **args):
         """Send one request; its reply value, or LeaseError / MasterBusy / MasterError /
         MasterTimeout."""
         timeout = self.timeout if timeout is None else timeout
+        for _ in range(len(self.endpoints)):
+            try:
+                return self._call_one(method, timeout, args)
+            except MasterStandby:
+                self._move_on()             # it named no lease: ask the next one at once
+            except MasterTimeout:
+                self._move_on()
+                raise
+        raise MasterStandby(f"master: all of {', '.join(self.endpoints)} stand by: no leader "
+                            "yet (is ZooKeeper reachable from them?)")
+
+    def _call_one(self, method: str, timeout: float, args: dict):
         self.seq += 1
         try:
             self.sock.send(wire.encode_control(self.seq, method, args), zmq.NOBLOCK)
         except zmq.Again:
-            raise MasterTimeout(f"master: cannot send {method!r} (not connected)") from None
+            raise MasterTimeout(f"master {self.endpoint}: cannot send {method!r} (not "
+                                "connected)") from None
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -124,8 +163,8 @@ class MasterLink:
             try:
                 data = self.sock.recv()
             except zmq.Again:
-                raise MasterTimeout(f"master: no reply to {method!r} within {timeout:g} s") \
-                    from None
+                raise MasterTimeout(f"master {self.endpoint}: no reply to {method!r} within "
+                                    f"{timeout:g} s") from None
             try:
                 seq, results, error = wire.decode_reply(data)
             except wire.MalformedMessage:
@@ -134,8 +173,8 @@ class MasterLink:
                 continue                        # a late reply to a request that timed out
             if error:
                 _, code, text = error
-                raise {ERR_LEASE: LeaseError, ERR_BUSY: MasterBusy}.get(code, MasterError)(
-                    f"master: {text}")
+                raise {ERR_LEASE: LeaseError, ERR_BUSY: MasterBusy,
+                       ERR_STANDBY: MasterStandby}.get(code, MasterError)(f"master: {text}")
             return results[0]
 
     def register(self, client_id: int | None = None) -> Grant:
@@ -185,19 +224,23 @@ class LeaseKeeper:
         self.link = MasterLink(config)
         try:
             deadline = time.monotonic() + membership_wait(config)
+            silent = 0                          # masters in a row that did not answer
             while True:
                 sent = time.monotonic()
                 try:
                     self.grant = self.link.register(client_id)
                     break
-                except MasterBusy:
+                except (MasterBusy, MasterStandby):     # a failover or an election is on
                     if sent > deadline:
                         raise
                     time.sleep(POLL)
+                except MasterTimeout:           # the link moved on to the next master
+                    silent += 1
+                    if silent >= len(self.link.endpoints) or sent > deadline:
+                        raise
         except BaseException:
             self.link.close()
             raise
-        self.config = config
         self.expires = self._expiry(sent, self.grant.lease)
         self.membership = self.grant.membership or Membership()
         self.epoch = self.membership.epoch
@@ -302,18 +345,10 @@ class LeaseKeeper:
                     self.news.notify_all()
                 failures += 1
                 wait = min(RETRY_FIRST * 2 ** (failures - 1), lease / 3) * random.uniform(0.5, 1)
-                if isinstance(e, MasterTimeout):
-                    self._reconnect()
                 continue
             failures = 0
             ack = self._apply(g, sent)
             wait = 0 if ack else POLL if self.pause or self.waiters else lease / 3
-
-    def _reconnect(self) -> None:
-        """A fresh socket to the master: no request queued for a master that went away is
-        delivered to the next one."""
-        self.link.close()
-        self.link = MasterLink(self.config)
 
     def _apply(self, g: Grant, sent: float) -> bool:
         """Take in a renewal; True if a pause was just acked (tell the master at once)."""
