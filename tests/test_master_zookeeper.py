@@ -186,3 +186,41 @@ def test_a_master_that_cannot_reach_zookeeper_says_so(tmp_path):
     assert out.stderr.strip().splitlines() == [
         (f"fusee master: error: cannot reach ZooKeeper at 127.0.0.1:9 within "
          f"{config.timeout:g} s: is the ensemble up?")]
+
+
+@pytest.mark.soak
+def test_the_leader_killed_with_a_client_then_a_memory_node_before_the_takeover(ensemble,
+                                                                                 tmp_path):
+    """The leading master and a client process killed together, and an MN killed at once,
+    while no master leads yet: the new leader fails the MN over (the surviving clients pause
+    for it and carry on) and recovers the killed client."""
+    with LocalCluster(memnodes=3, transport="shm", replication=3, master=True, masters=3,
+                      coordination=ensemble.url, layout=LayoutConfig(**SMALL), **LEASES) as c:
+        w = Workload(c, tmp_path)
+        try:
+            first = leader_index(c)
+            c.stop_master(kill=True, i=first)
+            w.procs[0].kill()
+            c.kill(2)
+            killed = time.monotonic_ns()
+            assert leader_index(c, other_than=first) != first
+            _wait(lambda: leader_status(c)["dead"] == [2], "the new leader's failover",
+                  timeout=120)
+            w.advance("the surviving clients to carry on in the new epoch", survivors=(1, 2))
+            assert stop_processes(w.procs[1:], w.stop) == [0, 0]
+        finally:
+            stop_processes(w.procs, w.stop, timeout=5)
+        ops = w.history()
+        unexpected = unexpected_errors(ops)
+        assert not unexpected, "\n".join(map(str, unexpected[:10]))
+        print(f"\nkill -9 of the leading master, a client and an MN: longest operation after "
+              f"it {pause_between(ops, killed, time.monotonic_ns()):.2f} s")
+        status = _wait(lambda: (s := leader_status(c))["repairs"] == {} and
+                       len(s["free_ids"]) == CLIENTS and s, "the killed client's recovery")
+        assert [r["reason"] for r in status["repaired"]].count("expired") == 1
+        membership = Membership.from_wire(status["membership"])
+        with c.client() as reader:
+            check_with_final_reads(ops, reader, KEYS)
+        with c.transport(dead=membership.dead) as t:
+            report = run(audit(c.config, (), membership), t)
+        assert report.ok, report.explain()
