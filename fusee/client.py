@@ -259,8 +259,9 @@ class _LeaseGuard:
     """The transport as operations see it under a master's lease.
 
     No batch is posted while the lease is not valid (one clock read per batch: a lapsed lease
-    is waited for, up to ``wait``), nor while the master has the client paused for a failover; each batch is posted holding the keeper's
-    ``gate``, so a pause waits for the batch in flight. A membership newer than the one the
+    is waited for, up to ``wait``), nor while the master has the client paused for a
+    failover; each batch is posted holding the keeper's ``gate``, so a pause waits for the
+    batch in flight. A membership newer than the one the
     operations have is handed to them as ``EpochChanged`` instead of posting the batch; so is
     the answer to ``AwaitMembership``, once the master has published the next epoch (waited
     for up to ``wait`` seconds, else NodeTimeout)."""

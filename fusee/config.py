@@ -74,12 +74,12 @@ class ClusterConfig:
     replication: int = 0                 # 0 = min(3, number of memory nodes)
     transport: str = "zmq"               # default client backend: local | shm | zmq | verbs
     timeout: float = 5.0                 # seconds; every network wait is bounded by it
-    master: str | None = None            # endpoint of the master, if one runs (several, comma-separated)
+    master: str | None = None            # endpoint of the master, if one runs (or several, "a,b")
     master_curve_public: str | None = None  # the master's CURVE public key, when security.curve
     client_lease: float = 5.0            # seconds a client may write without renewing its lease
     mn_lease: float = 2.0                # seconds without a heartbeat before an MN is dead
     security: SecurityConfig = field(default_factory=SecurityConfig)
-    coordination: str | None = None      # [master] coordination: "zookeeper://h:p,..." or None (a file)
+    coordination: str | None = None      # [master] coordination = "zookeeper://h:p,..."
 
     def __post_init__(self) -> None:
         if not self.memnodes:

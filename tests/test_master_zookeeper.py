@@ -30,12 +30,7 @@ from fusee.audit import audit
 from fusee.config import LayoutConfig
 from fusee.driver import run
 from fusee.membership import Membership
-from transports.master_link import (
-    MasterError,
-    MasterLink,
-    MasterTimeout,
-    membership_wait,
-)
+from transports.master_link import MasterError, membership_wait
 
 pytestmark = pytest.mark.skipif(zk_ensemble.missing() is not None,
                                 reason=f"no ZooKeeper here: {zk_ensemble.missing()}")
@@ -50,22 +45,11 @@ def ensemble():
         yield zk
 
 
-def leader_status(c: LocalCluster) -> dict:
-    """The leader's status: standbys send the request on; a dead master is skipped."""
-    with MasterLink(c.config) as link:
-        for _ in range(len(c.config.masters) - 1):
-            try:
-                return link.status()
-            except MasterTimeout:
-                pass                            # the link moved on to the next master
-        return link.status()
-
-
 def leader_index(c: LocalCluster, other_than: int | None = None) -> int:
     """The index of the leading master (waiting for one other than ``other_than``)."""
     def elected():
         try:
-            pid = leader_status(c)["pid"]
+            pid = c.master_status()["pid"]
         except MasterError:
             return None                         # none elected yet
         (name,) = [n for n, p in c.master_procs.items() if p.pid == pid]
@@ -124,7 +108,7 @@ def test_kills_of_a_zookeeper_server_the_leading_master_and_then_a_memory_node(e
             c.start_master(first)                   # back, as a standby
             kills["memory node"] = time.monotonic_ns()
             c.kill(1)
-            _wait(lambda: leader_status(c)["dead"] == [1], "the new leader's failover")
+            _wait(lambda: c.master_status()["dead"] == [1], "the new leader's failover")
             w.advance("the clients to carry on in the new epoch")
             assert stop_processes(w.procs, w.stop) == [0] * CLIENTS
         finally:
@@ -139,7 +123,7 @@ def test_kills_of_a_zookeeper_server_the_leading_master_and_then_a_memory_node(e
                   f"(client_lease {c.config.client_lease:g} s, mn_lease "
                   f"{c.config.mn_lease:g} s, timeout {c.config.timeout:g} s)")
             assert pause < membership_wait(c.config)
-        status = _wait(lambda: (s := leader_status(c))["repairs"] == {} and
+        status = _wait(lambda: (s := c.master_status())["repairs"] == {} and
                        len(s["free_ids"]) == CLIENTS and s, "the new leader's repairs")
         membership = Membership.from_wire(status["membership"])
         assert membership.epoch == 1 and membership.dead == {1}
@@ -204,7 +188,7 @@ def test_the_leader_killed_with_a_client_then_a_memory_node_before_the_takeover(
             c.kill(2)
             killed = time.monotonic_ns()
             assert leader_index(c, other_than=first) != first
-            _wait(lambda: leader_status(c)["dead"] == [2], "the new leader's failover",
+            _wait(lambda: c.master_status()["dead"] == [2], "the new leader's failover",
                   timeout=120)
             w.advance("the surviving clients to carry on in the new epoch", survivors=(1, 2))
             assert stop_processes(w.procs[1:], w.stop) == [0, 0]
@@ -215,7 +199,7 @@ def test_the_leader_killed_with_a_client_then_a_memory_node_before_the_takeover(
         assert not unexpected, "\n".join(map(str, unexpected[:10]))
         print(f"\nkill -9 of the leading master, a client and an MN: longest operation after "
               f"it {pause_between(ops, killed, time.monotonic_ns()):.2f} s")
-        status = _wait(lambda: (s := leader_status(c))["repairs"] == {} and
+        status = _wait(lambda: (s := c.master_status())["repairs"] == {} and
                        len(s["free_ids"]) == CLIENTS and s, "the killed client's recovery")
         assert [r["reason"] for r in status["repaired"]].count("expired") == 1
         membership = Membership.from_wire(status["membership"])

@@ -15,15 +15,15 @@ so the client's view of it always ends before the master's.
 
 A master that goes away does not end the lease. While it is unreachable the client goes on
 posting verbs as long as its lease is valid, and the keeper keeps trying, with back-off, the
-next master of the list each time (``MasterLink``), until a renewal comes back. Once ``valid()`` is false the client posts
-nothing (``lapsed``), but it is not dead: the master declares a client crashed only after its
-own deadline (the client's lease plus the grace, counted from when it received the renewal),
-records that before acting on it, and refuses every later renewal of that id and token. So a
-renewal granted after a lapse proves that no master declared the client crashed, and the
-client carries on where it was: a master restarted from its state (``fusee.master``) leases
-every recorded client afresh, and the keeper's next renewal finds it. Only a refusal
-(``LeaseError``) ends the lease for good (``ended``): then the master recovers the client's
-operations and reuses its id.
+next master of the list each time (``MasterLink``), until a renewal comes back. Once
+``valid()`` is false the client posts nothing (``lapsed``), but it is not dead: the master
+declares a client crashed only after its own deadline (the client's lease plus the grace,
+counted from when it received the renewal), records that before acting on it, and refuses every
+later renewal of that id and token. So a renewal granted after a lapse proves that no master
+declared the client crashed, and the client carries on where it was: a master restarted from
+its state (``fusee.master``) leases every recorded client afresh, and the keeper's next renewal
+finds it. Only a refusal (``LeaseError``) ends the lease for good (``ended``): then the master
+recovers the client's operations and reuses its id.
 
 The keeper also carries the master's failover protocol (``fusee.master``): when a renewal
 says *pause* for the next epoch, it takes ``gate`` (which the executor holds around every
