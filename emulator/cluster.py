@@ -154,7 +154,7 @@ class LocalCluster:
 
     def start_master(self, i: int = 0) -> None:
         """Start master ``i`` (again, after ``stop_master``: same endpoint and state)."""
-        name = _master_name(i)
+        name = master_name(i)
         if self.master_procs.get(name) and self.master_procs[name].poll() is None:
             raise RuntimeError(f"{name} is already running")
         if len(self.config.masters) > 1:
@@ -187,19 +187,19 @@ class LocalCluster:
 
     def stop_master(self, kill: bool = False, i: int = 0) -> None:
         """Stop master ``i``: SIGTERM (a clean exit), or SIGKILL with ``kill=True`` (a crash)."""
-        proc = self.master_procs.get(_master_name(i))
+        proc = self.master_procs.get(master_name(i))
         if proc is None or proc.poll() is not None:
             return
         if kill:
             proc.kill()
             proc.wait(10)
         else:
-            _cleanup({_master_name(i): proc}, {}, None)
+            _cleanup({master_name(i): proc}, {}, None)
 
     def master_log(self, i: int = 0) -> str:
         """What master ``i`` printed (its last 4 KiB)."""
         try:
-            return (self.workdir / f"{_master_name(i)}.log").read_bytes()[-4096:].decode(
+            return (self.workdir / f"{master_name(i)}.log").read_bytes()[-4096:].decode(
                 errors="replace")
         except OSError:
             return ""
@@ -258,7 +258,7 @@ class LocalCluster:
             return link.status()
 
 
-def _master_name(i: int) -> str:
+def master_name(i: int) -> str:
     return "master" if i == 0 else f"master{i}"
 
 

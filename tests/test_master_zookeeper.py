@@ -13,6 +13,8 @@ reach ZooKeeper says so in one line.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +26,7 @@ from storekit import SMALL
 from test_failover_processes import KEYS, LEASES, _history, _wait, _worker
 
 from emulator import zk_ensemble
-from emulator.cluster import LocalCluster
+from emulator.cluster import LocalCluster, master_name
 from emulator.history import Op
 from fusee.audit import audit
 from fusee.config import LayoutConfig
@@ -208,3 +210,33 @@ def test_the_leader_killed_with_a_client_then_a_memory_node_before_the_takeover(
         with c.transport(dead=membership.dead) as t:
             report = run(audit(c.config, (), membership), t)
         assert report.ok, report.explain()
+
+
+@pytest.mark.soak
+def test_a_leader_paused_past_its_session_is_deposed_and_stops(ensemble, tmp_path):
+    """The leader stopped (SIGSTOP: a long GC pause) past its ZooKeeper session: a standby
+    takes over; woken up (SIGCONT), the old leader grants nothing (its last ZooKeeper round
+    trip is too old) and exits with status 1 once it learns its session is gone, while the
+    clients carry on with the new leader."""
+    with LocalCluster(memnodes=3, transport="shm", replication=3, master=True, masters=2,
+                      coordination=ensemble.url, layout=LayoutConfig(**SMALL), **LEASES) as c:
+        w = Workload(c, tmp_path)
+        try:
+            first = leader_index(c)
+            old = c.master_procs[master_name(first)]
+            os.kill(old.pid, signal.SIGSTOP)
+            try:
+                leader_index(c, other_than=first)
+                w.advance("the clients to carry on under the new leader")
+            finally:
+                os.kill(old.pid, signal.SIGCONT)
+            assert old.wait(60) == 1, c.master_log(first)
+            assert "stopping" in c.master_log(first)
+            w.advance("the clients to carry on after the old leader woke up")
+            assert stop_processes(w.procs, w.stop) == [0] * CLIENTS
+        finally:
+            stop_processes(w.procs, w.stop, timeout=5)
+        ops = w.history()
+        assert not unexpected_errors(ops), "\n".join(map(str, unexpected_errors(ops)[:10]))
+        with c.client() as reader:
+            check_with_final_reads(ops, reader, KEYS)
