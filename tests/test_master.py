@@ -7,7 +7,6 @@ from __future__ import annotations
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -275,3 +274,36 @@ def test_a_second_master_on_the_same_state_is_refused(tmp_path):
         FileStore(tmp_path / "master.json")
     first.close()                               # the first one exits: the lock goes with it
     FileStore(tmp_path / "master.json")
+
+
+MN = '[[memnodes]]\nid = 0\nendpoint = "ipc:///tmp/mn0"\n'
+
+
+@pytest.mark.parametrize("text,error", [
+    ('[cluster]\nmaster = "ipc:///a,ipc:///b"\n', "several masters need"),
+    ('[cluster]\nmaster = "ipc:///a,ipc:///a"\n[master]\ncoordination = "zookeeper://h:1"\n',
+     "distinct"),
+    ('[cluster]\nmaster = "ipc:///a"\n[master]\ncoordination = "http://h:1"\n',
+     "coordination must be zookeeper://"),
+    ('[master]\nelection = "zookeeper://h:1"\n', "unknown \\[master\\] keys"),
+])
+def test_bad_master_configs_are_refused_with_what_to_do(text, error):
+    with pytest.raises(ConfigError, match=error):
+        ClusterConfig.loads(text + MN)
+
+
+def test_several_masters_list_and_round_trip_through_toml():
+    config = ClusterConfig.loads('[cluster]\nmaster = "ipc:///a, ipc:///b"\n[master]\n'
+                                 'coordination = "zookeeper://h:1,h:2"\n' + MN)
+    assert config.masters == ["ipc:///a", "ipc:///b"]
+    assert ClusterConfig.loads(config.dumps()) == config
+
+
+def test_a_master_of_several_must_be_told_which_it_is(tmp_path, capsys):
+    from emulator.master_server import main
+    path = tmp_path / "c.toml"
+    path.write_text('[cluster]\nmaster = "ipc:///a,ipc:///b"\n[master]\n'
+                    'coordination = "zookeeper://127.0.0.1:9"\n' + MN)
+    assert main(["--config", str(path)]) == 2
+    assert capsys.readouterr().err == (f"fusee master: error: {path} names several masters: "
+                                       "say which one this is with --endpoint\n")
