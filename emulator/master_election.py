@@ -58,9 +58,13 @@ class ZooKeeperLeadership:
 
     def __init__(self, url: str, cluster: str, endpoint: str, session_timeout: float,
                  connect_timeout: float):
-        from kazoo.client import KazooClient
-        from kazoo.handlers.threading import KazooTimeoutError
         hosts, chroot = parse_url(url)
+        try:
+            from kazoo.client import KazooClient
+            from kazoo.handlers.threading import KazooTimeoutError
+        except ImportError:
+            raise ConfigError("[master] coordination needs the kazoo package: pip install "
+                              "'fusee[zookeeper]'") from None
         self.root = f"{chroot}/fusee/{cluster}"
         self.zk = KazooClient(hosts=hosts, timeout=session_timeout, logger=kazoo_log,
                               connection_retry={"max_tries": -1, "delay": 0.1,
