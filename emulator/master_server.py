@@ -469,7 +469,7 @@ class MasterServer:
                         break
                     self.tick()
                 except (OSError, StateError) as e:      # cannot save: stop, do not guess
-                    self.log(f"master: cannot save the state: {e}", file=sys.stderr,
+                    self.log(f"master: cannot load or save the state: {e}", file=sys.stderr,
                              flush=True)
                     self.failed = True
                     break
@@ -607,8 +607,8 @@ def main(argv=None) -> int:
     stop = stop_condition(args.parent_pid)
 
     def bound(ep: str) -> None:
-        role = "standing by for the lead" if leadership is not None else "serving"
-        print(f"master {role} on {ep} for {len(config.memnodes)} memory nodes "
+        role = "serving" if leadership is None else "standing in the election on"
+        print(f"master {role} {ep} for {len(config.memnodes)} memory nodes "
               f"(client lease {config.client_lease:g} s, MN lease {config.mn_lease:g} s)",
               flush=True)
         write_ready(args.ready_file, endpoint=ep)

@@ -38,8 +38,10 @@ the ids' STATE words agree even on a cluster used before the master (or its stat
 The persistent state (``state()``) is small: the membership, the MNs awaiting failover, ids in
 use with their tokens, pending repairs, recycled ids and the id counter. Lease deadlines and
 pause acks are not persisted (monotonic time, and clients re-ack with every renewal): a
-restarted master gives every known client a full lease again, which is never shorter than what
-the client itself believes it has.
+restarted master (or a standby taking over, ``emulator.master_election``) gives every known
+client a full lease again (``lease_afresh``), which is never shorter than what the client
+itself believes it has. So a client whose lease lapsed while no master could be reached, and
+that the next master renews, was never declared crashed, and carries on.
 """
 
 from __future__ import annotations
