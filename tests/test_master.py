@@ -41,6 +41,24 @@ def test_client_lease_lasts_lease_plus_grace_and_renewals_extend_it():
     assert "5" in m.status(0.0)["repairs"] and m.reusable_id() is None
 
 
+def test_leasing_afresh_after_a_break_gives_every_client_a_full_lease_and_never_less():
+    m = master(pinged_until=100.0)
+    m.grant(5, 77, now=0.0)
+    m.grant(6, 78, now=0.0)
+    m.renew(6, 78, now=L)                           # deadline 2 L + GRACE
+    m.lease_afresh(now=L / 2)                       # e.g. back from a break from ZooKeeper
+    assert m.tick(1.5 * L + GRACE) == []            # 5: a full lease from then
+    events = m.tick(1.5 * L + GRACE + 0.001)
+    assert [(e.kind, e.subject) for e in events] == [("client-expired", 5)]
+    assert m.tick(2 * L + GRACE) == []              # 6's later deadline was not shortened
+
+
+def test_a_client_counts_its_lease_short_by_the_clock_margin():
+    from transports.master_link import CLOCK_MARGIN, LeaseKeeper
+    assert 0 < CLOCK_MARGIN < 0.1
+    assert LeaseKeeper._expiry(10.0, 2.0) == 10.0 + 2.0 * (1 - CLOCK_MARGIN) < 12.0
+
+
 def test_a_renewal_after_the_deadline_expires_the_lease_itself():
     m = master()
     m.grant(1, 9, now=0.0)
