@@ -45,13 +45,18 @@ class LocalCluster:
                  layout: LayoutConfig | None = None, replication: int = 0,
                  timeout: float = 5.0, start_timeout: float = 30.0, workdir: str | None = None,
                  secure: bool = True, master: bool = False, client_lease: float | None = None,
-                 mn_lease: float | None = None):
+                 mn_lease: float | None = None, masters: int = 1,
+                 coordination: str | None = None):
+        """``masters`` > 1: that many master processes electing their leader on ZooKeeper
+        (``coordination``: "zookeeper://..."; see emulator.zk_ensemble), on ipc endpoints."""
         if transport not in ("local", "shm", "zmq", "verbs"):
             raise ValueError(f"unknown transport {transport!r}")
         if master and transport == "local":
             raise ValueError("a master process cannot reach in-process (local) memory nodes")
         if endpoint not in ("ipc", "tcp"):
             raise ValueError("endpoint must be 'ipc' or 'tcp'")
+        if masters > 1 and not (master and coordination and endpoint == "ipc"):
+            raise ValueError("several masters need master=True, coordination and ipc endpoints")
         self.backend, self.endpoint_kind = transport, endpoint
         self.start_timeout = start_timeout
         self.name = f"lc{os.getpid()}-{secrets.token_hex(3)}"
@@ -79,7 +84,9 @@ class LocalCluster:
             memnodes=tuple(MemNodeConfig(i, ep, publics.get(i)) for i, ep in enumerate(eps)),
             layout=layout or DEFAULT_LAYOUT, name=self.name, replication=replication,
             transport=transport, timeout=timeout, security=security,
-            master_curve_public=master_public,
+            master_curve_public=master_public, coordination=coordination,
+            master=",".join(f"ipc://{self.workdir}/master{i}.sock" for i in range(masters))
+            if masters > 1 else None,
             **{k: v for k, v in (("client_lease", client_lease), ("mn_lease", mn_lease))
                if v is not None})
         self.config_path = self.workdir / "cluster.toml"
@@ -138,56 +145,62 @@ class LocalCluster:
         self.config.save(self.config_path)
         if self.with_master:
             try:
-                self.start_master()
+                for i in range(max(1, len(self.config.masters))):
+                    self.start_master(i)
             except BaseException:
                 self.stop()
                 raise
         return self
 
-    def start_master(self) -> None:
-        """Start the master process (again, after ``stop_master``: same endpoint and state)."""
-        if self.master_procs.get("master") and self.master_procs["master"].poll() is None:
-            raise RuntimeError("the master is already running")
-        endpoint = self.config.master or ("tcp://127.0.0.1:*" if self.endpoint_kind == "tcp"
-                                          else f"ipc://{self.workdir}/master.sock")
-        ready = self.workdir / "master.ready"
+    def start_master(self, i: int = 0) -> None:
+        """Start master ``i`` (again, after ``stop_master``: same endpoint and state)."""
+        name = master_name(i)
+        if self.master_procs.get(name) and self.master_procs[name].poll() is None:
+            raise RuntimeError(f"{name} is already running")
+        if len(self.config.masters) > 1:
+            endpoint = self.config.masters[i]
+        else:
+            endpoint = self.config.master or ("tcp://127.0.0.1:*" if self.endpoint_kind == "tcp"
+                                              else f"ipc://{self.workdir}/master.sock")
+        ready = self.workdir / f"{name}.ready"
         ready.unlink(missing_ok=True)
-        with open(self.workdir / "master.log", "ab") as log:
+        with open(self.workdir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "emulator.master_server", "--config",
                  str(self.config_path), "--state", str(self.workdir / "master.json"),
                  "--endpoint", endpoint, "--ready-file", str(ready),
                  "--parent-pid", str(os.getpid())],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.master_procs["master"] = proc
+        self.master_procs[name] = proc
         deadline = time.monotonic() + self.start_timeout
         while not ready.exists():
             if proc.poll() is not None:
-                raise ClusterStartError(f"the master exited with {proc.returncode}:\n"
-                                        f"{self.master_log()}")
+                raise ClusterStartError(f"{name} exited with {proc.returncode}:\n"
+                                        f"{self.master_log(i)}")
             if time.monotonic() > deadline:
-                raise ClusterStartError(f"the master is not ready after {self.start_timeout:g} s")
+                raise ClusterStartError(f"{name} is not ready after {self.start_timeout:g} s")
             time.sleep(0.01)
         endpoint = json.loads(ready.read_text())["endpoint"]
-        if endpoint != self.config.master:
+        if len(self.config.masters) <= 1 and endpoint != self.config.master:
             self.config = self.config.with_(master=endpoint)
             self.config.save(self.config_path)
 
-    def stop_master(self, kill: bool = False) -> None:
-        """Stop the master: SIGTERM (a clean exit), or SIGKILL with ``kill=True`` (a crash)."""
-        proc = self.master_procs.get("master")
+    def stop_master(self, kill: bool = False, i: int = 0) -> None:
+        """Stop master ``i``: SIGTERM (a clean exit), or SIGKILL with ``kill=True`` (a crash)."""
+        proc = self.master_procs.get(master_name(i))
         if proc is None or proc.poll() is not None:
             return
         if kill:
             proc.kill()
             proc.wait(10)
         else:
-            _cleanup(self.master_procs, {}, None)
+            _cleanup({master_name(i): proc}, {}, None)
 
-    def master_log(self) -> str:
-        """What the master printed (its last 4 KiB)."""
+    def master_log(self, i: int = 0) -> str:
+        """What master ``i`` printed (its last 4 KiB)."""
         try:
-            return (self.workdir / "master.log").read_bytes()[-4096:].decode(errors="replace")
+            return (self.workdir / f"{master_name(i)}.log").read_bytes()[-4096:].decode(
+                errors="replace")
         except OSError:
             return ""
 
@@ -256,10 +269,20 @@ class LocalCluster:
         return Client.connect(self.config_path, backend, **kwargs)
 
     def master_status(self) -> dict:
-        """The master's ``status`` (membership, leases, failovers, repairs)."""
-        from transports.master_link import MasterLink
+        """The (leading) master's ``status`` (membership, leases, failovers, repairs); with
+        several masters, standbys send the request on and a dead one is skipped."""
+        from transports.master_link import MasterLink, MasterTimeout
         with MasterLink(self.config) as link:
+            for _ in range(len(self.config.masters) - 1):
+                try:
+                    return link.status()
+                except MasterTimeout:
+                    pass                        # the link moved on to the next master
             return link.status()
+
+
+def master_name(i: int) -> str:
+    return "master" if i == 0 else f"master{i}"
 
 
 def _cleanup(procs: dict, shm_names: dict, workdir: Path | None) -> None:

@@ -20,9 +20,14 @@ lock:
 
 While an MN awaits its failover, renewal replies tell clients to pause (``fusee.master``);
 once it is done the new membership is saved, then handed out with the renewals. Registrations
-are refused meanwhile (the client retries). The state is written atomically (temporary file,
-fsync, rename) whenever it changes, before a reply depends on it, so a restarted master
+are refused meanwhile (the client retries). The state is saved (``emulator.master_state``: a
+file, or ZooKeeper) whenever it changes, before a reply depends on it, so a restarted master
 carries on. Every network wait has a timeout. SIGTERM / SIGINT stop it cleanly.
+
+With ``[master] coordination = "zookeeper://..."`` several of these processes run; one leads
+(``emulator.master_election``) and the others stand by: they answer every request but ``ping``
+with ERR_STANDBY (the client asks the next master of its list) and start their threads only
+once elected, when they carry on from the state in ZooKeeper as a restarted master would.
 """
 
 from __future__ import annotations
@@ -30,8 +35,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import fcntl
-import json
 import logging
 import os
 import secrets
@@ -58,8 +61,10 @@ from fusee.client_ids import client_states, fresh_client_id
 from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 from transports.channel import Channels
-from transports.master_link import ERR_BUSY, ERR_LEASE
-from emulator.serving import BindError, bind, stop_condition, write_ready
+from transports.master_link import ERR_BUSY, ERR_LEASE, ERR_STANDBY
+from emulator.master_election import LeaderGuard
+from emulator.master_state import Deposed, FileStore, StateStore, ZooKeeperStore
+from emulator.serving import BindError, EndpointInUse, bind, stop_condition, write_ready
 from transports.security import check_endpoint, master_config, secure_server
 from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
 from fusee.metrics import MasterCollector, MetricsUnavailable, metrics_address, serve_metrics
@@ -77,80 +82,24 @@ REPORTS_KEPT = 64
 TICK = 0.02
 
 
-class StateFile:
-    """The master's state on disk: JSON, replaced atomically. A lock file next to it, held
-    for the life of the process, keeps a second master off the same state."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.written: dict | None = None
-        lock = self.path.with_name(self.path.name + ".lock")
-        try:
-            self.lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as e:
-            raise StateError(f"cannot open {lock}: {e}") from None
-        try:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.lock_fd)
-            raise StateError(f"another master is running on {self.path} (it holds {lock})")
-
-    def load(self) -> dict | None:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise StateError(f"cannot read master state {self.path}: {e}") from None
-        try:
-            self.written = json.loads(text)
-        except ValueError as e:
-            raise StateError(f"master state {self.path} is not JSON: {e}") from None
-        return self.written
-
-    def save(self, state: dict) -> None:
-        if state == self.written:
-            return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dirfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
-        self.written = state
-
-
 class MasterServer:
-    def __init__(self, config: ClusterConfig, state_path: str | Path,
-                 transport: str | None = None, log=_log):
+    def __init__(self, config: ClusterConfig, store: StateStore,
+                 transport: str | None = None, log=_log, leadership=None):
+        """``store``: where the state lives (``emulator.master_state``); ``leadership``: this
+        master's place in a ZooKeeper election (``emulator.master_election``), or None for
+        the single master, which leads from the start."""
         self.config, self.backend, self.log = config, transport, log
         self.grace = config.timeout        # the longest a client's last batch can be in flight
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.failed = False                         # a thread died, or the state cannot be saved
         self.work_due = threading.Event()           # wakes the worker thread
-        self.file = StateFile(state_path)
-        now = time.monotonic()
-        ids = [m.id for m in config.memnodes]
-        state = self.file.load()
-        if state is not None and state.get("cluster") != config.name:
-            raise StateMismatch(f"{self.file.path} is the state of cluster "
-                             f"{state.get('cluster')!r}, not {config.name!r}")
-        if state is None:
-            self.master = Master(ids, config.client_lease, config.mn_lease, self.grace, now,
-                                 replicas=config.replicas)
-        else:
-            self.master = Master.restore(state, ids, config.client_lease, config.mn_lease,
-                                         self.grace, now, replicas=config.replicas)
-            log(f"master: carried on from {self.file.path}: epoch {self.master.epoch}, "
-                f"{len(self.master.clients)} clients, {len(self.master.repairs)} repairs, "
-                f"{len(self.master.failing)} failovers pending", flush=True)
-        self._save()
+        self.store, self.leadership = store, leadership
+        self.master: Master | None = None           # None while standing by
+        self.was_leading = leadership is None
+        self.work_from = 0.0                        # no repair or failover before (monotonic)
+        if leadership is None:
+            self._take_over()
         self.detected: dict[int, float] = {}            # client id -> when (wall clock)
         self.reports: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
         self.failovers: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
@@ -163,9 +112,46 @@ class MasterServer:
                         "release": self._release, "status": self._status,
                         "ping": lambda args: "pong"}
 
-    def _save(self) -> None:
-        """Persist the state (under ``self.lock``) if it changed."""
-        self.file.save({"cluster": self.config.name, **self.master.state()})
+    def _take_over(self) -> None:
+        """Carry on from the stored state (or start afresh) and write it back at once: a
+        previous leader's next write then fails (``ZooKeeperStore``). A successor waits one
+        grace before its first repair or failover, so the last batch a previous leader may
+        have posted has landed."""
+        now = time.monotonic()
+        ids = [m.id for m in self.config.memnodes]
+        state = self.store.load()
+        if state is not None and state.get("cluster") != self.config.name:
+            raise StateMismatch(f"the stored master state is that of cluster "
+                             f"{state.get('cluster')!r}, not {self.config.name!r}")
+        if state is None:
+            self.master = Master(ids, self.config.client_lease, self.config.mn_lease,
+                                 self.grace, now, replicas=self.config.replicas)
+        else:
+            self.master = Master.restore(state, ids, self.config.client_lease,
+                                         self.config.mn_lease, self.grace, now,
+                                         replicas=self.config.replicas)
+            self.log(f"master: carried on from the stored state: epoch {self.master.epoch}, "
+                     f"{len(self.master.clients)} clients, {len(self.master.repairs)} repairs, "
+                     f"{len(self.master.failing)} failovers pending", flush=True)
+        self.store.claim({"cluster": self.config.name, **self.master.state()})
+        if self.leadership is not None:
+            self.work_from = now + self.grace
+
+    def leading(self) -> bool:
+        """This master may grant leases, fail over and recover now."""
+        return self.master is not None and (self.leadership is None or
+                                            self.leadership.valid())
+
+    def _save(self, master: Master | None = None) -> None:
+        """Persist the state of ``master`` (default: ours; under ``self.lock``) if it
+        changed. A deposed leader stops at once."""
+        try:
+            self.store.save({"cluster": self.config.name, **(master or self.master).state()})
+        except Deposed as e:
+            self.log(f"master: {e}: stopping", file=sys.stderr, flush=True)
+            self.failed = True
+            self.stopping.set()
+            raise
 
     # -- RPCs (main thread) -------------------------------------------------------------------
     def handle(self, data: bytes) -> bytes:
@@ -178,6 +164,8 @@ class MasterServer:
         self.tally["requests"] += 1
         if method is None:
             return wire.encode_reply(seq, [], [0, wire.ERR_MALFORMED, f"unknown request {name!r}"])
+        if name != "ping" and not self.leading():
+            return wire.encode_reply(seq, [], [0, ERR_STANDBY, self._standing_by()])
         try:
             return wire.encode_reply(seq, [method(args)])
         except LeaseError as e:
@@ -186,6 +174,11 @@ class MasterServer:
             return wire.encode_reply(seq, [], [0, ERR_BUSY, str(e)])
         except (FuseeError, TransportError, OSError, ValueError, TypeError, KeyError) as e:
             return wire.encode_reply(seq, [], [0, wire.ERR_CONTROL, f"{name}: {e}"])
+
+    def _standing_by(self) -> str:
+        leader = self.leadership.leader() if self.leadership is not None else None
+        return (f"this master (pid {os.getpid()}) stands by; "
+                + (f"the leader is {leader}" if leader else "no leader is elected yet"))
 
     @staticmethod
     def _ints(args: dict, *names: str, optional: tuple[str, ...] = ()) -> list:
@@ -295,6 +288,15 @@ class MasterServer:
         if now - self.last_tick < TICK:
             return
         self.last_tick = now
+        leading = self.leading()
+        if leading and not self.was_leading and self.master is not None:
+            self.log("master: leading again after a break from ZooKeeper: every client gets "
+                     "a full lease", flush=True)
+            with self.lock:         # refused renewals in the break were not the clients' fault
+                self.master.lease_afresh(now)
+        self.was_leading = leading
+        if not leading:
+            return                  # no expiry while this master cannot be renewed through
         with self.lock:
             events = self.master.tick(now)
             for e in events:
@@ -356,13 +358,17 @@ class MasterServer:
 
     def _connect(self, down: set[int]):
         from transports import connect
-        return connect(self.config, self.backend, dead=down)
+        transport = connect(self.config, self.backend, dead=down)
+        return transport if self.leadership is None else LeaderGuard(transport, self.leading)
 
     def work_loop(self) -> None:
         try:
             while not self.stopping.is_set():
                 self.work_due.clear()
                 now = time.monotonic()
+                if not self.leading() or now < self.work_from:
+                    self.work_due.wait(0.05)
+                    continue
                 with self.lock:
                     nodes = self.master.next_failover(now)
                     joining = self.master.next_rebuild(now) if nodes is None else None
@@ -425,7 +431,9 @@ class MasterServer:
             published = copy.deepcopy(self.master)
             published.failover_done(nodes, new)
             try:
-                self.file.save({"cluster": self.config.name, **published.state()})
+                self._save(published)
+            except Deposed:
+                return
             except OSError as e:
                 self.master.failover_failed(nodes, time.monotonic(), f"saving the state: {e}")
                 self.log(f"master: cannot save the state of epoch {new.epoch} (will retry the "
@@ -478,7 +486,9 @@ class MasterServer:
             published = copy.deepcopy(self.master)
             published.rebuild_done(node, new, time.monotonic())
             try:
-                self.file.save({"cluster": self.config.name, **published.state()})
+                self._save(published)
+            except Deposed:
+                return
             except OSError as e:
                 self.master.rebuild_failed(node, time.monotonic(), f"saving the state: {e}")
                 self.log(f"master: cannot save the state of epoch {new.epoch}: {e}",
@@ -539,15 +549,28 @@ class MasterServer:
                    for f, n in ((self.heartbeat_loop, "heartbeat"), (self.work_loop, "worker"))]
         try:
             bound = bind(sock, endpoint)
-            for t in threads:
-                t.start()
+            if self.leadership is None:
+                for t in threads:
+                    t.start()
+            else:
+                self.leadership.campaign()
             on_bound(bound)
             sock.setsockopt(zmq.RCVTIMEO, int(TICK * 1000))
             while not stop() and not self.stopping.is_set():
                 try:
+                    if self.master is None and self.leadership.acquired.is_set():
+                        self._take_over()
+                        self.log(f"master: {bound} leads now", flush=True)
+                        for t in threads:
+                            t.start()
+                    if self.leadership is not None and self.leadership.lost:
+                        self.log(f"master: {self.leadership.lost}: stopping", file=sys.stderr,
+                                 flush=True)
+                        self.failed = True
+                        break
                     self.tick()
-                except OSError as e:        # the state cannot be saved: stop, do not guess
-                    self.log(f"master: cannot save the state: {e}", file=sys.stderr,
+                except (OSError, StateError) as e:      # cannot save: stop, do not guess
+                    self.log(f"master: cannot load or save the state: {e}", file=sys.stderr,
                              flush=True)
                     self.failed = True
                     break
@@ -578,11 +601,15 @@ class MasterServer:
                 auth.stop()
             with self.lock:
                 try:
-                    self._save()
+                    if self.leading():
+                        self._save()
                 except OSError as e:
                     self.log(f"master: cannot save the state on the way out: {e}",
                              file=sys.stderr, flush=True)
                     self.failed = True
+            if self.leadership is not None:
+                self.leadership.close()         # a standby takes over at once
+            self.store.close()
 
     def _guarded(self, loop: Callable[[], None]) -> None:
         """A background loop that fails stops the master rather than leaving it half alive."""
@@ -630,12 +657,31 @@ def _plain(value):
     return repr(value)
 
 
+def open_coordination(config: ClusterConfig, endpoint: str, state_path: str | Path | None):
+    """The state store and leadership ``config`` asks for: a file (``state_path``) and no
+    election, or ZooKeeper for both."""
+    if config.coordination is None:
+        return FileStore(state_path), None
+    from emulator.master_election import ZooKeeperLeadership
+    if len(config.masters) > 1 and endpoint not in config.masters:
+        raise ConfigError(f"this master's endpoint {endpoint} is not one of the config's "
+                          f"masters {config.masters}: name it with --endpoint")
+    # the session lasts a client lease: a dead leader is replaced about as fast as a client
+    # notices it cannot renew
+    leadership = ZooKeeperLeadership(config.coordination, config.name, endpoint,
+                                     session_timeout=config.client_lease,
+                                     connect_timeout=config.timeout)
+    return ZooKeeperStore(leadership.zk, leadership.root), leadership
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fusee master", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="cluster config (TOML)")
     p.add_argument("--state", help="state file (default: <config dir>/<cluster name>"
-                   ".master.json); a restarted master carries on from it")
-    p.add_argument("--endpoint", help="bind here instead of the config's master endpoint")
+                   ".master.json); a restarted master carries on from it. Unused with "
+                   "[master] coordination (the state is in ZooKeeper)")
+    p.add_argument("--endpoint", help="bind here instead of the config's master endpoint "
+                   "(with several masters: this one's)")
     p.add_argument("--transport", help="backend for failovers, repairs and id draws "
                    "(default: config's)")
     p.add_argument("--ready-file", help="write {endpoint, pid} here once serving")
@@ -648,11 +694,20 @@ def main(argv=None) -> int:
         setup_logging(args.log_level)
         config = master_config(ClusterConfig.load(args.config))
         os.environ.pop("FUSEE_CLIENT_KEY", None)    # a client's key; the master uses its own
-        endpoint = args.endpoint or config.master
+        endpoint = args.endpoint or (config.master if len(config.masters) <= 1 else None)
         if not endpoint:
-            raise ConfigError(f"{args.config} names no master endpoint (and no --endpoint)")
+            raise ConfigError(f"{args.config} names no master endpoint (and no --endpoint)"
+                              if not config.masters else f"{args.config} names several "
+                              "masters: say which one this is with --endpoint")
         state = args.state or Path(args.config).with_name(f"{config.name}.master.json")
-        server = MasterServer(config, state, args.transport)
+        store, leadership = open_coordination(config, endpoint, state)
+        try:
+            server = MasterServer(config, store, args.transport, leadership=leadership)
+        except BaseException:
+            if leadership is not None:
+                leadership.close()
+            store.close()
+            raise
     except StateMismatch as e:
         print(f"fusee master: error: {e}: if this is a new cluster, move {state} aside (or "
               "pass another --state); if not, fix the config", file=sys.stderr)
@@ -672,7 +727,8 @@ def main(argv=None) -> int:
             return 2
 
     def bound(ep: str) -> None:
-        _log(f"master serving {ep} for {len(config.memnodes)} memory nodes "
+        role = "serving" if leadership is None else "standing in the election on"
+        _log(f"master {role} {ep} for {len(config.memnodes)} memory nodes "
              f"(client lease {config.client_lease:g} s, MN lease {config.mn_lease:g} s)")
         write_ready(args.ready_file, endpoint=ep, metrics_port=metrics_port)
 

@@ -13,9 +13,12 @@ network or a memory node fails, LeaseExpired, ...), each with the exit code a CL
 
 When the cluster config names a master, the client registers with it: the master leases it an
 id (a fresh or recovered one, or the one asked for) and the current membership; a background
-thread renews the lease (``transports.master_link``), and once the lease has run out every
-operation raises ``fusee.master.LeaseExpired`` before posting a verb (the master then recovers
-the client's unfinished operations). When a memory node dies, operations pause while the
+thread renews the lease (``transports.master_link``). While the master is unreachable the
+client carries on as long as its lease is valid; once it has lapsed, operations wait (bounded)
+for a renewal and carry on when a restarted master grants one (``LeaseLapsed`` if none comes in
+time). Once the master has refused it, the lease is over and every operation raises
+``fusee.master.LeaseExpired`` before posting a verb (the master recovers the client's
+unfinished operations). When a memory node dies, operations pause while the
 master fails it over, then carry on in the new membership epoch (``_LeaseGuard``). ``close()``
 gives the id back. Without a master, the id is drawn from the MNs (``fusee.client_ids``: one
 closed cleanly, else a fresh one) and claimed there (``ClientCore.open``), there is no lease,
@@ -51,7 +54,7 @@ from fusee import batch
 from fusee.config import ClusterConfig
 from fusee.driver import run
 from fusee.errors import ClientClosed, ForkedClient
-from fusee.master import LeaseExpired
+from fusee.master import LeaseExpired, LeaseLapsed
 from fusee.membership import Membership
 from fusee.client_ids import open_client
 from fusee.operations import ClientCore
@@ -270,7 +273,7 @@ class Client:
                 return
             try:
                 self.core = run(closing(self.core, self.recovery_owner), self.executor)
-            except LeaseExpired:
+            except (LeaseExpired, LeaseLapsed):
                 pass            # too late to write: the master recovers what is left
             finally:
                 self.closed = True
@@ -325,9 +328,10 @@ def _patience(config: ClusterConfig, rtt: float) -> int:
 class _LeaseGuard:
     """The transport as operations see it under a master's lease.
 
-    No batch is posted once the lease has run out (one clock read per batch), nor while the
-    master has the client paused for a failover; each batch is posted holding the keeper's
-    ``gate``, so a pause waits for the batch in flight. A membership newer than the one the
+    No batch is posted while the lease is not valid (one clock read per batch: a lapsed lease
+    is waited for, up to ``wait``), nor while the master has the client paused for a
+    failover; each batch is posted holding the keeper's ``gate``, so a pause waits for the
+    batch in flight. A membership newer than the one the
     operations have is handed to them as ``EpochChanged`` instead of posting the batch; so is
     the answer to ``AwaitMembership``, once the master has published the next epoch (waited
     for up to ``wait`` seconds, else NodeTimeout)."""
@@ -348,9 +352,8 @@ class _LeaseGuard:
         k = self.lease
         if batch and type(batch[0]) is AwaitMembership:     # always alone in its batch
             self._await(batch[0].epoch)
-        if time.monotonic() >= k.expires:
-            raise LeaseExpired(f"the lease of client {k.client_id} ran out "
-                               f"({k.lost or 'not renewed in time'}); open a new client")
+        if time.monotonic() >= k.expires:       # lapsed: wait for the master to renew it
+            k.await_valid(self.wait)
         with k.gate:
             if not k.pause and k.membership.epoch == self.handed:
                 return self.transport.execute(batch)
@@ -372,15 +375,15 @@ class _LeaseGuard:
 
     def _await(self, epoch: int):
         """Raise EpochChanged with the first membership newer than ``epoch`` (waiting for the
-        master to publish it), LeaseExpired, or NodeTimeout."""
+        master to publish it), LeaseExpired, LeaseLapsed or NodeTimeout."""
         k = self.lease
         if k.membership.epoch <= epoch:
             deadline = time.monotonic() + self.wait
             k.expect_news(True)
             try:
                 with k.news:
-                    while (k.membership.epoch <= epoch and not k.data_lost and
-                           (left := min(deadline, k.expires) - time.monotonic()) > 0):
+                    while (k.membership.epoch <= epoch and not k.data_lost and not k.ended
+                           and (left := deadline - time.monotonic()) > 0):
                         k.news.wait(left)
             finally:
                 k.expect_news(False)
@@ -392,8 +395,6 @@ class _LeaseGuard:
             raise EpochChanged(m)
         if k.data_lost:
             raise NodeTimeout(f"no failover will come: {k.data_lost}")
-        if time.monotonic() >= k.expires:
-            raise LeaseExpired(f"the lease of client {k.client_id} ran out while waiting for a "
-                               f"failover ({k.lost or 'not renewed in time'}); open a new client")
+        k.check(self.wait)
         raise NodeTimeout(f"a memory node stopped answering and the master published no new "
                           f"membership after epoch {epoch} within {self.wait:g} s")

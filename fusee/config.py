@@ -73,12 +73,13 @@ class ClusterConfig:
     replication: int = 0                 # 0 = min(3, number of memory nodes)
     transport: str = "zmq"               # default client backend: local | shm | zmq | verbs
     timeout: float = 5.0                 # seconds; every network wait is bounded by it
-    master: str | None = None            # endpoint of the master, if one runs
+    master: str | None = None            # endpoint of the master, if one runs (or several, "a,b")
     master_curve_public: str | None = None  # the master's CURVE public key, when security.curve
     master_metrics_port: int | None = None  # the master's Prometheus metrics port
     client_lease: float = 5.0            # seconds a client may write without renewing its lease
     mn_lease: float = 2.0                # seconds without a heartbeat before an MN is dead
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    coordination: str | None = None      # [master] coordination = "zookeeper://h:p,..."
 
     def __post_init__(self) -> None:
         if not self.memnodes:
@@ -92,6 +93,22 @@ class ClusterConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         self.layout.check()
+        if self.master is not None and (not self.masters or len(set(self.masters)) !=
+                                        len(self.masters)):
+            raise ConfigError(f"master must name one endpoint or several distinct ones, "
+                              f"comma-separated; got {self.master!r}")
+        if self.coordination is not None:
+            if not self.coordination.startswith("zookeeper://"):
+                raise ConfigError(f"[master] coordination must be zookeeper://host:port[,...], "
+                                  f"got {self.coordination!r}")
+        elif self.master is not None and len(self.masters) > 1:
+            raise ConfigError("several masters need [master] coordination = "
+                              "\"zookeeper://...\" to agree on their leader")
+
+    @property
+    def masters(self) -> list[str]:
+        """The master endpoints, in the order clients try them."""
+        return [e.strip() for e in (self.master or "").split(",") if e.strip()]
 
     @property
     def replicas(self) -> int:
@@ -114,6 +131,7 @@ class ClusterConfig:
                                              ("master_metrics_port", self.master_metrics_port),
                                              ("client_lease", self.client_lease),
                                              ("mn_lease", self.mn_lease)) if v is not None},
+               **({"master": {"coordination": self.coordination}} if self.coordination else {}),
                "layout": asdict(self.layout),
                "security": {k: v for k, v in asdict(self.security).items() if v is not None},
                "memnodes": [{k: v for k, v in asdict(m).items() if v is not None}
@@ -130,7 +148,11 @@ class ClusterConfig:
             layout = LayoutConfig(**doc.get("layout", {}))
             security = SecurityConfig(**doc.get("security", {}))
             nodes = tuple(MemNodeConfig(**m) for m in doc.get("memnodes", []))
-            return cls(memnodes=nodes, layout=layout, security=security, **doc.get("cluster", {}))
+            master = doc.get("master", {})
+            if set(master) - {"coordination"}:
+                raise TypeError(f"unknown [master] keys {sorted(set(master) - {'coordination'})}")
+            return cls(memnodes=nodes, layout=layout, security=security, **master,
+                       **doc.get("cluster", {}))
         except (tomllib.TOMLDecodeError, TypeError) as e:
             raise ConfigError(f"bad cluster config: {e}") from e
 

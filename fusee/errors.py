@@ -170,6 +170,13 @@ class LeaseExpired(FuseeError):
     exit_code = UNAVAILABLE
 
 
+class LeaseLapsed(FuseeError):
+    """Raised by an operation when this client's lease is not valid now and no renewal came
+    within the membership wait (the master is unreachable): it posted no verb. The client is
+    not dead: retry once a master answers."""
+    exit_code = UNAVAILABLE
+
+
 class LeaseError(FuseeError):
     """Raised when the master refuses a renewal or release for an id it does not (or no
     longer) lease to the caller."""
@@ -195,6 +202,11 @@ class MasterTimeout(MasterError):
 class MasterBusy(MasterError):
     """Raised when registering during a failover: the master registers no client until it is
     done."""
+
+
+class MasterStandby(MasterError):
+    """Raised when every configured master stands by (another leads, or none yet); a single
+    standby's refusal only moves the client on to the next master of the list."""
 
 
 class ClientLimit(FuseeError):

@@ -38,8 +38,10 @@ the ids' STATE words agree even on a cluster used before the master (or its stat
 The persistent state (``state()``) is small: the membership, the MNs awaiting failover, ids in
 use with their tokens, pending repairs, recycled ids and the id counter. Lease deadlines and
 pause acks are not persisted (monotonic time, and clients re-ack with every renewal): a
-restarted master gives every known client a full lease again, which is never shorter than what
-the client itself believes it has.
+restarted master (or a standby taking over, ``emulator.master_election``) gives every known
+client a full lease again (``lease_afresh``), which is never shorter than what the client
+itself believes it has. So a client whose lease lapsed while no master could be reached, and
+that the next master renews, was never declared crashed, and carries on.
 
 Design: docs/design.md#the-master.
 """
@@ -53,7 +55,7 @@ from typing import Iterable
 
 # the master's errors belong to the store's one tree; imported from here too
 from fusee.errors import (DataLost, FuseeError, LeaseError, LeaseExpired,  # noqa: F401
-                          TransitionInProgress)
+                          LeaseLapsed, TransitionInProgress)
 from fusee.membership import Membership
 from fusee.rejoin import Rejoins, node_states
 
@@ -462,7 +464,15 @@ class Master:
             raise StateError("master state names an id twice")
         m = cls(memnodes, client_lease, mn_lease, grace, now, replicas=replicas,
                 membership=membership, failing=failing, free_ids=free, next_id=next_id)
-        deadline = now + client_lease + grace
-        m.clients = {c: _Lease(t, deadline) for c, t in clients.items()}
+        m.clients = {c: _Lease(t, 0.0) for c, t in clients.items()}
+        m.lease_afresh(now)
         m.repairs = {c: _Job(reason) for c, reason in repairs.items()}
         return m
+
+    def lease_afresh(self, now: float) -> None:
+        """Give every leased client a full lease from ``now``: after a restart, a takeover or
+        a break in which this master could not be reached, when a client's missed renewals
+        say nothing of its health. Never shorter than what the client itself believes it has
+        (its lease counts from a renewal it sent before ``now``); only slower to expire."""
+        for lease in self.clients.values():
+            lease.deadline = max(lease.deadline, now + self.client_lease + self.grace)

@@ -22,3 +22,15 @@ def run_processes(target, argss):
                 p.kill()
     assert all(p.exitcode == 0 for p in procs)
     return results
+
+
+def stop_processes(procs, stop, timeout: float = 60.0) -> list:
+    """Set ``stop`` (an Event the processes watch) and join them; stragglers are killed after
+    ``timeout``. Returns their exit codes."""
+    stop.set()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs]

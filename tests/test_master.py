@@ -7,11 +7,10 @@ from __future__ import annotations
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from emulator.master_server import StateFile
+from emulator.master_state import FileStore
 from fusee.config import ClusterConfig, ConfigError
 from fusee.master import DataLost, LeaseError, Master, StateError, TransitionInProgress
 from fusee.membership import Membership
@@ -40,6 +39,24 @@ def test_client_lease_lasts_lease_plus_grace_and_renewals_extend_it():
     with pytest.raises(LeaseError):
         m.renew(5, 77, now=2 * (L + GRACE))
     assert "5" in m.status(0.0)["repairs"] and m.reusable_id() is None
+
+
+def test_leasing_afresh_after_a_break_gives_every_client_a_full_lease_and_never_less():
+    m = master(pinged_until=100.0)
+    m.grant(5, 77, now=0.0)
+    m.grant(6, 78, now=0.0)
+    m.renew(6, 78, now=L)                           # deadline 2 L + GRACE
+    m.lease_afresh(now=L / 2)                       # e.g. back from a break from ZooKeeper
+    assert m.tick(1.5 * L + GRACE) == []            # 5: a full lease from then
+    events = m.tick(1.5 * L + GRACE + 0.001)
+    assert [(e.kind, e.subject) for e in events] == [("client-expired", 5)]
+    assert m.tick(2 * L + GRACE) == []              # 6's later deadline was not shortened
+
+
+def test_a_client_counts_its_lease_short_by_the_clock_margin():
+    from transports.master_link import CLOCK_MARGIN, LeaseKeeper
+    assert 0 < CLOCK_MARGIN < 0.1
+    assert LeaseKeeper._expiry(10.0, 2.0) == 10.0 + 2.0 * (1 - CLOCK_MARGIN) < 12.0
 
 
 def test_a_renewal_after_the_deadline_expires_the_lease_itself():
@@ -270,11 +287,44 @@ def test_lease_durations_are_validated():
 
 
 def test_a_second_master_on_the_same_state_is_refused(tmp_path):
-    first = StateFile(tmp_path / "master.json")
+    first = FileStore(tmp_path / "master.json")
     with pytest.raises(StateError, match="another master"):
-        StateFile(tmp_path / "master.json")
-    os.close(first.lock_fd)                     # the first one exits: the lock goes with it
-    StateFile(tmp_path / "master.json")
+        FileStore(tmp_path / "master.json")
+    first.close()                               # the first one exits: the lock goes with it
+    FileStore(tmp_path / "master.json")
+
+
+MN = '[[memnodes]]\nid = 0\nendpoint = "ipc:///tmp/mn0"\n'
+
+
+@pytest.mark.parametrize("text,error", [
+    ('[cluster]\nmaster = "ipc:///a,ipc:///b"\n', "several masters need"),
+    ('[cluster]\nmaster = "ipc:///a,ipc:///a"\n[master]\ncoordination = "zookeeper://h:1"\n',
+     "distinct"),
+    ('[cluster]\nmaster = "ipc:///a"\n[master]\ncoordination = "http://h:1"\n',
+     "coordination must be zookeeper://"),
+    ('[master]\nelection = "zookeeper://h:1"\n', "unknown \\[master\\] keys"),
+])
+def test_bad_master_configs_are_refused_with_what_to_do(text, error):
+    with pytest.raises(ConfigError, match=error):
+        ClusterConfig.loads(text + MN)
+
+
+def test_several_masters_list_and_round_trip_through_toml():
+    config = ClusterConfig.loads('[cluster]\nmaster = "ipc:///a, ipc:///b"\n[master]\n'
+                                 'coordination = "zookeeper://h:1,h:2"\n' + MN)
+    assert config.masters == ["ipc:///a", "ipc:///b"]
+    assert ClusterConfig.loads(config.dumps()) == config
+
+
+def test_a_master_of_several_must_be_told_which_it_is(tmp_path, capsys):
+    from emulator.master_server import main
+    path = tmp_path / "c.toml"
+    path.write_text('[cluster]\nmaster = "ipc:///a,ipc:///b"\n[master]\n'
+                    'coordination = "zookeeper://127.0.0.1:9"\n' + MN)
+    assert main(["--config", str(path)]) == 2
+    assert capsys.readouterr().err == (f"fusee master: error: {path} names several masters: "
+                                       "say which one this is with --endpoint\n")
 
 
 # -- rebuilds of dead MNs (fusee.rejoin) --------------------------------------------------------

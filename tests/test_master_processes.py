@@ -22,7 +22,7 @@ from emulator import wire
 from emulator.cluster import LocalCluster
 from fusee.client import _LeaseGuard
 from fusee.layout import META_RECOVERY
-from fusee.master import LeaseError, LeaseExpired
+from fusee.master import LeaseError, LeaseLapsed
 from fusee.memory_map import MemoryMap
 from fusee.verbs import AwaitMembership, Cas, EpochChanged, NodeTimeout, Read
 from transports.master_link import (LeaseKeeper, MasterBusy, MasterError, MasterLink,
@@ -183,24 +183,80 @@ def test_master_restart_carries_on():
         kv.transport.close()
 
 
-def test_a_client_whose_lease_ran_out_posts_no_more_verbs():
+def test_a_lapsed_lease_posts_no_verbs_until_the_restarted_master_renews_it():
     with small_cluster() as c:
         kv = c.client()
         kv.put(b"k", b"v")
         c.stop_master(kill=True)
-        wait_for(lambda: not kv.lease.valid(), "the lease to run out without a master")
+        wait_for(lambda: not kv.lease.valid(), "the lease to lapse without a master")
+        kv.executor.wait = 0.2                  # how long an operation waits for a renewal
         verbs = kv.transport.stats.verbs
         for call in (lambda: kv.get(b"k"), lambda: kv.put(b"k", b"w")):
-            with pytest.raises(LeaseExpired):
+            with pytest.raises(LeaseLapsed):
                 call()
-        assert kv.transport.stats.verbs == verbs
-        c.start_master()
-        with pytest.raises(LeaseExpired):
-            kv.put(b"k", b"x")                  # an expired lease stays expired
-        kv.close()                              # no error: the master recovers the rest
-        assert kv.transport.stats.verbs == verbs
+        assert kv.transport.stats.verbs == verbs and not kv.lease.ended
+        c.start_master()                        # it leases every recorded client afresh
+        kv.executor.wait = membership_wait(c.config)
+        kv.put(b"k", b"x")                      # waits for the keeper's next renewal
+        assert kv.get(b"k") == b"x" and kv.lease.valid()
+        assert list(status(c)["clients"]) == [str(kv.client_id)]
+        kv.close()
         with c.client() as fresh:
-            assert fresh.get(b"k") == b"v"
+            assert fresh.get(b"k") == b"x"
+
+
+#: a client process that writes fresh keys and prints each acknowledged one; once an operation
+#: raises, it prints the exception, tries three more writes and prints what they raised
+FENCED_CHILD = r"""
+import sys
+from fusee.client import Client
+kv = Client.connect(sys.argv[1])
+print("id", kv.client_id, flush=True)
+i = 0
+try:
+    while True:
+        kv.put(b"fenced-%d" % i, b"v")
+        print("ack", i, flush=True)
+        i += 1
+except Exception as e:
+    print("raised", type(e).__name__, flush=True)
+for j in range(3):
+    try:
+        kv.put(b"after-%d" % j, b"v")
+        print("wrote", j, flush=True)
+    except Exception as e:
+        print("raised", type(e).__name__, flush=True)
+"""
+
+
+def test_a_client_the_master_declared_dead_stays_fenced():
+    """A client stopped (SIGSTOP: a long GC pause, a VM migration) past its lease and the
+    grace, while the master runs: the master recovers it and reuses its id; woken up, the
+    client posts no verb, its next operation raises LeaseExpired."""
+    with small_cluster() as c:
+        child = subprocess.Popen([sys.executable, "-c", FENCED_CHILD, str(c.config_path)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            cid = int(child.stdout.readline().split()[1])
+            while int(child.stdout.readline().split()[1]) < 20:
+                pass
+            os.kill(child.pid, signal.SIGSTOP)
+            wait_for(lambda: cid in status(c)["free_ids"], "the stopped client's recovery")
+            with c.client() as newcomer:
+                assert newcomer.client_id == cid    # its id is someone else's now
+                os.kill(child.pid, signal.SIGCONT)
+                out, err = child.communicate(timeout=60)
+                raised = [line for line in out.splitlines() if not line.startswith("ack")]
+                assert raised == ["raised LeaseExpired"] * 4, err
+                for j in range(3):
+                    assert newcomer.get(b"after-%d" % j) is None
+                newcomer.put(b"after-0", b"mine")
+                assert newcomer.get(b"after-0") == b"mine"
+        finally:
+            if child.poll() is None:
+                os.kill(child.pid, signal.SIGCONT)
+                child.kill()
+            child.wait()
 
 
 def test_a_killed_memory_node_is_failed_over_and_its_clients_carry_on():

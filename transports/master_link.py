@@ -10,9 +10,20 @@ renews the lease from a daemon thread with a socket of its own, every third of t
 thread rather than renewals piggybacked on operations: an idle client must keep its id too,
 and the renewal stays off the data path (one small RPC per lease/3; the data path pays one
 clock read and one uncontended lock per batch). The lease counts from when a renewal was
-*sent*, so the client's view of it always ends before the master's; once it has ended,
-``valid()`` is false for good and the client must post no more verbs (the master will recover
-its operations and reuse its id).
+*sent*, on the client's own monotonic clock, less ``CLOCK_MARGIN`` for the two clocks' rates,
+so the client's view of it always ends before the master's.
+
+A master that goes away does not end the lease. While it is unreachable the client goes on
+posting verbs as long as its lease is valid, and the keeper keeps trying, with back-off, the
+next master of the list each time (``MasterLink``), until a renewal comes back. Once
+``valid()`` is false the client posts nothing (``lapsed``), but it is not dead: the master
+declares a client crashed only after its own deadline (the client's lease plus the grace,
+counted from when it received the renewal), records that before acting on it, and refuses every
+later renewal of that id and token. So a renewal granted after a lapse proves that no master
+declared the client crashed, and the client carries on where it was: a master restarted from
+its state (``fusee.master``) leases every recorded client afresh, and the keeper's next renewal
+finds it. Only a refusal (``LeaseError``) ends the lease for good (``ended``): then the master
+recovers the client's operations and reuses its id.
 
 The keeper also carries the master's failover protocol (``fusee.master``): when a renewal
 says *pause* for the next epoch, it takes ``gate`` (which the executor holds around every
@@ -24,6 +35,7 @@ membership arrives promptly. ``news`` (a Condition) is notified on every change.
 
 from __future__ import annotations
 
+import random
 import secrets
 import threading
 import time
@@ -32,57 +44,98 @@ import zmq
 
 from emulator import wire
 from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
-from fusee.errors import MasterBusy, MasterError, MasterTimeout
-from fusee.master import Grant, LeaseError
+from fusee.errors import MasterBusy, MasterError, MasterStandby, MasterTimeout
+from fusee.master import Grant, LeaseError, LeaseExpired, LeaseLapsed
 from fusee.membership import Membership
 from transports.security import HANDSHAKE_FAILED, refusal, secure_client
 
-#: error codes of a lease refusal and of "retry once the failover is done", in a reply's error
-#: triple (next to wire.ERR_*)
-ERR_LEASE, ERR_BUSY = 16, 17
+#: error codes of a lease refusal, of "retry once the failover is done" and of "I stand by, ask
+#: the leader", in a reply's error triple (next to wire.ERR_*)
+ERR_LEASE, ERR_BUSY, ERR_STANDBY = 16, 17, 18
 #: seconds between renewals while paused or while an operation awaits a new epoch
 POLL = 0.02
+#: the share of each lease the client gives up for the rate difference of its clock and the
+#: master's: NTP slews a clock by at most 500 ppm, quartz drifts by tens of ppm
+CLOCK_MARGIN = 0.01
+#: the first retry of a renewal that got no reply, doubled per failure up to a third of the lease
+RETRY_FIRST = 0.05
 
 
 def membership_wait(config: ClusterConfig) -> float:
     """How long a client may wait for the next membership epoch once an MN stopped answering:
     the master's detection (MN lease), every other client's pause ack or lease expiry (a
     client lease to renew, one more to run out, plus the grace), and the failover itself (a
-    few round trips, each bounded by the timeout), with a margin."""
+    few round trips, each bounded by the timeout), with a margin. An operation whose lease
+    lapsed waits as long for a renewal: a master restarted (or taken over) from its state
+    leases every client afresh within that time unless it stays down."""
     return config.mn_lease + 2 * config.client_lease + 4 * config.timeout + 1.0
 
 
 class MasterLink:
-    """Synchronous RPCs to the master (one thread at a time uses one link)."""
+    """Synchronous RPCs to the master (one thread at a time uses one link). With several
+    masters (``config.masters``: one leads, on ZooKeeper, the others stand by) it talks to one
+    at a time: a master standing by sends it on to the next at once; one that does not answer
+    in time is left for the next on the following call. Each move opens a fresh socket, so no
+    request queued for a master that went away reaches its successor late."""
 
     def __init__(self, config: ClusterConfig, timeout: float | None = None):
         if not config.master:
             raise ConfigError("the cluster config names no master")
         if config.security.curve and not config.master_curve_public:
             raise ConfigError("security.curve needs master_curve_public in the cluster config")
+        self.config = config
         self.timeout = config.timeout if timeout is None else timeout
-        self.endpoint = config.master
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        self.endpoints = config.masters
+        self.at = 0                             # the index of the master talked to
+        self.sock = None
         #: CURVE handshake failures, watched until the master first answers (``_greeting``)
         self.monitor = None
+        self._open()
+        self.seq = secrets.randbits(31)         # distinct from an earlier link's replies
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[self.at]
+
+    def _open(self) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.rcvtimeo = -1
         try:
             # the master is a server like an MN: same CURVE rules, its own public key
             self.public = secure_client(
-                self.sock, config, MemNodeConfig(-1, config.master, config.master_curve_public))
-            if config.security.curve:
+                self.sock, self.config,
+                MemNodeConfig(-1, self.endpoint, self.config.master_curve_public))
+            if self.config.security.curve:
                 self.monitor = self.sock.get_monitor_socket(HANDSHAKE_FAILED)
-            self.sock.connect(config.master)
+            self.sock.connect(self.endpoint)
         except BaseException:
             self._close_sockets()
             raise
-        self.seq = secrets.randbits(31)         # distinct from an earlier link's replies
-        self.rcvtimeo = -1
+
+    def _move_on(self) -> None:
+        """Talk to the next master (the same one again, with a fresh socket, if it is the
+        only one)."""
+        self._close_sockets()
+        self.at = (self.at + 1) % len(self.endpoints)
+        self._open()
 
     def call(self, method: str, timeout: float | None = None, **args):
         """Send one request; its reply value, or LeaseError / MasterBusy / MasterError /
         MasterTimeout."""
         timeout = self.timeout if timeout is None else timeout
+        for _ in range(len(self.endpoints)):
+            try:
+                return self._call_one(method, timeout, args)
+            except MasterStandby:
+                self._move_on()             # it named no lease: ask the next one at once
+            except MasterTimeout:
+                self._move_on()
+                raise
+        raise MasterStandby(f"master: all of {', '.join(self.endpoints)} stand by: no leader "
+                            "yet (is ZooKeeper reachable from them?)")
+
+    def _call_one(self, method: str, timeout: float, args: dict):
         self.seq += 1
         try:
             self.sock.send(wire.encode_control(self.seq, method, args), zmq.NOBLOCK)
@@ -112,8 +165,8 @@ class MasterLink:
                 continue                        # a late reply to a request that timed out
             if error:
                 _, code, text = error
-                raise {ERR_LEASE: LeaseError, ERR_BUSY: MasterBusy}.get(code, MasterError)(
-                    f"master: {text}")
+                raise {ERR_LEASE: LeaseError, ERR_BUSY: MasterBusy,
+                       ERR_STANDBY: MasterStandby}.get(code, MasterError)(f"master: {text}")
             return results[0]
 
     def register(self, client_id: int | None = None) -> Grant:
@@ -187,24 +240,30 @@ class LeaseKeeper:
         self.link = MasterLink(config)
         try:
             deadline = time.monotonic() + membership_wait(config)
+            silent = 0                          # masters in a row that did not answer
             while True:
                 sent = time.monotonic()
                 try:
                     self.grant = self.link.register(client_id)
                     break
-                except MasterBusy:
+                except (MasterBusy, MasterStandby):     # a failover or an election is on
                     if sent > deadline:
                         raise
                     time.sleep(POLL)
+                except MasterTimeout:           # the link moved on to the next master
+                    silent += 1
+                    if silent >= len(self.link.endpoints) or sent > deadline:
+                        raise
         except BaseException:
             self.link.close()
             raise
-        self.expires = sent + self.grant.lease
+        self.expires = self._expiry(sent, self.grant.lease)
         self.membership = self.grant.membership or Membership()
         self.epoch = self.membership.epoch
         self.pause = 0                          # nonzero: post nothing until that epoch
         self.acked = 0                          # the pause acked to the master
-        self.lost: str | None = None            # why the lease ended early, once it has
+        self.lost: str | None = None            # why the last renewal failed, if it did
+        self.ended = False                      # the lease is over for good (``lost`` says why)
         self.data_lost: str | None = self.grant.lost    # no failover will come any more
         self.gate = threading.Lock()            # held around every batch posted
         self.news = threading.Condition()
@@ -219,8 +278,43 @@ class LeaseKeeper:
     def client_id(self) -> int:
         return self.grant.id
 
+    @staticmethod
+    def _expiry(sent: float, lease: float) -> float:
+        """When a lease granted for ``lease`` seconds to a request sent at ``sent`` ends, on
+        this client's clock."""
+        return sent + lease * (1 - CLOCK_MARGIN)
+
     def valid(self) -> bool:
         return time.monotonic() < self.expires
+
+    def await_valid(self, timeout: float) -> None:
+        """Return once the lease is valid (at once, usually), waiting up to ``timeout`` for a
+        renewal after a lapse; LeaseExpired once it has ended for good, LeaseLapsed when no
+        renewal came in time (the client may carry on later)."""
+        if time.monotonic() < self.expires:
+            return
+        deadline = time.monotonic() + timeout
+        self.expect_news(True)
+        try:
+            with self.news:
+                while (not self.ended and time.monotonic() >= self.expires
+                       and (left := deadline - time.monotonic()) > 0):
+                    self.news.wait(left)
+        finally:
+            self.expect_news(False)
+        self.check(timeout)
+
+    def check(self, waited: float) -> None:
+        """Raise LeaseExpired if the lease has ended for good, LeaseLapsed if it is not valid
+        now (after ``waited`` seconds of waiting for a renewal)."""
+        if self.ended:
+            raise LeaseExpired(f"the lease of client {self.client_id} ran out ({self.lost}); "
+                               "open a new client")
+        if time.monotonic() >= self.expires:
+            raise LeaseLapsed(f"the lease of client {self.client_id} lapsed and no renewal "
+                              f"came within {waited:g} s ({self.lost or 'not renewed in time'})"
+                              "; the client posts no verb until the master renews it: retry "
+                              "once the master is back")
 
     def expect_news(self, on: bool) -> None:
         """An operation starts (or stops) waiting for a new epoch: renew now, then often."""
@@ -235,45 +329,47 @@ class LeaseKeeper:
         try:
             self._renewals()
         except BaseException as e:      # noqa: BLE001 - reported through ``lost``
-            with self.news:
-                self.lost, self.expires = f"the lease keeper failed: {e!r}", 0.0
-                self.news.notify_all()
+            self._end(f"the lease keeper failed: {e!r}")
+
+    def _end(self, why: str) -> None:
+        with self.news:
+            self.lost, self.expires, self.ended = why, 0.0, True
+            self.news.notify_all()
 
     def _renewals(self) -> None:
         lease = self.grant.lease
-        wait = lease / 3
+        wait, failures = lease / 3, 0
         while True:
             self._wake.wait(wait)
             if self._stop.is_set():
                 return
             self._wake.clear()
             sent = time.monotonic()
-            if sent >= self.expires:
-                with self.news:
-                    self.lost = self.lost or "no renewal reached the master in time"
-                    self.news.notify_all()
-                return
+            # while the lease holds, a renewal that cannot come back before it ends is of no
+            # use; once it has lapsed, one that comes back at all brings the client back
+            left = self.expires - sent
+            timeout = min(lease / 3, left) if left > 0 else min(lease / 3, self.link.timeout)
             try:
-                # a renewal that cannot come back before the lease ends is of no use
-                g = self.link.renew(self.grant, timeout=max(0.001, min(lease / 3,
-                                                                       self.expires - sent)),
+                g = self.link.renew(self.grant, timeout=max(0.001, timeout),
                                     paused=self.acked, epoch=self.membership.epoch)
             except LeaseError as e:
-                with self.news:
-                    self.lost, self.expires = str(e), 0.0
-                    self.news.notify_all()
+                self._end(str(e))
                 return
             except MasterError as e:
-                self.lost = str(e)              # kept only if the lease runs out
-                wait = lease / 10               # try again soon
+                with self.news:
+                    self.lost = str(e)
+                    self.news.notify_all()
+                failures += 1
+                wait = min(RETRY_FIRST * 2 ** (failures - 1), lease / 3) * random.uniform(0.5, 1)
                 continue
+            failures = 0
             ack = self._apply(g, sent)
             wait = 0 if ack else POLL if self.pause or self.waiters else lease / 3
 
     def _apply(self, g: Grant, sent: float) -> bool:
         """Take in a renewal; True if a pause was just acked (tell the master at once)."""
         with self.news:
-            self.expires, self.lost, self.data_lost = sent + g.lease, None, g.lost
+            self.expires, self.lost, self.data_lost = self._expiry(sent, g.lease), None, g.lost
             if g.membership is not None and g.membership.epoch > self.membership.epoch:
                 self.membership = g.membership
                 self.epoch = g.membership.epoch
