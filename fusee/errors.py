@@ -9,8 +9,8 @@
     |   |-- NodeTimeout, EpochChanged, ControlError                exit 3
     |   `-- RemoteAccessError                                      exit 5
     |       `-- NotAuthorized                                      exit 2
-    |-- LeaseExpired, LeaseError, MasterError (MasterTimeout, MasterBusy),
-    |   TransitionInProgress, ClientLimit, Stalled, RecoveryInProgress,
+    |-- LeaseExpired, LeaseLapsed, LeaseError, MasterError (MasterTimeout,
+    |   MasterBusy, MasterStandby), TransitionInProgress, ClientLimit, Stalled, RecoveryInProgress,
     |   IndexFull, OutOfMemory                                     exit 3
     |-- CorruptObject, DataLost                                    exit 4
     `-- anything else (BatchError: its failures' highest code)    exit 5
