@@ -10,6 +10,8 @@ new object's writes and any deferred frees / log marks of earlier operations):
     INSERT  buckets + object | backup CASes + claim check | commit | primary     4
     UPDATE  buckets + object | (candidate objects) | backup CASes | fix + commit | primary  4-5
     DELETE  like UPDATE; proposes a fresh tombstone, its record object holds the log entry  4-5
+    PUT     an UPDATE; of an absent key, its first 1-2, then an INSERT that carries the
+            update object's ABORTED mark                                                    4-6
 
 Requests for one MN within one batch must execute in posting order (as on an RC queue pair):
 the insert's claim check reads a backup right after CASing it.
@@ -90,6 +92,8 @@ class ClientCore:
         self.counters = {"retries": 0, "lost": 0, "splits": 0, "epochs": 0, "backup_reads": 0}
         self.deferred: list[int] = []   # objects to free with the next batch
         self.releases: list[int] = []   # objects of ours to reuse once ``deferred`` is sent
+        # objects of ours never proposed, to mark ABORTED with the next batch and then reuse
+        self.aborts: list[NewObject] = []
         self.free_seq = 0               # set by open() from the client's incarnation
         self.adopting = False           # open() found blocks of a previous holder
         # the STATE word while this client holds the id: IN_USE and a nonce of its own
@@ -168,22 +172,27 @@ class ClientCore:
 
     # -- plumbing --------------------------------------------------------------------------
     def rt(self, reqs: list):
-        """Generator: one round trip for ``reqs`` plus the deferred frees."""
-        if not self.deferred:
+        """Generator: one round trip for ``reqs`` plus the deferred frees and ABORTED marks."""
+        if not self.deferred and not self.aborts:
             return (yield reqs)
         ptrs, self.deferred = self.deferred, []
         released, self.releases = self.releases, []
+        aborts, self.aborts = self.aborts, []
+        marks = [w for obj in aborts for w in self.log.record(obj, ABORTED, NO_SLOT, 0)]
+        ahead = len(reqs) + len(marks)
         try:
-            res = yield list(reqs) + [self.alloc.free_request(p) for p in ptrs]
+            res = yield list(reqs) + marks + [self.alloc.free_request(p) for p in ptrs]
         except TransportError as e:
-            # frees that surely did not happen go out again (to the home of the next epoch);
-            # with no per-request detail, one might have: it is not repeated (a free bit
-            # set twice would carry into the next object's bit)
+            # marks go out again with the next batch (a newer record of the same outcome);
+            # frees that surely did not happen too (to the home of the next epoch); with no
+            # per-request detail, one might have: it is not repeated (a free bit set twice
+            # would carry into the next object's bit)
+            self.aborts[:0] = aborts
             done = e.results
             if isinstance(e, EpochChanged):
-                done = [None] * (len(reqs) + len(ptrs))
+                done = [None] * (ahead + len(ptrs))
             if done is not None:
-                again = [p for p, r in zip(ptrs, done[len(reqs):])
+                again = [p for p, r in zip(ptrs, done[ahead:])
                          if isinstance(r, TransportError) or type(e) is EpochChanged]
                 self.deferred += again
                 if again:
@@ -194,6 +203,8 @@ class ClientCore:
             raise
         for p in released:      # the frees their log entries owe are delivered: reuse them
             self.alloc.release(p)
+        for obj in aborts:      # marked ABORTED: recovery never redoes them
+            self.alloc.release(obj.ptr)
         return res[:len(reqs)]
 
     # -- memory-node failures ----------------------------------------------------------------
@@ -288,7 +299,7 @@ class ClientCore:
             yield from self.alloc.grow()
 
     def _flush(self):
-        if self.deferred:
+        if self.deferred or self.aborts:
             yield from self.rt([])
 
     def _close(self):
@@ -381,8 +392,9 @@ class ClientCore:
         units = self.log.units_for(key, value)
 
         def ready():
-            if self.deferred and not self.alloc.ready(units):
-                # deliver the frees our log entries owe before reclaim may reuse those entries
+            if (self.deferred or self.aborts) and not self.alloc.ready(units):
+                # deliver the frees our log entries owe (and the memory of objects to abort)
+                # before reclaim may reuse those entries
                 yield from self._flush()
             yield from self.alloc.ensure(units)
         yield from self.retrying(ready)
@@ -452,12 +464,16 @@ class ClientCore:
                 return result
             yield from self.retrying(lambda: self.abandon(obj))
 
-    def _replace(self, key: bytes, value: bytes, opcode: int):
-        """UPDATE (new object) or DELETE of a present key."""
+    def _replace(self, key: bytes, value: bytes, opcode: int, then_insert: bool = False):
+        """UPDATE (new object) or DELETE of a present key. ``then_insert``: an absent key
+        is inserted next (a put), so the object's ABORTED mark rides with the insert's
+        first batch instead of a round trip of its own."""
         return (yield from self.with_objects(
-            opcode, key, value, lambda obj, v: self._replace_with(obj, key, opcode, v)))
+            opcode, key, value,
+            lambda obj, v: self._replace_with(obj, key, opcode, v, then_insert)))
 
-    def _replace_with(self, obj: NewObject, key: bytes, opcode: int, value: bytes):
+    def _replace_with(self, obj: NewObject, key: bytes, opcode: int, value: bytes,
+                      then_insert: bool = False):
         h = key_hash(key)
         writes = obj.writes
         open_round = None           # (epoch, target, v_old, v_new, old crc, verdict reached)
@@ -470,7 +486,10 @@ class ClientCore:
                     raise
                 writes = []
                 if found is None:
-                    yield from self.abandon(obj)
+                    if then_insert:
+                        self.aborts.append(obj)
+                    else:
+                        yield from self.abandon(obj)
                     raise KeyNotFound(key)
                 sid, pos, v_old, old_crc = found
                 v_new = self.slot_value(h, obj) if opcode == UPDATE else unpack_u64(value)
@@ -538,9 +557,11 @@ class ClientCore:
         self.alloc.release(obj.ptr)
 
     def _put(self, key: bytes, value: bytes):
+        """UPDATE, or INSERT where the key is absent: 5 round trips for a new key (the
+        update's object is marked ABORTED with the insert's first batch)."""
         while True:
             try:
-                return (yield from self._replace(key, value, UPDATE))
+                return (yield from self._replace(key, value, UPDATE, then_insert=True))
             except KeyNotFound:
                 pass
             try:
