@@ -49,8 +49,8 @@ from fusee.holdings import adopt
 from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, IN_USE, LOST,
                           MAX_CLIENT_IDS, META_GROUPS, META_INCARNATION, META_MAGIC,
                           META_MAGIC_OFF, META_STATE, NO_SLOT, TAIL_BYTES, UPDATE,
-                          free_value, make_slot, object_tail, pack_u64,
-                          slot_addr, slot_node, slot_ref, slot_units, unpack_u64)
+                          free_value, make_slot, object_extent, object_tail, pack_u64,
+                          slot_ref, unpack_u64)
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import FRESH, Membership
 from fusee.memory_map import HEADER_LAYOUT, MemoryMap
@@ -346,8 +346,8 @@ class ClientCore:
         return SlotTarget(sid, pos, tuple(self.dir.nodes(sid)), self.geo.slot_addr(sid, pos))
 
     def object_read(self, v: int) -> Read:
-        return Read(self.alloc.home_of(slot_node(v)), slot_addr(v, self.unit),
-                    slot_units(v) * self.unit)
+        node, addr, length = object_extent(v, self.unit)
+        return Read(self.alloc.home_of(node), addr, length)
 
     def candidates(self, view: View, h: KeyHash) -> list[tuple[int, int]]:
         return view.candidates(h.fp)
@@ -390,15 +390,17 @@ class ClientCore:
     def new_object(self, opcode: int, key: bytes, value: bytes):
         """Generator: allocate and encode an object (getting memory first if needed)."""
         units = self.log.units_for(key, value)
-
-        def ready():
-            if (self.deferred or self.aborts) and not self.alloc.ready(units):
-                # deliver the frees our log entries owe (and the memory of objects to abort)
-                # before reclaim may reuse those entries
-                yield from self._flush()
-            yield from self.alloc.ensure(units)
-        yield from self.retrying(ready)
+        if not self.alloc.ready(units):         # (the common case posts nothing)
+            yield from self.retrying(lambda: self._make_room(units))
         return self.log.new_object(opcode, key, value, units)
+
+    def _make_room(self, units: int):
+        """Generator: make an allocation of ``units`` possible (``Allocator.ensure``)."""
+        if (self.deferred or self.aborts) and not self.alloc.ready(units):
+            # deliver the frees our log entries owe (and the memory of objects to abort)
+            # before reclaim may reuse those entries
+            yield from self._flush()
+        yield from self.alloc.ensure(units)
 
     def abandon(self, obj: NewObject):
         """Generator: an operation ends in an error without having proposed its object:
@@ -420,16 +422,16 @@ class ClientCore:
         """Generator: find the key's slot. Returns (sid, pos, value, crc of the object the
         value names) or None (absent), after one bucket read that also carries ``writes``
         (and, with a cached slot, the cached object's last bytes); follows splits."""
-        suspects = ObjectReads(self.unit)
+        suspects = None                         # made on a cache miss only
         waits = 0
         while True:
             sid, _ = self.dir.lookup(h)
             reads, firsts = self.bucket_reads(sid, h, self.dir.nodes(sid)[0])
             e = self.cache.get(key)
             if e is not None and e.sid == sid:
-                v = e.value
-                reads.append(Read(self.alloc.home_of(slot_node(v)), slot_addr(v, self.unit) +
-                                  slot_units(v) * self.unit - TAIL_BYTES, TAIL_BYTES))
+                node, addr, length = object_extent(e.value, self.unit)
+                reads.append(Read(self.alloc.home_of(node), addr + length - TAIL_BYTES,
+                                  TAIL_BYTES))
             res = yield from self.rt(reads + writes)
             writes = []
             view = View(res[:2], firsts, sid)
@@ -441,6 +443,7 @@ class ClientCore:
                 self.cache.outcome(e, hit)
                 if hit:
                     return sid, e.pos, e.value, object_tail(res[2])[0]
+            suspects = suspects or ObjectReads(self.unit)
             found = yield from self.find(key, view, h, suspects)
             if found is not False:
                 return found and (sid, found[0], found[1], found[2].crc)
@@ -465,12 +468,13 @@ class ClientCore:
             yield from self.retrying(lambda: self.abandon(obj))
 
     def _replace(self, key: bytes, value: bytes, opcode: int, then_insert: bool = False):
-        """UPDATE (new object) or DELETE of a present key. ``then_insert``: an absent key
-        is inserted next (a put), so the object's ABORTED mark rides with the insert's
-        first batch instead of a round trip of its own."""
-        return (yield from self.with_objects(
+        """Generator: UPDATE (new object) or DELETE of a present key. ``then_insert``: an
+        absent key is inserted next (a put), so the object's ABORTED mark rides with the
+        insert's first batch instead of a round trip of its own. (A function returning the
+        generator, not one itself: each level of generators costs on every round trip.)"""
+        return self.with_objects(
             opcode, key, value,
-            lambda obj, v: self._replace_with(obj, key, opcode, v, then_insert)))
+            lambda obj, v: self._replace_with(obj, key, opcode, v, then_insert))
 
     def _replace_with(self, obj: NewObject, key: bytes, opcode: int, value: bytes,
                       then_insert: bool = False):
