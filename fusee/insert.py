@@ -39,8 +39,7 @@ CLEAR, EXISTS, YIELD = "clear", "exists", "yield"
 def insert(core, key: bytes, value: bytes):
     """Generator: the INSERT operation of ``core`` (a ClientCore). An insert that runs out of
     patience (Stalled) withdraws any claim it holds and gives its object back."""
-    return (yield from core.with_objects(INSERT, key, value,
-                                         lambda obj, _: _insert(core, obj, key)))
+    return core.with_objects(INSERT, key, value, lambda obj, _: _insert(core, obj, key))
 
 
 def _insert(core, obj, key: bytes):

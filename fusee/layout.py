@@ -116,6 +116,12 @@ def slot_addr(v: int, unit: int) -> int:
     return (v & ADDR_MASK) * unit
 
 
+def object_extent(v: int, unit: int) -> tuple[int, int, int]:
+    """(node, address, length) of the object slot value ``v`` names: what a read of it
+    needs, in one call (``slot_node``, ``slot_addr`` and ``slot_units`` at once)."""
+    return (v >> NODE_SHIFT) & NODE_MASK, (v & ADDR_MASK) * unit, ((v >> LEN_SHIFT) & 0xFF) * unit
+
+
 LEN_BITS = 0xFF << LEN_SHIFT
 #: a slot value ``v`` is free (``is_free``) iff ``not v & TAKEN``: one test inline, for the
 #: loops over every slot of a bucket that the fast path makes

@@ -10,6 +10,8 @@ new object's writes and any deferred frees / log marks of earlier operations):
     INSERT  buckets + object | backup CASes + claim check | commit | primary     4
     UPDATE  buckets + object | (candidate objects) | backup CASes | fix + commit | primary  4-5
     DELETE  like UPDATE; proposes a fresh tombstone, its record object holds the log entry  4-5
+    PUT     an UPDATE; of an absent key, its first 1-2, then an INSERT that carries the
+            update object's ABORTED mark                                                    4-6
 
 Requests for one MN within one batch must execute in posting order (as on an RC queue pair):
 the insert's claim check reads a backup right after CASing it.
@@ -49,8 +51,8 @@ from fusee.holdings import adopt
 from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, IN_USE, LOST,
                           MAX_CLIENT_IDS, META_GROUPS, META_INCARNATION, META_MAGIC,
                           META_MAGIC_OFF, META_STATE, NO_SLOT, TAIL_BYTES, UPDATE,
-                          free_value, make_slot, object_tail, pack_u64,
-                          slot_addr, slot_node, slot_ref, slot_units, unpack_u64)
+                          free_value, make_slot, object_extent, object_tail, pack_u64,
+                          slot_ref, unpack_u64)
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import FRESH, Membership
 from fusee.memory_map import HEADER_LAYOUT, MemoryMap
@@ -92,6 +94,8 @@ class ClientCore:
         self.counters = {"retries": 0, "lost": 0, "splits": 0, "epochs": 0, "backup_reads": 0}
         self.deferred: list[int] = []   # objects to free with the next batch
         self.releases: list[int] = []   # objects of ours to reuse once ``deferred`` is sent
+        # objects of ours never proposed, to mark ABORTED with the next batch and then reuse
+        self.aborts: list[NewObject] = []
         self.free_seq = 0               # set by open() from the client's incarnation
         self.adopting = False           # open() found blocks of a previous holder
         # the STATE word while this client holds the id: IN_USE and a nonce of its own
@@ -170,22 +174,27 @@ class ClientCore:
 
     # -- plumbing --------------------------------------------------------------------------
     def rt(self, reqs: list):
-        """Generator: one round trip for ``reqs`` plus the deferred frees."""
-        if not self.deferred:
+        """Generator: one round trip for ``reqs`` plus the deferred frees and ABORTED marks."""
+        if not self.deferred and not self.aborts:
             return (yield reqs)
         ptrs, self.deferred = self.deferred, []
         released, self.releases = self.releases, []
+        aborts, self.aborts = self.aborts, []
+        marks = [w for obj in aborts for w in self.log.record(obj, ABORTED, NO_SLOT, 0)]
+        ahead = len(reqs) + len(marks)
         try:
-            res = yield list(reqs) + [self.alloc.free_request(p) for p in ptrs]
+            res = yield list(reqs) + marks + [self.alloc.free_request(p) for p in ptrs]
         except TransportError as e:
-            # frees that surely did not happen go out again (to the home of the next epoch);
-            # with no per-request detail, one might have: it is not repeated (a free bit
-            # set twice would carry into the next object's bit)
+            # marks go out again with the next batch (a newer record of the same outcome);
+            # frees that surely did not happen too (to the home of the next epoch); with no
+            # per-request detail, one might have: it is not repeated (a free bit set twice
+            # would carry into the next object's bit)
+            self.aborts[:0] = aborts
             done = e.results
             if isinstance(e, EpochChanged):
-                done = [None] * (len(reqs) + len(ptrs))
+                done = [None] * (ahead + len(ptrs))
             if done is not None:
-                again = [p for p, r in zip(ptrs, done[len(reqs):])
+                again = [p for p, r in zip(ptrs, done[ahead:])
                          if isinstance(r, TransportError) or type(e) is EpochChanged]
                 self.deferred += again
                 if again:
@@ -196,6 +205,8 @@ class ClientCore:
             raise
         for p in released:      # the frees their log entries owe are delivered: reuse them
             self.alloc.release(p)
+        for obj in aborts:      # marked ABORTED: recovery never redoes them
+            self.alloc.release(obj.ptr)
         return res[:len(reqs)]
 
     # -- memory-node failures ----------------------------------------------------------------
@@ -290,7 +301,7 @@ class ClientCore:
             yield from self.alloc.grow()
 
     def _flush(self):
-        if self.deferred:
+        if self.deferred or self.aborts:
             yield from self.rt([])
 
     def _close(self):
@@ -337,8 +348,8 @@ class ClientCore:
         return SlotTarget(sid, pos, tuple(self.dir.nodes(sid)), self.geo.slot_addr(sid, pos))
 
     def object_read(self, v: int) -> Read:
-        return Read(self.alloc.home_of(slot_node(v)), slot_addr(v, self.unit),
-                    slot_units(v) * self.unit)
+        node, addr, length = object_extent(v, self.unit)
+        return Read(self.alloc.home_of(node), addr, length)
 
     def candidates(self, view: View, h: KeyHash) -> list[tuple[int, int]]:
         return view.candidates(h.fp)
@@ -381,14 +392,17 @@ class ClientCore:
     def new_object(self, opcode: int, key: bytes, value: bytes):
         """Generator: allocate and encode an object (getting memory first if needed)."""
         units = self.log.units_for(key, value)
-
-        def ready():
-            if self.deferred and not self.alloc.ready(units):
-                # deliver the frees our log entries owe before reclaim may reuse those entries
-                yield from self._flush()
-            yield from self.alloc.ensure(units)
-        yield from self.retrying(ready)
+        if not self.alloc.ready(units):         # (the common case posts nothing)
+            yield from self.retrying(lambda: self._make_room(units))
         return self.log.new_object(opcode, key, value, units)
+
+    def _make_room(self, units: int):
+        """Generator: make an allocation of ``units`` possible (``Allocator.ensure``)."""
+        if (self.deferred or self.aborts) and not self.alloc.ready(units):
+            # deliver the frees our log entries owe (and the memory of objects to abort)
+            # before reclaim may reuse those entries
+            yield from self._flush()
+        yield from self.alloc.ensure(units)
 
     def abandon(self, obj: NewObject):
         """Generator: an operation ends in an error without having proposed its object:
@@ -410,16 +424,16 @@ class ClientCore:
         """Generator: find the key's slot. Returns (sid, pos, value, crc of the object the
         value names) or None (absent), after one bucket read that also carries ``writes``
         (and, with a cached slot, the cached object's last bytes); follows splits."""
-        suspects = ObjectReads(self.unit)
+        suspects = None                         # made on a cache miss only
         waits = 0
         while True:
             sid, _ = self.dir.lookup(h)
             reads, firsts = self.bucket_reads(sid, h, self.dir.nodes(sid)[0])
             e = self.cache.get(key)
             if e is not None and e.sid == sid:
-                v = e.value
-                reads.append(Read(self.alloc.home_of(slot_node(v)), slot_addr(v, self.unit) +
-                                  slot_units(v) * self.unit - TAIL_BYTES, TAIL_BYTES))
+                node, addr, length = object_extent(e.value, self.unit)
+                reads.append(Read(self.alloc.home_of(node), addr + length - TAIL_BYTES,
+                                  TAIL_BYTES))
             res = yield from self.rt(reads + writes)
             writes = []
             view = View(res[:2], firsts, sid)
@@ -431,6 +445,7 @@ class ClientCore:
                 self.cache.outcome(e, hit)
                 if hit:
                     return sid, e.pos, e.value, object_tail(res[2])[0]
+            suspects = suspects or ObjectReads(self.unit)
             found = yield from self.find(key, view, h, suspects)
             if found is not False:
                 return found and (sid, found[0], found[1], found[2].crc)
@@ -454,12 +469,17 @@ class ClientCore:
                 return result
             yield from self.retrying(lambda: self.abandon(obj))
 
-    def _replace(self, key: bytes, value: bytes, opcode: int):
-        """UPDATE (new object) or DELETE of a present key."""
-        return (yield from self.with_objects(
-            opcode, key, value, lambda obj, v: self._replace_with(obj, key, opcode, v)))
+    def _replace(self, key: bytes, value: bytes, opcode: int, then_insert: bool = False):
+        """Generator: UPDATE (new object) or DELETE of a present key. ``then_insert``: an
+        absent key is inserted next (a put), so the object's ABORTED mark rides with the
+        insert's first batch instead of a round trip of its own. (A function returning the
+        generator, not one itself: each level of generators costs on every round trip.)"""
+        return self.with_objects(
+            opcode, key, value,
+            lambda obj, v: self._replace_with(obj, key, opcode, v, then_insert))
 
-    def _replace_with(self, obj: NewObject, key: bytes, opcode: int, value: bytes):
+    def _replace_with(self, obj: NewObject, key: bytes, opcode: int, value: bytes,
+                      then_insert: bool = False):
         h = key_hash(key)
         writes = obj.writes
         open_round = None           # (epoch, target, v_old, v_new, old crc, verdict reached)
@@ -472,7 +492,10 @@ class ClientCore:
                     raise
                 writes = []
                 if found is None:
-                    yield from self.abandon(obj)
+                    if then_insert:
+                        self.aborts.append(obj)
+                    else:
+                        yield from self.abandon(obj)
                     raise KeyNotFound(key)
                 sid, pos, v_old, old_crc = found
                 v_new = self.slot_value(h, obj) if opcode == UPDATE else unpack_u64(value)
@@ -540,9 +563,11 @@ class ClientCore:
         self.alloc.release(obj.ptr)
 
     def _put(self, key: bytes, value: bytes):
+        """UPDATE, or INSERT where the key is absent: 5 round trips for a new key (the
+        update's object is marked ABORTED with the insert's first batch)."""
         while True:
             try:
-                return (yield from self._replace(key, value, UPDATE))
+                return (yield from self._replace(key, value, UPDATE, then_insert=True))
             except KeyNotFound:
                 pass
             try:

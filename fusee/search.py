@@ -20,7 +20,7 @@ UNSURE = object()
 
 def search(core, key: bytes, h: KeyHash):
     """Generator: the SEARCH operation of ``core`` (a ClientCore): the key's value or None."""
-    suspects = ObjectReads(core.unit)
+    suspects = None                             # made on a cache miss only
     waits = 0
     while True:
         try:
@@ -45,6 +45,7 @@ def search(core, key: bytes, h: KeyHash):
                         return obj.value
                     hit = False
                 core.cache.outcome(e, hit)
+            suspects = suspects or ObjectReads(core.unit)
             found = yield from core.find(key, view, h, suspects)
             if found is False:
                 continue

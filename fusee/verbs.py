@@ -90,6 +90,21 @@ class Backoff(NamedTuple):
     seconds: float
 
 
+def _build_verbs_in_c() -> None:
+    """Build the four verbs with ``emulator._atomic.verb_new`` where it is compiled: a
+    namedtuple's own ``__new__`` is a Python lambda, a tenth of an update's client CPU. The
+    verbs stay the same classes (fields, ``_replace``, equality); without the extension
+    they are built the namedtuple's way."""
+    try:
+        from emulator._atomic import verb_new
+    except ImportError:
+        return
+    for verb in (Read, Write, Cas, Faa):
+        verb.__new__ = staticmethod(verb_new)
+
+
+_build_verbs_in_c()
+
 Verb = Union[Read, Write, Cas, Faa]
 Control = Union[AllocBlock, FreeBlock]
 Request = Union[Read, Write, Cas, Faa, AllocBlock, FreeBlock]
