@@ -62,6 +62,8 @@ PAPER = {
     # SEARCH stays flat across r
     "fig19_update_us": {1: 10.0, 5: 23.0},
 }
+#: the profile of the paper's testbed: only a run on it is held against PAPER
+PAPER_PROFILE = "cx3-56g"
 
 
 @dataclass
@@ -232,7 +234,8 @@ def comparison(doc: dict) -> list[dict]:
         if top in c and c[top] > 0:
             row["speedup"] = round(f[top] / c[top], 2)
             row["clover_saturates"] = _saturates(doc, "clover", suite, name, top)
-        paper = PAPER["mops_at_128"].get(name) if top == 128 else None
+        paper = (PAPER["mops_at_128"].get(name) if top == 128 and _on_paper_testbed(doc)
+                 else None)
         if paper:
             row["paper"] = dict(paper)
             row["fusee_over_paper"] = round(row["fusee_mops"] / paper["fusee"], 2)
@@ -247,6 +250,10 @@ def comparison(doc: dict) -> list[dict]:
     return out
 
 
+def _on_paper_testbed(doc: dict) -> bool:
+    return doc["profile"]["name"] == PAPER_PROFILE
+
+
 def _saturates(doc: dict, system: str, suite: str, name: str, clients: int) -> str:
     sat = next(r["saturates"] for r in doc["results"] if r["system"] == system
                and r["suite"] == suite and r["name"] == name and r["clients"] == clients)
@@ -256,6 +263,8 @@ def _saturates(doc: dict, system: str, suite: str, name: str, clients: int) -> s
 def one_client_latency(doc: dict) -> list[dict]:
     """fusee's and clover's 1-client median latency per micro-benchmark, beside the
     paper's (its single-client medians; the only numbers the cx3-56g profile is fitted to)."""
+    if not _on_paper_testbed(doc):
+        return []
     out = []
     for op, (lo, hi) in PAPER["latency_1_client_us"].items():
         row = {"op": op, "paper_us": [lo, hi]}
@@ -313,9 +322,10 @@ def model_table(doc: dict) -> str:
             lines.append(f"{r['op']:<7}| {r['fusee_us']:>6.2f} {_range(lo, hi):>7} "
                          f"{r['fusee_over_paper']:>5.2f} | {_num(r.get('clover_us'), 6)}")
     if doc["latency"]:
-        paper = PAPER["fig19_update_us"]
-        lines += ["", ("Fig. 19: 1-client median latency on 5 MNs (us); paper: UPDATE "
-                       f"~{paper[1]:g} at r = 1 to ~{paper[5]:g} at r = 5, SEARCH flat"),
+        paper = PAPER["fig19_update_us"] if _on_paper_testbed(doc) else {}
+        said = (f"; paper: UPDATE ~{paper[1]:g} at r = 1 to ~{paper[5]:g} at r = 5, SEARCH "
+                "flat" if paper else "")
+        lines += ["", f"Fig. 19: 1-client median latency on 5 MNs (us){said}",
                   f"{'system':<8}{'r':>3} | {'UPDATE':>8} {'paper':>6} {'SEARCH':>8}"]
         for p in doc["latency"]:
             theirs = paper.get(p["replicas"]) if p["system"] == "fusee" else None
@@ -367,7 +377,7 @@ def plot_latency(doc: dict, path: Path) -> Path:
                    if p["system"] == system]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=system)
-        if op == "update":
+        if op == "update" and _on_paper_testbed(doc):
             paper = PAPER["fig19_update_us"]
             ax.plot(list(paper), list(paper.values()), "k*", label="fusee, paper")
         ax.set_title(f"{op.upper()} latency, 1 client (model)")
