@@ -15,12 +15,19 @@ import numpy as np
 import pytest
 
 from emulator.cluster import LocalCluster
-from emulator.timing.calibrate import local_profile, measure
+from emulator.timing.calibrate import fit_step_cost, local_profile, measure
 from emulator.timing.profile import PROFILES, ProfileError, from_dict, load
 from emulator.timing.runs import ModelRun
 from fusee.bench.main import BenchOptions, run_bench
 from fusee.bench.main import main as bench_main
-from fusee.bench.model import ModelOptions, run_model, write_all
+from fusee.bench.model import (
+    PAPER,
+    ModelOptions,
+    comparison,
+    model_table,
+    run_model,
+    write_all,
+)
 from fusee.bench.systems import cluster_layout
 from fusee.bench.ycsb import KEY_LENGTH, WORKLOADS, Workload, key_names
 from fusee.client import Client
@@ -233,3 +240,54 @@ def test_a_store_failure_in_the_model_is_one_line(monkeypatch, capsys, tmp_path)
     assert bench_main(["model", "--clients", "1", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err == "fusee bench model: the store failed: OutOfMemory: no data block left\n"
+
+
+def test_cx3_profile_step_cost_is_the_fit_to_the_papers_one_client_latencies():
+    """The one number of cx3-56g fitted rather than taken from a data sheet: the client's CPU
+    per step, least squares to the paper's single-client medians at its comparison setup (2
+    MNs, r = 2). Refitting must give the shipped value, so the two cannot drift apart."""
+    targets = {op: sum(lo_hi) / 2 for op, lo_hi in PAPER["latency_1_client_us"].items()}
+    fitted = fit_step_cost(load("cx3-56g"), targets, memnodes=2, replicas=2)
+    assert load("cx3-56g").client_cpu_per_step_us == pytest.approx(fitted, abs=0.005)
+
+
+def test_the_report_holds_each_system_against_the_papers_mops_at_128_clients():
+    """At 128 clients each panel the paper's figures give carries the paper's absolute Mops
+    for fusee and clover, model/paper for each, and the speedups; other panels and other
+    client counts, and runs on another profile than the paper's testbed, carry none."""
+    def row(system, name, clients, mops, suite="micro"):
+        return {"system": system, "suite": suite, "name": name, "clients": clients,
+                "throughput": mops * 1e6, "saturates": {"resource": "MN 0 NIC", "busy": 0.9}}
+    doc = {"profile": {"name": "cx3-56g", "description": ""},
+           "results": [row("fusee", "update", 128, 3.0), row("clover", "update", 128, 1.3),
+                       row("fusee", "update", 1, 0.1), row("clover", "update", 1, 0.2),
+                       row("fusee", "B", 128, 5.0, "ycsb"), row("clover", "B", 128, 4.0, "ycsb"),
+                       row("fusee", "search", 64, 7.0), row("clover", "search", 64, 3.0)]}
+    update, b, search = comparison(doc)
+    assert update["paper"]["fusee"] == 2.0 and update["paper"]["clover"] == 0.65
+    assert update["fusee_over_paper"] == 1.5 and update["clover_over_paper"] == 2.0
+    assert update["speedup"] == pytest.approx(2.31, abs=0.01)
+    assert update["paper_speedup"] == pytest.approx(3.08, abs=0.01)
+    assert update["speedup_over_paper"] == pytest.approx(0.75, abs=0.01)
+    assert update["overtakes_at"] == "128 clients"
+    assert "paper" not in b and "paper" not in search       # not in the figures / not 128
+    text = model_table({**doc, "comparison": [update, b], "latency": []})
+    line = next(x for x in text.splitlines() if " update " in x)
+    assert [c.split() for c in line.split("|")[1:4]] == [
+        ["3.00", "2.00", "1.50"], ["1.30", "0.65", "2.00"], ["2.31", "3.08", "0.75"]]
+    elsewhere = {**doc, "profile": {"name": "cx6-200g", "description": ""}}
+    assert not any("paper" in r for r in comparison(elsewhere))
+
+
+def test_the_report_gives_the_one_client_latency_beside_the_papers(tmp_path):
+    doc = run_model(ModelOptions(memnodes=2, replication=2, clients=[1], keys=100,
+                                 micro_keys=30, figures=[11], systems=["fusee"]))
+    single = {r["op"]: r for r in doc["one_client"]}
+    assert set(single) == {"search", "insert", "update"}
+    assert single["update"]["paper_us"] == [11.0, 13.0]
+    # fitted to these: INSERT and UPDATE land inside the paper's ranges
+    for op in ("insert", "update"):
+        lo, hi = single[op]["paper_us"]
+        assert lo <= single[op]["fusee_us"] <= hi
+    write_all(doc, tmp_path)
+    assert "1 client, median latency" in (tmp_path / "table.txt").read_text()

@@ -8,16 +8,22 @@ verb), in CPU time of the calling thread, so that other processes on a shared ho
 count; ``local_profile`` turns that into a profile with no network latency, NICs too fast to
 queue, and ``os.cpu_count()`` cores shared by all clients. With it, the model's prediction for 1-2 clients can be held against a
 real ``fusee bench`` run on this machine (tests/test_timing_model.py).
+
+``fit_step_cost`` is the other calibration, for a profile of hardware that is not here: the
+client's CPU per step fitted to published ONE-client latencies (the cx3-56g profile, to the
+FUSEE paper's), never to multi-client results, which are what the model is held against.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
 import numpy as np
 
 from emulator.timing.profile import Profile
+from emulator.timing.runs import ModelRun
 from fusee.verbs import TransportError
 
 #: NIC rates (Mops) so high that nothing queues: the local backend has no NIC
@@ -81,3 +87,39 @@ def local_profile(steps_us: dict[str, float], verb_us: float,
                    client_cpu_per_step_by_op=dict(steps_us), client_cpu_per_verb_us=verb_us,
                    client_cores=cores or os.cpu_count() or 1, ms_cores=1, ms_rpc_us=0.0,
                    verb_timeout_us=1000.0, detect_us=1000.0, failover_round_trip_us=0.0)
+
+
+def one_client_latency(profile: Profile, ops, *, memnodes: int, replicas: int,
+                       count: int = 200) -> dict[str, float]:
+    """Median latency (us) of each of ``ops`` for one client on ``profile``: the client
+    inserts ``count`` keys of its own, then runs each operation on them, as the paper's
+    micro-benchmarks do."""
+    run = ModelRun("fusee", profile, memnodes=memnodes, replicas=replicas, clients=1,
+                   keys=1000, extra_keys=count)
+    medians = {}
+    for op in ("insert", "update", "search", "delete"):     # each needs the one before
+        result = run.micro(op, count)
+        if op in ops:
+            medians[op] = float(np.median(result.latencies_us[op]))
+    return medians
+
+
+def fit_step_cost(profile: Profile, targets_us: dict[str, float], *, memnodes: int,
+                  replicas: int) -> float:
+    """The client CPU per step (us) that brings one client's median latencies closest (least
+    squares) to ``targets_us`` ({operation: latency}), the other costs of ``profile`` kept.
+
+    With one client nothing queues behind another, so an operation's latency is linear in
+    the step cost: ``base + steps * s``, where ``steps`` counts its steps (its round trips
+    and its last step). Two runs, at s = 0 and s = 1, give ``base`` and ``steps`` per
+    operation; the fit is then closed-form, and never looks at more than one client."""
+    ops = list(targets_us)
+    at = {s: one_client_latency(dataclasses.replace(profile, client_cpu_per_step_us=s,
+                                                    client_cpu_per_step_by_op={}),
+                                ops, memnodes=memnodes, replicas=replicas)
+          for s in (0.0, 1.0)}
+    steps = {op: at[1.0][op] - at[0.0][op] for op in ops}
+    assert all(n > 0 for n in steps.values()), steps
+    s = (sum(steps[op] * (targets_us[op] - at[0.0][op]) for op in ops)
+         / sum(n * n for n in steps.values()))
+    return max(0.0, s)
