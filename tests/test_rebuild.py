@@ -69,8 +69,8 @@ class RebuildRun(Run):
         return super().go()
 
 
-def _check(seed: int, **kw) -> RebuildRun:
-    r = check_run(seed, RebuildRun, **kw)
+def _check(seed: int, cls=None, **kw) -> RebuildRun:
+    r = check_run(seed, cls or RebuildRun, **kw)
     problems = run(check_index(r.config, r.sim.membership),
                    LocalTransport(r.config, memory=r.memory))
     assert not problems, f"seed {seed} {kw}: faults {r.sim.faults}\n{problems}"
