@@ -330,7 +330,8 @@ class _LeaseGuard:
     ``gate``, so a pause waits for the batch in flight. A membership newer than the one the
     operations have is handed to them as ``EpochChanged`` instead of posting the batch; so is
     the answer to ``AwaitMembership``, once the master has published the next epoch (waited
-    for up to ``wait`` seconds, else NodeTimeout)."""
+    for up to ``wait`` seconds, longer while the master reports a rebuild running, else
+    NodeTimeout)."""
 
     def __init__(self, transport, lease, wait: float, membership: Membership):
         self.transport, self.lease, self.wait = transport, lease, wait
@@ -348,13 +349,14 @@ class _LeaseGuard:
         k = self.lease
         if batch and type(batch[0]) is AwaitMembership:     # always alone in its batch
             self._await(batch[0].epoch)
-        if time.monotonic() >= k.expires:
-            raise LeaseExpired(f"the lease of client {k.client_id} ran out "
-                               f"({k.lost or 'not renewed in time'}); open a new client")
-        with k.gate:
-            if not k.pause and k.membership.epoch == self.handed:
-                return self.transport.execute(batch)
-        self._await(self.handed)
+        while True:
+            if time.monotonic() >= k.expires:
+                raise LeaseExpired(f"the lease of client {k.client_id} ran out "
+                                   f"({k.lost or 'not renewed in time'}); open a new client")
+            with k.gate:
+                if not k.pause and k.membership.epoch == self.handed:
+                    return self.transport.execute(batch)
+            self._await(self.handed, resume=True)
 
     def execute_now(self, batch):
         """``execute`` when that needs no wait (an event loop's inline path, ``fusee.asyncio``);
@@ -370,17 +372,27 @@ class _LeaseGuard:
             k.gate.release()
         return None
 
-    def _await(self, epoch: int):
+    def _await(self, epoch: int, resume: bool = False):
         """Raise EpochChanged with the first membership newer than ``epoch`` (waiting for the
-        master to publish it), LeaseExpired, or NodeTimeout."""
+        master to publish it), LeaseExpired, or NodeTimeout. ``resume`` (a batch held back by
+        a pause): return once the pause ends with no new epoch (a rebuild that failed, or
+        whose MN stopped asking), so that the batch goes out after all.
+
+        The wait is ``wait`` seconds, restarted by every renewal that says the rebuild the
+        pause is for still runs: a rebuild copies what its MN holds, which may take longer
+        than a failover, and the master's renewals are the client's evidence that it goes
+        on (a rebuild ends, one way or the other: each of its verbs has a timeout). Should
+        the master fall silent, the lease runs out and ends the wait."""
         k = self.lease
         if k.membership.epoch <= epoch:
-            deadline = time.monotonic() + self.wait
+            start = time.monotonic()
             k.expect_news(True)
             try:
                 with k.news:
-                    while (k.membership.epoch <= epoch and not k.data_lost and
-                           (left := min(deadline, k.expires) - time.monotonic()) > 0):
+                    while (k.membership.epoch <= epoch and not k.data_lost
+                           and not (resume and not k.pause)
+                           and (left := min(max(start, k.rebuild_seen) + self.wait,
+                                            k.expires) - time.monotonic()) > 0):
                         k.news.wait(left)
             finally:
                 k.expect_news(False)
@@ -392,6 +404,8 @@ class _LeaseGuard:
             raise EpochChanged(m)
         if k.data_lost:
             raise NodeTimeout(f"no failover will come: {k.data_lost}")
+        if resume and not k.pause:
+            return
         if time.monotonic() >= k.expires:
             raise LeaseExpired(f"the lease of client {k.client_id} ran out while waiting for a "
                                f"failover ({k.lost or 'not renewed in time'}); open a new client")
