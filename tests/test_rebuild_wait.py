@@ -26,14 +26,12 @@ import time
 
 import pytest
 from storekit import SMALL
-from test_failover_processes import _wait
+from test_failover_processes import LEASES, _wait
 
 from emulator.cluster import ClusterStartError, LocalCluster
 from fusee.config import LayoutConfig
 from fusee.master import Master
 from transports.master_link import membership_wait
-
-LEASES = dict(client_lease=2.0, mn_lease=2.0, timeout=1.0)
 
 #: the master process, its rebuild slowed to last at least argv[1] seconds
 SLOWED_MASTER = """
