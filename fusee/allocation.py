@@ -74,10 +74,18 @@ class Allocator:
         self.next_primary = client_id % n_nodes
         self.stats = {"blocks": 0, "reclaimed": 0}
         self.orphans: list[tuple[int, int]] = []    # blocks of a growth that failed half way
+        self.membership: Membership | None = None
         self.place(membership)
 
     def place(self, membership: Membership) -> None:
-        """Adopt a membership: where each group's live copies and home are."""
+        """Adopt a membership: where each group's live copies and home are. The orphans on
+        an MN now dead, or rebuilt since the last membership, went with its region (crash-
+        stop; a rebuild copies no block without a group header): they are forgotten, never
+        given back to the rebuilt MN, where the address may be another group's now."""
+        old = self.membership
+        back_before = membership.rebuilt if old is None else old.rebuilt - old.dead
+        gone = membership.dead | (membership.rebuilt - back_before)
+        self.orphans = [(n, a) for n, a in self.orphans if n not in gone]
         self.membership = membership
         self.copies_of = [membership.live(replica_nodes(p, self.n, self.r))
                           for p in range(self.n)]

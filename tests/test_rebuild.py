@@ -139,3 +139,34 @@ def test_only_a_dead_mn_is_rebuilt():
     cfg = _config()
     with pytest.raises(RebuildError, match="not dead"):
         run(rebuild(cfg, Membership(), 1), LocalTransport(cfg))
+
+
+@pytest.mark.parametrize("saw_it_dead", [True, False])
+def test_blocks_of_a_failed_growth_on_an_mn_that_died_and_was_rebuilt_are_not_given_back(
+        saw_it_dead):
+    """A growth that fails half way keeps the blocks it got to give back later (orphans).
+    Those on an MN that dies went with its region: the rebuilt MN never had them (a rebuild
+    copies no block without a group header), so the client forgets them, whether it saw the
+    MN dead or only rebuilt; giving one back would free what the rebuild put there."""
+    cfg = _config()
+    mem = LocalMemory(cfg)
+    t = LocalTransport(cfg, memory=mem)
+    a = ClientCore(cfg, 0)
+    run(a.open(), t)
+    grow = a.alloc.grow()
+    (first,) = next(grow)                       # the group's first block...
+    got = t.execute([first])
+    mem.crash(first.node)                       # ...whose MN dies before the others answer
+    grow.send(got)
+    with pytest.raises(NodeTimeout):
+        grow.throw(NodeTimeout(f"MN {first.node} did not answer", first.node))
+    assert [n for n, _ in a.alloc.orphans] == [first.node]
+    m1 = run(failover(cfg, Membership(), first.node), t)
+    if saw_it_dead:
+        a.place(m1)
+    mem.restart(first.node)
+    t = LocalTransport(cfg, memory=mem)
+    a.place(run(rebuild(cfg, m1, first.node), t))
+    run(a.alloc.grow(), t)
+    run(a.insert(b"after", b"the rebuild"), t)
+    assert run(a.search(b"after"), t) == b"the rebuild"
