@@ -74,18 +74,10 @@ class Allocator:
         self.next_primary = client_id % n_nodes
         self.stats = {"blocks": 0, "reclaimed": 0}
         self.orphans: list[tuple[int, int]] = []    # blocks of a growth that failed half way
-        self.membership: Membership | None = None
         self.place(membership)
 
     def place(self, membership: Membership) -> None:
-        """Adopt a membership: where each group's live copies and home are. The orphans on
-        an MN now dead, or rebuilt since the last membership, went with its region (crash-
-        stop; a rebuild copies no block without a group header): they are forgotten, never
-        given back to the rebuilt MN, where the address may be another group's now."""
-        old = self.membership
-        back_before = membership.rebuilt if old is None else old.rebuilt - old.dead
-        gone = membership.dead | (membership.rebuilt - back_before)
-        self.orphans = [(n, a) for n, a in self.orphans if n not in gone]
+        """Adopt a membership: where each group's live copies and home are."""
         self.membership = membership
         self.copies_of = [membership.live(replica_nodes(p, self.n, self.r))
                           for p in range(self.n)]
@@ -268,15 +260,23 @@ class Allocator:
         return BlockGroup(nodes, (addr,) * len(nodes))
 
     def give_back(self):
-        """Generator: return the blocks of growths that failed half way (on live MNs)."""
-        back = [(n, a) for n, a in self.orphans if n not in self.membership.dead]
+        """Generator: return the blocks of growths that failed half way (on live MNs; those
+        on a dead MN went with it). An MN rebuilt since a block was got refuses it as not
+        ours (ControlError) unless the rebuild brought it back (its group header had
+        reached a live copy): it went with the old region, and is forgotten; the MN's owner
+        check makes sure nobody else's block is freed."""
+        m = self.membership
+        back = [(n, a) for n, a in self.orphans if n not in m.dead]
         if back:
             try:
                 yield [FreeBlock(n, self.client_id, a) for n, a in back]
             except TransportError as e:       # keep those not known to be back
-                if e.results is not None:
-                    self.orphans = [b for b, r in zip(back, e.results) if r is not None]
-                raise
+                if e.results is None:
+                    raise
+                self.orphans = [b for b, r in zip(back, e.results) if r is not None and
+                                not (type(r) is ControlError and b[0] in m.rebuilt)]
+                if self.orphans:
+                    raise
         self.orphans = []
 
     def reclaim(self):

@@ -145,9 +145,9 @@ def test_only_a_dead_mn_is_rebuilt():
 def test_blocks_of_a_failed_growth_on_an_mn_that_died_and_was_rebuilt_are_not_given_back(
         saw_it_dead):
     """A growth that fails half way keeps the blocks it got to give back later (orphans).
-    Those on an MN that dies went with its region: the rebuilt MN never had them (a rebuild
-    copies no block without a group header), so the client forgets them, whether it saw the
-    MN dead or only rebuilt; giving one back would free what the rebuild put there."""
+    One on an MN that died went with its region unless its group header reached a live copy
+    (the rebuild copies it then): the rebuilt MN refuses it as not ours, and the client
+    forgets it instead of failing, whether it saw the MN dead or only rebuilt."""
     cfg = _config()
     mem = LocalMemory(cfg)
     t = LocalTransport(cfg, memory=mem)
