@@ -8,6 +8,18 @@ shows up as a lost acknowledged write. The checks are ``test_rebuild``'s: linear
 with the final gets of every key, the leak audit under the final membership, the index check.
 
 Run: python3 -m pytest tests/test_rebuild_soak.py -m soak -n 2 -q
+
+What it found when written (seeds 100-115 of the cycles, 4 shapes): orphan blocks given back
+to a rebuilt MN (fixed, ``Allocator.give_back``), and, still open:
+- an operation handling the end of one epoch (``except EPOCH_ENDS`` in ``fusee.insert``) that
+  meets the end of the next one (an MN crashing just after a rebuild published) fails with
+  that NodeTimeout / EpochChanged instead of handling it too (e.g. seeds 102, 110 on 3 MNs
+  r=2; 103, 105 on 4 MNs r=2; 115 on 3 MNs r=2);
+- r=2 runs where an insert stalls on a slot whose object never reads as named (Stalled,
+  seeds 100 and 108 on 4 MNs, 106 and 107 on 3 MNs);
+- a rebuild refused with RebuildError (two groups at one address of the dead MN, made while
+  it was dead; r < n only, as ``fusee.rebuild`` says): seed 103 on 5 MNs r=3, 114 on 3 MNs
+  r=2: that MN can then never rejoin.
 """
 
 from __future__ import annotations
