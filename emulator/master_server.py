@@ -236,6 +236,8 @@ class MasterServer:
         """A grant as a reply; the membership travels only to a client that lags behind it."""
         reply = {"id": g.id, "token": g.token, "lease": g.lease, "epoch": g.epoch,
                  "pause": g.pause, "lost": g.lost}
+        if g.rebuild is not None:
+            reply["rebuild"] = list(g.rebuild)
         if membership.epoch > known:
             reply["membership"] = membership.to_wire()
         return reply

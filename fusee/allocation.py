@@ -278,15 +278,23 @@ class Allocator:
         return self.map.block_addr(free[self.rng.randrange(len(free))])
 
     def give_back(self):
-        """Generator: return the blocks of growths that failed half way (on live MNs)."""
-        back = [(n, a) for n, a in self.orphans if n not in self.membership.dead]
+        """Generator: return the blocks of growths that failed half way (on live MNs; those
+        on a dead MN went with it). An MN rebuilt since a block was got refuses it as not
+        ours (ControlError) unless the rebuild brought it back (its group header had
+        reached a live copy): it went with the old region, and is forgotten; the MN's owner
+        check makes sure nobody else's block is freed."""
+        m = self.membership
+        back = [(n, a) for n, a in self.orphans if n not in m.dead]
         if back:
             try:
                 yield [FreeBlock(n, self.client_id, a) for n, a in back]
             except TransportError as e:       # keep those not known to be back
-                if e.results is not None:
-                    self.orphans = [b for b, r in zip(back, e.results) if r is not None]
-                raise
+                if e.results is None:
+                    raise
+                self.orphans = [b for b, r in zip(back, e.results) if r is not None and
+                                not (type(r) is ControlError and b[0] in m.rebuilt)]
+                if self.orphans:
+                    raise
         self.orphans = []
 
     def reclaim(self):

@@ -334,7 +334,8 @@ class _LeaseGuard:
     batch in flight. A membership newer than the one the
     operations have is handed to them as ``EpochChanged`` instead of posting the batch; so is
     the answer to ``AwaitMembership``, once the master has published the next epoch (waited
-    for up to ``wait`` seconds, else NodeTimeout)."""
+    for up to ``wait`` seconds, longer while the master reports a rebuild running, else
+    NodeTimeout)."""
 
     def __init__(self, transport, lease, wait: float, membership: Membership):
         self.transport, self.lease, self.wait = transport, lease, wait
@@ -352,12 +353,13 @@ class _LeaseGuard:
         k = self.lease
         if batch and type(batch[0]) is AwaitMembership:     # always alone in its batch
             self._await(batch[0].epoch)
-        if time.monotonic() >= k.expires:       # lapsed: wait for the master to renew it
-            k.await_valid(self.wait)
-        with k.gate:
-            if not k.pause and k.membership.epoch == self.handed:
-                return self.transport.execute(batch)
-        self._await(self.handed)
+        while True:
+            if time.monotonic() >= k.expires:       # lapsed: wait for the master to renew it
+                k.await_valid(self.wait)
+            with k.gate:
+                if not k.pause and k.membership.epoch == self.handed:
+                    return self.transport.execute(batch)
+            self._await(self.handed, resume=True)
 
     def execute_now(self, batch):
         """``execute`` when that needs no wait (an event loop's inline path, ``fusee.asyncio``);
@@ -373,17 +375,27 @@ class _LeaseGuard:
             k.gate.release()
         return None
 
-    def _await(self, epoch: int):
+    def _await(self, epoch: int, resume: bool = False):
         """Raise EpochChanged with the first membership newer than ``epoch`` (waiting for the
-        master to publish it), LeaseExpired, LeaseLapsed or NodeTimeout."""
+        master to publish it), LeaseExpired, LeaseLapsed or NodeTimeout. ``resume`` (a batch
+        held back by a pause): return once the pause ends with no new epoch (a rebuild that
+        failed, or whose MN stopped asking), so that the batch goes out after all.
+
+        The wait is ``wait`` seconds, restarted by every renewal that says the rebuild the
+        pause is for still runs: a rebuild copies what its MN holds, which may take longer
+        than a failover, and the master's renewals are the client's evidence that it goes
+        on (a rebuild ends, one way or the other: each of its verbs has a timeout). Should
+        the master fall silent, no renewal restarts the wait."""
         k = self.lease
         if k.membership.epoch <= epoch:
-            deadline = time.monotonic() + self.wait
+            start = time.monotonic()
             k.expect_news(True)
             try:
                 with k.news:
                     while (k.membership.epoch <= epoch and not k.data_lost and not k.ended
-                           and (left := deadline - time.monotonic()) > 0):
+                           and not (resume and not k.pause)
+                           and (left := max(start, k.rebuild_seen) + self.wait
+                                - time.monotonic()) > 0):
                         k.news.wait(left)
             finally:
                 k.expect_news(False)
@@ -395,6 +407,8 @@ class _LeaseGuard:
             raise EpochChanged(m)
         if k.data_lost:
             raise NodeTimeout(f"no failover will come: {k.data_lost}")
+        if resume and not k.pause and not k.ended:
+            return
         k.check(self.wait)
         raise NodeTimeout(f"a memory node stopped answering and the master published no new "
                           f"membership after epoch {epoch} within {self.wait:g} s")

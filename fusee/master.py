@@ -83,6 +83,9 @@ class Grant:
     pause: int = 0          # nonzero: stop posting verbs and ack; the failover to this epoch waits
     lost: str | None = None     # why no failover will come any more
     membership: Membership | None = None    # the published membership, when the client lags
+    #: (MN, bytes copied, bytes to copy) while the rebuild the pause waits for runs: a paused
+    #: client keeps waiting as long as renewals say so, however long the copy takes
+    rebuild: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,10 @@ class Master:
         lease.deadline = now + self.client_lease + self.grace
         if paused and paused == self.pause:
             self.acks[cid] = paused
-        return Grant(cid, token, self.client_lease, self.epoch, self.pause, self.lost)
+        running = self.rejoins.running
+        rebuild = None if running is None else (running, *self.rejoins.progress)
+        return Grant(cid, token, self.client_lease, self.epoch, self.pause, self.lost,
+                     rebuild=rebuild)
 
     def release(self, cid: int, token: int) -> None:
         """A clean close: the id goes to recovery (which finds nothing in flight) and back."""

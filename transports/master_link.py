@@ -35,6 +35,7 @@ membership arrives promptly. ``news`` (a Condition) is notified on every change.
 
 from __future__ import annotations
 
+import math
 import random
 import secrets
 import threading
@@ -225,7 +226,9 @@ def _grant(reply) -> Grant:
     try:
         wire_membership = reply.pop("membership", None)
         membership = None if wire_membership is None else Membership.from_wire(wire_membership)
-        return Grant(**reply, membership=membership)
+        rebuild = reply.pop("rebuild", None)
+        rebuild = None if rebuild is None else tuple(int(x) for x in rebuild)
+        return Grant(**reply, membership=membership, rebuild=rebuild)
     except (AttributeError, TypeError, ValueError) as e:
         raise MasterError(f"master: malformed grant: {e}") from None
 
@@ -265,6 +268,9 @@ class LeaseKeeper:
         self.lost: str | None = None            # why the last renewal failed, if it did
         self.ended = False                      # the lease is over for good (``lost`` says why)
         self.data_lost: str | None = self.grant.lost    # no failover will come any more
+        #: when the last renewal that said a rebuild runs was sent (operations paused for it
+        #: keep waiting while renewals say so: ``fusee.client``)
+        self.rebuild_seen = -math.inf
         self.gate = threading.Lock()            # held around every batch posted
         self.news = threading.Condition()
         self.waiters = 0                        # operations waiting for a new epoch
@@ -370,6 +376,8 @@ class LeaseKeeper:
         """Take in a renewal; True if a pause was just acked (tell the master at once)."""
         with self.news:
             self.expires, self.lost, self.data_lost = self._expiry(sent, g.lease), None, g.lost
+            if g.rebuild is not None:
+                self.rebuild_seen = sent
             if g.membership is not None and g.membership.epoch > self.membership.epoch:
                 self.membership = g.membership
                 self.epoch = g.membership.epoch
