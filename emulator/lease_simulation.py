@@ -58,7 +58,9 @@ class SimLease:
     ended: str | None = None    # the master refused a renewal: the lease is over for good
     released: bool = False
     next_renewal: float = 0.0
+    last_sent: float = 0.0      # the keeper waits for the reply to this renewal only
     stalled_until: float = 0.0
+    cut_until: float = 0.0      # until then, no message between it and the master goes through
     held: list | None = None    # a batch the guard keeps home
     posted_at: float = 0.0      # when the batch in flight went out
     batch_epoch: int = 0        # the epoch it went out in
@@ -78,11 +80,12 @@ class LeaseSimulator(Simulator):
     """A ``Simulator`` whose clients hold leases of ``master`` (see the module docstring).
 
     ``drop``: the chance that a renewal or its reply is lost; ``delay``: the most either is
-    delayed; ``stalls``: the chance per step that a client stalls, for up to ``stall`` s."""
+    delayed, but for the ``late`` share of them, delayed up to a whole lease; ``stalls``: the chance per step that a client stalls, for up to ``stall`` s."""
 
     def __init__(self, memory: LocalMemory, seed: int, *, client_lease: float = 0.3,
                  grace: float = 0.05, mn_lease: float = 0.05, flight: float = 0.02,
-                 drop: float = 0.05, delay: float = 0.01, stalls: float = 0.0,
+                 drop: float = 0.05, delay: float = 0.01, late: float = 0.0,
+                 stalls: float = 0.0,
                  stall: float = 0.0, **kw):
         super().__init__(memory, seed, **kw)
         assert flight <= grace, "the grace covers the longest a batch is in flight"
@@ -93,7 +96,7 @@ class LeaseSimulator(Simulator):
                                             **self.shape)
         self.master_back_at = 0.0
         self.saved: dict | None = None
-        self.flight, self.drop, self.delay = flight, drop, delay
+        self.flight, self.drop, self.delay, self.late = flight, drop, delay, late
         self.stalls, self.stall = stalls, stall
         self.leases: dict[str, SimLease] = {}
         self.declared: dict[int, float] = {}    # client id -> when the master declared it dead
@@ -116,6 +119,13 @@ class LeaseSimulator(Simulator):
         self.leases[name] = SimLease(cid, token, g.lease, LeaseKeeper._expiry(self.now, g.lease),
                                      g.epoch, next_renewal=self.now + g.lease / 3)
         return self.add_client(name, calls)
+
+    def cut_off(self, name: str, seconds: float) -> None:
+        """Client ``name`` and the master cannot reach each other for ``seconds`` (the MNs
+        it still reaches): what it sends and what it is sent meanwhile is lost."""
+        self.leases[name].cut_until = self.now + seconds
+        self.faults.append((self.step, f"client {name} cut off from the master for "
+                                       f"{seconds:g} s"))
 
     def restart_master(self, down: float) -> None:
         """The master stops now (its repairs die with it) and is back ``down`` s later from
@@ -182,6 +192,7 @@ class LeaseSimulator(Simulator):
             lease.next_renewal = now
         if now >= lease.next_renewal:
             self._send(c.name, now, lease.acked)
+            lease.last_sent = now
             lease.next_renewal = now + (POLL if lease.pause or c.waiting else lease.lease / 3)
         if lease.held is not None and self._may_post(lease, now):
             batch, lease.held = lease.held, None
@@ -203,11 +214,12 @@ class LeaseSimulator(Simulator):
     def _send(self, name: str, sent: float, paused: int = 0,
               reply: Grant | LeaseError | None = None) -> None:
         """A renewal sent at ``sent`` (or the reply to it) leaves now, unless it is lost."""
-        if self.rng.random() < self.drop:
+        if self.rng.random() < self.drop or self.now < self.leases[name].cut_until:
             return
         self._seq += 1
-        msg = _Message(self.now + self.rng.uniform(0, self.delay), self._seq, name, sent,
-                       paused, reply)
+        delay = self.shape["client_lease"] if self.rng.random() < self.late else self.delay
+        msg = _Message(self.now + self.rng.uniform(0, delay), self._seq, name, sent, paused,
+                       reply)
         i = len(self._messages)
         while i and self._messages[i - 1] > msg:
             i -= 1
@@ -215,6 +227,8 @@ class LeaseSimulator(Simulator):
 
     def _deliver(self, msg: _Message) -> None:
         lease = self.leases[msg.name]
+        if self.now < lease.cut_until:
+            return
         if msg.reply is None:               # a renewal reaches the master
             if self.master is None:
                 return
@@ -225,6 +239,8 @@ class LeaseSimulator(Simulator):
             self._note_declared()
             self._send(msg.name, msg.sent, reply=reply)
             return
+        if msg.sent < lease.last_sent:      # the keeper gave up on it (MasterLink's seq)
+            return
         c = self.clients[msg.name]
         if isinstance(msg.reply, LeaseError):
             if not lease.ended and not lease.released:
@@ -233,7 +249,7 @@ class LeaseSimulator(Simulator):
                     self._lease_ended(c)
             return
         g = msg.reply
-        lease.expires = max(lease.expires, LeaseKeeper._expiry(msg.sent, g.lease))
+        lease.expires = LeaseKeeper._expiry(msg.sent, g.lease)
         lease.epoch = max(lease.epoch, g.epoch)
         lease.pause = g.pause if g.pause > lease.epoch else 0
 

@@ -1,6 +1,7 @@
 """The lease/pause protocol in the deterministic simulator (``emulator.lease_simulation``):
-the real master on a simulated clock, its renewals lost or late, clients that stall past
-their lease, an MN that dies and is failed over only once every leased client paused, a
+the real master on a simulated clock, its renewals lost or late (some by up to a whole
+lease), clients that stall past their lease or are cut off from the master while they still
+reach the MNs, an MN that dies and is failed over only once every leased client paused, a
 master restarted from its state, all interleaved verb by verb with the operations.
 
 Each run checks the simulator's invariants at every verb (fencing: no verb of a client lands
@@ -32,13 +33,14 @@ class LeaseRun:
     """One seeded run of ``clients`` leased clients; the faults are drawn from the seed."""
 
     def __init__(self, seed: int, clients: int = 3, ops: int = 16, mn_crash: bool = True,
-                 restart: bool = True, stalls: bool = True):
+                 restart: bool = True, stalls: bool = True, cut: bool = True):
         self.config = cfg = _config()
         self.memory = mem = LocalMemory(cfg)
         faults = random.Random(f"lease faults {seed}")
         self.sim = sim = LeaseSimulator(
             mem, seed, expected_errors=ERRORS, max_steps=400_000,
-            stalls=0.0005 if stalls else 0.0, stall=0.6, drop=faults.choice([0.0, 0.1, 0.3]))
+            stalls=0.0005 if stalls else 0.0, stall=0.6, drop=faults.choice([0.0, 0.1, 0.3]),
+            late=faults.choice([0.0, 0.05, 0.5]))
         rng = random.Random(f"workload {seed}")
         self.cores = [ClientCore(cfg, c, patience=PATIENCE) for c in range(clients)]
         for c, core in enumerate(self.cores):
@@ -53,6 +55,11 @@ class LeaseRun:
         if restart:
             sim.at_step(faults.randrange(1, 600),
                         lambda s: s.restart_master(faults.uniform(0, 0.6)))
+
+        if cut:
+            name = f"c{faults.randrange(clients)}"
+            sim.at_step(faults.randrange(1, 600),
+                        lambda s: s.cut_off(name, faults.uniform(0, 0.6)))
 
     def go(self):
         sim, cfg = self.sim, self.config
@@ -89,7 +96,7 @@ def _check(seed: int, **kw) -> LeaseRun:
     return r
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(20))
 def test_leases_pauses_failovers_and_a_master_restart_interleaved(seed):
     _check(seed)
 
@@ -97,7 +104,7 @@ def test_leases_pauses_failovers_and_a_master_restart_interleaved(seed):
 def test_a_client_stalled_past_its_lease_is_fenced_and_recovered():
     """A client stopped for longer than its lease and the grace: the master declares it dead
     and recovers it while it is stopped; once it runs again it posts nothing more."""
-    r = LeaseRun(1, mn_crash=False, restart=False, stalls=False)
+    r = LeaseRun(1, mn_crash=False, restart=False, stalls=False, cut=False)
     sim = r.sim
     sim.at_step(300, lambda s: setattr(s.leases["c0"], "stalled_until", s.now + 1.0))
     report, lin = r.go()
@@ -109,6 +116,6 @@ def test_a_client_stalled_past_its_lease_is_fenced_and_recovered():
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", range(4, 80))
+@pytest.mark.parametrize("seed", range(20, 600))
 def test_leases_soak(seed):
     _check(seed)
