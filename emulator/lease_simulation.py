@@ -251,7 +251,7 @@ class LeaseSimulator(Simulator):
         g = msg.reply
         lease.expires = LeaseKeeper._expiry(msg.sent, g.lease)
         lease.epoch = max(lease.epoch, g.epoch)
-        lease.pause = g.pause if g.pause > lease.epoch else 0
+        lease.pause = LeaseKeeper._pause(g, lease.epoch)
 
     def _lease_ended(self, c: SimClient) -> None:
         """``LeaseExpired``: the client's operation ends with an unknown outcome, and the
