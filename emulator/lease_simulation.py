@@ -80,7 +80,8 @@ class LeaseSimulator(Simulator):
     """A ``Simulator`` whose clients hold leases of ``master`` (see the module docstring).
 
     ``drop``: the chance that a renewal or its reply is lost; ``delay``: the most either is
-    delayed, but for the ``late`` share of them, delayed up to a whole lease; ``stalls``: the chance per step that a client stalls, for up to ``stall`` s."""
+    delayed, but for the ``late`` share of them, delayed up to a whole lease; ``stalls``: the
+    chance per step that a client stalls, for up to ``stall`` s."""
 
     def __init__(self, memory: LocalMemory, seed: int, *, client_lease: float = 0.3,
                  grace: float = 0.05, mn_lease: float = 0.05, flight: float = 0.02,
@@ -90,8 +91,8 @@ class LeaseSimulator(Simulator):
         super().__init__(memory, seed, **kw)
         assert flight <= grace, "the grace covers the longest a batch is in flight"
         self.config = memory.config
-        self.shape = dict(memnodes=tuple(range(len(self.config.memnodes))),
-                          client_lease=client_lease, mn_lease=mn_lease, grace=grace)
+        self.shape = {"memnodes": tuple(range(len(self.config.memnodes))),
+                      "client_lease": client_lease, "mn_lease": mn_lease, "grace": grace}
         self.master: Master | None = Master(now=0.0, replicas=self.config.replication,
                                             **self.shape)
         self.master_back_at = 0.0
@@ -124,8 +125,7 @@ class LeaseSimulator(Simulator):
         """Client ``name`` and the master cannot reach each other for ``seconds`` (the MNs
         it still reaches): what it sends and what it is sent meanwhile is lost."""
         self.leases[name].cut_until = self.now + seconds
-        self.faults.append((self.step, f"client {name} cut off from the master for "
-                                       f"{seconds:g} s"))
+        self.faults.append((self.step, f"client {name} cut off from the master for {seconds:g} s"))
 
     def restart_master(self, down: float) -> None:
         """The master stops now (its repairs die with it) and is back ``down`` s later from
@@ -184,8 +184,8 @@ class LeaseSimulator(Simulator):
             return
         if self.stalls and self.fault_rng.random() < self.stalls:
             lease.stalled_until = now + self.fault_rng.uniform(0, self.stall)
-            self.faults.append((self.step, f"client {c.name} stalls until "
-                                           f"{lease.stalled_until:.3f}"))
+            until = f"{lease.stalled_until:.3f}"
+            self.faults.append((self.step, f"client {c.name} stalls until {until}"))
             return
         if lease.pause and lease.acked != lease.pause and not c.pending:
             lease.acked = lease.pause       # between batches: ack at once

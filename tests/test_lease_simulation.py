@@ -25,8 +25,8 @@ from fusee.audit import audit
 from fusee.driver import run
 from fusee.operations import ClientCore
 from fusee.recovery import OLD_LOST, UNPROVEN
-from transports.local import LocalMemory, LocalTransport
 from tests.test_failover import ERRORS, KEYS, MIX, PATIENCE, _config
+from transports.local import LocalMemory, LocalTransport
 
 
 class LeaseRun:
