@@ -183,6 +183,10 @@ class Simulator:
         for c in self.clients.values():         # the pause: batches in flight complete
             while c.runnable and c.pending:
                 self._verb(c, next(iter(c.pending)))
+        self._publish_failover(nodes)
+
+    def _publish_failover(self, nodes) -> None:
+        """Run the failover of ``nodes`` now and hand its membership to the waiting clients."""
         before = self.membership
         self.membership = run(failover(self.memory.config, before, nodes),
                               LocalTransport(self.memory.config, memory=self.memory))
@@ -220,7 +224,14 @@ class Simulator:
         while True:
             for fn in self._timers.pop(self.step, ()):
                 fn(self)
-            live = [c for c in self.clients.values() if c.runnable and not c.waiting]
+            self._before_step()
+            live = [c for c in self.clients.values() if self._movable(c)]
+            if not live and self._time_passes():
+                if self.step >= self.max_steps:
+                    raise SimulationError(f"seed {self.seed}: no end after {self.step} steps "
+                                          "(every client waits for the clock)")
+                self.step += 1
+                continue
             if not live:
                 if not any(c.runnable for c in self.clients.values()):
                     return self.history
@@ -242,6 +253,17 @@ class Simulator:
             self._last = c
             self._move(c)
             self.step += 1
+
+    # hooks for a subclass that keeps a clock (emulator.lease_simulation): the base has none
+    def _before_step(self) -> None:
+        """What happens at each step besides a client's move."""
+
+    def _movable(self, c: SimClient) -> bool:
+        return c.runnable and not c.waiting
+
+    def _time_passes(self) -> bool:
+        """No client can move, but something waits for time to pass: step on."""
+        return False
 
     def _move(self, c: SimClient) -> None:
         """One scheduling step of client ``c``: invoke its next op, or execute one verb."""

@@ -290,6 +290,12 @@ class LeaseKeeper:
         this client's clock."""
         return sent + lease * (1 - CLOCK_MARGIN)
 
+    @staticmethod
+    def _pause(g: Grant, epoch: int) -> int:
+        """The epoch a renewal tells a client that knows ``epoch`` to pause for (0: none): a
+        pause for an epoch it already has is over."""
+        return g.pause if g.pause > epoch else 0
+
     def valid(self) -> bool:
         return time.monotonic() < self.expires
 
@@ -383,7 +389,7 @@ class LeaseKeeper:
                 self.epoch = g.membership.epoch
             # the pause goes up before the gate is taken: a batch that gets the gate after us
             # sees it and stays home
-            self.pause = g.pause if g.pause > self.membership.epoch else 0
+            self.pause = self._pause(g, self.membership.epoch)
             self.news.notify_all()
         if not self.pause or self.acked == self.pause:
             return False
