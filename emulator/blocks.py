@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from emulator.memory import MemoryRegion
+from fusee.emulator.memory import MemoryRegion
 from fusee.index import initial_image
 from fusee.memory_map import (HEADER_LAYOUT, HEADER_MAGIC, HEADER_NODE, MAGIC, MemoryMap)
 from fusee.verbs import AllocBlock, ControlError, FreeBlock

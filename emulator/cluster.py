@@ -1,13 +1,13 @@
 """An embedded cluster on one machine: N memory-node processes, started and always stopped.
 
 ``LocalCluster`` is what tests, examples and benchmarks use. It writes a cluster config,
-starts ``python -m emulator.memnode`` once per MN, waits until each one reports its bound
+starts ``python -m fusee.emulator.memnode`` once per MN, waits until each one reports its bound
 endpoint (or fails with that node's own error output), rewrites the config with the real
 endpoints, and on exit stops every process and removes every segment, socket and temporary
 file, even when the code inside the ``with`` block failed. MN processes also exit by
 themselves if the process that started them dies. Over tcp:// it makes CURVE keys of its own
 (``secure=False`` opts into plaintext, with a warning). With ``master=True`` it also runs the
-master (``python -m emulator.master_server``) and names it in the config, so clients register
+master (``python -m fusee.emulator.master_server``) and names it in the config, so clients register
 with it; ``stop_master`` / ``start_master`` restart it on the same endpoint and state file,
 ``master_status`` asks it how things stand, and ``kill`` crashes a memory node.
 """
@@ -25,9 +25,9 @@ import time
 import weakref
 from pathlib import Path
 
-from emulator.serving import stop_processes
+from fusee.emulator.serving import stop_processes
 from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig, SecurityConfig
-from transports.security import init_keys, init_master_key
+from fusee.transports.security import init_keys, init_master_key
 
 MiB = 1 << 20
 
@@ -48,7 +48,7 @@ class LocalCluster:
                  mn_lease: float | None = None, masters: int = 1,
                  coordination: str | None = None):
         """``masters`` > 1: that many master processes electing their leader on ZooKeeper
-        (``coordination``: "zookeeper://..."; see emulator.zk_ensemble), on ipc endpoints."""
+        (``coordination``: "zookeeper://..."; see fusee.emulator.zk_ensemble), on ipc endpoints."""
         if transport not in ("local", "shm", "zmq", "verbs"):
             raise ValueError(f"unknown transport {transport!r}")
         if master and transport == "local":
@@ -103,7 +103,7 @@ class LocalCluster:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "LocalCluster":
         if self.backend == "local":
-            from transports.local import LocalMemory
+            from fusee.transports.local import LocalMemory
             self.memory = LocalMemory(self.config)
             self.config.save(self.config_path)
             return self
@@ -111,7 +111,7 @@ class LocalCluster:
         ready = {i: self.workdir / f"mn{i}.ready" for i in range(len(self.config.memnodes))}
         for i in ready:
             log = open(self.workdir / f"mn{i}.log", "wb")
-            cmd = [sys.executable, "-m", "emulator.memnode", "--config", str(proto),
+            cmd = [sys.executable, "-m", "fusee.emulator.memnode", "--config", str(proto),
                    "--id", str(i), "--ready-file", str(ready[i]), "--parent-pid", str(os.getpid())]
             if self.backend == "verbs":
                 cmd.append("--rdma")
@@ -166,7 +166,7 @@ class LocalCluster:
         ready.unlink(missing_ok=True)
         with open(self.workdir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "emulator.master_server", "--config",
+                [sys.executable, "-m", "fusee.emulator.master_server", "--config",
                  str(self.config_path), "--state", str(self.workdir / "master.json"),
                  "--endpoint", endpoint, "--ready-file", str(ready),
                  "--parent-pid", str(os.getpid())],
@@ -228,7 +228,7 @@ class LocalCluster:
         ready.unlink(missing_ok=True)
         with open(self.workdir / f"mn{node}.log", "ab") as log:
             self.procs[node] = subprocess.Popen(
-                [sys.executable, "-m", "emulator.memnode", "--config", str(self.config_path),
+                [sys.executable, "-m", "fusee.emulator.memnode", "--config", str(self.config_path),
                  "--id", str(node), "--ready-file", str(ready), "--rejoin",
                  "--parent-pid", str(os.getpid())],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -253,7 +253,7 @@ class LocalCluster:
     # -- clients -----------------------------------------------------------------------------
     def transport(self, backend: str | None = None, **kwargs):
         """A transport connected to every MN (default: the cluster's backend)."""
-        from transports import connect
+        from fusee.transports import connect
         backend = backend or self.backend
         if backend == "local":
             kwargs.setdefault("memory", self.memory)
@@ -271,7 +271,7 @@ class LocalCluster:
     def master_status(self) -> dict:
         """The (leading) master's ``status`` (membership, leases, failovers, repairs); with
         several masters, standbys send the request on and a dead one is skipped."""
-        from transports.master_link import MasterLink, MasterTimeout
+        from fusee.transports.master_link import MasterLink, MasterTimeout
         with MasterLink(self.config) as link:
             for _ in range(len(self.config.masters) - 1):
                 try:

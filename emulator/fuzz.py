@@ -9,7 +9,7 @@
 - ``config``: the cluster-config parser: a config or a ConfigError, nothing else.
 
 Run one with atheris (opt-in, ``pip install atheris``):
-``python -m emulator.fuzz memnode -runs=100000``; the tests run each one briefly too.
+``python -m fusee.emulator.fuzz memnode -runs=100000``; the tests run each one briefly too.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import sys
 
 import msgpack
 
-from emulator import wire
-from emulator.memnode import MemoryNode
+from fusee.emulator import wire
+from fusee.emulator.memnode import MemoryNode
 from fusee.config import ClusterConfig, ConfigError, LayoutConfig, MemNodeConfig
 from fusee.index import COMBINED, View
 from fusee.layout import decode_object, encode_object, object_bytes, size_class
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     import atheris                              # opt-in: the fuzz extra
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in TARGETS:
-        print(f"usage: python -m emulator.fuzz {{{','.join(TARGETS)}}} [libFuzzer options]",
+        print(f"usage: python -m fusee.emulator.fuzz {{{','.join(TARGETS)}}} [libFuzzer options]",
               file=sys.stderr)
         return 2
     target = argv[0]

@@ -14,7 +14,7 @@ paused (GC, SIGSTOP), stops granting before anyone else can lead, whatever its o
 believe. A request the leader answers was sent before it checked ``valid()``, so a client's
 lease (counted from its send) ends before the successor's full lease for every recorded
 client (``fusee.master``). On top of that the state store fences on the znode version
-(``emulator.master_state``), and a leader whose session is lost for good exits (``lost``).
+(``fusee.emulator.master_state``), and a leader whose session is lost for good exits (``lost``).
 """
 
 from __future__ import annotations

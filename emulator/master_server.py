@@ -5,10 +5,10 @@ It wraps the sans-IO ``fusee.master.Master`` with I/O, on three threads that sha
 lock:
 
 - the main thread serves RPCs on a ZeroMQ ROUTER socket (the MNs' control protocol,
-  ``emulator.wire``; CURVE as for the MNs): ``register``, ``renew``, ``release``, ``status``,
+  ``fusee.emulator.wire``; CURVE as for the MNs): ``register``, ``renew``, ``release``, ``status``,
   ``ping``; and it ticks the leases;
 - a heartbeat thread pings every live MN with the MNs' own ``ping`` control request through
-  ``transports.channel.Channels``, all at once, every quarter of the MN lease; the dead ones
+  ``fusee.transports.channel.Channels``, all at once, every quarter of the MN lease; the dead ones
   too, and one that answers "rejoin" (``fusee memnode --rejoin``) is queued for a rebuild
   (``fusee.rejoin``);
 - a worker thread, on a transport of its own to the live MNs, runs the failover of each dead
@@ -20,12 +20,12 @@ lock:
 
 While an MN awaits its failover, renewal replies tell clients to pause (``fusee.master``);
 once it is done the new membership is saved, then handed out with the renewals. Registrations
-are refused meanwhile (the client retries). The state is saved (``emulator.master_state``: a
+are refused meanwhile (the client retries). The state is saved (``fusee.emulator.master_state``: a
 file, or ZooKeeper) whenever it changes, before a reply depends on it, so a restarted master
 carries on. Every network wait has a timeout. SIGTERM / SIGINT stop it cleanly.
 
 With ``[master] coordination = "zookeeper://..."`` several of these processes run; one leads
-(``emulator.master_election``) and the others stand by: they answer every request but ``ping``
+(``fusee.emulator.master_election``) and the others stand by: they answer every request but ``ping``
 with ERR_STANDBY (the client asks the next master of its list) and start their threads only
 once elected, when they carry on from the state in ZooKeeper as a restarted master would.
 """
@@ -46,7 +46,7 @@ from typing import Callable
 
 import zmq
 
-from emulator import wire
+from fusee.emulator import wire
 from fusee.config import ClusterConfig, ConfigError
 from fusee.driver import run
 from fusee.errors import ClientLimit, FuseeError
@@ -60,12 +60,12 @@ from fusee.layout import CLEAN
 from fusee.client_ids import client_states, fresh_client_id
 from fusee.recovery import recover_client
 from fusee.verbs import TransportError
-from transports.channel import Channels
-from transports.master_link import ERR_BUSY, ERR_LEASE, ERR_STANDBY
-from emulator.master_election import LeaderGuard
-from emulator.master_state import Deposed, FileStore, StateStore, ZooKeeperStore
-from emulator.serving import BindError, EndpointInUse, bind, stop_condition, write_ready
-from transports.security import check_endpoint, master_config, secure_server
+from fusee.transports.channel import Channels
+from fusee.transports.master_link import ERR_BUSY, ERR_LEASE, ERR_STANDBY
+from fusee.emulator.master_election import LeaderGuard
+from fusee.emulator.master_state import Deposed, FileStore, StateStore, ZooKeeperStore
+from fusee.emulator.serving import BindError, EndpointInUse, bind, stop_condition, write_ready
+from fusee.transports.security import check_endpoint, master_config, secure_server
 from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
 from fusee.metrics import MasterCollector, MetricsUnavailable, metrics_address, serve_metrics
 
@@ -85,8 +85,8 @@ TICK = 0.02
 class MasterServer:
     def __init__(self, config: ClusterConfig, store: StateStore,
                  transport: str | None = None, log=_log, leadership=None):
-        """``store``: where the state lives (``emulator.master_state``); ``leadership``: this
-        master's place in a ZooKeeper election (``emulator.master_election``), or None for
+        """``store``: where the state lives (``fusee.emulator.master_state``); ``leadership``: this
+        master's place in a ZooKeeper election (``fusee.emulator.master_election``), or None for
         the single master, which leads from the start."""
         self.config, self.backend, self.log = config, transport, log
         self.grace = config.timeout        # the longest a client's last batch can be in flight
@@ -359,7 +359,7 @@ class MasterServer:
         return set(self.master.dead) | set(self.master.failing)
 
     def _connect(self, down: set[int]):
-        from transports import connect
+        from fusee.transports import connect
         transport = connect(self.config, self.backend, dead=down)
         return transport if self.leadership is None else LeaderGuard(transport, self.leading)
 
@@ -664,7 +664,7 @@ def open_coordination(config: ClusterConfig, endpoint: str, state_path: str | Pa
     election, or ZooKeeper for both."""
     if config.coordination is None:
         return FileStore(state_path), None
-    from emulator.master_election import ZooKeeperLeadership
+    from fusee.emulator.master_election import ZooKeeperLeadership
     if len(config.masters) > 1 and endpoint not in config.masters:
         raise ConfigError(f"this master's endpoint {endpoint} is not one of the config's "
                           f"masters {config.masters}: name it with --endpoint")

@@ -5,7 +5,7 @@ interface, ``load`` / ``save`` / ``close``, and two stores behind it.
   embedded default: one master, a laptop, the quick start).
 - ``ZooKeeperStore``: one znode per cluster holding the same JSON, every write a
   compare-and-set on the znode's version (``[master] coordination = "zookeeper://..."``, with
-  ``emulator.master_election`` choosing the one master that writes). The state is one znode,
+  ``fusee.emulator.master_election`` choosing the one master that writes). The state is one znode,
   not one per record, because the master's decisions span records (a repair moves an id from
   the clients to the repair queue; a failover changes the membership, the queue and the pause
   at once): a single versioned write keeps them atomic, and the whole state is a few KiB (ids

@@ -1,7 +1,7 @@
 """A memory node: registers a region of shared memory and serves it like an RDMA NIC.
 
 The process owns one POSIX shared-memory segment (the registered region) and answers, on one
-ZeroMQ ROUTER endpoint, two kinds of message (emulator.wire): batches of one-sided verbs, which
+ZeroMQ ROUTER endpoint, two kinds of message (fusee.emulator.wire): batches of one-sided verbs, which
 it executes in order against the region exactly as a NIC would (bounds, key and alignment
 checked; hardware atomics), and control requests (region info, block allocation, ping, and
 whatever a backend registers, such as RDMA queue-pair setup). It never interprets a key or a
@@ -19,20 +19,20 @@ from typing import Callable
 
 import zmq
 
-from emulator import _atomic, wire
-from emulator.wire import OP_CAS, OP_FAA, OP_READ, OP_WRITE
-from emulator.blocks import BlockTable, format_region
-from emulator.memory import MemoryRegion, SharedSegment, new_rkey
+from fusee.emulator import _atomic, wire
+from fusee.emulator.wire import OP_CAS, OP_FAA, OP_READ, OP_WRITE
+from fusee.emulator.blocks import BlockTable, format_region
+from fusee.emulator.memory import MemoryRegion, SharedSegment, new_rkey
 from fusee.config import ClusterConfig, ConfigError
 from fusee.memory_map import MemoryMap
 from fusee.rejoin import REJOIN
 from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAccessError
-from emulator.serving import (BindError, EndpointInUse, bind, claim_endpoint,
+from fusee.emulator.serving import (BindError, EndpointInUse, bind, claim_endpoint,
                               stop_condition, write_ready)
 from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
 from fusee.metrics import (MEMNODE_TALLY, MemnodeCollector, MetricsUnavailable,
                            metrics_address, serve_metrics)
-from transports.security import check_endpoint, secure_server
+from fusee.transports.security import check_endpoint, secure_server
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
             metrics_port = serve_metrics(metrics_port, metrics_address(endpoint),
                                          MemnodeCollector(node))
         if args.rdma:
-            from emulator import rdma_nic
+            from fusee.emulator import rdma_nic
             rdma_nic.install(node)
 
         def bound(endpoint: str) -> None:

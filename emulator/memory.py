@@ -2,7 +2,7 @@
 
 A ``MemoryRegion`` executes one-sided verbs on a writable buffer exactly as an RDMA NIC would:
 every request is checked against the region's bounds and access key, atomics must be 8-byte
-aligned, and CAS/FAA are real hardware atomics (``emulator._atomic``), so several processes
+aligned, and CAS/FAA are real hardware atomics (``fusee.emulator._atomic``), so several processes
 mapping the same shared-memory segment race correctly. Failures raise RemoteAccessError and
 leave the region untouched.
 """
@@ -15,7 +15,7 @@ import secrets
 
 import _posixshmem
 
-from emulator import _atomic
+from fusee.emulator import _atomic
 from fusee.verbs import Cas, Faa, Read, RemoteAccessError, Write
 
 _atomic_cas, _atomic_faa = _atomic.cas, _atomic.faa

@@ -1,6 +1,6 @@
 """pyverbs plumbing shared by both ends of the real-RDMA path and by the preflight check.
 
-Both the memory node (emulator.rdma_nic) and the client (transports.rdma) open a device, pick a
+Both the memory node (fusee.emulator.rdma_nic) and the client (fusee.transports.rdma) open a device, pick a
 GID, and bring an RC queue pair to RTS from the peer's queue-pair info; this module does it once.
 Nothing here imports pyverbs at module import time, so a machine without RDMA can import it
 (and the test suite can skip cleanly).

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
-from emulator import _atomic
-from emulator.rdma_device import (Device, RdmaUnavailable, access_flags, check_peer, connect_qp,
+from fusee.emulator import _atomic
+from fusee.emulator.rdma_device import (Device, RdmaUnavailable, access_flags, check_peer, connect_qp,
                                   create_qp, new_psn)
 from fusee.verbs import ControlError
 
@@ -98,7 +98,7 @@ class RdmaNic:
 
 
 def install(node) -> RdmaNic:
-    """Serve ``node``'s region (an emulator.memnode.MemoryNode) over RDMA as well."""
+    """Serve ``node``'s region (an fusee.emulator.memnode.MemoryNode) over RDMA as well."""
     nic = RdmaNic(node.segment.mmap, node.id)
     node.register_control("rdma_connect", nic.connect)
     node.register_control("rdma_disconnect", nic.disconnect)

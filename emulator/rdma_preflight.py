@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from emulator.rdma_device import (Device, RdmaUnavailable, access_flags, connect_qp, create_qp,
+from fusee.emulator.rdma_device import (Device, RdmaUnavailable, access_flags, connect_qp, create_qp,
                                   device_names, gid_table, load_pyverbs, new_psn)
 
 MTU_BYTES = {1: 256, 2: 512, 3: 1024, 4: 2048, 5: 4096}
@@ -180,7 +180,7 @@ def check_cluster(config_path: str) -> Check:
     from fusee.config import ClusterConfig
     from fusee.memory_map import HEADER_MAGIC, MAGIC
     from fusee.verbs import Read, TransportError
-    from transports.rdma import VerbsTransport
+    from fusee.transports.rdma import VerbsTransport
     try:
         config = ClusterConfig.load(config_path)
         t = VerbsTransport(config)

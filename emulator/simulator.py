@@ -12,7 +12,7 @@ the last verb of a batch is done, the completions go back into the generator: on
 for that client. Nothing here depends on wall-clock time or on hash randomization, so a seed
 that fails replays exactly.
 
-Every operation is recorded in a ``History`` (emulator.history) for the linearizability checker.
+Every operation is recorded in a ``History`` (fusee.emulator.history) for the linearizability checker.
 
 Faults, all placed deterministically:
 - ``crash_client_at(name, op, verb)``: the client dies after executing ``verb`` verbs of its
@@ -49,7 +49,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
-from emulator.history import History, Op
+from fusee.emulator.history import History, Op
 from fusee.config import LayoutConfig
 from fusee.driver import Operation, run
 from fusee.failover import failover
@@ -58,8 +58,8 @@ from fusee.membership import Membership
 from fusee.rebuild import rebuild
 from fusee.verbs import (AllocBlock, AwaitMembership, Backoff, EpochChanged, FreeBlock,
                          NodeTimeout, TransportError, validate)
-from transports.base import TransportStats, raise_for_failures
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.base import TransportStats, raise_for_failures
+from fusee.transports.local import LocalMemory, LocalTransport
 
 
 class SimulationError(Exception):
@@ -254,7 +254,7 @@ class Simulator:
             self._move(c)
             self.step += 1
 
-    # hooks for a subclass that keeps a clock (emulator.lease_simulation): the base has none
+    # hooks for a subclass that keeps a clock (fusee.emulator.lease_simulation): the base has none
     def _before_step(self) -> None:
         """What happens at each step besides a client's move."""
 
@@ -435,7 +435,7 @@ class Simulator:
 
 
 def _count(s: TransportStats, batch: list) -> None:
-    """The counters a real transport keeps for one round trip (transports.base)."""
+    """The counters a real transport keeps for one round trip (fusee.transports.base)."""
     s.round_trips += 1
     s.verbs += len(batch)
     for req in batch:

@@ -28,7 +28,7 @@ The hand-off to the worker costs a thread switch per round trip: measured on a l
 2-core host, a zmq ``get`` took 540-740 us against 480-510 us synchronously, while a shm
 ``get`` (inline) costs what the synchronous one does. Awaiting the replies on
 ``zmq.asyncio`` sockets would save that switch, at the price of a second receive path next
-to ``transports.channel``'s.
+to ``fusee.transports.channel``'s.
 
 Coroutines sharing a client take turns, one operation (or batch) at a time, as threads
 sharing a synchronous Client do. Cancelling one (a timeout around it, say) cuts its operation

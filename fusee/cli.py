@@ -28,7 +28,7 @@ BENCH_EXTRA = {"numpy", "hdrh", "matplotlib", "redis", "tqdm"}
 
 
 def _cluster(args) -> int:
-    from emulator.cluster import LocalCluster
+    from fusee.emulator.cluster import LocalCluster
     setup_logging(args.log_level)
     with LocalCluster(memnodes=args.memnodes, transport=args.transport,
                       endpoint=args.endpoint) as c:
@@ -47,12 +47,12 @@ def _cluster(args) -> int:
 
 
 def _memnode(argv) -> int:
-    from emulator.memnode import main
+    from fusee.emulator.memnode import main
     return main(argv)
 
 
 def _master(argv) -> int:
-    from emulator.master_server import main
+    from fusee.emulator.master_server import main
     return main(argv)
 
 
@@ -76,7 +76,7 @@ def _bench(argv) -> int:
 
 def _rdma(argv) -> int:
     if argv and argv[0] == "preflight":
-        from emulator.rdma_preflight import main
+        from fusee.emulator.rdma_preflight import main
         return main(argv[1:])
     print("usage: fusee rdma preflight [--config CLUSTER.toml] [options]", file=sys.stderr)
     return 2
@@ -134,7 +134,7 @@ def _status(args) -> int:
 
 def _keys(args) -> int:
     from fusee.config import ClusterConfig
-    from transports.security import add_client, init_keys, init_master_key
+    from fusee.transports.security import add_client, init_keys, init_master_key
     if args.action == "init-master":
         public = init_master_key(args.dir)
         print(f"# the master's keypair is in {args.dir} (authorized with the memory nodes): "

@@ -45,7 +45,7 @@ def reachable(view: dict) -> bool:
 def _master_view(config: ClusterConfig) -> dict:
     if not config.master:
         return {"endpoint": None, "error": "no master in the config"}
-    from transports.master_link import MasterError, MasterLink
+    from fusee.transports.master_link import MasterError, MasterLink
     try:
         with MasterLink(config) as link:
             status = link.status()
@@ -56,7 +56,7 @@ def _master_view(config: ClusterConfig) -> dict:
 
 def _memnode_infos(config: ClusterConfig) -> dict:
     from fusee.verbs import TransportError
-    from transports.channel import Channels
+    from fusee.transports.channel import Channels
     channels = Channels(config)
     try:
         replies = channels.call_all([m.id for m in config.memnodes], "info", config.timeout)

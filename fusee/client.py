@@ -13,7 +13,7 @@ network or a memory node fails, LeaseExpired, ...), each with the exit code a CL
 
 When the cluster config names a master, the client registers with it: the master leases it an
 id (a fresh or recovered one, or the one asked for) and the current membership; a background
-thread renews the lease (``transports.master_link``). While the master is unreachable the
+thread renews the lease (``fusee.transports.master_link``). While the master is unreachable the
 client carries on as long as its lease is valid; once it has lapsed, operations wait (bounded)
 for a renewal and carry on when a restarted master grants one (``LeaseLapsed`` if none comes in
 time). Once the master has refused it, the lease is over and every operation raises
@@ -95,11 +95,11 @@ class Client:
             raise ValueError("recover=True needs the client_id to recover")
         self.transport = transport
         self.config = config or transport.config
-        self.lease = lease                  # transports.master_link.LeaseKeeper, with a master
+        self.lease = lease                  # fusee.transports.master_link.LeaseKeeper, with a master
         membership = Membership()
         try:
             if self.config.master:
-                from transports.master_link import LeaseKeeper, membership_wait
+                from fusee.transports.master_link import LeaseKeeper, membership_wait
                 if self.lease is None:
                     self.lease = LeaseKeeper(self.config, client_id)
                 client_id = self.lease.client_id
@@ -158,11 +158,11 @@ class Client:
         config = ClusterConfig.load(config_path)
         lease = None
         if config.master:
-            from transports.master_link import LeaseKeeper
+            from fusee.transports.master_link import LeaseKeeper
             lease = LeaseKeeper(config, client_id)
         try:
             if transport is None or isinstance(transport, str):
-                from transports import connect
+                from fusee.transports import connect
                 dead = lease.membership.dead if lease is not None else ()
                 transport = connect(config, transport, dead=dead)
             try:
@@ -321,7 +321,7 @@ def _patience(config: ClusterConfig, rtt: float) -> int:
     that client crashed (Stalled): as many as fit, at round-trip time ``rtt`` plus the
     back-off between re-reads, in twice the time a master needs to notice a crash, pause
     everyone and fail over or recover."""
-    from transports.master_link import membership_wait
+    from fusee.transports.master_link import membership_wait
     return FAST_POLLS + int(2 * membership_wait(config) / (min(rtt, 1.0) + BACKOFF))
 
 

@@ -183,7 +183,7 @@ def _own_failure(error: TransportError, completions: list | None, start: int,
     failure = None
     for r in own:
         if isinstance(r, TransportError):
-            # as transports.base.raise_for_failures: a dead node outranks a refused request
+            # as fusee.transports.base.raise_for_failures: a dead node outranks a refused request
             if failure is None or (isinstance(r, NodeTimeout) and
                                    not isinstance(failure, NodeTimeout)):
                 failure = r

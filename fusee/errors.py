@@ -32,7 +32,7 @@ value of the wrong type a ``TypeError`` (``WrongType``) and a closed client a
 modules, where they can still be imported from: ``fusee.verbs`` (the transport errors),
 ``fusee.master`` (``LeaseExpired``, ``LeaseError``, ``TransitionInProgress``, ``DataLost``),
 ``fusee.index`` (``LostData``, now ``DataLost``: both meant "every replica of something is on a
-dead memory node"), ``transports.master_link`` (the master errors), ``fusee.config``
+dead memory node"), ``fusee.transports.master_link`` (the master errors), ``fusee.config``
 (``ConfigError``).
 """
 

@@ -33,7 +33,7 @@ def _classes():
     )
     from fusee.master import DataLost, LeaseExpired
     from fusee.verbs import NodeTimeout, RemoteAccessError, TransportError
-    from transports.master_link import MasterError
+    from fusee.transports.master_link import MasterError
     return (
         (KeyNotFound, NOT_FOUND, ""),
         (KeyExists, NOT_FOUND, "use `fusee put` to overwrite"),

@@ -91,12 +91,12 @@ class Backoff(NamedTuple):
 
 
 def _build_verbs_in_c() -> None:
-    """Build the four verbs with ``emulator._atomic.verb_new`` where it is compiled: a
+    """Build the four verbs with ``fusee.emulator._atomic.verb_new`` where it is compiled: a
     namedtuple's own ``__new__`` is a Python lambda, a tenth of an update's client CPU. The
     verbs stay the same classes (fields, ``_replace``, equality); without the extension
     they are built the namedtuple's way."""
     try:
-        from emulator._atomic import verb_new
+        from fusee.emulator._atomic import verb_new
     except ImportError:
         return
     for verb in (Read, Write, Cas, Faa):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 
 #: backend id -> LocalCluster arguments
 BACKENDS = {

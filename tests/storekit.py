@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import random
 
-from emulator.linearizability import check
-from emulator.simulator import Simulator, kv_workload, store_calls
+from fusee.emulator.linearizability import check
+from fusee.emulator.simulator import Simulator, kv_workload, store_calls
 from fusee.client import Client
 from fusee.config import ClusterConfig, KiB, LayoutConfig, MemNodeConfig, MiB
 from fusee.driver import run
 from fusee.errors import KeyExists, KeyNotFound
 from fusee.operations import ClientCore
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.local import LocalMemory, LocalTransport
 
 #: a tiny index (2 subtables of 8 groups) so that splits come early
 SMALL = dict(region_size=16 * MiB, block_size=256 * KiB, max_clients=64, index_size=2 * MiB,

@@ -12,7 +12,7 @@ from fusee.layout import CLASSES, LOG_BYTES, OBJ_HEADER, decode_object, slot_add
 from fusee.operations import ClientCore
 from fusee.verbs import Cas
 from storekit import config
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.local import LocalMemory, LocalTransport
 
 #: 64 KiB blocks: three objects of the largest class each, so freed ones come back soon
 LAYOUT = dict(region_size=2048 * KiB, block_size=64 * KiB, max_clients=16,

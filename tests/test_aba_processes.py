@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 from processes import run_processes
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 from fusee.audit import audit
 from fusee.client import Client
 from fusee.config import KiB, LayoutConfig, MiB

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from emulator.simulator import Simulator, store_calls
+from fusee.emulator.simulator import Simulator, store_calls
 from fusee.audit import audit
 from fusee.config import MiB
 from fusee.driver import run, run_concurrently
@@ -17,7 +17,7 @@ from fusee.layout import (BLOCK_HEADER, BLOCK_MAGIC, CLASSES, LEN_SHIFT, META_GR
                           size_class)
 from fusee.operations import ClientCore
 from storekit import TINY, clients, config
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.local import LocalMemory, LocalTransport
 
 #: 64 KiB blocks and an index roomy enough for a few thousand keys without splits
 ROOMY = dict(region_size=32 * 1024 * 1024, block_size=64 * 1024, max_clients=16,

@@ -11,9 +11,9 @@ import signal
 
 import pytest
 
-from emulator.cluster import LocalCluster
-from emulator.history import History
-from emulator.linearizability import check
+from fusee.emulator.cluster import LocalCluster
+from fusee.emulator.history import History
+from fusee.emulator.linearizability import check
 from fusee.asyncio import Client
 from fusee.audit import audit
 from fusee.batch import BatchError

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 from fusee.batch import BatchError
 from fusee.errors import KeyExists, KeyNotFound, KeyTooLarge
 

@@ -11,7 +11,7 @@ from array import array
 import numpy as np
 import pytest
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 from fusee.bench import report
 from fusee.bench.clover import CloverClient, CloverExecutor
 from fusee.bench.clover_server import GRACE, Arena, MetadataServer, MetadataServerProcess

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 
 
 def fusee(*args, check=True):

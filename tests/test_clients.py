@@ -10,8 +10,8 @@ import struct
 
 import pytest
 
-from emulator.linearizability import check
-from emulator.simulator import Call, Simulator, kv_workload, store_calls
+from fusee.emulator.linearizability import check
+from fusee.emulator.simulator import Call, Simulator, kv_workload, store_calls
 
 from fusee.client import Client
 from fusee.driver import run
@@ -26,7 +26,7 @@ from fusee.audit import audit
 from fusee.recovery import recover_client
 from fusee.verbs import EpochChanged, Read
 from storekit import config
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.local import LocalMemory, LocalTransport
 from test_recovery import _audit, crash_after
 
 

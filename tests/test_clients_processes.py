@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 from fusee.audit import audit
 from fusee.client import Client
 from fusee.driver import run
@@ -86,7 +86,7 @@ def test_a_client_used_after_fork_is_refused_in_the_child(backend):
 
 
 def _memnode(c: LocalCluster, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "emulator.memnode", "--config",
+    return subprocess.Popen([sys.executable, "-m", "fusee.emulator.memnode", "--config",
                              str(c.config_path), "--id", "0", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -15,8 +15,8 @@ from fusee.config import ClusterConfig
 from fusee.memory_map import MAGIC, MemoryMap
 from fusee.verbs import (AllocBlock, Cas, ControlError, Faa, FreeBlock, MASK64, NodeTimeout, Read,
                          RemoteAccessError, Write)
-from transports import connect
-from transports.base import RegionInfo
+from fusee.transports import connect
+from fusee.transports.base import RegionInfo
 
 MiB = 1 << 20
 

@@ -25,15 +25,15 @@ import random
 
 import pytest
 
-from emulator.linearizability import check
-from emulator.simulator import Call, Simulator, class_filling_sizes, kv_workload, store_calls
+from fusee.emulator.linearizability import check
+from fusee.emulator.simulator import Call, Simulator, class_filling_sizes, kv_workload, store_calls
 from fusee.audit import audit
 from fusee.config import ClusterConfig, KiB, LayoutConfig, MemNodeConfig
 from fusee.driver import run
 from fusee.errors import KeyExists, KeyNotFound
 from fusee.operations import ClientCore
 from fusee.recovery import recover_client
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.local import LocalMemory, LocalTransport
 
 LAYOUT = LayoutConfig(region_size=2048 * KiB, block_size=64 * KiB, max_clients=16,
                       client_meta_size=4 * KiB, index_size=128 * KiB, initial_subtables=1,

@@ -13,8 +13,9 @@ import fusee.errors as errors
 import fusee.index
 import fusee.master
 import fusee.verbs
-import transports.master_link
-from emulator.cluster import LocalCluster
+import fusee.transports.master_link as master_link
+
+from fusee.emulator.cluster import LocalCluster
 from fusee.layout import CLASSES, object_bytes
 
 
@@ -55,8 +56,8 @@ def test_the_old_import_locations_name_the_same_classes():
     assert fusee.master.LeaseError is errors.LeaseError
     assert fusee.master.TransitionInProgress is errors.TransitionInProgress
     assert fusee.master.DataLost is fusee.index.LostData is errors.DataLost
-    assert transports.master_link.MasterError is errors.MasterError
-    assert transports.master_link.MasterTimeout is errors.MasterTimeout
+    assert master_link.MasterError is errors.MasterError
+    assert master_link.MasterTimeout is errors.MasterTimeout
     assert fusee.config.ConfigError is errors.ConfigError
     # and the built-in bases that old handlers catch
     assert issubclass(errors.WrongType, TypeError)

@@ -24,8 +24,8 @@ import random
 
 import pytest
 
-from emulator.linearizability import check
-from emulator.simulator import Call, Simulator, SimulationError, kv_workload, store_calls
+from fusee.emulator.linearizability import check
+from fusee.emulator.simulator import Call, Simulator, SimulationError, kv_workload, store_calls
 from fusee.audit import audit
 from fusee.config import ClusterConfig, KiB, LayoutConfig, MemNodeConfig
 from fusee.driver import run
@@ -37,7 +37,7 @@ from fusee.operations import ClientCore
 from fusee.recovery import OLD_LOST, UNPROVEN, recover_client
 from fusee.resize import _freeze
 from fusee.verbs import AwaitMembership, Cas, EpochChanged, NodeTimeout, TransportError
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.local import LocalMemory, LocalTransport
 
 LAYOUT = LayoutConfig(region_size=2048 * KiB, block_size=64 * KiB, max_clients=16,
                       client_meta_size=4 * KiB, index_size=128 * KiB, initial_subtables=2,

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from emulator.cluster import LocalCluster
-from emulator.history import CRASHED, ERROR, OK, Op
-from emulator.index_check import check_index
-from emulator.linearizability import check
+from fusee.emulator.cluster import LocalCluster
+from fusee.emulator.history import CRASHED, ERROR, OK, Op
+from fusee.emulator.index_check import check_index
+from fusee.emulator.linearizability import check
 from fusee.audit import audit
 from fusee.bench.failover import FailoverOptions, summarize
 from fusee.bench.failover import main as bench_main

@@ -12,12 +12,12 @@ from collections import Counter
 
 import pytest
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 from fusee.audit import audit
 from fusee.driver import run, run_concurrently
 from fusee.verbs import Cas, Faa, Read, Write
 from storekit import clients, config, rt
-from transports.local import LocalTransport
+from fusee.transports.local import LocalTransport
 
 OPS = 100
 VALUE = os.urandom(1000)            # 1 KB objects with the key, as the benchmarks use
@@ -67,7 +67,7 @@ def test_an_operation_stays_within_its_call_budget(kv, name, make, budget):
     rt0 = kv.stats["round_trips"]
     per_op, files = calls_per_op(kv, make, keys)
     assert per_op <= budget, files.most_common(12)
-    # the shm transport runs a whole batch in one call (emulator._atomic.run), not one per
+    # the shm transport runs a whole batch in one call (fusee.emulator._atomic.run), not one per
     # verb: execute, and at most one liveness poll (timed: some batches make it)
     round_trips = kv.stats["round_trips"] - rt0
     assert files["shm.py"] <= 2 * round_trips, (files["shm.py"], round_trips)
@@ -119,7 +119,7 @@ def test_a_put_of_a_new_key_costs_an_insert_and_its_first_read():
 
 def test_verbs_are_built_without_a_python_call():
     """A namedtuple's constructor is a Python lambda; the verbs are built in C
-    (``emulator._atomic.verb_new``), and stay the same namedtuples."""
+    (``fusee.emulator._atomic.verb_new``), and stay the same namedtuples."""
     made = Counter()
 
     def count(frame, event, arg):

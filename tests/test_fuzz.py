@@ -17,8 +17,8 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from emulator import fuzz, wire
-from emulator.cluster import LocalCluster
+from fusee.emulator import fuzz, wire
+from fusee.emulator.cluster import LocalCluster
 from fusee.verbs import MAX_BATCH, Read
 
 FAST = settings(max_examples=300, deadline=None, derandomize=True,
@@ -130,7 +130,7 @@ ATHERIS = importlib.util.find_spec("atheris") is not None
 
 
 def _atheris(target: str, runs: int, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "emulator.fuzz", target, f"-runs={runs}",
+    proc = subprocess.run([sys.executable, "-m", "fusee.emulator.fuzz", target, f"-runs={runs}",
                            "-seed=1", f"-artifact_prefix={tmp_path}/"],
                           capture_output=True, text=True, timeout=1800,
                           cwd=Path(__file__).resolve().parent.parent)

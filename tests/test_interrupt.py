@@ -22,9 +22,9 @@ import time
 
 import pytest
 
-from emulator.cluster import LocalCluster
-from emulator.history import CRASHED, ERROR, OK, Op
-from emulator.linearizability import check
+from fusee.emulator.cluster import LocalCluster
+from fusee.emulator.history import CRASHED, ERROR, OK, Op
+from fusee.emulator.linearizability import check
 from fusee.audit import audit
 from fusee.client import Client
 from fusee.driver import run, run_concurrently
@@ -34,7 +34,7 @@ from fusee.verbs import NodeTimeout, Read
 from fusee.config import LayoutConfig
 from storekit import SMALL, config
 from test_failover_processes import KEYS, _history, _wait, _worker
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.local import LocalMemory, LocalTransport
 
 #: a wait on another client's round that long means the round is never settled
 PATIENCE = 2_000

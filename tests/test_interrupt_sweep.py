@@ -26,8 +26,8 @@ import random
 
 import pytest
 
-from emulator.linearizability import check
-from emulator.simulator import Call, Simulator, kv_workload, store_calls
+from fusee.emulator.linearizability import check
+from fusee.emulator.simulator import Call, Simulator, kv_workload, store_calls
 from fusee.audit import audit
 from fusee.driver import run
 from fusee.errors import KeyExists, KeyNotFound
@@ -35,7 +35,7 @@ from fusee.operations import ClientCore
 from fusee.settle import closing, settled
 from fusee.config import KiB, MiB
 from storekit import TINY, config
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.local import LocalMemory, LocalTransport
 
 #: one subtable of 6 buckets and 16 KiB blocks (storekit.TINY): splits and memory reuse come
 #: early; a directory of 16 entries (the first split rewrites them all, verb by verb)

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from emulator.history import CRASHED, ERROR, OK, History, Op
-from emulator.linearizability import HistoryError, check, check_key
+from fusee.emulator.history import CRASHED, ERROR, OK, History, Op
+from fusee.emulator.linearizability import HistoryError, check, check_key
 
 K = b"k"
 

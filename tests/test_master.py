@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from emulator.master_state import FileStore
+from fusee.emulator.master_state import FileStore
 from fusee.config import ClusterConfig, ConfigError
 from fusee.master import DataLost, LeaseError, Master, StateError, TransitionInProgress
 from fusee.membership import Membership
@@ -54,7 +54,7 @@ def test_leasing_afresh_after_a_break_gives_every_client_a_full_lease_and_never_
 
 
 def test_a_client_counts_its_lease_short_by_the_clock_margin():
-    from transports.master_link import CLOCK_MARGIN, LeaseKeeper
+    from fusee.transports.master_link import CLOCK_MARGIN, LeaseKeeper
     assert 0 < CLOCK_MARGIN < 0.1
     assert LeaseKeeper._expiry(10.0, 2.0) == 10.0 + 2.0 * (1 - CLOCK_MARGIN) < 12.0
 
@@ -318,7 +318,7 @@ def test_several_masters_list_and_round_trip_through_toml():
 
 
 def test_a_master_of_several_must_be_told_which_it_is(tmp_path, capsys):
-    from emulator.master_server import main
+    from fusee.emulator.master_server import main
     path = tmp_path / "c.toml"
     path.write_text('[cluster]\nmaster = "ipc:///a,ipc:///b"\n[master]\n'
                     'coordination = "zookeeper://127.0.0.1:9"\n' + MN)

@@ -1,4 +1,4 @@
-"""The master as a process (``emulator.master_server``) with real memory nodes and clients:
+"""The master as a process (``fusee.emulator.master_server``) with real memory nodes and clients:
 restart, a client killed with kill -9, an MN killed and failed over, the pause of a batch in
 flight, RPC errors, CURVE, the CLI, recovery time. The pure logic: tests/test_master.py."""
 
@@ -18,14 +18,14 @@ import msgpack
 import pytest
 import zmq
 
-from emulator import wire
-from emulator.cluster import LocalCluster
+from fusee.emulator import wire
+from fusee.emulator.cluster import LocalCluster
 from fusee.client import _LeaseGuard
 from fusee.layout import META_RECOVERY
 from fusee.master import LeaseError, LeaseLapsed
 from fusee.memory_map import MemoryMap
 from fusee.verbs import AwaitMembership, Cas, EpochChanged, NodeTimeout, Read
-from transports.master_link import (LeaseKeeper, MasterBusy, MasterError, MasterLink,
+from fusee.transports.master_link import (LeaseKeeper, MasterBusy, MasterError, MasterLink,
                                     membership_wait)
 
 def wait_for(predicate, what, timeout: float = 60.0, interval: float = 0.05):
@@ -440,7 +440,7 @@ def test_master_over_tcp_with_curve():
             assert str(kv.client_id) in status(c)["clients"]
         # a client with a key the master has not authorized is refused at once, and no lease
         from fusee.errors import NotAuthorized
-        from transports.security import init_keys
+        from fusee.transports.security import init_keys
         stranger = c.workdir / "stranger"
         init_keys(stranger, 0, ["nobody"])
         os.environ["FUSEE_CLIENT_KEY"] = str(stranger / "nobody.key_secret")

@@ -19,12 +19,12 @@ from processes import stop_processes
 from storekit import SMALL
 from test_failover_processes import KEYS, LEASES, _history, _wait, _worker
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 from fusee.audit import audit
 from fusee.config import LayoutConfig
 from fusee.driver import run
 from fusee.membership import Membership
-from transports.master_link import membership_wait
+from fusee.transports.master_link import membership_wait
 
 CLIENTS = 3
 #: operations every client does before the kill, and again after the restart

@@ -12,8 +12,8 @@ import msgpack
 import pytest
 import zmq
 
-from emulator import wire
-from emulator.cluster import ClusterStartError, LocalCluster
+from fusee.emulator import wire
+from fusee.emulator.cluster import ClusterStartError, LocalCluster
 from fusee.config import ClusterConfig, MemNodeConfig
 from fusee.verbs import Read
 
@@ -88,7 +88,7 @@ def test_memnode_exits_when_its_parent_dies(tmp_path):
     ready = tmp_path / "ready"
     # A parent that starts the memory node in the background and dies at once.
     code = (f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', "
-            f"'emulator.memnode', '--config', {str(path)!r}, '--id', '0', '--ready-file', "
+            f"'fusee.emulator.memnode', '--config', {str(path)!r}, '--id', '0', '--ready-file', "
             f"{str(ready)!r}, '--parent-pid', str(__import__('os').getpid())], "
             f"stdout=subprocess.DEVNULL); print(p.pid)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)

@@ -9,7 +9,7 @@ import threading
 import pytest
 import zmq.auth
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 from fusee.client import Client
 from fusee.config import MemNodeConfig
 from fusee.errors import MasterTimeout, NodeTimeout, NotAuthorized

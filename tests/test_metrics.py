@@ -12,7 +12,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from emulator.serving import stop_processes
+from fusee.emulator.serving import stop_processes
 from fusee.client import Client
 from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig
 

@@ -11,13 +11,13 @@ import pytest
 
 import fusee.layout
 import fusee.replication
-from emulator.linearizability import check
-from emulator.simulator import SimulationError
+from fusee.emulator.linearizability import check
+from fusee.emulator.simulator import SimulationError
 from fusee.audit import audit
 from fusee.driver import run
 from fusee.verbs import Read
 from test_simulation import KEYS, store_schedule, word
-from transports.local import LocalTransport
+from fusee.transports.local import LocalTransport
 
 
 def _patch_everywhere(monkeypatch, name, new):

@@ -34,7 +34,7 @@ def test_numpy_is_a_dependency_of_the_benchmarks_only():
                for p in (ROOT / package).rglob("*.py")
                if not any(b in p.parents for b in bench)]
     assert [p for p in sources if "numpy" in _imports(p)] == []
-    assert [p for p in sources if "emulator.timing" in p.read_text()] == []
+    assert [p for p in sources if "fusee.emulator.timing" in p.read_text()] == []
 
 
 def test_the_readme_states_what_an_install_needs():
@@ -58,3 +58,24 @@ def test_the_sdist_carries_docs_examples_and_benchmarks(tmp_path):
                    "emulator/_atomic.c", "fusee/py.typed"):
         assert needed in names, needed
     assert not any(n.endswith(".so") for n in names)
+
+
+def test_fusee_installs_under_one_top_level_name():
+    """emulator/ and transports/ install as fusee.emulator and fusee.transports (generic
+    top-level names would clash with other projects in site-packages); every package folder
+    of the tree is listed, and nothing imports the bare names any more."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = tool["package-dir"]
+    assert dirs == {"fusee": "fusee", "fusee.emulator": "emulator",
+                    "fusee.transports": "transports"}
+    found = set()
+    for name, folder in dirs.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((name, *rel)))
+    assert set(tool["packages"]) == found
+    assert all(p.split(".")[0] == "fusee" for p in tool["packages"])
+    bare = [p for package in ("fusee", "emulator", "transports", "tests", "examples")
+            for p in (ROOT / package).rglob("*.py")
+            if _imports(p) & {"emulator", "transports"}]
+    assert bare == []

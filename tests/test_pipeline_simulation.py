@@ -17,11 +17,11 @@ import random
 import pytest
 from test_simulation import KEYS, MIX, STORE_ERRORS, STORE_LAYOUT, cluster_config
 
-from emulator.linearizability import check
-from emulator.simulator import Simulator, kv_workload, store_calls
+from fusee.emulator.linearizability import check
+from fusee.emulator.simulator import Simulator, kv_workload, store_calls
 from fusee.driver import run
 from fusee.operations import ClientCore
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.local import LocalMemory, LocalTransport
 
 
 def pipelined_schedule(seed, clients=2, lanes=3, ops=8, keys=KEYS, mix=MIX, replication=0):

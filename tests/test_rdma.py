@@ -3,7 +3,7 @@
 Memory nodes are processes (``fusee memnode --rdma``) that register their region with the
 device; clients are this process and, in the multi-process tests, spawned processes. Tests
 marked ``rdma`` are skipped when the host has no RDMA device (this machine and CI's host: the
-kernel has none), and run in a SoftRoCE VM by ``python -m emulator.softroce.run_tests``, which
+kernel has none), and run in a SoftRoCE VM by ``python -m fusee.emulator.softroce.run_tests``, which
 sets FUSEE_RDMA_REQUIRED=1 so that a missing device there is a failure, not a skip. The
 tests without the marker check the device-independent logic and run everywhere.
 """
@@ -19,13 +19,13 @@ import sys
 import pytest
 
 import test_conformance
-from emulator.cluster import LocalCluster
-from emulator.memory import SharedSegment
-from emulator.rdma_device import check_peer, choose_gid, gid_rank, rdma_available
+from fusee.emulator.cluster import LocalCluster
+from fusee.emulator.memory import SharedSegment
+from fusee.emulator.rdma_device import check_peer, choose_gid, gid_rank, rdma_available
 from fusee.config import LayoutConfig
 from fusee.verbs import Cas, Faa, Read, RemoteAccessError, Write
-from transports.base import RegionInfo
-from transports.rdma import detect_order, fetched_word
+from fusee.transports.base import RegionInfo
+from fusee.transports.rdma import detect_order, fetched_word
 
 MiB = 1 << 20
 AVAILABLE, WHY = rdma_available()
@@ -136,7 +136,7 @@ def test_both_pyverbs_enum_layouts_are_found(monkeypatch, layout):
     """Newer rdma-core has pyverbs.libibverbs_enums, older pyverbs.enums: whichever this
     pyverbs has provides the enums (stand-in modules, since one host has only one pyverbs)."""
     import types
-    from emulator import rdma_device
+    from fusee.emulator import rdma_device
     enums = types.ModuleType(layout)
     enums.IBV_WR_RDMA_WRITE = 0
     monkeypatch.setitem(sys.modules, "pyverbs", types.ModuleType("pyverbs"))
@@ -246,7 +246,7 @@ def test_zero_length_requests(cluster):
 
 @pytest.mark.rdma
 def test_preflight_passes_on_this_device(cluster):
-    from emulator.rdma_preflight import preflight, report
+    from fusee.emulator.rdma_preflight import preflight, report
     checks = preflight(config=str(cluster.config_path), region_size=VERBS_LAYOUT.region_size)
     text = report(checks)
     assert not [c for c in checks if c.status == "fail"], text

@@ -17,7 +17,7 @@ import pytest
 from test_failover import Run, _config
 from test_failover import _check as check_run
 
-from emulator.index_check import check_index
+from fusee.emulator.index_check import check_index
 from fusee.driver import run
 from fusee.failover import failover
 from fusee.membership import Membership
@@ -25,7 +25,7 @@ from fusee.verbs import AllocBlock
 from fusee.operations import ClientCore
 from fusee.rebuild import RebuildError, rebuild
 from fusee.verbs import NodeTimeout
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.local import LocalMemory, LocalTransport
 
 
 class RebuildRun(Run):

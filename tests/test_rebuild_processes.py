@@ -26,8 +26,8 @@ from test_failover_processes import (
     running,
 )
 
-from emulator.cluster import LocalCluster
-from emulator.history import CRASHED, ERROR
+from fusee.emulator.cluster import LocalCluster
+from fusee.emulator.history import CRASHED, ERROR
 from fusee.config import LayoutConfig, MiB
 from fusee.membership import Membership
 

@@ -28,15 +28,16 @@ import pytest
 from storekit import SMALL
 from test_failover_processes import LEASES, _wait
 
-from emulator.cluster import ClusterStartError, LocalCluster
+from fusee.emulator.cluster import ClusterStartError, LocalCluster
 from fusee.config import LayoutConfig
 from fusee.master import Master
-from transports.master_link import membership_wait
+from fusee.transports.master_link import membership_wait
 
 #: the master process, its rebuild slowed to last at least argv[1] seconds
 SLOWED_MASTER = """
 import sys, time
-import emulator.master_server as ms
+import fusee.emulator.master_server as ms
+
 seconds, real = float(sys.argv[1]), ms.rebuild
 
 def slowed(*args, **kwargs):

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 from fusee.audit import audit
 from fusee.client import Client
 from fusee.driver import run
@@ -30,7 +30,7 @@ from fusee.recovery import recover_client
 from fusee.resize import holder
 from fusee.verbs import Cas
 from storekit import TINY, config
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.local import LocalMemory, LocalTransport
 
 
 def _local(cfg):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 from fusee.driver import run, run_concurrently
 from fusee.memory_map import MemoryMap
 from fusee.verbs import Faa, NodeTimeout, Read, RemoteAccessError, TransportError, Write

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from emulator.cluster import ClusterStartError, LocalCluster
+from fusee.emulator.cluster import ClusterStartError, LocalCluster
 from fusee.config import SecurityConfig
 from fusee.memory_map import MAGIC
 from fusee.verbs import Read, RemoteAccessError
-from transports import connect
-from transports.security import InsecureEndpointError, add_client, init_keys
+from fusee.transports import connect
+from fusee.transports.security import InsecureEndpointError, add_client, init_keys
 
 HEADER = struct.pack("<Q", MAGIC)
 

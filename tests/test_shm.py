@@ -14,13 +14,13 @@ import struct
 import pytest
 from processes import run_processes
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 from fusee.config import ClusterConfig
 from fusee.memory_map import MAGIC, MemoryMap
 from fusee.verbs import (AllocBlock, Cas, ControlError, Faa, FreeBlock, NodeTimeout, Read,
                          RemoteAccessError, Write)
-from transports import connect
-from transports.shm import ShmTransport
+from fusee.transports import connect
+from fusee.transports.shm import ShmTransport
 
 MAGIC_WORD = struct.pack("<Q", MAGIC)
 
@@ -215,12 +215,12 @@ def test_bad_liveness_interval_is_refused(cluster):
 
 
 def test_a_batch_runs_whole_in_c_or_not_at_all(cluster):
-    """emulator._atomic.run, the fast path: a batch whose requests all pass the checks runs
+    """fusee.emulator._atomic.run, the fast path: a batch whose requests all pass the checks runs
     in one call, in order, counted as the verb-by-verb path counts; one that would fail
     anywhere (here its last request) runs none of its requests there, and the transport's
     verb-by-verb path then runs it with its per-request errors."""
-    from emulator import _atomic
-    from transports.shm import _KINDS
+    from fusee.emulator import _atomic
+    from fusee.transports.shm import _KINDS
     t = cluster.transport()
     a = scratch(cluster)
     ok = [Write(0, a, b"x" * 16), Faa(0, a + 16, -1), Cas(1, a, 0, 7), Read(0, a, 24),

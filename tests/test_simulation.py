@@ -21,16 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from emulator.history import CRASHED, OK
-from emulator.linearizability import check
-from emulator.simulator import (Call, SimulationError, Simulator, class_filling_sizes,
+from fusee.emulator.history import CRASHED, OK
+from fusee.emulator.linearizability import check
+from fusee.emulator.simulator import (Call, SimulationError, Simulator, class_filling_sizes,
                                 kv_workload, store_calls)
 from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig
 from fusee.errors import KeyExists as StoreKeyExists, KeyNotFound as StoreKeyNotFound
 from fusee.memory_map import MemoryMap
 from fusee.operations import ClientCore
 from fusee.verbs import (AllocBlock, Cas, NodeTimeout, Read, TransportError, Write)
-from transports.local import LocalMemory
+from fusee.transports.local import LocalMemory
 
 KiB = 1024
 SMALL = LayoutConfig(region_size=1024 * KiB, block_size=64 * KiB, max_clients=16,

@@ -13,9 +13,9 @@ import threading
 
 import pytest
 
-from emulator.cluster import LocalCluster
-from emulator.history import History
-from emulator.linearizability import check
+from fusee.emulator.cluster import LocalCluster
+from fusee.emulator.history import History
+from fusee.emulator.linearizability import check
 from fusee.errors import ClientClosed, KeyExists, KeyNotFound
 
 THREADS = 6

@@ -1,4 +1,4 @@
-"""The timing model (emulator.timing) and `fusee bench model`.
+"""The timing model (fusee.emulator.timing) and `fusee bench model`.
 
 The model runs the real operations, so its clock is the only thing to check: queues at the
 resource the profile makes scarce, contention that happens for real, a failover that stops
@@ -14,10 +14,10 @@ import json
 import numpy as np
 import pytest
 
-from emulator.cluster import LocalCluster
-from emulator.timing.calibrate import fit_step_cost, local_profile, measure
-from emulator.timing.profile import PROFILES, ProfileError, from_dict, load
-from emulator.timing.runs import ModelRun
+from fusee.emulator.cluster import LocalCluster
+from fusee.emulator.timing.calibrate import fit_step_cost, local_profile, measure
+from fusee.emulator.timing.profile import PROFILES, ProfileError, from_dict, load
+from fusee.emulator.timing.runs import ModelRun
 from fusee.bench.main import BenchOptions, run_bench
 from fusee.bench.main import main as bench_main
 from fusee.bench.model import (
@@ -115,7 +115,7 @@ def test_contention_happens_for_real():
     assert r.ops > 500 and lost > 0
     checker = run.stores[0]
     from fusee.driver import run as drive
-    from transports.local import LocalTransport
+    from fusee.transports.local import LocalTransport
     t = LocalTransport(run.config, memory=run.memory)
     for k in run.names:
         assert drive(checker.search(k), t) == run.value
@@ -170,7 +170,7 @@ def _ops_per_second(per_op: dict, clients: int, count: int) -> float:
 
 def test_model_agrees_with_a_real_bench_run_on_this_host():
     """The model checked against itself. Profile: this host's local cluster, measured here
-    (``emulator.timing.calibrate``: client CPU per step by operation, per verb). Prediction:
+    (``fusee.emulator.timing.calibrate``: client CPU per step by operation, per verb). Prediction:
     1 and 2 clients, INSERT / UPDATE / SEARCH / DELETE of 600 keys each. Real: `fusee bench
     micro` on the shm backend (its own processes, memory nodes, op streams and recorders).
 

@@ -1,4 +1,4 @@
-"""Client-side verb backends behind one interface (``transports.base.Transport``)."""
+"""Client-side verb backends behind one interface (``fusee.transports.base.Transport``)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from fusee.config import ClusterConfig
 #: backend name -> "module:class"; modules are imported only when that backend is asked for,
 #: so a laptop without pyverbs never touches it.
 BACKENDS = {
-    "local": "transports.local:LocalTransport",
-    "shm": "transports.shm:ShmTransport",
-    "zmq": "transports.zeromq:ZmqTransport",
-    "verbs": "transports.rdma:VerbsTransport",
+    "local": "fusee.transports.local:LocalTransport",
+    "shm": "fusee.transports.shm:ShmTransport",
+    "zmq": "fusee.transports.zeromq:ZmqTransport",
+    "verbs": "fusee.transports.rdma:VerbsTransport",
 }
 
 

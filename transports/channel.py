@@ -12,10 +12,10 @@ import time
 
 import zmq
 
-from emulator import wire
+from fusee.emulator import wire
 from fusee.config import ClusterConfig
 from fusee.verbs import NodeTimeout, NotAuthorized, TransportError
-from transports.security import HANDSHAKE_FAILED, refusal, secure_client
+from fusee.transports.security import HANDSHAKE_FAILED, refusal, secure_client
 
 _monotonic = time.monotonic
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from emulator.blocks import BlockTable, format_region
-from emulator.memory import MemoryRegion, new_rkey
+from fusee.emulator.blocks import BlockTable, format_region
+from fusee.emulator.memory import MemoryRegion, new_rkey
 from fusee.config import ClusterConfig
 from fusee.memory_map import MemoryMap
 from fusee.verbs import AllocBlock, FreeBlock, NodeTimeout, Request, TransportError
-from transports.base import RegionInfo, Transport, raise_for_failures
+from fusee.transports.base import RegionInfo, Transport, raise_for_failures
 
 
 class LocalMemory:

@@ -1,6 +1,6 @@
 """A client's link to the master: RPCs with deadlines, and the lease a store client holds.
 
-The master speaks the memory nodes' control protocol (``emulator.wire``: a msgpack
+The master speaks the memory nodes' control protocol (``fusee.emulator.wire``: a msgpack
 ``[CONTROL, seq, method, {args}]`` request, a ``[seq, [value], error]`` reply) on a ROUTER
 socket; ``MasterLink`` is one DEALER socket to it, with the same sequence numbers so a late
 reply is never mistaken for the next one.
@@ -43,12 +43,12 @@ import time
 
 import zmq
 
-from emulator import wire
+from fusee.emulator import wire
 from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
 from fusee.errors import MasterBusy, MasterError, MasterStandby, MasterTimeout
 from fusee.master import Grant, LeaseError, LeaseExpired, LeaseLapsed
 from fusee.membership import Membership
-from transports.security import HANDSHAKE_FAILED, refusal, secure_client
+from fusee.transports.security import HANDSHAKE_FAILED, refusal, secure_client
 
 #: error codes of a lease refusal, of "retry once the failover is done" and of "I stand by, ask
 #: the leader", in a reply's error triple (next to wire.ERR_*)

@@ -2,7 +2,7 @@
 
 Connecting: for every MN the transport creates an RC queue pair and sends its info (QP number,
 PSN, GID, LID, MTU) through the MN's control channel (``rdma_connect``, served by
-emulator.rdma_nic); the MN answers with its own queue pair's info and the registered region's
+fusee.emulator.rdma_nic); the MN answers with its own queue pair's info and the registered region's
 key, address and length. The region's length also bounds every request here, so an
 out-of-range or unaligned request is refused before it is posted, with the same
 RemoteAccessError the emulator raises.
@@ -41,15 +41,15 @@ import os
 import time
 from typing import Sequence
 
-from emulator import _atomic, wire
-from emulator.rdma_device import (Device, RdmaUnavailable, check_peer, connect_qp, create_qp,
+from fusee.emulator import _atomic, wire
+from fusee.emulator.rdma_device import (Device, RdmaUnavailable, check_peer, connect_qp, create_qp,
                                   load_pyverbs, new_psn)
 from fusee.config import ClusterConfig
 from fusee.memory_map import HEADER_MAGIC
 from fusee.verbs import (AllocBlock, Cas, ControlError, Faa, FreeBlock, MASK64, NodeTimeout, Read,
                          RemoteAccessError, Request, TransportError, Write, validate)
-from transports.base import RegionInfo, Transport, group_by_node, raise_for_failures
-from transports.channel import Channels, place_replies
+from fusee.transports.base import RegionInfo, Transport, group_by_node, raise_for_failures
+from fusee.transports.channel import Channels, place_replies
 
 #: work requests posted to one queue pair at a time (a longer chain goes in windows)
 SEND_DEPTH = 128

@@ -3,7 +3,7 @@
 On one host a memory node's registered region is a POSIX shared-memory segment. This backend
 learns each region over the MN's control channel ("info"), maps the segment, and executes
 READ/WRITE/CAS/FAA in the client's own process (memory copies and lock-prefixed hardware
-atomics, ``emulator._atomic``), so the MN's CPU does nothing: that is what one-sided RDMA
+atomics, ``fusee.emulator._atomic``), so the MN's CPU does nothing: that is what one-sided RDMA
 means. Like a NIC, the client checks bounds, access key and alignment on every verb, executes
 each node's requests in posting order, and on a node's first failure flushes the rest of that
 node's requests.
@@ -27,13 +27,13 @@ import select
 import time
 from typing import Sequence
 
-from emulator import _atomic, wire
-from emulator.memory import SharedSegment
+from fusee.emulator import _atomic, wire
+from fusee.emulator.memory import SharedSegment
 from fusee.config import ClusterConfig
 from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Backoff, Cas, Faa, FreeBlock,
                          NodeTimeout, Read, RemoteAccessError, Request, TransportError, Write)
-from transports.base import RegionInfo, Transport, raise_for_failures
-from transports.channel import Channels, dead_on_connect, place_replies
+from fusee.transports.base import RegionInfo, Transport, raise_for_failures
+from fusee.transports.channel import Channels, dead_on_connect, place_replies
 
 _monotonic = time.monotonic
 _cas, _faa, _run = _atomic.cas, _atomic.faa, _atomic.run

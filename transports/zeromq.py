@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from emulator import wire
+from fusee.emulator import wire
 from fusee.config import ClusterConfig
 from fusee.verbs import Request
-from transports.base import RegionInfo, Transport, group_by_node, raise_for_failures
-from transports.channel import Channels, dead_on_connect, place_replies
+from fusee.transports.base import RegionInfo, Transport, group_by_node, raise_for_failures
+from fusee.transports.channel import Channels, dead_on_connect, place_replies
 
 
 class ZmqTransport(Transport):

@@ -1,10 +1,10 @@
 """Run the verbs tests (``-m rdma``) inside the SoftRoCE VM: what CI calls.
 
-    python -m emulator.softroce.run_tests [--bench] [pytest arguments...]
+    python -m fusee.emulator.softroce.run_tests [--bench] [pytest arguments...]
 
 The guest runs this interpreter's pytest on tests/test_rdma.py with FUSEE_RDMA_REQUIRED=1,
 so a VM whose device failed to come up fails the run instead of skipping every test. With
-``--bench`` the same boot then measures verbs latencies on rxe (emulator.softroce.verbs_latency).
+``--bench`` the same boot then measures verbs latencies on rxe (fusee.emulator.softroce.verbs_latency).
 Exit status: pytest's (or the benchmark's, if the tests passed); 125 if the VM gave no result.
 """
 
@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from emulator.softroce import vm
+from fusee.emulator.softroce import vm
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     script = (f"{py} -m pytest -m rdma -p no:cacheprovider --color=no -rs tests/test_rdma.py "
               f"{shlex.join(args)}")
     if bench:
-        script = f"{script} && {py} -m emulator.softroce.verbs_latency"
+        script = f"{script} && {py} -m fusee.emulator.softroce.verbs_latency"
     try:
         rc = vm.run(["sh", "-c", script], cwd=str(ROOT), env={"FUSEE_RDMA_REQUIRED": "1"})
     except vm.HarnessError as e:

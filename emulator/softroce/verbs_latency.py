@@ -1,6 +1,6 @@
 """Batch latencies of the verbs backend next to the emulated NIC, on the same memory nodes.
 
-    python -m emulator.softroce.vm -- python -m emulator.softroce.verbs_latency [--json out]
+    python -m fusee.emulator.softroce.vm -- python -m fusee.emulator.softroce.verbs_latency [--json out]
 
 Starts 3 memory nodes serving RDMA (``--rdma``), connects a ``verbs`` and a ``zmq`` transport
 to the same nodes, and times one-verb batches (READ/WRITE 64 B, READ 4 KiB, CAS, FAA) and a
@@ -18,7 +18,7 @@ import struct
 import sys
 import time
 
-from emulator.cluster import LocalCluster
+from fusee.emulator.cluster import LocalCluster
 from fusee.config import LayoutConfig
 from fusee.memory_map import MemoryMap
 from fusee.verbs import Cas, Faa, Read, Write
@@ -61,7 +61,7 @@ def measure(transport, batch: list, iterations: int, warmup: int = 20) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m emulator.softroce.verbs_latency",
+    p = argparse.ArgumentParser(prog="python -m fusee.emulator.softroce.verbs_latency",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--iterations", type=int, default=500)
     p.add_argument("--json", help="also write the results here")

@@ -12,7 +12,7 @@ Everything is installed on demand: the Debian packages with apt (once), the kern
 downloaded and unpacked (never installed) into a cache (~/.cache/fusee-softroce) together with
 the initramfs, so a warm run costs only the boot. KVM is used when it works, else TCG.
 
-    python -m emulator.softroce.vm -- python -m pytest -m rdma tests/test_rdma.py
+    python -m fusee.emulator.softroce.vm -- python -m pytest -m rdma tests/test_rdma.py
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def _pump(stream, lines: queue.Queue) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m emulator.softroce.vm",
+    p = argparse.ArgumentParser(prog="python -m fusee.emulator.softroce.vm",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--mem", type=int, default=3072, help="guest memory, MiB")

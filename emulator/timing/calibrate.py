@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-from emulator.timing.profile import Profile
-from emulator.timing.runs import ModelRun
+from fusee.emulator.timing.profile import Profile
+from fusee.emulator.timing.runs import ModelRun
 from fusee.verbs import TransportError
 
 #: NIC rates (Mops) so high that nothing queues: the local backend has no NIC

@@ -1,6 +1,6 @@
 """The timing model: real operations on real memory images, in simulated time.
 
-Like the deterministic simulator (``emulator.simulator``), it drives the sans-IO operation
+Like the deterministic simulator (``fusee.emulator.simulator``), it drives the sans-IO operation
 generators that the client runs over one in-process ``LocalMemory``; unlike it, the order in
 which verbs execute comes from a clock, not from a seeded scheduler. Every batch an operation
 yields is posted once its client has spent its CPU time on the step (``Profile``), travels
@@ -29,7 +29,7 @@ import heapq
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from emulator.timing.profile import Profile
+from fusee.emulator.timing.profile import Profile
 from fusee.driver import Operation, run
 from fusee.failover import failover
 from fusee.membership import Membership
@@ -46,8 +46,8 @@ from fusee.verbs import (
     TransportError,
     Write,
 )
-from transports.base import TransportStats, raise_for_failures
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.base import TransportStats, raise_for_failures
+from fusee.transports.local import LocalMemory, LocalTransport
 
 #: event kinds (ordered only by time, then by posting sequence)
 _ARRIVE, _EXEC, _RESUME, _CALL = range(4)

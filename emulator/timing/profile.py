@@ -5,7 +5,7 @@ source in a comment, because a model is only as good as the numbers it is fed an
 must be able to tell a published rate from an assumption. All times are microseconds, rates
 are millions of operations per second, bandwidths gigabits per second.
 
-The resources it describes, and how the model uses them (``emulator.timing.engine``):
+The resources it describes, and how the model uses them (``fusee.emulator.timing.engine``):
 
 - ``[network] rtt_us``: the round trip of a small verb on an idle NIC, wire and both NICs'
   fixed latency included. Half of it before a verb reaches the memory node's NIC, half after.
@@ -17,7 +17,7 @@ The resources it describes, and how the model uses them (``emulator.timing.engin
   ``cpu_per_verb_us`` per verb posted. ``cores`` = 0 gives every client a core of its own;
   N > 0 makes all clients share N cores (clients packed on one small host). A table
   ``[client.cpu_per_step_us_by_op]`` (search = 12.0, ...) sets the step cost per operation
-  kind where one number does not fit (a measured profile, ``emulator.timing.calibrate``).
+  kind where one number does not fit (a measured profile, ``fusee.emulator.timing.calibrate``).
 - ``[metadata_server]``: the Clover-style baseline's metadata server, ``cores`` cores each
   spending ``rpc_us`` per request.
 - ``[failure]``: how long a verb to a dead node waits before it gives up, how long the master

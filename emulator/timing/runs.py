@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emulator.timing.engine import Completed, TimingModel
-from emulator.timing.profile import Profile
+from fusee.emulator.timing.engine import Completed, TimingModel
+from fusee.emulator.timing.profile import Profile
 from fusee.bench.runner import key_base
 from fusee.bench.ycsb import (
     KEY_LENGTH,
@@ -38,7 +38,7 @@ from fusee.cache import CacheEntry
 from fusee.config import ClusterConfig, KiB, LayoutConfig, MemNodeConfig, MiB
 from fusee.driver import run
 from fusee.operations import ClientCore
-from transports.local import LocalMemory, LocalTransport
+from fusee.transports.local import LocalMemory, LocalTransport
 
 SYSTEMS = ("fusee", "clover")
 #: operations a YCSB client pre-computes at a time

@@ -31,7 +31,7 @@ import zmq
 from fusee.logsetup import add_log_level_option, setup_logging
 from fusee.bench.clover import (DELETE, EXISTS, FAILED, INSERT, LOOKUP, MAX_UNITS, MISSING, OK,
                                 UNIT, UPDATE, replica_nodes)
-from emulator.serving import bind, stop_condition, stop_processes, write_ready
+from fusee.emulator.serving import bind, stop_condition, stop_processes, write_ready
 from fusee.config import ClusterConfig
 from fusee.verbs import AllocBlock, TransportError
 
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     setup_logging(args.log_level)
     config = ClusterConfig.load(args.config)
     stop = stop_condition(args.parent_pid)
-    from transports import connect
+    from fusee.transports import connect
     transport = connect(config)
     try:
         def bound(endpoint: str) -> None:

@@ -169,7 +169,7 @@ def _recv(conn, proc, timeout: float, what: str):
 # -- the parent --------------------------------------------------------------------------------
 def run_failover(o: FailoverOptions, command: str = "") -> dict:
     """Run the benchmark; returns the result document."""
-    from emulator.cluster import LocalCluster
+    from fusee.emulator.cluster import LocalCluster
     from fusee.bench.main import _machine
     from fusee.bench.systems import cluster_layout
     o.check()

@@ -1,7 +1,7 @@
 """`fusee bench model`: the paper's testbed, or your cluster, in simulated time.
 
 It runs the real fusee operations and the Clover-style baseline's on memory images in this
-process, timed by a hardware profile (``emulator.timing``: network round trip, each memory
+process, timed by a hardware profile (``fusee.emulator.timing``: network round trip, each memory
 node's NIC with its message rate, bandwidth and atomic rate, the clients' CPU per step, the
 metadata server's cores), and reports what the FUSEE paper plots: Fig. 11 (INSERT / UPDATE /
 SEARCH / DELETE throughput against the number of clients), Fig. 13 (YCSB A-D), Fig. 19
@@ -26,8 +26,8 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emulator.timing.profile import ProfileError, load
-from emulator.timing.runs import ModelRun, PhaseResult
+from fusee.emulator.timing.profile import ProfileError, load
+from fusee.emulator.timing.runs import ModelRun, PhaseResult
 from fusee.bench import report
 from fusee.bench.runner import hdr_encode
 from fusee.bench.ycsb import KEY_LENGTH, WORKLOADS

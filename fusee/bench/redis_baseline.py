@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from emulator.serving import stop_processes
+from fusee.emulator.serving import stop_processes
 from fusee.errors import KeyExists, KeyNotFound
 
 INSTALL_HINT = ("redis-server is not installed; the Redis baseline is skipped. "

@@ -70,7 +70,7 @@ def serve(name: str, *, memnodes: int, transport: str, endpoint: str, replicatio
         return
     if name not in SYSTEMS:
         raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
-    from emulator.cluster import LocalCluster
+    from fusee.emulator.cluster import LocalCluster
     with LocalCluster(memnodes=memnodes, transport=transport, endpoint=endpoint,
                       layout=layout, replication=replication, timeout=timeout) as cluster:
         if name == "fusee":
@@ -93,7 +93,7 @@ def connect(spec: SystemSpec) -> Driver:
             executor=ex,
             counters=lambda: {"round_trips": ex.round_trips, "verbs": ex.commands},
             close=ex.close)
-    from transports import connect as connect_transport
+    from fusee.transports import connect as connect_transport
     config = ClusterConfig.load(spec.config_path)
     if spec.name == "clover":
         from fusee.bench.clover import CloverClient, CloverExecutor

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import zmq
 
-from emulator import _atomic
-from emulator.cluster import LocalCluster
+from fusee.emulator import _atomic
+from fusee.emulator.cluster import LocalCluster
 from fusee.config import ClusterConfig, MemNodeConfig
 from fusee.memory_map import MemoryMap
 from fusee.verbs import Cas, Faa, Read, Write
-from transports.security import secure_client, secure_server
+from fusee.transports.security import secure_client, secure_server
 
 
 @dataclass(frozen=True)
