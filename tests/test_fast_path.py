@@ -138,3 +138,30 @@ def test_verbs_are_built_without_a_python_call():
         Read(1, 2)
     with pytest.raises(TypeError):
         Write(1, 2, b"x", 4)
+
+
+class Recording:
+    """An executor that records each batch's target MNs on its way to ``inner``."""
+
+    def __init__(self, inner):
+        self.inner, self.nodes = inner, []
+
+    def execute(self, batch):
+        self.nodes.append({r.node for r in batch})
+        return self.inner.execute(batch)
+
+
+def test_a_cached_search_reads_its_object_on_the_buckets_mn(kv):
+    """With the slot cached, a SEARCH reads the buckets and the object in one round trip; with
+    r = 3 on 3 MNs every MN holds a copy of the object, so that round trip goes to one MN (the
+    primary of the key's subtable): one message and one reply to wait for, not two."""
+    keys = [b"near-%d" % i for i in range(60)]
+    for k in keys:
+        kv.put(k, VALUE)
+        assert kv.get(k) == VALUE                   # the index cache learns the slot
+    core = kv.core
+    for k in keys:
+        rec = Recording(kv.executor)
+        assert run(core.search(k), rec) == VALUE
+        assert len(rec.nodes) == 1 and len(rec.nodes[0]) == 1, (k, rec.nodes)
+
