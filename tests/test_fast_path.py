@@ -15,7 +15,7 @@ import pytest
 from emulator.cluster import LocalCluster
 from fusee.audit import audit
 from fusee.driver import run, run_concurrently
-from fusee.verbs import Cas, Faa, Read, Write
+from fusee.verbs import Cas, Faa, Read, RemoteAccessError, Write
 from storekit import clients, config, rt
 from transports.local import LocalTransport
 
@@ -165,3 +165,35 @@ def test_a_cached_search_reads_its_object_on_the_buckets_mn(kv):
         assert run(core.search(k), rec) == VALUE
         assert len(rec.nodes) == 1 and len(rec.nodes[0]) == 1, (k, rec.nodes)
 
+
+def test_a_one_mn_batch_on_zmq_is_one_message_without_per_node_grouping():
+    """ZeroMQ: a batch of several verbs on one MN (a cached SEARCH's) takes the path of a
+    single verb: no per-node dicts, no exchange; a failure inside it still names the verb's
+    MN and fails the verbs from it on."""
+    with LocalCluster(memnodes=3, transport="zmq", endpoint="ipc", replication=3) as cluster:
+        with cluster.client() as client:
+            keys = [b"zmq-%d" % i for i in range(40)]
+            for k in keys:
+                client.put(k, VALUE)
+                client.get(k)
+            called: Counter = Counter()
+
+            def count(frame, event, arg):
+                if event == "call":
+                    called[frame.f_code.co_name] += 1
+
+            sys.setprofile(count)
+            try:
+                got = [client.get(k) for k in keys]
+            finally:
+                sys.setprofile(None)
+            assert got == [VALUE] * len(keys)
+            assert called["exchange"] == 0 and called["group_by_node"] == 0, called
+            assert sum(called.values()) / len(keys) <= 42, called.most_common(12)
+            t = client.transport
+            size = t.regions[1].length
+            with pytest.raises(RemoteAccessError, match="MN 1"):
+                t.execute([Read(1, 0, 8), Read(1, size, 8), Read(1, 8, 8)])
+            (whole,) = t.execute([Read(1, 0, 16)])
+            assert [bytes(b) for b in t.execute([Read(1, 0, 8), Read(1, 8, 8)])] == [
+                bytes(whole[:8]), bytes(whole[8:])]

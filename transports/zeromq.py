@@ -56,13 +56,13 @@ class ZmqTransport(Transport):
         channels = self.channels
         seq = channels.next_seq()
         regions, dead = self.regions, self.dead
-        if len(batch) == 1 and not (dead and batch[0].node in dead):     # the common case
-            node = batch[0].node
+        node = batch[0].node
+        if not (dead and node in dead) and all_on(node, batch):     # the common case
             reply = channels.roundtrip(node, wire.encode_verbs(seq, regions[node].rkey, batch),
                                        seq, self.timeout)
-            if type(reply) is tuple and reply[1] is None and len(reply[0]) == 1:
+            if type(reply) is tuple and reply[1] is None and len(reply[0]) == len(batch):
                 return reply[0]
-            groups = {node: [0]}
+            groups = {node: list(range(len(batch)))}
             replies = {node: reply}
         else:
             groups = group_by_node(batch)
@@ -83,3 +83,12 @@ class ZmqTransport(Transport):
 
     def close(self) -> None:
         self.channels.close()
+
+
+def all_on(node: int, batch: Sequence[Request]) -> bool:
+    """Whether every request of ``batch`` goes to MN ``node``: then the batch is one message
+    and one reply, without the per-node grouping of a batch that spans MNs."""
+    for r in batch:
+        if r.node != node:
+            return False
+    return True
