@@ -56,8 +56,9 @@ from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, IN_USE, LOS
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import FRESH, Membership
 from fusee.memory_map import HEADER_LAYOUT, MemoryMap
-from fusee.replication import (LOSE, RESTART, WIN, SlotTarget, await_change, backoff,
-                               cas_primary, fix_requests, propose, resolve, unfreeze_requests)
+from fusee.replication import (LOSE, RESTART, RULE3, WIN, SlotTarget, await_change, backoff,
+                               cas_primary, decide, fix_requests, propose, resolve,
+                               unfreeze_requests)
 from fusee.reuse import ObjectReads
 from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, Read,
                          TransportError, Write)
@@ -513,7 +514,9 @@ class ClientCore:
                 open_round = (epoch, t, v_old, v_new, old_crc, None)
                 if t.backups:
                     current, _ = yield from propose(t, v_old, v_new)
-                verdict = yield from resolve(t, v_old, v_new, current)
+                verdict = decide(current, v_new)        # rules 1 and 2: no generator
+                if verdict == RULE3:
+                    verdict = yield from resolve(t, v_old, v_new, current)
                 if verdict == WIN:
                     open_round = (epoch, t, v_old, v_new, old_crc, WIN)
                     yield from self.rt(fix_requests(t, current, v_new) +
