@@ -20,6 +20,10 @@ from transports.base import RegionInfo, Transport, group_by_node, raise_for_fail
 from transports.channel import Channels, dead_on_connect, place_replies
 
 
+#: the verbs ``ZmqTransport.execute`` runs flat
+ONE_SIDED = (Read, Write, Cas, Faa)
+
+
 class ZmqTransport(Transport):
     name = "zmq"
 
@@ -55,18 +59,19 @@ class ZmqTransport(Transport):
     def execute(self, batch: Sequence[Request]) -> list:
         """See Transport.execute. The common case, a batch of verbs on one live MN, runs
         here flat: Transport.execute's checks and counts inline, one message, one reply (a
-        one-round-trip SEARCH made 6 more Python calls the general way). Anything else, or
-        any failure, goes the general way."""
-        if not batch or len(batch) > MAX_BATCH:
+        one-round-trip SEARCH made 6 more Python calls the general way). Any other batch
+        (control requests, Backoff, AwaitMembership, several MNs, a dead or unknown MN,
+        malformed requests) goes the general way, which checks and words its refusal."""
+        if not batch or len(batch) > MAX_BATCH or type(batch[0]) not in ONE_SIDED:
             return Transport.execute(self, batch)
         node = batch[0].node
-        region = self.regions.get(node)
+        region = self.regions.get(node) if type(node) is int else None
         if region is None or (self.dead and node in self.dead):
             return Transport.execute(self, batch)
         reads = writes = atomics = bytes_in = bytes_out = 0
         for r in batch:
             t = type(r)
-            if r.node != node:
+            if t not in ONE_SIDED or r.node != node:
                 return Transport.execute(self, batch)
             if t is Read:
                 reads += 1
@@ -74,10 +79,8 @@ class ZmqTransport(Transport):
             elif t is Write:
                 writes += 1
                 bytes_out += len(r.data)
-            elif t is Cas or t is Faa:
-                atomics += 1
             else:
-                return Transport.execute(self, batch)
+                atomics += 1
         s = self.stats
         s.round_trips += 1
         s.verbs += len(batch)
