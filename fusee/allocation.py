@@ -6,7 +6,8 @@ with AllocBlock control requests (the only work of an MN's CPU, off the fast pat
 starts with a header (owner, the group's replica list) and a free bitmap with one bit per
 allocation unit; objects follow. An object's pointer names the group's first MN; under a
 membership with dead MNs its copies are on the live members of the list and its *home* (the
-copy readers read, the bitmap frees go to) is the first of them. A free that went to a home
+copy readers read, the bitmap frees go to) is the first of them (a cached SEARCH reads
+the copy on its buckets' MN instead, ``ClientCore.object_read``). A free that went to a home
 that died is lost with it: that object is never reclaimed (the audit counts such objects).
 
 Client level: a slab over the client's groups with size classes (``layout.CLASSES``). Each

@@ -27,8 +27,8 @@ from fusee.layout import (ABORTED, COMMITTED, FP_SHIFT, FROZEN, INSERT, SLOTS_PE
                           TAKEN, TENTATIVE, any_frozen, committed_object, decode_object,
                           is_object, slot_fp, slot_ref, strip, unpack_u64)
 from fusee.membership import FRESH
-from fusee.replication import (LOSE, RESTART, WIN, cas_primary, fix_requests, propose,
-                               resolve, unfreeze_requests)
+from fusee.replication import (LOSE, RESTART, RULE3, WIN, cas_primary, decide, fix_requests,
+                               propose, resolve, unfreeze_requests)
 from fusee.resize import split
 from fusee.reuse import is_named
 from fusee.verbs import EPOCH_ENDS, Cas, Read
@@ -90,7 +90,9 @@ def _insert(core, obj, key: bytes):
             open_round = (core.membership.epoch, t, v_old, False)
             if t.backups:
                 current, got = yield from propose(t, v_old, s, extra)
-                verdict = yield from resolve(t, v_old, s, current)
+                verdict = decide(current, s)            # rules 1 and 2: no generator
+                if verdict == RULE3:
+                    verdict = yield from resolve(t, v_old, s, current)
                 if verdict == WIN and (fix := fix_requests(t, current, s)):
                     got = (yield from core.rt(fix + claim_reads))[len(fix):] + got[2:]
                 expected = v_old

@@ -56,8 +56,9 @@ from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, IN_USE, LOS
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import FRESH, Membership
 from fusee.memory_map import HEADER_LAYOUT, MemoryMap
-from fusee.replication import (LOSE, RESTART, WIN, SlotTarget, await_change, backoff,
-                               cas_primary, fix_requests, propose, resolve, unfreeze_requests)
+from fusee.replication import (LOSE, RESTART, RULE3, WIN, SlotTarget, await_change, backoff,
+                               cas_primary, decide, fix_requests, propose, resolve,
+                               unfreeze_requests)
 from fusee.reuse import ObjectReads
 from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, Read,
                          TransportError, Write)
@@ -347,9 +348,16 @@ class ClientCore:
     def target(self, sid: int, pos: int) -> SlotTarget:
         return SlotTarget(sid, pos, tuple(self.dir.nodes(sid)), self.geo.slot_addr(sid, pos))
 
-    def object_read(self, v: int) -> Read:
+    def object_read(self, v: int, near: int | None = None) -> Read:
+        """The read of the object ``v`` names: from MN ``near`` when it holds a live copy
+        (a batch that also reads buckets there then stays on one MN: one message, one
+        reply to wait for), else from the object's home. Every live copy of a published
+        object holds it whole: its writes reached all of them before any slot named it
+        (``fusee.log``), and later writes (commit records, reuse) go to all of them too."""
         node, addr, length = object_extent(v, self.unit)
-        return Read(self.alloc.home_of(node), addr, length)
+        if near is None or near not in self.alloc.copies_of[node]:
+            near = self.alloc.home_of(node)
+        return Read(near, addr, length)
 
     def candidates(self, view: View, h: KeyHash) -> list[tuple[int, int]]:
         return view.candidates(h.fp)
@@ -506,7 +514,9 @@ class ClientCore:
                 open_round = (epoch, t, v_old, v_new, old_crc, None)
                 if t.backups:
                     current, _ = yield from propose(t, v_old, v_new)
-                verdict = yield from resolve(t, v_old, v_new, current)
+                verdict = decide(current, v_new)        # rules 1 and 2: no generator
+                if verdict == RULE3:
+                    verdict = yield from resolve(t, v_old, v_new, current)
                 if verdict == WIN:
                     open_round = (epoch, t, v_old, v_new, old_crc, WIN)
                     yield from self.rt(fix_requests(t, current, v_new) +

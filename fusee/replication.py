@@ -24,7 +24,6 @@ Design: docs/design.md#snapshot-replication.
 from __future__ import annotations
 
 from collections import Counter
-from typing import NamedTuple
 
 from fusee.errors import Stalled
 from fusee.layout import FROZEN, unpack_u64
@@ -43,20 +42,19 @@ def backoff(polls: int):
 WIN, LOSE, RULE3, RESTART = "win", "lose", "rule3", "restart"
 
 
-class SlotTarget(NamedTuple):
-    """One index slot: its subtable, position, replica nodes (primary first) and address."""
-    sid: int
-    pos: int
-    nodes: tuple[int, ...]
-    addr: int
+class SlotTarget:
+    """One index slot: its subtable, position, replica nodes (primary first) and address.
 
-    @property
-    def primary(self) -> int:
-        return self.nodes[0]
+    Its primary and backups are fields, not properties: an UPDATE asks for them five times,
+    and each property is a Python call on the fast path (issue 12)."""
+    __slots__ = ("sid", "pos", "nodes", "addr", "primary", "backups")
 
-    @property
-    def backups(self) -> tuple[int, ...]:
-        return self.nodes[1:]
+    def __init__(self, sid: int, pos: int, nodes: tuple[int, ...], addr: int):
+        self.sid, self.pos, self.nodes, self.addr = sid, pos, nodes, addr
+        self.primary, self.backups = nodes[0], nodes[1:]
+
+    def __repr__(self) -> str:
+        return f"SlotTarget(sid={self.sid}, pos={self.pos}, nodes={self.nodes}, addr={self.addr:#x})"
 
 
 def decide(current: list[int], mine: int) -> str:
