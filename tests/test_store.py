@@ -106,13 +106,8 @@ def test_a_corrupted_object_is_detected():
     region[addr + 12] ^= 0xFF                # one flipped bit in the value's bytes
     with pytest.raises(CorruptObject):
         b.get(b"k")
-    # the cached path reads the copy on the MN of the key's buckets (any live copy is the
-    # object): flip the bit in every copy, and it must verify too
-    for node, _ in a.core.alloc.replicas(a.core.alloc.ptr(slot_node(v), addr)):
-        if node != slot_node(v):
-            mem.regions[node].mem[addr + 12] ^= 0xFF
     with pytest.raises(CorruptObject):
-        a.get(b"k")
+        a.get(b"k")                          # the cached path verifies too
 
 
 def test_several_operations_in_flight_on_one_client():
