@@ -15,8 +15,8 @@ What the rebuild does, in order, with one-sided verbs only (N's CPU does nothing
    backup that differs goes back to its primary's value, recorded in the epoch's ``settled``
    and ``dropped``), and finishes any split a paused client held. A client learns its
    round's fate from them in the new epoch (``Membership.fate``), as after a failover.
-2. It copies to N, each from the thing's first live replica (its primary: the copy
-   index readers read): the client-id counter (the largest of the live ones), the client metadata
+2. It copies to N, each from the thing's first live replica (its primary, the only copy
+   readers read): the client-id counter (the largest of the live ones), the client metadata
    area and the index header, split locks and directory (if N is one of their r MNs),
    every subtable N replicates that exists (an initial one, or one with a nonzero first
    bucket header: live and retired ones, which stale clients still read), and every data
