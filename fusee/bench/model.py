@@ -71,11 +71,8 @@ class ModelOptions:
     profile: str = "cx3-56g"
     figures: list = field(default_factory=lambda: list(FIGURES))
     systems: list = field(default_factory=lambda: ["fusee", "clover"])
-    # The paper's comparisons ran 2 MNs, replicated on both (r = 2). 2 MNs fail here with
-    # OutOfMemory from 8 clients on (the block-group claim in fusee/allocation.py, being
-    # fixed): the third MN only gives the replica pairs somewhere else to go. Make it 2 MNs
-    # once that fix is in.
-    memnodes: int = 3
+    # the paper's comparisons: 2 MNs, replicated on both (r = 2)
+    memnodes: int = 2
     replication: int = 2
     clients: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
     micro_ops: list = field(default_factory=lambda: list(MICRO_OPS))
