@@ -108,11 +108,15 @@ class Simulator:
     the run with a SimulationError. ``stickiness`` is the probability that the scheduler keeps
     running the client it ran last (drawn from the seed when None): low values interleave
     finely, high values let operations run mostly alone, and both find different bugs.
+    ``lockstep`` runs the clients in turn instead, one step each: the schedule of equally
+    fast clients started together (what a timing model of identical clients produces), in
+    which clients that race once race the same way again.
     """
 
     def __init__(self, memory: LocalMemory, seed: int, *,
                  expected_errors: tuple[type[BaseException], ...] = (),
-                 max_steps: int = 1_000_000, stickiness: float | None = None):
+                 max_steps: int = 1_000_000, stickiness: float | None = None,
+                 lockstep: bool = False):
         self.memory = memory
         self.seed = seed
         self.rng = random.Random(seed)
@@ -120,6 +124,7 @@ class Simulator:
         self.expected_errors = expected_errors
         self.max_steps = max_steps
         self.stickiness = self.rng.random() * 0.9 if stickiness is None else stickiness
+        self.lockstep = lockstep
         self.history = History()
         self.clients: dict[str, SimClient] = {}
         self.step = 0
@@ -239,7 +244,9 @@ class Simulator:
                 raise SimulationError(f"seed {self.seed}: no end after {self.step} steps "
                                       f"(livelock?); still running: {[c.name for c in live]}")
             last = self._last
-            if last is not None and last in live and rng.random() < self.stickiness:
+            if self.lockstep:
+                c = live[self.step % len(live)]
+            elif last is not None and last in live and rng.random() < self.stickiness:
                 c = last
             else:
                 c = live[rng.randrange(len(live))]

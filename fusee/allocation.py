@@ -25,6 +25,7 @@ object is reclaimed twice. A group that cannot fit an object keeps its tail for 
 
 from __future__ import annotations
 
+import random
 import struct
 from collections import deque
 from typing import NamedTuple
@@ -43,8 +44,6 @@ from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeB
 #: (when driven together it takes a few round trips; only a driver that stopped driving one
 #: operation of a client while running another can get here)
 MAX_PAUSES = 100_000
-#: block groups tried before giving up when the same address is taken on another replica
-GROW_ATTEMPTS = 32
 
 
 class BlockGroup(NamedTuple):
@@ -73,6 +72,7 @@ class Allocator:
         self.busy = False                       # an operation is reclaiming or growing
         self.data = mmap_.data
         self.next_primary = client_id % n_nodes
+        self.rng = random.Random(client_id)     # seeded: a simulation replays exactly
         self.stats = {"blocks": 0, "reclaimed": 0}
         self.orphans: list[tuple[int, int]] = []    # blocks of a growth that failed half way
         self.place(membership)
@@ -202,13 +202,9 @@ class Allocator:
 
     def _grow(self):
         yield from self.give_back()
-        for _ in range(GROW_ATTEMPTS):
+        g = None
+        while g is None:                # ends: each lost race is another client's won group
             g = yield from self._claim_group()
-            if g is not None:
-                break
-        else:
-            raise OutOfMemory(f"no block address free on all the replicas of a group after "
-                              f"{GROW_ATTEMPTS} tries")
         copies = self.membership.live(g.nodes)
         reps = list(zip(g.nodes, g.addrs))
         writes = [Write(n, g.addrs[0], encode_block_header(self.client_id, g.nodes.index(n),
@@ -233,10 +229,20 @@ class Allocator:
         self.stats["blocks"] += 1
 
     def _claim_group(self):
-        """Generator: one block on the group's first (live) MN, then the same address on the
-        other live replicas. Returns the BlockGroup, or None when that address was taken on
-        another replica (the blocks got are given back: try again). Blocks got by a batch
-        that failed otherwise are kept in ``orphans``, for the next growth to give back."""
+        """Generator: claim one block address on every live replica of the next group.
+        Returns the BlockGroup, or None when another client took that address on one of
+        them first (the blocks got are given back: try again).
+
+        Every copy of a group sits at the same address, so the address is chosen from the
+        block tables of all the replicas (read with one-sided READs), never by one MN alone:
+        an address one MN hands out may be taken on another, and MNs that hand out their
+        next free block move in step, so clients that start on different MNs at the same
+        time would draw colliding addresses on every retry. OutOfMemory means no address is
+        free on every replica. Clients that pick the same address claim it MN by MN in
+        ascending order (one AllocBlock per round trip), so of any set of racing claims one
+        gets all its blocks (the one furthest along): a lost race is always someone's win,
+        and retries end. Blocks got by a batch that failed otherwise are kept in
+        ``orphans``, for the next growth to give back."""
         live = [p for p in range(self.n) if p not in self.membership.dead]
         if not live:
             raise LostData("every memory node is dead")
@@ -244,21 +250,33 @@ class Allocator:
         self.next_primary = (first + 1) % self.n
         nodes = tuple(replica_nodes(first, self.n, self.r))
         copies = self.membership.live(nodes)
+        addr = yield from self._free_address(copies)
+        got = []
         try:
-            (addr,) = yield [AllocBlock(first, self.client_id)]
-        except ControlError as e:
-            raise OutOfMemory(f"no data block left: {e}") from None
-        try:
-            yield [AllocBlock(n, self.client_id, addr) for n in copies[1:]]
+            for n in sorted(copies):
+                yield [AllocBlock(n, self.client_id, addr)]
+                got.append(n)
         except TransportError as e:
-            self.orphans += [(first, addr)] + [(n, addr) for n, a in
-                                               zip(copies[1:], e.results or [])
-                                               if isinstance(a, int)]
+            self.orphans += [(n, addr) for n in got]
             if type(e) is not ControlError:
                 raise
             yield from self.give_back()
             return None
         return BlockGroup(nodes, (addr,) * len(nodes))
+
+    def _free_address(self, copies: list[int]):
+        """Generator: a block address free in the block tables of all of ``copies`` (one
+        drawn at random, so that clients growing at once rarely race for the same one)."""
+        blocks = self.map.num_blocks
+        tables = yield [Read(n, self.map.table, 8 * blocks) for n in copies]
+        taken = [struct.unpack(f"<{blocks}Q", t) for t in tables]
+        free = [i for i in range(blocks) if not any(owners[i] for owners in taken)]
+        if not free:
+            used = sum(any(owners[i] for owners in taken) for i in range(blocks))
+            raise OutOfMemory(f"no data block address free on all of MNs "
+                              f"{', '.join(map(str, copies))} ({used} of {blocks} blocks "
+                              f"in use on one of them)")
+        return self.map.block_addr(free[self.rng.randrange(len(free))])
 
     def give_back(self):
         """Generator: return the blocks of growths that failed half way (on live MNs; those

@@ -157,14 +157,16 @@ def _insert(core, obj, key: bytes):
                 if t.primary not in core.membership.dead:
                     yield from _withdraw(core, t, obj, s, v_old, s | TENTATIVE)
                 return FRESH
+            # settling the round meets the end of the next epoch too when more MNs die
             if committed is None:       # did the commit record reach a live replica?
-                (buf,) = yield from core.rt([core.object_read(s)])
+                (buf,) = yield from core.retrying(lambda: core.rt([core.object_read(s)]))
                 v = decode_object(buf)
                 committed = (v is not None and v.state == COMMITTED
                              and v.slot_ref == slot_ref(t.sid, t.pos))
             # the failover keeps an insert's claim only once committed (checked for
             # duplicates); any other claim it withdrew
-            if (yield from core.fate(epoch, t, v_old, s, WIN if committed else None)) == WIN:
+            decided = WIN if committed else None
+            if (yield from core.retrying(lambda: core.fate(epoch, t, v_old, s, decided))) == WIN:
                 core.cache.store(key, t.sid, t.pos, s)
                 return None
             return FRESH

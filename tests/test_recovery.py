@@ -236,7 +236,7 @@ def test_blocks_taken_by_a_client_that_died_in_grow_go_back():
     cfg = config(r=3)
     mem, tr = _local(cfg)
     core = ClientCore(cfg, 4)
-    crash_after(core.open(), tr(), 4)          # the MNs handed out 3 blocks; no header yet
+    crash_after(core.open(), tr(), 6)          # the MNs handed out 3 blocks; no header yet
     owned = lambda: sum(1 for n in range(3) for i in range(mem.map.num_blocks)
                         if mem.tables[n]._owner(i) == 5)
     assert owned() == 3
