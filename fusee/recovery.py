@@ -297,10 +297,16 @@ class Recovery:
             old = e.v.old_value
             reqs.append(Read(t.primary, t.addr, 8))
             if is_object(old) and e.v.opcode != INSERT:
+                # the bit before the tail (one MN: posting order): a reclaim writes used 0
+                # and then clears the bit, so a clear bit read first and a tail read after it
+                # see the used 0 (or the next object there) of a free that was delivered; the
+                # other order can see used 1 from before the reclaim and the bit after it,
+                # and deliver the free again, to an object reused meanwhile (double free)
                 free = core.alloc.free_request(old)
-                reqs += [Read(core.alloc.home_of(slot_node(old)), slot_addr(old, unit) +
-                              slot_units(old) * unit - TAIL_BYTES, TAIL_BYTES),
-                         Read(free.node, free.addr, 8)]
+                assert free.node == core.alloc.home_of(slot_node(old))
+                reqs += [Read(free.node, free.addr, 8),
+                         Read(free.node, slot_addr(old, unit) + slot_units(old) * unit
+                              - TAIL_BYTES, TAIL_BYTES)]
             where.append((e, t, len(reqs)))
         res = []
         for batch in chunks(reqs):
@@ -314,9 +320,9 @@ class Recovery:
                 continue
             owed = False                        # a free not delivered
             if len(got) == 3:
-                crc, used = object_tail(got[1])
+                crc, used = object_tail(got[2])
                 bit = core.alloc.free_request(old).delta
-                owed = crc == e.v.old_crc and used == 1 and not unpack_u64(got[2]) & bit
+                owed = crc == e.v.old_crc and used == 1 and not unpack_u64(got[1]) & bit
             expect = {old} | ({e.s | TENTATIVE} if e.v.opcode == INSERT else set())
             if (owed or len(got) == 1) and p & ~FROZEN in expect:
                 if p & FROZEN:
