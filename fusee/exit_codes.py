@@ -10,68 +10,45 @@ typed it wrong" without parsing messages, so every failure maps to one documente
     4  the stored data is damaged or was lost
     5  internal error: a bug (run again with --debug and report the traceback)
 
-An exception class may carry its own ``exit_code`` (the library's error tree does); for a class
-that does not, the table below decides. The hint after the message says what to do.
+Every fusee error carries its own ``exit_code`` (``fusee.errors``); for an exception from
+elsewhere, the table below decides. The hint after the message says what to do.
 """
 
 from __future__ import annotations
 
-OK, NOT_FOUND, USAGE, UNAVAILABLE, DATA_ERROR, INTERNAL = 0, 1, 2, 3, 4, 5
+# the codes themselves live with the error tree, each class carrying its own
+from fusee.errors import DATA_ERROR, INTERNAL, NOT_FOUND, OK, UNAVAILABLE, USAGE  # noqa: F401
+
+#: exceptions that are not fusee's (raised by the operating system or the codec) but are the
+#: user's or the cluster's doing, and the code each exits with
+_FOREIGN = ((FileExistsError, USAGE), (FileNotFoundError, USAGE), (PermissionError, USAGE),
+            (UnicodeError, USAGE), (ConnectionError, UNAVAILABLE))
 
 
-def _classes():
-    """(exception class, exit code, hint) in the order they are tried (subclasses first)."""
-    from fusee.config import ConfigError
-    from fusee.errors import (
-        ClientLimit,
-        CorruptObject,
-        KeyExists,
-        KeyNotFound,
-        KeyTooLarge,
-        StoreFormatError,
-        ValueTooLarge,
-    )
-    from fusee.master import DataLost, LeaseExpired
-    from fusee.verbs import NodeTimeout, RemoteAccessError, TransportError
-    from fusee.transports.master_link import MasterError
+def _hints():
+    """(fusee error class, what to do) in the order they are tried (subclasses first)."""
+    from fusee.errors import (ClientLimit, KeyExists, LeaseExpired, MasterError, NodeTimeout,
+                              StoreFormatError)
     return (
-        (KeyNotFound, NOT_FOUND, ""),
-        (KeyExists, NOT_FOUND, "use `fusee put` to overwrite"),
-        (KeyTooLarge, USAGE, ""),
-        (ValueTooLarge, USAGE, ""),
-        (ConfigError, USAGE, ""),
-        (FileExistsError, USAGE, ""),
-        (FileNotFoundError, USAGE, ""),
-        (PermissionError, USAGE, ""),
-        (UnicodeError, USAGE, ""),
-        (ClientLimit, UNAVAILABLE, "close idle clients, or raise layout.max_clients"),
-        (DataLost, DATA_ERROR, ""),
-        (CorruptObject, DATA_ERROR, ""),
-        (StoreFormatError, DATA_ERROR,
-         "is the config the one the memory nodes were started with?"),
-        (RemoteAccessError, UNAVAILABLE, ""),
-        (NodeTimeout, UNAVAILABLE, ("is that memory node running, and is its endpoint in the "
-                                    "config right? (`fusee status` shows what each node says)")),
-        (TransportError, UNAVAILABLE, ""),
-        (LeaseExpired, UNAVAILABLE, "the master took this client's id back; retry"),
-        (MasterError, UNAVAILABLE, "is the master running at the config's `master` endpoint?"),
-        (ConnectionError, UNAVAILABLE, ""),
+        (KeyExists, "use `fusee put` to overwrite"),
+        (ClientLimit, "close idle clients, or raise layout.max_clients"),
+        (StoreFormatError, "is the config the one the memory nodes were started with?"),
+        (NodeTimeout, ("is that memory node running, and is its endpoint in the config right? "
+                       "(`fusee status` shows what each node says)")),
+        (LeaseExpired, "the master took this client's id back; retry"),
+        (MasterError, "is the master running at the config's `master` endpoint?"),
     )
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
-    """(exit code, hint) for ``exc``; INTERNAL for anything not known to be the user's or the
-    cluster's doing."""
+    """(exit code, hint) for ``exc``: a fusee error's own ``exit_code``, a foreign one's from
+    the table above; INTERNAL for anything not known to be the user's or the cluster's doing."""
     code = getattr(exc, "exit_code", None)
-    hint = ""
-    for cls, default, text in _classes():
-        if isinstance(exc, cls):
-            hint = text
-            if code is None:
-                code = default
-            break
+    if code is None:
+        code = next((c for cls, c in _FOREIGN if isinstance(exc, cls)), None)
     if code is None:
         return INTERNAL, "internal error: run again with --debug and report the traceback"
+    hint = next((text for cls, text in _hints() if isinstance(exc, cls)), "")
     assert type(code) is int and 0 <= code <= 255, code
     return code, hint
 
