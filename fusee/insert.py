@@ -154,8 +154,7 @@ def _insert(core, obj, key: bytes):
             epoch, t, v_old, committed = open_round
             open_round = None
             if not t.backups:           # an r = 1 claim sits on the primary: take it back
-                if t.primary not in core.membership.dead:
-                    yield from _withdraw(core, t, obj, s, v_old, s | TENTATIVE)
+                yield from core.retrying(lambda: _take_back(core, t, obj, s, v_old))
                 return FRESH
             # settling the round meets the end of the next epoch too when more MNs die
             if committed is None:       # did the commit record reach a live replica?
@@ -293,6 +292,13 @@ def _await_claim(core, sid, claim, claim_node, primary):
             return
         polls = yield from core.waited(
             polls, f"slot {sid}:{pos}: another insert's claim is not resolved")
+
+
+def _take_back(core, t, obj, s, v_old):
+    """Generator: withdraw an r = 1 claim, unless its primary is dead (then the failover
+    settles the slot). Run under ``core.retrying``: the primary may die during it."""
+    if t.primary not in core.membership.dead:
+        yield from _withdraw(core, t, obj, s, v_old, s | TENTATIVE)
 
 
 def _withdraw(core, t, obj, s, v_old, expected):

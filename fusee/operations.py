@@ -538,14 +538,17 @@ class ClientCore:
                     continue
                 epoch, t, v_old, v_new, old_crc, verdict = open_round
                 open_round = None
-                fate = yield from self.fate(epoch, t, v_old, v_new, verdict)
+                # settling the round meets the end of the next epoch too when more MNs die
+                fate = yield from self.retrying(
+                    lambda: self.fate(epoch, t, v_old, v_new, verdict))
+                ref = slot_ref(t.sid, t.pos)
                 if fate == WIN:         # the failover kept our proposal: finish as a winner
-                    yield from self.rt(self.log.record(obj, COMMITTED, slot_ref(t.sid, t.pos),
-                                                       v_old, old_crc))
+                    yield from self.retrying(lambda: self.rt(
+                        self.log.record(obj, COMMITTED, ref, v_old, old_crc)))
                     return self._replaced(key, obj, opcode, t, v_old, v_new)
                 if fate == LOSE and opcode == UPDATE:
-                    yield from self.rt(self.log.record(obj, LOST, slot_ref(t.sid, t.pos),
-                                                       v_old))
+                    yield from self.retrying(lambda: self.rt(
+                        self.log.record(obj, LOST, ref, v_old)))
                     return self._overwritten(key, obj)
                 return FRESH
 

@@ -174,3 +174,16 @@ def test_blocks_of_a_failed_growth_on_an_mn_that_died_and_was_rebuilt_are_not_gi
     run(a.alloc.grow(), t)
     run(a.insert(b"after", b"the rebuild"), t)
     assert run(a.search(b"after"), t) == b"the rebuild"
+
+
+@pytest.mark.parametrize("seed,nodes", [(102, 3),   # an insert, after a NodeTimeout
+                                        (110, 3),   # the same after an EpochChanged
+                                        (111, 4)])  # an update reading its round's fate
+def test_an_operation_settling_one_epoch_rides_out_the_next(seed, nodes):
+    """Rebuild cycles with r=2 (``test_rebuild_soak``): an MN crashes just after a rebuild
+    published, while an operation settles the round it had open at the end of the epoch
+    before: an insert taking back its claim on a group left with one replica, an update
+    reading its round's fate. It used to fail with that NodeTimeout / EpochChanged instead of
+    handling the next epoch too."""
+    from test_rebuild_soak import CycleRun
+    _check(seed, cls=CycleRun, nodes=nodes, r=2, crash_client=seed % 3 == 0)

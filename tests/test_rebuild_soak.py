@@ -10,11 +10,11 @@ with the final gets of every key, the leak audit under the final membership, the
 Run: python3 -m pytest tests/test_rebuild_soak.py -m soak -n 2 -q
 
 What it found when written (seeds 100-115 of the cycles, 4 shapes): orphan blocks given back
-to a rebuilt MN (fixed, ``Allocator.give_back``), and, still open:
-- an operation handling the end of one epoch (``except EPOCH_ENDS`` in ``fusee.insert``) that
-  meets the end of the next one (an MN crashing just after a rebuild published) fails with
-  that NodeTimeout / EpochChanged instead of handling it too (e.g. seeds 102, 110 on 3 MNs
-  r=2; 103, 105 on 4 MNs r=2; 115 on 3 MNs r=2);
+to a rebuilt MN (fixed, ``Allocator.give_back``); an operation settling its round at the end
+of one epoch that met the end of the next one (an MN crashing just after a rebuild published)
+failed with that NodeTimeout / EpochChanged (fixed: the settling steps of ``fusee.insert`` and
+of UPDATE/DELETE run under ``ClientCore.retrying``; seeds 102, 107, 108, 110, 114 on 3 MNs
+r=2, 111 on 4 MNs r=2); and, still open:
 - r=2 runs where an insert stalls on a slot whose object never reads as named (Stalled,
   seeds 100 and 108 on 4 MNs, 106 and 107 on 3 MNs);
 - a rebuild refused with RebuildError (two groups at one address of the dead MN, made while
