@@ -296,14 +296,21 @@ def _await_claim(core, sid, claim, claim_node, primary):
 
 def _take_back(core, t, obj, s, v_old):
     """Generator: withdraw an r = 1 claim, unless its primary is dead (then the failover
-    settles the slot). Run under ``core.retrying``: the primary may die during it."""
-    if t.primary not in core.membership.dead:
-        yield from _withdraw(core, t, obj, s, v_old, s | TENTATIVE)
+    settles the slot). A rebuild published since copied the claim onto the MN it rebuilt:
+    the claim is withdrawn from every replica the slot has now, or that copy would name our
+    object forever (after its memory is reused: every insert of its fingerprint there would
+    wait on it). Run under ``core.retrying``: an MN may die during it."""
+    if t.primary in core.membership.dead:
+        return
+    now = core.target(t.sid, t.pos)
+    yield from _withdraw(core, now, obj, s, v_old, s | TENTATIVE, claim=s | TENTATIVE)
 
 
-def _withdraw(core, t, obj, s, v_old, expected):
-    """Generator: end our claimed round with a fresh void value (log entry marked first)."""
+def _withdraw(core, t, obj, s, v_old, expected, claim=None):
+    """Generator: end our claimed round with a fresh void value (log entry marked first).
+    ``claim``: what the backups hold (``s`` but for a claim taken back from a rebuilt
+    copy)."""
     void = core.free_value()
     mark = core.log.record(obj, ABORTED, slot_ref(t.sid, t.pos), v_old)
-    yield from core.rt([Cas(n, t.addr, s, void) for n in t.backups] + mark)
+    yield from core.rt([Cas(n, t.addr, claim or s, void) for n in t.backups] + mark)
     yield from cas_primary(t, expected, void)

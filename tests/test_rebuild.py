@@ -187,3 +187,14 @@ def test_an_operation_settling_one_epoch_rides_out_the_next(seed, nodes):
     handling the next epoch too."""
     from test_rebuild_soak import CycleRun
     _check(seed, cls=CycleRun, nodes=nodes, r=2, crash_client=seed % 3 == 0)
+
+
+@pytest.mark.parametrize("seed,nodes", [(108, 3), (100, 4), (103, 4)])
+def test_a_claim_taken_back_after_a_rebuild_leaves_no_copy_on_the_rebuilt_mn(seed, nodes):
+    """Rebuild cycles with r=2: an insert claims a slot of a group left with one replica, a
+    rebuild copies the claim onto the MN it rebuilds, the insert's epoch ends and it takes
+    the claim back. It used to do so on the replica it had claimed on only: the rebuilt copy
+    named the object after its memory was reused, and a later insert of a key with that
+    fingerprint stalled on it (Stalled)."""
+    from test_rebuild_soak import CycleRun
+    _check(seed, cls=CycleRun, nodes=nodes, r=2, crash_client=seed % 3 == 0)

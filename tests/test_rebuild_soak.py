@@ -13,12 +13,13 @@ What it found when written (seeds 100-115 of the cycles, 4 shapes): orphan block
 to a rebuilt MN (fixed, ``Allocator.give_back``); an operation settling its round at the end
 of one epoch that met the end of the next one (an MN crashing just after a rebuild published)
 failed with that NodeTimeout / EpochChanged (fixed: the settling steps of ``fusee.insert`` and
-of UPDATE/DELETE run under ``ClientCore.retrying``; seeds 102, 107, 108, 110, 114 on 3 MNs
-r=2, 111 on 4 MNs r=2); and, still open:
-- r=2 runs where an insert stalls on a slot whose object never reads as named (Stalled,
-  seeds 100 and 108 on 4 MNs, 106 and 107 on 3 MNs);
+of UPDATE/DELETE run under ``ClientCore.retrying``; seeds 102, 107, 110, 114 on 3 MNs r=2,
+111 on 4 MNs r=2); r=2 runs where an insert stalled on a slot whose object never read as
+named (Stalled: a claim on a group left with one replica, copied by a rebuild onto the MN it
+rebuilt, then taken back from the first replica only; fixed, ``fusee.insert._take_back``;
+seeds 108 on 3 MNs, 100 and 103 on 4 MNs, r=2). Still open:
 - a rebuild refused with RebuildError (two groups at one address of the dead MN, made while
-  it was dead; r < n only, as ``fusee.rebuild`` says): seed 103 on 5 MNs r=3, 114 on 3 MNs
+  it was dead; r < n only, as ``fusee.rebuild`` says): seed 103 on 5 MNs r=3, 135 on 3 MNs
   r=2: that MN can then never rejoin.
 """
 
