@@ -220,7 +220,9 @@ class Allocator:
         try:
             yield writes
         except TransportError:
-            self.orphans += [(n, g.addrs[0]) for n in copies]
+            # a rebuild published meanwhile copied the header onto the MN it rebuilt: that
+            # copy is ours to give back too (``give_back`` forgets those it did not copy)
+            self.orphans += [(n, g.addrs[0]) for n in g.nodes]
             raise
         self.groups.append(g)
         if self.current is not None and self.bump + self.unit <= self.block_size:

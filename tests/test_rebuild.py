@@ -198,3 +198,12 @@ def test_a_claim_taken_back_after_a_rebuild_leaves_no_copy_on_the_rebuilt_mn(see
     fingerprint stalled on it (Stalled)."""
     from test_rebuild_soak import CycleRun
     _check(seed, cls=CycleRun, nodes=nodes, r=2, crash_client=seed % 3 == 0)
+
+
+def test_a_failed_growth_gives_back_the_header_copy_a_rebuild_made():
+    """Rebuild cycles on 3 MNs, r=2, seed 133: a client grows while MN 0 is dead (so on MN 2
+    alone), MN 0's rebuild copies the new group, then the growth's batch fails. The client
+    gave its block back on MN 2 only; the one on MN 0 stayed with it, outside any group
+    (the audit's 'unsettled')."""
+    from test_rebuild_soak import CycleRun
+    _check(133, cls=CycleRun, nodes=3, r=2)
