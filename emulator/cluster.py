@@ -101,7 +101,7 @@ class LocalCluster:
         return f"ipc://{self.workdir}/mn{i}.sock"
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         if self.backend == "local":
             from fusee.transports.local import LocalMemory
             self.memory = LocalMemory(self.config)
@@ -244,7 +244,7 @@ class LocalCluster:
         self._master_finalizer()
         self._finalizer()
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -62,7 +62,8 @@ def check_memnode(node: MemoryNode, data: bytes) -> None:
     size = node.region.length
     for op, _ in zip(ops, results):              # every request that completed
         code, addr = op[0], op[1] if len(op) > 1 else None
-        if code in (wire.OP_READ, wire.OP_WRITE, wire.OP_CAS, wire.OP_FAA) and key != node.region.rkey:
+        if (code in (wire.OP_READ, wire.OP_WRITE, wire.OP_CAS, wire.OP_FAA)
+                and key != node.region.rkey):
             raise FuzzError(f"{op!r} completed with a wrong key")
         if code == wire.OP_READ:
             end = addr + op[2]
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
                     addr = fdp.ConsumeIntInRange(0, LAYOUT.region_size + 64)
                     arg = fdp.ConsumeIntInRange(0, (1 << 64) - 1) if code != 1 else \
                         fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 64))
-                    ops.append([code, addr, arg, fdp.ConsumeIntInRange(0, (1 << 64) - 1)][:3 + (code == 2)])
+                    swap = fdp.ConsumeIntInRange(0, (1 << 64) - 1)
+                    ops.append([code, addr, arg, swap][:3 + (code == 2)])
                 check_memnode(node, verbs_message(rkey, ops))
         elif target == "object":
             if fdp.ConsumeBool():

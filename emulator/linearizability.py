@@ -24,7 +24,7 @@ search may linearize it anywhere; "never" is the same as "last", since nothing o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from collections.abc import Iterable
 
 from fusee.emulator.history import ERROR, OK, History, Op
 

@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 
@@ -64,7 +64,7 @@ from fusee.transports.channel import Channels
 from fusee.transports.master_link import ERR_BUSY, ERR_LEASE, ERR_STANDBY
 from fusee.emulator.master_election import LeaderGuard
 from fusee.emulator.master_state import Deposed, FileStore, StateStore, ZooKeeperStore
-from fusee.emulator.serving import BindError, EndpointInUse, bind, stop_condition, write_ready
+from fusee.emulator.serving import BindError, bind, stop_condition, write_ready
 from fusee.transports.security import check_endpoint, master_config, secure_server
 from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
 from fusee.metrics import MasterCollector, MetricsUnavailable, metrics_address, serve_metrics

@@ -69,7 +69,8 @@ class FileStore:
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self.lock_fd)
-            raise StateError(f"another master is running on {self.path} (it holds {lock})")
+            raise StateError(
+                f"another master is running on {self.path} (it holds {lock})") from None
 
     def load(self) -> dict | None:
         try:

@@ -1,8 +1,8 @@
 """A memory node: registers a region of shared memory and serves it like an RDMA NIC.
 
 The process owns one POSIX shared-memory segment (the registered region) and answers, on one
-ZeroMQ ROUTER endpoint, two kinds of message (fusee.emulator.wire): batches of one-sided verbs, which
-it executes in order against the region exactly as a NIC would (bounds, key and alignment
+ZeroMQ ROUTER endpoint, two kinds of message (fusee.emulator.wire): batches of one-sided verbs,
+which it executes in order against the region exactly as a NIC would (bounds, key and alignment
 checked; hardware atomics), and control requests (region info, block allocation, ping, and
 whatever a backend registers, such as RDMA queue-pair setup). It never interprets a key or a
 value. Malformed input gets an error reply; nothing a client sends can stop it. SIGTERM or
@@ -15,7 +15,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 

@@ -1,7 +1,8 @@
 """pyverbs plumbing shared by both ends of the real-RDMA path and by the preflight check.
 
-Both the memory node (fusee.emulator.rdma_nic) and the client (fusee.transports.rdma) open a device, pick a
-GID, and bring an RC queue pair to RTS from the peer's queue-pair info; this module does it once.
+Both the memory node (fusee.emulator.rdma_nic) and the client (fusee.transports.rdma) open a
+device, pick a GID, and bring an RC queue pair to RTS from the peer's queue-pair info; this
+module does it once.
 Nothing here imports pyverbs at module import time, so a machine without RDMA can import it
 (and the test suite can skip cleanly).
 
@@ -154,7 +155,7 @@ class Device:
 
     @classmethod
     def open(cls, name: str | None = None, port: int | None = None,
-             gid_index: int | None = None) -> "Device":
+             gid_index: int | None = None) -> Device:
         """Open ``name`` (default FUSEE_RDMA_DEVICE, else the first device with an ACTIVE
         port) and choose its GID (default FUSEE_RDMA_GID_INDEX, else automatically)."""
         name = name or os.environ.get("FUSEE_RDMA_DEVICE") or None
@@ -199,7 +200,7 @@ class Device:
         raise RdmaUnavailable("; ".join(problems))
 
     @classmethod
-    def _with_port(cls, ctx, name, port, pattr, gid_index) -> "Device":
+    def _with_port(cls, ctx, name, port, pattr, gid_index) -> Device:
         e = load_pyverbs()
         table = gid_table(ctx, port, pattr.gid_tbl_len)
         if gid_index is None:

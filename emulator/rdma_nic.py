@@ -15,8 +15,8 @@ import logging
 from collections import OrderedDict
 
 from fusee.emulator import _atomic
-from fusee.emulator.rdma_device import (Device, RdmaUnavailable, access_flags, check_peer, connect_qp,
-                                  create_qp, new_psn)
+from fusee.emulator.rdma_device import (Device, RdmaUnavailable, access_flags, check_peer,
+                                        connect_qp, create_qp, new_psn)
 from fusee.verbs import ControlError
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,14 @@ class RdmaNic:
         try:
             qp = create_qp(self.dev, self.pd, self.cq, _RESPONDER_DEPTH)
         except PyverbsError as e:
-            raise ControlError(f"MN {self.node}: cannot create a queue pair: {e}", self.node)
+            raise ControlError(f"MN {self.node}: cannot create a queue pair: {e}",
+                               self.node) from e
         try:
             connect_qp(self.dev, qp, psn, peer)
         except PyverbsError as e:
             qp.close()
             raise ControlError(f"MN {self.node}: cannot connect to {peer['gid']}: {e}",
-                               self.node)
+                               self.node) from e
         self.qps[qp.qp_num] = qp
         return {**self.dev.info(), "qpn": qp.qp_num, "psn": psn, "rkey": self.mr.rkey,
                 "addr": self.mr.buf, "length": self.length, "node": self.node}

@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusee.emulator.rdma_device import (Device, RdmaUnavailable, access_flags, connect_qp, create_qp,
-                                  device_names, gid_table, load_pyverbs, new_psn)
+from fusee.emulator.rdma_device import (Device, RdmaUnavailable, access_flags, connect_qp,
+                                        create_qp, device_names, gid_table, load_pyverbs,
+                                        new_psn)
 
 MTU_BYTES = {1: 256, 2: 512, 3: 1024, 4: 2048, 5: 4096}
 CAP_IPC_LOCK = 14

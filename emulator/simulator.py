@@ -12,7 +12,8 @@ the last verb of a batch is done, the completions go back into the generator: on
 for that client. Nothing here depends on wall-clock time or on hash randomization, so a seed
 that fails replays exactly.
 
-Every operation is recorded in a ``History`` (fusee.emulator.history) for the linearizability checker.
+Every operation is recorded in a ``History`` (fusee.emulator.history) for the linearizability
+checker.
 
 Faults, all placed deterministically:
 - ``crash_client_at(name, op, verb)``: the client dies after executing ``verb`` verbs of its
@@ -47,7 +48,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from fusee.emulator.history import History, Op
 from fusee.config import LayoutConfig
@@ -145,12 +146,12 @@ class Simulator:
         c.epoch = self.membership.epoch     # its operations start in the current epoch
         return c
 
-    def at_step(self, step: int, fn: Callable[["Simulator"], None]) -> None:
+    def at_step(self, step: int, fn: Callable[[Simulator], None]) -> None:
         """Call ``fn(sim)`` just before step ``step`` (if the run gets that far)."""
         self._timers.setdefault(step, []).append(fn)
 
     def crash_client_at(self, name: str, op: int, verb: int,
-                        then: Callable[["Simulator"], None] | None = None) -> None:
+                        then: Callable[[Simulator], None] | None = None) -> None:
         """Crash ``name`` once it has executed ``verb`` verbs of its ``op``-th operation."""
         self._crash_points[(name, op, verb)] = then
 
@@ -481,4 +482,5 @@ def store_calls(store, ops: Iterable[tuple[str, bytes, bytes | None]]) -> Iterat
         elif kind == "delete":
             yield Call(kind, key, None, lambda k=key: store.delete(k))
         else:
-            yield Call(kind, key, value, lambda m=getattr(store, kind), k=key, v=value: m(k, v))
+            yield Call(kind, key, value,
+                       lambda m=getattr(store, kind), k=key, v=value: m(k, v))  # noqa: B008 (binds the method now)

@@ -69,7 +69,7 @@ class Client:
 
     @classmethod
     async def connect(cls, config_path: str | Path, transport=None,
-                      client_id: int | None = None, **kwargs) -> "Client":
+                      client_id: int | None = None, **kwargs) -> Client:
         """Open a client on the cluster described by ``config_path`` (as
         ``fusee.client.Client.connect``, on the worker thread: registering and claiming an
         id take several round trips)."""
@@ -113,7 +113,7 @@ class Client:
         """Insert or update every (key, value) (``fusee.batch``)."""
         await self._in_worker(batch.put_many, self.sync, items, depth)
 
-    def pipeline(self, depth: int = batch.DEPTH) -> "Pipeline":
+    def pipeline(self, depth: int = batch.DEPTH) -> Pipeline:
         """Queue operations, then run them with ``depth`` in flight (``fusee.batch``)."""
         return Pipeline(self, depth)
 
@@ -125,7 +125,7 @@ class Client:
             finally:
                 self._worker.shutdown(wait=False)
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -222,23 +222,23 @@ class Pipeline:
         self.client = client
         self._queue = batch.Pipeline(client.sync, depth)   # checks and queues the arguments
 
-    def get(self, key) -> "Pipeline":
+    def get(self, key) -> Pipeline:
         self._queue.get(key)
         return self
 
-    def insert(self, key, value) -> "Pipeline":
+    def insert(self, key, value) -> Pipeline:
         self._queue.insert(key, value)
         return self
 
-    def update(self, key, value) -> "Pipeline":
+    def update(self, key, value) -> Pipeline:
         self._queue.update(key, value)
         return self
 
-    def put(self, key, value) -> "Pipeline":
+    def put(self, key, value) -> Pipeline:
         self._queue.put(key, value)
         return self
 
-    def delete(self, key) -> "Pipeline":
+    def delete(self, key) -> Pipeline:
         self._queue.delete(key)
         return self
 
@@ -254,7 +254,7 @@ class Pipeline:
         failed, unless ``raise_on_error`` is False)."""
         return await self.client._in_worker(self._queue.execute, raise_on_error)
 
-    async def __aenter__(self) -> "Pipeline":
+    async def __aenter__(self) -> Pipeline:
         return self
 
     async def __aexit__(self, exc_type, *exc) -> None:

@@ -95,7 +95,7 @@ class Client:
             raise ValueError("recover=True needs the client_id to recover")
         self.transport = transport
         self.config = config or transport.config
-        self.lease = lease                  # fusee.transports.master_link.LeaseKeeper, with a master
+        self.lease = lease              # with a master: fusee.transports.master_link.LeaseKeeper
         membership = Membership()
         try:
             if self.config.master:
@@ -151,7 +151,7 @@ class Client:
 
     @classmethod
     def connect(cls, config_path: str | Path, transport=None, client_id: int | None = None,
-                **kwargs) -> "Client":
+                **kwargs) -> Client:
         """Open a client on the cluster described by ``config_path``; ``transport`` is a
         backend name (default: the config's) or an already connected Transport. With a
         master, the client registers first, so a new transport skips the MNs known dead."""
@@ -261,8 +261,8 @@ class Client:
         """Settle an operation cut short (``fusee.settle``), send deferred frees and log
         marks, mark the id CLEAN, give it back to the master (if any), then close the
         transport. Idempotent. Cut short itself (a second Ctrl-C), it leaves the id IN_USE:
-        the master recovers it, or ``Client(..., client_id=N, recover=True)``. In a child forked after the
-        client opened, only this object is closed: the parent's client carries on."""
+        the master recovers it, or ``Client(..., client_id=N, recover=True)``. In a child forked
+        after the client opened, only this object is closed: the parent's client carries on."""
         if self.closed:
             return
         if self._forks != _forks:      # the id, lease and sockets are the parent's
@@ -281,7 +281,7 @@ class Client:
                     self.lease.close()
                 self.transport.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -60,7 +60,7 @@ class MemNodeConfig:
 class SecurityConfig:
     """Who may talk to a memory node over ZeroMQ (see transports/security.py)."""
     curve: bool = False               # CURVE authentication + encryption on every channel
-    keys_dir: str | None = None       # mn<ID>.key_secret for MNs; clients/*.key = authorized clients
+    keys_dir: str | None = None       # mn<ID>.key_secret for MNs; clients/*.key: authorized ones
     client_key: str | None = None     # this client's certificate (a .key_secret file)
     allow_insecure_tcp: bool = False  # explicit opt-in to plaintext, unauthenticated tcp://
 
@@ -118,7 +118,7 @@ class ClusterConfig:
     def node(self, node_id: int) -> MemNodeConfig:
         return self.memnodes[node_id]
 
-    def with_(self, **changes) -> "ClusterConfig":
+    def with_(self, **changes) -> ClusterConfig:
         return replace(self, **changes)
 
     # -- TOML ------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ class ClusterConfig:
         return _write_atomically(Path(path), self.dumps())
 
     @classmethod
-    def loads(cls, text: str) -> "ClusterConfig":
+    def loads(cls, text: str) -> ClusterConfig:
         try:
             doc = tomllib.loads(text)
             layout = LayoutConfig(**doc.get("layout", {}))
@@ -157,7 +157,7 @@ class ClusterConfig:
             raise ConfigError(f"bad cluster config: {e}") from e
 
     @classmethod
-    def load(cls, path: str | Path) -> "ClusterConfig":
+    def load(cls, path: str | Path) -> ClusterConfig:
         """Read ``path``; relative key paths in it name files next to it, wherever the
         process reading it runs (a service's working directory is rarely the config's)."""
         try:
@@ -166,14 +166,14 @@ class ClusterConfig:
             raise ConfigError(f"cannot read cluster config {path}: {e}") from e
         return config.relative_to(Path(path).absolute().parent)
 
-    def relative_to(self, folder: Path) -> "ClusterConfig":
+    def relative_to(self, folder: Path) -> ClusterConfig:
         """This config with its relative ``keys_dir`` and ``client_key`` under ``folder``."""
         paths = {name: str(folder / value) for name in ("keys_dir", "client_key")
                  if (value := getattr(self.security, name)) and not Path(value).is_absolute()}
         return self.with_(security=replace(self.security, **paths)) if paths else self
 
     @staticmethod
-    def edit(path: str | Path, change) -> "ClusterConfig":
+    def edit(path: str | Path, change) -> ClusterConfig:
         """Apply ``change(doc)`` to the TOML document at ``path`` (a dict of its tables),
         check the result and write it back atomically. Paths stay as written; the file's
         comments do not survive (TOML writers drop them)."""

@@ -59,7 +59,7 @@ class IndexGeometry:
     subtables: int              # absolute address of subtable 0
 
     @classmethod
-    def of(cls, layout: LayoutConfig) -> "IndexGeometry":
+    def of(cls, layout: LayoutConfig) -> IndexGeometry:
         mmap_ = MemoryMap.of(layout)
         n0 = layout.initial_subtables
         if n0 & (n0 - 1):

@@ -39,7 +39,7 @@ class NewObject:
         self.units = units
         self.seq = seq                  # allocation sequence: its slot value's generation
         self.replicas = replicas
-        self.writes = writes            # the object on every replica (+ a list head, the first time)
+        self.writes = writes            # the object on every replica (+ a list head, at first)
         self.records = 0
 
     @property

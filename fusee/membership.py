@@ -24,7 +24,7 @@ Design: docs/design.md#membership-epochs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 WIN, LOSE, RESTART = "win", "lose", "restart"
 #: what an operation returns to start over with a new object after a failover dropped its
@@ -85,7 +85,7 @@ class Membership:
     def successor(self, dead: Iterable[int], settled: Mapping[tuple[int, int], int],
                   kept: Mapping[tuple[int, int], int] | None = None,
                   dropped: Mapping[tuple[int, int], tuple[tuple[int, int], ...]] | None = None
-                  ) -> "Membership":
+                  ) -> Membership:
         """The membership a failover of the MNs ``dead`` starts, with its decisions."""
         e = self.epoch + 1
         return Membership(e, self.dead | frozenset(dead), {**self.settled, e: dict(settled)},
@@ -115,7 +115,7 @@ class Membership:
                 "rebuilt": sorted(self.rebuilt)}
 
     @classmethod
-    def from_wire(cls, d) -> "Membership":
+    def from_wire(cls, d) -> Membership:
         if not isinstance(d, dict):
             raise ValueError("a membership must be a map")
         epoch, dead = d.get("epoch"), d.get("dead")

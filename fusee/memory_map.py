@@ -38,7 +38,7 @@ class MemoryMap:
     data: int
 
     @classmethod
-    def of(cls, layout: LayoutConfig) -> "MemoryMap":
+    def of(cls, layout: LayoutConfig) -> MemoryMap:
         layout.check()
         table = PAGE
         # The table has one word per block; size it for the most blocks the region could hold.
@@ -70,8 +70,8 @@ class MemoryMap:
     @property
     def fingerprint(self) -> int:
         """A 64-bit digest of the layout, stored in the header so a mismatched client is refused."""
-        l = self.layout
-        raw = repr((l.region_size, l.block_size, l.max_clients, l.client_meta_size, l.index_size,
-                    l.initial_subtables, l.buckets_per_subtable, l.object_unit,
-                    l.max_key_size)).encode()
+        lay = self.layout
+        raw = repr((lay.region_size, lay.block_size, lay.max_clients, lay.client_meta_size,
+                    lay.index_size, lay.initial_subtables, lay.buckets_per_subtable,
+                    lay.object_unit, lay.max_key_size)).encode()
         return zlib.crc32(raw) | (zlib.adler32(raw) << 32)

@@ -54,7 +54,8 @@ class SlotTarget:
         self.primary, self.backups = nodes[0], nodes[1:]
 
     def __repr__(self) -> str:
-        return f"SlotTarget(sid={self.sid}, pos={self.pos}, nodes={self.nodes}, addr={self.addr:#x})"
+        return (f"SlotTarget(sid={self.sid}, pos={self.pos}, nodes={self.nodes}, "
+                f"addr={self.addr:#x})")
 
 
 def decide(current: list[int], mine: int) -> str:

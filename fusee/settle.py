@@ -19,8 +19,9 @@ operation's, after them, so a part of the cut batch still on its way is executed
 recovery reads that node.
 
 If settling itself is cut short (a second Ctrl-C) or fails, the id stays IN_USE (this
-client's claim even once the recovery is through), and the recovery lock may be held by ``owner``: a later recovery
-by the same owner finishes it (the master's, under a master: ``Client.recovery_owner``).
+client's claim even once the recovery is through), and the recovery lock may be held by
+``owner``: a later recovery by the same owner finishes it (the master's, under a master:
+``Client.recovery_owner``).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def test_block_group_is_recorded_on_the_mns():
     alloc, m = kv.core.alloc, kv.core.map
     (g,) = alloc.groups
     assert len(set(g.nodes)) == 3
-    for i, (n, a) in enumerate(zip(g.nodes, g.addrs)):
+    for n, a in zip(g.nodes, g.addrs):
         assert _u64(mem, n, a) == BLOCK_MAGIC
         assert mem.tables[n]._owner(m.block_index(a)) == kv.client_id + 1
     meta = m.client_meta(kv.client_id)

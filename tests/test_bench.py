@@ -227,7 +227,7 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert code == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["systems"] == systems.split(",") and not doc["failed"]
-    assert {l["system"] for l in doc["load"]} == set(doc["systems"])
+    assert {row["system"] for row in doc["load"]} == set(doc["systems"])
     expected = {(s, suite, name, n) for s in doc["systems"] for n in (1, 2)
                 for suite, names in (("ycsb", "ABCD"), ("micro", ["insert", "update", "search",
                                                                   "delete"]))
@@ -235,7 +235,8 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     got = {(r["system"], r["suite"], r["name"], r["clients"]) for r in doc["results"]}
     assert got == expected
     for r in doc["results"]:
-        assert r["ops"] > 0 and r["throughput"] > 0 and r["depth"] == 2, {k: r[k] for k in ("system", "suite", "name", "clients", "ops", "errors", "seconds")}
+        assert r["ops"] > 0 and r["throughput"] > 0 and r["depth"] == 2, {
+            k: r[k] for k in ("system", "suite", "name", "clients", "ops", "errors", "seconds")}
         lat = r["latency_us"]
         assert lat["all"]["count"] == sum(v["count"] for k, v in lat.items() if k != "all")
         assert lat["all"]["count"] + sum(r["errors"].values()) == r["ops"]
@@ -251,7 +252,7 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
         assert (out / name).read_bytes()[:8] == PNG
     table = (out / "table.txt").read_text()
     assert table.startswith("$ fusee bench all") and "clover" in table and "x |" in table
-    assert "cpu us/op" in table and all(l["cpu_us_per_op"] > 0 for l in doc["load"])
+    assert "cpu us/op" in table and all(row["cpu_us_per_op"] > 0 for row in doc["load"])
     assert "client CPU per insert" in table
     assert "YCSB" in printed and "micro-benchmarks" in printed
 

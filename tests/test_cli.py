@@ -85,7 +85,8 @@ def test_user_mistakes_get_one_line_and_a_usage_code(cluster):
     one_line_error(fusee("insert", "--config", cfg, "twice", "v", check=False), 1,
                    "already exists", "fusee put")
     traced = fusee("get", "--config", cfg, "", "--debug", check=False)
-    assert traced.returncode == 2 and "Traceback" in traced.stderr and "KeyTooLarge" in traced.stderr
+    assert (traced.returncode == 2 and "Traceback" in traced.stderr
+            and "KeyTooLarge" in traced.stderr)
     one_line_error(fusee("frobnicate", check=False), 2)
 
 
@@ -163,7 +164,8 @@ def test_servers_log_with_timestamps():
 def test_bench_without_its_extra_names_the_pip_command():
     run = subprocess.run(
         [sys.executable, "-c", ("import sys; sys.modules['hdrh'] = None; "
-                                "from fusee.cli import main; sys.exit(main(['bench', '--quick']))")],
+                                "from fusee.cli import main; "
+                                "sys.exit(main(['bench', '--quick']))")],
         capture_output=True, text=True, timeout=120, check=False)
     one_line_error(run, 2, "hdrh", "pip install 'fusee[bench]'")
 

@@ -66,7 +66,8 @@ def test_batch_across_nodes_is_one_round_trip_in_order(cluster):
     assert res[:3] == [None] * 3
     assert res[3:] == [b"\x02" * 16, b"\x00" * 16, b"\x01" * 16]
     d = t.stats - before
-    assert (d.round_trips, d.verbs, d.writes, d.reads, d.bytes_out, d.bytes_in) == (1, 6, 3, 3, 48, 48)
+    assert ((d.round_trips, d.verbs, d.writes, d.reads, d.bytes_out, d.bytes_in)
+            == (1, 6, 3, 3, 48, 48))
     assert t.execute([]) == [] and (t.stats - before).round_trips == 1
     t.close()
 
@@ -74,7 +75,8 @@ def test_batch_across_nodes_is_one_round_trip_in_order(cluster):
 def test_requests_of_one_node_execute_in_posting_order(cluster):
     t = cluster.transport()
     a = data_addr(cluster, 2)
-    res = t.execute([Write(0, a, struct.pack("<Q", 7)), Faa(0, a, 1), Cas(0, a, 8, 9), Read(0, a, 8)])
+    res = t.execute([Write(0, a, struct.pack("<Q", 7)), Faa(0, a, 1), Cas(0, a, 8, 9),
+                     Read(0, a, 8)])
     assert res == [None, 7, 8, struct.pack("<Q", 9)]
     t.close()
 

@@ -323,7 +323,7 @@ def test_sigint_to_client_processes_under_load(backend, master, tmp_path):
         with _running(procs, stop):
             for k in range(SIGINTS):
                 for p, first in zip(procs[LOAD:], firsts):
-                    _wait(lambda: progress[first + k] >= rng.randrange(10, 100),
+                    _wait(lambda: progress[first + k] >= rng.randrange(10, 100),  # noqa: B023 (called in this iteration)
                           f"client {first + k} to get going")
                     os.kill(p.pid, signal.SIGINT)
             _wait(lambda: all(progress[first + SIGINTS] for first in firsts),

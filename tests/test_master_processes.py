@@ -495,7 +495,7 @@ def test_recovery_time_by_phase(transport):
         for trial in range(6):
             pid, cid, acked, killed = run_child(c, 20 + 7 * trial)
             (r,) = wait_for(lambda: [r for r in status(c)["repaired"]
-                                     if r["id"] == cid and r["finished_at"] > killed],
+                                     if r["id"] == cid and r["finished_at"] > killed],  # noqa: B023 (called in this iteration)
                             "the recovery of the killed client")
             rows.append((killed, r))
             with c.client() as kv:                  # the id is back, and nothing is lost

@@ -195,7 +195,7 @@ def test_batch_verbs_interleave_across_nodes_but_keep_order_per_node():
             yield [Write(0, 4096, b"\x01"), Write(0, 4096, b"\x02"), Write(1, 4096, b"\x01")]
 
         def reader():
-            out["r"] = tuple(b[0] for b in (yield [Read(0, 4096, 1), Read(1, 4096, 1)]))
+            out["r"] = tuple(b[0] for b in (yield [Read(0, 4096, 1), Read(1, 4096, 1)]))  # noqa: B023 (called in this iteration)
 
         sim = Simulator(memory, seed, stickiness=0.0)
         sim.add_client("w", [Call("put", b"k", b"v", writer)])
@@ -298,7 +298,7 @@ def test_client_crash_at_every_verb_boundary():
         for c in range(4):
             sim.add_client(f"c{c}", store_calls(CasRegisters(memory, KEYS),
                                                 kv_workload(wrng, f"c{c}", KEYS, 10, MIX)))
-        sim.crash_client_at("c1", i, k, then=lambda s: restarted.append(s.step))
+        sim.crash_client_at("c1", i, k, then=lambda s: restarted.append(s.step))  # noqa: B023 (called in this iteration)
         sim.run()
         c1 = sim.clients["c1"]
         assert c1.crashed and len(c1.ops) == i + 1
@@ -323,7 +323,7 @@ def test_crashed_op_may_or_may_not_have_taken_effect():
         sim = Simulator(memory, 0, expected_errors=TOY_ERRORS, stickiness=1.0)
         sim.add_client("a", store_calls(store, [("put", b"k0", b"old"), ("put", b"k0", b"new")]))
         sim.crash_client_at("a", 1, k, then=lambda s: s.add_client(
-            "b", store_calls(store, [("get", b"k0", None)])))
+            "b", store_calls(store, [("get", b"k0", None)])))  # noqa: B023 (called in this iteration)
         sim.run()
         outcomes.add(sim.history.ops[-1].result)
         assert check(sim.history).ok
@@ -357,7 +357,7 @@ def test_memory_node_crash_fails_verbs_even_those_already_executed():
             try:
                 yield [Write(1, 4096, b"\x07"), Read(0, 0, 8)]
             except TransportError as e:
-                got["error"] = e
+                got["error"] = e  # noqa: B023 (called in this iteration)
                 return (yield [Read(0, 0, 8)])[0]
 
         sim = Simulator(memory, seed, stickiness=1.0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
-from typing import Sequence
+from collections.abc import Sequence
 
 from fusee.config import ClusterConfig
 from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Backoff, Cas, Faa, FreeBlock,
@@ -57,10 +57,10 @@ class TransportStats:
         else:
             raise TypeError(f"not a verb: {req!r}")
 
-    def copy(self) -> "TransportStats":
+    def copy(self) -> TransportStats:
         return TransportStats(**{f.name: getattr(self, f.name) for f in fields(self)})
 
-    def __sub__(self, other: "TransportStats") -> "TransportStats":
+    def __sub__(self, other: TransportStats) -> TransportStats:
         return TransportStats(**{f.name: getattr(self, f.name) - getattr(other, f.name)
                                  for f in fields(self)})
 
@@ -134,11 +134,11 @@ class Transport(ABC):
     def _execute(self, batch: Sequence[Request]) -> list:
         """Backend part of ``execute``: the batch is non-empty and names known nodes."""
 
-    def revive(self, nodes) -> None:
+    def revive(self, nodes) -> None:  # noqa: B027 (an optional hook: most backends need nothing)
         """MNs ``nodes`` are alive again (rebuilt: ``fusee.rebuild``); a backend that took
         some of them for dead reconnects to them. (Those that need every MN: nothing to do.)"""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook: most backends need nothing)
         """Release connections and mappings; the transport is unusable afterwards."""
 
     def __enter__(self):

@@ -8,7 +8,7 @@ answers nothing: its requests fail with NodeTimeout at once, as they would after
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from fusee.emulator.blocks import BlockTable, format_region
 from fusee.emulator.memory import MemoryRegion, new_rkey

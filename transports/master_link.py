@@ -215,7 +215,7 @@ class MasterLink:
     def close(self) -> None:
         self._close_sockets()
 
-    def __enter__(self) -> "MasterLink":
+    def __enter__(self) -> MasterLink:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from fusee.emulator import _atomic, wire
 from fusee.emulator.rdma_device import (Device, RdmaUnavailable, check_peer, connect_qp, create_qp,

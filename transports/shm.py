@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import select
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from fusee.emulator import _atomic, wire
 from fusee.emulator.memory import SharedSegment

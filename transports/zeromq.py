@@ -11,7 +11,7 @@ region (length 0) so that requests to it are known, and each fails at once with 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from fusee.emulator import wire
 from fusee.config import ClusterConfig

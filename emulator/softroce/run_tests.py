@@ -4,7 +4,8 @@
 
 The guest runs this interpreter's pytest on tests/test_rdma.py with FUSEE_RDMA_REQUIRED=1,
 so a VM whose device failed to come up fails the run instead of skipping every test. With
-``--bench`` the same boot then measures verbs latencies on rxe (fusee.emulator.softroce.verbs_latency).
+``--bench`` the same boot then measures verbs latencies on rxe
+(fusee.emulator.softroce.verbs_latency).
 Exit status: pytest's (or the benchmark's, if the tests passed); 125 if the VM gave no result.
 """
 

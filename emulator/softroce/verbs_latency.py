@@ -1,6 +1,7 @@
 """Batch latencies of the verbs backend next to the emulated NIC, on the same memory nodes.
 
-    python -m fusee.emulator.softroce.vm -- python -m fusee.emulator.softroce.verbs_latency [--json out]
+    python -m fusee.emulator.softroce.vm -- \
+        python -m fusee.emulator.softroce.verbs_latency [--json out]
 
 Starts 3 memory nodes serving RDMA (``--rdma``), connects a ``verbs`` and a ``zmq`` transport
 to the same nodes, and times one-verb batches (READ/WRITE 64 B, READ 4 KiB, CAS, FAA) and a

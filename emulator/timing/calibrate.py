@@ -6,8 +6,9 @@ transport and times, call by call, the operation generators (the client's CPU pe
 operation kind: an INSERT's steps do more than a SEARCH's) and the transport (the CPU per
 verb), in CPU time of the calling thread, so that other processes on a shared host do not
 count; ``local_profile`` turns that into a profile with no network latency, NICs too fast to
-queue, and ``os.cpu_count()`` cores shared by all clients. With it, the model's prediction for 1-2 clients can be held against a
-real ``fusee bench`` run on this machine (tests/test_timing_model.py).
+queue, and ``os.cpu_count()`` cores shared by all clients. With it, the model's prediction for
+1-2 clients can be held against a real ``fusee bench`` run on this machine
+(tests/test_timing_model.py).
 
 ``fit_step_cost`` is the other calibration, for a profile of hardware that is not here: the
 client's CPU per step fitted to published ONE-client latencies (the cx3-56g profile, to the

@@ -174,7 +174,7 @@ class MetadataServerProcess:
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
 
-    def start(self) -> "MetadataServerProcess":
+    def start(self) -> MetadataServerProcess:
         config = ClusterConfig.load(self.config_path)
         tcp = config.memnodes[0].endpoint.startswith("tcp://")
         endpoint = "tcp://127.0.0.1:*" if tcp else f"ipc://{self.workdir}/clover-ms.sock"
@@ -202,7 +202,7 @@ class MetadataServerProcess:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "MetadataServerProcess":
+    def __enter__(self) -> MetadataServerProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

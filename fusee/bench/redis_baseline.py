@@ -49,7 +49,7 @@ class RedisServer:
         self.port = 0
         self.workdir: Path | None = None
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         import redis
         self.workdir = Path(tempfile.mkdtemp(prefix="fusee-redis-"))
         for _ in range(5):                         # a free port may be taken before we bind
@@ -84,7 +84,7 @@ class RedisServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -334,7 +334,7 @@ class WorkerPool:
             conn.close()
         self.procs, self.conns = [], []
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from fusee.config import ClusterConfig, LayoutConfig
 
