@@ -43,6 +43,7 @@ import threading
 import time
 from pathlib import Path
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -108,9 +109,9 @@ class MasterServer:
         self.tally: collections.Counter = collections.Counter()     # for fusee.metrics
         self.transport = None                           # the worker's, to the live MNs
         self.last_tick = 0.0
-        self.methods = {"register": self._register, "renew": self._renew,
-                        "release": self._release, "status": self._status,
-                        "ping": lambda args: "pong"}
+        self.methods: dict[str, Callable[[dict], Any]] = {
+            "register": self._register, "renew": self._renew, "release": self._release,
+            "status": self._status, "ping": lambda args: "pong"}
 
     def _take_over(self) -> None:
         """Carry on from the stored state (or start afresh) and write it back at once: a

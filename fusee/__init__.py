@@ -29,7 +29,7 @@ _LAZY = {"Client": ("fusee.client", "Client"),
 __all__ = [*_LAZY, "__version__"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name == "__version__":
         from importlib.metadata import version
         globals()[name] = value = version("fusee")

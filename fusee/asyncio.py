@@ -39,14 +39,19 @@ was already handed to the worker thread completes there before anything else run
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fusee import batch
 from fusee.client import Client as SyncClient
 from fusee.client import _LeaseGuard
 from fusee.operations import ClientCore
-from fusee.verbs import Backoff, Cas, Faa, Read, TransportError, Write
+from fusee.verbs import Backoff, Cas, Faa, Op, Read, Step, T, TransportError, Write
+
+if TYPE_CHECKING:
+    from fusee.transports.base import Transport
 
 #: the requests a shm or local transport executes in this process, without waiting
 _IN_MEMORY = (Read, Write, Cas, Faa)
@@ -57,7 +62,7 @@ _INLINE_TRANSPORTS = ("shm", "local")
 class Client:
     """An asyncio store client around a synchronous one (which it owns and closes)."""
 
-    def __init__(self, client: SyncClient):
+    def __init__(self, client: SyncClient) -> None:
         self.sync = client
         self._turn = asyncio.Lock()             # one operation (or batch) at a time
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"fusee-{client.client_id}")
@@ -65,11 +70,12 @@ class Client:
         guard = client.executor
         self._execute_now = (guard.execute_now if isinstance(guard, _LeaseGuard)
                              else guard.execute)
-        self._pending = None        # the worker's round trip the current operation awaits
+        #: the worker's round trip the current operation awaits
+        self._pending: Future[Any] | None = None
 
     @classmethod
-    async def connect(cls, config_path: str | Path, transport=None,
-                      client_id: int | None = None, **kwargs) -> Client:
+    async def connect(cls, config_path: str | Path, transport: Transport | str | None = None,
+                      client_id: int | None = None, **kwargs: Any) -> Client:
         """Open a client on the cluster described by ``config_path`` (as
         ``fusee.client.Client.connect``, on the worker thread: registering and claiming an
         id take several round trips)."""
@@ -82,7 +88,7 @@ class Client:
         return self.sync.client_id
 
     @property
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return self.sync.stats
 
     async def get(self, key: bytes) -> bytes | None:
@@ -105,11 +111,13 @@ class Client:
         """Insert or update."""
         await self._run(ClientCore.put, key, value)
 
-    async def get_many(self, keys, depth: int = batch.DEPTH) -> list:
+    async def get_many(self, keys: Iterable[bytes], depth: int = batch.DEPTH
+                       ) -> list[bytes | None]:
         """The keys' values (None: absent), in key order (``fusee.batch``)."""
         return await self._in_worker(batch.get_many, self.sync, list(keys), depth)
 
-    async def put_many(self, items, depth: int = batch.DEPTH) -> None:
+    async def put_many(self, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],
+                       depth: int = batch.DEPTH) -> None:
         """Insert or update every (key, value) (``fusee.batch``)."""
         await self._in_worker(batch.put_many, self.sync, items, depth)
 
@@ -128,18 +136,18 @@ class Client:
     async def __aenter__(self) -> Client:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     # -- driving ------------------------------------------------------------------------------
 
-    async def _in_worker(self, function, *args):
+    async def _in_worker(self, function: Callable[..., T], *args: Any) -> T:
         """Run ``function(*args)`` on the worker thread, in this client's turn."""
         async with self._turn:
             return await asyncio.get_running_loop().run_in_executor(self._worker, function,
                                                                     *args)
 
-    async def _run(self, operation, *args):
+    async def _run(self, operation: Callable[..., Op[T]], *args: Any) -> T:
         """Run ``operation(core, *args)`` in this client's turn, holding the synchronous
         client's lock as its own operations do (``Client.ready``)."""
         async with self._turn:
@@ -175,16 +183,16 @@ class Client:
         else:
             self.sync._lock.release()
 
-    async def _handoff(self, function, *args):
+    async def _handoff(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` on the worker thread, awaited. ``_pending`` is the worker's own
         future, not the awaitable wrapping it: a cancelled await leaves that one done while
         the worker still runs the round trip."""
-        self._pending = self._worker.submit(function, *args)
-        result = await asyncio.wrap_future(self._pending)
+        self._pending = pending = self._worker.submit(function, *args)
+        result = await asyncio.wrap_future(pending)
         self._pending = None
         return result
 
-    async def _drive(self, op):
+    async def _drive(self, op: Op[T]) -> T:
         """``fusee.driver.run`` with an ``await`` where it waits: the same generator, fed
         the same completions and errors."""
         try:
@@ -197,15 +205,16 @@ class Client:
                 else:
                     batch_ = op.send(results)
         except StopIteration as stop:
-            return stop.value
+            result: T = stop.value
+            return result
         except BaseException:
             op.close()                # cut short: the next operation settles it
             raise
 
-    async def _execute(self, batch_):
-        kind = type(batch_[0]) if batch_ else None
-        if kind is Backoff:
-            await asyncio.sleep(batch_[0].seconds)
+    async def _execute(self, batch_: Step) -> list[Any]:
+        first = batch_[0] if batch_ else None
+        if type(first) is Backoff:
+            await asyncio.sleep(first.seconds)
             return [None]
         if self._inline and all(type(r) in _IN_MEMORY for r in batch_):
             results = self._execute_now(batch_)
@@ -218,27 +227,27 @@ class Pipeline:
     """Operations queued on an asyncio client, run together (``fusee.batch.Pipeline``) on
     its worker thread when ``execute`` is awaited or the ``async with`` block ends."""
 
-    def __init__(self, client: Client, depth: int = batch.DEPTH):
+    def __init__(self, client: Client, depth: int = batch.DEPTH) -> None:
         self.client = client
         self._queue = batch.Pipeline(client.sync, depth)   # checks and queues the arguments
 
-    def get(self, key) -> Pipeline:
+    def get(self, key: bytes) -> Pipeline:
         self._queue.get(key)
         return self
 
-    def insert(self, key, value) -> Pipeline:
+    def insert(self, key: bytes, value: bytes) -> Pipeline:
         self._queue.insert(key, value)
         return self
 
-    def update(self, key, value) -> Pipeline:
+    def update(self, key: bytes, value: bytes) -> Pipeline:
         self._queue.update(key, value)
         return self
 
-    def put(self, key, value) -> Pipeline:
+    def put(self, key: bytes, value: bytes) -> Pipeline:
         self._queue.put(key, value)
         return self
 
-    def delete(self, key) -> Pipeline:
+    def delete(self, key: bytes) -> Pipeline:
         self._queue.delete(key)
         return self
 
@@ -246,10 +255,10 @@ class Pipeline:
         return len(self._queue)
 
     @property
-    def results(self) -> list | None:
+    def results(self) -> list[Any] | None:
         return self._queue.results
 
-    async def execute(self, raise_on_error: bool = True) -> list:
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Run every queued operation; their outcomes in queue order (BatchError if any
         failed, unless ``raise_on_error`` is False)."""
         return await self.client._in_worker(self._queue.execute, raise_on_error)
@@ -257,7 +266,7 @@ class Pipeline:
     async def __aenter__(self) -> Pipeline:
         return self
 
-    async def __aexit__(self, exc_type, *exc) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: Any) -> None:
         if exc_type is None and len(self._queue):
             await self.execute()
         else:

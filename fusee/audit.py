@@ -23,6 +23,12 @@ owes its free).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fusee.operations import ClientCore
+
 import struct
 from dataclasses import dataclass, field
 
@@ -35,7 +41,7 @@ from fusee.membership import Membership
 from fusee.layout import (ADDR_MASK, FROZEN, GEN_MASK, NODE_MASK, NODE_SHIFT, SLOTS_PER_BUCKET,
                           TENTATIVE, committed_object, slot_gen, slot_units)
 from fusee.memory_map import MemoryMap
-from fusee.verbs import Read, chunks
+from fusee.verbs import Op, Read, chunks
 
 _PTR = NODE_MASK << NODE_SHIFT | ADDR_MASK     # node and address bits of a slot value
 
@@ -67,7 +73,8 @@ class AuditReport:
         return "\n".join(lines)
 
 
-def audit(config: ClusterConfig, cores=(), membership: Membership = Membership()):
+def audit(config: ClusterConfig, cores: Iterable[ClientCore] = (),
+          membership: Membership = Membership()) -> Op[AuditReport]:
     """Generator: the AuditReport of the store (see the module docstring); ``cores`` are the
     ClientCores of the clients that did not crash."""
     layout = config.layout
@@ -78,11 +85,11 @@ def audit(config: ClusterConfig, cores=(), membership: Membership = Membership()
     (buf,) = yield [directory.read()]
     directory.load(buf)
     sids = sorted({e & 0xFFFFFFFF for e in directory.entries})
-    bufs = []
+    read: list[bytes] = []
     for batch in chunks([Read(m, geo.subtable(sid), geo.subtable_bytes) for sid in sids
                          for m in directory.nodes(sid)]):
-        bufs += yield batch
-    bufs = iter(bufs)
+        read += yield batch
+    bufs = iter(read)
     named: dict[int, int] = {}                  # object pointer -> slot value
     for sid in sids:
         copies = [struct.unpack(f"<{geo.subtable_bytes // 8}Q", next(bufs))
@@ -115,12 +122,12 @@ def audit(config: ClusterConfig, cores=(), membership: Membership = Membership()
     return rep
 
 
-def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core,
-            seen: set[int], dead) -> None:
+def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core: ClientCore | None,
+            seen: set[int], dead: frozenset[int]) -> None:
     cid = found.client_id
     for node, addr in found.orphans:
         rep.unsettled.append(f"client {cid}: block {node}:{addr:#x} outside any group")
-    free_lists = set()
+    free_lists: set[int] = set()
     if core is not None:
         alloc = core.alloc
         free_lists = {p for q in alloc.free.values() for p in q} | set(alloc.pending.values())
@@ -134,10 +141,13 @@ def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core,
                 rep.dangling.append(f"{what}: named by the index but free "
                                     f"(state {None if c.view is None else c.view.state}, "
                                     f"freed {c.freed})")
-            elif (slot_units(v) != c.units or key_hash(c.view.key).fp != v >> 56
-                  or slot_gen(v) != c.view.seq & GEN_MASK):
-                rep.dangling.append(f"{what}: the slot {v:#x} does not describe it")
+            else:
+                assert c.view is not None, what     # held: a committed object
+                if (slot_units(v) != c.units or key_hash(c.view.key).fp != v >> 56
+                        or slot_gen(v) != c.view.seq & GEN_MASK):
+                    rep.dangling.append(f"{what}: the slot {v:#x} does not describe it")
         if c.held:
+            assert c.view is not None, what
             rep.held += 1
             if v is None:
                 (rep.stranded if c.group.nodes[0] in dead else rep.leaked).append(

@@ -27,7 +27,7 @@ class CacheEntry:
 
 class IndexCache:
     def __init__(self, capacity: int = 65536, threshold: float = 0.1, warmup: int = 8,
-                 window: int = 64):
+                 window: int = 64) -> None:
         self.capacity, self.threshold = capacity, threshold
         self.warmup, self.window = warmup, window
         self.entries: OrderedDict[bytes, CacheEntry] = OrderedDict()

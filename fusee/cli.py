@@ -17,17 +17,19 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Sequence
+from typing import Any
 
 import fusee
 from fusee import exit_codes
-from fusee.config import ConfigError
+from fusee.errors import ConfigError
 from fusee.logsetup import add_log_level_option, setup_logging
 
 #: the modules of the [bench] extra, which `fusee bench` needs and a plain install lacks
 BENCH_EXTRA = {"numpy", "hdrh", "matplotlib", "redis", "tqdm"}
 
 
-def _cluster(args) -> int:
+def _cluster(args: argparse.Namespace) -> int:
     from fusee.emulator.cluster import LocalCluster
     setup_logging(args.log_level)
     with LocalCluster(memnodes=args.memnodes, transport=args.transport,
@@ -46,17 +48,17 @@ def _cluster(args) -> int:
     return 0
 
 
-def _memnode(argv) -> int:
+def _memnode(argv: list[str]) -> int:
     from fusee.emulator.memnode import main
     return main(argv)
 
 
-def _master(argv) -> int:
+def _master(argv: list[str]) -> int:
     from fusee.emulator.master_server import main
     return main(argv)
 
 
-def _bench(argv) -> int:
+def _bench(argv: list[str]) -> int:
     try:
         if argv and argv[0] == "verbs":
             from fusee.bench.verbs import main
@@ -74,7 +76,7 @@ def _bench(argv) -> int:
         return exit_codes.USAGE
 
 
-def _rdma(argv) -> int:
+def _rdma(argv: list[str]) -> int:
     if argv and argv[0] == "preflight":
         from fusee.emulator.rdma_preflight import main
         return main(argv[1:])
@@ -82,14 +84,14 @@ def _rdma(argv) -> int:
     return 2
 
 
-def _value(args) -> bytes:
+def _value(args: argparse.Namespace) -> bytes:
     """The value argument; ``-`` reads it from stdin, byte for byte (no newline stripped)."""
     if args.value == "-":
         return sys.stdin.buffer.read()
     return os.fsencode(args.value)
 
 
-def _kv(args) -> int:
+def _kv(args: argparse.Namespace) -> int:
     from fusee.client import Client
     key = os.fsencode(args.key)
     value = _value(args) if args.cmd in ("put", "insert", "update") else None
@@ -110,7 +112,7 @@ def _kv(args) -> int:
     return exit_codes.OK
 
 
-def _json_value(value: bytes | None) -> dict:
+def _json_value(value: bytes | None) -> dict[str, str | None]:
     """A value as JSON: text when it is UTF-8, else base64 (``value_base64``)."""
     if value is None:
         return {"value": None}
@@ -120,7 +122,7 @@ def _json_value(value: bytes | None) -> dict:
         return {"value_base64": base64.b64encode(value).decode()}
 
 
-def _status(args) -> int:
+def _status(args: argparse.Namespace) -> int:
     from fusee import cli_status
     from fusee.config import ClusterConfig
     view = cli_status.gather(ClusterConfig.load(args.config))
@@ -132,7 +134,7 @@ def _status(args) -> int:
     return exit_codes.UNAVAILABLE
 
 
-def _keys(args) -> int:
+def _keys(args: argparse.Namespace) -> int:
     from fusee.config import ClusterConfig
     from fusee.transports.security import add_client, init_keys, init_master_key
     if args.action == "init-master":
@@ -171,7 +173,8 @@ def _keys(args) -> int:
     return exit_codes.OK
 
 
-def _record_keys(doc: dict, args, publics: dict[int, str]) -> None:
+def _record_keys(doc: dict[str, Any], args: argparse.Namespace, publics: dict[int, str]
+                 ) -> None:
     """Put what ``fusee keys init`` made into a config document: CURVE on, the keys folder
     (relative to the config's own folder, as it resolves), each MN's public key."""
     folder = os.path.dirname(os.path.abspath(args.config))
@@ -183,7 +186,7 @@ def _record_keys(doc: dict, args, publics: dict[int, str]) -> None:
         nodes[i]["curve_public"] = public
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     passthrough = {"memnode": _memnode, "master": _master, "bench": _bench, "rdma": _rdma}
     if argv and argv[0] in passthrough:
@@ -253,10 +256,11 @@ def main(argv=None) -> int:
     return _run(args)
 
 
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
     """Run the subcommand; a failure becomes one line on stderr and its exit code."""
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except KeyboardInterrupt:
         return 130
     except Exception as e:      # noqa: BLE001 - every failure gets its line and its code

@@ -10,6 +10,8 @@ master learns a new state.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fusee.config import ClusterConfig
 
 MiB = 1 << 20
@@ -19,13 +21,13 @@ _SHOWN = {"id", "endpoint", "state", "lease_left", "blocks", "blocks_used", "blo
           "used_bytes", "pid", "error"}
 
 
-def gather(config: ClusterConfig) -> dict:
+def gather(config: ClusterConfig) -> dict[str, Any]:
     """The cluster as the master and the memory nodes describe it (JSON-able)."""
     master = _master_view(config)
     infos = _memnode_infos(config)
     nodes = [_node_view(config, m.id, master.get("status"), infos[m.id])
              for m in config.memnodes]
-    view = {"cluster": config.name, "master": {k: v for k, v in master.items() if k != "status"},
+    view: dict[str, Any] = {"cluster": config.name, "master": {k: v for k, v in master.items() if k != "status"},
             "memnodes": nodes}
     status = master.get("status")
     if status is not None:
@@ -37,15 +39,16 @@ def gather(config: ClusterConfig) -> dict:
     return view
 
 
-def reachable(view: dict) -> bool:
+def reachable(view: dict[str, Any]) -> bool:
     """Did anyone answer: the master, or at least one memory node?"""
     return "error" not in view["master"] or any("error" not in n for n in view["memnodes"])
 
 
-def _master_view(config: ClusterConfig) -> dict:
+def _master_view(config: ClusterConfig) -> dict[str, Any]:
     if not config.master:
         return {"endpoint": None, "error": "no master in the config"}
-    from fusee.transports.master_link import MasterError, MasterLink
+    from fusee.errors import MasterError
+    from fusee.transports.master_link import MasterLink
     try:
         with MasterLink(config) as link:
             status = link.status()
@@ -54,8 +57,8 @@ def _master_view(config: ClusterConfig) -> dict:
     return {"endpoint": config.master, "pid": status.get("pid"), "status": status}
 
 
-def _memnode_infos(config: ClusterConfig) -> dict:
-    from fusee.verbs import TransportError
+def _memnode_infos(config: ClusterConfig) -> dict[int, dict[str, Any]]:
+    from fusee.errors import TransportError
     from fusee.transports.channel import Channels
     channels = Channels(config)
     try:
@@ -66,8 +69,9 @@ def _memnode_infos(config: ClusterConfig) -> dict:
             for m, r in replies.items()}
 
 
-def _node_view(config: ClusterConfig, node: int, status: dict | None, info: dict) -> dict:
-    view = {"id": node, "endpoint": config.node(node).endpoint}
+def _node_view(config: ClusterConfig, node: int, status: dict[str, Any] | None,
+               info: dict[str, Any]) -> dict[str, Any]:
+    view: dict[str, Any] = {"id": node, "endpoint": config.node(node).endpoint}
     if "error" in info:
         view["error"] = info["error"]
     else:
@@ -94,7 +98,7 @@ def _node_view(config: ClusterConfig, node: int, status: dict | None, info: dict
     return view
 
 
-def render(view: dict) -> str:
+def render(view: dict[str, Any]) -> str:
     """The view as a table for a person."""
     master = view["master"]
     if "error" in master:

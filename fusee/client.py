@@ -47,23 +47,27 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fusee import batch
 from fusee.config import ClusterConfig
 from fusee.driver import run
-from fusee.errors import ClientClosed, ForkedClient
-from fusee.master import LeaseExpired, LeaseLapsed
+from fusee.errors import ClientClosed, ForkedClient, LeaseExpired, LeaseLapsed
 from fusee.membership import Membership
 from fusee.client_ids import open_client
 from fusee.operations import ClientCore
 from fusee.replication import BACKOFF, FAST_POLLS
 from fusee.recovery import MASTER, recover_client
 from fusee.settle import closing, settled
-from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Read,
-                         TransportError)
+from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Op, Read,
+                         Step, T, TransportError)
 
+if TYPE_CHECKING:
+    from fusee.transports.base import Transport
+    from fusee.transports.master_link import LeaseKeeper
 
 #: forks this process is the child of (``os.register_at_fork``): a client opened before a fork
 #: is refused in the child, at no per-operation cost but an int comparison
@@ -84,9 +88,9 @@ class Client:
     (operations raise ForkedClient there, and ``close()`` leaves the parent's client be).
     Threads may share it: its operations take turns under its lock (see the module doc)."""
 
-    def __init__(self, transport, config: ClusterConfig | None = None,
+    def __init__(self, transport: Transport, config: ClusterConfig | None = None,
                  client_id: int | None = None, cache_capacity: int = 65536,
-                 recover: bool = False, lease=None):
+                 recover: bool = False, lease: LeaseKeeper | None = None) -> None:
         """``recover``: ``client_id`` was left in use by a client that crashed: finish its
         operations first (``fusee.recovery``), then carry on with everything it held.
         ``lease``: a ``LeaseKeeper`` registered already (else, with a master, one is made
@@ -96,6 +100,7 @@ class Client:
         self.transport = transport
         self.config = config or transport.config
         self.lease = lease              # with a master: fusee.transports.master_link.LeaseKeeper
+        self.executor: Transport | _LeaseGuard
         membership = Membership()
         try:
             if self.config.master:
@@ -113,9 +118,11 @@ class Client:
             # finish (it recovers the id once the lease ends): the same lock owner
             owner = MASTER if self.config.master else client_id
             if recover:
+                assert client_id is not None and owner is not None, "checked above"
                 run(recover_client(self.config, client_id, owner=owner,
                                    membership=membership), self.executor)
             if self.lease is not None:              # the newest, and the guard knows it
+                assert isinstance(self.executor, _LeaseGuard), "a lease comes with a master"
                 membership = self.executor.adopt(self.lease.membership)
             self.core = run(open_client(self.config, client_id, membership,
                                         cache_capacity=cache_capacity), self.executor)
@@ -150,8 +157,8 @@ class Client:
         return best
 
     @classmethod
-    def connect(cls, config_path: str | Path, transport=None, client_id: int | None = None,
-                **kwargs) -> Client:
+    def connect(cls, config_path: str | Path, transport: Transport | str | None = None,
+                client_id: int | None = None, **kwargs: Any) -> Client:
         """Open a client on the cluster described by ``config_path``; ``transport`` is a
         backend name (default: the config's) or an already connected Transport. With a
         master, the client registers first, so a new transport skips the MNs known dead."""
@@ -164,13 +171,15 @@ class Client:
             if transport is None or isinstance(transport, str):
                 from fusee.transports import connect
                 dead = lease.membership.dead if lease is not None else ()
-                transport = connect(config, transport, dead=dead)
+                backend: Transport = connect(config, transport, dead=dead)
+            else:
+                backend = transport
             try:
                 if lease is not None:
-                    _check_reachable(transport, lease, config)
-                return cls(transport, config, client_id, lease=lease, **kwargs)
+                    _check_reachable(backend, lease, config)
+                return cls(backend, config, client_id, lease=lease, **kwargs)
             except BaseException:
-                transport.close()
+                backend.close()
                 raise
         except BaseException:
             if lease is not None:
@@ -179,9 +188,10 @@ class Client:
 
     @property
     def client_id(self) -> int:
-        return self.core.client_id
+        client_id: int = self.core.client_id
+        return client_id
 
-    def _run(self, operation, *args):
+    def _run(self, operation: Callable[..., Op[T]], *args: Any) -> T:
         """Run ``operation(core, *args)`` on a settled core (``ready``), holding the lock."""
         if self._forks != _forks:
             raise self._forked()
@@ -189,7 +199,7 @@ class Client:
             return run(operation(self.ready(), *args), self.executor)
 
     @contextmanager
-    def exclusive(self):
+    def exclusive(self) -> Iterator[ClientCore]:
         """``with client.exclusive() as core:`` the block has the client to itself (its
         lock) and a ready core (``ready``): how a batch (``fusee.batch``) runs."""
         if self._forks != _forks:
@@ -237,12 +247,13 @@ class Client:
         """Insert or update."""
         self._run(ClientCore.put, key, value)
 
-    def get_many(self, keys, depth: int = batch.DEPTH) -> list:
+    def get_many(self, keys: Iterable[bytes], depth: int = batch.DEPTH) -> list[bytes | None]:
         """The keys' values (None: absent), in key order, with ``depth`` lookups in flight
         (``fusee.batch``); BatchError if any failed."""
         return batch.get_many(self, keys, depth)
 
-    def put_many(self, items, depth: int = batch.DEPTH) -> None:
+    def put_many(self, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],
+                 depth: int = batch.DEPTH) -> None:
         """Insert or update every (key, value) of a mapping or iterable, ``depth`` at a time
         (``fusee.batch``); BatchError if any failed."""
         batch.put_many(self, items, depth)
@@ -252,7 +263,7 @@ class Client:
         return batch.Pipeline(self, depth)
 
     @property
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Transport counters (round_trips, verbs, bytes_out, ...) and the core's (cache_hits,
         cache_misses, retries, lost SNAPSHOT rounds, splits, blocks, reclaimed objects)."""
         return {**self.transport.stats.as_dict(), **self.core.stats}
@@ -269,8 +280,8 @@ class Client:
             self.closed = True
             return
         with self._lock:                # after the operation in flight, if any
-            if self.closed:
-                return
+            if self.closed:     # another thread closed it while this one waited for the lock
+                return          # type: ignore[unreachable]  # (mypy keeps the check above)
             try:
                 self.core = run(closing(self.core, self.recovery_owner), self.executor)
             except (LeaseExpired, LeaseLapsed):
@@ -284,11 +295,11 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _check_reachable(transport, lease, config: ClusterConfig) -> None:
+def _check_reachable(transport: Transport, lease: LeaseKeeper, config: ClusterConfig) -> None:
     """Raise NodeTimeout for an MN that did not answer this client's transport (it keeps a
     placeholder region of length 0) while the master counts it alive: a wrong endpoint in
     the config, or no route from this host. Otherwise operations would wait for a failover
@@ -337,7 +348,8 @@ class _LeaseGuard:
     for up to ``wait`` seconds, longer while the master reports a rebuild running, else
     NodeTimeout)."""
 
-    def __init__(self, transport, lease, wait: float, membership: Membership):
+    def __init__(self, transport: Transport, lease: LeaseKeeper, wait: float,
+                 membership: Membership) -> None:
         self.transport, self.lease, self.wait = transport, lease, wait
         self.handed = membership.epoch              # the epoch the operations have
 
@@ -346,7 +358,7 @@ class _LeaseGuard:
         self.handed = membership.epoch
         return membership
 
-    def execute(self, batch):
+    def execute(self, batch: Step) -> list[Any]:
         if batch and type(batch[0]) is Backoff:        # no need of the gate to wait
             time.sleep(batch[0].seconds)
             return [None]
@@ -361,7 +373,7 @@ class _LeaseGuard:
                     return self.transport.execute(batch)
             self._await(self.handed, resume=True)
 
-    def execute_now(self, batch):
+    def execute_now(self, batch: Step) -> list[Any] | None:
         """``execute`` when that needs no wait (an event loop's inline path, ``fusee.asyncio``);
         None when it would wait or raise: the lease ran out, the client is paused, a newer
         epoch is out, or the keeper holds the gate (``execute`` then says which)."""
@@ -375,7 +387,7 @@ class _LeaseGuard:
             k.gate.release()
         return None
 
-    def _await(self, epoch: int, resume: bool = False):
+    def _await(self, epoch: int, resume: bool = False) -> None:
         """Raise EpochChanged with the first membership newer than ``epoch`` (waiting for the
         master to publish it), LeaseExpired, LeaseLapsed or NodeTimeout. ``resume`` (a batch
         held back by a pause): return once the pause ends with no new epoch (a rebuild that

@@ -10,6 +10,8 @@ The master seeds its own id counter from the same words (``client_states``).
 
 from __future__ import annotations
 
+from typing import Any
+
 from fusee.config import ClusterConfig
 from fusee.errors import ClientLimit, NeedsRecovery
 from fusee.index import Directory, IndexGeometry
@@ -17,22 +19,22 @@ from fusee.layout import CLEAN, META_GROUPS, META_STATE, unpack_u64
 from fusee.membership import Membership
 from fusee.memory_map import HEADER_CLIENT_IDS, MemoryMap
 from fusee.operations import ClientCore
-from fusee.verbs import Faa, Read, chunks
+from fusee.verbs import Faa, Op, Read, chunks
 
 
-def fresh_client_id(config: ClusterConfig, membership: Membership = Membership()):
+def fresh_client_id(config: ClusterConfig, membership: Membership = Membership()) -> Op[int]:
     """Generator: an id never drawn before, by FAA on the client-id counter of every live
     directory replica (the largest old value: a replica that missed a draw lags behind)."""
     nodes = Directory(IndexGeometry.of(config.layout), len(config.memnodes), config.replicas,
                       membership).replicas
-    cid = max((yield [Faa(n, HEADER_CLIENT_IDS, 1) for n in nodes]))
+    cid: int = max((yield [Faa(n, HEADER_CLIENT_IDS, 1) for n in nodes]))
     if cid >= config.layout.max_clients:
         raise ClientLimit(f"all {config.layout.max_clients} client ids are in use")
     return cid
 
 
 def draw_client_id(config: ClusterConfig, membership: Membership = Membership(),
-                   taken: frozenset[int] = frozenset()):
+                   taken: frozenset[int] = frozenset()) -> Op[int]:
     """Generator: an id for a client without a master to claim. Ids closed CLEAN are reused
     before a fresh one is drawn (``fresh_client_id``), those holding blocks first: their next
     holder adopts the blocks (``fusee.holdings``), so closed clients leave neither ids nor
@@ -50,7 +52,7 @@ def draw_client_id(config: ClusterConfig, membership: Membership = Membership(),
 
 
 def open_client(config: ClusterConfig, client_id: int | None = None,
-                membership: Membership = Membership(), **core_args):
+                membership: Membership = Membership(), **core_args: Any) -> Op[ClientCore]:
     """Generator: a ClientCore opened on ``client_id``, or on an id drawn from the MNs
     (``draw_client_id``; another is drawn when a concurrent client claims that one first).
     ``core_args`` go to ClientCore."""
@@ -70,12 +72,13 @@ def open_client(config: ClusterConfig, client_id: int | None = None,
             taken.add(cid)
 
 
-def client_states(config: ClusterConfig, membership: Membership, ids: list[int]):
+def client_states(config: ClusterConfig, membership: Membership, ids: list[int]
+                  ) -> Op[list[tuple[int, int]]]:
     """Generator: the (STATE word, block group count) of each of ``ids``, as the first live
     metadata replica has them (the one ``ClientCore.open`` claims ids on)."""
     mmap_ = MemoryMap.of(config.layout)
     m0 = _first_meta_node(config, membership)
-    words = []
+    words: list[bytes] = []
     for batch in chunks([Read(m0, mmap_.client_meta(i) + off, 8)
                          for i in ids for off in (META_STATE, META_GROUPS)]):
         words += yield batch

@@ -4,6 +4,9 @@ the same file, so no size is a constant in code."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -118,7 +121,7 @@ class ClusterConfig:
     def node(self, node_id: int) -> MemNodeConfig:
         return self.memnodes[node_id]
 
-    def with_(self, **changes) -> ClusterConfig:
+    def with_(self, **changes: Any) -> ClusterConfig:
         return replace(self, **changes)
 
     # -- TOML ------------------------------------------------------------------------------
@@ -168,12 +171,12 @@ class ClusterConfig:
 
     def relative_to(self, folder: Path) -> ClusterConfig:
         """This config with its relative ``keys_dir`` and ``client_key`` under ``folder``."""
-        paths = {name: str(folder / value) for name in ("keys_dir", "client_key")
+        paths: dict[str, Any] = {name: str(folder / value) for name in ("keys_dir", "client_key")
                  if (value := getattr(self.security, name)) and not Path(value).is_absolute()}
         return self.with_(security=replace(self.security, **paths)) if paths else self
 
     @staticmethod
-    def edit(path: str | Path, change) -> ClusterConfig:
+    def edit(path: str | Path, change: Callable[[dict[str, Any]], object]) -> ClusterConfig:
         """Apply ``change(doc)`` to the TOML document at ``path`` (a dict of its tables),
         check the result and write it back atomically. Paths stay as written; the file's
         comments do not survive (TOML writers drop them)."""

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generator, Iterable
 
-from fusee.verbs import (AwaitMembership, Backoff, Batch, EpochChanged, NodeTimeout,
+from fusee.verbs import (AwaitMembership, Backoff, Batch, EpochChanged, NodeTimeout, Op, T,
                          TransportError)
 
-Operation = Generator[Batch, list, Any]
+Operation = Op[Any]
 
 
-def run(op: Operation, transport) -> Any:
+def run(op: Op[T], transport: Any) -> T:
     """Drive ``op`` to completion, one round trip per yielded batch; return its result.
 
     Anything else the transport raises (KeyboardInterrupt, the lease running out) ends the

@@ -38,6 +38,11 @@ dead memory node"), ``fusee.transports.master_link`` (the master errors), ``fuse
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fusee.membership import Membership
+
 #: exit codes of the command-line tools (see the module doc)
 OK, NOT_FOUND, USAGE, UNAVAILABLE, DATA_ERROR, INTERNAL = range(6)
 
@@ -122,7 +127,8 @@ class TransportError(FuseeError):
     returned)."""
     exit_code = UNAVAILABLE
 
-    def __init__(self, message: str, node: int | None = None, results: list | None = None):
+    def __init__(self, message: str, node: int | None = None,
+                 results: list[Any] | None = None) -> None:
         super().__init__(message)
         self.node = node
         self.results = results
@@ -152,7 +158,7 @@ class EpochChanged(TransportError):
     began. The operation adopts it and settles whatever round the old epoch left open before
     it goes on; a user sees it only from a bare transport."""
 
-    def __init__(self, membership, message: str | None = None):
+    def __init__(self, membership: Membership, message: str | None = None) -> None:
         super().__init__(message or f"membership epoch {membership.epoch} began")
         self.membership = membership
 
@@ -254,7 +260,7 @@ class DataLost(FuseeError):
     exit_code = DATA_ERROR
 
 
-def check_key(key, max_key_size: int) -> bytes:
+def check_key(key: bytes, max_key_size: int) -> bytes:
     """Return ``key`` as bytes or raise WrongType / KeyTooLarge."""
     if not isinstance(key, (bytes, bytearray, memoryview)):
         raise WrongType(f"keys are bytes, got {type(key).__name__}")
@@ -267,7 +273,7 @@ def check_key(key, max_key_size: int) -> bytes:
     return key
 
 
-def check_value(value) -> bytes:
+def check_value(value: bytes) -> bytes:
     """Return ``value`` as bytes or raise WrongType (its size is checked by the allocator)."""
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise WrongType(f"values are bytes, got {type(value).__name__}")

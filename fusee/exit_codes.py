@@ -16,8 +16,16 @@ elsewhere, the table below decides. The hint after the message says what to do.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fusee.errors import FuseeError
+
 # the codes themselves live with the error tree, each class carrying its own
-from fusee.errors import DATA_ERROR, INTERNAL, NOT_FOUND, OK, UNAVAILABLE, USAGE  # noqa: F401
+from fusee.errors import DATA_ERROR, INTERNAL, NOT_FOUND, OK, UNAVAILABLE, USAGE
+
+__all__ = ["DATA_ERROR", "INTERNAL", "NOT_FOUND", "OK", "UNAVAILABLE", "USAGE", "classify",
+           "describe"]
 
 #: exceptions that are not fusee's (raised by the operating system or the codec) but are the
 #: user's or the cluster's doing, and the code each exits with
@@ -25,7 +33,7 @@ _FOREIGN = ((FileExistsError, USAGE), (FileNotFoundError, USAGE), (PermissionErr
             (UnicodeError, USAGE), (ConnectionError, UNAVAILABLE))
 
 
-def _hints():
+def _hints() -> tuple[tuple[type[FuseeError], str], ...]:
     """(fusee error class, what to do) in the order they are tried (subclasses first)."""
     from fusee.errors import (ClientLimit, KeyExists, LeaseExpired, MasterError, NodeTimeout,
                               StoreFormatError)

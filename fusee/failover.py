@@ -41,39 +41,52 @@ FailoverError rather than as a silently lost write.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import struct
 
 from fusee.config import ClusterConfig
 from fusee.errors import FuseeError
 from fusee.index import ENTRY_VALID, RETIRED_LOCK, replica_nodes
 from fusee.layout import (COMMITTED, FAILOVER_ID, FROZEN, INSERT, RETIRED, SLOTS_PER_BUCKET,
+                          ObjectView,
                           committed_object, decode_object, free_value, pack_u64, parse_header,
                           slot_ref, unpack_u64)
 from fusee.membership import Membership
 from fusee.operations import ClientCore
 from fusee.resize import finish
-from fusee.verbs import Cas, Read, chunks
+from fusee.verbs import Cas, Op, Read, chunks
+
+
+#: the object each slot value names, decoded (None: it does not decode)
+Views = dict[int, ObjectView | None]
+
+
+def _crc(view: ObjectView | None) -> int:
+    """The crc a dropped value is told by (0: no object, or a free value)."""
+    return view.crc if view else 0
 
 
 class FailoverError(FuseeError):
     """The failover cannot go on: a client wrote during it, or too many MNs are dead."""
 
 
-def failover(config: ClusterConfig, membership: Membership, dead):
+def failover(config: ClusterConfig, membership: Membership, dead: int | Iterable[int]
+             ) -> Op[Membership]:
     """Generator: close what the MNs ``dead`` (an id or a collection of ids) left open;
     returns the next Membership."""
-    dead = frozenset([dead] if isinstance(dead, int) else dead) - membership.dead
-    if not dead:
+    failed = frozenset([dead] if isinstance(dead, int) else dead) - membership.dead
+    if not failed:
         return membership
-    new = membership.successor(dead, {})
-    work = _Failover(config, membership, new, dead)
+    new = membership.successor(failed, {})
+    work = _Failover(config, membership, new, failed)
     settled = yield from work.run()
-    return membership.successor(dead, settled, work.kept, work.dropped)
+    return membership.successor(failed, settled, work.kept, work.dropped)
 
 
 class _Failover:
     def __init__(self, config: ClusterConfig, old: Membership, new: Membership,
-                 dead: frozenset[int]):
+                 dead: frozenset[int]) -> None:
         self.old, self.new, self.dead = old, new, dead
         # a core for the geometry, placement under the new membership, object reads and
         # finishing splits; the id is never used to allocate or to write a free value
@@ -82,18 +95,18 @@ class _Failover:
         self.n, self.r = self.core.n, self.core.r
         self.settled: dict[tuple[int, int], int] = {}
         self.kept: dict[tuple[int, int], int] = {}
-        self.dropped: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.dropped: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
         self.copied: set[int] = set()       # slot values a split copied (``_copied``)
         self.voids = 0
 
-    def run(self):
+    def run(self) -> Op[dict[tuple[int, int], int]]:
         core, geo = self.core, self.geo
         yield from self._merge_directories()
         head = core.dir.replicas[0]
         (raw,) = yield from core.rt([Read(head, geo.lock(0), 8 * geo.max_subtables)])
         locks = struct.unpack(f"<{geo.max_subtables}Q", raw)
         in_use = sorted({e & 0xFFFFFFFF for e in core.dir.entries})
-        splitting = []
+        splitting: list[int] = []
         for sid in in_use:
             # every subtable, not only the dead MN's: each client drops the round it had
             # open when the epoch ends, so every open round is closed here
@@ -107,7 +120,7 @@ class _Failover:
         return self.settled
 
     # -- the directory -----------------------------------------------------------------------
-    def _merge_directories(self):
+    def _merge_directories(self) -> Op[None]:
         """Every live directory replica gets, entry by entry, the deepest value any holds."""
         core, geo = self.core, self.geo
         nodes = core.dir.replicas
@@ -123,7 +136,7 @@ class _Failover:
         core.dir.load(b"".join(pack_u64(e) for e in merged))
 
     # -- one subtable ------------------------------------------------------------------------
-    def _settle(self, sid: int, old_nodes: tuple[int, ...]):
+    def _settle(self, sid: int, old_nodes: tuple[int, ...]) -> Op[bool]:
         """Generator: settle every slot of ``sid``; returns whether a split was under way
         there (frozen slots or retired headers on its primary)."""
         core, geo = self.core, self.geo
@@ -140,7 +153,9 @@ class _Failover:
         # with a backup dead too, a writer may not know that its proposal won: a value left
         # in place that may be a proposal (not a committed object) is recorded as ``kept``
         record_all = len(live) < len(old_nodes) - 1
-        fixes, drops, views = [], {}, {}
+        fixes: list[Cas] = []
+        drops: dict[tuple[int, int], set[int]] = {}
+        views: dict[int, ObjectView | None] = {}
         if primary_alive:
             prim, backups = images[0], list(zip(live[1:], images[1:]))
             for pos, w in slots:
@@ -159,8 +174,9 @@ class _Failover:
             for pos, w in slots:
                 values = [img[w] for img in images]
                 chosen = self._choose(sid, pos, values, views)
+                seen = views.get(values[0])     # None: no object, or one that does not decode
                 if chosen is None and record_all and values[0] and not (
-                        values[0] in views and views[values[0]].state == COMMITTED):
+                        seen is not None and seen.state == COMMITTED):
                     self.kept[(sid, pos)] = values[0]   # perhaps a proposal, perhaps not
                 if chosen is not None:
                     self.settled[(sid, pos)] = chosen & ~FROZEN
@@ -174,8 +190,7 @@ class _Failover:
         views.update((yield from self._objects({v for vs in drops.values() for v in vs
                                                 if committed_object(v) and v not in views})))
         for where, vs in drops.items():
-            self.dropped[where] = tuple(sorted((v, views[v].crc if views.get(v) else 0)
-                                               for v in vs))
+            self.dropped[where] = tuple(sorted((v, _crc(views.get(v))) for v in vs))
         yield from self._apply(fixes)
         # a split froze the primary (a backup is frozen only after it), or retired a header
         # on some replica: it must be finished, or the frozen slots (now on every replica)
@@ -183,7 +198,7 @@ class _Failover:
         return any(img[w] & FROZEN for img in images for _, w in slots) or any(
             parse_header(img[b * 8])[3] & RETIRED for img in images for b in range(geo.buckets))
 
-    def _belongs(self, sid: int, pos: int, v: int, views: dict) -> bool:
+    def _belongs(self, sid: int, pos: int, v: int, views: Views) -> bool:
         """Slot value ``v`` names an object whose log entry is committed for this slot, or
         one a split copied here (``_copied``): it is the slot's value or a winner that
         committed."""
@@ -192,14 +207,15 @@ class _Failover:
             o.slot_ref == slot_ref(sid, pos) or
             o.slot_ref & 0xFFFFFFFF == pos and v in self.copied)
 
-    def _copied(self, sid: int, views: dict):
+    def _copied(self, sid: int, views: Views) -> Op[None]:
         """Generator: add to ``copied`` the values of ``views`` (objects in subtable ``sid``)
         whose log entry is committed for the same position of another subtable that holds
         them FROZEN there: a split copied them from it (splits keep positions, and freeze
         every replica before they copy). Another object committed elsewhere is an insert's
         claim made again after a split ended its round: it passed no duplicate check here."""
         core = self.core
-        reads, values = [], []
+        reads: list[Read] = []
+        values: list[int] = []
         for v, o in views.items():
             if o is None or o.state != COMMITTED:
                 continue
@@ -207,18 +223,18 @@ class _Failover:
             if there != sid and there < self.geo.max_subtables and pos < self.geo.slots:
                 reads.append(Read(core.dir.nodes(there)[0], self.geo.slot_addr(there, pos), 8))
                 values.append(v)
-        got = []
+        got: list[bytes] = []
         for batch in chunks(reads):
             got += yield from core.rt(batch)
         self.copied.update(v for v, raw in zip(values, got) if unpack_u64(raw) == v | FROZEN)
 
-    def _choose(self, sid: int, pos: int, values: list[int], views: dict) -> int | None:
+    def _choose(self, sid: int, pos: int, values: list[int], views: Views) -> int | None:
         """The value a slot whose primary died takes, or None to leave it as it is. An
         insert's object that does not belong here (``_belongs``) is a claim."""
-        def belongs(v):
+        def belongs(v: int) -> bool:
             return self._belongs(sid, pos, v, views)
 
-        def claim(v):
+        def claim(v: int) -> bool:
             o = views.get(v)
             return o is not None and o.opcode == INSERT and not belongs(v)
 
@@ -239,20 +255,20 @@ class _Failover:
             return self._void()
         return min(distinct)
 
-    def _objects(self, values: set[int]):
+    def _objects(self, values: set[int]) -> Op[Views]:
         """Generator: the decoded object (or None) each slot value names."""
-        values = sorted(values)
-        bufs = []
-        for batch in chunks([self.core.object_read(v) for v in values]):
+        ordered = sorted(values)
+        bufs: list[bytes] = []
+        for batch in chunks([self.core.object_read(v) for v in ordered]):
             bufs += yield from self.core.rt(batch)
-        return {v: decode_object(b) for v, b in zip(values, bufs)}
+        return {v: decode_object(b) for v, b in zip(ordered, bufs)}
 
     def _void(self) -> int:
         """A free value no client proposes: withdraws the claims of a slot."""
         self.voids += 1
         return free_value(FAILOVER_ID, (self.new.epoch << 24) | self.voids)
 
-    def _apply(self, cases: list[Cas]):
+    def _apply(self, cases: list[Cas]) -> Op[None]:
         """Generator: the CASes, each of which must find the value it expects."""
         for batch in chunks(cases):
             res = yield from self.core.rt(batch)

@@ -24,6 +24,11 @@ back to their MNs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fusee.log import ObjectLog
+
 import struct
 from dataclasses import dataclass, field
 
@@ -31,7 +36,7 @@ from fusee.allocation import Allocator, BlockGroup
 from fusee.layout import (BLOCK_HEADER, BLOCK_MAGIC, CLASSES, COMMITTED, DELETE, TAIL_BYTES,
                           VALID, ObjectView, decode_object, object_bytes, object_tail,
                           size_class)
-from fusee.verbs import FreeBlock, Read, chunks
+from fusee.verbs import FreeBlock, Op, Read, chunks
 
 _HDR = struct.Struct("<BBHI")              # an object's header: valid, 0, key len, value len
 _BLOCK = struct.Struct("<QIHH")            # a block's header: magic, owner, r, index
@@ -48,7 +53,7 @@ class Carved:
     view: ObjectView | None         # its primary copy, decoded (None: not a complete object)
     freed: bool                     # its free bit is set
     crc: int                        # the crc field of its primary copy (its identity)
-    copies: list = field(default_factory=list)   # every replica's view, when read
+    copies: list[ObjectView | None] = field(default_factory=list)   # every replica's view
 
     @property
     def held(self) -> bool:
@@ -65,7 +70,9 @@ class Holdings:
     objects: list[Carved] = field(default_factory=list)
     gaps: list[tuple[BlockGroup, int, int]] = field(default_factory=list)  # offset, bytes
 
-    def allocation(self, alloc: Allocator):
+    def allocation(self, alloc: Allocator) -> tuple[
+            list[BlockGroup], dict[int, int], dict[int, list[int]], BlockGroup | None, int,
+            list[tuple[BlockGroup, int]]]:
         """The arguments of ``alloc.install``: groups, every object's size, the free lists
         (freed objects stay handed out for ``reclaim`` to take), the group to carve from
         next and where in it, and where the other groups' tails begin."""
@@ -90,10 +97,11 @@ class Holdings:
                 off += units * unit
                 length -= units * unit
         rest = [(g, b) for g, b in tails.items() if g != current and b + unit <= end]
-        return self.groups, sizes, free, current, tails.get(current, 0), rest
+        bump = 0 if current is None else tails[current]
+        return self.groups, sizes, free, current, bump, rest
 
 
-def scan(alloc: Allocator, copies: bool = False):
+def scan(alloc: Allocator, copies: bool = False) -> Op[Holdings]:
     """Generator: the Holdings of ``alloc.client_id`` (its geometry from ``alloc``); with
     ``copies`` every replica of every block is read too (recovery wants each replica's log
     entries: a crash can leave their commit records different)."""
@@ -106,17 +114,17 @@ def scan(alloc: Allocator, copies: bool = False):
              for i, w in enumerate(struct.unpack(f"<{mmap_.num_blocks}Q", buf)) if w == cid + 1]
     if not owned:
         return found
-    heads = []
+    heads: list[bytes] = []
     for batch in chunks([Read(n, a, BLOCK_HEADER) for n, a in owned]):
         heads += yield batch
-    header = {}
+    header: dict[tuple[int, int], tuple[int, tuple[tuple[int, int], ...]]] = {}
     for (n, a), buf in zip(owned, heads):
         magic, owner, r, index = _BLOCK.unpack_from(buf)
         if magic == BLOCK_MAGIC and owner == cid and 0 < r <= (BLOCK_HEADER - 16) // 8:
             reps = tuple(divmod(w, 1 << 48) for w in
                          struct.unpack_from(f"<{r}Q", buf, _BLOCK.size))
             header[(n, a)] = (index, reps)
-    in_group = set()
+    in_group: set[tuple[int, int]] = set()
     for (n, a), (index, reps) in header.items():
         # a group is complete when every replica on a live MN says so; it is found once,
         # from its first live replica
@@ -131,7 +139,7 @@ def scan(alloc: Allocator, copies: bool = False):
     where = [[(x, y) for x, y in zip(g.nodes, g.addrs) if x not in dead] for g in groups]
     if not copies:
         where = [w[:1] for w in where]
-    bufs = []
+    bufs: list[bytes] = []
     for batch in chunks([Read(x, y, alloc.block_size) for w in where for x, y in w]):
         bufs += yield batch
     i = 0
@@ -142,7 +150,8 @@ def scan(alloc: Allocator, copies: bool = False):
     return found
 
 
-def _parse(found: Holdings, alloc: Allocator, g: BlockGroup, block: bytes, others) -> None:
+def _parse(found: Holdings, alloc: Allocator, g: BlockGroup, block: bytes,
+           others: list[bytes]) -> None:
     unit, end = alloc.unit, alloc.block_size
     bitmap = int.from_bytes(block[BLOCK_HEADER:BLOCK_HEADER + alloc.bitmap_bytes], "little")
     off = alloc.first_object
@@ -173,7 +182,7 @@ def _parse(found: Holdings, alloc: Allocator, g: BlockGroup, block: bytes, other
         found.gaps.append((g, gap, end - gap))
 
 
-def adopt(alloc: Allocator, log):
+def adopt(alloc: Allocator, log: ObjectLog) -> Op[Holdings]:
     """Generator: take over every block, object and free slot the id holds (after a clean
     close or a recovery): the allocator continues where the previous holder stopped, the
     objects others freed meanwhile are reclaimed, orphan blocks go back to the MNs. The log

@@ -23,6 +23,8 @@ Design: docs/design.md#race-hashing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -167,13 +169,14 @@ class Directory:
     """A client's cached copy of the directory, and where things live under a membership."""
 
     def __init__(self, geo: IndexGeometry, n_nodes: int, r: int,
-                 membership: Membership = Membership()):
+                 membership: Membership = Membership()) -> None:
         self.geo, self.n, self.r = geo, n_nodes, r
         self.entries: list[int] = []
         # per-operation lookups, computed once
         self._suffix_mask = (1 << geo.dir_bits) - 1
         self._mains = geo.mains
-        self._reads: dict[tuple[int, int, int], tuple] = {}     # see bucket_reads
+        self._reads: dict[tuple[int, int, int],
+                         tuple[tuple[Read, Read], tuple[int, int]]] = {}     # see bucket_reads
         self.place(membership)
 
     def place(self, membership: Membership) -> None:
@@ -185,7 +188,7 @@ class Directory:
             raise LostData(f"memory nodes {sorted(membership.dead)} are dead: some index "
                            f"subtables have no replica left")
 
-    def read(self):
+    def read(self) -> Read:
         """Request that fetches the whole directory from its first live replica."""
         return Read(self.replicas[0], self.geo.directory, 8 << self.geo.dir_bits)
 
@@ -253,7 +256,8 @@ class View:
 
     __slots__ = ("raw", "firsts", "stale", "_slots")
 
-    def __init__(self, bufs, firsts, sid: int):
+    def __init__(self, bufs: Iterable[bytes], firsts: tuple[int, int] | list[int], sid: int
+                 ) -> None:
         raw = self.raw = b"".join(bufs)
         if len(raw) != 2 * COMBINED or len(firsts) != 2:
             raise ValueError("a View needs the two combined buckets of a key")
@@ -268,8 +272,9 @@ class View:
 
     def _pos(self, word: int) -> int:
         """Slot position of the ``word``-th 8-byte word of ``raw`` (not a header)."""
-        return ((self.firsts[word >> 4] + (word >> 3 & 1)) * SLOTS_PER_BUCKET
-                + (word & 7) - 1)
+        pos: int = ((self.firsts[word >> 4] + (word >> 3 & 1)) * SLOTS_PER_BUCKET
+                    + (word & 7) - 1)
+        return pos
 
     def candidates(self, fp: int) -> list[tuple[int, int]]:
         """(position, value) of the committed objects whose fingerprint is ``fp``."""
@@ -295,7 +300,8 @@ class View:
             b += f0 - f1 + 2
             if not 2 <= b < 4:
                 return None
-        return _WORD.unpack_from(self.raw, 64 * b + 8 + 8 * s)[0]
+        value: int = _WORD.unpack_from(self.raw, 64 * b + 8 + 8 * s)[0]
+        return value
 
     @property
     def slots(self) -> dict[int, int]:

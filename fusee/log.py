@@ -34,7 +34,7 @@ class NewObject:
     __slots__ = ("ptr", "units", "seq", "replicas", "writes", "records")
 
     def __init__(self, ptr: int, units: int, seq: int, replicas: list[tuple[int, int]],
-                 writes: list[Write]):
+                 writes: list[Write]) -> None:
         self.ptr = ptr                  # node/address bits (no length)
         self.units = units
         self.seq = seq                  # allocation sequence: its slot value's generation
@@ -49,7 +49,7 @@ class NewObject:
 
 class ObjectLog:
     def __init__(self, alloc: Allocator, mmap_: MemoryMap, client_id: int,
-                 meta_nodes: list[int], unit: int):
+                 meta_nodes: list[int], unit: int) -> None:
         self.alloc, self.unit = alloc, unit
         self.meta = mmap_.client_meta(client_id)
         self.meta_nodes = meta_nodes

@@ -6,6 +6,8 @@ are). The level comes from ``--log-level`` or ``FUSEE_LOG_LEVEL`` (default INFO)
 
 from __future__ import annotations
 
+import argparse
+
 import logging
 import os
 import sys
@@ -32,7 +34,7 @@ def setup_logging(level: str | None = None) -> None:
     logging.basicConfig(level=name, handlers=[handler], force=True)
 
 
-def add_log_level_option(parser) -> None:
+def add_log_level_option(parser: argparse.ArgumentParser) -> None:
     """The ``--log-level`` option every server's command line has."""
     parser.add_argument("--log-level", type=str.upper, choices=LEVELS,
                         help="DEBUG, INFO (default), WARNING or ERROR; or FUSEE_LOG_LEVEL")

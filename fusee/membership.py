@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 WIN, LOSE, RESTART = "win", "lose", "restart"
 #: what an operation returns to start over with a new object after a failover dropped its
@@ -107,7 +108,7 @@ class Membership:
                           self.rebuilt | nodes)
 
     # -- wire (msgpack-friendly) -------------------------------------------------------------
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "dead": sorted(self.dead), "settled": _flat(self.settled),
                 "kept": _flat(self.kept),
                 "dropped": [[e, s, p, v, c] for e, slots in sorted(self.dropped.items())
@@ -115,7 +116,7 @@ class Membership:
                 "rebuilt": sorted(self.rebuilt)}
 
     @classmethod
-    def from_wire(cls, d) -> Membership:
+    def from_wire(cls, d: object) -> Membership:
         if not isinstance(d, dict):
             raise ValueError("a membership must be a map")
         epoch, dead = d.get("epoch"), d.get("dead")
@@ -125,7 +126,7 @@ class Membership:
         if not (isinstance(rebuilt, list) and all(type(n) is int and n >= 0
                                                   for n in dead + rebuilt)):
             raise ValueError("malformed membership: dead or rebuilt nodes")
-        dropped: dict[int, dict] = {}
+        dropped: dict[int, dict[tuple[int, int], tuple[tuple[int, int], ...]]] = {}
         for item in _items(d.get("dropped", []), epoch, 5):
             slots = dropped.setdefault(item[0], {})
             slots[(item[1], item[2])] = slots.get((item[1], item[2]), ()) + ((item[3], item[4]),)
@@ -133,12 +134,12 @@ class Membership:
                    _nested(d.get("kept", []), epoch), dropped, frozenset(rebuilt))
 
 
-def _flat(by_epoch) -> list:
+def _flat(by_epoch: Mapping[int, Mapping[tuple[int, int], int]]) -> list[list[int]]:
     return [[e, s, p, v] for e, slots in sorted(by_epoch.items())
             for (s, p), v in sorted(slots.items())]
 
 
-def _items(items, epoch: int, width: int = 4) -> list:
+def _items(items: object, epoch: int, width: int = 4) -> list[list[int]]:
     """[epoch, subtable, slot, value (, crc)] rows, checked."""
     if not isinstance(items, list):
         raise ValueError("malformed membership: slots")
@@ -149,8 +150,8 @@ def _items(items, epoch: int, width: int = 4) -> list:
     return items
 
 
-def _nested(items, epoch: int) -> dict:
-    out: dict[int, dict] = {}
+def _nested(items: object, epoch: int) -> dict[int, dict[tuple[int, int], int]]:
+    out: dict[int, dict[tuple[int, int], int]] = {}
     for item in _items(items, epoch):
         out.setdefault(item[0], {})[(item[1], item[2])] = item[3]
     return out

@@ -11,6 +11,15 @@ by a server that opens the port.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from fusee.emulator.master_server import MasterServer
+    from fusee.emulator.memnode import MemoryNode
+
 import logging
 from collections import Counter
 
@@ -38,7 +47,8 @@ def metrics_address(endpoint: str) -> str:
     return "127.0.0.1"
 
 
-def serve_metrics(port: int, address: str, collector) -> int:
+def serve_metrics(port: int, address: str, collector: MemnodeCollector | MasterCollector
+                  ) -> int:
     """Serve ``collector``'s metrics (and the process's own) on ``address:port`` from a daemon
     thread; returns the port bound (``port`` 0: any free one)."""
     try:
@@ -65,17 +75,17 @@ def serve_metrics(port: int, address: str, collector) -> int:
 class MemnodeCollector:
     """A memory node's requests, verbs, bytes and memory in use."""
 
-    def __init__(self, node):
+    def __init__(self, node: MemoryNode) -> None:
         self.node = node
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         node, label = self.node, [str(self.node.id)]
         assert len(node.tally) == len(MEMNODE_TALLY)
         for (name, text), value in zip(MEMNODE_TALLY, node.tally):
-            family = CounterMetricFamily(f"fusee_memnode_{name}", text, labels=["node"])
-            family.add_metric(label, value)
-            yield family
+            counter = CounterMetricFamily(f"fusee_memnode_{name}", text, labels=["node"])
+            counter.add_metric(label, value)
+            yield counter
         used = node.blocks.used()
         for name, text, value in (
                 ("blocks", "data blocks in the region", node.map.num_blocks),
@@ -92,13 +102,13 @@ class MasterCollector:
     """The master's view: epoch, memory nodes alive and dead, client leases, failovers and
     client recoveries done, repairs pending."""
 
-    def __init__(self, server):
+    def __init__(self, server: MasterServer) -> None:
         self.server = server
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        status = self.server.methods["status"]({})
-        tally: Counter = self.server.tally
+        status: dict[str, Any] = self.server.methods["status"]({})
+        tally: Counter[str] = self.server.tally
         gauges = (("epoch", "membership epoch", status["epoch"]),
                   ("memnodes_alive", "memory nodes holding a lease", len(status["alive"])),
                   ("memnodes_dead", "memory nodes declared dead", len(status["dead"])),
@@ -115,6 +125,6 @@ class MasterCollector:
                            ("registrations", "client registrations granted"),
                            ("renewals", "lease renewals granted"),
                            ("requests", "RPCs served")):
-            family = CounterMetricFamily(f"fusee_master_{name}", text)
-            family.add_metric([], tally[name])
-            yield family
+            counter = CounterMetricFamily(f"fusee_master_{name}", text)
+            counter.add_metric([], tally[name])
+            yield counter

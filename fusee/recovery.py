@@ -41,12 +41,15 @@ Design: docs/design.md#client-crash-recovery.
 from __future__ import annotations
 
 import time
+
+from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 
 from fusee.config import ClusterConfig
 from fusee.errors import RecoveryInProgress, StoreFormatError
 from fusee.hashing import key_hash
-from fusee.holdings import Carved, scan
+from fusee.holdings import Carved, Holdings, scan
 from fusee.index import HDR_MAGIC, INDEX_MAGIC, LOCKS, View
 from fusee.layout import (ABORTED, CLEAN, COMMITTED, COMMIT_OFFSET, DELETE, FROZEN, INSERT,
                           LOG_BYTES, LOST, META_INCARNATION, META_RECOVERY, META_STATE, NO_SLOT,
@@ -59,7 +62,7 @@ from fusee.memory_map import HEADER_LAYOUT
 from fusee.operations import ClientCore
 from fusee.replication import LOSE, RESTART, WIN, SlotTarget, fix_requests, propose, resolve
 from fusee.resize import finish, holder
-from fusee.verbs import Cas, Faa, FreeBlock, Read, Write, chunks
+from fusee.verbs import Cas, Faa, FreeBlock, Op, Read, Request, T, Write, chunks
 
 #: the recovery-lock owner of the master; a client recovering its own id uses the id
 MASTER = (1 << 32) - 1
@@ -88,13 +91,14 @@ class RecoveryReport:
     verbs: int = 0
     phases: dict[str, float] = field(default_factory=dict)   # seconds per phase
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__, outcomes=dict(self.outcomes), phases=dict(self.phases))
 
 
 def recover_client(config: ClusterConfig, client_id: int, owner: int = MASTER,
-                   clock=time.perf_counter, membership: Membership = Membership(),
-                   leave: int = CLEAN):
+                   clock: Callable[[], float] = time.perf_counter,
+                   membership: Membership = Membership(), leave: int = CLEAN
+                   ) -> Op[RecoveryReport]:
     """Generator: recover ``client_id`` (crashed, or its lease ran out) under ``membership``;
     returns a RecoveryReport. ``owner`` tags the recovery lock (a recovery that died is re-run
     by the same owner); ``clock`` times the phases for the report; ``leave`` is the STATE word
@@ -121,19 +125,19 @@ class _Entry:
 
 class Recovery:
     def __init__(self, config: ClusterConfig, client_id: int, owner: int = MASTER,
-                 clock=time.perf_counter, membership: Membership = Membership(),
-                 leave: int = CLEAN):
+                 clock: Callable[[], float] = time.perf_counter,
+                 membership: Membership = Membership(), leave: int = CLEAN) -> None:
         self.core = ClientCore(config, client_id, membership=membership)
         self.cid, self.owner, self.clock, self.leave = client_id, owner, clock, leave
         self.meta = self.core.map.client_meta(client_id)
         self.report = RecoveryReport(client_id)
         self.locks: list[int] = []
 
-    def run(self):
+    def run(self) -> Op[RecoveryReport]:
         """Generator: the whole recovery; returns the report."""
         return (yield from self._count(self._run()))
 
-    def _run(self):
+    def _run(self) -> Op[RecoveryReport]:
         rep = self.report
         t0 = self.clock()
         yield from self._start()
@@ -157,7 +161,7 @@ class Recovery:
         rep.phases["total"] = self.clock() - t0
         return rep
 
-    def _count(self, gen):
+    def _count(self, gen: Op[T]) -> Op[T]:
         """Drive ``gen``, counting its round trips and verbs for the report."""
         try:
             batch = gen.send(None)
@@ -171,20 +175,22 @@ class Recovery:
                 else:
                     batch = gen.send(res)
         except StopIteration as stop:
-            return stop.value
+            result: T = stop.value
+            return result
 
     def _outcome(self, kind: str) -> None:
         self.report.outcomes[kind] = self.report.outcomes.get(kind, 0) + 1
 
     # -- 1. start / 4. release ---------------------------------------------------------------
-    def _start(self):
+    def _start(self) -> Op[None]:
         core, geo, meta = self.core, self.core.geo, self.meta
         m0 = core.meta_nodes[0]         # the directory's first live replica, too
-        res = yield [core.dir.read(), Read(m0, geo.header_word(HDR_MAGIC), 8),
-                     Read(m0, HEADER_LAYOUT, 8), Cas(m0, meta + META_RECOVERY, 0, self.owner + 1),
-                     Read(m0, meta + META_STATE, 8),
-                     Read(m0, geo.header_word(LOCKS), 8 * geo.max_subtables)] + [
-                     Faa(m, meta + META_INCARNATION, 1) for m in core.meta_nodes]
+        batch: list[Request] = [
+            core.dir.read(), Read(m0, geo.header_word(HDR_MAGIC), 8),
+            Read(m0, HEADER_LAYOUT, 8), Cas(m0, meta + META_RECOVERY, 0, self.owner + 1),
+            Read(m0, meta + META_STATE, 8),
+            Read(m0, geo.header_word(LOCKS), 8 * geo.max_subtables)]
+        res = yield batch + [Faa(m, meta + META_INCARNATION, 1) for m in core.meta_nodes]
         if unpack_u64(res[2]) != core.map.fingerprint or unpack_u64(res[1]) != INDEX_MAGIC:
             raise StoreFormatError("the memory nodes were formatted for another layout")
         if res[3] not in (0, self.owner + 1):
@@ -195,7 +201,7 @@ class Recovery:
         self.report.clean = unpack_u64(res[4]) == CLEAN
         self.locks = [unpack_u64(res[5], 8 * i) for i in range(geo.max_subtables)]
 
-    def _release(self):
+    def _release(self) -> Op[None]:
         """Mark the id CLEAN (or ``leave``) and release the lock. An id found CLEAN is not
         written: a client may have claimed it meanwhile (``ClientCore.open``), and CLEAN would
         hand it out twice."""
@@ -206,7 +212,7 @@ class Recovery:
         yield clean + [Cas(nodes[0], meta + META_RECOVERY, self.owner + 1, 0)]
 
     # -- 2. the log ----------------------------------------------------------------------
-    def _entries(self, found) -> list[_Entry]:
+    def _entries(self, found: Holdings) -> list[_Entry]:
         rep, unit = self.report, self.core.unit
         rep.objects = len(found.objects)
         entries = []
@@ -231,13 +237,13 @@ class Recovery:
         return entries
 
     # -- 3. finishing ----------------------------------------------------------------------
-    def _splits(self):
+    def _splits(self) -> Op[None]:
         for sid, lock in enumerate(self.locks):
             if holder(lock) == self.cid:
                 yield from finish(self.core, sid, lock)
                 self.report.splits_finished += 1
 
-    def _finish(self, entries: list[_Entry]):
+    def _finish(self, entries: list[_Entry]) -> Op[None]:
         core = self.core
         committed = [e for e in entries if e.v.state == COMMITTED]
         looks = [e for e in entries if e.v.state == PENDING or e.v.state == LOST or
@@ -280,7 +286,7 @@ class Recovery:
         return proposal is not None and self.core.membership.was_dropped(
             e.v.slot_ref >> 32, e.v.slot_ref & 0xFFFFFFFF, proposal, e.c.crc)
 
-    def _committed(self, entries: list[_Entry]):
+    def _committed(self, entries: list[_Entry]) -> Op[list[_Entry]]:
         """Generator: step A for COMMITTED entries; returns those whose round died in a
         split or was rolled back by a failover (to look up by key).
 
@@ -323,7 +329,10 @@ class Recovery:
                 crc, used = object_tail(got[2])
                 bit = core.alloc.free_request(old).delta
                 owed = crc == e.v.old_crc and used == 1 and not unpack_u64(got[1]) & bit
-            expect = {old} | ({e.s | TENTATIVE} if e.v.opcode == INSERT else set())
+            expect = {old}
+            if e.v.opcode == INSERT:
+                assert e.s is not None, "an INSERT entry proposes a slot value"
+                expect.add(e.s | TENTATIVE)
             if (owed or len(got) == 1) and p & ~FROZEN in expect:
                 if p & FROZEN:
                     dead.append(e)                      # never took effect; retried?
@@ -346,7 +355,7 @@ class Recovery:
         return dead
 
     def _complete(self, e: _Entry, t: SlotTarget, p: int, v_new: int | None,
-                  current: list[int] | None, old_crc: int):
+                  current: list[int] | None, old_crc: int) -> Op[bool]:
         """Generator: finish the round at ``t`` that ``e`` won (primary holds ``p``): fix the
         backups, record COMMITTED, CAS the primary, free the old object. ``v_new`` None: a
         DELETE, whose tombstone is read off the backups (or made afresh). Returns whether
@@ -374,7 +383,7 @@ class Recovery:
             yield from core.rt([core.alloc.free_request(old)])
         return True
 
-    def _by_key(self, key: bytes, group: list[_Entry], entries: list[_Entry]):
+    def _by_key(self, key: bytes, group: list[_Entry], entries: list[_Entry]) -> Op[None]:
         """Generator: step B: settle every round on ``key``'s slots that carries a trace of
         the crashed client."""
         core, h = self.core, key_hash(key)
@@ -429,10 +438,11 @@ class Recovery:
                 return
             waits = yield from core.waited(waits, f"recovery of client {self.cid}: key {key!r}")
 
-    def _claim_r1(self, e: _Entry, t: SlotTarget, p: int):
+    def _claim_r1(self, e: _Entry, t: SlotTarget, p: int) -> Op[None]:
         """Generator: an r = 1 insert's TENTATIVE claim: committed -> publish it; else
         withdraw it with a fresh void."""
         if e.v.state == COMMITTED and e.v.slot_ref == slot_ref(t.sid, t.pos):
+            assert e.s is not None, "an insert's entry proposes a slot value"
             (old,) = yield from self.core.rt([Cas(t.primary, t.addr, p, e.s)])
             if old == p:
                 e.linearized = True
@@ -442,7 +452,7 @@ class Recovery:
         if old == p:
             self._outcome("withdrawn")
 
-    def _withdrawn(self, t: SlotTarget, p: int, void: int):
+    def _withdrawn(self, t: SlotTarget, p: int, void: int) -> Op[None]:
         """Generator: finish an insert's withdrawal: its claim -> the void on every backup,
         then on the primary."""
         core = self.core
@@ -455,7 +465,7 @@ class Recovery:
         yield from core.rt([Cas(t.primary, t.addr, p, void)])     # the backups first
         self._outcome("withdrawn")
 
-    def _redo(self, e: _Entry, t: SlotTarget, p: int, v_new: int):
+    def _redo(self, e: _Entry, t: SlotTarget, p: int, v_new: int) -> Op[bool]:
         """Generator: SNAPSHOT again with the crashed client's proposal ``v_new`` in the open
         round on ``t`` (primary ``p``). Returns whether it changed anything."""
         core = self.core
@@ -484,7 +494,7 @@ class Recovery:
         yield from self._complete(e, t, p, v_new, current, object_tail(got[0])[0])
         return True
 
-    def _delete_of(self, deletes: list[_Entry], key: bytes, p: int):
+    def _delete_of(self, deletes: list[_Entry], key: bytes, p: int) -> Op[_Entry | None]:
         """Generator: the DELETE entry whose tombstone is proposed against ``p`` (``p``'s
         object must hold ``key``), or None."""
         (buf,) = yield from self.core.rt([self.core.object_read(p)])
@@ -509,7 +519,7 @@ class Recovery:
                 if n not in dead]
 
 
-def _record(v: ObjectView) -> tuple:
+def _record(v: ObjectView) -> tuple[int, int, int, int, int]:
     return v.state, v.number, v.slot_ref, v.old_value, v.old_crc
 
 

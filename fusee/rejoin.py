@@ -16,6 +16,9 @@ and its next ask is heard after a backoff (never, after a RebuildError: it canno
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import Any
+
 from dataclasses import dataclass, field
 
 from fusee.index import replica_nodes
@@ -74,7 +77,8 @@ class Rejoins:
         self.retry_at[node] = now + backoff
 
 
-def node_states(n: int, r: int, dead, failing, rejoins: Rejoins) -> dict:
+def node_states(n: int, r: int, dead: Collection[int], failing: Collection[int],
+                rejoins: Rejoins) -> dict[str, dict[str, Any]]:
     """Each MN's state and what it replicates, for ``Master.status`` (string keys): ``state``
     is alive, dead, failing (dead, failover pending), joining (asked to rejoin, the clients
     pausing) or rebuilding (``progress``: [bytes copied, bytes to copy]); ``replica_of``:
@@ -82,7 +86,7 @@ def node_states(n: int, r: int, dead, failing, rejoins: Rejoins) -> dict:
     the block groups whose first MN is p; group 0 also has the directory and the client
     metadata); ``primary_of``: those it is the first live replica of; ``rebuild_error``: why
     its last rebuild failed, while it is not alive."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     down = set(dead) | set(failing)
     for m in range(n):
         state = (REBUILDING if m == rejoins.running else JOINING if m in rejoins.joining

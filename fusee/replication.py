@@ -24,16 +24,18 @@ Design: docs/design.md#snapshot-replication.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
+from typing import Any
 
 from fusee.errors import Stalled
 from fusee.layout import FROZEN, unpack_u64
-from fusee.verbs import Backoff, Cas, Read
+from fusee.verbs import Backoff, Cas, Op, Read, Request
 
 #: polls of a wait made back to back; after them each poll first lets BACKOFF seconds pass
 FAST_POLLS, BACKOFF = 100, 0.0002
 
 
-def backoff(polls: int):
+def backoff(polls: int) -> Op[None]:
     """Generator: the pause owed before poll number ``polls`` of a wait (none for the first
     FAST_POLLS: a live client usually finishes its round in a few round trips)."""
     if polls >= FAST_POLLS:
@@ -49,7 +51,7 @@ class SlotTarget:
     and each property is a Python call on the fast path (issue 12)."""
     __slots__ = ("sid", "pos", "nodes", "addr", "primary", "backups")
 
-    def __init__(self, sid: int, pos: int, nodes: tuple[int, ...], addr: int):
+    def __init__(self, sid: int, pos: int, nodes: tuple[int, ...], addr: int) -> None:
         self.sid, self.pos, self.nodes, self.addr = sid, pos, nodes, addr
         self.primary, self.backups = nodes[0], nodes[1:]
 
@@ -70,7 +72,8 @@ def decide(current: list[int], mine: int) -> str:
     return RULE3
 
 
-def propose(t: SlotTarget, v_old: int, v_new: int, extra=()):
+def propose(t: SlotTarget, v_old: int, v_new: int, extra: Iterable[Request] = ()
+            ) -> Op[tuple[list[int], list[Any]]]:
     """Generator, step 2: CAS every backup (plus ``extra`` requests in the same batch, after
     the CASes). Returns (the backups' current values, the completions of ``extra``)."""
     k = len(t.backups)
@@ -79,7 +82,7 @@ def propose(t: SlotTarget, v_old: int, v_new: int, extra=()):
     return current, res[k:]
 
 
-def resolve(t: SlotTarget, v_old: int, v_new: int, current: list[int]):
+def resolve(t: SlotTarget, v_old: int, v_new: int, current: list[int]) -> Op[str]:
     """Generator, step 3: WIN, LOSE or RESTART (the slot froze) for this round."""
     verdict = decide(current, v_new)
     if verdict != RULE3:
@@ -99,7 +102,8 @@ def fix_requests(t: SlotTarget, current: list[int], v_new: int) -> list[Cas]:
             if v != v_new and not v & FROZEN]
 
 
-def cas_primary(t: SlotTarget, expected: int, v_new: int, extra=()):
+def cas_primary(t: SlotTarget, expected: int, v_new: int, extra: Iterable[Request] = ()
+                ) -> Op[tuple[str, int]]:
     """Generator, step 4: the linearization point. Returns (outcome, value seen) where the
     outcome is WIN, RESTART (frozen) or LOSE (the primary held something else)."""
     res = yield [Cas(t.primary, t.addr, expected, v_new)] + list(extra)
@@ -117,7 +121,8 @@ def unfreeze_requests(t: SlotTarget, v_old: int, v_new: int) -> list[Cas]:
     return [Cas(n, t.addr, v_new, v_old | FROZEN) for n in t.backups]
 
 
-def await_change(t: SlotTarget, v_old: int, current: list[int], extra=(), patience: int = 0):
+def await_change(t: SlotTarget, v_old: int, current: list[int],
+                 extra: Iterable[Request] = (), patience: int = 0) -> Op[str]:
     """Generator for losers: poll until the round is over; ``current`` are the backups'
     values after our proposal, ``extra`` requests ride on the first poll. Returns LOSE
     (someone finished the round) or RESTART (it froze). After ``patience`` polls (0: no
@@ -130,10 +135,10 @@ def await_change(t: SlotTarget, v_old: int, current: list[int], extra=(), patien
     old value FROZEN when the round ends in a split (the primary says that); any other value
     belongs to a later round, which began after the primary had left ``v_old``."""
     assert t.backups, "a round without backups has no losers"
-    first = list(extra)
+    first: list[Request] = list(extra)
     polls = 0
     while True:
-        res = yield [Read(t.primary, t.addr, 8), Read(t.backups[0], t.addr, 8)] + first
+        res = yield [Read(t.primary, t.addr, 8), Read(t.backups[0], t.addr, 8), *first]
         first = []
         now, backup = unpack_u64(res[0]), unpack_u64(res[1])
         if now != v_old:

@@ -33,6 +33,12 @@ left naming a retired subtable whatever order the two splits finish in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fusee.operations import ClientCore
+
 import struct
 
 from fusee.errors import CorruptObject, IndexFull
@@ -40,12 +46,12 @@ from fusee.hashing import key_hash
 from fusee.index import RETIRED_LOCK, child_ids, entry_word
 from fusee.layout import (BUCKET_BYTES, FROZEN, RETIRED, SLOTS_PER_BUCKET, bucket_header,
                           committed_object, decode_object, pack_u64, parse_header, unpack_u64)
-from fusee.verbs import Cas, Read, Write, chunks
+from fusee.verbs import Cas, Op, Read, Request, Write, chunks
 
 _HOLDER = 0xFFFFFFFF        # the lock word's low half: client id + 1 of the splitter
 
 
-def split(core, sid: int, depth: int, suffix: int):
+def split(core: ClientCore, sid: int, depth: int, suffix: int) -> Op[bool]:
     """Generator: split subtable ``sid`` (local depth ``depth``, directory suffix ``suffix``)
     or, if someone else is at it or did it, just refresh the directory. Returns whether the
     lock was free (False: another client holds it or the split is done)."""
@@ -70,7 +76,7 @@ def holder(lock: int) -> int | None:
     return (lock & _HOLDER) - 1
 
 
-def finish(core, sid: int, lock: int):
+def finish(core: ClientCore, sid: int, lock: int) -> Op[None]:
     """Generator: steps 2-4 of the split of ``sid`` whose lock word is ``lock`` (the caller's
     own; for a recoverer: the crashed splitter's; for a failover: whatever the lock holds)."""
     geo = core.geo
@@ -108,7 +114,8 @@ def _depth(entry: int) -> int:
     return (entry >> 32) & 0xFF
 
 
-def _publish(core, tables: dict[int, tuple], span: range, depth: int, news: tuple[int, int]):
+def _publish(core: ClientCore, tables: dict[int, tuple[int, ...]], span: range, depth: int,
+             news: tuple[int, int]) -> Op[None]:
     """Generator: step 4's directory CASes: every entry of ``span`` (the old subtable's range)
     on every directory replica (``tables``: its entries, by MN) that is not deeper than
     ``depth`` (it names the old subtable, or an ancestor whose split has not published it
@@ -126,18 +133,20 @@ def _publish(core, tables: dict[int, tuple], span: range, depth: int, news: tupl
     yield from _cas_until(core, todo, again)
 
 
-def _cas_until(core, cases: list[Cas], again):
+def _cas_until(core: ClientCore, cases: list[Cas], again: Callable[[Cas, int], bool]
+               ) -> Op[None]:
     """Generator: post the CASes; each that fails is made again from the value it found, as
     long as ``again(cas, found)`` says so."""
     while cases:
-        res = []
+        res: list[int] = []
         for batch in chunks(cases):
             res += yield from core.rt(batch)
         cases = [c._replace(expected=old) for c, old in zip(cases, res)
                  if old != c.expected and again(c, old)]
 
 
-def _freeze(core, sid: int, extra: list):
+def _freeze(core: ClientCore, sid: int, extra: list[Request]
+            ) -> Op[tuple[dict[int, int], int, int]]:
     """Generator: freeze every slot of the subtable's primary (``extra`` requests ride on the
     first CASes); returns ({pos: value}, local depth, suffix) from its bucket headers."""
     geo = core.geo
@@ -156,12 +165,12 @@ def _freeze(core, sid: int, extra: list):
                            for n in core.dir.nodes(sid) for b in range(geo.buckets)]
     while todo or extra:
         order = list(todo)
-        res = []
+        res: list[int] = []
         for batch in chunks([Cas(primary, geo.slot_addr(sid, p), todo[p], todo[p] | FROZEN)
                              for p in order] + extra):
             res += yield from core.rt(batch)
         extra = []
-        nxt = {}
+        nxt: dict[int, int] = {}
         for p, old in zip(order, res):
             if old == todo[p]:
                 values[p] = old
@@ -175,7 +184,7 @@ def _freeze(core, sid: int, extra: list):
     return slots, depth, suffix
 
 
-def _freeze_backups(core, sid: int, slots: dict[int, int]):
+def _freeze_backups(core: ClientCore, sid: int, slots: dict[int, int]) -> Op[None]:
     """Generator: every backup slot of ``sid`` takes the value the primary froze (``slots``,
     without the FROZEN bit). Nobody changes a frozen backup (a proposal CAS expects an
     unfrozen old value, a winner's fix-up skips frozen values), so each CAS that fails is
@@ -191,13 +200,14 @@ def _freeze_backups(core, sid: int, slots: dict[int, int]):
     yield from _cas_until(core, todo, again)
 
 
-def _sort(core, slots: dict[int, int], depth: int):
+def _sort(core: ClientCore, slots: dict[int, int], depth: int
+          ) -> Op[tuple[dict[int, int], dict[int, int]]]:
     """Generator: which new subtable each object slot goes to, from its key's hash."""
     objs = [(p, v) for p, v in slots.items() if committed_object(v)]
-    bufs = []
+    bufs: list[bytes] = []
     for batch in chunks([core.object_read(v) for _, v in objs]):
         bufs += yield from core.rt(batch)
-    halves: tuple[dict, dict] = ({}, {})
+    halves: tuple[dict[int, int], dict[int, int]] = ({}, {})
     for (p, v), buf in zip(objs, bufs):
         obj = decode_object(buf)
         if obj is None:

@@ -32,7 +32,7 @@ class ObjectReads:
     objects their values name), by slot value. Call ``next_pass`` before judging the objects
     of a pass whose slots were read after the previous pass's objects."""
 
-    def __init__(self, unit: int):
+    def __init__(self, unit: int) -> None:
         self.unit = unit
         self.last: dict[int, bytes] = {}
         self.now: dict[int, bytes] = {}
@@ -40,7 +40,7 @@ class ObjectReads:
     def next_pass(self) -> None:
         self.last, self.now = self.now, {}
 
-    def judge(self, v: int, buf, key: bytes) -> ObjectView | None:
+    def judge(self, v: int, buf: bytes, key: bytes) -> ObjectView | None:
         """The object ``v`` names, read from ``buf``, or None while its memory is being
         reused: it does not decode, is another allocation than ``v``'s (generation, key
         fingerprint), holds a DELETE's log entry, or is an object of ``key`` whose commit
@@ -49,10 +49,11 @@ class ObjectReads:
         the next pass proves named by reading the same bytes). Raises CorruptObject when the
         previous pass read the same bytes for ``v`` and they are no KV pair it names."""
         obj = decode_object(buf)
-        named = obj is not None and is_named(v, obj, key)
-        ours = named and obj.key == key and obj.opcode != DELETE
-        if ours and obj.state == COMMITTED or named and obj.key != key:
-            return obj
+        named = ours = False
+        if obj is not None and is_named(v, obj, key):
+            named, ours = True, obj.key == key and obj.opcode != DELETE
+            if ours and obj.state == COMMITTED or obj.key != key:
+                return obj
         raw = bytes(buf)
         if self.last.get(v) == raw:
             if ours:

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from fusee.operations import ClientCore
 from fusee.recovery import recover_client
-from fusee.verbs import EPOCH_ENDS
+from fusee.verbs import EPOCH_ENDS, Op
 
 
-def settled(core: ClientCore, owner: int):
+def settled(core: ClientCore, owner: int) -> Op[ClientCore]:
     """Generator: ``core`` itself if ``core.settled``; else recover its id (recovery lock
     ``owner``) and return a new ClientCore opened on it. A memory node that dies meanwhile:
     recovery runs again in the next membership epoch (the driver raises NodeTimeout when no
@@ -54,7 +54,7 @@ def settled(core: ClientCore, owner: int):
     return fresh
 
 
-def closing(core: ClientCore, owner: int):
+def closing(core: ClientCore, owner: int) -> Op[ClientCore]:
     """Generator: the close of a client: settle ``core`` if need be, then close it (the id
     is CLEAN only once nothing of it is open)."""
     core = yield from settled(core, owner)

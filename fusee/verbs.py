@@ -12,16 +12,21 @@ little-endian words at 8-byte aligned addresses.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Union
+from typing import Any, Generator, NamedTuple, Sequence, TypeVar, Union
 
 # the transport errors belong to the store's one tree (fusee.errors); imported from here too
-from fusee.errors import (ControlError, EpochChanged, NodeTimeout, NotAuthorized,  # noqa: F401
-                          RemoteAccessError, TransportError)
+from fusee.errors import ControlError as ControlError
+from fusee.errors import EpochChanged as EpochChanged
+from fusee.errors import NodeTimeout as NodeTimeout
+from fusee.errors import NotAuthorized as NotAuthorized
+from fusee.errors import RemoteAccessError as RemoteAccessError
+from fusee.errors import TransportError as TransportError
 
 WORD = 8
 MASK64 = (1 << 64) - 1
 #: most requests in one batch: a send queue's depth on a NIC; a memory node refuses longer ones
 MAX_BATCH = 4096
+T = TypeVar("T")
 
 
 class Read(NamedTuple):
@@ -109,13 +114,19 @@ Verb = Union[Read, Write, Cas, Faa]
 Control = Union[AllocBlock, FreeBlock]
 Request = Union[Read, Write, Cas, Faa, AllocBlock, FreeBlock]
 Batch = Sequence[Request]
+R = TypeVar("R", bound=Request)
+#: what an operation yields: a batch of requests, or one of the two that are not verbs, alone
+Step = Sequence[Union[Request, AwaitMembership, Backoff]]
+#: an operation (sans-IO): yields Steps, is sent each one's completions (a list; None to
+#: start it), returns a T
+Op = Generator[Step, Any, T]
 
 
 #: what ends the membership epoch an operation runs in, as far as it can tell
 EPOCH_ENDS = (NodeTimeout, EpochChanged)
 
 
-def chunks(reqs: Sequence[Request], size: int = MAX_BATCH // 2) -> list[list[Request]]:
+def chunks(reqs: Sequence[R], size: int = MAX_BATCH // 2) -> list[list[R]]:
     """``reqs`` in order, cut into batches that may be posted (half of MAX_BATCH by default,
     leaving room for requests that ride along, like deferred frees)."""
     return [list(reqs[i:i + size]) for i in range(0, len(reqs), size)]

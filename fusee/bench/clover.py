@@ -29,7 +29,7 @@ from __future__ import annotations
 import struct
 import time
 import zlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgpack
 import xxhash
@@ -100,7 +100,7 @@ class CloverClient:
     """Operation generators of one client; they yield batches of verbs and ``Rpc``s that a
     ``CloverExecutor`` runs (``fusee.driver.run`` / ``run_concurrently``)."""
 
-    def __init__(self, n_nodes: int, replicas: int, timeout: float = 5.0):
+    def __init__(self, n_nodes: int, replicas: int, timeout: float = 5.0) -> None:
         self.n_nodes, self.r, self.timeout = n_nodes, replicas, timeout
         self.cache: dict[bytes, tuple[int, int]] = {}      # key -> (size, primary address)
         self.cache_hits = self.cache_misses = 0
@@ -192,7 +192,7 @@ class CloverExecutor:
     """Executes batches of verbs and ``Rpc``s: the RPCs of a batch travel in one message to
     the MS while the verbs run on the transport, so a batch is still one round trip."""
 
-    def __init__(self, transport, endpoint: str, timeout: float):
+    def __init__(self, transport, endpoint: str, timeout: float) -> None:
         self.transport, self.timeout = transport, timeout
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -200,7 +200,7 @@ class CloverExecutor:
         self.seq = 0
         self.round_trips = self.rpcs = 0
 
-    def _reply(self, seq: int, n: int) -> list:
+    def _reply(self, seq: int, n: int) -> list[Any]:
         deadline = time.monotonic() + self.timeout
         while True:
             left = deadline - time.monotonic()
@@ -216,7 +216,7 @@ class CloverExecutor:
             raise MetadataServerError(f"metadata server refused: {replies}")
         return replies
 
-    def execute(self, batch) -> list:
+    def execute(self, batch) -> list[Any]:
         self.round_trips += 1
         rpcs = [i for i, req in enumerate(batch) if type(req) is Rpc]
         if not rpcs:

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections import defaultdict, deque
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import zmq
@@ -44,7 +45,7 @@ OWNER = 0
 class Arena:
     """Object memory on one memory node: bump allocation in blocks, plus delayed reuse."""
 
-    def __init__(self, node: int, block_size: int, transport):
+    def __init__(self, node: int, block_size: int, transport) -> None:
         self.node, self.block_size, self.transport = node, block_size, transport
         self.cur = self.end = 0
         self.free: dict[int, deque] = defaultdict(deque)     # size -> (reusable at, addr)
@@ -68,7 +69,7 @@ class Arena:
 class MetadataServer:
     """Request handling, bytes in and bytes out (no sockets here)."""
 
-    def __init__(self, config: ClusterConfig, transport):
+    def __init__(self, config: ClusterConfig, transport) -> None:
         self.n_nodes, self.r = len(config.memnodes), config.replicas
         self.arenas = [Arena(m.id, config.layout.block_size, transport) for m in config.memnodes]
         #: key -> (tag, size, addrs, the version it replaced as (size, primary addr) or None)
@@ -85,7 +86,7 @@ class MetadataServer:
             return None                             # not our protocol: nothing to answer
         return msgpack.packb([seq, self.answer(calls, time.monotonic())])
 
-    def answer(self, calls: list, now: float) -> list:
+    def answer(self, calls: list, now: float) -> list[Any]:
         """The replies to ``calls`` ([op, key, size] each) at time ``now`` (seconds, any
         monotonic clock: the timing model gives its simulated one)."""
         replies = []
@@ -100,7 +101,7 @@ class MetadataServer:
         self.served += len(replies)
         return replies
 
-    def _one(self, op: str, key: bytes, size: int, now: float) -> list:
+    def _one(self, op: str, key: bytes, size: int, now: float) -> list[Any]:
         entry = self.index.get(key)
         if op == LOOKUP:
             return [MISSING, None] if entry is None else [OK, list(entry[1:])]
@@ -166,7 +167,7 @@ class MetadataServerProcess:
     """Start the metadata server for a running cluster; always stop it (context manager)."""
 
     def __init__(self, config_path: str | Path, workdir: str | Path | None = None,
-                 start_timeout: float = 30.0):
+                 start_timeout: float = 30.0) -> None:
         self.config_path = Path(config_path)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fusee-clover-"))

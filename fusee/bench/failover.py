@@ -26,6 +26,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -167,7 +168,7 @@ def _recv(conn, proc, timeout: float, what: str):
 
 
 # -- the parent --------------------------------------------------------------------------------
-def run_failover(o: FailoverOptions, command: str = "") -> dict:
+def run_failover(o: FailoverOptions, command: str = "") -> dict[str, Any]:
     """Run the benchmark; returns the result document."""
     from fusee.emulator.cluster import LocalCluster
     from fusee.bench.main import _machine
@@ -240,7 +241,7 @@ def _failover_record(cluster, node: int, timeout: float) -> tuple[dict, dict]:
         time.sleep(0.05)
 
 
-def timeline(results: list[dict], bucket: float) -> list[dict]:
+def timeline(results: list[dict[str, Any]], bucket: float) -> list[dict[str, Any]]:
     """Per bucket: start time (s), completed and failed ops of all clients, throughput
     (ops/s), and the slowest completion (ms)."""
     out = []
@@ -253,7 +254,7 @@ def timeline(results: list[dict], bucket: float) -> list[dict]:
     return out
 
 
-def summarize(points: list[dict], o: FailoverOptions, killed: float) -> dict:
+def summarize(points: list[dict[str, Any]], o: FailoverOptions, killed: float) -> dict[str, Any]:
     """Steady throughput before the kill (after the warm-up) and after (the last third of
     what follows the kill), the lowest bucket after the kill, the time with no operation
     completing, and the time from the kill until a bucket reaches ``RECOVERED`` of the
@@ -280,7 +281,7 @@ def summarize(points: list[dict], o: FailoverOptions, killed: float) -> dict:
 
 
 # -- output ----------------------------------------------------------------------------------
-def table(doc: dict) -> str:
+def table(doc: dict[str, Any]) -> str:
     o, s, f = doc["options"], doc["summary"], doc["failover"]
     ms = f["milestones_s"]
     lines = [f"failover timeline: YCSB-{o['workload']}, {o['keys']:,} keys, {o['clients']} "
@@ -312,7 +313,7 @@ def table(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(doc: dict, path: Path) -> Path:
+def plot(doc: dict[str, Any], path: Path) -> Path:
     o, ms = doc["options"], doc["failover"]["milestones_s"]
     fig, ax = report.subplots(figsize=(8, 3.2))
     ax.step([p["t"] for p in doc["timeline"]],
@@ -332,7 +333,7 @@ def plot(doc: dict, path: Path) -> Path:
     return report.save(fig, path)
 
 
-def write_all(doc: dict, out: Path) -> list[Path]:
+def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "failover.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "failover.txt").write_text(f"$ {doc['command']}\n\n{table(doc)}")

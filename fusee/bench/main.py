@@ -23,6 +23,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fusee.bench import report
 from fusee.bench.runner import (MAX_CLIENTS, MAX_KEYS_PER_CLIENT, BenchError, Phase,
@@ -46,7 +47,7 @@ class BenchOptions(StoreShape):
     distribution: str = "zipfian"           # request distribution of A-C (D reads latest)
     theta: float = 0.99
     workloads: list = field(default_factory=lambda: list(WORKLOADS))
-    custom_workloads: dict = field(default_factory=dict)    # name -> Workload fields
+    custom_workloads: dict[str, Any] = field(default_factory=dict)    # name -> Workload fields
     micro_ops: list = field(default_factory=lambda: list(MICRO_OPS))
     micro_keys: int = 10_000                # per client, as in the paper
     clients: list = field(default_factory=lambda: [1, 2, 4])
@@ -134,7 +135,7 @@ def _phase_timeout(p: Phase, o: BenchOptions) -> float:
     return 120 + keys * 0.01
 
 
-def _machine() -> dict:
+def _machine() -> dict[str, Any]:
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "cpus": os.cpu_count()}
     try:
@@ -154,7 +155,7 @@ def _machine() -> dict:
 
 
 def _run_system(pool: WorkerPool, spec, system: str, plan: list[Phase], o: BenchOptions,
-                doc: dict, bar) -> None:
+                doc: dict[str, Any], bar) -> None:
     pool.connect(spec)
     runs: dict[tuple, list] = {}            # a point -> the raw results of each of its runs
     for p in plan:
@@ -177,7 +178,7 @@ def _run_system(pool: WorkerPool, spec, system: str, plan: list[Phase], o: Bench
     pool.disconnect()
 
 
-def run_bench(o: BenchOptions, command: str = "", progress: bool | None = None) -> dict:
+def run_bench(o: BenchOptions, command: str = "", progress: bool | None = None) -> dict[str, Any]:
     """Run every system through the plan; returns the result document."""
     from tqdm import tqdm
     o.check()
@@ -277,7 +278,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def options(args, base: dict | None = None) -> BenchOptions:
+def options(args, base: dict[str, Any] | None = None) -> BenchOptions:
     """Defaults, then ``base`` (a suite's settings), then --quick, then explicit flags."""
     values = dict(base or {})
     if args.quick:
@@ -314,7 +315,7 @@ def equivalent_command(o: BenchOptions) -> str | None:
     return shlex.join(words)
 
 
-def _finish(doc: dict, out: Path) -> int:
+def _finish(doc: dict[str, Any], out: Path) -> int:
     files = report.write_all(doc, out)
     print(report.table(doc))
     print("wrote " + ", ".join(str(f) for f in files))

@@ -23,15 +23,20 @@ import shlex
 import sys
 import time
 from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from fusee.emulator.timing.profile import ProfileError, load
+from fusee.emulator.timing.profile import Profile, ProfileError, load
 from fusee.emulator.timing.runs import ModelRun, PhaseResult
 from fusee.bench import report
 from fusee.bench.runner import hdr_encode
 from fusee.bench.ycsb import KEY_LENGTH, WORKLOADS
 from fusee.errors import FuseeError
+
+#: where a run says how it is getting on (a line at a time)
+Say = Callable[[str], object]
 
 MICRO_OPS = ("insert", "update", "search", "delete")
 FIGURES = (11, 13, 19, 20)
@@ -41,7 +46,7 @@ MAX_MODEL_CLIENTS = 4096
 #: Its comparisons ran 2 memory nodes and up to 128 clients (16 compute nodes x 8) on
 #: ConnectX-3 56 Gb/s; YCSB: 100,000 keys, Zipfian 0.99, 1 KB objects; micro-benchmarks:
 #: 10,000 keys per client.
-PAPER = {
+PAPER: dict[str, Any] = {
     # Mops at 128 clients, by panel: Fig. 11 (micro-benchmarks) and Fig. 13 (YCSB); the
     # paper's third system, pDPM-Direct, where its figure shows it. Panels the figures do not
     # give a value for here (YCSB-B, YCSB-D, DELETE) are left out rather than guessed.
@@ -69,15 +74,15 @@ PAPER_PROFILE = "cx3-56g"
 @dataclass
 class ModelOptions:
     profile: str = "cx3-56g"
-    figures: list = field(default_factory=lambda: list(FIGURES))
-    systems: list = field(default_factory=lambda: ["fusee", "clover"])
+    figures: list[int] = field(default_factory=lambda: list(FIGURES))
+    systems: list[str] = field(default_factory=lambda: ["fusee", "clover"])
     # the paper's comparisons: 2 MNs, replicated on both (r = 2)
     memnodes: int = 2
     replication: int = 2
-    clients: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
-    micro_ops: list = field(default_factory=lambda: list(MICRO_OPS))
+    clients: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
+    micro_ops: list[str] = field(default_factory=lambda: list(MICRO_OPS))
     micro_keys: int = 0                 # per client; 0: 4096 per point, shared by its clients
-    workloads: list = field(default_factory=lambda: list(WORKLOADS))
+    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
     keys: int = 10_000
     object_size: int = 1024
     theta: float = 0.99
@@ -122,7 +127,7 @@ class ModelOptions:
 
 
 # -- rows in `fusee bench`'s shape, so its table and plots serve ----------------------------
-def _row(r: PhaseResult, depth: int = 1) -> dict:
+def _row(r: PhaseResult, depth: int = 1) -> dict[str, Any]:
     everything = [x for v in r.latencies_us.values() for x in v]
     hdr = {k: hdr_encode(array("q", (int(x * 1000) for x in v)))
            for k, v in r.latencies_us.items()}
@@ -139,17 +144,20 @@ def _row(r: PhaseResult, depth: int = 1) -> dict:
             "utilization": {k: round(v, 3) for k, v in r.utilization.items()}}
 
 
-def _stats(values: list[float]) -> dict:
+def _stats(values: list[float]) -> dict[str, Any]:
     if not values:
         return {"count": 0}
     v = sorted(values)
-    pick = lambda q: round(v[min(len(v) - 1, int(q * len(v)))], 2)
+
+    def pick(q: float) -> float:
+        return round(v[min(len(v) - 1, int(q * len(v)))], 2)
     return {"count": len(v), "mean_us": round(sum(v) / len(v), 2), "p50_us": pick(0.5),
             "p99_us": pick(0.99), "p999_us": pick(0.999), "max_us": round(v[-1], 2)}
 
 
 # -- the figures ----------------------------------------------------------------------------
-def run_throughput(o: ModelOptions, profile, doc: dict, say) -> None:
+def run_throughput(o: ModelOptions, profile: Profile, doc: dict[str, Any],
+                   say: Say) -> None:
     """Fig. 11 and 13: every system at every client count."""
     micro = 11 in o.figures and o.micro_ops
     ycsb = 13 in o.figures and o.workloads
@@ -178,7 +186,8 @@ def run_throughput(o: ModelOptions, profile, doc: dict, say) -> None:
             say(f"{system} x{n}: {took:.1f} s ({cpu:.1f} s of CPU)")
 
 
-def run_latency(o: ModelOptions, profile, doc: dict, say) -> None:
+def run_latency(o: ModelOptions, profile: Profile, doc: dict[str, Any],
+                   say: Say) -> None:
     """Fig. 19: one client's UPDATE and SEARCH latency for r = 1..5 on 5 memory nodes."""
     for system in o.systems:
         for r in range(1, 6):
@@ -194,7 +203,8 @@ def run_latency(o: ModelOptions, profile, doc: dict, say) -> None:
         say(f"{system}: Fig. 19 done")
 
 
-def run_crash(o: ModelOptions, profile, doc: dict, say) -> None:
+def run_crash(o: ModelOptions, profile: Profile, doc: dict[str, Any],
+                   say: Say) -> None:
     """Fig. 20: YCSB-A throughput over time, memory node 0 crashing mid-run (fusee)."""
     run = ModelRun("fusee", profile, memnodes=o.memnodes, replicas=o.replication,
                    clients=o.crash_clients, keys=o.keys, object_size=o.object_size,
@@ -208,12 +218,12 @@ def run_crash(o: ModelOptions, profile, doc: dict, say) -> None:
 
 
 # -- what it means ----------------------------------------------------------------------------
-def _points(doc: dict, system: str, suite: str, name: str) -> dict[int, float]:
+def _points(doc: dict[str, Any], system: str, suite: str, name: str) -> dict[int, float]:
     return {r["clients"]: r["throughput"] for r in doc["results"]
             if r["system"] == system and r["suite"] == suite and r["name"] == name}
 
 
-def comparison(doc: dict) -> list[dict]:
+def comparison(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Per panel of Fig. 11 / 13: fusee and clover at the largest client count, fusee's
     speedup there and where fusee overtakes clover; at 128 clients also the paper's values
     and model/paper for each system's Mops and for the speedup."""
@@ -247,17 +257,18 @@ def comparison(doc: dict) -> list[dict]:
     return out
 
 
-def _on_paper_testbed(doc: dict) -> bool:
-    return doc["profile"]["name"] == PAPER_PROFILE
+def _on_paper_testbed(doc: dict[str, Any]) -> bool:
+    name: str = doc["profile"]["name"]
+    return name == PAPER_PROFILE
 
 
-def _saturates(doc: dict, system: str, suite: str, name: str, clients: int) -> str:
+def _saturates(doc: dict[str, Any], system: str, suite: str, name: str, clients: int) -> str:
     sat = next(r["saturates"] for r in doc["results"] if r["system"] == system
                and r["suite"] == suite and r["name"] == name and r["clients"] == clients)
     return f"{sat['resource']} ({sat['busy']:.0%})"
 
 
-def one_client_latency(doc: dict) -> list[dict]:
+def one_client_latency(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """fusee's and clover's 1-client median latency per micro-benchmark, beside the
     paper's (its single-client medians; the only numbers the cx3-56g profile is fitted to)."""
     if not _on_paper_testbed(doc):
@@ -276,7 +287,7 @@ def one_client_latency(doc: dict) -> list[dict]:
     return out
 
 
-def _overtake(f: dict, c: dict) -> str:
+def _overtake(f: dict[int, float], c: dict[int, float]) -> str:
     """From which client count on fusee stays ahead of clover: "always", "never",
     "N clients", or "-" (fewer than two client counts to tell)."""
     common = sorted(set(f) & set(c))
@@ -288,7 +299,7 @@ def _overtake(f: dict, c: dict) -> str:
     return "never"
 
 
-def model_table(doc: dict) -> str:
+def model_table(doc: dict[str, Any]) -> str:
     lines = [f"profile {doc['profile']['name']}: {doc['profile']['description']}"]
     rows = doc["comparison"]
     if rows:
@@ -344,7 +355,7 @@ def model_table(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _num(x, width: int) -> str:
+def _num(x: float | None, width: int) -> str:
     return f"{x:>{width}.2f}" if x is not None else f"{'-':>{width}}"
 
 
@@ -352,7 +363,7 @@ def _range(lo: float, hi: float) -> str:
     return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
 
 
-def answers(doc: dict) -> str:
+def answers(doc: dict[str, Any]) -> str:
     """One line per point: how many Mops, and which resource saturates first."""
     lines = []
     for r in doc["results"]:
@@ -366,7 +377,7 @@ def answers(doc: dict) -> str:
 
 
 # -- files ------------------------------------------------------------------------------------
-def plot_latency(doc: dict, path: Path) -> Path:
+def plot_latency(doc: dict[str, Any], path: Path) -> Path:
     fig, axes = report.subplots(1, 2, figsize=(8, 3.2), squeeze=False)
     for ax, op in zip(axes.flat, ("update", "search")):
         for system in doc["options"]["systems"]:
@@ -386,7 +397,7 @@ def plot_latency(doc: dict, path: Path) -> Path:
     return report.save(fig, path)
 
 
-def plot_timeline(doc: dict, path: Path) -> Path:
+def plot_timeline(doc: dict[str, Any], path: Path) -> Path:
     t = doc["timeline"]
     fig, axes = report.subplots(1, 1, figsize=(7, 3.2), squeeze=False)
     ax = axes[0][0]
@@ -404,7 +415,7 @@ def plot_timeline(doc: dict, path: Path) -> Path:
     return report.save(fig, path)
 
 
-def write_all(doc: dict, out: Path) -> list[Path]:
+def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     text = f"$ {doc['command']}\n\n" + model_table(doc)
     if doc["results"]:
@@ -421,7 +432,8 @@ def write_all(doc: dict, out: Path) -> list[Path]:
     return files
 
 
-def run_model(o: ModelOptions, command: str = "", say=lambda s: None) -> dict:
+def run_model(o: ModelOptions, command: str = "", say: Say = lambda s: None
+              ) -> dict[str, Any]:
     o.check()
     profile = load(o.profile)
     doc = {"fusee_bench_model": 1, "command": command,
@@ -447,7 +459,7 @@ def run_model(o: ModelOptions, command: str = "", say=lambda s: None) -> dict:
 
 
 # -- command line ------------------------------------------------------------------------------
-def _csv(kind=str):
+def _csv(kind: Callable[[str], object] = str) -> Callable[[str], list[object]]:
     return lambda s: [kind(x) for x in s.split(",") if x]
 
 
@@ -479,7 +491,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def options(args) -> ModelOptions:
+def options(args: argparse.Namespace) -> ModelOptions:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelOptions)
               if getattr(args, f.name, None) is not None}
     if args.clients is not None and args.figures is None:
@@ -487,7 +499,7 @@ def options(args) -> ModelOptions:
     return ModelOptions(**values)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     try:

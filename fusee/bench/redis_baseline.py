@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from fusee.emulator.serving import stop_processes
 from fusee.errors import KeyExists, KeyNotFound
@@ -40,7 +41,7 @@ def _free_port() -> int:
 class RedisServer:
     """A private redis-server on 127.0.0.1 (context manager; stopped and cleaned up on exit)."""
 
-    def __init__(self, binary: str | None = None, start_timeout: float = 10.0):
+    def __init__(self, binary: str | None = None, start_timeout: float = 10.0) -> None:
         self.binary = binary or shutil.which("redis-server")
         if self.binary is None:
             raise RedisUnavailable(INSTALL_HINT)
@@ -94,13 +95,13 @@ class RedisServer:
 class RedisExecutor:
     """Runs a batch of commands: one command directly, several as one pipeline."""
 
-    def __init__(self, port: int, timeout: float):
+    def __init__(self, port: int, timeout: float) -> None:
         import redis
         self.client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout,
                                   socket_connect_timeout=timeout)
         self.round_trips = self.commands = 0
 
-    def execute(self, batch) -> list:
+    def execute(self, batch) -> list[Any]:
         self.round_trips += 1
         self.commands += len(batch)
         if len(batch) == 1:

@@ -17,28 +17,35 @@ import json
 import statistics
 import textwrap
 from pathlib import Path
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
 from fusee.bench.runner import HDR_DIGITS, HDR_HIGHEST, HDR_LOWEST, Phase
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 OPS = ("search", "update", "insert", "delete")
 
 
-def merge_hdr(encoded) -> HdrHistogram:
+def merge_hdr(encoded: Iterable[str | bytes]) -> HdrHistogram:
     h = HdrHistogram(HDR_LOWEST, HDR_HIGHEST, HDR_DIGITS)
     for e in encoded:
         h.decode_and_add(e)
     return h
 
 
-def latency_stats(h: HdrHistogram) -> dict:
+def latency_stats(h: HdrHistogram) -> dict[str, Any]:
     """Count and microsecond percentiles of a nanosecond histogram."""
     n = h.get_total_count()
     if n == 0:
         return {"count": 0}
-    us = lambda ns: round(ns / 1000, 2)
+
+    def us(ns: float) -> float:
+        return round(ns / 1000, 2)
     return {"count": n, "mean_us": us(h.get_mean_value()),
             "p50_us": us(h.get_value_at_percentile(50)),
             "p99_us": us(h.get_value_at_percentile(99)),
@@ -46,7 +53,7 @@ def latency_stats(h: HdrHistogram) -> dict:
             "max_us": us(h.get_max_value())}
 
 
-def aggregate(system: str, phase: Phase, raws: list[dict]) -> dict:
+def aggregate(system: str, phase: Phase, raws: list[dict[str, Any]]) -> dict[str, Any]:
     """One result row from the raw results of a phase's clients."""
     kinds = sorted({k for r in raws for k in r["hdr"]}, key=lambda k: OPS.index(k))
     hdr = {k: merge_hdr(r["hdr"][k] for r in raws if k in r["hdr"]) for k in kinds}
@@ -76,7 +83,7 @@ def aggregate(system: str, phase: Phase, raws: list[dict]) -> dict:
     }
 
 
-def combine(system: str, phase: Phase, runs: list[list[dict]]) -> dict:
+def combine(system: str, phase: Phase, runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """One result row from the raw results of every run of a point (``aggregate`` of each):
     the median throughput and seconds, the spread of the throughputs, and the histograms,
     errors and counters of all runs together."""
@@ -90,15 +97,16 @@ def combine(system: str, phase: Phase, runs: list[list[dict]]) -> dict:
     return row
 
 
-def spread_pct(row: dict) -> float | None:
+def spread_pct(row: dict[str, Any]) -> float | None:
     """Half the range of a point's throughputs, in % of their median (None: one run)."""
     s = row.get("spread")
     if not s or s["runs"] < 2 or not s["median"]:
         return None
-    return 50 * (s["max"] - s["min"]) / s["median"]
+    pct: float = 50 * (s["max"] - s["min"]) / s["median"]
+    return pct
 
 
-def conditions(doc: dict) -> str:
+def conditions(doc: dict[str, Any]) -> str:
     """The run's conditions in one line: what a plot or a table must carry to be compared."""
     o, cpus = doc["options"], doc.get("machine", {}).get("cpus")
     return (f"{o['transport']}, {o['memnodes']} MNs, r={o['replicas']}, {o['keys']:,} keys, "
@@ -108,25 +116,25 @@ def conditions(doc: dict) -> str:
 
 
 # -- table ---------------------------------------------------------------------------------------
-def _rows(doc: dict, suite: str) -> dict:
-    rows: dict = {}
+def _rows(doc: dict[str, Any], suite: str) -> dict[tuple[str, int], dict[str, Any]]:
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
     for r in doc["results"]:
         if r["suite"] == suite:
             rows.setdefault((r["name"], r["clients"]), {})[r["system"]] = r
     return rows
 
 
-def _fmt(x, width: int, digits: int = 1) -> str:
+def _fmt(x: float | None, width: int, digits: int = 1) -> str:
     return f"{x:>{width}.{digits}f}" if x is not None else " " * (width - 1) + "-"
 
 
-def _pct(row: dict) -> str:
+def _pct(row: dict[str, Any]) -> str:
     """A row's spread as a 4-wide '+-' cell: '3%', or '-' after a single run."""
     pct = spread_pct(row)
     return f"{pct:>3.0f}%" if pct is not None else f"{'-':>4}"
 
 
-def table(doc: dict) -> str:
+def table(doc: dict[str, Any]) -> str:
     """The summary: per workload and client count, fusee's throughput, latency percentiles and
     round trips / verbs per op, then each baseline's throughput and fusee's ratio to it."""
     o = doc["options"]
@@ -188,12 +196,12 @@ def table(doc: dict) -> str:
 
 
 # -- files ---------------------------------------------------------------------------------------
-def write_json(doc: dict, path: Path) -> Path:
+def write_json(doc: dict[str, Any], path: Path) -> Path:
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
 
 
-def subplots(*args, **kwargs):
+def subplots(*args: Any, **kwargs: Any) -> tuple[Figure, Any]:
     """matplotlib's ``subplots``, drawn off-screen (Agg)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -201,12 +209,12 @@ def subplots(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 
-def title(fig, text: str) -> None:
+def title(fig: Figure, text: str) -> None:
     """A figure's title, wrapped to its width (a clipped condition is a lost one)."""
     fig.suptitle(textwrap.fill(text, int(fig.get_figwidth() * 13)), fontsize="small")
 
 
-def save(fig, path: Path) -> Path:
+def save(fig: Figure, path: Path) -> Path:
     """Write a figure made by ``subplots`` as a PNG and free it."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
@@ -215,7 +223,7 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def plot_throughput(doc: dict, path: Path) -> Path:
+def plot_throughput(doc: dict[str, Any], path: Path) -> Path:
     """Throughput against the number of clients, one panel per workload / operation."""
     panels = []
     for suite in ("ycsb", "micro"):
@@ -226,16 +234,16 @@ def plot_throughput(doc: dict, path: Path) -> Path:
     fig, axes = subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, (suite, name) in zip(axes.flat, panels):
         for system in doc["systems"]:
-            rows = sorted((r for r in doc["results"] if r["suite"] == suite and
-                           r["name"] == name and r["system"] == system),
-                          key=lambda r: r["clients"])
-            if rows:            # the median, and the spread of the runs as an error bar
-                y = [r["throughput"] / 1e3 for r in rows]
+            points = sorted((r for r in doc["results"] if r["suite"] == suite and
+                             r["name"] == name and r["system"] == system),
+                            key=lambda r: r["clients"])
+            if points:          # the median, and the spread of the runs as an error bar
+                y = [r["throughput"] / 1e3 for r in points]
                 spread = [r.get("spread") or {"min": r["throughput"], "max": r["throughput"]}
-                          for r in rows]
+                          for r in points]
                 yerr = [[v - s["min"] / 1e3 for v, s in zip(y, spread)],
                         [s["max"] / 1e3 - v for v, s in zip(y, spread)]]
-                ax.errorbar([r["clients"] for r in rows], y, yerr=yerr, marker="o",
+                ax.errorbar([r["clients"] for r in points], y, yerr=yerr, marker="o",
                             capsize=3, label=system)
         ax.set_title(f"YCSB-{name}" if suite == "ycsb" else name.upper())
         ax.set_xlabel("clients")
@@ -257,7 +265,7 @@ def cdf_points(encoded: str) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([h.get_value_at_percentile(p) for p in q]) / 1000, q / 100)
 
 
-def plot_latency_cdf(doc: dict, path: Path) -> Path:
+def plot_latency_cdf(doc: dict[str, Any], path: Path) -> Path:
     """Latency CDF per operation at the smallest client count, one line per system (micro
     phases when they ran; else the YCSB phases that issue that operation)."""
     fig, axes = subplots(1, len(OPS), figsize=(4 * len(OPS), 3.2), squeeze=False)
@@ -284,7 +292,7 @@ def plot_latency_cdf(doc: dict, path: Path) -> Path:
     return save(fig, path)
 
 
-def write_all(doc: dict, out: Path) -> list[Path]:
+def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
     """results.json, table.txt and the two plots in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     command = f"$ {doc['command']}\n" if doc.get("command") else ""

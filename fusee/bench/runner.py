@@ -20,14 +20,20 @@ import time
 import traceback
 from array import array
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
-from fusee.bench.systems import SystemSpec, connect
+from fusee.bench.systems import Driver, SystemSpec, connect
 from fusee.bench.ycsb import OP_NAMES, OpStream, Workload, key_names, stream_rng
 from fusee.driver import run_concurrently
+from fusee.verbs import Op
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 #: latencies are recorded in nanoseconds, 3 significant digits, up to a minute
 HDR_LOWEST, HDR_HIGHEST, HDR_DIGITS = 1, 60 * 10 ** 9, 3
@@ -71,25 +77,26 @@ def key_base(keyspace: int, client: int) -> int:
     return (1 << 56) | (keyspace << 28) | (client << 20)
 
 
-def hdr_encode(latencies_ns) -> str:
+def hdr_encode(latencies_ns: array[int]) -> str:
     h = HdrHistogram(HDR_LOWEST, HDR_HIGHEST, HDR_DIGITS)
     values, counts = np.unique(np.frombuffer(latencies_ns, dtype=np.int64), return_counts=True)
     for v, c in zip(np.clip(values, HDR_LOWEST, HDR_HIGHEST).tolist(), counts.tolist()):
         h.record_value(v, c)
-    return h.encode().decode()
+    encoded: str = h.encode().decode()
+    return encoded
 
 
 # -- the client process ------------------------------------------------------------------------
 class _Recorder:
     """What one client saw: latencies of completed ops in the window, refusals, misses."""
 
-    def __init__(self, lo: int, hi: int):
+    def __init__(self, lo: int, hi: int) -> None:
         self.lo, self.hi = lo, hi
-        self.lat: dict[str, array] = {}
-        self.errors: Counter = Counter()
+        self.lat: dict[str, array[int]] = {}
+        self.errors: Counter[str] = Counter()
         self.misses = 0
 
-    def timed(self, op, kind: str):
+    def timed(self, op: Op[Any], kind: str) -> Op[None]:
         t0 = time.monotonic_ns()
         try:
             result = yield from op
@@ -107,20 +114,20 @@ class _Recorder:
             if result is None and kind == "search":
                 self.misses += 1
 
-    def result(self, counters: dict, t0: int, t1: int) -> dict:
+    def result(self, counters: dict[str, Any], t0: int, t1: int) -> dict[str, Any]:
         return {"ops": {k: len(v) for k, v in self.lat.items()}, "errors": dict(self.errors),
                 "misses": self.misses, "hdr": {k: hdr_encode(v) for k, v in self.lat.items()},
                 "counters": counters, "t0": t0, "t1": t1}
 
 
-def _counters(d) -> dict:
+def _counters(d: Driver) -> dict[str, Any]:
     """The driver's cumulative counters, plus this process's CPU time (user + system, in us):
     summed over a phase's clients and divided by its operations, the client CPU per
     operation, which tells the cost of the client's code apart from waiting on the verbs."""
     return {**d.counters(), "cpu_us": time.process_time_ns() / 1000}
 
 
-def _delta(a: dict, b: dict) -> dict:
+def _delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {k: b[k] - a.get(k, 0) for k in b}
 
 
@@ -129,15 +136,15 @@ def _wait_until(t_ns: int) -> None:
         time.sleep(min(left / 1e9, 0.05))
 
 
-def _ignore(index, result) -> None:
+def _ignore(index: int, result: object) -> None:
     pass
 
 
 class _Client:
     """State of one benchmark client process between commands."""
 
-    def __init__(self):
-        self.driver = None
+    def __init__(self) -> None:
+        self.driver: Driver | None = None
         self.names: tuple[int, list[bytes]] = (0, [])
 
     def loaded_names(self, keys: int) -> list[bytes]:
@@ -145,9 +152,10 @@ class _Client:
             self.names = (keys, key_names(np.arange(keys)))
         return self.names[1]
 
-    def prepare(self, phase: Phase, client: int):
+    def prepare(self, phase: Phase, client: int) -> Callable[[int], dict[str, Any]]:
         """Everything before the clock starts; returns the function that runs the phase."""
         d = self.driver
+        assert d is not None, "a phase runs on a connected client"
         value = stream_rng(phase.seed, 1 << 30, client).bytes(phase.value_size)
         if phase.suite == "ycsb":
             return self._ycsb(phase, client, value)
@@ -159,7 +167,7 @@ class _Client:
             names = key_names(np.arange(base, base + phase.count))
             kind = phase.name
 
-        def run(t_start: int) -> dict:
+        def run(t_start: int) -> dict[str, Any]:
             rec = _Recorder(0, 1 << 63)
             op = d.ops[kind]
             _wait_until(t_start)
@@ -170,8 +178,9 @@ class _Client:
             return rec.result(_delta(c0, _counters(d)), t0, t1)
         return run
 
-    def _ycsb(self, phase: Phase, client: int, value: bytes):
+    def _ycsb(self, phase: Phase, client: int, value: bytes) -> Callable[[int], dict[str, Any]]:
         d = self.driver
+        assert d is not None and phase.workload is not None, "a YCSB phase, connected"
         stream = OpStream(phase.workload, phase.keys,
                           stream_rng(phase.seed, phase.keyspace, client),
                           insert_base=key_base(phase.keyspace, client), theta=phase.theta)
@@ -179,14 +188,14 @@ class _Client:
         n_loaded = phase.keys
         first = stream.chunk(CHUNK)
 
-        def run(t_start: int) -> dict:
+        def run(t_start: int) -> dict[str, Any]:
             lo = t_start + int(phase.warmup * 1e9)
             hi = lo + int(phase.duration * 1e9)
             rec = _Recorder(lo, hi)
             ops = d.ops
-            marks: dict = {}
+            marks: dict[str, Any] = {}
 
-            def source():
+            def source() -> Iterator[Op[None]]:
                 codes, nums = (a.tolist() for a in first)
                 i = 0
                 while True:
@@ -211,7 +220,7 @@ class _Client:
         return run
 
 
-def _client_main(conn) -> None:
+def _client_main(conn: Connection) -> None:
     state = _Client()
     try:
         while True:
@@ -252,7 +261,7 @@ def _client_main(conn) -> None:
 class WorkerPool:
     """N client processes, started once, always stopped (context manager)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int) -> None:
         if not 1 <= n <= MAX_CLIENTS:
             raise ValueError(f"between 1 and {MAX_CLIENTS} clients")
         ctx = mp.get_context("spawn")
@@ -273,14 +282,14 @@ class WorkerPool:
     def __len__(self) -> int:
         return len(self.procs)
 
-    def send(self, i: int, msg) -> None:
+    def send(self, i: int, msg: object) -> None:
         self.conns[i].send(msg)
 
-    def recv(self, clients, timeout: float) -> list:
+    def recv(self, clients: Iterable[int], timeout: float) -> list[Any]:
         """One reply from each of ``clients``; raises BenchError on an error, a dead client or
         no answer within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        replies = {}
+        replies: dict[int, Any] = {}
         for i in clients:
             conn, proc = self.conns[i], self.procs[i]
             while not conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
@@ -297,7 +306,7 @@ class WorkerPool:
             replies[i] = value
         return [replies[i] for i in clients]
 
-    def call(self, clients, msg, timeout: float) -> list:
+    def call(self, clients: Iterable[int], msg: object, timeout: float) -> list[Any]:
         for i in clients:
             self.send(i, msg)
         return self.recv(clients, timeout)
@@ -308,7 +317,7 @@ class WorkerPool:
     def disconnect(self, timeout: float = 60.0) -> None:
         self.call(range(len(self)), ("disconnect", None), timeout)
 
-    def run_phase(self, phase: Phase, timeout: float) -> list[dict]:
+    def run_phase(self, phase: Phase, timeout: float) -> list[dict[str, Any]]:
         """Run ``phase`` on its first ``phase.clients`` clients; their raw results."""
         clients = range(phase.clients)
         for i in clients:
@@ -337,5 +346,5 @@ class WorkerPool:
     def __enter__(self) -> WorkerPool:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from fusee.config import ClusterConfig, LayoutConfig
+from fusee.verbs import Op
 
 SYSTEMS = ("fusee", "clover", "redis")
 MiB = 1 << 20
@@ -33,9 +35,9 @@ class SystemSpec:
 @dataclass
 class Driver:
     """One client's connection: ``ops[kind](key, value)`` -> an operation generator."""
-    ops: dict[str, Callable]
-    executor: object               # has execute(batch) -> completions
-    counters: Callable[[], dict]   # cumulative round_trips, verbs, rpcs, bytes
+    ops: dict[str, Callable[[bytes, bytes], Op[Any]]]
+    executor: Any                  # has execute(batch) -> completions
+    counters: Callable[[], dict[str, int]]     # cumulative round_trips, verbs, rpcs, bytes
     close: Callable[[], None]
 
 
@@ -61,7 +63,7 @@ def cluster_layout(keys: int, object_size: int) -> LayoutConfig:
 
 @contextlib.contextmanager
 def serve(name: str, *, memnodes: int, transport: str, endpoint: str, replication: int,
-          layout: LayoutConfig, timeout: float):
+          layout: LayoutConfig, timeout: float) -> Iterator[SystemSpec]:
     """Start system ``name`` for one benchmark run; yields its SystemSpec."""
     if name == "redis":
         from fusee.bench.redis_baseline import RedisServer
@@ -98,19 +100,19 @@ def connect(spec: SystemSpec) -> Driver:
     if spec.name == "clover":
         from fusee.bench.clover import CloverClient, CloverExecutor
         transport = connect_transport(config)
-        ex = CloverExecutor(transport, spec.endpoint, spec.timeout)
+        clover = CloverExecutor(transport, spec.endpoint, spec.timeout)
         cl = CloverClient(len(config.memnodes), config.replicas, spec.timeout)
 
         def close() -> None:
-            ex.close()
+            clover.close()
             transport.close()
 
         return Driver(
             ops={"search": lambda k, v: cl.search(k), "insert": cl.insert,
                  "update": cl.update, "delete": lambda k, v: cl.delete(k)},
-            executor=ex,
-            counters=lambda: {"round_trips": ex.round_trips, "verbs": transport.stats.verbs,
-                              "rpcs": ex.rpcs, "bytes": transport.stats.bytes_in
+            executor=clover,
+            counters=lambda: {"round_trips": clover.round_trips, "verbs": transport.stats.verbs,
+                              "rpcs": clover.rpcs, "bytes": transport.stats.bytes_in
                               + transport.stats.bytes_out},
             close=close)
     from fusee.client import Client

@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -84,7 +85,7 @@ class Samples:
     ns: list = field(default_factory=list)      # one latency per batch
     wall: int = 0                                # summed wall time of the timed loops
 
-    def summary(self, verbs_per_batch: int = 1) -> dict:
+    def summary(self, verbs_per_batch: int = 1) -> dict[str, Any]:
         s = sorted(self.ns)
         n = len(s)
         return {"n": n, "p50_us": s[n // 2] / 1e3, "p99_us": s[min(n - 1, n * 99 // 100)] / 1e3,
@@ -104,7 +105,7 @@ def timed(fn, arg, n: int, out: Samples) -> None:
     out.wall += clock() - start
 
 
-def interleaved(cases: dict, ops: int, rounds: int) -> dict[str, Samples]:
+def interleaved(cases: dict[str, Any], ops: int, rounds: int) -> dict[str, Samples]:
     """Time every case (name -> (fn, arg)) for ``ops`` calls, in ``rounds`` interleaved slices,
     after one untimed warm-up slice each."""
     rounds = max(1, min(rounds, ops))
@@ -170,7 +171,7 @@ def echo(config_path: str, endpoint: str) -> None:
 class PingPong:
     """A raw pyzmq request/reply ping-pong, over the cluster's endpoint kind and security."""
 
-    def __init__(self, cluster: LocalCluster):
+    def __init__(self, cluster: LocalCluster) -> None:
         if cluster.endpoint_kind == "tcp":
             endpoint = "tcp://127.0.0.1:*"
         else:
@@ -217,14 +218,14 @@ class PingPong:
 
 
 # -- one backend ----------------------------------------------------------------------------
-def bench_target(name: str, ops: int, rounds: int) -> dict:
+def bench_target(name: str, ops: int, rounds: int) -> dict[str, Any]:
     target = TARGETS[name]
     with LocalCluster(memnodes=3, **target.cluster) as cluster:
         t = cluster.transport()
         ping = None
         try:
             cases = {case: (t.execute, batch) for case, batch in batches(cluster.config).items()}
-            floors: dict = {}
+            floors: dict[str, Any] = {}
             if target.floor == "memory":
                 floors, _keep_alive = memory_floors()
             elif target.floor == "zmq":
@@ -255,14 +256,14 @@ def bench_target(name: str, ops: int, rounds: int) -> dict:
 
 
 # -- 8-byte atomics from Python: the alternatives --------------------------------------------
-def atomic_alternatives(ops: int) -> dict:
+def atomic_alternatives(ops: int) -> dict[str, Any]:
     """Time CAS and FAA on shared memory through the C extension (METH_FASTCALL), ctypes +
     libatomic, and the PyPI ``atomics`` package when it is installed."""
     import ctypes
     import ctypes.util
     buf = mmap.mmap(-1, 4096)
     base = _atomic.address(buf)
-    cases: dict = {"c_ext_cas": (lambda a: _atomic.cas(a, 0, 0), base),
+    cases: dict[str, Any] = {"c_ext_cas": (lambda a: _atomic.cas(a, 0, 0), base),
                    "c_ext_faa": (lambda a: _atomic.faa(a, 1), base)}
     notes = {}
     lib_name = ctypes.util.find_library("atomic")
@@ -308,7 +309,7 @@ def atomic_alternatives(ops: int) -> dict:
 
 
 # -- report ---------------------------------------------------------------------------------
-def table(results: dict) -> str:
+def table(results: dict[str, Any]) -> str:
     lines = [f"{'backend':9} {'case':9} {'ops/s':>10} {'p50 us':>9} {'p99 us':>9}  "
              f"{'floor':8} {'x floor':>7}"]
     for name, r in results.items():
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
     if args.ops < 1 or args.rounds < 1:
         p.error("--ops and --rounds must be positive")
 
-    results: dict = {}
+    results: dict[str, Any] = {}
     for name in names:
         print(f"benching {name} ({TARGETS[name].about}) ...", file=sys.stderr, flush=True)
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 FNV_OFFSET_BASIS_64 = 0xCBF29CE484222325
 FNV_PRIME_64 = 1099511628211
@@ -31,7 +32,7 @@ READ, UPDATE, INSERT = 0, 1, 2
 OP_NAMES = {READ: "search", UPDATE: "update", INSERT: "insert"}
 
 
-def fnvhash64(values) -> np.ndarray:
+def fnvhash64(values: ArrayLike) -> np.ndarray:
     """YCSB's ``Utils.fnvhash64`` on each value: FNV-1a 64 over the value's 8 little-endian
     bytes, then made non-negative as a Java ``long`` (returned as int64)."""
     v = np.array(values, dtype=np.uint64, ndmin=1)
@@ -43,7 +44,7 @@ def fnvhash64(values) -> np.ndarray:
     return np.abs(h.view(np.int64))
 
 
-def key_names(keynums) -> list[bytes]:
+def key_names(keynums: ArrayLike) -> list[bytes]:
     """YCSB key names for key numbers: ``user`` + the FNV hash of the number (YCSB's default
     "hashed" insert order), zero-padded to 19 digits so every key has the same length."""
     return [b"user%019d" % h for h in fnvhash64(keynums).tolist()]
@@ -55,6 +56,9 @@ KEY_LENGTH = len(key_names([0])[0])
 class StoreShape:
     """What a benchmark's options with ``memnodes``, ``replication`` (0: up to 3) and
     ``object_size`` (key + value bytes) imply."""
+    memnodes: int
+    replication: int
+    object_size: int
 
     @property
     def replicas(self) -> int:
@@ -77,7 +81,8 @@ def zeta(n: int, theta: float) -> float:
     integral = (b ** (1 - s) - a ** (1 - s)) / (1 - s)
     ends = (b ** -s - a ** -s) / 2
     d1 = (-s * b ** (-s - 1) + s * a ** (-s - 1)) / 12
-    return head + integral + ends + d1
+    total: float = head + integral + ends + d1
+    return total
 
 
 def _check_theta(theta: float) -> None:
@@ -85,19 +90,20 @@ def _check_theta(theta: float) -> None:
         raise ValueError(f"Zipfian theta must be in (0, 1), got {theta}")
 
 
-def _zipf_ranks(u: np.ndarray, n, zetan, theta: float) -> np.ndarray:
+def _zipf_ranks(u: np.ndarray, n: float | np.ndarray, zetan: float | np.ndarray,
+                theta: float) -> np.ndarray:
     """YCSB ``ZipfianGenerator.nextLong`` for uniform draws ``u`` (n and zetan may be arrays)."""
     alpha = 1.0 / (1.0 - theta)
     eta = (1 - np.power(2.0 / n, 1 - theta)) / (1 - zeta(2, theta) / zetan)
     ranks = np.floor(n * np.power(eta * u - eta + 1, alpha))
-    ranks = np.minimum(ranks, np.asarray(n) - 1).astype(np.int64)   # u -> 1 rounding
+    ints: np.ndarray = np.minimum(ranks, np.asarray(n) - 1).astype(np.int64)   # u -> 1 rounding
     uz = u * zetan
-    ranks[uz < 1.0 + 0.5 ** theta] = 1
-    ranks[uz < 1.0] = 0
-    return ranks
+    ints[uz < 1.0 + 0.5 ** theta] = 1
+    ints[uz < 1.0] = 0
+    return ints
 
 
-def zipfian_cdf(n: int, theta: float, ranks) -> np.ndarray:
+def zipfian_cdf(n: int, theta: float, ranks: ArrayLike) -> np.ndarray:
     """P(rank <= k) for each k in ``ranks``, exactly as ``Zipfian(n, theta)`` draws them.
 
     The generator maps u ~ U[0,1) monotonically to a rank, so the CDF is the measure of the
@@ -118,7 +124,7 @@ def zipfian_cdf(n: int, theta: float, ranks) -> np.ndarray:
 class Zipfian:
     """Ranks in [0, n) with rank 0 the most popular (YCSB ``ZipfianGenerator``)."""
 
-    def __init__(self, n: int, theta: float = 0.99):
+    def __init__(self, n: int, theta: float = 0.99) -> None:
         _check_theta(theta)
         if n < 2:
             raise ValueError("a Zipfian needs at least 2 items")
@@ -132,7 +138,7 @@ class Zipfian:
 class ScrambledZipfian:
     """Keys in [0, n), Zipfian-popular but scattered (YCSB ``ScrambledZipfianGenerator``)."""
 
-    def __init__(self, n: int, theta: float = 0.99):
+    def __init__(self, n: int, theta: float = 0.99) -> None:
         if n < 1:
             raise ValueError("need at least one key")
         self.n = int(n)
@@ -145,7 +151,7 @@ class ScrambledZipfian:
 class Uniform:
     """Keys in [0, n), all equally likely."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int) -> None:
         if n < 1:
             raise ValueError("need at least one key")
         self.n = int(n)
@@ -171,7 +177,8 @@ def latest_positions(rng: np.random.Generator, counts: np.ndarray, theta: float 
     zetas = zeta(lo, theta) + np.concatenate(([0.0], np.cumsum(grow)))
     ranks = _zipf_ranks(rng.random(counts.size), counts.astype(np.float64),
                         zetas[counts - lo], theta)
-    return counts - 1 - ranks
+    positions: np.ndarray = counts - 1 - ranks
+    return positions
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,7 @@ class Workload:
     insert: float = 0.0
     distribution: str = "zipfian"        # zipfian (scrambled) | uniform | latest
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         props = (self.read, self.update, self.insert)
         if min(props) < 0 or abs(sum(props) - 1.0) > 1e-9:
             raise ValueError(f"workload {self.name}: read/update/insert proportions must be "
@@ -222,9 +229,9 @@ class OpStream:
     insert_base: int
     theta: float = 0.99
     inserted: int = 0
-    _chooser: object = field(init=False, repr=False)
+    _chooser: ScrambledZipfian | Uniform | None = field(init=False, repr=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         d = self.workload.distribution
         self._chooser = (ScrambledZipfian(self.keys, self.theta) if d == "zipfian"
                          else Uniform(self.keys) if d == "uniform" else None)
