@@ -27,8 +27,9 @@ def gather(config: ClusterConfig) -> dict[str, Any]:
     infos = _memnode_infos(config)
     nodes = [_node_view(config, m.id, master.get("status"), infos[m.id])
              for m in config.memnodes]
-    view: dict[str, Any] = {"cluster": config.name, "master": {k: v for k, v in master.items() if k != "status"},
-            "memnodes": nodes}
+    view: dict[str, Any] = {
+        "cluster": config.name, "master": {k: v for k, v in master.items() if k != "status"},
+        "memnodes": nodes}
     status = master.get("status")
     if status is not None:
         view["epoch"] = status.get("epoch")

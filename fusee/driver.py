@@ -14,7 +14,7 @@ alone; a new epoch reaches every operation in flight.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator, Iterable
+from typing import Any, Callable, Iterable
 
 from fusee.verbs import (AwaitMembership, Backoff, Batch, EpochChanged, NodeTimeout, Op, T,
                          TransportError)

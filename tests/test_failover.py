@@ -390,3 +390,21 @@ def test_recovery_tells_a_dropped_proposal_from_its_object_reused_in_the_same_sl
     assert run(reader.search(b"key"), t) == b"v4"
     report = run(audit(cfg, [heir, reader], m[0]), t)
     assert report.ok, report.explain()
+
+
+def test_a_kept_slot_whose_object_does_not_decode_is_recorded_not_a_crash():
+    """The primary and a backup of a slot die; the last replica's value names an object
+    whose bytes fail their checksum (a write torn by the crash, say). Nothing tells whether
+    it committed, so the failover records the value as kept, as for any value not known
+    committed (it used to read the state of the undecodable object: AttributeError)."""
+    cfg, mem, t, a = _one_key(b"value")
+    e = a.cache.get(b"key")
+    tgt = a.target(e.sid, e.pos)
+    (last,) = [n for n in range(3) if n not in tgt.nodes[:2]]
+    v = int.from_bytes(mem.regions[last].mem[tgt.addr:tgt.addr + 8], "little")
+    obj = a.object_read(v)
+    mem.regions[last].mem[obj.addr + obj.length - 1] ^= 0xFF         # its checksum fails
+    for n in tgt.nodes[:2]:
+        mem.crash(n)
+    m = run(failover(cfg, Membership(), tgt.nodes[:2]), t)
+    assert m.kept == {1: {(e.sid, e.pos): v}}

@@ -29,7 +29,8 @@ from __future__ import annotations
 import struct
 import time
 import zlib
-from typing import Any, NamedTuple
+from collections.abc import Generator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import msgpack
 import xxhash
@@ -37,6 +38,13 @@ import zmq
 
 from fusee.errors import CorruptObject, KeyExists, KeyNotFound, ValueTooLarge
 from fusee.verbs import Read, TransportError, Write
+
+if TYPE_CHECKING:
+    from fusee.transports.base import Transport
+
+T = TypeVar("T")
+#: an operation on Clover: yields batches of verbs and Rpcs (``CloverExecutor``)
+CloverOp = Generator[list[Any], Any, T]
 
 UNIT = 64
 HEADER = 24
@@ -81,7 +89,7 @@ def encode_body(tag: int, key: bytes, value: bytes, size: int) -> bytes:
     return struct.pack("<I", zlib.crc32(rest)) + rest
 
 
-def decode(buf: bytes, key: bytes):
+def decode(buf: bytes, key: bytes) -> tuple[Any, ...] | None:
     """-> ('value', v) | ('link', size, addr) | ('deleted',) | None (not this key's version)."""
     if len(buf) < HEADER:
         return None
@@ -105,7 +113,7 @@ class CloverClient:
         self.cache: dict[bytes, tuple[int, int]] = {}      # key -> (size, primary address)
         self.cache_hits = self.cache_misses = 0
 
-    def search(self, key: bytes):
+    def search(self, key: bytes) -> CloverOp[bytes | None]:
         primary = replica_nodes(key, self.n_nodes, self.r)[0]
         where = self.cache.get(key)
         if where is None:
@@ -126,7 +134,8 @@ class CloverClient:
             got = decode(buf, key)
             if got is not None and got[0] == "value":
                 self.cache[key] = where
-                return got[1]
+                value: bytes = got[1]
+                return value
             if got is not None and got[0] == "link":
                 where, previous, inserting = got[1:], None, False
                 continue
@@ -139,7 +148,8 @@ class CloverClient:
                 (buf,) = yield [Read(primary, previous[1], previous[0])]
                 old, previous = decode(buf, key), None
                 if old is not None and old[0] == "value":
-                    return old[1]
+                    previous_value: bytes = old[1]
+                    return previous_value
                 continue                        # linked meanwhile: read the new one again
             # deleted, or a stale cached address (reused slot): ask the MS
             self.cache.pop(key, None)
@@ -150,13 +160,13 @@ class CloverClient:
                 raise CorruptObject(f"clover: no readable version of {key!r} "
                                     f"within {self.timeout:g} s")
 
-    def insert(self, key: bytes, value: bytes):
+    def insert(self, key: bytes, value: bytes) -> CloverOp[None]:
         return (yield from self._write(INSERT, key, value))
 
-    def update(self, key: bytes, value: bytes):
+    def update(self, key: bytes, value: bytes) -> CloverOp[None]:
         return (yield from self._write(UPDATE, key, value))
 
-    def delete(self, key: bytes):
+    def delete(self, key: bytes) -> CloverOp[None]:
         nodes = replica_nodes(key, self.n_nodes, self.r)
         ((status, old),) = yield [Rpc(DELETE, key)]
         if status == MISSING:
@@ -165,7 +175,7 @@ class CloverClient:
         yield [Write(n, a, _U64.pack(link(old_tag, 0, 0))) for n, a in zip(nodes, old_addrs)]
         self.cache.pop(key, None)
 
-    def _write(self, op: str, key: bytes, value: bytes):
+    def _write(self, op: str, key: bytes, value: bytes) -> CloverOp[None]:
         size = object_size(len(key), len(value))
         nodes = replica_nodes(key, self.n_nodes, self.r)
         ((status, got),) = yield [Rpc(op, key, size)]
@@ -192,9 +202,9 @@ class CloverExecutor:
     """Executes batches of verbs and ``Rpc``s: the RPCs of a batch travel in one message to
     the MS while the verbs run on the transport, so a batch is still one round trip."""
 
-    def __init__(self, transport, endpoint: str, timeout: float) -> None:
+    def __init__(self, transport: Transport, endpoint: str, timeout: float) -> None:
         self.transport, self.timeout = transport, timeout
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self.seq = 0
@@ -204,7 +214,7 @@ class CloverExecutor:
         deadline = time.monotonic() + self.timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(left * 1000):
+            if left <= 0 or not self.sock.poll(int(left * 1000)):
                 raise MetadataServerError(f"metadata server: no reply within {self.timeout:g} s")
             try:
                 rseq, replies = msgpack.unpackb(self.sock.recv(), raw=False)
@@ -214,13 +224,15 @@ class CloverExecutor:
                 break                           # else: late reply to a timed-out request
         if len(replies) != n or any(st == FAILED for st, _ in replies):
             raise MetadataServerError(f"metadata server refused: {replies}")
-        return replies
+        answers: list[Any] = replies
+        return answers
 
-    def execute(self, batch) -> list[Any]:
+    def execute(self, batch: Sequence[Any]) -> list[Any]:
         self.round_trips += 1
         rpcs = [i for i, req in enumerate(batch) if type(req) is Rpc]
         if not rpcs:
-            return self.transport.execute(batch)
+            done: list[Any] = self.transport.execute(batch)
+            return done
         self.rpcs += len(rpcs)
         self.seq += 1
         seq = self.seq
@@ -232,7 +244,7 @@ class CloverExecutor:
         except TransportError as e:
             failure, done = e, e.results or [e] * len(verb_pos)
         replies = self._reply(seq, len(rpcs))
-        results: list = [None] * len(batch)
+        results: list[Any] = [None] * len(batch)
         for i, r in zip(rpcs, replies):
             results[i] = r
         for i, r in zip(verb_pos, done):

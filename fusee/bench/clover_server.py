@@ -23,8 +23,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
@@ -36,6 +37,9 @@ from fusee.emulator.serving import bind, stop_condition, stop_processes, write_r
 from fusee.config import ClusterConfig
 from fusee.verbs import AllocBlock, TransportError
 
+if TYPE_CHECKING:
+    from fusee.transports.base import Transport
+
 #: seconds a freed version waits before its memory is handed out again
 GRACE = 1.0
 #: block owner id the metadata server uses on the memory nodes
@@ -45,10 +49,11 @@ OWNER = 0
 class Arena:
     """Object memory on one memory node: bump allocation in blocks, plus delayed reuse."""
 
-    def __init__(self, node: int, block_size: int, transport) -> None:
+    def __init__(self, node: int, block_size: int, transport: Transport) -> None:
         self.node, self.block_size, self.transport = node, block_size, transport
         self.cur = self.end = 0
-        self.free: dict[int, deque] = defaultdict(deque)     # size -> (reusable at, addr)
+        #: size -> (reusable at, addr, tag)
+        self.free: dict[int, deque[tuple[float, int, int]]] = defaultdict(deque)
 
     def alloc(self, size: int, now: float) -> tuple[int, int]:
         """-> (address, tag of the slot's previous life; 0 for fresh memory)."""
@@ -69,11 +74,11 @@ class Arena:
 class MetadataServer:
     """Request handling, bytes in and bytes out (no sockets here)."""
 
-    def __init__(self, config: ClusterConfig, transport) -> None:
+    def __init__(self, config: ClusterConfig, transport: Transport) -> None:
         self.n_nodes, self.r = len(config.memnodes), config.replicas
         self.arenas = [Arena(m.id, config.layout.block_size, transport) for m in config.memnodes]
         #: key -> (tag, size, addrs, the version it replaced as (size, primary addr) or None)
-        self.index: dict[bytes, tuple] = {}
+        self.index: dict[bytes, tuple[Any, ...]] = {}
         self.tag = 0
         self.served = 0
 
@@ -84,12 +89,13 @@ class MetadataServer:
             calls = list(calls)
         except (ValueError, TypeError, msgpack.UnpackException):
             return None                             # not our protocol: nothing to answer
-        return msgpack.packb([seq, self.answer(calls, time.monotonic())])
+        reply: bytes = msgpack.packb([seq, self.answer(calls, time.monotonic())])
+        return reply
 
-    def answer(self, calls: list, now: float) -> list[Any]:
+    def answer(self, calls: list[Any], now: float) -> list[Any]:
         """The replies to ``calls`` ([op, key, size] each) at time ``now`` (seconds, any
         monotonic clock: the timing model gives its simulated one)."""
-        replies = []
+        replies: list[Any] = []
         for call in calls:
             try:
                 op, key, size = call
@@ -133,15 +139,16 @@ class MetadataServer:
             self._release(key, entry, now)
         return [OK, [self.tag, addrs, None if entry is None else list(entry[:3])]]
 
-    def _release(self, key: bytes, entry, now: float) -> None:
+    def _release(self, key: bytes, entry: tuple[Any, ...], now: float) -> None:
         tag, size, addrs, _ = entry
         for n, a in zip(replica_nodes(key, self.n_nodes, self.r), addrs):
             self.arenas[n].release(size, a, tag, now)
 
 
-def serve(server: MetadataServer, endpoint: str, stop, on_bound=lambda ep: None) -> None:
+def serve(server: MetadataServer, endpoint: str, stop: Callable[[], bool],
+          on_bound: Callable[[str], object] = lambda ep: None) -> None:
     """Answer requests on ``endpoint`` until ``stop()`` (checked at least every 200 ms)."""
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
     on_bound(bind(sock, endpoint))
@@ -172,7 +179,7 @@ class MetadataServerProcess:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fusee-clover-"))
         self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint = ""
 
     def start(self) -> MetadataServerProcess:
@@ -206,11 +213,11 @@ class MetadataServerProcess:
     def __enter__(self) -> MetadataServerProcess:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fusee.bench.clover_server",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="cluster config (TOML)")

@@ -24,9 +24,10 @@ import time
 import traceback
 from array import array
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,7 +38,13 @@ from fusee.bench.ycsb import (KEY_LENGTH, OP_NAMES, WORKLOADS, OpStream, StoreSh
 from fusee.client import Client
 from fusee.driver import run_concurrently
 from fusee.errors import FuseeError
-from fusee.verbs import TransportError
+from fusee.verbs import Op, TransportError
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+
+    from fusee.emulator.cluster import LocalCluster
 
 #: operations pre-computed at a time by a client
 CHUNK = 4096
@@ -90,7 +97,7 @@ class FailoverOptions(StoreShape):
 
 
 # -- the client process ------------------------------------------------------------------------
-def _client(config_path: str, index: int, o: FailoverOptions, conn) -> None:
+def _client(config_path: str, index: int, o: FailoverOptions, conn: Connection) -> None:
     """Load this client's share of the keys, say ready, then at the go time run the workload
     until the end and send back its counts per bucket."""
     try:
@@ -106,14 +113,14 @@ def _client(config_path: str, index: int, o: FailoverOptions, conn) -> None:
                               insert_base=key_base(1, index), theta=o.theta)
             n = math.ceil(o.duration / o.bucket)
             done, failed, slowest = array("q", [0] * n), array("q", [0] * n), array("q", [0] * n)
-            kinds: Counter = Counter()
+            kinds: Counter[str] = Counter()
             conn.send(("ready", None))
             go, t0 = conn.recv()
             if go != "go":
                 return
             width, end = int(o.bucket * 1e9), t0 + int(o.duration * 1e9)
 
-            def timed(op):
+            def timed(op: Op[Any]) -> Op[None]:
                 start = time.monotonic_ns()
                 try:
                     yield from op
@@ -132,8 +139,9 @@ def _client(config_path: str, index: int, o: FailoverOptions, conn) -> None:
                         kinds[failure] += 1
                     slowest[b] = max(slowest[b], now - start)
 
-            def source():
-                codes, nums = [], []
+            def source() -> Iterator[Op[None]]:
+                codes: list[int] = []
+                nums: list[int] = []
                 i = 0
                 while time.monotonic_ns() < end:
                     if i == len(codes):
@@ -154,7 +162,7 @@ def _client(config_path: str, index: int, o: FailoverOptions, conn) -> None:
         conn.send(("error", traceback.format_exc()))
 
 
-def _recv(conn, proc, timeout: float, what: str):
+def _recv(conn: Connection, proc: BaseProcess, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while not conn.poll(0.2):
         if not proc.is_alive():
@@ -175,7 +183,7 @@ def run_failover(o: FailoverOptions, command: str = "") -> dict[str, Any]:
     from fusee.bench.systems import cluster_layout
     o.check()
     layout = cluster_layout(o.keys, o.object_size)
-    doc = {"fusee_bench_failover": 1, "command": command,
+    doc: dict[str, Any] = {"fusee_bench_failover": 1, "command": command,
            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "machine": _machine(), "options": {**dataclasses.asdict(o), "replicas": o.replicas}}
     ctx = mp.get_context("spawn")
@@ -227,7 +235,8 @@ def run_failover(o: FailoverOptions, command: str = "") -> dict[str, Any]:
     return doc
 
 
-def _failover_record(cluster, node: int, timeout: float) -> tuple[dict, dict]:
+def _failover_record(cluster: LocalCluster, node: int, timeout: float
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The master's status once the failover of ``node`` is on record, and that record."""
     deadline = time.monotonic() + timeout
     while True:
@@ -295,9 +304,16 @@ def table(doc: dict[str, Any]) -> str:
         bar = "#" * round(40 * p["throughput"] / peak)
         lines.append(f"{p['t']:6.2f} s {p['throughput'] / 1e3:8.2f} Kops/s {bar:<40}"
                      + (f"  <- {', '.join(here)}" if here else ""))
-    kops = lambda x: "-" if x is None else f"{x / 1e3:.2f} Kops/s"      # noqa: E731
-    secs = lambda x: "-" if x is None else f"{x:.2f} s"                 # noqa: E731
-    since = lambda name: secs(ms[name] - ms["killed"] if name in ms else None)  # noqa: E731
+
+    def kops(x: float | None) -> str:
+        return "-" if x is None else f"{x / 1e3:.2f} Kops/s"
+
+    def secs(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f} s"
+
+    def since(name: str) -> str:
+        return secs(ms[name] - ms["killed"] if name in ms else None)
+
     lines += [
         f"steady before: {kops(s['before_ops_s'])}, after: {kops(s['after_ops_s'])}",
         f"lowest after the kill: {kops(s['lowest_ops_s'])} at {secs(s['lowest_at_s'])} "
@@ -357,7 +373,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FailoverOptions)

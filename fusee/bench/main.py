@@ -21,6 +21,7 @@ import shlex
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from fusee.bench import report
 from fusee.bench.runner import (MAX_CLIENTS, MAX_KEYS_PER_CLIENT, BenchError, Phase,
                                 WorkerPool)
-from fusee.bench.systems import SYSTEMS, cluster_layout, serve
+from fusee.bench.systems import SYSTEMS, SystemSpec, cluster_layout, serve
 from fusee.bench.ycsb import KEY_LENGTH, WORKLOADS, StoreShape, Workload
 
 MICRO_OPS = ("insert", "update", "search", "delete")
@@ -37,7 +38,7 @@ MICRO_OPS = ("insert", "update", "search", "delete")
 @dataclass
 class BenchOptions(StoreShape):
     suite: str = "all"                      # ycsb | micro | all
-    systems: list = field(default_factory=lambda: list(SYSTEMS))
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     transport: str = "shm"
     endpoint: str = "ipc"
     memnodes: int = 3
@@ -46,11 +47,11 @@ class BenchOptions(StoreShape):
     object_size: int = 1024                 # key + value bytes
     distribution: str = "zipfian"           # request distribution of A-C (D reads latest)
     theta: float = 0.99
-    workloads: list = field(default_factory=lambda: list(WORKLOADS))
+    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
     custom_workloads: dict[str, Any] = field(default_factory=dict)    # name -> Workload fields
-    micro_ops: list = field(default_factory=lambda: list(MICRO_OPS))
+    micro_ops: list[str] = field(default_factory=lambda: list(MICRO_OPS))
     micro_keys: int = 10_000                # per client, as in the paper
-    clients: list = field(default_factory=lambda: [1, 2, 4])
+    clients: list[int] = field(default_factory=lambda: [1, 2, 4])
     depth: int = 1
     repeat: int = 3                         # runs per point: the table gives their median
     duration: float = 2.0                   # measured seconds per YCSB point
@@ -103,7 +104,7 @@ def build_plan(o: BenchOptions) -> list[Phase]:
     """The phases every system runs, in order; keyspaces are shared across systems so each
     system sees exactly the same keys. Each point runs ``o.repeat`` times in a row, each run
     on keys of its own (a micro point: its four steps again)."""
-    common = dict(depth=o.depth, value_size=o.value_size, seed=o.seed)
+    common: dict[str, Any] = dict(depth=o.depth, value_size=o.value_size, seed=o.seed)
     plan = [Phase("load", "load", clients=o.load_clients, keyspace=0, keys=o.keys, **common)]
     keyspace = 1
     if o.suite in ("ycsb", "all"):
@@ -154,10 +155,11 @@ def _machine() -> dict[str, Any]:
     return info
 
 
-def _run_system(pool: WorkerPool, spec, system: str, plan: list[Phase], o: BenchOptions,
-                doc: dict[str, Any], bar) -> None:
+def _run_system(pool: WorkerPool, spec: SystemSpec, system: str, plan: list[Phase],
+                o: BenchOptions, doc: dict[str, Any], bar: Any) -> None:
     pool.connect(spec)
-    runs: dict[tuple, list] = {}            # a point -> the raw results of each of its runs
+    #: a point -> the raw results of each of its runs
+    runs: dict[tuple[str, str, int], list[list[dict[str, Any]]]] = {}
     for p in plan:
         bar.set_description(f"{system}: {p.label()}")
         raws = pool.run_phase(p, _phase_timeout(p, o))
@@ -184,7 +186,7 @@ def run_bench(o: BenchOptions, command: str = "", progress: bool | None = None) 
     o.check()
     plan = build_plan(o)
     layout = cluster_layout(o.keys + o.micro_keys * max(o.clients), o.object_size)
-    doc = {"fusee_bench": 1, "command": command,
+    doc: dict[str, Any] = {"fusee_bench": 1, "command": command,
            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "machine": _machine(),
            "options": {**dataclasses.asdict(o), "replicas": o.replicas},
@@ -224,7 +226,7 @@ def run_bench(o: BenchOptions, command: str = "", progress: bool | None = None) 
 
 
 # -- command line ----------------------------------------------------------------------------
-def _csv(kind=str):
+def _csv(kind: Callable[[str], object] = str) -> Callable[[str], list[object]]:
     return lambda s: [kind(x) for x in s.split(",") if x]
 
 
@@ -278,7 +280,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def options(args, base: dict[str, Any] | None = None) -> BenchOptions:
+def options(args: argparse.Namespace, base: dict[str, Any] | None = None) -> BenchOptions:
     """Defaults, then ``base`` (a suite's settings), then --quick, then explicit flags."""
     values = dict(base or {})
     if args.quick:
@@ -322,7 +324,7 @@ def _finish(doc: dict[str, Any], out: Path) -> int:
     return 1 if doc["failed"] else 0
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "model":             # the timing model: fusee bench model --help
         from fusee.bench.model import main as model_main
@@ -342,7 +344,8 @@ def main(argv=None) -> int:
     return _finish(doc, Path(args.out or "fusee-bench-results"))
 
 
-def _run_suite(args, path: Path, command: str, progress) -> int:
+def _run_suite(args: argparse.Namespace, path: Path, command: str, progress: bool | None
+               ) -> int:
     """Every [[run]] of a suite file: [defaults] merged under each run's own settings."""
     spec = tomllib.loads(path.read_text())
     runs = spec.get("run", [])

@@ -18,10 +18,15 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Generator, Sequence
+from typing import Any, TypeVar
 
 from fusee.emulator.serving import stop_processes
 from fusee.errors import KeyExists, KeyNotFound
+
+T = TypeVar("T")
+#: an operation on Redis: yields batches of commands (tuples), is sent their replies
+Command = Generator[list[tuple[Any, ...]], Any, T]
 
 INSTALL_HINT = ("redis-server is not installed; the Redis baseline is skipped. "
                 "To include it: apt-get install redis-server (Debian/Ubuntu), "
@@ -35,18 +40,20 @@ class RedisUnavailable(RuntimeError):
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class RedisServer:
     """A private redis-server on 127.0.0.1 (context manager; stopped and cleaned up on exit)."""
 
     def __init__(self, binary: str | None = None, start_timeout: float = 10.0) -> None:
-        self.binary = binary or shutil.which("redis-server")
-        if self.binary is None:
+        found = binary or shutil.which("redis-server")
+        if found is None:
             raise RedisUnavailable(INSTALL_HINT)
+        self.binary: str = found
         self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.workdir: Path | None = None
 
@@ -88,7 +95,7 @@ class RedisServer:
     def __enter__(self) -> RedisServer:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -101,38 +108,40 @@ class RedisExecutor:
                                   socket_connect_timeout=timeout)
         self.round_trips = self.commands = 0
 
-    def execute(self, batch) -> list[Any]:
+    def execute(self, batch: Sequence[tuple[Any, ...]]) -> list[Any]:
         self.round_trips += 1
         self.commands += len(batch)
         if len(batch) == 1:
-            return [self.client.execute_command(*batch[0])]
+            # redis-py leaves execute_command unannotated
+            return [self.client.execute_command(*batch[0])]  # type: ignore[no-untyped-call]
         pipe = self.client.pipeline(transaction=False)
         for cmd in batch:
-            pipe.execute_command(*cmd)
+            pipe.execute_command(*cmd)  # type: ignore[no-untyped-call]
         return pipe.execute()
 
     def close(self) -> None:
         self.client.close()
 
 
-def search(key: bytes):
+def search(key: bytes) -> Command[bytes | None]:
     (value,) = yield [("GET", key)]
-    return value
+    found: bytes | None = value
+    return found
 
 
-def insert(key: bytes, value: bytes):
+def insert(key: bytes, value: bytes) -> Command[None]:
     (ok,) = yield [("SET", key, value, "NX")]
     if not ok:
         raise KeyExists(key)
 
 
-def update(key: bytes, value: bytes):
+def update(key: bytes, value: bytes) -> Command[None]:
     (ok,) = yield [("SET", key, value, "XX")]
     if not ok:
         raise KeyNotFound(key)
 
 
-def delete(key: bytes):
+def delete(key: bytes) -> Command[None]:
     (n,) = yield [("DEL", key)]
     if not n:
         raise KeyNotFound(key)

@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
-from fusee.bench.systems import Driver, SystemSpec, connect
+from fusee.bench.systems import Driver, SystemOp, SystemSpec, connect
 from fusee.bench.ycsb import OP_NAMES, OpStream, Workload, key_names, stream_rng
 from fusee.driver import run_concurrently
-from fusee.verbs import Op
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -96,7 +95,7 @@ class _Recorder:
         self.errors: Counter[str] = Counter()
         self.misses = 0
 
-    def timed(self, op: Op[Any], kind: str) -> Op[None]:
+    def timed(self, op: SystemOp, kind: str) -> SystemOp:
         t0 = time.monotonic_ns()
         try:
             result = yield from op
@@ -195,7 +194,7 @@ class _Client:
             ops = d.ops
             marks: dict[str, Any] = {}
 
-            def source() -> Iterator[Op[None]]:
+            def source() -> Iterator[SystemOp]:
                 codes, nums = (a.tolist() for a in first)
                 i = 0
                 while True:

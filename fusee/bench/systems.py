@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from fusee.config import ClusterConfig, LayoutConfig
-from fusee.verbs import Op
+
+#: an operation of any system: yields the batches its driver's executor runs
+SystemOp = Generator[Any, Any, Any]
 
 SYSTEMS = ("fusee", "clover", "redis")
 MiB = 1 << 20
@@ -35,7 +37,7 @@ class SystemSpec:
 @dataclass
 class Driver:
     """One client's connection: ``ops[kind](key, value)`` -> an operation generator."""
-    ops: dict[str, Callable[[bytes, bytes], Op[Any]]]
+    ops: dict[str, Callable[[bytes, bytes], SystemOp]]
     executor: Any                  # has execute(batch) -> completions
     counters: Callable[[], dict[str, int]]     # cumulative round_trips, verbs, rpcs, bytes
     close: Callable[[], None]

@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,14 @@ from fusee.emulator import _atomic
 from fusee.emulator.cluster import LocalCluster
 from fusee.config import ClusterConfig, MemNodeConfig
 from fusee.memory_map import MemoryMap
-from fusee.verbs import Cas, Faa, Read, Write
+from fusee.verbs import Cas, Faa, Read, Request, Write
 from fusee.transports.security import secure_client, secure_server
 
 
 @dataclass(frozen=True)
 class Target:
     """How to bench one backend: LocalCluster arguments and which floors apply."""
-    cluster: dict
+    cluster: dict[str, Any]
     floor: str                      # "memory" | "zmq" | "none"
     about: str = ""
 
@@ -66,7 +67,7 @@ CASES = {
 }
 
 
-def batches(config) -> dict[str, list]:
+def batches(config: ClusterConfig) -> dict[str, list[Request]]:
     """One batch per case, on scratch words of the data area (never the header or tables)."""
     a = MemoryMap.of(config.layout).data
     return {
@@ -82,7 +83,7 @@ def batches(config) -> dict[str, list]:
 # -- timing ---------------------------------------------------------------------------------
 @dataclass
 class Samples:
-    ns: list = field(default_factory=list)      # one latency per batch
+    ns: list[int] = field(default_factory=list)     # one latency per batch
     wall: int = 0                                # summed wall time of the timed loops
 
     def summary(self, verbs_per_batch: int = 1) -> dict[str, Any]:
@@ -93,7 +94,7 @@ class Samples:
                 "verbs_per_s": n * verbs_per_batch * 1e9 / self.wall if self.wall else 0.0}
 
 
-def timed(fn, arg, n: int, out: Samples) -> None:
+def timed(fn: Callable[[Any], object], arg: object, n: int, out: Samples) -> None:
     """Call ``fn(arg)`` n times, recording each call's latency."""
     clock = time.perf_counter_ns
     ns = out.ns
@@ -120,7 +121,7 @@ def interleaved(cases: dict[str, Any], ops: int, rounds: int) -> dict[str, Sampl
 
 
 # -- floors ---------------------------------------------------------------------------------
-def memory_floors() -> tuple[dict, object]:
+def memory_floors() -> tuple[dict[str, Any], object]:
     """Cases for the in-process floors; returns (cases, keep-alive)."""
     buf = mmap.mmap(-1, 1 << 16)
     mv = memoryview(buf)
@@ -180,13 +181,15 @@ class PingPong:
                 f"echo({str(cluster.config_path)!r}, {endpoint!r})")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL)
+        out = self.proc.stdout
+        assert out is not None, "stdout=PIPE"
         try:
-            if not select.select([self.proc.stdout], [], [], 30)[0]:
+            if not select.select([out], [], [], 30)[0]:
                 raise RuntimeError("the ping-pong echo process did not start within 30 s")
-            endpoint = self.proc.stdout.readline().decode().strip()
+            endpoint = out.readline().decode().strip()
             if not endpoint:
                 raise RuntimeError(f"the ping-pong echo process exited with {self.proc.wait(5)}")
-            self.sock = zmq.Context.instance().socket(zmq.DEALER)
+            self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
             self.sock.setsockopt(zmq.LINGER, 0)
             self.sock.setsockopt(zmq.RCVTIMEO, int(cluster.config.timeout * 1000))
             node = cluster.config.node(0)
@@ -199,7 +202,8 @@ class PingPong:
 
     def __call__(self, payload: bytes) -> bytes:
         self.sock.send(payload)
-        return self.sock.recv()
+        reply: bytes = self.sock.recv()
+        return reply
 
     def close(self) -> None:
         sock = getattr(self, "sock", None)
@@ -214,7 +218,8 @@ class PingPong:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-        self.proc.stdout.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 # -- one backend ----------------------------------------------------------------------------
@@ -241,8 +246,9 @@ def bench_target(name: str, ops: int, rounds: int) -> dict[str, Any]:
             t.close()
         curve = cluster.config.security.curve
     floor_stats = {f: got[f].summary() for f in floors}
-    result = {"about": target.about, "cluster": dict(target.cluster), "curve": curve,
-              "timer_overhead_us": timer.summary()["p50_us"], "floors": floor_stats, "ops": {}}
+    result: dict[str, Any] = {
+        "about": target.about, "cluster": dict(target.cluster), "curve": curve,
+        "timer_overhead_us": timer.summary()["p50_us"], "floors": floor_stats, "ops": {}}
     for case, (verbs, memory_floor) in CASES.items():
         row = got[case].summary(verbs)
         floor = {"memory": memory_floor, "zmq": "pingpong"}.get(target.floor)
@@ -250,8 +256,8 @@ def bench_target(name: str, ops: int, rounds: int) -> dict[str, Any]:
             row["floor"] = floor
             row["x_floor"] = row["p50_us"] / floor_stats[floor]["p50_us"]
         result["ops"][case] = row
-    ops = result["ops"]
-    result["batch3_x_single"] = ops["batch3"]["p50_us"] / ops["read64"]["p50_us"]
+    rows: dict[str, dict[str, Any]] = result["ops"]
+    result["batch3_x_single"] = rows["batch3"]["p50_us"] / rows["read64"]["p50_us"]
     return result
 
 
@@ -279,7 +285,7 @@ def atomic_alternatives(ops: int) -> dict[str, Any]:
         expected = ctypes.c_uint64(0)
         p_expected = ctypes.addressof(expected)
 
-        def ctypes_cas(a):
+        def ctypes_cas(a: int) -> int:
             expected.value = 0
             cmpxchg(a, p_expected, 0, 5, 5)
             return expected.value
@@ -302,7 +308,8 @@ def atomic_alternatives(ops: int) -> dict[str, Any]:
     finally:
         if context is not None:
             context.__exit__(None, None, None)
-    out = {k: {"p50_ns": v.summary()["p50_us"] * 1e3, "mean_ns": v.wall / len(v.ns)}
+    out: dict[str, Any] = {k: {"p50_ns": v.summary()["p50_us"] * 1e3,
+                               "mean_ns": v.wall / len(v.ns)}
            for k, v in got.items()}
     out.update(notes)
     return out
@@ -329,7 +336,7 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fusee bench verbs", description=__doc__.splitlines()[0])
     p.add_argument("--transport", default=",".join(DEFAULT_TARGETS),
                    help=f"comma-separated backends out of {', '.join(TARGETS)} "
