@@ -24,10 +24,14 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fusee.emulator.serving import stop_processes
 from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig, SecurityConfig
 from fusee.transports.security import init_keys, init_master_key
+
+if TYPE_CHECKING:
+    from fusee.transports.local import LocalMemory
 
 MiB = 1 << 20
 
@@ -64,7 +68,7 @@ class LocalCluster:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"fusee-{self.name}-"))
         self.procs: dict[int, subprocess.Popen] = {}
         self.shm_names: dict[int, str] = {}
-        self.memory = None                      # LocalMemory for transport="local"
+        self.memory: LocalMemory | None = None      # for transport="local"
         self.with_master = master
         self.master_procs: dict[str, subprocess.Popen] = {}
         eps = [self._endpoint(i) for i in range(memnodes)]
@@ -80,6 +84,8 @@ class LocalCluster:
                                       client_key=str(keys / "client.key_secret"))
         elif endpoint == "tcp":
             security = SecurityConfig(allow_insecure_tcp=True)
+        leases: dict[str, Any] = {k: v for k, v in (("client_lease", client_lease),
+                                                    ("mn_lease", mn_lease)) if v is not None}
         self.config = ClusterConfig(
             memnodes=tuple(MemNodeConfig(i, ep, publics.get(i)) for i, ep in enumerate(eps)),
             layout=layout or DEFAULT_LAYOUT, name=self.name, replication=replication,
@@ -87,8 +93,7 @@ class LocalCluster:
             master_curve_public=master_public, coordination=coordination,
             master=",".join(f"ipc://{self.workdir}/master{i}.sock" for i in range(masters))
             if masters > 1 else None,
-            **{k: v for k, v in (("client_lease", client_lease), ("mn_lease", mn_lease))
-               if v is not None})
+            **leases)
         self.config_path = self.workdir / "cluster.toml"
         self._finalizer = weakref.finalize(self, _cleanup, self.procs, self.shm_names,
                                            self.workdir if self._own_workdir else None)
@@ -119,7 +124,7 @@ class LocalCluster:
                                              stdin=subprocess.DEVNULL)
             log.close()
         deadline = time.monotonic() + self.start_timeout
-        endpoints = {}
+        endpoints: dict[int, str] = {}
         try:
             while len(endpoints) < len(ready):
                 for i, f in ready.items():
@@ -271,7 +276,8 @@ class LocalCluster:
     def master_status(self) -> dict:
         """The (leading) master's ``status`` (membership, leases, failovers, repairs); with
         several masters, standbys send the request on and a dead one is skipped."""
-        from fusee.transports.master_link import MasterLink, MasterTimeout
+        from fusee.errors import MasterTimeout
+        from fusee.transports.master_link import MasterLink
         with MasterLink(self.config) as link:
             for _ in range(len(self.config.masters) - 1):
                 try:

@@ -15,6 +15,7 @@ Run one with atheris (opt-in, ``pip install atheris``):
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import msgpack
 
@@ -61,7 +62,8 @@ def check_memnode(node: MemoryNode, data: bytes) -> None:
         raise FuzzError("an over-long batch was executed")
     size = node.region.length
     for op, _ in zip(ops, results):              # every request that completed
-        code, addr = op[0], op[1] if len(op) > 1 else None
+        code = op[0]
+        addr: Any = op[1] if len(op) > 1 else None     # a hostile message's operand
         if (code in (wire.OP_READ, wire.OP_WRITE, wire.OP_CAS, wire.OP_FAA)
                 and key != node.region.rkey):
             raise FuzzError(f"{op!r} completed with a wrong key")
@@ -93,7 +95,9 @@ def check_object(data: bytes) -> None:
 def check_damaged_object(key: bytes, value: bytes, flip: int, bit: int) -> None:
     """Flip one bit of a valid object: the decoder must reject it or return it unchanged."""
     unit = LAYOUT.object_unit
-    size = size_class(object_bytes(len(key), len(value)), unit) * unit
+    units = size_class(object_bytes(len(key), len(value)), unit)
+    assert units is not None, "the targets draw keys and values that fit a class"
+    size = units * unit
     good = encode_object(key, value, size, 1, 0, 0, 7)
     assert decode_object(good).value == value
     bad = bytearray(good)
@@ -136,6 +140,7 @@ def main(argv=None) -> int:
     def one(data: bytes) -> None:
         fdp = atheris.FuzzedDataProvider(data)
         if target == "memnode":
+            assert node is not None
             if fdp.ConsumeBool():
                 check_memnode(node, fdp.ConsumeBytes(fdp.remaining_bytes()))
             else:                               # well-formed messages with hostile operands

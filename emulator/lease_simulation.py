@@ -33,6 +33,7 @@ flight when a failover starts, and a client that passes the guard knows the curr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fusee.emulator.simulator import Call, SimClient, SimulationError, Simulator
 from fusee.master import Grant, LeaseError, Master
@@ -91,7 +92,7 @@ class LeaseSimulator(Simulator):
         super().__init__(memory, seed, **kw)
         assert flight <= grace, "the grace covers the longest a batch is in flight"
         self.config = memory.config
-        self.shape = {"memnodes": tuple(range(len(self.config.memnodes))),
+        self.shape: dict[str, Any] = {"memnodes": tuple(range(len(self.config.memnodes))),
                       "client_lease": client_lease, "mn_lease": mn_lease, "grace": grace}
         self.master: Master | None = Master(now=0.0, replicas=self.config.replication,
                                             **self.shape)
@@ -144,6 +145,7 @@ class LeaseSimulator(Simulator):
     def _before_step(self) -> None:
         now = self.now
         if self.master is None and now >= self.master_back_at:
+            assert self.saved is not None, "a master that went down saved its state"
             self.master = Master.restore(self.saved, now=now, replicas=self.config.replication,
                                          **self.shape)
             self.faults.append((self.step, "master restarted from its state"))
@@ -232,6 +234,7 @@ class LeaseSimulator(Simulator):
         if msg.reply is None:               # a renewal reaches the master
             if self.master is None:
                 return
+            reply: Grant | LeaseError
             try:
                 reply = self.master.renew(lease.cid, lease.token, self.now, msg.paused)
             except LeaseError as e:

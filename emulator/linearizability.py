@@ -118,7 +118,7 @@ def check_key(key: bytes, ops: list[Op], indefinite: Iterable[str] = ()) -> KeyR
     nxt = list(range(1, size + 1))
     prv = list(range(-1, size - 1))
     nxt[-1] = 0                         # the last entry's next: 0 = end of list
-    call_of = {}
+    call_of: dict[int, int] = {}
     for e, (_, ret, i) in enumerate(timeline, start=1):
         opi[e] = i
         if ret:

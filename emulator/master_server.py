@@ -64,6 +64,7 @@ from fusee.verbs import TransportError
 from fusee.transports.channel import Channels
 from fusee.transports.master_link import ERR_BUSY, ERR_LEASE, ERR_STANDBY
 from fusee.emulator.master_election import LeaderGuard
+from fusee.transports.base import Transport
 from fusee.emulator.master_state import Deposed, FileStore, StateStore, ZooKeeperStore
 from fusee.emulator.serving import BindError, bind, stop_condition, write_ready
 from fusee.transports.security import check_endpoint, master_config, secure_server
@@ -107,7 +108,7 @@ class MasterServer:
         self.rebuilds: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
         self.timeline: dict[int, dict] = {}             # MN -> its failover's milestones
         self.tally: collections.Counter = collections.Counter()     # for fusee.metrics
-        self.transport = None                           # the worker's, to the live MNs
+        self.transport: Transport | None = None         # the worker's, to the live MNs
         self.last_tick = 0.0
         self.methods: dict[str, Callable[[dict], Any]] = {
             "register": self._register, "renew": self._renew, "release": self._release,
@@ -119,7 +120,7 @@ class MasterServer:
         grace before its first repair or failover, so the last batch a previous leader may
         have posted has landed."""
         now = time.monotonic()
-        ids = [m.id for m in self.config.memnodes]
+        ids = tuple(m.id for m in self.config.memnodes)
         state = self.store.load()
         if state is not None and state.get("cluster") != self.config.name:
             raise StateMismatch(f"the stored master state is that of cluster "
@@ -543,7 +544,7 @@ class MasterServer:
               on_bound: Callable[[str], None] = lambda ep: None) -> None:
         """Serve until ``stop()`` is true (checked every ``TICK``)."""
         check_endpoint(self.config, endpoint, "master")
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         auth = secure_server(ctx, sock, self.config, -1, key_name="master")
         sock.setsockopt(zmq.LINGER, 0)
@@ -664,6 +665,7 @@ def open_coordination(config: ClusterConfig, endpoint: str, state_path: str | Pa
     """The state store and leadership ``config`` asks for: a file (``state_path``) and no
     election, or ZooKeeper for both."""
     if config.coordination is None:
+        assert state_path is not None, "a master without ZooKeeper keeps its state in a file"
         return FileStore(state_path), None
     from fusee.emulator.master_election import ZooKeeperLeadership
     if len(config.masters) > 1 and endpoint not in config.masters:

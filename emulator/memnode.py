@@ -161,7 +161,7 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
           on_bound: Callable[[str], None] = lambda ep: None) -> None:
     """Serve ``endpoint`` until ``stop()`` is true (checked at least every 200 ms)."""
     check_endpoint(node.config, endpoint, f"memnode {node.id}")
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.ROUTER)
     auth = secure_server(ctx, sock, node.config, node.id)
     sock.setsockopt(zmq.LINGER, 0)

@@ -24,6 +24,7 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: the access a memory node grants on its region, and a client on its staging buffer
 ACCESS_NAMES = ("IBV_ACCESS_LOCAL_WRITE", "IBV_ACCESS_REMOTE_READ", "IBV_ACCESS_REMOTE_WRITE",
@@ -78,6 +79,7 @@ def _load_system_pyverbs() -> None:
             if (pkg / f"device{tag}").exists():
                 spec = importlib.util.spec_from_file_location(
                     "pyverbs", pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+                assert spec is not None and spec.loader is not None, path
                 module = importlib.util.module_from_spec(spec)
                 sys.modules["pyverbs"] = module
                 try:
@@ -142,7 +144,7 @@ def choose_gid(table: list[tuple[int, str, bool]]) -> int | None:
 @dataclass
 class Device:
     """An opened device port with the GID and MTU our queue pairs use."""
-    ctx: object
+    ctx: Any                 # pyverbs Context
     name: str
     port: int
     gid_index: int
@@ -151,7 +153,7 @@ class Device:
     mtu: int                 # IBV_MTU_* of the port's active MTU
     link_layer: str          # "InfiniBand" | "Ethernet"
     max_msg: int             # largest message one work request may carry
-    attr: object             # DeviceAttr
+    attr: Any                # pyverbs DeviceAttr
 
     @classmethod
     def open(cls, name: str | None = None, port: int | None = None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from typing import Any
 
 from fusee.emulator import _atomic
 from fusee.emulator.rdma_device import (Device, RdmaUnavailable, access_flags, check_peer,
@@ -46,7 +47,7 @@ class RdmaNic:
             raise RdmaUnavailable(f"cannot register the region ({e}): check the locked-memory "
                                   f"limit (ulimit -l) against the region size") from None
         self.max_qps = min(max_qps, self.dev.attr.max_qp)
-        self.qps: OrderedDict[int, object] = OrderedDict()
+        self.qps: OrderedDict[int, Any] = OrderedDict()     # pyverbs QPs, by number
 
     def connect(self, args: dict) -> dict:
         """Control request ``rdma_connect``: args = the client's queue-pair info, optionally

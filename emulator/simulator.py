@@ -75,7 +75,7 @@ class Call:
     kind: str
     key: bytes | None
     value: bytes | None
-    start: Callable[[], Operation]
+    start: Callable[..., Operation]     # called with no arguments (its own are bound)
 
 
 @dataclass
@@ -132,7 +132,7 @@ class Simulator:
         self.faults: list[tuple[int, str]] = []       # (step, what) for every fault that fired
         self._timers: dict[int, list[Callable[[Simulator], None]]] = {}
         self._crash_points: dict[tuple[str, int, int], Callable | None] = {}
-        self._interrupts: dict[tuple[str, int, str, int], BaseException] = {}
+        self._interrupts: dict[tuple[str, int, str, int | None], BaseException] = {}
         self._last: SimClient | None = None
         self.membership = Membership()
         self.failovers: list = []                       # what each failover returned
@@ -322,6 +322,7 @@ class Simulator:
     def _resume(self, c: SimClient, how, arg) -> None:
         """Feed the generator; take its next batch, or record its result."""
         op = c.op
+        assert op is not None, "a client resumed with no operation"
         try:
             batch = how(arg)
         except StopIteration as stop:
@@ -392,6 +393,7 @@ class Simulator:
         if error is None:
             return False
         op, gen = c.op, c.gen
+        assert op is not None, "an interrupt hits an operation in flight"
         c.gen = c.op = None
         c.batch, c.results, c.failed, c.pending = [], [], {}, {}
         self.history.crash(op)

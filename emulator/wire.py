@@ -11,10 +11,12 @@ lets a client drop a late reply to a request it already timed out on.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 
 from fusee.verbs import (AllocBlock, Cas, ControlError, Faa, FreeBlock, MASK64, Read,
-                         RemoteAccessError, TransportError, Write)
+                         RemoteAccessError, Request, TransportError, Write)
 
 VERBS, CONTROL = 0, 1
 OP_READ, OP_WRITE, OP_CAS, OP_FAA, OP_ALLOC, OP_FREE = range(6)
@@ -36,7 +38,7 @@ class MalformedMessage(ValueError):
 
 
 def encode_verbs(seq: int, rkey: int, batch) -> bytes:
-    ops = []
+    ops: list[tuple[Any, ...]] = []
     for r in batch:
         t = type(r)
         if t is Read:
@@ -80,6 +82,7 @@ def parse_op(op):
         raise MalformedMessage("a verb must be a non-empty list")
     code, args = op[0], op[1:]
     try:
+        req: Request
         if code == OP_READ:
             addr, length = args
             req = Read(0, addr, length)

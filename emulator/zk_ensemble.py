@@ -92,6 +92,8 @@ class ZooKeeperEnsemble:
 
     def start(self, i: int | None = None) -> ZooKeeperEnsemble:
         """Start server ``i`` (all of them if None) and wait until it serves."""
+        jar = server_jar()
+        assert jar is not None, "ZooKeeper's jars are installed (the caller checks first)"
         for j in range(self.n) if i is None else (i,):
             if j in self.procs and self.procs[j].poll() is None:
                 continue
@@ -99,7 +101,7 @@ class ZooKeeperEnsemble:
             with open(data / "server.log", "ab") as log:
                 self.procs[j] = subprocess.Popen(
                     ["java", "-Xmx128m", "-Dzookeeper.jmx.log4j.disable=true",
-                     "-cp", server_jar(), MAIN, str(data / "zoo.cfg")],
+                     "-cp", jar, MAIN, str(data / "zoo.cfg")],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout
         for j in range(self.n) if i is None else (i,):

@@ -28,7 +28,8 @@ from __future__ import annotations
 import random
 import struct
 from collections import deque
-from typing import NamedTuple
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 from fusee.errors import OutOfMemory
 from fusee.index import LostData, replica_nodes
@@ -37,8 +38,8 @@ from fusee.layout import (BLOCK_HEADER, MAX_REPLICAS, META_GROUPS, META_RECORDS,
                           NODE_MASK, NODE_SHIFT, ADDR_MASK, encode_block_header, group_record,
                           pack_u64)
 from fusee.memory_map import MemoryMap
-from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeBlock, Read,
-                         TransportError, Write)
+from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeBlock, Op, Read,
+                         Request, T, TransportError, Write)
 
 #: empty batches an operation waits for another's reclaim or growth before calling it stuck
 #: (when driven together it takes a few round trips; only a driver that stopped driving one
@@ -53,7 +54,7 @@ class BlockGroup(NamedTuple):
 
 class Allocator:
     def __init__(self, mmap_: MemoryMap, unit: int, n_nodes: int, r: int, client_id: int,
-                 meta_nodes: list[int], membership: Membership = Membership()):
+                 meta_nodes: list[int], membership: Membership = Membership()) -> None:
         if r > MAX_REPLICAS:
             raise ValueError(f"at most {MAX_REPLICAS} data replicas")
         self.map, self.unit, self.n, self.r = mmap_, unit, n_nodes, r
@@ -68,7 +69,7 @@ class Allocator:
         self.pending: dict[int, int] = {}       # class -> reserved next object
         self.current: BlockGroup | None = None
         self.bump = 0
-        self.tails: list[list] = []             # [group, bump] of earlier groups with room
+        self.tails: list[list[Any]] = []        # [group, bump] of earlier groups with room
         self.busy = False                       # an operation is reclaiming or growing
         self.data = mmap_.data
         self.next_primary = client_id % n_nodes
@@ -150,7 +151,7 @@ class Allocator:
         self.pending[units] = nxt
         return p, nxt
 
-    def ensure(self, units: int):
+    def ensure(self, units: int) -> Op[None]:
         """Generator: make ``alloc(units)`` possible, reclaiming or getting blocks if needed
         (or waiting for the operation in flight that is doing so, and looking again)."""
         reclaimed = False
@@ -163,7 +164,7 @@ class Allocator:
             else:
                 yield from self.grow()
 
-    def _wait(self):
+    def _wait(self) -> Op[None]:
         """Generator: pause until no operation of this client is reclaiming or growing."""
         for _ in range(MAX_PAUSES):
             if not self.busy:
@@ -172,7 +173,7 @@ class Allocator:
         raise RuntimeError("another operation of this client never finished reclaiming or "
                            "growing its memory: drive every operation in flight to its end")
 
-    def _alone(self, work):
+    def _alone(self, work: Op[T]) -> Op[T]:
         """Generator: run ``work`` (a reclaim or a growth) while no other operation of this
         client does either."""
         yield from self._wait()
@@ -196,11 +197,11 @@ class Allocator:
                    1 << (bit & 63))
 
     # -- MN level --------------------------------------------------------------------------
-    def grow(self):
+    def grow(self) -> Op[None]:
         """Generator: get a block group (one block on each of r MNs) and record it."""
         return self._alone(self._grow())
 
-    def _grow(self):
+    def _grow(self) -> Op[None]:
         yield from self.give_back()
         g = None
         while g is None:                # ends: each lost race is another client's won group
@@ -230,7 +231,7 @@ class Allocator:
         self.current, self.bump = g, self.first_object
         self.stats["blocks"] += 1
 
-    def _claim_group(self):
+    def _claim_group(self) -> Op[BlockGroup | None]:
         """Generator: claim one block address on every live replica of the next group.
         Returns the BlockGroup, or None when another client took that address on one of
         them first (the blocks got are given back: try again).
@@ -253,7 +254,7 @@ class Allocator:
         nodes = tuple(replica_nodes(first, self.n, self.r))
         copies = self.membership.live(nodes)
         addr = yield from self._free_address(copies)
-        got = []
+        got: list[int] = []
         try:
             for n in sorted(copies):
                 yield [AllocBlock(n, self.client_id, addr)]
@@ -266,7 +267,7 @@ class Allocator:
             return None
         return BlockGroup(nodes, (addr,) * len(nodes))
 
-    def _free_address(self, copies: list[int]):
+    def _free_address(self, copies: Sequence[int]) -> Op[int]:
         """Generator: a block address free in the block tables of all of ``copies`` (one
         drawn at random, so that clients growing at once rarely race for the same one)."""
         blocks = self.map.num_blocks
@@ -280,7 +281,7 @@ class Allocator:
                               f"in use on one of them)")
         return self.map.block_addr(free[self.rng.randrange(len(free))])
 
-    def give_back(self):
+    def give_back(self) -> Op[None]:
         """Generator: return the blocks of growths that failed half way (on live MNs; those
         on a dead MN went with it). An MN rebuilt since a block was got refuses it as not
         ours (ControlError) unless the rebuild brought it back (its group header had
@@ -300,15 +301,16 @@ class Allocator:
                     raise
         self.orphans = []
 
-    def reclaim(self):
+    def reclaim(self) -> Op[None]:
         """Generator: take back the objects other clients (or we) freed in our blocks."""
         return self._alone(self._reclaim())
 
-    def _reclaim(self):
+    def _reclaim(self) -> Op[None]:
         groups = list(self.groups)
         bufs = yield [Read(self.home_of(g.nodes[0]), g.addrs[0] + BLOCK_HEADER,
                            self.bitmap_bytes) for g in groups]
-        words_found = []                # (FAA clearing a bitmap word, the objects it frees)
+        #: (FAA clearing a bitmap word, the objects it frees)
+        words_found: list[tuple[Faa, list[int]]] = []
         for g, buf in zip(groups, bufs):
             words = struct.unpack(f"<{self.bitmap_bytes // 8}Q", buf)
             first = self.ptr(g.nodes[0], g.addrs[0])        # + bit: the object at that unit
@@ -329,7 +331,8 @@ class Allocator:
         # wonders later whether a free was delivered (recovery) sees that it was, even after
         # the bit is cleared (fusee.recovery). An object is reused once its clear is through,
         # also when the batch failed for another node.
-        batch, freeing = [], []
+        batch: list[Request] = []
+        freeing: list[tuple[int, list[int]]] = []
         for i, (clear, found) in enumerate(words_found):
             batch += [Write(*self.last_byte(p), b"\0") for p in found] + [clear]
             freeing.append((len(batch) - 1, found))
@@ -358,7 +361,7 @@ class Allocator:
 
     def install(self, groups: list[BlockGroup], sizes: dict[int, int],
                 free: dict[int, list[int]], current: BlockGroup | None, bump: int,
-                tails=()) -> None:
+                tails: Iterable[tuple[BlockGroup, int]] = ()) -> None:
         """Take over an allocation state rebuilt from the memory nodes (fusee.holdings):
         every object ever carved from ``groups`` (``sizes``), those free, and where carving
         goes on (``current`` at ``bump``, and the (group, bump) ``tails`` of the others)."""

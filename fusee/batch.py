@@ -24,11 +24,16 @@ raise at once, when the operation is queued.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from fusee.driver import run_concurrently
 from fusee.errors import INTERNAL, FuseeError
 from fusee.operations import ClientCore
+from fusee.verbs import Op
+
+if TYPE_CHECKING:
+    from fusee.client import Client
 
 #: operations in flight by default: enough to hide a network round trip behind the client's
 #: work on the others, few enough that one batch stays small
@@ -40,7 +45,7 @@ class BatchError(FuseeError):
     outcome in queue order, with the exception in place of each failed one; ``errors`` the
     (position, exception) of the failed ones; ``exit_code`` the highest of theirs."""
 
-    def __init__(self, results: list):
+    def __init__(self, results: list[Any]) -> None:
         self.results = results
         self.errors = [(i, r) for i, r in enumerate(results) if isinstance(r, Exception)]
         self.exit_code = max(getattr(e, "exit_code", INTERNAL) for _, e in self.errors)
@@ -52,29 +57,30 @@ class BatchError(FuseeError):
 class Pipeline:
     """Operations queued on a client (``Client.pipeline``), run together by ``execute``."""
 
-    def __init__(self, client, depth: int = DEPTH):
+    def __init__(self, client: Client, depth: int = DEPTH) -> None:
         if type(depth) is not int or depth < 1:
             raise ValueError("depth must be a positive int")
         self.client, self.depth = client, depth
-        self._queue: list[tuple] = []      # (key, ClientCore operation, its arguments)
-        self.results: list | None = None
+        #: (key, ClientCore operation, its arguments)
+        self._queue: list[tuple[bytes, Callable[..., Op[Any]], tuple[Any, ...]]] = []
+        self.results: list[Any] | None = None
 
-    def get(self, key) -> "Pipeline":
+    def get(self, key: bytes) -> Pipeline:
         return self._add(key, ClientCore.search, key)
 
-    def insert(self, key, value) -> "Pipeline":
+    def insert(self, key: bytes, value: bytes) -> Pipeline:
         return self._add(key, ClientCore.insert, key, value)
 
-    def update(self, key, value) -> "Pipeline":
+    def update(self, key: bytes, value: bytes) -> Pipeline:
         return self._add(key, ClientCore.update, key, value)
 
-    def put(self, key, value) -> "Pipeline":
+    def put(self, key: bytes, value: bytes) -> Pipeline:
         return self._add(key, ClientCore.put, key, value)
 
-    def delete(self, key) -> "Pipeline":
+    def delete(self, key: bytes) -> Pipeline:
         return self._add(key, ClientCore.delete, key)
 
-    def _add(self, key, operation, *args) -> "Pipeline":
+    def _add(self, key: bytes, operation: Callable[..., Op[Any]], *args: Any) -> Pipeline:
         # checks the arguments (bad ones raise here); the operation itself is made when the
         # queue runs, on the core ``Client.ready`` hands out then (a settle may replace it)
         operation(self.client.core, *args).close()
@@ -84,17 +90,17 @@ class Pipeline:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def execute(self, raise_on_error: bool = True) -> list:
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Run every queued operation; their outcomes in queue order (see the module doc)."""
         # open, not a fork's child, nothing left cut short; other threads wait till it ends
         with self.client.exclusive() as core:
             return self._execute(core, raise_on_error)
 
-    def _execute(self, core: ClientCore, raise_on_error: bool) -> list:
+    def _execute(self, core: ClientCore, raise_on_error: bool) -> list[Any]:
         queue, self._queue = self._queue, []
         ops = [(key, operation(core, *args)) for key, operation, args in queue]
-        results: list = [None] * len(ops)
-        chains: dict[bytes, list[tuple[int, object]]] = {}
+        results: list[Any] = [None] * len(ops)
+        chains: dict[bytes, list[tuple[int, Op[Any]]]] = {}
         for i, (key, op) in enumerate(ops):
             chains.setdefault(key, []).append((i, op))
         try:
@@ -109,17 +115,17 @@ class Pipeline:
             raise BatchError(results)
         return results
 
-    def __enter__(self) -> "Pipeline":
+    def __enter__(self) -> Pipeline:
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is None and self._queue:
             self.execute()
         else:
             self._queue = []
 
 
-def _in_order(chain: list[tuple[int, object]], results: list):
+def _in_order(chain: list[tuple[int, Op[Any]]], results: list[Any]) -> Op[None]:
     """Generator: one key's operations, one after the other; each outcome into ``results``.
     An operation's exception is its outcome (the others go on); a BaseException that is not
     an Exception (KeyboardInterrupt) stops them all."""
@@ -130,18 +136,19 @@ def _in_order(chain: list[tuple[int, object]], results: list):
             results[i] = e
 
 
-def _ignore(index, result) -> None:
+def _ignore(index: int, result: object) -> None:
     pass
 
 
-def get_many(client, keys: Iterable, depth: int = DEPTH) -> list:
+def get_many(client: Client, keys: Iterable[bytes], depth: int = DEPTH) -> list[Any]:
     p = Pipeline(client, depth)
     for key in keys:
         p.get(key)
     return p.execute()
 
 
-def put_many(client, items: Mapping | Iterable, depth: int = DEPTH) -> None:
+def put_many(client: Client, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],
+             depth: int = DEPTH) -> None:
     p = Pipeline(client, depth)
     for key, value in (items.items() if isinstance(items, Mapping) else items):
         p.put(key, value)

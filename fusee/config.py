@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fusee.errors import ConfigError
+from fusee.errors import ConfigError as ConfigError      # raised here; imported from here too
 
 KiB, MiB = 1 << 10, 1 << 20
 

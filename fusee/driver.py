@@ -14,12 +14,15 @@ alone; a new epoch reaches every operation in flight.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
-from fusee.verbs import (AwaitMembership, Backoff, Batch, EpochChanged, NodeTimeout, Op, T,
+from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Op, Step, T,
                          TransportError)
 
 Operation = Op[Any]
+#: an operation in flight: its index among the operations, itself, the batch it yielded last
+Flight = tuple[int, Operation, Step]
 
 
 def run(op: Op[T], transport: Any) -> T:
@@ -38,14 +41,15 @@ def run(op: Op[T], transport: Any) -> T:
             else:
                 batch = op.send(results)
     except StopIteration as stop:
-        return stop.value
+        result: T = stop.value
+        return result
     except BaseException:
         op.close()
         raise
 
 
-def run_concurrently(ops: Iterable[Operation], transport, depth: int = 0,
-                     on_done: Callable[[int, Any], None] | None = None) -> list | None:
+def run_concurrently(ops: Iterable[Operation], transport: Any, depth: int = 0,
+                     on_done: Callable[[int, Any], None] | None = None) -> list[Any] | None:
     """Drive ``ops`` with up to ``depth`` of them in flight (0: all at once).
 
     ``ops`` is consumed lazily, one operation whenever a place is free, so it may be an endless
@@ -62,7 +66,7 @@ def run_concurrently(ops: Iterable[Operation], transport, depth: int = 0,
     results: dict[int, Any] = {}
     finish = on_done or results.__setitem__
     source = enumerate(ops)
-    active: list[tuple[int, Operation, Batch]] = []
+    active: list[Flight] = []
 
     def admit() -> None:
         while not depth or len(active) < depth:
@@ -97,16 +101,16 @@ def run_concurrently(ops: Iterable[Operation], transport, depth: int = 0,
                 else:
                     active[0] = (index, op, batch)
                 continue
-            merged: list = []
-            ends = []                   # where each operation's slice ends; -1: no verbs
+            merged: list[Any] = []
+            ends: list[int] = []        # where each operation's slice ends; -1: no verbs
             pause = 0.0
             awaiting = False
             for _, _, batch in active:
-                kind = type(batch[0]) if batch else None
-                if kind is Backoff:     # no verb: it waits, for the others
-                    pause = max(pause, batch[0].seconds)
+                first = batch[0] if batch else None
+                if type(first) is Backoff:      # no verb: it waits, for the others
+                    pause = max(pause, first.seconds)
                     ends.append(-1)
-                elif kind is AwaitMembership:
+                elif type(first) is AwaitMembership:
                     awaiting = True
                     break
                 else:
@@ -152,7 +156,8 @@ def run_concurrently(ops: Iterable[Operation], transport, depth: int = 0,
     return None if on_done else [results[i] for i in range(len(results))]
 
 
-def _await_together(active: list, execute, finish) -> None:
+def _await_together(active: list[Flight], execute: Callable[[Step], list[Any]],
+                    finish: Callable[[int, Any], None]) -> None:
     """Some operations in flight wait for the next membership epoch (AwaitMembership): ask
     the executor for it once. A new epoch (EpochChanged) is thrown into every operation in
     flight, none of whose batches went out; any other answer into those that asked."""
@@ -174,7 +179,7 @@ def _await_together(active: list, execute, finish) -> None:
     active[:] = still
 
 
-def _own_failure(error: TransportError, completions: list | None, start: int,
+def _own_failure(error: TransportError, completions: list[Any] | None, start: int,
                  end: int) -> TransportError | None:
     """The error one operation would have seen had its slice been a batch of its own."""
     if completions is None:             # no per-request detail: everyone in the batch failed

@@ -21,6 +21,9 @@ round for its slot simply retries on another free slot.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from fusee.errors import KeyExists, Stalled
 from fusee.hashing import key_hash
 from fusee.layout import (ABORTED, COMMITTED, FP_SHIFT, FROZEN, INSERT, SLOTS_PER_BUCKET,
@@ -31,30 +34,40 @@ from fusee.replication import (LOSE, RESTART, RULE3, WIN, cas_primary, decide, f
                                propose, resolve, unfreeze_requests)
 from fusee.resize import split
 from fusee.reuse import is_named
-from fusee.verbs import EPOCH_ENDS, Cas, Read
+from fusee.verbs import EPOCH_ENDS, Cas, Op, Read
+
+if TYPE_CHECKING:
+    from fusee.hashing import KeyHash
+    from fusee.log import NewObject
+    from fusee.operations import ClientCore
+    from fusee.replication import SlotTarget
+
+#: another inserter's claim to wait for: (position, claim value, primary value)
+Rival = tuple[int, int, int]
 
 CLEAR, EXISTS, YIELD = "clear", "exists", "yield"
 
 
-def insert(core, key: bytes, value: bytes):
+def insert(core: ClientCore, key: bytes, value: bytes) -> Op[str | None]:
     """Generator: the INSERT operation of ``core`` (a ClientCore). An insert that runs out of
     patience (Stalled) withdraws any claim it holds and gives its object back."""
     return core.with_objects(INSERT, key, value, lambda obj, _: _insert(core, obj, key))
 
 
-def _insert(core, obj, key: bytes):
+def _insert(core: ClientCore, obj: NewObject, key: bytes) -> Op[str | None]:
     h = key_hash(key)
     s = core.slot_value(h, obj)
     writes = obj.writes
     lost: dict[tuple[int, int], int] = {}       # (sid, pos) -> value when we lost it
     waits = 0                                   # re-reads spent waiting on other clients
-    open_round = None                           # (epoch, target, v_old, committed)
+    # (epoch, target, v_old, committed: None until the commit record is through)
+    open_round: tuple[int, SlotTarget, int, bool | None] | None = None
     while True:
         try:
             sid, depth = core.dir.lookup(h)
             t_nodes = core.dir.nodes(sid)
             reads, firsts = core.bucket_reads(sid, h, t_nodes[0])
-            res = yield from core.rt(reads + writes)
+            res = yield from core.rt([*reads, *writes])
             writes = []
             view = core.view(res, firsts, sid)
             if view.stale:
@@ -94,10 +107,10 @@ def _insert(core, obj, key: bytes):
                 if verdict == RULE3:
                     verdict = yield from resolve(t, v_old, s, current)
                 if verdict == WIN and (fix := fix_requests(t, current, s)):
-                    got = (yield from core.rt(fix + claim_reads))[len(fix):] + got[2:]
+                    got = (yield from core.rt([*fix, *claim_reads]))[len(fix):] + got[2:]
                 expected = v_old
             else:
-                got = yield from core.rt([Cas(t.primary, t.addr, v_old, s | TENTATIVE)] + extra)
+                got = yield from core.rt([Cas(t.primary, t.addr, v_old, s | TENTATIVE), *extra])
                 old, got = got[0], got[1:]
                 verdict = WIN if old == v_old else (RESTART if old & FROZEN else LOSE)
                 expected = s | TENTATIVE
@@ -146,6 +159,7 @@ def _insert(core, obj, key: bytes):
                 core.alloc.release(obj.ptr)
                 raise KeyExists(key)
             core.retry()
+            assert other is not None, "a YIELD names the lower claim to wait for"
             yield from _await_claim(core, t.sid, other, claim_node, t.primary)
         except EPOCH_ENDS as err:
             writes = yield from core.epoch_ended(err, obj)
@@ -154,7 +168,7 @@ def _insert(core, obj, key: bytes):
             epoch, t, v_old, committed = open_round
             open_round = None
             if not t.backups:           # an r = 1 claim sits on the primary: take it back
-                yield from core.retrying(lambda: _take_back(core, t, obj, s, v_old))
+                yield from core.retrying(lambda: _take_back(core, t, obj, s, v_old))  # noqa: B023 (retrying calls it at once)
                 return FRESH
             # settling the round meets the end of the next epoch too when more MNs die
             if committed is None:       # did the commit record reach a live replica?
@@ -165,13 +179,14 @@ def _insert(core, obj, key: bytes):
             # the failover keeps an insert's claim only once committed (checked for
             # duplicates); any other claim it withdrew
             decided = WIN if committed else None
-            if (yield from core.retrying(lambda: core.fate(epoch, t, v_old, s, decided))) == WIN:
+            if (yield from core.retrying(lambda: core.fate(epoch, t, v_old, s, decided))) == WIN:  # noqa: B023 (retrying calls it at once)
                 core.cache.store(key, t.sid, t.pos, s)
                 return None
             return FRESH
 
 
-def _free_slots(slots: dict[int, int], sid: int, lost: dict) -> list[int]:
+def _free_slots(slots: dict[int, int], sid: int, lost: dict[tuple[int, int], int]
+                ) -> list[int]:
     """Free positions, emptiest bucket first, skipping slots whose round we lost."""
     free = [p for p, v in slots.items() if not v & TAKEN]      # layout.is_free, inline
     if lost:
@@ -186,7 +201,8 @@ def _emptiest_first(bucket: list[int]) -> tuple[int, int]:
     return -len(bucket), bucket[0]
 
 
-def _learn(known: dict, key: bytes, values: list[int], bufs) -> bool:
+def _learn(known: dict[int, bool], key: bytes, values: list[int], bufs: Sequence[bytes]
+           ) -> bool:
     """Judge slot values by the objects read after the slots: ``known[v]`` says whether
     ``v`` names our key. A verdict is about the object read, not about the value: once the
     slot moves on, its object is freed and the memory reused, and the same value may name
@@ -204,7 +220,9 @@ def _learn(known: dict, key: bytes, values: list[int], bufs) -> bool:
     return settled
 
 
-def _check(core, t, s, h, key, firsts, prims, claims, known, settled):
+def _check(core: ClientCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
+           firsts: tuple[int, int], prims: dict[int, int], claims: dict[int, int],
+           known: dict[int, bool], settled: bool) -> Op[tuple[str, Rival | None]]:
     """Generator: the duplicate check once our claim is visible on the claim MN. ``claims``
     were read there after our claim, ``prims`` from the primary BEFORE that, ``known`` the
     verdicts (``_learn``) on objects read after both (``settled``: every one had a verdict).
@@ -280,7 +298,8 @@ def _differ(claims: dict[int, int], prims: dict[int, int], pos: int) -> bool:
     return mine != prims
 
 
-def _await_claim(core, sid, claim, claim_node, primary):
+def _await_claim(core: ClientCore, sid: int, claim: Rival, claim_node: int, primary: int
+                 ) -> Op[None]:
     """Generator: poll until another inserter's claim is resolved (its claim value or the
     slot's primary value changes); Stalled after ``core.patience`` polls."""
     pos, cv, pv = claim
@@ -294,7 +313,8 @@ def _await_claim(core, sid, claim, claim_node, primary):
             polls, f"slot {sid}:{pos}: another insert's claim is not resolved")
 
 
-def _take_back(core, t, obj, s, v_old):
+def _take_back(core: ClientCore, t: SlotTarget, obj: NewObject, s: int, v_old: int
+               ) -> Op[None]:
     """Generator: withdraw an r = 1 claim, unless its primary is dead (then the failover
     settles the slot). A rebuild published since copied the claim onto the MN it rebuilt:
     the claim is withdrawn from every replica the slot has now, or that copy would name our
@@ -306,11 +326,12 @@ def _take_back(core, t, obj, s, v_old):
     yield from _withdraw(core, now, obj, s, v_old, s | TENTATIVE, claim=s | TENTATIVE)
 
 
-def _withdraw(core, t, obj, s, v_old, expected, claim=None):
+def _withdraw(core: ClientCore, t: SlotTarget, obj: NewObject, s: int, v_old: int,
+              expected: int, claim: int | None = None) -> Op[None]:
     """Generator: end our claimed round with a fresh void value (log entry marked first).
     ``claim``: what the backups hold (``s`` but for a claim taken back from a rebuilt
     copy)."""
     void = core.free_value()
     mark = core.log.record(obj, ABORTED, slot_ref(t.sid, t.pos), v_old)
-    yield from core.rt([Cas(n, t.addr, claim or s, void) for n in t.backups] + mark)
+    yield from core.rt([*(Cas(n, t.addr, claim or s, void) for n in t.backups), *mark])
     yield from cas_primary(t, expected, void)

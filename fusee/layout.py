@@ -49,6 +49,7 @@ Client metadata slot: magic, group count, log list heads, incarnation counter, t
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import NamedTuple
 
 # ISA-L's crc32: zlib's polynomial and results, several times faster on a 1 KB object
@@ -146,7 +147,7 @@ def committed_object(v: int) -> bool:
     return v & LEN_BITS != 0 and not v & (TENTATIVE | FROZEN)
 
 
-def any_frozen(values) -> bool:
+def any_frozen(values: Iterable[int]) -> bool:
     """Some slot value of ``values`` has the FROZEN bit: one pass in C, no Python-level call
     per slot (a duplicate check tests every slot of two combined buckets)."""
     return any(map(FROZEN.__and__, values))
@@ -278,8 +279,9 @@ def pack_u64(v: int) -> bytes:
     return _U64.pack(v)
 
 
-def unpack_u64(b, offset: int = 0) -> int:
-    return _U64.unpack_from(b, offset)[0]
+def unpack_u64(b: bytes | bytearray | memoryview, offset: int = 0) -> int:
+    value: int = _U64.unpack_from(b, offset)[0]
+    return value
 
 
 # -- client metadata slot (MemoryMap.client_meta) and data block headers ---------------------

@@ -51,11 +51,16 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import InitVar, dataclass, field
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Any
 
 # the master's errors belong to the store's one tree; imported from here too
-from fusee.errors import (DataLost, FuseeError, LeaseError, LeaseExpired,  # noqa: F401
-                          LeaseLapsed, TransitionInProgress)
+from fusee.errors import DataLost as DataLost
+from fusee.errors import FuseeError
+from fusee.errors import LeaseError as LeaseError
+from fusee.errors import LeaseExpired as LeaseExpired
+from fusee.errors import LeaseLapsed as LeaseLapsed
+from fusee.errors import TransitionInProgress as TransitionInProgress
 from fusee.membership import Membership
 from fusee.rejoin import Rejoins, node_states
 
@@ -120,7 +125,7 @@ class _Job:
         self.error = error
         self.retry_at = now + min(REPAIR_BACKOFF * 2 ** (self.attempts - 1), REPAIR_BACKOFF_MAX)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         return {"reason": self.reason, "attempts": self.attempts, "error": self.error,
                 "running": self.running}
 
@@ -408,7 +413,7 @@ class Master:
         return r
 
     # -- views and persistence --------------------------------------------------------------
-    def status(self, now: float) -> dict:
+    def status(self, now: float) -> dict[str, Any]:
         """A snapshot for operators and tests (string keys, so it travels as msgpack or JSON):
         seconds left on each lease, the failover and repair queues, the recycled ids, and
         ``memnodes``: each MN's state, progress and placement (``fusee.rejoin.node_states``)."""
@@ -428,18 +433,18 @@ class Master:
                 "memnodes": node_states(len(self.memnodes), self.replicas, self.dead,
                                         self.failing, self.rejoins)}
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         """What must survive a restart (JSON-able)."""
         return {"version": STATE_VERSION, "memnodes": list(self.memnodes),
                 "replicas": self.replicas, "membership": self.membership.to_wire(),
                 "failing": list(self.failing),
-                "clients": {str(c): l.token for c, l in sorted(self.clients.items())},
+                "clients": {str(c): lease.token for c, lease in sorted(self.clients.items())},
                 "repairs": {str(c): r.reason for c, r in sorted(self.repairs.items())},
                 "free_ids": list(self.free_ids), "next_id": self.next_id}
 
     @classmethod
-    def restore(cls, state: dict, memnodes: Iterable[int], client_lease: float,
-                mn_lease: float, grace: float, now: float, replicas: int = 0) -> "Master":
+    def restore(cls, state: dict[str, Any], memnodes: Iterable[int], client_lease: float,
+                mn_lease: float, grace: float, now: float, replicas: int = 0) -> Master:
         """Carry on from ``state()``: every known client gets a full lease from ``now``."""
         memnodes = tuple(memnodes)
         try:

@@ -37,6 +37,8 @@ Design: docs/design.md#the-four-operations.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from fusee import insert as insert_mod
 from fusee import search as search_mod
@@ -50,7 +52,7 @@ from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry, View
 from fusee.holdings import adopt
 from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, IN_USE, LOST,
                           MAX_CLIENT_IDS, META_GROUPS, META_INCARNATION, META_MAGIC,
-                          META_MAGIC_OFF, META_STATE, NO_SLOT, TAIL_BYTES, UPDATE,
+                          META_MAGIC_OFF, META_STATE, NO_SLOT, TAIL_BYTES, UPDATE, ObjectView,
                           free_value, make_slot, object_extent, object_tail, pack_u64,
                           slot_ref, unpack_u64)
 from fusee.log import NewObject, ObjectLog
@@ -60,8 +62,11 @@ from fusee.replication import (LOSE, RESTART, RULE3, WIN, SlotTarget, await_chan
                                cas_primary, decide, fix_requests, propose, resolve,
                                unfreeze_requests)
 from fusee.reuse import ObjectReads
-from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, Read,
-                         TransportError, Write)
+from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, Op, Read,
+                         Request, T, TransportError, Write)
+
+#: a key found in the index: (slot position, slot value, the object it names)
+Found = tuple[int, int, ObjectView]
 
 
 #: re-reads an operation spends waiting on another client before it raises Stalled (about a
@@ -73,7 +78,7 @@ PATIENCE = 200_000
 
 class ClientCore:
     def __init__(self, config: ClusterConfig, client_id: int, cache_capacity: int = 65536,
-                 patience: int = PATIENCE, membership: Membership = Membership()):
+                 patience: int = PATIENCE, membership: Membership = Membership()) -> None:
         if type(client_id) is not int:
             raise TypeError("client_id must be an int")
         self.config, self.layout = config, config.layout
@@ -108,33 +113,33 @@ class ClientCore:
         self.patience = patience
 
     # -- public operations (each returns a generator) --------------------------------------
-    def open(self):
+    def open(self) -> Op[None]:
         return self.retrying(self._open)
 
-    def close(self):
+    def close(self) -> Op[None]:
         """Generator: send what is deferred, then mark the id CLEAN: nothing of it is in
         flight, so a later client may take it over (``fusee.holdings.adopt``)."""
         return self.retrying(self._close)
 
-    def search(self, key):
+    def search(self, key: bytes) -> Op[bytes | None]:
         key = check_key(key, self.layout.max_key_size)
         return self.tracked(search_mod.search(self, key, key_hash(key)))
 
-    def insert(self, key, value):
+    def insert(self, key: bytes, value: bytes) -> Op[str | None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
         return self.tracked(insert_mod.insert(self, key, value))
 
-    def update(self, key, value):
+    def update(self, key: bytes, value: bytes) -> Op[str | None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
         return self.tracked(self._replace(key, value, UPDATE))
 
-    def delete(self, key):
+    def delete(self, key: bytes) -> Op[str | None]:
         key = check_key(key, self.layout.max_key_size)
         return self.tracked(self._replace(key, b"", DELETE))
 
-    def put(self, key, value):
+    def put(self, key: bytes, value: bytes) -> Op[str | None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
         return self.tracked(self._put(key, value))
@@ -147,7 +152,7 @@ class ClientCore:
         (``fusee.settle``): ``close`` must not call the id CLEAN before that."""
         return not self.in_flight and not self.cut_short
 
-    def tracked(self, op):
+    def tracked(self, op: Op[T]) -> Op[T]:
         """Generator: ``op`` counted in ``in_flight`` while it runs. It ends half way when
         anything but its result or one of its own outcomes ends it: an exception thrown in
         between two round trips (KeyboardInterrupt, GeneratorExit when its driver drops it),
@@ -168,23 +173,24 @@ class ClientCore:
                 self.cut_short = True
 
     @property
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         c = self.cache
         return dict(self.counters, cache_hits=c.hits, cache_misses=c.misses,
                     cache_bypassed=c.bypassed, **self.alloc.stats)
 
     # -- plumbing --------------------------------------------------------------------------
-    def rt(self, reqs: list):
+    def rt(self, reqs: Sequence[Request]) -> Op[list[Any]]:
         """Generator: one round trip for ``reqs`` plus the deferred frees and ABORTED marks."""
         if not self.deferred and not self.aborts:
-            return (yield reqs)
+            completions: list[Any] = yield reqs
+            return completions
         ptrs, self.deferred = self.deferred, []
         released, self.releases = self.releases, []
         aborts, self.aborts = self.aborts, []
         marks = [w for obj in aborts for w in self.log.record(obj, ABORTED, NO_SLOT, 0)]
         ahead = len(reqs) + len(marks)
         try:
-            res = yield list(reqs) + marks + [self.alloc.free_request(p) for p in ptrs]
+            res: list[Any] = yield [*reqs, *marks, *(self.alloc.free_request(p) for p in ptrs)]
         except TransportError as e:
             # marks go out again with the next batch (a newer record of the same outcome);
             # frees that surely did not happen too (to the home of the next epoch); with no
@@ -219,7 +225,7 @@ class ClientCore:
         self.meta_nodes = self.alloc.meta_nodes = self.log.meta_nodes = self.dir.replicas
         self.counters["epochs"] += 1
 
-    def new_epoch(self, error: TransportError):
+    def new_epoch(self, error: TransportError) -> Op[None]:
         """Generator: the epoch this operation ran in is over (``error``: a dead node's
         NodeTimeout, or EpochChanged): get the next one from the driver and adopt it. The
         driver raises NodeTimeout when no failover comes."""
@@ -233,7 +239,7 @@ class ClientCore:
         if error.membership.epoch > self.membership.epoch:
             self.place(error.membership)
 
-    def epoch_ended(self, error: TransportError, obj: NewObject):
+    def epoch_ended(self, error: TransportError, obj: NewObject) -> Op[list[Write]]:
         """Generator: an operation writing ``obj`` met the end of its epoch: adopt the next
         one; returns ``obj``'s first writes again, for the replicas still alive (the batch
         that carried them may have reached none)."""
@@ -241,7 +247,8 @@ class ClientCore:
         self.retry()
         return self.log.rewrite(obj)
 
-    def fate(self, epoch: int, t: SlotTarget, v_old: int, v_new: int, decided: str | None):
+    def fate(self, epoch: int, t: SlotTarget, v_old: int, v_new: int, decided: str | None
+             ) -> Op[str]:
         """Generator: WIN, LOSE or RESTART for the round this client had open at ``t`` when
         ``epoch`` ended (``Membership.fate``). Reads the round's primary if it is alive, else
         its first live replica: a FROZEN value there is final, and tells the round's fate
@@ -259,7 +266,8 @@ class ClientCore:
                 now = None
         return m.fate(epoch, t.sid, t.pos, v_old, v_new, decided, now)
 
-    def retrying(self, step, ends=EPOCH_ENDS):
+    def retrying(self, step: Callable[[], Op[T]],
+                 ends: tuple[type[TransportError], ...] = EPOCH_ENDS) -> Op[T]:
         """Generator: run ``step()`` (a generator function) until it completes in one epoch."""
         while True:
             try:
@@ -267,7 +275,7 @@ class ClientCore:
             except ends as e:
                 yield from self.new_epoch(e)
 
-    def _open(self):
+    def _open(self) -> Op[None]:
         """Claim the id: one CAS of its STATE word on the first metadata replica, from CLEAN
         to this client's ``claim`` (so of two clients opening the same id, one wins; the
         other gets NeedsRecovery). A fresh id gets its first block group; one a client left
@@ -278,11 +286,11 @@ class ClientCore:
         meta = self.map.client_meta(self.client_id)
         if self.free_seq == 0:
             m0 = self.meta_nodes[0]
-            res = yield [self.dir.read(), Read(m0, g.header_word(HDR_MAGIC), 8),
-                         Read(m0, HEADER_LAYOUT, 8),
-                         Cas(m0, meta + META_STATE, CLEAN, self.claim),
-                         Read(m0, meta + META_GROUPS, 8)] + [
-                         Faa(m, meta + META_INCARNATION, 1) for m in self.meta_nodes]
+            claim: list[Request] = [self.dir.read(), Read(m0, g.header_word(HDR_MAGIC), 8),
+                                    Read(m0, HEADER_LAYOUT, 8),
+                                    Cas(m0, meta + META_STATE, CLEAN, self.claim),
+                                    Read(m0, meta + META_GROUPS, 8)]
+            res = yield claim + [Faa(m, meta + META_INCARNATION, 1) for m in self.meta_nodes]
             if unpack_u64(res[2]) != self.map.fingerprint or unpack_u64(res[1]) != INDEX_MAGIC:
                 raise StoreFormatError("the memory nodes were formatted for another layout")
             if res[3] not in (CLEAN, self.claim):
@@ -301,18 +309,18 @@ class ClientCore:
         if self.alloc.current is None:
             yield from self.alloc.grow()
 
-    def _flush(self):
+    def _flush(self) -> Op[None]:
         if self.deferred or self.aborts:
             yield from self.rt([])
 
-    def _close(self):
+    def _close(self) -> Op[None]:
         yield from self._flush()            # frees first: CLEAN says nothing is owed
         yield from self.alloc.give_back()
         meta = self.map.client_meta(self.client_id)
         yield from self.rt([Write(m, meta + META_STATE, pack_u64(CLEAN))
                             for m in self.meta_nodes])
 
-    def waited(self, n: int, what: str):
+    def waited(self, n: int, what: str) -> Op[int]:
         """Generator: count one more re-read spent waiting on another client's write, claim
         or split (backing off once the wait is long): Stalled once ``patience`` of them went
         by (that client probably crashed). Returns the count."""
@@ -323,7 +331,7 @@ class ClientCore:
         yield from backoff(n)
         return n
 
-    def split_seen(self, sid: int, waits: int):
+    def split_seen(self, sid: int, waits: int) -> Op[int]:
         """Generator: the key's buckets said subtable ``sid`` is split or being split: count
         the wait (``waited``) and re-read the directory. Returns the waits so far."""
         waits = yield from self.waited(waits, f"subtable {sid} is being split")
@@ -331,18 +339,19 @@ class ClientCore:
         yield from self.refresh()
         return waits
 
-    def refresh(self):
+    def refresh(self) -> Op[None]:
         """Generator: re-read the directory (a FROZEN slot said ours is stale)."""
         (buf,) = yield from self.rt([self.dir.read()])
         self.dir.load(buf)
 
-    def retry(self):
+    def retry(self) -> None:
         self.counters["retries"] += 1
 
-    def bucket_reads(self, sid: int, h: KeyHash, node: int):
+    def bucket_reads(self, sid: int, h: KeyHash, node: int
+                     ) -> tuple[list[Read], tuple[int, int]]:
         return self.dir.bucket_reads(sid, h, node)
 
-    def view(self, bufs, firsts, sid: int) -> View:
+    def view(self, bufs: list[bytes], firsts: tuple[int, int], sid: int) -> View:
         return View(bufs[:2], firsts, sid)
 
     def target(self, sid: int, pos: int) -> SlotTarget:
@@ -355,7 +364,8 @@ class ClientCore:
     def candidates(self, view: View, h: KeyHash) -> list[tuple[int, int]]:
         return view.candidates(h.fp)
 
-    def match(self, key: bytes, cands, bufs, suspects: ObjectReads):
+    def match(self, key: bytes, cands: list[tuple[int, int]], bufs: list[bytes],
+              suspects: ObjectReads) -> tuple[Found | None, bool]:
         """Find the key among candidate objects: (pos, value, object) or None, and whether a
         candidate's memory was being reused (``fusee.reuse``: look again; CorruptObject once
         its corruption is proven)."""
@@ -369,7 +379,8 @@ class ClientCore:
                 return (pos, v, obj), False
         return None, bad
 
-    def find(self, key: bytes, view: View, h: KeyHash, suspects: ObjectReads):
+    def find(self, key: bytes, view: View, h: KeyHash, suspects: ObjectReads
+             ) -> Op[Found | None | Literal[False]]:
         """Generator: read the key's candidate objects in ``view``: (pos, value, object),
         None when the key is absent, or False when a candidate's memory was being reused (look
         again)."""
@@ -390,14 +401,14 @@ class ClientCore:
         if then_release is not None:
             self.releases.append(then_release)
 
-    def new_object(self, opcode: int, key: bytes, value: bytes):
+    def new_object(self, opcode: int, key: bytes, value: bytes) -> Op[NewObject]:
         """Generator: allocate and encode an object (getting memory first if needed)."""
         units = self.log.units_for(key, value)
         if not self.alloc.ready(units):         # (the common case posts nothing)
             yield from self.retrying(lambda: self._make_room(units))
         return self.log.new_object(opcode, key, value, units)
 
-    def _make_room(self, units: int):
+    def _make_room(self, units: int) -> Op[None]:
         """Generator: make an allocation of ``units`` possible (``Allocator.ensure``)."""
         if (self.deferred or self.aborts) and not self.alloc.ready(units):
             # deliver the frees our log entries owe (and the memory of objects to abort)
@@ -405,7 +416,7 @@ class ClientCore:
             yield from self._flush()
         yield from self.alloc.ensure(units)
 
-    def abandon(self, obj: NewObject):
+    def abandon(self, obj: NewObject) -> Op[None]:
         """Generator: an operation ends in an error without having proposed its object:
         mark the log entry ABORTED (so recovery never redoes it) and reuse the memory."""
         yield from self.rt(self.log.record(obj, ABORTED, NO_SLOT, 0))
@@ -421,7 +432,8 @@ class ClientCore:
         return free_value(self.client_id, self.free_seq)
 
     # -- UPDATE / DELETE -------------------------------------------------------------------
-    def _locate(self, key: bytes, h: KeyHash, writes: list):
+    def _locate(self, key: bytes, h: KeyHash, writes: list[Write]
+                ) -> Op[tuple[int, int, int, int] | None]:
         """Generator: find the key's slot. Returns (sid, pos, value, crc of the object the
         value names) or None (absent), after one bucket read that also carries ``writes``
         (and, with a cached slot, the cached object's last bytes); follows splits."""
@@ -435,7 +447,7 @@ class ClientCore:
                 node, addr, length = object_extent(e.value, self.unit)
                 reads.append(Read(self.alloc.home_of(node), addr + length - TAIL_BYTES,
                                   TAIL_BYTES))
-            res = yield from self.rt(reads + writes)
+            res = yield from self.rt([*reads, *writes])
             writes = []
             view = View(res[:2], firsts, sid)
             if view.stale:
@@ -451,7 +463,8 @@ class ClientCore:
             if found is not False:
                 return found and (sid, found[0], found[1], found[2].crc)
 
-    def with_objects(self, opcode: int, key: bytes, value: bytes, body):
+    def with_objects(self, opcode: int, key: bytes, value: bytes,
+                     body: Callable[[NewObject, bytes], Op[T]]) -> Op[T]:
         """Generator: run ``body(obj, value)`` with a new object until it returns anything but
         FRESH (a failover dropped its proposal: that object's log entry must never commit
         again). An object that ends in Stalled or FRESH goes back (no round of ours is left
@@ -464,13 +477,14 @@ class ClientCore:
             try:
                 result = yield from body(obj, value)
             except Stalled:
-                yield from self.retrying(lambda: self.abandon(obj))
+                yield from self.retrying(lambda: self.abandon(obj))  # noqa: B023 (retrying calls it at once)
                 raise
             if result != FRESH:
                 return result
-            yield from self.retrying(lambda: self.abandon(obj))
+            yield from self.retrying(lambda: self.abandon(obj))  # noqa: B023 (retrying calls it at once)
 
-    def _replace(self, key: bytes, value: bytes, opcode: int, then_insert: bool = False):
+    def _replace(self, key: bytes, value: bytes, opcode: int, then_insert: bool = False
+                 ) -> Op[str | None]:
         """Generator: UPDATE (new object) or DELETE of a present key. ``then_insert``: an
         absent key is inserted next (a put), so the object's ABORTED mark rides with the
         insert's first batch instead of a round trip of its own. (A function returning the
@@ -480,10 +494,11 @@ class ClientCore:
             lambda obj, v: self._replace_with(obj, key, opcode, v, then_insert))
 
     def _replace_with(self, obj: NewObject, key: bytes, opcode: int, value: bytes,
-                      then_insert: bool = False):
+                      then_insert: bool = False) -> Op[str | None]:
         h = key_hash(key)
         writes = obj.writes
-        open_round = None           # (epoch, target, v_old, v_new, old crc, verdict reached)
+        # (epoch, target, v_old, v_new, old crc, verdict reached)
+        open_round: tuple[int, SlotTarget, int, int, int, str | None] | None = None
         while True:
             try:
                 try:
@@ -502,7 +517,7 @@ class ClientCore:
                 v_new = self.slot_value(h, obj) if opcode == UPDATE else unpack_u64(value)
                 t = self.target(sid, pos)
                 ref = slot_ref(sid, pos)
-                current = []
+                current: list[int] = []
                 epoch = self.membership.epoch
                 open_round = (epoch, t, v_old, v_new, old_crc, None)
                 if t.backups:
@@ -512,11 +527,12 @@ class ClientCore:
                     verdict = yield from resolve(t, v_old, v_new, current)
                 if verdict == WIN:
                     open_round = (epoch, t, v_old, v_new, old_crc, WIN)
-                    yield from self.rt(fix_requests(t, current, v_new) +
-                                       self.log.record(obj, COMMITTED, ref, v_old, old_crc))
+                    yield from self.rt([*fix_requests(t, current, v_new),
+                                        *self.log.record(obj, COMMITTED, ref, v_old, old_crc)])
                     verdict, _ = yield from cas_primary(t, v_old, v_new)
                     if verdict == WIN:
-                        return self._replaced(key, obj, opcode, t, v_old, v_new)
+                        self._replaced(key, obj, opcode, t, v_old, v_new)
+                        return None
                     if verdict == RESTART and t.backups:
                         yield from self.rt(unfreeze_requests(t, v_old, v_new))
                 elif verdict == LOSE:
@@ -526,7 +542,8 @@ class ClientCore:
                                                       self.log.record(obj, LOST, ref, v_old),
                                                       self.patience)
                     if verdict == LOSE and opcode == UPDATE:
-                        return self._overwritten(key, obj)
+                        self._overwritten(key, obj)
+                        return None
                     # a DELETE that lost must look again: the winner may have been an UPDATE
                 open_round = None
                 self.retry()
@@ -536,20 +553,22 @@ class ClientCore:
                 writes = yield from self.epoch_ended(err, obj)
                 if open_round is None:
                     continue
-                epoch, t, v_old, v_new, old_crc, verdict = open_round
+                epoch, t, v_old, v_new, old_crc, reached = open_round
                 open_round = None
                 # settling the round meets the end of the next epoch too when more MNs die
                 fate = yield from self.retrying(
-                    lambda: self.fate(epoch, t, v_old, v_new, verdict))
+                    lambda: self.fate(epoch, t, v_old, v_new, reached))  # noqa: B023 (retrying calls it at once)
                 ref = slot_ref(t.sid, t.pos)
                 if fate == WIN:         # the failover kept our proposal: finish as a winner
                     yield from self.retrying(lambda: self.rt(
-                        self.log.record(obj, COMMITTED, ref, v_old, old_crc)))
-                    return self._replaced(key, obj, opcode, t, v_old, v_new)
+                        self.log.record(obj, COMMITTED, ref, v_old, old_crc)))  # noqa: B023 (retrying calls it at once)
+                    self._replaced(key, obj, opcode, t, v_old, v_new)
+                    return None
                 if fate == LOSE and opcode == UPDATE:
                     yield from self.retrying(lambda: self.rt(
-                        self.log.record(obj, LOST, ref, v_old)))
-                    return self._overwritten(key, obj)
+                        self.log.record(obj, LOST, ref, v_old)))  # noqa: B023 (retrying calls it at once)
+                    self._overwritten(key, obj)
+                    return None
                 return FRESH
 
     def _replaced(self, key: bytes, obj: NewObject, opcode: int, t: SlotTarget, v_old: int,
@@ -568,7 +587,7 @@ class ClientCore:
         self.cache.drop(key)
         self.alloc.release(obj.ptr)
 
-    def _put(self, key: bytes, value: bytes):
+    def _put(self, key: bytes, value: bytes) -> Op[str | None]:
         """UPDATE, or INSERT where the key is absent: 5 round trips for a new key (the
         update's object is marked ABORTED with the insert's first batch)."""
         while True:

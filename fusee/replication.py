@@ -76,6 +76,8 @@ def propose(t: SlotTarget, v_old: int, v_new: int, extra: Iterable[Request] = ()
             ) -> Op[tuple[list[int], list[Any]]]:
     """Generator, step 2: CAS every backup (plus ``extra`` requests in the same batch, after
     the CASes). Returns (the backups' current values, the completions of ``extra``)."""
+    # proposals are distinct: a CAS that finds v_old could not tell ours from no change
+    assert v_new != v_old, f"slot {t.sid}:{t.pos}: a proposal of the value it replaces"
     k = len(t.backups)
     res = yield [Cas(n, t.addr, v_old, v_new) for n in t.backups] + list(extra)
     current = [v_new if old == v_old else old for old in res[:k]]
@@ -106,6 +108,7 @@ def cas_primary(t: SlotTarget, expected: int, v_new: int, extra: Iterable[Reques
                 ) -> Op[tuple[str, int]]:
     """Generator, step 4: the linearization point. Returns (outcome, value seen) where the
     outcome is WIN, RESTART (frozen) or LOSE (the primary held something else)."""
+    assert v_new != expected, f"slot {t.sid}:{t.pos}: a primary CAS to the value it expects"
     res = yield [Cas(t.primary, t.addr, expected, v_new)] + list(extra)
     old = res[0]
     if old == expected:

@@ -8,17 +8,22 @@ instead of waiting for the failover, where that is safe (``_on_backups``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from fusee.hashing import KeyHash
 from fusee.index import View
 from fusee.layout import COMMITTED, DELETE, INSERT, decode_object
 from fusee.reuse import ObjectReads, is_named
-from fusee.verbs import EPOCH_ENDS, NodeTimeout
+from fusee.verbs import EPOCH_ENDS, NodeTimeout, Op, Read
+
+if TYPE_CHECKING:
+    from fusee.operations import ClientCore
 
 #: a SEARCH on the backups of a dead primary cannot tell before the failover
 UNSURE = object()
 
 
-def search(core, key: bytes, h: KeyHash):
+def search(core: ClientCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
     """Generator: the SEARCH operation of ``core`` (a ClientCore): the key's value or None."""
     suspects = None                             # made on a cache miss only
     waits = 0
@@ -63,20 +68,25 @@ def search(core, key: bytes, h: KeyHash):
                     got, err = UNSURE, again
                 if got is not UNSURE:
                     core.counters["backup_reads"] += 1
-                    return got
+                    value: bytes | None = got
+                    return value
             yield from core.new_epoch(err)
 
 
-def _on_backups(core, key: bytes, h: KeyHash, sid: int, backups):
+def _on_backups(core: ClientCore, key: bytes, h: KeyHash, sid: int, backups: tuple[int, ...]
+                ) -> Op[Any]:
     """Generator: SEARCH on the live backups of a subtable whose primary stopped
     answering. The backups are never older than the primary, and where they
     agree on the key's slots the failover keeps their values (every writer of such a
     round saw its proposal on all of them), except an insert's claim not yet committed:
-    then, or where they disagree, UNSURE (the failover must decide first)."""
-    reads, firsts = [], None
+    then, or where they disagree, UNSURE (the failover must decide first). Returns the
+    value, None (absent) or UNSURE."""
+    reads: list[Read] = []
+    firsts = None
     for n in backups:
         more, firsts = core.bucket_reads(sid, h, n)
         reads += more
+    assert firsts is not None, "a subtable with backups"
     res = yield from core.rt(reads)
     views = [View(res[i:i + 2], firsts, sid) for i in range(0, len(res), 2)]
     cands = views[0].candidates(h.fp)

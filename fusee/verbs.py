@@ -12,7 +12,8 @@ little-endian words at 8-byte aligned addresses.
 
 from __future__ import annotations
 
-from typing import Any, Generator, NamedTuple, Sequence, TypeVar, Union
+from collections.abc import Generator, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 # the transport errors belong to the store's one tree (fusee.errors); imported from here too
 from fusee.errors import ControlError as ControlError
@@ -44,7 +45,8 @@ class Write(NamedTuple):
 
 
 class Cas(NamedTuple):
-    """8-byte compare-and-swap; completes with the word's old value (swapped iff old == expected)."""
+    """8-byte compare-and-swap; completes with the word's old value (swapped iff
+    old == expected)."""
     node: int
     addr: int
     expected: int
@@ -105,18 +107,18 @@ def _build_verbs_in_c() -> None:
     except ImportError:
         return
     for verb in (Read, Write, Cas, Faa):
-        verb.__new__ = staticmethod(verb_new)
+        verb.__new__ = staticmethod(verb_new)  # type: ignore[method-assign,assignment]  # the point
 
 
 _build_verbs_in_c()
 
-Verb = Union[Read, Write, Cas, Faa]
-Control = Union[AllocBlock, FreeBlock]
-Request = Union[Read, Write, Cas, Faa, AllocBlock, FreeBlock]
+Verb = Read | Write | Cas | Faa
+Control = AllocBlock | FreeBlock
+Request = Read | Write | Cas | Faa | AllocBlock | FreeBlock
 Batch = Sequence[Request]
 R = TypeVar("R", bound=Request)
 #: what an operation yields: a batch of requests, or one of the two that are not verbs, alone
-Step = Sequence[Union[Request, AwaitMembership, Backoff]]
+Step = Sequence[Request | AwaitMembership | Backoff]
 #: an operation (sans-IO): yields Steps, is sent each one's completions (a list; None to
 #: start it), returns a T
 Op = Generator[Step, Any, T]
@@ -146,9 +148,9 @@ def validate(req: Request) -> None:
                 raise ValueError(f"{t.__name__}.{name} must be >= 0, got {value}")
         elif not isinstance(value, (bytes, bytearray, memoryview)):
             raise TypeError(f"{t.__name__}.{name} must be bytes, got {type(value).__name__}")
-    if t is Cas and (req.expected > MASK64 or req.desired > MASK64):
+    if isinstance(req, Cas) and (req.expected > MASK64 or req.desired > MASK64):
         raise ValueError("CAS operands must fit in 64 bits")
-    if t is Faa and not -(1 << 63) <= req.delta <= MASK64:
+    if isinstance(req, Faa) and not -(1 << 63) <= req.delta <= MASK64:
         raise ValueError("FAA delta must fit in 64 bits")
 
 

@@ -13,10 +13,12 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from collections.abc import Sequence
+from typing import cast
 
 from fusee.config import ClusterConfig
-from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Backoff, Cas, Faa, FreeBlock,
-                         NodeTimeout, Read, RemoteAccessError, Request, TransportError, Write)
+from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Backoff, Batch, Cas, Faa,
+                         FreeBlock, NodeTimeout, Read, RemoteAccessError, Request, Step,
+                         TransportError, Write)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class Transport(ABC):
         self.stats = TransportStats()
         self.regions: dict[int, RegionInfo] = {}
 
-    def execute(self, batch: Sequence[Request]) -> list:
+    def execute(self, batch: Step) -> list:
         """Post a batch and wait for every completion: one round trip.
 
         Returns the completions in batch order (bytes for READ, None for WRITE, the old word
@@ -120,15 +122,16 @@ class Transport(ABC):
                               "waits for the failover)", None, [None])
         if len(batch) > MAX_BATCH:
             raise ValueError(f"a batch of {len(batch)} requests exceeds MAX_BATCH={MAX_BATCH}")
+        requests = cast(Batch, batch)       # the two that are not verbs come alone: seen above
         s = self.stats
         s.round_trips += 1
-        s.verbs += len(batch)
+        s.verbs += len(requests)
         regions = self.regions
-        for req in batch:
+        for req in requests:
             s.count(req)
             if req.node not in regions:
                 raise ValueError(f"no memory node {req.node!r} in this cluster")
-        return self._execute(batch)
+        return self._execute(requests)
 
     @abstractmethod
     def _execute(self, batch: Sequence[Request]) -> list:

@@ -22,7 +22,7 @@ _monotonic = time.monotonic
 
 class Channels:
     def __init__(self, config: ClusterConfig):
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.socks: dict[int, zmq.Socket] = {}
         self.rcvtimeo: dict[int, int] = {}             # the RCVTIMEO each socket has now
         self.monitors: dict[int, zmq.Socket] = {}      # CURVE handshake failures, per node
@@ -105,6 +105,7 @@ class Channels:
         monitor = self.monitors.get(node)
         if monitor is None:
             return None
+        assert self.public is not None, "a monitor watches a CURVE handshake"
         return refusal(monitor, self.public, f"MN {node}", self.endpoints[node], node)
 
     def _first_replies(self, payloads: dict[int, bytes], seq: int, timeout: float) -> dict:

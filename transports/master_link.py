@@ -88,9 +88,9 @@ class MasterLink:
         self.timeout = config.timeout if timeout is None else timeout
         self.endpoints = config.masters
         self.at = 0                             # the index of the master talked to
-        self.sock = None
+        self.sock: zmq.Socket[bytes] | None = None
         #: CURVE handshake failures, watched until the master first answers (``_greeting``)
-        self.monitor = None
+        self.monitor: zmq.Socket[bytes] | None = None
         self._open()
         self.seq = secrets.randbits(31)         # distinct from an earlier link's replies
 
@@ -191,6 +191,7 @@ class MasterLink:
     def _greeting(self, deadline: float) -> None:
         """Wait (until ``deadline``) for the master's first reply or a refusal of our CURVE
         key, which raises NotAuthorized at once; once it has answered, stop watching."""
+        assert self.monitor is not None and self.public is not None, "watched under CURVE"
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)

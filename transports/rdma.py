@@ -39,6 +39,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from typing import Any, Literal
 from collections.abc import Sequence
 
 from fusee.emulator import _atomic, wire
@@ -55,14 +56,16 @@ from fusee.transports.channel import Channels, place_replies
 SEND_DEPTH = 128
 STAGING_MIN = 1 << 20
 _GEN_SHIFT = 32
+#: the byte order a NIC delivers fetched atomics in
+ByteOrder = Literal["little", "big"]
 
 
-def fetched_word(raw: bytes, order: str) -> int:
+def fetched_word(raw: bytes, order: ByteOrder) -> int:
     """The old value a CAS/FAA fetched, from the 8 bytes the NIC wrote locally."""
     return int.from_bytes(raw, order)
 
 
-def detect_order(memory_bytes: bytes, fetched: bytes) -> str | None:
+def detect_order(memory_bytes: bytes, fetched: bytes) -> ByteOrder | None:
     """Byte order of a NIC's fetched atomics, from the same word read by READ (memory order,
     little-endian) and fetched by an atomic; None if the word cannot tell (a palindrome) or
     the two disagree."""
@@ -80,7 +83,10 @@ class _Staging:
 
     def __init__(self, pd, access: int):
         self.pd, self.access = pd, access
-        self.size, self.buf, self.view, self.mr = 0, None, None, None
+        self.size = 0
+        self.buf: mmap.mmap | None = None
+        self.view: memoryview | None = None
+        self.mr: Any = None
 
     def reserve(self, size: int) -> None:
         if size <= self.size:
@@ -124,13 +130,13 @@ class VerbsTransport(Transport):
         from pyverbs.pd import PD
         from pyverbs.wr import SGE, SendWR
         self._SGE, self._SendWR = SGE, SendWR
-        self.dev = Device.open(device, port, gid_index)
+        self.dev: Device | None = Device.open(device, port, gid_index)
         self.depth = max(2, min(send_depth, self.dev.attr.max_qp_wr))
         self.max_msg = max(1, min(self.dev.max_msg, 1 << 30))
         self.links: dict[int, _Link | None] = {}
         self.retired: dict[int, int] = {}       # node -> MN queue pair to drop on reconnect
         self.control_rkeys: dict[int, int] = {}
-        self.orders: dict[int, str] = {}
+        self.orders: dict[int, ByteOrder] = {}
         self.rdma_stats = {"work_requests": 0, "completions": 0, "reconnects": 0}
         self._gen = 0
         self.channels = None
@@ -155,6 +161,7 @@ class VerbsTransport(Transport):
     def _connect(self, node: int) -> None:
         """A fresh RC queue pair to ``node``, connected through its control channel."""
         from pyverbs.pyverbs_error import PyverbsError
+        assert self.dev is not None, "connecting on a closed transport"
         qp = create_qp(self.dev, self.pd, self.cq, self.depth)
         psn = new_psn()
         args = {**self.dev.info(), "qpn": qp.qp_num, "psn": psn}
@@ -192,7 +199,8 @@ class VerbsTransport(Transport):
         """Learn how each MN's NIC hands back fetched atomics (one round trip for all)."""
         nodes = sorted(self.links)
         if self.atomic_order != "auto":
-            self.orders = dict.fromkeys(nodes, self.atomic_order)
+            fixed: ByteOrder = "big" if self.atomic_order == "big" else "little"
+            self.orders = dict.fromkeys(nodes, fixed)
             return
         batch = [v for n in nodes for v in (Read(n, HEADER_MAGIC, 8), Faa(n, HEADER_MAGIC, 0))]
         got = self._run(batch, raw_atomics=True)
@@ -239,10 +247,10 @@ class VerbsTransport(Transport):
                 try:
                     self.rdma_stats["reconnects"] += 1
                     self._connect(node)
-                except TransportError as err:
+                except TransportError as exc:
                     failed = True
                     for i in verbs:
-                        results[i] = err
+                        results[i] = exc
                     continue
             wrs, off, refused = self._plan(node, batch, verbs, off)
             if refused is not None:
@@ -256,7 +264,8 @@ class VerbsTransport(Transport):
         # Post every chain, send the control requests, then collect everything.
         gen = self._gen = (self._gen + 1) & 0xFFFFFFFF
         deadline = time.monotonic() + self.timeout
-        state = {node: [0, -1, None] for node in chains}    # [next to post, last done, error]
+        #: [next to post, last done, error]
+        state: dict[int, list[Any]] = {node: [0, -1, None] for node in chains}
         for node in chains:
             self._post_window(node, chains[node], state[node], gen)
         if controls:
@@ -264,6 +273,7 @@ class VerbsTransport(Transport):
         errors = self._poll(chains, state, gen, deadline)
 
         staging = self.staging.view
+        assert staging is not None, "reserved before the batch is planned"
         for node, wrs in chains.items():
             done = state[node][1]
             err = errors.get(node)
@@ -294,8 +304,9 @@ class VerbsTransport(Transport):
         """Work requests (i, opcode, remote addr, length, staging offset, compare_add, swap,
         last-of-its-request) for one MN; stops at the first request the region refuses."""
         e, region, staging = self.e, self.regions[node], self.staging.view
+        assert staging is not None, "reserved before the batch is planned"
         base, limit, step = region.addr, region.length, self.max_msg
-        wrs = []
+        wrs: list[tuple[Any, ...]] = []
         for k, i in enumerate(verbs):
             req = batch[i]
             t = type(req)

@@ -121,7 +121,7 @@ class _AuthorizedKeys:
     def __init__(self, directory: Path, server: str):
         self.dir, self.server = directory, server
         self.lock = threading.Lock()
-        self.stamp = None
+        self.stamp: int | None = None
         self.keys: set[bytes] = set()
         self.refused: set[bytes] = set()       # logged once each (a client retries often)
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 import os
 import select
 import time
-from collections.abc import Sequence
 
 from fusee.emulator import _atomic, wire
 from fusee.emulator.memory import SharedSegment
 from fusee.config import ClusterConfig
 from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Backoff, Cas, Faa, FreeBlock,
-                         NodeTimeout, Read, RemoteAccessError, Request, TransportError, Write)
+                         NodeTimeout, Read, RemoteAccessError, Step, TransportError,
+                         Write)
 from fusee.transports.base import RegionInfo, Transport, raise_for_failures
 from fusee.transports.channel import Channels, dead_on_connect, place_replies
 
@@ -155,7 +155,7 @@ class ShmTransport(Transport):
         return tuple(None if n in self._dead or n not in self._nodes else self._nodes[n][1:]
                      for n in range(max(self._nodes, default=-1) + 1))
 
-    def execute(self, batch: Sequence[Request]) -> list:
+    def execute(self, batch: Step) -> list:
         """See Transport.execute: verbs run here, control requests on their MN."""
         if not batch:
             return []
@@ -198,7 +198,7 @@ class ShmTransport(Transport):
                 continue
             st = nodes.get(node)
             try:
-                if dead and node in dead or regions[node].rkey != st[3]:
+                if dead and node in dead or st is None or regions[node].rkey != st[3]:
                     raise self._refusal(node, req)
                 results.append(_OPS[type(req)](st, req, s))
                 continue

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from fusee.emulator import wire
 from fusee.config import ClusterConfig
-from fusee.verbs import MAX_BATCH, Cas, Faa, Read, Request, Write
+from fusee.verbs import MAX_BATCH, Cas, Faa, Read, Request, Step, Write
 from fusee.transports.base import RegionInfo, Transport, group_by_node, raise_for_failures
 from fusee.transports.channel import Channels, dead_on_connect, place_replies
 
@@ -56,7 +56,7 @@ class ZmqTransport(Transport):
                                                 rkey=info["rkey"], shm_name=info["shm_name"])
                 self.dead.discard(node)
 
-    def execute(self, batch: Sequence[Request]) -> list:
+    def execute(self, batch: Step) -> list:
         """See Transport.execute. The common case, a batch of verbs on one live MN, runs
         here flat: Transport.execute's checks and counts inline, one message, one reply (a
         one-round-trip SEARCH made 6 more Python calls the general way). Any other batch
@@ -91,8 +91,9 @@ class ZmqTransport(Transport):
         s.bytes_out += bytes_out
         return self._on_one(node, region.rkey, batch)
 
-    def _on_one(self, node: int, rkey: int, batch: Sequence[Request]) -> list:
-        """A batch for one live MN: one message and its reply; raises on any failure."""
+    def _on_one(self, node: int, rkey: int, batch: Step) -> list:
+        """A batch of verbs for one live MN: one message and its reply; raises on any
+        failure."""
         channels = self.channels
         seq = channels.next_seq()
         reply = channels.roundtrip(node, wire.encode_verbs(seq, rkey, batch), seq, self.timeout)

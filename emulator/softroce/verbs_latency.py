@@ -18,6 +18,7 @@ import statistics
 import struct
 import sys
 import time
+from typing import Any
 
 from fusee.emulator.cluster import LocalCluster
 from fusee.config import LayoutConfig
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=500)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    results = {"host": platform.node(), "kernel": platform.release(), "results": {}}
+    results: dict[str, Any] = {"host": platform.node(), "kernel": platform.release(),
+                               "results": {}}
     with LocalCluster(memnodes=3, transport="verbs", layout=LAYOUT, start_timeout=180) as c:
         data = MemoryMap.of(LAYOUT).data
         for backend in ("verbs", "zmq"):

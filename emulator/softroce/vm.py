@@ -137,8 +137,8 @@ def guest_kernel() -> tuple[Path, Path]:
         shutil.rmtree(old, ignore_errors=True)
     pkg = kernel_package()
     log(f"building the guest kernel cache from {pkg} in {root}")
-    with tempfile.TemporaryDirectory(dir=root.parent, prefix="build-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix="build-") as scratch:
+        tmp = Path(scratch)
         _run(["apt-get", "-o", "APT::Sandbox::User=root", "download", pkg], 900, cwd=tmp,
              stdout=subprocess.DEVNULL)
         (deb,) = tmp.glob(f"{pkg}_*.deb")
@@ -231,8 +231,8 @@ def run(command: list[str], *, cwd: str | None = None, env: dict[str, str] | Non
     ``share``: a host directory the guest may write, at the same path (results come back)."""
     ensure_packages()
     vmlinux, initrd = guest_kernel()
-    with tempfile.TemporaryDirectory(prefix="fusee-softroce-") as out:
-        out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="fusee-softroce-") as scratch:
+        out = Path(scratch)
         shutil.copy2(HERE / "guest.sh", out / "guest.sh")
         genv = _guest_env(env or {})
         if share:

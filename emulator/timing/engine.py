@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from fusee.emulator.timing.profile import Profile
 from fusee.driver import Operation, run
@@ -199,6 +200,7 @@ class TimingModel:
             c.kind, start = call
             c.started = self.now
             c.gen = start()
+            arg: list[Any] | TransportError | None
             how, arg = c.gen.send, None
         else:
             how, arg = c.gen.send, c.results
@@ -328,7 +330,7 @@ class TimingModel:
                 c.results[i] = r
         else:
             mem = self.memory
-            failed = None
+            failed: TransportError | None = None
             for i in part.positions:
                 req = c.batch[i]
                 if failed is not None:

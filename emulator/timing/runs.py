@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -127,7 +128,7 @@ class ModelRun:
         self.names = key_names(np.arange(keys))
         self.server = None
         if system == "fusee":
-            self.stores = []
+            self.stores: list[Any] = []     # ClientCores, or CloverClients
             for i in range(clients + 1):            # the last one loads the keys
                 core = ClientCore(self.config, i)
                 run(core.open(), transport)
@@ -140,10 +141,10 @@ class ModelRun:
             from fusee.bench.clover_server import MetadataServer
             self.server = MetadataServer(self.config, transport)
             self.stores = [CloverClient(memnodes, replicas) for _ in range(clients)]
-            loader, executor = CloverClient(memnodes, replicas), _CloverLoader(self.server,
+            clover, executor = CloverClient(memnodes, replicas), _CloverLoader(self.server,
                                                                                transport)
             for k in self.names:
-                run(loader.insert(k, self.value), executor)
+                run(clover.insert(k, self.value), executor)
 
     def _model(self) -> TimingModel:
         return TimingModel(self.profile, self.memory, self.server)
@@ -198,12 +199,12 @@ class ModelRun:
                     (k, CacheEntry(sid, pos, value)) for k, sid, pos, value in known)
         else:
             from fusee.bench.clover import CloverClient
-            scout = CloverClient(self.stores[0].n_nodes, self.stores[0].r)
+            clover = CloverClient(self.stores[0].n_nodes, self.stores[0].r)
             executor = _CloverLoader(self.server, transport)
             for k in self.names:
-                run(scout.search(k), executor)
+                run(clover.search(k), executor)
             for store in self.stores:
-                store.cache.update(scout.cache)
+                store.cache.update(clover.cache)
 
     def ycsb(self, workload: Workload, warmup_us: float, duration_us: float,
              keyspace: int = 2, theta: float = 0.99, crash: tuple[int, float] | None = None,

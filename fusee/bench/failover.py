@@ -24,7 +24,7 @@ import time
 import traceback
 from array import array
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,8 +107,9 @@ def _client(config_path: str, index: int, o: FailoverOptions, conn: Connection) 
             names = key_names(np.arange(o.keys))
             run_concurrently((core.insert(k, value) for k in names[index::o.clients]), ex,
                              o.depth, lambda i, r: None)
-            ops = {"search": lambda k: core.search(k), "update": lambda k: core.update(k, value),
-                   "insert": lambda k: core.insert(k, value)}
+            ops: dict[str, Callable[[bytes], Op[Any]]] = {
+                "search": lambda k: core.search(k), "update": lambda k: core.update(k, value),
+                "insert": lambda k: core.insert(k, value)}
             stream = OpStream(WORKLOADS[o.workload], o.keys, stream_rng(o.seed, 1, index),
                               insert_base=key_base(1, index), theta=o.theta)
             n = math.ceil(o.duration / o.bucket)
