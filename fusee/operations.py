@@ -397,6 +397,8 @@ class ClientCore:
     def defer_free(self, v: int, then_release: int | None = None) -> None:
         """Free ``v``'s object with the next batch; ``then_release`` (an object of ours whose
         log entry records that free) is reused only once that batch is through."""
+        # a free bit is set once: a second FAA would carry into the next object's bit
+        assert v not in self.deferred, f"object {v:#x} freed twice"
         self.deferred.append(v)
         if then_release is not None:
             self.releases.append(then_release)
