@@ -33,6 +33,10 @@ Faults, all placed deterministically:
   so placing faults does not change the schedule). A crashed memory node fails every verb
   still to come AND every verb of a batch in flight that it had already executed (the client
   never saw those completions).
+- ``slow_node(node)`` / ``resume_node(node)``: MN ``node`` stays alive and executes every
+  verb, but the replies it sends meanwhile come too late: each batch that touches it fails
+  with NodeTimeout for its requests there, although they took effect (a stalled MN process,
+  a lost reply). No failover comes for it: it is alive.
 - ``rebuild(node)``: MN ``node`` (crashed, failed over) restarts empty and the master's
   rebuild (``fusee.rebuild``) makes it a replica again, stop-the-world like a failover.
 - ``fail_over(node)``: the master's failover after MN ``node`` crashed (``fusee.failover``),
@@ -135,6 +139,7 @@ class Simulator:
         self._last: SimClient | None = None
         self.membership = Membership()
         self.failovers: list = []                       # what each failover returned
+        self.slow: set[int] = set()                     # MNs whose replies come too late
 
     # -- setup -----------------------------------------------------------------------------
     def add_client(self, name: str, calls: Iterable[Call]) -> SimClient:
@@ -176,6 +181,14 @@ class Simulator:
     def crash_node(self, node: int) -> None:
         self.memory.crash(node)
         self.faults.append((self.step, f"MN {node} crashed"))
+
+    def slow_node(self, node: int) -> None:
+        self.slow.add(node)
+        self.faults.append((self.step, f"MN {node} slow: its replies come too late"))
+
+    def resume_node(self, node: int) -> None:
+        self.slow.discard(node)
+        self.faults.append((self.step, f"MN {node} answers in time again"))
 
     def fail_over(self, nodes) -> None:
         """The master's failover for crashed MNs ``nodes`` (an id or a collection), with
@@ -293,8 +306,9 @@ class Simulator:
         if c.batch:                                # done (here, or by fail_over's pause)
             results = c.results
             for i, req in enumerate(c.batch):      # completions a dead node never delivered
-                if getattr(req, "node", None) in self.memory.crashed:
-                    results[i] = NodeTimeout(f"MN {req.node} did not answer", req.node)
+                node = getattr(req, "node", None)
+                if node in self.memory.crashed or node in self.slow:
+                    results[i] = NodeTimeout(f"MN {node} did not answer", node)
             try:
                 raise_for_failures(results)
             except TransportError as e:
