@@ -37,8 +37,8 @@ from fusee.layout import (BLOCK_HEADER, MAX_REPLICAS, META_GROUPS, META_RECORDS,
                           NODE_MASK, NODE_SHIFT, ADDR_MASK, encode_block_header, group_record,
                           pack_u64)
 from fusee.memory_map import MemoryMap
-from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeBlock, Read,
-                         TransportError, Write)
+from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeBlock,
+                         NodeTimeout, Read, TransportError, Write)
 
 #: empty batches an operation waits for another's reclaim or growth before calling it stuck
 #: (when driven together it takes a few round trips; only a driver that stopped driving one
@@ -75,6 +75,7 @@ class Allocator:
         self.rng = random.Random(client_id)     # seeded: a simulation replays exactly
         self.stats = {"blocks": 0, "reclaimed": 0}
         self.orphans: list[tuple[int, int]] = []    # blocks of a growth that failed half way
+        self.unsure: set[tuple[int, int]] = set()   # orphans whose AllocBlock got no answer
         self.place(membership)
 
     def place(self, membership: Membership) -> None:
@@ -260,6 +261,11 @@ class Allocator:
                 got.append(n)
         except TransportError as e:
             self.orphans += [(n, addr) for n in got]
+            if type(e) is NodeTimeout:
+                # a slow MN grants it and answers too late, and lives on: given back before
+                # the next claim, unless it refuses it as not ours (it never took)
+                self.orphans.append((n, addr))
+                self.unsure.add((n, addr))
             if type(e) is not ControlError:
                 raise
             yield from self.give_back()
@@ -285,9 +291,13 @@ class Allocator:
         on a dead MN went with it). An MN rebuilt since a block was got refuses it as not
         ours (ControlError) unless the rebuild brought it back (its group header had
         reached a live copy): it went with the old region, and is forgotten; the MN's owner
-        check makes sure nobody else's block is freed."""
+        check makes sure nobody else's block is freed. So does an MN that never took a block
+        whose AllocBlock got no answer (``unsure``); it is given back before the next claim,
+        which may pick that address again."""
         m = self.membership
-        back = [(n, a) for n, a in self.orphans if n not in m.dead]
+        # an unsure one last: a refusal flushes the requests after it on its MN
+        back = sorted(((n, a) for n, a in self.orphans if n not in m.dead),
+                      key=lambda b: b in self.unsure)
         if back:
             try:
                 yield [FreeBlock(n, self.client_id, a) for n, a in back]
@@ -295,10 +305,13 @@ class Allocator:
                 if e.results is None:
                     raise
                 self.orphans = [b for b, r in zip(back, e.results) if r is not None and
-                                not (type(r) is ControlError and b[0] in m.rebuilt)]
+                                not (type(r) is ControlError and
+                                     (b[0] in m.rebuilt or b in self.unsure))]
+                self.unsure.intersection_update(self.orphans)
                 if self.orphans:
                     raise
         self.orphans = []
+        self.unsure.clear()
 
     def reclaim(self):
         """Generator: take back the objects other clients (or we) freed in our blocks."""

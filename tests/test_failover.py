@@ -70,17 +70,23 @@ class Run:
         self.sim = sim = Simulator(mem, seed, expected_errors=ERRORS, max_steps=400_000)
         rng = random.Random(f"workload {seed}")
         self.cores = [ClientCore(cfg, c, patience=PATIENCE) for c in range(clients)]
-        for c, core in enumerate(self.cores):
+        self.stores = [self.store(core) for core in self.cores]
+        for c, (core, store) in enumerate(zip(self.cores, self.stores)):
             work = kv_workload(rng, f"c{c}", KEYS, ops, MIX)
             if splits:      # distinct keys first: the subtable splits while the MN dies
                 work = [("insert", k, b"c%d" % c) for k in self.keys[c::clients]] + work
-            calls = [Call("open", None, None, core.open)] + list(store_calls(core, work))
-            calls.append(Call("close", None, None, core.close))
+            calls = [Call("open", None, None, core.open)] + list(store_calls(store, work))
+            calls.append(Call("close", None, None, store.close))
             sim.add_client(f"c{c}", calls)
         self.crashed = None
         self.recovery = None
         if steps is not None:           # (None: the clean run, to learn how long the run is)
             self.schedule_faults(nodes, steps, victims, delay, crash_client)
+
+    @staticmethod
+    def store(core: ClientCore):
+        """What runs a client's calls: its core, or a wrapper that settles it first."""
+        return core
 
     def schedule_faults(self, nodes: int, steps: int, victims: int, delay: int,
                         crash_client: bool) -> None:
@@ -139,7 +145,9 @@ class Run:
         final.add_client("reader", store_calls(reader, [("get", k, None) for k in self.keys]))
         final.run()
         run(reader.close(), transport)
-        live = [c for i, c in enumerate(self.cores) if i != self.crashed] + [reader]
+        stores = getattr(self, "stores", self.cores)     # (subclasses with their own init)
+        live = [getattr(s, "core", s) for i, s in enumerate(stores)
+                if i != self.crashed] + [reader]
         report = run(audit(cfg, live, m), transport)
         return report, check(history)
 
