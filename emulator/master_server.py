@@ -108,6 +108,9 @@ class MasterServer:
         self.tally: collections.Counter = collections.Counter()     # for fusee.metrics
         self.transport = None                           # the worker's, to the live MNs
         self.last_tick = 0.0
+        #: a gap between two ticks longer than this is a stall of this process (ticks come
+        #: every TICK; a heartbeat is due every quarter MN lease)
+        self.stall = min(config.client_lease, config.mn_lease) / 2
         self.methods = {"register": self._register, "renew": self._renew,
                         "release": self._release, "status": self._status,
                         "ping": lambda args: "pong"}
@@ -289,6 +292,7 @@ class MasterServer:
         now = time.monotonic()
         if now - self.last_tick < TICK:
             return
+        stalled = now - self.last_tick if self.last_tick else 0.0
         self.last_tick = now
         leading = self.leading()
         if leading and not self.was_leading and self.master is not None:
@@ -296,6 +300,14 @@ class MasterServer:
                      "a full lease", flush=True)
             with self.lock:         # refused renewals in the break were not the clients' fault
                 self.master.lease_afresh(now)
+        if stalled > self.stall and self.master is not None:
+            # this process did not run (stopped, or starved): the renewals it did not answer
+            # and the heartbeats it did not send say nothing of the clients' and MNs' health
+            self.log(f"master: this process did not run for {stalled:.1f} s: every client "
+                     f"and memory node gets a full lease", file=sys.stderr, flush=True)
+            with self.lock:
+                self.master.lease_afresh(now)
+                self.master.mn_afresh(now)
         self.was_leading = leading
         if not leading:
             return                  # no expiry while this master cannot be renewed through
@@ -559,6 +571,10 @@ class MasterServer:
             on_bound(bound)
             sock.setsockopt(zmq.RCVTIMEO, int(TICK * 1000))
             while not stop() and not self.stopping.is_set():
+                try:        # first: a request waiting since a stall is answered after tick()
+                    ident = sock.recv()
+                except zmq.Again:
+                    ident = None
                 try:
                     if self.master is None and self.leadership.acquired.is_set():
                         self._take_over()
@@ -576,9 +592,7 @@ class MasterServer:
                              flush=True)
                     self.failed = True
                     break
-                try:
-                    ident = sock.recv()
-                except zmq.Again:
+                if ident is None:
                     continue
                 data = sock.recv(copy=False)
                 if data.more:

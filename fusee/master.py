@@ -482,3 +482,9 @@ class Master:
         (its lease counts from a renewal it sent before ``now``); only slower to expire."""
         for lease in self.clients.values():
             lease.deadline = max(lease.deadline, now + self.client_lease + self.grace)
+
+    def mn_afresh(self, now: float) -> None:
+        """Give every live MN a full lease from ``now``: after a stall of this master, when
+        the heartbeats it did not send say nothing of the MNs' health."""
+        for node, deadline in self.mn_deadline.items():
+            self.mn_deadline[node] = max(deadline, now + self.mn_lease)

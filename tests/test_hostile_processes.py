@@ -15,19 +15,18 @@ python3 -m pytest tests/test_hostile_processes.py -m soak
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import time
 
 import pytest
 from histories import unexpected_errors
+from processes import worker_processes
 from storekit import SMALL
 from test_failover_processes import (
     LEASES,
     _history,
     _wait,
-    _worker,
     read_back_and_check,
     running,
 )
@@ -54,14 +53,7 @@ def _cluster() -> LocalCluster:
 
 
 def _clients(c: LocalCluster, tmp_path, fresh: float = 0.3):
-    """CLIENTS worker processes (not started) on ``c``: (procs, progress, stop, outs)."""
-    ctx = mp.get_context("spawn")
-    progress, stop = ctx.Array("q", CLIENTS, lock=False), ctx.Event()
-    outs = [tmp_path / f"c{i}.jsonl" for i in range(CLIENTS)]
-    procs = [ctx.Process(target=_worker, args=(str(c.config_path), i, str(outs[i]), progress,
-                                               stop, fresh))
-             for i in range(CLIENTS)]
-    return procs, progress, stop, outs
+    return worker_processes(c.config_path, tmp_path, CLIENTS, fresh)
 
 
 def _finish(c: LocalCluster, procs, stop, outs) -> None:
