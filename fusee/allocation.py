@@ -261,7 +261,7 @@ class Allocator:
                 got.append(n)
         except TransportError as e:
             self.orphans += [(n, addr) for n in got]
-            if type(e) is NodeTimeout:
+            if type(e) is NodeTimeout and e.node == n:
                 # a slow MN grants it and answers too late, and lives on: given back before
                 # the next claim, unless it refuses it as not ours (it never took)
                 self.orphans.append((n, addr))
