@@ -477,6 +477,7 @@ class MasterServer:
                 run(job.copy_online(), transport)
                 paused = time.perf_counter()
                 self._pause_for_rebuild(node, overtaken)
+                acked = time.perf_counter()
                 new = run(job.finish(), transport)
             finally:
                 transport.close()
@@ -490,7 +491,7 @@ class MasterServer:
                      f"{type(e).__name__}: {e}", flush=True)
             return
         end = time.perf_counter()
-        seconds, pause_s = end - t0, end - paused
+        seconds, pause_s, last_s = end - t0, end - paused, end - acked
         with self.lock:
             copied = job.online_bytes + self.master.rejoins.progress[0]
             # persisted before anything hands it out, as a failover's
@@ -508,14 +509,16 @@ class MasterServer:
             self.master.rebuild_done(node, new, time.monotonic())
             self.rebuilds.append({"node": node, "epoch": new.epoch, "finished_at": time.time(),
                                   "rebuild_s": seconds, "copied_bytes": copied,
-                                  "online_bytes": job.online_bytes, "pause_s": pause_s})
+                                  "online_bytes": job.online_bytes, "pause_s": pause_s,
+                                  "paused_copy_s": last_s})
             self.work_due.set()
         if self.transport is not None:      # it has the MN as dead: reconnect when needed
             self.transport.close()
             self.transport = None
         self.log(f"master: memory node {node} rebuilt in {seconds * 1000:.1f} ms "
                  f"({copied / 2**20:.1f} MiB copied, {job.online_bytes / 2**20:.1f} MiB of it "
-                 f"online; clients paused {pause_s * 1000:.1f} ms): epoch {new.epoch} "
+                 f"online; clients paused {pause_s * 1000:.1f} ms, {last_s * 1000:.1f} ms of "
+                 f"it copying): epoch {new.epoch} "
                  f"published", flush=True)
 
     def _pause_for_rebuild(self, node: int, overtaken: Callable[[], str | None]) -> None:
