@@ -195,7 +195,7 @@ class Master:
             raise TransitionInProgress(f"memory node {self.failing[0]} died; epoch "
                                        f"{self.pause} is not published yet")
         if self.rejoins.pausing:
-            raise TransitionInProgress(f"memory node {min(self.rejoins.joining)} is being "
+            raise TransitionInProgress(f"memory node {self.rejoins.running} is being "
                                        f"rebuilt; epoch {self.pause} is not published yet")
         return self.reusable_id()
 
