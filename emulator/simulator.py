@@ -38,7 +38,9 @@ Faults, all placed deterministically:
   with NodeTimeout for its requests there, although they took effect (a stalled MN process,
   a lost reply). No failover comes for it: it is alive.
 - ``rebuild(node)``: MN ``node`` (crashed, failed over) restarts empty and the master's
-  rebuild (``fusee.rebuild``) makes it a replica again, stop-the-world like a failover.
+  rebuild (``fusee.rebuild``) makes it a replica again: its online copy runs as a
+  background actor, scheduled verb by verb among the clients (and failing as they do when
+  an MN dies); once it is done, the pause and the rest run stop-the-world like a failover.
 - ``fail_over(node)``: the master's failover after MN ``node`` crashed (``fusee.failover``),
   stop-the-world as the master's pause makes it: every batch in flight completes first, the
   failover runs, and each client's next batch gets the new membership thrown in
@@ -59,7 +61,7 @@ from fusee.driver import Operation, run
 from fusee.failover import failover
 from fusee.layout import CLASSES, object_bytes
 from fusee.membership import Membership
-from fusee.rebuild import rebuild
+from fusee.rebuild import Rebuild
 from fusee.verbs import (AllocBlock, AwaitMembership, Backoff, EpochChanged, FreeBlock,
                          NodeTimeout, TransportError, validate)
 from fusee.transports.base import TransportStats, raise_for_failures
@@ -98,6 +100,9 @@ class SimClient:
     done: bool = False
     epoch: int = 0                                  # the last membership it was given
     waiting: bool = False                           # for the next epoch (AwaitMembership)
+    #: a background actor (not in the history): called with its generator's return value,
+    #: or the TransportError that ended it
+    ended: Callable[[object], None] | None = None
 
     @property
     def runnable(self) -> bool:
@@ -140,6 +145,7 @@ class Simulator:
         self.membership = Membership()
         self.failovers: list = []                       # what each failover returned
         self.slow: set[int] = set()                     # MNs whose replies come too late
+        self.rebuilds: list = []        # (Rebuild, what ended it: a Membership or an error)
 
     # -- setup -----------------------------------------------------------------------------
     def add_client(self, name: str, calls: Iterable[Call]) -> SimClient:
@@ -153,6 +159,10 @@ class Simulator:
     def at_step(self, step: int, fn: Callable[["Simulator"], None]) -> None:
         """Call ``fn(sim)`` just before step ``step`` (if the run gets that far)."""
         self._timers.setdefault(step, []).append(fn)
+
+    def cancel_timers(self) -> None:
+        """Forget every ``at_step`` not fired yet (a run that ended before them)."""
+        self._timers.clear()
 
     def crash_client_at(self, name: str, op: int, verb: int,
                         then: Callable[["Simulator"], None] | None = None) -> None:
@@ -217,18 +227,42 @@ class Simulator:
                 c.epoch = self.membership.epoch
                 self._resume(c, c.gen.throw, EpochChanged(self.membership))
 
-    def rebuild(self, node: int) -> None:
+    def rebuild(self, node: int, then: Callable[[Simulator], None] | None = None) -> None:
         """MN ``node``, crashed and failed over, comes back empty and the master rebuilds it
-        (``fusee.rebuild``), stop-the-world like a failover: every client paused, its next
-        batch gets the new membership thrown in."""
-        for c in self.clients.values():         # the pause: batches in flight complete
-            while c.runnable and c.pending:
-                self._verb(c, next(iter(c.pending)))
-        self.memory.restart(node)
-        self.membership = run(rebuild(self.memory.config, self.membership, node),
-                              LocalTransport(self.memory.config, memory=self.memory))
-        self.faults.append((self.step, f"rebuild of MN {node}: epoch {self.membership.epoch}"))
-        self._wake_waiting()
+        (``fusee.rebuild``): the online copy as a background actor ``rebuild N`` (one more
+        each attempt), then, stop-the-world like a failover, the pause and the rest: every
+        client paused, its next batch gets the new membership thrown in. ``then(sim)`` once
+        the rebuild has ended, published or failed (``rebuilds`` says which)."""
+        if node in self.memory.crashed:
+            self.memory.restart(node)
+        job = Rebuild(self.memory.config, self.membership, node)
+        self.faults.append((self.step, f"rebuild of MN {node}: copying online"))
+        name = f"rebuild {node} #{sum(1 for x, _ in self.rebuilds if x.node == node)}"
+        actor = self.add_client(name, [Call("rebuild", None, None, job.copy_online)])
+        actor.ended = lambda outcome: self._finish_rebuild(job, outcome, then)
+
+    def _finish_rebuild(self, job: Rebuild, outcome, then) -> None:
+        """The online copy of ``job`` ended with ``outcome``: pause and finish it."""
+        if self.membership is not job.membership and not isinstance(outcome, TransportError):
+            outcome = EpochChanged(self.membership)     # the master would have abandoned it
+        if not isinstance(outcome, TransportError):
+            for c in self.clients.values():     # the pause: batches in flight complete
+                while c.runnable and c.pending:
+                    self._verb(c, next(iter(c.pending)))
+            try:
+                outcome = run(job.finish(), LocalTransport(self.memory.config,
+                                                           memory=self.memory))
+            except TransportError as e:
+                outcome = e
+        self.rebuilds.append((job, outcome))
+        if isinstance(outcome, TransportError):
+            self.faults.append((self.step, f"rebuild of MN {job.node} failed: {outcome!r}"))
+        else:
+            self.membership = outcome
+            self.faults.append((self.step, f"rebuild of MN {job.node}: epoch {outcome.epoch}"))
+            self._wake_waiting()
+        if then is not None:
+            then(self)
 
     # -- running ---------------------------------------------------------------------------
     def run(self) -> History:
@@ -285,7 +319,8 @@ class Simulator:
             if call is None:
                 c.done = True
                 return
-            c.op = self.history.invoke(c.name, call.kind, call.key, call.value)
+            c.op = (self.history.invoke(c.name, call.kind, call.key, call.value)
+                    if c.ended is None else Op(-1, c.name, call.kind, None, None, self.step))
             c.ops.append(c.op)
             if self._maybe_crash(c):
                 return
@@ -334,6 +369,9 @@ class Simulator:
 
     def _resume(self, c: SimClient, how, arg) -> None:
         """Feed the generator; take its next batch, or record its result."""
+        if c.ended is not None:
+            self._resume_actor(c, how, arg)
+            return
         op = c.op
         try:
             batch = how(arg)
@@ -348,6 +386,20 @@ class Simulator:
             self._post(c, batch)
             return
         c.gen = c.op = None
+
+    def _resume_actor(self, c: SimClient, how, arg) -> None:
+        """``_resume`` for a background actor: its end, or a failed verb, goes to ``ended``."""
+        try:
+            batch = how(arg)
+        except StopIteration as stop:
+            outcome = stop.value
+        except TransportError as e:
+            outcome = e
+        else:
+            self._post(c, batch)
+            return
+        c.gen = c.op = None
+        c.ended(outcome)
 
     def _post(self, c: SimClient, batch) -> None:
         batch = list(batch)

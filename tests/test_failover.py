@@ -113,20 +113,9 @@ class Run:
         cfg = self.config
 
         def recover():
-            while True:
-                epoch = sim.membership.epoch
-                try:
-                    self.recovery = yield from recover_client(cfg, cid, clock=lambda: 0.0,
-                                                              membership=sim.membership)
-                    return "recovered"
-                except NodeTimeout:
-                    if sim.membership.epoch == epoch:
-                        try:
-                            yield [AwaitMembership(epoch)]
-                        except EpochChanged:
-                            pass
-                except EpochChanged:
-                    pass                # run again under the new membership
+            self.recovery = yield from across_epochs(sim, lambda m: recover_client(
+                cfg, cid, clock=lambda: 0.0, membership=m))
+            return "recovered"
         sim.add_client("recovery", [Call("recover", None, None, recover)])
 
     def go(self):
@@ -150,6 +139,24 @@ class Run:
                 if i != self.crashed] + [reader]
         report = run(audit(cfg, live, m), transport)
         return report, check(history)
+
+
+def across_epochs(sim: Simulator, start):
+    """Generator: ``start(membership)``'s operation under the simulation's membership of the
+    moment, run again from the start after each epoch's end (waiting for the next epoch when
+    an MN does not answer), as the master runs a recovery. Returns its result."""
+    while True:
+        epoch = sim.membership.epoch
+        try:
+            return (yield from start(sim.membership))
+        except NodeTimeout:
+            if sim.membership.epoch == epoch:
+                try:
+                    yield [AwaitMembership(epoch)]
+                except EpochChanged:
+                    pass
+        except EpochChanged:
+            pass                # run again under the new membership
 
 
 def _check(seed: int, cls=Run, **kw) -> Run:

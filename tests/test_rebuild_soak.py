@@ -28,6 +28,7 @@ rebuild copied its header to (unsettled in the audit; fixed, ``Allocator._grow``
 from __future__ import annotations
 
 import pytest
+from fusee.emulator.simulator import Simulator
 from test_rebuild import RebuildRun
 from test_rebuild import _check as check_rebuild
 
@@ -44,21 +45,22 @@ class CycleRun(RebuildRun):
         sim, faults = self.sim, self.sim.fault_rng
         r = self.config.replication
         self.epochs = 2 * self.cycles + 1
-        self.plan, self.done, at = [], 0, 0
+        self.plan, self.done = [], 0
         for _ in range(self.cycles):
             v = faults.randrange(nodes)
             self.plan += [("crash", [v]), ("fail_over", [v]), ("rebuild", v)]
         self.victims = faults.sample(range(nodes), r - 1)
         self.plan += [("crash", self.victims), ("fail_over", self.victims)]
         span = max(2, steps // len(self.plan))
-        for i, (kind, _) in enumerate(self.plan):
-            at += faults.randrange(1, delay if kind == "fail_over" else span)
-            sim.at_step(at, lambda s, i=i: self._act(i))
+        # each step this many steps after the one before (after a rebuild: after it ended)
+        self.gaps = [faults.randrange(1, delay if kind == "fail_over" else span)
+                     for kind, _ in self.plan]
+        sim.at_step(self.gaps[0], lambda s: self._act(0))
         if crash_client:
             sim.at_step(faults.randrange(steps), lambda s: self._crash(s, "c0"))
 
     def _act(self, i: int) -> None:
-        """Carry out step ``i`` of the plan, in order (each once)."""
+        """Carry out step ``i`` of the plan, in order (each once), and schedule the next."""
         if i != self.done:
             return
         kind, what = self.plan[i]
@@ -68,15 +70,32 @@ class CycleRun(RebuildRun):
         elif kind == "fail_over":
             self.sim.fail_over(what)
         else:
-            self.sim.rebuild(what)
+            self.sim.rebuild(what, then=self._rebuilt)
         self.done += 1
+        if kind != "rebuild":
+            self._next()
+
+    def _next(self) -> None:
+        if self.done < len(self.plan):
+            self.sim.at_step(self.sim.step + self.gaps[self.done],
+                             lambda s, i=self.done: self._act(i))
+
+    def _rebuilt(self, sim) -> None:
+        """A rebuild (its online copy, then the pause) ended: again if it failed."""
+        v = self.plan[self.done - 1][1]
+        if v in sim.membership.dead:
+            sim.rebuild(v, then=self._rebuilt)
+        else:
+            self._next()
 
     def go(self):
         """The faults the run ended before, in their order; then ``Run.go``'s checks."""
         sim = self.sim
         sim.run()
+        sim.cancel_timers()
         while self.done < len(self.plan):
             self._act(self.done)
+            Simulator.run(sim)                  # (a rebuild's online copy)
         sim.run = lambda: sim.history           # (run already)
         return super(RebuildRun, self).go()
 
