@@ -9,7 +9,8 @@
  * ``run`` executes a whole batch of the shm client's verbs (transports.shm), checks included:
  * done verb by verb in Python, those checks, copies and counts were a fifth of the client's
  * CPU per operation. ``serve`` is the memory node's counterpart for the zmq transport: a
- * whole msgpack request of one-sided verbs read, checked, run and answered in one call.
+ * whole msgpack request of one-sided verbs read, checked, run and answered in one call;
+ * ``pack`` writes that request on the zmq client's side.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -353,6 +354,89 @@ done:
     return out;
 }
 
+/* pack(seq, rkey, batch, kinds) -> the msgpack verbs request, or None.
+ *
+ * The zmq client's side of ``serve``: [VERBS, seq, rkey, [[opcode, addr, a(, b)], ...]]
+ * (fusee.emulator.wire.encode_verbs) written in one call, for a batch of Read, Write (of
+ * bytes), Cas and Faa whose operands are unsigned 64-bit ints (a FAA's delta wraps, as the
+ * verb does). Integers are written as msgpack uint64, which any decoder reads as the same
+ * value. Anything else gives None, and encode_verbs packs it in Python. ``kinds`` is
+ * (Read, Write, Cas, Faa). */
+static PyObject *pack_verbs(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    uint64_t seq, rkey;
+    if (n == 4 && !PyList_CheckExact(args[2])) return Py_NewRef(Py_None);  /* Python packs it */
+    if (n != 4 || !PyTuple_CheckExact(args[3]) ||
+        PyTuple_GET_SIZE(args[3]) != 4) {
+        PyErr_SetString(PyExc_TypeError, "pack(seq, rkey, batch: list, kinds: tuple)");
+        return NULL;
+    }
+    if (u64_of(args[0], &seq) || u64_of(args[1], &rkey)) return Py_NewRef(Py_None);
+    PyObject *batch = args[2], *kinds = args[3];
+    Py_ssize_t count = PyList_GET_SIZE(batch);
+    if ((uint64_t)count > 0xffffffffu) return Py_NewRef(Py_None);
+    uint64_t size = 1 + 1 + 9 + 9 + 5;
+    for (Py_ssize_t i = 0; i < count; i++) {       /* check, and size the message */
+        PyObject *r = PyList_GET_ITEM(batch, i);
+        int kind = -1;
+        for (int k = 0; k < 4; k++)
+            if ((PyObject *)Py_TYPE(r) == PyTuple_GET_ITEM(kinds, k)) kind = k;
+        if (kind < 0 || PyTuple_GET_SIZE(r) != (kind == K_CAS ? 4 : 3)) return Py_NewRef(Py_None);
+        uint64_t v;
+        if (u64_of(PyTuple_GET_ITEM(r, 1), &v)) return Py_NewRef(Py_None);
+        PyObject *a = PyTuple_GET_ITEM(r, 2);
+        if (kind == K_WRITE) {
+            if (!PyBytes_CheckExact(a) || (uint64_t)PyBytes_GET_SIZE(a) > 0xffffffffu)
+                return Py_NewRef(Py_None);
+            size += 1 + 1 + 9 + 5 + PyBytes_GET_SIZE(a);
+        } else if (kind == K_FAA) {
+            if (!PyLong_CheckExact(a)) return Py_NewRef(Py_None);
+            size += 1 + 1 + 9 + 9;
+        } else {
+            if (u64_of(a, &v) || (kind == K_CAS && u64_of(PyTuple_GET_ITEM(r, 3), &v)))
+                return Py_NewRef(Py_None);
+            size += 1 + 1 + 9 + 9 + (kind == K_CAS ? 9 : 0);
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (!out) return NULL;
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    *o++ = 0x94;
+    *o++ = 0x00;                                    /* VERBS */
+    o = put_be(o, 0xcf, seq, 8);
+    o = put_be(o, 0xcf, rkey, 8);
+    o = put_be(o, 0xdd, (uint64_t)count, 4);
+    static const unsigned char opcode[4] = {W_READ, W_WRITE, W_CAS, W_FAA};
+    for (Py_ssize_t i = 0; i < count; i++) {       /* checked: nothing below can fail */
+        PyObject *r = PyList_GET_ITEM(batch, i);
+        int kind = 0;
+        while ((PyObject *)Py_TYPE(r) != PyTuple_GET_ITEM(kinds, kind)) kind++;
+        uint64_t v = 0;
+        *o++ = kind == K_CAS ? 0x94 : 0x93;
+        *o++ = opcode[kind];
+        u64_of(PyTuple_GET_ITEM(r, 1), &v);
+        o = put_be(o, 0xcf, v, 8);
+        PyObject *a = PyTuple_GET_ITEM(r, 2);
+        if (kind == K_WRITE) {
+            Py_ssize_t len = PyBytes_GET_SIZE(a);
+            o = put_be(o, 0xc6, (uint64_t)len, 4);
+            memcpy(o, PyBytes_AS_STRING(a), len);
+            o += len;
+        } else if (kind == K_FAA) {
+            v = (uint64_t)PyLong_AsUnsignedLongLongMask(a);       /* wraps, as FAA does */
+            o = put_be(o, 0xcf, v, 8);
+        } else {
+            u64_of(a, &v);
+            o = put_be(o, 0xcf, v, 8);
+            if (kind == K_CAS) {
+                u64_of(PyTuple_GET_ITEM(r, 3), &v);
+                o = put_be(o, 0xcf, v, 8);
+            }
+        }
+    }
+    assert(o == (unsigned char *)PyBytes_AS_STRING(out) + size);
+    return out;
+}
+
 /* verb_new(cls, *fields) -> a ``cls`` (a NamedTuple of fusee.verbs) holding ``fields``.
  *
  * fusee.verbs installs it as the __new__ of Read, Write, Cas and Faa: a namedtuple's own
@@ -391,6 +475,8 @@ static PyMethodDef methods[] = {
      "run(batch, table, regions, kinds, stats) -> completions, or None (see the C source)"},
     {"serve", (PyCFunction)(void (*)(void))serve_request, METH_FASTCALL,
      "serve(request, base, size, rkey, max_batch) -> (verbs, reply), or None (see the C source)"},
+    {"pack", (PyCFunction)(void (*)(void))pack_verbs, METH_FASTCALL,
+     "pack(seq, rkey, batch, kinds) -> the msgpack verbs request, or None (see the C source)"},
     {"cas", (PyCFunction)(void (*)(void))atomic_cas, METH_FASTCALL, "cas(address, expected, desired) -> old"},
     {"faa", (PyCFunction)(void (*)(void))atomic_faa, METH_FASTCALL, "faa(address, delta) -> old"},
     {"load", atomic_load, METH_O, "load(address) -> value"},

@@ -200,3 +200,42 @@ def test_a_one_mn_batch_on_zmq_is_one_message_without_per_node_grouping():
                 bytes(whole[:8]), bytes(whole[8:])]
             d = t.stats.copy() - before
             assert (d.round_trips, d.verbs, d.reads, d.bytes_in) == (1, 2, 2, 16)
+
+
+def test_a_zmq_request_is_packed_in_one_call_and_reads_as_the_verbs_it_carries():
+    """The zmq client writes a batch's request in one C call (_atomic.pack), not one Python
+    step per verb; decoded, it is the verbs' [opcode, addr, operands] (a FAA's delta wrapped
+    to 64 bits), and what the C path does not take (a bytearray, a negative address) is
+    packed in Python as before, for the MN to refuse."""
+    import random
+    import msgpack
+    from fusee.emulator import wire
+    rng = random.Random(5)
+    u64 = lambda: rng.choice([0, 1, 127, 128, 255, 256, 65535, 1 << 32, (1 << 64) - 1,
+                              rng.getrandbits(64)])
+    makers = [lambda: (Read(0, u64(), u64()), [wire.OP_READ]),
+              lambda: (Write(0, u64(), os.urandom(rng.randrange(300))), [wire.OP_WRITE]),
+              lambda: (Cas(0, u64(), u64(), u64()), [wire.OP_CAS]),
+              lambda: (Faa(0, u64(), rng.randrange(-(1 << 64), 1 << 64)), [wire.OP_FAA])]
+    for _ in range(300):
+        batch, want = [], []
+        for _ in range(rng.randrange(20)):
+            verb, op = rng.choice(makers)()
+            batch.append(verb)
+            operands = list(verb[1:])
+            if op[0] == wire.OP_FAA:
+                operands[-1] &= (1 << 64) - 1
+            want.append(op + operands)
+        seq, rkey = u64(), u64()
+        assert msgpack.unpackb(wire.encode_verbs(seq, rkey, batch)) == [wire.VERBS, seq, rkey,
+                                                                        want]
+    for odd in ([Write(0, 8, bytearray(b"ab"))], [Read(0, -8, 8)]):
+        got = msgpack.unpackb(wire.encode_verbs(1, 2, odd))[3][0]
+        assert got[1:] == [8, b"ab"] or got[1] == -8
+    batch, calls = [Read(0, 64 * i, 64) for i in range(16)], []
+    sys.setprofile(lambda frame, event, arg: calls.append(event) if "call" in event else None)
+    try:
+        wire.encode_verbs(1, 2, batch)
+    finally:
+        sys.setprofile(None)
+    assert calls == ["call", "c_call", "c_call"], calls     # it, _atomic.pack, sys.setprofile
