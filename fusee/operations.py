@@ -370,9 +370,16 @@ class ClientCore:
     def target(self, sid: int, pos: int) -> SlotTarget:
         return SlotTarget(sid, pos, tuple(self.dir.nodes(sid)), self.geo.slot_addr(sid, pos))
 
-    def object_read(self, v: int) -> Read:
+    def object_read(self, v: int, near: int | None = None) -> Read:
+        """The read of the object ``v`` names: from MN ``near`` when it holds a live copy
+        (a batch that also reads buckets there then stays on one MN: one message, one
+        reply to wait for), else from the object's home. Every live copy of a published
+        object holds it whole: its writes reached all of them before any slot named it
+        (``fusee.log``), and later writes (commit records, reuse) go to all of them too."""
         node, addr, length = object_extent(v, self.unit)
-        return Read(self.alloc.home_of(node), addr, length)
+        if near is None or near not in self.alloc.copies_of[node]:
+            near = self.alloc.home_of(node)
+        return Read(near, addr, length)
 
     def candidates(self, view: View, h: KeyHash) -> list[tuple[int, int]]:
         return view.candidates(h.fp)

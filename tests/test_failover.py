@@ -194,10 +194,10 @@ def test_four_mns_r2(seed):
     _check(seed, nodes=4, r=2)
 
 
-@pytest.mark.parametrize("seed", [*range(7), *range(8, 15), 64])
+@pytest.mark.parametrize("seed", [*range(7), *range(8, 15), 51])
 def test_reads_go_to_the_backups_while_the_master_is_slow(seed):
     r = _check(seed, delay=2000, crash_client=seed % 3 == 2)
-    if seed == 64:          # this one does read the backups of a dead primary
+    if seed == 51:          # this one does read the backups of a dead primary
         assert sum(c.counters["backup_reads"] for c in r.cores) > 0
 
 
