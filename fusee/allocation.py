@@ -51,6 +51,15 @@ class BlockGroup(NamedTuple):
     addrs: tuple[int, ...]
 
 
+def group_peers(membership: Membership, node: int, n_nodes: int, r: int) -> list[int]:
+    """The live MNs that are in some block group with ``node`` (ascending). Every group of
+    ``node`` that still has a live copy has its block in the table of one of them, at its
+    address on ``node`` too: with ``node`` dead, they tell which of its addresses are taken
+    (``Allocator._claim_group``) and where its rebuild finds its groups (``fusee.rebuild``)."""
+    return sorted({x for p in range(n_nodes) if node in replica_nodes(p, n_nodes, r)
+                   for x in membership.live(replica_nodes(p, n_nodes, r))})
+
+
 class Allocator:
     def __init__(self, mmap_: MemoryMap, unit: int, n_nodes: int, r: int, client_id: int,
                  meta_nodes: list[int], membership: Membership = Membership()):
@@ -244,7 +253,20 @@ class Allocator:
         ascending order (one AllocBlock per round trip), so of any set of racing claims one
         gets all its blocks (the one furthest along): a lost race is always someone's win,
         and retries end. Blocks got by a batch that failed otherwise are kept in
-        ``orphans``, for the next growth to give back."""
+        ``orphans``, for the next growth to give back.
+
+        A dead member N of the group gets its copy when N is rebuilt (``fusee.rebuild``), at
+        the same address: that address must be free on N too, or the rebuild would find two
+        groups for one block of N, and N could never rejoin. N's table cannot be read, but
+        every group of N that can still be copied (made before N died, or since) has a live
+        member, which shares that group with N: the tables of N's ``group_peers`` show
+        every address of N taken, so the address is chosen free on those too
+        (``_witnesses``). Groups claimed meanwhile cannot take one address of N either,
+        though only their live members are claimed: two groups with N made in one epoch
+        share a live MN (a group's first MN is live and it spans from there to N, so the one
+        whose first MN is nearer to N lies within the other from that first MN to N), and
+        their claims race there; claims never span two epochs (the clients pause between
+        epochs and a batch of the old one is refused)."""
         live = [p for p in range(self.n) if p not in self.membership.dead]
         if not live:
             raise LostData("every memory node is dead")
@@ -252,7 +274,7 @@ class Allocator:
         self.next_primary = (first + 1) % self.n
         nodes = tuple(replica_nodes(first, self.n, self.r))
         copies = self.membership.live(nodes)
-        addr = yield from self._free_address(copies)
+        addr = yield from self._free_address(self._witnesses(nodes))
         got = []
         try:
             for n in sorted(copies):
@@ -266,17 +288,27 @@ class Allocator:
             return None
         return BlockGroup(nodes, (addr,) * len(nodes))
 
-    def _free_address(self, copies: list[int]):
-        """Generator: a block address free in the block tables of all of ``copies`` (one
+    def _witnesses(self, nodes: tuple[int, ...]) -> list[int]:
+        """The live MNs whose block tables show which addresses are taken on every MN of
+        ``nodes``: its live ones, and for each dead one its ``group_peers``, whose tables
+        hold the groups it had (made before it died, or while it was dead)."""
+        m = self.membership
+        seen = set(m.live(nodes))
+        for dead in set(nodes) & m.dead:
+            seen.update(group_peers(m, dead, self.n, self.r))
+        return sorted(seen)
+
+    def _free_address(self, witnesses: list[int]):
+        """Generator: a block address free in the block tables of all of ``witnesses`` (one
         drawn at random, so that clients growing at once rarely race for the same one)."""
         blocks = self.map.num_blocks
-        tables = yield [Read(n, self.map.table, 8 * blocks) for n in copies]
+        tables = yield [Read(n, self.map.table, 8 * blocks) for n in witnesses]
         taken = [struct.unpack(f"<{blocks}Q", t) for t in tables]
         free = [i for i in range(blocks) if not any(owners[i] for owners in taken)]
         if not free:
             used = sum(any(owners[i] for owners in taken) for i in range(blocks))
             raise OutOfMemory(f"no data block address free on all of MNs "
-                              f"{', '.join(map(str, copies))} ({used} of {blocks} blocks "
+                              f"{', '.join(map(str, witnesses))} ({used} of {blocks} blocks "
                               f"in use on one of them)")
         return self.map.block_addr(free[self.rng.randrange(len(free))])
 

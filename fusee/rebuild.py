@@ -46,9 +46,11 @@ groups while clients write (N a write-only replica of the objects first) would s
 but is not done: a copy of a range read from the home before a client's write lands there
 and written to N after the same write landed on N undoes that write on N, so every block
 copied under way would have to be verified again (read twice) in a final pause.
-A replacement host takes N's place by serving N's endpoint of the cluster config. A rebuild of an MN group address that two groups both claim (possible
-only with r < n: two groups that share N but no live MN can take the same address while N
-is dead) is refused with RebuildError rather than guessed: that N cannot rejoin.
+A replacement host takes N's place by serving N's endpoint of the cluster config. Every
+dead N can be rebuilt in place: no two of its groups sit at one address of it. (With r < n a
+group made while N was dead may share no live MN with one made before it died;
+``Allocator._claim_group`` still chooses its address free on all of N's ``group_peers``,
+whose tables hold every group of N.)
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from fusee.allocation import group_peers
 from fusee.config import ClusterConfig
 from fusee.errors import FuseeError
 from fusee.failover import _Failover
@@ -73,7 +76,7 @@ _INDEX_IN_GROUP = 14
 
 
 class RebuildError(FuseeError):
-    """A memory node cannot be rebuilt (it is not dead, or its data cannot be placed)."""
+    """A memory node cannot be rebuilt: it is not dead."""
 
 
 def rebuild(config: ClusterConfig, membership: Membership, node: int,
@@ -124,9 +127,8 @@ def _plan(core: ClientCore, node: int):
 def _blocks(core: ClientCore, node: int):
     """Generator: the data blocks of every group ``node`` belongs to, as pieces from each
     group's home, and ``node``'s block-table words for them."""
-    mm, m, n, r = core.map, core.membership, core.n, core.r
-    peers = sorted({x for p in range(n) if node in replica_nodes(p, n, r)
-                    for x in m.live(replica_nodes(p, n, r))})
+    mm, m = core.map, core.membership
+    peers = group_peers(m, node, core.n, core.r)
     tables = yield [Read(x, mm.table, 8 * mm.num_blocks) for x in peers]
     used = [(x, i, w) for x, buf in zip(peers, tables)
             for i, w in enumerate(struct.unpack(f"<{mm.num_blocks}Q", buf)) if w]
@@ -144,9 +146,8 @@ def _blocks(core: ClientCore, node: int):
             continue            # not one of node's groups, or copied from its home instead
         dst = dict(reps)[node]
         j = mm.block_index(dst)
-        if taken.setdefault(j, (x, i)) != (x, i):
-            raise RebuildError(f"block {dst:#x} of memory node {node} belongs to two groups "
-                               f"(made while it was dead): it cannot be rebuilt in place")
+        first_seen = taken.setdefault(j, (x, i))
+        assert first_seen == (x, i), f"block {dst:#x} of memory node {node} in two groups"
         # each copy's header says where in the group it is
         pieces.append((x, mm.block_addr(i), mm.layout.block_size,
                        (_INDEX_IN_GROUP, struct.pack("<H", nodes.index(node)))))

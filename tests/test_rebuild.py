@@ -13,12 +13,15 @@ after that MN's failover; a rebuild of a live MN is refused.
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from test_failover import Run, _config
 from test_failover import _check as check_run
 
 from fusee.emulator.index_check import check_index
 from fusee.driver import run
+from fusee.errors import OutOfMemory
 from fusee.failover import failover
 from fusee.membership import Membership
 from fusee.verbs import AllocBlock
@@ -207,3 +210,57 @@ def test_a_failed_growth_gives_back_the_header_copy_a_rebuild_made():
     (the audit's 'unsettled')."""
     from test_rebuild_soak import CycleRun
     _check(133, cls=CycleRun, nodes=3, r=2)
+
+
+def _grow_until_full(core: ClientCore, t) -> list:
+    """Block groups ``core`` gets until no group it may make has room left."""
+    got, full = [], 0
+    while full < core.n:            # each growth tries the next first MN
+        try:
+            run(core.alloc.grow(), t)
+        except OutOfMemory:
+            full += 1
+            continue
+        full = 0
+        got.append(core.alloc.groups[-1])
+    return got
+
+
+def test_a_dead_mn_rejoins_after_groups_made_without_it_filled_the_memory():
+    """3 MNs, r=2: groups on MNs {0,1}, {1,2}, {2,0}. While MN 2 is dead a {1,2} group has
+    one live copy, on MN 1; its address on MN 2 must not be one that a {2,0} group made
+    before MN 2 died holds (MN 0's table shows those). A client fills the memory while MN 2
+    is dead, then MN 2 is rebuilt: that used to be refused (a block of MN 2 in two groups,
+    RebuildError), and MN 2 stayed dead for good. Now it gets one copy of each of its
+    groups, each at the group's address."""
+    cfg = _config(3, 2)
+    mem = LocalMemory(cfg)
+    t = LocalTransport(cfg, memory=mem)
+    a = ClientCore(cfg, 0)
+    run(a.open(), t)
+    before = [run(a.alloc.grow(), t) or a.alloc.groups[-1] for _ in range(6)]
+    mem.crash(2)
+    m = run(failover(cfg, Membership(), 2), t)
+    a.place(m)
+    during = _grow_until_full(a, t)
+    mem.restart(2)
+    m2 = run(rebuild(cfg, m, 2), LocalTransport(cfg, memory=mem))
+    assert m2.dead == frozenset()
+    mine = sorted(g.addrs[g.nodes.index(2)] for g in before + during if 2 in g.nodes)
+    assert any(2 in g.nodes for g in during)
+    assert len(set(mine)) == len(mine)
+    table = bytes(mem.regions[2].mem[a.map.table:a.map.table + 8 * a.map.num_blocks])
+    owned = [a.map.block_addr(i) for i, w in
+             enumerate(struct.unpack(f"<{a.map.num_blocks}Q", table)) if w == a.client_id + 1]
+    assert owned == mine
+
+
+@pytest.mark.parametrize("seed,nodes,r", [(135, 3, 2), (103, 5, 3)])
+def test_groups_made_while_an_mn_is_dead_never_take_an_address_its_old_groups_hold(
+        seed, nodes, r):
+    """Rebuild cycles with r < n (``test_rebuild_soak``): while MN N is dead a client makes a
+    group with N in it (its block tables of the live members alone were read), at an address
+    of N that a group made before N died still holds (seen on that group's live members).
+    The rebuild of N found two groups for one block and refused, so N never rejoined."""
+    from test_rebuild_soak import CycleRun
+    _check(seed, cls=CycleRun, nodes=nodes, r=r, crash_client=seed % 3 == 0)
