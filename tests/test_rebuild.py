@@ -264,3 +264,15 @@ def test_groups_made_while_an_mn_is_dead_never_take_an_address_its_old_groups_ho
     The rebuild of N found two groups for one block and refused, so N never rejoined."""
     from test_rebuild_soak import CycleRun
     _check(seed, cls=CycleRun, nodes=nodes, r=r, crash_client=seed % 3 == 0)
+
+
+@pytest.mark.parametrize("nodes", [4, 5])
+def test_a_claim_copied_by_a_rebuild_is_taken_back_after_its_mn_died_too(nodes):
+    """Rebuild cycles with r=2, seed 154: an insert claims a slot of a subtable left with
+    one replica (MN 1: the r = 1 path, a TENTATIVE claim there), a rebuild of MN 2 copies the
+    claim, and MN 1 dies before the insert learns that its epoch ended. It took the claim
+    back only if MN 1 was alive: the copy on MN 2, which the failover of MN 1 keeps as all
+    live replicas agree on it, named the insert's object after its memory was reused, and a
+    later insert of that fingerprint stalled on it (Stalled)."""
+    from test_rebuild_soak import CycleRun
+    _check(154, cls=CycleRun, nodes=nodes, r=2)
