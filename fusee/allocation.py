@@ -35,10 +35,10 @@ from fusee.index import LostData, replica_nodes
 from fusee.membership import Membership
 from fusee.layout import (BLOCK_HEADER, MAX_REPLICAS, META_GROUPS, META_RECORDS,
                           NODE_MASK, NODE_SHIFT, ADDR_MASK, encode_block_header, group_record,
-                          pack_u64)
+                          pack_u64, unpack_u64)
 from fusee.memory_map import MemoryMap
 from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeBlock, Read,
-                         TransportError, Write)
+                         TransportError, Write, chunks)
 
 #: empty batches an operation waits for another's reclaim or growth before calling it stuck
 #: (when driven together it takes a few round trips; only a driver that stopped driving one
@@ -58,6 +58,20 @@ def group_peers(membership: Membership, node: int, n_nodes: int, r: int) -> list
     (``Allocator._claim_group``) and where its rebuild finds its groups (``fusee.rebuild``)."""
     return sorted({x for p in range(n_nodes) if node in replica_nodes(p, n_nodes, r)
                    for x in membership.live(replica_nodes(p, n_nodes, r))})
+
+
+def return_blocks(owner: int, blocks: list[tuple[int, int]]):
+    """Generator: give ``blocks`` ((node, address), each owned by ``owner``) back to their
+    MNs, each with its group header wiped first (its magic word; the FreeBlocks follow in
+    the next round trip, as a control request may overtake a WRITE to the same MN). A
+    failed growth's header left in a free block would name a group again once the block is
+    claimed anew, until the new header is written over it: a rebuild in that window copies
+    the stale group onto the MN it rebuilds (a block there outside any group), and a scan
+    of the new owner's holdings (``fusee.holdings``) takes it for one of its groups."""
+    for batch in chunks([Write(n, a, bytes(8)) for n, a in blocks]):
+        yield batch
+    for batch in chunks([FreeBlock(n, owner, a) for n, a in blocks]):
+        yield batch
 
 
 class Allocator:
@@ -314,22 +328,20 @@ class Allocator:
 
     def give_back(self):
         """Generator: return the blocks of growths that failed half way (on live MNs; those
-        on a dead MN went with it). An MN rebuilt since a block was got refuses it as not
-        ours (ControlError) unless the rebuild brought it back (its group header had
-        reached a live copy): it went with the old region, and is forgotten; the MN's owner
-        check makes sure nobody else's block is freed."""
+        on a dead MN went with it). Each MN's table is read first, and only the blocks it
+        says are ours go back (``return_blocks``, which writes to them): one on an MN
+        rebuilt since it was got went with the old region unless the rebuild copied it (its
+        group header had reached a live copy), and may be someone else's now; one whose
+        FreeBlock went through in a batch that failed is free already. Those are
+        forgotten."""
         m = self.membership
         back = [(n, a) for n, a in self.orphans if n not in m.dead]
         if back:
-            try:
-                yield [FreeBlock(n, self.client_id, a) for n, a in back]
-            except TransportError as e:       # keep those not known to be back
-                if e.results is None:
-                    raise
-                self.orphans = [b for b, r in zip(back, e.results) if r is not None and
-                                not (type(r) is ControlError and b[0] in m.rebuilt)]
-                if self.orphans:
-                    raise
+            words = yield [Read(n, self.map.table_entry(self.map.block_index(a)), 8)
+                           for n, a in back]
+            self.orphans = [b for b, w in zip(back, words)
+                            if unpack_u64(w) == self.client_id + 1]
+            yield from return_blocks(self.client_id, self.orphans)
         self.orphans = []
 
     def reclaim(self):

@@ -43,6 +43,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from fusee.allocation import return_blocks
 from fusee.config import ClusterConfig
 from fusee.errors import RecoveryInProgress, StoreFormatError
 from fusee.hashing import key_hash
@@ -59,7 +60,7 @@ from fusee.memory_map import HEADER_LAYOUT
 from fusee.operations import ClientCore
 from fusee.replication import LOSE, RESTART, WIN, SlotTarget, fix_requests, propose, resolve
 from fusee.resize import finish, holder
-from fusee.verbs import Cas, Faa, FreeBlock, Read, Write, chunks
+from fusee.verbs import Cas, Faa, Read, Write, chunks
 
 #: the recovery-lock owner of the master; a client recovering its own id uses the id
 MASTER = (1 << 32) - 1
@@ -149,8 +150,7 @@ class Recovery:
         yield from self._finish(entries)
         t2 = self.clock()
         rep.phases["finish_ops"] = t2 - t1
-        for batch in chunks([FreeBlock(n, self.cid, a) for n, a in found.orphans]):
-            yield batch
+        yield from return_blocks(self.cid, found.orphans)
         rep.orphan_blocks = len(found.orphans)
         yield from self._release()
         rep.phases["release"] = self.clock() - t2
