@@ -407,10 +407,11 @@ class Recovery:
                 if committed_object(p) and p in mine:
                     mine[p].linearized = True           # took effect here
                     mine[p].found_at = (sid, pos)
+                if p & TENTATIVE and p & ~TENTATIVE in mine:
+                    yield from self._claim_r1(mine[p & ~TENTATIVE], t, p)
+                    acted = True
+                    continue
                 if not backups:
-                    if p & TENTATIVE and p & ~TENTATIVE in mine:
-                        yield from self._claim_r1(mine[p & ~TENTATIVE], t, p)
-                        acted = True
                     continue
                 if all(b == p for b in backups):
                     continue
@@ -431,15 +432,19 @@ class Recovery:
 
     def _claim_r1(self, e: _Entry, t: SlotTarget, p: int):
         """Generator: an r = 1 insert's TENTATIVE claim: committed -> publish it; else
-        withdraw it with a fresh void."""
-        if e.v.state == COMMITTED and e.v.slot_ref == slot_ref(t.sid, t.pos):
-            (old,) = yield from self.core.rt([Cas(t.primary, t.addr, p, e.s)])
-            if old == p:
-                e.linearized = True
-                self._outcome("completed")
-            return
-        (old,) = yield from self.core.rt([Cas(t.primary, t.addr, p, self.core.free_value())])
-        if old == p:
+        withdraw it with a fresh void. The slot may have backups again, holding the claim
+        too: a rebuild copied it onto the MN it rebuilt. They take the value first, as
+        backups do in a round, or the copy would name the object after its memory is
+        reused (every insert of its fingerprint there would wait on it)."""
+        committed = e.v.state == COMMITTED and e.v.slot_ref == slot_ref(t.sid, t.pos)
+        new = e.s if committed else self.core.free_value()
+        if t.backups:
+            yield from self.core.rt([Cas(n, t.addr, p, new) for n in t.backups])
+        (old,) = yield from self.core.rt([Cas(t.primary, t.addr, p, new)])
+        if old == p and committed:
+            e.linearized = True
+            self._outcome("completed")
+        elif old == p:
             self._outcome("withdrawn")
 
     def _withdrawn(self, t: SlotTarget, p: int, void: int):

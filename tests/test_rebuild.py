@@ -22,11 +22,14 @@ from test_failover import _check as check_run
 from fusee.emulator.index_check import check_index
 from fusee.driver import run
 from fusee.errors import OutOfMemory
+from fusee.hashing import key_hash
+from fusee.layout import TENTATIVE, unpack_u64
 from fusee.failover import failover
 from fusee.membership import Membership
-from fusee.verbs import AllocBlock, Write
+from fusee.verbs import AllocBlock, Cas, Write
 from fusee.operations import ClientCore
 from fusee.rebuild import RebuildError, rebuild
+from fusee.recovery import recover_client
 from fusee.verbs import NodeTimeout
 from fusee.transports.local import LocalMemory, LocalTransport
 
@@ -201,6 +204,43 @@ def test_a_claim_taken_back_after_a_rebuild_leaves_no_copy_on_the_rebuilt_mn(see
     fingerprint stalled on it (Stalled)."""
     from test_rebuild_soak import CycleRun
     _check(seed, cls=CycleRun, nodes=nodes, r=2, crash_client=seed % 3 == 0)
+
+
+def test_the_recovery_of_a_crashed_insert_resolves_its_claim_on_every_replica():
+    """r=2 on 3 MNs: with a subtable's backup dead, an insert claims a slot on its primary
+    alone (the r = 1 path, a TENTATIVE claim) and its client crashes; the rebuild of the
+    backup copies the claim. The recovery of the client then skipped the slot (a TENTATIVE
+    claim was looked for only where the slot has no backup): the claim stayed on both
+    replicas, and every later insert of a key with its fingerprint there waited on it
+    (Stalled; rebuild cycles seed 258 on 3 MNs, r=2, with a client crash)."""
+    cfg = _config(3, 2)
+    mem = LocalMemory(cfg)
+    t = LocalTransport(cfg, memory=mem)
+    a = ClientCore(cfg, 0)
+    run(a.open(), t)
+    sid, _ = a.dir.lookup(key_hash(b"claimed"))
+    primary, backup = a.dir.nodes(sid)
+    mem.crash(backup)
+    m1 = run(failover(cfg, Membership(), backup), t)
+    a.place(m1)
+    insert = a.insert(b"claimed", b"by a client that crashes")
+    batch = next(insert)
+    while not any(isinstance(v, Cas) and v.desired & TENTATIVE for v in batch):
+        batch = insert.send(t.execute(batch))
+    claim = next(v for v in batch if isinstance(v, Cas) and v.desired & TENTATIVE)
+    t.execute(batch)                                # the claim is made; the client crashes
+    mem.restart(backup)
+    t = LocalTransport(cfg, memory=mem)
+    m2 = run(rebuild(cfg, m1, backup), t)
+    run(recover_client(cfg, 0, clock=lambda: 0.0, membership=m2), t)
+    slot = [unpack_u64(bytes(mem.regions[n].mem[claim.addr:claim.addr + 8]))
+            for n in (primary, backup)]
+    assert slot[0] == slot[1] and not slot[0] & TENTATIVE, [hex(v) for v in slot]
+    b = ClientCore(cfg, 1, membership=m2)
+    run(b.open(), t)
+    run(b.insert(b"claimed", b"again"), t)
+    assert run(b.search(b"claimed"), t) == b"again"
+    insert.close()
 
 
 def test_a_block_given_back_carries_no_group_header():
