@@ -333,15 +333,16 @@ class Allocator:
         rebuilt since it was got went with the old region unless the rebuild copied it (its
         group header had reached a live copy), and may be someone else's now; one whose
         FreeBlock went through in a batch that failed is free already. Those are
-        forgotten."""
+        forgotten. Those on a dead MN are kept until the others are back: a rebuild of it
+        meanwhile may copy one (its header on a live copy), to give back in the next epoch."""
         m = self.membership
         back = [(n, a) for n, a in self.orphans if n not in m.dead]
         if back:
             words = yield [Read(n, self.map.table_entry(self.map.block_index(a)), 8)
                            for n, a in back]
-            self.orphans = [b for b, w in zip(back, words)
-                            if unpack_u64(w) == self.client_id + 1]
-            yield from return_blocks(self.client_id, self.orphans)
+            gone = {b for b, w in zip(back, words) if unpack_u64(w) != self.client_id + 1}
+            self.orphans = [b for b in self.orphans if b not in gone]
+            yield from return_blocks(self.client_id, [b for b in back if b not in gone])
         self.orphans = []
 
     def reclaim(self):
