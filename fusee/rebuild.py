@@ -87,15 +87,19 @@ def rebuild(config: ClusterConfig, membership: Membership, node: int,
         raise RebuildError(f"memory node {node} is not dead: nothing to rebuild")
     closing = _Failover(config, membership, membership.successor((), {}), frozenset())
     settled = yield from closing.run()
-    pieces, words = yield from _plan(ClientCore(config, 0, membership=membership), node)
+    pieces, words, wipes = yield from _plan(ClientCore(config, 0, membership=membership),
+                                            node)
     yield from _copy(node, pieces, words, progress)
+    for batch in chunks(wipes):
+        yield batch
     return membership.rejoined([node], settled, closing.dropped)
 
 
 def _plan(core: ClientCore, node: int):
-    """Generator: (pieces, words) to copy to ``node``: pieces are (source MN, address,
+    """Generator: (pieces, words, wipes) to copy to ``node``: pieces are (source MN, address,
     length, patch), copied to the same address, with ``patch`` (None, or (offset, bytes))
-    written over the copy; words are (address, u64) written as they are."""
+    written over the copy; words are (address, u64) written as they are; wipes are the
+    Writes that clear the bitmaps of homes that ``node`` takes over, once copied."""
     geo, mm, m = core.geo, core.map, core.membership
     n, r = core.n, core.r
 
@@ -118,16 +122,25 @@ def _plan(core: ClientCore, node: int):
     pieces += [(source(s), geo.subtable(s), geo.subtable_bytes, None)
                for s, raw in zip(sids, firsts)
                if unpack_u64(raw) or s < 1 << geo.initial_depth]
-    blocks, table = yield from _blocks(core, node)
+    blocks, table, wipes = yield from _blocks(core, node)
     pieces += blocks
     words += table
-    return pieces, words
+    return pieces, words, wipes
 
 
 def _blocks(core: ClientCore, node: int):
     """Generator: the data blocks of every group ``node`` belongs to, as pieces from each
-    group's home, and ``node``'s block-table words for them."""
+    group's home, ``node``'s block-table words for them, and the wipes of bitmaps.
+
+    Only a group's home bitmap may hold bits: frees go to the home and reclaims clear them
+    there, so another copy's bits go stale, and once that copy becomes the home (the home
+    dies) a bit its owner cleared since would hand the object out a second time while it is
+    in use again. Before any rebuild the other copies' bitmaps are all zero (the frees that
+    went to a dead home are lost with it, as ``fusee.allocation`` says); a rebuild keeps
+    it so: ``node``'s copy gets the bitmap only where ``node`` is the home again, and then
+    the home it takes over has its bitmap wiped."""
     mm, m = core.map, core.membership
+    bitmap = core.alloc.bitmap_bytes
     peers = group_peers(m, node, core.n, core.r)
     tables = yield [Read(x, mm.table, 8 * mm.num_blocks) for x in peers]
     used = [(x, i, w) for x, buf in zip(peers, tables)
@@ -135,7 +148,7 @@ def _blocks(core: ClientCore, node: int):
     heads = []
     for batch in chunks([Read(x, mm.block_addr(i), BLOCK_HEADER) for x, i, _ in used]):
         heads += yield batch
-    pieces, words, taken = [], [], {}
+    pieces, words, wipes, taken = [], [], [], {}
     for (x, i, owner_word), head in zip(used, heads):
         magic, _, count, _ = _BLOCK.unpack_from(head)
         if magic != BLOCK_MAGIC or not 0 < count <= (BLOCK_HEADER - _BLOCK.size) // 8:
@@ -149,10 +162,15 @@ def _blocks(core: ClientCore, node: int):
         first_seen = taken.setdefault(j, (x, i))
         assert first_seen == (x, i), f"block {dst:#x} of memory node {node} in two groups"
         # each copy's header says where in the group it is
-        pieces.append((x, mm.block_addr(i), mm.layout.block_size,
-                       (_INDEX_IN_GROUP, struct.pack("<H", nodes.index(node)))))
+        patch = struct.pack("<H", nodes.index(node))
+        home_after = next(y for y in nodes if y == node or y not in m.dead)
+        if home_after == node:      # node takes the bitmap over from the home, x
+            wipes.append(Write(x, mm.block_addr(i) + BLOCK_HEADER, bytes(bitmap)))
+        else:                       # node's copy gets a zero bitmap
+            patch += bytes(head[_INDEX_IN_GROUP + 2:]) + bytes(bitmap)
+        pieces.append((x, mm.block_addr(i), mm.layout.block_size, (_INDEX_IN_GROUP, patch)))
         words.append((mm.table_entry(j), owner_word))
-    return pieces, words
+    return pieces, words, wipes
 
 
 def _copy(node: int, pieces, words, progress):
