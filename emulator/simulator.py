@@ -94,6 +94,7 @@ class SimClient:
     done: bool = False
     epoch: int = 0                                  # the last membership it was given
     waiting: bool = False                           # for the next epoch (AwaitMembership)
+    acked: bool = False                             # its batch completed in a pause
 
     @property
     def runnable(self) -> bool:
@@ -180,10 +181,20 @@ class Simulator:
     def fail_over(self, nodes) -> None:
         """The master's failover for crashed MNs ``nodes`` (an id or a collection), with
         every client paused."""
-        for c in self.clients.values():         # the pause: batches in flight complete
+        self._pause()
+        self._publish_failover(nodes)
+
+    def _pause(self) -> None:
+        """Every client pauses, as the master makes them before a failover or a rebuild:
+        each batch in flight completes, and the client has its completions (it acks that
+        none is in flight), so an MN that crashes later cannot turn one into a timeout: a
+        client told that a verb it had done failed would do it again (a free: twice)."""
+        for c in self.clients.values():
             while c.runnable and c.pending:
                 self._verb(c, next(iter(c.pending)))
-        self._publish_failover(nodes)
+            if c.runnable and c.batch:
+                self._lost_completions(c)
+                c.acked = True
 
     def _publish_failover(self, nodes) -> None:
         """Run the failover of ``nodes`` now and hand its membership to the waiting clients."""
@@ -208,9 +219,7 @@ class Simulator:
         """MN ``node``, crashed and failed over, comes back empty and the master rebuilds it
         (``fusee.rebuild``), stop-the-world like a failover: every client paused, its next
         batch gets the new membership thrown in."""
-        for c in self.clients.values():         # the pause: batches in flight complete
-            while c.runnable and c.pending:
-                self._verb(c, next(iter(c.pending)))
+        self._pause()
         self.memory.restart(node)
         self.membership = run(rebuild(self.memory.config, self.membership, node),
                               LocalTransport(self.memory.config, memory=self.memory))
@@ -290,11 +299,10 @@ class Simulator:
             self._verb(c, node)
             if self._maybe_crash(c) or c.pending:
                 return
-        if c.batch:                                # done (here, or by fail_over's pause)
+        if c.batch:                                # done (here, or by a pause)
+            if not c.acked:
+                self._lost_completions(c)
             results = c.results
-            for i, req in enumerate(c.batch):      # completions a dead node never delivered
-                if getattr(req, "node", None) in self.memory.crashed:
-                    results[i] = NodeTimeout(f"MN {req.node} did not answer", req.node)
             try:
                 raise_for_failures(results)
             except TransportError as e:
@@ -303,6 +311,12 @@ class Simulator:
         else:
             results = []                           # the op yielded an empty batch: a pause
         self._resume(c, c.gen.send, results)
+
+    def _lost_completions(self, c: SimClient) -> None:
+        """The completions of ``c``'s batch that a dead MN never delivered: timeouts."""
+        for i, req in enumerate(c.batch):
+            if getattr(req, "node", None) in self.memory.crashed:
+                c.results[i] = NodeTimeout(f"MN {req.node} did not answer", req.node)
 
     def _verb(self, c: SimClient, node: int) -> None:
         """Execute the next verb of ``c``'s batch for ``node``."""
@@ -362,6 +376,7 @@ class Simulator:
         if batch and self._maybe_interrupt(c, "post", c.op.round_trips):
             return
         c.batch, c.results, c.failed = batch, [None] * len(batch), {}
+        c.acked = False
         c.pending = {}
         for i, req in enumerate(batch):
             c.pending.setdefault(req.node, []).append(i)
