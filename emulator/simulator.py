@@ -103,6 +103,7 @@ class SimClient:
     #: a background actor (not in the history): called with its generator's return value,
     #: or the TransportError that ended it
     ended: Callable[[object], None] | None = None
+    acked: bool = False                             # its batch completed in a pause
 
     @property
     def runnable(self) -> bool:
@@ -203,10 +204,20 @@ class Simulator:
     def fail_over(self, nodes) -> None:
         """The master's failover for crashed MNs ``nodes`` (an id or a collection), with
         every client paused."""
-        for c in self.clients.values():         # the pause: batches in flight complete
+        self._pause()
+        self._publish_failover(nodes)
+
+    def _pause(self) -> None:
+        """Every client pauses, as the master makes them before a failover or a rebuild:
+        each batch in flight completes, and the client has its completions (it acks that
+        none is in flight), so an MN that crashes later cannot turn one into a timeout: a
+        client told that a verb it had done failed would do it again (a free: twice)."""
+        for c in self.clients.values():
             while c.runnable and c.pending:
                 self._verb(c, next(iter(c.pending)))
-        self._publish_failover(nodes)
+            if c.runnable and c.batch:
+                self._lost_completions(c)
+                c.acked = True
 
     def _publish_failover(self, nodes) -> None:
         """Run the failover of ``nodes`` now and hand its membership to the waiting clients."""
@@ -246,9 +257,7 @@ class Simulator:
         if self.membership is not job.membership and not isinstance(outcome, TransportError):
             outcome = EpochChanged(self.membership)     # the master would have abandoned it
         if not isinstance(outcome, TransportError):
-            for c in self.clients.values():     # the pause: batches in flight complete
-                while c.runnable and c.pending:
-                    self._verb(c, next(iter(c.pending)))
+            self._pause()
             try:
                 outcome = run(job.finish(), LocalTransport(self.memory.config,
                                                            memory=self.memory))
@@ -338,12 +347,10 @@ class Simulator:
             self._verb(c, node)
             if self._maybe_crash(c) or c.pending:
                 return
-        if c.batch:                                # done (here, or by fail_over's pause)
+        if c.batch:                                # done (here, or by a pause)
+            if not c.acked:
+                self._lost_completions(c)
             results = c.results
-            for i, req in enumerate(c.batch):      # completions a dead node never delivered
-                node = getattr(req, "node", None)
-                if node in self.memory.crashed or node in self.slow:
-                    results[i] = NodeTimeout(f"MN {node} did not answer", node)
             try:
                 raise_for_failures(results)
             except TransportError as e:
@@ -352,6 +359,13 @@ class Simulator:
         else:
             results = []                           # the op yielded an empty batch: a pause
         self._resume(c, c.gen.send, results)
+
+    def _lost_completions(self, c: SimClient) -> None:
+        """The completions of ``c``'s batch that a dead MN never delivered: timeouts."""
+        for i, req in enumerate(c.batch):
+            node = getattr(req, "node", None)
+            if node in self.memory.crashed or node in self.slow:
+                c.results[i] = NodeTimeout(f"MN {req.node} did not answer", req.node)
 
     def _verb(self, c: SimClient, node: int) -> None:
         """Execute the next verb of ``c``'s batch for ``node``."""
@@ -428,6 +442,7 @@ class Simulator:
         if batch and self._maybe_interrupt(c, "post", c.op.round_trips):
             return
         c.batch, c.results, c.failed = batch, [None] * len(batch), {}
+        c.acked = False
         c.pending = {}
         for i, req in enumerate(batch):
             c.pending.setdefault(req.node, []).append(i)

@@ -280,13 +280,12 @@ def _await_claim(core, sid, claim, claim_node, primary):
 
 
 def _take_back(core, t, obj, s, v_old):
-    """Generator: withdraw an r = 1 claim, unless its primary is dead (then the failover
-    settles the slot). A rebuild published since copied the claim onto the MN it rebuilt:
-    the claim is withdrawn from every replica the slot has now, or that copy would name our
-    object forever (after its memory is reused: every insert of its fingerprint there would
-    wait on it). Run under ``core.retrying``: an MN may die during it."""
-    if t.primary in core.membership.dead:
-        return
+    """Generator: withdraw an r = 1 claim. A rebuild published since copied the claim onto
+    the MN it rebuilt: the claim is withdrawn from every replica the slot has now, or that
+    copy would name our object forever (after its memory is reused: every insert of its
+    fingerprint there would wait on it). That holds also when the MN the claim was made on
+    died since: a failover leaves a copy that all the live replicas agree on as it is. Run
+    under ``core.retrying``: an MN may die during it."""
     now = core.target(t.sid, t.pos)
     yield from _withdraw(core, now, obj, s, v_old, s | TENTATIVE, claim=s | TENTATIVE)
 

@@ -33,6 +33,8 @@ ever will (its next batch is refused with the new membership, ``EpochChanged``).
    and reclaims went to the home's bitmap during A) and, unless phase A copied it and it
    is *unchanged*, the whole block: same home, same block, same header, same owner, and
    that owner's metadata words equal to those phase A read. Then N's whole block table.
+   Only a home's bitmap holds bits: N's is zero unless N is the group's home again, and
+   then the home it takes over has its bitmap wiped once N has it (``_piece``).
    The frees that went to N's bitmap before it died are lost with it, as after any MN death
    (``Membership.rebuilt``, ``fusee.audit``).
 
@@ -99,9 +101,11 @@ each); what it copies when the data's ids are closed is the metadata area, the s
 and the writers' own groups (22 MiB), and it first closes the open rounds, which reads
 every subtable on every replica. When a writer holds the id of the data, everything is
 copied in the pause, as before.
-A replacement host takes N's place by serving N's endpoint of the cluster config. A rebuild of an MN group address that two groups both claim (possible
-only with r < n: two groups that share N but no live MN can take the same address while N
-is dead) is refused with RebuildError rather than guessed: that N cannot rejoin.
+A replacement host takes N's place by serving N's endpoint of the cluster config. Every
+dead N can be rebuilt in place: no two of its groups sit at one address of it. (With r < n a
+group made while N was dead may share no live MN with one made before it died;
+``Allocator._claim_group`` still chooses its address free on all of N's ``group_peers``,
+whose tables hold every group of N.)
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
+from fusee.allocation import group_peers
 from fusee.config import ClusterConfig
 from fusee.errors import FuseeError
 from fusee.failover import _Failover
@@ -138,7 +143,7 @@ _OWNER_WORDS = (META_STATE, META_INCARNATION, META_RECOVERY)
 
 
 class RebuildError(FuseeError):
-    """A memory node cannot be rebuilt (it is not dead, or its data cannot be placed)."""
+    """A memory node cannot be rebuilt: it is not dead."""
 
 
 class RebuildAbandoned(FuseeError):
@@ -153,6 +158,7 @@ class _Group(NamedTuple):
     owner_word: int             # the block-table word: owner id + 1
     head: bytes                 # the home's block header (magic, owner, r, replica list)
     index: int                  # N's index in the group (patched into N's header)
+    takes_home: bool            # N is the group's home again once it is alive
 
 
 def rebuild(config: ClusterConfig, membership: Membership, node: int,
@@ -190,7 +196,8 @@ class Rebuild:
         self.quiet = {cid: w for cid, w in words.items()
                       if w[0] == CLEAN and w[2] == 0}
         chosen = [g for g in groups if g.owner_word - 1 in self.quiet]
-        yield from _copy(self.node, [_piece(g, self.core.map.layout.block_size)
+        bitmap = self.core.alloc.bitmap_bytes
+        yield from _copy(self.node, [_piece(g, self.core.map.layout.block_size, bitmap)
                                      for g in chosen], [], self.progress, self.abandon)
         self.copied = {(g.source, g.addr): g for g in chosen}
         self.online_bytes = len(chosen) * self.core.map.layout.block_size
@@ -211,11 +218,13 @@ class Rebuild:
         for g in groups:
             unchanged = (self.copied.get((g.source, g.addr)) == g
                          and self.quiet.get(g.owner_word - 1) == now[g.owner_word - 1])
-            pieces.append(_piece(g, head if unchanged else whole))
+            pieces.append(_piece(g, head if unchanged else whole, core.alloc.bitmap_bytes))
             table[mm.block_index(g.dst)] = g.owner_word
         yield from _copy(node, pieces, words, self.progress)
         # the whole table, not the used words: a rebuild that failed may have left some
         yield [Write(node, mm.table, struct.pack(f"<{mm.num_blocks}Q", *table))]
+        for batch in chunks(_wipes(groups, core.alloc.bitmap_bytes)):
+            yield batch
         return m.rejoined([node], settled, closing.dropped)
 
 
@@ -251,9 +260,8 @@ def _exact(core: ClientCore, node: int):
 
 def _groups(core: ClientCore, node: int):
     """Generator: every block group ``node`` belongs to (``_Group``), from its home."""
-    mm, m, n, r = core.map, core.membership, core.n, core.r
-    peers = sorted({x for p in range(n) if node in replica_nodes(p, n, r)
-                    for x in m.live(replica_nodes(p, n, r))})
+    mm, m = core.map, core.membership
+    peers = group_peers(m, node, core.n, core.r)
     tables = yield [Read(x, mm.table, 8 * mm.num_blocks) for x in peers]
     used = [(x, i, w) for x, buf in zip(peers, tables)
             for i, w in enumerate(struct.unpack(f"<{mm.num_blocks}Q", buf)) if w]
@@ -271,11 +279,11 @@ def _groups(core: ClientCore, node: int):
             continue            # not one of node's groups, or copied from its home instead
         dst = dict(reps)[node]
         j = mm.block_index(dst)
-        if taken.setdefault(j, (x, i)) != (x, i):
-            raise RebuildError(f"block {dst:#x} of memory node {node} belongs to two groups "
-                               f"(made while it was dead): it cannot be rebuilt in place")
+        first_seen = taken.setdefault(j, (x, i))
+        assert first_seen == (x, i), f"block {dst:#x} of memory node {node} in two groups"
+        home_after = next(y for y in nodes if y == node or y not in m.dead)
         groups.append(_Group(x, mm.block_addr(i), dst, owner_word, bytes(head),
-                             nodes.index(node)))
+                             nodes.index(node), home_after == node))
     return groups
 
 
@@ -292,11 +300,28 @@ def _owner_words(core: ClientCore, owners):
     return {cid: tuple(map(unpack_u64, raw[k * i:k * i + k])) for i, cid in enumerate(owners)}
 
 
-def _piece(g: _Group, length: int) -> tuple:
+def _piece(g: _Group, length: int, bitmap_bytes: int) -> tuple:
     """The first ``length`` bytes of the group's home block, as a piece to copy to N's block,
-    whose header says where in the group it is."""
+    whose header says where in the group it is.
+
+    Only a group's home bitmap may hold bits: frees go to the home and reclaims clear them
+    there, so another copy's bits go stale, and once that copy becomes the home (the home
+    dies) a bit its owner cleared since would hand the object out a second time while it is
+    in use again. Before any rebuild the other copies' bitmaps are all zero (the frees that
+    went to a dead home are lost with it, as ``fusee.allocation`` says); a rebuild keeps
+    it so: N's copy gets the bitmap only where N is the home again (``takes_home``), and
+    then the home it takes over has its bitmap wiped (``_wipes``, once N has it)."""
     assert g.dst == g.addr, "the copies of a block group sit at one address"
-    return (g.source, g.addr, length, (_INDEX_IN_GROUP, struct.pack("<H", g.index)))
+    patch = struct.pack("<H", g.index)
+    if not g.takes_home:            # a zero bitmap
+        patch += g.head[_INDEX_IN_GROUP + 2:] + bytes(bitmap_bytes)
+    return (g.source, g.addr, length, (_INDEX_IN_GROUP, patch))
+
+
+def _wipes(groups: list[_Group], bitmap_bytes: int) -> list[Write]:
+    """The Writes that clear the bitmaps of the homes N takes over (see ``_piece``)."""
+    return [Write(g.source, g.addr + BLOCK_HEADER, bytes(bitmap_bytes))
+            for g in groups if g.takes_home]
 
 
 def _copy(node: int, pieces, words, progress, abandon=lambda: None):
