@@ -11,10 +11,14 @@ lets a client drop a late reply to a request it already timed out on.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+if TYPE_CHECKING:
+    import zmq
+
+from fusee.emulator import _atomic
 from fusee.verbs import (AllocBlock, Cas, ControlError, Faa, FreeBlock, MASK64, Read,
                          RemoteAccessError, Request, TransportError, Write)
 
@@ -31,6 +35,8 @@ _ERRORS = {ERR_ACCESS: RemoteAccessError, ERR_CONTROL: ControlError,
 #: one Packer for the process: cheaper than msgpack.packb's fresh one per call, and safe to
 #: share between threads (packing holds the GIL throughout)
 _pack = msgpack.Packer().pack
+_pack_verbs = _atomic.pack
+_ONE_SIDED = (Read, Write, Cas, Faa)        # the order _atomic.pack expects
 
 
 class MalformedMessage(ValueError):
@@ -38,6 +44,12 @@ class MalformedMessage(ValueError):
 
 
 def encode_verbs(seq: int, rkey: int, batch) -> bytes:
+    """The request for ``batch``: written in one C call when it holds only one-sided verbs
+    with well-formed operands (``_atomic.pack``), else here, operands as they are (the MN
+    refuses what it must)."""
+    packed = _pack_verbs(seq, rkey, batch, _ONE_SIDED)
+    if packed is not None:
+        return packed
     ops: list[tuple[Any, ...]] = []
     for r in batch:
         t = type(r)
@@ -60,7 +72,7 @@ def encode_control(seq: int, name: str, args: dict) -> bytes:
     return _pack((CONTROL, seq, name, args))
 
 
-def decode_request(data: bytes):
+def decode_request(data: bytes | zmq.Frame):
     """-> (kind, seq, rkey_or_name, ops_or_args); raises MalformedMessage."""
     try:
         msg = msgpack.unpackb(data, use_list=True, raw=False, strict_map_key=True)

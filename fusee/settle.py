@@ -56,9 +56,12 @@ def settled(core: ClientCore, owner: int) -> Op[ClientCore]:
 
 def closing(core: ClientCore, owner: int) -> Op[ClientCore]:
     """Generator: the close of a client: settle ``core`` if need be, then close it (the id
-    is CLEAN only once nothing of it is open)."""
-    core = yield from settled(core, owner)
-    # the id is marked CLEAN next: nothing of it may be in flight
-    assert core.settled, f"client {core.client_id}: closing with an operation in flight"
-    yield from core.close()
-    return core
+    is CLEAN only once nothing of it is open: a close whose frees got no answer settles
+    and closes again)."""
+    while True:
+        core = yield from settled(core, owner)
+        # the id is marked CLEAN next: nothing of it may be in flight
+        assert core.settled, f"client {core.client_id}: closing with an operation in flight"
+        yield from core.close()
+        if core.settled:
+            return core
