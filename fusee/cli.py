@@ -52,7 +52,7 @@ def _memnode(argv) -> int:
 
 
 def _master(argv) -> int:
-    from fusee.emulator.master_server import main
+    from fusee.master.server import main
     return main(argv)
 
 

@@ -45,7 +45,7 @@ def reachable(view: dict) -> bool:
 def _master_view(config: ClusterConfig) -> dict:
     if not config.master:
         return {"endpoint": None, "error": "no master in the config"}
-    from fusee.transports.master_link import MasterError, MasterLink
+    from fusee.master.link import MasterError, MasterLink
     try:
         with MasterLink(config) as link:
             status = link.status()

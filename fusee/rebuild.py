@@ -3,7 +3,7 @@
 A dead MN is failed over (``fusee.failover``) and the cluster runs on the live replicas. When
 an MN with the dead one's id comes back with an empty region (``fusee memnode --id N
 --rejoin``, the restarted process or a replacement on another host), the master pauses the
-clients exactly as for a failover (``fusee.master``: every leased client acks that no batch of
+clients exactly as for a failover (``fusee.master.logic``: every leased client acks that no batch of
 it is in flight and it posts none), runs ``rebuild(config, membership, N)`` on a transport
 that reaches N, and publishes the Membership it returns, in which N is alive: a replica again
 of everything ``replica_nodes`` gives it, primary where it comes first.

@@ -17,7 +17,7 @@ import pytest
 from test_failover import Run, _config
 from test_failover import _check as check_run
 
-from fusee.emulator.index_check import check_index
+from fusee.emulator.testkit.index_check import check_index
 from fusee.driver import run
 from fusee.failover import failover
 from fusee.membership import Membership

@@ -30,13 +30,13 @@ from test_failover_processes import LEASES, _wait
 
 from fusee.emulator.cluster import ClusterStartError, LocalCluster
 from fusee.config import LayoutConfig
-from fusee.master import Master
-from fusee.transports.master_link import membership_wait
+from fusee.master.logic import Master
+from fusee.master.link import membership_wait
 
 #: the master process, its rebuild slowed to last at least argv[1] seconds
 SLOWED_MASTER = """
 import sys, time
-import fusee.emulator.master_server as ms
+import fusee.master.server as ms
 
 seconds, real = float(sys.argv[1]), ms.rebuild
 

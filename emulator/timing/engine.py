@@ -1,6 +1,6 @@
 """The timing model: real operations on real memory images, in simulated time.
 
-Like the deterministic simulator (``fusee.emulator.simulator``), it drives the sans-IO operation
+Like the deterministic simulator (``fusee.emulator.testkit.simulator``), it drives the sans-IO operation
 generators that the client runs over one in-process ``LocalMemory``; unlike it, the order in
 which verbs execute comes from a clock, not from a seeded scheduler. Every batch an operation
 yields is posted once its client has spent its CPU time on the step (``Profile``), travels

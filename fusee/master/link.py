@@ -21,11 +21,11 @@ declares a client crashed only after its own deadline (the client's lease plus t
 counted from when it received the renewal), records that before acting on it, and refuses every
 later renewal of that id and token. So a renewal granted after a lapse proves that no master
 declared the client crashed, and the client carries on where it was: a master restarted from
-its state (``fusee.master``) leases every recorded client afresh, and the keeper's next renewal
+its state (``fusee.master.logic``) leases every recorded client afresh, and the keeper's next renewal
 finds it. Only a refusal (``LeaseError``) ends the lease for good (``ended``): then the master
 recovers the client's operations and reuses its id.
 
-The keeper also carries the master's failover protocol (``fusee.master``): when a renewal
+The keeper also carries the master's failover protocol (``fusee.master.logic``): when a renewal
 says *pause* for the next epoch, it takes ``gate`` (which the executor holds around every
 batch it posts, so this waits for the batch in flight), sets ``pause`` so that no new batch
 goes out, and acks at once with another renewal; while paused, or while an operation waits
@@ -46,7 +46,7 @@ import zmq
 from fusee.emulator import wire
 from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
 from fusee.errors import MasterBusy, MasterError, MasterStandby, MasterTimeout
-from fusee.master import Grant, LeaseError, LeaseExpired, LeaseLapsed
+from fusee.master.logic import Grant, LeaseError, LeaseExpired, LeaseLapsed
 from fusee.membership import Membership
 from fusee.transports.security import HANDSHAKE_FAILED, refusal, secure_client
 

@@ -1,7 +1,7 @@
 """The master process (`fusee master`): membership, client leases, failovers and repairs
 (docs/design.md#the-master).
 
-It wraps the sans-IO ``fusee.master.Master`` with I/O, on three threads that share it under a
+It wraps the sans-IO ``fusee.master.logic.Master`` with I/O, on three threads that share it under a
 lock:
 
 - the main thread serves RPCs on a ZeroMQ ROUTER socket (the MNs' control protocol,
@@ -18,14 +18,14 @@ lock:
   clients paused as for a failover. One thread for all: a recovery never runs during a
   failover or a rebuild.
 
-While an MN awaits its failover, renewal replies tell clients to pause (``fusee.master``);
+While an MN awaits its failover, renewal replies tell clients to pause (``fusee.master.logic``);
 once it is done the new membership is saved, then handed out with the renewals. Registrations
-are refused meanwhile (the client retries). The state is saved (``fusee.emulator.master_state``: a
+are refused meanwhile (the client retries). The state is saved (``fusee.master.store``: a
 file, or ZooKeeper) whenever it changes, before a reply depends on it, so a restarted master
 carries on. Every network wait has a timeout. SIGTERM / SIGINT stop it cleanly.
 
 With ``[master] coordination = "zookeeper://..."`` several of these processes run; one leads
-(``fusee.emulator.master_election``) and the others stand by: they answer every request but ``ping``
+(``fusee.master.election``) and the others stand by: they answer every request but ``ping``
 with ERR_STANDBY (the client asks the next master of its list) and start their threads only
 once elected, when they carry on from the state in ZooKeeper as a restarted master would.
 """
@@ -53,7 +53,7 @@ from fusee.errors import ClientLimit, FuseeError
 from fusee.failover import failover
 from fusee.rebuild import RebuildError, rebuild
 from fusee.rejoin import REJOIN
-from fusee.master import (LeaseError, Master, StateError, StateMismatch,
+from fusee.master.logic import (LeaseError, Master, StateError, StateMismatch,
                           TransitionInProgress)
 from fusee.membership import Membership
 from fusee.layout import CLEAN
@@ -61,9 +61,9 @@ from fusee.client_ids import client_states, fresh_client_id
 from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 from fusee.transports.channel import Channels
-from fusee.transports.master_link import ERR_BUSY, ERR_LEASE, ERR_STANDBY
-from fusee.emulator.master_election import LeaderGuard
-from fusee.emulator.master_state import Deposed, FileStore, StateStore, ZooKeeperStore
+from fusee.master.link import ERR_BUSY, ERR_LEASE, ERR_STANDBY
+from fusee.master.election import LeaderGuard
+from fusee.master.store import Deposed, FileStore, StateStore, ZooKeeperStore
 from fusee.emulator.serving import BindError, EndpointInUse, bind, stop_condition, write_ready
 from fusee.transports.security import check_endpoint, master_config, secure_server
 from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
@@ -85,8 +85,8 @@ TICK = 0.02
 class MasterServer:
     def __init__(self, config: ClusterConfig, store: StateStore,
                  transport: str | None = None, log=_log, leadership=None):
-        """``store``: where the state lives (``fusee.emulator.master_state``); ``leadership``: this
-        master's place in a ZooKeeper election (``fusee.emulator.master_election``), or None for
+        """``store``: where the state lives (``fusee.master.store``); ``leadership``: this
+        master's place in a ZooKeeper election (``fusee.master.election``), or None for
         the single master, which leads from the start."""
         self.config, self.backend, self.log = config, transport, log
         self.grace = config.timeout        # the longest a client's last batch can be in flight
@@ -664,7 +664,7 @@ def open_coordination(config: ClusterConfig, endpoint: str, state_path: str | Pa
     election, or ZooKeeper for both."""
     if config.coordination is None:
         return FileStore(state_path), None
-    from fusee.emulator.master_election import ZooKeeperLeadership
+    from fusee.master.election import ZooKeeperLeadership
     if len(config.masters) > 1 and endpoint not in config.masters:
         raise ConfigError(f"this master's endpoint {endpoint} is not one of the config's "
                           f"masters {config.masters}: name it with --endpoint")
