@@ -48,7 +48,8 @@ class LocalCluster:
                  mn_lease: float | None = None, masters: int = 1,
                  coordination: str | None = None):
         """``masters`` > 1: that many master processes electing their leader on ZooKeeper
-        (``coordination``: "zookeeper://..."; see fusee.emulator.testkit.zk_ensemble), on ipc endpoints."""
+        (``coordination``: "zookeeper://..."; see fusee.emulator.testkit.zk_ensemble), on ipc
+        endpoints."""
         if transport not in ("local", "shm", "zmq", "verbs"):
             raise ValueError(f"unknown transport {transport!r}")
         if master and transport == "local":

@@ -131,8 +131,8 @@ ATHERIS = importlib.util.find_spec("atheris") is not None
 
 
 def _atheris(target: str, runs: int, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "fusee.emulator.testkit.fuzz", target, f"-runs={runs}",
-                           "-seed=1", f"-artifact_prefix={tmp_path}/"],
+    proc = subprocess.run([sys.executable, "-m", "fusee.emulator.testkit.fuzz", target,
+                           f"-runs={runs}", "-seed=1", f"-artifact_prefix={tmp_path}/"],
                           capture_output=True, text=True, timeout=1800,
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]

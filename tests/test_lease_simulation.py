@@ -1,5 +1,5 @@
-"""The lease/pause protocol in the deterministic simulator (``fusee.emulator.testkit.lease_simulation``):
-the real master on a simulated clock, its renewals lost or late (some by up to a whole
+"""The lease/pause protocol in the deterministic simulator
+(``fusee.emulator.testkit.lease_simulation``): the real master on a simulated clock, its renewals lost or late (some by up to a whole
 lease), clients that stall past their lease or are cut off from the master while they still
 reach the MNs, an MN that dies and is failed over only once every leased client paused, a
 master restarted from its state, all interleaved verb by verb with the operations.

@@ -1,5 +1,5 @@
-"""Masters on ZooKeeper, for real: a 3-server ensemble on loopback (``fusee.emulator.testkit.zk_ensemble``,
-one per module), masters electing their leader on it, memory nodes and client processes, and
+"""Masters on ZooKeeper, for real: a 3-server ensemble on loopback
+(``fusee.emulator.testkit.zk_ensemble``, one per module), masters electing their leader on it, memory nodes and client processes, and
 things killed with SIGKILL under a mixed workload (r = 3, 3 MNs): a ZooKeeper server, the
 leading master, then an MN, which the new leader must fail over. No operation may fail, the
 history (final reads included) must be linearizable, and the audit must account for every

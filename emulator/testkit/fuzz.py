@@ -126,8 +126,8 @@ def main(argv=None) -> int:
     import atheris                              # opt-in: the fuzz extra
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in TARGETS:
-        print(f"usage: python -m fusee.emulator.testkit.fuzz {{{','.join(TARGETS)}}} [libFuzzer options]",
-              file=sys.stderr)
+        print(f"usage: python -m fusee.emulator.testkit.fuzz {{{','.join(TARGETS)}}} "
+              "[libFuzzer options]", file=sys.stderr)
         return 2
     target = argv[0]
     node = make_node(f"fuzz{__import__('os').getpid()}") if target == "memnode" else None

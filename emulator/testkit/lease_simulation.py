@@ -1,5 +1,5 @@
-"""The lease/pause protocol in the deterministic simulator: the real ``fusee.master.logic.Master`` on
-a simulated clock, interleaved verb by verb with the clients' operations.
+"""The lease/pause protocol in the deterministic simulator: the real
+``fusee.master.logic.Master`` on a simulated clock, interleaved verb by verb with the clients' operations.
 
 ``fusee.emulator.testkit.simulator`` pauses clients for a failover by fiat. Here nothing is by fiat: one
 scheduler step is ``TICK`` simulated seconds, and at each step

@@ -21,8 +21,8 @@ declares a client crashed only after its own deadline (the client's lease plus t
 counted from when it received the renewal), records that before acting on it, and refuses every
 later renewal of that id and token. So a renewal granted after a lapse proves that no master
 declared the client crashed, and the client carries on where it was: a master restarted from
-its state (``fusee.master.logic``) leases every recorded client afresh, and the keeper's next renewal
-finds it. Only a refusal (``LeaseError``) ends the lease for good (``ended``): then the master
+its state (``fusee.master.logic``) leases every recorded client afresh, and the keeper's next
+renewal finds it. Only a refusal (``LeaseError``) ends the lease for good (``ended``): then the master
 recovers the client's operations and reuses its id.
 
 The keeper also carries the master's failover protocol (``fusee.master.logic``): when a renewal
