@@ -381,3 +381,23 @@ def test_a_failed_rebuild_lets_the_clients_go_and_an_mn_that_stops_asking_is_dro
     m.rejoin(2, 2.0)
     assert m.next_rebuild(2.0 + MN_L + 0.5) is None          # it stopped asking: dropped
     assert m.pause == 0 and m.status(0.0)["memnodes"]["2"]["state"] == "dead"
+
+
+def test_the_master_protocol_carries_a_grant_and_names_each_refusal():
+    """What the master sends (fusee/master/protocol.py) a client reads back the same; the
+    membership only travels to a client that lags behind it."""
+    from fusee.errors import MasterBusy, MasterError, MasterStandby
+    from fusee.master.logic import Grant
+    from fusee.master.protocol import (ERR_BUSY, ERR_LEASE, ERR_STANDBY, decode_grant,
+                                       encode_grant, error_code, refusal)
+    membership = Membership(epoch=3)
+    g = Grant(id=5, token=7, lease=2.0, epoch=3, pause=4, rebuild=(1, 10, 20))
+    assert decode_grant(encode_grant(g, membership, known=3)) == g
+    assert decode_grant(encode_grant(g, membership, known=2)).membership == membership
+    with pytest.raises(MasterError, match="malformed grant"):
+        decode_grant({"id": 5})
+    for e, code, raised in ((LeaseError("x"), ERR_LEASE, LeaseError),
+                            (TransitionInProgress("x"), ERR_BUSY, MasterBusy)):
+        assert error_code(e) == code and type(refusal(code, "x")) is raised
+    assert type(refusal(ERR_STANDBY, "x")) is MasterStandby
+    assert type(refusal(1, "x")) is MasterError and error_code(ValueError()) is None

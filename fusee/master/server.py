@@ -55,13 +55,13 @@ from fusee.rebuild import RebuildError, rebuild
 from fusee.rejoin import REJOIN
 from fusee.master.logic import (LeaseError, Master, StateError, StateMismatch,
                           TransitionInProgress)
-from fusee.membership import Membership
 from fusee.layout import CLEAN
 from fusee.client_ids import client_states, fresh_client_id
 from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 from fusee.transports.channel import Channels
-from fusee.master.link import ERR_BUSY, ERR_LEASE, ERR_STANDBY
+from fusee.master.protocol import (ERR_STANDBY, PING, REGISTER, RELEASE, RENEW, STATUS,
+                                   encode_grant, error_code)
 from fusee.master.election import LeaderGuard
 from fusee.master.store import Deposed, FileStore, StateStore, ZooKeeperStore
 from fusee.emulator.serving import BindError, EndpointInUse, bind, stop_condition, write_ready
@@ -108,9 +108,9 @@ class MasterServer:
         self.tally: collections.Counter = collections.Counter()     # for fusee.metrics
         self.transport = None                           # the worker's, to the live MNs
         self.last_tick = 0.0
-        self.methods = {"register": self._register, "renew": self._renew,
-                        "release": self._release, "status": self._status,
-                        "ping": lambda args: "pong"}
+        self.methods = {REGISTER: self._register, RENEW: self._renew,
+                        RELEASE: self._release, STATUS: self._status,
+                        PING: lambda args: "pong"}
 
     def _take_over(self) -> None:
         """Carry on from the stored state (or start afresh) and write it back at once: a
@@ -164,14 +164,12 @@ class MasterServer:
         self.tally["requests"] += 1
         if method is None:
             return wire.encode_reply(seq, [], [0, wire.ERR_MALFORMED, f"unknown request {name!r}"])
-        if name != "ping" and not self.leading():
+        if name != PING and not self.leading():
             return wire.encode_reply(seq, [], [0, ERR_STANDBY, self._standing_by()])
         try:
             return wire.encode_reply(seq, [method(args)])
-        except LeaseError as e:
-            return wire.encode_reply(seq, [], [0, ERR_LEASE, str(e)])
-        except TransitionInProgress as e:
-            return wire.encode_reply(seq, [], [0, ERR_BUSY, str(e)])
+        except (LeaseError, TransitionInProgress) as e:
+            return wire.encode_reply(seq, [], [0, error_code(e), str(e)])
         except (FuseeError, TransportError, OSError, ValueError, TypeError, KeyError) as e:
             return wire.encode_reply(seq, [], [0, wire.ERR_CONTROL, f"{name}: {e}"])
 
@@ -212,7 +210,7 @@ class MasterServer:
                 self.work_due.set()                 # ids found in use await recovery
         self.tally["registrations"] += 1
         self.log(f"master: client {cid} registered", flush=True)
-        return self._grant(g, membership, 0)
+        return encode_grant(g, membership, 0)
 
     def _survey(self) -> tuple[int, list[int], list[int]]:
         """The arguments of ``Master.seed_ids``: the MNs' client-id counter word (FAA), where
@@ -231,17 +229,6 @@ class MasterServer:
         return (first, [i for i, (state, _) in enumerate(states[:first]) if state == CLEAN],
                 [i for i, (state, _) in enumerate(states) if state != CLEAN])
 
-    @staticmethod
-    def _grant(g, membership: Membership, known: int) -> dict:
-        """A grant as a reply; the membership travels only to a client that lags behind it."""
-        reply = {"id": g.id, "token": g.token, "lease": g.lease, "epoch": g.epoch,
-                 "pause": g.pause, "lost": g.lost}
-        if g.rebuild is not None:
-            reply["rebuild"] = list(g.rebuild)
-        if membership.epoch > known:
-            reply["membership"] = membership.to_wire()
-        return reply
-
     def _renew(self, args: dict) -> dict:
         """``paused``: the pause epoch the client acked; ``epoch``: the membership it has."""
         cid, token, paused, known = self._ints(args, "id", "token",
@@ -258,7 +245,7 @@ class MasterServer:
             self.tally["renewals"] += 1
             if g.pause and acked != paused and not self.master.waiting_for():
                 self.work_due.set()                 # the last ack: the failover may start
-        return self._grant(g, membership, known)
+        return encode_grant(g, membership, known)
 
     def _release(self, args: dict) -> None:
         cid, token = self._ints(args, "id", "token")
