@@ -7,7 +7,7 @@ endpoints, and on exit stops every process and removes every segment, socket and
 file, even when the code inside the ``with`` block failed. MN processes also exit by
 themselves if the process that started them dies. Over tcp:// it makes CURVE keys of its own
 (``secure=False`` opts into plaintext, with a warning). With ``master=True`` it also runs the
-master (``python -m fusee.master.server``) and names it in the config, so clients register
+master (``python -m fusee.master.command``) and names it in the config, so clients register
 with it; ``stop_master`` / ``start_master`` restart it on the same endpoint and state file,
 ``master_status`` asks it how things stand, and ``kill`` crashes a memory node.
 """
@@ -167,7 +167,7 @@ class LocalCluster:
         ready.unlink(missing_ok=True)
         with open(self.workdir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fusee.master.server", "--config",
+                [sys.executable, "-m", "fusee.master.command", "--config",
                  str(self.config_path), "--state", str(self.workdir / "master.json"),
                  "--endpoint", endpoint, "--ready-file", str(ready),
                  "--parent-pid", str(os.getpid())],

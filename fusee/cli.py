@@ -52,7 +52,7 @@ def _memnode(argv) -> int:
 
 
 def _master(argv) -> int:
-    from fusee.master.server import main
+    from fusee.master.command import main
     return main(argv)
 
 

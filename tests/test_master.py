@@ -318,7 +318,7 @@ def test_several_masters_list_and_round_trip_through_toml():
 
 
 def test_a_master_of_several_must_be_told_which_it_is(tmp_path, capsys):
-    from fusee.master.server import main
+    from fusee.master.command import main
     path = tmp_path / "c.toml"
     path.write_text('[cluster]\nmaster = "ipc:///a,ipc:///b"\n[master]\n'
                     'coordination = "zookeeper://127.0.0.1:9"\n' + MN)

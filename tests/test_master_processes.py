@@ -1,4 +1,4 @@
-"""The master as a process (``fusee.master.server``) with real memory nodes and clients:
+"""The master as a process (``fusee.master.command``) with real memory nodes and clients:
 restart, a client killed with kill -9, an MN killed and failed over, the pause of a batch in
 flight, RPC errors, CURVE, the CLI, recovery time. The pure logic: tests/test_master.py."""
 

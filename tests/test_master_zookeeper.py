@@ -165,7 +165,7 @@ def test_a_master_that_cannot_reach_zookeeper_says_so(tmp_path):
     config = c.config.with_(master=f"ipc://{tmp_path}/m.sock",
                             coordination="zookeeper://127.0.0.1:9")
     config.save(tmp_path / "zk.toml")
-    out = subprocess.run([sys.executable, "-m", "fusee.master.server", "--config",
+    out = subprocess.run([sys.executable, "-m", "fusee.master.command", "--config",
                           str(tmp_path / "zk.toml")], capture_output=True, text=True,
                          timeout=60, check=False)
     assert out.returncode == 2

@@ -36,9 +36,10 @@ from fusee.master.link import membership_wait
 #: the master process, its rebuild slowed to last at least argv[1] seconds
 SLOWED_MASTER = """
 import sys, time
-import fusee.master.server as ms
+import fusee.master.command as command
+import fusee.master.worker as worker
 
-seconds, real = float(sys.argv[1]), ms.rebuild
+seconds, real = float(sys.argv[1]), worker.rebuild
 
 def slowed(*args, **kwargs):
     gen, send, arg, end = real(*args, **kwargs), None, None, time.monotonic() + seconds
@@ -55,8 +56,8 @@ def slowed(*args, **kwargs):
         except BaseException as e:
             arg, send = e, gen.throw
 
-ms.rebuild = slowed
-sys.exit(ms.main(sys.argv[2:]))
+worker.rebuild = slowed
+sys.exit(command.main(sys.argv[2:]))
 """
 
 
