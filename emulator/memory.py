@@ -2,8 +2,8 @@
 
 A ``MemoryRegion`` executes one-sided verbs on a writable buffer exactly as an RDMA NIC would:
 every request passes the NIC's checks first (``fusee.emulator.nic_checks``: access key,
-bounds, alignment), and CAS/FAA are real hardware atomics (``fusee.emulator._atomic``), so several processes
-mapping the same shared-memory segment race correctly. Failures raise RemoteAccessError and
+bounds, alignment), and CAS/FAA are real hardware atomics (``fusee.emulator._atomic``), so
+several processes mapping the same shared-memory segment race correctly. Failures raise RemoteAccessError and
 leave the region untouched.
 """
 
