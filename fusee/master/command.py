@@ -18,7 +18,8 @@ from fusee.config import ClusterConfig, ConfigError
 from fusee.emulator.serving import BindError, stop_condition, write_ready
 from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
 from fusee.master.logic import StateError, StateMismatch
-from fusee.master.server import MasterServer, log
+from fusee.master.server import MasterServer
+from fusee.master.shared import log
 from fusee.master.store import FileStore, ZooKeeperStore
 from fusee.metrics import MasterCollector, MetricsUnavailable, metrics_address, serve_metrics
 from fusee.transports.security import master_config

@@ -3,9 +3,9 @@ request through ``fusee.transports.channel.Channels``, all at once, every quarte
 lease, and each pong renews its node's lease; it pings the dead ones too, and one that answers
 "rejoin" (``fusee memnode --rejoin``) is queued for a rebuild (``fusee.rejoin``).
 
-A mixin of ``MasterServer`` (``fusee/master/server.py``): the master's three threads share one
-``Master`` under one lock, so the code of each thread is a class over that shared state, in
-a module of its own; ``server.py`` says what the state is.
+The master's three threads share one ``Master`` under one lock (``fusee/master/shared.py``), so
+the code of each thread is a subclass of that shared state, in a module of its own;
+``MasterServer`` (``fusee/master/server.py``) is made of the three.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import time
 import zmq
 
 from fusee.emulator import wire
+from fusee.master.shared import SharedState
 from fusee.rejoin import REJOIN
 from fusee.transports.channel import Channels
 
 
-class Heartbeat:
+class Heartbeat(SharedState):
     """The heartbeat thread's loop (``MasterServer.serve`` starts it)."""
 
     def heartbeat_loop(self) -> None:

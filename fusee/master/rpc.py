@@ -3,9 +3,9 @@
 answers only ``ping``; every other request gets ERR_STANDBY, and the client asks the next
 master of its list.
 
-A mixin of ``MasterServer`` (``fusee/master/server.py``): the master's three threads share one
-``Master`` under one lock, so the code of each thread is a class over that shared state, in
-a module of its own; ``server.py`` says what the state is.
+The master's three threads share one ``Master`` under one lock (``fusee/master/shared.py``), so
+the code of each thread is a subclass of that shared state, in a module of its own;
+``MasterServer`` (``fusee/master/server.py``) is made of the three.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from fusee.errors import ClientLimit, FuseeError
 from fusee.layout import CLEAN
 from fusee.master.logic import LeaseError, TransitionInProgress
 from fusee.master.protocol import ERR_STANDBY, PING, encode_grant, error_code
+from fusee.master.shared import SharedState
 from fusee.verbs import TransportError
 
 
-class Requests:
+class Requests(SharedState):
     """The handlers of the master's requests (``MasterServer.methods`` names them)."""
 
     def handle(self, data: bytes) -> bytes:

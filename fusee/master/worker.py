@@ -6,9 +6,9 @@ paused as for a failover. One thread for all: a recovery never runs during a fai
 rebuild. Whatever it publishes is saved first (a restarted master must not go back a
 membership).
 
-A mixin of ``MasterServer`` (``fusee/master/server.py``): the master's three threads share one
-``Master`` under one lock, so the code of each thread is a class over that shared state, in
-a module of its own; ``server.py`` says what the state is.
+The master's three threads share one ``Master`` under one lock (``fusee/master/shared.py``), so
+the code of each thread is a subclass of that shared state, in a module of its own;
+``MasterServer`` (``fusee/master/server.py``) is made of the three.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import time
 
 from fusee.driver import run
 from fusee.failover import failover
+from fusee.master.shared import SharedState
 from fusee.master.store import Deposed
 from fusee.rebuild import RebuildError, rebuild
 from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 
 
-class Worker:
+class Worker(SharedState):
     """The worker thread's loop (``MasterServer.serve`` starts it) and each job it runs."""
 
     def work_loop(self) -> None:
