@@ -15,7 +15,8 @@ An FAA's delta is not checked: it wraps modulo 2**64, as a NIC's adder does.
 
 from __future__ import annotations
 
-from fusee.verbs import MASK64, RemoteAccessError
+from fusee.errors import RemoteAccessError
+from fusee.verbs import MASK64
 
 
 def wrong_key(node: int) -> RemoteAccessError:

@@ -9,8 +9,11 @@ whose membership is sent only to a client that lags behind it (docs/design.md#th
 
 from __future__ import annotations
 
-from fusee.errors import FuseeError, MasterBusy, MasterError, MasterStandby
-from fusee.master.logic import Grant, LeaseError, TransitionInProgress
+from typing import Any
+
+from fusee.errors import (FuseeError, LeaseError, MasterBusy, MasterError, MasterStandby,
+                          TransitionInProgress)
+from fusee.master.logic import Grant
 from fusee.membership import Membership
 
 #: the requests: a lease for a new client, its renewal (a pause ack with it), a clean end,
@@ -40,11 +43,11 @@ def refusal(code: int, text: str) -> FuseeError:
     return _REFUSALS.get(code, MasterError)(f"master: {text}")
 
 
-def encode_grant(g: Grant, membership: Membership, known: int) -> dict:
+def encode_grant(g: Grant, membership: Membership, known: int) -> dict[str, Any]:
     """A grant as a reply; the membership travels only to a client that lags behind it
     (``known``: the epoch the client has)."""
-    reply = {"id": g.id, "token": g.token, "lease": g.lease, "epoch": g.epoch,
-             "pause": g.pause, "lost": g.lost}
+    reply: dict[str, Any] = {"id": g.id, "token": g.token, "lease": g.lease, "epoch": g.epoch,
+                             "pause": g.pause, "lost": g.lost}
     if g.rebuild is not None:
         reply["rebuild"] = list(g.rebuild)
     if membership.epoch > known:
@@ -52,7 +55,7 @@ def encode_grant(g: Grant, membership: Membership, known: int) -> dict:
     return reply
 
 
-def decode_grant(reply) -> Grant:
+def decode_grant(reply: Any) -> Grant:
     """A grant from a reply; MasterError if it is not one."""
     try:
         wire_membership = reply.pop("membership", None)
