@@ -8,10 +8,13 @@
  *
  * ``run`` executes a whole batch of the shm client's verbs (transports.shm), checks included:
  * done verb by verb in Python, those checks, copies and counts were a fifth of the client's
- * CPU per operation.
+ * CPU per operation. ``serve`` is the memory node's counterpart for the zmq transport: a
+ * whole msgpack request of one-sided verbs read, checked, run and answered in one call;
+ * ``pack`` writes that request on the zmq client's side.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <assert.h>
 #include <stdint.h>
 
 static int get_u64(PyObject *o, uint64_t *out) {
@@ -206,6 +209,234 @@ done:
     return out;
 }
 
+/* serve(request, base, size, rkey, max_batch) -> (verbs, reply), or None.
+ *
+ * The memory node's whole request for the common case, a batch of one-sided verbs that a
+ * NIC would accept: the msgpack request [VERBS, seq, rkey, [[opcode, addr, a(, b)], ...]]
+ * (fusee.emulator.wire) is read in place, every verb checked first (opcode, operand types,
+ * the region's key, bounds, alignment) and only then are they run on the mapping at
+ * ``base`` (``size`` bytes), writing the msgpack reply [seq, [completion, ...], nil] as it
+ * goes: a READ's bytes are copied once, from the region into the reply, and a WRITE's once,
+ * from the request into the region. Decoded into Python objects and run verb by verb, that
+ * was most of the MN's CPU per request. Anything else (a control request, ALLOC/FREE, a
+ * wrong key, a malformed or failing verb, more than ``max_batch`` verbs) gives None with
+ * nothing done: the caller's Python path serves it and words its refusal. */
+enum { W_READ, W_WRITE, W_CAS, W_FAA };             /* fusee.emulator.wire's OP_* */
+
+typedef struct { const unsigned char *p, *end; } cursor_t;
+
+static uint64_t be(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v = v << 8 | p[i];
+    return v;
+}
+
+static int take_uint(cursor_t *c, uint64_t *out) {  /* 0 ok, -1 not a msgpack uint */
+    if (c->p >= c->end) return -1;
+    unsigned char t = *c->p++;
+    int n = t <= 0x7f ? 0 : t == 0xcc ? 1 : t == 0xcd ? 2 : t == 0xce ? 4 : t == 0xcf ? 8 : -1;
+    if (n < 0 || c->end - c->p < n) return -1;
+    *out = n ? be(c->p, n) : t;
+    c->p += n;
+    return 0;
+}
+
+static int take_array(cursor_t *c, uint64_t *len) {
+    if (c->p >= c->end) return -1;
+    unsigned char t = *c->p++;
+    int n = (t & 0xf0) == 0x90 ? 0 : t == 0xdc ? 2 : t == 0xdd ? 4 : -1;
+    if (n < 0 || c->end - c->p < n) return -1;
+    *len = n ? be(c->p, n) : (uint64_t)(t & 0x0f);
+    c->p += n;
+    return 0;
+}
+
+static int take_bin(cursor_t *c, const unsigned char **at, uint64_t *len) {
+    if (c->p >= c->end) return -1;
+    unsigned char t = *c->p++;
+    int n = t == 0xc4 ? 1 : t == 0xc5 ? 2 : t == 0xc6 ? 4 : -1;
+    if (n < 0 || c->end - c->p < n) return -1;
+    *len = be(c->p, n);
+    c->p += n;
+    if ((uint64_t)(c->end - c->p) < *len) return -1;
+    *at = c->p;
+    c->p += *len;
+    return 0;
+}
+
+static unsigned char *put_be(unsigned char *o, unsigned char tag, uint64_t v, int n) {
+    *o++ = tag;
+    for (int i = n - 1; i >= 0; i--) *o++ = (unsigned char)(v >> (8 * i));
+    return o;
+}
+
+typedef struct { int kind; unsigned char *at; uint64_t a, b; const unsigned char *data; } served_t;
+
+static PyObject *serve_request(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    uint64_t base, size, rkey, max_batch;
+    if (n != 5 || get_u64(args[1], &base) || get_u64(args[2], &size) ||
+        get_u64(args[3], &rkey) || get_u64(args[4], &max_batch)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "serve(request, base, size, rkey, max_batch)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    cursor_t c = {view.buf, (const unsigned char *)view.buf + view.len};
+    served_t small[64], *req = small;
+    PyObject *out = NULL;
+    uint64_t len, kind, seq, key, count;
+    if (take_array(&c, &len) || len != 4 || take_uint(&c, &kind) || kind != 0 ||
+        take_uint(&c, &seq) || take_uint(&c, &key) || key != rkey ||
+        take_array(&c, &count) || count > max_batch) goto general;
+    if (count > 64 && !(req = PyMem_Malloc(count * sizeof(served_t)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* the reply's size: [seq, [results], nil] with seq a uint64 and the results' array32 */
+    uint64_t reply_len = 1 + 9 + 5 + 1;
+    for (uint64_t i = 0; i < count; i++) {
+        served_t *r = &req[i];
+        uint64_t fields, op, addr;
+        if (take_array(&c, &fields) || take_uint(&c, &op) || take_uint(&c, &addr)) goto general;
+        r->kind = (int)op;
+        r->at = (unsigned char *)(uintptr_t)(base + addr);
+        if (op == W_READ && fields == 3) {
+            if (take_uint(&c, &r->a) || addr > size || r->a > size - addr ||
+                r->a > 0xffffffffu) goto general;           /* a bin32 holds it */
+            reply_len += 5 + r->a;
+        } else if (op == W_WRITE && fields == 3) {
+            if (take_bin(&c, &r->data, &r->a) || addr > size || r->a > size - addr) goto general;
+            reply_len += 1;
+        } else if ((op == W_CAS && fields == 4) || (op == W_FAA && fields == 3)) {
+            if (take_uint(&c, &r->a) || (op == W_CAS && take_uint(&c, &r->b)) ||
+                addr & 7 || size < 8 || addr > size - 8) goto general;
+            reply_len += 9;
+        } else {
+            goto general;
+        }
+    }
+    if (c.p != c.end || reply_len > PY_SSIZE_T_MAX) goto general;   /* trailing bytes */
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)reply_len);
+    if (!out) goto done;
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    *o++ = 0x93;
+    o = put_be(o, 0xcf, seq, 8);
+    o = put_be(o, 0xdd, count, 4);
+    for (uint64_t i = 0; i < count; i++) {        /* checked: nothing below can fail */
+        served_t *r = &req[i];
+        if (r->kind == W_READ) {
+            o = put_be(o, 0xc6, r->a, 4);
+            memcpy(o, r->at, r->a);
+            o += r->a;
+        } else if (r->kind == W_WRITE) {
+            memcpy(r->at, r->data, r->a);
+            *o++ = 0xc0;
+        } else if (r->kind == W_CAS) {
+            uint64_t old = r->a;
+            __atomic_compare_exchange_n((uint64_t *)r->at, &old, r->b, 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+            o = put_be(o, 0xcf, old, 8);
+        } else {
+            o = put_be(o, 0xcf, __atomic_fetch_add((uint64_t *)r->at, r->a, __ATOMIC_SEQ_CST), 8);
+        }
+    }
+    *o++ = 0xc0;
+    assert(o == (unsigned char *)PyBytes_AS_STRING(out) + reply_len);
+    PyObject *reply = out;
+    out = Py_BuildValue("(KN)", (unsigned long long)count, reply);
+    goto done;
+general:
+    out = Py_NewRef(Py_None);
+done:
+    if (req != small) PyMem_Free(req);
+    PyBuffer_Release(&view);
+    return out;
+}
+
+/* pack(seq, rkey, batch, kinds) -> the msgpack verbs request, or None.
+ *
+ * The zmq client's side of ``serve``: [VERBS, seq, rkey, [[opcode, addr, a(, b)], ...]]
+ * (fusee.emulator.wire.encode_verbs) written in one call, for a batch of Read, Write (of
+ * bytes), Cas and Faa whose operands are unsigned 64-bit ints (a FAA's delta wraps, as the
+ * verb does). Integers are written as msgpack uint64, which any decoder reads as the same
+ * value. Anything else gives None, and encode_verbs packs it in Python. ``kinds`` is
+ * (Read, Write, Cas, Faa). */
+static PyObject *pack_verbs(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    uint64_t seq, rkey;
+    if (n == 4 && !PyList_CheckExact(args[2])) return Py_NewRef(Py_None);  /* Python packs it */
+    if (n != 4 || !PyTuple_CheckExact(args[3]) ||
+        PyTuple_GET_SIZE(args[3]) != 4) {
+        PyErr_SetString(PyExc_TypeError, "pack(seq, rkey, batch: list, kinds: tuple)");
+        return NULL;
+    }
+    if (u64_of(args[0], &seq) || u64_of(args[1], &rkey)) return Py_NewRef(Py_None);
+    PyObject *batch = args[2], *kinds = args[3];
+    Py_ssize_t count = PyList_GET_SIZE(batch);
+    if ((uint64_t)count > 0xffffffffu) return Py_NewRef(Py_None);
+    uint64_t size = 1 + 1 + 9 + 9 + 5;
+    for (Py_ssize_t i = 0; i < count; i++) {       /* check, and size the message */
+        PyObject *r = PyList_GET_ITEM(batch, i);
+        int kind = -1;
+        for (int k = 0; k < 4; k++)
+            if ((PyObject *)Py_TYPE(r) == PyTuple_GET_ITEM(kinds, k)) kind = k;
+        if (kind < 0 || PyTuple_GET_SIZE(r) != (kind == K_CAS ? 4 : 3)) return Py_NewRef(Py_None);
+        uint64_t v;
+        if (u64_of(PyTuple_GET_ITEM(r, 1), &v)) return Py_NewRef(Py_None);
+        PyObject *a = PyTuple_GET_ITEM(r, 2);
+        if (kind == K_WRITE) {
+            if (!PyBytes_CheckExact(a) || (uint64_t)PyBytes_GET_SIZE(a) > 0xffffffffu)
+                return Py_NewRef(Py_None);
+            size += 1 + 1 + 9 + 5 + PyBytes_GET_SIZE(a);
+        } else if (kind == K_FAA) {
+            if (!PyLong_CheckExact(a)) return Py_NewRef(Py_None);
+            size += 1 + 1 + 9 + 9;
+        } else {
+            if (u64_of(a, &v) || (kind == K_CAS && u64_of(PyTuple_GET_ITEM(r, 3), &v)))
+                return Py_NewRef(Py_None);
+            size += 1 + 1 + 9 + 9 + (kind == K_CAS ? 9 : 0);
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (!out) return NULL;
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    *o++ = 0x94;
+    *o++ = 0x00;                                    /* VERBS */
+    o = put_be(o, 0xcf, seq, 8);
+    o = put_be(o, 0xcf, rkey, 8);
+    o = put_be(o, 0xdd, (uint64_t)count, 4);
+    static const unsigned char opcode[4] = {W_READ, W_WRITE, W_CAS, W_FAA};
+    for (Py_ssize_t i = 0; i < count; i++) {       /* checked: nothing below can fail */
+        PyObject *r = PyList_GET_ITEM(batch, i);
+        int kind = 0;
+        while ((PyObject *)Py_TYPE(r) != PyTuple_GET_ITEM(kinds, kind)) kind++;
+        uint64_t v = 0;
+        *o++ = kind == K_CAS ? 0x94 : 0x93;
+        *o++ = opcode[kind];
+        u64_of(PyTuple_GET_ITEM(r, 1), &v);
+        o = put_be(o, 0xcf, v, 8);
+        PyObject *a = PyTuple_GET_ITEM(r, 2);
+        if (kind == K_WRITE) {
+            Py_ssize_t len = PyBytes_GET_SIZE(a);
+            o = put_be(o, 0xc6, (uint64_t)len, 4);
+            memcpy(o, PyBytes_AS_STRING(a), len);
+            o += len;
+        } else if (kind == K_FAA) {
+            v = (uint64_t)PyLong_AsUnsignedLongLongMask(a);       /* wraps, as FAA does */
+            o = put_be(o, 0xcf, v, 8);
+        } else {
+            u64_of(a, &v);
+            o = put_be(o, 0xcf, v, 8);
+            if (kind == K_CAS) {
+                u64_of(PyTuple_GET_ITEM(r, 3), &v);
+                o = put_be(o, 0xcf, v, 8);
+            }
+        }
+    }
+    assert(o == (unsigned char *)PyBytes_AS_STRING(out) + size);
+    return out;
+}
+
 /* verb_new(cls, *fields) -> a ``cls`` (a NamedTuple of fusee.verbs) holding ``fields``.
  *
  * fusee.verbs installs it as the __new__ of Read, Write, Cas and Faa: a namedtuple's own
@@ -242,6 +473,10 @@ static PyMethodDef methods[] = {
      "verb_new(cls, *fields) -> a verb (see the C source)"},
     {"run", (PyCFunction)(void (*)(void))run_batch, METH_FASTCALL,
      "run(batch, table, regions, kinds, stats) -> completions, or None (see the C source)"},
+    {"serve", (PyCFunction)(void (*)(void))serve_request, METH_FASTCALL,
+     "serve(request, base, size, rkey, max_batch) -> (verbs, reply), or None (see the C source)"},
+    {"pack", (PyCFunction)(void (*)(void))pack_verbs, METH_FASTCALL,
+     "pack(seq, rkey, batch, kinds) -> the msgpack verbs request, or None (see the C source)"},
     {"cas", (PyCFunction)(void (*)(void))atomic_cas, METH_FASTCALL, "cas(address, expected, desired) -> old"},
     {"faa", (PyCFunction)(void (*)(void))atomic_faa, METH_FASTCALL, "faa(address, delta) -> old"},
     {"load", atomic_load, METH_O, "load(address) -> value"},
@@ -250,7 +485,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_atomic",
-                                    "8-byte hardware atomics on shared memory, and the shm client's batch of verbs", -1, methods};
+                                    "8-byte hardware atomics on shared memory; the shm client's and the MN's batch of verbs", -1, methods};
 
 PyMODINIT_FUNC PyInit__atomic(void) {
     if (!(str_rkey = PyUnicode_InternFromString("rkey"))) return NULL;

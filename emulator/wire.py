@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import msgpack
 
+from fusee.emulator import _atomic
 from fusee.verbs import (AllocBlock, Cas, ControlError, Faa, FreeBlock, MASK64, Read,
                          RemoteAccessError, TransportError, Write)
 
@@ -29,6 +30,8 @@ _ERRORS = {ERR_ACCESS: RemoteAccessError, ERR_CONTROL: ControlError,
 #: one Packer for the process: cheaper than msgpack.packb's fresh one per call, and safe to
 #: share between threads (packing holds the GIL throughout)
 _pack = msgpack.Packer().pack
+_pack_verbs = _atomic.pack
+_ONE_SIDED = (Read, Write, Cas, Faa)        # the order _atomic.pack expects
 
 
 class MalformedMessage(ValueError):
@@ -36,6 +39,12 @@ class MalformedMessage(ValueError):
 
 
 def encode_verbs(seq: int, rkey: int, batch) -> bytes:
+    """The request for ``batch``: written in one C call when it holds only one-sided verbs
+    with well-formed operands (``_atomic.pack``), else here, operands as they are (the MN
+    refuses what it must)."""
+    packed = _pack_verbs(seq, rkey, batch, _ONE_SIDED)
+    if packed is not None:
+        return packed
     ops = []
     for r in batch:
         t = type(r)

@@ -35,10 +35,10 @@ from fusee.index import LostData, replica_nodes
 from fusee.membership import Membership
 from fusee.layout import (BLOCK_HEADER, MAX_REPLICAS, META_GROUPS, META_RECORDS,
                           NODE_MASK, NODE_SHIFT, ADDR_MASK, encode_block_header, group_record,
-                          pack_u64)
+                          pack_u64, unpack_u64)
 from fusee.memory_map import MemoryMap
-from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeBlock, Read,
-                         TransportError, Write)
+from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeBlock,
+                         NodeTimeout, Read, TransportError, Write, chunks)
 
 #: empty batches an operation waits for another's reclaim or growth before calling it stuck
 #: (when driven together it takes a few round trips; only a driver that stopped driving one
@@ -49,6 +49,29 @@ MAX_PAUSES = 100_000
 class BlockGroup(NamedTuple):
     nodes: tuple[int, ...]          # nodes[0] holds the primary copy and the live bitmap
     addrs: tuple[int, ...]
+
+
+def group_peers(membership: Membership, node: int, n_nodes: int, r: int) -> list[int]:
+    """The live MNs that are in some block group with ``node`` (ascending). Every group of
+    ``node`` that still has a live copy has its block in the table of one of them, at its
+    address on ``node`` too: with ``node`` dead, they tell which of its addresses are taken
+    (``Allocator._claim_group``) and where its rebuild finds its groups (``fusee.rebuild``)."""
+    return sorted({x for p in range(n_nodes) if node in replica_nodes(p, n_nodes, r)
+                   for x in membership.live(replica_nodes(p, n_nodes, r))})
+
+
+def return_blocks(owner: int, blocks: list[tuple[int, int]]):
+    """Generator: give ``blocks`` ((node, address), each owned by ``owner``) back to their
+    MNs, each with its group header wiped first (its magic word; the FreeBlocks follow in
+    the next round trip, as a control request may overtake a WRITE to the same MN). A
+    failed growth's header left in a free block would name a group again once the block is
+    claimed anew, until the new header is written over it: a rebuild in that window copies
+    the stale group onto the MN it rebuilds (a block there outside any group), and a scan
+    of the new owner's holdings (``fusee.holdings``) takes it for one of its groups."""
+    for batch in chunks([Write(n, a, bytes(8)) for n, a in blocks]):
+        yield batch
+    for batch in chunks([FreeBlock(n, owner, a) for n, a in blocks]):
+        yield batch
 
 
 class Allocator:
@@ -244,7 +267,20 @@ class Allocator:
         ascending order (one AllocBlock per round trip), so of any set of racing claims one
         gets all its blocks (the one furthest along): a lost race is always someone's win,
         and retries end. Blocks got by a batch that failed otherwise are kept in
-        ``orphans``, for the next growth to give back."""
+        ``orphans``, for the next growth to give back.
+
+        A dead member N of the group gets its copy when N is rebuilt (``fusee.rebuild``), at
+        the same address: that address must be free on N too, or the rebuild would find two
+        groups for one block of N, and N could never rejoin. N's table cannot be read, but
+        every group of N that can still be copied (made before N died, or since) has a live
+        member, which shares that group with N: the tables of N's ``group_peers`` show
+        every address of N taken, so the address is chosen free on those too
+        (``_witnesses``). Groups claimed meanwhile cannot take one address of N either,
+        though only their live members are claimed: two groups with N made in one epoch
+        share a live MN (a group's first MN is live and it spans from there to N, so the one
+        whose first MN is nearer to N lies within the other from that first MN to N), and
+        their claims race there; claims never span two epochs (the clients pause between
+        epochs and a batch of the old one is refused)."""
         live = [p for p in range(self.n) if p not in self.membership.dead]
         if not live:
             raise LostData("every memory node is dead")
@@ -252,7 +288,7 @@ class Allocator:
         self.next_primary = (first + 1) % self.n
         nodes = tuple(replica_nodes(first, self.n, self.r))
         copies = self.membership.live(nodes)
-        addr = yield from self._free_address(copies)
+        addr = yield from self._free_address(self._witnesses(nodes))
         got = []
         try:
             for n in sorted(copies):
@@ -260,44 +296,57 @@ class Allocator:
                 got.append(n)
         except TransportError as e:
             self.orphans += [(n, addr) for n in got]
+            if type(e) is NodeTimeout and e.node == n:
+                # a slow MN grants it and answers too late, and lives on: given back before
+                # the next claim, unless its table says it is not ours (it never took)
+                self.orphans.append((n, addr))
             if type(e) is not ControlError:
                 raise
             yield from self.give_back()
             return None
         return BlockGroup(nodes, (addr,) * len(nodes))
 
-    def _free_address(self, copies: list[int]):
-        """Generator: a block address free in the block tables of all of ``copies`` (one
+    def _witnesses(self, nodes: tuple[int, ...]) -> list[int]:
+        """The live MNs whose block tables show which addresses are taken on every MN of
+        ``nodes``: its live ones, and for each dead one its ``group_peers``, whose tables
+        hold the groups it had (made before it died, or while it was dead)."""
+        m = self.membership
+        seen = set(m.live(nodes))
+        for dead in set(nodes) & m.dead:
+            seen.update(group_peers(m, dead, self.n, self.r))
+        return sorted(seen)
+
+    def _free_address(self, witnesses: list[int]):
+        """Generator: a block address free in the block tables of all of ``witnesses`` (one
         drawn at random, so that clients growing at once rarely race for the same one)."""
         blocks = self.map.num_blocks
-        tables = yield [Read(n, self.map.table, 8 * blocks) for n in copies]
+        tables = yield [Read(n, self.map.table, 8 * blocks) for n in witnesses]
         taken = [struct.unpack(f"<{blocks}Q", t) for t in tables]
         free = [i for i in range(blocks) if not any(owners[i] for owners in taken)]
         if not free:
             used = sum(any(owners[i] for owners in taken) for i in range(blocks))
             raise OutOfMemory(f"no data block address free on all of MNs "
-                              f"{', '.join(map(str, copies))} ({used} of {blocks} blocks "
+                              f"{', '.join(map(str, witnesses))} ({used} of {blocks} blocks "
                               f"in use on one of them)")
         return self.map.block_addr(free[self.rng.randrange(len(free))])
 
     def give_back(self):
         """Generator: return the blocks of growths that failed half way (on live MNs; those
-        on a dead MN went with it). An MN rebuilt since a block was got refuses it as not
-        ours (ControlError) unless the rebuild brought it back (its group header had
-        reached a live copy): it went with the old region, and is forgotten; the MN's owner
-        check makes sure nobody else's block is freed."""
+        on a dead MN went with it). Each MN's table is read first, and only the blocks it
+        says are ours go back (``return_blocks``, which writes to them): one on an MN
+        rebuilt since it was got went with the old region unless the rebuild copied it (its
+        group header had reached a live copy), and may be someone else's now; one whose
+        FreeBlock went through in a batch that failed is free already, and one whose
+        AllocBlock got no answer may never have been taken. Those are forgotten. Those on a dead MN are kept until the others are back: a rebuild of it
+        meanwhile may copy one (its header on a live copy), to give back in the next epoch."""
         m = self.membership
         back = [(n, a) for n, a in self.orphans if n not in m.dead]
         if back:
-            try:
-                yield [FreeBlock(n, self.client_id, a) for n, a in back]
-            except TransportError as e:       # keep those not known to be back
-                if e.results is None:
-                    raise
-                self.orphans = [b for b, r in zip(back, e.results) if r is not None and
-                                not (type(r) is ControlError and b[0] in m.rebuilt)]
-                if self.orphans:
-                    raise
+            words = yield [Read(n, self.map.table_entry(self.map.block_index(a)), 8)
+                           for n, a in back]
+            gone = {b for b, w in zip(back, words) if unpack_u64(w) != self.client_id + 1}
+            self.orphans = [b for b in self.orphans if b not in gone]
+            yield from return_blocks(self.client_id, [b for b in back if b not in gone])
         self.orphans = []
 
     def reclaim(self):

@@ -27,11 +27,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from fusee.allocation import Allocator, BlockGroup
+from fusee.allocation import Allocator, BlockGroup, return_blocks
 from fusee.layout import (BLOCK_HEADER, BLOCK_MAGIC, CLASSES, COMMITTED, DELETE, TAIL_BYTES,
                           VALID, ObjectView, decode_object, object_bytes, object_tail,
                           size_class)
-from fusee.verbs import FreeBlock, Read, chunks
+from fusee.verbs import Read, chunks
 
 _HDR = struct.Struct("<BBHI")              # an object's header: valid, 0, key len, value len
 _BLOCK = struct.Struct("<QIHH")            # a block's header: magic, owner, r, index
@@ -179,8 +179,7 @@ def adopt(alloc: Allocator, log):
     objects others freed meanwhile are reclaimed, orphan blocks go back to the MNs. The log
     lists start again from new heads. Returns the Holdings."""
     found = yield from scan(alloc)
-    for batch in chunks([FreeBlock(n, alloc.client_id, a) for n, a in found.orphans]):
-        yield batch
+    yield from return_blocks(alloc.client_id, found.orphans)
     alloc.install(*found.allocation(alloc))
     for c in found.objects:
         if c.view is not None:

@@ -32,7 +32,7 @@ from fusee.errors import DataLost, StoreFormatError
 from fusee.hashing import KeyHash
 from fusee.membership import Membership
 from fusee.layout import (BUCKET_BYTES, FROZEN, LEN_SHIFT, RETIRED, SLOTS_PER_BUCKET,
-                          TENTATIVE, any_frozen, bucket_header, pack_u64)
+                          TAKEN, TENTATIVE, any_frozen, bucket_header, pack_u64)
 from fusee.memory_map import PAGE, MemoryMap
 from fusee.verbs import Read
 
@@ -227,6 +227,10 @@ class Directory:
 
 
 _HEADERS = struct.Struct("<Q56xQ56xQ56xQ")     # the 4 bucket headers of two combined buckets
+#: byte 5 of a slot word -> nonzero iff it has FROZEN or TENTATIVE (bits 47 and 46) set;
+#: with the length in byte 6, that is all of TAKEN (``View.free_slot``)
+assert TAKEN == 0xFF << 48 | 0xC0 << 40 and LEN_SHIFT == 48
+_FLAGGED = bytes(int(b & (FROZEN | TENTATIVE) >> 40 != 0) for b in range(256))
 _SLOT_WORDS = struct.Struct("<" + "8x7Q" * 4)    # the 28 slots of two combined buckets
 
 
@@ -296,6 +300,27 @@ class View:
             if not 2 <= b < 4:
                 return None
         return _WORD.unpack_from(self.raw, 64 * b + 8 + 8 * s)[0]
+
+    def free_slot(self, skip=()) -> int | None:
+        """The free position an insert claims: the lowest of the emptiest bucket (so buckets
+        fill evenly), not one of ``skip``; None when every slot is taken. Read for all 32
+        words at once from the two bytes that hold TAKEN's bits (the length byte, and FROZEN
+        and TENTATIVE at the top of byte 5), not slot by slot."""
+        raw = self.raw
+        taken = (int.from_bytes(raw[6::8], "little")
+                 | int.from_bytes(raw[5::8].translate(_FLAGGED), "little"))
+        row = bytearray(taken.to_bytes(32, "little"))      # 0: the word's slot is free
+        f0, f1 = self.firsts
+        for pos in skip:
+            b, s = divmod(pos, SLOTS_PER_BUCKET)
+            b = b - f0 if 0 <= b - f0 < 2 else b - f1 + 2
+            row[8 * b + 1 + s] = 1
+        best, most = None, 0
+        for w in (1, 9, 17, 25):                # each bucket's first slot word
+            free = row.count(0, w, w + SLOTS_PER_BUCKET)
+            if free > most or free == most and free and self._pos(row.find(0, w)) < best:
+                best, most = self._pos(row.find(0, w)), free
+        return best
 
     @property
     def slots(self) -> dict[int, int]:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from fusee.errors import KeyExists, Stalled
 from fusee.hashing import key_hash
-from fusee.layout import (ABORTED, COMMITTED, FP_SHIFT, FROZEN, INSERT, SLOTS_PER_BUCKET,
-                          TAKEN, TENTATIVE, any_frozen, committed_object, decode_object,
+from fusee.layout import (ABORTED, COMMITTED, FP_SHIFT, FROZEN, INSERT, TENTATIVE,
+                          any_frozen, committed_object, decode_object,
                           is_object, slot_fp, slot_ref, strip, unpack_u64)
 from fusee.membership import FRESH
 from fusee.replication import (LOSE, RESTART, RULE3, WIN, cas_primary, decide, fix_requests,
@@ -61,8 +61,9 @@ def _insert(core, obj, key: bytes):
                 waits = yield from core.split_seen(sid, waits)
                 continue
             cands = [v for _, v in core.candidates(view, h)]
-            free = _free_slots(view.slots, sid, lost)
-            if not free:
+            pos = view.free_slot([p for (lsid, p), v in lost.items()
+                                  if lsid == sid and view.get(p) == v] if lost else ())
+            if pos is None:
                 known: dict[int, bool] = {}
                 bufs = (yield from core.rt([core.object_read(v) for v in cands])) if cands else []
                 if not _learn(known, key, cands, bufs):
@@ -81,8 +82,7 @@ def _insert(core, obj, key: bytes):
                     waits = yield from core.waited(
                         waits, f"subtable {sid} is full and being split")
                 continue
-            pos = free[0]
-            v_old = view.slots[pos]
+            v_old = view.get(pos)
             t = core.target(sid, pos)
             claim_node = t.backups[0] if t.backups else t.primary
             claim_reads, _ = core.bucket_reads(sid, h, claim_node)
@@ -169,21 +169,6 @@ def _insert(core, obj, key: bytes):
                 core.cache.store(key, t.sid, t.pos, s)
                 return None
             return FRESH
-
-
-def _free_slots(slots: dict[int, int], sid: int, lost: dict) -> list[int]:
-    """Free positions, emptiest bucket first, skipping slots whose round we lost."""
-    free = [p for p, v in slots.items() if not v & TAKEN]      # layout.is_free, inline
-    if lost:
-        free = [p for p in free if lost.get((sid, p)) != slots[p]]
-    buckets: dict[int, list[int]] = {}
-    for p in sorted(free):
-        buckets.setdefault(p // SLOTS_PER_BUCKET, []).append(p)
-    return [p for b in sorted(buckets.values(), key=_emptiest_first) for p in b]
-
-
-def _emptiest_first(bucket: list[int]) -> tuple[int, int]:
-    return -len(bucket), bucket[0]
 
 
 def _learn(known: dict, key: bytes, values: list[int], bufs) -> bool:
@@ -295,13 +280,12 @@ def _await_claim(core, sid, claim, claim_node, primary):
 
 
 def _take_back(core, t, obj, s, v_old):
-    """Generator: withdraw an r = 1 claim, unless its primary is dead (then the failover
-    settles the slot). A rebuild published since copied the claim onto the MN it rebuilt:
-    the claim is withdrawn from every replica the slot has now, or that copy would name our
-    object forever (after its memory is reused: every insert of its fingerprint there would
-    wait on it). Run under ``core.retrying``: an MN may die during it."""
-    if t.primary in core.membership.dead:
-        return
+    """Generator: withdraw an r = 1 claim. A rebuild published since copied the claim onto
+    the MN it rebuilt: the claim is withdrawn from every replica the slot has now, or that
+    copy would name our object forever (after its memory is reused: every insert of its
+    fingerprint there would wait on it). That holds also when the MN the claim was made on
+    died since: a failover leaves a copy that all the live replicas agree on as it is. Run
+    under ``core.retrying``: an MN may die during it."""
     now = core.target(t.sid, t.pos)
     yield from _withdraw(core, now, obj, s, v_old, s | TENTATIVE, claim=s | TENTATIVE)
 

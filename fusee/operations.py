@@ -60,8 +60,8 @@ from fusee.replication import (LOSE, RESTART, RULE3, WIN, SlotTarget, await_chan
                                cas_primary, decide, fix_requests, propose, resolve,
                                unfreeze_requests)
 from fusee.reuse import ObjectReads
-from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, Read,
-                         TransportError, Write)
+from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, NodeTimeout,
+                         Read, TransportError, Write)
 
 
 #: re-reads an operation spends waiting on another client before it raises Stalled (about a
@@ -95,6 +95,8 @@ class ClientCore:
         self.counters = {"retries": 0, "lost": 0, "splits": 0, "epochs": 0, "backup_reads": 0}
         self.deferred: list[int] = []   # objects to free with the next batch
         self.releases: list[int] = []   # objects of ours to reuse once ``deferred`` is sent
+        # frees sent that got no answer, with the MN they went to (None: unknown)
+        self.unsure: list[tuple[int, int | None]] = []
         # objects of ours never proposed, to mark ABORTED with the next batch and then reuse
         self.aborts: list[NewObject] = []
         self.free_seq = 0               # set by open() from the client's incarnation
@@ -145,7 +147,7 @@ class ClientCore:
         half way. Otherwise a SNAPSHOT round, an insert's claim, a split or a free may be
         left open (blocking every writer of that key) and only recovery of the id can tell
         (``fusee.settle``): ``close`` must not call the id CLEAN before that."""
-        return not self.in_flight and not self.cut_short
+        return not self.in_flight and not self.cut_short and not self.unsure
 
     def tracked(self, op):
         """Generator: ``op`` counted in ``in_flight`` while it runs. It ends half way when
@@ -186,33 +188,51 @@ class ClientCore:
         try:
             res = yield list(reqs) + marks + [self.alloc.free_request(p) for p in ptrs]
         except TransportError as e:
-            # marks go out again with the next batch (a newer record of the same outcome);
-            # frees that surely did not happen too (to the home of the next epoch); with no
-            # per-request detail, one might have: it is not repeated (a free bit set twice
-            # would carry into the next object's bit)
+            # marks go out again with the next batch (a newer record of the same outcome),
+            # and so do frees that surely did not happen (refused or flushed, or none was
+            # posted: a new epoch). A free whose MN did not answer may have happened: a slow
+            # MN executes what it answers too late, and may live on. Sent again there, its
+            # bit would be set twice and carry into the next object's bit (a live object
+            # freed). So it is ``unsure``: sent to the next home if that MN is dead, its
+            # bitmap with it (``place``), else left to recovery (the client is not
+            # ``settled``: ``fusee.settle``), which tells from the bit, the used byte and the
+            # crc whether it happened.
             self.aborts[:0] = aborts
             done = e.results
             if isinstance(e, EpochChanged):
-                done = [None] * (ahead + len(ptrs))
-            if done is not None:
-                again = [p for p, r in zip(ptrs, done[ahead:])
-                         if isinstance(r, TransportError) or type(e) is EpochChanged]
-                self.deferred += again
-                if again:
-                    self.releases += released
-                else:
-                    for p in released:
-                        self.alloc.release(p)
+                self.deferred += ptrs
+            elif done is None:
+                self.unsure += [(p, None) for p in ptrs]
+            else:
+                for p, r in zip(ptrs, done[ahead:]):
+                    if isinstance(r, NodeTimeout):
+                        self.unsure.append((p, r.node))
+                    elif isinstance(r, TransportError):
+                        self.deferred.append(p)
+            if self.unsure or any(p in self.deferred for p in ptrs):
+                self.releases += released   # reused once the frees are settled
+            else:
+                self._release(released)
             raise
-        for p in released:      # the frees their log entries owe are delivered: reuse them
-            self.alloc.release(p)
+        if self.unsure:
+            self.releases += released
+        else:
+            self._release(released)
         for obj in aborts:      # marked ABORTED: recovery never redoes them
             self.alloc.release(obj.ptr)
         return res[:len(reqs)]
 
+    def _release(self, released: list[int]) -> None:
+        """The frees sent are delivered: reuse the objects whose log entries owed them."""
+        for p in released:
+            self.alloc.release(p)
+
     # -- memory-node failures ----------------------------------------------------------------
     def place(self, membership: Membership) -> None:
-        """Adopt a membership: every replica list keeps its live members."""
+        """Adopt a membership: every replica list keeps its live members; an unsure free
+        whose MN is dead goes to the next home."""
+        self.deferred += [p for p, node in self.unsure if node in membership.dead]
+        self.unsure = [(p, node) for p, node in self.unsure if node not in membership.dead]
         self.membership = membership
         self.dir.place(membership)
         self.alloc.place(membership)
@@ -308,6 +328,8 @@ class ClientCore:
     def _close(self):
         yield from self._flush()            # frees first: CLEAN says nothing is owed
         yield from self.alloc.give_back()
+        if self.unsure:                     # a free may be owed: not CLEAN yet
+            return                          # (``fusee.settle.closing`` settles, then closes)
         meta = self.map.client_meta(self.client_id)
         yield from self.rt([Write(m, meta + META_STATE, pack_u64(CLEAN))
                             for m in self.meta_nodes])
@@ -348,9 +370,16 @@ class ClientCore:
     def target(self, sid: int, pos: int) -> SlotTarget:
         return SlotTarget(sid, pos, tuple(self.dir.nodes(sid)), self.geo.slot_addr(sid, pos))
 
-    def object_read(self, v: int) -> Read:
+    def object_read(self, v: int, near: int | None = None) -> Read:
+        """The read of the object ``v`` names: from MN ``near`` when it holds a live copy
+        (a batch that also reads buckets there then stays on one MN: one message, one
+        reply to wait for), else from the object's home. Every live copy of a published
+        object holds it whole: its writes reached all of them before any slot named it
+        (``fusee.log``), and later writes (commit records, reuse) go to all of them too."""
         node, addr, length = object_extent(v, self.unit)
-        return Read(self.alloc.home_of(node), addr, length)
+        if near is None or near not in self.alloc.copies_of[node]:
+            near = self.alloc.home_of(node)
+        return Read(near, addr, length)
 
     def candidates(self, view: View, h: KeyHash) -> list[tuple[int, int]]:
         return view.candidates(h.fp)

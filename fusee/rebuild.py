@@ -2,65 +2,133 @@
 
 A dead MN is failed over (``fusee.failover``) and the cluster runs on the live replicas. When
 an MN with the dead one's id comes back with an empty region (``fusee memnode --id N
---rejoin``, the restarted process or a replacement on another host), the master pauses the
-clients exactly as for a failover (``fusee.master.logic``: every leased client acks that no batch of
-it is in flight and it posts none), runs ``rebuild(config, membership, N)`` on a transport
-that reaches N, and publishes the Membership it returns, in which N is alive: a replica again
-of everything ``replica_nodes`` gives it, primary where it comes first.
+--rejoin``, the restarted process or a replacement on another host), the master rebuilds it
+(``Rebuild``) in two phases on a transport that reaches N, then publishes the Membership the
+second returns, in which N is alive: a replica again of everything ``replica_nodes`` gives it,
+primary where it comes first. N's CPU does nothing: one-sided verbs only.
 
-What the rebuild does, in order, with one-sided verbs only (N's CPU does nothing):
+Phase A, online (``Rebuild.copy_online``): the clients keep going, N is still dead in the
+membership, so no client reads or writes it. The master copies to N the bulk of the bytes,
+the data blocks of the block groups N belongs to, each from its home (first live replica).
+Only the groups whose owner is *quiet* are copied: an owner (a client id) is quiet when its
+metadata, read before any block, says CLEAN (no client holds the id) with no recovery
+running; its (STATE, incarnation, RECOVERY) words are kept.
 
-1. It closes every SNAPSHOT round open when the clients paused, as a failover with no new
-   death does (``failover._Failover`` with an empty ``dead``: every primary is alive, so every
-   backup that differs goes back to its primary's value, recorded in the epoch's ``settled``
-   and ``dropped``), and finishes any split a paused client held. A client learns its
-   round's fate from them in the new epoch (``Membership.fate``), as after a failover.
-2. It copies to N, each from the thing's first live replica (its primary, the only copy
-   readers read): the client-id counter (the largest of the live ones), the client metadata
-   area and the index header, split locks and directory (if N is one of their r MNs),
-   every subtable N replicates that exists (an initial one, or one with a nonzero first
-   bucket header: live and retired ones, which stale clients still read), and every data
-   block of a group N belongs to, whole (header, free bitmap, objects, embedded log
-   entries; the header's index in the group made N's), with N's block-table word for it.
-   A group is known from its block header, which names every MN of the group, including
-   those dead when it was made; it is copied from its home (first live replica): frees went
-   only there, so only its bitmap is current. The frees that went to N's bitmap before it
-   died are lost with it, as after any MN death (``Membership.rebuilt``, ``fusee.audit``).
+Phase B, the pause (``Rebuild.finish``): every leased client has acked that no batch of it is
+in flight and it posts none (``fusee.master.logic``, as for a failover), and none of the old epoch
+ever will (its next batch is refused with the new membership, ``EpochChanged``). Then:
 
-Why nothing written is lost or half copied: while the rebuild runs, no client posts a verb
-(the pause), and none of the old epoch ever will (each client's next batch is refused with
-the new membership, ``EpochChanged``). So every image read in step 2 is final until the new
-epoch starts, and N ends up equal, thing by thing, to the copy readers used: what a read in
-the old epoch saw, a read of N in the new one sees. Step 1 leaves no proposal on a backup
-that the copy of the primary would silently drop: the writers whose rounds it closed are told
-so in ``settled``, and they redo their writes in the new epoch, which names N among the
-replicas (writes of objects they had under way are written again to every live replica,
-``ClientCore.epoch_ended``). If another MN dies meanwhile, a verb fails, the rebuild fails
-with it and the master retries it after that MN's failover (N keeps being dead until a
+1. Every SNAPSHOT round open when the clients paused is closed, as a failover with no new
+   death does (``failover._Failover`` with an empty ``dead``: every backup that differs goes
+   back to its primary's value, recorded in the epoch's ``settled`` and ``dropped``), and
+   any split a paused client held is finished. A client learns its round's fate from them in
+   the new epoch (``Membership.fate``), as after a failover.
+2. What must be exact is copied, each from its first live replica: the client-id counter
+   (the largest of the live ones), the client metadata area and the index header, split
+   locks and directory (if N is one of their r MNs), every subtable N replicates that exists
+   (an initial one, or one with a nonzero first bucket header: live and retired ones, which
+   stale clients still read).
+3. The block groups are enumerated again (block tables, then headers). Of each group N
+   belongs to, N gets the header and free bitmap (everything before the first object: frees
+   and reclaims went to the home's bitmap during A) and, unless phase A copied it and it
+   is *unchanged*, the whole block: same home, same block, same header, same owner, and
+   that owner's metadata words equal to those phase A read. Then N's whole block table.
+   Only a home's bitmap holds bits: N's is zero unless N is the group's home again, and
+   then the home it takes over has its bitmap wiped once N has it (``_piece``).
+   The frees that went to N's bitmap before it died are lost with it, as after any MN death
+   (``Membership.rebuilt``, ``fusee.audit``).
+
+The pause thus moves the index, the metadata, one header and bitmap per group, and the
+blocks of the ids in use (held by a client, or touched by an open or a recovery, since A
+began); not the data of the ids that stayed closed, which is the bulk of a store whose
+clients come and go. A client that stays open for the whole rebuild has every one of its
+groups copied in the pause: memory tells which ids could write, not which of their groups
+they wrote (a client's free lists are in its own memory).
+
+Why the copy is exact (the proof sketch). Bytes of a data block change only thus: (a) an
+object (with its embedded log entry, its commit record, its ``used`` byte) is written by the
+client holding the id that owns the group, into objects it allocated, or by a recovery of
+that id (``fusee.recovery`` writes commit records); (b) a free sets a bit of the home's
+bitmap, and the owner's reclaim clears it; (c) a growth writes the header of a block its
+AllocBlock got, and a give-back (FreeBlock) frees it, after which another growth may take it.
+Every holder of an id CASes its STATE from CLEAN and FAAs its incarnation before its first
+write (``ClientCore.open``), and every recovery FAAs the incarnation before its first
+(``fusee.recovery``); a holder writes CLEAN only once every write of it has completed
+(``ClientCore.close``). So if an owner's words read at time t0 say CLEAN, no recovery, and
+read the same again in the pause, nobody wrote to its objects after t0 (an open or a
+recovery would have moved the incarnation; one running at t0 would show in STATE or
+RECOVERY), and a block read after t0 holds its final objects: (a) cannot make phase A's copy
+stale. (b) touches only the header-and-bitmap range, which phase B copies for every group.
+(c) changes the table word or the header, or happens under an owner that was not quiet: a
+group made, re-made or given back after A enumerated it does not match A's record, so it is
+copied whole in the pause (or, gone, not at all: its block on N is then free, with whatever
+bytes A left there, as any block given back is). The owner is read before the copy and
+compared in the pause, so no write can fall between the check and the copy. Since phase A
+never writes where a client reads (N is dead to the clients until the new epoch) and never
+writes a block-table word of N (phase B does), nothing it does is visible before the
+publish; a write that lands on a home after A read the range is caught by the owner's
+words. The danger that made the copy stop-the-world, a range read from the home before a
+client's write and written to N after the same write landed on N, cannot arise: no client
+writes N before the publish.
+
+After the pause N is equal, thing by thing, to the copy readers used: what a read in the old
+epoch saw, a read of N in the new one sees. Step 1 leaves no proposal on a backup that the
+copy of the primary would silently drop: the writers whose rounds it closed are told so in
+``settled``, and they redo their writes in the new epoch, which names N among the replicas
+(objects they had under way are written again to every live replica,
+``ClientCore.epoch_ended``). If another MN dies meanwhile, a verb fails, or (phase A) the
+master abandons the copy at once (``abandon``) so that its failover is not held up; the
+rebuild fails and the master retries it after that MN's failover (N keeps being dead until a
 rebuild publishes: nobody reads a half-written N). If N dies meanwhile, the same.
 
-The price is the pause: every client waits for the whole copy, which moves what N holds
-(for r = n: the whole used part of a region; 166 MiB in 0.74 s over shm for 100,000 keys of
-1 KB). ``progress`` reports bytes copied so that the master can show it. Copying the block
-groups while clients write (N a write-only replica of the objects first) would shorten it,
-but is not done: a copy of a range read from the home before a client's write lands there
-and written to N after the same write landed on N undoes that write on N, so every block
-copied under way would have to be verified again (read twice) in a final pause.
-A replacement host takes N's place by serving N's endpoint of the cluster config. A rebuild of an MN group address that two groups both claim (possible
-only with r < n: two groups that share N but no live MN can take the same address while N
-is dead) is refused with RebuildError rather than guessed: that N cannot rejoin.
+``progress`` reports bytes copied and to copy, per phase, so that the master can show it.
+
+Measured (``python3 -m pytest tests/test_rebuild_processes.py -m soak -s -k 100k``: 100,000
+keys of 1 KB on 3 MNs, r = 3, two client processes updating and reading all along; one run
+each on a shared 2-core machine, so noisy), before (stop-the-world) and now:
+
+=============================  =====================  =======================================
+loader's id                    before: longest op     now: longest op; pause (copying); online
+=============================  =====================  =======================================
+closed (shm)                   1.18 s (copy 0.93 s)   0.81 s; 1.06 s (0.49 s); 148 of 171 MiB
+closed (zmq)                   1.24 s (copy 1.21 s)   0.44 s; 0.64 s (0.38 s); 148 of 163 MiB
+taken over by a writer (shm)   0.86 s (copy 0.62 s)   1.32 s; 1.62 s (1.14 s); 0 of 174 MiB
+taken over by a writer (zmq)   1.94 s (copy 1.92 s)   1.41 s; 1.85 s (1.38 s); 0 of 158 MiB
+=============================  =====================  =======================================
+
+The pause includes the wait for every client's ack (a renewal or two: client lease / 4
+each); what it copies when the data's ids are closed is the metadata area, the subtables
+and the writers' own groups (22 MiB), and it first closes the open rounds, which reads
+every subtable on every replica. When a writer holds the id of the data, everything is
+copied in the pause, as before.
+A replacement host takes N's place by serving N's endpoint of the cluster config. Every
+dead N can be rebuilt in place: no two of its groups sit at one address of it. (With r < n a
+group made while N was dead may share no live MN with one made before it died;
+``Allocator._claim_group`` still chooses its address free on all of N's ``group_peers``,
+whose tables hold every group of N.)
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import NamedTuple
 
+from fusee.allocation import group_peers
 from fusee.config import ClusterConfig
 from fusee.errors import FuseeError
 from fusee.failover import _Failover
 from fusee.index import replica_nodes
-from fusee.layout import BLOCK_HEADER, BLOCK_MAGIC, pack_u64, unpack_u64
+from fusee.layout import (
+    BLOCK_HEADER,
+    BLOCK_MAGIC,
+    CLEAN,
+    META_INCARNATION,
+    META_RECOVERY,
+    META_STATE,
+    pack_u64,
+    unpack_u64,
+)
 from fusee.membership import Membership
 from fusee.memory_map import HEADER_CLIENT_IDS
 from fusee.operations import ClientCore
@@ -70,29 +138,101 @@ from fusee.verbs import Read, Write, chunks
 COPY_BATCH_BYTES = 8 << 20
 _BLOCK = struct.Struct("<QIHH")                 # magic, owner, r, index in group
 _INDEX_IN_GROUP = 14
+#: the words of a client id's metadata that any holder or recoverer moves before it writes
+_OWNER_WORDS = (META_STATE, META_INCARNATION, META_RECOVERY)
 
 
 class RebuildError(FuseeError):
-    """A memory node cannot be rebuilt (it is not dead, or its data cannot be placed)."""
+    """A memory node cannot be rebuilt: it is not dead."""
+
+
+class RebuildAbandoned(FuseeError):
+    """The online copy was given up (the membership is about to change): retried later."""
+
+
+class _Group(NamedTuple):
+    """One block group N belongs to, as its home has it."""
+    source: int                 # the home: the MN it is copied from
+    addr: int                   # the block's address on the home
+    dst: int                    # N's block of the group
+    owner_word: int             # the block-table word: owner id + 1
+    head: bytes                 # the home's block header (magic, owner, r, replica list)
+    index: int                  # N's index in the group (patched into N's header)
+    takes_home: bool            # N is the group's home again once it is alive
 
 
 def rebuild(config: ClusterConfig, membership: Membership, node: int,
             progress: Callable[[int, int], None] = lambda done, total: None):
-    """Generator: make dead MN ``node`` (serving an empty region) a replica of everything it
-    held again; returns the next Membership. ``progress(bytes copied, bytes to copy)``."""
-    if node not in membership.dead:
-        raise RebuildError(f"memory node {node} is not dead: nothing to rebuild")
-    closing = _Failover(config, membership, membership.successor((), {}), frozenset())
-    settled = yield from closing.run()
-    pieces, words = yield from _plan(ClientCore(config, 0, membership=membership), node)
-    yield from _copy(node, pieces, words, progress)
-    return membership.rejoined([node], settled, closing.dropped)
+    """Generator: both phases with nothing in between (the caller has paused the clients for
+    the whole of it); returns the next Membership."""
+    job = Rebuild(config, membership, node, progress)
+    yield from job.copy_online()
+    return (yield from job.finish())
 
 
-def _plan(core: ClientCore, node: int):
-    """Generator: (pieces, words) to copy to ``node``: pieces are (source MN, address,
-    length, patch), copied to the same address, with ``patch`` (None, or (offset, bytes))
-    written over the copy; words are (address, u64) written as they are."""
+class Rebuild:
+    """Make dead MN ``node`` (serving an empty region) a replica of everything it held again:
+    ``copy_online`` while the clients work, then ``finish`` while they pause (see the module
+    docstring). ``progress(bytes copied, bytes to copy)`` is called in each phase;
+    ``abandon()``, between the online copy's round trips, returns why to give it up (or
+    None)."""
+
+    def __init__(self, config: ClusterConfig, membership: Membership, node: int,
+                 progress: Callable[[int, int], None] = lambda done, total: None,
+                 abandon: Callable[[], str | None] = lambda: None):
+        if node not in membership.dead:
+            raise RebuildError(f"memory node {node} is not dead: nothing to rebuild")
+        self.config, self.membership, self.node = config, membership, node
+        self.progress, self.abandon = progress, abandon
+        self.core = ClientCore(config, 0, membership=membership)
+        self.copied: dict[tuple[int, int], _Group] = {}     # by (source, addr): phase A's
+        self.quiet: dict[int, tuple[int, ...]] = {}         # owner id -> its words at A
+        self.online_bytes = 0
+
+    def copy_online(self):
+        """Generator, phase A: copy the groups of quiet owners whole."""
+        groups = yield from _groups(self.core, self.node)
+        words = yield from _owner_words(self.core, {g.owner_word - 1 for g in groups})
+        self.quiet = {cid: w for cid, w in words.items()
+                      if w[0] == CLEAN and w[2] == 0}
+        chosen = [g for g in groups if g.owner_word - 1 in self.quiet]
+        bitmap = self.core.alloc.bitmap_bytes
+        yield from _copy(self.node, [_piece(g, self.core.map.layout.block_size, bitmap)
+                                     for g in chosen], [], self.progress, self.abandon)
+        self.copied = {(g.source, g.addr): g for g in chosen}
+        self.online_bytes = len(chosen) * self.core.map.layout.block_size
+
+    def finish(self):
+        """Generator, phase B (the clients paused): close the open rounds, copy what must be
+        exact and what changed since phase A; returns the next Membership."""
+        m, node, core = self.membership, self.node, self.core
+        closing = _Failover(self.config, m, m.successor((), {}), frozenset())
+        settled = yield from closing.run()
+        pieces, words = yield from _exact(core, node)
+        groups = yield from _groups(core, node)
+        now = yield from _owner_words(core, {g.owner_word - 1 for g in groups
+                                             if (g.source, g.addr) in self.copied})
+        mm = core.map
+        whole, head = mm.layout.block_size, core.alloc.first_object
+        table = [0] * mm.num_blocks
+        for g in groups:
+            unchanged = (self.copied.get((g.source, g.addr)) == g
+                         and self.quiet.get(g.owner_word - 1) == now[g.owner_word - 1])
+            pieces.append(_piece(g, head if unchanged else whole, core.alloc.bitmap_bytes))
+            table[mm.block_index(g.dst)] = g.owner_word
+        yield from _copy(node, pieces, words, self.progress)
+        # the whole table, not the used words: a rebuild that failed may have left some
+        yield [Write(node, mm.table, struct.pack(f"<{mm.num_blocks}Q", *table))]
+        for batch in chunks(_wipes(groups, core.alloc.bitmap_bytes)):
+            yield batch
+        return m.rejoined([node], settled, closing.dropped)
+
+
+def _exact(core: ClientCore, node: int):
+    """Generator: (pieces, words) of what ``node`` replicates outside the data blocks:
+    pieces are (source MN, address, length, patch), copied to the same address, with
+    ``patch`` (None, or (offset, bytes)) written over the copy; words are (address, u64)
+    written as they are."""
     geo, mm, m = core.geo, core.map, core.membership
     n, r = core.n, core.r
 
@@ -115,25 +255,20 @@ def _plan(core: ClientCore, node: int):
     pieces += [(source(s), geo.subtable(s), geo.subtable_bytes, None)
                for s, raw in zip(sids, firsts)
                if unpack_u64(raw) or s < 1 << geo.initial_depth]
-    blocks, table = yield from _blocks(core, node)
-    pieces += blocks
-    words += table
     return pieces, words
 
 
-def _blocks(core: ClientCore, node: int):
-    """Generator: the data blocks of every group ``node`` belongs to, as pieces from each
-    group's home, and ``node``'s block-table words for them."""
-    mm, m, n, r = core.map, core.membership, core.n, core.r
-    peers = sorted({x for p in range(n) if node in replica_nodes(p, n, r)
-                    for x in m.live(replica_nodes(p, n, r))})
+def _groups(core: ClientCore, node: int):
+    """Generator: every block group ``node`` belongs to (``_Group``), from its home."""
+    mm, m = core.map, core.membership
+    peers = group_peers(m, node, core.n, core.r)
     tables = yield [Read(x, mm.table, 8 * mm.num_blocks) for x in peers]
     used = [(x, i, w) for x, buf in zip(peers, tables)
             for i, w in enumerate(struct.unpack(f"<{mm.num_blocks}Q", buf)) if w]
     heads = []
     for batch in chunks([Read(x, mm.block_addr(i), BLOCK_HEADER) for x, i, _ in used]):
         heads += yield batch
-    pieces, words, taken = [], [], {}
+    groups, taken = [], {}
     for (x, i, owner_word), head in zip(used, heads):
         magic, _, count, _ = _BLOCK.unpack_from(head)
         if magic != BLOCK_MAGIC or not 0 < count <= (BLOCK_HEADER - _BLOCK.size) // 8:
@@ -144,19 +279,55 @@ def _blocks(core: ClientCore, node: int):
             continue            # not one of node's groups, or copied from its home instead
         dst = dict(reps)[node]
         j = mm.block_index(dst)
-        if taken.setdefault(j, (x, i)) != (x, i):
-            raise RebuildError(f"block {dst:#x} of memory node {node} belongs to two groups "
-                               f"(made while it was dead): it cannot be rebuilt in place")
-        # each copy's header says where in the group it is
-        pieces.append((x, mm.block_addr(i), mm.layout.block_size,
-                       (_INDEX_IN_GROUP, struct.pack("<H", nodes.index(node)))))
-        words.append((mm.table_entry(j), owner_word))
-    return pieces, words
+        first_seen = taken.setdefault(j, (x, i))
+        assert first_seen == (x, i), f"block {dst:#x} of memory node {node} in two groups"
+        home_after = next(y for y in nodes if y == node or y not in m.dead)
+        groups.append(_Group(x, mm.block_addr(i), dst, owner_word, bytes(head),
+                             nodes.index(node), home_after == node))
+    return groups
 
 
-def _copy(node: int, pieces, words, progress):
+def _owner_words(core: ClientCore, owners):
+    """Generator: {client id: its (STATE, incarnation, RECOVERY) words} for ``owners``, from
+    the first live metadata replica (where ids are claimed and recoveries locked)."""
+    owners = sorted(owners)
+    m0, mm = core.meta_nodes[0], core.map
+    raw = []
+    for batch in chunks([Read(m0, mm.client_meta(cid) + off, 8)
+                         for cid in owners for off in _OWNER_WORDS]):
+        raw += yield batch
+    k = len(_OWNER_WORDS)
+    return {cid: tuple(map(unpack_u64, raw[k * i:k * i + k])) for i, cid in enumerate(owners)}
+
+
+def _piece(g: _Group, length: int, bitmap_bytes: int) -> tuple:
+    """The first ``length`` bytes of the group's home block, as a piece to copy to N's block,
+    whose header says where in the group it is.
+
+    Only a group's home bitmap may hold bits: frees go to the home and reclaims clear them
+    there, so another copy's bits go stale, and once that copy becomes the home (the home
+    dies) a bit its owner cleared since would hand the object out a second time while it is
+    in use again. Before any rebuild the other copies' bitmaps are all zero (the frees that
+    went to a dead home are lost with it, as ``fusee.allocation`` says); a rebuild keeps
+    it so: N's copy gets the bitmap only where N is the home again (``takes_home``), and
+    then the home it takes over has its bitmap wiped (``_wipes``, once N has it)."""
+    assert g.dst == g.addr, "the copies of a block group sit at one address"
+    patch = struct.pack("<H", g.index)
+    if not g.takes_home:            # a zero bitmap
+        patch += g.head[_INDEX_IN_GROUP + 2:] + bytes(bitmap_bytes)
+    return (g.source, g.addr, length, (_INDEX_IN_GROUP, patch))
+
+
+def _wipes(groups: list[_Group], bitmap_bytes: int) -> list[Write]:
+    """The Writes that clear the bitmaps of the homes N takes over (see ``_piece``)."""
+    return [Write(g.source, g.addr + BLOCK_HEADER, bytes(bitmap_bytes))
+            for g in groups if g.takes_home]
+
+
+def _copy(node: int, pieces, words, progress, abandon=lambda: None):
     """Generator: read each piece from its source and write it to ``node``, a batch of up
-    to COPY_BATCH_BYTES per round trip each way; then the words."""
+    to COPY_BATCH_BYTES per round trip each way; then the words. Before each round trip,
+    ``abandon()`` may give the copy up (RebuildAbandoned)."""
     total, done = sum(piece[2] for piece in pieces), 0
     progress(0, total)
     batch: list = []
@@ -166,6 +337,9 @@ def _copy(node: int, pieces, words, progress):
             batch.append(piece)
             continue
         if batch:
+            reason = abandon()
+            if reason:
+                raise RebuildAbandoned(reason)
             data = yield [Read(src, addr, length) for src, addr, length, _ in batch]
             yield [Write(node, addr, _patched(buf, patch))
                    for (_, addr, _, patch), buf in zip(batch, data)]

@@ -43,6 +43,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from fusee.allocation import return_blocks
 from fusee.config import ClusterConfig
 from fusee.errors import RecoveryInProgress, StoreFormatError
 from fusee.hashing import key_hash
@@ -59,7 +60,7 @@ from fusee.memory_map import HEADER_LAYOUT
 from fusee.operations import ClientCore
 from fusee.replication import LOSE, RESTART, WIN, SlotTarget, fix_requests, propose, resolve
 from fusee.resize import finish, holder
-from fusee.verbs import Cas, Faa, FreeBlock, Read, Write, chunks
+from fusee.verbs import Cas, Faa, Read, Write, chunks
 
 #: the recovery-lock owner of the master; a client recovering its own id uses the id
 MASTER = (1 << 32) - 1
@@ -149,8 +150,7 @@ class Recovery:
         yield from self._finish(entries)
         t2 = self.clock()
         rep.phases["finish_ops"] = t2 - t1
-        for batch in chunks([FreeBlock(n, self.cid, a) for n, a in found.orphans]):
-            yield batch
+        yield from return_blocks(self.cid, found.orphans)
         rep.orphan_blocks = len(found.orphans)
         yield from self._release()
         rep.phases["release"] = self.clock() - t2
@@ -407,10 +407,11 @@ class Recovery:
                 if committed_object(p) and p in mine:
                     mine[p].linearized = True           # took effect here
                     mine[p].found_at = (sid, pos)
+                if p & TENTATIVE and p & ~TENTATIVE in mine:
+                    yield from self._claim_r1(mine[p & ~TENTATIVE], t, p)
+                    acted = True
+                    continue
                 if not backups:
-                    if p & TENTATIVE and p & ~TENTATIVE in mine:
-                        yield from self._claim_r1(mine[p & ~TENTATIVE], t, p)
-                        acted = True
                     continue
                 if all(b == p for b in backups):
                     continue
@@ -431,15 +432,19 @@ class Recovery:
 
     def _claim_r1(self, e: _Entry, t: SlotTarget, p: int):
         """Generator: an r = 1 insert's TENTATIVE claim: committed -> publish it; else
-        withdraw it with a fresh void."""
-        if e.v.state == COMMITTED and e.v.slot_ref == slot_ref(t.sid, t.pos):
-            (old,) = yield from self.core.rt([Cas(t.primary, t.addr, p, e.s)])
-            if old == p:
-                e.linearized = True
-                self._outcome("completed")
-            return
-        (old,) = yield from self.core.rt([Cas(t.primary, t.addr, p, self.core.free_value())])
-        if old == p:
+        withdraw it with a fresh void. The slot may have backups again, holding the claim
+        too: a rebuild copied it onto the MN it rebuilt. They take the value first, as
+        backups do in a round, or the copy would name the object after its memory is
+        reused (every insert of its fingerprint there would wait on it)."""
+        committed = e.v.state == COMMITTED and e.v.slot_ref == slot_ref(t.sid, t.pos)
+        new = e.s if committed else self.core.free_value()
+        if t.backups:
+            yield from self.core.rt([Cas(n, t.addr, p, new) for n in t.backups])
+        (old,) = yield from self.core.rt([Cas(t.primary, t.addr, p, new)])
+        if old == p and committed:
+            e.linearized = True
+            self._outcome("completed")
+        elif old == p:
             self._outcome("withdrawn")
 
     def _withdrawn(self, t: SlotTarget, p: int, void: int):

@@ -2,10 +2,12 @@
 asked to rejoin, when a rebuild may run, and what each MN's state is for ``status``.
 
 A dead MN (failed over) that answers the master's heartbeat with "rejoin" (``fusee memnode
---rejoin``: a restarted MN, or a replacement with the same id) is queued here. From then on
-the clients pause for the next epoch, exactly as for a failover (``Master.pause``); once
-every leased client has acked, no failover is pending and no repair runs, the rebuild runs,
-and ``done`` publishes its membership: the MN is alive again, with a lease of its own.
+--rejoin``: a restarted MN, or a replacement with the same id) is queued here. Once no
+failover is pending and no repair runs, its rebuild runs (``fusee.rebuild``): first the
+online copy (phase COPYING) while the clients keep going, then the pause (phase PAUSING):
+the clients pause for the next epoch, exactly as for a failover (``Master.pause``), and once
+every leased client has acked, the rest is copied and ``done`` publishes its membership: the
+MN is alive again, with a lease of its own.
 The queue is not persisted: a master restarted meanwhile hears the MN ask again, and until a
 rebuild publishes, the MN is dead in the membership and nobody reads it.
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from fusee.index import replica_nodes
 
 ALIVE, DEAD, FAILING, JOINING, REBUILDING = "alive", "dead", "failing", "joining", "rebuilding"
+#: the phases of a running rebuild: the clients work meanwhile, or they pause
+COPYING, PAUSING = "copying online", "pausing"
 #: what an MN started with --rejoin answers to the master's ping (else "pong")
 REJOIN = "rejoin"
 
@@ -30,6 +34,7 @@ class Rejoins:
     joining: dict[int, float] = field(default_factory=dict)    # MN -> deadline of its asking
     running: int | None = None
     progress: tuple[int, int] = (0, 0)                         # bytes copied, to copy
+    phase: str = COPYING                                       # of the running rebuild
     attempts: dict[int, int] = field(default_factory=dict)     # failed rebuilds, per MN
     retry_at: dict[int, float] = field(default_factory=dict)   # no ask heard before then
     errors: dict[int, str] = field(default_factory=dict)       # the last failure, per MN
@@ -53,8 +58,18 @@ class Rejoins:
         if not ready or self.running is not None or not self.joining:
             return None
         self.running = min(self.joining)
-        self.progress = (0, 0)
+        self.progress, self.phase = (0, 0), COPYING
         return self.running
+
+    @property
+    def pausing(self) -> bool:
+        """A rebuild waits for the clients to pause, or runs while they do."""
+        return self.running is not None and self.phase == PAUSING
+
+    def pause_for(self, node: int) -> None:
+        """The online copy of ``node`` is done: the clients pause for the rest."""
+        assert self.running == node, (node, self.running)
+        self.progress, self.phase = (0, 0), PAUSING
 
     def done(self, node: int) -> None:
         assert self.running == node, (node, self.running)
@@ -81,7 +96,9 @@ def node_states(n: int, r: int, dead, failing, rejoins: Rejoins) -> dict:
     the placement groups it holds a copy of (group p: the subtables whose id is p mod n and
     the block groups whose first MN is p; group 0 also has the directory and the client
     metadata); ``primary_of``: those it is the first live replica of; ``rebuild_error``: why
-    its last rebuild failed, while it is not alive."""
+    its last rebuild failed, while it is not alive. A rebuilding MN has a ``phase``: copying
+    online (the clients work) or pausing (they wait for the rest), with the phase's
+    ``progress``."""
     out = {}
     down = set(dead) | set(failing)
     for m in range(n):
@@ -92,6 +109,7 @@ def node_states(n: int, r: int, dead, failing, rejoins: Rejoins) -> dict:
                  "primary_of": [p for p in groups if m not in down and
                                 next(x for x in replica_nodes(p, n, r) if x not in down) == m]}
         if state == REBUILDING:
+            entry["phase"] = rejoins.phase
             entry["progress"] = list(rejoins.progress)
         if state != ALIVE and m in rejoins.errors:
             entry["rebuild_error"] = rejoins.errors[m]

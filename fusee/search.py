@@ -1,5 +1,5 @@
-"""SEARCH: one round trip to the key's buckets (with the cached object read alongside, when
-the index cache knows the key's slot), a second to its candidate objects when the cache
+"""SEARCH: one round trip to the key's buckets (with the cached object read alongside, from the
+same MN, when the index cache knows the key's slot), a second to its candidate objects when the cache
 missed. Objects met while their memory is reused are read again (``fusee.reuse``).
 
 When the primary of the key's subtable stops answering, the search reads the live backups
@@ -25,13 +25,15 @@ def search(core, key: bytes, h: KeyHash):
     while True:
         try:
             sid, _ = core.dir.lookup(h)
-            reads, firsts = core.bucket_reads(sid, h, core.dir.nodes(sid)[0])
+            primary = core.dir.nodes(sid)[0]
+            reads, firsts = core.bucket_reads(sid, h, primary)
             e = core.cache.get(key)
             if e is not None and e.sid != sid:
                 core.cache.drop(key)
                 e = None
             spec = e is not None and core.cache.use(e)
-            res = yield from core.rt(reads + ([core.object_read(e.value)] if spec else []))
+            res = yield from core.rt(reads + ([core.object_read(e.value, primary)] if spec
+                                              else []))
             view = View(res[:2], firsts, sid)
             if view.stale:
                 waits = yield from core.split_seen(sid, waits)

@@ -55,7 +55,10 @@ def settled(core: ClientCore, owner: int):
 
 def closing(core: ClientCore, owner: int):
     """Generator: the close of a client: settle ``core`` if need be, then close it (the id
-    is CLEAN only once nothing of it is open)."""
-    core = yield from settled(core, owner)
-    yield from core.close()
-    return core
+    is CLEAN only once nothing of it is open: a close whose frees got no answer settles
+    and closes again)."""
+    while True:
+        core = yield from settled(core, owner)
+        yield from core.close()
+        if core.settled:
+            return core

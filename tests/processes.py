@@ -34,3 +34,17 @@ def stop_processes(procs, stop, timeout: float = 60.0) -> list:
             p.kill()
             p.join()
     return [p.exitcode for p in procs]
+
+
+def worker_processes(config_path, tmp_path, clients: int, fresh: float = 0.0):
+    """``clients`` client processes (not started) running tests/test_failover_processes.py's
+    ``_worker`` on the cluster of ``config_path``, each writing its history to ``tmp_path``:
+    (procs, progress, stop, outs)."""
+    from test_failover_processes import _worker
+    ctx = multiprocessing.get_context("spawn")
+    progress, stop = ctx.Array("q", clients, lock=False), ctx.Event()
+    outs = [tmp_path / f"c{i}.jsonl" for i in range(clients)]
+    procs = [ctx.Process(target=_worker, args=(str(config_path), i, str(outs[i]), progress,
+                                               stop, fresh))
+             for i in range(clients)]
+    return procs, progress, stop, outs

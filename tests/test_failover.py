@@ -71,17 +71,23 @@ class Run:
         self.sim = sim = Simulator(mem, seed, expected_errors=ERRORS, max_steps=400_000)
         rng = random.Random(f"workload {seed}")
         self.cores = [ClientCore(cfg, c, patience=PATIENCE) for c in range(clients)]
-        for c, core in enumerate(self.cores):
+        self.stores = [self.store(core) for core in self.cores]
+        for c, (core, store) in enumerate(zip(self.cores, self.stores)):
             work = kv_workload(rng, f"c{c}", KEYS, ops, MIX)
             if splits:      # distinct keys first: the subtable splits while the MN dies
                 work = [("insert", k, b"c%d" % c) for k in self.keys[c::clients]] + work
-            calls = [Call("open", None, None, core.open)] + list(store_calls(core, work))
-            calls.append(Call("close", None, None, core.close))
+            calls = [Call("open", None, None, core.open)] + list(store_calls(store, work))
+            calls.append(Call("close", None, None, store.close))
             sim.add_client(f"c{c}", calls)
         self.crashed = None
         self.recovery = None
         if steps is not None:           # (None: the clean run, to learn how long the run is)
             self.schedule_faults(nodes, steps, victims, delay, crash_client)
+
+    @staticmethod
+    def store(core: ClientCore):
+        """What runs a client's calls: its core, or a wrapper that settles it first."""
+        return core
 
     def schedule_faults(self, nodes: int, steps: int, victims: int, delay: int,
                         crash_client: bool) -> None:
@@ -108,20 +114,9 @@ class Run:
         cfg = self.config
 
         def recover():
-            while True:
-                epoch = sim.membership.epoch
-                try:
-                    self.recovery = yield from recover_client(cfg, cid, clock=lambda: 0.0,
-                                                              membership=sim.membership)
-                    return "recovered"
-                except NodeTimeout:
-                    if sim.membership.epoch == epoch:
-                        try:
-                            yield [AwaitMembership(epoch)]
-                        except EpochChanged:
-                            pass
-                except EpochChanged:
-                    pass                # run again under the new membership
+            self.recovery = yield from across_epochs(sim, lambda m: recover_client(
+                cfg, cid, clock=lambda: 0.0, membership=m))
+            return "recovered"
         sim.add_client("recovery", [Call("recover", None, None, recover)])
 
     def go(self):
@@ -140,9 +135,29 @@ class Run:
         final.add_client("reader", store_calls(reader, [("get", k, None) for k in self.keys]))
         final.run()
         run(reader.close(), transport)
-        live = [c for i, c in enumerate(self.cores) if i != self.crashed] + [reader]
+        stores = getattr(self, "stores", self.cores)     # (subclasses with their own init)
+        live = [getattr(s, "core", s) for i, s in enumerate(stores)
+                if i != self.crashed] + [reader]
         report = run(audit(cfg, live, m), transport)
         return report, check(history)
+
+
+def across_epochs(sim: Simulator, start):
+    """Generator: ``start(membership)``'s operation under the simulation's membership of the
+    moment, run again from the start after each epoch's end (waiting for the next epoch when
+    an MN does not answer), as the master runs a recovery. Returns its result."""
+    while True:
+        epoch = sim.membership.epoch
+        try:
+            return (yield from start(sim.membership))
+        except NodeTimeout:
+            if sim.membership.epoch == epoch:
+                try:
+                    yield [AwaitMembership(epoch)]
+                except EpochChanged:
+                    pass
+        except EpochChanged:
+            pass                # run again under the new membership
 
 
 def _check(seed: int, cls=Run, **kw) -> Run:
@@ -180,10 +195,10 @@ def test_four_mns_r2(seed):
     _check(seed, nodes=4, r=2)
 
 
-@pytest.mark.parametrize("seed", [*range(7), *range(8, 15), 64])
+@pytest.mark.parametrize("seed", [*range(7), *range(8, 15), 51])
 def test_reads_go_to_the_backups_while_the_master_is_slow(seed):
     r = _check(seed, delay=2000, crash_client=seed % 3 == 2)
-    if seed == 64:          # this one does read the backups of a dead primary
+    if seed == 51:          # this one does read the backups of a dead primary
         assert sum(c.counters["backup_reads"] for c in r.cores) > 0
 
 

@@ -11,7 +11,7 @@ from fusee.config import LayoutConfig
 from fusee.errors import IndexFull
 from fusee.hashing import key_hash
 from fusee.index import IndexGeometry, View, initial_image
-from fusee.layout import (FROZEN, RETIRED, SLOTS_PER_BUCKET, TENTATIVE, bucket_header,
+from fusee.layout import (FROZEN, RETIRED, SLOTS_PER_BUCKET, TAKEN, TENTATIVE, bucket_header,
                           committed_object, make_slot, slot_fp)
 from fusee.memory_map import MemoryMap
 from storekit import TINY, clients, config, simulate
@@ -109,6 +109,35 @@ def _combined(rng, sid, fp):
                                       rng.randrange(64), 64 * rng.randrange(1 << 30), 64)])
             words.append(v | rng.choice([0] * 30 + [FROZEN, TENTATIVE]))
     return struct.pack("<16Q", *words)
+
+
+def _free_slot_reference(slots: dict[int, int], skip) -> int | None:
+    """The free slot an insert takes, slot by slot: the free positions (not ``skip``) grouped
+    by bucket, the emptiest bucket first, ties to the lower position; its lowest one."""
+    buckets: dict[int, list[int]] = {}
+    for p in sorted(slots):
+        if not slots[p] & TAKEN and p not in skip:
+            buckets.setdefault(p // SLOTS_PER_BUCKET, []).append(p)
+    ranked = sorted(buckets.values(), key=lambda b: (-len(b), b[0]))
+    return ranked[0][0] if ranked else None
+
+
+def test_the_free_slot_an_insert_takes_is_the_lowest_of_the_emptiest_bucket():
+    """View.free_slot reads TAKEN for all words at once; it must pick what the slot-by-slot
+    reference picks, free values of every kind (zero, tombstones, voids) and skips included."""
+    rng = random.Random(11)
+    for i in range(3000):
+        sid, fp = rng.randrange(4), rng.randrange(256)
+        firsts = tuple(rng.sample([3 * g + rng.randrange(2) for g in range(40)], 2))
+        words = list(struct.unpack("<32Q", b"".join(_combined(rng, sid, fp) for _ in range(2))))
+        for w in rng.sample(range(32), rng.randrange(0, 32, 3) if i % 4 else 0):
+            if w % 8:
+                words[w] &= ~TAKEN              # a free value with other bits set
+        view = View([struct.pack("<16Q", *words[:16]), struct.pack("<16Q", *words[16:])],
+                    firsts, sid)
+        slots = view.slots
+        skip = rng.sample(sorted(slots), rng.choice([0, 0, 1, 3]))
+        assert view.free_slot(skip) == _free_slot_reference(slots, skip), (i, skip)
 
 
 def test_view_decodes_lazily_what_unpacking_every_word_gives():

@@ -334,7 +334,9 @@ def _failed_over(m: Master, node: int, now: float) -> None:
     m.failover_done((node,), m.membership.successor([node], {}))
 
 
-def test_a_dead_mn_that_asks_to_rejoin_pauses_the_clients_until_its_rebuild_publishes():
+def test_a_rebuild_copies_online_then_pauses_the_clients_until_it_publishes():
+    """A rejoining MN's rebuild starts with the clients working (registrations too) and
+    pauses them only for its last phase."""
     m = master(pinged_until=0.0)
     for mn in (1, 2):
         m.mn_seen(mn, 10.0)
@@ -345,20 +347,44 @@ def test_a_dead_mn_that_asks_to_rejoin_pauses_the_clients_until_its_rebuild_publ
     assert m.status(0.0)["memnodes"]["1"]["primary_of"] == [0, 1]
     assert not m.rejoin(1, 0.7) and m.pause == 0           # alive: nothing to rebuild
     assert m.rejoin(0, 0.7) and not m.rejoin(0, 0.8)       # queued once
-    assert m.pause == 2 and m.status(0.0)["memnodes"]["0"]["state"] == "joining"
-    with pytest.raises(TransitionInProgress, match="rebuilt"):
-        m.admit()
-    assert m.next_rebuild(0.8) is None                      # client 7 has not paused
-    m.renew(7, 1, now=0.8, paused=2)
+    assert m.pause == 0 and m.status(0.0)["memnodes"]["0"]["state"] == "joining"
     assert m.next_repair(0.8) is None and m.next_rebuild(0.8) == 0
     m.rejoins.progress = (5, 10)
-    assert m.status(0.0)["memnodes"]["0"]["progress"] == [5, 10]
+    node = m.status(0.0)["memnodes"]["0"]
+    assert (node["state"], node["phase"], node["progress"]) == ("rebuilding",
+                                                                 "copying online", [5, 10])
+    assert m.pause == 0 and m.admit() is None              # the clients keep going
+    assert m.rebuild_overtaken(m.membership) is None
+    m.rebuild_pausing(0)
+    assert m.pause == 2 and m.waiting_for() == [7]
+    assert m.status(0.0)["memnodes"]["0"]["phase"] == "pausing"
+    with pytest.raises(TransitionInProgress, match="rebuilt"):
+        m.admit()
+    m.renew(7, 1, now=0.8, paused=2)
+    assert m.waiting_for() == []
     with pytest.raises(ValueError, match="expected epoch 2 with dead"):
         m.rebuild_done(0, m.membership.successor([1], {}), 0.9)
     m.rebuild_done(0, m.membership.rejoined([0], {}), now=0.9)
     assert (m.epoch, m.dead, m.pause, m.alive()) == (2, frozenset(), 0, [0, 1, 2])
     assert m.status(0.0)["memnodes"]["0"]["primary_of"] == [0]
     assert m.tick(0.9 + MN_L) == []                         # it has a lease of its own now
+
+
+def test_a_rebuild_is_overtaken_by_a_death_then_by_its_failover():
+    m = master(nodes=4, pinged_until=0.0)
+    for mn in (1, 2, 3):
+        m.mn_seen(mn, 10.0)
+    _failed_over(m, 0, now=MN_L + 0.1)
+    m.rejoin(0, 0.7)
+    assert m.next_rebuild(0.8) == 0
+    begun = m.membership
+    m.mn_seen(2, 20.0)
+    m.mn_seen(3, 20.0)
+    m.tick(10.0 + MN_L + 0.1)                               # MN 1 missed its lease
+    assert "memory node 1 died" in m.rebuild_overtaken(begun)
+    m.rebuild_failed(0, 11.0, "RebuildAbandoned")
+    _failed_over(m, 1, now=11.0)
+    assert "epoch 2 was published" in m.rebuild_overtaken(begun)
 
 
 def test_a_failed_rebuild_lets_the_clients_go_and_an_mn_that_stops_asking_is_dropped():

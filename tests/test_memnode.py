@@ -112,3 +112,51 @@ def test_start_failure_reports_the_nodes_error(tmp_path):
     c.config = c.config.with_(memnodes=(MemNodeConfig(0, "bogus://nowhere"),))
     with pytest.raises(ClusterStartError, match="exited"):
         c.start()
+
+
+@pytest.fixture
+def node():
+    from fusee.emulator.testkit import fuzz
+    n = fuzz.make_node(f"serve{os.getpid()}")
+    yield n
+    n.close()
+
+
+def test_a_batch_of_one_sided_verbs_is_served_without_a_python_call(node):
+    """The MN's common request, a batch of READ/WRITE/CAS/FAA with the right key, is decoded,
+    run and answered in one C call (fusee.emulator._atomic.serve): no Python call per verb
+    or per message, and the reply is the one the verb-by-verb path gives."""
+    rkey = node.region.rkey
+    word = int.from_bytes(b"abcdefgh", "little")
+    ops = [[wire.OP_WRITE, 64, b"abcdefgh" * 16], [wire.OP_CAS, 64, word, 5],
+           [wire.OP_CAS, 512, 0, 7], [wire.OP_FAA, 512, 3], [wire.OP_READ, 64, 16],
+           [wire.OP_READ, 512, 8], [wire.OP_READ, 0, 0]]
+    request = msgpack.packb((wire.VERBS, 77, rkey, ops))
+    calls = []
+    sys.setprofile(lambda frame, event, arg: calls.append(frame.f_code.co_name)
+                   if event == "call" else None)
+    try:
+        reply = node.handle(request)
+    finally:
+        sys.setprofile(None)
+    assert calls == ["handle"], calls
+    seq, results, error = wire.decode_reply(reply)
+    assert seq == 77 and error is None
+    assert results == [None, word, 0, 7, (5).to_bytes(8, "little") + b"abcdefgh",
+                       (10).to_bytes(8, "little"), b""]
+    assert node.tally[1] == len(ops)
+
+
+def test_a_failing_verb_stops_the_batch_after_running_each_earlier_verb_once(node):
+    """A batch the C path does not take whole (here its last READ is out of bounds) runs
+    verb by verb in Python: nothing may have run before, or a FAA would count twice."""
+    rkey, size = node.region.rkey, node.region.length
+    ops = [[wire.OP_FAA, 256, 1], [wire.OP_WRITE, 264, b"x" * 8], [wire.OP_READ, size - 4, 8]]
+    seq, results, error = wire.decode_reply(node.handle(msgpack.packb((wire.VERBS, 3, rkey, ops))))
+    assert results == [0, None] and error[0] == 2 and error[1] == wire.ERR_ACCESS
+    seq, results, error = wire.decode_reply(node.handle(msgpack.packb(
+        (wire.VERBS, 4, rkey, [[wire.OP_READ, 256, 16]]))))
+    assert error is None and results == [(1).to_bytes(8, "little") + b"x" * 8]
+    wrong_key = msgpack.packb((wire.VERBS, 5, rkey ^ 1, [[wire.OP_FAA, 256, 1]]))
+    seq, results, error = wire.decode_reply(node.handle(wrong_key))
+    assert results == [] and error[1] == wire.ERR_ACCESS

@@ -116,11 +116,16 @@ def _timed_worker(config_path: str, keys: int, worst, count, stop) -> None:
 
 
 @pytest.mark.soak
+@pytest.mark.parametrize("loader", ["closed", "adopted"])
 @pytest.mark.parametrize("backend", ["shm", "zmq"])
-def test_rebuild_time_and_longest_client_pause_for_100k_1kb_keys(backend, tmp_path):
+def test_rebuild_time_and_longest_client_pause_for_100k_1kb_keys(backend, loader, tmp_path):
     """The figures of the issue: 100,000 keys of 1 KB on 3 MNs (r = 3), MN 0 killed,
-    failed over, restarted with --rejoin; prints the rebuild's time, what it copied and the
-    longest operation of 2 client processes that ran all along (their longest pause).
+    failed over, restarted with --rejoin; prints the rebuild's time, how long the clients
+    were paused, what it copied (online: while the clients worked) and the longest operation
+    of 2 client processes that ran all along (their longest pause). ``loader``: the writers
+    start while the loading client is open, which then closes (its id stays closed: its
+    groups are copied online), or once it has closed (one writer takes its id over, with
+    every group of the load: those are copied in the pause).
     Run: python3 -m pytest tests/test_rebuild_processes.py -m soak -s -k 100k
     (a rebuild longer than ``membership_wait`` would fail the paused clients' operations)"""
     import time
@@ -129,19 +134,24 @@ def test_rebuild_time_and_longest_client_pause_for_100k_1kb_keys(backend, tmp_pa
     with LocalCluster(memnodes=3, transport=backend, replication=3, master=True,
                       layout=LayoutConfig(region_size=384 * MiB), **{**LEASES, "timeout": 5.0}
                       ) as c:
-        with c.client() as kv:
-            for start in range(0, keys, 1000):
-                kv.put_many({b"key%07d" % i: b"v" * 1024 for i in range(start, start + 1000)})
         ctx = mp.get_context("spawn")
         stop = ctx.Event()
         worst = [ctx.Value("d", 0.0, lock=False) for _ in range(2)]
         count = [ctx.Value("q", 0, lock=False) for _ in range(2)]
         procs = [ctx.Process(target=_timed_worker, args=(str(c.config_path), keys, worst[i],
                                                           count[i], stop)) for i in range(2)]
+        kv = c.client()
+        for start in range(0, keys, 1000):
+            kv.put_many({b"key%07d" % i: b"v" * 1024 for i in range(start, start + 1000)})
+        if loader == "adopted":
+            kv.close()
         with running(procs, stop):
             _wait(lambda: min(n.value for n in count) > 100, "the clients to get going")
+            if loader == "closed":
+                kv.close()
             c.kill(0)
             _wait(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
+            _wait(lambda: c.master_status()["repairs"] == {}, "the loader's id recovered")
             time.sleep(1.0)
             for w in worst:
                 w.value = 0.0               # from now on: the rebuild's pause
@@ -155,9 +165,12 @@ def test_rebuild_time_and_longest_client_pause_for_100k_1kb_keys(backend, tmp_pa
                 p.join(60)
             assert [p.exitcode for p in procs] == [0, 0]
         (record,) = c.master_status()["rebuilds"]
-        print(f"\n{backend}: rebuild of MN 0 with {keys} keys of 1 KB: "
-              f"{record['rebuild_s']:.2f} s, {record['copied_bytes'] / 2**20:.1f} MiB copied; "
-              f"longest client operation during it: {max(w.value for w in worst):.2f} s")
+        print(f"\n{backend}, loader {loader}: rebuild of MN 0 with {keys} keys of 1 KB: "
+              f"{record['rebuild_s']:.2f} s, clients paused {record['pause_s']:.2f} s "
+              f"({record['paused_copy_s']:.2f} s of it copying); "
+              f"{record['copied_bytes'] / 2**20:.1f} MiB copied, "
+              f"{record['online_bytes'] / 2**20:.1f} MiB of it online; longest client "
+              f"operation during it: {max(w.value for w in worst):.2f} s")
         c.kill(1)
         c.kill(2)
         _wait(lambda: c.master_status()["dead"] == [1, 2], "MN 1 and 2's failover")

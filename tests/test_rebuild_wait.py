@@ -5,8 +5,9 @@ takes longer than ``membership_wait`` (what a client waits for the next epoch be
 calls an MN gone, NodeTimeout). The master's renewals say that a rebuild runs
 (``Grant.rebuild``), and a paused client keeps waiting while they do.
 
-The long rebuild comes from a slowed master: the real master process, whose rebuild sleeps
-before each of its round trips (as on a slow network), so that it lasts ``membership_wait``
+The long rebuild comes from a slowed master: the real master process, whose rebuild's last
+phase (the clients paused, ``Rebuild.finish``) sleeps before each of its round trips (as on a
+slow network), so that it lasts ``membership_wait``
 (twice: an operation that meets the pause in a batch asks for the next epoch once more)
 plus a margin. With it, a client paused for the rebuild:
 - gets its put through once the rebuild publishes its epoch (before: NodeTimeout);
@@ -33,13 +34,13 @@ from fusee.config import LayoutConfig
 from fusee.master.logic import Master
 from fusee.master.link import membership_wait
 
-#: the master process, its rebuild slowed to last at least argv[1] seconds
+#: the master process, its rebuild's pause slowed to last at least argv[1] seconds
 SLOWED_MASTER = """
 import sys, time
 import fusee.master.command as command
 import fusee.master.worker as worker
 
-seconds, real = float(sys.argv[1]), worker.rebuild
+seconds, real = float(sys.argv[1]), worker.Rebuild.finish
 
 def slowed(*args, **kwargs):
     gen, send, arg, end = real(*args, **kwargs), None, None, time.monotonic() + seconds
@@ -56,7 +57,7 @@ def slowed(*args, **kwargs):
         except BaseException as e:
             arg, send = e, gen.throw
 
-worker.rebuild = slowed
+worker.Rebuild.finish = slowed
 sys.exit(command.main(sys.argv[2:]))
 """
 
@@ -121,6 +122,13 @@ def _state(c: LocalCluster, node: int) -> str:
     return c.master_status()["memnodes"][str(node)]["state"]
 
 
+def _paused(c: LocalCluster, node: int) -> bool:
+    """The rebuild of ``node`` is in its last phase, every client paused for it."""
+    status = c.master_status()
+    return (status["memnodes"][str(node)].get("phase") == "pausing"
+            and status["waiting_for"] == [])
+
+
 @pytest.mark.parametrize("backend", ["shm"])
 def test_a_client_waits_out_a_rebuild_longer_than_its_membership_wait(backend):
     with LocalCluster(memnodes=3, transport=backend, replication=3, master=True,
@@ -134,7 +142,7 @@ def test_a_client_waits_out_a_rebuild_longer_than_its_membership_wait(backend):
             _wait(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
             kv.put(b"after the failover", b"2")
             c.rejoin(0)
-            _wait(lambda: _state(c, 0) == "rebuilding", "MN 0's rebuild to start")
+            _wait(lambda: _paused(c, 0), "MN 0's rebuild to pause the clients")
             thread, out = _put_in_background(kv, b"during the rebuild", b"3")
             thread.join(4 * wait)
             assert not thread.is_alive(), "the put is still waiting"
@@ -156,7 +164,7 @@ def test_a_failed_rebuild_lets_a_paused_client_go_on_at_once():
             c.kill(0)
             _wait(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
             c.rejoin(0)
-            _wait(lambda: _state(c, 0) == "rebuilding", "MN 0's rebuild to start")
+            _wait(lambda: _paused(c, 0), "MN 0's rebuild to pause the clients")
             thread, out = _put_in_background(kv, b"during the rebuild", b"3")
             time.sleep(0.5)
             c.kill(0)           # its copy fails: the rebuild fails, the pause ends

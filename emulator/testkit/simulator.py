@@ -34,8 +34,14 @@ Faults, all placed deterministically:
   so placing faults does not change the schedule). A crashed memory node fails every verb
   still to come AND every verb of a batch in flight that it had already executed (the client
   never saw those completions).
+- ``slow_node(node)`` / ``resume_node(node)``: MN ``node`` stays alive and executes every
+  verb, but the replies it sends meanwhile come too late: each batch that touches it fails
+  with NodeTimeout for its requests there, although they took effect (a stalled MN process,
+  a lost reply). No failover comes for it: it is alive.
 - ``rebuild(node)``: MN ``node`` (crashed, failed over) restarts empty and the master's
-  rebuild (``fusee.rebuild``) makes it a replica again, stop-the-world like a failover.
+  rebuild (``fusee.rebuild``) makes it a replica again: its online copy runs as a
+  background actor, scheduled verb by verb among the clients (and failing as they do when
+  an MN dies); once it is done, the pause and the rest run stop-the-world like a failover.
 - ``fail_over(node)``: the master's failover after MN ``node`` crashed (``fusee.failover``),
   stop-the-world as the master's pause makes it: every batch in flight completes first, the
   failover runs, and each client's next batch gets the new membership thrown in
@@ -56,7 +62,7 @@ from fusee.driver import Operation, run
 from fusee.failover import failover
 from fusee.layout import CLASSES, object_bytes
 from fusee.membership import Membership
-from fusee.rebuild import rebuild
+from fusee.rebuild import Rebuild
 from fusee.verbs import (AllocBlock, AwaitMembership, Backoff, EpochChanged, FreeBlock,
                          NodeTimeout, TransportError, validate)
 from fusee.transports.base import TransportStats, raise_for_failures
@@ -95,6 +101,10 @@ class SimClient:
     done: bool = False
     epoch: int = 0                                  # the last membership it was given
     waiting: bool = False                           # for the next epoch (AwaitMembership)
+    #: a background actor (not in the history): called with its generator's return value,
+    #: or the TransportError that ended it
+    ended: Callable[[object], None] | None = None
+    acked: bool = False                             # its batch completed in a pause
 
     @property
     def runnable(self) -> bool:
@@ -136,6 +146,8 @@ class Simulator:
         self._last: SimClient | None = None
         self.membership = Membership()
         self.failovers: list = []                       # what each failover returned
+        self.slow: set[int] = set()                     # MNs whose replies come too late
+        self.rebuilds: list = []        # (Rebuild, what ended it: a Membership or an error)
 
     # -- setup -----------------------------------------------------------------------------
     def add_client(self, name: str, calls: Iterable[Call]) -> SimClient:
@@ -149,6 +161,10 @@ class Simulator:
     def at_step(self, step: int, fn: Callable[["Simulator"], None]) -> None:
         """Call ``fn(sim)`` just before step ``step`` (if the run gets that far)."""
         self._timers.setdefault(step, []).append(fn)
+
+    def cancel_timers(self) -> None:
+        """Forget every ``at_step`` not fired yet (a run that ended before them)."""
+        self._timers.clear()
 
     def crash_client_at(self, name: str, op: int, verb: int,
                         then: Callable[["Simulator"], None] | None = None) -> None:
@@ -178,13 +194,31 @@ class Simulator:
         self.memory.crash(node)
         self.faults.append((self.step, f"MN {node} crashed"))
 
+    def slow_node(self, node: int) -> None:
+        self.slow.add(node)
+        self.faults.append((self.step, f"MN {node} slow: its replies come too late"))
+
+    def resume_node(self, node: int) -> None:
+        self.slow.discard(node)
+        self.faults.append((self.step, f"MN {node} answers in time again"))
+
     def fail_over(self, nodes) -> None:
         """The master's failover for crashed MNs ``nodes`` (an id or a collection), with
         every client paused."""
-        for c in self.clients.values():         # the pause: batches in flight complete
+        self._pause()
+        self._publish_failover(nodes)
+
+    def _pause(self) -> None:
+        """Every client pauses, as the master makes them before a failover or a rebuild:
+        each batch in flight completes, and the client has its completions (it acks that
+        none is in flight), so an MN that crashes later cannot turn one into a timeout: a
+        client told that a verb it had done failed would do it again (a free: twice)."""
+        for c in self.clients.values():
             while c.runnable and c.pending:
                 self._verb(c, next(iter(c.pending)))
-        self._publish_failover(nodes)
+            if c.runnable and c.batch:
+                self._lost_completions(c)
+                c.acked = True
 
     def _publish_failover(self, nodes) -> None:
         """Run the failover of ``nodes`` now and hand its membership to the waiting clients."""
@@ -205,18 +239,40 @@ class Simulator:
                 c.epoch = self.membership.epoch
                 self._resume(c, c.gen.throw, EpochChanged(self.membership))
 
-    def rebuild(self, node: int) -> None:
+    def rebuild(self, node: int, then: Callable[[Simulator], None] | None = None) -> None:
         """MN ``node``, crashed and failed over, comes back empty and the master rebuilds it
-        (``fusee.rebuild``), stop-the-world like a failover: every client paused, its next
-        batch gets the new membership thrown in."""
-        for c in self.clients.values():         # the pause: batches in flight complete
-            while c.runnable and c.pending:
-                self._verb(c, next(iter(c.pending)))
-        self.memory.restart(node)
-        self.membership = run(rebuild(self.memory.config, self.membership, node),
-                              LocalTransport(self.memory.config, memory=self.memory))
-        self.faults.append((self.step, f"rebuild of MN {node}: epoch {self.membership.epoch}"))
-        self._wake_waiting()
+        (``fusee.rebuild``): the online copy as a background actor ``rebuild N`` (one more
+        each attempt), then, stop-the-world like a failover, the pause and the rest: every
+        client paused, its next batch gets the new membership thrown in. ``then(sim)`` once
+        the rebuild has ended, published or failed (``rebuilds`` says which)."""
+        if node in self.memory.crashed:
+            self.memory.restart(node)
+        job = Rebuild(self.memory.config, self.membership, node)
+        self.faults.append((self.step, f"rebuild of MN {node}: copying online"))
+        name = f"rebuild {node} #{sum(1 for x, _ in self.rebuilds if x.node == node)}"
+        actor = self.add_client(name, [Call("rebuild", None, None, job.copy_online)])
+        actor.ended = lambda outcome: self._finish_rebuild(job, outcome, then)
+
+    def _finish_rebuild(self, job: Rebuild, outcome, then) -> None:
+        """The online copy of ``job`` ended with ``outcome``: pause and finish it."""
+        if self.membership is not job.membership and not isinstance(outcome, TransportError):
+            outcome = EpochChanged(self.membership)     # the master would have abandoned it
+        if not isinstance(outcome, TransportError):
+            self._pause()
+            try:
+                outcome = run(job.finish(), LocalTransport(self.memory.config,
+                                                           memory=self.memory))
+            except TransportError as e:
+                outcome = e
+        self.rebuilds.append((job, outcome))
+        if isinstance(outcome, TransportError):
+            self.faults.append((self.step, f"rebuild of MN {job.node} failed: {outcome!r}"))
+        else:
+            self.membership = outcome
+            self.faults.append((self.step, f"rebuild of MN {job.node}: epoch {outcome.epoch}"))
+            self._wake_waiting()
+        if then is not None:
+            then(self)
 
     # -- running ---------------------------------------------------------------------------
     def run(self) -> History:
@@ -274,7 +330,8 @@ class Simulator:
             if call is None:
                 c.done = True
                 return
-            c.op = self.history.invoke(c.name, call.kind, call.key, call.value)
+            c.op = (self.history.invoke(c.name, call.kind, call.key, call.value)
+                    if c.ended is None else Op(-1, c.name, call.kind, None, None, self.step))
             c.ops.append(c.op)
             if self._maybe_crash(c):
                 return
@@ -292,11 +349,10 @@ class Simulator:
             self._verb(c, node)
             if self._maybe_crash(c) or c.pending:
                 return
-        if c.batch:                                # done (here, or by fail_over's pause)
+        if c.batch:                                # done (here, or by a pause)
+            if not c.acked:
+                self._lost_completions(c)
             results = c.results
-            for i, req in enumerate(c.batch):      # completions a dead node never delivered
-                if getattr(req, "node", None) in self.memory.crashed:
-                    results[i] = NodeTimeout(f"MN {req.node} did not answer", req.node)
             try:
                 raise_for_failures(results)
             except TransportError as e:
@@ -305,6 +361,13 @@ class Simulator:
         else:
             results = []                           # the op yielded an empty batch: a pause
         self._resume(c, c.gen.send, results)
+
+    def _lost_completions(self, c: SimClient) -> None:
+        """The completions of ``c``'s batch that a dead MN never delivered: timeouts."""
+        for i, req in enumerate(c.batch):
+            node = getattr(req, "node", None)
+            if node in self.memory.crashed or node in self.slow:
+                c.results[i] = NodeTimeout(f"MN {req.node} did not answer", req.node)
 
     def _verb(self, c: SimClient, node: int) -> None:
         """Execute the next verb of ``c``'s batch for ``node``."""
@@ -322,6 +385,9 @@ class Simulator:
 
     def _resume(self, c: SimClient, how, arg) -> None:
         """Feed the generator; take its next batch, or record its result."""
+        if c.ended is not None:
+            self._resume_actor(c, how, arg)
+            return
         op = c.op
         try:
             batch = how(arg)
@@ -336,6 +402,20 @@ class Simulator:
             self._post(c, batch)
             return
         c.gen = c.op = None
+
+    def _resume_actor(self, c: SimClient, how, arg) -> None:
+        """``_resume`` for a background actor: its end, or a failed verb, goes to ``ended``."""
+        try:
+            batch = how(arg)
+        except StopIteration as stop:
+            outcome = stop.value
+        except TransportError as e:
+            outcome = e
+        else:
+            self._post(c, batch)
+            return
+        c.gen = c.op = None
+        c.ended(outcome)
 
     def _post(self, c: SimClient, batch) -> None:
         batch = list(batch)
@@ -364,6 +444,7 @@ class Simulator:
         if batch and self._maybe_interrupt(c, "post", c.op.round_trips):
             return
         c.batch, c.results, c.failed = batch, [None] * len(batch), {}
+        c.acked = False
         c.pending = {}
         for i, req in enumerate(batch):
             c.pending.setdefault(req.node, []).append(i)

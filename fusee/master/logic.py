@@ -170,8 +170,8 @@ class Master:
     @property
     def pause(self) -> int:
         """The epoch clients must pause for (0: none): the next one, while an MN awaits its
-        failover or its rebuild."""
-        return self.membership.epoch + 1 if self.failing or self.rejoins.joining else 0
+        failover or its rebuild's last phase."""
+        return self.membership.epoch + 1 if self.failing or self.rejoins.pausing else 0
 
     @property
     def lost(self) -> str | None:
@@ -194,8 +194,8 @@ class Master:
         if self.failing:
             raise TransitionInProgress(f"memory node {self.failing[0]} died; epoch "
                                        f"{self.pause} is not published yet")
-        if self.rejoins.joining:
-            raise TransitionInProgress(f"memory node {min(self.rejoins.joining)} is being "
+        if self.rejoins.pausing:
+            raise TransitionInProgress(f"memory node {self.rejoins.running} is being "
                                        f"rebuilt; epoch {self.pause} is not published yet")
         return self.reusable_id()
 
@@ -353,11 +353,26 @@ class Master:
         return sorted(self.membership.dead)
 
     def next_rebuild(self, now: float) -> int | None:
-        """The MN whose rebuild may run now: every leased client paused, no failover
-        pending or running, no repair running."""
+        """The MN whose rebuild may run now: no failover pending or running, no repair
+        running. It starts with the clients working (its online copy); ``rebuild_pausing``
+        pauses them for the rest."""
         ready = not (self.failing or self.failover.running or self.waiting_for()
                      or any(r.running for r in self.repairs.values()))
         return self.rejoins.next(now, ready)
+
+    def rebuild_pausing(self, node: int) -> None:
+        """The online copy of ``node`` is done: the clients pause for the rest of it (its
+        last phase runs once ``waiting_for`` is empty)."""
+        self.rejoins.pause_for(node)
+
+    def rebuild_overtaken(self, membership: Membership) -> str | None:
+        """Why a rebuild begun under ``membership`` must be given up (None: it may go on):
+        an MN died, whose failover comes first."""
+        if self.failing:
+            return f"memory node {self.failing[0]} died: its failover comes first"
+        if self.membership.epoch != membership.epoch:
+            return f"epoch {self.membership.epoch} was published meanwhile"
+        return None
 
     def rebuild_done(self, node: int, membership: Membership, now: float) -> None:
         """The rebuild of ``node`` published ``membership``: it is alive (leased) again."""
@@ -482,3 +497,9 @@ class Master:
         (its lease counts from a renewal it sent before ``now``); only slower to expire."""
         for lease in self.clients.values():
             lease.deadline = max(lease.deadline, now + self.client_lease + self.grace)
+
+    def mn_afresh(self, now: float) -> None:
+        """Give every live MN a full lease from ``now``: after a stall of this master, when
+        the heartbeats it did not send say nothing of the MNs' health."""
+        for node, deadline in self.mn_deadline.items():
+            self.mn_deadline[node] = max(deadline, now + self.mn_lease)

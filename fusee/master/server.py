@@ -73,6 +73,7 @@ class MasterServer(Requests, Heartbeat, Worker):
         now = time.monotonic()
         if now - self.last_tick < TICK:
             return
+        stalled = now - self.last_tick if self.last_tick else 0.0
         self.last_tick = now
         leading = self.leading()
         if leading and not self.was_leading and self.master is not None:
@@ -80,6 +81,14 @@ class MasterServer(Requests, Heartbeat, Worker):
                      "a full lease", flush=True)
             with self.lock:         # refused renewals in the break were not the clients' fault
                 self.master.lease_afresh(now)
+        if stalled > self.stall and self.master is not None:
+            # this process did not run (stopped, or starved): the renewals it did not answer
+            # and the heartbeats it did not send say nothing of the clients' and MNs' health
+            self.log(f"master: this process did not run for {stalled:.1f} s: every client "
+                     f"and memory node gets a full lease", file=sys.stderr, flush=True)
+            with self.lock:
+                self.master.lease_afresh(now)
+                self.master.mn_afresh(now)
         self.was_leading = leading
         if not leading:
             return                  # no expiry while this master cannot be renewed through
@@ -120,6 +129,10 @@ class MasterServer(Requests, Heartbeat, Worker):
             on_bound(bound)
             sock.setsockopt(zmq.RCVTIMEO, int(TICK * 1000))
             while not stop() and not self.stopping.is_set():
+                try:        # first: a request waiting since a stall is answered after tick()
+                    ident = sock.recv()
+                except zmq.Again:
+                    ident = None
                 try:
                     if self.master is None and self.leadership.acquired.is_set():
                         self._take_over()
@@ -137,9 +150,7 @@ class MasterServer(Requests, Heartbeat, Worker):
                              flush=True)
                     self.failed = True
                     break
-                try:
-                    ident = sock.recv()
-                except zmq.Again:
+                if ident is None:
                     continue
                 data = sock.recv(copy=False)
                 if data.more:

@@ -59,6 +59,9 @@ class SharedState:
         self.tally: collections.Counter = collections.Counter()     # for fusee.metrics
         self.transport = None                           # the worker's, to the live MNs
         self.last_tick = 0.0
+        #: a gap between two ticks longer than this is a stall of this process (ticks come
+        #: every TICK; a heartbeat is due every quarter MN lease)
+        self.stall = min(config.client_lease, config.mn_lease) / 2
 
     def _take_over(self) -> None:
         """Carry on from the stored state (or start afresh) and write it back at once: a

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 
 from fusee.driver import run
 from fusee.failover import failover
 from fusee.master.shared import SharedState
 from fusee.master.store import Deposed
-from fusee.rebuild import RebuildError, rebuild
+from fusee.rebuild import Rebuild, RebuildAbandoned, RebuildError
 from fusee.recovery import recover_client
 from fusee.verbs import TransportError
 
@@ -120,21 +121,30 @@ class Worker(SharedState):
 
     def _rebuild(self, node: int) -> None:
         """Rebuild dead MN ``node`` (``fusee.rebuild``) on a transport of its own that reaches
-        it; a failure is retried later."""
+        it: the online copy, then the pause for the rest; a failure is retried later."""
         with self.lock:
             membership, down = self.master.membership, self._down() - {node}
         self.log(f"master: rebuilding memory node {node} (epoch {membership.epoch} -> "
-                 f"{membership.epoch + 1})", flush=True)
+                 f"{membership.epoch + 1}): copying online", flush=True)
 
         def progress(done: int, total: int) -> None:
             with self.lock:
                 self.master.rejoins.progress = (done, total)
 
+        def overtaken() -> str | None:
+            with self.lock:
+                return self.master.rebuild_overtaken(membership)
+
         t0 = time.perf_counter()
         try:
             transport = self._connect(down)
             try:
-                new = run(rebuild(self.config, membership, node, progress), transport)
+                job = Rebuild(self.config, membership, node, progress, overtaken)
+                run(job.copy_online(), transport)
+                paused = time.perf_counter()
+                self._pause_for_rebuild(node, overtaken)
+                acked = time.perf_counter()
+                new = run(job.finish(), transport)
             finally:
                 transport.close()
         except Exception as e:          # noqa: BLE001 - a failed rebuild is retried, not fatal
@@ -146,9 +156,10 @@ class Worker(SharedState):
                      f"({'it stays dead' if final else 'will retry while it asks'}): "
                      f"{type(e).__name__}: {e}", flush=True)
             return
-        seconds = time.perf_counter() - t0
+        end = time.perf_counter()
+        seconds, pause_s, last_s = end - t0, end - paused, end - acked
         with self.lock:
-            copied = self.master.rejoins.progress[0]
+            copied = job.online_bytes + self.master.rejoins.progress[0]
             # persisted before anything hands it out, as a failover's
             published = copy.deepcopy(self.master)
             published.rebuild_done(node, new, time.monotonic())
@@ -163,13 +174,43 @@ class Worker(SharedState):
                 return
             self.master.rebuild_done(node, new, time.monotonic())
             self.rebuilds.append({"node": node, "epoch": new.epoch, "finished_at": time.time(),
-                                  "rebuild_s": seconds, "copied_bytes": copied})
+                                  "rebuild_s": seconds, "copied_bytes": copied,
+                                  "online_bytes": job.online_bytes, "pause_s": pause_s,
+                                  "paused_copy_s": last_s})
             self.work_due.set()
         if self.transport is not None:      # it has the MN as dead: reconnect when needed
             self.transport.close()
             self.transport = None
         self.log(f"master: memory node {node} rebuilt in {seconds * 1000:.1f} ms "
-                 f"({copied / 2**20:.1f} MiB copied): epoch {new.epoch} published", flush=True)
+                 f"({copied / 2**20:.1f} MiB copied, {job.online_bytes / 2**20:.1f} MiB of it "
+                 f"online; clients paused {pause_s * 1000:.1f} ms, {last_s * 1000:.1f} ms of "
+                 f"it copying): epoch {new.epoch} "
+                 f"published", flush=True)
+
+    def _pause_for_rebuild(self, node: int, overtaken: Callable[[], str | None]) -> None:
+        """Pause the clients for the last phase of ``node``'s rebuild; return once every
+        leased client has acked. RebuildAbandoned if the rebuild is overtaken meanwhile, the
+        master stops, or a client neither acks nor loses its lease within two leases."""
+        with self.lock:
+            self.master.rebuild_pausing(node)
+            patience = 2 * (self.master.client_lease + self.master.grace)
+        self.log(f"master: memory node {node} copied online: clients pause for the rest",
+                 flush=True)
+        deadline = time.monotonic() + patience
+        while True:
+            self.work_due.clear()
+            reason = overtaken()
+            with self.lock:
+                waiting = self.master.waiting_for()
+            if reason is None and not waiting:
+                return
+            if reason is None and self.stopping.is_set():
+                reason = "the master stops"
+            if reason is None and time.monotonic() > deadline:
+                reason = f"clients {waiting} did not pause"
+            if reason is not None:
+                raise RebuildAbandoned(reason)
+            self.work_due.wait(0.01)
 
     def _repair(self, cid: int) -> None:
         """Recover ``cid`` (a failure is retried later, by the same lock owner)."""

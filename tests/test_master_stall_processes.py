@@ -1,0 +1,63 @@
+"""The master process stalled (SIGSTOP: a long GC pause, a VM migration, a starved host) for
+longer than the client and MN leases, under a multi-process workload, then resumed. Its
+missed renewals and heartbeats say nothing of the clients' and MNs' health: it must not
+expire every client (they would all end with LeaseExpired) nor declare every MN dead (DATA
+LOST, and no failover ever again: every key wedged). The clients carry on once it answers
+again, and the history with a reader's final gets is linearizable, the audit clean.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from histories import check_with_final_reads, unexpected_errors
+from processes import stop_processes, worker_processes
+from storekit import SMALL
+from test_failover_processes import KEYS, LEASES, _history, _wait
+
+from fusee.emulator.cluster import LocalCluster
+from fusee.audit import audit
+from fusee.config import LayoutConfig
+from fusee.driver import run
+from fusee.membership import Membership
+
+CLIENTS = 2
+#: operations every client does before the stall, and again after it
+BEFORE, AFTER = 60, 60
+
+
+def test_a_stalled_master_expires_nobody_when_it_resumes(tmp_path):
+    with LocalCluster(memnodes=3, transport="shm", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), **LEASES) as c:
+        procs, progress, stop, outs = worker_processes(c.config_path, tmp_path, CLIENTS)
+        for p in procs:
+            p.start()
+        try:
+            _wait(lambda: min(progress) >= BEFORE, "the clients to get going")
+            (master,) = c.master_procs.values()
+            os.kill(master.pid, signal.SIGSTOP)
+            try:        # every lease (clients' and MNs') runs out meanwhile, twice over
+                time.sleep(2 * max(c.config.client_lease, c.config.mn_lease) + 1)
+            finally:
+                os.kill(master.pid, signal.SIGCONT)
+            marks = list(progress)
+            _wait(lambda: all(progress[i] >= marks[i] + AFTER for i in range(CLIENTS)),
+                  "the clients to carry on after the stall")
+            assert stop_processes(procs, stop) == [0] * CLIENTS
+        finally:
+            stop_processes(procs, stop, timeout=5)
+        status = c.master_status()
+        assert status["dead"] == [] and status["epoch"] == 0, c.master_log()
+        assert all(m["state"] == "alive" for m in status["memnodes"].values()), c.master_log()
+        ops = [op for i, out in enumerate(outs) for op in _history(f"c{i}", out)]
+        unexpected = unexpected_errors(ops)
+        assert not unexpected, "\n".join(map(str, unexpected[:10]))
+        with c.client() as reader:
+            check_with_final_reads(ops, reader, KEYS)
+        _wait(lambda: (s := c.master_status())["repairs"] == {} and
+              len(s["free_ids"]) == CLIENTS, "every id to be free")
+        with c.transport() as t:
+            report = run(audit(c.config, (), Membership()), t)
+        assert report.ok, report.explain()

@@ -1,0 +1,242 @@
+"""The rebuild's online copy (``fusee.rebuild``, phase A) interleaved verb by verb with
+clients that come and go, in the deterministic simulator.
+
+r = 3 on 3 MNs. MN ``v`` is dead (failed over) from the start. A loader writes a few keys
+and closes (its id CLEAN: its groups are the ones the online copy takes); processes then
+open short-lived clients one after the other on drawn ids (a CLEAN id is taken over with its
+blocks, ``fusee.holdings.adopt``), each doing a few operations before it closes. At a random
+step ``v`` restarts empty and its rebuild starts: its online copy runs as one more actor
+among the clients, so ids are claimed, written, closed and recovered while it reads; then
+the pause and the rest. After it published, both other MNs crash at once and are failed
+over: from then on ``v`` holds the only copy, so a group the online copy took as unchanged
+but was written meanwhile shows up as a lost acknowledged write. Some runs crash a client
+at a random verb (its id recovered by an actor, as another client or the master would).
+
+The checks: clients completed operations while the online copy ran; the history with a
+reader's final get of every key is linearizable; the leak audit (every id left in use
+recovered first) and the index check pass under the final membership.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from fusee.emulator.testkit.history import PENDING
+from fusee.emulator.testkit.index_check import check_index
+from fusee.emulator.testkit.linearizability import check
+from fusee.emulator.testkit.simulator import Call, Simulator, kv_workload, store_calls
+from fusee.transports.local import LocalMemory, LocalTransport
+from test_failover import ERRORS, MIX, _config, across_epochs
+
+from fusee.audit import audit
+from fusee.client_ids import client_states, open_client
+from fusee.driver import run
+from fusee.failover import failover
+from fusee.layout import CLEAN
+from fusee.membership import Membership
+from fusee.rebuild import Rebuild
+from fusee.recovery import recover_client
+from fusee.verbs import Read
+
+KEYS = [b"k%d" % i for i in range(6)]
+
+
+class SessionRebuild:
+    """One seeded run: see the module docstring."""
+
+    def __init__(self, seed: int, processes: int = 3, sessions: int = 5,
+                 crash_client: bool = False):
+        self.config = cfg = _config()
+        self.memory = mem = LocalMemory(cfg)
+        self.sim = sim = Simulator(mem, seed, expected_errors=ERRORS, max_steps=400_000)
+        faults = sim.fault_rng
+        self.v = v = faults.randrange(3)
+        self.others = [m for m in range(3) if m != v]
+        mem.crash(v)
+        sim.membership = run(failover(cfg, Membership(), v), LocalTransport(cfg, memory=mem))
+        rng = random.Random(f"workload {seed}")
+        self.opened: list = []                  # (process, core) in opening order
+        self.closed: set = set()
+        loader = [("put", k, b"loaded %d" % i) for i, k in enumerate(KEYS)]
+        sim.add_client("loader", self._session("loader", loader))
+        for p in range(processes):
+            work = [kv_workload(rng, f"p{p}.{i}", KEYS, rng.randrange(1, 4), MIX)
+                    for i in range(sessions)]
+            sim.add_client(f"p{p}", self._process(f"p{p}", work))
+        self.during: list[int] = []             # ops completed at the rebuild's start, end
+        sim.at_step(faults.randrange(20, 400), self._rebuild)
+        if crash_client:
+            name = f"p{faults.randrange(processes)}"
+            sim.crash_client_at(name, faults.randrange(sessions * 3), faults.randrange(1, 30),
+                                then=lambda s: self._recover(s, name))
+
+    # -- the clients ----------------------------------------------------------------------
+    def _process(self, name: str, work):
+        """The calls of process ``name``: one short-lived client for each list of ops."""
+        for ops in work:
+            yield from self._session(name, ops)
+
+    def _session(self, name: str, ops):
+        """The calls of one short-lived client of process ``name``: open, ``ops``, close."""
+        box: list = []
+
+        def opening():
+            core = yield from self._draw()
+            box.append(core)
+            self.opened.append((name, core))
+            return core.client_id
+        yield Call("open", None, None, opening)
+        core = box[0]
+        yield from store_calls(core, ops)
+
+        def closing():
+            yield from core.close()
+            self.closed.add(core)
+        yield Call("close", None, None, closing)
+
+    def _draw(self):
+        """Generator: a client on a drawn id, under the membership of the moment; a draw
+        that an epoch's end interrupts (before anything is claimed) is drawn again."""
+        return across_epochs(self.sim, lambda m: open_client(self.config, membership=m,
+                                                             patience=5_000))
+
+    def _recover(self, sim: Simulator, name: str) -> None:
+        """Recover the id ``name`` held (if its crash left one claimed), as the master
+        would: again after each epoch's end that interrupts it."""
+        if sim.clients[name].op.kind == "open":
+            return                  # (a claim made but not known: the final sweep has it)
+        cid = [core for who, core in self.opened if who == name][-1].client_id
+        sim.add_client(f"recover {name}", [Call("recover", None, None, lambda: across_epochs(
+            sim, lambda m: recover_client(self.config, cid, clock=lambda: 0.0,
+                                          membership=m)))])
+
+    # -- the faults -----------------------------------------------------------------------
+    def _done_ops(self) -> int:
+        return sum(op.status != PENDING for op in self.sim.history.ops)
+
+    def _rebuild(self, sim: Simulator) -> None:
+        self.during = [self._done_ops()]
+        sim.rebuild(self.v, then=self._rebuilt)
+
+    def _rebuilt(self, sim: Simulator) -> None:
+        assert self.v not in sim.membership.dead, sim.rebuilds    # no other MN died
+        self.during.append(self._done_ops())
+        at = sim.step + sim.fault_rng.randrange(1, 300)
+        for m in self.others:
+            sim.at_step(at, lambda s, m=m: s.crash_node(m))
+        sim.at_step(at + sim.fault_rng.randrange(1, 100), lambda s: s.fail_over(self.others))
+
+    def go(self):
+        """Run; the faults the run ended before; recover what is left in use; read every
+        key; returns (linearizability, audit report, index problems)."""
+        sim, cfg = self.sim, self.config
+        sim.run()
+        sim.cancel_timers()
+        if self.v in sim.membership.dead:
+            self._rebuild(sim)
+            sim.run()
+        for m in set(self.others) - self.memory.crashed:
+            sim.crash_node(m)
+        if set(self.others) - sim.membership.dead:
+            sim.fail_over(self.others)
+        m = sim.membership
+        assert m.dead == set(self.others), sim.faults
+        t = LocalTransport(cfg, memory=self.memory)
+        ids = list(range(cfg.layout.max_clients))
+        for cid, (word, _) in zip(ids, run(client_states(cfg, m, ids), t)):
+            if word != CLEAN:
+                run(recover_client(cfg, cid, membership=m), t)
+        reader = run(open_client(cfg, membership=m), t)
+        final = Simulator(self.memory, 0, expected_errors=ERRORS)
+        final.history = sim.history
+        final.membership = m
+        final.add_client("reader", store_calls(reader, [("get", k, None) for k in KEYS]))
+        final.run()
+        run(reader.close(), t)
+        last = {core.client_id: core for _, core in self.opened + [("reader", reader)]}
+        report = run(audit(cfg, [c for c in last.values() if c in self.closed | {reader}],
+                           m), t)
+        return check(sim.history), report, run(check_index(cfg, m), t)
+
+
+def _check(seed: int, **kw) -> SessionRebuild:
+    r = SessionRebuild(seed, **kw)
+    lin, report, problems = r.go()
+    where = f"seed {seed} {kw}: faults {r.sim.faults}"
+    assert lin.ok, f"{where}\n{lin.explain()}"
+    assert report.ok, f"{where}\n{report.explain()}"
+    assert not problems, f"{where}\n{problems}"
+    return r
+
+
+#: runs that fail the same when the pause copies every group whole (as the stop-the-world
+#: rebuild did): not the online copy's doing; open (an operation pending across the last
+#: failover meets a reused object: CorruptObject; an object the audit calls misplaced)
+KNOWN = {7: "CorruptObject: not the allocation the slot names",
+         10: "audit: a free object in neither its owner's free lists nor its bitmap",
+         21: "CorruptObject: not the allocation the slot names"}
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(
+    reason=KNOWN[s], strict=True)) if s in KNOWN else s for s in range(30)])
+def test_clients_come_and_go_during_the_online_copy(seed):
+    r = _check(seed, crash_client=seed % 2 == 1)
+    (job, _), = r.sim.rebuilds
+    if job.online_bytes:        # (else no id was closed when it began: it only read)
+        start, end = r.during
+        assert end > start, "no client operation completed while the rebuild copied online"
+
+
+def test_the_online_copy_takes_the_groups_of_closed_ids():
+    """Seed 0: the loader's and a closed session's groups copied online, while clients
+    completed operations; the pause took the rest."""
+    r = _check(0)
+    (job, _), = r.sim.rebuilds
+    assert job.online_bytes == 2 * r.config.layout.block_size
+    start, end = r.during
+    assert end > start
+
+
+@pytest.mark.parametrize("recover", [False, True])
+def test_an_id_written_after_the_online_copy_read_its_groups_is_copied_again(recover):
+    """Between the online copy's read of a closed id's blocks and the pause, a client takes
+    the id over, updates a key into those blocks and closes it (CLEAN again, as when the
+    copy began: only the incarnation tells), or crashes and is recovered; the pause copies
+    the blocks again, so the rebuilt MN alone still serves the update."""
+    cfg = _config()
+    mem = LocalMemory(cfg)
+    t = LocalTransport(cfg, memory=mem)
+    loader = run(open_client(cfg), t)
+    for i in range(20):
+        run(loader.insert(b"k%d" % i, b"v%d" % i * 40), t)
+    run(loader.close(), t)
+    mem.crash(0)
+    m1 = run(failover(cfg, Membership(), 0), t)
+    mem.restart(0)
+    t = LocalTransport(cfg, memory=mem)
+    job = Rebuild(cfg, m1, 0)
+    gen = job.copy_online()
+    batch = next(gen)
+    while not any(isinstance(v, Read) and v.length == cfg.layout.block_size for v in batch):
+        batch = gen.send(t.execute(batch))
+    stale = t.execute(batch)                # the copy has read the blocks
+    late = run(open_client(cfg, membership=m1), t)
+    assert late.client_id == loader.client_id       # the closed id, taken over
+    run(late.update(b"k3", b"written after the copy read it"), t)
+    if recover:
+        run(recover_client(cfg, late.client_id, membership=m1), t)
+    else:
+        run(late.close(), t)
+    with pytest.raises(StopIteration):
+        gen.send(stale)
+        while True:
+            gen.send(t.execute(next(gen)))
+    assert job.online_bytes > 0
+    m2 = run(job.finish(), t)
+    for m in (1, 2):
+        mem.crash(m)
+    m3 = run(failover(cfg, m2, [1, 2]), t)
+    reader = run(open_client(cfg, membership=m3), t)
+    assert run(reader.search(b"k3"), t) == b"written after the copy read it"
+    assert all(run(reader.search(b"k%d" % i), t) == b"v%d" % i * 40 for i in range(20) if i != 3)
