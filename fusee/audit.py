@@ -18,7 +18,8 @@ Under a membership with dead MNs it reads the live replicas. A free delivered to
 of a dead MN is lost with it, so a HELD object named by no slot in a group whose first MN is
 dead, or died and was rebuilt since (``Membership.rebuilt``), is *stranded*, not leaked:
 counted, listed, and no failure (nothing can reclaim it without knowing that nobody still
-owes its free).
+owes its free). So is the owner's taking it back (its used byte zeroed on the home copy
+alone, ``Allocator.reclaim``): such an object in its owner's free lists is not misplaced.
 """
 
 from __future__ import annotations
@@ -139,10 +140,11 @@ def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core,
                 rep.dangling.append(f"{what}: the slot {v:#x} does not describe it")
         if c.held:
             rep.held += 1
+            lost_with_home = v is None and c.group.nodes[0] in dead
             if v is None:
-                (rep.stranded if c.group.nodes[0] in dead else rep.leaked).append(
+                (rep.stranded if lost_with_home else rep.leaked).append(
                     f"{what}: held (committed {c.view.key!r}) but named by no slot")
-            if c.ptr in free_lists:
+            if c.ptr in free_lists and not lost_with_home:
                 rep.misplaced.append(f"{what}: held, yet in its owner's free lists")
         else:
             rep.free += 1

@@ -270,10 +270,16 @@ class ClientCore:
         now = None
         m = self.membership
         live = m.live(t.nodes)
+        if not t.backups:
+            # the primary was the slot's only replica: every copy it has now was made from
+            # it since, by a rebuild (in a pause, after the round's verbs), so the first
+            # tells what the primary would, also once the primary died (a verdict with no
+            # backup, WIN for one, is no proposal that a failover could have kept)
+            live = self.dir.nodes(t.sid)
         if m.decided_at(epoch, t.sid, t.pos) is None and live:
             (raw,) = yield from self.rt([Read(live[0], t.addr, 8)])
             now = unpack_u64(raw)
-            if live[0] == t.primary or now & FROZEN:
+            if live[0] == t.primary or now & FROZEN or not t.backups:
                 now &= ~FROZEN
             else:
                 now = None

@@ -40,11 +40,12 @@ seed 241 on 3 MNs r=2); the simulator's pause, whose completions an MN crashing 
 turned into timeouts: a free done twice carried into the next object's bit (dangling;
 fixed, ``Simulator._pause``; seed 228 on 6 MNs r=2).
 
-Still open (seeds 300-379 run once, with a client crash; not in the parametrized range):
-- seed 327 on 4 MNs r=2: a put acknowledged in the epoch after MN 2's failover is not seen
-  by a get right after MN 2's rebuild (not linearizable: a lost acknowledged write);
-- seed 360 on 5 MNs r=3: the crashed client's committed insert held but named by no slot,
-  with no recovery outcome owning up to it (leaked).
+Seeds 300-379 run once: a put whose round had no backup (WIN at once), cut before its CAS
+by a rebuild, then its primary died: it took its own WIN for the round's fate, a lost
+acknowledged write (fixed, ``ClientCore.fate`` reads the rebuilt copy; seed 327 on 4 MNs
+r=2). Still open: seed 360 on 5 MNs r=3 with a client crash: the crashed client's
+committed insert held but named by no slot, with no recovery outcome owning up to it
+(leaked).
 """
 
 from __future__ import annotations
