@@ -7,7 +7,7 @@ endpoints, and on exit stops every process and removes every segment, socket and
 file, even when the code inside the ``with`` block failed. MN processes also exit by
 themselves if the process that started them dies. Over tcp:// it makes CURVE keys of its own
 (``secure=False`` opts into plaintext, with a warning). With ``master=True`` it also runs the
-master (``python -m fusee.emulator.master_server``) and names it in the config, so clients register
+master (``python -m fusee.master.command``) and names it in the config, so clients register
 with it; ``stop_master`` / ``start_master`` restart it on the same endpoint and state file,
 ``master_status`` asks it how things stand, and ``kill`` crashes a memory node.
 """
@@ -52,7 +52,8 @@ class LocalCluster:
                  mn_lease: float | None = None, masters: int = 1,
                  coordination: str | None = None):
         """``masters`` > 1: that many master processes electing their leader on ZooKeeper
-        (``coordination``: "zookeeper://..."; see fusee.emulator.zk_ensemble), on ipc endpoints."""
+        (``coordination``: "zookeeper://..."; see fusee.emulator.testkit.zk_ensemble), on ipc
+        endpoints."""
         if transport not in ("local", "shm", "zmq", "verbs"):
             raise ValueError(f"unknown transport {transport!r}")
         if master and transport == "local":
@@ -171,7 +172,7 @@ class LocalCluster:
         ready.unlink(missing_ok=True)
         with open(self.workdir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fusee.emulator.master_server", "--config",
+                [sys.executable, "-m", "fusee.master.command", "--config",
                  str(self.config_path), "--state", str(self.workdir / "master.json"),
                  "--endpoint", endpoint, "--ready-file", str(ready),
                  "--parent-pid", str(os.getpid())],
@@ -277,7 +278,7 @@ class LocalCluster:
         """The (leading) master's ``status`` (membership, leases, failovers, repairs); with
         several masters, standbys send the request on and a dead one is skipped."""
         from fusee.errors import MasterTimeout
-        from fusee.transports.master_link import MasterLink
+        from fusee.master.link import MasterLink
         with MasterLink(self.config) as link:
             for _ in range(len(self.config.masters) - 1):
                 try:

@@ -1,9 +1,10 @@
-"""Registered memory: the window a memory node exposes, and the checks a NIC makes.
+"""Registered memory: the window a memory node exposes.
 
 A ``MemoryRegion`` executes one-sided verbs on a writable buffer exactly as an RDMA NIC would:
-every request is checked against the region's bounds and access key, atomics must be 8-byte
-aligned, and CAS/FAA are real hardware atomics (``fusee.emulator._atomic``), so several processes
-mapping the same shared-memory segment race correctly. Failures raise RemoteAccessError and
+every request passes the NIC's checks first (``fusee.emulator.nic_checks``: access key,
+bounds, alignment), and CAS/FAA are real hardware atomics (``fusee.emulator._atomic``), so
+several processes mapping the same shared-memory segment race correctly. Failures raise
+RemoteAccessError and
 leave the region untouched.
 """
 
@@ -16,6 +17,7 @@ import secrets
 import _posixshmem
 
 from fusee.emulator import _atomic
+from fusee.emulator.nic_checks import check_atomic, check_key, check_range
 from fusee.verbs import Cas, Faa, Read, RemoteAccessError, Write
 
 _atomic_cas, _atomic_faa = _atomic.cas, _atomic.faa
@@ -38,34 +40,25 @@ class MemoryRegion:
         self.node = node
         self._base = _atomic.address(self.mem)
 
-    def _check(self, addr: int, length: int, rkey: int) -> None:
-        if rkey != self.rkey:
-            raise RemoteAccessError(f"MN {self.node}: wrong access key", self.node)
-        if addr < 0 or length < 0 or addr + length > self.length:
-            raise RemoteAccessError(
-                f"MN {self.node}: [{addr:#x}, {addr + length:#x}) is outside the region "
-                f"[0, {self.length:#x})", self.node)
-
-    def _check_atomic(self, addr: int, rkey: int) -> None:
-        self._check(addr, 8, rkey)
-        if addr & 7:
-            raise RemoteAccessError(f"MN {self.node}: unaligned atomic at {addr:#x}", self.node)
-
     def read(self, addr: int, length: int, rkey: int) -> bytes:
-        self._check(addr, length, rkey)
+        check_key(self.node, rkey, self.rkey)
+        check_range(self.node, addr, length, self.length)
         return self.mem[addr:addr + length].tobytes()
 
     def write(self, addr: int, data, rkey: int) -> None:
         n = len(data)
-        self._check(addr, n, rkey)
+        check_key(self.node, rkey, self.rkey)
+        check_range(self.node, addr, n, self.length)
         self.mem[addr:addr + n] = data
 
     def cas(self, addr: int, expected: int, desired: int, rkey: int) -> int:
-        self._check_atomic(addr, rkey)
+        check_key(self.node, rkey, self.rkey)
+        check_atomic(self.node, addr, self.length, expected, desired)
         return _atomic_cas(self._base + addr, expected, desired)
 
     def faa(self, addr: int, delta: int, rkey: int) -> int:
-        self._check_atomic(addr, rkey)
+        check_key(self.node, rkey, self.rkey)
+        check_atomic(self.node, addr, self.length)
         return _atomic_faa(self._base + addr, delta)
 
     def execute(self, verb, rkey: int):

@@ -54,7 +54,7 @@ def _memnode(argv: list[str]) -> int:
 
 
 def _master(argv: list[str]) -> int:
-    from fusee.emulator.master_server import main
+    from fusee.master.command import main
     return main(argv)
 
 

@@ -49,7 +49,7 @@ def _master_view(config: ClusterConfig) -> dict[str, Any]:
     if not config.master:
         return {"endpoint": None, "error": "no master in the config"}
     from fusee.errors import MasterError
-    from fusee.transports.master_link import MasterLink
+    from fusee.master.link import MasterLink
     try:
         with MasterLink(config) as link:
             status = link.status()

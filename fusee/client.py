@@ -13,11 +13,11 @@ network or a memory node fails, LeaseExpired, ...), each with the exit code a CL
 
 When the cluster config names a master, the client registers with it: the master leases it an
 id (a fresh or recovered one, or the one asked for) and the current membership; a background
-thread renews the lease (``fusee.transports.master_link``). While the master is unreachable the
+thread renews the lease (``fusee.master.link``). While the master is unreachable the
 client carries on as long as its lease is valid; once it has lapsed, operations wait (bounded)
 for a renewal and carry on when a restarted master grants one (``LeaseLapsed`` if none comes in
 time). Once the master has refused it, the lease is over and every operation raises
-``fusee.master.LeaseExpired`` before posting a verb (the master recovers the client's
+``fusee.master.logic.LeaseExpired`` before posting a verb (the master recovers the client's
 unfinished operations). When a memory node dies, operations pause while the
 master fails it over, then carry on in the new membership epoch (``_LeaseGuard``). ``close()``
 gives the id back. Without a master, the id is drawn from the MNs (``fusee.client_ids``: one
@@ -67,7 +67,7 @@ from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Op
 
 if TYPE_CHECKING:
     from fusee.transports.base import Transport
-    from fusee.transports.master_link import LeaseKeeper
+    from fusee.master.link import LeaseKeeper
 
 #: forks this process is the child of (``os.register_at_fork``): a client opened before a fork
 #: is refused in the child, at no per-operation cost but an int comparison
@@ -99,12 +99,12 @@ class Client:
             raise ValueError("recover=True needs the client_id to recover")
         self.transport = transport
         self.config = config or transport.config
-        self.lease = lease              # with a master: fusee.transports.master_link.LeaseKeeper
+        self.lease = lease                  # fusee.master.link.LeaseKeeper, with a master
         self.executor: Transport | _LeaseGuard
         membership = Membership()
         try:
             if self.config.master:
-                from fusee.transports.master_link import LeaseKeeper, membership_wait
+                from fusee.master.link import LeaseKeeper, membership_wait
                 if self.lease is None:
                     self.lease = LeaseKeeper(self.config, client_id)
                 client_id = self.lease.client_id
@@ -165,7 +165,7 @@ class Client:
         config = ClusterConfig.load(config_path)
         lease = None
         if config.master:
-            from fusee.transports.master_link import LeaseKeeper
+            from fusee.master.link import LeaseKeeper
             lease = LeaseKeeper(config, client_id)
         try:
             if transport is None or isinstance(transport, str):
@@ -332,7 +332,7 @@ def _patience(config: ClusterConfig, rtt: float) -> int:
     that client crashed (Stalled): as many as fit, at round-trip time ``rtt`` plus the
     back-off between re-reads, in twice the time a master needs to notice a crash, pause
     everyone and fail over or recover."""
-    from fusee.transports.master_link import membership_wait
+    from fusee.master.link import membership_wait
     return FAST_POLLS + int(2 * membership_wait(config) / (min(rtt, 1.0) + BACKOFF))
 
 

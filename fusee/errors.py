@@ -30,9 +30,9 @@ The lookup errors are also ``KeyError``, the size and config errors ``ValueError
 value of the wrong type a ``TypeError`` (``WrongType``) and a closed client a
 ``RuntimeError``, so ordinary Python handlers keep working. The classes used to live in other
 modules, where they can still be imported from: ``fusee.verbs`` (the transport errors),
-``fusee.master`` (``LeaseExpired``, ``LeaseError``, ``TransitionInProgress``, ``DataLost``),
+``fusee.master.logic`` (``LeaseExpired``, ``LeaseError``, ``TransitionInProgress``, ``DataLost``),
 ``fusee.index`` (``LostData``, now ``DataLost``: both meant "every replica of something is on a
-dead memory node"), ``fusee.transports.master_link`` (the master errors), ``fusee.config``
+dead memory node"), ``fusee.master.link`` (the master errors), ``fusee.config``
 (``ConfigError``).
 """
 

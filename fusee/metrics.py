@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from fusee.emulator.master_server import MasterServer
+    from fusee.master.server import MasterServer
     from fusee.emulator.memnode import MemoryNode
 
 import logging

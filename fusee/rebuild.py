@@ -15,7 +15,7 @@ metadata, read before any block, says CLEAN (no client holds the id) with no rec
 running; its (STATE, incarnation, RECOVERY) words are kept.
 
 Phase B, the pause (``Rebuild.finish``): every leased client has acked that no batch of it is
-in flight and it posts none (``fusee.master``, as for a failover), and none of the old epoch
+in flight and it posts none (``fusee.master.logic``, as for a failover), and none of the old epoch
 ever will (its next batch is refused with the new membership, ``EpochChanged``). Then:
 
 1. Every SNAPSHOT round open when the clients paused is closed, as a failover with no new

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from fusee.emulator.history import ERROR, OK, Op
-from fusee.emulator.linearizability import check
+from fusee.emulator.testkit.history import ERROR, OK, Op
+from fusee.emulator.testkit.linearizability import check
 
 
 def unexpected_errors(ops: list[Op]) -> list[Op]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-from fusee.emulator.linearizability import check
-from fusee.emulator.simulator import Simulator, kv_workload, store_calls
+from fusee.emulator.testkit.linearizability import check
+from fusee.emulator.testkit.simulator import Simulator, kv_workload, store_calls
 from fusee.client import Client
 from fusee.config import ClusterConfig, KiB, LayoutConfig, MemNodeConfig, MiB
 from fusee.driver import run

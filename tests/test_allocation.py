@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from fusee.emulator.simulator import Simulator, store_calls
+from fusee.emulator.testkit.simulator import Simulator, store_calls
 from fusee.audit import audit
 from fusee.config import MiB
 from fusee.driver import run, run_concurrently

@@ -12,8 +12,8 @@ import signal
 import pytest
 
 from fusee.emulator.cluster import LocalCluster
-from fusee.emulator.history import History
-from fusee.emulator.linearizability import check
+from fusee.emulator.testkit.history import History
+from fusee.emulator.testkit.linearizability import check
 from fusee.asyncio import Client
 from fusee.audit import audit
 from fusee.batch import BatchError

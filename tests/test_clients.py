@@ -10,14 +10,14 @@ import struct
 
 import pytest
 
-from fusee.emulator.linearizability import check
-from fusee.emulator.simulator import Call, Simulator, kv_workload, store_calls
+from fusee.emulator.testkit.linearizability import check
+from fusee.emulator.testkit.simulator import Call, Simulator, kv_workload, store_calls
 
 from fusee.client import Client
 from fusee.driver import run
 from fusee.errors import KeyExists, KeyNotFound, NeedsRecovery
 from fusee.layout import CLEAN, META_STATE, unpack_u64
-from fusee.master import Master
+from fusee.master.logic import Master
 from fusee.memory_map import MemoryMap
 from fusee.membership import Membership
 from fusee.client_ids import client_states, open_client

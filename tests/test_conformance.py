@@ -109,6 +109,20 @@ def test_unaligned_atomic_is_refused(cluster, verb):
     t.close()
 
 
+@pytest.mark.parametrize("operands", [(7, -1), (-1, 8)])
+def test_cas_operands_that_are_not_words_are_refused_and_change_nothing(cluster, operands):
+    """A NIC's CAS compares and swaps 64-bit words: every backend refuses other operands
+    (fusee.emulator.nic_checks; the verbs backend before posting, as for a request out of
+    range) rather than wrapping them into some word it then writes."""
+    t = cluster.transport()
+    a = data_addr(cluster, 5)
+    t.execute([Write(2, a, struct.pack("<Q", 7))])
+    with pytest.raises((RemoteAccessError, ValueError)):
+        t.execute([Cas(2, a, *operands)])
+    assert t.execute([Read(2, a, 8)]) == [struct.pack("<Q", 7)]
+    t.close()
+
+
 def test_wrong_key_is_refused(cluster):
     t = cluster.transport()
     r = t.regions[1]

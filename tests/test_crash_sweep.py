@@ -25,8 +25,9 @@ import random
 
 import pytest
 
-from fusee.emulator.linearizability import check
-from fusee.emulator.simulator import Call, Simulator, class_filling_sizes, kv_workload, store_calls
+from fusee.emulator.testkit.linearizability import check
+from fusee.emulator.testkit.simulator import (Call, Simulator, class_filling_sizes, kv_workload,
+                                              store_calls)
 from fusee.audit import audit
 from fusee.config import ClusterConfig, KiB, LayoutConfig, MemNodeConfig
 from fusee.driver import run

@@ -11,9 +11,9 @@ import pytest
 import fusee.config
 import fusee.errors as errors
 import fusee.index
-import fusee.master
+import fusee.master.logic
 import fusee.verbs
-import fusee.transports.master_link as master_link
+import fusee.master.link as master_link
 
 from fusee.emulator.cluster import LocalCluster
 from fusee.layout import CLASSES, object_bytes
@@ -52,10 +52,10 @@ def test_the_old_import_locations_name_the_same_classes():
     assert fusee.verbs.RemoteAccessError is errors.RemoteAccessError
     assert fusee.verbs.EpochChanged is errors.EpochChanged
     assert fusee.verbs.ControlError is errors.ControlError
-    assert fusee.master.LeaseExpired is errors.LeaseExpired
-    assert fusee.master.LeaseError is errors.LeaseError
-    assert fusee.master.TransitionInProgress is errors.TransitionInProgress
-    assert fusee.master.DataLost is fusee.index.LostData is errors.DataLost
+    assert fusee.master.logic.LeaseExpired is errors.LeaseExpired
+    assert fusee.master.logic.LeaseError is errors.LeaseError
+    assert fusee.master.logic.TransitionInProgress is errors.TransitionInProgress
+    assert fusee.master.logic.DataLost is fusee.index.LostData is errors.DataLost
     assert master_link.MasterError is errors.MasterError
     assert master_link.MasterTimeout is errors.MasterTimeout
     assert fusee.config.ConfigError is errors.ConfigError

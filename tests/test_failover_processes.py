@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from fusee.emulator.cluster import LocalCluster
-from fusee.emulator.history import CRASHED, ERROR, OK, Op
-from fusee.emulator.index_check import check_index
-from fusee.emulator.linearizability import check
+from fusee.emulator.testkit.history import CRASHED, ERROR, OK, Op
+from fusee.emulator.testkit.index_check import check_index
+from fusee.emulator.testkit.linearizability import check
 from fusee.audit import audit
 from fusee.bench.failover import FailoverOptions, summarize
 from fusee.bench.failover import main as bench_main

@@ -1,7 +1,7 @@
 """Garbage in, clear errors out: every parser that sees bytes from outside, fuzzed.
 
 A short Hypothesis run of each target is part of the normal suite; the coverage-guided atheris
-targets (emulator/fuzz.py) run briefly here and long under ``-m soak``.
+targets (emulator/testkit/fuzz.py) run briefly here and long under ``-m soak``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fusee.emulator import fuzz, wire
+from fusee.emulator import wire
+from fusee.emulator.testkit import fuzz
 from fusee.emulator.cluster import LocalCluster
 from fusee.verbs import MAX_BATCH, Read
 
@@ -130,8 +131,8 @@ ATHERIS = importlib.util.find_spec("atheris") is not None
 
 
 def _atheris(target: str, runs: int, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "fusee.emulator.fuzz", target, f"-runs={runs}",
-                           "-seed=1", f"-artifact_prefix={tmp_path}/"],
+    proc = subprocess.run([sys.executable, "-m", "fusee.emulator.testkit.fuzz", target,
+                           f"-runs={runs}", "-seed=1", f"-artifact_prefix={tmp_path}/"],
                           capture_output=True, text=True, timeout=1800,
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]

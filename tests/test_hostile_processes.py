@@ -32,7 +32,7 @@ from test_failover_processes import (
 )
 
 from fusee.emulator.cluster import LocalCluster
-from fusee.emulator.history import CRASHED
+from fusee.emulator.testkit.history import CRASHED
 from fusee.config import LayoutConfig
 from fusee.membership import Membership
 

@@ -23,8 +23,8 @@ import time
 import pytest
 
 from fusee.emulator.cluster import LocalCluster
-from fusee.emulator.history import CRASHED, ERROR, OK, Op
-from fusee.emulator.linearizability import check
+from fusee.emulator.testkit.history import CRASHED, ERROR, OK, Op
+from fusee.emulator.testkit.linearizability import check
 from fusee.audit import audit
 from fusee.client import Client
 from fusee.driver import run, run_concurrently

@@ -26,8 +26,8 @@ import random
 
 import pytest
 
-from fusee.emulator.linearizability import check
-from fusee.emulator.simulator import Call, Simulator, kv_workload, store_calls
+from fusee.emulator.testkit.linearizability import check
+from fusee.emulator.testkit.simulator import Call, Simulator, kv_workload, store_calls
 from fusee.audit import audit
 from fusee.driver import run
 from fusee.errors import KeyExists, KeyNotFound

@@ -1,5 +1,6 @@
-"""The lease/pause protocol in the deterministic simulator (``fusee.emulator.lease_simulation``):
-the real master on a simulated clock, its renewals lost or late (some by up to a whole
+"""The lease/pause protocol in the deterministic simulator
+(``fusee.emulator.testkit.lease_simulation``): the real master on a simulated clock, its renewals
+lost or late (some by up to a whole
 lease), clients that stall past their lease or are cut off from the master while they still
 reach the MNs, an MN that dies and is failed over only once every leased client paused, a
 master restarted from its state, all interleaved verb by verb with the operations.
@@ -18,9 +19,9 @@ import random
 
 import pytest
 
-from fusee.emulator.lease_simulation import TICK, LeaseSimulator
-from fusee.emulator.linearizability import check
-from fusee.emulator.simulator import Call, Simulator, kv_workload, store_calls
+from fusee.emulator.testkit.lease_simulation import TICK, LeaseSimulator
+from fusee.emulator.testkit.linearizability import check
+from fusee.emulator.testkit.simulator import Call, Simulator, kv_workload, store_calls
 from fusee.audit import audit
 from fusee.driver import run
 from fusee.operations import ClientCore

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from fusee.emulator.history import CRASHED, ERROR, OK, History, Op
-from fusee.emulator.linearizability import HistoryError, check, check_key
+from fusee.emulator.testkit.history import CRASHED, ERROR, OK, History, Op
+from fusee.emulator.testkit.linearizability import HistoryError, check, check_key
 
 K = b"k"
 

@@ -1,4 +1,4 @@
-"""The master's pure logic (``fusee.master``): client leases, id recycling, MN leases and the
+"""The master's pure logic (``fusee.master.logic``): client leases, id recycling, MN leases and the
 failover queue, the pause protocol, restart from state; and its state file. The processes:
 tests/test_master_processes.py."""
 
@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from fusee.emulator.master_state import FileStore
+from fusee.master.store import FileStore
 from fusee.config import ClusterConfig, ConfigError
-from fusee.master import DataLost, LeaseError, Master, StateError, TransitionInProgress
+from fusee.master.logic import DataLost, LeaseError, Master, StateError, TransitionInProgress
 from fusee.membership import Membership
 
 L, MN_L, GRACE = 1.0, 0.5, 0.25         # leases of the unit tests
@@ -54,7 +54,7 @@ def test_leasing_afresh_after_a_break_gives_every_client_a_full_lease_and_never_
 
 
 def test_a_client_counts_its_lease_short_by_the_clock_margin():
-    from fusee.transports.master_link import CLOCK_MARGIN, LeaseKeeper
+    from fusee.master.link import CLOCK_MARGIN, LeaseKeeper
     assert 0 < CLOCK_MARGIN < 0.1
     assert LeaseKeeper._expiry(10.0, 2.0) == 10.0 + 2.0 * (1 - CLOCK_MARGIN) < 12.0
 
@@ -318,7 +318,7 @@ def test_several_masters_list_and_round_trip_through_toml():
 
 
 def test_a_master_of_several_must_be_told_which_it_is(tmp_path, capsys):
-    from fusee.emulator.master_server import main
+    from fusee.master.command import main
     path = tmp_path / "c.toml"
     path.write_text('[cluster]\nmaster = "ipc:///a,ipc:///b"\n[master]\n'
                     'coordination = "zookeeper://127.0.0.1:9"\n' + MN)
@@ -407,3 +407,23 @@ def test_a_failed_rebuild_lets_the_clients_go_and_an_mn_that_stops_asking_is_dro
     m.rejoin(2, 2.0)
     assert m.next_rebuild(2.0 + MN_L + 0.5) is None          # it stopped asking: dropped
     assert m.pause == 0 and m.status(0.0)["memnodes"]["2"]["state"] == "dead"
+
+
+def test_the_master_protocol_carries_a_grant_and_names_each_refusal():
+    """What the master sends (fusee/master/protocol.py) a client reads back the same; the
+    membership only travels to a client that lags behind it."""
+    from fusee.errors import MasterBusy, MasterError, MasterStandby
+    from fusee.master.logic import Grant
+    from fusee.master.protocol import (ERR_BUSY, ERR_LEASE, ERR_STANDBY, decode_grant,
+                                       encode_grant, error_code, refusal)
+    membership = Membership(epoch=3)
+    g = Grant(id=5, token=7, lease=2.0, epoch=3, pause=4, rebuild=(1, 10, 20))
+    assert decode_grant(encode_grant(g, membership, known=3)) == g
+    assert decode_grant(encode_grant(g, membership, known=2)).membership == membership
+    with pytest.raises(MasterError, match="malformed grant"):
+        decode_grant({"id": 5})
+    for e, code, raised in ((LeaseError("x"), ERR_LEASE, LeaseError),
+                            (TransitionInProgress("x"), ERR_BUSY, MasterBusy)):
+        assert error_code(e) == code and type(refusal(code, "x")) is raised
+    assert type(refusal(ERR_STANDBY, "x")) is MasterStandby
+    assert type(refusal(1, "x")) is MasterError and error_code(ValueError()) is None

@@ -1,4 +1,4 @@
-"""The master as a process (``fusee.emulator.master_server``) with real memory nodes and clients:
+"""The master as a process (``fusee.master.command``) with real memory nodes and clients:
 restart, a client killed with kill -9, an MN killed and failed over, the pause of a batch in
 flight, RPC errors, CURVE, the CLI, recovery time. The pure logic: tests/test_master.py."""
 
@@ -22,10 +22,10 @@ from fusee.emulator import wire
 from fusee.emulator.cluster import LocalCluster
 from fusee.client import _LeaseGuard
 from fusee.layout import META_RECOVERY
-from fusee.master import LeaseError, LeaseLapsed
+from fusee.master.logic import LeaseError, LeaseLapsed
 from fusee.memory_map import MemoryMap
 from fusee.verbs import AwaitMembership, Cas, EpochChanged, NodeTimeout, Read
-from fusee.transports.master_link import (LeaseKeeper, MasterBusy, MasterError, MasterLink,
+from fusee.master.link import (LeaseKeeper, MasterBusy, MasterError, MasterLink,
                                     membership_wait)
 
 def wait_for(predicate, what, timeout: float = 60.0, interval: float = 0.05):

@@ -24,7 +24,7 @@ from fusee.audit import audit
 from fusee.config import LayoutConfig
 from fusee.driver import run
 from fusee.membership import Membership
-from fusee.transports.master_link import membership_wait
+from fusee.master.link import membership_wait
 
 CLIENTS = 3
 #: operations every client does before the kill, and again after the restart

@@ -1,5 +1,6 @@
-"""Masters on ZooKeeper, for real: a 3-server ensemble on loopback (``fusee.emulator.zk_ensemble``,
-one per module), masters electing their leader on it, memory nodes and client processes, and
+"""Masters on ZooKeeper, for real: a 3-server ensemble on loopback
+(``fusee.emulator.testkit.zk_ensemble``, one per module), masters electing their leader on it,
+memory nodes and client processes, and
 things killed with SIGKILL under a mixed workload (r = 3, 3 MNs): a ZooKeeper server, the
 leading master, then an MN, which the new leader must fail over. No operation may fail, the
 history (final reads included) must be linearizable, and the audit must account for every
@@ -25,14 +26,14 @@ from processes import stop_processes
 from storekit import SMALL
 from test_failover_processes import KEYS, LEASES, _history, _wait, _worker
 
-from fusee.emulator import zk_ensemble
+from fusee.emulator.testkit import zk_ensemble
 from fusee.emulator.cluster import LocalCluster, master_name
-from fusee.emulator.history import Op
+from fusee.emulator.testkit.history import Op
 from fusee.audit import audit
 from fusee.config import LayoutConfig
 from fusee.driver import run
 from fusee.membership import Membership
-from fusee.transports.master_link import MasterError, membership_wait
+from fusee.master.link import MasterError, membership_wait
 
 pytestmark = pytest.mark.skipif(zk_ensemble.missing() is not None,
                                 reason=f"no ZooKeeper here: {zk_ensemble.missing()}")
@@ -139,7 +140,7 @@ def test_kills_of_a_zookeeper_server_the_leading_master_and_then_a_memory_node(e
 def test_a_deposed_leader_cannot_publish(ensemble):
     from kazoo.client import KazooClient
 
-    from fusee.emulator.master_state import Deposed, ZooKeeperStore
+    from fusee.master.store import Deposed, ZooKeeperStore
     clients = [KazooClient(hosts=ensemble.hosts, timeout=4.0) for _ in range(2)]
     for zk in clients:
         zk.start(timeout=30)
@@ -165,7 +166,7 @@ def test_a_master_that_cannot_reach_zookeeper_says_so(tmp_path):
     config = c.config.with_(master=f"ipc://{tmp_path}/m.sock",
                             coordination="zookeeper://127.0.0.1:9")
     config.save(tmp_path / "zk.toml")
-    out = subprocess.run([sys.executable, "-m", "fusee.emulator.master_server", "--config",
+    out = subprocess.run([sys.executable, "-m", "fusee.master.command", "--config",
                           str(tmp_path / "zk.toml")], capture_output=True, text=True,
                          timeout=60, check=False)
     assert out.returncode == 2

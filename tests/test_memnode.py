@@ -116,7 +116,7 @@ def test_start_failure_reports_the_nodes_error(tmp_path):
 
 @pytest.fixture
 def node():
-    from fusee.emulator import fuzz
+    from fusee.emulator.testkit import fuzz
     n = fuzz.make_node(f"serve{os.getpid()}")
     yield n
     n.close()

@@ -11,8 +11,8 @@ import pytest
 
 import fusee.layout
 import fusee.replication
-from fusee.emulator.linearizability import check
-from fusee.emulator.simulator import SimulationError
+from fusee.emulator.testkit.linearizability import check
+from fusee.emulator.testkit.simulator import SimulationError
 from fusee.audit import audit
 from fusee.driver import run
 from fusee.verbs import Read

@@ -60,6 +60,29 @@ def test_the_sdist_carries_docs_examples_and_benchmarks(tmp_path):
     assert not any(n.endswith(".so") for n in names)
 
 
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, by its full name (``from a import b`` counts as a.b)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return names
+
+
+def test_the_product_imports_no_test_tooling():
+    """emulator/testkit/ holds what proves the store correct (simulator, checker, fuzz
+    targets...), apart from the product: a store, a memory node or a master that imported it
+    would carry test code into production."""
+    testkit = ROOT / "emulator" / "testkit"
+    product = [p for package in ("fusee", "emulator", "transports")
+               for p in (ROOT / package).rglob("*.py") if testkit not in p.parents]
+    assert len(product) > 50
+    assert [p for p in product
+            if any(m.startswith("fusee.emulator.testkit") for m in _imported_modules(p))] == []
+
+
 def test_fusee_installs_under_one_top_level_name():
     """emulator/ and transports/ install as fusee.emulator and fusee.transports (generic
     top-level names would clash with other projects in site-packages); every package folder

@@ -17,8 +17,8 @@ import random
 import pytest
 from test_simulation import KEYS, MIX, STORE_ERRORS, STORE_LAYOUT, cluster_config
 
-from fusee.emulator.linearizability import check
-from fusee.emulator.simulator import Simulator, kv_workload, store_calls
+from fusee.emulator.testkit.linearizability import check
+from fusee.emulator.testkit.simulator import Simulator, kv_workload, store_calls
 from fusee.driver import run
 from fusee.operations import ClientCore
 from fusee.transports.local import LocalMemory, LocalTransport

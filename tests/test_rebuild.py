@@ -21,8 +21,8 @@ import pytest
 from test_failover import Run, _config
 from test_failover import _check as check_run
 
-from fusee.emulator.index_check import check_index
-from fusee.emulator.simulator import Simulator
+from fusee.emulator.testkit.index_check import check_index
+from fusee.emulator.testkit.simulator import Simulator
 from fusee.driver import run
 from fusee.errors import OutOfMemory
 from fusee.hashing import key_hash

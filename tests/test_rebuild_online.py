@@ -22,10 +22,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from fusee.emulator.history import PENDING
-from fusee.emulator.index_check import check_index
-from fusee.emulator.linearizability import check
-from fusee.emulator.simulator import Call, Simulator, kv_workload, store_calls
+from fusee.emulator.testkit.history import PENDING
+from fusee.emulator.testkit.index_check import check_index
+from fusee.emulator.testkit.linearizability import check
+from fusee.emulator.testkit.simulator import Call, Simulator, kv_workload, store_calls
 from fusee.transports.local import LocalMemory, LocalTransport
 from test_failover import ERRORS, MIX, _config, across_epochs
 

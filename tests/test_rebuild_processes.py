@@ -27,7 +27,7 @@ from test_failover_processes import (
 )
 
 from fusee.emulator.cluster import LocalCluster
-from fusee.emulator.history import CRASHED, ERROR
+from fusee.emulator.testkit.history import CRASHED, ERROR
 from fusee.config import LayoutConfig, MiB
 from fusee.membership import Membership
 

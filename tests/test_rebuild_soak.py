@@ -51,7 +51,7 @@ committed insert held but named by no slot, with no recovery outcome owning up t
 from __future__ import annotations
 
 import pytest
-from fusee.emulator.simulator import Simulator
+from fusee.emulator.testkit.simulator import Simulator
 from test_rebuild import RebuildRun
 from test_rebuild import _check as check_rebuild
 

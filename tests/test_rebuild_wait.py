@@ -31,15 +31,16 @@ from test_failover_processes import LEASES, _wait
 
 from fusee.emulator.cluster import ClusterStartError, LocalCluster
 from fusee.config import LayoutConfig
-from fusee.master import Master
-from fusee.transports.master_link import membership_wait
+from fusee.master.logic import Master
+from fusee.master.link import membership_wait
 
 #: the master process, its rebuild's pause slowed to last at least argv[1] seconds
 SLOWED_MASTER = """
 import sys, time
-import fusee.emulator.master_server as ms
+import fusee.master.command as command
+import fusee.master.worker as worker
 
-seconds, real = float(sys.argv[1]), ms.Rebuild.finish
+seconds, real = float(sys.argv[1]), worker.Rebuild.finish
 
 def slowed(*args, **kwargs):
     gen, send, arg, end = real(*args, **kwargs), None, None, time.monotonic() + seconds
@@ -56,8 +57,8 @@ def slowed(*args, **kwargs):
         except BaseException as e:
             arg, send = e, gen.throw
 
-ms.Rebuild.finish = slowed
-sys.exit(ms.main(sys.argv[2:]))
+worker.Rebuild.finish = slowed
+sys.exit(command.main(sys.argv[2:]))
 """
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from fusee.emulator.history import CRASHED, OK
-from fusee.emulator.linearizability import check
-from fusee.emulator.simulator import (Call, SimulationError, Simulator, class_filling_sizes,
+from fusee.emulator.testkit.history import CRASHED, OK
+from fusee.emulator.testkit.linearizability import check
+from fusee.emulator.testkit.simulator import (Call, SimulationError, Simulator, class_filling_sizes,
                                 kv_workload, store_calls)
 from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig
 from fusee.errors import KeyExists as StoreKeyExists, KeyNotFound as StoreKeyNotFound

@@ -10,8 +10,9 @@ does that, the final gets and the audit). After each run:
 - the history is linearizable, the final gets of every key included: no acknowledged write
   was lost;
 - the leak audit accounts for every object, every round and split is settled;
-- the index is consistent (``fusee.emulator.index_check``): every directory entry names a live
-  subtable whose headers agree with it, no key is in two slots, no object is named twice.
+- the index is consistent (``fusee.emulator.testkit.index_check``): every directory entry
+  names a live subtable whose headers agree with it, no key is in two slots, no object is named
+  twice.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import random
 
 import pytest
 
-from fusee.emulator.index_check import check_index
-from fusee.emulator.simulator import Call, Simulator, kv_workload, store_calls
+from fusee.emulator.testkit.index_check import check_index
+from fusee.emulator.testkit.simulator import Call, Simulator, kv_workload, store_calls
 from fusee.audit import audit
 from fusee.config import KiB, LayoutConfig
 from fusee.driver import run

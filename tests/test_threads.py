@@ -14,8 +14,8 @@ import threading
 import pytest
 
 from fusee.emulator.cluster import LocalCluster
-from fusee.emulator.history import History
-from fusee.emulator.linearizability import check
+from fusee.emulator.testkit.history import History
+from fusee.emulator.testkit.linearizability import check
 from fusee.errors import ClientClosed, KeyExists, KeyNotFound
 
 THREADS = 6

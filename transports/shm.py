@@ -4,7 +4,8 @@ On one host a memory node's registered region is a POSIX shared-memory segment. 
 learns each region over the MN's control channel ("info"), maps the segment, and executes
 READ/WRITE/CAS/FAA in the client's own process (memory copies and lock-prefixed hardware
 atomics, ``fusee.emulator._atomic``), so the MN's CPU does nothing: that is what one-sided RDMA
-means. Like a NIC, the client checks bounds, access key and alignment on every verb, executes
+means. Like a NIC, the client checks access key, bounds and alignment on every verb
+(``fusee.emulator.nic_checks``; ``_atomic.run`` runs a batch that passes them all), executes
 each node's requests in posting order, and on a node's first failure flushes the rest of that
 node's requests.
 
@@ -28,10 +29,11 @@ import time
 
 from fusee.emulator import _atomic, wire
 from fusee.emulator.memory import SharedSegment
+from fusee.emulator.nic_checks import check_atomic, check_range, malformed, wrong_key
 from fusee.config import ClusterConfig
 from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Backoff, Cas, Faa, FreeBlock,
-                         NodeTimeout, Read, RemoteAccessError, Step, TransportError,
-                         Write)
+                         NodeTimeout, Read, Step,
+                         TransportError, Write)
 from fusee.transports.base import RegionInfo, Transport, raise_for_failures
 from fusee.transports.channel import Channels, dead_on_connect, place_replies
 
@@ -205,7 +207,7 @@ class ShmTransport(Transport):
             except TransportError as e:
                 results.append(e)
             except (TypeError, ValueError, OverflowError) as e:
-                results.append(_malformed(node, e))
+                results.append(malformed(node, e))
             if skip is None:
                 skip = {}
             skip[node] = results[-1]           # flush this node's later requests
@@ -225,7 +227,7 @@ class ShmTransport(Transport):
             return self.channels.taken_for_dead(node)
         if node in self._dead:
             return NodeTimeout(f"MN {node} is dead (its process exited)", node)
-        return RemoteAccessError(f"MN {node}: wrong access key", node)
+        return wrong_key(node)
 
     def _post(self, batch, remote: set) -> tuple[dict, tuple]:
         """Send each ``remote`` node its whole part of the batch as one verbs message (so the
@@ -272,8 +274,7 @@ def _read(st, req, s):
     node, addr, length = req
     s.reads += 1
     s.bytes_in += length
-    if addr < 0 or length < 0 or addr + length > st[2]:
-        raise _out_of_range(node, addr, length, st[2])
+    check_range(node, addr, length, st[2])
     return st[0][addr:addr + length]
 
 
@@ -282,45 +283,25 @@ def _write(st, req, s):
     s.writes += 1
     length = len(data)
     s.bytes_out += length
-    if addr < 0 or addr + length > st[2]:
-        raise _out_of_range(node, addr, length, st[2])
+    check_range(node, addr, length, st[2])
     st[0][addr:addr + length] = data
 
 
 def _cas_op(st, req, s):
     node, addr, expected, desired = req
     s.atomics += 1
-    if addr & 7 or not 0 <= addr <= st[2] - 8 or (expected | desired) >> 64:
-        raise _bad_atomic(node, addr, st[2])
+    check_atomic(node, addr, st[2], expected, desired)
     return _cas(st[1] + addr, expected, desired)
 
 
 def _faa_op(st, req, s):
     node, addr, delta = req
     s.atomics += 1
-    if addr & 7 or not 0 <= addr <= st[2] - 8:
-        raise _bad_atomic(node, addr, st[2])
+    check_atomic(node, addr, st[2])
     return _faa(st[1] + addr, delta)
 
 
 _OPS = {Read: _read, Write: _write, Cas: _cas_op, Faa: _faa_op}
-
-
-def _malformed(node: int, e: Exception) -> RemoteAccessError:
-    return RemoteAccessError(f"MN {node}: malformed request: {e}", node)
-
-
-def _bad_atomic(node: int, addr: int, size: int) -> RemoteAccessError:
-    if type(addr) is int and 0 <= addr <= size - 8:
-        if addr & 7:
-            return RemoteAccessError(f"MN {node}: unaligned atomic at {addr:#x}", node)
-        return RemoteAccessError(f"MN {node}: CAS operands must be unsigned 64-bit", node)
-    return _out_of_range(node, addr, 8, size)
-
-
-def _out_of_range(node: int, addr, n, size: int) -> RemoteAccessError:
-    return RemoteAccessError(f"MN {node}: [{addr!r}, +{n!r}) is outside the region "
-                             f"[0, {size:#x})", node)
 
 
 __all__ = ["ShmTransport", "LIVENESS_INTERVAL"]

@@ -1,7 +1,8 @@
 """The timing model: real operations on real memory images, in simulated time.
 
-Like the deterministic simulator (``fusee.emulator.simulator``), it drives the sans-IO operation
-generators that the client runs over one in-process ``LocalMemory``; unlike it, the order in
+Like the deterministic simulator (``fusee.emulator.testkit.simulator``), it drives the sans-IO
+operation generators that the client runs over one in-process ``LocalMemory``; unlike it, the order
+in
 which verbs execute comes from a clock, not from a seeded scheduler. Every batch an operation
 yields is posted once its client has spent its CPU time on the step (``Profile``), travels
 half a round trip, queues at each memory node's NIC (one FIFO station for its messages and

@@ -21,11 +21,11 @@ declares a client crashed only after its own deadline (the client's lease plus t
 counted from when it received the renewal), records that before acting on it, and refuses every
 later renewal of that id and token. So a renewal granted after a lapse proves that no master
 declared the client crashed, and the client carries on where it was: a master restarted from
-its state (``fusee.master``) leases every recorded client afresh, and the keeper's next renewal
-finds it. Only a refusal (``LeaseError``) ends the lease for good (``ended``): then the master
-recovers the client's operations and reuses its id.
+its state (``fusee.master.logic``) leases every recorded client afresh, and the keeper's next
+renewal finds it. Only a refusal (``LeaseError``) ends the lease for good (``ended``): then the
+master recovers the client's operations and reuses its id.
 
-The keeper also carries the master's failover protocol (``fusee.master``): when a renewal
+The keeper also carries the master's failover protocol (``fusee.master.logic``): when a renewal
 says *pause* for the next epoch, it takes ``gate`` (which the executor holds around every
 batch it posts, so this waits for the batch in flight), sets ``pause`` so that no new batch
 goes out, and acks at once with another renewal; while paused, or while an operation waits
@@ -46,13 +46,12 @@ import zmq
 from fusee.emulator import wire
 from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
 from fusee.errors import MasterBusy, MasterError, MasterStandby, MasterTimeout
-from fusee.master import Grant, LeaseError, LeaseExpired, LeaseLapsed
+from fusee.master.logic import Grant, LeaseError, LeaseExpired, LeaseLapsed
+from fusee.master.protocol import (REGISTER, RELEASE, RENEW, STATUS, decode_grant,
+                                   refusal as master_refusal)
 from fusee.membership import Membership
 from fusee.transports.security import HANDSHAKE_FAILED, refusal, secure_client
 
-#: error codes of a lease refusal, of "retry once the failover is done" and of "I stand by, ask
-#: the leader", in a reply's error triple (next to wire.ERR_*)
-ERR_LEASE, ERR_BUSY, ERR_STANDBY = 16, 17, 18
 #: seconds between renewals while paused or while an operation awaits a new epoch
 POLL = 0.02
 #: the share of each lease the client gives up for the rate difference of its clock and the
@@ -166,27 +165,26 @@ class MasterLink:
                 continue                        # a late reply to a request that timed out
             if error:
                 _, code, text = error
-                raise {ERR_LEASE: LeaseError, ERR_BUSY: MasterBusy,
-                       ERR_STANDBY: MasterStandby}.get(code, MasterError)(f"master: {text}")
+                raise master_refusal(code, text)
             return results[0]
 
     def register(self, client_id: int | None = None) -> Grant:
         """A lease on a fresh or recovered id, or on ``client_id`` if it is free."""
         args = {} if client_id is None else {"id": client_id}
-        return _grant(self.call("register", **args))
+        return decode_grant(self.call(REGISTER, **args))
 
     def renew(self, grant: Grant, timeout: float | None = None, paused: int = 0,
               epoch: int = 0) -> Grant:
         """``paused``: the pause epoch acked; ``epoch``: the membership epoch this client has
         (the reply carries the membership when the master's is newer)."""
-        return _grant(self.call("renew", timeout, id=grant.id, token=grant.token, paused=paused,
-                                epoch=epoch))
+        return decode_grant(self.call(RENEW, timeout, id=grant.id, token=grant.token,
+                                      paused=paused, epoch=epoch))
 
     def release(self, grant: Grant) -> None:
-        self.call("release", id=grant.id, token=grant.token)
+        self.call(RELEASE, id=grant.id, token=grant.token)
 
     def status(self) -> dict:
-        return self.call("status")
+        return self.call(STATUS)
 
     def _greeting(self, deadline: float) -> None:
         """Wait (until ``deadline``) for the master's first reply or a refusal of our CURVE
@@ -221,17 +219,6 @@ class MasterLink:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _grant(reply) -> Grant:
-    try:
-        wire_membership = reply.pop("membership", None)
-        membership = None if wire_membership is None else Membership.from_wire(wire_membership)
-        rebuild = reply.pop("rebuild", None)
-        rebuild = None if rebuild is None else tuple(int(x) for x in rebuild)
-        return Grant(**reply, membership=membership, rebuild=rebuild)
-    except (AttributeError, TypeError, ValueError) as e:
-        raise MasterError(f"master: malformed grant: {e}") from None
 
 
 class LeaseKeeper:

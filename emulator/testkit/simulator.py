@@ -12,8 +12,8 @@ the last verb of a batch is done, the completions go back into the generator: on
 for that client. Nothing here depends on wall-clock time or on hash randomization, so a seed
 that fails replays exactly.
 
-Every operation is recorded in a ``History`` (fusee.emulator.history) for the linearizability
-checker.
+Every operation is recorded in a ``History`` (fusee.emulator.testkit.history) for the
+linearizability checker.
 
 Faults, all placed deterministically:
 - ``crash_client_at(name, op, verb)``: the client dies after executing ``verb`` verbs of its
@@ -56,7 +56,7 @@ import random
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from fusee.emulator.history import History, Op
+from fusee.emulator.testkit.history import History, Op
 from fusee.config import LayoutConfig
 from fusee.driver import Operation, run
 from fusee.failover import failover
@@ -311,7 +311,8 @@ class Simulator:
             self._move(c)
             self.step += 1
 
-    # hooks for a subclass that keeps a clock (fusee.emulator.lease_simulation): the base has none
+    # hooks for a subclass that keeps a clock (fusee.emulator.testkit.lease_simulation): the
+    # base has none
     def _before_step(self) -> None:
         """What happens at each step besides a client's move."""
 

@@ -1,7 +1,9 @@
-"""The lease/pause protocol in the deterministic simulator: the real ``fusee.master.Master`` on
-a simulated clock, interleaved verb by verb with the clients' operations.
+"""The lease/pause protocol in the deterministic simulator: the real
+``fusee.master.logic.Master`` on a simulated clock, interleaved verb by verb with the clients'
+operations.
 
-``fusee.emulator.simulator`` pauses clients for a failover by fiat. Here nothing is by fiat: one
+``fusee.emulator.testkit.simulator`` pauses clients for a failover by fiat. Here nothing is by
+fiat: one
 scheduler step is ``TICK`` simulated seconds, and at each step
 
 - renewals and their replies that are due arrive (each is dropped or delayed as the seed
@@ -35,12 +37,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fusee.emulator.simulator import Call, SimClient, SimulationError, Simulator
-from fusee.master import Grant, LeaseError, Master
+from fusee.emulator.testkit.simulator import Call, SimClient, SimulationError, Simulator
+from fusee.master.logic import Grant, LeaseError, Master
 from fusee.recovery import recover_client
 from fusee.verbs import AwaitMembership, Backoff, EpochChanged, NodeTimeout
 from fusee.transports.local import LocalMemory
-from fusee.transports.master_link import POLL, LeaseKeeper
+from fusee.master.link import POLL, LeaseKeeper
 
 #: simulated seconds per scheduler step
 TICK = 0.001

@@ -1,11 +1,11 @@
-"""Where the master keeps its persistent state (``fusee.master.Master.state()``): one small
+"""Where the master keeps its persistent state (``fusee.master.logic.Master.state()``): one small
 interface, ``load`` / ``save`` / ``close``, and two stores behind it.
 
 - ``FileStore``: a JSON file replaced atomically, locked for the life of the process (the
   embedded default: one master, a laptop, the quick start).
 - ``ZooKeeperStore``: one znode per cluster holding the same JSON, every write a
   compare-and-set on the znode's version (``[master] coordination = "zookeeper://..."``, with
-  ``fusee.emulator.master_election`` choosing the one master that writes). The state is one znode,
+  ``fusee.master.election`` choosing the one master that writes). The state is one znode,
   not one per record, because the master's decisions span records (a repair moves an id from
   the clients to the repair queue; a failover changes the membership, the queue and the pause
   at once): a single versioned write keeps them atomic, and the whole state is a few KiB (ids
@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from fusee.master import StateError
+from fusee.master.logic import StateError
 
 
 class Deposed(OSError):

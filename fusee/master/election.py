@@ -13,8 +13,8 @@ which a thread repeats several times per session timeout: a leader cut off from 
 paused (GC, SIGSTOP), stops granting before anyone else can lead, whatever its own threads
 believe. A request the leader answers was sent before it checked ``valid()``, so a client's
 lease (counted from its send) ends before the successor's full lease for every recorded
-client (``fusee.master``). On top of that the state store fences on the znode version
-(``fusee.emulator.master_state``), and a leader whose session is lost for good exits (``lost``).
+client (``fusee.master.logic``). On top of that the state store fences on the znode version
+(``fusee.master.store``), and a leader whose session is lost for good exits (``lost``).
 """
 
 from __future__ import annotations

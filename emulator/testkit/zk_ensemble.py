@@ -1,5 +1,5 @@
 """A real ZooKeeper ensemble on loopback, for tests and local trials of the masters' high
-availability (``fusee.emulator.master_election``): N ``QuorumPeerMain`` processes from the
+availability (``fusee.master.election``): N ``QuorumPeerMain`` processes from the
 distribution's jars (Debian's ``zookeeper`` package puts them in /usr/share/java), each with its
 own data directory and ports, never the system service. ``kill`` / ``start`` crash and bring
 back one server; ``stop`` ends them all (also at interpreter exit).

@@ -9,7 +9,7 @@
 - ``config``: the cluster-config parser: a config or a ConfigError, nothing else.
 
 Run one with atheris (opt-in, ``pip install atheris``):
-``python -m fusee.emulator.fuzz memnode -runs=100000``; the tests run each one briefly too.
+``python -m fusee.emulator.testkit.fuzz memnode -runs=100000``; the tests run each one briefly too.
 """
 
 from __future__ import annotations
@@ -131,8 +131,8 @@ def main(argv=None) -> int:
     import atheris                              # opt-in: the fuzz extra
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in TARGETS:
-        print(f"usage: python -m fusee.emulator.fuzz {{{','.join(TARGETS)}}} [libFuzzer options]",
-              file=sys.stderr)
+        print(f"usage: python -m fusee.emulator.testkit.fuzz {{{','.join(TARGETS)}}} "
+              "[libFuzzer options]", file=sys.stderr)
         return 2
     target = argv[0]
     node = make_node(f"fuzz{__import__('os').getpid()}") if target == "memnode" else None

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from collections.abc import Iterable
 
-from fusee.emulator.history import ERROR, OK, History, Op
+from fusee.emulator.testkit.history import ERROR, OK, History, Op
 
 #: error class names the model understands, per operation kind
 EXISTS, MISSING = "KeyExists", "KeyNotFound"

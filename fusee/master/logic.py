@@ -1,7 +1,7 @@
 """The master's logic, sans-IO: who is alive, who holds which client id, which
 crashed clients still need recovery, and when a dead memory node's failover may run. The
 master is not on the data path; this module only decides, from the calls it gets and the time
-it is given. ``fusee.emulator.master_server`` feeds it heartbeats and RPCs and carries out the
+it is given. ``fusee.master.server`` feeds it heartbeats and RPCs and carries out the
 repairs and failovers it asks for.
 
 Memory nodes hold leases renewed by the master's pings: an MN whose lease runs out is declared
@@ -38,7 +38,7 @@ the ids' STATE words agree even on a cluster used before the master (or its stat
 The persistent state (``state()``) is small: the membership, the MNs awaiting failover, ids in
 use with their tokens, pending repairs, recycled ids and the id counter. Lease deadlines and
 pause acks are not persisted (monotonic time, and clients re-ack with every renewal): a
-restarted master (or a standby taking over, ``fusee.emulator.master_election``) gives every known
+restarted master (or a standby taking over, ``fusee.master.election``) gives every known
 client a full lease again (``lease_afresh``), which is never shorter than what the client
 itself believes it has. So a client whose lease lapsed while no master could be reached, and
 that the next master renews, was never declared crashed, and carries on.

@@ -1,0 +1,122 @@
+"""What the master's three threads share (docs/design.md#the-master): one ``Master`` (the
+sans-IO logic, ``fusee/master/logic.py``) under one lock, the cluster config, the state store
+and the election, the events that wake or stop the threads, and the records kept for
+``status``. The code of each thread is a subclass of ``SharedState`` in a module of its own
+(``rpc.py``, ``heartbeat.py``, ``worker.py``); ``MasterServer`` (``server.py``) is made of
+them. Everything here that reads or changes ``master`` does so under ``lock``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fusee.config import ClusterConfig
+from fusee.master.election import LeaderGuard
+from fusee.master.logic import Master, StateMismatch
+from fusee.master.store import Deposed, StateStore
+
+if TYPE_CHECKING:
+    from fusee.transports.base import Transport
+
+_logger = logging.getLogger(__name__)
+
+
+def log(message: str, file=None, flush: bool = False) -> None:
+    """The master's event log: what went to stderr is a warning, the rest information."""
+    _logger.log(logging.WARNING if file is sys.stderr else logging.INFO, message)
+
+
+#: the repair and failover records kept for ``status`` (the newest)
+REPORTS_KEPT = 64
+
+
+class SharedState:
+    """The state of one master process and what every thread does with it alike."""
+
+    #: the requests a master answers, by name (set by ``fusee.master.server.MasterServer``)
+    methods: dict[str, Callable[[dict[str, Any]], Any]]
+
+    def __init__(self, config: ClusterConfig, store: StateStore,
+                 transport: str | None = None, log=log, leadership=None):
+        """``store``: where the state lives (``fusee.master.store``); ``leadership``: this
+        master's place in a ZooKeeper election (``fusee.master.election``), or None for
+        the single master, which leads from the start."""
+        self.config, self.backend, self.log = config, transport, log
+        self.grace = config.timeout        # the longest a client's last batch can be in flight
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.failed = False                         # a thread died, or the state cannot be saved
+        self.work_due = threading.Event()           # wakes the worker thread
+        self.store, self.leadership = store, leadership
+        self.master: Master | None = None           # None while standing by
+        self.was_leading = leadership is None
+        self.work_from = 0.0                        # no repair or failover before (monotonic)
+        if leadership is None:
+            self._take_over()
+        self.detected: dict[int, float] = {}            # client id -> when (wall clock)
+        self.reports: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
+        self.failovers: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
+        self.rebuilds: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
+        self.timeline: dict[int, dict] = {}             # MN -> its failover's milestones
+        self.tally: collections.Counter = collections.Counter()     # for fusee.metrics
+        self.transport: Transport | None = None         # the worker's, to the live MNs
+        self.last_tick = 0.0
+        #: a gap between two ticks longer than this is a stall of this process (ticks come
+        #: every TICK; a heartbeat is due every quarter MN lease)
+        self.stall = min(config.client_lease, config.mn_lease) / 2
+
+    def _take_over(self) -> None:
+        """Carry on from the stored state (or start afresh) and write it back at once: a
+        previous leader's next write then fails (``ZooKeeperStore``). A successor waits one
+        grace before its first repair or failover, so the last batch a previous leader may
+        have posted has landed."""
+        now = time.monotonic()
+        ids = tuple(m.id for m in self.config.memnodes)
+        state = self.store.load()
+        if state is not None and state.get("cluster") != self.config.name:
+            raise StateMismatch(f"the stored master state is that of cluster "
+                             f"{state.get('cluster')!r}, not {self.config.name!r}")
+        if state is None:
+            self.master = Master(ids, self.config.client_lease, self.config.mn_lease,
+                                 self.grace, now, replicas=self.config.replicas)
+        else:
+            self.master = Master.restore(state, ids, self.config.client_lease,
+                                         self.config.mn_lease, self.grace, now,
+                                         replicas=self.config.replicas)
+            self.log(f"master: carried on from the stored state: epoch {self.master.epoch}, "
+                     f"{len(self.master.clients)} clients, {len(self.master.repairs)} repairs, "
+                     f"{len(self.master.failing)} failovers pending", flush=True)
+        self.store.claim({"cluster": self.config.name, **self.master.state()})
+        if self.leadership is not None:
+            self.work_from = now + self.grace
+
+    def leading(self) -> bool:
+        """This master may grant leases, fail over and recover now."""
+        return self.master is not None and (self.leadership is None or
+                                            self.leadership.valid())
+
+    def _save(self, master: Master | None = None) -> None:
+        """Persist the state of ``master`` (default: ours; under ``self.lock``) if it
+        changed. A deposed leader stops at once."""
+        try:
+            self.store.save({"cluster": self.config.name, **(master or self.master).state()})
+        except Deposed as e:
+            self.log(f"master: {e}: stopping", file=sys.stderr, flush=True)
+            self.failed = True
+            self.stopping.set()
+            raise
+
+    def _down(self) -> set[int]:
+        """The MNs not to connect to (under ``self.lock``)."""
+        return set(self.master.dead) | set(self.master.failing)
+
+    def _connect(self, down: set[int]):
+        from fusee.transports import connect
+        transport = connect(self.config, self.backend, dead=down)
+        return transport if self.leadership is None else LeaderGuard(transport, self.leading)

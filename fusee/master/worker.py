@@ -1,0 +1,255 @@
+"""The master's worker thread, on a transport of its own to the live MNs: the failover of each
+dead MN (``fusee.failover``) once every client has paused for it, client-crash recovery
+(``fusee.recovery``) for each id in the repair queue, handing the id back to the pool when it
+is done, and the rebuild of each MN that asked to rejoin (``fusee.rebuild``), with the clients
+paused as for a failover. One thread for all: a recovery never runs during a failover or a
+rebuild. Whatever it publishes is saved first (a restarted master must not go back a
+membership).
+
+The master's three threads share one ``Master`` under one lock (``fusee/master/shared.py``), so
+the code of each thread is a subclass of that shared state, in a module of its own;
+``MasterServer`` (``fusee/master/server.py``) is made of the three.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+from fusee.driver import run
+from fusee.failover import failover
+from fusee.master.shared import SharedState
+from fusee.master.store import Deposed
+from fusee.rebuild import Rebuild, RebuildAbandoned, RebuildError
+from fusee.recovery import recover_client
+from fusee.verbs import TransportError
+
+
+class Worker(SharedState):
+    """The worker thread's loop (``MasterServer.serve`` starts it) and each job it runs."""
+
+    def work_loop(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self.work_due.clear()
+                now = time.monotonic()
+                if not self.leading() or now < self.work_from:
+                    self.work_due.wait(0.05)
+                    continue
+                with self.lock:
+                    nodes = self.master.next_failover(now)
+                    joining = self.master.next_rebuild(now) if nodes is None else None
+                    cid = (self.master.next_repair(now)
+                           if nodes is None and joining is None else None)
+                if nodes is not None:
+                    self._failover(nodes)
+                elif joining is not None:
+                    self._rebuild(joining)
+                elif cid is not None:
+                    self._repair(cid)
+                else:
+                    self.work_due.wait(0.05)            # or a retry comes due
+        finally:
+            if self.transport is not None:
+                self.transport.close()
+
+    def _run(self, op, down: set[int]) -> tuple:
+        """Run ``op`` on the worker's transport (connected first if need be); -> (result,
+        seconds spent connecting). After a transport failure the next run reconnects."""
+        connect_s = 0.0
+        if self.transport is None:
+            t0 = time.perf_counter()
+            self.transport = self._connect(down)
+            connect_s = time.perf_counter() - t0
+        try:
+            # a bare transport fails an AwaitMembership (a repair that met a dead MN): the
+            # repair is retried after the failover
+            return run(op, self.transport), connect_s
+        except TransportError:
+            self.transport.close()
+            self.transport = None
+            raise
+
+    def _failover(self, nodes: tuple[int, ...]) -> None:
+        """Fail over ``nodes`` (a failure is retried later: a failover is idempotent)."""
+        with self.lock:
+            membership, down = self.master.membership, self._down()
+            milestones = [self.timeline.setdefault(n, {}) for n in nodes]
+        for m in milestones:
+            m.setdefault("started_at", time.time())
+        names = ", ".join(map(str, nodes))
+        self.log(f"master: failing over memory node {names} (epoch {membership.epoch} -> "
+                 f"{membership.epoch + 1})", flush=True)
+        t0 = time.perf_counter()
+        try:
+            new, connect_s = self._run(failover(self.config, membership, nodes), down)
+        except Exception as e:          # noqa: BLE001 - a failed failover is retried, not fatal
+            with self.lock:
+                self.master.failover_failed(nodes, time.monotonic(), f"{type(e).__name__}: {e}")
+                attempts = self.master.failover.attempts
+            self.log(f"master: failover of memory node {names} failed (attempt {attempts}, "
+                     f"will retry): {type(e).__name__}: {e}", flush=True)
+            return
+        seconds = time.perf_counter() - t0
+        settled = len(new.settled.get(new.epoch, ()))
+        with self.lock:
+            attempts = self.master.failover.attempts + 1
+            # persisted before anything hands it out: a restart must not go back a membership
+            published = copy.deepcopy(self.master)
+            published.failover_done(nodes, new)
+            try:
+                self._save(published)
+            except Deposed:
+                return
+            except OSError as e:
+                self.master.failover_failed(nodes, time.monotonic(), f"saving the state: {e}")
+                self.log(f"master: cannot save the state of epoch {new.epoch} (will retry the "
+                         f"failover): {e}", flush=True)
+                return
+            self.master.failover_done(nodes, new)
+            for node, m in zip(nodes, milestones):
+                self.failovers.append({"node": node, "epoch": new.epoch, **m,
+                                       "finished_at": time.time(), "attempts": attempts,
+                                       "connect_s": connect_s, "failover_s": seconds,
+                                       "settled": settled})
+                self.timeline.pop(node, None)
+                self.tally["failovers"] += 1
+            self.work_due.set()
+        self.log(f"master: memory node {names} failed over in {seconds * 1000:.1f} ms: epoch "
+                 f"{new.epoch} published ({settled} slots settled)", flush=True)
+
+    def _rebuild(self, node: int) -> None:
+        """Rebuild dead MN ``node`` (``fusee.rebuild``) on a transport of its own that reaches
+        it: the online copy, then the pause for the rest; a failure is retried later."""
+        with self.lock:
+            membership, down = self.master.membership, self._down() - {node}
+        self.log(f"master: rebuilding memory node {node} (epoch {membership.epoch} -> "
+                 f"{membership.epoch + 1}): copying online", flush=True)
+
+        def progress(done: int, total: int) -> None:
+            with self.lock:
+                self.master.rejoins.progress = (done, total)
+
+        def overtaken() -> str | None:
+            with self.lock:
+                return self.master.rebuild_overtaken(membership)
+
+        t0 = time.perf_counter()
+        try:
+            transport = self._connect(down)
+            try:
+                job = Rebuild(self.config, membership, node, progress, overtaken)
+                run(job.copy_online(), transport)
+                paused = time.perf_counter()
+                self._pause_for_rebuild(node, overtaken)
+                acked = time.perf_counter()
+                new = run(job.finish(), transport)
+            finally:
+                transport.close()
+        except Exception as e:          # noqa: BLE001 - a failed rebuild is retried, not fatal
+            final = isinstance(e, RebuildError)
+            with self.lock:
+                self.master.rebuild_failed(node, time.monotonic(), f"{type(e).__name__}: {e}",
+                                           final)
+            self.log(f"master: rebuild of memory node {node} failed "
+                     f"({'it stays dead' if final else 'will retry while it asks'}): "
+                     f"{type(e).__name__}: {e}", flush=True)
+            return
+        end = time.perf_counter()
+        seconds, pause_s, last_s = end - t0, end - paused, end - acked
+        with self.lock:
+            copied = job.online_bytes + self.master.rejoins.progress[0]
+            # persisted before anything hands it out, as a failover's
+            published = copy.deepcopy(self.master)
+            published.rebuild_done(node, new, time.monotonic())
+            try:
+                self._save(published)
+            except Deposed:
+                return
+            except OSError as e:
+                self.master.rebuild_failed(node, time.monotonic(), f"saving the state: {e}")
+                self.log(f"master: cannot save the state of epoch {new.epoch}: {e}",
+                         flush=True)
+                return
+            self.master.rebuild_done(node, new, time.monotonic())
+            self.rebuilds.append({"node": node, "epoch": new.epoch, "finished_at": time.time(),
+                                  "rebuild_s": seconds, "copied_bytes": copied,
+                                  "online_bytes": job.online_bytes, "pause_s": pause_s,
+                                  "paused_copy_s": last_s})
+            self.work_due.set()
+        if self.transport is not None:      # it has the MN as dead: reconnect when needed
+            self.transport.close()
+            self.transport = None
+        self.log(f"master: memory node {node} rebuilt in {seconds * 1000:.1f} ms "
+                 f"({copied / 2**20:.1f} MiB copied, {job.online_bytes / 2**20:.1f} MiB of it "
+                 f"online; clients paused {pause_s * 1000:.1f} ms, {last_s * 1000:.1f} ms of "
+                 f"it copying): epoch {new.epoch} "
+                 f"published", flush=True)
+
+    def _pause_for_rebuild(self, node: int, overtaken: Callable[[], str | None]) -> None:
+        """Pause the clients for the last phase of ``node``'s rebuild; return once every
+        leased client has acked. RebuildAbandoned if the rebuild is overtaken meanwhile, the
+        master stops, or a client neither acks nor loses its lease within two leases."""
+        with self.lock:
+            self.master.rebuild_pausing(node)
+            patience = 2 * (self.master.client_lease + self.master.grace)
+        self.log(f"master: memory node {node} copied online: clients pause for the rest",
+                 flush=True)
+        deadline = time.monotonic() + patience
+        while True:
+            self.work_due.clear()
+            reason = overtaken()
+            with self.lock:
+                waiting = self.master.waiting_for()
+            if reason is None and not waiting:
+                return
+            if reason is None and self.stopping.is_set():
+                reason = "the master stops"
+            if reason is None and time.monotonic() > deadline:
+                reason = f"clients {waiting} did not pause"
+            if reason is not None:
+                raise RebuildAbandoned(reason)
+            self.work_due.wait(0.01)
+
+    def _repair(self, cid: int) -> None:
+        """Recover ``cid`` (a failure is retried later, by the same lock owner)."""
+        started = time.time()
+        with self.lock:
+            membership, down = self.master.membership, self._down()
+        try:
+            t0 = time.perf_counter()
+            report, connect_s = self._run(recover_client(self.config, cid,
+                                                         membership=membership), down)
+            recover_s = time.perf_counter() - t0 - connect_s
+        except Exception as e:          # noqa: BLE001 - a failed repair is retried, not fatal
+            with self.lock:
+                self.master.repair_failed(cid, time.monotonic(), f"{type(e).__name__}: {e}")
+                first = self.master.repairs[cid].attempts == 1
+            if first:
+                self.log(f"master: recovery of client {cid} failed (will retry): {e}",
+                         flush=True)
+            return
+        with self.lock:
+            reason = self.master.repairs[cid].reason
+            self.master.repair_done(cid)
+            self._save()
+            detected = self.detected.pop(cid, started)
+            self.reports.append({"id": cid, "reason": reason, "detected_at": detected,
+                                 "started_at": started, "connect_s": connect_s,
+                                 "recover_s": recover_s, "finished_at": time.time(),
+                                 "report": _plain(report.as_dict())})
+            self.tally["client_recoveries"] += 1
+        self.log(f"master: client {cid} recovered in {recover_s * 1000:.1f} ms; id free",
+                 flush=True)
+
+
+def _plain(value):
+    """A recovery report as msgpack/JSON-friendly values (string keys)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
