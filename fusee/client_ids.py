@@ -68,6 +68,10 @@ def open_client(config: ClusterConfig, client_id: int | None = None,
                 raise
             assert cid not in taken, "an id drawn twice in one claim"
             taken.add(cid)
+            # its open may have adopted the next epoch: the driver tells each epoch's end
+            # once, so the next core starts from there, or it would write to the replicas
+            # of an epoch that is over (missing an MN rebuilt since)
+            membership = core.membership
 
 
 def client_states(config: ClusterConfig, membership: Membership, ids: list[int]):
