@@ -67,8 +67,9 @@ MASTER = (1 << 32) - 1
 #: the outcome of an entry a failover completed after the primary holding the value it
 #: replaced had died: nothing tells which object that was, and it is never freed
 OLD_LOST = "kept by a failover; the value it replaced is lost"
-#: the outcome of a committed UPDATE in a subtable left with one replica (its backups died)
-#: whose slot moved on: it may never have taken effect, and then its object is never freed
+#: the outcome of a committed INSERT or UPDATE in a subtable left with one replica (its
+#: backups died) whose slot moved on: it may never have taken effect, and then its object is
+#: never freed
 UNPROVEN = "committed with no backup; whether it took effect is unknown"
 
 
@@ -334,9 +335,13 @@ class Recovery:
                     dead.append(e)
                 continue
             e.linearized = True
-            if not t.backups and e.v.opcode == UPDATE and p != e.s:
+            if not t.backups and e.v.opcode in (INSERT, UPDATE) and p != e.s:
                 # no SNAPSHOT round without backups: committed is not "won", and another
-                # writer's primary CAS may have beaten this one; if so its object stays held
+                # writer's primary CAS may have beaten this one; if so its object stays held.
+                # So too a round whose backups all died before its primary CAS: the failover
+                # left the primary its old value, and an INSERT's slot may have been taken
+                # since. Freeing the object instead could free it twice: if the CAS did take
+                # effect, the writer that replaced it may still be on its way to free it
                 self._outcome(UNPROVEN)
             else:
                 self._outcome("had taken effect")
