@@ -52,6 +52,7 @@ from __future__ import annotations
 import pytest
 from fusee.emulator.simulator import Simulator
 from test_rebuild import RebuildRun
+from test_interrupt_sweep import Settling
 from test_rebuild import _check as check_rebuild
 
 pytestmark = pytest.mark.soak
@@ -122,6 +123,32 @@ class CycleRun(RebuildRun):
         return super(RebuildRun, self).go()
 
 
+class SlowCycleRun(CycleRun):
+    """``CycleRun`` where, at each MN crash of the plan (by a coin), another live MN turns slow
+    (``Simulator.slow_node``: it executes every verb, its replies come too late) until that
+    crash's failover: a slow MN alone brings no failover, and the clients would wait forever.
+    Its operations run as ``fusee.client.Client`` runs them (settled first)."""
+
+    store = Settling
+    slowed: int | None = None
+
+    def _act(self, i: int) -> None:
+        if i != self.done:
+            return
+        kind, what = self.plan[i]
+        faults = self.sim.fault_rng
+        if kind == "crash" and faults.random() < 0.6:
+            live = [m for m in range(len(self.config.memnodes))
+                    if m not in what and m not in self.memory.crashed]
+            if live:
+                self.slowed = faults.choice(live)
+                self.sim.slow_node(self.slowed)
+        if kind == "fail_over" and self.slowed is not None:
+            self.sim.resume_node(self.slowed)
+            self.slowed = None
+        super()._act(i)
+
+
 SHAPES = [(3, 3), (3, 2), (4, 2), (4, 3), (5, 2), (5, 3), (6, 2), (6, 3)]       # (MNs, r)
 
 
@@ -129,6 +156,12 @@ SHAPES = [(3, 3), (3, 2), (4, 2), (4, 3), (5, 2), (5, 3), (6, 2), (6, 3)]       
 @pytest.mark.parametrize("nodes,r", SHAPES)
 def test_rebuild_cycles_lose_no_acknowledged_write(seed, nodes, r):
     check_rebuild(seed, cls=CycleRun, nodes=nodes, r=r, crash_client=seed % 3 == 0)
+
+
+@pytest.mark.parametrize("seed", range(140, 200))
+@pytest.mark.parametrize("nodes,r", SHAPES)
+def test_rebuild_cycles_with_a_slow_mn(seed, nodes, r):
+    check_rebuild(seed, cls=SlowCycleRun, nodes=nodes, r=r, crash_client=seed % 2 == 0)
 
 
 @pytest.mark.parametrize("seed", range(100, 130))
