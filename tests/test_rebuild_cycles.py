@@ -34,3 +34,21 @@ def test_rebuild_cycles_seed(seed, nodes, r):
                                           (255, 3, 2)])
 def test_rebuild_cycles_with_a_slow_mn_seed(seed, nodes, r):
     check_rebuild(seed, cls=SlowCycleRun, nodes=nodes, r=r, crash_client=seed % 2 == 0)
+
+
+@pytest.mark.xfail(strict=True, reason="open: a crashed client's UPDATE committed in a round "
+                   "with no backup, never CASed, taken by recovery for one that took effect")
+def test_a_crashed_update_committed_with_no_backup_and_never_cased():
+    """Seed 169 on 6 MNs r = 2 with a client crash (leaked). In epoch 5 (MN 2 dead) the
+    subtable of k4 had no backup: c0's put, with no SNAPSHOT round to win, committed its log
+    entry before its primary CAS, and crashed (epoch 6) before that CAS, which would have
+    failed anyway: c2 had replaced the value meanwhile and freed the object it named. The
+    recovery reads the free of the replaced object as delivered, and so, it takes for granted
+    (``Recovery._committed``), by the crashed client after its primary CAS; and the subtable
+    has a backup again (MN 2 rebuilt), so it does not count the entry UNPROVEN either: the
+    object stays held, named by no slot, counted by no outcome. Not local: the entry does not
+    say that its round had no backup (``Membership.rebuilt`` only says a member of the
+    subtable was dead at some time); the fix is in the commit protocol of a round without
+    backups (the log entry marked so, or committed with its primary CAS)."""
+    check_rebuild(169, cls=CycleRun, nodes=6, r=2, crash_client=True)
+
