@@ -40,11 +40,26 @@ seed 241 on 3 MNs r=2); the simulator's pause, whose completions an MN crashing 
 turned into timeouts: a free done twice carried into the next object's bit (dangling;
 fixed, ``Simulator._pause``; seed 228 on 6 MNs r=2).
 
-Still open (seeds 300-379 run once, with a client crash; not in the parametrized range):
-- seed 327 on 4 MNs r=2: a put acknowledged in the epoch after MN 2's failover is not seen
-  by a get right after MN 2's rebuild (not linearizable: a lost acknowledged write);
-- seed 360 on 5 MNs r=3: the crashed client's committed insert held but named by no slot,
-  with no recovery outcome owning up to it (leaked).
+Seeds 300-379 run once, with a client crash (on the code before the two-phase rebuild):
+seed 327 on 4 MNs r=2, a put acknowledged in the epoch after MN 2's failover not seen by a
+get right after MN 2's rebuild (not linearizable), and seed 360 on 5 MNs r=3, the crashed
+client's committed insert held but named by no slot (leaked). Neither schedule happens
+since the two-phase rebuild (both seeds pass). 360's cause: the insert won both backups and
+committed, both backups died before its primary CAS, the failover left the primary its old
+value, and another insert took the slot; recovery took the committed INSERT whose slot had
+moved on for one that had taken effect (fixed: UNPROVEN, as an UPDATE there,
+``Recovery._committed``; test_failover's hand-driven case).
+
+The sweep after the merge of the two-phase rebuild, the block-group addresses and the
+slow-MN fixes (seeds 140-599, 8 shapes: 3680 cases each; and ``SlowCycleRun``, a slow MN at
+the crashes): with a slow MN, an update's backup CAS took effect on the slow MN but its
+completion timed out, the primary died, and the failover left the proposal in place without
+recording it: the writer started over and gave its object back while the slot named it,
+then freed it again by replacing it (dangling; fixed, ``fusee.failover`` records every
+value it leaves where the primary died as ``kept``; seeds 169 on 3 MNs r=2, 207, 215, 226,
+255 in test_rebuild_cycles). Still open (xfail in test_rebuild_cycles): seed 169 on 6 MNs
+r=2 with a client crash, an UPDATE committed in a round with no backup and never CASed,
+which recovery takes for one that took effect once the subtable has a backup again (leaked).
 """
 
 from __future__ import annotations
