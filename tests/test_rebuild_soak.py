@@ -44,7 +44,12 @@ Seeds 300-379 run once, with a client crash (on the code before the two-phase re
 seed 327 on 4 MNs r=2, a put acknowledged in the epoch after MN 2's failover not seen by a
 get right after MN 2's rebuild (not linearizable), and seed 360 on 5 MNs r=3, the crashed
 client's committed insert held but named by no slot (leaked). Neither schedule happens
-since the two-phase rebuild (both seeds pass). 360's cause: the insert won both backups and
+since the two-phase rebuild (both seeds pass). 327's cause (traced on the old code): c2's
+put opened its round in epoch 5 with no backup (MN 2 dead), so decided WIN at once; MN 2's
+rebuild and MN 1's death ended epochs 5 and 6 before its primary CAS, and ``ClientCore.fate``
+found no live MN of the round and took its own verdict: acknowledged with no CAS at all
+(fixed by wip-chase's a6b5423, the slot's primary now tells; its seed 116 in
+test_rebuild_cycles). 360's cause: the insert won both backups and
 committed, both backups died before its primary CAS, the failover left the primary its old
 value, and another insert took the slot; recovery took the committed INSERT whose slot had
 moved on for one that had taken effect (fixed: UNPROVEN, as an UPDATE there,
