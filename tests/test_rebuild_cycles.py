@@ -52,3 +52,21 @@ def test_a_crashed_update_committed_with_no_backup_and_never_cased():
     backups (the log entry marked so, or committed with its primary CAS)."""
     check_rebuild(169, cls=CycleRun, nodes=6, r=2, crash_client=True)
 
+
+@pytest.mark.xfail(strict=True, reason="open: a round's fate read off its primary that died "
+                   "at the epoch's end and was rebuilt since (an acknowledged write lost)")
+def test_a_fate_read_off_a_primary_rebuilt_since_the_round():
+    """Seed 526 on 3 MNs r = 3 with a client crash (not linearizable; fails on f9b8e50 too).
+    In epoch 2 c1's put (an insert of k0) won slot 1:7 on both backups and committed; its
+    primary, MN 1, died before the primary CAS. The failover kept the committed claim (epoch
+    3), c2 updated k0 over it (acknowledged), and MN 1 was rebuilt (epoch 4) with c2's value.
+    c1's ``ClientCore.fate`` read the round's primary, alive again, found neither its value
+    nor the old one and took LOSE: it inserted again and then updated k0 back to its value, so
+    c1's one put took effect twice around c2's update, which the history cannot order. A
+    primary rebuilt since the round tells nothing (the failover that ended the epoch found it
+    dead); the membership does not say when an MN was rebuilt (``Membership.rebuilt`` is all
+    of them, ever), and trusting no rebuilt primary breaks the rounds whose primary was alive
+    when their epoch ended (seed 7 of test_rebuild): not local, the fix needs the epoch of
+    each rebuild in the membership."""
+    check_rebuild(526, cls=CycleRun, nodes=3, r=3, crash_client=True)
+
