@@ -188,6 +188,12 @@ class Recovery:
                      Faa(m, meta + META_INCARNATION, 1) for m in core.meta_nodes]
         if unpack_u64(res[2]) != core.map.fingerprint or unpack_u64(res[1]) != INDEX_MAGIC:
             raise StoreFormatError("the memory nodes were formatted for another layout")
+        if res[3] == self.cid + 1 and self.owner == MASTER:
+            # the client was settling its own id (``fusee.settle``) when it died: the master,
+            # which recovers only an id whose client it deems dead, takes its lock over and
+            # runs the recovery again (each step is idempotent); else the id stays wedged
+            (res[3],) = yield [Cas(m0, meta + META_RECOVERY, self.cid + 1, self.owner + 1)]
+            res[3] = 0 if res[3] == self.cid + 1 else res[3]
         if res[3] not in (0, self.owner + 1):
             raise RecoveryInProgress(f"client {self.cid} is being recovered by "
                                      f"{res[3] - 1:#x}")
