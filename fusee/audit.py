@@ -18,7 +18,8 @@ Under a membership with dead MNs it reads the live replicas. A free delivered to
 of a dead MN is lost with it, so a HELD object named by no slot in a group whose first MN is
 dead, or died and was rebuilt since (``Membership.rebuilt``), is *stranded*, not leaked:
 counted, listed, and no failure (nothing can reclaim it without knowing that nobody still
-owes its free); one its owner had reclaimed before that MN died is in its free lists.
+owes its free). So is the owner's taking it back (its used byte zeroed on the home copy
+alone, ``Allocator.reclaim``): such an object in its owner's free lists is not misplaced.
 """
 
 from __future__ import annotations
@@ -139,13 +140,11 @@ def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core,
                 rep.dangling.append(f"{what}: the slot {v:#x} does not describe it")
         if c.held:
             rep.held += 1
-            stranded = v is None and c.group.nodes[0] in dead
+            lost_with_home = v is None and c.group.nodes[0] in dead
             if v is None:
-                (rep.stranded if stranded else rep.leaked).append(
+                (rep.stranded if lost_with_home else rep.leaked).append(
                     f"{what}: held (committed {c.view.key!r}) but named by no slot")
-            # a stranded object its owner reclaimed before the home died: the reclaim wrote
-            # its used 0 on the home only, and the copies read now still say held
-            if c.ptr in free_lists and not stranded:
+            if c.ptr in free_lists and not lost_with_home:
                 rep.misplaced.append(f"{what}: held, yet in its owner's free lists")
         else:
             rep.free += 1

@@ -266,18 +266,16 @@ class ClientCore:
         ``epoch`` ended (``Membership.fate``). Reads the round's primary if it is alive, else
         its first live replica: a FROZEN value there is final, and tells the round's fate
         even if this client had decided it (a split took the round back on the backups and
-        copied the frozen value, in a subtable the failover no longer settles).
-
-        When the round had no backup, the slot's primary now tells, whichever MN it is: the
-        round's primary was then the slot's only copy, alive when ``epoch`` ended (else the
-        slot was lost), so the epoch's end left its value in place and every replica made
-        since (a rebuild) copied it from there; a verdict "reached" from no backup says
-        nothing about the primary's CAS."""
+        copied the frozen value, in a subtable the failover no longer settles)."""
         now = None
         m = self.membership
         live = m.live(t.nodes)
         if not t.backups:
-            live = self.target(t.sid, t.pos).nodes[:1]
+            # the primary was the slot's only replica: every copy it has now was made from
+            # it since, by a rebuild (in a pause, after the round's verbs), so the first
+            # tells what the primary would, also once the primary died (a verdict with no
+            # backup, WIN for one, is no proposal that a failover could have kept)
+            live = self.dir.nodes(t.sid)
         if m.decided_at(epoch, t.sid, t.pos) is None and live:
             (raw,) = yield from self.rt([Read(live[0], t.addr, 8)])
             now = unpack_u64(raw)

@@ -223,7 +223,7 @@ class Rebuild:
         yield from _copy(node, pieces, words, self.progress)
         # the whole table, not the used words: a rebuild that failed may have left some
         yield [Write(node, mm.table, struct.pack(f"<{mm.num_blocks}Q", *table))]
-        for batch in chunks(_wipes(groups, core.alloc.bitmap_bytes)):
+        for batch in chunks(_wipes(groups, core.alloc.bitmap_bytes)):  # noqa: UP028
             yield batch
         return m.rejoined([node], settled, closing.dropped)
 

@@ -33,7 +33,7 @@ from fusee.verbs import AllocBlock, Cas, Write
 from fusee.operations import ClientCore
 from fusee.rebuild import RebuildError, rebuild
 from fusee.recovery import recover_client
-from fusee.verbs import NodeTimeout
+from fusee.verbs import EpochChanged, NodeTimeout
 from fusee.transports.local import LocalMemory, LocalTransport
 
 
@@ -444,3 +444,36 @@ def test_a_growth_failed_on_a_dead_mn_gives_back_the_copy_its_rebuild_made_mid_g
     the copy stayed outside any group (the audit's 'unsettled')."""
     from test_rebuild_soak import CycleRun
     _check(123, cls=CycleRun, nodes=4, r=2, crash_client=True)
+
+
+def test_an_update_whose_primary_was_the_only_replica_learns_its_fate_from_the_rebuilt_copy():
+    """r=2 on 3 MNs: an update's round on a subtable left with one replica (no backup: WIN
+    at once) is cut before its CAS by the rebuild of the other replica, then the primary
+    dies. With the primary dead and no backup the update took its own WIN for the round's
+    fate and was acknowledged, though its CAS never ran: the rebuilt copy, now the only
+    one, held the old value (a lost acknowledged write; rebuild cycles seed 327 on 4 MNs,
+    r=2). The copy tells the fate now."""
+    cfg = _config(3, 2)
+    mem = LocalMemory(cfg)
+    t = LocalTransport(cfg, memory=mem)
+    a = ClientCore(cfg, 0)
+    run(a.open(), t)
+    run(a.insert(b"k", b"old"), t)
+    primary, backup = a.dir.nodes(a.dir.lookup(key_hash(b"k"))[0])
+    mem.crash(backup)
+    m1 = run(failover(cfg, Membership(), backup), t)
+    a.place(m1)
+    update = a.update(b"k", b"new")
+    batch = next(update)
+    while not any(isinstance(v, Cas) and v.node == primary for v in batch):
+        batch = update.send(t.execute(batch))
+    mem.restart(backup)                         # the CAS is not posted: a rebuild...
+    t = LocalTransport(cfg, memory=mem)
+    m2 = run(rebuild(cfg, m1, backup), t)
+    mem.crash(primary)                          # ...then the primary dies
+    m3 = run(failover(cfg, m2, primary), t)
+    batch = update.throw(EpochChanged(m3))
+    with pytest.raises(StopIteration):          # it ends, acknowledged
+        while True:
+            batch = update.send(t.execute(batch))
+    assert run(a.search(b"k"), t) == b"new"

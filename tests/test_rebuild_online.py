@@ -183,10 +183,13 @@ def _check(seed: int, **kw) -> SessionRebuild:
 #: none open (seeds 7 and 21, CorruptObject, passed once only a group's home bitmap held bits;
 #: seed 10 once open_client's next core started in the epoch its first one reached)
 KNOWN: dict[int, str] = {}
+#: seeds of a wider run that found the audit calling an object its owner took back (used 0
+#: on the home copy only) misplaced once that home died: stranded (``fusee.audit``)
+SEEN = [73, 121, 217]
 
 
 @pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(
-    reason=KNOWN[s], strict=True)) if s in KNOWN else s for s in range(30)])
+    reason=KNOWN[s], strict=True)) if s in KNOWN else s for s in [*range(30), *SEEN]])
 def test_clients_come_and_go_during_the_online_copy(seed):
     r = _check(seed, crash_client=seed % 2 == 1)
     (job, _), = r.sim.rebuilds

@@ -41,19 +41,16 @@ turned into timeouts: a free done twice carried into the next object's bit (dang
 fixed, ``Simulator._pause``; seed 228 on 6 MNs r=2).
 
 Seeds 300-379 run once, with a client crash (on the code before the two-phase rebuild):
-seed 327 on 4 MNs r=2, a put acknowledged in the epoch after MN 2's failover not seen by a
-get right after MN 2's rebuild (not linearizable), and seed 360 on 5 MNs r=3, the crashed
-client's committed insert held but named by no slot (leaked). Neither schedule happens
-since the two-phase rebuild (both seeds pass). 327's cause (traced on the old code): c2's
-put opened its round in epoch 5 with no backup (MN 2 dead), so decided WIN at once; MN 2's
-rebuild and MN 1's death ended epochs 5 and 6 before its primary CAS, and ``ClientCore.fate``
-found no live MN of the round and took its own verdict: acknowledged with no CAS at all
-(fixed by wip-chase's a6b5423, the slot's primary now tells; its seed 116 in
-test_rebuild_cycles). 360's cause: the insert won both backups and
-committed, both backups died before its primary CAS, the failover left the primary its old
-value, and another insert took the slot; recovery took the committed INSERT whose slot had
-moved on for one that had taken effect (fixed: UNPROVEN, as an UPDATE there,
-``Recovery._committed``; test_failover's hand-driven case).
+seed 327 on 4 MNs r=2, a put whose round had no backup (WIN at once), cut before its CAS by
+a rebuild, then its primary died: ``ClientCore.fate`` found no live MN of the round and took
+its own WIN, a lost acknowledged write (fixed on wip-chase: a round with no backup learns
+its fate from the slot's primary now, or its rebuilt copy; seed 116 in test_rebuild_cycles);
+seed 360 on 5 MNs r=3, the crashed client's committed insert held but named by no slot
+(leaked): it won both backups and committed, both backups died before its primary CAS, the
+failover left the primary its old value, and another insert took the slot; recovery took
+the committed INSERT whose slot had moved on for one that had taken effect (fixed: UNPROVEN,
+as an UPDATE there, ``Recovery._committed``; test_failover's hand-driven case). Neither
+schedule happens since the two-phase rebuild.
 
 The sweep after the merge of the two-phase rebuild, the block-group addresses and the
 slow-MN fixes (seeds 140-599, 8 shapes: 3680 cases each; and ``SlowCycleRun``, a slow MN at
@@ -62,9 +59,13 @@ completion timed out, the primary died, and the failover left the proposal in pl
 recording it: the writer started over and gave its object back while the slot named it,
 then freed it again by replacing it (dangling; fixed, ``fusee.failover`` records every
 value it leaves where the primary died as ``kept``; seeds 169 on 3 MNs r=2, 207, 215, 226,
-255 in test_rebuild_cycles). Still open (xfail in test_rebuild_cycles): seed 169 on 6 MNs
-r=2 with a client crash, an UPDATE committed in a round with no backup and never CASed,
-which recovery takes for one that took effect once the subtable has a backup again (leaked).
+255 in test_rebuild_cycles); a client that died settling its own id left its recovery lock
+to wedge the master's recovery (fixed, ``Recovery._start``; seed 476 on 6 MNs r=2). Still
+open (xfail in test_rebuild_cycles): seed 169 on 6 MNs r=2 with a client crash, an UPDATE
+committed in a round with no backup and never CASed, which recovery takes for one that took
+effect once the subtable has a backup again (leaked); seed 526 on 3 MNs r=3, a fate read off
+a primary rebuilt since the round (a lost acknowledged write); seed 518 on 4 MNs r=2, an
+r = 1 insert committed as a rebuild published, then taken back as a claim (CorruptObject).
 """
 
 from __future__ import annotations
