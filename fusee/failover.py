@@ -13,19 +13,19 @@ any split the dead MN interrupted. For every subtable:
   value: nobody's write in that round happened (a winner that had committed its log entry
   learns so from the epoch's ``settled`` slots and writes again; a crashed one is completed by
   its recovery, from the COMMITTED entry).
-- its primary died: its value is gone, and the backups are never older than it. Where the
-  live backups agree they stand (every writer of that round saw its proposal on every backup
-  and decided; when a backup died too, that is not so, and the value kept is recorded like a
-  decision), except an insert's claim that was not yet committed, which is
-  withdrawn with a fresh void: a claim committed for this slot has passed the duplicate-key
-  check, any other could install a key twice. An object committed for the same position of
-  another subtable that holds it FROZEN there is no claim: a split copied it here. A slot
-  FROZEN on any live replica takes its frozen value, recorded even where all agree: a split
-  took the round back on the backups and may have copied that value (``fusee.resize``).
-  Where they differ the round was undecided for everyone (rule 3 needs the primary): the
-  failover picks, preferring an object committed for this slot (the round's old value, or a
-  winner that committed), then withdrawing insert claims, then the smallest proposal, as
-  rule 3 would.
+- its primary died: its value is gone, and the backups are never older than it. Where the live
+  backups agree they stand (the value kept is recorded like a decision, unless it is an object
+  committed for the slot: a writer may not have seen its proposal on every backup, if a backup
+  died too or a CAS's completion never came back), except an insert's claim that was not yet
+  committed, which is withdrawn with a fresh void: a claim committed for this slot has passed
+  the duplicate-key check, any other could install a key twice. An object committed for the
+  same position of another subtable that holds it FROZEN there is no claim: a split copied it
+  here. A slot FROZEN on any live replica takes its frozen value, recorded even where all
+  agree: a split took the round back on the backups and may have copied that value
+  (``fusee.resize``). Where they differ the round was undecided for everyone (rule 3 needs the
+  primary): the failover picks, preferring an object committed for this slot (the round's old
+  value, or a winner that committed), then withdrawing insert claims, then the smallest
+  proposal, as rule 3 would.
 
 Every slot changed is recorded in ``settled`` with its new value, and the proposals taken off
 it in ``dropped``: a writer the failover interrupted learns from them whether its proposal was
@@ -150,9 +150,6 @@ class _Failover:
         slots = [(b * SLOTS_PER_BUCKET + s, b * 8 + 1 + s)
                  for b in range(geo.buckets) for s in range(SLOTS_PER_BUCKET)]
         primary_alive = old_nodes[0] not in self.dead
-        # with a backup dead too, a writer may not know that its proposal won: a value left
-        # in place that may be a proposal (not a committed object) is recorded as ``kept``
-        record_all = len(live) < len(old_nodes) - 1
         fixes: list[Cas] = []
         drops: dict[tuple[int, int], set[int]] = {}
         views: dict[int, ObjectView | None] = {}
@@ -174,8 +171,12 @@ class _Failover:
             for pos, w in slots:
                 values = [img[w] for img in images]
                 chosen = self._choose(sid, pos, values, views)
+                # a writer may not know that its proposal won: a backup died too, or the
+                # CAS took effect on a live backup but its completion never came back (a
+                # slow MN); a value left in place that may be a proposal (not a committed
+                # object) is recorded as ``kept``
                 seen = views.get(values[0])     # None: no object, or one that does not decode
-                if chosen is None and record_all and values[0] and not (
+                if chosen is None and values[0] and not (
                         seen is not None and seen.state == COMMITTED):
                     self.kept[(sid, pos)] = values[0]   # perhaps a proposal, perhaps not
                 if chosen is not None:

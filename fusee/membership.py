@@ -68,8 +68,9 @@ class Membership:
         happened). Otherwise, with the primary alive, the primary tells (the failover never
         installs a value there, so ``v_old`` still there means nobody's write happened, and
         another value that the round is over); with it dead, the live backups agreed and the
-        failover kept their value, which every writer of the round had seen: its own verdict
-        stands (an undecided writer's proposal reached no live backup)."""
+        failover kept their value, recorded unless it is an object committed for the slot,
+        which every writer of the round had seen: its own verdict stands (an undecided
+        writer's proposal reached no live backup)."""
         v = self.decided_at(epoch, sid, pos)
         if v is None:
             if primary_now is None:

@@ -70,8 +70,9 @@ MASTER = (1 << 32) - 1
 #: the outcome of an entry a failover completed after the primary holding the value it
 #: replaced had died: nothing tells which object that was, and it is never freed
 OLD_LOST = "kept by a failover; the value it replaced is lost"
-#: the outcome of a committed UPDATE in a subtable left with one replica (its backups died)
-#: whose slot moved on: it may never have taken effect, and then its object is never freed
+#: the outcome of a committed INSERT or UPDATE in a subtable left with one replica (its
+#: backups died) whose slot moved on: it may never have taken effect, and then its object is
+#: never freed
 UNPROVEN = "committed with no backup; whether it took effect is unknown"
 
 
@@ -193,6 +194,12 @@ class Recovery:
         res = yield batch + [Faa(m, meta + META_INCARNATION, 1) for m in core.meta_nodes]
         if unpack_u64(res[2]) != core.map.fingerprint or unpack_u64(res[1]) != INDEX_MAGIC:
             raise StoreFormatError("the memory nodes were formatted for another layout")
+        if res[3] == self.cid + 1 and self.owner == MASTER:
+            # the client was settling its own id (``fusee.settle``) when it died: the master,
+            # which recovers only an id whose client it deems dead, takes its lock over and
+            # runs the recovery again (each step is idempotent); else the id stays wedged
+            (res[3],) = yield [Cas(m0, meta + META_RECOVERY, self.cid + 1, self.owner + 1)]
+            res[3] = 0 if res[3] == self.cid + 1 else res[3]
         if res[3] not in (0, self.owner + 1):
             raise RecoveryInProgress(f"client {self.cid} is being recovered by "
                                      f"{res[3] - 1:#x}")
@@ -343,9 +350,13 @@ class Recovery:
                     dead.append(e)
                 continue
             e.linearized = True
-            if not t.backups and e.v.opcode == UPDATE and p != e.s:
+            if not t.backups and e.v.opcode in (INSERT, UPDATE) and p != e.s:
                 # no SNAPSHOT round without backups: committed is not "won", and another
-                # writer's primary CAS may have beaten this one; if so its object stays held
+                # writer's primary CAS may have beaten this one; if so its object stays held.
+                # So too a round whose backups all died before its primary CAS: the failover
+                # left the primary its old value, and an INSERT's slot may have been taken
+                # since. Freeing the object instead could free it twice: if the CAS did take
+                # effect, the writer that replaced it may still be on its way to free it
                 self._outcome(UNPROVEN)
             else:
                 self._outcome("had taken effect")

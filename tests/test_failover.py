@@ -32,6 +32,7 @@ from fusee.config import ClusterConfig, KiB, LayoutConfig, MemNodeConfig
 from fusee.driver import run
 from fusee.errors import KeyExists, KeyNotFound
 from fusee.failover import failover
+from fusee.hashing import key_hash
 from fusee.layout import slot_addr
 from fusee.membership import LOSE, RESTART, WIN, Membership
 from fusee.operations import ClientCore
@@ -169,8 +170,8 @@ def _check(seed: int, cls=Run, **kw) -> Run:
     assert lin.ok, f"{where}\n{lin.explain()}"
     # the leaks a crash of both can leave, which the recovery counts: a crashed writer's
     # proposal that the failover kept after the primary died with the value it replaced; an
-    # UPDATE committed in a subtable left with no backup, or in a round a failover rolled
-    # back, whose slot moved on
+    # INSERT or UPDATE committed in a subtable left with no backup, or in a round a failover
+    # rolled back, whose slot moved on
     outcomes = r.recovery.outcomes if r.recovery else {}
     lost = outcomes.get(OLD_LOST, 0) + outcomes.get(UNPROVEN, 0)
     assert len(report.leaked) <= lost, f"{where}\n{report.explain()}"
@@ -424,3 +425,44 @@ def test_a_kept_slot_whose_object_does_not_decode_is_recorded_not_a_crash():
         mem.crash(n)
     m = run(failover(cfg, Membership(), tgt.nodes[:2]), t)
     assert m.kept == {1: {(e.sid, e.pos): v}}
+
+
+def test_a_crashed_insert_whose_backups_died_before_its_primary_cas_is_unproven():
+    """Rebuild cycles seed 360 on 5 MNs r = 3 (``test_rebuild_soak``): A's insert won both
+    backups and committed its log entry; both backups died and A crashed before its primary
+    CAS. The failover left the primary alone with the old value (nothing live held the
+    proposal) and B inserted the key there. A's recovery read a committed INSERT whose slot
+    had moved on and took it for one that had taken effect, so its object stayed held, named
+    by no slot, with no outcome owning up to it. With no backup left nothing tells whether the
+    primary CAS happened (a later update's free of A's object may still be on its way): the
+    entry is UNPROVEN, as for an UPDATE, and its object is never freed (counted, not reused)."""
+    cfg = _config()
+    mem = LocalMemory(cfg)
+    t = LocalTransport(cfg, memory=mem)
+    a = ClientCore(cfg, 0)
+    run(a.open(), t)
+    run(a.insert(b"first", b"A's"), t)
+    home = a.alloc.current.nodes[0]         # the MN of A's bitmap: it must live (else the
+    key = next(k for k in (b"k%d" % i for i in range(99))      # audit finds A's object
+               if a.dir.nodes(a.dir.lookup(key_hash(k))[0])[0] == home)    # stranded)
+    op = a.insert(key, b"A's")
+    batch = op.send(None)
+    for _ in range(3):          # buckets + object | backup CASes + claim | commit
+        batch = op.send(t.execute(batch))
+    (cas,) = batch              # the primary CAS, never sent: A crashes
+    assert type(cas) is Cas and cas.expected == 0
+    sid, _ = a.dir.lookup(key_hash(key))
+    backups = [n for n in a.dir.nodes(sid) if n != cas.node]
+    for n in backups:
+        mem.crash(n)
+    m = run(failover(cfg, Membership(), backups), t)
+    b = ClientCore(cfg, 1, membership=m)
+    run(b.open(), t)
+    run(b.insert(key, b"B's"), t)
+    report = run(recover_client(cfg, 0, membership=m), t)
+    assert run(b.search(key), t) == b"B's"
+    audit_report = run(audit(cfg, [b], m), t)
+    assert len(audit_report.leaked) <= report.outcomes.get(UNPROVEN, 0), \
+        f"{report.outcomes}\n{audit_report.explain()}"
+    audit_report.leaked = []
+    assert audit_report.ok, audit_report.explain()

@@ -232,6 +232,28 @@ def test_a_free_the_crash_kept_back_is_delivered_once():
     assert word() == faa.delta                  # b's object waits in b's bitmap
 
 
+def test_the_master_takes_over_the_recovery_of_a_client_that_died_settling_its_own_id():
+    """A client whose frees got no answer settles its id with its own recovery (lock owner:
+    the id, ``fusee.settle``); it dies in the middle. The master's recovery used to meet that
+    lock for ever (RecoveryInProgress), the id and its open rounds wedged (found by the
+    rebuild cycles with a slow MN, seed 476 on 6 MNs r=2)."""
+    cfg = config(r=3)
+    mem, tr = _local(cfg)
+    a, b = _core(cfg, tr(), 1), _core(cfg, tr(), 2)
+    run(a.insert(b"k", b"a's"), tr())
+    run(a.update(b"k", b"a's again"), tr())     # a free owed with the next batch
+    assert crash_after(recover_client(cfg, 1, owner=1), tr(), 2) == 2    # a dies in it
+    with pytest.raises(RecoveryInProgress):
+        run(recover_client(cfg, 1, owner=5), tr())      # anyone else still waits
+    report = run(recover_client(cfg, 1), tr())          # the master takes it over
+    assert not report.clean
+    back = Client(tr(), client_id=1)                    # CLEAN: adopted
+    assert back.get(b"k") == b"a's again"
+    back.close()
+    run(b.close(), tr())
+    _audit(cfg, tr(), [back.core, b])
+
+
 def test_blocks_taken_by_a_client_that_died_in_grow_go_back():
     cfg = config(r=3)
     mem, tr = _local(cfg)
