@@ -18,6 +18,11 @@ backups: the recovery of a client that crashed meanwhile tells from it that a ro
 entry committed in never took effect (a writer that goes on after such a round does so with a
 new object, so a later entry never shows a dropped proposal).
 
+``rebuilt_at`` records the epoch in which each rebuilt MN became a replica again. A round is
+judged only by replicas alive from its epoch until now (``witness``): a primary that died at
+the epoch's end and was rebuilt since holds a copy of what the failover left elsewhere and of
+every write after it, not the round's outcome.
+
 Design: docs/design.md#membership-epochs.
 """
 
@@ -41,14 +46,37 @@ class Membership:
     kept: Mapping[int, Mapping[tuple[int, int], int]] = field(default_factory=dict)
     dropped: Mapping[int, Mapping[tuple[int, int], tuple[tuple[int, int], ...]]] = field(
         default_factory=dict)           # (value, crc of the object it names, 0: none)
-    #: MNs that died and were rebuilt (``fusee.rebuild``): the frees delivered to their
-    #: bitmaps before they died are lost, as with a dead MN (``fusee.audit``: stranded)
-    rebuilt: frozenset[int] = frozenset()
+    #: MN -> the epoch its last rebuild (``fusee.rebuild``) started, for every MN that died
+    #: and was rebuilt: what it held before it died is gone, and what it holds now was
+    #: copied from another replica in that epoch's pause (``witness``)
+    rebuilt_at: Mapping[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        assert all(0 < e <= self.epoch for e in self.rebuilt_at.values()), \
+            f"epoch {self.epoch}: rebuilt in a later or no epoch: {dict(self.rebuilt_at)}"
+
+    @property
+    def rebuilt(self) -> frozenset[int]:
+        """MNs that died and were rebuilt: the frees delivered to their bitmaps before they
+        died are lost, as with a dead MN (``fusee.audit``: stranded)."""
+        return frozenset(self.rebuilt_at)
 
     def live(self, nodes: Iterable[int]) -> tuple[int, ...]:
         """``nodes`` without the dead ones, in order."""
         dead = self.dead
         return tuple(n for n in nodes if n not in dead)
+
+    def witness(self, node: int, epoch: int) -> bool:
+        """Was ``node`` alive from ``epoch`` until now? Only such a replica can tell what a
+        round opened in ``epoch`` did to it: one that died since lost the round's traces,
+        and if it was rebuilt, it holds a copy of another replica made after the round, with
+        whatever that one held then (a failover's decision, later writes)."""
+        return node not in self.dead and self.rebuilt_at.get(node, 0) <= epoch
+
+    def always_live(self, nodes: Iterable[int]) -> tuple[int, ...]:
+        """Those of ``nodes`` alive in every epoch so far (never dead): for a round whose
+        epoch is unknown (a log entry does not say), the replicas that surely took part."""
+        return tuple(n for n in nodes if n not in self.dead and n not in self.rebuilt_at)
 
     def decided_at(self, epoch: int, sid: int, pos: int) -> int | None:
         """The value the failover that ended ``epoch`` gave (or left) slot ``sid:pos``, if it
@@ -93,20 +121,21 @@ class Membership:
         return Membership(e, self.dead | frozenset(dead), {**self.settled, e: dict(settled)},
                           {**self.kept, e: dict(kept)} if kept else dict(self.kept),
                           {**self.dropped, e: dict(dropped)} if dropped else dict(self.dropped),
-                          self.rebuilt)
+                          dict(self.rebuilt_at))
 
     def rejoined(self, nodes: Iterable[int], settled: Mapping[tuple[int, int], int],
                  dropped: Mapping[tuple[int, int], tuple[tuple[int, int], ...]] | None = None
                  ) -> Membership:
         """The membership a rebuild of the dead MNs ``nodes`` starts (``fusee.rebuild``): they
-        are replicas again, and the rounds the rebuild closed are recorded like a failover's."""
+        are replicas again from the new epoch on (``rebuilt_at``), and the rounds the rebuild
+        closed are recorded like a failover's."""
         nodes = frozenset(nodes)
         assert nodes <= self.dead, (sorted(nodes), sorted(self.dead))
         e = self.epoch + 1
         return Membership(e, self.dead - nodes, {**self.settled, e: dict(settled)},
                           dict(self.kept),
                           {**self.dropped, e: dict(dropped)} if dropped else dict(self.dropped),
-                          self.rebuilt | nodes)
+                          {**self.rebuilt_at, **dict.fromkeys(nodes, e)})
 
     # -- wire (msgpack-friendly) -------------------------------------------------------------
     def to_wire(self) -> dict[str, Any]:
@@ -114,7 +143,8 @@ class Membership:
                 "kept": _flat(self.kept),
                 "dropped": [[e, s, p, v, c] for e, slots in sorted(self.dropped.items())
                             for (s, p), vs in sorted(slots.items()) for v, c in vs],
-                "rebuilt": sorted(self.rebuilt)}
+                "rebuilt": sorted(self.rebuilt),
+                "rebuilt_at": [[n, e] for n, e in sorted(self.rebuilt_at.items())]}
 
     @classmethod
     def from_wire(cls, d: object) -> Membership:
@@ -132,7 +162,24 @@ class Membership:
             slots = dropped.setdefault(item[0], {})
             slots[(item[1], item[2])] = slots.get((item[1], item[2]), ()) + ((item[3], item[4]),)
         return cls(epoch, frozenset(dead), _nested(d.get("settled"), epoch),
-                   _nested(d.get("kept", []), epoch), dropped, frozenset(rebuilt))
+                   _nested(d.get("kept", []), epoch), dropped, _rebuilt_at(d, rebuilt, epoch))
+
+
+def _rebuilt_at(d: dict[Any, Any], rebuilt: list[int], epoch: int) -> dict[int, int]:
+    """The ``rebuilt_at`` map of a wire membership. One written before it was recorded
+    lists the rebuilt MNs alone: each is taken as rebuilt in ``epoch``, a witness of no
+    earlier round (``Membership.witness``), which can only make a round's fate less sure."""
+    pairs = d.get("rebuilt_at")
+    if pairs is None:
+        return dict.fromkeys(rebuilt, epoch)
+    if not (isinstance(pairs, list) and all(
+            isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p)
+            and p[0] >= 0 and 0 < p[1] <= epoch for p in pairs)):
+        raise ValueError("malformed membership: rebuilt_at")
+    out = {n: e for n, e in pairs}
+    if set(out) != set(rebuilt):
+        raise ValueError("malformed membership: rebuilt and rebuilt_at disagree")
+    return out
 
 
 def _flat(by_epoch: Mapping[int, Mapping[tuple[int, int], int]]) -> list[list[int]]:

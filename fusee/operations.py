@@ -273,9 +273,13 @@ class ClientCore:
         ``epoch`` ended (``Membership.fate``). Reads the round's primary if it is alive, else
         its first live replica: a FROZEN value there is final, and tells the round's fate
         even if this client had decided it (a split took the round back on the backups and
-        copied the frozen value, in a subtable the failover no longer settles)."""
+        copied the frozen value, in a subtable the failover no longer settles). The primary
+        tells only if it was alive throughout (``Membership.witness``): rebuilt since, it
+        died at some epoch's end after the round and holds what another replica held when it
+        was copied, the failover's choice and later writes over it."""
         now = None
         m = self.membership
+        assert epoch < m.epoch, f"the fate of a round of epoch {epoch}, still current"
         live = m.live(t.nodes)
         if not t.backups:
             # the primary was the slot's only replica: every copy it has now was made from
@@ -286,7 +290,8 @@ class ClientCore:
         if m.decided_at(epoch, t.sid, t.pos) is None and live:
             (raw,) = yield from self.rt([Read(live[0], t.addr, 8)])
             now = unpack_u64(raw)
-            if live[0] == t.primary or now & FROZEN or not t.backups:
+            if live[0] == t.primary and m.witness(t.primary, epoch) or now & FROZEN \
+                    or not t.backups:
                 now &= ~FROZEN
             else:
                 now = None

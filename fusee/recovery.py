@@ -51,7 +51,7 @@ from fusee.config import ClusterConfig
 from fusee.errors import RecoveryInProgress, StoreFormatError
 from fusee.hashing import key_hash
 from fusee.holdings import Carved, Holdings, scan
-from fusee.index import HDR_MAGIC, INDEX_MAGIC, LOCKS, View
+from fusee.index import HDR_MAGIC, INDEX_MAGIC, LOCKS, View, replica_nodes
 from fusee.layout import (ABORTED, CLEAN, COMMITTED, COMMIT_OFFSET, DELETE, FROZEN, INSERT,
                           LOG_BYTES, LOST, META_INCARNATION, META_RECOVERY, META_STATE, NO_SLOT,
                           PENDING, TAIL_BYTES, TENTATIVE, UPDATE, ObjectView, commit_record,
@@ -350,7 +350,7 @@ class Recovery:
                     dead.append(e)
                 continue
             e.linearized = True
-            if not t.backups and e.v.opcode in (INSERT, UPDATE) and p != e.s:
+            if e.v.opcode in (INSERT, UPDATE) and p != e.s and not self._backed(t.sid):
                 # no SNAPSHOT round without backups: committed is not "won", and another
                 # writer's primary CAS may have beaten this one; if so its object stays held.
                 # So too a round whose backups all died before its primary CAS: the failover
@@ -364,6 +364,15 @@ class Recovery:
                 yield from core.rt([core.alloc.free_request(old)])
                 self.report.frees_delivered += 1
         return dead
+
+    def _backed(self, sid: int) -> bool:
+        """Did every round ever opened in subtable ``sid`` have a backup? A log entry does
+        not say in which epoch its round was, so only two replicas alive in every epoch so
+        far prove it: one that is dead now or was rebuilt (``Membership.always_live``) may
+        have been dead when the round ran, its subtable left without backup, even if it is
+        a backup again now."""
+        d = self.core.dir
+        return len(self.core.membership.always_live(replica_nodes(sid % d.n, d.n, d.r))) > 1
 
     def _complete(self, e: _Entry, t: SlotTarget, p: int, v_new: int | None,
                   current: list[int] | None, old_crc: int) -> Op[bool]:

@@ -36,8 +36,6 @@ def test_rebuild_cycles_with_a_slow_mn_seed(seed, nodes, r):
     check_rebuild(seed, cls=SlowCycleRun, nodes=nodes, r=r, crash_client=seed % 2 == 0)
 
 
-@pytest.mark.xfail(strict=True, reason="open: a crashed client's UPDATE committed in a round "
-                   "with no backup, never CASed, taken by recovery for one that took effect")
 def test_a_crashed_update_committed_with_no_backup_and_never_cased():
     """Seed 169 on 6 MNs r = 2 with a client crash (leaked). In epoch 5 (MN 2 dead) the
     subtable of k4 had no backup: c0's put, with no SNAPSHOT round to win, committed its log
@@ -46,15 +44,14 @@ def test_a_crashed_update_committed_with_no_backup_and_never_cased():
     recovery reads the free of the replaced object as delivered, and so, it takes for granted
     (``Recovery._committed``), by the crashed client after its primary CAS; and the subtable
     has a backup again (MN 2 rebuilt), so it does not count the entry UNPROVEN either: the
-    object stays held, named by no slot, counted by no outcome. Not local: the entry does not
-    say that its round had no backup (``Membership.rebuilt`` only says a member of the
-    subtable was dead at some time); the fix is in the commit protocol of a round without
-    backups (the log entry marked so, or committed with its primary CAS)."""
+    object stays held, named by no slot, counted by no outcome. The entry does not say in
+    which epoch its round ran, so recovery now trusts a committed INSERT or UPDATE whose slot
+    moved on to have taken effect only where two replicas of the subtable were alive in every
+    epoch (``Membership.always_live``): here MN 2 died and was rebuilt, the entry is
+    UNPROVEN, and its object is counted as such."""
     check_rebuild(169, cls=CycleRun, nodes=6, r=2, crash_client=True)
 
 
-@pytest.mark.xfail(strict=True, reason="open: a round's fate read off its primary that died "
-                   "at the epoch's end and was rebuilt since (an acknowledged write lost)")
 def test_a_fate_read_off_a_primary_rebuilt_since_the_round():
     """Seed 526 on 3 MNs r = 3 with a client crash (not linearizable; fails on f9b8e50 too).
     In epoch 2 c1's put (an insert of k0) won slot 1:7 on both backups and committed; its
@@ -64,10 +61,10 @@ def test_a_fate_read_off_a_primary_rebuilt_since_the_round():
     nor the old one and took LOSE: it inserted again and then updated k0 back to its value, so
     c1's one put took effect twice around c2's update, which the history cannot order. A
     primary rebuilt since the round tells nothing (the failover that ended the epoch found it
-    dead); the membership does not say when an MN was rebuilt (``Membership.rebuilt`` is all
-    of them, ever), and trusting no rebuilt primary breaks the rounds whose primary was alive
-    when their epoch ended (seed 7 of test_rebuild): not local, the fix needs the epoch of
-    each rebuild in the membership."""
+    dead). The membership now records the epoch of each rebuild (``rebuilt_at``), and a round
+    is judged only by a primary alive from its epoch on (``Membership.witness``; a primary
+    rebuilt before the round still tells, as seed 7 of test_rebuild needs): c1 goes by its
+    own WIN, which the failover kept."""
     check_rebuild(526, cls=CycleRun, nodes=3, r=3, crash_client=True)
 
 

@@ -385,6 +385,10 @@ class Master:
             raise ValueError(f"the rebuild of MN {node} returned epoch {membership.epoch} with "
                              f"dead {sorted(membership.dead)}; expected epoch "
                              f"{self.epoch + 1} with dead {sorted(self.dead - {node})}")
+        if membership.rebuilt_at.get(node) != membership.epoch:
+            # the epoch a rebuilt MN came back in tells which rounds it can witness
+            raise ValueError(f"the rebuild of MN {node} returned a membership that does not "
+                             f"record it rebuilt in epoch {membership.epoch}")
         self.rejoins.done(node)
         self.membership = membership
         self.mn_deadline[node] = now + self.mn_lease

@@ -1,0 +1,75 @@
+"""The membership's record of rebuilds: in which epoch each rebuilt MN became a replica again,
+which rounds it can tell about (``Membership.witness``), which replicas were alive in every
+epoch (``Membership.always_live``), and that record on the wire and at the master.
+
+The simulator runs that need it are ``test_rebuild_cycles`` (seeds 526 and 169)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusee.master.logic import Master
+from fusee.membership import Membership
+
+from test_master import MN_L, _failed_over, master
+
+
+def _history() -> Membership:
+    """3 MNs: MN 1 dies (epoch 1), is rebuilt (epoch 2), MN 2 dies (epoch 3)."""
+    return Membership().successor([1], {}).rejoined([1], {}).successor([2], {})
+
+
+def test_a_rebuilt_mn_witnesses_only_the_rounds_of_its_epoch_and_later():
+    m = _history()
+    assert m.rebuilt_at == {1: 2} and m.rebuilt == frozenset({1})
+    assert m.witness(0, 0) and m.witness(0, 3)              # alive throughout
+    assert not m.witness(1, 0) and not m.witness(1, 1)      # died after those rounds
+    assert m.witness(1, 2) and m.witness(1, 3)              # a replica since epoch 2
+    assert not m.witness(2, 2) and not m.witness(2, 3)      # dead now
+    assert m.always_live([0, 1, 2]) == (0,)
+    # a second rebuild of MN 1 moves its epoch on
+    again = m.successor([1], {}).rejoined([1], {})
+    assert again.rebuilt_at == {1: 5} and not again.witness(1, 2)
+
+
+def test_the_rebuild_epochs_go_over_the_wire():
+    m = _history()
+    wire = m.to_wire()
+    assert wire["rebuilt"] == [1] and wire["rebuilt_at"] == [[1, 2]]
+    back = Membership.from_wire(wire)
+    assert (back.epoch, back.dead, back.rebuilt_at) == (3, frozenset({2}), {1: 2})
+
+
+def test_a_membership_written_before_rebuild_epochs_were_recorded_trusts_no_rebuilt_mn():
+    """A master's saved state, or a reply, from before: its rebuilt MNs witness no round
+    before the membership's own epoch (less sure of a round's fate, never wrong)."""
+    wire = _history().to_wire()
+    del wire["rebuilt_at"]
+    m = Membership.from_wire(wire)
+    assert m.rebuilt_at == {1: 3} and not m.witness(1, 2) and m.witness(1, 3)
+
+
+@pytest.mark.parametrize("rebuilt_at", [
+    [[1]], [[1, 0]], [[1, 4]], [["1", 2]], [[-1, 2]], {"1": 2},
+    [[2, 2]],                           # not in "rebuilt"
+    [],                                 # MN 1 missing
+])
+def test_a_malformed_rebuild_record_is_refused(rebuilt_at):
+    wire = _history().to_wire()
+    wire["rebuilt_at"] = rebuilt_at
+    with pytest.raises(ValueError, match="malformed membership"):
+        Membership.from_wire(wire)
+
+
+def test_the_master_refuses_a_rebuild_that_does_not_record_its_epoch():
+    m: Master = master(pinged_until=0.0)
+    for mn in (1, 2):
+        m.mn_seen(mn, 10.0)
+    _failed_over(m, 0, now=MN_L + 0.1)
+    assert m.rejoin(0, 0.7) and m.next_rebuild(0.8) == 0
+    m.rebuild_pausing(0)
+    unrecorded = Membership(2, frozenset(), m.membership.settled)
+    with pytest.raises(ValueError, match="does not record it rebuilt in epoch 2"):
+        m.rebuild_done(0, unrecorded, now=0.9)
+    m.rebuild_done(0, m.membership.rejoined([0], {}), now=0.9)
+    assert m.membership.rebuilt_at == {0: 2} and m.dead == frozenset()
