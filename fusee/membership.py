@@ -89,8 +89,9 @@ class Membership:
         """WIN, LOSE or RESTART for a writer that proposed ``v_new`` over ``v_old`` in slot
         ``sid:pos`` in ``epoch``, which a failover ended. ``decided``: the verdict it had
         reached from a complete set of backup values (WIN, LOSE), or None. ``primary_now``:
-        the slot's value on the round's primary read since, or, that MN dead, a FROZEN value
-        (final: a split ended the round) on its first live replica; else None.
+        the slot's value on the round's primary read since, if it is a ``witness`` of the
+        round, or a FROZEN value (final: a split ended the round) on its first live replica;
+        else None.
 
         A slot the failover settled goes by its decision (``v_old`` back: nobody's write
         happened). Otherwise, with the primary alive, the primary tells (the failover never

@@ -350,9 +350,11 @@ class Recovery:
                     dead.append(e)
                 continue
             e.linearized = True
-            if e.v.opcode in (INSERT, UPDATE) and p != e.s and not self._backed(t.sid):
+            if e.v.opcode in (INSERT, UPDATE) and p != e.s and not e.c.freed \
+                    and not self._backed(t.sid):
                 # no SNAPSHOT round without backups: committed is not "won", and another
-                # writer's primary CAS may have beaten this one; if so its object stays held.
+                # writer's primary CAS may have beaten this one; if so its object stays held
+                # (freed, it was named by the slot and replaced: it did take effect).
                 # So too a round whose backups all died before its primary CAS: the failover
                 # left the primary its old value, and an INSERT's slot may have been taken
                 # since. Freeing the object instead could free it twice: if the CAS did take
