@@ -112,6 +112,22 @@ def test_the_readme_table_points_into_the_design():
         "every row of the README's 'where to read it' table links to its design section"
 
 
+def test_every_module_has_a_home_in_the_subsystem_table():
+    """A newcomer finds every room: each module of the product and its tooling is named in
+    docs/index.md's subsystem table, by its path or by a folder that holds it, so a module
+    added or moved without a place in the docs fails here."""
+    index = (ROOT / "docs" / "index.md").read_text()
+    table = index.split("## Subsystems", 1)[1]
+    named = set(TREE_PATH.findall(table))
+    modules = [rel(f) for top in ("fusee", "transports", "emulator")
+               for f in sorted((ROOT / top).rglob("*.py"))
+               if f.name != "__init__.py" and "__pycache__" not in f.parts]
+    assert modules
+    homeless = [m for m in modules
+                if m not in named and not any(n.endswith("/") and m.startswith(n) for n in named)]
+    assert not homeless, f"name these in docs/index.md's subsystem table: {homeless}"
+
+
 def test_slugs_follow_the_renderers():
     assert slug("SNAPSHOT rule 2") == "snapshot-rule-2"
     assert slug("The four operations") == "the-four-operations"

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -20,12 +22,16 @@ from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
 from fusee.master.logic import StateError, StateMismatch
 from fusee.master.server import MasterServer
 from fusee.master.shared import log
-from fusee.master.store import FileStore, ZooKeeperStore
+from fusee.master.store import FileStore, StateStore, ZooKeeperStore
 from fusee.metrics import MasterCollector, MetricsUnavailable, metrics_address, serve_metrics
 from fusee.transports.security import master_config
 
+if TYPE_CHECKING:
+    from fusee.master.election import ZooKeeperLeadership
 
-def open_coordination(config: ClusterConfig, endpoint: str, state_path: str | Path | None):
+
+def open_coordination(config: ClusterConfig, endpoint: str, state_path: str | Path | None
+                      ) -> tuple[StateStore, ZooKeeperLeadership | None]:
     """The state store and leadership ``config`` asks for: a file (``state_path``) and no
     election, or ZooKeeper for both."""
     if config.coordination is None:
@@ -43,7 +49,7 @@ def open_coordination(config: ClusterConfig, endpoint: str, state_path: str | Pa
     return ZooKeeperStore(leadership.zk, leadership.root), leadership
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fusee master", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="cluster config (TOML)")
     p.add_argument("--state", help="state file (default: <config dir>/<cluster name>"

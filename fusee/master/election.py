@@ -23,10 +23,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fusee.config import ConfigError
-from fusee.verbs import TransportError
+from fusee.verbs import Step, TransportError
+
+if TYPE_CHECKING:
+    from fusee.transports.base import Transport
 
 log = logging.getLogger(__name__)
 #: kazoo's own chatter (a warning per refused connection attempt while it retries): errors only;
@@ -84,7 +88,7 @@ class ZooKeeperLeadership:
         self._stop = threading.Event()
         self.zk.add_listener(self._state)
 
-    def _state(self, state) -> None:
+    def _state(self, state: str) -> None:
         from kazoo.protocol.states import KazooState
         if state == KazooState.LOST and self.acquired.is_set():
             self.lost = "the ZooKeeper session expired"
@@ -167,10 +171,10 @@ class LeaderGuard:
     leads at that moment (``leading()``), so a deposed leader's failover or repair stops at
     the next round trip rather than racing its successor's."""
 
-    def __init__(self, transport, leading: Callable[[], bool]):
+    def __init__(self, transport: Transport, leading: Callable[[], bool]) -> None:
         self.transport, self.leading = transport, leading
 
-    def execute(self, batch):
+    def execute(self, batch: Step) -> list[Any]:
         if not self.leading():
             raise NotLeading("this master leads no more: its failover or repair stops here")
         return self.transport.execute(batch)

@@ -11,6 +11,7 @@ the code of each thread is a subclass of that shared state, in a module of its o
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import zmq
 
@@ -33,12 +34,12 @@ class Heartbeat(SharedState):
         try:
             while not self.stopping.is_set():
                 with self.lock:
-                    alive, dead = self.master.alive(), self.master.rejoin_candidates()
+                    alive, dead = self.logic.alive(), self.logic.rejoin_candidates()
                 sent = time.monotonic()
                 for node, answer in _pongs(channels, alive + dead, timeout):
                     if node in alive:
                         with self.lock:
-                            self.master.mn_seen(node, sent)
+                            self.logic.mn_seen(node, sent)
                     elif answer == REJOIN:
                         self._rejoin(node, sent)
                         plain.discard(node)
@@ -53,15 +54,15 @@ class Heartbeat(SharedState):
 
     def _rejoin(self, node: int, sent: float) -> None:
         with self.lock:
-            queued = self.master.rejoin(node, sent)
-            pause = self.master.pause
+            queued = self.logic.rejoin(node, sent)
+            pause = self.logic.pause
         if queued:
             self.work_due.set()
             self.log(f"master: memory node {node} asks to rejoin: clients pause until its "
                      f"rebuild publishes epoch {pause}", flush=True)
 
 
-def _pongs(channels: Channels, nodes: list[int], timeout: float):
+def _pongs(channels: Channels, nodes: list[int], timeout: float) -> Iterator[tuple[int, str]]:
     """Ping ``nodes`` at once; yield (node, its answer: "pong", or REJOIN from an MN started
     with --rejoin) for each that answers within ``timeout``, as it answers."""
     seq = channels.next_seq()

@@ -40,6 +40,7 @@ import random
 import secrets
 import threading
 import time
+from typing import Any
 
 import zmq
 
@@ -87,7 +88,7 @@ class MasterLink:
         self.timeout = config.timeout if timeout is None else timeout
         self.endpoints = config.masters
         self.at = 0                             # the index of the master talked to
-        self.sock: zmq.Socket[bytes] | None = None
+        self.sock: zmq.Socket[bytes]                # (``_open``)
         #: CURVE handshake failures, watched until the master first answers (``_greeting``)
         self.monitor: zmq.Socket[bytes] | None = None
         self._open()
@@ -120,7 +121,7 @@ class MasterLink:
         self.at = (self.at + 1) % len(self.endpoints)
         self._open()
 
-    def call(self, method: str, timeout: float | None = None, **args):
+    def call(self, method: str, timeout: float | None = None, **args: Any) -> Any:
         """Send one request; its reply value, or LeaseError / MasterBusy / MasterError /
         MasterTimeout."""
         timeout = self.timeout if timeout is None else timeout
@@ -135,7 +136,7 @@ class MasterLink:
         raise MasterStandby(f"master: all of {', '.join(self.endpoints)} stand by: no leader "
                             "yet (is ZooKeeper reachable from them?)")
 
-    def _call_one(self, method: str, timeout: float, args: dict):
+    def _call_one(self, method: str, timeout: float, args: dict[str, Any]) -> Any:
         self.seq += 1
         try:
             self.sock.send(wire.encode_control(self.seq, method, args), zmq.NOBLOCK)
@@ -183,8 +184,9 @@ class MasterLink:
     def release(self, grant: Grant) -> None:
         self.call(RELEASE, id=grant.id, token=grant.token)
 
-    def status(self) -> dict:
-        return self.call(STATUS)
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = self.call(STATUS)
+        return status
 
     def _greeting(self, deadline: float) -> None:
         """Wait (until ``deadline``) for the master's first reply or a refusal of our CURVE
@@ -217,7 +219,7 @@ class MasterLink:
     def __enter__(self) -> MasterLink:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from typing import Any
 
 from fusee.client_ids import client_states, fresh_client_id
 from fusee.driver import run
@@ -53,13 +54,13 @@ class Requests(SharedState):
                 + (f"the leader is {leader}" if leader else "no leader is elected yet"))
 
     @staticmethod
-    def _ints(args: dict, *names: str, optional: tuple[str, ...] = ()) -> list:
+    def _ints(args: dict[str, Any], *names: str, optional: tuple[str, ...] = ()) -> list[Any]:
         values = [args[n] for n in names] + [args.get(n, 0) for n in optional]
         if any(type(v) is not int for v in values):
             raise TypeError(f"{', '.join(names + optional)} must be integers")
         return values
 
-    def _register(self, args: dict) -> dict:
+    def _register(self, args: dict[str, Any]) -> dict[str, Any]:
         """Lease a recovered id, a fresh one, or the one asked for (``id``) to a new client."""
         want = args.get("id")
         limit = self.config.layout.max_clients
@@ -67,19 +68,19 @@ class Requests(SharedState):
             raise ValueError(f"client id must be an integer in [0, {limit})")
         for _ in range(2):
             with self.lock:
-                reusable = self.master.admit()
+                reusable = self.logic.admit()
                 cid = want if want is not None else \
-                    reusable if reusable is not None else self.master.draw_id()
+                    reusable if reusable is not None else self.logic.draw_id()
                 if cid is not None:
                     if cid >= limit:
                         raise ClientLimit(f"all {limit} client ids are taken")
-                    g = self.master.grant(cid, secrets.randbits(62), time.monotonic())
+                    g = self.logic.grant(cid, secrets.randbits(62), time.monotonic())
                     self._save()                    # before the client can act on it
-                    membership = self.master.membership
+                    membership = self.logic.membership
                     break
             seed = self._survey()                   # outside the lock: it talks to the MNs
             with self.lock:
-                self.master.seed_ids(*seed)
+                self.logic.seed_ids(*seed)
                 self._save()
                 self.work_due.set()                 # ids found in use await recovery
         self.tally["registrations"] += 1
@@ -92,7 +93,7 @@ class Requests(SharedState):
         never handed out as fresh; the ids below it marked CLEAN, and every id marked in
         use."""
         with self.lock:
-            membership, down = self.master.membership, self._down()
+            membership, down = self.logic.membership, self._down()
         transport = self._connect(down)
         try:
             first = run(fresh_client_id(self.config, membership), transport)
@@ -103,37 +104,37 @@ class Requests(SharedState):
         return (first, [i for i, (state, _) in enumerate(states[:first]) if state == CLEAN],
                 [i for i, (state, _) in enumerate(states) if state != CLEAN])
 
-    def _renew(self, args: dict) -> dict:
+    def _renew(self, args: dict[str, Any]) -> dict[str, Any]:
         """``paused``: the pause epoch the client acked; ``epoch``: the membership it has."""
         cid, token, paused, known = self._ints(args, "id", "token",
                                                optional=("paused", "epoch"))
         with self.lock:
             try:
-                acked = self.master.acks.get(cid)
-                g = self.master.renew(cid, token, time.monotonic(), paused)
+                acked = self.logic.acks.get(cid)
+                g = self.logic.renew(cid, token, time.monotonic(), paused)
             except LeaseError:
                 self._note_expired(cid)
                 self._save()
                 raise
-            membership = self.master.membership
+            membership = self.logic.membership
             self.tally["renewals"] += 1
-            if g.pause and acked != paused and not self.master.waiting_for():
+            if g.pause and acked != paused and not self.logic.waiting_for():
                 self.work_due.set()                 # the last ack: the failover may start
         return encode_grant(g, membership, known)
 
-    def _release(self, args: dict) -> None:
+    def _release(self, args: dict[str, Any]) -> None:
         cid, token = self._ints(args, "id", "token")
         with self.lock:
-            self.master.release(cid, token)
+            self.logic.release(cid, token)
             self.detected[cid] = time.time()
             self._save()
-            if not self.master.waiting_for():
+            if not self.logic.waiting_for():
                 self.work_due.set()
         self.log(f"master: client {cid} released its id", flush=True)
 
-    def _status(self, args: dict) -> dict:
+    def _status(self, args: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
-            status = self.master.status(time.monotonic())
+            status = self.logic.status(time.monotonic())
             status["repaired"] = list(self.reports)
             status["failovers"] = list(self.failovers)
             status["rebuilds"] = list(self.rebuilds)
@@ -141,7 +142,7 @@ class Requests(SharedState):
         return status
 
     def _note_expired(self, cid: int) -> None:
-        if cid in self.master.repairs and cid not in self.detected:
+        if cid in self.logic.repairs and cid not in self.detected:
             self.detected[cid] = time.time()
             self.work_due.set()
             self.log(f"master: client {cid} lease expired: recovery scheduled", flush=True)

@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -47,10 +48,13 @@ from fusee.master.heartbeat import Heartbeat
 from fusee.master.logic import StateError
 from fusee.master.protocol import PING, REGISTER, RELEASE, RENEW, STATUS
 from fusee.master.rpc import Requests
-from fusee.master.shared import log
+from fusee.master.shared import EventLog, log
 from fusee.master.store import StateStore
 from fusee.master.worker import Worker
 from fusee.transports.security import check_endpoint, secure_server
+
+if TYPE_CHECKING:
+    from fusee.master.election import ZooKeeperLeadership
 
 _logger = logging.getLogger(__name__)
 
@@ -63,7 +67,8 @@ class MasterServer(Requests, Heartbeat, Worker):
     """One master: its state, its threads, and the socket its requests come in on."""
 
     def __init__(self, config: ClusterConfig, store: StateStore,
-                 transport: str | None = None, log=log, leadership=None):
+                 transport: str | None = None, log: EventLog = log,
+                 leadership: ZooKeeperLeadership | None = None) -> None:
         super().__init__(config, store, transport, log, leadership)
         self.methods = {REGISTER: self._register, RENEW: self._renew,
                         RELEASE: self._release, STATUS: self._status,
@@ -93,14 +98,14 @@ class MasterServer(Requests, Heartbeat, Worker):
         if not leading:
             return                  # no expiry while this master cannot be renewed through
         with self.lock:
-            events = self.master.tick(now)
+            events = self.logic.tick(now)
             for e in events:
                 if e.kind == "mn-dead":
                     self.timeline[e.subject] = {"detected_at": time.time()}
                     self.log(f"master: memory node {e.subject} missed its lease: dead; clients "
                              f"pause until its failover publishes epoch {e.epoch}", flush=True)
                 elif e.kind == "data-lost":
-                    self.log(f"master: DATA LOST: {self.master.lost}", file=sys.stderr,
+                    self.log(f"master: DATA LOST: {self.logic.lost}", file=sys.stderr,
                              flush=True)
                 else:
                     self._note_expired(e.subject)
@@ -134,7 +139,8 @@ class MasterServer(Requests, Heartbeat, Worker):
                 except zmq.Again:
                     ident = None
                 try:
-                    if self.master is None and self.leadership.acquired.is_set():
+                    if (self.master is None and self.leadership is not None  # (standing by)
+                            and self.leadership.acquired.is_set()):
                         self._take_over()
                         self.log(f"master: {bound} leads now", flush=True)
                         for t in threads:

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from fusee.config import ClusterConfig
 from fusee.master.election import LeaderGuard
@@ -22,12 +22,20 @@ from fusee.master.logic import Master, StateMismatch
 from fusee.master.store import Deposed, StateStore
 
 if TYPE_CHECKING:
+    from fusee.master.election import ZooKeeperLeadership
     from fusee.transports.base import Transport
 
 _logger = logging.getLogger(__name__)
 
 
-def log(message: str, file=None, flush: bool = False) -> None:
+class EventLog(Protocol):
+    """Where a master reports its events: ``log`` below, or a test's recorder."""
+
+    def __call__(self, message: str, file: TextIO | None = None, flush: bool = False
+                 ) -> None: ...
+
+
+def log(message: str, file: TextIO | None = None, flush: bool = False) -> None:
     """The master's event log: what went to stderr is a warning, the rest information."""
     _logger.log(logging.WARNING if file is sys.stderr else logging.INFO, message)
 
@@ -43,7 +51,8 @@ class SharedState:
     methods: dict[str, Callable[[dict[str, Any]], Any]]
 
     def __init__(self, config: ClusterConfig, store: StateStore,
-                 transport: str | None = None, log=log, leadership=None):
+                 transport: str | None = None, log: EventLog = log,
+                 leadership: ZooKeeperLeadership | None = None) -> None:
         """``store``: where the state lives (``fusee.master.store``); ``leadership``: this
         master's place in a ZooKeeper election (``fusee.master.election``), or None for
         the single master, which leads from the start."""
@@ -60,12 +69,13 @@ class SharedState:
         if leadership is None:
             self._take_over()
         self.detected: dict[int, float] = {}            # client id -> when (wall clock)
-        self.reports: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
-        self.failovers: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
-        self.rebuilds: collections.deque = collections.deque(maxlen=REPORTS_KEPT)
-        self.timeline: dict[int, dict] = {}             # MN -> its failover's milestones
-        self.tally: collections.Counter = collections.Counter()     # for fusee.metrics
-        self.transport: Transport | None = None         # the worker's, to the live MNs
+        self.reports: collections.deque[dict[str, Any]] = collections.deque(maxlen=REPORTS_KEPT)
+        self.failovers: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=REPORTS_KEPT)
+        self.rebuilds: collections.deque[dict[str, Any]] = collections.deque(maxlen=REPORTS_KEPT)
+        self.timeline: dict[int, dict[str, float]] = {}  # MN -> its failover's milestones
+        self.tally: collections.Counter[str] = collections.Counter()    # for fusee.metrics
+        self.transport: Transport | LeaderGuard | None = None   # the worker's, to the live MNs
         self.last_tick = 0.0
         #: a gap between two ticks longer than this is a stall of this process (ticks come
         #: every TICK; a heartbeat is due every quarter MN lease)
@@ -96,6 +106,15 @@ class SharedState:
         if self.leadership is not None:
             self.work_from = now + self.grace
 
+    @property
+    def logic(self) -> Master:
+        """The master's state machine, for a process that has taken over: the threads act on
+        it only once ``leading`` (a master standing by has none; once taken over, it never
+        goes back)."""
+        master = self.master
+        assert master is not None, "a master standing by has no state to act on"
+        return master
+
     def leading(self) -> bool:
         """This master may grant leases, fail over and recover now."""
         return self.master is not None and (self.leadership is None or
@@ -105,7 +124,7 @@ class SharedState:
         """Persist the state of ``master`` (default: ours; under ``self.lock``) if it
         changed. A deposed leader stops at once."""
         try:
-            self.store.save({"cluster": self.config.name, **(master or self.master).state()})
+            self.store.save({"cluster": self.config.name, **(master or self.logic).state()})
         except Deposed as e:
             self.log(f"master: {e}: stopping", file=sys.stderr, flush=True)
             self.failed = True
@@ -114,9 +133,9 @@ class SharedState:
 
     def _down(self) -> set[int]:
         """The MNs not to connect to (under ``self.lock``)."""
-        return set(self.master.dead) | set(self.master.failing)
+        return set(self.logic.dead) | set(self.logic.failing)
 
-    def _connect(self, down: set[int]):
+    def _connect(self, down: set[int]) -> Transport | LeaderGuard:
         from fusee.transports import connect
         transport = connect(self.config, self.backend, dead=down)
         return transport if self.leadership is None else LeaderGuard(transport, self.leading)

@@ -23,7 +23,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from fusee.master.logic import StateError
 
@@ -32,21 +32,22 @@ class Deposed(OSError):
     """Another master wrote the state since this one read it: this one no longer leads."""
 
 
-def _parse(text: str | bytes, what: str) -> dict:
+def _parse(text: str | bytes, what: str) -> dict[str, Any]:
     try:
-        return json.loads(text)
+        state: dict[str, Any] = json.loads(text)
+        return state
     except ValueError as e:
         raise StateError(f"{what} is not JSON: {e}") from None
 
 
 class StateStore(Protocol):
-    def load(self) -> dict | None:
+    def load(self) -> dict[str, Any] | None:
         """The state saved last (None: none yet)."""
 
-    def save(self, state: dict) -> None:
+    def save(self, state: dict[str, Any]) -> None:
         """Persist ``state`` before anything depends on it (OSError: not saved)."""
 
-    def claim(self, state: dict) -> None:
+    def claim(self, state: dict[str, Any]) -> None:
         """Persist ``state`` even if unchanged, on taking over (fences a previous leader)."""
 
     def close(self) -> None:
@@ -57,9 +58,9 @@ class FileStore:
     """The master's state on disk: JSON, replaced atomically. A lock file next to it, held
     for the life of the process, keeps a second master off the same state."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.written: dict | None = None
+        self.written: dict[str, Any] | None = None
         lock = self.path.with_name(self.path.name + ".lock")
         try:
             self.lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
@@ -72,7 +73,7 @@ class FileStore:
             raise StateError(
                 f"another master is running on {self.path} (it holds {lock})") from None
 
-    def load(self) -> dict | None:
+    def load(self) -> dict[str, Any] | None:
         try:
             text = self.path.read_text()
         except FileNotFoundError:
@@ -82,7 +83,7 @@ class FileStore:
         self.written = _parse(text, f"master state {self.path}")
         return self.written
 
-    def save(self, state: dict) -> None:
+    def save(self, state: dict[str, Any]) -> None:
         if state == self.written:
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -98,7 +99,7 @@ class FileStore:
             os.close(dirfd)
         self.written = state
 
-    def claim(self, state: dict) -> None:
+    def claim(self, state: dict[str, Any]) -> None:
         self.save(state)                # the file lock fences a second master already
 
     def close(self) -> None:
@@ -109,12 +110,12 @@ class ZooKeeperStore:
     """The state as one znode (``<root>/state``), written only as a compare-and-set on the
     version read or written last. ``zk``: a started ``kazoo.client.KazooClient``."""
 
-    def __init__(self, zk, root: str):
+    def __init__(self, zk: Any, root: str):
         self.zk, self.path = zk, f"{root}/state"
-        self.written: dict | None = None
+        self.written: dict[str, Any] | None = None
         self.version: int | None = None         # None: no znode yet (as of ``load``)
 
-    def load(self) -> dict | None:
+    def load(self) -> dict[str, Any] | None:
         from kazoo.exceptions import KazooException, NoNodeError
         try:
             data, stat = self.zk.get(self.path)
@@ -127,13 +128,13 @@ class ZooKeeperStore:
         self.version = stat.version
         return self.written
 
-    def claim(self, state: dict) -> None:
+    def claim(self, state: dict[str, Any]) -> None:
         """Write ``state`` even if unchanged: the version moves on, so a previous leader's
         next write fails."""
         self.written = None
         self.save(state)
 
-    def save(self, state: dict) -> None:
+    def save(self, state: dict[str, Any]) -> None:
         from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError
         if state == self.written:
             return

@@ -23,7 +23,7 @@ from fusee.master.shared import SharedState
 from fusee.master.store import Deposed
 from fusee.rebuild import Rebuild, RebuildAbandoned, RebuildError
 from fusee.recovery import recover_client
-from fusee.verbs import TransportError
+from fusee.verbs import Op, T, TransportError
 
 
 class Worker(SharedState):
@@ -38,9 +38,9 @@ class Worker(SharedState):
                     self.work_due.wait(0.05)
                     continue
                 with self.lock:
-                    nodes = self.master.next_failover(now)
-                    joining = self.master.next_rebuild(now) if nodes is None else None
-                    cid = (self.master.next_repair(now)
+                    nodes = self.logic.next_failover(now)
+                    joining = self.logic.next_rebuild(now) if nodes is None else None
+                    cid = (self.logic.next_repair(now)
                            if nodes is None and joining is None else None)
                 if nodes is not None:
                     self._failover(nodes)
@@ -54,7 +54,7 @@ class Worker(SharedState):
             if self.transport is not None:
                 self.transport.close()
 
-    def _run(self, op, down: set[int]) -> tuple:
+    def _run(self, op: Op[T], down: set[int]) -> tuple[T, float]:
         """Run ``op`` on the worker's transport (connected first if need be); -> (result,
         seconds spent connecting). After a transport failure the next run reconnects."""
         connect_s = 0.0
@@ -74,7 +74,7 @@ class Worker(SharedState):
     def _failover(self, nodes: tuple[int, ...]) -> None:
         """Fail over ``nodes`` (a failure is retried later: a failover is idempotent)."""
         with self.lock:
-            membership, down = self.master.membership, self._down()
+            membership, down = self.logic.membership, self._down()
             milestones = [self.timeline.setdefault(n, {}) for n in nodes]
         for m in milestones:
             m.setdefault("started_at", time.time())
@@ -86,28 +86,28 @@ class Worker(SharedState):
             new, connect_s = self._run(failover(self.config, membership, nodes), down)
         except Exception as e:          # noqa: BLE001 - a failed failover is retried, not fatal
             with self.lock:
-                self.master.failover_failed(nodes, time.monotonic(), f"{type(e).__name__}: {e}")
-                attempts = self.master.failover.attempts
+                self.logic.failover_failed(nodes, time.monotonic(), f"{type(e).__name__}: {e}")
+                attempts = self.logic.failover.attempts
             self.log(f"master: failover of memory node {names} failed (attempt {attempts}, "
                      f"will retry): {type(e).__name__}: {e}", flush=True)
             return
         seconds = time.perf_counter() - t0
         settled = len(new.settled.get(new.epoch, ()))
         with self.lock:
-            attempts = self.master.failover.attempts + 1
+            attempts = self.logic.failover.attempts + 1
             # persisted before anything hands it out: a restart must not go back a membership
-            published = copy.deepcopy(self.master)
+            published = copy.deepcopy(self.logic)
             published.failover_done(nodes, new)
             try:
                 self._save(published)
             except Deposed:
                 return
             except OSError as e:
-                self.master.failover_failed(nodes, time.monotonic(), f"saving the state: {e}")
+                self.logic.failover_failed(nodes, time.monotonic(), f"saving the state: {e}")
                 self.log(f"master: cannot save the state of epoch {new.epoch} (will retry the "
                          f"failover): {e}", flush=True)
                 return
-            self.master.failover_done(nodes, new)
+            self.logic.failover_done(nodes, new)
             for node, m in zip(nodes, milestones):
                 self.failovers.append({"node": node, "epoch": new.epoch, **m,
                                        "finished_at": time.time(), "attempts": attempts,
@@ -123,17 +123,17 @@ class Worker(SharedState):
         """Rebuild dead MN ``node`` (``fusee.rebuild``) on a transport of its own that reaches
         it: the online copy, then the pause for the rest; a failure is retried later."""
         with self.lock:
-            membership, down = self.master.membership, self._down() - {node}
+            membership, down = self.logic.membership, self._down() - {node}
         self.log(f"master: rebuilding memory node {node} (epoch {membership.epoch} -> "
                  f"{membership.epoch + 1}): copying online", flush=True)
 
         def progress(done: int, total: int) -> None:
             with self.lock:
-                self.master.rejoins.progress = (done, total)
+                self.logic.rejoins.progress = (done, total)
 
         def overtaken() -> str | None:
             with self.lock:
-                return self.master.rebuild_overtaken(membership)
+                return self.logic.rebuild_overtaken(membership)
 
         t0 = time.perf_counter()
         try:
@@ -150,7 +150,7 @@ class Worker(SharedState):
         except Exception as e:          # noqa: BLE001 - a failed rebuild is retried, not fatal
             final = isinstance(e, RebuildError)
             with self.lock:
-                self.master.rebuild_failed(node, time.monotonic(), f"{type(e).__name__}: {e}",
+                self.logic.rebuild_failed(node, time.monotonic(), f"{type(e).__name__}: {e}",
                                            final)
             self.log(f"master: rebuild of memory node {node} failed "
                      f"({'it stays dead' if final else 'will retry while it asks'}): "
@@ -159,20 +159,20 @@ class Worker(SharedState):
         end = time.perf_counter()
         seconds, pause_s, last_s = end - t0, end - paused, end - acked
         with self.lock:
-            copied = job.online_bytes + self.master.rejoins.progress[0]
+            copied = job.online_bytes + self.logic.rejoins.progress[0]
             # persisted before anything hands it out, as a failover's
-            published = copy.deepcopy(self.master)
+            published = copy.deepcopy(self.logic)
             published.rebuild_done(node, new, time.monotonic())
             try:
                 self._save(published)
             except Deposed:
                 return
             except OSError as e:
-                self.master.rebuild_failed(node, time.monotonic(), f"saving the state: {e}")
+                self.logic.rebuild_failed(node, time.monotonic(), f"saving the state: {e}")
                 self.log(f"master: cannot save the state of epoch {new.epoch}: {e}",
                          flush=True)
                 return
-            self.master.rebuild_done(node, new, time.monotonic())
+            self.logic.rebuild_done(node, new, time.monotonic())
             self.rebuilds.append({"node": node, "epoch": new.epoch, "finished_at": time.time(),
                                   "rebuild_s": seconds, "copied_bytes": copied,
                                   "online_bytes": job.online_bytes, "pause_s": pause_s,
@@ -192,8 +192,8 @@ class Worker(SharedState):
         leased client has acked. RebuildAbandoned if the rebuild is overtaken meanwhile, the
         master stops, or a client neither acks nor loses its lease within two leases."""
         with self.lock:
-            self.master.rebuild_pausing(node)
-            patience = 2 * (self.master.client_lease + self.master.grace)
+            self.logic.rebuild_pausing(node)
+            patience = 2 * (self.logic.client_lease + self.logic.grace)
         self.log(f"master: memory node {node} copied online: clients pause for the rest",
                  flush=True)
         deadline = time.monotonic() + patience
@@ -201,7 +201,7 @@ class Worker(SharedState):
             self.work_due.clear()
             reason = overtaken()
             with self.lock:
-                waiting = self.master.waiting_for()
+                waiting = self.logic.waiting_for()
             if reason is None and not waiting:
                 return
             if reason is None and self.stopping.is_set():
@@ -216,7 +216,7 @@ class Worker(SharedState):
         """Recover ``cid`` (a failure is retried later, by the same lock owner)."""
         started = time.time()
         with self.lock:
-            membership, down = self.master.membership, self._down()
+            membership, down = self.logic.membership, self._down()
         try:
             t0 = time.perf_counter()
             report, connect_s = self._run(recover_client(self.config, cid,
@@ -224,15 +224,15 @@ class Worker(SharedState):
             recover_s = time.perf_counter() - t0 - connect_s
         except Exception as e:          # noqa: BLE001 - a failed repair is retried, not fatal
             with self.lock:
-                self.master.repair_failed(cid, time.monotonic(), f"{type(e).__name__}: {e}")
-                first = self.master.repairs[cid].attempts == 1
+                self.logic.repair_failed(cid, time.monotonic(), f"{type(e).__name__}: {e}")
+                first = self.logic.repairs[cid].attempts == 1
             if first:
                 self.log(f"master: recovery of client {cid} failed (will retry): {e}",
                          flush=True)
             return
         with self.lock:
-            reason = self.master.repairs[cid].reason
-            self.master.repair_done(cid)
+            reason = self.logic.repairs[cid].reason
+            self.logic.repair_done(cid)
             self._save()
             detected = self.detected.pop(cid, started)
             self.reports.append({"id": cid, "reason": reason, "detected_at": detected,
@@ -244,7 +244,7 @@ class Worker(SharedState):
                  flush=True)
 
 
-def _plain(value):
+def _plain(value: object) -> object:
     """A recovery report as msgpack/JSON-friendly values (string keys)."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
