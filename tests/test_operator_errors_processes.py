@@ -63,6 +63,10 @@ def test_a_rejoin_with_another_region_size_is_refused_then_rebuilt_once_restarte
                                                  "with a region of another layout"), state
         assert "restart it with the cluster's config" in state["rebuild_error"]
         assert "RemoteAccessError" not in c.master_log()       # nothing was copied to it
+        # no pause announced for an epoch that is not the next (the clients pause only for
+        # the rebuild's last phase)
+        assert "master: memory node 1 asks to rejoin: its rebuild is queued" in c.master_log()
+        assert "publishes epoch 0" not in c.master_log()
         with c.client() as kv:
             kv.put(KEYS[0], b"while refused")
             assert kv.get_many(KEYS[1:]) == KEYS[1:]
