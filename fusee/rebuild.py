@@ -136,6 +136,7 @@ from fusee.memory_map import (
     HEADER_MAGIC,
     HEADER_NODE,
     MAGIC,
+    MemoryMap,
 )
 from fusee.operations import ClientCore
 from fusee.verbs import Op, Read, Write, chunks
@@ -208,7 +209,6 @@ class Rebuild:
 
     def copy_online(self) -> Op[None]:
         """Generator, phase A: copy the groups of quiet owners whole."""
-        yield from _check_region(self.core, self.node)
         groups = yield from _groups(self.core, self.node)
         words = yield from _owner_words(self.core, {g.owner_word - 1 for g in groups})
         self.quiet = {cid: w for cid, w in words.items()
@@ -276,12 +276,12 @@ def _exact(core: ClientCore, node: int) -> Op[tuple[list[Piece], list[tuple[int,
     return pieces, words
 
 
-def _check_region(core: ClientCore, node: int) -> Op[None]:
-    """Generator: RejoinRefused unless ``node``'s region header names this cluster's layout
-    and ``node``. The copy writes every range at the address it has on the live replicas and
-    the MN serves its block table by its own layout: a region of another size or layout
-    would be half written (smaller) or hand out blocks the others do not have (larger)."""
-    mm = core.map
+def check_region(mm: MemoryMap, node: int) -> Op[None]:
+    """Generator: RejoinRefused unless ``node``'s region header names the layout of ``mm``
+    (the cluster's) and ``node``; the master runs it before a rebuild. The copy writes every
+    range at the address it has on the live replicas and the MN serves its block table by
+    its own layout: a region of another size or layout would be half written (smaller) or
+    hand out blocks the others do not have (larger)."""
     (head,) = yield [Read(node, HEADER_MAGIC, HEADER_CLIENT_IDS)]
     magic, fingerprint, formatted_for = (unpack_u64(head, at)
                                          for at in (HEADER_MAGIC, HEADER_LAYOUT, HEADER_NODE))
