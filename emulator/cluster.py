@@ -223,9 +223,10 @@ class LocalCluster:
         p.kill()
         p.wait(10)
 
-    def rejoin(self, node: int) -> None:
+    def rejoin(self, node: int, config_path: Path | None = None) -> None:
         """Start memory node ``node`` again after ``kill``, with ``--rejoin`` on its endpoint:
-        the master rebuilds it (``fusee.rebuild``). Returns once it serves."""
+        the master rebuilds it (``fusee.rebuild``). Returns once it serves. ``config_path``:
+        start it with another config (an operator's mistake, in tests)."""
         assert self.procs[node].poll() is not None, f"memory node {node} is running"
         old = self.shm_names.pop(node, None)
         if old is not None:                     # the killed process's segment
@@ -234,7 +235,8 @@ class LocalCluster:
         ready.unlink(missing_ok=True)
         with open(self.workdir / f"mn{node}.log", "ab") as log:
             self.procs[node] = subprocess.Popen(
-                [sys.executable, "-m", "fusee.emulator.memnode", "--config", str(self.config_path),
+                [sys.executable, "-m", "fusee.emulator.memnode", "--config",
+                 str(config_path or self.config_path),
                  "--id", str(node), "--ready-file", str(ready), "--rejoin",
                  "--parent-pid", str(os.getpid())],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -483,6 +483,20 @@ def test_fusee_master_cli_exits_cleanly_on_sigterm(tmp_path):
                               str(path), "--state", str(tmp_path / "other.json")],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and "elsewhere" in out.stderr
+        # so is one of another cluster of the same name (its memory nodes elsewhere)
+        (tmp_path / "same-name.json").write_text(json.dumps(
+            {**state, "endpoints": ["tcp://10.9.9.9:7000"]}))
+        out = subprocess.run([sys.executable, "-m", "fusee.cli", "master", "--config",
+                              str(path), "--state", str(tmp_path / "same-name.json")],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip().splitlines() == [
+            f"fusee master: error: the master state in {tmp_path / 'same-name.json'} is that "
+            f"of another cluster named {config.name!r}: its memory nodes are at "
+            f"tcp://10.9.9.9:7000, this config's at {config.node(0).endpoint}: if this is a "
+            f"new cluster, move {tmp_path / 'same-name.json'} aside (or pass another --state); "
+            f"if not, fix the config"]
+        assert state["endpoints"] == [config.node(0).endpoint]
 
 
 @pytest.mark.soak

@@ -2,7 +2,8 @@
 availability (``fusee.master.election``): N ``QuorumPeerMain`` processes from the
 distribution's jars (Debian's ``zookeeper`` package puts them in /usr/share/java), each with its
 own data directory and ports, never the system service. ``kill`` / ``start`` crash and bring
-back one server; ``stop`` ends them all (also at interpreter exit).
+back one server (``wipe`` in between: a replacement host); ``stop`` ends them all (also at
+interpreter exit).
 
     with ZooKeeperEnsemble(3) as zk:
         zk.hosts            # "127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3" for kazoo
@@ -116,6 +117,11 @@ class ZooKeeperEnsemble:
 
     def serving(self, i: int) -> bool:
         """Server ``i`` is in the quorum and serves clients (its ``srvr`` reply says a mode)."""
+        return self.mode(i) in ("leader", "follower")
+
+    def mode(self, i: int) -> str | None:
+        """Server ``i``'s role in the quorum ("leader", "follower"), or None: down, or not
+        in a quorum (its ``srvr`` reply)."""
         try:
             with socket.create_connection(("127.0.0.1", self.client_ports[i]), timeout=1) as s:
                 s.sendall(b"srvr")
@@ -123,14 +129,28 @@ class ZooKeeperEnsemble:
                 while chunk := s.recv(4096):
                     reply += chunk
         except OSError:
-            return False
-        return b"Mode: leader" in reply or b"Mode: follower" in reply
+            return None
+        for role in ("leader", "follower"):
+            if f"Mode: {role}".encode() in reply:
+                return role
+        return None
+
+    def leader(self) -> int | None:
+        """The index of the server that leads the quorum (None: no quorum)."""
+        return next((i for i in self.procs if self.mode(i) == "leader"), None)
 
     def kill(self, i: int) -> None:
         """Crash server ``i`` (SIGKILL)."""
         p = self.procs.pop(i)
         p.kill()
         p.wait()
+
+    def wipe(self, i: int) -> None:
+        """Empty killed server ``i``'s data directory but for its ``myid`` and config: the
+        replacement of a lost host, which the next ``start`` brings back empty, to catch up
+        from the quorum."""
+        assert i not in self.procs, f"ZooKeeper server {i} is running"
+        shutil.rmtree(self.workdir / f"zk{i}" / "version-2", ignore_errors=True)
 
     def log(self, i: int) -> str:
         try:

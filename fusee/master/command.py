@@ -19,6 +19,7 @@ import zmq
 from fusee.config import ClusterConfig, ConfigError
 from fusee.emulator.serving import BindError, stop_condition, write_ready
 from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
+from fusee.master.identity import check_same_cluster
 from fusee.master.logic import StateError, StateMismatch
 from fusee.master.server import MasterServer
 from fusee.master.shared import log
@@ -46,7 +47,15 @@ def open_coordination(config: ClusterConfig, endpoint: str, state_path: str | Pa
     leadership = ZooKeeperLeadership(config.coordination, config.name, endpoint,
                                      session_timeout=config.client_lease,
                                      connect_timeout=config.timeout)
-    return ZooKeeperStore(leadership.zk, leadership.root), leadership
+    store = ZooKeeperStore(leadership.zk, leadership.root)
+    try:
+        # before standing in the election: a master of another cluster that shares this
+        # one's path would leave one of the two without a leader while it stands there
+        check_same_cluster(config, store.load(), store.where)
+    except BaseException:
+        leadership.close()
+        raise
+    return store, leadership
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,8 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             store.close()
             raise
     except StateMismatch as e:
-        print(f"fusee master: error: {e}: if this is a new cluster, move {state} aside (or "
-              "pass another --state); if not, fix the config", file=sys.stderr)
+        hint = (f"if this is a new cluster, move {state} aside (or pass another --state)"
+                if config.coordination is None else "if this is another cluster, give it "
+                "its own [cluster] name (or a chroot in coordination)")
+        print(f"fusee master: error: {e}: {hint}; if not, fix the config", file=sys.stderr)
         return 2
     except (ConfigError, StateError, LogLevelError) as e:
         print(f"fusee master: error: {e}", file=sys.stderr)

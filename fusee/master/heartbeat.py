@@ -55,11 +55,11 @@ class Heartbeat(SharedState):
     def _rejoin(self, node: int, sent: float) -> None:
         with self.lock:
             queued = self.logic.rejoin(node, sent)
-            pause = self.logic.pause
         if queued:
             self.work_due.set()
-            self.log(f"master: memory node {node} asks to rejoin: clients pause until its "
-                     f"rebuild publishes epoch {pause}", flush=True)
+            # the clients pause only for the rebuild's last phase (fusee.rebuild), not now
+            self.log(f"master: memory node {node} asks to rejoin: its rebuild is queued",
+                     flush=True)
 
 
 def _pongs(channels: Channels, nodes: list[int], timeout: float) -> Iterator[tuple[int, str]]:

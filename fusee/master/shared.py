@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from fusee.config import ClusterConfig
 from fusee.master.election import LeaderGuard
-from fusee.master.logic import Master, StateMismatch
+from fusee.master.identity import check_same_cluster, identity
+from fusee.master.logic import Master
 from fusee.master.store import Deposed, StateStore
 
 if TYPE_CHECKING:
@@ -89,9 +90,7 @@ class SharedState:
         now = time.monotonic()
         ids = tuple(m.id for m in self.config.memnodes)
         state = self.store.load()
-        if state is not None and state.get("cluster") != self.config.name:
-            raise StateMismatch(f"the stored master state is that of cluster "
-                             f"{state.get('cluster')!r}, not {self.config.name!r}")
+        check_same_cluster(self.config, state, self.store.where)
         if state is None:
             self.master = Master(ids, self.config.client_lease, self.config.mn_lease,
                                  self.grace, now, replicas=self.config.replicas)
@@ -102,7 +101,7 @@ class SharedState:
             self.log(f"master: carried on from the stored state: epoch {self.master.epoch}, "
                      f"{len(self.master.clients)} clients, {len(self.master.repairs)} repairs, "
                      f"{len(self.master.failing)} failovers pending", flush=True)
-        self.store.claim({"cluster": self.config.name, **self.master.state()})
+        self.store.claim({**identity(self.config), **self.master.state()})
         if self.leadership is not None:
             self.work_from = now + self.grace
 
@@ -124,7 +123,7 @@ class SharedState:
         """Persist the state of ``master`` (default: ours; under ``self.lock``) if it
         changed. A deposed leader stops at once."""
         try:
-            self.store.save({"cluster": self.config.name, **(master or self.logic).state()})
+            self.store.save({**identity(self.config), **(master or self.logic).state()})
         except Deposed as e:
             self.log(f"master: {e}: stopping", file=sys.stderr, flush=True)
             self.failed = True

@@ -41,6 +41,9 @@ def _parse(text: str | bytes, what: str) -> dict[str, Any]:
 
 
 class StateStore(Protocol):
+    #: where the state is, for messages
+    where: str
+
     def load(self) -> dict[str, Any] | None:
         """The state saved last (None: none yet)."""
 
@@ -60,6 +63,7 @@ class FileStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.where = str(self.path)
         self.written: dict[str, Any] | None = None
         lock = self.path.with_name(self.path.name + ".lock")
         try:
@@ -112,12 +116,17 @@ class ZooKeeperStore:
 
     def __init__(self, zk: Any, root: str):
         self.zk, self.path = zk, f"{root}/state"
+        self.where = f"ZooKeeper ({self.path})"
         self.written: dict[str, Any] | None = None
         self.version: int | None = None         # None: no znode yet (as of ``load``)
 
     def load(self) -> dict[str, Any] | None:
         from kazoo.exceptions import KazooException, NoNodeError
         try:
+            # a server answers reads from what it has applied, which may lag behind a write
+            # another master's session made through another server: sync first, so that what
+            # this master carries on from (and checks) is the state written last
+            self.zk.sync(self.path)
             data, stat = self.zk.get(self.path)
         except NoNodeError:
             self.written, self.version = None, None

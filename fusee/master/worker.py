@@ -21,7 +21,8 @@ from fusee.driver import run
 from fusee.failover import failover
 from fusee.master.shared import SharedState
 from fusee.master.store import Deposed
-from fusee.rebuild import Rebuild, RebuildAbandoned, RebuildError
+from fusee.memory_map import MemoryMap
+from fusee.rebuild import Rebuild, RebuildAbandoned, RebuildError, check_region
 from fusee.recovery import recover_client
 from fusee.verbs import Op, T, TransportError
 
@@ -139,6 +140,7 @@ class Worker(SharedState):
         try:
             transport = self._connect(down)
             try:
+                run(check_region(MemoryMap.of(self.config.layout), node), transport)
                 job = Rebuild(self.config, membership, node, progress, overtaken)
                 run(job.copy_online(), transport)
                 paused = time.perf_counter()
