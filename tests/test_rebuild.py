@@ -9,8 +9,10 @@ After each run: the history is linearizable with the final gets of every key in 
 acknowledged write lost), the leak audit passes under the final membership, and so does the
 index check. The rebuild's online copy runs as an actor among the writers, verb by verb; with
 ``mid_copy`` another MN crashes a few steps into it: the rebuild fails, and runs again after
-that MN's failover. Plus: an MN dying in the middle of a rebuild makes it fail, and it
-succeeds after that MN's failover; a rebuild of a live MN is refused.
+that MN's failover; with ``in_pause`` it crashes inside the rebuild's pause instead, after a
+random number of the pause's verbs (``Simulator.crash_in_pause``). Plus: an MN dying in the
+middle of a rebuild makes it fail, and it succeeds after that MN's failover; a rebuild of a
+live MN is refused.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ class RebuildRun(Run):
 
     epochs = 3          # MN v's failover, its rebuild, the other two's failover
 
-    def __init__(self, seed: int, mid_copy: bool = False, **kw):
-        self.mid_copy = mid_copy
-        if mid_copy:
+    def __init__(self, seed: int, mid_copy: bool = False, in_pause: bool = False, **kw):
+        self.mid_copy, self.in_pause = mid_copy or in_pause, in_pause
+        if self.mid_copy:
             self.epochs = 4     # and the failover of the MN that crashed during the copy
         super().__init__(seed, **kw)
 
@@ -72,7 +74,9 @@ class RebuildRun(Run):
         if set(self.memory.crashed) - {v} - sim.membership.dead:
             sim.at_step(sim.step + self.delay, self._rebuild)   # a failover comes first
             return
-        if self.mid_copy and not sim.rebuilds:
+        if self.in_pause and not sim.rebuilds:
+            sim.crash_in_pause(self.others[0], faults.randrange(40))
+        elif self.mid_copy and not sim.rebuilds:
             m = self.others[0]
             crash_at = sim.step + faults.randrange(1, 40)
             sim.at_step(crash_at, lambda s: s.crash_node(m))
@@ -83,6 +87,8 @@ class RebuildRun(Run):
         """The rebuild ended: once it has published, the crash of every other MN still up."""
         faults = sim.fault_rng
         if self.rebuilt in sim.membership.dead:
+            if self.in_pause:           # the MN that crashed in the pause: the master notices
+                self._fail_over_crashed(sim)
             sim.at_step(sim.step + faults.randrange(1, self.delay), self._rebuild)
             return
         second = sim.step + faults.randrange(1, self.steps // 2)
@@ -141,6 +147,16 @@ def test_another_mn_dies_during_the_online_copy(seed):
     r = _check(seed, mid_copy=True, crash_client=seed % 3 == 0)
     first, *_, last = [outcome for _, outcome in r.sim.rebuilds]
     assert isinstance(first, NodeTimeout) and isinstance(last, Membership), r.sim.faults
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_another_mn_dies_during_the_pause_of_a_rebuild(seed):
+    """The pause's verbs after the crash fail: the rebuild fails (nothing published), that
+    MN is failed over, and the rebuild runs again and succeeds."""
+    r = _check(seed, in_pause=True, crash_client=seed % 3 == 0)
+    first, *_, last = [outcome for _, outcome in r.sim.rebuilds]
+    assert isinstance(first, NodeTimeout) and isinstance(last, Membership), r.sim.faults
+    assert any("crashed in a rebuild's pause" in what for _, what in r.sim.faults), r.sim.faults
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3,
