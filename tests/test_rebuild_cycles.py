@@ -16,6 +16,14 @@ lost or wedged acknowledged data, kept in the default suite (about a second each
   update (dangling: a live object freed). The failover now records every value it leaves in
   place on a subtable whose primary died, unless it is an object committed for the slot
   (``kept``), so the writer learns it won.
+- with a slow MN, seed 814 on 4 MNs r = 2 (a client crash): c0's update of k1 committed in
+  epoch 1, its subtable with no backup (MN 2 dead), and c0 crashed before its primary CAS.
+  Its recovery ran only in epoch 7, MN 2 rebuilt since, while c2's delete of k1 had its
+  tombstone on that backup and not yet on the primary: recovery took COMMITTED for a round
+  won and "fixed" the backup, its proposal over c2's tombstone; c2's primary CAS took, and
+  the backup named c0's object under a deleted key (recovery then failed, IndexError, on
+  its own proposal). A committed round whose primary CAS did not happen now goes through
+  SNAPSHOT again (``Recovery._win_again``): one it won wins again, one it did not competes.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ def test_rebuild_cycles_seed(seed, nodes, r):
 
 
 @pytest.mark.parametrize("seed,nodes,r", [(169, 3, 2), (207, 5, 2), (215, 4, 3), (226, 5, 2),
-                                          (255, 3, 2)])
+                                          (255, 3, 2), (814, 4, 2)])
 def test_rebuild_cycles_with_a_slow_mn_seed(seed, nodes, r):
     check_rebuild(seed, cls=SlowCycleRun, nodes=nodes, r=r, crash_client=seed % 2 == 0)
 
