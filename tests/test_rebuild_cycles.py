@@ -96,37 +96,41 @@ def test_an_r1_insert_committed_as_a_rebuild_publishes():
 
 
 
-@pytest.mark.xfail(strict=True, reason="open: a crashed client's INSERT committed in a round "
-                   "whose only backup died before its primary CAS, taken by recovery for one "
-                   "that took effect once the slot has a backup again (leaked)")
-def test_a_crashed_insert_whose_backup_died_before_its_primary_cas():
-    """With a slow MN, seed 1261 on 6 MNs r = 2 (a client crash; leaked; fails on 013092f
-    too). In epoch 2 c0's put of k1 (an insert) won its slot on its one backup, MN 2, and
-    committed; c0 crashed before its primary CAS, and MN 2 crashed next. Its failover
+@pytest.mark.xfail(strict=True, reason="open: a crashed client's round committed with no "
+                   "backup left, never CASed, taken by recovery for one that took effect once "
+                   "the slot has a backup again (leaked)")
+@pytest.mark.parametrize("seed", [1261, 1627])
+def test_a_crashed_round_committed_without_a_backup_counted_as_taken_effect(seed):
+    """With a slow MN, on 6 MNs r = 2, a client crash (leaked; both fail on 013092f too).
+    Seed 1261: in epoch 2 c0's put of k1 (an insert) won its slot on its one backup, MN 2,
+    and committed; c0 crashed before its primary CAS, and MN 2 crashed next. Its failover
     (epoch 3) settled nothing, the primary MN 1 being alive with the slot empty; MN 2 was
-    rebuilt from it (empty), and c1 inserted k4 into the slot. Recovery (epoch 7) reads the
-    entry COMMITTED, the primary holding neither the old value nor the claim, and the
-    slot with a backup: it takes the insert for one that took effect ("had taken effect"),
-    not UNPROVEN, and its object stays held, named by no slot. The same gap as seed 169 on
-    6 MNs above (``Recovery._committed`` cannot tell that the round's backups died before
-    its primary CAS: the membership does not record it, and a backup that is back says
-    nothing); wt-fate's area this session (the membership recording which rounds lost
-    their backups)."""
-    check_rebuild(1261, cls=SlowCycleRun, nodes=6, r=2, crash_client=True)
+    rebuilt from it (empty), and c1 inserted k4 into the slot. Seed 1627: c0's put of k5 (an
+    update) committed in epoch 5 with the slot's other MN dead (no backup: no round to win),
+    and c0 crashed before its primary CAS. Recovery (epoch 7, the slot with a backup again)
+    reads each entry COMMITTED, the primary holding neither the old value nor the proposal,
+    and takes it for one that took effect ("had taken effect", not UNPROVEN): its object
+    stays held, named by no slot. The gap of seed 169 on 6 MNs above (``Recovery._committed``
+    cannot tell that the round had no backup, or lost it, before its primary CAS: the
+    membership does not record it); wt-fate's area this session."""
+    check_rebuild(seed, cls=SlowCycleRun, nodes=6, r=2, crash_client=True)
 
 
-@pytest.mark.xfail(strict=True, reason="open: an insert's object given back while the slot "
-                   "it re-proposed in names it, then reused: a double free (leaked bits)")
-def test_an_insert_reproposing_its_taken_back_object():
-    """With a slow MN, seed 916 on 4 MNs r = 2 (a client crash elsewhere; the audit finds
-    three of c1's objects held and named by no slot; fails on 013092f too). Across the
-    epochs 5-6 (MN 3 dead, then rebuilt) c1's put of k3 claimed a slot with object 1c86,
-    took the claim back (claim -> void on MN 1, then void written on the rebuilt MN 0),
-    then CASed void -> 1c86 on both, so the slot named 1c86 committed; c1 then went on to
-    other slots as though it had lost that one, and 1c86 went back to its free list. c2
-    replaced 1c86 in that slot and freed it (its bit set); c1 reused 1c86 from its list
-    without a reclaim (for k1), c2 replaced that too and freed it again: the second FAA
-    carried into the next bits, so 1c86-1c88 read held (their frees undone) and 1c89 free.
-    The same family as seed 518 (``fusee.insert``'s settling of a claim at an epoch's end,
-    ``_take_back``): wt-r1's area this session."""
-    check_rebuild(916, cls=SlowCycleRun, nodes=4, r=2, crash_client=True)
+@pytest.mark.xfail(strict=True, reason="open: a won round's fate read off a primary that a "
+                   "later writer has replaced since: LOSE, the object given back while named")
+@pytest.mark.parametrize("seed", [916, 1860])
+def test_the_fate_of_a_won_round_whose_primary_moved_on(seed):
+    """With a slow MN, on 4 MNs r = 2 (a client crash elsewhere; the audit finds a live
+    client's objects held and named by no slot, their frees undone by a double free's carry;
+    both fail on 013092f too). Seed 1860: in epoch 4 c1's insert of k2 won slot 1:14 on its
+    backup MN 2, committed, and CASed the primary MN 1, which was slow: the CAS took effect,
+    its reply came too late. MN 2's failover ended the epoch; c2 then replaced c1's value and
+    deleted k2, freeing c1's object. c1's ``ClientCore.fate`` read the primary (alive), found
+    neither v_old nor its value and took LOSE (``Membership.fate``: another value on a live
+    primary means the round is over), though only the round's winner moves the primary off
+    v_old. c1 inserted k2 again with the same object, freed already, and the next free of it
+    carried into the next objects' bits. Seed 916: the same in epoch 6 (slot 0:7, c1's put
+    of k3). Trying ``decided == WIN`` and a primary neither v_old nor v_new -> WIN in
+    ``Membership.fate`` made 916 pass (and the open seed 526), 1860 then fails further on
+    (CorruptObject): not enough alone. The round's fate is wt-fate's area this session."""
+    check_rebuild(seed, cls=SlowCycleRun, nodes=4, r=2, crash_client=True)
