@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import pytest
 from test_rebuild import _check as check_rebuild
-from test_rebuild_soak import CycleRun, SlowCycleRun
+from test_rebuild_soak import (CycleRun, RecoveryCrashCycleRun, SlowCycleRun,
+                               TwoCrashCycleRun)
 
 
 @pytest.mark.parametrize("seed,nodes,r", [(116, 3, 2)])
@@ -42,6 +43,22 @@ def test_rebuild_cycles_seed(seed, nodes, r):
                                           (255, 3, 2), (814, 4, 2)])
 def test_rebuild_cycles_with_a_slow_mn_seed(seed, nodes, r):
     check_rebuild(seed, cls=SlowCycleRun, nodes=nodes, r=r, crash_client=seed % 2 == 0)
+
+
+@pytest.mark.parametrize("seed", range(600, 604))
+@pytest.mark.parametrize("nodes,r", [(3, 3), (4, 2)])
+def test_rebuild_cycles_with_two_client_crashes_seed(seed, nodes, r):
+    """A slice of the soak's two-crash cycles (``TwoCrashCycleRun``): c0 and c1 both crash
+    and are recovered, each on its own, through the rebuild cycles."""
+    check_rebuild(seed, cls=TwoCrashCycleRun, nodes=nodes, r=r, crash_client=True)
+
+
+@pytest.mark.parametrize("seed", range(600, 604))
+@pytest.mark.parametrize("nodes,r", [(3, 3), (4, 2)])
+def test_rebuild_cycles_with_a_recovery_that_dies_seed(seed, nodes, r):
+    """A slice of the soak's cycles where the master's recovery of c0 dies a few steps in
+    and runs again (``RecoveryCrashCycleRun``)."""
+    check_rebuild(seed, cls=RecoveryCrashCycleRun, nodes=nodes, r=r, crash_client=True)
 
 
 @pytest.mark.xfail(strict=True, reason="open: a crashed client's UPDATE committed in a round "
