@@ -178,7 +178,7 @@ def test_a_pause_that_fails_after_closing_the_rounds():
     the round were still open (its primary CAS, its verdict), and the failover that comes
     next records only its own decisions. Publishing the closing's decisions when the pause
     fails after them (``m.successor((), settled)``, persisted as a failover's) made this
-    and the 13 failures of 1,072 swept cases pass in the simulator (where MNs crash in the pause at
+    and all 20 failures of 1,600 swept cases pass in the simulator (where MNs crash in the pause at
     random: /work/notes/s6/sweep-run.py pausecrash); the master's rebuild hook and
     ``fusee/rebuild.py`` are wt-online's area this session."""
     _check(27, cls=LatePauseCrash, in_pause=True, crash_client=True)
