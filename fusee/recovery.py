@@ -345,8 +345,7 @@ class Recovery:
                 if p & FROZEN:
                     dead.append(e)                      # never took effect; retried?
                     continue
-                v_new = e.s if e.v.opcode != DELETE else None
-                ok = yield from self._complete(e, t, p, v_new, None, e.v.old_crc)
+                ok = yield from self._win_again(e, t, p)
                 if not ok:
                     dead.append(e)
                 continue
@@ -376,6 +375,36 @@ class Recovery:
         a backup again now."""
         d = self.core.dir
         return len(self.core.membership.always_live(replica_nodes(sid % d.n, d.n, d.r))) > 1
+
+    def _win_again(self, e: _Entry, t: SlotTarget, p: int) -> Op[bool]:
+        """Generator: finish the round of committed ``e`` whose primary CAS did not happen
+        (the primary still holds ``p``), if it is still ``e``'s to finish. Returns whether
+        its primary CAS took.
+
+        COMMITTED says the round was won only if the slot had backups then: a round with
+        none wins at once, and the slot may have backups again since (a rebuild), where
+        another writer's round on ``p`` is open now. So the crashed client's proposal goes
+        through SNAPSHOT again rather than over whatever the backups hold: a round it did
+        win finds its proposal on the backups and wins again (only a winner touches them),
+        one it did not competes as any writer's does. Overwriting the other writer's
+        proposal instead left a backup naming this object once that writer's primary CAS
+        took: the key deleted came back from that backup at the next failover."""
+        core = self.core
+        if e.v.opcode == DELETE:            # its tombstone, if a backup has it, else afresh
+            now = [unpack_u64(b) for b in
+                   (yield from core.rt([Read(n, t.addr, 8) for n in t.backups]))]
+            v_new = next((v for v in now if free_value_of(v, self.cid)), core.free_value())
+        else:
+            assert e.s is not None, "an INSERT or UPDATE entry proposes a slot value"
+            v_new = e.s
+        current: list[int] = []
+        if t.backups:
+            current, _ = yield from propose(t, p, v_new)
+        verdict = yield from resolve(t, p, v_new, current)
+        if verdict != WIN:
+            e.lost = verdict == LOSE
+            return False
+        return (yield from self._complete(e, t, p, v_new, current, e.v.old_crc))
 
     def _complete(self, e: _Entry, t: SlotTarget, p: int, v_new: int | None,
                   current: list[int] | None, old_crc: int) -> Op[bool]:

@@ -81,8 +81,8 @@ class Run:
             calls = [Call("open", None, None, core.open)] + list(store_calls(store, work))
             calls.append(Call("close", None, None, store.close))
             sim.add_client(f"c{c}", calls)
-        self.crashed = None
-        self.recovery = None
+        self.crashed: set[int] = set()      # the ids of the clients that crashed
+        self.recoveries: list = []          # the reports of their recoveries
         if steps is not None:           # (None: the clean run, to learn how long the run is)
             self.schedule_faults(nodes, steps, victims, delay, crash_client)
 
@@ -112,14 +112,19 @@ class Run:
         if not sim.clients[name].runnable:
             return
         sim.crash_client(name)
-        self.crashed = cid = int(name[1:])
-        cfg = self.config
+        self.crashed.add(int(name[1:]))
+        self._recover(sim, name, f"recovery {name}")
+
+    def _recover(self, sim: Simulator, name: str, actor: str) -> None:
+        """Start actor ``actor``: the master's recovery of crashed client ``name``."""
+        cid, cfg = int(name[1:]), self.config
 
         def recover():
-            self.recovery = yield from across_epochs(sim, lambda m: recover_client(
+            report = yield from across_epochs(sim, lambda m: recover_client(
                 cfg, cid, clock=lambda: 0.0, membership=m))
+            self.recoveries.append(report)
             return "recovered"
-        sim.add_client("recovery", [Call("recover", None, None, recover)])
+        sim.add_client(actor, [Call("recover", None, None, recover)])
 
     def go(self):
         """Run, recover, read every key, check; returns (audit report, linearizability)."""
@@ -139,7 +144,7 @@ class Run:
         run(reader.close(), transport)
         stores = getattr(self, "stores", self.cores)     # (subclasses with their own init)
         live = [getattr(s, "core", s) for i, s in enumerate(stores)
-                if i != self.crashed] + [reader]
+                if i not in self.crashed] + [reader]
         report = run(audit(cfg, live, m), transport)
         return report, check(history)
 
@@ -173,8 +178,8 @@ def _check(seed: int, cls=Run, **kw) -> Run:
     # proposal that the failover kept after the primary died with the value it replaced; an
     # INSERT or UPDATE committed in a subtable left with no backup, or in a round a failover
     # rolled back, whose slot moved on
-    outcomes = r.recovery.outcomes if r.recovery else {}
-    lost = outcomes.get(OLD_LOST, 0) + outcomes.get(UNPROVEN, 0)
+    lost = sum(rep.outcomes.get(OLD_LOST, 0) + rep.outcomes.get(UNPROVEN, 0)
+               for rep in r.recoveries)
     assert len(report.leaked) <= lost, f"{where}\n{report.explain()}"
     report.leaked = []
     assert report.ok, f"{where}\n{report.explain()}"

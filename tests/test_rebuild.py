@@ -9,8 +9,10 @@ After each run: the history is linearizable with the final gets of every key in 
 acknowledged write lost), the leak audit passes under the final membership, and so does the
 index check. The rebuild's online copy runs as an actor among the writers, verb by verb; with
 ``mid_copy`` another MN crashes a few steps into it: the rebuild fails, and runs again after
-that MN's failover. Plus: an MN dying in the middle of a rebuild makes it fail, and it
-succeeds after that MN's failover; a rebuild of a live MN is refused.
+that MN's failover; with ``in_pause`` it crashes inside the rebuild's pause instead, after a
+random number of the pause's verbs (``Simulator.crash_in_pause``). Plus: an MN dying in the
+middle of a rebuild makes it fail, and it succeeds after that MN's failover; a rebuild of a
+live MN is refused.
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ class RebuildRun(Run):
     that MN is failed over, and the rebuild runs again."""
 
     epochs = 3          # MN v's failover, its rebuild, the other two's failover
+    pause_verbs = (0, 40)   # ``in_pause``: how many of the pause's verbs run before the crash
 
-    def __init__(self, seed: int, mid_copy: bool = False, **kw):
-        self.mid_copy = mid_copy
-        if mid_copy:
+    def __init__(self, seed: int, mid_copy: bool = False, in_pause: bool = False, **kw):
+        self.mid_copy, self.in_pause = mid_copy or in_pause, in_pause
+        if self.mid_copy:
             self.epochs = 4     # and the failover of the MN that crashed during the copy
         super().__init__(seed, **kw)
 
@@ -72,7 +75,9 @@ class RebuildRun(Run):
         if set(self.memory.crashed) - {v} - sim.membership.dead:
             sim.at_step(sim.step + self.delay, self._rebuild)   # a failover comes first
             return
-        if self.mid_copy and not sim.rebuilds:
+        if self.in_pause and not sim.rebuilds:
+            sim.crash_in_pause(self.others[0], faults.randrange(*self.pause_verbs))
+        elif self.mid_copy and not sim.rebuilds:
             m = self.others[0]
             crash_at = sim.step + faults.randrange(1, 40)
             sim.at_step(crash_at, lambda s: s.crash_node(m))
@@ -83,6 +88,8 @@ class RebuildRun(Run):
         """The rebuild ended: once it has published, the crash of every other MN still up."""
         faults = sim.fault_rng
         if self.rebuilt in sim.membership.dead:
+            if self.in_pause:           # the MN that crashed in the pause: the master notices
+                self._fail_over_crashed(sim)
             sim.at_step(sim.step + faults.randrange(1, self.delay), self._rebuild)
             return
         second = sim.step + faults.randrange(1, self.steps // 2)
@@ -141,6 +148,40 @@ def test_another_mn_dies_during_the_online_copy(seed):
     r = _check(seed, mid_copy=True, crash_client=seed % 3 == 0)
     first, *_, last = [outcome for _, outcome in r.sim.rebuilds]
     assert isinstance(first, NodeTimeout) and isinstance(last, Membership), r.sim.faults
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_another_mn_dies_during_the_pause_of_a_rebuild(seed):
+    """The pause's verbs after the crash fail: the rebuild fails (nothing published), that
+    MN is failed over, and the rebuild runs again and succeeds."""
+    r = _check(seed, in_pause=True, crash_client=seed % 3 == 0)
+    first, *_, last = [outcome for _, outcome in r.sim.rebuilds]
+    assert isinstance(first, NodeTimeout) and isinstance(last, Membership), r.sim.faults
+    assert any("crashed in a rebuild's pause" in what for _, what in r.sim.faults), r.sim.faults
+
+
+class LatePauseCrash(RebuildRun):
+    """``in_pause`` with the crash later in the pause: after it has closed the open rounds."""
+
+    pause_verbs = (40, 400)
+
+
+@pytest.mark.xfail(strict=True, reason="open: a rebuild's pause that fails after closing the "
+                   "open rounds publishes nothing: the clients resume their rounds as if open")
+def test_a_pause_that_fails_after_closing_the_rounds():
+    """Seed 27: not linearizable (c2's acknowledged update of k5 lost; the simulator of 013092f
+    could not crash an MN in a pause). ``Rebuild.finish`` first closes
+    every open round (``_Failover`` with no dead MN: it settles the slots on the memory),
+    then copies; an MN dying after the first has written the slots fails the rebuild, and
+    the master (``rebuild_failed``) lets the clients resume in the same epoch. Nobody
+    publishes what the closing decided, so a writer whose round it settled goes on as if
+    the round were still open (its primary CAS, its verdict), and the failover that comes
+    next records only its own decisions. Publishing the closing's decisions when the pause
+    fails after them (``m.successor((), settled)``, persisted as a failover's) made this
+    and all 20 failures of 1,600 swept cases pass in the simulator (where MNs crash in the pause at
+    random: /work/notes/s6/sweep-run.py pausecrash); the master's rebuild hook and
+    ``fusee/rebuild.py`` are wt-online's area this session."""
+    _check(27, cls=LatePauseCrash, in_pause=True, crash_client=True)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3,

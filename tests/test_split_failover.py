@@ -69,8 +69,8 @@ class EndlessSplits(Run):
             calls = [Call("open", None, None, core.open)] + list(store_calls(core, work))
             calls.append(Call("close", None, None, core.close))
             sim.add_client(f"c{c}", calls)
-        self.crashed = None
-        self.recovery = None
+        self.crashed: set[int] = set()
+        self.recoveries: list = []
         if steps is not None:
             self.schedule_faults(nodes, steps, victims, delay, crash_client)
 

@@ -64,7 +64,7 @@ from fusee.layout import CLASSES, object_bytes
 from fusee.membership import Membership
 from fusee.rebuild import Rebuild
 from fusee.verbs import (AllocBlock, AwaitMembership, Backoff, EpochChanged, FreeBlock,
-                         NodeTimeout, TransportError, validate)
+                         NodeTimeout, Request, TransportError, validate)
 from fusee.transports.base import TransportStats, raise_for_failures
 from fusee.transports.local import LocalMemory, LocalTransport
 
@@ -148,6 +148,7 @@ class Simulator:
         self.failovers: list = []                       # what each failover returned
         self.slow: set[int] = set()                     # MNs whose replies come too late
         self.rebuilds: list = []        # (Rebuild, what ended it: a Membership or an error)
+        self._pause_crash: tuple[int, int] | None = None    # (MN, after how many verbs)
 
     # -- setup -----------------------------------------------------------------------------
     def add_client(self, name: str, calls: Iterable[Call]) -> SimClient:
@@ -201,6 +202,11 @@ class Simulator:
     def resume_node(self, node: int) -> None:
         self.slow.discard(node)
         self.faults.append((self.step, f"MN {node} answers in time again"))
+
+    def crash_in_pause(self, node: int, after: int) -> None:
+        """MN ``node`` crashes in the next rebuild's pause after ``after`` of its verbs."""
+        assert after >= 0
+        self._pause_crash = (node, after)
 
     def fail_over(self, nodes) -> None:
         """The master's failover for crashed MNs ``nodes`` (an id or a collection), with
@@ -259,9 +265,13 @@ class Simulator:
             outcome = EpochChanged(self.membership)     # the master would have abandoned it
         if not isinstance(outcome, TransportError):
             self._pause()
+            transport = LocalTransport(self.memory.config, memory=self.memory)
+            if self._pause_crash is not None:
+                node, after = self._pause_crash
+                transport = _CrashingTransport(self, node, after)
+                self._pause_crash = None
             try:
-                outcome = run(job.finish(), LocalTransport(self.memory.config,
-                                                           memory=self.memory))
+                outcome = run(job.finish(), transport)
             except TransportError as e:
                 outcome = e
         self.rebuilds.append((job, outcome))
@@ -518,6 +528,36 @@ class Simulator:
             for k, v in c.stats.as_dict().items():
                 setattr(total, k, getattr(total, k) + v)
         return total
+
+
+class _CrashingTransport(LocalTransport):
+    """The memory as a rebuild's pause sees it, where MN ``node`` crashes once ``after`` verbs
+    have executed: the verbs of a batch before that point take effect, the rest meet a dead
+    MN (its own fail; the others' are executed, as a real MN's would be)."""
+
+    def __init__(self, sim: Simulator, node: int, after: int):
+        super().__init__(sim.memory.config, memory=sim.memory)
+        self.sim, self.node = sim, node
+        self.left: int | None = after       # verbs before the crash; None: it happened
+
+    def _execute(self, batch: Sequence[Request]) -> list:
+        if self.left is None or self.left >= len(batch):
+            if self.left is not None:
+                self.left -= len(batch)
+            return super()._execute(batch)
+        before, after = batch[:self.left], batch[self.left:]
+        self.left = None
+        self.sim.crash_node(self.node)
+        self.sim.faults[-1] = (self.sim.step, f"MN {self.node} crashed in a rebuild's pause")
+        done: list = []
+        for part in (before, after):
+            try:
+                done += super()._execute(part) if part else []
+            except TransportError as e:
+                assert e.results is not None, "a local batch fails with its results"
+                done += e.results
+        raise_for_failures(done)
+        return done
 
 
 def _count(s: TransportStats, batch: list) -> None:
