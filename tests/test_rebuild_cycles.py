@@ -110,23 +110,19 @@ def test_an_r1_insert_committed_as_a_rebuild_publishes():
 
 
 
-@pytest.mark.xfail(strict=True, reason="open: a crashed client's round committed with no "
-                   "backup left, never CASed, taken by recovery for one that took effect once "
-                   "the slot has a backup again (leaked)")
 @pytest.mark.parametrize("seed", [1261, 1627])
 def test_a_crashed_round_committed_without_a_backup_counted_as_taken_effect(seed):
-    """With a slow MN, on 6 MNs r = 2, a client crash (leaked; both fail on 013092f too).
-    Seed 1261: in epoch 2 c0's put of k1 (an insert) won its slot on its one backup, MN 2,
-    and committed; c0 crashed before its primary CAS, and MN 2 crashed next. Its failover
-    (epoch 3) settled nothing, the primary MN 1 being alive with the slot empty; MN 2 was
-    rebuilt from it (empty), and c1 inserted k4 into the slot. Seed 1627: c0's put of k5 (an
-    update) committed in epoch 5 with the slot's other MN dead (no backup: no round to win),
-    and c0 crashed before its primary CAS. Recovery (epoch 7, the slot with a backup again)
-    reads each entry COMMITTED, the primary holding neither the old value nor the proposal,
-    and takes it for one that took effect ("had taken effect", not UNPROVEN): its object
-    stays held, named by no slot. The gap of seed 169 on 6 MNs above (``Recovery._committed``
-    cannot tell that the round had no backup, or lost it, before its primary CAS: the
-    membership does not record it); wt-fate's area this session."""
+    """With a slow MN, on 6 MNs r = 2, a client crash (leaked on 013092f). Seed 1261: in
+    epoch 2 c0's put of k1 (an insert) won its slot on its one backup, MN 2, and committed;
+    c0 crashed before its primary CAS, and MN 2 crashed next. Its failover (epoch 3) settled
+    nothing, the primary MN 1 being alive with the slot empty; MN 2 was rebuilt from it
+    (empty), and c1 inserted k4 into the slot. Seed 1627: c0's put of k5 (an update)
+    committed in epoch 5 with the slot's other MN dead (no backup: no round to win), and c0
+    crashed before its primary CAS. Recovery (epoch 7, the slot with a backup again) read
+    each entry COMMITTED, the primary holding neither the old value nor the proposal, and
+    took it for one that took effect: its object stayed held, named by no slot. Recovery now
+    trusts "had taken effect" only where two replicas of the subtable were alive in every
+    epoch (``Membership.always_live``); else the entry is UNPROVEN, as for seed 169."""
     check_rebuild(seed, cls=SlowCycleRun, nodes=6, r=2, crash_client=True)
 
 
