@@ -83,3 +83,21 @@ def test_an_r1_insert_committed_as_a_rebuild_publishes():
     there. A committed r = 1 claim is now published at the epoch's end (``_publish``): the
     slot tells whether the CAS took effect, and the insert succeeds either way."""
     check_rebuild(518, cls=CycleRun, nodes=4, r=2, crash_client=True)
+
+
+@pytest.mark.xfail(strict=True, reason="open: a crashed client's INSERT committed in a round "
+                   "whose only backup died with its proposal, taken by recovery for one that "
+                   "took effect once the backup was rebuilt")
+def test_a_crashed_insert_whose_backup_died_with_its_proposal():
+    """Seed 267 on 4 MNs r = 2 with a slow MN, splits and a client crash (leaked; fails on
+    013092f too). In epoch 2 c0's insert of s48 proposed on slot 2:32's backup, MN 3,
+    committed its log entry and crashed before its primary CAS; MN 3 died next (epoch 3):
+    the proposal went with it, and the failover, the primary MN 2 alive, had nothing to
+    settle or drop. The slot stayed free on MN 2 and c1 inserted there (r = 1). c0's recovery
+    in epoch 3 (no backup: it would have counted the entry UNPROVEN) was cut short by MN 3's
+    rebuild; in epoch 4 the slot has a backup again, the primary holds neither the old value
+    nor the claim, and ``Recovery._committed`` takes that for the entry's CAS having taken
+    effect: its object stays held, named by no slot. Not the insert's settling: the entry
+    does not say that its round lost its backup (``Membership.rebuilt`` says only that a
+    member was dead at some time), the same gap as seed 169 above."""
+    check_rebuild(267, cls=SlowCycleRun, nodes=4, r=2, crash_client=True, splits=True)
