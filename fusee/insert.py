@@ -187,7 +187,12 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
                 continue
             r, open_round = open_round, None
             epoch, t, v_old, committed = r.epoch, r.target, r.v_old, r.committed
-            if not t.backups:           # an r = 1 claim sits on the primary: take it back
+            if not t.backups:           # an r = 1 claim sits on the primary
+                # committed: its primary CAS may have taken effect (the only way to know is
+                # the slot), and no rival commits the key while the claim stands: finish it
+                if committed and (yield from core.retrying(lambda: _publish(core, t, s))):  # noqa: B023 (retrying calls it at once)
+                    core.cache.store(key, t.sid, t.pos, s)
+                    return None
                 yield from core.retrying(lambda: _take_back(core, t, obj, s, v_old))  # noqa: B023 (retrying calls it at once)
                 return FRESH
             # settling the round meets the end of the next epoch too when more MNs die
@@ -317,24 +322,50 @@ def _await_claim(core: OpCore, sid: int, claim: Rival, claim_node: int, primary:
             polls, f"slot {sid}:{pos}: another insert's claim is not resolved")
 
 
+def _publish(core: OpCore, t: SlotTarget, s: int) -> Op[bool]:
+    """Generator: finish a committed r = 1 claim whose primary CAS (``s | TENTATIVE -> s``)
+    an epoch's end cut short: it may have taken effect, maybe in the very step a rebuild
+    copied the slot onto the MN it rebuilt, so the slot tells, on every replica it has now
+    (a rebuild copies the claim or ``s``; a failover leaves what the live replicas agree
+    on). The CAS is made again there, backups first as in a round (recovery publishes a
+    committed claim the same way, ``Recovery._claim_r1``). Returns whether the insert took
+    effect: the slot held the claim (published now) or anything but it (``s`` landed, and
+    maybe another writer has replaced it since: nobody else moves a claim). False only if a
+    split froze the claim (it drops claims: the insert never took effect; the backups take
+    the frozen value back, as after a round a split ended). Run under ``core.retrying``."""
+    now, claim = core.target(t.sid, t.pos), s | TENTATIVE
+    if now.backups:
+        yield from core.rt([Cas(n, now.addr, claim, s) for n in now.backups])
+    (old,) = yield from core.rt([Cas(now.primary, now.addr, claim, s)])
+    if old == claim | FROZEN:
+        if now.backups:
+            yield from core.rt(unfreeze_requests(now, claim, s))
+        return False
+    return True
+
+
 def _take_back(core: OpCore, t: SlotTarget, obj: NewObject, s: int, v_old: int
                ) -> Op[None]:
-    """Generator: withdraw an r = 1 claim. A rebuild published since copied the claim onto
-    the MN it rebuilt: the claim is withdrawn from every replica the slot has now, or that
-    copy would name our object forever (after its memory is reused: every insert of its
-    fingerprint there would wait on it). That holds also when the MN the claim was made on
-    died since: a failover leaves a copy that all the live replicas agree on as it is. Run
-    under ``core.retrying``: an MN may die during it."""
+    """Generator: withdraw an r = 1 claim whose primary CAS was never made (or that a split
+    froze). A rebuild published since copied the claim onto the MN it rebuilt: the claim is
+    withdrawn from every replica the slot has now, or that copy would name our object
+    forever (after its memory is reused: every insert of its fingerprint there would wait on
+    it). That holds also when the MN the claim was made on died since: a failover leaves a
+    copy that all the live replicas agree on as it is. Run under ``core.retrying``: an MN may
+    die during it."""
     now = core.target(t.sid, t.pos)
-    yield from _withdraw(core, now, obj, s, v_old, s | TENTATIVE, claim=s | TENTATIVE)
+    old = yield from _withdraw(core, now, obj, s, v_old, s | TENTATIVE, claim=s | TENTATIVE)
+    # ``s`` there would be an insert that took effect, its object about to be given back
+    assert old & ~FROZEN != s, f"slot {t.sid}:{t.pos}: a claim taken back had been published"
 
 
 def _withdraw(core: OpCore, t: SlotTarget, obj: NewObject, s: int, v_old: int,
-              expected: int, claim: int | None = None) -> Op[None]:
+              expected: int, claim: int | None = None) -> Op[int]:
     """Generator: end our claimed round with a fresh void value (log entry marked first).
     ``claim``: what the backups hold (``s`` but for a claim taken back from a rebuilt
-    copy)."""
+    copy). Returns the value the primary CAS found."""
     void = core.free_value()
     mark = core.log.record(obj, ABORTED, slot_ref(t.sid, t.pos), v_old)
     yield from core.rt([*(Cas(n, t.addr, claim or s, void) for n in t.backups), *mark])
-    yield from cas_primary(t, expected, void)
+    _, old = yield from cas_primary(t, expected, void)
+    return old

@@ -93,19 +93,17 @@ def test_a_fate_read_off_a_primary_rebuilt_since_the_round():
     check_rebuild(526, cls=CycleRun, nodes=3, r=3, crash_client=True)
 
 
-@pytest.mark.xfail(strict=True, reason="open: an r = 1 insert committed as a rebuild published, "
-                   "then taken back as a claim: KeyExists against itself, its object reused")
 def test_an_r1_insert_committed_as_a_rebuild_publishes():
-    """Seed 518 on 4 MNs r = 2 with a client crash (the reader's get raises CorruptObject;
-    fails on f9b8e50 too). In epoch 3 (MN 2 dead) c1's insert of k0 claimed slot 1:14 on its
-    only live replica, MN 1 (TENTATIVE), and its CAS to the committed value took effect there
-    in the step MN 2's rebuild published epoch 4 (the rebuild copied the committed value to
-    MN 2). MN 1 died next (epoch 5); c1, settling, took its claim back on MN 2 as though it
-    were still TENTATIVE (that CAS failed: MN 2 held the committed value), tried other slots
-    and ended with KeyExists against its own insert, giving its object back while slot 1:14
-    names it; the object was reused and the reader found another allocation there. Not
-    traced to the line within the session (``fusee.insert``'s settling of an r = 1 claim at
-    an epoch's end, ``_take_back``)."""
+    """Seed 518 on 4 MNs r = 2 with a client crash (the reader's get raised CorruptObject).
+    In epoch 3 (MN 2 dead) c1's insert of k0 claimed slot 1:14 on its only live replica, MN
+    1 (TENTATIVE), committed, and its CAS to the committed value took effect there in the
+    step MN 2's rebuild published epoch 4 (the rebuild copied the committed value to MN 2);
+    MN 1 died before it answered (epoch 5). c1, settling, took its claim back on MN 2 as
+    though the CAS had not been made (it failed: MN 2 held the committed value), tried other
+    slots and ended with KeyExists against its own insert, giving its object back while
+    slot 1:14 named it; the object was reused and the reader found another allocation
+    there. A committed r = 1 claim is now published at the epoch's end (``_publish``): the
+    slot tells whether the CAS took effect, and the insert succeeds either way."""
     check_rebuild(518, cls=CycleRun, nodes=4, r=2, crash_client=True)
 
 
@@ -144,3 +142,17 @@ def test_the_fate_of_a_won_round_whose_primary_moved_on(seed):
     ``Membership.fate`` made 916 pass (and the open seed 526), 1860 then fails further on
     (CorruptObject): not enough alone. The round's fate is wt-fate's area this session."""
     check_rebuild(seed, cls=SlowCycleRun, nodes=4, r=2, crash_client=True)
+
+
+def test_a_crashed_insert_whose_backup_died_with_its_proposal():
+    """Seed 267 on 4 MNs r = 2 with a slow MN, splits and a client crash (leaked on
+    013092f). In epoch 2 c0's insert of s48 proposed on slot 2:32's backup, MN 3,
+    committed its log entry and crashed before its primary CAS; MN 3 died next (epoch 3):
+    the proposal went with it, and the failover, the primary MN 2 alive, had nothing to
+    settle or drop. The slot stayed free on MN 2 and c1 inserted there (r = 1). c0's recovery
+    in epoch 3 (no backup: it would have counted the entry UNPROVEN) was cut short by MN 3's
+    rebuild; in epoch 4 the slot has a backup again, the primary holds neither the old value
+    nor the claim, and ``Recovery._committed`` took that for the entry's CAS having taken
+    effect: its object stayed held, named by no slot. Now UNPROVEN, as seed 169 above: MN 3
+    was not alive in every epoch (``Membership.always_live``)."""
+    check_rebuild(267, cls=SlowCycleRun, nodes=4, r=2, crash_client=True, splits=True)
