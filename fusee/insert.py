@@ -22,58 +22,77 @@ round for its slot simply retries on another free slot.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Literal
 
 from fusee.errors import KeyExists, Stalled
 from fusee.hashing import key_hash
+from fusee.index import View
 from fusee.layout import (ABORTED, COMMITTED, FP_SHIFT, FROZEN, INSERT, TENTATIVE,
                           any_frozen, committed_object, decode_object,
                           is_object, slot_fp, slot_ref, strip, unpack_u64)
-from fusee.membership import FRESH
-from fusee.replication import (LOSE, RESTART, RULE3, WIN, cas_primary, decide, fix_requests,
-                               propose, resolve, unfreeze_requests)
+from fusee.replication import (cas_primary, decide, fix_requests, propose, resolve,
+                               unfreeze_requests)
 from fusee.resize import split
 from fusee.reuse import is_named
 from fusee.verbs import EPOCH_ENDS, Cas, Op, Read
+from fusee.verdicts import FRESH, LOSE, RESTART, RULE3, WIN, Fresh
 
 if TYPE_CHECKING:
     from fusee.hashing import KeyHash
     from fusee.log import NewObject
-    from fusee.operations import ClientCore
+    from fusee.op_core import OpCore
     from fusee.replication import SlotTarget
+    from fusee.verdicts import Verdict
 
 #: another inserter's claim to wait for: (position, claim value, primary value)
 Rival = tuple[int, int, int]
 
-CLEAR, EXISTS, YIELD = "clear", "exists", "yield"
+#: what the duplicate check (``_check``) found: commit, withdraw (the key exists), withdraw
+#: and wait for a lower claim, or start over (the subtable froze)
+Check = Literal["clear", "exists", "yield", "restart"]
+CLEAR: Final = "clear"
+EXISTS: Final = "exists"
+YIELD: Final = "yield"
 
 
-def insert(core: ClientCore, key: bytes, value: bytes) -> Op[str | None]:
-    """Generator: the INSERT operation of ``core`` (a ClientCore). An insert that runs out of
+@dataclass(slots=True)
+class ClaimRound:
+    """The SNAPSHOT round an INSERT has open on its claimed slot: what settling it takes when
+    its epoch ends before the round does."""
+    epoch: int
+    target: SlotTarget
+    v_old: int
+    #: False until the commit record is sent, None while it may have reached some replicas
+    #: only, True once it is through
+    committed: bool | None = False
+
+
+def insert(core: OpCore, key: bytes, value: bytes) -> Op[None]:
+    """Generator: the INSERT operation of ``core`` (an OpCore). An insert that runs out of
     patience (Stalled) withdraws any claim it holds and gives its object back."""
     return core.with_objects(INSERT, key, value, lambda obj, _: _insert(core, obj, key))
 
 
-def _insert(core: ClientCore, obj: NewObject, key: bytes) -> Op[str | None]:
+def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
     h = key_hash(key)
     s = core.slot_value(h, obj)
     writes = obj.writes
     lost: dict[tuple[int, int], int] = {}       # (sid, pos) -> value when we lost it
     waits = 0                                   # re-reads spent waiting on other clients
-    # (epoch, target, v_old, committed: None until the commit record is through)
-    open_round: tuple[int, SlotTarget, int, bool | None] | None = None
+    open_round: ClaimRound | None = None
     while True:
         try:
             sid, depth = core.dir.lookup(h)
             t_nodes = core.dir.nodes(sid)
-            reads, firsts = core.bucket_reads(sid, h, t_nodes[0])
+            reads, firsts = core.dir.bucket_reads(sid, h, t_nodes[0])
             res = yield from core.rt([*reads, *writes])
             writes = []
-            view = core.view(res, firsts, sid)
+            view = View(res[:2], firsts, sid)
             if view.stale:
                 waits = yield from core.split_seen(sid, waits)
                 continue
-            cands = [v for _, v in core.candidates(view, h)]
+            cands = [v for _, v in view.candidates(h.fp)]
             pos = view.free_slot([p for (lsid, p), v in lost.items()
                                   if lsid == sid and view.get(p) == v] if lost else ())
             if pos is None:
@@ -99,9 +118,9 @@ def _insert(core: ClientCore, obj: NewObject, key: bytes) -> Op[str | None]:
             assert v_old is not None, "the view holds the free slot it chose"
             t = core.target(sid, pos)
             claim_node = t.backups[0] if t.backups else t.primary
-            claim_reads, _ = core.bucket_reads(sid, h, claim_node)
+            claim_reads, _ = core.dir.bucket_reads(sid, h, claim_node)
             extra = claim_reads + [core.object_read(v) for v in cands]
-            open_round = (core.membership.epoch, t, v_old, False)
+            open_round = ClaimRound(core.membership.epoch, t, v_old)
             if t.backups:
                 current, got = yield from propose(t, v_old, s, extra)
                 verdict = decide(current, s)            # rules 1 and 2: no generator
@@ -126,7 +145,7 @@ def _insert(core: ClientCore, obj: NewObject, key: bytes) -> Op[str | None]:
                 continue
             known = {}
             settled = _learn(known, key, cands, got[2:])
-            claims = core.view(got[:2], firsts, sid).slots
+            claims = View(got[:2], firsts, sid).slots
             prims = claims if not t.backups else view.slots
             try:
                 outcome, other = yield from _check(core, t, s, h, key, firsts, prims, claims,
@@ -136,9 +155,9 @@ def _insert(core: ClientCore, obj: NewObject, key: bytes) -> Op[str | None]:
                 raise
             if outcome == CLEAR:
                 # the record may land on some replicas only: None until it is through
-                open_round = (open_round[0], t, v_old, None)
+                open_round.committed = None
                 yield from core.rt(core.log.record(obj, COMMITTED, slot_ref(sid, pos), v_old))
-                open_round = (open_round[0], t, v_old, True)
+                open_round.committed = True
                 verdict, _ = yield from cas_primary(t, expected, s)
                 if verdict == WIN:
                     core.cache.store(key, sid, pos, s)
@@ -166,8 +185,8 @@ def _insert(core: ClientCore, obj: NewObject, key: bytes) -> Op[str | None]:
             writes = yield from core.epoch_ended(err, obj)
             if open_round is None:
                 continue
-            epoch, t, v_old, committed = open_round
-            open_round = None
+            r, open_round = open_round, None
+            epoch, t, v_old, committed = r.epoch, r.target, r.v_old, r.committed
             if not t.backups:           # an r = 1 claim sits on the primary: take it back
                 yield from core.retrying(lambda: _take_back(core, t, obj, s, v_old))  # noqa: B023 (retrying calls it at once)
                 return FRESH
@@ -179,7 +198,7 @@ def _insert(core: ClientCore, obj: NewObject, key: bytes) -> Op[str | None]:
                              and v.slot_ref == slot_ref(t.sid, t.pos))
             # the failover keeps an insert's claim only once committed (checked for
             # duplicates); any other claim it withdrew
-            decided = WIN if committed else None
+            decided: Verdict | None = WIN if committed else None
             if (yield from core.retrying(lambda: core.fate(epoch, t, v_old, s, decided))) == WIN:  # noqa: B023 (retrying calls it at once)
                 core.cache.store(key, t.sid, t.pos, s)
                 return None
@@ -205,9 +224,9 @@ def _learn(known: dict[int, bool], key: bytes, values: list[int], bufs: Sequence
     return settled
 
 
-def _check(core: ClientCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
+def _check(core: OpCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
            firsts: tuple[int, int], prims: dict[int, int], claims: dict[int, int],
-           known: dict[int, bool], settled: bool) -> Op[tuple[str, Rival | None]]:
+           known: dict[int, bool], settled: bool) -> Op[tuple[Check, Rival | None]]:
     """Generator: the duplicate check once our claim is visible on the claim MN. ``claims``
     were read there after our claim, ``prims`` from the primary BEFORE that, ``known`` the
     verdicts (``_learn``) on objects read after both (``settled``: every one had a verdict).
@@ -230,11 +249,11 @@ def _check(core: ClientCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
         if not settled:     # an object was being replaced: the slots moved, read them again
             waits = yield from core.waited(
                 waits, f"slot {t.sid}:{t.pos}: a rival's object is being replaced")
-            reads = core.bucket_reads(t.sid, h, claim_node)[0]
+            reads = core.dir.bucket_reads(t.sid, h, claim_node)[0]
             bufs = yield from core.rt(reads + ([] if r1 else
-                                               core.bucket_reads(t.sid, h, t.primary)[0]))
-            claims = core.view(bufs[:2], firsts, t.sid).slots
-            prims = claims if r1 else core.view(bufs[2:], firsts, t.sid).slots
+                                               core.dir.bucket_reads(t.sid, h, t.primary)[0]))
+            claims = View(bufs[:2], firsts, t.sid).slots
+            prims = claims if r1 else View(bufs[2:], firsts, t.sid).slots
             after = r1      # (the same batch: no order between the two reads)
             known.clear()
             settled = True
@@ -252,7 +271,7 @@ def _check(core: ClientCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
             settled = _learn(known, key, unknown, bufs)
             continue
         if not after and _differ(claims, prims, t.pos):
-            prims = core.view((yield from core.rt(core.bucket_reads(t.sid, h, t.primary)[0])),
+            prims = View((yield from core.rt(core.dir.bucket_reads(t.sid, h, t.primary)[0])),
                               firsts, t.sid).slots
             after = True
             known.clear()
@@ -267,8 +286,8 @@ def _check(core: ClientCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
         if not rivals:
             return CLEAR, None
         yield from _await_claim(core, t.sid, rivals[0], claim_node, t.primary)
-        bufs = yield from core.rt(core.bucket_reads(t.sid, h, claim_node)[0])
-        claims = core.view(bufs, firsts, t.sid).slots
+        bufs = yield from core.rt(core.dir.bucket_reads(t.sid, h, claim_node)[0])
+        claims = View(bufs, firsts, t.sid).slots
         if r1:
             prims = claims
         after = r1
@@ -283,7 +302,7 @@ def _differ(claims: dict[int, int], prims: dict[int, int], pos: int) -> bool:
     return mine != prims
 
 
-def _await_claim(core: ClientCore, sid: int, claim: Rival, claim_node: int, primary: int
+def _await_claim(core: OpCore, sid: int, claim: Rival, claim_node: int, primary: int
                  ) -> Op[None]:
     """Generator: poll until another inserter's claim is resolved (its claim value or the
     slot's primary value changes); Stalled after ``core.patience`` polls."""
@@ -298,7 +317,7 @@ def _await_claim(core: ClientCore, sid: int, claim: Rival, claim_node: int, prim
             polls, f"slot {sid}:{pos}: another insert's claim is not resolved")
 
 
-def _take_back(core: ClientCore, t: SlotTarget, obj: NewObject, s: int, v_old: int
+def _take_back(core: OpCore, t: SlotTarget, obj: NewObject, s: int, v_old: int
                ) -> Op[None]:
     """Generator: withdraw an r = 1 claim. A rebuild published since copied the claim onto
     the MN it rebuilt: the claim is withdrawn from every replica the slot has now, or that
@@ -310,7 +329,7 @@ def _take_back(core: ClientCore, t: SlotTarget, obj: NewObject, s: int, v_old: i
     yield from _withdraw(core, now, obj, s, v_old, s | TENTATIVE, claim=s | TENTATIVE)
 
 
-def _withdraw(core: ClientCore, t: SlotTarget, obj: NewObject, s: int, v_old: int,
+def _withdraw(core: OpCore, t: SlotTarget, obj: NewObject, s: int, v_old: int,
               expected: int, claim: int | None = None) -> Op[None]:
     """Generator: end our claimed round with a fresh void value (log entry marked first).
     ``claim``: what the backups hold (``s`` but for a claim taken back from a rebuilt

@@ -27,10 +27,7 @@ from dataclasses import dataclass, field
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-WIN, LOSE, RESTART = "win", "lose", "restart"
-#: what an operation returns to start over with a new object after a failover dropped its
-#: proposal (the old object's log entry must never commit again: see ``dropped``)
-FRESH = "fresh"
+from fusee.verdicts import LOSE, RESTART, WIN, Verdict
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ class Membership:
         return self.kept.get(epoch + 1, {}).get((sid, pos)) if v is None else v
 
     def fate(self, epoch: int, sid: int, pos: int, v_old: int, v_new: int,
-             decided: str | None, primary_now: int | None) -> str:
+             decided: Verdict | None, primary_now: int | None) -> Verdict:
         """WIN, LOSE or RESTART for a writer that proposed ``v_new`` over ``v_old`` in slot
         ``sid:pos`` in ``epoch``, which a failover ended. ``decided``: the verdict it had
         reached from a complete set of backup values (WIN, LOSE), or None. ``primary_now``:

@@ -1,7 +1,14 @@
-"""The four operations, sans-IO: ``ClientCore`` holds one client's state and hands
-out operation generators that yield batches of ``fusee.verbs`` requests, receive their
-completions and return the result. Anything with ``execute(batch)`` can drive them
-(``fusee.driver.run``), and a simulator can interleave the verbs of many clients.
+"""The four operations, sans-IO: ``ClientCore`` holds one client's state and its round
+machinery, and hands out operation generators that yield batches of ``fusee.verbs`` requests,
+receive their completions and return the result. Anything with ``execute(batch)`` can drive
+them (``fusee.driver.run``), and a simulator can interleave the verbs of many clients.
+
+Each operation lives in its own module, a free function of the core typed by the interface it
+may use (``fusee.op_core.OpCore``): SEARCH in ``fusee.search``, INSERT in ``fusee.insert``,
+UPDATE, DELETE and PUT in ``fusee.update``, the split they may run into in ``fusee.resize``.
+This module keeps what they share: the round trip that carries what the client owes (``rt``),
+the epochs (``new_epoch``, ``epoch_ended``, ``fate``, ``retrying``), waits, the new object an
+operation writes (``with_objects``) and the opening and closing of the client id.
 
 Round trips with r >= 2 and no contention (the first batch of each operation also carries the
 new object's writes and any deferred frees / log marks of earlier operations):
@@ -38,36 +45,29 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from fusee import insert as insert_mod
 from fusee import search as search_mod
+from fusee import update as update_mod
 from fusee.allocation import Allocator
 from fusee.cache import IndexCache
 from fusee.config import ClusterConfig
-from fusee.errors import (CorruptObject, KeyExists, KeyNotFound, NeedsRecovery,
-                          Stalled, StoreFormatError, check_key, check_value)
+from fusee.errors import (KeyExists, KeyNotFound, NeedsRecovery, Stalled, StoreFormatError,
+                          check_key, check_value)
 from fusee.hashing import KeyHash, key_hash
-from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry, View
+from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry
 from fusee.holdings import adopt
-from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, IN_USE, LOST,
-                          MAX_CLIENT_IDS, META_GROUPS, META_INCARNATION, META_MAGIC,
-                          META_MAGIC_OFF, META_STATE, NO_SLOT, TAIL_BYTES, UPDATE, ObjectView,
-                          free_value, make_slot, object_extent, object_tail, pack_u64,
-                          slot_ref, unpack_u64)
+from fusee.layout import (ABORTED, CLEAN, DELETE, FROZEN, IN_USE, MAX_CLIENT_IDS, META_GROUPS,
+                          META_INCARNATION, META_MAGIC, META_MAGIC_OFF, META_STATE, NO_SLOT,
+                          UPDATE, free_value, make_slot, object_extent, pack_u64, unpack_u64)
 from fusee.log import NewObject, ObjectLog
-from fusee.membership import FRESH, Membership
+from fusee.membership import Membership
 from fusee.memory_map import HEADER_LAYOUT, MemoryMap
-from fusee.replication import (LOSE, RESTART, RULE3, WIN, SlotTarget, await_change, backoff,
-                               cas_primary, decide, fix_requests, propose, resolve,
-                               unfreeze_requests)
-from fusee.reuse import ObjectReads
+from fusee.replication import SlotTarget, backoff
 from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, NodeTimeout, Op,
                          Read, Request, T, TransportError, Write)
-
-#: a key found in the index: (slot position, slot value, the object it names)
-Found = tuple[int, int, ObjectView]
-
+from fusee.verdicts import FRESH, Fresh, Verdict
 
 #: re-reads an operation spends waiting on another client before it raises Stalled (about a
 #: minute with the back-off between them; ``fusee.client.Client`` sets it from the time a
@@ -127,24 +127,24 @@ class ClientCore:
         key = check_key(key, self.layout.max_key_size)
         return self.tracked(search_mod.search(self, key, key_hash(key)))
 
-    def insert(self, key: bytes, value: bytes) -> Op[str | None]:
+    def insert(self, key: bytes, value: bytes) -> Op[None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
         return self.tracked(insert_mod.insert(self, key, value))
 
-    def update(self, key: bytes, value: bytes) -> Op[str | None]:
+    def update(self, key: bytes, value: bytes) -> Op[None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
-        return self.tracked(self._replace(key, value, UPDATE))
+        return self.tracked(update_mod.replace(self, key, value, UPDATE))
 
-    def delete(self, key: bytes) -> Op[str | None]:
+    def delete(self, key: bytes) -> Op[None]:
         key = check_key(key, self.layout.max_key_size)
-        return self.tracked(self._replace(key, b"", DELETE))
+        return self.tracked(update_mod.replace(self, key, b"", DELETE))
 
-    def put(self, key: bytes, value: bytes) -> Op[str | None]:
+    def put(self, key: bytes, value: bytes) -> Op[None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
-        return self.tracked(self._put(key, value))
+        return self.tracked(update_mod.put(self, key, value))
 
     @property
     def settled(self) -> bool:
@@ -267,8 +267,8 @@ class ClientCore:
         self.retry()
         return self.log.rewrite(obj)
 
-    def fate(self, epoch: int, t: SlotTarget, v_old: int, v_new: int, decided: str | None
-             ) -> Op[str]:
+    def fate(self, epoch: int, t: SlotTarget, v_old: int, v_new: int, decided: Verdict | None
+             ) -> Op[Verdict]:
         """Generator: WIN, LOSE or RESTART for the round this client had open at ``t`` when
         ``epoch`` ended (``Membership.fate``). Reads the round's primary if it is alive, else
         its first live replica: a FROZEN value there is final, and tells the round's fate
@@ -375,13 +375,6 @@ class ClientCore:
     def retry(self) -> None:
         self.counters["retries"] += 1
 
-    def bucket_reads(self, sid: int, h: KeyHash, node: int
-                     ) -> tuple[list[Read], tuple[int, int]]:
-        return self.dir.bucket_reads(sid, h, node)
-
-    def view(self, bufs: list[bytes], firsts: tuple[int, int], sid: int) -> View:
-        return View(bufs[:2], firsts, sid)
-
     def target(self, sid: int, pos: int) -> SlotTarget:
         return SlotTarget(sid, pos, tuple(self.dir.nodes(sid)), self.geo.slot_addr(sid, pos))
 
@@ -395,39 +388,6 @@ class ClientCore:
         if near is None or near not in self.alloc.copies_of[node]:
             near = self.alloc.home_of(node)
         return Read(near, addr, length)
-
-    def candidates(self, view: View, h: KeyHash) -> list[tuple[int, int]]:
-        return view.candidates(h.fp)
-
-    def match(self, key: bytes, cands: list[tuple[int, int]], bufs: list[bytes],
-              suspects: ObjectReads) -> tuple[Found | None, bool]:
-        """Find the key among candidate objects: (pos, value, object) or None, and whether a
-        candidate's memory was being reused (``fusee.reuse``: look again; CorruptObject once
-        its corruption is proven)."""
-        suspects.next_pass()
-        bad = False
-        for (pos, v), buf in zip(cands, bufs):
-            obj = suspects.judge(v, buf, key)
-            if obj is None:
-                bad = True
-            elif obj.key == key:
-                return (pos, v, obj), False
-        return None, bad
-
-    def find(self, key: bytes, view: View, h: KeyHash, suspects: ObjectReads
-             ) -> Op[Found | None | Literal[False]]:
-        """Generator: read the key's candidate objects in ``view``: (pos, value, object),
-        None when the key is absent, or False when a candidate's memory was being reused (look
-        again)."""
-        cands = self.candidates(view, h)
-        if not cands:
-            return None
-        bufs = yield from self.rt([self.object_read(v) for _, v in cands])
-        found, bad = self.match(key, cands, bufs, suspects)
-        if found is None and bad:
-            self.retry()
-            return False
-        return found
 
     def defer_free(self, v: int, then_release: int | None = None) -> None:
         """Free ``v``'s object with the next batch; ``then_release`` (an object of ours whose
@@ -459,6 +419,12 @@ class ClientCore:
         yield from self.rt(self.log.record(obj, ABORTED, NO_SLOT, 0))
         self.alloc.release(obj.ptr)
 
+    def abandon_later(self, obj: NewObject) -> None:
+        """An operation ends without having proposed ``obj`` and another operation follows
+        at once (a put's insert): the ABORTED mark rides with the next batch (``rt``), and
+        the memory is reused once it is through."""
+        self.aborts.append(obj)
+
     def slot_value(self, h: KeyHash, obj: NewObject) -> int:
         node, addr = self.alloc.where(obj.ptr)     # the group's first MN, dead or alive
         return make_slot(h.fp, obj.units, node, addr, self.unit, obj.seq)
@@ -468,40 +434,8 @@ class ClientCore:
         self.free_seq += 1
         return free_value(self.client_id, self.free_seq)
 
-    # -- UPDATE / DELETE -------------------------------------------------------------------
-    def _locate(self, key: bytes, h: KeyHash, writes: list[Write]
-                ) -> Op[tuple[int, int, int, int] | None]:
-        """Generator: find the key's slot. Returns (sid, pos, value, crc of the object the
-        value names) or None (absent), after one bucket read that also carries ``writes``
-        (and, with a cached slot, the cached object's last bytes); follows splits."""
-        suspects = None                         # made on a cache miss only
-        waits = 0
-        while True:
-            sid, _ = self.dir.lookup(h)
-            reads, firsts = self.bucket_reads(sid, h, self.dir.nodes(sid)[0])
-            e = self.cache.get(key)
-            if e is not None and e.sid == sid:
-                node, addr, length = object_extent(e.value, self.unit)
-                reads.append(Read(self.alloc.home_of(node), addr + length - TAIL_BYTES,
-                                  TAIL_BYTES))
-            res = yield from self.rt([*reads, *writes])
-            writes = []
-            view = View(res[:2], firsts, sid)
-            if view.stale:
-                waits = yield from self.split_seen(sid, waits)
-                continue
-            if e is not None and e.sid == sid:
-                hit = view.get(e.pos) == e.value
-                self.cache.outcome(e, hit)
-                if hit:
-                    return sid, e.pos, e.value, object_tail(res[2])[0]
-            suspects = suspects or ObjectReads(self.unit)
-            found = yield from self.find(key, view, h, suspects)
-            if found is not False:
-                return found and (sid, found[0], found[1], found[2].crc)
-
     def with_objects(self, opcode: int, key: bytes, value: bytes,
-                     body: Callable[[NewObject, bytes], Op[T]]) -> Op[T]:
+                     body: Callable[[NewObject, bytes], Op[T | Fresh]]) -> Op[T]:
         """Generator: run ``body(obj, value)`` with a new object until it returns anything but
         FRESH (a failover dropped its proposal: that object's log entry must never commit
         again). An object that ends in Stalled or FRESH goes back (no round of ours is left
@@ -519,120 +453,3 @@ class ClientCore:
             if result != FRESH:
                 return result
             yield from self.retrying(lambda: self.abandon(obj))  # noqa: B023 (retrying calls it at once)
-
-    def _replace(self, key: bytes, value: bytes, opcode: int, then_insert: bool = False
-                 ) -> Op[str | None]:
-        """Generator: UPDATE (new object) or DELETE of a present key. ``then_insert``: an
-        absent key is inserted next (a put), so the object's ABORTED mark rides with the
-        insert's first batch instead of a round trip of its own. (A function returning the
-        generator, not one itself: each level of generators costs on every round trip.)"""
-        return self.with_objects(
-            opcode, key, value,
-            lambda obj, v: self._replace_with(obj, key, opcode, v, then_insert))
-
-    def _replace_with(self, obj: NewObject, key: bytes, opcode: int, value: bytes,
-                      then_insert: bool = False) -> Op[str | None]:
-        h = key_hash(key)
-        writes = obj.writes
-        # (epoch, target, v_old, v_new, old crc, verdict reached)
-        open_round: tuple[int, SlotTarget, int, int, int, str | None] | None = None
-        while True:
-            try:
-                try:
-                    found = yield from self._locate(key, h, writes)
-                except CorruptObject:
-                    yield from self.abandon(obj)
-                    raise
-                writes = []
-                if found is None:
-                    if then_insert:
-                        self.aborts.append(obj)
-                    else:
-                        yield from self.abandon(obj)
-                    raise KeyNotFound(key)
-                sid, pos, v_old, old_crc = found
-                v_new = self.slot_value(h, obj) if opcode == UPDATE else unpack_u64(value)
-                t = self.target(sid, pos)
-                ref = slot_ref(sid, pos)
-                current: list[int] = []
-                epoch = self.membership.epoch
-                open_round = (epoch, t, v_old, v_new, old_crc, None)
-                if t.backups:
-                    current, _ = yield from propose(t, v_old, v_new)
-                verdict = decide(current, v_new)        # rules 1 and 2: no generator
-                if verdict == RULE3:
-                    verdict = yield from resolve(t, v_old, v_new, current)
-                if verdict == WIN:
-                    open_round = (epoch, t, v_old, v_new, old_crc, WIN)
-                    yield from self.rt([*fix_requests(t, current, v_new),
-                                        *self.log.record(obj, COMMITTED, ref, v_old, old_crc)])
-                    verdict, _ = yield from cas_primary(t, v_old, v_new)
-                    if verdict == WIN:
-                        self._replaced(key, obj, opcode, t, v_old, v_new)
-                        return None
-                    if verdict == RESTART and t.backups:
-                        yield from self.rt(unfreeze_requests(t, v_old, v_new))
-                elif verdict == LOSE:
-                    open_round = (epoch, t, v_old, v_new, old_crc, LOSE)
-                    self.counters["lost"] += 1
-                    verdict = yield from await_change(t, v_old, current,
-                                                      self.log.record(obj, LOST, ref, v_old),
-                                                      self.patience)
-                    if verdict == LOSE and opcode == UPDATE:
-                        self._overwritten(key, obj)
-                        return None
-                    # a DELETE that lost must look again: the winner may have been an UPDATE
-                open_round = None
-                self.retry()
-                if verdict == RESTART:
-                    yield from self.refresh()
-            except EPOCH_ENDS as err:
-                writes = yield from self.epoch_ended(err, obj)
-                if open_round is None:
-                    continue
-                epoch, t, v_old, v_new, old_crc, reached = open_round
-                open_round = None
-                # settling the round meets the end of the next epoch too when more MNs die
-                fate = yield from self.retrying(
-                    lambda: self.fate(epoch, t, v_old, v_new, reached))  # noqa: B023 (retrying calls it at once)
-                ref = slot_ref(t.sid, t.pos)
-                if fate == WIN:         # the failover kept our proposal: finish as a winner
-                    yield from self.retrying(lambda: self.rt(
-                        self.log.record(obj, COMMITTED, ref, v_old, old_crc)))  # noqa: B023 (retrying calls it at once)
-                    self._replaced(key, obj, opcode, t, v_old, v_new)
-                    return None
-                if fate == LOSE and opcode == UPDATE:
-                    yield from self.retrying(lambda: self.rt(
-                        self.log.record(obj, LOST, ref, v_old)))  # noqa: B023 (retrying calls it at once)
-                    self._overwritten(key, obj)
-                    return None
-                return FRESH
-
-    def _replaced(self, key: bytes, obj: NewObject, opcode: int, t: SlotTarget, v_old: int,
-                  v_new: int) -> None:
-        """The primary holds ``v_new``: the old object is freed with the next batch."""
-        if opcode == UPDATE:
-            self.defer_free(v_old)
-            self.cache.store(key, t.sid, t.pos, v_new)
-        else:
-            self.defer_free(v_old, then_release=obj.ptr)
-            self.cache.drop(key)
-
-    def _overwritten(self, key: bytes, obj: NewObject) -> None:
-        """An UPDATE that lost its round: overwritten by the winner, linearized just before
-        it; its object was never published."""
-        self.cache.drop(key)
-        self.alloc.release(obj.ptr)
-
-    def _put(self, key: bytes, value: bytes) -> Op[str | None]:
-        """UPDATE, or INSERT where the key is absent: 5 round trips for a new key (the
-        update's object is marked ABORTED with the insert's first batch)."""
-        while True:
-            try:
-                return (yield from self._replace(key, value, UPDATE, then_insert=True))
-            except KeyNotFound:
-                pass
-            try:
-                return (yield from insert_mod.insert(self, key, value))
-            except KeyExists:
-                self.retry()

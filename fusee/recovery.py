@@ -61,7 +61,8 @@ from fusee.layout import (ABORTED, CLEAN, COMMITTED, COMMIT_OFFSET, DELETE, FROZ
 from fusee.membership import Membership
 from fusee.memory_map import HEADER_LAYOUT
 from fusee.operations import ClientCore
-from fusee.replication import LOSE, RESTART, WIN, SlotTarget, fix_requests, propose, resolve
+from fusee.replication import SlotTarget, fix_requests, propose, resolve
+from fusee.verdicts import LOSE, RESTART, WIN
 from fusee.resize import finish, holder
 from fusee.verbs import Cas, Faa, Op, Read, Request, T, Write, chunks
 
@@ -406,12 +407,12 @@ class Recovery:
             nodes = core.dir.nodes(sid)
             # the primary first, the backups after: a proposal of ours still on a backup then
             # means its round was open all along, so the primary read is that round's v_old
-            reads, firsts = core.bucket_reads(sid, h, nodes[0])
+            reads, firsts = core.dir.bucket_reads(sid, h, nodes[0])
             res = yield from core.rt(reads)
             if len(nodes) > 1:
                 more = []
                 for n in nodes[1:]:
-                    more += core.bucket_reads(sid, h, n)[0]
+                    more += core.dir.bucket_reads(sid, h, n)[0]
                 res += yield from core.rt(more)
             views = [View(res[2 * i:2 * i + 2], firsts, sid) for i in range(len(nodes))]
             if views[0].stale:

@@ -30,6 +30,7 @@ from typing import Any
 from fusee.errors import Stalled
 from fusee.layout import FROZEN, unpack_u64
 from fusee.verbs import Backoff, Cas, Op, Read, Request
+from fusee.verdicts import LOSE, RESTART, RULE3, WIN, Decision, Verdict
 
 #: polls of a wait made back to back; after them each poll first lets BACKOFF seconds pass
 FAST_POLLS, BACKOFF = 100, 0.0002
@@ -40,8 +41,6 @@ def backoff(polls: int) -> Op[None]:
     FAST_POLLS: a live client usually finishes its round in a few round trips)."""
     if polls >= FAST_POLLS:
         yield [Backoff(BACKOFF)]
-
-WIN, LOSE, RULE3, RESTART = "win", "lose", "rule3", "restart"
 
 
 class SlotTarget:
@@ -60,7 +59,7 @@ class SlotTarget:
                 f"addr={self.addr:#x})")
 
 
-def decide(current: list[int], mine: int) -> str:
+def decide(current: list[int], mine: int) -> Decision:
     """Rules 1 and 2 from the backups' current values: WIN, LOSE (someone else has a
     majority), or RULE3 (no majority: the primary must be re-read)."""
     n, votes = len(current), current.count(mine)
@@ -84,7 +83,7 @@ def propose(t: SlotTarget, v_old: int, v_new: int, extra: Iterable[Request] = ()
     return current, res[k:]
 
 
-def resolve(t: SlotTarget, v_old: int, v_new: int, current: list[int]) -> Op[str]:
+def resolve(t: SlotTarget, v_old: int, v_new: int, current: list[int]) -> Op[Verdict]:
     """Generator, step 3: WIN, LOSE or RESTART (the slot froze) for this round."""
     verdict = decide(current, v_new)
     if verdict != RULE3:
@@ -105,7 +104,7 @@ def fix_requests(t: SlotTarget, current: list[int], v_new: int) -> list[Cas]:
 
 
 def cas_primary(t: SlotTarget, expected: int, v_new: int, extra: Iterable[Request] = ()
-                ) -> Op[tuple[str, int]]:
+                ) -> Op[tuple[Verdict, int]]:
     """Generator, step 4: the linearization point. Returns (outcome, value seen) where the
     outcome is WIN, RESTART (frozen) or LOSE (the primary held something else)."""
     assert v_new != expected, f"slot {t.sid}:{t.pos}: a primary CAS to the value it expects"
@@ -125,7 +124,7 @@ def unfreeze_requests(t: SlotTarget, v_old: int, v_new: int) -> list[Cas]:
 
 
 def await_change(t: SlotTarget, v_old: int, current: list[int],
-                 extra: Iterable[Request] = (), patience: int = 0) -> Op[str]:
+                 extra: Iterable[Request] = (), patience: int = 0) -> Op[Verdict]:
     """Generator for losers: poll until the round is over; ``current`` are the backups'
     values after our proposal, ``extra`` requests ride on the first poll. Returns LOSE
     (someone finished the round) or RESTART (it froze). After ``patience`` polls (0: no

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fusee.operations import ClientCore
+    from fusee.op_core import OpCore
 
 import struct
 
@@ -51,7 +51,7 @@ from fusee.verbs import Cas, Op, Read, Request, Write, chunks
 _HOLDER = 0xFFFFFFFF        # the lock word's low half: client id + 1 of the splitter
 
 
-def split(core: ClientCore, sid: int, depth: int, suffix: int) -> Op[bool]:
+def split(core: OpCore, sid: int, depth: int, suffix: int) -> Op[bool]:
     """Generator: split subtable ``sid`` (local depth ``depth``, directory suffix ``suffix``)
     or, if someone else is at it or did it, just refresh the directory. Returns whether the
     lock was free (False: another client holds it or the split is done)."""
@@ -76,7 +76,7 @@ def holder(lock: int) -> int | None:
     return (lock & _HOLDER) - 1
 
 
-def finish(core: ClientCore, sid: int, lock: int) -> Op[None]:
+def finish(core: OpCore, sid: int, lock: int) -> Op[None]:
     """Generator: steps 2-4 of the split of ``sid`` whose lock word is ``lock`` (the caller's
     own; for a recoverer: the crashed splitter's; for a failover: whatever the lock holds)."""
     geo = core.geo
@@ -114,7 +114,7 @@ def _depth(entry: int) -> int:
     return (entry >> 32) & 0xFF
 
 
-def _publish(core: ClientCore, tables: dict[int, tuple[int, ...]], span: range, depth: int,
+def _publish(core: OpCore, tables: dict[int, tuple[int, ...]], span: range, depth: int,
              news: tuple[int, int]) -> Op[None]:
     """Generator: step 4's directory CASes: every entry of ``span`` (the old subtable's range)
     on every directory replica (``tables``: its entries, by MN) that is not deeper than
@@ -133,7 +133,7 @@ def _publish(core: ClientCore, tables: dict[int, tuple[int, ...]], span: range, 
     yield from _cas_until(core, todo, again)
 
 
-def _cas_until(core: ClientCore, cases: list[Cas], again: Callable[[Cas, int], bool]
+def _cas_until(core: OpCore, cases: list[Cas], again: Callable[[Cas, int], bool]
                ) -> Op[None]:
     """Generator: post the CASes; each that fails is made again from the value it found, as
     long as ``again(cas, found)`` says so."""
@@ -145,7 +145,7 @@ def _cas_until(core: ClientCore, cases: list[Cas], again: Callable[[Cas, int], b
                  if old != c.expected and again(c, old)]
 
 
-def _freeze(core: ClientCore, sid: int, extra: list[Request]
+def _freeze(core: OpCore, sid: int, extra: list[Request]
             ) -> Op[tuple[dict[int, int], int, int]]:
     """Generator: freeze every slot of the subtable's primary (``extra`` requests ride on the
     first CASes); returns ({pos: value}, local depth, suffix) from its bucket headers."""
@@ -184,7 +184,7 @@ def _freeze(core: ClientCore, sid: int, extra: list[Request]
     return slots, depth, suffix
 
 
-def _freeze_backups(core: ClientCore, sid: int, slots: dict[int, int]) -> Op[None]:
+def _freeze_backups(core: OpCore, sid: int, slots: dict[int, int]) -> Op[None]:
     """Generator: every backup slot of ``sid`` takes the value the primary froze (``slots``,
     without the FROZEN bit). Nobody changes a frozen backup (a proposal CAS expects an
     unfrozen old value, a winner's fix-up skips frozen values), so each CAS that fails is
@@ -200,7 +200,7 @@ def _freeze_backups(core: ClientCore, sid: int, slots: dict[int, int]) -> Op[Non
     yield from _cas_until(core, todo, again)
 
 
-def _sort(core: ClientCore, slots: dict[int, int], depth: int
+def _sort(core: OpCore, slots: dict[int, int], depth: int
           ) -> Op[tuple[dict[int, int], dict[int, int]]]:
     """Generator: which new subtable each object slot goes to, from its key's hash."""
     objs = [(p, v) for p, v in slots.items() if committed_object(v)]

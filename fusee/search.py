@@ -8,30 +8,33 @@ instead of waiting for the failover, where that is safe (``_on_backups``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fusee.hashing import KeyHash
 from fusee.index import View
-from fusee.layout import COMMITTED, DELETE, INSERT, decode_object
+from fusee.layout import COMMITTED, DELETE, INSERT, ObjectView, decode_object
 from fusee.reuse import ObjectReads, is_named
 from fusee.verbs import EPOCH_ENDS, NodeTimeout, Op, Read
 
 if TYPE_CHECKING:
-    from fusee.operations import ClientCore
+    from fusee.op_core import OpCore
+
+#: a key found in the index: (slot position, slot value, the object it names)
+Found = tuple[int, int, ObjectView]
 
 #: a SEARCH on the backups of a dead primary cannot tell before the failover
 UNSURE = object()
 
 
-def search(core: ClientCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
-    """Generator: the SEARCH operation of ``core`` (a ClientCore): the key's value or None."""
+def search(core: OpCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
+    """Generator: the SEARCH operation of ``core`` (an OpCore): the key's value or None."""
     suspects = None                             # made on a cache miss only
     waits = 0
     while True:
         try:
             sid, _ = core.dir.lookup(h)
             primary = core.dir.nodes(sid)[0]
-            reads, firsts = core.bucket_reads(sid, h, primary)
+            reads, firsts = core.dir.bucket_reads(sid, h, primary)
             e = core.cache.get(key)
             if e is not None and e.sid != sid:
                 core.cache.drop(key)
@@ -53,7 +56,7 @@ def search(core: ClientCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
                     hit = False
                 core.cache.outcome(e, hit)
             suspects = suspects or ObjectReads(core.unit)
-            found = yield from core.find(key, view, h, suspects)
+            found = yield from find(core, key, view, h, suspects)
             if found is False:
                 continue
             if found is None:
@@ -75,7 +78,7 @@ def search(core: ClientCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
             yield from core.new_epoch(err)
 
 
-def _on_backups(core: ClientCore, key: bytes, h: KeyHash, sid: int, backups: tuple[int, ...]
+def _on_backups(core: OpCore, key: bytes, h: KeyHash, sid: int, backups: tuple[int, ...]
                 ) -> Op[Any]:
     """Generator: SEARCH on the live backups of a subtable whose primary stopped
     answering. The backups are never older than the primary, and where they
@@ -86,7 +89,7 @@ def _on_backups(core: ClientCore, key: bytes, h: KeyHash, sid: int, backups: tup
     reads: list[Read] = []
     firsts = None
     for n in backups:
-        more, firsts = core.bucket_reads(sid, h, n)
+        more, firsts = core.dir.bucket_reads(sid, h, n)
         reads += more
     assert firsts is not None, "a subtable with backups"
     res = yield from core.rt(reads)
@@ -106,3 +109,35 @@ def _on_backups(core: ClientCore, key: bytes, h: KeyHash, sid: int, backups: tup
                 return UNSURE
             return obj.value
     return None
+
+
+def find(core: OpCore, key: bytes, view: View, h: KeyHash, suspects: ObjectReads
+         ) -> Op[Found | None | Literal[False]]:
+    """Generator: read the key's candidate objects in ``view``: (pos, value, object),
+    None when the key is absent, or False when a candidate's memory was being reused (look
+    again). SEARCH's second round trip, and the one UPDATE and DELETE make on a cache miss."""
+    cands = view.candidates(h.fp)
+    if not cands:
+        return None
+    bufs = yield from core.rt([core.object_read(v) for _, v in cands])
+    found, bad = _match(key, cands, bufs, suspects)
+    if found is None and bad:
+        core.retry()
+        return False
+    return found
+
+
+def _match(key: bytes, cands: list[tuple[int, int]], bufs: list[bytes], suspects: ObjectReads
+           ) -> tuple[Found | None, bool]:
+    """Find the key among candidate objects: (pos, value, object) or None, and whether a
+    candidate's memory was being reused (``fusee.reuse``: look again; CorruptObject once
+    its corruption is proven)."""
+    suspects.next_pass()
+    bad = False
+    for (pos, v), buf in zip(cands, bufs):
+        obj = suspects.judge(v, buf, key)
+        if obj is None:
+            bad = True
+        elif obj.key == key:
+            return (pos, v, obj), False
+    return None, bad

@@ -8,6 +8,7 @@ from __future__ import annotations
 from fusee.config import KiB
 from fusee.driver import run
 from fusee.hashing import key_hash
+from fusee.index import View
 from fusee.layout import CLASSES, LOG_BYTES, OBJ_HEADER, decode_object, slot_addr, slot_node
 from fusee.operations import ClientCore
 from fusee.verbs import Cas
@@ -72,8 +73,8 @@ def primary_value(core: ClientCore, tr) -> int:
     """The value of KEY's committed slot."""
     h = key_hash(KEY)
     sid, _ = core.dir.lookup(h)
-    reads, firsts = core.bucket_reads(sid, h, core.dir.nodes(sid)[0])
-    ((_, v),) = core.candidates(core.view(tr.execute(reads), firsts, sid), h)
+    reads, firsts = core.dir.bucket_reads(sid, h, core.dir.nodes(sid)[0])
+    ((_, v),) = View(tr.execute(reads), firsts, sid).candidates(h.fp)
     return v
 
 

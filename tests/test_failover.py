@@ -34,7 +34,8 @@ from fusee.errors import KeyExists, KeyNotFound
 from fusee.failover import failover
 from fusee.hashing import key_hash
 from fusee.layout import slot_addr
-from fusee.membership import LOSE, RESTART, WIN, Membership
+from fusee.membership import Membership
+from fusee.verdicts import LOSE, RESTART, WIN
 from fusee.operations import ClientCore
 from fusee.recovery import OLD_LOST, UNPROVEN, recover_client
 from fusee.resize import _freeze

@@ -9,7 +9,8 @@ import pytest
 from fusee.errors import KeyExists, KeyNotFound
 from fusee.hashing import key_hash
 from fusee.layout import FROZEN, committed_object, decode_object, slot_addr, slot_units
-from fusee.replication import LOSE, RESTART, RULE3, WIN, SlotTarget, decide, resolve
+from fusee.replication import SlotTarget, decide, resolve
+from fusee.verdicts import LOSE, RESTART, RULE3, WIN
 from fusee.verbs import Cas
 from storekit import TINY, clients, config, simulate
 

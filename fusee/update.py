@@ -1,0 +1,203 @@
+"""UPDATE, DELETE and PUT: the replace path, SNAPSHOT on the key's existing slot.
+
+An UPDATE writes a new object, finds the key's slot (with the object's writes in the same
+batch), proposes the object's slot value over the current one on the backups and, having won
+the round, commits its log entry and CASes the primary: the linearization point. A DELETE
+does the same with a fresh tombstone of its own (``OpCore.free_value``) as the proposal, its
+object holding the log entry only. A loser waits until the winner is through: an UPDATE that
+lost was overwritten by the winner (linearized just before it), a DELETE looks again (the
+winner may have been an UPDATE). PUT is an UPDATE, and an INSERT where the key is absent.
+
+When the round's epoch ends (a failover), the operation settles it from the failover's
+decisions (``OpCore.fate``): finished as a winner, as an overwritten loser, or started over
+with a new object (FRESH: the old object's log entry must never commit again).
+
+Design: docs/design.md#update-and-delete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fusee import insert as insert_mod
+from fusee.errors import CorruptObject, KeyExists, KeyNotFound
+from fusee.hashing import key_hash
+from fusee.index import View
+from fusee.layout import (COMMITTED, LOST, TAIL_BYTES, UPDATE, object_extent, object_tail,
+                          slot_ref, unpack_u64)
+from fusee.replication import (await_change, cas_primary, decide, fix_requests, propose,
+                               resolve, unfreeze_requests)
+from fusee.reuse import ObjectReads
+from fusee.search import find
+from fusee.verbs import EPOCH_ENDS, Op, Read, Write
+from fusee.verdicts import FRESH, LOSE, RESTART, RULE3, WIN, Fresh, Verdict
+
+if TYPE_CHECKING:
+    from fusee.hashing import KeyHash
+    from fusee.log import NewObject
+    from fusee.op_core import OpCore
+    from fusee.replication import SlotTarget
+
+
+@dataclass(slots=True)
+class ReplaceRound:
+    """The SNAPSHOT round an UPDATE or DELETE has open: what settling it takes when its
+    epoch ends before the round does."""
+    epoch: int
+    target: SlotTarget
+    v_old: int
+    v_new: int
+    old_crc: int                    # of the object ``v_old`` names (the commit record's)
+    reached: Verdict | None = None  # the verdict reached from the backups, if any
+
+
+def replace(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bool = False
+            ) -> Op[None]:
+    """Generator: UPDATE (new object) or DELETE of a present key. ``then_insert``: an
+    absent key is inserted next (a put), so the object's ABORTED mark rides with the
+    insert's first batch instead of a round trip of its own. (A function returning the
+    generator, not one itself: each level of generators costs on every round trip.)"""
+    return core.with_objects(
+        opcode, key, value,
+        lambda obj, v: _replace_with(core, obj, key, opcode, v, then_insert))
+
+
+def put(core: OpCore, key: bytes, value: bytes) -> Op[None]:
+    """Generator: UPDATE, or INSERT where the key is absent: 5 round trips for a new key
+    (the update's object is marked ABORTED with the insert's first batch)."""
+    while True:
+        try:
+            return (yield from replace(core, key, value, UPDATE, then_insert=True))
+        except KeyNotFound:
+            pass
+        try:
+            return (yield from insert_mod.insert(core, key, value))
+        except KeyExists:
+            core.retry()
+
+
+def _locate(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
+            ) -> Op[tuple[int, int, int, int] | None]:
+    """Generator: find the key's slot. Returns (sid, pos, value, crc of the object the
+    value names) or None (absent), after one bucket read that also carries ``writes``
+    (and, with a cached slot, the cached object's last bytes); follows splits."""
+    suspects = None                         # made on a cache miss only
+    waits = 0
+    while True:
+        sid, _ = core.dir.lookup(h)
+        reads, firsts = core.dir.bucket_reads(sid, h, core.dir.nodes(sid)[0])
+        e = core.cache.get(key)
+        if e is not None and e.sid == sid:
+            node, addr, length = object_extent(e.value, core.unit)
+            reads.append(Read(core.alloc.home_of(node), addr + length - TAIL_BYTES,
+                              TAIL_BYTES))
+        res = yield from core.rt([*reads, *writes])
+        writes = []
+        view = View(res[:2], firsts, sid)
+        if view.stale:
+            waits = yield from core.split_seen(sid, waits)
+            continue
+        if e is not None and e.sid == sid:
+            hit = view.get(e.pos) == e.value
+            core.cache.outcome(e, hit)
+            if hit:
+                return sid, e.pos, e.value, object_tail(res[2])[0]
+        suspects = suspects or ObjectReads(core.unit)
+        found = yield from find(core, key, view, h, suspects)
+        if found is not False:
+            return found and (sid, found[0], found[1], found[2].crc)
+
+
+def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
+                  then_insert: bool = False) -> Op[Fresh | None]:
+    h = key_hash(key)
+    writes = obj.writes
+    open_round: ReplaceRound | None = None
+    while True:
+        try:
+            try:
+                found = yield from _locate(core, key, h, writes)
+            except CorruptObject:
+                yield from core.abandon(obj)
+                raise
+            writes = []
+            if found is None:
+                if then_insert:
+                    core.abandon_later(obj)
+                else:
+                    yield from core.abandon(obj)
+                raise KeyNotFound(key)
+            sid, pos, v_old, old_crc = found
+            v_new = core.slot_value(h, obj) if opcode == UPDATE else unpack_u64(value)
+            t = core.target(sid, pos)
+            ref = slot_ref(sid, pos)
+            current: list[int] = []
+            open_round = ReplaceRound(core.membership.epoch, t, v_old, v_new, old_crc)
+            if t.backups:
+                current, _ = yield from propose(t, v_old, v_new)
+            verdict = decide(current, v_new)        # rules 1 and 2: no generator
+            if verdict == RULE3:
+                verdict = yield from resolve(t, v_old, v_new, current)
+            if verdict == WIN:
+                open_round.reached = WIN
+                yield from core.rt([*fix_requests(t, current, v_new),
+                                    *core.log.record(obj, COMMITTED, ref, v_old, old_crc)])
+                verdict, _ = yield from cas_primary(t, v_old, v_new)
+                if verdict == WIN:
+                    _replaced(core, key, obj, opcode, t, v_old, v_new)
+                    return None
+                if verdict == RESTART and t.backups:
+                    yield from core.rt(unfreeze_requests(t, v_old, v_new))
+            elif verdict == LOSE:
+                open_round.reached = LOSE
+                core.counters["lost"] += 1
+                verdict = yield from await_change(t, v_old, current,
+                                                  core.log.record(obj, LOST, ref, v_old),
+                                                  core.patience)
+                if verdict == LOSE and opcode == UPDATE:
+                    _overwritten(core, key, obj)
+                    return None
+                # a DELETE that lost must look again: the winner may have been an UPDATE
+            open_round = None
+            core.retry()
+            if verdict == RESTART:
+                yield from core.refresh()
+        except EPOCH_ENDS as err:
+            writes = yield from core.epoch_ended(err, obj)
+            if open_round is None:
+                continue
+            r, open_round = open_round, None
+            # settling the round meets the end of the next epoch too when more MNs die
+            fate = yield from core.retrying(
+                lambda: core.fate(r.epoch, r.target, r.v_old, r.v_new, r.reached))  # noqa: B023 (retrying calls it at once)
+            ref = slot_ref(r.target.sid, r.target.pos)
+            if fate == WIN:         # the failover kept our proposal: finish as a winner
+                yield from core.retrying(lambda: core.rt(
+                    core.log.record(obj, COMMITTED, ref, r.v_old, r.old_crc)))  # noqa: B023 (retrying calls it at once)
+                _replaced(core, key, obj, opcode, r.target, r.v_old, r.v_new)
+                return None
+            if fate == LOSE and opcode == UPDATE:
+                yield from core.retrying(lambda: core.rt(
+                    core.log.record(obj, LOST, ref, r.v_old)))  # noqa: B023 (retrying calls it at once)
+                _overwritten(core, key, obj)
+                return None
+            return FRESH
+
+
+def _replaced(core: OpCore, key: bytes, obj: NewObject, opcode: int, t: SlotTarget,
+              v_old: int, v_new: int) -> None:
+    """The primary holds ``v_new``: the old object is freed with the next batch."""
+    if opcode == UPDATE:
+        core.defer_free(v_old)
+        core.cache.store(key, t.sid, t.pos, v_new)
+    else:
+        core.defer_free(v_old, then_release=obj.ptr)
+        core.cache.drop(key)
+
+
+def _overwritten(core: OpCore, key: bytes, obj: NewObject) -> None:
+    """An UPDATE that lost its round: overwritten by the winner, linearized just before
+    it; its object was never published."""
+    core.cache.drop(key)
+    core.alloc.release(obj.ptr)
