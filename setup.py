@@ -34,8 +34,9 @@ from pathlib import Path
 from setuptools import setup
 
 #: the fast path: every module an operation's generators run through, and their leaves
-COMPILED = ("layout", "hashing", "index", "verbs", "driver", "cache", "reuse", "log",
-            "holdings", "allocation", "search", "insert", "operations")
+COMPILED = ("layout", "hashing", "index", "verbs", "verdicts", "driver", "cache", "reuse",
+            "log", "holdings", "allocation", "op_core", "search", "insert", "update",
+            "operations")
 #: where mypy finds the package as installed (fusee/emulator -> emulator/; see .ci/lint)
 TREE = Path("build/mypyc-tree")
 

@@ -30,7 +30,8 @@ def test_the_fast_path_is_compiled_but_the_mutants_target_stays_python():
     compiled caller looks up a function of a module outside its group at each call (the
     mutant runs), but one inside the group is bound when compiled (it would not)."""
     compiled = _setup_script().COMPILED
-    assert {"layout", "index", "search", "insert", "operations", "driver"} <= set(compiled)
+    fast_path = {"layout", "index", "search", "insert", "update", "operations", "driver"}
+    assert fast_path <= set(compiled)
     assert "replication" not in compiled
     assert all((ROOT / "fusee" / f"{name}.py").is_file() for name in compiled)
 
@@ -65,6 +66,10 @@ def test_the_simulator_and_the_mutants_run_against_the_compiled_fast_path(tmp_pa
         cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=60)
     files = where.stdout.split()
     assert len(files) == len(compiled) and all(f.endswith(".so") for f in files), files
+    said = subprocess.run([sys.executable, "-c", "from fusee.bench.main import fast_path_build; "
+                           "print(fast_path_build())"], cwd=tmp_path, env=env, check=True,
+                          capture_output=True, text=True, timeout=60)
+    assert said.stdout.strip() == "compiled"
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
          "tests/test_simulation.py", "tests/test_crash_sweep.py", "tests/test_mutants.py",
