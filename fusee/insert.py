@@ -31,8 +31,9 @@ from fusee.index import View
 from fusee.layout import (ABORTED, COMMITTED, FP_SHIFT, FROZEN, INSERT, TENTATIVE,
                           any_frozen, committed_object, decode_object,
                           is_object, slot_fp, slot_ref, strip, unpack_u64)
-from fusee.replication import (cas_primary, decide, fix_requests, propose, resolve,
-                               unfreeze_requests)
+# SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
+from fusee.replication import (SlotTarget, cas_primary, decide, fix_requests, propose,
+                               resolve, unfreeze_requests)
 from fusee.resize import split
 from fusee.reuse import is_named
 from fusee.verbs import EPOCH_ENDS, Cas, Op, Read
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     from fusee.hashing import KeyHash
     from fusee.log import NewObject
     from fusee.op_core import OpCore
-    from fusee.replication import SlotTarget
     from fusee.verdicts import Verdict
 
 #: another inserter's claim to wait for: (position, claim value, primary value)

@@ -26,8 +26,9 @@ from fusee.hashing import key_hash
 from fusee.index import View
 from fusee.layout import (COMMITTED, LOST, TAIL_BYTES, UPDATE, object_extent, object_tail,
                           slot_ref, unpack_u64)
-from fusee.replication import (await_change, cas_primary, decide, fix_requests, propose,
-                               resolve, unfreeze_requests)
+# SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
+from fusee.replication import (SlotTarget, await_change, cas_primary, decide, fix_requests,
+                               propose, resolve, unfreeze_requests)
 from fusee.reuse import ObjectReads
 from fusee.search import find
 from fusee.verbs import EPOCH_ENDS, Op, Read, Write
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from fusee.hashing import KeyHash
     from fusee.log import NewObject
     from fusee.op_core import OpCore
-    from fusee.replication import SlotTarget
 
 
 @dataclass(slots=True)

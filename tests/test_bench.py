@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,8 +16,8 @@ from fusee.emulator.cluster import LocalCluster
 from fusee.bench import report
 from fusee.bench.clover import CloverClient, CloverExecutor
 from fusee.bench.clover_server import GRACE, Arena, MetadataServer, MetadataServerProcess
-from fusee.bench.main import (BenchOptions, build_plan, equivalent_command, main, options,
-                              parser, run_bench)
+from fusee.bench.main import (BenchOptions, build_plan, equivalent_command, fast_path_build,
+                              main, options, parser, run_bench)
 from fusee.bench.runner import hdr_encode
 from fusee.driver import run, run_concurrently
 from fusee.errors import KeyExists, KeyNotFound
@@ -209,6 +210,16 @@ def test_progress_reaches_its_total_and_a_skipped_baseline_is_reported_once(
     spread = row["spread"]
     assert spread["runs"] == 2 and len(spread["throughput"]) == 2
     assert spread["min"] <= spread["median"] == row["throughput"] <= spread["max"]
+
+
+def test_the_conditions_say_whether_the_client_fast_path_ran_compiled():
+    """Compiled operations (a wheel: setup.py) cost a quarter to a third less CPU than their
+    source: the run's conditions name which ran (the tests run the source)."""
+    assert fast_path_build() == "Python"
+    o = BenchOptions(keys=100, clients=[1])
+    doc = {"options": {**dataclasses.asdict(o), "replicas": o.replicas},
+           "machine": {"cpus": 2, "fast_path": fast_path_build()}}
+    assert report.conditions(doc).endswith(", 2 host cores, client fast path Python")
 
 
 def test_bad_options_are_refused(capsys):

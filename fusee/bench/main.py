@@ -23,6 +23,7 @@ import sys
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import Any
 
@@ -136,9 +137,18 @@ def _phase_timeout(p: Phase, o: BenchOptions) -> float:
     return 120 + keys * 0.01
 
 
+def fast_path_build() -> str:
+    """How the client's operations run: "compiled" (a wheel, built with mypyc: setup.py) or
+    "Python" (source: an editable install, a checkout). Their CPU per operation differs by a
+    quarter to a third, so a figure means little without it."""
+    import fusee.operations
+    compiled = fusee.operations.__file__.endswith(tuple(EXTENSION_SUFFIXES))
+    return "compiled" if compiled else "Python"
+
+
 def _machine() -> dict[str, Any]:
     info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count()}
+            "cpus": os.cpu_count(), "fast_path": fast_path_build()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

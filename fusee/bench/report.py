@@ -108,11 +108,13 @@ def spread_pct(row: dict[str, Any]) -> float | None:
 
 def conditions(doc: dict[str, Any]) -> str:
     """The run's conditions in one line: what a plot or a table must carry to be compared."""
-    o, cpus = doc["options"], doc.get("machine", {}).get("cpus")
+    o, machine = doc["options"], doc.get("machine", {})
+    cpus, build = machine.get("cpus"), machine.get("fast_path")
     return (f"{o['transport']}, {o['memnodes']} MNs, r={o['replicas']}, {o['keys']:,} keys, "
             f"{o['object_size']}-byte objects, {','.join(map(str, o['clients']))} clients, "
             f"depth {o['depth']}, {o.get('repeat', 1)} run(s) per point"
-            + (f", {cpus} host cores" if cpus else ""))
+            + (f", {cpus} host cores" if cpus else "")
+            + (f", client fast path {build}" if build else ""))
 
 
 # -- table ---------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ def _pct(row: dict[str, Any]) -> str:
 def table(doc: dict[str, Any]) -> str:
     """The summary: per workload and client count, fusee's throughput, latency percentiles and
     round trips / verbs per op, then each baseline's throughput and fusee's ratio to it."""
-    o = doc["options"]
+    o, build = doc["options"], doc.get("machine", {}).get("fast_path")
     baselines = [s for s in doc["systems"] if s != "fusee"]
     out = []
     for suite, title in (("ycsb", "YCSB"), ("micro", "micro-benchmarks")):
@@ -150,6 +152,7 @@ def table(doc: dict[str, Any]) -> str:
         out.append(f"\n{title}: {detail}, {o['object_size']}-byte objects, {o['transport']}, "
                    f"{o['memnodes']} MNs, r={o['replicas']}, depth {o['depth']}"
                    + (f", {o['duration']:g} s per point" if suite == "ycsb" else "")
+                   + (f", client fast path {build}" if build else "")
                    + (f"; Kops/s: the median of {runs} runs, +-: half their range" if runs > 1
                       else ""))
         head = (f"{'':<9}{'':>3} | {'fusee':^64} |"
