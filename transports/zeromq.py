@@ -99,7 +99,7 @@ class ZmqTransport(Transport):
         reply = channels.roundtrip(node, wire.encode_verbs(seq, rkey, batch), seq, self.timeout)
         if type(reply) is tuple and reply[1] is None and len(reply[0]) == len(batch):
             return reply[0]
-        return self._complete(batch, {node: list(range(len(batch)))}, {node: reply})
+        return self._complete(batch, seq, {node: list(range(len(batch)))}, {node: reply})
 
     def _execute(self, batch: Sequence[Request]) -> list:
         regions, dead = self.regions, self.dead
@@ -114,13 +114,14 @@ class ZmqTransport(Transport):
         replies = channels.exchange(payloads, seq, self.timeout)
         for node in groups.keys() & dead:
             replies[node] = channels.taken_for_dead(node)
-        return self._complete(batch, groups, replies)
+        return self._complete(batch, seq, groups, replies)
 
-    @staticmethod
-    def _complete(batch, groups: dict, replies: dict) -> list:
-        """The batch's completions in order from each node's reply; raises on any failure."""
+    def _complete(self, batch, seq: int, groups: dict, replies: dict) -> list:
+        """The batch's completions in order from each node's reply; raises on any failure
+        (what may still come late is kept for ``late``)."""
         results: list = [None] * len(batch)
         if place_replies(results, groups, replies):
+            self.overdue = self.channels.overdue(batch, seq, groups, replies, results)
             raise_for_failures(results)
         return results
 
