@@ -56,6 +56,7 @@ from fusee import batch
 from fusee.config import ClusterConfig
 from fusee.driver import run
 from fusee.errors import ClientClosed, ForkedClient, LeaseExpired, LeaseLapsed
+from fusee.fencing import identity
 from fusee.membership import Membership
 from fusee.client_ids import open_client
 from fusee.operations import ClientCore
@@ -171,7 +172,9 @@ class Client:
             if transport is None or isinstance(transport, str):
                 from fusee.transports import connect
                 dead = lease.membership.dead if lease is not None else ()
-                backend: Transport = connect(config, transport, dead=dead)
+                # the MNs can refuse it once the master ends the lease (fusee.fencing)
+                me = None if lease is None else identity(lease.client_id, lease.grant.token)
+                backend: Transport = connect(config, transport, dead=dead, identity=me)
             else:
                 backend = transport
             try:

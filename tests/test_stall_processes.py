@@ -1,7 +1,11 @@
-"""A memory-node process stalled (SIGSTOP: a long GC pause, a starved host) for longer than
-the clients' verb timeout but less than its MN lease: the master never declares it dead, and
-the clients ride through with its late replies (``fusee.transports.channel``, ``Transport.late``,
-``fusee.client._LeaseGuard``). Real MN and master processes on zmq.
+"""Stalls (SIGSTOP: a long GC pause, a starved host), real MN and master processes on zmq.
+
+- A memory node stalled for longer than the clients' verb timeout but less than its MN lease:
+  the master never declares it dead, and the clients ride through with its late replies
+  (``fusee.transports.channel``, ``Transport.late``, ``fusee.client._LeaseGuard``).
+- A client stalled past its lease: the master expires it and fences it at every MN before
+  recovering its id (``fusee.fencing``), so a batch that was past its lease check when it
+  stopped writes nothing once it runs again.
 
 The multi-client version under load, judged by the linearizability checker and the audit, is
 tests/test_hostile_processes.py (soak); the deterministic one, tests/test_slow_node.py.
@@ -17,15 +21,15 @@ from contextlib import contextmanager
 
 import pytest
 from storekit import SMALL
-from test_failover_processes import LEASES
+from test_failover_processes import LEASES, _wait
 
 from fusee.emulator.cluster import LocalCluster
 from fusee.config import LayoutConfig
-from fusee.errors import NodeTimeout
+from fusee.errors import Fenced, NodeTimeout
 from fusee.layout import pack_u64, unpack_u64
 from fusee.memory_map import MemoryMap
 from fusee.transports.zeromq import ZmqTransport
-from fusee.verbs import Faa, Read
+from fusee.verbs import Faa, Read, Write
 
 
 @contextmanager
@@ -78,3 +82,33 @@ def test_a_client_rides_through_a_memory_node_stalled_less_than_its_lease():
             kv.put(b"k", b"after")
             assert kv.get(b"k") == b"after"
         assert c.master_status()["dead"] == []
+
+
+def test_a_client_the_master_expired_is_fenced_by_every_memory_node():
+    """The client stops renewing its lease (as one SIGSTOPped past it would); the master
+    expires it, fences it at the MNs and recovers its id. A batch that had passed the lease
+    check before the stall (posted straight to its transport here) is refused with Fenced at
+    every MN, and writes nothing; another client goes on."""
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), **LEASES) as c:
+        scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
+        kv = c.client()
+        try:
+            kv.put(b"k", b"v")
+            cid = str(kv.client_id)
+            kv.lease.close(release=False)
+            _wait(lambda: cid not in (s := c.master_status())["clients"]
+                  and cid not in s["repairs"], "the master to expire and recover the client")
+            stale = [Write(n, scratch, b"stale!!!") for n in range(3)]
+            with pytest.raises(Fenced) as refused:
+                kv.transport.execute(stale)
+            assert all(isinstance(r, Fenced) for r in refused.value.results)
+        finally:
+            kv.closed = True
+            kv.transport.close()
+        with ZmqTransport(c.config) as t:
+            words = t.execute([Read(n, scratch, 8) for n in range(3)])
+            assert b"stale!!!" not in words
+        with c.client() as other:
+            assert other.get(b"k") == b"v"
+            other.put(b"k", b"w")

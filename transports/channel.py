@@ -52,7 +52,9 @@ class Overdue(NamedTuple):
 
 
 class Channels:
-    def __init__(self, config: ClusterConfig):
+    def __init__(self, config: ClusterConfig, identity: bytes | None = None):
+        """``identity``: the sockets' routing identity (``fusee.fencing.identity``), by which
+        an MN refuses a client the master fenced; None: ZeroMQ's own."""
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.socks: dict[int, zmq.Socket] = {}
         self.rcvtimeo: dict[int, int] = {}             # the RCVTIMEO each socket has now
@@ -63,6 +65,8 @@ class Channels:
         for m in config.memnodes:
             s = self.ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            if identity is not None:
+                s.setsockopt(zmq.ROUTING_ID, identity)
             self.public = secure_client(s, config, m)       # our key, the same for all
             if config.security.curve:
                 self.monitors[m.id] = s.get_monitor_socket(HANDSHAKE_FAILED)

@@ -7,6 +7,9 @@ when every reply is in, so a batch is one round trip however many MNs it touches
 Connecting asks every MN for its region at once. An MN known dead (``dead``, from the
 master's membership) or silent within the timeout is marked dead: it keeps a placeholder
 region (length 0) so that requests to it are known, and each fails at once with NodeTimeout.
+
+``identity`` (a leased client's, ``fusee.fencing``) lets the MNs refuse this transport once
+the master has ended the client's lease: its requests then fail with Fenced.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ ONE_SIDED = (Read, Write, Cas, Faa)
 class ZmqTransport(Transport):
     name = "zmq"
 
-    def __init__(self, config: ClusterConfig, timeout: float | None = None, dead=()):
+    def __init__(self, config: ClusterConfig, timeout: float | None = None, dead=(),
+                 identity: bytes | None = None):
         super().__init__(config, timeout)
-        self.channels = Channels(config)
+        self.channels = Channels(config, identity)
         try:
             known = set(dead)
             live = [m.id for m in config.memnodes if m.id not in known]
