@@ -410,7 +410,8 @@ class _LeaseGuard:
         k, transport = self.lease, self.transport
         start = time.monotonic()
         self.silent_since = start
-        if not transport.awaits_late(batch):
+        awaits_late = getattr(transport, "awaits_late", None)   # (any object that executes)
+        if awaits_late is None or not awaits_late(batch):
             raise silent
         k.expect_news(True)                 # renewals come often now: a pause is heard soon
         try:
