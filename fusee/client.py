@@ -382,12 +382,14 @@ class _LeaseGuard:
         return membership
 
     def execute(self, batch: Step) -> list[Any]:
+        if batch and type(batch[0]) is AwaitMembership:     # always alone in its batch
+            self._await(batch[0].epoch)
+        # the wait for an epoch counts from a silent batch only when asked for right after it
+        self.silent_since = None
         if batch and type(batch[0]) is Backoff:        # no need of the gate to wait
             time.sleep(batch[0].seconds)
             return [None]
         k = self.lease
-        if batch and type(batch[0]) is AwaitMembership:     # always alone in its batch
-            self._await(batch[0].epoch)
         while True:
             if time.monotonic() >= k.expires:       # lapsed: wait for the master to renew it
                 k.await_valid(self.wait)
