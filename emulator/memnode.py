@@ -23,6 +23,7 @@ from fusee.emulator import _atomic, wire
 from fusee.emulator.blocks import BlockTable, format_region
 from fusee.emulator.memory import MemoryRegion, SharedSegment, new_rkey
 from fusee.config import ClusterConfig, ConfigError
+from fusee.fencing import key_of
 from fusee.memory_map import MemoryMap
 from fusee.rejoin import REJOIN
 from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAccessError
@@ -62,7 +63,11 @@ class MemoryNode:
         self.controls: dict[str, Callable[[dict], object]] = {
             "info": self._info,
             "ping": lambda args: REJOIN if rejoin else "pong",
+            "fence": self._fence,
         }
+        #: the clients whose requests are refused: the master ended their leases
+        #: (``fusee.fencing``; a few dozen bytes per expired client)
+        self.fenced: set[bytes] = set()
 
     def register_control(self, name: str, handler: Callable[[dict], object]) -> None:
         """Add a control request (e.g. RDMA queue-pair setup); handler(args) -> reply value."""
@@ -73,6 +78,25 @@ class MemoryNode:
                 "shm_name": self.segment.name, "fingerprint": self.map.fingerprint,
                 "pid": os.getpid(), "blocks": self.map.num_blocks,
                 "blocks_used": self.blocks.used(), "block_size": self.config.layout.block_size}
+
+    def _fence(self, args: dict) -> str:
+        """The master recovers a client whose lease it ended: refuse it from now on."""
+        key = args["key"]
+        if type(key) is not bytes:
+            raise TypeError("a fence key is bytes")
+        self.fenced.add(key)
+        log.info("memnode %d: fenced %r", self.id, key)
+        return "fenced"
+
+    def refuse(self, data: bytes | zmq.Frame) -> bytes:
+        """The reply to a request from a fenced client: Fenced, whatever it asked."""
+        try:
+            seq = wire.decode_request(data)[1]
+        except wire.MalformedMessage:
+            seq = -1
+        return wire.encode_reply(seq, [], [0, wire.ERR_FENCED,
+                                           f"MN {self.id}: the master ended this client's "
+                                           "lease and recovers its id: open a new client"])
 
     # -- request handling: bytes in, bytes out (no I/O here, so it can be fuzzed directly) ----
     def handle(self, data: bytes | zmq.Frame) -> bytes:
@@ -143,6 +167,7 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
     # (recv_multipart/send_multipart cost microseconds more than two plain calls.)
     sock.setsockopt(zmq.RCVTIMEO, 200)
     recv, send, handle, tally = sock.recv, sock.send, node.handle, node.tally
+    fenced = node.fenced
     more = zmq.SNDMORE | zmq.NOBLOCK
     try:
         on_bound(bind(sock, endpoint))
@@ -157,7 +182,8 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
                     pass
                 continue
             try:
-                reply = handle(data)
+                reply = (node.refuse(data) if fenced and key_of(ident) in fenced
+                         else handle(data))
             except Exception:                 # a bug must not take the node down for everyone
                 log.exception("memnode %d: internal error", node.id)
                 reply = wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, "internal error"])

@@ -19,17 +19,18 @@ if TYPE_CHECKING:
     import zmq
 
 from fusee.emulator import _atomic
+from fusee.errors import Fenced
 from fusee.verbs import (AllocBlock, Cas, ControlError, Faa, FreeBlock, MASK64, Read,
                          RemoteAccessError, Request, TransportError, Write)
 
 VERBS, CONTROL = 0, 1
 OP_READ, OP_WRITE, OP_CAS, OP_FAA, OP_ALLOC, OP_FREE = range(6)
-ERR_ACCESS, ERR_CONTROL, ERR_MALFORMED = 1, 2, 3
+ERR_ACCESS, ERR_CONTROL, ERR_MALFORMED, ERR_FENCED = 1, 2, 3, 4
 
 _OPCODE = {Read: OP_READ, Write: OP_WRITE, Cas: OP_CAS, Faa: OP_FAA,
            AllocBlock: OP_ALLOC, FreeBlock: OP_FREE}
 _ERRORS = {ERR_ACCESS: RemoteAccessError, ERR_CONTROL: ControlError,
-           ERR_MALFORMED: RemoteAccessError}
+           ERR_MALFORMED: RemoteAccessError, ERR_FENCED: Fenced}
 
 
 #: one Packer for the process: cheaper than msgpack.packb's fresh one per call, and safe to

@@ -56,6 +56,7 @@ from fusee import batch
 from fusee.config import ClusterConfig
 from fusee.driver import run
 from fusee.errors import ClientClosed, ForkedClient, LeaseExpired, LeaseLapsed
+from fusee.fencing import identity
 from fusee.membership import Membership
 from fusee.client_ids import open_client
 from fusee.operations import ClientCore
@@ -171,7 +172,9 @@ class Client:
             if transport is None or isinstance(transport, str):
                 from fusee.transports import connect
                 dead = lease.membership.dead if lease is not None else ()
-                backend: Transport = connect(config, transport, dead=dead)
+                # the MNs can refuse it once the master ends the lease (fusee.fencing)
+                me = None if lease is None else identity(lease.client_id, lease.grant.token)
+                backend: Transport = connect(config, transport, dead=dead, identity=me)
             else:
                 backend = transport
             try:
@@ -336,6 +339,10 @@ def _patience(config: ClusterConfig, rtt: float) -> int:
     return FAST_POLLS + int(2 * membership_wait(config) / (min(rtt, 1.0) + BACKOFF))
 
 
+#: seconds between two looks at the lease keeper's news while a batch awaits late replies
+LATE_POLL = 0.05
+
+
 class _LeaseGuard:
     """The transport as operations see it under a master's lease.
 
@@ -346,12 +353,28 @@ class _LeaseGuard:
     operations have is handed to them as ``EpochChanged`` instead of posting the batch; so is
     the answer to ``AwaitMembership``, once the master has published the next epoch (waited
     for up to ``wait`` seconds, longer while the master reports a rebuild running, else
-    NodeTimeout)."""
+    NodeTimeout).
+
+    A batch that an MN did not answer within the transport's timeout is not failed at once
+    (``_late``): a timeout is only a suspicion, and the master's failure detector (the MN
+    lease, longer than the timeout) decides whether the MN is dead. Until the master says so
+    (a pause, a new epoch) the batch's late replies are awaited (``Transport.late``): a
+    stalled MN process executes what it was sent once it runs again, so each verb runs
+    exactly once and its late completion says what it did; the operation then carries on as
+    after a slow round trip, in the same epoch, with nothing sent again. Once the master
+    pauses the client (or the lease ends, or ``wait`` goes by), the batch fails with its
+    NodeTimeout as before and the operation settles it from the next epoch's decisions.
+    The late completions are taken only if no pause was acked while they were awaited
+    (checked holding the gate): a reply that came before the client heard of a pause is one
+    a batch in flight could have had anyway, while after an ack the failover may have run."""
 
     def __init__(self, transport: Transport, lease: LeaseKeeper, wait: float,
                  membership: Membership) -> None:
         self.transport, self.lease, self.wait = transport, lease, wait
         self.handed = membership.epoch              # the epoch the operations have
+        #: when the batch that met a silent MN was posted, if no late reply came for it: the
+        #: wait for the next epoch counts from then (it covers the master's detection)
+        self.silent_since: float | None = None
 
     def adopt(self, membership: Membership) -> Membership:
         """The operations have ``membership`` from elsewhere (a new ClientCore)."""
@@ -359,19 +382,62 @@ class _LeaseGuard:
         return membership
 
     def execute(self, batch: Step) -> list[Any]:
+        if batch and type(batch[0]) is AwaitMembership:     # always alone in its batch
+            self._await(batch[0].epoch)
+        # the wait for an epoch counts from a silent batch only when asked for right after it
+        self.silent_since = None
         if batch and type(batch[0]) is Backoff:        # no need of the gate to wait
             time.sleep(batch[0].seconds)
             return [None]
         k = self.lease
-        if batch and type(batch[0]) is AwaitMembership:     # always alone in its batch
-            self._await(batch[0].epoch)
         while True:
             if time.monotonic() >= k.expires:       # lapsed: wait for the master to renew it
                 k.await_valid(self.wait)
+            silent = None
             with k.gate:
                 if not k.pause and k.membership.epoch == self.handed:
-                    return self.transport.execute(batch)
+                    acks = k.acks
+                    try:
+                        return self.transport.execute(batch)
+                    except NodeTimeout as e:
+                        silent = e
+            if silent is not None:
+                return self._late(batch, silent, acks)
             self._await(self.handed, resume=True)
+
+    def _late(self, batch: Step, silent: NodeTimeout, acks: int) -> list[Any]:
+        """``batch`` failed with ``silent``: an MN did not answer in time. Its completions
+        once the late replies came, if the master paused nobody meanwhile (see the class
+        doc); else raise ``silent`` (the wait for the next epoch then counts from now)."""
+        k, transport = self.lease, self.transport
+        start = time.monotonic()
+        self.silent_since = start
+        awaits_late = getattr(transport, "awaits_late", None)   # (any object that executes)
+        if awaits_late is None or not awaits_late(batch):
+            raise silent
+        k.expect_news(True)                 # renewals come often now: a pause is heard soon
+        try:
+            while (k.acks == acks and not k.pause and k.membership.epoch == self.handed
+                   and not k.ended and not k.data_lost
+                   and (left := start + self.wait - time.monotonic()) > 0):
+                outcome: list[Any] | TransportError | None
+                try:
+                    outcome = transport.late(batch, min(left, LATE_POLL))
+                except TransportError as e:     # completed, with a refusal in it
+                    outcome = e
+                if outcome is None:
+                    continue
+                with k.gate:
+                    if (k.acks == acks and not k.pause and k.membership.epoch == self.handed
+                            and time.monotonic() < k.expires):
+                        self.silent_since = None
+                        if isinstance(outcome, TransportError):
+                            raise outcome
+                        return outcome
+                break
+        finally:
+            k.expect_news(False)
+        raise silent
 
     def execute_now(self, batch: Step) -> list[Any] | None:
         """``execute`` when that needs no wait (an event loop's inline path, ``fusee.asyncio``);
@@ -399,8 +465,9 @@ class _LeaseGuard:
         on (a rebuild ends, one way or the other: each of its verbs has a timeout). Should
         the master fall silent, no renewal restarts the wait."""
         k = self.lease
+        since, self.silent_since = self.silent_since, None
         if k.membership.epoch <= epoch:
-            start = time.monotonic()
+            start = time.monotonic() if resume or since is None else since
             k.expect_news(True)
             try:
                 with k.news:

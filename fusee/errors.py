@@ -6,7 +6,7 @@
     |   ConfigError (also ValueError), ClientClosed, ForkedClient,
     |   NeedsRecovery, StoreFormatError                            exit 2
     |-- TransportError                                             exit 3
-    |   |-- NodeTimeout, EpochChanged, ControlError                exit 3
+    |   |-- NodeTimeout, EpochChanged, ControlError, Fenced        exit 3
     |   `-- RemoteAccessError                                      exit 5
     |       `-- NotAuthorized                                      exit 2
     |-- LeaseExpired, LeaseLapsed, LeaseError, MasterError (MasterTimeout,
@@ -161,6 +161,12 @@ class EpochChanged(TransportError):
     def __init__(self, membership: Membership, message: str | None = None) -> None:
         super().__init__(message or f"membership epoch {membership.epoch} began")
         self.membership = membership
+
+
+class Fenced(TransportError):
+    """Raised when a memory node refused this client's request because the master ended its
+    lease and fenced it (``fusee.fencing``): the client may write nothing more, and the
+    master recovers its operations. Open a new client."""
 
 
 class ControlError(TransportError):

@@ -130,7 +130,7 @@ class Run:
         """Run, recover, read every key, check; returns (audit report, linearizability)."""
         sim, cfg = self.sim, self.config
         history = sim.run()
-        if not sim.failovers:           # everyone finished first: the master catches up
+        if self.victims and not sim.failovers:  # everyone finished first: the master catches up
             sim.fail_over(self.victims)
         m = sim.membership
         transport = LocalTransport(cfg, memory=self.memory)

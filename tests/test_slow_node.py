@@ -22,15 +22,19 @@ class SlowWhileAnotherDies(Run):
 
     slow, victim = 1, 2
     store = Settling            # as fusee.client.Client runs them: settled first
+    late_replies = False        # every batch to the slow MN fails: the most sent again
+    resumes_within = 1          # delays: the slow MN answers again before the failover
 
     def schedule_faults(self, nodes: int, steps: int, victims: int, delay: int,
                         crash_client: bool) -> None:
         sim, faults = self.sim, self.sim.fault_rng
+        sim.late_replies = self.late_replies
         self.victims = [self.victim]
         at = faults.randrange(steps)
         sim.at_step(at, lambda s: s.slow_node(self.slow))
         sim.at_step(at, lambda s: s.crash_node(self.victim))
-        sim.at_step(at + faults.randrange(1, delay), lambda s: s.resume_node(self.slow))
+        sim.at_step(at + faults.randrange(1, self.resumes_within * delay),
+                    lambda s: s.resume_node(self.slow))
         sim.at_step(at + delay + faults.randrange(1, delay),
                     lambda s: s.fail_over(self.victims))
         if crash_client:
@@ -50,3 +54,56 @@ def test_a_slow_node_while_another_dies_loses_nothing(seed):
 def test_a_slow_node_while_another_dies_soak(block):
     for seed in range(100 * (block + 1), 100 * (block + 2)):
         _check(seed, cls=SlowWhileAnotherDies)
+
+
+class SlowAndBack(Run):
+    """MN ``slow`` answers too late from a random step on, for up to ``delay`` steps, and
+    nothing else happens: no MN dies, no failover comes. The clients await its late replies
+    (as ``fusee.client``'s guard does) and carry on in epoch 0."""
+
+    slow = 1
+    epochs = 0
+    store = Settling
+
+    def schedule_faults(self, nodes: int, steps: int, victims: int, delay: int,
+                        crash_client: bool) -> None:
+        sim, faults = self.sim, self.sim.fault_rng
+        self.victims = []
+        at = faults.randrange(steps)
+        sim.at_step(at, lambda s: s.slow_node(self.slow))
+        sim.at_step(at + faults.randrange(1, delay), lambda s: s.resume_node(self.slow))
+
+    def go(self):
+        report, lin = super().go()
+        assert not self.sim.failovers, "no failover was scheduled"
+        return report, lin
+
+
+class SlowAndBackWhileAnotherDies(SlowWhileAnotherDies):
+    """As SlowWhileAnotherDies with late replies awaited: the slow MN answers again before
+    or after the failover of the dead one, so a batch's late replies arrive, or the pause
+    comes first and the batch fails with NodeTimeout although it took effect."""
+
+    late_replies = True
+    resumes_within = 3
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_slow_node_that_answers_again_fails_nothing(seed):
+    """No epoch change: every operation completes (none fails with NodeTimeout, as it did
+    while a timeout could only end in a new epoch), linearizable, the audit clean."""
+    r = _check(seed, cls=SlowAndBack)
+    assert any("slow" in what for _, what in r.sim.faults)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_late_replies_awaited_while_another_dies_lose_nothing(seed):
+    _check(seed, cls=SlowAndBackWhileAnotherDies)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("block", range(10))
+def test_slow_nodes_with_late_replies_soak(block):
+    for seed in range(100 * (block + 1), 100 * (block + 2)):
+        _check(seed, cls=SlowAndBack)
+        _check(seed, cls=SlowAndBackWhileAnotherDies)

@@ -17,19 +17,24 @@ BACKENDS = {
 }
 
 
-def connect(config: ClusterConfig, backend: str | None = None, dead=(), **kwargs):
+def connect(config: ClusterConfig, backend: str | None = None, dead=(),
+            identity: bytes | None = None, **kwargs):
     """Open a transport of the named backend (default: the cluster config's) to every MN.
 
     ``dead``: MNs known to be dead (the master's membership); they are not contacted, and
     requests to them fail at once with NodeTimeout. The shm and zmq backends also connect when
     some other MN does not answer (it is then treated the same way); the others take no
-    ``dead`` and need every MN."""
+    ``dead`` and need every MN. ``identity``: a leased client's (``fusee.fencing``), for the
+    backends the MNs can fence (zmq); the others have no use for it."""
     name = backend or config.transport
     try:
         module, cls = BACKENDS[name].split(":")
     except KeyError:
         raise ValueError(f"unknown transport {name!r}; choose one of {sorted(BACKENDS)}") from None
     factory = getattr(importlib.import_module(module), cls)
-    if dead and "dead" in inspect.signature(factory).parameters:
+    parameters = inspect.signature(factory).parameters
+    if dead and "dead" in parameters:
         kwargs["dead"] = dead
+    if identity is not None and "identity" in parameters:
+        kwargs["identity"] = identity
     return factory(config, **kwargs)

@@ -13,12 +13,15 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from collections.abc import Sequence
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from fusee.config import ClusterConfig
 from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Backoff, Batch, Cas, Faa,
                          FreeBlock, NodeTimeout, Read, RemoteAccessError, Request, Step,
                          TransportError, Write)
+
+if TYPE_CHECKING:
+    from fusee.transports.channel import Overdue
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class Transport(ABC):
         self.timeout = config.timeout if timeout is None else timeout
         self.stats = TransportStats()
         self.regions: dict[int, RegionInfo] = {}
+        self.overdue: Overdue | None = None     # what the last failed batch may still get
 
     def execute(self, batch: Step) -> list:
         """Post a batch and wait for every completion: one round trip.
@@ -136,6 +140,27 @@ class Transport(ABC):
     @abstractmethod
     def _execute(self, batch: Sequence[Request]) -> list:
         """Backend part of ``execute``: the batch is non-empty and names known nodes."""
+
+    def awaits_late(self, batch: Step) -> bool:
+        """Whether ``late`` may complete ``batch`` (its MNs' replies may still come)."""
+        return self.overdue is not None and self.overdue.batch is batch
+
+    def late(self, batch: Step, timeout: float) -> list | None:
+        """The completions of ``batch``, the last one executed, which failed with
+        NodeTimeout: once the MNs that did not answer it in time have answered late, within
+        ``timeout`` seconds (raising the batch's other failure, if it had one), else None.
+        Each verb then ran exactly once, and its completion says what it did. The backends
+        whose MNs answer over ``fusee.transports.channel`` keep in ``overdue`` what may still
+        come; one that cannot await a late reply (a queue pair in error: verbs) never does."""
+        overdue = self.overdue
+        if overdue is None or overdue.batch is not batch:
+            return None
+        assert overdue.groups, "a batch all of whose replies came is not overdue"
+        try:
+            return overdue.complete(timeout)
+        finally:
+            if not overdue.groups:              # all in: nothing more will come
+                self.overdue = None
 
     def revive(self, nodes) -> None:  # noqa: B027 (an optional hook: most backends need nothing)
         """MNs ``nodes`` are alive again (rebuilt: ``fusee.rebuild``); a backend that took

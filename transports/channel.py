@@ -4,33 +4,69 @@ Each MN gets one DEALER socket. ``exchange`` sends one message to each of severa
 and waits, within one deadline, for all of their replies: that is how a batch spanning MNs costs
 one round trip. Replies carry the request's sequence number, so a reply that arrives after its
 request timed out is recognised and dropped, never mistaken for the next one.
+
+A batch that failed only because some MNs did not answer in time can still be completed by
+their late replies (``Channels.overdue``, ``Transport.late``): a stalled MN process executes
+what it was sent once it runs again, and its reply says exactly what each verb did. Awaiting
+that reply is how a client rides through a stall shorter than the master's failure detector
+without sending anything twice (``fusee.client``'s guard decides how long).
 """
 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import zmq
 
 from fusee.emulator import wire
 from fusee.config import ClusterConfig
 from fusee.verbs import NodeTimeout, NotAuthorized, TransportError
+from fusee.transports.base import raise_for_failures
 from fusee.transports.security import HANDSHAKE_FAILED, refusal, secure_client
 
 _monotonic = time.monotonic
 
 
+class Overdue(NamedTuple):
+    """A batch that failed for want of some MNs' replies, which may still come: ``groups``
+    (node -> the positions of its requests) are the MNs sent request ``seq`` that did not
+    answer in time; ``results`` the batch's completions, with their NodeTimeouts."""
+    channels: Channels
+    batch: object
+    seq: int
+    groups: dict[int, list[int]]
+    results: list
+
+    def complete(self, timeout: float) -> list | None:
+        """Wait up to ``timeout`` seconds for the replies still awaited, placing each into
+        ``results`` as it comes: the batch's completions once all are in (raising the
+        batch's failure if one remains, as ``execute`` would have), else None."""
+        deadline = _monotonic() + timeout
+        for node in list(self.groups):
+            reply = self.channels._await(node, self.seq, deadline, timeout)
+            if isinstance(reply, NodeTimeout):
+                return None
+            place_replies(self.results, {node: self.groups.pop(node)}, {node: reply})
+        return raise_for_failures(self.results)
+
+
 class Channels:
-    def __init__(self, config: ClusterConfig):
+    def __init__(self, config: ClusterConfig, identity: bytes | None = None):
+        """``identity``: the sockets' routing identity (``fusee.fencing.identity``), by which
+        an MN refuses a client the master fenced; None: ZeroMQ's own."""
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.socks: dict[int, zmq.Socket] = {}
         self.rcvtimeo: dict[int, int] = {}             # the RCVTIMEO each socket has now
         self.monitors: dict[int, zmq.Socket] = {}      # CURVE handshake failures, per node
         self.seq = 0
+        self.unanswered: dict[int, int] = {}    # node -> the last request it did not answer
         self.endpoints = {m.id: m.endpoint for m in config.memnodes}
         for m in config.memnodes:
             s = self.ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            if identity is not None:
+                s.setsockopt(zmq.ROUTING_ID, identity)
             self.public = secure_client(s, config, m)       # our key, the same for all
             if config.security.curve:
                 self.monitors[m.id] = s.get_monitor_socket(HANDSHAKE_FAILED)
@@ -89,6 +125,7 @@ class Channels:
             try:
                 data = sock.recv()
             except zmq.Again:
+                self.unanswered[node] = seq
                 return self._refused(node) or NodeTimeout(
                     f"MN {node} at {self.endpoints[node]}: no reply within {timeout:g} s (is "
                     "it running, and is that its endpoint?)", node)
@@ -99,6 +136,14 @@ class Channels:
             if rseq == seq or (rseq == -1 and error):     # -1: the MN could not read ours
                 return results, error
             # else a late reply to a request that timed out before: dropped
+
+    def overdue(self, batch: object, seq: int, groups: dict[int, list[int]], replies: dict,
+                results: list) -> Overdue | None:
+        """What batch ``batch`` (request ``seq``, placed into ``results``) may still get: the
+        late replies of the nodes that did not answer it in time (None if none is awaited)."""
+        late = {node: idx for node, idx in groups.items()
+                if self.unanswered.get(node) == seq and type(replies.get(node)) is NodeTimeout}
+        return Overdue(self, batch, seq, late, results) if late else None
 
     def _refused(self, node: int) -> NotAuthorized | None:
         """Why a CURVE node stayed silent, if it was because it refused our key."""

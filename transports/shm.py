@@ -251,7 +251,8 @@ class ShmTransport(Transport):
         for node in groups:
             if replies.get(node) is None:           # known dead: nothing was sent
                 replies[node] = NodeTimeout(f"MN {node} is dead (its process exited)", node)
-        place_replies(results, groups, replies)
+        if place_replies(results, groups, replies):
+            self.overdue = self.channels.overdue(batch, seq, groups, replies, results)
 
     def close(self) -> None:
         self.regions = {}

@@ -7,6 +7,9 @@ when every reply is in, so a batch is one round trip however many MNs it touches
 Connecting asks every MN for its region at once. An MN known dead (``dead``, from the
 master's membership) or silent within the timeout is marked dead: it keeps a placeholder
 region (length 0) so that requests to it are known, and each fails at once with NodeTimeout.
+
+``identity`` (a leased client's, ``fusee.fencing``) lets the MNs refuse this transport once
+the master has ended the client's lease: its requests then fail with Fenced.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ ONE_SIDED = (Read, Write, Cas, Faa)
 class ZmqTransport(Transport):
     name = "zmq"
 
-    def __init__(self, config: ClusterConfig, timeout: float | None = None, dead=()):
+    def __init__(self, config: ClusterConfig, timeout: float | None = None, dead=(),
+                 identity: bytes | None = None):
         super().__init__(config, timeout)
-        self.channels = Channels(config)
+        self.channels = Channels(config, identity)
         try:
             known = set(dead)
             live = [m.id for m in config.memnodes if m.id not in known]
@@ -99,7 +103,7 @@ class ZmqTransport(Transport):
         reply = channels.roundtrip(node, wire.encode_verbs(seq, rkey, batch), seq, self.timeout)
         if type(reply) is tuple and reply[1] is None and len(reply[0]) == len(batch):
             return reply[0]
-        return self._complete(batch, {node: list(range(len(batch)))}, {node: reply})
+        return self._complete(batch, seq, {node: list(range(len(batch)))}, {node: reply})
 
     def _execute(self, batch: Sequence[Request]) -> list:
         regions, dead = self.regions, self.dead
@@ -114,13 +118,14 @@ class ZmqTransport(Transport):
         replies = channels.exchange(payloads, seq, self.timeout)
         for node in groups.keys() & dead:
             replies[node] = channels.taken_for_dead(node)
-        return self._complete(batch, groups, replies)
+        return self._complete(batch, seq, groups, replies)
 
-    @staticmethod
-    def _complete(batch, groups: dict, replies: dict) -> list:
-        """The batch's completions in order from each node's reply; raises on any failure."""
+    def _complete(self, batch, seq: int, groups: dict, replies: dict) -> list:
+        """The batch's completions in order from each node's reply; raises on any failure
+        (what may still come late is kept for ``late``)."""
         results: list = [None] * len(batch)
         if place_replies(results, groups, replies):
+            self.overdue = self.channels.overdue(batch, seq, groups, replies, results)
             raise_for_failures(results)
         return results
 

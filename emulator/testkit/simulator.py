@@ -35,9 +35,14 @@ Faults, all placed deterministically:
   still to come AND every verb of a batch in flight that it had already executed (the client
   never saw those completions).
 - ``slow_node(node)`` / ``resume_node(node)``: MN ``node`` stays alive and executes every
-  verb, but the replies it sends meanwhile come too late: each batch that touches it fails
-  with NodeTimeout for its requests there, although they took effect (a stalled MN process,
-  a lost reply). No failover comes for it: it is alive.
+  verb, but the replies it sends meanwhile come too late (a stalled MN process, a lost
+  reply). No failover comes for it: it is alive. A client whose batch is done but for late
+  replies waits for them as ``fusee.client``'s guard does (``late_replies``, the default):
+  once every MN of the batch answers in time again, the operation gets its completions as
+  from a slow round trip; a pause (a failover, a rebuild's end) comes first, and the batch
+  fails with NodeTimeout for its requests there, although they took effect. With
+  ``late_replies=False`` every such batch fails at once (a backend that cannot await a late
+  reply: the worst case for what an operation sends again).
 - ``rebuild(node)``: MN ``node`` (crashed, failed over) restarts empty and the master's
   rebuild (``fusee.rebuild``) makes it a replica again: its online copy runs as a
   background actor, scheduled verb by verb among the clients (and failing as they do when
@@ -101,6 +106,7 @@ class SimClient:
     done: bool = False
     epoch: int = 0                                  # the last membership it was given
     waiting: bool = False                           # for the next epoch (AwaitMembership)
+    late: bool = False                              # its batch awaits a slow MN's replies
     #: a background actor (not in the history): called with its generator's return value,
     #: or the TransportError that ended it
     ended: Callable[[object], None] | None = None
@@ -127,7 +133,7 @@ class Simulator:
     def __init__(self, memory: LocalMemory, seed: int, *,
                  expected_errors: tuple[type[BaseException], ...] = (),
                  max_steps: int = 1_000_000, stickiness: float | None = None,
-                 lockstep: bool = False):
+                 lockstep: bool = False, late_replies: bool = True):
         self.memory = memory
         self.seed = seed
         self.rng = random.Random(seed)
@@ -147,6 +153,7 @@ class Simulator:
         self.membership = Membership()
         self.failovers: list = []                       # what each failover returned
         self.slow: set[int] = set()                     # MNs whose replies come too late
+        self.late_replies = late_replies
         self.rebuilds: list = []        # (Rebuild, what ended it: a Membership or an error)
         self._pause_crash: tuple[int, int] | None = None    # (MN, after how many verbs)
 
@@ -202,6 +209,9 @@ class Simulator:
     def resume_node(self, node: int) -> None:
         self.slow.discard(node)
         self.faults.append((self.step, f"MN {node} answers in time again"))
+        for c in self.clients.values():
+            if c.late and not self._overdue(c):
+                c.late = False                  # its late replies are in: it moves on
 
     def crash_in_pause(self, node: int, after: int) -> None:
         """MN ``node`` crashes in the next rebuild's pause after ``after`` of its verbs."""
@@ -225,6 +235,7 @@ class Simulator:
             if c.runnable and c.batch:
                 self._lost_completions(c)
                 c.acked = True
+            c.late = False                      # it gives up on its late replies
 
     def _publish_failover(self, nodes) -> None:
         """Run the failover of ``nodes`` now and hand its membership to the waiting clients."""
@@ -327,7 +338,7 @@ class Simulator:
         """What happens at each step besides a client's move."""
 
     def _movable(self, c: SimClient) -> bool:
-        return c.runnable and not c.waiting
+        return c.runnable and not c.waiting and not c.late
 
     def _time_passes(self) -> bool:
         """No client can move, but something waits for time to pass: step on."""
@@ -360,6 +371,9 @@ class Simulator:
             if self._maybe_crash(c) or c.pending:
                 return
         if c.batch:                                # done (here, or by a pause)
+            if not c.acked and self.late_replies and self._overdue(c):
+                c.late = True                      # until its MNs answer, or a pause
+                return
             if not c.acked:
                 self._lost_completions(c)
             results = c.results
@@ -371,6 +385,12 @@ class Simulator:
         else:
             results = []                           # the op yielded an empty batch: a pause
         self._resume(c, c.gen.send, results)
+
+    def _overdue(self, c: SimClient) -> bool:
+        """Whether ``c``'s batch awaits a late reply: it touched a slow MN and no crashed
+        one (whose replies never come: the batch fails as it is)."""
+        nodes = {getattr(req, "node", None) for req in c.batch}
+        return bool(nodes & self.slow) and not nodes & self.memory.crashed
 
     def _lost_completions(self, c: SimClient) -> None:
         """The completions of ``c``'s batch that a dead MN never delivered: timeouts."""

@@ -255,6 +255,7 @@ class LeaseKeeper:
         self.epoch = self.membership.epoch
         self.pause = 0                          # nonzero: post nothing until that epoch
         self.acked = 0                          # the pause acked to the master
+        self.acks = 0                           # pauses acked so far (``fusee.client``)
         self.lost: str | None = None            # why the last renewal failed, if it did
         self.ended = False                      # the lease is over for good (``lost`` says why)
         self.data_lost: str | None = self.grant.lost    # no failover will come any more
@@ -390,6 +391,7 @@ class LeaseKeeper:
             return False
         self.gate.release()
         self.acked = self.pause
+        self.acks += 1
         return True
 
     def close(self, release: bool = True) -> None:

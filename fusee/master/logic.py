@@ -118,6 +118,9 @@ class _Job:
     error: str | None = None
     running: bool = False
     nodes: tuple[int, ...] = ()     # a failover's MNs, while it runs
+    #: an expired client's lease token, which the live MNs fence before its recovery
+    #: (``fusee.fencing``); None after a restart (not kept in the state) or for a release
+    token: int | None = None
 
     def failed(self, now: float, error: str) -> None:
         self.running = False
@@ -269,9 +272,9 @@ class Master:
         return lease
 
     def _expire(self, cid: int) -> None:
-        del self.clients[cid]
+        lease = self.clients.pop(cid)
         self.acks.pop(cid, None)
-        self.repairs[cid] = _Job("expired")
+        self.repairs[cid] = _Job("expired", token=lease.token)
 
     # -- memory nodes -----------------------------------------------------------------------
     def mn_seen(self, node: int, sent_at: float) -> None:

@@ -18,12 +18,14 @@ import time
 from collections.abc import Callable
 
 from fusee.driver import run
+from fusee.fencing import fence_key
 from fusee.failover import failover
 from fusee.master.shared import SharedState
 from fusee.master.store import Deposed
 from fusee.memory_map import MemoryMap
 from fusee.rebuild import Rebuild, RebuildAbandoned, RebuildError, check_region
 from fusee.recovery import recover_client
+from fusee.transports.channel import Channels
 from fusee.verbs import Op, T, TransportError
 
 
@@ -215,11 +217,15 @@ class Worker(SharedState):
             self.work_due.wait(0.01)
 
     def _repair(self, cid: int) -> None:
-        """Recover ``cid`` (a failure is retried later, by the same lock owner)."""
+        """Recover ``cid`` (a failure is retried later, by the same lock owner); an expired
+        client is fenced first."""
         started = time.time()
         with self.lock:
             membership, down = self.logic.membership, self._down()
+            token = self.logic.repairs[cid].token
         try:
+            if token is not None:
+                self._fence(cid, token, [m for m in self.logic.memnodes if m not in down])
             t0 = time.perf_counter()
             report, connect_s = self._run(recover_client(self.config, cid,
                                                          membership=membership), down)
@@ -244,6 +250,22 @@ class Worker(SharedState):
             self.tally["client_recoveries"] += 1
         self.log(f"master: client {cid} recovered in {recover_s * 1000:.1f} ms; id free",
                  flush=True)
+
+
+    def _fence(self, cid: int, token: int, nodes: list[int]) -> None:
+        """Have every live MN refuse client ``cid`` of lease ``token`` before its recovery
+        (``fusee.fencing``): a batch it still had on its way then either ran before the
+        recovery began or is refused. An MN that does not answer fails the repair, retried
+        later (by then that MN answers, or it is failed over and out of ``nodes``)."""
+        channels = Channels(self.config)
+        try:
+            replies = channels.call_all(nodes, "fence", self.config.timeout,
+                                        key=fence_key(cid, token))
+        finally:
+            channels.close()
+        for reply in replies.values():
+            if isinstance(reply, Exception):
+                raise reply
 
 
 def _plain(value: object) -> object:

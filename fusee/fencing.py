@@ -1,0 +1,43 @@
+"""Fencing: a client whose lease the master ended writes nothing more to the memory nodes.
+
+A client checks its lease on its own clock before every batch (``fusee.client._LeaseGuard``),
+and the master recovers an expired client's id only ``grace`` past its lease. That leaves a
+batch already past the check when the client stopped (SIGSTOP, a long GC or VM pause): once it
+runs again, the batch goes out, possibly after the master recovered the id, and a stale write or
+free could overwrite or free live data.
+
+On zmq the memory nodes close that window. Every client's sockets carry a routing identity made
+of its client id and lease token (``identity``); before recovering an expired client, the
+master has every live MN *fence* that id and token (the ``fence`` control request), and an MN
+refuses every later request from a fenced identity (``Fenced``). ZeroMQ hands the MN each
+message with its sender's identity, so the check costs nothing until a client was fenced, and
+a request either ran before its MN acked the fence (so before the recovery began) or is refused.
+
+The verbs backend could do the same by moving the client's queue pairs to the error state (not
+built: the MN's NIC emulation would need the master's word). The shm backend cannot fence: the
+client maps the memory and executes verbs itself; it relies on the lease check before every
+batch, which leaves the window of one batch in flight (docs/design.md#fencing).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+#: the bytes of an identity after its key: distinct sockets of one client (a ROUTER refuses a
+#: second peer with an identity it already has)
+_NONCE = 4
+
+
+def fence_key(client_id: int, token: int) -> bytes:
+    """What an MN records to fence client ``client_id`` holding the lease ``token``."""
+    return b"fusee-client %d %d." % (client_id, token)
+
+
+def identity(client_id: int, token: int) -> bytes:
+    """A routing identity for one socket of that client (``zmq.ROUTING_ID``)."""
+    return fence_key(client_id, token) + secrets.token_hex(_NONCE // 2).encode()
+
+
+def key_of(identity: bytes) -> bytes:
+    """The fence key an identity carries (any other identity gives one no fence matches)."""
+    return identity[:-_NONCE]

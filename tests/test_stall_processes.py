@@ -1,0 +1,114 @@
+"""Stalls (SIGSTOP: a long GC pause, a starved host), real MN and master processes on zmq.
+
+- A memory node stalled for longer than the clients' verb timeout but less than its MN lease:
+  the master never declares it dead, and the clients ride through with its late replies
+  (``fusee.transports.channel``, ``Transport.late``, ``fusee.client._LeaseGuard``).
+- A client stalled past its lease: the master expires it and fences it at every MN before
+  recovering its id (``fusee.fencing``), so a batch that was past its lease check when it
+  stopped writes nothing once it runs again.
+
+The multi-client version under load, judged by the linearizability checker and the audit, is
+tests/test_hostile_processes.py (soak); the deterministic one, tests/test_slow_node.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from storekit import SMALL
+from test_failover_processes import LEASES, _wait
+
+from fusee.emulator.cluster import LocalCluster
+from fusee.config import LayoutConfig
+from fusee.errors import Fenced, NodeTimeout
+from fusee.layout import pack_u64, unpack_u64
+from fusee.memory_map import MemoryMap
+from fusee.transports.zeromq import ZmqTransport
+from fusee.verbs import Faa, Read, Write
+
+
+@contextmanager
+def _stopped(pid: int, seconds: float | None = None) -> Iterator[None]:
+    """Process ``pid`` SIGSTOPped in the block; SIGCONTed after ``seconds`` (from a timer:
+    the block may wait on it) or when the block ends, whichever comes first."""
+    os.kill(pid, signal.SIGSTOP)
+    timer = threading.Timer(seconds, os.kill, (pid, signal.SIGCONT)) if seconds else None
+    try:
+        if timer is not None:
+            timer.start()
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_stalled_memory_node_s_late_reply_completes_the_batch():
+    """The FAA of a batch that timed out ran once the MN resumed; ``late`` hands back its
+    completion (the old word), and the word shows it ran exactly once."""
+    with LocalCluster(memnodes=1, transport="zmq", replication=1,
+                      layout=LayoutConfig(**SMALL)) as c:
+        scratch = MemoryMap.of(c.config.layout).client_meta(7)     # no client holds id 7
+        with ZmqTransport(c.config, timeout=0.3) as t:
+            before = unpack_u64(t.execute([Read(0, scratch, 8)])[0])
+            batch = [Faa(0, scratch, 5), Read(0, scratch, 8)]
+            with _stopped(c.procs[0].pid):
+                with pytest.raises(NodeTimeout):
+                    t.execute(batch)
+                assert t.awaits_late(batch)
+                assert t.late(batch, 0.2) is None           # still stopped: nothing yet
+            results = t.late(batch, 10.0)
+            assert results == [before, pack_u64(before + 5)]
+            assert not t.awaits_late(batch)
+            assert unpack_u64(t.execute([Read(0, scratch, 8)])[0]) == before + 5
+
+
+def test_a_client_rides_through_a_memory_node_stalled_less_than_its_lease():
+    """MN 1 stopped for 1.5 timeouts (less than its MN lease) while a put and a get run: both
+    complete, in epoch 0 (the master failed nothing over), and the put took effect once."""
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), **LEASES) as c:
+        with c.client() as kv:
+            kv.put(b"k", b"before")
+            with _stopped(c.procs[1].pid, 1.5 * c.config.timeout):
+                kv.put(b"k", b"during")
+                assert kv.get(b"k") == b"during"
+            assert kv.core.membership.epoch == 0
+            kv.put(b"k", b"after")
+            assert kv.get(b"k") == b"after"
+        assert c.master_status()["dead"] == []
+
+
+def test_a_client_the_master_expired_is_fenced_by_every_memory_node():
+    """The client stops renewing its lease (as one SIGSTOPped past it would); the master
+    expires it, fences it at the MNs and recovers its id. A batch that had passed the lease
+    check before the stall (posted straight to its transport here) is refused with Fenced at
+    every MN, and writes nothing; another client goes on."""
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), **LEASES) as c:
+        scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
+        kv = c.client()
+        try:
+            kv.put(b"k", b"v")
+            cid = str(kv.client_id)
+            kv.lease.close(release=False)
+            _wait(lambda: cid not in (s := c.master_status())["clients"]
+                  and cid not in s["repairs"], "the master to expire and recover the client")
+            stale = [Write(n, scratch, b"stale!!!") for n in range(3)]
+            with pytest.raises(Fenced) as refused:
+                kv.transport.execute(stale)
+            assert all(isinstance(r, Fenced) for r in refused.value.results)
+        finally:
+            kv.closed = True
+            kv.transport.close()
+        with ZmqTransport(c.config) as t:
+            words = t.execute([Read(n, scratch, 8) for n in range(3)])
+            assert b"stale!!!" not in words
+        with c.client() as other:
+            assert other.get(b"k") == b"v"
+            other.put(b"k", b"w")
