@@ -159,7 +159,9 @@ class SlowCycleRun(CycleRun):
     """``CycleRun`` where, at each MN crash of the plan (by a coin), another live MN turns slow
     (``Simulator.slow_node``: it executes every verb, its replies come too late) until that
     crash's failover: a slow MN alone brings no failover, and the clients would wait forever.
-    Its operations run as ``fusee.client.Client`` runs them (settled first)."""
+    Its operations run as ``fusee.client.Client`` runs them (settled first). Each batch met
+    by the slow MN fails at once (``late_replies`` off), as on a backend that cannot await a
+    late reply (verbs): the harsher model, in which a verb may take effect unanswered."""
 
     store = Settling
     slowed: int | None = None
@@ -174,6 +176,7 @@ class SlowCycleRun(CycleRun):
                     if m not in what and m not in self.memory.crashed]
             if live:
                 self.slowed = faults.choice(live)
+                self.sim.late_replies = False
                 self.sim.slow_node(self.slowed)
         if kind == "fail_over" and self.slowed is not None:
             self.sim.resume_node(self.slowed)
