@@ -206,6 +206,24 @@ class Rebuild:
         self.copied: dict[tuple[int, int], _Group] = {}     # by (source, addr): phase A's
         self.quiet: dict[int, tuple[int, ...]] = {}         # owner id -> its words at A
         self.online_bytes = 0
+        self.closing: _Failover | None = None               # phase B's, once it has begun
+
+    def closed(self) -> Membership | None:
+        """After ``finish`` failed: the Membership the master must publish instead of letting
+        the clients resume the old epoch, or None if the pause touched no memory.
+
+        The pause begins by closing every open round on the memory, as a failover with no
+        new death does; a writer whose round it settled, resuming in the same epoch, would
+        go on as if the round were still open (its verdict, its primary CAS) and lose an
+        acknowledged write. So from the moment the closing began, the rounds are over: the
+        next epoch carries every decision the closing recorded, the rejoining MN still dead
+        (not a replica), and each writer learns its round's fate there
+        (``Membership.fate``). A decision recorded whose CAS did not land is still right: it
+        is the primary's value, which a later failover installs on that backup too."""
+        if self.closing is None:
+            return None
+        c = self.closing
+        return self.membership.successor((), c.settled, c.kept, c.dropped)
 
     def copy_online(self) -> Op[None]:
         """Generator, phase A: copy the groups of quiet owners whole."""
@@ -224,7 +242,7 @@ class Rebuild:
         """Generator, phase B (the clients paused): close the open rounds, copy what must be
         exact and what changed since phase A; returns the next Membership."""
         m, node, core = self.membership, self.node, self.core
-        closing = _Failover(self.config, m, m.successor((), {}), frozenset())
+        self.closing = closing = _Failover(self.config, m, m.successor((), {}), frozenset())
         settled = yield from closing.run()
         pieces, words = yield from _exact(core, node)
         groups = yield from _groups(core, node)
