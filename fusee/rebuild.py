@@ -79,7 +79,9 @@ copy of the primary would silently drop: the writers whose rounds it closed are 
 ``ClientCore.epoch_ended``). If another MN dies meanwhile, a verb fails, or (phase A) the
 master abandons the copy at once (``abandon``) so that its failover is not held up; the
 rebuild fails and the master retries it after that MN's failover (N keeps being dead until a
-rebuild publishes: nobody reads a half-written N). If N dies meanwhile, the same.
+rebuild publishes: nobody reads a half-written N). If N dies meanwhile, the same. A pause that
+fails once it has begun closing the rounds still ends in a new epoch, which carries the
+decisions it recorded (``Rebuild.closed``): a writer never resumes a round it settled.
 
 ``progress`` reports bytes copied and to copy, per phase, so that the master can show it.
 
@@ -218,8 +220,9 @@ class Rebuild:
         acknowledged write. So from the moment the closing began, the rounds are over: the
         next epoch carries every decision the closing recorded, the rejoining MN still dead
         (not a replica), and each writer learns its round's fate there
-        (``Membership.fate``). A decision recorded whose CAS did not land is still right: it
-        is the primary's value, which a later failover installs on that backup too."""
+        (``Membership.fate``). A decision is recorded before its CAS: one whose CAS did not
+        land names the primary's value all the same, which the failover of the MN that died
+        installs on that backup."""
         if self.closing is None:
             return None
         c = self.closing
