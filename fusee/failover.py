@@ -84,6 +84,16 @@ def failover(config: ClusterConfig, membership: Membership, dead: int | Iterable
     return membership.successor(failed, settled, work.kept, work.dropped)
 
 
+def close_rounds(config: ClusterConfig, membership: Membership) -> Op[Membership]:
+    """Generator: a failover with no new death: close every open round; returns the next
+    Membership. For a master that finds the rounds may have been touched with no epoch
+    published since (a rebuild's pause that failed, its decisions lost with the master
+    that ran it): the clients must meet a new epoch, never resume their rounds."""
+    work = _Failover(config, membership, membership.successor((), {}), frozenset())
+    settled = yield from work.run()
+    return membership.successor((), settled, work.kept, work.dropped)
+
+
 class _Failover:
     def __init__(self, config: ClusterConfig, old: Membership, new: Membership,
                  dead: frozenset[int]) -> None:

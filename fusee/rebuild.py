@@ -79,7 +79,9 @@ copy of the primary would silently drop: the writers whose rounds it closed are 
 ``ClientCore.epoch_ended``). If another MN dies meanwhile, a verb fails, or (phase A) the
 master abandons the copy at once (``abandon``) so that its failover is not held up; the
 rebuild fails and the master retries it after that MN's failover (N keeps being dead until a
-rebuild publishes: nobody reads a half-written N). If N dies meanwhile, the same.
+rebuild publishes: nobody reads a half-written N). If N dies meanwhile, the same. A pause that
+fails once it has begun closing the rounds still ends in a new epoch, which carries the
+decisions it recorded (``Rebuild.closed``): a writer never resumes a round it settled.
 
 ``progress`` reports bytes copied and to copy, per phase, so that the master can show it.
 
@@ -206,6 +208,25 @@ class Rebuild:
         self.copied: dict[tuple[int, int], _Group] = {}     # by (source, addr): phase A's
         self.quiet: dict[int, tuple[int, ...]] = {}         # owner id -> its words at A
         self.online_bytes = 0
+        self.closing: _Failover | None = None               # phase B's, once it has begun
+
+    def closed(self) -> Membership | None:
+        """After ``finish`` failed: the Membership the master must publish instead of letting
+        the clients resume the old epoch, or None if the pause touched no memory.
+
+        The pause begins by closing every open round on the memory, as a failover with no
+        new death does; a writer whose round it settled, resuming in the same epoch, would
+        go on as if the round were still open (its verdict, its primary CAS) and lose an
+        acknowledged write. So from the moment the closing began, the rounds are over: the
+        next epoch carries every decision the closing recorded, the rejoining MN still dead
+        (not a replica), and each writer learns its round's fate there
+        (``Membership.fate``). A decision is recorded before its CAS: one whose CAS did not
+        land names the primary's value all the same, which the failover of the MN that died
+        installs on that backup."""
+        if self.closing is None:
+            return None
+        c = self.closing
+        return self.membership.successor((), c.settled, c.kept, c.dropped)
 
     def copy_online(self) -> Op[None]:
         """Generator, phase A: copy the groups of quiet owners whole."""
@@ -224,7 +245,7 @@ class Rebuild:
         """Generator, phase B (the clients paused): close the open rounds, copy what must be
         exact and what changed since phase A; returns the next Membership."""
         m, node, core = self.membership, self.node, self.core
-        closing = _Failover(self.config, m, m.successor((), {}), frozenset())
+        self.closing = closing = _Failover(self.config, m, m.successor((), {}), frozenset())
         settled = yield from closing.run()
         pieces, words = yield from _exact(core, node)
         groups = yield from _groups(core, node)

@@ -12,8 +12,9 @@ The queue is not persisted: a master restarted meanwhile hears the MN ask again,
 rebuild publishes, the MN is dead in the membership and nobody reads it.
 
 An MN that stops answering while it waits is dropped from the queue (it is still dead, and
-the clients stop pausing for it). So is one whose rebuild failed: the clients resume at once,
-and its next ask is heard after a backoff (never, after a RebuildError: it cannot succeed).
+the clients stop pausing for it). So is one whose rebuild failed: the clients resume at once
+(in a new epoch if its pause had begun closing rounds: ``Master.rebuild_failed``), and its
+next ask is heard after a backoff (never, after a RebuildError: it cannot succeed).
 """
 
 from __future__ import annotations

@@ -427,3 +427,63 @@ def test_the_master_protocol_carries_a_grant_and_names_each_refusal():
         assert error_code(e) == code and type(refusal(code, "x")) is raised
     assert type(refusal(ERR_STANDBY, "x")) is MasterStandby
     assert type(refusal(1, "x")) is MasterError and error_code(ValueError()) is None
+
+
+def _closing(m: Master, rejoining: int, client: int) -> Membership:
+    """``m`` with ``rejoining`` failed over and its rebuild's pause begun (``client`` acked):
+    the pause may have closed rounds on the memory from here on; -> the epoch it began in."""
+    _failed_over(m, rejoining, now=MN_L + 0.1)
+    m.grant(client, 1, now=0.6)
+    m.rejoin(rejoining, 0.7)
+    assert m.next_rebuild(0.8) == rejoining
+    m.rebuild_pausing(rejoining)
+    m.renew(client, 1, now=0.8, paused=m.pause)
+    m.rebuild_closing(rejoining)
+    return m.membership
+
+
+def test_a_pause_that_failed_after_closing_rounds_publishes_their_decisions():
+    """The rounds a failed rebuild's pause closed are published in the next epoch, the
+    rejoining MN still dead, as a failover's: the clients never resume the old epoch."""
+    m = master(pinged_until=0.0)
+    for mn in (1, 2):
+        m.mn_seen(mn, 10.0)
+    begun = _closing(m, 0, client=7)
+    closed = begun.successor((), {(0, 5): 0x1234})
+    with pytest.raises(ValueError, match="expected epoch 2 with dead"):
+        m.rebuild_failed(0, 0.9, "NodeTimeout: MN 1", closed=begun.successor([1], {}))
+    m.rebuild_failed(0, 0.9, "NodeTimeout: MN 1", closed=closed)
+    assert (m.epoch, m.dead, m.pause, m.closing) == (2, frozenset({0}), 0, False)
+    grant = m.renew(7, 1, now=1.0)
+    assert grant.epoch == 2 and grant.pause == 0
+    assert m.membership.decided_at(1, 0, 5) == 0x1234       # a round of epoch 1: its fate
+    assert m.status(0.0)["memnodes"]["0"]["state"] == "dead"
+
+
+def test_a_pause_that_failed_with_its_decisions_unsaved_or_its_master_keeps_the_clients_paused():
+    """A failed pause whose decisions were not published (their save failed, or the master
+    died in the pause: the next one has only the state saved when it began) keeps the
+    clients paused until a failover of no MN closes the rounds again and publishes."""
+    m = master(pinged_until=0.0)
+    for mn in (1, 2):
+        m.mn_seen(mn, 10.0)
+    _closing(m, 0, client=7)
+    saved = json.loads(json.dumps(m.state()))
+    m.rebuild_failed(0, 0.9, "NodeTimeout: MN 1")           # nothing published
+    later = Master.restore(saved, range(3), L, MN_L, GRACE, now=1.0)
+    for mn in (1, 2):
+        later.mn_seen(mn, 20.0)
+    for x in (m, later):
+        assert x.pause == 2 and x.epoch == 1 and x.status(1.0)["closing"]
+        with pytest.raises(TransitionInProgress):
+            x.admit()
+        assert x.next_rebuild(1.0) is None
+        if x is later:                                      # its acks are not persisted
+            assert x.next_failover(1.0) is None and x.waiting_for() == [7]
+            x.renew(7, 1, now=1.0, paused=2)
+        assert x.next_failover(1.0) == ()                   # a failover of no MN
+        x.failover_done((), x.membership.successor((), {}))
+        assert (x.epoch, x.dead, x.pause, x.closing) == (2, frozenset({0}), 0, False)
+    bad = dict(saved, closing="yes")
+    with pytest.raises(StateError, match="closing"):
+        Master.restore(bad, range(3), L, MN_L, GRACE, now=1.0)

@@ -51,6 +51,8 @@ class RebuildRun(Run):
         self.mid_copy, self.in_pause = mid_copy or in_pause, in_pause
         if self.mid_copy:
             self.epochs = 4     # and the failover of the MN that crashed during the copy
+        if in_pause:
+            self.epochs = 5     # and the epoch of the rounds the failed pause closed
         super().__init__(seed, **kw)
 
     def schedule_faults(self, nodes, steps, victims, delay, crash_client):
@@ -166,22 +168,17 @@ class LatePauseCrash(RebuildRun):
     pause_verbs = (40, 400)
 
 
-@pytest.mark.xfail(strict=True, reason="open: a rebuild's pause that fails after closing the "
-                   "open rounds publishes nothing: the clients resume their rounds as if open")
 def test_a_pause_that_fails_after_closing_the_rounds():
-    """Seed 27: not linearizable (c2's acknowledged update of k5 lost; the simulator of 013092f
-    could not crash an MN in a pause). ``Rebuild.finish`` first closes
+    """Seed 27 (c2's acknowledged update of k5 was lost). ``Rebuild.finish`` first closes
     every open round (``_Failover`` with no dead MN: it settles the slots on the memory),
-    then copies; an MN dying after the first has written the slots fails the rebuild, and
-    the master (``rebuild_failed``) lets the clients resume in the same epoch. Nobody
-    publishes what the closing decided, so a writer whose round it settled goes on as if
-    the round were still open (its primary CAS, its verdict), and the failover that comes
-    next records only its own decisions. Publishing the closing's decisions when the pause
-    fails after them (``m.successor((), settled)``, persisted as a failover's) made this
-    and all 20 failures of 1,600 swept cases pass in the simulator (where MNs crash in the pause at
-    random: /work/notes/s6/sweep-run.py pausecrash); the master's rebuild hook and
-    ``fusee/rebuild.py`` are wt-online's area this session."""
-    _check(27, cls=LatePauseCrash, in_pause=True, crash_client=True)
+    then copies; an MN dying after the first has written the slots fails the rebuild. The
+    clients must not resume in the same epoch, where a writer whose round was settled goes
+    on as if it were still open: the closing's decisions are published in the next epoch
+    (``Rebuild.closed``), and each writer learns its round's fate there."""
+    r = _check(27, cls=LatePauseCrash, in_pause=True, crash_client=True)
+    first, *_, last = [outcome for _, outcome in r.sim.rebuilds]
+    assert isinstance(first, NodeTimeout) and isinstance(last, Membership), r.sim.faults
+    assert any("failed after closing rounds" in what for _, what in r.sim.faults), r.sim.faults
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3,

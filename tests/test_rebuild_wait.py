@@ -12,12 +12,17 @@ slow network), so that it lasts ``membership_wait``
 plus a margin. With it, a client paused for the rebuild:
 - gets its put through once the rebuild publishes its epoch (before: NodeTimeout);
 - goes on at once when the rebuild fails instead (the rejoining MN killed mid-copy): the
-  pause ends with no new epoch, and the batch held back goes out (before: it waited for an
-  epoch that never came, then NodeTimeout).
+  pause ends with the next epoch, which carries the rounds the pause closed (MN 0 still
+  dead), and the batch held back goes out (before: it waited for an epoch that never came,
+  then NodeTimeout; then, it resumed the old epoch, whose rounds the pause had closed);
+- gets its put through when the master is killed in the pause: the next one finds in the
+  saved state that the pause may have closed rounds, and closes them again (a failover of
+  no MN) and publishes the next epoch before any client resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -155,24 +160,50 @@ def test_a_client_waits_out_a_rebuild_longer_than_its_membership_wait(backend):
             assert kv.get(b"after the failover") == b"2"
 
 
-def test_a_failed_rebuild_lets_a_paused_client_go_on_at_once():
+@contextlib.contextmanager
+def _a_put_held_by_a_slow_pause():
+    """A cluster whose slowed master has paused the client for MN 0's rebuild, half a second
+    into the pause, a put held back by it: yields (cluster, client, membership_wait, the
+    put's thread, its outcome)."""
     with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
                       layout=LayoutConfig(**SMALL), **LEASES) as c:
         wait = membership_wait(c.config)
         _slowed_master(c, wait + 5.0)
         with c.client() as kv:
+            kv.put(b"before", b"1")
             c.kill(0)
             _wait(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
             c.rejoin(0)
             _wait(lambda: _paused(c, 0), "MN 0's rebuild to pause the clients")
             thread, out = _put_in_background(kv, b"during the rebuild", b"3")
             time.sleep(0.5)
-            c.kill(0)           # its copy fails: the rebuild fails, the pause ends
-            _wait(lambda: "rebuild_error" in c.master_status()["memnodes"]["0"],
-                  "the rebuild to fail", timeout=3 * wait)
-            # within a few renewals of the pause's end, not after membership_wait
-            thread.join(wait / 2)
-            assert not thread.is_alive(), "the put still waits for an epoch that never comes"
-            assert out == {"ok": True}, out
-            assert c.master_status()["epoch"] == 1
-            assert kv.get(b"during the rebuild") == b"3"
+            yield c, kv, wait, thread, out
+
+
+def test_a_failed_rebuild_lets_a_paused_client_go_on_at_once():
+    with _a_put_held_by_a_slow_pause() as (c, kv, wait, thread, out):
+        c.kill(0)           # its copy fails: the rebuild fails, the pause ends
+        _wait(lambda: "rebuild_error" in c.master_status()["memnodes"]["0"],
+              "the rebuild to fail", timeout=3 * wait)
+        # within a few renewals of the pause's end, not after membership_wait
+        thread.join(wait / 2)
+        assert not thread.is_alive(), "the put still waits for an epoch that never comes"
+        assert out == {"ok": True}, out
+        status = c.master_status()
+        assert (status["epoch"], status["dead"]) == (2, [0])   # the rounds its pause closed
+        assert status["closing"] is False
+        assert kv.get(b"during the rebuild") == b"3" and kv.get(b"before") == b"1"
+
+
+def test_a_master_killed_in_a_rebuilds_pause_is_followed_by_a_new_epoch():
+    with _a_put_held_by_a_slow_pause() as (c, kv, wait, thread, out):
+        c.stop_master(kill=True)            # in the pause, which has begun its closing
+        c.start_master()
+        thread.join(3 * wait)
+        assert not thread.is_alive(), "the put is still waiting"
+        assert out == {"ok": True}, out
+        assert "failing over memory node none (closing the rounds a rebuild left) " \
+               "(epoch 1 -> 2)" in c.master_log(), c.master_log()
+        _wait(lambda: c.master_status()["dead"] == [], "MN 0's rebuild", timeout=3 * wait)
+        assert c.master_status()["epoch"] == 3
+        assert kv.get(b"during the rebuild") == b"3" and kv.get(b"before") == b"1"

@@ -288,6 +288,14 @@ class Simulator:
         self.rebuilds.append((job, outcome))
         if isinstance(outcome, TransportError):
             self.faults.append((self.step, f"rebuild of MN {job.node} failed: {outcome!r}"))
+            closed = job.closed()
+            if closed is not None:      # the pause closed rounds: never resume the old epoch
+                self.membership = closed
+                self.faults.append((self.step, f"rebuild's pause failed after closing rounds: "
+                                               f"epoch {closed.epoch}, "
+                                               f"{len(closed.settled[closed.epoch])} slots "
+                                               "settled"))
+                self._wake_waiting()
         else:
             self.membership = outcome
             self.faults.append((self.step, f"rebuild of MN {job.node}: epoch {outcome.epoch}"))

@@ -151,6 +151,9 @@ class Master:
     acks: dict[int, int] = field(default_factory=dict)       # client id -> pause it acked
     failover: _Job = field(default_factory=_Job)
     rejoins: Rejoins = field(default_factory=Rejoins)   # dead MNs to rebuild (fusee.rejoin)
+    #: a rebuild's pause may have closed rounds on the memory and no epoch has been published
+    #: since: the clients stay paused until a failover (of the MNs failing, or of none) does
+    closing: bool = False
 
     def __post_init__(self, now: float) -> None:
         for name in ("client_lease", "mn_lease"):
@@ -178,8 +181,9 @@ class Master:
     @property
     def pause(self) -> int:
         """The epoch clients must pause for (0: none): the next one, while an MN awaits its
-        failover or its rebuild's last phase."""
-        return self.membership.epoch + 1 if self.failing or self.rejoins.pausing else 0
+        failover or its rebuild's last phase, or rounds a failed pause closed await theirs."""
+        return (self.membership.epoch + 1
+                if self.failing or self.rejoins.pausing or self.closing else 0)
 
     @property
     def lost(self) -> str | None:
@@ -202,7 +206,7 @@ class Master:
         if self.failing:
             raise TransitionInProgress(f"memory node {self.failing[0]} died; epoch "
                                        f"{self.pause} is not published yet")
-        if self.rejoins.pausing:
+        if self.rejoins.pausing or self.closing:
             raise TransitionInProgress(f"memory node {self.rejoins.running} is being "
                                        f"rebuilt; epoch {self.pause} is not published yet")
         return self.reusable_id()
@@ -318,9 +322,10 @@ class Master:
     def next_failover(self, now: float) -> tuple[int, ...] | None:
         """The MNs whose failover may run now, all those queued (marked running until
         ``failover_done`` / ``failover_failed``): every leased client paused, no repair
-        running, data not lost."""
+        running, data not lost. None queued but ``closing``: () (a failover of no MN, which
+        closes the rounds and publishes the next epoch)."""
         f = self.failover
-        if (not self.failing or self.lost or f.running or f.retry_at > now
+        if (not (self.failing or self.closing) or self.lost or f.running or f.retry_at > now
                 or any(r.running for r in self.repairs.values()) or self.waiting_for()):
             return None
         f.running = True
@@ -338,6 +343,7 @@ class Master:
         self.membership = membership
         self.failing = [m for m in self.failing if m not in nodes]
         self.failover = _Job()
+        self.closing = False
         self.acks = {c: e for c, e in self.acks.items() if e > membership.epoch}
 
     def failover_failed(self, nodes: tuple[int, ...], now: float, error: str) -> None:
@@ -364,7 +370,7 @@ class Master:
         """The MN whose rebuild may run now: no failover pending or running, no repair
         running. It starts with the clients working (its online copy); ``rebuild_pausing``
         pauses them for the rest."""
-        ready = not (self.failing or self.failover.running or self.waiting_for()
+        ready = not (self.failing or self.closing or self.failover.running or self.waiting_for()
                      or any(r.running for r in self.repairs.values()))
         return self.rejoins.next(now, ready)
 
@@ -372,6 +378,13 @@ class Master:
         """The online copy of ``node`` is done: the clients pause for the rest of it (its
         last phase runs once ``waiting_for`` is empty)."""
         self.rejoins.pause_for(node)
+
+    def rebuild_closing(self, node: int) -> None:
+        """Every client of ``node``'s rebuild acked its pause, whose first step closes the
+        open rounds on the memory: from now until an epoch is published, the clients must
+        not resume the old one (persisted, so that the next master knows it too)."""
+        assert self.rejoins.pausing and self.rejoins.running == node, (node, self.rejoins)
+        self.closing = True
 
     def rebuild_overtaken(self, membership: Membership) -> str | None:
         """Why a rebuild begun under ``membership`` must be given up (None: it may go on):
@@ -394,12 +407,26 @@ class Master:
                              f"record it rebuilt in epoch {membership.epoch}")
         self.rejoins.done(node)
         self.membership = membership
+        self.closing = False
         self.mn_deadline[node] = now + self.mn_lease
         self.acks = {c: e for c, e in self.acks.items() if e > membership.epoch}
 
-    def rebuild_failed(self, node: int, now: float, error: str, final: bool = False) -> None:
-        """The rebuild of ``node`` failed: the clients resume; its next ask is heard after a
-        backoff, or never (``final``: the rebuild cannot succeed)."""
+    def rebuild_failed(self, node: int, now: float, error: str, final: bool = False,
+                       closed: Membership | None = None) -> None:
+        """The rebuild of ``node`` failed: its next ask is heard after a backoff, or never
+        (``final``: the rebuild cannot succeed). The clients resume, in ``closed`` if given
+        (``Rebuild.closed``: the rounds its pause closed, published like a failover's);
+        else, after a pause that began closing rounds, only once a failover (of the MNs
+        failing, or of none) has published the next epoch: never in the old one."""
+        if closed is not None:
+            if (closed.epoch != self.epoch + 1 or closed.dead != self.dead
+                    or closed.rebuilt_at != self.membership.rebuilt_at):
+                raise ValueError(f"the failed rebuild of MN {node} closed rounds in epoch "
+                                 f"{closed.epoch} with dead {sorted(closed.dead)}; expected "
+                                 f"epoch {self.epoch + 1} with dead {sorted(self.dead)}")
+            self.membership = closed
+            self.closing = False
+            self.acks = {c: e for c, e in self.acks.items() if e > closed.epoch}
         attempts = self.rejoins.attempts.get(node, 0)
         self.rejoins.failed(node, now, error, math.inf if final else
                             min(REPAIR_BACKOFF * 2 ** attempts, REPAIR_BACKOFF_MAX))
@@ -409,7 +436,7 @@ class Master:
         """A repair due now (marked running until ``repair_done`` / ``repair_failed``); none
         while a failover or a rebuild is pending or running: recovery needs the new
         membership."""
-        if self.failing or self.failover.running or self.rejoins.joining:
+        if self.failing or self.closing or self.failover.running or self.rejoins.joining:
             return None
         due = [(r.retry_at, cid) for cid, r in self.repairs.items()
                if not r.running and r.retry_at <= now]
@@ -445,6 +472,7 @@ class Master:
                 "membership": self.membership.to_wire(),
                 "failing": list(self.failing),
                 "pause": self.pause,
+                "closing": self.closing,
                 "waiting_for": self.waiting_for(),
                 "failover": self.failover.status() if self.failing else None,
                 "lost": self.lost,
@@ -462,7 +490,8 @@ class Master:
                 "failing": list(self.failing),
                 "clients": {str(c): lease.token for c, lease in sorted(self.clients.items())},
                 "repairs": {str(c): r.reason for c, r in sorted(self.repairs.items())},
-                "free_ids": list(self.free_ids), "next_id": self.next_id}
+                "free_ids": list(self.free_ids), "next_id": self.next_id,
+                "closing": self.closing}
 
     @classmethod
     def restore(cls, state: dict[str, Any], memnodes: Iterable[int], client_lease: float,
@@ -486,6 +515,9 @@ class Master:
             free = sorted(int(c) for c in state["free_ids"])
             next_id = None if state["next_id"] is None else int(state["next_id"])
             replicas = int(state["replicas"])
+            closing = state.get("closing", False)     # absent: saved before it existed
+            if not isinstance(closing, bool):
+                raise ValueError(f"closing is {closing!r}, not a boolean")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StateError(f"malformed master state: {e!r}") from None
         down = membership.dead | set(failing)
@@ -496,7 +528,8 @@ class Master:
                 or repairs.keys() & set(free) or len(set(free)) != len(free)):
             raise StateError("master state names an id twice")
         m = cls(memnodes, client_lease, mn_lease, grace, now, replicas=replicas,
-                membership=membership, failing=failing, free_ids=free, next_id=next_id)
+                membership=membership, failing=failing, free_ids=free, next_id=next_id,
+                closing=closing)
         m.clients = {c: _Lease(t, 0.0) for c, t in clients.items()}
         m.lease_afresh(now)
         m.repairs = {c: _Job(reason) for c, reason in repairs.items()}

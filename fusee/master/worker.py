@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from fusee.driver import run
 from fusee.fencing import fence_key
-from fusee.failover import failover
+from fusee.failover import close_rounds, failover
 from fusee.master.shared import SharedState
 from fusee.master.store import Deposed
 from fusee.memory_map import MemoryMap
@@ -81,12 +81,15 @@ class Worker(SharedState):
             milestones = [self.timeline.setdefault(n, {}) for n in nodes]
         for m in milestones:
             m.setdefault("started_at", time.time())
-        names = ", ".join(map(str, nodes))
+        # no MN: the rounds a failed rebuild's pause closed, published by none (Master.closing)
+        names = ", ".join(map(str, nodes)) or "none (closing the rounds a rebuild left)"
         self.log(f"master: failing over memory node {names} (epoch {membership.epoch} -> "
                  f"{membership.epoch + 1})", flush=True)
         t0 = time.perf_counter()
+        op = failover(self.config, membership, nodes) if nodes else close_rounds(self.config,
+                                                                                 membership)
         try:
-            new, connect_s = self._run(failover(self.config, membership, nodes), down)
+            new, connect_s = self._run(op, down)
         except Exception as e:          # noqa: BLE001 - a failed failover is retried, not fatal
             with self.lock:
                 self.logic.failover_failed(nodes, time.monotonic(), f"{type(e).__name__}: {e}")
@@ -139,6 +142,7 @@ class Worker(SharedState):
                 return self.logic.rebuild_overtaken(membership)
 
         t0 = time.perf_counter()
+        job = None
         try:
             transport = self._connect(down)
             try:
@@ -148,14 +152,34 @@ class Worker(SharedState):
                 paused = time.perf_counter()
                 self._pause_for_rebuild(node, overtaken)
                 acked = time.perf_counter()
+                self._closing(node)
                 new = run(job.finish(), transport)
             finally:
                 transport.close()
         except Exception as e:          # noqa: BLE001 - a failed rebuild is retried, not fatal
             final = isinstance(e, RebuildError)
+            closed = job.closed() if job is not None else None
+            error = f"{type(e).__name__}: {e}"
             with self.lock:
-                self.logic.rebuild_failed(node, time.monotonic(), f"{type(e).__name__}: {e}",
-                                           final)
+                if closed is not None:
+                    # the rounds its pause closed, published (saved first) like a failover's
+                    published = copy.deepcopy(self.logic)
+                    published.rebuild_failed(node, time.monotonic(), error, final, closed)
+                    try:
+                        self._save(published)
+                    except Deposed:
+                        return
+                    except OSError as save_error:
+                        # still ``closing``: a failover of no MN publishes them later
+                        self.log(f"master: cannot save the state of epoch {closed.epoch}: "
+                                 f"{save_error}", flush=True)
+                        closed = None
+                self.logic.rebuild_failed(node, time.monotonic(), error, final, closed)
+                self.work_due.set()
+            if closed is not None:
+                self.log(f"master: the failed rebuild's pause closed rounds: epoch "
+                         f"{closed.epoch} published "
+                         f"({len(closed.settled[closed.epoch])} slots settled)", flush=True)
             self.log(f"master: rebuild of memory node {node} failed "
                      f"({'it stays dead' if final else 'will retry while it asks'}): "
                      f"{type(e).__name__}: {e}", flush=True)
@@ -190,6 +214,16 @@ class Worker(SharedState):
                  f"online; clients paused {pause_s * 1000:.1f} ms, {last_s * 1000:.1f} ms of "
                  f"it copying): epoch {new.epoch} "
                  f"published", flush=True)
+
+    def _closing(self, node: int) -> None:
+        """Record, saved before the pause touches the memory, that it may close rounds: a
+        master that takes over if this one dies in the pause publishes a new epoch before
+        any client resumes (``Master.closing``)."""
+        with self.lock:
+            published = copy.deepcopy(self.logic)
+            published.rebuild_closing(node)
+            self._save(published)       # an OSError fails the rebuild before it touches any
+            self.logic.rebuild_closing(node)
 
     def _pause_for_rebuild(self, node: int, overtaken: Callable[[], str | None]) -> None:
         """Pause the clients for the last phase of ``node``'s rebuild; return once every
