@@ -126,21 +126,24 @@ def test_a_crashed_round_committed_without_a_backup_counted_as_taken_effect(seed
     check_rebuild(seed, cls=SlowCycleRun, nodes=6, r=2, crash_client=True)
 
 
-@pytest.mark.xfail(strict=True, reason="open: a won round's fate read off a primary that a "
-                   "later writer has replaced since: LOSE, the object given back while named")
 @pytest.mark.parametrize("seed", [916, 1860])
 def test_the_fate_of_a_won_round_whose_primary_moved_on(seed):
-    """With a slow MN, on 4 MNs r = 2 (a client crash elsewhere; the audit finds a live
-    client's objects held and named by no slot, their frees undone by a double free's carry;
-    both fail on 013092f too). Seed 1860: in epoch 4 c1's insert of k2 won slot 1:14 on its
-    backup MN 2, committed, and CASed the primary MN 1, which was slow: the CAS took effect,
-    its reply came too late. MN 2's failover ended the epoch; c2 then replaced c1's value and
-    deleted k2, freeing c1's object. c1's ``ClientCore.fate`` read the primary (alive), found
-    neither v_old nor its value and took LOSE (``Membership.fate``: another value on a live
-    primary means the round is over), though only the round's winner moves the primary off
-    v_old. c1 inserted k2 again with the same object, freed already, and the next free of it
-    carried into the next objects' bits. Seed 916: the same in epoch 6 (slot 0:7, c1's put
-    of k3). Trying ``decided == WIN`` and a primary neither v_old nor v_new -> WIN in
-    ``Membership.fate`` made 916 pass (and the open seed 526), 1860 then fails further on
-    (CorruptObject): not enough alone. The round's fate is wt-fate's area this session."""
+    """With a slow MN, on 4 MNs r = 2 (a client crash elsewhere; the audit finds a live client's
+    objects held and named by no slot, their frees undone by a double free's carry; both fail on
+    013092f too). Seed 1860: in epoch 4 c1's insert of k2 won slot 1:14 on its backup MN 2,
+    committed, and CASed the primary MN 1, which was slow: the CAS took effect, its reply came too
+    late. MN 2 died (epoch 5); c2, reading k2, had committed c1's claim on the primary meanwhile
+    (an insert's helper: the claim to its committed form). c1's ``ClientCore.fate`` read the
+    primary (alive), found neither v_old nor its claim and took LOSE (``Membership.fate``: another
+    value on a live primary means the round is over), though only the round's winner moves the
+    primary off v_old. c1 inserted k2 again with the same object, named already, and a later free
+    of it carried into the next objects' bits. Seed 916: the same in epoch 6 (slot 0:7, c1's put of
+    k3). A WIN reached from the backups has one winner: such a writer finding a third value now
+    takes WIN, and leaves its object (the slot's, or the slot's next writer's) alone. That alone
+    made 916 pass; 1860 then failed further on (CorruptObject): in epoch 5 (MN 2, the backup, dead)
+    c1 and c2 each "won" a round over k2's value with no backup; neither CAS went out (the epoch
+    ended at their commit records); c2, finding v_old, restarted and deleted k2 in epoch 6; c1,
+    finding c2's tombstone, took WIN and freed v_old, which c2's delete had freed already. A writer
+    with no backup has no round to win: it now passes no verdict (``ReplaceRound.reached``) and
+    takes LOSE. The case table: ``Membership.fate``."""
     check_rebuild(seed, cls=SlowCycleRun, nodes=4, r=2, crash_client=True)
