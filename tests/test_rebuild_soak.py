@@ -74,8 +74,8 @@ another writer's proposal on a backup rebuilt since (seed 814 on 4 MNs r=2; fixe
 on 6 MNs r=2 (a round committed without a backup, counted as taken effect: leaked); 916
 and 1860 on 4 MNs r=2 (a won round's fate read off a primary replaced since: LOSE, a double
 free; fixed, ``Membership.fate``: a WIN from the backups stands, and a round with no backup
-passes no verdict). ``TwoCrashCycleRun`` (two clients crash) and ``RecoveryCrashCycleRun`` (the master's
-recovery dies and runs again) were added then.
+passes no verdict). ``TwoCrashCycleRun`` (two clients crash) and ``RecoveryCrashCycleRun``
+(the master's recovery dies and runs again) were added then.
 """
 
 from __future__ import annotations
