@@ -82,18 +82,20 @@ class Membership:
         return self.kept.get(epoch + 1, {}).get((sid, pos)) if v is None else v
 
     def fate(self, epoch: int, sid: int, pos: int, v_old: int, v_new: int,
-             decided: Verdict | None, primary_now: int | None) -> Verdict:
+             decided: Verdict | None, primary_now: int | None, cased: bool = False
+             ) -> Verdict:
         """WIN, LOSE or RESTART for a writer that proposed ``v_new`` over ``v_old`` in slot
         ``sid:pos`` in ``epoch``, which a failover ended. ``decided``: the verdict it had
         reached from a complete set of backup values (WIN, LOSE), or None. ``primary_now``:
         the slot's value on the round's primary read since, if it is a ``witness`` of the
         round, or a FROZEN value (final: a split ended the round) on its first live replica;
-        else None.
+        else None. ``cased``: the writer's primary CAS went out.
 
         ``decided`` is WIN only from a round with backups: it has one winner, and only that
         winner moves the primary off ``v_old`` (an insert's helpers only commit its claim
-        there). A writer with no backup has no round to win, its primary CAS alone decides
-        (others may be as sure as it is), so it passes None.
+        there) within the epoch; once it ended, the primary still at ``v_old``, a later round
+        may move it. A writer with no backup has no round to win, its primary CAS alone
+        decides (others may be as sure as it is), so it passes None.
 
         ======================  =============  ==========  =========================================
         slot value ``v``        ``decided``    fate        the writer's object
@@ -108,15 +110,16 @@ class Membership:
         ... ``v_old``           any            RESTART     the writer's own: nobody's CAS took
                                                            effect (a failover never installs a
                                                            value on a live primary)
-        ... a third value       WIN            WIN         the slot's next writer's: our CAS took
+        ... a third value       WIN, CAS out   WIN         the slot's next writer's: our CAS took
                                                            effect, later writers replaced our value
                                                            and free the object; the writer must
                                                            not write to it again (its commit
                                                            record went out before its CAS) nor
                                                            give it back, and frees ``v_old`` as
                                                            any winner does
-        ... a third value       LOSE or None   LOSE        the writer's own, never published:
-                                                           another writer won the round
+        ... a third value       else           LOSE        the writer's own, never published:
+                                                           another writer won the round, or a
+                                                           round of a later epoch took the slot
         unknown: the primary    WIN, LOSE      as decided  WIN: the failover kept our committed
         dead or rebuilt since                              object, which it does not record (every
                                                            writer of the round had seen it)
@@ -131,7 +134,7 @@ class Membership:
         if v is None:
             if primary_now is None:
                 return decided or RESTART
-            if decided == WIN and primary_now != v_old:
+            if decided == WIN and cased and primary_now != v_old:
                 return WIN
             v = primary_now
         return WIN if v == v_new else RESTART if v == v_old else LOSE

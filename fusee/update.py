@@ -51,6 +51,7 @@ class ReplaceRound:
     old_crc: int                    # of the object ``v_old`` names (the commit record's)
     reached: Verdict | None = None  # the verdict reached from the backups, if any
     recorded: bool = False          # the commit record is on every replica of the object
+    cased: bool = False             # its primary CAS went out (``Membership.fate``)
 
 
 def replace(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bool = False
@@ -146,7 +147,7 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
                 open_round.reached = WIN if t.backups else None
                 yield from core.rt([*fix_requests(t, current, v_new),
                                     *core.log.record(obj, COMMITTED, ref, v_old, old_crc)])
-                open_round.recorded = True
+                open_round.recorded = open_round.cased = True
                 verdict, _ = yield from cas_primary(t, v_old, v_new)
                 if verdict == WIN:
                     _replaced(core, key, obj, opcode, t, v_old, v_new)
@@ -174,7 +175,7 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
             r, open_round = open_round, None
             # settling the round meets the end of the next epoch too when more MNs die
             fate = yield from core.retrying(
-                lambda: core.fate(r.epoch, r.target, r.v_old, r.v_new, r.reached))  # noqa: B023 (retrying calls it at once)
+                lambda: core.fate(r.epoch, r.target, r.v_old, r.v_new, r.reached, r.cased))  # noqa: B023 (retrying calls it at once)
             ref = slot_ref(r.target.sid, r.target.pos)
             if fate == WIN:         # our proposal took effect: finish as a winner
                 if not r.recorded:  # (else the object may be the slot's next writer's now)

@@ -80,20 +80,22 @@ def test_the_master_refuses_a_rebuild_that_does_not_record_its_epoch():
 OLD, NEW, OTHER = 0x10, 0x20, 0x30      # slot values: the round's old one, its proposal, another
 
 
-@pytest.mark.parametrize("recorded, decided, primary_now, fate", [
+@pytest.mark.parametrize("recorded, decided, primary_now, fate, cased", [
     # a value the failover recorded for the slot decides
-    (NEW, None, OTHER, WIN), (OLD, WIN, OTHER, RESTART), (OTHER, WIN, NEW, LOSE),
+    (NEW, None, OTHER, WIN, True), (OLD, WIN, OTHER, RESTART, True), (OTHER, WIN, NEW, LOSE, True),
     # else the primary, alive since the round, tells
-    (None, None, NEW, WIN), (None, WIN, OLD, RESTART), (None, None, OLD, RESTART),
+    (None, None, NEW, WIN, True), (None, WIN, OLD, RESTART, True), (None, None, OLD, RESTART, True),
     # the won round's value replaced since: only its winner moved the primary off OLD
-    (None, WIN, OTHER, WIN),
-    (None, LOSE, OTHER, LOSE), (None, None, OTHER, LOSE),
+    (None, WIN, OTHER, WIN, True),
+    # ... unless its CAS never went out: a later epoch's round moved it
+    (None, WIN, OTHER, LOSE, False),
+    (None, LOSE, OTHER, LOSE, True), (None, None, OTHER, LOSE, True),
     # nothing tells: the writer's own verdict stands
-    (None, WIN, None, WIN), (None, LOSE, None, LOSE), (None, None, None, RESTART),
+    (None, WIN, None, WIN, True), (None, LOSE, None, LOSE, True), (None, None, None, RESTART, True),
 ])
-def test_the_fate_of_a_round_by_the_case_table(recorded, decided, primary_now, fate):
+def test_the_fate_of_a_round_by_the_case_table(recorded, decided, primary_now, fate, cased):
     """``Membership.fate``'s table: a round of epoch 0 in slot 0:3, ended by MN 1's
     failover, which recorded ``recorded`` (or nothing) for the slot."""
     kept = {} if recorded is None else {(0, 3): recorded}
     m = Membership().successor([1], {}, kept)
-    assert m.fate(0, 0, 3, OLD, NEW, decided, primary_now) == fate
+    assert m.fate(0, 0, 3, OLD, NEW, decided, primary_now, cased) == fate

@@ -145,5 +145,8 @@ def test_the_fate_of_a_won_round_whose_primary_moved_on(seed):
     ended at their commit records); c2, finding v_old, restarted and deleted k2 in epoch 6; c1,
     finding c2's tombstone, took WIN and freed v_old, which c2's delete had freed already. A writer
     with no backup has no round to win: it now passes no verdict (``ReplaceRound.reached``) and
-    takes LOSE. The case table: ``Membership.fate``."""
+    takes LOSE. A won round's writer whose primary CAS never went out takes LOSE too: once the
+    epoch ended, a later round may take the slot (the sweep's seeds 833, 904, 984 of
+    ``SlowCycleRun``, two inserts of one key both acknowledged, otherwise). The case table:
+    ``Membership.fate``."""
     check_rebuild(seed, cls=SlowCycleRun, nodes=4, r=2, crash_client=True)
