@@ -150,3 +150,16 @@ def test_the_fate_of_a_won_round_whose_primary_moved_on(seed):
     ``SlowCycleRun``, two inserts of one key both acknowledged, otherwise). The case table:
     ``Membership.fate``."""
     check_rebuild(seed, cls=SlowCycleRun, nodes=4, r=2, crash_client=True)
+
+
+@pytest.mark.parametrize("seed, nodes, r", [(833, 3, 2), (904, 5, 2), (984, 5, 3)])
+def test_a_won_round_whose_cas_never_went_out_meets_a_later_round(seed, nodes, r):
+    """With a slow MN and a client crash. Seed 833 on 3 MNs r = 2: in epoch 6 c1's insert of
+    k0 committed its claim on slot 1:14's backup, and the epoch ended before its primary CAS
+    went out; the failover settled nothing (the primary alive, still empty), and c2 inserted
+    k0 into the slot in the next epoch. Judging a WIN by any third value on the primary, c1
+    took c2's value for its own replaced since: both inserts acknowledged (not linearizable;
+    passes on 60f9534, where c1 took LOSE). Only a writer whose CAS went out (``cased``) can
+    be the one that moved the primary; the others (904 on 5 MNs r = 2, 984 on 5 MNs r = 3:
+    the same) take LOSE."""
+    check_rebuild(seed, cls=SlowCycleRun, nodes=nodes, r=r, crash_client=True)
