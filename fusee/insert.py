@@ -66,6 +66,7 @@ class ClaimRound:
     #: False until the commit record is sent, None while it may have reached some replicas
     #: only, True once it is through
     committed: bool | None = False
+    cased: bool = False             # its primary CAS went out (``Membership.fate``)
 
 
 def insert(core: OpCore, key: bytes, value: bytes) -> Op[None]:
@@ -157,7 +158,7 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
                 # the record may land on some replicas only: None until it is through
                 open_round.committed = None
                 yield from core.rt(core.log.record(obj, COMMITTED, slot_ref(sid, pos), v_old))
-                open_round.committed = True
+                open_round.committed = open_round.cased = True
                 verdict, _ = yield from cas_primary(t, expected, s)
                 if verdict == WIN:
                     core.cache.store(key, sid, pos, s)
@@ -186,7 +187,7 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
             if open_round is None:
                 continue
             r, open_round = open_round, None
-            epoch, t, v_old, committed = r.epoch, r.target, r.v_old, r.committed
+            epoch, t, v_old, committed, cased = r.epoch, r.target, r.v_old, r.committed, r.cased
             if not t.backups:           # an r = 1 claim sits on the primary
                 # committed: its primary CAS may have taken effect (the only way to know is
                 # the slot), and no rival commits the key while the claim stands: finish it
@@ -204,7 +205,9 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
             # the failover keeps an insert's claim only once committed (checked for
             # duplicates); any other claim it withdrew
             decided: Verdict | None = WIN if committed else None
-            if (yield from core.retrying(lambda: core.fate(epoch, t, v_old, s, decided))) == WIN:  # noqa: B023 (retrying calls it at once)
+            fate = yield from core.retrying(
+                lambda: core.fate(epoch, t, v_old, s, decided, cased))  # noqa: B023 (retrying calls it at once)
+            if fate == WIN:
                 core.cache.store(key, t.sid, t.pos, s)
                 return None
             return FRESH

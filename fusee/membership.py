@@ -82,25 +82,60 @@ class Membership:
         return self.kept.get(epoch + 1, {}).get((sid, pos)) if v is None else v
 
     def fate(self, epoch: int, sid: int, pos: int, v_old: int, v_new: int,
-             decided: Verdict | None, primary_now: int | None) -> Verdict:
+             decided: Verdict | None, primary_now: int | None, cased: bool = False
+             ) -> Verdict:
         """WIN, LOSE or RESTART for a writer that proposed ``v_new`` over ``v_old`` in slot
         ``sid:pos`` in ``epoch``, which a failover ended. ``decided``: the verdict it had
         reached from a complete set of backup values (WIN, LOSE), or None. ``primary_now``:
         the slot's value on the round's primary read since, if it is a ``witness`` of the
         round, or a FROZEN value (final: a split ended the round) on its first live replica;
-        else None.
+        else None. ``cased``: the writer's primary CAS went out.
 
-        A slot the failover settled goes by its decision (``v_old`` back: nobody's write
-        happened). Otherwise, with the primary alive, the primary tells (the failover never
-        installs a value there, so ``v_old`` still there means nobody's write happened, and
-        another value that the round is over); with it dead, the live backups agreed and the
-        failover kept their value, recorded unless it is an object committed for the slot,
-        which every writer of the round had seen: its own verdict stands (an undecided
-        writer's proposal reached no live backup)."""
+        ``decided`` is WIN only from a round with backups: it has one winner, and only that
+        winner moves the primary off ``v_old`` (an insert's helpers only commit its claim
+        there) within the epoch; once it ended, the primary still at ``v_old``, a later round
+        may move it. A writer with no backup has no round to win, its primary CAS alone
+        decides (others may be as sure as it is), so it passes None.
+
+        ======================  =============  ==========  =========================================
+        slot value ``v``        ``decided``    fate        the writer's object
+        ======================  =============  ==========  =========================================
+        recorded by the         any            WIN if      WIN: named by the slot (or replaced
+        failover that ended                    ``v_new``,  since, as below); RESTART, LOSE: never
+        ``epoch`` (settled:                    RESTART if  published, the writer's own (it writes
+        ``v_old`` back; kept)                  ``v_old``,  it again or gives it back)
+                                               else LOSE
+        on the primary, a       any            WIN         named by the slot (our CAS took effect)
+        witness: ``v_new``
+        ... ``v_old``           any            RESTART     the writer's own: nobody's CAS took
+                                                           effect (a failover never installs a
+                                                           value on a live primary)
+        ... a third value       WIN, CAS out   WIN         the slot's next writer's: our CAS took
+                                                           effect, later writers replaced our value
+                                                           and free the object; the writer must
+                                                           not write to it again (its commit
+                                                           record went out before its CAS) nor
+                                                           give it back, and frees ``v_old`` as
+                                                           any winner does
+        ... a third value       else           LOSE        the writer's own, never published:
+                                                           another writer won the round, or a
+                                                           round of a later epoch took the slot
+        unknown: the primary    WIN, LOSE      as decided  WIN: the failover kept our committed
+        dead or rebuilt since                              object, which it does not record (every
+                                                           writer of the round had seen it)
+        ... unknown             None           RESTART     the writer's own: an undecided writer's
+                                                           proposal reached no live backup
+        ======================  =============  ==========  =========================================
+
+        Open: a writer with no backup whose primary CAS went out and whose reply was lost,
+        finding a third value, cannot tell whether its CAS took effect before another writer
+        replaced its value; it takes LOSE."""
         v = self.decided_at(epoch, sid, pos)
         if v is None:
             if primary_now is None:
                 return decided or RESTART
+            if decided == WIN and cased and primary_now != v_old:
+                return WIN
             v = primary_now
         return WIN if v == v_new else RESTART if v == v_old else LOSE
 

@@ -61,7 +61,7 @@ class OpCore(Protocol):
         ...
 
     def fate(self, epoch: int, t: SlotTarget, v_old: int, v_new: int,
-             decided: Verdict | None) -> Op[Verdict]:
+             decided: Verdict | None, cased: bool) -> Op[Verdict]:
         """The verdict of the round this client had open at ``t`` when ``epoch`` ended."""
         ...
 

@@ -267,8 +267,8 @@ class ClientCore:
         self.retry()
         return self.log.rewrite(obj)
 
-    def fate(self, epoch: int, t: SlotTarget, v_old: int, v_new: int, decided: Verdict | None
-             ) -> Op[Verdict]:
+    def fate(self, epoch: int, t: SlotTarget, v_old: int, v_new: int, decided: Verdict | None,
+             cased: bool) -> Op[Verdict]:
         """Generator: WIN, LOSE or RESTART for the round this client had open at ``t`` when
         ``epoch`` ended (``Membership.fate``). Reads the round's primary if it is alive, else
         its first live replica: a FROZEN value there is final, and tells the round's fate
@@ -295,7 +295,7 @@ class ClientCore:
                 now &= ~FROZEN
             else:
                 now = None
-        return m.fate(epoch, t.sid, t.pos, v_old, v_new, decided, now)
+        return m.fate(epoch, t.sid, t.pos, v_old, v_new, decided, now, cased)
 
     def retrying(self, step: Callable[[], Op[T]],
                  ends: tuple[type[TransportError], ...] = EPOCH_ENDS) -> Op[T]:

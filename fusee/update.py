@@ -50,6 +50,8 @@ class ReplaceRound:
     v_new: int
     old_crc: int                    # of the object ``v_old`` names (the commit record's)
     reached: Verdict | None = None  # the verdict reached from the backups, if any
+    recorded: bool = False          # the commit record is on every replica of the object
+    cased: bool = False             # its primary CAS went out (``Membership.fate``)
 
 
 def replace(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bool = False
@@ -140,9 +142,12 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
             if verdict == RULE3:
                 verdict = yield from resolve(t, v_old, v_new, current)
             if verdict == WIN:
-                open_round.reached = WIN
+                # with no backup there is no round to win: the primary CAS alone decides,
+                # and other writers may be as sure as we are (``Membership.fate``)
+                open_round.reached = WIN if t.backups else None
                 yield from core.rt([*fix_requests(t, current, v_new),
                                     *core.log.record(obj, COMMITTED, ref, v_old, old_crc)])
+                open_round.recorded = open_round.cased = True
                 verdict, _ = yield from cas_primary(t, v_old, v_new)
                 if verdict == WIN:
                     _replaced(core, key, obj, opcode, t, v_old, v_new)
@@ -170,11 +175,12 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
             r, open_round = open_round, None
             # settling the round meets the end of the next epoch too when more MNs die
             fate = yield from core.retrying(
-                lambda: core.fate(r.epoch, r.target, r.v_old, r.v_new, r.reached))  # noqa: B023 (retrying calls it at once)
+                lambda: core.fate(r.epoch, r.target, r.v_old, r.v_new, r.reached, r.cased))  # noqa: B023 (retrying calls it at once)
             ref = slot_ref(r.target.sid, r.target.pos)
-            if fate == WIN:         # the failover kept our proposal: finish as a winner
-                yield from core.retrying(lambda: core.rt(
-                    core.log.record(obj, COMMITTED, ref, r.v_old, r.old_crc)))  # noqa: B023 (retrying calls it at once)
+            if fate == WIN:         # our proposal took effect: finish as a winner
+                if not r.recorded:  # (else the object may be the slot's next writer's now)
+                    yield from core.retrying(lambda: core.rt(
+                        core.log.record(obj, COMMITTED, ref, r.v_old, r.old_crc)))  # noqa: B023 (retrying calls it at once)
                 _replaced(core, key, obj, opcode, r.target, r.v_old, r.v_new)
                 return None
             if fate == LOSE and opcode == UPDATE:

@@ -1,6 +1,7 @@
 """The membership's record of rebuilds: in which epoch each rebuilt MN became a replica again,
 which rounds it can tell about (``Membership.witness``), which replicas were alive in every
-epoch (``Membership.always_live``), and that record on the wire and at the master.
+epoch (``Membership.always_live``), and that record on the wire and at the master; the fate
+of a round an epoch's end cut short (``Membership.fate``).
 
 The simulator runs that need it are ``test_rebuild_cycles`` (seeds 526 and 169)."""
 
@@ -10,6 +11,7 @@ import pytest
 
 from fusee.master.logic import Master
 from fusee.membership import Membership
+from fusee.verdicts import LOSE, RESTART, WIN
 
 from test_master import MN_L, _failed_over, master
 
@@ -73,3 +75,27 @@ def test_the_master_refuses_a_rebuild_that_does_not_record_its_epoch():
         m.rebuild_done(0, unrecorded, now=0.9)
     m.rebuild_done(0, m.membership.rejoined([0], {}), now=0.9)
     assert m.membership.rebuilt_at == {0: 2} and m.dead == frozenset()
+
+
+OLD, NEW, OTHER = 0x10, 0x20, 0x30      # slot values: the round's old one, its proposal, another
+
+
+@pytest.mark.parametrize("recorded, decided, primary_now, fate, cased", [
+    # a value the failover recorded for the slot decides
+    (NEW, None, OTHER, WIN, True), (OLD, WIN, OTHER, RESTART, True), (OTHER, WIN, NEW, LOSE, True),
+    # else the primary, alive since the round, tells
+    (None, None, NEW, WIN, True), (None, WIN, OLD, RESTART, True), (None, None, OLD, RESTART, True),
+    # the won round's value replaced since: only its winner moved the primary off OLD
+    (None, WIN, OTHER, WIN, True),
+    # ... unless its CAS never went out: a later epoch's round moved it
+    (None, WIN, OTHER, LOSE, False),
+    (None, LOSE, OTHER, LOSE, True), (None, None, OTHER, LOSE, True),
+    # nothing tells: the writer's own verdict stands
+    (None, WIN, None, WIN, True), (None, LOSE, None, LOSE, True), (None, None, None, RESTART, True),
+])
+def test_the_fate_of_a_round_by_the_case_table(recorded, decided, primary_now, fate, cased):
+    """``Membership.fate``'s table: a round of epoch 0 in slot 0:3, ended by MN 1's
+    failover, which recorded ``recorded`` (or nothing) for the slot."""
+    kept = {} if recorded is None else {(0, 3): recorded}
+    m = Membership().successor([1], {}, kept)
+    assert m.fate(0, 0, 3, OLD, NEW, decided, primary_now, cased) == fate

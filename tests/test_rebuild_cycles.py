@@ -124,23 +124,29 @@ def test_a_crashed_round_committed_without_a_backup_counted_as_taken_effect(seed
     check_rebuild(seed, cls=SlowCycleRun, nodes=6, r=2, crash_client=True)
 
 
-@pytest.mark.xfail(strict=True, reason="open: a won round's fate read off a primary that a "
-                   "later writer has replaced since: LOSE, the object given back while named")
 @pytest.mark.parametrize("seed", [916, 1860])
 def test_the_fate_of_a_won_round_whose_primary_moved_on(seed):
-    """With a slow MN, on 4 MNs r = 2 (a client crash elsewhere; the audit finds a live
-    client's objects held and named by no slot, their frees undone by a double free's carry;
-    both fail on 013092f too). Seed 1860: in epoch 4 c1's insert of k2 won slot 1:14 on its
-    backup MN 2, committed, and CASed the primary MN 1, which was slow: the CAS took effect,
-    its reply came too late. MN 2's failover ended the epoch; c2 then replaced c1's value and
-    deleted k2, freeing c1's object. c1's ``ClientCore.fate`` read the primary (alive), found
-    neither v_old nor its value and took LOSE (``Membership.fate``: another value on a live
-    primary means the round is over), though only the round's winner moves the primary off
-    v_old. c1 inserted k2 again with the same object, freed already, and the next free of it
-    carried into the next objects' bits. Seed 916: the same in epoch 6 (slot 0:7, c1's put
-    of k3). Trying ``decided == WIN`` and a primary neither v_old nor v_new -> WIN in
-    ``Membership.fate`` made 916 pass (and the open seed 526), 1860 then fails further on
-    (CorruptObject): not enough alone. The round's fate is wt-fate's area this session."""
+    """With a slow MN, on 4 MNs r = 2 (a client crash elsewhere; the audit finds a live client's
+    objects held and named by no slot, their frees undone by a double free's carry; both fail on
+    013092f too). Seed 1860: in epoch 4 c1's insert of k2 won slot 1:14 on its backup MN 2,
+    committed, and CASed the primary MN 1, which was slow: the CAS took effect, its reply came too
+    late. MN 2 died (epoch 5); c2, reading k2, had committed c1's claim on the primary meanwhile
+    (an insert's helper: the claim to its committed form). c1's ``ClientCore.fate`` read the
+    primary (alive), found neither v_old nor its claim and took LOSE (``Membership.fate``: another
+    value on a live primary means the round is over), though only the round's winner moves the
+    primary off v_old. c1 inserted k2 again with the same object, named already, and a later free
+    of it carried into the next objects' bits. Seed 916: the same in epoch 6 (slot 0:7, c1's put of
+    k3). A WIN reached from the backups has one winner: such a writer finding a third value now
+    takes WIN, and leaves its object (the slot's, or the slot's next writer's) alone. That alone
+    made 916 pass; 1860 then failed further on (CorruptObject): in epoch 5 (MN 2, the backup, dead)
+    c1 and c2 each "won" a round over k2's value with no backup; neither CAS went out (the epoch
+    ended at their commit records); c2, finding v_old, restarted and deleted k2 in epoch 6; c1,
+    finding c2's tombstone, took WIN and freed v_old, which c2's delete had freed already. A writer
+    with no backup has no round to win: it now passes no verdict (``ReplaceRound.reached``) and
+    takes LOSE. A won round's writer whose primary CAS never went out takes LOSE too: once the
+    epoch ended, a later round may take the slot (the sweep's seeds 833, 904, 984 of
+    ``SlowCycleRun``, two inserts of one key both acknowledged, otherwise). The case table:
+    ``Membership.fate``."""
     check_rebuild(seed, cls=SlowCycleRun, nodes=4, r=2, crash_client=True)
 
 
@@ -156,3 +162,16 @@ def test_a_crashed_insert_whose_backup_died_with_its_proposal():
     effect: its object stayed held, named by no slot. Now UNPROVEN, as seed 169 above: MN 3
     was not alive in every epoch (``Membership.always_live``)."""
     check_rebuild(267, cls=SlowCycleRun, nodes=4, r=2, crash_client=True, splits=True)
+
+
+@pytest.mark.parametrize("seed, nodes, r", [(833, 3, 2), (904, 5, 2), (984, 5, 3)])
+def test_a_won_round_whose_cas_never_went_out_meets_a_later_round(seed, nodes, r):
+    """With a slow MN and a client crash. Seed 833 on 3 MNs r = 2: in epoch 6 c1's insert of
+    k0 committed its claim on slot 1:14's backup, and the epoch ended before its primary CAS
+    went out; the failover settled nothing (the primary alive, still empty), and c2 inserted
+    k0 into the slot in the next epoch. Judging a WIN by any third value on the primary, c1
+    took c2's value for its own replaced since: both inserts acknowledged (not linearizable;
+    passes on 60f9534, where c1 took LOSE). Only a writer whose CAS went out (``cased``) can
+    be the one that moved the primary; the others (904 on 5 MNs r = 2, 984 on 5 MNs r = 3:
+    the same) take LOSE."""
+    check_rebuild(seed, cls=SlowCycleRun, nodes=nodes, r=r, crash_client=True)

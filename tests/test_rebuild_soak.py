@@ -71,10 +71,11 @@ Session 6 swept seeds 600-2000 of ``SlowCycleRun`` with a client crash every tim
 cases): a committed round whose primary CAS had not happened, "completed" by recovery over
 another writer's proposal on a backup rebuilt since (seed 814 on 4 MNs r=2; fixed,
 ``Recovery._win_again``); open, strict xfails in test_rebuild_cycles: seeds 1261 and 1627
-on 6 MNs r=2 (a round committed without a backup, counted as taken effect: leaked) and 916
+on 6 MNs r=2 (a round committed without a backup, counted as taken effect: leaked); 916
 and 1860 on 4 MNs r=2 (a won round's fate read off a primary replaced since: LOSE, a double
-free). ``TwoCrashCycleRun`` (two clients crash) and ``RecoveryCrashCycleRun`` (the master's
-recovery dies and runs again) were added then.
+free; fixed, ``Membership.fate``: a WIN from the backups stands, and a round with no backup
+passes no verdict). ``TwoCrashCycleRun`` (two clients crash) and ``RecoveryCrashCycleRun``
+(the master's recovery dies and runs again) were added then.
 """
 
 from __future__ import annotations
