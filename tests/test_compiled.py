@@ -50,7 +50,8 @@ def test_only_a_build_compiles_and_never_an_editable_install():
 def test_the_simulator_and_the_mutants_run_against_the_compiled_fast_path(tmp_path):
     """Compile a copy of the checkout in place, check each compiled module is what imports,
     then run the simulator schedules, the crash sweep and the mutation tests there."""
-    mypyc = pytest.importorskip("mypyc.build")
+    mypyc = pytest.importorskip("mypyc.build",
+                                reason="mypyc comes with mypy: pip install -e '.[lint]'")
     assert mypyc
     tree = tmp_path / "src"
     shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(

@@ -60,22 +60,24 @@ recording it: the writer started over and gave its object back while the slot na
 then freed it again by replacing it (dangling; fixed, ``fusee.failover`` records every
 value it leaves where the primary died as ``kept``; seeds 169 on 3 MNs r=2, 207, 215, 226,
 255 in test_rebuild_cycles); a client that died settling its own id left its recovery lock
-to wedge the master's recovery (fixed, ``Recovery._start``; seed 476 on 6 MNs r=2). Still
-open (xfail in test_rebuild_cycles): seed 169 on 6 MNs r=2 with a client crash, an UPDATE
-committed in a round with no backup and never CASed, which recovery takes for one that took
-effect once the subtable has a backup again (leaked); seed 526 on 3 MNs r=3, a fate read off
-a primary rebuilt since the round (a lost acknowledged write); seed 518 on 4 MNs r=2, an
-r = 1 insert committed as a rebuild published, then taken back as a claim (CorruptObject).
+to wedge the master's recovery (fixed, ``Recovery._start``; seed 476 on 6 MNs r=2). Then
+open, fixed in session 6 (regressions in test_rebuild_cycles): seed 169 on 6 MNs r=2 with a
+client crash, an UPDATE committed in a round with no backup and never CASed, taken by
+recovery for one that took effect (``Membership.always_live``); seed 526 on 3 MNs r=3, a fate
+read off a primary rebuilt since the round (``Membership.witness``); seed 518 on 4 MNs r=2,
+an r = 1 insert committed as a rebuild published, then taken back as a claim (finished now).
 
 Session 6 swept seeds 600-2000 of ``SlowCycleRun`` with a client crash every time (11,200
 cases): a committed round whose primary CAS had not happened, "completed" by recovery over
 another writer's proposal on a backup rebuilt since (seed 814 on 4 MNs r=2; fixed,
-``Recovery._win_again``); open, strict xfails in test_rebuild_cycles: seeds 1261 and 1627
-on 6 MNs r=2 (a round committed without a backup, counted as taken effect: leaked); 916
+``Recovery._win_again``); seeds 1261 and 1627 on 6 MNs r=2 (a round committed without a
+backup, counted as taken effect: leaked; fixed with seed 169's ``always_live``); 916
 and 1860 on 4 MNs r=2 (a won round's fate read off a primary replaced since: LOSE, a double
 free; fixed, ``Membership.fate``: a WIN from the backups stands, and a round with no backup
 passes no verdict). ``TwoCrashCycleRun`` (two clients crash) and ``RecoveryCrashCycleRun``
-(the master's recovery dies and runs again) were added then.
+(the master's recovery dies and runs again) were added then. Seeds 1000-1400 of the same
+on merged main: 3,200 cases, one open (1064 on 4 MNs r=3, a live client's committed object
+named by no slot: a strict xfail in test_rebuild_cycles).
 """
 
 from __future__ import annotations
