@@ -5,6 +5,22 @@ from __future__ import annotations
 import multiprocessing
 
 
+class StopFlag:
+    """A stop flag shared with spawned processes, without a lock: a ``multiprocessing.Event``
+    takes a lock in ``is_set``, and a process that a SIGINT (or SIGKILL) interrupts between
+    taking it and leaving the ``with`` keeps it for good, so every other process blocks in
+    ``is_set`` (seen in CI: a SIGINTed worker wedged the rest for 300 s)."""
+
+    def __init__(self, ctx) -> None:
+        self._flag = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._flag.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value)
+
+
 def run_processes(target, argss):
     """Run ``target(*args, out)`` in one spawned process per ``args``; return what each put on
     ``out``, and fail if any of them did not exit cleanly. Stragglers are killed."""
@@ -25,7 +41,7 @@ def run_processes(target, argss):
 
 
 def stop_processes(procs, stop, timeout: float = 60.0) -> list:
-    """Set ``stop`` (an Event the processes watch) and join them; stragglers are killed after
+    """Set ``stop`` (a ``StopFlag`` the processes watch) and join them; stragglers are killed after
     ``timeout``. Returns their exit codes."""
     stop.set()
     for p in procs:
@@ -42,7 +58,7 @@ def worker_processes(config_path, tmp_path, clients: int, fresh: float = 0.0):
     (procs, progress, stop, outs)."""
     from test_failover_processes import _worker
     ctx = multiprocessing.get_context("spawn")
-    progress, stop = ctx.Array("q", clients, lock=False), ctx.Event()
+    progress, stop = ctx.Array("q", clients, lock=False), StopFlag(ctx)
     outs = [tmp_path / f"c{i}.jsonl" for i in range(clients)]
     procs = [ctx.Process(target=_worker, args=(str(config_path), i, str(outs[i]), progress,
                                                stop, fresh))

@@ -36,6 +36,7 @@ from fusee.bench.failover import main as bench_main
 from fusee.config import KiB, LayoutConfig
 from fusee.driver import run
 from fusee.membership import Membership
+from processes import StopFlag
 from storekit import SMALL
 
 #: one subtable of 6 buckets: inserts split the index all along
@@ -154,7 +155,7 @@ def _kill_a_memory_node(backend: str, victim: int, kill_client: bool, tmp_path: 
     with LocalCluster(memnodes=3, transport=backend, replication=3, master=True,
                       layout=layout, **LEASES) as c:
         ctx = mp.get_context("spawn")
-        progress, stop = ctx.Array("q", clients, lock=False), ctx.Event()
+        progress, stop = ctx.Array("q", clients, lock=False), StopFlag(ctx)
         outs = [tmp_path / f"c{i}.jsonl" for i in range(clients)]
         procs = [ctx.Process(target=_worker, args=(str(c.config_path), i, str(outs[i]),
                                                     progress, stop, fresh))

@@ -32,6 +32,7 @@ from fusee.errors import KeyNotFound
 from fusee.memory_map import MemoryMap
 from fusee.verbs import NodeTimeout, Read
 from fusee.config import LayoutConfig
+from processes import StopFlag
 from storekit import SMALL, config
 from test_failover_processes import KEYS, _history, _wait, _worker
 from fusee.transports.local import LocalMemory, LocalTransport
@@ -313,7 +314,7 @@ def test_sigint_to_client_processes_under_load(backend, master, tmp_path):
                       layout=LayoutConfig(**SMALL), timeout=2.0) as c:
         ctx = mp.get_context("spawn")
         firsts = [LOAD + v * (SIGINTS + 1) for v in range(VICTIMS)]
-        progress, stop = ctx.Array("q", LOAD + VICTIMS * (SIGINTS + 1), lock=False), ctx.Event()
+        progress, stop = ctx.Array("q", LOAD + VICTIMS * (SIGINTS + 1), lock=False), StopFlag(ctx)
         procs = [ctx.Process(target=_worker, args=(str(c.config_path), i,
                                                    str(tmp_path / f"c{i}"), progress, stop))
                  for i in range(LOAD)]

@@ -15,7 +15,7 @@ import multiprocessing as mp
 import time
 
 from histories import check_with_final_reads, unexpected_errors
-from processes import stop_processes
+from processes import StopFlag, stop_processes
 from storekit import SMALL
 from test_failover_processes import KEYS, LEASES, _history, _wait, _worker
 
@@ -35,7 +35,7 @@ def test_clients_ride_out_a_master_killed_and_restarted(tmp_path):
     with LocalCluster(memnodes=3, transport="shm", replication=3, master=True,
                       layout=LayoutConfig(**SMALL), **LEASES) as c:
         ctx = mp.get_context("spawn")
-        progress, stop = ctx.Array("q", CLIENTS, lock=False), ctx.Event()
+        progress, stop = ctx.Array("q", CLIENTS, lock=False), StopFlag(ctx)
         outs = [tmp_path / f"c{i}.jsonl" for i in range(CLIENTS)]
         procs = [ctx.Process(target=_worker, args=(str(c.config_path), i, str(outs[i]),
                                                     progress, stop))

@@ -24,7 +24,7 @@ import time
 
 import pytest
 from histories import check_with_final_reads, unexpected_errors
-from processes import stop_processes
+from processes import StopFlag, stop_processes
 from storekit import SMALL
 from test_failover_processes import KEYS, LEASES, _history, _wait, _worker
 
@@ -69,7 +69,7 @@ class Workload:
 
     def __init__(self, c: LocalCluster, tmp_path):
         ctx = mp.get_context("spawn")
-        self.progress, self.stop = ctx.Array("q", CLIENTS, lock=False), ctx.Event()
+        self.progress, self.stop = ctx.Array("q", CLIENTS, lock=False), StopFlag(ctx)
         self.outs = [tmp_path / f"c{i}.jsonl" for i in range(CLIENTS)]
         self.procs = [ctx.Process(target=_worker, args=(str(c.config_path), i,
                                                          str(self.outs[i]), self.progress,

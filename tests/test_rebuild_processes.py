@@ -16,6 +16,7 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import pytest
+from processes import StopFlag
 from storekit import SMALL
 from test_failover_processes import (
     LEASES,
@@ -41,7 +42,7 @@ def test_a_rebuilt_mn_survives_the_other_two(backend, tmp_path):
     with LocalCluster(memnodes=3, transport=backend, replication=3, master=True,
                       layout=LayoutConfig(**SMALL), **LEASES) as c:
         ctx = mp.get_context("spawn")
-        progress, stop = ctx.Array("q", CLIENTS, lock=False), ctx.Event()
+        progress, stop = ctx.Array("q", CLIENTS, lock=False), StopFlag(ctx)
         outs = [tmp_path / f"c{i}.jsonl" for i in range(CLIENTS)]
         procs = [ctx.Process(target=_worker, args=(str(c.config_path), i, str(outs[i]),
                                                     progress, stop, 0.3))
@@ -135,7 +136,7 @@ def test_rebuild_time_and_longest_client_pause_for_100k_1kb_keys(backend, loader
                       layout=LayoutConfig(region_size=384 * MiB), **{**LEASES, "timeout": 5.0}
                       ) as c:
         ctx = mp.get_context("spawn")
-        stop = ctx.Event()
+        stop = StopFlag(ctx)
         worst = [ctx.Value("d", 0.0, lock=False) for _ in range(2)]
         count = [ctx.Value("q", 0, lock=False) for _ in range(2)]
         procs = [ctx.Process(target=_timed_worker, args=(str(c.config_path), keys, worst[i],
