@@ -23,6 +23,7 @@ import time
 from typing import Any, NoReturn
 from collections.abc import Callable, Iterable
 
+from fusee.errors import batch_failure
 from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Op, Step, T,
                          TransportError)
 
@@ -222,12 +223,4 @@ def _own_failure(error: TransportError, completions: list[Any] | None, start: in
     """The error one operation would have seen had its slice been a batch of its own."""
     if completions is None:             # no per-request detail: everyone in the batch failed
         return error
-    own = completions[start:end]
-    failure = None
-    for r in own:
-        if isinstance(r, TransportError):
-            # as fusee.transports.base.raise_for_failures: a dead node outranks a refused request
-            if failure is None or (isinstance(r, NodeTimeout) and
-                                   not isinstance(failure, NodeTimeout)):
-                failure = r
-    return None if failure is None else type(failure)(str(failure), failure.node, own)
+    return batch_failure(completions[start:end])

@@ -152,6 +152,21 @@ class NodeTimeout(TransportError):
     or dead."""
 
 
+def batch_failure(results: list[Any]) -> TransportError | None:
+    """The error a batch whose completions are ``results`` fails with, carrying them all; None
+    if every request completed. A dead node outranks a refused request: it tells the caller
+    more (the operation awaits the next epoch rather than give up). The one ranking of
+    failures: a transport raises it for a whole batch, a driver running operations in flight
+    together for each one's slice (``fusee.driver``)."""
+    failure = None
+    for r in results:
+        if isinstance(r, TransportError):
+            if failure is None or (isinstance(r, NodeTimeout) and
+                                   not isinstance(failure, NodeTimeout)):
+                failure = r
+    return None if failure is None else type(failure)(str(failure), failure.node, results)
+
+
 class EpochChanged(TransportError):
     """Raised (into an operation, by its driver) when the batch was not posted because the
     cluster moved to ``membership`` (a ``fusee.membership.Membership``) since the operation

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from fusee.config import ClusterConfig
+from fusee.errors import batch_failure
 from fusee.verbs import (MAX_BATCH, AllocBlock, Batch, Cas, Faa, FreeBlock, NodeTimeout, Read,
                          RemoteAccessError, Request, TransportError, Write)
 
@@ -80,16 +81,11 @@ def group_by_node(batch: Sequence[Request]) -> dict[int, list[int]]:
 
 
 def raise_for_failures(results: list) -> list:
-    """Raise the first failure of a completed batch (with all results attached), or return."""
-    failure = None
-    for r in results:
-        if isinstance(r, TransportError):
-            # A dead node outranks a refused request: it tells the caller more.
-            if failure is None or (isinstance(r, NodeTimeout) and
-                                   not isinstance(failure, NodeTimeout)):
-                failure = r
+    """Raise the failure of a completed batch (``fusee.errors.batch_failure``: with all
+    results attached), or return them."""
+    failure = batch_failure(results)
     if failure is not None:
-        raise type(failure)(str(failure), failure.node, results)
+        raise failure
     return results
 
 
