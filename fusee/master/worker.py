@@ -20,6 +20,7 @@ from collections.abc import Callable
 from fusee.driver import run
 from fusee.fencing import fence_key
 from fusee.failover import close_rounds, failover
+from fusee.master.logic import Master
 from fusee.master.shared import SharedState
 from fusee.master.store import Deposed
 from fusee.memory_map import MemoryMap
@@ -74,6 +75,17 @@ class Worker(SharedState):
             self.transport = None
             raise
 
+    def _saved_then_applied(self, change: Callable[[Master], None]) -> None:
+        """Make ``change`` to the master's state once a copy of the state with it made is
+        saved: what the change publishes (a membership, a closing) must survive this master,
+        for a restarted or next master must never go back on what clients may have been
+        handed. Raises what saving raises (Deposed, OSError) with the state unchanged.
+        Called holding ``self.lock``."""
+        published = copy.deepcopy(self.logic)
+        change(published)
+        self._save(published)
+        change(self.logic)
+
     def _failover(self, nodes: tuple[int, ...]) -> None:
         """Fail over ``nodes`` (a failure is retried later: a failover is idempotent)."""
         with self.lock:
@@ -101,11 +113,8 @@ class Worker(SharedState):
         settled = len(new.settled.get(new.epoch, ()))
         with self.lock:
             attempts = self.logic.failover.attempts + 1
-            # persisted before anything hands it out: a restart must not go back a membership
-            published = copy.deepcopy(self.logic)
-            published.failover_done(nodes, new)
             try:
-                self._save(published)
+                self._saved_then_applied(lambda master: master.failover_done(nodes, new))
             except Deposed:
                 return
             except OSError as e:
@@ -113,7 +122,6 @@ class Worker(SharedState):
                 self.log(f"master: cannot save the state of epoch {new.epoch} (will retry the "
                          f"failover): {e}", flush=True)
                 return
-            self.logic.failover_done(nodes, new)
             for node, m in zip(nodes, milestones):
                 self.failovers.append({"node": node, "epoch": new.epoch, **m,
                                        "finished_at": time.time(), "attempts": attempts,
@@ -161,20 +169,22 @@ class Worker(SharedState):
             closed = job.closed() if job is not None else None
             error = f"{type(e).__name__}: {e}"
             with self.lock:
-                if closed is not None:
-                    # the rounds its pause closed, published (saved first) like a failover's
-                    published = copy.deepcopy(self.logic)
-                    published.rebuild_failed(node, time.monotonic(), error, final, closed)
-                    try:
-                        self._save(published)
-                    except Deposed:
-                        return
-                    except OSError as save_error:
-                        # still ``closing``: a failover of no MN publishes them later
-                        self.log(f"master: cannot save the state of epoch {closed.epoch}: "
-                                 f"{save_error}", flush=True)
-                        closed = None
-                self.logic.rebuild_failed(node, time.monotonic(), error, final, closed)
+                now = time.monotonic()
+                try:
+                    if closed is None:
+                        self.logic.rebuild_failed(node, now, error, final)
+                    else:       # the rounds its pause closed, published like a failover's
+                        self._saved_then_applied(
+                            lambda master: master.rebuild_failed(node, now, error, final, closed))
+                except Deposed:
+                    return
+                except OSError as save_error:
+                    # still ``closing``: a failover of no MN publishes them later
+                    assert closed is not None, "only publishing closed rounds saves"
+                    self.log(f"master: cannot save the state of epoch {closed.epoch}: "
+                             f"{save_error}", flush=True)
+                    closed = None
+                    self.logic.rebuild_failed(node, now, error, final)
                 self.work_due.set()
             if closed is not None:
                 self.log(f"master: the failed rebuild's pause closed rounds: epoch "
@@ -188,19 +198,16 @@ class Worker(SharedState):
         seconds, pause_s, last_s = end - t0, end - paused, end - acked
         with self.lock:
             copied = job.online_bytes + self.logic.rejoins.progress[0]
-            # persisted before anything hands it out, as a failover's
-            published = copy.deepcopy(self.logic)
-            published.rebuild_done(node, new, time.monotonic())
+            now = time.monotonic()
             try:
-                self._save(published)
+                self._saved_then_applied(lambda master: master.rebuild_done(node, new, now))
             except Deposed:
                 return
             except OSError as e:
-                self.logic.rebuild_failed(node, time.monotonic(), f"saving the state: {e}")
+                self.logic.rebuild_failed(node, now, f"saving the state: {e}")
                 self.log(f"master: cannot save the state of epoch {new.epoch}: {e}",
                          flush=True)
                 return
-            self.logic.rebuild_done(node, new, time.monotonic())
             self.rebuilds.append({"node": node, "epoch": new.epoch, "finished_at": time.time(),
                                   "rebuild_s": seconds, "copied_bytes": copied,
                                   "online_bytes": job.online_bytes, "pause_s": pause_s,
@@ -219,11 +226,8 @@ class Worker(SharedState):
         """Record, saved before the pause touches the memory, that it may close rounds: a
         master that takes over if this one dies in the pause publishes a new epoch before
         any client resumes (``Master.closing``)."""
-        with self.lock:
-            published = copy.deepcopy(self.logic)
-            published.rebuild_closing(node)
-            self._save(published)       # an OSError fails the rebuild before it touches any
-            self.logic.rebuild_closing(node)
+        with self.lock:     # an OSError fails the rebuild before it touches any
+            self._saved_then_applied(lambda master: master.rebuild_closing(node))
 
     def _pause_for_rebuild(self, node: int, overtaken: Callable[[], str | None]) -> None:
         """Pause the clients for the last phase of ``node``'s rebuild; return once every
