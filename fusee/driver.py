@@ -57,6 +57,29 @@ def _not_a_verb(request: object, executor: Any) -> list[Any]:
     await_membership(executor, request.epoch)
 
 
+def observed(op: Op[T], see: Callable[[Step], None]) -> Op[T]:
+    """Generator: ``op`` itself, step for step, as ``yield from op`` would run it (completions
+    sent, errors thrown in, closed when closed), with ``see(step)`` called as each step goes
+    out: a report that counts an operation's round trips (``fusee.recovery``) without a
+    trampoline of its own."""
+    try:
+        step = op.send(None)
+        while True:
+            see(step)
+            try:
+                completions = yield step
+            except GeneratorExit:
+                op.close()
+                raise
+            except BaseException as e:
+                step = op.throw(e)
+            else:
+                step = op.send(completions)
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+
+
 def run(op: Op[T], executor: Any) -> T:
     """Drive ``op`` to completion, one round trip per yielded batch; return its result.
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 from fusee.allocation import return_blocks
 from fusee.config import ClusterConfig
+from fusee.driver import observed
 from fusee.errors import RecoveryInProgress, StoreFormatError
 from fusee.hashing import key_hash
 from fusee.holdings import Carved, Holdings, scan
@@ -64,7 +65,7 @@ from fusee.operations import ClientCore
 from fusee.replication import SlotTarget, fix_requests, propose, resolve
 from fusee.verdicts import LOSE, RESTART, WIN
 from fusee.resize import finish, holder
-from fusee.verbs import Cas, Faa, Op, Read, Request, T, Write, chunks
+from fusee.verbs import Cas, Faa, Op, Read, Request, Step, Write, chunks
 
 #: the recovery-lock owner of the master; a client recovering its own id uses the id
 MASTER = (1 << 32) - 1
@@ -138,7 +139,7 @@ class Recovery:
 
     def run(self) -> Op[RecoveryReport]:
         """Generator: the whole recovery; returns the report."""
-        return (yield from self._count(self._run()))
+        return (yield from observed(self._run(), self._count))
 
     def _run(self) -> Op[RecoveryReport]:
         rep = self.report
@@ -163,22 +164,10 @@ class Recovery:
         rep.phases["total"] = self.clock() - t0
         return rep
 
-    def _count(self, gen: Op[T]) -> Op[T]:
-        """Drive ``gen``, counting its round trips and verbs for the report."""
-        try:
-            batch = gen.send(None)
-            while True:
-                self.report.round_trips += 1
-                self.report.verbs += len(batch)
-                try:
-                    res = yield batch
-                except Exception as e:
-                    batch = gen.throw(e)
-                else:
-                    batch = gen.send(res)
-        except StopIteration as stop:
-            result: T = stop.value
-            return result
+    def _count(self, step: Step) -> None:
+        """Count a round trip and its verbs for the report."""
+        self.report.round_trips += 1
+        self.report.verbs += len(step)
 
     def _outcome(self, kind: str) -> None:
         self.report.outcomes[kind] = self.report.outcomes.get(kind, 0) + 1

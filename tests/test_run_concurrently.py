@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fusee.emulator.cluster import LocalCluster
-from fusee.driver import run, run_concurrently
+from fusee.driver import observed, run, run_concurrently
 from fusee.memory_map import MemoryMap
 from fusee.membership import Membership
 from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, Faa, NodeTimeout, Read,
@@ -227,3 +227,29 @@ def test_a_hook_that_returns_instead_of_raising_is_a_bug(cluster):
 
     with pytest.raises(TypeError, match="await_membership returned"):
         run(awaits(), Mute(cluster.transport()))
+
+
+def test_an_observed_operation_runs_as_itself(cluster):
+    """``observed`` shows each step as it goes out and is otherwise the operation itself:
+    completions in, errors thrown in, closed when its driver closes it."""
+    t = cluster.transport()
+    base = _base(cluster)
+    cluster.memory.crash(2)
+    seen, closed = [], []
+
+    def reads():
+        try:
+            (a,) = yield [Read(0, base, 8)]
+            try:
+                yield [Read(2, base, 8)]
+            except NodeTimeout as e:
+                return a, e.node
+        finally:
+            closed.append(True)
+
+    assert run(observed(reads(), seen.append), t) == (bytes(8), 2)
+    assert seen == [[Read(0, base, 8)], [Read(2, base, 8)]] and closed == [True]
+    op = observed(reads(), seen.append)
+    next(op)
+    op.close()
+    assert closed == [True, True]
