@@ -128,3 +128,26 @@ def test_the_loop_runs_on_while_a_round_trip_waits_and_a_cancelled_op_is_settled
         with c.transport() as t:
             report = run(audit(c.config), t)
             assert report.ok, report
+
+
+def test_an_operation_that_meets_a_dead_mn_goes_on_in_the_epoch_of_its_failover():
+    """Under a master, an MN killed: the operations that meet it ask their driver for the next
+    epoch (AwaitMembership, answered by the lease guard on the worker thread, the loop free),
+    or have it thrown in once the master published it, and go on there; nothing is lost."""
+    with LocalCluster(memnodes=3, transport="zmq", replication=2, master=True) as c:
+        keys = [b"f%d" % i for i in range(12)]
+
+        async def main():
+            async with await Client.connect(c.config_path) as kv:
+                for k in keys:
+                    await kv.put(k, b"before")
+                c.kill(2)
+                for k in keys:
+                    await kv.put(k, b"after")
+                assert await kv.get_many(keys) == [b"after"] * len(keys)
+                return kv.sync.core.membership
+
+        membership = _run(main())
+        assert membership.epoch >= 1 and 2 in membership.dead
+        with c.client() as kv:
+            assert kv.get_many(keys) == [b"after"] * len(keys)
