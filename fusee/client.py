@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from fusee import batch
 from fusee.config import ClusterConfig
@@ -63,8 +63,7 @@ from fusee.operations import ClientCore
 from fusee.replication import BACKOFF, FAST_POLLS
 from fusee.recovery import MASTER, recover_client
 from fusee.settle import closing, settled
-from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Op, Read,
-                         Step, T, TransportError)
+from fusee.verbs import Batch, EpochChanged, NodeTimeout, Op, Read, T, TransportError
 
 if TYPE_CHECKING:
     from fusee.transports.base import Transport
@@ -114,7 +113,7 @@ class Client:
                 self.executor = _LeaseGuard(transport, self.lease, membership_wait(self.config),
                                             membership)
             else:
-                self.executor = transport       # it fails an AwaitMembership at once
+                self.executor = transport       # no await_membership: NodeTimeout at once
             # under a master, a recovery this client leaves half done is the master's to
             # finish (it recovers the id once the lease ends): the same lock owner
             owner = MASTER if self.config.master else client_id
@@ -351,9 +350,9 @@ class _LeaseGuard:
     failover; each batch is posted holding the keeper's ``gate``, so a pause waits for the
     batch in flight. A membership newer than the one the
     operations have is handed to them as ``EpochChanged`` instead of posting the batch; so is
-    the answer to ``AwaitMembership``, once the master has published the next epoch (waited
-    for up to ``wait`` seconds, longer while the master reports a rebuild running, else
-    NodeTimeout).
+    the answer to ``AwaitMembership`` (the driver asks ``await_membership``), once the master
+    has published the next epoch (waited for up to ``wait`` seconds, longer while the master
+    reports a rebuild running, else NodeTimeout).
 
     A batch that an MN did not answer within the transport's timeout is not failed at once
     (``_late``): a timeout is only a suspicion, and the master's failure detector (the MN
@@ -381,14 +380,9 @@ class _LeaseGuard:
         self.handed = membership.epoch
         return membership
 
-    def execute(self, batch: Step) -> list[Any]:
-        if batch and type(batch[0]) is AwaitMembership:     # always alone in its batch
-            self._await(batch[0].epoch)
+    def execute(self, batch: Batch) -> list[Any]:
         # the wait for an epoch counts from a silent batch only when asked for right after it
         self.silent_since = None
-        if batch and type(batch[0]) is Backoff:        # no need of the gate to wait
-            time.sleep(batch[0].seconds)
-            return [None]
         k = self.lease
         while True:
             if time.monotonic() >= k.expires:       # lapsed: wait for the master to renew it
@@ -405,7 +399,7 @@ class _LeaseGuard:
                 return self._late(batch, silent, acks)
             self._await(self.handed, resume=True)
 
-    def _late(self, batch: Step, silent: NodeTimeout, acks: int) -> list[Any]:
+    def _late(self, batch: Batch, silent: NodeTimeout, acks: int) -> list[Any]:
         """``batch`` failed with ``silent``: an MN did not answer in time. Its completions
         once the late replies came, if the master paused nobody meanwhile (see the class
         doc); else raise ``silent`` (the wait for the next epoch then counts from now)."""
@@ -439,7 +433,7 @@ class _LeaseGuard:
             k.expect_news(False)
         raise silent
 
-    def execute_now(self, batch: Step) -> list[Any] | None:
+    def execute_now(self, batch: Batch) -> list[Any] | None:
         """``execute`` when that needs no wait (an event loop's inline path, ``fusee.asyncio``);
         None when it would wait or raise: the lease ran out, the client is paused, a newer
         epoch is out, or the keeper holds the gate (``execute`` then says which)."""
@@ -452,6 +446,12 @@ class _LeaseGuard:
         finally:
             k.gate.release()
         return None
+
+    def await_membership(self, epoch: int) -> NoReturn:
+        """The driver's answer to an operation's ``AwaitMembership(epoch)`` (``fusee.driver``):
+        EpochChanged once the master has published the next epoch, else why none comes."""
+        self._await(epoch)
+        raise AssertionError("_await returns only to a batch that a pause held back")
 
     def _await(self, epoch: int, resume: bool = False) -> None:
         """Raise EpochChanged with the first membership newer than ``epoch`` (waiting for the

@@ -6,15 +6,21 @@ transport's exception, so the operation decides what a dead node or a refused ve
 
 ``run`` drives one operation. ``run_concurrently`` keeps several in flight, like the paper's
 coroutines sharing a doorbell: each step posts ONE batch made of every in-flight operation's
-next batch, and hands each operation its own slice of the completions. The two requests that
-are not verbs stay out of that batch: an operation backing off (``Backoff``) just gets its
-turn again, and one awaiting the next membership epoch (``AwaitMembership``) has it asked for
-alone; a new epoch reaches every operation in flight.
+next batch, and hands each operation its own slice of the completions.
+
+The two requests that are not verbs are the driver's to interpret, never the executor's: a
+transport only executes verbs. An operation backing off (``Backoff``) sleeps here (or, among
+others in flight, just gets its turn again); one awaiting the next membership epoch
+(``AwaitMembership``) asks the executor's ``await_membership`` hook for it, alone. Only an
+executor that can learn of new epochs has that hook (``fusee.client``'s lease guard, which
+hears the master); with any other, nobody fails a dead node over, and the operation gets
+NodeTimeout at once. A new epoch reaches every operation in flight.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, NoReturn
 from collections.abc import Callable, Iterable
 
 from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Op, Step, T,
@@ -23,9 +29,34 @@ from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Op
 Operation = Op[Any]
 #: an operation in flight: its index among the operations, itself, the batch it yielded last
 Flight = tuple[int, Operation, Step]
+#: the requests that are not verbs, interpreted by the driver (always alone in their step)
+NOT_VERBS = (Backoff, AwaitMembership)
 
 
-def run(op: Op[T], transport: Any) -> T:
+def await_membership(executor: Any, epoch: int) -> NoReturn:
+    """The answer to ``AwaitMembership(epoch)``: raise EpochChanged with the next membership
+    epoch, as the executor learns it, or the NodeTimeout (or lease error) that says none will
+    come. An executor without the hook has no master to fail a node over."""
+    hook = getattr(executor, "await_membership", None)
+    if hook is None:
+        raise NodeTimeout("a memory node stopped answering, and a bare transport has no "
+                          "master to fail it over (a Client on a cluster with a master "
+                          "waits for the failover)", None, [None])
+    hook(epoch)
+    raise TypeError(f"{type(executor).__name__}.await_membership returned: it must raise "
+                    f"the next epoch (EpochChanged) or why none comes")
+
+
+def _not_a_verb(request: object, executor: Any) -> list[Any]:
+    """Interpret ``request``, an operation's whole step: the completions of a Backoff."""
+    if type(request) is Backoff:
+        time.sleep(request.seconds)
+        return [None]
+    assert type(request) is AwaitMembership, f"not in NOT_VERBS: {request!r}"
+    await_membership(executor, request.epoch)
+
+
+def run(op: Op[T], executor: Any) -> T:
     """Drive ``op`` to completion, one round trip per yielded batch; return its result.
 
     Anything else the transport raises (KeyboardInterrupt, the lease running out) ends the
@@ -35,7 +66,10 @@ def run(op: Op[T], transport: Any) -> T:
         batch = op.send(None)
         while True:
             try:
-                results = transport.execute(batch)
+                if batch and type(batch[0]) in NOT_VERBS:
+                    results = _not_a_verb(batch[0], executor)
+                else:
+                    results = executor.execute(batch)
             except TransportError as e:
                 batch = op.throw(e)
             else:
@@ -48,7 +82,7 @@ def run(op: Op[T], transport: Any) -> T:
         raise
 
 
-def run_concurrently(ops: Iterable[Operation], transport: Any, depth: int = 0,
+def run_concurrently(ops: Iterable[Operation], executor: Any, depth: int = 0,
                      on_done: Callable[[int, Any], None] | None = None) -> list[Any] | None:
     """Drive ``ops`` with up to ``depth`` of them in flight (0: all at once).
 
@@ -81,7 +115,7 @@ def run_concurrently(ops: Iterable[Operation], transport: Any, depth: int = 0,
             else:
                 active.append((index, op, batch))
 
-    execute = transport.execute
+    execute = executor.execute
     try:
         admit()
         while active:
@@ -89,11 +123,14 @@ def run_concurrently(ops: Iterable[Operation], transport: Any, depth: int = 0,
                 index, op, batch = active[0]
                 try:
                     try:
-                        completions = execute(batch)
+                        if batch and type(batch[0]) in NOT_VERBS:
+                            got = _not_a_verb(batch[0], executor)
+                        else:
+                            got = execute(batch)
                     except TransportError as e:
                         batch = op.throw(e)
                     else:
-                        batch = op.send(completions)
+                        batch = op.send(got)
                 except StopIteration as stop:
                     active.clear()
                     finish(index, stop.value)
@@ -117,14 +154,16 @@ def run_concurrently(ops: Iterable[Operation], transport: Any, depth: int = 0,
                     merged += batch
                     ends.append(len(merged))
             if awaiting:
-                _await_together(active, execute, finish)
+                _await_together(active, executor, finish)
                 admit()
                 continue
+            completions: Any = []       # None when a failure has no per-request detail
+            error: TransportError | None = None
             try:
                 if merged:
-                    completions, error = execute(merged), None
-                else:
-                    completions, error = execute([Backoff(pause)]), None
+                    completions = execute(merged)
+                else:                           # every one backs off: the longest wait
+                    time.sleep(pause)
             except TransportError as e:
                 completions, error = e.results, e
             still = []
@@ -156,15 +195,14 @@ def run_concurrently(ops: Iterable[Operation], transport: Any, depth: int = 0,
     return None if on_done else [results[i] for i in range(len(results))]
 
 
-def _await_together(active: list[Flight], execute: Callable[[Step], list[Any]],
+def _await_together(active: list[Flight], executor: Any,
                     finish: Callable[[int, Any], None]) -> None:
     """Some operations in flight wait for the next membership epoch (AwaitMembership): ask
     the executor for it once. A new epoch (EpochChanged) is thrown into every operation in
     flight, none of whose batches went out; any other answer into those that asked."""
-    ask = next(b for _, _, b in active if b and type(b[0]) is AwaitMembership)
+    ask = next(b[0] for _, _, b in active if b and type(b[0]) is AwaitMembership)
     try:
-        execute(ask)
-        raise TypeError("the executor answered an AwaitMembership with completions")
+        await_membership(executor, ask.epoch)
     except TransportError as e:
         error = e
     everyone = isinstance(error, EpochChanged)

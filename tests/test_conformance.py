@@ -13,8 +13,8 @@ from processes import run_processes
 
 from fusee.config import ClusterConfig
 from fusee.memory_map import MAGIC, MemoryMap
-from fusee.verbs import (AllocBlock, Cas, ControlError, Faa, FreeBlock, MASK64, NodeTimeout, Read,
-                         RemoteAccessError, Write)
+from fusee.verbs import (AllocBlock, AwaitMembership, Backoff, Cas, ControlError, Faa, FreeBlock,
+                         MASK64, NodeTimeout, Read, RemoteAccessError, Write)
 from fusee.transports import connect
 from fusee.transports.base import RegionInfo
 
@@ -155,6 +155,16 @@ def test_unknown_node_and_malformed_requests(cluster):
         t.execute([Read(7, 0, 8)])
     with pytest.raises(TypeError):
         t.execute([("READ", 0, 0, 8)])
+    t.close()
+
+
+def test_what_is_not_a_verb_is_refused(cluster):
+    """A transport executes verbs only: an operation's Backoff or AwaitMembership is its
+    driver's to interpret (fusee.driver), and one that reached a transport is a bug."""
+    t = cluster.transport()
+    for step in ([Backoff(0.0)], [AwaitMembership(0)]):
+        with pytest.raises(TypeError, match="not a verb"):
+            t.execute(step)
     t.close()
 
 

@@ -22,10 +22,11 @@ import zmq
 from fusee.emulator import wire
 from fusee.emulator.cluster import LocalCluster
 from fusee.client import _LeaseGuard
+from fusee.driver import await_membership
 from fusee.layout import META_RECOVERY
 from fusee.master.logic import LeaseError, LeaseLapsed
 from fusee.memory_map import MemoryMap
-from fusee.verbs import AwaitMembership, Cas, EpochChanged, NodeTimeout, Read
+from fusee.verbs import Cas, EpochChanged, NodeTimeout, Read
 from fusee.master.link import (LeaseKeeper, MasterBusy, MasterError, MasterLink,
                                     membership_wait)
 
@@ -338,7 +339,7 @@ def test_a_pause_waits_for_the_batch_in_flight_and_the_next_batch_gets_the_epoch
     with small_cluster() as c, c.transport() as t:
         keeper = LeaseKeeper(c.config)
         with pytest.raises(NodeTimeout, match="no new membership"):    # no failover comes
-            _LeaseGuard(t, keeper, 0.1, keeper.membership).execute([AwaitMembership(0)])
+            _LeaseGuard(t, keeper, 0.1, keeper.membership).await_membership(0)
         held = _Held(t)
         guard = _LeaseGuard(held, keeper, membership_wait(c.config), keeper.membership)
         done = []
@@ -359,7 +360,7 @@ def test_a_pause_waits_for_the_batch_in_flight_and_the_next_batch_gets_the_epoch
         assert e.value.membership.dead == {2} and guard.handed == 1
         assert guard.execute([Read(0, 0, 8)]) == done[0]
         with pytest.raises(EpochChanged):
-            guard.execute([AwaitMembership(0)])  # epoch 1 is out already: at once
+            guard.await_membership(0)   # epoch 1 is out already: at once
         keeper.close()
 
 
@@ -386,7 +387,7 @@ def test_without_a_master_nobody_fails_a_dead_node_over():
         kv = c.client()
         kv.put(b"k", b"v")
         with pytest.raises(NodeTimeout, match="no master"):
-            kv.executor.execute([AwaitMembership(0)])
+            await_membership(kv.executor, 0)
         c.kill(2)
         with pytest.raises(NodeTimeout, match="no master"):
             kv.put(b"k", b"w")

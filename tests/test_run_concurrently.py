@@ -7,7 +7,9 @@ import pytest
 from fusee.emulator.cluster import LocalCluster
 from fusee.driver import run, run_concurrently
 from fusee.memory_map import MemoryMap
-from fusee.verbs import Faa, NodeTimeout, Read, RemoteAccessError, TransportError, Write
+from fusee.membership import Membership
+from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, Faa, NodeTimeout, Read,
+                         RemoteAccessError, TransportError, Write)
 
 
 @pytest.fixture
@@ -133,3 +135,95 @@ def test_op_finishing_without_a_batch_and_run_still_works(cluster):
     assert run_concurrently([instant(), instant()], t) == ["now", "now"]
     assert t.stats.round_trips == 0
     assert run(write_then_read(0, _base(cluster), b"x" * 8), t) == b"x" * 8
+
+
+# -- the requests that are not verbs: the driver's to interpret, never the executor's ----------
+
+class Recording:
+    """An executor that records every batch it is given on its way to ``inner``."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+
+    def execute(self, batch):
+        self.batches.append(list(batch))
+        return self.inner.execute(batch)
+
+
+class Hearing(Recording):
+    """A Recording executor that hears of membership epochs: the next one is ``epoch + 1``."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.asked = []
+
+    def await_membership(self, epoch):
+        self.asked.append(epoch)
+        raise EpochChanged(Membership(epoch=epoch + 1))
+
+
+def backs_off_then_awaits(node, addr):
+    """Backs off, reads, then awaits the next epoch: what it got of each."""
+    got = [(yield [Backoff(0.001)])]
+    (word,) = yield [Read(node, addr, 8)]
+    try:
+        yield [AwaitMembership(3)]
+    except TransportError as e:
+        got.append(e)
+    return got, word
+
+
+def test_only_the_driver_interprets_what_is_not_a_verb(cluster):
+    """``run`` sleeps a Backoff and asks ``await_membership`` for the next epoch: the executor
+    is given verbs only; without the hook there is no master, and NodeTimeout comes at once."""
+    t = cluster.transport()
+    bare = Recording(t)
+    (backed_off, timeout), word = run(backs_off_then_awaits(0, _base(cluster)), bare)
+    assert backed_off == [None] and word == bytes(8)
+    assert isinstance(timeout, NodeTimeout) and "no master" in str(timeout)
+    assert bare.batches == [[Read(0, _base(cluster), 8)]]
+    hearing = Hearing(t)
+    (_, changed), _ = run(backs_off_then_awaits(0, _base(cluster)), hearing)
+    assert isinstance(changed, EpochChanged) and changed.membership.epoch == 4
+    assert hearing.asked == [3] and hearing.batches == [[Read(0, _base(cluster), 8)]]
+
+
+def test_in_flight_together_the_executor_sees_only_verbs(cluster):
+    """``run_concurrently``: an operation backing off lets the others post without it, the
+    executor is asked once for the next epoch, and a new epoch reaches every operation in
+    flight; no batch the executor gets holds a request that is not a verb."""
+    t = cluster.transport()
+    base = _base(cluster)
+    hearing = Hearing(t)
+
+    def counting_across_epochs(rounds):
+        seen, epochs = [], []
+        while len(seen) < rounds:
+            try:
+                (old,) = yield [Faa(2, base, 1)]
+            except EpochChanged as e:       # not posted: the operation goes on in the new one
+                epochs.append(e.membership.epoch)
+            else:
+                seen.append(old)
+        return seen, epochs
+
+    out = run_concurrently([backs_off_then_awaits(0, base), backs_off_then_awaits(1, base),
+                            counting_across_epochs(4)], hearing)
+    for got, word in out[:2]:
+        assert got[0] == [None] and word == bytes(8)
+        assert isinstance(got[1], EpochChanged) and got[1].membership.epoch == 4
+    assert hearing.asked == [3]
+    assert out[2] == ([0, 1, 2, 3], [4])
+    assert all(type(r) in (Read, Faa) for b in hearing.batches for r in b)
+
+
+def test_a_hook_that_returns_instead_of_raising_is_a_bug(cluster):
+    class Mute(Recording):
+        def await_membership(self, epoch):
+            return None
+
+    def awaits():
+        yield [AwaitMembership(0)]
+
+    with pytest.raises(TypeError, match="await_membership returned"):
+        run(awaits(), Mute(cluster.transport()))

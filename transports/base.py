@@ -9,16 +9,14 @@ when every completion is in. One batch = one round trip, and every transport cou
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from fusee.config import ClusterConfig
-from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Backoff, Batch, Cas, Faa,
-                         FreeBlock, NodeTimeout, Read, RemoteAccessError, Request, Step,
-                         TransportError, Write)
+from fusee.verbs import (MAX_BATCH, AllocBlock, Batch, Cas, Faa, FreeBlock, NodeTimeout, Read,
+                         RemoteAccessError, Request, TransportError, Write)
 
 if TYPE_CHECKING:
     from fusee.transports.channel import Overdue
@@ -107,45 +105,39 @@ class Transport(ABC):
         self.regions: dict[int, RegionInfo] = {}
         self.overdue: Overdue | None = None     # what the last failed batch may still get
 
-    def execute(self, batch: Step) -> list:
+    def execute(self, batch: Batch) -> list:
         """Post a batch and wait for every completion: one round trip.
 
         Returns the completions in batch order (bytes for READ, None for WRITE, the old word
         for CAS/FAA, an address for AllocBlock). Raises TypeError/ValueError for a malformed
         request before anything is sent, RemoteAccessError when an MN refuses a request,
         NodeTimeout when an MN does not answer within ``timeout``; both carry ``results``.
+        Only verbs and control requests: what an operation yields that is not one
+        (``Backoff``, ``AwaitMembership``) is its driver's to interpret (``fusee.driver``).
         """
         if not batch:
             return []
-        if type(batch[0]) is Backoff:
-            time.sleep(batch[0].seconds)
-            return [None]
-        if type(batch[0]) is AwaitMembership:
-            raise NodeTimeout("a memory node stopped answering, and a bare transport has no "
-                              "master to fail it over (a Client on a cluster with a master "
-                              "waits for the failover)", None, [None])
         if len(batch) > MAX_BATCH:
             raise ValueError(f"a batch of {len(batch)} requests exceeds MAX_BATCH={MAX_BATCH}")
-        requests = cast(Batch, batch)       # the two that are not verbs come alone: seen above
         s = self.stats
         s.round_trips += 1
-        s.verbs += len(requests)
+        s.verbs += len(batch)
         regions = self.regions
-        for req in requests:
-            s.count(req)
+        for req in batch:
+            s.count(req)                    # (TypeError for what is not a request)
             if req.node not in regions:
                 raise ValueError(f"no memory node {req.node!r} in this cluster")
-        return self._execute(requests)
+        return self._execute(batch)
 
     @abstractmethod
     def _execute(self, batch: Sequence[Request]) -> list:
         """Backend part of ``execute``: the batch is non-empty and names known nodes."""
 
-    def awaits_late(self, batch: Step) -> bool:
+    def awaits_late(self, batch: Batch) -> bool:
         """Whether ``late`` may complete ``batch`` (its MNs' replies may still come)."""
         return self.overdue is not None and self.overdue.batch is batch
 
-    def late(self, batch: Step, timeout: float) -> list | None:
+    def late(self, batch: Batch, timeout: float) -> list | None:
         """The completions of ``batch``, the last one executed, which failed with
         NodeTimeout: once the MNs that did not answer it in time have answered late, within
         ``timeout`` seconds (raising the batch's other failure, if it had one), else None.

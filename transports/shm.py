@@ -31,8 +31,7 @@ from fusee.emulator import _atomic, wire
 from fusee.emulator.memory import SharedSegment
 from fusee.emulator.nic_checks import check_atomic, check_range, malformed, wrong_key
 from fusee.config import ClusterConfig
-from fusee.verbs import (MAX_BATCH, AllocBlock, AwaitMembership, Backoff, Cas, Faa, FreeBlock,
-                         NodeTimeout, Read, Step,
+from fusee.verbs import (MAX_BATCH, AllocBlock, Batch, Cas, Faa, FreeBlock, NodeTimeout, Read,
                          TransportError, Write)
 from fusee.transports.base import RegionInfo, Transport, raise_for_failures
 from fusee.transports.channel import Channels, dead_on_connect, place_replies
@@ -157,7 +156,7 @@ class ShmTransport(Transport):
         return tuple(None if n in self._dead or n not in self._nodes else self._nodes[n][1:]
                      for n in range(max(self._nodes, default=-1) + 1))
 
-    def execute(self, batch: Step) -> list:
+    def execute(self, batch: Batch) -> list:
         """See Transport.execute: verbs run here, control requests on their MN."""
         if not batch:
             return []
@@ -171,8 +170,6 @@ class ShmTransport(Transport):
         if done is not None:
             return done
         # The general path. Check every request before any runs; find the control requests.
-        if type(batch[0]) is AwaitMembership or type(batch[0]) is Backoff:
-            return Transport.execute(self, batch)       # (nobody fails over: it fails)
         nodes = self._nodes
         remote = None
         for req in batch:

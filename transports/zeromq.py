@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from fusee.emulator import wire
 from fusee.config import ClusterConfig
-from fusee.verbs import MAX_BATCH, Cas, Faa, Read, Request, Step, Write
+from fusee.verbs import MAX_BATCH, Batch, Cas, Faa, Read, Request, Write
 from fusee.transports.base import RegionInfo, Transport, group_by_node, raise_for_failures
 from fusee.transports.channel import Channels, dead_on_connect, place_replies
 
@@ -60,12 +60,12 @@ class ZmqTransport(Transport):
                                                 rkey=info["rkey"], shm_name=info["shm_name"])
                 self.dead.discard(node)
 
-    def execute(self, batch: Step) -> list:
+    def execute(self, batch: Batch) -> list:
         """See Transport.execute. The common case, a batch of verbs on one live MN, runs
         here flat: Transport.execute's checks and counts inline, one message, one reply (a
         one-round-trip SEARCH made 6 more Python calls the general way). Any other batch
-        (control requests, Backoff, AwaitMembership, several MNs, a dead or unknown MN,
-        malformed requests) goes the general way, which checks and words its refusal."""
+        (control requests, several MNs, a dead or unknown MN, malformed requests) goes the
+        general way, which checks and words its refusal."""
         if not batch or len(batch) > MAX_BATCH or type(batch[0]) not in ONE_SIDED:
             return Transport.execute(self, batch)
         node = batch[0].node
@@ -95,7 +95,7 @@ class ZmqTransport(Transport):
         s.bytes_out += bytes_out
         return self._on_one(node, region.rkey, batch)
 
-    def _on_one(self, node: int, rkey: int, batch: Step) -> list:
+    def _on_one(self, node: int, rkey: int, batch: Batch) -> list:
         """A batch of verbs for one live MN: one message and its reply; raises on any
         failure."""
         channels = self.channels

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fusee.config import ConfigError
-from fusee.verbs import Step, TransportError
+from fusee.verbs import Batch, TransportError
 
 if TYPE_CHECKING:
     from fusee.transports.base import Transport
@@ -174,7 +174,7 @@ class LeaderGuard:
     def __init__(self, transport: Transport, leading: Callable[[], bool]) -> None:
         self.transport, self.leading = transport, leading
 
-    def execute(self, batch: Step) -> list[Any]:
+    def execute(self, batch: Batch) -> list[Any]:
         if not self.leading():
             raise NotLeading("this master leads no more: its failover or repair stops here")
         return self.transport.execute(batch)

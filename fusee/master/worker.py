@@ -66,8 +66,8 @@ class Worker(SharedState):
             self.transport = self._connect(down)
             connect_s = time.perf_counter() - t0
         try:
-            # a bare transport fails an AwaitMembership (a repair that met a dead MN): the
-            # repair is retried after the failover
+            # the driver fails an AwaitMembership on a bare transport (a repair that met a
+            # dead MN): the repair is retried after the failover
             return run(op, self.transport), connect_s
         except TransportError:
             self.transport.close()
