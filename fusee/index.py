@@ -339,23 +339,24 @@ class View:
 
     def _offset(self, pos: int) -> int | None:
         """Where slot ``pos``'s word is in ``raw``; None when the view does not hold it."""
-        f0, f1 = self.firsts
+        bucket, slot = divmod(pos, SLOTS_PER_BUCKET)
+        for i, first in enumerate(self.firsts):
+            if 0 <= bucket - first < 2:
+                return 128 * i + 64 * (bucket - first) + 8 + 8 * slot
+        return None
+
+    def get(self, pos: int) -> int | None:
+        """The value of slot ``pos``, or None when the view does not hold it."""
+        if self._slots is not None:
+            return self._slots.get(pos)
+        f0, f1 = self.firsts                # (``_offset`` inline: a call less per operation)
         b, s = divmod(pos, SLOTS_PER_BUCKET)
         b -= f0                             # the bucket's index in ``raw``: 0..3
         if not 0 <= b < 2:
             b += f0 - f1 + 2
             if not 2 <= b < 4:
                 return None
-        return 64 * b + 8 + 8 * s
-
-    def get(self, pos: int) -> int | None:
-        """The value of slot ``pos``, or None when the view does not hold it."""
-        if self._slots is not None:
-            return self._slots.get(pos)
-        at = self._offset(pos)
-        if at is None:
-            return None
-        value: int = _WORD.unpack_from(self.raw, at)[0]
+        value: int = _WORD.unpack_from(self.raw, 64 * b + 8 + 8 * s)[0]
         return value
 
     def free_slot(self, skip: Iterable[int] = ()) -> int | None:
