@@ -19,10 +19,9 @@ _M32 = 0xFFFFFFFF
 class KeyHash(NamedTuple):
     low: int            # directory suffix in the low bits; fingerprint in the top byte
     high: int           # two 32-bit bucket hashes
-
-    @property
-    def fp(self) -> int:
-        return self.low >> 56
+    #: the fingerprint (``low``'s top byte): a field, not a property, as every operation
+    #: reads it, some several times (a field read is no Python call)
+    fp: int
 
     def suffix(self, bits: int) -> int:
         """The directory index: the hash's low ``bits`` bits."""
@@ -42,4 +41,5 @@ class KeyHash(NamedTuple):
 def key_hash(key: bytes) -> KeyHash:
     """The key's hash; recently used keys (every operation on a key hashes it) are memoized."""
     h = xxhash.xxh3_128_intdigest(key)
-    return KeyHash(h & ((1 << 64) - 1), h >> 64)
+    low = h & ((1 << 64) - 1)
+    return KeyHash(low, h >> 64, low >> 56)

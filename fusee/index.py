@@ -110,7 +110,8 @@ class IndexGeometry:
         """(address, first bucket) of the 128-byte combined bucket of main bucket ``main``:
         main then the group's overflow (left main) or overflow then main (right main)."""
         first = 3 * (main // 2) + (main % 2)
-        return self.subtable(sid) + first * BUCKET_BYTES, first
+        # (``subtable`` inline: two of these per bucket read an operation makes)
+        return self.subtables + sid * self.subtable_bytes + first * BUCKET_BYTES, first
 
     # -- images ----------------------------------------------------------------------------
     def subtable_image(self, sid: int, depth: int, suffix: int, slots: dict[int, int],
@@ -271,7 +272,7 @@ class View:
         # bit 47 (FROZEN) is the top bit of byte 5 of each word: all of them ASCII, none frozen
         self.stale = (h0 >> 48 != sid or h1 >> 48 != sid or h2 >> 48 != sid or h3 >> 48 != sid
                       or bool((h0 | h1 | h2 | h3) & _RETIRED_BIT)
-                      or not raw[5::8].isascii()
+                      or not raw[5::8].isascii()      # ``frozen``, without a call
                       and any_frozen(self.slots.values()))
 
     def _pos(self, word: int) -> int:
@@ -279,6 +280,13 @@ class View:
         pos: int = ((self.firsts[word >> 4] + (word >> 3 & 1)) * SLOTS_PER_BUCKET
                     + (word & 7) - 1)
         return pos
+
+    @property
+    def frozen(self) -> bool:
+        """Some slot has the FROZEN bit (a split froze the subtable). Bit 47 is the top bit of
+        byte 5 of each word: when all of those bytes are ASCII, none is frozen; the slots are
+        decoded only otherwise."""
+        return not self.raw[5::8].isascii() and any_frozen(self.slots.values())
 
     def candidates(self, fp: int) -> list[tuple[int, int]]:
         """(position, value) of the committed objects whose fingerprint is ``fp``."""
@@ -293,11 +301,55 @@ class View:
             i = tops.find(fp, i + 1)
         return found
 
+    def pairs(self, other: View, fp: int, skip: int) -> list[tuple[int, int, int]]:
+        """(position, value here, value in ``other``) of the slots but ``skip`` whose
+        fingerprint byte is ``fp`` in either view (the same buckets read twice), in the order
+        of their words: found with ``bytes.find``, no slot decoded for nothing (an insert's
+        duplicate check looks only at the slots naming its key's fingerprint)."""
+        assert other.firsts == self.firsts, "two reads of the same buckets"
+        raw, theirs = self.raw, other.raw
+        tops = raw[7::8] + theirs[7::8]     # the fingerprint bytes of both: word i, 32 + i
+        words = set()
+        i = tops.find(fp, 1)
+        while i >= 0:
+            if i & 7:                       # not a bucket header
+                words.add(i & 31)
+            i = tops.find(fp, i + 1)
+        found = []
+        for i in sorted(words):
+            pos = self._pos(i)
+            if pos != skip:
+                found.append((pos, _WORD.unpack_from(raw, 8 * i)[0],
+                              _WORD.unpack_from(theirs, 8 * i)[0]))
+        return found
+
+    def differs(self, other: View, skip: int) -> bool:
+        """Some slot but ``skip`` holds different values here and in ``other`` (the same
+        buckets read twice): one comparison of the raw bytes, their headers and ``skip``'s
+        word taken from ``other``."""
+        assert other.firsts == self.firsts, "two reads of the same buckets"
+        theirs = other.raw
+        mine = bytearray(self.raw)
+        for h in (0, 64, 128, 192):
+            mine[h:h + 8] = theirs[h:h + 8]
+        at = self._offset(skip)
+        if at is not None:
+            mine[at:at + 8] = theirs[at:at + 8]
+        return mine != theirs
+
+    def _offset(self, pos: int) -> int | None:
+        """Where slot ``pos``'s word is in ``raw``; None when the view does not hold it."""
+        bucket, slot = divmod(pos, SLOTS_PER_BUCKET)
+        for i, first in enumerate(self.firsts):
+            if 0 <= bucket - first < 2:
+                return 128 * i + 64 * (bucket - first) + 8 + 8 * slot
+        return None
+
     def get(self, pos: int) -> int | None:
         """The value of slot ``pos``, or None when the view does not hold it."""
         if self._slots is not None:
             return self._slots.get(pos)
-        f0, f1 = self.firsts
+        f0, f1 = self.firsts                # (``_offset`` inline: a call less per operation)
         b, s = divmod(pos, SLOTS_PER_BUCKET)
         b -= f0                             # the bucket's index in ``raw``: 0..3
         if not 0 <= b < 2:
@@ -321,13 +373,14 @@ class View:
             b, s = divmod(pos, SLOTS_PER_BUCKET)
             b = b - f0 if 0 <= b - f0 < 2 else b - f1 + 2
             row[8 * b + 1 + s] = 1
-        best, most = None, 0
+        best, most = -1, 0
         for w in (1, 9, 17, 25):                # each bucket's first slot word
             free = row.count(0, w, w + SLOTS_PER_BUCKET)
-            if free > most or (free == most and free and best is not None
-                               and self._pos(row.find(0, w)) < best):
-                best, most = self._pos(row.find(0, w)), free
-        return best
+            if free and free >= most:
+                pos = self._pos(row.find(0, w))
+                if free > most or pos < best:
+                    best, most = pos, free
+        return best if most else None
 
     @property
     def slots(self) -> dict[int, int]:

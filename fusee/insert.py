@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Final, Literal
 from fusee.errors import KeyExists, Stalled
 from fusee.hashing import key_hash
 from fusee.index import View
-from fusee.layout import (ABORTED, COMMITTED, FP_SHIFT, FROZEN, INSERT, TENTATIVE,
-                          any_frozen, committed_object, decode_object,
+from fusee.layout import (ABORTED, COMMITTED, FROZEN, INSERT, TENTATIVE,
+                          committed_object, decode_object,
                           is_object, slot_fp, slot_ref, strip, unpack_u64)
 # SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
 from fusee.replication import (SlotTarget, cas_primary, decide, fix_requests, propose,
@@ -146,8 +146,8 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
                 continue
             known = {}
             settled = _learn(known, key, cands, got[2:])
-            claims = View(got[:2], firsts, sid).slots
-            prims = claims if not t.backups else view.slots
+            claims = View(got[:2], firsts, sid)
+            prims = claims if not t.backups else view
             try:
                 outcome, other = yield from _check(core, t, s, h, key, firsts, prims, claims,
                                                    known, settled)
@@ -233,7 +233,7 @@ def _learn(known: dict[int, bool], key: bytes, values: list[int], bufs: Sequence
 
 
 def _check(core: OpCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
-           firsts: tuple[int, int], prims: dict[int, int], claims: dict[int, int],
+           firsts: tuple[int, int], prims: View, claims: View,
            known: dict[int, bool], settled: bool) -> Op[tuple[Check, Rival | None]]:
     """Generator: the duplicate check once our claim is visible on the claim MN. ``claims``
     were read there after our claim, ``prims`` from the primary BEFORE that, ``known`` the
@@ -247,7 +247,8 @@ def _check(core: OpCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
     claim seen there may have been committed since, or committed and then updated or deleted
     by a round whose proposal is all the claim MN still shows).
 
-    Every read of the slots drops the verdicts: the objects are read again after it.
+    Every read of the slots drops the verdicts: the objects are read again after it. The
+    common case decodes no slot but the few naming our fingerprint (``View.pairs``).
     """
     r1 = not t.backups
     claim_node = t.primary if r1 else t.backups[0]
@@ -260,27 +261,26 @@ def _check(core: OpCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
             reads = core.dir.bucket_reads(t.sid, h, claim_node)[0]
             bufs = yield from core.rt(reads + ([] if r1 else
                                                core.dir.bucket_reads(t.sid, h, t.primary)[0]))
-            claims = View(bufs[:2], firsts, t.sid).slots
-            prims = claims if r1 else View(bufs[2:], firsts, t.sid).slots
+            claims = View(bufs[:2], firsts, t.sid)
+            prims = claims if r1 else View(bufs[2:], firsts, t.sid)
             after = r1      # (the same batch: no order between the two reads)
             known.clear()
             settled = True
             continue
-        if any_frozen(prims.values()):
+        if prims.frozen:
             return RESTART, None
         # only slots naming our fingerprint can hold our key or a rival claim for it
         fp = h.fp
-        others = [(p, cv, prims[p]) for p, cv in claims.items() if p != t.pos
-                  and (cv >> FP_SHIFT == fp or prims[p] >> FP_SHIFT == fp)]
+        others = claims.pairs(prims, fp, t.pos)
         unknown = list({v for _, cv, pv in others for v in (strip(cv), strip(pv))
-                        if is_object(v) and slot_fp(v) == h.fp and v != s and v not in known})
+                        if is_object(v) and slot_fp(v) == fp and v != s and v not in known})
         if unknown:
             bufs = yield from core.rt([core.object_read(v) for v in unknown])
             settled = _learn(known, key, unknown, bufs)
             continue
-        if not after and _differ(claims, prims, t.pos):
+        if not after and claims.differs(prims, t.pos):
             prims = View((yield from core.rt(core.dir.bucket_reads(t.sid, h, t.primary)[0])),
-                              firsts, t.sid).slots
+                         firsts, t.sid)
             after = True
             known.clear()
             continue
@@ -295,19 +295,11 @@ def _check(core: OpCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
             return CLEAR, None
         yield from _await_claim(core, t.sid, rivals[0], claim_node, t.primary)
         bufs = yield from core.rt(core.dir.bucket_reads(t.sid, h, claim_node)[0])
-        claims = View(bufs, firsts, t.sid).slots
+        claims = View(bufs, firsts, t.sid)
         if r1:
             prims = claims
         after = r1
         known.clear()
-
-
-def _differ(claims: dict[int, int], prims: dict[int, int], pos: int) -> bool:
-    """Some slot other than ``pos`` holds different values in the two reads (one dict
-    comparison, not a loop over the slots)."""
-    mine = claims.copy()
-    mine[pos] = prims[pos]
-    return mine != prims
 
 
 def _await_claim(core: OpCore, sid: int, claim: Rival, claim_node: int, primary: int
