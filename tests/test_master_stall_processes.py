@@ -20,7 +20,9 @@ from test_failover_processes import KEYS, LEASES, _history, _wait
 
 from fusee.emulator.cluster import LocalCluster
 from fusee.audit import audit
-from fusee.config import LayoutConfig
+from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig
+from fusee.master.server import MasterServer
+from fusee.master.store import FileStore
 from fusee.driver import run
 from fusee.membership import Membership
 
@@ -85,3 +87,18 @@ def test_a_client_registers_with_a_master_stalled_for_longer_than_one_timeout():
             resume.cancel()
             os.kill(master.pid, signal.SIGCONT)
             resume.join()
+
+
+def test_a_master_that_does_not_run_before_its_first_tick_declares_no_mn_dead(tmp_path):
+    """Every lease counts from the master's start; a master starved from there past an MN
+    lease (a loaded host) declared every MN dead at its first tick, DATA LOST with r = 1,
+    where any later stall gives every lease afresh."""
+    config = ClusterConfig(memnodes=(MemNodeConfig(0, f"ipc://{tmp_path}/mn0"),),
+                           master=f"ipc://{tmp_path}/m", mn_lease=0.2, client_lease=0.2)
+    server = MasterServer(config, FileStore(tmp_path / "master.json"))
+    try:
+        time.sleep(2 * config.mn_lease)         # no thread of it runs meanwhile
+        server.tick()
+        assert not server.logic.failing and server.logic.lost is None, server.logic.lost
+    finally:
+        server.store.close()
