@@ -145,6 +145,21 @@ def test_atheris_short_run(target, tmp_path):
     _atheris(target, 3000, tmp_path)
 
 
+@pytest.mark.skipif(not ATHERIS, reason="atheris is not installed (pip install '.[fuzz]')")
+def test_the_fuzzer_instruments_the_parsers_not_the_standard_library():
+    """Coverage feedback comes from the code that handles the bytes; instrumenting every
+    loaded function (the standard library's too) cost 22 s of CPU a run, more than the
+    test's time limit in wall time on a loaded machine."""
+    probe = ("import atheris, json, fusee.layout, fusee.emulator.testkit.fuzz as fuzz\n"
+             "before = json.dumps.__code__, fusee.layout.decode_object.__code__\n"
+             "fuzz._instrument(atheris)\n"
+             "print(json.dumps.__code__ is before[0], "
+             "fusee.layout.decode_object.__code__ is before[1])")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.stdout.split() == ["True", "False"], proc.stderr[-3000:]
+
+
 @pytest.mark.soak
 @pytest.mark.skipif(not ATHERIS, reason="atheris is not installed (pip install '.[fuzz]')")
 @pytest.mark.parametrize("target", fuzz.TARGETS)

@@ -28,7 +28,7 @@ from fusee.master.logic import LeaseError, LeaseLapsed
 from fusee.memory_map import MemoryMap
 from fusee.verbs import Cas, EpochChanged, NodeTimeout, Read
 from fusee.master.link import (LeaseKeeper, MasterBusy, MasterError, MasterLink,
-                                    membership_wait)
+                                    membership_wait, register_wait)
 
 def wait_for(predicate, what, timeout: float = 60.0, interval: float = 0.05):
     """Poll until ``predicate()`` is truthy (a generous bound, never a timing assertion)."""
@@ -43,7 +43,9 @@ def wait_for(predicate, what, timeout: float = 60.0, interval: float = 0.05):
 
 
 def status(c: LocalCluster) -> dict:
-    with MasterLink(c.config) as link:
+    """The master's status, waited for as a registration is (``register_wait``): under load
+    a master just restarted, still leasing and repairing, answered later than one timeout."""
+    with MasterLink(c.config, register_wait(c.config)) as link:
         return link.status()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 from histories import check_with_final_reads, unexpected_errors
@@ -19,7 +20,9 @@ from test_failover_processes import KEYS, LEASES, _history, _wait
 
 from fusee.emulator.cluster import LocalCluster
 from fusee.audit import audit
-from fusee.config import LayoutConfig
+from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig
+from fusee.master.server import MasterServer
+from fusee.master.store import FileStore
 from fusee.driver import run
 from fusee.membership import Membership
 
@@ -61,3 +64,41 @@ def test_a_stalled_master_expires_nobody_when_it_resumes(tmp_path):
         with c.transport() as t:
             report = run(audit(c.config, (), Membership()), t)
         assert report.ok, report.explain()
+
+
+def test_a_client_registers_with_a_master_stalled_for_longer_than_one_timeout():
+    """A registration may wait on the master's survey of the MNs (several round trips, each
+    bounded by the timeout) and its saves, so a client gives a busy master more than one
+    timeout (``register_wait``) before taking it as down. Here the master is stopped across
+    the registration for twice the timeout (a loaded host): the client registered on the old
+    code only if the master answered within one timeout."""
+    # (an MN lease longer than the stall: here the master's view of the MNs is not in question)
+    with LocalCluster(memnodes=1, transport="shm", master=True, timeout=1.0,
+                      mn_lease=5.0) as c:
+        (master,) = c.master_procs.values()
+        os.kill(master.pid, signal.SIGSTOP)
+        resume = threading.Timer(2 * c.config.timeout, os.kill, (master.pid, signal.SIGCONT))
+        resume.start()
+        try:
+            with c.client() as kv:              # its registration is sent to the stopped master
+                kv.put(b"k", b"v")
+                assert kv.get(b"k") == b"v"
+        finally:
+            resume.cancel()
+            os.kill(master.pid, signal.SIGCONT)
+            resume.join()
+
+
+def test_a_master_that_does_not_run_before_its_first_tick_declares_no_mn_dead(tmp_path):
+    """Every lease counts from the master's start; a master starved from there past an MN
+    lease (a loaded host) declared every MN dead at its first tick, DATA LOST with r = 1,
+    where any later stall gives every lease afresh."""
+    config = ClusterConfig(memnodes=(MemNodeConfig(0, f"ipc://{tmp_path}/mn0"),),
+                           master=f"ipc://{tmp_path}/m", mn_lease=0.2, client_lease=0.2)
+    server = MasterServer(config, FileStore(tmp_path / "master.json"))
+    try:
+        time.sleep(2 * config.mn_lease)         # no thread of it runs meanwhile
+        server.tick()
+        assert not server.logic.failing and server.logic.lost is None, server.logic.lost
+    finally:
+        server.store.close()

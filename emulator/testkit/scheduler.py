@@ -127,9 +127,30 @@ class Scheduler:
     def cancel_timers(self) -> None:
         """Forget every ``at_step`` not fired yet (a run that ended before them)."""
         self._timers.clear()
+
     # -- running ---------------------------------------------------------------------------
     def run(self) -> History:
-        """Drive every client until all are done or crashed; returns the history."""
+        """Drive every client until all are done or crashed; returns the history.
+
+        A run that stops with an error closes the operations still in flight at once, as
+        fusee.driver.run does. Left to the garbage collector, an operation waiting inside
+        its handler of a thrown error keeps that error, whose traceback holds this
+        scheduler's frames and so the operation itself: a cycle, which the collector closes
+        generator by generator in any order, one while another closes it ("ValueError:
+        generator already executing", an unraisable exception in whatever test runs then)."""
+        try:
+            return self._schedule()
+        except BaseException:
+            self._close_in_flight()
+            raise
+
+    def _close_in_flight(self) -> None:
+        for c in self.clients.values():
+            gen, c.gen = c.gen, None
+            if gen is not None:
+                gen.close()
+
+    def _schedule(self) -> History:
         rng = self.rng
         while True:
             for fn in self._timers.pop(self.step, ()):

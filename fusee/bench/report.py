@@ -46,11 +46,47 @@ def latency_stats(h: HdrHistogram) -> dict[str, Any]:
 
     def us(ns: float) -> float:
         return round(ns / 1000, 2)
-    return {"count": n, "mean_us": us(h.get_mean_value()),
-            "p50_us": us(h.get_value_at_percentile(50)),
-            "p99_us": us(h.get_value_at_percentile(99)),
-            "p999_us": us(h.get_value_at_percentile(99.9)),
-            "max_us": us(h.get_max_value())}
+    p50, p99, p999 = percentile_values(h, (50, 99, 99.9))
+    return {"count": n, "mean_us": us(mean_value(h)), "p50_us": us(p50), "p99_us": us(p99),
+            "p999_us": us(p999), "max_us": us(h.get_max_value())}
+
+
+# hdrh answers a percentile or the mean by walking every one of a histogram's 21,504 buckets
+# in Python, per question: a tiny bench run (270 histograms) spent most of its CPU there, 38 s
+# of a 2-core machine. These read the counts once, as an array, and visit only nonzero buckets,
+# with hdrh's own rules for which value of a bucket stands for it.
+def _nonzero(h: HdrHistogram) -> tuple[list[int], list[int]]:
+    """The indices of ``h``'s nonzero buckets and their counts."""
+    counts = np.ctypeslib.as_array(h.counts)[:h.counts_len]
+    nonzero = np.flatnonzero(counts)
+    return nonzero.tolist(), counts[nonzero].tolist()
+
+
+def percentile_values(h: HdrHistogram, percentiles: Iterable[float]) -> list[int]:
+    """``h.get_value_at_percentile(p)`` for each p."""
+    nonzero, counts = _nonzero(h)
+    running = np.cumsum(counts)
+    values = []
+    for p in percentiles:
+        k = int(np.searchsorted(running, h.get_target_count_at_percentile(p)))
+        if k == len(nonzero):
+            values.append(0)                    # an empty histogram
+            continue
+        v = h.get_value_from_index(nonzero[k])
+        values.append(h.get_highest_equivalent_value(v) if p else
+                      h.get_lowest_equivalent_value(v))
+    return values
+
+
+def mean_value(h: HdrHistogram) -> float:
+    """``h.get_mean_value()``: each bucket counted at the middle of its range."""
+    total: int = 0
+    for i, c in zip(*_nonzero(h)):
+        v = h.get_value_from_index(i)
+        low = h.get_lowest_equivalent_value(v)
+        total += c * (low + ((h.get_highest_equivalent_value(v) - low + 1) >> 1))
+    count: int = h.get_total_count()
+    return float(total) / count if count else 0.0
 
 
 def aggregate(system: str, phase: Phase, raws: list[dict[str, Any]]) -> dict[str, Any]:
@@ -265,7 +301,7 @@ def cdf_points(encoded: str) -> tuple[np.ndarray, np.ndarray]:
     """(latency in us, cumulative fraction) of a histogram, dense in the tail."""
     h = merge_hdr([encoded])
     q = np.concatenate([np.linspace(0, 90, 91), 100 - np.logspace(1, -3, 60)])
-    return (np.array([h.get_value_at_percentile(p) for p in q]) / 1000, q / 100)
+    return np.array(percentile_values(h, q.tolist())) / 1000, q / 100
 
 
 def plot_latency_cdf(doc: dict[str, Any], path: Path) -> Path:

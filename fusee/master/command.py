@@ -43,10 +43,12 @@ def open_coordination(config: ClusterConfig, endpoint: str, state_path: str | Pa
         raise ConfigError(f"this master's endpoint {endpoint} is not one of the config's "
                           f"masters {config.masters}: name it with --endpoint")
     # the session lasts a client lease: a dead leader is replaced about as fast as a client
-    # notices it cannot renew
+    # notices it cannot renew. Setting it up may take as long (ZooKeeper commits a new session
+    # through its quorum, not in one round trip): one timeout was too short for a loaded
+    # ensemble, while a session it cannot set up within a session timeout would not last
     leadership = ZooKeeperLeadership(config.coordination, config.name, endpoint,
                                      session_timeout=config.client_lease,
-                                     connect_timeout=config.timeout)
+                                     connect_timeout=max(config.timeout, config.client_lease))
     store = ZooKeeperStore(leadership.zk, leadership.root)
     try:
         # before standing in the election: a master of another cluster that shares this

@@ -72,6 +72,14 @@ def membership_wait(config: ClusterConfig) -> float:
     return config.mn_lease + 2 * config.client_lease + 4 * config.timeout + 1.0
 
 
+def register_wait(config: ClusterConfig) -> float:
+    """How long a client waits for the master's answer to its registration: the master may
+    first survey the MNs (a connection, an FAA and a read, each bounded by the timeout) and
+    saves its state before it answers, so one timeout is not enough for a master that is
+    merely busy; a master silent for all of it is taken as down."""
+    return 4 * config.timeout
+
+
 class MasterLink:
     """Synchronous RPCs to the master (one thread at a time uses one link). With several
     masters (``config.masters``: one leads, on ZooKeeper, the others stand by) it talks to one
@@ -169,10 +177,10 @@ class MasterLink:
                 raise master_refusal(code, text)
             return results[0]
 
-    def register(self, client_id: int | None = None) -> Grant:
+    def register(self, client_id: int | None = None, timeout: float | None = None) -> Grant:
         """A lease on a fresh or recovered id, or on ``client_id`` if it is free."""
         args = {} if client_id is None else {"id": client_id}
-        return decode_grant(self.call(REGISTER, **args))
+        return decode_grant(self.call(REGISTER, timeout, **args))
 
     def renew(self, grant: Grant, timeout: float | None = None, paused: int = 0,
               epoch: int = 0) -> Grant:
@@ -237,7 +245,7 @@ class LeaseKeeper:
             while True:
                 sent = time.monotonic()
                 try:
-                    self.grant = self.link.register(client_id)
+                    self.grant = self.link.register(client_id, register_wait(config))
                     break
                 except (MasterBusy, MasterStandby):     # a failover or an election is on
                     if sent > deadline:

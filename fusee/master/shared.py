@@ -67,6 +67,7 @@ class SharedState:
         self.master: Master | None = None           # None while standing by
         self.was_leading = leadership is None
         self.work_from = 0.0                        # no repair or failover before (monotonic)
+        self.last_tick = 0.0                        # (monotonic) 0: standing by, never ticked
         if leadership is None:
             self._take_over()
         self.detected: dict[int, float] = {}            # client id -> when (wall clock)
@@ -77,7 +78,6 @@ class SharedState:
         self.timeline: dict[int, dict[str, float]] = {}  # MN -> its failover's milestones
         self.tally: collections.Counter[str] = collections.Counter()    # for fusee.metrics
         self.transport: Transport | LeaderGuard | None = None   # the worker's, to the live MNs
-        self.last_tick = 0.0
         #: a gap between two ticks longer than this is a stall of this process (ticks come
         #: every TICK; a heartbeat is due every quarter MN lease)
         self.stall = min(config.client_lease, config.mn_lease) / 2
@@ -102,6 +102,9 @@ class SharedState:
                      f"{len(self.master.clients)} clients, {len(self.master.repairs)} repairs, "
                      f"{len(self.master.failing)} failovers pending", flush=True)
         self.store.claim({**identity(self.config), **self.master.state()})
+        # every lease counts from ``now``: a process that does not run from here to its first
+        # tick (a loaded host, at start-up or at a take-over) has stalled as after any tick
+        self.last_tick = now
         if self.leadership is not None:
             self.work_from = now + self.grace
 
