@@ -139,6 +139,18 @@ class Membership:
             v = primary_now
         return WIN if v == v_new else RESTART if v == v_old else LOSE
 
+    def installed(self, value: int) -> tuple[int, int] | None:
+        """The slot a failover (or a rebuild's closing) left holding ``value``, settled or
+        kept, if one did: the slot may have moved on since. Only for a value that no two
+        writes ever propose, a tombstone (``fusee.layout.free_value``): an object's slot
+        value comes back when its memory is reused."""
+        for by_epoch in (self.settled, self.kept):
+            for slots in by_epoch.values():
+                for where, v in slots.items():
+                    if v == value:
+                        return where
+        return None
+
     def was_dropped(self, sid: int, pos: int, proposal: int, crc: int) -> bool:
         """Did some failover take ``proposal`` (naming the object whose crc is ``crc``) off
         slot ``sid:pos``?"""

@@ -21,7 +21,10 @@ the id holds (``fusee.holdings.adopt``).
      joined and nobody finished is redone with its proposal (the rules decide the same winner
      for everyone): an UPDATE or DELETE that wins is completed, an INSERT that wins is
      withdrawn (its outcome is unknown, and nothing observed it), a withdrawal half done is
-     completed. What took effect is marked COMMITTED, the rest LOST or ABORTED, so that the
+     completed. A DELETE's tombstone that a failover left in a slot (``Membership.installed``:
+     its primary died, every live backup held it) took effect there, though the slot may have
+     moved on since; the value it replaced went with the primary (``OLD_LOST``). What took
+     effect is marked COMMITTED, the rest LOST or ABORTED, so that the
      entries tell the next holder of the id which objects are free.
 4. Release: blocks owned outside a complete group go back to their MNs, the id is marked
    CLEAN, the lock is released.
@@ -264,6 +267,13 @@ class Recovery:
         self.report.examined = len(looks)
         for key, group in keys.items():
             yield from self._by_key(key, group, entries)
+        for e in looks:
+            if not e.linearized and e.tomb is not None:
+                # a failover kept the tombstone (the primary died; every live backup held
+                # it), and the slot may have moved on since: the delete took effect there
+                where = core.membership.installed(e.tomb)
+                if where is not None:
+                    e.linearized, e.lost, e.found_at = True, False, where
         marks = []
         for e in looks:
             if e.linearized:
@@ -360,6 +370,10 @@ class Recovery:
                 # since. Freeing the object instead could free it twice: if the CAS did take
                 # effect, the writer that replaced it may still be on its way to free it
                 self._outcome(UNPROVEN)
+            elif e.v.opcode != INSERT and not is_object(old):
+                # marked so by a recovery that found its proposal kept by a failover (and
+                # was cut short before it reported it): the value it replaced is lost
+                self._outcome(OLD_LOST)
             else:
                 self._outcome("had taken effect")
             if owed:
