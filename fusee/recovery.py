@@ -21,9 +21,10 @@ the id holds (``fusee.holdings.adopt``).
      joined and nobody finished is redone with its proposal (the rules decide the same winner
      for everyone): an UPDATE or DELETE that wins is completed, an INSERT that wins is
      withdrawn (its outcome is unknown, and nothing observed it), a withdrawal half done is
-     completed. A DELETE's tombstone that a failover left in a slot (``Membership.installed``:
-     its primary died, every live backup held it) took effect there, though the slot may have
-     moved on since; the value it replaced went with the primary (``OLD_LOST``). What took
+     completed. An UPDATE's or DELETE's proposal that a failover left in a slot
+     (``Membership.installed``: its primary died, every live backup held it) took effect
+     there, though the slot may have moved on since; the value it replaced went with the
+     primary (``OLD_LOST``). What took
      effect is marked COMMITTED, the rest LOST or ABORTED, so that the
      entries tell the next holder of the id which objects are free.
 4. Release: blocks owned outside a complete group go back to their MNs, the id is marked
@@ -268,12 +269,15 @@ class Recovery:
         for key, group in keys.items():
             yield from self._by_key(key, group, entries)
         for e in looks:
-            if not e.linearized and e.tomb is not None:
-                # a failover kept the tombstone (the primary died; every live backup held
-                # it), and the slot may have moved on since: the delete took effect there
-                where = core.membership.installed(e.tomb)
+            proposal = e.tomb if e.v.opcode == DELETE else e.s if e.v.opcode == UPDATE else None
+            if not (e.linearized or e.lost) and proposal is not None:
+                # a failover kept the proposal of a round no one decided here (the primary
+                # died; every live backup held it): it took effect, though the slot may
+                # have moved on since (then, for an UPDATE, its replacer frees the object:
+                # taken for aborted, it would be handed out again as well)
+                where = core.membership.installed(proposal)
                 if where is not None:
-                    e.linearized, e.lost, e.found_at = True, False, where
+                    e.linearized, e.found_at = True, where
         marks = []
         for e in looks:
             if e.linearized:

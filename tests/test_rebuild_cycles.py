@@ -189,5 +189,5 @@ def test_a_crashed_delete_whose_tombstone_a_failover_kept():
     tombstone in the failover's record (``Membership.installed``) and counts the replaced
     object ``OLD_LOST``; a recovery run again after one cut short (here by MN 1's rebuild)
     counts it from the entry's COMMITTED record with no old value. The window by hand, with
-    no seed: ``test_kept_tombstone``."""
+    no seed: ``test_kept_proposal``."""
     check_rebuild(1064, cls=SlowCycleRun, nodes=4, r=3, crash_client=True)

@@ -78,7 +78,7 @@ passes no verdict). ``TwoCrashCycleRun`` (two clients crash) and ``RecoveryCrash
 (the master's recovery dies and runs again) were added then. Seeds 1000-1400 of the same
 on merged main: 3,200 cases, one failed (1064 on 4 MNs r=3, a live client's committed object
 named by no slot: a crashed delete whose tombstone a failover kept, marked ABORTED by its
-recovery; fixed in session 7, ``Membership.installed``, test_kept_tombstone).
+recovery; fixed in session 7, ``Membership.installed``, test_kept_proposal).
 """
 
 from __future__ import annotations
