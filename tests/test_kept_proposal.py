@@ -27,17 +27,26 @@ from fusee.layout import META_RECOVERY, unpack_u64
 from fusee.membership import Membership
 from fusee.operations import ClientCore
 from fusee.recovery import MASTER, OLD_LOST, recover_client
+from fusee.transports.local import LocalMemory, LocalTransport
 from fusee.verbs import Cas, Read
 
-from test_failover import _two_clients, heir_once_freed
+from test_failover import _config, heir_once_freed
 
 
-def _proposed_by_a_crashed_client(kind: str):
-    """4 MNs r = 3: A (client 0) inserted b"key"; B (client 1) updates or deletes it and
-    crashes right after its proposal landed on both backups; the slot's primary dies and is
-    failed over. Returns (config, transport, A, the membership, the slot, the proposal, the
-    slot value B's operation replaced)."""
-    cfg, mem, t, a, b, e, tgt = _two_clients()
+def _proposed_by_a_crashed_client(kind: str, nodes: int = 4, r: int = 3):
+    """``nodes`` MNs, ``r`` replicas: A (client 0) inserted b"key"; B (client 1) updates or
+    deletes it and crashes right after its proposal landed on every backup; the slot's
+    primary dies and is failed over. Returns (config, transport, A, the membership, the
+    slot, the proposal, the slot value B's operation replaced)."""
+    cfg = _config(nodes, r)
+    mem = LocalMemory(cfg)
+    t = LocalTransport(cfg, memory=mem)
+    a, b = ClientCore(cfg, 0), ClientCore(cfg, 1)
+    for core in (a, b):
+        run(core.open(), t)
+    run(a.insert(b"key", b"A's"), t)
+    e = a.cache.get(b"key")
+    tgt = a.target(e.sid, e.pos)
     op = b.update(b"key", b"B's") if kind == "update" else b.delete(b"key")
     batch = op.send(None)
     while not (batch and all(type(r) is Cas and r.expected == e.value for r in batch)):
@@ -67,9 +76,10 @@ def _checked(cfg, t, cores, m, report, replaced, value):
     assert got.ok, got.explain()
 
 
+@pytest.mark.parametrize("nodes, r", [(4, 3), (3, 2)])
 @pytest.mark.parametrize("kind", ["delete", "update"])
-def test_a_crashed_write_whose_proposal_a_failover_kept_took_effect(kind):
-    cfg, t, a, m, _, _, replaced = _proposed_by_a_crashed_client(kind)
+def test_a_crashed_write_whose_proposal_a_failover_kept_took_effect(kind, nodes, r):
+    cfg, t, a, m, _, _, replaced = _proposed_by_a_crashed_client(kind, nodes, r)
     report = run(recover_client(cfg, 1, membership=m), t)
     run(a.close(), t)
     _checked(cfg, t, [a], m, report, replaced, b"B's" if kind == "update" else None)
