@@ -139,6 +139,19 @@ class Membership:
             v = primary_now
         return WIN if v == v_new else RESTART if v == v_old else LOSE
 
+    def installed(self, value: int) -> tuple[int, int] | None:
+        """The slot a failover (or a rebuild's closing) left holding ``value``, settled or
+        kept, if one did: the slot may have moved on since. A tombstone
+        (``fusee.layout.free_value``) is proposed once, ever; an object's slot value comes
+        back when its memory is reused for the same key, 256 allocations on, so a match may
+        name an older object there: the caller must be able to bear that."""
+        for by_epoch in (self.settled, self.kept):
+            for slots in by_epoch.values():
+                for where, v in slots.items():
+                    if v == value:
+                        return where
+        return None
+
     def was_dropped(self, sid: int, pos: int, proposal: int, crc: int) -> bool:
         """Did some failover take ``proposal`` (naming the object whose crc is ``crc``) off
         slot ``sid:pos``?"""

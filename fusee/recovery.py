@@ -21,7 +21,11 @@ the id holds (``fusee.holdings.adopt``).
      joined and nobody finished is redone with its proposal (the rules decide the same winner
      for everyone): an UPDATE or DELETE that wins is completed, an INSERT that wins is
      withdrawn (its outcome is unknown, and nothing observed it), a withdrawal half done is
-     completed. What took effect is marked COMMITTED, the rest LOST or ABORTED, so that the
+     completed. An UPDATE's or DELETE's proposal that a failover left in a slot
+     (``Membership.installed``: its primary died, every live backup held it) took effect
+     there, though the slot may have moved on since; the value it replaced went with the
+     primary (``OLD_LOST``). What took
+     effect is marked COMMITTED, the rest LOST or ABORTED, so that the
      entries tell the next holder of the id which objects are free.
 4. Release: blocks owned outside a complete group go back to their MNs, the id is marked
    CLEAN, the lock is released.
@@ -253,6 +257,16 @@ class Recovery:
         self.report.examined = len(looks)
         for key, group in keys.items():
             yield from self._by_key(key, group, entries)
+        for e in looks:
+            proposal = e.tomb if e.v.opcode == DELETE else e.s if e.v.opcode == UPDATE else None
+            if not (e.linearized or e.lost) and proposal is not None:
+                # a failover kept the proposal of a round no one decided here (the primary
+                # died; every live backup held it): it took effect, though the slot may
+                # have moved on since (then, for an UPDATE, its replacer frees the object:
+                # taken for aborted, it would be handed out again as well)
+                where = core.membership.installed(proposal)
+                if where is not None:
+                    e.linearized, e.found_at = True, where
         marks = []
         for e in looks:
             if e.linearized:
@@ -349,6 +363,10 @@ class Recovery:
                 # since. Freeing the object instead could free it twice: if the CAS did take
                 # effect, the writer that replaced it may still be on its way to free it
                 self._outcome(UNPROVEN)
+            elif e.v.opcode != INSERT and not is_object(old):
+                # marked so by a recovery that found its proposal kept by a failover (and
+                # was cut short before it reported it): the value it replaced is lost
+                self._outcome(OLD_LOST)
             else:
                 self._outcome("had taken effect")
             if owed:

@@ -407,18 +407,26 @@ def test_recovery_tells_a_dropped_proposal_from_its_object_reused_in_the_same_sl
     run(b.update(b"key", b"v4"), t)                  # its free of A's object stays deferred
     report = run(recover_client(cfg, 0, membership=m[0]), t)    # A crashes here
     assert report.outcomes.get("aborted", 0) == 0, report.outcomes
-    heir = ClientCore(cfg, 0, membership=m[0])
-    run(heir.open(), t)
-    run(b.close(), t)                                 # B's free goes out now
-    run(heir.alloc.reclaim(), t)
-    free = [p for q in heir.alloc.free.values() for p in q]
-    assert len(free) == len(set(free)), "an object is twice in the free lists"
-    run(heir.close(), t)
+    heir = heir_once_freed(cfg, t, 0, m[0], b)        # B's free goes out after the adoption
     reader = ClientCore(cfg, 5, membership=m[0])
     run(reader.open(), t)
     assert run(reader.search(b"key"), t) == b"v4"
     report = run(audit(cfg, [heir, reader], m[0]), t)
     assert report.ok, report.explain()
+
+
+def heir_once_freed(cfg, t, cid: int, m: Membership, freer: ClientCore) -> ClientCore:
+    """A client takes over id ``cid`` (adopting what it holds), then ``freer`` closes (its
+    deferred frees go out) and the heir reclaims: no object may be twice in its free lists.
+    Returns the heir, closed."""
+    heir = ClientCore(cfg, cid, membership=m)
+    run(heir.open(), t)
+    run(freer.close(), t)
+    run(heir.alloc.reclaim(), t)
+    free = [p for q in heir.alloc.free.values() for p in q]
+    assert len(free) == len(set(free)), "an object is twice in the free lists"
+    run(heir.close(), t)
+    return heir
 
 
 def test_a_kept_slot_whose_object_does_not_decode_is_recorded_not_a_crash():

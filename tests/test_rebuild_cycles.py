@@ -177,14 +177,17 @@ def test_a_won_round_whose_cas_never_went_out_meets_a_later_round(seed, nodes, r
     check_rebuild(seed, cls=SlowCycleRun, nodes=nodes, r=r, crash_client=True)
 
 
-@pytest.mark.xfail(strict=True, reason="open: a live client's committed object held, named by "
-                   "no slot, after slow-MN rebuild cycles with a client crash (leaked)")
-def test_a_live_clients_committed_object_named_by_no_slot():
+def test_a_crashed_delete_whose_tombstone_a_failover_kept():
     """Seed 1064 on 4 MNs r = 3 with a slow MN and a client crash, found by the slow-MN sweep of
-    merged main at the end of session 6 (seeds 1000-1400 x 8 shapes: 3,200 cases, this one
-    failed). Three rebuild cycles, each with another MN slow while one crashes; c0 crashes
-    during a delete of k0 in epoch 4; the audit finds one object of client 2 (alive), committed
-    for k0, held but named by no slot. It passes on 013092f, where the schedule differs (the
-    verb counts changed since), so that says nothing. Not traced yet: the leak (an object
-    never freed), not a lost write; the linearizability check passes."""
+    merged main at the end of session 6 (leaked: one object of client 2, alive, committed for
+    k0, held but named by no slot). In epoch 4 c0's delete of k0 put its tombstone on both
+    backups (MNs 2 and 3) over c2's object; MN 1, the primary, died at once and c0 crashed
+    before its commit record, the only place but the primary that names the value replaced.
+    The failover (epoch 5) kept the tombstone: the delete took effect, and c2's object was
+    left to nobody. c0's recovery in epoch 5 looked for the delete's trace among the slots'
+    objects only and marked it ABORTED; the next runs skipped it. Recovery now finds the
+    tombstone in the failover's record (``Membership.installed``) and counts the replaced
+    object ``OLD_LOST``; a recovery run again after one cut short (here by MN 1's rebuild)
+    counts it from the entry's COMMITTED record with no old value. The window by hand, with
+    no seed: ``test_kept_proposal``."""
     check_rebuild(1064, cls=SlowCycleRun, nodes=4, r=3, crash_client=True)
