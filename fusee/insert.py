@@ -32,8 +32,8 @@ from fusee.layout import (ABORTED, COMMITTED, FP_SHIFT, FROZEN, INSERT, TENTATIV
                           any_frozen, committed_object, decode_object,
                           is_object, slot_fp, slot_ref, strip, unpack_u64)
 # SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
-from fusee.replication import (SlotTarget, cas_primary, decide, fix_requests, propose,
-                               resolve, unfreeze_requests)
+from fusee.replication import (SlotTarget, cas_primary, cas_primary_for, decide, fix_requests,
+                               propose, resolve, unfreeze_requests)
 from fusee.resize import split
 from fusee.reuse import is_named
 from fusee.verbs import EPOCH_ENDS, Cas, Op, Read
@@ -158,8 +158,8 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
                 # the record may land on some replicas only: None until it is through
                 open_round.committed = None
                 yield from core.rt(core.log.record(obj, COMMITTED, slot_ref(sid, pos), v_old))
-                open_round.committed = open_round.cased = True
-                verdict, _ = yield from cas_primary(t, expected, s)
+                open_round.committed = True
+                verdict, _ = yield from cas_primary_for(open_round, t, expected, s)
                 if verdict == WIN:
                     core.cache.store(key, sid, pos, s)
                     return None

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
-from fusee.errors import Stalled
+from fusee.errors import EpochChanged, Stalled
 from fusee.layout import FROZEN, unpack_u64
 from fusee.verbs import Backoff, Cas, Op, Read, Request
 from fusee.verdicts import LOSE, RESTART, RULE3, WIN, Decision, Verdict
@@ -113,6 +113,29 @@ def cas_primary(t: SlotTarget, expected: int, v_new: int, extra: Iterable[Reques
     if old == expected:
         return WIN, old
     return (RESTART if old & FROZEN else LOSE), old
+
+
+class CasRound(Protocol):
+    """An operation's open round, as settling it after its epoch's end needs to know."""
+    cased: bool     # its primary CAS may have taken effect, its reply unseen
+
+
+def cas_primary_for(r: CasRound, t: SlotTarget, expected: int, v_new: int
+                    ) -> Op[tuple[Verdict, int]]:
+    """Generator: ``cas_primary`` for the open round ``r``, keeping ``r.cased`` true exactly
+    while the CAS may have taken effect unanswered: from its posting on, unless the driver
+    refused the batch with EpochChanged (it never went out: ``fusee.errors.EpochChanged``)
+    or the reply came. ``Membership.fate`` takes a third value on a primary for WIN only if
+    our CAS went out: counting a refused CAS as gone out acknowledged a write that no slot
+    names (found by a sweep: another writer took the slot in the next epoch)."""
+    r.cased = True
+    try:
+        verdict, old = yield from cas_primary(t, expected, v_new)
+    except EpochChanged:
+        r.cased = False
+        raise
+    r.cased = verdict == WIN
+    return verdict, old
 
 
 def unfreeze_requests(t: SlotTarget, v_old: int, v_new: int) -> list[Cas]:
