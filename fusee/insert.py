@@ -183,7 +183,13 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
             assert other is not None, "a YIELD names the lower claim to wait for"
             yield from _await_claim(core, t.sid, other, claim_node, t.primary)
         except EPOCH_ENDS as err:
+            ended = core.membership.epoch
             writes = yield from core.epoch_ended(err, obj)
+            if core.membership.epoch > ended:
+                # every round the old epoch left open is closed: a round we lost there
+                # either moved its slot on or was rolled back to the value we lost it at,
+                # and then nobody will move it: free to claim again, not one to wait on
+                lost.clear()
             if open_round is None:
                 continue
             r, open_round = open_round, None
