@@ -32,7 +32,7 @@ from fusee.layout import (ABORTED, COMMITTED, FP_SHIFT, FROZEN, INSERT, TENTATIV
                           any_frozen, committed_object, decode_object,
                           is_object, slot_fp, slot_ref, strip, unpack_u64)
 # SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
-from fusee.replication import (SlotTarget, cas_primary, cas_primary_for, decide, fix_requests,
+from fusee.replication import (SlotTarget, cas_primary, decide, fix_requests,
                                propose, resolve, unfreeze_requests)
 from fusee.resize import split
 from fusee.reuse import is_named
@@ -159,7 +159,7 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
                 open_round.committed = None
                 yield from core.rt(core.log.record(obj, COMMITTED, slot_ref(sid, pos), v_old))
                 open_round.committed = True
-                verdict, _ = yield from cas_primary_for(open_round, t, expected, s)
+                verdict, _ = yield from cas_primary(t, expected, s, r=open_round)
                 if verdict == WIN:
                     core.cache.store(key, sid, pos, s)
                     return None
