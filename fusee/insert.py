@@ -32,8 +32,8 @@ from fusee.layout import (ABORTED, COMMITTED, FROZEN, INSERT, TENTATIVE,
                           committed_object, decode_object,
                           is_object, slot_fp, slot_ref, strip, unpack_u64)
 # SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
-from fusee.replication import (SlotTarget, cas_primary, decide, fix_requests, propose,
-                               resolve, unfreeze_requests)
+from fusee.replication import (SlotTarget, cas_primary, decide, fix_requests,
+                               propose, resolve, unfreeze_requests)
 from fusee.resize import split
 from fusee.reuse import is_named
 from fusee.verbs import EPOCH_ENDS, Cas, Op, Read
@@ -158,8 +158,8 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
                 # the record may land on some replicas only: None until it is through
                 open_round.committed = None
                 yield from core.rt(core.log.record(obj, COMMITTED, slot_ref(sid, pos), v_old))
-                open_round.committed = open_round.cased = True
-                verdict, _ = yield from cas_primary(t, expected, s)
+                open_round.committed = True
+                verdict, _ = yield from cas_primary(t, expected, s, r=open_round)
                 if verdict == WIN:
                     core.cache.store(key, sid, pos, s)
                     return None
@@ -183,7 +183,13 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
             assert other is not None, "a YIELD names the lower claim to wait for"
             yield from _await_claim(core, t.sid, other, claim_node, t.primary)
         except EPOCH_ENDS as err:
+            ended = core.membership.epoch
             writes = yield from core.epoch_ended(err, obj)
+            if core.membership.epoch > ended:
+                # every round the old epoch left open is closed: a round we lost there
+                # either moved its slot on or was rolled back to the value we lost it at,
+                # and then nobody will move it: free to claim again, not one to wait on
+                lost.clear()
             if open_round is None:
                 continue
             r, open_round = open_round, None

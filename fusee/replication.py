@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
-from fusee.errors import Stalled
+from fusee.errors import EpochChanged, Stalled
 from fusee.layout import FROZEN, unpack_u64
 from fusee.verbs import Backoff, Cas, Op, Read, Request
 from fusee.verdicts import LOSE, RESTART, RULE3, WIN, Decision, Verdict
@@ -103,15 +103,37 @@ def fix_requests(t: SlotTarget, current: list[int], v_new: int) -> list[Cas]:
             if v != v_new and not v & FROZEN]
 
 
-def cas_primary(t: SlotTarget, expected: int, v_new: int, extra: Iterable[Request] = ()
-                ) -> Op[tuple[Verdict, int]]:
+class CasRound(Protocol):
+    """An operation's open round, as settling it after its epoch's end needs to know."""
+    cased: bool     # its primary CAS may have taken effect, its reply unseen
+
+
+def cas_primary(t: SlotTarget, expected: int, v_new: int, extra: Iterable[Request] = (),
+                r: CasRound | None = None) -> Op[tuple[Verdict, int]]:
     """Generator, step 4: the linearization point. Returns (outcome, value seen) where the
-    outcome is WIN, RESTART (frozen) or LOSE (the primary held something else)."""
+    outcome is WIN, RESTART (frozen) or LOSE (the primary held something else).
+
+    ``r``: the open round, whose ``cased`` this keeps true exactly while the CAS may have
+    taken effect unanswered: from its posting on, unless the driver refused the batch with
+    EpochChanged (it never went out: ``fusee.errors.EpochChanged``) or the reply came.
+    ``Membership.fate`` takes a third value on a primary for WIN only if our CAS went out:
+    counting a refused CAS as gone out acknowledged a write that no slot names (found by a
+    sweep: another writer took the slot in the next epoch). (A parameter, not a wrapping
+    generator: each level of generators costs on every operation.)"""
     assert v_new != expected, f"slot {t.sid}:{t.pos}: a primary CAS to the value it expects"
-    res = yield [Cas(t.primary, t.addr, expected, v_new)] + list(extra)
+    if r is not None:
+        r.cased = True
+    try:
+        res = yield [Cas(t.primary, t.addr, expected, v_new)] + list(extra)
+    except EpochChanged:
+        if r is not None:
+            r.cased = False
+        raise
     old = res[0]
     if old == expected:
         return WIN, old
+    if r is not None:
+        r.cased = False
     return (RESTART if old & FROZEN else LOSE), old
 
 

@@ -27,8 +27,8 @@ from fusee.index import View
 from fusee.layout import (COMMITTED, LOST, TAIL_BYTES, UPDATE, object_extent, object_tail,
                           slot_ref, unpack_u64)
 # SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
-from fusee.replication import (SlotTarget, await_change, cas_primary, decide, fix_requests,
-                               propose, resolve, unfreeze_requests)
+from fusee.replication import (SlotTarget, await_change, cas_primary, decide,
+                               fix_requests, propose, resolve, unfreeze_requests)
 from fusee.reuse import ObjectReads
 from fusee.search import find
 from fusee.verbs import EPOCH_ENDS, Op, Read, Write
@@ -147,8 +147,8 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
                 open_round.reached = WIN if t.backups else None
                 yield from core.rt([*fix_requests(t, current, v_new),
                                     *core.log.record(obj, COMMITTED, ref, v_old, old_crc)])
-                open_round.recorded = open_round.cased = True
-                verdict, _ = yield from cas_primary(t, v_old, v_new)
+                open_round.recorded = True
+                verdict, _ = yield from cas_primary(t, v_old, v_new, r=open_round)
                 if verdict == WIN:
                     _replaced(core, key, obj, opcode, t, v_old, v_new)
                     return None

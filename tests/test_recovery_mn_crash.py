@@ -1,0 +1,134 @@
+"""An MN dies while the master recovers a crashed client, in the deterministic simulator.
+
+A fault the other runs reach only by chance: client c0 crashes at a random step, and the
+master's recovery of its id (``fusee.recovery``) starts; after a random number of that
+recovery's round trips (and a few steps more, so it may land inside a batch), one MN (two
+on 5 MNs r = 3) crashes and is failed over a random number of steps later. The recovery
+meets the dead MN (a timeout, or its next batch refused with the new epoch), and runs again
+from the start under the new membership, as the master runs it: over whatever its first
+attempt left behind (its recovery lock, backups it settled, frees it made, a round it
+finished on some replicas only). A recovery that ends before that round trip has the MN
+crash just after it ends.
+
+The checks are ``test_failover``'s: the history (with the final gets of every key) is
+linearizable, the leak audit passes under the final membership (but for the objects the
+recoveries count as unknown: ``OLD_LOST``, ``UNPROVEN``), and so does the index check.
+
+The default suite runs a slice; ``-m soak`` the sweep (``test_recovery_mn_crash_sweep``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_failover import Run, across_epochs
+from test_rebuild import _check as check_rebuild
+
+from fusee.emulator.testkit.simulator import Call, Simulator
+from fusee.recovery import recover_client
+
+#: (MNs, r, how many crash together)
+SHAPES = [(3, 3, 1), (3, 2, 1), (4, 2, 1), (5, 3, 2)]
+
+
+class RecoveryMNCrashRun(Run):
+    """``Run`` whose MN crash comes inside the recovery of c0 (see the module docstring)."""
+
+    def schedule_faults(self, nodes: int, steps: int, victims: int, delay: int,
+                        crash_client: bool) -> None:
+        sim, faults = self.sim, self.sim.fault_rng
+        self.victims = faults.sample(range(nodes), victims)
+        self.delay = delay
+        self.at_trip = faults.randrange(6)       # the recovery's round trip the crash follows
+        self.after = faults.randrange(1, 8)      # steps after that trip was posted
+        self.trips = self.attempts = 0
+        self.struck: str | None = None           # "during" or "after" the recovery
+        sim.at_step(faults.randrange(steps // 2), lambda s: self._crash(s, "c0"))
+
+    def _recover(self, sim: Simulator, name: str, actor: str) -> None:
+        cid, cfg = int(name[1:]), self.config
+
+        def recover():
+            report = yield from across_epochs(sim, lambda m: self._watched(
+                sim, recover_client(cfg, cid, clock=lambda: 0.0, membership=m)))
+            self.recoveries.append(report)
+            if self.struck is None:
+                self._strike(sim, "after")
+            return "recovered"
+        sim.add_client(actor, [Call("recover", None, None, recover)])
+
+    def _watched(self, sim: Simulator, op):
+        """Generator: ``op`` as it is, but counting its round trips (over every attempt):
+        the crash is set off after the ``at_trip``-th."""
+        self.attempts += 1
+        how, arg = op.send, None
+        while True:
+            try:
+                batch = how(arg)
+            except StopIteration as stop:
+                return stop.value
+            if self.trips == self.at_trip and self.struck is None:
+                self._strike(sim, "during")
+            self.trips += 1
+            try:
+                how, arg = op.send, (yield batch)
+            except GeneratorExit:
+                op.close()
+                raise
+            except BaseException as e:      # (a TransportError the driver threw in)
+                how, arg = op.throw, e
+
+    def _strike(self, sim: Simulator, when: str) -> None:
+        """The victims crash a few steps from now, and are failed over later."""
+        self.struck = when
+        crash_at = sim.step + self.after
+        for v in self.victims:
+            sim.at_step(crash_at, lambda s, v=v: s.crash_node(v))
+        sim.at_step(crash_at + sim.fault_rng.randrange(1, self.delay),
+                    lambda s: s.fail_over(self.victims))
+
+
+def _check(seed: int, nodes: int, r: int, victims: int) -> RecoveryMNCrashRun:
+    run_ = check_rebuild(seed, cls=RecoveryMNCrashRun, nodes=nodes, r=r, victims=victims)
+    assert run_.struck is not None and run_.crashed == {0}, run_.sim.faults
+    return run_
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("nodes,r,victims", SHAPES)
+def test_an_mn_crash_during_the_recovery_of_a_client(seed, nodes, r, victims):
+    _check(seed, nodes, r, victims)
+
+
+def test_the_slice_crashes_an_mn_inside_recoveries():
+    """The slice reaches its window: most of its runs crash the MN while the recovery runs
+    (not after it), and some of those recoveries run again under the new membership."""
+    runs = [_check(seed, *SHAPES[seed % len(SHAPES)]) for seed in range(12)]
+    during = [r for r in runs if r.struck == "during"]
+    assert len(during) >= len(runs) // 2, [r.struck for r in runs]
+    assert any(r.attempts > 1 for r in during), [r.attempts for r in during]
+
+
+@pytest.mark.xfail(strict=True, reason="open: a free delivered twice (recovery and the "
+                   "writer that replaced the object); see the docstring")
+def test_a_recovery_delivers_a_free_the_replacing_writer_still_owes():
+    """Seed 40 on 3 MNs r = 2 (found by the sweep; fails on 587e539 too): c0 crashed during
+    a DELETE of k2 with its entry COMMITTED; its recovery ran two round trips, then MN 2 died
+    and was failed over (epoch 1, nothing settled), and the recovery ran again. Meanwhile c2
+    UPDATEd k2 (its write linearizes with the DELETE never taking effect) and deferred the
+    free of the object it replaced (c2.4) to its next batch. The recovery's second attempt
+    read c0's entry: the slot moved off the old value, the old object's free bit clear and
+    its tail used, so it took the DELETE for one that had taken effect and delivered the free
+    it seemed to owe; c2's deferred free then set the same bit again, which carried into the
+    next objects' bits: c2's live object for k2 (c2.10) reads as free (dangling), and two
+    objects as held by nobody. Known so far: ``Recovery._committed`` trusts "the primary
+    moved on, so our CAS happened" for a COMMITTED DELETE whose round no failover recorded as
+    dropped; what ended c0's round (its first recovery attempt, or the failover) is not
+    traced yet."""
+    _check(40, 3, 2, 1)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", [s for s in range(12, 400) if s != 40])
+@pytest.mark.parametrize("nodes,r,victims", SHAPES)
+def test_recovery_mn_crash_sweep(seed, nodes, r, victims):
+    _check(seed, nodes, r, victims)
