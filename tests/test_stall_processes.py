@@ -112,3 +112,39 @@ def test_a_client_the_master_expired_is_fenced_by_every_memory_node():
         with c.client() as other:
             assert other.get(b"k") == b"v"
             other.put(b"k", b"w")
+
+
+def test_a_restarted_master_fences_the_expired_client_it_inherits():
+    """The master expires a client and dies before it has fenced it everywhere (MN 2 was
+    stalled: the fence there timed out, the repair waits to be retried); a new master starts
+    from the stored state. It must fence that client at every MN before recovering its id,
+    so the batch the client had passed its lease check with is refused at MN 2 too. MN 2's
+    lease is long: the stall is a fence that failed, not a failover."""
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), client_lease=1.0, mn_lease=120.0,
+                      timeout=1.0) as c:
+        scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
+        kv = c.client()
+        try:
+            kv.put(b"k", b"v")
+            cid = str(kv.client_id)
+            with _stopped(c.procs[2].pid):
+                kv.lease.close(release=False)
+                _wait(lambda: (c.master_status()["repairs"].get(cid) or {}).get("attempts"),
+                      "the master to expire the client and fail to fence it at MN 2")
+                c.stop_master(kill=True)
+            c.start_master()
+            _wait(lambda: int(cid) in c.master_status()["free_ids"],
+                  "the restarted master to recover the client")
+            stale = [Write(n, scratch, b"stale!!!") for n in range(3)]
+            with pytest.raises(Fenced) as refused:
+                kv.transport.execute(stale)
+            assert all(isinstance(r, Fenced) for r in refused.value.results), \
+                refused.value.results
+        finally:
+            kv.closed = True
+            kv.transport.close()
+        with ZmqTransport(c.config) as t:
+            assert b"stale!!!" not in t.execute([Read(n, scratch, 8) for n in range(3)])
+        with c.client() as other:
+            assert other.get(b"k") == b"v"
