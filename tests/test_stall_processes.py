@@ -23,6 +23,7 @@ import pytest
 from storekit import SMALL
 from test_failover_processes import LEASES, _wait
 
+from fusee.client import Client
 from fusee.emulator.cluster import LocalCluster
 from fusee.config import LayoutConfig
 from fusee.errors import Fenced, NodeTimeout
@@ -84,6 +85,24 @@ def test_a_client_rides_through_a_memory_node_stalled_less_than_its_lease():
         assert c.master_status()["dead"] == []
 
 
+def expired_client(c: LocalCluster, timeout: float = 60.0) -> Client:
+    """A client of ``c`` that wrote k = v and stopped renewing its lease (as one SIGSTOPped
+    past it would), once the master has expired it, fenced it and recovered its id."""
+    kv = c.client()
+    try:
+        kv.put(b"k", b"v")
+        cid = str(kv.client_id)
+        kv.lease.close(release=False)
+        _wait(lambda: cid not in (s := c.master_status())["clients"]
+              and cid not in s["repairs"], "the master to expire and recover the client",
+              timeout)
+    except BaseException:
+        kv.closed = True
+        kv.transport.close()
+        raise
+    return kv
+
+
 def test_a_client_the_master_expired_is_fenced_by_every_memory_node():
     """The client stops renewing its lease (as one SIGSTOPped past it would); the master
     expires it, fences it at the MNs and recovers its id. A batch that had passed the lease
@@ -92,13 +111,8 @@ def test_a_client_the_master_expired_is_fenced_by_every_memory_node():
     with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
                       layout=LayoutConfig(**SMALL), **LEASES) as c:
         scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
-        kv = c.client()
+        kv = expired_client(c)
         try:
-            kv.put(b"k", b"v")
-            cid = str(kv.client_id)
-            kv.lease.close(release=False)
-            _wait(lambda: cid not in (s := c.master_status())["clients"]
-                  and cid not in s["repairs"], "the master to expire and recover the client")
             stale = [Write(n, scratch, b"stale!!!") for n in range(3)]
             with pytest.raises(Fenced) as refused:
                 kv.transport.execute(stale)
