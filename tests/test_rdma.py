@@ -341,13 +341,14 @@ def test_a_client_the_master_expired_is_cut_off_at_every_memory_node_s_nic():
     renewing its lease (as one SIGSTOPped past it would); the master expires it, fences it at
     the MNs and recovers its id. The MNs' CPUs never see its verbs, so the fence destroys its
     queue pairs: a batch that had passed the lease check (posted straight to its transport
-    here) fails at its own NIC and writes nothing, and it gets no new queue pair."""
+    here) fails at its own NIC and writes nothing, and it gets no new queue pair. Generous
+    timeouts: the master's first registration connects its own queue pairs, slow in the VM."""
     from fusee.memory_map import MemoryMap
     from fusee.errors import Fenced, TransportError
     from test_stall_processes import expired_client
     with LocalCluster(memnodes=3, transport="verbs", replication=3, master=True,
                       layout=VERBS_LAYOUT, start_timeout=180, client_lease=4.0,
-                      mn_lease=30.0, timeout=4.0) as c:
+                      mn_lease=30.0, timeout=10.0) as c:
         scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
         kv = expired_client(c, timeout=120)
         try:
