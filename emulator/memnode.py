@@ -23,6 +23,7 @@ from fusee.emulator import _atomic, wire
 from fusee.emulator.blocks import BlockTable, format_region
 from fusee.emulator.memory import MemoryRegion, SharedSegment, new_rkey
 from fusee.config import ClusterConfig, ConfigError
+from fusee.errors import Fenced
 from fusee.fencing import key_of
 from fusee.memory_map import MemoryMap
 from fusee.rejoin import REJOIN
@@ -68,6 +69,9 @@ class MemoryNode:
         #: the clients whose requests are refused: the master ended their leases
         #: (``fusee.fencing``; a few dozen bytes per expired client)
         self.fenced: set[bytes] = set()
+        #: what else a fence must cut off before the node acks it: the client's RDMA queue
+        #: pairs (``fusee.emulator.rdma_nic``), whose verbs this node's CPU never sees
+        self.fence_hooks: list[Callable[[bytes], object]] = []
 
     def register_control(self, name: str, handler: Callable[[dict], object]) -> None:
         """Add a control request (e.g. RDMA queue-pair setup); handler(args) -> reply value."""
@@ -85,6 +89,8 @@ class MemoryNode:
         if type(key) is not bytes:
             raise TypeError("a fence key is bytes")
         self.fenced.add(key)
+        for hook in self.fence_hooks:
+            hook(key)
         log.info("memnode %d: fenced %r", self.id, key)
         return "fenced"
 
@@ -144,6 +150,8 @@ class MemoryNode:
             return wire.encode_reply(seq, [], [0, wire.ERR_CONTROL, f"unknown control {name!r}"])
         try:
             return wire.encode_reply(seq, [handler(args)])
+        except Fenced as e:
+            return wire.encode_reply(seq, [], [0, wire.ERR_FENCED, str(e)])
         except (ControlError, ValueError, TypeError, KeyError) as e:
             return wire.encode_reply(seq, [], [0, wire.ERR_CONTROL, f"{name}: {e}"])
 

@@ -2,20 +2,21 @@
 
 ``install(node)`` registers the very shared-memory segment the emulated NIC serves as a memory
 region with remote read, write and atomic access, and adds two control requests to the node's
-control channel: ``rdma_connect`` (a client sends its queue-pair info, the node creates a
-queue pair for it, brings it to RTS and answers with its own info plus the region's key, address
-and length) and ``rdma_disconnect``. After that the node's CPU does nothing for the client's
-verbs: the NIC executes them. A client that vanishes leaves its queue pair behind; past
-``max_qps`` the oldest is destroyed, which can only cut off a client that long went away.
+control channel: ``rdma_connect`` (a client sends its queue-pair info and its lease, the node
+creates a queue pair for it, brings it to RTS and answers with its own info plus the region's
+key, address and length) and ``rdma_disconnect``. After that the node's CPU does nothing for
+the client's verbs: the NIC executes them. A client that vanishes leaves its queue pair
+behind; past ``max_qps`` the oldest is destroyed, which can only cut off a client that long
+went away. The master's ``fence`` destroys every queue pair of the fenced client before the
+node acks it (``fusee.emulator.queue_pairs``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from typing import Any
 
 from fusee.emulator import _atomic
+from fusee.emulator.queue_pairs import QueuePairs, lease_of
 from fusee.emulator.rdma_device import (Device, RdmaUnavailable, access_flags, check_peer,
                                         connect_qp, create_qp, new_psn)
 from fusee.verbs import ControlError
@@ -29,7 +30,10 @@ _RESPONDER_DEPTH = 1
 class RdmaNic:
     """Registered region + queue pairs of one memory node."""
 
-    def __init__(self, buf, node_id: int, device: Device | None = None, max_qps: int = 1024):
+    def __init__(self, buf, node_id: int, fenced: set[bytes], device: Device | None = None,
+                 max_qps: int = 1024):
+        """``fenced``: the node's fenced clients (``MemoryNode.fenced``), refused a queue
+        pair."""
         self.node = node_id
         self.dev = device or Device.open()           # also makes pyverbs importable
         from pyverbs.cq import CQ
@@ -46,18 +50,15 @@ class RdmaNic:
             self.dev.close()
             raise RdmaUnavailable(f"cannot register the region ({e}): check the locked-memory "
                                   f"limit (ulimit -l) against the region size") from None
-        self.max_qps = min(max_qps, self.dev.attr.max_qp)
-        self.qps: OrderedDict[int, Any] = OrderedDict()     # pyverbs QPs, by number
+        self.qps = QueuePairs(node_id, fenced, min(max_qps, self.dev.attr.max_qp))
 
     def connect(self, args: dict) -> dict:
-        """Control request ``rdma_connect``: args = the client's queue-pair info, optionally
-        ``replaces`` = a queue pair number of ours it used before (destroyed first)."""
+        """Control request ``rdma_connect``: args = the client's queue-pair info, its
+        ``lease`` (``fusee.emulator.queue_pairs.lease_of``), optionally ``replaces`` = a queue
+        pair number of ours it used before (destroyed first)."""
         peer = check_peer(args)
-        old = args.get("replaces")
-        if old is not None:
-            self._destroy(old)
-        while len(self.qps) >= self.max_qps:
-            self._destroy(next(iter(self.qps)))
+        owner = lease_of(args, self.node)
+        self.qps.make_room(owner, args.get("replaces"))
         from pyverbs.pyverbs_error import PyverbsError
         psn = new_psn()
         try:
@@ -71,28 +72,21 @@ class RdmaNic:
             qp.close()
             raise ControlError(f"MN {self.node}: cannot connect to {peer['gid']}: {e}",
                                self.node) from e
-        self.qps[qp.qp_num] = qp
+        self.qps.add(qp.qp_num, owner, qp)
         return {**self.dev.info(), "qpn": qp.qp_num, "psn": psn, "rkey": self.mr.rkey,
                 "addr": self.mr.buf, "length": self.length, "node": self.node}
 
     def disconnect(self, args: dict) -> bool:
-        """Control request ``rdma_disconnect``: args = {"qpn": our queue pair number}."""
+        """Control request ``rdma_disconnect``: args = {"qpn": our queue pair number, "lease":
+        the client's}; a client closes only its own."""
         qpn = args.get("qpn")
         if type(qpn) is not int:
             raise ValueError("rdma_disconnect needs an integer qpn")
-        return self._destroy(qpn)
-
-    def _destroy(self, qpn) -> bool:
-        qp = self.qps.pop(qpn, None)
-        if qp is None:
-            return False
-        qp.close()
-        return True
+        return self.qps.drop(qpn, lease_of(args, self.node))
 
     def close(self) -> None:
         """Tear down in dependency order: queue pairs, region, CQ, PD, device."""
-        for qpn in list(self.qps):
-            self._destroy(qpn)
+        self.qps.close()
         self.mr.close()
         self.cq.close()
         self.pd.close()
@@ -101,9 +95,10 @@ class RdmaNic:
 
 def install(node) -> RdmaNic:
     """Serve ``node``'s region (an fusee.emulator.memnode.MemoryNode) over RDMA as well."""
-    nic = RdmaNic(node.segment.mmap, node.id)
+    nic = RdmaNic(node.segment.mmap, node.id, node.fenced)
     node.register_control("rdma_connect", nic.connect)
     node.register_control("rdma_disconnect", nic.disconnect)
+    node.fence_hooks.append(nic.qps.fence)
     close = node.close
 
     def close_both() -> None:        # deregister before the segment is unmapped

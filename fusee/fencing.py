@@ -13,24 +13,39 @@ refuses every later request from a fenced identity (``Fenced``). ZeroMQ hands th
 message with its sender's identity, so the check costs nothing until a client was fenced, and
 a request either ran before its MN acked the fence (so before the recovery began) or is refused.
 
-The verbs backend could do the same by moving the client's queue pairs to the error state (not
-built: the MN's NIC emulation would need the master's word). The shm backend cannot fence: the
-client maps the memory and executes verbs itself; it relies on the lease check before every
-batch, which leaves the window of one batch in flight (docs/design.md#fencing).
+On verbs the MN's CPU never sees a verb: its NIC executes them on the client's queue pairs. So a
+client's ``rdma_connect`` says which lease it holds (its fence key), the MN files the queue pair
+under it, and on the master's ``fence`` it destroys every queue pair of that key before it acks
+and refuses the key a new one (``fusee.emulator.queue_pairs``): the client's verbs then fail at
+its own NIC, and its control channel carries the same identity as on zmq. The shm backend
+cannot fence: the client maps the memory and executes verbs itself; it relies on the lease
+check before every batch, which leaves the window of one batch in flight
+(docs/design.md#fencing).
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 
 #: the bytes of an identity after its key: distinct sockets of one client (a ROUTER refuses a
 #: second peer with an identity it already has)
 _NONCE = 4
+_KEY = re.compile(rb"fusee-client (0|[1-9][0-9]{0,18}) (0|[1-9][0-9]{0,18})\.")
 
 
 def fence_key(client_id: int, token: int) -> bytes:
     """What an MN records to fence client ``client_id`` holding the lease ``token``."""
     return b"fusee-client %d %d." % (client_id, token)
+
+
+def holder_of(key: object) -> tuple[int, int] | None:
+    """The (client id, lease token) a fence key names; None if ``key`` is not one (it
+    crossed a network: an MN checks it before it files a queue pair under it)."""
+    if type(key) is not bytes:
+        return None
+    match = _KEY.fullmatch(key)
+    return None if match is None else (int(match[1]), int(match[2]))
 
 
 def identity(client_id: int, token: int) -> bytes:

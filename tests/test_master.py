@@ -257,6 +257,27 @@ def test_restart_from_state_carries_on():
     assert r.tick(50.0 + MN_L + 0.01)[0].kind == "mn-dead"      # MNs need pings again
 
 
+def test_a_restarted_master_knows_the_token_of_each_expired_client_it_inherits():
+    """The worker fences an expired client at the MNs before recovering it: a master that
+    restarts between the expiry and the recovery must know the client's token to do it."""
+    m = master(pinged_until=100.0)
+    m.grant(3, 1003, now=0.0)
+    m.grant(4, 1004, now=0.0)
+    m.grant(5, 1005, now=0.0)
+    m.release(4, 1004)
+    m.tick(L + GRACE + 1)                       # 3 and 5 expire; 4 closed cleanly
+    state = json.loads(json.dumps(m.state()))
+    r = Master.restore(state, range(3), L, MN_L, GRACE, now=50.0, replicas=3)
+    assert {c: (j.reason, j.token) for c, j in r.repairs.items()} == {
+        3: ("expired", 1003), 4: ("released", None), 5: ("expired", 1005)}
+    assert r.unfenced() == [] and r.state() == m.state()
+    # a state saved before the tokens were kept: restored, and its expired clients are named
+    del state["repair_tokens"]
+    old = Master.restore(state, range(3), L, MN_L, GRACE, now=50.0, replicas=3)
+    assert [old.repairs[c].token for c in (3, 4, 5)] == [None] * 3
+    assert old.unfenced() == [3, 5]
+
+
 @pytest.mark.parametrize("bad", [
     {"version": 1},
     {"memnodes": [0, 1]},
@@ -269,6 +290,10 @@ def test_restart_from_state_carries_on():
     {"failing": [1, 1]},
     {"next_id": "x"},
     {"clients": {"x": 1}},
+    {"repair_tokens": {"2": 7}},                # no repair of client 2
+    {"repair_tokens": {"2": 7}, "repairs": {"2": "released"}},
+    {"repair_tokens": {"2": "7"}, "repairs": {"2": "expired"}},
+    {"repair_tokens": [[2, 7]], "repairs": {"2": "expired"}},
 ])
 def test_restore_refuses_a_state_that_does_not_fit(bad):
     state = {**master().state(), **bad}

@@ -331,3 +331,42 @@ def test_fusee_short_ycsb_run(cluster):
             kv.update(key, model[key])
     assert all(kv.get(k) == v for k, v in model.items())
 
+
+
+# -- fencing (the device-independent part: tests/test_fencing.py) ------------------------------
+
+@pytest.mark.rdma
+def test_a_client_the_master_expired_is_cut_off_at_every_memory_node_s_nic():
+    """The verbs version of tests/test_stall_processes.py's zmq test: the client stops
+    renewing its lease (as one SIGSTOPped past it would); the master expires it, fences it at
+    the MNs and recovers its id. The MNs' CPUs never see its verbs, so the fence destroys its
+    queue pairs: a batch that had passed the lease check (posted straight to its transport
+    here) fails at its own NIC and writes nothing, and it gets no new queue pair. Generous
+    timeouts: the master's first registration connects its own queue pairs, slow in the VM."""
+    from fusee.memory_map import MemoryMap
+    from fusee.errors import Fenced, TransportError
+    from test_stall_processes import expired_client
+    with LocalCluster(memnodes=3, transport="verbs", replication=3, master=True,
+                      layout=VERBS_LAYOUT, start_timeout=180, client_lease=4.0,
+                      mn_lease=30.0, timeout=10.0) as c:
+        scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
+        kv = expired_client(c, timeout=120)
+        try:
+            stale = [Write(n, scratch, b"stale!!!") for n in range(3)]
+            with pytest.raises(TransportError) as failed:
+                kv.transport.execute(stale)
+            assert all(isinstance(r, TransportError) for r in failed.value.results), \
+                failed.value.results
+            with pytest.raises(Fenced):             # reconnecting is refused
+                kv.transport.execute([Read(0, scratch, 8)])
+        finally:
+            kv.closed = True
+            kv.transport.close()
+        t = c.transport()
+        try:
+            assert b"stale!!!" not in t.execute([Read(n, scratch, 8) for n in range(3)])
+        finally:
+            t.close()
+        with c.client() as other:
+            assert other.get(b"k") == b"v"
+            other.put(b"k", b"w")

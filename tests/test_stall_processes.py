@@ -23,6 +23,7 @@ import pytest
 from storekit import SMALL
 from test_failover_processes import LEASES, _wait
 
+from fusee.client import Client
 from fusee.emulator.cluster import LocalCluster
 from fusee.config import LayoutConfig
 from fusee.errors import Fenced, NodeTimeout
@@ -84,6 +85,24 @@ def test_a_client_rides_through_a_memory_node_stalled_less_than_its_lease():
         assert c.master_status()["dead"] == []
 
 
+def expired_client(c: LocalCluster, timeout: float = 60.0) -> Client:
+    """A client of ``c`` that wrote k = v and stopped renewing its lease (as one SIGSTOPped
+    past it would), once the master has expired it, fenced it and recovered its id."""
+    kv = c.client()
+    try:
+        kv.put(b"k", b"v")
+        cid = str(kv.client_id)
+        kv.lease.close(release=False)
+        _wait(lambda: cid not in (s := c.master_status())["clients"]
+              and cid not in s["repairs"], "the master to expire and recover the client",
+              timeout)
+    except BaseException:
+        kv.closed = True
+        kv.transport.close()
+        raise
+    return kv
+
+
 def test_a_client_the_master_expired_is_fenced_by_every_memory_node():
     """The client stops renewing its lease (as one SIGSTOPped past it would); the master
     expires it, fences it at the MNs and recovers its id. A batch that had passed the lease
@@ -92,13 +111,8 @@ def test_a_client_the_master_expired_is_fenced_by_every_memory_node():
     with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
                       layout=LayoutConfig(**SMALL), **LEASES) as c:
         scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
-        kv = c.client()
+        kv = expired_client(c)
         try:
-            kv.put(b"k", b"v")
-            cid = str(kv.client_id)
-            kv.lease.close(release=False)
-            _wait(lambda: cid not in (s := c.master_status())["clients"]
-                  and cid not in s["repairs"], "the master to expire and recover the client")
             stale = [Write(n, scratch, b"stale!!!") for n in range(3)]
             with pytest.raises(Fenced) as refused:
                 kv.transport.execute(stale)
@@ -112,3 +126,39 @@ def test_a_client_the_master_expired_is_fenced_by_every_memory_node():
         with c.client() as other:
             assert other.get(b"k") == b"v"
             other.put(b"k", b"w")
+
+
+def test_a_restarted_master_fences_the_expired_client_it_inherits():
+    """The master expires a client and dies before it has fenced it everywhere (MN 2 was
+    stalled: the fence there timed out, the repair waits to be retried); a new master starts
+    from the stored state. It must fence that client at every MN before recovering its id,
+    so the batch the client had passed its lease check with is refused at MN 2 too. MN 2's
+    lease is long: the stall is a fence that failed, not a failover."""
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), client_lease=1.0, mn_lease=120.0,
+                      timeout=1.0) as c:
+        scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
+        kv = c.client()
+        try:
+            kv.put(b"k", b"v")
+            cid = str(kv.client_id)
+            with _stopped(c.procs[2].pid):
+                kv.lease.close(release=False)
+                _wait(lambda: (c.master_status()["repairs"].get(cid) or {}).get("attempts"),
+                      "the master to expire the client and fail to fence it at MN 2")
+                c.stop_master(kill=True)
+            c.start_master()
+            _wait(lambda: int(cid) in c.master_status()["free_ids"],
+                  "the restarted master to recover the client")
+            stale = [Write(n, scratch, b"stale!!!") for n in range(3)]
+            with pytest.raises(Fenced) as refused:
+                kv.transport.execute(stale)
+            assert all(isinstance(r, Fenced) for r in refused.value.results), \
+                refused.value.results
+        finally:
+            kv.closed = True
+            kv.transport.close()
+        with ZmqTransport(c.config) as t:
+            assert b"stale!!!" not in t.execute([Read(n, scratch, 8) for n in range(3)])
+        with c.client() as other:
+            assert other.get(b"k") == b"v"

@@ -25,7 +25,7 @@ def connect(config: ClusterConfig, backend: str | None = None, dead=(),
     requests to them fail at once with NodeTimeout. The shm and zmq backends also connect when
     some other MN does not answer (it is then treated the same way); the others take no
     ``dead`` and need every MN. ``identity``: a leased client's (``fusee.fencing``), for the
-    backends the MNs can fence (zmq); the others have no use for it."""
+    backends the MNs can fence (zmq, verbs); the others have no use for it."""
     name = backend or config.transport
     try:
         module, cls = BACKENDS[name].split(":")

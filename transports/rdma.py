@@ -24,6 +24,12 @@ The queue pair is then in the error state: the transport destroys it and, on the
 for that MN, connects a fresh one through the control channel (telling the MN which old one to
 drop). If the MN does not answer that, its requests fail with NodeTimeout.
 
+Fencing (``fusee.fencing``): a leased client's control channel carries its routing identity,
+and every ``rdma_connect`` its lease, under which the MN files the queue pair; the master's
+``fence`` makes the MN destroy them all and refuse that lease a new one. A batch posted after
+that fails here (no responder: retries exceeded, or no completion in time), and the
+reconnect after it with Fenced.
+
 Control requests (AllocBlock, FreeBlock) go through the MN's control channel as with the zmq
 backend, in parallel with the RDMA chains; they are not ordered with respect to the verbs of the
 same batch (no core operation mixes them).
@@ -46,6 +52,7 @@ from fusee.emulator import _atomic, wire
 from fusee.emulator.rdma_device import (Device, RdmaUnavailable, check_peer, connect_qp, create_qp,
                                   load_pyverbs, new_psn)
 from fusee.config import ClusterConfig
+from fusee.fencing import key_of
 from fusee.memory_map import HEADER_MAGIC
 from fusee.verbs import (AllocBlock, Cas, ControlError, Faa, FreeBlock, MASK64, NodeTimeout, Read,
                          RemoteAccessError, Request, TransportError, Write, validate)
@@ -120,8 +127,11 @@ class VerbsTransport(Transport):
     def __init__(self, config: ClusterConfig, timeout: float | None = None,
                  device: str | None = None, port: int | None = None,
                  gid_index: int | None = None, atomic_order: str | None = None,
-                 send_depth: int = SEND_DEPTH):
+                 send_depth: int = SEND_DEPTH, identity: bytes | None = None):
+        """``identity``: a leased client's (``fusee.fencing.identity``), by which the MNs
+        cut it off once the master fences it; None: a client that holds no lease."""
         super().__init__(config, timeout)
+        self.lease = None if identity is None else key_of(identity)
         self.atomic_order = atomic_order or os.environ.get("FUSEE_RDMA_ATOMIC_ORDER") or "auto"
         if self.atomic_order not in ("auto", "little", "big"):
             raise ValueError(f"atomic_order must be auto, little or big, not {self.atomic_order!r}")
@@ -147,7 +157,7 @@ class VerbsTransport(Transport):
             self.cq = CQ(self.dev.ctx, cqe, None, None, 0)
             self.staging = _Staging(self.pd, e.IBV_ACCESS_LOCAL_WRITE)
             self.staging.reserve(STAGING_MIN)
-            self.channels = Channels(config)
+            self.channels = Channels(config, identity)
             for m in config.memnodes:
                 info = self.channels.call(m.id, "info", self.timeout)
                 self.control_rkeys[m.id] = info["rkey"]
@@ -164,7 +174,7 @@ class VerbsTransport(Transport):
         assert self.dev is not None, "connecting on a closed transport"
         qp = create_qp(self.dev, self.pd, self.cq, self.depth)
         psn = new_psn()
-        args = {**self.dev.info(), "qpn": qp.qp_num, "psn": psn}
+        args = {**self.dev.info(), "qpn": qp.qp_num, "psn": psn, "lease": self.lease}
         if node in self.retired:
             args["replaces"] = self.retired[node]
         try:
@@ -431,7 +441,8 @@ class VerbsTransport(Transport):
         live = {n: link for n, link in self.links.items() if link is not None}
         if ch is not None and live:
             seq = ch.next_seq()
-            ch.exchange({n: wire.encode_control(seq, "rdma_disconnect", {"qpn": link.mn_qpn})
+            ch.exchange({n: wire.encode_control(seq, "rdma_disconnect",
+                                                {"qpn": link.mn_qpn, "lease": self.lease})
                          for n, link in live.items()}, seq, min(self.timeout, 1.0))
         for node in list(self.links):
             self._retire(node)

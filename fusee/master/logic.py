@@ -36,7 +36,8 @@ The same seeding takes in what the MNs say of the ids (``seed_ids``), so that th
 the ids' STATE words agree even on a cluster used before the master (or its state) existed.
 
 The persistent state (``state()``) is small: the membership, the MNs awaiting failover, ids in
-use with their tokens, pending repairs, recycled ids and the id counter. Lease deadlines and
+use with their tokens, pending repairs (an expired client's with its token, which a restarted
+master needs to fence it: ``fusee.fencing``), recycled ids and the id counter. Lease deadlines and
 pause acks are not persisted (monotonic time, and clients re-ack with every renewal): a
 restarted master (or a standby taking over, ``fusee.master.election``) gives every known
 client a full lease again (``lease_afresh``), which is never shorter than what the client
@@ -119,7 +120,8 @@ class _Job:
     running: bool = False
     nodes: tuple[int, ...] = ()     # a failover's MNs, while it runs
     #: an expired client's lease token, which the live MNs fence before its recovery
-    #: (``fusee.fencing``); None after a restart (not kept in the state) or for a release
+    #: (``fusee.fencing``); None for a release, an id found in use, or an expired client
+    #: inherited from a state saved before tokens were kept (``unfenced``)
     token: int | None = None
 
     def failed(self, now: float, error: str) -> None:
@@ -490,6 +492,9 @@ class Master:
                 "failing": list(self.failing),
                 "clients": {str(c): lease.token for c, lease in sorted(self.clients.items())},
                 "repairs": {str(c): r.reason for c, r in sorted(self.repairs.items())},
+                # a key of its own, so that the repairs keep the shape an older master reads
+                "repair_tokens": {str(c): r.token for c, r in sorted(self.repairs.items())
+                                  if r.token is not None},
                 "free_ids": list(self.free_ids), "next_id": self.next_id,
                 "closing": self.closing}
 
@@ -512,6 +517,7 @@ class Master:
             failing = [int(m) for m in state["failing"]]
             clients = {int(c): int(t) for c, t in state["clients"].items()}
             repairs = {int(c): str(reason) for c, reason in state["repairs"].items()}
+            tokens = _repair_tokens(state.get("repair_tokens", {}), repairs)
             free = sorted(int(c) for c in state["free_ids"])
             next_id = None if state["next_id"] is None else int(state["next_id"])
             replicas = int(state["replicas"])
@@ -532,8 +538,15 @@ class Master:
                 closing=closing)
         m.clients = {c: _Lease(t, 0.0) for c, t in clients.items()}
         m.lease_afresh(now)
-        m.repairs = {c: _Job(reason) for c, reason in repairs.items()}
+        m.repairs = {c: _Job(reason, token=tokens.get(c)) for c, reason in repairs.items()}
         return m
+
+    def unfenced(self) -> list[int]:
+        """The expired clients awaiting recovery whose lease token this master does not know
+        (inherited from a state saved before tokens were kept): recovered without fencing,
+        so a batch such a client still had on its way may land (``fusee.fencing``)."""
+        return sorted(c for c, r in self.repairs.items()
+                      if r.reason == "expired" and r.token is None)
 
     def lease_afresh(self, now: float) -> None:
         """Give every leased client a full lease from ``now``: after a restart, a takeover or
@@ -548,3 +561,22 @@ class Master:
         the heartbeats it did not send say nothing of the MNs' health."""
         for node, deadline in self.mn_deadline.items():
             self.mn_deadline[node] = max(deadline, now + self.mn_lease)
+
+
+def _repair_tokens(saved: object, repairs: dict[int, str]) -> dict[int, int]:
+    """The lease tokens of the expired clients awaiting recovery, as ``state()`` saved them
+    (a state saved before they were kept has none: its repairs are ``unfenced``). Each must
+    belong to an expired client's repair; one that does not says the state is not what it
+    claims to be."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"repair_tokens is {saved!r}, not a mapping")
+    tokens = {}
+    for c, t in saved.items():
+        cid = int(c)
+        if repairs.get(cid) != "expired":
+            raise ValueError(f"repair_tokens names client {cid}, which awaits no recovery "
+                             "after an expired lease")
+        if type(t) is not int or t < 0:
+            raise ValueError(f"the lease token of client {cid} is {t!r}")
+        tokens[cid] = t
+    return tokens

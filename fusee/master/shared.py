@@ -101,6 +101,11 @@ class SharedState:
             self.log(f"master: carried on from the stored state: epoch {self.master.epoch}, "
                      f"{len(self.master.clients)} clients, {len(self.master.repairs)} repairs, "
                      f"{len(self.master.failing)} failovers pending", flush=True)
+            unfenced = self.master.unfenced()
+            if unfenced:
+                self.log(f"master: the stored state predates lease tokens: expired clients "
+                         f"{unfenced} are recovered without fencing (a batch they still had "
+                         f"on its way may land)", file=sys.stderr, flush=True)
         self.store.claim({**identity(self.config), **self.master.state()})
         # every lease counts from ``now``: a process that does not run from here to its first
         # tick (a loaded host, at start-up or at a take-over) has stalled as after any tick
