@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from fusee.emulator.testkit.history import History, Op
+from fusee.emulator.testkit.trace import ClientCrashed, Event, VerbDone
 from fusee.config import LayoutConfig
 from fusee.driver import Operation, run
 from fusee.failover import failover
@@ -143,6 +144,7 @@ class Simulator:
         self.stickiness = self.rng.random() * 0.9 if stickiness is None else stickiness
         self.lockstep = lockstep
         self.history = History()
+        self.trace: list[Event] = []    # every verb and client crash, for windows (trace.py)
         self.clients: dict[str, SimClient] = {}
         self.step = 0
         self.faults: list[tuple[int, str]] = []       # (step, what) for every fault that fired
@@ -192,6 +194,7 @@ class Simulator:
         if not c.runnable:
             return
         c.crashed = True
+        self.trace.append(ClientCrashed(self.step, name, c.op, self.membership))
         if c.op is not None:
             self.history.crash(c.op)
             if c.gen is not None:
@@ -419,6 +422,9 @@ class Simulator:
             c.results[i] = result = self._execute(c.batch[i])
             if isinstance(result, TransportError):
                 c.failed[node] = result
+            assert c.op is not None, "a verb executes for an operation in flight"
+            self.trace.append(VerbDone(self.step, c.name, c.op, self.membership, c.batch[i],
+                                       result, node in self.slow))
         c.op.verbs += 1
 
     def _resume(self, c: SimClient, how, arg) -> None:
