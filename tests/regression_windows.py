@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from test_rebuild import LatePauseCrash
 from test_rebuild import _check as check_rebuild
 from test_rebuild_soak import CycleRun, SlowCycleRun
 
@@ -167,6 +168,20 @@ def ROUND_OPENED_WITHOUT_A_BACKUP(t: Trace) -> Iterator[str]:
                        "its primary, died before the write ended")
 
 
+@window("a live client's write had a round open (a backup CAS that took, no primary CAS yet) "
+        "when an MN crashed in a rebuild's pause (which closes the open rounds first), and "
+        "went on after it")
+def PAUSE_CLOSED_AN_OPEN_ROUND(t: Trace) -> Iterator[str]:
+    closed = [step for step, what in t.sim.faults if "crashed in a rebuild's pause" in what]
+    for o in _writes(t, crashed=False):
+        for epoch, slot, backups, primaries in _rounds(o):
+            for at in closed:
+                opened = [c for c in backups if c.took and c.step <= at]
+                if opened and not any(p.step <= at for p in primaries) and _later(o, at):
+                    yield (f"{o.op}: its round on {slot} (epoch {epoch}) was open when an "
+                           f"MN crashed in a rebuild's pause (step {at})")
+
+
 # -- the regressions -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -178,11 +193,11 @@ class Regression:
     window: Window
     cls: type
     cases: tuple[tuple[int, int, int, bool], ...]
-    splits: bool = False
+    options: tuple[str, ...] = ()       # the run's flags: splits, in_pause...
 
     def run(self, seed: int, nodes: int, r: int, crash: bool) -> Any:
         """The checked run (raises AssertionError on a bug)."""
-        kw: dict[str, Any] = dict(splits=True) if self.splits else {}
+        kw = dict.fromkeys(self.options, True)
         return check_rebuild(seed, cls=self.cls, nodes=nodes, r=r, crash_client=crash, **kw)
 
     def probe(self, seed: int, nodes: int, r: int, crash: bool
@@ -198,7 +213,7 @@ class Regression:
         failure = None
         try:
             Regression(self.name, self.window, Kept, self.cases,
-                       self.splits).run(seed, nodes, r, crash)
+                       self.options).run(seed, nodes, r, crash)
         except (AssertionError, SimulationError) as e:
             failure = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return self.window.witness(runs[-1].sim), failure
@@ -222,7 +237,7 @@ REGRESSIONS: dict[str, Regression] = {r.name: r for r in [
     Regression("crashed-commit-rebuilt", CRASHED_COMMIT_REPLICA_REBUILT, SlowCycleRun,
                ((814, 4, 2, True), (1261, 6, 2, True), (1627, 6, 2, True))),
     Regression("crashed-commit-rebuilt-splits", CRASHED_COMMIT_REPLICA_REBUILT, SlowCycleRun,
-               ((267, 4, 2, True),), splits=True),
+               ((267, 4, 2, True),), ("splits",)),
     Regression("crashed-commit-rebuilt-no-slow", CRASHED_COMMIT_REPLICA_REBUILT, CycleRun,
                ((169, 6, 2, True),)),
     Regression("late-backup-primary-died", LATE_BACKUP_CAS_PRIMARY_DIED, SlowCycleRun,
@@ -230,6 +245,8 @@ REGRESSIONS: dict[str, Regression] = {r.name: r for r in [
                 (255, 3, 2, False))),
     Regression("round-without-backup", ROUND_OPENED_WITHOUT_A_BACKUP, CycleRun,
                ((101, 3, 2, False),)),
+    Regression("pause-closed-rounds", PAUSE_CLOSED_AN_OPEN_ROUND, LatePauseCrash,
+               ((27, 3, 3, True),), ("in_pause",)),
 ]}
 
 

@@ -179,6 +179,9 @@ def test_a_pause_that_fails_after_closing_the_rounds():
     first, *_, last = [outcome for _, outcome in r.sim.rebuilds]
     assert isinstance(first, NodeTimeout) and isinstance(last, Membership), r.sim.faults
     assert any("failed after closing rounds" in what for _, what in r.sim.faults), r.sim.faults
+    from regression_windows import REGRESSIONS
+    REGRESSIONS["pause-closed-rounds"].window.require(
+        r.sim, "python3 tests/find_seeds.py pause-closed-rounds")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3,
