@@ -24,6 +24,23 @@ from fusee.verbs import AwaitMembership, Cas
 KEY = b"k0"
 
 
+def _up_to_the_primary_cas(cfg, write):
+    """Clients A and B open on a fresh cluster; A's ``write(A)`` (an operation on KEY) is
+    driven up to its batch that holds the CAS on KEY's primary, not posted. Returns (memory,
+    transport, A, B, the operation, that batch)."""
+    mem = LocalMemory(cfg)
+    t = LocalTransport(cfg, memory=mem)
+    a, b = ClientCore(cfg, 0), ClientCore(cfg, 1)
+    run(a.open(), t)
+    run(b.open(), t)
+    primary = a.dir.nodes(a.dir.lookup(key_hash(KEY))[0])[0]
+    op = write(a)
+    batch = next(op)
+    while not any(isinstance(c, Cas) and c.node == primary for c in batch):
+        batch = op.send(t.execute(batch))
+    return mem, t, a, b, op, batch
+
+
 def test_a_won_round_judged_after_its_primary_was_rebuilt():
     """Seed 526 of the rebuild cycles (3 MNs r = 3): A's put of an absent key wins its slot
     on both backups and commits; its primary dies before the primary CAS goes out. The
@@ -33,17 +50,8 @@ def test_a_won_round_judged_after_its_primary_was_rebuilt():
     A inserted again and updated the key back, its one put taking effect twice around B's
     update). It goes by its own WIN, which the failover kept: B's value stays."""
     cfg = _config(3, 3)
-    mem = LocalMemory(cfg)
-    t = LocalTransport(cfg, memory=mem)
-    a, b = ClientCore(cfg, 0), ClientCore(cfg, 1)
-    run(a.open(), t)
-    run(b.open(), t)
-    sid, _ = a.dir.lookup(key_hash(KEY))
-    primary = a.dir.nodes(sid)[0]
-    op = a.put(KEY, b"A's")
-    batch = next(op)
-    while not any(isinstance(c, Cas) and c.node == primary for c in batch):
-        batch = op.send(t.execute(batch))       # up to the primary CAS, not posted
+    mem, t, a, b, op, batch = _up_to_the_primary_cas(cfg, lambda a: a.put(KEY, b"A's"))
+    primary = a.dir.nodes(a.dir.lookup(key_hash(KEY))[0])[0]
     mem.crash(primary)
     m1 = run(failover(cfg, Membership(), primary), t)
     b.place(m1)
@@ -60,4 +68,33 @@ def test_a_won_round_judged_after_its_primary_was_rebuilt():
     run(reader.open(), t)
     assert run(reader.search(KEY), t) == b"B's"
     report = run(audit(cfg, [a, b, reader], m2), t)
+    assert report.ok, report.explain()
+
+
+def test_a_won_round_whose_unanswered_primary_cas_a_later_write_replaced():
+    """Seeds 916 and 1860 of the slow-MN rebuild cycles (as 1860 runs on 00645c3^): A's
+    insert wins its slot on the backup, commits, and CASes the primary, which is slow: the
+    CAS takes effect, its reply comes too late. The backup dies; in the next epoch C puts the
+    key over A's value (acknowledged) before A learns that its batch failed. A's fate reads
+    the primary: neither the old value nor A's, a third value that only a round after A's
+    could have put there. A must take WIN (it used to take LOSE and insert the key again
+    with its object, which C's put had already given back)."""
+    cfg = _config(3, 2)
+    mem, t, a, c, op, batch = _up_to_the_primary_cas(cfg, lambda a: a.insert(KEY, b"A's"))
+    primary, backup = a.dir.nodes(a.dir.lookup(key_hash(KEY))[0])
+    t.execute(batch)                            # took effect; its reply comes too late
+    mem.crash(backup)
+    m1 = run(failover(cfg, Membership(), backup), t)
+    c.place(m1)
+    run(c.put(KEY, b"C's"), t)                  # acknowledged
+    batch = op.throw(NodeTimeout(f"MN {primary} did not answer", primary))
+    if batch and type(batch[0]) is not AwaitMembership:
+        batch = op.throw(EpochChanged(m1))
+    assert _drive(op, batch, t, m1) is None
+    for core in (a, c):
+        run(core.close(), t)
+    reader = ClientCore(cfg, 7, membership=m1)
+    run(reader.open(), t)
+    assert run(reader.search(KEY), t) == b"C's"
+    report = run(audit(cfg, [a, c, reader], m1), t)
     assert report.ok, report.explain()
