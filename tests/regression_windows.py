@@ -182,6 +182,19 @@ def PAUSE_CLOSED_AN_OPEN_ROUND(t: Trace) -> Iterator[str]:
                            f"MN crashed in a rebuild's pause (step {at})")
 
 
+@window("a live client's write went on from epoch e into e+1, which a rebuild published, and "
+        "met a dead MN there (a verb that failed: the next epoch's end came while it settled)")
+def SETTLING_ACROSS_TWO_EPOCH_ENDS(t: Trace) -> Iterator[str]:
+    for o in _writes(t, crashed=False):
+        for v in o.verbs:
+            e = v.membership.epoch
+            if isinstance(v.result, Exception) and e - 1 in o.epochs and \
+                    any(t.rebuilt_between(n, e - 1, e) for n in range(t.n)):
+                yield (f"{o.op}: from epoch {e - 1} into {e} (a rebuild's), where a verb "
+                       f"failed on MN {v.req.node}")
+                break
+
+
 # -- the regressions -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -245,6 +258,8 @@ REGRESSIONS: dict[str, Regression] = {r.name: r for r in [
                 (255, 3, 2, False))),
     Regression("round-without-backup", ROUND_OPENED_WITHOUT_A_BACKUP, CycleRun,
                ((101, 3, 2, False),)),
+    Regression("settling-across-two-epoch-ends", SETTLING_ACROSS_TWO_EPOCH_ENDS, CycleRun,
+               ((102, 3, 2, False), (111, 4, 2, True))),     # not 110: see test_rebuild
     Regression("pause-closed-rounds", PAUSE_CLOSED_AN_OPEN_ROUND, LatePauseCrash,
                ((27, 3, 3, True),), ("in_pause",)),
 ]}
