@@ -4,6 +4,7 @@ in the store's terms (a slot's primary and backups, a commit record) as a window
 
 from __future__ import annotations
 
+import find_seeds
 import pytest
 from regression_windows import CRASHED_COMMIT_REPLICA_REBUILT, REGRESSIONS, Regression
 from test_failover import _config
@@ -51,3 +52,14 @@ def test_the_trace_reads_an_update_in_the_stores_terms():
     assert primary.replicas[0] == primary.node and primary.step > max(c.step for c in backups)
     assert update.commits == (0,) and not update.crashed and update.epochs == (0,)
     assert len({c.slot for c in update.cases}) == 1
+
+
+def test_find_seeds_prints_the_seeds_that_reach_a_window(capsys):
+    assert find_seeds.main(["round-without-backup", "--start", "101", "--count", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("(101, 3, 2, False) reaches it: ") and "no backup" in out
+
+
+def test_find_seeds_says_what_to_do_with_a_name_it_does_not_know(capsys):
+    assert find_seeds.main(["no-such-regression"]) == 2
+    assert capsys.readouterr().err == "no regression 'no-such-regression': --list names them\n"
