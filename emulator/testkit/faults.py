@@ -27,8 +27,8 @@ deterministically:
   fails with NodeTimeout for its requests there, although they took effect. With
   ``late_replies=False`` every such batch fails at once (a backend that cannot await a late
   reply: the worst case for what an operation sends again).
-- ``rebuild(node)``: MN ``node`` (crashed, failed over) restarts empty and the master's
-- ``crash_in_pause(node, after)``: MN ``node`` crashes in the next rebuild's pause, once
+- ``crash_in_pause(node, after)``: MN ``node`` crashes in the next rebuild's pause (a
+  rebuild is ``fusee.emulator.testkit.simulator``'s), once
   ``after`` of the pause's verbs have executed (``CrashingTransport``).
 """
 
@@ -38,6 +38,7 @@ import random
 from collections.abc import Callable, Sequence
 
 from fusee.emulator.testkit.scheduler import Scheduler, SimClient, SimulationError
+from fusee.emulator.testkit.trace import ClientCrashed
 from fusee.verbs import Request, TransportError
 from fusee.transports.base import raise_for_failures
 from fusee.transports.local import LocalMemory, LocalTransport
@@ -72,6 +73,7 @@ class Faults(Scheduler):
         if not c.runnable:
             return
         c.crashed = True
+        self.trace.append(ClientCrashed(self.step, name, c.op, self.membership))
         if c.op is not None:
             self.history.crash(c.op)
             if c.gen is not None:

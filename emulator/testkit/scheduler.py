@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Iterator
 
 from fusee.emulator.testkit.history import History, Op
+from fusee.emulator.testkit.trace import Event, VerbDone
 from fusee.driver import Operation
 from fusee.membership import Membership
 from fusee.verbs import (AllocBlock, AwaitMembership, Backoff, EpochChanged, FreeBlock,
@@ -103,6 +104,7 @@ class Scheduler:
         self.stickiness = self.rng.random() * 0.9 if stickiness is None else stickiness
         self.lockstep = lockstep
         self.history = History()
+        self.trace: list[Event] = []    # every verb and client crash, for windows (trace.py)
         self.clients: dict[str, SimClient] = {}
         self.step = 0
         self._timers: dict[int, list[Callable[[Scheduler], None]]] = {}
@@ -264,6 +266,9 @@ class Scheduler:
             c.results[i] = result = self._execute(c.batch[i])
             if isinstance(result, TransportError):
                 c.failed[node] = result
+            assert c.op is not None, "a verb executes for an operation in flight"
+            self.trace.append(VerbDone(self.step, c.name, c.op, self.membership, c.batch[i],
+                                       result, node in self.slow))
         c.op.verbs += 1
 
     def _resume(self, c: SimClient, how, arg) -> None:
