@@ -254,7 +254,7 @@ REGRESSIONS: dict[str, Regression] = {r.name: r for r in [
     Regression("crashed-commit-rebuilt-no-slow", CRASHED_COMMIT_REPLICA_REBUILT, CycleRun,
                ((169, 6, 2, True),)),
     Regression("late-backup-primary-died", LATE_BACKUP_CAS_PRIMARY_DIED, SlowCycleRun,
-               ((169, 3, 2, False), (207, 5, 2, False), (215, 4, 3, False), (226, 5, 2, True),
+               ((169, 3, 2, False), (207, 5, 2, False), (23, 4, 3, False), (226, 5, 2, True),
                 (255, 3, 2, False))),
     Regression("round-without-backup", ROUND_OPENED_WITHOUT_A_BACKUP, CycleRun,
                ((101, 3, 2, False),)),

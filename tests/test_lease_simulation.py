@@ -122,15 +122,13 @@ def test_leases_soak(seed):
     _check(seed)
 
 
-@pytest.mark.xfail(strict=True, reason="open: a recovered update's free never delivered "
-                   "(probably seed 1064's kind in test_rebuild_cycles)")
 def test_a_recovered_update_owes_the_free_of_the_object_it_replaced():
-    """Seed 1890 (found by a sweep of seeds 600-2000; fails on 587e539 too): MN 1 died and
-    was failed over while the master was restarted and clients stalled; c1, past its lease,
-    crashed during an UPDATE of k0 that took effect (c0 later replaced its value) and whose
-    free of the object it replaced (c2's, committed for k0) was deferred to its next batch.
-    The master's recovery of c1 found the update "had taken effect" and delivered no free:
-    c2's object is held and named by no slot (a leak, not a lost write: the history is
-    linearizable). Seed 1064 of the rebuild cycles has the same outcome (a recovery that
-    found a replacing operation had taken effect and delivered 0 frees)."""
+    """Seed 1890 (found by a sweep of seeds 600-2000): MN 1 died and was failed over while
+    the master was restarted and clients stalled; c1, past its lease, crashed during an
+    UPDATE of k0 that took effect (c0 later replaced its value) and whose free of the object
+    it replaced (c2's, committed for k0) was deferred to its next batch. The master's
+    recovery of c1 found the update "had taken effect" and delivered no free: c2's object was
+    held and named by no slot (a leak). Seed 1064 of the rebuild cycles had the same outcome;
+    the recovery of an operation whose proposal a failover kept fixed both (it fails without
+    that fix)."""
     _check(1890)
