@@ -24,6 +24,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from fusee.emulator.serving import stop_processes
@@ -31,6 +32,8 @@ from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig, SecurityCon
 from fusee.transports.security import init_keys, init_master_key
 
 if TYPE_CHECKING:
+    from fusee.audit import AuditReport
+    from fusee.operations import ClientCore
     from fusee.transports.local import LocalMemory
 
 MiB = 1 << 20
@@ -42,6 +45,11 @@ DEFAULT_LAYOUT = LayoutConfig(region_size=128 * MiB, block_size=2 * MiB, max_cli
 
 class ClusterStartError(RuntimeError):
     """A memory node did not come up; the message carries its own error output."""
+
+
+class ForeignMemoryNode(RuntimeError):
+    """A transport reached, at one of this cluster's endpoints, an MN this cluster did not
+    start."""
 
 
 class LocalCluster:
@@ -260,12 +268,56 @@ class LocalCluster:
 
     # -- clients -----------------------------------------------------------------------------
     def transport(self, backend: str | None = None, **kwargs):
-        """A transport connected to every MN (default: the cluster's backend)."""
+        """A transport connected to every MN (default: the cluster's backend), checked to have
+        reached this cluster's own MN processes (``check_own``)."""
         from fusee.transports import connect
         backend = backend or self.backend
         if backend == "local":
             kwargs.setdefault("memory", self.memory)
-        return connect(self.config, backend, **kwargs)
+        t = connect(self.config, backend, **kwargs)
+        try:
+            self.check_own(t)
+        except BaseException:
+            t.close()
+            raise
+        return t
+
+    def check_own(self, transport) -> None:
+        """Raise ForeignMemoryNode unless every MN ``transport`` reached serves the segment the
+        process this cluster started for it reported: an endpoint another cluster's MN took
+        over (a port reused, a stale config) would otherwise be read as one of ours."""
+        for node, region in transport.regions.items():
+            mine = self.shm_names.get(node)
+            if region.shm_name is not None and mine is not None and region.shm_name != mine:
+                raise ForeignMemoryNode(
+                    f"MN {node} at {self.config.node(node).endpoint} serves segment "
+                    f"{region.shm_name}, not {mine} that this cluster's MN {node} reported: "
+                    "another process took its endpoint")
+
+    def audit(self, cores: Iterable[ClientCore] = (), timeout: float = 60.0) -> AuditReport:
+        """The leak audit (``fusee.audit``) of this cluster under the membership it has: the
+        master's, once the master has no failover, pause or repair under way (waiting up to
+        ``timeout`` seconds for that), else none dead. A master may fail over an MN nobody
+        killed (its lease ran out on a loaded host): read as a replica, its stale memory
+        would fail the audit of a sound store. The report names the segment of each MN read."""
+        from fusee.audit import audit
+        from fusee.driver import run
+        from fusee.membership import Membership
+        membership = Membership()
+        if self.config.master is not None:
+            deadline = time.monotonic() + timeout
+            while not _quiescent(status := self.master_status()):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the master is still busy after {timeout:g} s: failing "
+                                       f"{status['failing']}, pause {status['pause']}, "
+                                       f"repairs {status['repairs']}")
+                time.sleep(0.02)
+            membership = Membership.from_wire(status["membership"])
+        with self.transport(dead=membership.dead) as t:
+            report = run(audit(self.config, cores, membership), t)
+            report.identities = {m: t.regions[m].shm_name for m in report.read
+                                 if t.regions[m].shm_name is not None}
+        return report
 
     def client(self, backend: str | None = None, **kwargs):
         """A store client on a fresh transport (fusee.Client); with a master it registers
@@ -288,6 +340,11 @@ class LocalCluster:
                 except MasterTimeout:
                     pass                        # the link moved on to the next master
             return link.status()
+
+
+def _quiescent(status: dict) -> bool:
+    """No failover pending or running, no pause, no repair: the membership holds still."""
+    return not (status["failing"] or status["pause"] or status["repairs"])
 
 
 def master_name(i: int) -> str:

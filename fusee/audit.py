@@ -14,7 +14,14 @@ the holdings of every client id that owns blocks (``fusee.holdings.scan``), then
   (freed objects are in the bitmap, for ``reclaim``). Objects of a client without a core
   are free for its next holder (``fusee.holdings.adopt``).
 
-Under a membership with dead MNs it reads the live replicas. A free delivered to the bitmap
+Under a membership with dead MNs it reads the live replicas. Which membership is not a guess
+the audit makes: without a master no MN is ever failed over, but a master may have failed one
+over that still runs (it missed its lease on a loaded host), and such an MN holds what it held
+when it died, which read as a replica looks like unsettled slots, dangling pointers and
+blocks outside any group. So for a cluster with a master the caller passes the master's
+membership (``fusee.emulator.cluster.LocalCluster.audit`` does), and the report says the
+epoch it audited and the MNs it read.
+ A free delivered to the bitmap
 of a dead MN is lost with it, so a HELD object named by no slot in a group whose first MN is
 dead, or died and was rebuilt since (``Membership.rebuilt``), is *stranded*, not leaked:
 counted, listed, and no failure (nothing can reclaim it without knowing that nobody still
@@ -58,13 +65,23 @@ class AuditReport:
     unsettled: list[str] = field(default_factory=list)
     misplaced: list[str] = field(default_factory=list)  # a client's free lists disagree
     stranded: list[str] = field(default_factory=list)   # its free went to a dead MN
+    epoch: int = 0                  # the membership audited under
+    read: tuple[int, ...] = ()      # the MNs read: that membership's live ones
+    dead: tuple[int, ...] = ()      # the MNs not read: dead in it
+    #: MN -> what the caller knows it reached (its segment, its process): says which memory
+    #: a failed audit read, should an MN not be the one the caller meant
+    identities: dict[int, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not (self.leaked or self.dangling or self.unsettled or self.misplaced)
 
     def explain(self) -> str:
-        lines = [f"{self.objects} objects: {self.held} held, {self.free} free; "
+        read = ", ".join(f"{m}" + (f" ({self.identities[m]})" if m in self.identities else "")
+                         for m in self.read)
+        lines = [f"epoch {self.epoch}: read MNs {read}" +
+                 (f"; not MNs {', '.join(map(str, self.dead))} (dead)" if self.dead else ""),
+                 f"{self.objects} objects: {self.held} held, {self.free} free; "
                  f"{self.referenced} referenced by the index"]
         for name in ("leaked", "dangling", "unsettled", "misplaced", "stranded"):
             items = getattr(self, name)
@@ -75,13 +92,21 @@ class AuditReport:
 
 
 def audit(config: ClusterConfig, cores: Iterable[ClientCore] = (),
-          membership: Membership = Membership()) -> Op[AuditReport]:
+          membership: Membership | None = None) -> Op[AuditReport]:
     """Generator: the AuditReport of the store (see the module docstring); ``cores`` are the
-    ClientCores of the clients that did not crash."""
+    ClientCores of the clients that did not crash. ``membership``: the master's, required
+    when the cluster has one (None: no MN was ever failed over)."""
+    if membership is None:
+        if config.master is not None:
+            raise ValueError("this cluster has a master: audit it under the master's "
+                             "membership (its status's 'membership'), or an MN it failed "
+                             "over is read as a replica")
+        membership = Membership()
     layout = config.layout
     mmap_, geo = MemoryMap.of(layout), IndexGeometry.of(layout)
     n, r = len(config.memnodes), config.replicas
-    rep = AuditReport()
+    rep = AuditReport(epoch=membership.epoch, dead=tuple(sorted(membership.dead)),
+                      read=tuple(m.id for m in config.memnodes if m.id not in membership.dead))
     directory = Directory(geo, n, r, membership)
     (buf,) = yield [directory.read()]
     directory.load(buf)

@@ -183,7 +183,7 @@ def test_a_master_started_on_a_used_cluster_takes_in_its_ids():
             assert kv.get(b"b") == b"crashed"
             kv.put(b"b", b"recovered")
         with c.client() as kv:
-            assert run(audit(c.config, [kv.core]), c.transport()).ok
+            assert c.audit([kv.core]).ok
 
 
 # -- many short-lived clients -----------------------------------------------------------------
@@ -272,7 +272,7 @@ def short_lived_clients(backend: str, master: bool, workers: int, cycles: int,
             for _, acked in results:
                 assert {k: kv.get(k) for k in acked} == acked
             assert kv.client_id in used
-            report = run(audit(c.config, [kv.core]), c.transport())
+            report = c.audit([kv.core])
         assert report.ok, report.explain()
         # every id holds one block group (on r = 2 of the 3 MNs): nothing else is owned
         blocks = sum(owned_blocks(c.config, c.transport()))

@@ -346,10 +346,10 @@ def test_sigint_to_client_processes_under_load(backend, master, tmp_path):
             op.id = i
         verdict = check(ops)
         assert verdict.ok, verdict.explain()
-        if master:
-            _wait(lambda: c.master_status()["repairs"] == {}, "the master's repairs")
-        with c.transport() as t:
-            report = run(audit(c.config), t)
+        # under the master's membership: on a loaded host it may have failed over an MN
+        # that missed its lease, whose memory is then stale (once read as a replica: the
+        # index naming objects in no block group)
+        report = c.audit()
         assert report.ok, report.explain()
         cut = sum(op.status == CRASHED for op in ops)
         print(f"{backend}, master {master}: {VICTIMS * SIGINTS} SIGINTs, {cut} of them cut "

@@ -1,0 +1,97 @@
+"""The leak audit reads what the cluster is, not what the caller guessed it is.
+
+A real-process run once failed its audit with "0 objects; 6 referenced by the index", every
+slot differing on MN 2 (which read 0) and every client's blocks "outside any group": on a
+loaded host the master had failed over MN 2, which missed its lease but went on running, and
+the test audited under the default membership (none dead), so it read MN 2's stale memory as
+a replica. The store was sound: under the master's membership the audit passes. So the audit
+of a cluster with a master needs its membership, ``LocalCluster.audit`` takes it from the
+master and says which MNs it read, and a cluster's transports check they reached the MNs it
+started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from fusee.audit import audit
+from fusee.client import Client
+from fusee.config import LayoutConfig, MemNodeConfig
+from fusee.driver import run
+from fusee.emulator.cluster import ForeignMemoryNode, LocalCluster
+from fusee.membership import Membership
+from fusee.transports.local import LocalMemory, LocalTransport
+from storekit import SMALL, config
+from test_failover_processes import _wait
+
+KEYS = [b"k%d" % i for i in range(6)]
+
+
+def test_an_audit_under_no_membership_is_refused_for_a_cluster_with_a_master():
+    cfg = config(nodes=3, r=3)
+    mem = LocalMemory(cfg)
+    with Client(LocalTransport(cfg, memory=mem)) as kv:
+        kv.put(b"k", b"v")
+    report = run(audit(cfg), LocalTransport(cfg, memory=mem))
+    assert report.ok and (report.epoch, report.read, report.dead) == (0, (0, 1, 2), ())
+    assert report.explain().startswith("epoch 0: read MNs 0, 1, 2\n")
+    with_master = cfg.with_(master="ipc:///nowhere/master.sock")
+    with pytest.raises(ValueError, match="audit it under the master's membership"):
+        run(audit(with_master), LocalTransport(with_master, memory=mem))
+    dead = Membership(epoch=1, dead=frozenset({2}))
+    report = run(audit(with_master, (), dead), LocalTransport(with_master, memory=mem))
+    assert report.explain().startswith("epoch 1: read MNs 0, 1; not MNs 2 (dead)\n")
+
+
+def test_an_mn_failed_over_while_it_runs_is_not_audited_as_a_replica():
+    """MN 2 stopped (SIGSTOP) until the master fails it over, then running again with the
+    memory it had: the writes after go to MNs 0 and 1 alone. Read as a replica, its memory
+    fails the audit as the flaky run did; the cluster's audit reads the live MNs only."""
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), timeout=2.0) as c:
+        with c.client() as kv:
+            for key in KEYS:
+                kv.put(key, b"before")
+        os.kill(c.procs[2].pid, signal.SIGSTOP)
+        try:
+            _wait(lambda: (s := c.master_status())["dead"] == [2] and not s["failing"],
+                  "the failover of MN 2")
+        finally:
+            os.kill(c.procs[2].pid, signal.SIGCONT)
+        with c.client() as kv:
+            for key in KEYS:
+                kv.put(key, b"after")
+            kv.insert(b"new", b"after")
+        with c.transport() as t:
+            stale = run(audit(c.config, (), Membership()), t)
+            with pytest.raises(ValueError, match="master's membership"):
+                run(audit(c.config), t)
+        assert not stale.ok and stale.read == (0, 1, 2)
+        assert any(x.endswith("outside any group") for x in stale.unsettled), stale.explain()
+        report = c.audit()
+        assert report.ok, report.explain()
+        assert (report.epoch, report.read, report.dead) == (1, (0, 1), (2,))
+        assert report.identities == {m: c.shm_names[m] for m in (0, 1)}
+        assert report.explain().startswith(f"epoch 1: read MNs 0 ({c.shm_names[0]}), "
+                                           f"1 ({c.shm_names[1]}); not MNs 2 (dead)")
+
+
+def test_a_transport_that_reached_another_clusters_mn_is_refused():
+    """An endpoint of ours served by another cluster's MN (a port reused, a stale config) is
+    named, not read as ours."""
+    with LocalCluster(memnodes=3, transport="zmq") as ours, \
+            LocalCluster(memnodes=3, transport="zmq") as theirs:
+        own = ours.config
+        ours.config = own.with_(memnodes=(*own.memnodes[:2], MemNodeConfig(
+            2, theirs.config.node(2).endpoint)))
+        try:
+            with pytest.raises(ForeignMemoryNode, match=f"MN 2 at .* serves segment "
+                                                        f"{theirs.shm_names[2]}, not "
+                                                        f"{ours.shm_names[2]}"):
+                ours.transport()
+        finally:
+            ours.config = own
+        ours.transport().close()
