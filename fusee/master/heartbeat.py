@@ -3,6 +3,12 @@ request through ``fusee.transports.channel.Channels``, all at once, every quarte
 lease, and each pong renews its node's lease; it pings the dead ones too, and one that answers
 "rejoin" (``fusee memnode --rejoin``) is queued for a rebuild (``fusee.rejoin``).
 
+A pong proves its MN was alive after the ping it answers was sent, whenever the master gets to
+read it, so it renews the lease from that ping (``Pings``): a pong read after its round's
+deadline, or in a later round, counts as one read in time. On a loaded host the master's own
+thread runs late: it used to drop what had come in meanwhile, and an MN that was merely
+answered last (MN 2 of 3, pinged last) missed its lease and was failed over while it ran.
+
 The master's three threads share one ``Master`` under one lock (``fusee/master/shared.py``), so
 the code of each thread is a subclass of that shared state, in a module of its own;
 ``MasterServer`` (``fusee/master/server.py``) is made of the three.
@@ -30,13 +36,14 @@ class Heartbeat(SharedState):
         interval = self.config.mn_lease / 4
         timeout = min(self.config.timeout, self.config.mn_lease / 2)
         channels = Channels(self.config)
+        pings = Pings(channels, self.config.mn_lease)
         plain: set[int] = set()     # dead MNs told that a plain restart is not used
         try:
             while not self.stopping.is_set():
                 with self.lock:
                     alive, dead = self.logic.alive(), self.logic.rejoin_candidates()
-                sent = time.monotonic()
-                for node, answer in _pongs(channels, alive + dead, timeout):
+                started = time.monotonic()
+                for node, answer, sent in pings.round(alive + dead, timeout):
                     if node in alive:
                         with self.lock:
                             self.logic.mn_seen(node, sent)
@@ -48,7 +55,7 @@ class Heartbeat(SharedState):
                         self.log(f"master: memory node {node} answers but is dead and was "
                                  f"not started with --rejoin: it is not used (restart it "
                                  f"with --rejoin to rebuild it)", flush=True)
-                self.stopping.wait(max(0.0, sent + interval - time.monotonic()))
+                self.stopping.wait(max(0.0, started + interval - time.monotonic()))
         finally:
             channels.close()
 
@@ -62,25 +69,52 @@ class Heartbeat(SharedState):
                      flush=True)
 
 
-def _pongs(channels: Channels, nodes: list[int], timeout: float) -> Iterator[tuple[int, str]]:
-    """Ping ``nodes`` at once; yield (node, its answer: "pong", or REJOIN from an MN started
-    with --rejoin) for each that answers within ``timeout``, as it answers."""
-    seq = channels.next_seq()
-    posted = channels.post({m: wire.encode_control(seq, "ping", {}) for m in nodes})
-    waiting = {channels.socks[m]: m for m, failure in posted.items() if failure is None}
-    poller = zmq.Poller()
-    for sock in waiting:
-        poller.register(sock, zmq.POLLIN)
-    deadline = time.monotonic() + timeout
-    while waiting and (left := deadline - time.monotonic()) > 0:
-        for sock, _ in poller.poll(int(left * 1000) + 1):
-            try:
-                rseq, results, error = wire.decode_reply(sock.recv(zmq.NOBLOCK))
-            except (zmq.Again, wire.MalformedMessage):
-                continue
-            if rseq != seq:
-                continue                        # a late pong of an earlier round
-            poller.unregister(sock)
-            node = waiting.pop(sock)
-            if not error and results in (["pong"], [REJOIN]):
-                yield node, results[0]
+class Pings:
+    """Ping rounds over ``channels``, each pong credited with when the ping it answers was
+    sent, for as long as that can still renew a lease (``lease`` seconds)."""
+
+    def __init__(self, channels: Channels, lease: float) -> None:
+        self.channels, self.lease = channels, lease
+        self.sent: dict[int, float] = {}            # seq of a recent round -> when it went out
+
+    def round(self, nodes: list[int], timeout: float) -> Iterator[tuple[int, str, float]]:
+        """Ping ``nodes`` at once; yield (node, its answer: "pong", or REJOIN from an MN
+        started with --rejoin, when the ping it answers was sent) for each pong in by
+        ``timeout``, this round's or a late one of an earlier round, as it is read. Once the
+        deadline has passed, what has come in is still read."""
+        channels = self.channels
+        seq = channels.next_seq()
+        now = time.monotonic()
+        self.sent = {s: t for s, t in self.sent.items() if t + self.lease > now}
+        self.sent[seq] = now
+        posted = channels.post({m: wire.encode_control(seq, "ping", {}) for m in nodes})
+        waiting = {m for m, failure in posted.items() if failure is None}
+        whose = {channels.socks[m]: m for m in nodes}
+        poller = zmq.Poller()
+        for sock in whose:
+            poller.register(sock, zmq.POLLIN)
+        deadline = now + timeout
+        while True:
+            left = deadline - time.monotonic()
+            ready = poller.poll(int(left * 1000) + 1 if left > 0 else 0)
+            for sock, _ in ready:
+                node = whose[sock]
+                for rseq, answer in _replies(sock):
+                    if rseq == seq:
+                        waiting.discard(node)
+                    if answer is not None and rseq in self.sent:
+                        yield node, answer, self.sent[rseq]
+            if not waiting or (left <= 0 and not ready):
+                return
+
+
+def _replies(sock: zmq.Socket[bytes]) -> Iterator[tuple[int, str | None]]:
+    """Every reply waiting on ``sock``: (its seq, "pong" or REJOIN, else None)."""
+    while True:
+        try:
+            rseq, results, error = wire.decode_reply(sock.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            return
+        except wire.MalformedMessage:
+            continue
+        yield rseq, (results[0] if not error and results in (["pong"], [REJOIN]) else None)
