@@ -350,7 +350,7 @@ def test_sigint_to_client_processes_under_load(backend, master, tmp_path):
         # that missed its lease, whose memory is then stale (once read as a replica: the
         # index naming objects in no block group)
         report = c.audit()
-        assert report.ok, report.explain()
+        assert report.ok, f"{report.explain()}\n{c.master_log() if master else ''}"
         cut = sum(op.status == CRASHED for op in ops)
         print(f"{backend}, master {master}: {VICTIMS * SIGINTS} SIGINTs, {cut} of them cut "
               f"an operation; {len(ops)} operations")
