@@ -21,12 +21,13 @@ when it died, which read as a replica looks like unsettled slots, dangling point
 blocks outside any group. So for a cluster with a master the caller passes the master's
 membership (``fusee.emulator.cluster.LocalCluster.audit`` does), and the report says the
 epoch it audited and the MNs it read.
- A free delivered to the bitmap
-of a dead MN is lost with it, so a HELD object named by no slot in a group whose first MN is
-dead, or died and was rebuilt since (``Membership.rebuilt``), is *stranded*, not leaked:
-counted, listed, and no failure (nothing can reclaim it without knowing that nobody still
-owes its free). So is the owner's taking it back (its used byte zeroed on the home copy
-alone, ``Allocator.reclaim``): such an object in its owner's free lists is not misplaced.
+
+A free delivered to the bitmap of a dead MN is lost with it, so a HELD object named by no
+slot in a group whose first MN is dead, or died and was rebuilt since (``Membership.rebuilt``),
+is *stranded*, not leaked: counted, listed, and no failure (nothing can reclaim it without
+knowing that nobody still owes its free). So is the owner's taking it back (its used byte
+zeroed on the home copy alone, ``Allocator.reclaim``): such an object in its owner's free
+lists is not misplaced.
 """
 
 from __future__ import annotations
