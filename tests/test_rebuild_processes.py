@@ -167,7 +167,9 @@ def test_rebuild_time_and_longest_client_pause_for_100k_1kb_keys(backend, loader
         (record,) = c.master_status()["rebuilds"]
         print(f"\n{backend}, loader {loader}: rebuild of MN 0 with {keys} keys of 1 KB: "
               f"{record['rebuild_s']:.2f} s, clients paused {record['pause_s']:.2f} s "
-              f"({record['paused_copy_s']:.2f} s of it copying); "
+              f"({record['paused_copy_s']:.2f} s of it copying "
+              f"{record['pause_bytes'] / 2**20:.1f} MiB, {record['pause_groups']} block groups "
+              f"whole); "
               f"{record['copied_bytes'] / 2**20:.1f} MiB copied, "
               f"{record['online_bytes'] / 2**20:.1f} MiB of it online; longest client "
               f"operation during it: {max(w.value for w in worst):.2f} s")
