@@ -125,7 +125,8 @@ def test_rebuild_time_and_longest_client_pause_for_100k_1kb_keys(backend, loader
     of 2 client processes that ran all along (their longest pause). ``loader``: the writers
     start while the loading client is open, which then closes (its id stays closed: its
     groups are copied online), or once it has closed (one writer takes its id over, with
-    every group of the load: those are copied in the pause).
+    every group of the load, and holds it through the rebuild: the online copy takes those
+    too, and the pause only the groups written since).
     Run: python3 -m pytest tests/test_rebuild_processes.py -m soak -s -k 100k
     (a rebuild longer than ``membership_wait`` would fail the paused clients' operations)"""
     import time
