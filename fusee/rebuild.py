@@ -100,22 +100,32 @@ rebuild publishes: nobody reads a half-written N). If N dies meanwhile, the same
 
 Measured (``python3 -m pytest tests/test_rebuild_processes.py -m soak -s -k 100k``: 100,000
 keys of 1 KB on 3 MNs, r = 3, two client processes updating and reading all along; one run
-each on a shared 2-core machine, so noisy), before (stop-the-world) and now:
+each on a 2-core machine shared with other work, so noisy): longest client operation during
+the rebuild; pause (of it copying: bytes, groups whole); copied online. Before: the quiet
+owners' groups alone were copied online (the previous version); now: write marks.
 
-=============================  =====================  =======================================
-loader's id                    before: longest op     now: longest op; pause (copying); online
-=============================  =====================  =======================================
-closed (shm)                   1.18 s (copy 0.93 s)   0.81 s; 1.06 s (0.49 s); 148 of 171 MiB
-closed (zmq)                   1.24 s (copy 1.21 s)   0.44 s; 0.64 s (0.38 s); 148 of 163 MiB
-taken over by a writer (shm)   0.86 s (copy 0.62 s)   1.32 s; 1.62 s (1.14 s); 0 of 174 MiB
-taken over by a writer (zmq)   1.94 s (copy 1.92 s)   1.41 s; 1.85 s (1.38 s); 0 of 158 MiB
-=============================  =====================  =======================================
+=====================  ===================================  ===================================
+loader's id            before                               now (write marks)
+=====================  ===================================  ===================================
+closed (shm)           0.81 s; 1.06 s (0.49 s); 148 of 171  1.11 s; 1.53 s (0.93 s, 27 MiB, 5);
+                                                            160 of 187 MiB
+closed (zmq)           0.44 s; 0.64 s (0.38 s); 148 of 163  0.55 s; 0.68 s (0.51 s, 15 MiB, 2);
+                                                            156 of 171 MiB
+held by a writer (shm) 1.32 s; 1.62 s (1.14 s); 0 of 174    1.10 s; 1.46 s (0.91 s, 114 MiB,
+                                                            27); 160 of 274 MiB
+held by a writer (zmq) 1.41 s; 1.85 s (1.38 s); 0 of 158    1.74 s; 2.04 s (1.69 s, 158 MiB,
+                                                            38); 152 of 310 MiB
+=====================  ===================================  ===================================
 
 The pause includes the wait for every client's ack (a renewal or two: client lease / 4
-each); what it copies when the data's ids are closed is the metadata area, the subtables
-and the writers' own groups (22 MiB), and it first closes the open rounds, which reads
-every subtable on every replica. When a writer holds the id of the data, everything is
-copied in the pause, as before.
+each), and it first closes the open rounds, which reads every subtable on every replica;
+what it copies when the data's ids are closed is the metadata area, the subtables and the
+groups written during the online copy. When a writer holds the id of the data, the online
+copy now takes its groups too, but this workload (updates of random keys) reuses freed
+objects from all over the id's groups: during the 1-2 s of the online copy it writes into
+most of them, so the pause copies most again, and its length is as before. What the
+marks save grows with how few groups the writers touch while the copy runs (a writer that
+inserts, or updates a working set, fills one or two).
 A replacement host takes N's place by serving N's endpoint of the cluster config. Every
 dead N can be rebuilt in place: no two of its groups sit at one address of it. (With r < n a
 group made while N was dead may share no live MN with one made before it died;
