@@ -17,6 +17,16 @@ object by setting the bit of its first unit with one FAA on the primary block; t
 reclaims its freed objects by reading its bitmaps and clearing the bits (FAA of minus the bits)
 before it reuses them, so a later free can never carry into a neighbour's bit.
 
+While one of a group's MNs is dead, every write of its owner into the group's home goes
+between two *write marks* (``Allocator.marks``): WRITEs of the header's last word on the
+home, an odd value just before it (a write under way) and the next, even, just after, in the
+same batch to the same MN, so they land in that order. The values are this holder's
+incarnation and a count: no two marks of any holders of the id are equal. No round trip of
+their own, and no verb at all while every MN is alive. The rebuild of the dead MN reads the
+marks before it copies a group online and again in its pause: a group whose mark was even
+and did not move was not written meanwhile, even by a batch cut short by a crash or an
+interrupt (``fusee.rebuild``).
+
 Operations of one client in flight together (``driver.run_concurrently``) share its allocator.
 Only one of them reclaims or grows at a time; the others pause (empty batches) and then use
 what it got, so K operations that run out at once take one new group, not K, and no freed
@@ -34,7 +44,7 @@ from typing import Any, NamedTuple
 from fusee.errors import OutOfMemory
 from fusee.index import LostData, replica_nodes
 from fusee.membership import Membership
-from fusee.layout import (BLOCK_HEADER, MAX_REPLICAS, META_GROUPS, META_RECORDS,
+from fusee.layout import (BLOCK_HEADER, BLOCK_MARK, MAX_REPLICAS, META_GROUPS, META_RECORDS,
                           NODE_MASK, NODE_SHIFT, ADDR_MASK, encode_block_header, group_record,
                           pack_u64, unpack_u64)
 from fusee.memory_map import MemoryMap
@@ -45,6 +55,9 @@ from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeB
 #: (when driven together it takes a few round trips; only a driver that stopped driving one
 #: operation of a client while running another can get here)
 MAX_PAUSES = 100_000
+#: a write mark is a holder's incarnation << MARK_COUNT_BITS | its count of marks so far
+MARK_COUNT_BITS = 40
+MARK_COUNT_MASK = (1 << MARK_COUNT_BITS) - 1
 
 
 class BlockGroup(NamedTuple):
@@ -99,6 +112,7 @@ class Allocator:
         self.rng = random.Random(client_id)     # seeded: a simulation replays exactly
         self.stats = {"blocks": 0, "reclaimed": 0}
         self.orphans: list[tuple[int, int]] = []    # blocks of a growth that failed half way
+        self.last_mark = 0              # the write mark last posted (``mark``)
         self.place(membership)
 
     def place(self, membership: Membership) -> None:
@@ -107,6 +121,24 @@ class Allocator:
         self.copies_of = [membership.live(replica_nodes(p, self.n, self.r))
                           for p in range(self.n)]
         self.home = [c[0] if c else None for c in self.copies_of]
+        #: by a group's first MN: one of its MNs is dead, so writes into it are marked
+        self.marked = [len(c) < min(self.r, self.n) for c in self.copies_of]
+
+    def start_marks(self, incarnation: int) -> None:
+        """Number this holder's write marks from its incarnation (``ClientCore.open``), so
+        that no mark it posts equals one an earlier holder of the id left."""
+        assert incarnation > 0
+        self.last_mark = incarnation << MARK_COUNT_BITS
+
+    def marks(self, node: int, addr: int) -> tuple[Write, Write]:
+        """The write marks around a write at (``node``, ``addr``), an address of a group on
+        its home: an odd one to post before it (a write under way) and the next, even, to
+        post after it, to the same MN in the same batch."""
+        word = self.block_of(addr) + BLOCK_MARK
+        self.last_mark += 2
+        assert self.last_mark & MARK_COUNT_MASK, "a holder's write marks ran out"
+        return (Write(node, word, pack_u64(self.last_mark - 1)),
+                Write(node, word, pack_u64(self.last_mark)))
 
     # -- pointers --------------------------------------------------------------------------
     def ptr(self, node: int, addr: int) -> int:
@@ -384,7 +416,14 @@ class Allocator:
         batch: list[Request] = []
         freeing: list[tuple[int, list[int]]] = []
         for i, (clear, found) in enumerate(words_found):
-            batch += [Write(*self.last_byte(p), b"\0") for p in found] + [clear]
+            for p in found:
+                node, addr = self.last_byte(p)
+                if self.marked[self.where(p)[0]]:
+                    before, after = self.marks(node, addr)
+                    batch += [before, Write(node, addr, b"\0"), after]
+                else:
+                    batch.append(Write(node, addr, b"\0"))
+            batch.append(clear)
             freeing.append((len(batch) - 1, found))
             if len(batch) >= MAX_BATCH // 2 or i == len(words_found) - 1:
                 try:

@@ -211,7 +211,8 @@ class Worker(SharedState):
             self.rebuilds.append({"node": node, "epoch": new.epoch, "finished_at": time.time(),
                                   "rebuild_s": seconds, "copied_bytes": copied,
                                   "online_bytes": job.online_bytes, "pause_s": pause_s,
-                                  "paused_copy_s": last_s})
+                                  "paused_copy_s": last_s, "pause_bytes": job.pause_bytes,
+                                  "pause_groups": job.pause_groups})
             self.work_due.set()
         if self.transport is not None:      # it has the MN as dead: reconnect when needed
             self.transport.close()
@@ -219,7 +220,8 @@ class Worker(SharedState):
         self.log(f"master: memory node {node} rebuilt in {seconds * 1000:.1f} ms "
                  f"({copied / 2**20:.1f} MiB copied, {job.online_bytes / 2**20:.1f} MiB of it "
                  f"online; clients paused {pause_s * 1000:.1f} ms, {last_s * 1000:.1f} ms of "
-                 f"it copying): epoch {new.epoch} "
+                 f"it copying {job.pause_bytes / 2**20:.1f} MiB, {job.pause_groups} block "
+                 f"groups whole): epoch {new.epoch} "
                  f"published", flush=True)
 
     def _closing(self, node: int) -> None:
