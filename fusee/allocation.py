@@ -27,6 +27,16 @@ marks before it copies a group online and again in its pause: a group whose mark
 and did not move was not written meanwhile, even by a batch cut short by a crash or an
 interrupt (``fusee.rebuild``).
 
+While a rebuild of a dead MN N copies (the master's grants say so: ``follow``), the owner
+writes into none of the groups N belongs to that it held when it heard: it carves every new
+object from *fresh* groups, got since, and reuses no freed object (nor reclaims one: that
+writes its used byte) until the rebuild ends. A writer updating keys at random would
+otherwise reuse freed objects all over its groups, each of which the rebuild's pause would
+then copy again, whole; this way the pause copies its fresh groups and the group of each
+class's reserved object (written once more), not every group it holds. The copy is exact
+either way (the marks); this only keeps the pause short. Memory freed during the rebuild
+waits for its end, unless no block is left: then reuse resumes at once (``ensure``).
+
 Operations of one client in flight together (``driver.run_concurrently``) share its allocator.
 Only one of them reclaims or grows at a time; the others pause (empty batches) and then use
 what it got, so K operations that run out at once take one new group, not K, and no freed
@@ -38,7 +48,7 @@ from __future__ import annotations
 import random
 import struct
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from fusee.errors import OutOfMemory
@@ -113,6 +123,11 @@ class Allocator:
         self.stats = {"blocks": 0, "reclaimed": 0}
         self.orphans: list[tuple[int, int]] = []    # blocks of a growth that failed half way
         self.last_mark = 0              # the write mark last posted (``mark``)
+        #: which MN a running rebuild copies to (None: none), as the client hears it
+        self.news: Callable[[], int | None] | None = None
+        self.rebuilding: int | None = None      # the one ``follow`` was told of last
+        self.sparing = False            # N's groups are spared: see the module docstring
+        self.fresh: set[BlockGroup] = set()     # groups got since the rebuild began
         self.place(membership)
 
     def place(self, membership: Membership) -> None:
@@ -139,6 +154,18 @@ class Allocator:
         assert self.last_mark & MARK_COUNT_MASK, "a holder's write marks ran out"
         return (Write(node, word, pack_u64(self.last_mark - 1)),
                 Write(node, word, pack_u64(self.last_mark)))
+
+    def follow(self, node: int | None) -> None:
+        """A rebuild of MN ``node`` copies (None: none does): spare the groups of ``node``
+        held now, from the next allocation on (see the module docstring). ``fresh`` then
+        lists the groups got since, until the next rebuild begins."""
+        if node != self.rebuilding:
+            self.rebuilding, self.sparing = node, node is not None
+            if node is not None:
+                self.fresh = set()
+
+    def _spared(self, g: BlockGroup | None) -> bool:
+        return g is not None and self.rebuilding in g.nodes and g not in self.fresh
 
     # -- pointers --------------------------------------------------------------------------
     def ptr(self, node: int, addr: int) -> int:
@@ -168,19 +195,19 @@ class Allocator:
     # -- allocation ------------------------------------------------------------------------
     def _take(self, units: int) -> int | None:
         q = self.free.get(units)
-        if q:
+        if q and not self.sparing:
             return q.popleft()
         size = units * self.unit
         for tail in self.tails:                 # older space first
             g, bump = tail
-            if bump + size <= self.block_size:
+            if bump + size <= self.block_size and not (self.sparing and self._spared(g)):
                 tail[1] = bump + size
                 if tail[1] + self.unit > self.block_size:
                     self.tails.remove(tail)
                 break
         else:
             g, bump = self.current, self.bump
-            if g is None or bump + size > self.block_size:
+            if g is None or bump + size > self.block_size or self.sparing and self._spared(g):
                 return None
             self.bump = bump + size
         p = self.ptr(g.nodes[0], g.addrs[0] + bump)
@@ -188,14 +215,19 @@ class Allocator:
         return p
 
     def _room(self, size: int) -> bool:
+        if self.sparing:
+            return any(b + size <= self.block_size and not self._spared(g)
+                       for g, b in [(self.current, self.bump), *self.tails] if g is not None)
         return (self.current is not None and self.bump + size <= self.block_size
                 or any(b + size <= self.block_size for _, b in self.tails))
 
     def ready(self, units: int) -> bool:
         """An allocation of this class can proceed without talking to the MNs."""
+        if self.news is not None:
+            self.follow(self.news())
         if units not in self.pending and (p := self._take(units)) is not None:
             self.pending[units] = p
-        return units in self.pending and (bool(self.free.get(units))
+        return units in self.pending and (bool(self.free.get(units)) and not self.sparing
                                           or self._room(units * self.unit))
 
     def alloc(self, units: int) -> tuple[int, int]:
@@ -213,11 +245,16 @@ class Allocator:
         while not self.ready(units):
             if self.busy:
                 yield from self._wait()
-            elif self.groups and not reclaimed:
+            elif self.groups and not reclaimed and not self.sparing:
                 reclaimed = True
                 yield from self.reclaim()
             else:
-                yield from self.grow()
+                try:
+                    yield from self.grow()
+                except OutOfMemory:
+                    if not self.sparing:
+                        raise
+                    self.sparing = False    # reuse after all, until the next rebuild
 
     def _wait(self) -> Op[None]:
         """Generator: pause until no operation of this client is reclaiming or growing."""
@@ -281,6 +318,8 @@ class Allocator:
             self.orphans += [(n, g.addrs[0]) for n in g.nodes]
             raise
         self.groups.append(g)
+        if self.sparing:
+            self.fresh.add(g)
         if self.current is not None and self.bump + self.unit <= self.block_size:
             self.tails.append([self.current, self.bump])
         self.current, self.bump = g, self.first_object

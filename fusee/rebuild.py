@@ -19,6 +19,16 @@ one after, in the same batch, so they land in that order), and the values never 
 Each group's header (with its mark) and its owner's (STATE, incarnation, RECOVERY) words
 are kept as they were read, before the block.
 
+The master begins phase A once every leased client has heard, in a renewal, that the rebuild
+runs (``Master.unheard``; a client renews every third of its lease, and one that does not
+within a lease is expiring). From then until the rebuild ends, a client carves every new
+object from *fresh* groups, got since it heard, and reuses no freed object
+(``Allocator.follow``): its writes of the time land in those, and in the group of each size
+class's reserved object, not all over the groups it held, which a writer updating keys at
+random would otherwise touch nearly all of during the copy (it reuses freed objects where
+they are). That is what keeps the pause short for a client that stays open; the copy's
+exactness does not rest on it (below).
+
 Phase B, the pause (``Rebuild.finish``): every leased client has acked that no batch of it is
 in flight and it posts none (``fusee.master.logic``, as for a failover), and none of the old epoch
 ever will (its next batch is refused with the new membership, ``EpochChanged``). Then:
@@ -44,12 +54,15 @@ ever will (its next batch is refused with the new membership, ``EpochChanged``).
    The frees that went to N's bitmap before it died are lost with it, as after any MN death
    (``Membership.rebuilt``, ``fusee.audit``).
 
-The pause thus moves the index, the metadata, one header and bitmap per group, and the
-blocks written since A read them (or made since, or of an id a recovery touched); not the
-data that stayed as it was, which is the bulk of a store, whether its clients come and go
-or stay open: a client writes into its current group, so a long-lived writer has one or two
-groups copied again, not all it ever filled. ``pause_groups`` and ``pause_bytes`` say what
-the pause copied (in the master's rebuild record and log line).
+What is paused, and for how long: every client, from its ack of the pause to the publish
+of the next epoch: the wait for the last ack (up to one renewal of each client), step 1
+(reads of every subtable on every replica, and a CAS per round to settle), and the copy of
+steps 2 and 3, which moves the index, the metadata, one header and bitmap per group, and the
+blocks written since A read them (or made since, or of an id a recovery touched): for a
+client that heard of the rebuild, its fresh groups and those of its reserved objects; not
+the data that stayed as it was, which is the bulk of a store, whether its clients come and
+go or stay open. ``pause_groups`` and ``pause_bytes`` say what the pause copied (in the
+master's rebuild record and log line).
 
 Why the copy is exact (the proof sketch). Bytes of a data block change only thus: (a) an
 object (with its embedded log entry, its commit record, its ``used`` byte) is written by the
@@ -84,7 +97,12 @@ on a home after A read the range is caught by the mark, or by the owner's words.
 that made the copy stop-the-world, a range read from the home before a client's write and
 written to N after the same write landed on N, cannot arise: no client writes N before the
 publish. The marks cost nothing while every MN is alive (no verb), and while one is dead two
-WRITEs per write batch to a group of it, with no round trip of their own.
+WRITEs per write batch to a group of it, with no round trip of their own. Nothing of this
+asks where a client writes: a client that never heard of the rebuild (a lease ran out
+waiting for it), or that stopped sparing when no block was left (``Allocator.ensure``), or
+whose operation in flight writes a reserved object of a group phase A copied, writes into
+such a group between its marks like any other write, and the pause copies that group
+again. Sparing decides only how many groups that is.
 
 After the pause N is equal, thing by thing, to the copy readers used: what a read in the old
 epoch saw, a read of N in the new one sees. Step 1 leaves no proposal on a backup that the

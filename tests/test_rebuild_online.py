@@ -47,8 +47,9 @@ class SessionRebuild:
 
     def __init__(self, seed: int, processes: int = 3, sessions: int = 5,
                  crash_client: bool = False, ops: tuple[int, int] = (1, 4),
-                 rebuild_at: tuple[int, int] = (20, 400)):
+                 rebuild_at: tuple[int, int] = (20, 400), spare: bool = False):
         self.config = cfg = _config()
+        self.spare = spare          # clients hear of the rebuild (``Allocator.follow``)
         self.memory = mem = LocalMemory(cfg)
         self.sim = sim = Simulator(mem, seed, expected_errors=ERRORS, max_steps=400_000)
         faults = sim.fault_rng
@@ -84,6 +85,8 @@ class SessionRebuild:
 
         def opening():
             core = yield from self._draw()
+            if self.spare:
+                core.alloc.news = lambda: self.sim.rebuilding
             box.append(core)
             self.opened.append((name, core))
             return core.client_id
@@ -300,6 +303,22 @@ def test_writers_stay_open_through_the_online_copy(seed):
     assert end > start, "no client operation completed while the rebuild copied online"
 
 
+@pytest.mark.parametrize("seed", range(16))
+def test_writers_told_of_the_rebuild_spare_its_groups(seed):
+    """As above, but the clients hear of the rebuild as it starts (as from the master's
+    grants, ``Allocator.follow``): each carves new objects from fresh groups until it ends
+    and reuses no freed object meanwhile, with its operations in flight, a client crash in
+    odd seeds and both other MNs' crash after the publish. Nothing is lost or leaked, and
+    writes of the time went to groups got since, copied in the pause."""
+    r = _check(seed, sessions=1, ops=(25, 40), crash_client=seed % 2 == 1,
+               rebuild_at=(100, 600), spare=True)
+    (job, _), = r.sim.rebuilds
+    start, end = r.during
+    assert end > start, "no client operation completed while the rebuild copied online"
+    fresh = {g for _, core in r.opened for g in core.alloc.fresh}
+    assert fresh, "no client carved from a group got during the rebuild"
+
+
 def _mark_at(mm, batch) -> int | None:
     """The position of the first write mark in ``batch`` (``Allocator.marks``), or None;
     ``mm``: the MemoryMap."""
@@ -362,3 +381,59 @@ def test_a_group_an_open_client_writes_during_the_online_copy_is_copied_again(cu
             assert ours[start:] == theirs[start:], f"group at {g.addrs[0]:#x} differs"
     if not cut:
         _served_by_mn0_alone(cfg, mem, m2)
+
+
+def _rebuild_under_an_updating_writer(spare: bool):
+    """A writer holds 300 keys of 900 bytes (in several groups, updated at random until it
+    reuses freed objects in most of them), MN 0 dies, is failed over and restarts empty; the
+    online copy runs whole, then the writer updates 60 keys at random, told of the rebuild
+    (``spare``) or not, and the pause copies what changed. Returns (config, memory, writer,
+    the Rebuild, the membership it published, the value of each key)."""
+    cfg = _config()
+    mem = LocalMemory(cfg)
+    t = LocalTransport(cfg, memory=mem)
+    rng = random.Random(5)
+    writer = run(open_client(cfg), t)
+    values = {b"w%03d" % i: b"%03d" % i * 300 for i in range(300)}
+    for key, value in values.items():
+        run(writer.insert(key, value), t)
+
+    def updates(count: int, tag: bytes) -> None:
+        nonlocal t
+        for i in range(count):
+            key = rng.choice(sorted(values))
+            values[key] = (tag + b"%03d" % i) * 150
+            run(writer.update(key, values[key]), t)
+    updates(200, b"up")
+    mem.crash(0)
+    m1 = run(failover(cfg, Membership(), 0), t)
+    writer.place(m1)
+    mem.restart(0)
+    t = LocalTransport(cfg, memory=mem)         # (MN 0's new access key)
+    job = Rebuild(cfg, m1, 0)
+    if spare:
+        writer.alloc.follow(0)
+    run(job.copy_online(), t)
+    updates(60, b"dc")
+    m2 = run(job.finish(), t)
+    return cfg, mem, writer, job, m2, values
+
+
+def test_a_writer_told_of_the_rebuild_writes_fresh_groups_only():
+    """An updating writer reuses freed objects all over its groups; told that a rebuild
+    copies, it carves new objects from fresh groups only until the rebuild ends, so the
+    pause copies again those and at most the group of its reserved object, not the groups
+    it held (which it writes into when not told). Either way the rebuilt MN is exact: with
+    the others dead, it alone serves the last value of every key."""
+    cfg, mem, writer, job, m2, values = _rebuild_under_an_updating_writer(spare=True)
+    held = len(writer.alloc.groups) - len(writer.alloc.fresh)
+    assert held >= 4 and writer.alloc.fresh, (held, writer.alloc.fresh)
+    assert job.pause_groups <= len(writer.alloc.fresh) + 1 < held, job.pause_groups
+    _, _, untold, untold_job, _, _ = _rebuild_under_an_updating_writer(spare=False)
+    assert untold_job.pause_groups >= held - 1 and not untold.alloc.fresh
+    t = LocalTransport(cfg, memory=mem)
+    for m in (1, 2):
+        mem.crash(m)
+    m3 = run(failover(cfg, m2, [1, 2]), t)
+    reader = run(open_client(cfg, membership=m3), t)
+    assert all(run(reader.search(k), t) == v for k, v in values.items())

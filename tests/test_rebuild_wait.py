@@ -148,6 +148,9 @@ def test_a_client_waits_out_a_rebuild_longer_than_its_membership_wait(backend):
             kv.put(b"after the failover", b"2")
             c.rejoin(0)
             _wait(lambda: _paused(c, 0), "MN 0's rebuild to pause the clients")
+            # the online copy began only once the client had heard of the rebuild (its
+            # allocator then spares the groups the copy takes: ``Allocator.follow``)
+            assert kv.lease.rebuilding == 0
             thread, out = _put_in_background(kv, b"during the rebuild", b"3")
             thread.join(4 * wait)
             assert not thread.is_alive(), "the put is still waiting"

@@ -270,6 +270,8 @@ class LeaseKeeper:
         #: when the last renewal that said a rebuild runs was sent (operations paused for it
         #: keep waiting while renewals say so: ``fusee.client``)
         self.rebuild_seen = -math.inf
+        #: the MN a running rebuild copies to, as the last grant said (None: none runs)
+        self.rebuilding: int | None = None if self.grant.rebuild is None else self.grant.rebuild[0]
         self.gate = threading.Lock()            # held around every batch posted
         self.news = threading.Condition()
         self.waiters = 0                        # operations waiting for a new epoch
@@ -383,6 +385,7 @@ class LeaseKeeper:
             self.expires, self.lost, self.data_lost = self._expiry(sent, g.lease), None, g.lost
             if g.rebuild is not None:
                 self.rebuild_seen = sent
+            self.rebuilding = None if g.rebuild is None else g.rebuild[0]
             if g.membership is not None and g.membership.epoch > self.membership.epoch:
                 self.membership = g.membership
                 self.epoch = g.membership.epoch
