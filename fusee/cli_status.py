@@ -118,7 +118,7 @@ def render(view: dict[str, Any]) -> str:
                       "blocks)")
         else:
             memory = "-"
-        extra = ", ".join(f"{k}={v}" for k, v in n.items() if k not in _SHOWN)
+        extra = ", ".join(f"{k}={_value(k, v)}" for k, v in n.items() if k not in _SHOWN)
         if "error" in n:
             extra = (extra + ", " if extra else "") + n["error"]
         rows.append((str(n["id"]), n["endpoint"], n.get("state", "?"), lease, memory, extra))
@@ -138,6 +138,17 @@ def render(view: dict[str, Any]) -> str:
     if view.get("rebuilds"):
         lines.append(_rebuild_line(view["rebuilds"][-1]))
     return "\n".join(lines)
+
+
+def _value(key: str, value: Any) -> str:
+    """A per-node value as a person reads it: a rebuild's progress, [bytes copied, bytes to
+    copy] in its phase, in MiB and percent; anything else as it comes."""
+    if (key == "progress" and isinstance(value, list) and len(value) == 2
+            and all(isinstance(x, int) for x in value)):
+        done, total = value
+        percent = f" ({100 * done // total}%)" if total else ""
+        return f"{done / MiB:.1f}/{total / MiB:.1f} MiB{percent}"
+    return str(value)
 
 
 def _rebuild_line(r: dict[str, Any]) -> str:

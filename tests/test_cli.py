@@ -309,6 +309,24 @@ def test_status_shows_whatever_state_and_progress_the_master_reports_per_node():
     assert "2 MiB (2/10 blocks)" in row and "clients: 1: 7 (4.0s left)" in table
 
 
+def test_status_shows_a_rebuilds_progress_in_mib():
+    """The master reports a rebuilding MN's progress in its phase as [bytes copied, bytes to
+    copy]: shown in MiB, with the share done."""
+    from fusee import cli_status
+    from fusee.cli_status import MiB
+    from fusee.config import ClusterConfig, MemNodeConfig
+    config = ClusterConfig(memnodes=(MemNodeConfig(0, "ipc:///x/mn0"),))
+    status = {"epoch": 1, "alive": {}, "dead": [0], "failing": [], "clients": {},
+              "memnodes": {"0": {"state": "rebuilding", "phase": "copying online",
+                                 "progress": [3 * MiB, 12 * MiB]}}}
+    node = cli_status._node_view(config, 0, status, {"error": "unreachable"})
+    view = {"cluster": "c", "master": {"endpoint": "ipc:///x/m", "pid": 2}, "memnodes": [node],
+            "epoch": 1}
+    row = next(ln for ln in cli_status.render(view).splitlines() if ln.startswith("0 "))
+    assert "rebuilding" in row and "phase=copying online" in row
+    assert "progress=3.0/12.0 MiB (25%)" in row
+
+
 def test_status_shows_what_the_last_rebuild_cost_the_clients():
     """The master's record of its last rebuild: how long the clients were paused and what
     the pause copied (the groups written while the online copy ran)."""

@@ -59,6 +59,18 @@ def test_a_client_counts_its_lease_short_by_the_clock_margin():
     assert LeaseKeeper._expiry(10.0, 2.0) == 10.0 + 2.0 * (1 - CLOCK_MARGIN) < 12.0
 
 
+def test_a_client_renews_often_while_a_rebuild_runs():
+    """A rebuild's pause waits for every client's ack, and a client that acked waits for the
+    slowest: while a rebuild runs, renewals come every REBUILD_POLL, not every third of the
+    lease (still as often as POLL while paused or awaiting an epoch)."""
+    from fusee.master.link import POLL, REBUILD_POLL, renewal_wait
+    assert POLL < REBUILD_POLL < 2.0 / 3
+    assert renewal_wait(2.0, awaiting=False, rebuilding=False) == 2.0 / 3
+    assert renewal_wait(2.0, awaiting=False, rebuilding=True) == REBUILD_POLL
+    assert renewal_wait(0.06, awaiting=False, rebuilding=True) == 0.02     # a short lease
+    assert renewal_wait(2.0, awaiting=True, rebuilding=True) == POLL
+
+
 def test_a_renewal_after_the_deadline_expires_the_lease_itself():
     m = master()
     m.grant(1, 9, now=0.0)
