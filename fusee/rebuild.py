@@ -119,33 +119,41 @@ decisions it recorded (``Rebuild.closed``): a writer never resumes a round it se
 ``progress`` reports bytes copied and to copy, per phase, so that the master can show it.
 
 Measured (``python3 -m pytest tests/test_rebuild_processes.py -m soak -s -k 100k``: 100,000
-keys of 1 KB on 3 MNs, r = 3, two client processes updating and reading all along; one run
-each on a 2-core machine shared with other work, so noisy): longest client operation during
-the rebuild; pause (of it copying: bytes, groups whole); copied online. Before: the quiet
-owners' groups alone were copied online (the previous version); now: write marks.
+keys of 1 KB on 3 MNs, r = 3, two client processes updating and reading random keys all
+along; a 2-core machine shared with four other engineers' test runs, load average 10-13, so
+wall times are noisy; one run each, two of the marks where a writer holds the id): rebuild;
+pause (of it copying: MiB, groups whole); MiB copied online of all; longest client operation
+during the rebuild. Marks: the
+write marks alone (the online copy takes the groups of open ids too); spared: the clients
+spare the rebuild's groups; + renewals: they also renew every ``REBUILD_POLL`` while it runs.
 
-=====================  ===================================  ===================================
-loader's id            before                               now (write marks)
-=====================  ===================================  ===================================
-closed (shm)           0.81 s; 1.06 s (0.49 s); 148 of 171  1.11 s; 1.53 s (0.93 s, 27 MiB, 5);
-                                                            160 of 187 MiB
-closed (zmq)           0.44 s; 0.64 s (0.38 s); 148 of 163  0.55 s; 0.68 s (0.51 s, 15 MiB, 2);
-                                                            156 of 171 MiB
-held by a writer (shm) 1.32 s; 1.62 s (1.14 s); 0 of 174    1.10 s; 1.46 s (0.91 s, 114 MiB,
-                                                            27); 160 of 274 MiB
-held by a writer (zmq) 1.41 s; 1.85 s (1.38 s); 0 of 158    1.74 s; 2.04 s (1.69 s, 158 MiB,
-                                                            38); 152 of 310 MiB
-=====================  ===================================  ===================================
+- loader's id closed, shm. Marks: 3.34 s; 1.66 s (1.06 s, 31 MiB, 6); 164 of 195; 1.37 s.
+  Spared: 2.92 s; 0.84 s (0.44 s, 35 MiB, 7); 164 of 199; 0.56 s. + renewals: 2.80 s;
+  0.68 s (0.59 s, 23 MiB, 4); 172 of 195; 0.80 s.
+- closed, zmq. Marks: 1.61 s; 0.84 s (0.31 s, 15 MiB, 2); 156 of 171; 0.32 s. Spared:
+  2.07 s; 0.73 s (0.20 s, 15 MiB, 2); 164 of 179; 0.21 s. + renewals: 2.91 s; 0.47 s
+  (0.45 s, 23 MiB, 4); 164 of 187; 0.48 s.
+- held by a writer, shm. Marks: 4.09 s; 0.75 s (0.28 s, 162 MiB, 39); 168 of 330; 0.92 s,
+  and 3.75 s; 2.20 s (0.77 s, 102 MiB, 24); 168 of 270; 1.59 s. Spared: 1.98 s; 0.81 s
+  (0.29 s, 27 MiB, 5); 168 of 195; 0.54 s. + renewals: 2.00 s; 0.57 s (0.54 s, 23 MiB, 4);
+  164 of 187; 0.81 s.
+- held by a writer, zmq. Marks: 0.91 s; 0.30 s (0.29 s, 15 MiB, 2); 152 of 167; 0.31 s,
+  and 1.83 s; 0.94 s (0.58 s, 158 MiB, 38); 152 of 310; 0.61 s. Spared: 2.01 s; 0.52 s
+  (0.23 s, 15 MiB, 2); 160 of 175; 0.25 s. + renewals: 2.05 s; 0.42 s (0.41 s, 15 MiB, 2);
+  160 of 175; 0.44 s.
 
-The pause includes the wait for every client's ack (a renewal or two: client lease / 4
-each), and it first closes the open rounds, which reads every subtable on every replica;
-what it copies when the data's ids are closed is the metadata area, the subtables and the
-groups written during the online copy. When a writer holds the id of the data, the online
-copy now takes its groups too, but this workload (updates of random keys) reuses freed
-objects from all over the id's groups: during the 1-2 s of the online copy it writes into
-most of them, so the pause copies most again, and its length is as before. What the
-marks save grows with how few groups the writers touch while the copy runs (a writer that
-inserts, or updates a working set, fills one or two).
+With the marks alone, a writer holding the load's id (updates of random keys reuse freed
+objects all over its groups) had 24-39 of its ~40 groups (102-162 MiB) copied again in the
+pause whenever it was reclaiming while the copy ran (the first zmq run caught it carving a
+fresh tail instead: 2 groups). Spared, the pause copies 2-7 groups whatever the writers do:
+each writer's fresh group and the group of its reserved object; the rest of what it copies
+is the metadata, the index (about 7 MiB here) and one header and bitmap per group. What is
+left of the pause is mostly not the copy of data: closing the rounds reads every subtable on
+every replica, and the wait for the acks (the pause less its copying), which took
+0.01-1.43 s with renewals every third of the lease (2 s here) and 0.01-0.09 s with those of
+a rebuild. The rebuild as a whole now includes the wait for every client to hear of it (up
+to a third of a lease).
+
 A replacement host takes N's place by serving N's endpoint of the cluster config. Every
 dead N can be rebuilt in place: no two of its groups sit at one address of it. (With r < n a
 group made while N was dead may share no live MN with one made before it died;
