@@ -121,7 +121,7 @@ decisions it recorded (``Rebuild.closed``): a writer never resumes a round it se
 Measured (``python3 -m pytest tests/test_rebuild_processes.py -m soak -s -k 100k``: 100,000
 keys of 1 KB on 3 MNs, r = 3, two client processes updating and reading random keys all
 along; a 2-core machine shared with four other engineers' test runs, load average 10-13, so
-wall times are noisy; one run each, two of the marks where a writer holds the id): rebuild;
+wall times are noisy; one run each, two where a writer holds the id): rebuild;
 pause (of it copying: MiB, groups whole); MiB copied online of all; longest client operation
 during the rebuild. Marks: the
 write marks alone (the online copy takes the groups of open ids too); spared: the clients
@@ -136,11 +136,11 @@ spare the rebuild's groups; + renewals: they also renew every ``REBUILD_POLL`` w
 - held by a writer, shm. Marks: 4.09 s; 0.75 s (0.28 s, 162 MiB, 39); 168 of 330; 0.92 s,
   and 3.75 s; 2.20 s (0.77 s, 102 MiB, 24); 168 of 270; 1.59 s. Spared: 1.98 s; 0.81 s
   (0.29 s, 27 MiB, 5); 168 of 195; 0.54 s. + renewals: 2.00 s; 0.57 s (0.54 s, 23 MiB, 4);
-  164 of 187; 0.81 s.
+  164 of 187; 0.81 s, and 2.36 s; 0.82 s (0.79 s, 27 MiB, 5); 168 of 195; 0.93 s.
 - held by a writer, zmq. Marks: 0.91 s; 0.30 s (0.29 s, 15 MiB, 2); 152 of 167; 0.31 s,
   and 1.83 s; 0.94 s (0.58 s, 158 MiB, 38); 152 of 310; 0.61 s. Spared: 2.01 s; 0.52 s
   (0.23 s, 15 MiB, 2); 160 of 175; 0.25 s. + renewals: 2.05 s; 0.42 s (0.41 s, 15 MiB, 2);
-  160 of 175; 0.44 s.
+  160 of 175; 0.44 s, and 2.36 s; 0.46 s (0.43 s, 19 MiB, 3); 160 of 179; 0.46 s.
 
 With the marks alone, a writer holding the load's id (updates of random keys reuse freed
 objects all over its groups) had 24-39 of its ~40 groups (102-162 MiB) copied again in the
@@ -148,8 +148,10 @@ pause whenever it was reclaiming while the copy ran (the first zmq run caught it
 fresh tail instead: 2 groups). Spared, the pause copies 2-7 groups whatever the writers do:
 each writer's fresh group and the group of its reserved object; the rest of what it copies
 is the metadata, the index (about 7 MiB here) and one header and bitmap per group. What is
-left of the pause is mostly not the copy of data: closing the rounds reads every subtable on
-every replica, and the wait for the acks (the pause less its copying), which took
+left of the pause is mostly not the copy of data (on shm, 162 MiB took 0.28 s of one pause
+and 27 MiB 0.79 s of another, the machine loaded as it was): closing the rounds reads every
+subtable on every replica, the groups are enumerated again (every block table and header),
+all of it Python in the master; and the wait for the acks (the pause less its copying), which took
 0.01-1.43 s with renewals every third of the lease (2 s here) and 0.01-0.09 s with those of
 a rebuild. The rebuild as a whole now includes the wait for every client to hear of it (up
 to a third of a lease).
