@@ -151,10 +151,10 @@ is the metadata, the index (about 7 MiB here) and one header and bitmap per grou
 left of the pause is mostly not the copy of data (on shm, 162 MiB took 0.28 s of one pause
 and 27 MiB 0.79 s of another, the machine loaded as it was): closing the rounds reads every
 subtable on every replica, the groups are enumerated again (every block table and header),
-all of it Python in the master; and the wait for the acks (the pause less its copying), which took
-0.01-1.43 s with renewals every third of the lease (2 s here) and 0.01-0.09 s with those of
-a rebuild. The rebuild as a whole now includes the wait for every client to hear of it (up
-to a third of a lease).
+all of it Python in the master; and the wait for the acks (the pause less its copying),
+which took 0.01-1.43 s with renewals every third of the lease (2 s here) and 0.01-0.09 s
+with those of a rebuild. The rebuild as a whole now includes the wait for every client to
+hear of it (up to a third of a lease).
 
 A replacement host takes N's place by serving N's endpoint of the cluster config. Every
 dead N can be rebuilt in place: no two of its groups sit at one address of it. (With r < n a
