@@ -17,6 +17,26 @@ object by setting the bit of its first unit with one FAA on the primary block; t
 reclaims its freed objects by reading its bitmaps and clearing the bits (FAA of minus the bits)
 before it reuses them, so a later free can never carry into a neighbour's bit.
 
+While one of a group's MNs is dead, every write of its owner into the group's home goes
+between two *write marks* (``Allocator.marks``): WRITEs of the header's last word on the
+home, an odd value just before it (a write under way) and the next, even, just after, in the
+same batch to the same MN, so they land in that order. The values are this holder's
+incarnation and a count: no two marks of any holders of the id are equal. No round trip of
+their own, and no verb at all while every MN is alive. The rebuild of the dead MN reads the
+marks before it copies a group online and again in its pause: a group whose mark was even
+and did not move was not written meanwhile, even by a batch cut short by a crash or an
+interrupt (``fusee.rebuild``).
+
+While a rebuild of a dead MN N copies (the master's grants say so: ``follow``), the owner
+writes into none of the groups N belongs to that it held when it heard: it carves every new
+object from *fresh* groups, got since, and reuses no freed object (nor reclaims one: that
+writes its used byte) until the rebuild ends. A writer updating keys at random would
+otherwise reuse freed objects all over its groups, each of which the rebuild's pause would
+then copy again, whole; this way the pause copies its fresh groups and the group of each
+class's reserved object (written once more), not every group it holds. The copy is exact
+either way (the marks); this only keeps the pause short. Memory freed during the rebuild
+waits for its end, unless no block is left: then reuse resumes at once (``ensure``).
+
 Operations of one client in flight together (``driver.run_concurrently``) share its allocator.
 Only one of them reclaims or grows at a time; the others pause (empty batches) and then use
 what it got, so K operations that run out at once take one new group, not K, and no freed
@@ -28,13 +48,13 @@ from __future__ import annotations
 import random
 import struct
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from fusee.errors import OutOfMemory
 from fusee.index import LostData, replica_nodes
 from fusee.membership import Membership
-from fusee.layout import (BLOCK_HEADER, MAX_REPLICAS, META_GROUPS, META_RECORDS,
+from fusee.layout import (BLOCK_HEADER, BLOCK_MARK, MAX_REPLICAS, META_GROUPS, META_RECORDS,
                           NODE_MASK, NODE_SHIFT, ADDR_MASK, encode_block_header, group_record,
                           pack_u64, unpack_u64)
 from fusee.memory_map import MemoryMap
@@ -45,6 +65,9 @@ from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeB
 #: (when driven together it takes a few round trips; only a driver that stopped driving one
 #: operation of a client while running another can get here)
 MAX_PAUSES = 100_000
+#: a write mark is a holder's incarnation << MARK_COUNT_BITS | its count of marks so far
+MARK_COUNT_BITS = 40
+MARK_COUNT_MASK = (1 << MARK_COUNT_BITS) - 1
 
 
 class BlockGroup(NamedTuple):
@@ -99,6 +122,12 @@ class Allocator:
         self.rng = random.Random(client_id)     # seeded: a simulation replays exactly
         self.stats = {"blocks": 0, "reclaimed": 0}
         self.orphans: list[tuple[int, int]] = []    # blocks of a growth that failed half way
+        self.last_mark = 0              # the write mark last posted (``mark``)
+        #: which MN a running rebuild copies to (None: none), as the client hears it
+        self.news: Callable[[], int | None] | None = None
+        self.rebuilding: int | None = None      # the one ``follow`` was told of last
+        self.sparing = False            # N's groups are spared: see the module docstring
+        self.fresh: set[BlockGroup] = set()     # groups got since the rebuild began
         self.place(membership)
 
     def place(self, membership: Membership) -> None:
@@ -107,6 +136,36 @@ class Allocator:
         self.copies_of = [membership.live(replica_nodes(p, self.n, self.r))
                           for p in range(self.n)]
         self.home = [c[0] if c else None for c in self.copies_of]
+        #: by a group's first MN: one of its MNs is dead, so writes into it are marked
+        self.marked = [len(c) < min(self.r, self.n) for c in self.copies_of]
+
+    def start_marks(self, incarnation: int) -> None:
+        """Number this holder's write marks from its incarnation (``ClientCore.open``), so
+        that no mark it posts equals one an earlier holder of the id left."""
+        assert incarnation > 0
+        self.last_mark = incarnation << MARK_COUNT_BITS
+
+    def marks(self, node: int, addr: int) -> tuple[Write, Write]:
+        """The write marks around a write at (``node``, ``addr``), an address of a group on
+        its home: an odd one to post before it (a write under way) and the next, even, to
+        post after it, to the same MN in the same batch."""
+        word = self.block_of(addr) + BLOCK_MARK
+        self.last_mark += 2
+        assert self.last_mark & MARK_COUNT_MASK, "a holder's write marks ran out"
+        return (Write(node, word, pack_u64(self.last_mark - 1)),
+                Write(node, word, pack_u64(self.last_mark)))
+
+    def follow(self, node: int | None) -> None:
+        """A rebuild of MN ``node`` copies (None: none does): spare the groups of ``node``
+        held now, from the next allocation on (see the module docstring). ``fresh`` then
+        lists the groups got since, until the next rebuild begins."""
+        if node != self.rebuilding:
+            self.rebuilding, self.sparing = node, node is not None
+            if node is not None:
+                self.fresh = set()
+
+    def _spared(self, g: BlockGroup | None) -> bool:
+        return g is not None and self.rebuilding in g.nodes and g not in self.fresh
 
     # -- pointers --------------------------------------------------------------------------
     def ptr(self, node: int, addr: int) -> int:
@@ -136,19 +195,19 @@ class Allocator:
     # -- allocation ------------------------------------------------------------------------
     def _take(self, units: int) -> int | None:
         q = self.free.get(units)
-        if q:
+        if q and not self.sparing:
             return q.popleft()
         size = units * self.unit
         for tail in self.tails:                 # older space first
             g, bump = tail
-            if bump + size <= self.block_size:
+            if bump + size <= self.block_size and not (self.sparing and self._spared(g)):
                 tail[1] = bump + size
                 if tail[1] + self.unit > self.block_size:
                     self.tails.remove(tail)
                 break
         else:
             g, bump = self.current, self.bump
-            if g is None or bump + size > self.block_size:
+            if g is None or bump + size > self.block_size or self.sparing and self._spared(g):
                 return None
             self.bump = bump + size
         p = self.ptr(g.nodes[0], g.addrs[0] + bump)
@@ -156,14 +215,19 @@ class Allocator:
         return p
 
     def _room(self, size: int) -> bool:
+        if self.sparing:
+            return any(b + size <= self.block_size and not self._spared(g)
+                       for g, b in [(self.current, self.bump), *self.tails] if g is not None)
         return (self.current is not None and self.bump + size <= self.block_size
                 or any(b + size <= self.block_size for _, b in self.tails))
 
     def ready(self, units: int) -> bool:
         """An allocation of this class can proceed without talking to the MNs."""
+        if self.news is not None:
+            self.follow(self.news())
         if units not in self.pending and (p := self._take(units)) is not None:
             self.pending[units] = p
-        return units in self.pending and (bool(self.free.get(units))
+        return units in self.pending and (bool(self.free.get(units)) and not self.sparing
                                           or self._room(units * self.unit))
 
     def alloc(self, units: int) -> tuple[int, int]:
@@ -181,11 +245,16 @@ class Allocator:
         while not self.ready(units):
             if self.busy:
                 yield from self._wait()
-            elif self.groups and not reclaimed:
+            elif self.groups and not reclaimed and not self.sparing:
                 reclaimed = True
                 yield from self.reclaim()
             else:
-                yield from self.grow()
+                try:
+                    yield from self.grow()
+                except OutOfMemory:
+                    if not self.sparing:
+                        raise
+                    self.sparing = False    # reuse after all, until the next rebuild
 
     def _wait(self) -> Op[None]:
         """Generator: pause until no operation of this client is reclaiming or growing."""
@@ -249,6 +318,8 @@ class Allocator:
             self.orphans += [(n, g.addrs[0]) for n in g.nodes]
             raise
         self.groups.append(g)
+        if self.sparing:
+            self.fresh.add(g)
         if self.current is not None and self.bump + self.unit <= self.block_size:
             self.tails.append([self.current, self.bump])
         self.current, self.bump = g, self.first_object
@@ -384,7 +455,14 @@ class Allocator:
         batch: list[Request] = []
         freeing: list[tuple[int, list[int]]] = []
         for i, (clear, found) in enumerate(words_found):
-            batch += [Write(*self.last_byte(p), b"\0") for p in found] + [clear]
+            for p in found:
+                node, addr = self.last_byte(p)
+                if self.marked[self.where(p)[0]]:
+                    before, after = self.marks(node, addr)
+                    batch += [before, Write(node, addr, b"\0"), after]
+                else:
+                    batch.append(Write(node, addr, b"\0"))
+            batch.append(clear)
             freeing.append((len(batch) - 1, found))
             if len(batch) >= MAX_BATCH // 2 or i == len(words_found) - 1:
                 try:

@@ -37,6 +37,7 @@ def gather(config: ClusterConfig) -> dict[str, Any]:
         view["repairs"] = status.get("repairs", {})
         view["failing"] = status.get("failing", [])
         view["lost"] = status.get("lost")
+        view["rebuilds"] = status.get("rebuilds", [])
     return view
 
 
@@ -117,7 +118,7 @@ def render(view: dict[str, Any]) -> str:
                       "blocks)")
         else:
             memory = "-"
-        extra = ", ".join(f"{k}={v}" for k, v in n.items() if k not in _SHOWN)
+        extra = ", ".join(f"{k}={_value(k, v)}" for k, v in n.items() if k not in _SHOWN)
         if "error" in n:
             extra = (extra + ", " if extra else "") + n["error"]
         rows.append((str(n["id"]), n["endpoint"], n.get("state", "?"), lease, memory, extra))
@@ -134,5 +135,30 @@ def render(view: dict[str, Any]) -> str:
             lines.append(f"failovers pending: memory nodes {view['failing']}")
         if view.get("lost"):
             lines.append(f"DATA LOST: {view['lost']}")
+    if view.get("rebuilds"):
+        lines.append(_rebuild_line(view["rebuilds"][-1]))
     return "\n".join(lines)
+
+
+def _value(key: str, value: Any) -> str:
+    """A per-node value as a person reads it: a rebuild's progress, [bytes copied, bytes to
+    copy] in its phase, in MiB and percent; anything else as it comes."""
+    if (key == "progress" and isinstance(value, list) and len(value) == 2
+            and all(isinstance(x, int) for x in value)):
+        done, total = value
+        percent = f" ({100 * done // total}%)" if total else ""
+        return f"{done / MiB:.1f}/{total / MiB:.1f} MiB{percent}"
+    return str(value)
+
+
+def _rebuild_line(r: dict[str, Any]) -> str:
+    """The master's record of its last rebuild, and what its pause cost the clients."""
+    line = (f"last rebuild: MN {r['node']} (epoch {r['epoch']}) in {r['rebuild_s']:.2f} s, "
+            f"{r['copied_bytes'] / MiB:.1f} MiB copied, {r['online_bytes'] / MiB:.1f} MiB "
+            f"online; clients paused {r['pause_s']:.2f} s, {r['paused_copy_s']:.2f} s of it "
+            f"copying")
+    if "pause_bytes" in r:          # (a master of an earlier version does not say)
+        line += (f" {r['pause_bytes'] / MiB:.1f} MiB, {r['pause_groups']} block groups "
+                 f"whole")
+    return line
 

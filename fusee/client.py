@@ -124,8 +124,9 @@ class Client:
             if self.lease is not None:              # the newest, and the guard knows it
                 assert isinstance(self.executor, _LeaseGuard), "a lease comes with a master"
                 membership = self.executor.adopt(self.lease.membership)
-            self.core = run(open_client(self.config, client_id, membership,
-                                        cache_capacity=cache_capacity), self.executor)
+            self.core = self._told(run(open_client(self.config, client_id, membership,
+                                                   cache_capacity=cache_capacity),
+                                       self.executor))
             self.recovery_owner = MASTER if self.config.master else self.core.client_id
             self.core.patience = _patience(self.config, self._round_trip())
         except BaseException:
@@ -226,8 +227,16 @@ class Client:
         if self._forks != _forks:
             raise self._forked()
         if not self.core.settled:
-            self.core = run(settled(self.core, self.recovery_owner), self.executor)
+            self.core = self._told(run(settled(self.core, self.recovery_owner), self.executor))
         return self.core
+
+    def _told(self, core: ClientCore) -> ClientCore:
+        """``core``, its allocator following the rebuilds the master's grants announce
+        (``Allocator.follow``: while one copies, new objects go to fresh blocks only)."""
+        if self.lease is not None:
+            lease = self.lease
+            core.alloc.news = lambda: lease.rebuilding
+        return core
 
     def get(self, key: bytes) -> bytes | None:
         """The key's value, or None when the key is absent."""

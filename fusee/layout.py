@@ -290,8 +290,11 @@ META_MAGIC_OFF, META_GROUPS, META_HEADS, META_INCARNATION, META_RECORDS = 0, 8, 
 META_STATE, META_RECOVERY = 152, 160
 CLEAN, IN_USE = 0, 1                # META_STATE: CLEAN, or IN_USE | a holder's nonce << 1
 BLOCK_MAGIC = 0x314B4C4245455546    # b"FUEEBLK1"
-BLOCK_HEADER = 256                  # magic, owner, r, replica list; then the free bitmap
-MAX_REPLICAS = (BLOCK_HEADER - 16) // 8
+BLOCK_HEADER = 256                  # magic, owner, r, replica list, mark; then the free bitmap
+#: the header's last word: the *write mark* its owner moves, on the group's home, with every
+#: write into the group while one of its MNs is dead (``Allocator.mark``, ``fusee.rebuild``)
+BLOCK_MARK = BLOCK_HEADER - 8
+MAX_REPLICAS = (BLOCK_MARK - 16) // 8
 
 
 def encode_block_header(owner: int, index: int, replicas: list[tuple[int, int]]) -> bytes:

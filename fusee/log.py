@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from fusee.allocation import Allocator
 from fusee.errors import ValueTooLarge
-from fusee.layout import (CLASSES, COMMIT_OFFSET, LEN_SHIFT, LOG_BYTES, META_HEADS,
-                          commit_record, encode_object, object_bytes, pack_u64, size_class)
+from fusee.layout import (CLASSES, COMMIT_OFFSET, LEN_SHIFT, LOG_BYTES, META_HEADS, NODE_MASK,
+                          NODE_SHIFT, commit_record, encode_object, object_bytes, pack_u64,
+                          size_class)
 from fusee.memory_map import MemoryMap
 from fusee.verbs import Write
 
@@ -31,20 +32,23 @@ class NewObject:
     """An object being written by one operation: where it is, its first writes, and how many
     commit records it has had (records are numbered so that recovery can tell the newest when
     a crash left different ones on different replicas)."""
-    __slots__ = ("ptr", "units", "seq", "replicas", "writes", "records")
+    __slots__ = ("ptr", "units", "seq", "replicas", "data", "writes", "heads", "records")
 
     def __init__(self, ptr: int, units: int, seq: int, replicas: list[tuple[int, int]],
-                 writes: list[Write]) -> None:
+                 data: bytes, writes: list[Write], heads: list[tuple[int, bytes]]) -> None:
         self.ptr = ptr                  # node/address bits (no length)
         self.units = units
         self.seq = seq                  # allocation sequence: its slot value's generation
         self.replicas = replicas
-        self.writes = writes            # the object on every replica (+ a list head, at first)
+        self.data = data                # the object as written
+        #: the object on every replica (with its write marks, and a list head at first)
+        self.writes = writes
+        self.heads = heads              # (address, word) of the list head it sets, if any
         self.records = 0
 
     @property
     def size(self) -> int:
-        return len(self.writes[0].data)
+        return len(self.data)
 
 
 class ObjectLog:
@@ -77,22 +81,32 @@ class ObjectLog:
                              (units << LEN_SHIFT) | nxt, prev, seq)
         reps = self.alloc.replicas(p)
         writes = [Write(n, a, data) for n, a in reps]
+        if self.alloc.marked[p >> NODE_SHIFT & NODE_MASK]:
+            self._between_marks(writes)
+        heads: list[tuple[int, bytes]] = []
         if units not in self.prev:      # first object of this class: it heads the list
-            head = self.meta + META_HEADS + 8 * CLASSES.index(units)
-            writes += [Write(m, head, pack_u64((units << LEN_SHIFT) | p))
-                       for m in self.meta_nodes]
+            heads.append((self.meta + META_HEADS + 8 * CLASSES.index(units),
+                          pack_u64((units << LEN_SHIFT) | p)))
+            writes += [Write(m, addr, word) for addr, word in heads for m in self.meta_nodes]
         self.prev[units] = (units << LEN_SHIFT) | p
         self.seq[units] = seq + 1
-        return NewObject(p, units, seq, reps, writes)
+        return NewObject(p, units, seq, reps, data, writes, heads)
+
+    def _between_marks(self, writes: list[Write]) -> None:
+        """Put the first of ``writes`` (into an object on its home) between its write marks:
+        an MN of the object's group is dead (``Allocator.marks``)."""
+        before, after = self.alloc.marks(writes[0].node, writes[0].addr)
+        writes[:1] = [before, writes[0], after]
 
     def rewrite(self, obj: NewObject) -> list[Write]:
         """The object's first writes again, to its replicas under the membership now (after
         a batch that carried them failed: they may have reached none). Those are the live
         ones of the time it was written, and an MN rebuilt since (``fusee.rebuild``)."""
-        data = obj.writes[0].data
-        heads = {(w.addr, w.data) for w in obj.writes[len(obj.replicas):]}
-        return ([Write(n, a, data) for n, a in self.alloc.replicas(obj.ptr)] +
-                [Write(m, addr, head) for addr, head in sorted(heads) for m in self.meta_nodes])
+        writes = [Write(n, a, obj.data) for n, a in self.alloc.replicas(obj.ptr)]
+        if self.alloc.marked[obj.ptr >> NODE_SHIFT & NODE_MASK]:
+            self._between_marks(writes)
+        return writes + [Write(m, addr, word) for addr, word in obj.heads
+                         for m in self.meta_nodes]
 
     def record(self, obj: NewObject, state: int, ref: int, old: int,
                old_crc: int = 0) -> list[Write]:
@@ -101,4 +115,7 @@ class ObjectLog:
         obj.records += 1
         rec = commit_record(ref, old, state, old_crc, obj.records)
         off = obj.size - LOG_BYTES + COMMIT_OFFSET
-        return [Write(n, a + off, rec) for n, a in self.alloc.replicas(obj.ptr)]
+        writes = [Write(n, a + off, rec) for n, a in self.alloc.replicas(obj.ptr)]
+        if self.alloc.marked[obj.ptr >> NODE_SHIFT & NODE_MASK]:
+            self._between_marks(writes)
+        return writes

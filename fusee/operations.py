@@ -332,6 +332,7 @@ class ClientCore:
             self.adopting = unpack_u64(res[4]) != 0
             # each incarnation of this client id draws free values from its own range
             self.free_seq = (max(res[5:]) + 1) << 28
+            self.alloc.start_marks(max(res[5:]) + 1)
         yield [Write(m, meta + off, pack_u64(v)) for m in self.meta_nodes
                for off, v in ((META_MAGIC_OFF, META_MAGIC), (META_STATE, self.claim))]
         if self.adopting:

@@ -9,10 +9,25 @@ primary where it comes first. N's CPU does nothing: one-sided verbs only.
 
 Phase A, online (``Rebuild.copy_online``): the clients keep going, N is still dead in the
 membership, so no client reads or writes it. The master copies to N the bulk of the bytes,
-the data blocks of the block groups N belongs to, each from its home (first live replica).
-Only the groups whose owner is *quiet* are copied: an owner (a client id) is quiet when its
-metadata, read before any block, says CLEAN (no client holds the id) with no recovery
-running; its (STATE, incarnation, RECOVERY) words are kept.
+the data blocks of the block groups N belongs to, each from its home (first live replica):
+every group whose owner (a client id) has no recovery running (its metadata's RECOVERY word,
+read before any block, is zero) and whose *write mark* is even. The owner may be CLEAN (no
+client holds the id) or held by a client that keeps writing: while N is dead, every write
+of a holder into a group of N goes, on the group's home, between two write marks
+(``Allocator.marks``: WRITEs of the header's last word, an odd value before, the next even
+one after, in the same batch, so they land in that order), and the values never repeat.
+Each group's header (with its mark) and its owner's (STATE, incarnation, RECOVERY) words
+are kept as they were read, before the block.
+
+The master begins phase A once every leased client has heard, in a renewal, that the rebuild
+runs (``Master.unheard``; a client renews every third of its lease, and one that does not
+within a lease is expiring). From then until the rebuild ends, a client carves every new
+object from *fresh* groups, got since it heard, and reuses no freed object
+(``Allocator.follow``): its writes of the time land in those, and in the group of each size
+class's reserved object, not all over the groups it held, which a writer updating keys at
+random would otherwise touch nearly all of during the copy (it reuses freed objects where
+they are). That is what keeps the pause short for a client that stays open; the copy's
+exactness does not rest on it (below).
 
 Phase B, the pause (``Rebuild.finish``): every leased client has acked that no batch of it is
 in flight and it posts none (``fusee.master.logic``, as for a failover), and none of the old epoch
@@ -31,19 +46,23 @@ ever will (its next batch is refused with the new membership, ``EpochChanged``).
 3. The block groups are enumerated again (block tables, then headers). Of each group N
    belongs to, N gets the header and free bitmap (everything before the first object: frees
    and reclaims went to the home's bitmap during A) and, unless phase A copied it and it
-   is *unchanged*, the whole block: same home, same block, same header, same owner, and
-   that owner's metadata words equal to those phase A read. Then N's whole block table.
+   is *unchanged*, the whole block: same home, same block, same header (write mark
+   included: not moved), same owner, and that owner's metadata words equal to those phase
+   A read. Then N's whole block table.
    Only a home's bitmap holds bits: N's is zero unless N is the group's home again, and
    then the home it takes over has its bitmap wiped once N has it (``_piece``).
    The frees that went to N's bitmap before it died are lost with it, as after any MN death
    (``Membership.rebuilt``, ``fusee.audit``).
 
-The pause thus moves the index, the metadata, one header and bitmap per group, and the
-blocks of the ids in use (held by a client, or touched by an open or a recovery, since A
-began); not the data of the ids that stayed closed, which is the bulk of a store whose
-clients come and go. A client that stays open for the whole rebuild has every one of its
-groups copied in the pause: memory tells which ids could write, not which of their groups
-they wrote (a client's free lists are in its own memory).
+What is paused, and for how long: every client, from its ack of the pause to the publish
+of the next epoch: the wait for the last ack (up to one renewal of each client), step 1
+(reads of every subtable on every replica, and a CAS per round to settle), and the copy of
+steps 2 and 3, which moves the index, the metadata, one header and bitmap per group, and the
+blocks written since A read them (or made since, or of an id a recovery touched): for a
+client that heard of the rebuild, its fresh groups and those of its reserved objects; not
+the data that stayed as it was, which is the bulk of a store, whether its clients come and
+go or stay open. ``pause_groups`` and ``pause_bytes`` say what the pause copied (in the
+master's rebuild record and log line).
 
 Why the copy is exact (the proof sketch). Bytes of a data block change only thus: (a) an
 object (with its embedded log entry, its commit record, its ``used`` byte) is written by the
@@ -54,22 +73,36 @@ AllocBlock got, and a give-back (FreeBlock) frees it, after which another growth
 Every holder of an id CASes its STATE from CLEAN and FAAs its incarnation before its first
 write (``ClientCore.open``), and every recovery FAAs the incarnation before its first
 (``fusee.recovery``); a holder writes CLEAN only once every write of it has completed
-(``ClientCore.close``). So if an owner's words read at time t0 say CLEAN, no recovery, and
-read the same again in the pause, nobody wrote to its objects after t0 (an open or a
-recovery would have moved the incarnation; one running at t0 would show in STATE or
-RECOVERY), and a block read after t0 holds its final objects: (a) cannot make phase A's copy
-stale. (b) touches only the header-and-bitmap range, which phase B copies for every group.
-(c) changes the table word or the header, or happens under an owner that was not quiet: a
-group made, re-made or given back after A enumerated it does not match A's record, so it is
-copied whole in the pause (or, gone, not at all: its block on N is then free, with whatever
-bytes A left there, as any block given back is). The owner is read before the copy and
-compared in the pause, so no write can fall between the check and the copy. Since phase A
-never writes where a client reads (N is dead to the clients until the new epoch) and never
-writes a block-table word of N (phase B does), nothing it does is visible before the
-publish; a write that lands on a home after A read the range is caught by the owner's
-words. The danger that made the copy stop-the-world, a range read from the home before a
-client's write and written to N after the same write landed on N, cannot arise: no client
-writes N before the publish.
+(``ClientCore.close``). So if an owner's words read at time t0 say no recovery, and read the
+same again in the pause, one holder (or none) held the id all along and no recovery wrote
+after t0 (a recovery starting after t0 moves the incarnation; one running at t0 shows in
+RECOVERY; a new holder moves STATE and the incarnation). That holder posted every batch of
+the time in an epoch where N is dead (a batch of an older epoch is refused), so each of its
+writes W into a group of N went between marks M1 (odd, before W) and M2 (even, after W) on
+the home, in that order. Say phase A read the group's header at t1 (mark c1, even), then
+its block at t2 > t1, and the pause reads the mark c3. If W landed after t2, M2 lands after
+W (or never: a batch cut short by a crash or an interrupt) and M1 before W; either M1 landed
+after t1, and the mark moved to M1 or a later value, none equal to c1 (values only grow
+within a holder and carry its incarnation), or M1 landed before t1, and then c1 is M1 (odd:
+A skips the group) or a later mark of the same holder, posted after W, so after t2:
+impossible. So c3 = c1 with c1 even means that no write of (a) landed after t2, and phase A's
+copy is final. (b) touches only the header-and-bitmap range, which phase B copies for every
+group. (c) changes the table word or the header, or happens under an owner whose words
+moved: a group made, re-made or given back after A enumerated it does not match A's record,
+so it is copied whole in the pause (or, gone, not at all: its block on N is then free, with
+whatever bytes A left there, as any block given back is). Since phase A never writes where
+a client reads (N is dead to the clients until the new epoch) and never writes a block-table
+word of N (phase B does), nothing it does is visible before the publish; a write that lands
+on a home after A read the range is caught by the mark, or by the owner's words. The danger
+that made the copy stop-the-world, a range read from the home before a client's write and
+written to N after the same write landed on N, cannot arise: no client writes N before the
+publish. The marks cost nothing while every MN is alive (no verb), and while one is dead two
+WRITEs per write batch to a group of it, with no round trip of their own. Nothing of this
+asks where a client writes: a client that never heard of the rebuild (a lease ran out
+waiting for it), or that stopped sparing when no block was left (``Allocator.ensure``), or
+whose operation in flight writes a reserved object of a group phase A copied, writes into
+such a group between its marks like any other write, and the pause copies that group
+again. Sparing decides only how many groups that is.
 
 After the pause N is equal, thing by thing, to the copy readers used: what a read in the old
 epoch saw, a read of N in the new one sees. Step 1 leaves no proposal on a backup that the
@@ -86,23 +119,43 @@ decisions it recorded (``Rebuild.closed``): a writer never resumes a round it se
 ``progress`` reports bytes copied and to copy, per phase, so that the master can show it.
 
 Measured (``python3 -m pytest tests/test_rebuild_processes.py -m soak -s -k 100k``: 100,000
-keys of 1 KB on 3 MNs, r = 3, two client processes updating and reading all along; one run
-each on a shared 2-core machine, so noisy), before (stop-the-world) and now:
+keys of 1 KB on 3 MNs, r = 3, two client processes updating and reading random keys all
+along; a 2-core machine shared with four other engineers' test runs, load average 10-13, so
+wall times are noisy; one run each, two where a writer holds the id): rebuild;
+pause (of it copying: MiB, groups whole); MiB copied online of all; longest client operation
+during the rebuild. Marks: the
+write marks alone (the online copy takes the groups of open ids too); spared: the clients
+spare the rebuild's groups; + renewals: they also renew every ``REBUILD_POLL`` while it runs.
 
-=============================  =====================  =======================================
-loader's id                    before: longest op     now: longest op; pause (copying); online
-=============================  =====================  =======================================
-closed (shm)                   1.18 s (copy 0.93 s)   0.81 s; 1.06 s (0.49 s); 148 of 171 MiB
-closed (zmq)                   1.24 s (copy 1.21 s)   0.44 s; 0.64 s (0.38 s); 148 of 163 MiB
-taken over by a writer (shm)   0.86 s (copy 0.62 s)   1.32 s; 1.62 s (1.14 s); 0 of 174 MiB
-taken over by a writer (zmq)   1.94 s (copy 1.92 s)   1.41 s; 1.85 s (1.38 s); 0 of 158 MiB
-=============================  =====================  =======================================
+- loader's id closed, shm. Marks: 3.34 s; 1.66 s (1.06 s, 31 MiB, 6); 164 of 195; 1.37 s.
+  Spared: 2.92 s; 0.84 s (0.44 s, 35 MiB, 7); 164 of 199; 0.56 s. + renewals: 2.80 s;
+  0.68 s (0.59 s, 23 MiB, 4); 172 of 195; 0.80 s.
+- closed, zmq. Marks: 1.61 s; 0.84 s (0.31 s, 15 MiB, 2); 156 of 171; 0.32 s. Spared:
+  2.07 s; 0.73 s (0.20 s, 15 MiB, 2); 164 of 179; 0.21 s. + renewals: 2.91 s; 0.47 s
+  (0.45 s, 23 MiB, 4); 164 of 187; 0.48 s.
+- held by a writer, shm. Marks: 4.09 s; 0.75 s (0.28 s, 162 MiB, 39); 168 of 330; 0.92 s,
+  and 3.75 s; 2.20 s (0.77 s, 102 MiB, 24); 168 of 270; 1.59 s. Spared: 1.98 s; 0.81 s
+  (0.29 s, 27 MiB, 5); 168 of 195; 0.54 s. + renewals: 2.00 s; 0.57 s (0.54 s, 23 MiB, 4);
+  164 of 187; 0.81 s, and 2.36 s; 0.82 s (0.79 s, 27 MiB, 5); 168 of 195; 0.93 s.
+- held by a writer, zmq. Marks: 0.91 s; 0.30 s (0.29 s, 15 MiB, 2); 152 of 167; 0.31 s,
+  and 1.83 s; 0.94 s (0.58 s, 158 MiB, 38); 152 of 310; 0.61 s. Spared: 2.01 s; 0.52 s
+  (0.23 s, 15 MiB, 2); 160 of 175; 0.25 s. + renewals: 2.05 s; 0.42 s (0.41 s, 15 MiB, 2);
+  160 of 175; 0.44 s, and 2.36 s; 0.46 s (0.43 s, 19 MiB, 3); 160 of 179; 0.46 s.
 
-The pause includes the wait for every client's ack (a renewal or two: client lease / 4
-each); what it copies when the data's ids are closed is the metadata area, the subtables
-and the writers' own groups (22 MiB), and it first closes the open rounds, which reads
-every subtable on every replica. When a writer holds the id of the data, everything is
-copied in the pause, as before.
+With the marks alone, a writer holding the load's id (updates of random keys reuse freed
+objects all over its groups) had 24-39 of its ~40 groups (102-162 MiB) copied again in the
+pause whenever it was reclaiming while the copy ran (the first zmq run caught it carving a
+fresh tail instead: 2 groups). Spared, the pause copies 2-7 groups whatever the writers do:
+each writer's fresh group and the group of its reserved object; the rest of what it copies
+is the metadata, the index (about 7 MiB here) and one header and bitmap per group. What is
+left of the pause is mostly not the copy of data (on shm, 162 MiB took 0.28 s of one pause
+and 27 MiB 0.79 s of another, the machine loaded as it was): closing the rounds reads every
+subtable on every replica, the groups are enumerated again (every block table and header),
+all of it Python in the master; and the wait for the acks (the pause less its copying),
+which took 0.01-1.43 s with renewals every third of the lease (2 s here) and 0.01-0.09 s
+with those of a rebuild. The rebuild as a whole now includes the wait for every client to
+hear of it (up to a third of a lease).
+
 A replacement host takes N's place by serving N's endpoint of the cluster config. Every
 dead N can be rebuilt in place: no two of its groups sit at one address of it. (With r < n a
 group made while N was dead may share no live MN with one made before it died;
@@ -124,7 +177,7 @@ from fusee.index import replica_nodes
 from fusee.layout import (
     BLOCK_HEADER,
     BLOCK_MAGIC,
-    CLEAN,
+    BLOCK_MARK,
     META_INCARNATION,
     META_RECOVERY,
     META_STATE,
@@ -206,8 +259,11 @@ class Rebuild:
         self.progress, self.abandon = progress, abandon
         self.core = ClientCore(config, 0, membership=membership)
         self.copied: dict[tuple[int, int], _Group] = {}     # by (source, addr): phase A's
-        self.quiet: dict[int, tuple[int, ...]] = {}         # owner id -> its words at A
+        self.owners: dict[int, tuple[int, ...]] = {}        # owner id -> its words at A
         self.online_bytes = 0
+        #: the pause's copy: groups it copied whole (written since phase A, or not copied
+        #: then), and the bytes it copied in all
+        self.pause_groups = self.pause_bytes = 0
         self.closing: _Failover | None = None               # phase B's, once it has begun
 
     def closed(self) -> Membership | None:
@@ -229,12 +285,12 @@ class Rebuild:
         return self.membership.successor((), c.settled, c.kept, c.dropped)
 
     def copy_online(self) -> Op[None]:
-        """Generator, phase A: copy the groups of quiet owners whole."""
+        """Generator, phase A: copy whole the groups whose owner no recovery writes for and
+        whose write mark says no write is under way."""
         groups = yield from _groups(self.core, self.node)
         words = yield from _owner_words(self.core, {g.owner_word - 1 for g in groups})
-        self.quiet = {cid: w for cid, w in words.items()
-                      if w[0] == CLEAN and w[2] == 0}
-        chosen = [g for g in groups if g.owner_word - 1 in self.quiet]
+        self.owners = {cid: w for cid, w in words.items() if w[2] == 0}
+        chosen = [g for g in groups if g.owner_word - 1 in self.owners and _settled(g)]
         bitmap = self.core.alloc.bitmap_bytes
         yield from _copy(self.node, [_piece(g, self.core.map.layout.block_size, bitmap)
                                      for g in chosen], [], self.progress, self.abandon)
@@ -255,10 +311,13 @@ class Rebuild:
         whole, head = mm.layout.block_size, core.alloc.first_object
         table = [0] * mm.num_blocks
         for g in groups:
+            # (the head holds the write mark: equal, it did not move)
             unchanged = (self.copied.get((g.source, g.addr)) == g
-                         and self.quiet.get(g.owner_word - 1) == now[g.owner_word - 1])
+                         and self.owners.get(g.owner_word - 1) == now[g.owner_word - 1])
             pieces.append(_piece(g, head if unchanged else whole, core.alloc.bitmap_bytes))
             table[mm.block_index(g.dst)] = g.owner_word
+            self.pause_groups += not unchanged
+        self.pause_bytes = sum(piece[2] for piece in pieces)
         yield from _copy(node, pieces, words, self.progress)
         # the whole table, not the used words: a rebuild that failed may have left some
         yield [Write(node, mm.table, struct.pack(f"<{mm.num_blocks}Q", *table))]
@@ -345,6 +404,12 @@ def _groups(core: ClientCore, node: int) -> Op[list[_Group]]:
         groups.append(_Group(x, mm.block_addr(i), dst, owner_word, bytes(head),
                              nodes.index(node), home_after == node))
     return groups
+
+
+def _settled(g: _Group) -> bool:
+    """No write of the group's owner is under way on its home as its header was read: its
+    write mark is even (``Allocator.marks``)."""
+    return unpack_u64(g.head, BLOCK_MARK) % 2 == 0
 
 
 def _owner_words(core: ClientCore, owners: Iterable[int]

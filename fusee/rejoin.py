@@ -4,7 +4,8 @@ asked to rejoin, when a rebuild may run, and what each MN's state is for ``statu
 A dead MN (failed over) that answers the master's heartbeat with "rejoin" (``fusee memnode
 --rejoin``: a restarted MN, or a replacement with the same id) is queued here. Once no
 failover is pending and no repair runs, its rebuild runs (``fusee.rebuild``): first the
-online copy (phase COPYING) while the clients keep going, then the pause (phase PAUSING):
+online copy (phase COPYING) while the clients keep going (once each has heard of it in a
+renewal: ``heard``, ``Master.unheard``), then the pause (phase PAUSING):
 the clients pause for the next epoch, exactly as for a failover (``Master.pause``), and once
 every leased client has acked, the rest is copied and ``done`` publishes its membership: the
 MN is alive again, with a lease of its own.
@@ -42,6 +43,8 @@ class Rejoins:
     attempts: dict[int, int] = field(default_factory=dict)     # failed rebuilds, per MN
     retry_at: dict[int, float] = field(default_factory=dict)   # no ask heard before then
     errors: dict[int, str] = field(default_factory=dict)       # the last failure, per MN
+    #: the clients a renewal has told that the running rebuild runs (``Master.unheard``)
+    heard: set[int] = field(default_factory=set)
 
     def ask(self, node: int, sent_at: float, lease: float) -> bool:
         """Dead MN ``node`` asked to rejoin in answer to a ping sent at ``sent_at``; True
@@ -63,6 +66,7 @@ class Rejoins:
             return None
         self.running = min(self.joining)
         self.progress, self.phase = (0, 0), COPYING
+        self.heard = set()
         return self.running
 
     @property

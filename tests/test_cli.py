@@ -307,3 +307,37 @@ def test_status_shows_whatever_state_and_progress_the_master_reports_per_node():
     row = next(ln for ln in table.splitlines() if ln.startswith("1 "))
     assert "rebuilding" in row and "progress=0.4" in row and "from=0" in row
     assert "2 MiB (2/10 blocks)" in row and "clients: 1: 7 (4.0s left)" in table
+
+
+def test_status_shows_a_rebuilds_progress_in_mib():
+    """The master reports a rebuilding MN's progress in its phase as [bytes copied, bytes to
+    copy]: shown in MiB, with the share done."""
+    from fusee import cli_status
+    from fusee.cli_status import MiB
+    from fusee.config import ClusterConfig, MemNodeConfig
+    config = ClusterConfig(memnodes=(MemNodeConfig(0, "ipc:///x/mn0"),))
+    status = {"epoch": 1, "alive": {}, "dead": [0], "failing": [], "clients": {},
+              "memnodes": {"0": {"state": "rebuilding", "phase": "copying online",
+                                 "progress": [3 * MiB, 12 * MiB]}}}
+    node = cli_status._node_view(config, 0, status, {"error": "unreachable"})
+    view = {"cluster": "c", "master": {"endpoint": "ipc:///x/m", "pid": 2}, "memnodes": [node],
+            "epoch": 1}
+    row = next(ln for ln in cli_status.render(view).splitlines() if ln.startswith("0 "))
+    assert "rebuilding" in row and "phase=copying online" in row
+    assert "progress=3.0/12.0 MiB (25%)" in row
+
+
+def test_status_shows_what_the_last_rebuild_cost_the_clients():
+    """The master's record of its last rebuild: how long the clients were paused and what
+    the pause copied (the groups written while the online copy ran)."""
+    from fusee import cli_status
+    record = {"node": 0, "epoch": 4, "finished_at": 0.0, "rebuild_s": 2.5,
+              "copied_bytes": 160 * 2**20, "online_bytes": 150 * 2**20, "pause_s": 0.4,
+              "paused_copy_s": 0.2, "pause_bytes": 10 * 2**20, "pause_groups": 3}
+    view = {"cluster": "c", "master": {"endpoint": "ipc:///x/m", "pid": 2}, "memnodes": [],
+            "epoch": 4, "clients": {}, "repairs": {}, "failing": [], "lost": None,
+            "rebuilds": [{**record, "node": 1}, record]}
+    last = cli_status.render(view).splitlines()[-1]
+    assert last == ("last rebuild: MN 0 (epoch 4) in 2.50 s, 160.0 MiB copied, 150.0 MiB "
+                    "online; clients paused 0.40 s, 0.20 s of it copying 10.0 MiB, 3 block "
+                    "groups whole")

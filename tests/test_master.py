@@ -59,6 +59,18 @@ def test_a_client_counts_its_lease_short_by_the_clock_margin():
     assert LeaseKeeper._expiry(10.0, 2.0) == 10.0 + 2.0 * (1 - CLOCK_MARGIN) < 12.0
 
 
+def test_a_client_renews_often_while_a_rebuild_runs():
+    """A rebuild's pause waits for every client's ack, and a client that acked waits for the
+    slowest: while a rebuild runs, renewals come every REBUILD_POLL, not every third of the
+    lease (still as often as POLL while paused or awaiting an epoch)."""
+    from fusee.master.link import POLL, REBUILD_POLL, renewal_wait
+    assert POLL < REBUILD_POLL < 2.0 / 3
+    assert renewal_wait(2.0, awaiting=False, rebuilding=False) == 2.0 / 3
+    assert renewal_wait(2.0, awaiting=False, rebuilding=True) == REBUILD_POLL
+    assert renewal_wait(0.06, awaiting=False, rebuilding=True) == 0.02     # a short lease
+    assert renewal_wait(2.0, awaiting=True, rebuilding=True) == POLL
+
+
 def test_a_renewal_after_the_deadline_expires_the_lease_itself():
     m = master()
     m.grant(1, 9, now=0.0)
@@ -393,6 +405,32 @@ def test_a_rebuild_copies_online_then_pauses_the_clients_until_it_publishes():
     assert (m.epoch, m.dead, m.pause, m.alive()) == (2, frozenset(), 0, [0, 1, 2])
     assert m.status(0.0)["memnodes"]["0"]["primary_of"] == [0]
     assert m.tick(0.9 + MN_L) == []                         # it has a lease of its own now
+
+
+def test_the_online_copy_waits_until_every_client_heard_of_the_rebuild():
+    """Every grant while a rebuild runs names its MN (a client then carves new objects from
+    fresh groups only, ``Allocator.follow``); ``unheard`` lists the leased clients no grant
+    has told yet, whom the online copy waits for. A client registered meanwhile hears it in
+    its first grant; the next rebuild is news to everyone again."""
+    m = master(pinged_until=0.0)
+    for mn in (1, 2):
+        m.mn_seen(mn, 10.0)
+    _failed_over(m, 0, now=MN_L + 0.1)
+    m.grant(7, 1, now=0.6)
+    m.grant(8, 1, now=0.6)
+    assert m.renew(7, 1, now=0.65).rebuild is None and m.unheard() == [7, 8]
+    assert m.rejoin(0, 0.7) and m.next_rebuild(0.7) == 0
+    assert m.unheard() == [7, 8]
+    m.rejoins.progress = (5, 10)
+    assert m.renew(7, 1, now=0.75).rebuild == (0, 5, 10) and m.unheard() == [8]
+    assert m.grant(9, 1, now=0.75).rebuild == (0, 5, 10) and m.unheard() == [8]
+    m.renew(8, 1, now=0.8)
+    assert m.unheard() == []
+    m.rebuild_failed(0, 0.85, "RebuildAbandoned: a test")
+    assert m.renew(7, 1, now=0.9).rebuild is None
+    m.rejoins.retry_at.clear()
+    assert m.rejoin(0, 0.9) and m.next_rebuild(0.9) == 0
+    assert m.unheard() == [7, 8, 9]
 
 
 def test_a_rebuild_is_overtaken_by_a_death_then_by_its_failover():

@@ -126,7 +126,8 @@ def test_rebuild_time_and_longest_client_pause_for_100k_1kb_keys(backend, loader
     of 2 client processes that ran all along (their longest pause). ``loader``: the writers
     start while the loading client is open, which then closes (its id stays closed: its
     groups are copied online), or once it has closed (one writer takes its id over, with
-    every group of the load: those are copied in the pause).
+    every group of the load, and holds it through the rebuild: the online copy takes those
+    too, and the pause only the groups written since).
     Run: python3 -m pytest tests/test_rebuild_processes.py -m soak -s -k 100k
     (a rebuild longer than ``membership_wait`` would fail the paused clients' operations)"""
     import time
@@ -168,7 +169,9 @@ def test_rebuild_time_and_longest_client_pause_for_100k_1kb_keys(backend, loader
         (record,) = c.master_status()["rebuilds"]
         print(f"\n{backend}, loader {loader}: rebuild of MN 0 with {keys} keys of 1 KB: "
               f"{record['rebuild_s']:.2f} s, clients paused {record['pause_s']:.2f} s "
-              f"({record['paused_copy_s']:.2f} s of it copying); "
+              f"({record['paused_copy_s']:.2f} s of it copying "
+              f"{record['pause_bytes'] / 2**20:.1f} MiB, {record['pause_groups']} block groups "
+              f"whole); "
               f"{record['copied_bytes'] / 2**20:.1f} MiB copied, "
               f"{record['online_bytes'] / 2**20:.1f} MiB of it online; longest client "
               f"operation during it: {max(w.value for w in worst):.2f} s")

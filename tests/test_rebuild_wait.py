@@ -34,6 +34,7 @@ import pytest
 from storekit import SMALL
 from test_failover_processes import LEASES, _wait
 
+from fusee import cli_status
 from fusee.emulator.cluster import ClusterStartError, LocalCluster
 from fusee.config import LayoutConfig
 from fusee.master.logic import Master
@@ -148,6 +149,12 @@ def test_a_client_waits_out_a_rebuild_longer_than_its_membership_wait(backend):
             kv.put(b"after the failover", b"2")
             c.rejoin(0)
             _wait(lambda: _paused(c, 0), "MN 0's rebuild to pause the clients")
+            # the online copy began only once the client had heard of the rebuild (its
+            # allocator then spares the groups the copy takes: ``Allocator.follow``)
+            assert kv.lease.rebuilding == 0
+            shown = cli_status.render(cli_status.gather(c.config))      # ``fusee status``
+            row = next(ln for ln in shown.splitlines() if ln.startswith("0 "))
+            assert "rebuilding" in row and "phase=pausing" in row and "MiB (" in row, shown
             thread, out = _put_in_background(kv, b"during the rebuild", b"3")
             thread.join(4 * wait)
             assert not thread.is_alive(), "the put is still waiting"

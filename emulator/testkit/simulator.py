@@ -51,6 +51,9 @@ class Simulator(Faults):
         super().__init__(memory, seed, **options)
         self.failovers: list = []                       # what each failover returned
         self.rebuilds: list = []        # (Rebuild, what ended it: a Membership or an error)
+        #: the MN a rebuild copies to while one runs, as the master's grants would say (a
+        #: client's ``Allocator.news`` may read it)
+        self.rebuilding: int | None = None
 
     def fail_over(self, nodes) -> None:
         """The master's failover for crashed MNs ``nodes`` (an id or a collection), with
@@ -99,6 +102,7 @@ class Simulator(Faults):
         if node in self.memory.crashed:
             self.memory.restart(node)
         job = Rebuild(self.memory.config, self.membership, node)
+        self.rebuilding = node
         self.faults.append((self.step, f"rebuild of MN {node}: copying online"))
         name = f"rebuild {node} #{sum(1 for x, _ in self.rebuilds if x.node == node)}"
         actor = self.add_client(name, [Call("rebuild", None, None, job.copy_online)])
@@ -120,6 +124,7 @@ class Simulator(Faults):
             except TransportError as e:
                 outcome = e
         self.rebuilds.append((job, outcome))
+        self.rebuilding = None
         if isinstance(outcome, TransportError):
             self.faults.append((self.step, f"rebuild of MN {job.node} failed: {outcome!r}"))
             closed = job.closed()

@@ -55,11 +55,24 @@ from fusee.transports.security import HANDSHAKE_FAILED, refusal, secure_client
 
 #: seconds between renewals while paused or while an operation awaits a new epoch
 POLL = 0.02
+#: seconds between renewals while a rebuild runs: its pause waits for every client's ack,
+#: and each client paused meanwhile waits for the slowest to hear of it (at most this, not a
+#: third of the lease)
+REBUILD_POLL = 0.05
 #: the share of each lease the client gives up for the rate difference of its clock and the
 #: master's: NTP slews a clock by at most 500 ppm, quartz drifts by tens of ppm
 CLOCK_MARGIN = 0.01
 #: the first retry of a renewal that got no reply, doubled per failure up to a third of the lease
 RETRY_FIRST = 0.05
+
+
+def renewal_wait(lease: float, awaiting: bool, rebuilding: bool) -> float:
+    """Seconds until a client's next renewal: often while it is paused or an operation awaits
+    a new epoch (``awaiting``), fairly often while a rebuild runs (so that its pause hears
+    every ack soon), else a third of the ``lease``."""
+    if awaiting:
+        return POLL
+    return min(REBUILD_POLL, lease / 3) if rebuilding else lease / 3
 
 
 def membership_wait(config: ClusterConfig) -> float:
@@ -270,6 +283,8 @@ class LeaseKeeper:
         #: when the last renewal that said a rebuild runs was sent (operations paused for it
         #: keep waiting while renewals say so: ``fusee.client``)
         self.rebuild_seen = -math.inf
+        #: the MN a running rebuild copies to, as the last grant said (None: none runs)
+        self.rebuilding: int | None = None if self.grant.rebuild is None else self.grant.rebuild[0]
         self.gate = threading.Lock()            # held around every batch posted
         self.news = threading.Condition()
         self.waiters = 0                        # operations waiting for a new epoch
@@ -375,7 +390,8 @@ class LeaseKeeper:
                 continue
             failures = 0
             ack = self._apply(g, sent)
-            wait = 0 if ack else POLL if self.pause or self.waiters else lease / 3
+            wait = 0 if ack else renewal_wait(lease, bool(self.pause or self.waiters),
+                                              self.rebuilding is not None)
 
     def _apply(self, g: Grant, sent: float) -> bool:
         """Take in a renewal; True if a pause was just acked (tell the master at once)."""
@@ -383,6 +399,7 @@ class LeaseKeeper:
             self.expires, self.lost, self.data_lost = self._expiry(sent, g.lease), None, g.lost
             if g.rebuild is not None:
                 self.rebuild_seen = sent
+            self.rebuilding = None if g.rebuild is None else g.rebuild[0]
             if g.membership is not None and g.membership.epoch > self.membership.epoch:
                 self.membership = g.membership
                 self.epoch = g.membership.epoch

@@ -248,7 +248,7 @@ class Master:
         if i < len(self.free_ids) and self.free_ids[i] == cid:
             del self.free_ids[i]
         self.clients[cid] = _Lease(token, now + self.client_lease + self.grace)
-        return Grant(cid, token, self.client_lease, self.epoch)
+        return Grant(cid, token, self.client_lease, self.epoch, rebuild=self._rebuild_news(cid))
 
     def renew(self, cid: int, token: int, now: float, paused: int = 0) -> Grant:
         """Extend the lease; ``paused``: the pause epoch the client has acked (0: none)."""
@@ -259,10 +259,24 @@ class Master:
         lease.deadline = now + self.client_lease + self.grace
         if paused and paused == self.pause:
             self.acks[cid] = paused
-        running = self.rejoins.running
-        rebuild = None if running is None else (running, *self.rejoins.progress)
         return Grant(cid, token, self.client_lease, self.epoch, self.pause, self.lost,
-                     rebuild=rebuild)
+                     rebuild=self._rebuild_news(cid))
+
+    def _rebuild_news(self, cid: int) -> tuple[int, int, int] | None:
+        """What a grant to ``cid`` says of the running rebuild (None: none runs); it counts
+        as heard (``unheard``)."""
+        running = self.rejoins.running
+        if running is None:
+            return None
+        self.rejoins.heard.add(cid)
+        return (running, *self.rejoins.progress)
+
+    def unheard(self) -> list[int]:
+        """The leased clients no grant has told yet that the running rebuild runs. Told, a
+        client carves new objects from fresh blocks only while it runs (``Allocator.follow``),
+        so the online copy waits for them: what they write meanwhile lands in few groups,
+        which the pause copies again, not in every group they hold."""
+        return sorted(self.clients.keys() - self.rejoins.heard)
 
     def release(self, cid: int, token: int) -> None:
         """A clean close: the id goes to recovery (which finds nothing in flight) and back."""

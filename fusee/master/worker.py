@@ -156,6 +156,7 @@ class Worker(SharedState):
             try:
                 run(check_region(MemoryMap.of(self.config.layout), node), transport)
                 job = Rebuild(self.config, membership, node, progress, overtaken)
+                self._until_heard(node, overtaken)
                 run(job.copy_online(), transport)
                 paused = time.perf_counter()
                 self._pause_for_rebuild(node, overtaken)
@@ -211,7 +212,8 @@ class Worker(SharedState):
             self.rebuilds.append({"node": node, "epoch": new.epoch, "finished_at": time.time(),
                                   "rebuild_s": seconds, "copied_bytes": copied,
                                   "online_bytes": job.online_bytes, "pause_s": pause_s,
-                                  "paused_copy_s": last_s})
+                                  "paused_copy_s": last_s, "pause_bytes": job.pause_bytes,
+                                  "pause_groups": job.pause_groups})
             self.work_due.set()
         if self.transport is not None:      # it has the MN as dead: reconnect when needed
             self.transport.close()
@@ -219,7 +221,8 @@ class Worker(SharedState):
         self.log(f"master: memory node {node} rebuilt in {seconds * 1000:.1f} ms "
                  f"({copied / 2**20:.1f} MiB copied, {job.online_bytes / 2**20:.1f} MiB of it "
                  f"online; clients paused {pause_s * 1000:.1f} ms, {last_s * 1000:.1f} ms of "
-                 f"it copying): epoch {new.epoch} "
+                 f"it copying {job.pause_bytes / 2**20:.1f} MiB, {job.pause_groups} block "
+                 f"groups whole): epoch {new.epoch} "
                  f"published", flush=True)
 
     def _closing(self, node: int) -> None:
@@ -228,6 +231,29 @@ class Worker(SharedState):
         any client resumes (``Master.closing``)."""
         with self.lock:     # an OSError fails the rebuild before it touches any
             self._saved_then_applied(lambda master: master.rebuild_closing(node))
+
+    def _until_heard(self, node: int, overtaken: Callable[[], str | None]) -> None:
+        """Before the online copy of ``node``: wait until every leased client has heard of
+        the rebuild in a renewal (``Master.unheard``; it renews every third of its lease),
+        or a lease and its grace have gone by (one that did not renew meanwhile is expiring).
+        Not needed for the copy to be exact, only for the pause to be short: a client that
+        has not heard yet reuses its freed objects in any of its groups, each of which the
+        pause would copy again. RebuildAbandoned if the rebuild is overtaken meanwhile."""
+        with self.lock:
+            deadline = time.monotonic() + self.logic.client_lease + self.logic.grace
+        while True:
+            reason = overtaken() or ("the master stops" if self.stopping.is_set() else None)
+            if reason is not None:
+                raise RebuildAbandoned(reason)
+            with self.lock:
+                unheard = self.logic.unheard()
+            if not unheard:
+                return
+            if time.monotonic() > deadline:
+                self.log(f"master: clients {unheard} did not hear of the rebuild of memory "
+                         f"node {node} in a lease: copying all the same", flush=True)
+                return
+            self.stopping.wait(0.01)
 
     def _pause_for_rebuild(self, node: int, overtaken: Callable[[], str | None]) -> None:
         """Pause the clients for the last phase of ``node``'s rebuild; return once every
