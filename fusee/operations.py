@@ -43,6 +43,7 @@ Design: docs/design.md#the-four-operations.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,9 +66,11 @@ from fusee.log import NewObject, ObjectLog
 from fusee.membership import Membership
 from fusee.memory_map import HEADER_LAYOUT, MemoryMap
 from fusee.replication import SlotTarget, backoff
-from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, NodeTimeout, Op,
-                         Read, Request, T, TransportError, Write)
+from fusee.verbs import (EPOCH_ENDS, MASK64, AwaitMembership, Cas, EpochChanged, Faa,
+                         NodeTimeout, Op, Read, Request, T, TransportError, Write)
 from fusee.verdicts import FRESH, Fresh, Verdict
+
+log = logging.getLogger(__name__)
 
 #: re-reads an operation spends waiting on another client before it raises Stalled (about a
 #: minute with the back-off between them; ``fusee.client.Client`` sets it from the time a
@@ -191,8 +194,9 @@ class ClientCore:
         aborts, self.aborts = self.aborts, []
         marks = [w for obj in aborts for w in self.log.record(obj, ABORTED, NO_SLOT, 0)]
         ahead = len(reqs) + len(marks)
+        frees = [self.alloc.free_request(p) for p in ptrs]
         try:
-            res: list[Any] = yield [*reqs, *marks, *(self.alloc.free_request(p) for p in ptrs)]
+            res: list[Any] = yield [*reqs, *marks, *frees]
         except TransportError as e:
             # marks go out again with the next batch (a newer record of the same outcome),
             # and so do frees that surely did not happen (refused or flushed, or none was
@@ -226,7 +230,22 @@ class ClientCore:
             self._release(released)
         for obj in aborts:      # marked ABORTED: recovery never redoes them
             self.alloc.release(obj.ptr)
+        twice = [f for f, word in zip(frees, res[ahead:]) if word & f.delta]
+        if twice:
+            yield from self._take_back(twice)
         return res[:len(reqs)]
+
+    def _take_back(self, frees: list[Faa]) -> Op[None]:
+        """Generator: take back ``frees``, whose FAAs found their bit already set: each
+        object was freed already (a free delivered twice is a bug), and the add carried into
+        the next object's bit, a live object that would read as freed and be reused.
+        Subtracting the bit takes exactly that add back (FAAs commute), whatever came
+        between; only a reclaim by the neighbour's owner in that round trip can take it."""
+        for f in frees:
+            log.error("client %d: a free of an object freed already (MN %d, bitmap word %#x, "
+                      "bit %d): taken back", self.client_id, f.node, f.addr,
+                      f.delta.bit_length() - 1)
+        yield [f._replace(delta=-f.delta & MASK64) for f in frees]
 
     def _release(self, released: list[int]) -> None:
         """The frees sent are delivered: reuse the objects whose log entries owed them."""

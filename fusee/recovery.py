@@ -393,7 +393,7 @@ class Recovery:
             else:
                 self._outcome("had taken effect")
             if owed:
-                yield from core.rt([core.alloc.free_request(old)])
+                yield from self._free(old)
                 self.report.frees_delivered += 1
         return dead
 
@@ -430,6 +430,12 @@ class Recovery:
                 return None
             v, crc = o.old_value, o.old_crc
         return None
+
+    def _free(self, old: int) -> Op[None]:
+        """Generator: free ``old``'s object now, as a client's deferred free goes out: one
+        that finds the bit set already is taken back (``ClientCore.rt``)."""
+        self.core.defer_free(old)
+        yield from self.core.rt([])
 
     def _backed(self, sid: int) -> bool:
         """Did every round ever opened in subtable ``sid`` have a backup? A log entry does
@@ -496,7 +502,7 @@ class Recovery:
         e.linearized = True
         self._outcome("completed")
         if committed_object(old) and e.v.opcode != INSERT:
-            yield from core.rt([core.alloc.free_request(old)])
+            yield from self._free(old)
         return True
 
     def _by_key(self, key: bytes, group: list[_Entry], entries: list[_Entry]) -> Op[None]:

@@ -5,6 +5,8 @@ the damage (if at all) at the end, with no trace of who freed twice."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from fusee.emulator.testkit.simulator import Call, Simulator, store_calls
@@ -12,7 +14,7 @@ from fusee.driver import run
 from fusee.layout import BLOCK_HEADER
 from fusee.operations import ClientCore
 from fusee.transports.local import LocalMemory, LocalTransport
-from fusee.verbs import Faa
+from fusee.verbs import Faa, Read
 
 from test_failover import _config
 
@@ -74,3 +76,31 @@ def test_only_single_bits_below_the_top_of_a_bitmap_word_are_frees():
     assert not bits.is_free(Faa(0, word, -(1 << 5) & (2**64 - 1)))
     assert not bits.is_free(Faa(0, memory.map.data, 1))                     # a block header
     assert not bits.is_free(Faa(0, memory.map.data - 4096, 1))              # metadata
+
+
+def test_a_clients_free_that_finds_its_bit_set_takes_its_add_back(caplog):
+    """B updates A's key and owes the free of A's object (deferred to B's next batch);
+    someone frees that object first (as a recovery that took B's write for its crashed
+    client's did, seed 40). B's free finds the bit set: its add carried into the next
+    object's bit. B takes it back with the next round trip and logs it: the word ends as
+    the first free left it (on cfccaa5 the next bit stays set: that object reads as
+    freed)."""
+    cfg = _config(nodes=3, r=2)
+    memory = LocalMemory(cfg)
+    a, old = _published(cfg, memory)
+    t = LocalTransport(cfg, memory=memory)
+    b = ClientCore(cfg, 1)
+    run(b.open(), t)
+    run(b.update(b"k", b"B's"), t)              # the free of ``old`` rides B's next batch
+    free = b.alloc.free_request(old)
+    t.execute([free])                           # freed first, by another hand
+
+    def word() -> int:
+        (raw,) = t.execute([Read(free.node, free.addr, 8)])
+        return int.from_bytes(raw, "little")
+    once = word()
+    assert once & free.delta
+    with caplog.at_level(logging.ERROR, logger="fusee.operations"):
+        assert run(b.search(b"k"), t) == b"B's"
+    assert word() == once, (hex(word()), hex(once))
+    assert "a free of an object freed already" in caplog.text
