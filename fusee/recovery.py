@@ -438,13 +438,12 @@ class Recovery:
         yield from self.core.rt([])
 
     def _backed(self, sid: int) -> bool:
-        """Did every round ever opened in subtable ``sid`` have a backup? A log entry does
-        not say in which epoch its round was, so only two replicas alive in every epoch so
-        far prove it: one that is dead now or was rebuilt (``Membership.always_live``) may
-        have been dead when the round ran, its subtable left without backup, even if it is
-        a backup again now."""
+        """Did every round ever opened in subtable ``sid`` have a backup, and did every
+        failover that ended one see it (``Membership.backed``)? A log entry does not say in
+        which epoch its round was, so every epoch so far must have left the subtable two
+        live replicas."""
         d = self.core.dir
-        return len(self.core.membership.always_live(replica_nodes(sid % d.n, d.n, d.r))) > 1
+        return self.core.membership.backed(replica_nodes(sid % d.n, d.n, d.r))
 
     def _win_again(self, e: _Entry, t: SlotTarget, p: int) -> Op[bool]:
         """Generator: finish the round of committed ``e`` whose primary CAS did not happen

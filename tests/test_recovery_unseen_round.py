@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 
 from test_failover import _config
+from test_insert_epoch_end import _rebuilt
 
 from fusee.audit import audit
 from fusee.driver import run
@@ -36,10 +37,10 @@ WRITES = {"update": lambda a: a.update(KEY, b"A's"), "delete": lambda a: a.delet
 
 
 class Cluster:
-    """3 MNs r = 2; B has inserted KEY (``old``: its slot value); A is open."""
+    """3 MNs, r = 2 (or ``r``); B has inserted KEY (``old``: its slot value); A is open."""
 
-    def __init__(self) -> None:
-        self.cfg = cfg = _config(3, 2)
+    def __init__(self, r: int = 2) -> None:
+        self.cfg = cfg = _config(3, r)
         self.mem = LocalMemory(cfg)
         self.t = LocalTransport(cfg, memory=self.mem)
         self.a, self.b = ClientCore(cfg, 0), ClientCore(cfg, 1)
@@ -47,7 +48,8 @@ class Cluster:
             run(core.open(), self.t)
         run(self.b.insert(KEY, b"B's first"), self.t)
         self.old = self._value(self.b)
-        self.primary, self.backup = self.a.dir.nodes(self.a.dir.lookup(key_hash(KEY))[0])
+        self.nodes = self.a.dir.nodes(self.a.dir.lookup(key_hash(KEY))[0])
+        self.primary, self.backup = self.nodes[:2]
 
     def _value(self, core: ClientCore) -> int:
         entry = core.cache.get(KEY)
@@ -111,3 +113,29 @@ def test_a_round_that_took_effect_before_the_failover_delivers_its_free(replacer
     assert report.frees_delivered == 1 and c.freed(c.old), report.outcomes
     assert report.outcomes.get(UNPROVEN, 0) == 0, report.outcomes
     c.finish(m, b"B's %d" % (replacers - 1), [c.b])
+
+
+def test_two_live_replicas_in_every_epoch_prove_the_cas():
+    """3 MNs r = 3: one backup of KEY's subtable dies and is rebuilt, then the other dies.
+    No replica but the primary was alive in every epoch (``Membership.always_live``), yet
+    every epoch left the subtable two live ones (``Membership.backed``): every round had a
+    backup and every failover saw it. A's update takes effect and A crashes before its free
+    of ``old``; B deletes the key (its tombstone names no object: no walk back passes it).
+    The slot moved off ``old`` by A's CAS: the free is A's, and A's update took effect
+    (UNPROVEN on cfccaa5; held, ``old`` leaked, with the walk alone)."""
+    c = Cluster(r=3)
+    _, first, second = c.nodes
+    c.mem.crash(first)
+    m = run(failover(c.cfg, Membership(), first), c.t)
+    c.t, m = _rebuilt(c.cfg, c.mem, m, first)
+    c.mem.crash(second)
+    m = run(failover(c.cfg, m, second), c.t)
+    assert len(m.always_live(range(3))) == 1 and m.backed(range(3))
+    for core in (c.a, c.b):
+        core.place(m)
+    run(c.a.update(KEY, b"A's"), c.t)           # A crashes before its free of ``old``
+    run(c.b.delete(KEY), c.t)                   # B owes the free of A's object
+    report = run(recover_client(c.cfg, 0, membership=m), c.t)
+    assert report.frees_delivered == 1 and c.freed(c.old), report.outcomes
+    assert report.outcomes == {"had taken effect": 1}, report.outcomes
+    c.finish(m, None, [c.b])
