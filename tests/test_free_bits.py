@@ -11,12 +11,15 @@ import pytest
 
 from fusee.emulator.testkit.simulator import Call, Simulator, store_calls
 from fusee.driver import run
-from fusee.layout import BLOCK_HEADER
+from fusee.failover import failover
+from fusee.layout import BLOCK_HEADER, slot_node
+from fusee.membership import Membership
 from fusee.operations import ClientCore
 from fusee.transports.local import LocalMemory, LocalTransport
-from fusee.verbs import Faa, Read
+from fusee.verbs import Faa, NodeTimeout, Read
 
 from test_failover import _config
+from test_insert_epoch_end import _rebuilt
 
 
 def _published(cfg, memory):
@@ -104,3 +107,46 @@ def test_a_clients_free_that_finds_its_bit_set_takes_its_add_back(caplog):
         assert run(b.search(b"k"), t) == b"B's"
     assert word() == once, (hex(word()), hex(once))
     assert "a free of an object freed already" in caplog.text
+
+
+def test_an_unsure_free_is_not_sent_again_to_a_home_rebuilt_since():
+    """Seed 714 of the settling-crash sweep (5 MNs r = 2), found by the simulator's check:
+    the free B owes goes to the object's home Y (its first MN X dead) and lands, but its
+    reply is lost: an unsure free. X is rebuilt from Y (the bitmap with the bit copied) and
+    is the home again; then Y dies. A dead MN's bitmap died with it, so B sent the free to
+    the next home, X, whose copy had the bit already: it carried into the next object's
+    bit. Now an unsure free goes to a new home only if that home was not rebuilt since the
+    free went out; else it stays unsure, for recovery to tell from the bit."""
+    cfg = _config(nodes=3, r=2)
+    memory = LocalMemory(cfg)
+    t = LocalTransport(cfg, memory=memory)
+    a, value = _published(cfg, memory)
+    b = ClientCore(cfg, 1)
+    run(b.open(), t)
+    run(b.update(b"k", b"B's"), t)              # B owes the free of A's object
+    first, second = b.alloc.copies_of[slot_node(value)]
+    memory.crash(first)
+    m = run(failover(cfg, Membership(), first), t)
+    b.place(m)
+    rt = b.rt([])
+    batch = next(rt)
+    free = b.alloc.free_request(value)
+    assert batch == [free] and free.node == second
+    results = t.execute(batch)                  # it lands; the reply is lost
+    with pytest.raises(NodeTimeout):
+        rt.throw(NodeTimeout(f"MN {second} did not answer", second,
+                             [NodeTimeout("lost", second)] * len(results)))
+    t, m = _rebuilt(cfg, memory, m, first)      # the bitmap copied, bit and all
+    memory.crash(second)
+    m = run(failover(cfg, m, second), t)
+    b.place(m)
+    home = b.alloc.free_request(value)
+    assert home.node == first
+
+    def word() -> int:
+        (raw,) = t.execute([Read(home.node, home.addr, 8)])
+        return int.from_bytes(raw, "little")
+    once = word()
+    assert once & home.delta
+    assert run(b.search(b"k"), t) == b"B's"
+    assert word() == once and not b.settled, (hex(word()), hex(once))
