@@ -18,6 +18,9 @@ backups: the recovery of a client that crashed meanwhile tells from it that a ro
 entry committed in never took effect (a writer that goes on after such a round does so with a
 new object, so a later entry never shows a dropped proposal).
 
+``past_dead`` records the dead MNs of every earlier epoch: a subtable that had two live
+replicas in each (``backed``) had a backup in every round, and every failover saw its rounds.
+
 ``rebuilt_at`` records the epoch in which each rebuilt MN became a replica again. A round is
 judged only by replicas alive from its epoch until now (``witness``): a primary that died at
 the epoch's end and was rebuilt since holds a copy of what the failover left elsewhere and of
@@ -47,10 +50,14 @@ class Membership:
     #: and was rebuilt: what it held before it died is gone, and what it holds now was
     #: copied from another replica in that epoch's pause (``witness``)
     rebuilt_at: Mapping[int, int] = field(default_factory=dict)
+    #: the dead MNs of each earlier epoch (index: the epoch), for ``backed``; shorter than
+    #: ``epoch`` in a record written before it was kept, which ``backed`` then cannot use
+    past_dead: tuple[frozenset[int], ...] = ()
 
     def __post_init__(self) -> None:
         assert all(0 < e <= self.epoch for e in self.rebuilt_at.values()), \
             f"epoch {self.epoch}: rebuilt in a later or no epoch: {dict(self.rebuilt_at)}"
+        assert len(self.past_dead) <= self.epoch, (self.epoch, self.past_dead)
 
     @property
     def rebuilt(self) -> frozenset[int]:
@@ -74,6 +81,21 @@ class Membership:
         """Those of ``nodes`` alive in every epoch so far (never dead): for a round whose
         epoch is unknown (a log entry does not say), the replicas that surely took part."""
         return tuple(n for n in nodes if n not in self.dead and n not in self.rebuilt_at)
+
+    def backed(self, nodes: Iterable[int]) -> bool:
+        """Had the thing with replica list ``nodes`` (a subtable) two live replicas in every
+        epoch so far? Then every SNAPSHOT round in it had a backup, and the failover that
+        ended a round left alive a replica that took part in it (a failover only removes
+        MNs), so it saw the round: a proposal on a live backup is recorded (settled, kept,
+        dropped). Otherwise a round may have had no backup, or have been closed unseen (every
+        backup holding its proposal died, the primary alive with the old value), and a slot
+        that moved off the round's old value may have been moved by another writer. For a
+        record without the history, two replicas never dead (``always_live``) say it."""
+        nodes = tuple(nodes)
+        if len(self.past_dead) != self.epoch:
+            return len(self.always_live(nodes)) > 1
+        return all(sum(n not in dead for n in nodes) > 1
+                   for dead in (*self.past_dead, self.dead))
 
     def decided_at(self, epoch: int, sid: int, pos: int) -> int | None:
         """The value the failover that ended ``epoch`` gave (or left) slot ``sid:pos``, if it
@@ -167,7 +189,7 @@ class Membership:
         return Membership(e, self.dead | frozenset(dead), {**self.settled, e: dict(settled)},
                           {**self.kept, e: dict(kept)} if kept else dict(self.kept),
                           {**self.dropped, e: dict(dropped)} if dropped else dict(self.dropped),
-                          dict(self.rebuilt_at))
+                          dict(self.rebuilt_at), (*self.past_dead, self.dead))
 
     def rejoined(self, nodes: Iterable[int], settled: Mapping[tuple[int, int], int],
                  dropped: Mapping[tuple[int, int], tuple[tuple[int, int], ...]] | None = None
@@ -181,7 +203,8 @@ class Membership:
         return Membership(e, self.dead - nodes, {**self.settled, e: dict(settled)},
                           dict(self.kept),
                           {**self.dropped, e: dict(dropped)} if dropped else dict(self.dropped),
-                          {**self.rebuilt_at, **dict.fromkeys(nodes, e)})
+                          {**self.rebuilt_at, **dict.fromkeys(nodes, e)},
+                          (*self.past_dead, self.dead))
 
     # -- wire (msgpack-friendly) -------------------------------------------------------------
     def to_wire(self) -> dict[str, Any]:
@@ -190,7 +213,8 @@ class Membership:
                 "dropped": [[e, s, p, v, c] for e, slots in sorted(self.dropped.items())
                             for (s, p), vs in sorted(slots.items()) for v, c in vs],
                 "rebuilt": sorted(self.rebuilt),
-                "rebuilt_at": [[n, e] for n, e in sorted(self.rebuilt_at.items())]}
+                "rebuilt_at": [[n, e] for n, e in sorted(self.rebuilt_at.items())],
+                "past_dead": [sorted(d) for d in self.past_dead]}
 
     @classmethod
     def from_wire(cls, d: object) -> Membership:
@@ -207,8 +231,14 @@ class Membership:
         for item in _items(d.get("dropped", []), epoch, 5):
             slots = dropped.setdefault(item[0], {})
             slots[(item[1], item[2])] = slots.get((item[1], item[2]), ()) + ((item[3], item[4]),)
+        past = d.get("past_dead", [])
+        if not (isinstance(past, list) and len(past) <= epoch and all(
+                isinstance(x, list) and all(type(n) is int and n >= 0 for n in x)
+                for x in past)):
+            raise ValueError("malformed membership: past_dead")
         return cls(epoch, frozenset(dead), _nested(d.get("settled"), epoch),
-                   _nested(d.get("kept", []), epoch), dropped, _rebuilt_at(d, rebuilt, epoch))
+                   _nested(d.get("kept", []), epoch), dropped, _rebuilt_at(d, rebuilt, epoch),
+                   tuple(frozenset(x) for x in past))
 
 
 def _rebuilt_at(d: dict[Any, Any], rebuilt: list[int], epoch: int) -> dict[int, int]:

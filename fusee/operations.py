@@ -43,6 +43,7 @@ Design: docs/design.md#the-four-operations.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,14 +61,17 @@ from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry
 from fusee.holdings import adopt
 from fusee.layout import (ABORTED, CLEAN, DELETE, FROZEN, IN_USE, MAX_CLIENT_IDS, META_GROUPS,
                           META_INCARNATION, META_MAGIC, META_MAGIC_OFF, META_STATE, NO_SLOT,
-                          UPDATE, free_value, make_slot, object_extent, pack_u64, unpack_u64)
+                          UPDATE, free_value, make_slot, object_extent, pack_u64, slot_node,
+                          unpack_u64)
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import Membership
 from fusee.memory_map import HEADER_LAYOUT, MemoryMap
 from fusee.replication import SlotTarget, backoff
-from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa, NodeTimeout, Op,
-                         Read, Request, T, TransportError, Write)
+from fusee.verbs import (EPOCH_ENDS, MASK64, AwaitMembership, Cas, EpochChanged, Faa,
+                         NodeTimeout, Op, Read, Request, T, TransportError, Write)
 from fusee.verdicts import FRESH, Fresh, Verdict
+
+log = logging.getLogger(__name__)
 
 #: re-reads an operation spends waiting on another client before it raises Stalled (about a
 #: minute with the back-off between them; ``fusee.client.Client`` sets it from the time a
@@ -100,8 +104,9 @@ class ClientCore:
         self.counters = {"retries": 0, "lost": 0, "splits": 0, "epochs": 0, "backup_reads": 0}
         self.deferred: list[int] = []   # objects to free with the next batch
         self.releases: list[int] = []   # objects of ours to reuse once ``deferred`` is sent
-        # frees sent that got no answer, with the MN they went to (None: unknown)
-        self.unsure: list[tuple[int, int | None]] = []
+        # frees sent that got no answer, with the MN they went to (None: unknown) and the
+        # epoch they went out in
+        self.unsure: list[tuple[int, int | None, int]] = []
         # objects of ours never proposed, to mark ABORTED with the next batch and then reuse
         self.aborts: list[NewObject] = []
         self.free_seq = 0               # set by open() from the client's incarnation
@@ -191,8 +196,9 @@ class ClientCore:
         aborts, self.aborts = self.aborts, []
         marks = [w for obj in aborts for w in self.log.record(obj, ABORTED, NO_SLOT, 0)]
         ahead = len(reqs) + len(marks)
+        frees = [self.alloc.free_request(p) for p in ptrs]
         try:
-            res: list[Any] = yield [*reqs, *marks, *(self.alloc.free_request(p) for p in ptrs)]
+            res: list[Any] = yield [*reqs, *marks, *frees]
         except TransportError as e:
             # marks go out again with the next batch (a newer record of the same outcome),
             # and so do frees that surely did not happen (refused or flushed, or none was
@@ -208,11 +214,11 @@ class ClientCore:
             if isinstance(e, EpochChanged):
                 self.deferred += ptrs
             elif done is None:
-                self.unsure += [(p, None) for p in ptrs]
+                self.unsure += [(p, None, self.membership.epoch) for p in ptrs]
             else:
                 for p, r in zip(ptrs, done[ahead:]):
                     if isinstance(r, NodeTimeout):
-                        self.unsure.append((p, r.node))
+                        self.unsure.append((p, r.node, self.membership.epoch))
                     elif isinstance(r, TransportError):
                         self.deferred.append(p)
             if self.unsure or any(p in self.deferred for p in ptrs):
@@ -226,7 +232,22 @@ class ClientCore:
             self._release(released)
         for obj in aborts:      # marked ABORTED: recovery never redoes them
             self.alloc.release(obj.ptr)
+        twice = [f for f, word in zip(frees, res[ahead:]) if word & f.delta]
+        if twice:
+            yield from self._take_back(twice)
         return res[:len(reqs)]
+
+    def _take_back(self, frees: list[Faa]) -> Op[None]:
+        """Generator: take back ``frees``, whose FAAs found their bit already set: each
+        object was freed already (a free delivered twice is a bug), and the add carried into
+        the next object's bit, a live object that would read as freed and be reused.
+        Subtracting the bit takes exactly that add back (FAAs commute), whatever came
+        between; only a reclaim by the neighbour's owner in that round trip can take it."""
+        for f in frees:
+            log.error("client %d: a free of an object freed already (MN %d, bitmap word %#x, "
+                      "bit %d): taken back", self.client_id, f.node, f.addr,
+                      f.delta.bit_length() - 1)
+        yield [f._replace(delta=-f.delta & MASK64) for f in frees]
 
     def _release(self, released: list[int]) -> None:
         """The frees sent are delivered: reuse the objects whose log entries owed them."""
@@ -236,12 +257,22 @@ class ClientCore:
     # -- memory-node failures ----------------------------------------------------------------
     def place(self, membership: Membership) -> None:
         """Adopt a membership: every replica list keeps its live members; an unsure free
-        whose MN is dead goes to the next home."""
-        self.deferred += [p for p, node in self.unsure if node in membership.dead]
-        self.unsure = [(p, node) for p, node in self.unsure if node not in membership.dead]
+        whose MN is dead goes to the next home, unless that home was rebuilt since the free
+        went out: its bitmap is a copy of the dead MN's made later, which may hold the free
+        (sent again, its bit would carry into the next object's). Recovery (settling)
+        tells from the bit, the used byte and the crc whether it happened."""
         self.membership = membership
         self.dir.place(membership)
         self.alloc.place(membership)
+        unsure, self.unsure = self.unsure, []
+        for p, node, epoch in unsure:
+            home = self.alloc.home[slot_node(p)]
+            if node not in membership.dead:
+                self.unsure.append((p, node, epoch))
+            elif home is None or membership.rebuilt_at.get(home, 0) > epoch:
+                self.unsure.append((p, None, epoch))    # (None: no MN's death resends it)
+            else:
+                self.deferred.append(p)
         self.meta_nodes = self.alloc.meta_nodes = self.log.meta_nodes = self.dir.replicas
         self.counters["epochs"] += 1
 

@@ -15,7 +15,9 @@ the id holds (``fusee.holdings.adopt``).
      free it owed was delivered (bit set, used 0, or another object there since), which also
      proves the primary CAS, since the free follows it. Not delivered and the primary still
      holds the old value: the backups are fixed, the primary CASed, the old object freed.
-     Not delivered and the primary moved on: the free is delivered now;
+     Not delivered and the primary moved on: the free is delivered now, if the CAS that
+     moved it was ours (in a subtable that lost its backups, the commit records of the
+     slot's writers since must say so: ``Recovery._moved_on_by_us``);
    - every other entry (pending, lost, aborted, or committed in a subtable that froze) is
      looked up by key on every replica of its current subtable: a SNAPSHOT round the client
      joined and nobody finished is redone with its proposal (the rules decide the same winner
@@ -80,6 +82,8 @@ OLD_LOST = "kept by a failover; the value it replaced is lost"
 #: backups died) whose slot moved on: it may never have taken effect, and then its object is
 #: never freed
 UNPROVEN = "committed with no backup; whether it took effect is unknown"
+#: how many objects back from the slot's value ``Recovery._moved_on_by_us`` reads at most
+_WALK = 8
 
 
 @dataclass
@@ -305,7 +309,9 @@ class Recovery:
         owed was delivered (its bit set, used 0, or another object there since); that can
         only change by the crashed client's hand, and the free follows the primary CAS, so a
         delivered free also says that the CAS happened, whatever value the slot holds now
-        (a value can come back when memory is reused)."""
+        (a value can come back when memory is reused). A free not delivered while the slot
+        moved on is ours to deliver only if our CAS moved it, which a subtable that lost
+        its backups does not prove (``_moved_on_by_us``)."""
         core, unit = self.core, self.core.unit
         reqs, where = [], []
         for e in entries:
@@ -352,9 +358,26 @@ class Recovery:
                 if not ok:
                     dead.append(e)
                 continue
+            proven = False                  # our primary CAS took the slot off ``old``
+            if owed and not self._backed(t.sid):
+                # the slot moved on, but in a subtable that lost its backups that proves
+                # nothing: the round may have been closed, unseen, by the failover of the
+                # backups that held our proposal (``_moved_on_by_us``)
+                by_us = yield from self._moved_on_by_us(e, p)
+                if by_us is False:
+                    dead.append(e)          # another writer replaced ``old`` and frees it
+                    continue
+                if by_us is None:
+                    # whoever replaced ``old`` owes its free, and that may be us or not:
+                    # it is held (delivered by both, the bit would carry into the next
+                    # object's); so is an UPDATE's object, if the CAS was not ours
+                    e.linearized = True
+                    self._outcome(UNPROVEN)
+                    continue
+                proven = True
             e.linearized = True
             if e.v.opcode in (INSERT, UPDATE) and p != e.s and not e.c.freed \
-                    and not self._backed(t.sid):
+                    and not proven and not self._backed(t.sid):
                 # no SNAPSHOT round without backups: committed is not "won", and another
                 # writer's primary CAS may have beaten this one; if so its object stays held
                 # (freed, it was named by the slot and replaced: it did take effect).
@@ -370,18 +393,57 @@ class Recovery:
             else:
                 self._outcome("had taken effect")
             if owed:
-                yield from core.rt([core.alloc.free_request(old)])
+                yield from self._free(old)
                 self.report.frees_delivered += 1
         return dead
 
+    def _moved_on_by_us(self, e: _Entry, p: int) -> Op[bool | None]:
+        """Generator: did committed ``e``'s primary CAS take its slot off the value it
+        replaced (``old``), now that the slot holds ``p``? None: unknown.
+
+        Where the slot always had a backup, only the round's winner moves the primary off
+        ``old`` while the round's epoch lasts, and a failover that ends it records a
+        proposal it takes off a live backup (``Membership.dropped``). But a failover of the
+        backups alone, the primary alive, sees no proposal: the round is closed as though
+        it never was (the primary keeps ``old``), unrecorded, and in the next epoch another
+        writer may replace ``old`` itself, and owes its free. Each writer's commit record
+        names the value it replaced (and that object's crc), so walking back from ``p``
+        through the objects that held the slot tells who replaced ``old``: reaching our
+        proposal says it was us, reaching ``old`` another writer. The walk stops, unknown,
+        at a value that names no object (another client's tombstone), an object reused
+        since (it does not make the slot value it is read by, or not the crc its successor
+        recorded), a record not committed, or after ``_WALK`` objects."""
+        core, ours, old = self.core, e.tomb if e.v.opcode == DELETE else e.s, e.v.old_value
+        v, crc = p & ~FROZEN, None          # (frozen by a split: the same occupant)
+        for _ in range(_WALK):
+            if v == ours and (crc is None or e.v.opcode == DELETE or crc == e.c.crc):
+                return True
+            if v == old:
+                return False if crc == e.v.old_crc else None
+            if not committed_object(v):
+                return None
+            (buf,) = yield from core.rt([core.object_read(v)])
+            o = decode_object(buf)
+            if o is None or o.state != COMMITTED or crc not in (None, o.crc) or v != make_slot(
+                    key_hash(o.key).fp, slot_units(v), slot_node(v), slot_addr(v, core.unit),
+                    core.unit, o.seq):
+                return None
+            v, crc = o.old_value, o.old_crc
+        return None
+
+    def _free(self, old: int) -> Op[None]:
+        """Generator: free ``old``'s object now, as a client's deferred free goes out: one
+        that finds the bit set already is taken back (``ClientCore.rt``)."""
+        self.core.defer_free(old)
+        yield from self.core.rt([])
+
     def _backed(self, sid: int) -> bool:
-        """Did every round ever opened in subtable ``sid`` have a backup? A log entry does
-        not say in which epoch its round was, so only two replicas alive in every epoch so
-        far prove it: one that is dead now or was rebuilt (``Membership.always_live``) may
-        have been dead when the round ran, its subtable left without backup, even if it is
-        a backup again now."""
+        """Did every round ever opened in subtable ``sid`` have a backup, and did every
+        failover that ended one see it (``Membership.backed``)? A log entry does not say in
+        which epoch its round was, so every epoch so far must have left the subtable two
+        live replicas."""
         d = self.core.dir
-        return len(self.core.membership.always_live(replica_nodes(sid % d.n, d.n, d.r))) > 1
+        return self.core.membership.backed(replica_nodes(sid % d.n, d.n, d.r))
 
     def _win_again(self, e: _Entry, t: SlotTarget, p: int) -> Op[bool]:
         """Generator: finish the round of committed ``e`` whose primary CAS did not happen
@@ -439,7 +501,7 @@ class Recovery:
         e.linearized = True
         self._outcome("completed")
         if committed_object(old) and e.v.opcode != INSERT:
-            yield from core.rt([core.alloc.free_request(old)])
+            yield from self._free(old)
         return True
 
     def _by_key(self, key: bytes, group: list[_Entry], entries: list[_Entry]) -> Op[None]:

@@ -22,6 +22,7 @@ from typing import Any
 from test_rebuild import LatePauseCrash
 from test_rebuild import _check as check_rebuild
 from test_rebuild_soak import CycleRun, SlowCycleRun
+from test_recovery_mn_crash import RecoveryMNCrashRun
 
 from fusee.emulator.testkit.simulator import SimulationError
 from fusee.emulator.testkit.trace import (COMMITTED, OpTrace, SlotCas, Trace, Window,
@@ -195,6 +196,24 @@ def SETTLING_ACROSS_TWO_EPOCH_ENDS(t: Trace) -> Iterator[str]:
                 break
 
 
+@window("a client crashed after its write won its round on slot s's backups and committed in "
+        "epoch e, before its primary CAS; every one of those backups died at e's end, the "
+        "primary alive, and another write's primary CAS took s off the round's old value later")
+def CRASHED_COMMIT_BACKUPS_DIED(t: Trace) -> Iterator[str]:
+    cases = [c for o in t.ops() for c in o.cases]
+    for o in _writes(t, crashed=True):
+        for epoch, slot, backups, primaries in _won_on_backups(o):
+            p, old = backups[0].replicas[0], backups[0].expected
+            if primaries or epoch not in o.commits or p in t.final.dead or \
+                    not {c.node for c in backups} <= t.final.dead:
+                continue
+            if any(c.slot == slot and c.primary and c.took and c.expected == old and
+                   c.epoch > epoch for c in cases):
+                yield (f"{o.op}: won {slot} in epoch {epoch}, crashed before its primary CAS; "
+                       f"its backups died, MN {p} (primary) lived, another write replaced "
+                       "the old value")
+
+
 # -- the regressions -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -262,6 +281,8 @@ REGRESSIONS: dict[str, Regression] = {r.name: r for r in [
                ((102, 3, 2, False), (111, 4, 2, True))),     # not 110: see test_rebuild
     Regression("pause-closed-rounds", PAUSE_CLOSED_AN_OPEN_ROUND, LatePauseCrash,
                ((27, 3, 3, True),), ("in_pause",)),
+    Regression("crashed-commit-backups-died", CRASHED_COMMIT_BACKUPS_DIED, RecoveryMNCrashRun,
+               ((40, 3, 2, True),)),
 ]}
 
 

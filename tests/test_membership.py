@@ -63,6 +63,46 @@ def test_a_malformed_rebuild_record_is_refused(rebuilt_at):
         Membership.from_wire(wire)
 
 
+def test_a_subtable_is_backed_while_every_epoch_left_it_two_live_replicas():
+    """``_history`` on 3 MNs r = 3: no MN but 0 was alive throughout, yet every epoch left
+    two of the three alive: every round had a backup a failover saw. On r = 2 every list
+    had one replica in some epoch: (0, 1) in epoch 1, (0, 2) in epoch 3, (1, 2) in both."""
+    m = _history()
+    assert m.past_dead == (frozenset(), frozenset({1}), frozenset())
+    assert m.always_live([0, 1, 2]) == (0,) and m.backed([0, 1, 2])
+    assert not any(m.backed(pair) for pair in ([0, 1], [0, 2], [1, 2]))
+    assert Membership().successor([2], {}).backed([0, 1])    # MN 2 is not in the list
+    assert not m.successor([1], {}).backed([0, 1, 2])        # epoch 4: MN 0 alone
+
+
+def test_the_dead_of_every_epoch_go_over_the_wire():
+    m = _history()
+    wire = m.to_wire()
+    assert wire["past_dead"] == [[], [1], []]
+    assert Membership.from_wire(wire).past_dead == m.past_dead
+
+
+def test_a_membership_without_the_dead_of_every_epoch_asks_for_replicas_never_dead():
+    """A record from before: ``backed`` falls back on ``always_live`` (two replicas never
+    dead), which may count a subtable unbacked that was (less sure, never wrong); so do its
+    successors."""
+    wire = _history().to_wire()
+    del wire["past_dead"]
+    m = Membership.from_wire(wire)
+    assert m.past_dead == () and not m.backed([0, 1, 2])
+    assert not m.rejoined([2], {}).backed([0, 1, 2])
+    assert Membership.from_wire(Membership().to_wire()).backed([0, 1])     # epoch 0: known
+
+
+@pytest.mark.parametrize("past_dead", [[[1], [2], [0], [1]], [["1"]], [[-1]], {"0": []},
+                                       [1, 2]])
+def test_a_malformed_record_of_the_dead_is_refused(past_dead):
+    wire = _history().to_wire()
+    wire["past_dead"] = past_dead
+    with pytest.raises(ValueError, match="malformed membership"):
+        Membership.from_wire(wire)
+
+
 def test_the_master_refuses_a_rebuild_that_does_not_record_its_epoch():
     m: Master = master(pinged_until=0.0)
     for mn in (1, 2):

@@ -108,27 +108,26 @@ def test_the_slice_crashes_an_mn_inside_recoveries():
     assert any(r.attempts > 1 for r in during), [r.attempts for r in during]
 
 
-@pytest.mark.xfail(strict=True, reason="open: a free delivered twice (recovery and the "
-                   "writer that replaced the object); see the docstring")
-def test_a_recovery_delivers_a_free_the_replacing_writer_still_owes():
-    """Seed 40 on 3 MNs r = 2 (found by the sweep; fails on 587e539 too): c0 crashed during
-    a DELETE of k2 with its entry COMMITTED; its recovery ran two round trips, then MN 2 died
-    and was failed over (epoch 1, nothing settled), and the recovery ran again. Meanwhile c2
-    UPDATEd k2 (its write linearizes with the DELETE never taking effect) and deferred the
-    free of the object it replaced (c2.4) to its next batch. The recovery's second attempt
-    read c0's entry: the slot moved off the old value, the old object's free bit clear and
-    its tail used, so it took the DELETE for one that had taken effect and delivered the free
-    it seemed to owe; c2's deferred free then set the same bit again, which carried into the
-    next objects' bits: c2's live object for k2 (c2.10) reads as free (dangling), and two
-    objects as held by nobody. Known so far: ``Recovery._committed`` trusts "the primary
-    moved on, so our CAS happened" for a COMMITTED DELETE whose round no failover recorded as
-    dropped; what ended c0's round (its first recovery attempt, or the failover) is not
-    traced yet."""
-    _check(40, 3, 2, 1)
+def test_a_recovery_delivers_no_free_the_replacing_writer_owes():
+    """Seed 40 on 3 MNs r = 2 (found by the sweep): c0 crashed during a DELETE of k2 that
+    had won its round on the one backup (MN 2) and committed, before its primary CAS. Its
+    recovery ran two round trips, then MN 2 died; its failover, the primary alive, saw no
+    open round (c0's tombstone died with MN 2) and recorded nothing. In epoch 1 the
+    subtable had no backup: c2 UPDATEd k2 over the old value itself and deferred its free.
+    The recovery, run again, found c0's entry COMMITTED, the old object's free not
+    delivered and the slot moved on, and took that for c0's CAS: it delivered the free, c2
+    delivered it again, and the FAA carried into the next object's bit (c2's live object
+    for k2 read as free). Now the slot's writers say who replaced the old value (c2's
+    commit record names it): c0's DELETE never took effect, nothing is freed. The scripted
+    window: ``test_recovery_unseen_round``."""
+    run_ = _check(40, 3, 2, 1)
+    from regression_windows import REGRESSIONS
+    REGRESSIONS["crashed-commit-backups-died"].window.require(
+        run_.sim, "python3 tests/find_seeds.py crashed-commit-backups-died")
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", [s for s in range(12, 400) if s != 40])
+@pytest.mark.parametrize("seed", range(12, 400))
 @pytest.mark.parametrize("nodes,r,victims", SHAPES)
 def test_recovery_mn_crash_sweep(seed, nodes, r, victims):
     _check(seed, nodes, r, victims)

@@ -24,11 +24,12 @@ import random
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Iterator
 
+from fusee.emulator.testkit.free_bits import FreeBits
 from fusee.emulator.testkit.history import History, Op
 from fusee.emulator.testkit.trace import Event, VerbDone
 from fusee.driver import Operation
 from fusee.membership import Membership
-from fusee.verbs import (AllocBlock, AwaitMembership, Backoff, EpochChanged, FreeBlock,
+from fusee.verbs import (AllocBlock, AwaitMembership, Backoff, EpochChanged, Faa, FreeBlock,
                          NodeTimeout, TransportError, validate)
 from fusee.transports.base import TransportStats, raise_for_failures
 from fusee.transports.local import LocalMemory
@@ -112,6 +113,7 @@ class Scheduler:
         self.membership = Membership()
         self.slow: set[int] = set()                     # MNs whose replies come too late
         self.late_replies = late_replies
+        self.free_bits = FreeBits(memory.map)   # every free checked as it lands
 
     # -- setup -----------------------------------------------------------------------------
     def add_client(self, name: str, calls: Iterable[Call]) -> SimClient:
@@ -263,7 +265,14 @@ class Scheduler:
         if node in c.failed:                   # flushed behind an earlier failure
             c.results[i] = c.failed[node]
         else:
-            c.results[i] = result = self._execute(c.batch[i])
+            req = c.batch[i]
+            if type(req) is Faa and node not in self.memory.crashed and \
+                    self.free_bits.is_free(req):
+                region = self.memory.regions[node]
+                word = int.from_bytes(region.read(req.addr, 8, region.rkey), "little")
+                self.free_bits.check(req, word, f"seed {self.seed}, step {self.step}: "
+                                                f"{c.name} in {c.op}")
+            c.results[i] = result = self._execute(req)
             if isinstance(result, TransportError):
                 c.failed[node] = result
             assert c.op is not None, "a verb executes for an operation in flight"
