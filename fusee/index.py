@@ -144,8 +144,7 @@ def initial_image(layout: LayoutConfig) -> list[tuple[int, bytes]]:
     return pieces
 
 
-#: keys whose bucket reads a Directory keeps (on each replica of their subtable): the keys
-#: in recent use
+#: bucket reads a Directory keeps (per key, subtable and MN): the keys in recent use
 _KEPT_READS = 1 << 14
 
 
@@ -212,21 +211,16 @@ class Directory:
     def bucket_reads(self, sid: int, h: KeyHash, node: int) -> tuple[list[Read], tuple[int, int]]:
         """The reads of a key's two combined buckets in subtable ``sid`` on ``node``, and the
         first bucket of each (``IndexGeometry.combined``). They depend on the key's hash only
-        through ``h.high``, and every operation on a key makes them: recent ones are kept,
-        made at once for every replica of the subtable (an insert reads its key's buckets
-        on the primary, then on the MN it claims its slot on)."""
+        through ``h.high``, and every operation on a key makes them: recent ones are kept."""
         got = self._reads.get((h.high, sid, node))
         if got is None:
             m1, m2 = h.mains(self._mains)
             a1, f1 = self.geo.combined(sid, m1)
             a2, f2 = self.geo.combined(sid, m2)
-            if len(self._reads) >= _KEPT_READS * self.r:
+            got = (Read(node, a1, COMBINED), Read(node, a2, COMBINED)), (f1, f2)
+            if len(self._reads) >= _KEPT_READS:
                 self._reads.clear()
-            replicas = self._nodes[sid % self.n]
-            for n in replicas if node in replicas else (*replicas, node):
-                self._reads[(h.high, sid, n)] = ((Read(n, a1, COMBINED), Read(n, a2, COMBINED)),
-                                                 (f1, f2))
-            got = self._reads[(h.high, sid, node)]
+            self._reads[(h.high, sid, node)] = got
         return list(got[0]), got[1]
 
     @property

@@ -52,7 +52,7 @@ def calls_per_op(kv, make, keys) -> tuple[float, Counter]:
 
 
 @pytest.mark.parametrize("name, make, budget", [
-    ("insert", lambda core, k: core.insert(k, VALUE), 96),
+    ("insert", lambda core, k: core.insert(k, VALUE), 99),
     ("update", lambda core, k: core.update(k, VALUE), 88),
     ("search", lambda core, k: core.search(k), 22.5),
     ("delete", lambda core, k: core.delete(k), 86),
