@@ -10,7 +10,8 @@
  * done verb by verb in Python, those checks, copies and counts were a fifth of the client's
  * CPU per operation. ``serve`` is the memory node's counterpart for the zmq transport: a
  * whole msgpack request of one-sided verbs read, checked, run and answered in one call;
- * ``pack`` writes that request on the zmq client's side.
+ * ``pack`` writes that request on the zmq client's side, and ``group`` sorts out a batch
+ * spanning nodes into their messages.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -354,29 +355,45 @@ done:
     return out;
 }
 
-/* pack(seq, rkey, batch, kinds) -> the msgpack verbs request, or None.
+/* pack(seq, rkey, batch, kinds, positions=None) -> the msgpack verbs request, or None.
  *
  * The zmq client's side of ``serve``: [VERBS, seq, rkey, [[opcode, addr, a(, b)], ...]]
- * (fusee.emulator.wire.encode_verbs) written in one call, for a batch of Read, Write (of
+ * (fusee.emulator.wire.encode_verbs) written in one call, of the requests of ``batch`` at
+ * ``positions`` (one node's part of a batch, ``group``) or of all of them, for a batch of Read, Write (of
  * bytes), Cas and Faa whose operands are unsigned 64-bit ints (a FAA's delta wraps, as the
  * verb does). Integers are written as msgpack uint64, which any decoder reads as the same
  * value. Anything else gives None, and encode_verbs packs it in Python. ``kinds`` is
  * (Read, Write, Cas, Faa). */
 static PyObject *pack_verbs(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     uint64_t seq, rkey;
-    if (n == 4 && !PyList_CheckExact(args[2])) return Py_NewRef(Py_None);  /* Python packs it */
-    if (n != 4 || !PyTuple_CheckExact(args[3]) ||
-        PyTuple_GET_SIZE(args[3]) != 4) {
-        PyErr_SetString(PyExc_TypeError, "pack(seq, rkey, batch: list, kinds: tuple)");
+    if ((n == 4 || n == 5) && !PyList_CheckExact(args[2])) return Py_NewRef(Py_None);
+    if ((n != 4 && n != 5) || !PyTuple_CheckExact(args[3]) || PyTuple_GET_SIZE(args[3]) != 4 ||
+        (n == 5 && args[4] != Py_None && !PyList_CheckExact(args[4]))) {
+        PyErr_SetString(PyExc_TypeError, "pack(seq, rkey, batch: list, kinds: tuple, "
+                                         "positions: list | None = None)");
         return NULL;
     }
     if (u64_of(args[0], &seq) || u64_of(args[1], &rkey)) return Py_NewRef(Py_None);
     PyObject *batch = args[2], *kinds = args[3];
-    Py_ssize_t count = PyList_GET_SIZE(batch);
+    PyObject *positions = n == 5 && args[4] != Py_None ? args[4] : NULL;
+    Py_ssize_t count = positions ? PyList_GET_SIZE(positions) : PyList_GET_SIZE(batch);
     if ((uint64_t)count > 0xffffffffu) return Py_NewRef(Py_None);
+    if (positions) {                                /* each an index into the batch */
+        for (Py_ssize_t j = 0; j < count; j++) {
+            PyObject *p = PyList_GET_ITEM(positions, j);
+            Py_ssize_t i = PyLong_CheckExact(p) ? PyLong_AsSsize_t(p) : -1;
+            if (i < 0 || i >= PyList_GET_SIZE(batch)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_IndexError, "pack: a position outside the batch");
+                return NULL;
+            }
+        }
+    }
+#define REQUEST(j) PyList_GET_ITEM(batch, positions ? \
+        PyLong_AsSsize_t(PyList_GET_ITEM(positions, (j))) : (j))
     uint64_t size = 1 + 1 + 9 + 9 + 5;
     for (Py_ssize_t i = 0; i < count; i++) {       /* check, and size the message */
-        PyObject *r = PyList_GET_ITEM(batch, i);
+        PyObject *r = REQUEST(i);
         int kind = -1;
         for (int k = 0; k < 4; k++)
             if ((PyObject *)Py_TYPE(r) == PyTuple_GET_ITEM(kinds, k)) kind = k;
@@ -407,7 +424,7 @@ static PyObject *pack_verbs(PyObject *self, PyObject *const *args, Py_ssize_t n)
     o = put_be(o, 0xdd, (uint64_t)count, 4);
     static const unsigned char opcode[4] = {W_READ, W_WRITE, W_CAS, W_FAA};
     for (Py_ssize_t i = 0; i < count; i++) {       /* checked: nothing below can fail */
-        PyObject *r = PyList_GET_ITEM(batch, i);
+        PyObject *r = REQUEST(i);
         int kind = 0;
         while ((PyObject *)Py_TYPE(r) != PyTuple_GET_ITEM(kinds, kind)) kind++;
         uint64_t v = 0;
@@ -433,8 +450,79 @@ static PyObject *pack_verbs(PyObject *self, PyObject *const *args, Py_ssize_t n)
             }
         }
     }
+#undef REQUEST
     assert(o == (unsigned char *)PyBytes_AS_STRING(out) + size);
     return out;
+}
+
+/* group(batch, kinds, regions, stats) -> {node: [position, ...]}, or None.
+ *
+ * The zmq client's batch of verbs of several operations in flight, sorted out per memory
+ * node in one pass: the positions of each node's requests in posting order (its message,
+ * ``pack`` with positions) and the batch counted into ``stats`` as ``run`` counts it. Done
+ * in Python, those per-verb loops (count, group, pick each node's requests) cost more than
+ * the messages. Only a list of Read, Write (of bytes), Cas and Faa to nodes of ``regions``
+ * whose Read lengths are unsigned 64-bit ints: anything else gives None with nothing
+ * counted, and the caller's general path checks and counts it. ``kinds`` is (Read, Write,
+ * Cas, Faa). */
+static PyObject *group_verbs(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 4 || !PyTuple_CheckExact(args[1]) || PyTuple_GET_SIZE(args[1]) != 4 ||
+        !PyDict_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "group(batch: list, kinds: tuple, regions: dict, stats)");
+        return NULL;
+    }
+    if (!PyList_CheckExact(args[0])) return Py_NewRef(Py_None);
+    PyObject *batch = args[0], *kinds = args[1], *regions = args[2];
+    Py_ssize_t count = PyList_GET_SIZE(batch);
+    long long delta[7] = {1, count, 0, 0, 0, 0, 0};
+    PyObject *groups = PyDict_New();
+    if (!groups) return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *r = PyList_GET_ITEM(batch, i);
+        int kind = -1;
+        for (int k = 0; k < 4; k++)
+            if ((PyObject *)Py_TYPE(r) == PyTuple_GET_ITEM(kinds, k)) kind = k;
+        if (kind < 0 || PyTuple_GET_SIZE(r) != (kind == K_CAS ? 4 : 3)) goto general;
+        PyObject *node = PyTuple_GET_ITEM(r, 0), *a = PyTuple_GET_ITEM(r, 2);
+        if (!PyLong_CheckExact(node)) goto general;
+        if (kind == K_READ) {
+            uint64_t len;
+            if (u64_of(a, &len)) goto general;
+            delta[2]++;
+            delta[5] += (long long)len;
+        } else if (kind == K_WRITE) {
+            if (!PyBytes_CheckExact(a)) goto general;
+            delta[3]++;
+            delta[6] += PyBytes_GET_SIZE(a);
+        } else {
+            delta[4]++;
+        }
+        PyObject *where = PyDict_GetItemWithError(groups, node);
+        if (!where) {
+            if (PyErr_Occurred()) goto fail;
+            int known = PyDict_Contains(regions, node);
+            if (known < 0) goto fail;
+            if (!known) goto general;
+            where = PyList_New(0);
+            if (!where) goto fail;
+            int set = PyDict_SetItem(groups, node, where);
+            Py_DECREF(where);           /* the dict holds it */
+            if (set < 0) goto fail;
+        }
+        PyObject *at = PyLong_FromSsize_t(i);
+        if (!at) goto fail;
+        int added = PyList_Append(where, at);
+        Py_DECREF(at);
+        if (added < 0) goto fail;
+    }
+    if (add_counts(args[3], delta) < 0) goto fail;
+    return groups;
+general:
+    Py_DECREF(groups);
+    return Py_NewRef(Py_None);
+fail:
+    Py_DECREF(groups);
+    return NULL;
 }
 
 /* verb_new(cls, *fields) -> a ``cls`` (a NamedTuple of fusee.verbs) holding ``fields``.
@@ -476,7 +564,11 @@ static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve_request, METH_FASTCALL,
      "serve(request, base, size, rkey, max_batch) -> (verbs, reply), or None (see the C source)"},
     {"pack", (PyCFunction)(void (*)(void))pack_verbs, METH_FASTCALL,
-     "pack(seq, rkey, batch, kinds) -> the msgpack verbs request, or None (see the C source)"},
+     "pack(seq, rkey, batch, kinds, positions=None) -> the msgpack verbs request, or None "
+     "(see the C source)"},
+    {"group", (PyCFunction)(void (*)(void))group_verbs, METH_FASTCALL,
+     "group(batch, kinds, regions, stats) -> {node: [position, ...]}, or None (see the C "
+     "source)"},
     {"cas", (PyCFunction)(void (*)(void))atomic_cas, METH_FASTCALL, "cas(address, expected, desired) -> old"},
     {"faa", (PyCFunction)(void (*)(void))atomic_faa, METH_FASTCALL, "faa(address, delta) -> old"},
     {"load", atomic_load, METH_O, "load(address) -> value"},

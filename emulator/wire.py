@@ -44,13 +44,16 @@ class MalformedMessage(ValueError):
     """Bytes that are not a request this protocol knows."""
 
 
-def encode_verbs(seq: int, rkey: int, batch) -> bytes:
-    """The request for ``batch``: written in one C call when it holds only one-sided verbs
-    with well-formed operands (``_atomic.pack``), else here, operands as they are (the MN
-    refuses what it must)."""
-    packed = _pack_verbs(seq, rkey, batch, _ONE_SIDED)
+def encode_verbs(seq: int, rkey: int, batch, positions: list[int] | None = None) -> bytes:
+    """The request for ``batch``, or for its requests at ``positions`` (one MN's part of a
+    batch): written in one C call when they are only one-sided verbs with well-formed
+    operands (``_atomic.pack``), else here, operands as they are (the MN refuses what it
+    must)."""
+    packed = _pack_verbs(seq, rkey, batch, _ONE_SIDED, positions)
     if packed is not None:
         return packed
+    if positions is not None:
+        batch = [batch[i] for i in positions]
     ops: list[tuple[Any, ...]] = []
     for r in batch:
         t = type(r)

@@ -247,6 +247,10 @@ def _positions(f0: int, f1: int) -> tuple[int, ...]:
             *range(f1 * SLOTS_PER_BUCKET, f1 * SLOTS_PER_BUCKET + n))
 _WORD = struct.Struct("<Q")
 _RETIRED_BIT = RETIRED << 40
+_WORD_BITS = (1 << 64) - 1
+#: the bits of the slot words of two combined buckets read as one little-endian integer
+#: (``View.differs``): all but the 4 bucket headers
+_SLOT_BITS = sum(_WORD_BITS << 8 * at for at in range(0, 2 * COMBINED, 8) if at % BUCKET_BYTES)
 
 
 class View:
@@ -325,17 +329,16 @@ class View:
 
     def differs(self, other: View, skip: int) -> bool:
         """Some slot but ``skip`` holds different values here and in ``other`` (the same
-        buckets read twice): one comparison of the raw bytes, their headers and ``skip``'s
-        word taken from ``other``."""
+        buckets read twice): the two reads as two 256-byte integers, XORed, their headers'
+        and ``skip``'s bits masked off (a handful of C operations, no copy of either read
+        patched word by word)."""
         assert other.firsts == self.firsts, "two reads of the same buckets"
-        theirs = other.raw
-        mine = bytearray(self.raw)
-        for h in (0, 64, 128, 192):
-            mine[h:h + 8] = theirs[h:h + 8]
+        apart = (int.from_bytes(self.raw, "little") ^ int.from_bytes(other.raw, "little")
+                 ) & _SLOT_BITS
         at = self._offset(skip)
         if at is not None:
-            mine[at:at + 8] = theirs[at:at + 8]
-        return mine != theirs
+            apart &= ~(_WORD_BITS << 8 * at)
+        return apart != 0
 
     def _offset(self, pos: int) -> int | None:
         """Where slot ``pos``'s word is in ``raw``; None when the view does not hold it."""
@@ -373,11 +376,14 @@ class View:
             b, s = divmod(pos, SLOTS_PER_BUCKET)
             b = b - f0 if 0 <= b - f0 < 2 else b - f1 + 2
             row[8 * b + 1 + s] = 1
+        first, second = f0 * SLOTS_PER_BUCKET, f1 * SLOTS_PER_BUCKET
         best, most = -1, 0
-        for w in (1, 9, 17, 25):                # each bucket's first slot word
+        # each bucket's first slot word, and the position of its first slot (``_pos`` inline)
+        for w, at in ((1, first), (9, first + SLOTS_PER_BUCKET), (17, second),
+                      (25, second + SLOTS_PER_BUCKET)):
             free = row.count(0, w, w + SLOTS_PER_BUCKET)
             if free and free >= most:
-                pos = self._pos(row.find(0, w))
+                pos = at + row.find(0, w) - w
                 if free > most or pos < best:
                     best, most = pos, free
         return best if most else None

@@ -260,6 +260,10 @@ def place_replies(results: list, groups: dict[int, list[int]], replies: dict) ->
                 results[i] = reply
             continue
         done, error = reply
+        if len(done) == len(idx):           # every request done: the common case
+            for i, completion in zip(idx, done):
+                results[i] = completion
+            continue
         for k, i in enumerate(idx):
             if k < len(done):
                 results[i] = done[k]

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fusee.emulator import wire
+from fusee.emulator import _atomic, wire
 from fusee.config import ClusterConfig
 from fusee.verbs import MAX_BATCH, Batch, Cas, Faa, Read, Request, Write
 from fusee.transports.base import RegionInfo, Transport, group_by_node, raise_for_failures
 from fusee.transports.channel import Channels, dead_on_connect, place_replies
 
 
-#: the verbs ``ZmqTransport.execute`` runs flat
+#: the verbs ``ZmqTransport.execute`` sorts out in C, in the order ``_atomic.group`` expects
 ONE_SIDED = (Read, Write, Cas, Faa)
+_group = _atomic.group
 
 
 class ZmqTransport(Transport):
@@ -61,53 +62,22 @@ class ZmqTransport(Transport):
                 self.dead.discard(node)
 
     def execute(self, batch: Batch) -> list:
-        """See Transport.execute. The common cases, a batch of verbs on live MNs, run here
-        flat: Transport.execute's checks and counts inline, not a Python call per verb. On
-        one MN: one message, one reply (a one-round-trip SEARCH made 6 more Python calls the
-        general way). On several (operations in flight together, ``run_concurrently``): one
-        message to each, in parallel (``_execute``). Any other batch (control requests, a
-        dead first MN or an unknown MN, malformed requests) goes the general way, which
+        """See Transport.execute. The common case, a batch of verbs on known MNs, is checked,
+        counted and sorted out per MN in one C call (``_atomic.group``), not in Python loops
+        over its verbs: with operations in flight together (``run_concurrently``) a batch
+        spans the MNs, and those loops cost more than its messages. Any other batch
+        (control requests, an unknown MN, malformed requests) goes the general way, which
         checks and words its refusal."""
-        if not batch or len(batch) > MAX_BATCH or type(batch[0]) not in ONE_SIDED:
+        if not batch or len(batch) > MAX_BATCH:
             return Transport.execute(self, batch)
-        node = batch[0].node
-        regions = self.regions
-        region = regions.get(node) if type(node) is int else None
-        if region is None or (self.dead and node in self.dead):
+        groups = _group(batch, ONE_SIDED, self.regions, self.stats)
+        if groups is None:
             return Transport.execute(self, batch)
-        reads = writes = atomics = bytes_in = bytes_out = 0
-        alone = True
-        for r in batch:
-            t = type(r)
-            if t not in ONE_SIDED:
-                return Transport.execute(self, batch)
-            if r.node != node:
-                if type(r.node) is not int or r.node not in regions:
-                    return Transport.execute(self, batch)
-                alone = False
-            if t is Read:
-                reads += 1
-                bytes_in += r.length
-            elif t is Write:
-                writes += 1
-                bytes_out += len(r.data)
-            else:
-                atomics += 1
-        s = self.stats
-        s.round_trips += 1
-        s.verbs += len(batch)
-        s.reads += reads
-        s.writes += writes
-        s.atomics += atomics
-        s.bytes_in += bytes_in
-        s.bytes_out += bytes_out
-        if alone:
-            return self._on_one(node, region.rkey, batch)
-        return self._execute(batch)
+        return self._execute(batch, groups)
 
     def _on_one(self, node: int, rkey: int, batch: Batch) -> list:
-        """A batch of verbs for one live MN: one message and its reply; raises on any
-        failure."""
+        """A batch for one live MN: one message and its reply, without the per-node
+        positions of a batch that spans MNs; raises on any failure."""
         channels = self.channels
         seq = channels.next_seq()
         reply = channels.roundtrip(node, wire.encode_verbs(seq, rkey, batch), seq, self.timeout)
@@ -115,15 +85,20 @@ class ZmqTransport(Transport):
             return reply[0]
         return self._complete(batch, seq, {node: list(range(len(batch)))}, {node: reply})
 
-    def _execute(self, batch: Sequence[Request]) -> list:
+    def _execute(self, batch: Sequence[Request],
+                 groups: dict[int, list[int]] | None = None) -> list:
+        """One message to each MN the batch names (``groups``: node -> the positions of its
+        requests), all in flight together; a known dead MN's requests fail at once."""
+        if groups is None:
+            groups = group_by_node(batch)
         regions, dead = self.regions, self.dead
-        node = batch[0].node
-        if not (dead and node in dead) and all_on(node, batch):
-            return self._on_one(node, regions[node].rkey, batch)
+        if len(groups) == 1:
+            node = batch[0].node
+            if not (dead and node in dead):
+                return self._on_one(node, regions[node].rkey, batch)
         channels = self.channels
         seq = channels.next_seq()
-        groups = group_by_node(batch)
-        payloads = {node: wire.encode_verbs(seq, regions[node].rkey, [batch[i] for i in idx])
+        payloads = {node: wire.encode_verbs(seq, regions[node].rkey, batch, idx)
                     for node, idx in groups.items() if node not in dead}
         replies = channels.exchange(payloads, seq, self.timeout)
         for node in groups.keys() & dead:
@@ -142,11 +117,3 @@ class ZmqTransport(Transport):
     def close(self) -> None:
         self.channels.close()
 
-
-def all_on(node: int, batch: Sequence[Request]) -> bool:
-    """Whether every request of ``batch`` goes to MN ``node``: then the batch is one message
-    and one reply, without the per-node grouping of a batch that spans MNs."""
-    for r in batch:
-        if r.node != node:
-            return False
-    return True
