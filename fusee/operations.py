@@ -237,6 +237,10 @@ class ClientCore:
     def place(self, membership: Membership) -> None:
         """Adopt a membership: every replica list keeps its live members; an unsure free
         whose MN is dead goes to the next home."""
+        # a client that went back an epoch would settle its rounds against decisions it has
+        # seen past, and send verbs the failover after them no longer expects
+        assert membership.epoch >= self.membership.epoch, \
+            f"client {self.client_id}: epoch {self.membership.epoch} -> {membership.epoch}"
         self.deferred += [p for p, node in self.unsure if node in membership.dead]
         self.unsure = [(p, node) for p, node in self.unsure if node not in membership.dead]
         self.membership = membership
@@ -349,6 +353,9 @@ class ClientCore:
         yield from self.alloc.give_back()
         if self.unsure:                     # a free may be owed: not CLEAN yet
             return                          # (``fusee.settle.closing`` settles, then closes)
+        # CLEAN says nothing is owed: the next holder adopts the blocks as they are
+        assert not self.deferred and not self.aborts, \
+            f"client {self.client_id}: CLEAN with frees or ABORTED marks owed"
         meta = self.map.client_meta(self.client_id)
         yield from self.rt([Write(m, meta + META_STATE, pack_u64(CLEAN))
                             for m in self.meta_nodes])
