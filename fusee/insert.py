@@ -32,12 +32,13 @@ from fusee.layout import (ABORTED, COMMITTED, FROZEN, INSERT, TENTATIVE,
                           committed_object, decode_object,
                           is_object, slot_fp, slot_ref, strip, unpack_u64)
 # SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
-from fusee.replication import (SlotTarget, cas_primary, decide, fix_requests,
-                               propose, resolve, unfreeze_requests)
+from fusee.replication import (SlotTarget, cas_went_out, fix_requests, primary_lost,
+                               primary_request, proposal_requests, resolve, tally,
+                               unfreeze_requests)
 from fusee.resize import split
 from fusee.reuse import is_named
 from fusee.verbs import EPOCH_ENDS, Cas, Op, Read
-from fusee.verdicts import FRESH, LOSE, RESTART, RULE3, WIN, Fresh
+from fusee.verdicts import FRESH, RESTART, RULE3, WIN, Fresh
 
 if TYPE_CHECKING:
     from fusee.hashing import KeyHash
@@ -66,7 +67,7 @@ class ClaimRound:
     #: False until the commit record is sent, None while it may have reached some replicas
     #: only, True once it is through
     committed: bool | None = False
-    cased: bool = False             # its primary CAS went out (``Membership.fate``)
+    cased: bool = False             # its primary CAS is in flight (``cas_went_out``)
 
 
 def insert(core: OpCore, key: bytes, value: bytes) -> Op[None]:
@@ -123,17 +124,18 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
             extra = claim_reads + [core.object_read(v) for v in cands]
             open_round = ClaimRound(core.membership.epoch, t, v_old)
             if t.backups:
-                current, got = yield from propose(t, v_old, s, extra)
-                verdict = decide(current, s)            # rules 1 and 2: no generator
+                k = len(t.backups)
+                got = yield from core.rt([*proposal_requests(t, v_old, s), *extra])
+                (current, verdict), got = tally(got[:k], v_old, s), got[k:]
                 if verdict == RULE3:
-                    verdict = yield from resolve(t, v_old, s, current)
+                    verdict = yield from resolve(core, t, v_old, s, current)
                 if verdict == WIN and (fix := fix_requests(t, current, s)):
                     got = (yield from core.rt([*fix, *claim_reads]))[len(fix):] + got[2:]
                 expected = v_old
             else:
                 got = yield from core.rt([Cas(t.primary, t.addr, v_old, s | TENTATIVE), *extra])
-                old, got = got[0], got[1:]
-                verdict = WIN if old == v_old else (RESTART if old & FROZEN else LOSE)
+                verdict = WIN if got[0] == v_old else primary_lost(got[0])
+                got = got[1:]
                 expected = s | TENTATIVE
             if verdict != WIN:
                 open_round = None
@@ -159,11 +161,11 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
                 open_round.committed = None
                 yield from core.rt(core.log.record(obj, COMMITTED, slot_ref(sid, pos), v_old))
                 open_round.committed = True
-                verdict, _ = yield from cas_primary(t, expected, s, r=open_round)
-                if verdict == WIN:
+                (held,) = yield from core.rt([primary_request(t, expected, s, open_round)])
+                if held == expected:                # the linearization point
                     core.cache.store(key, sid, pos, s)
                     return None
-                if verdict == RESTART and t.backups:
+                if primary_lost(held, open_round) == RESTART and t.backups:
                     yield from core.rt(unfreeze_requests(t, v_old, s))
                 open_round = None
                 core.retry()
@@ -193,7 +195,8 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
             if open_round is None:
                 continue
             r, open_round = open_round, None
-            epoch, t, v_old, committed, cased = r.epoch, r.target, r.v_old, r.committed, r.cased
+            epoch, t, v_old, committed = r.epoch, r.target, r.v_old, r.committed
+            cased = cas_went_out(r, err)
             if not t.backups:           # an r = 1 claim sits on the primary
                 # committed: its primary CAS may have taken effect (the only way to know is
                 # the slot), and no rival commits the key while the claim stands: finish it
@@ -368,5 +371,5 @@ def _withdraw(core: OpCore, t: SlotTarget, obj: NewObject, s: int, v_old: int,
     void = core.free_value()
     mark = core.log.record(obj, ABORTED, slot_ref(t.sid, t.pos), v_old)
     yield from core.rt([*(Cas(n, t.addr, claim or s, void) for n in t.backups), *mark])
-    _, old = yield from cas_primary(t, expected, void)
-    return old
+    (old,) = yield from core.rt([primary_request(t, expected, void)])
+    return int(old)

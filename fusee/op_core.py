@@ -41,7 +41,8 @@ class OpCore(Protocol):
 
     # -- round trips and epochs --------------------------------------------------------------
     def rt(self, reqs: Sequence[Request]) -> Op[list[Any]]:
-        """One round trip for ``reqs`` (the core adds what it owes: frees, ABORTED marks)."""
+        """One round trip for ``reqs`` (the core adds what it owes: frees, ABORTED marks):
+        every batch of verbs an operation posts, its SNAPSHOT rounds' too, goes through it."""
         ...
 
     def retry(self) -> None:

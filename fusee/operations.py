@@ -261,6 +261,10 @@ class ClientCore:
         went out: its bitmap is a copy of the dead MN's made later, which may hold the free
         (sent again, its bit would carry into the next object's). Recovery (settling)
         tells from the bit, the used byte and the crc whether it happened."""
+        # a client that went back an epoch would settle its rounds against decisions it has
+        # seen past, and send verbs the failover after them no longer expects
+        assert membership.epoch >= self.membership.epoch, \
+            f"client {self.client_id}: epoch {self.membership.epoch} -> {membership.epoch}"
         self.membership = membership
         self.dir.place(membership)
         self.alloc.place(membership)
@@ -381,6 +385,9 @@ class ClientCore:
         yield from self.alloc.give_back()
         if self.unsure:                     # a free may be owed: not CLEAN yet
             return                          # (``fusee.settle.closing`` settles, then closes)
+        # CLEAN says nothing is owed: the next holder adopts the blocks as they are
+        assert not self.deferred and not self.aborts, \
+            f"client {self.client_id}: CLEAN with frees or ABORTED marks owed"
         meta = self.map.client_meta(self.client_id)
         yield from self.rt([Write(m, meta + META_STATE, pack_u64(CLEAN))
                             for m in self.meta_nodes])

@@ -68,7 +68,7 @@ from fusee.layout import (ABORTED, CLEAN, COMMITTED, COMMIT_OFFSET, DELETE, FROZ
 from fusee.membership import Membership
 from fusee.memory_map import HEADER_LAYOUT
 from fusee.operations import ClientCore
-from fusee.replication import SlotTarget, fix_requests, propose, resolve
+from fusee.replication import SlotTarget, fix_requests, proposal_requests, resolve, tally
 from fusee.verdicts import LOSE, RESTART, WIN
 from fusee.resize import finish, holder
 from fusee.verbs import Cas, Faa, Op, Read, Request, Step, Write, chunks
@@ -468,8 +468,8 @@ class Recovery:
             v_new = e.s
         current: list[int] = []
         if t.backups:
-            current, _ = yield from propose(t, p, v_new)
-        verdict = yield from resolve(t, p, v_new, current)
+            current, _ = tally((yield from core.rt(proposal_requests(t, p, v_new))), p, v_new)
+        verdict = yield from resolve(core, t, p, v_new, current)
         if verdict != WIN:
             e.lost = verdict == LOSE
             return False
@@ -600,8 +600,10 @@ class Recovery:
             u = slot_units(p) * core.unit
             extra = [Read(core.alloc.home_of(slot_node(p)), slot_addr(p, core.unit) + u -
                           TAIL_BYTES, TAIL_BYTES)]
-        current, got = yield from propose(t, p, v_new, extra)
-        verdict = yield from resolve(t, p, v_new, current)
+        k = len(t.backups)
+        got = yield from core.rt([*proposal_requests(t, p, v_new), *extra])
+        (current, _), got = tally(got[:k], p, v_new), got[k:]
+        verdict = yield from resolve(core, t, p, v_new, current)
         if verdict == LOSE:
             e.lost = True
             return False

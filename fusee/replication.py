@@ -18,19 +18,29 @@ fresh tombstone of its own (``layout.free_value``).
 If the primary turns out FROZEN (its subtable is being split), nobody's write happened: every
 writer of the round starts over on the new subtable.
 
+Every batch of a round goes through the operation's core (``OpCore.rt``, which adds what the
+client owes: deferred frees, ABORTED marks), as every other batch of an operation does: the
+steps on the fast path are plain functions, the requests of a step and the reading of what
+they found (``proposal_requests`` / ``tally``, ``primary_request`` / ``primary_lost``), so
+that going through the core adds no generator to an operation; the waits of contention
+(``resolve``'s rule 3, ``await_change``) are generators of the core's round trips.
+
 Design: docs/design.md#snapshot-replication.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
-from fusee.errors import EpochChanged, Stalled
+from fusee.errors import EpochChanged, Stalled, TransportError
 from fusee.layout import FROZEN, unpack_u64
 from fusee.verbs import Backoff, Cas, Op, Read, Request
 from fusee.verdicts import LOSE, RESTART, RULE3, WIN, Decision, Verdict
+
+if TYPE_CHECKING:
+    from fusee.op_core import OpCore
 
 #: polls of a wait made back to back; after them each poll first lets BACKOFF seconds pass
 FAST_POLLS, BACKOFF = 100, 0.0002
@@ -71,24 +81,34 @@ def decide(current: list[int], mine: int) -> Decision:
     return RULE3
 
 
-def propose(t: SlotTarget, v_old: int, v_new: int, extra: Iterable[Request] = ()
-            ) -> Op[tuple[list[int], list[Any]]]:
-    """Generator, step 2: CAS every backup (plus ``extra`` requests in the same batch, after
-    the CASes). Returns (the backups' current values, the completions of ``extra``)."""
+def proposal_requests(t: SlotTarget, v_old: int, v_new: int) -> list[Cas]:
+    """Step 2's batch: the CAS of every backup ``v_old -> v_new``. An operation posts it
+    through its core's round trip (``OpCore.rt``), with what else it sends in that batch
+    after these, and reads what the CASes found with ``tally``."""
     # proposals are distinct: a CAS that finds v_old could not tell ours from no change
     assert v_new != v_old, f"slot {t.sid}:{t.pos}: a proposal of the value it replaces"
-    k = len(t.backups)
-    res = yield [Cas(n, t.addr, v_old, v_new) for n in t.backups] + list(extra)
-    current = [v_new if old == v_old else old for old in res[:k]]
-    return current, res[k:]
+    return [Cas(n, t.addr, v_old, v_new) for n in t.backups]
 
 
-def resolve(t: SlotTarget, v_old: int, v_new: int, current: list[int]) -> Op[Verdict]:
-    """Generator, step 3: WIN, LOSE or RESTART (the slot froze) for this round."""
+def tally(found: Sequence[int], v_old: int, v_new: int) -> tuple[list[int], Decision]:
+    """Step 3 from the values the proposal's CASes found (``proposal_requests``, in its
+    order): (the backups' current values, what rules 1 and 2 say: ``decide``). A CAS that
+    found ``v_old`` put our value there. (One call: on the fast path every backup took ours.)"""
+    n = len(found)
+    if found.count(v_old) == n:
+        return [v_new] * n, WIN
+    current = [v_new if old == v_old else old for old in found]
+    return current, decide(current, v_new)
+
+
+def resolve(core: OpCore, t: SlotTarget, v_old: int, v_new: int, current: list[int]
+            ) -> Op[Verdict]:
+    """Generator, step 3: WIN, LOSE or RESTART (the slot froze) for this round; rule 3
+    re-reads the primary."""
     verdict = decide(current, v_new)
     if verdict != RULE3:
         return verdict
-    (raw,) = yield [Read(t.primary, t.addr, 8)]
+    (raw,) = yield from core.rt([Read(t.primary, t.addr, 8)])
     now = unpack_u64(raw)
     if now != v_old:
         return RESTART if now == v_old | FROZEN else LOSE
@@ -99,42 +119,47 @@ def fix_requests(t: SlotTarget, current: list[int], v_new: int) -> list[Cas]:
     """The winner's CASes turning other proposals on the backups into its own. A FROZEN
     backup is left alone: a split froze the primary first, so the round is over, and the
     split needs the frozen value on every replica (``fusee.resize``)."""
+    if current.count(v_new) == len(current):        # (the common case: no list to build)
+        return []
     return [Cas(n, t.addr, v, v_new) for n, v in zip(t.backups, current)
             if v != v_new and not v & FROZEN]
 
 
 class CasRound(Protocol):
     """An operation's open round, as settling it after its epoch's end needs to know."""
-    cased: bool     # its primary CAS may have taken effect, its reply unseen
+    cased: bool     # its primary CAS is the batch in flight (``primary_request`` to its reply)
 
 
-def cas_primary(t: SlotTarget, expected: int, v_new: int, extra: Iterable[Request] = (),
-                r: CasRound | None = None) -> Op[tuple[Verdict, int]]:
-    """Generator, step 4: the linearization point. Returns (outcome, value seen) where the
-    outcome is WIN, RESTART (frozen) or LOSE (the primary held something else).
-
-    ``r``: the open round, whose ``cased`` this keeps true exactly while the CAS may have
-    taken effect unanswered: from its posting on, unless the driver refused the batch with
-    EpochChanged (it never went out: ``fusee.errors.EpochChanged``) or the reply came.
-    ``Membership.fate`` takes a third value on a primary for WIN only if our CAS went out:
-    counting a refused CAS as gone out acknowledged a write that no slot names (found by a
-    sweep: another writer took the slot in the next epoch). (A parameter, not a wrapping
-    generator: each level of generators costs on every operation.)"""
+def primary_request(t: SlotTarget, expected: int, v_new: int, r: CasRound | None = None
+                    ) -> Cas:
+    """Step 4's request: the CAS of the primary ``expected -> v_new``, the linearization
+    point when it finds ``expected``; ``primary_lost`` reads what else it found. ``r``: the
+    open round, cased from now on (``cas_went_out``)."""
     assert v_new != expected, f"slot {t.sid}:{t.pos}: a primary CAS to the value it expects"
     if r is not None:
         r.cased = True
-    try:
-        res = yield [Cas(t.primary, t.addr, expected, v_new)] + list(extra)
-    except EpochChanged:
-        if r is not None:
-            r.cased = False
-        raise
-    old = res[0]
-    if old == expected:
-        return WIN, old
+    return Cas(t.primary, t.addr, expected, v_new)
+
+
+def cas_went_out(r: CasRound, error: TransportError) -> bool:
+    """Whether ``r``'s primary CAS may have taken effect, its reply unseen, when ``error``
+    ended the round's epoch: ``Membership.fate`` takes a third value on a primary for WIN
+    only then. ``cased`` is true only while the CAS's batch is the operation's batch in
+    flight (``primary_request`` sets it, ``primary_lost`` clears it, and a CAS that took ends
+    the operation), so ``error`` came at that batch; EpochChanged there means the driver
+    refused it: it never went out (``fusee.errors.EpochChanged``). Counting a refused CAS as
+    gone out acknowledged a write that no slot names (found by a sweep: another writer took
+    the slot in the next epoch; ``tests/test_cas_never_posted.py``)."""
+    return r.cased and not isinstance(error, EpochChanged)
+
+
+def primary_lost(found: int, r: CasRound | None = None) -> Verdict:
+    """The primary CAS (``primary_request``) found ``found``, not the value it expected (which
+    would be the linearization point: WIN): RESTART if the slot froze for a split, else LOSE
+    (another writer's value is there); ``r``'s CAS, failed, no longer counts as cased."""
     if r is not None:
         r.cased = False
-    return (RESTART if old & FROZEN else LOSE), old
+    return RESTART if found & FROZEN else LOSE
 
 
 def unfreeze_requests(t: SlotTarget, v_old: int, v_new: int) -> list[Cas]:
@@ -145,12 +170,12 @@ def unfreeze_requests(t: SlotTarget, v_old: int, v_new: int) -> list[Cas]:
     return [Cas(n, t.addr, v_new, v_old | FROZEN) for n in t.backups]
 
 
-def await_change(t: SlotTarget, v_old: int, current: list[int],
-                 extra: Iterable[Request] = (), patience: int = 0) -> Op[Verdict]:
+def await_change(core: OpCore, t: SlotTarget, v_old: int, current: list[int],
+                 extra: Iterable[Request] = ()) -> Op[Verdict]:
     """Generator for losers: poll until the round is over; ``current`` are the backups'
     values after our proposal, ``extra`` requests ride on the first poll. Returns LOSE
-    (someone finished the round) or RESTART (it froze). After ``patience`` polls (0: no
-    limit) the winner is presumed crashed: Stalled.
+    (someone finished the round) or RESTART (it froze). After ``core.patience`` polls the
+    winner is presumed crashed: Stalled.
 
     The primary alone cannot tell: once the winner has CASed it, the old object is freed and
     its memory reused, maybe for the same key, so the primary may hold ``v_old`` again (ABA)
@@ -162,7 +187,8 @@ def await_change(t: SlotTarget, v_old: int, current: list[int],
     first: list[Request] = list(extra)
     polls = 0
     while True:
-        res = yield [Read(t.primary, t.addr, 8), Read(t.backups[0], t.addr, 8), *first]
+        res = yield from core.rt([Read(t.primary, t.addr, 8), Read(t.backups[0], t.addr, 8),
+                                  *first])
         first = []
         now, backup = unpack_u64(res[0]), unpack_u64(res[1])
         if now != v_old:
@@ -170,7 +196,7 @@ def await_change(t: SlotTarget, v_old: int, current: list[int],
         if backup not in current and not backup & FROZEN:
             return LOSE
         polls += 1
-        if polls == patience:
+        if polls == core.patience:
             raise Stalled(f"slot {t.sid}:{t.pos}: the winner of its SNAPSHOT round did not "
                           f"finish in {polls} polls (crashed? it waits for recovery)")
         yield from backoff(polls)

@@ -27,12 +27,13 @@ from fusee.index import View
 from fusee.layout import (COMMITTED, LOST, TAIL_BYTES, UPDATE, object_extent, object_tail,
                           slot_ref, unpack_u64)
 # SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
-from fusee.replication import (SlotTarget, await_change, cas_primary, decide,
-                               fix_requests, propose, resolve, unfreeze_requests)
+from fusee.replication import (SlotTarget, await_change, cas_went_out, fix_requests,
+                               primary_lost, primary_request, proposal_requests, resolve,
+                               tally, unfreeze_requests)
 from fusee.reuse import ObjectReads
 from fusee.search import find
 from fusee.verbs import EPOCH_ENDS, Op, Read, Write
-from fusee.verdicts import FRESH, LOSE, RESTART, RULE3, WIN, Fresh, Verdict
+from fusee.verdicts import FRESH, LOSE, RESTART, RULE3, WIN, Decision, Fresh, Verdict
 
 if TYPE_CHECKING:
     from fusee.hashing import KeyHash
@@ -51,7 +52,7 @@ class ReplaceRound:
     old_crc: int                    # of the object ``v_old`` names (the commit record's)
     reached: Verdict | None = None  # the verdict reached from the backups, if any
     recorded: bool = False          # the commit record is on every replica of the object
-    cased: bool = False             # its primary CAS went out (``Membership.fate``)
+    cased: bool = False             # its primary CAS is in flight (``cas_went_out``)
 
 
 def replace(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bool = False
@@ -136,11 +137,12 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
             ref = slot_ref(sid, pos)
             current: list[int] = []
             open_round = ReplaceRound(core.membership.epoch, t, v_old, v_new, old_crc)
+            verdict: Decision = WIN                 # with no backup, no round to decide
             if t.backups:
-                current, _ = yield from propose(t, v_old, v_new)
-            verdict = decide(current, v_new)        # rules 1 and 2: no generator
+                current, verdict = tally((yield from core.rt(
+                    proposal_requests(t, v_old, v_new))), v_old, v_new)
             if verdict == RULE3:
-                verdict = yield from resolve(t, v_old, v_new, current)
+                verdict = yield from resolve(core, t, v_old, v_new, current)
             if verdict == WIN:
                 # with no backup there is no round to win: the primary CAS alone decides,
                 # and other writers may be as sure as we are (``Membership.fate``)
@@ -148,18 +150,18 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
                 yield from core.rt([*fix_requests(t, current, v_new),
                                     *core.log.record(obj, COMMITTED, ref, v_old, old_crc)])
                 open_round.recorded = True
-                verdict, _ = yield from cas_primary(t, v_old, v_new, r=open_round)
-                if verdict == WIN:
+                (held,) = yield from core.rt([primary_request(t, v_old, v_new, open_round)])
+                if held == v_old:                   # the linearization point
                     _replaced(core, key, obj, opcode, t, v_old, v_new)
                     return None
+                verdict = primary_lost(held, open_round)
                 if verdict == RESTART and t.backups:
                     yield from core.rt(unfreeze_requests(t, v_old, v_new))
             elif verdict == LOSE:
                 open_round.reached = LOSE
                 core.counters["lost"] += 1
-                verdict = yield from await_change(t, v_old, current,
-                                                  core.log.record(obj, LOST, ref, v_old),
-                                                  core.patience)
+                verdict = yield from await_change(core, t, v_old, current,
+                                                  core.log.record(obj, LOST, ref, v_old))
                 if verdict == LOSE and opcode == UPDATE:
                     _overwritten(core, key, obj)
                     return None
@@ -173,9 +175,10 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
             if open_round is None:
                 continue
             r, open_round = open_round, None
+            cased = cas_went_out(r, err)
             # settling the round meets the end of the next epoch too when more MNs die
             fate = yield from core.retrying(
-                lambda: core.fate(r.epoch, r.target, r.v_old, r.v_new, r.reached, r.cased))  # noqa: B023 (retrying calls it at once)
+                lambda: core.fate(r.epoch, r.target, r.v_old, r.v_new, r.reached, cased))  # noqa: B023 (retrying calls it at once)
             ref = slot_ref(r.target.sid, r.target.pos)
             if fate == WIN:         # our proposal took effect: finish as a winner
                 if not r.recorded:  # (else the object may be the slot's next writer's now)

@@ -3,6 +3,22 @@
 from __future__ import annotations
 
 import multiprocessing
+import time
+
+
+def wait_for(predicate, what, timeout: float = 60.0, interval: float = 0.05):
+    """Poll until ``predicate()`` is truthy and return its value: the one poll-until of the
+    tests. ``what`` names the wait in the failure (a callable: a message made then, a log's
+    text). The bound is generous, never a timing assertion; a predicate may fail at once
+    (asserting that the process it waits on still runs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what() if callable(what) else what}")
+        time.sleep(interval)
 
 
 class StopFlag:

@@ -26,7 +26,7 @@ from fusee.emulator.cluster import ForeignMemoryNode, LocalCluster
 from fusee.membership import Membership
 from fusee.transports.local import LocalMemory, LocalTransport
 from storekit import SMALL, config
-from test_failover_processes import _wait
+from processes import wait_for
 
 KEYS = [b"k%d" % i for i in range(6)]
 
@@ -58,7 +58,7 @@ def test_an_mn_failed_over_while_it_runs_is_not_audited_as_a_replica():
                 kv.put(key, b"before")
         os.kill(c.procs[2].pid, signal.SIGSTOP)
         try:
-            _wait(lambda: (s := c.master_status())["dead"] == [2] and not s["failing"],
+            wait_for(lambda: (s := c.master_status())["dead"] == [2] and not s["failing"],
                   "the failover of MN 2")
         finally:
             os.kill(c.procs[2].pid, signal.SIGCONT)

@@ -1,5 +1,5 @@
 """A writer whose primary CAS was refused before it was posted, as its epoch ended
-(``fusee.replication.cas_primary``).
+(``fusee.replication.primary_request``).
 
 Found by the sweep of splits + rebuild cycles + a slow MN (seed 18 on 4 MNs r = 2, an
 acknowledged insert lost): an insert won its round on the slot's only backup and committed;

@@ -21,9 +21,9 @@ from fusee.audit import audit
 from fusee.client import Client
 from fusee.driver import run
 from fusee.errors import ForkedClient, NeedsRecovery
-from processes import run_processes
+from processes import run_processes, wait_for
 from test_clients import owned_blocks
-from test_master_processes import status, wait_for
+from test_master_processes import status
 
 SPAWN = multiprocessing.get_context("spawn")
 

@@ -17,10 +17,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from processes import wait_for
 
 import fusee
 
@@ -129,11 +129,11 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def _wait_serving(proc: subprocess.Popen, log: Path, host: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while " serving " not in log.read_text():
+    def serving() -> bool:
         assert proc.poll() is None, f"{host} exited: {log.read_text()}"
-        assert time.monotonic() < deadline, f"{host} not serving: {log.read_text()}"
-        time.sleep(0.1)
+        return " serving " in log.read_text()
+
+    wait_for(serving, lambda: f"{host} to serve: {log.read_text()}", START_TIMEOUT)
 
 
 def _stop(servers: list[subprocess.Popen]) -> None:

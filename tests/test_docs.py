@@ -133,3 +133,26 @@ def test_slugs_follow_the_renderers():
     assert slug("The four operations") == "the-four-operations"
     assert slug("KV objects") == "kv-objects"
     assert anchors("# A\n## A\n```\n# not a heading\n```\n") == {"a", "a-1"}
+
+
+def test_the_tree_names_every_module_of_a_folder_it_lists_by_file():
+    """docs/design.md's tree: a folder whose row names its modules file by file names every
+    one of them (and each of its subfolders), so a module added there is not missing from
+    the map (``fusee/master/identity.py`` was)."""
+    design = DESIGN.read_text()
+    tree = design.split("### The tree", 1)[1].split("\n### ", 1)[0]
+    checked = []
+    for row in tree.splitlines():
+        cells = row.split("|")
+        if len(cells) < 3 or not (m := re.fullmatch(r"\s*`([\w/]+/)`\s*", cells[1])):
+            continue
+        folder, named = ROOT / m.group(1), set(re.findall(r"`([\w.]+(?:\.py|/))`", cells[2]))
+        if not any(n.endswith(".py") for n in named):
+            continue            # a row that tells its folder in words (fusee/, tests/)
+        have = {f.name for f in folder.glob("*.py") if f.name != "__init__.py"} | {
+            f"{d.name}/" for d in folder.iterdir()
+            if d.is_dir() and (d / "__init__.py").exists() and (m.group(1) + d.name + "/")
+            not in tree}
+        assert have <= named, f"name these in the row of {m.group(1)}: {sorted(have - named)}"
+        checked.append(m.group(1))
+    assert {"fusee/master/", "emulator/", "transports/"} <= set(checked), checked

@@ -36,7 +36,7 @@ from fusee.bench.failover import main as bench_main
 from fusee.config import KiB, LayoutConfig
 from fusee.driver import run
 from fusee.membership import Membership
-from processes import StopFlag
+from processes import StopFlag, wait_for
 from storekit import SMALL
 
 #: one subtable of 6 buckets: inserts split the index all along
@@ -123,15 +123,6 @@ def running(procs: list, stop):
                 p.join()
 
 
-def _wait(predicate, what, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.02)
-    return value
-
-
 @pytest.mark.parametrize("backend", ["shm", "zmq"])
 @pytest.mark.parametrize("victim,kill_client", [(0, False), (2, True)])
 def test_a_killed_memory_node_loses_nothing(backend, victim, kill_client, tmp_path):
@@ -161,14 +152,14 @@ def _kill_a_memory_node(backend: str, victim: int, kill_client: bool, tmp_path: 
                                                     progress, stop, fresh))
                  for i in range(clients)]
         with running(procs, stop):
-            _wait(lambda: min(progress) >= BEFORE, "the clients to get going")
+            wait_for(lambda: min(progress) >= BEFORE, "the clients to get going")
             c.kill(victim)
             if kill_client:
                 procs[0].kill()
-            _wait(lambda: c.master_status()["dead"] == [victim], "the failover")
+            wait_for(lambda: c.master_status()["dead"] == [victim], "the failover")
             marks = list(progress)
             survivors = procs[1:] if kill_client else procs
-            _wait(lambda: all(progress[i] >= marks[i] + AFTER
+            wait_for(lambda: all(progress[i] >= marks[i] + AFTER
                               for i in range(clients) if procs[i] in survivors),
                   "the surviving clients to carry on after the failover")
             stop.set()
@@ -176,7 +167,7 @@ def _kill_a_memory_node(backend: str, victim: int, kill_client: bool, tmp_path: 
                 p.join(60)
             assert [p.exitcode for p in survivors] == [0] * len(survivors)
         # every id is recovered (the killed client's after its lease ran out), none pending
-        status = _wait(lambda: (s := c.master_status())["repairs"] == {} and
+        status = wait_for(lambda: (s := c.master_status())["repairs"] == {} and
                        len(s["free_ids"]) == clients and s, "the master's repairs")
         membership = Membership.from_wire(status["membership"])
         assert membership.epoch == 1 and membership.dead == {victim}
@@ -196,7 +187,7 @@ def read_back_and_check(c: LocalCluster, ops: list[Op], membership: Membership) 
         for key in KEYS + sorted({op.key for op in ops} - set(KEYS)):
             t = 2 * time.monotonic_ns()
             ops.append(Op(0, "reader", "get", key, None, t, t + 1, OK, reader.get(key)))
-    _wait(lambda: c.master_status()["repairs"] == {}, "the reader's id to be back")
+    wait_for(lambda: c.master_status()["repairs"] == {}, "the reader's id to be back")
     for n, op in enumerate(ops):
         op.id = n
     verdict = check(ops)

@@ -21,12 +21,11 @@ import time
 
 import pytest
 from histories import unexpected_errors
-from processes import worker_processes
+from processes import wait_for, worker_processes
 from storekit import SMALL
 from test_failover_processes import (
     LEASES,
     _history,
-    _wait,
     read_back_and_check,
     running,
 )
@@ -42,7 +41,7 @@ STEP = 60
 
 def _carry_on(progress, what: str, step: int = STEP, timeout: float = 120) -> None:
     marks = list(progress)
-    _wait(lambda: all(progress[i] >= marks[i] + step for i in range(len(marks))),
+    wait_for(lambda: all(progress[i] >= marks[i] + step for i in range(len(marks))),
           f"the clients to carry on {what}", timeout=timeout)
 
 
@@ -63,7 +62,7 @@ def _finish(c: LocalCluster, procs, stop, outs) -> None:
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0] * CLIENTS
-    status = _wait(lambda: (s := c.master_status())["repairs"] == {} and s,
+    status = wait_for(lambda: (s := c.master_status())["repairs"] == {} and s,
                    "the master's repairs")
     membership = Membership.from_wire(status["membership"])
     ops = [op for i, out in enumerate(outs) for op in _history(f"c{i}", out)]
@@ -92,17 +91,17 @@ def test_a_memory_node_stopped_past_its_lease_is_failed_over_and_rebuilt(tmp_pat
         with running(procs, stop):
             _carry_on(progress, "at first")
             _stop_for(c.procs[1].pid, 2 * c.config.mn_lease)
-            _wait(lambda: c.master_status()["dead"] == [1], "MN 1's failover")
+            wait_for(lambda: c.master_status()["dead"] == [1], "MN 1's failover")
             _carry_on(progress, "after MN 1's failover")
             assert c.master_status()["dead"] == [1]         # it answers, and stays dead
             c.kill(1)
             c.rejoin(1)
-            _wait(lambda: c.master_status()["memnodes"]["1"]["state"] == "alive",
+            wait_for(lambda: c.master_status()["memnodes"]["1"]["state"] == "alive",
                   "MN 1's rebuild", timeout=120)
             _carry_on(progress, "after MN 1's rebuild")
             c.kill(0)
             c.kill(2)
-            _wait(lambda: c.master_status()["dead"] == [0, 2], "MN 0 and 2's failover")
+            wait_for(lambda: c.master_status()["dead"] == [0, 2], "MN 0 and 2's failover")
             _carry_on(progress, "on MN 1 alone")
             _finish(c, procs, stop, outs)
 
@@ -142,20 +141,20 @@ def test_a_fault_during_a_rebuild_loses_nothing(fault, tmp_path):
         with running(procs, stop):
             _carry_on(progress, "at first")
             c.kill(0)
-            _wait(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
+            wait_for(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
             _carry_on(progress, "after MN 0's failover")
             c.rejoin(0)
-            _wait(lambda: state(0) in ("joining", "rebuilding"), "MN 0's rebuild to start")
+            wait_for(lambda: state(0) in ("joining", "rebuilding"), "MN 0's rebuild to start")
             if fault == "master":
                 c.stop_master(kill=True)
                 c.start_master()
             else:
                 c.kill(1)
-            _wait(lambda: state(0) == "alive", "MN 0's rebuild", timeout=120)
+            wait_for(lambda: state(0) == "alive", "MN 0's rebuild", timeout=120)
             _carry_on(progress, "after MN 0's rebuild")
             for other in {1, 2} - ({1} if fault == "source" else set()):
                 c.kill(other)
-            _wait(lambda: c.master_status()["dead"] == [1, 2], "MN 1 and 2's failover")
+            wait_for(lambda: c.master_status()["dead"] == [1, 2], "MN 1 and 2's failover")
             _carry_on(progress, "on MN 0 alone")
             _finish(c, procs, stop, outs)
 
@@ -172,6 +171,6 @@ def test_a_slow_memory_node_while_another_dies_loses_nothing(tmp_path):
             _carry_on(progress, "at first")
             c.kill(2)
             _stop_for(c.procs[1].pid, 1.3 * c.config.timeout)
-            _wait(lambda: c.master_status()["dead"] == [2], "MN 2's failover")
+            wait_for(lambda: c.master_status()["dead"] == [2], "MN 2's failover")
             _carry_on(progress, "after MN 2's failover")
             _finish(c, procs, stop, outs)

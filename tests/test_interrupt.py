@@ -32,9 +32,9 @@ from fusee.errors import KeyNotFound
 from fusee.memory_map import MemoryMap
 from fusee.verbs import NodeTimeout, Read
 from fusee.config import LayoutConfig
-from processes import StopFlag
+from processes import StopFlag, wait_for
 from storekit import SMALL, config
-from test_failover_processes import KEYS, _history, _wait, _worker
+from test_failover_processes import KEYS, _history, _worker
 from fusee.transports.local import LocalMemory, LocalTransport
 
 #: a wait on another client's round that long means the round is never settled
@@ -263,7 +263,7 @@ def test_ctrl_c_while_waiting_for_a_failover():
             other.core.patience = PATIENCE
             other.put(b"k", b"later")
             assert other.get(b"k") == b"later"
-        _wait(lambda: c.master_status()["repairs"] == {}, "the master's repairs")
+        wait_for(lambda: c.master_status()["repairs"] == {}, "the master's repairs")
         with c.transport(dead={0}) as t:
             report = run(audit(c.config, (), kv.core.membership), t)
         assert report.ok, report.explain()
@@ -324,10 +324,10 @@ def test_sigint_to_client_processes_under_load(backend, master, tmp_path):
         with _running(procs, stop):
             for k in range(SIGINTS):
                 for p, first in zip(procs[LOAD:], firsts):
-                    _wait(lambda: progress[first + k] >= rng.randrange(10, 100),  # noqa: B023 (called in this iteration)
+                    wait_for(lambda: progress[first + k] >= rng.randrange(10, 100),  # noqa: B023 (called in this iteration)
                           f"client {first + k} to get going")
                     os.kill(p.pid, signal.SIGINT)
-            _wait(lambda: all(progress[first + SIGINTS] for first in firsts),
+            wait_for(lambda: all(progress[first + SIGINTS] for first in firsts),
                   "the clients after the last SIGINTs to get going")
         assert [p.exitcode for p in procs] == [0] * len(procs)
         ops = [op for out in sorted(tmp_path.glob("c*"))

@@ -29,17 +29,7 @@ from fusee.memory_map import MemoryMap
 from fusee.verbs import Cas, EpochChanged, NodeTimeout, Read
 from fusee.master.link import (LeaseKeeper, MasterBusy, MasterError, MasterLink,
                                     membership_wait, register_wait)
-
-def wait_for(predicate, what, timeout: float = 60.0, interval: float = 0.05):
-    """Poll until ``predicate()`` is truthy (a generous bound, never a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what() if callable(what) else what}")
-        time.sleep(interval)
+from processes import wait_for
 
 
 def status(c: LocalCluster) -> dict:

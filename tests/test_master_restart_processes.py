@@ -15,9 +15,9 @@ import multiprocessing as mp
 import time
 
 from histories import check_with_final_reads, unexpected_errors
-from processes import StopFlag, stop_processes
+from processes import StopFlag, stop_processes, wait_for
 from storekit import SMALL
-from test_failover_processes import KEYS, LEASES, _history, _wait, _worker
+from test_failover_processes import KEYS, LEASES, _history, _worker
 
 from fusee.emulator.cluster import LocalCluster
 from fusee.audit import audit
@@ -43,7 +43,7 @@ def test_clients_ride_out_a_master_killed_and_restarted(tmp_path):
         for p in procs:
             p.start()
         try:
-            _wait(lambda: min(progress) >= BEFORE, "the clients to get going")
+            wait_for(lambda: min(progress) >= BEFORE, "the clients to get going")
             before = c.master_status()
             c.stop_master(kill=True)
             killed = time.monotonic_ns()
@@ -51,7 +51,7 @@ def test_clients_ride_out_a_master_killed_and_restarted(tmp_path):
             time.sleep(c.config.client_lease * 1.25)
             c.start_master()
             marks = list(progress)
-            _wait(lambda: all(progress[i] >= marks[i] + AFTER for i in range(CLIENTS)),
+            wait_for(lambda: all(progress[i] >= marks[i] + AFTER for i in range(CLIENTS)),
                   "the clients to carry on after the restart")
             assert stop_processes(procs, stop) == [0] * CLIENTS
         finally:
@@ -71,7 +71,7 @@ def test_clients_ride_out_a_master_killed_and_restarted(tmp_path):
         assert pause < membership_wait(c.config)
         with c.client() as reader:
             check_with_final_reads(ops, reader, KEYS)
-        _wait(lambda: (s := c.master_status())["repairs"] == {} and
+        wait_for(lambda: (s := c.master_status())["repairs"] == {} and
               len(s["free_ids"]) == CLIENTS, "every id to be recovered and free")
         membership = Membership()
         with c.transport() as t:

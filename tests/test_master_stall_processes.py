@@ -14,9 +14,9 @@ import threading
 import time
 
 from histories import check_with_final_reads, unexpected_errors
-from processes import stop_processes, worker_processes
+from processes import stop_processes, wait_for, worker_processes
 from storekit import SMALL
-from test_failover_processes import KEYS, LEASES, _history, _wait
+from test_failover_processes import KEYS, LEASES, _history
 
 from fusee.emulator.cluster import LocalCluster
 from fusee.audit import audit
@@ -38,7 +38,7 @@ def test_a_stalled_master_expires_nobody_when_it_resumes(tmp_path):
         for p in procs:
             p.start()
         try:
-            _wait(lambda: min(progress) >= BEFORE, "the clients to get going")
+            wait_for(lambda: min(progress) >= BEFORE, "the clients to get going")
             (master,) = c.master_procs.values()
             os.kill(master.pid, signal.SIGSTOP)
             try:        # every lease (clients' and MNs') runs out meanwhile, twice over
@@ -46,7 +46,7 @@ def test_a_stalled_master_expires_nobody_when_it_resumes(tmp_path):
             finally:
                 os.kill(master.pid, signal.SIGCONT)
             marks = list(progress)
-            _wait(lambda: all(progress[i] >= marks[i] + AFTER for i in range(CLIENTS)),
+            wait_for(lambda: all(progress[i] >= marks[i] + AFTER for i in range(CLIENTS)),
                   "the clients to carry on after the stall")
             assert stop_processes(procs, stop) == [0] * CLIENTS
         finally:
@@ -59,7 +59,7 @@ def test_a_stalled_master_expires_nobody_when_it_resumes(tmp_path):
         assert not unexpected, "\n".join(map(str, unexpected[:10]))
         with c.client() as reader:
             check_with_final_reads(ops, reader, KEYS)
-        _wait(lambda: (s := c.master_status())["repairs"] == {} and
+        wait_for(lambda: (s := c.master_status())["repairs"] == {} and
               len(s["free_ids"]) == CLIENTS, "every id to be free")
         with c.transport() as t:
             report = run(audit(c.config, (), Membership()), t)

@@ -24,9 +24,9 @@ import time
 
 import pytest
 from histories import check_with_final_reads, unexpected_errors
-from processes import StopFlag, stop_processes
+from processes import StopFlag, stop_processes, wait_for
 from storekit import SMALL
-from test_failover_processes import KEYS, LEASES, _history, _wait, _worker
+from test_failover_processes import KEYS, LEASES, _history, _worker
 
 from fusee.emulator.testkit import zk_ensemble
 from fusee.emulator.cluster import LocalCluster, master_name
@@ -60,7 +60,7 @@ def leader_index(c: LocalCluster, other_than: int | None = None) -> int:
         (name,) = [n for n, p in c.master_procs.items() if p.pid == pid]
         i = 0 if name == "master" else int(name.removeprefix("master"))
         return None if i == other_than else (i,)
-    return _wait(elected, "a leading master", timeout=60)[0]
+    return wait_for(elected, "a leading master", timeout=60)[0]
 
 
 class Workload:
@@ -81,7 +81,7 @@ class Workload:
 
     def advance(self, what: str, survivors=range(CLIENTS)) -> None:
         marks = list(self.progress)
-        _wait(lambda: all(self.progress[i] >= marks[i] + STEP for i in survivors), what,
+        wait_for(lambda: all(self.progress[i] >= marks[i] + STEP for i in survivors), what,
               timeout=120)
 
     def history(self) -> list[Op]:
@@ -134,7 +134,7 @@ def test_kills_of_a_zookeeper_server_the_leading_master_and_then_a_memory_node(e
             c.start_master(first)                   # back, as a standby
             kills["memory node"] = time.monotonic_ns()
             c.kill(1)
-            _wait(lambda: c.master_status()["dead"] == [1], "the new leader's failover")
+            wait_for(lambda: c.master_status()["dead"] == [1], "the new leader's failover")
             w.advance("the clients to carry on in the new epoch")
             assert stop_processes(w.procs, w.stop) == [0] * CLIENTS
         finally:
@@ -149,7 +149,7 @@ def test_kills_of_a_zookeeper_server_the_leading_master_and_then_a_memory_node(e
                   f"(client_lease {c.config.client_lease:g} s, mn_lease "
                   f"{c.config.mn_lease:g} s, timeout {c.config.timeout:g} s)")
             assert pause < membership_wait(c.config)
-        status = _wait(lambda: (s := c.master_status())["repairs"] == {} and
+        status = wait_for(lambda: (s := c.master_status())["repairs"] == {} and
                        len(s["free_ids"]) == CLIENTS and s, "the new leader's repairs")
         membership = Membership.from_wire(status["membership"])
         assert membership.epoch == 1 and membership.dead == {1}
@@ -270,7 +270,7 @@ def test_the_leader_killed_with_a_client_then_a_memory_node_before_the_takeover(
             c.kill(2)
             killed = time.monotonic_ns()
             assert leader_index(c, other_than=first) != first
-            _wait(lambda: c.master_status()["dead"] == [2], "the new leader's failover",
+            wait_for(lambda: c.master_status()["dead"] == [2], "the new leader's failover",
                   timeout=120)
             w.advance("the surviving clients to carry on in the new epoch", survivors=(1, 2))
             assert stop_processes(w.procs[1:], w.stop) == [0, 0]
@@ -281,7 +281,7 @@ def test_the_leader_killed_with_a_client_then_a_memory_node_before_the_takeover(
         assert not unexpected, "\n".join(map(str, unexpected[:10]))
         print(f"\nkill -9 of the leading master, a client and an MN: longest operation after "
               f"it {pause_between(ops, killed, time.monotonic_ns()):.2f} s")
-        status = _wait(lambda: (s := c.master_status())["repairs"] == {} and
+        status = wait_for(lambda: (s := c.master_status())["repairs"] == {} and
                        len(s["free_ids"]) == CLIENTS and s, "the killed client's recovery")
         assert [r["reason"] for r in status["repaired"]].count("expired") == 1
         membership = Membership.from_wire(status["membership"])
@@ -428,10 +428,10 @@ def test_rolling_restarts_of_every_memory_node_master_and_zookeeper_server(ensem
                 for node in range(3):
                     events[f"round {r}: MN {node} killed"] = time.monotonic_ns()
                     c.kill(node)
-                    _wait(lambda: _mn_state(c, node) == "dead", f"MN {node}'s failover",  # noqa: B023
+                    wait_for(lambda: _mn_state(c, node) == "dead", f"MN {node}'s failover",  # noqa: B023
                           timeout=120)
                     c.rejoin(node)
-                    _wait(lambda: _mn_state(c, node) == "alive", f"MN {node}'s rebuild",  # noqa: B023
+                    wait_for(lambda: _mn_state(c, node) == "alive", f"MN {node}'s rebuild",  # noqa: B023
                           timeout=120)
                     w.advance(f"the clients to carry on after MN {node}'s rebuild")
                 first = leader_index(c)
@@ -450,7 +450,7 @@ def test_rolling_restarts_of_every_memory_node_master_and_zookeeper_server(ensem
             stop_processes(w.procs, w.stop, timeout=5)
         ops = w.history()
         judge(c, ops, events)
-        status = _wait(lambda: (s := c.master_status())["repairs"] == {} and s, "repairs")
+        status = wait_for(lambda: (s := c.master_status())["repairs"] == {} and s, "repairs")
         membership = Membership.from_wire(status["membership"])
         assert membership.dead == set() and membership.epoch == 6 * rounds
         check_reads_and_audit(c, ops, membership)
@@ -469,7 +469,7 @@ def _kill_leader_when(c: LocalCluster, node: int, state: str,
         if entry["state"] != state or (phase and entry.get("phase") != phase):
             return None
         return (status["pid"],)
-    (pid,) = _wait(due, f"MN {node} {state} {phase or ''}", timeout=120)
+    (pid,) = wait_for(due, f"MN {node} {state} {phase or ''}", timeout=120)
     (name,) = [n for n, p in c.master_procs.items() if p.pid == pid]
     i = 0 if name == "master" else int(name.removeprefix("master"))
     c.stop_master(kill=True, i=i)
@@ -496,7 +496,7 @@ def test_the_leading_master_killed_during_a_failover_or_a_rebuild_pause(ensemble
                 killed_at = time.monotonic_ns()
                 first = _kill_leader_when(c, 1, "failing")
             else:
-                _wait(lambda: _mn_state(c, 1) == "dead", "MN 1's failover", timeout=120)
+                wait_for(lambda: _mn_state(c, 1) == "dead", "MN 1's failover", timeout=120)
                 w.advance("the clients to carry on without MN 1")
                 c.rejoin(1)
                 killed_at = time.monotonic_ns()
@@ -504,7 +504,7 @@ def test_the_leading_master_killed_during_a_failover_or_a_rebuild_pause(ensemble
             leader_index(c, other_than=first)
             c.start_master(first)
             goal = "dead" if when == "failover" else "alive"
-            _wait(lambda: _mn_state(c, 1) == goal, f"MN 1 {goal} under the new leader",
+            wait_for(lambda: _mn_state(c, 1) == goal, f"MN 1 {goal} under the new leader",
                   timeout=120)
             w.advance("the clients to carry on under the new leader")
             assert stop_processes(w.procs, w.stop) == [0] * CLIENTS
@@ -515,7 +515,7 @@ def test_the_leading_master_killed_during_a_failover_or_a_rebuild_pause(ensemble
         if when == "rebuild pause":
             c.kill(0)
             c.kill(2)
-            _wait(lambda: c.master_status()["dead"] == [0, 2], "MN 0 and 2's failover",
+            wait_for(lambda: c.master_status()["dead"] == [0, 2], "MN 0 and 2's failover",
                   timeout=120)
-        status = _wait(lambda: (s := c.master_status())["repairs"] == {} and s, "repairs")
+        status = wait_for(lambda: (s := c.master_status())["repairs"] == {} and s, "repairs")
         check_reads_and_audit(c, ops, Membership.from_wire(status["membership"]))

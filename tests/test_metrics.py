@@ -7,10 +7,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
+from processes import wait_for
 
 from fusee.emulator.serving import stop_processes
 from fusee.client import Client
@@ -33,11 +33,12 @@ def _start(tmp_path, name: str, *args) -> tuple[subprocess.Popen, dict]:
         proc = subprocess.Popen([sys.executable, "-m", "fusee.cli", *args, "--ready-file",
                                  ready, "--parent-pid", str(os.getpid())], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not ready.exists():
+
+    def started() -> bool:
         assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()
-        assert time.monotonic() < deadline, f"{name} not ready"
-        time.sleep(0.05)
+        return ready.exists()
+
+    wait_for(started, f"{name} to be ready")
     return proc, json.loads(ready.read_text())
 
 

@@ -28,11 +28,11 @@ def _patch_everywhere(monkeypatch, name, new):
             monkeypatch.setattr(mod, name, new)
 
 
-def _loser_does_not_wait(t, v_old, current, extra=(), patience=0):
+def _loser_does_not_wait(core, t, v_old, current, extra=()):
     """BROKEN step 5: a loser returns at once instead of waiting for the primary to change, so
     its UPDATE is acknowledged before the winner's linearization point."""
     if extra:
-        yield list(extra)
+        yield from core.rt(list(extra))
     return fusee.replication.LOSE
 
 
@@ -41,12 +41,12 @@ def _winner_skips_fix_up(t, current, v_new):
     return []
 
 
-def _rule3_largest(t, v_old, v_new, current):
+def _rule3_largest(core, t, v_old, v_new, current):
     """Rule 3 electing the LARGEST proposal instead of the smallest."""
     verdict = fusee.replication.decide(current, v_new)
     if verdict != fusee.replication.RULE3:
         return verdict
-    now = word((yield [Read(t.primary, t.addr, 8)])[0])
+    now = word((yield from core.rt([Read(t.primary, t.addr, 8)]))[0])
     if now != v_old:
         return (fusee.replication.RESTART if now == v_old | fusee.layout.FROZEN
                 else fusee.replication.LOSE)

@@ -16,7 +16,8 @@ import sys
 
 import pytest
 from storekit import SMALL
-from test_failover_processes import LEASES, _wait
+from processes import wait_for
+from test_failover_processes import LEASES
 
 from fusee.config import LayoutConfig
 from fusee.emulator.cluster import LocalCluster
@@ -50,13 +51,13 @@ def test_a_rejoin_with_another_region_size_is_refused_then_rebuilt_once_restarte
             (line,) = out.stderr.strip().splitlines()
             assert line.startswith("fusee memnode: error: ") and "another live process" in line
         c.kill(1)
-        _wait(lambda: c.master_status()["dead"] == [1], "the failover of MN 1")
+        wait_for(lambda: c.master_status()["dead"] == [1], "the failover of MN 1")
         wrong = c.config.with_(layout=dataclasses.replace(
             c.config.layout, region_size=int(c.config.layout.region_size * scale)))
         wrong_path = c.workdir / "wrong.toml"
         wrong.save(wrong_path)
         c.rejoin(1, config_path=wrong_path)
-        state = _wait(lambda: "rebuild_error" in (s := c.master_status()["memnodes"]["1"])
+        state = wait_for(lambda: "rebuild_error" in (s := c.master_status()["memnodes"]["1"])
                       and s, "the master to refuse the rebuild")
         assert state["state"] == "dead", state
         assert state["rebuild_error"].startswith("RejoinRefused: memory node 1 asks to rejoin "
@@ -72,10 +73,10 @@ def test_a_rejoin_with_another_region_size_is_refused_then_rebuilt_once_restarte
             assert kv.get_many(KEYS[1:]) == KEYS[1:]
         c.kill(1)
         c.rejoin(1)                                 # the operator fixes it
-        _wait(lambda: c.master_status()["memnodes"]["1"]["state"] == "alive",
+        wait_for(lambda: c.master_status()["memnodes"]["1"]["state"] == "alive",
               "the rebuild of MN 1 restarted with the cluster's config")
         c.kill(0)                                   # MN 1 now holds what MN 0 had
         c.kill(2)
-        _wait(lambda: c.master_status()["dead"] == [0, 2], "the failover of MNs 0 and 2")
+        wait_for(lambda: c.master_status()["dead"] == [0, 2], "the failover of MNs 0 and 2")
         with c.client() as kv:
             assert kv.get_many(KEYS) == [b"while refused", *KEYS[1:]]

@@ -1,4 +1,5 @@
-"""The verbs backend on a real RDMA device: the conformance suite, verbs specifics, a FUSEE subset.
+"""The verbs backend on a real RDMA device: verbs specifics and a FUSEE subset (the conformance
+suite runs on it as on every backend: ``tests/test_conformance.py``, backend ``verbs``).
 
 Memory nodes are processes (``fusee memnode --rdma``) that register their region with the
 device; clients are this process and, in the multi-process tests, spawned processes. Tests
@@ -10,7 +11,6 @@ tests without the marker check the device-independent logic and run everywhere.
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
 import os
 import struct
@@ -18,91 +18,20 @@ import sys
 
 import pytest
 
-import test_conformance
+from test_conformance import data_addr
+from verbs_cluster import VERBS_LAYOUT
+
 from fusee.emulator.cluster import LocalCluster
-from fusee.emulator.memory import SharedSegment
-from fusee.emulator.rdma_device import check_peer, choose_gid, gid_rank, rdma_available
-from fusee.config import LayoutConfig
+from fusee.emulator.rdma_device import check_peer, choose_gid, gid_rank
 from fusee.verbs import Cas, Faa, Read, RemoteAccessError, Write
 from fusee.transports.base import RegionInfo
 from fusee.transports.rdma import detect_order, fetched_word
 
-MiB = 1 << 20
-AVAILABLE, WHY = rdma_available()
-REQUIRED = os.environ.get("FUSEE_RDMA_REQUIRED") == "1"
-
-#: small regions (the VM has little memory; registration pins all of it), room for 17 MiB
-VERBS_LAYOUT = LayoutConfig(region_size=48 * MiB, block_size=1 * MiB, max_clients=64,
-                            index_size=8 * MiB)
-
-
-@pytest.fixture(autouse=True)
-def _device(request):
-    if request.node.get_closest_marker("rdma") and not AVAILABLE:
-        if REQUIRED:
-            pytest.fail(f"FUSEE_RDMA_REQUIRED=1 but no usable RDMA device: {WHY}")
-        pytest.skip(WHY)
-
 
 @pytest.fixture
 def backend():
+    """Every test here runs on the verbs backend (``verbs_cluster``)."""
     return "verbs"
-
-
-@pytest.fixture(scope="module")
-def _shared_cluster():
-    holder: dict = {}
-    yield holder
-    if "cluster" in holder:
-        holder["cluster"].stop()
-
-
-def _segments(c: LocalCluster, write: dict | None = None) -> dict:
-    """The bytes of every MN's region (read through its shared-memory segment), or, given
-    ``write``, put those bytes back."""
-    out = {}
-    for name in c.shm_names.values():
-        seg = SharedSegment(name)
-        if write is None:
-            out[name] = bytes(seg.mmap)
-        else:
-            seg.mmap[:] = write[name]
-        seg.close()
-    return out
-
-
-@pytest.fixture
-def cluster(_shared_cluster):
-    """3 verbs MN processes, as fresh as a new cluster's: starting MN processes costs ~10 s in
-    the emulated VM, so one cluster serves the tests in turn, its regions restored to their
-    state just after start in between, and it is replaced when a test killed one of its nodes."""
-    c = _shared_cluster.pop("cluster", None)
-    if c is not None and c.procs and all(p.poll() is None for p in c.procs.values()):
-        _segments(c, write=_shared_cluster["fresh"])
-    else:
-        if c is not None:
-            c.stop()
-        c = LocalCluster(memnodes=3, transport="verbs", layout=VERBS_LAYOUT,
-                         start_timeout=180).start()
-        _shared_cluster["fresh"] = _segments(c)
-    _shared_cluster["cluster"] = c
-    yield c
-
-
-def _on_verbs(test):
-    """A conformance test, collected here again with this module's verbs cluster and marked
-    ``rdma`` (the original function and its marks stay untouched)."""
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return test(*args, **kwargs)
-    return pytest.mark.rdma(run)
-
-
-for _name in dir(test_conformance):
-    if _name.startswith("test_"):
-        globals()[_name] = _on_verbs(getattr(test_conformance, _name))
-
-data_addr = test_conformance.data_addr
 
 
 # -- device-independent logic (runs everywhere) ------------------------------------------------

@@ -16,12 +16,11 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import pytest
-from processes import StopFlag
+from processes import StopFlag, wait_for
 from storekit import SMALL
 from test_failover_processes import (
     LEASES,
     _history,
-    _wait,
     _worker,
     read_back_and_check,
     running,
@@ -50,7 +49,7 @@ def test_a_rebuilt_mn_survives_the_other_two(backend, tmp_path):
 
         def carry_on(what: str) -> None:
             marks = list(progress)
-            _wait(lambda: all(progress[i] >= marks[i] + STEP for i in range(CLIENTS)),
+            wait_for(lambda: all(progress[i] >= marks[i] + STEP for i in range(CLIENTS)),
                   f"the clients to carry on {what}", timeout=120)
 
         seen = set()
@@ -63,11 +62,11 @@ def test_a_rebuilt_mn_survives_the_other_two(backend, tmp_path):
         with running(procs, stop):
             carry_on("at first")
             c.kill(0)
-            _wait(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
+            wait_for(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
             assert state(0) == "dead"
             carry_on("after MN 0's failover")
             c.rejoin(0)
-            _wait(lambda: state(0) == "alive", "MN 0's rebuild", timeout=120)
+            wait_for(lambda: state(0) == "alive", "MN 0's rebuild", timeout=120)
             status = c.master_status()
             assert status["dead"] == [] and status["epoch"] == 2
             assert status["memnodes"]["0"]["primary_of"] == [0]
@@ -77,14 +76,14 @@ def test_a_rebuilt_mn_survives_the_other_two(backend, tmp_path):
             carry_on("after MN 0's rebuild")
             c.kill(1)
             c.kill(2)
-            _wait(lambda: c.master_status()["dead"] == [1, 2], "MN 1 and 2's failover")
+            wait_for(lambda: c.master_status()["dead"] == [1, 2], "MN 1 and 2's failover")
             carry_on("on MN 0 alone")
             stop.set()
             for p in procs:
                 p.join(60)
             assert [p.exitcode for p in procs] == [0] * CLIENTS
         assert seen >= {"dead", "alive"}
-        status = _wait(lambda: (s := c.master_status())["repairs"] == {} and s,
+        status = wait_for(lambda: (s := c.master_status())["repairs"] == {} and s,
                        "the master's repairs")
         membership = Membership.from_wire(status["membership"])
         assert membership.epoch == 3 and membership.dead == {1, 2}
@@ -148,19 +147,19 @@ def test_rebuild_time_and_longest_client_pause_for_100k_1kb_keys(backend, loader
         if loader == "adopted":
             kv.close()
         with running(procs, stop):
-            _wait(lambda: min(n.value for n in count) > 100, "the clients to get going")
+            wait_for(lambda: min(n.value for n in count) > 100, "the clients to get going")
             if loader == "closed":
                 kv.close()
             c.kill(0)
-            _wait(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
-            _wait(lambda: c.master_status()["repairs"] == {}, "the loader's id recovered")
+            wait_for(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
+            wait_for(lambda: c.master_status()["repairs"] == {}, "the loader's id recovered")
             time.sleep(1.0)
             for w in worst:
                 w.value = 0.0               # from now on: the rebuild's pause
             c.rejoin(0)
-            _wait(lambda: c.master_status()["rebuilds"], "MN 0's rebuild", timeout=300)
+            wait_for(lambda: c.master_status()["rebuilds"], "MN 0's rebuild", timeout=300)
             marks = [n.value for n in count]
-            _wait(lambda: all(n.value > m + 100 for n, m in zip(count, marks)),
+            wait_for(lambda: all(n.value > m + 100 for n, m in zip(count, marks)),
                   "the clients to carry on")
             stop.set()
             for p in procs:
@@ -177,7 +176,7 @@ def test_rebuild_time_and_longest_client_pause_for_100k_1kb_keys(backend, loader
               f"operation during it: {max(w.value for w in worst):.2f} s")
         c.kill(1)
         c.kill(2)
-        _wait(lambda: c.master_status()["dead"] == [1, 2], "MN 1 and 2's failover")
+        wait_for(lambda: c.master_status()["dead"] == [1, 2], "MN 1 and 2's failover")
         with c.client() as kv:
             got = kv.get_many([b"key%07d" % i for i in range(0, keys, 97)])
         assert all(v in (b"v" * 1024, b"u" * 1024) for v in got)

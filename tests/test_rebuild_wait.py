@@ -32,7 +32,8 @@ import time
 
 import pytest
 from storekit import SMALL
-from test_failover_processes import LEASES, _wait
+from processes import wait_for
+from test_failover_processes import LEASES
 
 from fusee import cli_status
 from fusee.emulator.cluster import ClusterStartError, LocalCluster
@@ -145,10 +146,10 @@ def test_a_client_waits_out_a_rebuild_longer_than_its_membership_wait(backend):
         with c.client() as kv:
             kv.put(b"before", b"1")
             c.kill(0)
-            _wait(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
+            wait_for(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
             kv.put(b"after the failover", b"2")
             c.rejoin(0)
-            _wait(lambda: _paused(c, 0), "MN 0's rebuild to pause the clients")
+            wait_for(lambda: _paused(c, 0), "MN 0's rebuild to pause the clients")
             # the online copy began only once the client had heard of the rebuild (its
             # allocator then spares the groups the copy takes: ``Allocator.follow``)
             assert kv.lease.rebuilding == 0
@@ -179,9 +180,9 @@ def _a_put_held_by_a_slow_pause():
         with c.client() as kv:
             kv.put(b"before", b"1")
             c.kill(0)
-            _wait(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
+            wait_for(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
             c.rejoin(0)
-            _wait(lambda: _paused(c, 0), "MN 0's rebuild to pause the clients")
+            wait_for(lambda: _paused(c, 0), "MN 0's rebuild to pause the clients")
             thread, out = _put_in_background(kv, b"during the rebuild", b"3")
             time.sleep(0.5)
             yield c, kv, wait, thread, out
@@ -190,7 +191,7 @@ def _a_put_held_by_a_slow_pause():
 def test_a_failed_rebuild_lets_a_paused_client_go_on_at_once():
     with _a_put_held_by_a_slow_pause() as (c, kv, wait, thread, out):
         c.kill(0)           # its copy fails: the rebuild fails, the pause ends
-        _wait(lambda: "rebuild_error" in c.master_status()["memnodes"]["0"],
+        wait_for(lambda: "rebuild_error" in c.master_status()["memnodes"]["0"],
               "the rebuild to fail", timeout=3 * wait)
         # within a few renewals of the pause's end, not after membership_wait
         thread.join(wait / 2)
@@ -211,6 +212,6 @@ def test_a_master_killed_in_a_rebuilds_pause_is_followed_by_a_new_epoch():
         assert out == {"ok": True}, out
         assert "failing over memory node none (closing the rounds a rebuild left) " \
                "(epoch 1 -> 2)" in c.master_log(), c.master_log()
-        _wait(lambda: c.master_status()["dead"] == [], "MN 0's rebuild", timeout=3 * wait)
+        wait_for(lambda: c.master_status()["dead"] == [], "MN 0's rebuild", timeout=3 * wait)
         assert c.master_status()["epoch"] == 3
         assert kv.get(b"during the rebuild") == b"3" and kv.get(b"before") == b"1"

@@ -9,7 +9,11 @@ import pytest
 from fusee.errors import KeyExists, KeyNotFound
 from fusee.hashing import key_hash
 from fusee.layout import FROZEN, committed_object, decode_object, slot_addr, slot_units
-from fusee.replication import SlotTarget, decide, resolve
+from fusee.audit import audit
+from fusee.driver import run
+from fusee.operations import ClientCore
+from fusee.replication import SlotTarget, decide, resolve, tally
+from fusee.transports.local import LocalTransport
 from fusee.verdicts import LOSE, RESTART, RULE3, WIN
 from fusee.verbs import Cas
 from storekit import TINY, clients, config, simulate
@@ -32,7 +36,7 @@ def test_rules_one_and_two(current, verdict):
 
 def _resolve(current, mine, primary_now, v_old=0x10):
     t = SlotTarget(0, 0, (0, 1, 2), 4096)
-    gen = resolve(t, v_old, mine, current)
+    gen = resolve(ClientCore(config(), 0), t, v_old, mine, current)
     try:
         batch = gen.send(None)
         assert len(batch) == 1 and batch[0].node == 0          # re-read of the primary
@@ -175,3 +179,54 @@ def test_hot_keys_soak(nodes, r):
         for mix in MIXES:
             _, _, report = simulate(cfg, seed, 6, [b"k0", b"k1", b"k2"], 40, MIXES[mix])
             assert report.ok, f"seed {seed} {mix}:\n{report.explain()}"
+
+
+@pytest.mark.parametrize("found, verdict", [
+    ([0x10, 0x10], WIN),                # every CAS found v_old: rule 1
+    ([], WIN),                          # r = 1: nothing to agree on
+    ([0x10, 0x10, 0x10, B], WIN),       # rule 2
+    ([A, 0x10], WIN),                   # our own proposal met again (recovery's redo)
+    ([0x10, B], RULE3), ([B, B], LOSE), ([B, C], RULE3),
+])
+def test_tally_reads_the_proposal_as_the_rules_do(found, verdict):
+    """``tally``: a CAS that found v_old put our value there; then rules 1 and 2."""
+    current, decision = tally(found, 0x10, A)
+    assert current == [A if v == 0x10 else v for v in found]
+    assert decision == verdict == decide(current, A)
+
+
+@pytest.mark.parametrize("op", ["update", "delete", "insert"])
+def test_every_batch_of_a_round_carries_what_the_client_owes(op):
+    """A SNAPSHOT round posts through the core's round trip like every other step (one way
+    to yield, ``OpCore.rt``): a free owed by another operation of the client that ended
+    meanwhile (a pipeline's) rides with the round's next batch, whichever step it is: its
+    proposal and its primary CAS too (they yielded their batches themselves, and the free
+    waited for a later batch, or for the next operation). The operations' outcomes and the
+    store's audit are as ever."""
+    cfg = config(r=3)
+    mem, (kv,) = clients(cfg, 1)
+    core, t = kv.core, kv.transport
+    for i in range(12):
+        kv.insert(b"other-%d" % i, b"o")
+    if op != "insert":
+        kv.insert(b"k", b"v")
+    gen = {"update": lambda: core.update(b"k", b"w"), "delete": lambda: core.delete(b"k"),
+           "insert": lambda: core.insert(b"k", b"w")}[op]()
+    batch, steps, carried = next(gen), [], []
+    while True:
+        res = t.execute(batch)
+        other = b"other-%d" % len(steps)
+        run(core.update(other, b"p"), t)        # ends owing the free of its old object
+        assert len(core.deferred) == 1
+        owed = core.alloc.free_request(core.deferred[0])
+        try:
+            batch = gen.send(res)
+        except StopIteration:
+            break
+        steps.append([type(r).__name__ for r in batch])
+        carried.append(owed in batch)
+    assert len(steps) == 3 and all(carried), list(zip(steps, carried))
+    assert kv.get(b"k") == (None if op == "delete" else b"w")
+    run(core.close(), t)
+    report = run(audit(cfg, [core]), LocalTransport(cfg, memory=mem))
+    assert report.ok, report.explain()

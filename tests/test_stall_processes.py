@@ -21,7 +21,8 @@ from contextlib import contextmanager
 
 import pytest
 from storekit import SMALL
-from test_failover_processes import LEASES, _wait
+from processes import wait_for
+from test_failover_processes import LEASES
 
 from fusee.client import Client
 from fusee.emulator.cluster import LocalCluster
@@ -93,7 +94,7 @@ def expired_client(c: LocalCluster, timeout: float = 60.0) -> Client:
         kv.put(b"k", b"v")
         cid = str(kv.client_id)
         kv.lease.close(release=False)
-        _wait(lambda: cid not in (s := c.master_status())["clients"]
+        wait_for(lambda: cid not in (s := c.master_status())["clients"]
               and cid not in s["repairs"], "the master to expire and recover the client",
               timeout)
     except BaseException:
@@ -144,11 +145,11 @@ def test_a_restarted_master_fences_the_expired_client_it_inherits():
             cid = str(kv.client_id)
             with _stopped(c.procs[2].pid):
                 kv.lease.close(release=False)
-                _wait(lambda: (c.master_status()["repairs"].get(cid) or {}).get("attempts"),
+                wait_for(lambda: (c.master_status()["repairs"].get(cid) or {}).get("attempts"),
                       "the master to expire the client and fail to fence it at MN 2")
                 c.stop_master(kill=True)
             c.start_master()
-            _wait(lambda: int(cid) in c.master_status()["free_ids"],
+            wait_for(lambda: int(cid) in c.master_status()["free_ids"],
                   "the restarted master to recover the client")
             stale = [Write(n, scratch, b"stale!!!") for n in range(3)]
             with pytest.raises(Fenced) as refused:

@@ -2,7 +2,8 @@
 
     python -m fusee.emulator.softroce.run_tests [--bench] [pytest arguments...]
 
-The guest runs this interpreter's pytest on tests/test_rdma.py with FUSEE_RDMA_REQUIRED=1,
+The guest runs this interpreter's pytest on tests/test_conformance.py (its verbs backend) and
+tests/test_rdma.py with FUSEE_RDMA_REQUIRED=1,
 so a VM whose device failed to come up fails the run instead of skipping every test. With
 ``--bench`` the same boot then measures verbs latencies on rxe
 (fusee.emulator.softroce.verbs_latency).
@@ -26,7 +27,8 @@ def main(argv=None) -> int:
     if bench:
         args.remove("--bench")
     py = shlex.quote(sys.executable)
-    script = (f"{py} -m pytest -m rdma -p no:cacheprovider --color=no -rs tests/test_rdma.py "
+    script = (f"{py} -m pytest -m rdma -p no:cacheprovider --color=no -rs "
+              f"tests/test_conformance.py tests/test_rdma.py "
               f"{shlex.join(args)}")
     if bench:
         script = f"{script} && {py} -m fusee.emulator.softroce.verbs_latency"
