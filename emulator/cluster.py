@@ -328,18 +328,29 @@ class LocalCluster:
             return Client(self.transport(backend), self.config, **kwargs)
         return Client.connect(self.config_path, backend, **kwargs)
 
-    def master_status(self) -> dict:
+    def master_status(self, patience: float = 10.0) -> dict:
         """The (leading) master's ``status`` (membership, leases, failovers, repairs); with
-        several masters, standbys send the request on and a dead one is skipped."""
+        several masters, standbys send the request on and a dead one is skipped.
+
+        One request waits one round trip's timeout; a master that is alive but slow to
+        answer (a loaded host, its worker copying a rebuild's megabytes) is asked again
+        until ``patience`` seconds have passed, so that a caller polling the cluster's state
+        is not failed by one late reply."""
         from fusee.errors import MasterTimeout
         from fusee.master.link import MasterLink
-        with MasterLink(self.config) as link:
-            for _ in range(len(self.config.masters) - 1):
-                try:
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                with MasterLink(self.config) as link:
+                    for _ in range(len(self.config.masters) - 1):
+                        try:
+                            return link.status()
+                        except MasterTimeout:
+                            pass                # the link moved on to the next master
                     return link.status()
-                except MasterTimeout:
-                    pass                        # the link moved on to the next master
-            return link.status()
+            except MasterTimeout:
+                if time.monotonic() > deadline:
+                    raise
 
 
 def _quiescent(status: dict) -> bool:
