@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from fusee.config import ClusterConfig, ConfigError
+from fusee.errors import WrongMemoryNode
 from fusee.emulator.serving import BindError, stop_condition, write_ready
 from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
 from fusee.master.identity import check_same_cluster
@@ -89,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         store, leadership = open_coordination(config, endpoint, state)
         try:
             server = MasterServer(config, store, args.transport, leadership=leadership)
+            server.check_memory_nodes()         # WrongMemoryNode: refused at once
         except BaseException:
             if leadership is not None:
                 leadership.close()
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "its own [cluster] name (or a chroot in coordination)")
         print(f"fusee master: error: {e}: {hint}; if not, fix the config", file=sys.stderr)
         return 2
-    except (ConfigError, StateError, LogLevelError) as e:
+    except (ConfigError, StateError, LogLevelError, WrongMemoryNode) as e:
         print(f"fusee master: error: {e}", file=sys.stderr)
         return 2
     stop = stop_condition(args.parent_pid)
