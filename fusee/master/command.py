@@ -90,7 +90,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         store, leadership = open_coordination(config, endpoint, state)
         try:
             server = MasterServer(config, store, args.transport, leadership=leadership)
-            server.check_memory_nodes()         # WrongMemoryNode: refused at once
         except BaseException:
             if leadership is not None:
                 leadership.close()
@@ -102,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "its own [cluster] name (or a chroot in coordination)")
         print(f"fusee master: error: {e}: {hint}; if not, fix the config", file=sys.stderr)
         return 2
-    except (ConfigError, StateError, LogLevelError, WrongMemoryNode) as e:
+    except (ConfigError, StateError, LogLevelError) as e:
         print(f"fusee master: error: {e}", file=sys.stderr)
         return 2
     stop = stop_condition(args.parent_pid)
@@ -124,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         server.serve(endpoint, stop, bound)
-    except (ConfigError, BindError, zmq.ZMQError) as e:
+    except (ConfigError, BindError, zmq.ZMQError, WrongMemoryNode) as e:
         print(f"fusee master: error: {e}", file=sys.stderr)
         return 2
     return 1 if server.failed else 0
