@@ -24,10 +24,10 @@ def format_region(region: MemoryRegion, mmap_: MemoryMap, node: int, cluster: in
     ``cluster``: the cluster id's word (``fusee.cluster_identity.cluster_word``), which every
     process that connects checks."""
     rkey = region.rkey
-    region.write(HEADER_CLUSTER, _U64.pack(cluster), rkey)
     region.write(HEADER_MAGIC, _U64.pack(MAGIC), rkey)
     region.write(HEADER_LAYOUT, _U64.pack(mmap_.fingerprint), rkey)
     region.write(HEADER_NODE, _U64.pack(node), rkey)
+    region.write(HEADER_CLUSTER, _U64.pack(cluster), rkey)
     for addr, data in initial_image(mmap_.layout):      # the RACE index's empty image
         region.write(addr, data, rkey)
 

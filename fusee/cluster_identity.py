@@ -98,25 +98,25 @@ def mismatch(config: ClusterConfig, node: int, header: bytes) -> WrongMemoryNode
     return None
 
 
-def read_headers(nodes: Iterable[int], silent_ok: bool = True) -> Op[dict[int, bytes]]:
-    """Generator: {node: its header words} of ``nodes``, in one batch. ``silent_ok``: an MN
-    that does not answer is left out (its death is the failover's business), else its error
-    is raised."""
+def read_headers(nodes: Iterable[int]) -> Op[dict[int, bytes]]:
+    """Generator: {node: its header words} of ``nodes``, in one batch. An MN that does not
+    answer is left out: its death is the failover's business, and it is checked when it is
+    reached again (a rebuild, a reconnect)."""
     nodes = sorted(nodes)
     batch = [Read(n, 0, HEADER_END) for n in nodes]
     try:
         results = (yield batch) if batch else []
     except TransportError as e:
-        if not silent_ok or e.results is None:
+        if e.results is None:
             raise
         results = e.results
     return {n: r for n, r in zip(nodes, results) if not isinstance(r, BaseException)}
 
 
-def check(config: ClusterConfig, nodes: Iterable[int], silent_ok: bool = True) -> Op[None]:
+def check(config: ClusterConfig, nodes: Iterable[int]) -> Op[None]:
     """Generator: WrongMemoryNode for the first of ``nodes`` whose header is not this
     cluster's MN's (one batch)."""
-    headers = yield from read_headers(nodes, silent_ok)
+    headers = yield from read_headers(nodes)
     for node, header in sorted(headers.items()):
         if (wrong := mismatch(config, node, header)) is not None:
             raise wrong
@@ -127,9 +127,7 @@ def reached(transport: Transport) -> list[int]:
     return sorted(n for n, r in transport.regions.items() if r.length)
 
 
-def check_transport(transport: Transport, nodes: Iterable[int] | None = None,
-                    silent_ok: bool = True) -> None:
+def check_transport(transport: Transport, nodes: Iterable[int] | None = None) -> None:
     """Raise WrongMemoryNode unless every MN of ``nodes`` (default: all it reached) that
     ``transport`` reaches is this cluster's (one round trip)."""
-    run(check(transport.config, reached(transport) if nodes is None else nodes, silent_ok),
-        transport)
+    run(check(transport.config, reached(transport) if nodes is None else nodes), transport)

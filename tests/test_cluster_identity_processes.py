@@ -172,3 +172,16 @@ def test_cluster_id_gives_a_new_config_an_id_once(tmp_path):
     assert ClusterConfig.load(path).cluster_id == first.stdout.strip()
     again = fusee("cluster-id", "--config", path)
     assert (again.returncode, again.stdout, again.stderr) == (0, first.stdout, "")
+
+
+def test_a_master_state_saved_for_another_cluster_id_is_refused(tmp_path):
+    """Same name, same endpoints (a config copied, then given a new id): the state says whose
+    it is, and a master of the other id does not carry on from it."""
+    from fusee.master.identity import check_same_cluster, identity
+    from fusee.master.logic import StateMismatch
+    config = ClusterConfig(memnodes=(MemNodeConfig(0, f"ipc://{tmp_path}/mn0.sock"),),
+                           cluster_id=new_cluster_id())
+    check_same_cluster(config, identity(config), "here")
+    check_same_cluster(config.with_(cluster_id=None), identity(config), "here")   # (older)
+    with pytest.raises(StateMismatch, match=f"cluster id {config.cluster_id}, not "):
+        check_same_cluster(config.with_(cluster_id=new_cluster_id()), identity(config), "here")
