@@ -185,3 +185,35 @@ def test_a_master_state_saved_for_another_cluster_id_is_refused(tmp_path):
     check_same_cluster(config.with_(cluster_id=None), identity(config), "here")   # (older)
     with pytest.raises(StateMismatch, match=f"cluster id {config.cluster_id}, not "):
         check_same_cluster(config.with_(cluster_id=new_cluster_id()), identity(config), "here")
+
+
+def test_a_client_reconnecting_to_a_rebuilt_mn_checks_it_again():
+    """MN 1 is rebuilt while a client idles; then, before the client's next operation, another
+    cluster's MN takes MN 1's endpoint (killed and replaced within its lease, so the master
+    still counts it alive). The client reconnects to it as it moves to the rebuild's epoch
+    (``revive``) and refuses it there, writing nothing to it."""
+    with LocalCluster(memnodes=3, transport="shm", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), client_lease=2.0, mn_lease=8.0,
+                      timeout=1.0) as c:
+        kv = c.client()
+        try:
+            kv.put_many({k: k[::-1] for k in KEYS})
+            c.kill(1)
+            wait_for(lambda: c.master_status()["dead"] == [1], "the failover of MN 1")
+            c.rejoin(1)
+            wait_for(lambda: c.master_status()["memnodes"]["1"]["state"] == "alive",
+                     "the rebuild of MN 1")
+            other = c.config.with_(cluster_id=new_cluster_id()).save(c.workdir / "other.toml")
+            c.kill(1)
+            c.rejoin(1, config_path=other)          # another cluster's MN at MN 1's endpoint
+            with pytest.raises(WrongMemoryNode, match=f"memory node 1 at .* {ANOTHER}"):
+                kv.put(KEYS[0], b"clobbered")
+            seg = SharedSegment(c.shm_names[1])
+            try:
+                data = MemoryMap.of(c.config.layout).data
+                assert seg.mmap[data:] == bytes(len(seg.mmap) - data)
+            finally:
+                seg.close()
+        finally:
+            kv.transport.close()
+            kv.lease.close()
