@@ -70,7 +70,7 @@ class ZmqTransport(Transport):
         checks and words its refusal."""
         if not batch or len(batch) > MAX_BATCH:
             return Transport.execute(self, batch)
-        groups = _group(batch, ONE_SIDED, self.regions, self.stats)
+        groups = _group(batch, ONE_SIDED, self.regions, self.stats.counts)
         if groups is None:
             return Transport.execute(self, batch)
         return self._execute(batch, groups)
