@@ -357,6 +357,54 @@ done:
     return out;
 }
 
+/* unpack(reply) -> (seq, [completion, ...], None), or None.
+ *
+ * The client's side of ``serve``: a memory node's msgpack reply [seq, [completion, ...], nil]
+ * to a batch of one-sided verbs that all completed, read in one pass (a completion is a
+ * READ's bin, a WRITE's nil or an atomic's uint), as msgpack.unpackb would read it, minus the
+ * keyword arguments and the generic object hooks that cost more than the decoding. Anything
+ * else (an error, a negative seq, a type no verb completes with, trailing bytes) gives None:
+ * the caller decodes it with msgpack. */
+static PyObject *unpack_reply(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    cursor_t c = {view.buf, (const unsigned char *)view.buf + view.len};
+    PyObject *results = NULL, *out = NULL;
+    uint64_t len, seq, count;
+    if (take_array(&c, &len) || len != 3 || take_uint(&c, &seq) ||
+        take_array(&c, &count) || count > (uint64_t)(c.end - c.p)) goto general;
+    if (!(results = PyList_New((Py_ssize_t)count))) goto done;
+    for (uint64_t i = 0; i < count; i++) {
+        if (c.p >= c.end) goto general;
+        unsigned char t = *c.p;
+        PyObject *item;
+        if (t == 0xc0) {
+            c.p++;
+            item = Py_NewRef(Py_None);
+        } else if (t >= 0xc4 && t <= 0xc6) {
+            const unsigned char *at;
+            uint64_t n;
+            if (take_bin(&c, &at, &n)) goto general;
+            item = PyBytes_FromStringAndSize((const char *)at, (Py_ssize_t)n);
+        } else {
+            uint64_t v;
+            if (take_uint(&c, &v)) goto general;
+            item = PyLong_FromUnsignedLongLong(v);
+        }
+        if (!item) goto done;
+        PyList_SET_ITEM(results, (Py_ssize_t)i, item);
+    }
+    if (c.end - c.p != 1 || *c.p != 0xc0) goto general;        /* no error, nothing after */
+    out = Py_BuildValue("(KOO)", (unsigned long long)seq, results, Py_None);
+    goto done;
+general:
+    out = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(results);
+    PyBuffer_Release(&view);
+    return out;
+}
+
 /* pack(seq, rkey, batch, kinds, positions=None) -> the msgpack verbs request, or None.
  *
  * The zmq client's side of ``serve``: [VERBS, seq, rkey, [[opcode, addr, a(, b)], ...]]
@@ -565,6 +613,8 @@ static PyMethodDef methods[] = {
      "run(batch, table, regions, kinds, counts) -> completions, or None (see the C source)"},
     {"serve", (PyCFunction)(void (*)(void))serve_request, METH_FASTCALL,
      "serve(request, base, size, rkey, max_batch) -> (verbs, reply), or None (see the C source)"},
+    {"unpack", unpack_reply, METH_O,
+     "unpack(reply) -> (seq, completions, None), or None (see the C source)"},
     {"pack", (PyCFunction)(void (*)(void))pack_verbs, METH_FASTCALL,
      "pack(seq, rkey, batch, kinds, positions=None) -> the msgpack verbs request, or None "
      "(see the C source)"},
