@@ -206,6 +206,7 @@ def run_concurrently(ops: Iterable[Operation], executor: Any, depth: int = 0,
                         batch = (op.throw(error) if isinstance(error, EpochChanged)
                                  else op.send([None]))
                     else:
+                        assert error is not None, "a failed batch's slice"
                         end = slice_end
                         own = _own_failure(error, completions, start, end)
                         batch = (op.throw(own) if own is not None

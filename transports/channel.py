@@ -15,7 +15,8 @@ without sending anything twice (``fusee.client``'s guard decides how long).
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -28,7 +29,7 @@ from fusee.transports.security import HANDSHAKE_FAILED, refusal, secure_client
 _monotonic = time.monotonic
 #: a socket's own send (pyzmq's Cython one): ``zmq.Socket.send`` wraps it in a Python method
 #: for the routing ids and groups of draft sockets, which a DEALER never has
-_send = zmq.backend.Socket.send
+_send: Callable[..., Any] = zmq.backend.Socket.send
 #: messages shorter than this are copied into ZeroMQ (cheaper than tracking a zero-copy one)
 _COPY_BELOW = 65536
 
