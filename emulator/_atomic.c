@@ -62,7 +62,7 @@ static PyObject *atomic_address(PyObject *self, PyObject *arg) {
     return PyLong_FromUnsignedLongLong((unsigned long long)a);
 }
 
-/* run(batch, table, regions, kinds, stats) -> completions, or None.
+/* run(batch, table, regions, kinds, counts) -> completions, or None.
  *
  * The shm client's whole batch of one-sided verbs in one call, for the common case where
  * every request is a Read, Write (of bytes), Cas or Faa that a NIC would accept: ``table``
@@ -71,7 +71,8 @@ static PyObject *atomic_address(PyObject *self, PyObject *arg) {
  * any run, so when one would fail (unknown node, out of range, unaligned, wrong key, an
  * operand that is not an unsigned 64-bit int...) the answer is None with nothing done, and
  * the caller's Python path runs the batch with its per-request errors. ``kinds`` is
- * (Read, Write, Cas, Faa); ``stats`` (transports.base.TransportStats) gets the counts. */
+ * (Read, Write, Cas, Faa); ``counts`` (transports.base.TransportStats.counts) gets the
+ * batch's counts. */
 enum { K_READ, K_WRITE, K_CAS, K_FAA };
 
 typedef struct { int kind; char *at; uint64_t a, b; Py_ssize_t len; PyObject *data; } checked_t;
@@ -84,30 +85,31 @@ static int u64_of(PyObject *o, uint64_t *out) {     /* 0 ok, 1 not an unsigned 6
     return 0;
 }
 
-static PyObject *str_rkey, *str_counts[7];
-static const char *count_names[7] = {"round_trips", "verbs", "reads", "writes", "atomics",
-                                     "bytes_in", "bytes_out"};
+static PyObject *str_rkey;
 
-static int add_counts(PyObject *stats, const long long *delta) {
-    for (int i = 0; i < 7; i++) {
-        if (!delta[i] && i > 1) continue;
-        PyObject *old = PyObject_GetAttr(stats, str_counts[i]);
-        if (!old) return -1;
-        PyObject *d = PyLong_FromLongLong(delta[i]);
-        PyObject *sum = d ? PyNumber_Add(old, d) : NULL;
-        Py_DECREF(old);
-        Py_XDECREF(d);
-        if (!sum || PyObject_SetAttr(stats, str_counts[i], sum) < 0) { Py_XDECREF(sum); return -1; }
-        Py_DECREF(sum);
+/* Add a batch's counts to ``counts`` (transports.base.TransportStats.counts: an array of
+ * signed 64-bit integers, round_trips, verbs, reads, writes, atomics, bytes_in, bytes_out,
+ * ...) in place: no Python object made, none looked up. */
+static int add_counts(PyObject *counts, const long long *delta) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(counts, &view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0) return -1;
+    int ok = view.itemsize == sizeof(long long) && view.format && !strcmp(view.format, "q") &&
+             view.len >= (Py_ssize_t)(7 * sizeof(long long));
+    if (ok) {
+        long long *c = view.buf;
+        for (int i = 0; i < 7; i++) c[i] += delta[i];
+    } else {
+        PyErr_SetString(PyExc_TypeError, "counts must be an array('q') of at least 7 items");
     }
-    return 0;
+    PyBuffer_Release(&view);
+    return ok ? 0 : -1;
 }
 
 static PyObject *run_batch(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     if (n == 5 && !PyList_CheckExact(args[0])) return Py_NewRef(Py_None);   /* the general path */
     if (n != 5 || !PyTuple_CheckExact(args[1]) ||
         !PyDict_CheckExact(args[2]) || !PyTuple_CheckExact(args[3]) || PyTuple_GET_SIZE(args[3]) != 4) {
-        PyErr_SetString(PyExc_TypeError, "run(batch: list, table: tuple, regions: dict, kinds: tuple, stats)");
+        PyErr_SetString(PyExc_TypeError, "run(batch: list, table: tuple, regions: dict, kinds: tuple, counts)");
         return NULL;
     }
     PyObject *batch = args[0], *table = args[1], *regions = args[2], *kinds = args[3];
@@ -355,6 +357,54 @@ done:
     return out;
 }
 
+/* unpack(reply) -> (seq, [completion, ...], None), or None.
+ *
+ * The client's side of ``serve``: a memory node's msgpack reply [seq, [completion, ...], nil]
+ * to a batch of one-sided verbs that all completed, read in one pass (a completion is a
+ * READ's bin, a WRITE's nil or an atomic's uint), as msgpack.unpackb would read it, minus the
+ * keyword arguments and the generic object hooks that cost more than the decoding. Anything
+ * else (an error, a negative seq, a type no verb completes with, trailing bytes) gives None:
+ * the caller decodes it with msgpack. */
+static PyObject *unpack_reply(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    cursor_t c = {view.buf, (const unsigned char *)view.buf + view.len};
+    PyObject *results = NULL, *out = NULL;
+    uint64_t len, seq, count;
+    if (take_array(&c, &len) || len != 3 || take_uint(&c, &seq) ||
+        take_array(&c, &count) || count > (uint64_t)(c.end - c.p)) goto general;
+    if (!(results = PyList_New((Py_ssize_t)count))) goto done;
+    for (uint64_t i = 0; i < count; i++) {
+        if (c.p >= c.end) goto general;
+        unsigned char t = *c.p;
+        PyObject *item;
+        if (t == 0xc0) {
+            c.p++;
+            item = Py_NewRef(Py_None);
+        } else if (t >= 0xc4 && t <= 0xc6) {
+            const unsigned char *at;
+            uint64_t n;
+            if (take_bin(&c, &at, &n)) goto general;
+            item = PyBytes_FromStringAndSize((const char *)at, (Py_ssize_t)n);
+        } else {
+            uint64_t v;
+            if (take_uint(&c, &v)) goto general;
+            item = PyLong_FromUnsignedLongLong(v);
+        }
+        if (!item) goto done;
+        PyList_SET_ITEM(results, (Py_ssize_t)i, item);
+    }
+    if (c.end - c.p != 1 || *c.p != 0xc0) goto general;        /* no error, nothing after */
+    out = Py_BuildValue("(KOO)", (unsigned long long)seq, results, Py_None);
+    goto done;
+general:
+    out = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(results);
+    PyBuffer_Release(&view);
+    return out;
+}
+
 /* pack(seq, rkey, batch, kinds, positions=None) -> the msgpack verbs request, or None.
  *
  * The zmq client's side of ``serve``: [VERBS, seq, rkey, [[opcode, addr, a(, b)], ...]]
@@ -455,11 +505,11 @@ static PyObject *pack_verbs(PyObject *self, PyObject *const *args, Py_ssize_t n)
     return out;
 }
 
-/* group(batch, kinds, regions, stats) -> {node: [position, ...]}, or None.
+/* group(batch, kinds, regions, counts) -> {node: [position, ...]}, or None.
  *
  * The zmq client's batch of verbs of several operations in flight, sorted out per memory
  * node in one pass: the positions of each node's requests in posting order (its message,
- * ``pack`` with positions) and the batch counted into ``stats`` as ``run`` counts it. Done
+ * ``pack`` with positions) and the batch counted into ``counts`` as ``run`` counts it. Done
  * in Python, those per-verb loops (count, group, pick each node's requests) cost more than
  * the messages. Only a list of Read, Write (of bytes), Cas and Faa to nodes of ``regions``
  * whose Read lengths are unsigned 64-bit ints: anything else gives None with nothing
@@ -468,7 +518,7 @@ static PyObject *pack_verbs(PyObject *self, PyObject *const *args, Py_ssize_t n)
 static PyObject *group_verbs(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 4 || !PyTuple_CheckExact(args[1]) || PyTuple_GET_SIZE(args[1]) != 4 ||
         !PyDict_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "group(batch: list, kinds: tuple, regions: dict, stats)");
+        PyErr_SetString(PyExc_TypeError, "group(batch: list, kinds: tuple, regions: dict, counts)");
         return NULL;
     }
     if (!PyList_CheckExact(args[0])) return Py_NewRef(Py_None);
@@ -560,14 +610,16 @@ static PyMethodDef methods[] = {
     {"verb_new", (PyCFunction)(void (*)(void))verb_new, METH_FASTCALL,
      "verb_new(cls, *fields) -> a verb (see the C source)"},
     {"run", (PyCFunction)(void (*)(void))run_batch, METH_FASTCALL,
-     "run(batch, table, regions, kinds, stats) -> completions, or None (see the C source)"},
+     "run(batch, table, regions, kinds, counts) -> completions, or None (see the C source)"},
     {"serve", (PyCFunction)(void (*)(void))serve_request, METH_FASTCALL,
      "serve(request, base, size, rkey, max_batch) -> (verbs, reply), or None (see the C source)"},
+    {"unpack", unpack_reply, METH_O,
+     "unpack(reply) -> (seq, completions, None), or None (see the C source)"},
     {"pack", (PyCFunction)(void (*)(void))pack_verbs, METH_FASTCALL,
      "pack(seq, rkey, batch, kinds, positions=None) -> the msgpack verbs request, or None "
      "(see the C source)"},
     {"group", (PyCFunction)(void (*)(void))group_verbs, METH_FASTCALL,
-     "group(batch, kinds, regions, stats) -> {node: [position, ...]}, or None (see the C "
+     "group(batch, kinds, regions, counts) -> {node: [position, ...]}, or None (see the C "
      "source)"},
     {"cas", (PyCFunction)(void (*)(void))atomic_cas, METH_FASTCALL, "cas(address, expected, desired) -> old"},
     {"faa", (PyCFunction)(void (*)(void))atomic_faa, METH_FASTCALL, "faa(address, delta) -> old"},
@@ -582,7 +634,5 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_atomic",
 PyMODINIT_FUNC PyInit__atomic(void) {
     if (!(str_rkey = PyUnicode_InternFromString("rkey"))) return NULL;
     if (!(str_fields = PyUnicode_InternFromString("_fields"))) return NULL;
-    for (int i = 0; i < 7; i++)
-        if (!(str_counts[i] = PyUnicode_InternFromString(count_names[i]))) return NULL;
     return PyModule_Create(&module);
 }

@@ -37,6 +37,7 @@ _ERRORS = {ERR_ACCESS: RemoteAccessError, ERR_CONTROL: ControlError,
 #: share between threads (packing holds the GIL throughout)
 _pack = msgpack.Packer().pack
 _pack_verbs = _atomic.pack
+_unpack_reply = _atomic.unpack
 _ONE_SIDED = (Read, Write, Cas, Faa)        # the order _atomic.pack expects
 
 
@@ -132,7 +133,11 @@ def encode_reply(seq: int, results: list, error=None) -> bytes:
 
 
 def decode_reply(data: bytes):
-    """-> (seq, results, error); raises MalformedMessage."""
+    """-> (seq, results, error); raises MalformedMessage. A reply whose verbs all completed
+    is read in one C call (``_atomic.unpack``), any other by msgpack."""
+    done = _unpack_reply(data)
+    if done is not None:
+        return done
     try:
         seq, results, error = msgpack.unpackb(data, use_list=True, raw=False)
     except Exception as e:

@@ -25,6 +25,7 @@ raise at once, when the operation is queued.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from fusee.driver import run_concurrently
@@ -61,8 +62,9 @@ class Pipeline:
         if type(depth) is not int or depth < 1:
             raise ValueError("depth must be a positive int")
         self.client, self.depth = client, depth
-        #: (key, ClientCore operation, its arguments)
-        self._queue: list[tuple[bytes, Callable[..., Op[Any]], tuple[Any, ...]]] = []
+        #: (key, ClientCore operation, its arguments, the core it was made on, the operation)
+        self._queue: list[tuple[bytes, Callable[..., Op[Any]], tuple[Any, ...], ClientCore,
+                                Op[Any]]] = []
         self.results: list[Any] | None = None
 
     def get(self, key: bytes) -> Pipeline:
@@ -81,10 +83,11 @@ class Pipeline:
         return self._add(key, ClientCore.delete, key)
 
     def _add(self, key: bytes, operation: Callable[..., Op[Any]], *args: Any) -> Pipeline:
-        # checks the arguments (bad ones raise here); the operation itself is made when the
-        # queue runs, on the core ``Client.ready`` hands out then (a settle may replace it)
-        operation(self.client.core, *args).close()
-        self._queue.append((bytes(key), operation, args))
+        # made now, which checks the arguments (bad ones raise here), on the core of the
+        # moment; ``execute`` makes it again only if ``Client.ready`` then hands out another
+        # (a settle may replace it). Not started, it has done nothing yet.
+        core = self.client.core
+        self._queue.append((bytes(key), operation, args, core, operation(core, *args)))
         return self
 
     def __len__(self) -> int:
@@ -98,16 +101,22 @@ class Pipeline:
 
     def _execute(self, core: ClientCore, raise_on_error: bool) -> list[Any]:
         queue, self._queue = self._queue, []
-        ops = [(key, operation(core, *args)) for key, operation, args in queue]
+        ops = [op if made_on is core else _made_again(op, operation(core, *args))
+               for _, operation, args, made_on, op in queue]
         results: list[Any] = [None] * len(ops)
-        chains: dict[bytes, list[tuple[int, Op[Any]]]] = {}
-        for i, (key, op) in enumerate(ops):
-            chains.setdefault(key, []).append((i, op))
+        keys = [item[0] for item in queue]
+        flights: Iterable[Op[None]]
+        if len(set(keys)) == len(keys):     # no key twice (the common case): no chains
+            flights = map(_outcome, range(len(ops)), ops, repeat(results))
+        else:
+            chains: dict[bytes, list[tuple[int, Op[Any]]]] = {}
+            for i, (key, op) in enumerate(zip(keys, ops)):
+                chains.setdefault(key, []).append((i, op))
+            flights = (_in_order(chain, results) for chain in chains.values())
         try:
-            run_concurrently((_in_order(chain, results) for chain in chains.values()),
-                             self.client.executor, self.depth, _ignore)
+            run_concurrently(flights, self.client.executor, self.depth, _ignore)
         except BaseException:
-            for _, op in ops:           # those never started (the others are closed already)
+            for op in ops:              # those never started (the others are closed already)
                 op.close()
             raise
         self.results = results
@@ -123,6 +132,21 @@ class Pipeline:
             self.execute()
         else:
             self._queue = []
+
+
+def _made_again(stale: Op[Any], op: Op[Any]) -> Op[Any]:
+    """``op``, made on the core the queue runs on, in place of ``stale`` (never started)."""
+    stale.close()
+    return op
+
+
+def _outcome(i: int, op: Op[Any], results: list[Any]) -> Op[None]:
+    """Generator: ``op``, its outcome into ``results[i]`` (its exception, if it raised one;
+    a BaseException that is not an Exception, KeyboardInterrupt, stops them all)."""
+    try:
+        results[i] = yield from op
+    except Exception as e:
+        results[i] = e
 
 
 def _in_order(chain: list[tuple[int, Op[Any]]], results: list[Any]) -> Op[None]:

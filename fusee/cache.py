@@ -14,6 +14,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fusee.membership import Membership
+    from fusee.verbs import Read
 
 
 @dataclass
@@ -23,6 +28,10 @@ class CacheEntry:
     value: int          # slot value last seen (the key's object)
     accesses: int = 0
     misses: int = 0
+    #: what a SEARCH hit posts, made once for the entry (``fusee.search``): the membership
+    #: it was made for (a new one may move the primary and the object's copies), its
+    #: requests (the key's bucket reads and the object read), the buckets' first buckets
+    hit_reads: tuple[Membership, list[Read], tuple[int, int]] | None = None
 
 
 class IndexCache:

@@ -167,6 +167,10 @@ def run_concurrently(ops: Iterable[Operation], executor: Any, depth: int = 0,
             pause = 0.0
             awaiting = False
             for _, _, batch in active:
+                if batch and type(batch[0]) not in NOT_VERBS:   # verbs: the common case
+                    merged += batch
+                    ends.append(len(merged))
+                    continue
                 first = batch[0] if batch else None
                 if type(first) is Backoff:      # no verb: it waits, for the others
                     pause = max(pause, first.seconds)
@@ -194,15 +198,16 @@ def run_concurrently(ops: Iterable[Operation], executor: Any, depth: int = 0,
             end = 0
             for (index, op, _), slice_end in zip(active, ends):
                 start = end
-                if slice_end >= 0:
-                    end = slice_end
                 try:
-                    if slice_end < 0:           # a new epoch reaches it too
+                    if error is None and slice_end >= 0:    # the common case
+                        end = slice_end
+                        batch = op.send(completions[start:end])
+                    elif slice_end < 0:         # a new epoch reaches it too
                         batch = (op.throw(error) if isinstance(error, EpochChanged)
                                  else op.send([None]))
-                    elif error is None:
-                        batch = op.send(completions[start:end])
                     else:
+                        assert error is not None, "a failed batch's slice"
+                        end = slice_end
                         own = _own_failure(error, completions, start, end)
                         batch = (op.throw(own) if own is not None
                                  else op.send(completions[start:end]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
+from fusee.cache import CacheEntry
 from fusee.hashing import KeyHash
 from fusee.index import View
 from fusee.layout import COMMITTED, DELETE, INSERT, ObjectView, decode_object
@@ -30,18 +31,20 @@ def search(core: OpCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
     """Generator: the SEARCH operation of ``core`` (an OpCore): the key's value or None."""
     suspects = None                             # made on a cache miss only
     waits = 0
+    cache = core.cache
     while True:
         try:
-            sid, _ = core.dir.lookup(h)
-            primary = core.dir.nodes(sid)[0]
-            reads, firsts = core.dir.bucket_reads(sid, h, primary)
-            e = core.cache.get(key)
+            sid = core.dir.lookup(h)[0]
+            e = cache.get(key)
             if e is not None and e.sid != sid:
-                core.cache.drop(key)
+                cache.drop(key)
                 e = None
-            spec = e is not None and core.cache.use(e)
-            res = yield from core.rt(reads + ([core.object_read(e.value, primary)]
-                                              if spec and e is not None else []))
+            spec = e is not None and cache.use(e)
+            if spec and e is not None:
+                reads, firsts = _hit_reads(core, e, h)
+            else:
+                reads, firsts = core.dir.bucket_reads(sid, h, core.dir.nodes(sid)[0])
+            res = yield from core.rt(reads)
             view = View(res[:2], firsts, sid)
             if view.stale:
                 waits = yield from core.split_seen(sid, waits)
@@ -51,10 +54,10 @@ def search(core: OpCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
                 if spec and hit:
                     obj = decode_object(res[2])
                     if obj is not None and obj.key == key and is_named(e.value, obj, key):
-                        core.cache.outcome(e, True)
+                        cache.outcome(e, True)
                         return obj.value
                     hit = False
-                core.cache.outcome(e, hit)
+                cache.outcome(e, hit)
             suspects = suspects or ObjectReads(core.unit)
             found = yield from find(core, key, view, h, suspects)
             if found is False:
@@ -76,6 +79,20 @@ def search(core: OpCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
                     value: bytes | None = got
                     return value
             yield from core.new_epoch(err)
+
+
+def _hit_reads(core: OpCore, e: CacheEntry, h: KeyHash) -> tuple[list[Read], tuple[int, int]]:
+    """What a SEARCH that speculates on cache entry ``e`` posts: the key's bucket reads on
+    its subtable's primary and the read of the cached object (from there, when it holds a
+    copy), and the buckets' first buckets. Made once per entry and membership (which alone
+    moves a primary or an object's copies), as every hit on the key makes the same."""
+    made = e.hit_reads
+    if made is None or made[0] is not core.membership:
+        primary = core.dir.nodes(e.sid)[0]
+        reads, firsts = core.dir.bucket_reads(e.sid, h, primary)
+        reads.append(core.object_read(e.value, primary))
+        made = e.hit_reads = (core.membership, reads, firsts)
+    return list(made[1]), made[2]
 
 
 def _on_backups(core: OpCore, key: bytes, h: KeyHash, sid: int, backups: tuple[int, ...]

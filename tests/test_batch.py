@@ -96,3 +96,17 @@ def test_a_closed_client_refuses_a_batch(cluster):
         p.execute()
     with pytest.raises(RuntimeError, match="closed"):
         kv.get_many([b"k"])
+
+
+def test_a_queue_runs_on_the_core_the_client_has_when_it_runs(kv):
+    """Operations are made when queued (checking their arguments), on the core of that
+    moment; one that a settle replaced by the time the queue runs (``Client.ready``) gets
+    them made again on the new core: none runs on the old one."""
+    kv.put_many({b"rq-a": b"1", b"rq-b": b"2"})
+    p = kv.pipeline().get(b"rq-a").put(b"rq-b", b"3").get(b"rq-b")
+    old = kv.core
+    old.cut_short = True                # as after an operation cut short: the next settles
+    seen = (old.cache.hits, old.cache.misses)
+    assert p.execute() == [b"1", None, b"3"]
+    assert kv.core is not old and (old.cache.hits, old.cache.misses) == seen
+    assert old.in_flight == 0 and kv.get(b"rq-b") == b"3"

@@ -359,3 +359,36 @@ def test_one_mns_part_of_a_batch_packs_as_that_part_alone():
                 3, 4, [batch[i] for i in positions])
     with pytest.raises(IndexError):
         wire.encode_verbs(3, 4, batch[:2], [0, 2])
+
+
+def test_a_zmq_reply_reads_in_one_call_as_msgpack_reads_it():
+    """``wire.decode_reply`` reads a reply whose verbs all completed in C
+    (``_atomic.unpack``): exactly what msgpack reads, for every completion a verb has (a
+    READ's bytes, a WRITE's None, an atomic's word) in every width msgpack writes them; any
+    other reply (an error, a control reply, a negative seq, trailing bytes) is left to
+    msgpack (None), and bytes that are not a reply stay MalformedMessage."""
+    import random
+
+    import msgpack
+    from fusee.emulator import _atomic, wire
+    rng = random.Random(5)
+    words = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1]
+    for _ in range(300):
+        results = [rng.choice([None, rng.choice(words), rng.randbytes(rng.choice(
+            [0, 1, 8, 255, 256, 70000]))]) for _ in range(rng.randrange(0, 20))]
+        reply = msgpack.packb((rng.choice(words[:-1]), results, None))
+        assert _atomic.unpack(reply) == tuple(msgpack.unpackb(reply)) == wire.decode_reply(reply)
+    region = bytearray(8)
+    served = _atomic.serve(msgpack.packb((wire.VERBS, 2**64 - 1, 9, [[wire.OP_READ, 0, 3]])),
+                           _atomic.address(region), 8, 9, 4)
+    assert served is not None and _atomic.unpack(served[1]) == (2**64 - 1, [bytes(3)], None)
+    for other in [(1, [], [0, 3, "no"]), (-1, [], [0, 3, "no"]), (1, [{"pid": 3}], None),
+                  (1, [-5], None), (1, [True], None), (1, [1.5], None), (1, ["s"], None)]:
+        reply = msgpack.packb(other)
+        assert _atomic.unpack(reply) is None
+        assert wire.decode_reply(reply) == tuple(msgpack.unpackb(reply))
+    good = msgpack.packb((1, [b"ab", None], None))
+    for bad in (good + b"\x00", good[:-1], good[:-3], b"", b"\x93"):
+        assert _atomic.unpack(bad) is None
+        with pytest.raises(wire.MalformedMessage):
+            wire.decode_reply(bad)

@@ -226,7 +226,7 @@ def test_a_batch_runs_whole_in_c_or_not_at_all(cluster):
     ok = [Write(0, a, b"x" * 16), Faa(0, a + 16, -1), Cas(1, a, 0, 7), Read(0, a, 24),
           Cas(1, a, 0, 9), Faa(2, a, 2**64 - 1)]
     before = t.stats.copy()
-    done = _atomic.run(ok, t._table, t.regions, _KINDS, t.stats)
+    done = _atomic.run(ok, t._table, t.regions, _KINDS, t.stats.counts)
     assert done == [None, 0, 0, b"x" * 16 + (2**64 - 1).to_bytes(8, "little"), 7, 0]
     delta = t.stats - before
     assert (delta.round_trips, delta.verbs, delta.reads, delta.writes, delta.atomics,
@@ -236,11 +236,11 @@ def test_a_batch_runs_whole_in_c_or_not_at_all(cluster):
                 Cas(2, a, 0, -1), Write(2, a, bytearray(8)), Read(7, a, 8)):
         before = t.stats.copy()
         batch = [Write(0, a + 64, b"never"), bad]
-        assert _atomic.run(batch, t._table, t.regions, _KINDS, t.stats) is None
+        assert _atomic.run(batch, t._table, t.regions, _KINDS, t.stats.counts) is None
         assert t.execute([Read(0, a + 64, 5)])[0] == bytes(5) and t.stats - before == \
             type(t.stats)(round_trips=1, verbs=1, reads=1, bytes_in=5)
     t.regions[1] = dataclasses.replace(t.regions[1], rkey=t.regions[1].rkey ^ 1)
-    assert _atomic.run([Read(1, a, 8)], t._table, t.regions, _KINDS, t.stats) is None
+    assert _atomic.run([Read(1, a, 8)], t._table, t.regions, _KINDS, t.stats.counts) is None
     with pytest.raises(RemoteAccessError, match="wrong access key"):
         t.execute([Read(0, a, 8), Read(1, a, 8)])
     t.close()

@@ -15,7 +15,8 @@ without sending anything twice (``fusee.client``'s guard decides how long).
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -26,6 +27,11 @@ from fusee.transports.base import raise_for_failures
 from fusee.transports.security import HANDSHAKE_FAILED, refusal, secure_client
 
 _monotonic = time.monotonic
+#: a socket's own send (pyzmq's Cython one): ``zmq.Socket.send`` wraps it in a Python method
+#: for the routing ids and groups of draft sockets, which a DEALER never has
+_send: Callable[..., Any] = zmq.backend.Socket.send
+#: messages shorter than this are copied into ZeroMQ (cheaper than tracking a zero-copy one)
+_COPY_BELOW = 65536
 
 
 class Overdue(NamedTuple):
@@ -87,7 +93,7 @@ class Channels:
         """``exchange`` with one node: -> (results, error) or NodeTimeout."""
         deadline = _monotonic() + timeout
         try:
-            self.socks[node].send(payload, zmq.NOBLOCK, copy=len(payload) < 65536)
+            _send(self.socks[node], payload, zmq.NOBLOCK, len(payload) < _COPY_BELOW)
         except zmq.Again:
             return NodeTimeout(f"MN {node}: cannot send (not connected)", node)
         return self._await(node, seq, deadline, timeout)
@@ -98,7 +104,7 @@ class Channels:
         sent: dict = {}
         for node, payload in payloads.items():
             try:
-                self.socks[node].send(payload, zmq.NOBLOCK, copy=len(payload) < 65536)
+                _send(self.socks[node], payload, zmq.NOBLOCK, len(payload) < _COPY_BELOW)
                 sent[node] = None
             except zmq.Again:
                 sent[node] = NodeTimeout(f"MN {node}: cannot send (not connected)", node)

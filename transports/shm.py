@@ -166,7 +166,7 @@ class ShmTransport(Transport):
         if now >= self._next_check:
             self._check_liveness(now)
         # the fast path, in C: a batch of verbs that all pass a NIC's checks
-        done = _run(batch, self._table, self.regions, _KINDS, self.stats)
+        done = _run(batch, self._table, self.regions, _KINDS, self.stats.counts)
         if done is not None:
             return done
         # The general path. Check every request before any runs; find the control requests.

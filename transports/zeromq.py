@@ -70,17 +70,22 @@ class ZmqTransport(Transport):
         checks and words its refusal."""
         if not batch or len(batch) > MAX_BATCH:
             return Transport.execute(self, batch)
-        groups = _group(batch, ONE_SIDED, self.regions, self.stats)
+        groups = _group(batch, ONE_SIDED, self.regions, self.stats.counts)
         if groups is None:
             return Transport.execute(self, batch)
+        if len(groups) == 1:
+            node = batch[0].node
+            if node not in self.dead:
+                return self._on_one(node, batch)
         return self._execute(batch, groups)
 
-    def _on_one(self, node: int, rkey: int, batch: Batch) -> list:
+    def _on_one(self, node: int, batch: Batch) -> list:
         """A batch for one live MN: one message and its reply, without the per-node
         positions of a batch that spans MNs; raises on any failure."""
         channels = self.channels
         seq = channels.next_seq()
-        reply = channels.roundtrip(node, wire.encode_verbs(seq, rkey, batch), seq, self.timeout)
+        reply = channels.roundtrip(node, wire.encode_verbs(seq, self.regions[node].rkey, batch),
+                                   seq, self.timeout)
         if type(reply) is tuple and reply[1] is None and len(reply[0]) == len(batch):
             return reply[0]
         return self._complete(batch, seq, {node: list(range(len(batch)))}, {node: reply})
@@ -95,7 +100,7 @@ class ZmqTransport(Transport):
         if len(groups) == 1:
             node = batch[0].node
             if not (dead and node in dead):
-                return self._on_one(node, regions[node].rkey, batch)
+                return self._on_one(node, batch)
         channels = self.channels
         seq = channels.next_seq()
         payloads = {node: wire.encode_verbs(seq, regions[node].rkey, batch, idx)
