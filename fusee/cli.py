@@ -127,6 +127,9 @@ def _status(args: argparse.Namespace) -> int:
     from fusee.config import ClusterConfig
     view = cli_status.gather(ClusterConfig.load(args.config))
     print(json.dumps(view, indent=2) if args.json else cli_status.render(view))
+    if (wrong := cli_status.wrong_memnode(view)) is not None:
+        print(f"fusee status: error: {wrong}", file=sys.stderr)
+        return exit_codes.USAGE
     if cli_status.reachable(view):
         return exit_codes.OK
     print("fusee status: error: neither the master nor any memory node answered",

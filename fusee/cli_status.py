@@ -17,6 +17,8 @@ from typing import Any
 from fusee.config import ClusterConfig
 
 MiB = 1 << 20
+#: the state of a memory node whose region header is not this cluster's MN's
+WRONG = "wrong memory node"
 
 #: master status keys that the table already shows in its own columns
 _SHOWN = {"id", "endpoint", "state", "lease_left", "blocks", "blocks_used", "block_size",
@@ -47,6 +49,13 @@ def gather(config: ClusterConfig) -> dict[str, Any]:
 def reachable(view: dict[str, Any]) -> bool:
     """Did anyone answer: the master, or at least one memory node?"""
     return "error" not in view["master"] or any("error" not in n for n in view["memnodes"])
+
+
+def wrong_memnode(view: dict[str, Any]) -> str | None:
+    """Why the first memory node that answered as another cluster's (or another layout's, or
+    another id's) is not ours, None when none did: the config points at the wrong place, which
+    a script reading the exit code must hear of (``fusee.cluster_identity``)."""
+    return next((n["error"] for n in view["memnodes"] if n.get("state") == WRONG), None)
 
 
 def _master_view(config: ClusterConfig) -> dict[str, Any]:
@@ -97,7 +106,7 @@ def _node_view(config: ClusterConfig, node: int, status: dict[str, Any] | None,
                info: dict[str, Any], wrong: str | None = None) -> dict[str, Any]:
     view = _node_state(config, node, status, info)
     if wrong is not None:       # whatever the master says: that endpoint serves no MN of ours
-        view.update(state="wrong memory node", error=wrong)
+        view.update(state=WRONG, error=wrong)
     return view
 
 

@@ -18,7 +18,7 @@ before it writes anything there. The checks, and when they run:
   (``fusee.master.worker``): the copy writes every range at the address it has on the live
   replicas, so a region of another layout would be half written or hand out blocks the others
   do not have;
-- ``fusee status``, which shows such an MN as "wrong memory node".
+- ``fusee status``, which shows such an MN as "wrong memory node" (and exits 2 with its line).
 
 A config without ``cluster_id`` (a cluster made before ids) expects MNs that hold none (the
 word is 0), and such MNs still have their layout and node id checked; a config with an id

@@ -82,7 +82,14 @@ def test_a_client_pointed_at_another_clusters_mn_is_refused_and_its_data_untouch
         nodes = json.loads(status.stdout)["memnodes"]
         assert [n["state"] for n in nodes] == ["up", "up", "wrong memory node"], nodes
         assert ANOTHER in nodes[2]["error"]
-        assert "wrong memory node" in fusee("status", "--config", wrong).stdout
+        _one_line(status, f"fusee status: error: memory node 2 at {e.endpoint} {ANOTHER}")
+        table = fusee("status", "--config", wrong)
+        assert "wrong memory node" in table.stdout
+        _one_line(table, f"fusee status: error: memory node 2 at {e.endpoint} {ANOTHER}")
+        every = ours.config.with_(memnodes=theirs.config.memnodes).save(ours.workdir / "w.toml")
+        _one_line(fusee("status", "--config", every),      # they answered: not "unavailable"
+                  f"fusee status: error: memory node 0 at {theirs.config.node(0).endpoint} "
+                  f"{ANOTHER}")
         _untouched(theirs)
         with Client.connect(ours.config_path) as kv:       # the right config still works
             kv.put(b"ours", b"fine")
