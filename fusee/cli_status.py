@@ -28,8 +28,9 @@ _SHOWN = {"id", "endpoint", "state", "lease_left", "blocks", "blocks_used", "blo
 def gather(config: ClusterConfig) -> dict[str, Any]:
     """The cluster as the master and the memory nodes describe it (JSON-able)."""
     master = _master_view(config)
-    infos = _memnode_infos(config)
-    wrong = _wrong_memnodes(config, [m for m, info in infos.items() if "error" not in info])
+    infos, not_memnodes = _memnode_infos(config)
+    wrong = {**_wrong_memnodes(config, [m for m, info in infos.items() if "error" not in info]),
+             **not_memnodes}
     nodes = [_node_view(config, m.id, master.get("status"), infos[m.id], wrong.get(m.id))
              for m in config.memnodes]
     view: dict[str, Any] = {
@@ -71,16 +72,20 @@ def _master_view(config: ClusterConfig) -> dict[str, Any]:
     return {"endpoint": config.master, "pid": status.get("pid"), "status": status}
 
 
-def _memnode_infos(config: ClusterConfig) -> dict[int, dict[str, Any]]:
-    from fusee.errors import TransportError
-    from fusee.transports.channel import Channels
+def _memnode_infos(config: ClusterConfig) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """{node: what it says of itself, or its error}, and {node: why it is no memory node} for
+    those that refused "info" (another service at that endpoint)."""
+    from fusee.errors import RemoteAccessError, TransportError
+    from fusee.transports.channel import Channels, not_a_memnode
     channels = Channels(config)
     try:
         replies = channels.call_all([m.id for m in config.memnodes], "info", config.timeout)
     finally:
         channels.close()
-    return {m: (r if not isinstance(r, TransportError) else {"error": str(r)})
-            for m, r in replies.items()}
+    return ({m: (r if not isinstance(r, TransportError) else {"error": str(r)})
+             for m, r in replies.items()},
+            {m: str(not_a_memnode(config, m, r)) for m, r in replies.items()
+             if type(r) is RemoteAccessError})
 
 
 def _wrong_memnodes(config: ClusterConfig, answering: list[int]) -> dict[int, str]:

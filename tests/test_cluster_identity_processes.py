@@ -224,3 +224,20 @@ def test_a_client_reconnecting_to_a_rebuilt_mn_checks_it_again():
         finally:
             kv.transport.close()
             kv.lease.close()
+
+
+def test_an_endpoint_where_another_service_listens_is_no_memory_node():
+    """The config names the master's endpoint for MN 2 (any zmq service that is not an MN):
+    a client and `fusee status` say so in one line, exit 2, not an internal error (exit 5)."""
+    with LocalCluster(memnodes=3, transport="zmq", master=True,
+                      layout=LayoutConfig(**SMALL)) as c:
+        own = c.config
+        wrong = own.with_(memnodes=tuple(m if m.id != 2 else MemNodeConfig(2, own.master)
+                                         for m in own.memnodes)).save(c.workdir / "w.toml")
+        why = f"memory node 2 at {own.master} does not answer as a fusee memory node"
+        with pytest.raises(WrongMemoryNode, match=why):
+            Client.connect(wrong)
+        for command in (("get", "k"), ("status",)):
+            line = _one_line(fusee(*command, "--config", wrong),
+                             f"fusee {command[0]}: error: {why}")
+            assert line.endswith("is the endpoint in the config right?"), line

@@ -22,7 +22,8 @@ import zmq
 
 from fusee.emulator import wire
 from fusee.config import ClusterConfig
-from fusee.verbs import NodeTimeout, NotAuthorized, TransportError
+from fusee.errors import WrongMemoryNode
+from fusee.verbs import NodeTimeout, NotAuthorized, RemoteAccessError, TransportError
 from fusee.transports.base import raise_for_failures
 from fusee.transports.security import HANDSHAKE_FAILED, refusal, secure_client
 
@@ -245,12 +246,25 @@ def dead_on_connect(config: ClusterConfig, dead, replies: dict) -> set[int]:
     for node, reply in sorted(replies.items()):
         if isinstance(reply, NodeTimeout):
             dead.add(node)
+        elif type(reply) is RemoteAccessError:      # (not NotAuthorized: a key, not a place)
+            raise not_a_memnode(config, node, reply)
         elif isinstance(reply, Exception):
             raise reply
     if len(dead) >= config.replicas:
         raise NodeTimeout(f"memory nodes {sorted(dead)} are down: {config.replicas} replicas "
                           "cannot survive that", min(dead))
     return dead
+
+
+def not_a_memnode(config: ClusterConfig, node: int, refusal: RemoteAccessError
+                  ) -> WrongMemoryNode:
+    """What to say when something at MN ``node``'s endpoint refused "info", which every memory
+    node serves: another service listens there (a master, another program's socket), so the
+    config names the wrong place (docs/design.md#cluster-identity), not an internal fault."""
+    endpoint = config.node(node).endpoint
+    return WrongMemoryNode(f"memory node {node} at {endpoint} does not answer as a fusee memory "
+                           f"node ({refusal}): is the endpoint in the config right?", node,
+                           endpoint, "a fusee memory node", str(refusal))
 
 
 def place_replies(results: list, groups: dict[int, list[int]], replies: dict) -> bool:
