@@ -137,12 +137,24 @@ def _status(args: argparse.Namespace) -> int:
     return exit_codes.UNAVAILABLE
 
 
+#: how long `fusee cluster-id` waits for memory nodes already running from the config: they
+#: answer within milliseconds, and a new cluster's (none running) should not wait long
+PROBE_TIMEOUT = 1.0
+
+
 def _cluster_id(args: argparse.Namespace) -> int:
     """Print the config's cluster id, giving it a fresh one first if it has none
     (``fusee.cluster_identity``): a step of making a cluster, before its MNs start."""
-    from fusee.cluster_identity import new_cluster_id
+    from fusee.cluster_identity import new_cluster_id, serving_without_id
     from fusee.config import ClusterConfig
     config = ClusterConfig.load(args.config)
+    if config.cluster_id is None and (running := serving_without_id(config, PROBE_TIMEOUT)):
+        node = config.node(running[0])
+        raise ConfigError(f"memory node {node.id} at {node.endpoint} is running from this "
+                          "config, which has no cluster id: with one, every client and the "
+                          "master would refuse the running memory nodes (a restart empties "
+                          "them); keep this config without an id, or give a new cluster its "
+                          "id before its memory nodes first start")
     if config.cluster_id is None:
         fresh = new_cluster_id()
         config = ClusterConfig.edit(args.config, lambda doc: doc.setdefault("cluster", {})

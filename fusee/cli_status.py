@@ -90,20 +90,9 @@ def _memnode_infos(config: ClusterConfig) -> tuple[dict[int, dict[str, Any]], di
 
 def _wrong_memnodes(config: ClusterConfig, answering: list[int]) -> dict[int, str]:
     """{node: why it is not this cluster's} among the MNs ``answering``, from their region
-    headers (one READ each, over the zmq backend, which every MN serves; {} if that fails:
-    the rest of the view still stands)."""
-    from fusee.cluster_identity import mismatch, read_headers, reached
-    from fusee.driver import run
-    from fusee.errors import FuseeError
-    from fusee.transports import connect
-    if not answering:
-        return {}
-    try:
-        with connect(config, "zmq", dead={m.id for m in config.memnodes} - set(answering)) as t:
-            headers = run(read_headers(reached(t)), t)
-    except FuseeError:
-        return {}
-    return {n: str(wrong) for n, header in headers.items()
+    headers ({} if they cannot be read: the rest of the view still stands)."""
+    from fusee.cluster_identity import answering_headers, mismatch
+    return {n: str(wrong) for n, header in answering_headers(config, answering).items()
             if (wrong := mismatch(config, n, header)) is not None}
 
 

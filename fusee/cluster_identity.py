@@ -131,6 +131,42 @@ def reached(transport: Transport) -> list[int]:
     return sorted(n for n, r in regions.items() if r.length)
 
 
+def answering_headers(config: ClusterConfig, answering: Iterable[int]) -> dict[int, bytes]:
+    """{node: its header words} of the MNs ``answering`` (their "info"), read over the zmq
+    backend, which every MN serves, leaving out those that then fail; for a tool that looks at
+    MNs without using them (``fusee status``, ``fusee cluster-id``)."""
+    from fusee.errors import FuseeError
+    from fusee.transports import connect
+    answering = set(answering)
+    if not answering:
+        return {}
+    try:
+        with connect(config, "zmq", dead={m.id for m in config.memnodes} - answering) as t:
+            return run(read_headers(reached(t)), t)
+    except FuseeError:
+        return {}
+
+
+def serving_without_id(config: ClusterConfig, timeout: float) -> list[int]:
+    """The MNs of ``config`` (which has no cluster id) that are running from it, answering
+    within ``timeout``: giving it an id now would make every client and the master refuse
+    them, and a restart empties an MN, so such a cluster keeps its config without one."""
+    from fusee.errors import FuseeError
+    from fusee.transports.channel import Channels
+    assert config.cluster_id is None, config.cluster_id
+    try:
+        channels = Channels(config)
+    except (FuseeError, OSError):   # not usable yet (keys to make): nothing runs from it
+        return []
+    try:
+        infos = channels.call_all([m.id for m in config.memnodes], "info", timeout)
+    finally:
+        channels.close()
+    answering = [n for n, info in infos.items() if isinstance(info, dict)]
+    return sorted(n for n, header in answering_headers(config, answering).items()
+                  if mismatch(config, n, header) is None)
+
+
 def check_transport(transport: Transport, nodes: Iterable[int] | None = None) -> None:
     """Raise WrongMemoryNode unless every MN of ``nodes`` (default: all it reached) that
     ``transport`` reaches is this cluster's (one round trip)."""

@@ -241,3 +241,35 @@ def test_an_endpoint_where_another_service_listens_is_no_memory_node():
             line = _one_line(fusee(*command, "--config", wrong),
                              f"fusee {command[0]}: error: {why}")
             assert line.endswith("is the endpoint in the config right?"), line
+
+
+def test_cluster_id_refuses_a_config_whose_memory_nodes_run_without_one():
+    """Giving a running cluster made before ids an id would brick it: every client and the
+    master refuse its MNs (they hold none), the master refuses their rejoin, and a restart
+    empties them. So `fusee cluster-id` says so and leaves the config as it is."""
+    old = LocalCluster(memnodes=3, transport="zmq", layout=LayoutConfig(**SMALL))
+    old.config = old.config.with_(cluster_id=None)
+    with old:
+        with old.client() as kv:
+            kv.put(b"old", b"kept")
+        before = old.config_path.read_text()
+        line = _one_line(fusee("cluster-id", "--config", old.config_path),
+                         f"fusee cluster-id: error: memory node 0 at "
+                         f"{old.config.node(0).endpoint} is running from this config, which "
+                         "has no cluster id")
+        assert "keep this config without an id" in line
+        assert old.config_path.read_text() == before
+        with old.client() as kv:
+            assert kv.get(b"old") == b"kept"
+
+
+@pytest.mark.parametrize("security", ["", "[security]\ncurve = true\nkeys_dir = \"{d}/keys\"\n"])
+def test_cluster_id_gives_an_id_to_a_config_not_usable_yet(tmp_path, security):
+    """As in docs/deploy.md: the id is made before the keys (tcp:// with no CURVE yet, or
+    CURVE with no keys made): nothing can run from such a config, so it needs no probe."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[cluster]\nname = "prod"\n{security.format(d=tmp_path)}\n[[memnodes]]\n'
+                    f'id = 0\nendpoint = "tcp://127.0.0.1:7000"\n')
+    out = fusee("cluster-id", "--config", path)
+    assert out.returncode == 0, out.stderr
+    assert ClusterConfig.load(path).cluster_id == out.stdout.strip()
