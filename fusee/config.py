@@ -101,8 +101,9 @@ class ClusterConfig:
             raise ConfigError(f"memory node ids must be 0..{len(ids) - 1}, got {ids}")
         if self.cluster_id is not None and not (isinstance(self.cluster_id, str) and
                                                 CLUSTER_ID.fullmatch(self.cluster_id)):
+            quote = "" if isinstance(self.cluster_id, str) else ", in quotes (a TOML string)"
             raise ConfigError(f"[cluster] cluster_id must be 16 hex digits (0-9, a-f; not all "
-                              f"zero), as `fusee cluster-id --config FILE` writes it; got "
+                              f"zero){quote}, as `fusee cluster-id --config FILE` writes it; got "
                               f"{self.cluster_id!r}")
         if not 0 <= self.replication <= len(self.memnodes):
             raise ConfigError(f"replication must be 0..{len(self.memnodes)}")

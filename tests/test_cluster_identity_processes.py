@@ -139,7 +139,8 @@ def test_a_rejoin_by_another_clusters_mn_is_refused_then_rebuilt_once_restarted_
             assert kv.get_many(KEYS) == [k[::-1] for k in KEYS]
 
 
-@pytest.mark.parametrize("value", ['"nothex0123456789"', '"0000000000000000"', "12"])
+@pytest.mark.parametrize("value", ['"nothex0123456789"', '"0000000000000000"', "12",
+                                   "1234567890123456", '"ABCDEF0123456789"'])
 def test_a_malformed_cluster_id_is_one_line(tmp_path, value):
     path = tmp_path / "c.toml"
     path.write_text(f'[cluster]\ncluster_id = {value}\n\n[[memnodes]]\nid = 0\n'
@@ -148,6 +149,8 @@ def test_a_malformed_cluster_id_is_one_line(tmp_path, value):
         line = _one_line(fusee(*command), f"fusee {command[0]}: error: [cluster] cluster_id "
                                           "must be 16 hex digits")
         assert "fusee cluster-id" in line
+        # an unquoted one (16 decimal digits are 16 hex digits) is a TOML integer: say why
+        assert ("in quotes" in line) == (not value.startswith('"')), line
     _one_line(fusee("memnode", "--config", path, "--id", "0"), "fusee memnode: error: ")
 
 
