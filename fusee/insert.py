@@ -120,7 +120,9 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
             assert v_old is not None, "the view holds the free slot it chose"
             t = core.target(sid, pos)
             claim_node = t.backups[0] if t.backups else t.primary
-            claim_reads, _ = core.dir.bucket_reads(sid, h, claim_node)
+            # the same buckets on the claim MN (made from ``reads``: a new key's buckets
+            # are not among the reads the directory keeps)
+            claim_reads = [Read(claim_node, r.addr, r.length) for r in reads]
             extra = claim_reads + [core.object_read(v) for v in cands]
             open_round = ClaimRound(core.membership.epoch, t, v_old)
             if t.backups:

@@ -62,6 +62,7 @@ GEN_SHIFT, GEN_MASK = 32, 0xFF
 FREE_SEQ_MASK = (1 << 40) - 1       # the sequence number bits of a tombstone / void
 NODE_MASK = 0x3F
 MAX_NODES = NODE_MASK + 1
+_NOT_PTR = ~(NODE_MASK << NODE_SHIFT | ADDR_MASK)    # bits an object pointer never has
 MAX_CLIENT_IDS = (1 << 14) - 2     # what a free value can name, less the failover's own
 FAILOVER_ID = MAX_CLIENT_IDS        # the free values a failover writes name this id
 MAX_UNITS = 255
@@ -93,6 +94,13 @@ def make_slot(fp: int, units: int, node: int, addr: int, unit: int, seq: int = 0
     """The slot value naming the object of allocation sequence ``seq`` at ``node:addr``."""
     return ((fp << FP_SHIFT) | (units << LEN_SHIFT) | ((seq & GEN_MASK) << GEN_SHIFT)
             | ptr_bits(node, addr, unit))
+
+
+def object_slot(fp: int, units: int, ptr: int, seq: int) -> int:
+    """``make_slot`` for an object pointer as the allocator hands it out (``ptr_bits``: node
+    and address, checked when the allocator made it): what every write's proposal is."""
+    assert not ptr & _NOT_PTR, f"not an object pointer: {ptr:#x}"
+    return (fp << FP_SHIFT) | (units << LEN_SHIFT) | ((seq & GEN_MASK) << GEN_SHIFT) | ptr
 
 
 def ptr_bits(node: int, addr: int, unit: int) -> int:
@@ -190,10 +198,11 @@ def parse_header(h: int) -> tuple[int, int, int, int]:
 def size_class(nbytes: int, unit: int) -> int | None:
     """Smallest class (in units) holding ``nbytes``, or None if too large."""
     need = -(-nbytes // unit)
-    return _CLASS_OF[need] if need <= MAX_UNITS else None
+    return CLASS_OF[need] if need <= MAX_UNITS else None
 
 
-_CLASS_OF = [next(c for c in CLASSES if c >= need) for need in range(MAX_UNITS + 1)]
+#: the size class of an object of ``need`` units (``need`` <= MAX_UNITS)
+CLASS_OF = [next(c for c in CLASSES if c >= need) for need in range(MAX_UNITS + 1)]
 
 
 def object_bytes(key_len: int, value_len: int) -> int:
