@@ -230,7 +230,9 @@ class Directory:
         return list(self._nodes[0])
 
 
-_HEADERS = struct.Struct("<Q56xQ56xQ56xQ")     # the 4 bucket headers of two combined buckets
+#: of each of the 4 bucket headers of two combined buckets, its flags byte (bits 40-47) and
+#: subtable id (bits 48-63): small ints, compared without a 64-bit int made of each header
+_HEADERS = struct.Struct("<5xBH" + "56x5xBH" * 3)
 #: byte 5 of a slot word -> nonzero iff it has FROZEN or TENTATIVE (bits 47 and 46) set;
 #: with the length in byte 6, that is all of TAKEN (``View.free_slot``)
 assert TAKEN == 0xFF << 48 | 0xC0 << 40 and LEN_SHIFT == 48
@@ -246,7 +248,6 @@ def _positions(f0: int, f1: int) -> tuple[int, ...]:
     return (*range(f0 * SLOTS_PER_BUCKET, f0 * SLOTS_PER_BUCKET + n),
             *range(f1 * SLOTS_PER_BUCKET, f1 * SLOTS_PER_BUCKET + n))
 _WORD = struct.Struct("<Q")
-_RETIRED_BIT = RETIRED << 40
 _WORD_BITS = (1 << 64) - 1
 #: the bits of the slot words of two combined buckets read as one little-endian integer
 #: (``View.differs``): all but the 4 bucket headers
@@ -272,10 +273,10 @@ class View:
             raise ValueError("a View needs the two combined buckets of a key")
         self.firsts = firsts
         self._slots: dict[int, int] | None = None
-        h0, h1, h2, h3 = _HEADERS.unpack_from(raw)
+        f0, s0, f1, s1, f2, s2, f3, s3 = _HEADERS.unpack_from(raw)
         # bit 47 (FROZEN) is the top bit of byte 5 of each word: all of them ASCII, none frozen
-        self.stale = (h0 >> 48 != sid or h1 >> 48 != sid or h2 >> 48 != sid or h3 >> 48 != sid
-                      or bool((h0 | h1 | h2 | h3) & _RETIRED_BIT)
+        self.stale = (s0 != sid or s1 != sid or s2 != sid or s3 != sid
+                      or bool((f0 | f1 | f2 | f3) & RETIRED)
                       or not raw[5::8].isascii()      # ``frozen``, without a call
                       and any_frozen(self.slots.values()))
 
