@@ -49,11 +49,21 @@ Client metadata slot: magic, group count, log list heads, incarnation counter, t
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 # ISA-L's crc32: zlib's polynomial and results, several times faster on a 1 KB object
 from isal.isal_zlib import crc32
+
+# the objects and commit records every write makes, each in one C call (emulator/_atomic.c);
+# this module's Python functions where it is not built
+_ENCODE_IN_C: Callable[..., bytes] | None
+_RECORD_IN_C: Callable[..., bytes] | None
+try:
+    from fusee.emulator import _atomic
+    _ENCODE_IN_C, _RECORD_IN_C = _atomic.encode_object, _atomic.commit_record
+except ImportError:                 # pragma: no cover (a source tree without its build)
+    _ENCODE_IN_C = _RECORD_IN_C = None
 
 FP_SHIFT, LEN_SHIFT, NODE_SHIFT = 56, 48, 40
 FROZEN, TENTATIVE = 1 << 47, 1 << 46
@@ -211,6 +221,17 @@ def object_bytes(key_len: int, value_len: int) -> int:
 
 def encode_object(key: bytes, value: bytes, size: int, opcode: int, next_ptr: int,
                   prev_ptr: int, seq: int) -> bytes:
+    """The bytes of a KV object with its log entry, commit record pending (the format in
+    the module docstring). Made in one C call where the extension is built."""
+    if _ENCODE_IN_C is not None:
+        return _ENCODE_IN_C(crc32, key, value, size, opcode, next_ptr, prev_ptr, seq & 0xFFFF)
+    return encode_object_py(key, value, size, opcode, next_ptr, prev_ptr, seq)
+
+
+def encode_object_py(key: bytes, value: bytes, size: int, opcode: int, next_ptr: int,
+                     prev_ptr: int, seq: int) -> bytes:
+    """``encode_object`` in Python: what the C version must make, byte for byte
+    (tests/test_layout.py)."""
     klen, vlen = len(key), len(value)
     seq &= 0xFFFF
     # built as one join with the crc accumulated piecewise: no scratch buffer, one copy
@@ -266,7 +287,15 @@ _new_view = tuple.__new__       # ObjectView(...) minus its Python-level __new__
 
 def commit_record(ref: int, old: int, state: int, old_crc: int = 0, number: int = 0) -> bytes:
     """Bytes to WRITE at ``object + size - 48 + 16``: the writer's outcome
-    (docs/design.md#commit-records)."""
+    (docs/design.md#commit-records). Made in one C call where the extension is built."""
+    if _RECORD_IN_C is not None:
+        return _RECORD_IN_C(ref, old, state, old_crc, number)
+    return commit_record_py(ref, old, state, old_crc, number)
+
+
+def commit_record_py(ref: int, old: int, state: int, old_crc: int = 0, number: int = 0
+                     ) -> bytes:
+    """``commit_record`` in Python: what the C version must make (tests/test_layout.py)."""
     head = _RECORD.pack(ref | (number & 0xFF) << 48 | state << 56, old, old_crc)
     return head + _U32.pack(crc32(head))
 
