@@ -23,7 +23,7 @@ Design: docs/design.md#race-hashing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import struct
 from dataclasses import dataclass
@@ -248,6 +248,18 @@ def _positions(f0: int, f1: int) -> tuple[int, ...]:
     return (*range(f0 * SLOTS_PER_BUCKET, f0 * SLOTS_PER_BUCKET + n),
             *range(f1 * SLOTS_PER_BUCKET, f1 * SLOTS_PER_BUCKET + n))
 _WORD = struct.Struct("<Q")
+# View's scans of the slots, each in one C call (emulator/_atomic.c); its Python methods,
+# the spec, where the extension is not built
+_FREE_SLOT_IN_C: Callable[..., int | None] | None
+_CANDIDATES_IN_C: Callable[..., list[tuple[int, int]]] | None
+_PAIRS_IN_C: Callable[..., list[tuple[int, int, int]]] | None
+_DIFFERS_IN_C: Callable[..., bool] | None
+try:
+    from fusee.emulator import _atomic
+    _FREE_SLOT_IN_C, _CANDIDATES_IN_C = _atomic.view_free_slot, _atomic.view_candidates
+    _PAIRS_IN_C, _DIFFERS_IN_C = _atomic.view_pairs, _atomic.view_differs
+except ImportError:                 # pragma: no cover (a source tree without its build)
+    _FREE_SLOT_IN_C = _CANDIDATES_IN_C = _PAIRS_IN_C = _DIFFERS_IN_C = None
 _WORD_BITS = (1 << 64) - 1
 #: the bits of the slot words of two combined buckets read as one little-endian integer
 #: (``View.differs``): all but the 4 bucket headers
@@ -295,6 +307,9 @@ class View:
 
     def candidates(self, fp: int) -> list[tuple[int, int]]:
         """(position, value) of the committed objects whose fingerprint is ``fp``."""
+        if _CANDIDATES_IN_C is not None:
+            f0, f1 = self.firsts
+            return _CANDIDATES_IN_C(self.raw, fp, f0, f1)
         raw, found = self.raw, []
         tops = raw[7::8]                    # the fingerprint byte of every word
         i = tops.find(fp, 1)
@@ -312,6 +327,9 @@ class View:
         of their words: found with ``bytes.find``, no slot decoded for nothing (an insert's
         duplicate check looks only at the slots naming its key's fingerprint)."""
         assert other.firsts == self.firsts, "two reads of the same buckets"
+        if _PAIRS_IN_C is not None:
+            f0, f1 = self.firsts
+            return _PAIRS_IN_C(self.raw, other.raw, fp, f0, f1, skip)
         raw, theirs = self.raw, other.raw
         tops = raw[7::8] + theirs[7::8]     # the fingerprint bytes of both: word i, 32 + i
         words = set()
@@ -334,6 +352,9 @@ class View:
         and ``skip``'s bits masked off (a handful of C operations, no copy of either read
         patched word by word)."""
         assert other.firsts == self.firsts, "two reads of the same buckets"
+        if _DIFFERS_IN_C is not None:
+            f0, f1 = self.firsts
+            return _DIFFERS_IN_C(self.raw, other.raw, f0, f1, skip)
         apart = (int.from_bytes(self.raw, "little") ^ int.from_bytes(other.raw, "little")
                  ) & _SLOT_BITS
         at = self._offset(skip)
@@ -367,12 +388,20 @@ class View:
         """The free position an insert claims: the lowest of the emptiest bucket (so buckets
         fill evenly), not one of ``skip``; None when every slot is taken. Read for all 32
         words at once from the two bytes that hold TAKEN's bits (the length byte, and FROZEN
-        and TENTATIVE at the top of byte 5), not slot by slot."""
+        and TENTATIVE at the top of byte 5), not slot by slot; in one C call where the
+        extension is built."""
+        f0, f1 = self.firsts
+        if _FREE_SLOT_IN_C is not None:
+            mask = 0                        # the words of ``skip``
+            for pos in skip:
+                b, s = divmod(pos, SLOTS_PER_BUCKET)
+                b = b - f0 if 0 <= b - f0 < 2 else b - f1 + 2
+                mask |= 1 << 8 * b + 1 + s
+            return _FREE_SLOT_IN_C(self.raw, f0 * SLOTS_PER_BUCKET, f1 * SLOTS_PER_BUCKET, mask)
         raw = self.raw
         taken = (int.from_bytes(raw[6::8], "little")
                  | int.from_bytes(raw[5::8].translate(_FLAGGED), "little"))
         row = bytearray(taken.to_bytes(32, "little"))      # 0: the word's slot is free
-        f0, f1 = self.firsts
         for pos in skip:
             b, s = divmod(pos, SLOTS_PER_BUCKET)
             b = b - f0 if 0 <= b - f0 < 2 else b - f1 + 2
