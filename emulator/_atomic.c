@@ -824,6 +824,39 @@ static PyObject *view_differs(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_FALSE;
 }
 
+/* view_stale(raw, sid) -> bool: View.stale, a bucket header names another subtable or is
+ * RETIRED (flags, byte 5), or a slot word is FROZEN (the top bit of its byte 5). */
+static PyObject *view_stale(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "view_stale(raw, sid)"); return NULL; }
+    const unsigned char *raw = view_raw(args[0]);
+    if (!raw) return NULL;
+    long long sid = PyLong_AsLongLong(args[1]);
+    if (sid == -1 && PyErr_Occurred()) return NULL;
+    for (int i = 0; i < 32; i += 8)
+        if ((raw[8 * i + 6] | raw[8 * i + 7] << 8) != sid || raw[8 * i + 5] & 1)
+            Py_RETURN_TRUE;
+    for (int i = 1; i < 32; i++)
+        if ((i & 7) && raw[8 * i + 5] & 0x80) Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
+/* view_get(raw, f0, f1, pos) -> the value of slot ``pos``, or None when the view does not
+ * hold it: View.get */
+static PyObject *view_get(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 4) { PyErr_SetString(PyExc_TypeError, "view_get(raw, f0, f1, pos)"); return NULL; }
+    const unsigned char *raw = view_raw(args[0]);
+    if (!raw) return NULL;
+    long long f0 = PyLong_AsLongLong(args[1]), f1 = PyLong_AsLongLong(args[2]);
+    long long pos = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (pos < 0) Py_RETURN_NONE;
+    long long b = pos / 7, s = pos % 7, at;
+    if (b - f0 >= 0 && b - f0 < 2) at = b - f0;
+    else if (b - f1 >= 0 && b - f1 < 2) at = b - f1 + 2;
+    else Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(word_at(raw, (int)(8 * at + 1 + s)));
+}
+
 static PyMethodDef view_methods[] = {
     {"view_free_slot", (PyCFunction)(void (*)(void))view_free_slot, METH_FASTCALL,
      "view_free_slot(raw, first, second, skip) -> position or None (fusee.index.View)"},
@@ -831,6 +864,10 @@ static PyMethodDef view_methods[] = {
      "view_candidates(raw, fp, f0, f1) -> [(position, value)] (fusee.index.View)"},
     {"view_pairs", (PyCFunction)(void (*)(void))view_pairs, METH_FASTCALL,
      "view_pairs(raw, theirs, fp, f0, f1, skip) -> [(position, here, there)] (fusee.index.View)"},
+    {"view_stale", (PyCFunction)(void (*)(void))view_stale, METH_FASTCALL,
+     "view_stale(raw, sid) -> bool (fusee.index.View)"},
+    {"view_get", (PyCFunction)(void (*)(void))view_get, METH_FASTCALL,
+     "view_get(raw, f0, f1, pos) -> value or None (fusee.index.View)"},
     {"view_differs", (PyCFunction)(void (*)(void))view_differs, METH_FASTCALL,
      "view_differs(raw, theirs, f0, f1, skip) -> bool (fusee.index.View)"},
     {NULL, NULL, 0, NULL},

@@ -254,12 +254,16 @@ _FREE_SLOT_IN_C: Callable[..., int | None] | None
 _CANDIDATES_IN_C: Callable[..., list[tuple[int, int]]] | None
 _PAIRS_IN_C: Callable[..., list[tuple[int, int, int]]] | None
 _DIFFERS_IN_C: Callable[..., bool] | None
+_STALE_IN_C: Callable[..., bool] | None
+_GET_IN_C: Callable[..., int | None] | None
 try:
     from fusee.emulator import _atomic
     _FREE_SLOT_IN_C, _CANDIDATES_IN_C = _atomic.view_free_slot, _atomic.view_candidates
     _PAIRS_IN_C, _DIFFERS_IN_C = _atomic.view_pairs, _atomic.view_differs
+    _STALE_IN_C, _GET_IN_C = _atomic.view_stale, _atomic.view_get
 except ImportError:                 # pragma: no cover (a source tree without its build)
     _FREE_SLOT_IN_C = _CANDIDATES_IN_C = _PAIRS_IN_C = _DIFFERS_IN_C = None
+    _STALE_IN_C = _GET_IN_C = None
 _WORD_BITS = (1 << 64) - 1
 #: the bits of the slot words of two combined buckets read as one little-endian integer
 #: (``View.differs``): all but the 4 bucket headers
@@ -285,6 +289,9 @@ class View:
             raise ValueError("a View needs the two combined buckets of a key")
         self.firsts = firsts
         self._slots: dict[int, int] | None = None
+        if _STALE_IN_C is not None:
+            self.stale = _STALE_IN_C(raw, sid)
+            return
         f0, s0, f1, s1, f2, s2, f3, s3 = _HEADERS.unpack_from(raw)
         # bit 47 (FROZEN) is the top bit of byte 5 of each word: all of them ASCII, none frozen
         self.stale = (s0 != sid or s1 != sid or s2 != sid or s3 != sid
@@ -375,6 +382,8 @@ class View:
         if self._slots is not None:
             return self._slots.get(pos)
         f0, f1 = self.firsts                # (``_offset`` inline: a call less per operation)
+        if _GET_IN_C is not None:
+            return _GET_IN_C(self.raw, f0, f1, pos)
         b, s = divmod(pos, SLOTS_PER_BUCKET)
         b -= f0                             # the bucket's index in ``raw``: 0..3
         if not 0 <= b < 2:

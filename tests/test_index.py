@@ -194,11 +194,12 @@ def test_two_reads_of_the_same_buckets_compare_as_their_decoded_slots_do():
 
 
 def test_the_scans_of_a_view_made_in_c_answer_what_its_python_spec_does(monkeypatch):
-    """Where the extension is built, View's scans of the slots (an insert's free slot and
-    duplicate check, every operation's candidates) run in C (``emulator/_atomic.c``): the
+    """Where the extension is built, View's scans of the slots (staleness, an insert's free
+    slot and duplicate check, every operation's candidates and slot values) run in C (``emulator/_atomic.c``): the
     same answers as View's Python methods, on views of every kind."""
     import fusee.index as index
-    scans = ("_FREE_SLOT_IN_C", "_CANDIDATES_IN_C", "_PAIRS_IN_C", "_DIFFERS_IN_C")
+    scans = ("_FREE_SLOT_IN_C", "_CANDIDATES_IN_C", "_PAIRS_IN_C", "_DIFFERS_IN_C",
+             "_STALE_IN_C", "_GET_IN_C")
     assert all(getattr(index, name) is not None for name in scans), \
         "the C extension is not built: build_ext --inplace"
     rng = random.Random(13)
@@ -219,8 +220,9 @@ def test_the_scans_of_a_view_made_in_c_answer_what_its_python_spec_does(monkeypa
         for sid, fp, firsts, raw, again, pick in cases:
             view = View(raw, firsts, sid)
             other = View([again[:128], again[128:]], firsts, sid)
-            positions = sorted(view.slots)
+            positions = index._positions(*firsts)
             skip = positions[int(pick * len(positions))]
-            answer += [view.free_slot([skip] if pick < .5 else []), view.candidates(fp),
+            answer += [view.stale, other.stale, view.get(skip), view.get(int(pick * 1000)),
+                       view.free_slot([skip] if pick < .5 else []), view.candidates(fp),
                        view.pairs(other, fp, skip), view.differs(other, skip)]
     assert answers[0] == answers[1]
