@@ -284,7 +284,8 @@ def _check(core: OpCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
         fp = h.fp
         others = claims.pairs(prims, fp, t.pos)
         unknown = list({v for _, cv, pv in others for v in (strip(cv), strip(pv))
-                        if is_object(v) and slot_fp(v) == fp and v != s and v not in known})
+                        if is_object(v) and slot_fp(v) == fp and v != s and v not in known}
+                       ) if others else []
         if unknown:
             bufs = yield from core.rt([core.object_read(v) for v in unknown])
             settled = _learn(known, key, unknown, bufs)
@@ -295,6 +296,8 @@ def _check(core: OpCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
             after = True
             known.clear()
             continue
+        if not others:      # (the common case: no other slot names our fingerprint)
+            return CLEAR, None
         if any(committed_object(pv) and known.get(pv) for _, _, pv in others):
             return EXISTS, None
         rivals = [(p, cv, pv) for p, cv, pv in others if is_object(strip(cv))
