@@ -697,11 +697,71 @@ static PyObject *commit_record(PyObject *self, PyObject *const *args, Py_ssize_t
     return PyBytes_FromStringAndSize((const char *)rec, 24);
 }
 
+static uint64_t get_le(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+/* decode_object(crc32, cls, buf: bytes) -> a ``cls`` (fusee.layout.ObjectView) or None:
+ * fusee.layout.decode_object, an object read whole parsed and verified (its crc by the
+ * caller's ``crc32`` up to the commit record, the rest here; a torn commit record reads as
+ * pending). */
+static PyObject *decode_object(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3 || !PyType_Check(args[1]) || !PyBytes_Check(args[2]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[1], &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "decode_object(crc32, cls: a tuple type, buf: bytes)");
+        return NULL;
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[2]);
+    Py_ssize_t log = PyBytes_GET_SIZE(args[2]) - 48;
+    if (log < 8 || p[0] != 0xFE) Py_RETURN_NONE;
+    Py_ssize_t klen = (Py_ssize_t)get_le(p + 2, 2), vlen = (Py_ssize_t)get_le(p + 4, 4);
+    if (8 + klen + vlen > log || p[log + 47] != 1) Py_RETURN_NONE;
+    PyObject *view = PyMemoryView_FromMemory((char *)p, log + 16, PyBUF_READ);
+    PyObject *got = view ? PyObject_CallOneArg(args[0], view) : NULL;
+    Py_XDECREF(view);
+    uint64_t crc;
+    if (!got || get_field(got, 32, &crc)) { Py_XDECREF(got); return NULL; }
+    Py_DECREF(got);
+    if (crc32_bytes((uint32_t)crc, p + log + 40, 3) != get_le(p + log + 43, 4)) Py_RETURN_NONE;
+    uint64_t rec = get_le(p + log + 16, 8), old = get_le(p + log + 24, 8);
+    uint64_t old_crc = get_le(p + log + 32, 4), state = rec >> 56;
+    if (state != 0 && crc32_bytes(0, p + log + 16, 20) != get_le(p + log + 36, 4))
+        state = rec = old = old_crc = 0;        /* torn: pending */
+    PyTypeObject *cls = (PyTypeObject *)args[1];
+    PyObject *out = cls->tp_alloc(cls, 12);
+    if (!out) return NULL;
+    PyObject *items[12] = {
+        PyBytes_FromStringAndSize((const char *)p + 8, klen),
+        PyBytes_FromStringAndSize((const char *)p + 8 + klen, vlen),
+        PyLong_FromUnsignedLong(p[log + 40]),
+        PyLong_FromUnsignedLongLong(get_le(p + log, 8)),
+        PyLong_FromUnsignedLongLong(get_le(p + log + 8, 8)),
+        PyLong_FromUnsignedLongLong(get_le(p + log + 41, 2)),
+        PyLong_FromUnsignedLongLong(state),
+        PyLong_FromUnsignedLongLong(rec & 0xFFFFFFFFFFFFull),
+        PyLong_FromUnsignedLongLong(old),
+        PyLong_FromUnsignedLongLong(old_crc),
+        PyLong_FromUnsignedLongLong(rec >> 48 & 0xFF),
+        PyLong_FromUnsignedLongLong(get_le(p + log + 43, 4)),
+    };
+    int ok = 1;
+    for (int i = 0; i < 12; i++) {
+        if (!items[i]) ok = 0;
+        PyTuple_SET_ITEM(out, i, items[i] ? items[i] : Py_NewRef(Py_None));
+    }
+    if (!ok) { Py_DECREF(out); return NULL; }
+    return out;
+}
+
 static PyMethodDef object_methods[] = {
     {"encode_object", (PyCFunction)(void (*)(void))encode_object, METH_FASTCALL,
      "encode_object(crc32, key, value, size, opcode, next_ptr, prev_ptr, seq) -> bytes"},
     {"commit_record", (PyCFunction)(void (*)(void))commit_record, METH_FASTCALL,
      "commit_record(ref, old, state, old_crc, number) -> bytes"},
+    {"decode_object", (PyCFunction)(void (*)(void))decode_object, METH_FASTCALL,
+     "decode_object(crc32, cls, buf) -> cls(...) or None"},
     {NULL, NULL, 0, NULL},
 };
 

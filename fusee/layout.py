@@ -50,20 +50,22 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # ISA-L's crc32: zlib's polynomial and results, several times faster on a 1 KB object
 from isal.isal_zlib import crc32
 
-# the objects and commit records every write makes, each in one C call (emulator/_atomic.c);
-# this module's Python functions where it is not built
+# the objects and commit records every write makes, and the objects every read decodes, each
+# in one C call (emulator/_atomic.c); this module's Python functions where it is not built
 _ENCODE_IN_C: Callable[..., bytes] | None
 _RECORD_IN_C: Callable[..., bytes] | None
+_DECODE_IN_C: Callable[..., Any] | None
 try:
     from fusee.emulator import _atomic
     _ENCODE_IN_C, _RECORD_IN_C = _atomic.encode_object, _atomic.commit_record
+    _DECODE_IN_C = _atomic.decode_object
 except ImportError:                 # pragma: no cover (a source tree without its build)
-    _ENCODE_IN_C = _RECORD_IN_C = None
+    _ENCODE_IN_C = _RECORD_IN_C = _DECODE_IN_C = None
 
 FP_SHIFT, LEN_SHIFT, NODE_SHIFT = 56, 48, 40
 FROZEN, TENTATIVE = 1 << 47, 1 << 46
@@ -263,6 +265,9 @@ def decode_object(buf: bytes) -> ObjectView | None:
     """Parse and verify an object read whole; None when it is not a valid, complete object."""
     if type(buf) is not bytes:
         buf = bytes(buf)
+    if _DECODE_IN_C is not None:        # (in one C call where the extension is built)
+        view: ObjectView | None = _DECODE_IN_C(crc32, ObjectView, buf)
+        return view
     log = len(buf) - LOG_BYTES
     if log < OBJ_HEADER:
         return None
