@@ -195,8 +195,9 @@ def test_two_reads_of_the_same_buckets_compare_as_their_decoded_slots_do():
 
 def test_the_scans_of_a_view_made_in_c_answer_what_its_python_spec_does(monkeypatch):
     """Where the extension is built, View's scans of the slots (staleness, an insert's free
-    slot and duplicate check, every operation's candidates and slot values) run in C (``emulator/_atomic.c``): the
-    same answers as View's Python methods, on views of every kind."""
+    slot and duplicate check, every operation's candidates and slot values) run in C
+    (``emulator/_atomic.c``): the same answers as View's Python methods, on views of every
+    kind."""
     import fusee.index as index
     scans = ("_FREE_SLOT_IN_C", "_CANDIDATES_IN_C", "_PAIRS_IN_C", "_DIFFERS_IN_C",
              "_STALE_IN_C", "_GET_IN_C")
