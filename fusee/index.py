@@ -257,11 +257,13 @@ _DIFFERS_IN_C: Callable[..., bool] | None
 _STALE_IN_C: Callable[..., bool] | None
 _GET_IN_C: Callable[..., int | None] | None
 try:
-    from fusee.emulator import _atomic
-    _FREE_SLOT_IN_C, _CANDIDATES_IN_C = _atomic.view_free_slot, _atomic.view_candidates
-    _PAIRS_IN_C, _DIFFERS_IN_C = _atomic.view_pairs, _atomic.view_differs
-    _STALE_IN_C, _GET_IN_C = _atomic.view_stale, _atomic.view_get
-except ImportError:                 # pragma: no cover (a source tree without its build)
+    from fusee.emulator._atomic import view_candidates as _CANDIDATES_IN_C
+    from fusee.emulator._atomic import view_differs as _DIFFERS_IN_C
+    from fusee.emulator._atomic import view_free_slot as _FREE_SLOT_IN_C
+    from fusee.emulator._atomic import view_get as _GET_IN_C
+    from fusee.emulator._atomic import view_pairs as _PAIRS_IN_C
+    from fusee.emulator._atomic import view_stale as _STALE_IN_C
+except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
     _FREE_SLOT_IN_C = _CANDIDATES_IN_C = _PAIRS_IN_C = _DIFFERS_IN_C = None
     _STALE_IN_C = _GET_IN_C = None
 _WORD_BITS = (1 << 64) - 1

@@ -61,10 +61,10 @@ _ENCODE_IN_C: Callable[..., bytes] | None
 _RECORD_IN_C: Callable[..., bytes] | None
 _DECODE_IN_C: Callable[..., Any] | None
 try:
-    from fusee.emulator import _atomic
-    _ENCODE_IN_C, _RECORD_IN_C = _atomic.encode_object, _atomic.commit_record
-    _DECODE_IN_C = _atomic.decode_object
-except ImportError:                 # pragma: no cover (a source tree without its build)
+    from fusee.emulator._atomic import commit_record as _RECORD_IN_C
+    from fusee.emulator._atomic import decode_object as _DECODE_IN_C
+    from fusee.emulator._atomic import encode_object as _ENCODE_IN_C
+except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
     _ENCODE_IN_C = _RECORD_IN_C = _DECODE_IN_C = None
 
 FP_SHIFT, LEN_SHIFT, NODE_SHIFT = 56, 48, 40
