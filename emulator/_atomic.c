@@ -791,6 +791,14 @@ static uint64_t word_at(const unsigned char *raw, int i) {
     return v;
 }
 
+/* append ``item`` (a new reference, or NULL: an error is set) to ``list``, and drop it */
+static int append_new(PyObject *list, PyObject *item) {
+    if (!item) return -1;
+    int r = PyList_Append(list, item);
+    Py_DECREF(item);
+    return r;
+}
+
 static long long word_pos(long long f0, long long f1, int i) {
     return ((i < 16 ? f0 : f1) + (i >> 3 & 1)) * 7 + (i & 7) - 1;
 }
@@ -826,45 +834,36 @@ static PyObject *view_free_slot(PyObject *self, PyObject *const *args, Py_ssize_
     return PyLong_FromLongLong(best);
 }
 
-/* view_candidates(raw, fp, f0, f1) -> [(position, value)]: View.candidates, the committed
- * objects (a length, neither TENTATIVE nor FROZEN) whose fingerprint is ``fp``. */
-static PyObject *view_candidates(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    if (n != 4) { PyErr_SetString(PyExc_TypeError, "view_candidates(raw, fp, f0, f1)"); return NULL; }
-    const unsigned char *raw = view_raw(args[0]);
-    if (!raw) return NULL;
-    long long fp = PyLong_AsLongLong(args[1]), f0 = PyLong_AsLongLong(args[2]), f1 = PyLong_AsLongLong(args[3]);
-    if (PyErr_Occurred()) return NULL;
-    PyObject *out = PyList_New(0);
-    if (!out) return NULL;
-    for (int i = 1; i < 32; i++) {
-        if (!(i & 7) || raw[8 * i + 7] != fp || !raw[8 * i + 6] || raw[8 * i + 5] & 0xC0) continue;
-        PyObject *pair = Py_BuildValue("(LK)", word_pos(f0, f1, i),
-                                       (unsigned long long)word_at(raw, i));
-        if (!pair || PyList_Append(out, pair) < 0) { Py_XDECREF(pair); Py_DECREF(out); return NULL; }
-        Py_DECREF(pair);
-    }
-    return out;
-}
-
-/* view_pairs(raw, theirs, fp, f0, f1, skip) -> [(position, value here, value there)]:
- * View.pairs, the slots but position ``skip`` whose fingerprint byte is ``fp`` in either. */
-static PyObject *view_pairs(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    if (n != 6) { PyErr_SetString(PyExc_TypeError, "view_pairs(raw, theirs, fp, f0, f1, skip)"); return NULL; }
-    const unsigned char *raw = view_raw(args[0]), *theirs = raw ? view_raw(args[1]) : NULL;
-    if (!theirs) return NULL;
+/* view_matches(raw, theirs, fp, f0, f1, skip): the slots whose fingerprint byte is ``fp``.
+ * With ``theirs`` None, View.candidates: [(position, value)] of the committed objects (a
+ * length, neither TENTATIVE nor FROZEN). With ``theirs`` (a second read of the same
+ * buckets), View.pairs: [(position, value here, value there)] of the slots but position
+ * ``skip`` whose fingerprint byte is ``fp`` in either read. */
+static PyObject *view_matches(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 6) { PyErr_SetString(PyExc_TypeError, "view_matches(raw, theirs, fp, f0, f1, skip)"); return NULL; }
+    const unsigned char *raw = view_raw(args[0]), *theirs = NULL;
+    if (!raw || (args[1] != Py_None && !(theirs = view_raw(args[1])))) return NULL;
     long long fp = PyLong_AsLongLong(args[2]), f0 = PyLong_AsLongLong(args[3]);
     long long f1 = PyLong_AsLongLong(args[4]), skip = PyLong_AsLongLong(args[5]);
     if (PyErr_Occurred()) return NULL;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     for (int i = 1; i < 32; i++) {
-        if (!(i & 7) || (raw[8 * i + 7] != fp && theirs[8 * i + 7] != fp)) continue;
+        if (!(i & 7)) continue;                 /* a bucket header */
         long long pos = word_pos(f0, f1, i);
-        if (pos == skip) continue;
-        PyObject *t = Py_BuildValue("(LKK)", pos, (unsigned long long)word_at(raw, i),
-                                    (unsigned long long)word_at(theirs, i));
-        if (!t || PyList_Append(out, t) < 0) { Py_XDECREF(t); Py_DECREF(out); return NULL; }
-        Py_DECREF(t);
+        PyObject *item;
+        if (!theirs) {
+            if (raw[8 * i + 7] != fp || !raw[8 * i + 6] || raw[8 * i + 5] & 0xC0) continue;
+            item = Py_BuildValue("(LK)", pos, (unsigned long long)word_at(raw, i));
+        } else {
+            if ((raw[8 * i + 7] != fp && theirs[8 * i + 7] != fp) || pos == skip) continue;
+            item = Py_BuildValue("(LKK)", pos, (unsigned long long)word_at(raw, i),
+                                 (unsigned long long)word_at(theirs, i));
+        }
+        if (append_new(out, item) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
     }
     return out;
 }
@@ -920,10 +919,8 @@ static PyObject *view_get(PyObject *self, PyObject *const *args, Py_ssize_t n) {
 static PyMethodDef view_methods[] = {
     {"view_free_slot", (PyCFunction)(void (*)(void))view_free_slot, METH_FASTCALL,
      "view_free_slot(raw, first, second, skip) -> position or None (fusee.index.View)"},
-    {"view_candidates", (PyCFunction)(void (*)(void))view_candidates, METH_FASTCALL,
-     "view_candidates(raw, fp, f0, f1) -> [(position, value)] (fusee.index.View)"},
-    {"view_pairs", (PyCFunction)(void (*)(void))view_pairs, METH_FASTCALL,
-     "view_pairs(raw, theirs, fp, f0, f1, skip) -> [(position, here, there)] (fusee.index.View)"},
+    {"view_matches", (PyCFunction)(void (*)(void))view_matches, METH_FASTCALL,
+     "view_matches(raw, theirs, fp, f0, f1, skip) -> [(position, value(s))] (fusee.index.View)"},
     {"view_stale", (PyCFunction)(void (*)(void))view_stale, METH_FASTCALL,
      "view_stale(raw, sid) -> bool (fusee.index.View)"},
     {"view_get", (PyCFunction)(void (*)(void))view_get, METH_FASTCALL,

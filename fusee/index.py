@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from fusee.config import LayoutConfig
 from fusee.errors import DataLost, StoreFormatError
@@ -251,20 +252,18 @@ _WORD = struct.Struct("<Q")
 # View's scans of the slots, each in one C call (emulator/_atomic.c); its Python methods,
 # the spec, where the extension is not built
 _FREE_SLOT_IN_C: Callable[..., int | None] | None
-_CANDIDATES_IN_C: Callable[..., list[tuple[int, int]]] | None
-_PAIRS_IN_C: Callable[..., list[tuple[int, int, int]]] | None
+_MATCHES_IN_C: Callable[..., list[Any]] | None
 _DIFFERS_IN_C: Callable[..., bool] | None
 _STALE_IN_C: Callable[..., bool] | None
 _GET_IN_C: Callable[..., int | None] | None
 try:
-    from fusee.emulator._atomic import view_candidates as _CANDIDATES_IN_C
     from fusee.emulator._atomic import view_differs as _DIFFERS_IN_C
     from fusee.emulator._atomic import view_free_slot as _FREE_SLOT_IN_C
     from fusee.emulator._atomic import view_get as _GET_IN_C
-    from fusee.emulator._atomic import view_pairs as _PAIRS_IN_C
+    from fusee.emulator._atomic import view_matches as _MATCHES_IN_C
     from fusee.emulator._atomic import view_stale as _STALE_IN_C
 except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
-    _FREE_SLOT_IN_C = _CANDIDATES_IN_C = _PAIRS_IN_C = _DIFFERS_IN_C = None
+    _FREE_SLOT_IN_C = _MATCHES_IN_C = _DIFFERS_IN_C = None
     _STALE_IN_C = _GET_IN_C = None
 _WORD_BITS = (1 << 64) - 1
 #: the bits of the slot words of two combined buckets read as one little-endian integer
@@ -316,9 +315,9 @@ class View:
 
     def candidates(self, fp: int) -> list[tuple[int, int]]:
         """(position, value) of the committed objects whose fingerprint is ``fp``."""
-        if _CANDIDATES_IN_C is not None:
+        if _MATCHES_IN_C is not None:
             f0, f1 = self.firsts
-            return _CANDIDATES_IN_C(self.raw, fp, f0, f1)
+            return _MATCHES_IN_C(self.raw, None, fp, f0, f1, -1)
         raw, found = self.raw, []
         tops = raw[7::8]                    # the fingerprint byte of every word
         i = tops.find(fp, 1)
@@ -336,9 +335,9 @@ class View:
         of their words: found with ``bytes.find``, no slot decoded for nothing (an insert's
         duplicate check looks only at the slots naming its key's fingerprint)."""
         assert other.firsts == self.firsts, "two reads of the same buckets"
-        if _PAIRS_IN_C is not None:
+        if _MATCHES_IN_C is not None:
             f0, f1 = self.firsts
-            return _PAIRS_IN_C(self.raw, other.raw, fp, f0, f1, skip)
+            return _MATCHES_IN_C(self.raw, other.raw, fp, f0, f1, skip)
         raw, theirs = self.raw, other.raw
         tops = raw[7::8] + theirs[7::8]     # the fingerprint bytes of both: word i, 32 + i
         words = set()

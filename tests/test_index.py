@@ -199,7 +199,7 @@ def test_the_scans_of_a_view_made_in_c_answer_what_its_python_spec_does(monkeypa
     (``emulator/_atomic.c``): the same answers as View's Python methods, on views of every
     kind."""
     import fusee.index as index
-    scans = ("_FREE_SLOT_IN_C", "_CANDIDATES_IN_C", "_PAIRS_IN_C", "_DIFFERS_IN_C",
+    scans = ("_FREE_SLOT_IN_C", "_MATCHES_IN_C", "_DIFFERS_IN_C",
              "_STALE_IN_C", "_GET_IN_C")
     assert all(getattr(index, name) is not None for name in scans), \
         "the C extension is not built: build_ext --inplace"
