@@ -631,8 +631,362 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_atomic",
                                     "8-byte hardware atomics on shared memory; the shm client's and the MN's batch of verbs", -1, methods};
 
+static int add_object_methods(PyObject *module);  /* KV objects and bucket views: the end */
+
 PyMODINIT_FUNC PyInit__atomic(void) {
     if (!(str_rkey = PyUnicode_InternFromString("rkey"))) return NULL;
     if (!(str_fields = PyUnicode_InternFromString("_fields"))) return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && add_object_methods(m) < 0) Py_CLEAR(m);
+    return m;
+}
+
+/* -- KV objects (fusee.layout): an object and a commit record made in one call each ------
+ *
+ * The byte formats are fusee.layout's (its docstring, and its Python functions of the same
+ * names, which run where this extension is not built, and which tests/test_layout.py holds
+ * these to). Made there, an object took a dozen Python-level calls (six of them crc32, each
+ * costing about what the checksum of the whole 1 KB object does) and a commit record four:
+ * about a twentieth of an UPDATE's client instructions (issue 12). */
+
+/* crc32 with zlib's polynomial (reflected, 0xEDB88320) of a few bytes, continuing ``crc``
+ * as zlib.crc32(data, crc) does: a commit record's 20 bytes, an object's opcode and seq. */
+static uint32_t crc_table[256];             /* by byte: filled by add_object_methods */
+
+static uint32_t crc32_bytes(uint32_t crc, const unsigned char *p, size_t n) {
+    crc = ~crc;
+    while (n--) crc = crc_table[(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+static void put_le(unsigned char *p, uint64_t v, int n) {
+    for (int i = 0; i < n; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
+/* an unsigned int below 2**bits (bits <= 64), or -1 with OverflowError / TypeError set, as
+ * the struct formats of fusee.layout refuse it */
+static int get_field(PyObject *o, int bits, uint64_t *out) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (bits < 64 && v >> bits) {
+        PyErr_SetString(PyExc_OverflowError, "a field of a KV object is out of range");
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* encode_object(crc32, key, value, size, opcode, next_ptr, prev_ptr, seq) -> bytes
+ *
+ * fusee.layout.encode_object (``seq`` already mod 2**16). ``crc32`` is the checksum of the
+ * object up to its commit record (ISA-L's, which layout uses: fast on a whole object); the
+ * opcode and seq bytes are added here. */
+static PyObject *encode_object(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 8 || !PyBytes_Check(args[1]) || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "encode_object(crc32, key: bytes, value: bytes, size, "
+                        "opcode, next_ptr, prev_ptr, seq)");
+        return NULL;
+    }
+    uint64_t size, opcode, next, prev, seq;
+    if (get_field(args[3], 32, &size) || get_field(args[4], 8, &opcode) ||
+        get_field(args[5], 64, &next) || get_field(args[6], 64, &prev) ||
+        get_field(args[7], 16, &seq)) return NULL;
+    Py_ssize_t klen = PyBytes_GET_SIZE(args[1]), vlen = PyBytes_GET_SIZE(args[2]);
+    if (klen > 0xFFFF || (uint64_t)vlen > 0xFFFFFFFFu || size < 48 ||
+        (uint64_t)(8 + klen + vlen) > size - 48) {
+        PyErr_SetString(PyExc_ValueError, "the key and value do not fit an object of that size");
+        return NULL;
+    }
+    Py_ssize_t log = (Py_ssize_t)size - 48;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (!out) return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    p[0] = 0xFE;
+    p[1] = 0;
+    put_le(p + 2, (uint64_t)klen, 2);
+    put_le(p + 4, (uint64_t)vlen, 4);
+    memcpy(p + 8, PyBytes_AS_STRING(args[1]), klen);
+    memcpy(p + 8 + klen, PyBytes_AS_STRING(args[2]), vlen);
+    memset(p + 8 + klen + vlen, 0, log - 8 - klen - vlen);
+    put_le(p + log, next, 8);
+    put_le(p + log + 8, prev, 8);
+    memset(p + log + 16, 0, 24);                /* the commit record: pending */
+    p[log + 40] = (unsigned char)opcode;
+    put_le(p + log + 41, seq, 2);
+    PyObject *view = PyMemoryView_FromMemory((char *)p, log + 16, PyBUF_READ);
+    PyObject *got = view ? PyObject_CallOneArg(args[0], view) : NULL;
+    Py_XDECREF(view);
+    uint64_t crc;
+    if (!got || get_field(got, 32, &crc)) {
+        Py_XDECREF(got);
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_DECREF(got);
+    put_le(p + log + 43, crc32_bytes((uint32_t)crc, p + log + 40, 3), 4);
+    p[log + 47] = 1;                            /* used */
+    return out;
+}
+
+/* commit_record(ref, old, state, old_crc, number) -> the record's 24 bytes
+ * (fusee.layout.commit_record) */
+static PyObject *commit_record(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    uint64_t ref, old, state, old_crc, number;
+    if (n != 5) {
+        PyErr_SetString(PyExc_TypeError, "commit_record(ref, old, state, old_crc, number)");
+        return NULL;
+    }
+    if (get_field(args[0], 48, &ref) || get_field(args[1], 64, &old) ||
+        get_field(args[2], 8, &state) || get_field(args[3], 32, &old_crc) ||
+        get_field(args[4], 64, &number)) return NULL;
+    unsigned char rec[24];
+    put_le(rec, ref | (number & 0xFF) << 48 | state << 56, 8);
+    put_le(rec + 8, old, 8);
+    put_le(rec + 16, old_crc, 4);
+    put_le(rec + 20, crc32_bytes(0, rec, 20), 4);
+    return PyBytes_FromStringAndSize((const char *)rec, 24);
+}
+
+static uint64_t get_le(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+/* decode_object(crc32, cls, buf: bytes) -> a ``cls`` (fusee.layout.ObjectView) or None:
+ * fusee.layout.decode_object, an object read whole parsed and verified (its crc by the
+ * caller's ``crc32`` up to the commit record, the rest here; a torn commit record reads as
+ * pending). */
+static PyObject *decode_object(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3 || !PyType_Check(args[1]) || !PyBytes_Check(args[2]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[1], &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "decode_object(crc32, cls: a tuple type, buf: bytes)");
+        return NULL;
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[2]);
+    Py_ssize_t log = PyBytes_GET_SIZE(args[2]) - 48;
+    if (log < 8 || p[0] != 0xFE) Py_RETURN_NONE;
+    Py_ssize_t klen = (Py_ssize_t)get_le(p + 2, 2), vlen = (Py_ssize_t)get_le(p + 4, 4);
+    if (8 + klen + vlen > log || p[log + 47] != 1) Py_RETURN_NONE;
+    PyObject *view = PyMemoryView_FromMemory((char *)p, log + 16, PyBUF_READ);
+    PyObject *got = view ? PyObject_CallOneArg(args[0], view) : NULL;
+    Py_XDECREF(view);
+    uint64_t crc;
+    if (!got || get_field(got, 32, &crc)) { Py_XDECREF(got); return NULL; }
+    Py_DECREF(got);
+    if (crc32_bytes((uint32_t)crc, p + log + 40, 3) != get_le(p + log + 43, 4)) Py_RETURN_NONE;
+    uint64_t rec = get_le(p + log + 16, 8), old = get_le(p + log + 24, 8);
+    uint64_t old_crc = get_le(p + log + 32, 4), state = rec >> 56;
+    if (state != 0 && crc32_bytes(0, p + log + 16, 20) != get_le(p + log + 36, 4))
+        state = rec = old = old_crc = 0;        /* torn: pending */
+    PyTypeObject *cls = (PyTypeObject *)args[1];
+    PyObject *out = cls->tp_alloc(cls, 12);
+    if (!out) return NULL;
+    PyObject *items[12] = {
+        PyBytes_FromStringAndSize((const char *)p + 8, klen),
+        PyBytes_FromStringAndSize((const char *)p + 8 + klen, vlen),
+        PyLong_FromUnsignedLong(p[log + 40]),
+        PyLong_FromUnsignedLongLong(get_le(p + log, 8)),
+        PyLong_FromUnsignedLongLong(get_le(p + log + 8, 8)),
+        PyLong_FromUnsignedLongLong(get_le(p + log + 41, 2)),
+        PyLong_FromUnsignedLongLong(state),
+        PyLong_FromUnsignedLongLong(rec & 0xFFFFFFFFFFFFull),
+        PyLong_FromUnsignedLongLong(old),
+        PyLong_FromUnsignedLongLong(old_crc),
+        PyLong_FromUnsignedLongLong(rec >> 48 & 0xFF),
+        PyLong_FromUnsignedLongLong(get_le(p + log + 43, 4)),
+    };
+    int ok = 1;
+    for (int i = 0; i < 12; i++) {
+        if (!items[i]) ok = 0;
+        PyTuple_SET_ITEM(out, i, items[i] ? items[i] : Py_NewRef(Py_None));
+    }
+    if (!ok) { Py_DECREF(out); return NULL; }
+    return out;
+}
+
+static PyMethodDef object_methods[] = {
+    {"encode_object", (PyCFunction)(void (*)(void))encode_object, METH_FASTCALL,
+     "encode_object(crc32, key, value, size, opcode, next_ptr, prev_ptr, seq) -> bytes"},
+    {"commit_record", (PyCFunction)(void (*)(void))commit_record, METH_FASTCALL,
+     "commit_record(ref, old, state, old_crc, number) -> bytes"},
+    {"decode_object", (PyCFunction)(void (*)(void))decode_object, METH_FASTCALL,
+     "decode_object(crc32, cls, buf) -> cls(...) or None"},
+    {NULL, NULL, 0, NULL},
+};
+
+
+/* -- A key's two combined buckets (fusee.index.View) read in one call each -----------------
+ *
+ * ``raw`` is the 256 bytes of a View: 4 buckets of a header word and 7 slot words; word i
+ * (i % 8 != 0) is the slot at position (firsts[i / 16] + i / 8 % 2) * 7 + i % 8 - 1. The
+ * formats and the answers are View's Python methods' (fusee/index.py, the spec, which runs
+ * where this extension is not built; tests/test_index.py holds these to them). Made there,
+ * one insert's free slot and duplicate check cost about a sixth of its client instructions
+ * (issue 12): a Python call per slice, translate and int.from_bytes. */
+
+#define VIEW_BYTES 256
+
+static const unsigned char *view_raw(PyObject *o) {
+    if (!PyBytes_Check(o) || PyBytes_GET_SIZE(o) != VIEW_BYTES) {
+        PyErr_SetString(PyExc_TypeError, "a View's raw bytes: the 256 bytes of two combined buckets");
+        return NULL;
+    }
+    return (const unsigned char *)PyBytes_AS_STRING(o);
+}
+
+static uint64_t word_at(const unsigned char *raw, int i) {
+    uint64_t v = 0;
+    for (int b = 7; b >= 0; b--) v = v << 8 | raw[8 * i + b];
+    return v;
+}
+
+/* append ``item`` (a new reference, or NULL: an error is set) to ``list``, and drop it */
+static int append_new(PyObject *list, PyObject *item) {
+    if (!item) return -1;
+    int r = PyList_Append(list, item);
+    Py_DECREF(item);
+    return r;
+}
+
+static long long word_pos(long long f0, long long f1, int i) {
+    return ((i < 16 ? f0 : f1) + (i >> 3 & 1)) * 7 + (i & 7) - 1;
+}
+
+/* view_free_slot(raw, first, second, skip) -> position or None: View.free_slot, ``first``
+ * and ``second`` the positions of the first slots of the two combined buckets, ``skip``
+ * a mask of the words not to take (bit i: word i). */
+static PyObject *view_free_slot(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 4) { PyErr_SetString(PyExc_TypeError, "view_free_slot(raw, first, second, skip)"); return NULL; }
+    const unsigned char *raw = view_raw(args[0]);
+    if (!raw) return NULL;
+    long long first = PyLong_AsLongLong(args[1]), second = PyLong_AsLongLong(args[2]);
+    unsigned long long skip = PyLong_AsUnsignedLongLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    long long best = -1;
+    int most = 0;
+    for (int k = 0; k < 4; k++) {
+        long long at = (k < 2 ? first : second) + 7 * (k & 1);
+        int free = 0, lowest = -1;
+        for (int s = 0; s < 7; s++) {
+            int i = 8 * k + 1 + s;
+            /* TAKEN: the length (byte 6), FROZEN or TENTATIVE (the top bits of byte 5) */
+            if (raw[8 * i + 6] || raw[8 * i + 5] & 0xC0 || skip >> i & 1) continue;
+            free++;
+            if (lowest < 0) lowest = s;
+        }
+        if (free && free >= most) {
+            long long pos = at + lowest;
+            if (free > most || pos < best) { best = pos; most = free; }
+        }
+    }
+    if (!most) Py_RETURN_NONE;
+    return PyLong_FromLongLong(best);
+}
+
+/* view_matches(raw, theirs, fp, f0, f1, skip): the slots whose fingerprint byte is ``fp``.
+ * With ``theirs`` None, View.candidates: [(position, value)] of the committed objects (a
+ * length, neither TENTATIVE nor FROZEN). With ``theirs`` (a second read of the same
+ * buckets), View.pairs: [(position, value here, value there)] of the slots but position
+ * ``skip`` whose fingerprint byte is ``fp`` in either read. */
+static PyObject *view_matches(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 6) { PyErr_SetString(PyExc_TypeError, "view_matches(raw, theirs, fp, f0, f1, skip)"); return NULL; }
+    const unsigned char *raw = view_raw(args[0]), *theirs = NULL;
+    if (!raw || (args[1] != Py_None && !(theirs = view_raw(args[1])))) return NULL;
+    long long fp = PyLong_AsLongLong(args[2]), f0 = PyLong_AsLongLong(args[3]);
+    long long f1 = PyLong_AsLongLong(args[4]), skip = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    for (int i = 1; i < 32; i++) {
+        if (!(i & 7)) continue;                 /* a bucket header */
+        long long pos = word_pos(f0, f1, i);
+        PyObject *item;
+        if (!theirs) {
+            if (raw[8 * i + 7] != fp || !raw[8 * i + 6] || raw[8 * i + 5] & 0xC0) continue;
+            item = Py_BuildValue("(LK)", pos, (unsigned long long)word_at(raw, i));
+        } else {
+            if ((raw[8 * i + 7] != fp && theirs[8 * i + 7] != fp) || pos == skip) continue;
+            item = Py_BuildValue("(LKK)", pos, (unsigned long long)word_at(raw, i),
+                                 (unsigned long long)word_at(theirs, i));
+        }
+        if (append_new(out, item) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+/* view_differs(raw, theirs, f0, f1, skip) -> bool: View.differs, some slot but position
+ * ``skip`` holds different values in the two reads. */
+static PyObject *view_differs(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 5) { PyErr_SetString(PyExc_TypeError, "view_differs(raw, theirs, f0, f1, skip)"); return NULL; }
+    const unsigned char *raw = view_raw(args[0]), *theirs = raw ? view_raw(args[1]) : NULL;
+    if (!theirs) return NULL;
+    long long f0 = PyLong_AsLongLong(args[2]), f1 = PyLong_AsLongLong(args[3]);
+    long long skip = PyLong_AsLongLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    for (int i = 1; i < 32; i++)
+        if ((i & 7) && word_pos(f0, f1, i) != skip && memcmp(raw + 8 * i, theirs + 8 * i, 8))
+            Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
+/* view_stale(raw, sid) -> bool: View.stale, a bucket header names another subtable or is
+ * RETIRED (flags, byte 5), or a slot word is FROZEN (the top bit of its byte 5). */
+static PyObject *view_stale(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "view_stale(raw, sid)"); return NULL; }
+    const unsigned char *raw = view_raw(args[0]);
+    if (!raw) return NULL;
+    long long sid = PyLong_AsLongLong(args[1]);
+    if (sid == -1 && PyErr_Occurred()) return NULL;
+    for (int i = 0; i < 32; i += 8)
+        if ((raw[8 * i + 6] | raw[8 * i + 7] << 8) != sid || raw[8 * i + 5] & 1)
+            Py_RETURN_TRUE;
+    for (int i = 1; i < 32; i++)
+        if ((i & 7) && raw[8 * i + 5] & 0x80) Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
+/* view_get(raw, f0, f1, pos) -> the value of slot ``pos``, or None when the view does not
+ * hold it: View.get */
+static PyObject *view_get(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 4) { PyErr_SetString(PyExc_TypeError, "view_get(raw, f0, f1, pos)"); return NULL; }
+    const unsigned char *raw = view_raw(args[0]);
+    if (!raw) return NULL;
+    long long f0 = PyLong_AsLongLong(args[1]), f1 = PyLong_AsLongLong(args[2]);
+    long long pos = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (pos < 0) Py_RETURN_NONE;
+    long long b = pos / 7, s = pos % 7, at;
+    if (b - f0 >= 0 && b - f0 < 2) at = b - f0;
+    else if (b - f1 >= 0 && b - f1 < 2) at = b - f1 + 2;
+    else Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(word_at(raw, (int)(8 * at + 1 + s)));
+}
+
+static PyMethodDef view_methods[] = {
+    {"view_free_slot", (PyCFunction)(void (*)(void))view_free_slot, METH_FASTCALL,
+     "view_free_slot(raw, first, second, skip) -> position or None (fusee.index.View)"},
+    {"view_matches", (PyCFunction)(void (*)(void))view_matches, METH_FASTCALL,
+     "view_matches(raw, theirs, fp, f0, f1, skip) -> [(position, value(s))] (fusee.index.View)"},
+    {"view_stale", (PyCFunction)(void (*)(void))view_stale, METH_FASTCALL,
+     "view_stale(raw, sid) -> bool (fusee.index.View)"},
+    {"view_get", (PyCFunction)(void (*)(void))view_get, METH_FASTCALL,
+     "view_get(raw, f0, f1, pos) -> value or None (fusee.index.View)"},
+    {"view_differs", (PyCFunction)(void (*)(void))view_differs, METH_FASTCALL,
+     "view_differs(raw, theirs, f0, f1, skip) -> bool (fusee.index.View)"},
+    {NULL, NULL, 0, NULL},
+};
+
+/* the two blocks above, added to the module by PyInit__atomic */
+static int add_object_methods(PyObject *module) {
+    for (uint32_t b = 0; b < 256; b++) {
+        uint32_t c = b;
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+        crc_table[b] = c;
+    }
+    if (PyModule_AddFunctions(module, object_methods) < 0) return -1;
+    return PyModule_AddFunctions(module, view_methods);
 }

@@ -49,6 +49,7 @@ import random
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import compress
 from typing import Any, NamedTuple
 
 from fusee.errors import OutOfMemory
@@ -430,62 +431,63 @@ class Allocator:
         groups = list(self.groups)
         bufs = yield [Read(self.home_of(g.nodes[0]), g.addrs[0] + BLOCK_HEADER,
                            self.bitmap_bytes) for g in groups]
-        #: (FAA clearing a bitmap word, the objects it frees)
-        words_found: list[tuple[Faa, list[int]]] = []
-        for g, buf in zip(groups, bufs):
-            words = struct.unpack(f"<{self.bitmap_bytes // 8}Q", buf)
-            first = self.ptr(g.nodes[0], g.addrs[0])        # + bit: the object at that unit
-            for w, word in enumerate(words):
-                mask, found = 0, []
-                while word:
-                    low = word & -word
-                    word ^= low
-                    p = first + w * 64 + low.bit_length() - 1
-                    if p in self.sizes:     # unknown objects are left for recovery
-                        mask |= low
-                        found.append(p)
-                if mask:
-                    words_found.append((Faa(self.home_of(g.nodes[0]),
-                                            g.addrs[0] + BLOCK_HEADER + 8 * w,
-                                            -mask & MASK64), found))
+        unit, sizes = self.unit, self.sizes
         # used = 0 on each object before its bit is cleared (same MN, posting order): whoever
         # wonders later whether a free was delivered (recovery) sees that it was, even after
         # the bit is cleared (fusee.recovery). An object is reused once its clear is through,
         # also when the batch failed for another node.
         batch: list[Request] = []
+        #: where each clearing FAA is in ``batch``, and the objects it frees
         freeing: list[tuple[int, list[int]]] = []
-        for i, (clear, found) in enumerate(words_found):
-            for p in found:
-                node, addr = self.last_byte(p)
-                if self.marked[self.where(p)[0]]:
-                    before, after = self.marks(node, addr)
-                    batch += [before, Write(node, addr, b"\0"), after]
-                else:
-                    batch.append(Write(node, addr, b"\0"))
-            batch.append(clear)
-            freeing.append((len(batch) - 1, found))
-            if len(batch) >= MAX_BATCH // 2 or i == len(words_found) - 1:
-                try:
-                    yield batch
-                except TransportError as e:
-                    done = e.results or []
-                    for at, found in freeing:
-                        if at < len(done) and isinstance(done[at], int):
-                            self._reuse(found)
-                    raise
-                for _, found in freeing:
+        for g, buf in zip(groups, bufs):
+            words = struct.unpack(f"<{self.bitmap_bytes // 8}Q", buf)
+            home, marked = self.home_of(g.nodes[0]), self.marked[g.nodes[0]]
+            first = self.ptr(g.nodes[0], g.addrs[0])        # + bit: the object at that unit
+            # only the words with a bit set (most are 0: skipped in C, not one by one)
+            for w in compress(range(len(words)), words):
+                word, mask, found = words[w], 0, []
+                while word:
+                    low = word & -word
+                    word ^= low
+                    bit = w * 64 + low.bit_length() - 1
+                    units = sizes.get(first + bit)
+                    if units is None:       # unknown objects are left for recovery
+                        continue
+                    mask |= low
+                    found.append(first + bit)
+                    used = g.addrs[0] + (bit + units) * unit - 1     # its last byte
+                    if marked:
+                        before, after = self.marks(home, used)
+                        batch += [before, Write(home, used, b"\0"), after]
+                    else:
+                        batch.append(Write(home, used, b"\0"))
+                if not mask:
+                    continue
+                batch.append(Faa(home, g.addrs[0] + BLOCK_HEADER + 8 * w, -mask & MASK64))
+                freeing.append((len(batch) - 1, found))
+                if len(batch) >= MAX_BATCH // 2:
+                    yield from self._clear(batch, freeing)
+                    batch, freeing = [], []
+        if batch:
+            yield from self._clear(batch, freeing)
+
+    def _clear(self, batch: list[Request], freeing: list[tuple[int, list[int]]]) -> Op[None]:
+        """Generator: post a reclaim's batch; reuse the objects whose clear went through."""
+        try:
+            yield batch
+        except TransportError as e:
+            done = e.results or []
+            for at, found in freeing:
+                if at < len(done) and isinstance(done[at], int):
                     self._reuse(found)
-                batch, freeing = [], []
+            raise
+        for _, found in freeing:
+            self._reuse(found)
 
     def _reuse(self, found: list[int]) -> None:
         for p in found:
             self.release(p)
         self.stats["reclaimed"] += len(found)
-
-    def last_byte(self, ptr: int) -> tuple[int, int]:
-        """(node, address) of the used byte of one of our objects' home copy."""
-        node, addr = self.where(ptr)
-        return self.home_of(node), addr + self.sizes[ptr] * self.unit - 1
 
     def install(self, groups: list[BlockGroup], sizes: dict[int, int],
                 free: dict[int, list[int]], current: BlockGroup | None, bump: int,

@@ -23,11 +23,12 @@ Design: docs/design.md#race-hashing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from fusee.config import LayoutConfig
 from fusee.errors import DataLost, StoreFormatError
@@ -230,7 +231,9 @@ class Directory:
         return list(self._nodes[0])
 
 
-_HEADERS = struct.Struct("<Q56xQ56xQ56xQ")     # the 4 bucket headers of two combined buckets
+#: of each of the 4 bucket headers of two combined buckets, its flags byte (bits 40-47) and
+#: subtable id (bits 48-63): small ints, compared without a 64-bit int made of each header
+_HEADERS = struct.Struct("<5xBH" + "56x5xBH" * 3)
 #: byte 5 of a slot word -> nonzero iff it has FROZEN or TENTATIVE (bits 47 and 46) set;
 #: with the length in byte 6, that is all of TAKEN (``View.free_slot``)
 assert TAKEN == 0xFF << 48 | 0xC0 << 40 and LEN_SHIFT == 48
@@ -246,7 +249,22 @@ def _positions(f0: int, f1: int) -> tuple[int, ...]:
     return (*range(f0 * SLOTS_PER_BUCKET, f0 * SLOTS_PER_BUCKET + n),
             *range(f1 * SLOTS_PER_BUCKET, f1 * SLOTS_PER_BUCKET + n))
 _WORD = struct.Struct("<Q")
-_RETIRED_BIT = RETIRED << 40
+# View's scans of the slots, each in one C call (emulator/_atomic.c); its Python methods,
+# the spec, where the extension is not built
+_FREE_SLOT_IN_C: Callable[..., int | None] | None
+_MATCHES_IN_C: Callable[..., list[Any]] | None
+_DIFFERS_IN_C: Callable[..., bool] | None
+_STALE_IN_C: Callable[..., bool] | None
+_GET_IN_C: Callable[..., int | None] | None
+try:
+    from fusee.emulator._atomic import view_differs as _DIFFERS_IN_C
+    from fusee.emulator._atomic import view_free_slot as _FREE_SLOT_IN_C
+    from fusee.emulator._atomic import view_get as _GET_IN_C
+    from fusee.emulator._atomic import view_matches as _MATCHES_IN_C
+    from fusee.emulator._atomic import view_stale as _STALE_IN_C
+except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
+    _FREE_SLOT_IN_C = _MATCHES_IN_C = _DIFFERS_IN_C = None
+    _STALE_IN_C = _GET_IN_C = None
 _WORD_BITS = (1 << 64) - 1
 #: the bits of the slot words of two combined buckets read as one little-endian integer
 #: (``View.differs``): all but the 4 bucket headers
@@ -272,10 +290,13 @@ class View:
             raise ValueError("a View needs the two combined buckets of a key")
         self.firsts = firsts
         self._slots: dict[int, int] | None = None
-        h0, h1, h2, h3 = _HEADERS.unpack_from(raw)
+        if _STALE_IN_C is not None:
+            self.stale = _STALE_IN_C(raw, sid)
+            return
+        f0, s0, f1, s1, f2, s2, f3, s3 = _HEADERS.unpack_from(raw)
         # bit 47 (FROZEN) is the top bit of byte 5 of each word: all of them ASCII, none frozen
-        self.stale = (h0 >> 48 != sid or h1 >> 48 != sid or h2 >> 48 != sid or h3 >> 48 != sid
-                      or bool((h0 | h1 | h2 | h3) & _RETIRED_BIT)
+        self.stale = (s0 != sid or s1 != sid or s2 != sid or s3 != sid
+                      or bool((f0 | f1 | f2 | f3) & RETIRED)
                       or not raw[5::8].isascii()      # ``frozen``, without a call
                       and any_frozen(self.slots.values()))
 
@@ -294,6 +315,9 @@ class View:
 
     def candidates(self, fp: int) -> list[tuple[int, int]]:
         """(position, value) of the committed objects whose fingerprint is ``fp``."""
+        if _MATCHES_IN_C is not None:
+            f0, f1 = self.firsts
+            return _MATCHES_IN_C(self.raw, None, fp, f0, f1, -1)
         raw, found = self.raw, []
         tops = raw[7::8]                    # the fingerprint byte of every word
         i = tops.find(fp, 1)
@@ -311,6 +335,9 @@ class View:
         of their words: found with ``bytes.find``, no slot decoded for nothing (an insert's
         duplicate check looks only at the slots naming its key's fingerprint)."""
         assert other.firsts == self.firsts, "two reads of the same buckets"
+        if _MATCHES_IN_C is not None:
+            f0, f1 = self.firsts
+            return _MATCHES_IN_C(self.raw, other.raw, fp, f0, f1, skip)
         raw, theirs = self.raw, other.raw
         tops = raw[7::8] + theirs[7::8]     # the fingerprint bytes of both: word i, 32 + i
         words = set()
@@ -333,6 +360,9 @@ class View:
         and ``skip``'s bits masked off (a handful of C operations, no copy of either read
         patched word by word)."""
         assert other.firsts == self.firsts, "two reads of the same buckets"
+        if _DIFFERS_IN_C is not None:
+            f0, f1 = self.firsts
+            return _DIFFERS_IN_C(self.raw, other.raw, f0, f1, skip)
         apart = (int.from_bytes(self.raw, "little") ^ int.from_bytes(other.raw, "little")
                  ) & _SLOT_BITS
         at = self._offset(skip)
@@ -353,6 +383,8 @@ class View:
         if self._slots is not None:
             return self._slots.get(pos)
         f0, f1 = self.firsts                # (``_offset`` inline: a call less per operation)
+        if _GET_IN_C is not None:
+            return _GET_IN_C(self.raw, f0, f1, pos)
         b, s = divmod(pos, SLOTS_PER_BUCKET)
         b -= f0                             # the bucket's index in ``raw``: 0..3
         if not 0 <= b < 2:
@@ -366,12 +398,20 @@ class View:
         """The free position an insert claims: the lowest of the emptiest bucket (so buckets
         fill evenly), not one of ``skip``; None when every slot is taken. Read for all 32
         words at once from the two bytes that hold TAKEN's bits (the length byte, and FROZEN
-        and TENTATIVE at the top of byte 5), not slot by slot."""
+        and TENTATIVE at the top of byte 5), not slot by slot; in one C call where the
+        extension is built."""
+        f0, f1 = self.firsts
+        if _FREE_SLOT_IN_C is not None:
+            mask = 0                        # the words of ``skip``
+            for pos in skip:
+                b, s = divmod(pos, SLOTS_PER_BUCKET)
+                b = b - f0 if 0 <= b - f0 < 2 else b - f1 + 2
+                mask |= 1 << 8 * b + 1 + s
+            return _FREE_SLOT_IN_C(self.raw, f0 * SLOTS_PER_BUCKET, f1 * SLOTS_PER_BUCKET, mask)
         raw = self.raw
         taken = (int.from_bytes(raw[6::8], "little")
                  | int.from_bytes(raw[5::8].translate(_FLAGGED), "little"))
         row = bytearray(taken.to_bytes(32, "little"))      # 0: the word's slot is free
-        f0, f1 = self.firsts
         for pos in skip:
             b, s = divmod(pos, SLOTS_PER_BUCKET)
             b = b - f0 if 0 <= b - f0 < 2 else b - f1 + 2

@@ -120,7 +120,9 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
             assert v_old is not None, "the view holds the free slot it chose"
             t = core.target(sid, pos)
             claim_node = t.backups[0] if t.backups else t.primary
-            claim_reads, _ = core.dir.bucket_reads(sid, h, claim_node)
+            # the same buckets on the claim MN (made from ``reads``: a new key's buckets
+            # are not among the reads the directory keeps)
+            claim_reads = [Read(claim_node, r.addr, r.length) for r in reads]
             extra = claim_reads + [core.object_read(v) for v in cands]
             open_round = ClaimRound(core.membership.epoch, t, v_old)
             if t.backups:
@@ -282,7 +284,8 @@ def _check(core: OpCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
         fp = h.fp
         others = claims.pairs(prims, fp, t.pos)
         unknown = list({v for _, cv, pv in others for v in (strip(cv), strip(pv))
-                        if is_object(v) and slot_fp(v) == fp and v != s and v not in known})
+                        if is_object(v) and slot_fp(v) == fp and v != s and v not in known}
+                       ) if others else []
         if unknown:
             bufs = yield from core.rt([core.object_read(v) for v in unknown])
             settled = _learn(known, key, unknown, bufs)
@@ -293,6 +296,8 @@ def _check(core: OpCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
             after = True
             known.clear()
             continue
+        if not others:      # (the common case: no other slot names our fingerprint)
+            return CLEAR, None
         if any(committed_object(pv) and known.get(pv) for _, _, pv in others):
             return EXISTS, None
         rivals = [(p, cv, pv) for p, cv, pv in others if is_object(strip(cv))

@@ -49,11 +49,23 @@ Client metadata slot: magic, group count, log list heads, incarnation counter, t
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 # ISA-L's crc32: zlib's polynomial and results, several times faster on a 1 KB object
 from isal.isal_zlib import crc32
+
+# the objects and commit records every write makes, and the objects every read decodes, each
+# in one C call (emulator/_atomic.c); this module's Python functions where it is not built
+_ENCODE_IN_C: Callable[..., bytes] | None
+_RECORD_IN_C: Callable[..., bytes] | None
+_DECODE_IN_C: Callable[..., Any] | None
+try:
+    from fusee.emulator._atomic import commit_record as _RECORD_IN_C
+    from fusee.emulator._atomic import decode_object as _DECODE_IN_C
+    from fusee.emulator._atomic import encode_object as _ENCODE_IN_C
+except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
+    _ENCODE_IN_C = _RECORD_IN_C = _DECODE_IN_C = None
 
 FP_SHIFT, LEN_SHIFT, NODE_SHIFT = 56, 48, 40
 FROZEN, TENTATIVE = 1 << 47, 1 << 46
@@ -62,6 +74,7 @@ GEN_SHIFT, GEN_MASK = 32, 0xFF
 FREE_SEQ_MASK = (1 << 40) - 1       # the sequence number bits of a tombstone / void
 NODE_MASK = 0x3F
 MAX_NODES = NODE_MASK + 1
+_NOT_PTR = ~(NODE_MASK << NODE_SHIFT | ADDR_MASK)    # bits an object pointer never has
 MAX_CLIENT_IDS = (1 << 14) - 2     # what a free value can name, less the failover's own
 FAILOVER_ID = MAX_CLIENT_IDS        # the free values a failover writes name this id
 MAX_UNITS = 255
@@ -93,6 +106,13 @@ def make_slot(fp: int, units: int, node: int, addr: int, unit: int, seq: int = 0
     """The slot value naming the object of allocation sequence ``seq`` at ``node:addr``."""
     return ((fp << FP_SHIFT) | (units << LEN_SHIFT) | ((seq & GEN_MASK) << GEN_SHIFT)
             | ptr_bits(node, addr, unit))
+
+
+def object_slot(fp: int, units: int, ptr: int, seq: int) -> int:
+    """``make_slot`` for an object pointer as the allocator hands it out (``ptr_bits``: node
+    and address, checked when the allocator made it): what every write's proposal is."""
+    assert not ptr & _NOT_PTR, f"not an object pointer: {ptr:#x}"
+    return (fp << FP_SHIFT) | (units << LEN_SHIFT) | ((seq & GEN_MASK) << GEN_SHIFT) | ptr
 
 
 def ptr_bits(node: int, addr: int, unit: int) -> int:
@@ -190,10 +210,11 @@ def parse_header(h: int) -> tuple[int, int, int, int]:
 def size_class(nbytes: int, unit: int) -> int | None:
     """Smallest class (in units) holding ``nbytes``, or None if too large."""
     need = -(-nbytes // unit)
-    return _CLASS_OF[need] if need <= MAX_UNITS else None
+    return CLASS_OF[need] if need <= MAX_UNITS else None
 
 
-_CLASS_OF = [next(c for c in CLASSES if c >= need) for need in range(MAX_UNITS + 1)]
+#: the size class of an object of ``need`` units (``need`` <= MAX_UNITS)
+CLASS_OF = [next(c for c in CLASSES if c >= need) for need in range(MAX_UNITS + 1)]
 
 
 def object_bytes(key_len: int, value_len: int) -> int:
@@ -202,6 +223,17 @@ def object_bytes(key_len: int, value_len: int) -> int:
 
 def encode_object(key: bytes, value: bytes, size: int, opcode: int, next_ptr: int,
                   prev_ptr: int, seq: int) -> bytes:
+    """The bytes of a KV object with its log entry, commit record pending (the format in
+    the module docstring). Made in one C call where the extension is built."""
+    if _ENCODE_IN_C is not None:
+        return _ENCODE_IN_C(crc32, key, value, size, opcode, next_ptr, prev_ptr, seq & 0xFFFF)
+    return encode_object_py(key, value, size, opcode, next_ptr, prev_ptr, seq)
+
+
+def encode_object_py(key: bytes, value: bytes, size: int, opcode: int, next_ptr: int,
+                     prev_ptr: int, seq: int) -> bytes:
+    """``encode_object`` in Python: what the C version must make, byte for byte
+    (tests/test_layout.py)."""
     klen, vlen = len(key), len(value)
     seq &= 0xFFFF
     # built as one join with the crc accumulated piecewise: no scratch buffer, one copy
@@ -233,6 +265,9 @@ def decode_object(buf: bytes) -> ObjectView | None:
     """Parse and verify an object read whole; None when it is not a valid, complete object."""
     if type(buf) is not bytes:
         buf = bytes(buf)
+    if _DECODE_IN_C is not None:        # (in one C call where the extension is built)
+        view: ObjectView | None = _DECODE_IN_C(crc32, ObjectView, buf)
+        return view
     log = len(buf) - LOG_BYTES
     if log < OBJ_HEADER:
         return None
@@ -257,7 +292,15 @@ _new_view = tuple.__new__       # ObjectView(...) minus its Python-level __new__
 
 def commit_record(ref: int, old: int, state: int, old_crc: int = 0, number: int = 0) -> bytes:
     """Bytes to WRITE at ``object + size - 48 + 16``: the writer's outcome
-    (docs/design.md#commit-records)."""
+    (docs/design.md#commit-records). Made in one C call where the extension is built."""
+    if _RECORD_IN_C is not None:
+        return _RECORD_IN_C(ref, old, state, old_crc, number)
+    return commit_record_py(ref, old, state, old_crc, number)
+
+
+def commit_record_py(ref: int, old: int, state: int, old_crc: int = 0, number: int = 0
+                     ) -> bytes:
+    """``commit_record`` in Python: what the C version must make (tests/test_layout.py)."""
     head = _RECORD.pack(ref | (number & 0xFF) << 48 | state << 56, old, old_crc)
     return head + _U32.pack(crc32(head))
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from fusee.allocation import Allocator
 from fusee.errors import ValueTooLarge
-from fusee.layout import (CLASSES, COMMIT_OFFSET, LEN_SHIFT, LOG_BYTES, META_HEADS, NODE_MASK,
-                          NODE_SHIFT, commit_record, encode_object, object_bytes, pack_u64,
-                          size_class)
+from fusee.layout import (CLASS_OF, CLASSES, COMMIT_OFFSET, LEN_SHIFT, LOG_BYTES, MAX_UNITS,
+                          META_HEADS, NODE_MASK, NODE_SHIFT, OBJ_HEADER, commit_record,
+                          encode_object, object_bytes, pack_u64)
 from fusee.memory_map import MemoryMap
 from fusee.verbs import Write
 
@@ -32,14 +32,19 @@ class NewObject:
     """An object being written by one operation: where it is, its first writes, and how many
     commit records it has had (records are numbered so that recovery can tell the newest when
     a crash left different ones on different replicas)."""
-    __slots__ = ("ptr", "units", "seq", "replicas", "data", "writes", "heads", "records")
+    __slots__ = ("ptr", "units", "seq", "replicas", "placed", "data", "writes", "heads",
+                 "records")
 
     def __init__(self, ptr: int, units: int, seq: int, replicas: list[tuple[int, int]],
-                 data: bytes, writes: list[Write], heads: list[tuple[int, bytes]]) -> None:
+                 placed: object, data: bytes, writes: list[Write],
+                 heads: list[tuple[int, bytes]]) -> None:
         self.ptr = ptr                  # node/address bits (no length)
         self.units = units
         self.seq = seq                  # allocation sequence: its slot value's generation
         self.replicas = replicas
+        #: the allocator's placement ``replicas`` were taken under (``Allocator.copies_of``):
+        #: while it stands, they are where the object's later writes go too
+        self.placed = placed
         self.data = data                # the object as written
         #: the object on every replica (with its write marks, and a list head at first)
         self.writes = writes
@@ -49,6 +54,10 @@ class NewObject:
     @property
     def size(self) -> int:
         return len(self.data)
+
+
+#: an object's bytes beyond its key and value (``layout.object_bytes``)
+OBJECT_OVERHEAD = OBJ_HEADER + LOG_BYTES
 
 
 class ObjectLog:
@@ -62,15 +71,14 @@ class ObjectLog:
 
     def units_for(self, key: bytes, value: bytes) -> int:
         """Size class of an object, or ValueTooLarge (checked before any verb)."""
-        n = object_bytes(len(key), len(value))
-        units = size_class(n, self.unit)
-        if units is None:
-            largest = CLASSES[-1] * self.unit
-            raise ValueTooLarge(
-                f"a value of {len(value)} bytes is too large: with this {len(key)}-byte key a "
-                f"value has at most {largest - object_bytes(len(key), 0)} bytes (objects are "
-                f"at most {largest} bytes, header and log entry included)")
-        return units
+        need = -(-(OBJECT_OVERHEAD + len(key) + len(value)) // self.unit)
+        if need <= MAX_UNITS:           # (``size_class`` inline: every write asks)
+            return CLASS_OF[need]
+        largest = CLASSES[-1] * self.unit
+        raise ValueTooLarge(
+            f"a value of {len(value)} bytes is too large: with this {len(key)}-byte key a "
+            f"value has at most {largest - object_bytes(len(key), 0)} bytes (objects are "
+            f"at most {largest} bytes, header and log entry included)")
 
     def new_object(self, opcode: int, key: bytes, value: bytes, units: int) -> NewObject:
         """Allocate (after ``alloc.ensure(units)``) and encode an object with its log entry."""
@@ -90,7 +98,7 @@ class ObjectLog:
             writes += [Write(m, addr, word) for addr, word in heads for m in self.meta_nodes]
         self.prev[units] = (units << LEN_SHIFT) | p
         self.seq[units] = seq + 1
-        return NewObject(p, units, seq, reps, data, writes, heads)
+        return NewObject(p, units, seq, reps, self.alloc.copies_of, data, writes, heads)
 
     def _between_marks(self, writes: list[Write]) -> None:
         """Put the first of ``writes`` (into an object on its home) between its write marks:
@@ -114,8 +122,11 @@ class ObjectLog:
         ``old_crc`` names the instance of the object ``old`` points to."""
         obj.records += 1
         rec = commit_record(ref, old, state, old_crc, obj.records)
-        off = obj.size - LOG_BYTES + COMMIT_OFFSET
-        writes = [Write(n, a + off, rec) for n, a in self.alloc.replicas(obj.ptr)]
+        off = len(obj.data) - LOG_BYTES + COMMIT_OFFSET
+        # (the object's replicas as written, unless a new membership moved them since)
+        reps = (obj.replicas if obj.placed is self.alloc.copies_of
+                else self.alloc.replicas(obj.ptr))
+        writes = [Write(n, a + off, rec) for n, a in reps]
         if self.alloc.marked[obj.ptr >> NODE_SHIFT & NODE_MASK]:
             self._between_marks(writes)
         return writes

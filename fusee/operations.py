@@ -61,7 +61,7 @@ from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry
 from fusee.holdings import adopt
 from fusee.layout import (ABORTED, CLEAN, DELETE, FROZEN, IN_USE, MAX_CLIENT_IDS, META_GROUPS,
                           META_INCARNATION, META_MAGIC, META_MAGIC_OFF, META_STATE, NO_SLOT,
-                          UPDATE, free_value, make_slot, object_extent, pack_u64, slot_node,
+                          UPDATE, free_value, object_extent, object_slot, pack_u64, slot_node,
                           unpack_u64)
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import Membership
@@ -78,6 +78,8 @@ log = logging.getLogger(__name__)
 #: master takes to fail over an MN or recover a client): far longer than a live client takes
 #: to finish a round or a split
 PATIENCE = 200_000
+#: slot targets a client keeps (``ClientCore.target``): the slots of the keys in recent use
+KEPT_TARGETS = 1 << 14
 
 
 class ClientCore:
@@ -101,6 +103,7 @@ class ClientCore:
                                membership)
         self.log = ObjectLog(self.alloc, self.map, client_id, self.meta_nodes, self.unit)
         self.cache = IndexCache(cache_capacity)
+        self._targets: dict[int, SlotTarget] = {}     # see ``target``
         self.counters = {"retries": 0, "lost": 0, "splits": 0, "epochs": 0, "backup_reads": 0}
         self.deferred: list[int] = []   # objects to free with the next batch
         self.releases: list[int] = []   # objects of ours to reuse once ``deferred`` is sent
@@ -194,9 +197,11 @@ class ClientCore:
         ptrs, self.deferred = self.deferred, []
         released, self.releases = self.releases, []
         aborts, self.aborts = self.aborts, []
-        marks = [w for obj in aborts for w in self.log.record(obj, ABORTED, NO_SLOT, 0)]
+        marks = ([w for obj in aborts for w in self.log.record(obj, ABORTED, NO_SLOT, 0)]
+                 if aborts else [])
         ahead = len(reqs) + len(marks)
-        frees = [self.alloc.free_request(p) for p in ptrs]
+        free_request = self.alloc.free_request
+        frees = [free_request(p) for p in ptrs]
         try:
             res: list[Any] = yield [*reqs, *marks, *frees]
         except TransportError as e:
@@ -228,7 +233,7 @@ class ClientCore:
             raise
         if self.unsure:
             self.releases += released
-        else:
+        elif released:
             self._release(released)
         for obj in aborts:      # marked ABORTED: recovery never redoes them
             self.alloc.release(obj.ptr)
@@ -268,6 +273,7 @@ class ClientCore:
         self.membership = membership
         self.dir.place(membership)
         self.alloc.place(membership)
+        self._targets = {}
         unsure, self.unsure = self.unsure, []
         for p, node, epoch in unsure:
             home = self.alloc.home[slot_node(p)]
@@ -420,7 +426,15 @@ class ClientCore:
         self.counters["retries"] += 1
 
     def target(self, sid: int, pos: int) -> SlotTarget:
-        return SlotTarget(sid, pos, tuple(self.dir.nodes(sid)), self.geo.slot_addr(sid, pos))
+        """The slot's replicas and address: kept for the slots in recent use (every write of
+        a key asks for its slot's) until the membership changes (``place``)."""
+        t = self._targets.get(sid << 32 | pos)
+        if t is None:
+            t = SlotTarget(sid, pos, tuple(self.dir.nodes(sid)), self.geo.slot_addr(sid, pos))
+            if len(self._targets) >= KEPT_TARGETS:
+                self._targets.clear()
+            self._targets[sid << 32 | pos] = t
+        return t
 
     def object_read(self, v: int, near: int | None = None) -> Read:
         """The read of the object ``v`` names: from MN ``near`` when it holds a live copy
@@ -441,13 +455,6 @@ class ClientCore:
         self.deferred.append(v)
         if then_release is not None:
             self.releases.append(then_release)
-
-    def new_object(self, opcode: int, key: bytes, value: bytes) -> Op[NewObject]:
-        """Generator: allocate and encode an object (getting memory first if needed)."""
-        units = self.log.units_for(key, value)
-        if not self.alloc.ready(units):         # (the common case posts nothing)
-            yield from self.retrying(lambda: self._make_room(units))
-        return self.log.new_object(opcode, key, value, units)
 
     def _make_room(self, units: int) -> Op[None]:
         """Generator: make an allocation of ``units`` possible (``Allocator.ensure``)."""
@@ -470,8 +477,8 @@ class ClientCore:
         self.aborts.append(obj)
 
     def slot_value(self, h: KeyHash, obj: NewObject) -> int:
-        node, addr = self.alloc.where(obj.ptr)     # the group's first MN, dead or alive
-        return make_slot(h.fp, obj.units, node, addr, self.unit, obj.seq)
+        # (the pointer names the group's first MN, dead or alive)
+        return object_slot(h.fp, obj.units, obj.ptr, obj.seq)
 
     def free_value(self) -> int:
         """A fresh tombstone / void value of this client (SNAPSHOT proposals are distinct)."""
@@ -488,7 +495,12 @@ class ClientCore:
         while True:
             if opcode == DELETE:
                 value = pack_u64(self.free_value())
-            obj = yield from self.new_object(opcode, key, value)
+            # allocate and encode the object, getting memory first if needed (the common
+            # case posts nothing)
+            units = self.log.units_for(key, value)
+            if not self.alloc.ready(units):
+                yield from self.retrying(lambda: self._make_room(units))  # noqa: B023 (retrying calls it at once)
+            obj = self.log.new_object(opcode, key, value, units)
             try:
                 result = yield from body(obj, value)
             except Stalled:

@@ -191,3 +191,39 @@ def test_two_reads_of_the_same_buckets_compare_as_their_decoded_slots_do():
             mine[skip] = sb[skip]
         assert a.differs(b, skip) == (mine != sb), i
         assert a.frozen == any(v & FROZEN for v in sa.values())
+
+
+def test_the_scans_of_a_view_made_in_c_answer_what_its_python_spec_does(monkeypatch):
+    """Where the extension is built, View's scans of the slots (staleness, an insert's free
+    slot and duplicate check, every operation's candidates and slot values) run in C
+    (``emulator/_atomic.c``): the same answers as View's Python methods, on views of every
+    kind."""
+    import fusee.index as index
+    scans = ("_FREE_SLOT_IN_C", "_MATCHES_IN_C", "_DIFFERS_IN_C",
+             "_STALE_IN_C", "_GET_IN_C")
+    assert all(getattr(index, name) is not None for name in scans), \
+        "the C extension is not built: build_ext --inplace"
+    rng = random.Random(13)
+    answers: list[list[object]] = [[], []]
+    cases = []
+    for _ in range(3000):
+        sid, fp = rng.randrange(4), rng.randrange(256)
+        firsts = tuple(rng.sample([3 * g + rng.randrange(2) for g in range(40)], 2))
+        raw = [_combined(rng, sid, fp) for _ in range(2)]
+        again = bytearray(b"".join(raw))        # a second read: some words changed
+        for w in rng.sample(range(32), rng.choice([0, 0, 1, 2])):
+            again[8 * w:8 * w + 8] = rng.randbytes(8)
+        cases.append((sid, fp, firsts, raw, bytes(again), rng.random()))
+    for run, answer in enumerate(answers):
+        if run:
+            for name in scans:
+                monkeypatch.setattr(index, name, None)
+        for sid, fp, firsts, raw, again, pick in cases:
+            view = View(raw, firsts, sid)
+            other = View([again[:128], again[128:]], firsts, sid)
+            positions = index._positions(*firsts)
+            skip = positions[int(pick * len(positions))]
+            answer += [view.stale, other.stale, view.get(skip), view.get(int(pick * 1000)),
+                       view.free_slot([skip] if pick < .5 else []), view.candidates(fp),
+                       view.pairs(other, fp, skip), view.differs(other, skip)]
+    assert answers[0] == answers[1]
