@@ -27,11 +27,11 @@ from test_failover_processes import LEASES
 from fusee.client import Client
 from fusee.emulator.cluster import LocalCluster
 from fusee.config import LayoutConfig
-from fusee.errors import Fenced, NodeTimeout
+from fusee.errors import Fenced, NodeTimeout, TransportError
 from fusee.layout import pack_u64, unpack_u64
 from fusee.memory_map import MemoryMap
 from fusee.transports.zeromq import ZmqTransport
-from fusee.verbs import Faa, Read, Write
+from fusee.verbs import Faa, FreeBlock, Read, Write
 
 
 @contextmanager
@@ -161,5 +161,50 @@ def test_a_restarted_master_fences_the_expired_client_it_inherits():
             kv.transport.close()
         with ZmqTransport(c.config) as t:
             assert b"stale!!!" not in t.execute([Read(n, scratch, 8) for n in range(3)])
+        with c.client() as other:
+            assert other.get(b"k") == b"v"
+
+
+def test_a_stale_block_request_is_refused_by_a_memory_node_rebuilt_since():
+    """A client stalls past its lease (it stops renewing, as one SIGSTOPped would) with a
+    batch past its lease check that frees one of its blocks on MN 0. Meanwhile MN 0 dies and
+    is failed over, the master expires the client, fences it at the live MNs (1 and 2) and
+    recovers its id, and MN 0 is rebuilt: a new process at the same endpoint, which no fence
+    ever reached. The client resumes and its batch goes out on its old socket, which ZeroMQ
+    reconnects to the new MN 0. Its one-sided verbs carry the old process's access key and
+    are refused; the FreeBlock used to be served all the same (the MN's CPU checked no key
+    for block requests), and MN 0's table then had the block free while the id's next holder
+    held it, for the next AllocBlock to hand out again. The MN now checks the key of every
+    request of a verbs message, as a NIC does (``fusee.emulator.memnode``)."""
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), **LEASES) as c:
+        mmap_ = MemoryMap.of(c.config.layout)
+        kv = c.client()
+        try:
+            kv.put(b"k", b"v")
+            cid = kv.client_id
+            with ZmqTransport(c.config) as t:
+                table = t.execute([Read(0, mmap_.table, 8 * mmap_.num_blocks)])[0]
+            owned = [i for i in range(mmap_.num_blocks)
+                     if unpack_u64(table[8 * i:8 * i + 8]) == cid + 1]
+            assert owned, "the client holds a block on MN 0"
+            block = mmap_.block_addr(owned[0])
+            kv.lease.close(release=False)               # the stall begins
+            c.kill(0)
+            wait_for(lambda: (s := c.master_status())["dead"] == [0] and
+                     str(cid) not in s["clients"] and str(cid) not in s["repairs"],
+                     "MN 0's failover and the stalled client's recovery", timeout=60)
+            c.rejoin(0)
+            wait_for(lambda: c.master_status()["dead"] == [], "MN 0's rebuild", timeout=120)
+            with pytest.raises(TransportError):        # the stalled batch goes out
+                kv.transport.execute([FreeBlock(0, cid, block), Write(0, block, b"stale!!!")])
+        finally:
+            kv.closed = True
+            kv.transport.close()
+        entry = mmap_.table_entry(owned[0])
+        with ZmqTransport(c.config) as t:
+            words = t.execute([Read(n, entry, 8) for n in range(3)])
+        assert words[0] == words[1] == words[2] == pack_u64(cid + 1), \
+            f"block {block:#x}'s owner words on MNs 0, 1, 2: {words}"
         with c.client() as other:
             assert other.get(b"k") == b"v"
