@@ -208,3 +208,54 @@ def test_a_stale_block_request_is_refused_by_a_memory_node_rebuilt_since():
             f"block {block:#x}'s owner words on MNs 0, 1, 2: {words}"
         with c.client() as other:
             assert other.get(b"k") == b"v"
+
+
+def test_a_client_expired_before_a_rebuild_s_pause_is_fenced_before_the_copy():
+    """MN 0 dead and failed over; a client stalls past its lease (it stops renewing) with
+    batches past its lease check that keep writing a word of the client metadata on MNs 1
+    and 2 (posted straight to its transport, one after the other). MN 0 rejoins: its
+    rebuild's pause, which waits no more for the expired client, copies that word from MN 1.
+    The master used to fence an expired client only before its recovery, after the rebuild
+    had published: the writes that landed between the copy and that fence left MN 0 with an
+    older word than MNs 1 and 2. It now fences every expired client before the pause copies
+    (and before a failover runs): the three copies agree."""
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), **LEASES) as c:
+        scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
+        c.kill(0)
+        wait_for(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
+        kv = c.client()
+        stop, refused = threading.Event(), []
+
+        def stale_writes() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    kv.transport.execute([Write(n, scratch, pack_u64(i)) for n in (1, 2)])
+                except TransportError as e:
+                    refused.append(e)
+                    return
+        writer = threading.Thread(target=stale_writes)
+        try:
+            kv.put(b"k", b"v")
+            cid = str(kv.client_id)
+            kv.lease.close(release=False)               # the stall begins
+            writer.start()
+            c.rejoin(0)
+            wait_for(lambda: (s := c.master_status())["dead"] == [] and
+                     cid not in s["clients"] and cid not in s["repairs"],
+                     "MN 0's rebuild and the stalled client's recovery", timeout=120)
+        finally:
+            stop.set()
+            if writer.is_alive():
+                writer.join(30)
+            kv.closed = True
+            kv.transport.close()
+        assert refused and isinstance(refused[0], Fenced), refused
+        with ZmqTransport(c.config) as t:
+            words = t.execute([Read(n, scratch, 8) for n in range(3)])
+        assert words[0] == words[1] == words[2], \
+            f"the word on MNs 0, 1, 2: {[unpack_u64(w) for w in words]}"
+        with c.client() as other:
+            assert other.get(b"k") == b"v"
