@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -257,5 +258,53 @@ def test_a_client_expired_before_a_rebuild_s_pause_is_fenced_before_the_copy():
             words = t.execute([Read(n, scratch, 8) for n in range(3)])
         assert words[0] == words[1] == words[2], \
             f"the word on MNs 0, 1, 2: {[unpack_u64(w) for w in words]}"
+        with c.client() as other:
+            assert other.get(b"k") == b"v"
+
+
+def test_a_client_expired_before_a_failover_is_fenced_before_it_runs():
+    """A client stalls past its lease (it stops renewing) with batches past its lease check
+    that keep writing a word on MNs 0 and 1 (posted straight to its transport), and MN 2 is
+    killed: the failover goes on without the expired client's ack. It used to be fenced only
+    before its recovery, after the failover had published, so its writes landed while the
+    failover ran and after it; now every expired client is fenced before the failover runs,
+    and no write sent after it started lands."""
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), **LEASES) as c:
+        scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
+        kv = c.client()
+        stop, landed, refused = threading.Event(), [], []
+
+        def stale_writes() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                sent = time.time()
+                try:
+                    kv.transport.execute([Write(n, scratch, pack_u64(i)) for n in (0, 1)])
+                except TransportError as e:
+                    refused.append(e)
+                    return
+                landed.append(sent)
+        writer = threading.Thread(target=stale_writes)
+        try:
+            kv.put(b"k", b"v")
+            cid = str(kv.client_id)
+            kv.lease.close(release=False)               # the stall begins
+            writer.start()
+            c.kill(2)
+            status = wait_for(lambda: (s := c.master_status())["dead"] == [2] and
+                              cid not in s["clients"] and cid not in s["repairs"] and s,
+                              "MN 2's failover and the stalled client's recovery")
+        finally:
+            stop.set()
+            if writer.is_alive():
+                writer.join(30)
+            kv.closed = True
+            kv.transport.close()
+        assert refused and isinstance(refused[0], Fenced), refused
+        (failover,) = status["failovers"]
+        late = [t for t in landed if t > failover["started_at"]]
+        assert not late, f"{len(late)} stale writes sent after the failover started landed"
         with c.client() as other:
             assert other.get(b"k") == b"v"

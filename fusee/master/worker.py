@@ -91,8 +91,6 @@ class Worker(SharedState):
         with self.lock:
             membership, down = self.logic.membership, self._down()
             milestones = [self.timeline.setdefault(n, {}) for n in nodes]
-        for m in milestones:
-            m.setdefault("started_at", time.time())
         # no MN: the rounds a failed rebuild's pause closed, published by none (Master.closing)
         names = ", ".join(map(str, nodes)) or "none (closing the rounds a rebuild left)"
         self.log(f"master: failing over memory node {names} (epoch {membership.epoch} -> "
@@ -102,6 +100,8 @@ class Worker(SharedState):
                                                                                  membership)
         try:
             self._fence_expired(down)
+            for m in milestones:
+                m.setdefault("started_at", time.time())
             new, connect_s = self._run(op, down)
         except Exception as e:          # noqa: BLE001 - a failed failover is retried, not fatal
             with self.lock:
