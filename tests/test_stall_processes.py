@@ -218,8 +218,9 @@ def test_a_client_expired_before_a_rebuild_s_pause_is_fenced_before_the_copy():
     rebuild's pause, which waits no more for the expired client, copies that word from MN 1.
     The master used to fence an expired client only before its recovery, after the rebuild
     had published: the writes that landed between the copy and that fence left MN 0 with an
-    older word than MNs 1 and 2. It now fences every expired client before the pause copies
-    (and before a failover runs): the three copies agree."""
+    older word than MN 1. It now fences every expired client before the pause copies (and
+    before a failover runs): MN 0 has MN 1's word. (MN 2's may differ: the last batch may
+    land on MN 1 before its fence and on MN 2 after, as a crashed client's last batch may.)"""
     with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
                       layout=LayoutConfig(**SMALL), **LEASES) as c:
         scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
@@ -256,8 +257,7 @@ def test_a_client_expired_before_a_rebuild_s_pause_is_fenced_before_the_copy():
         assert refused and isinstance(refused[0], Fenced), refused
         with ZmqTransport(c.config) as t:
             words = t.execute([Read(n, scratch, 8) for n in range(3)])
-        assert words[0] == words[1] == words[2], \
-            f"the word on MNs 0, 1, 2: {[unpack_u64(w) for w in words]}"
+        assert words[0] == words[1], f"the word on MNs 0, 1, 2: {[unpack_u64(w) for w in words]}"
         with c.client() as other:
             assert other.get(b"k") == b"v"
 
