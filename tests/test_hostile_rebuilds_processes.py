@@ -19,7 +19,7 @@ import pytest
 from histories import unexpected_errors
 from processes import wait_for
 from test_failover_processes import _history, read_back_and_check, running
-from test_hostile_processes import CLIENTS, STEP, _cluster, _clients
+from test_hostile_processes import CLIENTS, _carry_on, _cluster, _clients, _kill_and_fail_over
 
 from fusee.emulator.cluster import LocalCluster
 from fusee.emulator.testkit.history import CRASHED
@@ -38,13 +38,6 @@ def _state(c: LocalCluster, node: int) -> tuple[str, str | None] | None:
     return entry["state"], entry.get("phase")
 
 
-def _carry_on(progress, what: str, survivors=range(CLIENTS)) -> None:
-    """Wait until each client of ``survivors`` has done STEP more operations."""
-    marks = list(progress)
-    wait_for(lambda: all(progress[i] >= marks[i] + STEP for i in survivors),
-             f"the clients to carry on {what}", timeout=120)
-
-
 def _alone(c: LocalCluster, progress, survivors, keep: int) -> None:
     """Kill every MN but ``keep``; once they are failed over, the clients carry on on it."""
     others = [m for m in range(3) if m != keep]
@@ -52,7 +45,7 @@ def _alone(c: LocalCluster, progress, survivors, keep: int) -> None:
         c.kill(m)
     wait_for(lambda: c.master_status()["dead"] == others, f"MNs {others}' failover",
              timeout=120)
-    _carry_on(progress, f"on MN {keep} alone", survivors)
+    _carry_on(progress, f"on MN {keep} alone", survivors=survivors)
 
 
 def _judge(c: LocalCluster, procs, stop, outs, killed: tuple[int, ...] = ()) -> None:
@@ -81,17 +74,14 @@ def test_a_client_killed_in_a_rebuild_pause_loses_nothing(tmp_path):
     with _cluster() as c:
         procs, progress, stop, outs = _clients(c, tmp_path)
         with running(procs, stop):
-            _carry_on(progress, "at first")
-            c.kill(0)
-            wait_for(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
-            _carry_on(progress, "after MN 0's failover")
+            _kill_and_fail_over(c, progress, 0)
             c.rejoin(0)
             wait_for(lambda: _state(c, 0) == ("rebuilding", "pausing"), "MN 0's pause",
                      timeout=120, interval=0.005)
             procs[0].kill()
             wait_for(lambda: _state(c, 0) == ("alive", None), "MN 0's rebuild", timeout=120)
             survivors = (1, 2)
-            _carry_on(progress, "after MN 0's rebuild", survivors)
+            _carry_on(progress, "after MN 0's rebuild", survivors=survivors)
             wait_for(lambda: c.master_status()["repairs"] == {}, "c0's recovery", timeout=120)
             _alone(c, progress, survivors, keep=0)
             _judge(c, procs, stop, outs, killed=(0,))
@@ -107,10 +97,7 @@ def test_two_mns_rejoining_close_together_lose_nothing(case, tmp_path):
     with _cluster() as c:
         procs, progress, stop, outs = _clients(c, tmp_path)
         with running(procs, stop):
-            _carry_on(progress, "at first")
-            c.kill(0)
-            wait_for(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
-            _carry_on(progress, "after MN 0's failover")
+            _kill_and_fail_over(c, progress, 0)
             c.kill(1)
             if case == "while another fails over":
                 c.rejoin(0)

@@ -211,6 +211,38 @@ def test_a_stale_block_request_is_refused_by_a_memory_node_rebuilt_since():
             assert other.get(b"k") == b"v"
 
 
+@contextmanager
+def stale_writes(kv: Client, scratch: int, nodes: tuple[int, ...]
+                 ) -> Iterator[tuple[list[float], list[TransportError]]]:
+    """``kv`` stalls past its lease (it stops renewing, as one SIGSTOPped would) with batches
+    past its lease check: in the block, a thread posts them straight to its transport, each
+    writing the next number at ``scratch`` on ``nodes``, until one is refused. Yields (when
+    each batch that landed was sent, wall clock; the refusal, once it came)."""
+    stop, landed, refused = threading.Event(), [], []
+
+    def post() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            sent = time.time()
+            try:
+                kv.transport.execute([Write(n, scratch, pack_u64(i)) for n in nodes])
+            except TransportError as e:
+                refused.append(e)
+                return
+            landed.append(sent)
+    writer = threading.Thread(target=post)
+    kv.lease.close(release=False)               # the stall begins
+    writer.start()
+    try:
+        yield landed, refused
+    finally:
+        stop.set()
+        writer.join(30)
+        kv.closed = True
+        kv.transport.close()
+
+
 def test_a_client_expired_before_a_rebuild_s_pause_is_fenced_before_the_copy():
     """MN 0 dead and failed over; a client stalls past its lease (it stops renewing) with
     batches past its lease check that keep writing a word of the client metadata on MNs 1
@@ -227,33 +259,13 @@ def test_a_client_expired_before_a_rebuild_s_pause_is_fenced_before_the_copy():
         c.kill(0)
         wait_for(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
         kv = c.client()
-        stop, refused = threading.Event(), []
-
-        def stale_writes() -> None:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                try:
-                    kv.transport.execute([Write(n, scratch, pack_u64(i)) for n in (1, 2)])
-                except TransportError as e:
-                    refused.append(e)
-                    return
-        writer = threading.Thread(target=stale_writes)
-        try:
-            kv.put(b"k", b"v")
-            cid = str(kv.client_id)
-            kv.lease.close(release=False)               # the stall begins
-            writer.start()
+        kv.put(b"k", b"v")
+        cid = str(kv.client_id)
+        with stale_writes(kv, scratch, (1, 2)) as (_, refused):
             c.rejoin(0)
             wait_for(lambda: (s := c.master_status())["dead"] == [] and
                      cid not in s["clients"] and cid not in s["repairs"],
                      "MN 0's rebuild and the stalled client's recovery", timeout=120)
-        finally:
-            stop.set()
-            if writer.is_alive():
-                writer.join(30)
-            kv.closed = True
-            kv.transport.close()
         assert refused and isinstance(refused[0], Fenced), refused
         with ZmqTransport(c.config) as t:
             words = t.execute([Read(n, scratch, 8) for n in range(3)])
@@ -273,35 +285,13 @@ def test_a_client_expired_before_a_failover_is_fenced_before_it_runs():
                       layout=LayoutConfig(**SMALL), **LEASES) as c:
         scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
         kv = c.client()
-        stop, landed, refused = threading.Event(), [], []
-
-        def stale_writes() -> None:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                sent = time.time()
-                try:
-                    kv.transport.execute([Write(n, scratch, pack_u64(i)) for n in (0, 1)])
-                except TransportError as e:
-                    refused.append(e)
-                    return
-                landed.append(sent)
-        writer = threading.Thread(target=stale_writes)
-        try:
-            kv.put(b"k", b"v")
-            cid = str(kv.client_id)
-            kv.lease.close(release=False)               # the stall begins
-            writer.start()
+        kv.put(b"k", b"v")
+        cid = str(kv.client_id)
+        with stale_writes(kv, scratch, (0, 1)) as (landed, refused):
             c.kill(2)
             status = wait_for(lambda: (s := c.master_status())["dead"] == [2] and
                               cid not in s["clients"] and cid not in s["repairs"] and s,
                               "MN 2's failover and the stalled client's recovery")
-        finally:
-            stop.set()
-            if writer.is_alive():
-                writer.join(30)
-            kv.closed = True
-            kv.transport.close()
         assert refused and isinstance(refused[0], Fenced), refused
         (failover,) = status["failovers"]
         late = [t for t in landed if t > failover["started_at"]]
