@@ -6,7 +6,8 @@ master, client processes on hot keys and fresh ones.
 - a client process SIGKILLed inside a rebuild's pause (the master expires it and recovers
   its id once the rebuild has published);
 - an MN asking to rejoin while another MN's failover is pending;
-- two MNs asking to rejoin one right after the other.
+- two MNs asking to rejoin one right after the other;
+- an MN killed in its own rebuild (copying online, or in the pause), then rejoining again.
 
 After each, every MN but the last one rebuilt is killed: it alone must hold everything
 acknowledged. Behind the ``soak`` marker (20-40 s each):
@@ -113,4 +114,28 @@ def test_two_mns_rejoining_close_together_lose_nothing(case, tmp_path):
                          timeout=120)
             _carry_on(progress, "after both rebuilds")
             _alone(c, progress, range(CLIENTS), keep=1)
+            _judge(c, procs, stop, outs)
+
+
+@pytest.mark.parametrize("phase", ["copying online", "pausing"])
+def test_an_mn_killed_in_its_own_rebuild_rejoins_again(phase, tmp_path):
+    """MN 0 killed, failed over, restarted with --rejoin, and SIGKILLed again as soon as the
+    status shows its rebuild in ``phase``: the rebuild fails (the clients resume, in a new
+    epoch if the pause had begun closing rounds); restarted once more, it is rebuilt. Then
+    MNs 1 and 2 are killed: MN 0 alone must hold everything acknowledged."""
+    with _cluster() as c:
+        procs, progress, stop, outs = _clients(c, tmp_path)
+        with running(procs, stop):
+            _kill_and_fail_over(c, progress, 0)
+            c.rejoin(0)
+            wait_for(lambda: _state(c, 0) == ("rebuilding", phase), f"MN 0 {phase}",
+                     timeout=120, interval=0.005)
+            c.kill(0)
+            wait_for(lambda: (_state(c, 0) or ("",))[0] == "dead", "MN 0's rebuild to fail",
+                     timeout=120)
+            _carry_on(progress, "after the failed rebuild")
+            c.rejoin(0)
+            wait_for(lambda: _state(c, 0) == ("alive", None), "MN 0's rebuild", timeout=120)
+            _carry_on(progress, "after MN 0's rebuild")
+            _alone(c, progress, range(CLIENTS), keep=0)
             _judge(c, procs, stop, outs)
