@@ -38,7 +38,8 @@ from __future__ import annotations
 import pytest
 from regression_windows import check_pinned
 from test_rebuild import _check as check_rebuild
-from test_rebuild_soak import RecoveryCrashCycleRun, SlowCycleRun, TwoCrashCycleRun
+from test_rebuild_soak import (LongSlowCycleRun, RecoveryCrashCycleRun, SlowCycleRun,
+                               TwoCrashCycleRun)
 
 
 @pytest.mark.parametrize("seed,nodes,r", [(101, 3, 2)])
@@ -193,3 +194,31 @@ def test_a_crashed_delete_whose_tombstone_a_failover_kept():
     counts it from the entry's COMMITTED record with no old value. The window by hand, with
     no seed: ``test_kept_proposal``."""
     check_rebuild(1064, cls=SlowCycleRun, nodes=4, r=3, crash_client=True)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="open: a committed INSERT whose "
+                   "backup died with its claim is completed by recovery over a later insert")
+def test_a_committed_insert_whose_backup_died_is_not_completed_over_a_later_insert():
+    """Found by session 9's hostile sweep (``LongSlowCycleRun``, seeds 12000-12399, 4 shapes:
+    1 of 1,600 cases), on 3 MNs r = 2, four clients of 20 operations, three of them crashing.
+    The index check finds k0 in two slots, 1:7 and 1:14. In epoch 6 (no MN dead) c1's put of
+    k0, an insert, claimed slot 1:14 on its one backup, MN 2, won the round and committed its
+    log entry; MN 2 crashed, and c1 crashed before its primary CAS. The failover of MN 2
+    (epoch 7) found the primary, MN 1, alive with the slot's void: nothing to settle, and
+    nothing recorded (the proposal died with MN 2). In epoch 7 the subtable had no backup, and
+    c3's put of k0 inserted it into slot 1:7 (acknowledged). c1's recovery then read the entry
+    COMMITTED with the primary still holding the old value, and ``Recovery._win_again`` ran
+    the round again: with no backup it wins at once, and ``_complete`` CASed c1's object into
+    1:14. A SNAPSHOT round again is not an insert again: the duplicate check, which c1 passed
+    in epoch 6, is not redone, and another insert of the key may have taken effect since its
+    round was closed unseen. Two slots of one key: a delete then removes one and the next get
+    finds the other (a deleted key comes back). Not fixed in session 9 (a fix must redo the
+    insert's protocol, not look the key up once: a live client may insert the key between
+    that lookup and the CAS, as concurrent inserts of one key may, which the insert's claim
+    and claim check settle). Either recovery completes a committed INSERT whose primary CAS
+    did not happen as an insert (claim, check for the key elsewhere, commit; LOST if found,
+    its object freed), or it withdraws it as one not committed, which nobody can have
+    observed while the primary holds the old value (a helper or a failover would have put
+    the claim there)."""
+    check_rebuild(12347, cls=LongSlowCycleRun, nodes=3, r=2, crash_client=True, ops=20,
+                  clients=4)
