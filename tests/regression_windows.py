@@ -21,13 +21,15 @@ from typing import Any
 
 from test_rebuild import LatePauseCrash
 from test_rebuild import _check as check_rebuild
-from test_rebuild_soak import CycleRun, SlowCycleRun
+from test_rebuild_soak import CycleRun, LongSlowCycleRun, SlowCycleRun
 from test_recovery_mn_crash import RecoveryMNCrashRun
 
+from fusee.emulator.testkit.history import OK
 from fusee.emulator.testkit.simulator import SimulationError
 from fusee.emulator.testkit.trace import (COMMITTED, OpTrace, SlotCas, Trace, Window,
                                           commit_record, window)
 from fusee.index import replica_nodes
+from fusee.layout import is_object
 
 WRITES = ("insert", "update", "put", "delete")
 
@@ -214,6 +216,28 @@ def CRASHED_COMMIT_BACKUPS_DIED(t: Trace) -> Iterator[str]:
                        "the old value")
 
 
+@window("a client crashed after its insert won its round on slot s's backups and committed in "
+        "epoch e, before its primary CAS; every one of those backups was dead in epoch e+1, and "
+        "another write of the key, acknowledged, took it into another slot's primary after e")
+def CRASHED_INSERT_KEY_ELSEWHERE(t: Trace) -> Iterator[str]:
+    verbs = [v for o in t.ops() for v in o.verbs]
+    for o in _writes(t, crashed=True):
+        for epoch, slot, backups, primaries in _won_on_backups(o):
+            died = {c.node for c in backups}
+            if primaries or epoch not in o.commits or is_object(backups[0].expected) or \
+                    not any(v.membership.epoch == epoch + 1 and died <= v.membership.dead
+                            for v in verbs):
+                continue
+            for other in t.ops():
+                if other.op.key == o.op.key and other.op.status == OK and any(
+                        c.primary and c.took and c.slot != slot and c.epoch > epoch
+                        for c in other.cases):
+                    yield (f"{o.op}: won {slot} in epoch {epoch}, crashed before its primary "
+                           f"CAS; its backups died, and {other.op} took the key into another "
+                           "slot")
+                    break
+
+
 # -- the regressions -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -280,9 +304,11 @@ REGRESSIONS: dict[str, Regression] = {r.name: r for r in [
     Regression("settling-across-two-epoch-ends", SETTLING_ACROSS_TWO_EPOCH_ENDS, CycleRun,
                ((102, 3, 2, False), (111, 4, 2, True))),     # not 110: see test_rebuild
     Regression("pause-closed-rounds", PAUSE_CLOSED_AN_OPEN_ROUND, LatePauseCrash,
-               ((27, 3, 3, True),), ("in_pause",)),
+               ((4, 3, 3, True),), ("in_pause",)),
     Regression("crashed-commit-backups-died", CRASHED_COMMIT_BACKUPS_DIED, RecoveryMNCrashRun,
                ((40, 3, 2, True),)),
+    Regression("crashed-insert-key-elsewhere", CRASHED_INSERT_KEY_ELSEWHERE, LongSlowCycleRun,
+               ((12347, 3, 2, True),)),
 ]}
 
 

@@ -220,6 +220,9 @@ class LongSlowCycleRun(SlowCycleRun):
     cycles = 5
     crashes = ("c0", "c1", "c2")
 
+    def __init__(self, seed: int, clients: int = 4, ops: int = 20, **kw):
+        super().__init__(seed, clients=clients, ops=ops, **kw)
+
 
 SHAPES = [(3, 3), (3, 2), (4, 2), (4, 3), (5, 2), (5, 3), (6, 2), (6, 3)]       # (MNs, r)
 
