@@ -16,18 +16,32 @@ python3 -m pytest tests/test_hostile_rebuilds_processes.py -m soak
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 from histories import unexpected_errors
-from processes import wait_for
-from test_failover_processes import _history, read_back_and_check, running
+from processes import stop_processes, wait_for
+from storekit import SMALL
+from test_failover_processes import LEASES, _history, read_back_and_check, running
 from test_hostile_processes import CLIENTS, _carry_on, _cluster, _clients, _kill_and_fail_over
+from test_master_zookeeper import Workload, _mn_state, check_reads_and_audit, leader_index
 
-from fusee.emulator.cluster import LocalCluster
+from fusee.config import LayoutConfig
+from fusee.emulator.cluster import LocalCluster, master_name
+from fusee.emulator.testkit import zk_ensemble
 from fusee.emulator.testkit.history import CRASHED
 from fusee.master.link import MasterError
 from fusee.membership import Membership
 
 pytestmark = pytest.mark.soak
+
+
+@pytest.fixture(scope="module")
+def ensemble():
+    """A ZooKeeper ensemble for the masters' tests of this module."""
+    with zk_ensemble.ZooKeeperEnsemble(3) as zk:
+        yield zk
 
 
 def _state(c: LocalCluster, node: int) -> tuple[str, str | None] | None:
@@ -139,3 +153,48 @@ def test_an_mn_killed_in_its_own_rebuild_rejoins_again(phase, tmp_path):
             _carry_on(progress, "after MN 0's rebuild")
             _alone(c, progress, range(CLIENTS), keep=0)
             _judge(c, procs, stop, outs)
+
+
+@pytest.mark.skipif(zk_ensemble.missing() is not None,
+                    reason=f"no ZooKeeper here: {zk_ensemble.missing()}")
+@pytest.mark.parametrize("phase", ["copying online", "pausing"])
+def test_a_leader_stopped_in_a_rebuild_is_deposed_and_does_no_harm(ensemble, phase, tmp_path):
+    """Masters on ZooKeeper; MN 1 killed, failed over and restarted with --rejoin; the leader
+    SIGSTOPped once the status shows the rebuild in ``phase`` (mid-copy, most likely). A
+    standby takes over and rebuilds MN 1 itself; then the old leader is SIGCONTed: it must
+    stop without writing anything more (what it was copying is older than what the new
+    leader copied). Then MNs 0 and 2 are killed: MN 1 alone must hold everything
+    acknowledged."""
+    with LocalCluster(memnodes=3, transport="shm", replication=3, master=True, masters=2,
+                      coordination=ensemble.url, layout=LayoutConfig(**SMALL), **LEASES) as c:
+        w = Workload(c, tmp_path)
+        try:
+            first = leader_index(c)
+            c.kill(1)
+            wait_for(lambda: _mn_state(c, 1) == "dead", "MN 1's failover", timeout=120)
+            w.advance("the clients to carry on without MN 1")
+            c.rejoin(1)
+            wait_for(lambda: _state(c, 1) == ("rebuilding", phase), f"MN 1 {phase}",
+                     timeout=120, interval=0.002)
+            old = c.master_procs[master_name(first)]
+            os.kill(old.pid, signal.SIGSTOP)
+            try:
+                leader_index(c, other_than=first)
+                wait_for(lambda: _mn_state(c, 1) == "alive", "MN 1 rebuilt by the new leader",
+                         timeout=120)
+                w.advance("the clients to carry on under the new leader")
+            finally:
+                os.kill(old.pid, signal.SIGCONT)
+            assert old.wait(60) == 1, c.master_log(first)
+            w.advance("the clients to carry on after the old leader woke up")
+            assert stop_processes(w.procs, w.stop) == [0] * CLIENTS
+        finally:
+            stop_processes(w.procs, w.stop, timeout=5)
+        ops = w.history()
+        assert not unexpected_errors(ops), "\n".join(map(str, unexpected_errors(ops)[:10]))
+        c.kill(0)
+        c.kill(2)
+        wait_for(lambda: c.master_status()["dead"] == [0, 2], "MN 0 and 2's failover",
+                 timeout=120)
+        status = wait_for(lambda: (s := c.master_status())["repairs"] == {} and s, "repairs")
+        check_reads_and_audit(c, ops, Membership.from_wire(status["membership"]))
