@@ -72,6 +72,16 @@ def _writes(t: Trace, *, crashed: bool) -> Iterator[OpTrace]:
             yield o
 
 
+def _crashed_won_uncased(t: Trace) -> Iterator[tuple[OpTrace, int, tuple[int, int],
+                                                      list[SlotCas]]]:
+    """(op, epoch, slot, backup CASes) of each round a crashed write won on the backups and
+    committed, its primary CAS never sent."""
+    for o in _writes(t, crashed=True):
+        for epoch, slot, backups, primaries in _won_on_backups(o):
+            if not primaries and epoch in o.commits:
+                yield o, epoch, slot, backups
+
+
 # -- the windows ---------------------------------------------------------------------------
 
 @window("a live client's write won its round on the backups and committed in epoch e, no primary "
@@ -203,17 +213,15 @@ def SETTLING_ACROSS_TWO_EPOCH_ENDS(t: Trace) -> Iterator[str]:
         "primary alive, and another write's primary CAS took s off the round's old value later")
 def CRASHED_COMMIT_BACKUPS_DIED(t: Trace) -> Iterator[str]:
     cases = [c for o in t.ops() for c in o.cases]
-    for o in _writes(t, crashed=True):
-        for epoch, slot, backups, primaries in _won_on_backups(o):
-            p, old = backups[0].replicas[0], backups[0].expected
-            if primaries or epoch not in o.commits or p in t.final.dead or \
-                    not {c.node for c in backups} <= t.final.dead:
-                continue
-            if any(c.slot == slot and c.primary and c.took and c.expected == old and
-                   c.epoch > epoch for c in cases):
-                yield (f"{o.op}: won {slot} in epoch {epoch}, crashed before its primary CAS; "
-                       f"its backups died, MN {p} (primary) lived, another write replaced "
-                       "the old value")
+    for o, epoch, slot, backups in _crashed_won_uncased(t):
+        p, old = backups[0].replicas[0], backups[0].expected
+        if p in t.final.dead or not {c.node for c in backups} <= t.final.dead:
+            continue
+        if any(c.slot == slot and c.primary and c.took and c.expected == old and
+               c.epoch > epoch for c in cases):
+            yield (f"{o.op}: won {slot} in epoch {epoch}, crashed before its primary CAS; "
+                   f"its backups died, MN {p} (primary) lived, another write replaced "
+                   "the old value")
 
 
 @window("a client crashed after its insert won its round on slot s's backups and committed in "
@@ -221,21 +229,18 @@ def CRASHED_COMMIT_BACKUPS_DIED(t: Trace) -> Iterator[str]:
         "another write of the key, acknowledged, took it into another slot's primary after e")
 def CRASHED_INSERT_KEY_ELSEWHERE(t: Trace) -> Iterator[str]:
     verbs = [v for o in t.ops() for v in o.verbs]
-    for o in _writes(t, crashed=True):
-        for epoch, slot, backups, primaries in _won_on_backups(o):
-            died = {c.node for c in backups}
-            if primaries or epoch not in o.commits or is_object(backups[0].expected) or \
-                    not any(v.membership.epoch == epoch + 1 and died <= v.membership.dead
-                            for v in verbs):
-                continue
-            for other in t.ops():
-                if other.op.key == o.op.key and other.op.status == OK and any(
-                        c.primary and c.took and c.slot != slot and c.epoch > epoch
-                        for c in other.cases):
-                    yield (f"{o.op}: won {slot} in epoch {epoch}, crashed before its primary "
-                           f"CAS; its backups died, and {other.op} took the key into another "
-                           "slot")
-                    break
+    for o, epoch, slot, backups in _crashed_won_uncased(t):
+        died = {c.node for c in backups}
+        if is_object(backups[0].expected) or not any(
+                v.membership.epoch == epoch + 1 and died <= v.membership.dead for v in verbs):
+            continue
+        for other in t.ops():
+            if other.op.key == o.op.key and other.op.status == OK and any(
+                    c.primary and c.took and c.slot != slot and c.epoch > epoch
+                    for c in other.cases):
+                yield (f"{o.op}: won {slot} in epoch {epoch}, crashed before its primary CAS; "
+                       f"its backups died, and {other.op} took the key into another slot")
+                break
 
 
 # -- the regressions -----------------------------------------------------------------------

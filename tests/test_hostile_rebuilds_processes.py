@@ -16,19 +16,17 @@ python3 -m pytest tests/test_hostile_rebuilds_processes.py -m soak
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 from histories import unexpected_errors
 from processes import stop_processes, wait_for
 from storekit import SMALL
 from test_failover_processes import LEASES, _history, read_back_and_check, running
 from test_hostile_processes import CLIENTS, _carry_on, _cluster, _clients, _kill_and_fail_over
-from test_master_zookeeper import Workload, _mn_state, check_reads_and_audit, leader_index
+from test_master_zookeeper import (Workload, _mn_state, check_reads_and_audit, leader_index,
+                                   stopped_until_deposed)
 
 from fusee.config import LayoutConfig
-from fusee.emulator.cluster import LocalCluster, master_name
+from fusee.emulator.cluster import LocalCluster
 from fusee.emulator.testkit import zk_ensemble
 from fusee.emulator.testkit.history import CRASHED
 from fusee.master.link import MasterError
@@ -176,16 +174,12 @@ def test_a_leader_stopped_in_a_rebuild_is_deposed_and_does_no_harm(ensemble, pha
             c.rejoin(1)
             wait_for(lambda: _state(c, 1) == ("rebuilding", phase), f"MN 1 {phase}",
                      timeout=120, interval=0.002)
-            old = c.master_procs[master_name(first)]
-            os.kill(old.pid, signal.SIGSTOP)
-            try:
-                leader_index(c, other_than=first)
+
+            def under_the_new_leader() -> None:
                 wait_for(lambda: _mn_state(c, 1) == "alive", "MN 1 rebuilt by the new leader",
                          timeout=120)
                 w.advance("the clients to carry on under the new leader")
-            finally:
-                os.kill(old.pid, signal.SIGCONT)
-            assert old.wait(60) == 1, c.master_log(first)
+            stopped_until_deposed(c, first, under_the_new_leader)
             w.advance("the clients to carry on after the old leader woke up")
             assert stop_processes(w.procs, w.stop) == [0] * CLIENTS
         finally:
