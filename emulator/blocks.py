@@ -12,18 +12,22 @@ import struct
 
 from fusee.emulator.memory import MemoryRegion
 from fusee.index import initial_image
-from fusee.memory_map import (HEADER_LAYOUT, HEADER_MAGIC, HEADER_NODE, MAGIC, MemoryMap)
+from fusee.memory_map import (HEADER_CLUSTER, HEADER_LAYOUT, HEADER_MAGIC, HEADER_NODE, MAGIC,
+                              MemoryMap)
 from fusee.verbs import AllocBlock, ControlError, FreeBlock
 
 _U64 = struct.Struct("<Q")
 
 
-def format_region(region: MemoryRegion, mmap_: MemoryMap, node: int) -> None:
-    """Write the header and the empty index of a fresh region (the rest is already zero)."""
+def format_region(region: MemoryRegion, mmap_: MemoryMap, node: int, cluster: int) -> None:
+    """Write the header and the empty index of a fresh region (the rest is already zero).
+    ``cluster``: the cluster id's word (``fusee.cluster_identity.cluster_word``), which every
+    process that connects checks."""
     rkey = region.rkey
     region.write(HEADER_MAGIC, _U64.pack(MAGIC), rkey)
     region.write(HEADER_LAYOUT, _U64.pack(mmap_.fingerprint), rkey)
     region.write(HEADER_NODE, _U64.pack(node), rkey)
+    region.write(HEADER_CLUSTER, _U64.pack(cluster), rkey)
     for addr, data in initial_image(mmap_.layout):      # the RACE index's empty image
         region.write(addr, data, rkey)
 

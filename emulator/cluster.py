@@ -27,6 +27,7 @@ from pathlib import Path
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from fusee.cluster_identity import check_transport, new_cluster_id
 from fusee.emulator.serving import stop_processes
 from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig, SecurityConfig
 from fusee.transports.security import init_keys, init_master_key
@@ -45,11 +46,6 @@ DEFAULT_LAYOUT = LayoutConfig(region_size=128 * MiB, block_size=2 * MiB, max_cli
 
 class ClusterStartError(RuntimeError):
     """A memory node did not come up; the message carries its own error output."""
-
-
-class ForeignMemoryNode(RuntimeError):
-    """A transport reached, at one of this cluster's endpoints, an MN this cluster did not
-    start."""
 
 
 class LocalCluster:
@@ -97,7 +93,8 @@ class LocalCluster:
                                                     ("mn_lease", mn_lease)) if v is not None}
         self.config = ClusterConfig(
             memnodes=tuple(MemNodeConfig(i, ep, publics.get(i)) for i, ep in enumerate(eps)),
-            layout=layout or DEFAULT_LAYOUT, name=self.name, replication=replication,
+            layout=layout or DEFAULT_LAYOUT, name=self.name, cluster_id=new_cluster_id(),
+            replication=replication,
             transport=transport, timeout=timeout, security=security,
             master_curve_public=master_public, coordination=coordination,
             master=",".join(f"ipc://{self.workdir}/master{i}.sock" for i in range(masters))
@@ -269,30 +266,19 @@ class LocalCluster:
     # -- clients -----------------------------------------------------------------------------
     def transport(self, backend: str | None = None, **kwargs):
         """A transport connected to every MN (default: the cluster's backend), checked to have
-        reached this cluster's own MN processes (``check_own``)."""
+        reached this cluster's own MNs (``fusee.cluster_identity``: WrongMemoryNode for an
+        endpoint another cluster's MN took over, a port reused or a stale config)."""
         from fusee.transports import connect
         backend = backend or self.backend
         if backend == "local":
             kwargs.setdefault("memory", self.memory)
         t = connect(self.config, backend, **kwargs)
         try:
-            self.check_own(t)
+            check_transport(t)
         except BaseException:
             t.close()
             raise
         return t
-
-    def check_own(self, transport) -> None:
-        """Raise ForeignMemoryNode unless every MN ``transport`` reached serves the segment the
-        process this cluster started for it reported: an endpoint another cluster's MN took
-        over (a port reused, a stale config) would otherwise be read as one of ours."""
-        for node, region in transport.regions.items():
-            mine = self.shm_names.get(node)
-            if region.shm_name is not None and mine is not None and region.shm_name != mine:
-                raise ForeignMemoryNode(
-                    f"MN {node} at {self.config.node(node).endpoint} serves segment "
-                    f"{region.shm_name}, not {mine} that this cluster's MN {node} reported: "
-                    "another process took its endpoint")
 
     def audit(self, cores: Iterable[ClientCore] = (), timeout: float = 60.0) -> AuditReport:
         """The leak audit (``fusee.audit``) of this cluster under the membership it has: the

@@ -23,6 +23,7 @@ from fusee.emulator import _atomic, wire
 from fusee.emulator.blocks import BlockTable, format_region
 from fusee.emulator.memory import MemoryRegion, SharedSegment, new_rkey
 from fusee.emulator.nic_checks import check_key
+from fusee.cluster_identity import cluster_word
 from fusee.config import ClusterConfig, ConfigError
 from fusee.errors import Fenced
 from fusee.fencing import key_of
@@ -57,7 +58,7 @@ class MemoryNode:
         self.segment = SharedSegment(name, config.layout.region_size, create=True)
         self.region = MemoryRegion(self.segment.mmap, new_rkey(), node_id)
         self._base = _atomic.address(self.segment.mmap)      # for the verbs' fast path
-        format_region(self.region, self.map, node_id)
+        format_region(self.region, self.map, node_id, cluster_word(config))
         self.blocks = BlockTable(self.region, self.map)
         # what fusee.metrics reports, in MEMNODE_TALLY's order: a list, the cheapest counter
         # to bump on the request loop

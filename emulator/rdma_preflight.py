@@ -178,8 +178,9 @@ def loopback_test(dev: Device) -> Check:
 
 
 def check_cluster(config_path: str) -> Check:
+    from fusee.cluster_identity import mismatch
     from fusee.config import ClusterConfig
-    from fusee.memory_map import HEADER_MAGIC, MAGIC
+    from fusee.memory_map import HEADER_END
     from fusee.verbs import Read, TransportError
     from fusee.transports.rdma import VerbsTransport
     try:
@@ -188,16 +189,17 @@ def check_cluster(config_path: str) -> Check:
     except (TransportError, RdmaUnavailable, OSError, ValueError) as err:
         return Check("cluster", "fail", f"cannot connect: {err}",
                      "start every `fusee memnode --rdma`, and check the endpoints in the config")
-    try:
-        words = t.execute([Read(m.id, HEADER_MAGIC, 8) for m in config.memnodes])
+    try:        # each one's header: this cluster's MN? (fusee.cluster_identity)
+        headers = t.execute([Read(m.id, 0, HEADER_END) for m in config.memnodes])
     except TransportError as err:
         return Check("cluster", "fail", f"READ from the memory nodes failed: {err}")
     finally:
         t.close()
-    bad = [m.id for m, w in zip(config.memnodes, words) if w != struct.pack("<Q", MAGIC)]
-    if bad:
-        return Check("cluster", "fail", f"memory nodes {bad} do not hold a FUSEE region")
-    return Check("cluster", "ok", f"{len(words)} memory nodes reachable over RDMA "
+    wrong = [w for m, h in zip(config.memnodes, headers)
+             if (w := mismatch(config, m.id, h)) is not None]
+    if wrong:
+        return Check("cluster", "fail", "; ".join(map(str, wrong)))
+    return Check("cluster", "ok", f"{len(headers)} memory nodes reachable over RDMA "
                  f"(atomic order {sorted(set(t.orders.values()))})")
 
 

@@ -134,6 +134,22 @@ def _status(args: argparse.Namespace) -> int:
     return exit_codes.UNAVAILABLE
 
 
+def _cluster_id(args: argparse.Namespace) -> int:
+    """Print the config's cluster id, giving it a fresh one first if it has none
+    (``fusee.cluster_identity``): a step of making a cluster, before its MNs start."""
+    from fusee.cluster_identity import new_cluster_id
+    from fusee.config import ClusterConfig
+    config = ClusterConfig.load(args.config)
+    if config.cluster_id is None:
+        fresh = new_cluster_id()
+        config = ClusterConfig.edit(args.config, lambda doc: doc.setdefault("cluster", {})
+                                    .update(cluster_id=fresh))
+        print(f"# {args.config}: cluster_id set (memory nodes started before from this config "
+              "hold none: clients refuse them until they restart with it)", file=sys.stderr)
+    print(config.cluster_id)
+    return exit_codes.OK
+
+
 def _keys(args: argparse.Namespace) -> int:
     from fusee.config import ClusterConfig
     from fusee.transports.security import add_client, init_keys, init_master_key
@@ -236,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "used per MN (from the master, and from the MNs themselves)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
+    ci = sub.add_parser("cluster-id", parents=[common, config],
+                        help="print the config's cluster id, writing a fresh one into it first "
+                        "if it has none (do it before the memory nodes first start)")
+    ci.set_defaults(func=_cluster_id)
     k = sub.add_parser("keys", help="CURVE keys: who may talk to the memory nodes over tcp://",
                        parents=[common])
     k.add_argument("action", choices=["init", "add-client", "init-master"],

@@ -5,7 +5,9 @@ their memory is handed out. So the view asks both, at once and each within the c
 timeout, and still says something useful when there is no master (or it is down): what each
 memory node answers. Whatever per-node keys the master reports (a state such as joining or
 rebuilding, its progress) are shown as they come, so the view needs no change when the
-master learns a new state.
+master learns a new state. A memory node whose region header is not this cluster's
+(``fusee.cluster_identity``: another cluster's at its endpoint, another layout or id) shows as
+"wrong memory node", with why.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def gather(config: ClusterConfig) -> dict[str, Any]:
     """The cluster as the master and the memory nodes describe it (JSON-able)."""
     master = _master_view(config)
     infos = _memnode_infos(config)
-    nodes = [_node_view(config, m.id, master.get("status"), infos[m.id])
+    wrong = _wrong_memnodes(config, [m for m, info in infos.items() if "error" not in info])
+    nodes = [_node_view(config, m.id, master.get("status"), infos[m.id], wrong.get(m.id))
              for m in config.memnodes]
     view: dict[str, Any] = {
         "cluster": config.name, "master": {k: v for k, v in master.items() if k != "status"},
@@ -71,8 +74,35 @@ def _memnode_infos(config: ClusterConfig) -> dict[int, dict[str, Any]]:
             for m, r in replies.items()}
 
 
+def _wrong_memnodes(config: ClusterConfig, answering: list[int]) -> dict[int, str]:
+    """{node: why it is not this cluster's} among the MNs ``answering``, from their region
+    headers (one READ each, over the zmq backend, which every MN serves; {} if that fails:
+    the rest of the view still stands)."""
+    from fusee.cluster_identity import mismatch, read_headers, reached
+    from fusee.driver import run
+    from fusee.errors import FuseeError
+    from fusee.transports import connect
+    if not answering:
+        return {}
+    try:
+        with connect(config, "zmq", dead={m.id for m in config.memnodes} - set(answering)) as t:
+            headers = run(read_headers(reached(t)), t)
+    except FuseeError:
+        return {}
+    return {n: str(wrong) for n, header in headers.items()
+            if (wrong := mismatch(config, n, header)) is not None}
+
+
 def _node_view(config: ClusterConfig, node: int, status: dict[str, Any] | None,
-               info: dict[str, Any]) -> dict[str, Any]:
+               info: dict[str, Any], wrong: str | None = None) -> dict[str, Any]:
+    view = _node_state(config, node, status, info)
+    if wrong is not None:       # whatever the master says: that endpoint serves no MN of ours
+        view.update(state="wrong memory node", error=wrong)
+    return view
+
+
+def _node_state(config: ClusterConfig, node: int, status: dict[str, Any] | None,
+                info: dict[str, Any]) -> dict[str, Any]:
     view: dict[str, Any] = {"id": node, "endpoint": config.node(node).endpoint}
     if "error" in info:
         view["error"] = info["error"]

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from fusee import batch
+from fusee.cluster_identity import check, check_transport, reached
 from fusee.config import ClusterConfig
 from fusee.driver import run
 from fusee.errors import ClientClosed, ForkedClient, LeaseExpired, LeaseLapsed
@@ -114,6 +115,9 @@ class Client:
                                             membership)
             else:
                 self.executor = transport       # no await_membership: NodeTimeout at once
+            # every MN reached is this cluster's, before anything is written to one
+            # (fusee.cluster_identity: one round trip)
+            run(check(self.config, set(reached(transport)) - membership.dead), transport)
             # under a master, a recovery this client leaves half done is the master's to
             # finish (it recovers the id once the lease ends): the same lock owner
             owner = MASTER if self.config.master else client_id
@@ -492,6 +496,7 @@ class _LeaseGuard:
             self.handed = m.epoch
             if back := m.rebuilt - m.dead:      # MNs rebuilt: the transport reaches them
                 self.transport.revive(back)
+                check_transport(self.transport, back)      # what now serves there is ours
             raise EpochChanged(m)
         if k.data_lost:
             raise NodeTimeout(f"no failover will come: {k.data_lost}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -16,6 +17,10 @@ import tomli_w
 from fusee.errors import ConfigError as ConfigError      # raised here; imported from here too
 
 KiB, MiB = 1 << 10, 1 << 20
+
+#: a cluster id as the config writes it: 16 hex digits, a nonzero 64-bit word
+#: (fusee.cluster_identity makes them and checks them on the memory nodes)
+CLUSTER_ID = re.compile(r"(?!0{16})[0-9a-f]{16}")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,10 @@ class ClusterConfig:
     memnodes: tuple[MemNodeConfig, ...]
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     name: str = "fusee"
+    #: which cluster this is (fusee.cluster_identity): every MN writes it in its region's header
+    #: and every client, master and rebuild refuses an MN with another; None: a cluster made
+    #: before ids, whose MNs hold none
+    cluster_id: str | None = None
     replication: int = 0                 # 0 = min(3, number of memory nodes)
     transport: str = "zmq"               # default client backend: local | shm | zmq | verbs
     timeout: float = 5.0                 # seconds; every network wait is bounded by it
@@ -90,6 +99,11 @@ class ClusterConfig:
         ids = [m.id for m in self.memnodes]
         if sorted(ids) != list(range(len(ids))):
             raise ConfigError(f"memory node ids must be 0..{len(ids) - 1}, got {ids}")
+        if self.cluster_id is not None and not (isinstance(self.cluster_id, str) and
+                                                CLUSTER_ID.fullmatch(self.cluster_id)):
+            raise ConfigError(f"[cluster] cluster_id must be 16 hex digits (0-9, a-f; not all "
+                              f"zero), as `fusee cluster-id --config FILE` writes it; got "
+                              f"{self.cluster_id!r}")
         if not 0 <= self.replication <= len(self.memnodes):
             raise ConfigError(f"replication must be 0..{len(self.memnodes)}")
         for name in ("timeout", "client_lease", "mn_lease"):
@@ -126,7 +140,9 @@ class ClusterConfig:
 
     # -- TOML ------------------------------------------------------------------------------
     def dumps(self) -> str:
-        doc = {"cluster": {k: v for k, v in (("name", self.name), ("replication", self.replication),
+        doc = {"cluster": {k: v for k, v in (("name", self.name),
+                                             ("cluster_id", self.cluster_id),
+                                             ("replication", self.replication),
                                              ("transport", self.transport),
                                              ("timeout", self.timeout),
                                              ("master", self.master),

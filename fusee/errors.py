@@ -4,7 +4,7 @@
     |-- KeyNotFound, KeyExists (also KeyError)                    exit 1
     |-- WrongType (also TypeError), KeyTooLarge, ValueTooLarge,
     |   ConfigError (also ValueError), ClientClosed, ForkedClient,
-    |   NeedsRecovery, StoreFormatError                            exit 2
+    |   NeedsRecovery, StoreFormatError, WrongMemoryNode           exit 2
     |-- TransportError                                             exit 3
     |   |-- NodeTimeout, EpochChanged, ControlError, Fenced        exit 3
     |   `-- RemoteAccessError                                      exit 5
@@ -116,6 +116,22 @@ class NeedsRecovery(FuseeError):
 class StoreFormatError(FuseeError):
     """Raised when the memory nodes do not hold a store formatted for this layout."""
     exit_code = USAGE
+
+
+class WrongMemoryNode(FuseeError):
+    """Raised when a memory node's region header says it is not the config's: another
+    cluster's (its cluster id), another layout's, or another id's (``fusee.cluster_identity``),
+    before anything is written to it. ``node``, ``endpoint``, ``expected`` and ``found`` say
+    which and why; the message says what to do."""
+    exit_code = USAGE
+
+    def __init__(self, message: str, node: int, endpoint: str, expected: str,
+                 found: str) -> None:
+        super().__init__(message)
+        self.node, self.endpoint, self.expected, self.found = node, endpoint, expected, found
+
+    def __reduce__(self) -> tuple[Any, ...]:      # (pickled across processes, as any error)
+        return type(self), (str(self), self.node, self.endpoint, self.expected, self.found)
 
 
 # -- the network and the memory nodes --------------------------------------------------------

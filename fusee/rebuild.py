@@ -185,14 +185,7 @@ from fusee.layout import (
     unpack_u64,
 )
 from fusee.membership import Membership
-from fusee.memory_map import (
-    HEADER_CLIENT_IDS,
-    HEADER_LAYOUT,
-    HEADER_MAGIC,
-    HEADER_NODE,
-    MAGIC,
-    MemoryMap,
-)
+from fusee.memory_map import HEADER_CLIENT_IDS
 from fusee.operations import ClientCore
 from fusee.verbs import Op, Read, Write, chunks
 
@@ -206,12 +199,6 @@ _OWNER_WORDS = (META_STATE, META_INCARNATION, META_RECOVERY)
 
 class RebuildError(FuseeError):
     """A memory node cannot be rebuilt: it is not dead."""
-
-
-class RejoinRefused(FuseeError):
-    """The MN asking to rejoin serves a region this cluster cannot use (another layout, or
-    formatted for another id): started with another config. Nothing was copied to it; it is
-    heard again once restarted right (the refusal is not final)."""
 
 
 class RebuildAbandoned(FuseeError):
@@ -354,26 +341,6 @@ def _exact(core: ClientCore, node: int) -> Op[tuple[list[Piece], list[tuple[int,
                for s, raw in zip(sids, firsts)
                if unpack_u64(raw) or s < 1 << geo.initial_depth]
     return pieces, words
-
-
-def check_region(mm: MemoryMap, node: int) -> Op[None]:
-    """Generator: RejoinRefused unless ``node``'s region header names the layout of ``mm``
-    (the cluster's) and ``node``; the master runs it before a rebuild. The copy writes every
-    range at the address it has on the live replicas and the MN serves its block table by
-    its own layout: a region of another size or layout would be half written (smaller) or
-    hand out blocks the others do not have (larger)."""
-    (head,) = yield [Read(node, HEADER_MAGIC, HEADER_CLIENT_IDS)]
-    magic, fingerprint, formatted_for = (unpack_u64(head, at)
-                                         for at in (HEADER_MAGIC, HEADER_LAYOUT, HEADER_NODE))
-    if magic != MAGIC or fingerprint != mm.fingerprint:
-        raise RejoinRefused(
-            f"memory node {node} asks to rejoin with a region of another layout than the "
-            f"cluster's (layout fingerprint {fingerprint:#x}, the cluster's {mm.fingerprint:#x}"
-            f"): restart it with the cluster's config (same [layout])")
-    if formatted_for != node:
-        raise RejoinRefused(f"the memory node serving memory node {node}'s endpoint was "
-                            f"started as memory node {formatted_for}: restart it with "
-                            f"--id {node}")
 
 
 def _groups(core: ClientCore, node: int) -> Op[list[_Group]]:

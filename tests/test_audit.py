@@ -22,7 +22,8 @@ from fusee.audit import audit
 from fusee.client import Client
 from fusee.config import LayoutConfig, MemNodeConfig
 from fusee.driver import run
-from fusee.emulator.cluster import ForeignMemoryNode, LocalCluster
+from fusee.emulator.cluster import LocalCluster
+from fusee.errors import WrongMemoryNode
 from fusee.membership import Membership
 from fusee.transports.local import LocalMemory, LocalTransport
 from storekit import SMALL, config
@@ -93,9 +94,10 @@ def test_a_transport_that_reached_another_clusters_mn_is_refused():
         ours.config = own.with_(memnodes=(*own.memnodes[:2], MemNodeConfig(
             2, theirs.config.node(2).endpoint)))
         try:
-            with pytest.raises(ForeignMemoryNode, match=f"MN 2 at .* serves segment "
-                                                        f"{theirs.shm_names[2]}, not "
-                                                        f"{ours.shm_names[2]}"):
+            with pytest.raises(WrongMemoryNode, match=f"memory node 2 at .* belongs to another "
+                                                      f"cluster \\(cluster id "
+                                                      f"{theirs.config.cluster_id}, this "
+                                                      f"config's {ours.config.cluster_id}\\)"):
                 ours.transport()
         finally:
             ours.config = own

@@ -11,7 +11,10 @@ import struct
 import pytest
 from processes import run_processes
 
+from fusee.cluster_identity import check, new_cluster_id
 from fusee.config import ClusterConfig
+from fusee.driver import run
+from fusee.errors import WrongMemoryNode
 from fusee.memory_map import MAGIC, MemoryMap
 from fusee.verbs import (AllocBlock, AwaitMembership, Backoff, Cas, ControlError, Faa, FreeBlock,
                          MASK64, NodeTimeout, Read, RemoteAccessError, Write)
@@ -36,6 +39,25 @@ def test_regions_learned(cluster):
     for n, r in t.regions.items():
         assert r.node == n and r.length == cluster.config.layout.region_size and r.rkey
     assert t.execute([Read(n, 0, 8) for n in range(3)]) == [struct.pack("<Q", MAGIC)] * 3
+    t.close()
+
+
+def test_every_mn_names_its_cluster_and_one_read_batch_checks_them(cluster):
+    """fusee.cluster_identity: each region's header holds the cluster id of the config its MN
+    started from; a connecting process reads every header in one round trip of READs and
+    refuses a config of another cluster before writing anything."""
+    t = cluster.transport()                 # (checked already: its MNs are this cluster's)
+    before = t.stats.copy()
+    run(check(cluster.config, range(3)), t)
+    spent = t.stats - before
+    assert (spent.round_trips, spent.reads, spent.writes, spent.atomics) == (1, 3, 0, 0)
+    other = cluster.config.with_(cluster_id=new_cluster_id())
+    with pytest.raises(WrongMemoryNode, match="memory node 0 at .* belongs to another cluster"
+                       ) as refused:
+        run(check(other, range(3)), t)
+    assert (refused.value.expected, refused.value.found) == (other.cluster_id,
+                                                             cluster.config.cluster_id)
+    assert (t.stats - before).writes == 0
     t.close()
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from fusee.emulator.blocks import BlockTable, format_region
 from fusee.emulator.memory import MemoryRegion, new_rkey
+from fusee.cluster_identity import cluster_word
 from fusee.config import ClusterConfig
 from fusee.memory_map import MemoryMap
 from fusee.verbs import AllocBlock, FreeBlock, NodeTimeout, Request, TransportError
@@ -29,7 +30,7 @@ class LocalMemory:
         self.crashed: set[int] = set()
         for m in config.memnodes:
             region = MemoryRegion(bytearray(config.layout.region_size), new_rkey(), m.id)
-            format_region(region, self.map, m.id)
+            format_region(region, self.map, m.id, cluster_word(config))
             self.regions[m.id] = region
             self.tables[m.id] = BlockTable(region, self.map)
 
@@ -42,7 +43,7 @@ class LocalMemory:
         to be rebuilt (``fusee.rebuild``)."""
         assert node in self.crashed, f"MN {node} did not crash"
         region = MemoryRegion(bytearray(self.config.layout.region_size), new_rkey(), node)
-        format_region(region, self.map, node)
+        format_region(region, self.map, node, cluster_word(self.config))
         self.regions[node] = region
         self.tables[node] = BlockTable(region, self.map)
         self.crashed.discard(node)

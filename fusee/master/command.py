@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from fusee.config import ClusterConfig, ConfigError
+from fusee.errors import WrongMemoryNode
 from fusee.emulator.serving import BindError, stop_condition, write_ready
 from fusee.logsetup import LogLevelError, add_log_level_option, setup_logging
 from fusee.master.identity import check_same_cluster
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         server.serve(endpoint, stop, bound)
-    except (ConfigError, BindError, zmq.ZMQError) as e:
+    except (ConfigError, BindError, zmq.ZMQError, WrongMemoryNode) as e:
         print(f"fusee master: error: {e}", file=sys.stderr)
         return 2
     return 1 if server.failed else 0

@@ -11,7 +11,8 @@ without a leader. So the state records the cluster's name and its memory nodes' 
 and a master refuses a state whose name differs or whose MNs are all elsewhere. One MN's
 endpoint may change (a replacement host: the operator edits that MN's endpoint and rejoins
 it), so one endpoint in common is enough; a state of an older format, without endpoints, is
-taken on its name.
+taken on its name. A state and a config that both carry a cluster id (``fusee.cluster_identity``)
+must carry the same.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from fusee.master.logic import StateError, StateMismatch
 
 def identity(config: ClusterConfig) -> dict[str, Any]:
     """What a master stores with its state to say whose it is."""
-    return {"cluster": config.name, "endpoints": [m.endpoint for m in config.memnodes]}
+    return {"cluster": config.name, "endpoints": [m.endpoint for m in config.memnodes],
+            **({"cluster_id": config.cluster_id} if config.cluster_id else {})}
 
 
 def check_same_cluster(config: ClusterConfig, state: dict[str, Any] | None, where: str) -> None:
@@ -35,6 +37,10 @@ def check_same_cluster(config: ClusterConfig, state: dict[str, Any] | None, wher
     if state.get("cluster") != config.name:
         raise StateMismatch(f"the master state in {where} is that of cluster "
                             f"{state.get('cluster')!r}, not {config.name!r}")
+    stored_id = state.get("cluster_id")
+    if stored_id is not None and config.cluster_id is not None and stored_id != config.cluster_id:
+        raise StateMismatch(f"the master state in {where} is that of cluster id {stored_id}, "
+                            f"not {config.cluster_id}")
     stored = state.get("endpoints")
     if stored is None:
         return

@@ -125,6 +125,7 @@ class MasterServer(Requests, Heartbeat, Worker):
         threads = [threading.Thread(target=self._guarded, args=(f,), daemon=True, name=n)
                    for f, n in ((self.heartbeat_loop, "heartbeat"), (self.work_loop, "worker"))]
         try:
+            self.check_memory_nodes()       # WrongMemoryNode: another cluster's MN, refused
             bound = bind(sock, endpoint)
             if self.leadership is None:
                 for t in threads:

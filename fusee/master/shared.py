@@ -142,7 +142,30 @@ class SharedState:
         """The MNs not to connect to (under ``self.lock``)."""
         return set(self.logic.dead) | set(self.logic.failing)
 
+    def check_memory_nodes(self) -> None:
+        """At start: WrongMemoryNode unless every MN that answers is this cluster's
+        (``fusee.cluster_identity``); the worker checks again whenever it connects. A backend
+        that needs every MN (verbs) and misses one leaves it to the worker."""
+        from fusee.verbs import TransportError
+        with self.lock:
+            down = self._down() if self.master is not None else set()
+        try:
+            transport = self._connect(down)
+        except TransportError as e:
+            self.log(f"master: the memory nodes' identity is checked when the worker "
+                     f"connects ({e})", flush=True)
+            return
+        transport.close()
+
     def _connect(self, down: set[int]) -> Transport | LeaderGuard:
+        """A transport to every MN but ``down``, each one it reached checked to be this
+        cluster's (``fusee.cluster_identity``: WrongMemoryNode), a rejoining one too."""
+        from fusee.cluster_identity import check_transport
         from fusee.transports import connect
         transport = connect(self.config, self.backend, dead=down)
+        try:
+            check_transport(transport)
+        except BaseException:
+            transport.close()
+            raise
         return transport if self.leadership is None else LeaderGuard(transport, self.leading)

@@ -23,8 +23,7 @@ from fusee.failover import close_rounds, failover
 from fusee.master.logic import Master
 from fusee.master.shared import SharedState
 from fusee.master.store import Deposed
-from fusee.memory_map import MemoryMap
-from fusee.rebuild import Rebuild, RebuildAbandoned, RebuildError, check_region
+from fusee.rebuild import Rebuild, RebuildAbandoned, RebuildError
 from fusee.recovery import recover_client
 from fusee.transports.channel import Channels
 from fusee.verbs import Op, T, TransportError
@@ -153,9 +152,9 @@ class Worker(SharedState):
         t0 = time.perf_counter()
         job = None
         try:
+            # checks the rejoining MN's header (WrongMemoryNode) before anything is copied
             transport = self._connect(down)
             try:
-                run(check_region(MemoryMap.of(self.config.layout), node), transport)
                 job = Rebuild(self.config, membership, node, progress, overtaken)
                 self._until_heard(node, overtaken)
                 run(job.copy_online(), transport)
