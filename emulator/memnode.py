@@ -23,6 +23,7 @@ import zmq
 from fusee.emulator import _atomic, wire
 from fusee.emulator.blocks import BlockTable, format_region
 from fusee.emulator.memory import MemoryRegion, SharedSegment, new_rkey
+from fusee.emulator.nic_checks import check_key
 from fusee.cluster_identity import cluster_word
 from fusee.config import ClusterConfig, ConfigError
 from fusee.errors import Fenced
@@ -129,12 +130,16 @@ class MemoryNode:
                                                f"exceeds MAX_BATCH={MAX_BATCH}"])
         # What _atomic.serve did not take: ALLOC/FREE, a wrong key, a verb that fails. Verb
         # by verb, in order, until the first that fails, whose refusal the reply words.
+        # ALLOC/FREE need the region's key too: a request sent to this MN's dead predecessor
+        # at the endpoint (ZeroMQ delivers what it queued for it once a socket reconnects),
+        # or by a client stalled since, was fenced by no one here (tests/test_stall_processes)
         region, blocks = self.region, self.blocks
         results = []
         for i, op in enumerate(ops):
             try:
                 req = wire.parse_op(op)
                 if type(req) is AllocBlock or type(req) is FreeBlock:
+                    check_key(self.id, rkey, region.rkey)
                     results.append(blocks.serve(req))
                 else:
                     results.append(region.execute(req, rkey))

@@ -354,6 +354,15 @@ class Recovery:
                 if p & FROZEN:
                     dead.append(e)                      # never took effect; retried?
                     continue
+                if e.v.opcode == INSERT and p == old:
+                    # its claim never reached the primary, so nobody observed it (a helper,
+                    # or a failover of the primary, would have put it there), and the round
+                    # it won may have been closed unseen since (its backups died with the
+                    # claim): another insert of the key may have taken effect elsewhere.
+                    # Withdrawn by key, as an insert not committed: SNAPSHOT again would
+                    # not check for the key again (two slots of one key)
+                    dead.append(e)
+                    continue
                 ok = yield from self._win_again(e, t, p)
                 if not ok:
                     dead.append(e)

@@ -21,13 +21,15 @@ from typing import Any
 
 from test_rebuild import LatePauseCrash
 from test_rebuild import _check as check_rebuild
-from test_rebuild_soak import CycleRun, SlowCycleRun
+from test_rebuild_soak import CycleRun, LongSlowCycleRun, SlowCycleRun
 from test_recovery_mn_crash import RecoveryMNCrashRun
 
+from fusee.emulator.testkit.history import OK
 from fusee.emulator.testkit.simulator import SimulationError
 from fusee.emulator.testkit.trace import (COMMITTED, OpTrace, SlotCas, Trace, Window,
                                           commit_record, window)
 from fusee.index import replica_nodes
+from fusee.layout import is_object
 
 WRITES = ("insert", "update", "put", "delete")
 
@@ -68,6 +70,16 @@ def _writes(t: Trace, *, crashed: bool) -> Iterator[OpTrace]:
     for o in t.ops():
         if o.op.kind in WRITES and o.crashed == crashed:
             yield o
+
+
+def _crashed_won_uncased(t: Trace) -> Iterator[tuple[OpTrace, int, tuple[int, int],
+                                                      list[SlotCas]]]:
+    """(op, epoch, slot, backup CASes) of each round a crashed write won on the backups and
+    committed, its primary CAS never sent."""
+    for o in _writes(t, crashed=True):
+        for epoch, slot, backups, primaries in _won_on_backups(o):
+            if not primaries and epoch in o.commits:
+                yield o, epoch, slot, backups
 
 
 # -- the windows ---------------------------------------------------------------------------
@@ -201,17 +213,34 @@ def SETTLING_ACROSS_TWO_EPOCH_ENDS(t: Trace) -> Iterator[str]:
         "primary alive, and another write's primary CAS took s off the round's old value later")
 def CRASHED_COMMIT_BACKUPS_DIED(t: Trace) -> Iterator[str]:
     cases = [c for o in t.ops() for c in o.cases]
-    for o in _writes(t, crashed=True):
-        for epoch, slot, backups, primaries in _won_on_backups(o):
-            p, old = backups[0].replicas[0], backups[0].expected
-            if primaries or epoch not in o.commits or p in t.final.dead or \
-                    not {c.node for c in backups} <= t.final.dead:
-                continue
-            if any(c.slot == slot and c.primary and c.took and c.expected == old and
-                   c.epoch > epoch for c in cases):
+    for o, epoch, slot, backups in _crashed_won_uncased(t):
+        p, old = backups[0].replicas[0], backups[0].expected
+        if p in t.final.dead or not {c.node for c in backups} <= t.final.dead:
+            continue
+        if any(c.slot == slot and c.primary and c.took and c.expected == old and
+               c.epoch > epoch for c in cases):
+            yield (f"{o.op}: won {slot} in epoch {epoch}, crashed before its primary CAS; "
+                   f"its backups died, MN {p} (primary) lived, another write replaced "
+                   "the old value")
+
+
+@window("a client crashed after its insert won its round on slot s's backups and committed in "
+        "epoch e, before its primary CAS; every one of those backups was dead in epoch e+1, and "
+        "another write of the key, acknowledged, took it into another slot's primary after e")
+def CRASHED_INSERT_KEY_ELSEWHERE(t: Trace) -> Iterator[str]:
+    verbs = [v for o in t.ops() for v in o.verbs]
+    for o, epoch, slot, backups in _crashed_won_uncased(t):
+        died = {c.node for c in backups}
+        if is_object(backups[0].expected) or not any(
+                v.membership.epoch == epoch + 1 and died <= v.membership.dead for v in verbs):
+            continue
+        for other in t.ops():
+            if other.op.key == o.op.key and other.op.status == OK and any(
+                    c.primary and c.took and c.slot != slot and c.epoch > epoch
+                    for c in other.cases):
                 yield (f"{o.op}: won {slot} in epoch {epoch}, crashed before its primary CAS; "
-                       f"its backups died, MN {p} (primary) lived, another write replaced "
-                       "the old value")
+                       f"its backups died, and {other.op} took the key into another slot")
+                break
 
 
 # -- the regressions -----------------------------------------------------------------------
@@ -280,9 +309,11 @@ REGRESSIONS: dict[str, Regression] = {r.name: r for r in [
     Regression("settling-across-two-epoch-ends", SETTLING_ACROSS_TWO_EPOCH_ENDS, CycleRun,
                ((102, 3, 2, False), (111, 4, 2, True))),     # not 110: see test_rebuild
     Regression("pause-closed-rounds", PAUSE_CLOSED_AN_OPEN_ROUND, LatePauseCrash,
-               ((27, 3, 3, True),), ("in_pause",)),
+               ((4, 3, 3, True),), ("in_pause",)),
     Regression("crashed-commit-backups-died", CRASHED_COMMIT_BACKUPS_DIED, RecoveryMNCrashRun,
                ((40, 3, 2, True),)),
+    Regression("crashed-insert-key-elsewhere", CRASHED_INSERT_KEY_ELSEWHERE, LongSlowCycleRun,
+               ((12347, 3, 2, True),)),
 ]}
 
 

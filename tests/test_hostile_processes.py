@@ -39,10 +39,22 @@ CLIENTS = 3
 STEP = 60
 
 
-def _carry_on(progress, what: str, step: int = STEP, timeout: float = 120) -> None:
+def _carry_on(progress, what: str, step: int = STEP, timeout: float = 120,
+              survivors=None) -> None:
+    """Wait until each client (of ``survivors``, if given) has done ``step`` more operations."""
     marks = list(progress)
-    wait_for(lambda: all(progress[i] >= marks[i] + step for i in range(len(marks))),
+    wait_for(lambda: all(progress[i] >= marks[i] + step
+                         for i in (range(len(marks)) if survivors is None else survivors)),
           f"the clients to carry on {what}", timeout=timeout)
+
+
+def _kill_and_fail_over(c: LocalCluster, progress, node: int) -> None:
+    """Once the clients got going, kill MN ``node``; return once they carry on after its
+    failover."""
+    _carry_on(progress, "at first")
+    c.kill(node)
+    wait_for(lambda: c.master_status()["dead"] == [node], f"MN {node}'s failover")
+    _carry_on(progress, f"after MN {node}'s failover")
 
 
 def _cluster() -> LocalCluster:
@@ -139,10 +151,7 @@ def test_a_fault_during_a_rebuild_loses_nothing(fault, tmp_path):
             return c.master_status()["memnodes"][str(node)]["state"]
 
         with running(procs, stop):
-            _carry_on(progress, "at first")
-            c.kill(0)
-            wait_for(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
-            _carry_on(progress, "after MN 0's failover")
+            _kill_and_fail_over(c, progress, 0)
             c.rejoin(0)
             wait_for(lambda: state(0) in ("joining", "rebuilding"), "MN 0's rebuild to start")
             if fault == "master":

@@ -88,6 +88,19 @@ class Workload:
         return [op for i, out in enumerate(self.outs) for op in _history(f"c{i}", out)]
 
 
+def stopped_until_deposed(c: LocalCluster, leader: int, meanwhile) -> None:
+    """SIGSTOP leading master ``leader`` (a long GC pause) until a standby leads and
+    ``meanwhile()`` has returned; SIGCONTed, it must exit with status 1 (deposed)."""
+    old = c.master_procs[master_name(leader)]
+    os.kill(old.pid, signal.SIGSTOP)
+    try:
+        leader_index(c, other_than=leader)
+        meanwhile()
+    finally:
+        os.kill(old.pid, signal.SIGCONT)
+    assert old.wait(60) == 1, c.master_log(leader)
+
+
 def pause_between(ops: list[Op], start_ns: int, end_ns: int) -> float:
     """The longest operation that returned between ``start_ns`` and ``end_ns`` (seconds)."""
     return max(op.ret - op.invoke for op in ops
@@ -303,14 +316,8 @@ def test_a_leader_paused_past_its_session_is_deposed_and_stops(ensemble, tmp_pat
         w = Workload(c, tmp_path)
         try:
             first = leader_index(c)
-            old = c.master_procs[master_name(first)]
-            os.kill(old.pid, signal.SIGSTOP)
-            try:
-                leader_index(c, other_than=first)
-                w.advance("the clients to carry on under the new leader")
-            finally:
-                os.kill(old.pid, signal.SIGCONT)
-            assert old.wait(60) == 1, c.master_log(first)
+            stopped_until_deposed(c, first, lambda: w.advance(
+                "the clients to carry on under the new leader"))
             assert "stopping" in c.master_log(first)
             w.advance("the clients to carry on after the old leader woke up")
             assert stop_processes(w.procs, w.stop) == [0] * CLIENTS

@@ -160,3 +160,19 @@ def test_a_failing_verb_stops_the_batch_after_running_each_earlier_verb_once(nod
     wrong_key = msgpack.packb((wire.VERBS, 5, rkey ^ 1, [[wire.OP_FAA, 256, 1]]))
     seq, results, error = wire.decode_reply(node.handle(wrong_key))
     assert results == [] and error[1] == wire.ERR_ACCESS
+
+
+def test_a_block_request_with_another_key_is_refused(node):
+    """ALLOC and FREE travel in a verbs message with the region's key like the verbs, and are
+    refused without it: one sent to a dead MN's predecessor at the endpoint (or by a client
+    stalled since) must not run on the MN rebuilt there, which no fence reached (the process
+    version: tests/test_stall_processes.py)."""
+    rkey = node.region.rkey
+    seq, (addr,), error = wire.decode_reply(node.handle(msgpack.packb(
+        (wire.VERBS, 1, rkey, [[wire.OP_ALLOC, 3]]))))
+    assert error is None and node.blocks.used() == 1
+    for op in ([wire.OP_FREE, 3, addr], [wire.OP_ALLOC, 3]):
+        seq, results, error = wire.decode_reply(node.handle(msgpack.packb(
+            (wire.VERBS, 2, rkey ^ 1, [op]))))
+        assert results == [] and error[1] == wire.ERR_ACCESS
+        assert node.blocks.used() == 1

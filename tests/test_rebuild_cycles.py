@@ -193,3 +193,25 @@ def test_a_crashed_delete_whose_tombstone_a_failover_kept():
     counts it from the entry's COMMITTED record with no old value. The window by hand, with
     no seed: ``test_kept_proposal``."""
     check_rebuild(1064, cls=SlowCycleRun, nodes=4, r=3, crash_client=True)
+
+
+def test_a_committed_insert_whose_backup_died_is_not_completed_over_a_later_insert():
+    """Found by session 9's hostile sweep (``LongSlowCycleRun``, seeds 12000-12399, 4 shapes:
+    1 of 1,600 cases), on 3 MNs r = 2, four clients of 20 operations, three of them crashing.
+    The index check finds k0 in two slots, 1:7 and 1:14. In epoch 6 (no MN dead) c1's put of
+    k0, an insert, claimed slot 1:14 on its one backup, MN 2, won the round and committed its
+    log entry; MN 2 crashed, and c1 crashed before its primary CAS. The failover of MN 2
+    (epoch 7) found the primary, MN 1, alive with the slot's void: nothing to settle, and
+    nothing recorded (the proposal died with MN 2). In epoch 7 the subtable had no backup, and
+    c3's put of k0 inserted it into slot 1:7 (acknowledged). c1's recovery then read the entry
+    COMMITTED with the primary still holding the old value, and ``Recovery._win_again`` ran
+    the round again: with no backup it wins at once, and ``_complete`` CASed c1's object into
+    1:14. A SNAPSHOT round again is not an insert again: the duplicate check, which c1 passed
+    in epoch 6, is not redone, and another insert of the key may have taken effect since its
+    round was closed unseen. Two slots of one key: a delete then removes one and the next get
+    finds the other (a deleted key comes back). Recovery now withdraws a committed INSERT
+    whose claim never reached the primary, by key, as one not committed
+    (``Recovery._committed``): nobody can have observed it (a helper, or a failover of the
+    primary, would have put the claim there). Looking the key up before completing would
+    not do: a live client may insert the key between that lookup and the CAS."""
+    check_pinned(12347, 3, 2, crash=True)

@@ -213,6 +213,17 @@ class RecoveryCrashCycleRun(CycleRun):
         sim.at_step(sim.step + sim.fault_rng.randrange(1, 40), again)
 
 
+class LongSlowCycleRun(SlowCycleRun):
+    """``SlowCycleRun`` with five cycles, and three clients that crash (with ``crash_client``):
+    session 9's hostile sweep ran it with four clients of 20 operations each."""
+
+    cycles = 5
+    crashes = ("c0", "c1", "c2")
+
+    def __init__(self, seed: int, clients: int = 4, ops: int = 20, **kw):
+        super().__init__(seed, clients=clients, ops=ops, **kw)
+
+
 SHAPES = [(3, 3), (3, 2), (4, 2), (4, 3), (5, 2), (5, 3), (6, 2), (6, 3)]       # (MNs, r)
 
 

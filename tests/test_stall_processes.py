@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,11 +28,11 @@ from test_failover_processes import LEASES
 from fusee.client import Client
 from fusee.emulator.cluster import LocalCluster
 from fusee.config import LayoutConfig
-from fusee.errors import Fenced, NodeTimeout
+from fusee.errors import Fenced, NodeTimeout, TransportError
 from fusee.layout import pack_u64, unpack_u64
 from fusee.memory_map import MemoryMap
 from fusee.transports.zeromq import ZmqTransport
-from fusee.verbs import Faa, Read, Write
+from fusee.verbs import Faa, FreeBlock, Read, Write
 
 
 @contextmanager
@@ -161,5 +162,139 @@ def test_a_restarted_master_fences_the_expired_client_it_inherits():
             kv.transport.close()
         with ZmqTransport(c.config) as t:
             assert b"stale!!!" not in t.execute([Read(n, scratch, 8) for n in range(3)])
+        with c.client() as other:
+            assert other.get(b"k") == b"v"
+
+
+def test_a_stale_block_request_is_refused_by_a_memory_node_rebuilt_since():
+    """A client stalls past its lease (it stops renewing, as one SIGSTOPped would) with a
+    batch past its lease check that frees one of its blocks on MN 0. Meanwhile MN 0 dies and
+    is failed over, the master expires the client, fences it at the live MNs (1 and 2) and
+    recovers its id, and MN 0 is rebuilt: a new process at the same endpoint, which no fence
+    ever reached. The client resumes and its batch goes out on its old socket, which ZeroMQ
+    reconnects to the new MN 0. Its one-sided verbs carry the old process's access key and
+    are refused; the FreeBlock used to be served all the same (the MN's CPU checked no key
+    for block requests), and MN 0's table then had the block free while the id's next holder
+    held it, for the next AllocBlock to hand out again. The MN now checks the key of every
+    request of a verbs message, as a NIC does (``fusee.emulator.memnode``)."""
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), **LEASES) as c:
+        mmap_ = MemoryMap.of(c.config.layout)
+        kv = c.client()
+        try:
+            kv.put(b"k", b"v")
+            cid = kv.client_id
+            with ZmqTransport(c.config) as t:
+                table = t.execute([Read(0, mmap_.table, 8 * mmap_.num_blocks)])[0]
+            owned = [i for i in range(mmap_.num_blocks)
+                     if unpack_u64(table[8 * i:8 * i + 8]) == cid + 1]
+            assert owned, "the client holds a block on MN 0"
+            block = mmap_.block_addr(owned[0])
+            kv.lease.close(release=False)               # the stall begins
+            c.kill(0)
+            wait_for(lambda: (s := c.master_status())["dead"] == [0] and
+                     str(cid) not in s["clients"] and str(cid) not in s["repairs"],
+                     "MN 0's failover and the stalled client's recovery", timeout=60)
+            c.rejoin(0)
+            wait_for(lambda: c.master_status()["dead"] == [], "MN 0's rebuild", timeout=120)
+            with pytest.raises(TransportError):        # the stalled batch goes out
+                kv.transport.execute([FreeBlock(0, cid, block), Write(0, block, b"stale!!!")])
+        finally:
+            kv.closed = True
+            kv.transport.close()
+        entry = mmap_.table_entry(owned[0])
+        with ZmqTransport(c.config) as t:
+            words = t.execute([Read(n, entry, 8) for n in range(3)])
+        assert words[0] == words[1] == words[2] == pack_u64(cid + 1), \
+            f"block {block:#x}'s owner words on MNs 0, 1, 2: {words}"
+        with c.client() as other:
+            assert other.get(b"k") == b"v"
+
+
+@contextmanager
+def stale_writes(kv: Client, scratch: int, nodes: tuple[int, ...]
+                 ) -> Iterator[tuple[list[float], list[TransportError]]]:
+    """``kv`` stalls past its lease (it stops renewing, as one SIGSTOPped would) with batches
+    past its lease check: in the block, a thread posts them straight to its transport, each
+    writing the next number at ``scratch`` on ``nodes``, until one is refused. Yields (when
+    each batch that landed was sent, wall clock; the refusal, once it came)."""
+    stop, landed, refused = threading.Event(), [], []
+
+    def post() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            sent = time.time()
+            try:
+                kv.transport.execute([Write(n, scratch, pack_u64(i)) for n in nodes])
+            except TransportError as e:
+                refused.append(e)
+                return
+            landed.append(sent)
+    writer = threading.Thread(target=post)
+    kv.lease.close(release=False)               # the stall begins
+    writer.start()
+    try:
+        yield landed, refused
+    finally:
+        stop.set()
+        writer.join(30)
+        kv.closed = True
+        kv.transport.close()
+
+
+def test_a_client_expired_before_a_rebuild_s_pause_is_fenced_before_the_copy():
+    """MN 0 dead and failed over; a client stalls past its lease (it stops renewing) with
+    batches past its lease check that keep writing a word of the client metadata on MNs 1
+    and 2 (posted straight to its transport, one after the other). MN 0 rejoins: its
+    rebuild's pause, which waits no more for the expired client, copies that word from MN 1.
+    The master used to fence an expired client only before its recovery, after the rebuild
+    had published: the writes that landed between the copy and that fence left MN 0 with an
+    older word than MN 1. It now fences every expired client before the pause copies (and
+    before a failover runs): MN 0 has MN 1's word. (MN 2's may differ: the last batch may
+    land on MN 1 before its fence and on MN 2 after, as a crashed client's last batch may.)"""
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), **LEASES) as c:
+        scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
+        c.kill(0)
+        wait_for(lambda: c.master_status()["dead"] == [0], "MN 0's failover")
+        kv = c.client()
+        kv.put(b"k", b"v")
+        cid = str(kv.client_id)
+        with stale_writes(kv, scratch, (1, 2)) as (_, refused):
+            c.rejoin(0)
+            wait_for(lambda: (s := c.master_status())["dead"] == [] and
+                     cid not in s["clients"] and cid not in s["repairs"],
+                     "MN 0's rebuild and the stalled client's recovery", timeout=120)
+        assert refused and isinstance(refused[0], Fenced), refused
+        with ZmqTransport(c.config) as t:
+            words = t.execute([Read(n, scratch, 8) for n in range(3)])
+        assert words[0] == words[1], f"the word on MNs 0, 1, 2: {[unpack_u64(w) for w in words]}"
+        with c.client() as other:
+            assert other.get(b"k") == b"v"
+
+
+def test_a_client_expired_before_a_failover_is_fenced_before_it_runs():
+    """A client stalls past its lease (it stops renewing) with batches past its lease check
+    that keep writing a word on MNs 0 and 1 (posted straight to its transport), and MN 2 is
+    killed: the failover goes on without the expired client's ack. It used to be fenced only
+    before its recovery, after the failover had published, so its writes landed while the
+    failover ran and after it; now every expired client is fenced before the failover runs,
+    and no write sent after it started lands."""
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), **LEASES) as c:
+        scratch = MemoryMap.of(c.config.layout).client_meta(15)    # no client holds id 15
+        kv = c.client()
+        kv.put(b"k", b"v")
+        cid = str(kv.client_id)
+        with stale_writes(kv, scratch, (0, 1)) as (landed, refused):
+            c.kill(2)
+            status = wait_for(lambda: (s := c.master_status())["dead"] == [2] and
+                              cid not in s["clients"] and cid not in s["repairs"] and s,
+                              "MN 2's failover and the stalled client's recovery")
+        assert refused and isinstance(refused[0], Fenced), refused
+        (failover,) = status["failovers"]
+        late = [t for t in landed if t > failover["started_at"]]
+        assert not late, f"{len(late)} stale writes sent after the failover started landed"
         with c.client() as other:
             assert other.get(b"k") == b"v"

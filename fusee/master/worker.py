@@ -90,8 +90,6 @@ class Worker(SharedState):
         with self.lock:
             membership, down = self.logic.membership, self._down()
             milestones = [self.timeline.setdefault(n, {}) for n in nodes]
-        for m in milestones:
-            m.setdefault("started_at", time.time())
         # no MN: the rounds a failed rebuild's pause closed, published by none (Master.closing)
         names = ", ".join(map(str, nodes)) or "none (closing the rounds a rebuild left)"
         self.log(f"master: failing over memory node {names} (epoch {membership.epoch} -> "
@@ -100,6 +98,9 @@ class Worker(SharedState):
         op = failover(self.config, membership, nodes) if nodes else close_rounds(self.config,
                                                                                  membership)
         try:
+            self._fence_expired(down)
+            for m in milestones:
+                m.setdefault("started_at", time.time())
             new, connect_s = self._run(op, down)
         except Exception as e:          # noqa: BLE001 - a failed failover is retried, not fatal
             with self.lock:
@@ -159,6 +160,7 @@ class Worker(SharedState):
                 run(job.copy_online(), transport)
                 paused = time.perf_counter()
                 self._pause_for_rebuild(node, overtaken)
+                self._fence_expired(down)
                 acked = time.perf_counter()
                 self._closing(node)
                 new = run(job.finish(), transport)
@@ -314,6 +316,20 @@ class Worker(SharedState):
         self.log(f"master: client {cid} recovered in {recover_s * 1000:.1f} ms; id free",
                  flush=True)
 
+
+    def _fence_expired(self, down: set[int]) -> None:
+        """Fence every expired client not recovered yet at the MNs not ``down``, before a
+        failover or a rebuild's pause goes on without its ack: its lease ran out, yet a batch
+        past its lease check when it stopped (SIGSTOP, a GC pause) may still go out, and
+        land after the failover read a round or the pause copied what it wrote; the repair's
+        own fence came only after the epoch was published. Raises what ``_fence`` raises (the
+        failover or rebuild fails and is retried)."""
+        with self.lock:
+            expired = [(cid, job.token) for cid, job in sorted(self.logic.repairs.items())
+                       if job.token is not None]
+        live = [m for m in self.logic.memnodes if m not in down]
+        for cid, token in expired:
+            self._fence(cid, token, live)
 
     def _fence(self, cid: int, token: int, nodes: list[int]) -> None:
         """Have every live MN refuse client ``cid`` of lease ``token`` before its recovery
