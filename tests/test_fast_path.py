@@ -336,7 +336,9 @@ def test_a_zmq_batch_spanning_the_mns_is_sorted_out_without_python_steps_per_ver
                 t.channels.post = real_send
             d = t.stats - before
             assert (d.round_trips, d.verbs, d.reads, d.bytes_in) == (1, 60, 60, 480)
-            assert (many - few) / (len(big) - len(small)) <= 2, (few, many, lines)
+            # (slack: under load the 3 replies come in apart and the wait loops per reply,
+            # a few lines each, whatever the batch's size; 5 passes per verb would be 270)
+            assert many - few <= 2 * (len(big) - len(small)) + 24, (few, many, lines)
             assert sent[-1] == {n: [8 * i for i in range(20)] for n in (2, 0, 1)}
 
 
