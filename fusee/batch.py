@@ -87,7 +87,8 @@ class Pipeline:
         # moment; ``execute`` makes it again only if ``Client.ready`` then hands out another
         # (a settle may replace it). Not started, it has done nothing yet.
         core = self.client.core
-        self._queue.append((bytes(key), operation, args, core, operation(core, *args)))
+        made = operation(core, *args)                   # first: it checks the key's type
+        self._queue.append((bytes(key), operation, args, core, made))
         return self
 
     def __len__(self) -> int:
