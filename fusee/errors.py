@@ -168,6 +168,14 @@ class NodeTimeout(TransportError):
     or dead."""
 
 
+class NodeRestarted(NodeTimeout, RemoteAccessError):
+    """Raised when a memory node refused this client's access key: the process at its endpoint
+    registered its memory anew (the key is drawn at each start), so it restarted since the
+    client connected and its memory is gone. It is as dead as a silent one: an operation
+    awaits the failover the master runs for it (``Master.mn_seen``), never gives up."""
+    exit_code = UNAVAILABLE
+
+
 def batch_failure(results: list[Any]) -> TransportError | None:
     """The error a batch whose completions are ``results`` fails with, carrying them all; None
     if every request completed. A dead node outranks a refused request: it tells the caller
