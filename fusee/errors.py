@@ -7,6 +7,7 @@
     |   NeedsRecovery, StoreFormatError, WrongMemoryNode           exit 2
     |-- TransportError                                             exit 3
     |   |-- NodeTimeout, EpochChanged, ControlError, Fenced        exit 3
+    |   |   `-- NodeRestarted (also RemoteAccessError)             exit 3
     |   `-- RemoteAccessError                                      exit 5
     |       `-- NotAuthorized                                      exit 2
     |-- LeaseExpired, LeaseLapsed, LeaseError, MasterError (MasterTimeout,
