@@ -377,6 +377,7 @@ def test_an_mn_answering_with_another_incarnation_restarted_and_is_dead_at_once(
                            now=0.2)
     for k in (m, taken):
         assert k.mn_seen(1, 0.2, 0xCD) == RESTARTED
+        k.mn_afresh(0.2)                                # a stall of the master meanwhile
         assert [(e.kind, e.subject) for e in k.tick(0.21)] == [("mn-dead", 1)]   # not MN_L
         assert k.failing == [1] and 1 not in k.incarnations
         assert k.mn_seen(1, 0.3, 0xCD) is None          # a dead MN stays dead

@@ -312,8 +312,9 @@ class Master:
             return None
         known = self.incarnations.get(node)
         if incarnation and known and incarnation != known:
+            restarted = self.mn_deadline[node] != -math.inf    # (told once)
             self.mn_deadline[node] = -math.inf
-            return RESTARTED
+            return RESTARTED if restarted else None
         self.mn_deadline[node] = max(self.mn_deadline[node], sent_at + self.mn_lease)
         if incarnation and not known:
             self.incarnations[node] = incarnation
@@ -605,7 +606,8 @@ class Master:
         """Give every live MN a full lease from ``now``: after a stall of this master, when
         the heartbeats it did not send say nothing of the MNs' health."""
         for node, deadline in self.mn_deadline.items():
-            self.mn_deadline[node] = max(deadline, now + self.mn_lease)
+            if deadline != -math.inf:       # a restarted MN's memory is gone all the same
+                self.mn_deadline[node] = max(deadline, now + self.mn_lease)
 
 
 def _repair_tokens(saved: object, repairs: dict[int, str]) -> dict[int, int]:
