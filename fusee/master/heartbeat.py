@@ -92,13 +92,11 @@ class Pings:
         self.channels, self.lease = channels, lease
         self.sent: dict[int, float] = {}            # seq of a recent round -> when it went out
 
-    def round(self, nodes: list[int],
-              timeout: float) -> Iterator[tuple[int, str, int, float]]:
+    def round(self, nodes: list[int], timeout: float) -> Iterator[tuple[int, str, int, float]]:
         """Ping ``nodes`` at once; yield (node, its answer: "pong", or REJOIN from an MN
         started with --rejoin, its incarnation (0: not told), when the ping it answers was
-        sent) for each pong in by
-        ``timeout``, this round's or a late one of an earlier round, as it is read. Once the
-        deadline has passed, what has come in is still read."""
+        sent) for each pong in by ``timeout``, this round's or a late one of an earlier
+        round, as it is read. Once the deadline has passed, what has come in is still read."""
         channels = self.channels
         seq = channels.next_seq()
         now = time.monotonic()
