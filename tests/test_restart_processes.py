@@ -6,7 +6,9 @@ region's header and in its pong) tells the master that its memory is gone. Then:
 - the master declares it dead and fails it over, and rebuilds it (it runs with --rejoin);
 - a client that was running carries on (over zmq the new MN refuses its old access key:
   that is a dead MN to it, never an error to the user);
-- a new client reads every acknowledged key.
+- a new client reads every acknowledged key;
+- and so it goes when the master was down meanwhile: the next one knows the incarnation from
+  the stored state, never adopts the empty MN.
 """
 
 from __future__ import annotations
@@ -46,3 +48,22 @@ def test_an_mn_restarted_within_its_lease_is_failed_over_and_rebuilt(backend):
             assert fresh.get_many(list(_values(b"c"))) == list(_values(b"c").values())
         log = c.master_log()
         assert "memory node 1 restarted" in log, log
+
+
+def test_a_master_started_after_the_restart_knows_the_incarnation_from_its_state():
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
+                      layout=LayoutConfig(**SMALL), client_lease=2.0, mn_lease=3.0,
+                      timeout=1.0) as c:
+        with c.client() as kv:
+            kv.put_many(_values(b"a"))
+        wait_for(lambda: "1" in c.master_status().get("incarnations", {}),
+                 "the master to learn MN 1's incarnation", timeout=30)
+        c.stop_master(kill=True)
+        c.kill(1)
+        c.rejoin(1)
+        c.start_master()
+        wait_for(lambda: c.master_status()["memnodes"]["1"]["state"] == "alive"
+                 and any(r["node"] == 1 for r in c.master_status().get("rebuilds", [])),
+                 "the next master to fail MN 1 over and rebuild it", timeout=60)
+        with c.client() as fresh:
+            assert fresh.get_many(list(_values(b"a"))) == list(_values(b"a").values())
