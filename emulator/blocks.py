@@ -12,22 +12,26 @@ import struct
 
 from fusee.emulator.memory import MemoryRegion
 from fusee.index import initial_image
-from fusee.memory_map import (HEADER_CLUSTER, HEADER_LAYOUT, HEADER_MAGIC, HEADER_NODE, MAGIC,
-                              MemoryMap)
+from fusee.memory_map import (HEADER_CLUSTER, HEADER_INCARNATION, HEADER_LAYOUT, HEADER_MAGIC,
+                              HEADER_NODE, MAGIC, MemoryMap)
 from fusee.verbs import AllocBlock, ControlError, FreeBlock
 
 _U64 = struct.Struct("<Q")
 
 
-def format_region(region: MemoryRegion, mmap_: MemoryMap, node: int, cluster: int) -> None:
+def format_region(region: MemoryRegion, mmap_: MemoryMap, node: int, cluster: int,
+                  incarnation: int = 0) -> None:
     """Write the header and the empty index of a fresh region (the rest is already zero).
     ``cluster``: the cluster id's word (``fusee.cluster_identity.cluster_word``), which every
-    process that connects checks."""
+    process that connects checks; ``incarnation``: this start's word
+    (``fusee.cluster_identity.new_incarnation``), which tells a restarted MN, empty, from
+    the one it replaces."""
     rkey = region.rkey
     region.write(HEADER_MAGIC, _U64.pack(MAGIC), rkey)
     region.write(HEADER_LAYOUT, _U64.pack(mmap_.fingerprint), rkey)
     region.write(HEADER_NODE, _U64.pack(node), rkey)
     region.write(HEADER_CLUSTER, _U64.pack(cluster), rkey)
+    region.write(HEADER_INCARNATION, _U64.pack(incarnation), rkey)
     for addr, data in initial_image(mmap_.layout):      # the RACE index's empty image
         region.write(addr, data, rkey)
 

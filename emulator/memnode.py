@@ -24,12 +24,12 @@ from fusee.emulator import _atomic, wire
 from fusee.emulator.blocks import BlockTable, format_region
 from fusee.emulator.memory import MemoryRegion, SharedSegment, new_rkey
 from fusee.emulator.nic_checks import check_key
-from fusee.cluster_identity import cluster_word
+from fusee.cluster_identity import cluster_word, new_incarnation
 from fusee.config import ClusterConfig, ConfigError
-from fusee.errors import Fenced
+from fusee.errors import Fenced, NodeRestarted
 from fusee.fencing import key_of
 from fusee.memory_map import MemoryMap
-from fusee.rejoin import REJOIN
+from fusee.rejoin import ping_answer
 from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAccessError
 from fusee.emulator.serving import (BindError, EndpointInUse, bind, claim_endpoint,
                               stop_condition, write_ready)
@@ -52,21 +52,23 @@ class MemoryNode:
     def __init__(self, config: ClusterConfig, node_id: int, segment_name: str | None = None,
                  rejoin: bool = False):
         """``rejoin``: this MN takes a dead one's place; it answers the master's ping with
-        REJOIN until the end, and the master rebuilds it (``fusee.rebuild``)."""
+        REJOIN until the end, and the master rebuilds it (``fusee.rebuild``). Either answer
+        carries this start's incarnation, which tells the master of a restart."""
         self.config, self.id = config, node_id
         self.map = MemoryMap.of(config.layout)
         name = segment_name or f"fusee-{config.name}-mn{node_id}-{os.getpid()}"
         self.segment = SharedSegment(name, config.layout.region_size, create=True)
         self.region = MemoryRegion(self.segment.mmap, new_rkey(), node_id)
         self._base = _atomic.address(self.segment.mmap)      # for the verbs' fast path
-        format_region(self.region, self.map, node_id, cluster_word(config))
+        self.incarnation = new_incarnation()
+        format_region(self.region, self.map, node_id, cluster_word(config), self.incarnation)
         self.blocks = BlockTable(self.region, self.map)
         # what fusee.metrics reports, in MEMNODE_TALLY's order: a list, the cheapest counter
         # to bump on the request loop
         self.tally = [0] * len(MEMNODE_TALLY)
         self.controls: dict[str, Callable[[dict], object]] = {
             "info": self._info,
-            "ping": lambda args: REJOIN if rejoin else "pong",
+            "ping": lambda args: ping_answer(rejoin, self.incarnation),
             "fence": self._fence,
         }
         #: the clients whose requests are refused: the master ended their leases
@@ -145,6 +147,8 @@ class MemoryNode:
                     results.append(region.execute(req, rkey))
             except wire.MalformedMessage as e:
                 return wire.encode_reply(seq, results, [i, wire.ERR_MALFORMED, str(e)])
+            except NodeRestarted as e:      # (a RemoteAccessError the client takes as a death)
+                return wire.encode_reply(seq, results, [i, wire.ERR_WRONG_KEY, str(e)])
             except RemoteAccessError as e:
                 return wire.encode_reply(seq, results, [i, wire.ERR_ACCESS, str(e)])
             except ControlError as e:

@@ -15,12 +15,14 @@ An FAA's delta is not checked: it wraps modulo 2**64, as a NIC's adder does.
 
 from __future__ import annotations
 
-from fusee.errors import RemoteAccessError
+from fusee.errors import NodeRestarted, RemoteAccessError
 from fusee.verbs import MASK64
 
 
-def wrong_key(node: int) -> RemoteAccessError:
-    return RemoteAccessError(f"MN {node}: wrong access key", node)
+def wrong_key(node: int) -> NodeRestarted:
+    """A key this registration did not hand out: the one of a previous start of the MN."""
+    return NodeRestarted(f"MN {node}: wrong access key (it restarted since this client "
+                         "connected: its memory is gone)", node)
 
 
 def check_key(node: int, rkey: int, registered: int) -> None:

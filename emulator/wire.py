@@ -19,18 +19,18 @@ if TYPE_CHECKING:
     import zmq
 
 from fusee.emulator import _atomic
-from fusee.errors import Fenced
+from fusee.errors import Fenced, NodeRestarted
 from fusee.verbs import (AllocBlock, Cas, ControlError, Faa, FreeBlock, MASK64, Read,
                          RemoteAccessError, Request, TransportError, Write)
 
 VERBS, CONTROL = 0, 1
 OP_READ, OP_WRITE, OP_CAS, OP_FAA, OP_ALLOC, OP_FREE = range(6)
-ERR_ACCESS, ERR_CONTROL, ERR_MALFORMED, ERR_FENCED = 1, 2, 3, 4
+ERR_ACCESS, ERR_CONTROL, ERR_MALFORMED, ERR_FENCED, ERR_WRONG_KEY = 1, 2, 3, 4, 5
 
 _OPCODE = {Read: OP_READ, Write: OP_WRITE, Cas: OP_CAS, Faa: OP_FAA,
            AllocBlock: OP_ALLOC, FreeBlock: OP_FREE}
 _ERRORS = {ERR_ACCESS: RemoteAccessError, ERR_CONTROL: ControlError,
-           ERR_MALFORMED: RemoteAccessError, ERR_FENCED: Fenced}
+           ERR_MALFORMED: RemoteAccessError, ERR_FENCED: Fenced, ERR_WRONG_KEY: NodeRestarted}
 
 
 #: one Packer for the process: cheaper than msgpack.packb's fresh one per call, and safe to

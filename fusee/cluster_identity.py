@@ -50,6 +50,16 @@ def new_cluster_id() -> str:
     return f"{word:016x}"
 
 
+def new_incarnation() -> int:
+    """The word an MN process writes into its region's header when it starts (never 0), and
+    answers the master's pings with (``fusee.rejoin.ping_answer``): an MN restarted at the
+    same endpoint has lost its memory, and only this tells it from the one the master knows
+    (docs/design.md#cluster-identity)."""
+    while (word := secrets.randbits(64)) == 0:
+        pass
+    return word
+
+
 def cluster_word(config: ClusterConfig) -> int:
     """The header word of ``config``'s cluster id: what its MNs write, and what is expected
     of them (0 for a config without one)."""

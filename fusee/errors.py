@@ -7,6 +7,7 @@
     |   NeedsRecovery, StoreFormatError, WrongMemoryNode           exit 2
     |-- TransportError                                             exit 3
     |   |-- NodeTimeout, EpochChanged, ControlError, Fenced        exit 3
+    |   |   `-- NodeRestarted (also RemoteAccessError)             exit 3
     |   `-- RemoteAccessError                                      exit 5
     |       `-- NotAuthorized                                      exit 2
     |-- LeaseExpired, LeaseLapsed, LeaseError, MasterError (MasterTimeout,
@@ -166,6 +167,14 @@ class NotAuthorized(RemoteAccessError):
 class NodeTimeout(TransportError):
     """Raised when a memory node sent no completion within the deadline: it is unreachable
     or dead."""
+
+
+class NodeRestarted(NodeTimeout, RemoteAccessError):
+    """Raised when a memory node refused this client's access key: the process at its endpoint
+    registered its memory anew (the key is drawn at each start), so it restarted since the
+    client connected and its memory is gone. It is as dead as a silent one: an operation
+    awaits the failover the master runs for it (``Master.mn_seen``), never gives up."""
+    exit_code = UNAVAILABLE
 
 
 def batch_failure(results: list[Any]) -> TransportError | None:

@@ -1,6 +1,7 @@
 """Where things live inside one memory node's region (docs/design.md#memory-map).
 
-    0 ............ header page: magic, layout fingerprint, node id, client-id counter, cluster id
+    0 ............ header page: magic, layout fingerprint, node id, client-id counter, cluster id,
+                   incarnation
     table ........ block-allocation table: one 8-byte word per data block (owner id + 1, 0 = free)
     clients ...... max_clients metadata slots of client_meta_size bytes (log heads, owned blocks)
     index ........ RACE directory and subtables (index_size bytes)
@@ -23,7 +24,8 @@ HEADER_LAYOUT = 8                # u64 fingerprint of the layout
 HEADER_NODE = 16                 # u64 node id
 HEADER_CLIENT_IDS = 24           # u64 counter: FAA by a new client to draw a unique id
 HEADER_CLUSTER = 32              # u64 cluster id (fusee.cluster_identity); 0: made without one
-HEADER_END = 40                  # the header's words end here; one READ of them identifies an MN
+HEADER_INCARNATION = 40          # u64 random, nonzero, new at each start of the MN process
+HEADER_END = 48                  # the header's words end here; one READ of them identifies an MN
 
 
 def _align(n: int, a: int = PAGE) -> int:

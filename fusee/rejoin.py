@@ -32,6 +32,24 @@ ALIVE, DEAD, FAILING, JOINING, REBUILDING = "alive", "dead", "failing", "joining
 COPYING, PAUSING = "copying online", "pausing"
 #: what an MN started with --rejoin answers to the master's ping (else "pong")
 REJOIN = "rejoin"
+PONG = "pong"
+
+
+def ping_answer(rejoin: bool, incarnation: int) -> list[Any]:
+    """An MN's answer to the master's ping: REJOIN or PONG, and its incarnation
+    (``fusee.cluster_identity.new_incarnation``)."""
+    return [REJOIN if rejoin else PONG, incarnation]
+
+
+def read_ping_answer(value: object) -> tuple[str, int] | None:
+    """(answer, incarnation) of a ping's reply value (incarnation 0: a bare "pong" or
+    "rejoin", which says nothing of a restart); None for anything else."""
+    if value in (PONG, REJOIN):
+        return str(value), 0
+    if (isinstance(value, list) and len(value) == 2 and value[0] in (PONG, REJOIN)
+            and type(value[1]) is int and value[1] >= 0):
+        return value[0], value[1]
+    return None
 
 
 @dataclass
@@ -45,14 +63,19 @@ class Rejoins:
     errors: dict[int, str] = field(default_factory=dict)       # the last failure, per MN
     #: the clients a renewal has told that the running rebuild runs (``Master.unheard``)
     heard: set[int] = field(default_factory=set)
+    #: the incarnation each MN asked with last, and the running rebuild's as it began: the
+    #: one the master expects of it once rebuilt (``Master.incarnations``)
+    asked_as: dict[int, int] = field(default_factory=dict)
+    rebuilding_as: int = 0
 
-    def ask(self, node: int, sent_at: float, lease: float) -> bool:
-        """Dead MN ``node`` asked to rejoin in answer to a ping sent at ``sent_at``; True
-        when that queues it."""
+    def ask(self, node: int, sent_at: float, lease: float, incarnation: int = 0) -> bool:
+        """Dead MN ``node`` asked to rejoin, as ``incarnation``, in answer to a ping sent at
+        ``sent_at``; True when that queues it."""
         if sent_at < self.retry_at.get(node, 0.0):
             return False
         new = node not in self.joining
         self.joining[node] = max(self.joining.get(node, 0.0), sent_at + lease)
+        self.asked_as[node] = incarnation
         return new
 
     def next(self, now: float, ready: bool) -> int | None:
@@ -62,9 +85,11 @@ class Rejoins:
         for node, deadline in list(self.joining.items()):
             if now > deadline and node != self.running:
                 del self.joining[node]
+                self.asked_as.pop(node, None)
         if not ready or self.running is not None or not self.joining:
             return None
         self.running = min(self.joining)
+        self.rebuilding_as = self.asked_as.get(self.running, 0)
         self.progress, self.phase = (0, 0), COPYING
         self.heard = set()
         return self.running
@@ -83,7 +108,7 @@ class Rejoins:
         assert self.running == node, (node, self.running)
         del self.joining[node]
         self.running = None
-        for record in (self.attempts, self.retry_at, self.errors):
+        for record in (self.attempts, self.retry_at, self.errors, self.asked_as):
             record.pop(node, None)
 
     def failed(self, node: int, now: float, error: str, backoff: float) -> None:
@@ -92,6 +117,7 @@ class Rejoins:
         assert self.running == node, (node, self.running)
         self.running = None
         del self.joining[node]
+        self.asked_as.pop(node, None)
         self.attempts[node] = self.attempts.get(node, 0) + 1
         self.errors[node] = error
         self.retry_at[node] = now + backoff

@@ -12,7 +12,8 @@ import pytest
 
 from fusee.master.store import FileStore
 from fusee.config import ClusterConfig, ConfigError
-from fusee.master.logic import DataLost, LeaseError, Master, StateError, TransitionInProgress
+from fusee.master.logic import (LEARNED, RESTARTED, DataLost, LeaseError, Master, StateError,
+                                TransitionInProgress)
 from fusee.membership import Membership
 
 L, MN_L, GRACE = 1.0, 0.5, 0.25         # leases of the unit tests
@@ -306,6 +307,9 @@ def test_a_restarted_master_knows_the_token_of_each_expired_client_it_inherits()
     {"repair_tokens": {"2": 7}, "repairs": {"2": "released"}},
     {"repair_tokens": {"2": "7"}, "repairs": {"2": "expired"}},
     {"repair_tokens": [[2, 7]], "repairs": {"2": "expired"}},
+    {"incarnations": {"5": 7}},                 # not an MN of the config
+    {"incarnations": {"0": 0}},
+    {"incarnations": [[0, 7]]},
 ])
 def test_restore_refuses_a_state_that_does_not_fit(bad):
     state = {**master().state(), **bad}
@@ -362,6 +366,33 @@ def test_a_master_of_several_must_be_told_which_it_is(tmp_path, capsys):
     assert main(["--config", str(path)]) == 2
     assert capsys.readouterr().err == (f"fusee master: error: {path} names several masters: "
                                        "say which one this is with --endpoint\n")
+
+
+def test_an_mn_answering_with_another_incarnation_restarted_and_is_dead_at_once():
+    m = master()
+    assert m.mn_seen(1, 0.0, 0xAB) == LEARNED
+    assert m.mn_seen(1, 0.1, 0xAB) is None and m.mn_seen(1, 0.1, 0) is None   # 0: not told
+    # a master taking over knows it too (or it would adopt the empty MN as a member)
+    taken = Master.restore(json.loads(json.dumps(m.state())), range(3), L, MN_L, GRACE,
+                           now=0.2)
+    for k in (m, taken):
+        assert k.mn_seen(1, 0.2, 0xCD) == RESTARTED
+        k.mn_afresh(0.2)                                # a stall of the master meanwhile
+        assert [(e.kind, e.subject) for e in k.tick(0.21)] == [("mn-dead", 1)]   # not MN_L
+        assert k.failing == [1] and 1 not in k.incarnations
+        assert k.mn_seen(1, 0.3, 0xCD) is None          # a dead MN stays dead
+
+
+def test_a_rebuilt_mn_is_expected_with_the_incarnation_it_asked_to_rejoin_with():
+    m = master(pinged_until=100.0)
+    m.mn_seen(0, 0.0, 0xAB)
+    m.mn_seen(0, 0.0, 0xCD)         # restarted (with --rejoin)
+    m.tick(0.1)
+    m.failover_done(m.next_failover(0.1), Membership(1, frozenset({0})))
+    assert m.rejoin(0, 1.0, 0xEF) and m.next_rebuild(1.0) == 0
+    m.rebuild_done(0, Membership(2, frozenset(), rebuilt_at={0: 2}), now=1.1)
+    assert m.incarnations[0] == 0xEF
+    assert m.mn_seen(0, 1.2, 0xEF) is None and m.mn_seen(0, 1.3, 0x12) == RESTARTED
 
 
 # -- rebuilds of dead MNs (fusee.rejoin) --------------------------------------------------------

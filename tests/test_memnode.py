@@ -42,7 +42,8 @@ def test_garbage_gets_an_error_reply_and_node_serves_on(garbage):
     with LocalCluster(memnodes=1, transport="zmq") as c:
         s = _raw(c.config.node(0).endpoint)
         seq, results, error = _ask(s, garbage)
-        assert error and error[1] in (wire.ERR_MALFORMED, wire.ERR_CONTROL, wire.ERR_ACCESS)
+        assert error and error[1] in (wire.ERR_MALFORMED, wire.ERR_CONTROL, wire.ERR_ACCESS,
+                                      wire.ERR_WRONG_KEY)
         s.send_multipart([b"a", b"b", b"c"])           # wrong frame count: dropped
         t = c.transport()
         assert t.execute([Read(0, 0, 8)])[0][:5] == b"FUSEE"
@@ -159,7 +160,7 @@ def test_a_failing_verb_stops_the_batch_after_running_each_earlier_verb_once(nod
     assert error is None and results == [(1).to_bytes(8, "little") + b"x" * 8]
     wrong_key = msgpack.packb((wire.VERBS, 5, rkey ^ 1, [[wire.OP_FAA, 256, 1]]))
     seq, results, error = wire.decode_reply(node.handle(wrong_key))
-    assert results == [] and error[1] == wire.ERR_ACCESS
+    assert results == [] and error[1] == wire.ERR_WRONG_KEY
 
 
 def test_a_block_request_with_another_key_is_refused(node):
@@ -174,5 +175,5 @@ def test_a_block_request_with_another_key_is_refused(node):
     for op in ([wire.OP_FREE, 3, addr], [wire.OP_ALLOC, 3]):
         seq, results, error = wire.decode_reply(node.handle(msgpack.packb(
             (wire.VERBS, 2, rkey ^ 1, [op]))))
-        assert results == [] and error[1] == wire.ERR_ACCESS
+        assert results == [] and error[1] == wire.ERR_WRONG_KEY
         assert node.blocks.used() == 1

@@ -1,7 +1,9 @@
 """The master's heartbeat thread: it pings every live MN with the MNs' own ``ping`` control
 request through ``fusee.transports.channel.Channels``, all at once, every quarter of the MN
 lease, and each pong renews its node's lease; it pings the dead ones too, and one that answers
-"rejoin" (``fusee memnode --rejoin``) is queued for a rebuild (``fusee.rejoin``).
+"rejoin" (``fusee memnode --rejoin``) is queued for a rebuild (``fusee.rejoin``). Every answer
+carries the MN's incarnation: a live MN that answers with another than the master knows was
+restarted at its endpoint and lost its memory, so it is dead at once (``Master.mn_seen``).
 
 A pong proves its MN was alive after the ping it answers was sent, whenever the master gets to
 read it, so it renews the lease from that ping (``Pings``): a pong read after its round's
@@ -22,8 +24,9 @@ from collections.abc import Iterator
 import zmq
 
 from fusee.emulator import wire
+from fusee.master.logic import LEARNED, RESTARTED
 from fusee.master.shared import SharedState
-from fusee.rejoin import REJOIN
+from fusee.rejoin import REJOIN, read_ping_answer
 from fusee.transports.channel import Channels
 
 
@@ -43,12 +46,11 @@ class Heartbeat(SharedState):
                 with self.lock:
                     alive, dead = self.logic.alive(), self.logic.rejoin_candidates()
                 started = time.monotonic()
-                for node, answer, sent in pings.round(alive + dead, timeout):
+                for node, answer, incarnation, sent in pings.round(alive + dead, timeout):
                     if node in alive:
-                        with self.lock:
-                            self.logic.mn_seen(node, sent)
+                        self._seen(node, sent, incarnation)
                     elif answer == REJOIN:
-                        self._rejoin(node, sent)
+                        self._rejoin(node, sent, incarnation)
                         plain.discard(node)
                     elif node not in plain:
                         plain.add(node)
@@ -59,9 +61,22 @@ class Heartbeat(SharedState):
         finally:
             channels.close()
 
-    def _rejoin(self, node: int, sent: float) -> None:
+    def _seen(self, node: int, sent: float, incarnation: int) -> None:
+        """Live MN ``node`` answered a ping sent at ``sent``: its lease is renewed, unless
+        its ``incarnation`` says it restarted since it became a member (its memory is gone:
+        dead at once, failed over at the next tick). The first incarnation heard of a member
+        is saved: a master taking over must know it too, or it would adopt the empty MN."""
         with self.lock:
-            queued = self.logic.rejoin(node, sent)
+            change = self.logic.mn_seen(node, sent, incarnation)
+            if change == LEARNED:
+                self._save()
+        if change == RESTARTED:
+            self.log(f"master: memory node {node} restarted (incarnation {incarnation:016x}): "
+                     f"its memory is gone, so it is dead now", flush=True)
+
+    def _rejoin(self, node: int, sent: float, incarnation: int) -> None:
+        with self.lock:
+            queued = self.logic.rejoin(node, sent, incarnation)
         if queued:
             self.work_due.set()
             # the clients pause only for the rebuild's last phase (fusee.rebuild), not now
@@ -77,11 +92,11 @@ class Pings:
         self.channels, self.lease = channels, lease
         self.sent: dict[int, float] = {}            # seq of a recent round -> when it went out
 
-    def round(self, nodes: list[int], timeout: float) -> Iterator[tuple[int, str, float]]:
+    def round(self, nodes: list[int], timeout: float) -> Iterator[tuple[int, str, int, float]]:
         """Ping ``nodes`` at once; yield (node, its answer: "pong", or REJOIN from an MN
-        started with --rejoin, when the ping it answers was sent) for each pong in by
-        ``timeout``, this round's or a late one of an earlier round, as it is read. Once the
-        deadline has passed, what has come in is still read."""
+        started with --rejoin, its incarnation (0: not told), when the ping it answers was
+        sent) for each pong in by ``timeout``, this round's or a late one of an earlier
+        round, as it is read. Once the deadline has passed, what has come in is still read."""
         channels = self.channels
         seq = channels.next_seq()
         now = time.monotonic()
@@ -103,13 +118,14 @@ class Pings:
                     if rseq == seq:
                         waiting.discard(node)
                     if answer is not None and rseq in self.sent:
-                        yield node, answer, self.sent[rseq]
+                        yield node, answer[0], answer[1], self.sent[rseq]
             if not waiting or (left <= 0 and not ready):
                 return
 
 
-def _replies(sock: zmq.Socket[bytes]) -> Iterator[tuple[int, str | None]]:
-    """Every reply waiting on ``sock``: (its seq, "pong" or REJOIN, else None)."""
+def _replies(sock: zmq.Socket[bytes]) -> Iterator[tuple[int, tuple[str, int] | None]]:
+    """Every reply waiting on ``sock``: (its seq, ("pong" or REJOIN, incarnation), else
+    None)."""
     while True:
         try:
             rseq, results, error = wire.decode_reply(sock.recv(zmq.NOBLOCK))
@@ -117,4 +133,5 @@ def _replies(sock: zmq.Socket[bytes]) -> Iterator[tuple[int, str | None]]:
             return
         except wire.MalformedMessage:
             continue
-        yield rseq, (results[0] if not error and results in (["pong"], [REJOIN]) else None)
+        yield rseq, (read_ping_answer(results[0]) if not error and len(results) == 1
+                     else None)

@@ -66,6 +66,9 @@ from fusee.membership import Membership
 from fusee.rejoin import Rejoins, node_states
 
 STATE_VERSION = 2
+#: what ``Master.mn_seen`` changed: the first incarnation of a member heard (to persist), or
+#: another one (the MN restarted: dead)
+LEARNED, RESTARTED = "learned", "restarted"
 #: retry delays of a failed repair or failover: base * 2**attempts, capped
 REPAIR_BACKOFF, REPAIR_BACKOFF_MAX = 0.1, 5.0
 
@@ -156,6 +159,9 @@ class Master:
     #: a rebuild's pause may have closed rounds on the memory and no epoch has been published
     #: since: the clients stay paused until a failover (of the MNs failing, or of none) does
     closing: bool = False
+    #: the incarnation of each live MN (``fusee.cluster_identity.new_incarnation``), as first
+    #: heard or as rebuilt: another one in a pong means the MN restarted, empty (persisted)
+    incarnations: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self, now: float) -> None:
         for name in ("client_lease", "mn_lease"):
@@ -297,10 +303,23 @@ class Master:
         self.repairs[cid] = _Job("expired", token=lease.token)
 
     # -- memory nodes -----------------------------------------------------------------------
-    def mn_seen(self, node: int, sent_at: float) -> None:
-        """MN ``node`` answered a ping sent at ``sent_at``. A dead MN stays dead."""
-        if node in self.mn_deadline:
-            self.mn_deadline[node] = max(self.mn_deadline[node], sent_at + self.mn_lease)
+    def mn_seen(self, node: int, sent_at: float, incarnation: int = 0) -> str | None:
+        """MN ``node`` answered a ping sent at ``sent_at`` as ``incarnation`` (0: not told). A
+        dead MN stays dead. A live one with another incarnation than the one known restarted
+        and lost its memory: its lease ends now (``tick`` fails it over) -> RESTARTED; the
+        first one heard is kept -> LEARNED (to persist); else None."""
+        if node not in self.mn_deadline:
+            return None
+        known = self.incarnations.get(node)
+        if incarnation and known and incarnation != known:
+            restarted = self.mn_deadline[node] != -math.inf    # (told once)
+            self.mn_deadline[node] = -math.inf
+            return RESTARTED if restarted else None
+        self.mn_deadline[node] = max(self.mn_deadline[node], sent_at + self.mn_lease)
+        if incarnation and not known:
+            self.incarnations[node] = incarnation
+            return LEARNED
+        return None
 
     def alive(self) -> list[int]:
         return sorted(self.mn_deadline)
@@ -317,6 +336,7 @@ class Master:
         for node, deadline in sorted(self.mn_deadline.items()):
             if now > deadline:
                 del self.mn_deadline[node]
+                self.incarnations.pop(node, None)
                 was_lost = self.lost
                 self.failing.append(node)
                 events.append(Event("mn-dead", node, self.epoch + 1))
@@ -371,12 +391,13 @@ class Master:
             raise ValueError(f"no failover of MNs {list(nodes)} is running")
 
     # -- rebuilds of dead MNs (fusee.rejoin, fusee.rebuild) ---------------------------------
-    def rejoin(self, node: int, sent_at: float) -> bool:
-        """Dead MN ``node`` asked to rejoin (answering a ping sent at ``sent_at``); True when
-        that queues its rebuild. Ignored unless it was failed over and data is not lost."""
+    def rejoin(self, node: int, sent_at: float, incarnation: int = 0) -> bool:
+        """Dead MN ``node`` asked to rejoin (answering a ping sent at ``sent_at`` as
+        ``incarnation``); True when that queues its rebuild. Ignored unless it was failed over
+        and data is not lost."""
         if node not in self.membership.dead or self.lost:
             return False
-        return self.rejoins.ask(node, sent_at, self.mn_lease)
+        return self.rejoins.ask(node, sent_at, self.mn_lease, incarnation)
 
     def rejoin_candidates(self) -> list[int]:
         """The dead MNs to ask (with a ping) whether they rejoin."""
@@ -421,10 +442,13 @@ class Master:
             # the epoch a rebuilt MN came back in tells which rounds it can witness
             raise ValueError(f"the rebuild of MN {node} returned a membership that does not "
                              f"record it rebuilt in epoch {membership.epoch}")
+        incarnation = self.rejoins.rebuilding_as
         self.rejoins.done(node)
         self.membership = membership
         self.closing = False
         self.mn_deadline[node] = now + self.mn_lease
+        if incarnation:     # the MN rebuilt; a restart since is told by its next pong
+            self.incarnations[node] = incarnation
         self.acks = {c: e for c, e in self.acks.items() if e > membership.epoch}
 
     def rebuild_failed(self, node: int, now: float, error: str, final: bool = False,
@@ -480,8 +504,9 @@ class Master:
     # -- views and persistence --------------------------------------------------------------
     def status(self, now: float) -> dict[str, Any]:
         """A snapshot for operators and tests (string keys, so it travels as msgpack or JSON):
-        seconds left on each lease, the failover and repair queues, the recycled ids, and
-        ``memnodes``: each MN's state, progress and placement (``fusee.rejoin.node_states``)."""
+        seconds left on each lease, the failover and repair queues, the recycled ids, the live
+        MNs' incarnations (hex) and ``memnodes``: each MN's state, progress and placement
+        (``fusee.rejoin.node_states``)."""
         return {"epoch": self.epoch,
                 "alive": {str(m): round(d - now, 3) for m, d in sorted(self.mn_deadline.items())},
                 "dead": sorted(self.dead),
@@ -496,6 +521,7 @@ class Master:
                             for c, lease in sorted(self.clients.items())},
                 "repairs": {str(c): r.status() for c, r in sorted(self.repairs.items())},
                 "free_ids": list(self.free_ids),
+                "incarnations": {str(m): f"{w:016x}" for m, w in sorted(self.incarnations.items())},
                 "memnodes": node_states(len(self.memnodes), self.replicas, self.dead,
                                         self.failing, self.rejoins)}
 
@@ -510,7 +536,8 @@ class Master:
                 "repair_tokens": {str(c): r.token for c, r in sorted(self.repairs.items())
                                   if r.token is not None},
                 "free_ids": list(self.free_ids), "next_id": self.next_id,
-                "closing": self.closing}
+                "closing": self.closing,
+                "incarnations": {str(m): w for m, w in sorted(self.incarnations.items())}}
 
     @classmethod
     def restore(cls, state: dict[str, Any], memnodes: Iterable[int], client_lease: float,
@@ -538,6 +565,8 @@ class Master:
             closing = state.get("closing", False)     # absent: saved before it existed
             if not isinstance(closing, bool):
                 raise ValueError(f"closing is {closing!r}, not a boolean")
+            # absent: saved before they were kept (learned again from the next pongs)
+            incarnations = {int(m): int(w) for m, w in state.get("incarnations", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StateError(f"malformed master state: {e!r}") from None
         down = membership.dead | set(failing)
@@ -547,9 +576,12 @@ class Master:
         if (clients.keys() & repairs.keys() or clients.keys() & set(free)
                 or repairs.keys() & set(free) or len(set(free)) != len(free)):
             raise StateError("master state names an id twice")
+        if not incarnations.keys() <= set(memnodes) - down or 0 in incarnations.values():
+            raise StateError(f"master state has incarnations {incarnations} for memory nodes "
+                             "that are not live ones of the config")
         m = cls(memnodes, client_lease, mn_lease, grace, now, replicas=replicas,
                 membership=membership, failing=failing, free_ids=free, next_id=next_id,
-                closing=closing)
+                closing=closing, incarnations=incarnations)
         m.clients = {c: _Lease(t, 0.0) for c, t in clients.items()}
         m.lease_afresh(now)
         m.repairs = {c: _Job(reason, token=tokens.get(c)) for c, reason in repairs.items()}
@@ -574,7 +606,8 @@ class Master:
         """Give every live MN a full lease from ``now``: after a stall of this master, when
         the heartbeats it did not send say nothing of the MNs' health."""
         for node, deadline in self.mn_deadline.items():
-            self.mn_deadline[node] = max(deadline, now + self.mn_lease)
+            if deadline != -math.inf:       # a restarted MN's memory is gone all the same
+                self.mn_deadline[node] = max(deadline, now + self.mn_lease)
 
 
 def _repair_tokens(saved: object, repairs: dict[int, str]) -> dict[int, int]:
