@@ -27,21 +27,34 @@ def _values(tag: bytes) -> dict[bytes, bytes]:
     return {b"k%d" % i: tag + b"%d" % i for i in range(KEYS)}
 
 
+def _cluster(backend: str) -> LocalCluster:
+    """3 MNs, r = 3, a master, leases short enough for a restart well within one."""
+    return LocalCluster(memnodes=3, transport=backend, replication=3, master=True,
+                        layout=LayoutConfig(**SMALL), client_lease=2.0, mn_lease=3.0,
+                        timeout=1.0)
+
+
+def _learned(c: LocalCluster) -> None:
+    wait_for(lambda: "1" in c.master_status().get("incarnations", {}),
+             "the master to learn MN 1's incarnation", timeout=30)
+
+
+def _rebuilt(c: LocalCluster, what: str) -> None:
+    wait_for(lambda: c.master_status()["memnodes"]["1"]["state"] == "alive"
+             and any(r["node"] == 1 for r in c.master_status().get("rebuilds", [])),
+             what, timeout=60)
+
+
 @pytest.mark.parametrize("backend", ["shm", "zmq"])
 def test_an_mn_restarted_within_its_lease_is_failed_over_and_rebuilt(backend):
-    with LocalCluster(memnodes=3, transport=backend, replication=3, master=True,
-                      layout=LayoutConfig(**SMALL), client_lease=2.0, mn_lease=3.0,
-                      timeout=1.0) as c:
+    with _cluster(backend) as c:
         with c.client() as running:
             running.put_many(_values(b"a"))
-            wait_for(lambda: "1" in c.master_status().get("incarnations", {}),
-                     "the master to learn MN 1's incarnation", timeout=30)
+            _learned(c)
             c.kill(1)
             c.rejoin(1)         # at once: well within its lease of 3 s
             running.put_many(_values(b"b"))     # meets the restarted MN (or its death)
-            wait_for(lambda: c.master_status()["memnodes"]["1"]["state"] == "alive"
-                     and any(r["node"] == 1 for r in c.master_status().get("rebuilds", [])),
-                     "the master to fail MN 1 over and rebuild it", timeout=60)
+            _rebuilt(c, "the master to fail MN 1 over and rebuild it")
             assert running.get_many(list(_values(b"b"))) == list(_values(b"b").values())
             running.put_many(_values(b"c"))
         with c.client() as fresh:
@@ -51,19 +64,14 @@ def test_an_mn_restarted_within_its_lease_is_failed_over_and_rebuilt(backend):
 
 
 def test_a_master_started_after_the_restart_knows_the_incarnation_from_its_state():
-    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True,
-                      layout=LayoutConfig(**SMALL), client_lease=2.0, mn_lease=3.0,
-                      timeout=1.0) as c:
+    with _cluster("zmq") as c:
         with c.client() as kv:
             kv.put_many(_values(b"a"))
-        wait_for(lambda: "1" in c.master_status().get("incarnations", {}),
-                 "the master to learn MN 1's incarnation", timeout=30)
+        _learned(c)
         c.stop_master(kill=True)
         c.kill(1)
         c.rejoin(1)
         c.start_master()
-        wait_for(lambda: c.master_status()["memnodes"]["1"]["state"] == "alive"
-                 and any(r["node"] == 1 for r in c.master_status().get("rebuilds", [])),
-                 "the next master to fail MN 1 over and rebuild it", timeout=60)
+        _rebuilt(c, "the next master to fail MN 1 over and rebuild it")
         with c.client() as fresh:
             assert fresh.get_many(list(_values(b"a"))) == list(_values(b"a").values())
