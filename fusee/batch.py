@@ -155,10 +155,7 @@ def _in_order(chain: list[tuple[int, Op[Any]]], results: list[Any]) -> Op[None]:
     An operation's exception is its outcome (the others go on); a BaseException that is not
     an Exception (KeyboardInterrupt) stops them all."""
     for i, op in chain:
-        try:
-            results[i] = yield from op
-        except Exception as e:
-            results[i] = e
+        yield from _outcome(i, op, results)
 
 
 def _ignore(index: int, result: object) -> None:
