@@ -310,6 +310,12 @@ def test_a_restarted_master_knows_the_token_of_each_expired_client_it_inherits()
     {"incarnations": {"5": 7}},                 # not an MN of the config
     {"incarnations": {"0": 0}},
     {"incarnations": [[0, 7]]},
+    {"incarnations": {"0": -5}},
+    {"incarnations": {"0": True}},
+    {"incarnations": {"0": 1.9}},
+    {"incarnations": {"0": 1 << 70}},
+    {"incarnations": {"0": "12"}},
+    {"incarnations": {"1": 7, "01": 8}},        # one node twice
 ])
 def test_restore_refuses_a_state_that_does_not_fit(bad):
     state = {**master().state(), **bad}

@@ -566,7 +566,7 @@ class Master:
             if not isinstance(closing, bool):
                 raise ValueError(f"closing is {closing!r}, not a boolean")
             # absent: saved before they were kept (learned again from the next pongs)
-            incarnations = {int(m): int(w) for m, w in state.get("incarnations", {}).items()}
+            incarnations = _incarnations(state.get("incarnations", {}))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StateError(f"malformed master state: {e!r}") from None
         down = membership.dead | set(failing)
@@ -576,7 +576,7 @@ class Master:
         if (clients.keys() & repairs.keys() or clients.keys() & set(free)
                 or repairs.keys() & set(free) or len(set(free)) != len(free)):
             raise StateError("master state names an id twice")
-        if not incarnations.keys() <= set(memnodes) - down or 0 in incarnations.values():
+        if not incarnations.keys() <= set(memnodes) - down:
             raise StateError(f"master state has incarnations {incarnations} for memory nodes "
                              "that are not live ones of the config")
         m = cls(memnodes, client_lease, mn_lease, grace, now, replicas=replicas,
@@ -608,6 +608,16 @@ class Master:
         for node, deadline in self.mn_deadline.items():
             if deadline != -math.inf:       # a restarted MN's memory is gone all the same
                 self.mn_deadline[node] = max(deadline, now + self.mn_lease)
+
+
+def _incarnations(saved: dict[str, object]) -> dict[int, int]:
+    """The live MNs' incarnations as ``state()`` saved them: nonzero 64-bit ints, one per
+    node. Anything else (a float, a bool, a string, a node named twice as "1" and "01") is
+    no state of ours, and taken as one it would fail a healthy MN over at its first pong."""
+    words = {int(m): w for m, w in saved.items() if type(w) is int and 0 < w < 1 << 64}
+    if len(words) != len(saved):
+        raise ValueError(f"incarnations {saved!r} are not one 64-bit word per memory node")
+    return words
 
 
 def _repair_tokens(saved: object, repairs: dict[int, str]) -> dict[int, int]:
