@@ -432,8 +432,11 @@ class Master:
             return f"epoch {self.membership.epoch} was published meanwhile"
         return None
 
-    def rebuild_done(self, node: int, membership: Membership, now: float) -> None:
-        """The rebuild of ``node`` published ``membership``: it is alive (leased) again."""
+    def rebuild_done(self, node: int, membership: Membership, now: float,
+                     incarnation: int = 0) -> None:
+        """The rebuild of ``node`` published ``membership``: it is alive (leased) again, as
+        ``incarnation``, the word in the header of the region copied to (0: not read; the
+        one it asked to rejoin with is taken instead)."""
         if membership.epoch != self.epoch + 1 or membership.dead != self.dead - {node}:
             raise ValueError(f"the rebuild of MN {node} returned epoch {membership.epoch} with "
                              f"dead {sorted(membership.dead)}; expected epoch "
@@ -442,7 +445,7 @@ class Master:
             # the epoch a rebuilt MN came back in tells which rounds it can witness
             raise ValueError(f"the rebuild of MN {node} returned a membership that does not "
                              f"record it rebuilt in epoch {membership.epoch}")
-        incarnation = self.rejoins.rebuilding_as
+        incarnation = incarnation or self.rejoins.rebuilding_as
         self.rejoins.done(node)
         self.membership = membership
         self.closing = False
