@@ -536,6 +536,14 @@ def test_the_master_protocol_carries_a_grant_and_names_each_refusal():
     assert decode_grant(encode_grant(g, membership, known=2)).membership == membership
     with pytest.raises(MasterError, match="malformed grant"):
         decode_grant({"id": 5})
+    # the incarnations the master knows travel when it sends them (registration, membership)
+    words = {0: 0xAB, 2: (1 << 64) - 1}
+    assert decode_grant(encode_grant(g, membership, 3, words)).incarnations == words
+    assert decode_grant(encode_grant(g, membership, 3)).incarnations is None
+    for bad in ([[0, 0]], [[0, 1 << 64]], [[0, 1.5]], [[-1, 1]], {"0": 1}, [[0, 1, 2]]):
+        reply = {**encode_grant(g, membership, 3), "incarnations": bad}
+        with pytest.raises(MasterError, match="malformed grant"):
+            decode_grant(reply)
     for e, code, raised in ((LeaseError("x"), ERR_LEASE, LeaseError),
                             (TransitionInProgress("x"), ERR_BUSY, MasterBusy)):
         assert error_code(e) == code and type(refusal(code, "x")) is raised

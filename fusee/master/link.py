@@ -40,6 +40,7 @@ import random
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import zmq
@@ -273,6 +274,9 @@ class LeaseKeeper:
             raise
         self.expires = self._expiry(sent, self.grant.lease)
         self.membership = self.grant.membership or Membership()
+        #: the incarnation the master knew of each live MN of ``membership`` when it sent it
+        #: (``fusee.cluster_identity.restarted``; updated with it, under ``news``)
+        self.incarnations: Mapping[int, int] = self.grant.incarnations or {}
         self.epoch = self.membership.epoch
         self.pause = 0                          # nonzero: post nothing until that epoch
         self.acked = 0                          # the pause acked to the master
@@ -403,6 +407,7 @@ class LeaseKeeper:
             if g.membership is not None and g.membership.epoch > self.membership.epoch:
                 self.membership = g.membership
                 self.epoch = g.membership.epoch
+                self.incarnations = g.incarnations or {}
             # the pause goes up before the gate is taken: a batch that gets the gate after us
             # sees it and stays home
             self.pause = self._pause(g, self.membership.epoch)

@@ -52,7 +52,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import InitVar, dataclass, field
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # the master's errors belong to the store's one tree; imported from here too
@@ -95,6 +95,11 @@ class Grant:
     #: (MN, bytes copied, bytes to copy) while the rebuild the pause waits for runs: a paused
     #: client keeps waiting as long as renewals say so, however long the copy takes
     rebuild: tuple[int, int, int] | None = None
+    #: MN -> the incarnation the master knows of it (``Master.incarnations``), for every
+    #: live MN it has heard: sent at registration and with each membership, so that a client
+    #: reading an MN's header tells a restarted (empty) one from the member before the
+    #: master's next ping does (docs/design.md#cluster-identity); None: not sent
+    incarnations: Mapping[int, int] | None = None
 
 
 @dataclass(frozen=True)
