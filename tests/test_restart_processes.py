@@ -144,7 +144,7 @@ def test_the_worker_connecting_before_the_masters_next_ping_fails_the_restarted_
                 idle.stdout.close()
             wait_for(lambda: "memory node 1 restarted" in c.master_log(),
                      "the master to find MN 1 restarted", timeout=LONG_MN_LEASE)
-            assert "found as the worker connected" in c.master_log(), c.master_log()
+            assert "found as the master connected" in c.master_log(), c.master_log()
             _rebuilt(c, "the master to fail MN 1 over and rebuild it")
             assert kv.get_many(list(_values(b"a"))) == list(_values(b"a").values())
         with c.client() as fresh:

@@ -171,10 +171,12 @@ class SharedState:
             known = dict(self.logic.incarnations) if self.master is not None else {}
         transport = connect(self.config, self.backend, dead=down)
         try:
-            for node, incarnation in check_transport(transport, known=known).items():
-                self._seen(node, time.monotonic(), incarnation, "found as the worker connected")
-                raise NodeRestarted(f"memory node {node} restarted since the master last "
-                                    "heard it: it is failed over first", node)
+            gone = check_transport(transport, known=known)
+            for node, incarnation in gone.items():
+                self._seen(node, time.monotonic(), incarnation, "found as the master connected")
+            if gone:
+                raise NodeRestarted(f"memory node {min(gone)} restarted since the master last "
+                                    "heard it: it is failed over first", min(gone))
         except BaseException:
             transport.close()
             raise
