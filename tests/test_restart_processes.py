@@ -27,6 +27,8 @@ from storekit import SMALL
 
 from fusee.config import LayoutConfig
 from fusee.emulator.cluster import LocalCluster
+from fusee.master.link import MasterLink, register_wait
+from fusee.master.protocol import INCARNATIONS, REGISTER
 
 KEYS = 100
 #: an MN lease long enough that the master's next ping (every quarter of it) comes well after
@@ -149,3 +151,16 @@ def test_the_worker_connecting_before_the_masters_next_ping_fails_the_restarted_
             assert kv.get_many(list(_values(b"a"))) == list(_values(b"a").values())
         with c.client() as fresh:
             assert fresh.get_many(list(_values(b"a"))) == list(_values(b"a").values())
+
+
+def test_the_incarnations_travel_to_a_client_that_asks_for_them_only():
+    """An older client refuses a grant with a key it does not know (a malformed grant): so
+    the master sends them to one that asks, which a rolling upgrade (masters first) needs."""
+    with _cluster("zmq") as c:
+        wait_for(lambda: len(c.master_status().get("incarnations", {})) == 3,
+                 "the master to learn every MN's incarnation", timeout=30)
+        with MasterLink(c.config, register_wait(c.config)) as link:
+            old = link.call(REGISTER, register_wait(c.config))
+            new = link.call(REGISTER, register_wait(c.config), **{INCARNATIONS: True})
+        assert INCARNATIONS not in old
+        assert [n for n, _ in new[INCARNATIONS]] == [0, 1, 2], new

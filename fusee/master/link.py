@@ -49,8 +49,8 @@ from fusee.emulator import wire
 from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
 from fusee.errors import MasterBusy, MasterError, MasterStandby, MasterTimeout
 from fusee.master.logic import Grant, LeaseError, LeaseExpired, LeaseLapsed
-from fusee.master.protocol import (REGISTER, RELEASE, RENEW, STATUS, decode_grant,
-                                   refusal as master_refusal)
+from fusee.master.protocol import (INCARNATIONS, REGISTER, RELEASE, RENEW, STATUS,
+                                   decode_grant, refusal as master_refusal)
 from fusee.membership import Membership
 from fusee.transports.security import HANDSHAKE_FAILED, refusal, secure_client
 
@@ -193,7 +193,9 @@ class MasterLink:
 
     def register(self, client_id: int | None = None, timeout: float | None = None) -> Grant:
         """A lease on a fresh or recovered id, or on ``client_id`` if it is free."""
-        args = {} if client_id is None else {"id": client_id}
+        args: dict[str, Any] = {INCARNATIONS: True}
+        if client_id is not None:
+            args["id"] = client_id
         return decode_grant(self.call(REGISTER, timeout, **args))
 
     def renew(self, grant: Grant, timeout: float | None = None, paused: int = 0,
@@ -201,7 +203,8 @@ class MasterLink:
         """``paused``: the pause epoch acked; ``epoch``: the membership epoch this client has
         (the reply carries the membership when the master's is newer)."""
         return decode_grant(self.call(RENEW, timeout, id=grant.id, token=grant.token,
-                                      paused=paused, epoch=epoch))
+                                      paused=paused, epoch=epoch,
+                                      **{INCARNATIONS: True}))
 
     def release(self, grant: Grant) -> None:
         self.call(RELEASE, id=grant.id, token=grant.token)

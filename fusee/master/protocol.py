@@ -21,6 +21,10 @@ from fusee.membership import Membership
 #: the cluster's state (``fusee status``), and the liveness probe a standby answers too
 REGISTER, RENEW, RELEASE, STATUS, PING = "register", "renew", "release", "status", "ping"
 
+#: the argument by which a client asks for the incarnations with its grants (``encode_grant``):
+#: a client older than them would refuse a grant that carries them as malformed
+INCARNATIONS = "incarnations"
+
 #: error codes of a lease refusal, of "retry once the failover is done" and of "I stand by, ask
 #: the leader", in a reply's error triple (next to wire.ERR_*)
 ERR_LEASE, ERR_BUSY, ERR_STANDBY = 16, 17, 18
@@ -48,9 +52,9 @@ def encode_grant(g: Grant, membership: Membership, known: int,
                  incarnations: Mapping[int, int] | None = None) -> dict[str, Any]:
     """A grant as a reply; the membership travels only to a client that lags behind it
     (``known``: the epoch the client has). ``incarnations`` (the master's, of the live MNs:
-    ``Master.incarnations``), when given: the master sends them at registration and with
-    every membership, and the client compares them with the MN headers it reads
-    (``fusee.cluster_identity.restarted``)."""
+    ``Master.incarnations``), when given: the master sends them, to a client that asks for
+    them (``INCARNATIONS``), at registration and with every membership, and the client
+    compares them with the MN headers it reads (``fusee.cluster_identity.restarted``)."""
     reply: dict[str, Any] = {"id": g.id, "token": g.token, "lease": g.lease, "epoch": g.epoch,
                              "pause": g.pause, "lost": g.lost}
     if g.rebuild is not None:
@@ -58,7 +62,7 @@ def encode_grant(g: Grant, membership: Membership, known: int,
     if membership.epoch > known:
         reply["membership"] = membership.to_wire()
     if incarnations is not None:
-        reply["incarnations"] = [[n, w] for n, w in sorted(incarnations.items())]
+        reply[INCARNATIONS] = [[n, w] for n, w in sorted(incarnations.items())]
     return reply
 
 
@@ -78,7 +82,7 @@ def decode_grant(reply: Any) -> Grant:
         membership = None if wire_membership is None else Membership.from_wire(wire_membership)
         rebuild = reply.pop("rebuild", None)
         rebuild = None if rebuild is None else tuple(int(x) for x in rebuild)
-        incarnations = reply.pop("incarnations", None)
+        incarnations = reply.pop(INCARNATIONS, None)
         incarnations = None if incarnations is None else _incarnations(incarnations)
         return Grant(**reply, membership=membership, rebuild=rebuild,
                      incarnations=incarnations)

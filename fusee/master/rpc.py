@@ -21,7 +21,7 @@ from fusee.emulator import wire
 from fusee.errors import ClientLimit, FuseeError, NodeRestarted
 from fusee.layout import CLEAN
 from fusee.master.logic import LeaseError, TransitionInProgress
-from fusee.master.protocol import ERR_STANDBY, PING, encode_grant, error_code
+from fusee.master.protocol import ERR_STANDBY, INCARNATIONS, PING, encode_grant, error_code
 from fusee.master.shared import SharedState
 from fusee.verbs import TransportError
 
@@ -77,7 +77,8 @@ class Requests(SharedState):
                     g = self.logic.grant(cid, secrets.randbits(62), time.monotonic())
                     self._save()                    # before the client can act on it
                     membership = self.logic.membership
-                    incarnations = dict(self.logic.incarnations)
+                    incarnations = (dict(self.logic.incarnations)
+                                    if args.get(INCARNATIONS) is True else None)
                     break
             try:
                 seed = self._survey()               # outside the lock: it talks to the MNs
@@ -122,7 +123,8 @@ class Requests(SharedState):
                 raise
             membership = self.logic.membership
             # with each membership, the incarnations of its live MNs (a rebuilt one's is new)
-            incarnations = (dict(self.logic.incarnations) if membership.epoch > known
+            incarnations = (dict(self.logic.incarnations)
+                            if membership.epoch > known and args.get(INCARNATIONS) is True
                             else None)
             self.tally["renewals"] += 1
             if g.pause and acked != paused and not self.logic.waiting_for():
