@@ -13,7 +13,9 @@ region's header and in its pong) tells the master that its memory is gone. Then:
   that window wide) learns from its grant the incarnation the master knows, finds another in
   the MN's header, and waits for the failover instead of reading the empty MN;
 - the master's worker connecting in that window (its first job: a killed client's recovery)
-  compares the incarnations too, and fails the MN over at once.
+  compares the incarnations too, and fails the MN over at once;
+- a running client taking in a rebuilt MN that restarted again before the master's ping
+  compares the incarnation that came with the membership, and waits for the failover.
 """
 
 from __future__ import annotations
@@ -59,10 +61,20 @@ def _rebuilt(c: LocalCluster, what: str) -> None:
 
 
 def _just_pinged(c: LocalCluster, node: int) -> None:
-    """Return right after a ping of the master renewed MN ``node``'s lease: its next ping is
-    (nearly) a quarter of the MN lease away."""
-    wait_for(lambda: c.master_status()["alive"].get(str(node), 0) > 0.95 * c.config.mn_lease,
-             f"a ping of MN {node}", timeout=30)
+    """Return right after a ping of the master renewed MN ``node``'s lease (what is left of
+    it rose between two looks: it only falls otherwise): its next ping is (nearly) a quarter
+    of the MN lease away."""
+    def left() -> float:
+        return c.master_status()["alive"].get(str(node), 0.0)
+
+    last = [left()]
+
+    def renewed() -> bool:
+        now, before = left(), last[0]
+        last[0] = now
+        return now > before
+
+    wait_for(renewed, f"a ping of MN {node}", timeout=c.config.mn_lease)
 
 
 @pytest.mark.parametrize("backend", ["shm", "zmq"])
@@ -112,6 +124,24 @@ def test_a_client_opened_before_the_masters_next_ping_never_reads_the_restarted_
         _rebuilt(c, "the master to fail MN 1 over and rebuild it")
         with c.client() as late:
             assert late.get_many(list(_values(b"b"))) == list(_values(b"b").values())
+
+
+@pytest.mark.parametrize("backend", ["shm", "zmq"])
+def test_a_rebuilt_mn_restarted_before_a_running_client_takes_it_in_is_dead_to_it(backend):
+    """The running client learns of MN 1's rebuild as it idles, and takes the MN in (its
+    transport reconnects) at its next operation, after MN 1 restarted again: the
+    incarnation that came with the membership is not the one in the header now."""
+    with _cluster(backend, mn_lease=LONG_MN_LEASE) as c:
+        with c.client() as running:
+            running.put_many(_values(b"a"))
+            _learned(c)
+            c.kill(1)
+            c.rejoin(1)
+            _rebuilt(c, "the master to fail MN 1 over and rebuild it")
+            _just_pinged(c, 1)
+            c.kill(1)
+            c.rejoin(1)
+            assert running.get_many(list(_values(b"a"))) == list(_values(b"a").values())
 
 
 #: a client process that registers, says so, and idles (its lease renewed) until killed
