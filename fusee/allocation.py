@@ -178,13 +178,14 @@ class Allocator:
     def block_of(self, addr: int) -> int:
         return addr - (addr - self.data) % self.block_size
 
-    def replicas(self, ptr: int) -> list[tuple[int, int]]:
-        """(node, addr) of every live copy of an object, its home first."""
+    def replicas(self, ptr: int) -> tuple[tuple[int, ...], int]:
+        """The MNs of every live copy of an object, its home first, and its address (the
+        same on each: a group's blocks share their offsets)."""
         node, addr = (ptr >> NODE_SHIFT) & NODE_MASK, (ptr & ADDR_MASK) * self.unit
         copies = self.copies_of[node]
         if not copies:
             raise LostData(f"every copy of the object at MN {node} {addr:#x} is on a dead MN")
-        return [(n, addr) for n in copies]
+        return copies, addr
 
     def home_of(self, node: int) -> int:
         """The MN readers use for an object whose pointer names ``node``."""
