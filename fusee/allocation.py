@@ -287,8 +287,10 @@ class Allocator:
         node, addr = (ptr >> NODE_SHIFT) & NODE_MASK, (ptr & ADDR_MASK) * self.unit
         off = (addr - self.data) % self.block_size
         bit = off // self.unit
-        return Faa(self.home_of(node), addr - off + BLOCK_HEADER + (bit >> 6) * 8,
-                   1 << (bit & 63))
+        home = self.home[node]      # (``home_of`` inline: every UPDATE and DELETE frees)
+        if home is None:
+            home = self.home_of(node)   # (raises LostData)
+        return Faa(home, addr - off + BLOCK_HEADER + (bit >> 6) * 8, 1 << (bit & 63))
 
     # -- MN level --------------------------------------------------------------------------
     def grow(self) -> Op[None]:

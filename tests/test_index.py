@@ -37,6 +37,19 @@ def test_two_candidate_buckets_are_in_different_groups():
             assert {first, first + 1} == {3 * (m // 2) + 1, 3 * (m // 2) + 2 * (m % 2)}
 
 
+def test_a_key_hash_made_in_c_is_the_python_one(monkeypatch):
+    """Where the extension is built, a KeyHash is made in one C call: the same namedtuple,
+    fields and all, as the class makes."""
+    import fusee.hashing as H
+    assert H._NEW_IN_C is not None, "the C extension is not built: build_ext --inplace"
+    keys = [b"", b"k", bytes(range(256)), *(b"%d" % i for i in range(300))]
+    made = [H.key_hash.__wrapped__(k) for k in keys]
+    monkeypatch.setattr(H, "_NEW_IN_C", None)
+    spec = [H.key_hash.__wrapped__(k) for k in keys]
+    assert made == spec and all(type(h) is H.KeyHash for h in made)
+    assert [(h.low, h.high, h.fp) for h in made] == [(h.low, h.high, h.fp) for h in spec]
+
+
 def test_initial_image_names_the_initial_subtables():
     cfg = config()
     mem, (kv,) = clients(cfg)
