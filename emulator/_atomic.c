@@ -992,7 +992,8 @@ static int add_object_methods(PyObject *module) {
     return PyModule_AddFunctions(module, view_methods);
 }
 
-/* -- The write path's verbs (fusee.log): the same verb to every replica, one call ---------
+/* -- The write path's verbs (fusee.log, fusee.index): the same verb to every replica, and a
+ * key's bucket reads, one call each -------------------------------------------------------
  *
  * An object's writes and each of its commit records go to every live copy of its group, at
  * the same address on each (fusee.allocation: a group's blocks share their offsets). Made in
@@ -1035,9 +1036,67 @@ static PyObject *verbs_to(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     return out;
 }
 
+/* bucket_reads(cls, node, high, mains, base, bucket_bytes) -> ((read, read), (f1, f2)):
+ * fusee.index.Directory's reads of a key's two combined buckets on MN ``node`` in the
+ * subtable at ``base``, made of the key hash's ``high`` word (KeyHash.mains over ``mains``
+ * main buckets, IndexGeometry.combined for each); ``cls`` the Read verb. Made in Python for
+ * every key not used lately (an insert's), that was a dozen calls (issue 12); the Python
+ * stays the spec and the fallback, tests/test_index.py holds the two equal. */
+static PyObject *bucket_reads(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 6 || !PyType_Check(args[0]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "bucket_reads(cls, node, high, mains, base, bucket_bytes): cls a tuple type");
+        return NULL;
+    }
+    unsigned long long high = PyLong_AsUnsignedLongLong(args[2]);
+    long long mains = PyLong_AsLongLong(args[3]);
+    unsigned long long base = PyLong_AsUnsignedLongLong(args[4]);
+    long long bucket = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    if (mains < 1 || bucket < 1) {
+        PyErr_SetString(PyExc_ValueError, "bucket_reads: mains and bucket_bytes must be positive");
+        return NULL;
+    }
+    unsigned long long m1 = (high & 0xFFFFFFFFull) % (unsigned long long)mains;
+    unsigned long long m2 = (high >> 32) % (unsigned long long)mains;
+    if (mains > 2 && m2 / 2 == m1 / 2) m2 = (m2 + 2) % (unsigned long long)mains;
+    unsigned long long first[2] = {3 * (m1 / 2) + m1 % 2, 3 * (m2 / 2) + m2 % 2};
+    PyTypeObject *cls = (PyTypeObject *)args[0];
+    PyObject *reads = PyTuple_New(2), *firsts = PyTuple_New(2), *out = NULL;
+    if (!reads || !firsts) goto done;
+    for (int i = 0; i < 2; i++) {
+        unsigned long long offset = first[i] * (unsigned long long)bucket;
+        if (offset > ULLONG_MAX - base) {
+            PyErr_SetString(PyExc_OverflowError, "bucket_reads: an address past 64 bits");
+            goto done;
+        }
+        PyObject *f = PyLong_FromUnsignedLongLong(first[i]);
+        if (!f) goto done;
+        PyTuple_SET_ITEM(firsts, i, f);
+        PyObject *read = cls->tp_alloc(cls, 3);
+        if (!read) goto done;
+        PyTuple_SET_ITEM(reads, i, read);
+        PyObject *addr = PyLong_FromUnsignedLongLong(base + offset);
+        PyObject *length = PyLong_FromLongLong(2 * bucket);
+        if (!addr || !length) { Py_XDECREF(addr); Py_XDECREF(length); goto done; }
+        PyTuple_SET_ITEM(read, 0, Py_NewRef(args[1]));
+        PyTuple_SET_ITEM(read, 1, addr);
+        PyTuple_SET_ITEM(read, 2, length);
+    }
+    out = PyTuple_Pack(2, reads, firsts);
+done:
+    Py_XDECREF(reads);
+    Py_XDECREF(firsts);
+    return out;
+}
+
 static PyMethodDef write_methods[] = {
     {"verbs_to", (PyCFunction)(void (*)(void))verbs_to, METH_FASTCALL,
      "verbs_to(cls, nodes, addr, data) -> [cls(node, addr, data) for node in nodes] (fusee.log)"},
+    {"bucket_reads", (PyCFunction)(void (*)(void))bucket_reads, METH_FASTCALL,
+     "bucket_reads(cls, node, high, mains, base, bucket_bytes) -> ((read, read), (f1, f2)) "
+     "(fusee.index.Directory)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -215,14 +215,25 @@ class Directory:
         through ``h.high``, and every operation on a key makes them: recent ones are kept."""
         got = self._reads.get((h.high, sid, node))
         if got is None:
-            m1, m2 = h.mains(self._mains)
-            a1, f1 = self.geo.combined(sid, m1)
-            a2, f2 = self.geo.combined(sid, m2)
-            got = (Read(node, a1, COMBINED), Read(node, a2, COMBINED)), (f1, f2)
+            if _READS_IN_C is not None:
+                geo = self.geo
+                got = _READS_IN_C(Read, node, h.high, self._mains,
+                                  geo.subtables + sid * geo.subtable_bytes, BUCKET_BYTES)
+            else:
+                got = self.bucket_reads_py(sid, h, node)
             if len(self._reads) >= _KEPT_READS:
                 self._reads.clear()
             self._reads[(h.high, sid, node)] = got
         return list(got[0]), got[1]
+
+    def bucket_reads_py(self, sid: int, h: KeyHash, node: int
+                        ) -> tuple[tuple[Read, Read], tuple[int, int]]:
+        """``bucket_reads`` made in Python, uncached: what the C version must make
+        (tests/test_index.py)."""
+        m1, m2 = h.mains(self._mains)
+        a1, f1 = self.geo.combined(sid, m1)
+        a2, f2 = self.geo.combined(sid, m2)
+        return (Read(node, a1, COMBINED), Read(node, a2, COMBINED)), (f1, f2)
 
     @property
     def replicas(self) -> list[int]:
@@ -256,7 +267,9 @@ _MATCHES_IN_C: Callable[..., list[Any]] | None
 _DIFFERS_IN_C: Callable[..., bool] | None
 _STALE_IN_C: Callable[..., bool] | None
 _GET_IN_C: Callable[..., int | None] | None
+_READS_IN_C: Callable[..., tuple[tuple[Read, Read], tuple[int, int]]] | None
 try:
+    from fusee.emulator._atomic import bucket_reads as _READS_IN_C
     from fusee.emulator._atomic import view_differs as _DIFFERS_IN_C
     from fusee.emulator._atomic import view_free_slot as _FREE_SLOT_IN_C
     from fusee.emulator._atomic import view_get as _GET_IN_C
@@ -264,7 +277,7 @@ try:
     from fusee.emulator._atomic import view_stale as _STALE_IN_C
 except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
     _FREE_SLOT_IN_C = _MATCHES_IN_C = _DIFFERS_IN_C = None
-    _STALE_IN_C = _GET_IN_C = None
+    _STALE_IN_C = _GET_IN_C = _READS_IN_C = None
 _WORD_BITS = (1 << 64) - 1
 #: the bits of the slot words of two combined buckets read as one little-endian integer
 #: (``View.differs``): all but the 4 bucket headers
