@@ -50,7 +50,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import compress
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from fusee.errors import OutOfMemory
 from fusee.index import LostData, replica_nodes
@@ -65,10 +65,10 @@ from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeB
 #: empty batches an operation waits for another's reclaim or growth before calling it stuck
 #: (when driven together it takes a few round trips; only a driver that stopped driving one
 #: operation of a client while running another can get here)
-MAX_PAUSES = 100_000
+MAX_PAUSES: Final = 100_000
 #: a write mark is a holder's incarnation << MARK_COUNT_BITS | its count of marks so far
-MARK_COUNT_BITS = 40
-MARK_COUNT_MASK = (1 << MARK_COUNT_BITS) - 1
+MARK_COUNT_BITS: Final = 40
+MARK_COUNT_MASK: Final = (1 << MARK_COUNT_BITS) - 1
 
 
 class BlockGroup(NamedTuple):

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import xxhash
 
-_M32 = 0xFFFFFFFF
+_M32: Final = 0xFFFFFFFF
 
 
 class KeyHash(NamedTuple):

@@ -20,6 +20,7 @@ when reused memory has unlinked it from its list.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from fusee.allocation import Allocator
 from fusee.errors import ValueTooLarge
@@ -79,7 +80,7 @@ class NewObject:
 
 
 #: an object's bytes beyond its key and value (``layout.object_bytes``)
-OBJECT_OVERHEAD = OBJ_HEADER + LOG_BYTES
+OBJECT_OVERHEAD: Final = OBJ_HEADER + LOG_BYTES
 
 
 class ObjectLog:
