@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from fusee import insert as insert_mod
 from fusee import search as search_mod
@@ -80,9 +80,9 @@ log = logging.getLogger(__name__)
 #: minute with the back-off between them; ``fusee.client.Client`` sets it from the time a
 #: master takes to fail over an MN or recover a client): far longer than a live client takes
 #: to finish a round or a split
-PATIENCE = 200_000
+PATIENCE: Final = 200_000
 #: slot targets a client keeps (``ClientCore.target``): the slots of the keys in recent use
-KEPT_TARGETS = 1 << 14
+KEPT_TARGETS: Final = 1 << 14
 
 
 class ClientCore:
@@ -511,7 +511,6 @@ class ClientCore:
         them, and the rare paths' closures are made in methods of their own: a closure's
         cells and function object cost on every write.)"""
         self.in_flight += 1
-        ended = False
         try:
             while True:
                 if opcode == DELETE:
@@ -528,16 +527,16 @@ class ClientCore:
                     yield from self._abandoned(obj)
                     raise
                 if result != FRESH:
-                    ended = True
+                    self.in_flight -= 1
                     return result
                 yield from self._abandoned(obj)
-        except (KeyExists, KeyNotFound, Stalled):
-            ended = True
-            raise
-        finally:
+        except (KeyExists, KeyNotFound, Stalled):   # its own outcomes: withdrawn
             self.in_flight -= 1
-            if not ended:
-                self.cut_short = True
+            raise
+        except BaseException:       # anything else (GeneratorExit too): ended half way
+            self.in_flight -= 1
+            self.cut_short = True
+            raise
 
     def _room_for(self, units: int) -> Op[None]:
         """Generator: ``_make_room(units)``, in one epoch."""
