@@ -232,7 +232,7 @@ class ClientCore:
                         self.unsure.append((p, r.node, self.membership.epoch))
                     elif isinstance(r, TransportError):
                         self.deferred.append(p)
-            if self.unsure or not self._deferred_none_of(ptrs):
+            if self.unsure or self._any_deferred(ptrs):
                 self.releases += released   # reused once the frees are settled
             else:
                 self._release(released)
@@ -248,9 +248,9 @@ class ClientCore:
             yield from self._take_back(twice)
         return res[:len(reqs)]
 
-    def _deferred_none_of(self, ptrs: list[int]) -> bool:
-        """None of the frees of ``ptrs`` is deferred (to go out again)."""
-        return not any(p in self.deferred for p in ptrs)
+    def _any_deferred(self, ptrs: list[int]) -> bool:
+        """Some free of ``ptrs`` is deferred (to go out again)."""
+        return any(p in self.deferred for p in ptrs)
 
     def _aborted_marks(self, aborts: list[NewObject]) -> list[Write]:
         """The ABORTED marks of ``aborts``' log entries (objects never proposed)."""
