@@ -30,12 +30,17 @@ from fusee.layout import (CLASS_OF, CLASSES, COMMIT_OFFSET, LEN_SHIFT, LOG_BYTES
 from fusee.memory_map import MemoryMap
 from fusee.verbs import Write
 
-#: the same write to every copy, in one C call (emulator/_atomic.c, at the end)
-_WRITES_IN_C: Callable[..., list[Write]] | None
-try:
-    from fusee.emulator._atomic import verbs_to as _WRITES_IN_C
-except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
-    _WRITES_IN_C = None
+def _writes_in_c() -> Callable[..., list[Write]] | None:
+    try:
+        from fusee.emulator._atomic import verbs_to
+    except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
+        return None
+    return verbs_to
+
+
+#: the same write to every copy, in one C call (emulator/_atomic.c, at the end); Final, so
+#: that a compiled caller reads it from a C static, not from the module's dict
+_WRITES_IN_C: Final = _writes_in_c()
 
 
 def writes_to(nodes: Sequence[int], addr: int, data: bytes) -> list[Write]:
