@@ -162,10 +162,16 @@ class SharedState:
         cluster's (``fusee.cluster_identity``: WrongMemoryNode), a rejoining one too."""
         from fusee.cluster_identity import check_transport
         from fusee.transports import connect
-        transport = connect(self.config, self.backend, dead=down)
+        leadership = self.leadership
+        transport = connect(self.config, self.backend, dead=down,
+                            identity=None if leadership is None else leadership.identity())
         try:
             check_transport(transport)
+            if leadership is not None and leadership.leadership is not None:
+                # before this leader's first batch there (docs/design.md#fencing)
+                leadership.fence_predecessors(
+                    self.config, [m.id for m in self.config.memnodes if m.id not in down])
         except BaseException:
             transport.close()
             raise
-        return transport if self.leadership is None else LeaderGuard(transport, self.leading)
+        return transport if leadership is None else LeaderGuard(transport, self.leading)

@@ -1,0 +1,61 @@
+"""``python -m fusee.emulator.testkit.stopped_leader`` is ``fusee master`` but for one thing: it
+SIGSTOPs itself at the worst moment for a leader, right after its leadership check passed
+(``fusee.master.election.LeaderGuard``) and before the batch it checked goes out, the first
+batch of a rebuild's last phase (``fusee.rebuild.Rebuild.finish``) that writes to the MN it
+rebuilds. For tests of a leader deposed while it is stopped (tests/test_master_fence_processes.py):
+a SIGSTOP sent from outside lands in that window only by chance, this one every time. Whoever
+started it sends the SIGCONT.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Any
+
+from fusee.master import command, election
+from fusee.master.worker import Worker
+from fusee.verbs import Batch, Write
+
+#: the MN whose rebuild reached its last phase, until the stop (at most one entry)
+_armed: list[int] = []
+
+
+class _StopBeforeTheCopy:
+    """The transport under the leader's guard: it stops this process before executing the
+    first batch that writes to the armed MN, so the guard's check has passed already."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def execute(self, batch: Batch) -> list[Any]:
+        if _armed and any(type(v) is Write and v.node == _armed[0] for v in batch):
+            _armed.clear()
+            # directed at this thread, which stops before it returns (the whole process with
+            # it); sent to the process, another thread could take it while this one sends
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        result: list[Any] = self.transport.execute(batch)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+def _install() -> None:
+    guard, closing = election.LeaderGuard.__init__, Worker._closing
+
+    def guarded(self: election.LeaderGuard, transport: Any, leading: Any) -> None:
+        guard(self, _StopBeforeTheCopy(transport), leading)  # type: ignore[arg-type]
+
+    def closing_then_armed(self: Worker, node: int) -> None:
+        closing(self, node)             # saved: the last phase (Rebuild.finish) comes next
+        _armed[:] = [node]
+
+    election.LeaderGuard.__init__ = guarded             # type: ignore[method-assign]
+    Worker._closing = closing_then_armed                # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    _install()
+    sys.exit(command.main())

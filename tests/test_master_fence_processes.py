@@ -1,0 +1,97 @@
+"""A leader deposed while stopped between its leadership check and the batch it checked
+(docs/design.md#fencing): masters on ZooKeeper (``fusee.emulator.testkit.zk_ensemble``), zmq
+memory nodes (r = 3), client processes on hot keys.
+
+The leader checks that it leads before every batch it posts (``LeaderGuard``), but a batch past
+that check when the process stops (SIGSTOP, a long GC pause, a VM migrated) goes out whenever
+it runs again: after its ZooKeeper session expired, a standby took over and acted. Here the
+leader is ``fusee.emulator.testkit.stopped_leader``, which stops itself exactly there, before
+the first write of a rebuild's last phase to the rejoining MN (its copy of the index, read in
+the pause). The new leader rebuilds that MN again, the clients carry on on it, and then the old
+leader is woken up. Unfenced, its copy lands: the MN's index goes back to what it was in the
+old leader's pause, and once the other MNs die every update acknowledged since is lost (the
+final reads are not linearizable). Fenced, the new leader had every MN refuse leaderships
+older than its own before it acted, and the old batch is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from processes import stop_processes, wait_for
+from storekit import SMALL
+from test_failover_processes import LEASES
+from test_master_zookeeper import (Workload, _mn_state, check_reads_and_audit, leader_index)
+
+from fusee.config import LayoutConfig
+from fusee.emulator.cluster import LocalCluster, master_name
+from fusee.emulator.testkit import zk_ensemble
+from fusee.membership import Membership
+
+pytestmark = pytest.mark.skipif(zk_ensemble.missing() is not None,
+                                reason=f"no ZooKeeper here: {zk_ensemble.missing()}")
+
+
+@pytest.fixture(scope="module")
+def ensemble():
+    with zk_ensemble.ZooKeeperEnsemble(3) as zk:
+        yield zk
+
+
+def _stopped(pid: int) -> bool:
+    """Process ``pid`` is stopped (SIGSTOP): its state in /proc is T."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _lead_with_the_stopping_master(c: LocalCluster) -> int:
+    """Make ``stopped_leader`` the leading master (the other one stands by); -> its index."""
+    first = leader_index(c)
+    other = 1 - first
+    c.stop_master(i=first)                  # a clean exit: the other takes over at once
+    c.start_master(first, module="fusee.emulator.testkit.stopped_leader")
+    leader_index(c, other_than=first)
+    c.stop_master(i=other)
+    assert leader_index(c, other_than=other) == first
+    c.start_master(other)
+    return first
+
+
+def test_a_leader_stopped_after_its_check_lands_nothing_after_its_successor_acted(ensemble,
+                                                                                tmp_path):
+    with LocalCluster(memnodes=3, transport="zmq", replication=3, master=True, masters=2,
+                      coordination=ensemble.url, layout=LayoutConfig(**SMALL),
+                      workdir=tmp_path, **LEASES) as c:
+        old = _lead_with_the_stopping_master(c)
+        proc = c.master_procs[master_name(old)]
+        w = Workload(c, tmp_path)
+        try:
+            c.kill(1)
+            wait_for(lambda: _mn_state(c, 1) == "dead", "MN 1's failover", timeout=120)
+            w.advance("the clients to carry on without MN 1")
+            c.rejoin(1)
+            wait_for(lambda: _stopped(proc.pid), "the leader to stop in MN 1's rebuild",
+                     timeout=120)
+            try:
+                leader_index(c, other_than=old)
+                wait_for(lambda: _mn_state(c, 1) == "alive", "MN 1 rebuilt by the new leader",
+                         timeout=120)
+                w.advance("the clients to carry on under the new leader")
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            assert proc.wait(60) == 1, c.master_log(old)
+            w.advance("the clients to carry on after the old leader woke up")
+            assert stop_processes(w.procs, w.stop) == [0] * len(w.procs)
+        finally:
+            stop_processes(w.procs, w.stop, timeout=5)
+        ops = w.history()
+        c.kill(0)
+        c.kill(2)
+        wait_for(lambda: c.master_status()["dead"] == [0, 2], "MN 0 and 2's failover",
+                 timeout=120)
+        status = wait_for(lambda: (s := c.master_status())["repairs"] == {} and s, "repairs")
+        check_reads_and_audit(c, ops, Membership.from_wire(status["membership"]))
+        # its batch did go out, and MN 1 refused it
+        assert "Fenced: MN 1: a newer master leads" in c.master_log(old), c.master_log(old)
