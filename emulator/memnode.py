@@ -27,7 +27,7 @@ from fusee.emulator.nic_checks import check_key
 from fusee.cluster_identity import cluster_word, new_incarnation
 from fusee.config import ClusterConfig, ConfigError
 from fusee.errors import Fenced, NodeRestarted
-from fusee.fencing import MAX_LEADERSHIP, key_of, master_key, refusal, refused
+from fusee.fencing import MASTER_PREFIX, MAX_LEADERSHIP, key_of, master_key, refusal, refused
 from fusee.memory_map import MemoryMap
 from fusee.rejoin import ping_answer
 from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAccessError
@@ -226,8 +226,12 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
                     pass
                 continue
             try:
-                reply = (node.refuse(data, key_of(ident)) if fenced and refuses(key_of(ident))
-                         else handle(data))
+                # (a client's request costs one set lookup more once anyone is fenced)
+                if fenced and (key_of(ident) in fenced or
+                               ident.startswith(MASTER_PREFIX) and refuses(key_of(ident))):
+                    reply = node.refuse(data, key_of(ident))
+                else:
+                    reply = handle(data)
             except Exception:                 # a bug must not take the node down for everyone
                 log.exception("memnode %d: internal error", node.id)
                 reply = wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, "internal error"])

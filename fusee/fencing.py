@@ -42,7 +42,8 @@ import secrets
 #: second peer with an identity it already has)
 _NONCE = 4
 _KEY = re.compile(rb"fusee-client (0|[1-9][0-9]{0,18}) (0|[1-9][0-9]{0,18})\.")
-_MASTER = b"fusee-master "
+#: how a master's fence key and identities begin
+MASTER_PREFIX = b"fusee-master "
 _MASTER_KEY = re.compile(rb"fusee-master (0|[1-9][0-9]{0,18})\.")
 #: a leadership number is a ZooKeeper sequence (a signed 32-bit int) in practice; a
 #: ``masters_below`` from the network is checked against this
@@ -80,7 +81,7 @@ def master_identity(leadership: int) -> bytes:
 
 def leadership_of(key: object) -> int | None:
     """The leadership a master's fence key names; None if ``key`` is not one."""
-    if type(key) is not bytes or not key.startswith(_MASTER):
+    if type(key) is not bytes or not key.startswith(MASTER_PREFIX):
         return None
     match = _MASTER_KEY.fullmatch(key)
     return None if match is None else int(match[1])
