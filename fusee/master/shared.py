@@ -20,6 +20,7 @@ from fusee.config import ClusterConfig
 from fusee.master.election import LeaderGuard
 from fusee.master.identity import check_same_cluster, identity
 from fusee.master.logic import Master
+from fusee.master.saved_state import restore, state_of
 from fusee.master.store import Deposed, StateStore
 
 if TYPE_CHECKING:
@@ -95,9 +96,8 @@ class SharedState:
             self.master = Master(ids, self.config.client_lease, self.config.mn_lease,
                                  self.grace, now, replicas=self.config.replicas)
         else:
-            self.master = Master.restore(state, ids, self.config.client_lease,
-                                         self.config.mn_lease, self.grace, now,
-                                         replicas=self.config.replicas)
+            self.master = restore(state, ids, self.config.client_lease, self.config.mn_lease,
+                                  self.grace, now, replicas=self.config.replicas)
             self.log(f"master: carried on from the stored state: epoch {self.master.epoch}, "
                      f"{len(self.master.clients)} clients, {len(self.master.repairs)} repairs, "
                      f"{len(self.master.failing)} failovers pending", flush=True)
@@ -106,7 +106,7 @@ class SharedState:
                 self.log(f"master: the stored state predates lease tokens: expired clients "
                          f"{unfenced} are recovered without fencing (a batch they still had "
                          f"on its way may land)", file=sys.stderr, flush=True)
-        self.store.claim({**identity(self.config), **self.master.state()})
+        self.store.claim({**identity(self.config), **state_of(self.master)})
         # every lease counts from ``now``: a process that does not run from here to its first
         # tick (a loaded host, at start-up or at a take-over) has stalled as after any tick
         self.last_tick = now
@@ -131,7 +131,7 @@ class SharedState:
         """Persist the state of ``master`` (default: ours; under ``self.lock``) if it
         changed. A deposed leader stops at once."""
         try:
-            self.store.save({**identity(self.config), **(master or self.logic).state()})
+            self.store.save({**identity(self.config), **state_of(master or self.logic)})
         except Deposed as e:
             self.log(f"master: {e}: stopping", file=sys.stderr, flush=True)
             self.failed = True
