@@ -4,7 +4,7 @@ SIGSTOPs itself at the worst moment for a leader, right after its leadership che
 batch of a rebuild's last phase (``fusee.rebuild.Rebuild.finish``) that writes to the MN it
 rebuilds. For tests of a leader deposed while it is stopped (tests/test_master_fence_processes.py):
 a SIGSTOP sent from outside lands in that window only by chance, this one every time. Whoever
-started it sends the SIGCONT.
+started it sends the SIGCONT. Once that batch is done it says (on stderr) how it went.
 """
 
 from __future__ import annotations
@@ -35,11 +35,22 @@ class _StopBeforeTheCopy:
             # directed at this thread, which stops before it returns (the whole process with
             # it); sent to the process, another thread could take it while this one sends
             signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
-        result: list[Any] = self.transport.execute(batch)
-        return result
+            try:
+                result: list[Any] = self.transport.execute(batch)
+            except Exception as e:
+                _say(f"the batch checked before the stop failed: {type(e).__name__}: {e}")
+                raise
+            _say("the batch checked before the stop went through")
+            return result
+        return self.transport.execute(batch)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
+
+
+def _say(what: str) -> None:
+    """Into the master's log, for the test to read."""
+    print(f"stopped_leader: {what}", file=sys.stderr, flush=True)
 
 
 def _install() -> None:
