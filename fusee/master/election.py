@@ -18,7 +18,7 @@ client (``fusee.master.logic``). On top of that the state store fences on the zn
 
 What the check cannot stop is a batch already past it when the leader stops (SIGSTOP, a GC
 pause) or is cut off: it goes out whenever the process runs again, after a successor took
-over and acted. So each leadership has a number, ``leadership``: the sequence of the winner's
+over and acted. So each leadership has a number (``number``): the sequence of the winner's
 election znode, which grows from one leader to the next (the lock goes to the lowest sequence
 present, and a znode created later gets a higher one). The leader's transport carries it in
 every request and queue pair (``identity``), and before it acts on the MNs it has every one it
@@ -92,8 +92,8 @@ class ZooKeeperLeadership:
         self.session = min(session_timeout, (self.zk._session_timeout or 1e9) / 1000)
         self.lock = self.zk.Lock(f"{self.root}/election", identifier=endpoint)
         self.acquired = threading.Event()
-        #: this master's leadership (``fusee.fencing``), once ``acquired``
-        self.leadership: int | None = None
+        #: the number of this master's leadership (``fusee.fencing``), once ``acquired``
+        self.number: int | None = None
         self.lost: str | None = None            # the session ended: this process leads no more
         self.confirmed = float("-inf")          # send time of the last round trip that succeeded
         self._stop = threading.Event()
@@ -126,7 +126,7 @@ class ZooKeeperLeadership:
         else:
             return
         # "<uuid>__lock__<sequence>": the sequence ZooKeeper gave the node
-        self.leadership = int(self.lock.node[len(self.lock.prefix):])
+        self.number = int(self.lock.node[len(self.lock.prefix):])
         self._confirm()
         self.acquired.set()
         threading.Thread(target=self._confirm_loop, daemon=True, name="leadership").start()
@@ -157,19 +157,19 @@ class ZooKeeperLeadership:
     def identity(self) -> bytes | None:
         """A routing identity for a socket of this master's transport, which the MNs refuse
         once a newer master leads; None until it leads."""
-        return None if self.leadership is None else master_identity(self.leadership)
+        return None if self.number is None else master_identity(self.number)
 
     def fence_predecessors(self, config: ClusterConfig, nodes: list[int]) -> None:
         """Have every MN of ``nodes`` refuse the masters that led before this one (each
-        leadership below ``leadership``), before this one acts on them: a batch a deposed
+        leadership numbered below ``number``), before this one acts on them: a batch a deposed
         leader had on its way then either ran before or is refused. An MN that does not ack
         fails the caller (a TransportError: its job is retried)."""
         from fusee.transports.channel import Channels
-        assert self.leadership is not None, "only a leader fences its predecessors"
+        assert self.number is not None, "only a leader fences its predecessors"
         channels = Channels(config, self.identity())
         try:
             replies = channels.call_all(nodes, "fence", config.timeout,
-                                        masters_below=self.leadership)
+                                        masters_below=self.number)
         finally:
             channels.close()
         for reply in replies.values():

@@ -167,7 +167,7 @@ class SharedState:
                             identity=None if leadership is None else leadership.identity())
         try:
             check_transport(transport)
-            if leadership is not None and leadership.leadership is not None:
+            if leadership is not None and leadership.number is not None:
                 # before this leader's first batch there (docs/design.md#fencing)
                 leadership.fence_predecessors(
                     self.config, [m.id for m in self.config.memnodes if m.id not in down])
