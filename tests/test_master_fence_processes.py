@@ -89,3 +89,34 @@ def test_a_leader_stopped_after_its_check_lands_nothing_after_its_successor_acte
         # its batch did go out, and MN 1 refused it
         assert "the batch checked before the stop failed: Fenced: MN 1: a newer master leads" \
             in c.master_log(old), c.master_log(old)
+
+
+def test_each_leadership_is_numbered_above_every_one_before(ensemble):
+    """The number a leader's requests carry grows from one leader to the next, whether the
+    next stood in the election already (as a standby does) or joined it later."""
+    from fusee.master.election import ZooKeeperLeadership
+
+    def contender(i: int) -> ZooKeeperLeadership:
+        return ZooKeeperLeadership(ensemble.url, "numbered", f"ipc:///m{i}", session_timeout=4.0,
+                                   connect_timeout=30.0)
+
+    masters = [contender(0), contender(1)]
+    try:
+        for m in masters:
+            m.campaign()
+        first = wait_for(lambda: [m for m in masters if m.acquired.is_set()], "a leader")[0]
+        standby = masters[1 - masters.index(first)]
+        masters.remove(first)
+        first.close()
+        wait_for(standby.acquired.is_set, "the standby to lead")
+        latecomer = contender(2)
+        masters.append(latecomer)
+        latecomer.campaign()
+        masters.remove(standby)
+        standby.close()
+        wait_for(latecomer.acquired.is_set, "the latecomer to lead")
+        assert first.number is not None and standby.number is not None
+        assert first.number < standby.number < latecomer.number
+    finally:
+        for m in masters:
+            m.close()
