@@ -486,7 +486,8 @@ def _kill_leader_when(c: LocalCluster, node: int, state: str,
         if entry["state"] != state or (phase and entry.get("phase") != phase):
             return None
         return (status["pid"],)
-    (pid,) = wait_for(due, f"MN {node} {state} {phase or ''}", timeout=120)
+    # a failover may be over in tens of ms: poll often
+    (pid,) = wait_for(due, f"MN {node} {state} {phase or ''}", timeout=120, interval=0.002)
     (name,) = [n for n, p in c.master_procs.items() if p.pid == pid]
     i = 0 if name == "master" else int(name.removeprefix("master"))
     c.stop_master(kill=True, i=i)
