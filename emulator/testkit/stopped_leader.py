@@ -4,11 +4,14 @@ SIGSTOPs itself at the worst moment for a leader, right after its leadership che
 batch of a rebuild's last phase (``fusee.rebuild.Rebuild.finish``) that writes to the MN it
 rebuilds. For tests of a leader deposed while it is stopped (tests/test_master_fence_processes.py):
 a SIGSTOP sent from outside lands in that window only by chance, this one every time. Whoever
-started it sends the SIGCONT. Once that batch is done it says (on stderr) how it went.
+started it sends the SIGCONT. Once that batch is done it says (on stderr) how it went. With
+``ONCE`` set, only the first master of the cluster to get there stops: its successor may be
+another of these.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -20,6 +23,20 @@ from fusee.verbs import Batch, Write
 
 #: the MN whose rebuild reached its last phase, until the stop (at most one entry)
 _armed: list[int] = []
+#: an environment variable naming a file that the first master to stop creates
+ONCE = "FUSEE_STOPPED_LEADER_ONCE"
+
+
+def _first() -> bool:
+    """This master is the first to get to the stop (or ``ONCE`` is not set)."""
+    path = os.environ.get(ONCE)
+    if path is None:
+        return True
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 class _StopBeforeTheCopy:
@@ -32,17 +49,21 @@ class _StopBeforeTheCopy:
     def execute(self, batch: Batch) -> list[Any]:
         if _armed and any(type(v) is Write and v.node == _armed[0] for v in batch):
             _armed.clear()
-            # directed at this thread, which stops before it returns (the whole process with
-            # it); sent to the process, another thread could take it while this one sends
-            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
-            try:
-                result: list[Any] = self.transport.execute(batch)
-            except Exception as e:
-                _say(f"the batch checked before the stop failed: {type(e).__name__}: {e}")
-                raise
-            _say("the batch checked before the stop went through")
-            return result
+            if _first():
+                return self._stopped_then_executed(batch)
         return self.transport.execute(batch)
+
+    def _stopped_then_executed(self, batch: Batch) -> list[Any]:
+        # directed at this thread, which stops before it returns (the whole process with it);
+        # sent to the process, another thread could take it while this one sends the batch
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        try:
+            result: list[Any] = self.transport.execute(batch)
+        except Exception as e:
+            _say(f"the batch checked before the stop failed: {type(e).__name__}: {e}")
+            raise
+        _say("the batch checked before the stop went through")
+        return result
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
