@@ -69,7 +69,7 @@ def search(core: OpCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
             return obj.value
         except EPOCH_ENDS as err:
             nodes = core.dir.nodes(sid)
-            if type(err) is NodeTimeout and err.node == nodes[0] and len(nodes) > 1:
+            if isinstance(err, NodeTimeout) and err.node == nodes[0] and len(nodes) > 1:
                 try:
                     got = yield from _on_backups(core, key, h, sid, nodes[1:])
                 except EPOCH_ENDS as again:
