@@ -163,8 +163,10 @@ class LocalCluster:
                 raise
         return self
 
-    def start_master(self, i: int = 0) -> None:
-        """Start master ``i`` (again, after ``stop_master``: same endpoint and state)."""
+    def start_master(self, i: int = 0, module: str = "fusee.master.command") -> None:
+        """Start master ``i`` (again, after ``stop_master``: same endpoint and state).
+        ``module``: run that instead of ``fusee master`` (a test's variant of it, taking the
+        same arguments, such as ``fusee.emulator.testkit.stopped_leader``)."""
         name = master_name(i)
         if self.master_procs.get(name) and self.master_procs[name].poll() is None:
             raise RuntimeError(f"{name} is already running")
@@ -177,7 +179,7 @@ class LocalCluster:
         ready.unlink(missing_ok=True)
         with open(self.workdir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fusee.master.command", "--config",
+                [sys.executable, "-m", module, "--config",
                  str(self.config_path), "--state", str(self.workdir / "master.json"),
                  "--endpoint", endpoint, "--ready-file", str(ready),
                  "--parent-pid", str(os.getpid())],

@@ -27,7 +27,7 @@ from fusee.emulator.nic_checks import check_key
 from fusee.cluster_identity import cluster_word, new_incarnation
 from fusee.config import ClusterConfig, ConfigError
 from fusee.errors import Fenced, NodeRestarted
-from fusee.fencing import key_of
+from fusee.fencing import MASTER_PREFIX, MAX_LEADERSHIP, key_of, master_key, refusal, refused
 from fusee.memory_map import MemoryMap
 from fusee.rejoin import ping_answer
 from fusee.verbs import MAX_BATCH, AllocBlock, ControlError, FreeBlock, RemoteAccessError
@@ -74,9 +74,13 @@ class MemoryNode:
         #: the clients whose requests are refused: the master ended their leases
         #: (``fusee.fencing``; a few dozen bytes per expired client)
         self.fenced: set[bytes] = set()
-        #: what else a fence must cut off before the node acks it: the client's RDMA queue
-        #: pairs (``fusee.emulator.rdma_nic``), whose verbs this node's CPU never sees
-        self.fence_hooks: list[Callable[[bytes], object]] = []
+        #: every master leadership below this is refused: a newer master leads
+        #: (``fusee.fencing``; 0: none fenced)
+        self.masters_below = 0
+        #: what else a fence must cut off before the node acks it: the RDMA queue pairs of
+        #: whoever it now refuses (``fusee.emulator.rdma_nic``), whose verbs this node's CPU
+        #: never sees
+        self.fence_hooks: list[Callable[[], object]] = []
 
     def register_control(self, name: str, handler: Callable[[dict], object]) -> None:
         """Add a control request (e.g. RDMA queue-pair setup); handler(args) -> reply value."""
@@ -89,25 +93,43 @@ class MemoryNode:
                 "blocks_used": self.blocks.used(), "block_size": self.config.layout.block_size}
 
     def _fence(self, args: dict) -> str:
-        """The master recovers a client whose lease it ended: refuse it from now on."""
-        key = args["key"]
-        if type(key) is not bytes:
-            raise TypeError("a fence key is bytes")
-        self.fenced.add(key)
+        """The master recovers a client whose lease it ended (``key``: its fence key), or a
+        new master leads (``masters_below``: its leadership): refuse it, or every older
+        leadership, from now on. A lower watermark than the one in place changes nothing."""
+        key, below = args.get("key"), args.get("masters_below")
+        if (key is None) == (below is None):
+            raise ControlError("give either key (a client's fence key) or masters_below (the "
+                               "leadership of the master that leads now)", self.id)
+        if key is not None:
+            if type(key) is not bytes:
+                raise ControlError(f"a fence key is bytes, not {type(key).__name__}", self.id)
+            self.fenced.add(key)
+            log.info("memnode %d: fenced %r", self.id, key)
+        else:
+            if type(below) is not int or not 0 <= below <= MAX_LEADERSHIP:
+                raise ControlError(f"masters_below is a leadership (an int from 0 to "
+                                   f"{MAX_LEADERSHIP}), not {below!r}", self.id)
+            if below > self.masters_below:
+                self.masters_below = below
+                # the key of the leadership just below, as well: ``serve`` looks at a
+                # request's identity only once ``fenced`` holds something
+                self.fenced.add(master_key(below - 1))
+                log.info("memnode %d: fenced every master leadership below %d", self.id, below)
         for hook in self.fence_hooks:
-            hook(key)
-        log.info("memnode %d: fenced %r", self.id, key)
+            hook()
         return "fenced"
 
-    def refuse(self, data: bytes | zmq.Frame) -> bytes:
-        """The reply to a request from a fenced client: Fenced, whatever it asked."""
+    def refuses(self, key: bytes | None) -> bool:
+        """Whether this node refuses the holder of fence key ``key`` (None: none)."""
+        return key is not None and refused(key, self.fenced, self.masters_below)
+
+    def refuse(self, data: bytes | zmq.Frame, key: bytes) -> bytes:
+        """The reply to a request from a fenced client or master: Fenced, whatever it asked."""
         try:
             seq = wire.decode_request(data)[1]
         except wire.MalformedMessage:
             seq = -1
-        return wire.encode_reply(seq, [], [0, wire.ERR_FENCED,
-                                           f"MN {self.id}: the master ended this client's "
-                                           "lease and recovers its id: open a new client"])
+        return wire.encode_reply(seq, [], [0, wire.ERR_FENCED, refusal(self.id, key)])
 
     # -- request handling: bytes in, bytes out (no I/O here, so it can be fuzzed directly) ----
     def handle(self, data: bytes | zmq.Frame) -> bytes:
@@ -189,7 +211,7 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
     # sockets' routing ids and groups) that cost more than the send, twice per request
     send = partial(zmq.backend.Socket.send, sock)
     recv, handle, tally = sock.recv, node.handle, node.tally
-    fenced = node.fenced
+    fenced, refuses = node.fenced, node.refuses
     more = zmq.SNDMORE | zmq.NOBLOCK
     try:
         on_bound(bind(sock, endpoint))
@@ -204,8 +226,12 @@ def serve(node: MemoryNode, endpoint: str, stop: Callable[[], bool],
                     pass
                 continue
             try:
-                reply = (node.refuse(data) if fenced and key_of(ident) in fenced
-                         else handle(data))
+                # (a client's request costs one set lookup more once anyone is fenced)
+                if fenced and (key_of(ident) in fenced or
+                               ident.startswith(MASTER_PREFIX) and refuses(key_of(ident))):
+                    reply = node.refuse(data, key_of(ident))
+                else:
+                    reply = handle(data)
             except Exception:                 # a bug must not take the node down for everyone
                 log.exception("memnode %d: internal error", node.id)
                 reply = wire.encode_reply(-1, [], [0, wire.ERR_MALFORMED, "internal error"])

@@ -7,13 +7,14 @@ creates a queue pair for it, brings it to RTS and answers with its own info plus
 key, address and length) and ``rdma_disconnect``. After that the node's CPU does nothing for
 the client's verbs: the NIC executes them. A client that vanishes leaves its queue pair
 behind; past ``max_qps`` the oldest is destroyed, which can only cut off a client that long
-went away. The master's ``fence`` destroys every queue pair of the fenced client before the
-node acks it (``fusee.emulator.queue_pairs``).
+went away. The master's ``fence`` destroys every queue pair of the fenced client (or of the
+deposed masters) before the node acks it (``fusee.emulator.queue_pairs``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fusee.emulator import _atomic
 from fusee.emulator.queue_pairs import QueuePairs, lease_of
@@ -30,10 +31,10 @@ _RESPONDER_DEPTH = 1
 class RdmaNic:
     """Registered region + queue pairs of one memory node."""
 
-    def __init__(self, buf, node_id: int, fenced: set[bytes], device: Device | None = None,
-                 max_qps: int = 1024):
-        """``fenced``: the node's fenced clients (``MemoryNode.fenced``), refused a queue
-        pair."""
+    def __init__(self, buf, node_id: int, refuses: Callable[[bytes], bool],
+                 device: Device | None = None, max_qps: int = 1024):
+        """``refuses``: whether the node refuses a fence key (``MemoryNode.refuses``: a
+        fenced client, a deposed master), which gets no queue pair."""
         self.node = node_id
         self.dev = device or Device.open()           # also makes pyverbs importable
         from pyverbs.cq import CQ
@@ -50,7 +51,7 @@ class RdmaNic:
             self.dev.close()
             raise RdmaUnavailable(f"cannot register the region ({e}): check the locked-memory "
                                   f"limit (ulimit -l) against the region size") from None
-        self.qps = QueuePairs(node_id, fenced, min(max_qps, self.dev.attr.max_qp))
+        self.qps = QueuePairs(node_id, refuses, min(max_qps, self.dev.attr.max_qp))
 
     def connect(self, args: dict) -> dict:
         """Control request ``rdma_connect``: args = the client's queue-pair info, its
@@ -95,7 +96,7 @@ class RdmaNic:
 
 def install(node) -> RdmaNic:
     """Serve ``node``'s region (an fusee.emulator.memnode.MemoryNode) over RDMA as well."""
-    nic = RdmaNic(node.segment.mmap, node.id, node.fenced)
+    nic = RdmaNic(node.segment.mmap, node.id, node.refuses)
     node.register_control("rdma_connect", nic.connect)
     node.register_control("rdma_disconnect", nic.disconnect)
     node.fence_hooks.append(nic.qps.fence)

@@ -21,6 +21,16 @@ its own NIC, and its control channel carries the same identity as on zmq. The sh
 cannot fence: the client maps the memory and executes verbs itself; it relies on the lease
 check before every batch, which leaves the window of one batch in flight
 (docs/design.md#fencing).
+
+The master's own transport is fenced the same way. Masters elected on ZooKeeper
+(``fusee.master.election``) each lead under a *leadership* number, the sequence of their
+election znode, which grows from one leader to the next; every request and queue pair of a
+leader's transport carries it (``master_identity``, ``master_key``). Before its first action
+on an MN, a new leader has it refuse every leadership below its own (the ``fence`` control
+with ``masters_below``: a watermark, since it cannot know its predecessors' keys), so a batch
+that a deposed leader had past its check when it stopped either ran before the new leader
+acted there or is refused (``refused``). A single master (its state in a file) needs none:
+nothing else leads.
 """
 
 from __future__ import annotations
@@ -32,6 +42,12 @@ import secrets
 #: second peer with an identity it already has)
 _NONCE = 4
 _KEY = re.compile(rb"fusee-client (0|[1-9][0-9]{0,18}) (0|[1-9][0-9]{0,18})\.")
+#: how a master's fence key and identities begin
+MASTER_PREFIX = b"fusee-master "
+_MASTER_KEY = re.compile(rb"fusee-master (0|[1-9][0-9]{0,18})\.")
+#: a leadership number is a ZooKeeper sequence (a signed 32-bit int) in practice; a
+#: ``masters_below`` from the network is checked against this
+MAX_LEADERSHIP = 2**63 - 1
 
 
 def fence_key(client_id: int, token: int) -> bytes:
@@ -51,6 +67,42 @@ def holder_of(key: object) -> tuple[int, int] | None:
 def identity(client_id: int, token: int) -> bytes:
     """A routing identity for one socket of that client (``zmq.ROUTING_ID``)."""
     return fence_key(client_id, token) + secrets.token_hex(_NONCE // 2).encode()
+
+
+def master_key(leadership: int) -> bytes:
+    """The fence key of the master that leads under ``leadership``."""
+    return b"fusee-master %d." % leadership
+
+
+def master_identity(leadership: int) -> bytes:
+    """A routing identity for one socket of the master leading under ``leadership``."""
+    return master_key(leadership) + secrets.token_hex(_NONCE // 2).encode()
+
+
+def leadership_of(key: object) -> int | None:
+    """The leadership a master's fence key names; None if ``key`` is not one."""
+    if type(key) is not bytes or not key.startswith(MASTER_PREFIX):
+        return None
+    match = _MASTER_KEY.fullmatch(key)
+    return None if match is None else int(match[1])
+
+
+def refused(key: bytes, fenced: set[bytes], masters_below: int) -> bool:
+    """Whether an MN that fenced the keys ``fenced`` and every master leadership below
+    ``masters_below`` refuses the holder of ``key``."""
+    if key in fenced:
+        return True
+    leadership = leadership_of(key)
+    return leadership is not None and leadership < masters_below
+
+
+def refusal(node: int, key: bytes) -> str:
+    """What MN ``node`` tells the holder of a fenced ``key``."""
+    if leadership_of(key) is not None:
+        return (f"MN {node}: a newer master leads (this one's ZooKeeper session ended): this "
+                "master is deposed and may change nothing")
+    return (f"MN {node}: the master ended this client's lease and recovers its id: open a new "
+            "client")
 
 
 def key_of(identity: bytes) -> bytes:

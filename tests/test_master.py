@@ -14,6 +14,7 @@ from fusee.master.store import FileStore
 from fusee.config import ClusterConfig, ConfigError
 from fusee.master.logic import (LEARNED, RESTARTED, DataLost, LeaseError, Master, StateError,
                                 TransitionInProgress)
+from fusee.master.saved_state import restore, state_of
 from fusee.membership import Membership
 
 L, MN_L, GRACE = 1.0, 0.5, 0.25         # leases of the unit tests
@@ -230,7 +231,7 @@ def test_fresh_ids_come_from_the_masters_own_counter():
     m.seed_ids(9)                               # once
     m.grant(5, 1, now=0.0)                      # asked for by number
     assert [m.draw_id(), m.draw_id()] == [4, 6]
-    r = Master.restore(json.loads(json.dumps(m.state())), range(3), L, MN_L, GRACE, now=1.0)
+    r = restore(json.loads(json.dumps(state_of(m))), range(3), L, MN_L, GRACE, now=1.0)
     assert r.draw_id() == 7
 
 
@@ -252,9 +253,9 @@ def test_restart_from_state_carries_on():
     assert m.next_repair(1.0) == 2             # running when the master "crashes"
     m.seed_ids(5)
     m.tick(2.1)                                 # MN 1 dead too: its failover is pending
-    state = json.loads(json.dumps(m.state()))   # what the state file holds
-    r = Master.restore(state, range(3), L, MN_L, GRACE, now=50.0, replicas=3)
-    assert r.state() == m.state()
+    state = json.loads(json.dumps(state_of(m)))   # what the state file holds
+    r = restore(state, range(3), L, MN_L, GRACE, now=50.0, replicas=3)
+    assert state_of(r) == state_of(m)
     assert (r.epoch, r.dead, r.failing, r.pause, r.free_ids) == (1, {2}, [1], 2, [1])
     assert r.membership.settled == {1: {(3, 4): 5}} and r.draw_id() == 5
     assert set(r.clients) == {0, 3, 4} and r.clients[3].token == 103
@@ -279,14 +280,14 @@ def test_a_restarted_master_knows_the_token_of_each_expired_client_it_inherits()
     m.grant(5, 1005, now=0.0)
     m.release(4, 1004)
     m.tick(L + GRACE + 1)                       # 3 and 5 expire; 4 closed cleanly
-    state = json.loads(json.dumps(m.state()))
-    r = Master.restore(state, range(3), L, MN_L, GRACE, now=50.0, replicas=3)
+    state = json.loads(json.dumps(state_of(m)))
+    r = restore(state, range(3), L, MN_L, GRACE, now=50.0, replicas=3)
     assert {c: (j.reason, j.token) for c, j in r.repairs.items()} == {
         3: ("expired", 1003), 4: ("released", None), 5: ("expired", 1005)}
-    assert r.unfenced() == [] and r.state() == m.state()
+    assert r.unfenced() == [] and state_of(r) == state_of(m)
     # a state saved before the tokens were kept: restored, and its expired clients are named
     del state["repair_tokens"]
-    old = Master.restore(state, range(3), L, MN_L, GRACE, now=50.0, replicas=3)
+    old = restore(state, range(3), L, MN_L, GRACE, now=50.0, replicas=3)
     assert [old.repairs[c].token for c in (3, 4, 5)] == [None] * 3
     assert old.unfenced() == [3, 5]
 
@@ -318,11 +319,11 @@ def test_a_restarted_master_knows_the_token_of_each_expired_client_it_inherits()
     {"incarnations": {"1": 7, "01": 8}},        # one node twice
 ])
 def test_restore_refuses_a_state_that_does_not_fit(bad):
-    state = {**master().state(), **bad}
+    state = {**state_of(master()), **bad}
     with pytest.raises(StateError):
-        Master.restore(state, range(3), L, MN_L, GRACE, now=0.0, replicas=3)
+        restore(state, range(3), L, MN_L, GRACE, now=0.0, replicas=3)
     with pytest.raises(StateError):
-        Master.restore({"epoch": 0}, range(3), L, MN_L, GRACE, now=0.0)
+        restore({"epoch": 0}, range(3), L, MN_L, GRACE, now=0.0)
 
 
 def test_lease_durations_are_validated():
@@ -379,7 +380,7 @@ def test_an_mn_answering_with_another_incarnation_restarted_and_is_dead_at_once(
     assert m.mn_seen(1, 0.0, 0xAB) == LEARNED
     assert m.mn_seen(1, 0.1, 0xAB) is None and m.mn_seen(1, 0.1, 0) is None   # 0: not told
     # a master taking over knows it too (or it would adopt the empty MN as a member)
-    taken = Master.restore(json.loads(json.dumps(m.state())), range(3), L, MN_L, GRACE,
+    taken = restore(json.loads(json.dumps(state_of(m))), range(3), L, MN_L, GRACE,
                            now=0.2)
     for k in (m, taken):
         assert k.mn_seen(1, 0.2, 0xCD) == RESTARTED
@@ -590,9 +591,9 @@ def test_a_pause_that_failed_with_its_decisions_unsaved_or_its_master_keeps_the_
     for mn in (1, 2):
         m.mn_seen(mn, 10.0)
     _closing(m, 0, client=7)
-    saved = json.loads(json.dumps(m.state()))
+    saved = json.loads(json.dumps(state_of(m)))
     m.rebuild_failed(0, 0.9, "NodeTimeout: MN 1")           # nothing published
-    later = Master.restore(saved, range(3), L, MN_L, GRACE, now=1.0)
+    later = restore(saved, range(3), L, MN_L, GRACE, now=1.0)
     for mn in (1, 2):
         later.mn_seen(mn, 20.0)
     for x in (m, later):
@@ -608,4 +609,4 @@ def test_a_pause_that_failed_with_its_decisions_unsaved_or_its_master_keeps_the_
         assert (x.epoch, x.dead, x.pause, x.closing) == (2, frozenset({0}), 0, False)
     bad = dict(saved, closing="yes")
     with pytest.raises(StateError, match="closing"):
-        Master.restore(bad, range(3), L, MN_L, GRACE, now=1.0)
+        restore(bad, range(3), L, MN_L, GRACE, now=1.0)

@@ -15,6 +15,7 @@ import zmq
 from fusee.emulator import wire
 from fusee.emulator.cluster import ClusterStartError, LocalCluster
 from fusee.config import ClusterConfig, MemNodeConfig
+from fusee.fencing import identity, master_identity
 from fusee.verbs import Read
 
 
@@ -177,3 +178,58 @@ def test_a_block_request_with_another_key_is_refused(node):
             (wire.VERBS, 2, rkey ^ 1, [op]))))
         assert results == [] and error[1] == wire.ERR_WRONG_KEY
         assert node.blocks.used() == 1
+
+
+def _as(endpoint: str, identity: bytes | None):
+    """A raw socket to the MN with that routing identity (a master's or a client's)."""
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    if identity is not None:
+        s.setsockopt(zmq.ROUTING_ID, identity)
+    s.connect(endpoint)
+    return s
+
+
+def test_a_master_watermark_refuses_every_older_leadership_and_nothing_else():
+    """``fence`` with ``masters_below`` (docs/design.md#fencing): every request of a master of
+    an older leadership is refused from then on, whatever it asks; the new one's, a client's
+    and an anonymous one's are served; a lower watermark later changes nothing."""
+    with LocalCluster(memnodes=1, transport="zmq") as c:
+        endpoint = c.config.node(0).endpoint
+        old, new = _as(endpoint, master_identity(6)), _as(endpoint, master_identity(9))
+        client, anonymous = _as(endpoint, identity(3, 77)), _as(endpoint, None)
+        ping = wire.encode_control(1, "ping", {})
+        try:
+            assert _ask(old, ping)[2] is None
+            assert _ask(new, wire.encode_control(2, "fence", {"masters_below": 9})) == \
+                (2, ["fenced"], None)
+            for payload in (ping, wire.encode_verbs(3, 0, [Read(0, 0, 8)])):
+                seq, results, error = _ask(old, payload)
+                assert (results, error[1]) == ([], wire.ERR_FENCED), error
+                assert "a newer master leads" in error[2]
+            for s in (new, client, anonymous):
+                assert _ask(s, ping)[2] is None
+            assert _ask(new, wire.encode_control(4, "fence", {"masters_below": 2}))[2] is None
+            assert _ask(old, ping)[2][1] == wire.ERR_FENCED
+            assert _ask(_as(endpoint, master_identity(8)), ping)[2][1] == wire.ERR_FENCED
+        finally:
+            for s in (old, new, client, anonymous):
+                s.close(0)
+
+
+@pytest.mark.parametrize("args", [
+    {}, {"key": b"fusee-client 1 2.", "masters_below": 3}, {"key": 5}, {"masters_below": -1},
+    {"masters_below": "3"}, {"masters_below": True}, {"masters_below": 1.5},
+    {"masters_below": 2**63}, {"masters_below": None},
+])
+def test_a_malformed_fence_gets_one_clear_refusal_and_changes_nothing(args):
+    with LocalCluster(memnodes=1, transport="zmq") as c:
+        s = _as(c.config.node(0).endpoint, master_identity(0))
+        try:
+            seq, results, error = _ask(s, wire.encode_control(7, "fence", args))
+            assert (seq, results, error[1]) == (7, [], wire.ERR_CONTROL), error
+            assert "\n" not in error[2] and ("masters_below" in error[2] or "bytes" in
+                                             error[2]), error[2]
+            assert _ask(s, wire.encode_control(8, "ping", {}))[2] is None     # not fenced
+        finally:
+            s.close(0)

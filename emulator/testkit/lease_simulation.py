@@ -24,8 +24,8 @@ sent, less ``CLOCK_MARGIN``), the pause, the end of the lease; a batch that may 
 (``held``) until it may. A client whose renewal the master refuses is over (``LeaseExpired``:
 its operation's outcome is unknown, the master recovers it). ``restart_master`` stops the
 master (its repairs in progress die with it) and brings it back ``down`` seconds later from
-``Master.state()`` (the server persists it at every change), as a restarted or standby master
-does.
+its saved state (``fusee.master.saved_state``, which the server persists at every change), as a
+restarted or standby master does.
 
 The invariants, checked at every verb: no verb of a client lands once the master has declared
 it dead (fencing), no verb of an epoch lands once a later epoch is published, no batch is in
@@ -39,6 +39,7 @@ from typing import Any
 
 from fusee.emulator.testkit.simulator import Call, SimClient, SimulationError, Simulator
 from fusee.master.logic import Grant, LeaseError, Master
+from fusee.master.saved_state import restore, state_of
 from fusee.recovery import recover_client
 from fusee.verbs import AwaitMembership, Backoff, EpochChanged, NodeTimeout
 from fusee.transports.local import LocalMemory
@@ -135,7 +136,7 @@ class LeaseSimulator(Simulator):
         its persisted state."""
         if self.master is None:
             return
-        self.saved = self.master.state()
+        self.saved = state_of(self.master)
         self.master = None
         self.master_back_at = self.now + down
         for name in self.repairs.values():
@@ -148,8 +149,8 @@ class LeaseSimulator(Simulator):
         now = self.now
         if self.master is None and now >= self.master_back_at:
             assert self.saved is not None, "a master that went down saved its state"
-            self.master = Master.restore(self.saved, now=now, replicas=self.config.replication,
-                                         **self.shape)
+            self.master = restore(self.saved, now=now, replicas=self.config.replication,
+                                  **self.shape)
             self.faults.append((self.step, "master restarted from its state"))
         while self._messages and self._messages[0].arrives <= now:
             self._deliver(self._messages.pop(0))

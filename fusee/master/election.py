@@ -15,6 +15,14 @@ believe. A request the leader answers was sent before it checked ``valid()``, so
 lease (counted from its send) ends before the successor's full lease for every recorded
 client (``fusee.master.logic``). On top of that the state store fences on the znode version
 (``fusee.master.store``), and a leader whose session is lost for good exits (``lost``).
+
+What the check cannot stop is a batch already past it when the leader stops (SIGSTOP, a GC
+pause) or is cut off: it goes out whenever the process runs again, after a successor took
+over and acted. So each leadership has a number (``number``): the sequence of the winner's
+election znode, which grows from one leader to the next (the lock goes to the lowest sequence
+present, and a znode created later gets a higher one). The leader's transport carries it in
+every request and queue pair (``identity``), and before it acts on the MNs it has every one it
+reaches refuse the leaderships below its own (``fence_predecessors``; ``fusee.fencing``).
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from fusee.config import ConfigError
+from fusee.config import ClusterConfig, ConfigError
+from fusee.fencing import master_identity
 from fusee.verbs import Batch, TransportError
 
 if TYPE_CHECKING:
@@ -83,6 +92,8 @@ class ZooKeeperLeadership:
         self.session = min(session_timeout, (self.zk._session_timeout or 1e9) / 1000)
         self.lock = self.zk.Lock(f"{self.root}/election", identifier=endpoint)
         self.acquired = threading.Event()
+        #: the number of this master's leadership (``fusee.fencing``), once ``acquired``
+        self.number: int | None = None
         self.lost: str | None = None            # the session ended: this process leads no more
         self.confirmed = float("-inf")          # send time of the last round trip that succeeded
         self._stop = threading.Event()
@@ -114,6 +125,8 @@ class ZooKeeperLeadership:
                 self._stop.wait(0.5)
         else:
             return
+        # "<uuid>__lock__<sequence>": the sequence ZooKeeper gave the node
+        self.number = int(self.lock.node[len(self.lock.prefix):])
         self._confirm()
         self.acquired.set()
         threading.Thread(target=self._confirm_loop, daemon=True, name="leadership").start()
@@ -140,6 +153,28 @@ class ZooKeeperLeadership:
         """This master leads now: it may grant, pause, fail over and recover."""
         return (self.acquired.is_set() and not self.lost and
                 time.monotonic() < self.confirmed + self.session * (1 - SESSION_MARGIN))
+
+    def identity(self) -> bytes | None:
+        """A routing identity for a socket of this master's transport, which the MNs refuse
+        once a newer master leads; None until it leads."""
+        return None if self.number is None else master_identity(self.number)
+
+    def fence_predecessors(self, config: ClusterConfig, nodes: list[int]) -> None:
+        """Have every MN of ``nodes`` refuse the masters that led before this one (each
+        leadership numbered below ``number``), before this one acts on them: a batch a deposed
+        leader had on its way then either ran before or is refused. An MN that does not ack
+        fails the caller (a TransportError: its job is retried)."""
+        from fusee.transports.channel import Channels
+        assert self.number is not None, "only a leader fences its predecessors"
+        channels = Channels(config, self.identity())
+        try:
+            replies = channels.call_all(nodes, "fence", config.timeout,
+                                        masters_below=self.number)
+        finally:
+            channels.close()
+        for reply in replies.values():
+            if isinstance(reply, Exception):
+                raise reply
 
     def leader(self) -> str | None:
         """The endpoint of the master that holds the lock (as ZooKeeper last said)."""

@@ -20,6 +20,7 @@ from fusee.config import ClusterConfig
 from fusee.master.election import LeaderGuard
 from fusee.master.identity import check_same_cluster, identity
 from fusee.master.logic import LEARNED, RESTARTED, Master
+from fusee.master.saved_state import restore, state_of
 from fusee.master.store import Deposed, StateStore
 
 if TYPE_CHECKING:
@@ -95,9 +96,8 @@ class SharedState:
             self.master = Master(ids, self.config.client_lease, self.config.mn_lease,
                                  self.grace, now, replicas=self.config.replicas)
         else:
-            self.master = Master.restore(state, ids, self.config.client_lease,
-                                         self.config.mn_lease, self.grace, now,
-                                         replicas=self.config.replicas)
+            self.master = restore(state, ids, self.config.client_lease, self.config.mn_lease,
+                                  self.grace, now, replicas=self.config.replicas)
             self.log(f"master: carried on from the stored state: epoch {self.master.epoch}, "
                      f"{len(self.master.clients)} clients, {len(self.master.repairs)} repairs, "
                      f"{len(self.master.failing)} failovers pending", flush=True)
@@ -106,7 +106,7 @@ class SharedState:
                 self.log(f"master: the stored state predates lease tokens: expired clients "
                          f"{unfenced} are recovered without fencing (a batch they still had "
                          f"on its way may land)", file=sys.stderr, flush=True)
-        self.store.claim({**identity(self.config), **self.master.state()})
+        self.store.claim({**identity(self.config), **state_of(self.master)})
         # every lease counts from ``now``: a process that does not run from here to its first
         # tick (a loaded host, at start-up or at a take-over) has stalled as after any tick
         self.last_tick = now
@@ -131,7 +131,7 @@ class SharedState:
         """Persist the state of ``master`` (default: ours; under ``self.lock``) if it
         changed. A deposed leader stops at once."""
         try:
-            self.store.save({**identity(self.config), **(master or self.logic).state()})
+            self.store.save({**identity(self.config), **state_of(master or self.logic)})
         except Deposed as e:
             self.log(f"master: {e}: stopping", file=sys.stderr, flush=True)
             self.failed = True
@@ -169,7 +169,9 @@ class SharedState:
         from fusee.transports import connect
         with self.lock:
             known = dict(self.logic.incarnations) if self.master is not None else {}
-        transport = connect(self.config, self.backend, dead=down)
+        leadership = self.leadership
+        transport = connect(self.config, self.backend, dead=down,
+                            identity=None if leadership is None else leadership.identity())
         try:
             gone = check_transport(transport, known=known)
             for node, incarnation in gone.items():
@@ -177,10 +179,14 @@ class SharedState:
             if gone:
                 raise NodeRestarted(f"memory node {min(gone)} restarted since the master last "
                                     "heard it: it is failed over first", min(gone))
+            if leadership is not None and leadership.number is not None:
+                # before this leader's first batch there (docs/design.md#fencing)
+                leadership.fence_predecessors(
+                    self.config, [m.id for m in self.config.memnodes if m.id not in down])
         except BaseException:
             transport.close()
             raise
-        return transport if self.leadership is None else LeaderGuard(transport, self.leading)
+        return transport if leadership is None else LeaderGuard(transport, self.leading)
 
     def _seen(self, node: int, sent: float, incarnation: int, how: str = "") -> None:
         """Live MN ``node`` answered a ping sent at ``sent`` (or had its header read then)

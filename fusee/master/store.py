@@ -1,4 +1,4 @@
-"""Where the master keeps its persistent state (``fusee.master.logic.Master.state()``): one small
+"""Where the master keeps its persistent state (``fusee.master.saved_state``): one small
 interface, ``load`` / ``save`` / ``close``, and two stores behind it.
 
 - ``FileStore``: a JSON file replaced atomically, locked for the life of the process (the

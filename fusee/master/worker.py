@@ -336,8 +336,10 @@ class Worker(SharedState):
         """Have every live MN refuse client ``cid`` of lease ``token`` before its recovery
         (``fusee.fencing``): a batch it still had on its way then either ran before the
         recovery began or is refused. An MN that does not answer fails the repair, retried
-        later (by then that MN answers, or it is failed over and out of ``nodes``)."""
-        channels = Channels(self.config)
+        later (by then that MN answers, or it is failed over and out of ``nodes``). An elected
+        master's request carries its leadership: refused once a newer master leads."""
+        channels = Channels(self.config, None if self.leadership is None
+                            else self.leadership.identity())
         try:
             replies = channels.call_all(nodes, "fence", self.config.timeout,
                                         key=fence_key(cid, token))
