@@ -133,7 +133,7 @@ class ClientCore:
 
     def search(self, key: bytes) -> Op[bytes | None]:
         key = check_key(key, self.layout.max_key_size)
-        return search_mod.Search(self, key, key_hash(key))     # tracked by itself
+        return search_mod.searching(self, key, key_hash(key))     # tracked by itself
 
     def insert(self, key: bytes, value: bytes) -> Op[None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)

@@ -8,15 +8,14 @@ instead of waiting for the failover, where that is safe (``_on_backups``).
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from fusee.cache import CacheEntry
 from fusee.hashing import KeyHash
 from fusee.index import View
 from fusee.layout import COMMITTED, DELETE, INSERT, ObjectView, decode_object
 from fusee.reuse import ObjectReads, is_named
-from fusee.verbs import EPOCH_ENDS, NodeTimeout, Op, Read, Step
+from fusee.verbs import EPOCH_ENDS, NodeTimeout, Op, Read, TransportError
 
 if TYPE_CHECKING:
     from fusee.membership import Membership
@@ -38,89 +37,39 @@ First = tuple[Round, "bytes | View | BaseException"]
 UNSURE = object()
 
 
-class Search(Generator[Step, Any, "bytes | None"]):
-    """The SEARCH operation ``ClientCore.search`` hands out: a generator (it is driven as
-    every operation is, by ``fusee.driver`` or the simulator) that runs its first round
-    itself, without the generator machinery of ``search``: the common case, a cache hit
-    answered in one round trip, makes no generator, no ``tracked`` wrapper and no ``rt``
-    round. That round is ``search``'s own (``first_round`` makes the requests,
-    ``first_answer`` judges their completions); when it does not answer the SEARCH (a cache
-    miss, a stale subtable) or its batch failed, ``search`` takes over from it (its
-    ``first``), wrapped in ``ClientCore.tracked``, and every later step goes to it: the
-    same verbs, round trips and outcomes as ``tracked(search(...))``. A client that owes
-    frees or ABORTED marks (``ClientCore.rt`` carries them) runs ``search`` from the start.
+def searching(core: ClientCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
+    """Generator: the SEARCH operation ``ClientCore.search`` hands out, its first round run
+    here, in one generator: the common case, a cache hit answered in one round trip, makes
+    no ``search`` generator, ``tracked`` wrapper or ``rt`` round. That round is
+    ``search``'s own (``first_round`` makes the requests, ``first_answer`` judges their
+    completions); when it does not answer the SEARCH (a cache miss, a stale subtable) or
+    its batch failed, ``search`` takes over from it (its ``first``), tracked: the same
+    verbs, round trips and outcomes as ``tracked(search(...))``. A client that owes frees
+    or ABORTED marks (``ClientCore.rt`` carries them) runs ``search`` from the start.
 
     While its first round is out it counts in ``in_flight``, and ending there any other way
     than through its answer (closed, an exception) leaves the client unsettled, as
     ``tracked`` tells (``fusee.settle``)."""
-
-    __slots__ = ("core", "key", "h", "rnd", "then")
-
-    def __init__(self, core: ClientCore, key: bytes, h: KeyHash) -> None:
-        self.core, self.key, self.h = core, key, h
-        self.rnd: Round | None = None           # the first round, while it is out
-        #: what runs on: None before the start, ``search`` after the first round, or
-        #: ``_ENDED`` once ended
-        self.then: Op[bytes | None] | None = None
-
-    def send(self, completions: Any) -> Step:
-        then = self.then
-        if then is not None:
-            return then.send(completions)
-        core, rnd = self.core, self.rnd
-        if rnd is None:                         # the start
-            if core.deferred or core.aborts:
-                then = self.then = core.tracked(search(core, self.key, self.h))
-                return then.send(None)
-            rnd = self.rnd = first_round(core, self.key, self.h)
-            core.in_flight += 1
-            return rnd[3]
-        core.in_flight -= 1
-        self.rnd = None
+    if core.deferred or core.aborts:
+        return (yield from core.tracked(search(core, key, h)))
+    rnd = first_round(core, key, h)
+    core.in_flight += 1
+    got: bytes | View | BaseException
+    try:
         try:
-            got = first_answer(core, self.key, rnd, completions)
-        except BaseException:
-            self._cut_short()
-            raise
-        if isinstance(got, bytes):
-            self.then = _ENDED
-            raise StopIteration(got)
-        return self._go_on(rnd, got)
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Step:
-        error = typ if val is None else val
-        then, rnd = self.then, self.rnd
-        if then is not None:
-            return then.throw(error)
-        if rnd is None:                         # not started: it ends here
-            self.then = _ENDED
-            raise error
-        self.core.in_flight -= 1
-        self.rnd = None
-        return self._go_on(rnd, error)
-
-    def close(self) -> None:
-        if self.then is not None:
-            self.then.close()
-        elif self.rnd is not None:
-            self.core.in_flight -= 1
-            self.rnd = None
-            self._cut_short()
-        self.then = _ENDED
-
-    def _go_on(self, rnd: Round, got: View | BaseException) -> Step:
-        """``search`` takes over from the first round ``rnd`` and its answer ``got``."""
-        core = self.core
-        then = self.then = core.tracked(search(core, self.key, self.h, (rnd, got)))
-        return then.send(None)
-
-    def _cut_short(self) -> None:
-        self.then = _ENDED
-        self.core.cut_short = True
-
-
-#: an operation that ended: sending to it raises StopIteration, as to a spent generator
-_ENDED: Op[Any] = (step for step in cast("tuple[Step, ...]", ()))
+            res = yield rnd[3]
+        except TransportError as e:
+            got = e
+        else:
+            got = first_answer(core, key, rnd, res)
+    except BaseException:
+        core.cut_short = True
+        raise
+    finally:
+        core.in_flight -= 1
+    if isinstance(got, bytes):
+        return got
+    return (yield from core.tracked(search(core, key, h, (rnd, got))))
 
 
 def search(core: OpCore, key: bytes, h: KeyHash, first: First | None = None
@@ -129,7 +78,7 @@ def search(core: OpCore, key: bytes, h: KeyHash, first: First | None = None
 
     Its first round is ``first_round`` (the requests) and ``first_answer`` (the verdict on
     their completions). A driver may run that round itself, without this generator
-    (``Search``): when the answer is not final it hands over ``first``,
+    (``searching``): when the answer is not final it hands over ``first``,
     the round and its answer (or the transport's error), and the search goes on from there
     exactly as if it had posted that round itself."""
     suspects = None                             # made on a cache miss only
