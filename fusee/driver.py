@@ -137,23 +137,22 @@ def run_search(core: ClientCore, key: bytes, executor: Any) -> bytes | None:
 
 def first_rounds(core: ClientCore, keys: list[bytes], executor: Any
                  ) -> list[bytes | Op[bytes | None]]:
-    """The first rounds of the SEARCHes of ``keys`` (each checked first: a bad one raises
-    before any round), merged into one batch: per key, its value when that round answered
-    it (a cache hit), else its search generator (``core.search``'s), to be run on from that
-    round (``fusee.search.search``'s ``first``). A batch that fails gives each search the
-    error its own requests would have met alone (as ``run_concurrently`` does). A client
-    that owes frees or ABORTED marks (its round trips carry them: ``ClientCore.rt``) gets
-    the generators, not started."""
-    checked = [check_key(key, core.layout.max_key_size) for key in keys]
-    hashes = [key_hash(key) for key in checked]
+    """The first rounds of the SEARCHes of ``keys`` (checked already: ``check_key``),
+    merged into one batch: per key, its value when that round answered it (a cache hit),
+    else its search generator (``core.search``'s), to be run on from that round
+    (``fusee.search.search``'s ``first``). A batch that fails gives each search the error
+    its own requests would have met alone (as ``run_concurrently`` does). A client that
+    owes frees or ABORTED marks (its round trips carry them: ``ClientCore.rt``) gets the
+    generators, not started."""
     if core.deferred or core.aborts:
-        return [core.tracked(search(core, key, h)) for key, h in zip(checked, hashes)]
-    rounds = [first_round(core, key, h) for key, h in zip(checked, hashes)]
+        return [core.tracked(search(core, key, key_hash(key))) for key in keys]
+    planned = []
     merged: list[Any] = []
-    ends = []
-    for rnd in rounds:
+    for key in keys:
+        h = key_hash(key)
+        rnd = first_round(core, key, h)
         merged += rnd[3]
-        ends.append(len(merged))
+        planned.append((key, h, rnd, len(merged)))
     error: TransportError | None = None
     try:
         try:
@@ -162,7 +161,7 @@ def first_rounds(core: ClientCore, keys: list[bytes], executor: Any
             completions, error = e.results, e
         out: list[bytes | Op[bytes | None]] = []
         start = 0
-        for key, h, rnd, end in zip(checked, hashes, rounds, ends):
+        for key, h, rnd, end in planned:
             own = None if error is None else _own_failure(error, completions, start, end)
             got = own if own is not None else first_answer(core, key, rnd,
                                                            completions[start:end])
