@@ -15,7 +15,7 @@ import pytest
 from fusee.emulator.cluster import LocalCluster
 from fusee.audit import audit
 from fusee import search as search_mod
-from fusee.driver import run, run_concurrently, run_search
+from fusee.driver import first_rounds, run, run_concurrently, run_search
 from fusee.hashing import key_hash
 from fusee.verbs import Cas, Faa, NodeTimeout, Read, RemoteAccessError, Write
 from storekit import clients, config, rt
@@ -484,3 +484,24 @@ def test_a_get_whose_first_round_fails_goes_on_as_the_generator_does(cached):
                          core.settled))
     assert outcomes[0] == outcomes[1] == outcomes[2] and outcomes[0][0] == b"v-7", outcomes
     assert outcomes[0][1] == 1 and outcomes[0][3]
+
+
+def test_first_rounds_merged_give_each_search_its_own_failure():
+    """``fusee.driver.first_rounds`` (get_many's) posts the first rounds of several SEARCHes
+    as one batch; when one MN of it stops answering, the searches whose requests went there
+    go on from their failed round (to the live backups), the others are answered by theirs:
+    every value right, one backup read per search that met the silent MN."""
+    _, (kv,) = clients(config(r=3), 1)
+    keys = [b"k-%d" % i for i in range(24)]
+    for k in keys:
+        kv.put(k, k + b"!")
+    core = kv.core
+    primary = {k: core.dir.nodes(core.dir.lookup(key_hash(k))[0])[0] for k in keys}
+    silent = primary[keys[0]]
+    out = first_rounds(core, keys, FailFirst(kv.executor, silent))
+    assert len({primary[k] for k in keys}) > 1, "the batch spans MNs"
+    got = [v if type(v) is bytes else run(v, kv.executor) for v in out]
+    assert got == [k + b"!" for k in keys]
+    assert [type(v) is bytes for v in out] == [primary[k] != silent for k in keys]
+    assert core.counters["backup_reads"] == sum(primary[k] == silent for k in keys)
+    assert core.settled
