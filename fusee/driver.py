@@ -122,8 +122,8 @@ def run_search(core: ClientCore, key: bytes, executor: Any) -> bytes | None:
     h = key_hash(key)
     if core.deferred or core.aborts:        # see ``first_rounds``
         return run(core.tracked(search(core, key, h)), executor)
-    rnd = first_round(core, key, h)
     try:
+        rnd = first_round(core, key, h)
         got: Any = first_answer(core, key, rnd, executor.execute(rnd[3]))
     except TransportError as e:
         got = e
@@ -148,13 +148,13 @@ def first_rounds(core: ClientCore, keys: list[bytes], executor: Any
         return [core.tracked(search(core, key, key_hash(key))) for key in keys]
     planned = []
     merged: list[Any] = []
-    for key in keys:
-        h = key_hash(key)
-        rnd = first_round(core, key, h)
-        merged += rnd[3]
-        planned.append((key, h, rnd, len(merged)))
     error: TransportError | None = None
     try:
+        for key in keys:
+            h = key_hash(key)
+            rnd = first_round(core, key, h)
+            merged += rnd[3]
+            planned.append((key, h, rnd, len(merged)))
         try:
             completions: Any = executor.execute(merged)
         except TransportError as e:

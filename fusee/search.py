@@ -52,10 +52,10 @@ def searching(core: ClientCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
     ``tracked`` tells (``fusee.settle``)."""
     if core.deferred or core.aborts:
         return (yield from core.tracked(search(core, key, h)))
-    rnd = first_round(core, key, h)
     core.in_flight += 1
     got: bytes | View | BaseException
     try:
+        rnd = first_round(core, key, h)
         try:
             res = yield rnd[3]
         except TransportError as e:
