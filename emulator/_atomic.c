@@ -632,12 +632,13 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_atomic",
                                     "8-byte hardware atomics on shared memory; the shm client's and the MN's batch of verbs", -1, methods};
 
 static int add_object_methods(PyObject *module);  /* KV objects and bucket views: the end */
+static int add_write_methods(PyObject *module);   /* the write path's verbs: the very end */
 
 PyMODINIT_FUNC PyInit__atomic(void) {
     if (!(str_rkey = PyUnicode_InternFromString("rkey"))) return NULL;
     if (!(str_fields = PyUnicode_InternFromString("_fields"))) return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m && add_object_methods(m) < 0) Py_CLEAR(m);
+    if (m && (add_object_methods(m) < 0 || add_write_methods(m) < 0)) Py_CLEAR(m);
     return m;
 }
 
@@ -989,4 +990,117 @@ static int add_object_methods(PyObject *module) {
     }
     if (PyModule_AddFunctions(module, object_methods) < 0) return -1;
     return PyModule_AddFunctions(module, view_methods);
+}
+
+/* -- The write path's verbs (fusee.log, fusee.index): the same verb to every replica, and a
+ * key's bucket reads, one call each -------------------------------------------------------
+ *
+ * An object's writes and each of its commit records go to every live copy of its group, at
+ * the same address on each (fusee.allocation: a group's blocks share their offsets). Made in
+ * Python, each list was a comprehension (a function object made and called) and a verb per
+ * copy built through the class call (type_call, slot_tp_new, the verb_new staticmethod): a
+ * few percent of an UPDATE's client instructions (issue 12). fusee.log's Python fallback
+ * makes the same list where this extension is not built (tests/test_layout.py). */
+
+/* verbs_to(cls, nodes, addr, data) -> [cls(node, addr, data) for node in nodes]: ``cls`` a
+ * tuple type of three fields (fusee.verbs.Write), ``nodes`` a list or tuple */
+static PyObject *verbs_to(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 4 || !PyType_Check(args[0]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "verbs_to(cls, nodes, addr, data): cls a tuple type");
+        return NULL;
+    }
+    PyTypeObject *cls = (PyTypeObject *)args[0];
+    PyObject *fields = PyObject_GetAttr(args[0], str_fields);
+    Py_ssize_t want = fields && PyTuple_Check(fields) ? PyTuple_GET_SIZE(fields) : -1;
+    Py_XDECREF(fields);
+    if (want != 3) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "verbs_to: %s does not have 3 fields", cls->tp_name);
+        return NULL;
+    }
+    PyObject *nodes = PySequence_Fast(args[1], "verbs_to: nodes must be a list or a tuple");
+    if (!nodes) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(nodes);
+    PyObject *out = PyList_New(count);
+    if (!out) { Py_DECREF(nodes); return NULL; }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *verb = cls->tp_alloc(cls, 3);
+        if (!verb) { Py_DECREF(out); Py_DECREF(nodes); return NULL; }
+        PyTuple_SET_ITEM(verb, 0, Py_NewRef(PySequence_Fast_GET_ITEM(nodes, i)));
+        PyTuple_SET_ITEM(verb, 1, Py_NewRef(args[2]));
+        PyTuple_SET_ITEM(verb, 2, Py_NewRef(args[3]));
+        PyList_SET_ITEM(out, i, verb);
+    }
+    Py_DECREF(nodes);
+    return out;
+}
+
+/* bucket_reads(cls, node, high, mains, base, bucket_bytes) -> ((read, read), (f1, f2)):
+ * fusee.index.Directory's reads of a key's two combined buckets on MN ``node`` in the
+ * subtable at ``base``, made of the key hash's ``high`` word (KeyHash.mains over ``mains``
+ * main buckets, IndexGeometry.combined for each); ``cls`` the Read verb. Made in Python for
+ * every key not used lately (an insert's), that was a dozen calls (issue 12); the Python
+ * stays the spec and the fallback, tests/test_index.py holds the two equal. */
+static PyObject *bucket_reads(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 6 || !PyType_Check(args[0]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "bucket_reads(cls, node, high, mains, base, bucket_bytes): cls a tuple type");
+        return NULL;
+    }
+    unsigned long long high = PyLong_AsUnsignedLongLong(args[2]);
+    long long mains = PyLong_AsLongLong(args[3]);
+    unsigned long long base = PyLong_AsUnsignedLongLong(args[4]);
+    long long bucket = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    if (mains < 1 || bucket < 1) {
+        PyErr_SetString(PyExc_ValueError, "bucket_reads: mains and bucket_bytes must be positive");
+        return NULL;
+    }
+    unsigned long long m1 = (high & 0xFFFFFFFFull) % (unsigned long long)mains;
+    unsigned long long m2 = (high >> 32) % (unsigned long long)mains;
+    if (mains > 2 && m2 / 2 == m1 / 2) m2 = (m2 + 2) % (unsigned long long)mains;
+    unsigned long long first[2] = {3 * (m1 / 2) + m1 % 2, 3 * (m2 / 2) + m2 % 2};
+    PyTypeObject *cls = (PyTypeObject *)args[0];
+    PyObject *reads = PyTuple_New(2), *firsts = PyTuple_New(2), *out = NULL;
+    if (!reads || !firsts) goto done;
+    for (int i = 0; i < 2; i++) {
+        unsigned long long offset = first[i] * (unsigned long long)bucket;
+        if (offset > ULLONG_MAX - base) {
+            PyErr_SetString(PyExc_OverflowError, "bucket_reads: an address past 64 bits");
+            goto done;
+        }
+        PyObject *f = PyLong_FromUnsignedLongLong(first[i]);
+        if (!f) goto done;
+        PyTuple_SET_ITEM(firsts, i, f);
+        PyObject *read = cls->tp_alloc(cls, 3);
+        if (!read) goto done;
+        PyTuple_SET_ITEM(reads, i, read);
+        PyObject *addr = PyLong_FromUnsignedLongLong(base + offset);
+        PyObject *length = PyLong_FromLongLong(2 * bucket);
+        if (!addr || !length) { Py_XDECREF(addr); Py_XDECREF(length); goto done; }
+        PyTuple_SET_ITEM(read, 0, Py_NewRef(args[1]));
+        PyTuple_SET_ITEM(read, 1, addr);
+        PyTuple_SET_ITEM(read, 2, length);
+    }
+    out = PyTuple_Pack(2, reads, firsts);
+done:
+    Py_XDECREF(reads);
+    Py_XDECREF(firsts);
+    return out;
+}
+
+static PyMethodDef write_methods[] = {
+    {"verbs_to", (PyCFunction)(void (*)(void))verbs_to, METH_FASTCALL,
+     "verbs_to(cls, nodes, addr, data) -> [cls(node, addr, data) for node in nodes] (fusee.log)"},
+    {"bucket_reads", (PyCFunction)(void (*)(void))bucket_reads, METH_FASTCALL,
+     "bucket_reads(cls, node, high, mains, base, bucket_bytes) -> ((read, read), (f1, f2)) "
+     "(fusee.index.Directory)"},
+    {NULL, NULL, 0, NULL},
+};
+
+/* the block above, added to the module by PyInit__atomic */
+static int add_write_methods(PyObject *module) {
+    return PyModule_AddFunctions(module, write_methods);
 }

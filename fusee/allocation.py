@@ -50,7 +50,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import compress
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from fusee.errors import OutOfMemory
 from fusee.index import LostData, replica_nodes
@@ -65,10 +65,10 @@ from fusee.verbs import (MASK64, MAX_BATCH, AllocBlock, ControlError, Faa, FreeB
 #: empty batches an operation waits for another's reclaim or growth before calling it stuck
 #: (when driven together it takes a few round trips; only a driver that stopped driving one
 #: operation of a client while running another can get here)
-MAX_PAUSES = 100_000
+MAX_PAUSES: Final = 100_000
 #: a write mark is a holder's incarnation << MARK_COUNT_BITS | its count of marks so far
-MARK_COUNT_BITS = 40
-MARK_COUNT_MASK = (1 << MARK_COUNT_BITS) - 1
+MARK_COUNT_BITS: Final = 40
+MARK_COUNT_MASK: Final = (1 << MARK_COUNT_BITS) - 1
 
 
 class BlockGroup(NamedTuple):
@@ -178,13 +178,14 @@ class Allocator:
     def block_of(self, addr: int) -> int:
         return addr - (addr - self.data) % self.block_size
 
-    def replicas(self, ptr: int) -> list[tuple[int, int]]:
-        """(node, addr) of every live copy of an object, its home first."""
+    def replicas(self, ptr: int) -> tuple[tuple[int, ...], int]:
+        """The MNs of every live copy of an object, its home first, and its address (the
+        same on each: a group's blocks share their offsets)."""
         node, addr = (ptr >> NODE_SHIFT) & NODE_MASK, (ptr & ADDR_MASK) * self.unit
         copies = self.copies_of[node]
         if not copies:
             raise LostData(f"every copy of the object at MN {node} {addr:#x} is on a dead MN")
-        return [(n, addr) for n in copies]
+        return copies, addr
 
     def home_of(self, node: int) -> int:
         """The MN readers use for an object whose pointer names ``node``."""
@@ -286,8 +287,10 @@ class Allocator:
         node, addr = (ptr >> NODE_SHIFT) & NODE_MASK, (ptr & ADDR_MASK) * self.unit
         off = (addr - self.data) % self.block_size
         bit = off // self.unit
-        return Faa(self.home_of(node), addr - off + BLOCK_HEADER + (bit >> 6) * 8,
-                   1 << (bit & 63))
+        home = self.home[node]      # (``home_of`` inline: every UPDATE and DELETE frees)
+        if home is None:
+            home = self.home_of(node)   # (raises LostData)
+        return Faa(home, addr - off + BLOCK_HEADER + (bit >> 6) * 8, 1 << (bit & 63))
 
     # -- MN level --------------------------------------------------------------------------
     def grow(self) -> Op[None]:

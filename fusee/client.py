@@ -56,7 +56,7 @@ from fusee import batch
 from fusee.cluster_identity import check, check_transport, reached
 from fusee.config import ClusterConfig
 from fusee.driver import run, run_search
-from fusee.errors import ClientClosed, ForkedClient, LeaseExpired, LeaseLapsed
+from fusee.errors import ClientClosed, ForkedClient, LeaseExpired, LeaseLapsed, NodeRestarted
 from fusee.fencing import identity
 from fusee.membership import Membership
 from fusee.client_ids import open_client
@@ -109,15 +109,17 @@ class Client:
                 if self.lease is None:
                     self.lease = LeaseKeeper(self.config, client_id)
                 client_id = self.lease.client_id
-                membership = self.lease.membership
+                # every MN reached is this cluster's and the process the master knows,
+                # before anything is read from or written to one
+                membership = _identified(transport, self.lease, self.config)
                 # post batches here, not to .transport: the lease and the failovers need it
                 self.executor = _LeaseGuard(transport, self.lease, membership_wait(self.config),
                                             membership)
             else:
                 self.executor = transport       # no await_membership: NodeTimeout at once
-            # every MN reached is this cluster's, before anything is written to one
-            # (fusee.cluster_identity: one round trip)
-            run(check(self.config, set(reached(transport)) - membership.dead), transport)
+                # every MN reached is this cluster's, before anything is written to one
+                # (fusee.cluster_identity: one round trip)
+                run(check(self.config, reached(transport)), transport)
             # under a master, a recovery this client leaves half done is the master's to
             # finish (it recovers the id once the lease ends): the same lock owner
             owner = MASTER if self.config.master else client_id
@@ -328,21 +330,59 @@ def _check_reachable(transport: Transport, lease: LeaseKeeper, config: ClusterCo
                     if r.length == 0 and n not in lease.membership.dead)
     if not silent:
         return
-    epoch, deadline = lease.membership.epoch, time.monotonic() + config.mn_lease
-    lease.expect_news(True)
-    try:
-        with lease.news:
-            while (not lease.pause and lease.membership.epoch == epoch and
-                   (left := deadline - time.monotonic()) > 0):
-                lease.news.wait(left)
-    finally:
-        lease.expect_news(False)
-    if lease.pause or lease.membership.epoch != epoch:
+    epoch = lease.membership.epoch
+    if _news(lease, lambda: bool(lease.pause) or lease.membership.epoch != epoch,
+             config.mn_lease):
         return
     node = config.node(silent[0])
     raise NodeTimeout(f"MN {node.id} at {node.endpoint} did not answer within "
                       f"{transport.timeout:g} s, yet the master hears from it: check its "
                       "endpoint in the cluster config, and that this host can reach it", node.id)
+
+
+def _identified(transport: Transport, lease: LeaseKeeper, config: ClusterConfig
+                ) -> Membership:
+    """Check every MN ``transport`` reached that is alive in the lease's membership: it is
+    this cluster's (WrongMemoryNode) and the very process the master knows, by the
+    incarnation in its header (``fusee.cluster_identity.restarted``); -> the membership
+    checked. An MN restarted since the master's last ping serves an empty region that the
+    master counts alive until its next one (a quarter of an MN lease): as dead to this
+    client as a silent MN, so it waits (up to ``membership_wait``) for the master to fail
+    it over, then checks again; NodeRestarted if no failover comes."""
+    from fusee.master.link import membership_wait
+    wait = membership_wait(config)
+    while True:
+        with lease.news:                # (the keeper changes both together)
+            membership, known = lease.membership, lease.incarnations
+        gone = check_transport(transport, set(reached(transport)) - membership.dead, known)
+        if not gone:
+            return membership
+        epoch = membership.epoch
+
+        def moved(epoch: int = epoch) -> bool:
+            return lease.membership.epoch != epoch or lease.ended
+
+        if not _news(lease, moved, wait):
+            node = config.node(min(gone))
+            raise NodeRestarted(f"MN {node.id} at {node.endpoint} restarted (its incarnation "
+                                f"is not the one the master knows), and the master published "
+                                f"no membership after epoch {epoch} within {wait:g} s: "
+                                f"{lease.data_lost or 'is the master running?'}", node.id)
+        lease.check(wait)
+
+
+def _news(lease: LeaseKeeper, done: Callable[[], bool], seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``done()``, looked at whenever the lease keeper has news
+    (it renews often meanwhile: ``expect_news``); -> ``done()``."""
+    deadline = time.monotonic() + seconds
+    lease.expect_news(True)
+    try:
+        with lease.news:
+            while not done() and (left := deadline - time.monotonic()) > 0:
+                lease.news.wait(left)
+            return done()
+    finally:
+        lease.expect_news(False)
 
 
 def _patience(config: ClusterConfig, rtt: float) -> int:
@@ -494,12 +534,16 @@ class _LeaseGuard:
                         k.news.wait(left)
             finally:
                 k.expect_news(False)
-        m = k.membership
+        with k.news:                    # (the keeper changes both together)
+            m, known = k.membership, k.incarnations
         if m.epoch > epoch:
             self.handed = m.epoch
             if back := m.rebuilt - m.dead:      # MNs rebuilt: the transport reaches them
                 self.transport.revive(back)
-                check_transport(self.transport, back)      # what now serves there is ours
+                # what now serves there is ours, and the process the master rebuilt: one
+                # restarted since is empty, and dead to us until the next epoch says so
+                if check_transport(self.transport, back, known):
+                    self._await(m.epoch)
             raise EpochChanged(m)
         if k.data_lost:
             raise NodeTimeout(f"no failover will come: {k.data_lost}")

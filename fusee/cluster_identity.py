@@ -12,9 +12,13 @@ refuses an MN whose cluster id, layout or node id is not the config's (``WrongMe
 before it writes anything there. The checks, and when they run:
 
 - a client, when it opens (``fusee.client.Client``), and again for each MN its transport
-  reconnects to after a rebuild (``revive``);
+  reconnects to after a rebuild (``revive``); under a master it also compares each MN's
+  incarnation (header word 40) with the one the master's grant says it knows
+  (``restarted``): another one means the MN restarted, empty, and the master has not pinged
+  it since, so the client waits for its failover instead of using it;
 - the master, when it starts and whenever its worker connects (``fusee.master.shared``),
-  which covers the MN asking to rejoin, checked before anything is copied to it
+  comparing the incarnations too (a restarted member is dead at once), which covers the MN
+  asking to rejoin, checked before anything is copied to it
   (``fusee.master.worker``): the copy writes every range at the address it has on the live
   replicas, so a region of another layout would be half written or hand out blocks the others
   do not have;
@@ -28,15 +32,15 @@ refuses them, as they hold no proof of being this cluster's.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from fusee.config import ClusterConfig
 from fusee.driver import run
 from fusee.errors import TransportError, WrongMemoryNode
 from fusee.layout import unpack_u64
-from fusee.memory_map import (HEADER_CLUSTER, HEADER_END, HEADER_LAYOUT, HEADER_MAGIC,
-                              HEADER_NODE, MAGIC, MemoryMap)
+from fusee.memory_map import (HEADER_CLUSTER, HEADER_END, HEADER_INCARNATION, HEADER_LAYOUT,
+                              HEADER_MAGIC, HEADER_NODE, MAGIC, MemoryMap)
 from fusee.verbs import Op, Read
 
 if TYPE_CHECKING:
@@ -123,13 +127,25 @@ def read_headers(nodes: Iterable[int]) -> Op[dict[int, bytes]]:
     return {n: r for n, r in zip(nodes, results) if not isinstance(r, BaseException)}
 
 
-def check(config: ClusterConfig, nodes: Iterable[int]) -> Op[None]:
+def restarted(known: Mapping[int, int], headers: Mapping[int, bytes]) -> dict[int, int]:
+    """{MN: the incarnation its header holds} of the MNs of ``headers`` whose incarnation is
+    not the one ``known`` (the master's: ``fusee.master.logic.Grant.incarnations``): each
+    restarted since the master last heard it and serves an empty region, though the master
+    may count it alive until its next ping. An MN ``known`` has no word for is not compared."""
+    found = {n: unpack_u64(header, HEADER_INCARNATION) for n, header in headers.items()}
+    return {n: w for n, w in sorted(found.items()) if known.get(n) and w != known[n]}
+
+
+def check(config: ClusterConfig, nodes: Iterable[int],
+          known: Mapping[int, int] | None = None) -> Op[dict[int, int]]:
     """Generator: WrongMemoryNode for the first of ``nodes`` whose header is not this
-    cluster's MN's (one batch)."""
+    cluster's MN's (one batch); else the MNs among them that restarted since the master
+    learned the incarnations ``known`` (``restarted``), which nobody may read or write."""
     headers = yield from read_headers(nodes)
     for node, header in sorted(headers.items()):
         if (wrong := mismatch(config, node, header)) is not None:
             raise wrong
+    return restarted(known or {}, headers)
 
 
 def reached(transport: Transport) -> list[int]:
@@ -177,7 +193,10 @@ def serving_without_id(config: ClusterConfig, timeout: float) -> list[int]:
                   if mismatch(config, n, header) is None)
 
 
-def check_transport(transport: Transport, nodes: Iterable[int] | None = None) -> None:
+def check_transport(transport: Transport, nodes: Iterable[int] | None = None,
+                    known: Mapping[int, int] | None = None) -> dict[int, int]:
     """Raise WrongMemoryNode unless every MN of ``nodes`` (default: all it reached) that
-    ``transport`` reaches is this cluster's (one round trip)."""
-    run(check(transport.config, reached(transport) if nodes is None else nodes), transport)
+    ``transport`` reaches is this cluster's (one round trip); -> those of them that
+    restarted since the master learned the incarnations ``known`` (``restarted``)."""
+    return run(check(transport.config, reached(transport) if nodes is None else nodes, known),
+               transport)

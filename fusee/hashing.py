@@ -8,12 +8,13 @@ and machines, unlike Python's salted ``hash()``, so every client computes the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import xxhash
 
-_M32 = 0xFFFFFFFF
+_M32: Final = 0xFFFFFFFF
 
 
 class KeyHash(NamedTuple):
@@ -37,9 +38,20 @@ class KeyHash(NamedTuple):
         return m1, m2
 
 
+#: a KeyHash made in one C call where the extension is built (the namedtuple's own
+#: ``__new__`` is Python: about 1k instructions of every operation on a key not hashed lately)
+_NEW_IN_C: Callable[..., KeyHash] | None
+try:
+    from fusee.emulator._atomic import verb_new as _NEW_IN_C
+except ImportError:     # pragma: no cover (a source tree without its build)
+    _NEW_IN_C = None
+
+
 @lru_cache(maxsize=1 << 14)
 def key_hash(key: bytes) -> KeyHash:
     """The key's hash; recently used keys (every operation on a key hashes it) are memoized."""
     h = xxhash.xxh3_128_intdigest(key)
     low = h & ((1 << 64) - 1)
+    if _NEW_IN_C is not None:
+        return _NEW_IN_C(KeyHash, low, h >> 64, low >> 56)
     return KeyHash(low, h >> 64, low >> 56)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from fusee.config import LayoutConfig
 from fusee.errors import DataLost, StoreFormatError
@@ -39,11 +39,13 @@ from fusee.layout import (BUCKET_BYTES, FROZEN, LEN_SHIFT, RETIRED, SLOTS_PER_BU
 from fusee.memory_map import PAGE, MemoryMap
 from fusee.verbs import Read
 
-INDEX_MAGIC = 0x3158494545535546    # b"FUSEEIX1"
-HDR_MAGIC, HDR_DIR_BITS, LOCKS = 0, 16, 64
-ENTRY_VALID = 1 << 63
-RETIRED_LOCK = (1 << 64) - 1
-COMBINED = 2 * BUCKET_BYTES
+INDEX_MAGIC: Final = 0x3158494545535546    # b"FUSEEIX1"
+HDR_MAGIC: Final = 0
+HDR_DIR_BITS: Final = 16
+LOCKS: Final = 64
+ENTRY_VALID: Final = 1 << 63
+RETIRED_LOCK: Final = (1 << 64) - 1
+COMBINED: Final = 2 * BUCKET_BYTES
 
 
 def _align(n: int, a: int) -> int:
@@ -146,7 +148,7 @@ def initial_image(layout: LayoutConfig) -> list[tuple[int, bytes]]:
 
 
 #: bucket reads a Directory keeps (per key, subtable and MN): the keys in recent use
-_KEPT_READS = 1 << 14
+_KEPT_READS: Final = 1 << 14
 
 
 def replica_nodes(first: int, n_nodes: int, r: int) -> list[int]:
@@ -215,14 +217,25 @@ class Directory:
         through ``h.high``, and every operation on a key makes them: recent ones are kept."""
         got = self._reads.get((h.high, sid, node))
         if got is None:
-            m1, m2 = h.mains(self._mains)
-            a1, f1 = self.geo.combined(sid, m1)
-            a2, f2 = self.geo.combined(sid, m2)
-            got = (Read(node, a1, COMBINED), Read(node, a2, COMBINED)), (f1, f2)
+            if _READS_IN_C is not None:
+                geo = self.geo
+                got = _READS_IN_C(Read, node, h.high, self._mains,
+                                  geo.subtables + sid * geo.subtable_bytes, BUCKET_BYTES)
+            else:
+                got = self.bucket_reads_py(sid, h, node)
             if len(self._reads) >= _KEPT_READS:
                 self._reads.clear()
             self._reads[(h.high, sid, node)] = got
         return list(got[0]), got[1]
+
+    def bucket_reads_py(self, sid: int, h: KeyHash, node: int
+                        ) -> tuple[tuple[Read, Read], tuple[int, int]]:
+        """``bucket_reads`` made in Python, uncached: what the C version must make
+        (tests/test_index.py)."""
+        m1, m2 = h.mains(self._mains)
+        a1, f1 = self.geo.combined(sid, m1)
+        a2, f2 = self.geo.combined(sid, m2)
+        return (Read(node, a1, COMBINED), Read(node, a2, COMBINED)), (f1, f2)
 
     @property
     def replicas(self) -> list[int]:
@@ -233,12 +246,12 @@ class Directory:
 
 #: of each of the 4 bucket headers of two combined buckets, its flags byte (bits 40-47) and
 #: subtable id (bits 48-63): small ints, compared without a 64-bit int made of each header
-_HEADERS = struct.Struct("<5xBH" + "56x5xBH" * 3)
+_HEADERS: Final = struct.Struct("<5xBH" + "56x5xBH" * 3)
 #: byte 5 of a slot word -> nonzero iff it has FROZEN or TENTATIVE (bits 47 and 46) set;
 #: with the length in byte 6, that is all of TAKEN (``View.free_slot``)
 assert TAKEN == 0xFF << 48 | 0xC0 << 40 and LEN_SHIFT == 48
-_FLAGGED = bytes(int(b & (FROZEN | TENTATIVE) >> 40 != 0) for b in range(256))
-_SLOT_WORDS = struct.Struct("<" + "8x7Q" * 4)    # the 28 slots of two combined buckets
+_FLAGGED: Final = bytes(int(b & (FROZEN | TENTATIVE) >> 40 != 0) for b in range(256))
+_SLOT_WORDS: Final = struct.Struct("<" + "8x7Q" * 4)    # the 28 slots of two combined buckets
 
 
 @lru_cache(maxsize=1 << 12)
@@ -248,7 +261,7 @@ def _positions(f0: int, f1: int) -> tuple[int, ...]:
     n = 2 * SLOTS_PER_BUCKET
     return (*range(f0 * SLOTS_PER_BUCKET, f0 * SLOTS_PER_BUCKET + n),
             *range(f1 * SLOTS_PER_BUCKET, f1 * SLOTS_PER_BUCKET + n))
-_WORD = struct.Struct("<Q")
+_WORD: Final = struct.Struct("<Q")
 # View's scans of the slots, each in one C call (emulator/_atomic.c); its Python methods,
 # the spec, where the extension is not built
 _FREE_SLOT_IN_C: Callable[..., int | None] | None
@@ -256,7 +269,9 @@ _MATCHES_IN_C: Callable[..., list[Any]] | None
 _DIFFERS_IN_C: Callable[..., bool] | None
 _STALE_IN_C: Callable[..., bool] | None
 _GET_IN_C: Callable[..., int | None] | None
+_READS_IN_C: Callable[..., tuple[tuple[Read, Read], tuple[int, int]]] | None
 try:
+    from fusee.emulator._atomic import bucket_reads as _READS_IN_C
     from fusee.emulator._atomic import view_differs as _DIFFERS_IN_C
     from fusee.emulator._atomic import view_free_slot as _FREE_SLOT_IN_C
     from fusee.emulator._atomic import view_get as _GET_IN_C
@@ -264,11 +279,12 @@ try:
     from fusee.emulator._atomic import view_stale as _STALE_IN_C
 except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
     _FREE_SLOT_IN_C = _MATCHES_IN_C = _DIFFERS_IN_C = None
-    _STALE_IN_C = _GET_IN_C = None
-_WORD_BITS = (1 << 64) - 1
+    _STALE_IN_C = _GET_IN_C = _READS_IN_C = None
+_WORD_BITS: Final = (1 << 64) - 1
 #: the bits of the slot words of two combined buckets read as one little-endian integer
 #: (``View.differs``): all but the 4 bucket headers
-_SLOT_BITS = sum(_WORD_BITS << 8 * at for at in range(0, 2 * COMBINED, 8) if at % BUCKET_BYTES)
+_SLOT_BITS: Final = sum(_WORD_BITS << 8 * at for at in range(0, 2 * COMBINED, 8)
+                         if at % BUCKET_BYTES)
 
 
 class View:

@@ -73,10 +73,13 @@ class ClaimRound:
 def insert(core: OpCore, key: bytes, value: bytes) -> Op[None]:
     """Generator: the INSERT operation of ``core`` (an OpCore). An insert that runs out of
     patience (Stalled) withdraws any claim it holds and gives its object back."""
-    return core.with_objects(INSERT, key, value, lambda obj, _: _insert(core, obj, key))
+    return core.with_objects(INSERT, key, value, _insert)
 
 
-def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
+def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
+            then_insert: bool) -> Op[Fresh | None]:
+    """Generator: the body of an INSERT (``OpCore.with_objects``; of its arguments it needs
+    the core, the object and the key)."""
     h = key_hash(key)
     s = core.slot_value(h, obj)
     writes = obj.writes
@@ -95,11 +98,11 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
                 waits = yield from core.split_seen(sid, waits)
                 continue
             cands = [v for _, v in view.candidates(h.fp)]
-            pos = view.free_slot([p for (lsid, p), v in lost.items()
-                                  if lsid == sid and view.get(p) == v] if lost else ())
+            unsettled = _lost_here(lost, sid, view) if lost else []
+            pos = view.free_slot(unsettled)
             if pos is None:
                 known: dict[int, bool] = {}
-                bufs = (yield from core.rt([core.object_read(v) for v in cands])) if cands else []
+                bufs = (yield from core.rt(_object_reads(core, cands))) if cands else []
                 if not _learn(known, key, cands, bufs):
                     waits = yield from core.waited(
                         waits, f"subtable {sid}: a candidate object is being replaced")
@@ -107,8 +110,7 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
                 if any(known.values()):
                     yield from core.abandon(obj)
                     raise KeyExists(key)
-                if any(lost.get((sid, p)) == v for p, v in view.slots.items()):
-                    # a slot we lost is still being settled: look again
+                if unsettled:       # a slot we lost is still being settled: look again
                     waits = yield from core.waited(
                         waits, f"subtable {sid}: a lost round is not settled")
                     continue
@@ -122,8 +124,10 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
             claim_node = t.backups[0] if t.backups else t.primary
             # the same buckets on the claim MN (made from ``reads``: a new key's buckets
             # are not among the reads the directory keeps)
-            claim_reads = [Read(claim_node, r.addr, r.length) for r in reads]
-            extra = claim_reads + [core.object_read(v) for v in cands]
+            r0, r1 = reads
+            claim_reads = [Read(claim_node, r0.addr, r0.length), Read(claim_node, r1.addr,
+                                                                      r1.length)]
+            extra = claim_reads + _object_reads(core, cands) if cands else claim_reads
             open_round = ClaimRound(core.membership.epoch, t, v_old)
             if t.backups:
                 k = len(t.backups)
@@ -149,12 +153,15 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
                     lost[(sid, pos)] = v_old
                 continue
             known = {}
-            settled = _learn(known, key, cands, got[2:])
+            settled = _learn(known, key, cands, got[2:]) if cands else True
             claims = View(got[:2], firsts, sid)
             prims = claims if not t.backups else view
             try:
-                outcome, other = yield from _check(core, t, s, h, key, firsts, prims, claims,
-                                                   known, settled)
+                if settled and _clear_at_once(t, h.fp, prims, claims):
+                    outcome, other = CLEAR, None
+                else:
+                    outcome, other = yield from _check(core, t, s, h, key, firsts, prims,
+                                                       claims, known, settled)
             except Stalled:
                 yield from _withdraw(core, t, obj, s, v_old, expected)
                 raise
@@ -197,31 +204,37 @@ def _insert(core: OpCore, obj: NewObject, key: bytes) -> Op[Fresh | None]:
             if open_round is None:
                 continue
             r, open_round = open_round, None
-            epoch, t, v_old, committed = r.epoch, r.target, r.v_old, r.committed
-            cased = cas_went_out(r, err)
-            if not t.backups:           # an r = 1 claim sits on the primary
-                # committed: its primary CAS may have taken effect (the only way to know is
-                # the slot), and no rival commits the key while the claim stands: finish it
-                if committed and (yield from core.retrying(lambda: _publish(core, t, s))):  # noqa: B023 (retrying calls it at once)
-                    core.cache.store(key, t.sid, t.pos, s)
-                    return None
-                yield from core.retrying(lambda: _take_back(core, t, obj, s, v_old))  # noqa: B023 (retrying calls it at once)
-                return FRESH
-            # settling the round meets the end of the next epoch too when more MNs die
-            if committed is None:       # did the commit record reach a live replica?
-                (buf,) = yield from core.retrying(lambda: core.rt([core.object_read(s)]))
-                v = decode_object(buf)
-                committed = (v is not None and v.state == COMMITTED
-                             and v.slot_ref == slot_ref(t.sid, t.pos))
-            # the failover keeps an insert's claim only once committed (checked for
-            # duplicates); any other claim it withdrew
-            decided: Verdict | None = WIN if committed else None
-            fate = yield from core.retrying(
-                lambda: core.fate(epoch, t, v_old, s, decided, cased))  # noqa: B023 (retrying calls it at once)
-            if fate == WIN:
-                core.cache.store(key, t.sid, t.pos, s)
-                return None
-            return FRESH
+            return (yield from _settle(core, key, obj, s, r, cas_went_out(r, err)))
+
+
+def _settle(core: OpCore, key: bytes, obj: NewObject, s: int, r: ClaimRound, cased: bool
+            ) -> Op[Fresh | None]:
+    """Generator: settle the claim round ``r`` (for slot value ``s``) an epoch's end cut
+    short: None if the insert took effect, else FRESH. (A function of its own: the closures
+    it makes would be cells of ``_insert``'s, made on every insert.)"""
+    epoch, t, v_old, committed = r.epoch, r.target, r.v_old, r.committed
+    if not t.backups:           # an r = 1 claim sits on the primary
+        # committed: its primary CAS may have taken effect (the only way to know is the
+        # slot), and no rival commits the key while the claim stands: finish it
+        if committed and (yield from core.retrying(lambda: _publish(core, t, s))):
+            core.cache.store(key, t.sid, t.pos, s)
+            return None
+        yield from core.retrying(lambda: _take_back(core, t, obj, s, v_old))
+        return FRESH
+    # settling the round meets the end of the next epoch too when more MNs die
+    if committed is None:       # did the commit record reach a live replica?
+        (buf,) = yield from core.retrying(lambda: core.rt([core.object_read(s)]))
+        v = decode_object(buf)
+        committed = (v is not None and v.state == COMMITTED
+                     and v.slot_ref == slot_ref(t.sid, t.pos))
+    # the failover keeps an insert's claim only once committed (checked for duplicates);
+    # any other claim it withdrew
+    decided: Verdict | None = WIN if committed else None
+    fate = yield from core.retrying(lambda: core.fate(epoch, t, v_old, s, decided, cased))
+    if fate == WIN:
+        core.cache.store(key, t.sid, t.pos, s)
+        return None
+    return FRESH
 
 
 def _learn(known: dict[int, bool], key: bytes, values: list[int], bufs: Sequence[bytes]
@@ -283,11 +296,9 @@ def _check(core: OpCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
         # only slots naming our fingerprint can hold our key or a rival claim for it
         fp = h.fp
         others = claims.pairs(prims, fp, t.pos)
-        unknown = list({v for _, cv, pv in others for v in (strip(cv), strip(pv))
-                        if is_object(v) and slot_fp(v) == fp and v != s and v not in known}
-                       ) if others else []
+        unknown = _unknown(others, fp, s, known) if others else []
         if unknown:
-            bufs = yield from core.rt([core.object_read(v) for v in unknown])
+            bufs = yield from core.rt(_object_reads(core, unknown))
             settled = _learn(known, key, unknown, bufs)
             continue
         if not after and claims.differs(prims, t.pos):
@@ -298,13 +309,12 @@ def _check(core: OpCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
             continue
         if not others:      # (the common case: no other slot names our fingerprint)
             return CLEAR, None
-        if any(committed_object(pv) and known.get(pv) for _, _, pv in others):
+        if _exists(others, known):
             return EXISTS, None
-        rivals = [(p, cv, pv) for p, cv, pv in others if is_object(strip(cv))
-                  and strip(cv) != s and known.get(strip(cv)) and strip(cv) != pv]
-        lower = [c for c in rivals if c[0] < t.pos]
-        if lower:
-            return YIELD, lower[0]
+        rivals = _rivals(others, s, known)
+        for c in rivals:
+            if c[0] < t.pos:
+                return YIELD, c     # the first lower claim
         if not rivals:
             return CLEAR, None
         yield from _await_claim(core, t.sid, rivals[0], claim_node, t.primary)
@@ -314,6 +324,47 @@ def _check(core: OpCore, t: SlotTarget, s: int, h: KeyHash, key: bytes,
             prims = claims
         after = r1
         known.clear()
+
+
+def _lost_here(lost: dict[tuple[int, int], int], sid: int, view: View) -> list[int]:
+    """The positions of subtable ``sid`` whose rounds we lost that ``view`` still shows at
+    the value we lost them at: being settled, not to be claimed again yet. (These helpers
+    are functions of their own: a comprehension in ``_insert`` or ``_check`` makes cells of
+    their variables on every insert.)"""
+    return [p for (lsid, p), v in lost.items() if lsid == sid and view.get(p) == v]
+
+
+def _object_reads(core: OpCore, values: list[int]) -> list[Read]:
+    """The reads of the objects ``values`` name."""
+    return [core.object_read(v) for v in values]
+
+
+def _unknown(others: list[Rival], fp: int, s: int, known: dict[int, bool]) -> list[int]:
+    """The objects (other than ours, ``s``) of fingerprint ``fp`` named by the slots
+    ``others`` on either MN that have no verdict in ``known`` yet."""
+    return list({v for _, cv, pv in others for v in (strip(cv), strip(pv))
+                 if is_object(v) and slot_fp(v) == fp and v != s and v not in known})
+
+
+def _exists(others: list[Rival], known: dict[int, bool]) -> bool:
+    """A slot of ``others`` commits an object of our key on the primary."""
+    return any(committed_object(pv) and known.get(pv) for _, _, pv in others)
+
+
+def _rivals(others: list[Rival], s: int, known: dict[int, bool]) -> list[Rival]:
+    """The slots of ``others`` holding another inserter's claim for our key on the claim MN
+    (not yet on the primary)."""
+    return [(p, cv, pv) for p, cv, pv in others if is_object(strip(cv))
+            and strip(cv) != s and known.get(strip(cv)) and strip(cv) != pv]
+
+
+def _clear_at_once(t: SlotTarget, fp: int, prims: View, claims: View) -> bool:
+    """What ``_check``'s first look answers CLEAR to with no read (given verdicts on every
+    candidate): the subtable is not frozen, no other slot names our fingerprint on either
+    MN, and for r >= 2 no other slot moved between the primary's read and the claim MN's.
+    The common case of an insert, without making ``_check``'s generator."""
+    return (not prims.frozen and not claims.pairs(prims, fp, t.pos)
+            and (not t.backups or not claims.differs(prims, t.pos)))
 
 
 def _await_claim(core: OpCore, sid: int, claim: Rival, claim_node: int, primary: int

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 # ISA-L's crc32: zlib's polynomial and results, several times faster on a 1 KB object
 from isal.isal_zlib import crc32
@@ -67,38 +67,49 @@ try:
 except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
     _ENCODE_IN_C = _RECORD_IN_C = _DECODE_IN_C = None
 
-FP_SHIFT, LEN_SHIFT, NODE_SHIFT = 56, 48, 40
-FROZEN, TENTATIVE = 1 << 47, 1 << 46
-ADDR_MASK = (1 << 32) - 1
-GEN_SHIFT, GEN_MASK = 32, 0xFF
-FREE_SEQ_MASK = (1 << 40) - 1       # the sequence number bits of a tombstone / void
-NODE_MASK = 0x3F
-MAX_NODES = NODE_MASK + 1
-_NOT_PTR = ~(NODE_MASK << NODE_SHIFT | ADDR_MASK)    # bits an object pointer never has
-MAX_CLIENT_IDS = (1 << 14) - 2     # what a free value can name, less the failover's own
-FAILOVER_ID = MAX_CLIENT_IDS        # the free values a failover writes name this id
-MAX_UNITS = 255
-SLOTS_PER_BUCKET, BUCKET_BYTES = 7, 64
+FP_SHIFT: Final = 56
+LEN_SHIFT: Final = 48
+NODE_SHIFT: Final = 40
+FROZEN: Final = 1 << 47
+TENTATIVE: Final = 1 << 46
+ADDR_MASK: Final = (1 << 32) - 1
+GEN_SHIFT: Final = 32
+GEN_MASK: Final = 0xFF
+FREE_SEQ_MASK: Final = (1 << 40) - 1       # the sequence number bits of a tombstone / void
+NODE_MASK: Final = 0x3F
+MAX_NODES: Final = NODE_MASK + 1
+_NOT_PTR: Final = ~(NODE_MASK << NODE_SHIFT | ADDR_MASK)    # bits an object pointer never has
+MAX_CLIENT_IDS: Final = (1 << 14) - 2     # what a free value can name, less the failover's own
+FAILOVER_ID: Final = MAX_CLIENT_IDS        # the free values a failover writes name this id
+MAX_UNITS: Final = 255
+SLOTS_PER_BUCKET: Final = 7
+BUCKET_BYTES: Final = 64
 
 #: object size classes, in allocation units
-CLASSES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 255)
+CLASSES: Final = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 255)
 
-OBJ_HEADER, LOG_BYTES = 8, 48
-VALID = 0xFE
-INSERT, UPDATE, DELETE = 1, 2, 3
-PENDING, COMMITTED, LOST, ABORTED = 0, 1, 2, 3
-RETIRED = 1
+OBJ_HEADER: Final = 8
+LOG_BYTES: Final = 48
+VALID: Final = 0xFE
+INSERT: Final = 1
+UPDATE: Final = 2
+DELETE: Final = 3
+PENDING: Final = 0
+COMMITTED: Final = 1
+LOST: Final = 2
+ABORTED: Final = 3
+RETIRED: Final = 1
 
-_HDR = struct.Struct("<BBHI")
-_LOG_LINKS = struct.Struct("<QQ")
-_COMMIT = struct.Struct("<QQII")       # record word, old_value, old_crc, commit_crc (+16..+40)
-_TAIL = struct.Struct("<BHIB")          # opcode, seq, crc, used (+40..+48)
-_U64 = struct.Struct("<Q")
-_OPSEQ = struct.Struct("<BH")           # opcode, seq: the last bytes the object crc covers
-_ENTRY = struct.Struct("<QQQQIIBHIB")   # the whole log entry: links, commit record, tail
-_RECORD = struct.Struct("<QQI")         # the commit record minus its crc: what the crc covers
-_U32 = struct.Struct("<I")
-_NO_COMMIT = bytes(_COMMIT.size)         # a fresh object's commit record: pending
+_HDR: Final = struct.Struct("<BBHI")
+_LOG_LINKS: Final = struct.Struct("<QQ")
+_COMMIT: Final = struct.Struct("<QQII")  # record word, old_value, old_crc, commit_crc (+16..+40)
+_TAIL: Final = struct.Struct("<BHIB")          # opcode, seq, crc, used (+40..+48)
+_U64: Final = struct.Struct("<Q")
+_OPSEQ: Final = struct.Struct("<BH")           # opcode, seq: the last bytes the object crc covers
+_ENTRY: Final = struct.Struct("<QQQQIIBHIB")   # the whole log entry: links, commit record, tail
+_RECORD: Final = struct.Struct("<QQI")  # the commit record minus its crc: what the crc covers
+_U32: Final = struct.Struct("<I")
+_NO_COMMIT: Final = bytes(_COMMIT.size)         # a fresh object's commit record: pending
 
 
 # -- slots -----------------------------------------------------------------------------------
@@ -143,10 +154,10 @@ def object_extent(v: int, unit: int) -> tuple[int, int, int]:
     return (v >> NODE_SHIFT) & NODE_MASK, (v & ADDR_MASK) * unit, ((v >> LEN_SHIFT) & 0xFF) * unit
 
 
-LEN_BITS = 0xFF << LEN_SHIFT
+LEN_BITS: Final = 0xFF << LEN_SHIFT
 #: a slot value ``v`` is free (``is_free``) iff ``not v & TAKEN``: one test inline, for the
 #: loops over every slot of a bucket that the fast path makes
-TAKEN = FROZEN | TENTATIVE | LEN_BITS
+TAKEN: Final = FROZEN | TENTATIVE | LEN_BITS
 
 
 def slot_gen(v: int) -> int:
@@ -312,10 +323,10 @@ def object_tail(word: bytes) -> tuple[int, int]:
     return crc, used
 
 
-COMMIT_OFFSET = 16          # of the commit record inside the log entry
-TAIL_BYTES = _TAIL.size     # the object's last bytes: opcode, seq, crc, used
-REF_MASK = (1 << 48) - 1    # the slot_ref bits of the record word
-NO_SLOT = REF_MASK          # slot_ref of an operation that never proposed
+COMMIT_OFFSET: Final = 16          # of the commit record inside the log entry
+TAIL_BYTES: Final = _TAIL.size     # the object's last bytes: opcode, seq, crc, used
+REF_MASK: Final = (1 << 48) - 1    # the slot_ref bits of the record word
+NO_SLOT: Final = REF_MASK          # slot_ref of an operation that never proposed
 
 
 def pack_u64(v: int) -> bytes:
@@ -328,16 +339,22 @@ def unpack_u64(b: bytes | bytearray | memoryview, offset: int = 0) -> int:
 
 
 # -- client metadata slot (MemoryMap.client_meta) and data block headers ---------------------
-META_MAGIC = 0x314154454D454546     # b"FEEMETA1"
-META_MAGIC_OFF, META_GROUPS, META_HEADS, META_INCARNATION, META_RECORDS = 0, 8, 16, 144, 256
-META_STATE, META_RECOVERY = 152, 160
-CLEAN, IN_USE = 0, 1                # META_STATE: CLEAN, or IN_USE | a holder's nonce << 1
-BLOCK_MAGIC = 0x314B4C4245455546    # b"FUEEBLK1"
-BLOCK_HEADER = 256                  # magic, owner, r, replica list, mark; then the free bitmap
+META_MAGIC: Final = 0x314154454D454546     # b"FEEMETA1"
+META_MAGIC_OFF: Final = 0
+META_GROUPS: Final = 8
+META_HEADS: Final = 16
+META_INCARNATION: Final = 144
+META_RECORDS: Final = 256
+META_STATE: Final = 152
+META_RECOVERY: Final = 160
+CLEAN: Final = 0                # META_STATE: CLEAN, or IN_USE | a holder's nonce << 1
+IN_USE: Final = 1
+BLOCK_MAGIC: Final = 0x314B4C4245455546    # b"FUEEBLK1"
+BLOCK_HEADER: Final = 256  # magic, owner, r, replica list, mark; then the free bitmap
 #: the header's last word: the *write mark* its owner moves, on the group's home, with every
 #: write into the group while one of its MNs is dead (``Allocator.mark``, ``fusee.rebuild``)
-BLOCK_MARK = BLOCK_HEADER - 8
-MAX_REPLICAS = (BLOCK_MARK - 16) // 8
+BLOCK_MARK: Final = BLOCK_HEADER - 8
+MAX_REPLICAS: Final = (BLOCK_MARK - 16) // 8
 
 
 def encode_block_header(owner: int, index: int, replicas: list[tuple[int, int]]) -> bytes:

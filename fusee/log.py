@@ -19,6 +19,9 @@ when reused memory has unlinked it from its list.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Final
+
 from fusee.allocation import Allocator
 from fusee.errors import ValueTooLarge
 from fusee.layout import (CLASS_OF, CLASSES, COMMIT_OFFSET, LEN_SHIFT, LOG_BYTES, MAX_UNITS,
@@ -27,22 +30,47 @@ from fusee.layout import (CLASS_OF, CLASSES, COMMIT_OFFSET, LEN_SHIFT, LOG_BYTES
 from fusee.memory_map import MemoryMap
 from fusee.verbs import Write
 
+def _writes_in_c() -> Callable[..., list[Write]] | None:
+    try:
+        from fusee.emulator._atomic import verbs_to
+    except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
+        return None
+    return verbs_to
+
+
+#: the same write to every copy, in one C call (emulator/_atomic.c, at the end); Final, so
+#: that a compiled caller reads it from a C static, not from the module's dict
+_WRITES_IN_C: Final = _writes_in_c()
+
+
+def writes_to(nodes: Sequence[int], addr: int, data: bytes) -> list[Write]:
+    """The write of ``data`` at ``addr`` on each of ``nodes`` (an object's copies share
+    their addresses)."""
+    if _WRITES_IN_C is not None:
+        return _WRITES_IN_C(Write, nodes, addr, data)
+    return writes_to_py(nodes, addr, data)
+
+
+def writes_to_py(nodes: Sequence[int], addr: int, data: bytes) -> list[Write]:
+    """``writes_to`` in Python: what the C version must make (tests/test_layout.py)."""
+    return [Write(n, addr, data) for n in nodes]
+
 
 class NewObject:
     """An object being written by one operation: where it is, its first writes, and how many
     commit records it has had (records are numbered so that recovery can tell the newest when
     a crash left different ones on different replicas)."""
-    __slots__ = ("ptr", "units", "seq", "replicas", "placed", "data", "writes", "heads",
-                 "records")
+    __slots__ = ("ptr", "units", "seq", "nodes", "addr", "placed", "data", "writes",
+                 "heads", "records")
 
-    def __init__(self, ptr: int, units: int, seq: int, replicas: list[tuple[int, int]],
+    def __init__(self, ptr: int, units: int, seq: int, nodes: Sequence[int], addr: int,
                  placed: object, data: bytes, writes: list[Write],
                  heads: list[tuple[int, bytes]]) -> None:
         self.ptr = ptr                  # node/address bits (no length)
         self.units = units
         self.seq = seq                  # allocation sequence: its slot value's generation
-        self.replicas = replicas
-        #: the allocator's placement ``replicas`` were taken under (``Allocator.copies_of``):
+        self.nodes, self.addr = nodes, addr     # its copies as written, and its address
+        #: the allocator's placement ``nodes`` were taken under (``Allocator.copies_of``):
         #: while it stands, they are where the object's later writes go too
         self.placed = placed
         self.data = data                # the object as written
@@ -57,7 +85,7 @@ class NewObject:
 
 
 #: an object's bytes beyond its key and value (``layout.object_bytes``)
-OBJECT_OVERHEAD = OBJ_HEADER + LOG_BYTES
+OBJECT_OVERHEAD: Final = OBJ_HEADER + LOG_BYTES
 
 
 class ObjectLog:
@@ -87,18 +115,18 @@ class ObjectLog:
         seq = self.seq.get(units, 0)
         data = encode_object(key, value, units * self.unit, opcode,
                              (units << LEN_SHIFT) | nxt, prev, seq)
-        reps = self.alloc.replicas(p)
-        writes = [Write(n, a, data) for n, a in reps]
+        nodes, addr = self.alloc.replicas(p)
+        writes = writes_to(nodes, addr, data)
         if self.alloc.marked[p >> NODE_SHIFT & NODE_MASK]:
             self._between_marks(writes)
         heads: list[tuple[int, bytes]] = []
         if units not in self.prev:      # first object of this class: it heads the list
             heads.append((self.meta + META_HEADS + 8 * CLASSES.index(units),
                           pack_u64((units << LEN_SHIFT) | p)))
-            writes += [Write(m, addr, word) for addr, word in heads for m in self.meta_nodes]
+            writes += self._head_writes(heads)
         self.prev[units] = (units << LEN_SHIFT) | p
         self.seq[units] = seq + 1
-        return NewObject(p, units, seq, reps, self.alloc.copies_of, data, writes, heads)
+        return NewObject(p, units, seq, nodes, addr, self.alloc.copies_of, data, writes, heads)
 
     def _between_marks(self, writes: list[Write]) -> None:
         """Put the first of ``writes`` (into an object on its home) between its write marks:
@@ -110,11 +138,14 @@ class ObjectLog:
         """The object's first writes again, to its replicas under the membership now (after
         a batch that carried them failed: they may have reached none). Those are the live
         ones of the time it was written, and an MN rebuilt since (``fusee.rebuild``)."""
-        writes = [Write(n, a, obj.data) for n, a in self.alloc.replicas(obj.ptr)]
+        writes = writes_to(*self.alloc.replicas(obj.ptr), obj.data)
         if self.alloc.marked[obj.ptr >> NODE_SHIFT & NODE_MASK]:
             self._between_marks(writes)
-        return writes + [Write(m, addr, word) for addr, word in obj.heads
-                         for m in self.meta_nodes]
+        return writes + self._head_writes(obj.heads)
+
+    def _head_writes(self, heads: list[tuple[int, bytes]]) -> list[Write]:
+        """The writes of list heads ``heads`` to every metadata replica."""
+        return [Write(m, addr, word) for addr, word in heads for m in self.meta_nodes]
 
     def record(self, obj: NewObject, state: int, ref: int, old: int,
                old_crc: int = 0) -> list[Write]:
@@ -123,10 +154,12 @@ class ObjectLog:
         obj.records += 1
         rec = commit_record(ref, old, state, old_crc, obj.records)
         off = len(obj.data) - LOG_BYTES + COMMIT_OFFSET
-        # (the object's replicas as written, unless a new membership moved them since)
-        reps = (obj.replicas if obj.placed is self.alloc.copies_of
-                else self.alloc.replicas(obj.ptr))
-        writes = [Write(n, a + off, rec) for n, a in reps]
+        # (the object's copies as written, unless a new membership moved them since)
+        if obj.placed is self.alloc.copies_of:
+            writes = writes_to(obj.nodes, obj.addr + off, rec)
+        else:
+            nodes, addr = self.alloc.replicas(obj.ptr)
+            writes = writes_to(nodes, addr + off, rec)
         if self.alloc.marked[obj.ptr >> NODE_SHIFT & NODE_MASK]:
             self._between_marks(writes)
         return writes

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from fusee.verbs import Op, Read, Request, T, TransportError, Write
     from fusee.verdicts import Fresh, Verdict
 
+    #: the body of a write (``OpCore.with_objects``): (core, new object, key, opcode, value
+    #: it writes, then_insert) -> the write's generator, FRESH to start over with a new one
+    Body = Callable[["OpCore", NewObject, bytes, int, bytes, bool], Op[T | Fresh]]
+
 class OpCore(Protocol):
     # -- the client's view of the cluster (read; the core adopts a new epoch's) ------------
     client_id: int
@@ -86,9 +90,10 @@ class OpCore(Protocol):
         """The read of the object slot value ``v`` names."""
         ...
 
-    def with_objects(self, opcode: int, key: bytes, value: bytes,
-                     body: Callable[[NewObject, bytes], Op[T | Fresh]]) -> Op[T]:
-        """Run ``body`` with a new object until it returns anything but FRESH."""
+    def with_objects(self, opcode: int, key: bytes, value: bytes, body: Body[T],
+                     then_insert: bool = False) -> Op[T]:
+        """Run ``body(core, obj, key, opcode, value, then_insert)`` with a new object until
+        it returns anything but FRESH."""
         ...
 
     def abandon(self, obj: NewObject) -> Op[None]:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 from fusee import insert as insert_mod
 from fusee import search as search_mod
@@ -69,7 +69,10 @@ from fusee.memory_map import HEADER_LAYOUT, MemoryMap
 from fusee.replication import SlotTarget, backoff
 from fusee.verbs import (EPOCH_ENDS, MASK64, AwaitMembership, Cas, EpochChanged, Faa,
                          NodeTimeout, Op, Read, Request, T, TransportError, Write)
-from fusee.verdicts import FRESH, Fresh, Verdict
+from fusee.verdicts import FRESH, Verdict
+
+if TYPE_CHECKING:
+    from fusee.op_core import Body
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +80,9 @@ log = logging.getLogger(__name__)
 #: minute with the back-off between them; ``fusee.client.Client`` sets it from the time a
 #: master takes to fail over an MN or recover a client): far longer than a live client takes
 #: to finish a round or a split
-PATIENCE = 200_000
+PATIENCE: Final = 200_000
 #: slot targets a client keeps (``ClientCore.target``): the slots of the keys in recent use
-KEPT_TARGETS = 1 << 14
+KEPT_TARGETS: Final = 1 << 14
 
 
 class ClientCore:
@@ -135,24 +138,26 @@ class ClientCore:
         key = check_key(key, self.layout.max_key_size)
         return search_mod.searching(self, key, key_hash(key))     # tracked by itself
 
+    # (an INSERT, UPDATE or DELETE is counted in ``in_flight`` by ``with_objects``: no
+    # ``tracked`` level on each of its round trips)
     def insert(self, key: bytes, value: bytes) -> Op[None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
-        return self.tracked(insert_mod.insert(self, key, value))
+        return insert_mod.insert(self, key, value)
 
     def update(self, key: bytes, value: bytes) -> Op[None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
-        return self.tracked(update_mod.replace(self, key, value, UPDATE))
+        return update_mod.replace(self, key, value, UPDATE)
 
     def delete(self, key: bytes) -> Op[None]:
         key = check_key(key, self.layout.max_key_size)
-        return self.tracked(update_mod.replace(self, key, b"", DELETE))
+        return update_mod.replace(self, key, b"", DELETE)
 
     def put(self, key: bytes, value: bytes) -> Op[None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
-        return self.tracked(update_mod.put(self, key, value))
+        return update_mod.put(self, key, value)     # (each write in it counts itself)
 
     @property
     def settled(self) -> bool:
@@ -167,7 +172,8 @@ class ClientCore:
         anything but its result or one of its own outcomes ends it: an exception thrown in
         between two round trips (KeyboardInterrupt, GeneratorExit when its driver drops it),
         a transport's error it gave up on, a bug. KeyExists, KeyNotFound and Stalled are
-        raised only once the operation withdrew what it had started."""
+        raised only once the operation withdrew what it had started. (A write counts itself
+        the same way: ``with_objects``.)"""
         self.in_flight += 1
         ended = False
         try:
@@ -197,11 +203,10 @@ class ClientCore:
         ptrs, self.deferred = self.deferred, []
         released, self.releases = self.releases, []
         aborts, self.aborts = self.aborts, []
-        marks = ([w for obj in aborts for w in self.log.record(obj, ABORTED, NO_SLOT, 0)]
-                 if aborts else [])
+        marks = self._aborted_marks(aborts) if aborts else []
         ahead = len(reqs) + len(marks)
-        free_request = self.alloc.free_request
-        frees = [free_request(p) for p in ptrs]
+        # (no comprehension of ``self`` here: its cell would be made on every round trip)
+        frees = list(map(self.alloc.free_request, ptrs))
         try:
             res: list[Any] = yield [*reqs, *marks, *frees]
         except TransportError as e:
@@ -219,14 +224,15 @@ class ClientCore:
             if isinstance(e, EpochChanged):
                 self.deferred += ptrs
             elif done is None:
-                self.unsure += [(p, None, self.membership.epoch) for p in ptrs]
+                for p in ptrs:
+                    self.unsure.append((p, None, self.membership.epoch))
             else:
                 for p, r in zip(ptrs, done[ahead:]):
                     if isinstance(r, NodeTimeout):
                         self.unsure.append((p, r.node, self.membership.epoch))
                     elif isinstance(r, TransportError):
                         self.deferred.append(p)
-            if self.unsure or any(p in self.deferred for p in ptrs):
+            if self.unsure or self._any_deferred(ptrs):
                 self.releases += released   # reused once the frees are settled
             else:
                 self._release(released)
@@ -241,6 +247,14 @@ class ClientCore:
         if twice:
             yield from self._take_back(twice)
         return res[:len(reqs)]
+
+    def _any_deferred(self, ptrs: list[int]) -> bool:
+        """Some free of ``ptrs`` is deferred (to go out again)."""
+        return any(p in self.deferred for p in ptrs)
+
+    def _aborted_marks(self, aborts: list[NewObject]) -> list[Write]:
+        """The ABORTED marks of ``aborts``' log entries (objects never proposed)."""
+        return [w for obj in aborts for w in self.log.record(obj, ABORTED, NO_SLOT, 0)]
 
     def _take_back(self, frees: list[Faa]) -> Op[None]:
         """Generator: take back ``frees``, whose FAAs found their bit already set: each
@@ -485,27 +499,49 @@ class ClientCore:
         self.free_seq += 1
         return free_value(self.client_id, self.free_seq)
 
-    def with_objects(self, opcode: int, key: bytes, value: bytes,
-                     body: Callable[[NewObject, bytes], Op[T | Fresh]]) -> Op[T]:
-        """Generator: run ``body(obj, value)`` with a new object until it returns anything but
-        FRESH (a failover dropped its proposal: that object's log entry must never commit
-        again). An object that ends in Stalled or FRESH goes back (no round of ours is left
-        open on it). A DELETE's object holds the tombstone it proposes, drawn anew each time
-        (so that recovery knows it)."""
-        while True:
-            if opcode == DELETE:
-                value = pack_u64(self.free_value())
-            # allocate and encode the object, getting memory first if needed (the common
-            # case posts nothing)
-            units = self.log.units_for(key, value)
-            if not self.alloc.ready(units):
-                yield from self.retrying(lambda: self._make_room(units))  # noqa: B023 (retrying calls it at once)
-            obj = self.log.new_object(opcode, key, value, units)
-            try:
-                result = yield from body(obj, value)
-            except Stalled:
-                yield from self.retrying(lambda: self.abandon(obj))  # noqa: B023 (retrying calls it at once)
-                raise
-            if result != FRESH:
-                return result
-            yield from self.retrying(lambda: self.abandon(obj))  # noqa: B023 (retrying calls it at once)
+    def with_objects(self, opcode: int, key: bytes, value: bytes, body: Body[T],
+                     then_insert: bool = False) -> Op[T]:
+        """Generator: run ``body(self, obj, key, opcode, value, then_insert)`` with a new
+        object until it returns anything but FRESH (a failover dropped its proposal: that
+        object's log entry must never commit again). An object that ends in Stalled or FRESH
+        goes back (no round of ours is left open on it). A DELETE's object holds the
+        tombstone it proposes, drawn anew each time (so that recovery knows it). Counted in
+        ``in_flight`` as ``tracked`` counts (in its place: a generator level less on every
+        round trip of a write). (``body`` takes its arguments rather than being a closure of
+        them, and the rare paths' closures are made in methods of their own: a closure's
+        cells and function object cost on every write.)"""
+        self.in_flight += 1
+        try:
+            while True:
+                if opcode == DELETE:
+                    value = pack_u64(self.free_value())
+                # allocate and encode the object, getting memory first if needed (the common
+                # case posts nothing)
+                units = self.log.units_for(key, value)
+                if not self.alloc.ready(units):
+                    yield from self._room_for(units)
+                obj = self.log.new_object(opcode, key, value, units)
+                try:
+                    result = yield from body(self, obj, key, opcode, value, then_insert)
+                except Stalled:
+                    yield from self._abandoned(obj)
+                    raise
+                if result != FRESH:
+                    self.in_flight -= 1
+                    return result
+                yield from self._abandoned(obj)
+        except (KeyExists, KeyNotFound, Stalled):   # its own outcomes: withdrawn
+            self.in_flight -= 1
+            raise
+        except BaseException:       # anything else (GeneratorExit too): ended half way
+            self.in_flight -= 1
+            self.cut_short = True
+            raise
+
+    def _room_for(self, units: int) -> Op[None]:
+        """Generator: ``_make_room(units)``, in one epoch."""
+        return self.retrying(lambda: self._make_room(units))
+
+    def _abandoned(self, obj: NewObject) -> Op[None]:
+        """Generator: ``abandon(obj)``, in one epoch."""
+        return self.retrying(lambda: self.abandon(obj))

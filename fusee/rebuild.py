@@ -185,7 +185,7 @@ from fusee.layout import (
     unpack_u64,
 )
 from fusee.membership import Membership
-from fusee.memory_map import HEADER_CLIENT_IDS
+from fusee.memory_map import HEADER_CLIENT_IDS, HEADER_INCARNATION
 from fusee.operations import ClientCore
 from fusee.verbs import Op, Read, Write, chunks
 
@@ -252,6 +252,9 @@ class Rebuild:
         #: then), and the bytes it copied in all
         self.pause_groups = self.pause_bytes = 0
         self.closing: _Failover | None = None               # phase B's, once it has begun
+        #: the incarnation in the header of the MN copied to, read with the pause's last
+        #: write (``fusee.cluster_identity.new_incarnation``; 0 until then)
+        self.incarnation = 0
 
     def closed(self) -> Membership | None:
         """After ``finish`` failed: the Membership the master must publish instead of letting
@@ -306,8 +309,12 @@ class Rebuild:
             self.pause_groups += not unchanged
         self.pause_bytes = sum(piece[2] for piece in pieces)
         yield from _copy(node, pieces, words, self.progress)
-        # the whole table, not the used words: a rebuild that failed may have left some
-        yield [Write(node, mm.table, struct.pack(f"<{mm.num_blocks}Q", *table))]
+        # the whole table, not the used words: a rebuild that failed may have left some;
+        # and the incarnation of the process all this went to, which the master expects of
+        # it from now on (not the one it asked to rejoin with: it may have restarted since)
+        _, word = yield [Write(node, mm.table, struct.pack(f"<{mm.num_blocks}Q", *table)),
+                         Read(node, HEADER_INCARNATION, 8)]
+        self.incarnation = unpack_u64(word)
         for batch in chunks(_wipes(groups, core.alloc.bitmap_bytes)):  # noqa: UP028
             yield batch
         return m.rejoined([node], settled, closing.dropped)

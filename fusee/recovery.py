@@ -6,9 +6,10 @@ the id holds (``fusee.holdings.adopt``).
 1. Start: the id's recovery lock (CAS; a second recoverer gets RecoveryInProgress), a fresh
    incarnation (so the tombstones recovery proposes are its own), the directory and every
    subtable's split lock. An id left CLEAN has nothing in flight: done.
-2. Read the log: every object the id carved, from every replica of its blocks (each entry's
-   newest commit record wins: records are numbered). Reading the blocks whole is a few round
-   trips, not one per entry, and finds entries that memory reuse unlinked from the lists.
+2. Read the log (``fusee.recovery_log``): every object the id carved, from every replica of
+   its blocks (each entry's newest commit record wins: records are numbered). Reading the
+   blocks whole is a few round trips, not one per entry, and finds entries that memory reuse
+   unlinked from the lists.
 3. Finish the operations:
    - a split the client had locked is finished (``fusee.resize.finish``);
    - a COMMITTED entry: the object it replaced (its crc is in the record) tells whether the
@@ -57,17 +58,17 @@ from fusee.config import ClusterConfig
 from fusee.driver import observed
 from fusee.errors import RecoveryInProgress, StoreFormatError
 from fusee.hashing import key_hash
-from fusee.holdings import Carved, Holdings, scan
+from fusee.holdings import scan
 from fusee.index import HDR_MAGIC, INDEX_MAGIC, LOCKS, View, replica_nodes
-from fusee.layout import (ABORTED, CLEAN, COMMITTED, COMMIT_OFFSET, DELETE, FROZEN, INSERT,
-                          LOG_BYTES, LOST, META_INCARNATION, META_RECOVERY, META_STATE, NO_SLOT,
-                          PENDING, TAIL_BYTES, TENTATIVE, UPDATE, ObjectView, commit_record,
-                          committed_object, decode_object, free_value_of, is_free, is_object,
-                          make_slot, object_tail, pack_u64, slot_addr, slot_node, slot_ref,
-                          slot_units, unpack_u64)
+from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, INSERT, LOST, META_INCARNATION,
+                          META_RECOVERY, META_STATE, NO_SLOT, PENDING, TAIL_BYTES, TENTATIVE,
+                          UPDATE, committed_object, decode_object, free_value_of, is_free,
+                          is_object, make_slot, object_tail, pack_u64, slot_addr, slot_node,
+                          slot_ref, slot_units, unpack_u64)
 from fusee.membership import Membership
 from fusee.memory_map import HEADER_LAYOUT
 from fusee.operations import ClientCore
+from fusee.recovery_log import LogEntry, log_entries
 from fusee.replication import SlotTarget, fix_requests, proposal_requests, resolve, tally
 from fusee.verdicts import LOSE, RESTART, WIN
 from fusee.resize import finish, holder
@@ -118,23 +119,6 @@ def recover_client(config: ClusterConfig, client_id: int, owner: int = MASTER,
     return Recovery(config, client_id, owner, clock, membership, leave).run()
 
 
-@dataclass
-class _Entry:
-    """One object of the crashed client with its newest log entry."""
-    c: Carved
-    v: ObjectView
-    s: int | None                   # its slot value (INSERT / UPDATE proposals)
-    tomb: int | None = None         # the tombstone a DELETE proposes (its record holds it)
-    linearized: bool = False        # the operation took effect
-    found_at: tuple[int, int] | None = None     # the slot holding its value, when found
-    lost: bool = False              # a round it joined was won by another writer
-    synced: bool = True             # every replica holds the newest commit record
-
-    @property
-    def ref(self) -> tuple[int, int]:
-        return self.v.slot_ref >> 32, self.v.slot_ref & 0xFFFFFFFF
-
-
 class Recovery:
     def __init__(self, config: ClusterConfig, client_id: int, owner: int = MASTER,
                  clock: Callable[[], float] = time.perf_counter,
@@ -158,7 +142,8 @@ class Recovery:
             rep.phases["total"] = self.clock() - t0
             return rep
         found = yield from scan(self.core.alloc, copies=True)
-        entries = self._entries(found)
+        entries = log_entries(found, self.core.unit)
+        rep.objects, rep.entries = len(found.objects), len(entries)
         t1 = self.clock()
         rep.phases["read_logs"] = t1 - t0
         yield from self._splits()
@@ -216,31 +201,6 @@ class Recovery:
                                               for m in nodes]
         yield clean + [Cas(nodes[0], meta + META_RECOVERY, self.owner + 1, 0)]
 
-    # -- 2. the log ----------------------------------------------------------------------
-    def _entries(self, found: Holdings) -> list[_Entry]:
-        rep, unit = self.report, self.core.unit
-        rep.objects = len(found.objects)
-        entries = []
-        for c in found.objects:
-            # the copies of the instance the primary holds (a crash may leave a replica with
-            # an older object at the same place, or a newer one not yet everywhere)
-            views = [v for v in c.copies if v is not None and v.crc == c.crc]
-            if not views:
-                continue
-            v = _newest(views)
-            s = None
-            if v.opcode in (INSERT, UPDATE):
-                s = make_slot(key_hash(v.key).fp, c.units, c.group.nodes[0],
-                              c.group.addrs[0] + c.offset, unit, v.seq)
-            e = _Entry(c, v, s)
-            if v.opcode == DELETE and len(v.value) == 8:
-                e.tomb = unpack_u64(v.value)
-            e.synced = len(views) == len(c.copies) and all(_record(x) == _record(v)
-                                                           for x in views)
-            entries.append(e)
-        rep.entries = len(entries)
-        return entries
-
     # -- 3. finishing ----------------------------------------------------------------------
     def _splits(self) -> Op[None]:
         for sid, lock in enumerate(self.locks):
@@ -248,14 +208,14 @@ class Recovery:
                 yield from finish(self.core, sid, lock)
                 self.report.splits_finished += 1
 
-    def _finish(self, entries: list[_Entry]) -> Op[None]:
+    def _finish(self, entries: list[LogEntry]) -> Op[None]:
         core = self.core
         committed = [e for e in entries if e.v.state == COMMITTED]
         looks = [e for e in entries if e.v.state == PENDING or e.v.state == LOST or
                  (e.v.state == ABORTED and e.v.slot_ref != NO_SLOT)]
         if committed:
             looks += (yield from self._committed(committed))
-        keys: dict[bytes, list[_Entry]] = {}
+        keys: dict[bytes, list[LogEntry]] = {}
         for e in looks:
             keys.setdefault(e.v.key, []).append(e)
         self.report.examined = len(looks)
@@ -285,23 +245,21 @@ class Recovery:
                 marks += self._mark(e, state, NO_SLOT, 0, 0)
             self._outcome("lost" if e.lost else "aborted")
         for e in entries:
-            if not e.synced:            # the next holder reads the primary copy: make every
-                v = e.v                 # replica tell the same story
-                marks += self._write(e, commit_record(v.slot_ref, v.old_value, v.state,
-                                                      v.old_crc, v.number))
+            if not e.synced:    # the next holder reads the primary copy: every replica
+                marks += e.rewrite(self.core.unit, self.core.membership.dead)  # says the same
         for batch in chunks(marks):
             yield from core.rt(batch)
         self.report.held = sum(1 for e in entries if e.v.state == COMMITTED and
                                e.v.opcode != DELETE and not e.c.freed)
 
-    def _dropped(self, e: _Entry) -> bool:
+    def _dropped(self, e: LogEntry) -> bool:
         """A failover took ``e``'s proposal off its slot: the round ``e`` committed in never
         took effect (its client went on with another object, if it did)."""
         proposal = e.s if e.s is not None else e.tomb
         return proposal is not None and self.core.membership.was_dropped(
             e.v.slot_ref >> 32, e.v.slot_ref & 0xFFFFFFFF, proposal, e.c.crc)
 
-    def _committed(self, entries: list[_Entry]) -> Op[list[_Entry]]:
+    def _committed(self, entries: list[LogEntry]) -> Op[list[LogEntry]]:
         """Generator: step A for COMMITTED entries; returns those whose round died in a
         split or was rolled back by a failover (to look up by key).
 
@@ -406,7 +364,7 @@ class Recovery:
                 self.report.frees_delivered += 1
         return dead
 
-    def _moved_on_by_us(self, e: _Entry, p: int) -> Op[bool | None]:
+    def _moved_on_by_us(self, e: LogEntry, p: int) -> Op[bool | None]:
         """Generator: did committed ``e``'s primary CAS take its slot off the value it
         replaced (``old``), now that the slot holds ``p``? None: unknown.
 
@@ -454,7 +412,7 @@ class Recovery:
         d = self.core.dir
         return self.core.membership.backed(replica_nodes(sid % d.n, d.n, d.r))
 
-    def _win_again(self, e: _Entry, t: SlotTarget, p: int) -> Op[bool]:
+    def _win_again(self, e: LogEntry, t: SlotTarget, p: int) -> Op[bool]:
         """Generator: finish the round of committed ``e`` whose primary CAS did not happen
         (the primary still holds ``p``), if it is still ``e``'s to finish. Returns whether
         its primary CAS took.
@@ -484,7 +442,7 @@ class Recovery:
             return False
         return (yield from self._complete(e, t, p, v_new, current, e.v.old_crc))
 
-    def _complete(self, e: _Entry, t: SlotTarget, p: int, v_new: int | None,
+    def _complete(self, e: LogEntry, t: SlotTarget, p: int, v_new: int | None,
                   current: list[int] | None, old_crc: int) -> Op[bool]:
         """Generator: finish the round at ``t`` that ``e`` won (primary holds ``p``): fix the
         backups, record COMMITTED, CAS the primary, free the old object. ``v_new`` None: a
@@ -513,7 +471,7 @@ class Recovery:
             yield from self._free(old)
         return True
 
-    def _by_key(self, key: bytes, group: list[_Entry], entries: list[_Entry]) -> Op[None]:
+    def _by_key(self, key: bytes, group: list[LogEntry], entries: list[LogEntry]) -> Op[None]:
         """Generator: step B: settle every round on ``key``'s slots that carries a trace of
         the crashed client."""
         core, h = self.core, key_hash(key)
@@ -569,7 +527,7 @@ class Recovery:
                 return
             waits = yield from core.waited(waits, f"recovery of client {self.cid}: key {key!r}")
 
-    def _claim_r1(self, e: _Entry, t: SlotTarget, p: int) -> Op[None]:
+    def _claim_r1(self, e: LogEntry, t: SlotTarget, p: int) -> Op[None]:
         """Generator: an r = 1 insert's TENTATIVE claim: committed -> publish it; else
         withdraw it with a fresh void. The slot may have backups again, holding the claim
         too: a rebuild copied it onto the MN it rebuilt. They take the value first, as
@@ -600,7 +558,7 @@ class Recovery:
         yield from core.rt([Cas(t.primary, t.addr, p, void)])     # the backups first
         self._outcome("withdrawn")
 
-    def _redo(self, e: _Entry, t: SlotTarget, p: int, v_new: int) -> Op[bool]:
+    def _redo(self, e: LogEntry, t: SlotTarget, p: int, v_new: int) -> Op[bool]:
         """Generator: SNAPSHOT again with the crashed client's proposal ``v_new`` in the open
         round on ``t`` (primary ``p``). Returns whether it changed anything."""
         core = self.core
@@ -631,40 +589,12 @@ class Recovery:
         yield from self._complete(e, t, p, v_new, current, object_tail(got[0])[0])
         return True
 
-    def _delete_of(self, deletes: list[_Entry], key: bytes, p: int) -> Op[_Entry | None]:
+    def _delete_of(self, deletes: list[LogEntry], key: bytes, p: int) -> Op[LogEntry | None]:
         """Generator: the DELETE entry whose tombstone is proposed against ``p`` (``p``'s
         object must hold ``key``), or None."""
         (buf,) = yield from self.core.rt([self.core.object_read(p)])
         obj = decode_object(buf)
         return deletes[0] if obj is not None and obj.key == key else None
 
-    def _mark(self, e: _Entry, state: int, ref: int, old: int, old_crc: int) -> list[Write]:
-        """Writes of a new commit record for ``e`` on every replica (numbered after its
-        newest)."""
-        number = (e.v.number + 1) & 0xFF
-        e.v = e.v._replace(state=state, slot_ref=ref, old_value=old, old_crc=old_crc,
-                           number=number)
-        e.synced = True
-        return self._write(e, commit_record(ref, old, state, old_crc, number))
-
-    def _write(self, e: _Entry, rec: bytes) -> list[Write]:
-        c = e.c
-        off = c.offset + c.units * self.core.unit - LOG_BYTES + COMMIT_OFFSET
-        e.synced = True
-        dead = self.core.membership.dead
-        return [Write(n, a + off, rec) for n, a in zip(c.group.nodes, c.group.addrs)
-                if n not in dead]
-
-
-def _record(v: ObjectView) -> tuple[int, int, int, int, int]:
-    return v.state, v.number, v.slot_ref, v.old_value, v.old_crc
-
-
-def _newest(views: list[ObjectView]) -> ObjectView:
-    """The copy with the newest commit record (numbers differ by one after a torn write)."""
-    best = views[0]
-    for v in views[1:]:
-        if (v.number - best.number) % 256 == 1 or (best.number == 0 and v.number):
-            best = v
-    return best
-
+    def _mark(self, e: LogEntry, state: int, ref: int, old: int, old_crc: int) -> list[Write]:
+        return e.mark(state, ref, old, old_crc, self.core.unit, self.core.membership.dead)

@@ -87,7 +87,10 @@ def proposal_requests(t: SlotTarget, v_old: int, v_new: int) -> list[Cas]:
     after these, and reads what the CASes found with ``tally``."""
     # proposals are distinct: a CAS that finds v_old could not tell ours from no change
     assert v_new != v_old, f"slot {t.sid}:{t.pos}: a proposal of the value it replaces"
-    return [Cas(n, t.addr, v_old, v_new) for n in t.backups]
+    cases = []
+    for n in t.backups:         # (a comprehension would make cells of t, v_old and v_new)
+        cases.append(Cas(n, t.addr, v_old, v_new))
+    return cases
 
 
 def tally(found: Sequence[int], v_old: int, v_new: int) -> tuple[list[int], Decision]:
@@ -97,8 +100,14 @@ def tally(found: Sequence[int], v_old: int, v_new: int) -> tuple[list[int], Deci
     n = len(found)
     if found.count(v_old) == n:
         return [v_new] * n, WIN
-    current = [v_new if old == v_old else old for old in found]
+    current = _current(found, v_old, v_new)
     return current, decide(current, v_new)
+
+
+def _current(found: Sequence[int], v_old: int, v_new: int) -> list[int]:
+    """The backups' values after our proposal's CASes found ``found``. (Not in ``tally``:
+    a comprehension there makes cells of its arguments on every round.)"""
+    return [v_new if old == v_old else old for old in found]
 
 
 def resolve(core: OpCore, t: SlotTarget, v_old: int, v_new: int, current: list[int]
@@ -121,6 +130,12 @@ def fix_requests(t: SlotTarget, current: list[int], v_new: int) -> list[Cas]:
     split needs the frozen value on every replica (``fusee.resize``)."""
     if current.count(v_new) == len(current):        # (the common case: no list to build)
         return []
+    return _fixes(t, current, v_new)
+
+
+def _fixes(t: SlotTarget, current: list[int], v_new: int) -> list[Cas]:
+    """``fix_requests`` when some backup holds another value (a comprehension there would
+    make cells of its arguments on every round)."""
     return [Cas(n, t.addr, v, v_new) for n, v in zip(t.backups, current)
             if v != v_new and not v & FROZEN]
 

@@ -111,7 +111,7 @@ def search(core: OpCore, key: bytes, h: KeyHash, first: First | None = None
         except EPOCH_ENDS as err:
             sid = rnd[0]
             nodes = core.dir.nodes(sid)
-            if type(err) is NodeTimeout and err.node == nodes[0] and len(nodes) > 1:
+            if isinstance(err, NodeTimeout) and err.node == nodes[0] and len(nodes) > 1:
                 try:
                     again: Any = yield from _on_backups(core, key, h, sid, nodes[1:])
                 except EPOCH_ENDS as later:

@@ -61,9 +61,7 @@ def replace(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bo
     absent key is inserted next (a put), so the object's ABORTED mark rides with the
     insert's first batch instead of a round trip of its own. (A function returning the
     generator, not one itself: each level of generators costs on every round trip.)"""
-    return core.with_objects(
-        opcode, key, value,
-        lambda obj, v: _replace_with(core, obj, key, opcode, v, then_insert))
+    return core.with_objects(opcode, key, value, _replace_with, then_insert)
 
 
 def put(core: OpCore, key: bytes, value: bytes) -> Op[None]:
@@ -113,7 +111,7 @@ def _locate(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
 
 
 def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
-                  then_insert: bool = False) -> Op[Fresh | None]:
+                  then_insert: bool) -> Op[Fresh | None]:
     h = key_hash(key)
     writes = obj.writes
     open_round: ReplaceRound | None = None
@@ -175,23 +173,30 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
             if open_round is None:
                 continue
             r, open_round = open_round, None
-            cased = cas_went_out(r, err)
-            # settling the round meets the end of the next epoch too when more MNs die
-            fate = yield from core.retrying(
-                lambda: core.fate(r.epoch, r.target, r.v_old, r.v_new, r.reached, cased))  # noqa: B023 (retrying calls it at once)
-            ref = slot_ref(r.target.sid, r.target.pos)
-            if fate == WIN:         # our proposal took effect: finish as a winner
-                if not r.recorded:  # (else the object may be the slot's next writer's now)
-                    yield from core.retrying(lambda: core.rt(
-                        core.log.record(obj, COMMITTED, ref, r.v_old, r.old_crc)))  # noqa: B023 (retrying calls it at once)
-                _replaced(core, key, obj, opcode, r.target, r.v_old, r.v_new)
-                return None
-            if fate == LOSE and opcode == UPDATE:
-                yield from core.retrying(lambda: core.rt(
-                    core.log.record(obj, LOST, ref, r.v_old)))  # noqa: B023 (retrying calls it at once)
-                _overwritten(core, key, obj)
-                return None
-            return FRESH
+            return (yield from _settle(core, key, obj, opcode, r, cas_went_out(r, err)))
+
+
+def _settle(core: OpCore, key: bytes, obj: NewObject, opcode: int, r: ReplaceRound,
+            cased: bool) -> Op[Fresh | None]:
+    """Generator: settle the round ``r`` an epoch's end cut short, from the failover's
+    decisions (``OpCore.fate``): finish as a winner or as an overwritten loser, or FRESH.
+    (A function of its own: the closures it makes would be cells of ``_replace_with``'s,
+    made on every write.)"""
+    # settling the round meets the end of the next epoch too when more MNs die
+    fate = yield from core.retrying(
+        lambda: core.fate(r.epoch, r.target, r.v_old, r.v_new, r.reached, cased))
+    ref = slot_ref(r.target.sid, r.target.pos)
+    if fate == WIN:         # our proposal took effect: finish as a winner
+        if not r.recorded:  # (else the object may be the slot's next writer's now)
+            yield from core.retrying(lambda: core.rt(
+                core.log.record(obj, COMMITTED, ref, r.v_old, r.old_crc)))
+        _replaced(core, key, obj, opcode, r.target, r.v_old, r.v_new)
+        return None
+    if fate == LOSE and opcode == UPDATE:
+        yield from core.retrying(lambda: core.rt(core.log.record(obj, LOST, ref, r.v_old)))
+        _overwritten(core, key, obj)
+        return None
+    return FRESH
 
 
 def _replaced(core: OpCore, key: bytes, obj: NewObject, opcode: int, t: SlotTarget,

@@ -57,7 +57,8 @@ def test_log_entries_name_the_next_object_in_advance():
     assert all(_u64(mem, n, head) == (2 << LEN_SHIFT) | objs[0].ptr for n in core.meta_nodes)
     # every replica holds the same bytes
     for o in objs:
-        assert len({bytes(mem.regions[n].mem[a:a + o.size]) for n, a in o.replicas}) == 1
+        a = o.addr
+        assert len({bytes(mem.regions[n].mem[a:a + o.size]) for n in o.nodes}) == 1
 
 
 def test_any_client_frees_with_faa_and_the_owner_reclaims():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import struct
 
@@ -14,6 +15,7 @@ from fusee.index import IndexGeometry, View, initial_image
 from fusee.layout import (FROZEN, RETIRED, SLOTS_PER_BUCKET, TAKEN, TENTATIVE, bucket_header,
                           committed_object, make_slot, slot_fp)
 from fusee.memory_map import MemoryMap
+from fusee.verbs import Read
 from storekit import TINY, clients, config, simulate
 
 
@@ -35,6 +37,42 @@ def test_two_candidate_buckets_are_in_different_groups():
         for m in (m1, m2):      # a combined bucket is a main and its group's overflow
             _, first = g.combined(0, m)
             assert {first, first + 1} == {3 * (m // 2) + 1, 3 * (m // 2) + 2 * (m % 2)}
+
+
+def test_a_key_hash_made_in_c_is_the_python_one(monkeypatch):
+    """Where the extension is built, a KeyHash is made in one C call: the same namedtuple,
+    fields and all, as the class makes."""
+    import fusee.hashing as H
+    assert H._NEW_IN_C is not None, "the C extension is not built: build_ext --inplace"
+    keys = [b"", b"k", bytes(range(256)), *(b"%d" % i for i in range(300))]
+    made = [H.key_hash.__wrapped__(k) for k in keys]
+    monkeypatch.setattr(H, "_NEW_IN_C", None)
+    spec = [H.key_hash.__wrapped__(k) for k in keys]
+    assert made == spec and all(type(h) is H.KeyHash for h in made)
+    assert [(h.low, h.high, h.fp) for h in made] == [(h.low, h.high, h.fp) for h in spec]
+
+
+def test_a_keys_bucket_reads_made_in_c_are_the_python_ones():
+    """Where the extension is built, a key's two bucket reads (not kept yet) are made in one
+    C call: the same reads and first buckets as the Python spec, over geometries of 2, 3 and
+    many main buckets and hashes that land both mains in one group."""
+    import fusee.index as X
+    from fusee.index import Directory
+    assert X._READS_IN_C is not None, "the C extension is not built: build_ext --inplace"
+    rng = random.Random(7)
+    for buckets in (3, 6, 7, 9, 64, 3 * 1000 + 1):
+        geo = dataclasses.replace(IndexGeometry.of(LayoutConfig()), buckets=buckets)
+        d = Directory(geo, 3, 3)
+        for _ in range(400):
+            h = key_hash(rng.randbytes(rng.randint(0, 20)))
+            h = h._replace(high=rng.choice([h.high, h.high & 0xFFFFFFFF, (1 << 64) - 1,
+                                            h.high & ~0xFFFFFFFF | (h.high >> 32)]))
+            sid, node = rng.randrange(geo.max_subtables), rng.randrange(3)
+            d._reads.clear()
+            made = d.bucket_reads(sid, h, node)
+            assert made == (list(d.bucket_reads_py(sid, h, node)[0]),
+                            d.bucket_reads_py(sid, h, node)[1])
+            assert all(type(r) is Read for r in made[0])
 
 
 def test_initial_image_names_the_initial_subtables():

@@ -121,6 +121,26 @@ def test_objects_and_commit_records_made_in_c_are_the_python_formats_byte_for_by
         L.commit_record(1, 2, 1, 1 << 32)
 
 
+def test_the_writes_to_every_copy_made_in_c_are_the_python_ones():
+    """Where the extension is built, an object's writes and its commit records' are made in
+    one C call (``fusee.log.writes_to``): the same Write verbs as the Python spec makes, for
+    a list or a tuple of nodes, none included; a class of another shape is refused."""
+    from fusee import log
+    from fusee.emulator._atomic import verbs_to
+    from fusee.verbs import Read, Write
+    assert log._WRITES_IN_C is not None, "the C extension is not built: build_ext --inplace"
+    for nodes in ([], [2], [0, 1, 2], (3, 1), list(range(7))):
+        for addr, data in ((0, b""), (1 << 40, b"x" * 24), ((1 << 64) - 1, bytes(1000))):
+            made = log.writes_to(nodes, addr, data)
+            assert made == log.writes_to_py(nodes, addr, data)
+            assert all(type(w) is Write for w in made)
+    verbs_to(Read, [1], 2, 3)           # any class of three fields
+    with pytest.raises(TypeError):
+        verbs_to(tuple, [1], 2, b"")    # no fields
+    with pytest.raises(TypeError):
+        verbs_to(Write, 5, 2, b"")      # nodes not a sequence
+
+
 def test_objects_decoded_in_c_are_what_the_python_spec_decodes(monkeypatch):
     """Where the extension is built, every object read is decoded in C: the same views (or
     None) as the Python spec, for whole, damaged, torn and foreign bytes alike."""

@@ -401,6 +401,20 @@ def test_a_rebuilt_mn_is_expected_with_the_incarnation_it_asked_to_rejoin_with()
     assert m.mn_seen(0, 1.2, 0xEF) is None and m.mn_seen(0, 1.3, 0x12) == RESTARTED
 
 
+def test_a_rebuilt_mn_is_expected_with_the_incarnation_its_rebuild_found_in_its_header():
+    """It restarted (with --rejoin) between its ask and the rebuild's copy: the copy went to
+    the new process, whose word the rebuild read (``Rebuild.incarnation``)."""
+    m = master(pinged_until=100.0)
+    m.mn_seen(0, 0.0, 0xAB)
+    m.mn_seen(0, 0.0, 0xCD)
+    m.tick(0.1)
+    m.failover_done(m.next_failover(0.1), Membership(1, frozenset({0})))
+    assert m.rejoin(0, 1.0, 0xEF) and m.next_rebuild(1.0) == 0
+    m.rebuild_done(0, Membership(2, frozenset(), rebuilt_at={0: 2}), now=1.1, incarnation=0x77)
+    assert m.incarnations[0] == 0x77
+    assert m.mn_seen(0, 1.2, 0x77) is None and m.mn_seen(0, 1.3, 0xEF) == RESTARTED
+
+
 # -- rebuilds of dead MNs (fusee.rejoin) --------------------------------------------------------
 def _failed_over(m: Master, node: int, now: float) -> None:
     m.tick(now)
@@ -522,6 +536,14 @@ def test_the_master_protocol_carries_a_grant_and_names_each_refusal():
     assert decode_grant(encode_grant(g, membership, known=2)).membership == membership
     with pytest.raises(MasterError, match="malformed grant"):
         decode_grant({"id": 5})
+    # the incarnations the master knows travel when it sends them (registration, membership)
+    words = {0: 0xAB, 2: (1 << 64) - 1}
+    assert decode_grant(encode_grant(g, membership, 3, words)).incarnations == words
+    assert decode_grant(encode_grant(g, membership, 3)).incarnations is None
+    for bad in ([[0, 0]], [[0, 1 << 64]], [[0, 1.5]], [[-1, 1]], {"0": 1}, [[0, 1, 2]]):
+        reply = {**encode_grant(g, membership, 3), "incarnations": bad}
+        with pytest.raises(MasterError, match="malformed grant"):
+            decode_grant(reply)
     for e, code, raised in ((LeaseError("x"), ERR_LEASE, LeaseError),
                             (TransitionInProgress("x"), ERR_BUSY, MasterBusy)):
         assert error_code(e) == code and type(refusal(code, "x")) is raised

@@ -28,12 +28,13 @@ from fusee.emulator.testkit.simulator import Simulator
 from fusee.driver import run
 from fusee.errors import OutOfMemory
 from fusee.hashing import key_hash
-from fusee.layout import TENTATIVE, unpack_u64
+from fusee.layout import TENTATIVE, pack_u64, unpack_u64
 from fusee.failover import failover
 from fusee.membership import Membership
 from fusee.verbs import AllocBlock, Cas, Write
 from fusee.operations import ClientCore
-from fusee.rebuild import RebuildError, rebuild
+from fusee.memory_map import HEADER_INCARNATION
+from fusee.rebuild import Rebuild, RebuildError, rebuild
 from fusee.recovery import recover_client
 from fusee.verbs import EpochChanged, NodeTimeout
 from fusee.transports.local import LocalMemory, LocalTransport
@@ -253,6 +254,19 @@ def test_an_mn_dying_mid_rebuild_fails_it_and_it_succeeds_after_that_failover():
     run(b.open(), t)
     assert run(b.search(b"k1"), t) == b"while MN 0 was dead"
     assert all(run(b.search(b"k%d" % i), t) == b"v%d" % i * 50 for i in range(2, 40))
+
+
+def test_a_rebuild_reads_the_incarnation_of_the_region_it_copied_to():
+    """The master expects a rebuilt MN to answer its pings with that word (an MN restarted
+    between its ask to rejoin and the copy asked with another one)."""
+    cfg, mem, m, _ = _loaded()
+    t = LocalTransport(cfg, memory=mem)
+    t.execute([Write(0, HEADER_INCARNATION, pack_u64(0x1D))])      # as a starting MN does
+    job = Rebuild(cfg, m, 0)
+    run(job.copy_online(), t)
+    assert job.incarnation == 0
+    run(job.finish(), t)
+    assert job.incarnation == 0x1D
 
 
 def test_only_a_dead_mn_is_rebuilt():

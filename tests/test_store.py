@@ -100,8 +100,9 @@ def test_a_corrupted_object_is_detected():
     mem, (a, b) = clients(config(r=3), 2)
     a.insert(b"k", b"precious value")
     v = a.core.cache.get(b"k").value
-    for node, addr in a.core.alloc.replicas(v):     # every copy: a cached read takes the
-        mem.regions[node].mem[addr + 12] ^= 0xFF    # one beside its buckets, not the home
+    nodes, addr = a.core.alloc.replicas(v)
+    for node in nodes:                          # every copy: a cached read takes the one
+        mem.regions[node].mem[addr + 12] ^= 0xFF    # beside its buckets, not the home
     with pytest.raises(CorruptObject):
         b.get(b"k")
     with pytest.raises(CorruptObject):

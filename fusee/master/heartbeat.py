@@ -24,7 +24,6 @@ from collections.abc import Iterator
 import zmq
 
 from fusee.emulator import wire
-from fusee.master.logic import LEARNED, RESTARTED
 from fusee.master.shared import SharedState
 from fusee.rejoin import REJOIN, read_ping_answer
 from fusee.transports.channel import Channels
@@ -60,19 +59,6 @@ class Heartbeat(SharedState):
                 self.stopping.wait(max(0.0, started + interval - time.monotonic()))
         finally:
             channels.close()
-
-    def _seen(self, node: int, sent: float, incarnation: int) -> None:
-        """Live MN ``node`` answered a ping sent at ``sent``: its lease is renewed, unless
-        its ``incarnation`` says it restarted since it became a member (its memory is gone:
-        dead at once, failed over at the next tick). The first incarnation heard of a member
-        is saved: a master taking over must know it too, or it would adopt the empty MN."""
-        with self.lock:
-            change = self.logic.mn_seen(node, sent, incarnation)
-            if change == LEARNED:
-                self._save()
-        if change == RESTARTED:
-            self.log(f"master: memory node {node} restarted (incarnation {incarnation:016x}): "
-                     f"its memory is gone, so it is dead now", flush=True)
 
     def _rejoin(self, node: int, sent: float, incarnation: int) -> None:
         with self.lock:

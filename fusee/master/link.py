@@ -40,6 +40,7 @@ import random
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import zmq
@@ -48,8 +49,8 @@ from fusee.emulator import wire
 from fusee.config import ClusterConfig, ConfigError, MemNodeConfig
 from fusee.errors import MasterBusy, MasterError, MasterStandby, MasterTimeout
 from fusee.master.logic import Grant, LeaseError, LeaseExpired, LeaseLapsed
-from fusee.master.protocol import (REGISTER, RELEASE, RENEW, STATUS, decode_grant,
-                                   refusal as master_refusal)
+from fusee.master.protocol import (INCARNATIONS, REGISTER, RELEASE, RENEW, STATUS,
+                                   decode_grant, refusal as master_refusal)
 from fusee.membership import Membership
 from fusee.transports.security import HANDSHAKE_FAILED, refusal, secure_client
 
@@ -192,7 +193,9 @@ class MasterLink:
 
     def register(self, client_id: int | None = None, timeout: float | None = None) -> Grant:
         """A lease on a fresh or recovered id, or on ``client_id`` if it is free."""
-        args = {} if client_id is None else {"id": client_id}
+        args: dict[str, Any] = {INCARNATIONS: True}
+        if client_id is not None:
+            args["id"] = client_id
         return decode_grant(self.call(REGISTER, timeout, **args))
 
     def renew(self, grant: Grant, timeout: float | None = None, paused: int = 0,
@@ -200,7 +203,8 @@ class MasterLink:
         """``paused``: the pause epoch acked; ``epoch``: the membership epoch this client has
         (the reply carries the membership when the master's is newer)."""
         return decode_grant(self.call(RENEW, timeout, id=grant.id, token=grant.token,
-                                      paused=paused, epoch=epoch))
+                                      paused=paused, epoch=epoch,
+                                      **{INCARNATIONS: True}))
 
     def release(self, grant: Grant) -> None:
         self.call(RELEASE, id=grant.id, token=grant.token)
@@ -273,6 +277,9 @@ class LeaseKeeper:
             raise
         self.expires = self._expiry(sent, self.grant.lease)
         self.membership = self.grant.membership or Membership()
+        #: the incarnation the master knew of each live MN of ``membership`` when it sent it
+        #: (``fusee.cluster_identity.restarted``; updated with it, under ``news``)
+        self.incarnations: Mapping[int, int] = self.grant.incarnations or {}
         self.epoch = self.membership.epoch
         self.pause = 0                          # nonzero: post nothing until that epoch
         self.acked = 0                          # the pause acked to the master
@@ -403,6 +410,7 @@ class LeaseKeeper:
             if g.membership is not None and g.membership.epoch > self.membership.epoch:
                 self.membership = g.membership
                 self.epoch = g.membership.epoch
+                self.incarnations = g.incarnations or {}
             # the pause goes up before the gate is taken: a batch that gets the gate after us
             # sees it and stays home
             self.pause = self._pause(g, self.membership.epoch)

@@ -52,7 +52,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import InitVar, dataclass, field
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # the master's errors belong to the store's one tree; imported from here too
@@ -95,6 +95,11 @@ class Grant:
     #: (MN, bytes copied, bytes to copy) while the rebuild the pause waits for runs: a paused
     #: client keeps waiting as long as renewals say so, however long the copy takes
     rebuild: tuple[int, int, int] | None = None
+    #: MN -> the incarnation the master knows of it (``Master.incarnations``), for every
+    #: live MN it has heard: sent at registration and with each membership, so that a client
+    #: reading an MN's header tells a restarted (empty) one from the member before the
+    #: master's next ping does (docs/design.md#cluster-identity); None: not sent
+    incarnations: Mapping[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -432,8 +437,11 @@ class Master:
             return f"epoch {self.membership.epoch} was published meanwhile"
         return None
 
-    def rebuild_done(self, node: int, membership: Membership, now: float) -> None:
-        """The rebuild of ``node`` published ``membership``: it is alive (leased) again."""
+    def rebuild_done(self, node: int, membership: Membership, now: float,
+                     incarnation: int = 0) -> None:
+        """The rebuild of ``node`` published ``membership``: it is alive (leased) again, as
+        ``incarnation``, the word in the header of the region copied to (0: not read; the
+        one it asked to rejoin with is taken instead)."""
         if membership.epoch != self.epoch + 1 or membership.dead != self.dead - {node}:
             raise ValueError(f"the rebuild of MN {node} returned epoch {membership.epoch} with "
                              f"dead {sorted(membership.dead)}; expected epoch "
@@ -442,7 +450,7 @@ class Master:
             # the epoch a rebuilt MN came back in tells which rounds it can witness
             raise ValueError(f"the rebuild of MN {node} returned a membership that does not "
                              f"record it rebuilt in epoch {membership.epoch}")
-        incarnation = self.rejoins.rebuilding_as
+        incarnation = incarnation or self.rejoins.rebuilding_as
         self.rejoins.done(node)
         self.membership = membership
         self.closing = False

@@ -18,10 +18,10 @@ from typing import Any
 from fusee.client_ids import client_states, fresh_client_id
 from fusee.driver import run
 from fusee.emulator import wire
-from fusee.errors import ClientLimit, FuseeError
+from fusee.errors import ClientLimit, FuseeError, NodeRestarted
 from fusee.layout import CLEAN
 from fusee.master.logic import LeaseError, TransitionInProgress
-from fusee.master.protocol import ERR_STANDBY, PING, encode_grant, error_code
+from fusee.master.protocol import ERR_STANDBY, INCARNATIONS, PING, encode_grant, error_code
 from fusee.master.shared import SharedState
 from fusee.verbs import TransportError
 
@@ -77,15 +77,20 @@ class Requests(SharedState):
                     g = self.logic.grant(cid, secrets.randbits(62), time.monotonic())
                     self._save()                    # before the client can act on it
                     membership = self.logic.membership
+                    incarnations = (dict(self.logic.incarnations)
+                                    if args.get(INCARNATIONS) is True else None)
                     break
-            seed = self._survey()                   # outside the lock: it talks to the MNs
+            try:
+                seed = self._survey()               # outside the lock: it talks to the MNs
+            except NodeRestarted as e:              # failed over now: register after it
+                raise TransitionInProgress(str(e)) from None
             with self.lock:
                 self.logic.seed_ids(*seed)
                 self._save()
                 self.work_due.set()                 # ids found in use await recovery
         self.tally["registrations"] += 1
         self.log(f"master: client {cid} registered", flush=True)
-        return encode_grant(g, membership, 0)
+        return encode_grant(g, membership, 0, incarnations)
 
     def _survey(self) -> tuple[int, list[int], list[int]]:
         """The arguments of ``Master.seed_ids``: the MNs' client-id counter word (FAA), where
@@ -117,10 +122,14 @@ class Requests(SharedState):
                 self._save()
                 raise
             membership = self.logic.membership
+            # with each membership, the incarnations of its live MNs (a rebuilt one's is new)
+            incarnations = (dict(self.logic.incarnations)
+                            if membership.epoch > known and args.get(INCARNATIONS) is True
+                            else None)
             self.tally["renewals"] += 1
             if g.pause and acked != paused and not self.logic.waiting_for():
                 self.work_due.set()                 # the last ack: the failover may start
-        return encode_grant(g, membership, known)
+        return encode_grant(g, membership, known, incarnations)
 
     def _release(self, args: dict[str, Any]) -> None:
         cid, token = self._ints(args, "id", "token")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from fusee.config import ClusterConfig
 from fusee.master.election import LeaderGuard
 from fusee.master.identity import check_same_cluster, identity
-from fusee.master.logic import Master
+from fusee.master.logic import LEARNED, RESTARTED, Master
 from fusee.master.store import Deposed, StateStore
 
 if TYPE_CHECKING:
@@ -159,13 +159,40 @@ class SharedState:
 
     def _connect(self, down: set[int]) -> Transport | LeaderGuard:
         """A transport to every MN but ``down``, each one it reached checked to be this
-        cluster's (``fusee.cluster_identity``: WrongMemoryNode), a rejoining one too."""
+        cluster's (``fusee.cluster_identity``: WrongMemoryNode), a rejoining one too, and
+        each live one to be the process whose incarnation the master knows: one restarted
+        since the last ping is empty, so it is dead now (``_seen``, as its next pong would
+        say) and the connect fails with NodeRestarted (the job is retried after its
+        failover)."""
         from fusee.cluster_identity import check_transport
+        from fusee.errors import NodeRestarted
         from fusee.transports import connect
+        with self.lock:
+            known = dict(self.logic.incarnations) if self.master is not None else {}
         transport = connect(self.config, self.backend, dead=down)
         try:
-            check_transport(transport)
+            gone = check_transport(transport, known=known)
+            for node, incarnation in gone.items():
+                self._seen(node, time.monotonic(), incarnation, "found as the master connected")
+            if gone:
+                raise NodeRestarted(f"memory node {min(gone)} restarted since the master last "
+                                    "heard it: it is failed over first", min(gone))
         except BaseException:
             transport.close()
             raise
         return transport if self.leadership is None else LeaderGuard(transport, self.leading)
+
+    def _seen(self, node: int, sent: float, incarnation: int, how: str = "") -> None:
+        """Live MN ``node`` answered a ping sent at ``sent`` (or had its header read then)
+        as ``incarnation``: its lease is renewed, unless its incarnation says it restarted
+        since it became a member (its memory is gone: dead at once, failed over at the next
+        tick; ``how``: where that was found). The first incarnation heard of a member is
+        saved: a master taking over must know it too, or it would adopt the empty MN."""
+        with self.lock:
+            change = self.logic.mn_seen(node, sent, incarnation)
+            if change == LEARNED:
+                self._save()
+        if change == RESTARTED:
+            self.log(f"master: memory node {node} restarted (incarnation {incarnation:016x}"
+                     f"{', ' + how if how else ''}): its memory is gone, so it is dead now",
+                     flush=True)

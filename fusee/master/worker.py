@@ -200,9 +200,10 @@ class Worker(SharedState):
         seconds, pause_s, last_s = end - t0, end - paused, end - acked
         with self.lock:
             copied = job.online_bytes + self.logic.rejoins.progress[0]
-            now = time.monotonic()
+            now, incarnation = time.monotonic(), job.incarnation
             try:
-                self._saved_then_applied(lambda master: master.rebuild_done(node, new, now))
+                self._saved_then_applied(
+                    lambda master: master.rebuild_done(node, new, now, incarnation))
             except Deposed:
                 return
             except OSError as e:
