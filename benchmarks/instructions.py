@@ -36,6 +36,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--transport", choices=["local", "shm", "zmq"], default="shm")
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--count", type=int, default=200, help="operations measured (default 200)")
+    p.add_argument("--via", choices=["core", "client"], default="core",
+                   help="core: the operation generators, driven by fusee.driver (default); "
+                        "client: the public API (kv.get, kv.get_many at --depth; search only)")
     return p.parse_args(argv)
 
 
@@ -65,6 +68,16 @@ def measure(args: argparse.Namespace) -> None:
             if args.kind != "insert":
                 kv.put_many([(k, value) for k in keys])
                 kv.get_many(keys)           # the index cache knows every key
+            if args.via == "client":
+                if args.kind != "search":
+                    raise SystemExit("--via client measures search only")
+                get, get_many = kv.get, kv.get_many
+                if args.depth == 1:
+                    functools.reduce(lambda _, k: get(k), keys, None)
+                else:
+                    functools.reduce(lambda _, go: go(), [lambda: get_many(keys, args.depth)],
+                                     None)
+                return
             make = {"insert": lambda k: core.insert(k, value),
                     "update": lambda k: core.update(k, value),
                     "search": core.search, "delete": core.delete}[args.kind]
@@ -94,7 +107,8 @@ def main(argv: list[str]) -> int:
     import fusee.search
     build = "compiled" if fusee.search.__file__.endswith(".so") else "source"
     per_op = int(collected.group(1)) // args.count
-    print(f"{args.kind} {args.transport} depth {args.depth}: {per_op:,} instructions per "
+    via = " via the client" if args.via == "client" else ""
+    print(f"{args.kind} {args.transport} depth {args.depth}{via}: {per_op:,} instructions per "
           f"operation ({build})")
     return 0
 

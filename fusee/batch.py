@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable, Mapping
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
-from fusee.driver import run_concurrently
-from fusee.errors import INTERNAL, FuseeError
+from fusee.driver import first_rounds, run_concurrently
+from fusee.errors import INTERNAL, FuseeError, check_key
 from fusee.operations import ClientCore
 from fusee.verbs import Op
 
@@ -163,10 +163,39 @@ def _ignore(index: int, result: object) -> None:
 
 
 def get_many(client: Client, keys: Iterable[bytes], depth: int = DEPTH) -> list[Any]:
-    p = Pipeline(client, depth)
-    for key in keys:
-        p.get(key)
-    return p.execute()
+    """The SEARCHes of ``keys``, ``depth`` at a time: each group's first rounds go out as
+    one batch (``fusee.driver.first_rounds``), which answers the cache hits; the searches
+    it did not answer go on together (``run_concurrently``) before the next group. The
+    same operations, verbs and outcomes as a pipeline of gets, which it is when a key is
+    asked twice (its gets then run in order)."""
+    if type(depth) is not int or depth < 1:
+        raise ValueError("depth must be a positive int")
+    limit = client.core.layout.max_key_size
+    keys = [check_key(key, limit) for key in keys]      # a bad key raises before any runs
+    if len(set(keys)) != len(keys):
+        p = Pipeline(client, depth)
+        for key in keys:
+            p.get(key)
+        return p.execute()
+    results: list[Any] = [None] * len(keys)
+    with client.exclusive() as core:
+        for start in range(0, len(keys), depth):
+            rest = []
+            for i, got in enumerate(first_rounds(core, keys[start:start + depth],
+                                                 client.executor), start):
+                if isinstance(got, bytes):
+                    results[i] = got
+                else:
+                    rest.append(_outcome(i, got, results))
+            if rest:
+                try:
+                    run_concurrently(rest, client.executor, depth, _ignore)
+                except BaseException:
+                    core.cut_short = True       # searches whose first round went out
+                    raise
+    if any(isinstance(r, Exception) for r in results):
+        raise BatchError(results)
+    return results
 
 
 def put_many(client: Client, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],

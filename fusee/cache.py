@@ -48,12 +48,21 @@ class IndexCache:
             self.entries.move_to_end(key)
         return e
 
-    def use(self, e: CacheEntry) -> bool:
-        """Worth a speculative object read? False once the key misses too often."""
-        ok = e.accesses < self.warmup or e.misses <= self.threshold * e.accesses
-        if not ok:
-            self.bypassed += 1
-        return ok
+    def consult(self, key: bytes, sid: int) -> tuple[CacheEntry | None, bool]:
+        """What a SEARCH asks first, in one call: the key's entry (None: none, or one for
+        another subtable than ``sid``, the key's now: dropped), and whether a speculative
+        object read is worth it: not once the key misses too often (bypassed)."""
+        e = self.entries.get(key)
+        if e is None:
+            return None, False
+        if e.sid != sid:
+            del self.entries[key]
+            return None, False
+        self.entries.move_to_end(key)
+        if e.accesses < self.warmup or e.misses <= self.threshold * e.accesses:
+            return e, True
+        self.bypassed += 1
+        return e, False
 
     def outcome(self, e: CacheEntry, hit: bool) -> None:
         e.accesses += 1

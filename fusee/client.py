@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from fusee import batch
 from fusee.cluster_identity import check, check_transport, reached
 from fusee.config import ClusterConfig
-from fusee.driver import run
+from fusee.driver import run, run_search
 from fusee.errors import ClientClosed, ForkedClient, LeaseExpired, LeaseLapsed, NodeRestarted
 from fusee.fencing import identity
 from fusee.membership import Membership
@@ -246,7 +246,10 @@ class Client:
 
     def get(self, key: bytes) -> bytes | None:
         """The key's value, or None when the key is absent."""
-        return self._run(ClientCore.search, key)
+        if self._forks != _forks:
+            raise self._forked()
+        with self._lock:
+            return run_search(self.ready(), key, self.executor)
 
     def insert(self, key: bytes, value: bytes) -> None:
         """Add a new key; KeyExists if it is present."""

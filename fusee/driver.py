@@ -20,12 +20,17 @@ NodeTimeout at once. A new epoch reaches every operation in flight.
 from __future__ import annotations
 
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from collections.abc import Callable, Iterable
 
-from fusee.errors import batch_failure
+from fusee.errors import batch_failure, check_key
+from fusee.hashing import key_hash
+from fusee.search import first_answer, first_round, search
 from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Op, Step, T,
                          TransportError)
+
+if TYPE_CHECKING:
+    from fusee.operations import ClientCore
 
 Operation = Op[Any]
 #: an operation in flight: its index among the operations, itself, the batch it yielded last
@@ -104,6 +109,69 @@ def run(op: Op[T], executor: Any) -> T:
     except BaseException:
         op.close()
         raise
+
+
+def run_search(core: ClientCore, key: bytes, executor: Any) -> bytes | None:
+    """``run(core.search(key), executor)``, with the SEARCH's first round run here rather
+    than by its generator: the common case (a cache hit) is answered in one round trip with
+    no generator made. The round is ``fusee.search``'s own (``first_round`` makes the
+    requests, ``first_answer`` judges the completions), and when it is not the last the
+    search generator takes over with it (or the transport's error) as ``first``: the same
+    code, verbs and round trips as ``run(core.search(key))``."""
+    key = check_key(key, core.layout.max_key_size)
+    h = key_hash(key)
+    if core.deferred or core.aborts:        # see ``first_rounds``
+        return run(core.tracked(search(core, key, h)), executor)
+    try:
+        rnd = first_round(core, key, h)
+        got: Any = first_answer(core, key, rnd, executor.execute(rnd[3]))
+    except TransportError as e:
+        got = e
+    except BaseException:
+        core.cut_short = True       # ended half way, as ``ClientCore.tracked`` would tell
+        raise
+    if type(got) is bytes:
+        return got
+    return run(core.tracked(search(core, key, h, (rnd, got))), executor)
+
+
+def first_rounds(core: ClientCore, keys: list[bytes], executor: Any
+                 ) -> list[bytes | Op[bytes | None]]:
+    """The first rounds of the SEARCHes of ``keys`` (checked already: ``check_key``),
+    merged into one batch: per key, its value when that round answered it (a cache hit),
+    else its search generator (``core.search``'s), to be run on from that round
+    (``fusee.search.search``'s ``first``). A batch that fails gives each search the error
+    its own requests would have met alone (as ``run_concurrently`` does). A client that
+    owes frees or ABORTED marks (its round trips carry them: ``ClientCore.rt``) gets the
+    generators, not started."""
+    if core.deferred or core.aborts:
+        return [core.tracked(search(core, key, key_hash(key))) for key in keys]
+    planned = []
+    merged: list[Any] = []
+    error: TransportError | None = None
+    try:
+        for key in keys:
+            h = key_hash(key)
+            rnd = first_round(core, key, h)
+            merged += rnd[3]
+            planned.append((key, h, rnd, len(merged)))
+        try:
+            completions: Any = executor.execute(merged)
+        except TransportError as e:
+            completions, error = e.results, e
+        out: list[bytes | Op[bytes | None]] = []
+        start = 0
+        for key, h, rnd, end in planned:
+            own = None if error is None else _own_failure(error, completions, start, end)
+            got = own if own is not None else first_answer(core, key, rnd,
+                                                           completions[start:end])
+            start = end
+            out.append(got if type(got) is bytes
+                       else core.tracked(search(core, key, h, (rnd, got))))
+    except BaseException:
+        core.cut_short = True       # ended half way, as ``ClientCore.tracked`` would tell
+        raise
+    return out
 
 
 def run_concurrently(ops: Iterable[Operation], executor: Any, depth: int = 0,

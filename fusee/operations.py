@@ -136,7 +136,7 @@ class ClientCore:
 
     def search(self, key: bytes) -> Op[bytes | None]:
         key = check_key(key, self.layout.max_key_size)
-        return self.tracked(search_mod.search(self, key, key_hash(key)))
+        return search_mod.searching(self, key, key_hash(key))     # tracked by itself
 
     # (an INSERT, UPDATE or DELETE is counted in ``in_flight`` by ``with_objects``: no
     # ``tracked`` level on each of its round trips)

@@ -15,51 +15,92 @@ from fusee.hashing import KeyHash
 from fusee.index import View
 from fusee.layout import COMMITTED, DELETE, INSERT, ObjectView, decode_object
 from fusee.reuse import ObjectReads, is_named
-from fusee.verbs import EPOCH_ENDS, NodeTimeout, Op, Read
+from fusee.verbs import EPOCH_ENDS, NodeTimeout, Op, Read, TransportError
 
 if TYPE_CHECKING:
+    from fusee.membership import Membership
     from fusee.op_core import OpCore
+    from fusee.operations import ClientCore
 
 #: a key found in the index: (slot position, slot value, the object it names)
 Found = tuple[int, int, ObjectView]
+
+#: a SEARCH's first round (``first_round``): the key's subtable, the cache entry it was
+#: planned with (None: the cache has none), whether the entry's object read rides along
+#: (after the bucket reads), the requests, the buckets' first buckets
+Round = tuple[int, CacheEntry | None, bool, list[Read], tuple[int, int]]
+#: a first round run by the driver (``search``'s ``first``): the round and its answer, or
+#: the transport error its batch failed with
+First = tuple[Round, "bytes | View | BaseException"]
 
 #: a SEARCH on the backups of a dead primary cannot tell before the failover
 UNSURE = object()
 
 
-def search(core: OpCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
-    """Generator: the SEARCH operation of ``core`` (an OpCore): the key's value or None."""
+def searching(core: ClientCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
+    """Generator: the SEARCH operation ``ClientCore.search`` hands out, its first round run
+    here, in one generator: the common case, a cache hit answered in one round trip, makes
+    no ``search`` generator, ``tracked`` wrapper or ``rt`` round. That round is
+    ``search``'s own (``first_round`` makes the requests, ``first_answer`` judges their
+    completions); when it does not answer the SEARCH (a cache miss, a stale subtable) or
+    its batch failed, ``search`` takes over from it (its ``first``), tracked: the same
+    verbs, round trips and outcomes as ``tracked(search(...))``. A client that owes frees
+    or ABORTED marks (``ClientCore.rt`` carries them) runs ``search`` from the start.
+
+    While its first round is out it counts in ``in_flight``, and ending there any other way
+    than through its answer (closed, an exception) leaves the client unsettled, as
+    ``tracked`` tells (``fusee.settle``)."""
+    if core.deferred or core.aborts:
+        return (yield from core.tracked(search(core, key, h)))
+    core.in_flight += 1
+    got: bytes | View | BaseException
+    try:
+        rnd = first_round(core, key, h)
+        try:
+            res = yield rnd[3]
+        except TransportError as e:
+            got = e
+        else:
+            got = first_answer(core, key, rnd, res)
+    except BaseException:
+        core.cut_short = True
+        raise
+    finally:
+        core.in_flight -= 1
+    if isinstance(got, bytes):
+        return got
+    return (yield from core.tracked(search(core, key, h, (rnd, got))))
+
+
+def search(core: OpCore, key: bytes, h: KeyHash, first: First | None = None
+           ) -> Op[bytes | None]:
+    """Generator: the SEARCH operation of ``core`` (an OpCore): the key's value or None.
+
+    Its first round is ``first_round`` (the requests) and ``first_answer`` (the verdict on
+    their completions). A driver may run that round itself, without this generator
+    (``searching``): when the answer is not final it hands over ``first``,
+    the round and its answer (or the transport's error), and the search goes on from there
+    exactly as if it had posted that round itself."""
     suspects = None                             # made on a cache miss only
     waits = 0
-    cache = core.cache
     while True:
         try:
-            sid = core.dir.lookup(h)[0]
-            e = cache.get(key)
-            if e is not None and e.sid != sid:
-                cache.drop(key)
-                e = None
-            spec = e is not None and cache.use(e)
-            if spec and e is not None:
-                reads, firsts = _hit_reads(core, e, h)
+            if first is None:
+                rnd = first_round(core, key, h)
+                res = yield from core.rt(rnd[3])
+                got: bytes | View | BaseException = first_answer(core, key, rnd, res)
             else:
-                reads, firsts = core.dir.bucket_reads(sid, h, core.dir.nodes(sid)[0])
-            res = yield from core.rt(reads)
-            view = View(res[:2], firsts, sid)
-            if view.stale:
+                (rnd, got), first = first, None
+            if isinstance(got, BaseException):
+                raise got
+            if not isinstance(got, View):
+                return got
+            sid = rnd[0]
+            if got.stale:
                 waits = yield from core.split_seen(sid, waits)
                 continue
-            if e is not None:
-                hit = view.get(e.pos) == e.value
-                if spec and hit:
-                    obj = decode_object(res[2])
-                    if obj is not None and obj.key == key and is_named(e.value, obj, key):
-                        cache.outcome(e, True)
-                        return obj.value
-                    hit = False
-                cache.outcome(e, hit)
             suspects = suspects or ObjectReads(core.unit)
-            found = yield from find(core, key, view, h, suspects)
+            found = yield from find(core, key, got, h, suspects)
             if found is False:
                 continue
             if found is None:
@@ -68,31 +109,67 @@ def search(core: OpCore, key: bytes, h: KeyHash) -> Op[bytes | None]:
             core.cache.store(key, sid, pos, v)
             return obj.value
         except EPOCH_ENDS as err:
+            sid = rnd[0]
             nodes = core.dir.nodes(sid)
             if isinstance(err, NodeTimeout) and err.node == nodes[0] and len(nodes) > 1:
                 try:
-                    got = yield from _on_backups(core, key, h, sid, nodes[1:])
-                except EPOCH_ENDS as again:
-                    got, err = UNSURE, again
-                if got is not UNSURE:
+                    again: Any = yield from _on_backups(core, key, h, sid, nodes[1:])
+                except EPOCH_ENDS as later:
+                    again, err = UNSURE, later
+                if again is not UNSURE:
                     core.counters["backup_reads"] += 1
-                    value: bytes | None = got
+                    value: bytes | None = again
                     return value
             yield from core.new_epoch(err)
 
 
-def _hit_reads(core: OpCore, e: CacheEntry, h: KeyHash) -> tuple[list[Read], tuple[int, int]]:
+def first_round(core: OpCore, key: bytes, h: KeyHash) -> Round:
+    """What a SEARCH posts first: the key's bucket reads on its subtable's primary, with
+    the cached object's read when the index cache has an entry worth speculating on
+    (``fusee.cache``)."""
+    sid = core.dir.lookup(h)[0]
+    e, speculate = core.cache.consult(key, sid)
+    if speculate:
+        assert e is not None, "a speculation on an entry"
+        made = e.hit_reads
+        if made is None or made[0] is not core.membership:
+            made = _hit_reads(core, e, h)
+        return sid, e, True, list(made[1]), made[2]
+    reads, firsts = core.dir.bucket_reads(sid, h, core.dir.nodes(sid)[0])
+    return sid, e, False, reads, firsts
+
+
+def first_answer(core: OpCore, key: bytes, rnd: Round, res: list[Any]) -> bytes | View:
+    """The verdict on a SEARCH's first round ``rnd`` from its completions ``res``: the
+    value when the cached slot still names the object read alongside (a hit: the SEARCH is
+    done), else the View of the key's buckets to go on from (stale, or a cache miss)."""
+    sid, e, spec, _, firsts = rnd
+    view = View(res[:2], firsts, sid)
+    if view.stale or e is None:
+        return view
+    hit = view.get(e.pos) == e.value
+    if spec and hit:
+        obj = decode_object(res[2])
+        if obj is not None and obj.key == key and is_named(e.value, obj, key):
+            core.cache.outcome(e, True)
+            return obj.value
+        hit = False
+    core.cache.outcome(e, hit)
+    return view
+
+
+def _hit_reads(core: OpCore, e: CacheEntry, h: KeyHash
+               ) -> tuple[Membership, list[Read], tuple[int, int]]:
     """What a SEARCH that speculates on cache entry ``e`` posts: the key's bucket reads on
     its subtable's primary and the read of the cached object (from there, when it holds a
-    copy), and the buckets' first buckets. Made once per entry and membership (which alone
-    moves a primary or an object's copies), as every hit on the key makes the same."""
-    made = e.hit_reads
-    if made is None or made[0] is not core.membership:
-        primary = core.dir.nodes(e.sid)[0]
-        reads, firsts = core.dir.bucket_reads(e.sid, h, primary)
-        reads.append(core.object_read(e.value, primary))
-        made = e.hit_reads = (core.membership, reads, firsts)
-    return list(made[1]), made[2]
+    copy), and the buckets' first buckets, for the membership they are made in. Made once
+    per entry and membership (which alone moves a primary or an object's copies), as every
+    hit on the key makes the same (``first_round`` copies the requests)."""
+    primary = core.dir.nodes(e.sid)[0]
+    reads, firsts = core.dir.bucket_reads(e.sid, h, primary)
+    reads.append(core.object_read(e.value, primary))
+    made = e.hit_reads = (core.membership, reads, firsts)
+    return made
 
 
 def _on_backups(core: OpCore, key: bytes, h: KeyHash, sid: int, backups: tuple[int, ...]

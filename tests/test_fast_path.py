@@ -14,8 +14,10 @@ import pytest
 
 from fusee.emulator.cluster import LocalCluster
 from fusee.audit import audit
-from fusee.driver import run, run_concurrently
-from fusee.verbs import Cas, Faa, Read, RemoteAccessError, Write
+from fusee import search as search_mod
+from fusee.driver import first_rounds, run, run_concurrently, run_search
+from fusee.hashing import key_hash
+from fusee.verbs import Cas, Faa, NodeTimeout, Read, RemoteAccessError, Write
 from storekit import clients, config, rt
 from fusee.transports.local import LocalTransport
 
@@ -54,7 +56,8 @@ def calls_per_op(kv, make, keys) -> tuple[float, Counter]:
 @pytest.mark.parametrize("name, make, budget", [
     ("insert", lambda core, k: core.insert(k, VALUE), 99),
     ("update", lambda core, k: core.update(k, VALUE), 88),
-    ("search", lambda core, k: core.search(k), 22.5),
+    # (a cache hit runs one generator, fusee.search.searching, not tracked/search/rt: 22 calls)
+    ("search", lambda core, k: core.search(k), 19),
     ("delete", lambda core, k: core.delete(k), 86),
 ])
 def test_an_operation_stays_within_its_call_budget(kv, name, make, budget):
@@ -394,3 +397,111 @@ def test_a_zmq_reply_reads_in_one_call_as_msgpack_reads_it():
         assert _atomic.unpack(bad) is None
         with pytest.raises(wire.MalformedMessage):
             wire.decode_reply(bad)
+
+
+def the_generator(core, key):
+    """The SEARCH as the search generator runs it from its start (what ``Search`` runs
+    its first round in place of)."""
+    return core.tracked(search_mod.search(core, key, key_hash(key)))
+
+
+def test_a_cached_get_is_answered_without_a_generator(kv):
+    """``kv.get`` of a cached key runs the SEARCH's first round itself
+    (``fusee.driver.run_search``: ``fusee.search.first_round``, the verbs, ``first_answer``):
+    no generator is made, one round trip, the same verbs as the search generator's; and
+    fewer Python calls than with that generator (a get made 25)."""
+    keys = [b"direct-%d" % i for i in range(OPS)]
+    kv.put_many([(k, VALUE) for k in keys])
+    assert kv.get_many(keys) == [VALUE] * OPS       # the cache learns every slot
+    assert kv.get_many(keys) == [VALUE] * OPS       # and each entry its hit's requests
+    t = kv.transport
+    before = t.stats.copy()
+    for k in keys:
+        assert run(the_generator(kv.core, k), kv.executor) == VALUE
+    generator = t.stats - before
+    called: Counter = Counter()
+    machinery = {getattr(f, "__code__", None)        # (compiled: no code object, no call seen)
+                 for f in (search_mod.search, search_mod.searching, kv.core.tracked, kv.core.rt)}
+
+    def count(frame, event, arg):
+        if event == "call":
+            called[frame.f_code in machinery] += 1
+
+    before = t.stats.copy()
+    sys.setprofile(count)
+    try:
+        got = [kv.get(k) for k in keys]
+    finally:
+        sys.setprofile(None)
+    direct = t.stats - before
+    assert got == [VALUE] * OPS
+    assert called[True] == 0 and called[False] / OPS <= 17, called
+    assert direct == generator and direct.round_trips == OPS
+
+
+class FailFirst:
+    """An executor whose first batch meets a silent MN: NodeTimeout for that MN's requests
+    (flushed, as a queue pair does) and completions for the others, as a transport reports
+    an MN that stopped answering; the MN answers again afterwards."""
+
+    def __init__(self, inner, node):
+        self.inner, self.node, self.failed = inner, node, False
+
+    def execute(self, batch):
+        if self.failed:
+            return self.inner.execute(batch)
+        self.failed = True
+        done = self.inner.execute(batch)
+        silent = NodeTimeout(f"MN {self.node} did not answer", self.node)
+        results = [silent if r.node == self.node else c for r, c in zip(batch, done)]
+        raise NodeTimeout(f"MN {self.node} did not answer", self.node, results)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_get_whose_first_round_fails_goes_on_as_the_generator_does(cached):
+    """When the first round that ``fusee.search.searching`` or ``fusee.driver.run_search``
+    ran itself fails (its MN stopped answering) or does not answer the SEARCH (a cache
+    miss), the search generator goes on from it (its ``first``): the same outcome, counters
+    and verbs as the generator that posted that round itself (here: the key read on the
+    live backups), and the client is settled."""
+    outcomes = []
+    for how in ("generator", "searching", "run_search"):
+        _, (kv,) = clients(config(r=3), 1)
+        for i in range(20):
+            kv.put(b"k-%d" % i, b"v-%d" % i)
+        if not cached:
+            kv.core.cache.entries.clear()
+        core = kv.core
+        primary = core.dir.nodes(core.dir.lookup(key_hash(b"k-7"))[0])[0]
+        ex = FailFirst(kv.executor, primary)
+        before = kv.transport.stats.copy()
+        if how == "run_search":
+            got = run_search(core, b"k-7", ex)
+        else:
+            got = run(core.search(b"k-7") if how == "searching"
+                      else the_generator(core, b"k-7"), ex)
+        outcomes.append((got, core.counters["backup_reads"], kv.transport.stats - before,
+                         core.settled))
+    assert outcomes[0] == outcomes[1] == outcomes[2] and outcomes[0][0] == b"v-7", outcomes
+    assert outcomes[0][1] == 1 and outcomes[0][3]
+
+
+def test_first_rounds_merged_give_each_search_its_own_failure():
+    """``fusee.driver.first_rounds`` (get_many's) posts the first rounds of several SEARCHes
+    as one batch; when one MN of it stops answering, the searches whose requests went there
+    go on from their failed round (to the live backups), the others are answered by theirs:
+    every value right, one backup read per search that met the silent MN."""
+    _, (kv,) = clients(config(r=3), 1)
+    keys = [b"k-%d" % i for i in range(24)]
+    for k in keys:
+        kv.put(k, k + b"!")
+    core = kv.core
+    primary = {k: core.dir.nodes(core.dir.lookup(key_hash(k))[0])[0] for k in keys}
+    silent = primary[keys[0]]
+    out = first_rounds(core, keys, FailFirst(kv.executor, silent))
+    assert len({primary[k] for k in keys}) > 1, "the batch spans MNs"
+    got = [v if type(v) is bytes else run(v, kv.executor) for v in out]
+    assert got == [k + b"!" for k in keys]
+    assert [type(v) is bytes for v in out] == [primary[k] != silent for k in keys]
+    assert core.counters["backup_reads"] == sum(primary[k] == silent for k in keys)
+    assert core.settled

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from fusee.emulator import wire
+from fusee.emulator import _atomic, wire
 from fusee.config import ClusterConfig
 from fusee.errors import WrongMemoryNode
 from fusee.verbs import NodeTimeout, NotAuthorized, RemoteAccessError, TransportError
@@ -28,6 +28,8 @@ from fusee.transports.base import raise_for_failures
 from fusee.transports.security import HANDSHAKE_FAILED, refusal, secure_client
 
 _monotonic = time.monotonic
+#: ``wire.decode_reply``'s fast path: a reply whose verbs all completed, read in one C call
+_unpack = _atomic.unpack
 #: a socket's own send (pyzmq's Cython one): ``zmq.Socket.send`` wraps it in a Python method
 #: for the routing ids and groups of draft sockets, which a DEALER never has
 _send: Callable[..., Any] = zmq.backend.Socket.send
@@ -136,10 +138,13 @@ class Channels:
                 return self._refused(node) or NodeTimeout(
                     f"MN {node} at {self.endpoints[node]}: no reply within {timeout:g} s (is "
                     "it running, and is that its endpoint?)", node)
-            try:
-                rseq, results, error = wire.decode_reply(data)
-            except wire.MalformedMessage:
-                continue
+            done = _unpack(data)                # (``wire.decode_reply``'s fast path)
+            if done is None:
+                try:
+                    done = wire.decode_reply(data)
+                except wire.MalformedMessage:
+                    continue
+            rseq, results, error = done
             if rseq == seq or (rseq == -1 and error):     # -1: the MN could not read ours
                 return results, error
             # else a late reply to a request that timed out before: dropped

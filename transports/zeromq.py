@@ -26,6 +26,8 @@ from fusee.transports.channel import Channels, dead_on_connect, place_replies
 #: the verbs ``ZmqTransport.execute`` sorts out in C, in the order ``_atomic.group`` expects
 ONE_SIDED = (Read, Write, Cas, Faa)
 _group = _atomic.group
+#: ``wire.encode_verbs``'s fast path: a batch of well-formed one-sided verbs in one C call
+_pack = _atomic.pack
 
 
 class ZmqTransport(Transport):
@@ -83,9 +85,11 @@ class ZmqTransport(Transport):
         """A batch for one live MN: one message and its reply, without the per-node
         positions of a batch that spans MNs; raises on any failure."""
         channels = self.channels
-        seq = channels.next_seq()
-        reply = channels.roundtrip(node, wire.encode_verbs(seq, self.regions[node].rkey, batch),
-                                   seq, self.timeout)
+        seq = channels.seq = channels.seq + 1           # (``next_seq``, without a call)
+        payload = _pack(seq, self.regions[node].rkey, batch, ONE_SIDED, None)
+        if payload is None:                             # (``wire.encode_verbs`` says why)
+            payload = wire.encode_verbs(seq, self.regions[node].rkey, batch)
+        reply = channels.roundtrip(node, payload, seq, self.timeout)
         if type(reply) is tuple and reply[1] is None and len(reply[0]) == len(batch):
             return reply[0]
         return self._complete(batch, seq, {node: list(range(len(batch)))}, {node: reply})
