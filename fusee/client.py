@@ -548,13 +548,15 @@ class _LeaseGuard:
         with k.news:                    # (the keeper changes both together)
             m, known = k.membership, k.incarnations
         if m.epoch > epoch:
-            self.handed = m.epoch
             if back := m.rebuilt - m.dead:      # MNs rebuilt: the transport reaches them
                 self.transport.revive(back)
                 # what now serves there is ours, and the process the master rebuilt: one
                 # restarted since is empty, and dead to us until the next epoch says so
                 if check_transport(self.transport, back, known):
                     self._await(m.epoch)
+            # handed only now: should the check or the wait fail, the operations keep the
+            # epoch they have, and the next batch takes ``m`` in (and checks) again
+            self.handed = m.epoch
             raise EpochChanged(m)
         if k.data_lost:
             raise NodeTimeout(f"no failover will come: {k.data_lost}")
