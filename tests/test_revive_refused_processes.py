@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 from processes import wait_for
-from test_restart_processes import (LONG_MN_LEASE, _cluster, _just_pinged, _learned,
-                                    _rebuilt, _values)
+from test_restart_processes import (LONG_MN_LEASE, _cluster, _values,
+                                    restarted_after_its_rebuild)
 
 from fusee.cluster_identity import new_cluster_id
 from fusee.errors import WrongMemoryNode
@@ -23,13 +23,7 @@ def test_a_revive_check_that_fails_hands_the_operations_no_epoch(tmp_path):
         c.config.with_(cluster_id=new_cluster_id()).save(other)
         with c.client() as running:
             running.put_many(_values(b"a"))
-            _learned(c)
-            c.kill(1)
-            c.rejoin(1)
-            _rebuilt(c, "the master to fail MN 1 over and rebuild it")
-            _just_pinged(c, 1)
-            c.kill(1)
-            c.rejoin(1, config_path=other)
+            restarted_after_its_rebuild(c, other)
             with pytest.raises(WrongMemoryNode):
                 running.get(b"k0")
             # taken in again, and refused again (the master's next ping is far off): not
