@@ -326,6 +326,7 @@ def _check_reachable(transport: Transport, lease: LeaseKeeper, config: ClusterCo
     that never comes (``membership_wait``, half a minute) and then fail naming no node. An
     MN that just died is told apart by giving the master ``mn_lease`` seconds to notice: it
     then pauses the clients or publishes a new epoch, and the failover takes its course."""
+    _reach_rebuilt(transport, lease, lease.membership)
     silent = sorted(n for n, r in transport.regions.items()
                     if r.length == 0 and n not in lease.membership.dead)
     if not silent:
@@ -354,6 +355,7 @@ def _identified(transport: Transport, lease: LeaseKeeper, config: ClusterConfig
     while True:
         with lease.news:                # (the keeper changes both together)
             membership, known = lease.membership, lease.incarnations
+        _reach_rebuilt(transport, lease, membership)
         gone = check_transport(transport, set(reached(transport)) - membership.dead, known)
         if not gone:
             return membership
@@ -369,6 +371,18 @@ def _identified(transport: Transport, lease: LeaseKeeper, config: ClusterConfig
                                 f"no membership after epoch {epoch} within {wait:g} s: "
                                 f"{lease.data_lost or 'is the master running?'}", node.id)
         lease.check(wait)
+
+
+def _reach_rebuilt(transport: Transport, lease: LeaseKeeper, membership: Membership) -> None:
+    """Reconnect ``transport`` to the MNs ``membership`` has rebuilt since it connected (after
+    the lease's grant) or that it did not reach: it took them for dead, or reached a process
+    that restarted since, and a rebuild published meanwhile brought them back. Operations
+    handed ``membership`` would otherwise meet them as dead and wait, in vain, for an epoch
+    after it (``_LeaseGuard._await`` revives only those rebuilt in an epoch it hands over)."""
+    since = lease.grant.membership.epoch if lease.grant.membership is not None else 0
+    stale = {n for n, e in membership.rebuilt_at.items() if e > since}
+    if back := (stale | (membership.rebuilt - set(reached(transport)))) - membership.dead:
+        transport.revive(back)
 
 
 def _news(lease: LeaseKeeper, done: Callable[[], bool], seconds: float) -> bool:
@@ -537,13 +551,15 @@ class _LeaseGuard:
         with k.news:                    # (the keeper changes both together)
             m, known = k.membership, k.incarnations
         if m.epoch > epoch:
-            self.handed = m.epoch
             if back := m.rebuilt - m.dead:      # MNs rebuilt: the transport reaches them
                 self.transport.revive(back)
                 # what now serves there is ours, and the process the master rebuilt: one
                 # restarted since is empty, and dead to us until the next epoch says so
                 if check_transport(self.transport, back, known):
                     self._await(m.epoch)
+            # handed only now: should the check or the wait fail, the operations keep the
+            # epoch they have, and the next batch takes ``m`` in (and checks) again
+            self.handed = m.epoch
             raise EpochChanged(m)
         if k.data_lost:
             raise NodeTimeout(f"no failover will come: {k.data_lost}")
