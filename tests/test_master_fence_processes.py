@@ -7,11 +7,11 @@ that check when the process stops (SIGSTOP, a long GC pause, a VM migrated) goes
 it runs again: after its ZooKeeper session expired, a standby took over and acted. Here the
 masters are ``fusee.emulator.testkit.stopped_leader``s: the one that leads the rebuild stops
 itself exactly there, before the first write of the rebuild's last phase to the rejoining MN
-(its copy of the index, read in the pause). The new leader rebuilds that MN again, the clients carry on on it, and then the old
-leader is woken up. Unfenced, its copy lands: the MN's index goes back to what it was in the
-old leader's pause, and once the other MNs die every update acknowledged since is lost (the
-final reads are not linearizable). Fenced, the new leader had every MN refuse leaderships
-older than its own before it acted, and the old batch is refused.
+(its copy of the index, read in the pause). The new leader rebuilds that MN again, the clients
+carry on on it, and then the old leader is woken up. Unfenced, its copy lands: the MN's index
+goes back to what it was in the old leader's pause, and once the other MNs die every update
+acknowledged since is lost (the final reads are not linearizable). Fenced, the new leader had
+every MN refuse leaderships older than its own before it acted, and the old batch is refused.
 """
 
 from __future__ import annotations
