@@ -28,14 +28,16 @@ and did not move was not written meanwhile, even by a batch cut short by a crash
 interrupt (``fusee.rebuild``).
 
 While a rebuild of a dead MN N copies (the master's grants say so: ``follow``), the owner
-writes into none of the groups N belongs to that it held when it heard: it carves every new
-object from *fresh* groups, got since, and reuses no freed object (nor reclaims one: that
-writes its used byte) until the rebuild ends. A writer updating keys at random would
-otherwise reuse freed objects all over its groups, each of which the rebuild's pause would
-then copy again, whole; this way the pause copies its fresh groups and the group of each
-class's reserved object (written once more), not every group it holds. The copy is exact
-either way (the marks); this only keeps the pause short. Memory freed during the rebuild
-waits for its end, unless no block is left: then reuse resumes at once (``ensure``).
+writes into none of the groups N belongs to that it held when it heard but the one it was
+carving from: it carves every new object from that one and from *fresh* groups, got since
+(not one new group per rebuild: it never gives groups back), and reuses no freed object
+(nor reclaims one: that writes its used byte) until the rebuild ends. A writer updating keys
+at random would otherwise reuse freed objects all over its groups, each of which the
+rebuild's pause would then copy again, whole; this way the pause copies its fresh groups
+and the group of each class's reserved object (written once more), not every group it
+holds. The copy is exact either way (the marks); this only keeps the pause short. Memory
+freed during the rebuild waits for its end, unless no block is left: then reuse resumes at
+once (``ensure``).
 
 Operations of one client in flight together (``driver.run_concurrently``) share its allocator.
 Only one of them reclaims or grows at a time; the others pause (empty batches) and then use
@@ -163,7 +165,11 @@ class Allocator:
         if node != self.rebuilding:
             self.rebuilding, self.sparing = node, node is not None
             if node is not None:
-                self.fresh = set()
+                # the group carving goes on in counts as fresh: it holds the classes'
+                # reserved objects, which the pause copies again anyway. Else every rebuild
+                # would cost a client a new group, and it never gives one back: a client
+                # open across many rebuilds piled them up until no block was left.
+                self.fresh = {self.current} if self.current is not None else set()
 
     def _spared(self, g: BlockGroup | None) -> bool:
         return g is not None and self.rebuilding in g.nodes and g not in self.fresh

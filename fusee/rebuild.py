@@ -22,11 +22,11 @@ are kept as they were read, before the block.
 The master begins phase A once every leased client has heard, in a renewal, that the rebuild
 runs (``Master.unheard``; a client renews every third of its lease, and one that does not
 within a lease is expiring). From then until the rebuild ends, a client carves every new
-object from *fresh* groups, got since it heard, and reuses no freed object
-(``Allocator.follow``): its writes of the time land in those, and in the group of each size
-class's reserved object, not all over the groups it held, which a writer updating keys at
-random would otherwise touch nearly all of during the copy (it reuses freed objects where
-they are). That is what keeps the pause short for a client that stays open; the copy's
+object from the group it was carving from and *fresh* ones, got since it heard, and reuses
+no freed object (``Allocator.follow``): its writes of the time land in those (the first
+usually holds the reserved objects), not all over the groups it held, which a writer
+updating keys at random would otherwise touch nearly all of during the copy (it reuses freed
+objects where they are). That is what keeps the pause short for a client that stays open; the copy's
 exactness does not rest on it (below).
 
 Phase B, the pause (``Rebuild.finish``): every leased client has acked that no batch of it is

@@ -207,3 +207,19 @@ def test_out_of_memory_only_when_no_address_is_free_on_every_replica(nodes):
                 if not any(mem.tables[n]._owner(i) for n in replica_nodes(first, nodes, 2))]
         assert not free, f"block {free[0]} is free on MNs {replica_nodes(first, nodes, 2)}"
     _assert_no_block_leaked(mem, cores, cfg)
+
+
+def test_a_client_takes_no_new_group_for_each_rebuild():
+    """A client sparing a rebuild's groups (``Allocator.follow``) carves on in the group it
+    was carving from: it took a new group at each rebuild and never gave one back, so a
+    writer open across rebuilds piled them up (13 groups of 256 KiB for 40 keys after 12
+    rebuilds) until the clients opening next found no block (OutOfMemory)."""
+    _, (kv,) = clients(config(r=3))
+    alloc = kv.core.alloc
+    for rebuild in range(5):
+        alloc.follow(1)                     # a grant: the rebuild of MN 1 copies
+        for i in range(10):
+            kv.put(b"k%d" % i, b"v%d-%d" % (i, rebuild))
+        alloc.follow(None)                  # it ended
+    assert alloc.stats["blocks"] == 1
+    assert all(kv.get(b"k%d" % i) == b"v%d-4" % i for i in range(10))
