@@ -77,8 +77,21 @@ enum { K_READ, K_WRITE, K_CAS, K_FAA };
 
 typedef struct { int kind; char *at; uint64_t a, b; Py_ssize_t len; PyObject *data; } checked_t;
 
-static int u64_of(PyObject *o, uint64_t *out) {     /* 0 ok, 1 not an unsigned 64-bit int */
+/* 0 ok, 1 not an unsigned 64-bit int. Most operands (nodes, addresses, lengths) are below
+ * 2**63: PyLong_AsLongLongAndOverflow reads those from their digits, where
+ * PyLong_AsUnsignedLongLong goes through _PyLong_AsByteArray for every int (CPython 3.11:
+ * about 200 instructions a call, a dozen calls per verb); only slot values of 2**63 and up
+ * (a CAS's operands) take that path. */
+static int u64_of(PyObject *o, uint64_t *out) {
     if (!PyLong_CheckExact(o)) return 1;
+    int over;
+    long long small = PyLong_AsLongLongAndOverflow(o, &over);
+    if (!over) {
+        if (small < 0) return 1;
+        *out = (uint64_t)small;
+        return 0;
+    }
+    if (over < 0) return 1;
     unsigned long long v = PyLong_AsUnsignedLongLong(o);
     if (v == (unsigned long long)-1 && PyErr_Occurred()) { PyErr_Clear(); return 1; }
     *out = (uint64_t)v;
@@ -116,7 +129,9 @@ static PyObject *run_batch(PyObject *self, PyObject *const *args, Py_ssize_t n) 
     Py_ssize_t count = PyList_GET_SIZE(batch), nodes = PyTuple_GET_SIZE(table);
     checked_t small[64], *req = count <= 64 ? small : PyMem_Malloc(count * sizeof(checked_t));
     if (!req) return PyErr_NoMemory();
-    uint64_t keyed = 0;             /* nodes (< 64) whose access key was checked already */
+    /* nodes (< 64) whose table entry was read and access key checked already, and that
+     * entry's base and size: read once per batch, not once per request */
+    uint64_t keyed = 0, bases[64], sizes[64];
     long long delta[7] = {1, count, 0, 0, 0, 0, 0};
     PyObject *out = NULL;
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -129,16 +144,20 @@ static PyObject *run_batch(PyObject *self, PyObject *const *args, Py_ssize_t n) 
         uint64_t node, addr;
         if (u64_of(PyTuple_GET_ITEM(r, 0), &node) || node >= (uint64_t)nodes ||
             u64_of(PyTuple_GET_ITEM(r, 1), &addr)) goto general;
-        PyObject *st = PyTuple_GET_ITEM(table, node);
-        if (st == Py_None) goto general;
-        if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 3) {
-            PyErr_SetString(PyExc_TypeError, "a table entry is None or (address, length, rkey)");
-            goto done;
-        }
         uint64_t base, size, rkey;
-        if (u64_of(PyTuple_GET_ITEM(st, 0), &base) || u64_of(PyTuple_GET_ITEM(st, 1), &size) ||
-            u64_of(PyTuple_GET_ITEM(st, 2), &rkey)) goto general;
-        if (node >= 64 || !(keyed >> node & 1)) {       /* regions[node].rkey == rkey? */
+        if (node < 64 && keyed >> node & 1) {      /* the node of an earlier request */
+            base = bases[node];
+            size = sizes[node];
+        } else {
+            PyObject *st = PyTuple_GET_ITEM(table, node);
+            if (st == Py_None) goto general;
+            if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 3) {
+                PyErr_SetString(PyExc_TypeError, "a table entry is None or (address, length, rkey)");
+                goto done;
+            }
+            if (u64_of(PyTuple_GET_ITEM(st, 0), &base) || u64_of(PyTuple_GET_ITEM(st, 1), &size) ||
+                u64_of(PyTuple_GET_ITEM(st, 2), &rkey)) goto general;
+            /* regions[node].rkey == rkey? */
             PyObject *region = PyDict_GetItemWithError(regions, PyTuple_GET_ITEM(r, 0));
             if (!region) { if (PyErr_Occurred()) goto done; goto general; }
             PyObject *key = PyObject_GetAttr(region, str_rkey);
@@ -147,7 +166,11 @@ static PyObject *run_batch(PyObject *self, PyObject *const *args, Py_ssize_t n) 
             int bad = u64_of(key, &now) || now != rkey;
             Py_DECREF(key);
             if (bad) goto general;
-            if (node < 64) keyed |= 1ULL << node;
+            if (node < 64) {
+                keyed |= 1ULL << node;
+                bases[node] = base;
+                sizes[node] = size;
+            }
         }
         checked_t *c = &req[i];
         c->kind = kind;
@@ -1058,8 +1081,9 @@ static PyObject *search_hit(PyObject *self, PyObject *const *args, Py_ssize_t n)
         || got != VIEW_BYTES || !PyBytes_Check(args[9])) Py_RETURN_NONE;
     long long f0 = PyLong_AsLongLong(args[4]), f1 = PyLong_AsLongLong(args[5]);
     long long sid = PyLong_AsLongLong(args[6]), pos = PyLong_AsLongLong(args[7]);
-    unsigned long long value = PyLong_AsUnsignedLongLong(args[8]);
+    uint64_t value;
     if (PyErr_Occurred()) { PyErr_Clear(); Py_RETURN_NONE; }
+    if (u64_of(args[8], &value)) Py_RETURN_NONE;     /* no slot holds it */
     int word = view_word(f0, f1, pos);
     if (raw_stale(raw, sid) || word < 0 || word_at(raw, word) != value) Py_RETURN_NONE;
     Py_buffer b;
