@@ -77,8 +77,21 @@ enum { K_READ, K_WRITE, K_CAS, K_FAA };
 
 typedef struct { int kind; char *at; uint64_t a, b; Py_ssize_t len; PyObject *data; } checked_t;
 
-static int u64_of(PyObject *o, uint64_t *out) {     /* 0 ok, 1 not an unsigned 64-bit int */
+/* 0 ok, 1 not an unsigned 64-bit int. Most operands (nodes, addresses, lengths) are below
+ * 2**63: PyLong_AsLongLongAndOverflow reads those from their digits, where
+ * PyLong_AsUnsignedLongLong goes through _PyLong_AsByteArray for every int (CPython 3.11:
+ * about 200 instructions a call, a dozen calls per verb); only slot values of 2**63 and up
+ * (a CAS's operands) take that path. */
+static int u64_of(PyObject *o, uint64_t *out) {
     if (!PyLong_CheckExact(o)) return 1;
+    int over;
+    long long small = PyLong_AsLongLongAndOverflow(o, &over);
+    if (!over) {
+        if (small < 0) return 1;
+        *out = (uint64_t)small;
+        return 0;
+    }
+    if (over < 0) return 1;
     unsigned long long v = PyLong_AsUnsignedLongLong(o);
     if (v == (unsigned long long)-1 && PyErr_Occurred()) { PyErr_Clear(); return 1; }
     *out = (uint64_t)v;
@@ -116,7 +129,9 @@ static PyObject *run_batch(PyObject *self, PyObject *const *args, Py_ssize_t n) 
     Py_ssize_t count = PyList_GET_SIZE(batch), nodes = PyTuple_GET_SIZE(table);
     checked_t small[64], *req = count <= 64 ? small : PyMem_Malloc(count * sizeof(checked_t));
     if (!req) return PyErr_NoMemory();
-    uint64_t keyed = 0;             /* nodes (< 64) whose access key was checked already */
+    /* nodes (< 64) whose table entry was read and access key checked already, and that
+     * entry's base and size: read once per batch, not once per request */
+    uint64_t keyed = 0, bases[64], sizes[64];
     long long delta[7] = {1, count, 0, 0, 0, 0, 0};
     PyObject *out = NULL;
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -129,16 +144,20 @@ static PyObject *run_batch(PyObject *self, PyObject *const *args, Py_ssize_t n) 
         uint64_t node, addr;
         if (u64_of(PyTuple_GET_ITEM(r, 0), &node) || node >= (uint64_t)nodes ||
             u64_of(PyTuple_GET_ITEM(r, 1), &addr)) goto general;
-        PyObject *st = PyTuple_GET_ITEM(table, node);
-        if (st == Py_None) goto general;
-        if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 3) {
-            PyErr_SetString(PyExc_TypeError, "a table entry is None or (address, length, rkey)");
-            goto done;
-        }
         uint64_t base, size, rkey;
-        if (u64_of(PyTuple_GET_ITEM(st, 0), &base) || u64_of(PyTuple_GET_ITEM(st, 1), &size) ||
-            u64_of(PyTuple_GET_ITEM(st, 2), &rkey)) goto general;
-        if (node >= 64 || !(keyed >> node & 1)) {       /* regions[node].rkey == rkey? */
+        if (node < 64 && keyed >> node & 1) {      /* the node of an earlier request */
+            base = bases[node];
+            size = sizes[node];
+        } else {
+            PyObject *st = PyTuple_GET_ITEM(table, node);
+            if (st == Py_None) goto general;
+            if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 3) {
+                PyErr_SetString(PyExc_TypeError, "a table entry is None or (address, length, rkey)");
+                goto done;
+            }
+            if (u64_of(PyTuple_GET_ITEM(st, 0), &base) || u64_of(PyTuple_GET_ITEM(st, 1), &size) ||
+                u64_of(PyTuple_GET_ITEM(st, 2), &rkey)) goto general;
+            /* regions[node].rkey == rkey? */
             PyObject *region = PyDict_GetItemWithError(regions, PyTuple_GET_ITEM(r, 0));
             if (!region) { if (PyErr_Occurred()) goto done; goto general; }
             PyObject *key = PyObject_GetAttr(region, str_rkey);
@@ -147,7 +166,11 @@ static PyObject *run_batch(PyObject *self, PyObject *const *args, Py_ssize_t n) 
             int bad = u64_of(key, &now) || now != rkey;
             Py_DECREF(key);
             if (bad) goto general;
-            if (node < 64) keyed |= 1ULL << node;
+            if (node < 64) {
+                keyed |= 1ULL << node;
+                bases[node] = base;
+                sizes[node] = size;
+            }
         }
         checked_t *c = &req[i];
         c->kind = kind;
@@ -632,13 +655,15 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_atomic",
                                     "8-byte hardware atomics on shared memory; the shm client's and the MN's batch of verbs", -1, methods};
 
 static int add_object_methods(PyObject *module);  /* KV objects and bucket views: the end */
+static int add_search_methods(PyObject *module);  /* a SEARCH's cache hit: before the end */
 static int add_write_methods(PyObject *module);   /* the write path's verbs: the very end */
 
 PyMODINIT_FUNC PyInit__atomic(void) {
     if (!(str_rkey = PyUnicode_InternFromString("rkey"))) return NULL;
     if (!(str_fields = PyUnicode_InternFromString("_fields"))) return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m && (add_object_methods(m) < 0 || add_write_methods(m) < 0)) Py_CLEAR(m);
+    if (m && (add_object_methods(m) < 0 || add_search_methods(m) < 0 ||
+              add_write_methods(m) < 0)) Py_CLEAR(m);
     return m;
 }
 
@@ -754,6 +779,28 @@ static uint64_t get_le(const unsigned char *p, int n) {
     return v;
 }
 
+/* where the log entry of the ``len`` bytes at ``p`` starts, with the key's and the value's
+ * lengths, when they hold a valid, used object (the crc aside); else -1 */
+static Py_ssize_t object_extent_of(const unsigned char *p, Py_ssize_t len, Py_ssize_t *klen,
+                                   Py_ssize_t *vlen) {
+    Py_ssize_t log = len - 48;
+    if (log < 8 || p[0] != 0xFE) return -1;
+    *klen = (Py_ssize_t)get_le(p + 2, 2);
+    *vlen = (Py_ssize_t)get_le(p + 4, 4);
+    if (8 + *klen + *vlen > log || p[log + 47] != 1) return -1;
+    return log;
+}
+
+/* ``crc32``(the object up to its commit record) in ``*crc``: 0, or -1 with an error set */
+static int object_crc(PyObject *crc32, const unsigned char *p, Py_ssize_t log, uint64_t *crc) {
+    PyObject *view = PyMemoryView_FromMemory((char *)p, log + 16, PyBUF_READ);
+    PyObject *got = view ? PyObject_CallOneArg(crc32, view) : NULL;
+    Py_XDECREF(view);
+    int r = !got || get_field(got, 32, crc) ? -1 : 0;
+    Py_XDECREF(got);
+    return r;
+}
+
 /* decode_object(crc32, cls, buf: bytes) -> a ``cls`` (fusee.layout.ObjectView) or None:
  * fusee.layout.decode_object, an object read whole parsed and verified (its crc by the
  * caller's ``crc32`` up to the commit record, the rest here; a torn commit record reads as
@@ -765,16 +812,10 @@ static PyObject *decode_object(PyObject *self, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[2]);
-    Py_ssize_t log = PyBytes_GET_SIZE(args[2]) - 48;
-    if (log < 8 || p[0] != 0xFE) Py_RETURN_NONE;
-    Py_ssize_t klen = (Py_ssize_t)get_le(p + 2, 2), vlen = (Py_ssize_t)get_le(p + 4, 4);
-    if (8 + klen + vlen > log || p[log + 47] != 1) Py_RETURN_NONE;
-    PyObject *view = PyMemoryView_FromMemory((char *)p, log + 16, PyBUF_READ);
-    PyObject *got = view ? PyObject_CallOneArg(args[0], view) : NULL;
-    Py_XDECREF(view);
+    Py_ssize_t klen, vlen, log = object_extent_of(p, PyBytes_GET_SIZE(args[2]), &klen, &vlen);
+    if (log < 0) Py_RETURN_NONE;
     uint64_t crc;
-    if (!got || get_field(got, 32, &crc)) { Py_XDECREF(got); return NULL; }
-    Py_DECREF(got);
+    if (object_crc(args[0], p, log, &crc) < 0) return NULL;
     if (crc32_bytes((uint32_t)crc, p + log + 40, 3) != get_le(p + log + 43, 4)) Py_RETURN_NONE;
     uint64_t rec = get_le(p + log + 16, 8), old = get_le(p + log + 24, 8);
     uint64_t old_crc = get_le(p + log + 32, 4), state = rec >> 56;
@@ -934,6 +975,16 @@ static PyObject *view_differs(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_FALSE;
 }
 
+/* a bucket header names another subtable than ``sid`` or is RETIRED (flags, byte 5), or a
+ * slot word is FROZEN (the top bit of its byte 5) */
+static int raw_stale(const unsigned char *raw, long long sid) {
+    for (int i = 0; i < 32; i += 8)
+        if ((raw[8 * i + 6] | raw[8 * i + 7] << 8) != sid || raw[8 * i + 5] & 1) return 1;
+    for (int i = 1; i < 32; i++)
+        if ((i & 7) && raw[8 * i + 5] & 0x80) return 1;
+    return 0;
+}
+
 /* view_stale(raw, sid) -> bool: View.stale, a bucket header names another subtable or is
  * RETIRED (flags, byte 5), or a slot word is FROZEN (the top bit of its byte 5). */
 static PyObject *view_stale(PyObject *self, PyObject *const *args, Py_ssize_t n) {
@@ -942,12 +993,17 @@ static PyObject *view_stale(PyObject *self, PyObject *const *args, Py_ssize_t n)
     if (!raw) return NULL;
     long long sid = PyLong_AsLongLong(args[1]);
     if (sid == -1 && PyErr_Occurred()) return NULL;
-    for (int i = 0; i < 32; i += 8)
-        if ((raw[8 * i + 6] | raw[8 * i + 7] << 8) != sid || raw[8 * i + 5] & 1)
-            Py_RETURN_TRUE;
-    for (int i = 1; i < 32; i++)
-        if ((i & 7) && raw[8 * i + 5] & 0x80) Py_RETURN_TRUE;
-    Py_RETURN_FALSE;
+    return PyBool_FromLong(raw_stale(raw, sid));
+}
+
+/* the word of the View holding slot ``pos``, or -1 when it holds none */
+static int view_word(long long f0, long long f1, long long pos) {
+    if (pos < 0) return -1;
+    long long b = pos / 7, s = pos % 7, at;
+    if (b - f0 >= 0 && b - f0 < 2) at = b - f0;
+    else if (b - f1 >= 0 && b - f1 < 2) at = b - f1 + 2;
+    else return -1;
+    return (int)(8 * at + 1 + s);
 }
 
 /* view_get(raw, f0, f1, pos) -> the value of slot ``pos``, or None when the view does not
@@ -959,12 +1015,9 @@ static PyObject *view_get(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     long long f0 = PyLong_AsLongLong(args[1]), f1 = PyLong_AsLongLong(args[2]);
     long long pos = PyLong_AsLongLong(args[3]);
     if (PyErr_Occurred()) return NULL;
-    if (pos < 0) Py_RETURN_NONE;
-    long long b = pos / 7, s = pos % 7, at;
-    if (b - f0 >= 0 && b - f0 < 2) at = b - f0;
-    else if (b - f1 >= 0 && b - f1 < 2) at = b - f1 + 2;
-    else Py_RETURN_NONE;
-    return PyLong_FromUnsignedLongLong(word_at(raw, (int)(8 * at + 1 + s)));
+    int word = view_word(f0, f1, pos);
+    if (word < 0) Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(word_at(raw, word));
 }
 
 static PyMethodDef view_methods[] = {
@@ -990,6 +1043,79 @@ static int add_object_methods(PyObject *module) {
     }
     if (PyModule_AddFunctions(module, object_methods) < 0) return -1;
     return PyModule_AddFunctions(module, view_methods);
+}
+
+/* -- A SEARCH's cache hit (fusee.search.first_answer) judged in one call -----------------
+ *
+ * A SEARCH that speculates on its index cache entry reads the key's two combined buckets and
+ * the cached object in one round trip; it is a hit when the buckets are not stale, the
+ * entry's slot still holds the entry's value, the object decodes (header, used byte, crc),
+ * holds the key and has the slot value's generation (fusee.reuse.is_named). Judged in Python
+ * that was a View (a join, a stale test, a slot read) and an ObjectView of 12 fields built for
+ * one of them: about half of a hit's client instructions (issue 12). fusee.search.hit_value is
+ * the spec and the fallback; tests/test_search_hit.py holds the two to the same answers. */
+
+/* the bytes of a bytes-like ``o`` appended at ``dst + *at`` (at most ``cap`` in all): 0 ok,
+ * -1 not a contiguous buffer or too long (no error left set) */
+static int append_buffer(PyObject *o, unsigned char *dst, Py_ssize_t *at, Py_ssize_t cap) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(o, &b, PyBUF_SIMPLE) < 0) { PyErr_Clear(); return -1; }
+    int ok = b.len <= cap - *at;
+    if (ok) { memcpy(dst + *at, b.buf, b.len); *at += b.len; }
+    PyBuffer_Release(&b);
+    return ok ? 0 : -1;
+}
+
+/* search_hit(crc32, buckets, buckets, obj, f0, f1, sid, pos, value, key) -> the value bytes
+ * on a hit, else None (go on: fusee.search.first_answer judges the round in Python).
+ * ``crc32`` checks the object up to its commit record, as decode_object's does. */
+static PyObject *search_hit(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 10) {
+        PyErr_SetString(PyExc_TypeError,
+                        "search_hit(crc32, buckets, buckets, obj, f0, f1, sid, pos, value, key)");
+        return NULL;
+    }
+    unsigned char raw[VIEW_BYTES];
+    Py_ssize_t got = 0;
+    if (append_buffer(args[1], raw, &got, VIEW_BYTES) || append_buffer(args[2], raw, &got, VIEW_BYTES)
+        || got != VIEW_BYTES || !PyBytes_Check(args[9])) Py_RETURN_NONE;
+    long long f0 = PyLong_AsLongLong(args[4]), f1 = PyLong_AsLongLong(args[5]);
+    long long sid = PyLong_AsLongLong(args[6]), pos = PyLong_AsLongLong(args[7]);
+    uint64_t value;
+    if (PyErr_Occurred()) { PyErr_Clear(); Py_RETURN_NONE; }
+    if (u64_of(args[8], &value)) Py_RETURN_NONE;     /* no slot holds it */
+    int word = view_word(f0, f1, pos);
+    if (raw_stale(raw, sid) || word < 0 || word_at(raw, word) != value) Py_RETURN_NONE;
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[3], &b, PyBUF_SIMPLE) < 0) { PyErr_Clear(); Py_RETURN_NONE; }
+    const unsigned char *p = (const unsigned char *)b.buf;
+    Py_ssize_t klen, vlen, log = object_extent_of(p, b.len, &klen, &vlen);
+    PyObject *out = NULL;
+    if (log < 0 || klen != PyBytes_GET_SIZE(args[9]) ||
+        memcmp(p + 8, PyBytes_AS_STRING(args[9]), klen) ||
+        p[log + 41] != (value >> 32 & 0xFF)) goto none;        /* seq mod 256: the generation */
+    uint64_t crc;
+    if (object_crc(args[0], p, log, &crc) < 0) goto done;
+    if (crc32_bytes((uint32_t)crc, p + log + 40, 3) != get_le(p + log + 43, 4)) goto none;
+    out = PyBytes_FromStringAndSize((const char *)p + 8 + klen, vlen);
+    goto done;
+none:
+    out = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&b);
+    return out;
+}
+
+static PyMethodDef search_methods[] = {
+    {"search_hit", (PyCFunction)(void (*)(void))search_hit, METH_FASTCALL,
+     "search_hit(crc32, buckets, buckets, obj, f0, f1, sid, pos, value, key) -> value or None "
+     "(fusee.search)"},
+    {NULL, NULL, 0, NULL},
+};
+
+/* the block above, added to the module by PyInit__atomic */
+static int add_search_methods(PyObject *module) {
+    return PyModule_AddFunctions(module, search_methods);
 }
 
 /* -- The write path's verbs (fusee.log, fusee.index): the same verb to every replica, and a

@@ -8,6 +8,7 @@ instead of waiting for the failover, where that is safe (``_on_backups``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from fusee.cache import CacheEntry
@@ -16,6 +17,17 @@ from fusee.index import View
 from fusee.layout import COMMITTED, DELETE, INSERT, ObjectView, decode_object
 from fusee.reuse import ObjectReads, is_named
 from fusee.verbs import EPOCH_ENDS, NodeTimeout, Op, Read, TransportError
+
+# ISA-L's crc32, as fusee.layout checks objects with
+from isal.isal_zlib import crc32
+
+# a SEARCH's cache hit judged in one C call (emulator/_atomic.c); ``hit_value`` where the
+# extension is not built
+_HIT_IN_C: Callable[..., bytes | None] | None
+try:
+    from fusee.emulator._atomic import search_hit as _HIT_IN_C
+except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
+    _HIT_IN_C = None
 
 if TYPE_CHECKING:
     from fusee.membership import Membership
@@ -142,20 +154,39 @@ def first_round(core: OpCore, key: bytes, h: KeyHash) -> Round:
 def first_answer(core: OpCore, key: bytes, rnd: Round, res: list[Any]) -> bytes | View:
     """The verdict on a SEARCH's first round ``rnd`` from its completions ``res``: the
     value when the cached slot still names the object read alongside (a hit: the SEARCH is
-    done), else the View of the key's buckets to go on from (stale, or a cache miss)."""
+    done, judged by ``hit_value``, in one C call where the extension is built), else the
+    View of the key's buckets to go on from (stale, or a cache miss)."""
     sid, e, spec, _, firsts = rnd
+    if spec:
+        assert e is not None, "a speculation on an entry"
+        if _HIT_IN_C is not None:
+            value = _HIT_IN_C(crc32, res[0], res[1], res[2], firsts[0], firsts[1], sid, e.pos,
+                              e.value, key)
+        else:
+            value = hit_value(key, sid, firsts, e.pos, e.value, res)
+        if value is not None:
+            core.cache.outcome(e, True)
+            return value
     view = View(res[:2], firsts, sid)
     if view.stale or e is None:
         return view
-    hit = view.get(e.pos) == e.value
-    if spec and hit:
-        obj = decode_object(res[2])
-        if obj is not None and obj.key == key and is_named(e.value, obj, key):
-            core.cache.outcome(e, True)
-            return obj.value
-        hit = False
-    core.cache.outcome(e, hit)
+    core.cache.outcome(e, not spec and view.get(e.pos) == e.value)
     return view
+
+
+def hit_value(key: bytes, sid: int, firsts: tuple[int, int], pos: int, value: int,
+              res: list[Any]) -> bytes | None:
+    """The value of a SEARCH's cache hit, or None: the key's buckets ``res[:2]`` (of
+    subtable ``sid``, first buckets ``firsts``) are not stale and their slot ``pos`` still
+    holds ``value``, which names the object ``res[2]``, the key's (``fusee.reuse``). The
+    spec of the C helper ``first_answer`` calls (tests/test_search_hit.py)."""
+    view = View(res[:2], firsts, sid)
+    if view.stale or view.get(pos) != value:
+        return None
+    obj = decode_object(res[2])
+    if obj is None or obj.key != key or not is_named(value, obj, key):
+        return None
+    return obj.value
 
 
 def _hit_reads(core: OpCore, e: CacheEntry, h: KeyHash

@@ -233,9 +233,11 @@ def test_a_batch_runs_whole_in_c_or_not_at_all(cluster):
             delta.bytes_in, delta.bytes_out) == (1, 6, 1, 1, 4, 24, 16)
     size = t.regions[2].length
     for bad in (Read(2, size - 4, 8), Cas(2, a + 4, 0, 1), Faa(2, a + 4, 1),
-                Cas(2, a, 0, -1), Write(2, a, bytearray(8)), Read(7, a, 8)):
+                Cas(2, a, 0, -1), Write(2, a, bytearray(8)), Read(7, a, 8), Read(2, -8, 8),
+                Cas(2, a, 1 << 64, 0), Read(2, a, 1 << 64), Read(2, 1 << 63, 8)):
         before = t.stats.copy()
-        batch = [Write(0, a + 64, b"never"), bad]
+        # (after a good request to MN 2: its bounds, read once per batch, hold for every one)
+        batch = [Write(0, a + 64, b"never"), Read(2, a, 8), bad]
         assert _atomic.run(batch, t._table, t.regions, _KINDS, t.stats.counts) is None
         assert t.execute([Read(0, a + 64, 5)])[0] == bytes(5) and t.stats - before == \
             type(t.stats)(round_trips=1, verbs=1, reads=1, bytes_in=5)
