@@ -1128,6 +1128,17 @@ static int add_search_methods(PyObject *module) {
  * few percent of an UPDATE's client instructions (issue 12). fusee.log's Python fallback
  * makes the same list where this extension is not built (tests/test_layout.py). */
 
+/* A verb (or KeyHash) whose fields are all ints or bytes can be in no reference cycle: it is
+ * taken off the garbage collector's lists, as CPython does for a plain tuple of ints at its
+ * first collection (a tuple subclass it never does). A client keeps tens of thousands of
+ * them (fusee.index's bucket reads, fusee.hashing's memo), and each full collection walked
+ * every one: ~16% of a load phase's CPU (issue 12). */
+static void untrack_if_atomic(PyObject *t) {
+    for (Py_ssize_t k = PyTuple_GET_SIZE(t); k-- > 0;)
+        if (PyObject_IS_GC(PyTuple_GET_ITEM(t, k))) return;
+    PyObject_GC_UnTrack(t);
+}
+
 /* verbs_to(cls, nodes, addr, data) -> [cls(node, addr, data) for node in nodes]: ``cls`` a
  * tuple type of three fields (fusee.verbs.Write), ``nodes`` a list or tuple */
 static PyObject *verbs_to(PyObject *self, PyObject *const *args, Py_ssize_t n) {
@@ -1156,6 +1167,7 @@ static PyObject *verbs_to(PyObject *self, PyObject *const *args, Py_ssize_t n) {
         PyTuple_SET_ITEM(verb, 0, Py_NewRef(PySequence_Fast_GET_ITEM(nodes, i)));
         PyTuple_SET_ITEM(verb, 1, Py_NewRef(args[2]));
         PyTuple_SET_ITEM(verb, 2, Py_NewRef(args[3]));
+        untrack_if_atomic(verb);
         PyList_SET_ITEM(out, i, verb);
     }
     Py_DECREF(nodes);
@@ -1209,15 +1221,89 @@ static PyObject *bucket_reads(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyTuple_SET_ITEM(read, 0, Py_NewRef(args[1]));
         PyTuple_SET_ITEM(read, 1, addr);
         PyTuple_SET_ITEM(read, 2, length);
+        PyObject_GC_UnTrack(read);      /* three ints */
     }
+    /* all ints and untracked reads: CPython would keep the two tuples on the collector's
+     * lists for good (it untracks a tuple only of objects that cannot be tracked at all) */
+    PyObject_GC_UnTrack(reads);
+    PyObject_GC_UnTrack(firsts);
     out = PyTuple_Pack(2, reads, firsts);
+    if (out) PyObject_GC_UnTrack(out);
 done:
     Py_XDECREF(reads);
     Py_XDECREF(firsts);
     return out;
 }
 
+/* verb_constructor(cls) -> None: calling ``cls`` (a verb of fusee.verbs, a NamedTuple)
+ * builds it in this one C function, through the type's vectorcall slot. Its __new__ in C
+ * (verb_new) still went through type_call, slot_tp_new (a lookup of __new__ and a
+ * staticmethod call with a new argument tuple) and object_init: ~700 instructions a verb,
+ * ~3.5k an update (issue 12). The result is the one verb_new makes; keywords or a wrong
+ * count of fields go the class's ordinary way (type_call, its __new__), so their answers and
+ * errors do not change; a verb of ints and bytes is untracked (untrack_if_atomic).
+ * Installed last: setting a __new__ on the class afterwards would not reset it. */
+#define VERB_TYPES 8
+static PyTypeObject *verb_types[VERB_TYPES];
+static Py_ssize_t verb_counts[VERB_TYPES];
+
+static PyObject *verb_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
+                                 PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    int i = 0;
+    while (i < VERB_TYPES && verb_types[i] != (PyTypeObject *)callable) i++;
+    if (i < VERB_TYPES && !kwnames && n == verb_counts[i]) {
+        PyTypeObject *cls = (PyTypeObject *)callable;
+        PyObject *out = cls->tp_alloc(cls, n);
+        if (!out) return NULL;
+        for (Py_ssize_t k = 0; k < n; k++) PyTuple_SET_ITEM(out, k, Py_NewRef(args[k]));
+        untrack_if_atomic(out);
+        return out;
+    }
+    /* the ordinary call: type_call with an argument tuple and a keyword dict */
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *pos = PyTuple_New(n), *kw = nkw ? PyDict_New() : NULL, *out = NULL;
+    if (!pos || (nkw && !kw)) goto done;
+    for (Py_ssize_t k = 0; k < n; k++) PyTuple_SET_ITEM(pos, k, Py_NewRef(args[k]));
+    for (Py_ssize_t k = 0; k < nkw; k++)
+        if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, k), args[n + k]) < 0) goto done;
+    out = PyType_Type.tp_call(callable, pos, kw);
+done:
+    Py_XDECREF(pos);
+    Py_XDECREF(kw);
+    return out;
+}
+
+static PyObject *verb_constructor(PyObject *self, PyObject *cls_obj) {
+    if (!PyType_Check(cls_obj) || !PyType_IsSubtype((PyTypeObject *)cls_obj, &PyTuple_Type) ||
+        !(((PyTypeObject *)cls_obj)->tp_flags & Py_TPFLAGS_HEAPTYPE)) {
+        PyErr_SetString(PyExc_TypeError, "verb_constructor(cls): cls must be a NamedTuple class");
+        return NULL;
+    }
+    PyTypeObject *cls = (PyTypeObject *)cls_obj;
+    PyObject *fields = PyObject_GetAttr(cls_obj, str_fields);
+    if (!fields) return NULL;
+    Py_ssize_t want = PyTuple_Check(fields) ? PyTuple_GET_SIZE(fields) : -1;
+    Py_DECREF(fields);
+    if (want < 0) {
+        PyErr_SetString(PyExc_TypeError, "verb_constructor(cls): cls._fields must be a tuple");
+        return NULL;
+    }
+    int i = 0;
+    while (i < VERB_TYPES && verb_types[i] && verb_types[i] != cls) i++;
+    if (i == VERB_TYPES) {
+        PyErr_SetString(PyExc_ValueError, "verb_constructor: too many classes");
+        return NULL;
+    }
+    if (!verb_types[i]) verb_types[i] = (PyTypeObject *)Py_NewRef(cls_obj);
+    verb_counts[i] = want;
+    cls->tp_vectorcall = verb_vectorcall;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef write_methods[] = {
+    {"verb_constructor", verb_constructor, METH_O,
+     "verb_constructor(cls) -> None: calling cls builds it in C (fusee.verbs)"},
     {"verbs_to", (PyCFunction)(void (*)(void))verbs_to, METH_FASTCALL,
      "verbs_to(cls, nodes, addr, data) -> [cls(node, addr, data) for node in nodes] (fusee.log)"},
     {"bucket_reads", (PyCFunction)(void (*)(void))bucket_reads, METH_FASTCALL,

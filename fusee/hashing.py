@@ -8,7 +8,6 @@ and machines, unlike Python's salted ``hash()``, so every client computes the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import lru_cache
 from typing import Final, NamedTuple
 
@@ -38,13 +37,20 @@ class KeyHash(NamedTuple):
         return m1, m2
 
 
-#: a KeyHash made in one C call where the extension is built (the namedtuple's own
-#: ``__new__`` is Python: about 1k instructions of every operation on a key not hashed lately)
-_NEW_IN_C: Callable[..., KeyHash] | None
-try:
-    from fusee.emulator._atomic import verb_new as _NEW_IN_C
-except ImportError:     # pragma: no cover (a source tree without its build)
-    _NEW_IN_C = None
+def _build_in_c() -> None:
+    """Make a call of KeyHash one C function where the extension is built (its namedtuple
+    ``__new__`` is Python: about 1k instructions of every operation on a key not hashed
+    lately), and the hashes it makes untracked by the garbage collector: the memo below
+    keeps 16k of them, which every full collection walked (issue 12). Same KeyHash
+    otherwise (fusee.verbs does the same for the verbs)."""
+    try:
+        from fusee.emulator._atomic import verb_constructor
+    except ImportError:     # pragma: no cover (a source tree without its build)
+        return
+    verb_constructor(KeyHash)
+
+
+_build_in_c()
 
 
 @lru_cache(maxsize=1 << 14)
@@ -52,6 +58,4 @@ def key_hash(key: bytes) -> KeyHash:
     """The key's hash; recently used keys (every operation on a key hashes it) are memoized."""
     h = xxhash.xxh3_128_intdigest(key)
     low = h & ((1 << 64) - 1)
-    if _NEW_IN_C is not None:
-        return _NEW_IN_C(KeyHash, low, h >> 64, low >> 56)
     return KeyHash(low, h >> 64, low >> 56)

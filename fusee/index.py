@@ -179,8 +179,9 @@ class Directory:
         # per-operation lookups, computed once
         self._suffix_mask = (1 << geo.dir_bits) - 1
         self._mains = geo.mains
-        self._reads: dict[tuple[int, int, int],
-                         tuple[tuple[Read, Read], tuple[int, int]]] = {}     # see bucket_reads
+        # see bucket_reads; its values typed Any: compiled, a fixed-length tuple type would
+        # be unboxed and boxed anew on the way in, a tuple the garbage collector tracks
+        self._reads: dict[tuple[int, int, int], Any] = {}
         self.place(membership)
 
     def place(self, membership: Membership) -> None:
@@ -269,7 +270,7 @@ _MATCHES_IN_C: Callable[..., list[Any]] | None
 _DIFFERS_IN_C: Callable[..., bool] | None
 _STALE_IN_C: Callable[..., bool] | None
 _GET_IN_C: Callable[..., int | None] | None
-_READS_IN_C: Callable[..., tuple[tuple[Read, Read], tuple[int, int]]] | None
+_READS_IN_C: Callable[..., Any] | None     # its answer kept as is (see Directory._reads)
 try:
     from fusee.emulator._atomic import bucket_reads as _READS_IN_C
     from fusee.emulator._atomic import view_differs as _DIFFERS_IN_C

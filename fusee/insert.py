@@ -70,10 +70,11 @@ class ClaimRound:
     cased: bool = False             # its primary CAS is in flight (``cas_went_out``)
 
 
-def insert(core: OpCore, key: bytes, value: bytes) -> Op[None]:
+def insert(core: OpCore, key: bytes, value: bytes, units: int = 0) -> Op[None]:
     """Generator: the INSERT operation of ``core`` (an OpCore). An insert that runs out of
-    patience (Stalled) withdraws any claim it holds and gives its object back."""
-    return core.with_objects(INSERT, key, value, _insert)
+    patience (Stalled) withdraws any claim it holds and gives its object back. (``units``:
+    the object's size class where the caller checked it already.)"""
+    return core.with_objects(INSERT, key, value, _insert, units=units)
 
 
 def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,

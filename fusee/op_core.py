@@ -91,9 +91,9 @@ class OpCore(Protocol):
         ...
 
     def with_objects(self, opcode: int, key: bytes, value: bytes, body: Body[T],
-                     then_insert: bool = False) -> Op[T]:
+                     then_insert: bool = False, units: int = 0) -> Op[T]:
         """Run ``body(core, obj, key, opcode, value, then_insert)`` with a new object until
-        it returns anything but FRESH."""
+        it returns anything but FRESH (``units``: the object's size class, if known)."""
         ...
 
     def abandon(self, obj: NewObject) -> Op[None]:

@@ -142,13 +142,12 @@ class ClientCore:
     # ``tracked`` level on each of its round trips)
     def insert(self, key: bytes, value: bytes) -> Op[None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
-        self.log.units_for(key, value)
-        return insert_mod.insert(self, key, value)
+        # (the size class, checked before any verb, is the object's: not made twice)
+        return insert_mod.insert(self, key, value, self.log.units_for(key, value))
 
     def update(self, key: bytes, value: bytes) -> Op[None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
-        self.log.units_for(key, value)
-        return update_mod.replace(self, key, value, UPDATE)
+        return update_mod.replace(self, key, value, UPDATE, units=self.log.units_for(key, value))
 
     def delete(self, key: bytes) -> Op[None]:
         key = check_key(key, self.layout.max_key_size)
@@ -500,7 +499,7 @@ class ClientCore:
         return free_value(self.client_id, self.free_seq)
 
     def with_objects(self, opcode: int, key: bytes, value: bytes, body: Body[T],
-                     then_insert: bool = False) -> Op[T]:
+                     then_insert: bool = False, units: int = 0) -> Op[T]:
         """Generator: run ``body(self, obj, key, opcode, value, then_insert)`` with a new
         object until it returns anything but FRESH (a failover dropped its proposal: that
         object's log entry must never commit again). An object that ends in Stalled or FRESH
@@ -509,15 +508,18 @@ class ClientCore:
         ``in_flight`` as ``tracked`` counts (in its place: a generator level less on every
         round trip of a write). (``body`` takes its arguments rather than being a closure of
         them, and the rare paths' closures are made in methods of their own: a closure's
-        cells and function object cost on every write.)"""
+        cells and function object cost on every write.) ``units``: the object's size class
+        where the caller checked it already (0: made here; a DELETE's, of each tombstone)."""
         self.in_flight += 1
         try:
             while True:
                 if opcode == DELETE:
                     value = pack_u64(self.free_value())
+                    units = self.log.units_for(key, value)
+                elif not units:
+                    units = self.log.units_for(key, value)
                 # allocate and encode the object, getting memory first if needed (the common
                 # case posts nothing)
-                units = self.log.units_for(key, value)
                 if not self.alloc.ready(units):
                     yield from self._room_for(units)
                 obj = self.log.new_object(opcode, key, value, units)

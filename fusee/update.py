@@ -18,7 +18,7 @@ Design: docs/design.md#update-and-delete.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fusee import insert as insert_mod
 from fusee.errors import CorruptObject, KeyExists, KeyNotFound
@@ -36,6 +36,7 @@ from fusee.verbs import EPOCH_ENDS, Op, Read, Write
 from fusee.verdicts import FRESH, LOSE, RESTART, RULE3, WIN, Decision, Fresh, Verdict
 
 if TYPE_CHECKING:
+    from fusee.cache import CacheEntry
     from fusee.hashing import KeyHash
     from fusee.log import NewObject
     from fusee.op_core import OpCore
@@ -55,13 +56,14 @@ class ReplaceRound:
     cased: bool = False             # its primary CAS is in flight (``cas_went_out``)
 
 
-def replace(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bool = False
-            ) -> Op[None]:
+def replace(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bool = False,
+            units: int = 0) -> Op[None]:
     """Generator: UPDATE (new object) or DELETE of a present key. ``then_insert``: an
     absent key is inserted next (a put), so the object's ABORTED mark rides with the
     insert's first batch instead of a round trip of its own. (A function returning the
-    generator, not one itself: each level of generators costs on every round trip.)"""
-    return core.with_objects(opcode, key, value, _replace_with, then_insert)
+    generator, not one itself: each level of generators costs on every round trip.)
+    ``units``: an UPDATE's size class where the caller checked it already."""
+    return core.with_objects(opcode, key, value, _replace_with, then_insert, units)
 
 
 def put(core: OpCore, key: bytes, value: bytes) -> Op[None]:
@@ -78,36 +80,58 @@ def put(core: OpCore, key: bytes, value: bytes) -> Op[None]:
             core.retry()
 
 
-def _locate(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
-            ) -> Op[tuple[int, int, int, int] | None]:
-    """Generator: find the key's slot. Returns (sid, pos, value, crc of the object the
-    value names) or None (absent), after one bucket read that also carries ``writes``
-    (and, with a cached slot, the cached object's last bytes); follows splits."""
+#: where a key's slot is: (subtable, position, its value, crc of the object it names)
+Located = tuple[int, int, int, int]
+
+
+def _locate_batch(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
+                  ) -> tuple[int, CacheEntry | None, tuple[int, int], list[Read | Write]]:
+    """The key's subtable, its cache entry there (None: none), the first buckets and the
+    batch of a round that looks for its slot: its bucket reads (with a cached slot, the
+    cached object's last bytes too) and ``writes``."""
+    sid, _ = core.dir.lookup(h)
+    reads, firsts = core.dir.bucket_reads(sid, h, core.dir.nodes(sid)[0])
+    e = core.cache.get(key)
+    if e is not None and e.sid == sid:
+        node, addr, length = object_extent(e.value, core.unit)
+        reads.append(Read(core.alloc.home_of(node), addr + length - TAIL_BYTES, TAIL_BYTES))
+    else:
+        e = None
+    return sid, e, firsts, [*reads, *writes]
+
+
+def _cached(core: OpCore, sid: int, e: CacheEntry | None, firsts: tuple[int, int],
+            res: list[Any]) -> tuple[View, Located | None]:
+    """The buckets a ``_locate_batch`` round read, and the key's slot if its cache entry
+    ``e`` still holds (the common case: no generator for the rest of ``_locate``)."""
+    view = View(res[:2], firsts, sid)
+    if e is not None and not view.stale:
+        hit = view.get(e.pos) == e.value
+        core.cache.outcome(e, hit)
+        if hit:
+            return view, (sid, e.pos, e.value, object_tail(res[2])[0])
+    return view, None
+
+
+def _locate(core: OpCore, key: bytes, h: KeyHash, sid: int, view: View
+            ) -> Op[Located | None]:
+    """Generator: find the key's slot after a first round (``_locate_batch``) whose
+    ``view`` of subtable ``sid`` did not find it cached. Returns where it is, or None
+    (absent); follows splits, each round one bucket read."""
     suspects = None                         # made on a cache miss only
     waits = 0
     while True:
-        sid, _ = core.dir.lookup(h)
-        reads, firsts = core.dir.bucket_reads(sid, h, core.dir.nodes(sid)[0])
-        e = core.cache.get(key)
-        if e is not None and e.sid == sid:
-            node, addr, length = object_extent(e.value, core.unit)
-            reads.append(Read(core.alloc.home_of(node), addr + length - TAIL_BYTES,
-                              TAIL_BYTES))
-        res = yield from core.rt([*reads, *writes])
-        writes = []
-        view = View(res[:2], firsts, sid)
         if view.stale:
             waits = yield from core.split_seen(sid, waits)
-            continue
-        if e is not None and e.sid == sid:
-            hit = view.get(e.pos) == e.value
-            core.cache.outcome(e, hit)
-            if hit:
-                return sid, e.pos, e.value, object_tail(res[2])[0]
-        suspects = suspects or ObjectReads(core.unit)
-        found = yield from find(core, key, view, h, suspects)
-        if found is not False:
-            return found and (sid, found[0], found[1], found[2].crc)
+        else:
+            suspects = suspects or ObjectReads(core.unit)
+            found = yield from find(core, key, view, h, suspects)
+            if found is not False:
+                return found and (sid, found[0], found[1], found[2].crc)
+        sid, e, firsts, batch = _locate_batch(core, key, h, [])
+        view, located = _cached(core, sid, e, firsts, (yield from core.rt(batch)))
+        if located is not None:
+            return located
 
 
 def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
@@ -118,7 +142,12 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
     while True:
         try:
             try:
-                found = yield from _locate(core, key, h, writes)
+                # the key's slot: one round with the object's writes, inline (a generator
+                # level less on it); ``_locate`` only where its cache entry does not hold
+                sid, e, firsts, batch = _locate_batch(core, key, h, writes)
+                view, found = _cached(core, sid, e, firsts, (yield from core.rt(batch)))
+                if found is None:
+                    found = yield from _locate(core, key, h, sid, view)
             except CorruptObject:
                 yield from core.abandon(obj)
                 raise

@@ -6,7 +6,9 @@ above what the code makes now, so that work creeping back onto the fast path fai
 
 from __future__ import annotations
 
+import gc
 import os
+import pickle
 import sys
 from collections import Counter
 
@@ -180,6 +182,31 @@ def test_verbs_are_built_without_a_python_call():
         Read(1, 2)
     with pytest.raises(TypeError):
         Write(1, 2, b"x", 4)
+
+
+def test_a_verb_is_built_by_its_class_call_in_c_and_untracked():
+    """Calling a verb's class (or KeyHash) is one C function (``verb_constructor``), not
+    type_call, slot_tp_new and the class's ``__new__``; a verb of ints and bytes, which can
+    be in no cycle, is off the garbage collector's lists (a client keeps tens of thousands:
+    each full collection walked them all). Keywords go the class's ordinary way."""
+    from fusee.emulator._atomic import verb_constructor
+    saved = Read.__dict__["__new__"]
+    Read.__new__ = staticmethod(lambda cls, *fields: pytest.fail("went through __new__"))
+    try:
+        made = Read(1, 8, 16)
+    finally:
+        Read.__new__ = saved
+        verb_constructor(Read)
+    assert made == (1, 8, 16) and type(made) is Read and made.addr == 8
+    built = [made, Write(2, 8, b"x"), Cas(0, 8, 1, 2), Faa(1, 16, 3), key_hash(b"untracked")]
+    assert not any(map(gc.is_tracked, built))
+    assert gc.is_tracked(Write(2, 8, [b"x"]))      # a field that may hold a cycle: tracked
+    assert pickle.loads(pickle.dumps(built)) == built
+    assert Read._make([1, 8, 16]) == made and made._replace(length=4) == Read(1, 8, 4)
+    with pytest.raises(TypeError, match="keyword"):
+        Read(node=1, addr=8, length=16)
+    with pytest.raises(TypeError, match="takes 4 positional arguments but 5 were given"):
+        Cas(0, 8, 1, 2, 3)
 
 
 class Recording:
