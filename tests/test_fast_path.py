@@ -36,15 +36,22 @@ def kv():
             yield client
 
 
+#: the shm transport's liveness poll runs at most once a millisecond, not once per operation:
+#: how many operations make one depends on the machine's load, so it is counted on its own
+TIMED = "_check_liveness"
+
+
 def calls_per_op(kv, make, keys) -> tuple[float, Counter]:
-    """Python function calls per operation, and per module file."""
+    """Python function calls per operation (the timed liveness poll left out), and per module
+    file (the poll counted under its own name)."""
     core, executor = kv.core, kv.executor
     ops = [make(core, k) for k in keys]         # made outside: argument checks are not counted
     files: Counter = Counter()
 
     def count(frame, event, arg):
         if event == "call":
-            files[os.path.basename(frame.f_code.co_filename)] += 1
+            code = frame.f_code
+            files[TIMED if code.co_name == TIMED else os.path.basename(code.co_filename)] += 1
 
     sys.setprofile(count)
     try:
@@ -52,14 +59,15 @@ def calls_per_op(kv, make, keys) -> tuple[float, Counter]:
             run(op, executor)
     finally:
         sys.setprofile(None)
-    return sum(files.values()) / len(keys), files
+    return (sum(files.values()) - files[TIMED]) / len(keys), files
 
 
 @pytest.mark.parametrize("name, make, budget", [
     ("insert", lambda core, k: core.insert(k, VALUE), 99),
     ("update", lambda core, k: core.update(k, VALUE), 88),
-    # (a cache hit runs one generator, fusee.search.searching, not tracked/search/rt: 22 calls)
-    ("search", lambda core, k: core.search(k), 19),
+    # (a cache hit runs one generator, fusee.search.searching, not tracked/search/rt: 22 calls
+    # before; 19 now, and the first search after the updates carries their deferred frees)
+    ("search", lambda core, k: core.search(k), 19.5),
     ("delete", lambda core, k: core.delete(k), 86),
 ])
 def test_an_operation_stays_within_its_call_budget(kv, name, make, budget):
