@@ -26,7 +26,7 @@ from fusee.emulator.memory import MemoryRegion, SharedSegment, new_rkey
 from fusee.emulator.nic_checks import check_key
 from fusee.cluster_identity import cluster_word, new_incarnation
 from fusee.config import ClusterConfig, ConfigError
-from fusee.errors import Fenced, NodeRestarted
+from fusee.errors import Fenced, NodeRestarted, StoreFormatError
 from fusee.fencing import MASTER_PREFIX, MAX_LEADERSHIP, key_of, master_key, refusal, refused
 from fusee.memory_map import MemoryMap
 from fusee.rejoin import ping_answer
@@ -273,7 +273,11 @@ def main(argv=None) -> int:
         print(f"fusee memnode: error: {e}", file=sys.stderr)
         return 2
     stop = stop_condition(args.parent_pid)
-    node = MemoryNode(config, args.id, rejoin=args.rejoin)
+    try:        # a layout with no room for its parts is the config's error: one line, exit 2
+        node = MemoryNode(config, args.id, rejoin=args.rejoin)
+    except (ConfigError, StoreFormatError) as e:
+        print(f"fusee memnode: error: {e}", file=sys.stderr)
+        return 2
     metrics_port = config.node(args.id).metrics_port if args.metrics_port is None \
         else args.metrics_port
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import math
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -63,6 +64,25 @@ class MemNodeConfig:
     curve_public: str | None = None   # the MN's CURVE public key (Z85), when security.curve
     metrics_port: int | None = None   # serve Prometheus metrics on this port (fusee.metrics)
 
+    def check(self) -> None:
+        """The endpoint is a ZeroMQ address (scheme://where), a tcp:// port is a port (ZeroMQ
+        takes 99999 as 99999 mod 65536: the MN would serve on another port than the config
+        says), a metrics port a port."""
+        where = f"memnodes[{self.id}]"
+        _strings(where + ".", endpoint=self.endpoint, curve_public=self.curve_public)
+        if "://" not in self.endpoint:
+            raise ConfigError(f"{where}.endpoint must be a ZeroMQ address such as "
+                              f"tcp://host:port or ipc:///path, got {self.endpoint!r}")
+        if self.endpoint.startswith("tcp://"):
+            port = self.endpoint.rpartition(":")[2]
+            if not (port.isdigit() and 0 < int(port) < 65536 or port == "*"):
+                raise ConfigError(f"{where}.endpoint {self.endpoint!r} needs a port 1..65535 "
+                                  f"(tcp://host:port)")
+        if self.metrics_port is not None and not (type(self.metrics_port) is int and
+                                                  0 <= self.metrics_port < 65536):
+            raise ConfigError(f"{where}.metrics_port must be a port 0..65535, got "
+                              f"{self.metrics_port!r}")
+
 
 @dataclass(frozen=True)
 class SecurityConfig:
@@ -71,6 +91,21 @@ class SecurityConfig:
     keys_dir: str | None = None       # mn<ID>.key_secret for MNs; clients/*.key: authorized ones
     client_key: str | None = None     # this client's certificate (a .key_secret file)
     allow_insecure_tcp: bool = False  # explicit opt-in to plaintext, unauthenticated tcp://
+
+    def check(self) -> None:
+        _strings("security.", keys_dir=self.keys_dir, client_key=self.client_key)
+        for name in ("curve", "allow_insecure_tcp"):
+            if type(getattr(self, name)) is not bool:
+                raise ConfigError(f"security.{name} must be true or false, got "
+                                  f"{getattr(self, name)!r}")
+
+
+def _strings(where: str, **values: object) -> None:
+    """Each of ``values`` is a string or unset: a TOML number or table where text belongs
+    would otherwise fail deep inside a process as an "internal error"."""
+    for name, v in values.items():
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"{where}{name} must be a string (in quotes), got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -108,8 +143,14 @@ class ClusterConfig:
         if not 0 <= self.replication <= len(self.memnodes):
             raise ConfigError(f"replication must be 0..{len(self.memnodes)}")
         for name in ("timeout", "client_lease", "mn_lease"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive")
+            v = getattr(self, name)     # finite: every network wait has a deadline
+            if type(v) not in (int, float) or not 0 < v < math.inf:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
+        _strings("", name=self.name, transport=self.transport, master=self.master,
+                 master_curve_public=self.master_curve_public, coordination=self.coordination)
+        for m in self.memnodes:
+            m.check()
+        self.security.check()
         self.layout.check()
         if self.master is not None and (not self.masters or len(set(self.masters)) !=
                                         len(self.masters)):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-from fusee.config import LayoutConfig
+from fusee.config import ConfigError, LayoutConfig
 
 PAGE = 4096
 MAGIC = 0x314E4D4545535546      # b"FUSEEMN1" little-endian
@@ -51,7 +51,12 @@ class MemoryMap:
         data = _align(index + layout.index_size, PAGE)
         num_blocks = (layout.region_size - data) // layout.block_size
         if num_blocks < 1:
-            raise ValueError("layout leaves no room for a single data block")
+            # a ConfigError (a ValueError): the config is wrong, a process exits 2 saying so
+            raise ConfigError(f"the layout leaves no room for a single data block: the "
+                              f"{layout.region_size}-byte region holds the client slots and "
+                              f"the index up to byte {data}, then blocks of "
+                              f"{layout.block_size} bytes (make layout.region_size larger, or "
+                              f"index_size, block_size or max_clients smaller)")
         return cls(layout, table, num_blocks, clients, index, data)
 
     def block_addr(self, i: int) -> int:

@@ -206,6 +206,40 @@ def test_memnode_that_cannot_listen_says_why(tmp_path):
                        "served by another process", "another port")
 
 
+#: (what a config gets wrong: a regex substitution of PLAIN_CONFIG, the phrase the one line
+#: must hold): each of these exited 5 ("internal error: report the traceback") or, for the
+#: port, had the MN serve on 99999 mod 65536
+WRONG_FIELDS = [
+    (("name", 'name = "cli-test"\ntransport = "zmqq"'), "unknown transport 'zmqq'"),
+    (("endpoint", 'endpoint = "mn0"'), "must be a ZeroMQ address"),
+    (("endpoint", 'endpoint = 7'), "endpoint must be a string"),
+    (("endpoint", 'endpoint = "tcp://127.0.0.1:99999"'), "needs a port 1..65535"),
+    (("name", 'name = "cli-test"\nmaster = 5'), "master must be a string"),
+    (("allow_insecure_tcp", 'allow_insecure_tcp = true\nkeys_dir = 5'), "keys_dir must be"),
+    (("allow_insecure_tcp", 'allow_insecure_tcp = "yes"'), "true or false"),
+    (("name", 'name = "cli-test"\ntimeout = inf'), "timeout must be a positive number"),
+]
+
+
+@pytest.mark.parametrize("change, phrase", WRONG_FIELDS, ids=[p for _, p in WRONG_FIELDS])
+def test_a_config_wrong_in_one_field_says_which(tmp_path, change, phrase):
+    field, line = change
+    text = PLAIN_CONFIG.format(dir=tmp_path, endpoint=f"ipc://{tmp_path}/mn0.sock")
+    text = re.sub(r"(?m)^master = .*\n", "", text)        # no master to wait for
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(re.sub(rf"(?m)^{field} = .*$", lambda _: line, text, count=1))
+    one_line_error(fusee("get", "--config", cfg, "k", check=False), 2, phrase)
+
+
+def test_a_memnode_whose_layout_leaves_no_room_says_so(tmp_path):
+    """A region too small for its index and blocks was a traceback (ValueError, exit 1)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(PLAIN_CONFIG.format(dir=tmp_path, endpoint=f"ipc://{tmp_path}/mn0.sock")
+                   .replace("region_size = 16777216", "region_size = 4194304"))
+    one_line_error(fusee("memnode", "--config", cfg, "--id", "0", check=False), 2,
+                   "no room for a single data block", "layout.region_size larger")
+
+
 def test_master_with_an_old_state_file_says_what_to_do(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(PLAIN_CONFIG.format(dir=tmp_path, endpoint=f"ipc://{tmp_path}/mn0.sock"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from fusee.config import ClusterConfig
+from fusee.config import ClusterConfig, ConfigError
 
 #: backend name -> "module:class"; modules are imported only when that backend is asked for,
 #: so a laptop without pyverbs never touches it.
@@ -30,7 +30,9 @@ def connect(config: ClusterConfig, backend: str | None = None, dead=(),
     try:
         module, cls = BACKENDS[name].split(":")
     except KeyError:
-        raise ValueError(f"unknown transport {name!r}; choose one of {sorted(BACKENDS)}") from None
+        # (a ConfigError, a ValueError: a typo in the config or --transport exits 2, not 5)
+        raise ConfigError(f"unknown transport {name!r}; choose one of {sorted(BACKENDS)}"
+                          ) from None
     factory = getattr(importlib.import_module(module), cls)
     parameters = inspect.signature(factory).parameters
     if dead and "dead" in parameters:
