@@ -443,14 +443,19 @@ class Allocator:
         unit, sizes = self.unit, self.sizes
         # used = 0 on each object before its bit is cleared (same MN, posting order): whoever
         # wonders later whether a free was delivered (recovery) sees that it was, even after
-        # the bit is cleared (fusee.recovery). An object is reused once its clear is through,
-        # also when the batch failed for another node.
+        # the bit is cleared (fusee.recovery). On every live copy, not the home alone: once
+        # the home dies, the next copy is the home, and recovery must see there too that
+        # the free was delivered (with used 1 there it delivered it again to an object we
+        # had taken back, and reused: a double free; tests/test_hostile_combos.py). An
+        # object is reused once its clear is through, also when the batch failed for
+        # another node.
         batch: list[Request] = []
         #: where each clearing FAA is in ``batch``, and the objects it frees
         freeing: list[tuple[int, list[int]]] = []
         for g, buf in zip(groups, bufs):
             words = struct.unpack(f"<{self.bitmap_bytes // 8}Q", buf)
             home, marked = self.home_of(g.nodes[0]), self.marked[g.nodes[0]]
+            backups = self.copies_of[g.nodes[0]][1:]        # (the home is the first copy)
             first = self.ptr(g.nodes[0], g.addrs[0])        # + bit: the object at that unit
             # only the words with a bit set (most are 0: skipped in C, not one by one)
             for w in compress(range(len(words)), words):
@@ -470,6 +475,7 @@ class Allocator:
                         batch += [before, Write(home, used, b"\0"), after]
                     else:
                         batch.append(Write(home, used, b"\0"))
+                    batch += [Write(n, used, b"\0") for n in backups]
                 if not mask:
                     continue
                 batch.append(Faa(home, g.addrs[0] + BLOCK_HEADER + 8 * w, -mask & MASK64))
