@@ -185,5 +185,9 @@ def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core: Clie
         else:
             rep.free += 1
             if core is not None and not c.freed and c.ptr not in free_lists:
-                rep.misplaced.append(f"{what}: free, yet neither in its owner's free lists "
-                                     f"nor in its bitmap")
+                # a reclaim zeroes used on every copy; if the home died under its batch,
+                # its clear of the bit is unknown and the owner never reuses the object:
+                # taken along by the dead home, as a free sent there is
+                lost = c.group.nodes[0] in dead
+                (rep.stranded if lost else rep.misplaced).append(
+                    f"{what}: free, yet neither in its owner's free lists nor in its bitmap")
