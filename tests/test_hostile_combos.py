@@ -92,11 +92,39 @@ class Combo:
                 self.victims = [faults.randrange(nodes)]
                 at = faults.randrange(steps)
                 sim.at_step(at, lambda s: s.crash_node(self.victims[0]))
-                sim.at_step(at + faults.randrange(1, delay),
-                            lambda s: s.fail_over(self.victims))
+                sim.at_step(at + faults.randrange(1, delay), self._fail_over)
             if client_crash:
                 victim = faults.randrange(clients)
                 sim.at_step(faults.randrange(steps), lambda s: self._crash(s, victim))
+
+    def _fail_over(self, sim: Simulator) -> None:
+        """The master's failover, reaching the lanes of a core as it reaches the operations
+        ``fusee.driver.run_concurrently`` keeps in flight: every batch completes in the
+        pause and each operation takes its completions under the epoch it began in; only
+        then does the new epoch meet their next batches (all of them), and an operation
+        started afterwards starts in it. (Lane by lane, the scheduler would let one lane move
+        its core to the new epoch while a sibling still had completions to take, and then
+        tell that sibling the epoch it already runs in had begun: not a schedule a client
+        can make.)"""
+        sim._pause()
+        held: list = []
+        sim._post = lambda c, batch: held.append((c, batch))     # type: ignore[method-assign]
+        try:
+            for names in self.lanes.values():
+                for name in names:
+                    c = sim.clients[name]
+                    if c.runnable and c.gen is not None and c.batch and not c.pending:
+                        sim._move(c)            # its completions, under the old epoch
+            sim._publish_failover(self.victims)
+        finally:
+            del sim._post
+        for c, batch in held:
+            if c.gen is not None:
+                sim._post(c, batch)             # refused: EpochChanged, then on
+        for names in self.lanes.values():
+            for name in names:
+                if sim.clients[name].gen is None:
+                    sim.clients[name].epoch = sim.membership.epoch
 
     def _wait_open(self, first: str):
         """A pause until lane ``first`` (the core's opener) has finished its open."""
