@@ -134,19 +134,27 @@ class Run:
             sim.fail_over(self.victims)
         m = sim.membership
         transport = LocalTransport(cfg, memory=self.memory)
-        self.reader = reader = ClientCore(cfg, 9, membership=m)
-        run(reader.open(), transport)
-        final = Simulator(self.memory, 0, expected_errors=ERRORS)
-        final.history = history
-        final.membership = m
-        final.add_client("reader", store_calls(reader, [("get", k, None) for k in self.keys]))
-        final.run()
-        run(reader.close(), transport)
+        self.reader = reader = final_reads(self.memory, m, history, self.keys)
         stores = getattr(self, "stores", self.cores)     # (subclasses with their own init)
         live = [getattr(s, "core", s) for i, s in enumerate(stores)
                 if i not in self.crashed] + [reader]
         report = run(audit(cfg, live, m), transport)
         return report, check(history)
+
+
+def final_reads(memory: LocalMemory, m: Membership, history, keys) -> ClientCore:
+    """A reader (id 9) under membership ``m`` gets every key of ``keys`` after the run,
+    into ``history``; returns it, closed."""
+    transport = LocalTransport(memory.config, memory=memory)
+    reader = ClientCore(memory.config, 9, membership=m)
+    run(reader.open(), transport)
+    final = Simulator(memory, 0, expected_errors=ERRORS)
+    final.history = history
+    final.membership = m
+    final.add_client("reader", store_calls(reader, [("get", k, None) for k in keys]))
+    final.run()
+    run(reader.close(), transport)
+    return reader
 
 
 def across_epochs(sim: Simulator, start):

@@ -37,7 +37,8 @@ from fusee.failover import failover
 from fusee.layout import FROZEN, slot_node
 from fusee.membership import Membership
 from fusee.recovery import recover_client
-from test_failover import ERRORS, PATIENCE, _config, _two_clients, across_epochs
+from test_failover import (ERRORS, PATIENCE, _config, _two_clients, across_epochs,
+                           final_reads)
 
 #: one subtable of 6 buckets (it splits every few dozen inserts), blocks of 64 KiB (three
 #: objects of the largest class each)
@@ -173,14 +174,7 @@ class Combo:
             sim.fail_over(self.victims)
         m = sim.membership
         transport = LocalTransport(cfg, memory=self.memory)
-        reader = ClientCore(cfg, 9, membership=m)
-        run(reader.open(), transport)
-        final = Simulator(self.memory, 0, expected_errors=ERRORS)
-        final.history = history
-        final.membership = m
-        final.add_client("reader", store_calls(reader, [("get", k, None) for k in self.keys]))
-        final.run()
-        run(reader.close(), transport)
+        reader = final_reads(self.memory, m, history, self.keys)
         where = f"Combo({self.seed}, ...): faults {sim.faults}"
         lin = check(history)
         assert lin.ok, f"{where}\n{lin.explain()}"
