@@ -16,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fusee.acyclic import untracked
+
 if TYPE_CHECKING:
     from fusee.membership import Membership
     from fusee.verbs import Read
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class CacheEntry:
+    """Kept off the garbage collector's lists (``fusee.acyclic``): nothing it holds ever
+    leads back to it (``hit_reads`` neither)."""
     sid: int            # subtable: with ``pos`` gives the slot on every replica
     pos: int
     value: int          # slot value last seen (the key's object)
@@ -83,12 +87,13 @@ class IndexCache:
         the new one)."""
         e = self.entries.get(key)
         if e is None:
-            self.entries[key] = CacheEntry(sid, pos, value)
+            self.entries[key] = new = CacheEntry(sid, pos, value)
             if len(self.entries) > self.capacity:
                 self.entries.popitem(last=False)
         else:
-            self.entries[key] = CacheEntry(sid, pos, value, e.accesses, e.misses)
+            self.entries[key] = new = CacheEntry(sid, pos, value, e.accesses, e.misses)
             self.entries.move_to_end(key)
+        untracked(new)
 
     def drop(self, key: bytes) -> None:
         self.entries.pop(key, None)
