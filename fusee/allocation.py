@@ -111,6 +111,7 @@ class Allocator:
         self.block_size = mmap_.layout.block_size
         units = self.block_size // unit
         self.bitmap_bytes = -(-units // 64) * 8
+        self.no_frees = bytes(self.bitmap_bytes)    # a bitmap with no bit set (``_reclaim``)
         self.first_object = -(-(BLOCK_HEADER + self.bitmap_bytes) // unit) * unit
         self.groups: list[BlockGroup] = []
         self.free: dict[int, deque[int]] = {}
@@ -449,6 +450,8 @@ class Allocator:
         #: where each clearing FAA is in ``batch``, and the objects it frees
         freeing: list[tuple[int, list[int]]] = []
         for g, buf in zip(groups, bufs):
+            if buf == self.no_frees:    # (most, in a load: the reclaim before each growth
+                continue                # read every group's bitmap, one word at a time)
             words = struct.unpack(f"<{self.bitmap_bytes // 8}Q", buf)
             home, marked = self.home_of(g.nodes[0]), self.marked[g.nodes[0]]
             first = self.ptr(g.nodes[0], g.addrs[0])        # + bit: the object at that unit
