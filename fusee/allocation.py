@@ -236,8 +236,15 @@ class Allocator:
             self.follow(self.news())
         if units not in self.pending and (p := self._take(units)) is not None:
             self.pending[units] = p
-        return units in self.pending and (bool(self.free.get(units)) and not self.sparing
-                                          or self._room(units * self.unit))
+        if units not in self.pending:
+            return False
+        if self.sparing:
+            return self._room(units * self.unit)
+        if self.free.get(units):
+            return True
+        size = units * self.unit        # (``_room``'s common case inline: every write asks)
+        return self.current is not None and self.bump + size <= self.block_size \
+            or self._room(size)
 
     def alloc(self, units: int) -> tuple[int, int]:
         """(object, the class's next object); call after ``ensure(units)``."""

@@ -94,7 +94,7 @@ def _make(rng: random.Random, others: list[object]) -> object:
         for i in range(rng.randrange(3)):
             setattr(o, f"f{i}", _field(rng, others))
         if rng.random() < 0.3:
-            o.__dict__               # a materialized instance dict
+            _ = vars(o)              # a materialized instance dict
     elif kind == 2:
         o = Fields(_field(rng, others), _field(rng, others))
     elif kind == 3:
