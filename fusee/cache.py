@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from fusee.acyclic import untracked
 
 if TYPE_CHECKING:
     from fusee.membership import Membership
     from fusee.verbs import Read
+
+#: Final: a compiled ``store`` calls it from a C static, not through the module's dict
+_UNTRACKED: Final = untracked
 
 
 @dataclass
@@ -93,7 +96,7 @@ class IndexCache:
         else:
             self.entries[key] = new = CacheEntry(sid, pos, value, e.accesses, e.misses)
             self.entries.move_to_end(key)
-        untracked(new)
+        _UNTRACKED(new)
 
     def drop(self, key: bytes) -> None:
         self.entries.pop(key, None)
