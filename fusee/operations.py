@@ -242,7 +242,10 @@ class ClientCore:
             self._release(released)
         for obj in aborts:      # marked ABORTED: recovery never redoes them
             self.alloc.release(obj.ptr)
-        twice = [f for f, word in zip(frees, res[ahead:]) if word & f.delta]
+        twice = []
+        for f, word in zip(frees, res[ahead:]):     # (a comprehension: a function made)
+            if word & f.delta:
+                twice.append(f)
         if twice:
             yield from self._take_back(twice)
         return res[:len(reqs)]
