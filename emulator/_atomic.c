@@ -656,14 +656,15 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_atomic",
 
 static int add_object_methods(PyObject *module);  /* KV objects and bucket views: the end */
 static int add_search_methods(PyObject *module);  /* a SEARCH's cache hit: before the end */
-static int add_write_methods(PyObject *module);   /* the write path's verbs: the very end */
+static int add_write_methods(PyObject *module);   /* the write path's verbs: before the end */
+static int add_acyclic_methods(PyObject *module); /* long-lived objects untracked: the end */
 
 PyMODINIT_FUNC PyInit__atomic(void) {
     if (!(str_rkey = PyUnicode_InternFromString("rkey"))) return NULL;
     if (!(str_fields = PyUnicode_InternFromString("_fields"))) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m && (add_object_methods(m) < 0 || add_search_methods(m) < 0 ||
-              add_write_methods(m) < 0)) Py_CLEAR(m);
+              add_write_methods(m) < 0 || add_acyclic_methods(m) < 0)) Py_CLEAR(m);
     return m;
 }
 
@@ -1315,4 +1316,55 @@ static PyMethodDef write_methods[] = {
 /* the block above, added to the module by PyInit__atomic */
 static int add_write_methods(PyObject *module) {
     return PyModule_AddFunctions(module, write_methods);
+}
+
+/* -- A client's long-lived objects off the garbage collector's lists (fusee.acyclic) -----
+ *
+ * A client keeps tens of thousands of small objects for good: an index cache entry per key
+ * (fusee.cache, up to 65,536) and a slot target per slot in recent use (fusee.operations, up
+ * to 16,384). Each is a container to CPython, and every full collection walked every one: in
+ * a load phase of 100,000 inserts, ~7 us of an insert's ~50 us of client CPU, and each new
+ * entry brought the next full collection closer (issue 12). None can sit in a reference
+ * cycle: their fields are ints, tuples of ints, and (a cache entry's hit_reads) objects that
+ * never lead back to them. A Python class cannot say so; this does, checked when it is made.
+ * fusee.acyclic's Python fallback (the extension not built) leaves them tracked: the same
+ * behaviour, slower full collections. tests/test_acyclic.py holds this to its rule. */
+
+/* a referent that cannot close a cycle through the object being judged: not a container,
+ * a container the collector does not track, or a plain tuple of such (untracked here, as
+ * CPython does at a tuple's first collection); ``arg`` is the object's type, skipped (a
+ * class holds none of its instances) */
+static int visit_acyclic(PyObject *o, void *arg) {
+    if (o == arg || !PyObject_IS_GC(o) || !PyObject_GC_IsTracked(o)) return 0;
+    if (!PyTuple_CheckExact(o)) return 1;
+    for (Py_ssize_t k = PyTuple_GET_SIZE(o); k-- > 0;) {
+        PyObject *item = PyTuple_GET_ITEM(o, k);
+        if (PyObject_IS_GC(item) && PyObject_GC_IsTracked(item)) return 1;
+    }
+    PyObject_GC_UnTrack(o);
+    return 0;
+}
+
+/* untracked(obj) -> obj: ``obj`` taken off the collector's lists when each of its referents
+ * but its type passes visit_acyclic (then no cycle runs through it now, and its class must
+ * keep it so: a field assigned later must never lead back to it); else left as it is */
+static PyObject *untracked(PyObject *self, PyObject *obj) {
+    if (PyObject_IS_GC(obj) && PyObject_GC_IsTracked(obj)) {
+        traverseproc traverse = Py_TYPE(obj)->tp_traverse;
+        if (traverse && traverse(obj, visit_acyclic, (void *)Py_TYPE(obj)) == 0)
+            PyObject_GC_UnTrack(obj);
+    }
+    return Py_NewRef(obj);
+}
+
+static PyMethodDef acyclic_methods[] = {
+    {"untracked", untracked, METH_O,
+     "untracked(obj) -> obj, off the garbage collector's lists if nothing it holds but its "
+     "type is a tracked container (fusee.acyclic)"},
+    {NULL, NULL, 0, NULL},
+};
+
+/* the block above, added to the module by PyInit__atomic */
+static int add_acyclic_methods(PyObject *module) {
+    return PyModule_AddFunctions(module, acyclic_methods);
 }

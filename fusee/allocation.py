@@ -111,6 +111,7 @@ class Allocator:
         self.block_size = mmap_.layout.block_size
         units = self.block_size // unit
         self.bitmap_bytes = -(-units // 64) * 8
+        self.no_frees = bytes(self.bitmap_bytes)    # a bitmap with no bit set (``_reclaim``)
         self.first_object = -(-(BLOCK_HEADER + self.bitmap_bytes) // unit) * unit
         self.groups: list[BlockGroup] = []
         self.free: dict[int, deque[int]] = {}
@@ -235,8 +236,15 @@ class Allocator:
             self.follow(self.news())
         if units not in self.pending and (p := self._take(units)) is not None:
             self.pending[units] = p
-        return units in self.pending and (bool(self.free.get(units)) and not self.sparing
-                                          or self._room(units * self.unit))
+        if units not in self.pending:
+            return False
+        if self.sparing:
+            return self._room(units * self.unit)
+        if self.free.get(units):
+            return True
+        size = units * self.unit        # (``_room``'s common case inline: every write asks)
+        return self.current is not None and self.bump + size <= self.block_size \
+            or self._room(size)
 
     def alloc(self, units: int) -> tuple[int, int]:
         """(object, the class's next object); call after ``ensure(units)``."""
@@ -453,6 +461,8 @@ class Allocator:
         #: where each clearing FAA is in ``batch``, and the objects it frees
         freeing: list[tuple[int, list[int]]] = []
         for g, buf in zip(groups, bufs):
+            if buf == self.no_frees:    # (most, in a load: the reclaim before each growth
+                continue                # read every group's bitmap, one word at a time)
             words = struct.unpack(f"<{self.bitmap_bytes // 8}Q", buf)
             home, marked = self.home_of(g.nodes[0]), self.marked[g.nodes[0]]
             backups = self.copies_of[g.nodes[0]][1:]        # (the home is the first copy)

@@ -14,15 +14,22 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
+
+from fusee.acyclic import untracked
 
 if TYPE_CHECKING:
     from fusee.membership import Membership
     from fusee.verbs import Read
 
+#: Final: a compiled ``store`` calls it from a C static, not through the module's dict
+_UNTRACKED: Final = untracked
+
 
 @dataclass
 class CacheEntry:
+    """Kept off the garbage collector's lists (``fusee.acyclic``): nothing it holds ever
+    leads back to it (``hit_reads`` neither)."""
     sid: int            # subtable: with ``pos`` gives the slot on every replica
     pos: int
     value: int          # slot value last seen (the key's object)
@@ -83,12 +90,13 @@ class IndexCache:
         the new one)."""
         e = self.entries.get(key)
         if e is None:
-            self.entries[key] = CacheEntry(sid, pos, value)
+            self.entries[key] = new = CacheEntry(sid, pos, value)
             if len(self.entries) > self.capacity:
                 self.entries.popitem(last=False)
         else:
-            self.entries[key] = CacheEntry(sid, pos, value, e.accesses, e.misses)
+            self.entries[key] = new = CacheEntry(sid, pos, value, e.accesses, e.misses)
             self.entries.move_to_end(key)
+        _UNTRACKED(new)
 
     def drop(self, key: bytes) -> None:
         self.entries.pop(key, None)

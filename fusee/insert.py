@@ -29,8 +29,8 @@ from fusee.errors import KeyExists, Stalled
 from fusee.hashing import key_hash
 from fusee.index import View
 from fusee.layout import (ABORTED, COMMITTED, FROZEN, INSERT, TENTATIVE,
-                          committed_object, decode_object,
-                          is_object, slot_fp, slot_ref, strip, unpack_u64)
+                          committed_object, decode_object, is_object, object_slot,
+                          slot_fp, slot_ref, strip, unpack_u64)
 # SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
 from fusee.replication import (SlotTarget, cas_went_out, fix_requests, primary_lost,
                                primary_request, proposal_requests, resolve, tally,
@@ -82,7 +82,7 @@ def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
     """Generator: the body of an INSERT (``OpCore.with_objects``; of its arguments it needs
     the core, the object and the key)."""
     h = key_hash(key)
-    s = core.slot_value(h, obj)
+    s = object_slot(h.fp, obj.units, obj.ptr, obj.seq)    # (the group's first MN's pointer)
     writes = obj.writes
     lost: dict[tuple[int, int], int] = {}       # (sid, pos) -> value when we lost it
     waits = 0                                   # re-reads spent waiting on other clients
@@ -364,8 +364,9 @@ def _clear_at_once(t: SlotTarget, fp: int, prims: View, claims: View) -> bool:
     candidate): the subtable is not frozen, no other slot names our fingerprint on either
     MN, and for r >= 2 no other slot moved between the primary's read and the claim MN's.
     The common case of an insert, without making ``_check``'s generator."""
-    return (not prims.frozen and not claims.pairs(prims, fp, t.pos)
-            and (not t.backups or not claims.differs(prims, t.pos)))
+    if not t.backups:       # (r >= 2: ``prims`` is the view whose ``stale`` said not frozen)
+        return not prims.frozen and not claims.pairs(prims, fp, t.pos)
+    return not claims.pairs(prims, fp, t.pos) and not claims.differs(prims, t.pos)
 
 
 def _await_claim(core: OpCore, sid: int, claim: Rival, claim_node: int, primary: int

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from fusee.allocation import Allocator
     from fusee.cache import IndexCache
-    from fusee.hashing import KeyHash
     from fusee.index import Directory, IndexGeometry
     from fusee.log import NewObject, ObjectLog
     from fusee.membership import Membership
@@ -102,9 +101,6 @@ class OpCore(Protocol):
 
     def abandon_later(self, obj: NewObject) -> None:
         """Mark an object never proposed ABORTED with the next batch, then reuse it."""
-        ...
-
-    def slot_value(self, h: KeyHash, obj: NewObject) -> int:
         ...
 
     def free_value(self) -> int:

@@ -56,12 +56,12 @@ from fusee.cache import IndexCache
 from fusee.config import ClusterConfig
 from fusee.errors import (KeyExists, KeyNotFound, NeedsRecovery, Stalled, StoreFormatError,
                           check_key, check_value)
-from fusee.hashing import KeyHash, key_hash
+from fusee.hashing import key_hash
 from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry
 from fusee.holdings import adopt
 from fusee.layout import (ABORTED, CLEAN, DELETE, FROZEN, IN_USE, MAX_CLIENT_IDS, META_GROUPS,
                           META_INCARNATION, META_MAGIC, META_MAGIC_OFF, META_STATE, NO_SLOT,
-                          UPDATE, free_value, object_extent, object_slot, pack_u64, slot_node,
+                          UPDATE, free_value, object_extent, pack_u64, slot_node,
                           unpack_u64)
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import Membership
@@ -242,7 +242,10 @@ class ClientCore:
             self._release(released)
         for obj in aborts:      # marked ABORTED: recovery never redoes them
             self.alloc.release(obj.ptr)
-        twice = [f for f, word in zip(frees, res[ahead:]) if word & f.delta]
+        twice = []
+        for f, word in zip(frees, res[ahead:]):     # (a comprehension: a function made)
+            if word & f.delta:
+                twice.append(f)
         if twice:
             yield from self._take_back(twice)
         return res[:len(reqs)]
@@ -488,10 +491,6 @@ class ClientCore:
         at once (a put's insert): the ABORTED mark rides with the next batch (``rt``), and
         the memory is reused once it is through."""
         self.aborts.append(obj)
-
-    def slot_value(self, h: KeyHash, obj: NewObject) -> int:
-        # (the pointer names the group's first MN, dead or alive)
-        return object_slot(h.fp, obj.units, obj.ptr, obj.seq)
 
     def free_value(self) -> int:
         """A fresh tombstone / void value of this client (SNAPSHOT proposals are distinct)."""

@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from fusee.acyclic import untracked
 from fusee.errors import EpochChanged, Stalled, TransportError
 from fusee.layout import FROZEN, unpack_u64
 from fusee.verbs import Backoff, Cas, Op, Read, Request
@@ -57,12 +58,15 @@ class SlotTarget:
     """One index slot: its subtable, position, replica nodes (primary first) and address.
 
     Its primary and backups are fields, not properties: an UPDATE asks for them five times,
-    and each property is a Python call on the fast path (issue 12)."""
+    and each property is a Python call on the fast path (issue 12). A client keeps thousands
+    (``ClientCore.target``), off the garbage collector's lists: ints and tuples of ints, in
+    no cycle (``fusee.acyclic``)."""
     __slots__ = ("sid", "pos", "nodes", "addr", "primary", "backups")
 
     def __init__(self, sid: int, pos: int, nodes: tuple[int, ...], addr: int) -> None:
         self.sid, self.pos, self.nodes, self.addr = sid, pos, nodes, addr
         self.primary, self.backups = nodes[0], nodes[1:]
+        untracked(self)
 
     def __repr__(self) -> str:
         return (f"SlotTarget(sid={self.sid}, pos={self.pos}, nodes={self.nodes}, "

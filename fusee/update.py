@@ -24,8 +24,8 @@ from fusee import insert as insert_mod
 from fusee.errors import CorruptObject, KeyExists, KeyNotFound
 from fusee.hashing import key_hash
 from fusee.index import View
-from fusee.layout import (COMMITTED, LOST, TAIL_BYTES, UPDATE, object_extent, object_tail,
-                          slot_ref, unpack_u64)
+from fusee.layout import (COMMITTED, LOST, TAIL_BYTES, UPDATE, object_extent, object_slot,
+                          object_tail, slot_ref, unpack_u64)
 # SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
 from fusee.replication import (SlotTarget, await_change, cas_went_out, fix_requests,
                                primary_lost, primary_request, proposal_requests, resolve,
@@ -159,7 +159,8 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
                     yield from core.abandon(obj)
                 raise KeyNotFound(key)
             sid, pos, v_old, old_crc = found
-            v_new = core.slot_value(h, obj) if opcode == UPDATE else unpack_u64(value)
+            v_new = (object_slot(h.fp, obj.units, obj.ptr, obj.seq) if opcode == UPDATE
+                     else unpack_u64(value))
             t = core.target(sid, pos)
             ref = slot_ref(sid, pos)
             current: list[int] = []
