@@ -35,6 +35,9 @@ class SystemSpec:
     endpoint: str = ""             # clover: the metadata server
     port: int = 0                  # redis
     timeout: float = 5.0
+    #: fusee: keys its client's index cache holds (0: the client's default), as many as the
+    #: benchmark touches, as the Clover baseline's cache holds every key (see README)
+    cache_capacity: int = 0
 
 
 #: a group of operations in flight together: (kind, key) each
@@ -157,7 +160,8 @@ def _fusee_driver(spec: SystemSpec) -> Driver:
     """fusee through its public API: ``kv.get`` / ``kv.insert`` / ... one at a time, and a
     group as one ``kv.get_many`` (searches only) or one pipeline (``fusee.batch``)."""
     from fusee.client import Client
-    kv = Client.connect(spec.config_path)
+    kv = (Client.connect(spec.config_path, cache_capacity=spec.cache_capacity)
+          if spec.cache_capacity else Client.connect(spec.config_path))
     transport = kv.transport
     queue = {"search": lambda p, k, v: p.get(k), "insert": lambda p, k, v: p.insert(k, v),
              "update": lambda p, k, v: p.update(k, v), "delete": lambda p, k, v: p.delete(k)}
