@@ -131,40 +131,53 @@ def drive(d: Driver, ops: Iterable[tuple[str, bytes]], value: bytes, depth: int,
     it. Stops when ``ops`` ends or once the clock passes ``rec.hi``; returns the result."""
     clock, lo, hi = time.monotonic_ns, rec.lo, rec.hi
     lat, errors = rec.lat, rec.errors
-    start: tuple[dict[str, Any], int] | None = None
-    mark = lo                   # the next time to look at: the window's start, then its end
-    calls, many = d.call, d.many
-    misses = 0
-    outcomes: list[Any]
-    groups: Iterable[Any] = ((op,) for op in ops) if depth == 1 else _groups(iter(ops), depth)
-    for group in groups:
-        t0 = clock()
-        if t0 >= mark:
-            if start is not None:
+    marks: list[tuple[dict[str, Any], int]] = []     # the counters where the window opened
+
+    def past(t: int) -> int:
+        """The clock reached the next mark: the window opens (the next mark: its end), or
+        it closed (0: stop)."""
+        if marks:
+            return 0
+        marks.append((_counters(d), t))
+        return hi
+
+    mark, misses = lo, 0
+    if depth == 1:              # the loop around the call: no list, tuple or zip per call
+        calls = d.call
+        for kind, key in ops:
+            t0 = clock()
+            if t0 >= mark and not (mark := past(t0)):
                 break
-            start, mark = (_counters(d), t0), hi
-        if depth == 1:          # the call itself, no list made around it
-            kind, key = group[0]
             try:
                 got = calls[kind](key, value)
-            except KeyError as e:
-                got = e
+            except KeyError:                    # done, but refused: KeyExists / KeyNotFound
+                if lo <= clock() < hi:
+                    errors[kind] += 1
+                continue
             t1 = clock()
-            outcomes = [got]
-        else:
-            outcomes = many(group, value)
-            t1 = clock()
-        if lo <= t1 < hi:
-            for (kind, _), got in zip(group, outcomes):
-                if isinstance(got, KeyError):
-                    errors[kind] += 1           # done, but refused: KeyExists / KeyNotFound
-                    continue
+            if lo <= t1 < hi:
                 lat[kind].append(t1 - t0)
                 if got is None and kind == "search":
                     misses += 1
+    else:
+        many = d.many
+        for group in _groups(iter(ops), depth):
+            t0 = clock()
+            if t0 >= mark and not (mark := past(t0)):
+                break
+            outcomes = many(group, value)
+            t1 = clock()
+            if lo <= t1 < hi:
+                for (kind, _), got in zip(group, outcomes):
+                    if isinstance(got, KeyError):
+                        errors[kind] += 1
+                    else:
+                        lat[kind].append(t1 - t0)
+                        if got is None and kind == "search":
+                            misses += 1
     rec.misses += misses
     end = (_counters(d), clock())
-    (c0, t0), (c1, t1) = start or end, end
+    (c0, t0), (c1, t1) = marks[0] if marks else end, end
     return rec.result(_delta(c0, c1), t0, t1)
 
 
