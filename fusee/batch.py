@@ -174,18 +174,21 @@ def get_many(client: Client, keys: Iterable[bytes], depth: int = DEPTH) -> list[
     limit = client.core.layout.max_key_size
     keys = [check_key(key, limit) for key in keys]      # a bad key raises before any runs
     distinct = list(dict.fromkeys(keys))
-    results = _searches(client, distinct, depth)
+    results, went_on = _searches(client, distinct, depth)
     if len(distinct) != len(keys):
         outcome = dict(zip(distinct, results))
         results = [outcome[key] for key in keys]
-    if any(isinstance(r, Exception) for r in results):
+    if went_on and any(isinstance(r, Exception) for r in results):
         raise BatchError(results)
     return results
 
 
-def _searches(client: Client, keys: list[bytes], depth: int) -> list[Any]:
-    """The outcomes of the SEARCHes of ``keys`` (checked, distinct): ``get_many``'s work."""
+def _searches(client: Client, keys: list[bytes], depth: int) -> tuple[list[Any], bool]:
+    """The outcomes of the SEARCHes of ``keys`` (checked, distinct): ``get_many``'s work;
+    and whether any went on past its first round (only those can fail: a first round
+    answers with a value or hands its search over)."""
     results: list[Any] = [None] * len(keys)
+    went_on = False
     with client.exclusive() as core:
         for start in range(0, len(keys), depth):
             rest = []
@@ -196,12 +199,13 @@ def _searches(client: Client, keys: list[bytes], depth: int) -> list[Any]:
                 else:
                     rest.append(_outcome(i, got, results))
             if rest:
+                went_on = True
                 try:
                     run_concurrently(rest, client.executor, depth, _ignore)
                 except BaseException:
                     core.cut_short = True       # searches whose first round went out
                     raise
-    return results
+    return results, went_on
 
 
 def put_many(client: Client, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],

@@ -161,14 +161,14 @@ def drive(d: Driver, ops: Iterable[tuple[str, bytes]], value: bytes, depth: int,
                     misses += 1
     else:
         many = d.many
-        for group in _groups(iter(ops), depth):
+        for kinds, keys in _groups(iter(ops), depth):
             t0 = clock()
             if t0 >= mark and not (mark := past(t0)):
                 break
-            outcomes = many(group, value)
+            outcomes = many(kinds, keys, value)
             t1 = clock()
             if lo <= t1 < hi:
-                for (kind, _), got in zip(group, outcomes):
+                for kind, got in zip(kinds, outcomes):
                     if isinstance(got, KeyError):
                         errors[kind] += 1
                     else:
@@ -181,9 +181,12 @@ def drive(d: Driver, ops: Iterable[tuple[str, bytes]], value: bytes, depth: int,
     return rec.result(_delta(c0, c1), t0, t1)
 
 
-def _groups(ops: Iterator[tuple[str, bytes]], size: int) -> Iterator[list[tuple[str, bytes]]]:
+def _groups(ops: Iterator[tuple[str, bytes]], size: int
+            ) -> Iterator[tuple[tuple[str, ...], tuple[bytes, ...]]]:
+    """``ops`` ``size`` at a time, each group as its kinds and its keys."""
     while group := list(islice(ops, size)):
-        yield group
+        kinds, keys = zip(*group)
+        yield kinds, keys
 
 
 class _Client:
@@ -209,7 +212,8 @@ class _Client:
         if self.warm != keys:
             names = self.loaded_names(keys)
             for i in range(0, keys, WARM_GROUP):
-                d.many([("search", key) for key in names[i:i + WARM_GROUP]], value)
+                group = names[i:i + WARM_GROUP]
+                d.many(["search"] * len(group), group, value)
             self.warm = keys
 
     def prepare(self, phase: Phase, client: int) -> Callable[[int], dict[str, Any]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -40,18 +40,14 @@ class SystemSpec:
     cache_capacity: int = 0
 
 
-#: a group of operations in flight together: (kind, key) each
-Group = list[tuple[str, bytes]]
-
-
 @dataclass
 class Driver:
     """One client's connection. ``call[kind](key, value)`` runs one operation and returns
-    its result (KeyExists / KeyNotFound when refused); ``many(group, value)`` runs a group
+    its result (KeyExists / KeyNotFound when refused); ``many(kinds, keys, value)`` runs a group
     of operations in flight together and returns their outcomes in order, the exception in
     place of a refused one."""
     call: dict[str, Callable[[bytes, bytes], Any]]
-    many: Callable[[Group, bytes], list[Any]]
+    many: Callable[[Sequence[str], Sequence[bytes], bytes], list[Any]]
     counters: Callable[[], dict[str, int]]     # cumulative round_trips, verbs, rpcs, bytes
     close: Callable[[], None]
 
@@ -73,10 +69,10 @@ def generic_driver(ops: dict[str, Callable[[bytes, bytes], SystemOp]], executor:
     def one(make: Callable[[bytes, bytes], SystemOp]) -> Callable[[bytes, bytes], Any]:
         return lambda key, value: run(make(key, value), executor)
 
-    def many(group: Group, value: bytes) -> list[Any]:
-        outcomes: list[Any] = [None] * len(group)
-        made = (ops[kind](key, value) for kind, key in group)
-        run_concurrently(map(_outcome, range(len(group)), made, repeat(outcomes)), executor)
+    def many(kinds: Sequence[str], keys: Sequence[bytes], value: bytes) -> list[Any]:
+        outcomes: list[Any] = [None] * len(keys)
+        made = (ops[kind](key, value) for kind, key in zip(kinds, keys))
+        run_concurrently(map(_outcome, range(len(keys)), made, repeat(outcomes)), executor)
         return outcomes
 
     return Driver({kind: one(make) for kind, make in ops.items()}, many, counters, close)
@@ -166,11 +162,11 @@ def _fusee_driver(spec: SystemSpec) -> Driver:
     queue = {"search": lambda p, k, v: p.get(k), "insert": lambda p, k, v: p.insert(k, v),
              "update": lambda p, k, v: p.update(k, v), "delete": lambda p, k, v: p.delete(k)}
 
-    def many(group: Group, value: bytes) -> list[Any]:
-        if all(kind == "search" for kind, _ in group):
-            return kv.get_many([key for _, key in group], len(group))
-        p = kv.pipeline(len(group))
-        for kind, key in group:
+    def many(kinds: Sequence[str], keys: Sequence[bytes], value: bytes) -> list[Any]:
+        if kinds.count("search") == len(kinds):
+            return kv.get_many(keys, len(keys))
+        p = kv.pipeline(len(keys))
+        for kind, key in zip(kinds, keys):
             queue[kind](p, key, value)
         outcomes = p.execute(raise_on_error=False)
         for got in outcomes:
