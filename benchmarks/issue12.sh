@@ -4,6 +4,9 @@
 # Run it on a quiet machine (every process shares the cores): benchmarks/issue12.sh [OUT]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# this checkout's code, not whichever one `pip install -e` named (`fusee` and
+# benchmarks/instructions.py would import that one, in a worktree another branch's)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${1:-fusee-issue12}
 B="fusee bench --no-baselines --no-progress --clients 1"
 T="python3 -m fusee.bench.targets"

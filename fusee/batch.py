@@ -165,19 +165,30 @@ def _ignore(index: int, result: object) -> None:
 def get_many(client: Client, keys: Iterable[bytes], depth: int = DEPTH) -> list[Any]:
     """The SEARCHes of ``keys``, ``depth`` at a time: each group's first rounds go out as
     one batch (``fusee.driver.first_rounds``), which answers the cache hits; the searches
-    it did not answer go on together (``run_concurrently``) before the next group. The
-    same operations, verbs and outcomes as a pipeline of gets, which it is when a key is
-    asked twice (its gets then run in order)."""
+    it did not answer go on together (``run_concurrently``) before the next group. A key
+    asked twice is searched once, its outcome given to each place it was asked for: gets
+    with no write between them may return one read (as a pipeline running them one after
+    the other, with no write between, may too)."""
     if type(depth) is not int or depth < 1:
         raise ValueError("depth must be a positive int")
     limit = client.core.layout.max_key_size
     keys = [check_key(key, limit) for key in keys]      # a bad key raises before any runs
-    if len(set(keys)) != len(keys):
-        p = Pipeline(client, depth)
-        for key in keys:
-            p.get(key)
-        return p.execute()
+    distinct = list(dict.fromkeys(keys))
+    results, went_on = _searches(client, distinct, depth)
+    if len(distinct) != len(keys):
+        outcome = dict(zip(distinct, results))
+        results = [outcome[key] for key in keys]
+    if went_on and any(isinstance(r, Exception) for r in results):
+        raise BatchError(results)
+    return results
+
+
+def _searches(client: Client, keys: list[bytes], depth: int) -> tuple[list[Any], bool]:
+    """The outcomes of the SEARCHes of ``keys`` (checked, distinct): ``get_many``'s work;
+    and whether any went on past its first round (only those can fail: a first round
+    answers with a value or hands its search over)."""
     results: list[Any] = [None] * len(keys)
+    went_on = False
     with client.exclusive() as core:
         for start in range(0, len(keys), depth):
             rest = []
@@ -188,14 +199,13 @@ def get_many(client: Client, keys: Iterable[bytes], depth: int = DEPTH) -> list[
                 else:
                     rest.append(_outcome(i, got, results))
             if rest:
+                went_on = True
                 try:
                     run_concurrently(rest, client.executor, depth, _ignore)
                 except BaseException:
                     core.cut_short = True       # searches whose first round went out
                     raise
-    if any(isinstance(r, Exception) for r in results):
-        raise BatchError(results)
-    return results
+    return results, went_on
 
 
 def put_many(client: Client, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],

@@ -35,6 +35,20 @@ def test_put_many_then_get_many_in_key_order(kv):
     assert [kv.get(k) for k in ks[2:]] == [b"v" + k for k in ks[2:]]
 
 
+def test_get_many_searches_a_key_asked_twice_once(kv):
+    """Gets of one key with no write between them may share one read: a key asked again in
+    get_many costs no verb and no round trip of its own (a pipeline of gets would run them
+    one after the other)."""
+    ks = keys("twice", 3)
+    kv.put_many({k: b"v" + k for k in ks})
+    assert kv.get_many(ks) == [b"v" + k for k in ks]           # the cache knows them all
+    verbs0, rt0 = kv.stats["verbs"], kv.stats["round_trips"]
+    assert kv.get_many([ks[0], *ks, ks[2], ks[0]]) == [b"v" + k for k in
+                                                       [ks[0], *ks, ks[2], ks[0]]]
+    assert kv.stats["round_trips"] - rt0 == 1
+    assert kv.stats["verbs"] - verbs0 == 3 * len(ks)     # a cache hit: two buckets, the object
+
+
 def test_operations_on_one_key_keep_their_order(kv):
     k = b"ordered"
     with kv.pipeline() as p:

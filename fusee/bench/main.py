@@ -195,7 +195,8 @@ def run_bench(o: BenchOptions, command: str = "", progress: bool | None = None) 
     from tqdm import tqdm
     o.check()
     plan = build_plan(o)
-    layout = cluster_layout(o.keys + o.micro_keys * max(o.clients), o.object_size)
+    keys = o.keys + o.micro_keys * max(o.clients)
+    layout = cluster_layout(keys, o.object_size)
     doc: dict[str, Any] = {"fusee_bench": 1, "command": command,
            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "machine": _machine(),
@@ -215,6 +216,7 @@ def run_bench(o: BenchOptions, command: str = "", progress: bool | None = None) 
                         system, memnodes=o.memnodes, transport=o.transport,
                         endpoint=o.endpoint, replication=o.replication, layout=layout,
                         timeout=o.timeout))
+                    spec = dataclasses.replace(spec, cache_capacity=keys)
                 except Exception as e:              # e.g. no redis-server on this machine
                     verdict = "failed" if system == "fusee" else "skipped"
                     doc[verdict][system] = str(e)   # the table says so, once

@@ -4,8 +4,10 @@ A ``WorkerPool`` starts the client processes once per benchmark (spawned, so no 
 is inherited). For every phase the parent sends each client its part; the client prepares
 (connects, pre-computes its operation stream and key names) and says it is ready; the parent
 then gives one start time on the system-wide monotonic clock, so every client measures the
-same window. Inside a client, ``fusee.driver.run_concurrently`` keeps ``depth`` operations in
-flight and merges their batches into one round trip per step.
+same window. Inside a client, operations run as the system's users run them (``drive``): one
+call each at depth 1 (``kv.get``, ``kv.insert``...), else ``depth`` at a time, each group one
+call that keeps them in flight together, their verbs merged into one batch per round trip
+(``kv.get_many``, a pipeline).
 
 A YCSB phase runs for a fixed time (warm-up, then the measured window); a micro phase and the
 load run a fixed list of keys per client. Each client records every latency of its window and
@@ -19,17 +21,17 @@ import multiprocessing as mp
 import time
 import traceback
 from array import array
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
-from fusee.bench.systems import Driver, SystemOp, SystemSpec, connect
+from fusee.bench.systems import Driver, SystemSpec, connect
 from fusee.bench.ycsb import OP_NAMES, OpStream, Workload, key_names, stream_rng
-from fusee.driver import run_concurrently
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 HDR_LOWEST, HDR_HIGHEST, HDR_DIGITS = 1, 60 * 10 ** 9, 3
 #: operations pre-computed at a time by a YCSB client (about 1 ms of work)
 CHUNK = 4096
+#: keys read per call when a client warms its cache up (``_Client.warm_up``)
+WARM_GROUP = 64
 MAX_CLIENTS = 255
 MAX_KEYS_PER_CLIENT = 1 << 20
 
@@ -87,35 +91,19 @@ def hdr_encode(latencies_ns: array[int]) -> str:
 
 # -- the client process ------------------------------------------------------------------------
 class _Recorder:
-    """What one client saw: latencies of completed ops in the window, refusals, misses."""
+    """What one client saw: latencies of the operations that ended in the window [lo, hi),
+    refusals, misses, and the driver's counters where the window opened and closed."""
 
     def __init__(self, lo: int, hi: int) -> None:
         self.lo, self.hi = lo, hi
-        self.lat: dict[str, array[int]] = {}
+        self.lat: defaultdict[str, array[int]] = defaultdict(lambda: array("q"))
         self.errors: Counter[str] = Counter()
         self.misses = 0
 
-    def timed(self, op: SystemOp, kind: str) -> SystemOp:
-        t0 = time.monotonic_ns()
-        try:
-            result = yield from op
-        except KeyError:                # KeyExists / KeyNotFound: done, but refused
-            t1 = time.monotonic_ns()
-            if self.lo <= t1 < self.hi:
-                self.errors[kind] += 1
-            return
-        t1 = time.monotonic_ns()
-        if self.lo <= t1 < self.hi:
-            lat = self.lat.get(kind)
-            if lat is None:
-                lat = self.lat[kind] = array("q")
-            lat.append(t1 - t0)
-            if result is None and kind == "search":
-                self.misses += 1
-
     def result(self, counters: dict[str, Any], t0: int, t1: int) -> dict[str, Any]:
-        return {"ops": {k: len(v) for k, v in self.lat.items()}, "errors": dict(self.errors),
-                "misses": self.misses, "hdr": {k: hdr_encode(v) for k, v in self.lat.items()},
+        lat = {k: v for k, v in self.lat.items() if v}
+        return {"ops": {k: len(v) for k, v in lat.items()}, "errors": dict(self.errors),
+                "misses": self.misses, "hdr": {k: hdr_encode(v) for k, v in lat.items()},
                 "counters": counters, "t0": t0, "t1": t1}
 
 
@@ -135,8 +123,70 @@ def _wait_until(t_ns: int) -> None:
         time.sleep(min(left / 1e9, 0.05))
 
 
-def _ignore(index: int, result: object) -> None:
-    pass
+def drive(d: Driver, ops: Iterable[tuple[str, bytes]], value: bytes, depth: int,
+          rec: _Recorder) -> dict[str, Any]:
+    """Run ``ops`` ((kind, key) pairs) as a user would: one call each at depth 1
+    (``Driver.call``), else ``depth`` at a time, each group one call (``Driver.many``: its
+    operations in flight together). An operation's latency is its call's, timed around
+    it. Stops when ``ops`` ends or once the clock passes ``rec.hi``; returns the result."""
+    clock, lo, hi = time.monotonic_ns, rec.lo, rec.hi
+    lat, errors = rec.lat, rec.errors
+    marks: list[tuple[dict[str, Any], int]] = []     # the counters where the window opened
+
+    def past(t: int) -> int:
+        """The clock reached the next mark: the window opens (the next mark: its end), or
+        it closed (0: stop)."""
+        if marks:
+            return 0
+        marks.append((_counters(d), t))
+        return hi
+
+    mark, misses = lo, 0
+    if depth == 1:              # the loop around the call: no list, tuple or zip per call
+        calls = d.call
+        for kind, key in ops:
+            t0 = clock()
+            if t0 >= mark and not (mark := past(t0)):
+                break
+            try:
+                got = calls[kind](key, value)
+            except KeyError:                    # done, but refused: KeyExists / KeyNotFound
+                if lo <= clock() < hi:
+                    errors[kind] += 1
+                continue
+            t1 = clock()
+            if lo <= t1 < hi:
+                lat[kind].append(t1 - t0)
+                if got is None and kind == "search":
+                    misses += 1
+    else:
+        many = d.many
+        for kinds, keys in _groups(iter(ops), depth):
+            t0 = clock()
+            if t0 >= mark and not (mark := past(t0)):
+                break
+            outcomes = many(kinds, keys, value)
+            t1 = clock()
+            if lo <= t1 < hi:
+                for kind, got in zip(kinds, outcomes):
+                    if isinstance(got, KeyError):
+                        errors[kind] += 1
+                    else:
+                        lat[kind].append(t1 - t0)
+                        if got is None and kind == "search":
+                            misses += 1
+    rec.misses += misses
+    end = (_counters(d), clock())
+    (c0, t0), (c1, t1) = marks[0] if marks else end, end
+    return rec.result(_delta(c0, c1), t0, t1)
+
+
+def _groups(ops: Iterator[tuple[str, bytes]], size: int
+            ) -> Iterator[tuple[tuple[str, ...], tuple[bytes, ...]]]:
+    """``ops`` ``size`` at a time, each group as its kinds and its keys."""
+    while group := list(islice(ops, size)):
+        kinds, keys = zip(*group)
+        yield kinds, keys
 
 
 class _Client:
@@ -145,11 +195,26 @@ class _Client:
     def __init__(self) -> None:
         self.driver: Driver | None = None
         self.names: tuple[int, list[bytes]] = (0, [])
+        self.warm = 0           # loaded keys the driver's cache has met (``warm_up``)
 
     def loaded_names(self, keys: int) -> list[bytes]:
         if self.names[0] != keys:
             self.names = (keys, key_names(np.arange(keys)))
         return self.names[1]
+
+    def warm_up(self, keys: int, value: bytes) -> None:
+        """Read every loaded key once, untimed, before the first YCSB point on them: YCSB
+        measures a long-running client, whose cache knows the keys it works on; in a short
+        window a scrambled Zipfian meets a key of its tail only every few seconds. Every
+        system gets the same reads (the Clover baseline's cache learns its addresses)."""
+        d = self.driver
+        assert d is not None, "a connected client"
+        if self.warm != keys:
+            names = self.loaded_names(keys)
+            for i in range(0, keys, WARM_GROUP):
+                group = names[i:i + WARM_GROUP]
+                d.many(["search"] * len(group), group, value)
+            self.warm = keys
 
     def prepare(self, phase: Phase, client: int) -> Callable[[int], dict[str, Any]]:
         """Everything before the clock starts; returns the function that runs the phase."""
@@ -157,6 +222,7 @@ class _Client:
         assert d is not None, "a phase runs on a connected client"
         value = stream_rng(phase.seed, 1 << 30, client).bytes(phase.value_size)
         if phase.suite == "ycsb":
+            self.warm_up(phase.keys, value)
             return self._ycsb(phase, client, value)
         if phase.suite == "load":
             names = self.loaded_names(phase.keys)[client::phase.clients]
@@ -165,16 +231,11 @@ class _Client:
             base = key_base(phase.keyspace, client)
             names = key_names(np.arange(base, base + phase.count))
             kind = phase.name
+        ops = [(kind, name) for name in names]
 
         def run(t_start: int) -> dict[str, Any]:
-            rec = _Recorder(0, 1 << 63)
-            op = d.ops[kind]
             _wait_until(t_start)
-            c0, t0 = _counters(d), time.monotonic_ns()
-            run_concurrently((rec.timed(op(k, value), kind) for k in names), d.executor,
-                             phase.depth, _ignore)
-            t1 = time.monotonic_ns()
-            return rec.result(_delta(c0, _counters(d)), t0, t1)
+            return drive(d, ops, value, phase.depth, _Recorder(0, 1 << 63))
         return run
 
     def _ycsb(self, phase: Phase, client: int, value: bytes) -> Callable[[int], dict[str, Any]]:
@@ -187,35 +248,20 @@ class _Client:
         n_loaded = phase.keys
         first = stream.chunk(CHUNK)
 
+        def source() -> Iterator[tuple[str, bytes]]:
+            chunk = first
+            while True:
+                codes, nums = (a.tolist() for a in chunk)
+                for code, num in zip(codes, nums):
+                    yield OP_NAMES[code], (names[num] if num < n_loaded
+                                           else key_names([num])[0])
+                chunk = stream.chunk(CHUNK)
+
         def run(t_start: int) -> dict[str, Any]:
             lo = t_start + int(phase.warmup * 1e9)
-            hi = lo + int(phase.duration * 1e9)
-            rec = _Recorder(lo, hi)
-            ops = d.ops
-            marks: dict[str, Any] = {}
-
-            def source() -> Iterator[SystemOp]:
-                codes, nums = (a.tolist() for a in first)
-                i = 0
-                while True:
-                    now = time.monotonic_ns()
-                    if now >= hi:
-                        marks["end"] = (_counters(d), now)
-                        return
-                    if "start" not in marks and now >= lo:
-                        marks["start"] = (_counters(d), now)
-                    if i == len(codes):
-                        codes, nums = (a.tolist() for a in stream.chunk(CHUNK))
-                        i = 0
-                    kind, num = OP_NAMES[codes[i]], nums[i]
-                    i += 1
-                    key = names[num] if num < n_loaded else key_names([num])[0]
-                    yield rec.timed(ops[kind](key, value), kind)
-
             _wait_until(t_start)
-            run_concurrently(source(), d.executor, phase.depth, _ignore)
-            (c0, t0), (c1, t1) = marks.get("start", marks["end"]), marks["end"]
-            return rec.result(_delta(c0, c1), t0, t1)
+            return drive(d, source(), value, phase.depth,
+                         _Recorder(lo, lo + int(phase.duration * 1e9)))
         return run
 
 
@@ -232,7 +278,7 @@ def _client_main(conn: Connection) -> None:
                 if cmd == "exit":
                     return
                 if cmd == "connect":
-                    state.driver = connect(arg)
+                    state.driver, state.warm = connect(arg), 0
                 elif cmd == "disconnect":
                     if state.driver is not None:
                         state.driver.close()
