@@ -58,7 +58,7 @@ class Combo:
     def __init__(self, seed: int, nodes: int = 3, r: int = 3, clients: int = 3, lanes: int = 2,
                  ops: int = 36, steps: int | None = None, mn_crash: bool = True,
                  client_crash: bool = True, delay: int = 300, sizes=SIZES,
-                 fresh: float = 0.5):
+                 fresh: float = 0.5, mn_crashes: int = 1):
         self.seed = seed
         self.config = cfg = _config(nodes, r, LAYOUT)
         self.memory = LocalMemory(cfg)
@@ -95,12 +95,27 @@ class Combo:
                 self.victims = [faults.randrange(nodes)]
                 at = faults.randrange(steps)
                 sim.at_step(at, lambda s: s.crash_node(self.victims[0]))
-                sim.at_step(at + faults.randrange(1, delay), self._fail_over)
+                sim.at_step(at + faults.randrange(1, delay),
+                            lambda s: self._fail_over(s, self.victims[:1]))
             if client_crash:
                 victim = faults.randrange(clients)
                 sim.at_step(faults.randrange(steps), lambda s: self._crash(s, victim))
+            if mn_crashes > 1:      # (drawn last: the one-crash runs' faults stay as they were)
+                later = at + delay
+                for v in faults.sample([n for n in range(nodes) if n != self.victims[0]],
+                                       mn_crashes - 1):
+                    later += faults.randrange(1, delay)
+                    sim.at_step(later, lambda s, v=v: self._crash_node(s, v))
+                    later += faults.randrange(1, delay)
+                    sim.at_step(later, lambda s, v=v: self._fail_over(s, [v]))
+        self.failed_over: list[int] = []
 
-    def _fail_over(self, sim: Simulator) -> None:
+    def _crash_node(self, sim: Simulator, node: int) -> None:
+        """MN ``node`` dies after the failover of the one before it (two in a row)."""
+        self.victims.append(node)
+        sim.crash_node(node)
+
+    def _fail_over(self, sim: Simulator, nodes: list[int]) -> None:
         """The master's failover, reaching the lanes of a core as it reaches the operations
         ``fusee.driver.run_concurrently`` keeps in flight: every batch completes in the
         pause and each operation takes its completions under the epoch it began in; only
@@ -118,7 +133,8 @@ class Combo:
                     c = sim.clients[name]
                     if c.runnable and c.gen is not None and c.batch and not c.pending:
                         sim._move(c)            # its completions, under the old epoch
-            sim._publish_failover(self.victims)
+            sim._publish_failover(nodes)
+            self.failed_over += nodes
         finally:
             del sim._post
         for c, batch in held:
@@ -170,8 +186,9 @@ class Combo:
         """Run, fail over if the master has not yet, read every key, check everything."""
         sim, cfg = self.sim, self.config
         history = sim.run()
-        if self.victims and not sim.failovers:
-            sim.fail_over(self.victims)
+        unpublished = [v for v in self.victims if v not in self.failed_over]
+        if unpublished:         # everyone finished first: the master catches up
+            sim.fail_over(unpublished)
         m = sim.membership
         transport = LocalTransport(cfg, memory=self.memory)
         reader = final_reads(self.memory, m, history, self.keys)
@@ -268,9 +285,19 @@ def test_a_crashed_update_whose_round_a_split_froze_is_not_taken_for_done():
         r.sim, "combo(seed, nodes=4, r=2) over a range of seeds")
 
 
+@pytest.mark.parametrize("seed, nodes", [(5001, 3), (5003, 4)])
+def test_two_mns_die_one_after_the_other(seed, nodes):
+    """r = 3: an MN dies and is failed over, then another (the second failover of the run,
+    its lanes and a crashed client's recovery across both epochs)."""
+    r = combo(seed, nodes=nodes, mn_crashes=2)
+    assert len(r.sim.failovers) == 2, f"seed {seed} drifted: {r.sim.faults}"
+
+
 #: shape -> keyword arguments of Combo
 SOAK = {"r3": dict(), "r2-4mn": dict(nodes=4, r=2), "r1": dict(nodes=2, r=1, mn_crash=False),
-        "lanes4": dict(lanes=4, clients=2)}
+        "lanes4": dict(lanes=4, clients=2), "r2-5mn": dict(nodes=5, r=2),
+        "lanes8": dict(lanes=8, clients=2), "r3-2mns": dict(mn_crashes=2),
+        "r3-4mn-2mns": dict(nodes=4, mn_crashes=2)}
 
 
 @pytest.mark.soak
