@@ -118,7 +118,8 @@ class Client:
     async def get_many(self, keys: Iterable[bytes], depth: int = batch.DEPTH
                        ) -> list[bytes | None]:
         """The keys' values (None: absent), in key order (``fusee.batch``)."""
-        return await self._in_worker(batch.get_many, self.sync, list(keys), depth)
+        keys = list(batch.check_iterable(keys, "get_many takes an iterable of keys"))
+        return await self._in_worker(batch.get_many, self.sync, keys, depth)
 
     async def put_many(self, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],
                        depth: int = batch.DEPTH) -> None:

@@ -29,7 +29,7 @@ from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from fusee.driver import first_rounds, run_concurrently
-from fusee.errors import INTERNAL, FuseeError, check_key
+from fusee.errors import INTERNAL, FuseeError, InvalidArgument, WrongType, check_key
 from fusee.operations import ClientCore
 from fusee.verbs import Op
 
@@ -59,9 +59,7 @@ class Pipeline:
     """Operations queued on a client (``Client.pipeline``), run together by ``execute``."""
 
     def __init__(self, client: Client, depth: int = DEPTH) -> None:
-        if type(depth) is not int or depth < 1:
-            raise ValueError("depth must be a positive int")
-        self.client, self.depth = client, depth
+        self.client, self.depth = client, check_depth(depth)
         #: (key, ClientCore operation, its arguments, the core it was made on, the operation)
         self._queue: list[tuple[bytes, Callable[..., Op[Any]], tuple[Any, ...], ClientCore,
                                 Op[Any]]] = []
@@ -169,10 +167,10 @@ def get_many(client: Client, keys: Iterable[bytes], depth: int = DEPTH) -> list[
     asked twice is searched once, its outcome given to each place it was asked for: gets
     with no write between them may return one read (as a pipeline running them one after
     the other, with no write between, may too)."""
-    if type(depth) is not int or depth < 1:
-        raise ValueError("depth must be a positive int")
+    check_depth(depth)
     limit = client.core.layout.max_key_size
-    keys = [check_key(key, limit) for key in keys]      # a bad key raises before any runs
+    keys = [check_key(key, limit) for key in check_iterable(keys, "get_many takes an iterable of "
+                                                             "keys")]   # all checked first
     distinct = list(dict.fromkeys(keys))
     results, went_on = _searches(client, distinct, depth)
     if len(distinct) != len(keys):
@@ -211,6 +209,27 @@ def _searches(client: Client, keys: list[bytes], depth: int) -> tuple[list[Any],
 def put_many(client: Client, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],
              depth: int = DEPTH) -> None:
     p = Pipeline(client, depth)
-    for key, value in (items.items() if isinstance(items, Mapping) else items):
-        p.put(key, value)
+    what = "put_many takes a mapping or an iterable of (key, value) pairs"
+    for item in (items.items() if isinstance(items, Mapping) else check_iterable(items, what)):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise WrongType(f"{what}, got an item {type(item).__name__}")
+        p.put(*item)
     p.execute()
+
+
+def check_depth(depth: int) -> int:
+    """``depth``, an int >= 1 (or InvalidArgument / WrongType, before anything runs)."""
+    if type(depth) is not int:
+        raise WrongType(f"depth is an int, got {type(depth).__name__}")
+    if depth < 1:
+        raise InvalidArgument(f"depth must be at least 1, got {depth}")
+    return depth
+
+
+def check_iterable(items: Iterable[Any], what: str) -> Iterable[Any]:
+    """``items`` if it can be iterated over, else WrongType saying ``what`` (a None, an
+    int: Python's own TypeError would not say which argument)."""
+    if isinstance(items, (str, bytes, bytearray, memoryview)) or not hasattr(items,
+                                                                               "__iter__"):
+        raise WrongType(f"{what}, got {type(items).__name__}")
+    return items

@@ -56,7 +56,8 @@ from fusee import batch
 from fusee.cluster_identity import check, check_transport, reached
 from fusee.config import ClusterConfig
 from fusee.driver import run, run_search
-from fusee.errors import ClientClosed, ForkedClient, LeaseExpired, LeaseLapsed, NodeRestarted
+from fusee.errors import (ClientClosed, ForkedClient, InvalidArgument, LeaseExpired, LeaseLapsed,
+                          NodeRestarted)
 from fusee.fencing import identity
 from fusee.membership import Membership
 from fusee.client_ids import open_client
@@ -97,7 +98,7 @@ class Client:
         ``lease``: a ``LeaseKeeper`` registered already (else, with a master, one is made
         here); the client owns it from now on."""
         if recover and client_id is None:
-            raise ValueError("recover=True needs the client_id to recover")
+            raise InvalidArgument("recover=True needs the client_id to recover")
         self.transport = transport
         self.config = config or transport.config
         self.lease = lease                  # fusee.master.link.LeaseKeeper, with a master

@@ -2,7 +2,7 @@
 
     FuseeError
     |-- KeyNotFound, KeyExists (also KeyError)                    exit 1
-    |-- WrongType (also TypeError), KeyTooLarge, ValueTooLarge,
+    |-- WrongType (also TypeError), KeyTooLarge, ValueTooLarge, InvalidArgument,
     |   ConfigError (also ValueError), ClientClosed, ForkedClient,
     |   NeedsRecovery, StoreFormatError, WrongMemoryNode           exit 2
     |-- TransportError                                             exit 3
@@ -27,9 +27,9 @@ error, so that a script can tell the cases apart:
     4  data error: an object is corrupt, or data is lost (more nodes died than replicas)
     5  internal error: a bug, report it
 
-The lookup errors are also ``KeyError``, the size and config errors ``ValueError``, a key or
-value of the wrong type a ``TypeError`` (``WrongType``) and a closed client a
-``RuntimeError``, so ordinary Python handlers keep working. The classes used to live in other
+The lookup errors are also ``KeyError``, the size, range and config errors ``ValueError``,
+a key, value or argument of the wrong type a ``TypeError`` (``WrongType``) and a closed client
+a ``RuntimeError``, so ordinary Python handlers keep working. The classes used to live in other
 modules, where they can still be imported from: ``fusee.verbs`` (the transport errors),
 ``fusee.master.logic`` (``LeaseExpired``, ``LeaseError``, ``TransitionInProgress``, ``DataLost``),
 ``fusee.index`` (``LostData``, now ``DataLost``: both meant "every replica of something is on a
@@ -87,6 +87,12 @@ class KeyTooLarge(FuseeError, ValueError):
 class ValueTooLarge(FuseeError, ValueError):
     """Raised when key + value + object overhead exceed the largest object size class (before
     any verb); the message says how large a value may be with that key."""
+    exit_code = USAGE
+
+
+class InvalidArgument(FuseeError, ValueError):
+    """Raised when an argument of the API is out of its range (a depth, a client id, a
+    patience; before any verb): the message says the range."""
     exit_code = USAGE
 
 

@@ -54,8 +54,8 @@ from fusee import update as update_mod
 from fusee.allocation import Allocator
 from fusee.cache import IndexCache
 from fusee.config import ClusterConfig
-from fusee.errors import (KeyExists, KeyNotFound, NeedsRecovery, Stalled, StoreFormatError,
-                          check_key, check_value)
+from fusee.errors import (InvalidArgument, KeyExists, KeyNotFound, NeedsRecovery, Stalled,
+                          StoreFormatError, WrongType, check_key, check_value)
 from fusee.hashing import key_hash
 from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry
 from fusee.holdings import adopt
@@ -89,12 +89,13 @@ class ClientCore:
     def __init__(self, config: ClusterConfig, client_id: int, cache_capacity: int = 65536,
                  patience: int = PATIENCE, membership: Membership = Membership()) -> None:
         if type(client_id) is not int:
-            raise TypeError("client_id must be an int")
+            raise WrongType(f"client_id is an int, got {type(client_id).__name__}")
         self.config, self.layout = config, config.layout
+        ids = min(self.layout.max_clients, MAX_CLIENT_IDS)
+        if not 0 <= client_id < ids:
+            raise InvalidArgument(f"client id {client_id} is out of range 0..{ids - 1} "
+                                  f"(layout.max_clients)")
         self.map = MemoryMap.of(self.layout)
-        self.map.client_meta(client_id)             # range check
-        if client_id >= MAX_CLIENT_IDS:
-            raise ValueError(f"client ids must be below {MAX_CLIENT_IDS}")
         self.geo = IndexGeometry.of(self.layout)
         self.client_id = client_id
         self.n, self.r = len(config.memnodes), config.replicas
@@ -122,7 +123,7 @@ class ClientCore:
         self.in_flight = 0              # operations started and not ended (``tracked``)
         self.cut_short = False          # one of them ended half way (``settled``)
         if type(patience) is not int or patience < 1:
-            raise ValueError("patience must be a positive int")
+            raise InvalidArgument(f"patience must be a positive int, got {patience!r}")
         self.patience = patience
 
     # -- public operations (each returns a generator) --------------------------------------

@@ -81,6 +81,37 @@ def test_wrong_types_are_fusee_errors_and_type_errors(kv):
         assert isinstance(e.value, TypeError) and e.value.exit_code == 2
 
 
+@pytest.mark.parametrize("call, kind, says", [
+    (lambda kv: kv.pipeline(depth=0), errors.InvalidArgument, "depth must be at least 1"),
+    (lambda kv: kv.get_many([b"a"], depth="2"), errors.WrongType, "depth is an int"),
+    (lambda kv: kv.get_many(None), errors.WrongType, "get_many takes an iterable of keys"),
+    (lambda kv: kv.get_many(b"abc"), errors.WrongType, "get_many takes an iterable of keys"),
+    (lambda kv: kv.put_many(None), errors.WrongType, "put_many takes a mapping or"),
+    (lambda kv: kv.put_many([b"a"]), errors.WrongType, "pairs, got an item bytes"),
+    (lambda kv: kv.put_many([(b"a", b"b", b"c")]), errors.WrongType, "got an item tuple"),
+])
+def test_bad_arguments_of_the_batch_api_are_fusee_errors_saying_which(kv, call, kind, says):
+    """Python's own TypeError ('NoneType' object is not iterable, not enough values to
+    unpack) names no argument and is no FuseeError, which the README promises every error
+    is; nothing runs, nothing is written."""
+    with pytest.raises(kind, match=says) as e:
+        call(kv)
+    assert isinstance(e.value, (TypeError, ValueError)) and e.value.exit_code == 2
+    assert kv.get(b"a") is None
+
+
+@pytest.mark.parametrize("client_id, kind, says", [
+    (-1, errors.InvalidArgument, "client id -1 is out of range 0.."),
+    (10 ** 9, errors.InvalidArgument, "out of range 0.."),
+    ("3", errors.WrongType, "client_id is an int, got str"),
+])
+def test_a_client_id_out_of_range_or_of_the_wrong_type_says_so(client_id, kind, says):
+    with LocalCluster(memnodes=3, transport="local", replication=2) as cluster:
+        with pytest.raises(kind, match=says) as e:
+            cluster.client(client_id=client_id)
+        assert e.value.exit_code == 2
+
+
 def test_the_empty_and_the_long_key_say_the_limit(kv):
     limit = kv.config.layout.max_key_size
     with pytest.raises(errors.KeyTooLarge) as e:
