@@ -27,9 +27,8 @@ the id holds (``fusee.holdings.adopt``).
      completed. An UPDATE's or DELETE's proposal that a failover left in a slot
      (``Membership.installed``: its primary died, every live backup held it) took effect
      there, though the slot may have moved on since; the value it replaced went with the
-     primary (``OLD_LOST``). What took
-     effect is marked COMMITTED, the rest LOST or ABORTED, so that the
-     entries tell the next holder of the id which objects are free.
+     primary (``OLD_LOST``). What took effect is marked COMMITTED, the rest LOST or ABORTED,
+     so that the entries tell the next holder of the id which objects are free.
 4. Release: blocks owned outside a complete group go back to their MNs, the id is marked
    CLEAN, the lock is released.
 
@@ -37,10 +36,9 @@ Waits on other clients (a split in progress, a round whose winner is another cra
 are bounded (``Stalled``: the master retries later). Every step is idempotent, so a recovery
 that died half way is simply run again (by the same ``owner``).
 
-Memory-node crashes: recovery runs under a membership (``fusee.membership``) and reads the
-live replicas only. While an MN is dead but not yet failed over it meets NodeTimeout and
-fails; the master runs it again after the failover (``fusee.failover``), which has closed
-every round the dead MN left open.
+Memory-node crashes: recovery runs under a membership (``fusee.membership``), reading live
+replicas only. Under a dead MN not yet failed over it fails with NodeTimeout; the master runs
+it again after the failover (``fusee.failover``), which closed every round the MN left open.
 
 Design: docs/design.md#client-crash-recovery.
 """
@@ -48,7 +46,6 @@ Design: docs/design.md#client-crash-recovery.
 from __future__ import annotations
 
 import time
-
 from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass, field
@@ -309,11 +306,9 @@ class Recovery:
                 assert e.s is not None, "an INSERT entry proposes a slot value"
                 expect.add(e.s | TENTATIVE)
             if p & FROZEN and p & ~FROZEN in expect:
-                # a split froze the slot before our primary CAS: it never took effect here
-                # (retried?). Whether ``old``'s free went out says nothing then: the split
-                # copied ``old`` on, and a writer in the new subtable may have replaced and
-                # freed it (taken for "delivered", our object was held for good: a leak;
-                # tests/test_hostile_combos.py)
+                # a split froze the slot before our CAS: never took effect here. ``old``'s
+                # free says nothing (the split copied ``old`` on; a writer there may have
+                # freed it): tests/test_hostile_combos.py
                 dead.append(e)
                 continue
             if (owed or len(got) == 1) and p & ~FROZEN in expect:
