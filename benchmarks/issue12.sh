@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Issue 12's targets, one line each: the `fusee bench` run that measures it, then
 # `python3 -m fusee.bench.targets`, which prints each figure next to its target (met / MISSED).
-# Run it on a quiet machine (every process shares the cores): benchmarks/issue12.sh [OUT]
+# Run it on a quiet machine (every process shares the cores):
+#   benchmarks/issue12.sh [--build compiled|source] [OUT]
+# --build: which build of this checkout's code it measures (benchmarks/with_build.sh): compiled
+# (the default: what `pip install fusee` runs, the fast path compiled by mypyc) or source (the
+# .py files, as an editable install runs them). Never whichever one `pip install -e` named.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# this checkout's code, not whichever one `pip install -e` named (`fusee` and
-# benchmarks/instructions.py would import that one, in a worktree another branch's)
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+BUILD=compiled
+if [ "${1:-}" = --build ]; then BUILD=${2:-}; shift 2 || true; fi
+if [ -z "${FUSEE_ISSUE12_BUILD:-}" ]; then
+  FUSEE_ISSUE12_BUILD=$BUILD exec benchmarks/with_build.sh "$BUILD" "$0" "$@"
+fi
 OUT=${1:-fusee-issue12}
 B="fusee bench --no-baselines --no-progress --clients 1"
 T="python3 -m fusee.bench.targets"

@@ -17,8 +17,8 @@ def _row(suite, name, throughput, depth=1, clients=1, p50=None):
             "depth": depth, "throughput": throughput, "latency_us": latency}
 
 
-def _doc(options, rows, load=()):
-    return {"options": options, "results": rows,
+def _doc(options, rows, load=(), build="compiled"):
+    return {"options": options, "results": rows, "machine": {"fast_path": build},
             "load": [{"system": "fusee", "throughput": t} for t in load]}
 
 
@@ -28,10 +28,16 @@ def test_each_figure_is_printed_with_its_target_and_whether_it_is_met():
                      _row("ycsb", "C", 151_000, depth=8)], load=[59_000])
     got = {v.what: (v.figure, v.target, v.met) for v in judge_run(doc)}
     assert got == {
-        "SEARCH p50, shm, 1 client": ("4.9 us", "<= 5 us", True),
-        "INSERT p50, shm, 1 client": ("15.1 us", "<= 15 us", False),
-        "YCSB-C throughput, shm, 1 client, depth 8": ("151.0 Kops/s", ">= 150 Kops/s", True),
-        "load phase, shm, 1 client process": ("59.0 Kops/s", ">= 60 Kops/s", False)}
+        "SEARCH p50, shm, 1 client, compiled": ("4.9 us", "<= 5 us", True),
+        "INSERT p50, shm, 1 client, compiled": ("15.1 us", "<= 15 us", False),
+        "YCSB-C throughput, shm, 1 client, depth 8, compiled": ("151.0 Kops/s", ">= 150 Kops/s",
+                                                                True),
+        "load phase, shm, 1 client process, compiled": ("59.0 Kops/s", ">= 60 Kops/s", False)}
+    # each line names the build it measured; older results do not say which
+    doc = _doc(SHM, [_row("micro", "search", 1, p50=6.0)], build="Python")
+    assert [v.what for v in judge_run(doc)] == ["SEARCH p50, shm, 1 client, Python"]
+    del doc["machine"]
+    assert [v.what for v in judge_run(doc)] == ["SEARCH p50, shm, 1 client, build unknown"]
 
 
 def test_a_figure_measured_under_other_conditions_is_not_judged():
@@ -43,14 +49,17 @@ def test_a_figure_measured_under_other_conditions_is_not_judged():
     assert judge_run(_doc({**SHM, "load_clients": 2}, [], load=[10**6])) == []
 
 
-def test_depth_8_is_judged_against_depth_1_of_the_same_transport_and_workload():
+def test_depth_8_is_judged_against_depth_1_of_the_same_transport_workload_and_build():
     zmq = {**SHM, "transport": "zmq"}
     docs = [_doc(zmq, [_row("ycsb", "C", 10_000)]), _doc(zmq, [_row("ycsb", "C", 39_000, 8)]),
             _doc(SHM, [_row("ycsb", "C", 50_000)]), _doc(SHM, [_row("ycsb", "C", 50_000, 8)]),
-            _doc(SHM, [_row("ycsb", "A", 50_000, 8)])]      # no depth 1 of A: not judged
+            _doc(SHM, [_row("ycsb", "A", 50_000, 8)]),      # no depth 1 of A: not judged
+            # a source run at depth 1 is no baseline for a compiled one at depth 8
+            _doc(SHM, [_row("ycsb", "B", 40_000)], build="Python"),
+            _doc(SHM, [_row("ycsb", "B", 60_000, 8)])]
     got = {v.what: (v.figure, v.met) for v in judge_depth(docs)}
-    assert got == {"YCSB-C depth 8 / depth 1, shm, 1 client": ("1.0 x", True),
-                   "YCSB-C depth 8 / depth 1, zmq, 1 client": ("3.9 x", False)}
+    assert got == {"YCSB-C depth 8 / depth 1, shm, 1 client, compiled": ("1.0 x", True),
+                   "YCSB-C depth 8 / depth 1, zmq, 1 client, compiled": ("3.9 x", False)}
 
 
 def test_the_command_line_reads_run_folders_and_says_what_it_cannot_read(tmp_path, capsys):
@@ -59,7 +68,8 @@ def test_the_command_line_reads_run_folders_and_says_what_it_cannot_read(tmp_pat
     (run / "results.json").write_text(json.dumps(_doc(SHM, [_row("micro", "delete", 1,
                                                                   p50=11.0)])))
     assert main([str(run)]) == 0
-    assert "DELETE p50, shm, 1 client: 11.0 us  (target <= 12 us)  met" in capsys.readouterr().out
+    assert ("DELETE p50, shm, 1 client, compiled: 11.0 us  (target <= 12 us)  met"
+            in capsys.readouterr().out)
     (tmp_path / "bad.json").write_text("{not json")
     assert main([str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err

@@ -166,3 +166,27 @@ def test_workload_validation():
     with pytest.raises(ValueError, match="theta"):
         Zipfian(100, 1.2)
     assert WORKLOADS["D"].ops() == ["search", "insert"]
+
+
+@pytest.mark.parametrize("workload", ["A", "D"])
+def test_the_bench_names_each_operations_key_as_key_names_does(workload):
+    """The bench's op source (``fusee.bench.runner.ycsb_ops``) names the keys inserted since
+    the load a chunk at a time: the same names, in the same order, as one at a time; over
+    more than one chunk, so that the next chunk's draw follows."""
+    from fusee.bench.runner import CHUNK, ycsb_ops
+    from fusee.bench.ycsb import OP_NAMES
+    keys = 1000
+
+    def stream() -> OpStream:
+        return OpStream(WORKLOADS[workload], keys, stream_rng(7, 1 << 20, 0), insert_base=keys)
+    reference = stream()
+    want = []
+    while len(want) < 2 * CHUNK + 10:
+        codes, nums = reference.chunk(CHUNK)
+        want += [(OP_NAMES[c], key_names([n])[0]) for c, n in zip(codes, nums)]
+    loaded = key_names(np.arange(keys))
+    ops = ycsb_ops(stream(), loaded)
+    got = [next(ops) for _ in want]
+    assert got == want
+    fresh = {key for _, key in got} - set(loaded)       # D inserts and reads the new keys
+    assert bool(fresh) == (workload == "D")

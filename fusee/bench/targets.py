@@ -6,7 +6,9 @@ Each RESULTS is a `fusee bench --out` folder (or its ``results.json``). For ever
 them that a target is about, one line: the figure, the target, and whether it is met. A target
 holds under stated conditions (shm, 3 memory nodes, r = 3, 1 KB objects, one client process):
 a figure measured under others is not judged, so a run cannot pass by changing them. The depth
-targets compare two runs of the same workload, at depth 1 and at depth 8.
+targets compare two runs of the same workload, at depth 1 and at depth 8, of one build. Each
+line names the build that ran (machine.fast_path: "compiled", as ``pip install fusee`` builds
+it, or "Python", the sources), since the client's CPU per operation differs between them.
 ``benchmarks/issue12.sh`` runs each measurement in one line.
 
 Exit status: 0 when every judged figure meets its target, 1 when one misses, 2 when nothing
@@ -55,11 +57,18 @@ def _judge(what: str, value: float, unit: str, limit: float,
     return Verdict(what, f"{value:.1f} {unit}", f"{sign} {limit:g} {unit}", meets(value, limit))
 
 
+def _build(doc: dict[str, Any]) -> str:
+    """The fast path's build a run measured (older results do not say)."""
+    build: str = doc.get("machine", {}).get("fast_path", "build unknown")
+    return build
+
+
 def judge_run(doc: dict[str, Any]) -> list[Verdict]:
     """The verdicts one run's results can give on their own (latency, load, YCSB-C depth 8)."""
     o = doc["options"]
     if not _conditions(o):
         return []
+    build = _build(doc)
     out = []
     for row in doc["results"]:
         if row["system"] != "fusee" or row["clients"] != 1:
@@ -67,24 +76,25 @@ def judge_run(doc: dict[str, Any]) -> list[Verdict]:
         if row["suite"] == "micro" and row["depth"] == 1 and row["name"] in P50_US:
             p50 = row["latency_us"].get(row["name"], {}).get("p50_us")
             if p50 is not None:
-                out.append(_judge(f"{row['name'].upper()} p50, shm, 1 client", p50, "us",
+                out.append(_judge(f"{row['name'].upper()} p50, shm, 1 client, {build}", p50, "us",
                                   P50_US[row["name"]], operator.le, "<="))
         if row["suite"] == "ycsb" and row["name"] == "C" and row["depth"] == 8:
-            out.append(_judge("YCSB-C throughput, shm, 1 client, depth 8",
+            out.append(_judge(f"YCSB-C throughput, shm, 1 client, depth 8, {build}",
                               row["throughput"] / 1e3, "Kops/s", YCSB_C_DEPTH8_OPS / 1e3,
                               operator.ge, ">="))
     if o.get("load_clients") == 1:
         for load in doc["load"]:
             if load["system"] == "fusee":
-                out.append(_judge("load phase, shm, 1 client process", load["throughput"] / 1e3,
+                out.append(_judge(f"load phase, shm, 1 client process, {build}",
+                                  load["throughput"] / 1e3,
                                   "Kops/s", LOAD_OPS / 1e3, operator.ge, ">="))
     return out
 
 
 def judge_depth(docs: Sequence[dict[str, Any]]) -> list[Verdict]:
     """Depth 8 against depth 1: the YCSB rows of one client that two runs under the same
-    conditions measured at those depths, per transport and workload."""
-    by: dict[tuple[str, str, int], float] = {}
+    conditions, of one build, measured at those depths, per transport and workload."""
+    by: dict[tuple[str, str, str, int], float] = {}
     for doc in docs:
         transport = doc["options"].get("transport", "")
         if transport not in DEPTH_GAIN or not _conditions(doc["options"], transport):
@@ -92,13 +102,13 @@ def judge_depth(docs: Sequence[dict[str, Any]]) -> list[Verdict]:
         for row in doc["results"]:
             if (row["system"] == "fusee" and row["suite"] == "ycsb" and row["clients"] == 1
                     and row["depth"] in (1, 8)):
-                by[(transport, row["name"], row["depth"])] = row["throughput"]
+                by[(transport, _build(doc), row["name"], row["depth"])] = row["throughput"]
     out = []
-    for (transport, name, depth), deep in sorted(by.items()):
-        shallow = by.get((transport, name, 1))
+    for (transport, build, name, depth), deep in sorted(by.items()):
+        shallow = by.get((transport, build, name, 1))
         if depth != 8 or not shallow:
             continue
-        out.append(_judge(f"YCSB-{name} depth 8 / depth 1, {transport}, 1 client",
+        out.append(_judge(f"YCSB-{name} depth 8 / depth 1, {transport}, 1 client, {build}",
                           deep / shallow, "x", DEPTH_GAIN[transport], operator.ge, ">="))
     return out
 
