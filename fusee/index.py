@@ -298,6 +298,7 @@ _DIFFERS_IN_C: Callable[..., bool] | None
 _STALE_IN_C: Callable[..., bool] | None
 _GET_IN_C: Callable[..., int | None] | None
 _READS_IN_C: Callable[..., Any] | None     # its answer kept as is (see Directory._reads)
+_QUIET_IN_C: Callable[..., bool] | None
 try:
     from fusee.emulator._atomic import bucket_reads as _READS_IN_C
     from fusee.emulator._atomic import view_differs as _DIFFERS_IN_C
@@ -308,6 +309,10 @@ try:
 except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
     _FREE_SLOT_IN_C = _MATCHES_IN_C = _DIFFERS_IN_C = None
     _STALE_IN_C = _GET_IN_C = _READS_IN_C = None
+try:        # (the newest: a build older than it has the others)
+    from fusee.emulator._atomic import view_quiet as _QUIET_IN_C
+except ImportError:     # pragma: no cover
+    _QUIET_IN_C = None
 _WORD_BITS: Final = (1 << 64) - 1
 #: the bits of the slot words of two combined buckets read as one little-endian integer
 #: (``View.differs``): all but the 4 bucket headers
@@ -419,6 +424,17 @@ class View:
         if at is not None:
             apart &= ~(_WORD_BITS << 8 * at)
         return apart != 0
+
+    def quiet(self, other: View, fp: int, skip: int) -> bool:
+        """No slot but ``skip`` holds different values here and in ``other`` (the same
+        buckets read twice), nor a fingerprint byte of ``fp``: neither ``pairs`` nor
+        ``differs`` finds one (an insert's duplicate check with nothing to look at), in one
+        C call where the extension is built."""
+        assert other.f0 == self.f0 and other.f1 == self.f1, "two reads of the same buckets"
+        quiet_in_c = _QUIET_IN_C
+        if quiet_in_c is not None:
+            return quiet_in_c(self.raw, other.raw, fp, self.f0, self.f1, skip)
+        return not self.pairs(other, fp, skip) and not self.differs(other, skip)
 
     def _offset(self, pos: int) -> int | None:
         """Where slot ``pos``'s word is in ``raw``; None when the view does not hold it."""

@@ -368,7 +368,7 @@ def _clear_at_once(t: SlotTarget, fp: int, prims: View, claims: View) -> bool:
     The common case of an insert, without making ``_check``'s generator."""
     if not t.backups:       # (r >= 2: ``prims`` is the view whose ``stale`` said not frozen)
         return not prims.frozen and not claims.pairs(prims, fp, t.pos)
-    return not claims.pairs(prims, fp, t.pos) and not claims.differs(prims, t.pos)
+    return claims.quiet(prims, fp, t.pos)
 
 
 def _await_claim(core: OpCore, sid: int, claim: Rival, claim_node: int, primary: int
