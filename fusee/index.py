@@ -201,7 +201,7 @@ class Directory:
     def __init__(self, geo: IndexGeometry, n_nodes: int, r: int,
                  membership: Membership = Membership()) -> None:
         self.geo, self.n, self.r = geo, n_nodes, r
-        self.entries: list[int] = []
+        self.entries: list[int] = []          # the directory's words, less VALID (``load``)
         # per-operation lookups, computed once
         self._suffix_mask = (1 << geo.dir_bits) - 1
         self._mains = geo.mains
@@ -224,10 +224,12 @@ class Directory:
         return Read(self.replicas[0], self.geo.directory, 8 << self.geo.dir_bits)
 
     def load(self, buf: bytes) -> None:
-        entries = list(struct.unpack(f"<{1 << self.geo.dir_bits}Q", buf))
+        entries = struct.unpack(f"<{1 << self.geo.dir_bits}Q", buf)
         if not all(e & ENTRY_VALID for e in entries):
             raise StoreFormatError("the index directory is not formatted (wrong layout?)")
-        self.entries = entries
+        # kept without their VALID bit: depth << 32 | subtable id, ints a compiled ``lookup``
+        # takes apart inline (with bit 63, each is a boxed int: a call per operation)
+        self.entries = [e ^ ENTRY_VALID for e in entries]
 
     def lookup(self, h: KeyHash) -> tuple[int, int]:
         """(subtable id, local depth) for a key."""
