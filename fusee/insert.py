@@ -124,7 +124,7 @@ def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
             claim_node = t.backups[0] if t.backups else t.primary
             # the same buckets on the claim MN (made from ``reads``: a new key's buckets
             # are not among the reads the directory keeps)
-            r0, r1 = reads
+            r0, r1 = reads[0], reads[1]         # (compiled: no iterator over the list)
             claim_reads = [Read(claim_node, r0.addr, r0.length), Read(claim_node, r1.addr,
                                                                       r1.length)]
             extra = claim_reads + _object_reads(core, cands) if cands else claim_reads
@@ -173,7 +173,7 @@ def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
                 open_round.committed = None
                 yield from core.rt(core.log.record(obj, COMMITTED, slot_ref(sid, pos), v_old))
                 open_round.committed = True
-                (held,) = yield from core.rt([primary_request(t, expected, s, open_round)])
+                held = (yield from core.rt([primary_request(t, expected, s, open_round)]))[0]
                 if held == expected:                # the linearization point
                     core.cache.store(key, sid, pos, s)
                     return None
