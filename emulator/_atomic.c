@@ -658,13 +658,15 @@ static int add_object_methods(PyObject *module);  /* KV objects and bucket views
 static int add_search_methods(PyObject *module);  /* a SEARCH's cache hit: before the end */
 static int add_write_methods(PyObject *module);   /* the write path's verbs: before the end */
 static int add_acyclic_methods(PyObject *module); /* long-lived objects untracked: the end */
+static int add_quiet_methods(PyObject *module);   /* an insert's quiet check: the end */
 
 PyMODINIT_FUNC PyInit__atomic(void) {
     if (!(str_rkey = PyUnicode_InternFromString("rkey"))) return NULL;
     if (!(str_fields = PyUnicode_InternFromString("_fields"))) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m && (add_object_methods(m) < 0 || add_search_methods(m) < 0 ||
-              add_write_methods(m) < 0 || add_acyclic_methods(m) < 0)) Py_CLEAR(m);
+              add_write_methods(m) < 0 || add_acyclic_methods(m) < 0 ||
+              add_quiet_methods(m) < 0)) Py_CLEAR(m);
     return m;
 }
 
@@ -1367,4 +1369,39 @@ static PyMethodDef acyclic_methods[] = {
 /* the block above, added to the module by PyInit__atomic */
 static int add_acyclic_methods(PyObject *module) {
     return PyModule_AddFunctions(module, acyclic_methods);
+}
+
+/* -- An insert's duplicate check with nothing to look at (fusee.index.View.quiet) ----------
+ *
+ * Most inserts find no other slot naming their key's fingerprint, and no slot but their own
+ * moved between the primary's read and the claim MN's: ``_clear_at_once`` (fusee.insert)
+ * asked View.pairs and View.differs, two calls into this extension and a list. One call. */
+
+/* view_quiet(raw, theirs, fp, f0, f1, skip) -> bool: no slot but position ``skip`` holds
+ * different values in the two reads or a fingerprint byte of ``fp`` (View.quiet: neither
+ * View.pairs nor View.differs finds one) */
+static PyObject *view_quiet(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 6) { PyErr_SetString(PyExc_TypeError, "view_quiet(raw, theirs, fp, f0, f1, skip)"); return NULL; }
+    const unsigned char *raw = view_raw(args[0]), *theirs = raw ? view_raw(args[1]) : NULL;
+    if (!theirs) return NULL;
+    long long fp = PyLong_AsLongLong(args[2]), f0 = PyLong_AsLongLong(args[3]);
+    long long f1 = PyLong_AsLongLong(args[4]), skip = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    for (int i = 1; i < 32; i++) {
+        if (!(i & 7) || word_pos(f0, f1, i) == skip) continue;
+        /* equal words: the fingerprint byte of one is the other's */
+        if (memcmp(raw + 8 * i, theirs + 8 * i, 8) || raw[8 * i + 7] == fp) Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyMethodDef quiet_methods[] = {
+    {"view_quiet", (PyCFunction)(void (*)(void))view_quiet, METH_FASTCALL,
+     "view_quiet(raw, theirs, fp, f0, f1, skip) -> bool (fusee.index.View)"},
+    {NULL, NULL, 0, NULL},
+};
+
+/* the block above, added to the module by PyInit__atomic */
+static int add_quiet_methods(PyObject *module) {
+    return PyModule_AddFunctions(module, quiet_methods);
 }

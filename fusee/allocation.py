@@ -120,6 +120,9 @@ class Allocator:
         self.current: BlockGroup | None = None
         self.bump = 0
         self.tails: list[list[Any]] = []        # [group, bump] of earlier groups with room
+        #: the most room a tail has (``_take`` looks at them only for a smaller object: a
+        #: client's groups keep a tail each, too short for its usual objects)
+        self.tail_room = 0
         self.busy = False                       # an operation is reclaiming or growing
         self.data = mmap_.data
         self.next_primary = client_id % n_nodes
@@ -207,13 +210,13 @@ class Allocator:
         if q and not self.sparing:
             return q.popleft()
         size = units * self.unit
-        for tail in self.tails:                 # older space first
+        tail = self._tail_for(size) if size <= self.tail_room else None
+        if tail is not None:                    # older space first
             g, bump = tail
-            if bump + size <= self.block_size and not (self.sparing and self._spared(g)):
-                tail[1] = bump + size
-                if tail[1] + self.unit > self.block_size:
-                    self.tails.remove(tail)
-                break
+            tail[1] = bump + size
+            if tail[1] + self.unit > self.block_size:
+                self.tails.remove(tail)
+            self._measure_tails()
         else:
             g, bump = self.current, self.bump
             if g is None or bump + size > self.block_size or self.sparing and self._spared(g):
@@ -223,12 +226,24 @@ class Allocator:
         self.sizes[p] = units
         return p
 
+    def _tail_for(self, size: int) -> list[Any] | None:
+        """The oldest tail with room for ``size`` bytes (None: none has)."""
+        for tail in self.tails:
+            g, bump = tail
+            if bump + size <= self.block_size and not (self.sparing and self._spared(g)):
+                return tail
+        return None
+
+    def _measure_tails(self) -> None:
+        """``tail_room`` anew, after a tail shrank or the tails changed."""
+        self.tail_room = max([self.block_size - b for _, b in self.tails], default=0)
+
     def _room(self, size: int) -> bool:
         if self.sparing:
             return any(b + size <= self.block_size and not self._spared(g)
                        for g, b in [(self.current, self.bump), *self.tails] if g is not None)
         return (self.current is not None and self.bump + size <= self.block_size
-                or any(b + size <= self.block_size for _, b in self.tails))
+                or size <= self.tail_room)
 
     def ready(self, units: int) -> bool:
         """An allocation of this class can proceed without talking to the MNs."""
@@ -340,6 +355,7 @@ class Allocator:
             self.fresh.add(g)
         if self.current is not None and self.bump + self.unit <= self.block_size:
             self.tails.append([self.current, self.bump])
+            self.tail_room = max(self.tail_room, self.block_size - self.bump)
         self.current, self.bump = g, self.first_object
         self.stats["blocks"] += 1
 
@@ -526,4 +542,5 @@ class Allocator:
         self.pending = {}
         self.current, self.bump = current, bump
         self.tails = [[g, b] for g, b in tails]
+        self._measure_tails()
         self.stats["blocks"] = len(self.groups)

@@ -13,7 +13,6 @@ Design: docs/design.md#index-cache.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from fusee.acyclic import untracked
@@ -26,19 +25,24 @@ if TYPE_CHECKING:
 _UNTRACKED: Final = untracked
 
 
-@dataclass
 class CacheEntry:
     """Kept off the garbage collector's lists (``fusee.acyclic``): nothing it holds ever
-    leads back to it (``hit_reads`` neither)."""
-    sid: int            # subtable: with ``pos`` gives the slot on every replica
-    pos: int
-    value: int          # slot value last seen (the key's object)
-    accesses: int = 0
-    misses: int = 0
-    #: what a SEARCH hit posts, made once for the entry (``fusee.search``): the membership
-    #: it was made for (a new one may move the primary and the object's copies), its
-    #: requests (the key's bucket reads and the object read), the buckets' first buckets
-    hit_reads: tuple[Membership, list[Read], tuple[int, int]] | None = None
+    leads back to it (``hit_reads`` neither). (A class with its own ``__init__``, not a
+    dataclass: compiled, a dataclass's ``__init__`` is generated Python, an interpreted call
+    on every insert and update.)"""
+    __slots__ = ("sid", "pos", "value", "accesses", "misses", "hit_reads")
+
+    def __init__(self, sid: int, pos: int, value: int, accesses: int = 0, misses: int = 0
+                 ) -> None:
+        self.sid = sid          # subtable: with ``pos`` gives the slot on every replica
+        self.pos = pos
+        self.value = value      # slot value last seen (the key's object)
+        self.accesses, self.misses = accesses, misses
+        #: what a SEARCH hit posts, made once for the entry (``fusee.search``): the
+        #: membership it was made for (a new one may move the primary and the object's
+        #: copies), its requests (the key's bucket reads and the object read), the buckets'
+        #: first buckets
+        self.hit_reads: tuple[Membership, list[Read], tuple[int, int]] | None = None
 
 
 class IndexCache:

@@ -53,9 +53,13 @@ def _build_in_c() -> None:
 _build_in_c()
 
 
+#: xxHash's function: compiled, a C static (not a module attribute looked up at every call)
+_XXH3_128: Final = xxhash.xxh3_128_intdigest
+
+
 @lru_cache(maxsize=1 << 14)
 def key_hash(key: bytes) -> KeyHash:
     """The key's hash; recently used keys (every operation on a key hashes it) are memoized."""
-    h = xxhash.xxh3_128_intdigest(key)
+    h = _XXH3_128(key)
     low = h & ((1 << 64) - 1)
     return KeyHash(low, h >> 64, low >> 56)

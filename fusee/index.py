@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final
 
+from fusee.acyclic import untracked
 from fusee.config import LayoutConfig
 from fusee.errors import DataLost, StoreFormatError
 from fusee.hashing import KeyHash
@@ -165,6 +166,31 @@ def child_ids(sid: int, depth: int, suffix: int, initial_depth: int) -> tuple[in
     return base + suffix, base + suffix + (1 << depth)
 
 
+#: Final: a compiled ``SlotTarget`` calls it from a C static, not through the module's dict
+_UNTRACKED: Final = untracked
+
+
+class SlotTarget:
+    """One index slot: its subtable, position, replica nodes (primary first) and address
+    (``fusee.replication``'s rounds are made on it; a class of this compiled module, so a
+    new one is no interpreted call: an insert makes one for every slot it claims).
+
+    Its primary and backups are fields, not properties: an UPDATE asks for them five times,
+    and each property is a Python call on the fast path (issue 12). A client keeps thousands
+    (``ClientCore.target``), off the garbage collector's lists: ints and tuples of ints, in
+    no cycle (``fusee.acyclic``)."""
+    __slots__ = ("sid", "pos", "nodes", "addr", "primary", "backups")
+
+    def __init__(self, sid: int, pos: int, nodes: tuple[int, ...], addr: int) -> None:
+        self.sid, self.pos, self.nodes, self.addr = sid, pos, nodes, addr
+        self.primary, self.backups = nodes[0], nodes[1:]
+        _UNTRACKED(self)
+
+    def __repr__(self) -> str:
+        return (f"SlotTarget(sid={self.sid}, pos={self.pos}, nodes={self.nodes}, "
+                f"addr={self.addr:#x})")
+
+
 #: the name this module gave ``fusee.errors.DataLost``
 LostData = DataLost
 
@@ -175,7 +201,7 @@ class Directory:
     def __init__(self, geo: IndexGeometry, n_nodes: int, r: int,
                  membership: Membership = Membership()) -> None:
         self.geo, self.n, self.r = geo, n_nodes, r
-        self.entries: list[int] = []
+        self.entries: list[int] = []          # the directory's words, less VALID (``load``)
         # per-operation lookups, computed once
         self._suffix_mask = (1 << geo.dir_bits) - 1
         self._mains = geo.mains
@@ -198,10 +224,12 @@ class Directory:
         return Read(self.replicas[0], self.geo.directory, 8 << self.geo.dir_bits)
 
     def load(self, buf: bytes) -> None:
-        entries = list(struct.unpack(f"<{1 << self.geo.dir_bits}Q", buf))
+        entries = struct.unpack(f"<{1 << self.geo.dir_bits}Q", buf)
         if not all(e & ENTRY_VALID for e in entries):
             raise StoreFormatError("the index directory is not formatted (wrong layout?)")
-        self.entries = entries
+        # kept without their VALID bit: depth << 32 | subtable id, ints a compiled ``lookup``
+        # takes apart inline (with bit 63, each is a boxed int: a call per operation)
+        self.entries = [e ^ ENTRY_VALID for e in entries]
 
     def lookup(self, h: KeyHash) -> tuple[int, int]:
         """(subtable id, local depth) for a key."""
@@ -218,10 +246,11 @@ class Directory:
         through ``h.high``, and every operation on a key makes them: recent ones are kept."""
         got = self._reads.get((h.high, sid, node))
         if got is None:
-            if _READS_IN_C is not None:
+            reads_in_c = _READS_IN_C
+            if reads_in_c is not None:
                 geo = self.geo
-                got = _READS_IN_C(Read, node, h.high, self._mains,
-                                  geo.subtables + sid * geo.subtable_bytes, BUCKET_BYTES)
+                got = reads_in_c(Read, node, h.high, self._mains,
+                                 geo.subtables + sid * geo.subtable_bytes, BUCKET_BYTES)
             else:
                 got = self.bucket_reads_py(sid, h, node)
             if len(self._reads) >= _KEPT_READS:
@@ -271,6 +300,7 @@ _DIFFERS_IN_C: Callable[..., bool] | None
 _STALE_IN_C: Callable[..., bool] | None
 _GET_IN_C: Callable[..., int | None] | None
 _READS_IN_C: Callable[..., Any] | None     # its answer kept as is (see Directory._reads)
+_QUIET_IN_C: Callable[..., bool] | None
 try:
     from fusee.emulator._atomic import bucket_reads as _READS_IN_C
     from fusee.emulator._atomic import view_differs as _DIFFERS_IN_C
@@ -281,6 +311,10 @@ try:
 except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
     _FREE_SLOT_IN_C = _MATCHES_IN_C = _DIFFERS_IN_C = None
     _STALE_IN_C = _GET_IN_C = _READS_IN_C = None
+try:        # (the newest: a build older than it has the others)
+    from fusee.emulator._atomic import view_quiet as _QUIET_IN_C
+except ImportError:     # pragma: no cover
+    _QUIET_IN_C = None
 _WORD_BITS: Final = (1 << 64) - 1
 #: the bits of the slot words of two combined buckets read as one little-endian integer
 #: (``View.differs``): all but the 4 bucket headers
@@ -298,7 +332,7 @@ class View:
     decoded on first use. The two combined buckets are disjoint (``KeyHash.mains``).
     """
 
-    __slots__ = ("raw", "firsts", "stale", "_slots")
+    __slots__ = ("raw", "firsts", "f0", "f1", "stale", "_slots")
 
     def __init__(self, bufs: Iterable[bytes], firsts: tuple[int, int] | list[int], sid: int
                  ) -> None:
@@ -306,9 +340,16 @@ class View:
         if len(raw) != 2 * COMBINED or len(firsts) != 2:
             raise ValueError("a View needs the two combined buckets of a key")
         self.firsts = firsts
+        # (as ints of their own: compiled, ``firsts`` is a tuple or a list, unpacked by a
+        # generic call in every method)
+        self.f0: int = firsts[0]
+        self.f1: int = firsts[1]
         self._slots: dict[int, int] | None = None
-        if _STALE_IN_C is not None:
-            self.stale = _STALE_IN_C(raw, sid)
+        # each helper in C looked up once (a module global: a lookup of the module's dict,
+        # which tests replace it in to run the Python spec)
+        stale_in_c = _STALE_IN_C
+        if stale_in_c is not None:
+            self.stale = stale_in_c(raw, sid)
             return
         f0, s0, f1, s1, f2, s2, f3, s3 = _HEADERS.unpack_from(raw)
         # bit 47 (FROZEN) is the top bit of byte 5 of each word: all of them ASCII, none frozen
@@ -319,9 +360,8 @@ class View:
 
     def _pos(self, word: int) -> int:
         """Slot position of the ``word``-th 8-byte word of ``raw`` (not a header)."""
-        pos: int = ((self.firsts[word >> 4] + (word >> 3 & 1)) * SLOTS_PER_BUCKET
-                    + (word & 7) - 1)
-        return pos
+        return ((self.f1 if word >> 4 else self.f0) + (word >> 3 & 1)) * SLOTS_PER_BUCKET \
+            + (word & 7) - 1
 
     @property
     def frozen(self) -> bool:
@@ -332,9 +372,9 @@ class View:
 
     def candidates(self, fp: int) -> list[tuple[int, int]]:
         """(position, value) of the committed objects whose fingerprint is ``fp``."""
-        if _MATCHES_IN_C is not None:
-            f0, f1 = self.firsts
-            return _MATCHES_IN_C(self.raw, None, fp, f0, f1, -1)
+        matches_in_c = _MATCHES_IN_C
+        if matches_in_c is not None:
+            return matches_in_c(self.raw, None, fp, self.f0, self.f1, -1)
         raw, found = self.raw, []
         tops = raw[7::8]                    # the fingerprint byte of every word
         i = tops.find(fp, 1)
@@ -351,10 +391,10 @@ class View:
         fingerprint byte is ``fp`` in either view (the same buckets read twice), in the order
         of their words: found with ``bytes.find``, no slot decoded for nothing (an insert's
         duplicate check looks only at the slots naming its key's fingerprint)."""
-        assert other.firsts == self.firsts, "two reads of the same buckets"
-        if _MATCHES_IN_C is not None:
-            f0, f1 = self.firsts
-            return _MATCHES_IN_C(self.raw, other.raw, fp, f0, f1, skip)
+        assert other.f0 == self.f0 and other.f1 == self.f1, "two reads of the same buckets"
+        matches_in_c = _MATCHES_IN_C
+        if matches_in_c is not None:
+            return matches_in_c(self.raw, other.raw, fp, self.f0, self.f1, skip)
         raw, theirs = self.raw, other.raw
         tops = raw[7::8] + theirs[7::8]     # the fingerprint bytes of both: word i, 32 + i
         words = set()
@@ -376,16 +416,27 @@ class View:
         buckets read twice): the two reads as two 256-byte integers, XORed, their headers'
         and ``skip``'s bits masked off (a handful of C operations, no copy of either read
         patched word by word)."""
-        assert other.firsts == self.firsts, "two reads of the same buckets"
-        if _DIFFERS_IN_C is not None:
-            f0, f1 = self.firsts
-            return _DIFFERS_IN_C(self.raw, other.raw, f0, f1, skip)
+        assert other.f0 == self.f0 and other.f1 == self.f1, "two reads of the same buckets"
+        differs_in_c = _DIFFERS_IN_C
+        if differs_in_c is not None:
+            return differs_in_c(self.raw, other.raw, self.f0, self.f1, skip)
         apart = (int.from_bytes(self.raw, "little") ^ int.from_bytes(other.raw, "little")
                  ) & _SLOT_BITS
         at = self._offset(skip)
         if at is not None:
             apart &= ~(_WORD_BITS << 8 * at)
         return apart != 0
+
+    def quiet(self, other: View, fp: int, skip: int) -> bool:
+        """No slot but ``skip`` holds different values here and in ``other`` (the same
+        buckets read twice), nor a fingerprint byte of ``fp``: neither ``pairs`` nor
+        ``differs`` finds one (an insert's duplicate check with nothing to look at), in one
+        C call where the extension is built."""
+        assert other.f0 == self.f0 and other.f1 == self.f1, "two reads of the same buckets"
+        quiet_in_c = _QUIET_IN_C
+        if quiet_in_c is not None:
+            return quiet_in_c(self.raw, other.raw, fp, self.f0, self.f1, skip)
+        return not self.pairs(other, fp, skip) and not self.differs(other, skip)
 
     def _offset(self, pos: int) -> int | None:
         """Where slot ``pos``'s word is in ``raw``; None when the view does not hold it."""
@@ -399,9 +450,10 @@ class View:
         """The value of slot ``pos``, or None when the view does not hold it."""
         if self._slots is not None:
             return self._slots.get(pos)
-        f0, f1 = self.firsts                # (``_offset`` inline: a call less per operation)
-        if _GET_IN_C is not None:
-            return _GET_IN_C(self.raw, f0, f1, pos)
+        f0, f1 = self.f0, self.f1           # (``_offset`` inline: a call less per operation)
+        get_in_c = _GET_IN_C
+        if get_in_c is not None:
+            return get_in_c(self.raw, f0, f1, pos)
         b, s = divmod(pos, SLOTS_PER_BUCKET)
         b -= f0                             # the bucket's index in ``raw``: 0..3
         if not 0 <= b < 2:
@@ -417,14 +469,15 @@ class View:
         words at once from the two bytes that hold TAKEN's bits (the length byte, and FROZEN
         and TENTATIVE at the top of byte 5), not slot by slot; in one C call where the
         extension is built."""
-        f0, f1 = self.firsts
-        if _FREE_SLOT_IN_C is not None:
+        f0, f1 = self.f0, self.f1
+        free_slot_in_c = _FREE_SLOT_IN_C
+        if free_slot_in_c is not None:
             mask = 0                        # the words of ``skip``
             for pos in skip:
                 b, s = divmod(pos, SLOTS_PER_BUCKET)
                 b = b - f0 if 0 <= b - f0 < 2 else b - f1 + 2
                 mask |= 1 << 8 * b + 1 + s
-            return _FREE_SLOT_IN_C(self.raw, f0 * SLOTS_PER_BUCKET, f1 * SLOTS_PER_BUCKET, mask)
+            return free_slot_in_c(self.raw, f0 * SLOTS_PER_BUCKET, f1 * SLOTS_PER_BUCKET, mask)
         raw = self.raw
         taken = (int.from_bytes(raw[6::8], "little")
                  | int.from_bytes(raw[5::8].translate(_FLAGGED), "little"))

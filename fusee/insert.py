@@ -22,19 +22,16 @@ round for its slot simply retries on another free slot.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
 from fusee.errors import KeyExists, Stalled
 from fusee.hashing import key_hash
-from fusee.index import View
+from fusee.index import SlotTarget, View
 from fusee.layout import (ABORTED, COMMITTED, FROZEN, INSERT, TENTATIVE,
                           committed_object, decode_object, is_object, object_slot,
                           slot_fp, slot_ref, strip, unpack_u64)
-# SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
-from fusee.replication import (SlotTarget, cas_went_out, fix_requests, primary_lost,
-                               primary_request, proposal_requests, resolve, tally,
-                               unfreeze_requests)
+from fusee.replication import (cas_went_out, fix_requests, primary_lost, primary_request,
+                               proposal_requests, resolve, tally, unfreeze_requests)
 from fusee.resize import split
 from fusee.reuse import is_named
 from fusee.verbs import EPOCH_ENDS, Cas, Op, Read
@@ -57,17 +54,19 @@ EXISTS: Final = "exists"
 YIELD: Final = "yield"
 
 
-@dataclass(slots=True)
 class ClaimRound:
     """The SNAPSHOT round an INSERT has open on its claimed slot: what settling it takes when
-    its epoch ends before the round does."""
-    epoch: int
-    target: SlotTarget
-    v_old: int
-    #: False until the commit record is sent, None while it may have reached some replicas
-    #: only, True once it is through
-    committed: bool | None = False
-    cased: bool = False             # its primary CAS is in flight (``cas_went_out``)
+    its epoch ends before the round does. (A class with its own ``__init__``, not a
+    dataclass: compiled, a dataclass's ``__init__`` is generated Python, an interpreted call
+    on every insert.)"""
+    __slots__ = ("epoch", "target", "v_old", "committed", "cased")
+
+    def __init__(self, epoch: int, target: SlotTarget, v_old: int) -> None:
+        self.epoch, self.target, self.v_old = epoch, target, v_old
+        #: False until the commit record is sent, None while it may have reached some
+        #: replicas only, True once it is through
+        self.committed: bool | None = False
+        self.cased = False          # its primary CAS is in flight (``cas_went_out``)
 
 
 def insert(core: OpCore, key: bytes, value: bytes, units: int = 0) -> Op[None]:
@@ -125,7 +124,7 @@ def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
             claim_node = t.backups[0] if t.backups else t.primary
             # the same buckets on the claim MN (made from ``reads``: a new key's buckets
             # are not among the reads the directory keeps)
-            r0, r1 = reads
+            r0, r1 = reads[0], reads[1]         # (compiled: no iterator over the list)
             claim_reads = [Read(claim_node, r0.addr, r0.length), Read(claim_node, r1.addr,
                                                                       r1.length)]
             extra = claim_reads + _object_reads(core, cands) if cands else claim_reads
@@ -136,7 +135,10 @@ def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
                 (current, verdict), got = tally(got[:k], v_old, s), got[k:]
                 if verdict == RULE3:
                     verdict = yield from resolve(core, t, v_old, s, current)
-                if verdict == WIN and (fix := fix_requests(t, current, s)):
+                # (every backup took ours, the common case: no fix-up, and no interpreted
+                # call of ``fix_requests`` to say so)
+                if verdict == WIN and current.count(s) != k and (
+                        fix := fix_requests(t, current, s)):
                     got = (yield from core.rt([*fix, *claim_reads]))[len(fix):] + got[2:]
                 expected = v_old
             else:
@@ -171,7 +173,7 @@ def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
                 open_round.committed = None
                 yield from core.rt(core.log.record(obj, COMMITTED, slot_ref(sid, pos), v_old))
                 open_round.committed = True
-                (held,) = yield from core.rt([primary_request(t, expected, s, open_round)])
+                held = (yield from core.rt([primary_request(t, expected, s, open_round)]))[0]
                 if held == expected:                # the linearization point
                     core.cache.store(key, sid, pos, s)
                     return None
@@ -366,7 +368,7 @@ def _clear_at_once(t: SlotTarget, fp: int, prims: View, claims: View) -> bool:
     The common case of an insert, without making ``_check``'s generator."""
     if not t.backups:       # (r >= 2: ``prims`` is the view whose ``stale`` said not frozen)
         return not prims.frozen and not claims.pairs(prims, fp, t.pos)
-    return not claims.pairs(prims, fp, t.pos) and not claims.differs(prims, t.pos)
+    return claims.quiet(prims, fp, t.pos)
 
 
 def _await_claim(core: OpCore, sid: int, claim: Rival, claim_node: int, primary: int

@@ -34,8 +34,10 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from fusee.acyclic import untracked
 from fusee.errors import EpochChanged, Stalled, TransportError
+# (SlotTarget is the index's: a class of this module, left as Python, had an interpreted
+# ``__init__`` on every insert)
+from fusee.index import SlotTarget as SlotTarget
 from fusee.layout import FROZEN, unpack_u64
 from fusee.verbs import Backoff, Cas, Op, Read, Request
 from fusee.verdicts import LOSE, RESTART, RULE3, WIN, Decision, Verdict
@@ -52,25 +54,6 @@ def backoff(polls: int) -> Op[None]:
     FAST_POLLS: a live client usually finishes its round in a few round trips)."""
     if polls >= FAST_POLLS:
         yield [Backoff(BACKOFF)]
-
-
-class SlotTarget:
-    """One index slot: its subtable, position, replica nodes (primary first) and address.
-
-    Its primary and backups are fields, not properties: an UPDATE asks for them five times,
-    and each property is a Python call on the fast path (issue 12). A client keeps thousands
-    (``ClientCore.target``), off the garbage collector's lists: ints and tuples of ints, in
-    no cycle (``fusee.acyclic``)."""
-    __slots__ = ("sid", "pos", "nodes", "addr", "primary", "backups")
-
-    def __init__(self, sid: int, pos: int, nodes: tuple[int, ...], addr: int) -> None:
-        self.sid, self.pos, self.nodes, self.addr = sid, pos, nodes, addr
-        self.primary, self.backups = nodes[0], nodes[1:]
-        untracked(self)
-
-    def __repr__(self) -> str:
-        return (f"SlotTarget(sid={self.sid}, pos={self.pos}, nodes={self.nodes}, "
-                f"addr={self.addr:#x})")
 
 
 def decide(current: list[int], mine: int) -> Decision:

@@ -103,7 +103,11 @@ def _make(rng: random.Random, others: list[object]) -> object:
         o = _field(rng, others)
     else:
         o = SlotTarget(rng.randrange(64), rng.randrange(64), (0, 1, 2), 4096)
-        o.nodes = _field(rng, others)
+        field = _field(rng, others)
+        try:
+            o.nodes = field
+        except TypeError:       # compiled (a class of fusee.index): its fields are typed
+            pass
     if rng.random() < 0.2 and isinstance(o, (Slots, Fields)):
         o.a = o                            # a cycle through itself
     return o

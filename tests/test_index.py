@@ -212,10 +212,11 @@ def test_view_decodes_lazily_what_unpacking_every_word_gives():
 
 def test_two_reads_of_the_same_buckets_compare_as_their_decoded_slots_do():
     """An insert's duplicate check compares its claim MN's read with the primary's without
-    decoding every slot (``View.pairs``, ``View.differs``, ``View.frozen``): each must say
-    what the slot-by-slot reference says, on reads that differ in a few words or not at all
-    (headers included, which the slots do not cover)."""
+    decoding every slot (``View.pairs``, ``View.differs``, ``View.quiet``, ``View.frozen``):
+    each must say what the slot-by-slot reference says, on reads that differ in a few words or
+    not at all (headers included, which the slots do not cover)."""
     rng = random.Random(13)
+    quiet = 0
     for i in range(1500):
         sid, fp = rng.randrange(4), rng.randrange(256)
         firsts = tuple(rng.sample([3 * g + rng.randrange(2) for g in range(40)], 2))
@@ -236,7 +237,13 @@ def test_two_reads_of_the_same_buckets_compare_as_their_decoded_slots_do():
         if skip in mine:
             mine[skip] = sb[skip]
         assert a.differs(b, skip) == (mine != sb), i
+        # (a fingerprint in neither read, or ours: slots naming ours are many)
+        qfp = rng.choice([fp, min({*range(256)} - {*a.raw[7::8], *b.raw[7::8]})])
+        assert a.quiet(b, qfp, skip) == (mine == sb and not any(
+            v >> 56 == qfp for p, v in sa.items() if p != skip)), i
+        quiet += a.quiet(b, qfp, skip)
         assert a.frozen == any(v & FROZEN for v in sa.values())
+    assert 50 < quiet < 1450, quiet         # both answers, many times
 
 
 def test_the_scans_of_a_view_made_in_c_answer_what_its_python_spec_does(monkeypatch):
@@ -246,7 +253,7 @@ def test_the_scans_of_a_view_made_in_c_answer_what_its_python_spec_does(monkeypa
     kind."""
     import fusee.index as index
     scans = ("_FREE_SLOT_IN_C", "_MATCHES_IN_C", "_DIFFERS_IN_C",
-             "_STALE_IN_C", "_GET_IN_C")
+             "_STALE_IN_C", "_GET_IN_C", "_QUIET_IN_C")
     assert all(getattr(index, name) is not None for name in scans), \
         "the C extension is not built: build_ext --inplace"
     rng = random.Random(13)
@@ -267,9 +274,11 @@ def test_the_scans_of_a_view_made_in_c_answer_what_its_python_spec_does(monkeypa
         for sid, fp, firsts, raw, again, pick in cases:
             view = View(raw, firsts, sid)
             other = View([again[:128], again[128:]], firsts, sid)
+            absent = min({*range(256)} - {*view.raw[7::8], *other.raw[7::8]})
             positions = index._positions(*firsts)
             skip = positions[int(pick * len(positions))]
             answer += [view.stale, other.stale, view.get(skip), view.get(int(pick * 1000)),
                        view.free_slot([skip] if pick < .5 else []), view.candidates(fp),
-                       view.pairs(other, fp, skip), view.differs(other, skip)]
+                       view.pairs(other, fp, skip), view.differs(other, skip),
+                       view.quiet(other, fp, skip), view.quiet(other, absent, skip)]
     assert answers[0] == answers[1]
