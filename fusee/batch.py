@@ -169,8 +169,9 @@ def get_many(client: Client, keys: Iterable[bytes], depth: int = DEPTH) -> list[
     the other, with no write between, may too)."""
     check_depth(depth)
     limit = client.core.layout.max_key_size
-    keys = [check_key(key, limit) for key in check_iterable(keys, "get_many takes an iterable of "
-                                                             "keys")]   # all checked first
+    what = "get_many takes an iterable of keys"
+    keys = [key if type(key) is bytes and 0 < len(key) <= limit else check_key(key, limit)
+            for key in check_iterable(keys, what)]     # all checked first (no call: bytes)
     distinct = list(dict.fromkeys(keys))
     results, went_on = _searches(client, distinct, depth)
     if len(distinct) != len(keys):

@@ -250,7 +250,10 @@ class Client:
         if self._forks != _forks:
             raise self._forked()
         with self._lock:
-            return run_search(self.ready(), key, self.executor)
+            core = self.core
+            if self.closed or not core.settled:     # (``ready``'s common case inline)
+                core = self.ready()
+            return run_search(core, key, self.executor)
 
     def insert(self, key: bytes, value: bytes) -> None:
         """Add a new key; KeyExists if it is present."""
