@@ -1385,12 +1385,14 @@ static int add_acyclic_methods(PyObject *module) {
  * Every batch an operation posts on shm went through ShmTransport.execute, a Python method:
  * its checks (a batch, not too long, the liveness poll due?) and the call of ``run`` cost
  * about as many instructions as ``run`` itself, a tenth of a SEARCH's cache hit (issue 12).
- * ``shm_execute`` makes the same checks in C and runs the common case (``run``); anything
+ * ``shm_execute`` makes the same checks in C, in the same order (the liveness poll, when
+ * due, by the transport's ``_check_liveness``), and runs the common case (``run``); anything
  * else, it hands to the Python method, which does it all again (``run`` left the batch
- * untouched): an empty batch, one too long, a liveness poll due, a request ``run`` does not
- * take. ShmTransport binds it as its instances' ``execute``. */
+ * untouched): an empty batch, one too long, a request ``run`` does not take. ShmTransport
+ * binds it as its instances' ``execute``. */
 
-static PyObject *str_next_check, *str_table, *str_regions, *str_stats, *str_counts;
+static PyObject *str_next_check, *str_check_liveness, *str_table, *str_regions, *str_stats,
+                *str_counts;
 
 /* run(batch, transport._table, transport.regions, kinds, transport.stats.counts), or NULL
  * with an error set */
@@ -1408,10 +1410,10 @@ static PyObject *run_on(PyObject *transport, PyObject *batch, PyObject *kinds) {
     return done;
 }
 
-/* shm_execute(transport, general, max_batch, kinds, batch) -> completions: ``run`` when
- * ``batch`` is a list of 1 to ``max_batch`` requests, time.monotonic() is before
- * ``transport._next_check`` (no liveness poll due) and ``run`` takes it; else
- * ``general(batch)`` (the Python execute, bound to the transport). */
+/* shm_execute(transport, general, max_batch, kinds, batch) -> completions: when ``batch``
+ * is a list of 1 to ``max_batch`` requests, ``transport._check_liveness(now)`` if
+ * time.monotonic() has reached ``transport._next_check``, then ``run`` if it takes the
+ * batch; else ``general(batch)`` (the Python execute, bound to the transport). */
 static PyObject *shm_execute(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 5) {
         PyErr_SetString(PyExc_TypeError,
@@ -1431,11 +1433,17 @@ static PyObject *shm_execute(PyObject *self, PyObject *const *args, Py_ssize_t n
             double due = PyFloat_AsDouble(next);
             Py_DECREF(next);
             if (due == -1.0 && PyErr_Occurred()) return NULL;
-            if (now < due) {
-                PyObject *done = run_on(transport, batch, args[3]);
-                if (done != Py_None) return done;       /* completions, or NULL: an error */
-                Py_DECREF(done);
+            if (now >= due) {           /* the poll first, as the Python method does */
+                PyObject *at = PyFloat_FromDouble(now);
+                PyObject *polled = at ? PyObject_CallMethodOneArg(transport, str_check_liveness,
+                                                                  at) : NULL;
+                Py_XDECREF(at);
+                if (!polled) return NULL;
+                Py_DECREF(polled);
             }
+            PyObject *done = run_on(transport, batch, args[3]);
+            if (done != Py_None) return done;           /* completions, or NULL: an error */
+            Py_DECREF(done);
         }
     }
     return PyObject_CallOneArg(args[1], batch);
@@ -1451,6 +1459,7 @@ static PyMethodDef shm_methods[] = {
 /* the block above, added to the module by PyInit__atomic */
 static int add_shm_methods(PyObject *module) {
     if (!(str_next_check = PyUnicode_InternFromString("_next_check")) ||
+        !(str_check_liveness = PyUnicode_InternFromString("_check_liveness")) ||
         !(str_table = PyUnicode_InternFromString("_table")) ||
         !(str_regions = PyUnicode_InternFromString("regions")) ||
         !(str_stats = PyUnicode_InternFromString("stats")) ||

@@ -253,8 +253,8 @@ def test_execute_in_c_answers_as_the_python_execute_on_random_and_bad_batches(cl
     """``ShmTransport.execute`` as bound (``_atomic.shm_execute``: its checks and ``run`` in
     C, the rest handed to the Python method) gives every batch the completions, the error
     and the counts the Python method gives; a batch it cannot take (empty, too long, a
-    request ``run`` refuses) and one that comes when the liveness poll is due go to the
-    Python method, which polls."""
+    request ``run`` refuses) goes to the Python method; the liveness poll is made when it
+    is due, before the batch runs, and only then."""
     import random
     from fusee.verbs import MAX_BATCH
     t, spec = cluster.transport(), cluster.transport()
