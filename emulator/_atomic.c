@@ -1389,7 +1389,7 @@ static int add_acyclic_methods(PyObject *module) {
  * due, by the transport's ``_check_liveness``), and runs the common case (``run``); anything
  * else, it hands to the Python method, which does it all again (``run`` left the batch
  * untouched): an empty batch, one too long, a request ``run`` does not take. ShmTransport
- * binds it as its instances' ``execute``. */
+ * binds it as its instances' ``execute`` (``shm_executor``). */
 
 static PyObject *str_next_check, *str_check_liveness, *str_table, *str_regions, *str_stats,
                 *str_counts;
@@ -1449,9 +1449,38 @@ static PyObject *shm_execute(PyObject *self, PyObject *const *args, Py_ssize_t n
     return PyObject_CallOneArg(args[1], batch);
 }
 
+/* the function ``shm_executor`` makes: ``shm_execute(*state, batch)``, its ``self`` the
+ * state tuple (a call with no partial's arguments to copy) */
+static PyObject *shm_bound(PyObject *state, PyObject *const *args, Py_ssize_t n) {
+    if (n != 1 || !PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 4) {
+        PyErr_SetString(PyExc_TypeError, "execute(batch)");
+        return NULL;
+    }
+    PyObject *all[5] = {PyTuple_GET_ITEM(state, 0), PyTuple_GET_ITEM(state, 1),
+                        PyTuple_GET_ITEM(state, 2), PyTuple_GET_ITEM(state, 3), args[0]};
+    return shm_execute(NULL, all, 5);
+}
+
+static PyMethodDef shm_bound_def = {
+    "execute", (PyCFunction)(void (*)(void))shm_bound, METH_FASTCALL,
+    "execute(batch) -> completions: the shm transport's, in C (transports/shm.py)"};
+
+/* shm_executor(transport, general, max_batch, kinds) -> execute(batch), which runs
+ * ``shm_execute(transport, general, max_batch, kinds, batch)`` */
+static PyObject *shm_executor(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 4) {
+        PyErr_SetString(PyExc_TypeError, "shm_executor(transport, general, max_batch, kinds)");
+        return NULL;
+    }
+    PyObject *state = PyTuple_Pack(4, args[0], args[1], args[2], args[3]);
+    PyObject *bound = state ? PyCFunction_New(&shm_bound_def, state) : NULL;
+    Py_XDECREF(state);
+    return bound;
+}
+
 static PyMethodDef shm_methods[] = {
-    {"shm_execute", (PyCFunction)(void (*)(void))shm_execute, METH_FASTCALL,
-     "shm_execute(transport, general, max_batch, kinds, batch) -> completions "
+    {"shm_executor", (PyCFunction)(void (*)(void))shm_executor, METH_FASTCALL,
+     "shm_executor(transport, general, max_batch, kinds) -> execute(batch), in C "
      "(transports/shm.py)"},
     {NULL, NULL, 0, NULL},
 };

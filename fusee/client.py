@@ -249,11 +249,15 @@ class Client:
         """The key's value, or None when the key is absent."""
         if self._forks != _forks:
             raise self._forked()
-        with self._lock:
+        lock = self._lock       # (what ``with`` does, with no __enter__/__exit__ looked up)
+        lock.acquire()
+        try:
             core = self.core
             if self.closed or not core.settled:     # (``ready``'s common case inline)
                 core = self.ready()
             return run_search(core, key, self.executor)
+        finally:
+            lock.release()
 
     def insert(self, key: bytes, value: bytes) -> None:
         """Add a new key; KeyExists if it is present."""

@@ -250,7 +250,7 @@ def test_a_batch_runs_whole_in_c_or_not_at_all(cluster):
 
 
 def test_execute_in_c_answers_as_the_python_execute_on_random_and_bad_batches(cluster):
-    """``ShmTransport.execute`` as bound (``_atomic.shm_execute``: its checks and ``run`` in
+    """``ShmTransport.execute`` as bound (``_atomic.shm_executor``: its checks and ``run`` in
     C, the rest handed to the Python method) gives every batch the completions, the error
     and the counts the Python method gives; a batch it cannot take (empty, too long, a
     request ``run`` refuses) goes to the Python method; the liveness poll is made when it

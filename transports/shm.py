@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import select
 import time
-from functools import partial
 
 from fusee.emulator import _atomic, wire
 from fusee.emulator.memory import SharedSegment
@@ -69,8 +68,8 @@ class ShmTransport(Transport):
         self._table: tuple = ()
         # the common case of ``execute`` in one C call (the checks and ``_atomic.run``); the
         # rest, this class's ``execute``, which makes them again
-        self.execute = partial(_atomic.shm_execute, self, self._execute,  # type: ignore[method-assign]
-                               MAX_BATCH, _KINDS)
+        self.execute = _atomic.shm_executor(self, self._execute,  # type: ignore[method-assign]
+                                            MAX_BATCH, _KINDS)
         try:
             self._attach(set(dead))
         except BaseException:
