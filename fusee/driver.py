@@ -112,7 +112,7 @@ def run(op: Op[T], executor: Any) -> T:
         raise
 
 
-def run_search(core: ClientCore, key: bytes, executor: Any) -> bytes | None:
+def run_search(core: ClientCore, key: Any, executor: Any) -> bytes | None:
     """``run(core.search(key), executor)``, with the SEARCH's first round run here rather
     than by its generator: the common case (a cache hit) is answered in one round trip with
     no generator made. The round is ``fusee.search``'s own (``first_round`` makes the
