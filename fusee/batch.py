@@ -36,6 +36,12 @@ from fusee.verbs import Op
 if TYPE_CHECKING:
     from fusee.client import Client
 
+#: an argument of the public API: bytes (a key, a value) or an int (a depth) as the
+#: docstrings say, unchecked by its annotation. Compiled (setup.py), a parameter annotated
+#: ``bytes`` or ``int`` would refuse another type with mypyc's plain TypeError, before the
+#: API's own check says WrongType, and ``bytes`` would refuse a bytearray it takes.
+Arg = Any
+
 #: operations in flight by default: enough to hide a network round trip behind the client's
 #: work on the others, few enough that one batch stays small
 DEPTH = 8
@@ -58,29 +64,29 @@ class BatchError(FuseeError):
 class Pipeline:
     """Operations queued on a client (``Client.pipeline``), run together by ``execute``."""
 
-    def __init__(self, client: Client, depth: int = DEPTH) -> None:
+    def __init__(self, client: Client, depth: Arg = DEPTH) -> None:
         self.client, self.depth = client, check_depth(depth)
         #: (key, ClientCore operation, its arguments, the core it was made on, the operation)
         self._queue: list[tuple[bytes, Callable[..., Op[Any]], tuple[Any, ...], ClientCore,
                                 Op[Any]]] = []
         self.results: list[Any] | None = None
 
-    def get(self, key: bytes) -> Pipeline:
+    def get(self, key: Arg) -> Pipeline:
         return self._add(key, ClientCore.search, key)
 
-    def insert(self, key: bytes, value: bytes) -> Pipeline:
+    def insert(self, key: Arg, value: Arg) -> Pipeline:
         return self._add(key, ClientCore.insert, key, value)
 
-    def update(self, key: bytes, value: bytes) -> Pipeline:
+    def update(self, key: Arg, value: Arg) -> Pipeline:
         return self._add(key, ClientCore.update, key, value)
 
-    def put(self, key: bytes, value: bytes) -> Pipeline:
+    def put(self, key: Arg, value: Arg) -> Pipeline:
         return self._add(key, ClientCore.put, key, value)
 
-    def delete(self, key: bytes) -> Pipeline:
+    def delete(self, key: Arg) -> Pipeline:
         return self._add(key, ClientCore.delete, key)
 
-    def _add(self, key: bytes, operation: Callable[..., Op[Any]], *args: Any) -> Pipeline:
+    def _add(self, key: Arg, operation: Callable[..., Op[Any]], *args: Any) -> Pipeline:
         # made now, which checks the arguments (bad ones raise here), on the core of the
         # moment; ``execute`` makes it again only if ``Client.ready`` then hands out another
         # (a settle may replace it). Not started, it has done nothing yet.
@@ -160,7 +166,7 @@ def _ignore(index: int, result: object) -> None:
     pass
 
 
-def get_many(client: Client, keys: Iterable[bytes], depth: int = DEPTH) -> list[Any]:
+def get_many(client: Client, keys: Iterable[Arg], depth: Arg = DEPTH) -> list[Any]:
     """The SEARCHes of ``keys``, ``depth`` at a time: each group's first rounds go out as
     one batch (``fusee.driver.first_rounds``), which answers the cache hits; the searches
     it did not answer go on together (``run_concurrently``) before the next group. A key
@@ -169,8 +175,9 @@ def get_many(client: Client, keys: Iterable[bytes], depth: int = DEPTH) -> list[
     the other, with no write between, may too)."""
     check_depth(depth)
     limit = client.core.layout.max_key_size
-    keys = [check_key(key, limit) for key in check_iterable(keys, "get_many takes an iterable of "
-                                                             "keys")]   # all checked first
+    what = "get_many takes an iterable of keys"
+    keys = [key if type(key) is bytes and 0 < len(key) <= limit else check_key(key, limit)
+            for key in check_iterable(keys, what)]     # all checked first (no call: bytes)
     distinct = list(dict.fromkeys(keys))
     results, went_on = _searches(client, distinct, depth)
     if len(distinct) != len(keys):
@@ -206,8 +213,8 @@ def _searches(client: Client, keys: list[bytes], depth: int) -> tuple[list[Any],
     return results, went_on
 
 
-def put_many(client: Client, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],
-             depth: int = DEPTH) -> None:
+def put_many(client: Client, items: Mapping[Arg, Arg] | Iterable[tuple[Arg, Arg]],
+             depth: Arg = DEPTH) -> None:
     p = Pipeline(client, depth)
     what = "put_many takes a mapping or an iterable of (key, value) pairs"
     for item in (items.items() if isinstance(items, Mapping) else check_iterable(items, what)):
@@ -217,7 +224,7 @@ def put_many(client: Client, items: Mapping[bytes, bytes] | Iterable[tuple[bytes
     p.execute()
 
 
-def check_depth(depth: int) -> int:
+def check_depth(depth: Arg) -> int:
     """``depth``, an int >= 1 (or InvalidArgument / WrongType, before anything runs)."""
     if type(depth) is not int:
         raise WrongType(f"depth is an int, got {type(depth).__name__}")

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from fusee import batch
+from fusee.batch import Arg
 from fusee.cluster_identity import check, check_transport, reached
 from fusee.config import ClusterConfig
 from fusee.driver import run, run_search
@@ -245,41 +246,48 @@ class Client:
             core.alloc.news = lambda: lease.rebuilding
         return core
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: Arg) -> bytes | None:
         """The key's value, or None when the key is absent."""
         if self._forks != _forks:
             raise self._forked()
-        with self._lock:
-            return run_search(self.ready(), key, self.executor)
+        lock = self._lock       # (what ``with`` does, with no __enter__/__exit__ looked up)
+        lock.acquire()
+        try:
+            core = self.core
+            if self.closed or not core.settled:     # (``ready``'s common case inline)
+                core = self.ready()
+            return run_search(core, key, self.executor)
+        finally:
+            lock.release()
 
-    def insert(self, key: bytes, value: bytes) -> None:
+    def insert(self, key: Arg, value: Arg) -> None:
         """Add a new key; KeyExists if it is present."""
         self._run(ClientCore.insert, key, value)
 
-    def update(self, key: bytes, value: bytes) -> None:
+    def update(self, key: Arg, value: Arg) -> None:
         """Replace the value of a present key; KeyNotFound if it is absent."""
         self._run(ClientCore.update, key, value)
 
-    def delete(self, key: bytes) -> None:
+    def delete(self, key: Arg) -> None:
         """Remove a present key; KeyNotFound if it is absent."""
         self._run(ClientCore.delete, key)
 
-    def put(self, key: bytes, value: bytes) -> None:
+    def put(self, key: Arg, value: Arg) -> None:
         """Insert or update."""
         self._run(ClientCore.put, key, value)
 
-    def get_many(self, keys: Iterable[bytes], depth: int = batch.DEPTH) -> list[bytes | None]:
+    def get_many(self, keys: Iterable[Arg], depth: Arg = batch.DEPTH) -> list[bytes | None]:
         """The keys' values (None: absent), in key order, with ``depth`` lookups in flight
         (``fusee.batch``); BatchError if any failed."""
         return batch.get_many(self, keys, depth)
 
-    def put_many(self, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],
-                 depth: int = batch.DEPTH) -> None:
+    def put_many(self, items: Mapping[Arg, Arg] | Iterable[tuple[Arg, Arg]],
+                 depth: Arg = batch.DEPTH) -> None:
         """Insert or update every (key, value) of a mapping or iterable, ``depth`` at a time
         (``fusee.batch``); BatchError if any failed."""
         batch.put_many(self, items, depth)
 
-    def pipeline(self, depth: int = batch.DEPTH) -> batch.Pipeline:
+    def pipeline(self, depth: Arg = batch.DEPTH) -> batch.Pipeline:
         """Queue operations, then run them with ``depth`` in flight (``fusee.batch``)."""
         return batch.Pipeline(self, depth)
 

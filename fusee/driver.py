@@ -30,6 +30,7 @@ from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Op
                          TransportError)
 
 if TYPE_CHECKING:
+    from fusee.index import View
     from fusee.operations import ClientCore
 
 Operation = Op[Any]
@@ -111,14 +112,16 @@ def run(op: Op[T], executor: Any) -> T:
         raise
 
 
-def run_search(core: ClientCore, key: bytes, executor: Any) -> bytes | None:
+def run_search(core: ClientCore, key: Any, executor: Any) -> bytes | None:
     """``run(core.search(key), executor)``, with the SEARCH's first round run here rather
     than by its generator: the common case (a cache hit) is answered in one round trip with
     no generator made. The round is ``fusee.search``'s own (``first_round`` makes the
     requests, ``first_answer`` judges the completions), and when it is not the last the
     search generator takes over with it (or the transport's error) as ``first``: the same
     code, verbs and round trips as ``run(core.search(key))``."""
-    key = check_key(key, core.layout.max_key_size)
+    limit = core.layout.max_key_size
+    if type(key) is not bytes or not 0 < len(key) <= limit:     # (the common case: no call)
+        key = check_key(key, limit)
     h = key_hash(key)
     if core.deferred or core.aborts:        # see ``first_rounds``
         return run(core.tracked(search(core, key, h)), executor)
@@ -146,25 +149,33 @@ def first_rounds(core: ClientCore, keys: list[bytes], executor: Any
     generators, not started."""
     if core.deferred or core.aborts:
         return [core.tracked(search(core, key, key_hash(key))) for key in keys]
-    planned = []
+    hashes = []
+    rounds = []
     merged: list[Any] = []
     error: TransportError | None = None
     try:
         for key in keys:
             h = key_hash(key)
             rnd = first_round(core, key, h)
-            merged += rnd[3]
-            planned.append((key, h, rnd, len(merged)))
+            merged.extend(rnd[3])
+            hashes.append(h)
+            rounds.append(rnd)
+        completions: list[Any] | None
         try:
-            completions: Any = executor.execute(merged)
+            completions = executor.execute(merged)
         except TransportError as e:
             completions, error = e.results, e
         out: list[bytes | Op[bytes | None]] = []
         start = 0
-        for key, h, rnd, end in planned:
+        for key, h, rnd in zip(keys, hashes, rounds):
+            end = start + len(rnd[3])
             own = None if error is None else _own_failure(error, completions, start, end)
-            got = own if own is not None else first_answer(core, key, rnd,
-                                                           completions[start:end])
+            got: bytes | View | BaseException
+            if own is not None:
+                got = own
+            else:
+                assert completions is not None, "no completions: each failed (own)"
+                got = first_answer(core, key, rnd, completions, start)
             start = end
             out.append(got if type(got) is bytes
                        else core.tracked(search(core, key, h, (rnd, got))))

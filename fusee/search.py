@@ -151,23 +151,25 @@ def first_round(core: OpCore, key: bytes, h: KeyHash) -> Round:
     return sid, e, False, reads, firsts
 
 
-def first_answer(core: OpCore, key: bytes, rnd: Round, res: list[Any]) -> bytes | View:
-    """The verdict on a SEARCH's first round ``rnd`` from its completions ``res``: the
-    value when the cached slot still names the object read alongside (a hit: the SEARCH is
-    done, judged by ``hit_value``, in one C call where the extension is built), else the
-    View of the key's buckets to go on from (stale, or a cache miss)."""
+def first_answer(core: OpCore, key: bytes, rnd: Round, res: list[Any], at: int = 0
+                 ) -> bytes | View:
+    """The verdict on a SEARCH's first round ``rnd`` from its completions, ``res`` from
+    position ``at`` on (a merged batch's: ``fusee.driver.first_rounds``): the value when
+    the cached slot still names the object read alongside (a hit: the SEARCH is done,
+    judged by ``hit_value``, in one C call where the extension is built), else the View of
+    the key's buckets to go on from (stale, or a cache miss)."""
     sid, e, spec, _, firsts = rnd
     if spec:
         assert e is not None, "a speculation on an entry"
         if _HIT_IN_C is not None:
-            value = _HIT_IN_C(crc32, res[0], res[1], res[2], firsts[0], firsts[1], sid, e.pos,
-                              e.value, key)
+            value = _HIT_IN_C(crc32, res[at], res[at + 1], res[at + 2], firsts[0], firsts[1],
+                              sid, e.pos, e.value, key)
         else:
-            value = hit_value(key, sid, firsts, e.pos, e.value, res)
+            value = hit_value(key, sid, firsts, e.pos, e.value, res[at:at + 3])
         if value is not None:
             core.cache.outcome(e, True)
             return value
-    view = View(res[:2], firsts, sid)
+    view = View(res[at:at + 2], firsts, sid)
     if view.stale or e is None:
         return view
     core.cache.outcome(e, not spec and view.get(e.pos) == e.value)

@@ -30,7 +30,8 @@ def test_the_fast_path_is_compiled_but_the_mutants_target_stays_python():
     compiled caller looks up a function of a module outside its group at each call (the
     mutant runs), but one inside the group is bound when compiled (it would not)."""
     compiled = _setup_script().COMPILED
-    fast_path = {"layout", "index", "search", "insert", "update", "operations", "driver"}
+    fast_path = {"layout", "index", "search", "insert", "update", "operations", "driver",
+                 "client", "batch"}
     assert fast_path <= set(compiled)
     assert "replication" not in compiled
     assert all((ROOT / "fusee" / f"{name}.py").is_file() for name in compiled)

@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import struct
+import sys
 
 import pytest
 from processes import run_processes
@@ -18,7 +19,7 @@ from fusee.emulator.cluster import LocalCluster
 from fusee.config import ClusterConfig
 from fusee.memory_map import MAGIC, MemoryMap
 from fusee.verbs import (AllocBlock, Cas, ControlError, Faa, FreeBlock, NodeTimeout, Read,
-                         RemoteAccessError, Write)
+                         RemoteAccessError, TransportError, Write)
 from fusee.transports import connect
 from fusee.transports.shm import ShmTransport
 
@@ -246,3 +247,57 @@ def test_a_batch_runs_whole_in_c_or_not_at_all(cluster):
     with pytest.raises(RemoteAccessError, match="wrong access key"):
         t.execute([Read(0, a, 8), Read(1, a, 8)])
     t.close()
+
+
+def test_execute_in_c_answers_as_the_python_execute_on_random_and_bad_batches(cluster):
+    """``ShmTransport.execute`` as bound (``_atomic.shm_executor``: its checks and ``run`` in
+    C, the rest handed to the Python method) gives every batch the completions, the error
+    and the counts the Python method gives; a batch it cannot take (empty, too long, a
+    request ``run`` refuses) goes to the Python method; the liveness poll is made when it
+    is due, before the batch runs, and only then."""
+    import random
+    from fusee.verbs import MAX_BATCH
+    t, spec = cluster.transport(), cluster.transport()
+    spec.execute = spec._execute                # the Python method alone
+    rng = random.Random(12)
+    a = scratch(cluster)
+    size = t.regions[0].length
+    zeros = [Write(n, at, bytes(72)) for n in range(3) for at in (a, size - 72)]
+
+    def request():
+        node = rng.choice([0, 1, 2, 2, 2, 9])
+        addr = rng.choice([a, a + 8, a + 64, a + 4, size - 8, size])
+        return rng.choice([Read(node, addr, rng.choice([8, 16])), Write(node, addr, b"w" * 8),
+                           Cas(node, addr, rng.choice([0, 7]), rng.randrange(9)),
+                           Faa(node, addr, rng.randrange(3))])
+
+    def outcome(transport, batch):
+        spec.execute(zeros)                     # the same memory for both
+        before = transport.stats.copy()
+        try:
+            got = transport.execute(batch)
+        except (TransportError, ValueError, TypeError) as e:
+            got = (type(e), str(e))
+        return got, transport.stats - before
+
+    for _ in range(400):
+        batch = [request() for _ in range(rng.choice([0, 1, 3, 8]))]
+        got = outcome(t, batch)
+        assert got == outcome(spec, batch), batch
+    polls = []
+    t._check_liveness = lambda now: polls.append(now)          # (spied: the poll is due)
+    t._next_check = 0.0
+    assert t.execute([Read(0, a, 8)]) == spec.execute([Read(0, a, 8)]) and len(polls) == 1
+    t._next_check = float("inf")
+    calls = []                                  # the common case runs no Python function
+    sys.setprofile(lambda frame, event, arg: event == "call" and calls.append(frame))
+    try:
+        done = t.execute([Read(0, a, 8), Write(1, a, b"x"), Cas(2, a, 0, 0), Faa(0, a, 0)])
+    finally:
+        sys.setprofile(None)
+    assert calls == [] and done == [bytes(8), None, 0, 0] and len(polls) == 1
+    with pytest.raises(ValueError, match="exceeds MAX_BATCH"):
+        t.execute([Read(0, a, 8)] * (MAX_BATCH + 1))
+    assert t.execute([]) == []
+    t.close()
+    spec.close()

@@ -66,6 +66,10 @@ class ShmTransport(Transport):
         self._silent: set[int] = set()
         self._next_check = 0.0
         self._table: tuple = ()
+        # the common case of ``execute`` in one C call (the checks and ``_atomic.run``); the
+        # rest, this class's ``execute``, which makes them again
+        self.execute = _atomic.shm_executor(self, self._execute,  # type: ignore[method-assign]
+                                            MAX_BATCH, _KINDS)
         try:
             self._attach(set(dead))
         except BaseException:
