@@ -34,7 +34,7 @@ from fusee.replication import (cas_went_out, fix_requests, primary_lost, primary
                                proposal_requests, resolve, tally, unfreeze_requests)
 from fusee.resize import split
 from fusee.reuse import is_named
-from fusee.verbs import EPOCH_ENDS, Cas, Op, Read
+from fusee.verbs import EPOCH_ENDS, Cas, Op, Read, TransportError
 from fusee.verdicts import FRESH, RESTART, RULE3, WIN, Fresh
 
 if TYPE_CHECKING:
@@ -159,15 +159,18 @@ def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
             settled = _learn(known, key, cands, got[2:]) if cands else True
             claims = View(got[:2], firsts, sid)
             prims = claims if not t.backups else view
+            stalled: Stalled | None = None
             try:
                 if settled and _clear_at_once(t, h.fp, prims, claims):
                     outcome, other = CLEAR, None
                 else:
                     outcome, other = yield from _check(core, t, s, h, key, firsts, prims,
                                                        claims, known, settled)
-            except Stalled:
+            except Stalled as e:
+                stalled = e
+            if stalled is not None:         # (out of the except clause: tests/test_compiled)
                 yield from _withdraw(core, t, obj, s, v_old, expected)
-                raise
+                raise stalled
             if outcome == CLEAR:
                 # the record may land on some replicas only: None until it is through
                 open_round.committed = None
@@ -196,18 +199,21 @@ def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
             core.retry()
             assert other is not None, "a YIELD names the lower claim to wait for"
             yield from _await_claim(core, t.sid, other, claim_node, t.primary)
-        except EPOCH_ENDS as err:
-            ended = core.membership.epoch
-            writes = yield from core.epoch_ended(err, obj)
-            if core.membership.epoch > ended:
-                # every round the old epoch left open is closed: a round we lost there
-                # either moved its slot on or was rolled back to the value we lost it at,
-                # and then nobody will move it: free to claim again, not one to wait on
-                lost.clear()
-            if open_round is None:
-                continue
-            r, open_round = open_round, None
-            return (yield from _settle(core, key, obj, s, r, cas_went_out(r, err)))
+            continue
+        except EPOCH_ENDS as e:
+            err: TransportError = e
+        # the epoch ended (out of the except clause: no yield in one, tests/test_compiled.py)
+        ended = core.membership.epoch
+        writes = yield from core.epoch_ended(err, obj)
+        if core.membership.epoch > ended:
+            # every round the old epoch left open is closed: a round we lost there
+            # either moved its slot on or was rolled back to the value we lost it at,
+            # and then nobody will move it: free to claim again, not one to wait on
+            lost.clear()
+        if open_round is None:
+            continue
+        r, open_round = open_round, None
+        return (yield from _settle(core, key, obj, s, r, cas_went_out(r, err)))
 
 
 def _settle(core: OpCore, key: bytes, obj: NewObject, s: int, r: ClaimRound, cased: bool
