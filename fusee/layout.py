@@ -130,7 +130,9 @@ def object_slot(fp: int, units: int, ptr: int, seq: int) -> int:
     """``make_slot`` for an object pointer as the allocator hands it out (``ptr_bits``: node
     and address, checked when the allocator made it): what every write's proposal is."""
     assert not ptr & _NOT_PTR, f"not an object pointer: {ptr:#x}"
-    return (fp << FP_SHIFT) | (units << LEN_SHIFT) | ((seq & GEN_MASK) << GEN_SHIFT) | ptr
+    # the low 56 bits first: compiled, they stay a machine word; only the fingerprint's
+    # shift and OR take a 64-bit (boxed) integer
+    return (fp << FP_SHIFT) | ((units << LEN_SHIFT) | ((seq & GEN_MASK) << GEN_SHIFT) | ptr)
 
 
 def ptr_bits(node: int, addr: int, unit: int) -> int:
