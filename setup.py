@@ -7,7 +7,8 @@ the Python interpretation of its generators, and the compiled modules run the ve
 
 Left as Python, on purpose:
 
-- ``fusee.replication``: the mutation tests (``tests/test_mutants.py``) break SNAPSHOT by
+- ``fusee.replication`` (the rules of SNAPSHOT; the verbs of its rounds are ``fusee.snapshot``,
+  compiled): the mutation tests (``tests/test_mutants.py``) break SNAPSHOT by
   replacing its functions in the modules that imported them. A compiled caller looks a
   function of a module outside the compiled group up in its module's namespace at each call,
   so the mutants reach compiled callers; a call inside the group would be bound at compile
@@ -36,7 +37,7 @@ from setuptools import setup
 #: the fast path: every module an operation's generators run through, and their leaves
 COMPILED = ("layout", "hashing", "index", "verbs", "verdicts", "driver", "cache", "reuse",
             "log", "holdings", "allocation", "op_core", "search", "insert", "update",
-            "operations", "client", "batch")
+            "operations", "client", "batch", "snapshot")
 #: where mypy finds the package as installed (fusee/emulator -> emulator/; see .ci/lint)
 TREE = Path("build/mypyc-tree")
 

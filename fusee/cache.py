@@ -27,9 +27,9 @@ _UNTRACKED: Final = untracked
 
 class CacheEntry:
     """Kept off the garbage collector's lists (``fusee.acyclic``): nothing it holds ever
-    leads back to it (``hit_reads`` neither). (A class with its own ``__init__``, not a
-    dataclass: compiled, a dataclass's ``__init__`` is generated Python, an interpreted call
-    on every insert and update.)"""
+    leads back to it (``hit_reads`` neither). A plain class, not a dataclass: compiled, a
+    dataclass's ``__init__`` is the one its decorator writes, a Python call per entry made
+    (every UPDATE makes one: ``store``)."""
     __slots__ = ("sid", "pos", "value", "accesses", "misses", "hit_reads")
 
     def __init__(self, sid: int, pos: int, value: int, accesses: int = 0, misses: int = 0
@@ -37,12 +37,16 @@ class CacheEntry:
         self.sid = sid          # subtable: with ``pos`` gives the slot on every replica
         self.pos = pos
         self.value = value      # slot value last seen (the key's object)
-        self.accesses, self.misses = accesses, misses
-        #: what a SEARCH hit posts, made once for the entry (``fusee.search``): the
-        #: membership it was made for (a new one may move the primary and the object's
-        #: copies), its requests (the key's bucket reads and the object read), the buckets'
-        #: first buckets
+        self.accesses = accesses
+        self.misses = misses
+        #: what a SEARCH hit posts, made once for the entry (``fusee.search``): the membership
+        #: it was made for (a new one may move the primary and the object's copies), its
+        #: requests (the key's bucket reads and the object read), the buckets' first buckets
         self.hit_reads: tuple[Membership, list[Read], tuple[int, int]] | None = None
+
+    def __repr__(self) -> str:
+        return (f"CacheEntry(sid={self.sid}, pos={self.pos}, value={self.value:#x}, "
+                f"accesses={self.accesses}, misses={self.misses})")
 
 
 class IndexCache:
@@ -92,14 +96,14 @@ class IndexCache:
         read, and must judge that read against the slot value it was made for, not one that
         another operation of this client stored since (it would take the old object for
         the new one)."""
-        e = self.entries.get(key)
-        if e is None:
-            self.entries[key] = new = CacheEntry(sid, pos, value)
-            if len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
+        old = self.entries.pop(key, None)   # (then set: the entry goes last, as recent)
+        if old is None:
+            new = CacheEntry(sid, pos, value)
         else:
-            self.entries[key] = new = CacheEntry(sid, pos, value, e.accesses, e.misses)
-            self.entries.move_to_end(key)
+            new = CacheEntry(sid, pos, value, old.accesses, old.misses)
+        self.entries[key] = new
+        if old is None and len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
         _UNTRACKED(new)
 
     def drop(self, key: bytes) -> None:

@@ -55,17 +55,24 @@ from typing import Any, Final, NamedTuple
 # ISA-L's crc32: zlib's polynomial and results, several times faster on a 1 KB object
 from isal.isal_zlib import crc32
 
+
+def _in_c(name: str) -> Callable[..., Any] | None:
+    try:
+        from fusee.emulator import _atomic
+    except ImportError:     # pragma: no cover (a source tree without its build)
+        return None
+    found: Callable[..., Any] | None = getattr(_atomic, name, None)    # (None: a stale build)
+    return found
+
+
 # the objects and commit records every write makes, and the objects every read decodes, each
-# in one C call (emulator/_atomic.c); this module's Python functions where it is not built
-_ENCODE_IN_C: Callable[..., bytes] | None
-_RECORD_IN_C: Callable[..., bytes] | None
-_DECODE_IN_C: Callable[..., Any] | None
-try:
-    from fusee.emulator._atomic import commit_record as _RECORD_IN_C
-    from fusee.emulator._atomic import decode_object as _DECODE_IN_C
-    from fusee.emulator._atomic import encode_object as _ENCODE_IN_C
-except ImportError:     # pragma: no cover (a source tree without its build, or a stale one)
-    _ENCODE_IN_C = _RECORD_IN_C = _DECODE_IN_C = None
+# in one C call (emulator/_atomic.c); this module's Python functions where it is not built.
+# The writes' are Final: a compiled caller reads them (and crc32) from C statics, not from the
+# module's dict; the decoder is not, so that the tests can run its Python spec in its place
+_ENCODE_IN_C: Final = _in_c("encode_object")
+_RECORD_IN_C: Final = _in_c("commit_record")
+_DECODE_IN_C: Callable[..., Any] | None = _in_c("decode_object")
+_CRC32: Final = crc32
 
 FP_SHIFT: Final = 56
 LEN_SHIFT: Final = 48
@@ -123,7 +130,9 @@ def object_slot(fp: int, units: int, ptr: int, seq: int) -> int:
     """``make_slot`` for an object pointer as the allocator hands it out (``ptr_bits``: node
     and address, checked when the allocator made it): what every write's proposal is."""
     assert not ptr & _NOT_PTR, f"not an object pointer: {ptr:#x}"
-    return (fp << FP_SHIFT) | (units << LEN_SHIFT) | ((seq & GEN_MASK) << GEN_SHIFT) | ptr
+    # the low 56 bits first: compiled, they stay a machine word; only the fingerprint's
+    # shift and OR take a 64-bit (boxed) integer
+    return (fp << FP_SHIFT) | ((units << LEN_SHIFT) | ((seq & GEN_MASK) << GEN_SHIFT) | ptr)
 
 
 def ptr_bits(node: int, addr: int, unit: int) -> int:
@@ -237,7 +246,9 @@ def encode_object(key: bytes, value: bytes, size: int, opcode: int, next_ptr: in
     """The bytes of a KV object with its log entry, commit record pending (the format in
     the module docstring). Made in one C call where the extension is built."""
     if _ENCODE_IN_C is not None:
-        return _ENCODE_IN_C(crc32, key, value, size, opcode, next_ptr, prev_ptr, seq & 0xFFFF)
+        encoded: bytes = _ENCODE_IN_C(_CRC32, key, value, size, opcode, next_ptr, prev_ptr,
+                                      seq & 0xFFFF)
+        return encoded
     return encode_object_py(key, value, size, opcode, next_ptr, prev_ptr, seq)
 
 
@@ -305,7 +316,8 @@ def commit_record(ref: int, old: int, state: int, old_crc: int = 0, number: int 
     """Bytes to WRITE at ``object + size - 48 + 16``: the writer's outcome
     (docs/design.md#commit-records). Made in one C call where the extension is built."""
     if _RECORD_IN_C is not None:
-        return _RECORD_IN_C(ref, old, state, old_crc, number)
+        record: bytes = _RECORD_IN_C(ref, old, state, old_crc, number)
+        return record
     return commit_record_py(ref, old, state, old_crc, number)
 
 

@@ -65,7 +65,7 @@ class NewObject:
 
     def __init__(self, ptr: int, units: int, seq: int, nodes: Sequence[int], addr: int,
                  placed: object, data: bytes, writes: list[Write],
-                 heads: list[tuple[int, bytes]]) -> None:
+                 heads: Sequence[tuple[int, bytes]]) -> None:
         self.ptr = ptr                  # node/address bits (no length)
         self.units = units
         self.seq = seq                  # allocation sequence: its slot value's generation
@@ -111,7 +111,7 @@ class ObjectLog:
     def new_object(self, opcode: int, key: bytes, value: bytes, units: int) -> NewObject:
         """Allocate (after ``alloc.ensure(units)``) and encode an object with its log entry."""
         p, nxt = self.alloc.alloc(units)
-        prev = self.prev.get(units, 0)
+        prev = self.prev.get(units, 0)     # (never 0 once set: it has the length bits)
         seq = self.seq.get(units, 0)
         data = encode_object(key, value, units * self.unit, opcode,
                              (units << LEN_SHIFT) | nxt, prev, seq)
@@ -119,10 +119,10 @@ class ObjectLog:
         writes = writes_to(nodes, addr, data)
         if self.alloc.marked[p >> NODE_SHIFT & NODE_MASK]:
             self._between_marks(writes)
-        heads: list[tuple[int, bytes]] = []
-        if units not in self.prev:      # first object of this class: it heads the list
-            heads.append((self.meta + META_HEADS + 8 * CLASSES.index(units),
-                          pack_u64((units << LEN_SHIFT) | p)))
+        heads: Sequence[tuple[int, bytes]] = ()
+        if not prev:                    # first object of this class: it heads the list
+            heads = [(self.meta + META_HEADS + 8 * CLASSES.index(units),
+                      pack_u64((units << LEN_SHIFT) | p))]
             writes += self._head_writes(heads)
         self.prev[units] = (units << LEN_SHIFT) | p
         self.seq[units] = seq + 1
@@ -143,7 +143,7 @@ class ObjectLog:
             self._between_marks(writes)
         return writes + self._head_writes(obj.heads)
 
-    def _head_writes(self, heads: list[tuple[int, bytes]]) -> list[Write]:
+    def _head_writes(self, heads: Sequence[tuple[int, bytes]]) -> list[Write]:
         """The writes of list heads ``heads`` to every metadata replica."""
         return [Write(m, addr, word) for addr, word in heads for m in self.meta_nodes]
 

@@ -48,6 +48,12 @@ class OpCore(Protocol):
         every batch of verbs an operation posts, its SNAPSHOT rounds' too, goes through it."""
         ...
 
+    def owes(self) -> bool:
+        """Whether ``rt`` would add something to the next round trip. When not, an
+        operation may yield its batch itself: the same round trip, with no generator level
+        (the common case of a write's rounds)."""
+        ...
+
     def retry(self) -> None:
         """Count an operation's attempt that starts over."""
         ...

@@ -205,8 +205,11 @@ class ClientCore:
         aborts, self.aborts = self.aborts, []
         marks = self._aborted_marks(aborts) if aborts else []
         ahead = len(reqs) + len(marks)
-        # (no comprehension of ``self`` here: its cell would be made on every round trip)
-        frees = list(map(self.alloc.free_request, ptrs))
+        # (no comprehension of ``self`` here: its cell would be made on every round trip;
+        # nor ``map`` of a bound method: compiled, a loop calls it natively)
+        frees = []
+        for p in ptrs:
+            frees.append(self.alloc.free_request(p))
         try:
             res: list[Any] = yield [*reqs, *marks, *frees]
         except TransportError as e:
@@ -250,6 +253,10 @@ class ClientCore:
         if twice:
             yield from self._take_back(twice)
         return res[:len(reqs)]
+
+    def owes(self) -> bool:
+        """See ``OpCore.owes``: frees deferred or ABORTED marks, which ``rt`` adds."""
+        return bool(self.deferred or self.aborts)
 
     def _any_deferred(self, ptrs: list[int]) -> bool:
         """Some free of ``ptrs`` is deferred (to go out again)."""

@@ -22,8 +22,9 @@ Every batch of a round goes through the operation's core (``OpCore.rt``, which a
 client owes: deferred frees, ABORTED marks), as every other batch of an operation does: the
 steps on the fast path are plain functions, the requests of a step and the reading of what
 they found (``proposal_requests`` / ``tally``, ``primary_request`` / ``primary_lost``), so
-that going through the core adds no generator to an operation; the waits of contention
-(``resolve``'s rule 3, ``await_change``) are generators of the core's round trips.
+that going through the core adds no generator to an operation (the requests are built in
+``fusee.snapshot``, compiled: this module stays Python for the mutation tests); the waits of
+contention (``resolve``'s rule 3, ``await_change``) are generators of the core's round trips.
 
 Design: docs/design.md#snapshot-replication.
 """
@@ -32,13 +33,20 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from fusee.errors import EpochChanged, Stalled, TransportError
+from fusee.errors import Stalled
 # (SlotTarget is the index's: a class of this module, left as Python, had an interpreted
 # ``__init__`` on every insert)
 from fusee.index import SlotTarget as SlotTarget
 from fusee.layout import FROZEN, unpack_u64
+# the verbs of a round, compiled (``fusee.snapshot``); imported here too, where SNAPSHOT is
+from fusee.snapshot import CasRound as CasRound
+from fusee.snapshot import cas_went_out as cas_went_out
+from fusee.snapshot import primary_lost as primary_lost
+from fusee.snapshot import primary_request as primary_request
+from fusee.snapshot import proposal_requests as proposal_requests
+from fusee.snapshot import unfreeze_requests as unfreeze_requests
 from fusee.verbs import Backoff, Cas, Op, Read, Request
 from fusee.verdicts import LOSE, RESTART, RULE3, WIN, Decision, Verdict
 
@@ -66,18 +74,6 @@ def decide(current: list[int], mine: int) -> Decision:
     if any(2 * c > n for v, c in counts.items() if v != mine):
         return LOSE
     return RULE3
-
-
-def proposal_requests(t: SlotTarget, v_old: int, v_new: int) -> list[Cas]:
-    """Step 2's batch: the CAS of every backup ``v_old -> v_new``. An operation posts it
-    through its core's round trip (``OpCore.rt``), with what else it sends in that batch
-    after these, and reads what the CASes found with ``tally``."""
-    # proposals are distinct: a CAS that finds v_old could not tell ours from no change
-    assert v_new != v_old, f"slot {t.sid}:{t.pos}: a proposal of the value it replaces"
-    cases = []
-    for n in t.backups:         # (a comprehension would make cells of t, v_old and v_new)
-        cases.append(Cas(n, t.addr, v_old, v_new))
-    return cases
 
 
 def tally(found: Sequence[int], v_old: int, v_new: int) -> tuple[list[int], Decision]:
@@ -125,51 +121,6 @@ def _fixes(t: SlotTarget, current: list[int], v_new: int) -> list[Cas]:
     make cells of its arguments on every round)."""
     return [Cas(n, t.addr, v, v_new) for n, v in zip(t.backups, current)
             if v != v_new and not v & FROZEN]
-
-
-class CasRound(Protocol):
-    """An operation's open round, as settling it after its epoch's end needs to know."""
-    cased: bool     # its primary CAS is the batch in flight (``primary_request`` to its reply)
-
-
-def primary_request(t: SlotTarget, expected: int, v_new: int, r: CasRound | None = None
-                    ) -> Cas:
-    """Step 4's request: the CAS of the primary ``expected -> v_new``, the linearization
-    point when it finds ``expected``; ``primary_lost`` reads what else it found. ``r``: the
-    open round, cased from now on (``cas_went_out``)."""
-    assert v_new != expected, f"slot {t.sid}:{t.pos}: a primary CAS to the value it expects"
-    if r is not None:
-        r.cased = True
-    return Cas(t.primary, t.addr, expected, v_new)
-
-
-def cas_went_out(r: CasRound, error: TransportError) -> bool:
-    """Whether ``r``'s primary CAS may have taken effect, its reply unseen, when ``error``
-    ended the round's epoch: ``Membership.fate`` takes a third value on a primary for WIN
-    only then. ``cased`` is true only while the CAS's batch is the operation's batch in
-    flight (``primary_request`` sets it, ``primary_lost`` clears it, and a CAS that took ends
-    the operation), so ``error`` came at that batch; EpochChanged there means the driver
-    refused it: it never went out (``fusee.errors.EpochChanged``). Counting a refused CAS as
-    gone out acknowledged a write that no slot names (found by a sweep: another writer took
-    the slot in the next epoch; ``tests/test_cas_never_posted.py``)."""
-    return r.cased and not isinstance(error, EpochChanged)
-
-
-def primary_lost(found: int, r: CasRound | None = None) -> Verdict:
-    """The primary CAS (``primary_request``) found ``found``, not the value it expected (which
-    would be the linearization point: WIN): RESTART if the slot froze for a split, else LOSE
-    (another writer's value is there); ``r``'s CAS, failed, no longer counts as cased."""
-    if r is not None:
-        r.cased = False
-    return RESTART if found & FROZEN else LOSE
-
-
-def unfreeze_requests(t: SlotTarget, v_old: int, v_new: int) -> list[Cas]:
-    """A round that the primary's FROZEN bit ended (a split) after ``v_new`` went onto the
-    backups: the CASes that replace it there by the frozen old value. Nothing copies a backup
-    (the split copies the primary), but a failover would, should the primary die before the
-    split is done: it takes agreeing backups for a decided round."""
-    return [Cas(n, t.addr, v_new, v_old | FROZEN) for n in t.backups]
 
 
 def await_change(core: OpCore, t: SlotTarget, v_old: int, current: list[int],

@@ -17,7 +17,6 @@ Design: docs/design.md#update-and-delete.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fusee import insert as insert_mod
@@ -26,34 +25,42 @@ from fusee.hashing import key_hash
 from fusee.index import View
 from fusee.layout import (COMMITTED, LOST, TAIL_BYTES, UPDATE, object_extent, object_slot,
                           object_tail, slot_ref, unpack_u64)
-# SlotTarget at run time: a compiled dataclass resolves its fields' types on import (setup.py)
-from fusee.replication import (SlotTarget, await_change, cas_went_out, fix_requests,
-                               primary_lost, primary_request, proposal_requests, resolve,
-                               tally, unfreeze_requests)
+# SNAPSHOT's rules from its Python module (the mutation tests replace them there by name)
+from fusee.replication import await_change, fix_requests, resolve, tally
 from fusee.reuse import ObjectReads
 from fusee.search import find
-from fusee.verbs import EPOCH_ENDS, Op, Read, Write
+from fusee.snapshot import (cas_went_out, primary_lost, primary_request, proposal_requests,
+                            unfreeze_requests)
+from fusee.verbs import EPOCH_ENDS, Op, Read, Request, Write
 from fusee.verdicts import FRESH, LOSE, RESTART, RULE3, WIN, Decision, Fresh, Verdict
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from fusee.cache import CacheEntry
     from fusee.hashing import KeyHash
     from fusee.log import NewObject
     from fusee.op_core import OpCore
+    from fusee.replication import SlotTarget
 
 
-@dataclass(slots=True)
 class ReplaceRound:
     """The SNAPSHOT round an UPDATE or DELETE has open: what settling it takes when its
-    epoch ends before the round does."""
-    epoch: int
-    target: SlotTarget
-    v_old: int
-    v_new: int
-    old_crc: int                    # of the object ``v_old`` names (the commit record's)
-    reached: Verdict | None = None  # the verdict reached from the backups, if any
-    recorded: bool = False          # the commit record is on every replica of the object
-    cased: bool = False             # its primary CAS is in flight (``cas_went_out``)
+    epoch ends before the round does. (A plain class: compiled, a dataclass's ``__init__``
+    is the Python one its decorator writes, a Python call on every write.)"""
+    __slots__ = ("epoch", "target", "v_old", "v_new", "old_crc", "reached", "recorded",
+                 "cased")
+
+    def __init__(self, epoch: int, target: SlotTarget, v_old: int, v_new: int, old_crc: int
+                 ) -> None:
+        self.epoch = epoch
+        self.target = target
+        self.v_old = v_old
+        self.v_new = v_new
+        self.old_crc = old_crc          # of the object ``v_old`` names (the commit record's)
+        self.reached: Verdict | None = None  # the verdict reached from the backups, if any
+        self.recorded = False   # the commit record is on every replica of the object
+        self.cased = False      # its primary CAS is in flight (``cas_went_out``)
 
 
 def replace(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bool = False,
@@ -89,8 +96,9 @@ def _locate_batch(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
     """The key's subtable, its cache entry there (None: none), the first buckets and the
     batch of a round that looks for its slot: its bucket reads (with a cached slot, the
     cached object's last bytes too) and ``writes``."""
-    sid, _ = core.dir.lookup(h)
-    reads, firsts = core.dir.bucket_reads(sid, h, core.dir.nodes(sid)[0])
+    d = core.dir
+    sid, _ = d.lookup(h)
+    reads, firsts = d.bucket_reads(sid, h, d.nodes(sid)[0])
     e = core.cache.get(key)
     if e is not None and e.sid == sid:
         node, addr, length = object_extent(e.value, core.unit)
@@ -144,8 +152,11 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
             try:
                 # the key's slot: one round with the object's writes, inline (a generator
                 # level less on it); ``_locate`` only where its cache entry does not hold
+                # (each round trip of the common case is posted here, not through the
+                # ``core.rt`` generator, when the client owes nothing that rides with it)
                 sid, e, firsts, batch = _locate_batch(core, key, h, writes)
-                view, found = _cached(core, sid, e, firsts, (yield from core.rt(batch)))
+                view, found = _cached(core, sid, e, firsts, (yield batch) if not core.owes()
+                                      else (yield from core.rt(batch)))
                 if found is None:
                     found = yield from _locate(core, key, h, sid, view)
             except CorruptObject:
@@ -167,18 +178,25 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
             open_round = ReplaceRound(core.membership.epoch, t, v_old, v_new, old_crc)
             verdict: Decision = WIN                 # with no backup, no round to decide
             if t.backups:
-                current, verdict = tally((yield from core.rt(
-                    proposal_requests(t, v_old, v_new))), v_old, v_new)
+                cases = proposal_requests(t, v_old, v_new)
+                current, verdict = tally((yield cases) if not core.owes()
+                                         else (yield from core.rt(cases)), v_old, v_new)
             if verdict == RULE3:
                 verdict = yield from resolve(core, t, v_old, v_new, current)
             if verdict == WIN:
                 # with no backup there is no round to win: the primary CAS alone decides,
                 # and other writers may be as sure as we are (``Membership.fate``)
                 open_round.reached = WIN if t.backups else None
-                yield from core.rt([*fix_requests(t, current, v_new),
-                                    *core.log.record(obj, COMMITTED, ref, v_old, old_crc)])
+                commit: Sequence[Request] = core.log.record(obj, COMMITTED, ref, v_old,
+                                                             old_crc)
+                if current.count(v_new) != len(current):
+                    # another proposal on some backup (``fix_requests`` finds none when
+                    # every backup took ours: the common case makes no Python call)
+                    commit = [*fix_requests(t, current, v_new), *commit]
+                _ = (yield commit) if not core.owes() else (yield from core.rt(commit))
                 open_round.recorded = True
-                (held,) = yield from core.rt([primary_request(t, v_old, v_new, open_round)])
+                cas = [primary_request(t, v_old, v_new, open_round)]
+                (held,) = (yield cas) if not core.owes() else (yield from core.rt(cas))
                 if held == v_old:                   # the linearization point
                     _replaced(core, key, obj, opcode, t, v_old, v_new)
                     return None

@@ -86,6 +86,21 @@ def test_an_operation_stays_within_its_call_budget(kv, name, make, budget):
     assert files["shm.py"] <= 2 * round_trips, (files["shm.py"], round_trips)
 
 
+@pytest.mark.parametrize("name", ["update", "delete"])
+def test_a_write_calls_into_snapshot_s_python_rules_once(kv, name):
+    """fusee.replication stays Python (the mutation tests break its rules by name), so each
+    call into it is an interpreted call from the compiled fast path: an uncontended UPDATE or
+    DELETE makes one, ``tally`` (the requests of its round are ``fusee.snapshot``'s, and
+    ``fix_requests`` is called only when some backup holds another proposal); it made four."""
+    keys = [b"rules-%s-%d" % (name.encode(), i) for i in range(OPS)]
+    for k in keys:
+        kv.put(k, VALUE)
+    make = {"update": lambda core, k: core.update(k, VALUE),
+            "delete": lambda core, k: core.delete(k)}[name]
+    _, files = calls_per_op(kv, make, keys)
+    assert files["replication.py"] == len(keys), files.most_common(12)
+
+
 def test_operations_in_flight_together_cost_no_more_calls_than_alone(kv):
     """Depth must pay: merging the batches of 8 operations in flight (run_concurrently) costs
     no more Python calls per operation than running each alone (fusee.driver.run), and the
