@@ -166,8 +166,8 @@ def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
                 else:
                     outcome, other = yield from _check(core, t, s, h, key, firsts, prims,
                                                        claims, known, settled)
-            except Stalled as e:
-                stalled = e
+            except Stalled as halt:
+                stalled = halt
             if stalled is not None:         # (out of the except clause: tests/test_compiled)
                 yield from _withdraw(core, t, obj, s, v_old, expected)
                 raise stalled
@@ -200,8 +200,8 @@ def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
             assert other is not None, "a YIELD names the lower claim to wait for"
             yield from _await_claim(core, t.sid, other, claim_node, t.primary)
             continue
-        except EPOCH_ENDS as e:
-            err: TransportError = e
+        except EPOCH_ENDS as cut:
+            err: TransportError = cut
         # the epoch ended (out of the except clause: no yield in one, tests/test_compiled.py)
         ended = core.membership.epoch
         writes = yield from core.epoch_ended(err, obj)

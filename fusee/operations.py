@@ -369,7 +369,8 @@ class ClientCore:
             try:
                 return (yield from step())
             except ends as e:
-                yield from self.new_epoch(e)
+                ended: TransportError = e
+            yield from self.new_epoch(ended)    # (out of the except clause: test_compiled)
 
     def _open(self) -> Op[None]:
         """Claim the id: one CAS of its STATE word on the first metadata replica, from CLEAN
@@ -532,9 +533,13 @@ class ClientCore:
                 obj = self.log.new_object(opcode, key, value, units)
                 try:
                     result = yield from body(self, obj, key, opcode, value, then_insert)
-                except Stalled:
+                except Stalled as halt:
+                    stalled: Stalled | None = halt
+                else:
+                    stalled = None
+                if stalled is not None:     # (out of the except clause: test_compiled)
                     yield from self._abandoned(obj)
-                    raise
+                    raise stalled
                 if result != FRESH:
                     self.in_flight -= 1
                     return result

@@ -31,7 +31,7 @@ from fusee.reuse import ObjectReads
 from fusee.search import find
 from fusee.snapshot import (cas_went_out, primary_lost, primary_request, proposal_requests,
                             unfreeze_requests)
-from fusee.verbs import EPOCH_ENDS, Op, Read, Request, Write
+from fusee.verbs import EPOCH_ENDS, Op, Read, Request, TransportError, Write
 from fusee.verdicts import FRESH, LOSE, RESTART, RULE3, WIN, Decision, Fresh, Verdict
 
 if TYPE_CHECKING:
@@ -159,9 +159,13 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
                                       else (yield from core.rt(batch)))
                 if found is None:
                     found = yield from _locate(core, key, h, sid, view)
-            except CorruptObject:
+            except CorruptObject as damaged:
+                corrupt: CorruptObject | None = damaged
+            else:
+                corrupt = None
+            if corrupt is not None:     # (out of the except clause: tests/test_compiled.py)
                 yield from core.abandon(obj)
-                raise
+                raise corrupt
             writes = []
             if found is None:
                 if then_insert:
@@ -216,12 +220,15 @@ def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: 
             core.retry()
             if verdict == RESTART:
                 yield from core.refresh()
-        except EPOCH_ENDS as err:
-            writes = yield from core.epoch_ended(err, obj)
-            if open_round is None:
-                continue
-            r, open_round = open_round, None
-            return (yield from _settle(core, key, obj, opcode, r, cas_went_out(r, err)))
+            continue
+        except EPOCH_ENDS as ended:
+            err: TransportError = ended
+        # the epoch ended (out of the except clause: no yield in one, tests/test_compiled.py)
+        writes = yield from core.epoch_ended(err, obj)
+        if open_round is None:
+            continue
+        r, open_round = open_round, None
+        return (yield from _settle(core, key, obj, opcode, r, cas_went_out(r, err)))
 
 
 def _settle(core: OpCore, key: bytes, obj: NewObject, opcode: int, r: ReplaceRound,
