@@ -29,18 +29,13 @@ from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from fusee.driver import first_rounds, run_concurrently
-from fusee.errors import INTERNAL, FuseeError, InvalidArgument, WrongType, check_key
+from fusee.errors import INTERNAL, Arg, FuseeError, InvalidArgument, WrongType, check_key
 from fusee.operations import ClientCore
 from fusee.verbs import Op
 
 if TYPE_CHECKING:
     from fusee.client import Client
 
-#: an argument of the public API: bytes (a key, a value) or an int (a depth) as the
-#: docstrings say, unchecked by its annotation. Compiled (setup.py), a parameter annotated
-#: ``bytes`` or ``int`` would refuse another type with mypyc's plain TypeError, before the
-#: API's own check says WrongType, and ``bytes`` would refuse a bytearray it takes.
-Arg = Any
 
 #: operations in flight by default: enough to hide a network round trip behind the client's
 #: work on the others, few enough that one batch stays small

@@ -53,12 +53,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from fusee import batch
-from fusee.batch import Arg
 from fusee.cluster_identity import check, check_transport, reached
 from fusee.config import ClusterConfig
 from fusee.driver import run, run_search
-from fusee.errors import (ClientClosed, ForkedClient, InvalidArgument, LeaseExpired, LeaseLapsed,
-                          NodeRestarted)
+from fusee.errors import (Arg, ClientClosed, ForkedClient, InvalidArgument, LeaseExpired,
+                          LeaseLapsed, NodeRestarted)
 from fusee.fencing import identity
 from fusee.membership import Membership
 from fusee.client_ids import open_client
@@ -92,7 +91,7 @@ class Client:
     Threads may share it: its operations take turns under its lock (see the module doc)."""
 
     def __init__(self, transport: Transport, config: ClusterConfig | None = None,
-                 client_id: int | None = None, cache_capacity: int = 65536,
+                 client_id: Arg = None, cache_capacity: int = 65536,
                  recover: bool = False, lease: LeaseKeeper | None = None) -> None:
         """``recover``: ``client_id`` was left in use by a client that crashed: finish its
         operations first (``fusee.recovery``), then carry on with everything it held.

@@ -312,6 +312,13 @@ class DataLost(FuseeError):
     exit_code = DATA_ERROR
 
 
+#: an argument of the public API: bytes (a key, a value) or an int (a depth, a client id)
+#: as the docstrings say, unchecked by its annotation. Compiled (setup.py), a parameter
+#: annotated ``bytes`` or ``int`` would refuse another type with mypyc's plain TypeError,
+#: before the API's own check says WrongType, and ``bytes`` would refuse a bytearray it takes.
+Arg = Any
+
+
 def check_key(key: bytes, max_key_size: int) -> bytes:
     """Return ``key`` as bytes or raise WrongType / KeyTooLarge."""
     if not isinstance(key, (bytes, bytearray, memoryview)):

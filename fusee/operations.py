@@ -54,7 +54,7 @@ from fusee import update as update_mod
 from fusee.allocation import Allocator
 from fusee.cache import IndexCache
 from fusee.config import ClusterConfig
-from fusee.errors import (InvalidArgument, KeyExists, KeyNotFound, NeedsRecovery, Stalled,
+from fusee.errors import (Arg, InvalidArgument, KeyExists, KeyNotFound, NeedsRecovery, Stalled,
                           StoreFormatError, WrongType, check_key, check_value)
 from fusee.hashing import key_hash
 from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry
@@ -86,7 +86,7 @@ KEPT_TARGETS: Final = 1 << 14
 
 
 class ClientCore:
-    def __init__(self, config: ClusterConfig, client_id: int, cache_capacity: int = 65536,
+    def __init__(self, config: ClusterConfig, client_id: Arg, cache_capacity: int = 65536,
                  patience: int = PATIENCE, membership: Membership = Membership()) -> None:
         if type(client_id) is not int:
             raise WrongType(f"client_id is an int, got {type(client_id).__name__}")
@@ -135,26 +135,26 @@ class ClientCore:
         flight, so a later client may take it over (``fusee.holdings.adopt``)."""
         return self.retrying(self._close)
 
-    def search(self, key: bytes) -> Op[bytes | None]:
+    def search(self, key: Arg) -> Op[bytes | None]:
         key = check_key(key, self.layout.max_key_size)
         return search_mod.searching(self, key, key_hash(key))     # tracked by itself
 
     # (an INSERT, UPDATE or DELETE is counted in ``in_flight`` by ``with_objects``: no
     # ``tracked`` level on each of its round trips)
-    def insert(self, key: bytes, value: bytes) -> Op[None]:
+    def insert(self, key: Arg, value: Arg) -> Op[None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         # (the size class, checked before any verb, is the object's: not made twice)
         return insert_mod.insert(self, key, value, self.log.units_for(key, value))
 
-    def update(self, key: bytes, value: bytes) -> Op[None]:
+    def update(self, key: Arg, value: Arg) -> Op[None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         return update_mod.replace(self, key, value, UPDATE, units=self.log.units_for(key, value))
 
-    def delete(self, key: bytes) -> Op[None]:
+    def delete(self, key: Arg) -> Op[None]:
         key = check_key(key, self.layout.max_key_size)
         return update_mod.replace(self, key, b"", DELETE)
 
-    def put(self, key: bytes, value: bytes) -> Op[None]:
+    def put(self, key: Arg, value: Arg) -> Op[None]:
         key, value = check_key(key, self.layout.max_key_size), check_value(value)
         self.log.units_for(key, value)
         return update_mod.put(self, key, value)     # (each write in it counts itself)

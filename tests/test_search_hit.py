@@ -78,8 +78,10 @@ def test_the_hit_judged_in_c_is_the_python_spec_s_on_every_round(monkeypatch):
         key, sid, firsts, pos, value, res = _case(rng)
         try:
             want = S.hit_value(key, sid, firsts, pos, value, res)
-        except (ValueError, TypeError):         # not a View's bytes: the View says so
-            want = None                         # (compiled: hit_value's annotations do)
+        except ValueError:                      # not a View's bytes: the View says so
+            want = None
+        except TypeError:       # compiled, hit_value's annotations refuse all but bytes
+            continue            # first (no transport delivers another type)
         got = S._HIT_IN_C(crc32, res[0], res[1], res[2], firsts[0], firsts[1], sid, pos,
                           value, key)
         assert got == want, (i, got, want)
