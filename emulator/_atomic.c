@@ -1450,7 +1450,7 @@ static PyObject *run_on(PyObject *transport, PyObject *batch, PyObject *kinds) {
 /* shm_execute(transport, general, max_batch, kinds, batch) -> completions: when ``batch``
  * is a list of 1 to ``max_batch`` requests, ``transport._check_liveness(now)`` if
  * time.monotonic() has reached ``transport._next_check``, then ``run`` if it takes the
- * batch; else ``general(batch)`` (the Python execute, bound to the transport). */
+ * batch; else ``general(transport, batch)`` (the Python execute, unbound). */
 static PyObject *shm_execute(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 5) {
         PyErr_SetString(PyExc_TypeError,
@@ -1483,7 +1483,8 @@ static PyObject *shm_execute(PyObject *self, PyObject *const *args, Py_ssize_t n
             Py_DECREF(done);
         }
     }
-    return PyObject_CallOneArg(args[1], batch);
+    PyObject *both[2] = {transport, batch};         /* general(transport, batch) */
+    return PyObject_Vectorcall(args[1], both, 2, NULL);
 }
 
 /* the function ``shm_executor`` makes: ``shm_execute(*state, batch)``, its ``self`` the
@@ -1493,9 +1494,21 @@ static PyObject *shm_bound(PyObject *state, PyObject *const *args, Py_ssize_t n)
         PyErr_SetString(PyExc_TypeError, "execute(batch)");
         return NULL;
     }
-    PyObject *all[5] = {PyTuple_GET_ITEM(state, 0), PyTuple_GET_ITEM(state, 1),
+    /* the transport, held weakly: a strong reference would make transport -> execute ->
+     * state -> transport a cycle, and an unclosed transport (its mappings, its pidfds) would
+     * wait for the cycle collector */
+    PyObject *transport = PyWeakref_GetObject(PyTuple_GET_ITEM(state, 0));
+    if (!transport) return NULL;
+    if (transport == Py_None) {
+        PyErr_SetString(PyExc_ReferenceError, "the shm transport is gone");
+        return NULL;
+    }
+    Py_INCREF(transport);
+    PyObject *all[5] = {transport, PyTuple_GET_ITEM(state, 1),
                         PyTuple_GET_ITEM(state, 2), PyTuple_GET_ITEM(state, 3), args[0]};
-    return shm_execute(NULL, all, 5);
+    PyObject *done = shm_execute(NULL, all, 5);
+    Py_DECREF(transport);
+    return done;
 }
 
 static PyMethodDef shm_bound_def = {
@@ -1503,14 +1516,17 @@ static PyMethodDef shm_bound_def = {
     "execute(batch) -> completions: the shm transport's, in C (transports/shm.py)"};
 
 /* shm_executor(transport, general, max_batch, kinds) -> execute(batch), which runs
- * ``shm_execute(transport, general, max_batch, kinds, batch)`` */
+ * ``shm_execute(transport, general, max_batch, kinds, batch)``, ``transport`` held weakly
+ * and ``general`` the class's function (no reference cycle through the instance) */
 static PyObject *shm_executor(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 4) {
         PyErr_SetString(PyExc_TypeError, "shm_executor(transport, general, max_batch, kinds)");
         return NULL;
     }
-    PyObject *state = PyTuple_Pack(4, args[0], args[1], args[2], args[3]);
+    PyObject *ref = PyWeakref_NewRef(args[0], NULL);
+    PyObject *state = ref ? PyTuple_Pack(4, ref, args[1], args[2], args[3]) : NULL;
     PyObject *bound = state ? PyCFunction_New(&shm_bound_def, state) : NULL;
+    Py_XDECREF(ref);
     Py_XDECREF(state);
     return bound;
 }

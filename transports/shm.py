@@ -68,8 +68,9 @@ class ShmTransport(Transport):
         self._table: tuple = ()
         # the common case of ``execute`` in one C call (the checks and ``_atomic.run``); the
         # rest, this class's ``execute``, which makes them again
-        self.execute = _atomic.shm_executor(self, self._execute,  # type: ignore[method-assign]
-                                            MAX_BATCH, _KINDS)
+        # (the transport held weakly and the method unbound: no cycle through ``self``)
+        self.execute = _atomic.shm_executor(  # type: ignore[method-assign]
+            self, type(self)._execute, MAX_BATCH, _KINDS)
         try:
             self._attach(set(dead))
         except BaseException:
