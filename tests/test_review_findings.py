@@ -33,3 +33,29 @@ def test_an_shm_transport_dropped_unclosed_is_freed_without_the_cycle_collector(
             gc.enable()
         gc.collect()
     assert freed, "an unclosed ShmTransport sits in a reference cycle (its C execute)"
+
+
+def test_a_client_id_of_the_wrong_type_is_wrongtype_through_connect_too(cluster):
+    """``Client(transport, client_id='3')`` says WrongType (``client_id: Arg``), but
+    ``Client.connect`` (and so ``LocalCluster.client`` on shm, ``fusee.asyncio``'s connect)
+    still annotates ``client_id: int | None``: compiled, mypyc refuses a str there with its
+    plain TypeError before the API's check runs."""
+    from fusee.errors import WrongType
+    with pytest.raises(WrongType, match="client_id is an int"):
+        cluster.client(client_id="3")
+    with pytest.raises(WrongType, match="client_id is an int"):
+        cluster.client(client_id=3.0)
+
+
+def test_a_pipeline_takes_any_truth_value_for_raise_on_error(cluster):
+    """``Pipeline.execute(raise_on_error: bool)``: the source takes any truth value (0, 1,
+    None...); compiled, mypyc refuses anything but a bool with a plain TypeError."""
+    from fusee.batch import BatchError
+    with cluster.client() as c:
+        c.put(b"k", b"v")
+        p = c.pipeline()
+        p.insert(b"k", b"w")                # KeyExists
+        assert isinstance(p.execute(raise_on_error=0)[0], Exception)
+        p.insert(b"k", b"w")
+        with pytest.raises(BatchError):
+            p.execute(raise_on_error=1)
