@@ -93,11 +93,11 @@ class Pipeline:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def execute(self, raise_on_error: bool = True) -> list[Any]:
+    def execute(self, raise_on_error: Arg = True) -> list[Any]:
         """Run every queued operation; their outcomes in queue order (see the module doc)."""
         # open, not a fork's child, nothing left cut short; other threads wait till it ends
         with self.client.exclusive() as core:
-            return self._execute(core, raise_on_error)
+            return self._execute(core, bool(raise_on_error))    # (any truth value, as ever)
 
     def _execute(self, core: ClientCore, raise_on_error: bool) -> list[Any]:
         queue, self._queue = self._queue, []

@@ -92,7 +92,7 @@ class Client:
 
     def __init__(self, transport: Transport, config: ClusterConfig | None = None,
                  client_id: Arg = None, cache_capacity: int = 65536,
-                 recover: bool = False, lease: LeaseKeeper | None = None) -> None:
+                 recover: Arg = False, lease: LeaseKeeper | None = None) -> None:
         """``recover``: ``client_id`` was left in use by a client that crashed: finish its
         operations first (``fusee.recovery``), then carry on with everything it held.
         ``lease``: a ``LeaseKeeper`` registered already (else, with a master, one is made
@@ -166,7 +166,7 @@ class Client:
 
     @classmethod
     def connect(cls, config_path: str | Path, transport: Transport | str | None = None,
-                client_id: int | None = None, **kwargs: Any) -> Client:
+                client_id: Arg = None, **kwargs: Any) -> Client:
         """Open a client on the cluster described by ``config_path``; ``transport`` is a
         backend name (default: the config's) or an already connected Transport. With a
         master, the client registers first, so a new transport skips the MNs known dead."""
