@@ -59,3 +59,12 @@ def test_a_pipeline_takes_any_truth_value_for_raise_on_error(cluster):
         p.insert(b"k", b"w")
         with pytest.raises(BatchError):
             p.execute(raise_on_error=1)
+
+
+def test_a_cache_capacity_of_the_wrong_type_is_wrongtype_before_anything_runs(cluster):
+    """``cache_capacity='x'``: compiled, mypyc's plain TypeError (``cache_capacity: int``);
+    source, a TypeError comparing it at the first key cached, in the middle of an
+    operation."""
+    from fusee.errors import WrongType
+    with pytest.raises(WrongType, match="cache_capacity is an int"):
+        cluster.client(cache_capacity="x")
