@@ -91,7 +91,7 @@ class Client:
     Threads may share it: its operations take turns under its lock (see the module doc)."""
 
     def __init__(self, transport: Transport, config: ClusterConfig | None = None,
-                 client_id: Arg = None, cache_capacity: int = 65536,
+                 client_id: Arg = None, cache_capacity: Arg = 65536,
                  recover: Arg = False, lease: LeaseKeeper | None = None) -> None:
         """``recover``: ``client_id`` was left in use by a client that crashed: finish its
         operations first (``fusee.recovery``), then carry on with everything it held.

@@ -86,10 +86,12 @@ KEPT_TARGETS: Final = 1 << 14
 
 
 class ClientCore:
-    def __init__(self, config: ClusterConfig, client_id: Arg, cache_capacity: int = 65536,
+    def __init__(self, config: ClusterConfig, client_id: Arg, cache_capacity: Arg = 65536,
                  patience: int = PATIENCE, membership: Membership = Membership()) -> None:
         if type(client_id) is not int:
             raise WrongType(f"client_id is an int, got {type(client_id).__name__}")
+        if type(cache_capacity) is not int:     # (else a TypeError at the first key cached)
+            raise WrongType(f"cache_capacity is an int, got {type(cache_capacity).__name__}")
         self.config, self.layout = config, config.layout
         ids = min(self.layout.max_clients, MAX_CLIENT_IDS)
         if not 0 <= client_id < ids:
