@@ -1,4 +1,6 @@
-"""Review of trial-merge (issue 12): behaviours the fast path's rewrite changed."""
+"""What the compiled fast path (issue 12) must not change: the public API's arguments of the wrong
+type are WrongType saying which (never mypyc's bare TypeError), and an shm transport dropped
+unclosed is freed at once (its C ``execute`` holds it weakly: no reference cycle)."""
 
 from __future__ import annotations
 
