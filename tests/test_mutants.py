@@ -6,6 +6,7 @@ a green simulator run means something. The schedules are ``test_simulation.store
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,8 @@ from fusee.driver import run
 from fusee.verbs import Read
 from test_simulation import KEYS, store_schedule, word
 from fusee.transports.local import LocalTransport
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _patch_everywhere(monkeypatch, name, new):
@@ -68,6 +71,22 @@ def _what_is_wrong(sim, cores) -> str | None:
     mem = sim.memory
     found = run(audit(mem.config, cores), LocalTransport(mem.config, memory=mem))
     return None if found.ok else found.explain()
+
+
+def test_every_rule_a_mutant_breaks_is_defined_in_the_python_module():
+    """A mutant replaces a rule where modules imported it. A compiled caller calls a function
+    of its own compiled group directly, bound when it was compiled (setup.py), so a rule
+    re-exported by fusee.replication from a compiled module (fusee.snapshot's request
+    builders) would be broken in the source build only, and the compiled build, which users
+    run, would go untested. Every target is defined in fusee.replication, which stays Python."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fusee_setup", ROOT / "setup.py")
+    assert spec is not None and spec.loader is not None
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    assert "replication" not in setup.COMPILED
+    for name in [*(target for target, _, _ in MUTANTS.values()), "resolve"]:
+        assert getattr(fusee.replication, name).__module__ == "fusee.replication", name
 
 
 @pytest.mark.parametrize("mutant", MUTANTS)
