@@ -57,7 +57,7 @@ from fusee.cluster_identity import check, check_transport, reached
 from fusee.config import ClusterConfig
 from fusee.driver import run, run_search
 from fusee.errors import (Arg, ClientClosed, ForkedClient, InvalidArgument, LeaseExpired,
-                          LeaseLapsed, NodeRestarted)
+                          LeaseLapsed, NodeRestarted, WrongType)
 from fusee.fencing import identity
 from fusee.membership import Membership
 from fusee.client_ids import open_client
@@ -70,6 +70,17 @@ from fusee.verbs import Batch, EpochChanged, NodeTimeout, Op, Read, T, Transport
 if TYPE_CHECKING:
     from fusee.transports.base import Transport
     from fusee.master.link import LeaseKeeper
+
+def _check_transport(transport: Any) -> None:
+    """WrongType unless ``transport`` executes batches and closes, as a Transport does
+    (wrappers of one, like the tests' fault injectors, are welcome): anything else would
+    fail at its first batch with an AttributeError naming neither."""
+    if not (callable(getattr(transport, "execute", None))
+            and callable(getattr(transport, "close", None))):
+        raise WrongType(f"transport must be a backend name ('shm', 'zmq', 'local', 'verbs') "
+                        f"or a connected Transport (fusee.transports.connect(config)), got "
+                        f"{type(transport).__name__}")
+
 
 #: forks this process is the child of (``os.register_at_fork``): a client opened before a fork
 #: is refused in the child, at no per-operation cost but an int comparison
@@ -90,13 +101,15 @@ class Client:
     (operations raise ForkedClient there, and ``close()`` leaves the parent's client be).
     Threads may share it: its operations take turns under its lock (see the module doc)."""
 
-    def __init__(self, transport: Transport, config: ClusterConfig | None = None,
+    def __init__(self, transport: Arg, config: ClusterConfig | None = None,
                  client_id: Arg = None, cache_capacity: Arg = 65536,
                  recover: Arg = False, lease: LeaseKeeper | None = None) -> None:
-        """``recover``: ``client_id`` was left in use by a client that crashed: finish its
-        operations first (``fusee.recovery``), then carry on with everything it held.
-        ``lease``: a ``LeaseKeeper`` registered already (else, with a master, one is made
-        here); the client owns it from now on."""
+        """``transport``: a connected Transport (``fusee.transports.connect``), or anything
+        that executes batches and closes as one does. ``recover``: ``client_id`` was left
+        in use by a client that crashed: finish its operations first (``fusee.recovery``),
+        then carry on with everything it held. ``lease``: a ``LeaseKeeper`` registered
+        already (else, with a master, one is made here); the client owns it from now on."""
+        _check_transport(transport)
         if recover and client_id is None:
             raise InvalidArgument("recover=True needs the client_id to recover")
         self.transport = transport
@@ -165,11 +178,13 @@ class Client:
         return best
 
     @classmethod
-    def connect(cls, config_path: str | Path, transport: Transport | str | None = None,
+    def connect(cls, config_path: str | Path, transport: Arg = None,
                 client_id: Arg = None, **kwargs: Any) -> Client:
         """Open a client on the cluster described by ``config_path``; ``transport`` is a
         backend name (default: the config's) or an already connected Transport. With a
         master, the client registers first, so a new transport skips the MNs known dead."""
+        if transport is not None and not isinstance(transport, str):
+            _check_transport(transport)     # before a lease is taken for it
         config = ClusterConfig.load(config_path)
         lease = None
         if config.master:

@@ -70,3 +70,34 @@ def test_a_cache_capacity_of_the_wrong_type_is_wrongtype_before_anything_runs(cl
     from fusee.errors import WrongType
     with pytest.raises(WrongType, match="cache_capacity is an int"):
         cluster.client(cache_capacity="x")
+
+
+@pytest.mark.parametrize("transport", [3, b"shm", object()])
+def test_a_transport_that_is_neither_a_name_nor_a_transport_is_wrongtype(cluster, transport):
+    """``Client.connect(path, transport=3)`` raised the AttributeError of its own cleanup
+    (``3.close()``), hiding what was wrong; ``Client(3, config)`` an AttributeError at the
+    first batch. Both say WrongType, naming what a transport may be; a wrapper that executes
+    and closes like one (the tests' fault injectors) is still taken."""
+    from fusee.client import Client
+    from fusee.errors import WrongType
+    with pytest.raises(WrongType, match=f"transport must be .* got {type(transport).__name__}"):
+        Client.connect(cluster.config_path, transport=transport)
+    with pytest.raises(WrongType, match="transport must be"):
+        Client(transport, cluster.config)
+
+
+def test_a_wrapper_of_a_transport_is_taken(cluster):
+    class Wrapper:
+        def __init__(self, inner):
+            self.inner, self.config, self.stats = inner, inner.config, inner.stats
+
+        def execute(self, batch):
+            return self.inner.execute(batch)
+
+        def close(self):
+            self.inner.close()
+
+    from fusee.client import Client
+    with Client.connect(cluster.config_path, transport=Wrapper(cluster.transport())) as kv:
+        kv.put(b"k", b"v")
+        assert kv.get(b"k") == b"v"
