@@ -22,6 +22,8 @@ $B micro --load-clients 1 --out "$OUT/micro" > /dev/null && $T "$OUT/micro"
 $B ycsb --workloads C --depth 1 --out "$OUT/c-shm-1" > /dev/null && $B ycsb --workloads C --depth 8 --out "$OUT/c-shm-8" > /dev/null && $T "$OUT/c-shm-1" "$OUT/c-shm-8"
 # on zmq (ipc), depth 8 >= 4x depth 1
 $B ycsb --transport zmq --workloads C --depth 1 --out "$OUT/c-zmq-1" > /dev/null && $B ycsb --transport zmq --workloads C --depth 8 --out "$OUT/c-zmq-8" > /dev/null && $T "$OUT/c-zmq-1" "$OUT/c-zmq-8"
+# zmq (ipc): a SEARCH of one round trip within 1.5x of the raw pyzmq ping-pong of the same run
+$B micro --transport zmq --keys 10000 --micro-ops search --out "$OUT/micro-zmq" > /dev/null && $T "$OUT/micro-zmq"
 # client instructions per operation (callgrind: no clock, so a loaded machine measures them too),
 # each operation alone, then SEARCH with 8 in flight on shm and on zmq (the cost of depth)
 I="python3 benchmarks/instructions.py"

@@ -286,6 +286,26 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert "cpu us/op" in table and all(row["cpu_us_per_op"] > 0 for row in doc["load"])
     assert "client CPU per insert" in table
     assert "YCSB" in printed and "micro-benchmarks" in printed
+    assert doc["floors"] == {} and "floor" not in table     # a floor is zmq's
+
+
+def test_a_zmq_micro_run_measures_the_ping_pong_floor_after_each_search(tmp_path, capsys):
+    """Issue 12 judges a zmq SEARCH against the raw pyzmq ping-pong of the same run: the run
+    measures it, from a client process, after the SEARCH of one client of every repeat."""
+    out = tmp_path / "out"
+    code = main(["micro", "--transport", "zmq", "--keys", "100", "--micro-keys", "30",
+                 "--clients", "1", "--repeat", "2", "--no-baselines", "--no-progress",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    floor = doc["floors"]["pingpong"]
+    assert floor["runs"] == 2 and floor["count"] == 60
+    assert 0 < floor["latency_us"]["p50_us"] <= floor["latency_us"]["p99_us"]
+    assert report.merge_hdr([floor["hdr"]]).get_total_count() == 60
+    assert "floor pingpong: raw pyzmq request/reply" in printed
+    assert {(r["suite"], r["name"]) for r in doc["results"]} == {
+        ("micro", op) for op in ("insert", "update", "search", "delete")}
 
 
 def test_suite_file_runs_each_run_into_its_folder(tmp_path):

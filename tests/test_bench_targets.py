@@ -78,3 +78,19 @@ def test_the_command_line_reads_run_folders_and_says_what_it_cannot_read(tmp_pat
     assert main([str(run / "results.json"), str(tmp_path / "missing")]) == 2
     (run / "results.json").write_text(json.dumps(_doc({**SHM, "replicas": 1}, [])))
     assert main([str(run)]) == 2 and "no figure" in capsys.readouterr().err
+
+
+def test_a_zmq_search_is_judged_against_the_ping_pong_floor_of_its_own_run():
+    zmq = {**SHM, "transport": "zmq", "endpoint": "ipc"}
+    rows = [_row("micro", "search", 1, p50=30.0), _row("micro", "update", 1, p50=90.0)]
+    doc = _doc(zmq, rows)
+    assert judge_run(doc) == []             # no floor measured (an older run): not judged
+    doc["floors"] = {"pingpong": {"latency_us": {"p50_us": 24.0}}}
+    got = [(v.what, v.figure, v.target, v.met) for v in judge_run(doc)]
+    assert got == [("SEARCH p50 / raw pyzmq ping-pong p50 (30.0 / 24.0 us), zmq ipc, 1 client, "
+                    "compiled", "1.2 x", "<= 1.5 x", True)]
+    doc["floors"]["pingpong"]["latency_us"]["p50_us"] = 19.0
+    assert [v.met for v in judge_run(doc)] == [False]
+    # stated for ipc endpoints, and one client
+    assert judge_run({**doc, "options": {**zmq, "endpoint": "tcp"}}) == []
+    assert judge_run({**doc, "results": [_row("micro", "search", 1, p50=20.0, clients=2)]}) == []

@@ -34,6 +34,10 @@ from fusee.bench.systems import SYSTEMS, SystemSpec, cluster_layout, serve
 from fusee.bench.ycsb import KEY_LENGTH, WORKLOADS, StoreShape, Workload
 
 MICRO_OPS = ("insert", "update", "search", "delete")
+#: the floor a zmq run measures after each SEARCH micro-benchmark of one client: a raw pyzmq
+#: request/reply of a one-verb batch's size to an echo process, over the same endpoint kind
+#: and security (``fusee.bench.verbs.PingPong``), from a benchmark client process
+FLOOR = "pingpong"
 
 
 @dataclass
@@ -126,6 +130,11 @@ def build_plan(o: BenchOptions) -> list[Phase]:
                     plan.append(Phase("micro", op, clients=n, keyspace=keyspace,
                                       count=o.micro_keys, record=op in o.micro_ops,
                                       repeat=run, **common))
+                    if op == "search" and n == 1 and o.transport == "zmq" and op in o.micro_ops:
+                        # the floor of a SEARCH on zmq, next to it in the same run
+                        plan.append(Phase("floor", FLOOR, clients=1, keyspace=keyspace,
+                                          count=o.micro_keys, record=False, repeat=run,
+                                          **common))
                 keyspace += 1
     return plan
 
@@ -170,10 +179,16 @@ def _run_system(pool: WorkerPool, spec: SystemSpec, system: str, plan: list[Phas
     pool.connect(spec)
     #: a point -> the raw results of each of its runs
     runs: dict[tuple[str, str, int], list[list[dict[str, Any]]]] = {}
+    floors: list[dict[str, Any]] = []
     for p in plan:
+        if p.suite == "floor" and system != "fusee":
+            continue                    # the transport's floor: measured once, with fusee
         bar.set_description(f"{system}: {p.label()}")
         raws = pool.run_phase(p, _phase_timeout(p, o))
-        if p.suite == "load":
+        if p.suite == "floor":
+            floors += raws
+            doc["floors"][p.name] = report.floor(floors, p.name)
+        elif p.suite == "load":
             row = report.aggregate(system, p, raws)
             doc["load"].append({"system": system, "keys": p.keys, "seconds": row["seconds"],
                                 "throughput": row["throughput"],
@@ -201,7 +216,8 @@ def run_bench(o: BenchOptions, command: str = "", progress: bool | None = None) 
            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "machine": _machine(),
            "options": {**dataclasses.asdict(o), "replicas": o.replicas},
-           "systems": [], "skipped": {}, "failed": {}, "load": [], "results": []}
+           "systems": [], "skipped": {}, "failed": {}, "load": [], "results": [],
+           "floors": {}}
     reported = [p for p in plan if p.record]
     bar = tqdm(total=len(o.systems) * len(reported), unit="phase", file=sys.stderr,
                disable=None if progress is None else not progress, dynamic_ncols=True)

@@ -119,6 +119,13 @@ def aggregate(system: str, phase: Phase, raws: list[dict[str, Any]]) -> dict[str
     }
 
 
+def floor(raws: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """A floor's row (``main.FLOOR``) from its runs' raw results: their latencies together."""
+    h = merge_hdr(r["hdr"][name] for r in raws)
+    return {"runs": len(raws), "count": h.get_total_count(), "latency_us": latency_stats(h),
+            "hdr": h.encode().decode()}
+
+
 def combine(system: str, phase: Phase, runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """One result row from the raw results of every run of a point (``aggregate`` of each):
     the median throughput and seconds, the spread of the throughputs, and the histograms,
@@ -226,6 +233,12 @@ def table(doc: dict[str, Any]) -> str:
         out.append(f"\n{name}: skipped: {why}")
     for name, why in doc.get("failed", {}).items():
         out.append(f"\n{name}: FAILED (its rows stop there): {why.strip().splitlines()[-1]}")
+    for name, row in doc.get("floors", {}).items():
+        lat = row["latency_us"]
+        out.append(f"floor {name}: raw pyzmq request/reply from a client process, "
+                   f"{row['count']:,} of them in {row['runs']} run(s) after the SEARCH "
+                   f"micro-benchmark: p50 {_fmt(lat.get('p50_us'), 0)} us, "
+                   f"p99 {_fmt(lat.get('p99_us'), 0)} us")
     for load in doc["load"]:
         out.append(f"load {load['system']}: {load['keys']:,} keys in {load['seconds']:.1f} s "
                    f"({load['throughput'] / 1e3:.1f} Kops/s"

@@ -53,8 +53,8 @@ class BenchError(RuntimeError):
 @dataclass(frozen=True)
 class Phase:
     """One step of a benchmark, identical for every system so all see the same keys."""
-    suite: str                      # "load" | "ycsb" | "micro"
-    name: str                       # workload name, or the operation of a micro phase
+    suite: str                      # "load" | "ycsb" | "micro" | "floor"
+    name: str                       # workload name, the operation of a micro phase, the floor
     clients: int
     depth: int
     keyspace: int                   # seeds the op stream; names the keys a phase inserts
@@ -194,6 +194,7 @@ class _Client:
 
     def __init__(self) -> None:
         self.driver: Driver | None = None
+        self.spec: SystemSpec | None = None
         self.names: tuple[int, list[bytes]] = (0, [])
         self.warm = 0           # loaded keys the driver's cache has met (``warm_up``)
 
@@ -220,6 +221,8 @@ class _Client:
         """Everything before the clock starts; returns the function that runs the phase."""
         d = self.driver
         assert d is not None, "a phase runs on a connected client"
+        if phase.suite == "floor":
+            return self._pingpong(phase)
         value = stream_rng(phase.seed, 1 << 30, client).bytes(phase.value_size)
         if phase.suite == "ycsb":
             self.warm_up(phase.keys, value)
@@ -236,6 +239,40 @@ class _Client:
         def run(t_start: int) -> dict[str, Any]:
             _wait_until(t_start)
             return drive(d, ops, value, phase.depth, _Recorder(0, 1 << 63))
+        return run
+
+    def _pingpong(self, phase: Phase) -> Callable[[int], dict[str, Any]]:
+        """The floor of a zmq run (``Phase.floor``): ``phase.count`` raw pyzmq ping-pongs of
+        a one-verb batch's size, from this client process to an echo process over the
+        cluster's endpoint kind and security, timed as ``drive`` times an operation."""
+        import tempfile
+        from fusee.bench.verbs import PingPong
+        d, spec = self.driver, self.spec
+        assert d is not None and spec is not None, "a phase runs on a connected client"
+        workdir = tempfile.TemporaryDirectory(prefix="fusee-bench-floor-")
+        try:
+            ping = PingPong(spec.config_path, workdir.name)
+        except BaseException:
+            workdir.cleanup()
+            raise
+        payload = b"p" * 32
+
+        def run(t_start: int) -> dict[str, Any]:
+            rec = _Recorder(0, 1 << 63)
+            lat, clock = rec.lat[phase.name], time.monotonic_ns
+            try:
+                for _ in range(min(200, phase.count)):      # warm up, untimed
+                    ping(payload)
+                _wait_until(t_start)
+                c0, t0 = _counters(d), clock()
+                for _ in range(phase.count):
+                    t = clock()
+                    ping(payload)
+                    lat.append(clock() - t)
+                return rec.result(_delta(c0, _counters(d)), t0, clock())
+            finally:
+                ping.close()
+                workdir.cleanup()
         return run
 
     def _ycsb(self, phase: Phase, client: int, value: bytes) -> Callable[[int], dict[str, Any]]:
@@ -288,7 +325,7 @@ def _client_main(conn: Connection) -> None:
                 if cmd == "exit":
                     return
                 if cmd == "connect":
-                    state.driver, state.warm = connect(arg), 0
+                    state.driver, state.spec, state.warm = connect(arg), arg, 0
                 elif cmd == "disconnect":
                     if state.driver is not None:
                         state.driver.close()

@@ -32,6 +32,9 @@ LOAD_OPS = 60_000               # the load phase, per client process
 YCSB_C_DEPTH8_OPS = 150_000     # YCSB-C at depth 8 from one client process, shm
 #: throughput at depth 8 over depth 1, per transport
 DEPTH_GAIN = {"zmq": 4.0, "shm": 1.0}
+#: zmq (ipc): a SEARCH of one round trip (a cache hit), p50, over the raw pyzmq ping-pong's
+#: p50 measured in the same run (``fusee.bench.main.FLOOR``)
+ZMQ_SEARCH_OVER_PINGPONG = 1.5
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ def _build(doc: dict[str, Any]) -> str:
 def judge_run(doc: dict[str, Any]) -> list[Verdict]:
     """The verdicts one run's results can give on their own (latency, load, YCSB-C depth 8)."""
     o = doc["options"]
+    if _conditions(o, "zmq") and o.get("endpoint", "ipc") == "ipc":
+        return _judge_zmq(doc)
     if not _conditions(o):
         return []
     build = _build(doc)
@@ -89,6 +94,24 @@ def judge_run(doc: dict[str, Any]) -> list[Verdict]:
                                   load["throughput"] / 1e3,
                                   "Kops/s", LOAD_OPS / 1e3, operator.ge, ">="))
     return out
+
+
+def _judge_zmq(doc: dict[str, Any]) -> list[Verdict]:
+    """The zmq (ipc) run's verdict: its SEARCH p50 of one client against the ping-pong floor
+    it measured (a run without the floor, e.g. of an older fusee, is not judged)."""
+    pingpong = doc.get("floors", {}).get("pingpong", {}).get("latency_us", {}).get("p50_us")
+    if not pingpong:
+        return []
+    for row in doc["results"]:
+        if (row["system"] == "fusee" and row["clients"] == 1 and row["suite"] == "micro"
+                and row["depth"] == 1 and row["name"] == "search"):
+            p50 = row["latency_us"].get("search", {}).get("p50_us")
+            if p50 is not None:
+                return [_judge(f"SEARCH p50 / raw pyzmq ping-pong p50 ({p50:.1f} / "
+                               f"{pingpong:.1f} us), zmq ipc, 1 client, {_build(doc)}",
+                               p50 / pingpong, "x", ZMQ_SEARCH_OVER_PINGPONG, operator.le,
+                               "<=")]
+    return []
 
 
 def judge_depth(docs: Sequence[dict[str, Any]]) -> list[Verdict]:

@@ -170,15 +170,19 @@ def echo(config_path: str, endpoint: str) -> None:
 
 
 class PingPong:
-    """A raw pyzmq request/reply ping-pong, over the cluster's endpoint kind and security."""
+    """A raw pyzmq request/reply ping-pong, over the cluster's endpoint kind and security:
+    ``config_path`` names the cluster's config, and an ipc endpoint's socket goes in
+    ``ipc_dir``. Used by `fusee bench verbs` and by the zmq runs of `fusee bench micro`
+    (the floor a SEARCH of one round trip is judged against)."""
 
-    def __init__(self, cluster: LocalCluster) -> None:
-        if cluster.endpoint_kind == "tcp":
+    def __init__(self, config_path: str | Path, ipc_dir: str | Path) -> None:
+        config = ClusterConfig.load(config_path)
+        if config.node(0).endpoint.startswith("tcp://"):
             endpoint = "tcp://127.0.0.1:*"
         else:
-            endpoint = f"ipc://{cluster.workdir}/floor.sock"
+            endpoint = f"ipc://{ipc_dir}/floor.sock"
         code = (f"from fusee.bench.verbs import echo; "
-                f"echo({str(cluster.config_path)!r}, {endpoint!r})")
+                f"echo({str(config_path)!r}, {endpoint!r})")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL)
         out = self.proc.stdout
@@ -191,10 +195,9 @@ class PingPong:
                 raise RuntimeError(f"the ping-pong echo process exited with {self.proc.wait(5)}")
             self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
             self.sock.setsockopt(zmq.LINGER, 0)
-            self.sock.setsockopt(zmq.RCVTIMEO, int(cluster.config.timeout * 1000))
-            node = cluster.config.node(0)
-            secure_client(self.sock, cluster.config,
-                          MemNodeConfig(0, endpoint, node.curve_public))
+            self.sock.setsockopt(zmq.RCVTIMEO, int(config.timeout * 1000))
+            node = config.node(0)
+            secure_client(self.sock, config, MemNodeConfig(0, endpoint, node.curve_public))
             self.sock.connect(endpoint)
         except BaseException:
             self.close()
@@ -234,7 +237,7 @@ def bench_target(name: str, ops: int, rounds: int) -> dict[str, Any]:
             if target.floor == "memory":
                 floors, _keep_alive = memory_floors()
             elif target.floor == "zmq":
-                ping = PingPong(cluster)
+                ping = PingPong(cluster.config_path, cluster.workdir)
                 # a message of the size of a one-verb batch
                 floors = {"pingpong": (ping, b"p" * 32)}
             timer = Samples()
