@@ -301,3 +301,51 @@ def test_execute_in_c_answers_as_the_python_execute_on_random_and_bad_batches(cl
     assert t.execute([]) == []
     t.close()
     spec.close()
+
+
+def test_execute_in_c_reads_what_the_transport_set_last(cluster):
+    """The C execute reads the transport's liveness due time, table, regions and counts by
+    position (``ShmTransport._fast``), not by name: whatever replaced them last is what it
+    reads (a new table, a new regions dict, a new stats), a region whose access key was
+    revoked (its MN registered the region anew) is refused, whether its RegionInfo was
+    replaced in the dict or the dict itself was, and the poll runs when it is due."""
+    from fusee.transports.base import TransportStats
+    t = cluster.transport()
+    a = scratch(cluster)
+    calls = []
+
+    def python_calls(batch):
+        calls.clear()
+        sys.setprofile(lambda frame, event, arg: event == "call" and calls.append(frame))
+        try:
+            return t.execute(batch)
+        finally:
+            sys.setprofile(None)
+    t._next_check = float("inf")
+    assert python_calls([Read(1, a, 8)]) == [bytes(8)] and calls == []
+    table = t._table
+    t._table = ()                   # nothing the C path can take: the Python method runs
+    assert python_calls([Read(1, a, 8)]) == [bytes(8)] and calls
+    t._table = table
+    t.stats = fresh = TransportStats()
+    assert python_calls([Read(1, a, 8)]) == [bytes(8)] and calls == []
+    assert (fresh.round_trips, fresh.reads, fresh.bytes_in) == (1, 1, 8)
+    same = dataclasses.replace(t.regions[1])    # another object, the same key: still runs
+    t.regions[1] = same
+    assert python_calls([Read(1, a, 8)]) == [bytes(8)] and calls == []
+    t.regions = {**t.regions, 1: dataclasses.replace(same, rkey=same.rkey ^ 1)}
+    with pytest.raises(RemoteAccessError, match="wrong access key"):
+        t.execute([Read(1, a, 8)])
+    t.regions = {**t.regions, 1: same}
+    assert t.execute([Read(1, a, 8)]) == [bytes(8)]
+    t.regions[2] = dataclasses.replace(t.regions[2], rkey=t.regions[2].rkey ^ 1)
+    with pytest.raises(RemoteAccessError, match="wrong access key"):
+        t.execute([Read(0, a, 8), Read(2, a, 8)])
+    polls = []
+    t._check_liveness = lambda now: polls.append(now)
+    t.execute([Read(0, a, 8)])
+    assert polls == []
+    t._next_check = 0
+    t.execute([Read(0, a, 8)])
+    assert len(polls) == 1
+    t.close()
