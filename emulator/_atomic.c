@@ -86,6 +86,17 @@ typedef struct { int kind; char *at; uint64_t a, b; Py_ssize_t len; PyObject *da
  * (a CAS's operands) take that path. */
 static int u64_of(PyObject *o, uint64_t *out) {
     if (!PyLong_CheckExact(o)) return 1;
+#if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
+    /* CPython 3.11's ints: the sign in ob_size, 30-bit digits. Most operands have at most
+     * two (below 2**60): read here, not through a call (a run's two dozen per batch) */
+    Py_ssize_t digits = Py_SIZE(o);
+    if (digits >= 0 && digits <= 2) {
+        const digit *d = ((PyLongObject *)o)->ob_digit;
+        *out = digits == 0 ? 0 : digits == 1 ? (uint64_t)d[0]
+                                             : (uint64_t)d[0] | (uint64_t)d[1] << PyLong_SHIFT;
+        return 0;
+    }
+#endif
     int over;
     long long small = PyLong_AsLongLongAndOverflow(o, &over);
     if (!over) {

@@ -349,3 +349,26 @@ def test_execute_in_c_reads_what_the_transport_set_last(cluster):
     t.execute([Read(0, a, 8)])
     assert len(polls) == 1
     t.close()
+
+
+def test_a_batch_in_c_reads_every_operand_width_as_python_does(cluster):
+    """``_atomic.run`` reads its operands (nodes, addresses, lengths, a CAS's words) as
+    unsigned 64-bit ints, the small ones straight from CPython's digits: at every digit
+    boundary it answers what the verbs mean; a negative or too large operand is never run
+    (None: the Python path words the refusal)."""
+    from fusee.emulator import _atomic
+    from fusee.transports.shm import _KINDS
+    t = cluster.transport()
+    a = scratch(cluster)
+    run = lambda batch: _atomic.run(batch, t._table, t.regions, _KINDS, t.stats.counts)  # noqa: E731
+    edges = [0, 1, 2**15, 2**30 - 1, 2**30, 2**31, 2**32 - 1, 2**32, 2**45, 2**60 - 1, 2**60,
+             2**62, 2**63 - 1, 2**63, 2**64 - 1]
+    for old in edges:
+        for new in (edges[-1 - edges.index(old)], old ^ 1):
+            assert run([Write(0, a, old.to_bytes(8, "little")), Cas(0, a, old, new),
+                        Read(0, a, 8)]) == [None, old, new.to_bytes(8, "little")]
+    for bad in (-1, -2**30, -2**31, -2**60, -2**63, 2**64, 2**90):
+        assert run([Cas(0, a, bad, 0)]) is None and run([Cas(0, a, 0, bad)]) is None
+        assert run([Read(0, bad, 8)]) is None and run([Read(0, a, bad)]) is None
+    assert run([Read(0, a + 2**30, 8)]) is None             # beyond the region: refused
+    t.close()
