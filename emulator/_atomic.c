@@ -1533,6 +1533,14 @@ static PyObject *shm_bound(PyObject *state, PyObject *const *args, Py_ssize_t n)
     return done;
 }
 
+/* ``def``'s function with ``state`` (a new reference, or NULL with an error set: passed on)
+ * as its ``self``: state bound into a C function, without a partial's arguments to copy */
+static PyObject *with_state(PyMethodDef *def, PyObject *state) {
+    PyObject *bound = state ? PyCFunction_New(def, state) : NULL;
+    Py_XDECREF(state);
+    return bound;
+}
+
 static PyMethodDef shm_bound_def = {
     "execute", (PyCFunction)(void (*)(void))shm_bound, METH_FASTCALL,
     "execute(batch) -> completions: the shm transport's, in C (transports/shm.py)"};
@@ -1548,10 +1556,9 @@ static PyObject *shm_executor(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     if (!fast_ok(args[4])) return NULL;
     PyObject *ref = PyWeakref_NewRef(args[0], NULL);
-    PyObject *state = ref ? PyTuple_Pack(5, ref, args[1], args[2], args[3], args[4]) : NULL;
-    PyObject *bound = state ? PyCFunction_New(&shm_bound_def, state) : NULL;
+    PyObject *bound = with_state(&shm_bound_def, ref ? PyTuple_Pack(5, ref, args[1], args[2],
+                                                                    args[3], args[4]) : NULL);
     Py_XDECREF(ref);
-    Py_XDECREF(state);
     return bound;
 }
 
@@ -1846,10 +1853,7 @@ static PyObject *driver(PyObject *self, PyObject *const *args, Py_ssize_t n) {
         PyErr_SetString(PyExc_TypeError, "driver(not_verbs, not_a_verb, transport_error)");
         return NULL;
     }
-    PyObject *state = PyTuple_Pack(3, args[0], args[1], args[2]);
-    PyObject *run = state ? PyCFunction_New(&drive_run_def, state) : NULL;
-    Py_XDECREF(state);
-    return run;
+    return with_state(&drive_run_def, PyTuple_Pack(3, args[0], args[1], args[2]));
 }
 
 static PyMethodDef driver_methods[] = {
