@@ -1761,6 +1761,23 @@ static int not_verbs_step(PyObject *batch, PyObject *not_verbs, PyObject **first
     return found;
 }
 
+/* 0 and the value of the StopIteration raised (None when none is), cleared; -1 when another
+ * exception is raised (left as it is) */
+static int stop_value(PyObject **out) {
+    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        if (PyErr_Occurred()) return -1;
+        *out = Py_NewRef(Py_None);
+        return 0;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    *out = Py_NewRef(value && PyObject_TypeCheck(value, (PyTypeObject *)PyExc_StopIteration)
+                     ? ((PyStopIterationObject *)value)->value : Py_None);
+    Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+    return 0;
+}
+
 /* ``op.throw(error)`` with ``error`` being handled meanwhile (Python's ``except ... as e:
  * op.throw(e)``) -> PyIter_Send's result and ``*out`` */
 static PySendResult throw_into(PyObject *op, PyObject *error, PyObject **out) {
@@ -1770,7 +1787,7 @@ static PySendResult throw_into(PyObject *op, PyObject *error, PyObject **out) {
     PyErr_SetHandledException(handled);
     Py_XDECREF(handled);
     if (*out) return PYGEN_NEXT;
-    return _PyGen_FetchStopIterationValue(out) == 0 ? PYGEN_RETURN : PYGEN_ERROR;
+    return stop_value(out) == 0 ? PYGEN_RETURN : PYGEN_ERROR;
 }
 
 /* the raised exception, normalized, with its traceback attached (a new reference) */
@@ -1824,7 +1841,7 @@ static PyObject *drive_run(PyObject *state, PyObject *const *args, Py_ssize_t n)
     if (sent == PYGEN_RETURN) return step;
     if (PyErr_ExceptionMatches(PyExc_StopIteration)) {      /* Python's outer except clause */
         PyObject *value;
-        return _PyGen_FetchStopIterationValue(&value) == 0 ? value : NULL;
+        return stop_value(&value) == 0 ? value : NULL;
     }
     PyObject *error = fetch_error();            /* op.close() with it handled, re-raised */
     if (!error) return NULL;
