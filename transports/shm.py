@@ -183,7 +183,7 @@ class ShmTransport(Transport):
                                             shm_name=info["shm_name"])
 
     def _check_liveness(self, now: float) -> None:
-        self._next_check = now + self.liveness_interval
+        self._fast[0] = now + self.liveness_interval    # (_next_check's: no call of its setter)
         for fd, _ in self._poller.poll(0):
             # the death first: an exception (Ctrl-C) in what follows must not make it
             # forgotten (the segment stays mapped: verbs to it would succeed into the void)
