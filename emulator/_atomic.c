@@ -66,8 +66,10 @@ static PyObject *atomic_address(PyObject *self, PyObject *arg) {
  *
  * The shm client's whole batch of one-sided verbs in one call, for the common case where
  * every request is a Read, Write (of bytes), Cas or Faa that a NIC would accept: ``table``
- * has, per node id, None or (address of offset 0, length, rkey), the access key that
- * ``regions[node].rkey`` must still name. Every request is checked first and only then does
+ * has, per node id, None or (address of offset 0, length, rkey[, region]), the access key
+ * that ``regions[node].rkey`` must still name: ``region``, when given, is the (frozen)
+ * RegionInfo whose rkey that is, and while ``regions[node]`` is that very object its rkey
+ * is not looked up again. Every request is checked first and only then does
  * any run, so when one would fail (unknown node, out of range, unaligned, wrong key, an
  * operand that is not an unsigned 64-bit int...) the answer is None with nothing done, and
  * the caller's Python path runs the batch with its per-request errors. ``kinds`` is
@@ -84,6 +86,17 @@ typedef struct { int kind; char *at; uint64_t a, b; Py_ssize_t len; PyObject *da
  * (a CAS's operands) take that path. */
 static int u64_of(PyObject *o, uint64_t *out) {
     if (!PyLong_CheckExact(o)) return 1;
+#if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
+    /* CPython 3.11's ints: the sign in ob_size, 30-bit digits. Most operands have at most
+     * two (below 2**60): read here, not through a call (a run's two dozen per batch) */
+    Py_ssize_t digits = Py_SIZE(o);
+    if (digits >= 0 && digits <= 2) {
+        const digit *d = ((PyLongObject *)o)->ob_digit;
+        *out = digits == 0 ? 0 : digits == 1 ? (uint64_t)d[0]
+                                             : (uint64_t)d[0] | (uint64_t)d[1] << PyLong_SHIFT;
+        return 0;
+    }
+#endif
     int over;
     long long small = PyLong_AsLongLongAndOverflow(o, &over);
     if (!over) {
@@ -151,8 +164,9 @@ static PyObject *run_batch(PyObject *self, PyObject *const *args, Py_ssize_t n) 
         } else {
             PyObject *st = PyTuple_GET_ITEM(table, node);
             if (st == Py_None) goto general;
-            if (!PyTuple_Check(st) || PyTuple_GET_SIZE(st) != 3) {
-                PyErr_SetString(PyExc_TypeError, "a table entry is None or (address, length, rkey)");
+            if (!PyTuple_Check(st) || (PyTuple_GET_SIZE(st) != 3 && PyTuple_GET_SIZE(st) != 4)) {
+                PyErr_SetString(PyExc_TypeError,
+                                "a table entry is None or (address, length, rkey[, region])");
                 goto done;
             }
             if (u64_of(PyTuple_GET_ITEM(st, 0), &base) || u64_of(PyTuple_GET_ITEM(st, 1), &size) ||
@@ -160,12 +174,14 @@ static PyObject *run_batch(PyObject *self, PyObject *const *args, Py_ssize_t n) 
             /* regions[node].rkey == rkey? */
             PyObject *region = PyDict_GetItemWithError(regions, PyTuple_GET_ITEM(r, 0));
             if (!region) { if (PyErr_Occurred()) goto done; goto general; }
-            PyObject *key = PyObject_GetAttr(region, str_rkey);
-            if (!key) goto done;
-            uint64_t now;
-            int bad = u64_of(key, &now) || now != rkey;
-            Py_DECREF(key);
-            if (bad) goto general;
+            if (PyTuple_GET_SIZE(st) != 4 || region != PyTuple_GET_ITEM(st, 3)) {
+                PyObject *key = PyObject_GetAttr(region, str_rkey);
+                if (!key) goto done;
+                uint64_t now;
+                int bad = u64_of(key, &now) || now != rkey;
+                Py_DECREF(key);
+                if (bad) goto general;
+            }
             if (node < 64) {
                 keyed |= 1ULL << node;
                 bases[node] = base;
@@ -661,6 +677,7 @@ static int add_acyclic_methods(PyObject *module); /* long-lived objects untracke
 static int add_quiet_methods(PyObject *module);   /* an insert's quiet check: before the end */
 static int add_shm_methods(PyObject *module);     /* the shm transport's execute: before the end */
 static int add_crc_methods(PyObject *module);     /* crc32 folded with PCLMULQDQ: the end */
+static int add_driver_methods(PyObject *module);  /* fusee.driver.run in C: the end */
 
 PyMODINIT_FUNC PyInit__atomic(void) {
     if (!(str_rkey = PyUnicode_InternFromString("rkey"))) return NULL;
@@ -669,7 +686,7 @@ PyMODINIT_FUNC PyInit__atomic(void) {
     if (m && (add_object_methods(m) < 0 || add_search_methods(m) < 0 ||
               add_write_methods(m) < 0 || add_acyclic_methods(m) < 0 ||
               add_quiet_methods(m) < 0 || add_shm_methods(m) < 0 ||
-              add_crc_methods(m) < 0)) Py_CLEAR(m);
+              add_crc_methods(m) < 0 || add_driver_methods(m) < 0)) Py_CLEAR(m);
     return m;
 }
 
@@ -1428,47 +1445,51 @@ static int add_quiet_methods(PyObject *module) {
  * untouched): an empty batch, one too long, a request ``run`` does not take. ShmTransport
  * binds it as its instances' ``execute`` (``shm_executor``). */
 
-static PyObject *str_next_check, *str_check_liveness, *str_table, *str_regions, *str_stats,
-                *str_counts;
+static PyObject *str_check_liveness;
+
+/* ``fast`` is the transport's ``_fast``: [_next_check, _table, regions, stats.counts], the
+ * attributes the C execute reads on every batch, kept there by the transport's properties
+ * (the only way to set them), read here by position: no attribute looked up by name */
+static int fast_ok(PyObject *fast) {
+    if (PyList_CheckExact(fast) && PyList_GET_SIZE(fast) == 4) return 1;
+    PyErr_SetString(PyExc_TypeError, "the shm transport's _fast is a list of 4 items");
+    return 0;
+}
 
 /* run(batch, transport._table, transport.regions, kinds, transport.stats.counts), or NULL
  * with an error set */
-static PyObject *run_on(PyObject *transport, PyObject *batch, PyObject *kinds) {
-    PyObject *table = PyObject_GetAttr(transport, str_table);
-    PyObject *regions = table ? PyObject_GetAttr(transport, str_regions) : NULL;
-    PyObject *stats = regions ? PyObject_GetAttr(transport, str_stats) : NULL;
-    PyObject *counts = stats ? PyObject_GetAttr(stats, str_counts) : NULL;
-    PyObject *done = NULL;
-    if (counts) {
-        PyObject *args[5] = {batch, table, regions, kinds, counts};
-        done = run_batch(NULL, args, 5);
-    }
-    Py_XDECREF(table); Py_XDECREF(regions); Py_XDECREF(stats); Py_XDECREF(counts);
+static PyObject *run_on(PyObject *fast, PyObject *batch, PyObject *kinds) {
+    PyObject *table = Py_NewRef(PyList_GET_ITEM(fast, 1));
+    PyObject *regions = Py_NewRef(PyList_GET_ITEM(fast, 2));
+    PyObject *counts = Py_NewRef(PyList_GET_ITEM(fast, 3));
+    PyObject *args[5] = {batch, table, regions, kinds, counts};
+    PyObject *done = run_batch(NULL, args, 5);
+    Py_DECREF(table); Py_DECREF(regions); Py_DECREF(counts);
     return done;
 }
 
-/* shm_execute(transport, general, max_batch, kinds, batch) -> completions: when ``batch``
- * is a list of 1 to ``max_batch`` requests, ``transport._check_liveness(now)`` if
+/* shm_execute(transport, general, max_batch, kinds, fast, batch) -> completions: when
+ * ``batch`` is a list of 1 to ``max_batch`` requests, ``transport._check_liveness(now)`` if
  * time.monotonic() has reached ``transport._next_check``, then ``run`` if it takes the
  * batch; else ``general(transport, batch)`` (the Python execute, unbound). */
 static PyObject *shm_execute(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    if (n != 5) {
+    if (n != 6) {
         PyErr_SetString(PyExc_TypeError,
-                        "shm_execute(transport, general, max_batch, kinds, batch)");
+                        "shm_execute(transport, general, max_batch, kinds, fast, batch)");
         return NULL;
     }
-    PyObject *transport = args[0], *batch = args[4];
+    PyObject *transport = args[0], *fast = args[4], *batch = args[5];
     Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
     if (limit == -1 && PyErr_Occurred()) return NULL;
+    if (!fast_ok(fast)) return NULL;
     if (PyList_CheckExact(batch) && PyList_GET_SIZE(batch) > 0 &&
         PyList_GET_SIZE(batch) <= limit) {
         struct timespec ts;
         if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0) {     /* time.monotonic()'s clock */
             double now = (double)((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9;
-            PyObject *next = PyObject_GetAttr(transport, str_next_check);
-            if (!next) return NULL;
-            double due = PyFloat_AsDouble(next);
-            Py_DECREF(next);
+            PyObject *next = PyList_GET_ITEM(fast, 0);
+            double due = PyFloat_CheckExact(next) ? PyFloat_AS_DOUBLE(next)
+                                                  : PyFloat_AsDouble(next);
             if (due == -1.0 && PyErr_Occurred()) return NULL;
             if (now >= due) {           /* the poll first, as the Python method does */
                 PyObject *at = PyFloat_FromDouble(now);
@@ -1477,8 +1498,9 @@ static PyObject *shm_execute(PyObject *self, PyObject *const *args, Py_ssize_t n
                 Py_XDECREF(at);
                 if (!polled) return NULL;
                 Py_DECREF(polled);
+                if (!fast_ok(fast)) return NULL;
             }
-            PyObject *done = run_on(transport, batch, args[3]);
+            PyObject *done = run_on(fast, batch, args[3]);
             if (done != Py_None) return done;           /* completions, or NULL: an error */
             Py_DECREF(done);
         }
@@ -1490,7 +1512,7 @@ static PyObject *shm_execute(PyObject *self, PyObject *const *args, Py_ssize_t n
 /* the function ``shm_executor`` makes: ``shm_execute(*state, batch)``, its ``self`` the
  * state tuple (a call with no partial's arguments to copy) */
 static PyObject *shm_bound(PyObject *state, PyObject *const *args, Py_ssize_t n) {
-    if (n != 1 || !PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 4) {
+    if (n != 1 || !PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 5) {
         PyErr_SetString(PyExc_TypeError, "execute(batch)");
         return NULL;
     }
@@ -1504,48 +1526,52 @@ static PyObject *shm_bound(PyObject *state, PyObject *const *args, Py_ssize_t n)
         return NULL;
     }
     Py_INCREF(transport);
-    PyObject *all[5] = {transport, PyTuple_GET_ITEM(state, 1),
-                        PyTuple_GET_ITEM(state, 2), PyTuple_GET_ITEM(state, 3), args[0]};
-    PyObject *done = shm_execute(NULL, all, 5);
+    PyObject *all[6] = {transport, PyTuple_GET_ITEM(state, 1), PyTuple_GET_ITEM(state, 2),
+                        PyTuple_GET_ITEM(state, 3), PyTuple_GET_ITEM(state, 4), args[0]};
+    PyObject *done = shm_execute(NULL, all, 6);
     Py_DECREF(transport);
     return done;
+}
+
+/* ``def``'s function with ``state`` (a new reference, or NULL with an error set: passed on)
+ * as its ``self``: state bound into a C function, without a partial's arguments to copy */
+static PyObject *with_state(PyMethodDef *def, PyObject *state) {
+    PyObject *bound = state ? PyCFunction_New(def, state) : NULL;
+    Py_XDECREF(state);
+    return bound;
 }
 
 static PyMethodDef shm_bound_def = {
     "execute", (PyCFunction)(void (*)(void))shm_bound, METH_FASTCALL,
     "execute(batch) -> completions: the shm transport's, in C (transports/shm.py)"};
 
-/* shm_executor(transport, general, max_batch, kinds) -> execute(batch), which runs
- * ``shm_execute(transport, general, max_batch, kinds, batch)``, ``transport`` held weakly
- * and ``general`` the class's function (no reference cycle through the instance) */
+/* shm_executor(transport, general, max_batch, kinds, fast) -> execute(batch), which runs
+ * ``shm_execute(transport, general, max_batch, kinds, fast, batch)``, ``transport`` held
+ * weakly and ``general`` the class's function (no reference cycle through the instance) */
 static PyObject *shm_executor(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    if (n != 4) {
-        PyErr_SetString(PyExc_TypeError, "shm_executor(transport, general, max_batch, kinds)");
+    if (n != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "shm_executor(transport, general, max_batch, kinds, fast)");
         return NULL;
     }
+    if (!fast_ok(args[4])) return NULL;
     PyObject *ref = PyWeakref_NewRef(args[0], NULL);
-    PyObject *state = ref ? PyTuple_Pack(4, ref, args[1], args[2], args[3]) : NULL;
-    PyObject *bound = state ? PyCFunction_New(&shm_bound_def, state) : NULL;
+    PyObject *bound = with_state(&shm_bound_def, ref ? PyTuple_Pack(5, ref, args[1], args[2],
+                                                                    args[3], args[4]) : NULL);
     Py_XDECREF(ref);
-    Py_XDECREF(state);
     return bound;
 }
 
 static PyMethodDef shm_methods[] = {
     {"shm_executor", (PyCFunction)(void (*)(void))shm_executor, METH_FASTCALL,
-     "shm_executor(transport, general, max_batch, kinds) -> execute(batch), in C "
+     "shm_executor(transport, general, max_batch, kinds, fast) -> execute(batch), in C "
      "(transports/shm.py)"},
     {NULL, NULL, 0, NULL},
 };
 
 /* the block above, added to the module by PyInit__atomic */
 static int add_shm_methods(PyObject *module) {
-    if (!(str_next_check = PyUnicode_InternFromString("_next_check")) ||
-        !(str_check_liveness = PyUnicode_InternFromString("_check_liveness")) ||
-        !(str_table = PyUnicode_InternFromString("_table")) ||
-        !(str_regions = PyUnicode_InternFromString("regions")) ||
-        !(str_stats = PyUnicode_InternFromString("stats")) ||
-        !(str_counts = PyUnicode_InternFromString("counts"))) return -1;
+    if (!(str_check_liveness = PyUnicode_InternFromString("_check_liveness"))) return -1;
     return PyModule_AddFunctions(module, shm_methods);
 }
 
@@ -1682,4 +1708,182 @@ static PyMethodDef crc_methods[] = {
 /* the block above, added to the module by PyInit__atomic */
 static int add_crc_methods(PyObject *module) {
     return PyModule_AddFunctions(module, crc_methods);
+}
+
+/* -- fusee.driver.run in one C loop ---------------------------------------------------------
+ *
+ * Every operation is driven by fusee.driver.run: ``op.send(completions)`` and
+ * ``executor.execute(batch)`` once per round trip, StopIteration raised, caught and its
+ * traceback built at the end. Compiled by mypyc, those method calls by name (and the
+ * exception) were a sixth of an UPDATE's instructions (issue 12). This is the same loop:
+ * PyIter_Send (the generator's am_send slot: its value returned, no StopIteration), the
+ * executor's ``execute`` looked up and called per batch as Python does. The rest is as the
+ * Python function reads, which stays the spec (fusee.driver.run_in_python, run where this
+ * extension is not built; tests/test_driver_in_c.py holds the two equal on every path):
+ *   - a step that is not verbs (its first request's type in ``not_verbs``) goes to
+ *     ``not_a_verb(request, executor)``, the Python function, instead of ``execute``;
+ *   - a TransportError from either (or from looking at the step) is thrown into ``op``, the
+ *     exception being handled meanwhile as Python's ``except`` clause has it;
+ *   - a StopIteration from anywhere in the loop ends it with its value (Python's outer
+ *     ``except StopIteration``);
+ *   - any other exception closes ``op`` (being handled meanwhile) and propagates, chained
+ *     under whatever ``close`` raised, if it did. */
+
+static PyObject *str_execute, *str_throw, *str_close;
+
+/* 1 when ``batch`` is a non-empty step whose first request's type is in ``not_verbs``
+ * (Python: ``batch and type(batch[0]) in not_verbs``), 0 when not, -1 with an error set;
+ * the first request (a new reference) in ``*first`` when 1 */
+static int not_verbs_step(PyObject *batch, PyObject *not_verbs, PyObject **first) {
+    PyObject *item;
+    if (PyList_CheckExact(batch)) {
+        if (PyList_GET_SIZE(batch) == 0) return 0;
+        item = Py_NewRef(PyList_GET_ITEM(batch, 0));
+    } else {
+        int truth = PyObject_IsTrue(batch);
+        if (truth <= 0) return truth;
+        PyObject *zero = PyLong_FromLong(0);
+        item = zero ? PyObject_GetItem(batch, zero) : NULL;
+        Py_XDECREF(zero);
+        if (!item) return -1;
+    }
+    PyObject *t = (PyObject *)Py_TYPE(item);
+    int found = 0;
+    if (Py_IS_TYPE(t, &PyType_Type) && PyTuple_CheckExact(not_verbs)) {
+        /* ``type`` compares by identity: ``in`` without a call */
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(not_verbs) && !found; i++)
+            found = PyTuple_GET_ITEM(not_verbs, i) == t;
+    } else {
+        found = PySequence_Contains(not_verbs, t);
+    }
+    if (found == 1) *first = item;
+    else Py_DECREF(item);
+    return found;
+}
+
+/* 0 and the value of the StopIteration raised (None when none is), cleared; -1 when another
+ * exception is raised (left as it is) */
+static int stop_value(PyObject **out) {
+    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        if (PyErr_Occurred()) return -1;
+        *out = Py_NewRef(Py_None);
+        return 0;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    *out = Py_NewRef(value && PyObject_TypeCheck(value, (PyTypeObject *)PyExc_StopIteration)
+                     ? ((PyStopIterationObject *)value)->value : Py_None);
+    Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+    return 0;
+}
+
+/* ``op.throw(error)`` with ``error`` being handled meanwhile (Python's ``except ... as e:
+ * op.throw(e)``) -> PyIter_Send's result and ``*out`` */
+static PySendResult throw_into(PyObject *op, PyObject *error, PyObject **out) {
+    PyObject *handled = PyErr_GetHandledException();
+    PyErr_SetHandledException(error);
+    *out = PyObject_CallMethodOneArg(op, str_throw, error);
+    PyErr_SetHandledException(handled);
+    Py_XDECREF(handled);
+    if (*out) return PYGEN_NEXT;
+    return stop_value(out) == 0 ? PYGEN_RETURN : PYGEN_ERROR;
+}
+
+/* the raised exception, normalized, with its traceback attached (a new reference) */
+static PyObject *fetch_error(void) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb && value) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
+static PyObject *drive_run(PyObject *state, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2 || !PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 3) {
+        PyErr_SetString(PyExc_TypeError, "run(op, executor)");
+        return NULL;
+    }
+    PyObject *op = args[0], *executor = args[1];
+    PyObject *not_verbs = PyTuple_GET_ITEM(state, 0), *not_a_verb = PyTuple_GET_ITEM(state, 1),
+             *transport_error = PyTuple_GET_ITEM(state, 2);
+    PyObject *step;
+    PySendResult sent = PyIter_Send(op, Py_None, &step);
+    while (sent == PYGEN_NEXT) {
+        PyObject *first = NULL, *done;
+        int kind = not_verbs_step(step, not_verbs, &first);
+        if (kind == 1) {
+            PyObject *call[2] = {first, executor};
+            done = PyObject_Vectorcall(not_a_verb, call, 2, NULL);
+            Py_DECREF(first);
+        } else if (kind == 0) {
+            PyObject *call[2] = {executor, step};
+            done = PyObject_VectorcallMethod(str_execute, call,
+                                             2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        } else {
+            done = NULL;
+        }
+        Py_DECREF(step);
+        if (done) {
+            sent = PyIter_Send(op, done, &step);
+            Py_DECREF(done);
+        } else if (PyErr_ExceptionMatches(transport_error)) {
+            PyObject *error = fetch_error();
+            if (!error) return NULL;
+            sent = throw_into(op, error, &step);
+            Py_DECREF(error);
+        } else {
+            break;                              /* an error: below */
+        }
+    }
+    if (sent == PYGEN_RETURN) return step;
+    if (PyErr_ExceptionMatches(PyExc_StopIteration)) {      /* Python's outer except clause */
+        PyObject *value;
+        return stop_value(&value) == 0 ? value : NULL;
+    }
+    PyObject *error = fetch_error();            /* op.close() with it handled, re-raised */
+    if (!error) return NULL;
+    PyObject *handled = PyErr_GetHandledException();
+    PyErr_SetHandledException(error);
+    PyObject *closed = PyObject_CallMethodNoArgs(op, str_close);
+    PyErr_SetHandledException(handled);
+    Py_XDECREF(handled);
+    if (closed) {                   /* re-raised */
+        Py_DECREF(closed);
+        PyErr_Restore(Py_NewRef(Py_TYPE(error)), error, PyException_GetTraceback(error));
+    } else {                        /* close's own, its context set as it was raised */
+        Py_DECREF(error);
+    }
+    return NULL;
+}
+
+static PyMethodDef drive_run_def = {
+    "run", (PyCFunction)(void (*)(void))drive_run, METH_FASTCALL,
+    "run(op, executor) -> op's result: fusee.driver.run, in C"};
+
+/* driver(not_verbs, not_a_verb, transport_error) -> run(op, executor), fusee.driver.run
+ * with those three of fusee.driver's names bound */
+static PyObject *driver(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) {
+        PyErr_SetString(PyExc_TypeError, "driver(not_verbs, not_a_verb, transport_error)");
+        return NULL;
+    }
+    return with_state(&drive_run_def, PyTuple_Pack(3, args[0], args[1], args[2]));
+}
+
+static PyMethodDef driver_methods[] = {
+    {"driver", (PyCFunction)(void (*)(void))driver, METH_FASTCALL,
+     "driver(not_verbs, not_a_verb, transport_error) -> run(op, executor): fusee.driver.run "
+     "in C"},
+    {NULL, NULL, 0, NULL},
+};
+
+/* the block above, added to the module by PyInit__atomic */
+static int add_driver_methods(PyObject *module) {
+    if (!(str_execute = PyUnicode_InternFromString("execute")) ||
+        !(str_throw = PyUnicode_InternFromString("throw")) ||
+        !(str_close = PyUnicode_InternFromString("close"))) return -1;
+    return PyModule_AddFunctions(module, driver_methods);
 }

@@ -301,3 +301,74 @@ def test_execute_in_c_answers_as_the_python_execute_on_random_and_bad_batches(cl
     assert t.execute([]) == []
     t.close()
     spec.close()
+
+
+def test_execute_in_c_reads_what_the_transport_set_last(cluster):
+    """The C execute reads the transport's liveness due time, table, regions and counts by
+    position (``ShmTransport._fast``), not by name: whatever replaced them last is what it
+    reads (a new table, a new regions dict, a new stats), a region whose access key was
+    revoked (its MN registered the region anew) is refused, whether its RegionInfo was
+    replaced in the dict or the dict itself was, and the poll runs when it is due."""
+    from fusee.transports.base import TransportStats
+    t = cluster.transport()
+    a = scratch(cluster)
+    calls = []
+
+    def python_calls(batch):
+        calls.clear()
+        sys.setprofile(lambda frame, event, arg: event == "call" and calls.append(frame))
+        try:
+            return t.execute(batch)
+        finally:
+            sys.setprofile(None)
+    t._next_check = float("inf")
+    assert python_calls([Read(1, a, 8)]) == [bytes(8)] and calls == []
+    table = t._table
+    t._table = ()                   # nothing the C path can take: the Python method runs
+    assert python_calls([Read(1, a, 8)]) == [bytes(8)] and calls
+    t._table = table
+    t.stats = fresh = TransportStats()
+    assert python_calls([Read(1, a, 8)]) == [bytes(8)] and calls == []
+    assert (fresh.round_trips, fresh.reads, fresh.bytes_in) == (1, 1, 8)
+    same = dataclasses.replace(t.regions[1])    # another object, the same key: still runs
+    t.regions[1] = same
+    assert python_calls([Read(1, a, 8)]) == [bytes(8)] and calls == []
+    t.regions = {**t.regions, 1: dataclasses.replace(same, rkey=same.rkey ^ 1)}
+    with pytest.raises(RemoteAccessError, match="wrong access key"):
+        t.execute([Read(1, a, 8)])
+    t.regions = {**t.regions, 1: same}
+    assert t.execute([Read(1, a, 8)]) == [bytes(8)]
+    t.regions[2] = dataclasses.replace(t.regions[2], rkey=t.regions[2].rkey ^ 1)
+    with pytest.raises(RemoteAccessError, match="wrong access key"):
+        t.execute([Read(0, a, 8), Read(2, a, 8)])
+    polls = []
+    t._check_liveness = lambda now: polls.append(now)
+    t.execute([Read(0, a, 8)])
+    assert polls == []
+    t._next_check = 0
+    t.execute([Read(0, a, 8)])
+    assert len(polls) == 1
+    t.close()
+
+
+def test_a_batch_in_c_reads_every_operand_width_as_python_does(cluster):
+    """``_atomic.run`` reads its operands (nodes, addresses, lengths, a CAS's words) as
+    unsigned 64-bit ints, the small ones straight from CPython's digits: at every digit
+    boundary it answers what the verbs mean; a negative or too large operand is never run
+    (None: the Python path words the refusal)."""
+    from fusee.emulator import _atomic
+    from fusee.transports.shm import _KINDS
+    t = cluster.transport()
+    a = scratch(cluster)
+    run = lambda batch: _atomic.run(batch, t._table, t.regions, _KINDS, t.stats.counts)  # noqa: E731
+    edges = [0, 1, 2**15, 2**30 - 1, 2**30, 2**31, 2**32 - 1, 2**32, 2**45, 2**60 - 1, 2**60,
+             2**62, 2**63 - 1, 2**63, 2**64 - 1]
+    for old in edges:
+        for new in (edges[-1 - edges.index(old)], old ^ 1):
+            assert run([Write(0, a, old.to_bytes(8, "little")), Cas(0, a, old, new),
+                        Read(0, a, 8)]) == [None, old, new.to_bytes(8, "little")]
+    for bad in (-1, -2**30, -2**31, -2**60, -2**63, 2**64, 2**90):
+        assert run([Cas(0, a, bad, 0)]) is None and run([Cas(0, a, 0, bad)]) is None
+        assert run([Read(0, bad, 8)]) is None and run([Read(0, a, bad)]) is None
+    assert run([Read(0, a + 2**30, 8)]) is None             # beyond the region: refused
+    t.close()

@@ -33,7 +33,7 @@ from fusee.emulator.nic_checks import check_atomic, check_range, malformed, wron
 from fusee.config import ClusterConfig
 from fusee.verbs import (MAX_BATCH, AllocBlock, Batch, Cas, Faa, FreeBlock, NodeTimeout, Read,
                          TransportError, Write)
-from fusee.transports.base import RegionInfo, Transport, raise_for_failures
+from fusee.transports.base import RegionInfo, Transport, TransportStats, raise_for_failures
 from fusee.transports.channel import Channels, dead_on_connect, place_replies
 
 _monotonic = time.monotonic
@@ -50,6 +50,11 @@ class ShmTransport(Transport):
 
     def __init__(self, config: ClusterConfig, timeout: float | None = None,
                  liveness_interval: float = LIVENESS_INTERVAL, dead=()):
+        #: what the C execute reads of this transport on every batch, by position rather
+        #: than by name: [_next_check, _table, regions, stats.counts], kept by the properties
+        #: below, which are the only way to set those attributes (``stats.counts`` is set
+        #: only by TransportStats.__init__)
+        self._fast: list = [0.0, (), {}, None]
         super().__init__(config, timeout)
         if not hasattr(os, "pidfd_open"):
             raise RuntimeError("the shm transport needs Linux >= 5.3 (os.pidfd_open)")
@@ -64,18 +69,51 @@ class ShmTransport(Transport):
         self._nodes: dict[int, tuple] = {}
         self._dead: set[int] = set()
         self._silent: set[int] = set()
-        self._next_check = 0.0
-        self._table: tuple = ()
         # the common case of ``execute`` in one C call (the checks and ``_atomic.run``); the
         # rest, this class's ``execute``, which makes them again
         # (the transport held weakly and the method unbound: no cycle through ``self``)
         self.execute = _atomic.shm_executor(  # type: ignore[method-assign]
-            self, type(self)._execute, MAX_BATCH, _KINDS)
+            self, type(self)._execute, MAX_BATCH, _KINDS, self._fast)
         try:
             self._attach(set(dead))
         except BaseException:
             self.close()
             raise
+
+    @property
+    def _next_check(self) -> float:
+        """time.monotonic() from which the next batch polls the MNs' liveness first."""
+        return self._fast[0]
+
+    @_next_check.setter
+    def _next_check(self, at: float) -> None:
+        self._fast[0] = float(at)
+
+    @property
+    def _table(self) -> tuple:
+        """What ``_atomic.run`` needs of the nodes (``_fast_table``)."""
+        return self._fast[1]
+
+    @_table.setter
+    def _table(self, table: tuple) -> None:
+        self._fast[1] = table
+
+    @property
+    def regions(self) -> dict[int, RegionInfo]:
+        return self._fast[2]
+
+    @regions.setter
+    def regions(self, regions: dict[int, RegionInfo]) -> None:
+        self._fast[2] = regions
+
+    @property
+    def stats(self) -> TransportStats:
+        return self._stats
+
+    @stats.setter
+    def stats(self, stats: TransportStats) -> None:
+        self._stats = stats
+        self._fast[3] = stats.counts
 
     def _attach(self, dead: set[int]) -> None:
         """Learn and map every MN's region, all MNs at once; ``dead`` ones are not asked."""
@@ -145,7 +183,7 @@ class ShmTransport(Transport):
                                             shm_name=info["shm_name"])
 
     def _check_liveness(self, now: float) -> None:
-        self._next_check = now + self.liveness_interval
+        self._fast[0] = now + self.liveness_interval    # (_next_check's: no call of its setter)
         for fd, _ in self._poller.poll(0):
             # the death first: an exception (Ctrl-C) in what follows must not make it
             # forgotten (the segment stays mapped: verbs to it would succeed into the void)
@@ -157,9 +195,19 @@ class ShmTransport(Transport):
 
     def _fast_table(self) -> tuple:
         """What ``_atomic.run`` needs of the nodes: per node id, None (dead or not mapped)
-        or (address of offset 0, length, rkey)."""
-        return tuple(None if n in self._dead or n not in self._nodes else self._nodes[n][1:]
-                     for n in range(max(self._nodes, default=-1) + 1))
+        or (address of offset 0, length, rkey, the RegionInfo that rkey is of): a request
+        runs only while ``regions[node]`` still is that RegionInfo (frozen: its rkey the
+        same) or one with the same rkey."""
+        table: list[tuple | None] = []
+        for n in range(max(self._nodes, default=-1) + 1):
+            if n in self._dead or n not in self._nodes:
+                table.append(None)
+                continue
+            _, base, length, rkey = self._nodes[n]
+            region = self.regions.get(n)
+            table.append((base, length, rkey) if region is None or region.rkey != rkey
+                         else (base, length, rkey, region))
+        return tuple(table)
 
     def execute(self, batch: Batch) -> list:
         """See Transport.execute: verbs run here, control requests on their MN."""
