@@ -65,8 +65,9 @@ _WORDS: Final = struct.Struct(">QQ").unpack
 @lru_cache(maxsize=1 << 14)
 def key_hash(key: bytes) -> KeyHash:
     """The key's hash; recently used keys (every operation on a key hashes it) are memoized."""
-    high, low = _WORDS(_XXH3_128(key))
-    return KeyHash(low, high, low >> 56)
+    digest = _XXH3_128(key)
+    high, low = _WORDS(digest)
+    return KeyHash(low, high, digest[8])        # (the low word's top byte: no big-int shift)
 
 
 def key_hash_py(key: bytes) -> KeyHash:
