@@ -263,10 +263,11 @@ class Allocator:
 
     def alloc(self, units: int) -> tuple[int, int]:
         """(object, the class's next object); call after ``ensure(units)``."""
-        p = self.pending.pop(units)
+        pending = self.pending
+        p = pending[units]          # (no ``pop``: a method call; the entry is replaced)
         nxt = self._take(units)
         assert nxt is not None, "ensure() not called"
-        self.pending[units] = nxt
+        pending[units] = nxt
         return p, nxt
 
     def ensure(self, units: int) -> Op[None]:

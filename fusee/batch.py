@@ -29,7 +29,8 @@ from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from fusee.driver import first_rounds, run_concurrently
-from fusee.errors import INTERNAL, Arg, FuseeError, InvalidArgument, WrongType, check_key
+from fusee.errors import INTERNAL, Arg, FuseeError, InvalidArgument, WrongType
+from fusee.layout import check_key
 from fusee.operations import ClientCore
 from fusee.verbs import Op
 

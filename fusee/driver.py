@@ -23,8 +23,9 @@ import time
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 from collections.abc import Callable, Iterable
 
-from fusee.errors import batch_failure, check_key
+from fusee.errors import batch_failure
 from fusee.hashing import key_hash
+from fusee.layout import check_key
 from fusee.search import first_answer, first_round, search
 from fusee.verbs import (AwaitMembership, Backoff, EpochChanged, NodeTimeout, Op, Step, T,
                          TransportError)

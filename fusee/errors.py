@@ -317,23 +317,3 @@ class DataLost(FuseeError):
 #: annotated ``bytes`` or ``int`` would refuse another type with mypyc's plain TypeError,
 #: before the API's own check says WrongType, and ``bytes`` would refuse a bytearray it takes.
 Arg = Any
-
-
-def check_key(key: bytes, max_key_size: int) -> bytes:
-    """Return ``key`` as bytes or raise WrongType / KeyTooLarge."""
-    if not isinstance(key, (bytes, bytearray, memoryview)):
-        raise WrongType(f"keys are bytes, got {type(key).__name__}")
-    key = bytes(key)
-    if not key:
-        raise KeyTooLarge(f"the empty key is not allowed: a key has 1 to {max_key_size} bytes")
-    if len(key) > max_key_size:
-        raise KeyTooLarge(f"a key of {len(key)} bytes is too long: a key has 1 to "
-                          f"{max_key_size} bytes (layout.max_key_size)")
-    return key
-
-
-def check_value(value: bytes) -> bytes:
-    """Return ``value`` as bytes or raise WrongType (its size is checked by the allocator)."""
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise WrongType(f"values are bytes, got {type(value).__name__}")
-    return bytes(value)

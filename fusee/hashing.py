@@ -8,6 +8,7 @@ and machines, unlike Python's salted ``hash()``, so every client computes the sa
 
 from __future__ import annotations
 
+import struct
 from functools import lru_cache
 from typing import Final, NamedTuple
 
@@ -53,13 +54,24 @@ def _build_in_c() -> None:
 _build_in_c()
 
 
-#: xxHash's function: compiled, a C static (not a module attribute looked up at every call)
-_XXH3_128: Final = xxhash.xxh3_128_intdigest
+#: xxHash's function and the split of its digest (canonical: big-endian, the high word first)
+#: into the two words, each one C call; compiled, C statics (not module attributes looked
+#: up at every call). The same words as ``key_hash_py`` without a 128-bit int (masked and
+#: shifted: a few boxed big-int operations of every new key; tests/test_hashing.py)
+_XXH3_128: Final = xxhash.xxh3_128_digest
+_WORDS: Final = struct.Struct(">QQ").unpack
 
 
 @lru_cache(maxsize=1 << 14)
 def key_hash(key: bytes) -> KeyHash:
     """The key's hash; recently used keys (every operation on a key hashes it) are memoized."""
-    h = _XXH3_128(key)
+    digest = _XXH3_128(key)
+    high, low = _WORDS(digest)
+    return KeyHash(low, high, digest[8])        # (the low word's top byte: no big-int shift)
+
+
+def key_hash_py(key: bytes) -> KeyHash:
+    """``key_hash`` from the 128-bit hash as one int: the definition it must equal."""
+    h = xxhash.xxh3_128_intdigest(key)
     low = h & ((1 << 64) - 1)
     return KeyHash(low, h >> 64, low >> 56)

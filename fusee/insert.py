@@ -73,7 +73,8 @@ def insert(core: OpCore, key: bytes, value: bytes, units: int = 0) -> Op[None]:
     """Generator: the INSERT operation of ``core`` (an OpCore). An insert that runs out of
     patience (Stalled) withdraws any claim it holds and gives its object back. (``units``:
     the object's size class where the caller checked it already.)"""
-    return core.with_objects(INSERT, key, value, _insert, units=units)
+    return core.with_objects(INSERT, key, value, _insert, False, units)   # (positional: no
+    # keyword arguments for a compiled call to parse)
 
 
 def _insert(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,

@@ -55,6 +55,8 @@ from typing import Any, Final, NamedTuple
 # ISA-L's crc32: zlib's polynomial and results, several times faster on a 1 KB object
 from isal.isal_zlib import crc32
 
+from fusee.errors import Arg, KeyTooLarge, WrongType
+
 
 def _in_c(name: str) -> Callable[..., Any] | None:
     try:
@@ -227,6 +229,35 @@ def parse_header(h: int) -> tuple[int, int, int, int]:
 
 
 # -- objects ---------------------------------------------------------------------------------
+def check_key(key: Arg, max_key_size: int) -> bytes:
+    """Return ``key`` as bytes or raise WrongType / KeyTooLarge. (Here, compiled, rather
+    than in ``fusee.errors``, which stays Python: every operation of the API checks its key,
+    and an interpreted call cost ~2k instructions of each; issue 12.)"""
+    if type(key) is bytes and 0 < len(key) <= max_key_size:     # the common case
+        same: bytes = key
+        return same
+    if not isinstance(key, (bytes, bytearray, memoryview)):
+        raise WrongType(f"keys are bytes, got {type(key).__name__}")
+    made = bytes(key)
+    if not made:
+        raise KeyTooLarge(f"the empty key is not allowed: a key has 1 to {max_key_size} bytes")
+    if len(made) > max_key_size:
+        raise KeyTooLarge(f"a key of {len(made)} bytes is too long: a key has 1 to "
+                          f"{max_key_size} bytes (layout.max_key_size)")
+    return made
+
+
+def check_value(value: Arg) -> bytes:
+    """Return ``value`` as bytes or raise WrongType (its size is checked by the allocator,
+    ``ObjectLog.units_for``)."""
+    if type(value) is bytes:
+        same: bytes = value
+        return same
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise WrongType(f"values are bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
 def size_class(nbytes: int, unit: int) -> int | None:
     """Smallest class (in units) holding ``nbytes``, or None if too large."""
     need = -(-nbytes // unit)

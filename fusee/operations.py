@@ -55,14 +55,14 @@ from fusee.allocation import Allocator
 from fusee.cache import IndexCache
 from fusee.config import ClusterConfig
 from fusee.errors import (Arg, InvalidArgument, KeyExists, KeyNotFound, NeedsRecovery, Stalled,
-                          StoreFormatError, WrongType, check_key, check_value)
+                          StoreFormatError, WrongType)
 from fusee.hashing import key_hash
 from fusee.index import HDR_MAGIC, INDEX_MAGIC, Directory, IndexGeometry
 from fusee.holdings import adopt
 from fusee.layout import (ABORTED, CLEAN, DELETE, FROZEN, IN_USE, MAX_CLIENT_IDS, META_GROUPS,
                           META_INCARNATION, META_MAGIC, META_MAGIC_OFF, META_STATE, NO_SLOT,
-                          UPDATE, free_value, object_extent, pack_u64, slot_node,
-                          unpack_u64)
+                          UPDATE, check_key, check_value, free_value, object_extent, pack_u64,
+                          slot_node, unpack_u64)
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import Membership
 from fusee.memory_map import HEADER_LAYOUT, MemoryMap
