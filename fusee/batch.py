@@ -195,7 +195,8 @@ def _searches(client: Client, keys: list[bytes], depth: int) -> tuple[list[Any],
         for start in range(0, len(keys), depth):
             group = keys if len(keys) <= depth else keys[start:start + depth]
             rest = []
-            for i, got in enumerate(first_rounds(core, group, client.executor), start):
+            for j, got in enumerate(first_rounds(core, group, client.executor)):
+                i = start + j           # (compiled, enumerate from 0 is a native loop)
                 if isinstance(got, bytes):
                     results[i] = got
                 else:
