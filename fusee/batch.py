@@ -171,12 +171,14 @@ def get_many(client: Client, keys: Iterable[Arg], depth: Arg = DEPTH) -> list[An
     the other, with no write between, may too)."""
     check_depth(depth)
     limit = client.core.layout.max_key_size
-    what = "get_many takes an iterable of keys"
+    if type(keys) is not list and type(keys) is not tuple:     # (those need no check)
+        keys = check_iterable(keys, "get_many takes an iterable of keys")
     keys = [key if type(key) is bytes and 0 < len(key) <= limit else check_key(key, limit)
-            for key in check_iterable(keys, what)]     # all checked first (no call: bytes)
-    distinct = list(dict.fromkeys(keys))
+            for key in keys]                    # all checked first (no call: bytes)
+    # (a set says whether any key is asked twice, cheaper than the dict that drops them)
+    distinct = keys if len(set(keys)) == len(keys) else list(dict.fromkeys(keys))
     results, went_on = _searches(client, distinct, depth)
-    if len(distinct) != len(keys):
+    if distinct is not keys:
         outcome = dict(zip(distinct, results))
         results = [outcome[key] for key in keys]
     if went_on and any(isinstance(r, Exception) for r in results):
@@ -192,9 +194,10 @@ def _searches(client: Client, keys: list[bytes], depth: int) -> tuple[list[Any],
     went_on = False
     with client.exclusive() as core:
         for start in range(0, len(keys), depth):
+            group = keys if len(keys) <= depth else keys[start:start + depth]
             rest = []
-            for i, got in enumerate(first_rounds(core, keys[start:start + depth],
-                                                 client.executor), start):
+            for j, got in enumerate(first_rounds(core, group, client.executor)):
+                i = start + j           # (compiled, enumerate from 0 is a native loop)
                 if isinstance(got, bytes):
                     results[i] = got
                 else:

@@ -192,7 +192,8 @@ def first_rounds(core: ClientCore, keys: list[bytes], executor: Any
             completions, error = e.results, e
         out: list[bytes | Op[bytes | None]] = []
         start = 0
-        for key, h, rnd in zip(keys, hashes, rounds):
+        for j, rnd in enumerate(rounds):        # (compiled: no tuple per key, as zip makes)
+            key = keys[j]
             end = start + len(rnd[3])
             own = None if error is None else _own_failure(error, completions, start, end)
             got: bytes | View | BaseException
@@ -203,7 +204,7 @@ def first_rounds(core: ClientCore, keys: list[bytes], executor: Any
                 got = first_answer(core, key, rnd, completions, start)
             start = end
             out.append(got if type(got) is bytes
-                       else core.tracked(search(core, key, h, (rnd, got))))
+                       else core.tracked(search(core, key, hashes[j], (rnd, got))))
     except BaseException:
         core.cut_short = True       # ended half way, as ``ClientCore.tracked`` would tell
         raise

@@ -106,12 +106,28 @@ class ZmqTransport(Transport):
             if not (dead and node in dead):
                 return self._on_one(node, batch)
         channels = self.channels
-        seq = channels.next_seq()
-        payloads = {node: wire.encode_verbs(seq, regions[node].rkey, batch, idx)
-                    for node, idx in groups.items() if node not in dead}
+        seq = channels.seq = channels.seq + 1           # (``next_seq``, without a call)
+        payloads = {}
+        for node, idx in groups.items():
+            if node not in dead:
+                rkey = regions[node].rkey
+                payload = _pack(seq, rkey, batch, ONE_SIDED, idx)
+                payloads[node] = (payload if payload is not None      # (as ``_on_one``)
+                                  else wire.encode_verbs(seq, rkey, batch, idx))
         replies = channels.exchange(payloads, seq, self.timeout)
-        for node in groups.keys() & dead:
-            replies[node] = channels.taken_for_dead(node)
+        if dead:
+            for node in groups.keys() & dead:
+                replies[node] = channels.taken_for_dead(node)
+        else:                                           # the common case: all answered
+            results: list = [None] * len(batch)
+            for node, idx in groups.items():
+                reply = replies[node]
+                if type(reply) is not tuple or reply[1] is not None or len(reply[0]) != len(idx):
+                    break                               # (``_complete`` words why)
+                for i, completion in zip(idx, reply[0]):
+                    results[i] = completion
+            else:
+                return results
         return self._complete(batch, seq, groups, replies)
 
     def _complete(self, batch, seq: int, groups: dict, replies: dict) -> list:
