@@ -60,15 +60,10 @@ class IndexCache:
 
     def get(self, key: bytes) -> CacheEntry | None:
         e = self.entries.get(key)
-        if e is not None:
-            self._used(key, e)
+        if e is not None:           # last, as the most recently used
+            del self.entries[key]
+            self.entries[key] = e
         return e
-
-    def _used(self, key: bytes, e: CacheEntry) -> None:
-        """``key``'s entry ``e`` goes last, as the most recently used."""
-        entries = self.entries
-        del entries[key]
-        entries[key] = e
 
     def consult(self, key: bytes, sid: int) -> tuple[CacheEntry | None, bool]:
         """What a SEARCH asks first, in one call: the key's entry (None: none, or one for
@@ -80,7 +75,8 @@ class IndexCache:
         if e.sid != sid:
             del self.entries[key]
             return None, False
-        self._used(key, e)
+        del self.entries[key]       # last, as the most recently used
+        self.entries[key] = e
         if e.accesses < self.warmup or e.misses <= self.threshold * e.accesses:
             return e, True
         self.bypassed += 1

@@ -30,23 +30,12 @@ if TYPE_CHECKING:
     #: the body of a write (``OpCore.with_objects``): (core, new object, key, opcode, value
     #: it writes, then_insert) -> the write's generator, FRESH to start over with a new one
     Body = Callable[["OpCore", NewObject, bytes, int, bytes, bool], Op[T | Fresh]]
-
-class Owed:
-    """A round trip that carries what the client owed (``OpCore.owing``): its batch, and
-    what settling it needs once its completions or its error come back."""
-    __slots__ = ("batch", "asked", "ahead", "ptrs", "released", "aborts", "frees", "twice")
-
-    def __init__(self, batch: list[Request], asked: int, ahead: int, ptrs: list[int],
-                 released: list[int], aborts: list[NewObject], frees: list[Faa]) -> None:
-        self.batch = batch          # the operation's ``asked`` requests first, then marks,
-        self.asked = asked          # then frees (from ``ahead`` on)
-        self.ahead = ahead
-        self.ptrs = ptrs            # the objects freed, of ``frees``
-        self.released = released    # objects of ours to reuse once the frees are through
-        self.aborts = aborts        # objects of ours marked ABORTED
-        self.frees = frees
-        self.twice: list[Faa] = []  # frees that found their bit set (``OpCore.take_back``)
-
+    #: a round trip that carries what the client owed (``OpCore.owing``): its batch (the
+    #: operation's requests, then ABORTED marks, then frees), how many requests are the
+    #: operation's, where the frees start, the objects freed, the objects of ours to reuse
+    #: once the frees are through, the objects marked ABORTED, the frees. (A tuple: compiled,
+    #: a struct of its own in the generator that holds it, no object made.)
+    Owed = tuple[list[Request], int, int, list[int], list[int], list[NewObject], list[Faa]]
 
 class OpCore:
     # -- the client's view of the cluster (read; the core adopts a new epoch's) ------------
@@ -60,6 +49,10 @@ class OpCore:
     alloc: Allocator
     counters: dict[str, int]    # retries, lost rounds, splits, epochs, backup reads
     patience: int               # re-reads of another client's write before Stalled
+    #: operations started and not ended, and whether one of them ended half way (a write
+    #: counts itself: ``with_objects``, ``fusee.update``)
+    in_flight: int
+    cut_short: bool
 
     # -- round trips and epochs --------------------------------------------------------------
     def rt(self, reqs: Sequence[Request]) -> Op[list[Any]]:
@@ -75,12 +68,14 @@ class OpCore:
 
     def owing(self, reqs: Sequence[Request]) -> Owed:
         """What ``rt`` posts when the client ``owes``, for an operation that posts it itself
-        (a generator level less): ``owed.batch``; then ``owed_done`` with its completions
-        (and ``take_back(owed.twice)`` if any), or ``owed_failed`` with its error."""
+        (a generator level less): the batch ``owed[0]``; then ``owed_done`` with its
+        completions (and ``take_back`` of the frees it returns, if any), or ``owed_failed``
+        with its error."""
         raise NotImplementedError
 
-    def owed_done(self, owed: Owed, res: list[Any]) -> list[Any]:
-        """Settle what ``owed`` carried; the completions of the operation's own requests."""
+    def owed_done(self, owed: Owed, res: list[Any]) -> tuple[list[Any], list[Faa]]:
+        """Settle what ``owed`` carried: the completions of the operation's own requests, and
+        the frees to ``take_back`` at once (none, unless a free was delivered twice)."""
         raise NotImplementedError
 
     def owed_failed(self, owed: Owed, e: TransportError) -> None:
@@ -137,16 +132,6 @@ class OpCore:
                      then_insert: bool = False, units: int = 0) -> Op[T]:
         """Run ``body(core, obj, key, opcode, value, then_insert)`` with a new object until
         it returns anything but FRESH (``units``: the object's size class, if known)."""
-        raise NotImplementedError
-
-    def write_began(self) -> None:
-        """A write starts (``with_objects`` counts its body's so): counted until
-        ``write_ended``."""
-        raise NotImplementedError
-
-    def write_ended(self, whole: bool) -> None:
-        """A write ended, ``whole``: by its result or one of its own outcomes (KeyExists,
-        KeyNotFound, Stalled), else half way (the client is not settled)."""
         raise NotImplementedError
 
     def write_object(self, opcode: int, key: bytes, value: bytes, units: int

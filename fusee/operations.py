@@ -66,14 +66,14 @@ from fusee.layout import (ABORTED, CLEAN, DELETE, FROZEN, IN_USE, MAX_CLIENT_IDS
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import Membership
 from fusee.memory_map import HEADER_LAYOUT, MemoryMap
-from fusee.op_core import OpCore, Owed
+from fusee.op_core import OpCore
 from fusee.replication import SlotTarget, backoff
 from fusee.verbs import (EPOCH_ENDS, MASK64, AwaitMembership, Cas, EpochChanged, Faa,
                          NodeTimeout, Op, Read, Request, T, TransportError, Write)
 from fusee.verdicts import FRESH, Verdict
 
 if TYPE_CHECKING:
-    from fusee.op_core import Body
+    from fusee.op_core import Body, Owed
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +205,13 @@ class ClientCore(OpCore):
             return completions
         owed = self.owing(reqs)
         try:
-            res: list[Any] = yield owed.batch
+            res: list[Any] = yield owed[0]
         except TransportError as e:
             self.owed_failed(owed, e)
             raise
-        res = self.owed_done(owed, res)
-        if owed.twice:
-            yield from self.take_back(owed.twice)
+        res, twice = self.owed_done(owed, res)
+        if twice:
+            yield from self.take_back(twice)
         return res
 
     def owing(self, reqs: Sequence[Request]) -> Owed:
@@ -227,8 +227,8 @@ class ClientCore(OpCore):
         frees = []
         for p in ptrs:
             frees.append(self.alloc.free_request(p))
-        return Owed([*reqs, *marks, *frees], len(reqs), len(reqs) + len(marks), ptrs,
-                    released, aborts, frees)
+        return ([*reqs, *marks, *frees], len(reqs), len(reqs) + len(marks), ptrs, released,
+                aborts, frees)
 
     def owed_failed(self, owed: Owed, e: TransportError) -> None:
         """``owed``'s round trip failed with ``e`` (which the operation raises on): marks go
@@ -240,8 +240,8 @@ class ClientCore(OpCore):
         next home if that MN is dead, its bitmap with it (``place``), else left to recovery
         (the client is not ``settled``: ``fusee.settle``), which tells from the bit, the
         used byte and the crc whether it happened."""
-        ptrs, released = owed.ptrs, owed.released
-        self.aborts[:0] = owed.aborts
+        _, _, ahead, ptrs, released, aborts, _ = owed
+        self.aborts[:0] = aborts
         done = e.results
         if isinstance(e, EpochChanged):
             self.deferred += ptrs
@@ -249,7 +249,7 @@ class ClientCore(OpCore):
             for p in ptrs:
                 self.unsure.append((p, None, self.membership.epoch))
         else:
-            for p, r in zip(ptrs, done[owed.ahead:]):
+            for p, r in zip(ptrs, done[ahead:]):
                 if isinstance(r, NodeTimeout):
                     self.unsure.append((p, r.node, self.membership.epoch))
                 elif isinstance(r, TransportError):
@@ -259,20 +259,22 @@ class ClientCore(OpCore):
         else:
             self._release(released)
 
-    def owed_done(self, owed: Owed, res: list[Any]) -> list[Any]:
+    def owed_done(self, owed: Owed, res: list[Any]) -> tuple[list[Any], list[Faa]]:
         """``owed``'s round trip is through with completions ``res``: reuse what its frees
-        and marks owed, note the frees that found their bit set already (``owed.twice``, to
-        ``take_back`` at once); returns the completions of the operation's own requests."""
+        and marks owed. Returns the completions of the operation's own requests, and the
+        frees that found their bit set already (to ``take_back`` at once)."""
+        _, asked, ahead, _, released, aborts, frees = owed
         if self.unsure:
-            self.releases += owed.released
-        elif owed.released:
-            self._release(owed.released)
-        for obj in owed.aborts:     # marked ABORTED: recovery never redoes them
+            self.releases += released
+        elif released:
+            self._release(released)
+        for obj in aborts:      # marked ABORTED: recovery never redoes them
             self.alloc.release(obj.ptr)
-        for f, word in zip(owed.frees, res[owed.ahead:]):   # (a comprehension: a function)
+        twice = []
+        for f, word in zip(frees, res[ahead:]):     # (a comprehension: a function made)
             if word & f.delta:
-                owed.twice.append(f)
-        return res[:owed.asked]
+                twice.append(f)
+        return res[:asked], twice
 
     def owes(self) -> bool:
         """See ``OpCore.owes``: frees deferred or ABORTED marks, which ``rt`` adds."""
@@ -539,7 +541,7 @@ class ClientCore(OpCore):
         cells and function object cost on every write.) ``units``: the object's size class
         where the caller checked it already (0: made here; a DELETE's, of each tombstone).
         (``fusee.update`` runs its writes' lifecycle itself, through the same calls.)"""
-        self.write_began()
+        self.in_flight += 1
         whole = False
         try:
             while True:
@@ -564,20 +566,10 @@ class ClientCore(OpCore):
         except (KeyExists, KeyNotFound, Stalled):   # its own outcomes: withdrawn
             whole = True
             raise
-        finally:
-            self.write_ended(whole)
-
-    def write_began(self) -> None:
-        """A write starts: counted in ``in_flight`` until ``write_ended``."""
-        self.in_flight += 1
-
-    def write_ended(self, whole: bool) -> None:
-        """A write ended, ``whole``: by its result or one of its own outcomes (KeyExists,
-        KeyNotFound, Stalled: withdrawn), else half way (anything else: GeneratorExit
-        when its driver drops it, a transport's error it gave up on, a bug)."""
-        self.in_flight -= 1
-        if not whole:
-            self.cut_short = True
+        finally:                    # any other end (GeneratorExit too) is half way
+            self.in_flight -= 1
+            if not whole:
+                self.cut_short = True
 
     def write_object(self, opcode: int, key: bytes, value: bytes, units: int
                      ) -> NewObject | None:

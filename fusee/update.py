@@ -24,7 +24,7 @@ from fusee.errors import CorruptObject, KeyExists, KeyNotFound, Stalled
 from fusee.hashing import key_hash
 from fusee.index import View
 from fusee.layout import (COMMITTED, DELETE, LOST, TAIL_BYTES, UPDATE, object_extent,
-                          object_slot, object_tail, pack_u64, slot_ref, unpack_u64)
+                          object_slot, object_tail, pack_u64, slot_ref)
 # SNAPSHOT's rules from its Python module (the mutation tests replace them there by name)
 from fusee.replication import await_change, fix_requests, resolve, tally
 from fusee.reuse import ObjectReads
@@ -145,13 +145,14 @@ def _locate(core: OpCore, key: bytes, h: KeyHash, sid: int, view: View
 def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bool,
                   units: int) -> Op[None]:
     """Generator: the write, its object's lifecycle included as ``OpCore.with_objects``
-    runs a body's, through the same calls of the core (``write_began``, ``write_object``,
-    ``abandoned``, ``write_ended``): not run as a body of it, a generator level less on
-    each of its round trips. An object that ends in Stalled or FRESH goes back (no round of
-    ours is left open on it)."""
-    core.write_began()
+    runs a body's, through the same calls of the core (``write_object``, ``made_object``,
+    ``abandoned``) and counted the same way (``in_flight``, ``cut_short``): not run as a
+    body of it, a generator level less on each of its round trips. An object that ends in
+    Stalled or FRESH goes back (no round of ours is left open on it)."""
+    core.in_flight += 1
     whole = False               # ended by its result or one of its own outcomes
     obj: NewObject | None = None
+    tombstone = 0               # a DELETE's proposal, its object's value
     try:
         h = key_hash(key)
         open_round: ReplaceRound | None = None
@@ -159,7 +160,8 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
             while True:
                 if obj is None:     # the write's object (again after FRESH)
                     if opcode == DELETE:    # a fresh tombstone: recovery knows it by it
-                        value = pack_u64(core.free_value())
+                        tombstone = core.free_value()
+                        value = pack_u64(tombstone)
                     obj = core.write_object(opcode, key, value, units)
                     if obj is None:
                         obj = yield from core.made_object(opcode, key, value, units)
@@ -177,13 +179,13 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
                         else:
                             owed = core.owing(batch)
                             try:
-                                res = yield owed.batch
+                                res = yield owed[0]
                             except TransportError as failed:
                                 core.owed_failed(owed, failed)
                                 raise
-                            res = core.owed_done(owed, res)
-                            if owed.twice:
-                                yield from core.take_back(owed.twice)
+                            res, twice = core.owed_done(owed, res)
+                            if twice:
+                                yield from core.take_back(twice)
                         view, found = _cached(core, sid, e, firsts, res)
                         if found is None:
                             found = yield from _locate(core, key, h, sid, view)
@@ -203,7 +205,7 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
                         raise KeyNotFound(key)
                     sid, pos, v_old, old_crc = found
                     v_new = (object_slot(h.fp, obj.units, obj.ptr, obj.seq) if opcode == UPDATE
-                             else unpack_u64(value))
+                             else tombstone)
                     t = core.target(sid, pos)
                     ref = slot_ref(sid, pos)
                     current: list[int] = []
@@ -274,8 +276,10 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
     except (KeyExists, KeyNotFound, Stalled):   # its own outcomes: withdrawn
         whole = True
         raise
-    finally:
-        core.write_ended(whole)
+    finally:                    # any other end (GeneratorExit too) is half way
+        core.in_flight -= 1
+        if not whole:
+            core.cut_short = True
 
 
 def _settle(core: OpCore, key: bytes, obj: NewObject, opcode: int, r: ReplaceRound,
