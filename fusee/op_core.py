@@ -49,10 +49,9 @@ class OpCore:
     alloc: Allocator
     counters: dict[str, int]    # retries, lost rounds, splits, epochs, backup reads
     patience: int               # re-reads of another client's write before Stalled
-    #: operations started and not ended, and whether one of them ended half way (a write
-    #: counts itself: ``with_objects``, ``fusee.update``)
+    #: operations started and not ended (a write counts itself in: ``with_objects``,
+    #: ``fusee.update``; and out: ``write_ended``)
     in_flight: int
-    cut_short: bool
 
     # -- round trips and epochs --------------------------------------------------------------
     def rt(self, reqs: Sequence[Request]) -> Op[list[Any]]:
@@ -132,6 +131,11 @@ class OpCore:
                      then_insert: bool = False, units: int = 0) -> Op[T]:
         """Run ``body(core, obj, key, opcode, value, then_insert)`` with a new object until
         it returns anything but FRESH (``units``: the object's size class, if known)."""
+        raise NotImplementedError
+
+    def write_ended(self, whole: bool) -> None:
+        """A write ended, ``whole``: by its result or one of its own outcomes (KeyExists,
+        KeyNotFound, Stalled), else half way (the client is not settled)."""
         raise NotImplementedError
 
     def write_object(self, opcode: int, key: bytes, value: bytes, units: int

@@ -566,10 +566,17 @@ class ClientCore(OpCore):
         except (KeyExists, KeyNotFound, Stalled):   # its own outcomes: withdrawn
             whole = True
             raise
-        finally:                    # any other end (GeneratorExit too) is half way
-            self.in_flight -= 1
-            if not whole:
-                self.cut_short = True
+        finally:
+            self.write_ended(whole)
+
+    def write_ended(self, whole: bool) -> None:
+        """A write ended (counted in ``in_flight`` from its start), ``whole``: by its result
+        or one of its own outcomes (KeyExists, KeyNotFound, Stalled: withdrawn), else half
+        way (GeneratorExit when its driver drops it, a transport's error it gave up on, a
+        bug): the client is not ``settled``."""
+        self.in_flight -= 1
+        if not whole:
+            self.cut_short = True
 
     def write_object(self, opcode: int, key: bytes, value: bytes, units: int
                      ) -> NewObject | None:

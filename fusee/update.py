@@ -146,7 +146,7 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
                   units: int) -> Op[None]:
     """Generator: the write, its object's lifecycle included as ``OpCore.with_objects``
     runs a body's, through the same calls of the core (``write_object``, ``made_object``,
-    ``abandoned``) and counted the same way (``in_flight``, ``cut_short``): not run as a
+    ``abandoned``) and counted the same way (``in_flight``, ``write_ended``): not run as a
     body of it, a generator level less on each of its round trips. An object that ends in
     Stalled or FRESH goes back (no round of ours is left open on it)."""
     core.in_flight += 1
@@ -276,10 +276,8 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
     except (KeyExists, KeyNotFound, Stalled):   # its own outcomes: withdrawn
         whole = True
         raise
-    finally:                    # any other end (GeneratorExit too) is half way
-        core.in_flight -= 1
-        if not whole:
-            core.cut_short = True
+    finally:
+        core.write_ended(whole)
 
 
 def _settle(core: OpCore, key: bytes, obj: NewObject, opcode: int, r: ReplaceRound,
