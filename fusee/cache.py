@@ -75,8 +75,8 @@ class IndexCache:
         if e.sid != sid:
             del self.entries[key]
             return None, False
-        del self.entries[key]       # last, as the most recently used
-        self.entries[key] = e
+        entries = self.entries      # last, as the most recently used
+        entries[key] = entries.pop(key)
         if e.accesses < self.warmup or e.misses <= self.threshold * e.accesses:
             return e, True
         self.bypassed += 1
