@@ -12,7 +12,6 @@ Design: docs/design.md#index-cache.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Final
 
 from fusee.acyclic import untracked
@@ -54,13 +53,16 @@ class IndexCache:
                  window: int = 64) -> None:
         self.capacity, self.threshold = capacity, threshold
         self.warmup, self.window = warmup, window
-        self.entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
+        # least recently used first: a plain dict (insertion ordered), re-inserted on use;
+        # compiled, its operations are native calls (an OrderedDict's are Python method calls)
+        self.entries: dict[bytes, CacheEntry] = {}
         self.hits = self.misses = self.bypassed = 0
 
     def get(self, key: bytes) -> CacheEntry | None:
         e = self.entries.get(key)
-        if e is not None:
-            self.entries.move_to_end(key)
+        if e is not None:           # last, as the most recently used
+            del self.entries[key]
+            self.entries[key] = e
         return e
 
     def consult(self, key: bytes, sid: int) -> tuple[CacheEntry | None, bool]:
@@ -73,7 +75,8 @@ class IndexCache:
         if e.sid != sid:
             del self.entries[key]
             return None, False
-        self.entries.move_to_end(key)
+        entries = self.entries      # last, as the most recently used
+        entries[key] = entries.pop(key)
         if e.accesses < self.warmup or e.misses <= self.threshold * e.accesses:
             return e, True
         self.bypassed += 1
@@ -96,15 +99,18 @@ class IndexCache:
         read, and must judge that read against the slot value it was made for, not one that
         another operation of this client stored since (it would take the old object for
         the new one)."""
-        old = self.entries.pop(key, None)   # (then set: the entry goes last, as recent)
+        entries = self.entries
+        old = entries.get(key)
         if old is None:
             new = CacheEntry(sid, pos, value)
         else:
             new = CacheEntry(sid, pos, value, old.accesses, old.misses)
-        self.entries[key] = new
-        if old is None and len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+            del entries[key]                # (then set: the entry goes last, as recent)
+        entries[key] = new
+        if old is None and len(entries) > self.capacity:
+            del entries[next(iter(entries))]    # the least recently used
         _UNTRACKED(new)
 
     def drop(self, key: bytes) -> None:
-        self.entries.pop(key, None)
+        if key in self.entries:
+            del self.entries[key]

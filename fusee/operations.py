@@ -66,13 +66,14 @@ from fusee.layout import (ABORTED, CLEAN, DELETE, FROZEN, IN_USE, MAX_CLIENT_IDS
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import Membership
 from fusee.memory_map import HEADER_LAYOUT, MemoryMap
+from fusee.op_core import OpCore
 from fusee.replication import SlotTarget, backoff
 from fusee.verbs import (EPOCH_ENDS, MASK64, AwaitMembership, Cas, EpochChanged, Faa,
                          NodeTimeout, Op, Read, Request, T, TransportError, Write)
 from fusee.verdicts import FRESH, Verdict
 
 if TYPE_CHECKING:
-    from fusee.op_core import Body
+    from fusee.op_core import Body, Owed
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ PATIENCE: Final = 200_000
 KEPT_TARGETS: Final = 1 << 14
 
 
-class ClientCore:
+class ClientCore(OpCore):
     def __init__(self, config: ClusterConfig, client_id: Arg, cache_capacity: Arg = 65536,
                  patience: int = PATIENCE, membership: Membership = Membership()) -> None:
         if type(client_id) is not int:
@@ -202,46 +203,67 @@ class ClientCore:
         if not self.deferred and not self.aborts:
             completions: list[Any] = yield reqs
             return completions
+        owed = self.owing(reqs)
+        try:
+            res: list[Any] = yield owed[0]
+        except TransportError as e:
+            self.owed_failed(owed, e)
+            raise
+        res, twice = self.owed_done(owed, res)
+        if twice:
+            yield from self.take_back(twice)
+        return res
+
+    def owing(self, reqs: Sequence[Request]) -> Owed:
+        """The batch of a round trip for ``reqs`` with the deferred frees and ABORTED marks
+        after them (``rt``'s, for an operation that posts it itself: no generator level),
+        which the client no longer owes: ``owed_done`` or ``owed_failed`` settles them."""
         ptrs, self.deferred = self.deferred, []
         released, self.releases = self.releases, []
         aborts, self.aborts = self.aborts, []
         marks = self._aborted_marks(aborts) if aborts else []
-        ahead = len(reqs) + len(marks)
         # (no comprehension of ``self`` here: its cell would be made on every round trip;
         # nor ``map`` of a bound method: compiled, a loop calls it natively)
         frees = []
         for p in ptrs:
             frees.append(self.alloc.free_request(p))
-        try:
-            res: list[Any] = yield [*reqs, *marks, *frees]
-        except TransportError as e:
-            # marks go out again with the next batch (a newer record of the same outcome),
-            # and so do frees that surely did not happen (refused or flushed, or none was
-            # posted: a new epoch). A free whose MN did not answer may have happened: a slow
-            # MN executes what it answers too late, and may live on. Sent again there, its
-            # bit would be set twice and carry into the next object's bit (a live object
-            # freed). So it is ``unsure``: sent to the next home if that MN is dead, its
-            # bitmap with it (``place``), else left to recovery (the client is not
-            # ``settled``: ``fusee.settle``), which tells from the bit, the used byte and the
-            # crc whether it happened.
-            self.aborts[:0] = aborts
-            done = e.results
-            if isinstance(e, EpochChanged):
-                self.deferred += ptrs
-            elif done is None:
-                for p in ptrs:
-                    self.unsure.append((p, None, self.membership.epoch))
-            else:
-                for p, r in zip(ptrs, done[ahead:]):
-                    if isinstance(r, NodeTimeout):
-                        self.unsure.append((p, r.node, self.membership.epoch))
-                    elif isinstance(r, TransportError):
-                        self.deferred.append(p)
-            if self.unsure or self._any_deferred(ptrs):
-                self.releases += released   # reused once the frees are settled
-            else:
-                self._release(released)
-            raise
+        return ([*reqs, *marks, *frees], len(reqs), len(reqs) + len(marks), ptrs, released,
+                aborts, frees)
+
+    def owed_failed(self, owed: Owed, e: TransportError) -> None:
+        """``owed``'s round trip failed with ``e`` (which the operation raises on): marks go
+        out again with the next batch (a newer record of the same outcome), and so do frees
+        that surely did not happen (refused or flushed, or none was posted: a new epoch). A
+        free whose MN did not answer may have happened: a slow MN executes what it answers
+        too late, and may live on. Sent again there, its bit would be set twice and carry
+        into the next object's bit (a live object freed). So it is ``unsure``: sent to the
+        next home if that MN is dead, its bitmap with it (``place``), else left to recovery
+        (the client is not ``settled``: ``fusee.settle``), which tells from the bit, the
+        used byte and the crc whether it happened."""
+        _, _, ahead, ptrs, released, aborts, _ = owed
+        self.aborts[:0] = aborts
+        done = e.results
+        if isinstance(e, EpochChanged):
+            self.deferred += ptrs
+        elif done is None:
+            for p in ptrs:
+                self.unsure.append((p, None, self.membership.epoch))
+        else:
+            for p, r in zip(ptrs, done[ahead:]):
+                if isinstance(r, NodeTimeout):
+                    self.unsure.append((p, r.node, self.membership.epoch))
+                elif isinstance(r, TransportError):
+                    self.deferred.append(p)
+        if self.unsure or self._any_deferred(ptrs):
+            self.releases += released   # reused once the frees are settled
+        else:
+            self._release(released)
+
+    def owed_done(self, owed: Owed, res: list[Any]) -> tuple[list[Any], list[Faa]]:
+        """``owed``'s round trip is through with completions ``res``: reuse what its frees
+        and marks owed. Returns the completions of the operation's own requests, and the
+        frees that found their bit set already (to ``take_back`` at once)."""
+        _, asked, ahead, _, released, aborts, frees = owed
         if self.unsure:
             self.releases += released
         elif released:
@@ -252,9 +274,7 @@ class ClientCore:
         for f, word in zip(frees, res[ahead:]):     # (a comprehension: a function made)
             if word & f.delta:
                 twice.append(f)
-        if twice:
-            yield from self._take_back(twice)
-        return res[:len(reqs)]
+        return res[:asked], twice
 
     def owes(self) -> bool:
         """See ``OpCore.owes``: frees deferred or ABORTED marks, which ``rt`` adds."""
@@ -268,7 +288,7 @@ class ClientCore:
         """The ABORTED marks of ``aborts``' log entries (objects never proposed)."""
         return [w for obj in aborts for w in self.log.record(obj, ABORTED, NO_SLOT, 0)]
 
-    def _take_back(self, frees: list[Faa]) -> Op[None]:
+    def take_back(self, frees: list[Faa]) -> Op[None]:
         """Generator: take back ``frees``, whose FAAs found their bit already set: each
         object was freed already (a free delivered twice is a bug), and the add carried into
         the next object's bit, a live object that would read as freed and be reused.
@@ -519,20 +539,17 @@ class ClientCore:
         round trip of a write). (``body`` takes its arguments rather than being a closure of
         them, and the rare paths' closures are made in methods of their own: a closure's
         cells and function object cost on every write.) ``units``: the object's size class
-        where the caller checked it already (0: made here; a DELETE's, of each tombstone)."""
+        where the caller checked it already (0: made here; a DELETE's, of each tombstone).
+        (``fusee.update`` runs its writes' lifecycle itself, through the same calls.)"""
         self.in_flight += 1
+        whole = False
         try:
             while True:
                 if opcode == DELETE:
                     value = pack_u64(self.free_value())
-                    units = self.log.units_for(key, value)
-                elif not units:
-                    units = self.log.units_for(key, value)
-                # allocate and encode the object, getting memory first if needed (the common
-                # case posts nothing)
-                if not self.alloc.ready(units):
-                    yield from self._room_for(units)
-                obj = self.log.new_object(opcode, key, value, units)
+                obj = self.write_object(opcode, key, value, units)
+                if obj is None:
+                    obj = yield from self.made_object(opcode, key, value, units)
                 try:
                     result = yield from body(self, obj, key, opcode, value, then_insert)
                 except Stalled as halt:
@@ -540,24 +557,50 @@ class ClientCore:
                 else:
                     stalled = None
                 if stalled is not None:     # (out of the except clause: test_compiled)
-                    yield from self._abandoned(obj)
+                    yield from self.abandoned(obj)
                     raise stalled
                 if result != FRESH:
-                    self.in_flight -= 1
+                    whole = True
                     return result
-                yield from self._abandoned(obj)
+                yield from self.abandoned(obj)
         except (KeyExists, KeyNotFound, Stalled):   # its own outcomes: withdrawn
-            self.in_flight -= 1
+            whole = True
             raise
-        except BaseException:       # anything else (GeneratorExit too): ended half way
-            self.in_flight -= 1
+        finally:
+            self.write_ended(whole)
+
+    def write_ended(self, whole: bool) -> None:
+        """A write ended (counted in ``in_flight`` from its start), ``whole``: by its result
+        or one of its own outcomes (KeyExists, KeyNotFound, Stalled: withdrawn), else half
+        way (GeneratorExit when its driver drops it, a transport's error it gave up on, a
+        bug): the client is not ``settled``."""
+        self.in_flight -= 1
+        if not whole:
             self.cut_short = True
-            raise
+
+    def write_object(self, opcode: int, key: bytes, value: bytes, units: int
+                     ) -> NewObject | None:
+        """A write's new object holding ``value`` (allocated and encoded: the common case
+        posts nothing), or None where memory must be made for it first (``made_object``).
+        ``units``: its size class, 0 where not checked yet."""
+        if not units:
+            units = self.log.units_for(key, value)
+        if not self.alloc.ready(units):
+            return None
+        return self.log.new_object(opcode, key, value, units)
+
+    def made_object(self, opcode: int, key: bytes, value: bytes, units: int
+                    ) -> Op[NewObject]:
+        """Generator: ``write_object``, memory made for it first."""
+        yield from self._room_for(units or self.log.units_for(key, value))
+        obj = self.write_object(opcode, key, value, units)
+        assert obj is not None, "no memory for an object once made ready"
+        return obj
 
     def _room_for(self, units: int) -> Op[None]:
         """Generator: ``_make_room(units)``, in one epoch."""
         return self.retrying(lambda: self._make_room(units))
 
-    def _abandoned(self, obj: NewObject) -> Op[None]:
+    def abandoned(self, obj: NewObject) -> Op[None]:
         """Generator: ``abandon(obj)``, in one epoch."""
         return self.retrying(lambda: self.abandon(obj))

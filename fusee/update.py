@@ -20,11 +20,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fusee import insert as insert_mod
-from fusee.errors import CorruptObject, KeyExists, KeyNotFound
+from fusee.errors import CorruptObject, KeyExists, KeyNotFound, Stalled
 from fusee.hashing import key_hash
 from fusee.index import View
-from fusee.layout import (COMMITTED, LOST, TAIL_BYTES, UPDATE, object_extent, object_slot,
-                          object_tail, slot_ref, unpack_u64)
+from fusee.layout import (COMMITTED, DELETE, LOST, TAIL_BYTES, UPDATE, object_extent,
+                          object_slot, object_tail, pack_u64, slot_ref)
 # SNAPSHOT's rules from its Python module (the mutation tests replace them there by name)
 from fusee.replication import await_change, fix_requests, resolve, tally
 from fusee.reuse import ObjectReads
@@ -70,7 +70,7 @@ def replace(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bo
     insert's first batch instead of a round trip of its own. (A function returning the
     generator, not one itself: each level of generators costs on every round trip.)
     ``units``: an UPDATE's size class where the caller checked it already."""
-    return core.with_objects(opcode, key, value, _replace_with, then_insert, units)
+    return _replace_with(core, key, value, opcode, then_insert, units)
 
 
 def put(core: OpCore, key: bytes, value: bytes) -> Op[None]:
@@ -142,93 +142,142 @@ def _locate(core: OpCore, key: bytes, h: KeyHash, sid: int, view: View
             return located
 
 
-def _replace_with(core: OpCore, obj: NewObject, key: bytes, opcode: int, value: bytes,
-                  then_insert: bool) -> Op[Fresh | None]:
-    h = key_hash(key)
-    writes = obj.writes
-    open_round: ReplaceRound | None = None
-    while True:
+def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bool,
+                  units: int) -> Op[None]:
+    """Generator: the write, its object's lifecycle included as ``OpCore.with_objects``
+    runs a body's, through the same calls of the core (``write_object``, ``made_object``,
+    ``abandoned``) and counted the same way (``in_flight``, ``write_ended``): not run as a
+    body of it, a generator level less on each of its round trips. An object that ends in
+    Stalled or FRESH goes back (no round of ours is left open on it)."""
+    core.in_flight += 1
+    whole = False               # ended by its result or one of its own outcomes
+    obj: NewObject | None = None
+    tombstone = 0               # a DELETE's proposal, its object's value
+    try:
+        h = key_hash(key)
+        open_round: ReplaceRound | None = None
         try:
-            try:
-                # the key's slot: one round with the object's writes, inline (a generator
-                # level less on it); ``_locate`` only where its cache entry does not hold
-                # (each round trip of the common case is posted here, not through the
-                # ``core.rt`` generator, when the client owes nothing that rides with it)
-                sid, e, firsts, batch = _locate_batch(core, key, h, writes)
-                view, found = _cached(core, sid, e, firsts, (yield batch) if not core.owes()
-                                      else (yield from core.rt(batch)))
-                if found is None:
-                    found = yield from _locate(core, key, h, sid, view)
-            except CorruptObject as damaged:
-                corrupt: CorruptObject | None = damaged
-            else:
-                corrupt = None
-            if corrupt is not None:     # (out of the except clause: tests/test_compiled.py)
-                yield from core.abandon(obj)
-                raise corrupt
-            writes = []
-            if found is None:
-                if then_insert:
-                    core.abandon_later(obj)
-                else:
-                    yield from core.abandon(obj)
-                raise KeyNotFound(key)
-            sid, pos, v_old, old_crc = found
-            v_new = (object_slot(h.fp, obj.units, obj.ptr, obj.seq) if opcode == UPDATE
-                     else unpack_u64(value))
-            t = core.target(sid, pos)
-            ref = slot_ref(sid, pos)
-            current: list[int] = []
-            open_round = ReplaceRound(core.membership.epoch, t, v_old, v_new, old_crc)
-            verdict: Decision = WIN                 # with no backup, no round to decide
-            if t.backups:
-                cases = proposal_requests(t, v_old, v_new)
-                current, verdict = tally((yield cases) if not core.owes()
-                                         else (yield from core.rt(cases)), v_old, v_new)
-            if verdict == RULE3:
-                verdict = yield from resolve(core, t, v_old, v_new, current)
-            if verdict == WIN:
-                # with no backup there is no round to win: the primary CAS alone decides,
-                # and other writers may be as sure as we are (``Membership.fate``)
-                open_round.reached = WIN if t.backups else None
-                commit: Sequence[Request] = core.log.record(obj, COMMITTED, ref, v_old,
-                                                             old_crc)
-                if current.count(v_new) != len(current):
-                    # another proposal on some backup (``fix_requests`` finds none when
-                    # every backup took ours: the common case makes no Python call)
-                    commit = [*fix_requests(t, current, v_new), *commit]
-                _ = (yield commit) if not core.owes() else (yield from core.rt(commit))
-                open_round.recorded = True
-                cas = [primary_request(t, v_old, v_new, open_round)]
-                (held,) = (yield cas) if not core.owes() else (yield from core.rt(cas))
-                if held == v_old:                   # the linearization point
-                    _replaced(core, key, obj, opcode, t, v_old, v_new)
+            while True:
+                if obj is None:     # the write's object (again after FRESH)
+                    if opcode == DELETE:    # a fresh tombstone: recovery knows it by it
+                        tombstone = core.free_value()
+                        value = pack_u64(tombstone)
+                    obj = core.write_object(opcode, key, value, units)
+                    if obj is None:
+                        obj = yield from core.made_object(opcode, key, value, units)
+                    writes = obj.writes
+                try:
+                    try:
+                        # the key's slot: one round with the object's writes, inline (a
+                        # generator level less on it); ``_locate`` only where its cache entry
+                        # does not hold (each round trip of the common case is posted here,
+                        # not through the ``core.rt`` generator: ``owing`` where the client
+                        # owes something that rides with it, the previous write's free)
+                        sid, e, firsts, batch = _locate_batch(core, key, h, writes)
+                        if not core.owes():
+                            res = yield batch
+                        else:
+                            owed = core.owing(batch)
+                            try:
+                                res = yield owed[0]
+                            except TransportError as failed:
+                                core.owed_failed(owed, failed)
+                                raise
+                            res, twice = core.owed_done(owed, res)
+                            if twice:
+                                yield from core.take_back(twice)
+                        view, found = _cached(core, sid, e, firsts, res)
+                        if found is None:
+                            found = yield from _locate(core, key, h, sid, view)
+                    except CorruptObject as damaged:
+                        corrupt: CorruptObject | None = damaged
+                    else:
+                        corrupt = None
+                    if corrupt is not None:     # (out of the except clause: tests/test_compiled.py)
+                        yield from core.abandon(obj)
+                        raise corrupt
+                    writes = []
+                    if found is None:
+                        if then_insert:
+                            core.abandon_later(obj)
+                        else:
+                            yield from core.abandon(obj)
+                        raise KeyNotFound(key)
+                    sid, pos, v_old, old_crc = found
+                    v_new = (object_slot(h.fp, obj.units, obj.ptr, obj.seq) if opcode == UPDATE
+                             else tombstone)
+                    t = core.target(sid, pos)
+                    ref = slot_ref(sid, pos)
+                    current: list[int] = []
+                    open_round = ReplaceRound(core.membership.epoch, t, v_old, v_new, old_crc)
+                    verdict: Decision = WIN                 # with no backup, no round to decide
+                    if t.backups:
+                        cases = proposal_requests(t, v_old, v_new)
+                        current, verdict = tally((yield cases) if not core.owes()
+                                                 else (yield from core.rt(cases)), v_old, v_new)
+                    if verdict == RULE3:
+                        verdict = yield from resolve(core, t, v_old, v_new, current)
+                    if verdict == WIN:
+                        # with no backup there is no round to win: the primary CAS alone decides,
+                        # and other writers may be as sure as we are (``Membership.fate``)
+                        open_round.reached = WIN if t.backups else None
+                        commit: Sequence[Request] = core.log.record(obj, COMMITTED, ref, v_old,
+                                                                     old_crc)
+                        if current.count(v_new) != len(current):
+                            # another proposal on some backup (``fix_requests`` finds none when
+                            # every backup took ours: the common case makes no Python call)
+                            commit = [*fix_requests(t, current, v_new), *commit]
+                        _ = (yield commit) if not core.owes() else (yield from core.rt(commit))
+                        open_round.recorded = True
+                        cas = [primary_request(t, v_old, v_new, open_round)]
+                        (held,) = (yield cas) if not core.owes() else (yield from core.rt(cas))
+                        if held == v_old:                   # the linearization point
+                            _replaced(core, key, obj, opcode, t, v_old, v_new)
+                            whole = True
+                            return None
+                        verdict = primary_lost(held, open_round)
+                        if verdict == RESTART and t.backups:
+                            yield from core.rt(unfreeze_requests(t, v_old, v_new))
+                    elif verdict == LOSE:
+                        open_round.reached = LOSE
+                        core.counters["lost"] += 1
+                        verdict = yield from await_change(core, t, v_old, current,
+                                                          core.log.record(obj, LOST, ref, v_old))
+                        if verdict == LOSE and opcode == UPDATE:
+                            _overwritten(core, key, obj)
+                            whole = True
+                            return None
+                        # a DELETE that lost must look again: the winner may have been an UPDATE
+                    open_round = None
+                    core.retry()
+                    if verdict == RESTART:
+                        yield from core.refresh()
+                    continue
+                except EPOCH_ENDS as ended:
+                    err: TransportError = ended
+                # the epoch ended (out of the except clause: no yield in one,
+                # tests/test_compiled.py)
+                writes = yield from core.epoch_ended(err, obj)
+                if open_round is None:
+                    continue
+                r, open_round = open_round, None
+                if (yield from _settle(core, key, obj, opcode, r, cas_went_out(r, err))) != FRESH:
+                    whole = True
                     return None
-                verdict = primary_lost(held, open_round)
-                if verdict == RESTART and t.backups:
-                    yield from core.rt(unfreeze_requests(t, v_old, v_new))
-            elif verdict == LOSE:
-                open_round.reached = LOSE
-                core.counters["lost"] += 1
-                verdict = yield from await_change(core, t, v_old, current,
-                                                  core.log.record(obj, LOST, ref, v_old))
-                if verdict == LOSE and opcode == UPDATE:
-                    _overwritten(core, key, obj)
-                    return None
-                # a DELETE that lost must look again: the winner may have been an UPDATE
-            open_round = None
-            core.retry()
-            if verdict == RESTART:
-                yield from core.refresh()
-            continue
-        except EPOCH_ENDS as ended:
-            err: TransportError = ended
-        # the epoch ended (out of the except clause: no yield in one, tests/test_compiled.py)
-        writes = yield from core.epoch_ended(err, obj)
-        if open_round is None:
-            continue
-        r, open_round = open_round, None
-        return (yield from _settle(core, key, obj, opcode, r, cas_went_out(r, err)))
+                # a failover dropped the round's proposal: that object's log entry must never
+                # commit again, a new object starts over
+                yield from core.abandoned(obj)
+                obj = None
+        except Stalled as halt:
+            stalled = halt
+        if obj is not None:         # (out of the except clause: tests/test_compiled.py)
+            yield from core.abandoned(obj)
+        raise stalled
+    except (KeyExists, KeyNotFound, Stalled):   # its own outcomes: withdrawn
+        whole = True
+        raise
+    finally:
+        core.write_ended(whole)
 
 
 def _settle(core: OpCore, key: bytes, obj: NewObject, opcode: int, r: ReplaceRound,
