@@ -114,6 +114,7 @@ _LOG_LINKS: Final = struct.Struct("<QQ")
 _COMMIT: Final = struct.Struct("<QQII")  # record word, old_value, old_crc, commit_crc (+16..+40)
 _TAIL: Final = struct.Struct("<BHIB")          # opcode, seq, crc, used (+40..+48)
 _U64: Final = struct.Struct("<Q")
+_TAIL_CRC: Final = struct.Struct("<3xI")     # the crc of ``_TAIL``
 _OPSEQ: Final = struct.Struct("<BH")           # opcode, seq: the last bytes the object crc covers
 _ENTRY: Final = struct.Struct("<QQQQIIBHIB")   # the whole log entry: links, commit record, tail
 _RECORD: Final = struct.Struct("<QQI")  # the commit record minus its crc: what the crc covers
@@ -162,7 +163,10 @@ def slot_addr(v: int, unit: int) -> int:
 def object_extent(v: int, unit: int) -> tuple[int, int, int]:
     """(node, address, length) of the object slot value ``v`` names: what a read of it
     needs, in one call (``slot_node``, ``slot_addr`` and ``slot_units`` at once)."""
-    return (v >> NODE_SHIFT) & NODE_MASK, (v & ADDR_MASK) * unit, ((v >> LEN_SHIFT) & 0xFF) * unit
+    # (a slot value has bits above 62: compiled, each operation on it is one on a boxed
+    # long, a new object each; two of them leave ints that fit a machine word)
+    low = v & 0xFFFF_FFFF_FFFF         # the bits below LEN_SHIFT: node and address
+    return low >> NODE_SHIFT & NODE_MASK, (low & ADDR_MASK) * unit, (v >> LEN_SHIFT & 0xFF) * unit
 
 
 LEN_BITS: Final = 0xFF << LEN_SHIFT
@@ -364,6 +368,13 @@ def object_tail(word: bytes) -> tuple[int, int]:
     back (used 0) since it was freed."""
     _, _, crc, used = _TAIL.unpack(word)
     return crc, used
+
+
+def object_crc(word: bytes) -> int:
+    """``object_tail(word)[0]``, the crc alone: one unpack, no tuples of ours (a cached
+    UPDATE or DELETE checks it on every write)."""
+    crc: int = _TAIL_CRC.unpack_from(word)[0]
+    return crc
 
 
 COMMIT_OFFSET: Final = 16          # of the commit record inside the log entry

@@ -11,7 +11,7 @@ Design: docs/design.md#snapshot-replication.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fusee.errors import EpochChanged, TransportError
 from fusee.layout import FROZEN
@@ -28,9 +28,13 @@ def proposal_requests(t: SlotTarget, v_old: int, v_new: int) -> list[Cas]:
     after these, and reads what the CASes found with ``tally``."""
     # proposals are distinct: a CAS that finds v_old could not tell ours from no change
     assert v_new != v_old, f"slot {t.sid}:{t.pos}: a proposal of the value it replaces"
+    # (Any: compiled, the ints are boxed once here, not again for every Cas made of them)
+    addr: Any = t.addr
+    old: Any = v_old
+    new: Any = v_new
     cases = []
     for n in t.backups:         # (a comprehension would make cells of t, v_old and v_new)
-        cases.append(Cas(n, t.addr, v_old, v_new))
+        cases.append(Cas(n, addr, old, new))
     return cases
 
 

@@ -17,14 +17,14 @@ Design: docs/design.md#update-and-delete.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fusee import insert as insert_mod
 from fusee.errors import CorruptObject, KeyExists, KeyNotFound, Stalled
 from fusee.hashing import key_hash
 from fusee.index import View
-from fusee.layout import (COMMITTED, DELETE, LOST, TAIL_BYTES, UPDATE, object_extent,
-                          object_slot, object_tail, pack_u64, slot_ref)
+from fusee.layout import (COMMITTED, DELETE, LOST, TAIL_BYTES, UPDATE, object_crc,
+                          object_extent, object_slot, pack_u64, slot_ref)
 # SNAPSHOT's rules from its Python module (the mutation tests replace them there by name)
 from fusee.replication import await_change, fix_requests, resolve, tally
 from fusee.reuse import ObjectReads
@@ -105,7 +105,9 @@ def _locate_batch(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
         reads.append(Read(core.alloc.home_of(node), addr + length - TAIL_BYTES, TAIL_BYTES))
     else:
         e = None
-    return sid, e, firsts, [*reads, *writes]
+    batch = cast("list[Read | Write]", reads)   # (ours: a list less than ``[*a, *b]``)
+    batch += writes
+    return sid, e, firsts, batch
 
 
 def _cached(core: OpCore, sid: int, e: CacheEntry | None, firsts: tuple[int, int],
@@ -117,7 +119,8 @@ def _cached(core: OpCore, sid: int, e: CacheEntry | None, firsts: tuple[int, int
         hit = view.get(e.pos) == e.value
         core.cache.outcome(e, hit)
         if hit:
-            return view, (sid, e.pos, e.value, object_tail(res[2])[0])
+            tail: bytes = res[2]
+            return view, (sid, e.pos, e.value, object_crc(tail))
     return view, None
 
 

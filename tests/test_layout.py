@@ -173,3 +173,18 @@ def test_objects_decoded_in_c_are_what_the_python_spec_decodes(monkeypatch):
     assert sum(v is not None for v in in_c) > 1000
     assert all(type(v) is L.ObjectView for v in in_c if v is not None)
     assert sum(v is not None and v.state != L.PENDING for v in in_c) > 300
+
+
+def test_object_crc_and_extent_agree_with_their_specs():
+    """``object_crc`` is ``object_tail``'s crc and ``object_extent`` is ``slot_node``,
+    ``slot_addr`` and ``slot_units`` at once, over random tails and slot values (those with
+    the top bits set above all: compiled, they are the boxed longs the fast path meets)."""
+    import random
+    rnd = random.Random(12)
+    for _ in range(5000):
+        word = rnd.randbytes(8)
+        assert L.object_crc(word) == L.object_tail(word)[0]
+        v = rnd.getrandbits(64)
+        unit = rnd.choice((1, 8, 64))
+        assert L.object_extent(v, unit) == (L.slot_node(v), L.slot_addr(v, unit),
+                                            L.slot_units(v) * unit)
