@@ -278,8 +278,16 @@ class Client:
             return run_search(core, key, self.executor)
 
     def insert(self, key: Arg, value: Arg) -> None:
-        """Add a new key; KeyExists if it is present."""
-        self._run(ClientCore.insert, key, value)
+        """Add a new key; KeyExists if it is present. (``_run``'s steps written out, as in
+        ``get``: a load is inserts one by one, and compiled, ``_run``'s ``*args`` call of
+        the operation and ``ready`` cost about 1k instructions an insert.)"""
+        if self._forks != _forks:
+            raise self._forked()
+        with self._lock:                            # (``with``: see ``get``)
+            core = self.core
+            if self.closed or not core.settled:     # (``ready``'s common case inline)
+                core = self.ready()
+            run(core.insert(key, value), self.executor)
 
     def update(self, key: Arg, value: Arg) -> None:
         """Replace the value of a present key; KeyNotFound if it is absent."""
