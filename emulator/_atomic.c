@@ -1729,7 +1729,7 @@ static int add_crc_methods(PyObject *module) {
  *   - any other exception closes ``op`` (being handled meanwhile) and propagates, chained
  *     under whatever ``close`` raised, if it did. */
 
-static PyObject *str_execute, *str_throw, *str_close;
+static PyObject *str_execute, *str_throw, *str_close, *str_send;
 
 /* 1 when ``batch`` is a non-empty step whose first request's type is in ``not_verbs``
  * (Python: ``batch and type(batch[0]) in not_verbs``), 0 when not, -1 with an error set;
@@ -1790,6 +1790,18 @@ static PySendResult throw_into(PyObject *op, PyObject *error, PyObject **out) {
     return stop_value(out) == 0 ? PYGEN_RETURN : PYGEN_ERROR;
 }
 
+/* ``op.send(arg)`` -> PyIter_Send's result and ``*out``: through the am_send slot where
+ * ``op`` has one (a generator, compiled or not), else the ``send`` method by name as the
+ * spec calls it (PyIter_Send would call ``__next__`` for a None, where the spec fails on
+ * an iterator that has no ``send``) */
+static PySendResult send_into(PyObject *op, PyObject *arg, PyObject **out) {
+    PyAsyncMethods *am = Py_TYPE(op)->tp_as_async;
+    if (am && am->am_send) return PyIter_Send(op, arg, out);
+    *out = PyObject_CallMethodOneArg(op, str_send, arg);
+    if (*out) return PYGEN_NEXT;
+    return stop_value(out) == 0 ? PYGEN_RETURN : PYGEN_ERROR;
+}
+
 /* the raised exception, normalized, with its traceback attached (a new reference) */
 static PyObject *fetch_error(void) {
     PyObject *type, *value, *tb;
@@ -1810,7 +1822,7 @@ static PyObject *drive_run(PyObject *state, PyObject *const *args, Py_ssize_t n)
     PyObject *not_verbs = PyTuple_GET_ITEM(state, 0), *not_a_verb = PyTuple_GET_ITEM(state, 1),
              *transport_error = PyTuple_GET_ITEM(state, 2);
     PyObject *step;
-    PySendResult sent = PyIter_Send(op, Py_None, &step);
+    PySendResult sent = send_into(op, Py_None, &step);
     while (sent == PYGEN_NEXT) {
         PyObject *first = NULL, *done;
         int kind = not_verbs_step(step, not_verbs, &first);
@@ -1827,7 +1839,7 @@ static PyObject *drive_run(PyObject *state, PyObject *const *args, Py_ssize_t n)
         }
         Py_DECREF(step);
         if (done) {
-            sent = PyIter_Send(op, done, &step);
+            sent = send_into(op, done, &step);
             Py_DECREF(done);
         } else if (PyErr_ExceptionMatches(transport_error)) {
             PyObject *error = fetch_error();
@@ -1884,6 +1896,7 @@ static PyMethodDef driver_methods[] = {
 static int add_driver_methods(PyObject *module) {
     if (!(str_execute = PyUnicode_InternFromString("execute")) ||
         !(str_throw = PyUnicode_InternFromString("throw")) ||
-        !(str_close = PyUnicode_InternFromString("close"))) return -1;
+        !(str_close = PyUnicode_InternFromString("close")) ||
+        !(str_send = PyUnicode_InternFromString("send"))) return -1;
     return PyModule_AddFunctions(module, driver_methods);
 }

@@ -97,8 +97,8 @@ class Pipeline:
     def execute(self, raise_on_error: Arg = True) -> list[Any]:
         """Run every queued operation; their outcomes in queue order (see the module doc)."""
         # open, not a fork's child, nothing left cut short; other threads wait till it ends
-        with self.client.exclusive() as core:
-            return self._execute(core, bool(raise_on_error))    # (any truth value, as ever)
+        with self.client.locked():
+            return self._execute(self.client.ready(), bool(raise_on_error))  # (any truth value)
 
     def _execute(self, core: ClientCore, raise_on_error: bool) -> list[Any]:
         queue, self._queue = self._queue, []
@@ -192,7 +192,8 @@ def _searches(client: Client, keys: list[bytes], depth: int) -> tuple[list[Any],
     answers with a value or hands its search over)."""
     results: list[Any] = [None] * len(keys)
     went_on = False
-    with client.exclusive() as core:
+    with client.locked():
+        core = client.ready()
         for start in range(0, len(keys), depth):
             group = keys if len(keys) <= depth else keys[start:start + depth]
             rest = []

@@ -49,7 +49,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from fusee import batch
@@ -109,6 +108,10 @@ class Client:
         in use by a client that crashed: finish its operations first (``fusee.recovery``),
         then carry on with everything it held. ``lease``: a ``LeaseKeeper`` registered
         already (else, with a master, one is made here); the client owns it from now on."""
+        if isinstance(transport, str):
+            raise WrongType(f"Client() takes a connected Transport; to open one by its "
+                            f"backend's name, use Client.connect(config_path, "
+                            f"transport={transport!r})")
         _check_transport(transport)
         if recover and client_id is None:
             raise InvalidArgument("recover=True needs the client_id to recover")
@@ -223,10 +226,16 @@ class Client:
         with self._lock:
             return run(operation(self.ready(), *args), self.executor)
 
-    def exclusive(self) -> Exclusive:
-        """``with client.exclusive() as core:`` the block has the client to itself (its
-        lock) and a ready core (``ready``): how a batch (``fusee.batch``) runs."""
-        return Exclusive(self)
+    def locked(self) -> threading.Lock:
+        """The client's lock, for ``with client.locked(): core = client.ready()``: the block
+        has the client to itself and a ready core, how a batch (``fusee.batch``) runs.
+        Checked first: the client belongs to this process (see ``_forked``). (The lock
+        itself in the ``with``, not a context manager of ours: interpreted, only a C
+        ``__enter__`` leaves no moment for a Ctrl-C between taking the lock and the block
+        that releases it; compiled, contextlib's would be four Python calls a batch.)"""
+        if self._forks != _forks:
+            raise self._forked()
+        return self._lock
 
     def _forked(self) -> ForkedClient:
         # checked before the lock is taken: a thread of the parent may have held it when the
@@ -260,19 +269,25 @@ class Client:
         """The key's value, or None when the key is absent."""
         if self._forks != _forks:
             raise self._forked()
-        lock = self._lock       # (what ``with`` does, with no __enter__/__exit__ looked up)
-        lock.acquire()
-        try:
+        # (``with``, not acquire() then try: interpreted, a Ctrl-C pending as acquire()
+        # returns would be raised before the try, and the lock left held for good)
+        with self._lock:
             core = self.core
             if self.closed or not core.settled:     # (``ready``'s common case inline)
                 core = self.ready()
             return run_search(core, key, self.executor)
-        finally:
-            lock.release()
 
     def insert(self, key: Arg, value: Arg) -> None:
-        """Add a new key; KeyExists if it is present."""
-        self._run(ClientCore.insert, key, value)
+        """Add a new key; KeyExists if it is present. (``_run``'s steps written out, as in
+        ``get``: a load is inserts one by one, and compiled, ``_run``'s ``*args`` call of
+        the operation and ``ready`` cost about 1k instructions an insert.)"""
+        if self._forks != _forks:
+            raise self._forked()
+        with self._lock:                            # (``with``: see ``get``)
+            core = self.core
+            if self.closed or not core.settled:     # (``ready``'s common case inline)
+                core = self.ready()
+            run(core.insert(key, value), self.executor)
 
     def update(self, key: Arg, value: Arg) -> None:
         """Replace the value of a present key; KeyNotFound if it is absent."""
@@ -336,33 +351,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class Exclusive:
-    """``Client.exclusive``'s context: the client's lock held and a ready core. A class,
-    not a ``contextlib.contextmanager`` generator: compiled, its ``with`` is two C calls,
-    where contextlib's is four interpreted ones, which cost a batch of 8 ``get_many``
-    keys (every call the benchmark's depth 8 makes) about 10 % of its instructions."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-
-    def __enter__(self) -> ClientCore:
-        client = self.client
-        # checked before the lock is taken (see ``Client._forked``)
-        if client._forks != _forks:
-            raise client._forked()
-        lock = client._lock
-        lock.acquire()
-        try:
-            return client.ready()
-        except BaseException:
-            lock.release()
-            raise
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.client._lock.release()
 
 
 def _check_reachable(transport: Transport, lease: LeaseKeeper, config: ClusterConfig) -> None:

@@ -591,11 +591,13 @@ class ClientCore(OpCore):
 
     def made_object(self, opcode: int, key: bytes, value: bytes, units: int
                     ) -> Op[NewObject]:
-        """Generator: ``write_object``, memory made for it first."""
-        yield from self._room_for(units or self.log.units_for(key, value))
-        obj = self.write_object(opcode, key, value, units)
-        assert obj is not None, "no memory for an object once made ready"
-        return obj
+        """Generator: ``write_object``, memory made for it first, and the object allocated
+        at once (``ready`` is not asked again: it follows the lease's news of a rebuild
+        first, which the lease's thread may change in between, and a rebuild begun then
+        would not count the room just made)."""
+        units = units or self.log.units_for(key, value)
+        yield from self._room_for(units)
+        return self.log.new_object(opcode, key, value, units)
 
     def _room_for(self, units: int) -> Op[None]:
         """Generator: ``_make_room(units)``, in one epoch."""

@@ -223,3 +223,38 @@ def test_a_client_takes_no_new_group_for_each_rebuild():
         alloc.follow(None)                  # it ended
     assert alloc.stats["blocks"] == 1
     assert all(kv.get(b"k%d" % i) == b"v%d-4" % i for i in range(10))
+
+
+def test_a_rebuild_beginning_as_memory_is_made_does_not_fail_the_write():
+    """A write that had to make memory first (``ClientCore.made_object``) allocates at once
+    once ``ensure`` returns. Asking ``alloc.ready`` again there is not a pure look: it first
+    follows the lease's news (``Allocator.follow``, set by the lease's thread at any time),
+    and a rebuild begun in between no longer counts the room just made: the write died with
+    "no memory for an object once made ready" (the session-13 review). Modelled by a
+    ``ready`` that says False once ``ensure`` returned, as ``follow`` does then."""
+    from fusee.client import Client
+    cfg = config(3)
+    kv = Client(LocalTransport(cfg, memory=LocalMemory(cfg)))
+    kv.insert(b"a", b"1")
+    alloc = kv.core.alloc
+    real_ready, real_ensure = alloc.ready, alloc.ensure
+    state = {"calls": 0, "ensured": False}
+
+    def ready(units):
+        state["calls"] += 1
+        if state["calls"] == 1 or state["ensured"]:
+            state["ensured"] = False
+            return False            # the first look (memory to make), and the race
+        return real_ready(units)
+
+    def ensure(units):
+        yield from real_ensure(units)
+        state["ensured"] = True
+
+    alloc.ready, alloc.ensure = ready, ensure
+    try:
+        kv.update(b"a", b"2")
+    finally:
+        alloc.ready, alloc.ensure = real_ready, real_ensure
+    assert kv.get(b"a") == b"2"
+    kv.close()

@@ -101,3 +101,13 @@ def test_a_wrapper_of_a_transport_is_taken(cluster):
     with Client.connect(cluster.config_path, transport=Wrapper(cluster.transport())) as kv:
         kv.put(b"k", b"v")
         assert kv.get(b"k") == b"v"
+
+
+def test_client_given_a_backend_name_says_to_use_connect(cluster):
+    """``Client("shm")``: Client() takes a connected transport; a backend's name is what
+    ``Client.connect`` takes, and the error says so (the session-13 review: it said the
+    transport "must be a backend name ... got str", refusing the very name it offered)."""
+    from fusee.client import Client
+    from fusee.errors import WrongType
+    with pytest.raises(WrongType, match=r"Client\.connect\(config_path, transport='shm'\)"):
+        Client("shm", cluster.config)

@@ -229,3 +229,28 @@ def test_run_is_the_one_in_c():
               "on_close": "nothing", "hook": False}
     assert driver.run(operation(script, log), Executor(script, log, False)) == ("done", 1)
     assert driver._RUN_IN_C is RUN_IN_C is not None
+
+
+def test_an_op_without_send_posts_no_batch_in_either_loop():
+    """The C loop sends through the generator's am_send slot; an object without one gets
+    ``send`` called by name, as the spec does: an iterator with no ``send`` (a programming
+    error) fails before any round trip in both (PyIter_Send alone would have called its
+    ``__next__`` and posted the first batch: the session-13 review)."""
+    from fusee import driver
+    from fusee.verbs import Read
+    if driver._RUN_IN_C is None:
+        pytest.skip("the extension is not built")
+
+    class Executor:
+        def __init__(self):
+            self.seen = []
+
+        def execute(self, batch):
+            self.seen.append(batch)
+            return [bytes(8)] * len(batch)
+
+    for run in (driver._RUN_IN_C, driver.run_in_python):
+        ex = Executor()
+        with pytest.raises(AttributeError):     # (its close, raised while the send's is handled)
+            run(iter([[Read(0, 0, 8)], [Read(0, 8, 8)]]), ex)
+        assert ex.seen == []

@@ -11,6 +11,7 @@ every boundary is tests/test_interrupt_sweep.py; real SIGINTs to client processe
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import itertools
 import multiprocessing as mp
@@ -354,3 +355,41 @@ def test_sigint_to_client_processes_under_load(backend, master, tmp_path):
         cut = sum(op.status == CRASHED for op in ops)
         print(f"{backend}, master {master}: {VICTIMS * SIGINTS} SIGINTs, {cut} of them cut "
               f"an operation; {len(ops)} operations")
+
+
+@pytest.mark.parametrize("call", ["get", "get_many", "pipeline"])
+def test_a_ctrl_c_while_waiting_for_the_clients_lock_leaves_it_free(call):
+    """Another thread holds the client's lock; a Ctrl-C lands as this one waits for it. Taken
+    with ``lock.acquire()`` and then a ``try`` (``Client.get``; ``Exclusive`` for the batches,
+    for a while), the interpreted build raised a KeyboardInterrupt pending as acquire()
+    returned before the ``try``: the lock stayed held, and every later operation of the
+    client, and its close, waited forever. A ``with`` of the lock itself has no such moment
+    (found by the session-13 review)."""
+    cfg = config(3)
+    kv = Client(LocalTransport(cfg, memory=LocalMemory(cfg)))
+    kv.insert(b"a", b"1")
+    held = threading.Event()
+
+    def holder():
+        with kv._lock:
+            held.set()
+            time.sleep(0.3)
+            _thread.interrupt_main()        # a Ctrl-C while the main thread waits
+            time.sleep(0.05)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait()
+    go = {"get": lambda: kv.get(b"a"), "get_many": lambda: kv.get_many([b"a"]),
+          "pipeline": lambda: kv.pipeline().get(b"a").execute()}[call]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            go()
+    finally:
+        t.join()
+    free = kv._lock.acquire(timeout=2)
+    if free:
+        kv._lock.release()
+        assert kv.get(b"a") == b"1"
+        kv.close()
+    assert free, "the client's lock is left held: every later operation waits forever"
