@@ -324,3 +324,39 @@ def test_suite_file_runs_each_run_into_its_folder(tmp_path):
     table = (tmp_path / "res" / "tiny" / "table.txt").read_text()
     assert "the median of 3 runs" in table and "%" in table.split("the median of 3 runs")[1]
     assert os.path.exists(tmp_path / "res" / "tiny" / "latency_cdf.png")
+
+
+@pytest.mark.parametrize("system", ["fusee", "clover"])
+def test_a_ycsb_run_deletes_the_keys_its_inserts_made(system):
+    """A YCSB-D run inserts for as long as it lasts: kept, the keys of a whole suite's runs
+    outgrew the memory ``cluster_layout`` sizes for (the loaded and the micro keys), and
+    `fusee bench` failed with OutOfMemory once the client was fast enough. Each run deletes
+    them after its window (untimed), leaving the loaded keys as they were."""
+    import time
+    from fusee.bench.runner import Phase, _Client, key_base
+    from fusee.bench.systems import cluster_layout, connect, serve
+    from fusee.bench.ycsb import WORKLOADS, key_names
+    keys = 200
+    with serve(system, memnodes=3, transport="shm", endpoint="ipc", replication=3,
+               layout=cluster_layout(keys + 5000, 256), timeout=5.0) as spec:
+        state = _Client()
+        state.driver, state.spec = connect(spec), spec
+        try:
+            value = b"v" * 200
+            loaded = key_names(np.arange(keys))
+            state.driver.many(["insert"] * keys, loaded, value)
+            phase = Phase("ycsb", "D", clients=1, depth=1, keyspace=1, value_size=200,
+                          keys=keys, workload=WORKLOADS["D"], warmup=0.0, duration=0.3)
+            result = state.prepare(phase, 0)(time.monotonic_ns())
+            assert result["ops"].get("insert", 0) > 0
+            base = key_base(1, 0)
+            made = key_names(np.arange(base, base + 2 * result["ops"]["insert"] + 5000))
+
+            def values(names):
+                return [got for i in range(0, len(names), 64)
+                        for got in state.driver.many(["search"] * len(names[i:i + 64]),
+                                                     names[i:i + 64], value)]
+            assert [k for k, got in zip(made, values(made)) if got is not None] == []
+            assert all(got is not None for got in values(loaded))
+        finally:
+            state.driver.close()

@@ -9,8 +9,8 @@ call each at depth 1 (``kv.get``, ``kv.insert``...), else ``depth`` at a time, e
 call that keeps them in flight together, their verbs merged into one batch per round trip
 (``kv.get_many``, a pipeline).
 
-A YCSB phase runs for a fixed time (warm-up, then the measured window); a micro phase and the
-load run a fixed list of keys per client. Each client records every latency of its window and
+A YCSB phase runs for a fixed time (warm-up, then the measured window), then deletes the keys
+its inserts made, untimed; a micro phase and the load run a fixed list of keys per client. Each client records every latency of its window and
 returns one HdrHistogram per operation (encoded), which the parent merges losslessly.
 """
 
@@ -286,9 +286,24 @@ class _Client:
         def run(t_start: int) -> dict[str, Any]:
             lo = t_start + int(phase.warmup * 1e9)
             _wait_until(t_start)
-            return drive(d, ops, value, phase.depth,
-                         _Recorder(lo, lo + int(phase.duration * 1e9)))
+            result = drive(d, ops, value, phase.depth,
+                           _Recorder(lo, lo + int(phase.duration * 1e9)))
+            _delete_inserted(d, stream, value)
+            return result
         return run
+
+
+def _delete_inserted(d: Driver, stream: OpStream, value: bytes) -> None:
+    """After a YCSB run's window: delete the keys its inserts may have made (YCSB-D's),
+    untimed, as a micro point deletes its keys. A run inserts for as long as it lasts, so the
+    faster the client the more keys: kept, the runs of a whole suite filled the memory the
+    cluster was sized for (``cluster_layout``: the loaded and micro keys) and the next insert
+    met OutOfMemory. The stream drew its chunks ahead of what ran, so some of these keys
+    were never inserted: their deletes are refused (KeyNotFound), which is fine."""
+    names = key_names(np.arange(stream.insert_base, stream.insert_base + stream.inserted))
+    for i in range(0, len(names), WARM_GROUP):
+        group = names[i:i + WARM_GROUP]
+        d.many(["delete"] * len(group), group, value)
 
 
 def ycsb_ops(stream: OpStream, loaded: list[bytes]) -> Iterator[tuple[str, bytes]]:
