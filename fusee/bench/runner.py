@@ -10,8 +10,9 @@ call that keeps them in flight together, their verbs merged into one batch per r
 (``kv.get_many``, a pipeline).
 
 A YCSB phase runs for a fixed time (warm-up, then the measured window), then deletes the keys
-its inserts made, untimed; a micro phase and the load run a fixed list of keys per client. Each client records every latency of its window and
-returns one HdrHistogram per operation (encoded), which the parent merges losslessly.
+its inserts made, untimed; a micro phase and the load run a fixed list of keys per client.
+Each client records every latency of its window and returns one HdrHistogram per operation
+(encoded), which the parent merges losslessly.
 """
 
 from __future__ import annotations
