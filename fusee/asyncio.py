@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from fusee import batch
 from fusee.client import Client as SyncClient
-from fusee.client import _LeaseGuard
+from fusee.lease_guard import LeaseGuard
 from fusee.operations import ClientCore
 from fusee.driver import await_membership
 from fusee.verbs import (AwaitMembership, Backoff, Batch, Cas, Faa, Op, Read, Step, T,
@@ -72,7 +72,7 @@ class Client:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"fusee-{client.client_id}")
         self._inline = client.transport.name in _INLINE_TRANSPORTS
         guard = client.executor
-        self._execute_now = (guard.execute_now if isinstance(guard, _LeaseGuard)
+        self._execute_now = (guard.execute_now if isinstance(guard, LeaseGuard)
                              else guard.execute)
         #: the worker's round trip the current operation awaits
         self._pending: Future[Any] | None = None

@@ -1,6 +1,6 @@
 """Fencing: a client whose lease the master ended writes nothing more to the memory nodes.
 
-A client checks its lease on its own clock before every batch (``fusee.client._LeaseGuard``),
+A client checks its lease on its own clock before every batch (``fusee.lease_guard.LeaseGuard``),
 and the master recovers an expired client's id only ``grace`` past its lease. That leaves a
 batch already past the check when the client stopped (SIGSTOP, a long GC or VM pause): once it
 runs again, the batch goes out, possibly after the master recovered the id, and a stale write or

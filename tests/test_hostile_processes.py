@@ -123,7 +123,7 @@ def test_a_memory_node_stopped_for_less_than_its_lease_fails_nothing(tmp_path):
     """MN 1 SIGSTOPped for 1.5 s: longer than the clients' timeout (1 s), shorter than its
     MN lease (2 s). Their batches to it time out, it executes them once it resumes, and the
     master never declares it dead. The operations that met the stall carry on once it
-    answers again, with its late replies (``fusee.client._LeaseGuard``): none fails, and no
+    answers again, with its late replies (``fusee.lease_guard.LeaseGuard``): none fails, and no
     epoch changes. (They used to wait for an epoch that never came and fail with
     NodeTimeout after membership_wait.)"""
     with _cluster() as c:

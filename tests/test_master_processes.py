@@ -21,7 +21,7 @@ import zmq
 
 from fusee.emulator import wire
 from fusee.emulator.cluster import LocalCluster
-from fusee.client import _LeaseGuard
+from fusee.lease_guard import LeaseGuard
 from fusee.driver import await_membership
 from fusee.layout import META_RECOVERY
 from fusee.master.logic import LeaseError, LeaseLapsed
@@ -331,9 +331,9 @@ def test_a_pause_waits_for_the_batch_in_flight_and_the_next_batch_gets_the_epoch
     with small_cluster() as c, c.transport() as t:
         keeper = LeaseKeeper(c.config)
         with pytest.raises(NodeTimeout, match="no new membership"):    # no failover comes
-            _LeaseGuard(t, keeper, 0.1, keeper.membership).await_membership(0)
+            LeaseGuard(t, keeper, 0.1, keeper.membership).await_membership(0)
         held = _Held(t)
-        guard = _LeaseGuard(held, keeper, membership_wait(c.config), keeper.membership)
+        guard = LeaseGuard(held, keeper, membership_wait(c.config), keeper.membership)
         done = []
         flight = threading.Thread(target=lambda: done.append(guard.execute([Read(0, 0, 8)])))
         flight.start()

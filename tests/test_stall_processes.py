@@ -2,7 +2,7 @@
 
 - A memory node stalled for longer than the clients' verb timeout but less than its MN lease:
   the master never declares it dead, and the clients ride through with its late replies
-  (``fusee.transports.channel``, ``Transport.late``, ``fusee.client._LeaseGuard``).
+  (``fusee.transports.channel``, ``Transport.late``, ``fusee.lease_guard.LeaseGuard``).
 - A client stalled past its lease: the master expires it and fences it at every MN before
   recovering its id (``fusee.fencing``), so a batch that was past its lease check when it
   stopped writes nothing once it runs again.

@@ -18,7 +18,7 @@ scheduler step is ``TICK`` simulated seconds, and at each step
   it renews when its keeper would (every third of the lease, ``POLL`` while paused); a client
   may stall (SIGSTOP) for a while: it then neither moves, renews nor acks.
 
-Before each batch a client posts, the ``_LeaseGuard`` check is made against the simulated
+Before each batch a client posts, the ``LeaseGuard`` check is made against the simulated
 clock: the lease as the client sees it (``LeaseKeeper._expiry``: from when the renewal was
 sent, less ``CLOCK_MARGIN``), the pause, the end of the lease; a batch that may not go waits
 (``held``) until it may. A client whose renewal the master refuses is over (``LeaseExpired``:
