@@ -427,6 +427,11 @@ def test_a_zmq_batch_spanning_the_mns_awaits_the_last_sent_reply_first():
                 t.channels.post, t.channels._await = real_post, real_await
             assert posted == [2, 0, 1]
             assert awaited == [1, 0, 2]
+            from fusee.emulator import wire
+            seq = t.channels.next_seq()
+            replies = t.channels.exchange({n: wire.encode_control(seq, "info", {}) for n in
+                                           (2, 0, 1)}, seq, 5.0)
+            assert list(replies) == [2, 0, 1]           # (in the order sent, all the same)
 
 
 def test_placing_a_zmq_batchs_completions_in_c_is_its_python_spec():
