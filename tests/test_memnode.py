@@ -149,6 +149,47 @@ def test_a_batch_of_one_sided_verbs_is_served_without_a_python_call(node):
     assert node.tally[1] == len(ops)
 
 
+def test_the_serve_loop_makes_no_python_call_per_request_of_verbs(node, tmp_path):
+    """The serve loop answers a request of one-sided verbs with the C fast path itself (no
+    call to ``handle``) and asks ``stop()`` once per STOP_CHECK_EVERY requests, not per
+    request: each was a Python call, a few percent of the node's instructions per message.
+    The answers are the node's all the same, and ``stop()`` still ends the loop."""
+    import threading
+    from fusee.emulator.memnode import STOP_CHECK_EVERY, serve
+    endpoint = f"ipc://{tmp_path}/mn.sock"
+    stops, calls, done = [], [], threading.Event()
+
+    def stop():
+        stops.append(1)
+        return done.is_set()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+
+    def run():
+        threading.setprofile(profile)       # (this thread's own, set before it runs serve)
+        sys.setprofile(profile)
+        serve(node, endpoint, stop)
+
+    server = threading.Thread(target=run)
+    server.start()
+    sock = _raw(endpoint)
+    try:
+        requests = 4 * STOP_CHECK_EVERY
+        for seq in range(requests):
+            seq_, results, error = _ask(sock, msgpack.packb(
+                (wire.VERBS, seq, node.region.rkey, [[wire.OP_READ, 64, 8]])))
+            assert (seq_, results, error) == (seq, [bytes(8)], None)
+    finally:
+        done.set()
+        sock.close(0)
+        server.join(10)
+    assert not server.is_alive()
+    assert "handle" not in calls, calls[:20]
+    assert len(stops) <= requests // STOP_CHECK_EVERY + 3, len(stops)
+
+
 def test_a_failing_verb_stops_the_batch_after_running_each_earlier_verb_once(node):
     """A batch the C path does not take whole (here its last READ is out of bounds) runs
     verb by verb in Python: nothing may have run before, or a FAA would count twice."""

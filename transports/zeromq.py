@@ -28,6 +28,8 @@ ONE_SIDED = (Read, Write, Cas, Faa)
 _group = _atomic.group
 #: ``wire.encode_verbs``'s fast path: a batch of well-formed one-sided verbs in one C call
 _pack = _atomic.pack
+#: ``place_completions`` in one C call
+_place = _atomic.place
 
 
 class ZmqTransport(Transport):
@@ -119,16 +121,10 @@ class ZmqTransport(Transport):
             for node in groups.keys() & dead:
                 replies[node] = channels.taken_for_dead(node)
         else:                                           # the common case: all answered
-            results: list = [None] * len(batch)
-            for node, idx in groups.items():
-                reply = replies[node]
-                if type(reply) is not tuple or reply[1] is not None or len(reply[0]) != len(idx):
-                    break                               # (``_complete`` words why)
-                for i, completion in zip(idx, reply[0]):
-                    results[i] = completion
-            else:
+            results = _place(len(batch), groups, replies)   # (``place_completions``)
+            if results is not None:
                 return results
-        return self._complete(batch, seq, groups, replies)
+        return self._complete(batch, seq, groups, replies)  # (it words why)
 
     def _complete(self, batch, seq: int, groups: dict, replies: dict) -> list:
         """The batch's completions in order from each node's reply; raises on any failure
@@ -142,3 +138,23 @@ class ZmqTransport(Transport):
     def close(self) -> None:
         self.channels.close()
 
+
+
+def place_completions(size: int, groups: dict[int, list[int]], replies: dict) -> list | None:
+    """The completions of a batch of ``size`` requests in batch order, from the replies of the
+    nodes it went to (``groups``: node -> the positions of its requests), when every node's
+    reply is a clean ``(completions, None)`` with one completion per request; else None (a
+    failure: ``_complete`` words it). ``_atomic.place`` does this in C, which
+    ``ZmqTransport._execute`` runs (tests/test_fast_path.py holds the two equal)."""
+    results: list = [None] * size
+    for node, idx in groups.items():
+        reply = replies.get(node)
+        if (type(idx) is not list or type(reply) is not tuple or len(reply) != 2
+                or reply[1] is not None or type(reply[0]) is not list
+                or len(reply[0]) != len(idx)):
+            return None
+        for i, completion in zip(idx, reply[0]):
+            if type(i) is not int or not 0 <= i < size:
+                return None
+            results[i] = completion
+    return results
