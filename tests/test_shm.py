@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -393,3 +394,42 @@ def test_a_client_touches_a_memory_nodes_pages_without_faulting(cluster):
     finally:
         t.close()
     assert faults < pages // 8, f"{faults} page faults touching {pages} pages"
+
+
+def _in_small_shm(script: str) -> subprocess.CompletedProcess | None:
+    """Run ``script`` with a /dev/shm of 64 MiB (Docker's default) in a mount namespace of its
+    own, or None where one cannot be made (not root, no user namespaces)."""
+    unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    shell = 'mount -t tmpfs -o size=64M tmpfs /dev/shm && exec "$0" -c "$1"'
+    try:
+        probe = subprocess.run([*unshare, "sh", "-c", shell, sys.executable, "pass"],
+                               capture_output=True, timeout=60)
+    except FileNotFoundError:
+        return None
+    if probe.returncode:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([*unshare, "sh", "-c", shell, sys.executable, script],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": root}, cwd=root)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fallocate on tmpfs")
+def test_regions_beyond_dev_shm_refuse_to_start_in_one_line():
+    """Three memory nodes' regions in a /dev/shm too small for them: mapped populated, the
+    first took all the room and the next died of SIGBUS formatting its header (exit -7, no
+    word of why). The memory node reserves its region's memory when it makes it, as pinning
+    does, and says in one line that /dev/shm is too small."""
+    done = _in_small_shm(
+        "from fusee.emulator.cluster import LocalCluster, ClusterStartError\n"
+        "try:\n"
+        "    with LocalCluster(memnodes=3, transport='shm') as c:\n"
+        "        kv = c.client(); kv.put(b'k', b'v'); print('started', kv.get(b'k'))\n"
+        "except ClusterStartError as e:\n"
+        "    print(e)\n")
+    if done is None:
+        pytest.skip("no mount namespace with a small /dev/shm here")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "exited with 2" in out and "no room for shared memory segment" in out, out
+    assert "layout.region_size smaller or /dev/shm larger" in out
