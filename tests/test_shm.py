@@ -433,3 +433,31 @@ def test_regions_beyond_dev_shm_refuse_to_start_in_one_line():
     out = done.stdout
     assert "exited with 2" in out and "no room for shared memory segment" in out, out
     assert "layout.region_size smaller or /dev/shm larger" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
+def test_a_client_without_the_address_space_for_the_regions_says_so(cluster):
+    """A client whose address space (ulimit -v) cannot hold the regions it maps: one line
+    that says so and what to do (ConfigError), not ``[Errno 12] Cannot allocate memory`` as
+    an internal error."""
+    script = (
+        "import resource, sys\n"
+        "from fusee.config import ClusterConfig\n"
+        "from fusee.errors import ConfigError\n"
+        "from fusee.transports import connect\n"
+        "import fusee.transports.shm, zmq\n"
+        "cfg = ClusterConfig.load(sys.argv[1])\n"
+        "vm = next(int(line.split()[1]) for line in open('/proc/self/status')\n"
+        "          if line.startswith('VmSize'))\n"
+        "room = vm * 1024 + (cfg.layout.region_size >> 1)\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (room, room))\n"
+        "try:\n"
+        "    connect(cfg, 'shm').close()\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script, str(cluster.config_path)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": root}, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert "cannot map its region" in done.stdout and "(ulimit -v)" in done.stdout, done.stdout
