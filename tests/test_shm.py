@@ -433,6 +433,11 @@ def test_regions_beyond_dev_shm_refuse_to_start_in_one_line():
     out = done.stdout
     assert "exited with 2" in out and "no room for shared memory segment" in out, out
     assert "layout.region_size smaller or /dev/shm larger" in out
+    # and ``fusee cluster`` exits with the node's usage error, not as an internal one
+    done = _in_small_shm("from fusee.cli import main; raise SystemExit(main(['cluster']))")
+    assert done is not None and done.returncode == 2, done
+    assert "no room for shared memory segment" in done.stderr
+    assert "internal error" not in done.stderr, done.stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
