@@ -109,6 +109,20 @@ def _reserve(fd: int, size: int, name: str) -> None:
                           f"(docker run --shm-size)") from None
 
 
+
+def _mapped(fd: int, size: int, name: str, create: bool) -> mmap.mmap:
+    """``fd`` mapped populated; where the memory node that makes the segment may not map that
+    much (ulimit -v), ConfigError, one line saying what to do (a client that maps it says
+    so in ``transports/shm.py``, naming the node)."""
+    try:
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+    except OSError as e:
+        if not create or e.errno != errno.ENOMEM:
+            raise
+        raise ConfigError(f"cannot map shared memory segment {name} of {size >> 20} MiB: "
+                          f"{e.strerror}: this process may not map that much (ulimit -v); "
+                          f"raise its limit, or make layout.region_size smaller") from None
+
 class SharedSegment:
     """A named POSIX shared-memory segment, owner-only by default (mode 0o600).
 
@@ -136,7 +150,7 @@ class SharedSegment:
             else:
                 size = os.fstat(fd).st_size
             self.size = size
-            self.mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+            self.mmap = _mapped(fd, size, self.name, create)
         except BaseException:
             if create:
                 _posixshmem.shm_unlink(self.name)

@@ -466,3 +466,31 @@ def test_a_client_without_the_address_space_for_the_regions_says_so(cluster):
                           env={**os.environ, "PYTHONPATH": root}, cwd=root)
     assert done.returncode == 0, done.stderr
     assert "cannot map its region" in done.stdout and "(ulimit -v)" in done.stdout, done.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
+def test_a_memory_node_without_the_address_space_for_its_region_says_so():
+    """A memory node that may not map its region (ulimit -v): one line saying what to do
+    (ConfigError, which ``fusee memnode`` prints and exits 2 with), not an OSError's
+    traceback; and the segment it made is gone again."""
+    name = f"/fusee-test-nomap-{os.getpid()}"
+    script = (
+        "import resource, sys\n"
+        "from fusee.errors import ConfigError\n"
+        "from fusee.emulator.memory import SharedSegment\n"
+        "vm = next(int(line.split()[1]) for line in open('/proc/self/status')\n"
+        "          if line.startswith('VmSize'))\n"
+        "room = vm * 1024 + (64 << 20)\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (room, room))\n"
+        "try:\n"
+        "    SharedSegment(sys.argv[1], 256 << 20, create=True).close()\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script, name], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": root},
+                          cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert "cannot map shared memory segment" in done.stdout, done.stdout
+    assert "(ulimit -v)" in done.stdout
+    assert not os.path.exists(f"/dev/shm{name}")
