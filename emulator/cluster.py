@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from fusee.cluster_identity import check_transport, new_cluster_id
 from fusee.emulator.serving import stop_processes
 from fusee.config import ClusterConfig, LayoutConfig, MemNodeConfig, SecurityConfig
+from fusee.exit_codes import USAGE
 from fusee.transports.security import init_keys, init_master_key
 
 if TYPE_CHECKING:
@@ -45,7 +46,15 @@ DEFAULT_LAYOUT = LayoutConfig(region_size=128 * MiB, block_size=2 * MiB, max_cli
 
 
 class ClusterStartError(RuntimeError):
-    """A memory node did not come up; the message carries its own error output."""
+    """A memory node did not come up; the message carries its own error output.
+    ``exit_code`` (``fusee.exit_codes``): the node's own where it refused its config (2: a
+    region /dev/shm has no room for, say), so that ``fusee cluster`` says so and exits
+    with it; absent, an internal error."""
+
+    def __init__(self, message: str, node_exit: int | None = None) -> None:
+        super().__init__(message)
+        if node_exit == USAGE:
+            self.exit_code = USAGE
 
 
 class LocalCluster:
@@ -141,8 +150,9 @@ class LocalCluster:
                         endpoints[i] = info["endpoint"]
                         self.shm_names[i] = info["shm_name"]
                     elif self.procs[i].poll() is not None:
-                        raise ClusterStartError(f"memory node {i} exited with "
-                                                f"{self.procs[i].returncode}:\n{self.log(i)}")
+                        code = self.procs[i].returncode
+                        raise ClusterStartError(f"memory node {i} exited with {code}:\n"
+                                                f"{self.log(i)}", code)
                 if time.monotonic() > deadline:
                     raise ClusterStartError(f"memory nodes not ready after "
                                             f"{self.start_timeout:g} s")

@@ -10,6 +10,7 @@ leave the region untouched.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import secrets
@@ -18,6 +19,7 @@ import _posixshmem
 
 from fusee.emulator import _atomic
 from fusee.emulator.nic_checks import check_atomic, check_key, check_range
+from fusee.errors import ConfigError
 from fusee.verbs import Cas, Faa, Read, RemoteAccessError, Write
 
 _atomic_cas, _atomic_faa = _atomic.cas, _atomic.faa
@@ -82,6 +84,45 @@ class MemoryRegion:
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
+def _reserve(fd: int, size: int, name: str) -> None:
+    """Allocate all of a new segment's memory now, as registering a region pins it: else a
+    ``/dev/shm`` too small for the regions (Docker's default is 64 MiB) lets the memory node
+    start, and the first process to touch a page beyond its room dies of SIGBUS (mapped
+    populated, a memory node after the first one did, formatting its header). ConfigError,
+    one line saying what to do, where the room is short; where the call does not apply
+    (not Linux, a file system without it), the pages come on first touch as before."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None or not size:
+        return
+    try:
+        fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            return
+        try:
+            st = os.statvfs("/dev/shm")
+            room = f" (/dev/shm has {st.f_bavail * st.f_frsize >> 20} MiB free)"
+        except OSError:
+            room = ""
+        raise ConfigError(f"no room for shared memory segment {name} of {size >> 20} MiB"
+                          f"{room}: make layout.region_size smaller or /dev/shm larger "
+                          f"(docker run --shm-size)") from None
+
+
+
+def _mapped(fd: int, size: int, name: str, create: bool) -> mmap.mmap:
+    """``fd`` mapped populated; where the memory node that makes the segment may not map that
+    much (ulimit -v), ConfigError, one line saying what to do (a client that maps it says
+    so in ``transports/shm.py``, naming the node)."""
+    try:
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+    except OSError as e:
+        if not create or e.errno != errno.ENOMEM:
+            raise
+        raise ConfigError(f"cannot map shared memory segment {name} of {size >> 20} MiB: "
+                          f"{e.strerror}: this process may not map that much (ulimit -v); "
+                          f"raise its limit, or make layout.region_size smaller") from None
+
 class SharedSegment:
     """A named POSIX shared-memory segment, owner-only by default (mode 0o600).
 
@@ -105,10 +146,11 @@ class SharedSegment:
         try:
             if create:
                 os.ftruncate(fd, size)
+                _reserve(fd, size, self.name)
             else:
                 size = os.fstat(fd).st_size
             self.size = size
-            self.mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+            self.mmap = _mapped(fd, size, self.name, create)
         except BaseException:
             if create:
                 _posixshmem.shm_unlink(self.name)

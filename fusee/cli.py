@@ -68,6 +68,8 @@ def _bench(argv: list[str]) -> int:
             return main(argv[1:])
         from fusee.bench.main import main
         return main(argv)
+    except KeyboardInterrupt:
+        return 130                  # as ``_run`` has it: Ctrl-C, no traceback
     except ModuleNotFoundError as e:
         if (e.name or "").partition(".")[0] not in BENCH_EXTRA:
             raise

@@ -360,3 +360,50 @@ def test_a_ycsb_run_deletes_the_keys_its_inserts_made(system):
             assert all(got is not None for got in values(loaded))
         finally:
             state.driver.close()
+
+
+def test_ctrl_c_stops_a_bench_without_a_traceback(tmp_path):
+    """A Ctrl-C reaches the terminal's whole process group: the bench, its client processes
+    and its memory nodes. The bench exits 130 and prints no traceback: the clients' own
+    KeyboardInterrupts, and their closes that met the memory nodes already gone, printed
+    four (and the parent a fifth) where the Ctrl-C came after the clients connected."""
+    import signal
+    import subprocess
+    import sys
+    from processes import wait_for
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "fusee.cli", "bench", "ycsb", "--quick", "--workloads", "D",
+         "--clients", "2", "--depth", "4", "--no-baselines", "--no-progress",
+         "--duration", "300", "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
+        env={**os.environ, "PYTHONPATH": root}, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    segment = f"/dev/shm/fusee-lc{bench.pid}-"
+
+    def mapping() -> int:
+        """How many processes of the bench map its cluster's memory: its 3 memory nodes, and
+        each client once connected (past its start, whose imports a Ctrl-C would cut short
+        in multiprocessing's own code)."""
+        pids = subprocess.run(["pgrep", "-g", str(bench.pid)], capture_output=True,
+                              text=True).stdout.split()
+        n = 0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/maps") as maps:
+                    n += segment in maps.read()
+            except OSError:
+                pass
+        return n
+
+    try:
+        wait_for(lambda: bench.poll() is None and mapping() >= 5,
+                 "the bench's memory nodes and connected clients", timeout=180)
+        os.killpg(bench.pid, signal.SIGINT)
+        out, _ = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    assert bench.returncode == 130, out
+    assert "Traceback" not in out, out

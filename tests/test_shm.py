@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -393,3 +394,103 @@ def test_a_client_touches_a_memory_nodes_pages_without_faulting(cluster):
     finally:
         t.close()
     assert faults < pages // 8, f"{faults} page faults touching {pages} pages"
+
+
+def _in_small_shm(script: str) -> subprocess.CompletedProcess | None:
+    """Run ``script`` with a /dev/shm of 64 MiB (Docker's default) in a mount namespace of its
+    own, or None where one cannot be made (not root, no user namespaces)."""
+    unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    shell = 'mount -t tmpfs -o size=64M tmpfs /dev/shm && exec "$0" -c "$1"'
+    try:
+        probe = subprocess.run([*unshare, "sh", "-c", shell, sys.executable, "pass"],
+                               capture_output=True, timeout=60)
+    except FileNotFoundError:
+        return None
+    if probe.returncode:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([*unshare, "sh", "-c", shell, sys.executable, script],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": root}, cwd=root)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fallocate on tmpfs")
+def test_regions_beyond_dev_shm_refuse_to_start_in_one_line():
+    """Three memory nodes' regions in a /dev/shm too small for them: mapped populated, the
+    first took all the room and the next died of SIGBUS formatting its header (exit -7, no
+    word of why). The memory node reserves its region's memory when it makes it, as pinning
+    does, and says in one line that /dev/shm is too small."""
+    done = _in_small_shm(
+        "from fusee.emulator.cluster import LocalCluster, ClusterStartError\n"
+        "try:\n"
+        "    with LocalCluster(memnodes=3, transport='shm') as c:\n"
+        "        kv = c.client(); kv.put(b'k', b'v'); print('started', kv.get(b'k'))\n"
+        "except ClusterStartError as e:\n"
+        "    print(e)\n")
+    if done is None:
+        pytest.skip("no mount namespace with a small /dev/shm here")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "exited with 2" in out and "no room for shared memory segment" in out, out
+    assert "layout.region_size smaller or /dev/shm larger" in out
+    # and ``fusee cluster`` exits with the node's usage error, not as an internal one
+    done = _in_small_shm("from fusee.cli import main; raise SystemExit(main(['cluster']))")
+    assert done is not None and done.returncode == 2, done
+    assert "no room for shared memory segment" in done.stderr
+    assert "internal error" not in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
+def test_a_client_without_the_address_space_for_the_regions_says_so(cluster):
+    """A client whose address space (ulimit -v) cannot hold the regions it maps: one line
+    that says so and what to do (ConfigError), not ``[Errno 12] Cannot allocate memory`` as
+    an internal error."""
+    script = (
+        "import resource, sys\n"
+        "from fusee.config import ClusterConfig\n"
+        "from fusee.errors import ConfigError\n"
+        "from fusee.transports import connect\n"
+        "import fusee.transports.shm, zmq\n"
+        "cfg = ClusterConfig.load(sys.argv[1])\n"
+        "vm = next(int(line.split()[1]) for line in open('/proc/self/status')\n"
+        "          if line.startswith('VmSize'))\n"
+        "room = vm * 1024 + (cfg.layout.region_size >> 1)\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (room, room))\n"
+        "try:\n"
+        "    connect(cfg, 'shm').close()\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script, str(cluster.config_path)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": root}, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert "cannot map its region" in done.stdout and "(ulimit -v)" in done.stdout, done.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
+def test_a_memory_node_without_the_address_space_for_its_region_says_so():
+    """A memory node that may not map its region (ulimit -v): one line saying what to do
+    (ConfigError, which ``fusee memnode`` prints and exits 2 with), not an OSError's
+    traceback; and the segment it made is gone again."""
+    name = f"/fusee-test-nomap-{os.getpid()}"
+    script = (
+        "import resource, sys\n"
+        "from fusee.errors import ConfigError\n"
+        "from fusee.emulator.memory import SharedSegment\n"
+        "vm = next(int(line.split()[1]) for line in open('/proc/self/status')\n"
+        "          if line.startswith('VmSize'))\n"
+        "room = vm * 1024 + (64 << 20)\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (room, room))\n"
+        "try:\n"
+        "    SharedSegment(sys.argv[1], 256 << 20, create=True).close()\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script, name], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": root},
+                          cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert "cannot map shared memory segment" in done.stdout, done.stdout
+    assert "(ulimit -v)" in done.stdout
+    assert not os.path.exists(f"/dev/shm{name}")

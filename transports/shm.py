@@ -23,6 +23,7 @@ from the start: it is never mapped and keeps a placeholder region (length 0).
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import time
@@ -31,6 +32,7 @@ from fusee.emulator import _atomic, wire
 from fusee.emulator.memory import SharedSegment
 from fusee.emulator.nic_checks import check_atomic, check_range, malformed, wrong_key
 from fusee.config import ClusterConfig
+from fusee.errors import ConfigError
 from fusee.verbs import (MAX_BATCH, AllocBlock, Batch, Cas, Faa, FreeBlock, NodeTimeout, Read,
                          TransportError, Write)
 from fusee.transports.base import RegionInfo, Transport, TransportStats, raise_for_failures
@@ -43,6 +45,13 @@ _KINDS = (Read, Write, Cas, Faa)            # the order _atomic.run expects
 #: default seconds between two liveness polls: a dead MN is noticed this fast, and the poll
 #: (about 0.5 us) is paid at most this often
 LIVENESS_INTERVAL = 0.001
+
+
+#: what to do when a region cannot be mapped for want of address space: the client maps every
+#: MN's region whole (populated, as a NIC translates all of a registered region:
+#: emulator/memory.py)
+_NO_ROOM = (": this process may not map that much (ulimit -v); raise its limit, or use the zmq "
+            "transport, which maps nothing")
 
 
 class ShmTransport(Transport):
@@ -169,7 +178,14 @@ class ShmTransport(Transport):
     def _map(self, infos: dict) -> None:
         """Map the region of each node of ``infos`` (node -> info)."""
         for node, info in infos.items():
-            seg = SharedSegment(info["shm_name"])
+            try:
+                seg = SharedSegment(info["shm_name"])
+            except OSError as e:
+                if e.errno != errno.ENOMEM:
+                    raise
+                # (not a TransportError: no failover or retry brings the room)
+                raise ConfigError(f"MN {node}: cannot map its region ({info['length'] >> 20} "
+                                  f"MiB): {e.strerror}{_NO_ROOM}") from None
             old = self._segments.pop(node, None)
             if old is not None:             # an earlier process's, dead
                 old.close()

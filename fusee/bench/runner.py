@@ -330,6 +330,7 @@ def _named(stream: OpStream, chunk: tuple[np.ndarray, np.ndarray], loaded: list[
 
 def _client_main(conn: Connection) -> None:
     state = _Client()
+    interrupted = False
     try:
         while True:
             try:
@@ -360,8 +361,12 @@ def _client_main(conn: Connection) -> None:
                 conn.send(("ok", reply))
             except Exception:
                 conn.send(("error", traceback.format_exc()))
+    except KeyboardInterrupt:
+        # a Ctrl-C in the terminal reaches its whole process group: the parent stops the
+        # bench, and the memory nodes (the same Ctrl-C) are gone, so a close would fail
+        interrupted = True
     finally:
-        if state.driver is not None:
+        if state.driver is not None and not interrupted:
             state.driver.close()
 
 
