@@ -93,14 +93,21 @@ class IndexCache:
             e.accesses //= 2
             e.misses //= 2
 
-    def store(self, key: bytes, sid: int, pos: int, value: int) -> None:
+    def store(self, key: bytes, sid: int, pos: int, value: int, alone: bool = False) -> None:
         """Remember where the key's slot is. A new entry replaces the old one, which is never
         changed: an operation in flight holds the entry it read with its speculative object
         read, and must judge that read against the slot value it was made for, not one that
         another operation of this client stored since (it would take the old object for
-        the new one)."""
+        the new one). ``alone``: the caller's operation is the only one in flight, so none
+        holds the old entry: it is changed in place (every UPDATE stores one: no entry made
+        and freed), its requests made for the old value (``hit_reads``) dropped."""
         entries = self.entries
         old = entries.get(key)
+        if old is not None and alone:
+            old.sid, old.pos, old.value, old.hit_reads = sid, pos, value, None
+            del entries[key]                # (then set: the entry goes last, as recent)
+            entries[key] = old
+            return
         if old is None:
             new = CacheEntry(sid, pos, value)
         else:

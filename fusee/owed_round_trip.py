@@ -111,9 +111,10 @@ class OwedRoundTrip(OpCore):
         for obj in aborts:      # marked ABORTED: recovery never redoes them
             self.alloc.release(obj.ptr)
         twice = []
-        for f, word in zip(frees, res[ahead:]):     # (a comprehension: a function made)
-            if word & f.delta:
+        for f in frees:             # (a comprehension: a function made; no slice of ``res``)
+            if res[ahead] & f.delta:
                 twice.append(f)
+            ahead += 1
         return res[:asked], twice
 
     def owes(self) -> bool:

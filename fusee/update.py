@@ -17,7 +17,7 @@ Design: docs/design.md#update-and-delete.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from fusee import insert as insert_mod
 from fusee.errors import CorruptObject, KeyExists, KeyNotFound, Stalled
@@ -89,6 +89,9 @@ def put(core: OpCore, key: bytes, value: bytes) -> Op[None]:
 
 #: where a key's slot is: (subtable, position, its value, crc of the object it names)
 Located = tuple[int, int, int, int]
+#: Final: compiled, the read of a cached object is made from a C static, not a lookup of the
+#: module's dict
+_READ: Final = Read
 
 
 def _locate_batch(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
@@ -102,7 +105,7 @@ def _locate_batch(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
     e = core.cache.get(key)
     if e is not None and e.sid == sid:
         node, addr, length = object_extent(e.value, core.unit)
-        reads.append(Read(core.alloc.home_of(node), addr + length - TAIL_BYTES, TAIL_BYTES))
+        reads.append(_READ(core.alloc.home_of(node), addr + length - TAIL_BYTES, TAIL_BYTES))
     else:
         e = None
     batch = cast("list[Read | Write]", reads)   # (ours: a list less than ``[*a, *b]``)
@@ -311,7 +314,8 @@ def _replaced(core: OpCore, key: bytes, obj: NewObject, opcode: int, t: SlotTarg
     """The primary holds ``v_new``: the old object is freed with the next batch."""
     if opcode == UPDATE:
         core.defer_free(v_old)
-        core.cache.store(key, t.sid, t.pos, v_new)
+        # (``alone``: no other operation of this client holds the key's entry)
+        core.cache.store(key, t.sid, t.pos, v_new, core.in_flight == 1)
     else:
         core.defer_free(v_old, then_release=obj.ptr)
         core.cache.drop(key)
