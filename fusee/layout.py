@@ -117,6 +117,7 @@ _U64: Final = struct.Struct("<Q")
 #: its ``pack``, bound once: compiled, a call of a C static, not a method looked up by name
 _PACK_U64: Final = _U64.pack
 _TAIL_CRC: Final = struct.Struct("<3xI")     # the crc of ``_TAIL``
+_TAIL_CRC_OF: Final = _TAIL_CRC.unpack_from     # (bound once, as ``_PACK_U64``)
 _OPSEQ: Final = struct.Struct("<BH")           # opcode, seq: the last bytes the object crc covers
 _ENTRY: Final = struct.Struct("<QQQQIIBHIB")   # the whole log entry: links, commit record, tail
 _RECORD: Final = struct.Struct("<QQI")  # the commit record minus its crc: what the crc covers
@@ -375,7 +376,7 @@ def object_tail(word: bytes) -> tuple[int, int]:
 def object_crc(word: bytes) -> int:
     """``object_tail(word)[0]``, the crc alone: one unpack, no tuples of ours (a cached
     UPDATE or DELETE checks it on every write)."""
-    crc: int = _TAIL_CRC.unpack_from(word)[0]
+    crc: int = _TAIL_CRC_OF(word)[0]
     return crc
 
 

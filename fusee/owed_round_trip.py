@@ -59,16 +59,23 @@ class OwedRoundTrip(OpCore):
         after them (``rt``'s, for an operation that posts it itself: no generator level),
         which the client no longer owes: ``owed_done`` or ``owed_failed`` settles them."""
         ptrs, self.deferred = self.deferred, []
-        released, self.releases = self.releases, []
-        aborts, self.aborts = self.aborts, []
-        marks = self._aborted_marks(aborts) if aborts else []
+        # (what is owed of none stays: an empty tuple in its place, no list made and freed)
+        released: Sequence[int] = ()
+        if self.releases:
+            released, self.releases = self.releases, []
+        aborts: Sequence[NewObject] = ()
+        batch = [*reqs]
+        if self.aborts:
+            aborts, self.aborts = self.aborts, []
+            batch += self._aborted_marks(aborts)
+        ahead = len(batch)
         # (no comprehension of ``self`` here: its cell would be made on every round trip;
         # nor ``map`` of a bound method: compiled, a loop calls it natively)
         frees = []
         for p in ptrs:
             frees.append(self.alloc.free_request(p))
-        return ([*reqs, *marks, *frees], len(reqs), len(reqs) + len(marks), ptrs, released,
-                aborts, frees)
+        batch += frees
+        return batch, len(reqs), ahead, ptrs, released, aborts, frees
 
     def owed_failed(self, owed: Owed, e: TransportError) -> None:
         """``owed``'s round trip failed with ``e`` (which the operation raises on): marks go
@@ -125,7 +132,7 @@ class OwedRoundTrip(OpCore):
         """Some free of ``ptrs`` is deferred (to go out again)."""
         return any(p in self.deferred for p in ptrs)
 
-    def _aborted_marks(self, aborts: list[NewObject]) -> list[Write]:
+    def _aborted_marks(self, aborts: Sequence[NewObject]) -> list[Write]:
         """The ABORTED marks of ``aborts``' log entries (objects never proposed)."""
         return [w for obj in aborts for w in self.log.record(obj, ABORTED, NO_SLOT, 0)]
 
@@ -141,7 +148,7 @@ class OwedRoundTrip(OpCore):
                       f.delta.bit_length() - 1)
         yield [f._replace(delta=-f.delta & MASK64) for f in frees]
 
-    def _release(self, released: list[int]) -> None:
+    def _release(self, released: Sequence[int]) -> None:
         """The frees sent are delivered: reuse the objects whose log entries owed them."""
         for p in released:
             self.alloc.release(p)

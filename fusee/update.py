@@ -114,17 +114,19 @@ def _locate_batch(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
 
 
 def _cached(core: OpCore, sid: int, e: CacheEntry | None, firsts: tuple[int, int],
-            res: list[Any]) -> tuple[View, Located | None]:
-    """The buckets a ``_locate_batch`` round read, and the key's slot if its cache entry
-    ``e`` still holds (the common case: no generator for the rest of ``_locate``)."""
+            res: list[Any]) -> tuple[View, int]:
+    """The buckets a ``_locate_batch`` round read, and the crc of the object the key's slot
+    names if its cache entry ``e`` still holds (the common case: the slot is ``e``'s, and no
+    generator runs for the rest of ``_locate``), else -1. (Not a ``Located``: compiled, a
+    tuple of boxed ints made and freed on every write.)"""
     view = View(res[:2], firsts, sid)
     if e is not None and not view.stale:
         hit = view.get(e.pos) == e.value
         core.cache.outcome(e, hit)
         if hit:
             tail: bytes = res[2]
-            return view, (sid, e.pos, e.value, object_crc(tail))
-    return view, None
+            return view, object_crc(tail)
+    return view, -1
 
 
 def _locate(core: OpCore, key: bytes, h: KeyHash, sid: int, view: View
@@ -143,9 +145,9 @@ def _locate(core: OpCore, key: bytes, h: KeyHash, sid: int, view: View
             if found is not False:
                 return found and (sid, found[0], found[1], found[2].crc)
         sid, e, firsts, batch = _locate_batch(core, key, h, [])
-        view, located = _cached(core, sid, e, firsts, (yield from core.rt(batch)))
-        if located is not None:
-            return located
+        view, crc = _cached(core, sid, e, firsts, (yield from core.rt(batch)))
+        if crc >= 0 and e is not None:
+            return sid, e.pos, e.value, crc
 
 
 def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bool,
@@ -192,9 +194,16 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
                             res, twice = core.owed_done(owed, res)
                             if twice:
                                 yield from core.take_back(twice)
-                        view, found = _cached(core, sid, e, firsts, res)
-                        if found is None:
+                        view, old_crc = _cached(core, sid, e, firsts, res)
+                        absent = False
+                        if old_crc >= 0 and e is not None:      # the cached slot
+                            pos, v_old = e.pos, e.value
+                        else:
                             found = yield from _locate(core, key, h, sid, view)
+                            if found is None:
+                                absent = True
+                            else:
+                                sid, pos, v_old, old_crc = found
                     except CorruptObject as damaged:
                         corrupt: CorruptObject | None = damaged
                     else:
@@ -203,13 +212,12 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
                         yield from core.abandon(obj)
                         raise corrupt
                     writes = []
-                    if found is None:
+                    if absent:
                         if then_insert:
                             core.abandon_later(obj)
                         else:
                             yield from core.abandon(obj)
                         raise KeyNotFound(key)
-                    sid, pos, v_old, old_crc = found
                     v_new = (object_slot(h.fp, obj.units, obj.ptr, obj.seq) if opcode == UPDATE
                              else tombstone)
                     t = core.target(sid, pos)
