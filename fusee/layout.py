@@ -114,10 +114,9 @@ _LOG_LINKS: Final = struct.Struct("<QQ")
 _COMMIT: Final = struct.Struct("<QQII")  # record word, old_value, old_crc, commit_crc (+16..+40)
 _TAIL: Final = struct.Struct("<BHIB")          # opcode, seq, crc, used (+40..+48)
 _U64: Final = struct.Struct("<Q")
-#: its ``pack``, bound once: compiled, a call of a C static, not a method looked up by name
-_PACK_U64: Final = _U64.pack
 _TAIL_CRC: Final = struct.Struct("<3xI")     # the crc of ``_TAIL``
-_TAIL_CRC_OF: Final = _TAIL_CRC.unpack_from     # (bound once, as ``_PACK_U64``)
+#: its ``unpack_from``, bound once: compiled, a call of a C static, not a method looked up
+_TAIL_CRC_OF: Final = _TAIL_CRC.unpack_from
 _OPSEQ: Final = struct.Struct("<BH")           # opcode, seq: the last bytes the object crc covers
 _ENTRY: Final = struct.Struct("<QQQQIIBHIB")   # the whole log entry: links, commit record, tail
 _RECORD: Final = struct.Struct("<QQI")  # the commit record minus its crc: what the crc covers
@@ -387,7 +386,8 @@ NO_SLOT: Final = REF_MASK          # slot_ref of an operation that never propose
 
 
 def pack_u64(v: int) -> bytes:
-    return _PACK_U64(v)
+    # (compiled, ``to_bytes`` of "little" is a C primitive; ``_U64.pack`` a Python method call)
+    return v.to_bytes(8, "little")
 
 
 def unpack_u64(b: bytes | bytearray | memoryview, offset: int = 0) -> int:

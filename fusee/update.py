@@ -94,7 +94,7 @@ Located = tuple[int, int, int, int]
 _READ: Final = Read
 
 
-def _locate_batch(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
+def _locate_batch(core: OpCore, key: bytes, h: KeyHash, writes: Sequence[Write]
                   ) -> tuple[int, CacheEntry | None, tuple[int, int], list[Read | Write]]:
     """The key's subtable, its cache entry there (None: none), the first buckets and the
     batch of a round that looks for its slot: its bucket reads (with a cached slot, the
@@ -144,7 +144,7 @@ def _locate(core: OpCore, key: bytes, h: KeyHash, sid: int, view: View
             found = yield from find(core, key, view, h, suspects)
             if found is not False:
                 return found and (sid, found[0], found[1], found[2].crc)
-        sid, e, firsts, batch = _locate_batch(core, key, h, [])
+        sid, e, firsts, batch = _locate_batch(core, key, h, ())
         view, crc = _cached(core, sid, e, firsts, (yield from core.rt(batch)))
         if crc >= 0 and e is not None:
             return sid, e.pos, e.value, crc
@@ -173,7 +173,7 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
                     obj = core.write_object(opcode, key, value, units)
                     if obj is None:
                         obj = yield from core.made_object(opcode, key, value, units)
-                    writes = obj.writes
+                    writes: Sequence[Write] = obj.writes
                 try:
                     try:
                         # the key's slot: one round with the object's writes, inline (a
@@ -211,7 +211,7 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
                     if corrupt is not None:     # (out of the except clause: tests/test_compiled.py)
                         yield from core.abandon(obj)
                         raise corrupt
-                    writes = []
+                    writes = ()                 # (sent: none with the next rounds)
                     if absent:
                         if then_insert:
                             core.abandon_later(obj)
@@ -244,7 +244,8 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
                         _ = (yield commit) if not core.owes() else (yield from core.rt(commit))
                         open_round.recorded = True
                         cas = [primary_request(t, v_old, v_new, open_round)]
-                        (held,) = (yield cas) if not core.owes() else (yield from core.rt(cas))
+                        # (indexed, not unpacked: compiled, an unpacking iterates)
+                        held = ((yield cas) if not core.owes() else (yield from core.rt(cas)))[0]
                         if held == v_old:                   # the linearization point
                             _replaced(core, key, obj, opcode, t, v_old, v_new)
                             whole = True
