@@ -119,7 +119,7 @@ def _cached(core: OpCore, sid: int, e: CacheEntry | None, firsts: tuple[int, int
     names if its cache entry ``e`` still holds (the common case: the slot is ``e``'s, and no
     generator runs for the rest of ``_locate``), else -1. (Not a ``Located``: compiled, a
     tuple of boxed ints made and freed on every write.)"""
-    view = View(res[:2], firsts, sid)
+    view = View(res[0] + res[1], firsts, sid)
     if e is not None and not view.stale:
         hit = view.get(e.pos) == e.value
         core.cache.outcome(e, hit)
