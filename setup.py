@@ -37,7 +37,7 @@ from setuptools import setup
 #: the fast path: every module an operation's generators run through, and their leaves
 COMPILED = ("layout", "hashing", "index", "verbs", "verdicts", "driver", "cache", "reuse",
             "log", "holdings", "allocation", "op_core", "search", "insert", "update",
-            "operations", "client", "lease_guard", "batch", "snapshot")
+            "owed_round_trip", "operations", "client", "lease_guard", "batch", "snapshot")
 #: where mypy finds the package as installed (fusee/emulator -> emulator/; see .ci/lint)
 TREE = Path("build/mypyc-tree")
 

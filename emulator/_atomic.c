@@ -83,17 +83,23 @@ typedef struct { int kind; char *at; uint64_t a, b; Py_ssize_t len; PyObject *da
  * 2**63: PyLong_AsLongLongAndOverflow reads those from their digits, where
  * PyLong_AsUnsignedLongLong goes through _PyLong_AsByteArray for every int (CPython 3.11:
  * about 200 instructions a call, a dozen calls per verb); only slot values of 2**63 and up
- * (a CAS's operands) take that path. */
+ * (a CAS's operands) take that path, and on CPython 3.11 not even those (read from their
+ * digits below). */
 static int u64_of(PyObject *o, uint64_t *out) {
     if (!PyLong_CheckExact(o)) return 1;
 #if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
     /* CPython 3.11's ints: the sign in ob_size, 30-bit digits. Most operands have at most
-     * two (below 2**60): read here, not through a call (a run's two dozen per batch) */
+     * two (below 2**60): read here, not through a call (a run's two dozen per batch); slot
+     * values (a CAS's operands, 2**60 and up) have three, the top one below 2**4 in 64 bits
+     * (16 and up: 2**64 and up, refused) */
     Py_ssize_t digits = Py_SIZE(o);
-    if (digits >= 0 && digits <= 2) {
+    if (digits >= 0 && digits <= 3) {
         const digit *d = ((PyLongObject *)o)->ob_digit;
+        if (digits == 3 && d[2] >> (64 - 2 * PyLong_SHIFT)) return 1;
         *out = digits == 0 ? 0 : digits == 1 ? (uint64_t)d[0]
-                                             : (uint64_t)d[0] | (uint64_t)d[1] << PyLong_SHIFT;
+             : digits == 2 ? (uint64_t)d[0] | (uint64_t)d[1] << PyLong_SHIFT
+             : (uint64_t)d[0] | (uint64_t)d[1] << PyLong_SHIFT
+               | (uint64_t)d[2] << (2 * PyLong_SHIFT);
         return 0;
     }
 #endif
@@ -717,8 +723,11 @@ static void put_le(unsigned char *p, uint64_t v, int n) {
 /* an unsigned int below 2**bits (bits <= 64), or -1 with OverflowError / TypeError set, as
  * the struct formats of fusee.layout refuse it */
 static int get_field(PyObject *o, int bits, uint64_t *out) {
-    unsigned long long v = PyLong_AsUnsignedLongLong(o);
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    uint64_t v;
+    if (u64_of(o, &v)) {        /* (not an exact int below 2**64: refused there, with why) */
+        v = PyLong_AsUnsignedLongLong(o);
+        if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    }
     if (bits < 64 && v >> bits) {
         PyErr_SetString(PyExc_OverflowError, "a field of a KV object is out of range");
         return -1;
@@ -727,11 +736,13 @@ static int get_field(PyObject *o, int bits, uint64_t *out) {
     return 0;
 }
 
+static int object_crc(PyObject *crc32, const unsigned char *p, Py_ssize_t log, uint64_t *crc);
+
 /* encode_object(crc32, key, value, size, opcode, next_ptr, prev_ptr, seq) -> bytes
  *
  * fusee.layout.encode_object (``seq`` already mod 2**16). ``crc32`` is the checksum of the
- * object up to its commit record (ISA-L's, which layout uses: fast on a whole object); the
- * opcode and seq bytes are added here. */
+ * object up to its commit record (ISA-L's, which layout uses: fast on a whole object), where
+ * the CPU does not fold it here (``object_crc``); the opcode and seq bytes are added here. */
 static PyObject *encode_object(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 8 || !PyBytes_Check(args[1]) || !PyBytes_Check(args[2])) {
         PyErr_SetString(PyExc_TypeError, "encode_object(crc32, key: bytes, value: bytes, size, "
@@ -764,16 +775,11 @@ static PyObject *encode_object(PyObject *self, PyObject *const *args, Py_ssize_t
     memset(p + log + 16, 0, 24);                /* the commit record: pending */
     p[log + 40] = (unsigned char)opcode;
     put_le(p + log + 41, seq, 2);
-    PyObject *view = PyMemoryView_FromMemory((char *)p, log + 16, PyBUF_READ);
-    PyObject *got = view ? PyObject_CallOneArg(args[0], view) : NULL;
-    Py_XDECREF(view);
     uint64_t crc;
-    if (!got || get_field(got, 32, &crc)) {
-        Py_XDECREF(got);
+    if (object_crc(args[0], p, log, &crc) < 0) {
         Py_DECREF(out);
         return NULL;
     }
-    Py_DECREF(got);
     put_le(p + log + 43, crc32_bytes((uint32_t)crc, p + log + 40, 3), 4);
     p[log + 47] = 1;                            /* used */
     return out;

@@ -309,7 +309,11 @@ class Allocator:
 
     def release(self, ptr: int) -> None:
         """Return an object of ours that no other client can reach (never published)."""
-        self.free.setdefault(self.sizes[ptr], deque()).append(ptr)
+        units = self.sizes[ptr]
+        kept = self.free.get(units)     # (not ``setdefault``: a deque made on every call)
+        if kept is None:
+            kept = self.free[units] = deque()
+        kept.append(ptr)
 
     def free_request(self, ptr: int) -> Faa:
         """The FAA that frees any client's object: sets the bit of its first unit in the

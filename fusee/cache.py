@@ -59,9 +59,8 @@ class IndexCache:
         self.hits = self.misses = self.bypassed = 0
 
     def get(self, key: bytes) -> CacheEntry | None:
-        e = self.entries.get(key)
+        e = self.entries.pop(key, None)     # (taken out and put back: 2 look-ups, not 3)
         if e is not None:           # last, as the most recently used
-            del self.entries[key]
             self.entries[key] = e
         return e
 
@@ -93,24 +92,28 @@ class IndexCache:
             e.accesses //= 2
             e.misses //= 2
 
-    def store(self, key: bytes, sid: int, pos: int, value: int) -> None:
+    def store(self, key: bytes, sid: int, pos: int, value: int, alone: bool = False) -> None:
         """Remember where the key's slot is. A new entry replaces the old one, which is never
         changed: an operation in flight holds the entry it read with its speculative object
         read, and must judge that read against the slot value it was made for, not one that
         another operation of this client stored since (it would take the old object for
-        the new one)."""
+        the new one). ``alone``: the caller's operation is the only one in flight, so none
+        holds the old entry: it is changed in place (every UPDATE stores one: no entry made
+        and freed), its requests made for the old value (``hit_reads``) dropped."""
         entries = self.entries
-        old = entries.get(key)
+        old = entries.pop(key, None)        # (then set: the entry goes last, as recent)
+        if old is not None and alone:
+            old.sid, old.pos, old.value, old.hit_reads = sid, pos, value, None
+            entries[key] = old
+            return
         if old is None:
             new = CacheEntry(sid, pos, value)
         else:
             new = CacheEntry(sid, pos, value, old.accesses, old.misses)
-            del entries[key]                # (then set: the entry goes last, as recent)
         entries[key] = new
         if old is None and len(entries) > self.capacity:
             del entries[next(iter(entries))]    # the least recently used
         _UNTRACKED(new)
 
     def drop(self, key: bytes) -> None:
-        if key in self.entries:
-            del self.entries[key]
+        self.entries.pop(key, None)     # (one look-up: every DELETE drops its key's entry)

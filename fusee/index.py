@@ -334,9 +334,10 @@ class View:
 
     __slots__ = ("raw", "firsts", "f0", "f1", "stale", "_slots")
 
-    def __init__(self, bufs: Iterable[bytes], firsts: tuple[int, int] | list[int], sid: int
-                 ) -> None:
-        raw = self.raw = b"".join(bufs)
+    def __init__(self, bufs: Iterable[bytes] | bytes, firsts: tuple[int, int] | list[int],
+                 sid: int) -> None:
+        # (``bufs``: the two reads, or their bytes joined already: no list sliced for them)
+        raw = self.raw = bufs if isinstance(bufs, bytes) else b"".join(bufs)
         if len(raw) != 2 * COMBINED or len(firsts) != 2:
             raise ValueError("a View needs the two combined buckets of a key")
         self.firsts = firsts

@@ -115,6 +115,8 @@ _COMMIT: Final = struct.Struct("<QQII")  # record word, old_value, old_crc, comm
 _TAIL: Final = struct.Struct("<BHIB")          # opcode, seq, crc, used (+40..+48)
 _U64: Final = struct.Struct("<Q")
 _TAIL_CRC: Final = struct.Struct("<3xI")     # the crc of ``_TAIL``
+#: its ``unpack_from``, bound once: compiled, a call of a C static, not a method looked up
+_TAIL_CRC_OF: Final = _TAIL_CRC.unpack_from
 _OPSEQ: Final = struct.Struct("<BH")           # opcode, seq: the last bytes the object crc covers
 _ENTRY: Final = struct.Struct("<QQQQIIBHIB")   # the whole log entry: links, commit record, tail
 _RECORD: Final = struct.Struct("<QQI")  # the commit record minus its crc: what the crc covers
@@ -373,7 +375,7 @@ def object_tail(word: bytes) -> tuple[int, int]:
 def object_crc(word: bytes) -> int:
     """``object_tail(word)[0]``, the crc alone: one unpack, no tuples of ours (a cached
     UPDATE or DELETE checks it on every write)."""
-    crc: int = _TAIL_CRC.unpack_from(word)[0]
+    crc: int = _TAIL_CRC_OF(word)[0]
     return crc
 
 
@@ -384,7 +386,8 @@ NO_SLOT: Final = REF_MASK          # slot_ref of an operation that never propose
 
 
 def pack_u64(v: int) -> bytes:
-    return _U64.pack(v)
+    # (compiled, ``to_bytes`` of "little" is a C primitive; ``_U64.pack`` a Python method call)
+    return v.to_bytes(8, "little")
 
 
 def unpack_u64(b: bytes | bytearray | memoryview, offset: int = 0) -> int:

@@ -39,15 +39,17 @@ def _writes_in_c() -> Callable[..., list[Write]] | None:
 
 
 #: the same write to every copy, in one C call (emulator/_atomic.c, at the end); Final, so
-#: that a compiled caller reads it from a C static, not from the module's dict
+#: that a compiled caller reads it from a C static, not from the module's dict (``_WRITE``
+#: too: the class it makes them of)
 _WRITES_IN_C: Final = _writes_in_c()
+_WRITE: Final = Write
 
 
 def writes_to(nodes: Sequence[int], addr: int, data: bytes) -> list[Write]:
     """The write of ``data`` at ``addr`` on each of ``nodes`` (an object's copies share
     their addresses)."""
     if _WRITES_IN_C is not None:
-        return _WRITES_IN_C(Write, nodes, addr, data)
+        return _WRITES_IN_C(_WRITE, nodes, addr, data)
     return writes_to_py(nodes, addr, data)
 
 

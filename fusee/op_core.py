@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     #: operation's, where the frees start, the objects freed, the objects of ours to reuse
     #: once the frees are through, the objects marked ABORTED, the frees. (A tuple: compiled,
     #: a struct of its own in the generator that holds it, no object made.)
-    Owed = tuple[list[Request], int, int, list[int], list[int], list[NewObject], list[Faa]]
+    Owed = tuple[list[Request], int, int, list[int], Sequence[int], Sequence[NewObject],
+                 list[Faa]]
 
 class OpCore:
     # -- the client's view of the cluster (read; the core adopts a new epoch's) ------------

@@ -6,9 +6,10 @@ them (``fusee.driver.run``), and a simulator can interleave the verbs of many cl
 Each operation lives in its own module, a free function of the core typed by the interface it
 may use (``fusee.op_core.OpCore``): SEARCH in ``fusee.search``, INSERT in ``fusee.insert``,
 UPDATE, DELETE and PUT in ``fusee.update``, the split they may run into in ``fusee.resize``.
-This module keeps what they share: the round trip that carries what the client owes (``rt``),
-the epochs (``new_epoch``, ``epoch_ended``, ``fate``, ``retrying``), waits, the new object an
-operation writes (``with_objects``) and the opening and closing of the client id.
+This module keeps what they share: the epochs (``new_epoch``, ``epoch_ended``, ``fate``,
+``retrying``), waits, the new object an operation writes (``with_objects``) and the opening
+and closing of the client id; the round trip that carries what the client owes (``rt``) is
+``fusee.owed_round_trip``'s, the class ``ClientCore`` inherits.
 
 Round trips with r >= 2 and no contention (the first batch of each operation also carries the
 new object's writes and any deferred frees / log marks of earlier operations):
@@ -43,10 +44,9 @@ Design: docs/design.md#the-four-operations.
 
 from __future__ import annotations
 
-import logging
 import secrets
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
 
 from fusee import insert as insert_mod
 from fusee import search as search_mod
@@ -66,16 +66,14 @@ from fusee.layout import (ABORTED, CLEAN, DELETE, FROZEN, IN_USE, MAX_CLIENT_IDS
 from fusee.log import NewObject, ObjectLog
 from fusee.membership import Membership
 from fusee.memory_map import HEADER_LAYOUT, MemoryMap
-from fusee.op_core import OpCore
+from fusee.owed_round_trip import OwedRoundTrip
 from fusee.replication import SlotTarget, backoff
-from fusee.verbs import (EPOCH_ENDS, MASK64, AwaitMembership, Cas, EpochChanged, Faa,
-                         NodeTimeout, Op, Read, Request, T, TransportError, Write)
+from fusee.verbs import (EPOCH_ENDS, AwaitMembership, Cas, EpochChanged, Faa,
+                         Op, Read, Request, T, TransportError, Write)
 from fusee.verdicts import FRESH, Verdict
 
 if TYPE_CHECKING:
-    from fusee.op_core import Body, Owed
-
-log = logging.getLogger(__name__)
+    from fusee.op_core import Body
 
 #: re-reads an operation spends waiting on another client before it raises Stalled (about a
 #: minute with the back-off between them; ``fusee.client.Client`` sets it from the time a
@@ -86,7 +84,7 @@ PATIENCE: Final = 200_000
 KEPT_TARGETS: Final = 1 << 14
 
 
-class ClientCore(OpCore):
+class ClientCore(OwedRoundTrip):
     def __init__(self, config: ClusterConfig, client_id: Arg, cache_capacity: Arg = 65536,
                  patience: int = PATIENCE, membership: Membership = Membership()) -> None:
         if type(client_id) is not int:
@@ -112,12 +110,10 @@ class ClientCore(OpCore):
         self.cache = IndexCache(cache_capacity)
         self._targets: dict[int, SlotTarget] = {}     # see ``target``
         self.counters = {"retries": 0, "lost": 0, "splits": 0, "epochs": 0, "backup_reads": 0}
-        self.deferred: list[int] = []   # objects to free with the next batch
-        self.releases: list[int] = []   # objects of ours to reuse once ``deferred`` is sent
-        # frees sent that got no answer, with the MN they went to (None: unknown) and the
-        # epoch they went out in
+        # what the client owes (``fusee.owed_round_trip``): nothing yet
+        self.deferred: list[int] = []
+        self.releases: list[int] = []
         self.unsure: list[tuple[int, int | None, int]] = []
-        # objects of ours never proposed, to mark ABORTED with the next batch and then reuse
         self.aborts: list[NewObject] = []
         self.free_seq = 0               # set by open() from the client's incarnation
         self.adopting = False           # open() found blocks of a previous holder
@@ -196,114 +192,6 @@ class ClientCore(OpCore):
         c = self.cache
         return dict(self.counters, cache_hits=c.hits, cache_misses=c.misses,
                     cache_bypassed=c.bypassed, **self.alloc.stats)
-
-    # -- plumbing --------------------------------------------------------------------------
-    def rt(self, reqs: Sequence[Request]) -> Op[list[Any]]:
-        """Generator: one round trip for ``reqs`` plus the deferred frees and ABORTED marks."""
-        if not self.deferred and not self.aborts:
-            completions: list[Any] = yield reqs
-            return completions
-        owed = self.owing(reqs)
-        try:
-            res: list[Any] = yield owed[0]
-        except TransportError as e:
-            self.owed_failed(owed, e)
-            raise
-        res, twice = self.owed_done(owed, res)
-        if twice:
-            yield from self.take_back(twice)
-        return res
-
-    def owing(self, reqs: Sequence[Request]) -> Owed:
-        """The batch of a round trip for ``reqs`` with the deferred frees and ABORTED marks
-        after them (``rt``'s, for an operation that posts it itself: no generator level),
-        which the client no longer owes: ``owed_done`` or ``owed_failed`` settles them."""
-        ptrs, self.deferred = self.deferred, []
-        released, self.releases = self.releases, []
-        aborts, self.aborts = self.aborts, []
-        marks = self._aborted_marks(aborts) if aborts else []
-        # (no comprehension of ``self`` here: its cell would be made on every round trip;
-        # nor ``map`` of a bound method: compiled, a loop calls it natively)
-        frees = []
-        for p in ptrs:
-            frees.append(self.alloc.free_request(p))
-        return ([*reqs, *marks, *frees], len(reqs), len(reqs) + len(marks), ptrs, released,
-                aborts, frees)
-
-    def owed_failed(self, owed: Owed, e: TransportError) -> None:
-        """``owed``'s round trip failed with ``e`` (which the operation raises on): marks go
-        out again with the next batch (a newer record of the same outcome), and so do frees
-        that surely did not happen (refused or flushed, or none was posted: a new epoch). A
-        free whose MN did not answer may have happened: a slow MN executes what it answers
-        too late, and may live on. Sent again there, its bit would be set twice and carry
-        into the next object's bit (a live object freed). So it is ``unsure``: sent to the
-        next home if that MN is dead, its bitmap with it (``place``), else left to recovery
-        (the client is not ``settled``: ``fusee.settle``), which tells from the bit, the
-        used byte and the crc whether it happened."""
-        _, _, ahead, ptrs, released, aborts, _ = owed
-        self.aborts[:0] = aborts
-        done = e.results
-        if isinstance(e, EpochChanged):
-            self.deferred += ptrs
-        elif done is None:
-            for p in ptrs:
-                self.unsure.append((p, None, self.membership.epoch))
-        else:
-            for p, r in zip(ptrs, done[ahead:]):
-                if isinstance(r, NodeTimeout):
-                    self.unsure.append((p, r.node, self.membership.epoch))
-                elif isinstance(r, TransportError):
-                    self.deferred.append(p)
-        if self.unsure or self._any_deferred(ptrs):
-            self.releases += released   # reused once the frees are settled
-        else:
-            self._release(released)
-
-    def owed_done(self, owed: Owed, res: list[Any]) -> tuple[list[Any], list[Faa]]:
-        """``owed``'s round trip is through with completions ``res``: reuse what its frees
-        and marks owed. Returns the completions of the operation's own requests, and the
-        frees that found their bit set already (to ``take_back`` at once)."""
-        _, asked, ahead, _, released, aborts, frees = owed
-        if self.unsure:
-            self.releases += released
-        elif released:
-            self._release(released)
-        for obj in aborts:      # marked ABORTED: recovery never redoes them
-            self.alloc.release(obj.ptr)
-        twice = []
-        for f, word in zip(frees, res[ahead:]):     # (a comprehension: a function made)
-            if word & f.delta:
-                twice.append(f)
-        return res[:asked], twice
-
-    def owes(self) -> bool:
-        """See ``OpCore.owes``: frees deferred or ABORTED marks, which ``rt`` adds."""
-        return bool(self.deferred or self.aborts)
-
-    def _any_deferred(self, ptrs: list[int]) -> bool:
-        """Some free of ``ptrs`` is deferred (to go out again)."""
-        return any(p in self.deferred for p in ptrs)
-
-    def _aborted_marks(self, aborts: list[NewObject]) -> list[Write]:
-        """The ABORTED marks of ``aborts``' log entries (objects never proposed)."""
-        return [w for obj in aborts for w in self.log.record(obj, ABORTED, NO_SLOT, 0)]
-
-    def take_back(self, frees: list[Faa]) -> Op[None]:
-        """Generator: take back ``frees``, whose FAAs found their bit already set: each
-        object was freed already (a free delivered twice is a bug), and the add carried into
-        the next object's bit, a live object that would read as freed and be reused.
-        Subtracting the bit takes exactly that add back (FAAs commute), whatever came
-        between; only a reclaim by the neighbour's owner in that round trip can take it."""
-        for f in frees:
-            log.error("client %d: a free of an object freed already (MN %d, bitmap word %#x, "
-                      "bit %d): taken back", self.client_id, f.node, f.addr,
-                      f.delta.bit_length() - 1)
-        yield [f._replace(delta=-f.delta & MASK64) for f in frees]
-
-    def _release(self, released: list[int]) -> None:
-        """The frees sent are delivered: reuse the objects whose log entries owed them."""
-        for p in released:
-            self.alloc.release(p)
 
     # -- memory-node failures ----------------------------------------------------------------
     def place(self, membership: Membership) -> None:

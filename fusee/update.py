@@ -17,7 +17,7 @@ Design: docs/design.md#update-and-delete.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from fusee import insert as insert_mod
 from fusee.errors import CorruptObject, KeyExists, KeyNotFound, Stalled
@@ -89,9 +89,12 @@ def put(core: OpCore, key: bytes, value: bytes) -> Op[None]:
 
 #: where a key's slot is: (subtable, position, its value, crc of the object it names)
 Located = tuple[int, int, int, int]
+#: Final: compiled, the read of a cached object is made from a C static, not a lookup of the
+#: module's dict
+_READ: Final = Read
 
 
-def _locate_batch(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
+def _locate_batch(core: OpCore, key: bytes, h: KeyHash, writes: Sequence[Write]
                   ) -> tuple[int, CacheEntry | None, tuple[int, int], list[Read | Write]]:
     """The key's subtable, its cache entry there (None: none), the first buckets and the
     batch of a round that looks for its slot: its bucket reads (with a cached slot, the
@@ -102,7 +105,7 @@ def _locate_batch(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
     e = core.cache.get(key)
     if e is not None and e.sid == sid:
         node, addr, length = object_extent(e.value, core.unit)
-        reads.append(Read(core.alloc.home_of(node), addr + length - TAIL_BYTES, TAIL_BYTES))
+        reads.append(_READ(core.alloc.home_of(node), addr + length - TAIL_BYTES, TAIL_BYTES))
     else:
         e = None
     batch = cast("list[Read | Write]", reads)   # (ours: a list less than ``[*a, *b]``)
@@ -111,17 +114,19 @@ def _locate_batch(core: OpCore, key: bytes, h: KeyHash, writes: list[Write]
 
 
 def _cached(core: OpCore, sid: int, e: CacheEntry | None, firsts: tuple[int, int],
-            res: list[Any]) -> tuple[View, Located | None]:
-    """The buckets a ``_locate_batch`` round read, and the key's slot if its cache entry
-    ``e`` still holds (the common case: no generator for the rest of ``_locate``)."""
-    view = View(res[:2], firsts, sid)
+            res: list[Any]) -> tuple[View, int]:
+    """The buckets a ``_locate_batch`` round read, and the crc of the object the key's slot
+    names if its cache entry ``e`` still holds (the common case: the slot is ``e``'s, and no
+    generator runs for the rest of ``_locate``), else -1. (Not a ``Located``: compiled, a
+    tuple of boxed ints made and freed on every write.)"""
+    view = View(res[0] + res[1], firsts, sid)
     if e is not None and not view.stale:
         hit = view.get(e.pos) == e.value
         core.cache.outcome(e, hit)
         if hit:
             tail: bytes = res[2]
-            return view, (sid, e.pos, e.value, object_crc(tail))
-    return view, None
+            return view, object_crc(tail)
+    return view, -1
 
 
 def _locate(core: OpCore, key: bytes, h: KeyHash, sid: int, view: View
@@ -139,10 +144,10 @@ def _locate(core: OpCore, key: bytes, h: KeyHash, sid: int, view: View
             found = yield from find(core, key, view, h, suspects)
             if found is not False:
                 return found and (sid, found[0], found[1], found[2].crc)
-        sid, e, firsts, batch = _locate_batch(core, key, h, [])
-        view, located = _cached(core, sid, e, firsts, (yield from core.rt(batch)))
-        if located is not None:
-            return located
+        sid, e, firsts, batch = _locate_batch(core, key, h, ())
+        view, crc = _cached(core, sid, e, firsts, (yield from core.rt(batch)))
+        if crc >= 0 and e is not None:
+            return sid, e.pos, e.value, crc
 
 
 def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_insert: bool,
@@ -168,7 +173,7 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
                     obj = core.write_object(opcode, key, value, units)
                     if obj is None:
                         obj = yield from core.made_object(opcode, key, value, units)
-                    writes = obj.writes
+                    writes: Sequence[Write] = obj.writes
                 try:
                     try:
                         # the key's slot: one round with the object's writes, inline (a
@@ -189,9 +194,16 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
                             res, twice = core.owed_done(owed, res)
                             if twice:
                                 yield from core.take_back(twice)
-                        view, found = _cached(core, sid, e, firsts, res)
-                        if found is None:
+                        view, old_crc = _cached(core, sid, e, firsts, res)
+                        absent = False
+                        if old_crc >= 0 and e is not None:      # the cached slot
+                            pos, v_old = e.pos, e.value
+                        else:
                             found = yield from _locate(core, key, h, sid, view)
+                            if found is None:
+                                absent = True
+                            else:
+                                sid, pos, v_old, old_crc = found
                     except CorruptObject as damaged:
                         corrupt: CorruptObject | None = damaged
                     else:
@@ -199,14 +211,13 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
                     if corrupt is not None:     # (out of the except clause: tests/test_compiled.py)
                         yield from core.abandon(obj)
                         raise corrupt
-                    writes = []
-                    if found is None:
+                    writes = ()                 # (sent: none with the next rounds)
+                    if absent:
                         if then_insert:
                             core.abandon_later(obj)
                         else:
                             yield from core.abandon(obj)
                         raise KeyNotFound(key)
-                    sid, pos, v_old, old_crc = found
                     v_new = (object_slot(h.fp, obj.units, obj.ptr, obj.seq) if opcode == UPDATE
                              else tombstone)
                     t = core.target(sid, pos)
@@ -233,7 +244,8 @@ def _replace_with(core: OpCore, key: bytes, value: bytes, opcode: int, then_inse
                         _ = (yield commit) if not core.owes() else (yield from core.rt(commit))
                         open_round.recorded = True
                         cas = [primary_request(t, v_old, v_new, open_round)]
-                        (held,) = (yield cas) if not core.owes() else (yield from core.rt(cas))
+                        # (indexed, not unpacked: compiled, an unpacking iterates)
+                        held = ((yield cas) if not core.owes() else (yield from core.rt(cas)))[0]
                         if held == v_old:                   # the linearization point
                             _replaced(core, key, obj, opcode, t, v_old, v_new)
                             whole = True
@@ -311,7 +323,8 @@ def _replaced(core: OpCore, key: bytes, obj: NewObject, opcode: int, t: SlotTarg
     """The primary holds ``v_new``: the old object is freed with the next batch."""
     if opcode == UPDATE:
         core.defer_free(v_old)
-        core.cache.store(key, t.sid, t.pos, v_new)
+        # (``alone``: no other operation of this client holds the key's entry)
+        core.cache.store(key, t.sid, t.pos, v_new, core.in_flight == 1)
     else:
         core.defer_free(v_old, then_release=obj.ptr)
         core.cache.drop(key)

@@ -31,7 +31,7 @@ def test_the_fast_path_is_compiled_but_the_mutants_target_stays_python():
     mutant runs), but one inside the group is bound when compiled (it would not)."""
     compiled = _setup_script().COMPILED
     fast_path = {"layout", "index", "search", "insert", "update", "operations", "driver",
-                 "client", "batch"}
+                 "client", "batch", "owed_round_trip"}
     assert fast_path <= set(compiled)
     assert "replication" not in compiled
     assert all((ROOT / "fusee" / f"{name}.py").is_file() for name in compiled)

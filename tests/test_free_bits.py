@@ -103,7 +103,7 @@ def test_a_clients_free_that_finds_its_bit_set_takes_its_add_back(caplog):
         return int.from_bytes(raw, "little")
     once = word()
     assert once & free.delta
-    with caplog.at_level(logging.ERROR, logger="fusee.operations"):
+    with caplog.at_level(logging.ERROR, logger="fusee.owed_round_trip"):
         assert run(b.search(b"k"), t) == b"B's"
     assert word() == once, (hex(word()), hex(once))
     assert "a free of an object freed already" in caplog.text

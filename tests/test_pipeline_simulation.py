@@ -93,3 +93,23 @@ def test_a_cache_entry_an_operation_holds_never_changes():
     assert (held.sid, held.pos, held.value) == (1, 2, 0x30)
     now = cache.get(b"k")
     assert (now.pos, now.value, now.accesses, now.misses) == (5, 0x60, 1, 1)
+
+
+def test_a_cache_entry_no_other_operation_holds_is_changed_in_place():
+    """An UPDATE alone in flight (``alone``) changes its key's entry in place (no entry made
+    and freed per write): the counters kept, the requests made for the old value dropped,
+    the entry last in recency; with another operation in flight, it is replaced as above."""
+    from fusee.cache import IndexCache
+    cache = IndexCache()
+    cache.store(b"k", 1, 2, 0x30)
+    cache.store(b"j", 1, 3, 0x40)
+    held = cache.get(b"k")
+    cache.outcome(held, False)
+    held.hit_reads = (None, [], (0, 0))         # type: ignore[assignment]
+    cache.get(b"j")
+    cache.store(b"k", 1, 5, 0x60, alone=True)
+    assert cache.get(b"k") is held and list(cache.entries) == [b"j", b"k"]
+    assert (held.sid, held.pos, held.value, held.accesses, held.misses, held.hit_reads) == (
+        1, 5, 0x60, 1, 1, None)
+    cache.store(b"k", 1, 6, 0x70, alone=False)
+    assert cache.get(b"k") is not held and held.value == 0x60
