@@ -271,15 +271,20 @@ def test_failover_beyond_the_default_ranges(shape, crash):
 @pytest.mark.parametrize("start", range(0, SWEEP, CHUNK))
 def test_failover_sweep(start, shape, crash):
     """Every configuration, with and without a client crash, over many seeds (the default
-    ranges missed a leak that 2 runs in 1,800 reached: ``test_a_recovery_cut_short...``).
-    A chunk runs all its seeds and names every one that fails."""
+    ranges missed a leak that 2 runs in 1,800 reached: ``test_a_recovery_cut_short...``)."""
+    sweep(lambda seed: _check(seed, crash_client=crash, **SHAPES[shape]),
+          range(start, start + CHUNK))
+
+
+def sweep(check, seeds: range) -> None:
+    """``check`` every seed of ``seeds``, then fail naming every seed that failed."""
     failed = []
-    for seed in range(start, start + CHUNK):
+    for seed in seeds:
         try:
-            _check(seed, crash_client=crash, **SHAPES[shape])
+            check(seed)
         except (AssertionError, SimulationError) as e:
             failed.append(f"{type(e).__name__}: {str(e)[:600]}")
-    assert not failed, f"{len(failed)} of {CHUNK} seeds failed: {failed}"
+    assert not failed, f"{len(failed)} of {len(seeds)} seeds failed: {failed}"
 
 
 # -- pieces -------------------------------------------------------------------------------
