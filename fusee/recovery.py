@@ -585,7 +585,7 @@ class Recovery:
             # another insert) would read as an insert that took effect: its object held, but
             # named by no slot, for good. A failover withdraws an ABORTED claim, too
             ref = slot_ref(t.sid, t.pos)
-            first = fix_requests(t, current, v_new)
+            first: list[Request] = [*fix_requests(t, current, v_new)]
             if e.v.state != ABORTED or e.v.slot_ref != ref:
                 first += self._mark(e, ABORTED, ref, p, 0)
             if first:
