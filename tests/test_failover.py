@@ -253,8 +253,9 @@ def test_an_mn_crash_while_the_index_splits(seed):
 #: every configuration of the tests above (the ``_check`` keywords but the client crash)
 SHAPES = {"one-mn": {}, "four-mns-r2": dict(nodes=4, r=2), "slow-master": dict(delay=2000),
           "two-mns-of-five": dict(nodes=5, r=3, victims=2), "splits": dict(splits=True)}
-#: the soak sweep's seeds (the tests above stop at 15 to 40), in chunks of ``CHUNK``
-SWEEP, CHUNK = 5000, 500
+#: the soak sweep's seeds (the tests above stop at 15 to 40), in chunks of ``CHUNK`` (a chunk
+#: of the splits' runs takes 20 s on a quiet core, well within the suite's timeout on a busy one)
+SWEEP, CHUNK = 5000, 100
 
 
 @pytest.mark.parametrize("crash", [False, True])
