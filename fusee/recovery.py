@@ -579,9 +579,17 @@ class Recovery:
         assert verdict == WIN
         if e.v.opcode == INSERT:
             void = core.free_value()
-            fix = fix_requests(t, current, v_new)
-            if fix:
-                yield from core.rt(fix)
+            # the entry marked ABORTED before the claim is withdrawn anywhere, as the client's
+            # own withdrawal does (``insert._withdraw``): a recovery cut short after that (an
+            # MN died) runs again, and an entry still COMMITTED whose slot moved on (the void,
+            # another insert) would read as an insert that took effect: its object held, but
+            # named by no slot, for good. A failover withdraws an ABORTED claim, too
+            ref = slot_ref(t.sid, t.pos)
+            first: list[Request] = [*fix_requests(t, current, v_new)]
+            if e.v.state != ABORTED or e.v.slot_ref != ref:
+                first += self._mark(e, ABORTED, ref, p, 0)
+            if first:
+                yield from core.rt(first)
             yield from core.rt([Cas(n, t.addr, v_new, void) for n in t.backups])
             yield from core.rt([Cas(t.primary, t.addr, p, void)])
             self._outcome("withdrawn")

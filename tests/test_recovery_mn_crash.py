@@ -14,13 +14,15 @@ The checks are ``test_failover``'s: the history (with the final gets of every ke
 linearizable, the leak audit passes under the final membership (but for the objects the
 recoveries count as unknown: ``OLD_LOST``, ``UNPROVEN``), and so does the index check.
 
-The default suite runs a slice; ``-m soak`` the sweep (``test_recovery_mn_crash_sweep``).
+The default suite runs a slice; ``-m soak`` the sweeps: ``test_recovery_mn_crash_sweep``, and
+``test_late_recovery_mn_crash_sweep``, whose crash may follow any of the recovery's first 24
+round trips (``LateRecoveryMNCrashRun``), into the rounds it settles, not only its first 6.
 """
 
 from __future__ import annotations
 
 import pytest
-from test_failover import Run, across_epochs
+from test_failover import Run, across_epochs, sweep
 from test_rebuild import _check as check_rebuild
 
 from fusee.emulator.testkit.simulator import Call, Simulator
@@ -33,12 +35,14 @@ SHAPES = [(3, 3, 1), (3, 2, 1), (4, 2, 1), (5, 3, 2)]
 class RecoveryMNCrashRun(Run):
     """``Run`` whose MN crash comes inside the recovery of c0 (see the module docstring)."""
 
+    reach = 6       # the crash follows one of the recovery's first ``reach`` round trips
+
     def schedule_faults(self, nodes: int, steps: int, victims: int, delay: int,
                         crash_client: bool) -> None:
         sim, faults = self.sim, self.sim.fault_rng
         self.victims = faults.sample(range(nodes), victims)
         self.delay = delay
-        self.at_trip = faults.randrange(6)       # the recovery's round trip the crash follows
+        self.at_trip = faults.randrange(self.reach)  # the recovery's trip the crash follows
         self.after = faults.randrange(1, 8)      # steps after that trip was posted
         self.trips = self.attempts = 0
         self.struck: str | None = None           # "during" or "after" the recovery
@@ -87,8 +91,17 @@ class RecoveryMNCrashRun(Run):
                     lambda s: s.fail_over(self.victims))
 
 
-def _check(seed: int, nodes: int, r: int, victims: int) -> RecoveryMNCrashRun:
-    run_ = check_rebuild(seed, cls=RecoveryMNCrashRun, nodes=nodes, r=r, victims=victims)
+class LateRecoveryMNCrashRun(RecoveryMNCrashRun):
+    """The crash may follow any of the recovery's first 24 round trips: past its reading of
+    the log, into the rounds it settles (a crash after it withdrew a claim: seed 109 of
+    ``test_failover``'s two MNs of five, which no seed of the first 6 trips reaches)."""
+
+    reach = 24
+
+
+def _check(seed: int, nodes: int, r: int, victims: int,
+           cls: type[RecoveryMNCrashRun] = RecoveryMNCrashRun) -> RecoveryMNCrashRun:
+    run_ = check_rebuild(seed, cls=cls, nodes=nodes, r=r, victims=victims)
     assert run_.struck is not None and run_.crashed == {0}, run_.sim.faults
     return run_
 
@@ -131,3 +144,30 @@ def test_a_recovery_delivers_no_free_the_replacing_writer_owes():
 @pytest.mark.parametrize("nodes,r,victims", SHAPES)
 def test_recovery_mn_crash_sweep(seed, nodes, r, victims):
     _check(seed, nodes, r, victims)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("nodes,r,victims", SHAPES)
+def test_an_mn_crash_late_in_the_recovery_of_a_client(seed, nodes, r, victims):
+    _check(seed, nodes, r, victims, cls=LateRecoveryMNCrashRun)
+
+
+def test_a_recovery_cut_short_after_withdrawing_a_claim_leaks_nothing():
+    """Seed 129 of the late sweep on 5 MNs r = 3 (the bug of ``test_failover``'s seeds 109
+    and 3446, found again by this sweep on the code before its fix): c0 crashed during an
+    insert that had committed, before its primary CAS; its recovery withdrew the claim, two
+    MNs died before it marked the entry, and the recovery run again took the entry, still
+    COMMITTED with its slot moved on, for an insert that took effect: its object leaked."""
+    run_ = _check(129, 5, 3, 2, cls=LateRecoveryMNCrashRun)
+    from regression_windows import REGRESSIONS
+    REGRESSIONS["recovery-withdrawal-cut-short"].window.require(
+        run_.sim, "a seed of test_late_recovery_mn_crash_sweep that reaches it")
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("start", range(0, 2000, 250))
+@pytest.mark.parametrize("nodes,r,victims", SHAPES)
+def test_late_recovery_mn_crash_sweep(start, nodes, r, victims):
+    """The late crash over 2,000 seeds per shape."""
+    sweep(lambda seed: _check(seed, nodes, r, victims, cls=LateRecoveryMNCrashRun),
+          range(start, start + 250))
