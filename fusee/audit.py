@@ -11,8 +11,9 @@ the holdings of every client id that owns blocks (``fusee.holdings.scan``), then
   a live subtable) and no block is owned outside a complete group;
 - for the clients whose ``ClientCore`` is given (open, or closed but not crashed): no HELD
   object sits in their free lists, and every free object with a clear free bit is in them
-  (freed objects are in the bitmap, for ``reclaim``). Objects of a client without a core
-  are free for its next holder (``fusee.holdings.adopt``).
+  (freed objects are in the bitmap, for ``reclaim``), or parked for reuse once the frees the
+  client still owes are settled (``ClientCore.releases``). Objects of a client without a
+  core are free for its next holder (``fusee.holdings.adopt``).
 
 Under a membership with dead MNs it reads the live replicas. Which membership is not a guess
 the audit makes: without a master no MN is ever failed over, but a master may have failed one
@@ -158,6 +159,11 @@ def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core: Clie
     if core is not None:
         alloc = core.alloc
         free_lists = {p for q in alloc.free.values() for p in q} | set(alloc.pending.values())
+        if core.unsure or core.deferred:
+            # DELETE records parked until the free their log entry records is settled
+            # (``OwedRoundTrip.owed_failed``): a close met with a free unanswered leaves
+            # them there, and the id IN_USE for settling, which adopts them
+            free_lists.update(core.releases)
     for c in found.objects:
         rep.objects += 1
         v = named.get(c.ptr)
