@@ -18,7 +18,7 @@ the id holds (``fusee.holdings.adopt``).
      holds the old value: the backups are fixed, the primary CASed, the old object freed.
      Not delivered and the primary moved on: the free is delivered now, if the CAS that
      moved it was ours (in a subtable that lost its backups, the commit records of the
-     slot's writers since must say so: ``Recovery._moved_on_by_us``);
+     slot's writers since must say so: ``fusee.slot_history.moved_on_by_us``);
    - every other entry (pending, lost, aborted, or committed in a subtable that froze) is
      looked up by key on every replica of its current subtable: a SNAPSHOT round the client
      joined and nobody finished is redone with its proposal (the rules decide the same winner
@@ -60,7 +60,7 @@ from fusee.index import HDR_MAGIC, INDEX_MAGIC, LOCKS, View, replica_nodes
 from fusee.layout import (ABORTED, CLEAN, COMMITTED, DELETE, FROZEN, INSERT, LOST, META_INCARNATION,
                           META_RECOVERY, META_STATE, NO_SLOT, PENDING, TAIL_BYTES, TENTATIVE,
                           UPDATE, committed_object, decode_object, free_value_of, is_free,
-                          is_object, make_slot, object_tail, pack_u64, slot_addr, slot_node,
+                          is_object, object_tail, pack_u64, slot_addr, slot_node,
                           slot_ref, slot_units, unpack_u64)
 from fusee.membership import Membership
 from fusee.memory_map import HEADER_LAYOUT
@@ -69,6 +69,7 @@ from fusee.recovery_log import LogEntry, log_entries
 from fusee.replication import SlotTarget, fix_requests, proposal_requests, resolve, tally
 from fusee.verdicts import LOSE, RESTART, WIN
 from fusee.resize import finish, holder
+from fusee.slot_history import moved_on_by_us
 from fusee.verbs import Cas, Faa, Op, Read, Request, Step, Write, chunks
 
 #: the recovery-lock owner of the master; a client recovering its own id uses the id
@@ -80,8 +81,6 @@ OLD_LOST = "kept by a failover; the value it replaced is lost"
 #: backups died) whose slot moved on: it may never have taken effect, and then its object is
 #: never freed
 UNPROVEN = "committed with no backup; whether it took effect is unknown"
-#: how many objects back from the slot's value ``Recovery._moved_on_by_us`` reads at most
-_WALK = 8
 
 
 @dataclass
@@ -266,7 +265,7 @@ class Recovery:
         delivered free also says that the CAS happened, whatever value the slot holds now
         (a value can come back when memory is reused). A free not delivered while the slot
         moved on is ours to deliver only if our CAS moved it, which a subtable that lost
-        its backups does not prove (``_moved_on_by_us``)."""
+        its backups does not prove (``moved_on_by_us``)."""
         core, unit = self.core, self.core.unit
         reqs, where = [], []
         for e in entries:
@@ -329,8 +328,8 @@ class Recovery:
             if owed and not self._backed(t.sid):
                 # the slot moved on, but in a subtable that lost its backups that proves
                 # nothing: the round may have been closed, unseen, by the failover of the
-                # backups that held our proposal (``_moved_on_by_us``)
-                by_us = yield from self._moved_on_by_us(e, p)
+                # backups that held our proposal (``fusee.slot_history``)
+                by_us = yield from moved_on_by_us(self.core, e, p)
                 if by_us is False:
                     dead.append(e)          # another writer replaced ``old`` and frees it
                     continue
@@ -363,40 +362,6 @@ class Recovery:
                 yield from self._free(old)
                 self.report.frees_delivered += 1
         return dead
-
-    def _moved_on_by_us(self, e: LogEntry, p: int) -> Op[bool | None]:
-        """Generator: did committed ``e``'s primary CAS take its slot off the value it
-        replaced (``old``), now that the slot holds ``p``? None: unknown.
-
-        Where the slot always had a backup, only the round's winner moves the primary off
-        ``old`` while the round's epoch lasts, and a failover that ends it records a
-        proposal it takes off a live backup (``Membership.dropped``). But a failover of the
-        backups alone, the primary alive, sees no proposal: the round is closed as though
-        it never was (the primary keeps ``old``), unrecorded, and in the next epoch another
-        writer may replace ``old`` itself, and owes its free. Each writer's commit record
-        names the value it replaced (and that object's crc), so walking back from ``p``
-        through the objects that held the slot tells who replaced ``old``: reaching our
-        proposal says it was us, reaching ``old`` another writer. The walk stops, unknown,
-        at a value that names no object (another client's tombstone), an object reused
-        since (it does not make the slot value it is read by, or not the crc its successor
-        recorded), a record not committed, or after ``_WALK`` objects."""
-        core, ours, old = self.core, e.tomb if e.v.opcode == DELETE else e.s, e.v.old_value
-        v, crc = p & ~FROZEN, None          # (frozen by a split: the same occupant)
-        for _ in range(_WALK):
-            if v == ours and (crc is None or e.v.opcode == DELETE or crc == e.c.crc):
-                return True
-            if v == old:
-                return False if crc == e.v.old_crc else None
-            if not committed_object(v):
-                return None
-            (buf,) = yield from core.rt([core.object_read(v)])
-            o = decode_object(buf)
-            if o is None or o.state != COMMITTED or crc not in (None, o.crc) or v != make_slot(
-                    key_hash(o.key).fp, slot_units(v), slot_node(v), slot_addr(v, core.unit),
-                    core.unit, o.seq):
-                return None
-            v, crc = o.old_value, o.old_crc
-        return None
 
     def _free(self, old: int) -> Op[None]:
         """Generator: free ``old``'s object now, as a client's deferred free goes out: one

@@ -9,7 +9,8 @@ free (deferred to B's next batch). A's recovery finds A's entry COMMITTED, the o
 free not delivered and the slot moved on, which it took for A's CAS having taken effect: it
 delivered the free, B delivered it again, and the FAA carried into the next object's bit (a
 live object read as free). Now it asks the slot's writers who replaced the old value
-(``Recovery._moved_on_by_us``): B did, so A's operation never took effect and nothing is freed.
+(``fusee.slot_history.moved_on_by_us``): B did, so A's operation never took effect and
+nothing is freed.
 
 The other side of the same walk: A's CAS did take effect before the backup died and later
 writers replaced A's value; then the free of the old value is A's to deliver (held instead,
