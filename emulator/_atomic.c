@@ -1893,10 +1893,34 @@ static PyObject *driver(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     return with_state(&drive_run_def, PyTuple_Pack(3, args[0], args[1], args[2]));
 }
 
+/* step(op, arg) -> what ``op.send(arg)`` yields next, or the StopIteration it would raise,
+ * made and returned instead (its value the operation's result). fusee.driver.step_in_python
+ * is the spec (tests/test_driver_in_c.py holds the two equal). ``run_concurrently`` steps
+ * every operation in flight through this: compiled by mypyc, catching the StopIteration that
+ * ends each operation built a traceback entry and restored the exception state several
+ * times, an eighth of a pipelined SEARCH's instructions (issue 12); through the am_send slot
+ * a finished generator raises nothing. */
+static PyObject *step_op(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) {
+        PyErr_SetString(PyExc_TypeError, "step(op, arg)");
+        return NULL;
+    }
+    PyObject *out;
+    PySendResult sent = send_into(args[0], args[1], &out);
+    if (sent == PYGEN_NEXT) return out;
+    if (sent == PYGEN_ERROR) return NULL;
+    PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, out);
+    Py_DECREF(out);
+    return stop;
+}
+
 static PyMethodDef driver_methods[] = {
     {"driver", (PyCFunction)(void (*)(void))driver, METH_FASTCALL,
      "driver(not_verbs, not_a_verb, transport_error) -> run(op, executor): fusee.driver.run "
      "in C"},
+    {"step", (PyCFunction)(void (*)(void))step_op, METH_FASTCALL,
+     "step(op, arg) -> what op.send(arg) yields, or the StopIteration it would raise, "
+     "returned: fusee.driver.step_in_python in C"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -137,6 +137,31 @@ def _run_in_c() -> Callable[[Any, Any], Any] | None:
 _RUN_IN_C: Final = _run_in_c()
 
 
+def step_in_python(op: Operation, arg: Any) -> Any:
+    """``op.send(arg)``: the step ``op`` yields next, or, when it ends, the StopIteration it
+    raised, returned instead (a fresh one: no traceback), whose ``value`` is its result.
+    The spec of ``_atomic.step`` (tests/test_driver_in_c.py holds the two equal), which
+    ``run_concurrently`` steps its operations through: there an operation's end costs no
+    exception (``_atomic.driver``'s reason)."""
+    try:
+        return op.send(arg)
+    except StopIteration as stop:
+        return StopIteration(stop.value)
+
+
+def _step_in_c() -> Callable[[Any, Any], Any] | None:
+    try:
+        from fusee.emulator import _atomic
+    except ImportError:     # pragma: no cover (a source tree without its build)
+        return None
+    step: Callable[[Any, Any], Any] | None = getattr(_atomic, "step", None)
+    return step
+
+
+#: ``step_in_python``, in C where the extension is built
+_STEP: Final = _step_in_c() or step_in_python
+
+
 def run_search(core: ClientCore, key: Any, executor: Any) -> bytes | None:
     """``run(core.search(key), executor)``, with the SEARCH's first round run here rather
     than by its generator: the common case (a cache hit) is answered in one round trip with
@@ -237,35 +262,37 @@ def run_concurrently(ops: Iterable[Operation], executor: Any, depth: int = 0,
                 index, op = next(source)
             except StopIteration:
                 return
-            try:
-                batch = op.send(None)
-            except StopIteration as stop:
-                finish(index, stop.value)
+            first: Any = _STEP(op, None)
+            if type(first) is StopIteration:
+                finish(index, first.value)
             else:
-                active.append((index, op, batch))
+                active.append((index, op, first))
 
     execute = executor.execute
+    after: Any              # an operation's next step, or the StopIteration that ends it
     try:
         admit()
         while active:
             if len(active) == 1:                # alone in flight: exactly what run() does
                 index, op, batch = active[0]
                 try:
-                    try:
-                        if batch and type(batch[0]) in NOT_VERBS:
-                            got = _not_a_verb(batch[0], executor)
-                        else:
-                            got = execute(batch)
-                    except TransportError as e:
-                        batch = op.throw(e)
+                    if batch and type(batch[0]) in NOT_VERBS:
+                        got = _not_a_verb(batch[0], executor)
                     else:
-                        batch = op.send(got)
-                except StopIteration as stop:
+                        got = execute(batch)
+                except TransportError as e:
+                    try:
+                        after = op.throw(e)
+                    except StopIteration as stop:
+                        after = StopIteration(stop.value)
+                else:
+                    after = _STEP(op, got)
+                if type(after) is StopIteration:
                     active.clear()
-                    finish(index, stop.value)
+                    finish(index, after.value)
                     admit()
                 else:
-                    active[0] = (index, op, batch)
+                    active[0] = (index, op, after)
                 continue
             merged: list[Any] = []
             ends: list[int] = []        # where each operation's slice ends; -1: no verbs
@@ -306,20 +333,22 @@ def run_concurrently(ops: Iterable[Operation], executor: Any, depth: int = 0,
                 try:
                     if error is None and slice_end >= 0:    # the common case
                         end = slice_end
-                        batch = op.send(completions[start:end])
+                        after = _STEP(op, completions[start:end])
                     elif slice_end < 0:         # a new epoch reaches it too
-                        batch = (op.throw(error) if isinstance(error, EpochChanged)
+                        after = (op.throw(error) if isinstance(error, EpochChanged)
                                  else op.send([None]))
                     else:
                         assert error is not None, "a failed batch's slice"
                         end = slice_end
                         own = _own_failure(error, completions, start, end)
-                        batch = (op.throw(own) if own is not None
+                        after = (op.throw(own) if own is not None
                                  else op.send(completions[start:end]))
                 except StopIteration as stop:
-                    finish(index, stop.value)
+                    after = StopIteration(stop.value)
+                if type(after) is StopIteration:
+                    finish(index, after.value)
                 else:
-                    still.append((index, op, batch))
+                    still.append((index, op, after))
             active[:] = still
             admit()
     except BaseException:

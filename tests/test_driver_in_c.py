@@ -257,3 +257,85 @@ def test_an_op_without_send_posts_no_batch_in_either_loop():
         with pytest.raises(AttributeError):     # (its close, raised while the send's is handled)
             run(iter([[Read(0, 0, 8)], [Read(0, 8, 8)]]), ex)
         assert ex.seen == []
+
+
+# -- ``_atomic.step`` against its spec, ``step_in_python`` ---------------------------------
+
+def _stepped(step, make) -> list:
+    """Step a fresh operation from ``make()`` to its end through ``step``: what each step
+    returned (a StopIteration by its type, value and traceback), or the exception raised."""
+    op, seen, arg = make(), [], None
+    for _ in range(10):
+        try:
+            got = step(op, arg)
+        except BaseException as e:      # noqa: BLE001 (compared, not swallowed)
+            seen.append(("raised", type(e), e.args))
+            return seen
+        if type(got) is StopIteration:
+            seen.append(("stop", got.value, got.args, got.__traceback__))
+            return seen
+        seen.append(("step", got))
+        arg = [len(seen)]
+    return seen
+
+
+class SendOnly:
+    """An operation with send alone (no am_send slot): its end is a StopIteration raised by
+    a method, which both take for the end."""
+
+    def __init__(self, ends: BaseException) -> None:
+        self.n, self.ends = 0, ends
+
+    def send(self, arg):
+        self.n += 1
+        if self.n > 2:
+            raise self.ends
+        return [arg]
+
+
+def _gen(result, raises=None):
+    def make():
+        got = yield [Read(0, 0, 8)]
+        got = yield [Read(0, 8, 8), got]
+        if raises is not None:
+            raise raises
+        return result if result != "echo" else got
+    return make
+
+
+@pytest.mark.parametrize("make", [
+    _gen(("done", 1)), _gen(None), _gen("echo"), _gen((1, 2)), _gen(StopIteration(3)),
+    _gen(None, raises=KeyError("k")), _gen(None, raises=StopIteration(4)),
+    lambda: SendOnly(StopIteration(5)), lambda: SendOnly(StopIteration()),
+    lambda: SendOnly(ValueError("v")), lambda: iter([[1], [2]]),
+], ids=["tuple", "none", "echo", "pair", "a StopIteration as result", "raises",
+        "raises StopIteration (PEP 479)", "send-only stop", "send-only bare stop",
+        "send-only raises", "no send"])
+def test_step_in_c_is_step_in_python(make):
+    """The same steps, result and exception for every way an operation can go on or end;
+    the StopIteration returned is a fresh one, without a traceback, holding the result."""
+    c = _stepped(driver._STEP, make)
+    py = _stepped(driver.step_in_python, make)
+    assert driver._STEP is not driver.step_in_python, "the C step is not the one in use"
+    assert c == py
+    if c[-1][0] == "stop":
+        assert c[-1][3] is None
+
+
+def test_run_concurrently_ends_operations_through_step():
+    """Operations that end at once, after one step and after several, at depth 1 (alone in
+    flight), depth 2 and unbounded: each result reaches its place, as with ``run``."""
+    from fusee.driver import run_concurrently
+
+    class Executor:
+        def execute(self, batch):
+            return [bytes(8)] * len(batch)
+
+    def op(i):
+        for k in range(i % 4):
+            yield [Read(0, 8 * k, 8)]
+        return i * 10
+
+    for depth in (1, 2, 0):
+        assert run_concurrently((op(i) for i in range(9)), Executor(), depth) == \
+            [i * 10 for i in range(9)]
