@@ -325,10 +325,13 @@ class Recovery:
                     dead.append(e)
                 continue
             proven = False                  # our primary CAS took the slot off ``old``
-            if owed and not self._backed(t.sid):
+            if (owed or e.v.opcode == UPDATE and not e.c.freed) and not self._backed(t.sid):
                 # the slot moved on, but in a subtable that lost its backups that proves
                 # nothing: the round may have been closed, unseen, by the failover of the
-                # backups that held our proposal (``fusee.slot_history``)
+                # backups that held our proposal (``fusee.slot_history``), or have had no
+                # backup (another writer's CAS came first), or been run again by a recovery
+                # cut short after it lost (before its LOST mark): an UPDATE's object, held
+                # unless the slot's writers say our CAS took, would leak
                 by_us = yield from moved_on_by_us(self.core, e, p)
                 if by_us is False:
                     dead.append(e)          # another writer replaced ``old`` and frees it
@@ -402,8 +405,16 @@ class Recovery:
         if t.backups:
             current, _ = tally((yield from core.rt(proposal_requests(t, p, v_new))), p, v_new)
         verdict = yield from resolve(core, t, p, v_new, current)
+        if verdict == LOSE:
+            # marked LOST at once, as a live loser marks its entry with its first wait: the
+            # winner's primary CAS may land before this recovery's last marks, and a rerun
+            # after a cut (an MN or the master died) would read the entry COMMITTED with its
+            # slot moved on, in a subtable that lost its backups: UNPROVEN, its object held
+            # for good, named by no slot (tests/test_recovery_win_again_rerun.py)
+            assert not self._backed(t.sid), "a round won with a backup is won again"
+            e.lost = True
+            yield from core.rt(self._mark(e, LOST, NO_SLOT, 0, 0))
         if verdict != WIN:
-            e.lost = verdict == LOSE
             return False
         return (yield from self._complete(e, t, p, v_new, current, e.v.old_crc))
 
