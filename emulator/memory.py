@@ -110,12 +110,12 @@ def _reserve(fd: int, size: int, name: str) -> None:
 
 
 
-def _mapped(fd: int, size: int, name: str, create: bool) -> mmap.mmap:
-    """``fd`` mapped populated; where the memory node that makes the segment may not map that
-    much (ulimit -v), ConfigError, one line saying what to do (a client that maps it says
-    so in ``transports/shm.py``, naming the node)."""
+def _mapped(fd: int, size: int, name: str, create: bool, populate: bool) -> mmap.mmap:
+    """``fd`` mapped (populated if ``populate``); where the memory node that makes the segment
+    may not map that much (ulimit -v), ConfigError, one line saying what to do (a client
+    that maps it says so in ``transports/shm.py``, naming the node)."""
     try:
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | (_POPULATE if populate else 0))
     except OSError as e:
         if not create or e.errno != errno.ENOMEM:
             raise
@@ -135,10 +135,15 @@ class SharedSegment:
     from then on. Mapped lazily, the client took the page faults instead, on its first
     touch of each page: one insert in four faulted, all three replicas together, a sixth of
     a load's client CPU, cost real hardware never has (issue 12's load phase). The price
-    is the region's memory taken when the memory node starts, as pinning takes it.
+    is the region's memory taken when the memory node starts, as pinning takes it, and the
+    time to map it: about 10 ms per 128 MiB. A client that lives a moment (one command of
+    the ``fusee`` CLI) touches a few pages, and would spend most of its run mapping the
+    rest: it maps lazily (``populate=False``; ``ShmTransport``'s keyword, where it is
+    chosen). The memory node always maps populated.
     """
 
-    def __init__(self, name: str, size: int = 0, create: bool = False, mode: int = 0o600):
+    def __init__(self, name: str, size: int = 0, create: bool = False, mode: int = 0o600,
+                 populate: bool = True):
         self.name = name if name.startswith("/") else "/" + name
         self.owner = create
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
@@ -150,7 +155,7 @@ class SharedSegment:
             else:
                 size = os.fstat(fd).st_size
             self.size = size
-            self.mmap = _mapped(fd, size, self.name, create)
+            self.mmap = _mapped(fd, size, self.name, create, populate)
         except BaseException:
             if create:
                 _posixshmem.shm_unlink(self.name)

@@ -97,7 +97,9 @@ def _kv(args: argparse.Namespace) -> int:
     from fusee.client import Client
     key = os.fsencode(args.key)
     value = _value(args) if args.cmd in ("put", "insert", "update") else None
-    with Client.connect(args.config, transport=args.transport) as kv:
+    # one operation and out: mapping the regions whole would take most of the command's
+    # time (populate: ``Client.connect``)
+    with Client.connect(args.config, transport=args.transport, populate=False) as kv:
         if args.cmd == "get":
             found = kv.get(key)
             if args.json:

@@ -362,33 +362,86 @@ def test_a_ycsb_run_deletes_the_keys_its_inserts_made(system):
             state.driver.close()
 
 
+def _bench_in_a_terminal(out: str):
+    """`fusee bench` (a YCSB-D run that would last 300 s) as a terminal runs it: a process
+    group of its own, which a Ctrl-C reaches whole, SIGINT not ignored; output captured."""
+    import signal
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen(
+        [sys.executable, "-m", "fusee.cli", "bench", "ycsb", "--quick", "--workloads", "D",
+         "--clients", "2", "--depth", "4", "--no-baselines", "--no-progress",
+         "--duration", "300", "--out", out],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
+        env={**os.environ, "PYTHONPATH": root}, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _group(bench) -> dict[int, str]:
+    """pid -> command line of each live process of the bench's process group (its memory
+    nodes, client processes, multiprocessing's resource tracker). A zombie is left out:
+    dead, it only waits for its parent (init, once the bench is gone) to reap it."""
+    import subprocess
+    found = {}
+    for pid in subprocess.run(["pgrep", "-g", str(bench.pid)], capture_output=True,
+                              text=True).stdout.split():
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rpartition(")")[2].split()[0] == "Z":
+                    continue
+            with open(f"/proc/{pid}/cmdline") as cmdline:
+                found[int(pid)] = cmdline.read().replace("\0", " ")
+        except OSError:
+            pass                    # gone meanwhile
+    return found
+
+
+def _ctrl_c(bench) -> str:
+    """Ctrl-C as a terminal sends it, to the whole group; -> the bench's output once it
+    exited (SIGKILLed, the group, if it has not after 120 s)."""
+    import signal
+    try:
+        os.killpg(bench.pid, signal.SIGINT)
+        out, _ = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    return out
+
+
+def _left_by(bench) -> list[str]:
+    """What a bench process left behind: live processes of its group, /dev/shm segments
+    and work folders of its local cluster."""
+    import glob
+    import tempfile
+    from processes import wait_for
+    # (its memory nodes and clients exit on their own Ctrl-C or their parent's end: awaited)
+    try:
+        wait_for(lambda: not _group(bench), "the bench's processes to exit", timeout=30)
+    except AssertionError:
+        pass
+    return ([f"process {pid}: {cmd}" for pid, cmd in _group(bench).items()]
+            + glob.glob(f"/dev/shm/fusee-lc{bench.pid}-*")
+            + glob.glob(os.path.join(tempfile.gettempdir(), f"fusee-lc{bench.pid}-*")))
+
+
 def test_ctrl_c_stops_a_bench_without_a_traceback(tmp_path):
     """A Ctrl-C reaches the terminal's whole process group: the bench, its client processes
     and its memory nodes. The bench exits 130 and prints no traceback: the clients' own
     KeyboardInterrupts, and their closes that met the memory nodes already gone, printed
     four (and the parent a fifth) where the Ctrl-C came after the clients connected."""
-    import signal
-    import subprocess
-    import sys
     from processes import wait_for
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    bench = subprocess.Popen(
-        [sys.executable, "-m", "fusee.cli", "bench", "ycsb", "--quick", "--workloads", "D",
-         "--clients", "2", "--depth", "4", "--no-baselines", "--no-progress",
-         "--duration", "300", "--out", str(tmp_path / "out")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
-        env={**os.environ, "PYTHONPATH": root}, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    bench = _bench_in_a_terminal(str(tmp_path / "out"))
     segment = f"/dev/shm/fusee-lc{bench.pid}-"
 
     def mapping() -> int:
         """How many processes of the bench map its cluster's memory: its 3 memory nodes, and
         each client once connected (past its start, whose imports a Ctrl-C would cut short
         in multiprocessing's own code)."""
-        pids = subprocess.run(["pgrep", "-g", str(bench.pid)], capture_output=True,
-                              text=True).stdout.split()
         n = 0
-        for pid in pids:
+        for pid in _group(bench):
             try:
                 with open(f"/proc/{pid}/maps") as maps:
                     n += segment in maps.read()
@@ -399,11 +452,49 @@ def test_ctrl_c_stops_a_bench_without_a_traceback(tmp_path):
     try:
         wait_for(lambda: bench.poll() is None and mapping() >= 5,
                  "the bench's memory nodes and connected clients", timeout=180)
-        os.killpg(bench.pid, signal.SIGINT)
-        out, _ = bench.communicate(timeout=120)
     finally:
-        if bench.poll() is None:
-            os.killpg(bench.pid, signal.SIGKILL)
-            bench.wait()
+        out = _ctrl_c(bench)
     assert bench.returncode == 130, out
     assert "Traceback" not in out, out
+    assert _left_by(bench) == []
+
+
+def test_ctrl_c_while_a_bench_starts_is_quiet_and_leaves_nothing(tmp_path):
+    """A Ctrl-C in the first second or two, while the bench imports and its client processes
+    start (multiprocessing spawns them: each a new interpreter importing the bench): exit
+    130, at most one line, and nothing left behind. Before the clients started with SIGINT
+    held (``fusee.bench.runner._sigint_held``), each printed multiprocessing's traceback of
+    the start it cut short (site, spawn_main, numpy's import). The Ctrl-C comes at several
+    points after the bench's own code runs (its process has loaded numpy, which `fusee
+    bench` imports under its handler of Ctrl-C) and after the first client process appears.
+    (Sooner, the interpreter itself is starting, no code of ours loaded yet: as for any
+    Python command, a Ctrl-C then ends it with Python's own message.)"""
+    import functools
+    import time
+    from processes import wait_for
+
+    def running(bench) -> bool:
+        """The bench's own code runs: its process has loaded numpy."""
+        assert bench.poll() is None, bench.communicate()[0]
+        with open(f"/proc/{bench.pid}/maps") as maps:
+            return "/numpy/" in maps.read()
+
+    def spawned(bench) -> bool:
+        """The bench's first client process has started (and is importing)."""
+        assert bench.poll() is None, bench.communicate()[0]
+        return any("spawn_main" in cmd for cmd in _group(bench).values())
+
+    points = [(running, 0.0), (running, 0.3), (running, 0.7), (running, 1.2),
+              (spawned, 0.0), (spawned, 0.1), (spawned, 0.25), (spawned, 0.5)]
+    for i, (event, delay) in enumerate(points):
+        bench = _bench_in_a_terminal(str(tmp_path / f"out{i}"))
+        try:
+            wait_for(functools.partial(event, bench), event.__doc__, timeout=120,
+                     interval=0.005)
+            time.sleep(delay)
+        finally:
+            out = _ctrl_c(bench)
+        where = f"Ctrl-C {delay} s after: {event.__doc__}"
+        assert bench.returncode == 130, (where, out)
+        assert len(out.splitlines()) <= 1 and "Traceback" not in out, (where, out)
+        assert _left_by(bench) == [], where

@@ -17,8 +17,11 @@ Each client records every latency of its window and returns one HdrHistogram per
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
+from multiprocessing import resource_tracker
+import signal
 import time
 import traceback
 from array import array
@@ -332,6 +335,8 @@ def _client_main(conn: Connection) -> None:
     state = _Client()
     interrupted = False
     try:
+        # started with SIGINT held (``_sigint_held``): a Ctrl-C during the start comes now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         while True:
             try:
                 cmd, arg = conn.recv()
@@ -371,6 +376,32 @@ def _client_main(conn: Connection) -> None:
 
 
 # -- the parent side ------------------------------------------------------------------------
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """SIGINT held while the client processes start (main thread only). A process inherits
+    the starting thread's signal mask, so each client starts with SIGINT blocked, and a
+    Ctrl-C (which reaches the terminal's whole process group) stays pending until
+    ``_client_main`` lets it in, where the client stops quietly. Delivered any sooner, it
+    cut short multiprocessing's own start (importing the interpreter's site, or this
+    module), each client printing a traceback before any of ours ran. (How multiprocessing's
+    resource tracker guards its own start; started on the first process start, it lifts the
+    block as it ends: started first here.) This process's own Ctrl-C is noted meanwhile and
+    raised as the block ends: another thread of it (tqdm's monitor) does not block SIGINT,
+    so the signal still came, and its KeyboardInterrupt between a start's fork and its
+    write of the process's data left that client reading nothing (EOFError, a traceback)."""
+    resource_tracker.ensure_running()
+    noted: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)    # one pending comes: noted
+        signal.signal(signal.SIGINT, before)
+    if noted:
+        signal.raise_signal(signal.SIGINT)                  # as it would have come
+
+
 class WorkerPool:
     """N client processes, started once, always stopped (context manager)."""
 
@@ -380,14 +411,15 @@ class WorkerPool:
         ctx = mp.get_context("spawn")
         self.procs, self.conns = [], []
         try:
-            for i in range(n):
-                parent, child = ctx.Pipe()
-                p = ctx.Process(target=_client_main, args=(child,), daemon=True,
-                                name=f"fusee-bench-client-{i}")
-                p.start()
-                child.close()
-                self.procs.append(p)
-                self.conns.append(parent)
+            with _sigint_held():
+                for i in range(n):
+                    parent, child = ctx.Pipe()
+                    p = ctx.Process(target=_client_main, args=(child,), daemon=True,
+                                    name=f"fusee-bench-client-{i}")
+                    p.start()
+                    child.close()
+                    self.procs.append(p)
+                    self.conns.append(parent)
         except BaseException:
             self.close()
             raise
