@@ -68,10 +68,11 @@ WAIT = 180.0
 # -- the client processes -----------------------------------------------------------------------
 
 def worker(config_path: str, name: str, seed: int, out: str, err: str, progress, slot: int,
-           stop) -> None:
-    """One client process: single and batched operations on ``KEYS`` until ``stop``; every
-    invocation and outcome is a JSON line of ``out`` (written before / after the call), and
-    anything it prints goes to ``err``."""
+           stop, parent: int) -> None:
+    """One client process: single and batched operations on ``KEYS`` until ``stop`` (or
+    until process ``parent``, the harness, is gone); every invocation and outcome is a JSON
+    line of ``out`` (written before / after the call), and anything it prints goes to
+    ``err``."""
     fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 2)
     os.dup2(fd, 1)
@@ -91,7 +92,7 @@ def worker(config_path: str, name: str, seed: int, out: str, err: str, progress,
     kv = Client.connect(config_path)
     with open(out, "w", buffering=1) as f:
         i = 0
-        while not stop.is_set():
+        while not stop.is_set() and os.getppid() == parent:
             if rng.random() < 0.25:
                 kind = rng.choice(BATCHES)
                 keys = rng.sample(KEYS, rng.randint(2, 5))
@@ -244,7 +245,7 @@ class Chaos:
         p = self.ctx.Process(target=worker, args=(
             str(self.c.config_path), name, self.r.seed * 1000 + self.spawned,
             str(self.tmp / f"{name}.jsonl"), str(self.tmp / f"{name}.err"), self.progress,
-            slot, self.stop))
+            slot, self.stop, os.getpid()))
         p.start()
         self.procs[slot] = p
 
