@@ -53,6 +53,8 @@ def main() -> int:
                   f"{len(r.findings)} findings", flush=True)
             for said, n in r.status_errors.items():
                 print(f"  fusee status failed {n}/{r.statuses} times: {said}")
+            for note in r.notes:
+                print(f"  note: {note}")
             for f in r.findings:
                 print("  " + f.replace("\n", "\n    "), flush=True)
             if r.findings:
