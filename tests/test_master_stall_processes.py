@@ -102,3 +102,42 @@ def test_a_master_that_does_not_run_before_its_first_tick_declares_no_mn_dead(tm
         assert not server.logic.failing and server.logic.lost is None, server.logic.lost
     finally:
         server.store.close()
+
+
+def test_a_renewal_that_waited_for_the_lock_is_answered_as_of_its_arrival(tmp_path):
+    """The worker holds the master's lock across a save that hangs (ZooKeeper lost its quorum
+    in the last phase of a rebuild: seen in tests/chaos.py, seed 202 of the combos) for
+    longer than a client lease; a renewal that arrived meanwhile waits for the lock. Judged
+    at the time it got the lock, the client's lease had run out: the master recovered (and
+    fenced) a live client, whose every operation then failed with LeaseExpired. It arrived
+    in time: it is answered as of its arrival (the client counts its lease from before it
+    sent it, so that is never longer than what the client believes), and the tick that
+    follows gives every lease afresh (the main thread did not run)."""
+    config = ClusterConfig(memnodes=(MemNodeConfig(0, f"ipc://{tmp_path}/mn0"),),
+                           master=f"ipc://{tmp_path}/m", mn_lease=0.3, client_lease=0.3,
+                           timeout=0.1)
+    server = MasterServer(config, FileStore(tmp_path / "master.json"))
+    try:
+        with server.lock:
+            server.logic.grant(7, 1234, time.monotonic())
+        held, release = threading.Event(), threading.Event()
+
+        def hung_save():
+            with server.lock:
+                held.set()
+                release.wait(10)
+
+        worker = threading.Thread(target=hung_save)
+        worker.start()
+        held.wait(10)
+        threading.Timer(3 * (config.client_lease + config.timeout), release.set).start()
+        try:
+            reply = server._renew({"id": 7, "token": 1234})     # waits for the lock
+        finally:
+            release.set()
+            worker.join(10)
+        assert reply is not None and 7 not in server.logic.repairs
+        server.tick()                           # the stall: every lease afresh
+        server._renew({"id": 7, "token": 1234})
+    finally:
+        server.store.close()

@@ -113,10 +113,14 @@ class Requests(SharedState):
         """``paused``: the pause epoch the client acked; ``epoch``: the membership it has."""
         cid, token, paused, known = self._ints(args, "id", "token",
                                                optional=("paused", "epoch"))
+        # as of its arrival, as ``tick`` judges: the lock may be held for long (the worker's
+        # save to a ZooKeeper without quorum), which says nothing of this client's health,
+        # and the client counts its lease from before it sent this, so never longer
+        arrived = time.monotonic()
         with self.lock:
             try:
                 acked = self.logic.acks.get(cid)
-                g = self.logic.renew(cid, token, time.monotonic(), paused)
+                g = self.logic.renew(cid, token, arrived, paused)
             except LeaseError:
                 self._note_expired(cid)
                 self._save()
