@@ -6,7 +6,8 @@ interrupts its recovery). After each run a reader gets every key, and then
 
 - the history is linearizable and no acknowledged write is lost (the final gets are in it);
 - the leak audit under the new membership finds every object named by the index or free,
-  except the objects *stranded* by frees that went to the dead MN's bitmaps (counted), and
+  except the objects *stranded* by frees that went to the dead MN's bitmaps (counted, each
+  justified by the simulator's memory of that MN: ``fusee.emulator.testkit.lost_frees``), and
   one object per crashed writer whose proposal a failover kept after the old primary died
   with the value it replaced, or whose committed entry cannot tell whether it took effect
   (the recovery counts them: ``OLD_LOST``, ``UNPROVEN``);
