@@ -63,6 +63,8 @@ from fusee.memory_map import MemoryMap
 from fusee.verbs import Op, Read, chunks
 
 _PTR = NODE_MASK << NODE_SHIFT | ADDR_MASK     # node and address bits of a slot value
+#: why an object the audit would count stranded is, or None: it is leaked (module docstring)
+Excuse = Callable[[Carved], str | None]
 
 
 @dataclass
@@ -104,7 +106,7 @@ class AuditReport:
 
 def audit(config: ClusterConfig, cores: Iterable[ClientCore] = (),
           membership: Membership | None = None,
-          excuse: Callable[[Carved], str | None] | None = None) -> Op[AuditReport]:
+          excuse: Excuse | None = None) -> Op[AuditReport]:
     """Generator: the AuditReport of the store (see the module docstring); ``cores`` are the
     ClientCores of the clients that did not crash. ``membership``: the master's, required
     when the cluster has one (None: no MN was ever failed over). ``excuse``: why an object
@@ -167,7 +169,7 @@ def audit(config: ClusterConfig, cores: Iterable[ClientCore] = (),
 
 def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core: ClientCore | None,
             seen: set[int], dead: frozenset[int],
-            excuse: Callable[[Carved], str | None] | None) -> None:
+            excuse: Excuse | None) -> None:
     cid = found.client_id
     for node, addr in found.orphans:
         rep.unsettled.append(f"client {cid}: block {node}:{addr:#x} outside any group")
@@ -217,8 +219,7 @@ def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core: Clie
                     f"{what}: free, yet neither in its owner's free lists nor in its bitmap{why}")
 
 
-def _or_owed(excuse: Callable[[Carved], str | None],
-             cores: list[ClientCore]) -> Callable[[Carved], str | None]:
+def _or_owed(excuse: Excuse, cores: list[ClientCore]) -> Excuse:
     """``excuse``, or else: a client of ``cores`` sent the object's free and got no answer
     (``unsure``): it may have taken effect on the MN that died, and the client still owes
     it (settling tells whether it did, ``fusee.settle``)."""
@@ -234,8 +235,8 @@ def _or_owed(excuse: Callable[[Carved], str | None],
     return either
 
 
-def _lost_with_home(c: Carved, dead: frozenset[int],
-                    excuse: Callable[[Carved], str | None] | None) -> tuple[bool, str]:
+def _lost_with_home(c: Carved, dead: frozenset[int], excuse: Excuse | None
+                    ) -> tuple[bool, str]:
     """Whether ``c``, held and named by no slot (or free and in no free list), went with its
     dead home (stranded), and the words that say why (see the module docstring)."""
     home = c.group.nodes[0]
@@ -246,5 +247,5 @@ def _lost_with_home(c: Carved, dead: frozenset[int],
     why = excuse(c)
     if why is None:
         return False, (f"; its home MN {home} died, but no free or reclaim of it reached a "
-                       "dead MN (the simulator's record): nobody freed it")
+                       "dead MN, and no client owes its free (the caller's record)")
     return True, f" ({why})"

@@ -145,6 +145,6 @@ def test_the_simulators_record_tells_a_free_lost_with_its_home_from_a_leak():
     told = run(audit(cfg, (), m, excuse=lost_frees(mem, m)), t)
     assert not told.ok, told.explain()
     (leak,), (lost,) = told.leaked, told.stranded
-    assert "b'j'" in leak and "nobody freed it" in leak, told.explain()
+    assert "b'j'" in leak and "no free or reclaim of it reached a dead MN" in leak, told.explain()
     assert "b'k'" in lost and f"its free reached MN {home}, lost with it" in lost, \
         told.explain()

@@ -24,15 +24,14 @@ MN that never took effect is no excuse: its sender sends it again to the next ho
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from fusee.audit import Excuse
 from fusee.holdings import Carved
 from fusee.layout import BLOCK_HEADER, TAIL_BYTES, object_tail
 from fusee.membership import Membership
 from fusee.transports.local import LocalMemory
 
 
-def lost_frees(memory: LocalMemory, membership: Membership) -> Callable[[Carved], str | None]:
+def lost_frees(memory: LocalMemory, membership: Membership) -> Excuse:
     """The audit's ``excuse`` for a run over ``memory`` audited under ``membership``: for an
     object the audit would count stranded, where a free (or a reclaim) of it reached an MN
     that died since (or that ``membership`` failed over while it ran: what it holds is lost
