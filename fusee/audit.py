@@ -29,11 +29,20 @@ is *stranded*, not leaked: counted, listed, and no failure (nothing can reclaim 
 knowing that nobody still owes its free). So is the owner's taking it back (its used byte
 zeroed on the home copy alone, ``Allocator.reclaim``): such an object in its owner's free
 lists is not misplaced.
+
+Memory alone cannot tell such an object from one that nobody ever freed (a real leak hid as
+stranded that way). A caller that knows which frees reached the dead MNs passes ``excuse``:
+called for each object that would be stranded (``fusee.holdings.Carved``), it returns why it
+is (a free or a reclaim of it reached a home that died since), or None, and then the object
+is *leaked*, unless a client given in ``cores`` sent its free and got no answer (it still
+owes it: ``ClientCore.unsure``). The simulator's runs pass one
+(``fusee.emulator.testkit.lost_frees``); a real cluster's audit (``LocalCluster.audit``)
+cannot, and counts them stranded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -45,7 +54,7 @@ from dataclasses import dataclass, field
 from fusee.allocation import Allocator
 from fusee.config import ClusterConfig
 from fusee.hashing import key_hash
-from fusee.holdings import Holdings, scan
+from fusee.holdings import Carved, Holdings, scan
 from fusee.index import Directory, IndexGeometry
 from fusee.membership import Membership
 from fusee.layout import (ADDR_MASK, FROZEN, GEN_MASK, NODE_MASK, NODE_SHIFT, SLOTS_PER_BUCKET,
@@ -54,6 +63,8 @@ from fusee.memory_map import MemoryMap
 from fusee.verbs import Op, Read, chunks
 
 _PTR = NODE_MASK << NODE_SHIFT | ADDR_MASK     # node and address bits of a slot value
+#: why an object the audit would count stranded is, or None: it is leaked (module docstring)
+Excuse = Callable[[Carved], str | None]
 
 
 @dataclass
@@ -94,10 +105,12 @@ class AuditReport:
 
 
 def audit(config: ClusterConfig, cores: Iterable[ClientCore] = (),
-          membership: Membership | None = None) -> Op[AuditReport]:
+          membership: Membership | None = None,
+          excuse: Excuse | None = None) -> Op[AuditReport]:
     """Generator: the AuditReport of the store (see the module docstring); ``cores`` are the
     ClientCores of the clients that did not crash. ``membership``: the master's, required
-    when the cluster has one (None: no MN was ever failed over)."""
+    when the cluster has one (None: no MN was ever failed over). ``excuse``: why an object
+    the audit would count stranded is (None: it is leaked), see the module docstring."""
     if membership is None:
         if config.master is not None:
             raise ValueError("this cluster has a master: audit it under the master's "
@@ -138,12 +151,16 @@ def audit(config: ClusterConfig, cores: Iterable[ClientCore] = (),
                     if m not in membership.dead]
     owners = sorted({w - 1 for buf in tables
                      for w in struct.unpack(f"<{mmap_.num_blocks}Q", buf) if w})
-    by_id = {core.client_id: core for core in cores}
+    given = list(cores)
+    by_id = {core.client_id: core for core in given}
+    if excuse is not None:
+        excuse = _or_owed(excuse, given)
     seen: set[int] = set()
     for cid in owners:
         alloc = Allocator(mmap_, layout.object_unit, n, r, cid, directory.replicas, membership)
         found = yield from scan(alloc)
-        _client(rep, found, named, by_id.get(cid), seen, membership.dead | membership.rebuilt)
+        _client(rep, found, named, by_id.get(cid), seen, membership.dead | membership.rebuilt,
+                excuse)
     for p, v in named.items():
         if p not in seen:
             rep.dangling.append(f"{v:#x}: names no object")
@@ -151,7 +168,8 @@ def audit(config: ClusterConfig, cores: Iterable[ClientCore] = (),
 
 
 def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core: ClientCore | None,
-            seen: set[int], dead: frozenset[int]) -> None:
+            seen: set[int], dead: frozenset[int],
+            excuse: Excuse | None) -> None:
     cid = found.client_id
     for node, addr in found.orphans:
         rep.unsettled.append(f"client {cid}: block {node}:{addr:#x} outside any group")
@@ -182,11 +200,13 @@ def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core: Clie
         if c.held:
             assert c.view is not None, what
             rep.held += 1
-            lost_with_home = v is None and c.group.nodes[0] in dead
             if v is None:
+                lost_with_home, why = _lost_with_home(c, dead, excuse)
                 (rep.stranded if lost_with_home else rep.leaked).append(
-                    f"{what}: held (committed {c.view.key!r}) but named by no slot")
-            if c.ptr in free_lists and not lost_with_home:
+                    f"{what}: held (committed {c.view.key!r}) but named by no slot{why}")
+                if c.ptr in free_lists and not lost_with_home:
+                    rep.misplaced.append(f"{what}: held, yet in its owner's free lists")
+            elif c.ptr in free_lists:
                 rep.misplaced.append(f"{what}: held, yet in its owner's free lists")
         else:
             rep.free += 1
@@ -194,6 +214,38 @@ def _client(rep: AuditReport, found: Holdings, named: dict[int, int], core: Clie
                 # a reclaim zeroes used on every copy; if the home died under its batch,
                 # its clear of the bit is unknown and the owner never reuses the object:
                 # taken along by the dead home, as a free sent there is
-                lost = c.group.nodes[0] in dead
+                lost, why = _lost_with_home(c, dead, excuse)
                 (rep.stranded if lost else rep.misplaced).append(
-                    f"{what}: free, yet neither in its owner's free lists nor in its bitmap")
+                    f"{what}: free, yet neither in its owner's free lists nor in its bitmap{why}")
+
+
+def _or_owed(excuse: Excuse, cores: list[ClientCore]) -> Excuse:
+    """``excuse``, or else: a client of ``cores`` sent the object's free and got no answer
+    (``unsure``): it may have taken effect on the MN that died, and the client still owes
+    it (settling tells whether it did, ``fusee.settle``)."""
+    owed = {p & _PTR: (core.client_id, node) for core in cores for p, node, _ in core.unsure}
+
+    def either(c: Carved) -> str | None:
+        why = excuse(c)
+        if why is None and c.ptr in owed:
+            cid, node = owed[c.ptr]
+            why = (f"client {cid} sent its free to MN {node}, got no answer, and still owes "
+                   "it: settling tells whether it took effect")
+        return why
+    return either
+
+
+def _lost_with_home(c: Carved, dead: frozenset[int], excuse: Excuse | None
+                    ) -> tuple[bool, str]:
+    """Whether ``c``, held and named by no slot (or free and in no free list), went with its
+    dead home (stranded), and the words that say why (see the module docstring)."""
+    home = c.group.nodes[0]
+    if home not in dead:
+        return False, ""
+    if excuse is None:
+        return True, f" (its home MN {home} died: its free may have gone with it)"
+    why = excuse(c)
+    if why is None:
+        return False, (f"; its home MN {home} died, but no free or reclaim of it reached a "
+                       "dead MN, and no client owes its free (the caller's record)")
+    return True, f" ({why})"

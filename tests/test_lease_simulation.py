@@ -21,6 +21,7 @@ import pytest
 
 from fusee.emulator.testkit.lease_simulation import TICK, LeaseSimulator
 from fusee.emulator.testkit.linearizability import check
+from fusee.emulator.testkit.lost_frees import lost_frees
 from fusee.emulator.testkit.simulator import Call, Simulator, kv_workload, store_calls
 from fusee.audit import audit
 from fusee.driver import run
@@ -75,7 +76,8 @@ class LeaseRun:
         final.run()
         run(reader.close(), transport)
         live = [core for i, core in enumerate(self.cores) if f"c{i}" not in sim.expired]
-        return run(audit(cfg, live + [reader], m), transport), check(history)
+        excuse = lost_frees(self.memory, m)
+        return run(audit(cfg, live + [reader], m, excuse=excuse), transport), check(history)
 
 
 class StallingRun(LeaseRun):

@@ -28,6 +28,9 @@ class LocalMemory:
         self.regions: dict[int, MemoryRegion] = {}
         self.tables: dict[int, BlockTable] = {}
         self.crashed: set[int] = set()
+        #: (node, its region as it died) for every crash, in order: the memory a failover
+        #: gave up, kept for the simulator's leak oracle (``fusee.emulator.testkit.lost_frees``)
+        self.dead_regions: list[tuple[int, MemoryRegion]] = []
         for m in config.memnodes:
             region = MemoryRegion(bytearray(config.layout.region_size), new_rkey(), m.id)
             format_region(region, self.map, m.id, cluster_word(config))
@@ -36,6 +39,8 @@ class LocalMemory:
 
     def crash(self, node: int) -> None:
         """The node stops answering, for good (crash-stop)."""
+        if node not in self.crashed:
+            self.dead_regions.append((node, self.regions[node]))
         self.crashed.add(node)
 
     def restart(self, node: int) -> None:
