@@ -270,7 +270,8 @@ class ClientCore(OwedRoundTrip):
                 now &= ~FROZEN
             else:
                 now = None
-        return m.fate(epoch, t.sid, t.pos, v_old, v_new, decided, now, cased)
+        return m.fate(epoch, t.sid, t.pos, v_old, v_new, decided, now, cased,
+                      primary=t.primary)
 
     def retrying(self, step: Callable[[], Op[T]],
                  ends: tuple[type[TransportError], ...] = EPOCH_ENDS) -> Op[T]:
