@@ -38,7 +38,7 @@ from __future__ import annotations
 import pytest
 from regression_windows import check_pinned
 from test_rebuild import _check as check_rebuild
-from test_rebuild_soak import RecoveryCrashCycleRun, SlowCycleRun, TwoCrashCycleRun
+from test_rebuild_soak import CycleRun, RecoveryCrashCycleRun, SlowCycleRun, TwoCrashCycleRun
 
 
 @pytest.mark.parametrize("seed,nodes,r", [(101, 3, 2)])
@@ -231,3 +231,12 @@ def test_a_won_round_closed_by_its_live_primary_which_died_since():
     it alive went by its value (``Membership.dead_in``): c1 starts over. Scripted, no seed:
     ``test_scripted_windows``."""
     check_pinned(526, 3, 2, crash=True)
+
+
+@pytest.mark.parametrize("seed", range(2000, 2008))
+@pytest.mark.parametrize("nodes,r", [(3, 2), (4, 2)])
+def test_rebuild_cycles_with_a_client_crash_beyond_the_sweep(seed, nodes, r):
+    """A few seeds of ``test_rebuild_soak``'s sweep shape past its range (seed 526's, a
+    client crash in every run): the default ranges ran the cycles with a client crash in one
+    seed of three only."""
+    check_rebuild(seed, cls=CycleRun, nodes=nodes, r=r, crash_client=True)
