@@ -11,8 +11,9 @@ any split the dead MN interrupted. For every subtable:
 - its primary is alive: the primary holds the truth (its CAS is every write's linearization
   point). Every backup that differs, an open round's proposals, goes back to the primary's
   value: nobody's write in that round happened (a winner that had committed its log entry
-  learns so from the epoch's ``settled`` slots and writes again; a crashed one is completed by
-  its recovery, from the COMMITTED entry).
+  learns so from the epoch's ``settled`` slots, or, where every backup holding its proposal
+  died, from the primary being alive in the next epoch, and writes again: ``Membership.fate``;
+  a crashed one is completed by its recovery, from the COMMITTED entry).
 - its primary died: its value is gone, and the backups are never older than it. Where the live
   backups agree they stand (the value kept is recorded like a decision, unless it is an object
   committed for the slot: a writer may not have seen its proposal on every backup, if a backup

@@ -19,7 +19,9 @@ entry committed in never took effect (a writer that goes on after such a round d
 new object, so a later entry never shows a dropped proposal).
 
 ``past_dead`` records the dead MNs of every earlier epoch: a subtable that had two live
-replicas in each (``backed``) had a backup in every round, and every failover saw its rounds.
+replicas in each (``backed``) had a backup in every round, and every failover saw its rounds;
+and a round whose epoch ended with its primary alive was closed by the primary's value, which
+its writer learns from it once that primary has died too (``dead_in``, ``fate``).
 
 ``rebuilt_at`` records the epoch in which each rebuilt MN became a replica again. A round is
 judged only by replicas alive from its epoch until now (``witness``): a primary that died at
@@ -103,15 +105,31 @@ class Membership:
         v = self.settled.get(epoch + 1, {}).get((sid, pos))
         return self.kept.get(epoch + 1, {}).get((sid, pos)) if v is None else v
 
+    def dead_in(self, epoch: int) -> frozenset[int] | None:
+        """The dead MNs of ``epoch`` (at most this one), or None where the record does not
+        say (one written before ``past_dead`` was kept holds only the epochs since)."""
+        if epoch == self.epoch:
+            return self.dead
+        i = epoch - self.epoch + len(self.past_dead)        # ``past_dead`` ends at epoch - 1
+        return self.past_dead[i] if 0 <= i < len(self.past_dead) else None
+
     def fate(self, epoch: int, sid: int, pos: int, v_old: int, v_new: int,
-             decided: Verdict | None, primary_now: int | None, cased: bool = False
-             ) -> Verdict:
+             decided: Verdict | None, primary_now: int | None, cased: bool = False, *,
+             primary: int) -> Verdict:
         """WIN, LOSE or RESTART for a writer that proposed ``v_new`` over ``v_old`` in slot
         ``sid:pos`` in ``epoch``, which a failover ended. ``decided``: the verdict it had
         reached from a complete set of backup values (WIN, LOSE), or None. ``primary_now``:
         the slot's value on the round's primary read since, if it is a ``witness`` of the
         round, or a FROZEN value (final: a split ended the round) on its first live replica;
-        else None. ``cased``: the writer's primary CAS went out.
+        else None. ``cased``: the writer's primary CAS went out. ``primary``: the round's
+        primary (the slot's first live replica in ``epoch``).
+
+        ``decided`` stands only where the failover that ended ``epoch`` found the primary
+        dead: then the live backups' value stood, every writer of the round having seen it.
+        One that found the primary alive went by the primary's value, and a backup holding
+        the writer's proposal went back to it, or had died with it (nothing recorded): a
+        writer whose primary CAS never went out did not take effect there, whatever it had
+        decided, though the primary may have died or been rebuilt since (it cannot tell).
 
         ``decided`` is WIN only from a round with backups: it has one winner, and only that
         winner moves the primary off ``v_old`` (an insert's helpers only commit its claim
@@ -143,10 +161,17 @@ class Membership:
                                                            another writer won the round, or a
                                                            round of a later epoch took the slot
         unknown: the primary    WIN, LOSE      as decided  WIN: the failover kept our committed
-        dead or rebuilt since                              object, which it does not record (every
-                                                           writer of the round had seen it)
+        died at the epoch's                                object, which it does not record (every
+        end (or the record                                 writer of the round had seen it)
+        does not say)
         ... unknown             None           RESTART     the writer's own: an undecided writer's
                                                            proposal reached no live backup
+        unknown: the primary    any, CAS not   RESTART     the writer's own: the failover went by
+        lived through the       out                        the primary, which its CAS never reached
+        epoch's end, and died                              (a WIN's proposal went back, or died
+        or was rebuilt since                               with its backups, unrecorded)
+        ... unknown             WIN, CAS out   WIN         as decided: the CAS was executed before
+                                                           the failover read the primary
         ======================  =============  ==========  =========================================
 
         Open: a writer with no backup whose primary CAS went out and whose reply was lost,
@@ -155,6 +180,9 @@ class Membership:
         v = self.decided_at(epoch, sid, pos)
         if v is None:
             if primary_now is None:
+                closing = self.dead_in(epoch + 1)
+                if not cased and closing is not None and primary not in closing:
+                    return RESTART
                 return decided or RESTART
             if decided == WIN and cased and primary_now != v_old:
                 return WIN

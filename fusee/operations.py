@@ -251,7 +251,9 @@ class ClientCore(OwedRoundTrip):
         copied the frozen value, in a subtable the failover no longer settles). The primary
         tells only if it was alive throughout (``Membership.witness``): rebuilt since, it
         died at some epoch's end after the round and holds what another replica held when it
-        was copied, the failover's choice and later writes over it."""
+        was copied, the failover's choice and later writes over it. Where it does not tell,
+        the membership still says whether the round's epoch ended with it alive (then the
+        failover went by its value, not by this client's verdict)."""
         now = None
         m = self.membership
         assert epoch < m.epoch, f"the fate of a round of epoch {epoch}, still current"
@@ -270,7 +272,8 @@ class ClientCore(OwedRoundTrip):
                 now &= ~FROZEN
             else:
                 now = None
-        return m.fate(epoch, t.sid, t.pos, v_old, v_new, decided, now, cased)
+        return m.fate(epoch, t.sid, t.pos, v_old, v_new, decided, now, cased,
+                      primary=t.primary)
 
     def retrying(self, step: Callable[[], Op[T]],
                  ends: tuple[type[TransportError], ...] = EPOCH_ENDS) -> Op[T]:

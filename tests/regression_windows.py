@@ -73,11 +73,11 @@ def _writes(t: Trace, *, crashed: bool) -> Iterator[OpTrace]:
             yield o
 
 
-def _crashed_won_uncased(t: Trace) -> Iterator[tuple[OpTrace, int, tuple[int, int],
-                                                      list[SlotCas]]]:
-    """(op, epoch, slot, backup CASes) of each round a crashed write won on the backups and
-    committed, its primary CAS never sent."""
-    for o in _writes(t, crashed=True):
+def _won_uncased(t: Trace, *, crashed: bool) -> Iterator[tuple[OpTrace, int, tuple[int, int],
+                                                              list[SlotCas]]]:
+    """(op, epoch, slot, backup CASes) of each round a write (of a crashed client, or of a live
+    one) won on the backups and committed, its primary CAS never sent in that epoch."""
+    for o in _writes(t, crashed=crashed):
         for epoch, slot, backups, primaries in _won_on_backups(o):
             if not primaries and epoch in o.commits:
                 yield o, epoch, slot, backups
@@ -88,13 +88,23 @@ def _crashed_won_uncased(t: Trace) -> Iterator[tuple[OpTrace, int, tuple[int, in
 @window("a live client's write won its round on the backups and committed in epoch e, no primary "
         "CAS went out in e, and the round's primary was rebuilt while the write went on")
 def WON_ROUND_PRIMARY_REBUILT(t: Trace) -> Iterator[str]:
-    for o in _writes(t, crashed=False):
-        for epoch, slot, backups, primaries in _won_on_backups(o):
-            if primaries or epoch not in o.commits:
-                continue
-            p = backups[0].replicas[0]
-            if t.rebuilt_between(p, epoch, o.verbs[-1].membership.epoch):
-                yield f"{o.op}: won {slot} in epoch {epoch}, primary MN {p} rebuilt since"
+    for o, epoch, slot, backups in _won_uncased(t, crashed=False):
+        p = backups[0].replicas[0]
+        if t.rebuilt_between(p, epoch, o.verbs[-1].membership.epoch):
+            yield f"{o.op}: won {slot} in epoch {epoch}, primary MN {p} rebuilt since"
+
+
+@window("a live client's write won its round on the backups and committed in epoch e, no primary "
+        "CAS went out in e, e ended with every backup of the round dead and its primary P alive "
+        "(nothing recorded), and P died while the write went on")
+def WON_ROUND_CLOSED_BY_LIVE_PRIMARY(t: Trace) -> Iterator[str]:
+    for o, epoch, slot, backups in _won_uncased(t, crashed=False):
+        p, closing = backups[0].replicas[0], t.final.dead_in(epoch + 1)
+        if closing is None or p in closing or not {c.node for c in backups} <= closing:
+            continue
+        if any(p in v.membership.dead for v in _later(o, backups[-1].step)):
+            yield (f"{o.op}: won {slot} in epoch {epoch}, its backups died at its end, "
+                   f"MN {p} (primary) lived and died before the write ended")
 
 
 @window("a live client's insert claimed a slot on its only live replica P (r = 1), committed in "
@@ -214,7 +224,7 @@ def SETTLING_ACROSS_TWO_EPOCH_ENDS(t: Trace) -> Iterator[str]:
         "primary alive, and another write's primary CAS took s off the round's old value later")
 def CRASHED_COMMIT_BACKUPS_DIED(t: Trace) -> Iterator[str]:
     cases = [c for o in t.ops() for c in o.cases]
-    for o, epoch, slot, backups in _crashed_won_uncased(t):
+    for o, epoch, slot, backups in _won_uncased(t, crashed=True):
         p, old = backups[0].replicas[0], backups[0].expected
         if p in t.final.dead or not {c.node for c in backups} <= t.final.dead:
             continue
@@ -230,7 +240,7 @@ def CRASHED_COMMIT_BACKUPS_DIED(t: Trace) -> Iterator[str]:
         "another write of the key, acknowledged, took it into another slot's primary after e")
 def CRASHED_INSERT_KEY_ELSEWHERE(t: Trace) -> Iterator[str]:
     verbs = [v for o in t.ops() for v in o.verbs]
-    for o, epoch, slot, backups in _crashed_won_uncased(t):
+    for o, epoch, slot, backups in _won_uncased(t, crashed=True):
         died = {c.node for c in backups}
         if is_object(backups[0].expected) or not any(
                 v.membership.epoch == epoch + 1 and died <= v.membership.dead for v in verbs):
@@ -320,6 +330,9 @@ REGRESSIONS: dict[str, Regression] = {r.name: r for r in [
     # seed 518 drifted out of it and no seed found reaches it (test_rebuild_cycles says where
     # it looked; ``test_insert_epoch_end`` scripts it): find_seeds --nodes 4 --r 2 looks on
     Regression("r1-claim-cut-short", R1_CLAIM_CUT_SHORT, CycleRun, ()),
+    Regression("won-closed-by-live-primary", WON_ROUND_CLOSED_BY_LIVE_PRIMARY, CycleRun,
+               ((526, 3, 2, True),)),
+    # (seed 247 reaches the window too, but its loss is overwritten before anyone reads it)
     Regression("won-late-primary", WON_ROUND_LATE_PRIMARY, SlowCycleRun,
                ((76, 4, 2, True), (1860, 4, 2, True))),
     Regression("cas-never-out", WON_ROUND_CAS_NEVER_OUT, SlowCycleRun,

@@ -308,19 +308,22 @@ def sweep(check, seeds: range) -> None:
 
 def test_fate_follows_the_settled_slots_then_the_primary_then_the_writers_verdict():
     m = Membership(1, frozenset({2}), {1: {(3, 4): 77}})
-    assert m.fate(0, 3, 4, 10, 77, None, None) == WIN
-    assert m.fate(0, 3, 4, 77, 11, WIN, None) == RESTART    # rolled back to the old value
-    assert m.fate(0, 3, 4, 10, 11, WIN, None) == LOSE       # another proposal was kept
+
+    def fate(*args):        # of a round whose primary, MN 2, died at the epoch's end
+        return m.fate(*args, primary=2)
+    assert fate(0, 3, 4, 10, 77, None, None) == WIN
+    assert fate(0, 3, 4, 77, 11, WIN, None) == RESTART    # rolled back to the old value
+    assert fate(0, 3, 4, 10, 11, WIN, None) == LOSE       # another proposal was kept
     # not settled, primary alive: it tells (the failover never installs a value there)
-    assert m.fate(0, 3, 5, 10, 11, WIN, 10) == RESTART
-    assert m.fate(0, 3, 5, 10, 11, None, 11) == WIN
-    assert m.fate(0, 3, 5, 10, 11, LOSE, 12) == LOSE
+    assert fate(0, 3, 5, 10, 11, WIN, 10) == RESTART
+    assert fate(0, 3, 5, 10, 11, None, 11) == WIN
+    assert fate(0, 3, 5, 10, 11, LOSE, 12) == LOSE
     # not settled, primary dead: the backups agreed, and the writer's verdict stands
-    assert m.fate(0, 3, 5, 10, 11, WIN, None) == WIN
-    assert m.fate(0, 3, 5, 10, 11, LOSE, None) == LOSE
-    assert m.fate(0, 3, 5, 10, 11, None, None) == RESTART
+    assert fate(0, 3, 5, 10, 11, WIN, None) == WIN
+    assert fate(0, 3, 5, 10, 11, LOSE, None) == LOSE
+    assert fate(0, 3, 5, 10, 11, None, None) == RESTART
     # a round of a later epoch goes by that epoch's failover (none yet: the primary)
-    assert m.fate(1, 3, 4, 10, 77, None, 10) == RESTART
+    assert fate(1, 3, 4, 10, 77, None, 10) == RESTART
     assert Membership.from_wire(m.to_wire()) == m
     for bad in (None, {"epoch": -1, "dead": [], "settled": []},
                 {"epoch": 1, "dead": ["x"], "settled": []},
@@ -368,7 +371,7 @@ def test_the_failover_rolls_back_open_rounds_of_a_live_primary():
     m = run(failover(cfg, Membership(), dead), t)
     v_old = int.from_bytes(old, "little")
     assert m.settled == {1: {(sid, pos): v_old}}
-    assert m.fate(0, sid, pos, v_old, 12345, WIN, None) == RESTART
+    assert m.fate(0, sid, pos, v_old, 12345, WIN, None, primary=tgt.primary) == RESTART
     live = [n for n in tgt.nodes if n != dead]
     assert all(mem.regions[n].mem[tgt.addr:tgt.addr + 8] == old for n in live)
 

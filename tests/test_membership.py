@@ -130,12 +130,34 @@ OLD, NEW, OTHER = 0x10, 0x20, 0x30      # slot values: the round's old one, its 
     # ... unless its CAS never went out: a later epoch's round moved it
     (None, WIN, OTHER, LOSE, False),
     (None, LOSE, OTHER, LOSE, True), (None, None, OTHER, LOSE, True),
-    # nothing tells: the writer's own verdict stands
+    # nothing tells, the primary died at the epoch's end: the writer's own verdict stands
     (None, WIN, None, WIN, True), (None, LOSE, None, LOSE, True), (None, None, None, RESTART, True),
 ])
 def test_the_fate_of_a_round_by_the_case_table(recorded, decided, primary_now, fate, cased):
-    """``Membership.fate``'s table: a round of epoch 0 in slot 0:3, ended by MN 1's
-    failover, which recorded ``recorded`` (or nothing) for the slot."""
+    """``Membership.fate``'s table: a round of epoch 0 in slot 0:3 whose primary is MN 1,
+    ended by MN 1's failover, which recorded ``recorded`` (or nothing) for the slot."""
     kept = {} if recorded is None else {(0, 3): recorded}
     m = Membership().successor([1], {}, kept)
-    assert m.fate(0, 0, 3, OLD, NEW, decided, primary_now, cased) == fate
+    assert m.fate(0, 0, 3, OLD, NEW, decided, primary_now, cased, primary=1) == fate
+
+
+@pytest.mark.parametrize("decided, cased, fate", [
+    (WIN, False, RESTART), (LOSE, False, RESTART), (None, False, RESTART), (WIN, True, WIN)])
+@pytest.mark.parametrize("since", ["died", "rebuilt", "old record"])
+def test_a_round_closed_by_its_live_primary_that_died_since(decided, cased, since, fate):
+    """Seed 526 of CycleRun on 3 MNs r = 2 (an acknowledged insert lost): a round of epoch 0
+    in slot 0:3, its primary MN 0, its backup MN 1. MN 1's failover ended the epoch: the
+    primary alive, the failover went by its value and recorded nothing (no live backup held
+    the proposal). Then MN 0 died (or died and was rebuilt) before the writer read it:
+    nothing tells now, and the writer's verdict from the backups does not stand, unless its
+    primary CAS went out before the epoch ended (executed before the failover read the
+    primary). A record that does not say who was dead then keeps the writer's verdict."""
+    m = Membership().successor([1], {}).successor([0], {})
+    if since == "rebuilt":
+        m = m.rejoined([0], {})
+    if since == "old record":
+        m = Membership.from_wire({**m.to_wire(), "past_dead": []})
+        fate = decided or RESTART
+    assert m.fate(0, 0, 3, OLD, NEW, decided, None, cased, primary=0) == fate
+    # the same round, its primary dead at the epoch's end: the backups' value stood
+    assert m.fate(0, 0, 3, OLD, NEW, decided, None, cased, primary=1) == (decided or RESTART)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import pytest
 from regression_windows import check_pinned
 from test_rebuild import _check as check_rebuild
-from test_rebuild_soak import RecoveryCrashCycleRun, SlowCycleRun, TwoCrashCycleRun
+from test_rebuild_soak import CycleRun, RecoveryCrashCycleRun, SlowCycleRun, TwoCrashCycleRun
 
 
 @pytest.mark.parametrize("seed,nodes,r", [(101, 3, 2)])
@@ -215,3 +215,28 @@ def test_a_committed_insert_whose_backup_died_is_not_completed_over_a_later_inse
     primary, would have put the claim there). Looking the key up before completing would
     not do: a live client may insert the key between that lookup and the CAS."""
     check_pinned(12347, 3, 2, crash=True)
+
+
+def test_a_won_round_closed_by_its_live_primary_which_died_since():
+    """Seed 526 on 3 MNs r = 2 with a client crash (an acknowledged insert lost): in epoch 2
+    c1's insert of k5 won slot 0:0 on its one backup, MN 1, and wrote its commit record; MN 1
+    crashed as the record went out (its part on the primary, MN 0, landed), before the
+    primary CAS. MN 1's failover (epoch 3) found MN 0 alive, still empty in 0:0: nothing to
+    settle, nothing recorded. MN 1 was rebuilt from MN 0 (epoch 4), and MN 0 crashed before
+    c1 read it. In epoch 5 the round's primary was dead and the live replica rebuilt since
+    (no witness), and ``Membership.fate`` let c1's verdict from the backups (WIN) stand, as
+    for a primary that died at the round's epoch's end: the insert was acknowledged, in no
+    slot, and c1's second insert of k5 succeeded. A verdict from the backups stands only
+    where the failover that ended the round's epoch found the primary dead; one that found
+    it alive went by its value (``Membership.dead_in``): c1 starts over. Scripted, no seed:
+    ``test_scripted_windows``."""
+    check_pinned(526, 3, 2, crash=True)
+
+
+@pytest.mark.parametrize("seed", range(2000, 2008))
+@pytest.mark.parametrize("nodes,r", [(3, 2), (4, 2)])
+def test_rebuild_cycles_with_a_client_crash_beyond_the_sweep(seed, nodes, r):
+    """A few seeds of ``test_rebuild_soak``'s sweep shape past its range (seed 526's, a
+    client crash in every run): the default ranges ran the cycles with a client crash in one
+    seed of three only."""
+    check_rebuild(seed, cls=CycleRun, nodes=nodes, r=r, crash_client=True)

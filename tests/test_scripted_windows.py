@@ -8,14 +8,16 @@ the crash, failover and rebuild exactly where the bug's analysis puts them, as
 
 from __future__ import annotations
 
+import pytest
 from test_failover import _config
 from test_insert_epoch_end import _drive, _rebuilt
 
 from fusee.audit import audit
 from fusee.emulator.testkit.lost_frees import lost_frees
 from fusee.emulator.testkit.index_check import check_index
+from fusee.emulator.testkit.trace import COMMITTED, commit_record
 from fusee.driver import run
-from fusee.errors import EpochChanged, NodeTimeout
+from fusee.errors import EpochChanged, KeyExists, NodeTimeout
 from fusee.failover import failover
 from fusee.hashing import key_hash
 from fusee.membership import Membership
@@ -27,10 +29,11 @@ from fusee.verbs import AwaitMembership, Cas
 KEY = b"k0"
 
 
-def _up_to_the_primary_cas(cfg, write, before=None):
+def _up_to_the_primary_cas(cfg, write, before=None, record=False, key=KEY):
     """Clients A and B open on a fresh cluster (then ``before(cfg, memory, transport, A)``);
-    A's ``write(A)`` (an operation on KEY) is driven up to its batch that holds the CAS on
-    KEY's primary, not posted. Returns (memory, transport, A, B, the operation, that batch)."""
+    A's ``write(A)`` (an operation on ``key``) is driven up to its batch that holds the CAS on
+    the key's primary (``record``: its COMMITTED record, the batch before), not posted.
+    Returns (memory, transport, A, B, the operation, that batch)."""
     mem = LocalMemory(cfg)
     t = LocalTransport(cfg, memory=mem)
     a, b = ClientCore(cfg, 0), ClientCore(cfg, 1)
@@ -38,12 +41,19 @@ def _up_to_the_primary_cas(cfg, write, before=None):
     run(b.open(), t)
     if before is not None:
         before(cfg, mem, t, a)
-    primary = a.dir.nodes(a.dir.lookup(key_hash(KEY))[0])[0]
+    primary = a.dir.nodes(a.dir.lookup(key_hash(key))[0])[0]
     op = write(a)
     batch = next(op)
-    while not any(isinstance(c, Cas) and c.node == primary for c in batch):
+    while not (any(map(_committed, batch)) if record else
+               any(isinstance(c, Cas) and c.node == primary for c in batch)):
         batch = op.send(t.execute(batch))
     return mem, t, a, b, op, batch
+
+
+def _committed(req) -> bool:
+    """``req`` writes a COMMITTED record."""
+    record = commit_record(req)
+    return record is not None and record[0] == COMMITTED
 
 
 def test_a_won_round_judged_after_its_primary_was_rebuilt():
@@ -102,6 +112,49 @@ def test_a_won_round_whose_unanswered_primary_cas_a_later_write_replaced():
     run(reader.open(), t)
     assert run(reader.search(KEY), t) == b"C's"
     report = run(audit(cfg, [a, c, reader], m1, excuse=lost_frees(mem, m1)), t)
+    assert report.ok, report.explain()
+
+
+@pytest.mark.parametrize("kind", ["insert", "update"])
+@pytest.mark.parametrize("cut", ["record", "cas"])
+def test_a_won_round_closed_by_its_live_primary_which_died_since(kind, cut):
+    """Seed 526 of the rebuild cycles on 3 MNs r = 2 with a client crash (``CycleRun``; not
+    the r = 3 one above): A's insert won its slot on the one backup B and wrote its commit
+    record; B died before the primary CAS went out (``cut``: as the record went out, its part
+    on the primary P landing, seed 526's schedule; or the master published B's failover
+    before the CAS batch went out). B's failover found P alive and went by P's value, the
+    round's old one; it recorded nothing (no live backup held the proposal). B was rebuilt
+    from P, then P died before A read it: P was no witness of the round any more, and
+    ``Membership.fate`` let A's verdict from the backups (WIN) stand, as if P had died at the
+    epoch's end: the insert was acknowledged and in no slot (a second insert of the key
+    succeeded). An UPDATE the same: acknowledged, never made. The failover that ended the
+    round's epoch found P alive (``Membership.dead_in``): A starts over, and takes effect."""
+    cfg, key = _config(3, 2), b"k3"    # its subtable on MNs 0 and 1, as A's first group
+    before = (lambda cfg, mem, t, a: run(a.insert(key, b"first"), t)) if kind == "update" \
+        else None
+    mem, t, a, _, op, batch = _up_to_the_primary_cas(
+        cfg, lambda a: getattr(a, kind)(key, b"A's"), before, cut == "record", key)
+    primary, backup = a.dir.nodes(a.dir.lookup(key_hash(key))[0])
+    mem.crash(backup)
+    m1 = run(failover(cfg, Membership(), backup), t)
+    assert m1.settled == {1: {}} and not m1.kept, "the failover recorded nothing"
+    if cut == "record":
+        assert {r.node for r in batch} == {primary, backup}, batch
+        with pytest.raises(NodeTimeout) as timeout:
+            t.execute(batch)                    # its part on P lands
+        assert type(op.throw(timeout.value)[0]) is AwaitMembership
+    t, m2 = _rebuilt(cfg, mem, m1, backup)      # B copies P: the round's old value
+    mem.crash(primary)
+    m3 = run(failover(cfg, m2, primary), t)
+    assert m3.dead_in(1) == {backup}, "the round's epoch ended with its primary alive"
+    assert _drive(op, op.throw(EpochChanged(m3)), t, m3) is None
+    run(a.close(), t)                           # frees in flight delivered
+    reader = ClientCore(cfg, 7, membership=m3)
+    run(reader.open(), t)
+    assert run(reader.search(key), t) == b"A's"
+    with pytest.raises(KeyExists):
+        run(reader.insert(key, b"again"), t)
+    report = run(audit(cfg, [a, reader], m3), t)
     assert report.ok, report.explain()
 
 
