@@ -197,8 +197,9 @@ def test_the_serve_loop_makes_no_python_call_per_request_of_verbs(node, tmp_path
         server.join(10)
     assert not server.is_alive()
     assert "handle" not in calls, calls[:20]
+    # (the loop may end on the stop() after the last request, with no wait at all: the
+    # test's done is set before the server thread gets back to its check)
     idle = len({id(again) for again in waits})
-    assert idle, "the loop ends on a wait's stop(): at least that one is counted"
     assert len(stops) <= 1 + requests // STOP_CHECK_EVERY + idle, (len(stops), idle)
 
 
